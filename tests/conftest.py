@@ -1,0 +1,58 @@
+"""Shared fixtures: real rasters from the registry packages scripts/setup fetched, one model,
+and one real index built once per session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from worker.assets import load_asset_paths  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def assets() -> dict[str, Path]:
+    return {k: Path(v) for k, v in load_asset_paths().items()}
+
+
+@pytest.fixture(scope="session")
+def model():
+    from worker.model.loading import load_model
+
+    return load_model(device="cpu", sketch_modules="none")
+
+
+@pytest.fixture(scope="session")
+def s2_index(tmp_path_factory, assets, model) -> Path:
+    """The Sentinel-2 scene (16-bit, 1933x1947, EPSG:32618) indexed at scales 1 and 2."""
+    from worker.index import IndexWriter
+    from worker.tiling import TileSettings
+
+    out = tmp_path_factory.mktemp("s2") / "index"
+    IndexWriter(out, model, TileSettings(scales=(1, 2))).build([assets["s2_rgb"]])
+    return out
+
+
+@pytest.fixture
+def rmnp_copy(tmp_path, assets) -> Path:
+    dest = tmp_path / "rmnp-rgb.tif"
+    shutil.copy(assets["rmnp_rgb"], dest)
+    return dest
+
+
+def write_raster(path: Path, data: np.ndarray, **profile) -> Path:
+    import rasterio
+
+    base = {"driver": "GTiff", "count": data.shape[0], "height": data.shape[1], "width": data.shape[2],
+            "dtype": data.dtype}
+    base.update(profile)
+    with rasterio.open(path, "w", **base) as dst:
+        dst.write(data)
+    return path

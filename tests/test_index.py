@@ -1,0 +1,110 @@
+"""The index on disk: resumable after a hard kill, incremental, never mixed, visible in QGIS."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from worker.errors import IndexMismatchError, InputError
+from worker.index import IndexWriter, TileIndex
+from worker.tiling import TileSettings
+
+SMALL = ["--tile", "112", "--scales", "1", "--chunk-tiles", "4", "--batch-size", "4", "--quiet"]
+
+
+def run_cli(*args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "worker", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, **kw)
+
+
+def shard_arrays(index_dir: Path) -> dict[str, np.ndarray]:
+    index = TileIndex.open(index_dir)
+    rows = np.arange(len(index))
+    return {"records": index.records, "global": np.asarray(index.global_tokens), "tokens": index.tokens_of(rows)}
+
+
+def test_killed_indexing_resumes_to_the_same_index(tmp_path, rmnp_copy):
+    reference = tmp_path / "reference"
+    assert run_cli("index", "--out", reference, *SMALL, rmnp_copy).returncode == 0
+
+    resumed = tmp_path / "resumed"
+    proc = subprocess.Popen([sys.executable, "-m", "worker", "index", "--out", str(resumed), *SMALL, str(rmnp_copy)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        manifest = resumed / "manifest.json"
+        if manifest.exists() and len(json.loads(manifest.read_text())["shards"]) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = json.loads((resumed / "manifest.json").read_text())
+    total = json.loads((reference / "manifest.json").read_text())
+    assert 2 <= len(partial["shards"]) < len(total["shards"]), "the kill should land mid-run"
+
+    assert run_cli("index", "--out", resumed, *SMALL, rmnp_copy).returncode == 0
+    a, b = shard_arrays(reference), shard_arrays(resumed)
+    assert np.array_equal(a["records"], b["records"])
+    assert np.allclose(a["global"].astype(np.float32), b["global"].astype(np.float32), atol=2e-3)
+    assert np.allclose(a["tokens"].astype(np.float32), b["tokens"].astype(np.float32), atol=2e-3)
+    assert not [p for p in (resumed / "shards").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_adding_a_raster_does_not_recompute_the_others(tmp_path, model, rmnp_copy, assets):
+    settings = TileSettings(tile=112, scales=(1,))
+    out = tmp_path / "index"
+    IndexWriter(out, model, settings).build([rmnp_copy])
+    first = {p.name: p.stat().st_mtime_ns for p in (out / "shards").iterdir()}
+    IndexWriter(out, model, settings).build([rmnp_copy, assets["osbs_rgb"]])
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "shards").iterdir()}
+    assert all(after[name] == mtime for name, mtime in first.items())
+    info = TileIndex.open(out).info()
+    assert [Path(r["path"]).name for r in info["rasters"]] == ["rmnp-rgb.tif", "OSBS_029.tif"]
+    assert info["complete"] and info["tile_count"] > len(first)
+
+
+def test_a_raster_changed_on_disk_is_indexed_again(tmp_path, model, rmnp_copy):
+    settings = TileSettings(tile=112, scales=(1,))
+    out = tmp_path / "index"
+    IndexWriter(out, model, settings).build([rmnp_copy])
+    count = TileIndex.open(out).info()["tile_count"]
+    os.utime(rmnp_copy, ns=(time.time_ns(), time.time_ns()))
+    IndexWriter(out, model, settings).build([rmnp_copy])
+    assert TileIndex.open(out).info()["tile_count"] == count  # replaced, not duplicated
+
+
+def test_other_settings_or_model_are_refused(tmp_path, model, rmnp_copy):
+    out = tmp_path / "index"
+    IndexWriter(out, model, TileSettings(tile=112, scales=(1,))).build([rmnp_copy])
+    with pytest.raises(IndexMismatchError, match="tile settings"):
+        IndexWriter(out, model, TileSettings(tile=224, scales=(1,)))
+    result = run_cli("index", "--out", out, "--tile", "112", "--scales", "1", "--tile-view", "rgb", rmnp_copy)
+    assert result.returncode == 2
+    assert "built with another model" in result.stderr
+
+
+def test_tiles_gpkg_lists_every_indexed_tile(tmp_path, model, rmnp_copy):
+    import pyogrio
+
+    out = tmp_path / "index"
+    IndexWriter(out, model, TileSettings(tile=112, scales=(1, 2))).build([rmnp_copy])
+    info = pyogrio.read_info(out / "tiles.gpkg", layer="tiles")
+    assert info["features"] == TileIndex.open(out).info()["tile_count"]
+    assert info["crs"] == "EPSG:4326" and info["geometry_type"] == "Polygon"
+    assert {"raster", "col_off", "row_off", "width", "height", "scale"} <= set(info["fields"])
+
+
+def test_a_second_writer_is_refused_while_one_runs(tmp_path, model, rmnp_copy):
+    from worker.index import index_lock
+
+    out = tmp_path / "index"
+    with index_lock(out):
+        with pytest.raises(InputError, match="being written by another"):
+            IndexWriter(out, model, TileSettings(tile=112, scales=(1,))).build([rmnp_copy])

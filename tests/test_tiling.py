@@ -1,0 +1,90 @@
+"""Tiling real rasters: windows, footprints in both CRSs, bands, 16-bit stretch, nodata, bad files."""
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.crs import CRS
+from rasterio.warp import transform_bounds
+from rasterio.windows import bounds as window_bounds
+
+from conftest import write_raster
+from worker.errors import InputError
+from worker.index import tile_bounds_wgs84
+from worker.tiling import TileReader, TileSettings, find_rasters, open_raster, plan_tiles
+
+
+def test_tiles_cover_the_raster_and_footprints_match_rasterio(assets):
+    info = open_raster(assets["s2_rgb"], None)
+    tiles = plan_tiles(info, TileSettings(scales=(1, 2)))
+    ones = [t for t in tiles if t.scale == 1]
+    assert max(t.col_off + t.width for t in ones) == info.width  # flush with the far edge
+    assert max(t.row_off + t.height for t in ones) == info.height
+    with rasterio.open(assets["s2_rgb"]) as src:
+        for tile in tiles[:: max(1, len(tiles) // 7)]:
+            expected = window_bounds(tile.window, src.transform)
+            assert np.allclose(tile.footprint().bounds, expected)
+            lon_lat = transform_bounds(src.crs, "EPSG:4326", *expected, densify_pts=21)
+            assert np.allclose(tile_bounds_wgs84([tile])[0], lon_lat, atol=1e-6)
+
+
+def test_natural_colour_bands_come_from_colour_interpretation(assets):
+    assert open_raster(assets["s2_rgb"], None).bands == (1, 2, 3)
+
+
+def test_single_band_float_raster_is_replicated_and_stretched_without_nodata(assets):
+    info = open_raster(assets["lsat7_10"], None)
+    assert info.bands == (1, 1, 1)
+    (lo, hi), = set(info.stretch)
+    assert -99999.0 < lo < hi  # the nodata value -99999 did not enter the percentiles
+
+
+def test_multiband_raster_without_colour_interpretation_needs_bands(tmp_path, assets):
+    with rasterio.open(assets["s2_rgb"]) as src:
+        data = src.read(window=((0, 64), (0, 64)))
+        profile = {"crs": src.crs, "transform": src.transform}
+    path = write_raster(tmp_path / "four.tif", np.concatenate([data, data[:1]]), **profile)
+    with pytest.raises(InputError, match="--bands"):
+        open_raster(path, None)
+    assert open_raster(path, (3, 2, 1)).bands == (3, 2, 1)
+    with pytest.raises(InputError, match="band\\(s\\) \\[7\\]"):
+        open_raster(path, (7, 2, 1))
+
+
+def test_crs_less_raster_is_refused_with_what_to_do(tmp_path, assets):
+    with rasterio.open(assets["rmnp_rgb"]) as src:
+        data, transform = src.read(), src.transform
+    path = write_raster(tmp_path / "nocrs.tif", data, transform=transform)
+    with pytest.raises(InputError, match="has no CRS.*gdal_edit"):
+        open_raster(path, None)
+
+
+def test_crs_without_epsg_code_is_indexable(assets):
+    info = open_raster(assets["lsat7_10"], None)
+    assert CRS.from_wkt(info.crs_wkt).to_epsg(confidence_threshold=100) is None  # "unnamed" projection
+    tile = plan_tiles(info, TileSettings(scales=(1,)))[0]
+    assert np.isfinite(tile_bounds_wgs84([tile])).all()
+
+
+def test_corrupt_raster_is_a_clear_error(tmp_path):
+    path = tmp_path / "broken.tif"
+    path.write_bytes(b"II*\x00" + b"\x00" * 100)
+    with pytest.raises(InputError, match="not a readable raster"):
+        open_raster(path, None)
+    with pytest.raises(InputError, match="raster not found"):
+        find_rasters([tmp_path / "missing.tif"])
+
+
+def test_16bit_with_nodata_skips_empty_tiles_and_stretches_the_rest(tmp_path, assets):
+    with rasterio.open(assets["s2_rgb"]) as src:
+        data = src.read(window=((0, 448), (0, 448)))
+        profile = {"crs": src.crs, "transform": src.transform}
+    data[:, :, 224:] = 0  # right half: nodata
+    path = write_raster(tmp_path / "nodata.tif", data, nodata=0, **profile)
+    info = open_raster(path, None)
+    assert info.stretch is not None and all(lo < hi for lo, hi in info.stretch)
+    tiles = plan_tiles(info, TileSettings(overlap=0.0, scales=(1,)))
+    with TileReader(info, 224) as reader:
+        valid = {(t.col_off, t.row_off): reader.read(t)[1] for t in tiles}
+        image, _ = reader.read(tiles[0])
+    assert valid[(0, 0)] == 1.0 and valid[(224, 0)] == 0.0
+    assert image.dtype == np.uint8 and image.std() > 10  # real contrast after the stretch

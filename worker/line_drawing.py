@@ -1,0 +1,41 @@
+"""Line drawings of imagery: how a tile is put into the sketch domain.
+
+Zero-shot DINOv2 features do not bridge sketches and imagery (measured: 0 of 12 pseudo-sketch
+queries in the top 5 of 189 Sentinel-2 tiles against RGB tiles). Drawing each tile as thin
+dark edges on white first, and matching the sketch against that drawing, gave 5 of 12.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageFilter
+from skimage.feature import canny
+from skimage.morphology import skeletonize
+
+TILE_EDGE_SIGMA = 3.0  # at 224 px: coarse structure (shorelines, roads, field edges), not texture
+
+
+def edge_map(tile: np.ndarray, sigma: float) -> np.ndarray:
+    """Boolean one-pixel edges of an RGB uint8 tile; quantile thresholds keep the drawing
+    density comparable between bright and dull scenes."""
+    gray = tile.astype(np.float32).mean(-1) / 255.0
+    return skeletonize(canny(gray, sigma=sigma, low_threshold=0.6, high_threshold=0.9, use_quantiles=True))
+
+
+def draw_edges(edges: np.ndarray, size: int, width: int = 2) -> Image.Image:
+    """Dark strokes on white at `size` px from a boolean edge map."""
+    img = Image.fromarray(np.where(edges, 0, 255).astype(np.uint8))
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.NEAREST)
+    if width > 1:
+        img = img.filter(ImageFilter.MinFilter(width + 1 - width % 2))
+    return img
+
+
+def tile_line_drawings(tiles: np.ndarray, sigma: float = TILE_EDGE_SIGMA) -> np.ndarray:
+    """(B, S, S, 3) uint8 tiles -> (B, S, S, 3) uint8 line drawings of them."""
+    size = tiles.shape[1]
+    out = np.empty_like(tiles)
+    for i, tile in enumerate(tiles):
+        out[i] = np.asarray(draw_edges(edge_map(tile, sigma * size / 224), size))[..., None]
+    return out

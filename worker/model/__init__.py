@@ -1,0 +1,1 @@
+"""Backbone, multi-level tokenizer, token filtering, cross-attention scorer, weight converters."""

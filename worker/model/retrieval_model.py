@@ -1,0 +1,196 @@
+"""The retrieval model: tile encoder (index side) and sketch encoder + scorer (query side)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from worker.errors import InputError
+from worker.line_drawing import tile_line_drawings
+from worker.model.adapter import SketchAdapter
+from worker.model.backbone import BackboneSpec, build_backbone, load_state_dict_file
+from worker.model.cross_attention import CrossAttentionScorer
+from worker.model.tokenizer import MultiLevelTokenizer
+from worker.model.vit_tokens import forward_tokens
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything that decides what the model computes."""
+
+    backbone: BackboneSpec = field(default_factory=BackboneSpec)
+    tile_tokens: int = 48  # patch tokens stored per tile, chosen by the last block's CLS attention
+    tile_view: str = "edges"  # "edges": tiles are encoded as line drawings (see worker.line_drawing); "rgb"
+    sketch_prune_layers: tuple[int, ...] = (3, 6, 9)  # attention-guided filtering of sketch tokens
+    sketch_keep_rate: float = 0.7
+    rerank_weight: float = 0.5  # final score = w * cross-attention + (1 - w) * global cosine
+    sketch_modules: Path | None = None  # trained tokenizer/adapter/scorer (scripts/train.py)
+
+
+@dataclass
+class TileTokens:
+    """Per tile: global token (B, D), filtered patch tokens (B, K, D), all L2-normalised fp16,
+    and the patch index of each kept token (B, K)."""
+
+    global_token: np.ndarray
+    tokens: np.ndarray
+    positions: np.ndarray
+
+
+@dataclass
+class SketchTokens:
+    global_token: torch.Tensor  # (D,) normalised fp32
+    tokens: torch.Tensor  # (M, D) normalised fp32
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda asked for, but torch sees no CUDA device here")
+    return torch.device(name)
+
+
+def _weights_digest(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    sidecar = path.with_suffix(".sha256")
+    if sidecar.exists():
+        return sidecar.read_text().split()[0]
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _digest(obj: dict) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class RetrievalModel(nn.Module):
+    def __init__(self, config: ModelConfig, device: str = "auto"):
+        super().__init__()
+        if config.tile_view not in ("edges", "rgb"):
+            raise InputError(f"tile view {config.tile_view!r} must be 'edges' or 'rgb'")
+        self.config = config
+        self.vit = build_backbone(config.backbone)
+        dim = self.vit.embed_dim
+        grid = self.vit.patch_embed.grid_size[0]
+        self.tokenizer = MultiLevelTokenizer(dim, grid)
+        self.adapter = SketchAdapter(dim)
+        self.scorer = CrossAttentionScorer(dim)
+        self.backbone_digest = _weights_digest(config.backbone.weights)
+        self.sketch_modules_digest = None
+        if config.sketch_modules is not None:
+            self.load_sketch_modules(config.sketch_modules)
+        self.device = resolve_device(device)
+        self.to(self.device).eval()
+        mean = torch.tensor(config.backbone.mean, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(config.backbone.std, device=self.device).view(1, 3, 1, 1)
+        self.register_buffer("_mean", mean, persistent=False)
+        self.register_buffer("_std", std, persistent=False)
+
+    # -- identity -------------------------------------------------------------------------
+    @property
+    def img_size(self) -> int:
+        return self.config.backbone.img_size
+
+    def tile_encoder_fingerprint(self) -> str:
+        """What decides stored tile tokens; an index is only valid for this exact value."""
+        b = self.config.backbone
+        return _digest({"timm": b.timm_name, "img": b.img_size, "weights": self.backbone_digest,
+                        "mean": b.mean, "std": b.std, "tile_tokens": self.config.tile_tokens,
+                        "tile_view": self.config.tile_view})
+
+    def fingerprint(self) -> dict:
+        """The model's identity as recorded in index manifests and `info` replies."""
+        b = self.config.backbone
+        return {"tile_encoder": self.tile_encoder_fingerprint(), "timm_name": b.timm_name,
+                "img_size": b.img_size, "tile_view": self.config.tile_view, "backbone_sha256": self.backbone_digest,
+                "sketch_modules_sha256": self.sketch_modules_digest,
+                "model": _digest({"tile": self.tile_encoder_fingerprint(), "sketch": self.sketch_modules_digest,
+                                  "cfg": asdict(replace(self.config, backbone=None, sketch_modules=None))})}
+
+    # -- trained sketch-side modules --------------------------------------------------------
+    def sketch_module_state(self) -> dict[str, torch.Tensor]:
+        return {f"{name}.{k}": v.detach().cpu().contiguous()
+                for name in ("tokenizer", "adapter", "scorer")
+                for k, v in getattr(self, name).state_dict().items()}
+
+    def save_sketch_modules(self, path: Path, extra: dict[str, str] | None = None) -> None:
+        from safetensors.torch import save_file
+
+        meta = {"timm_name": self.config.backbone.timm_name, "backbone_sha256": str(self.backbone_digest)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(self.sketch_module_state(), str(tmp), metadata={**meta, **(extra or {})})
+        tmp.replace(path)
+
+    def load_sketch_modules(self, path: Path) -> None:
+        """Load trained tokenizer/adapter/scorer; refuse a checkpoint made for another backbone."""
+        from safetensors import safe_open
+
+        if not path.exists():
+            raise InputError(f"sketch modules checkpoint not found: {path}")
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        want = {"timm_name": self.config.backbone.timm_name, "backbone_sha256": str(self.backbone_digest)}
+        got = {k: meta.get(k) for k in want}
+        if got != want:
+            raise InputError(f"{path} was trained for backbone {got}, not {want}: retrain it "
+                             "with scripts/train.py for this backbone")
+        state = load_state_dict_file(path)
+        for name in ("tokenizer", "adapter", "scorer"):
+            part = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
+            getattr(self, name).load_state_dict(part, strict=True)
+        self.sketch_modules_digest = _weights_digest(path)
+
+    # -- encoders ----------------------------------------------------------------------------
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, H, W, 3) or float in [0, 1] (B, 3, H, W) -> backbone input."""
+        if images.dtype == torch.uint8:
+            images = images.permute(0, 3, 1, 2).float() / 255.0
+        return (images.to(self.device) - self._mean) / self._std
+
+    @torch.inference_mode()
+    def encode_tiles(self, tiles: np.ndarray) -> TileTokens:
+        """uint8 (B, S, S, 3) tiles -> global token and filtered patch tokens for the index."""
+        if self.config.tile_view == "edges":
+            tiles = tile_line_drawings(tiles)
+        x = self.normalise(torch.from_numpy(np.ascontiguousarray(tiles)))
+        out = forward_tokens(self.vit, self.vit.patch_embed(x), final_keep=self.config.tile_tokens)
+        return TileTokens(
+            global_token=F.normalize(out.cls, dim=-1).half().cpu().numpy(),
+            tokens=F.normalize(out.patches, dim=-1).half().cpu().numpy(),
+            positions=out.positions.to(torch.int16).cpu().numpy(),
+        )
+
+    def sketch_forward(self, sketch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised sketch batch (B, 3, S, S) -> (global (B, D), tokens (B, M, D)), differentiable."""
+        tokens = self.vit.patch_embed(sketch) + self.tokenizer(sketch)
+        out = forward_tokens(self.vit, tokens, prune_layers=self.config.sketch_prune_layers,
+                             keep_rate=self.config.sketch_keep_rate)
+        adapted = self.adapter(torch.cat([out.cls[:, None], out.patches], 1))
+        return F.normalize(adapted[:, 0], dim=-1), F.normalize(adapted[:, 1:], dim=-1)
+
+    @torch.inference_mode()
+    def encode_sketch(self, sketch: torch.Tensor) -> SketchTokens:
+        """A preprocessed sketch (3, S, S) in [0, 1] -> its global token and filtered tokens."""
+        g, t = self.sketch_forward(self.normalise(sketch[None]))
+        return SketchTokens(global_token=g[0].float(), tokens=t[0].float())
+
+    @torch.inference_mode()
+    def rerank_scores(self, sketch: SketchTokens, tile_tokens: np.ndarray, shortlist_scores: np.ndarray) -> np.ndarray:
+        """Final scores for shortlisted tiles: cross-attention blended with the global cosine."""
+        tiles = torch.from_numpy(np.ascontiguousarray(tile_tokens)).to(self.device).float()
+        xattn = self.scorer(sketch.tokens, tiles).cpu().numpy()
+        w = self.config.rerank_weight
+        return w * xattn + (1.0 - w) * shortlist_scores

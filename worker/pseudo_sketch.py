@@ -1,0 +1,88 @@
+"""Pseudo-sketches of real imagery: line drawings whose true place is known.
+
+Used for tests, benchmarks and training pairs. Styles:
+  canny   - thinned Canny edges of the tile, drawn as dark strokes
+  simple  - the same edges traced into polylines, short ones dropped, simplified (fewer, cleaner lines)
+Both can be jittered with real hand-drawn wobble (LASA handwriting strokes) by `wobble`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from skimage.measure import approximate_polygon, find_contours
+
+from worker.line_drawing import draw_edges, edge_map
+
+QUERY_EDGE_SIGMA = 2.0  # finer than the index's tile drawings: a query is not the indexed drawing
+
+
+def trace_polylines(edges: np.ndarray, min_length: float = 12.0, tolerance: float = 1.5,
+                    min_lines: int = 8) -> list[np.ndarray]:
+    """Edge pixels -> simplified polylines (row, col): strokes shorter than min_length are
+    dropped, but the `min_lines` longest always stay (a sparse scene still gets a drawing)."""
+    contours = [c for c in find_contours(edges.astype(np.float32), 0.5) if len(c) >= 2]
+    lengths = np.array([np.linalg.norm(np.diff(c, axis=0), axis=1).sum() for c in contours])
+    order = np.argsort(-lengths, kind="stable")
+    # a contour walks both sides of a one-pixel line, hence 2 * min_length
+    keep = [i for n, i in enumerate(order) if n < min_lines or lengths[i] >= 2 * min_length]
+    return [approximate_polygon(contours[i], tolerance=tolerance) for i in keep]
+
+
+def draw_polylines(lines: list[np.ndarray], shape: tuple[int, int], size: int, width: int = 2) -> Image.Image:
+    img = Image.new("L", (size, size), 255)
+    draw = ImageDraw.Draw(img)
+    sy, sx = size / shape[0], size / shape[1]
+    for line in lines:
+        draw.line([(c * sx, r * sy) for r, c in line], fill=0, width=width, joint="curve")
+    return img
+
+
+def wobble(lines: list[np.ndarray], strokes: list[np.ndarray], amplitude: float, rng: np.random.Generator) -> list[np.ndarray]:
+    """Add a real hand's wobble: offsets taken from hand-drawn strokes (their deviation from a
+    straight chord), resampled along each line and scaled to `amplitude` pixels."""
+    out = []
+    for line in lines:
+        stroke = strokes[rng.integers(len(strokes))]
+        chord = np.linspace(stroke[0], stroke[-1], len(stroke))
+        dev = stroke - chord
+        dev = dev / (np.abs(dev).max() + 1e-9)
+        n = max(len(line) * 8, 16)
+        t = np.linspace(0, 1, n)
+        seg = np.linspace(0, 1, len(line))
+        dense = np.column_stack([np.interp(t, seg, line[:, 0]), np.interp(t, seg, line[:, 1])])
+        src = np.linspace(0, 1, len(dev))
+        offset = np.column_stack([np.interp(t, src, dev[:, 0]), np.interp(t, src, dev[:, 1])])
+        out.append(dense + amplitude * offset)
+    return out
+
+
+def load_hand_strokes(lasa_dir: Path) -> list[np.ndarray]:
+    """All human demonstrations of the LASA handwriting set as (1000, 2) point arrays."""
+    from scipy.io import loadmat
+
+    strokes = []
+    for path in sorted(Path(lasa_dir).glob("*.mat")):
+        for demo in loadmat(path, simplify_cells=True)["demos"]:
+            strokes.append(np.asarray(demo["pos"], np.float64).T)
+    if not strokes:
+        raise FileNotFoundError(f"no LASA .mat files in {lasa_dir}: run scripts/setup")
+    return strokes
+
+
+def pseudo_sketch(tile: np.ndarray, style: str = "canny", size: int = 224, rng: np.random.Generator | None = None,
+                  hand_strokes: list[np.ndarray] | None = None) -> Image.Image:
+    """A line drawing of an RGB uint8 tile in the given style."""
+    edges = edge_map(tile, QUERY_EDGE_SIGMA)
+    if style == "canny":
+        return draw_edges(edges, size)
+    lines = trace_polylines(edges)
+    if style == "simple":
+        return draw_polylines(lines, edges.shape, size)
+    if style == "wobbly":
+        if rng is None or not hand_strokes:
+            raise ValueError("wobbly sketches need an rng and hand strokes")
+        return draw_polylines(wobble(lines, hand_strokes, amplitude=3.0, rng=rng), edges.shape, size)
+    raise ValueError(f"unknown pseudo-sketch style {style!r}")

@@ -1,0 +1,111 @@
+"""Sketches (PNG/JPEG of dark strokes on light, or stroke polylines) -> normalised model input.
+
+Preprocessing follows the paper's release: crop to the ink's bounding box plus a margin,
+resize keeping the aspect ratio, pad white to a square.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, UnidentifiedImageError
+
+from worker.errors import InputError
+
+MAX_SKETCH_PIXELS = 4096 * 4096
+MIN_SKETCH_SIDE = 8
+MARGIN_FRACTION = 10 / 224  # the reference's 10 px margin at 224 px
+INK_CONTRAST = 40  # grey levels between paper and ink below which a sketch counts as blank
+
+
+@dataclass(frozen=True)
+class StrokeSketch:
+    """Polylines as drawn: each stroke a list of (x, y); y grows up in map coordinates."""
+
+    strokes: tuple[tuple[tuple[float, float], ...], ...]
+    y_up: bool = True
+
+    def extent(self) -> tuple[float, float, float, float]:
+        pts = np.array([p for s in self.strokes for p in s], dtype=np.float64)
+        return float(pts[:, 0].min()), float(pts[:, 1].min()), float(pts[:, 0].max()), float(pts[:, 1].max())
+
+
+def open_sketch_image(source: str | Path | bytes) -> Image.Image:
+    """Decode a sketch file or bytes to greyscale on white; a clear error for anything unusable."""
+    try:
+        img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        w, h = img.size
+        if w * h > MAX_SKETCH_PIXELS:
+            raise InputError(f"sketch is {w}x{h} px; at most {MAX_SKETCH_PIXELS} pixels (e.g. 4096x4096)")
+        if min(w, h) < MIN_SKETCH_SIDE:
+            raise InputError(f"sketch is {w}x{h} px; draw on at least {MIN_SKETCH_SIDE}x{MIN_SKETCH_SIDE}")
+        img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise InputError(f"sketch is not a readable PNG/JPEG image ({exc})") from exc
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+    return img.convert("L")
+
+
+def render_strokes(sketch: StrokeSketch, canvas: int = 512, width_fraction: float = 1 / 100) -> Image.Image:
+    """Draw polylines dark on white, fitted into a square canvas keeping their aspect ratio."""
+    strokes = [s for s in sketch.strokes if len(s) >= 1]
+    if not strokes:
+        raise InputError("sketch has no strokes")
+    pts = np.array([p for s in strokes for p in s], dtype=np.float64)
+    if not np.isfinite(pts).all():
+        raise InputError("sketch strokes contain non-finite coordinates")
+    x0, y0, x1, y1 = sketch.extent()
+    span = max(x1 - x0, y1 - y0)
+    if span <= 0:
+        raise InputError("sketch strokes have no extent (a single point); draw lines")
+    pad = canvas * 0.05
+    scale = (canvas - 2 * pad) / span
+    off_x = pad + ((canvas - 2 * pad) - (x1 - x0) * scale) / 2
+    off_y = pad + ((canvas - 2 * pad) - (y1 - y0) * scale) / 2
+    img = Image.new("L", (canvas, canvas), 255)
+    draw = ImageDraw.Draw(img)
+    width = max(1, int(round(canvas * width_fraction)))
+    for stroke in strokes:
+        xy = [(off_x + (x - x0) * scale,
+               (off_y + (y1 - y) * scale) if sketch.y_up else (off_y + (y - y0) * scale)) for x, y in stroke]
+        if len(xy) == 1:
+            xy = xy * 2
+        draw.line(xy, fill=0, width=width, joint="curve")
+    return img
+
+
+def ink_bbox(gray: np.ndarray) -> tuple[int, int, int, int]:
+    """Bounding box (x0, y0, x1, y1) of the dark strokes; InputError when there are none."""
+    lo, hi = int(gray.min()), int(gray.max())
+    if hi - lo < INK_CONTRAST:
+        raise InputError("sketch is blank: no dark strokes on a light background")
+    ys, xs = np.nonzero(gray < (lo + hi) / 2)
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def prepare_sketch(img: Image.Image, size: int) -> torch.Tensor:
+    """Greyscale sketch -> (3, size, size) float in [0, 1]: ink crop + margin, fit, pad white."""
+    gray = np.asarray(img.convert("L"))
+    x0, y0, x1, y1 = ink_bbox(gray)
+    margin = int(round(MARGIN_FRACTION * max(x1 - x0, y1 - y0)))
+    crop = img.crop((max(0, x0 - margin), max(0, y0 - margin), min(img.width, x1 + margin), min(img.height, y1 + margin)))
+    scale = size / max(crop.size)
+    new = (max(1, round(crop.width * scale)), max(1, round(crop.height * scale)))
+    crop = crop.resize(new, Image.Resampling.LANCZOS)
+    canvas = Image.new("L", (size, size), 255)
+    canvas.paste(crop, ((size - new[0]) // 2, (size - new[1]) // 2))
+    arr = torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0)
+    return arr[None].expand(3, -1, -1).contiguous()
+
+
+def load_sketch(source: str | Path | bytes | StrokeSketch, size: int) -> torch.Tensor:
+    """Any sketch input -> model-ready tensor."""
+    img = render_strokes(source) if isinstance(source, StrokeSketch) else open_sketch_image(source)
+    return prepare_sketch(img, size)

@@ -1,0 +1,280 @@
+"""Rasters -> tiles: windows at several scales, footprints, and 8-bit RGB pixels for the model.
+
+A tile is a value (raster, window, scale), never an index into a hidden list. Reading a tile
+at scale s reads a window s times the tile size and lets GDAL decimate it to the tile size,
+which uses overviews where the file has them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import rasterio
+from rasterio.enums import ColorInterp, Resampling
+from rasterio.errors import RasterioIOError
+from rasterio.windows import Window
+from shapely.geometry import Polygon
+
+from worker.errors import InputError
+
+log = logging.getLogger(__name__)
+
+RASTER_SUFFIXES = {".tif", ".tiff", ".jp2", ".vrt", ".img", ".png", ".jpg", ".jpeg", ".nc", ".hdf", ".ecw", ".sid", ".dem", ".bil"}
+STRETCH_PERCENTILES = (2.0, 98.0)
+EDGE_POINTS = 4  # points per footprint edge, so reprojected footprints follow curved edges
+
+
+@dataclass(frozen=True)
+class TileSettings:
+    """How rasters are cut: recorded in the index manifest; an index is only extended alike."""
+
+    tile: int = 224
+    overlap: float = 0.25
+    scales: tuple[int, ...] = (1, 2, 4)
+    bands: tuple[int, ...] | None = None
+    min_valid: float = 0.5  # tiles with less valid (non-nodata) area are skipped and counted
+
+    def __post_init__(self) -> None:
+        if self.tile < 32:
+            raise InputError(f"--tile {self.tile} is too small (at least 32 px)")
+        if not 0.0 <= self.overlap < 0.9:
+            raise InputError(f"--overlap {self.overlap} must be in [0, 0.9)")
+        if not self.scales or any(s < 1 for s in self.scales):
+            raise InputError(f"--scales {self.scales} must be positive integers")
+
+    @property
+    def step(self) -> int:
+        return max(1, int(round(self.tile * (1.0 - self.overlap))))
+
+
+@dataclass(frozen=True)
+class RasterInfo:
+    """What the index keeps about one raster: enough to read, locate and re-check it."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    width: int
+    height: int
+    crs_wkt: str
+    transform: tuple[float, ...]
+    bands: tuple[int, ...]
+    stretch: tuple[tuple[float, float], ...] | None  # per band (low, high); None for 8-bit
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "size": self.size, "mtime_ns": self.mtime_ns, "width": self.width,
+                "height": self.height, "crs_wkt": self.crs_wkt, "transform": list(self.transform),
+                "bands": list(self.bands), "stretch": [list(s) for s in self.stretch] if self.stretch else None}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "RasterInfo":
+        return cls(path=d["path"], size=d["size"], mtime_ns=d["mtime_ns"], width=d["width"], height=d["height"],
+                   crs_wkt=d["crs_wkt"], transform=tuple(d["transform"]), bands=tuple(d["bands"]),
+                   stretch=tuple(tuple(s) for s in d["stretch"]) if d["stretch"] else None)
+
+    @property
+    def affine(self) -> rasterio.Affine:
+        return rasterio.Affine(*self.transform[:6])
+
+    def changed_on_disk(self) -> bool:
+        st = os.stat(self.path)
+        return st.st_size != self.size or st.st_mtime_ns != self.mtime_ns
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One tile: a native-resolution window of a raster, read down to the tile size."""
+
+    raster: RasterInfo
+    col_off: int
+    row_off: int
+    width: int
+    height: int
+    scale: int
+
+    @property
+    def window(self) -> Window:
+        return Window(self.col_off, self.row_off, self.width, self.height)
+
+    def ring(self) -> np.ndarray:
+        """Footprint ring in the raster CRS, (4 * EDGE_POINTS + 1, 2), closed."""
+        c0, r0, c1, r1 = self.col_off, self.row_off, self.col_off + self.width, self.row_off + self.height
+        t = np.linspace(0.0, 1.0, EDGE_POINTS, endpoint=False)
+        cols = np.concatenate([c0 + (c1 - c0) * t, np.full_like(t, c1), c1 - (c1 - c0) * t, np.full_like(t, c0), [c0]])
+        rows = np.concatenate([np.full_like(t, r0), r0 + (r1 - r0) * t, np.full_like(t, r1), r1 - (r1 - r0) * t, [r0]])
+        xs, ys = self.raster.affine @ (cols, rows)
+        return np.column_stack([xs, ys])
+
+    def footprint(self) -> Polygon:
+        return Polygon(self.ring())
+
+
+def find_rasters(inputs: list[str | Path]) -> list[Path]:
+    """Files, directories (searched recursively for raster suffixes) and VRTs -> sorted files."""
+    found: list[Path] = []
+    for item in inputs:
+        path = Path(item).expanduser().resolve()
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in RASTER_SUFFIXES)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise InputError(f"raster not found: {item}")
+    if not found:
+        raise InputError(f"no raster files in {', '.join(map(str, inputs))}")
+    return list(dict.fromkeys(found))
+
+
+def choose_bands(src: rasterio.DatasetReader, requested: tuple[int, ...] | None) -> tuple[int, ...]:
+    """Natural colour from the colour interpretation, else the requested bands, else an error."""
+    name = src.name
+    if requested:
+        bad = [b for b in requested if not 1 <= b <= src.count]
+        if bad:
+            raise InputError(f"{name}: band(s) {bad} asked for, but the raster has {src.count} band(s)")
+        if len(requested) not in (1, 3):
+            raise InputError(f"--bands needs 1 or 3 band numbers (R,G,B), got {list(requested)}")
+        return tuple(requested) * (3 if len(requested) == 1 else 1)
+    interp = list(src.colorinterp)
+    if all(c in interp for c in (ColorInterp.red, ColorInterp.green, ColorInterp.blue)):
+        return tuple(interp.index(c) + 1 for c in (ColorInterp.red, ColorInterp.green, ColorInterp.blue))
+    if src.count == 1:
+        return (1, 1, 1)
+    if src.count == 3 and interp[0] != ColorInterp.palette:
+        log.warning("%s: 3 bands without RGB colour interpretation, read as R,G,B = 1,2,3 "
+                    "(pass --bands to choose otherwise)", name)
+        return (1, 2, 3)
+    if interp[0] == ColorInterp.palette:
+        raise InputError(f"{name}: paletted rasters are not supported; expand it to RGB (gdal_translate -expand rgb)")
+    raise InputError(f"{name}: cannot tell which of its {src.count} bands are red, green, blue "
+                     f"(colour interpretation {[c.name for c in interp]}); pass --bands R,G,B")
+
+
+def robust_stretch(src: rasterio.DatasetReader, bands: tuple[int, ...]) -> tuple[tuple[float, float], ...] | None:
+    """Per-band 2nd/98th percentiles of valid pixels from a decimated read (None for 8-bit)."""
+    if all(src.dtypes[b - 1] == "uint8" for b in bands):
+        return None
+    scale = max(1.0, max(src.width, src.height) / 1024.0)
+    shape = (max(1, int(src.height / scale)), max(1, int(src.width / scale)))
+    out = []
+    for b in dict.fromkeys(bands):
+        data = src.read(b, out_shape=shape, resampling=Resampling.nearest, masked=True)
+        values = data.compressed().astype(np.float64)
+        values = values[np.isfinite(values)]
+        if values.size == 0:
+            raise InputError(f"{src.name}: band {b} has no valid pixels")
+        lo, hi = np.percentile(values, STRETCH_PERCENTILES)
+        out.append((b, (float(lo), float(hi if hi > lo else lo + 1.0))))
+    table = dict(out)
+    return tuple(table[b] for b in bands)
+
+
+def open_raster(path: Path, bands: tuple[int, ...] | None) -> RasterInfo:
+    """Check a raster can be indexed and describe it; every refusal says what to do."""
+    try:
+        src = rasterio.open(path)
+    except RasterioIOError as exc:
+        raise InputError(f"{path}: not a readable raster ({exc})") from exc
+    with src:
+        if src.crs is None or not src.crs.to_wkt():
+            raise InputError(f"{path}: has no CRS, so hits could not be placed on a map; assign one "
+                             "(e.g. gdal_edit.py -a_srs EPSG:XXXX) and index it again")
+        if src.transform.is_identity:
+            raise InputError(f"{path}: has no geotransform (pixel grid not georeferenced)")
+        if any(np.dtype(src.dtypes[b - 1]).kind == "c" for b in range(1, src.count + 1)):
+            raise InputError(f"{path}: complex-valued bands are not imagery")
+        chosen = choose_bands(src, bands)
+        try:
+            stretch = robust_stretch(src, chosen)
+        except RasterioIOError as exc:
+            raise InputError(f"{path}: cannot read its pixels ({exc})") from exc
+        st = os.stat(path)
+        return RasterInfo(path=str(path), size=st.st_size, mtime_ns=st.st_mtime_ns, width=src.width,
+                          height=src.height, crs_wkt=src.crs.to_wkt(), transform=tuple(src.transform)[:6],
+                          bands=chosen, stretch=stretch)
+
+
+def _offsets(length: int, window: int, step: int) -> list[int]:
+    if length <= window:
+        return [0]
+    offs = list(range(0, length - window + 1, step))
+    if offs[-1] != length - window:
+        offs.append(length - window)  # flush with the far edge so the raster is fully covered
+    return offs
+
+
+def plan_tiles(raster: RasterInfo, settings: TileSettings) -> list[Tile]:
+    """All tiles of one raster in a fixed order (scale, row, column): resumable by position."""
+    tiles = []
+    for scale in settings.scales:
+        size = settings.tile * scale
+        if scale > 1 and size > 2 * max(raster.width, raster.height):
+            continue  # mostly outside the raster: nothing to see at this scale
+        step = settings.step * scale
+        for row in _offsets(raster.height, size, step):
+            for col in _offsets(raster.width, size, step):
+                tiles.append(Tile(raster, col, row, size, size, scale))
+    return tiles
+
+
+def _to_uint8(data: np.ma.MaskedArray, stretch: tuple[tuple[float, float], ...] | None) -> np.ndarray:
+    arr = data.filled(0).astype(np.float32)
+    if stretch is None:
+        return np.clip(arr, 0, 255).astype(np.uint8)
+    lo = np.array([s[0] for s in stretch], np.float32)[:, None, None]
+    hi = np.array([s[1] for s in stretch], np.float32)[:, None, None]
+    arr = np.nan_to_num((arr - lo) / (hi - lo), nan=0.0, posinf=1.0, neginf=0.0)
+    return (np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+@dataclass
+class TileReader:
+    """Reads tiles of one raster as (S, S, 3) uint8 plus the valid fraction; keep it open per raster."""
+
+    raster: RasterInfo
+    tile_size: int
+    _src: rasterio.DatasetReader | None = field(default=None, init=False)
+
+    def __enter__(self) -> "TileReader":
+        self._src = rasterio.open(self.raster.path)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._src is not None:
+            self._src.close()
+
+    def read(self, tile: Tile) -> tuple[np.ndarray, float]:
+        src = self._src
+        assert src is not None, "use TileReader as a context manager"
+        inside = (tile.col_off >= 0 and tile.row_off >= 0 and tile.col_off + tile.width <= src.width
+                  and tile.row_off + tile.height <= src.height)
+        out_shape = (len(self.raster.bands), self.tile_size, self.tile_size)
+        resampling = Resampling.average if tile.scale > 1 else Resampling.nearest
+        try:
+            data = src.read(list(self.raster.bands), window=tile.window, out_shape=out_shape,
+                            resampling=resampling, masked=True, boundless=not inside)
+        except RasterioIOError as exc:
+            raise InputError(f"{self.raster.path}: cannot read window {tile.window} ({exc})") from exc
+        valid = ~np.ma.getmaskarray(data).any(axis=0)
+        valid &= np.isfinite(data.filled(0)).all(axis=0)
+        image = _to_uint8(data, self.raster.stretch).transpose(1, 2, 0)
+        return np.ascontiguousarray(image), float(valid.mean())
+
+
+def iter_tile_pixels(raster: RasterInfo, tiles: list[Tile], tile_size: int) -> Iterator[tuple[Tile, np.ndarray, float]]:
+    with TileReader(raster, tile_size) as reader:
+        for tile in tiles:
+            image, valid = reader.read(tile)
+            yield tile, image, valid
+
+
+def ground_size(tile: Tile) -> float:
+    """Side length of a tile in its CRS units (metres for projected CRSs)."""
+    a = tile.raster.affine
+    return math.hypot(a.a, a.d) * tile.width
