@@ -166,7 +166,12 @@ class IndexWriter:
                     if should_stop():
                         return self.manifest
                     part = tiles[chunk * self.chunk_tiles:(chunk + 1) * self.chunk_tiles]
-                    skipped = self._write_chunk(entry, chunk, part, batch_size, should_stop)
+
+                    def batch_done(n: int, _done=done, _path=entry["path"]) -> None:
+                        if progress:
+                            progress(IndexProgress(_done + n, total, skipped_total, _path))
+
+                    skipped = self._write_chunk(entry, chunk, part, batch_size, should_stop, batch_done)
                     if skipped is None:
                         return self.manifest
                     entry["tiles_skipped"] += skipped
@@ -181,14 +186,15 @@ class IndexWriter:
             return self.manifest
 
     def _write_chunk(self, entry: dict, chunk: int, tiles: list[Tile], batch_size: int,
-                     should_stop: Callable[[], bool]) -> int | None:
+                     should_stop: Callable[[], bool], batch_done: Callable[[int], None]) -> int | None:
         """Encode one chunk and commit it as a shard; returns how many tiles were skipped as empty."""
         name = f"r{entry['id']:05d}-c{chunk:06d}"
         kept: list[Tile] = []
         valid: list[float] = []
         outputs = []
         batch: list[np.ndarray] = []
-        for tile, image, fraction in iter_tile_pixels(RasterInfo.from_json(entry), tiles, self.model.img_size):
+        for n, (tile, image, fraction) in enumerate(iter_tile_pixels(RasterInfo.from_json(entry), tiles,
+                                                                     self.model.img_size), start=1):
             if fraction < self.settings.min_valid:
                 continue
             kept.append(tile)
@@ -199,6 +205,7 @@ class IndexWriter:
                     return None
                 outputs.append(self.model.encode_tiles(np.stack(batch)))
                 batch = []
+                batch_done(n)  # progress within the chunk (committed only at its end)
         if batch:
             outputs.append(self.model.encode_tiles(np.stack(batch)))
         records = np.zeros(len(kept), RECORD_DTYPE)

@@ -1,0 +1,293 @@
+"""The worker service over real ZeroMQ sockets, in a real subprocess."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+from PIL import Image
+
+from worker import protocol
+from worker.client import CurveKeys, WorkerClient, WorkerError, WorkerUnavailable, subscribe_progress
+from worker.index import TileIndex
+from worker_process import REPO, WorkerProcess, free_port
+
+
+@pytest.fixture(scope="module")
+def rasters(tmp_path_factory, assets) -> Path:
+    root = tmp_path_factory.mktemp("rasters")
+    shutil.copy(assets["rmnp_rgb"], root / "rmnp-rgb.tif")
+    shutil.copy(assets["osbs_rgb"], root / "OSBS_029.tif")
+    shutil.copy(assets["s2_rgb"], root / "s2.tif")
+    return root
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory, rasters):
+    root = tmp_path_factory.mktemp("service") / "indexes"
+    root.mkdir()
+    proc = WorkerProcess(root, rasters).start()
+    with proc.client() as c:
+        job = c.start_index("rmnp", [str(rasters / "rmnp-rgb.tif")], tile=112, scales=[1, 2])
+        wait_job(c, job["id"])
+    yield proc
+    proc.stop()
+
+
+def wait_job(client: WorkerClient, job_id: str, timeout: float = 300) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = client.job(job_id)
+        if job["state"] not in ("queued", "running"):
+            return job
+        time.sleep(0.2)
+    raise TimeoutError(job)
+
+
+def sketch_png(size: int = 256) -> bytes:
+    img = Image.new("L", (size, size), 255)
+    from PIL import ImageDraw
+
+    ImageDraw.Draw(img).line([(20, 200), (90, 120), (160, 140), (230, 40)], fill=0, width=4)
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_ping_info_and_list_indexes(worker):
+    with worker.client() as c:
+        assert c.ping()["ok"]
+        info = c.info()
+        assert info["device"] == "cpu" and info["cuda"] is False
+        assert info["model"]["timm_name"] == "vit_small_patch14_dinov2"
+        [index] = c.list_indexes()
+        assert index["name"] == "rmnp" and index["complete"] and index["compatible"] and index["tile_count"] > 0
+
+
+def test_search_with_a_png_frame_and_with_strokes_in_a_crs(worker):
+    with worker.client() as c:
+        reply = c.search("rmnp", sketch_png=sketch_png(), top=3, crs="EPSG:3857")
+        features = reply["hits"]["features"]
+        assert [f["properties"]["rank"] for f in features] == [1, 2, 3]
+        assert {"score", "shortlist_score", "raster", "window", "scale"} <= set(features[0]["properties"])
+        assert reply["hits"]["crs"]["properties"]["name"].endswith("3857")
+        assert reply["timings_ms"]["total_ms"] > 0
+        strokes = [[[-105.6, 40.3], [-105.55, 40.35], [-105.5, 40.32]], [[-105.6, 40.25], [-105.5, 40.28]]]
+        reply = c.search("rmnp", strokes=strokes, strokes_crs="EPSG:4326", top=2)
+        assert len(reply["hits"]["features"]) == 2
+
+
+def test_bad_requests_get_error_replies_with_codes(worker, rasters, tmp_path):
+    with worker.client() as c:
+        cases = [
+            (lambda: c.search("nope", sketch_png=sketch_png()), "not_found"),
+            (lambda: c.search("rmnp", sketch_png=b"garbage"), "bad_input"),
+            (lambda: c.search("rmnp", sketch_png=_png(Image.new("L", (1, 1), 0))), "bad_input"),
+            (lambda: c.search("rmnp", sketch_png=_png(Image.new("1", (20000, 20000), 1))), "bad_input"),
+            (lambda: c.search("rmnp", sketch_png=_png(Image.new("L", (300, 300), 255))), "bad_input"),
+            (lambda: c.search("../etc", sketch_png=sketch_png()), "forbidden"),
+            (lambda: c.start_index("x", [str(tmp_path / "outside.tif")]), "forbidden"),
+            (lambda: c.start_index("x", [str(rasters / "missing.tif")]), "bad_input"),
+            (lambda: c.request("search", index="rmnp", top="ten", sketch_frame=1, frames=(sketch_png(),)), "bad_request"),
+            (lambda: c.request("search", index="rmnp", sketch_frame=2, frames=(sketch_png(),)), "bad_request"),
+            (lambda: c.request("teleport"), "unknown_op"),
+            (lambda: c.job("no-such-job"), "not_found"),
+        ]
+        for call, code in cases:
+            with pytest.raises(WorkerError) as err:
+                call()
+            assert err.value.code == code, err.value
+        assert c.ping()["ok"]
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_bounded_fuzz_of_malformed_messages_leaves_the_service_answering(worker):
+    rng = random.Random(1234)
+    headers = [b"", b"\xff\xfe", b"[]", b"null", b"{}", b'{"v": 1}', b'{"v": 2, "id": "a", "op": "ping"}',
+               b'{"v": 1, "id": 5, "op": "ping"}', b'{"v": 1, "id": "a", "op": 7}',
+               b'{"v": 1, "id": "a", "op": "search"}', b'{"v": 1, "id": "a", "op": "search", "index": "rmnp"}',
+               b'{"v": 1, "id": "a", "op": "search", "index": "rmnp", "strokes": [[1, 2]]}',
+               b'{"v": 1, "id": "a", "op": "search", "index": "rmnp", "strokes": [[[1, 1], [1, 1]]]}',
+               b'{"v": 1, "id": "a", "op": "index", "index": "/abs", "rasters": ["/etc/passwd"]}',
+               b'{"v": 1, "id": "a", "op": "cancel"}', b'{"v": 1, "id": "a", "op": "search", "index": "rmnp", "sketch_frame": 1}']
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(worker.bind)
+    sent = 0
+    for i in range(3000):
+        kind = rng.random()
+        if kind < 0.3:
+            frames = [bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 64)))]
+        elif kind < 0.9:
+            frames = [rng.choice(headers)] + ([bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 32)))] if rng.random() < 0.3 else [])
+        else:
+            head = json.dumps({"v": 1, "id": str(i), "op": "ping", "pad": "x" * rng.randint(0, 100)}).encode()
+            frames = [head, b"\0" * rng.choice([0, 10, 1000])]
+        sock.send_multipart(frames)
+        sent += 1
+    replies = 0
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    deadline = time.time() + 120
+    while replies < sent and time.time() < deadline:
+        if poller.poll(1000):
+            frames = sock.recv_multipart()
+            # a message starting with an empty frame reads as a REQ envelope, echoed back as such
+            reply = json.loads(frames[1] if frames[0] == b"" and len(frames) > 1 else frames[0])
+            assert "ok" in reply and (reply["ok"] or reply["error"]["code"])
+            replies += 1
+    sock.close()
+    assert replies == sent, "every malformed message gets exactly one reply"
+    with worker.client(timeout=10) as c:
+        assert c.ping()["ok"]
+
+
+def test_oversized_message_is_refused_with_an_error(tmp_path, rasters):
+    root = tmp_path / "indexes"
+    root.mkdir()
+    proc = WorkerProcess(root, rasters, extra=["--max-message-bytes", "100000"]).start()
+    try:
+        with proc.client(timeout=20) as c:
+            with pytest.raises(WorkerError) as err:
+                c.search("x", sketch_png=b"\0" * 200_000)
+            assert err.value.code == "too_large"
+            assert c.ping()["ok"]
+    finally:
+        proc.stop()
+
+
+def test_four_clients_search_while_an_index_job_runs(worker, rasters):
+    progress = subscribe_progress(worker.pub)
+    time.sleep(0.3)  # let the subscription reach the publisher
+    with worker.client() as c:
+        job = c.start_index("s2", [str(rasters / "s2.tif")], scales=[1])
+    results, errors = [], []
+
+    def client_loop() -> None:
+        try:
+            with worker.client(timeout=120) as c:
+                for _ in range(3):
+                    results.append(c.search("rmnp", sketch_png=sketch_png(), top=3)["hits"])
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client_loop) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 12
+    assert all(r == results[0] for r in results), "the same query gives the same hits under load"
+    with worker.client() as c:
+        running = c.job(job["id"])
+        final = wait_job(c, job["id"])
+    assert final["state"] == "done" and final["progress"] == 1.0
+    events = []
+    while progress.poll(100):
+        events.append(json.loads(progress.recv_multipart()[1])["job"])
+    progress.close()
+    assert len(events) >= 2 and events[-1]["state"] == "done"
+    assert any(0 < e["progress"] < 1 for e in events), "progress was published while the job ran"
+
+
+def test_kill_9_mid_index_then_restart_resumes_to_the_same_index(tmp_path, rasters):
+    from worker.index import IndexWriter
+
+    root = tmp_path / "indexes"
+    root.mkdir()
+    proc = WorkerProcess(root, rasters).start()
+    with proc.client() as c:
+        c.start_index("coast", [str(rasters / "s2.tif")], scales=[1], tile=224, chunk_tiles=16)
+    manifest = root / "coast" / "manifest.json"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if manifest.exists() and json.loads(manifest.read_text())["shards"]:
+            break
+        time.sleep(0.05)
+    proc.kill(signal.SIGKILL)
+    partial = json.loads(manifest.read_text())
+    assert not all(r["complete"] for r in partial["rasters"]), "killed before the end"
+    assert (root / "coast" / "job.json").exists()
+
+    proc = WorkerProcess(root, rasters).start()  # resumes the interrupted job by itself
+    try:
+        with proc.client() as c:
+            deadline = time.time() + 300
+            while time.time() < deadline and (root / "coast" / "job.json").exists():
+                time.sleep(0.2)
+            [index] = c.list_indexes()
+            assert index["complete"]
+    finally:
+        proc.stop()
+    from worker.model.loading import load_model
+    from worker.tiling import TileSettings
+
+    reference = tmp_path / "reference"
+    IndexWriter(reference, load_model(device="cpu", sketch_modules="none"), TileSettings(scales=(1,))).build([rasters / "s2.tif"])
+    a, b = TileIndex.open(reference), TileIndex.open(root / "coast")
+    assert np.array_equal(a.records, b.records)
+    assert np.allclose(np.asarray(a.global_tokens, np.float32), np.asarray(b.global_tokens, np.float32), atol=2e-3)
+
+
+def test_sigterm_finishes_cleanly_and_ipc_works(tmp_path, rasters):
+    root = tmp_path / "indexes"
+    root.mkdir()
+    proc = WorkerProcess(root, rasters, bind=f"ipc://{tmp_path}/worker.sock").start()
+    with proc.client() as c:
+        assert c.ping()["ok"]
+    assert proc.kill(signal.SIGTERM) == 0
+
+
+def test_curve_protected_bind_refuses_clients_without_the_key(tmp_path, rasters):
+    import zmq.auth
+
+    keys = tmp_path / "keys"
+    (keys / "authorized_clients").mkdir(parents=True)
+    zmq.auth.create_certificates(str(keys), "server")
+    _, client_secret = zmq.auth.create_certificates(str(keys / "authorized_clients"), "client")
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    _, stranger_secret = zmq.auth.create_certificates(str(stranger), "stranger")
+    root = tmp_path / "indexes"
+    root.mkdir()
+    proc = WorkerProcess(root, rasters, extra=["--curve-keys", str(keys)])
+    proc.start_plain = False
+    proc.proc = subprocess.Popen(proc.cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert json.loads(proc.proc.stdout.readline())["serving"] == proc.bind
+        good = CurveKeys.from_files(keys / "server.key", Path(client_secret))
+        with WorkerClient(proc.bind, timeout=20, curve=good) as c:
+            assert c.ping()["ok"]
+        with WorkerClient(proc.bind, timeout=2, retries=0) as c:
+            with pytest.raises(WorkerUnavailable):
+                c.ping()
+        wrong = CurveKeys.from_files(keys / "server.key", Path(stranger_secret))
+        with WorkerClient(proc.bind, timeout=2, retries=0, curve=wrong) as c:
+            with pytest.raises(WorkerUnavailable):
+                c.ping()
+    finally:
+        proc.stop()
+
+
+def test_binding_beyond_loopback_without_keys_is_refused(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "worker", "serve", "--bind", f"tcp://0.0.0.0:{free_port()}",
+                             "--index-root", str(tmp_path), "--device", "cpu"], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and "--curve-keys" in result.stderr

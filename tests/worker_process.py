@@ -1,0 +1,62 @@
+"""Start and stop a real `python -m worker serve` process for tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from worker.client import WorkerClient, WorkerUnavailable
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class WorkerProcess:
+    def __init__(self, index_root: Path, raster_root: Path, bind: str | None = None, extra: list[str] = (),
+                 python: str = sys.executable):
+        port = free_port()
+        self.bind = bind or f"tcp://127.0.0.1:{port}"
+        self.pub = f"tcp://127.0.0.1:{free_port()}"
+        self.cmd = [python, "-m", "worker", "serve", "--bind", self.bind, "--pub", self.pub, "--device", "cpu",
+                    "--index-root", str(index_root), "--raster-root", str(raster_root),
+                    "--sketch-modules", "none", *extra]
+        self.log = index_root.parent / f"worker-{port}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 90.0) -> "WorkerProcess":
+        self.proc = subprocess.Popen(self.cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=open(self.log, "ab"),
+                                     text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.time() + timeout
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"worker exited ({self.proc.wait()}): {self.log.read_text()[-2000:]}")
+        assert json.loads(line)["serving"] == self.bind
+        with self.client(timeout=5) as c:
+            while True:
+                try:
+                    c.ping()
+                    return self
+                except WorkerUnavailable:
+                    if time.time() > deadline:
+                        raise
+    def client(self, **kw) -> WorkerClient:
+        return WorkerClient(self.bind, **{"timeout": 60, **kw})
+
+    def kill(self, sig: int = signal.SIGKILL) -> int:
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=120)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.kill(signal.SIGTERM)
