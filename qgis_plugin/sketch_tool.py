@@ -1,0 +1,74 @@
+"""A map tool for freehand strokes over the canvas, kept in map coordinates."""
+
+from __future__ import annotations
+
+from qgis.core import QgsPointXY, QgsWkbTypes
+from qgis.gui import QgsMapTool, QgsRubberBand
+from qgis.PyQt.QtCore import Qt, pyqtSignal
+from qgis.PyQt.QtGui import QColor
+
+
+class SketchMapTool(QgsMapTool):
+    strokes_changed = pyqtSignal(int)  # number of strokes
+
+    def __init__(self, canvas, pen_width: int = 3):
+        super().__init__(canvas)
+        self.canvas = canvas
+        self.pen_width = pen_width
+        self._strokes: list[list[QgsPointXY]] = []
+        self._bands: list[QgsRubberBand] = []
+        self._drawing = False
+        self.setCursor(Qt.CrossCursor)
+
+    def _new_band(self) -> QgsRubberBand:
+        band = QgsRubberBand(self.canvas, QgsWkbTypes.LineGeometry)
+        band.setColor(QColor(220, 30, 30, 220))
+        band.setWidth(self.pen_width)
+        return band
+
+    def canvasPressEvent(self, event) -> None:  # noqa: N802
+        if event.button() != Qt.LeftButton:
+            return
+        self._drawing = True
+        point = self.toMapCoordinates(event.pos())
+        self._strokes.append([point])
+        band = self._new_band()
+        band.addPoint(point)
+        self._bands.append(band)
+
+    def canvasMoveEvent(self, event) -> None:  # noqa: N802
+        if not self._drawing:
+            return
+        point = self.toMapCoordinates(event.pos())
+        self._strokes[-1].append(point)
+        self._bands[-1].addPoint(point)
+
+    def canvasReleaseEvent(self, event) -> None:  # noqa: N802
+        if not self._drawing:
+            return
+        self._drawing = False
+        if len(self._strokes[-1]) < 2:  # a click, not a stroke
+            self._strokes.pop()
+            self.canvas.scene().removeItem(self._bands.pop())
+        self.strokes_changed.emit(len(self._strokes))
+
+    def undo(self) -> None:
+        if self._strokes:
+            self._strokes.pop()
+            self.canvas.scene().removeItem(self._bands.pop())
+            self.strokes_changed.emit(len(self._strokes))
+
+    def clear(self) -> None:
+        for band in self._bands:
+            self.canvas.scene().removeItem(band)
+        self._strokes, self._bands = [], []
+        self.strokes_changed.emit(0)
+
+    def set_pen_width(self, width: int) -> None:
+        self.pen_width = width
+        for band in self._bands:
+            band.setWidth(width)
+
+    def strokes(self) -> list[list[list[float]]]:
+        """Strokes as [[x, y], ...] lists in the canvas CRS."""
+        return [[[p.x(), p.y()] for p in stroke] for stroke in self._strokes]

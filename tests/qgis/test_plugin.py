@@ -1,0 +1,160 @@
+"""The plugin in real QGIS: loading, sketching on the canvas, searching a real worker, errors."""
+
+from __future__ import annotations
+
+import pytest
+from qgis.core import Qgis, QgsApplication, QgsCoordinateReferenceSystem, QgsProject, QgsRasterLayer, QgsVectorLayer
+from qgis.PyQt.QtCore import QEvent, QPoint, QPointF, Qt, QTimer
+from qgis.PyQt.QtGui import QMouseEvent
+from qgis.PyQt.QtWidgets import QApplication
+
+from conftest import process_until
+
+
+def drag(widget, points: list[tuple[int, int]]) -> None:
+    """A real mouse stroke: press, moves, release, sent to the widget as Qt events."""
+    def event(kind, x, y, buttons):
+        return QMouseEvent(kind, QPointF(x, y), Qt.LeftButton, buttons, Qt.NoModifier)
+    QApplication.sendEvent(widget, event(QEvent.MouseButtonPress, *points[0], Qt.LeftButton))
+    for x, y in points[1:]:
+        QApplication.sendEvent(widget, event(QEvent.MouseMove, x, y, Qt.LeftButton))
+    QApplication.sendEvent(widget, event(QEvent.MouseButtonRelease, *points[-1], Qt.NoButton))
+
+
+@pytest.fixture
+def rmnp_layer(raster_root, qgis_iface):
+    project = QgsProject.instance()
+    project.setCrs(QgsCoordinateReferenceSystem("EPSG:3857"))
+    layer = QgsRasterLayer(str(raster_root / "rmnp-rgb.tif"), "rmnp")
+    assert layer.isValid()
+    project.addMapLayer(layer)
+    canvas = qgis_iface.mapCanvas()
+    canvas.setDestinationCrs(project.crs())
+    canvas.setLayers([layer])
+    canvas.setExtent(canvas.mapSettings().layerExtentToOutputExtent(layer, layer.extent()))
+    canvas.refresh()
+    yield layer
+    for other in list(project.mapLayers().values()):
+        project.removeMapLayer(other.id())
+
+
+def test_plugin_loads_like_in_qgis(plugin):
+    import qgis.utils
+
+    assert "sketch_search" in qgis.utils.active_plugins
+    assert plugin.action is not None and plugin.dock.windowTitle() == "Sketch search"
+    ids = {a.id() for a in QgsApplication.processingRegistry().providerById("sketchsearch").algorithms()}
+    assert ids == {"sketchsearch:build_index", "sketchsearch:search_by_sketch"}
+
+
+def test_a_drawn_stroke_becomes_the_request(plugin, rmnp_layer, qgis_iface):
+    dock = plugin.dock
+    dock.clear_sketch()
+    dock.draw_button.setChecked(True)
+    canvas = qgis_iface.mapCanvas()
+    viewport = canvas.viewport()
+    drag(viewport, [(100, 100), (150, 140), (200, 150), (260, 210)])
+    drag(viewport, [(120, 300), (300, 280)])
+    strokes = dock.map_tool.strokes()
+    assert [len(s) for s in strokes] == [4, 2]
+    expected = canvas.getCoordinateTransform().toMapCoordinates(QPoint(100, 100))
+    assert strokes[0][0] == pytest.approx([expected.x(), expected.y()])
+    dock.index_combo.addItem("rmnp")
+    dock.area_combo.setCurrentIndex(1)
+    frames, fields = dock.search_request()
+    assert frames == () and fields["strokes"] == strokes and fields["strokes_crs"] == "EPSG:3857"
+    extent = canvas.extent()
+    assert fields["bbox"] == pytest.approx([extent.xMinimum(), extent.yMinimum(), extent.xMaximum(), extent.yMaximum()])
+    dock.map_tool.undo()
+    assert len(dock.map_tool.strokes()) == 1
+    dock.draw_button.setChecked(False)
+    dock.index_combo.clear()
+
+
+def test_search_against_a_real_worker_adds_a_georeferenced_layer(plugin, worker, rmnp_layer, qgis_iface, tmp_path):
+    dock = plugin.dock
+    qgis_iface.messageBar().clear_messages()
+    dock.connect_worker(worker.bind)
+    assert process_until(lambda: dock.status_label.text().startswith("connected"), 30), dock.status_label.text()
+    assert "cpu" in dock.status_label.text()
+    assert process_until(lambda: dock.index_combo.count() > 0, 10)
+    dock.index_combo.setCurrentText("rmnp")
+    dock.area_combo.setCurrentIndex(0)
+    dock.top_spin.setValue(3)
+    dock.clear_sketch()
+    dock.draw_button.setChecked(True)
+    drag(qgis_iface.mapCanvas().viewport(), [(80, 120), (160, 170), (240, 160), (330, 260)])
+    dock.draw_button.setChecked(False)
+    layers_before = set(QgsProject.instance().mapLayers())
+    dock.search_button.click()
+    assert process_until(lambda: dock.search_button.isEnabled() and dock.result_layer is not None, 60)
+    [new_id] = set(QgsProject.instance().mapLayers()) - layers_before
+    layer = QgsProject.instance().mapLayer(new_id)
+    assert layer.name().startswith("Sketch search 1: rmnp")
+    assert layer.crs().authid() == "EPSG:3857"
+    assert [f.name() for f in layer.fields()] == ["rank", "score", "shortlist_score", "raster", "window", "scale", "query_ms"]
+    assert sorted(f["rank"] for f in layer.getFeatures()) == [1, 2, 3]
+    assert layer.extent().intersects(qgis_iface.mapCanvas().mapSettings().layerExtentToOutputExtent(rmnp_layer, rmnp_layer.extent()))
+    assert dock.results_list.count() == 3
+    dock.results_list.itemClicked.emit(dock.results_list.item(0))  # zoom to the best hit
+    best = next(f for f in layer.getFeatures() if f["rank"] == 1).geometry().boundingBox()
+    assert qgis_iface.mapCanvas().extent().contains(best)
+    out = tmp_path / "hits.gpkg"
+    dock.save_results(str(out))
+    saved = QgsVectorLayer(f"{out}|layername={layer.name()}", "saved", "ogr")
+    assert saved.isValid() and saved.featureCount() == 3
+    del saved
+    assert qgis_iface.messageBar().get_messages(Qgis.Success)
+
+
+def test_an_error_reply_becomes_a_message(plugin, worker, qgis_iface, tmp_path):
+    from PIL import Image
+
+    dock = plugin.dock
+    dock.connect_worker(worker.bind)
+    assert process_until(lambda: dock.index_combo.count() > 0, 30)
+    blank = tmp_path / "blank.png"
+    Image.new("L", (200, 200), 255).save(blank)
+    dock.load_sketch_image(str(blank))
+    qgis_iface.messageBar().clear_messages()
+    dock.search_button.click()
+    assert process_until(lambda: qgis_iface.messageBar().get_messages(Qgis.Warning), 30)
+    assert "blank" in qgis_iface.messageBar().get_messages(Qgis.Warning)[0]
+    dock.clear_sketch()
+
+
+def test_a_worker_that_is_down_gives_a_message_and_the_ui_stays_live(plugin, qgis_iface):
+    from worker_process import free_port
+
+    dock = plugin.dock
+    qgis_iface.messageBar().clear_messages()
+    dock.connect_worker(f"tcp://127.0.0.1:{free_port()}")
+    dock.link.timeout_s = 1.5
+    ticks = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(1))
+    timer.start(50)
+    assert process_until(lambda: qgis_iface.messageBar().get_messages(Qgis.Warning), 20)
+    timer.stop()
+    assert len(ticks) > 10, "the event loop kept running while the worker was silent"
+    assert "Is the worker running" in qgis_iface.messageBar().get_messages(Qgis.Warning)[0]
+    assert dock.status_label.text() == "not answering"
+
+
+def test_processing_algorithms_run(plugin, worker, raster_root, tmp_path):
+    import processing
+    from PIL import Image, ImageDraw
+
+    layer = QgsRasterLayer(str(raster_root / "rmnp-rgb.tif"), "rmnp")
+    built = processing.run("sketchsearch:build_index", {"ENDPOINT": worker.bind, "INDEX": "from-processing",
+                                                        "RASTERS": [layer], "TILE": 224, "SCALES": "1"})
+    assert built["INDEX"] == "from-processing" and built["TILES"] > 0
+    sketch = tmp_path / "sketch.png"
+    img = Image.new("L", (256, 256), 255)
+    ImageDraw.Draw(img).line([(10, 200), (120, 60), (240, 120)], fill=0, width=4)
+    img.save(sketch)
+    result = processing.run("sketchsearch:search_by_sketch", {"ENDPOINT": worker.bind, "INDEX": "from-processing",
+                                                              "SKETCH": str(sketch), "TOP": 2, "OUTPUT": "memory:"})
+    hits = result["OUTPUT"]
+    assert hits.featureCount() == 2 and "rank" in hits.fields().names()
+    del hits, layer
