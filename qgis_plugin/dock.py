@@ -191,6 +191,7 @@ class SketchSearchDock(QDockWidget):
     def connect_worker(self, endpoint: str, pub: str | None = None) -> None:
         if self.link is not None:
             self.link.close()
+            self.link.deleteLater()
         self.endpoint_edit.setText(endpoint)
         self.link = WorkerLink(endpoint, pub_endpoint=pub, timeout_s=60.0, parent=self)
         self.link.job_event.connect(self._on_job)
@@ -417,9 +418,12 @@ class SketchSearchDock(QDockWidget):
             self.notify(f"Results saved to {path}", Qgis.Success)
 
     def shutdown(self) -> None:
+        """Close sockets and stop a local worker (on unload and when QGIS quits)."""
         self.canvas.unsetMapTool(self.map_tool)
         self.map_tool.clear()
         if self.link:
             self.link.close()
+            self.link = None
         if self.local_worker:
             self.local_worker.stop()
+            self.local_worker = None

@@ -37,6 +37,7 @@ class SketchSearchPlugin:
         self.dock.visibilityChanged.connect(self.action.setChecked)
         self.iface.addToolBarIcon(self.action)
         self.iface.addPluginToMenu("Sketch search", self.action)
+        QgsApplication.instance().aboutToQuit.connect(self.dock.shutdown)
 
     def unload(self) -> None:
         if self.dock is not None:

@@ -31,7 +31,9 @@ class WorkerLink(QObject):
         self.endpoint = endpoint
         self.curve = curve
         self.timeout_s = timeout_s
-        self._context = zmq.Context.instance()
+        # a private context, destroyed on close: an open socket on the global context makes
+        # zmq_ctx_term (at interpreter exit) wait forever, and QGIS would hang on quit
+        self._context = zmq.Context()
         self._pending: dict[str, tuple[Callback, QTimer]] = {}
         self._sock = self._notifier = None
         self._sub = self._sub_notifier = None
@@ -76,6 +78,7 @@ class WorkerLink(QObject):
             self._sub_notifier.setEnabled(False)
             self._sub.close(linger=0)
             self._sub = None
+        self._context.destroy(linger=0)
 
     # -- requests -------------------------------------------------------------------------------
     def request(self, op: str, callback: Callback, frames: tuple[bytes, ...] = (), timeout_s: float | None = None,

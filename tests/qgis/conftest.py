@@ -34,13 +34,18 @@ def process_until(condition, timeout: float = 60.0) -> bool:
     return False
 
 
-@pytest.fixture(scope="session")
-def plugin_dir(tmp_path_factory) -> Path:
+def load_packager():
+    """scripts/package_plugin as a module (it has no .py suffix: it is a command)."""
     loader = importlib.machinery.SourceFileLoader("package_plugin", str(REPO / "scripts" / "package_plugin"))
     packager = importlib.util.module_from_spec(importlib.util.spec_from_loader("package_plugin", loader))
     loader.exec_module(packager)
+    return packager
+
+
+@pytest.fixture(scope="session")
+def plugin_dir(tmp_path_factory) -> Path:
     plugins = tmp_path_factory.mktemp("plugins")
-    packager.build_dir(plugins)
+    load_packager().build_dir(plugins)
     return plugins
 
 

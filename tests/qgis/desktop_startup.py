@@ -1,0 +1,90 @@
+"""Run inside the real QGIS desktop (qgis --code): use the plugin, draw, search, screenshot.
+
+Inputs come from environment variables set by test_desktop.py; the outcome is written as
+JSON to SKETCH_TEST_STATUS and the screenshot to SKETCH_TEST_SCREENSHOT. A timer walks the
+steps so QGIS's event loop keeps running, as it would for a user.
+"""
+
+import json
+import os
+import time
+import traceback
+
+import qgis.utils
+from qgis.core import QgsProject, QgsRasterLayer
+from qgis.PyQt.QtCore import QEvent, QPointF, Qt, QTimer
+from qgis.PyQt.QtGui import QMouseEvent
+from qgis.PyQt.QtWidgets import QApplication
+from qgis.utils import iface
+
+env = os.environ
+status = {"steps": []}
+started = time.time()
+
+
+def finish(ok: bool, error: str = "") -> None:
+    status.update(ok=ok, error=error, seconds=round(time.time() - started, 1))
+    with open(env["SKETCH_TEST_STATUS"], "w") as f:
+        json.dump(status, f)
+    QgsProject.instance().clear()  # else a modal "save project?" blocks the exit
+    iface.actionExit().trigger()
+
+
+def drag(widget, points):
+    def event(kind, x, y, buttons):
+        return QMouseEvent(kind, QPointF(x, y), Qt.LeftButton, buttons, Qt.NoModifier)
+    QApplication.sendEvent(widget, event(QEvent.MouseButtonPress, *points[0], Qt.LeftButton))
+    for x, y in points[1:]:
+        QApplication.sendEvent(widget, event(QEvent.MouseMove, x, y, Qt.LeftButton))
+    QApplication.sendEvent(widget, event(QEvent.MouseButtonRelease, *points[-1], Qt.NoButton))
+
+
+def setup():
+    plugin = qgis.utils.plugins["sketch_search"]  # installed in the profile and enabled, as a user would
+    layer = QgsRasterLayer(env["SKETCH_TEST_RASTER"], "rmnp-rgb")
+    QgsProject.instance().addMapLayer(layer)
+    iface.mapCanvas().setExtent(layer.extent())
+    plugin.action.setChecked(True)
+    plugin.dock.connect_worker(env["SKETCH_TEST_ENDPOINT"])
+    status["steps"].append("plugin loaded")
+    return plugin.dock
+
+
+state = {"dock": None, "phase": "connect", "deadline": time.time() + 120}
+
+
+def tick():
+    try:
+        dock = state["dock"]
+        if time.time() > state["deadline"]:
+            return finish(False, f"timed out in phase {state['phase']}: {dock.status_label.text() if dock else ''}")
+        if dock is None:
+            state["dock"] = setup()
+        elif state["phase"] == "connect" and dock.index_combo.count() > 0:
+            dock.index_combo.setCurrentText("rmnp")
+            dock.draw_button.setChecked(True)
+            vp = iface.mapCanvas().viewport()
+            w, h = vp.width(), vp.height()
+            drag(vp, [(int(w * x), int(h * y)) for x, y in [(0.2, 0.3), (0.35, 0.45), (0.5, 0.4), (0.7, 0.65)]])
+            drag(vp, [(int(w * 0.25), int(h * 0.75)), (int(w * 0.6), int(h * 0.7))])
+            dock.top_spin.setValue(5)
+            dock.search_button.click()
+            status["steps"].append(f"searched with {len(dock.map_tool.strokes())} strokes")
+            state["phase"] = "search"
+        elif state["phase"] == "search" and dock.result_layer is not None:
+            status["hits"] = dock.result_layer.featureCount()
+            status["layer"] = dock.result_layer.name()
+            status["crs"] = dock.result_layer.crs().authid()
+            iface.mapCanvas().refreshAllLayers()
+            state["phase"] = "render"
+            state["render_at"] = time.time() + 3
+        elif state["phase"] == "render" and time.time() > state["render_at"]:
+            iface.mainWindow().grab().save(env["SKETCH_TEST_SCREENSHOT"])
+            status["steps"].append("screenshot saved")
+            return finish(True)
+        QTimer.singleShot(200, tick)
+    except Exception:
+        finish(False, traceback.format_exc())
+
+
+QTimer.singleShot(1000, tick)

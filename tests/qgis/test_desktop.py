@@ -1,0 +1,49 @@
+"""The real QGIS desktop under Xvfb: the dock and a result layer after a search, as a screenshot.
+
+The screenshot is kept in test-artifacts/qgis_desktop.png for a person to look at.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, load_packager
+
+ARTIFACTS = REPO / "test-artifacts"
+
+
+@pytest.mark.skipif(shutil.which("xvfb-run") is None or shutil.which("qgis") is None, reason="needs xvfb-run and qgis")
+def test_desktop_search_and_screenshot(tmp_path, worker, raster_root):
+    from PIL import Image
+
+    profile = tmp_path / "profiles" / "profiles" / "default"  # --profiles-path P keeps P/profiles/NAME
+    packager = load_packager()
+    packager.build_dir(profile / "python" / "plugins")
+    (profile / "QGIS").mkdir(parents=True)
+    (profile / "QGIS" / "QGIS3.ini").write_text("[PythonPlugins]\nsketch_search=true\n")
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    screenshot = ARTIFACTS / "qgis_desktop.png"
+    screenshot.unlink(missing_ok=True)
+    status_file = tmp_path / "status.json"
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    env = {**os.environ, "SKETCH_TEST_RASTER": str(raster_root / "rmnp-rgb.tif"),
+           "SKETCH_TEST_ENDPOINT": worker.bind, "SKETCH_TEST_STATUS": str(status_file),
+           "SKETCH_TEST_SCREENSHOT": str(screenshot), "XDG_RUNTIME_DIR": str(runtime)}
+    env.pop("QT_QPA_PLATFORM", None)  # a real window on the virtual screen
+    cmd = ["timeout", "150", "xvfb-run", "-a", "-s", "-screen 0 1280x800x24", "qgis", "--nologo", "--noversioncheck",
+           "--profiles-path", str(tmp_path / "profiles"), "--code", str(Path(__file__).with_name("desktop_startup.py"))]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=200)
+    assert result.returncode == 0, f"QGIS did not quit cleanly (rc {result.returncode})"
+    assert status_file.exists(), f"QGIS ended without a status (rc {result.returncode}): {result.stderr[-2000:]}"
+    status = json.loads(status_file.read_text())
+    assert status["ok"], status
+    assert status["hits"] == 5 and status["layer"].startswith("Sketch search 1: rmnp")
+    image = Image.open(screenshot)
+    assert image.size[0] >= 1000 and image.size[1] >= 600
+    assert len(set(image.convert("RGB").resize((64, 40)).getdata())) > 50  # a rendered desktop, not a blank frame
