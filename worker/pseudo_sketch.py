@@ -86,3 +86,31 @@ def pseudo_sketch(tile: np.ndarray, style: str = "canny", size: int = 224, rng: 
             raise ValueError("wobbly sketches need an rng and hand strokes")
         return draw_polylines(wobble(lines, hand_strokes, amplitude=3.0, rng=rng), edges.shape, size)
     raise ValueError(f"unknown pseudo-sketch style {style!r}")
+
+
+def augment(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """What a person's drawing does to a clean one: missing and extra lines, another pen width,
+    a slight rotation and scale."""
+    from PIL import ImageFilter
+
+    size = img.size[0]
+    out = img.copy()
+    draw = ImageDraw.Draw(out)
+    for _ in range(rng.integers(0, 4)):  # missing lines: erase a few patches
+        x, y = rng.integers(0, size, 2)
+        r = int(rng.integers(size // 16, size // 6))
+        draw.rectangle([x - r, y - r, x + r, y + r], fill=255)
+    for _ in range(rng.integers(0, 3)):  # extra lines
+        pts = [tuple(int(v) for v in rng.integers(0, size, 2)) for _ in range(int(rng.integers(2, 4)))]
+        draw.line(pts, fill=0, width=2)
+    if rng.random() < 0.4:
+        out = out.filter(ImageFilter.MinFilter(3))  # a thicker pen
+    angle, scale = float(rng.uniform(-8, 8)), float(rng.uniform(0.9, 1.1))
+    out = out.rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=255)
+    if scale != 1.0:
+        new = max(8, int(round(size * scale)))
+        scaled = out.resize((new, new), Image.Resampling.BILINEAR)
+        canvas = Image.new("L", (size, size), 255)
+        canvas.paste(scaled, ((size - new) // 2, (size - new) // 2))
+        out = canvas
+    return out

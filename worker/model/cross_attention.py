@@ -30,24 +30,36 @@ class CrossAttentionScorer(nn.Module):
                 layer.weight.copy_(torch.eye(layer.weight.shape[0]))
                 layer.bias.zero_()
 
-    def _token_scores(self, a: torch.Tensor, b: torch.Tensor, b_mask: torch.Tensor | None) -> torch.Tensor:
-        """Cosine between each token of `a` and its attention-weighted reading of `b`: (B, len(a))."""
-        q = F.normalize(self.query(a), dim=-1)
-        k = F.normalize(self.key(b), dim=-1)
-        logits = q @ k.transpose(-2, -1) / self.log_temperature.exp()
-        if b_mask is not None:
-            logits = logits.masked_fill(~b_mask[:, None, :], float("-inf"))
-        updated = torch.softmax(logits, -1) @ F.normalize(b, dim=-1)
-        return F.cosine_similarity(F.normalize(a, dim=-1), updated, dim=-1)
+    def _is_identity(self) -> bool:
+        eye = torch.eye(self.query.weight.shape[0], device=self.query.weight.device)
+        return all(torch.equal(l.weight, eye) and not l.bias.any() for l in (self.query, self.key))
+
+    def _project(self, tokens: torch.Tensor, layer: nn.Linear, identity: bool) -> torch.Tensor:
+        return F.normalize(tokens if identity else layer(tokens), dim=-1)
+
+    @staticmethod
+    def _token_scores(q: torch.Tensor, k: torch.Tensor, values: torch.Tensor, originals: torch.Tensor,
+                      temperature: torch.Tensor, k_mask: torch.Tensor | None) -> torch.Tensor:
+        """Cosine between each original token and its attention-weighted reading of `values`."""
+        logits = q @ k.transpose(-2, -1) / temperature
+        if k_mask is not None:
+            logits = logits.masked_fill(~k_mask[:, None, :], float("-inf"))
+        updated = torch.softmax(logits, -1) @ values
+        return F.cosine_similarity(originals, updated, dim=-1)
 
     def forward(self, sketch: torch.Tensor, tiles: torch.Tensor,
                 tile_mask: torch.Tensor | None = None) -> torch.Tensor:
         """sketch (M, D) or (B, M, D), tiles (B, N, D), tile_mask (B, N) of real tokens -> (B,)."""
         if sketch.dim() == 2:
-            sketch = sketch.expand(tiles.shape[0], -1, -1)
+            sketch = sketch[None]
         if tile_mask is None:
             tile_mask = torch.ones(tiles.shape[:2], dtype=torch.bool, device=tiles.device)
-        s2t = self._token_scores(sketch, tiles, tile_mask).mean(-1)
-        t2s = self._token_scores(tiles, sketch, None)
+        identity = not self.training and self._is_identity()
+        s, t = F.normalize(sketch, dim=-1), F.normalize(tiles, dim=-1)
+        s_q, s_k = self._project(sketch, self.query, identity), self._project(sketch, self.key, identity)
+        t_q, t_k = self._project(tiles, self.query, identity), self._project(tiles, self.key, identity)
+        temperature = self.log_temperature.exp()
+        s2t = self._token_scores(s_q, t_k, t, s, temperature, tile_mask).mean(-1)
+        t2s = self._token_scores(t_q, s_k, s, t, temperature, None)
         t2s = (t2s * tile_mask).sum(-1) / tile_mask.sum(-1).clamp(min=1)
         return 0.5 * (s2t + t2s)

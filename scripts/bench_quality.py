@@ -1,0 +1,204 @@
+#!/usr/bin/env python3
+"""Retrieval quality of sketch search against reference approaches, on real rasters.
+
+Every method ranks the same gallery of tiles (4 real rasters, 3 sensors) for the same
+pseudo-sketch queries whose true place is known. Writes a markdown table, a recall@K plot and a
+contact sheet into --out. Run: .venv/bin/python scripts/bench_quality.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import SCENES, STYLES, TRAIN_SCENES, build_gallery, make_queries, metrics, rank_of  # noqa: E402
+
+from worker.line_drawing import tile_line_drawings  # noqa: E402
+from worker.model.loading import SHIPPED_SKETCH_MODULES, load_model  # noqa: E402
+from worker.search import shortlist_topk  # noqa: E402
+
+SHORTLIST = 200
+
+
+def encode_gallery(model, images: np.ndarray, batch: int = 16):
+    outs = [model.encode_tiles(images[i:i + batch]) for i in range(0, len(images), batch)]
+    g = np.concatenate([o.global_token for o in outs]).astype(np.float32)
+    t = np.concatenate([o.tokens for o in outs])
+    return g, t
+
+
+def deep_method(model, gallery_images, rerank: bool):
+    g, t = encode_gallery(model, gallery_images)
+
+    def score(query) -> np.ndarray:
+        s = model.encode_sketch(query.sketch)
+        global_scores = g @ s.global_token.numpy()
+        if not rerank:
+            return global_scores
+        rows, short = shortlist_topk(s.global_token.numpy(), g, SHORTLIST)
+        final = np.full(len(g), -np.inf)
+        # shortlisted tiles rank by the re-rank score, the rest after them by the global score
+        final[rows] = 10.0 + model.rerank_scores(s, t[rows], short)
+        rest = np.setdiff1d(np.arange(len(g)), rows)
+        final[rest] = global_scores[rest]
+        return final
+
+    return score
+
+
+def hog_method(gallery_images):
+    """Classical baseline: HOG of the sketch against HOG of each tile's line drawing."""
+    from skimage.feature import hog
+
+    def describe(gray: np.ndarray) -> np.ndarray:
+        h = hog(gray, orientations=9, pixels_per_cell=(16, 16), cells_per_block=(2, 2), feature_vector=True)
+        return h / (np.linalg.norm(h) + 1e-9)
+
+    drawings = tile_line_drawings(gallery_images)
+    feats = np.stack([describe(d[..., 0].astype(np.float32) / 255.0) for d in drawings])
+    return lambda q: feats @ describe(q.sketch[0].numpy())
+
+
+def build_methods(gallery, device: str, with_trained: bool):
+    methods = {}
+    base = load_model(device=device, sketch_modules="none")
+    methods["(a) global token only (release's test-time ranking)"] = deep_method(base, gallery.images, rerank=False)
+    methods["(b) two-stage: shortlist + cross-attention re-rank"] = deep_method(base, gallery.images, rerank=True)
+    no_filter = load_model(device=device, sketch_modules="none")
+    no_filter.config = type(no_filter.config)(**{**no_filter.config.__dict__, "sketch_prune_layers": ()})
+    methods["(c) two-stage without token filtering"] = deep_method(no_filter, gallery.images, rerank=True)
+    if with_trained and SHIPPED_SKETCH_MODULES.exists():
+        trained = load_model(device=device)
+        methods["(c) two-stage + trained sketch modules (train.py)"] = deep_method(trained, gallery.images, rerank=True)
+    rgb = load_model(device=device, sketch_modules="none", tile_view="rgb")
+    methods["(f) two-stage on RGB tiles (no line-drawing view)"] = deep_method(rgb, gallery.images, rerank=True)
+    torch.manual_seed(0)
+    rand = load_model(device=device, random_weights=True)
+    methods["(d) random backbone weights (floor)"] = deep_method(rand, gallery.images, rerank=True)
+    methods["(e) HOG of edge maps (classical)"] = hog_method(gallery.images)
+    return methods
+
+
+def evaluate(methods, queries) -> dict:
+    results = {}
+    for name, score in methods.items():
+        t0 = time.perf_counter()
+        ranks = [(q.scene, q.style, rank_of(score(q), q.target)) for q in queries]
+        results[name] = {"ranks": ranks, "seconds": time.perf_counter() - t0}
+        print(f"{name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return results
+
+
+def table(results: dict, split: str) -> str:
+    held = lambda scene: (scene in TRAIN_SCENES) == (split == "train")
+    cols = ["R@1", "R@5", "R@10", "mAP", "mean rank"]
+    lines = [f"| method | style | {' | '.join(cols)} | n |", "|---|---|" + "---|" * (len(cols) + 1)]
+    for name, r in results.items():
+        for style in (*STYLES, "all"):
+            ranks = [k for s, st, k in r["ranks"] if held(s) and (style == "all" or st == style)]
+            m = metrics(ranks)
+            if m:
+                vals = " | ".join(f"{m[c]:.2f}" if c != "mean rank" else f"{m[c]:.1f}" for c in cols)
+                lines.append(f"| {name if style == STYLES[0] else ''} | {style} | {vals} | {m['n']} |")
+    return "\n".join(lines)
+
+
+def plot_recall(results: dict, path: Path, n_gallery: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = np.arange(1, 51)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, r in results.items():
+        ranks = np.array([k for s, _, k in r["ranks"] if s not in TRAIN_SCENES])
+        ax.plot(ks, [(ranks <= k).mean() for k in ks], label=name)
+    ax.plot(ks, ks / n_gallery, "k:", label="chance")
+    ax.set_xlabel("K")
+    ax.set_ylabel("recall@K (held-out scenes, all styles)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def contact_sheet(queries, score, gallery, path: Path, n: int = 6) -> None:
+    from PIL import Image, ImageDraw
+
+    cell = 112
+    picked = [q for q in queries if q.scene not in TRAIN_SCENES][:: max(1, len(queries) // (2 * n))][:n]
+    sheet = Image.new("RGB", (cell * 7, (cell + 14) * len(picked)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, q in enumerate(picked):
+        scores = score(q)
+        top = np.argsort(-scores, kind="stable")[:5]
+        y = i * (cell + 14)
+        sheet.paste(Image.fromarray(gallery.images[q.target]).resize((cell, cell)), (0, y))
+        sheet.paste(q.image.convert("RGB").resize((cell, cell)), (cell, y))
+        draw.text((2, y + cell), f"truth ({q.scene})", fill="black")
+        draw.text((cell + 2, y + cell), f"sketch: {q.style}", fill="black")
+        for j, row in enumerate(top):
+            x = (j + 2) * cell
+            sheet.paste(Image.fromarray(gallery.images[row]).resize((cell - 4, cell - 4)), (x + 2, y + 2))
+            if row == q.target:
+                draw.rectangle([x, y, x + cell - 1, y + cell - 1], outline="lime", width=3)
+            draw.text((x + 2, y + cell), f"#{j + 1}", fill="black")
+    sheet.save(path)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="3 places per scene instead of 12")
+    parser.add_argument("--per-scene", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    per_scene = args.per_scene or (3 if args.quick else 12)
+    gallery = build_gallery()
+    queries = make_queries(gallery, per_scene)
+    print(f"gallery {len(gallery.tiles)} tiles, {len(queries)} queries", file=sys.stderr)
+    methods = build_methods(gallery, args.device, with_trained=True)
+    results = evaluate(methods, queries)
+    args.out.mkdir(parents=True, exist_ok=True)
+    counts = {s: int((gallery.scene == s).sum()) for s in SCENES}
+    report = [
+        "# Retrieval quality", "",
+        f"Command: `.venv/bin/python scripts/bench_quality.py{' --quick' if args.quick else ''}`"
+        f" ({per_scene} places per scene, seed 0).", "",
+        f"Gallery: {len(gallery.tiles)} tiles of {EVAL_DESC} from 4 real rasters: "
+        + ", ".join(f"{s} ({counts[s]} tiles: {SCENES[s][1]})" for s in SCENES) + ".",
+        "A query is a pseudo-sketch of one gallery tile; only that exact tile counts as correct "
+        "(its overlapping neighbours count as misses). Chance recall@5 is "
+        f"{5 / len(gallery.tiles):.3f}. Styles: `canny` thinned Canny edges (finer than the index's "
+        "own tile drawings), `simple` traced polylines with short strokes dropped, `wobbly` the same "
+        "jittered with real hand-drawn wobble (LASA handwriting strokes). mAP = mean reciprocal rank "
+        "(one relevant tile per query).", "",
+        "## Held-out scenes (zero-shot: other sensors, resolutions and places)", "", table(results, "held-out"), "",
+        "## Training scene (Sentinel-2; train.py samples windows of it)", "", table(results, "train"), "",
+        "![recall@K](quality_recall.png)", "", "Top-5 hits of method (b) for a few held-out queries "
+        "(true place first, then the sketch, then hits; the true place is framed green):", "",
+        "![examples](quality_examples.png)", ""]
+    (args.out / "quality.md").write_text("\n".join(report))
+    plot_recall(results, args.out / "quality_recall.png", len(gallery.tiles))
+    contact_sheet(queries, methods["(b) two-stage: shortlist + cross-attention re-rank"], gallery,
+                  args.out / "quality_examples.png")
+    if args.json:
+        args.json.write_text(json.dumps({k: {"ranks": v["ranks"]} for k, v in results.items()}))
+    print((args.out / "quality.md").read_text())
+    return 0
+
+
+EVAL_DESC = "128 px windows (read to 224 px), 25% overlap"
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Evaluation data shared by bench_quality.py and train.py: real rasters, tiles, pseudo-sketch
+queries whose true place is known, and retrieval metrics.
+
+Scenes: the Sentinel-2 scene is the training scene (train.py samples its windows); the other
+rasters (other sensors, resolutions and places) are held out, so their numbers are zero-shot.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from worker.assets import load_asset_paths  # noqa: E402
+from worker.pseudo_sketch import load_hand_strokes, pseudo_sketch  # noqa: E402
+from worker.sketch import prepare_sketch  # noqa: E402
+from worker.tiling import Tile, TileReader, TileSettings, open_raster, plan_tiles  # noqa: E402
+
+# name -> (asset key, description); the first is the training scene
+SCENES = {
+    "s2": ("s2_rgb", "Sentinel-2 10 m, 16-bit, UTM 18N (training scene)"),
+    "lsat7": ("lsat7_rgb", "Landsat 7 28.5 m, float, CRS without EPSG code"),
+    "rmnp": ("rmnp_rgb", "Landsat (coarsened), 8-bit, EPSG:4326"),
+    "osbs": ("osbs_rgb", "NEON aerial 0.1 m, 8-bit, UTM 17N"),
+}
+TRAIN_SCENES = ("s2",)
+STYLES = ("canny", "simple", "wobbly")
+EVAL_TILE = 128  # window in raster pixels (read to the model's 224): more places per small raster
+
+
+@dataclass
+class Gallery:
+    tiles: list[Tile]
+    scene: np.ndarray  # scene name per tile
+    images: np.ndarray  # (N, 224, 224, 3) uint8
+
+
+def build_gallery(size: int = 224) -> Gallery:
+    paths = load_asset_paths()
+    tiles, scenes, images = [], [], []
+    for name, (key, _) in SCENES.items():
+        info = open_raster(Path(paths[key]), None)
+        planned = plan_tiles(info, TileSettings(tile=EVAL_TILE, overlap=0.25, scales=(1,)))
+        with TileReader(info, size) as reader:
+            for tile in planned:
+                image, valid = reader.read(tile)
+                if valid >= 0.5:
+                    tiles.append(tile)
+                    scenes.append(name)
+                    images.append(image)
+    return Gallery(tiles, np.array(scenes), np.stack(images))
+
+
+@dataclass
+class Query:
+    target: int  # gallery row of the true place
+    scene: str
+    style: str
+    sketch: "torch.Tensor"  # noqa: F821 (3, 224, 224) preprocessed
+    image: "PIL.Image.Image"  # noqa: F821
+
+
+def make_queries(gallery: Gallery, per_scene: int, seed: int = 0, styles=STYLES) -> list[Query]:
+    """`per_scene` random places of each scene, each drawn in every style (fixed seed)."""
+    rng = np.random.default_rng(seed)
+    strokes = load_hand_strokes(Path(load_asset_paths()["lasa_dir"]))
+    queries = []
+    for scene in SCENES:
+        rows = np.nonzero(gallery.scene == scene)[0]
+        for row in rng.choice(rows, min(per_scene, len(rows)), replace=False):
+            for style in styles:
+                img = pseudo_sketch(gallery.images[row], style, rng=rng, hand_strokes=strokes)
+                queries.append(Query(int(row), scene, style, prepare_sketch(img, 224), img))
+    return queries
+
+
+def metrics(ranks: list[int]) -> dict[str, float]:
+    r = np.asarray(ranks, dtype=np.float64)
+    if len(r) == 0:
+        return {}
+    return {"R@1": float((r <= 1).mean()), "R@5": float((r <= 5).mean()), "R@10": float((r <= 10).mean()),
+            "mAP": float((1.0 / r).mean()), "mean rank": float(r.mean()), "n": int(len(r))}
+
+
+def rank_of(scores: np.ndarray, target: int) -> int:
+    """1-based rank of the target; ties count against it."""
+    return int((scores >= scores[target]).sum())

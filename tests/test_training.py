@@ -1,0 +1,58 @@
+"""Training the sketch-side modules on pseudo-sketch pairs from a tiny real raster."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from worker.assets import load_asset_paths
+from worker.errors import InputError
+from worker.index import IndexWriter, TileIndex
+from worker.model.loading import load_model
+from worker.pseudo_sketch import load_hand_strokes, pseudo_sketch
+from worker.search import search
+from worker.sketch import prepare_sketch
+from worker.tiling import TileReader, TileSettings
+from worker.training import build_cache, train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, assets):
+    model = load_model(device="cpu", sketch_modules="none")
+    strokes = load_hand_strokes(Path(load_asset_paths()["lasa_dir"]))
+    cache = build_cache(model, [assets["rmnp_rgb"]], windows_per_raster=16, sketches_per_window=2,
+                        hand_strokes=strokes, seed=0)
+    checkpoint = tmp_path_factory.mktemp("train") / "sketch_modules.safetensors"
+    losses = train(model, cache, steps=80, seed=0, batch_places=8, lr=1e-3, checkpoint=checkpoint)
+    return losses, checkpoint
+
+
+def test_training_lowers_the_loss_and_writes_a_checkpoint(trained):
+    losses, checkpoint = trained
+    assert np.mean(losses[-15:]) < 0.8 * np.mean(losses[:15])
+    assert checkpoint.exists() and checkpoint.stat().st_size < 8_000_000
+
+
+def test_loading_the_checkpoint_changes_results_deterministically(trained, tmp_path, rmnp_copy):
+    _, checkpoint = trained
+    base = load_model(device="cpu", sketch_modules="none")
+    IndexWriter(tmp_path / "index", base, TileSettings(tile=112, scales=(1,))).build([rmnp_copy])
+    index = TileIndex.open(tmp_path / "index")
+    tile = index.tile(3)
+    with TileReader(tile.raster, 224) as reader:
+        sketch = prepare_sketch(pseudo_sketch(reader.read(tile)[0], "simple"), 224)
+    plain = [(h.row, round(h.score, 6)) for h in search(index, base, sketch, top=5).hits]
+    tuned_a = load_model(device="cpu", sketch_modules=checkpoint)
+    tuned_b = load_model(device="cpu", sketch_modules=checkpoint)
+    a = [(h.row, round(h.score, 6)) for h in search(index, tuned_a, sketch, top=5).hits]
+    b = [(h.row, round(h.score, 6)) for h in search(index, tuned_b, sketch, top=5).hits]
+    assert a == b
+    assert a != plain
+    assert tuned_a.fingerprint()["sketch_modules_sha256"] is not None
+    assert tuned_a.tile_encoder_fingerprint() == base.tile_encoder_fingerprint()  # the index stays valid
+
+
+def test_a_checkpoint_for_another_backbone_is_refused(trained):
+    _, checkpoint = trained
+    with pytest.raises(InputError, match="was trained for backbone"):
+        load_model(device="cpu", random_weights=True, sketch_modules=checkpoint)

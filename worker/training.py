@@ -1,0 +1,154 @@
+"""Training the sketch-side modules on pseudo-sketch pairs cut from real rasters.
+
+The backbone is frozen. Tile tokens are what the index stores (the tile encoder never changes,
+so built indexes stay valid); sketch-side backbone outputs are cached once per augmented
+pseudo-sketch. The sketch adapter and the cross-attention scorer are then trained on the
+cache with the paper's triplet objective, each sketch against its own place (positive) and the
+hardest other places of the same scene in the batch (negatives). The multi-level tokenizer
+sits before the backbone and would need a backbone backward pass per step; it is not trained
+here (its gate stays zero, so it remains the exact patch embedding).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from worker.model.retrieval_model import RetrievalModel
+from worker.model.vit_tokens import forward_tokens
+from worker.pseudo_sketch import augment, pseudo_sketch
+from worker.sketch import prepare_sketch
+from worker.tiling import Tile, TileReader, open_raster
+
+log = logging.getLogger(__name__)
+STYLES = ("canny", "simple", "wobbly")
+
+
+@dataclass
+class PairCache:
+    """Per sample: the sketch's pre-adapter tokens (S, 1 + M, D) and its place's index id;
+    per place: the tile's global (P, D) and filtered tokens (P, K, D)."""
+
+    sketch_tokens: torch.Tensor
+    place: torch.Tensor
+    tile_global: torch.Tensor
+    tile_tokens: torch.Tensor
+
+
+def random_windows(raster: Path, count: int, rng: np.random.Generator, sizes=(96, 128, 192, 256)) -> list[Tile]:
+    info = open_raster(raster, None)
+    tiles = []
+    for _ in range(count):
+        size = int(min(rng.choice(sizes), info.width, info.height))
+        col = int(rng.integers(0, info.width - size + 1))
+        row = int(rng.integers(0, info.height - size + 1))
+        tiles.append(Tile(info, col, row, size, size, 1))
+    return tiles
+
+
+@torch.inference_mode()
+def sketch_backbone_tokens(model: RetrievalModel, sketches: torch.Tensor) -> torch.Tensor:
+    """Frozen part of the sketch path: patch embedding + filtered ViT output, before the adapter."""
+    x = model.normalise(sketches)
+    out = forward_tokens(model.vit, model.vit.patch_embed(x), prune_layers=model.config.sketch_prune_layers,
+                         keep_rate=model.config.sketch_keep_rate)
+    return torch.cat([out.cls[:, None], out.patches], 1).cpu()
+
+
+def build_cache(model: RetrievalModel, rasters: list[Path], windows_per_raster: int, sketches_per_window: int,
+                hand_strokes: list[np.ndarray], seed: int, batch: int = 16) -> PairCache:
+    rng = np.random.default_rng(seed)
+    images = []
+    for raster in rasters:
+        tiles = random_windows(raster, windows_per_raster, rng)
+        with TileReader(tiles[0].raster, model.img_size) as reader:
+            for tile in tiles:
+                image, valid = reader.read(tile)
+                if valid >= 0.9:
+                    images.append(image)
+    images = np.stack(images)
+    globals_, tokens = [], []
+    for i in tqdm(range(0, len(images), batch), desc="tile tokens", unit="batch"):
+        out = model.encode_tiles(images[i:i + batch])
+        globals_.append(torch.from_numpy(out.global_token.astype(np.float32)))
+        tokens.append(torch.from_numpy(out.tokens.astype(np.float32)))
+    sketches, places = [], []
+    for place, image in enumerate(images):
+        for k in range(sketches_per_window):
+            style = STYLES[(place + k) % len(STYLES)]
+            img = augment(pseudo_sketch(image, style, rng=rng, hand_strokes=hand_strokes), rng)
+            sketches.append(prepare_sketch(img, model.img_size))
+            places.append(place)
+    encoded = [sketch_backbone_tokens(model, torch.stack(sketches[i:i + batch]))
+               for i in tqdm(range(0, len(sketches), batch), desc="sketch tokens", unit="batch")]
+    return PairCache(torch.cat(encoded), torch.tensor(places), torch.cat(globals_), torch.cat(tokens))
+
+
+def pair_scores(model: RetrievalModel, sketch_tokens: torch.Tensor, tile_global: torch.Tensor,
+                tile_tokens: torch.Tensor) -> torch.Tensor:
+    """Scores of every sketch against every tile, (S, P), as the product computes them."""
+    adapted = F.normalize(model.adapter(sketch_tokens), dim=-1)
+    g, t = adapted[:, 0], adapted[:, 1:]
+    global_scores = g @ tile_global.T
+    s, p = t.shape[0], tile_tokens.shape[0]
+    xattn = model.scorer(t.repeat_interleave(p, 0), tile_tokens.repeat(s, 1, 1)).view(s, p)
+    w = model.config.rerank_weight
+    return w * xattn + (1 - w) * global_scores
+
+
+def triplet_loss(scores: torch.Tensor, positive: torch.Tensor, margin: float, hardest: int = 4) -> torch.Tensor:
+    """Margin loss of each sketch's positive against its `hardest` negatives."""
+    pos = scores.gather(1, positive[:, None])
+    neg = scores.masked_fill(F.one_hot(positive, scores.shape[1]).bool(), float("-inf"))
+    hard = neg.topk(min(hardest, scores.shape[1] - 1), dim=1).values
+    return F.relu(margin - pos + hard).mean()
+
+
+def train(model: RetrievalModel, cache: PairCache, steps: int, seed: int, batch_places: int = 24,
+          lr: float = 3e-4, margin: float = 0.1, checkpoint: Path | None = None, resume: bool = False) -> list[float]:
+    """Train adapter + scorer; returns the loss per step. Deterministic for a seed."""
+    torch.manual_seed(seed)
+    params = list(model.adapter.parameters()) + list(model.scorer.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    start = 0
+    state_path = checkpoint.with_suffix(".train-state.pt") if checkpoint else None
+    if resume and state_path and state_path.exists():
+        state = torch.load(state_path, weights_only=True)
+        model.adapter.load_state_dict(state["adapter"])
+        model.scorer.load_state_dict(state["scorer"])
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+        log.info("resuming at step %d", start)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(start):  # replay the sampler so a resumed run sees the same batches
+        torch.randperm(len(cache.tile_global), generator=gen)
+    model.adapter.train()
+    model.scorer.train()
+    losses = []
+    bar = tqdm(range(start, steps), desc="train", unit="step")
+    for step in bar:
+        places = torch.randperm(len(cache.tile_global), generator=gen)[:batch_places]
+        lookup = torch.full((len(cache.tile_global),), -1)
+        lookup[places] = torch.arange(len(places))
+        rows = torch.nonzero(lookup[cache.place] >= 0).squeeze(1)
+        scores = pair_scores(model, cache.sketch_tokens[rows], cache.tile_global[places], cache.tile_tokens[places])
+        loss = triplet_loss(scores, lookup[cache.place[rows]], margin)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        if state_path and ((step + 1) % 100 == 0 or step + 1 == steps):
+            torch.save({"adapter": model.adapter.state_dict(), "scorer": model.scorer.state_dict(),
+                        "opt": opt.state_dict(), "step": step + 1}, state_path)
+    model.adapter.eval()
+    model.scorer.eval()
+    if checkpoint:
+        model.save_sketch_modules(checkpoint, {"trained_steps": str(steps), "seed": str(seed)})
+    return losses
