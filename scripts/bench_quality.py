@@ -30,12 +30,11 @@ SHORTLIST = 200
 def encode_gallery(model, images: np.ndarray, batch: int = 16):
     outs = [model.encode_tiles(images[i:i + batch]) for i in range(0, len(images), batch)]
     g = np.concatenate([o.global_token for o in outs]).astype(np.float32)
-    t = np.concatenate([o.tokens for o in outs])
-    return g, t
+    return g, np.concatenate([o.tokens for o in outs]), np.concatenate([o.positions for o in outs])
 
 
-def deep_method(model, gallery_images, rerank: bool):
-    g, t = encode_gallery(model, gallery_images)
+def deep_method(model, gallery_images, rerank: bool, spatial: bool = True):
+    g, t, p = encode_gallery(model, gallery_images)
 
     def score(query) -> np.ndarray:
         s = model.encode_sketch(query.sketch)
@@ -45,7 +44,7 @@ def deep_method(model, gallery_images, rerank: bool):
         rows, short = shortlist_topk(s.global_token.numpy(), g, SHORTLIST)
         final = np.full(len(g), -np.inf)
         # shortlisted tiles rank by the re-rank score, the rest after them by the global score
-        final[rows] = 10.0 + model.rerank_scores(s, t[rows], short)
+        final[rows] = 10.0 + model.rerank_scores(s, t[rows], short, p[rows] if spatial else None)
         rest = np.setdiff1d(np.arange(len(g)), rows)
         final[rest] = global_scores[rest]
         return final
@@ -71,6 +70,8 @@ def build_methods(gallery, device: str, with_trained: bool):
     base = load_model(device=device, sketch_modules="none")
     methods["(a) global token only (release's test-time ranking)"] = deep_method(base, gallery.images, rerank=False)
     methods["(b) two-stage: shortlist + cross-attention re-rank"] = deep_method(base, gallery.images, rerank=True)
+    methods["(b') two-stage, re-rank without the spatial prior"] = deep_method(base, gallery.images, rerank=True,
+                                                                               spatial=False)
     no_filter = load_model(device=device, sketch_modules="none")
     no_filter.config = type(no_filter.config)(**{**no_filter.config.__dict__, "sketch_prune_layers": ()})
     methods["(c) two-stage without token filtering"] = deep_method(no_filter, gallery.images, rerank=True)

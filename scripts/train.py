@@ -31,10 +31,11 @@ def held_out_recall(model, gallery, queries) -> dict:
     outs = [model.encode_tiles(gallery.images[i:i + 16]) for i in range(0, len(gallery.images), 16)]
     g = np.concatenate([o.global_token for o in outs]).astype(np.float32)
     t = np.concatenate([o.tokens for o in outs])
+    p = np.concatenate([o.positions for o in outs])
     ranks = []
     for q in queries:
         s = model.encode_sketch(q.sketch)
-        ranks.append(rank_of(model.rerank_scores(s, t, g @ s.global_token.numpy()), q.target))
+        ranks.append(rank_of(model.rerank_scores(s, t, g @ s.global_token.numpy(), p), q.target))
     return metrics(ranks)
 
 
@@ -50,7 +51,7 @@ def main() -> int:
     parser.add_argument("--resume", action="store_true", help="continue from the .train-state.pt next to --out")
     args = parser.parse_args()
     if args.quick:
-        args.windows, args.steps = 150, 400
+        args.windows, args.steps = 150, 250
     torch.manual_seed(args.seed)
     paths = load_asset_paths()
     model = load_model(device=args.device, sketch_modules="none")

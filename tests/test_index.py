@@ -27,7 +27,9 @@ def run_cli(*args, **kw) -> subprocess.CompletedProcess:
 def shard_arrays(index_dir: Path) -> dict[str, np.ndarray]:
     index = TileIndex.open(index_dir)
     rows = np.arange(len(index))
-    return {"records": index.records, "global": np.asarray(index.global_tokens), "tokens": index.tokens_of(rows)}
+    tokens, positions = index.tokens_of(rows)
+    return {"records": index.records, "global": np.asarray(index.global_tokens), "tokens": tokens,
+            "positions": positions}
 
 
 def test_killed_indexing_resumes_to_the_same_index(tmp_path, rmnp_copy):
@@ -54,6 +56,7 @@ def test_killed_indexing_resumes_to_the_same_index(tmp_path, rmnp_copy):
     assert np.array_equal(a["records"], b["records"])
     assert np.allclose(a["global"].astype(np.float32), b["global"].astype(np.float32), atol=2e-3)
     assert np.allclose(a["tokens"].astype(np.float32), b["tokens"].astype(np.float32), atol=2e-3)
+    assert np.array_equal(a["positions"], b["positions"])
     assert not [p for p in (resumed / "shards").iterdir() if p.name.startswith(".tmp")]
 
 

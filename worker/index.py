@@ -283,6 +283,7 @@ class TileIndex:
         else:
             self.global_tokens = np.zeros((0, 1), np.float16)
         self._tokens = [load(s, "tokens", "r") for s in shards]
+        self._positions = [load(s, "positions", "r") for s in shards]
         self._offsets = np.cumsum([0] + [s["count"] for s in shards])
         self.dim = dim
 
@@ -300,11 +301,14 @@ class TileIndex:
     def __len__(self) -> int:
         return len(self.records)
 
-    def tokens_of(self, rows: np.ndarray) -> np.ndarray:
-        """Patch tokens (len(rows), K, D) gathered from the memory-mapped shards."""
+    def tokens_of(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Patch tokens (len(rows), K, D) and their patch positions (len(rows), K), gathered
+        from the memory-mapped shards."""
+        if not len(rows):
+            return np.zeros((0, 1, self.dim), np.float16), np.zeros((0, 1), np.int16)
         shard = np.searchsorted(self._offsets, rows, side="right") - 1
-        return np.stack([self._tokens[s][r - self._offsets[s]] for s, r in zip(shard, rows)]) if len(rows) else \
-            np.zeros((0, 1, self.dim), np.float16)
+        local = [(s, r - self._offsets[s]) for s, r in zip(shard, rows)]
+        return (np.stack([self._tokens[s][r] for s, r in local]), np.stack([self._positions[s][r] for s, r in local]))
 
     def tile(self, row: int) -> Tile:
         r = self.records[row]

@@ -102,7 +102,11 @@ def search(index: TileIndex, model, sketch_tensor, top: int = 10, shortlist: int
                                         shortlist, candidates=mask)
     t["shortlist"] = time.perf_counter()
 
-    scores = model.rerank_scores(sketch, index.tokens_of(rows), short_scores) if len(rows) else np.zeros(0)
+    if len(rows):
+        tokens, positions = index.tokens_of(rows)
+        scores = model.rerank_scores(sketch, tokens, short_scores, positions)
+    else:
+        scores = np.zeros(0)
     order = np.lexsort((rows, -scores))
     t["rerank"] = time.perf_counter()
 

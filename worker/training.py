@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from worker.model.retrieval_model import RetrievalModel
-from worker.model.vit_tokens import forward_tokens
 from worker.pseudo_sketch import augment, pseudo_sketch
 from worker.sketch import prepare_sketch
 from worker.tiling import Tile, TileReader, open_raster
@@ -32,13 +31,15 @@ STYLES = ("canny", "simple", "wobbly")
 
 @dataclass
 class PairCache:
-    """Per sample: the sketch's pre-adapter tokens (S, 1 + M, D) and its place's index id;
-    per place: the tile's global (P, D) and filtered tokens (P, K, D)."""
+    """Per sample: the sketch's pre-adapter tokens (S, 1 + M, D), their positions (S, M) and its
+    place's id; per place: the tile's global (P, D), filtered tokens (P, K, D) and positions (P, K)."""
 
     sketch_tokens: torch.Tensor
+    sketch_positions: torch.Tensor
     place: torch.Tensor
     tile_global: torch.Tensor
     tile_tokens: torch.Tensor
+    tile_positions: torch.Tensor
 
 
 def random_windows(raster: Path, count: int, rng: np.random.Generator, sizes=(96, 128, 192, 256)) -> list[Tile]:
@@ -53,12 +54,10 @@ def random_windows(raster: Path, count: int, rng: np.random.Generator, sizes=(96
 
 
 @torch.inference_mode()
-def sketch_backbone_tokens(model: RetrievalModel, sketches: torch.Tensor) -> torch.Tensor:
-    """Frozen part of the sketch path: patch embedding + filtered ViT output, before the adapter."""
-    x = model.normalise(sketches)
-    out = forward_tokens(model.vit, model.vit.patch_embed(x), prune_layers=model.config.sketch_prune_layers,
-                         keep_rate=model.config.sketch_keep_rate)
-    return torch.cat([out.cls[:, None], out.patches], 1).cpu()
+def sketch_backbone_tokens(model: RetrievalModel, sketches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen part of the sketch path (patch embedding + filtered ViT output, before the adapter)."""
+    tokens, positions = model.sketch_backbone(model.normalise(sketches))
+    return tokens.cpu(), positions.cpu()
 
 
 def build_cache(model: RetrievalModel, rasters: list[Path], windows_per_raster: int, sketches_per_window: int,
@@ -73,11 +72,12 @@ def build_cache(model: RetrievalModel, rasters: list[Path], windows_per_raster: 
                 if valid >= 0.9:
                     images.append(image)
     images = np.stack(images)
-    globals_, tokens = [], []
+    globals_, tokens, positions = [], [], []
     for i in tqdm(range(0, len(images), batch), desc="tile tokens", unit="batch"):
         out = model.encode_tiles(images[i:i + batch])
         globals_.append(torch.from_numpy(out.global_token.astype(np.float32)))
         tokens.append(torch.from_numpy(out.tokens.astype(np.float32)))
+        positions.append(torch.from_numpy(out.positions.astype(np.int64)))
     sketches, places = [], []
     for place, image in enumerate(images):
         for k in range(sketches_per_window):
@@ -87,19 +87,18 @@ def build_cache(model: RetrievalModel, rasters: list[Path], windows_per_raster: 
             places.append(place)
     encoded = [sketch_backbone_tokens(model, torch.stack(sketches[i:i + batch]))
                for i in tqdm(range(0, len(sketches), batch), desc="sketch tokens", unit="batch")]
-    return PairCache(torch.cat(encoded), torch.tensor(places), torch.cat(globals_), torch.cat(tokens))
+    return PairCache(torch.cat([e[0] for e in encoded]), torch.cat([e[1] for e in encoded]), torch.tensor(places),
+                     torch.cat(globals_), torch.cat(tokens), torch.cat(positions))
 
 
-def pair_scores(model: RetrievalModel, sketch_tokens: torch.Tensor, tile_global: torch.Tensor,
-                tile_tokens: torch.Tensor) -> torch.Tensor:
-    """Scores of every sketch against every tile, (S, P), as the product computes them."""
-    adapted = F.normalize(model.adapter(sketch_tokens), dim=-1)
-    g, t = adapted[:, 0], adapted[:, 1:]
-    global_scores = g @ tile_global.T
-    s, p = t.shape[0], tile_tokens.shape[0]
-    xattn = model.scorer(t.repeat_interleave(p, 0), tile_tokens.repeat(s, 1, 1)).view(s, p)
-    w = model.config.rerank_weight
-    return w * xattn + (1 - w) * global_scores
+def pair_scores(model: RetrievalModel, cache: PairCache, sketch_rows: torch.Tensor,
+                places: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Re-rank scores (S, P) of sketches against places as the product computes them, and the
+    global-token cosines (S, P) the shortlist uses."""
+    g, t = model.adapt(cache.sketch_tokens[sketch_rows])
+    xattn = model.scorer.pairwise(t, cache.tile_tokens[places], sketch_pos=cache.sketch_positions[sketch_rows],
+                                  tile_pos=cache.tile_positions[places])
+    return xattn, g @ cache.tile_global[places].T
 
 
 def triplet_loss(scores: torch.Tensor, positive: torch.Tensor, margin: float, hardest: int = 4) -> torch.Tensor:
@@ -110,7 +109,7 @@ def triplet_loss(scores: torch.Tensor, positive: torch.Tensor, margin: float, ha
     return F.relu(margin - pos + hard).mean()
 
 
-def train(model: RetrievalModel, cache: PairCache, steps: int, seed: int, batch_places: int = 24,
+def train(model: RetrievalModel, cache: PairCache, steps: int, seed: int, batch_places: int = 16,
           lr: float = 3e-4, margin: float = 0.1, checkpoint: Path | None = None, resume: bool = False) -> list[float]:
     """Train adapter + scorer; returns the loss per step. Deterministic for a seed."""
     torch.manual_seed(seed)
@@ -137,8 +136,10 @@ def train(model: RetrievalModel, cache: PairCache, steps: int, seed: int, batch_
         lookup = torch.full((len(cache.tile_global),), -1)
         lookup[places] = torch.arange(len(places))
         rows = torch.nonzero(lookup[cache.place] >= 0).squeeze(1)
-        scores = pair_scores(model, cache.sketch_tokens[rows], cache.tile_global[places], cache.tile_tokens[places])
-        loss = triplet_loss(scores, lookup[cache.place[rows]], margin)
+        xattn, global_scores = pair_scores(model, cache, rows, places)
+        positive = lookup[cache.place[rows]]
+        # both stages learn: the re-rank score and the global token that builds the shortlist
+        loss = triplet_loss(xattn, positive, margin) + triplet_loss(global_scores, positive, margin)
         opt.zero_grad()
         loss.backward()
         opt.step()

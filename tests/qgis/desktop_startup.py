@@ -7,17 +7,18 @@ steps so QGIS's event loop keeps running, as it would for a user.
 
 import json
 import os
+import sys
 import time
 import traceback
 
 import qgis.utils
 from qgis.core import QgsProject, QgsRasterLayer
-from qgis.PyQt.QtCore import QEvent, QPointF, Qt, QTimer
-from qgis.PyQt.QtGui import QMouseEvent
-from qgis.PyQt.QtWidgets import QApplication
+from qgis.PyQt.QtCore import QTimer
 from qgis.utils import iface
 
 env = os.environ
+sys.path.insert(0, env["SKETCH_TEST_HELPERS"])
+from mouse import drag  # noqa: E402
 status = {"steps": []}
 started = time.time()
 
@@ -28,15 +29,6 @@ def finish(ok: bool, error: str = "") -> None:
         json.dump(status, f)
     QgsProject.instance().clear()  # else a modal "save project?" blocks the exit
     iface.actionExit().trigger()
-
-
-def drag(widget, points):
-    def event(kind, x, y, buttons):
-        return QMouseEvent(kind, QPointF(x, y), Qt.LeftButton, buttons, Qt.NoModifier)
-    QApplication.sendEvent(widget, event(QEvent.MouseButtonPress, *points[0], Qt.LeftButton))
-    for x, y in points[1:]:
-        QApplication.sendEvent(widget, event(QEvent.MouseMove, x, y, Qt.LeftButton))
-    QApplication.sendEvent(widget, event(QEvent.MouseButtonRelease, *points[-1], Qt.NoButton))
 
 
 def setup():

@@ -32,7 +32,7 @@ def test_desktop_search_and_screenshot(tmp_path, worker, raster_root):
     status_file = tmp_path / "status.json"
     runtime = tmp_path / "runtime"
     runtime.mkdir(mode=0o700)
-    env = {**os.environ, "SKETCH_TEST_RASTER": str(raster_root / "rmnp-rgb.tif"),
+    env = {**os.environ, "SKETCH_TEST_HELPERS": str(Path(__file__).parent), "SKETCH_TEST_RASTER": str(raster_root / "rmnp-rgb.tif"),
            "SKETCH_TEST_ENDPOINT": worker.bind, "SKETCH_TEST_STATUS": str(status_file),
            "SKETCH_TEST_SCREENSHOT": str(screenshot), "XDG_RUNTIME_DIR": str(runtime)}
     env.pop("QT_QPA_PLATFORM", None)  # a real window on the virtual screen

@@ -4,21 +4,10 @@ from __future__ import annotations
 
 import pytest
 from qgis.core import Qgis, QgsApplication, QgsCoordinateReferenceSystem, QgsProject, QgsRasterLayer, QgsVectorLayer
-from qgis.PyQt.QtCore import QEvent, QPoint, QPointF, Qt, QTimer
-from qgis.PyQt.QtGui import QMouseEvent
-from qgis.PyQt.QtWidgets import QApplication
+from qgis.PyQt.QtCore import QPoint, QTimer
 
 from conftest import process_until
-
-
-def drag(widget, points: list[tuple[int, int]]) -> None:
-    """A real mouse stroke: press, moves, release, sent to the widget as Qt events."""
-    def event(kind, x, y, buttons):
-        return QMouseEvent(kind, QPointF(x, y), Qt.LeftButton, buttons, Qt.NoModifier)
-    QApplication.sendEvent(widget, event(QEvent.MouseButtonPress, *points[0], Qt.LeftButton))
-    for x, y in points[1:]:
-        QApplication.sendEvent(widget, event(QEvent.MouseMove, x, y, Qt.LeftButton))
-    QApplication.sendEvent(widget, event(QEvent.MouseButtonRelease, *points[-1], Qt.NoButton))
+from mouse import drag
 
 
 @pytest.fixture
