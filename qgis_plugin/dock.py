@@ -17,7 +17,7 @@ from .local_worker import LocalWorker
 from .results import hits_layer, save_gpkg
 from .sketch_pad import SketchPad
 from .sketch_tool import SketchMapTool
-from .worker_client.client import WorkerError
+from .worker_client.client import CurveKeys, WorkerError
 from .worker_link import WorkerLink
 
 TITLE = "Sketch search"
@@ -69,7 +69,13 @@ class SketchSearchDock(QDockWidget):
         status = QHBoxLayout()
         status.addWidget(self.status_light)
         status.addWidget(self.status_label, 1)
+        self.server_key_edit = QLineEdit()
+        self.server_key_edit.setPlaceholderText("server.key (public), for a remote worker")
+        self.client_key_edit = QLineEdit()
+        self.client_key_edit.setPlaceholderText("client.key_secret, authorised on the worker")
         form.addRow("Endpoint", self.endpoint_edit)
+        form.addRow("Server key", self.server_key_edit)
+        form.addRow("Client key", self.client_key_edit)
         form.addRow(row)
         form.addRow("Status", status)
         self.connect_button.clicked.connect(lambda: self.connect_worker(self.endpoint_edit.text().strip()))
@@ -188,12 +194,25 @@ class SketchSearchDock(QDockWidget):
             self._set_status("not answering", QColor("red"))
 
     # -- worker -----------------------------------------------------------------------------------
+    def curve_keys(self) -> CurveKeys | None:
+        """Keys for an encrypted connection when both key files are given (a remote worker)."""
+        server, client = self.server_key_edit.text().strip(), self.client_key_edit.text().strip()
+        if not server and not client:
+            return None
+        if not (server and client):
+            raise ValueError("give both the server's public key and your client secret key, or neither")
+        return CurveKeys.from_files(server, client)
+
     def connect_worker(self, endpoint: str, pub: str | None = None) -> None:
+        try:
+            curve = self.curve_keys()
+        except (OSError, ValueError) as exc:
+            return self.notify(f"CURVE keys not usable: {exc}", Qgis.Warning)
         if self.link is not None:
             self.link.close()
             self.link.deleteLater()
         self.endpoint_edit.setText(endpoint)
-        self.link = WorkerLink(endpoint, pub_endpoint=pub, timeout_s=60.0, parent=self)
+        self.link = WorkerLink(endpoint, pub_endpoint=pub, curve=curve, timeout_s=60.0, parent=self)
         self.link.job_event.connect(self._on_job)
         self.link.callback_failed.connect(
             lambda tb: self.notify("Sketch search hit an internal error; details are in the log panel.", Qgis.Critical, tb))

@@ -267,12 +267,9 @@ def test_curve_protected_bind_refuses_clients_without_the_key(tmp_path, rasters)
     _, stranger_secret = zmq.auth.create_certificates(str(stranger), "stranger")
     root = tmp_path / "indexes"
     root.mkdir()
-    proc = WorkerProcess(root, rasters, extra=["--curve-keys", str(keys)])
-    proc.start_plain = False
-    proc.proc = subprocess.Popen(proc.cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    good = CurveKeys.from_files(keys / "server.key", Path(client_secret))
+    proc = WorkerProcess(root, rasters, extra=["--curve-keys", str(keys)]).start(curve=good)
     try:
-        assert json.loads(proc.proc.stdout.readline())["serving"] == proc.bind
-        good = CurveKeys.from_files(keys / "server.key", Path(client_secret))
         with WorkerClient(proc.bind, timeout=20, curve=good) as c:
             assert c.ping()["ok"]
         with WorkerClient(proc.bind, timeout=2, retries=0) as c:

@@ -34,7 +34,8 @@ class WorkerProcess:
         self.log = index_root.parent / f"worker-{port}.log"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 90.0) -> "WorkerProcess":
+    def start(self, timeout: float = 90.0, curve=None) -> "WorkerProcess":
+        """Start and wait until it answers a ping (sent with `curve` keys for a CURVE bind)."""
         self.proc = subprocess.Popen(self.cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=open(self.log, "ab"),
                                      text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         deadline = time.time() + timeout
@@ -42,7 +43,7 @@ class WorkerProcess:
         if not line:
             raise RuntimeError(f"worker exited ({self.proc.wait()}): {self.log.read_text()[-2000:]}")
         assert json.loads(line)["serving"] == self.bind
-        with self.client(timeout=5) as c:
+        with self.client(timeout=5, curve=curve) as c:
             while True:
                 try:
                     c.ping()

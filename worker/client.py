@@ -42,7 +42,7 @@ class CurveKeys:
     client_secret: bytes
 
     @classmethod
-    def from_files(cls, server_public_file: Path, client_secret_file: Path) -> "CurveKeys":
+    def from_files(cls, server_public_file: Path | str, client_secret_file: Path | str) -> "CurveKeys":
         import zmq.auth
 
         server_public, _ = zmq.auth.load_certificate(str(server_public_file))

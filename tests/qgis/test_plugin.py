@@ -147,3 +147,36 @@ def test_processing_algorithms_run(plugin, worker, raster_root, tmp_path):
     hits = result["OUTPUT"]
     assert hits.featureCount() == 2 and "rank" in hits.fields().names()
     del hits, layer
+
+
+def test_connecting_to_a_curve_protected_worker_needs_the_keys(plugin, raster_root, tmp_path, qgis_iface):
+    import zmq.auth
+    from conftest import WORKER_PYTHON
+    from worker.client import CurveKeys
+    from worker_process import WorkerProcess
+
+    keys = tmp_path / "keys"
+    (keys / "authorized_clients").mkdir(parents=True)
+    zmq.auth.create_certificates(str(keys), "server")
+    _, client_secret = zmq.auth.create_certificates(str(keys / "authorized_clients"), "client")
+    index_root = tmp_path / "indexes"
+    index_root.mkdir()
+    good = CurveKeys.from_files(keys / "server.key", client_secret)
+    proc = WorkerProcess(index_root, raster_root, extra=["--curve-keys", str(keys)], python=WORKER_PYTHON).start(curve=good)
+    dock = plugin.dock
+    try:
+        dock.server_key_edit.setText(str(keys / "server.key"))
+        dock.client_key_edit.setText(str(client_secret))
+        dock.connect_worker(proc.bind)
+        assert process_until(lambda: dock.status_label.text().startswith("connected"), 30), dock.status_label.text()
+        dock.server_key_edit.clear()
+        dock.client_key_edit.clear()
+        qgis_iface.messageBar().clear_messages()
+        dock.connect_worker(proc.bind)
+        dock.link.timeout_s = 1.5
+        dock.link.request("info", dock._on_info, timeout_s=1.5)
+        assert process_until(lambda: dock.status_label.text() == "not answering", 20)
+    finally:
+        dock.server_key_edit.clear()
+        dock.client_key_edit.clear()
+        proc.stop()
