@@ -180,3 +180,20 @@ def test_connecting_to_a_curve_protected_worker_needs_the_keys(plugin, raster_ro
         dock.server_key_edit.clear()
         dock.client_key_edit.clear()
         proc.stop()
+
+
+def test_building_an_index_from_the_dock_shows_progress(plugin, worker, rmnp_layer, qgis_iface):
+    dock = plugin.dock
+    dock.connect_worker(worker.bind)
+    assert process_until(lambda: dock.status_label.text().startswith("connected"), 30)
+    dock.refresh_raster_layers()
+    assert dock.checked_rasters() == [rmnp_layer.source()]
+    dock.new_index_edit.setText("from-dock")
+    qgis_iface.messageBar().clear_messages()
+    seen = []
+    dock.progress.valueChanged.connect(seen.append)
+    dock.build_button.click()
+    assert process_until(lambda: any("Indexing done" in m for m in qgis_iface.messageBar().get_messages(Qgis.Success)), 120)
+    assert dock.progress.value() == 1000 and seen, "progress came from the worker's events"
+    assert not dock.cancel_button.isEnabled()
+    assert process_until(lambda: dock.index_combo.findText("from-dock") >= 0, 10)
