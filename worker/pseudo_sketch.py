@@ -72,9 +72,23 @@ def load_hand_strokes(lasa_dir: Path) -> list[np.ndarray]:
     return strokes
 
 
+def hed_edges(tile: np.ndarray, hed, keep: float = 0.08) -> np.ndarray:
+    """Thinned HED edges: the `keep` share of pixels with the highest edge probability."""
+    import torch
+    from skimage.morphology import skeletonize
+
+    with torch.inference_mode():
+        prob = hed(torch.from_numpy(np.ascontiguousarray(tile))[None])[0].numpy()
+    return skeletonize(prob >= np.quantile(prob, 1.0 - keep))
+
+
 def pseudo_sketch(tile: np.ndarray, style: str = "canny", size: int = 224, rng: np.random.Generator | None = None,
-                  hand_strokes: list[np.ndarray] | None = None) -> Image.Image:
-    """A line drawing of an RGB uint8 tile in the given style."""
+                  hand_strokes: list[np.ndarray] | None = None, hed=None) -> Image.Image:
+    """A line drawing of an RGB uint8 tile in the given style (`hed` needs a loaded HED model)."""
+    if style == "hed":
+        if hed is None:
+            raise ValueError("the hed style needs a HED model (worker.model.hed.load_hed)")
+        return draw_polylines(trace_polylines(hed_edges(tile, hed)), tile.shape[:2], size)
     edges = edge_map(tile, QUERY_EDGE_SIGMA)
     if style == "canny":
         return draw_edges(edges, size)
