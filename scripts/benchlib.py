@@ -29,6 +29,7 @@ SCENES = {
 }
 TRAIN_SCENES = ("s2",)
 STYLES = ("canny", "simple", "wobbly", "hed")  # hed: learned edges, a style train.py never sees
+OUTLINE_LABELS = {"lsat7": "landsat96_polygons_shp"}  # scenes with vector labels to outline
 EVAL_TILE = 128  # window in raster pixels (read to the model's 224): more places per small raster
 
 
@@ -79,6 +80,37 @@ def make_queries(gallery: Gallery, per_scene: int, seed: int = 0, styles=STYLES)
             for style in styles:
                 img = pseudo_sketch(gallery.images[row], style, rng=rng, hand_strokes=strokes, hed=hed)
                 queries.append(Query(int(row), scene, style, prepare_sketch(img, 224), img))
+    return queries
+
+
+def outline_queries(gallery: Gallery, min_ink: float = 0.005) -> list[Query]:
+    """Sketches drawn from vector labels: the outlines of the land-cover polygons inside each
+    tile of a scene that ships them (every such tile with enough outline to draw)."""
+    import shapely
+    from PIL import Image, ImageDraw
+    from pyogrio.raw import read
+
+    paths = load_asset_paths()
+    queries = []
+    for scene, key in OUTLINE_LABELS.items():
+        _, _, wkb, _ = read(paths[key])
+        polygons = shapely.from_wkb(wkb)
+        for row in np.nonzero(gallery.scene == scene)[0]:
+            tile = gallery.tiles[row]
+            clipped = shapely.intersection(polygons, tile.footprint())
+            rings = [r for g in clipped if not g.is_empty for r in shapely.get_parts(shapely.boundary(g))]
+            if not rings:
+                continue
+            inverse = ~tile.raster.affine
+            img = Image.new("L", (224, 224), 255)
+            draw = ImageDraw.Draw(img)
+            scale = 224 / tile.width
+            for ring in rings:
+                cols, rows = inverse * np.asarray(ring.coords).T
+                draw.line([((c - tile.col_off) * scale, (r - tile.row_off) * scale) for c, r in zip(cols, rows)],
+                          fill=0, width=2)
+            if (np.asarray(img) < 128).mean() >= min_ink:
+                queries.append(Query(int(row), scene, "outline", prepare_sketch(img, 224), img))
     return queries
 
 
