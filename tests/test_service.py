@@ -21,7 +21,7 @@ from PIL import Image
 from worker import protocol
 from worker.client import CurveKeys, WorkerClient, WorkerError, WorkerUnavailable, subscribe_progress
 from worker.index import TileIndex
-from worker_process import REPO, WorkerProcess, free_port
+from worker_process import REPO, WorkerProcess, free_port, make_curve_keys
 
 
 @pytest.fixture(scope="module")
@@ -258,16 +258,12 @@ def test_sigterm_finishes_cleanly_and_ipc_works(tmp_path, rasters):
 def test_curve_protected_bind_refuses_clients_without_the_key(tmp_path, rasters):
     import zmq.auth
 
-    keys = tmp_path / "keys"
-    (keys / "authorized_clients").mkdir(parents=True)
-    zmq.auth.create_certificates(str(keys), "server")
-    _, client_secret = zmq.auth.create_certificates(str(keys / "authorized_clients"), "client")
+    keys, good = make_curve_keys(tmp_path)
     stranger = tmp_path / "stranger"
     stranger.mkdir()
     _, stranger_secret = zmq.auth.create_certificates(str(stranger), "stranger")
     root = tmp_path / "indexes"
     root.mkdir()
-    good = CurveKeys.from_files(keys / "server.key", Path(client_secret))
     proc = WorkerProcess(root, rasters, extra=["--curve-keys", str(keys)]).start(curve=good)
     try:
         with WorkerClient(proc.bind, timeout=20, curve=good) as c:

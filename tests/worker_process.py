@@ -11,9 +11,20 @@ import sys
 import time
 from pathlib import Path
 
-from worker.client import WorkerClient, WorkerUnavailable
+from worker.client import CurveKeys, WorkerClient, WorkerUnavailable
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def make_curve_keys(root: Path) -> tuple[Path, CurveKeys]:
+    """A --curve-keys folder (server key pair, one authorised client) and that client's keys."""
+    import zmq.auth
+
+    keys = root / "keys"
+    (keys / "authorized_clients").mkdir(parents=True)
+    zmq.auth.create_certificates(str(keys), "server")
+    _, client_secret = zmq.auth.create_certificates(str(keys / "authorized_clients"), "client")
+    return keys, CurveKeys.from_files(keys / "server.key", client_secret)
 
 
 def free_port() -> int:

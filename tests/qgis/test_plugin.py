@@ -150,23 +150,17 @@ def test_processing_algorithms_run(plugin, worker, raster_root, tmp_path):
 
 
 def test_connecting_to_a_curve_protected_worker_needs_the_keys(plugin, raster_root, tmp_path, qgis_iface):
-    import zmq.auth
     from conftest import WORKER_PYTHON
-    from worker.client import CurveKeys
-    from worker_process import WorkerProcess
+    from worker_process import WorkerProcess, make_curve_keys
 
-    keys = tmp_path / "keys"
-    (keys / "authorized_clients").mkdir(parents=True)
-    zmq.auth.create_certificates(str(keys), "server")
-    _, client_secret = zmq.auth.create_certificates(str(keys / "authorized_clients"), "client")
+    keys, good = make_curve_keys(tmp_path)
     index_root = tmp_path / "indexes"
     index_root.mkdir()
-    good = CurveKeys.from_files(keys / "server.key", client_secret)
     proc = WorkerProcess(index_root, raster_root, extra=["--curve-keys", str(keys)], python=WORKER_PYTHON).start(curve=good)
     dock = plugin.dock
     try:
         dock.server_key_edit.setText(str(keys / "server.key"))
-        dock.client_key_edit.setText(str(client_secret))
+        dock.client_key_edit.setText(str(keys / "authorized_clients" / "client.key_secret"))
         dock.connect_worker(proc.bind)
         assert process_until(lambda: dock.status_label.text().startswith("connected"), 30), dock.status_label.text()
         dock.server_key_edit.clear()
