@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -172,7 +170,6 @@ def main() -> int:
     torch.manual_seed(0)
     model = load_model(device=args.device, sketch_modules="none")
     assets = load_asset_paths()
-    rows = []
     work = Path(tempfile.mkdtemp(prefix="bench-speed-"))
     try:
         backbone = backbone_throughput(model, batch, 2 if args.quick else 6)

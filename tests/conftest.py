@@ -3,7 +3,6 @@ and one real index built once per session."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from pathlib import Path

@@ -18,7 +18,6 @@ import pytest
 import zmq
 from PIL import Image
 
-from worker import protocol
 from worker.client import CurveKeys, WorkerClient, WorkerError, WorkerUnavailable, subscribe_progress
 from worker.index import TileIndex
 from worker_process import REPO, WorkerProcess, free_port, make_curve_keys
@@ -196,7 +195,6 @@ def test_four_clients_search_while_an_index_job_runs(worker, rasters):
     assert not errors and len(results) == 12
     assert all(r == results[0] for r in results), "the same query gives the same hits under load"
     with worker.client() as c:
-        running = c.job(job["id"])
         final = wait_job(c, job["id"])
     assert final["state"] == "done" and final["progress"] == 1.0
     events = []

@@ -83,7 +83,6 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from rasterio.crs import CRS
 
     from worker.geo import bbox_to_wgs84, parse_crs
     from worker.hits_output import contact_sheet, hits_to_geojson, write_json
