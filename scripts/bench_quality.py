@@ -12,25 +12,21 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import SCENES, STYLES, TRAIN_SCENES, build_gallery, make_queries, metrics, outline_queries, rank_of  # noqa: E402
+from benchlib import (SCENES, STYLES, TRAIN_SCENES, build_gallery, encode_gallery, make_queries,  # noqa: E402
+                      metrics, outline_queries, rank_of)
 
 from worker.line_drawing import tile_line_drawings  # noqa: E402
 from worker.model.loading import SHIPPED_SKETCH_MODULES, load_model  # noqa: E402
 from worker.search import shortlist_topk  # noqa: E402
 
 SHORTLIST = 200
-
-
-def encode_gallery(model, images: np.ndarray, batch: int = 16):
-    outs = [model.encode_tiles(images[i:i + batch]) for i in range(0, len(images), batch)]
-    g = np.concatenate([o.global_token for o in outs]).astype(np.float32)
-    return g, np.concatenate([o.tokens for o in outs]), np.concatenate([o.positions for o in outs])
 
 
 def deep_method(model, gallery_images, rerank: bool, spatial: bool = True):
@@ -73,7 +69,7 @@ def build_methods(gallery, device: str, with_trained: bool):
     methods["(b') two-stage, re-rank without the spatial prior"] = deep_method(base, gallery.images, rerank=True,
                                                                                spatial=False)
     no_filter = load_model(device=device, sketch_modules="none")
-    no_filter.config = type(no_filter.config)(**{**no_filter.config.__dict__, "sketch_prune_layers": ()})
+    no_filter.config = replace(no_filter.config, sketch_prune_layers=())
     methods["(c) two-stage without token filtering"] = deep_method(no_filter, gallery.images, rerank=True)
     if with_trained and SHIPPED_SKETCH_MODULES.exists():
         trained = load_model(device=device)

@@ -92,7 +92,7 @@ def write_synthetic_index(out: Path, model, n: int, rng: np.random.Generator) ->
         pos[:] = np.arange(k, dtype=np.int16)
         pos.flush()
         shards.append({"name": name, "raster_id": 0, "chunk": start // SHARD, "count": count, "skipped": 0})
-    settings = json.loads(json.dumps(TileSettings(scales=(1,)).__dict__))
+    settings = TileSettings(scales=(1,)).to_json()
     write_json_atomic(out / "manifest.json", {
         "format": FORMAT_VERSION, "model": model.fingerprint(), "tiling": settings, "chunk_tiles": SHARD,
         "rasters": [{"id": 0, **info.to_json(), "complete": True, "tiles_total": n, "tiles_skipped": 0}],

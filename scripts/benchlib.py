@@ -114,6 +114,13 @@ def outline_queries(gallery: Gallery, min_ink: float = 0.005) -> list[Query]:
     return queries
 
 
+def encode_gallery(model, images: np.ndarray, batch: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Global tokens (fp32), filtered tokens and their positions of every gallery tile."""
+    outs = [model.encode_tiles(images[i:i + batch]) for i in range(0, len(images), batch)]
+    g = np.concatenate([o.global_token for o in outs]).astype(np.float32)
+    return g, np.concatenate([o.tokens for o in outs]), np.concatenate([o.positions for o in outs])
+
+
 def metrics(ranks: list[int]) -> dict[str, float]:
     r = np.asarray(ranks, dtype=np.float64)
     if len(r) == 0:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import SCENES, TRAIN_SCENES, build_gallery, make_queries, metrics, rank_of  # noqa: E402
+from benchlib import SCENES, TRAIN_SCENES, build_gallery, encode_gallery, make_queries, metrics, rank_of  # noqa: E402
 
 from worker.assets import load_asset_paths  # noqa: E402
 from worker.model.loading import SHIPPED_SKETCH_MODULES, load_model  # noqa: E402
@@ -28,10 +28,7 @@ from worker.training import build_cache, train  # noqa: E402
 
 
 def held_out_recall(model, gallery, queries) -> dict:
-    outs = [model.encode_tiles(gallery.images[i:i + 16]) for i in range(0, len(gallery.images), 16)]
-    g = np.concatenate([o.global_token for o in outs]).astype(np.float32)
-    t = np.concatenate([o.tokens for o in outs])
-    p = np.concatenate([o.positions for o in outs])
+    g, t, p = encode_gallery(model, gallery.images)
     ranks = []
     for q in queries:
         s = model.encode_sketch(q.sketch)

@@ -85,8 +85,8 @@ def cmd_index(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
 
     from worker.geo import bbox_to_wgs84, parse_crs
-    from worker.hits_output import contact_sheet, hits_to_geojson, write_json
-    from worker.index import TileIndex, check_compatible
+    from worker.hits_output import contact_sheet, hits_to_geojson
+    from worker.index import TileIndex, check_compatible, write_json_atomic
     from worker.search import search
     from worker.sketch import load_sketch
 
@@ -100,7 +100,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise InputError("--top and --shortlist must be at least 1")
     result = search(index, model, sketch, top=args.top, shortlist=max(args.shortlist, args.top), area_wgs84=area,
                     max_overlap=args.max_overlap)
-    write_json(args.out, hits_to_geojson(result.hits, out_crs, {"timings_ms": result.timings_ms}))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(args.out, hits_to_geojson(result.hits, out_crs, {"timings_ms": result.timings_ms}))
     if args.preview:
         args.preview.parent.mkdir(parents=True, exist_ok=True)
         contact_sheet(sketch.numpy(), result.hits).save(args.preview)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 from PIL import Image, ImageDraw
 from rasterio.crs import CRS
@@ -32,13 +29,6 @@ def hits_to_geojson(hits: list[Hit], crs: CRS, extra: dict | None = None) -> dic
     if extra:
         out.update(extra)
     return out
-
-
-def write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
 
 
 def hit_thumbnail(hit: Hit, size: int) -> Image.Image:

@@ -19,7 +19,7 @@ import os
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -94,7 +94,7 @@ class IndexWriter:
     def _load_or_create(self, chunk_tiles: int) -> dict:
         path = self.dir / "manifest.json"
         fp = self.model.fingerprint()
-        settings = json.loads(json.dumps(asdict(self.settings)))  # tuples -> lists, as stored
+        settings = self.settings.to_json()
         if path.exists():
             manifest = json.loads(path.read_text())
             check_compatible(manifest, fp["tile_encoder"], settings, self.dir)

@@ -10,7 +10,6 @@ import json
 import logging
 import threading
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -77,7 +76,7 @@ class JobManager:
         find_rasters(rasters)  # a missing raster is an error reply now, not a failed job later
         job = Job(index_name, index_dir, rasters, settings, chunk_tiles)
         index_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(index_dir / JOB_FILE, {"index": index_name, "rasters": rasters, "settings": asdict(settings),
+        write_json_atomic(index_dir / JOB_FILE, {"index": index_name, "rasters": rasters, "settings": settings.to_json(),
                                                  "chunk_tiles": chunk_tiles})
         with self._lock:
             self.jobs[job.id] = job
@@ -91,9 +90,7 @@ class JobManager:
         for root in index_roots:
             for job_file in sorted(root.rglob(JOB_FILE)):
                 spec = json.loads(job_file.read_text())
-                s = spec["settings"]
-                settings = TileSettings(tile=s["tile"], overlap=s["overlap"], scales=tuple(s["scales"]),
-                                        bands=tuple(s["bands"]) if s["bands"] else None, min_valid=s["min_valid"])
+                settings = TileSettings.from_json(spec["settings"])
                 log.info("resuming the interrupted indexing job of %s", job_file.parent)
                 resumed.append(self.start(spec["index"], job_file.parent, spec["rasters"], settings,
                                           spec.get("chunk_tiles", 256)))

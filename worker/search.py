@@ -18,13 +18,11 @@ SHORTLIST_CHUNK = 65536
 
 
 def _chunk_candidates(block: np.ndarray, q16: torch.Tensor, k: int) -> np.ndarray:
-    """Rows of an fp16 block that may be in the exact top k: a fast fp16 matrix-vector product
+    """Rows of an fp16 block (more than k rows) that may be in the exact top k: a fast fp16 matrix-vector product
     (fp32 accumulation, fp16 output), then every row within twice the output rounding error of
     the k-th score. If a true top-k row scores s, its fp16 score is at least s - e, and the
     k-th fp16 score is at most the true k-th + e, so nothing of the true top k is lost."""
     scores = (torch.from_numpy(block) @ q16).float()
-    if len(scores) <= k:
-        return np.arange(len(scores))
     kth = torch.topk(scores, k).values[-1]
     error = 2.0 ** -10 * float(scores.abs().max()) + 1e-4  # fp16 rounding of the output, with room
     return torch.nonzero(scores >= kth - 2 * error).squeeze(1).numpy()

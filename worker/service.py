@@ -263,7 +263,7 @@ class Service:
 
             manifest = json.loads((index_dir / "manifest.json").read_text())
             check_compatible(manifest, self.model.tile_encoder_fingerprint(),
-                             json.loads(json.dumps(settings.__dict__)), index_dir)
+                             settings.to_json(), index_dir)
         chunk_tiles = field(header, "chunk_tiles", int, 256, check=lambda v: 1 <= v <= 65536)
         return {"job": self.jobs.start(name, index_dir, paths, settings, chunk_tiles).to_json()}
 

@@ -8,7 +8,6 @@ which uses overviews where the file has them.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +46,16 @@ class TileSettings:
             raise InputError(f"--overlap {self.overlap} must be in [0, 0.9)")
         if not self.scales or any(s < 1 for s in self.scales):
             raise InputError(f"--scales {self.scales} must be positive integers")
+
+    def to_json(self) -> dict:
+        """As stored in manifests and job files (lists, not tuples, so stored and fresh compare equal)."""
+        return {"tile": self.tile, "overlap": self.overlap, "scales": list(self.scales),
+                "bands": list(self.bands) if self.bands else None, "min_valid": self.min_valid}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TileSettings":
+        return cls(tile=d["tile"], overlap=d["overlap"], scales=tuple(d["scales"]),
+                   bands=tuple(d["bands"]) if d["bands"] else None, min_valid=d["min_valid"])
 
     @property
     def step(self) -> int:
@@ -273,8 +282,3 @@ def iter_tile_pixels(raster: RasterInfo, tiles: list[Tile], tile_size: int) -> I
             image, valid = reader.read(tile)
             yield tile, image, valid
 
-
-def ground_size(tile: Tile) -> float:
-    """Side length of a tile in its CRS units (metres for projected CRSs)."""
-    a = tile.raster.affine
-    return math.hypot(a.a, a.d) * tile.width

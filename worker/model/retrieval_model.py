@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from worker.assets import sha256_of
 from worker.errors import InputError
 from worker.line_drawing import tile_line_drawings
 from worker.model.adapter import SketchAdapter
@@ -65,13 +66,7 @@ def _weights_digest(path: Path | None) -> str | None:
     if path is None:
         return None
     sidecar = path.with_suffix(".sha256")
-    if sidecar.exists():
-        return sidecar.read_text().split()[0]
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sidecar.read_text().split()[0] if sidecar.exists() else sha256_of(path)
 
 
 def _digest(obj: dict) -> str:

@@ -29,10 +29,6 @@ class MultiLevelTokenizer(nn.Module):
         self.fuse = nn.Linear(sum(widths), dim)
         self.gate = nn.Parameter(torch.zeros(dim))
 
-    @property
-    def is_identity(self) -> bool:
-        return bool(torch.all(self.gate == 0))
-
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         levels, x = [], image
         for stage in self.stages:
