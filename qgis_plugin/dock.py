@@ -351,7 +351,8 @@ class SketchSearchDock(QDockWidget):
         if self.sketch_source == "image" and self.sketch_image:
             frames, fields["sketch_frame"] = (self.sketch_image,), 1
         elif self.sketch_source == "pad" and self.pad.strokes():
-            fields.update(strokes=self.pad.strokes(), strokes_crs="pixel")
+            fields.update(strokes=self.pad.strokes(), strokes_crs="pixel",
+                          strokes_frame=[0, 0, self.pad.width(), self.pad.height()])
         elif self.map_tool.strokes():
             fields.update(strokes=self.map_tool.strokes(), strokes_crs=canvas_crs.authid() or canvas_crs.toWkt())
         else:

@@ -100,6 +100,10 @@ def test_bad_requests_get_error_replies_with_codes(worker, rasters, tmp_path):
             (lambda: c.start_index("x", [str(rasters / "missing.tif")]), "bad_input"),
             (lambda: c.request("search", index="rmnp", top="ten", sketch_frame=1, frames=(sketch_png(),)), "bad_request"),
             (lambda: c.request("search", index="rmnp", sketch_frame=2, frames=(sketch_png(),)), "bad_request"),
+            (lambda: c.request("search", index="rmnp", strokes=[[[0, 0], [5, 5]]], strokes_frame=[0, 0]), "bad_request"),
+            (lambda: c.request("search", index="rmnp", strokes=[[[0, 0], [5, 5]]], strokes_frame=[0, 0, 0, 0]), "bad_input"),
+            (lambda: c.request("search", index="rmnp", crop_to_ink="yes", sketch_frame=1, frames=(sketch_png(),)),
+             "bad_request"),
             (lambda: c.request("teleport"), "unknown_op"),
             (lambda: c.job("no-such-job"), "not_found"),
         ]

@@ -318,8 +318,11 @@ class Service:
         else:
             strokes = field(header, "strokes", list, check=_valid_strokes)
             crs = field(header, "strokes_crs", str, "pixel")
-            source = StrokeSketch(tuple(tuple((float(x), float(y)) for x, y in s) for s in strokes), y_up=crs != "pixel")
-        sketch = load_sketch(source, self.model.img_size)
+            frame = field(header, "strokes_frame", list, None,
+                          check=lambda v: len(v) == 4 and all(isinstance(x, (int, float)) for x in v))
+            source = StrokeSketch(tuple(tuple((float(x), float(y)) for x, y in s) for s in strokes), y_up=crs != "pixel",
+                                  frame=tuple(float(x) for x in frame) if frame else None)
+        sketch = load_sketch(source, self.model.img_size, crop_to_ink=field(header, "crop_to_ink", bool, False))
         result = search(index, self.model, sketch, top=top, shortlist=max(top, shortlist), area_wgs84=area)
         timings = {**result.timings_ms, "server_ms": (time.perf_counter() - t0) * 1e3}
         return {"hits": hits_to_geojson(result.hits, out_crs), "timings_ms": {k: round(v, 2) for k, v in timings.items()}}

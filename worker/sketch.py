@@ -1,7 +1,10 @@
 """Sketches (PNG/JPEG of dark strokes on light, or stroke polylines) -> normalised model input.
 
-Preprocessing follows the paper's release: crop to the ink's bounding box plus a margin,
-resize keeping the aspect ratio, pad white to a square.
+A sketch image is a picture of a place: its frame is the place's frame, so it is only padded
+white to a square (where a line lies in the frame is what locates it). The paper's release crops
+to the ink's bounding box instead (object sketches, where position means nothing);
+`crop_to_ink=True` keeps that. Measured on held-out pseudo-sketches (docs/benchmarks/quality.md): cropping to the
+ink moved lines away from where they lie in the place and cost most of the recall.
 """
 
 from __future__ import annotations
@@ -24,12 +27,19 @@ INK_CONTRAST = 40  # grey levels between paper and ink below which a sketch coun
 
 @dataclass(frozen=True)
 class StrokeSketch:
-    """Polylines as drawn: each stroke a list of (x, y); y grows up in map coordinates."""
+    """Polylines as drawn: each stroke a list of (x, y); y grows up in map coordinates.
+
+    `frame` (x0, y0, x1, y1) is what the strokes were drawn in, e.g. a sketch pad: the place's
+    frame. Without it the strokes' own extent is the frame (on the map, what was drawn is the place).
+    """
 
     strokes: tuple[tuple[tuple[float, float], ...], ...]
     y_up: bool = True
+    frame: tuple[float, float, float, float] | None = None
 
     def extent(self) -> tuple[float, float, float, float]:
+        if self.frame is not None:
+            return self.frame
         pts = np.array([p for s in self.strokes for p in s], dtype=np.float64)
         return float(pts[:, 0].min()), float(pts[:, 1].min()), float(pts[:, 0].max()), float(pts[:, 1].max())
 
@@ -63,8 +73,8 @@ def render_strokes(sketch: StrokeSketch, canvas: int = 512, width_fraction: floa
         raise InputError("sketch strokes contain non-finite coordinates")
     x0, y0, x1, y1 = sketch.extent()
     span = max(x1 - x0, y1 - y0)
-    if span <= 0:
-        raise InputError("sketch strokes have no extent (a single point); draw lines")
+    if not np.isfinite([x0, y0, x1, y1]).all() or span <= 0 or min(x1 - x0, y1 - y0) < 0:
+        raise InputError("sketch strokes have no extent (a single point) or an empty frame; draw lines")
     pad = canvas * 0.05
     scale = (canvas - 2 * pad) / span
     off_x = pad + ((canvas - 2 * pad) - (x1 - x0) * scale) / 2
@@ -90,12 +100,17 @@ def ink_bbox(gray: np.ndarray) -> tuple[int, int, int, int]:
     return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
 
-def prepare_sketch(img: Image.Image, size: int) -> torch.Tensor:
-    """Greyscale sketch -> (3, size, size) float in [0, 1]: ink crop + margin, fit, pad white."""
-    gray = np.asarray(img.convert("L"))
-    x0, y0, x1, y1 = ink_bbox(gray)
-    margin = int(round(MARGIN_FRACTION * max(x1 - x0, y1 - y0)))
-    crop = img.crop((max(0, x0 - margin), max(0, y0 - margin), min(img.width, x1 + margin), min(img.height, y1 + margin)))
+def prepare_sketch(img: Image.Image, size: int, crop_to_ink: bool = False) -> torch.Tensor:
+    """Greyscale sketch -> (3, size, size) float in [0, 1]: the whole image (or the ink's
+    bounding box plus a margin), fitted and padded white to a square."""
+    img = img.convert("L")
+    x0, y0, x1, y1 = ink_bbox(np.asarray(img))  # refuses blank sketches either way
+    if crop_to_ink:
+        margin = int(round(MARGIN_FRACTION * max(x1 - x0, y1 - y0)))
+        x0, y0, x1, y1 = max(0, x0 - margin), max(0, y0 - margin), min(img.width, x1 + margin), min(img.height, y1 + margin)
+    else:
+        x0, y0, x1, y1 = 0, 0, img.width, img.height
+    crop = img.crop((x0, y0, x1, y1))
     scale = size / max(crop.size)
     new = (max(1, round(crop.width * scale)), max(1, round(crop.height * scale)))
     crop = crop.resize(new, Image.Resampling.LANCZOS)
@@ -105,7 +120,8 @@ def prepare_sketch(img: Image.Image, size: int) -> torch.Tensor:
     return arr[None].expand(3, -1, -1).contiguous()
 
 
-def load_sketch(source: str | Path | bytes | StrokeSketch, size: int) -> torch.Tensor:
-    """Any sketch input -> model-ready tensor."""
+def load_sketch(source: str | Path | bytes | StrokeSketch, size: int, crop_to_ink: bool = False) -> torch.Tensor:
+    """Any sketch input -> model-ready tensor. Strokes are rendered into their frame (see
+    StrokeSketch.frame), so `crop_to_ink` only changes images."""
     img = render_strokes(source) if isinstance(source, StrokeSketch) else open_sketch_image(source)
-    return prepare_sketch(img, size)
+    return prepare_sketch(img, size, crop_to_ink)

@@ -57,6 +57,11 @@ def test_a_drawn_stroke_becomes_the_request(plugin, rmnp_layer, qgis_iface):
     dock.map_tool.undo()
     assert len(dock.map_tool.strokes()) == 1
     dock.draw_button.setChecked(False)
+    drag(dock.pad, [(10, 12), (40, 30)])  # the pad is the place's frame: strokes go with it
+    frames, fields = dock.search_request()
+    assert fields["strokes"] == [[[10.0, 12.0], [40.0, 30.0]]] and fields["strokes_crs"] == "pixel"
+    assert fields["strokes_frame"] == [0, 0, dock.pad.width(), dock.pad.height()]
+    dock.clear_sketch()
     dock.index_combo.clear()
 
 
