@@ -22,64 +22,62 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (SCENES, STYLES, TRAIN_SCENES, build_gallery, encode_gallery, make_queries,  # noqa: E402
                       metrics, outline_queries, rank_of)
 
-from worker.line_drawing import tile_line_drawings  # noqa: E402
 from worker.model.loading import SHIPPED_SKETCH_MODULES, load_model  # noqa: E402
-from worker.search import shortlist_topk  # noqa: E402
+from worker.search import candidate_scores, shortlist_topk  # noqa: E402
+from worker.sketch import prepare_sketch  # noqa: E402
 
 SHORTLIST = 200
+DEFAULT_METHOD = "(h) default: edge-layout shortlist, layout + token re-rank, trained modules"
 
 
-def deep_method(model, gallery_images, rerank: bool, spatial: bool = True):
-    g, t, p = encode_gallery(model, gallery_images)
+def product_method(model, gallery_images, spatial: bool = True, crop_to_ink: bool = False):
+    """The worker's two stages (worker.search) over the gallery, as `search` runs them on an index."""
+    codes = encode_gallery(model, gallery_images)
+    tokens_ranker = model.config.ranker == "tokens"
 
     def score(query) -> np.ndarray:
-        s = model.encode_sketch(query.sketch)
-        global_scores = g @ s.global_token.numpy()
-        if not rerank:
-            return global_scores
-        rows, short = shortlist_topk(s.global_token.numpy(), g, SHORTLIST)
-        final = np.full(len(g), -np.inf)
-        # shortlisted tiles rank by the re-rank score, the rest after them by the global score
-        final[rows] = 10.0 + model.rerank_scores(s, t[rows], short, p[rows] if spatial else None)
-        rest = np.setdiff1d(np.arange(len(g)), rows)
-        final[rest] = global_scores[rest]
+        sketch = prepare_sketch(query.image, 224, crop_to_ink=True) if crop_to_ink else query.sketch
+        s = model.encode_sketch(sketch)
+        q, scanned = (s.global_token.numpy(), codes.global_token) if tokens_ranker else (s.layout_coarse, codes.coarse)
+        rows, _ = shortlist_topk(q, scanned, SHORTLIST)
+        final = np.asarray(scanned, np.float32) @ q  # tiles outside the shortlist rank after it, by the scan
+        final[rows] = 1e3 + candidate_scores(model, s, codes.fine[rows], codes.tokens[rows],
+                                             codes.positions[rows] if spatial else None)
         return final
 
     return score
 
 
-def hog_method(gallery_images):
-    """Classical baseline: HOG of the sketch against HOG of each tile's line drawing."""
-    from skimage.feature import hog
-
-    def describe(gray: np.ndarray) -> np.ndarray:
-        h = hog(gray, orientations=9, pixels_per_cell=(16, 16), cells_per_block=(2, 2), feature_vector=True)
-        return h / (np.linalg.norm(h) + 1e-9)
-
-    drawings = tile_line_drawings(gallery_images)
-    feats = np.stack([describe(d[..., 0].astype(np.float32) / 255.0) for d in drawings])
-    return lambda q: feats @ describe(q.sketch[0].numpy())
+def global_token_method(model, gallery_images):
+    """The release's test-time ranking: cosine of global tokens, nothing else."""
+    g = encode_gallery(model, gallery_images).global_token
+    return lambda query: g @ model.encode_sketch(query.sketch, tokens=True).global_token.numpy()
 
 
 def build_methods(gallery, device: str, with_trained: bool):
+    trained = with_trained and SHIPPED_SKETCH_MODULES.exists()
+    paper = dict(device=device, sketch_modules="none", ranker="tokens")
     methods = {}
-    base = load_model(device=device, sketch_modules="none")
-    methods["(a) global token only (release's test-time ranking)"] = deep_method(base, gallery.images, rerank=False)
-    methods["(b) two-stage: shortlist + cross-attention re-rank"] = deep_method(base, gallery.images, rerank=True)
-    methods["(b') two-stage, re-rank without the spatial prior"] = deep_method(base, gallery.images, rerank=True,
-                                                                               spatial=False)
-    no_filter = load_model(device=device, sketch_modules="none")
+    base = load_model(**paper)
+    methods["(a) global token only (release's test-time ranking)"] = global_token_method(base, gallery.images)
+    methods["(b) tokens: global shortlist + cross-attention re-rank"] = product_method(base, gallery.images)
+    methods["(b') tokens, re-rank without the spatial prior"] = product_method(base, gallery.images, spatial=False)
+    no_filter = load_model(**paper)
     no_filter.config = replace(no_filter.config, sketch_prune_layers=())
-    methods["(c) two-stage without token filtering"] = deep_method(no_filter, gallery.images, rerank=True)
-    if with_trained and SHIPPED_SKETCH_MODULES.exists():
-        trained = load_model(device=device)
-        methods["(c) two-stage + trained sketch modules (train.py)"] = deep_method(trained, gallery.images, rerank=True)
-    rgb = load_model(device=device, sketch_modules="none", tile_view="rgb")
-    methods["(f) two-stage on RGB tiles (no line-drawing view)"] = deep_method(rgb, gallery.images, rerank=True)
+    methods["(c) tokens without token filtering"] = product_method(no_filter, gallery.images)
+    if trained:
+        methods["(c') tokens + trained sketch modules"] = product_method(load_model(device=device, ranker="tokens"),
+                                                                           gallery.images)
+    methods["(f) tokens on RGB tiles (no line-drawing view)"] = product_method(
+        load_model(**paper, tile_view="rgb"), gallery.images)
     torch.manual_seed(0)
-    rand = load_model(device=device, random_weights=True)
-    methods["(d) random backbone weights (floor)"] = deep_method(rand, gallery.images, rerank=True)
-    methods["(e) HOG of edge maps (classical)"] = hog_method(gallery.images)
+    methods["(d) tokens, random backbone weights (floor)"] = product_method(
+        load_model(device=device, random_weights=True, ranker="tokens"), gallery.images)
+    methods["(e) edge layout only (HOG of line drawings)"] = product_method(
+        load_model(device=device, token_weight=0.0), gallery.images)
+    default = load_model(device=device)
+    methods[DEFAULT_METHOD] = product_method(default, gallery.images)
+    methods["(g) default, sketches cropped to their ink"] = product_method(default, gallery.images, crop_to_ink=True)
     return methods
 
 
@@ -185,12 +183,12 @@ def main() -> int:
         "(one relevant tile per query).", "",
         "## Held-out scenes (zero-shot: other sensors, resolutions and places)", "", table(results, "held-out"), "",
         "## Training scene (Sentinel-2; train.py samples windows of it)", "", table(results, "train"), "",
-        "![recall@K](quality_recall.png)", "", "Top-5 hits of method (b) for a few held-out queries "
+        "![recall@K](quality_recall.png)", "", "Top-5 hits of the default method (h) for a few held-out queries "
         "(true place first, then the sketch, then hits; the true place is framed green):", "",
         "![examples](quality_examples.png)", ""]
     (args.out / "quality.md").write_text("\n".join(report))
     plot_recall(results, args.out / "quality_recall.png", len(gallery.tiles))
-    contact_sheet(queries, methods["(b) two-stage: shortlist + cross-attention re-rank"], gallery,
+    contact_sheet(queries, methods[DEFAULT_METHOD], gallery,
                   args.out / "quality_examples.png")
     if args.json:
         args.json.write_text(json.dumps({k: {"ranks": v["ranks"]} for k, v in results.items()}))

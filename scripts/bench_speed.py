@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
+from worker import edge_layout  # noqa: E402
 from worker.assets import load_asset_paths  # noqa: E402
 from worker.index import FORMAT_VERSION, RECORD_DTYPE, IndexWriter, TileIndex, write_json_atomic  # noqa: E402
 from worker.model.loading import load_model  # noqa: E402
@@ -65,7 +66,8 @@ def index_throughput(model, raster: Path, settings: TileSettings, batch: int, wo
 
 
 def write_synthetic_index(out: Path, model, n: int, rng: np.random.Generator) -> None:
-    """A valid index of n tiles over a real raster's grid, with random normalised globals."""
+    """A valid index of n tiles over a real raster's grid, with random normalised globals and
+    coarse layouts (the rows a shortlist scans); token and fine-layout arrays are sparse files."""
     info = open_raster(Path(load_asset_paths()["s2_rgb"]), None)
     template = plan_tiles(info, TileSettings(scales=(1,)))
     dim, k = model.vit.embed_dim, model.config.tile_tokens
@@ -91,6 +93,9 @@ def write_synthetic_index(out: Path, model, n: int, rng: np.random.Generator) ->
         pos = np.lib.format.open_memmap(d / "positions.npy", "w+", np.int16, (count, k))
         pos[:] = np.arange(k, dtype=np.int16)
         pos.flush()
+        coarse = np.abs(rng.standard_normal((count, edge_layout.COARSE.dim))).astype(np.float32)
+        np.save(d / "layout_coarse.npy", edge_layout.unit(coarse).astype(np.float16))
+        np.lib.format.open_memmap(d / "layout_fine.npy", "w+", np.uint8, (count, edge_layout.FINE.dim)).flush()  # sparse
         shards.append({"name": name, "raster_id": 0, "chunk": start // SHARD, "count": count, "skipped": 0})
     settings = TileSettings(scales=(1,)).to_json()
     write_json_atomic(out / "manifest.json", {

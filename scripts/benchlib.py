@@ -114,11 +114,22 @@ def outline_queries(gallery: Gallery, min_ink: float = 0.005) -> list[Query]:
     return queries
 
 
-def encode_gallery(model, images: np.ndarray, batch: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Global tokens (fp32), filtered tokens and their positions of every gallery tile."""
+@dataclass
+class GalleryCodes:
+    """What an index stores of every gallery tile, as in-memory arrays."""
+
+    global_token: np.ndarray  # (N, D) fp32
+    tokens: np.ndarray
+    positions: np.ndarray
+    coarse: np.ndarray
+    fine: np.ndarray
+
+
+def encode_gallery(model, images: np.ndarray, batch: int = 16) -> GalleryCodes:
     outs = [model.encode_tiles(images[i:i + batch]) for i in range(0, len(images), batch)]
-    g = np.concatenate([o.global_token for o in outs]).astype(np.float32)
-    return g, np.concatenate([o.tokens for o in outs]), np.concatenate([o.positions for o in outs])
+    cat = lambda get: np.concatenate([get(o) for o in outs])
+    return GalleryCodes(cat(lambda o: o.global_token).astype(np.float32), cat(lambda o: o.tokens),
+                        cat(lambda o: o.positions), cat(lambda o: o.layout.coarse), cat(lambda o: o.layout.fine))
 
 
 def metrics(ranks: list[int]) -> dict[str, float]:

@@ -28,11 +28,12 @@ from worker.training import build_cache, train  # noqa: E402
 
 
 def held_out_recall(model, gallery, queries) -> dict:
-    g, t, p = encode_gallery(model, gallery.images)
+    """Held-out ranks by the cross-attention token score alone (what training changes)."""
+    codes = encode_gallery(model, gallery.images)
     ranks = []
     for q in queries:
-        s = model.encode_sketch(q.sketch)
-        ranks.append(rank_of(model.rerank_scores(s, t, g @ s.global_token.numpy(), p), q.target))
+        s = model.encode_sketch(q.sketch, tokens=True)
+        ranks.append(rank_of(model.token_scores(s, codes.tokens, codes.positions), q.target))
     return metrics(ranks)
 
 

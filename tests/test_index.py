@@ -29,7 +29,7 @@ def shard_arrays(index_dir: Path) -> dict[str, np.ndarray]:
     rows = np.arange(len(index))
     tokens, positions = index.tokens_of(rows)
     return {"records": index.records, "global": np.asarray(index.global_tokens), "tokens": tokens,
-            "positions": positions}
+            "positions": positions, "coarse": np.asarray(index.coarse_layouts), "fine": index.fine_layouts_of(rows)}
 
 
 def test_killed_indexing_resumes_to_the_same_index(tmp_path, rmnp_copy):
@@ -57,6 +57,7 @@ def test_killed_indexing_resumes_to_the_same_index(tmp_path, rmnp_copy):
     assert np.allclose(a["global"].astype(np.float32), b["global"].astype(np.float32), atol=2e-3)
     assert np.allclose(a["tokens"].astype(np.float32), b["tokens"].astype(np.float32), atol=2e-3)
     assert np.array_equal(a["positions"], b["positions"])
+    assert np.array_equal(a["fine"], b["fine"]) and np.array_equal(a["coarse"], b["coarse"])
     assert not [p for p in (resumed / "shards").iterdir() if p.name.startswith(".tmp")]
 
 
@@ -91,6 +92,10 @@ def test_other_settings_or_model_are_refused(tmp_path, model, rmnp_copy):
     result = run_cli("index", "--out", out, "--tile", "112", "--scales", "1", "--tile-view", "rgb", rmnp_copy)
     assert result.returncode == 2
     assert "built with another model" in result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "format": 1}))  # an index of an older version
+    with pytest.raises(IndexMismatchError, match="build it again"):
+        TileIndex.open(out)
 
 
 def test_tiles_gpkg_lists_every_indexed_tile(tmp_path, model, rmnp_copy):

@@ -44,6 +44,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--img-size", type=int, default=224)
     g.add_argument("--tile-view", default="edges", choices=["edges", "rgb"],
                    help="encode tiles as line drawings (default; bridges sketch and imagery) or as RGB")
+    g.add_argument("--ranker", default="layout", choices=["layout", "tokens"],
+                   help="layout (default): edge-layout shortlist and re-rank blended with the token score; "
+                        "tokens: the paper's global-token shortlist and cross-attention re-rank alone")
+    g.add_argument("--token-weight", type=float, default=None,
+                   help="weight of the cross-attention token score in the layout ranker's re-rank")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
 
@@ -52,7 +57,7 @@ def model_from_args(args: argparse.Namespace):
 
     return load_model(timm_name=args.model, weights=args.weights, random_weights=args.random_weights,
                       sketch_modules=args.sketch_modules, img_size=args.img_size, device=args.device,
-                      tile_view=args.tile_view)
+                      tile_view=args.tile_view, ranker=args.ranker, token_weight=args.token_weight)
 
 
 def cmd_index(args: argparse.Namespace) -> int:
@@ -95,7 +100,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     area = bbox_to_wgs84(_floats(args.bbox, 4, "--bbox"), parse_crs(args.bbox_crs)) if args.bbox else None
     model = model_from_args(args)
     check_compatible(index.manifest, model.tile_encoder_fingerprint(), None, args.index)
-    sketch = load_sketch(args.sketch, model.img_size)
+    sketch = load_sketch(args.sketch, model.img_size, crop_to_ink=args.crop_to_ink)
     if args.top < 1 or args.shortlist < 1:
         raise InputError("--top and --shortlist must be at least 1")
     result = search(index, model, sketch, top=args.top, shortlist=max(args.shortlist, args.top), area_wgs84=area,
@@ -143,7 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("search", help="find the places that look like a sketch")
     p.add_argument("index", type=Path)
-    p.add_argument("--sketch", type=Path, required=True, help="PNG/JPEG of dark strokes on a light background")
+    p.add_argument("--sketch", type=Path, required=True,
+                   help="PNG/JPEG of dark strokes on a light background; its frame is the place's frame")
+    p.add_argument("--crop-to-ink", action="store_true",
+                   help="crop the sketch to its strokes first (the paper's preprocessing, for sketches of objects)")
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--shortlist", type=int, default=200, help="candidates re-ranked by cross-attention")
     p.add_argument("--bbox", default=None, help="MINX,MINY,MAXX,MAXY search area")

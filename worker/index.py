@@ -3,7 +3,8 @@
 Layout of INDEX_DIR:
   manifest.json        model fingerprint, tile settings, rasters, committed shards (replaced atomically)
   shards/<name>/       records.npy (tile windows + WGS84 bounds), global.npy (n, D) fp16,
-                       tokens.npy (n, K, D) fp16, positions.npy (n, K) int16
+                       tokens.npy (n, K, D) fp16, positions.npy (n, K) int16,
+                       layout_coarse.npy (n, Dc) fp16, layout_fine.npy (n, Df) uint8 (worker.edge_layout)
   tiles.gpkg           the indexed tiles as polygons (EPSG:4326) for QGIS, rebuilt after each run
 A shard directory is written under a temporary name and renamed into place, then the manifest
 naming it is replaced: a crash at any point leaves the last committed state, and a rerun
@@ -20,6 +21,7 @@ import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -27,12 +29,13 @@ import numpy as np
 from rasterio.crs import CRS
 from rasterio.warp import transform as warp_transform
 
+from worker import edge_layout
 from worker.errors import IndexMismatchError, InputError, NotFoundError
 from worker.tiling import RasterInfo, Tile, TileSettings, iter_tile_pixels, open_raster, plan_tiles
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: edge layouts per tile
 CHUNK_TILES = 256
 WGS84 = CRS.from_epsg(4326)
 RECORD_DTYPE = np.dtype([("raster_id", "<i4"), ("col_off", "<i4"), ("row_off", "<i4"), ("width", "<i4"),
@@ -220,6 +223,10 @@ class IndexWriter:
             "global": np.concatenate([o.global_token for o in outputs]) if outputs else np.zeros((0, dim), np.float16),
             "tokens": np.concatenate([o.tokens for o in outputs]) if outputs else np.zeros((0, k, dim), np.float16),
             "positions": np.concatenate([o.positions for o in outputs]) if outputs else np.zeros((0, k), np.int16),
+            "layout_coarse": (np.concatenate([o.layout.coarse for o in outputs]) if outputs
+                              else np.zeros((0, edge_layout.COARSE.dim), np.float16)),
+            "layout_fine": (np.concatenate([o.layout.fine for o in outputs]) if outputs
+                            else np.zeros((0, edge_layout.FINE.dim), np.uint8)),
         }
         tmp = self.dir / "shards" / f".tmp-{name}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -267,25 +274,38 @@ def write_tiles_gpkg(index_dir: Path, manifest: dict) -> None:
 
 
 class TileIndex:
-    """A read-only view of a committed index: globals in one array, tokens memory-mapped."""
+    """A read-only view of a committed index. The rows a shortlist scans (global tokens or
+    coarse layouts) are loaded into memory when first used; the rest stays memory-mapped."""
 
     def __init__(self, index_dir: Path, manifest: dict, shards: list[dict]):
         self.dir = index_dir
         self.manifest = manifest
         self.rasters = {r["id"]: RasterInfo.from_json(r) for r in manifest["rasters"]}
-        shards = [s for s in shards if s["count"] > 0]
-        load = lambda s, key, mmap: np.load(index_dir / "shards" / s["name"] / f"{key}.npy", mmap_mode=mmap)
-        self.records = np.concatenate([load(s, "records", None) for s in shards]) if shards else np.zeros(0, RECORD_DTYPE)
-        dim = 0
-        if shards:
-            self.global_tokens = np.concatenate([load(s, "global", "r") for s in shards])
-            dim = self.global_tokens.shape[1]
-        else:
-            self.global_tokens = np.zeros((0, 1), np.float16)
-        self._tokens = [load(s, "tokens", "r") for s in shards]
-        self._positions = [load(s, "positions", "r") for s in shards]
-        self._offsets = np.cumsum([0] + [s["count"] for s in shards])
-        self.dim = dim
+        self._shards = [s for s in shards if s["count"] > 0]
+        self.records = (np.concatenate([self._load(s, "records", None) for s in self._shards]) if self._shards
+                        else np.zeros(0, RECORD_DTYPE))
+        self._mapped = {key: [self._load(s, key, "r") for s in self._shards]
+                        for key in ("tokens", "positions", "layout_fine")}
+        self._offsets = np.cumsum([0] + [s["count"] for s in self._shards])
+        self.dim = self._mapped["tokens"][0].shape[-1] if self._shards else 0
+
+    def _load(self, shard: dict, key: str, mmap: str | None) -> np.ndarray:
+        return np.load(self.dir / "shards" / shard["name"] / f"{key}.npy", mmap_mode=mmap)
+
+    def _rows_in_memory(self, key: str, dim: int) -> np.ndarray:
+        if not self._shards:
+            return np.zeros((0, dim), np.float16)
+        return np.concatenate([self._load(s, key, "r") for s in self._shards])
+
+    @cached_property
+    def global_tokens(self) -> np.ndarray:
+        """(n, D) fp16 global tokens (the "tokens" ranker's shortlist)."""
+        return self._rows_in_memory("global", self.dim or 1)
+
+    @cached_property
+    def coarse_layouts(self) -> np.ndarray:
+        """(n, COARSE.dim) fp16 unit edge layouts (the "layout" ranker's shortlist)."""
+        return self._rows_in_memory("layout_coarse", edge_layout.COARSE.dim)
 
     @classmethod
     def open(cls, index_dir: Path) -> "TileIndex":
@@ -295,20 +315,29 @@ class TileIndex:
             raise NotFoundError(f"{index_dir} is not an index (no manifest.json); build one with `index`")
         manifest = json.loads(path.read_text())
         if manifest.get("format") != FORMAT_VERSION:
-            raise IndexMismatchError(f"{index_dir}: index format {manifest.get('format')} is not {FORMAT_VERSION}")
+            raise IndexMismatchError(f"{index_dir}: index format {manifest.get('format')} is not {FORMAT_VERSION}; "
+                                     "build it again with this version")
         return cls(index_dir, manifest, manifest["shards"])
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def _gather(self, key: str, rows: np.ndarray) -> np.ndarray:
+        shard = np.searchsorted(self._offsets, rows, side="right") - 1
+        return np.stack([self._mapped[key][s][r - self._offsets[s]] for s, r in zip(shard, rows)])
 
     def tokens_of(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Patch tokens (len(rows), K, D) and their patch positions (len(rows), K), gathered
         from the memory-mapped shards."""
         if not len(rows):
             return np.zeros((0, 1, self.dim), np.float16), np.zeros((0, 1), np.int16)
-        shard = np.searchsorted(self._offsets, rows, side="right") - 1
-        local = [(s, r - self._offsets[s]) for s, r in zip(shard, rows)]
-        return (np.stack([self._tokens[s][r] for s, r in local]), np.stack([self._positions[s][r] for s, r in local]))
+        return self._gather("tokens", rows), self._gather("positions", rows)
+
+    def fine_layouts_of(self, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), FINE.dim) uint8 fine edge layouts."""
+        if not len(rows):
+            return np.zeros((0, edge_layout.FINE.dim), np.uint8)
+        return self._gather("layout_fine", rows)
 
     def tile(self, row: int) -> Tile:
         r = self.records[row]
@@ -324,8 +353,7 @@ class TileIndex:
 
     def info(self) -> dict:
         m = self.manifest
-        sizes = {"global_bytes": int(self.global_tokens.nbytes),
-                 "tokens_bytes": int(sum(t.nbytes for t in self._tokens)),
+        sizes = {"tokens_bytes": int(sum(t.nbytes for t in self._mapped["tokens"])),
                  "disk_bytes": int(sum(f.stat().st_size for f in self.dir.rglob("*") if f.is_file()))}
         return {"index": str(self.dir), "format": m["format"], "model": m["model"], "tiling": m["tiling"],
                 "tile_count": len(self), "tiles_skipped": sum(r["tiles_skipped"] for r in m["rasters"]),

@@ -1,4 +1,9 @@
-"""Sketch search: global-token shortlist, cross-attention re-rank, spatial de-duplication."""
+"""Sketch search: a shortlist scan over every tile, a re-rank of the shortlist, spatial de-duplication.
+
+With the default "layout" ranker the shortlist is the coarse edge layout and the re-rank the
+fine edge layout blended with the cross-attention token score; the "tokens" ranker is the
+paper's two stages (global-token shortlist, cross-attention re-rank). See ModelConfig.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import shapely
 import torch
 from shapely.geometry import Polygon
 
+from worker.edge_layout import fine_similarity
 from worker.geo import reproject_rings
 from worker.index import WGS84, TileIndex
 from worker.tiling import Tile
@@ -75,6 +81,41 @@ def dedupe(polygons: list[Polygon], order: np.ndarray, max_overlap: float, limit
     return kept
 
 
+def standardise(scores: np.ndarray) -> np.ndarray:
+    """Scores as z-values over the candidates, so scores of different scales can be blended."""
+    scores = np.asarray(scores, np.float64)
+    spread = scores.std()
+    return (scores - scores.mean()) / spread if spread > 1e-12 else np.zeros_like(scores)
+
+
+def shortlist_rows(model, index: TileIndex, sketch) -> tuple[np.ndarray, np.ndarray]:
+    """The query vector and the index rows the ranker's shortlist scans."""
+    if model.config.ranker == "tokens":
+        return sketch.global_token.cpu().numpy(), index.global_tokens
+    return sketch.layout_coarse, index.coarse_layouts
+
+
+def candidate_scores(model, sketch, fine_layouts: np.ndarray | None, tokens: np.ndarray | None,
+                     positions: np.ndarray | None) -> np.ndarray:
+    """Re-rank scores of shortlisted tiles from what the index stores of them (the arrays the
+    ranker does not use may be None)."""
+    if model.config.ranker == "tokens":
+        return model.token_scores(sketch, tokens, positions)
+    scores = standardise(fine_similarity(sketch.layout_fine, fine_layouts))
+    if model.config.token_weight:
+        scores = scores + model.config.token_weight * standardise(model.token_scores(sketch, tokens, positions))
+    return scores
+
+
+def rerank(model, index: TileIndex, sketch, rows: np.ndarray) -> np.ndarray:
+    tokens = positions = fine = None
+    if model.uses_tokens:
+        tokens, positions = index.tokens_of(rows)
+    if model.config.ranker == "layout":
+        fine = index.fine_layouts_of(rows)
+    return candidate_scores(model, sketch, fine, tokens, positions)
+
+
 @dataclass
 class Hit:
     rank: int
@@ -112,15 +153,11 @@ def search(index: TileIndex, model, sketch_tensor, top: int = 10, shortlist: int
             if len(rows):
                 boxes = shapely.box(b[rows, 0], b[rows, 1], b[rows, 2], b[rows, 3])
                 mask[rows] = shapely.intersects(boxes, area_wgs84)
-    rows, short_scores = shortlist_topk(sketch.global_token.cpu().numpy(), index.global_tokens,
-                                        shortlist, candidates=mask)
+    query, scanned = shortlist_rows(model, index, sketch)
+    rows, short_scores = shortlist_topk(query, scanned, shortlist, candidates=mask)
     t["shortlist"] = time.perf_counter()
 
-    if len(rows):
-        tokens, positions = index.tokens_of(rows)
-        scores = model.rerank_scores(sketch, tokens, short_scores, positions)
-    else:
-        scores = np.zeros(0)
+    scores = rerank(model, index, sketch, rows) if len(rows) else np.zeros(0)
     order = np.lexsort((rows, -scores))
     t["rerank"] = time.perf_counter()
 

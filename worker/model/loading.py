@@ -16,7 +16,7 @@ DEFAULT_TIMM = "vit_small_patch14_dinov2"
 
 def load_model(timm_name: str = DEFAULT_TIMM, weights: Path | None = None, random_weights: bool = False,
                sketch_modules: Path | str | None = None, img_size: int = 224, device: str = "auto",
-               tile_view: str = "edges") -> RetrievalModel:
+               tile_view: str = "edges", ranker: str = "layout", token_weight: float | None = None) -> RetrievalModel:
     """Default: the converted offline DINOv2 plus the shipped trained sketch modules when present."""
     if random_weights:
         weights = None
@@ -31,6 +31,7 @@ def load_model(timm_name: str = DEFAULT_TIMM, weights: Path | None = None, rando
     elif str(sketch_modules) == "none":
         sketch_modules = None
     spec = BackboneSpec(timm_name=timm_name, weights=weights, img_size=img_size)
-    config = ModelConfig(backbone=spec, tile_view=tile_view,
+    config = ModelConfig(backbone=spec, tile_view=tile_view, ranker=ranker,
+                         token_weight=ModelConfig.token_weight if token_weight is None else token_weight,
                          sketch_modules=Path(sketch_modules) if sketch_modules else None)
     return RetrievalModel(config, device=device)

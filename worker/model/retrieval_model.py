@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from worker import edge_layout
 from worker.assets import sha256_of
 from worker.errors import InputError
 from worker.line_drawing import tile_line_drawings
@@ -20,6 +21,9 @@ from worker.model.backbone import BackboneSpec, build_backbone, load_state_dict_
 from worker.model.cross_attention import CrossAttentionScorer
 from worker.model.tokenizer import MultiLevelTokenizer
 from worker.model.vit_tokens import forward_tokens
+
+
+RANKERS = ("layout", "tokens")
 
 
 @dataclass(frozen=True)
@@ -31,27 +35,36 @@ class ModelConfig:
     tile_view: str = "edges"  # "edges": tiles are encoded as line drawings (see worker.line_drawing); "rgb"
     sketch_prune_layers: tuple[int, ...] = (3, 6, 9)  # attention-guided filtering of sketch tokens
     sketch_keep_rate: float = 0.7
-    # final score = w * cross-attention + (1 - w) * global cosine; blending in the global cosine
-    # lowered held-out and training-scene mAP alike, so the re-rank score stands alone
-    rerank_weight: float = 1.0
+    # "layout": shortlist by the coarse edge layout, re-rank by the fine edge layout blended with
+    # token_weight x the cross-attention score (both standardised over the shortlist).
+    # "tokens": the paper's two stages alone: global-token shortlist, cross-attention re-rank.
+    # token_weight 0.1 had the best recall@5 on the training scene (0, 0.1, 0.2, 0.3, 0.5, 1 tried);
+    # on held-out scenes the blend is a tie with the layout alone (docs/benchmarks/quality.md)
+    ranker: str = "layout"
+    token_weight: float = 0.1
     sketch_modules: Path | None = None  # trained tokenizer/adapter/scorer (scripts/train.py)
 
 
 @dataclass
 class TileTokens:
     """Per tile: global token (B, D), filtered patch tokens (B, K, D), all L2-normalised fp16,
-    and the patch index of each kept token (B, K)."""
+    the patch index of each kept token (B, K), and the edge layouts of the tile's line drawing."""
 
     global_token: np.ndarray
     tokens: np.ndarray
     positions: np.ndarray
+    layout: edge_layout.Layouts
 
 
 @dataclass
 class SketchTokens:
-    global_token: torch.Tensor  # (D,) normalised fp32
-    tokens: torch.Tensor  # (M, D) normalised fp32
-    positions: torch.Tensor  # (M,) patch index of each token
+    """What a query needs of a sketch; the token fields are None when the ranker does not use them."""
+
+    layout_coarse: np.ndarray  # (COARSE.dim,) unit fp32
+    layout_fine: np.ndarray  # (FINE.dim,) fp32
+    global_token: torch.Tensor | None = None  # (D,) normalised fp32
+    tokens: torch.Tensor | None = None  # (M, D) normalised fp32
+    positions: torch.Tensor | None = None  # (M,) patch index of each token
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -78,6 +91,8 @@ class RetrievalModel(nn.Module):
         super().__init__()
         if config.tile_view not in ("edges", "rgb"):
             raise InputError(f"tile view {config.tile_view!r} must be 'edges' or 'rgb'")
+        if config.ranker not in RANKERS:
+            raise InputError(f"ranker {config.ranker!r} must be one of {', '.join(RANKERS)}")
         self.config = config
         self.vit = build_backbone(config.backbone)
         dim = self.vit.embed_dim
@@ -106,7 +121,7 @@ class RetrievalModel(nn.Module):
         b = self.config.backbone
         return _digest({"timm": b.timm_name, "img": b.img_size, "weights": self.backbone_digest,
                         "mean": b.mean, "std": b.std, "tile_tokens": self.config.tile_tokens,
-                        "tile_view": self.config.tile_view})
+                        "tile_view": self.config.tile_view, "layout": edge_layout.fingerprint()})
 
     def fingerprint(self) -> dict:
         """The model's identity as recorded in index manifests and `info` replies."""
@@ -158,17 +173,22 @@ class RetrievalModel(nn.Module):
             images = images.permute(0, 3, 1, 2).float() / 255.0
         return (images.to(self.device) - self._mean) / self._std
 
+    @property
+    def uses_tokens(self) -> bool:
+        """Whether queries need the sketch's ViT tokens (the expensive part of a query)."""
+        return self.config.ranker == "tokens" or self.config.token_weight != 0.0
+
     @torch.inference_mode()
     def encode_tiles(self, tiles: np.ndarray) -> TileTokens:
-        """uint8 (B, S, S, 3) tiles -> global token and filtered patch tokens for the index."""
-        if self.config.tile_view == "edges":
-            tiles = tile_line_drawings(tiles)
-        x = self.normalise(torch.from_numpy(np.ascontiguousarray(tiles)))
+        """uint8 (B, S, S, 3) tiles -> global token, filtered patch tokens and edge layouts for the index."""
+        drawings = tile_line_drawings(tiles)
+        x = self.normalise(torch.from_numpy(np.ascontiguousarray(drawings if self.config.tile_view == "edges" else tiles)))
         out = forward_tokens(self.vit, self.vit.patch_embed(x), final_keep=self.config.tile_tokens)
         return TileTokens(
             global_token=F.normalize(out.cls, dim=-1).half().cpu().numpy(),
             tokens=F.normalize(out.patches, dim=-1).half().cpu().numpy(),
             positions=out.positions.to(torch.int16).cpu().numpy(),
+            layout=edge_layout.describe_drawings(drawings[..., 0]),
         )
 
     def sketch_backbone(self, sketch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,20 +204,22 @@ class RetrievalModel(nn.Module):
         return adapted[:, 0], adapted[:, 1:]
 
     @torch.inference_mode()
-    def encode_sketch(self, sketch: torch.Tensor) -> SketchTokens:
-        """A preprocessed sketch (3, S, S) in [0, 1] -> its global token, filtered tokens and positions."""
-        tokens, positions = self.sketch_backbone(self.normalise(sketch[None]))
-        g, t = self.adapt(tokens)
-        return SketchTokens(global_token=g[0].float(), tokens=t[0].float(), positions=positions[0])
+    def encode_sketch(self, sketch: torch.Tensor, tokens: bool | None = None) -> SketchTokens:
+        """A preprocessed sketch (3, S, S) in [0, 1] -> its edge layouts and (when the ranker
+        uses them, or `tokens` asks) its global token, filtered tokens and their positions."""
+        drawing = sketch[0].cpu().numpy()
+        out = SketchTokens(layout_coarse=edge_layout.unit(edge_layout.block_hog(drawing, edge_layout.COARSE)),
+                           layout_fine=edge_layout.block_hog(drawing, edge_layout.FINE))
+        if tokens or (tokens is None and self.uses_tokens):
+            vit_tokens, positions = self.sketch_backbone(self.normalise(sketch[None]))
+            g, t = self.adapt(vit_tokens)
+            out.global_token, out.tokens, out.positions = g[0].float(), t[0].float(), positions[0]
+        return out
 
     @torch.inference_mode()
-    def rerank_scores(self, sketch: SketchTokens, tile_tokens: np.ndarray, shortlist_scores: np.ndarray,
-                      tile_positions: np.ndarray | None = None) -> np.ndarray:
-        """Final scores for shortlisted tiles: the cross-attention token-correspondence score
-        (blended with the global cosine when rerank_weight < 1)."""
+    def token_scores(self, sketch: SketchTokens, tile_tokens: np.ndarray, tile_positions: np.ndarray | None = None) -> np.ndarray:
+        """The cross-attention token-correspondence score of the sketch with each tile (n,)."""
         tiles = torch.from_numpy(np.ascontiguousarray(tile_tokens)).to(self.device).float()
         pos = None if tile_positions is None else torch.from_numpy(np.asarray(tile_positions, np.int64)).to(self.device)
-        xattn = self.scorer(sketch.tokens, tiles, sketch_pos=sketch.positions if pos is not None else None,
-                            tile_pos=pos).cpu().numpy()
-        w = self.config.rerank_weight
-        return w * xattn + (1.0 - w) * shortlist_scores
+        return self.scorer(sketch.tokens, tiles, sketch_pos=sketch.positions if pos is not None else None,
+                           tile_pos=pos).cpu().numpy()

@@ -1,0 +1,63 @@
+"""Sketch framing and edge layouts: where a line lies in the sketch is what locates the place."""
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from worker import edge_layout
+from worker.sketch import StrokeSketch, load_sketch, prepare_sketch
+
+
+def _ink_box(tensor) -> tuple[int, int, int, int]:
+    ys, xs = np.nonzero(tensor[0].numpy() < 0.5)
+    return xs.min(), ys.min(), xs.max(), ys.max()
+
+
+def _drawing(lines, size=224) -> Image.Image:
+    img = Image.new("L", (size, size), 255)
+    draw = ImageDraw.Draw(img)
+    for line in lines:
+        draw.line(line, fill=0, width=2)
+    return img
+
+
+def test_a_sketch_image_keeps_its_frame_unless_cropping_to_ink_is_asked():
+    img = _drawing([[(10, 20), (90, 60)]], size=448)  # a stroke in the upper-left corner of the frame
+    x0, y0, x1, y1 = _ink_box(prepare_sketch(img, 224))
+    assert x1 < 60 and y1 < 40  # still in the upper-left, at half size
+    x0, y0, x1, y1 = _ink_box(prepare_sketch(img, 224, crop_to_ink=True))
+    assert x1 - x0 > 180  # the paper's preprocessing: the stroke fills the sketch
+
+
+def test_pad_strokes_are_placed_in_the_pad_frame():
+    stroke = ((10.0, 10.0), (50.0, 30.0))
+    framed = load_sketch(StrokeSketch((stroke,), y_up=False, frame=(0.0, 0.0, 200.0, 200.0)), 224)
+    x0, y0, x1, y1 = _ink_box(framed)
+    assert x1 < 70 and y1 < 50
+    fitted = load_sketch(StrokeSketch((stroke,), y_up=False), 224)  # no frame: the strokes' extent is the place
+    x0, y0, x1, y1 = _ink_box(fitted)
+    assert x1 - x0 > 180
+
+
+def test_edge_layout_prefers_lines_at_the_same_place_and_direction():
+    tiles = {"top horizontal": [[(0, 40), (224, 50)]], "bottom horizontal": [[(0, 180), (224, 190)]],
+             "vertical": [[(110, 0), (115, 224)]], "top diagonal": [[(0, 0), (224, 100)]]}
+    drawings = np.stack([np.asarray(_drawing(lines)) for lines in tiles.values()])
+    stored = edge_layout.describe_drawings(drawings)
+    sketch = np.asarray(_drawing([[(10, 46), (120, 52), (214, 58)]]), np.float32) / 255  # a looser top line
+    coarse = np.asarray(stored.coarse, np.float32) @ edge_layout.unit(edge_layout.block_hog(sketch, edge_layout.COARSE))
+    fine = edge_layout.fine_similarity(edge_layout.block_hog(sketch, edge_layout.FINE), stored.fine)
+    names = list(tiles)
+    assert names[int(np.argmax(coarse))] == "top horizontal"
+    assert names[int(np.argmax(fine))] == "top horizontal"
+
+
+def test_stored_fine_layouts_rank_like_unquantised_ones():
+    rng = np.random.default_rng(0)
+    drawings = np.stack([np.asarray(_drawing([[tuple(rng.integers(0, 224, 2)) for _ in range(3)] for _ in range(4)]))
+                         for _ in range(30)])
+    sketch = drawings[7].astype(np.float32) / 255
+    exact = np.stack([edge_layout.unit(edge_layout.block_hog(d, edge_layout.FINE)) for d in drawings])
+    query = edge_layout.block_hog(sketch, edge_layout.FINE)
+    stored = edge_layout.fine_similarity(query, edge_layout.describe_drawings(drawings).fine)
+    assert np.abs(stored - exact @ edge_layout.unit(query)).max() < 0.01
+    assert int(np.argmax(stored)) == 7
