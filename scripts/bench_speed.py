@@ -154,7 +154,7 @@ def naive_latency(model, raster: Path, n: int, sketch) -> float:
     t0 = time.perf_counter()
     with TileReader(info, model.img_size) as reader:
         images = np.stack([reader.read(t)[0] for t in tiles])
-    s = model.encode_sketch(sketch)
+    s = model.encode_sketch(sketch, tokens=True)
     outs = [model.encode_tiles(images[i:i + 16]) for i in range(0, len(images), 16)]
     g = np.concatenate([o.global_token for o in outs]).astype(np.float32)
     np.argsort(-(g @ s.global_token.numpy()))
@@ -174,6 +174,7 @@ def main() -> int:
     batch = 16
     torch.manual_seed(0)
     model = load_model(device=args.device, sketch_modules="none")
+    layout_only = load_model(device=args.device, sketch_modules="none", token_weight=0.0)  # no ViT pass per query
     assets = load_asset_paths()
     work = Path(tempfile.mkdtemp(prefix="bench-speed-"))
     try:
@@ -185,11 +186,12 @@ def main() -> int:
         figures = {"device": str(model.device), "backbone_tiles_per_s": backbone, "index_tiles_per_s": indexing,
                    "index_over_backbone": indexing / backbone, "bytes_per_tile": sizes_real["bytes_per_tile"],
                    "query_ms_p50": {}, "query_ms_p95": {}, "e2e_ms_p50": {}, "e2e_ms_p95": {}, "stages_ms_p50": {},
-                   "peak_rss_mb": {}}
+                   "peak_rss_mb": {}, "layout_only_ms_p50": {}}
         for n in sizes:
             index_dir = work / "indexes" / f"n{n}"
             write_synthetic_index(index_dir, model, n, np.random.default_rng(n))
             lat = in_process_latency(index_dir, model, sketch, repeats)
+            figures["layout_only_ms_p50"][str(n)] = in_process_latency(index_dir, layout_only, sketch, repeats)["total_ms"][0]
             e2e = end_to_end(work / "indexes", f"n{n}", png, repeats, args.device)
             figures["query_ms_p50"][str(n)] = lat["total_ms"][0]
             figures["query_ms_p95"][str(n)] = lat["total_ms"][1]
@@ -223,13 +225,14 @@ def render(f: dict, n_real: int, raster: str) -> str:
              f"| index size on disk | {f['bytes_per_tile'] / 1000:.1f} KB per tile |",
              f"| naive: re-encode {f['naive_tiles']} candidate tiles per query | "
              f"{list(f['naive_ms'].values())[0]:.0f} ms per query |", "",
-             "| tiles | in process p50 / p95 (ms) | encode | shortlist | re-rank | de-dup | end to end ZeroMQ p50 / p95 (ms) | worker peak RSS (MB) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| tiles | in process p50 / p95 (ms) | encode | shortlist | re-rank | de-dup | end to end ZeroMQ p50 / p95 (ms) "
+             "| worker peak RSS (MB) | `--token-weight 0` in process p50 (ms) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for n, p50 in f["query_ms_p50"].items():
         st = f["stages_ms_p50"][n]
         lines.append(f"| {int(n):,} | {p50:.0f} / {f['query_ms_p95'][n]:.0f} | {st['encode_ms']:.0f} | {st['shortlist_ms']:.0f} | "
                      f"{st['rerank_ms']:.0f} | {st['dedupe_ms']:.0f} | {f['e2e_ms_p50'][n]:.0f} / {f['e2e_ms_p95'][n]:.0f} | "
-                     f"{f['peak_rss_mb'][n]:.0f} |")
+                     f"{f['peak_rss_mb'][n]:.0f} | {f['layout_only_ms_p50'][n]:.0f} |")
     return "\n".join(lines) + "\n"
 
 
