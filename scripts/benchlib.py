@@ -28,7 +28,7 @@ SCENES = {
     "osbs": ("osbs_rgb", "NEON aerial 0.1 m, 8-bit, UTM 17N"),
 }
 TRAIN_SCENES = ("s2",)
-STYLES = ("canny", "simple", "wobbly", "hed")  # hed: learned edges, a style train.py never sees
+STYLES = ("canny", "simple", "wobbly", "sloppy", "hed")  # hed: learned edges, a style train.py never sees
 OUTLINE_LABELS = {"lsat7": "landsat96_polygons_shp"}  # scenes with vector labels to outline
 EVAL_TILE = 128  # window in raster pixels (read to the model's 224): more places per small raster
 

@@ -41,11 +41,12 @@ def _tile_image(index, row):
         return reader.read(tile)[0]
 
 
-@pytest.mark.parametrize("style, at_least", [("canny", 10), ("wobbly", 6)])
+@pytest.mark.parametrize("style, at_least", [("canny", 10), ("sloppy", 7)])
 def test_sketches_of_known_places_come_back_in_the_top_5(s2_index, model, assets, style, at_least):
     """12 random places (fixed seed) of the Sentinel-2 scene, drawn as thinned Canny edges at a
-    finer scale than the index's tile drawings, or as traced lines with real hand wobble. Chance
-    of the true tile in the top 5 of ~190 is about 3% per query (0.3 of 12 expected)."""
+    finer scale than the index's tile drawings, or as traced lines with real hand wobble and a
+    person's errors (missing and extra lines, rotation, scale). Chance of the true tile in the
+    top 5 of ~190 is about 3% per query (0.3 of 12 expected); measured: 12 and 10 of 12."""
     index = TileIndex.open(s2_index)
     strokes = load_hand_strokes(assets["lasa_dir"])
     rng = np.random.default_rng(0)

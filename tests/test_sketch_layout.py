@@ -4,6 +4,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from worker import edge_layout
+from worker.pseudo_sketch import trace_polylines
 from worker.sketch import StrokeSketch, load_sketch, prepare_sketch
 
 
@@ -61,3 +62,12 @@ def test_stored_fine_layouts_rank_like_unquantised_ones():
     stored = edge_layout.fine_similarity(query, edge_layout.describe_drawings(drawings).fine)
     assert np.abs(stored - exact @ edge_layout.unit(query)).max() < 0.01
     assert int(np.argmax(stored)) == 7
+
+
+def test_a_one_pixel_diagonal_line_is_traced_as_one_long_stroke():
+    """Skeleton lines step diagonally; tracing must not split them into specks."""
+    edges = np.zeros((100, 100), bool)
+    steps = np.arange(10, 90)
+    edges[steps, steps] = True  # 80 pixels touching only at their corners, 112 px long
+    lengths = [np.linalg.norm(np.diff(line, axis=0), axis=1).sum() for line in trace_polylines(edges, min_lines=0)]
+    assert max(lengths) > 200  # the contour walks both sides of the line: about 2 x 112

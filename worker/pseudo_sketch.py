@@ -3,7 +3,10 @@
 Used for tests, benchmarks and training pairs. Styles:
   canny   - thinned Canny edges of the tile, drawn as dark strokes
   simple  - the same edges traced into polylines, short ones dropped, simplified (fewer, cleaner lines)
-Both can be jittered with real hand-drawn wobble (LASA handwriting strokes) by `wobble`.
+  wobbly  - simple lines jittered with real hand-drawn wobble (LASA handwriting strokes)
+  sloppy  - wobbly, plus a person's errors (`augment`: missing and extra lines, pen width,
+            slight rotation and scale)
+  hed     - traced HED edges (needs the HED model)
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ def trace_polylines(edges: np.ndarray, min_length: float = 12.0, tolerance: floa
                     min_lines: int = 8) -> list[np.ndarray]:
     """Edge pixels -> simplified polylines (row, col): strokes shorter than min_length are
     dropped, but the `min_lines` longest always stay (a sparse scene still gets a drawing)."""
-    contours = [c for c in find_contours(edges.astype(np.float32), 0.5) if len(c) >= 2]
+    # fully_connected="high": a one-pixel skeleton steps diagonally; without it every diagonal step
+    # splits the line, and long shorelines came out as a few short fragments
+    contours = [c for c in find_contours(edges.astype(np.float32), 0.5, fully_connected="high") if len(c) >= 2]
     lengths = np.array([np.linalg.norm(np.diff(c, axis=0), axis=1).sum() for c in contours])
     order = np.argsort(-lengths, kind="stable")
     # a contour walks both sides of a one-pixel line, hence 2 * min_length
@@ -95,10 +100,11 @@ def pseudo_sketch(tile: np.ndarray, style: str = "canny", size: int = 224, rng: 
     lines = trace_polylines(edges)
     if style == "simple":
         return draw_polylines(lines, edges.shape, size)
-    if style == "wobbly":
+    if style in ("wobbly", "sloppy"):
         if rng is None or not hand_strokes:
-            raise ValueError("wobbly sketches need an rng and hand strokes")
-        return draw_polylines(wobble(lines, hand_strokes, amplitude=3.0, rng=rng), edges.shape, size)
+            raise ValueError(f"{style} sketches need an rng and hand strokes")
+        img = draw_polylines(wobble(lines, hand_strokes, amplitude=3.0, rng=rng), edges.shape, size)
+        return augment(img, rng) if style == "sloppy" else img
     raise ValueError(f"unknown pseudo-sketch style {style!r}")
 
 
