@@ -23,7 +23,7 @@ from benchlib import (SCENES, STYLES, TRAIN_SCENES, build_gallery, encode_galler
                       metrics, outline_queries, rank_of)
 
 from worker.model.loading import SHIPPED_SKETCH_MODULES, load_model  # noqa: E402
-from worker.search import candidate_scores, shortlist_topk  # noqa: E402
+from worker.search import candidate_scores, shortlist_rows, shortlist_topk  # noqa: E402
 from worker.sketch import prepare_sketch  # noqa: E402
 
 SHORTLIST = 200
@@ -33,12 +33,11 @@ DEFAULT_METHOD = "(h) default: edge-layout shortlist, layout + token re-rank, tr
 def product_method(model, gallery_images, spatial: bool = True, crop_to_ink: bool = False):
     """The worker's two stages (worker.search) over the gallery, as `search` runs them on an index."""
     codes = encode_gallery(model, gallery_images)
-    tokens_ranker = model.config.ranker == "tokens"
 
     def score(query) -> np.ndarray:
         sketch = prepare_sketch(query.image, 224, crop_to_ink=True) if crop_to_ink else query.sketch
         s = model.encode_sketch(sketch)
-        q, scanned = (s.global_token.numpy(), codes.global_token) if tokens_ranker else (s.layout_coarse, codes.coarse)
+        q, scanned = shortlist_rows(model, codes, s)
         rows, _ = shortlist_topk(q, scanned, SHORTLIST)
         final = np.asarray(scanned, np.float32) @ q  # tiles outside the shortlist rank after it, by the scan
         final[rows] = 1e3 + candidate_scores(model, s, codes.fine[rows], codes.tokens[rows],
@@ -50,7 +49,7 @@ def product_method(model, gallery_images, spatial: bool = True, crop_to_ink: boo
 
 def global_token_method(model, gallery_images):
     """The release's test-time ranking: cosine of global tokens, nothing else."""
-    g = encode_gallery(model, gallery_images).global_token
+    g = encode_gallery(model, gallery_images).global_tokens
     return lambda query: g @ model.encode_sketch(query.sketch, tokens=True).global_token.numpy()
 
 

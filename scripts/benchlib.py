@@ -116,20 +116,21 @@ def outline_queries(gallery: Gallery, min_ink: float = 0.005) -> list[Query]:
 
 @dataclass
 class GalleryCodes:
-    """What an index stores of every gallery tile, as in-memory arrays."""
+    """What an index stores of every gallery tile, as in-memory arrays (the shortlist rows under
+    TileIndex's names, so worker.search.shortlist_rows picks them the same way)."""
 
-    global_token: np.ndarray  # (N, D) fp32
+    global_tokens: np.ndarray  # (N, D) fp32
+    coarse_layouts: np.ndarray
     tokens: np.ndarray
     positions: np.ndarray
-    coarse: np.ndarray
     fine: np.ndarray
 
 
 def encode_gallery(model, images: np.ndarray, batch: int = 16) -> GalleryCodes:
     outs = [model.encode_tiles(images[i:i + batch]) for i in range(0, len(images), batch)]
     cat = lambda get: np.concatenate([get(o) for o in outs])
-    return GalleryCodes(cat(lambda o: o.global_token).astype(np.float32), cat(lambda o: o.tokens),
-                        cat(lambda o: o.positions), cat(lambda o: o.layout.coarse), cat(lambda o: o.layout.fine))
+    return GalleryCodes(cat(lambda o: o.global_token).astype(np.float32), cat(lambda o: o.layout.coarse),
+                        cat(lambda o: o.tokens), cat(lambda o: o.positions), cat(lambda o: o.layout.fine))
 
 
 def metrics(ranks: list[int]) -> dict[str, float]:

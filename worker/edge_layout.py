@@ -71,11 +71,16 @@ class Layouts:
     fine: np.ndarray  # (B, FINE.dim) uint8, block HOG * FINE_QUANT
 
 
+def describe(drawing: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One drawing (dark ink on white) -> (unit coarse, fine) float32: a query's form."""
+    return unit(block_hog(drawing, COARSE)), block_hog(drawing, FINE)
+
+
 def describe_drawings(drawings: np.ndarray) -> Layouts:
     """(B, S, S) drawings (dark ink on white) -> both descriptors, in their stored form."""
-    coarse = np.stack([unit(block_hog(d, COARSE)) for d in drawings]).astype(np.float16)
-    fine = np.stack([np.round(block_hog(d, FINE) * FINE_QUANT) for d in drawings]).astype(np.uint8)
-    return Layouts(coarse=coarse.reshape(len(drawings), COARSE.dim), fine=fine.reshape(len(drawings), FINE.dim))
+    coarse, fine = zip(*(describe(d) for d in drawings))
+    return Layouts(coarse=np.stack(coarse).astype(np.float16),
+                   fine=np.round(np.stack(fine) * FINE_QUANT).astype(np.uint8))
 
 
 def fine_similarity(sketch_fine: np.ndarray, tiles_fine: np.ndarray) -> np.ndarray:

@@ -242,9 +242,14 @@ class IndexWriter:
         return len(tiles) - len(kept)
 
 
-def check_compatible(manifest: dict, tile_encoder: str, settings: dict, index_dir: Path) -> None:
+def check_format(manifest: dict, index_dir: Path) -> None:
     if manifest.get("format") != FORMAT_VERSION:
-        raise IndexMismatchError(f"{index_dir}: index format {manifest.get('format')} is not {FORMAT_VERSION}; rebuild it")
+        raise IndexMismatchError(f"{index_dir}: index format {manifest.get('format')} is not {FORMAT_VERSION}; "
+                                 "build it again with this version")
+
+
+def check_compatible(manifest: dict, tile_encoder: str, settings: dict, index_dir: Path) -> None:
+    check_format(manifest, index_dir)
     if manifest["model"]["tile_encoder"] != tile_encoder:
         raise IndexMismatchError(f"{index_dir} was built with another model (tile encoder "
                                  f"{manifest['model']['tile_encoder']}, this worker has {tile_encoder}); "
@@ -321,9 +326,7 @@ class TileIndex:
         if not path.exists():
             raise NotFoundError(f"{index_dir} is not an index (no manifest.json); build one with `index`")
         manifest = json.loads(path.read_text())
-        if manifest.get("format") != FORMAT_VERSION:
-            raise IndexMismatchError(f"{index_dir}: index format {manifest.get('format')} is not {FORMAT_VERSION}; "
-                                     "build it again with this version")
+        check_format(manifest, index_dir)
         return cls(index_dir, manifest, manifest["shards"])
 
     def __len__(self) -> int:

@@ -308,7 +308,7 @@ class Service:
         top = field(header, "top", int, 10, check=lambda v: 1 <= v <= 1000)
         shortlist = field(header, "shortlist", int, 200, check=lambda v: 1 <= v <= 100_000)
         out_crs = parse_crs(field(header, "crs", str, "EPSG:4326"))
-        bbox = field(header, "bbox", list, None, check=lambda v: len(v) == 4 and all(isinstance(x, (int, float)) for x in v))
+        bbox = field(header, "bbox", list, None, check=_four_numbers)
         area = bbox_to_wgs84(tuple(bbox), parse_crs(field(header, "bbox_crs", str, "EPSG:4326"))) if bbox else None
         if "sketch_frame" in header:
             n = field(header, "sketch_frame", int)
@@ -318,8 +318,7 @@ class Service:
         else:
             strokes = field(header, "strokes", list, check=_valid_strokes)
             crs = field(header, "strokes_crs", str, "pixel")
-            frame = field(header, "strokes_frame", list, None,
-                          check=lambda v: len(v) == 4 and all(isinstance(x, (int, float)) for x in v))
+            frame = field(header, "strokes_frame", list, None, check=_four_numbers)
             source = StrokeSketch(tuple(tuple((float(x), float(y)) for x, y in s) for s in strokes), y_up=crs != "pixel",
                                   frame=tuple(float(x) for x in frame) if frame else None)
         sketch = load_sketch(source, self.model.img_size, crop_to_ink=field(header, "crop_to_ink", bool, False))
@@ -344,6 +343,11 @@ class Service:
             self.auth.stop()
         os.close(self._wake_r)
         os.close(self._wake_w)
+
+
+def _four_numbers(values: list) -> bool:
+    """A bbox or frame: [x0, y0, x1, y1]."""
+    return len(values) == 4 and all(isinstance(x, (int, float)) for x in values)
 
 
 def _valid_strokes(strokes: list) -> bool:

@@ -207,9 +207,8 @@ class RetrievalModel(nn.Module):
     def encode_sketch(self, sketch: torch.Tensor, tokens: bool | None = None) -> SketchTokens:
         """A preprocessed sketch (3, S, S) in [0, 1] -> its edge layouts and (when the ranker
         uses them, or `tokens` asks) its global token, filtered tokens and their positions."""
-        drawing = sketch[0].cpu().numpy()
-        out = SketchTokens(layout_coarse=edge_layout.unit(edge_layout.block_hog(drawing, edge_layout.COARSE)),
-                           layout_fine=edge_layout.block_hog(drawing, edge_layout.FINE))
+        coarse, fine = edge_layout.describe(sketch[0].cpu().numpy())
+        out = SketchTokens(layout_coarse=coarse, layout_fine=fine)
         if tokens or (tokens is None and self.uses_tokens):
             vit_tokens, positions = self.sketch_backbone(self.normalise(sketch[None]))
             g, t = self.adapt(vit_tokens)
