@@ -30,9 +30,9 @@ SHORTLIST = 200
 DEFAULT_METHOD = "(h) default: edge-layout shortlist, layout + token re-rank, trained modules"
 
 
-def product_method(model, gallery_images, spatial: bool = True, crop_to_ink: bool = False):
+def product_method(model, gallery, spatial: bool = True, crop_to_ink: bool = False):
     """The worker's two stages (worker.search) over the gallery, as `search` runs them on an index."""
-    codes = encode_gallery(model, gallery_images)
+    codes = encode_gallery(model, gallery)
 
     def score(query) -> np.ndarray:
         sketch = prepare_sketch(query.image, 224, crop_to_ink=True) if crop_to_ink else query.sketch
@@ -47,9 +47,9 @@ def product_method(model, gallery_images, spatial: bool = True, crop_to_ink: boo
     return score
 
 
-def global_token_method(model, gallery_images):
+def global_token_method(model, gallery):
     """The release's test-time ranking: cosine of global tokens, nothing else."""
-    g = encode_gallery(model, gallery_images).global_tokens
+    g = encode_gallery(model, gallery).global_tokens
     return lambda query: g @ model.encode_sketch(query.sketch, tokens=True).global_token.numpy()
 
 
@@ -58,25 +58,25 @@ def build_methods(gallery, device: str, with_trained: bool):
     paper = dict(device=device, sketch_modules="none", ranker="tokens")
     methods = {}
     base = load_model(**paper)
-    methods["(a) global token only (release's test-time ranking)"] = global_token_method(base, gallery.images)
-    methods["(b) tokens: global shortlist + cross-attention re-rank"] = product_method(base, gallery.images)
-    methods["(b') tokens, re-rank without the spatial prior"] = product_method(base, gallery.images, spatial=False)
+    methods["(a) global token only (release's test-time ranking)"] = global_token_method(base, gallery)
+    methods["(b) tokens: global shortlist + cross-attention re-rank"] = product_method(base, gallery)
+    methods["(b') tokens, re-rank without the spatial prior"] = product_method(base, gallery, spatial=False)
     no_filter = load_model(**paper)
     no_filter.config = replace(no_filter.config, sketch_prune_layers=())
-    methods["(c) tokens without token filtering"] = product_method(no_filter, gallery.images)
+    methods["(c) tokens without token filtering"] = product_method(no_filter, gallery)
     if trained:
         methods["(c') tokens + trained sketch modules"] = product_method(load_model(device=device, ranker="tokens"),
-                                                                           gallery.images)
+                                                                           gallery)
     methods["(f) tokens on RGB tiles (no line-drawing view)"] = product_method(
-        load_model(**paper, tile_view="rgb"), gallery.images)
+        load_model(**paper, tile_view="rgb"), gallery)
     torch.manual_seed(0)
     methods["(d) tokens, random backbone weights (floor)"] = product_method(
-        load_model(device=device, random_weights=True, ranker="tokens"), gallery.images)
+        load_model(device=device, random_weights=True, ranker="tokens"), gallery)
     methods["(e) edge layout only (HOG of line drawings)"] = product_method(
-        load_model(device=device, token_weight=0.0), gallery.images)
+        load_model(device=device, token_weight=0.0), gallery)
     default = load_model(device=device)
-    methods[DEFAULT_METHOD] = product_method(default, gallery.images)
-    methods["(g) default, sketches cropped to their ink"] = product_method(default, gallery.images, crop_to_ink=True)
+    methods[DEFAULT_METHOD] = product_method(default, gallery)
+    methods["(g) default, sketches cropped to their ink"] = product_method(default, gallery, crop_to_ink=True)
     return methods
 
 

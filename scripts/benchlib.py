@@ -37,23 +37,25 @@ EVAL_TILE = 128  # window in raster pixels (read to the model's 224): more place
 class Gallery:
     tiles: list[Tile]
     scene: np.ndarray  # scene name per tile
-    images: np.ndarray  # (N, 224, 224, 3) uint8
+    images: np.ndarray  # (N, 224, 224, 3) uint8, nodata filled from the nearest valid pixel
+    valid: np.ndarray  # (N, 224, 224) bool: which pixels hold data
 
 
 def build_gallery(size: int = 224) -> Gallery:
     paths = load_asset_paths()
-    tiles, scenes, images = [], [], []
+    tiles, scenes, images, masks = [], [], [], []
     for name, (key, _) in SCENES.items():
         info = open_raster(Path(paths[key]), None)
         planned = plan_tiles(info, TileSettings(tile=EVAL_TILE, overlap=0.25, scales=(1,)))
         with TileReader(info, size) as reader:
             for tile in planned:
                 image, valid = reader.read(tile)
-                if valid >= 0.5:
+                if valid.mean() >= 0.5:
                     tiles.append(tile)
                     scenes.append(name)
                     images.append(image)
-    return Gallery(tiles, np.array(scenes), np.stack(images))
+                    masks.append(valid)
+    return Gallery(tiles, np.array(scenes), np.stack(images), np.stack(masks))
 
 
 @dataclass
@@ -78,7 +80,8 @@ def make_queries(gallery: Gallery, per_scene: int, seed: int = 0, styles=STYLES)
         rows = np.nonzero(gallery.scene == scene)[0]
         for row in rng.choice(rows, min(per_scene, len(rows)), replace=False):
             for style in styles:
-                img = pseudo_sketch(gallery.images[row], style, rng=rng, hand_strokes=strokes, hed=hed)
+                img = pseudo_sketch(gallery.images[row], style, rng=rng, hand_strokes=strokes, hed=hed,
+                                   valid=gallery.valid[row])
                 queries.append(Query(int(row), scene, style, prepare_sketch(img, 224), img))
     return queries
 
@@ -126,8 +129,9 @@ class GalleryCodes:
     fine: np.ndarray
 
 
-def encode_gallery(model, images: np.ndarray, batch: int = 16) -> GalleryCodes:
-    outs = [model.encode_tiles(images[i:i + batch]) for i in range(0, len(images), batch)]
+def encode_gallery(model, gallery: Gallery, batch: int = 16) -> GalleryCodes:
+    outs = [model.encode_tiles(gallery.images[i:i + batch], gallery.valid[i:i + batch])
+            for i in range(0, len(gallery.images), batch)]
     cat = lambda get: np.concatenate([get(o) for o in outs])
     return GalleryCodes(cat(lambda o: o.global_token).astype(np.float32), cat(lambda o: o.layout.coarse),
                         cat(lambda o: o.tokens), cat(lambda o: o.positions), cat(lambda o: o.layout.fine))

@@ -29,7 +29,7 @@ from worker.training import build_cache, train  # noqa: E402
 
 def held_out_recall(model, gallery, queries) -> dict:
     """Held-out ranks by the cross-attention token score alone (what training changes)."""
-    codes = encode_gallery(model, gallery.images)
+    codes = encode_gallery(model, gallery)
     ranks = []
     for q in queries:
         s = model.encode_sketch(q.sketch, tokens=True)

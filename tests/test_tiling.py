@@ -10,6 +10,7 @@ from rasterio.windows import bounds as window_bounds
 from conftest import write_raster
 from worker.errors import InputError
 from worker.index import tile_bounds_wgs84
+from worker.line_drawing import tile_line_drawings
 from worker.tiling import TileReader, TileSettings, find_rasters, open_raster, plan_tiles
 
 
@@ -84,7 +85,30 @@ def test_16bit_with_nodata_skips_empty_tiles_and_stretches_the_rest(tmp_path, as
     assert info.stretch is not None and all(lo < hi for lo, hi in info.stretch)
     tiles = plan_tiles(info, TileSettings(overlap=0.0, scales=(1,)))
     with TileReader(info, 224) as reader:
-        valid = {(t.col_off, t.row_off): reader.read(t)[1] for t in tiles}
+        valid = {(t.col_off, t.row_off): reader.read(t)[1].mean() for t in tiles}
         image, _ = reader.read(tiles[0])
     assert valid[(0, 0)] == 1.0 and valid[(224, 0)] == 0.0
     assert image.dtype == np.uint8 and image.std() > 10  # real contrast after the stretch
+
+
+def test_where_the_data_ends_is_not_drawn_as_a_line(tmp_path, assets):
+    """A tilted nodata collar, as Landsat scenes have: the tile's drawing keeps the land's lines
+    and draws nothing along the collar (nodata was drawn as a black shore before)."""
+    with rasterio.open(assets["s2_rgb"]) as src:
+        data = src.read(window=((600, 824), (600, 824)))
+        profile = {"crs": src.crs, "transform": src.transform}
+    rows, cols = np.mgrid[:224, :224]
+    collar = cols > 150 - 0.3 * rows
+    data[:, collar] = 0
+    path = write_raster(tmp_path / "collar.tif", data, nodata=0, **profile)
+    info = open_raster(path, None)
+    with TileReader(info, 224) as reader:
+        image, valid = reader.read(plan_tiles(info, TileSettings(scales=(1,)))[0])
+    assert np.array_equal(valid, ~collar)
+    ink = tile_line_drawings(image[None], valid[None])[0, ..., 0] < 128
+    blind = tile_line_drawings(np.where(valid[..., None], image, 0)[None])[0, ..., 0] < 128
+    distance_to_collar = np.abs(cols - (150 - 0.3 * rows)) / np.hypot(1, 0.3)
+    near = distance_to_collar < 4
+    assert blind[near].mean() > 0.3  # black fill without the mask: a line along the collar
+    assert ink[near].mean() < 0.1  # only the lines that run into the collar (measured 0.055)
+    assert ink[valid & ~near].mean() > 0.01  # the land is still drawn

@@ -196,21 +196,24 @@ class IndexWriter:
         valid: list[float] = []
         outputs = []
         batch: list[np.ndarray] = []
-        for n, (tile, image, fraction) in enumerate(iter_tile_pixels(RasterInfo.from_json(entry), tiles,
-                                                                     self.model.img_size), start=1):
+        masks: list[np.ndarray] = []
+        for n, (tile, image, mask) in enumerate(iter_tile_pixels(RasterInfo.from_json(entry), tiles,
+                                                                 self.model.img_size), start=1):
+            fraction = float(mask.mean())
             if fraction < self.settings.min_valid:
                 continue
             kept.append(tile)
             valid.append(fraction)
             batch.append(image)
+            masks.append(mask)
             if len(batch) == batch_size:
                 if should_stop():
                     return None
-                outputs.append(self.model.encode_tiles(np.stack(batch)))
-                batch = []
+                outputs.append(self.model.encode_tiles(np.stack(batch), np.stack(masks)))
+                batch, masks = [], []
                 batch_done(n)  # progress within the chunk (committed only at its end)
         if batch:
-            outputs.append(self.model.encode_tiles(np.stack(batch)))
+            outputs.append(self.model.encode_tiles(np.stack(batch), np.stack(masks)))
         records = np.zeros(len(kept), RECORD_DTYPE)
         records["raster_id"] = entry["id"]
         for field_name in ("col_off", "row_off", "width", "height", "scale"):

@@ -15,11 +15,15 @@ from skimage.morphology import skeletonize
 TILE_EDGE_SIGMA = 3.0  # at 224 px: coarse structure (shorelines, roads, field edges), not texture
 
 
-def edge_map(tile: np.ndarray, sigma: float) -> np.ndarray:
+def edge_map(tile: np.ndarray, sigma: float, valid: np.ndarray | None = None) -> np.ndarray:
     """Boolean one-pixel edges of an RGB uint8 tile; quantile thresholds keep the drawing
-    density comparable between bright and dull scenes."""
+    density comparable between bright and dull scenes. Smoothing ignores nodata pixels (`valid`
+    False) and no edge is drawn where the data ends."""
     gray = tile.astype(np.float32).mean(-1) / 255.0
-    return skeletonize(canny(gray, sigma=sigma, low_threshold=0.6, high_threshold=0.9, use_quantiles=True))
+    if valid is not None and valid.all():
+        valid = None
+    return skeletonize(canny(gray, sigma=sigma, low_threshold=0.6, high_threshold=0.9, use_quantiles=True,
+                             mask=valid))
 
 
 def draw_edges(edges: np.ndarray, size: int, width: int = 2) -> Image.Image:
@@ -32,10 +36,16 @@ def draw_edges(edges: np.ndarray, size: int, width: int = 2) -> Image.Image:
     return img
 
 
-def tile_line_drawings(tiles: np.ndarray, sigma: float = TILE_EDGE_SIGMA) -> np.ndarray:
-    """(B, S, S, 3) uint8 tiles -> (B, S, S, 3) uint8 line drawings of them."""
+def tile_line_drawings(tiles: np.ndarray, valid: np.ndarray | None = None, sigma: float = TILE_EDGE_SIGMA) -> np.ndarray:
+    """(B, S, S, 3) uint8 tiles and their (B, S, S) valid-pixel masks -> (B, S, S, 3) uint8 line drawings."""
     size = tiles.shape[1]
     out = np.empty_like(tiles)
     for i, tile in enumerate(tiles):
-        out[i] = np.asarray(draw_edges(edge_map(tile, sigma * size / 224), size))[..., None]
+        mask = None if valid is None else valid[i]
+        out[i] = np.asarray(draw_edges(edge_map(tile, sigma * size / 224, mask), size))[..., None]
     return out
+
+
+def fingerprint() -> dict:
+    """What decides tile drawings (part of the index's tile-encoder fingerprint)."""
+    return {"sigma": TILE_EDGE_SIGMA, "thresholds": (0.6, 0.9), "nodata": "masked"}

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+from scipy import ndimage
 from skimage.measure import approximate_polygon, find_contours
 
 from worker.line_drawing import draw_edges, edge_map
@@ -88,13 +89,17 @@ def hed_edges(tile: np.ndarray, hed, keep: float = 0.08) -> np.ndarray:
 
 
 def pseudo_sketch(tile: np.ndarray, style: str = "canny", size: int = 224, rng: np.random.Generator | None = None,
-                  hand_strokes: list[np.ndarray] | None = None, hed=None) -> Image.Image:
-    """A line drawing of an RGB uint8 tile in the given style (`hed` needs a loaded HED model)."""
+                  hand_strokes: list[np.ndarray] | None = None, hed=None, valid: np.ndarray | None = None) -> Image.Image:
+    """A line drawing of an RGB uint8 tile in the given style (`hed` needs a loaded HED model).
+    Nothing is drawn where `valid` (the tile's data mask) is False: a person draws what they see."""
     if style == "hed":
         if hed is None:
             raise ValueError("the hed style needs a HED model (worker.model.hed.load_hed)")
-        return draw_polylines(trace_polylines(hed_edges(tile, hed)), tile.shape[:2], size)
-    edges = edge_map(tile, QUERY_EDGE_SIGMA)
+        edges = hed_edges(tile, hed)
+        if valid is not None:
+            edges &= ndimage.binary_erosion(valid, iterations=3)
+        return draw_polylines(trace_polylines(edges), tile.shape[:2], size)
+    edges = edge_map(tile, QUERY_EDGE_SIGMA, valid)
     if style == "canny":
         return draw_edges(edges, size)
     lines = trace_polylines(edges)

@@ -18,6 +18,7 @@ import rasterio
 from rasterio.enums import ColorInterp, Resampling
 from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
+from scipy import ndimage
 from shapely.geometry import Polygon
 
 from worker.errors import InputError
@@ -244,7 +245,7 @@ def _to_uint8(data: np.ma.MaskedArray, stretch: tuple[tuple[float, float], ...] 
 
 @dataclass
 class TileReader:
-    """Reads tiles of one raster as (S, S, 3) uint8 plus the valid fraction; keep it open per raster."""
+    """Reads tiles of one raster as (S, S, 3) uint8 plus their (S, S) valid-pixel mask; keep it open per raster."""
 
     raster: RasterInfo
     tile_size: int
@@ -273,10 +274,19 @@ class TileReader:
         valid = ~np.ma.getmaskarray(data).any(axis=0)
         valid &= np.isfinite(data.filled(0)).all(axis=0)
         image = _to_uint8(data, self.raster.stretch).transpose(1, 2, 0)
-        return np.ascontiguousarray(image), float(valid.mean())
+        return fill_from_nearest_valid(image, valid), valid
 
 
-def iter_tile_pixels(raster: RasterInfo, tiles: list[Tile], tile_size: int) -> Iterator[tuple[Tile, np.ndarray, float]]:
+def fill_from_nearest_valid(image: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Nodata pixels take the value of the nearest valid pixel, so that where the data ends (a
+    scene's collar, masked bright pixels) is not drawn as a line in sketches of the tile."""
+    if valid.all() or not valid.any():
+        return np.ascontiguousarray(image)
+    _, (rows, cols) = ndimage.distance_transform_edt(~valid, return_indices=True)
+    return np.ascontiguousarray(image[rows, cols])
+
+
+def iter_tile_pixels(raster: RasterInfo, tiles: list[Tile], tile_size: int) -> Iterator[tuple[Tile, np.ndarray, np.ndarray]]:
     with TileReader(raster, tile_size) as reader:
         for tile in tiles:
             image, valid = reader.read(tile)

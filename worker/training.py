@@ -63,18 +63,19 @@ def sketch_backbone_tokens(model: RetrievalModel, sketches: torch.Tensor) -> tup
 def build_cache(model: RetrievalModel, rasters: list[Path], windows_per_raster: int, sketches_per_window: int,
                 hand_strokes: list[np.ndarray], seed: int, batch: int = 16) -> PairCache:
     rng = np.random.default_rng(seed)
-    images = []
+    images, masks = [], []
     for raster in rasters:
         tiles = random_windows(raster, windows_per_raster, rng)
         with TileReader(tiles[0].raster, model.img_size) as reader:
             for tile in tiles:
                 image, valid = reader.read(tile)
-                if valid >= 0.9:
+                if valid.mean() >= 0.9:
                     images.append(image)
-    images = np.stack(images)
+                    masks.append(valid)
+    images, masks = np.stack(images), np.stack(masks)
     globals_, tokens, positions = [], [], []
     for i in tqdm(range(0, len(images), batch), desc="tile tokens", unit="batch"):
-        out = model.encode_tiles(images[i:i + batch])
+        out = model.encode_tiles(images[i:i + batch], masks[i:i + batch])
         globals_.append(torch.from_numpy(out.global_token.astype(np.float32)))
         tokens.append(torch.from_numpy(out.tokens.astype(np.float32)))
         positions.append(torch.from_numpy(out.positions.astype(np.int64)))
@@ -82,7 +83,7 @@ def build_cache(model: RetrievalModel, rasters: list[Path], windows_per_raster: 
     for place, image in enumerate(images):
         for k in range(sketches_per_window):
             style = STYLES[(place + k) % len(STYLES)]
-            img = augment(pseudo_sketch(image, style, rng=rng, hand_strokes=hand_strokes), rng)
+            img = augment(pseudo_sketch(image, style, rng=rng, hand_strokes=hand_strokes, valid=masks[place]), rng)
             sketches.append(prepare_sketch(img, model.img_size))
             places.append(place)
     encoded = [sketch_backbone_tokens(model, torch.stack(sketches[i:i + batch]))

@@ -12,10 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worker import edge_layout
+from worker import edge_layout, line_drawing
 from worker.assets import sha256_of
 from worker.errors import InputError
-from worker.line_drawing import tile_line_drawings
 from worker.model.adapter import SketchAdapter
 from worker.model.backbone import BackboneSpec, build_backbone, load_state_dict_file
 from worker.model.cross_attention import CrossAttentionScorer
@@ -121,7 +120,8 @@ class RetrievalModel(nn.Module):
         b = self.config.backbone
         return _digest({"timm": b.timm_name, "img": b.img_size, "weights": self.backbone_digest,
                         "mean": b.mean, "std": b.std, "tile_tokens": self.config.tile_tokens,
-                        "tile_view": self.config.tile_view, "layout": edge_layout.fingerprint()})
+                        "tile_view": self.config.tile_view, "drawing": line_drawing.fingerprint(),
+                        "layout": edge_layout.fingerprint()})
 
     def fingerprint(self) -> dict:
         """The model's identity as recorded in index manifests and `info` replies."""
@@ -179,9 +179,10 @@ class RetrievalModel(nn.Module):
         return self.config.ranker == "tokens" or self.config.token_weight != 0.0
 
     @torch.inference_mode()
-    def encode_tiles(self, tiles: np.ndarray) -> TileTokens:
-        """uint8 (B, S, S, 3) tiles -> global token, filtered patch tokens and edge layouts for the index."""
-        drawings = tile_line_drawings(tiles)
+    def encode_tiles(self, tiles: np.ndarray, valid: np.ndarray | None = None) -> TileTokens:
+        """uint8 (B, S, S, 3) tiles (and their (B, S, S) valid-pixel masks, where some pixels are
+        nodata) -> global token, filtered patch tokens and edge layouts for the index."""
+        drawings = line_drawing.tile_line_drawings(tiles, valid)
         x = self.normalise(torch.from_numpy(np.ascontiguousarray(drawings if self.config.tile_view == "edges" else tiles)))
         out = forward_tokens(self.vit, self.vit.patch_embed(x), final_keep=self.config.tile_tokens)
         return TileTokens(
