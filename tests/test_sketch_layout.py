@@ -4,7 +4,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from worker import edge_layout
-from worker.pseudo_sketch import trace_polylines
+from worker.pseudo_sketch import draw_outlines, label_outlines, trace_polylines
 from worker.sketch import StrokeSketch, load_sketch, prepare_sketch
 
 
@@ -71,3 +71,17 @@ def test_a_one_pixel_diagonal_line_is_traced_as_one_long_stroke():
     edges[steps, steps] = True  # 80 pixels touching only at their corners, 112 px long
     lengths = [np.linalg.norm(np.diff(line, axis=0), axis=1).sum() for line in trace_polylines(edges, min_lines=0)]
     assert max(lengths) > 200  # the contour walks both sides of the line: about 2 x 112
+
+
+def test_land_cover_outlines_follow_class_boundaries_not_specks_or_the_data_edge():
+    """Outline sketches of a label map: a field boundary is drawn; a 3x3 speck of another class
+    and the edge of the data (a nodata collar on the right) are not."""
+    labels = np.ones((128, 128), np.int32)
+    labels[:, 40:] = 2  # a field edge at column 40
+    labels[80:83, 10:13] = 3  # a speck a person would not outline
+    valid = np.ones((128, 128), bool)
+    valid[:, 100:] = False
+    ink = np.asarray(draw_outlines(label_outlines(labels, valid), 0, 0, 128, 128, 128)) < 128
+    columns = np.nonzero(ink.any(axis=0))[0]
+    assert ink[:, 38:43].any(axis=1).mean() > 0.9  # the field edge, top to bottom
+    assert set(columns) <= set(range(37, 44))  # nothing else: no speck, no collar line

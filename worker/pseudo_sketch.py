@@ -14,7 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import shapely
 from PIL import Image, ImageDraw
+from rasterio import features
 from scipy import ndimage
 from skimage.measure import approximate_polygon, find_contours
 
@@ -44,6 +46,37 @@ def draw_polylines(lines: list[np.ndarray], shape: tuple[int, int], size: int, w
     for line in lines:
         draw.line([(c * sx, r * sy) for r, c in line], fill=0, width=width, joint="curve")
     return img
+
+
+def label_outlines(labels: np.ndarray, valid: np.ndarray, min_region: int = 64,
+                   tolerance: float = 1.0) -> list[shapely.LineString]:
+    """Boundaries between the classes of a land-cover label raster, as a person would outline
+    them: regions under `min_region` pixels are merged into their neighbours, polygons are
+    simplified, and the edge of the data (`valid` False beyond it) is not a boundary. Lines are
+    in the raster's (col, row) pixel coordinates."""
+    labels = np.where(valid, labels, 0).astype(np.int32)
+    sieved = features.sieve(labels, size=min_region, connectivity=8)
+    data = shapely.union_all([shapely.geometry.shape(g) for g, _ in
+                              features.shapes(valid.astype(np.uint8), mask=valid)])
+    edge_of_data = shapely.boundary(data).buffer(1.5)  # the raster's frame and any nodata collar
+    lines = []
+    for geom, _ in features.shapes(sieved, mask=sieved > 0, connectivity=8):
+        boundary = shapely.boundary(shapely.geometry.shape(geom).simplify(tolerance)).difference(edge_of_data)
+        lines.extend(p for p in shapely.get_parts(shapely.line_merge(boundary)) if not p.is_empty)
+    return lines
+
+
+def draw_outlines(lines: list[shapely.LineString], col_off: int, row_off: int, width: int, height: int,
+                  size: int) -> Image.Image:
+    """The parts of `lines` (raster pixel coordinates) inside a window, drawn at `size` px."""
+    window = shapely.box(col_off, row_off, col_off + width, row_off + height)
+    parts = []
+    for line in lines:
+        for part in shapely.get_parts(line.intersection(window)):
+            if part.geom_type == "LineString" and not part.is_empty:
+                cols, rows = np.asarray(part.coords).T
+                parts.append(np.stack([rows - row_off, cols - col_off], 1))
+    return draw_polylines(parts, (height, width), size)
 
 
 def wobble(lines: list[np.ndarray], strokes: list[np.ndarray], amplitude: float, rng: np.random.Generator) -> list[np.ndarray]:
