@@ -13,7 +13,7 @@ from worker.pseudo_sketch import load_hand_strokes, pseudo_sketch
 from worker.search import search
 from worker.sketch import prepare_sketch
 from worker.tiling import TileReader, TileSettings
-from worker.training import build_cache, train
+from worker.training import BatchSampler, build_cache, train
 
 
 @pytest.fixture(scope="module")
@@ -56,3 +56,18 @@ def test_a_checkpoint_for_another_backbone_is_refused(trained):
     _, checkpoint = trained
     with pytest.raises(InputError, match="was trained for backbone"):
         load_model(device="cpu", random_weights=True, sketch_modules=checkpoint)
+
+
+def test_batches_hold_the_anchor_places_layout_neighbours_and_are_reproducible():
+    """Half a batch are places the layout shortlist would confuse with the anchor (here: its own
+    cluster of 20 places among 10 clusters), so the re-rank learns to tell those apart."""
+    import torch
+
+    centres = torch.nn.functional.normalize(torch.randn(10, 64, generator=torch.Generator().manual_seed(0)), dim=1)
+    layouts = torch.nn.functional.normalize(centres.repeat_interleave(20, 0) + 0.05 * torch.randn(200, 64), dim=1)
+    cluster = torch.arange(200) // 20
+    a, b = BatchSampler(layouts, 16, seed=3, near=19), BatchSampler(layouts, 16, seed=3, near=19)
+    for _ in range(20):
+        places = a()
+        assert torch.equal(places, b()) and len(set(places.tolist())) == 16
+        assert (cluster[places] == cluster[places[0]]).sum() >= 8  # random batches: about 1.6

@@ -4,7 +4,9 @@ The backbone is frozen. Tile tokens are what the index stores (the tile encoder 
 so built indexes stay valid); sketch-side backbone outputs are cached once per augmented
 pseudo-sketch. The sketch adapter and the cross-attention scorer are then trained on the
 cache with the paper's triplet objective, each sketch against its own place (positive) and the
-hardest other places of the same scene in the batch (negatives). The multi-level tokenizer
+hardest other places of the same scene in the batch (negatives). Half of each batch are places
+whose edge layouts resemble an anchor place's: the re-rank only ever sees the layout shortlist,
+so those are the negatives it has to tell apart. The multi-level tokenizer
 sits before the backbone and would need a backbone backward pass per step; it is not trained
 here (its gate stays zero, so it remains the exact patch embedding).
 """
@@ -32,7 +34,8 @@ STYLES = ("canny", "simple", "wobbly")
 @dataclass
 class PairCache:
     """Per sample: the sketch's pre-adapter tokens (S, 1 + M, D), their positions (S, M) and its
-    place's id; per place: the tile's global (P, D), filtered tokens (P, K, D) and positions (P, K)."""
+    place's id; per place: the tile's global (P, D), filtered tokens (P, K, D), positions (P, K) and
+    coarse edge layout (P, L)."""
 
     sketch_tokens: torch.Tensor
     sketch_positions: torch.Tensor
@@ -40,6 +43,7 @@ class PairCache:
     tile_global: torch.Tensor
     tile_tokens: torch.Tensor
     tile_positions: torch.Tensor
+    tile_layout: torch.Tensor
 
 
 def random_windows(raster: Path, count: int, rng: np.random.Generator, sizes=(96, 128, 192, 256)) -> list[Tile]:
@@ -73,12 +77,13 @@ def build_cache(model: RetrievalModel, rasters: list[Path], windows_per_raster: 
                     images.append(image)
                     masks.append(valid)
     images, masks = np.stack(images), np.stack(masks)
-    globals_, tokens, positions = [], [], []
+    globals_, tokens, positions, layouts = [], [], [], []
     for i in tqdm(range(0, len(images), batch), desc="tile tokens", unit="batch"):
         out = model.encode_tiles(images[i:i + batch], masks[i:i + batch])
         globals_.append(torch.from_numpy(out.global_token.astype(np.float32)))
         tokens.append(torch.from_numpy(out.tokens.astype(np.float32)))
         positions.append(torch.from_numpy(out.positions.astype(np.int64)))
+        layouts.append(torch.from_numpy(out.layout.coarse.astype(np.float32)))
     sketches, places = [], []
     for place, image in enumerate(images):
         for k in range(sketches_per_window):
@@ -89,7 +94,28 @@ def build_cache(model: RetrievalModel, rasters: list[Path], windows_per_raster: 
     encoded = [sketch_backbone_tokens(model, torch.stack(sketches[i:i + batch]))
                for i in tqdm(range(0, len(sketches), batch), desc="sketch tokens", unit="batch")]
     return PairCache(torch.cat([e[0] for e in encoded]), torch.cat([e[1] for e in encoded]), torch.tensor(places),
-                     torch.cat(globals_), torch.cat(tokens), torch.cat(positions))
+                     torch.cat(globals_), torch.cat(tokens), torch.cat(positions), torch.cat(layouts))
+
+
+class BatchSampler:
+    """Places per step: an anchor, up to half the batch drawn from its `near` nearest places by
+    coarse edge layout (the shortlist's confusers), the rest at random. Deterministic for a seed."""
+
+    def __init__(self, layouts: torch.Tensor, batch_places: int, seed: int, near: int = 32):
+        self.count, self.batch = len(layouts), batch_places
+        sims = layouts @ layouts.T
+        sims.fill_diagonal_(float("-inf"))
+        self.neighbours = sims.topk(min(near, self.count - 1), dim=1).indices
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __call__(self) -> torch.Tensor:
+        order = torch.randperm(self.count, generator=self.gen)
+        anchor = order[0]
+        near = self.neighbours[anchor]
+        near = near[torch.randperm(len(near), generator=self.gen)[:self.batch // 2 - 1]]
+        picked = torch.cat([anchor[None], near, order[1:]])
+        first = np.unique(picked.numpy(), return_index=True)[1]
+        return picked[np.sort(first)][:self.batch]
 
 
 def pair_scores(model: RetrievalModel, cache: PairCache, sketch_rows: torch.Tensor,
@@ -125,15 +151,15 @@ def train(model: RetrievalModel, cache: PairCache, steps: int, seed: int, batch_
         opt.load_state_dict(state["opt"])
         start = state["step"]
         log.info("resuming at step %d", start)
-    gen = torch.Generator().manual_seed(seed)
+    sample_places = BatchSampler(cache.tile_layout, batch_places, seed)
     for _ in range(start):  # replay the sampler so a resumed run sees the same batches
-        torch.randperm(len(cache.tile_global), generator=gen)
+        sample_places()
     model.adapter.train()
     model.scorer.train()
     losses = []
     bar = tqdm(range(start, steps), desc="train", unit="step")
     for step in bar:
-        places = torch.randperm(len(cache.tile_global), generator=gen)[:batch_places]
+        places = sample_places()
         lookup = torch.full((len(cache.tile_global),), -1)
         lookup[places] = torch.arange(len(places))
         rows = torch.nonzero(lookup[cache.place] >= 0).squeeze(1)
