@@ -28,7 +28,8 @@ SCENES = {
     "osbs": ("osbs_rgb", "NEON aerial 0.1 m, 8-bit, UTM 17N"),
 }
 TRAIN_SCENES = ("s2",)
-STYLES = ("canny", "simple", "wobbly", "sloppy", "hed")  # hed: learned edges, a style train.py never sees
+# hed: learned edges, a style train.py never sees; partial: a quarter of the place drawn
+STYLES = ("canny", "simple", "wobbly", "sloppy", "hed", "partial")
 OUTLINE_LABELS = {"lsat7": "lsat7_strata"}  # scenes with a land-cover label map on their grid
 EVAL_TILE = 128  # window in raster pixels (read to the model's 224): more places per small raster
 

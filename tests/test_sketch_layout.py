@@ -4,7 +4,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from worker import edge_layout
-from worker.pseudo_sketch import draw_outlines, label_outlines, trace_polylines
+from worker.pseudo_sketch import draw_outlines, label_outlines, only_part, trace_polylines
 from worker.sketch import StrokeSketch, load_sketch, prepare_sketch
 
 
@@ -85,3 +85,12 @@ def test_land_cover_outlines_follow_class_boundaries_not_specks_or_the_data_edge
     columns = np.nonzero(ink.any(axis=0))[0]
     assert ink[:, 38:43].any(axis=1).mean() > 0.9  # the field edge, top to bottom
     assert set(columns) <= set(range(37, 44))  # nothing else: no speck, no collar line
+
+
+def test_a_partial_sketch_keeps_a_quarter_of_the_frame_in_place():
+    full = _drawing([[(0, y), (223, y)] for y in range(8, 224, 16)])  # lines over the whole frame
+    part = np.asarray(only_part(full, np.random.default_rng(0))) < 128
+    ys, xs = np.nonzero(part)
+    assert (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1) <= 0.26 * 224 * 224
+    assert np.array_equal(part, part & (np.asarray(full) < 128))  # the same lines, where they were
+    assert part.sum() > 0.2 * (np.asarray(full) < 128).sum()

@@ -138,12 +138,32 @@ def pseudo_sketch(tile: np.ndarray, style: str = "canny", size: int = 224, rng: 
     lines = trace_polylines(edges)
     if style == "simple":
         return draw_polylines(lines, edges.shape, size)
+    if style == "partial":
+        if rng is None:
+            raise ValueError("partial sketches need an rng")
+        return only_part(draw_polylines(lines, edges.shape, size), rng)
     if style in ("wobbly", "sloppy"):
         if rng is None or not hand_strokes:
             raise ValueError(f"{style} sketches need an rng and hand strokes")
         img = draw_polylines(wobble(lines, hand_strokes, amplitude=3.0, rng=rng), edges.shape, size)
         return augment(img, rng) if style == "sloppy" else img
     raise ValueError(f"unknown pseudo-sketch style {style!r}")
+
+
+def only_part(img: Image.Image, rng: np.random.Generator, share: float = 0.25) -> Image.Image:
+    """What a person who draws only the part of a place they remember draws: the lines inside
+    a square holding `share` of the frame, around a random point of ink, in the same frame."""
+    ink = np.asarray(img) < 128
+    if not ink.any():
+        return img
+    size = img.size[0]
+    side = int(round(size * share ** 0.5))
+    ys, xs = np.nonzero(ink)
+    i = rng.integers(len(ys))
+    y0, x0 = (int(np.clip(v - side // 2, 0, size - side)) for v in (ys[i], xs[i]))
+    out = Image.new("L", img.size, 255)
+    out.paste(img.crop((x0, y0, x0 + side, y0 + side)), (x0, y0))
+    return out
 
 
 def augment(img: Image.Image, rng: np.random.Generator) -> Image.Image:
