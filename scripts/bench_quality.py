@@ -40,8 +40,9 @@ def product_method(model, gallery, spatial: bool = True, crop_to_ink: bool = Fal
         q, scanned = shortlist_rows(model, codes, s)
         rows, _ = shortlist_topk(q, scanned, SHORTLIST)
         final = np.asarray(scanned, np.float32) @ q  # tiles outside the shortlist rank after it, by the scan
-        final[rows] = 1e3 + candidate_scores(model, s, codes.fine[rows], codes.tokens[rows],
-                                             codes.positions[rows] if spatial else None)
+        final[rows] = 1e3 + candidate_scores(
+            model, s, len(rows), lambda: codes.fine[rows],
+            lambda i: (codes.tokens[rows[i]], codes.positions[rows[i]] if spatial else None))
         return final
 
     return score

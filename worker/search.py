@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import shapely
@@ -95,25 +96,24 @@ def shortlist_rows(model, index: TileIndex, sketch) -> tuple[np.ndarray, np.ndar
     return sketch.layout_coarse, index.coarse_layouts
 
 
-def candidate_scores(model, sketch, fine_layouts: np.ndarray | None, tokens: np.ndarray | None,
-                     positions: np.ndarray | None) -> np.ndarray:
-    """Re-rank scores of shortlisted tiles from what the index stores of them (the arrays the
-    ranker does not use may be None)."""
+def candidate_scores(model, sketch, count: int, fine_of: Callable[[], np.ndarray],
+                     tokens_of: Callable[[np.ndarray], tuple]) -> np.ndarray:
+    """Re-rank scores of `count` shortlisted tiles. `fine_of()` gives their stored fine layouts,
+    `tokens_of(i)` the stored tokens and positions of shortlist positions i; each is read only
+    when the ranker needs it. The layout ranker computes the token score only for its best
+    `token_candidates` tiles by fine layout (the expensive part of a query on a CPU)."""
     if model.config.ranker == "tokens":
-        return model.token_scores(sketch, tokens, positions)
-    scores = standardise(fine_similarity(sketch.layout_fine, fine_layouts))
-    if model.config.token_weight:
-        scores = scores + model.config.token_weight * standardise(model.token_scores(sketch, tokens, positions))
+        return model.token_scores(sketch, *tokens_of(np.arange(count)))
+    scores = standardise(fine_similarity(sketch.layout_fine, fine_of()))
+    if model.config.token_weight and count:
+        best = np.argsort(-scores, kind="stable")[:model.config.token_candidates]
+        scores[best] += model.config.token_weight * standardise(model.token_scores(sketch, *tokens_of(best)))
     return scores
 
 
 def rerank(model, index: TileIndex, sketch, rows: np.ndarray) -> np.ndarray:
-    tokens = positions = fine = None
-    if model.uses_tokens:
-        tokens, positions = index.tokens_of(rows)
-    if model.config.ranker == "layout":
-        fine = index.fine_layouts_of(rows)
-    return candidate_scores(model, sketch, fine, tokens, positions)
+    return candidate_scores(model, sketch, len(rows), lambda: index.fine_layouts_of(rows),
+                            lambda i: index.tokens_of(rows[i]))
 
 
 @dataclass

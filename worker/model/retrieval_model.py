@@ -35,12 +35,16 @@ class ModelConfig:
     sketch_prune_layers: tuple[int, ...] = (3, 6, 9)  # attention-guided filtering of sketch tokens
     sketch_keep_rate: float = 0.7
     # "layout": shortlist by the coarse edge layout, re-rank by the fine edge layout blended with
-    # token_weight x the cross-attention score (both standardised over the shortlist).
+    # token_weight x the cross-attention score, computed for the token_candidates best tiles by
+    # fine layout (each score standardised over the tiles it was computed for).
     # "tokens": the paper's two stages alone: global-token shortlist, cross-attention re-rank.
-    # token_weight 0.1 had the best recall@5 on the training scene (0, 0.1, 0.2, 0.3, 0.5, 1 tried);
-    # on held-out scenes the blend is a tie with the layout alone (docs/benchmarks/quality.md)
+    # Both numbers were chosen on the training scene (scripts/sweep_token_weight.py, table in
+    # docs/benchmarks/token_weight.md): 64 candidates rank like 200; 0.2 is the smallest weight
+    # with the best recall@5 there (0.2, 0.3 and 0.5 tie; larger weights lose on held-out scenes,
+    # where the trained modules are weaker than on the scene they were trained on).
     ranker: str = "layout"
-    token_weight: float = 0.1
+    token_weight: float = 0.2
+    token_candidates: int = 64
     sketch_modules: Path | None = None  # trained tokenizer/adapter/scorer (scripts/train.py)
 
 
