@@ -20,13 +20,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (SCENES, STYLES, TRAIN_SCENES, build_gallery, encode_gallery, make_queries,  # noqa: E402
-                      metrics, outline_queries, rank_of)
+                      metrics, outline_queries, product_scores, rank_of)
 
 from worker.model.loading import SHIPPED_SKETCH_MODULES, load_model  # noqa: E402
-from worker.search import candidate_scores, shortlist_rows, shortlist_topk  # noqa: E402
 from worker.sketch import prepare_sketch  # noqa: E402
 
-SHORTLIST = 200
 DEFAULT_METHOD = "(h) default: edge-layout shortlist, layout + token re-rank, trained modules"
 
 
@@ -36,14 +34,7 @@ def product_method(model, gallery, spatial: bool = True, crop_to_ink: bool = Fal
 
     def score(query) -> np.ndarray:
         sketch = prepare_sketch(query.image, 224, crop_to_ink=True) if crop_to_ink else query.sketch
-        s = model.encode_sketch(sketch)
-        q, scanned = shortlist_rows(model, codes, s)
-        rows, _ = shortlist_topk(q, scanned, SHORTLIST)
-        final = np.asarray(scanned, np.float32) @ q  # tiles outside the shortlist rank after it, by the scan
-        final[rows] = 1e3 + candidate_scores(
-            model, s, len(rows), lambda: codes.fine[rows],
-            lambda i: (codes.tokens[rows[i]], codes.positions[rows[i]] if spatial else None))
-        return final
+        return product_scores(model, codes, model.encode_sketch(sketch), spatial)
 
     return score
 

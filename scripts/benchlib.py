@@ -129,6 +129,24 @@ def encode_gallery(model, gallery: Gallery, batch: int = 16) -> GalleryCodes:
                         cat(lambda o: o.tokens), cat(lambda o: o.positions), cat(lambda o: o.layout.fine))
 
 
+SHORTLIST = 200  # the worker's default shortlist
+
+
+def product_scores(model, codes: GalleryCodes, sketch, spatial: bool = True) -> np.ndarray:
+    """Scores of every gallery tile for an encoded sketch, ranked by the worker's two stages
+    (worker.search) as `search` runs them on an index: tiles outside the shortlist rank after
+    it, by the scan. `spatial=False` drops the token score's spatial prior."""
+    from worker.search import candidate_scores, shortlist_rows, shortlist_topk
+
+    query, scanned = shortlist_rows(model, codes, sketch)
+    rows, _ = shortlist_topk(query, scanned, SHORTLIST)
+    final = np.asarray(scanned, np.float32) @ query
+    final[rows] = 1e3 + candidate_scores(
+        model, sketch, len(rows), lambda: codes.fine[rows],
+        lambda i: (codes.tokens[rows[i]], codes.positions[rows[i]] if spatial else None))
+    return final
+
+
 def metrics(ranks: list[int]) -> dict[str, float]:
     r = np.asarray(ranks, dtype=np.float64)
     if len(r) == 0:

@@ -19,12 +19,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import TRAIN_SCENES, build_gallery, encode_gallery, make_queries, metrics, outline_queries, rank_of  # noqa: E402
+from benchlib import (TRAIN_SCENES, build_gallery, encode_gallery, make_queries, metrics,  # noqa: E402
+                      outline_queries, product_scores, rank_of)
 
 from worker.model.loading import SHIPPED_SKETCH_MODULES, load_model  # noqa: E402
-from worker.search import candidate_scores, shortlist_rows, shortlist_topk  # noqa: E402
-
-SHORTLIST = 200
 
 
 def main() -> int:
@@ -43,14 +41,9 @@ def main() -> int:
     ranks = {key: [] for key in settings}
     for q in queries:
         s = model.encode_sketch(q.sketch, tokens=True)
-        vector, scanned = shortlist_rows(model, codes, s)
-        rows, _ = shortlist_topk(vector, scanned, SHORTLIST)
         for w, n in settings:
             model.config = replace(config, token_weight=w, token_candidates=n)
-            final = np.asarray(scanned, np.float32) @ vector
-            final[rows] = 1e3 + candidate_scores(model, s, len(rows), lambda: codes.fine[rows],
-                                                 lambda i: (codes.tokens[rows[i]], codes.positions[rows[i]]))
-            ranks[(w, n)].append(rank_of(final, q.target))
+            ranks[(w, n)].append(rank_of(product_scores(model, codes, s), q.target))
     held = np.array([q.scene not in TRAIN_SCENES for q in queries])
     styles = sorted({q.style for q in queries})
     print(f"modules: {args.sketch_modules}; {len(queries)} queries ({(~held).sum()} training scene, {held.sum()} held out)")

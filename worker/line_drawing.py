@@ -13,6 +13,7 @@ from skimage.feature import canny
 from skimage.morphology import skeletonize
 
 TILE_EDGE_SIGMA = 3.0  # at 224 px: coarse structure (shorelines, roads, field edges), not texture
+EDGE_QUANTILES = (0.6, 0.9)  # Canny's low/high thresholds as quantiles of the gradient magnitude
 
 
 def edge_map(tile: np.ndarray, sigma: float, valid: np.ndarray | None = None) -> np.ndarray:
@@ -22,8 +23,8 @@ def edge_map(tile: np.ndarray, sigma: float, valid: np.ndarray | None = None) ->
     gray = tile.astype(np.float32).mean(-1) / 255.0
     if valid is not None and valid.all():
         valid = None
-    return skeletonize(canny(gray, sigma=sigma, low_threshold=0.6, high_threshold=0.9, use_quantiles=True,
-                             mask=valid))
+    low, high = EDGE_QUANTILES
+    return skeletonize(canny(gray, sigma=sigma, low_threshold=low, high_threshold=high, use_quantiles=True, mask=valid))
 
 
 def draw_edges(edges: np.ndarray, size: int, width: int = 2) -> Image.Image:
@@ -48,4 +49,4 @@ def tile_line_drawings(tiles: np.ndarray, valid: np.ndarray | None = None, sigma
 
 def fingerprint() -> dict:
     """What decides tile drawings (part of the index's tile-encoder fingerprint)."""
-    return {"sigma": TILE_EDGE_SIGMA, "thresholds": (0.6, 0.9), "nodata": "masked"}
+    return {"sigma": TILE_EDGE_SIGMA, "thresholds": EDGE_QUANTILES, "nodata": "masked"}

@@ -7,6 +7,8 @@ Used for tests, benchmarks and training pairs. Styles:
   sloppy  - wobbly, plus a person's errors (`augment`: missing and extra lines, pen width,
             slight rotation and scale)
   hed     - traced HED edges (needs the HED model)
+  partial - the simple lines inside one square holding a quarter of the frame (`only_part`)
+Land-cover outlines (`label_outlines`, `draw_outlines`) are drawn from a label map, not a tile.
 """
 
 from __future__ import annotations
