@@ -16,7 +16,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from worker.assets import load_asset_paths  # noqa: E402
-from worker.pseudo_sketch import draw_outlines, label_outlines, load_hand_strokes, pseudo_sketch  # noqa: E402
+from worker.line_drawing import CONTRAST_FLOOR  # noqa: E402
+from worker.pseudo_sketch import draw_outlines, has_lines, label_outlines, load_hand_strokes, pseudo_sketch  # noqa: E402
 from worker.sketch import prepare_sketch  # noqa: E402
 from worker.tiling import Tile, TileReader, TileSettings, open_raster, plan_tiles  # noqa: E402
 
@@ -68,8 +69,11 @@ class Query:
     image: "PIL.Image.Image"  # noqa: F821
 
 
-def make_queries(gallery: Gallery, per_scene: int, seed: int = 0, styles=STYLES) -> list[Query]:
-    """`per_scene` random places of each scene, each drawn in every style (fixed seed)."""
+def make_queries(gallery: Gallery, per_scene: int, seed: int = 0, styles=STYLES, floor: float = CONTRAST_FLOOR,
+                 sketchable_floor: float | None = None) -> list[Query]:
+    """`per_scene` random places of each scene, each drawn in every style (fixed seed). Only
+    places with something to draw are chosen (worker.pseudo_sketch.has_lines at
+    `sketchable_floor`, by default the drawing's own contrast `floor`)."""
     from worker.model.hed import load_hed
 
     rng = np.random.default_rng(seed)
@@ -78,11 +82,12 @@ def make_queries(gallery: Gallery, per_scene: int, seed: int = 0, styles=STYLES)
     hed = load_hed(Path(paths["hed_weights"])) if "hed" in styles else None
     queries = []
     for scene in SCENES:
-        rows = np.nonzero(gallery.scene == scene)[0]
+        rows = [r for r in np.nonzero(gallery.scene == scene)[0]
+                if has_lines(gallery.images[r], gallery.valid[r], floor if sketchable_floor is None else sketchable_floor)]
         for row in rng.choice(rows, min(per_scene, len(rows)), replace=False):
             for style in styles:
                 img = pseudo_sketch(gallery.images[row], style, rng=rng, hand_strokes=strokes, hed=hed,
-                                   valid=gallery.valid[row])
+                                   valid=gallery.valid[row], floor=floor)
                 queries.append(Query(int(row), scene, style, prepare_sketch(img, 224), img))
     return queries
 

@@ -22,9 +22,16 @@ from rasterio import features
 from scipy import ndimage
 from skimage.measure import approximate_polygon, find_contours
 
-from worker.line_drawing import draw_edges, edge_map
+from worker.line_drawing import CONTRAST_FLOOR, draw_edges, edge_map, visible_structure
 
 QUERY_EDGE_SIGMA = 2.0  # finer than the index's tile drawings: a query is not the indexed drawing
+MIN_LINE_SHARE = 0.002  # edge pixels a place needs to be worth sketching (a line across half of it)
+
+
+def has_lines(tile: np.ndarray, valid: np.ndarray | None = None, floor: float = CONTRAST_FLOOR) -> bool:
+    """Whether a place shows anything a person would draw (open water, haze and flat fields do
+    not): the benchmark and training only sketch such places."""
+    return bool(edge_map(tile, QUERY_EDGE_SIGMA, valid, floor).mean() >= MIN_LINE_SHARE)
 
 
 def trace_polylines(edges: np.ndarray, min_length: float = 12.0, tolerance: float = 1.5,
@@ -124,17 +131,19 @@ def hed_edges(tile: np.ndarray, hed, keep: float = 0.08) -> np.ndarray:
 
 
 def pseudo_sketch(tile: np.ndarray, style: str = "canny", size: int = 224, rng: np.random.Generator | None = None,
-                  hand_strokes: list[np.ndarray] | None = None, hed=None, valid: np.ndarray | None = None) -> Image.Image:
+                  hand_strokes: list[np.ndarray] | None = None, hed=None, valid: np.ndarray | None = None,
+                  floor: float = CONTRAST_FLOOR) -> Image.Image:
     """A line drawing of an RGB uint8 tile in the given style (`hed` needs a loaded HED model).
-    Nothing is drawn where `valid` (the tile's data mask) is False: a person draws what they see."""
+    Nothing is drawn where `valid` (the tile's data mask) is False or where the tile is
+    featureless (`floor`, see worker.line_drawing): a person draws what they see."""
     if style == "hed":
         if hed is None:
             raise ValueError("the hed style needs a HED model (worker.model.hed.load_hed)")
-        edges = hed_edges(tile, hed)
+        edges = hed_edges(tile, hed) & visible_structure(tile, floor)
         if valid is not None:
             edges &= ndimage.binary_erosion(valid, iterations=3)
         return draw_polylines(trace_polylines(edges), tile.shape[:2], size)
-    edges = edge_map(tile, QUERY_EDGE_SIGMA, valid)
+    edges = edge_map(tile, QUERY_EDGE_SIGMA, valid, floor)
     if style == "canny":
         return draw_edges(edges, size)
     lines = trace_polylines(edges)
