@@ -13,17 +13,21 @@ from worker.pseudo_sketch import load_hand_strokes, pseudo_sketch
 from worker.search import search
 from worker.sketch import prepare_sketch
 from worker.tiling import TileReader, TileSettings
-from worker.training import BatchSampler, build_cache, train
+from worker.training import BatchSampler, encode_pairs, sketch_input, train
+from worker.training_pairs import PairSet, build_pairs
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, assets):
-    model = load_model(device="cpu", sketch_modules="none")
+def pairs(assets) -> PairSet:
     strokes = load_hand_strokes(Path(load_asset_paths()["lasa_dir"]))
-    cache = build_cache(model, [assets["rmnp_rgb"]], windows_per_raster=16, sketches_per_window=2,
-                        hand_strokes=strokes, seed=0)
+    return build_pairs([assets["rmnp_rgb"]], windows_per_raster=16, sketches_per_window=2, hand_strokes=strokes, seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, pairs):
+    model = load_model(device="cpu", sketch_modules="none")
     checkpoint = tmp_path_factory.mktemp("train") / "sketch_modules.safetensors"
-    losses = train(model, cache, steps=80, seed=0, batch_places=8, lr=1e-3, checkpoint=checkpoint)
+    losses = train(model, encode_pairs(model, pairs), steps=80, seed=0, batch_places=8, lr=1e-3, checkpoint=checkpoint)
     return losses, checkpoint
 
 
@@ -50,6 +54,28 @@ def test_loading_the_checkpoint_changes_results_deterministically(trained, tmp_p
     assert a != plain
     assert tuned_a.fingerprint()["sketch_modules_sha256"] is not None
     assert tuned_a.tile_encoder_fingerprint() == base.tile_encoder_fingerprint()  # the index stays valid
+
+
+def test_the_tokenizer_trains_through_the_frozen_backbone_from_a_saved_pair_set(pairs, tmp_path):
+    """What a GPU machine does with a pair set carried to it: the multi-level tokenizer's gate
+    opens, the backbone (and so every built index) is untouched, and the checkpoint carries it."""
+    import torch
+
+    pairs.save(tmp_path / "pairs.npz")
+    loaded = PairSet.load(tmp_path / "pairs.npz")
+    assert np.array_equal(loaded.sketches, pairs.sketches) and np.array_equal(loaded.place, pairs.place)
+    model = load_model(device="cpu", sketch_modules="none")
+    backbone = {k: v.clone() for k, v in model.vit.state_dict().items()}
+    cache = encode_pairs(model, loaded, cache_sketch_tokens=False)
+    checkpoint = tmp_path / "tok.safetensors"
+    train(model, cache, steps=3, seed=0, batch_places=3, lr=1e-3, checkpoint=checkpoint)
+    assert model.tokenizer.gate.abs().max() > 1e-4
+    assert all(torch.equal(v, backbone[k]) for k, v in model.vit.state_dict().items())
+    tuned = load_model(device="cpu", sketch_modules=checkpoint)
+    assert torch.equal(tuned.tokenizer.gate, model.tokenizer.gate)
+    sketch = tuned.normalise(sketch_input(torch.from_numpy(loaded.sketches[:1])))
+    with torch.inference_mode():
+        assert tuned.tokenizer(sketch).abs().max() > 0  # an untrained tokenizer adds exactly zero
 
 
 def test_a_checkpoint_for_another_backbone_is_refused(trained):

@@ -1,20 +1,23 @@
-"""Training the sketch-side modules on pseudo-sketch pairs cut from real rasters.
+"""Training the sketch-side modules on pseudo-sketch pairs cut from real rasters (worker.training_pairs).
 
 The backbone is frozen. Tile tokens are what the index stores (the tile encoder never changes,
-so built indexes stay valid); sketch-side backbone outputs are cached once per augmented
-pseudo-sketch. The sketch adapter and the cross-attention scorer are then trained on the
-cache with the paper's triplet objective, each sketch against its own place (positive) and the
-hardest other places of the same scene in the batch (negatives). Half of each batch are places
-whose edge layouts resemble an anchor place's: the re-rank only ever sees the layout shortlist,
-so those are the negatives it has to tell apart. The multi-level tokenizer
-sits before the backbone and would need a backbone backward pass per step; it is not trained
-here (its gate stays zero, so it remains the exact patch embedding).
+so built indexes stay valid). The sketch adapter and the cross-attention scorer are trained with
+the paper's triplet objective, each sketch against its own place (positive) and the hardest
+other places of the same scene in the batch (negatives). Half of each batch are places whose
+edge layouts resemble an anchor place's: the re-rank only ever sees the layout shortlist, so
+those are the negatives it has to tell apart.
+
+The multi-level tokenizer sits before the backbone, so training it runs the backbone forward and
+backward on every step's sketches (`train_tokenizer`; meant for a GPU). Without it the sketches'
+backbone outputs are computed once and cached, which is what makes training fit on a CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -23,77 +26,56 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from worker.model.retrieval_model import RetrievalModel
-from worker.pseudo_sketch import augment, pseudo_sketch
-from worker.sketch import prepare_sketch
-from worker.tiling import Tile, TileReader, open_raster
+from worker.training_pairs import PairSet
 
 log = logging.getLogger(__name__)
-STYLES = ("canny", "simple", "wobbly")
 
 
 @dataclass
 class PairCache:
-    """Per sample: the sketch's pre-adapter tokens (S, 1 + M, D), their positions (S, M) and its
-    place's id; per place: the tile's global (P, D), filtered tokens (P, K, D), positions (P, K) and
-    coarse edge layout (P, L)."""
+    """A pair set as the model sees it. Per sketch either its pre-adapter backbone tokens
+    (S, 1 + M, D) and their positions (S, M) (frozen tokenizer), or its image (S, H, W) uint8
+    (trained tokenizer), and its place id; per place the tile's global token (P, D), filtered
+    tokens (P, K, D), their positions (P, K) and coarse edge layout (P, L)."""
 
-    sketch_tokens: torch.Tensor
-    sketch_positions: torch.Tensor
+    sketch_tokens: torch.Tensor | None
+    sketch_positions: torch.Tensor | None
+    sketch_images: torch.Tensor | None
     place: torch.Tensor
     tile_global: torch.Tensor
     tile_tokens: torch.Tensor
     tile_positions: torch.Tensor
     tile_layout: torch.Tensor
 
+    def to(self, device: torch.device) -> "PairCache":
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return PairCache(**{k: None if v is None else v.to(device) for k, v in moved.items()})
 
-def random_windows(raster: Path, count: int, rng: np.random.Generator, sizes=(96, 128, 192, 256)) -> list[Tile]:
-    info = open_raster(raster, None)
-    tiles = []
-    for _ in range(count):
-        size = int(min(rng.choice(sizes), info.width, info.height))
-        col = int(rng.integers(0, info.width - size + 1))
-        row = int(rng.integers(0, info.height - size + 1))
-        tiles.append(Tile(info, col, row, size, size, 1))
-    return tiles
+
+def sketch_input(images: torch.Tensor) -> torch.Tensor:
+    """Stored sketch images (B, H, W) uint8 -> (B, 3, H, W) in [0, 1], as prepare_sketch gives."""
+    return (images.float() / 255.0)[:, None].expand(-1, 3, -1, -1)
 
 
 @torch.inference_mode()
-def sketch_backbone_tokens(model: RetrievalModel, sketches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frozen part of the sketch path (patch embedding + filtered ViT output, before the adapter)."""
-    tokens, positions = model.sketch_backbone(model.normalise(sketches))
-    return tokens.cpu(), positions.cpu()
-
-
-def build_cache(model: RetrievalModel, rasters: list[Path], windows_per_raster: int, sketches_per_window: int,
-                hand_strokes: list[np.ndarray], seed: int, batch: int = 16) -> PairCache:
-    rng = np.random.default_rng(seed)
-    images, masks = [], []
-    for raster in rasters:
-        tiles = random_windows(raster, windows_per_raster, rng)
-        with TileReader(tiles[0].raster, model.img_size) as reader:
-            for tile in tiles:
-                image, valid = reader.read(tile)
-                if valid.mean() >= 0.9:
-                    images.append(image)
-                    masks.append(valid)
-    images, masks = np.stack(images), np.stack(masks)
+def encode_pairs(model: RetrievalModel, pairs: PairSet, cache_sketch_tokens: bool = True, batch: int = 16) -> PairCache:
+    """Tile tokens of every place, and the sketches' backbone tokens unless the tokenizer trains."""
     globals_, tokens, positions, layouts = [], [], [], []
-    for i in tqdm(range(0, len(images), batch), desc="tile tokens", unit="batch"):
-        out = model.encode_tiles(images[i:i + batch], masks[i:i + batch])
+    for i in tqdm(range(0, len(pairs.drawings), batch), desc="tile tokens", unit="batch"):
+        out = model.encode_drawings(pairs.drawings[i:i + batch])
         globals_.append(torch.from_numpy(out.global_token.astype(np.float32)))
         tokens.append(torch.from_numpy(out.tokens.astype(np.float32)))
         positions.append(torch.from_numpy(out.positions.astype(np.int64)))
         layouts.append(torch.from_numpy(out.layout.coarse.astype(np.float32)))
-    sketches, places = [], []
-    for place, image in enumerate(images):
-        for k in range(sketches_per_window):
-            style = STYLES[(place + k) % len(STYLES)]
-            img = augment(pseudo_sketch(image, style, rng=rng, hand_strokes=hand_strokes, valid=masks[place]), rng)
-            sketches.append(prepare_sketch(img, model.img_size))
-            places.append(place)
-    encoded = [sketch_backbone_tokens(model, torch.stack(sketches[i:i + batch]))
-               for i in tqdm(range(0, len(sketches), batch), desc="sketch tokens", unit="batch")]
-    return PairCache(torch.cat([e[0] for e in encoded]), torch.cat([e[1] for e in encoded]), torch.tensor(places),
+    images = torch.from_numpy(pairs.sketches)
+    sketch_tokens = sketch_positions = None
+    if cache_sketch_tokens:
+        encoded = [model.sketch_backbone(model.normalise(sketch_input(images[i:i + batch])))
+                   for i in tqdm(range(0, len(images), batch), desc="sketch tokens", unit="batch")]
+        sketch_tokens = torch.cat([e[0].cpu() for e in encoded])
+        sketch_positions = torch.cat([e[1].cpu() for e in encoded])
+        images = None
+    return PairCache(sketch_tokens, sketch_positions, images, torch.from_numpy(pairs.place),
                      torch.cat(globals_), torch.cat(tokens), torch.cat(positions), torch.cat(layouts))
 
 
@@ -118,12 +100,25 @@ class BatchSampler:
         return picked[np.sort(first)][:self.batch]
 
 
+def sketch_side(model: RetrievalModel, cache: PairCache, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pre-adapter tokens and positions of the sketches `rows`: cached, or through the tokenizer
+    and the frozen backbone with gradients (bf16 autocast on a GPU)."""
+    if cache.sketch_images is None:
+        return cache.sketch_tokens[rows], cache.sketch_positions[rows]
+    on_gpu = model.device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else contextlib.nullcontext()
+    with autocast:
+        tokens, positions = model.sketch_backbone(model.normalise(sketch_input(cache.sketch_images[rows])))
+    return tokens.float(), positions
+
+
 def pair_scores(model: RetrievalModel, cache: PairCache, sketch_rows: torch.Tensor,
                 places: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Re-rank scores (S, P) of sketches against places as the product computes them, and the
     global-token cosines (S, P) the shortlist uses."""
-    g, t = model.adapt(cache.sketch_tokens[sketch_rows])
-    xattn = model.scorer.pairwise(t, cache.tile_tokens[places], sketch_pos=cache.sketch_positions[sketch_rows],
+    tokens, positions = sketch_side(model, cache, sketch_rows)
+    g, t = model.adapt(tokens)
+    xattn = model.scorer.pairwise(t, cache.tile_tokens[places], sketch_pos=positions,
                                   tile_pos=cache.tile_positions[places])
     return xattn, g @ cache.tile_global[places].T
 
@@ -136,32 +131,52 @@ def triplet_loss(scores: torch.Tensor, positive: torch.Tensor, margin: float, ha
     return F.relu(margin - pos + hard).mean()
 
 
+TRAINED = ("adapter", "scorer")
+TRAINED_WITH_TOKENIZER = ("tokenizer", "adapter", "scorer")
+
+
 def train(model: RetrievalModel, cache: PairCache, steps: int, seed: int, batch_places: int = 16,
-          lr: float = 3e-4, margin: float = 0.1, checkpoint: Path | None = None, resume: bool = False) -> list[float]:
-    """Train adapter + scorer; returns the loss per step. Deterministic for a seed."""
+          lr: float = 3e-4, margin: float = 0.1, checkpoint: Path | None = None, resume: bool = False,
+          time_limit_s: float | None = None, checkpoint_every: int = 100) -> list[float]:
+    """Train adapter + scorer, and the tokenizer when the cache holds sketch images; returns the
+    loss per step. Deterministic for a seed on a CPU. Stops early, saving, after `time_limit_s`."""
     torch.manual_seed(seed)
-    params = list(model.adapter.parameters()) + list(model.scorer.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    names = TRAINED if cache.sketch_images is None else TRAINED_WITH_TOKENIZER
+    modules = [getattr(model, n) for n in names]
+    model.vit.requires_grad_(False)
+    opt = torch.optim.AdamW([p for m in modules for p in m.parameters()], lr=lr, weight_decay=1e-4)
     start = 0
     state_path = checkpoint.with_suffix(".train-state.pt") if checkpoint else None
     if resume and state_path and state_path.exists():
-        state = torch.load(state_path, weights_only=True)
-        model.adapter.load_state_dict(state["adapter"])
-        model.scorer.load_state_dict(state["scorer"])
+        state = torch.load(state_path, weights_only=True, map_location=model.device)
+        for n in names:
+            getattr(model, n).load_state_dict(state[n])
         opt.load_state_dict(state["opt"])
         start = state["step"]
         log.info("resuming at step %d", start)
-    sample_places = BatchSampler(cache.tile_layout, batch_places, seed)
+    cache = cache.to(model.device)
+    sample_places = BatchSampler(cache.tile_layout.cpu(), batch_places, seed)
     for _ in range(start):  # replay the sampler so a resumed run sees the same batches
         sample_places()
-    model.adapter.train()
-    model.scorer.train()
-    losses = []
-    bar = tqdm(range(start, steps), desc="train", unit="step")
+
+    def save(step: int) -> None:
+        if state_path:
+            state_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = state_path.with_name(state_path.name + ".tmp")
+            torch.save({**{n: getattr(model, n).state_dict() for n in names}, "opt": opt.state_dict(),
+                        "step": step}, tmp)
+            tmp.replace(state_path)
+            model.save_sketch_modules(checkpoint, {"trained_steps": str(step), "seed": str(seed),
+                                                   "trained": ",".join(names)})
+
+    for m in modules:
+        m.train()
+    losses, began, done = [], time.monotonic(), start
+    bar = tqdm(range(start, steps), desc="train", unit="step", mininterval=5.0)
     for step in bar:
-        places = sample_places()
-        lookup = torch.full((len(cache.tile_global),), -1)
-        lookup[places] = torch.arange(len(places))
+        places = sample_places().to(model.device)
+        lookup = torch.full((len(cache.tile_global),), -1, device=model.device)
+        lookup[places] = torch.arange(len(places), device=model.device)
         rows = torch.nonzero(lookup[cache.place] >= 0).squeeze(1)
         xattn, global_scores = pair_scores(model, cache, rows, places)
         positive = lookup[cache.place[rows]]
@@ -170,13 +185,17 @@ def train(model: RetrievalModel, cache: PairCache, steps: int, seed: int, batch_
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-        if state_path and ((step + 1) % 100 == 0 or step + 1 == steps):
-            torch.save({"adapter": model.adapter.state_dict(), "scorer": model.scorer.state_dict(),
-                        "opt": opt.state_dict(), "step": step + 1}, state_path)
-    model.adapter.eval()
-    model.scorer.eval()
-    if checkpoint:
-        model.save_sketch_modules(checkpoint, {"trained_steps": str(steps), "seed": str(seed)})
+        done = step + 1
+        if done % checkpoint_every == 0:
+            save(done)
+            log.info("step %d: loss %.4f (mean of the last %d), %.0f s", done, np.mean(losses[-checkpoint_every:]),
+                     min(len(losses), checkpoint_every), time.monotonic() - began)
+        if time_limit_s is not None and time.monotonic() - began > time_limit_s:
+            log.warning("time limit reached after step %d of %d", done, steps)
+            break
+    for m in modules:
+        m.eval()
+    save(done)
     return losses

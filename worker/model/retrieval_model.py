@@ -187,13 +187,24 @@ class RetrievalModel(nn.Module):
         """uint8 (B, S, S, 3) tiles (and their (B, S, S) valid-pixel masks, where some pixels are
         nodata) -> global token, filtered patch tokens and edge layouts for the index."""
         drawings = line_drawing.tile_line_drawings(tiles, valid)
-        x = self.normalise(torch.from_numpy(np.ascontiguousarray(drawings if self.config.tile_view == "edges" else tiles)))
+        return self._encode(drawings if self.config.tile_view == "edges" else tiles, drawings[..., 0])
+
+    @torch.inference_mode()
+    def encode_drawings(self, drawings: np.ndarray) -> TileTokens:
+        """Tiles already drawn as lines, uint8 (B, S, S) (what encode_tiles computes first):
+        training pairs carry these instead of the imagery."""
+        if self.config.tile_view != "edges":
+            raise InputError("encode_drawings needs the 'edges' tile view")
+        return self._encode(np.repeat(drawings[..., None], 3, axis=-1), drawings)
+
+    def _encode(self, images: np.ndarray, drawings: np.ndarray) -> TileTokens:
+        x = self.normalise(torch.from_numpy(np.ascontiguousarray(images)))
         out = forward_tokens(self.vit, self.vit.patch_embed(x), final_keep=self.config.tile_tokens)
         return TileTokens(
             global_token=F.normalize(out.cls, dim=-1).half().cpu().numpy(),
             tokens=F.normalize(out.patches, dim=-1).half().cpu().numpy(),
             positions=out.positions.to(torch.int16).cpu().numpy(),
-            layout=edge_layout.describe_drawings(drawings[..., 0]),
+            layout=edge_layout.describe_drawings(drawings),
         )
 
     def sketch_backbone(self, sketch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
