@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import GalleryCodes, product_scores  # noqa: E402
+from benchlib import Gallery, GalleryCodes, encode_gallery, product_scores  # noqa: E402
 
 from worker.model.loading import load_model  # noqa: E402
 from worker.pseudo_sketch import has_lines, pseudo_sketch  # noqa: E402
@@ -29,13 +29,10 @@ from worker.sketch import prepare_sketch  # noqa: E402
 from worker.tiling import TileReader, TileSettings, open_raster, plan_tiles  # noqa: E402
 
 
-def encode(model, images: np.ndarray, valid: np.ndarray, batch: int = 32) -> tuple[GalleryCodes, float]:
+def encode(model, gallery: Gallery) -> tuple[GalleryCodes, float]:
     began = time.perf_counter()
-    outs = [model.encode_tiles(images[i:i + batch], valid[i:i + batch]) for i in range(0, len(images), batch)]
-    seconds = time.perf_counter() - began
-    cat = lambda get: np.concatenate([get(o) for o in outs])  # noqa: E731
-    return GalleryCodes(cat(lambda o: o.global_token).astype(np.float32), cat(lambda o: o.layout.coarse),
-                        cat(lambda o: o.tokens), cat(lambda o: o.positions), cat(lambda o: o.layout.fine)), seconds
+    codes = encode_gallery(model, gallery)
+    return codes, time.perf_counter() - began
 
 
 def main() -> int:
@@ -51,11 +48,12 @@ def main() -> int:
     with TileReader(info, 224) as reader:
         read = [reader.read(t) for t in tiles]
     images, valid = np.stack([r[0] for r in read]), np.stack([r[1] for r in read])
+    gallery = Gallery(tiles, np.full(len(tiles), args.raster.name), images, valid)
     models, codes = [], []
     for device in devices:
         torch.manual_seed(0)  # the same random weights (and untrained modules) on both devices
         models.append(load_model(device=device, random_weights=args.random_weights))
-        c, seconds = encode(models[-1], images, valid)
+        c, seconds = encode(models[-1], gallery)
         codes.append(c)
         print(f"{device}: encoded {len(images)} tiles in {seconds:.1f} s")
     a, b = codes

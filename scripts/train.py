@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib, imported where the rasters are needed
 from worker.model.loading import SHIPPED_SKETCH_MODULES, load_model  # noqa: E402
 from worker.training import encode_pairs, train  # noqa: E402
 from worker.training_pairs import PairSet  # noqa: E402
@@ -32,7 +33,6 @@ from worker.training_pairs import PairSet  # noqa: E402
 
 def held_out_recall(model) -> dict:
     """Held-out ranks by the cross-attention token score alone (what training changes)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from benchlib import TRAIN_SCENES, build_gallery, encode_gallery, make_queries, metrics, rank_of
 
     gallery = build_gallery()
@@ -46,7 +46,6 @@ def held_out_recall(model) -> dict:
 
 
 def build_training_pairs(args) -> PairSet:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from benchlib import SCENES, TRAIN_SCENES
 
     from worker.assets import load_asset_paths

@@ -30,20 +30,29 @@ def edge_map(tile: np.ndarray, sigma: float, valid: np.ndarray | None = None,
     density comparable between bright and dull scenes, and the contrast floor keeps featureless
     surfaces blank. Smoothing ignores nodata pixels (`valid` False) and no edge is drawn where
     the data ends."""
-    gray = tile.astype(np.float32).mean(-1) / 255.0
+    gray = _grey(tile)
     if valid is not None and valid.all():
         valid = None
     low, high = EDGE_QUANTILES
     edges = canny(gray, sigma=sigma, low_threshold=low, high_threshold=high, use_quantiles=True, mask=valid)
-    return skeletonize(edges & visible_structure(tile, floor))
+    if floor > 0:
+        edges &= _contrast_above(gray, floor)
+    return skeletonize(edges)
 
 
 def visible_structure(tile: np.ndarray, floor: float = CONTRAST_FLOOR) -> np.ndarray:
     """Where an RGB uint8 tile has contrast enough for a line (bool (S, S)); all True at floor 0."""
     if floor <= 0:
         return np.ones(tile.shape[:2], bool)
-    gray = tile.astype(np.float32).mean(-1) / 255.0
-    return ndimage.gaussian_gradient_magnitude(gray, CONTRAST_SIGMA * tile.shape[0] / 224) >= floor
+    return _contrast_above(_grey(tile), floor)
+
+
+def _grey(tile: np.ndarray) -> np.ndarray:
+    return tile.astype(np.float32).mean(-1) / 255.0
+
+
+def _contrast_above(gray: np.ndarray, floor: float) -> np.ndarray:
+    return ndimage.gaussian_gradient_magnitude(gray, CONTRAST_SIGMA * gray.shape[0] / 224) >= floor
 
 
 def draw_edges(edges: np.ndarray, size: int, width: int = 2) -> Image.Image:
