@@ -4,8 +4,8 @@
 That machine has torch and timm but not the rasters, rasterio or the converted backbone, and a
 call can carry 64 MiB. The bundle holds the default backbone's weights rounded to fp16 (43 MB;
 the fp32 file is 87 MB) and a pair set built here (scripts/train.py --save-pairs). The fp16
-copy stands in for the default weights: its sidecar names the fp32 file's digest, so modules
-trained on it are recorded for, and load on, the default backbone. This script measures what the
+copy stands in for the default weights: its identity is derived from the fp32 backbone's, so
+modules trained on it are recorded for, and load on, the default backbone. This script measures what the
 rounding changes in the backbone's sketch tokens and prints it.
 Run: .venv/bin/python scripts/gpu_bundle.py, then scripts/train.py there with
   --pairs .gpu-bundle/pairs.npz --backbone-weights .gpu-bundle/dinov2_fp16.safetensors --no-eval --device cuda --tokenizer
@@ -21,7 +21,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from worker.assets import default_weights_path  # noqa: E402
-from worker.model.backbone import load_state_dict_file  # noqa: E402
+from worker.model import identity  # noqa: E402
+from worker.model.checkpoints import load_backbone_weights, save_safetensors  # noqa: E402
 from worker.model.loading import load_model  # noqa: E402
 from worker.model.vit_tokens import forward_tokens  # noqa: E402
 from worker.training import sketch_input  # noqa: E402
@@ -31,13 +32,10 @@ BUNDLE = REPO / ".gpu-bundle"
 
 
 def main() -> int:
-    from safetensors.torch import save_file
-
     source = default_weights_path()
     dest = BUNDLE / "dinov2_fp16.safetensors"
-    state = {k: v.half().contiguous() for k, v in load_state_dict_file(source).items()}
-    save_file(state, str(dest))
-    dest.with_suffix(".sha256").write_text(source.with_suffix(".sha256").read_text())
+    state, parent = load_backbone_weights(source)
+    save_safetensors({k: v.half() for k, v in state.items()}, dest, identity.stamp(identity.derived(parent, "fp16")))
     pairs = PairSet.load(BUNDLE / "pairs.npz")
     sketches = sketch_input(torch.from_numpy(pairs.sketches[:32]))
     exact, rounded = (load_model(weights=w, device="cpu", sketch_modules="none") for w in (source, dest))

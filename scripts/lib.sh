@@ -81,6 +81,7 @@ ensure_qgis_env() {
 
 run_qgis_tests() {
   local runtime="${XDG_RUNTIME_DIR:-/tmp/runtime-$(id -u)}"
+  rm -rf "$REPO/.qgis-settings"  # pytest-qgis keeps QGIS settings there: every run starts as a new user
   mkdir -p "$runtime" && chmod 700 "$runtime"
   XDG_RUNTIME_DIR="$runtime" QT_QPA_PLATFORM=offscreen SKETCH_SEARCH_WORKER_PYTHON="$REPO/.venv/bin/python" \
     "$REPO/.venv-qgis/bin/python" -m pytest tests/qgis -p no:cacheprovider "$@"

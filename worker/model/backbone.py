@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import timm
 import torch
 from torch import nn
 
 from worker.errors import InputError
+from worker.model.identity import WeightsIdentity
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -17,40 +17,25 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """Which ViT, at which input size, with which weights (None: random init, the quality floor)."""
+    """Which ViT, at which input size, with which weights (`identity` says where they came from;
+    a random initialisation is the quality floor)."""
 
     timm_name: str = "vit_small_patch14_dinov2"
-    weights: Path | None = None
+    identity: WeightsIdentity | None = None
     img_size: int = 224
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
 
-def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
-    """Read a safetensors or torch checkpoint (weights only: no pickle execution)."""
-    if not path.exists():
-        raise InputError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("model", "state_dict", "model_state_dict"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-    return state
-
-
-def build_backbone(spec: BackboneSpec) -> nn.Module:
-    """A timm VisionTransformer in eval mode with the spec's weights, strictly loaded."""
+def build_backbone(spec: BackboneSpec, state: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """A timm VisionTransformer in eval mode with `state` strictly loaded (None: random init)."""
     try:
         model = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, img_size=spec.img_size)
     except RuntimeError as exc:
         raise InputError(f"unknown timm model {spec.timm_name!r}: {exc}") from exc
     if not hasattr(model, "blocks") or not hasattr(model, "patch_embed"):
         raise InputError(f"{spec.timm_name} is not a ViT (no blocks/patch_embed)")
-    if spec.weights is not None:
-        state = load_state_dict_file(spec.weights)
+    if state is not None:
         # Foreign timm-family checkpoints (hub files, other input sizes) go through timm's own
         # filter, which renames legacy keys and resamples position embeddings.
         from timm.models.vision_transformer import checkpoint_filter_fn
@@ -59,6 +44,6 @@ def build_backbone(spec: BackboneSpec) -> nn.Module:
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("head")]
         if missing or unexpected:
-            raise InputError(f"{spec.weights} does not fit {spec.timm_name}: missing {missing[:5]}, "
+            raise InputError(f"these weights do not fit {spec.timm_name}: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
     return model.eval()

@@ -16,6 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+# Bump whenever the converted numbers change (resampling, names, dtypes): it is part of the
+# backbone's identity, so indexes and sketch modules made with an older conversion are refused.
+CONVERTER = "convert_onnx/1"
 HF_PREFIX = "backbone."
 _LAYER = re.compile(r"backbone\.encoder\.layer\.(\d+)\.(.+)")
 _LAYER_NAMES = {
@@ -76,7 +79,7 @@ def resample_patch_positions(patch_pos: np.ndarray, grid: int) -> torch.Tensor:
     side = int(round(n**0.5))
     if side * side != n:
         raise ValueError(f"patch position grid of {n} entries is not square")
-    pos = torch.from_numpy(patch_pos).reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    pos = torch.from_numpy(np.array(patch_pos, copy=True)).reshape(1, side, side, dim).permute(0, 3, 1, 2)
     if side != grid:
         pos = F.interpolate(pos, size=(grid, grid), mode="bicubic", align_corners=False, antialias=False)
     return pos.permute(0, 2, 3, 1).reshape(1, grid * grid, dim)
@@ -92,7 +95,7 @@ def hf_dinov2_to_timm(named: dict[str, np.ndarray], cls_pos: np.ndarray, patch_p
         "patch_embed.proj.bias": t["backbone.embeddings.patch_embeddings.projection.bias"],
         "norm.weight": t["backbone.layernorm.weight"],
         "norm.bias": t["backbone.layernorm.bias"],
-        "pos_embed": torch.cat([torch.from_numpy(cls_pos), resample_patch_positions(patch_pos, grid)], 1),
+        "pos_embed": torch.cat([torch.from_numpy(np.array(cls_pos, copy=True)), resample_patch_positions(patch_pos, grid)], 1),
     }
     layers: dict[int, dict[str, torch.Tensor]] = collections.defaultdict(dict)
     for name, value in t.items():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -13,10 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker import edge_layout, line_drawing
-from worker.assets import sha256_of
 from worker.errors import InputError
 from worker.model.adapter import SketchAdapter
-from worker.model.backbone import BackboneSpec, build_backbone, load_state_dict_file
+from worker.model.backbone import BackboneSpec, build_backbone
+from worker.model.checkpoints import SKETCH_MODULE_PARTS
+from worker.model.identity import WeightsIdentity
 from worker.model.cross_attention import CrossAttentionScorer
 from worker.model.tokenizer import MultiLevelTokenizer
 from worker.model.vit_tokens import forward_tokens
@@ -45,7 +45,6 @@ class ModelConfig:
     ranker: str = "layout"
     token_weight: float = 0.2
     token_candidates: int = 64
-    sketch_modules: Path | None = None  # trained tokenizer/adapter/scorer (scripts/train.py)
 
 
 @dataclass
@@ -78,35 +77,34 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def _weights_digest(path: Path | None) -> str | None:
-    if path is None:
-        return None
-    sidecar = path.with_suffix(".sha256")
-    return sidecar.read_text().split()[0] if sidecar.exists() else sha256_of(path)
-
-
 def _digest(obj: dict) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class RetrievalModel(nn.Module):
-    def __init__(self, config: ModelConfig, device: str = "auto"):
+    """The network. Weights come in as tensors with their identities (worker.model.loading reads
+    the files): `backbone_state` None is a random backbone, `sketch_modules` (state, identity)
+    the trained tokenizer, adapter and scorer (None: their untrained, zero-shot defaults)."""
+
+    def __init__(self, config: ModelConfig, device: str = "auto", backbone_state: dict[str, torch.Tensor] | None = None,
+                 sketch_modules: tuple[dict[str, torch.Tensor], WeightsIdentity] | None = None):
         super().__init__()
+        if config.backbone.identity is None:
+            raise ValueError("a model needs to know which backbone weights it runs (BackboneSpec.identity)")
         if config.tile_view not in ("edges", "rgb"):
             raise InputError(f"tile view {config.tile_view!r} must be 'edges' or 'rgb'")
         if config.ranker not in RANKERS:
             raise InputError(f"ranker {config.ranker!r} must be one of {', '.join(RANKERS)}")
         self.config = config
-        self.vit = build_backbone(config.backbone)
+        self.vit = build_backbone(config.backbone, backbone_state)
         dim = self.vit.embed_dim
         grid = self.vit.patch_embed.grid_size[0]
         self.tokenizer = MultiLevelTokenizer(dim, grid)
         self.adapter = SketchAdapter(dim)
         self.scorer = CrossAttentionScorer(dim, grid)
-        self.backbone_digest = _weights_digest(config.backbone.weights)
-        self.sketch_modules_digest = None
-        if config.sketch_modules is not None:
-            self.load_sketch_modules(config.sketch_modules)
+        self.sketch_modules_identity: WeightsIdentity | None = None
+        if sketch_modules is not None:
+            self.set_sketch_modules(*sketch_modules)
         self.device = resolve_device(device)
         self.to(self.device).eval()
         mean = torch.tensor(config.backbone.mean, device=self.device).view(1, 3, 1, 1)
@@ -119,10 +117,14 @@ class RetrievalModel(nn.Module):
     def img_size(self) -> int:
         return self.config.backbone.img_size
 
+    @property
+    def backbone_identity(self) -> WeightsIdentity:
+        return self.config.backbone.identity
+
     def tile_encoder_fingerprint(self) -> str:
         """What decides stored tile tokens; an index is only valid for this exact value."""
         b = self.config.backbone
-        return _digest({"timm": b.timm_name, "img": b.img_size, "weights": self.backbone_digest,
+        return _digest({"timm": b.timm_name, "img": b.img_size, "weights": b.identity.digest,
                         "mean": b.mean, "std": b.std, "tile_tokens": self.config.tile_tokens,
                         "tile_view": self.config.tile_view, "drawing": line_drawing.fingerprint(),
                         "layout": edge_layout.fingerprint()})
@@ -130,45 +132,28 @@ class RetrievalModel(nn.Module):
     def fingerprint(self) -> dict:
         """The model's identity as recorded in index manifests and `info` replies."""
         b = self.config.backbone
+        sketch = self.sketch_modules_identity.digest if self.sketch_modules_identity else None
         return {"tile_encoder": self.tile_encoder_fingerprint(), "timm_name": b.timm_name,
-                "img_size": b.img_size, "tile_view": self.config.tile_view, "backbone_sha256": self.backbone_digest,
-                "sketch_modules_sha256": self.sketch_modules_digest,
-                "model": _digest({"tile": self.tile_encoder_fingerprint(), "sketch": self.sketch_modules_digest,
-                                  "cfg": asdict(replace(self.config, backbone=None, sketch_modules=None))})}
+                "img_size": b.img_size, "tile_view": self.config.tile_view,
+                "backbone": b.identity.to_dict(), "backbone_id": b.identity.digest, "sketch_modules_id": sketch,
+                "model": _digest({"tile": self.tile_encoder_fingerprint(), "sketch": sketch,
+                                  "cfg": asdict(replace(self.config, backbone=None))})}
 
     # -- trained sketch-side modules --------------------------------------------------------
     def sketch_module_state(self) -> dict[str, torch.Tensor]:
         return {f"{name}.{k}": v.detach().cpu().contiguous()
-                for name in ("tokenizer", "adapter", "scorer")
+                for name in SKETCH_MODULE_PARTS
                 for k, v in getattr(self, name).state_dict().items()}
 
-    def save_sketch_modules(self, path: Path, extra: dict[str, str] | None = None) -> None:
-        from safetensors.torch import save_file
-
-        meta = {"timm_name": self.config.backbone.timm_name, "backbone_sha256": str(self.backbone_digest)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(self.sketch_module_state(), str(tmp), metadata={**meta, **(extra or {})})
-        tmp.replace(path)
-
-    def load_sketch_modules(self, path: Path) -> None:
-        """Load trained tokenizer/adapter/scorer; refuse a checkpoint made for another backbone."""
-        from safetensors import safe_open
-
-        if not path.exists():
-            raise InputError(f"sketch modules checkpoint not found: {path}")
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        want = {"timm_name": self.config.backbone.timm_name, "backbone_sha256": str(self.backbone_digest)}
-        got = {k: meta.get(k) for k in want}
-        if got != want:
-            raise InputError(f"{path} was trained for backbone {got}, not {want}: retrain it "
-                             "with scripts/train.py for this backbone")
-        state = load_state_dict_file(path)
-        for name in ("tokenizer", "adapter", "scorer"):
+    def set_sketch_modules(self, state: dict[str, torch.Tensor], identity: WeightsIdentity) -> None:
+        """Load trained tokenizer/adapter/scorer tensors (checked by worker.model.checkpoints)."""
+        for name in SKETCH_MODULE_PARTS:
             part = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
-            getattr(self, name).load_state_dict(part, strict=True)
-        self.sketch_modules_digest = _weights_digest(path)
+            try:
+                getattr(self, name).load_state_dict(part, strict=True)
+            except RuntimeError as exc:
+                raise InputError(f"sketch modules do not fit this model's {name}: {exc}") from exc
+        self.sketch_modules_identity = identity
 
     # -- encoders ----------------------------------------------------------------------------
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
