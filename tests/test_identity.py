@@ -43,7 +43,7 @@ def test_the_default_model_loads_the_shipped_modules_on_weights_converted_now(fr
     from worker.index import IndexWriter, TileIndex
     from worker.search import search
     from worker.sketch import prepare_sketch
-    from worker.pseudo_sketch import pseudo_sketch
+    from lab.pseudo_sketch import pseudo_sketch
     from worker.tiling import TileReader, TileSettings
 
     monkeypatch.setenv("SKETCH_SEARCH_ASSETS", str(fresh_weights[0].parents[1]))

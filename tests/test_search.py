@@ -11,7 +11,7 @@ from PIL import Image
 from conftest import REPO
 from worker.geo import bbox_to_wgs84
 from worker.index import TileIndex
-from worker.pseudo_sketch import has_lines, load_hand_strokes, pseudo_sketch
+from lab.pseudo_sketch import has_lines, load_hand_strokes, pseudo_sketch
 from worker.search import search, shortlist_topk
 from worker.sketch import prepare_sketch
 from worker.tiling import TileReader

@@ -20,7 +20,7 @@ from PIL import Image
 
 from worker.client import CurveKeys, WorkerClient, WorkerError, WorkerUnavailable, subscribe_progress
 from worker.index import TileIndex
-from worker_process import REPO, WorkerProcess, free_port, make_curve_keys
+from lab.worker_process import REPO, WorkerProcess, free_port, make_curve_keys
 
 
 @pytest.fixture(scope="module")

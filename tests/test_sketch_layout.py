@@ -4,7 +4,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from worker import edge_layout
-from worker.pseudo_sketch import draw_outlines, label_outlines, only_part, trace_polylines
+from lab.pseudo_sketch import draw_outlines, label_outlines, only_part, trace_polylines
 from worker.sketch import StrokeSketch, load_sketch, prepare_sketch
 
 

@@ -12,7 +12,7 @@ from conftest import write_raster
 from worker.errors import InputError
 from worker.index import tile_bounds_wgs84
 from worker.line_drawing import TILE_EDGE_SIGMA, edge_map, tile_line_drawings
-from worker.pseudo_sketch import has_lines
+from lab.pseudo_sketch import has_lines
 from worker.tiling import Tile, TileReader, TileSettings, find_rasters, open_raster, plan_tiles
 
 

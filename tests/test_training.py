@@ -9,12 +9,12 @@ from worker.assets import load_asset_paths
 from worker.errors import InputError
 from worker.index import IndexWriter, TileIndex
 from worker.model.loading import load_model
-from worker.pseudo_sketch import load_hand_strokes, pseudo_sketch
+from lab.pseudo_sketch import load_hand_strokes, pseudo_sketch
 from worker.search import search
 from worker.sketch import prepare_sketch
 from worker.tiling import TileReader, TileSettings
-from worker.training import BatchSampler, encode_pairs, sketch_input, train
-from worker.training_pairs import PairSet, build_pairs
+from lab.training import BatchSampler, encode_pairs, sketch_input, train
+from lab.training_pairs import PairSet, build_pairs
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests"))
-
-from worker_process import WorkerProcess  # noqa: E402
+from lab.worker_process import WorkerProcess
 
 WORKER_PYTHON = os.environ.get("SKETCH_SEARCH_WORKER_PYTHON", str(REPO / ".venv" / "bin" / "python"))
 

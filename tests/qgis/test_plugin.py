@@ -118,7 +118,7 @@ def test_an_error_reply_becomes_a_message(plugin, worker, qgis_iface, tmp_path):
 
 
 def test_a_worker_that_is_down_gives_a_message_and_the_ui_stays_live(plugin, qgis_iface):
-    from worker_process import free_port
+    from lab.worker_process import free_port
 
     dock = plugin.dock
     qgis_iface.messageBar().clear_messages()
@@ -156,7 +156,7 @@ def test_processing_algorithms_run(plugin, worker, raster_root, tmp_path):
 
 def test_connecting_to_a_curve_protected_worker_needs_the_keys(plugin, raster_root, tmp_path, qgis_iface):
     from conftest import WORKER_PYTHON
-    from worker_process import WorkerProcess, make_curve_keys
+    from lab.worker_process import WorkerProcess, make_curve_keys
 
     keys, good = make_curve_keys(tmp_path)
     index_root = tmp_path / "indexes"

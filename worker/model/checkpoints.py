@@ -64,15 +64,15 @@ def load_sketch_modules(path: Path, backbone: ids.WeightsIdentity) -> tuple[dict
     if not path.exists():
         raise InputError(f"sketch modules checkpoint not found: {path}")
     if path.suffix != ".safetensors":
-        raise InputError(f"{path}: sketch modules are read from .safetensors files (written by scripts/train.py)")
+        raise InputError(f"{path}: sketch modules are read from .safetensors files (written by scripts/train)")
     meta = ids.safetensors_metadata(path)
     trained_for = meta.get(ids.BACKBONE_KEY)
     if trained_for is None:
-        raise InputError(f"{path} does not say which backbone it was trained for; retrain it with scripts/train.py")
+        raise InputError(f"{path} does not say which backbone it was trained for; retrain it with scripts/train")
     want = backbone.root()
     got = ids.WeightsIdentity.from_json(trained_for).root()
     if got != want:
         raise InputError(f"{path} was trained for backbone {got.to_json()}, not {want.to_json()}: "
-                         "retrain it with scripts/train.py for this backbone, or pass --sketch-modules none")
+                         "retrain it with scripts/train for this backbone, or pass --sketch-modules none")
     state = load_state_dict_file(path)
     return state, ids.read_identity(path, state)

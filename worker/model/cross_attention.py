@@ -4,12 +4,12 @@ Each sketch token attends over the tile's tokens (and each tile token over the s
 the score is how well each token is reconstructed by what it attends to, averaged over both
 directions. With identity projections (the untrained default) this is parameter-free scaled
 dot-product attention over L2-normalised tokens, a soft version of token max-similarity.
-Trained projections and temperature come from a checkpoint (scripts/train.py).
+Trained projections and temperature come from a checkpoint (scripts/train).
 
 Token correspondence: when token positions are given, attention is biased towards tokens at
 the same place in the frame (a Gaussian of the patch-grid distance, sigma in patches). A sketch
 of a place is spatially aligned with it; measured on held-out scenes, this raised the share of
-Canny-style queries found in the top 5 from 0.11 to 0.28 (scripts/bench_quality.py).
+Canny-style queries found in the top 5 from 0.11 to 0.28 (scripts/bench_quality).
 """
 
 from __future__ import annotations

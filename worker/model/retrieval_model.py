@@ -38,7 +38,7 @@ class ModelConfig:
     # token_weight x the cross-attention score, computed for the token_candidates best tiles by
     # fine layout (each score standardised over the tiles it was computed for).
     # "tokens": the paper's two stages alone: global-token shortlist, cross-attention re-rank.
-    # Both numbers were chosen on the training scene (scripts/sweep_token_weight.py, table in
+    # Both numbers were chosen on the training scene (scripts/lab sweep_token_weight, table in
     # docs/benchmarks/token_weight.md): 64 candidates rank like 200; 0.2 is the smallest weight
     # with the best recall@5 there (0.2, 0.3 and 0.5 tie; larger weights lose on held-out scenes,
     # where the trained modules are weaker than on the scene they were trained on).

@@ -4,7 +4,7 @@ A sketch is a few thin lines: a 14 px patch embedding sees a line at one scale o
 conv pyramid reads the sketch at strides 2, 4 and 8, each level is pooled onto the patch grid,
 and the fused features are added to the backbone's patch tokens. The fusion is gated by a
 zero-initialised vector so an untrained tokenizer is exactly the backbone's patch embedding
-(the zero-shot default); trained weights (scripts/train.py) open the gate.
+(the zero-shot default); trained weights (scripts/train) open the gate.
 """
 
 from __future__ import annotations

@@ -138,7 +138,7 @@ def pseudo_sketch(tile: np.ndarray, style: str = "canny", size: int = 224, rng: 
     featureless (`floor`, see worker.line_drawing): a person draws what they see."""
     if style == "hed":
         if hed is None:
-            raise ValueError("the hed style needs a HED model (worker.model.hed.load_hed)")
+            raise ValueError("the hed style needs a HED model (lab.hed.load_hed)")
         edges = hed_edges(tile, hed) & visible_structure(tile, floor)
         if valid is not None:
             edges &= ndimage.binary_erosion(valid, iterations=3)

@@ -3,7 +3,7 @@
 
 Every method ranks the same gallery of tiles (4 real rasters, 3 sensors) for the same
 pseudo-sketch queries whose true place is known. Writes a markdown table, a recall@K plot and a
-contact sheet into --out. Run: .venv/bin/python scripts/bench_quality.py [--quick]
+contact sheet into --out. Run: scripts/bench_quality [--quick]
 """
 
 from __future__ import annotations
@@ -18,12 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import (SCENES, STYLES, TRAIN_SCENES, build_gallery, encode_gallery, make_queries,  # noqa: E402
+from lab.benchlib import (SCENES, STYLES, TRAIN_SCENES, build_gallery, encode_gallery, make_queries,
                       metrics, outline_queries, product_scores, rank_of)
 
-from worker.model.loading import SHIPPED_SKETCH_MODULES, load_model  # noqa: E402
-from worker.sketch import prepare_sketch  # noqa: E402
+from worker.model.loading import SHIPPED_SKETCH_MODULES, load_model
+from worker.sketch import prepare_sketch
 
 DEFAULT_METHOD = "(h) default: edge-layout shortlist, layout + token re-rank, trained modules"
 
@@ -159,7 +158,7 @@ def main() -> int:
     counts = {s: int((gallery.scene == s).sum()) for s in SCENES}
     report = [
         "# Retrieval quality", "",
-        f"Command: `.venv/bin/python scripts/bench_quality.py{' --quick' if args.quick else ''}`"
+        f"Command: `scripts/bench_quality{' --quick' if args.quick else ''}`"
         f" ({per_scene} places per scene, seed 0).", "",
         f"Gallery: {len(gallery.tiles)} tiles of {EVAL_DESC} from 4 real rasters: "
         + ", ".join(f"{s} ({counts[s]} tiles: {SCENES[s][1]})" for s in SCENES) + ".",

@@ -7,7 +7,7 @@ floor; the places are the same for every floor (those with something to draw at 
 Prints recall@5 and mAP on the training scene (where the floor is chosen) and the held-out
 scenes, and how crowded the top 5 is with featureless tiles ("flat": tiles the highest floor
 leaves without lines, such as open water), counted over queries for places that are not flat.
-Run: .venv/bin/python scripts/sweep_contrast_floor.py [--floors 0,0.005,0.01,0.02]
+Run: scripts/lab sweep_contrast_floor [--floors 0,0.005,0.01,0.02]
 """
 
 from __future__ import annotations
@@ -18,13 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import TRAIN_SCENES, GalleryCodes, build_gallery, make_queries, metrics, product_scores, rank_of  # noqa: E402
+from lab.benchlib import TRAIN_SCENES, GalleryCodes, build_gallery, make_queries, metrics, product_scores, rank_of
 
-from worker import edge_layout  # noqa: E402
-from worker.line_drawing import tile_line_drawings  # noqa: E402
-from worker.model.loading import load_model  # noqa: E402
-from worker.pseudo_sketch import has_lines  # noqa: E402
+from worker import edge_layout
+from worker.line_drawing import tile_line_drawings
+from worker.model.loading import load_model
+from lab.pseudo_sketch import has_lines
 
 STYLES = ("canny", "simple", "wobbly", "sloppy", "partial")  # hed left out: slow on a CPU, same floor
 

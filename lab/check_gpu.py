@@ -6,7 +6,7 @@ compared, and pseudo-sketches of places in it are ranked on each device by the w
 stages (benchlib.product_scores, the code `search` runs) and their top 5 compared. Prints the
 encoding time per device. `--random-weights` where the converted backbone is not installed (the
 check is about the computation, not the quality).
-Run: python3 scripts/check_gpu.py --raster PATH [--random-weights] [--devices cpu,cuda]
+Run: scripts/lab check_gpu (on a GPU machine without the venv: PYTHONPATH=. python3 -m lab.check_gpu) --raster PATH [--random-weights] [--devices cpu,cuda]
 """
 
 from __future__ import annotations
@@ -20,13 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import Gallery, GalleryCodes, encode_gallery, product_scores  # noqa: E402
+from lab.benchlib import Gallery, GalleryCodes, encode_gallery, product_scores
 
-from worker.model.loading import load_model  # noqa: E402
-from worker.pseudo_sketch import has_lines, pseudo_sketch  # noqa: E402
-from worker.sketch import prepare_sketch  # noqa: E402
-from worker.tiling import TileReader, TileSettings, open_raster, plan_tiles  # noqa: E402
+from worker.model.loading import load_model
+from lab.pseudo_sketch import has_lines, pseudo_sketch
+from worker.sketch import prepare_sketch
+from worker.tiling import TileReader, TileSettings, open_raster, plan_tiles
 
 
 def encode(model, gallery: Gallery) -> tuple[GalleryCodes, float]:

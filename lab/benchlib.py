@@ -13,13 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from worker.assets import load_asset_paths  # noqa: E402
-from worker.line_drawing import CONTRAST_FLOOR  # noqa: E402
-from worker.pseudo_sketch import draw_outlines, has_lines, label_outlines, load_hand_strokes, pseudo_sketch  # noqa: E402
-from worker.sketch import prepare_sketch  # noqa: E402
-from worker.tiling import Tile, TileReader, TileSettings, open_raster, plan_tiles  # noqa: E402
+from worker.assets import load_asset_paths
+from worker.line_drawing import CONTRAST_FLOOR
+from lab.pseudo_sketch import draw_outlines, has_lines, label_outlines, load_hand_strokes, pseudo_sketch
+from worker.sketch import prepare_sketch
+from worker.tiling import Tile, TileReader, TileSettings, open_raster, plan_tiles
 
 # name -> (asset key, description); the first is the training scene
 SCENES = {
@@ -72,9 +71,9 @@ class Query:
 def make_queries(gallery: Gallery, per_scene: int, seed: int = 0, styles=STYLES, floor: float = CONTRAST_FLOOR,
                  sketchable_floor: float | None = None) -> list[Query]:
     """`per_scene` random places of each scene, each drawn in every style (fixed seed). Only
-    places with something to draw are chosen (worker.pseudo_sketch.has_lines at
+    places with something to draw are chosen (lab.pseudo_sketch.has_lines at
     `sketchable_floor`, by default the drawing's own contrast `floor`)."""
-    from worker.model.hed import load_hed
+    from lab.hed import load_hed
 
     rng = np.random.default_rng(seed)
     paths = load_asset_paths()

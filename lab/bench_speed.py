@@ -7,7 +7,7 @@
   sparse files, so timing matches real data without writing 37 GB);
 - the naive reference: re-encoding every candidate tile per query;
 - index bytes per tile and the worker's peak resident memory.
-Run: .venv/bin/python scripts/bench_speed.py [--quick] [--json FILE] [--device cpu|cuda]
+Run: scripts/bench_speed [--quick] [--json FILE] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -24,17 +24,15 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 
-from worker import edge_layout  # noqa: E402
-from worker.assets import load_asset_paths  # noqa: E402
-from worker.index import FORMAT_VERSION, RECORD_DTYPE, IndexWriter, TileIndex, write_json_atomic  # noqa: E402
-from worker.model.loading import load_model  # noqa: E402
-from worker.pseudo_sketch import pseudo_sketch  # noqa: E402
-from worker.search import search  # noqa: E402
-from worker.sketch import prepare_sketch  # noqa: E402
-from worker.tiling import TileReader, TileSettings, open_raster, plan_tiles  # noqa: E402
+from worker import edge_layout
+from worker.assets import load_asset_paths
+from worker.index import FORMAT_VERSION, RECORD_DTYPE, IndexWriter, TileIndex, write_json_atomic
+from worker.model.loading import load_model
+from lab.pseudo_sketch import pseudo_sketch
+from worker.search import search
+from worker.sketch import prepare_sketch
+from worker.tiling import TileReader, TileSettings, open_raster, plan_tiles
 
 SHARD = 65536
 
@@ -130,7 +128,7 @@ def rss_mb(pid: int) -> tuple[float, float]:
 
 
 def end_to_end(index_root: Path, name: str, png: bytes, repeats: int, device: str) -> dict:
-    from worker_process import WorkerProcess
+    from lab.worker_process import WorkerProcess
 
     proc = WorkerProcess(index_root, index_root, extra=["--device", device]).start(timeout=300)
     try:

@@ -1,4 +1,4 @@
-"""Training the sketch-side modules on pseudo-sketch pairs cut from real rasters (worker.training_pairs).
+"""Training the sketch-side modules on pseudo-sketch pairs cut from real rasters (lab.training_pairs).
 
 The backbone is frozen. Tile tokens are what the index stores (the tile encoder never changes,
 so built indexes stay valid). The sketch adapter and the cross-attention scorer are trained with
@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from worker.model.checkpoints import save_sketch_modules
 from worker.model.retrieval_model import RetrievalModel
-from worker.training_pairs import PairSet
+from lab.training_pairs import PairSet
 
 log = logging.getLogger(__name__)
 

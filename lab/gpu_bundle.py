@@ -3,11 +3,11 @@
 
 That machine has torch and timm but not the rasters, rasterio or the converted backbone, and a
 call can carry 64 MiB. The bundle holds the default backbone's weights rounded to fp16 (43 MB;
-the fp32 file is 87 MB) and a pair set built here (scripts/train.py --save-pairs). The fp16
+the fp32 file is 87 MB) and a pair set built here (scripts/train --save-pairs). The fp16
 copy stands in for the default weights: its identity is derived from the fp32 backbone's, so
 modules trained on it are recorded for, and load on, the default backbone. This script measures what the
 rounding changes in the backbone's sketch tokens and prints it.
-Run: .venv/bin/python scripts/gpu_bundle.py, then scripts/train.py there with
+Run: scripts/lab gpu_bundle, then scripts/train there with
   --pairs .gpu-bundle/pairs.npz --backbone-weights .gpu-bundle/dinov2_fp16.safetensors --no-eval --device cuda --tokenizer
 """
 
@@ -19,14 +19,13 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from worker.assets import default_weights_path  # noqa: E402
-from worker.model import identity  # noqa: E402
-from worker.model.checkpoints import load_backbone_weights, save_safetensors  # noqa: E402
-from worker.model.loading import load_model  # noqa: E402
-from worker.model.vit_tokens import forward_tokens  # noqa: E402
-from worker.training import sketch_input  # noqa: E402
-from worker.training_pairs import PairSet  # noqa: E402
+from worker.assets import default_weights_path
+from worker.model import identity
+from worker.model.checkpoints import load_backbone_weights, save_safetensors
+from worker.model.loading import load_model
+from worker.model.vit_tokens import forward_tokens
+from lab.training import sketch_input
+from lab.training_pairs import PairSet
 
 BUNDLE = REPO / ".gpu-bundle"
 

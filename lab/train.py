@@ -2,14 +2,14 @@
 """Train the sketch-side modules (tokenizer, adapter, cross-attention scorer) on pseudo-sketch pairs.
 
 Pairs come from random windows of the training scene(s) (Sentinel-2 by default) drawn in three
-styles with a person's errors (worker.training_pairs). Held-out scenes are evaluated before and
+styles with a person's errors (lab.training_pairs). Held-out scenes are evaluated before and
 after (token score alone). Writes worker/weights/sketch_modules.safetensors, the product's default.
 
 On a CPU the backbone's sketch outputs are cached and the adapter and scorer train on them.
 `--tokenizer` also trains the multi-level tokenizer, which runs the backbone forward and backward
 on every step: meant for a GPU (`--device cuda`). A GPU machine without the rasters trains from
 a pair set built here (`--save-pairs FILE`, then `--pairs FILE --no-eval` there).
-Run: .venv/bin/python scripts/train.py [--quick] [--device cuda] [--tokenizer]
+Run: scripts/train [--quick] [--device cuda] [--tokenizer]
 """
 
 from __future__ import annotations
@@ -24,16 +24,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib, imported where the rasters are needed
-from worker.model.loading import SHIPPED_SKETCH_MODULES, load_model  # noqa: E402
-from worker.training import encode_pairs, train  # noqa: E402
-from worker.training_pairs import PairSet  # noqa: E402
+from worker.model.loading import SHIPPED_SKETCH_MODULES, load_model
+from lab.training import encode_pairs, train
+from lab.training_pairs import PairSet
 
 
 def held_out_recall(model) -> dict:
     """Held-out ranks by the cross-attention token score alone (what training changes)."""
-    from benchlib import TRAIN_SCENES, build_gallery, encode_gallery, make_queries, metrics, rank_of
+    from lab.benchlib import TRAIN_SCENES, build_gallery, encode_gallery, make_queries, metrics, rank_of
 
     gallery = build_gallery()
     queries = [q for q in make_queries(gallery, 12, seed=1) if q.scene not in TRAIN_SCENES]
@@ -46,11 +44,11 @@ def held_out_recall(model) -> dict:
 
 
 def build_training_pairs(args) -> PairSet:
-    from benchlib import SCENES, TRAIN_SCENES
+    from lab.benchlib import SCENES, TRAIN_SCENES
 
     from worker.assets import load_asset_paths
-    from worker.pseudo_sketch import load_hand_strokes
-    from worker.training_pairs import build_pairs
+    from lab.pseudo_sketch import load_hand_strokes
+    from lab.training_pairs import build_pairs
 
     paths = load_asset_paths()
     return build_pairs([Path(paths[SCENES[s][0]]) for s in TRAIN_SCENES], args.windows, args.sketches_per_window,

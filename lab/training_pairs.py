@@ -68,7 +68,7 @@ def build_pairs(rasters: list[Path], windows_per_raster: int, sketches_per_windo
     Deterministic for a seed."""
     # imported here: rasterio and shapely are needed where pairs are built, not where they train
     from worker.line_drawing import tile_line_drawings
-    from worker.pseudo_sketch import augment, has_lines, pseudo_sketch
+    from lab.pseudo_sketch import augment, has_lines, pseudo_sketch
     from worker.tiling import TileReader
 
     rng = np.random.default_rng(seed)

@@ -6,7 +6,7 @@ Ranks the quality benchmark's gallery and queries (benchlib) with the default tw
 (coarse-layout shortlist, fine layout + w * token score re-rank, the token score computed for
 the best n of the shortlist by fine layout) for several weights w and counts n, and prints
 recall@5 and mAP on the training scene (where they are chosen) and the held-out scenes.
-Run: .venv/bin/python scripts/sweep_token_weight.py [--sketch-modules PATH] [--weights 0,0.1,...] [--counts 200,64]
+Run: scripts/lab sweep_token_weight [--sketch-modules PATH] [--weights 0,0.1,...] [--counts 200,64]
 """
 
 from __future__ import annotations
@@ -18,11 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import (TRAIN_SCENES, build_gallery, encode_gallery, make_queries, metrics,  # noqa: E402
+from lab.benchlib import (TRAIN_SCENES, build_gallery, encode_gallery, make_queries, metrics,
                       outline_queries, product_scores, rank_of)
 
-from worker.model.loading import SHIPPED_SKETCH_MODULES, load_model  # noqa: E402
+from worker.model.loading import SHIPPED_SKETCH_MODULES, load_model
 
 
 def main() -> int:

@@ -4,7 +4,7 @@ paper's two stages (global-token shortlist, cross-attention re-rank; `--ranker t
 
 Uses the quality benchmark's gallery and queries (benchlib). Prints recall@5, mAP and mean rank
 on the training scene (where a file is chosen) and the held-out scenes, and held-out recall@5
-per style. Run: .venv/bin/python scripts/compare_sketch_modules.py A.safetensors [B.safetensors ...]
+per style. Run: scripts/lab compare_sketch_modules A.safetensors [B.safetensors ...]
 """
 
 from __future__ import annotations
@@ -15,11 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import (TRAIN_SCENES, build_gallery, encode_gallery, make_queries, metrics,  # noqa: E402
+from lab.benchlib import (TRAIN_SCENES, build_gallery, encode_gallery, make_queries, metrics,
                       outline_queries, product_scores, rank_of)
 
-from worker.model.loading import load_model  # noqa: E402
+from worker.model.loading import load_model
 
 
 def main() -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from worker.assets import load_asset_paths
-from worker.pseudo_sketch import load_hand_strokes, pseudo_sketch
+from lab.pseudo_sketch import load_hand_strokes, pseudo_sketch
 from worker.tiling import Tile, TileReader, open_raster
 
 
