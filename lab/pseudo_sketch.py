@@ -8,6 +8,8 @@ Used for tests, benchmarks and training pairs. Styles:
             slight rotation and scale)
   hed     - traced HED edges (needs the HED model)
   partial - the simple lines inside one square holding a quarter of the frame (`only_part`)
+  strokes - a few salient strokes only: the 3-8 longest coarse lines, simplified hard, wobbly
+  regions - outlines of a coarse colour segmentation (what someone outlining fields draws)
 Land-cover outlines (`label_outlines`, `draw_outlines`) are drawn from a label map, not a tile.
 """
 
@@ -158,7 +160,42 @@ def pseudo_sketch(tile: np.ndarray, style: str = "canny", size: int = 224, rng: 
             raise ValueError(f"{style} sketches need an rng and hand strokes")
         img = draw_polylines(wobble(lines, hand_strokes, amplitude=3.0, rng=rng), edges.shape, size)
         return augment(img, rng) if style == "sloppy" else img
+    if style == "strokes":
+        if rng is None or not hand_strokes:
+            raise ValueError("strokes sketches need an rng and hand strokes")
+        return salient_strokes(tile, valid, floor, rng, hand_strokes, size)
+    if style == "regions":
+        return region_outlines(tile, valid, size)
     raise ValueError(f"unknown pseudo-sketch style {style!r}")
+
+
+SALIENT_SIGMA = 6.0  # coarser than a query's Canny: the big lines a person remembers
+
+
+def salient_strokes(tile: np.ndarray, valid: np.ndarray | None, floor: float, rng: np.random.Generator,
+                    hand_strokes: list[np.ndarray], size: int) -> Image.Image:
+    """3 to 8 of the longest coarse lines of the place, simplified to a few vertices, drawn with
+    a real hand's wobble and a thicker pen: the abstract end of what users draw."""
+    edges = edge_map(tile, SALIENT_SIGMA, valid, floor)
+    lines = trace_polylines(edges, min_length=24.0, tolerance=1.5, min_lines=3)
+    lengths = [float(np.linalg.norm(np.diff(line, axis=0), axis=1).sum()) for line in lines]
+    keep = [lines[i] for i in np.argsort(lengths)[::-1][:int(rng.integers(3, 9))]]
+    keep = [approximate_polygon(line, tolerance=4.0) for line in keep]
+    return draw_polylines(wobble(keep, hand_strokes, amplitude=2.0, rng=rng), edges.shape, size, width=3)
+
+
+def region_outlines(tile: np.ndarray, valid: np.ndarray | None, size: int, segments: int = 8) -> Image.Image:
+    """Boundaries between the regions of a coarse colour segmentation (SLIC on a smoothed
+    image), outlined as a person would (worker's label_outlines: small regions merged away,
+    polygons simplified, the frame's and the data's edge not drawn)."""
+    from skimage.filters import gaussian
+    from skimage.segmentation import slic
+
+    mask = np.ones(tile.shape[:2], bool) if valid is None else valid
+    smooth = gaussian(tile.astype(np.float32) / 255.0, sigma=2.0 * tile.shape[0] / 224, channel_axis=-1)
+    labels = slic(smooth, n_segments=segments, compactness=8.0, start_label=1, mask=mask)
+    lines = label_outlines(labels, mask, min_region=int(0.01 * labels.size), tolerance=2.0)
+    return draw_outlines(lines, 0, 0, tile.shape[1], tile.shape[0], size)
 
 
 def only_part(img: Image.Image, rng: np.random.Generator, share: float = 0.25) -> Image.Image:

@@ -124,6 +124,13 @@ class Hit:
     tile: Tile
     row: int
 
+    @property
+    def raster_path(self) -> str:
+        return self.tile.raster.path
+
+    def footprint_pixels(self):
+        return self.tile.footprint_pixels()
+
 
 @dataclass
 class SearchResult:

@@ -124,6 +124,11 @@ class Tile:
     def footprint(self) -> Polygon:
         return Polygon(self.ring())
 
+    def footprint_pixels(self) -> Polygon:
+        """The window in its raster's pixel coordinates (col, row)."""
+        return Polygon([(self.col_off, self.row_off), (self.col_off + self.width, self.row_off),
+                        (self.col_off + self.width, self.row_off + self.height), (self.col_off, self.row_off + self.height)])
+
 
 def find_rasters(inputs: list[str | Path]) -> list[Path]:
     """Files, directories (searched recursively for raster suffixes) and VRTs -> sorted files."""
