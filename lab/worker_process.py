@@ -11,7 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-from worker.client import CurveKeys, WorkerClient, WorkerUnavailable
+from wire.client import WorkerClient
+from wire.errors import WorkerUnavailable
+from wire.sockets import CurveKeys
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,6 +39,7 @@ class WorkerProcess:
     def __init__(self, index_root: Path, raster_root: Path, bind: str | None = None, extra: list[str] = (),
                  python: str = sys.executable):
         port = free_port()
+        self.index_root = index_root
         self.bind = bind or f"tcp://127.0.0.1:{port}"
         self.pub = f"tcp://127.0.0.1:{free_port()}"
         self.cmd = [python, "-m", "worker", "serve", "--bind", self.bind, "--pub", self.pub, "--device", "cpu",

@@ -16,7 +16,9 @@ from .local_worker import LocalWorker
 from .results import hits_layer, save_gpkg
 from .sketch_pad import SketchPad
 from .sketch_tool import SketchMapTool
-from .worker_client.client import CurveKeys, WorkerError
+from .wire import job_states as states
+from .wire.errors import WorkerError
+from .wire.sockets import CurveKeys
 from .worker_link import WorkerLink
 
 TITLE = "Sketch search"
@@ -289,13 +291,13 @@ class SketchSearchDock(QDockWidget):
         self.progress.setValue(int(1000 * job["progress"]))
         eta = f", {job['eta_s']:.0f} s left" if job.get("eta_s") else ""
         self.progress.setFormat(f"{job['state']} {job['tiles_done']}/{job['tiles_total']} tiles{eta}")
-        if job["state"] in ("done", "failed", "cancelled", "interrupted"):
+        if job["state"] in states.FINISHED:
             self.cancel_button.setEnabled(False)
             self.job_id = None
-            if job["state"] == "failed":
+            if job["state"] == states.FAILED:
                 self.notify(f"Indexing failed: {job['error']['message']}", Qgis.Critical)
             else:
-                self.notify(f"Indexing {job['state']}: {job['tiles_done']} tiles.", Qgis.Success if job["state"] == "done" else Qgis.Info)
+                self.notify(f"Indexing {job['state']}: {job['tiles_done']} tiles.", Qgis.Success if job["state"] == states.DONE else Qgis.Info)
             self.refresh_indexes()
 
     def cancel_job(self) -> None:

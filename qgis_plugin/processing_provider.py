@@ -14,7 +14,9 @@ from qgis.core import (QgsCoordinateReferenceSystem, QgsCoordinateTransform, Qgs
 from qgis.PyQt.QtGui import QIcon
 
 from .results import FIELDS, polygon_from_geojson
-from .worker_client.client import WorkerClient, WorkerError
+from .wire import job_states as states
+from .wire.client import WorkerClient
+from .wire.errors import WorkerError
 
 ICON = os.path.join(os.path.dirname(__file__), "icon.svg")
 
@@ -66,7 +68,7 @@ class BuildIndexAlgorithm(_WorkerAlgorithm):
         with self._client(parameters, context) as client:
             try:
                 job = client.start_index(name, rasters, tile=self.parameterAsInt(parameters, "TILE", context), scales=scales)
-                while job["state"] in ("queued", "running"):
+                while job["state"] in states.ACTIVE:
                     if feedback.isCanceled():
                         client.cancel(job["id"])
                     time.sleep(0.5)
@@ -74,7 +76,7 @@ class BuildIndexAlgorithm(_WorkerAlgorithm):
                     feedback.setProgress(100 * job["progress"])
             except WorkerError as exc:
                 raise QgsProcessingException(f"worker: {exc.message}") from exc
-        if job["state"] == "failed":
+        if job["state"] == states.FAILED:
             raise QgsProcessingException(f"indexing failed: {job['error']['message']}")
         feedback.pushInfo(f"{job['state']}: {job['tiles_done']} tiles ({job['tiles_skipped']} empty, skipped)")
         return {"INDEX": name, "TILES": job["tiles_done"]}

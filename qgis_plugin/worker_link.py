@@ -3,30 +3,31 @@
 A DEALER socket watched by a QSocketNotifier: the UI never waits on the network. ZeroMQ's
 notification fd is edge-triggered, so every wake-up drains all queued messages, and a drain
 is scheduled after each send. A request unanswered within its timeout fails with
-WorkerUnavailable and the socket is replaced by a fresh one (Lazy Pirate).
+WorkerUnavailable and the socket is replaced by a fresh one (Lazy Pirate). Messages are made
+and read by the wire package, as the blocking client does.
 """
 
 from __future__ import annotations
 
-import json
 import traceback
-from typing import Callable
+from typing import Callable, Optional
 
 import zmq
 from qgis.PyQt.QtCore import QObject, QSocketNotifier, QTimer, pyqtSignal
 
-from .worker_client import protocol
-from .worker_client.client import CurveKeys, WorkerError, WorkerUnavailable
+from .wire import protocol
+from .wire.errors import ProtocolError, WorkerError, WorkerUnavailable
+from .wire.sockets import CurveKeys, connect, subscribe_progress
 
-Callback = Callable[[dict | None, WorkerError | None], None]
+Callback = Callable[[Optional[dict], Optional[WorkerError]], None]
 
 
 class WorkerLink(QObject):
     job_event = pyqtSignal(dict)  # a job progress event from the worker's PUB socket
     callback_failed = pyqtSignal(str)  # a reply handler raised: reported, never allowed to abort QGIS
 
-    def __init__(self, endpoint: str, pub_endpoint: str | None = None, curve: CurveKeys | None = None,
-                 timeout_s: float = 60.0, parent: QObject | None = None):
+    def __init__(self, endpoint: str, pub_endpoint: Optional[str] = None, curve: Optional[CurveKeys] = None,
+                 timeout_s: float = 60.0, parent: Optional[QObject] = None):
         super().__init__(parent)
         self.endpoint = endpoint
         self.curve = curve
@@ -34,7 +35,7 @@ class WorkerLink(QObject):
         # a private context, destroyed on close: an open socket on the global context makes
         # zmq_ctx_term (at interpreter exit) wait forever, and QGIS would hang on quit
         self._context = zmq.Context()
-        self._pending: dict[str, tuple[Callback, QTimer]] = {}
+        self._pending: dict = {}  # request id -> (callback, timer)
         self._sock = self._notifier = None
         self._sub = self._sub_notifier = None
         self._open()
@@ -43,11 +44,7 @@ class WorkerLink(QObject):
 
     # -- sockets ------------------------------------------------------------------------------
     def _open(self) -> None:
-        self._sock = self._context.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        if self.curve:
-            self.curve.apply(self._sock)
-        self._sock.connect(self.endpoint)
+        self._sock = connect(self._context, zmq.DEALER, self.endpoint, self.curve)
         self._notifier = QSocketNotifier(self._sock.getsockopt(zmq.FD), QSocketNotifier.Read, self)
         self._notifier.activated.connect(self._drain)
 
@@ -59,13 +56,16 @@ class WorkerLink(QObject):
             self._sock.close(linger=0)
         self._sock = self._notifier = None
 
+    @property
+    def subscribed(self) -> bool:
+        """Whether job progress events arrive (job_event)."""
+        return self._sub is not None
+
     def subscribe(self, pub_endpoint: str) -> None:
-        self._sub = self._context.socket(zmq.SUB)
-        self._sub.setsockopt(zmq.LINGER, 0)
-        if self.curve:
-            self.curve.apply(self._sub)
-        self._sub.setsockopt(zmq.SUBSCRIBE, b"job.")
-        self._sub.connect(pub_endpoint)
+        """Receive job progress from the worker's PUB endpoint (the `pub` of its info reply)."""
+        if self._sub is not None:
+            return
+        self._sub = subscribe_progress(pub_endpoint, self._context, self.curve)
         self._sub_notifier = QSocketNotifier(self._sub.getsockopt(zmq.FD), QSocketNotifier.Read, self)
         self._sub_notifier.activated.connect(self._drain_events)
 
@@ -81,21 +81,22 @@ class WorkerLink(QObject):
         self._context.destroy(linger=0)
 
     # -- requests -------------------------------------------------------------------------------
-    def request(self, op: str, callback: Callback, frames: tuple[bytes, ...] = (), timeout_s: float | None = None,
+    def request(self, op: str, callback: Callback, frames: tuple = (), timeout_s: Optional[float] = None,
                 **fields) -> str:
         """Send a request; `callback(reply, None)` or `callback(None, error)` runs exactly once."""
         message = protocol.encode_request(op, frames=frames, **fields)
-        request_id = json.loads(message[0])["id"]
+        request_id = protocol.request_id_of(message)
+        timeout_s = timeout_s or self.timeout_s
         timer = QTimer(self)
         timer.setSingleShot(True)
-        timer.timeout.connect(lambda: self._expire(request_id))
-        timer.start(int(1000 * (timeout_s or self.timeout_s)))
+        timer.timeout.connect(lambda: self._expire(request_id, timeout_s))
+        timer.start(int(1000 * timeout_s))
         self._pending[request_id] = (callback, timer)
         self._sock.send_multipart(message)
         QTimer.singleShot(0, self._drain)
         return request_id
 
-    def _expire(self, request_id: str) -> None:
+    def _expire(self, request_id: str, timeout_s: float) -> None:
         entry = self._pending.pop(request_id, None)
         if entry is None:
             return
@@ -103,9 +104,9 @@ class WorkerLink(QObject):
         # start over on a fresh socket, as the Lazy Pirate does
         self._close_socket()
         self._open()
-        self._call(entry[0], None, WorkerUnavailable(self.endpoint, 1, self.timeout_s))
+        self._call(entry[0], None, WorkerUnavailable(self.endpoint, 1, timeout_s))
 
-    def _call(self, callback: Callback, reply: dict | None, error: WorkerError | None) -> None:
+    def _call(self, callback: Callback, reply: Optional[dict], error: Optional[WorkerError]) -> None:
         # PyQt aborts the whole application on an exception escaping a slot
         try:
             callback(reply, error)
@@ -115,26 +116,19 @@ class WorkerLink(QObject):
     def _drain(self, *_: object) -> None:
         sock = self._sock
         while sock is not None and not sock.closed and sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            frames = sock.recv_multipart(zmq.NOBLOCK)
             try:
-                reply = protocol.decode_header(frames[-1] if frames[0] == b"" else frames[0])
-            except protocol.ProtocolError:
-                continue
-            entry = self._pending.pop(reply.get("id"), None)
+                reply = protocol.decode_reply(sock.recv_multipart(zmq.NOBLOCK))
+            except ProtocolError:
+                continue  # not a reply this client can read
+            entry = self._pending.pop(reply.id, None)
             if entry is None:
                 continue  # the answer to a request that already timed out
             callback, timer = entry
             timer.stop()
-            if reply.get("ok"):
-                self._call(callback, reply, None)
-            else:
-                err = reply.get("error") or {}
-                self._call(callback, None, WorkerError(err.get("code", "internal"), err.get("message", "")))
+            self._call(callback, None if reply.error else reply.fields, reply.error)
 
     def _drain_events(self, *_: object) -> None:
         while self._sub is not None and self._sub.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            _, body = self._sub.recv_multipart(zmq.NOBLOCK)
-            try:
-                self.job_event.emit(json.loads(body)["job"])
-            except (ValueError, KeyError):
-                continue
+            job = protocol.decode_progress(self._sub.recv_multipart(zmq.NOBLOCK))
+            if job is not None:
+                self.job_event.emit(job)

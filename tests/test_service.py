@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -18,7 +19,12 @@ import pytest
 import zmq
 from PIL import Image
 
-from worker.client import CurveKeys, WorkerClient, WorkerError, WorkerUnavailable, subscribe_progress
+from wire import errors as codes
+from wire import job_states as states
+from wire.client import WorkerClient
+from wire.errors import WorkerError, WorkerUnavailable
+from wire.protocol import decode_progress
+from wire.sockets import CurveKeys, subscribe_progress
 from worker.index import TileIndex
 from lab.worker_process import REPO, WorkerProcess, free_port, make_curve_keys
 
@@ -48,7 +54,7 @@ def wait_job(client: WorkerClient, job_id: str, timeout: float = 300) -> dict:
     deadline = time.time() + timeout
     while time.time() < deadline:
         job = client.job(job_id)
-        if job["state"] not in ("queued", "running"):
+        if job["state"] in states.FINISHED:
             return job
         time.sleep(0.2)
     raise TimeoutError(job)
@@ -87,25 +93,33 @@ def test_search_with_a_png_frame_and_with_strokes_in_a_crs(worker):
         assert len(reply["hits"]["features"]) == 2
 
 
+def test_the_documented_codes_and_states_are_the_wires():
+    doc = (REPO / "docs" / "protocol.md").read_text()
+    documented = re.findall(r"`([a-z_]+)`", doc.split("## Error codes")[1].split("##")[0])
+    assert set(documented) == set(codes.SERVER_CODES)
+    row = next(line for line in doc.splitlines() if line.startswith("| `job` |"))
+    assert set(re.search(r"`state` \(([a-z, ]+)\)", row).group(1).split(", ")) == states.ACTIVE | states.FINISHED
+
+
 def test_bad_requests_get_error_replies_with_codes(worker, rasters, tmp_path):
     with worker.client() as c:
         cases = [
-            (lambda: c.search("nope", sketch_png=sketch_png()), "not_found"),
-            (lambda: c.search("rmnp", sketch_png=b"garbage"), "bad_input"),
-            (lambda: c.search("rmnp", sketch_png=_png(Image.new("L", (1, 1), 0))), "bad_input"),
-            (lambda: c.search("rmnp", sketch_png=_png(Image.new("1", (20000, 20000), 1))), "bad_input"),
-            (lambda: c.search("rmnp", sketch_png=_png(Image.new("L", (300, 300), 255))), "bad_input"),
-            (lambda: c.search("../etc", sketch_png=sketch_png()), "forbidden"),
-            (lambda: c.start_index("x", [str(tmp_path / "outside.tif")]), "forbidden"),
-            (lambda: c.start_index("x", [str(rasters / "missing.tif")]), "bad_input"),
-            (lambda: c.request("search", index="rmnp", top="ten", sketch_frame=1, frames=(sketch_png(),)), "bad_request"),
-            (lambda: c.request("search", index="rmnp", sketch_frame=2, frames=(sketch_png(),)), "bad_request"),
-            (lambda: c.request("search", index="rmnp", strokes=[[[0, 0], [5, 5]]], strokes_frame=[0, 0]), "bad_request"),
-            (lambda: c.request("search", index="rmnp", strokes=[[[0, 0], [5, 5]]], strokes_frame=[0, 0, 0, 0]), "bad_input"),
+            (lambda: c.search("nope", sketch_png=sketch_png()), codes.NOT_FOUND),
+            (lambda: c.search("rmnp", sketch_png=b"garbage"), codes.BAD_INPUT),
+            (lambda: c.search("rmnp", sketch_png=_png(Image.new("L", (1, 1), 0))), codes.BAD_INPUT),
+            (lambda: c.search("rmnp", sketch_png=_png(Image.new("1", (20000, 20000), 1))), codes.BAD_INPUT),
+            (lambda: c.search("rmnp", sketch_png=_png(Image.new("L", (300, 300), 255))), codes.BAD_INPUT),
+            (lambda: c.search("../etc", sketch_png=sketch_png()), codes.FORBIDDEN),
+            (lambda: c.start_index("x", [str(tmp_path / "outside.tif")]), codes.FORBIDDEN),
+            (lambda: c.start_index("x", [str(rasters / "missing.tif")]), codes.BAD_INPUT),
+            (lambda: c.request("search", index="rmnp", top="ten", sketch_frame=1, frames=(sketch_png(),)), codes.BAD_REQUEST),
+            (lambda: c.request("search", index="rmnp", sketch_frame=2, frames=(sketch_png(),)), codes.BAD_REQUEST),
+            (lambda: c.request("search", index="rmnp", strokes=[[[0, 0], [5, 5]]], strokes_frame=[0, 0]), codes.BAD_REQUEST),
+            (lambda: c.request("search", index="rmnp", strokes=[[[0, 0], [5, 5]]], strokes_frame=[0, 0, 0, 0]), codes.BAD_INPUT),
             (lambda: c.request("search", index="rmnp", crop_to_ink="yes", sketch_frame=1, frames=(sketch_png(),)),
-             "bad_request"),
-            (lambda: c.request("teleport"), "unknown_op"),
-            (lambda: c.job("no-such-job"), "not_found"),
+             codes.BAD_REQUEST),
+            (lambda: c.request("teleport"), codes.UNKNOWN_OP),
+            (lambda: c.job("no-such-job"), codes.NOT_FOUND),
         ]
         for call, code in cases:
             with pytest.raises(WorkerError) as err:
@@ -170,7 +184,7 @@ def test_oversized_message_is_refused_with_an_error(tmp_path, rasters):
         with proc.client(timeout=20) as c:
             with pytest.raises(WorkerError) as err:
                 c.search("x", sketch_png=b"\0" * 200_000)
-            assert err.value.code == "too_large"
+            assert err.value.code == codes.TOO_LARGE
             assert c.ping()["ok"]
     finally:
         proc.stop()
@@ -200,12 +214,12 @@ def test_four_clients_search_while_an_index_job_runs(worker, rasters):
     assert all(r == results[0] for r in results), "the same query gives the same hits under load"
     with worker.client() as c:
         final = wait_job(c, job["id"])
-    assert final["state"] == "done" and final["progress"] == 1.0
+    assert final["state"] == states.DONE and final["progress"] == 1.0
     events = []
     while progress.poll(100):
-        events.append(json.loads(progress.recv_multipart()[1])["job"])
+        events.append(decode_progress(progress.recv_multipart()))
     progress.close()
-    assert len(events) >= 2 and events[-1]["state"] == "done"
+    assert len(events) >= 2 and events[-1]["state"] == states.DONE
     assert any(0 < e["progress"] < 1 for e in events), "progress was published while the job ran"
 
 

@@ -15,7 +15,7 @@ from typing import Callable
 
 from worker.errors import InputError
 from worker.index import IndexProgress, IndexWriter, write_json_atomic
-from worker.protocol import new_id
+from wire.protocol import new_id
 from worker.tiling import TileSettings, find_rasters
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from worker.protocol import FORBIDDEN, ProtocolError
+from wire.errors import FORBIDDEN, ProtocolError
 
 
 @dataclass(frozen=True)

@@ -22,11 +22,14 @@ from urllib.parse import urlparse
 
 import zmq
 
-from worker import __version__, protocol
+from wire import errors as codes
+from wire import protocol
+from wire.errors import ProtocolError
+from wire.protocol import field
+from worker import __version__
 from worker.errors import InputError
 from worker.jobs import JobManager
 from worker.paths import PathPolicy
-from worker.protocol import ProtocolError, field
 from worker.tiling import TileSettings
 
 log = logging.getLogger(__name__)
@@ -177,7 +180,7 @@ class Service:
                 del self._pending[future]
                 future.cancel()
                 self._send(envelope, protocol.error_reply(
-                    request_id, protocol.TIMEOUT, f"search took longer than the {self.config.search_timeout:g} s limit"))
+                    request_id, codes.TIMEOUT, f"search took longer than the {self.config.search_timeout:g} s limit"))
 
     @staticmethod
     def _result_reply(future: cf.Future, request_id: str) -> list[bytes]:
@@ -189,7 +192,7 @@ class Service:
             return protocol.error_reply(request_id, exc.code, str(exc))
         except Exception as exc:
             log.exception("request %s failed", request_id)
-            return protocol.error_reply(request_id, protocol.INTERNAL, f"{type(exc).__name__}: {exc}")
+            return protocol.error_reply(request_id, codes.INTERNAL, f"{type(exc).__name__}: {exc}")
 
     def _handle(self, frames: list[bytes]) -> None:
         # ROUTER envelope: identity, then an empty delimiter for REQ peers (none for DEALER)
@@ -200,10 +203,10 @@ class Service:
         request_id = None
         try:
             if not body:
-                raise ProtocolError(protocol.BAD_REQUEST, "message has no header frame")
+                raise ProtocolError(codes.BAD_REQUEST, "message has no header frame")
             size = sum(len(f) for f in body)
             if size > self.config.max_message_bytes:
-                raise ProtocolError(protocol.TOO_LARGE, f"message of {size} bytes exceeds the "
+                raise ProtocolError(codes.TOO_LARGE, f"message of {size} bytes exceeds the "
                                     f"{self.config.max_message_bytes} byte limit")
             header = protocol.decode_header(body[0])
             request_id = header.get("id") if isinstance(header.get("id"), str) else None
@@ -220,7 +223,7 @@ class Service:
             reply = protocol.error_reply(request_id, exc.code, str(exc))
         except Exception as exc:  # a bug: log it, answer, keep serving
             log.exception("request failed")
-            reply = protocol.error_reply(request_id, protocol.INTERNAL, f"{type(exc).__name__}: {exc}")
+            reply = protocol.error_reply(request_id, codes.INTERNAL, f"{type(exc).__name__}: {exc}")
         self._send(envelope, reply)
 
     # -- ops ------------------------------------------------------------------------------------
@@ -271,7 +274,7 @@ class Service:
         job_id = field(header, "job", str)
         job = self.jobs.get(job_id)
         if job is None:
-            raise ProtocolError(protocol.NOT_FOUND, f"no job {job_id!r} on this worker")
+            raise ProtocolError(codes.NOT_FOUND, f"no job {job_id!r} on this worker")
         return job
 
     def _op_job(self, header: dict, frames: list[bytes]) -> dict:
@@ -288,7 +291,7 @@ class Service:
         index_dir = self.config.paths.index_dir(name)
         manifest = index_dir / "manifest.json"
         if not manifest.exists():
-            raise ProtocolError(protocol.NOT_FOUND, f"no index named {name!r}")
+            raise ProtocolError(codes.NOT_FOUND, f"no index named {name!r}")
         mtime = manifest.stat().st_mtime_ns
         cached = self.indexes.get(index_dir)
         if cached is None or cached[0] != mtime:  # reopen after an indexing job committed more
@@ -313,7 +316,7 @@ class Service:
         if "sketch_frame" in header:
             n = field(header, "sketch_frame", int)
             if not 1 <= n <= len(frames):
-                raise ProtocolError(protocol.BAD_REQUEST, f"sketch_frame {n} but the message has {len(frames)} payload frame(s)")
+                raise ProtocolError(codes.BAD_REQUEST, f"sketch_frame {n} but the message has {len(frames)} payload frame(s)")
             source = frames[n - 1]
         else:
             strokes = field(header, "strokes", list, check=_valid_strokes)

@@ -1,5 +1,6 @@
-"""Real QGIS (Debian's 3.22, headless) with the packaged plugin loaded through qgis.utils,
-and a real worker process in the worker venv (SKETCH_SEARCH_WORKER_PYTHON)."""
+"""Real QGIS (Debian's 3.22, headless) with the checkout's plugin loaded through qgis.utils (a
+plugins folder linking to qgis_plugin/, as a developer installs it), and a real worker process
+in the worker venv (SKETCH_SEARCH_WORKER_PYTHON). test_desktop.py installs the built zip instead."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 from lab.worker_process import WorkerProcess
+from wire import job_states as states
 
 WORKER_PYTHON = os.environ.get("SKETCH_SEARCH_WORKER_PYTHON", str(REPO / ".venv" / "bin" / "python"))
 
@@ -42,24 +44,33 @@ def load_packager():
 
 @pytest.fixture(scope="session")
 def plugin_dir(tmp_path_factory) -> Path:
+    """A plugins folder whose sketch_search is a link to the checkout's qgis_plugin/."""
     plugins = tmp_path_factory.mktemp("plugins")
-    load_packager().build_dir(plugins)
+    (plugins / "sketch_search").symlink_to(REPO / "qgis_plugin", target_is_directory=True)
     return plugins
 
 
 @pytest.fixture(scope="session")
-def plugin(plugin_dir, qgis_iface, qgis_processing):
+def plugin_started(plugin_dir, qgis_iface, qgis_processing):
     import qgis.utils
 
     sys.path.insert(0, str(plugin_dir))
     qgis.utils.plugin_paths.insert(0, str(plugin_dir))
     assert qgis.utils.loadPlugin("sketch_search")
     assert qgis.utils.startPlugin("sketch_search")
+    yield
+    qgis.utils.unloadPlugin("sketch_search")
+
+
+@pytest.fixture
+def plugin(plugin_started, qgis_iface):
+    """The running plugin (a new instance after a reload), its dock shown in the main window."""
+    import qgis.utils
+
     instance = qgis.utils.plugins["sketch_search"]
     qgis_iface.mainWindow().addDockWidget(2, instance.dock)  # the stub iface's addDockWidget does nothing
     instance.dock.show()
-    yield instance
-    qgis.utils.unloadPlugin("sketch_search")
+    return instance
 
 
 @pytest.fixture(scope="session")
@@ -79,7 +90,7 @@ def worker(tmp_path_factory, raster_root):
     with proc.client() as client:
         job = client.start_index("rmnp", [str(raster_root / "rmnp-rgb.tif")], tile=112, scales=[1, 2])
         deadline = time.time() + 300
-        while client.job(job["id"])["state"] in ("queued", "running") and time.time() < deadline:
+        while client.job(job["id"])["state"] in states.ACTIVE and time.time() < deadline:
             time.sleep(0.2)
     yield proc
     proc.stop()

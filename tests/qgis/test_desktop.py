@@ -1,4 +1,5 @@
-"""The real QGIS desktop under Xvfb: the dock and a result layer after a search, as a screenshot.
+"""The real QGIS desktop under Xvfb, with the plugin installed from the built zip as a user
+would: the dock and a result layer after a search, as a screenshot.
 
 The screenshot is kept in test-artifacts/qgis_desktop.png for a person to look at.
 """
@@ -7,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -21,8 +23,11 @@ def test_desktop_search_and_screenshot(tmp_path, worker, raster_root):
     from PIL import Image
 
     profile = tmp_path / "profiles" / "profiles" / "default"  # --profiles-path P keeps P/profiles/NAME
-    packager = load_packager()
-    packager.build_dir(profile / "python" / "plugins")
+    package = load_packager().build_zip(tmp_path / "sketch_search.zip")
+    with zipfile.ZipFile(package) as z:  # what "Install from ZIP" does
+        z.extractall(profile / "python" / "plugins")
+    installed = profile / "python" / "plugins" / "sketch_search"
+    assert (installed / "wire" / "protocol.py").is_file() and not (installed / "wire").is_symlink()
     (profile / "QGIS").mkdir(parents=True)
     (profile / "QGIS" / "QGIS3.ini").write_text("[PythonPlugins]\nsketch_search=true\n")
 

@@ -1,0 +1,91 @@
+"""A blocking client for the worker: pyzmq + stdlib only, so QGIS's Python can import it.
+
+Reliability follows the zguide's Lazy Pirate: each request waits at most `timeout` seconds;
+on silence the REQ socket is closed (it cannot be reused after a lost reply) and the request
+is sent again on a fresh socket, `retries` times, before WorkerUnavailable is raised.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import zmq
+
+from . import protocol
+from .errors import WorkerUnavailable
+from .sockets import CurveKeys, connect
+
+
+class WorkerClient:
+    def __init__(self, endpoint: str = protocol.DEFAULT_ENDPOINT, timeout: float = 30.0, retries: int = 2,
+                 curve: Optional[CurveKeys] = None, context: Optional[zmq.Context] = None):
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.retries = retries
+        self.curve = curve
+        self._context = context or zmq.Context.instance()
+        self._socket: Optional[zmq.Socket] = None
+
+    def _connect(self) -> zmq.Socket:
+        if self._socket is None:
+            self._socket = connect(self._context, zmq.REQ, self.endpoint, self.curve)
+        return self._socket
+
+    def _reset(self) -> None:
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+
+    def close(self) -> None:
+        self._reset()
+
+    def __enter__(self) -> "WorkerClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def request(self, op: str, frames: tuple = (), timeout: Optional[float] = None, **fields: Any) -> dict:
+        """Send one request and return its reply's fields; WorkerError on an error reply,
+        WorkerUnavailable when no reply came after every retry."""
+        timeout = self.timeout if timeout is None else timeout
+        message = protocol.encode_request(op, frames=frames, **fields)
+        request_id = protocol.request_id_of(message)
+        for _ in range(self.retries + 1):
+            sock = self._connect()
+            sock.send_multipart(message)
+            if sock.poll(int(timeout * 1000), zmq.POLLIN):
+                reply = protocol.decode_reply(sock.recv_multipart())
+                if reply.id in (request_id, None):
+                    return reply.result()
+            self._reset()  # silence, or a stale reply: start over on a fresh socket
+        raise WorkerUnavailable(self.endpoint, self.retries + 1, timeout)
+
+    # -- ops ------------------------------------------------------------------------------------
+    def ping(self, timeout: Optional[float] = None) -> dict:
+        return self.request("ping", timeout=timeout)
+
+    def info(self) -> dict:
+        return self.request("info")
+
+    def list_indexes(self) -> list:
+        return self.request("list_indexes")["indexes"]
+
+    def start_index(self, index: str, rasters: list, **settings: Any) -> dict:
+        """Start (or join the running) indexing job for `index`; returns the job."""
+        return self.request("index", index=index, rasters=rasters, **settings)["job"]
+
+    def job(self, job_id: str) -> dict:
+        return self.request("job", job=job_id)["job"]
+
+    def cancel(self, job_id: str) -> dict:
+        return self.request("cancel", job=job_id)["job"]
+
+    def search(self, index: str, sketch_png: Optional[bytes] = None, strokes: Optional[list] = None,
+               strokes_crs: Optional[str] = None, timeout: Optional[float] = None, **options: Any) -> dict:
+        """Hits as a GeoJSON FeatureCollection (reply field "hits") plus "timings_ms"."""
+        if (sketch_png is None) == (strokes is None):
+            raise ValueError("give exactly one of sketch_png or strokes")
+        if sketch_png is not None:
+            return self.request("search", frames=(sketch_png,), timeout=timeout, index=index, sketch_frame=1, **options)
+        return self.request("search", timeout=timeout, index=index, strokes=strokes, strokes_crs=strokes_crs, **options)

@@ -1,0 +1,48 @@
+"""Error codes of error replies, and the exceptions that carry them on either side.
+
+What a client should do differs per code, so every code is named here once and the worker,
+the blocking client and the plugin compare against these names.
+"""
+
+from __future__ import annotations
+
+BAD_JSON = "bad_json"  # frame 0 is not a UTF-8 JSON object
+BAD_REQUEST = "bad_request"  # a field is missing or of the wrong type
+UNKNOWN_OP = "unknown_op"
+UNSUPPORTED_VERSION = "unsupported_version"
+TOO_LARGE = "too_large"  # over the worker's --max-message-bytes
+BAD_INPUT = "bad_input"  # a raster, sketch or value the worker cannot use
+NOT_FOUND = "not_found"  # a named index or job that does not exist
+INDEX_MISMATCH = "index_mismatch"  # an index of another format, model or tile settings
+FORBIDDEN = "forbidden"  # a path outside the allowed roots
+TIMEOUT = "timeout"  # the server-side time limit passed
+INTERNAL = "internal"  # a bug in the worker; details in its log
+UNAVAILABLE = "unavailable"  # never sent: a client's own code for "no reply at all"
+
+SERVER_CODES = (BAD_JSON, BAD_REQUEST, UNKNOWN_OP, UNSUPPORTED_VERSION, TOO_LARGE, BAD_INPUT, NOT_FOUND,
+                INDEX_MISMATCH, FORBIDDEN, TIMEOUT, INTERNAL)
+
+
+class ProtocolError(Exception):
+    """A request the worker refuses for its form or its paths; answered with `code`."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class WorkerError(Exception):
+    """The worker answered with an error reply (client side)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class WorkerUnavailable(WorkerError):
+    """No reply within the time limit after every retry: the worker is down or unreachable."""
+
+    def __init__(self, endpoint: str, attempts: int, timeout: float):
+        super().__init__(UNAVAILABLE, f"no reply from {endpoint} after {attempts} attempt(s) of {timeout:g} s")

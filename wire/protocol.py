@@ -1,0 +1,139 @@
+"""Messages between the worker and its clients (docs/protocol.md). Stdlib only.
+
+A message is a multipart ZeroMQ message. Frame 0 is a UTF-8 JSON header
+{"v": 1, "id": "...", "op": "...", ...fields}; binary payloads (a sketch PNG) ride in later
+frames and are referred to by number ("sketch_frame": 1). Every request gets exactly one reply:
+{"v": 1, "id": ..., "ok": true, ...} or {"v": 1, "id": ..., "ok": false,
+"error": {"code": "...", "message": "..."}}. Job progress is published as [b"job.<id>", JSON].
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from .errors import (BAD_JSON, BAD_REQUEST, INTERNAL, UNKNOWN_OP, UNSUPPORTED_VERSION, ProtocolError,
+                     WorkerError)
+
+VERSION = 1
+OPS = ("ping", "info", "list_indexes", "index", "job", "cancel", "search")
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
+PROGRESS_TOPIC = b"job."
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+# -- requests ----------------------------------------------------------------------------------
+def encode_request(op: str, request_id: Optional[str] = None, frames: tuple = (), **fields: Any) -> list:
+    """A request's frames: the JSON header, then the binary payloads `frames`."""
+    header = {"v": VERSION, "id": request_id or new_id(), "op": op, **fields}
+    return [json.dumps(header).encode()] + list(frames)
+
+
+def request_id_of(message: list) -> str:
+    """The id of a request made by encode_request."""
+    return json.loads(message[0])["id"]
+
+
+def decode_header(frame: bytes) -> dict:
+    """Frame 0 of a request or reply as a dict; ProtocolError(BAD_JSON) for anything else."""
+    try:
+        header = json.loads(frame.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(BAD_JSON, f"frame 0 must be a UTF-8 JSON object ({exc})") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(BAD_JSON, "frame 0 must be a JSON object")
+    return header
+
+
+def check_request(header: dict) -> str:
+    """Validate the fields every request has; returns the op."""
+    if header.get("v") != VERSION:
+        raise ProtocolError(UNSUPPORTED_VERSION, f"protocol version {header.get('v')!r} not supported "
+                                                 f"(this worker speaks {VERSION})")
+    if not isinstance(header.get("id"), str) or not header["id"]:
+        raise ProtocolError(BAD_REQUEST, "field 'id' must be a non-empty string")
+    op = header.get("op")
+    if op not in OPS:
+        raise ProtocolError(UNKNOWN_OP, f"unknown op {op!r}; known: {', '.join(OPS)}")
+    return op
+
+
+def field(header: dict, name: str, kind: Any, default: Any = ..., check: Optional[Callable[[Any], bool]] = None) -> Any:
+    """A typed request field; ProtocolError(BAD_REQUEST) names the field and what was expected.
+    An absent (or null) field gives `default`, or is an error when there is none."""
+    if name not in header or header[name] is None:
+        if default is ...:
+            raise ProtocolError(BAD_REQUEST, f"field {name!r} is required")
+        return default
+    value = header[name]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds:
+        raise ProtocolError(BAD_REQUEST, f"field {name!r} must be {_kind_name(kinds)}, got a boolean")
+    if not isinstance(value, kinds):
+        raise ProtocolError(BAD_REQUEST, f"field {name!r} must be {_kind_name(kinds)}, got {type(value).__name__}")
+    if check is not None and not check(value):
+        raise ProtocolError(BAD_REQUEST, f"field {name!r} has an invalid value {value!r}")
+    return value
+
+
+def _kind_name(kinds: tuple) -> str:
+    return " or ".join(k.__name__ for k in kinds)
+
+
+# -- replies -----------------------------------------------------------------------------------
+def ok_reply(request_id: Optional[str], **fields: Any) -> list:
+    return [json.dumps({"v": VERSION, "id": request_id, "ok": True, **fields}).encode()]
+
+
+def error_reply(request_id: Optional[str], code: str, message: str) -> list:
+    return [json.dumps({"v": VERSION, "id": request_id, "ok": False,
+                        "error": {"code": code, "message": message}}).encode()]
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One reply as a client reads it: the id of its request, and its fields or the worker's error."""
+
+    id: Optional[str]
+    fields: dict
+    error: Optional[WorkerError]
+
+    def result(self) -> dict:
+        """The reply's fields; raises the worker's error for an error reply."""
+        if self.error is not None:
+            raise self.error
+        return self.fields
+
+
+def decode_reply(frames: list) -> Reply:
+    """A reply as received on a REQ or DEALER socket (an echoed empty envelope frame is skipped);
+    ProtocolError(BAD_JSON) when its header cannot be read."""
+    header = decode_header(frames[1] if len(frames) > 1 and frames[0] == b"" else frames[0])
+    request_id = header.get("id") if isinstance(header.get("id"), str) else None
+    if header.get("ok"):
+        return Reply(request_id, header, None)
+    error = header.get("error") if isinstance(header.get("error"), dict) else {}
+    return Reply(request_id, header, WorkerError(str(error.get("code", INTERNAL)),
+                                                 str(error.get("message", "error reply without a message"))))
+
+
+# -- progress ----------------------------------------------------------------------------------
+def progress_event(job: dict) -> list:
+    """A PUB message: the topic b"job.<id>", then the job as JSON."""
+    return [PROGRESS_TOPIC + job["id"].encode(), json.dumps({"v": VERSION, "event": "job", "job": job}).encode()]
+
+
+def decode_progress(frames: list) -> Optional[dict]:
+    """The job of a progress message, or None for a message that is not one."""
+    if len(frames) != 2 or not frames[0].startswith(PROGRESS_TOPIC):
+        return None
+    try:
+        job = json.loads(frames[1].decode("utf-8")).get("job")
+    except (UnicodeDecodeError, ValueError, AttributeError):
+        return None
+    return job if isinstance(job, dict) else None

@@ -1,0 +1,57 @@
+"""Client sockets set up one way for the blocking client and the plugin's Qt link: keys,
+linger, connect; and the progress subscription."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import zmq
+
+from .protocol import PROGRESS_TOPIC
+
+
+@dataclass(frozen=True)
+class CurveKeys:
+    """Keys for an encrypted, authenticated connection to a remote worker (zmq.auth files)."""
+
+    server_public: bytes
+    client_public: bytes
+    client_secret: bytes
+
+    @classmethod
+    def from_files(cls, server_public_file: Union[Path, str], client_secret_file: Union[Path, str]) -> "CurveKeys":
+        """The server's public key file and this client's secret key file, as zmq.auth writes them;
+        OSError or ValueError says which file is not usable."""
+        import zmq.auth
+
+        server_public, _ = zmq.auth.load_certificate(str(server_public_file))
+        client_public, client_secret = zmq.auth.load_certificate(str(client_secret_file))
+        if client_secret is None:
+            raise ValueError(f"{client_secret_file} holds no secret key: give the client's .key_secret file")
+        return cls(server_public, client_public, client_secret)
+
+    def apply(self, socket: zmq.Socket) -> None:
+        socket.curve_serverkey = self.server_public
+        socket.curve_publickey = self.client_public
+        socket.curve_secretkey = self.client_secret
+
+
+def connect(context: zmq.Context, kind: int, endpoint: str, curve: Optional[CurveKeys] = None) -> zmq.Socket:
+    """A socket of `kind` connected to `endpoint`, encrypted when `curve` is given; it never
+    lingers on close (a lost worker must not hang the client's exit)."""
+    sock = context.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    if curve is not None:
+        curve.apply(sock)
+    sock.connect(endpoint)
+    return sock
+
+
+def subscribe_progress(pub_endpoint: str, context: Optional[zmq.Context] = None,
+                       curve: Optional[CurveKeys] = None) -> zmq.Socket:
+    """A SUB socket receiving every job's progress events (read them with protocol.decode_progress)."""
+    sock = connect(context or zmq.Context.instance(), zmq.SUB, pub_endpoint, curve)
+    sock.setsockopt(zmq.SUBSCRIBE, PROGRESS_TOPIC)
+    return sock
