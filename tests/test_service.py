@@ -96,9 +96,52 @@ def test_search_with_a_png_frame_and_with_strokes_in_a_crs(worker):
 def test_the_documented_codes_and_states_are_the_wires():
     doc = (REPO / "docs" / "protocol.md").read_text()
     documented = re.findall(r"`([a-z_]+)`", doc.split("## Error codes")[1].split("##")[0])
-    assert set(documented) == set(codes.SERVER_CODES)
+    assert set(documented) == {*codes.SERVER_CODES, codes.UNAVAILABLE}
     row = next(line for line in doc.splitlines() if line.startswith("| `job` |"))
     assert set(re.search(r"`state` \(([a-z, ]+)\)", row).group(1).split(", ")) == states.ACTIVE | states.FINISHED
+
+
+def test_max_overlap_is_a_search_option(worker):
+    from shapely.geometry import shape
+
+    def overlaps(reply: dict) -> float:
+        """The largest overlap of two hits, as a fraction of the smaller one."""
+        polygons = [shape(f["geometry"]) for f in reply["hits"]["features"]]
+        return max(a.intersection(b).area / min(a.area, b.area) for i, a in enumerate(polygons) for b in polygons[i + 1:])
+
+    with worker.client() as c:
+        strict = c.search("rmnp", sketch_png=sketch_png(), top=6, max_overlap=0.0)
+        default = c.search("rmnp", sketch_png=sketch_png(), top=6)
+        loose = c.search("rmnp", sketch_png=sketch_png(), top=6, max_overlap=1.0)
+    assert all(len(r["hits"]["features"]) == 6 for r in (strict, default, loose))
+    assert overlaps(strict) < 1e-6 and overlaps(default) <= 0.3 + 1e-6
+    assert overlaps(loose) > 0.3, "without de-duplication neighbouring tiles overlap"
+
+
+def test_indexes_the_worker_cannot_search_are_listed_with_the_reason(worker):
+    """An index of an older format, or built with another model, is listed as incompatible
+    (not an internal error) and refused for search with index_mismatch."""
+    source = worker.index_root / "rmnp"
+    old, other = worker.index_root / "old" / "rmnp", worker.index_root / "other-model"
+    try:
+        for dest in (old, other):
+            shutil.copytree(source, dest)
+        manifest = json.loads((source / "manifest.json").read_text())
+        (old / "manifest.json").write_text(json.dumps({**manifest, "format": 1}))
+        (other / "manifest.json").write_text(json.dumps({**manifest, "model": {**manifest["model"], "tile_encoder": "x"}}))
+        with worker.client() as c:
+            listed = {i["name"]: i for i in c.list_indexes()}
+            for name in ("old/rmnp", "other-model"):
+                with pytest.raises(WorkerError) as err:
+                    c.search(name, sketch_png=sketch_png())
+                assert err.value.code == codes.INDEX_MISMATCH
+        assert listed["rmnp"]["compatible"] and listed["rmnp"]["reason"] is None
+        assert not listed["old/rmnp"]["compatible"] and "build it again" in listed["old/rmnp"]["reason"]
+        assert not listed["other-model"]["compatible"] and "another model" in listed["other-model"]["reason"]
+        assert listed["other-model"]["tile_count"] == listed["rmnp"]["tile_count"] > 0
+    finally:
+        shutil.rmtree(old.parent)
+        shutil.rmtree(other)
 
 
 def test_bad_requests_get_error_replies_with_codes(worker, rasters, tmp_path):
@@ -118,6 +161,11 @@ def test_bad_requests_get_error_replies_with_codes(worker, rasters, tmp_path):
             (lambda: c.request("search", index="rmnp", strokes=[[[0, 0], [5, 5]]], strokes_frame=[0, 0, 0, 0]), codes.BAD_INPUT),
             (lambda: c.request("search", index="rmnp", crop_to_ink="yes", sketch_frame=1, frames=(sketch_png(),)),
              codes.BAD_REQUEST),
+            (lambda: c.search("rmnp", sketch_png=sketch_png(), max_overlap=1.5), codes.BAD_INPUT),
+            (lambda: c.search("rmnp", sketch_png=sketch_png(), max_overlap="some"), codes.BAD_REQUEST),
+            (lambda: c.search("rmnp", sketch_png=sketch_png(), top=0), codes.BAD_INPUT),
+            (lambda: c.search("rmnp", sketch_png=sketch_png(), bbox=[1, 1, 0, 0]), codes.BAD_INPUT),
+            (lambda: c.start_index("x", [str(rasters / "rmnp-rgb.tif")], chunk_tiles=0), codes.BAD_INPUT),
             (lambda: c.request("teleport"), codes.UNKNOWN_OP),
             (lambda: c.job("no-such-job"), codes.NOT_FOUND),
         ]

@@ -1,6 +1,7 @@
 """Command line: `python -m worker index|search|info|serve ...`.
 
-A usage or input error exits 2 with one clear line on stderr; success exits 0.
+Flags become the requests of worker.app, and their defaults are those requests' defaults; a
+usage or input error exits 2 with one clear line on stderr; success exits 0.
 """
 
 from __future__ import annotations
@@ -11,7 +12,11 @@ import logging
 import sys
 from pathlib import Path
 
+from wire.protocol import DEFAULT_ENDPOINT
+from worker.app import IndexRequest, ModelOptions, SearchRequest
 from worker.errors import InputError
+from worker.service.config import ServiceConfig
+from worker.tiling import TileSettings
 
 log = logging.getLogger("worker")
 
@@ -26,51 +31,54 @@ def _floats(text: str, n: int, what: str) -> tuple[float, ...]:
     return values
 
 
-def _ints(text: str, what: str) -> tuple[int, ...]:
+def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
+    if text is None:
+        return None
     try:
         return tuple(int(v) for v in text.split(","))
     except ValueError:
         raise InputError(f"{what} {text!r}: expected comma-separated integers") from None
 
 
+def _listed(values: tuple) -> str:
+    return ",".join(str(v) for v in values)
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="vit_small_patch14_dinov2", help="timm ViT name")
+    g.add_argument("--model", dest="timm_name", metavar="MODEL", default=None,
+                   help="timm ViT name (default: the converted offline DINOv2 ViT-S/14, vit_small_patch14_dinov2)")
     g.add_argument("--weights", type=Path, default=None,
                    help="backbone checkpoint (safetensors or torch); default: the converted offline DINOv2")
     g.add_argument("--random-weights", action="store_true", help="random backbone (a quality floor for benchmarks)")
-    g.add_argument("--sketch-modules", type=Path, default=None,
+    g.add_argument("--sketch-modules", default=None,
                    help="trained sketch tokenizer/adapter/scorer (default: the shipped one if present; 'none' to skip)")
-    g.add_argument("--img-size", type=int, default=224)
-    g.add_argument("--tile-view", default="edges", choices=["edges", "rgb"],
+    g.add_argument("--img-size", type=int, default=None, help="model input size in pixels (default: the model's)")
+    g.add_argument("--tile-view", default=None, choices=["edges", "rgb"],
                    help="encode tiles as line drawings (default; bridges sketch and imagery) or as RGB")
-    g.add_argument("--ranker", default="layout", choices=["layout", "tokens"],
+    g.add_argument("--ranker", default=None, choices=["layout", "tokens"],
                    help="layout (default): edge-layout shortlist and re-rank blended with the token score; "
                         "tokens: the paper's global-token shortlist and cross-attention re-rank alone")
     g.add_argument("--token-weight", type=float, default=None,
                    help="weight of the cross-attention token score in the layout ranker's re-rank")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"], help="default: auto")
 
 
-def model_from_args(args: argparse.Namespace):
-    from worker.model.loading import load_model
-
-    return load_model(timm_name=args.model, weights=args.weights, random_weights=args.random_weights,
-                      sketch_modules=args.sketch_modules, img_size=args.img_size, device=args.device,
-                      tile_view=args.tile_view, ranker=args.ranker, token_weight=args.token_weight)
+def model_options(args: argparse.Namespace) -> ModelOptions:
+    return ModelOptions(timm_name=args.timm_name, weights=args.weights, random_weights=args.random_weights,
+                        sketch_modules=args.sketch_modules, img_size=args.img_size, device=args.device,
+                        tile_view=args.tile_view, ranker=args.ranker, token_weight=args.token_weight)
 
 
 def cmd_index(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from worker.index import IndexWriter
-    from worker.tiling import TileSettings, find_rasters
+    from worker.app import build_index
 
-    settings = TileSettings(tile=args.tile, overlap=args.overlap, scales=_ints(args.scales, "--scales"),
-                            bands=_ints(args.bands, "--bands") if args.bands else None, min_valid=args.min_valid)
-    rasters = find_rasters(args.rasters)
-    model = model_from_args(args)
-    writer = IndexWriter(args.out, model, settings, chunk_tiles=args.chunk_tiles)
+    request = IndexRequest.create(args.out, args.rasters, tile=args.tile, overlap=args.overlap,
+                                  scales=_ints(args.scales, "--scales"), bands=_ints(args.bands, "--bands"),
+                                  min_valid=args.min_valid, chunk_tiles=args.chunk_tiles, batch_size=args.batch_size)
+    model = model_options(args).load()
     bar = tqdm(total=None, unit="tile", disable=args.quiet)
 
     def progress(p) -> None:
@@ -79,52 +87,49 @@ def cmd_index(args: argparse.Namespace) -> int:
         bar.set_postfix(skipped=p.tiles_skipped)
         bar.refresh()
 
-    manifest = writer.build(rasters, progress=progress, batch_size=args.batch_size)
+    summary = build_index(request, model, progress=progress)
     bar.close()
-    print(json.dumps({"index": str(args.out), "tile_count": manifest["tile_count"],
-                      "tiles_skipped": sum(r["tiles_skipped"] for r in manifest["rasters"]),
-                      "rasters": len(manifest["rasters"])}))
+    print(json.dumps(summary.to_json()))
     return 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    from worker.app import check_index, open_index, run_search
+    from worker.index import write_json_atomic
 
-    from worker.geo import bbox_to_wgs84, parse_crs
-    from worker.hits_output import contact_sheet, hits_to_geojson
-    from worker.index import TileIndex, check_compatible, write_json_atomic
-    from worker.search import search
-    from worker.sketch import load_sketch
-
-    index = TileIndex.open(args.index)
-    out_crs = parse_crs(args.crs)
-    area = bbox_to_wgs84(_floats(args.bbox, 4, "--bbox"), parse_crs(args.bbox_crs)) if args.bbox else None
-    model = model_from_args(args)
-    check_compatible(index.manifest, model.tile_encoder_fingerprint(), None, args.index)
-    sketch = load_sketch(args.sketch, model.img_size, crop_to_ink=args.crop_to_ink)
-    if args.top < 1 or args.shortlist < 1:
-        raise InputError("--top and --shortlist must be at least 1")
-    result = search(index, model, sketch, top=args.top, shortlist=max(args.shortlist, args.top), area_wgs84=area,
-                    max_overlap=args.max_overlap)
+    index = open_index(args.index)
+    request = SearchRequest(args.sketch, top=args.top, shortlist=args.shortlist, max_overlap=args.max_overlap,
+                            crs=args.crs, bbox=_floats(args.bbox, 4, "--bbox") if args.bbox else None,
+                            bbox_crs=args.bbox_crs, crop_to_ink=args.crop_to_ink)
+    model = model_options(args).load()
+    check_index(index, model)
+    outcome = run_search(request, model, index)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.out, hits_to_geojson(result.hits, out_crs, {"timings_ms": result.timings_ms}))
+    write_json_atomic(args.out, {**outcome.hits, "timings_ms": outcome.timings_ms})
     if args.preview:
+        from worker.hits_output import contact_sheet
+
         args.preview.parent.mkdir(parents=True, exist_ok=True)
-        contact_sheet(sketch.numpy(), result.hits).save(args.preview)
-    print(json.dumps({"hits": len(result.hits), "out": str(args.out), **{k: round(v, 1) for k, v in result.timings_ms.items()}}))
+        contact_sheet(outcome.sketch.numpy(), outcome.ranked).save(args.preview)
+    print(json.dumps({"hits": len(outcome.ranked), "out": str(args.out),
+                      **{k: round(v, 1) for k, v in outcome.timings_ms.items()}}))
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from worker.index import TileIndex
+    from worker.app import open_index
 
-    print(json.dumps(TileIndex.open(args.index).info(), indent=1))
+    print(json.dumps(open_index(args.index).info(), indent=1))
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from worker.service import serve_from_args
+    from worker.service.startup import serve
 
-    return serve_from_args(args)
+    config = ServiceConfig.create(bind=args.bind, pub=args.pub, index_roots=args.index_root,
+                                  raster_roots=args.raster_root, max_message_bytes=args.max_message_bytes,
+                                  search_timeout=args.search_timeout, curve_keys=args.curve_keys)
+    return serve(config, model_options(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,13 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("index", help="tile rasters and precompute their tokens (resumable, incremental)")
     p.add_argument("rasters", nargs="+", help="raster files, directories of rasters, or GDAL VRTs")
     p.add_argument("--out", type=Path, required=True, help="index directory (created or extended)")
-    p.add_argument("--tile", type=int, default=224, help="tile size in pixels")
-    p.add_argument("--overlap", type=float, default=0.25, help="overlap between neighbouring tiles (fraction)")
-    p.add_argument("--scales", default="1,2,4", help="window sizes in tiles (2: twice as large, read down)")
+    p.add_argument("--tile", type=int, default=TileSettings.tile, help="tile size in pixels (default %(default)s)")
+    p.add_argument("--overlap", type=float, default=TileSettings.overlap,
+                   help="overlap between neighbouring tiles, a fraction (default %(default)s)")
+    p.add_argument("--scales", default=_listed(TileSettings.scales),
+                   help="window sizes in tiles (2: twice as large, read down; default %(default)s)")
     p.add_argument("--bands", default=None, help="R,G,B band numbers (default: from colour interpretation)")
-    p.add_argument("--min-valid", type=float, default=0.5, help="skip tiles with less valid (non-nodata) area")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--chunk-tiles", type=int, default=256, help="tiles per committed shard (resume granularity)")
+    p.add_argument("--min-valid", type=float, default=TileSettings.min_valid,
+                   help="skip tiles with less valid (non-nodata) area (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=IndexRequest.batch_size, help="default %(default)s")
+    p.add_argument("--chunk-tiles", type=int, default=IndexRequest.chunk_tiles,
+                   help="tiles per committed shard, what a crash can lose (default %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_model_args(p)
     p.set_defaults(func=cmd_index)
@@ -152,13 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PNG/JPEG of dark strokes on a light background; its frame is the place's frame")
     p.add_argument("--crop-to-ink", action="store_true",
                    help="crop the sketch to its strokes first (the paper's preprocessing, for sketches of objects)")
-    p.add_argument("--top", type=int, default=10)
-    p.add_argument("--shortlist", type=int, default=200, help="candidates re-ranked by cross-attention")
+    p.add_argument("--top", type=int, default=SearchRequest.top, help="hits to return (default %(default)s)")
+    p.add_argument("--shortlist", type=int, default=SearchRequest.shortlist,
+                   help="candidates re-ranked (default %(default)s)")
     p.add_argument("--bbox", default=None, help="MINX,MINY,MAXX,MAXY search area")
-    p.add_argument("--bbox-crs", default="EPSG:4326")
-    p.add_argument("--crs", default="EPSG:4326", help="CRS of the output polygons")
-    p.add_argument("--max-overlap", type=float, default=0.3,
-                   help="hits overlapping a better one by more than this fraction of the smaller are dropped")
+    p.add_argument("--bbox-crs", default=SearchRequest.bbox_crs, help="CRS of --bbox (default %(default)s)")
+    p.add_argument("--crs", default=SearchRequest.crs, help="CRS of the output polygons (default %(default)s)")
+    p.add_argument("--max-overlap", type=float, default=SearchRequest.max_overlap,
+                   help="hits overlapping a better one by more than this fraction of the smaller are dropped "
+                        "(default %(default)s)")
     p.add_argument("--out", type=Path, required=True, help="GeoJSON FeatureCollection to write")
     p.add_argument("--preview", type=Path, default=None, help="contact sheet PNG of the sketch and hits")
     add_model_args(p)
@@ -168,17 +179,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("index", type=Path)
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("serve", help="answer requests over ZeroMQ")
-    p.add_argument("--bind", default="tcp://127.0.0.1:5555")
+    p = sub.add_parser("serve", help="answer requests over ZeroMQ (docs/protocol.md)")
+    p.add_argument("--bind", default=DEFAULT_ENDPOINT, help="request endpoint (default %(default)s)")
     p.add_argument("--index-root", type=Path, action="append", default=None,
-                   help="directory holding indexes (and allowed raster roots); repeatable")
+                   help="directory holding indexes (default ./indexes); repeatable")
     p.add_argument("--raster-root", type=Path, action="append", default=None,
                    help="directory clients may index rasters from; repeatable (default: the index roots)")
     p.add_argument("--curve-keys", type=Path, default=None,
-                   help="directory with server.key_secret and authorized client *.key files")
+                   help="directory with server.key_secret and authorized_clients/*.key (needed beyond loopback)")
     p.add_argument("--pub", default=None, help="PUB endpoint for progress events (default: bind port + 1)")
-    p.add_argument("--max-message-bytes", type=int, default=32 * 1024 * 1024)
-    p.add_argument("--search-timeout", type=float, default=60.0, help="seconds before a search is abandoned")
+    p.add_argument("--max-message-bytes", type=int, default=ServiceConfig.max_message_bytes,
+                   help="larger requests are refused (default %(default)s)")
+    p.add_argument("--search-timeout", type=float, default=ServiceConfig.search_timeout,
+                   help="seconds before a search is abandoned (default %(default)s)")
     add_model_args(p)
     p.set_defaults(func=cmd_serve)
     return parser

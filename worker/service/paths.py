@@ -18,11 +18,20 @@ class PathPolicy:
         parts = Path(name).parts
         if not name or Path(name).is_absolute() or ".." in parts or name.startswith("~"):
             raise ProtocolError(FORBIDDEN, f"index name {name!r} must be a relative path without '..'")
-        root = self.index_roots[0].resolve()
+        root = self.index_root
         path = (root / name).resolve()
         if not path.is_relative_to(root):
             raise ProtocolError(FORBIDDEN, f"index name {name!r} leaves the index root")
         return path
+
+    def index_name(self, index_dir: Path) -> str:
+        """The name a client uses for an index directory of the first index root."""
+        return str(index_dir.resolve().relative_to(self.index_root))
+
+    @property
+    def index_root(self) -> Path:
+        """Where named indexes live (the first index root; the others are only resumed from)."""
+        return self.index_roots[0].resolve()
 
     def raster(self, path: str) -> Path:
         """A raster path, accepted only inside a raster root (after resolving links and '..')."""

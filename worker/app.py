@@ -1,0 +1,217 @@
+"""The two use cases, written once for the command line and the service: build an index, search it.
+
+Each request dataclass holds every default and every check of its use case. The CLI (flags) and
+the service (message fields) only fill one in, passing None for what the user left out, so the
+defaults here apply to both. Modules that import torch are imported where they are used, so
+that `python -m worker info` and `--help` stay quick.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
+
+from rasterio.crs import CRS
+from shapely.geometry import Polygon
+
+from worker.errors import InputError
+from worker.geo import bbox_to_wgs84, parse_crs
+from worker.index import CHUNK_TILES, IndexProgress, IndexWriter, TileIndex, check_compatible
+from worker.tiling import TileSettings, find_rasters
+
+if TYPE_CHECKING:
+    from worker.model.retrieval_model import RetrievalModel
+    from worker.search import Hit
+    from worker.sketch import StrokeSketch
+
+MAX_CHUNK_TILES = 65536
+MAX_TOP = 1000
+MAX_SHORTLIST = 100_000
+WGS84 = "EPSG:4326"
+PIXEL_STROKES = "pixel"  # strokes in pixel coordinates, y down (a sketch pad); any other CRS has y up
+
+SketchSource = Union[bytes, Path, "StrokeSketch"]  # an image's bytes, an image file, or strokes
+
+
+def given(**options: Any) -> dict:
+    """The options a user gave (not None), so that the dataclasses' defaults fill in the rest."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
+# -- the model ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelOptions:
+    """Which model to load. None keeps the loader's default (worker.model.loading), the one
+    place those defaults live."""
+
+    timm_name: str | None = None
+    weights: Path | None = None
+    random_weights: bool = False
+    sketch_modules: Path | str | None = None
+    img_size: int | None = None
+    device: str | None = None
+    tile_view: str | None = None
+    ranker: str | None = None
+    token_weight: float | None = None
+
+    def load(self) -> "RetrievalModel":
+        from worker.model.loading import load_model
+
+        return load_model(**given(**asdict(self)))
+
+
+# -- indexing ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class IndexRequest:
+    """Index (or extend) `index_dir` with `rasters`, cut by `settings`."""
+
+    index_dir: Path
+    rasters: tuple[Path, ...]
+    settings: TileSettings = field(default_factory=TileSettings)
+    chunk_tiles: int = CHUNK_TILES  # tiles per committed shard: what a crash can lose
+    batch_size: int = 16  # tiles per forward pass
+
+    def __post_init__(self) -> None:
+        if not self.rasters:
+            raise InputError("no rasters to index: name raster files, folders of rasters or VRTs")
+        if not 1 <= self.chunk_tiles <= MAX_CHUNK_TILES:
+            raise InputError(f"chunk_tiles {self.chunk_tiles} must be between 1 and {MAX_CHUNK_TILES}")
+        if self.batch_size < 1:
+            raise InputError(f"batch_size {self.batch_size} must be at least 1")
+        if not 0.0 <= self.settings.min_valid <= 1.0:
+            raise InputError(f"min_valid {self.settings.min_valid} must be a fraction between 0 and 1")
+
+    @classmethod
+    def create(cls, index_dir: Path, rasters: Sequence[str | Path], *, tile: int | None = None,
+               overlap: float | None = None, scales: Sequence[int] | None = None, bands: Sequence[int] | None = None,
+               min_valid: float | None = None, chunk_tiles: int | None = None,
+               batch_size: int | None = None) -> "IndexRequest":
+        """A request from what the user gave (None: the default). Raster inputs (files, folders,
+        VRTs) are found on disk now, so a missing one is refused before any work starts."""
+        settings = TileSettings(**given(tile=tile, overlap=None if overlap is None else float(overlap),
+                                        scales=None if scales is None else tuple(scales),
+                                        bands=tuple(bands) if bands else None,
+                                        min_valid=None if min_valid is None else float(min_valid)))
+        return cls(Path(index_dir), tuple(find_rasters(list(rasters))), settings,
+                   **given(chunk_tiles=chunk_tiles, batch_size=batch_size))
+
+    def to_json(self) -> dict:
+        """What a rerun needs (the service keeps it in the index's job.json)."""
+        return {"rasters": [str(p) for p in self.rasters], "settings": self.settings.to_json(),
+                "chunk_tiles": self.chunk_tiles}
+
+    @classmethod
+    def from_json(cls, index_dir: Path, d: dict) -> "IndexRequest":
+        return cls(Path(index_dir), tuple(find_rasters(d["rasters"])), TileSettings.from_json(d["settings"]),
+                   **given(chunk_tiles=d.get("chunk_tiles")))
+
+
+@dataclass(frozen=True)
+class IndexSummary:
+    """What an indexing run left on disk."""
+
+    index_dir: Path
+    tile_count: int
+    tiles_total: int  # tiles planned over all rasters, skipped ones included
+    tiles_skipped: int  # mostly empty (nodata) tiles, not indexed
+    rasters: int
+    complete: bool  # False when the run was stopped: running it again resumes
+
+    def to_json(self) -> dict:
+        return {"index": str(self.index_dir), "tile_count": self.tile_count, "tiles_skipped": self.tiles_skipped,
+                "rasters": self.rasters}
+
+
+def build_index(request: IndexRequest, model: "RetrievalModel", progress: Callable[[IndexProgress], None] | None = None,
+                should_stop: Callable[[], bool] = lambda: False) -> IndexSummary:
+    """Index every raster of the request not yet (fully) indexed. `should_stop` is polled between
+    batches: True stops after the last commit, leaving an index that a rerun completes."""
+    writer = IndexWriter(request.index_dir, model, request.settings, request.chunk_tiles)
+    manifest = writer.build(list(request.rasters), progress=progress, should_stop=should_stop,
+                            batch_size=request.batch_size)
+    rasters = manifest["rasters"]
+    return IndexSummary(request.index_dir, manifest.get("tile_count", 0), sum(r["tiles_total"] or 0 for r in rasters),
+                        sum(r["tiles_skipped"] for r in rasters), len(rasters), all(r["complete"] for r in rasters))
+
+
+def open_index(index_dir: Path) -> TileIndex:
+    """The committed index in `index_dir`: NotFoundError when there is none, IndexMismatchError
+    when it has another format."""
+    return TileIndex.open(Path(index_dir))
+
+
+def check_index(index: TileIndex, model: "RetrievalModel", settings: TileSettings | None = None) -> None:
+    """IndexMismatchError when `model` cannot search `index` (another model) or, given
+    `settings`, cannot extend it (other tile settings)."""
+    check_compatible(index.manifest, model.tile_encoder_fingerprint(), settings.to_json() if settings else None,
+                     index.dir)
+
+
+# -- search ------------------------------------------------------------------------------------
+def stroke_sketch(strokes: Sequence[Sequence[Sequence[float]]], crs: str | None = None,
+                  frame: Sequence[float] | None = None) -> "StrokeSketch":
+    """Polylines as drawn: in a CRS (y up) or in pixels (y down, the default), framed by `frame`
+    (x0, y0, x1, y1; e.g. the sketch pad) or else by their own extent."""
+    from worker.sketch import StrokeSketch
+
+    return StrokeSketch(tuple(tuple((float(x), float(y)) for x, y in s) for s in strokes),
+                        y_up=(crs or PIXEL_STROKES) != PIXEL_STROKES,
+                        frame=tuple(float(v) for v in frame) if frame is not None else None)
+
+
+@dataclass(frozen=True)
+class SearchRequest:
+    """Find the places that look like `sketch`. Checked when made: a bad CRS or box is refused
+    before the model runs."""
+
+    sketch: SketchSource
+    top: int = 10
+    shortlist: int = 200  # candidates re-ranked (at least `top`)
+    max_overlap: float = 0.3  # hits overlapping a better one by more than this (of the smaller) are dropped
+    crs: str = WGS84  # of the output polygons
+    bbox: tuple[float, float, float, float] | None = None  # search area, in bbox_crs
+    bbox_crs: str = WGS84
+    crop_to_ink: bool = False  # crop a sketch image to its strokes first (the paper's object sketches)
+    out_crs: CRS = field(init=False, repr=False, compare=False)
+    area_wgs84: Polygon | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.top <= MAX_TOP:
+            raise InputError(f"top {self.top} must be between 1 and {MAX_TOP}")
+        if not 1 <= self.shortlist <= MAX_SHORTLIST:
+            raise InputError(f"shortlist {self.shortlist} must be between 1 and {MAX_SHORTLIST}")
+        if not 0.0 <= self.max_overlap <= 1.0:
+            raise InputError(f"max_overlap {self.max_overlap} must be a fraction between 0 and 1")
+        if self.bbox is not None and len(self.bbox) != 4:
+            raise InputError(f"bbox {list(self.bbox)}: expected MINX,MINY,MAXX,MAXY")
+        object.__setattr__(self, "out_crs", parse_crs(self.crs))
+        area = bbox_to_wgs84(tuple(float(v) for v in self.bbox), parse_crs(self.bbox_crs)) if self.bbox else None
+        object.__setattr__(self, "area_wgs84", area)
+
+
+@dataclass(frozen=True)
+class SearchOutcome:
+    """The hits of one search, as GeoJSON and as values (for previews)."""
+
+    hits: dict  # GeoJSON FeatureCollection, best first, in the request's CRS
+    timings_ms: dict[str, float]
+    ranked: list["Hit"]
+    sketch: Any  # the model-ready sketch (3, S, S)
+
+    def to_json(self) -> dict:
+        """The search reply's fields."""
+        return {"hits": self.hits, "timings_ms": self.timings_ms}
+
+
+def run_search(request: SearchRequest, model: "RetrievalModel", index: TileIndex) -> SearchOutcome:
+    """Rank `index`'s tiles for the request's sketch; InputError for a sketch that cannot be used."""
+    from worker.hits_output import hits_to_geojson
+    from worker.search import search
+    from worker.sketch import load_sketch
+
+    sketch = load_sketch(request.sketch, model.img_size, crop_to_ink=request.crop_to_ink)
+    result = search(index, model, sketch, top=request.top, shortlist=max(request.top, request.shortlist),
+                    area_wgs84=request.area_wgs84, max_overlap=request.max_overlap)
+    timings = {k: round(v, 2) for k, v in result.timings_ms.items()}
+    return SearchOutcome(hits_to_geojson(result.hits, request.out_crs, None), timings, result.hits, sketch)

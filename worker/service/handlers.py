@@ -1,0 +1,141 @@
+"""The protocol's ops: each reads and types its fields, makes a request of worker.app and
+returns the reply's fields. Errors are raised (ProtocolError, InputError) and answered by the
+loop, so a handler reads as the happy path."""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Callable
+
+from wire import protocol
+from wire.errors import BAD_REQUEST, NOT_FOUND, ProtocolError
+from wire.protocol import field
+from worker import __version__
+from worker.app import IndexRequest, SearchRequest, SketchSource, check_index, given, run_search, stroke_sketch
+from worker.errors import NotFoundError
+from worker.service.config import ServiceConfig
+from worker.service.indexes import OpenIndexes, index_dirs
+from worker.service.jobs import Job, JobManager
+
+Handler = Callable[[dict, list], dict]
+
+
+class Handlers:
+    """Every op of the protocol, by name."""
+
+    POOLED = frozenset({"search"})  # slow ops: run in the search pool, under the search time limit
+
+    def __init__(self, config: ServiceConfig, model, jobs: JobManager, indexes: OpenIndexes):
+        self.config = config
+        self.model = model
+        self.jobs = jobs
+        self.indexes = indexes
+        self.started = time.time()
+        self._ops: dict[str, Handler] = {"ping": self.ping, "info": self.info, "list_indexes": self.list_indexes,
+                                         "index": self.index, "job": self.job, "cancel": self.cancel,
+                                         "search": self.search}
+        assert set(self._ops) == set(protocol.OPS), "every op of the protocol has a handler"
+
+    def __call__(self, op: str, header: dict, frames: list) -> dict:
+        return self._ops[op](header, frames)
+
+    # -- about the worker -----------------------------------------------------------------------
+    def ping(self, header: dict, frames: list) -> dict:
+        return {"pong": time.time()}
+
+    def info(self, header: dict, frames: list) -> dict:
+        paths = self.config.paths
+        return {"version": __version__, "protocol": protocol.VERSION, "model": self.model.fingerprint(),
+                "device": str(self.model.device), "cuda": self.model.device.type == "cuda", "pub": self.config.pub,
+                "index_roots": [str(p) for p in paths.index_roots], "raster_roots": [str(p) for p in paths.raster_roots],
+                "loaded_indexes": [str(p) for p in self.indexes.loaded()],
+                "uptime_s": round(time.time() - self.started, 1), "host": socket.gethostname()}
+
+    def list_indexes(self, header: dict, frames: list) -> dict:
+        paths = self.config.paths
+        out = []
+        for index_dir in index_dirs(paths.index_root):
+            running = self.jobs.running_for(index_dir)
+            out.append({"name": paths.index_name(index_dir), **self.indexes.status(index_dir),
+                        "job": running.id if running else None})
+        return {"indexes": out}
+
+    # -- indexing -------------------------------------------------------------------------------
+    def index(self, header: dict, frames: list) -> dict:
+        paths = self.config.paths
+        name = field(header, "index", str)
+        rasters = field(header, "rasters", list, check=lambda v: v and all(isinstance(p, str) for p in v))
+        index_dir = paths.index_dir(name)
+        request = IndexRequest.create(
+            index_dir, [paths.raster(p) for p in rasters],
+            tile=field(header, "tile", int, None), overlap=field(header, "overlap", (int, float), None),
+            scales=field(header, "scales", list, None, check=lambda v: bool(v) and _ints(v)),
+            bands=field(header, "bands", list, None, check=_ints),
+            min_valid=field(header, "min_valid", (int, float), None), chunk_tiles=field(header, "chunk_tiles", int, None))
+        running = self.jobs.running_for(index_dir)
+        if running is None:
+            self._check_extendable(request)  # refused now, not as a failed job later
+        return {"job": (running or self.jobs.start(name, request)).to_json()}
+
+    def _check_extendable(self, request: IndexRequest) -> None:
+        try:
+            index = self.indexes.get(request.index_dir)
+        except NotFoundError:
+            return  # a new index
+        check_index(index, self.model, request.settings)
+
+    def _job(self, header: dict) -> Job:
+        job_id = field(header, "job", str)
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise ProtocolError(NOT_FOUND, f"no job {job_id!r} on this worker (jobs are forgotten when it restarts)")
+        return job
+
+    def job(self, header: dict, frames: list) -> dict:
+        return {"job": self._job(header).to_json()}
+
+    def cancel(self, header: dict, frames: list) -> dict:
+        job = self._job(header)
+        job.cancel_requested.set()
+        return {"job": job.to_json()}
+
+    # -- search ---------------------------------------------------------------------------------
+    def search(self, header: dict, frames: list) -> dict:
+        started = time.perf_counter()
+        index = self.indexes.searchable(self.config.paths.index_dir(field(header, "index", str)))
+        request = SearchRequest(_sketch(header, frames), **given(
+            top=field(header, "top", int, None), shortlist=field(header, "shortlist", int, None),
+            max_overlap=field(header, "max_overlap", (int, float), None), crs=field(header, "crs", str, None),
+            bbox=field(header, "bbox", list, None, check=_four_numbers), bbox_crs=field(header, "bbox_crs", str, None),
+            crop_to_ink=field(header, "crop_to_ink", bool, None)))
+        reply = run_search(request, self.model, index).to_json()
+        reply["timings_ms"]["server_ms"] = round((time.perf_counter() - started) * 1e3, 2)
+        return reply
+
+
+def _sketch(header: dict, frames: list) -> SketchSource:
+    """The sketch of a search: a PNG/JPEG payload frame, or strokes."""
+    if "sketch_frame" in header:
+        n = field(header, "sketch_frame", int)
+        if not 1 <= n <= len(frames):
+            raise ProtocolError(BAD_REQUEST, f"sketch_frame {n} but the message has {len(frames)} payload frame(s)")
+        return frames[n - 1]
+    return stroke_sketch(field(header, "strokes", list, check=_valid_strokes), field(header, "strokes_crs", str, None),
+                         field(header, "strokes_frame", list, None, check=_four_numbers))
+
+
+def _ints(values: list) -> bool:
+    return all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+
+
+def _four_numbers(values: list) -> bool:
+    """A bbox or frame: [x0, y0, x1, y1]."""
+    return len(values) == 4 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in values)
+
+
+def _valid_strokes(strokes: list) -> bool:
+    return bool(strokes) and len(strokes) <= 10_000 and all(
+        isinstance(s, list) and 0 < len(s) <= 100_000 and all(
+            isinstance(p, list) and len(p) == 2 and all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in p)
+            for p in s) for s in strokes)
