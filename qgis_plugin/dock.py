@@ -1,47 +1,41 @@
-"""The "Sketch search" dock: worker connection, index, sketch, search area, results."""
+"""The "Sketch search" dock: a view. It shows the controller's state and turns what the user
+does (connect, build, draw, search) into the controller's calls; it holds only the sketch
+being drawn, which lives in its widgets."""
 
 from __future__ import annotations
 
-import time
+from typing import Optional
 
-from qgis.core import (Qgis, QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsMapLayerType,
-                       QgsMapRendererParallelJob, QgsMapSettings, QgsMessageLog, QgsProject, QgsRectangle)
+from qgis.core import (Qgis, QgsCoordinateTransform, QgsMapLayerType, QgsMapRendererParallelJob, QgsMapSettings,
+                       QgsMessageLog, QgsProject, QgsRectangle)
 from qgis.PyQt.QtCore import QSize, Qt
-from qgis.PyQt.QtGui import QColor, QIcon, QPixmap
+from qgis.PyQt.QtGui import QIcon, QPixmap
 from qgis.PyQt.QtWidgets import (QComboBox, QDockWidget, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel,
                                  QLineEdit, QListWidget, QListWidgetItem, QProgressBar, QPushButton, QSpinBox,
                                  QVBoxLayout, QWidget)
 
-from .local_worker import LocalWorker
-from .results import hits_layer, save_gpkg
+from .controller import Connection, SearchController, SearchQuery, Status
+from .settings import Setting
 from .sketch_pad import SketchPad
 from .sketch_tool import SketchMapTool
 from .wire import job_states as states
-from .wire.errors import WorkerError
-from .wire.sockets import CurveKeys
-from .worker_link import WorkerLink
+from .wire.protocol import DEFAULT_TOP, MAX_TOP
 
 TITLE = "Sketch search"
-
-
-def log(message: str, level=Qgis.Info) -> None:
-    QgsMessageLog.logMessage(message, TITLE, level)
+PROGRESS_STEPS = 1000
+WHOLE_INDEX, MAP_VIEW = 0, 1  # the search area choices
 
 
 class SketchSearchDock(QDockWidget):
-    def __init__(self, iface, parent=None):
+    def __init__(self, iface, controller: SearchController, parent=None):
         super().__init__(TITLE, parent)
         self.setObjectName("SketchSearchDock")
         self.iface = iface
         self.canvas = iface.mapCanvas()
-        self.link: WorkerLink | None = None
-        self.local_worker: LocalWorker | None = None
+        self.controller = controller
         self.map_tool = SketchMapTool(self.canvas)
-        self.sketch_image: bytes | None = None
+        self.sketch_image: Optional[bytes] = None
         self.sketch_source = "map"
-        self.job_id: str | None = None
-        self.result_layer = None
-        self.search_count = 0
         body = QWidget()
         layout = QVBoxLayout(body)
         layout.addWidget(self._build_worker_box())
@@ -53,13 +47,19 @@ class SketchSearchDock(QDockWidget):
         self.setWidget(body)
         self.map_tool.strokes_changed.connect(lambda n: self._sketch_changed("map", n))
         self.pad.strokes_changed.connect(lambda n: self._sketch_changed("pad", n))
-        self._set_status("disconnected", QColor("grey"))
+        controller.status_changed.connect(self._show_status)
+        controller.notice.connect(self.notify)
+        controller.indexes_listed.connect(self._show_indexes)
+        controller.job_changed.connect(self._show_job)
+        controller.search_running.connect(lambda running: self.search_button.setEnabled(not running))
+        controller.results_ready.connect(self._show_results)
+        self._show_status(*Status.DISCONNECTED)
 
     # -- UI ---------------------------------------------------------------------------------------
     def _build_worker_box(self) -> QGroupBox:
         box = QGroupBox("Worker")
         form = QFormLayout(box)
-        self.endpoint_edit = QLineEdit("tcp://127.0.0.1:5555")
+        self.endpoint_edit = QLineEdit(Setting.ENDPOINT.get())
         self.connect_button = QPushButton("Connect")
         self.start_button = QPushButton("Start local worker")
         row = QHBoxLayout()
@@ -70,17 +70,17 @@ class SketchSearchDock(QDockWidget):
         status = QHBoxLayout()
         status.addWidget(self.status_light)
         status.addWidget(self.status_label, 1)
-        self.server_key_edit = QLineEdit()
+        self.server_key_edit = QLineEdit(Setting.SERVER_KEY.get())
         self.server_key_edit.setPlaceholderText("server.key (public), for a remote worker")
-        self.client_key_edit = QLineEdit()
+        self.client_key_edit = QLineEdit(Setting.CLIENT_KEY.get())
         self.client_key_edit.setPlaceholderText("client.key_secret, authorised on the worker")
         form.addRow("Endpoint", self.endpoint_edit)
         form.addRow("Server key", self.server_key_edit)
         form.addRow("Client key", self.client_key_edit)
         form.addRow(row)
         form.addRow("Status", status)
-        self.connect_button.clicked.connect(lambda: self.connect_worker(self.endpoint_edit.text().strip()))
-        self.start_button.clicked.connect(self.start_local_worker)
+        self.connect_button.clicked.connect(lambda: self.connect_worker())
+        self.start_button.clicked.connect(lambda: self.controller.start_local_worker(self.endpoint_edit.text().strip()))
         return box
 
     def _build_index_box(self) -> QGroupBox:
@@ -106,14 +106,14 @@ class SketchSearchDock(QDockWidget):
         row.addWidget(self.cancel_button)
         form.addRow("Index name", row)
         self.progress = QProgressBar()
-        self.progress.setRange(0, 1000)
+        self.progress.setRange(0, PROGRESS_STEPS)
         self.progress.setValue(0)
         form.addRow(self.progress)
-        self.refresh_button.clicked.connect(self.refresh_indexes)
+        self.refresh_button.clicked.connect(self.controller.refresh_indexes)
         self.build_button.clicked.connect(self.build_index)
-        self.cancel_button.clicked.connect(self.cancel_job)
-        QgsProject.instance().layersAdded.connect(lambda _: self.refresh_raster_layers())
-        QgsProject.instance().layersRemoved.connect(lambda _: self.refresh_raster_layers())
+        self.cancel_button.clicked.connect(self.controller.cancel_job)
+        QgsProject.instance().layersAdded.connect(self._layers_changed)
+        QgsProject.instance().layersRemoved.connect(self._layers_changed)
         self.refresh_raster_layers()
         return box
 
@@ -151,10 +151,11 @@ class SketchSearchDock(QDockWidget):
         box = QGroupBox("Search")
         form = QFormLayout(box)
         self.area_combo = QComboBox()
-        self.area_combo.addItems(["Whole index", "Current map view"])
+        self.area_combo.insertItem(WHOLE_INDEX, "Whole index")
+        self.area_combo.insertItem(MAP_VIEW, "Current map view")
         self.top_spin = QSpinBox()
-        self.top_spin.setRange(1, 200)
-        self.top_spin.setValue(10)
+        self.top_spin.setRange(1, MAX_TOP)
+        self.top_spin.setValue(DEFAULT_TOP)
         self.search_button = QPushButton("Search")
         form.addRow("Area", self.area_combo)
         form.addRow("Hits", self.top_spin)
@@ -175,87 +176,78 @@ class SketchSearchDock(QDockWidget):
         layout.addWidget(self.save_button)
         return box
 
-    # -- messages ---------------------------------------------------------------------------------
-    def notify(self, text: str, level=Qgis.Info, details: str | None = None) -> None:
+    # -- what the controller says -----------------------------------------------------------------
+    def notify(self, text: str, level=Qgis.Info, details: str = "") -> None:
         self.iface.messageBar().pushMessage(TITLE, text, level, 8)
-        log(details or text, level)
+        QgsMessageLog.logMessage(details or text, TITLE, level)
 
-    def _set_status(self, text: str, colour: QColor) -> None:
-        self.status_light.setStyleSheet(f"color: {colour.name()}; font-size: 16px")
+    def _show_status(self, text: str, colour: str) -> None:
+        self.status_light.setStyleSheet(f"color: {colour}; font-size: 16px")
         self.status_label.setText(text)
 
-    def _error(self, what: str, err: WorkerError) -> None:
-        hint = {"unavailable": "Is the worker running? Start it or check the endpoint.",
-                "index_mismatch": "Build a new index with this worker's model.",
-                "bad_input": "Check the sketch or rasters.",
-                "forbidden": "The worker does not serve that path."}.get(err.code, "See the log panel for details.")
-        self.notify(f"{what} failed: {err.message} {hint}", Qgis.Critical if err.code == "internal" else Qgis.Warning,
-                    details=f"{what} failed ({err.code}): {err.message}")
-        if err.code == "unavailable":
-            self._set_status("not answering", QColor("red"))
-
-    # -- worker -----------------------------------------------------------------------------------
-    def curve_keys(self) -> CurveKeys | None:
-        """Keys for an encrypted connection when both key files are given (a remote worker)."""
-        server, client = self.server_key_edit.text().strip(), self.client_key_edit.text().strip()
-        if not server and not client:
-            return None
-        if not (server and client):
-            raise ValueError("give both the server's public key and your client secret key, or neither")
-        return CurveKeys.from_files(server, client)
-
-    def connect_worker(self, endpoint: str, pub: str | None = None) -> None:
-        try:
-            curve = self.curve_keys()
-        except (OSError, ValueError) as exc:
-            return self.notify(f"CURVE keys not usable: {exc}", Qgis.Warning)
-        if self.link is not None:
-            self.link.close()
-            self.link.deleteLater()
-        self.endpoint_edit.setText(endpoint)
-        self.link = WorkerLink(endpoint, pub_endpoint=pub, curve=curve, timeout_s=60.0, parent=self)
-        self.link.job_event.connect(self._on_job)
-        self.link.callback_failed.connect(
-            lambda tb: self.notify("Sketch search hit an internal error; details are in the log panel.", Qgis.Critical, tb))
-        self._set_status("connecting…", QColor("orange"))
-        self.link.request("info", self._on_info, timeout_s=10.0)
-
-    def _on_info(self, reply, err) -> None:
-        if err:
-            return self._error("Connecting to the worker", err)
-        if self.link is not None and self.link._sub is None and reply.get("pub"):
-            self.link.subscribe(reply["pub"])
-        device = reply["device"] + (" (GPU)" if reply.get("cuda") else "")
-        self._set_status(f"connected · {device} · model {reply['model']['model']}", QColor("green"))
-        self.refresh_indexes()
-
-    def start_local_worker(self) -> None:
-        if self.local_worker is not None:
-            self.local_worker.stop()
-        self.local_worker = LocalWorker(self.endpoint_edit.text().strip(), self)
-        self.local_worker.ready.connect(lambda endpoint, pub: self.connect_worker(endpoint, pub))
-        self.local_worker.failed.connect(lambda message: self.notify(message, Qgis.Critical))
-        self._set_status("starting local worker…", QColor("orange"))
-        self.local_worker.start()
-
-    def refresh_indexes(self) -> None:
-        if self.link:
-            self.link.request("list_indexes", self._on_indexes)
-
-    def _on_indexes(self, reply, err) -> None:
-        if err:
-            return self._error("Listing indexes", err)
+    def _show_indexes(self, indexes: list) -> None:
         current = self.index_combo.currentText()
         self.index_combo.clear()
-        for item in reply["indexes"]:
-            label = item["name"]
-            self.index_combo.addItem(label, item)
+        for item in indexes:
+            self.index_combo.addItem(item["name"], item)
             if not item["compatible"]:
-                self.index_combo.setItemData(self.index_combo.count() - 1, "built with another model", Qt.ToolTipRole)
+                self.index_combo.setItemData(self.index_combo.count() - 1, item.get("reason") or "built with another model",
+                                             Qt.ToolTipRole)
         if current:
             self.index_combo.setCurrentText(current)
 
-    # -- indexing ---------------------------------------------------------------------------------
+    def _show_job(self, job: dict) -> None:
+        self.progress.setValue(int(PROGRESS_STEPS * job["progress"]))
+        eta = f", {job['eta_s']:.0f} s left" if job.get("eta_s") else ""
+        self.progress.setFormat(f"{job['state']} {job['tiles_done']}/{job['tiles_total']} tiles{eta}")
+        self.cancel_button.setEnabled(job["state"] not in states.FINISHED)
+
+    def _show_results(self, layer) -> None:
+        self.save_button.setEnabled(True)
+        self.results_list.clear()
+        rasters = [lyr for lyr in QgsProject.instance().mapLayers().values() if lyr.type() == QgsMapLayerType.RasterLayer]
+        for feature in sorted(layer.getFeatures(), key=lambda f: f["rank"]):
+            extent = feature.geometry().boundingBox()
+            item = QListWidgetItem(f"#{feature['rank']}  score {feature['score']:.3f}  scale {feature['scale']}")
+            item.setData(Qt.UserRole, extent)
+            item.setIcon(QIcon(self._thumbnail(extent, layer.crs(), rasters)))
+            self.results_list.addItem(item)
+
+    @staticmethod
+    def _thumbnail(extent: QgsRectangle, crs, rasters, size: int = 64) -> QPixmap:
+        settings = QgsMapSettings()
+        settings.setLayers(rasters)
+        settings.setDestinationCrs(crs)
+        settings.setExtent(extent)
+        settings.setOutputSize(QSize(size, size))
+        job = QgsMapRendererParallelJob(settings)
+        job.start()
+        job.waitForFinished()
+        return QPixmap.fromImage(job.renderedImage())
+
+    def _zoom_to_item(self, item: QListWidgetItem) -> None:
+        extent = QgsRectangle(item.data(Qt.UserRole))
+        layer = self.controller.result_layer
+        if layer is not None:
+            transform = QgsCoordinateTransform(layer.crs(), self.canvas.mapSettings().destinationCrs(),
+                                               QgsProject.instance())
+            extent = transform.transformBoundingBox(extent)
+        extent.scale(1.3)
+        self.canvas.setExtent(extent)
+        self.canvas.refresh()
+
+    # -- what the user does -----------------------------------------------------------------------
+    def connect_worker(self, endpoint: Optional[str] = None) -> None:
+        """Connect to `endpoint` (default: the one typed) with the key files typed."""
+        if endpoint is not None:
+            self.endpoint_edit.setText(endpoint)
+        self.controller.connect_worker(Connection(self.endpoint_edit.text().strip(),
+                                                  self.server_key_edit.text().strip(),
+                                                  self.client_key_edit.text().strip()))
+
+    def _layers_changed(self, *_: object) -> None:
+        self.refresh_raster_layers()
+
     def refresh_raster_layers(self) -> None:
         self.raster_list.clear()
         for layer in QgsProject.instance().mapLayers().values():
@@ -266,45 +258,13 @@ class SketchSearchDock(QDockWidget):
                 item.setCheckState(Qt.Checked)
                 self.raster_list.addItem(item)
 
-    def checked_rasters(self) -> list[str]:
+    def checked_rasters(self) -> list:
         items = [self.raster_list.item(i) for i in range(self.raster_list.count())]
         return [i.data(Qt.UserRole).split("|")[0] for i in items if i.checkState() == Qt.Checked]
 
     def build_index(self) -> None:
-        rasters = self.checked_rasters()
-        if not self.link:
-            return self.notify("Connect to a worker first.", Qgis.Warning)
-        if not rasters:
-            return self.notify("Add raster layers to the project and tick the ones to index.", Qgis.Warning)
-        self.link.request("index", self._on_job_started, index=self.new_index_edit.text().strip(), rasters=rasters)
+        self.controller.build_index(self.new_index_edit.text().strip(), self.checked_rasters())
 
-    def _on_job_started(self, reply, err) -> None:
-        if err:
-            return self._error("Starting the index", err)
-        self.job_id = reply["job"]["id"]
-        self.cancel_button.setEnabled(True)
-        self._on_job(reply["job"])
-
-    def _on_job(self, job: dict) -> None:
-        if job["id"] != self.job_id:
-            return
-        self.progress.setValue(int(1000 * job["progress"]))
-        eta = f", {job['eta_s']:.0f} s left" if job.get("eta_s") else ""
-        self.progress.setFormat(f"{job['state']} {job['tiles_done']}/{job['tiles_total']} tiles{eta}")
-        if job["state"] in states.FINISHED:
-            self.cancel_button.setEnabled(False)
-            self.job_id = None
-            if job["state"] == states.FAILED:
-                self.notify(f"Indexing failed: {job['error']['message']}", Qgis.Critical)
-            else:
-                self.notify(f"Indexing {job['state']}: {job['tiles_done']} tiles.", Qgis.Success if job["state"] == states.DONE else Qgis.Info)
-            self.refresh_indexes()
-
-    def cancel_job(self) -> None:
-        if self.link and self.job_id:
-            self.link.request("cancel", lambda r, e: e and self._error("Cancelling", e), job=self.job_id)
-
-    # -- sketching --------------------------------------------------------------------------------
     def _toggle_map_tool(self, on: bool) -> None:
         if on:
             self.canvas.setMapTool(self.map_tool)
@@ -339,112 +299,45 @@ class SketchSearchDock(QDockWidget):
         self.sketch_source = "image"
         self.sketch_label.setText(path.rsplit("/", 1)[-1])
 
-    # -- search -----------------------------------------------------------------------------------
-    def search_request(self) -> tuple[tuple[bytes, ...], dict] | None:
-        """The sketch and options of the next search, or None (and a message) when not ready."""
+    def search_query(self) -> Optional[SearchQuery]:
+        """The search the dock is set up for, or None (and a message) when it is not ready."""
         index = self.index_combo.currentText()
         if not index:
             self.notify("Choose an index to search (build one first).", Qgis.Warning)
             return None
-        project_crs = QgsProject.instance().crs()
-        fields = {"index": index, "top": self.top_spin.value(), "crs": project_crs.authid() or "EPSG:4326"}
-        frames: tuple[bytes, ...] = ()
         canvas_crs = self.canvas.mapSettings().destinationCrs()
+        canvas_crs_id = canvas_crs.authid() or canvas_crs.toWkt()
+        sketch: dict = {}
         if self.sketch_source == "image" and self.sketch_image:
-            frames, fields["sketch_frame"] = (self.sketch_image,), 1
+            sketch = {"sketch_png": self.sketch_image}
         elif self.sketch_source == "pad" and self.pad.strokes():
-            fields.update(strokes=self.pad.strokes(), strokes_crs="pixel",
-                          strokes_frame=[0, 0, self.pad.width(), self.pad.height()])
+            sketch = {"strokes": self.pad.strokes(), "strokes_crs": "pixel",
+                      "strokes_frame": [0, 0, self.pad.width(), self.pad.height()]}
         elif self.map_tool.strokes():
-            fields.update(strokes=self.map_tool.strokes(), strokes_crs=canvas_crs.authid() or canvas_crs.toWkt())
+            sketch = {"strokes": self.map_tool.strokes(), "strokes_crs": canvas_crs_id}
         else:
             self.notify("Draw a sketch first (on the map, on the pad, or load an image).", Qgis.Warning)
             return None
-        if self.area_combo.currentIndex() == 1:
+        area: dict = {}
+        if self.area_combo.currentIndex() == MAP_VIEW:
             e = self.canvas.extent()
-            fields.update(bbox=[e.xMinimum(), e.yMinimum(), e.xMaximum(), e.yMaximum()],
-                          bbox_crs=canvas_crs.authid() or canvas_crs.toWkt())
-        return frames, fields
+            area = {"bbox": [e.xMinimum(), e.yMinimum(), e.xMaximum(), e.yMaximum()], "bbox_crs": canvas_crs_id}
+        return SearchQuery(index=index, top=self.top_spin.value(),
+                           crs=QgsProject.instance().crs().authid() or "EPSG:4326", **sketch, **area)
 
     def search(self) -> None:
-        if not self.link:
-            return self.notify("Connect to a worker first.", Qgis.Warning)
-        request = self.search_request()
-        if request is None:
-            return
-        frames, fields = request
-        self.search_button.setEnabled(False)
-        started = time.perf_counter()
-        self.link.request("search", lambda r, e: self._on_hits(r, e, fields, started), frames=frames, **fields)
-
-    def _on_hits(self, reply, err, fields: dict, started: float) -> None:
-        self.search_button.setEnabled(True)
-        if err:
-            return self._error("Search", err)
-        query_ms = (time.perf_counter() - started) * 1e3
-        self.search_count += 1
-        name = f"Sketch search {self.search_count}: {fields['index']}"
-        hits_crs = QgsCoordinateReferenceSystem(fields["crs"])
-        project_crs = QgsProject.instance().crs()
-        layer = hits_layer(reply["hits"], name, hits_crs, project_crs if project_crs.isValid() else hits_crs, query_ms)
-        QgsProject.instance().addMapLayer(layer)
-        self.result_layer = layer
-        self.save_button.setEnabled(True)
-        self._fill_results(layer)
-        n = layer.featureCount()
-        self.notify(f"{n} hit(s) in {query_ms:.0f} ms, added as layer “{name}”.", Qgis.Success)
-
-    def _fill_results(self, layer) -> None:
-        self.results_list.clear()
-        rasters = [lyr for lyr in QgsProject.instance().mapLayers().values() if lyr.type() == QgsMapLayerType.RasterLayer]
-        for feature in sorted(layer.getFeatures(), key=lambda f: f["rank"]):
-            extent = feature.geometry().boundingBox()
-            item = QListWidgetItem(f"#{feature['rank']}  score {feature['score']:.3f}  scale {feature['scale']}")
-            item.setData(Qt.UserRole, extent)
-            item.setIcon(QIcon(self._thumbnail(extent, layer.crs(), rasters)))
-            self.results_list.addItem(item)
-
-    @staticmethod
-    def _thumbnail(extent: QgsRectangle, crs, rasters, size: int = 64) -> QPixmap:
-        settings = QgsMapSettings()
-        settings.setLayers(rasters)
-        settings.setDestinationCrs(crs)
-        settings.setExtent(extent)
-        settings.setOutputSize(QSize(size, size))
-        job = QgsMapRendererParallelJob(settings)
-        job.start()
-        job.waitForFinished()
-        return QPixmap.fromImage(job.renderedImage())
-
-    def _zoom_to_item(self, item: QListWidgetItem) -> None:
-        extent = QgsRectangle(item.data(Qt.UserRole))
-        if self.result_layer is not None:
-            transform = QgsCoordinateTransform(self.result_layer.crs(), self.canvas.mapSettings().destinationCrs(),
-                                               QgsProject.instance())
-            extent = transform.transformBoundingBox(extent)
-        extent.scale(1.3)
-        self.canvas.setExtent(extent)
-        self.canvas.refresh()
+        query = self.search_query()
+        if query is not None:
+            self.controller.search(query)
 
     def _choose_save_path(self) -> None:
         path, _ = QFileDialog.getSaveFileName(self, "Save results", "", "GeoPackage (*.gpkg)")
         if path:
-            self.save_results(path)
-
-    def save_results(self, path: str) -> None:
-        error = save_gpkg(self.result_layer, path)
-        if error:
-            self.notify(f"Saving failed: {error}", Qgis.Critical)
-        else:
-            self.notify(f"Results saved to {path}", Qgis.Success)
+            self.controller.save_results(path)
 
     def shutdown(self) -> None:
-        """Close sockets and stop a local worker (on unload and when QGIS quits)."""
+        """Put the map tool away and stop listening to the project (on unload)."""
         self.canvas.unsetMapTool(self.map_tool)
         self.map_tool.clear()
-        if self.link:
-            self.link.close()
-            self.link = None
-        if self.local_worker:
-            self.local_worker.stop()
-            self.local_worker = None
+        QgsProject.instance().layersAdded.disconnect(self._layers_changed)
+        QgsProject.instance().layersRemoved.disconnect(self._layers_changed)

@@ -4,31 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Optional
 
-from qgis.core import QgsApplication, QgsSettings
 from qgis.PyQt.QtCore import QObject, QProcess, QProcessEnvironment, pyqtSignal
 
-SETTINGS = "SketchSearch"
-
-
-def worker_python() -> str:
-    return QgsSettings().value(f"{SETTINGS}/python", os.environ.get("SKETCH_SEARCH_WORKER_PYTHON", "python3"))
-
-
-def worker_dir() -> str:
-    """The checkout holding the `worker` package (where `python -m worker` runs)."""
-    return QgsSettings().value(f"{SETTINGS}/worker_dir", os.environ.get("SKETCH_SEARCH_WORKER_DIR", ""))
-
-
-def default_index_root() -> str:
-    return os.path.join(QgsApplication.qgisSettingsDirPath(), "sketch_search", "indexes")
+from .settings import Setting
 
 
 class LocalWorker(QObject):
+    """`python -m worker serve` as a child process of QGIS, stopped with it."""
+
     ready = pyqtSignal(str, str)  # endpoint, pub endpoint
     failed = pyqtSignal(str)
 
-    def __init__(self, endpoint: str, parent: QObject | None = None):
+    def __init__(self, endpoint: str, parent: Optional[QObject] = None):
         super().__init__(parent)
         self.endpoint = endpoint
         self.process = QProcess(self)
@@ -39,14 +28,16 @@ class LocalWorker(QObject):
         self.process.readyReadStandardError.connect(self._read_stderr)
 
     def start(self) -> None:
-        os.makedirs(default_index_root(), exist_ok=True)
+        index_root = Setting.INDEX_ROOT.get()
+        os.makedirs(index_root, exist_ok=True)
         env = QProcessEnvironment.systemEnvironment()
         env.insert("PYTHONUNBUFFERED", "1")
         self.process.setProcessEnvironment(env)
-        if worker_dir():
-            self.process.setWorkingDirectory(worker_dir())
-        self.process.start(worker_python(), ["-m", "worker", "serve", "--bind", self.endpoint,
-                                             "--index-root", default_index_root(), "--raster-root", "/"])
+        worker_dir = Setting.WORKER_DIR.get()
+        if worker_dir:
+            self.process.setWorkingDirectory(worker_dir)
+        self.process.start(Setting.WORKER_PYTHON.get(), ["-m", "worker", "serve", "--bind", self.endpoint,
+                                                         "--index-root", index_root, "--raster-root", "/"])
 
     def _read_stdout(self) -> None:
         while self.process.canReadLine():
@@ -55,15 +46,17 @@ class LocalWorker(QObject):
                 info = json.loads(line)
             except ValueError:
                 continue
-            if "serving" in info:
+            if isinstance(info, dict) and "serving" in info:
                 self.ready.emit(info["serving"], info["pub"])
 
     def _read_stderr(self) -> None:
         self._stderr_tail = (self._stderr_tail + bytes(self.process.readAllStandardError()))[-4000:]
 
     def _finished(self, code: int, _status) -> None:
-        self.failed.emit(f"the local worker exited with code {code}: "
-                         f"{self._stderr_tail.decode(errors='replace').strip().splitlines()[-1:] or ''}")
+        last = self._stderr_tail.decode(errors="replace").strip().splitlines()[-1:]
+        self.failed.emit(f"the local worker exited with code {code}: {last[0] if last else 'no message'} "
+                         f"(Python: {Setting.WORKER_PYTHON.get()}; set {Setting.WORKER_PYTHON.path} and "
+                         f"{Setting.WORKER_DIR.path} to the worker's venv and checkout)")
 
     def stop(self) -> None:
         if self.process.state() != QProcess.NotRunning:

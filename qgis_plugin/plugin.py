@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 from qgis.core import QgsApplication
 from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtGui import QIcon
 from qgis.PyQt.QtWidgets import QAction
 
-from .dock import SketchSearchDock
+from .controller import SearchController
+from .dock import TITLE, SketchSearchDock
 from .processing_provider import SketchSearchProvider
 
 ICON = os.path.join(os.path.dirname(__file__), "icon.svg")
@@ -18,9 +20,10 @@ ICON = os.path.join(os.path.dirname(__file__), "icon.svg")
 class SketchSearchPlugin:
     def __init__(self, iface):
         self.iface = iface
-        self.dock: SketchSearchDock | None = None
-        self.action: QAction | None = None
-        self.provider: SketchSearchProvider | None = None
+        self.controller: Optional[SearchController] = None
+        self.dock: Optional[SketchSearchDock] = None
+        self.action: Optional[QAction] = None
+        self.provider: Optional[SketchSearchProvider] = None
 
     def initProcessing(self) -> None:  # noqa: N802 (QGIS calls it by this name)
         self.provider = SketchSearchProvider()
@@ -28,24 +31,29 @@ class SketchSearchPlugin:
 
     def initGui(self) -> None:  # noqa: N802
         self.initProcessing()
-        self.dock = SketchSearchDock(self.iface, self.iface.mainWindow())
+        self.controller = SearchController()
+        self.dock = SketchSearchDock(self.iface, self.controller, self.iface.mainWindow())
         self.iface.addDockWidget(Qt.RightDockWidgetArea, self.dock)
         self.dock.hide()
-        self.action = QAction(QIcon(ICON), "Sketch search", self.iface.mainWindow())
+        self.action = QAction(QIcon(ICON), TITLE, self.iface.mainWindow())
         self.action.setCheckable(True)
         self.action.toggled.connect(self.dock.setVisible)
         self.dock.visibilityChanged.connect(self.action.setChecked)
         self.iface.addToolBarIcon(self.action)
-        self.iface.addPluginToMenu("Sketch search", self.action)
-        QgsApplication.instance().aboutToQuit.connect(self.dock.shutdown)
+        self.iface.addPluginToMenu(TITLE, self.action)
+        QgsApplication.instance().aboutToQuit.connect(self.controller.shutdown)
 
     def unload(self) -> None:
+        if self.controller is not None:
+            QgsApplication.instance().aboutToQuit.disconnect(self.controller.shutdown)
+            self.controller.shutdown()
+            self.controller.deleteLater()
         if self.dock is not None:
             self.dock.shutdown()
             self.iface.removeDockWidget(self.dock)
             self.dock.deleteLater()
         if self.action is not None:
             self.iface.removeToolBarIcon(self.action)
-            self.iface.removePluginMenu("Sketch search", self.action)
+            self.iface.removePluginMenu(TITLE, self.action)
         if self.provider is not None:
             QgsApplication.processingRegistry().removeProvider(self.provider)

@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
-from qgis.core import (QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsFeature, QgsFeatureSink, QgsFields,
-                       QgsField, QgsProcessing, QgsProcessingAlgorithm,
-                       QgsProcessingException, QgsProcessingOutputNumber, QgsProcessingOutputString,
-                       QgsProcessingParameterFeatureSink, QgsProcessingParameterFile, QgsProcessingParameterMultipleLayers,
-                       QgsProcessingParameterNumber, QgsProcessingParameterString, QgsProcessingProvider, QgsWkbTypes)
+from qgis.core import (QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsFeatureSink, QgsProcessing,
+                       QgsProcessingAlgorithm, QgsProcessingException, QgsProcessingOutputNumber,
+                       QgsProcessingOutputString, QgsProcessingParameterFeatureSink, QgsProcessingParameterFile,
+                       QgsProcessingParameterMultipleLayers, QgsProcessingParameterNumber,
+                       QgsProcessingParameterString, QgsProcessingProvider, QgsWkbTypes)
 from qgis.PyQt.QtGui import QIcon
 
-from .results import FIELDS, polygon_from_geojson
+from .results import features_from_hits, hit_fields
 from .wire import job_states as states
 from .wire.client import WorkerClient
 from .wire.errors import WorkerError
+from .wire.protocol import DEFAULT_ENDPOINT, DEFAULT_TOP, MAX_TOP
 
 ICON = os.path.join(os.path.dirname(__file__), "icon.svg")
+WGS84 = "EPSG:4326"
+POLL_S = 0.5  # how often a running job is asked for its progress
 
 
 class _WorkerAlgorithm(QgsProcessingAlgorithm):
@@ -32,7 +34,7 @@ class _WorkerAlgorithm(QgsProcessingAlgorithm):
         return QIcon(ICON)
 
     def _add_endpoint(self) -> None:
-        self.addParameter(QgsProcessingParameterString("ENDPOINT", "Worker endpoint", "tcp://127.0.0.1:5555"))
+        self.addParameter(QgsProcessingParameterString("ENDPOINT", "Worker endpoint", DEFAULT_ENDPOINT))
 
     def _client(self, parameters, context) -> WorkerClient:
         return WorkerClient(self.parameterAsString(parameters, "ENDPOINT", context), timeout=120.0, retries=1)
@@ -46,7 +48,8 @@ class BuildIndexAlgorithm(_WorkerAlgorithm):
         return "Build sketch index"
 
     def shortHelpString(self) -> str:  # noqa: N802
-        return "Tiles the rasters and precomputes their tokens in the worker (resumable; extends an existing index)."
+        return ("Tiles the rasters and precomputes their tokens in the worker (resumable; extends an existing "
+                "index). Tile size and scales left empty take the worker's defaults.")
 
     def createInstance(self):  # noqa: N802
         return BuildIndexAlgorithm()
@@ -55,23 +58,37 @@ class BuildIndexAlgorithm(_WorkerAlgorithm):
         self._add_endpoint()
         self.addParameter(QgsProcessingParameterString("INDEX", "Index name"))
         self.addParameter(QgsProcessingParameterMultipleLayers("RASTERS", "Rasters", QgsProcessing.TypeRaster))
-        self.addParameter(QgsProcessingParameterNumber("TILE", "Tile size (px)", defaultValue=224, minValue=32))
-        self.addParameter(QgsProcessingParameterString("SCALES", "Scales", "1,2,4"))
+        self.addParameter(QgsProcessingParameterNumber("TILE", "Tile size (px)", optional=True, minValue=32))
+        self.addParameter(QgsProcessingParameterString("SCALES", "Scales (comma-separated window sizes in tiles)",
+                                                       optional=True))
         self.addOutput(QgsProcessingOutputString("INDEX", "Index name"))
         self.addOutput(QgsProcessingOutputNumber("TILES", "Tiles indexed"))
+
+    def _tiling(self, parameters, context) -> dict:
+        """The tile settings the user gave; the worker fills in the rest."""
+        settings = {}
+        if parameters.get("TILE") not in (None, ""):
+            settings["tile"] = self.parameterAsInt(parameters, "TILE", context)
+        scales = self.parameterAsString(parameters, "SCALES", context).strip()
+        if scales:
+            try:
+                settings["scales"] = [int(s) for s in scales.split(",")]
+            except ValueError:
+                raise QgsProcessingException(f"Scales {scales!r}: give whole numbers separated by commas, "
+                                             "e.g. 1,2,4") from None
+        return settings
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
         layers = self.parameterAsLayerList(parameters, "RASTERS", context)
         rasters = [layer.source().split("|")[0] for layer in layers]
         name = self.parameterAsString(parameters, "INDEX", context)
-        scales = [int(s) for s in self.parameterAsString(parameters, "SCALES", context).split(",")]
         with self._client(parameters, context) as client:
             try:
-                job = client.start_index(name, rasters, tile=self.parameterAsInt(parameters, "TILE", context), scales=scales)
+                job = client.start_index(name, rasters, **self._tiling(parameters, context))
                 while job["state"] in states.ACTIVE:
                     if feedback.isCanceled():
                         client.cancel(job["id"])
-                    time.sleep(0.5)
+                    time.sleep(POLL_S)
                     job = client.job(job["id"])
                     feedback.setProgress(100 * job["progress"])
             except WorkerError as exc:
@@ -99,7 +116,8 @@ class SearchBySketchAlgorithm(_WorkerAlgorithm):
         self._add_endpoint()
         self.addParameter(QgsProcessingParameterString("INDEX", "Index name"))
         self.addParameter(QgsProcessingParameterFile("SKETCH", "Sketch image", fileFilter="Images (*.png *.jpg *.jpeg)"))
-        self.addParameter(QgsProcessingParameterNumber("TOP", "Hits", defaultValue=10, minValue=1, maxValue=1000))
+        self.addParameter(QgsProcessingParameterNumber("TOP", "Hits", defaultValue=DEFAULT_TOP, minValue=1,
+                                                    maxValue=MAX_TOP))
         self.addParameter(QgsProcessingParameterFeatureSink("OUTPUT", "Hits", QgsProcessing.TypeVectorPolygon))
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
@@ -109,25 +127,16 @@ class SearchBySketchAlgorithm(_WorkerAlgorithm):
         with self._client(parameters, context) as client:
             try:
                 reply = client.search(self.parameterAsString(parameters, "INDEX", context), sketch_png=png,
-                                      top=self.parameterAsInt(parameters, "TOP", context), crs="EPSG:4326")
+                                      top=self.parameterAsInt(parameters, "TOP", context), crs=WGS84)
             except WorkerError as exc:
                 raise QgsProcessingException(f"worker: {exc.message}") from exc
         query_ms = (time.perf_counter() - started) * 1e3
-        fields = QgsFields()
-        for name, kind in FIELDS:
-            fields.append(QgsField(name, kind))
-        out_crs = context.project().crs() if context.project() and context.project().crs().isValid() \
-            else QgsCoordinateReferenceSystem("EPSG:4326")
+        project = context.project()
+        out_crs = project.crs() if project and project.crs().isValid() else QgsCoordinateReferenceSystem(WGS84)
+        fields = hit_fields()
         sink, dest = self.parameterAsSink(parameters, "OUTPUT", context, fields, QgsWkbTypes.Polygon, out_crs)
-        transform = QgsCoordinateTransform(QgsCoordinateReferenceSystem("EPSG:4326"), out_crs, context.transformContext())
-        for item in reply["hits"]["features"]:
-            p = item["properties"]
-            geometry = polygon_from_geojson(item["geometry"])
-            geometry.transform(transform)
-            feature = QgsFeature(fields)
-            feature.setGeometry(geometry)
-            feature.setAttributes([p["rank"], p["score"], p["shortlist_score"], p["raster"], json.dumps(p["window"]),
-                                   p["scale"], query_ms])
+        transform = QgsCoordinateTransform(QgsCoordinateReferenceSystem(WGS84), out_crs, context.transformContext())
+        for feature in features_from_hits(reply["hits"], fields, transform, query_ms):
             sink.addFeature(feature, QgsFeatureSink.FastInsert)
         return {"OUTPUT": dest}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from qgis.core import (QgsCategorizedSymbolRenderer, QgsCoordinateReferenceSystem, QgsCoordinateTransform,
-                       QgsFeature, QgsField, QgsFillSymbol, QgsGeometry, QgsPalLayerSettings, QgsPointXY,
+                       QgsFeature, QgsField, QgsFields, QgsFillSymbol, QgsGeometry, QgsPalLayerSettings, QgsPointXY,
                        QgsProject, QgsRendererCategory, QgsTextFormat, QgsVectorFileWriter, QgsVectorLayer,
                        QgsVectorLayerSimpleLabeling)
 from qgis.PyQt.QtCore import QVariant
@@ -28,6 +28,31 @@ def _rank_colour(rank: int, count: int) -> QColor:
     return QColor.fromHsvF(0.0 + 0.15 * t, 0.9, 0.95 - 0.3 * t)  # red (best) to dark amber
 
 
+def hit_fields() -> QgsFields:
+    """The attributes of a hit feature, in the order features_from_hits fills them."""
+    fields = QgsFields()
+    for name, kind in FIELDS:
+        fields.append(QgsField(name, kind))
+    return fields
+
+
+def features_from_hits(collection: dict, fields: QgsFields, transform: QgsCoordinateTransform,
+                       query_ms: float) -> list:
+    """One polygon feature per hit of a search reply's `hits` (a GeoJSON FeatureCollection),
+    reprojected by `transform`; `query_ms` is the search's round trip as the user waited for it."""
+    features = []
+    for item in collection.get("features", []):
+        props = item["properties"]
+        geometry = polygon_from_geojson(item["geometry"])
+        geometry.transform(transform)
+        feature = QgsFeature(fields)
+        feature.setGeometry(geometry)
+        feature.setAttributes([props["rank"], props["score"], props["shortlist_score"], props["raster"],
+                               json.dumps(props["window"]), props["scale"], query_ms])
+        features.append(feature)
+    return features
+
+
 def hits_layer(collection: dict, name: str, hits_crs: QgsCoordinateReferenceSystem,
                layer_crs: QgsCoordinateReferenceSystem, query_ms: float) -> QgsVectorLayer:
     """A memory layer with one polygon per hit, styled by rank and labelled with it."""
@@ -35,19 +60,10 @@ def hits_layer(collection: dict, name: str, hits_crs: QgsCoordinateReferenceSyst
     if not layer_crs.authid():
         layer.setCrs(layer_crs)
     provider = layer.dataProvider()
-    provider.addAttributes([QgsField(n, t) for n, t in FIELDS])
+    provider.addAttributes(hit_fields().toList())
     layer.updateFields()
     transform = QgsCoordinateTransform(hits_crs, layer_crs, QgsProject.instance())
-    features = []
-    for item in collection.get("features", []):
-        props = item["properties"]
-        geometry = polygon_from_geojson(item["geometry"])
-        geometry.transform(transform)
-        feature = QgsFeature(layer.fields())
-        feature.setGeometry(geometry)
-        feature.setAttributes([props["rank"], props["score"], props["shortlist_score"], props["raster"],
-                               json.dumps(props["window"]), props["scale"], query_ms])
-        features.append(feature)
+    features = features_from_hits(collection, layer.fields(), transform, query_ms)
     provider.addFeatures(features)
     layer.updateExtents()
     style_by_rank(layer, len(features))

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
 from rasterio.crs import CRS
 from shapely.geometry import Polygon
 
+from wire.protocol import DEFAULT_TOP, MAX_TOP
 from worker.errors import InputError
 from worker.geo import bbox_to_wgs84, parse_crs
 from worker.index import CHUNK_TILES, IndexProgress, IndexWriter, TileIndex, check_compatible
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
     from worker.sketch import StrokeSketch
 
 MAX_CHUNK_TILES = 65536
-MAX_TOP = 1000
 MAX_SHORTLIST = 100_000
 WGS84 = "EPSG:4326"
 PIXEL_STROKES = "pixel"  # strokes in pixel coordinates, y down (a sketch pad); any other CRS has y up
@@ -166,7 +166,7 @@ class SearchRequest:
     before the model runs."""
 
     sketch: SketchSource
-    top: int = 10
+    top: int = DEFAULT_TOP
     shortlist: int = 200  # candidates re-ranked (at least `top`)
     max_overlap: float = 0.3  # hits overlapping a better one by more than this (of the smaller) are dropped
     crs: str = WGS84  # of the output polygons

@@ -63,10 +63,11 @@ def tick():
             dock.search_button.click()
             status["steps"].append(f"searched with {len(dock.map_tool.strokes())} strokes")
             state["phase"] = "search"
-        elif state["phase"] == "search" and dock.result_layer is not None:
-            status["hits"] = dock.result_layer.featureCount()
-            status["layer"] = dock.result_layer.name()
-            status["crs"] = dock.result_layer.crs().authid()
+        elif state["phase"] == "search" and dock.controller.result_layer is not None:
+            layer = dock.controller.result_layer
+            status["hits"] = layer.featureCount()
+            status["layer"] = layer.name()
+            status["crs"] = layer.crs().authid()
             iface.mapCanvas().refreshAllLayers()
             state["phase"] = "render"
             state["render_at"] = time.time() + 3

@@ -50,17 +50,21 @@ def test_a_drawn_stroke_becomes_the_request(plugin, rmnp_layer, qgis_iface):
     assert strokes[0][0] == pytest.approx([expected.x(), expected.y()])
     dock.index_combo.addItem("rmnp")
     dock.area_combo.setCurrentIndex(1)
-    frames, fields = dock.search_request()
-    assert frames == () and fields["strokes"] == strokes and fields["strokes_crs"] == "EPSG:3857"
+    query = dock.search_query()
+    assert query.sketch_png is None and query.strokes == strokes and query.strokes_crs == "EPSG:3857"
     extent = canvas.extent()
-    assert fields["bbox"] == pytest.approx([extent.xMinimum(), extent.yMinimum(), extent.xMaximum(), extent.yMaximum()])
+    assert query.bbox == pytest.approx([extent.xMinimum(), extent.yMinimum(), extent.xMaximum(), extent.yMaximum()])
+    assert query.bbox_crs == "EPSG:3857" and query.index == "rmnp"
+    frames, fields = query.message()
+    assert frames == () and fields["strokes"] == strokes and fields["bbox"] == query.bbox
+    assert "strokes_frame" not in fields, "strokes on the map are framed by their own extent"
     dock.map_tool.undo()
     assert len(dock.map_tool.strokes()) == 1
     dock.draw_button.setChecked(False)
     drag(dock.pad, [(10, 12), (40, 30)])  # the pad is the place's frame: strokes go with it
-    frames, fields = dock.search_request()
-    assert fields["strokes"] == [[[10.0, 12.0], [40.0, 30.0]]] and fields["strokes_crs"] == "pixel"
-    assert fields["strokes_frame"] == [0, 0, dock.pad.width(), dock.pad.height()]
+    query = dock.search_query()
+    assert query.strokes == [[[10.0, 12.0], [40.0, 30.0]]] and query.strokes_crs == "pixel"
+    assert query.message()[1]["strokes_frame"] == [0, 0, dock.pad.width(), dock.pad.height()]
     dock.clear_sketch()
     dock.index_combo.clear()
 
@@ -81,7 +85,7 @@ def test_search_against_a_real_worker_adds_a_georeferenced_layer(plugin, worker,
     dock.draw_button.setChecked(False)
     layers_before = set(QgsProject.instance().mapLayers())
     dock.search_button.click()
-    assert process_until(lambda: dock.search_button.isEnabled() and dock.result_layer is not None, 60)
+    assert process_until(lambda: dock.search_button.isEnabled() and dock.controller.result_layer is not None, 60)
     [new_id] = set(QgsProject.instance().mapLayers()) - layers_before
     layer = QgsProject.instance().mapLayer(new_id)
     assert layer.name().startswith("Sketch search 1: rmnp")
@@ -94,7 +98,7 @@ def test_search_against_a_real_worker_adds_a_georeferenced_layer(plugin, worker,
     best = next(f for f in layer.getFeatures() if f["rank"] == 1).geometry().boundingBox()
     assert qgis_iface.mapCanvas().extent().contains(best)
     out = tmp_path / "hits.gpkg"
-    dock.save_results(str(out))
+    dock.controller.save_results(str(out))
     saved = QgsVectorLayer(f"{out}|layername={layer.name()}", "saved", "ogr")
     assert saved.isValid() and saved.featureCount() == 3
     del saved
@@ -122,8 +126,11 @@ def test_a_worker_that_is_down_gives_a_message_and_the_ui_stays_live(plugin, qgi
 
     dock = plugin.dock
     qgis_iface.messageBar().clear_messages()
-    dock.connect_worker(f"tcp://127.0.0.1:{free_port()}")
-    dock.link.timeout_s = 1.5
+    dock.controller.connect_timeout_s = 1.5
+    try:
+        dock.connect_worker(f"tcp://127.0.0.1:{free_port()}")
+    finally:
+        dock.controller.connect_timeout_s = 10.0
     ticks = []
     timer = QTimer()
     timer.timeout.connect(lambda: ticks.append(1))
@@ -171,11 +178,11 @@ def test_connecting_to_a_curve_protected_worker_needs_the_keys(plugin, raster_ro
         dock.server_key_edit.clear()
         dock.client_key_edit.clear()
         qgis_iface.messageBar().clear_messages()
+        dock.controller.connect_timeout_s = 1.5
         dock.connect_worker(proc.bind)
-        dock.link.timeout_s = 1.5
-        dock.link.request("info", dock._on_info, timeout_s=1.5)
         assert process_until(lambda: dock.status_label.text() == "not answering", 20)
     finally:
+        dock.controller.connect_timeout_s = 10.0
         dock.server_key_edit.clear()
         dock.client_key_edit.clear()
         proc.stop()
@@ -193,6 +200,40 @@ def test_building_an_index_from_the_dock_shows_progress(plugin, worker, rmnp_lay
     dock.progress.valueChanged.connect(seen.append)
     dock.build_button.click()
     assert process_until(lambda: any("Indexing done" in m for m in qgis_iface.messageBar().get_messages(Qgis.Success)), 120)
-    assert dock.progress.value() == 1000 and seen, "progress came from the worker's events"
+    assert dock.progress.value() == dock.progress.maximum() and seen, "progress came from the worker's events"
     assert not dock.cancel_button.isEnabled()
     assert process_until(lambda: dock.index_combo.findText("from-dock") >= 0, 10)
+
+
+def test_endpoint_and_key_paths_survive_a_plugin_reload(plugin, tmp_path):
+    import qgis.utils
+    from qgis.core import QgsSettings
+
+    from lab.worker_process import free_port, make_curve_keys
+
+    keys, _ = make_curve_keys(tmp_path)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    server, client = str(keys / "server.key"), str(keys / "authorized_clients" / "client.key_secret")
+    dock = plugin.dock
+    dock.server_key_edit.setText(server)
+    dock.client_key_edit.setText(client)
+    dock.connect_worker(endpoint)  # nothing answers there: remembering does not wait for an answer
+    try:
+        assert qgis.utils.reloadPlugin("sketch_search")
+        reloaded = qgis.utils.plugins["sketch_search"]
+        assert reloaded is not plugin
+        dock = reloaded.dock
+        assert (dock.endpoint_edit.text(), dock.server_key_edit.text(), dock.client_key_edit.text()) == \
+               (endpoint, server, client)
+        settings = QgsSettings()
+        settings.sync()
+        assert endpoint in open(settings.fileName()).read(), "written to the profile, for the next QGIS session"
+    finally:
+        from sketch_search.settings import Setting
+
+        for setting in (Setting.ENDPOINT, Setting.SERVER_KEY, Setting.CLIENT_KEY):
+            setting.reset()
+        dock = qgis.utils.plugins["sketch_search"].dock
+        dock.endpoint_edit.setText(Setting.ENDPOINT.get())
+        dock.server_key_edit.clear()
+        dock.client_key_edit.clear()
