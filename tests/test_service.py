@@ -258,7 +258,7 @@ def test_four_clients_search_while_an_index_job_runs(worker, rasters):
         t.start()
     for t in threads:
         t.join()
-    assert not errors and len(results) == 12
+    assert not errors and len(results) == 12 and len(results[0]["features"]) == 3
     assert all(r == results[0] for r in results), "the same query gives the same hits under load"
     with worker.client() as c:
         final = wait_job(c, job["id"])

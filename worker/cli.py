@@ -47,7 +47,7 @@ def _listed(values: tuple) -> str:
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", dest="timm_name", metavar="MODEL", default=None,
-                   help="timm ViT name (default: the converted offline DINOv2 ViT-S/14, vit_small_patch14_dinov2)")
+                   help="timm ViT name (default: the converted offline DINOv2 ViT-S/14)")
     g.add_argument("--weights", type=Path, default=None,
                    help="backbone checkpoint (safetensors or torch); default: the converted offline DINOv2")
     g.add_argument("--random-weights", action="store_true", help="random backbone (a quality floor for benchmarks)")
