@@ -80,6 +80,65 @@ def test_ping_info_and_list_indexes(worker):
         assert index["name"] == "rmnp" and index["complete"] and index["compatible"] and index["tile_count"] > 0
 
 
+def test_info_says_the_tiling_defaults_and_the_list_where_each_index_lies(worker):
+    from worker.tiling import TileSettings
+
+    with worker.client() as c:
+        defaults = c.info()["tiling_defaults"]
+        [index] = c.list_indexes()
+    assert defaults == TileSettings().to_json() and defaults["tile"] == 224
+    assert index["path"] == str((worker.index_root / "rmnp").resolve())
+    assert index["tiles_layer"] == str((worker.index_root / "rmnp" / "tiles.gpkg").resolve())
+    assert Path(index["tiles_layer"]).is_file()
+
+
+def test_delete_index_removes_only_an_index_folder_inside_the_root(worker):
+    root = worker.index_root
+    shutil.copytree(root / "rmnp", root / "doomed")
+    shutil.copytree(root / "rmnp", root / "outer" / "inner")
+    shutil.copy(root / "rmnp" / "manifest.json", root / "outer" / "manifest.json")
+    (root / "plain").mkdir()
+    (root / "plain" / "notes.txt").write_text("not an index")
+    try:
+        with worker.client() as c:
+            assert c.request("delete_index", index="doomed")["deleted"] == "doomed"
+            refused = {}
+            for name in ("plain", ".", "../elsewhere", "outer", "never-built"):
+                with pytest.raises(WorkerError) as err:
+                    c.request("delete_index", index=name)
+                refused[name] = err.value
+            assert c.request("delete_index", index="outer/inner")["deleted"] == "outer/inner"
+            assert c.request("delete_index", index="outer")["deleted"] == "outer"
+            names = {i["name"] for i in c.list_indexes()}
+        assert {n: e.code for n, e in refused.items()} == {
+            "plain": codes.NOT_FOUND, ".": codes.FORBIDDEN, "../elsewhere": codes.FORBIDDEN, "outer": codes.FORBIDDEN,
+            "never-built": codes.NOT_FOUND}
+        assert "outer/inner" in refused["outer"].message, "says which index is in the way"
+        assert not (root / "doomed").exists() and not (root / "outer").exists()
+        assert (root / "plain" / "notes.txt").read_text() == "not an index", "a folder that is no index stays"
+        assert (root / "rmnp" / "manifest.json").is_file() and names == {"rmnp"}
+    finally:
+        for name in ("doomed", "outer", "plain"):
+            shutil.rmtree(root / name, ignore_errors=True)
+
+
+def test_delete_index_is_refused_while_a_job_builds_it(worker, rasters):
+    root = worker.index_root
+    with worker.client() as c:
+        job = c.start_index("building", [str(rasters / "rmnp-rgb.tif")], tile=64, scales=[1], chunk_tiles=8)
+        deadline = time.time() + 120
+        while not (root / "building" / "manifest.json").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(WorkerError) as err:
+            c.request("delete_index", index="building")
+        assert err.value.code == codes.BUSY and "cancel" in err.value.message
+        c.cancel(job["id"])
+        assert wait_job(c, job["id"])["state"] in (states.CANCELLED, states.DONE)
+        assert c.request("delete_index", index="building")["deleted"] == "building"
+        assert "building" not in {i["name"] for i in c.list_indexes()}
+    assert not (root / "building").exists()
+
+
 def test_search_with_a_png_frame_and_with_strokes_in_a_crs(worker):
     with worker.client() as c:
         reply = c.search("rmnp", sketch_png=sketch_png(), top=3, crs="EPSG:3857")

@@ -15,12 +15,13 @@ BAD_INPUT = "bad_input"  # a raster, sketch or value the worker cannot use
 NOT_FOUND = "not_found"  # a named index or job that does not exist
 INDEX_MISMATCH = "index_mismatch"  # an index of another format, model or tile settings
 FORBIDDEN = "forbidden"  # a path outside the allowed roots
+BUSY = "busy"  # an index an indexing job is writing: cancel the job or wait for it
 TIMEOUT = "timeout"  # the server-side time limit passed
 INTERNAL = "internal"  # a bug in the worker; details in its log
 UNAVAILABLE = "unavailable"  # never sent: a client's own code for "no reply at all"
 
 SERVER_CODES = (BAD_JSON, BAD_REQUEST, UNKNOWN_OP, UNSUPPORTED_VERSION, TOO_LARGE, BAD_INPUT, NOT_FOUND,
-                INDEX_MISMATCH, FORBIDDEN, TIMEOUT, INTERNAL)
+                INDEX_MISMATCH, FORBIDDEN, BUSY, TIMEOUT, INTERNAL)
 
 
 class ProtocolError(Exception):

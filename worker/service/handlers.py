@@ -9,14 +9,15 @@ import time
 from typing import Callable
 
 from wire import protocol
-from wire.errors import BAD_REQUEST, NOT_FOUND, ProtocolError
+from wire.errors import BAD_REQUEST, BUSY, FORBIDDEN, NOT_FOUND, ProtocolError
 from wire.protocol import field
 from worker import __version__
 from worker.app import IndexRequest, SearchRequest, SketchSource, check_index, given, run_search, stroke_sketch
 from worker.errors import NotFoundError
 from worker.service.config import ServiceConfig
-from worker.service.indexes import OpenIndexes, index_dirs
+from worker.service.indexes import MANIFEST, OpenIndexes, index_dirs
 from worker.service.jobs import Job, JobManager
+from worker.tiling import TileSettings
 
 Handler = Callable[[dict, list], dict]
 
@@ -34,7 +35,7 @@ class Handlers:
         self.started = time.time()
         self._ops: dict[str, Handler] = {"ping": self.ping, "info": self.info, "list_indexes": self.list_indexes,
                                          "index": self.index, "job": self.job, "cancel": self.cancel,
-                                         "search": self.search}
+                                         "search": self.search, "delete_index": self.delete_index}
         assert set(self._ops) == set(protocol.OPS), "every op of the protocol has a handler"
 
     def __call__(self, op: str, header: dict, frames: list) -> dict:
@@ -50,6 +51,7 @@ class Handlers:
                 "device": str(self.model.device), "cuda": self.model.device.type == "cuda", "pub": self.config.pub,
                 "index_roots": [str(p) for p in paths.index_roots], "raster_roots": [str(p) for p in paths.raster_roots],
                 "loaded_indexes": [str(p) for p in self.indexes.loaded()],
+                "tiling_defaults": TileSettings().to_json(),  # what an index request leaves out
                 "uptime_s": round(time.time() - self.started, 1), "host": socket.gethostname()}
 
     def list_indexes(self, header: dict, frames: list) -> dict:
@@ -77,6 +79,27 @@ class Handlers:
         if running is None:
             self._check_extendable(request)  # refused now, not as a failed job later
         return {"job": (running or self.jobs.start(name, request)).to_json()}
+
+    def delete_index(self, header: dict, frames: list) -> dict:
+        """Remove an index's folder: only a folder that is an index (it has the manifest), inside
+        the index root, holding no other index, and never while a job writes to it."""
+        paths = self.config.paths
+        name = field(header, "index", str)
+        index_dir = paths.index_dir(name)
+        if index_dir == paths.index_root:
+            raise ProtocolError(FORBIDDEN, "the index root itself cannot be deleted: name an index inside it")
+        running = self.jobs.running_for(index_dir)
+        if running is not None:
+            raise ProtocolError(BUSY, f"index {name!r} is being built by job {running.id}: cancel the job (it stops "
+                                      "after its batch) or wait for it to end, then delete the index")
+        if not (index_dir / MANIFEST).is_file():
+            raise ProtocolError(NOT_FOUND, f"no index {name!r} in the index root (a folder with {MANIFEST})")
+        inner = [paths.index_name(d) for d in index_dirs(index_dir) if d != index_dir]
+        if inner:
+            raise ProtocolError(FORBIDDEN, f"index {name!r} holds other indexes ({', '.join(inner)}): delete them first")
+        # handlers run on the loop's thread, as jobs are started: no job can start between the check and here
+        self.indexes.delete(index_dir)
+        return {"deleted": name}
 
     def _check_extendable(self, request: IndexRequest) -> None:
         try:

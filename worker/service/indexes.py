@@ -1,8 +1,9 @@
-"""The indexes a worker serves: each opened once and kept while unchanged on disk, and listed
-with whether this worker's model can search them."""
+"""The indexes a worker serves: each opened once and kept while unchanged on disk, listed with
+whether this worker's model can search them, and deleted on request."""
 
 from __future__ import annotations
 
+import shutil
 import threading
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from worker.errors import IndexMismatchError
 from worker.index import TileIndex
 
 MANIFEST = "manifest.json"  # what marks a directory as an index; replaced atomically on every commit
+TILES_LAYER = "tiles.gpkg"  # the indexed tiles as polygons, for QGIS (worker.index writes it)
 
 
 class OpenIndexes:
@@ -44,13 +46,23 @@ class OpenIndexes:
         with self._lock:
             return list(self._open)
 
+    def delete(self, index_dir: Path) -> None:
+        """Forget the index and remove its folder. The manifest goes first, so a folder left half
+        removed (a crash, a file in use) is no longer an index and is never listed or searched."""
+        with self._lock:
+            self._open.pop(index_dir, None)
+        (index_dir / MANIFEST).unlink()
+        shutil.rmtree(index_dir)
+
     def status(self, index_dir: Path) -> dict:
         """What `list_indexes` says of one index; one this worker cannot search is listed with
         `compatible: false` and the reason, not refused."""
+        tiles_layer = index_dir / TILES_LAYER
+        where = {"path": str(index_dir), "tiles_layer": str(tiles_layer) if tiles_layer.is_file() else None}
         try:
             index = self.get(index_dir)
         except IndexMismatchError as exc:  # another format: nothing more can be read safely
-            return {"tile_count": None, "rasters": [], "complete": None, "tiling": None,
+            return {**where, "tile_count": None, "rasters": [], "complete": None, "tiling": None,
                     "compatible": False, "reason": str(exc)}
         try:
             check_index(index, self.model)
@@ -58,7 +70,7 @@ class OpenIndexes:
         except IndexMismatchError as exc:
             reason = str(exc)
         info = index.info()
-        return {"tile_count": info["tile_count"], "rasters": [r["path"] for r in info["rasters"]],
+        return {**where, "tile_count": info["tile_count"], "rasters": [r["path"] for r in info["rasters"]],
                 "complete": info["complete"], "tiling": info["tiling"], "compatible": reason is None, "reason": reason}
 
 
