@@ -1,29 +1,35 @@
-"""What the dock asks for, done: it owns the connection to the worker (and a local worker),
-the indexing job and the searches, and tells the dock what changed through Qt signals."""
+"""What the dock asks for, done: it owns the connection to the worker (and a local worker, found
+or set up on first use), the indexes and their jobs, and the searches, and tells the dock what
+changed through Qt signals."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 from qgis.core import Qgis, QgsCoordinateReferenceSystem, QgsProject
 from qgis.PyQt.QtCore import QObject, pyqtSignal
 
-from .local_worker import LocalWorker
+from .index_layers import tiles_layer, tiles_layer_name, why_no_tiles_layer
+from .local_worker import LocalWorker, WorkerExit
+from .user_requests import Connection, IndexBuild, SearchQuery
 from .results import hits_layer, save_gpkg
 from .settings import Setting
 from .wire import errors as codes
 from .wire import job_states as states
 from .wire.errors import WorkerError
 from .wire.sockets import CurveKeys
+from .worker_command import WorkerCommand
+from .worker_finder import WorkerFinder
 from .worker_link import WorkerLink
 
 # what a user can do about each error reply
 HINTS = {codes.UNAVAILABLE: "Is the worker running? Start it or check the endpoint.",
          codes.INDEX_MISMATCH: "Build a new index with this worker's model.",
          codes.BAD_INPUT: "Check the sketch or rasters.",
-         codes.FORBIDDEN: "The worker does not serve that path."}
+         codes.FORBIDDEN: "The worker does not serve that path.",
+         codes.BUSY: "Cancel the index's job, or wait for it to end, and try again."}
 
 
 class Status:
@@ -32,7 +38,9 @@ class Status:
     DISCONNECTED = ("disconnected", "grey")
     CONNECTING = ("connecting…", "orange")
     STARTING = ("starting local worker…", "orange")
+    SETTING_UP = ("setting up the worker…", "orange")
     NOT_ANSWERING = ("not answering", "red")
+    STOPPED = ("local worker stopped", "red")
 
     @staticmethod
     def connected(info: dict) -> tuple:
@@ -41,57 +49,14 @@ class Status:
         return f"connected · {device} · model {info['model']['model']}", "green"
 
 
-@dataclass(frozen=True)
-class Connection:
-    """A worker to connect to; both key files (paths) for a remote worker, neither for a local one."""
-
-    endpoint: str
-    server_key: str = ""  # the worker's public key (server.key)
-    client_key: str = ""  # this client's secret key (client.key_secret), authorised on the worker
-
-    def curve_keys(self) -> Optional[CurveKeys]:
-        """The CURVE keys, or None; ValueError or OSError says what is wrong with them."""
-        if not self.server_key and not self.client_key:
-            return None
-        if not (self.server_key and self.client_key):
-            raise ValueError("give both the server's public key and your client secret key, or neither")
-        return CurveKeys.from_files(self.server_key, self.client_key)
-
-
-@dataclass(frozen=True)
-class SearchQuery:
-    """One search as the user set it up: exactly one of a sketch image or strokes."""
-
-    index: str
-    top: int
-    crs: str  # of the hits (the project's)
-    sketch_png: Optional[bytes] = None
-    strokes: Optional[list] = None  # [[[x, y], ...], ...]
-    strokes_crs: Optional[str] = None  # a CRS, or "pixel" for the pad (y down)
-    strokes_frame: Optional[list] = None  # [x0, y0, x1, y1]: the pad the strokes were drawn in
-    bbox: Optional[list] = None  # the search area, in bbox_crs
-    bbox_crs: Optional[str] = None
-
-    def message(self) -> tuple:
-        """(payload frames, fields) of the search request."""
-        fields = {"index": self.index, "top": self.top, "crs": self.crs}
-        frames: tuple = ()
-        if self.sketch_png is not None:
-            frames, fields["sketch_frame"] = (self.sketch_png,), 1
-        else:
-            fields.update(strokes=self.strokes, strokes_crs=self.strokes_crs)
-            if self.strokes_frame is not None:
-                fields["strokes_frame"] = self.strokes_frame
-        if self.bbox is not None:
-            fields.update(bbox=self.bbox, bbox_crs=self.bbox_crs)
-        return frames, fields
-
-
 class SearchController(QObject):
     status_changed = pyqtSignal(str, str)  # text, colour name
     notice = pyqtSignal(str, object, str)  # text, Qgis message level, details for the log
+    worker_info = pyqtSignal(dict)  # the info reply of the worker connected to
+    worker_stopped = pyqtSignal(object)  # a WorkerExit: the local worker stopped by itself
     indexes_listed = pyqtSignal(list)  # the worker's indexes (list_indexes items)
     job_changed = pyqtSignal(dict)  # the indexing job started from here, after each event
+    index_job_changed = pyqtSignal(dict)  # any client's indexing job, after each event
     search_running = pyqtSignal(bool)
     results_ready = pyqtSignal(object)  # the new hits layer, already in the project
 
@@ -99,6 +64,12 @@ class SearchController(QObject):
         super().__init__(parent)
         self.link: Optional[WorkerLink] = None
         self.local_worker: Optional[LocalWorker] = None
+        self.finder = WorkerFinder(self)
+        self.finder.setup_started.connect(lambda _: self.status_changed.emit(*Status.SETTING_UP))
+        self.finder.setup_ended.connect(self._set_up)
+        self.endpoint_to_start = Setting.ENDPOINT.get()  # where a worker found or set up will be started
+        self.info: dict = {}
+        self.indexes: list = []
         self.job_id: Optional[str] = None
         self.result_layer = None
         self.search_count = 0
@@ -111,22 +82,71 @@ class SearchController(QObject):
         try:
             curve = connection.curve_keys()
         except (OSError, ValueError) as exc:
-            self.notice.emit(f"CURVE keys not usable: {exc}", Qgis.Warning, "")
+            self.notice.emit(f"CURVE keys not usable: {exc}. Choose both key files, or neither, in Settings.",
+                             Qgis.Warning, "")
             return
         Setting.ENDPOINT.set(connection.endpoint)
         Setting.SERVER_KEY.set(connection.server_key)
         Setting.CLIENT_KEY.set(connection.client_key)
         self._open_link(connection.endpoint, curve)
 
+    def find_worker(self) -> None:
+        """Look for a usable local worker (the finder says what it found)."""
+        self.finder.find()
+
     def start_local_worker(self, endpoint: str) -> None:
-        """Start `python -m worker serve` here (settings WORKER_PYTHON, WORKER_DIR) and connect to it."""
-        if self.local_worker is not None:
-            self.local_worker.stop()
-        self.local_worker = LocalWorker(endpoint, self)
+        """Start the configured worker Python's `python -m worker serve` here and connect to it;
+        with none configured, look for one (the finder offers it, or explains what is needed)."""
+        self.endpoint_to_start = endpoint
+        command = WorkerCommand.configured()
+        if command is None:
+            self.finder.find()
+        else:
+            self._start(command)
+
+    def use_worker(self, command: WorkerCommand, endpoint: str) -> None:
+        """Save a worker the finder offered as the configured one, and start it at `endpoint`."""
+        self.endpoint_to_start = endpoint
+        command.save()
+        self._start(command)
+
+    def set_up_worker(self, checkout: Path, endpoint: str) -> None:
+        """Run the checkout's scripts/setup in the background, then start its worker at `endpoint`."""
+        self.endpoint_to_start = endpoint
+        refused = self.finder.set_up(checkout)
+        if refused:
+            self.notice.emit(f"Cannot set up the worker: {refused}.", Qgis.Warning, "")
+
+    def _set_up(self, ok: bool, message: str, command: Optional[WorkerCommand]) -> None:
+        self.notice.emit(message, Qgis.Success if ok else Qgis.Critical, "")
+        if ok:
+            self.use_worker(command, self.endpoint_to_start)
+        else:
+            self.status_changed.emit(*Status.DISCONNECTED)
+
+    def _start(self, command: WorkerCommand) -> None:
+        self.stop_local_worker()
+        Setting.ENDPOINT.set(self.endpoint_to_start)
+        self.local_worker = LocalWorker(command, self.endpoint_to_start, Setting.INDEX_ROOT.get(), self)
         self.local_worker.ready.connect(lambda bound, pub: self._open_link(bound, None, pub))
-        self.local_worker.failed.connect(lambda message: self.notice.emit(message, Qgis.Critical, ""))
+        self.local_worker.stopped.connect(self._local_worker_stopped)
         self.status_changed.emit(*Status.STARTING)
         self.local_worker.start()
+
+    def _local_worker_stopped(self, exit_: WorkerExit) -> None:
+        stopped, self.local_worker = self.local_worker, None
+        if self.link is not None and self.link.endpoint == stopped.endpoint:
+            self._close_link()
+        stopped.deleteLater()
+        self.status_changed.emit(*Status.STOPPED)
+        self.worker_stopped.emit(exit_)
+        self.notice.emit(exit_.message, Qgis.Critical, "\n".join(exit_.last_lines))
+
+    def stop_local_worker(self) -> None:
+        if self.local_worker is not None:
+            self.local_worker.stop()
+            self.local_worker.deleteLater()
+            self.local_worker = None
 
     def _open_link(self, endpoint: str, curve: Optional[CurveKeys], pub: Optional[str] = None) -> None:
         self._close_link()
@@ -148,12 +168,15 @@ class SearchController(QObject):
             return self._failed("Connecting to the worker", err)
         if reply.get("pub"):
             self.link.subscribe(reply["pub"])
+        self.info = reply
         self.status_changed.emit(*Status.connected(reply))
+        self.worker_info.emit(reply)
         self.refresh_indexes()
 
     def _ready(self) -> bool:
         if self.link is None:
-            self.notice.emit("Connect to a worker first.", Qgis.Warning, "")
+            self.notice.emit("Connect to a worker first (Start local worker, or Connect to a running one).",
+                             Qgis.Warning, "")
         return self.link is not None
 
     def _failed(self, what: str, err: WorkerError) -> None:
@@ -172,23 +195,32 @@ class SearchController(QObject):
     def _on_indexes(self, reply: Optional[dict], err: Optional[WorkerError]) -> None:
         if err:
             return self._failed("Listing indexes", err)
-        self.indexes_listed.emit(reply["indexes"])
+        self.indexes = reply["indexes"]
+        self.indexes_listed.emit(self.indexes)
 
-    def build_index(self, name: str, rasters: list) -> None:
-        """Start (or join) the worker's indexing job for `name`; progress arrives as job_changed."""
+    def index_named(self, name: str) -> Optional[dict]:
+        """The last listed item of an index, or None."""
+        return next((item for item in self.indexes if item["name"] == name), None)
+
+    def build_index(self, build: IndexBuild) -> None:
+        """Start (or join) the worker's indexing job; progress arrives as job_changed."""
         if not self._ready():
             return
-        if not rasters:
+        if not build.name:
+            return self.notice.emit("Name the index to build (or select one to extend).", Qgis.Warning, "")
+        if not build.rasters:
             return self.notice.emit("Add raster layers to the project and tick the ones to index.", Qgis.Warning, "")
-        self.link.request("index", self._on_job_started, index=name, rasters=rasters)
+        self.link.request("index", self._on_job_started, **build.fields())
 
     def _on_job_started(self, reply: Optional[dict], err: Optional[WorkerError]) -> None:
         if err:
             return self._failed("Starting the index", err)
         self.job_id = reply["job"]["id"]
         self._on_job(reply["job"])
+        self.refresh_indexes()  # a new index is listed while it is built
 
     def _on_job(self, job: dict) -> None:
+        self.index_job_changed.emit(job)
         if job["id"] != self.job_id:
             return  # another client's job
         self.job_changed.emit(job)
@@ -206,6 +238,37 @@ class SearchController(QObject):
         """Stop the indexing job after its batch in progress (what was committed stays)."""
         if self.link is not None and self.job_id:
             self.link.request("cancel", lambda r, e: e and self._failed("Cancelling", e), job=self.job_id)
+
+    def delete_index(self, name: str) -> None:
+        """Delete an index on the worker (the dock has asked the user); its tiles layer goes too."""
+        if self._ready():
+            self.link.request("delete_index", lambda r, e: self._on_deleted(name, e), index=name)
+
+    def _on_deleted(self, name: str, err: Optional[WorkerError]) -> None:
+        if err:
+            return self._failed(f"Deleting index “{name}”", err)
+        project = QgsProject.instance()
+        for layer in project.mapLayersByName(tiles_layer_name(name)):
+            project.removeMapLayer(layer.id())
+        self.notice.emit(f"Index “{name}” deleted.", Qgis.Success, "")
+        self.refresh_indexes()
+
+    def show_tiles(self, name: str) -> None:
+        """Add the index's tiles layer to the project (or say why it cannot be shown here)."""
+        index = self.index_named(name)
+        if index is None:
+            return self.notice.emit("Select an index in the list first.", Qgis.Warning, "")
+        why_not = why_no_tiles_layer(index)
+        if why_not:
+            return self.notice.emit(why_not, Qgis.Warning, "")
+        project = QgsProject.instance()
+        for old in project.mapLayersByName(tiles_layer_name(name)):
+            project.removeMapLayer(old.id())
+        layer = tiles_layer(index)
+        if not layer.isValid():
+            return self.notice.emit(f"QGIS cannot read {index['tiles_layer']}: build or extend the index again "
+                                    "to rewrite it.", Qgis.Warning, "")
+        project.addMapLayer(layer)
 
     # -- search -----------------------------------------------------------------------------------
     def search(self, query: SearchQuery) -> None:
@@ -239,13 +302,13 @@ class SearchController(QObject):
             return self.notice.emit("Search first: there are no results to save.", Qgis.Warning, "")
         error = save_gpkg(self.result_layer, path)
         if error:
-            self.notice.emit(f"Saving failed: {error}", Qgis.Critical, "")
+            self.notice.emit(f"Saving failed: {error}. Choose a folder you can write to.", Qgis.Critical, "")
         else:
             self.notice.emit(f"Results saved to {path}", Qgis.Success, "")
 
     def shutdown(self) -> None:
-        """Close sockets and stop a local worker (on unload and when QGIS quits)."""
+        """Close sockets, stop the worker search and set-up, and stop a local worker (on unload
+        and when QGIS quits)."""
         self._close_link()
-        if self.local_worker is not None:
-            self.local_worker.stop()
-            self.local_worker = None
+        self.finder.shutdown()
+        self.stop_local_worker()

@@ -1,6 +1,7 @@
 """The "Sketch search" dock: a view. It shows the controller's state and turns what the user
-does (connect, build, draw, search) into the controller's calls; it holds only the sketch
-being drawn, which lives in its widgets."""
+does (set up or connect a worker, manage indexes, draw, search) into the controller's calls; it
+holds only the sketch being drawn, which lives in its widgets. The Worker and Index boxes are
+views of their own (worker_panel, index_panel)."""
 
 from __future__ import annotations
 
@@ -11,19 +12,28 @@ from qgis.core import (Qgis, QgsCoordinateTransform, QgsMapLayerType, QgsMapRend
 from qgis.PyQt.QtCore import QSize, Qt
 from qgis.PyQt.QtGui import QIcon, QPixmap
 from qgis.PyQt.QtWidgets import (QComboBox, QDockWidget, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel,
-                                 QLineEdit, QListWidget, QListWidgetItem, QProgressBar, QPushButton, QSpinBox,
-                                 QVBoxLayout, QWidget)
+                                 QListWidget, QListWidgetItem, QPushButton, QScrollArea, QSpinBox, QVBoxLayout,
+                                 QWidget)
 
-from .controller import Connection, SearchController, SearchQuery, Status
+from .controller import SearchController
+from .help_panel import HowToSketch
+from .index_panel import IndexPanel
+from .user_requests import SearchQuery
 from .settings import Setting
+from .settings_dialog import SettingsDialog
 from .sketch_pad import SketchPad
 from .sketch_tool import SketchMapTool
-from .wire import job_states as states
 from .wire.protocol import DEFAULT_TOP, MAX_TOP
+from .worker_panel import WorkerPanel
 
 TITLE = "Sketch search"
-PROGRESS_STEPS = 1000
 WHOLE_INDEX, MAP_VIEW = 0, 1  # the search area choices
+
+
+def _number(feature, name: str, pattern: str) -> str:
+    """A hit attribute formatted, or "" when the worker did not send it (NULL)."""
+    value = feature[name]
+    return pattern.format(value) if isinstance(value, (int, float)) else ""
 
 
 class SketchSearchDock(QDockWidget):
@@ -36,86 +46,49 @@ class SketchSearchDock(QDockWidget):
         self.map_tool = SketchMapTool(self.canvas)
         self.sketch_image: Optional[bytes] = None
         self.sketch_source = "map"
+        self.settings_dialog = SettingsDialog(self)
+        self.settings_dialog.saved.connect(self.reload_settings)
+        self.worker_panel = WorkerPanel(controller, self.open_settings)
+        self.index_panel = IndexPanel(controller)
+        self.how_to = HowToSketch()
         body = QWidget()
         layout = QVBoxLayout(body)
-        layout.addWidget(self._build_worker_box())
-        layout.addWidget(self._build_index_box())
+        layout.addWidget(self.worker_panel)
+        layout.addWidget(self.index_panel)
         layout.addWidget(self._build_sketch_box())
+        layout.addWidget(self.how_to)
         layout.addWidget(self._build_search_box())
         layout.addWidget(self._build_results_box())
         layout.addStretch(1)
-        self.setWidget(body)
+        self.scroll = QScrollArea()
+        self.scroll.setWidgetResizable(True)
+        self.scroll.setWidget(body)
+        # scroll down, never sideways: the dock is at least as wide as its widest row
+        self.scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        self.scroll.setMinimumWidth(body.minimumSizeHint().width() + self.scroll.verticalScrollBar().sizeHint().width())
+        self.setWidget(self.scroll)
+        self._looked_for_worker = False
         self.map_tool.strokes_changed.connect(lambda n: self._sketch_changed("map", n))
         self.pad.strokes_changed.connect(lambda n: self._sketch_changed("pad", n))
-        controller.status_changed.connect(self._show_status)
         controller.notice.connect(self.notify)
-        controller.indexes_listed.connect(self._show_indexes)
-        controller.job_changed.connect(self._show_job)
+        controller.indexes_listed.connect(self._show_searchable_indexes)
         controller.search_running.connect(lambda running: self.search_button.setEnabled(not running))
         controller.results_ready.connect(self._show_results)
-        self._show_status(*Status.DISCONNECTED)
 
-    # -- UI ---------------------------------------------------------------------------------------
-    def _build_worker_box(self) -> QGroupBox:
-        box = QGroupBox("Worker")
-        form = QFormLayout(box)
-        self.endpoint_edit = QLineEdit(Setting.ENDPOINT.get())
-        self.connect_button = QPushButton("Connect")
-        self.start_button = QPushButton("Start local worker")
-        row = QHBoxLayout()
-        row.addWidget(self.connect_button)
-        row.addWidget(self.start_button)
-        self.status_light = QLabel("●")
-        self.status_label = QLabel()
-        status = QHBoxLayout()
-        status.addWidget(self.status_light)
-        status.addWidget(self.status_label, 1)
-        self.server_key_edit = QLineEdit(Setting.SERVER_KEY.get())
-        self.server_key_edit.setPlaceholderText("server.key (public), for a remote worker")
-        self.client_key_edit = QLineEdit(Setting.CLIENT_KEY.get())
-        self.client_key_edit.setPlaceholderText("client.key_secret, authorised on the worker")
-        form.addRow("Endpoint", self.endpoint_edit)
-        form.addRow("Server key", self.server_key_edit)
-        form.addRow("Client key", self.client_key_edit)
-        form.addRow(row)
-        form.addRow("Status", status)
-        self.connect_button.clicked.connect(lambda: self.connect_worker())
-        self.start_button.clicked.connect(lambda: self.controller.start_local_worker(self.endpoint_edit.text().strip()))
-        return box
+    def first_use(self) -> None:
+        """When the dock is first opened, look for a worker (without waiting for it: what was found,
+        or what is needed, shows in the Worker box)."""
+        if not self._looked_for_worker and self.controller.link is None:
+            self._looked_for_worker = True
+            self.controller.find_worker()
 
-    def _build_index_box(self) -> QGroupBox:
-        box = QGroupBox("Index")
-        form = QFormLayout(box)
-        self.index_combo = QComboBox()
-        self.refresh_button = QPushButton("↻")
-        self.refresh_button.setMaximumWidth(32)
-        row = QHBoxLayout()
-        row.addWidget(self.index_combo, 1)
-        row.addWidget(self.refresh_button)
-        form.addRow("Search in", row)
-        self.raster_list = QListWidget()
-        self.raster_list.setMaximumHeight(80)
-        form.addRow("Rasters", self.raster_list)
-        self.new_index_edit = QLineEdit("my-index")
-        self.build_button = QPushButton("Build / extend")
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
-        row = QHBoxLayout()
-        row.addWidget(self.new_index_edit, 1)
-        row.addWidget(self.build_button)
-        row.addWidget(self.cancel_button)
-        form.addRow("Index name", row)
-        self.progress = QProgressBar()
-        self.progress.setRange(0, PROGRESS_STEPS)
-        self.progress.setValue(0)
-        form.addRow(self.progress)
-        self.refresh_button.clicked.connect(self.controller.refresh_indexes)
-        self.build_button.clicked.connect(self.build_index)
-        self.cancel_button.clicked.connect(self.controller.cancel_job)
-        QgsProject.instance().layersAdded.connect(self._layers_changed)
-        QgsProject.instance().layersRemoved.connect(self._layers_changed)
-        self.refresh_raster_layers()
-        return box
+    def open_settings(self, setting: Setting = Setting.WORKER_PYTHON) -> None:
+        """The Settings dialog, at `setting` (not blocking QGIS)."""
+        self.settings_dialog.show_setting(setting)
+
+    def reload_settings(self) -> None:
+        """After Settings were saved (the dialog, or the Options page)."""
+        self.worker_panel.reload_settings()
 
     def _build_sketch_box(self) -> QGroupBox:
         box = QGroupBox("Sketch")
@@ -123,20 +96,28 @@ class SketchSearchDock(QDockWidget):
         row = QHBoxLayout()
         self.draw_button = QPushButton("Draw on map")
         self.draw_button.setCheckable(True)
+        self.draw_button.setToolTip("While pressed, drag over the map to draw strokes; the strokes' extent is "
+                                    "the sketch's frame.")
         self.undo_button = QPushButton("Undo")
+        self.undo_button.setToolTip("Remove the last stroke (of the map or the pad, whichever you drew on last).")
         self.clear_button = QPushButton("Clear")
+        self.clear_button.setToolTip("Remove every stroke, on the map and the pad, and a loaded sketch image.")
         self.pen_spin = QSpinBox()
         self.pen_spin.setRange(1, 12)
         self.pen_spin.setValue(3)
-        self.pen_spin.setToolTip("pen width")
+        self.pen_spin.setToolTip("Pen width in screen pixels (how the strokes look; the search reads only where "
+                                 "they run).")
         for w in (self.draw_button, self.undo_button, self.clear_button, self.pen_spin):
             row.addWidget(w)
         layout.addLayout(row)
         self.pad = SketchPad()
+        self.pad.setToolTip("A sketch pad: draw the place here as it lies in this frame.")
         layout.addWidget(self.pad)
         row = QHBoxLayout()
         self.load_button = QPushButton("Load sketch image…")
+        self.load_button.setToolTip("Search with a PNG or JPEG of dark strokes on white; the image is the frame.")
         self.sketch_label = QLabel("draw on the map or the pad")
+        self.sketch_label.setToolTip("What the next search will use.")
         row.addWidget(self.load_button)
         row.addWidget(self.sketch_label, 1)
         layout.addLayout(row)
@@ -150,13 +131,20 @@ class SketchSearchDock(QDockWidget):
     def _build_search_box(self) -> QGroupBox:
         box = QGroupBox("Search")
         form = QFormLayout(box)
+        self.index_combo = QComboBox()
+        self.index_combo.setToolTip("The index to search: those this worker's model can search (build one in the "
+                                    "Index box first).")
         self.area_combo = QComboBox()
         self.area_combo.insertItem(WHOLE_INDEX, "Whole index")
         self.area_combo.insertItem(MAP_VIEW, "Current map view")
+        self.area_combo.setToolTip("Search the whole index, or only the tiles in the map view.")
         self.top_spin = QSpinBox()
         self.top_spin.setRange(1, MAX_TOP)
         self.top_spin.setValue(DEFAULT_TOP)
+        self.top_spin.setToolTip("How many hits to return, best first.")
         self.search_button = QPushButton("Search")
+        self.search_button.setToolTip("Find the places that look like the sketch; the hits come back as a new layer.")
+        form.addRow("Search in", self.index_combo)
         form.addRow("Area", self.area_combo)
         form.addRow("Hits", self.top_spin)
         form.addRow(self.search_button)
@@ -168,8 +156,10 @@ class SketchSearchDock(QDockWidget):
         layout = QVBoxLayout(box)
         self.results_list = QListWidget()
         self.results_list.setIconSize(QSize(64, 64))
+        self.results_list.setToolTip("The last search's hits, best first: click one to zoom to it.")
         self.results_list.itemClicked.connect(self._zoom_to_item)
         self.save_button = QPushButton("Save results…")
+        self.save_button.setToolTip("Write the last search's layer to a GeoPackage.")
         self.save_button.setEnabled(False)
         self.save_button.clicked.connect(self._choose_save_path)
         layout.addWidget(self.results_list)
@@ -181,26 +171,14 @@ class SketchSearchDock(QDockWidget):
         self.iface.messageBar().pushMessage(TITLE, text, level, 8)
         QgsMessageLog.logMessage(details or text, TITLE, level)
 
-    def _show_status(self, text: str, colour: str) -> None:
-        self.status_light.setStyleSheet(f"color: {colour}; font-size: 16px")
-        self.status_label.setText(text)
-
-    def _show_indexes(self, indexes: list) -> None:
+    def _show_searchable_indexes(self, indexes: list) -> None:
         current = self.index_combo.currentText()
         self.index_combo.clear()
         for item in indexes:
-            self.index_combo.addItem(item["name"], item)
-            if not item["compatible"]:
-                self.index_combo.setItemData(self.index_combo.count() - 1, item.get("reason") or "built with another model",
-                                             Qt.ToolTipRole)
+            if item.get("compatible"):
+                self.index_combo.addItem(item["name"], item)
         if current:
             self.index_combo.setCurrentText(current)
-
-    def _show_job(self, job: dict) -> None:
-        self.progress.setValue(int(PROGRESS_STEPS * job["progress"]))
-        eta = f", {job['eta_s']:.0f} s left" if job.get("eta_s") else ""
-        self.progress.setFormat(f"{job['state']} {job['tiles_done']}/{job['tiles_total']} tiles{eta}")
-        self.cancel_button.setEnabled(job["state"] not in states.FINISHED)
 
     def _show_results(self, layer) -> None:
         self.save_button.setEnabled(True)
@@ -208,10 +186,12 @@ class SketchSearchDock(QDockWidget):
         rasters = [lyr for lyr in QgsProject.instance().mapLayers().values() if lyr.type() == QgsMapLayerType.RasterLayer]
         for feature in sorted(layer.getFeatures(), key=lambda f: f["rank"]):
             extent = feature.geometry().boundingBox()
-            item = QListWidgetItem(f"#{feature['rank']}  score {feature['score']:.3f}  scale {feature['scale']}")
+            item = QListWidgetItem(f"#{feature['rank']}  score {_number(feature, 'score', '{:.3f}')}  "
+                                   f"scale {_number(feature, 'scale', '{}')}  {_number(feature, 'angle', '{:+.0f}°')}")
             item.setData(Qt.UserRole, extent)
             item.setIcon(QIcon(self._thumbnail(extent, layer.crs(), rasters)))
             self.results_list.addItem(item)
+        self.scroll.ensureWidgetVisible(self.results_list)
 
     @staticmethod
     def _thumbnail(extent: QgsRectangle, crs, rasters, size: int = 64) -> QPixmap:
@@ -238,32 +218,10 @@ class SketchSearchDock(QDockWidget):
 
     # -- what the user does -----------------------------------------------------------------------
     def connect_worker(self, endpoint: Optional[str] = None) -> None:
-        """Connect to `endpoint` (default: the one typed) with the key files typed."""
+        """Connect to `endpoint` (default: the one typed) with the key files in Settings."""
         if endpoint is not None:
-            self.endpoint_edit.setText(endpoint)
-        self.controller.connect_worker(Connection(self.endpoint_edit.text().strip(),
-                                                  self.server_key_edit.text().strip(),
-                                                  self.client_key_edit.text().strip()))
-
-    def _layers_changed(self, *_: object) -> None:
-        self.refresh_raster_layers()
-
-    def refresh_raster_layers(self) -> None:
-        self.raster_list.clear()
-        for layer in QgsProject.instance().mapLayers().values():
-            if layer.type() == QgsMapLayerType.RasterLayer and layer.providerType() == "gdal":
-                item = QListWidgetItem(layer.name())
-                item.setData(Qt.UserRole, layer.source())
-                item.setFlags(item.flags() | Qt.ItemIsUserCheckable)
-                item.setCheckState(Qt.Checked)
-                self.raster_list.addItem(item)
-
-    def checked_rasters(self) -> list:
-        items = [self.raster_list.item(i) for i in range(self.raster_list.count())]
-        return [i.data(Qt.UserRole).split("|")[0] for i in items if i.checkState() == Qt.Checked]
-
-    def build_index(self) -> None:
-        self.controller.build_index(self.new_index_edit.text().strip(), self.checked_rasters())
+            self.worker_panel.endpoint_edit.setText(endpoint)
+        self.worker_panel.connect_worker()
 
     def _toggle_map_tool(self, on: bool) -> None:
         if on:
@@ -303,7 +261,7 @@ class SketchSearchDock(QDockWidget):
         """The search the dock is set up for, or None (and a message) when it is not ready."""
         index = self.index_combo.currentText()
         if not index:
-            self.notify("Choose an index to search (build one first).", Qgis.Warning)
+            self.notify("Choose an index to search (build one in the Index box first).", Qgis.Warning)
             return None
         canvas_crs = self.canvas.mapSettings().destinationCrs()
         canvas_crs_id = canvas_crs.authid() or canvas_crs.toWkt()
@@ -339,5 +297,5 @@ class SketchSearchDock(QDockWidget):
         """Put the map tool away and stop listening to the project (on unload)."""
         self.canvas.unsetMapTool(self.map_tool)
         self.map_tool.clear()
-        QgsProject.instance().layersAdded.disconnect(self._layers_changed)
-        QgsProject.instance().layersRemoved.disconnect(self._layers_changed)
+        self.index_panel.shutdown()
+        self.settings_dialog.close()

@@ -1,43 +1,92 @@
-"""Start a worker on this machine with a configured Python (the one that has torch)."""
+"""Start a worker on this machine with a worker Python (the one that has torch), and say what
+to change when it stops."""
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from typing import Optional
 
-from qgis.PyQt.QtCore import QObject, QProcess, QProcessEnvironment, pyqtSignal
+from qgis.PyQt.QtCore import QObject, QProcess, pyqtSignal
 
 from .settings import Setting
+from .worker_command import WorkerCommand
+
+LAST_LINES = 12  # of the worker's stderr, shown when it stops
+STOP_WAIT_MS = 15000  # SIGTERM lets indexing jobs commit their batch
+
+# what to do about each setting when it is the one to blame
+ADVICE = {Setting.WORKER_PYTHON: "choose a Python that has torch and the worker (CHECKOUT/.venv/bin/python after "
+                                 "scripts/setup), or press Set up worker…",
+          Setting.WORKER_DIR: "choose the sketch-search repository folder (the one holding worker/)",
+          Setting.ENDPOINT: "another program listens on that port: choose another one",
+          Setting.INDEX_ROOT: "choose a folder you can write to"}
+
+
+@dataclass(frozen=True)
+class WorkerExit:
+    """How a local worker stopped: its exit code (None: it never ran), its last lines, and the
+    setting that most likely has to change."""
+
+    code: Optional[int]
+    last_lines: tuple
+    setting: Setting
+    was_serving: bool = False
+
+    @property
+    def message(self) -> str:
+        when = "stopped" if self.was_serving else "stopped as it started"
+        how = "could not be run" if self.code is None else f"{when} (exit code {self.code})"
+        last = self.last_lines[-1] if self.last_lines else "no message"
+        return f"The local worker {how}: {last}. Change {self.setting.describe()}: {ADVICE[self.setting]}."
+
+
+def setting_to_blame(lines: list) -> Setting:
+    """The setting a worker's last error lines point at."""
+    text = "\n".join(lines)
+    if "No module named 'worker'" in text or "No module named worker" in text:
+        return Setting.WORKER_DIR
+    if "Address already in use" in text or "Address in use" in text:
+        return Setting.ENDPOINT
+    if "--index-root" in text or Setting.INDEX_ROOT.get() in text:
+        return Setting.INDEX_ROOT
+    return Setting.WORKER_PYTHON
 
 
 class LocalWorker(QObject):
     """`python -m worker serve` as a child process of QGIS, stopped with it."""
 
     ready = pyqtSignal(str, str)  # endpoint, pub endpoint
-    failed = pyqtSignal(str)
+    stopped = pyqtSignal(object)  # a WorkerExit, when it stops by itself
 
-    def __init__(self, endpoint: str, parent: Optional[QObject] = None):
+    def __init__(self, command: WorkerCommand, endpoint: str, index_root: str, parent: Optional[QObject] = None):
         super().__init__(parent)
+        self.command = command
         self.endpoint = endpoint
+        self.index_root = index_root
+        self.serving = False
         self.process = QProcess(self)
         self.process.setProcessChannelMode(QProcess.SeparateChannels)
         self.process.readyReadStandardOutput.connect(self._read_stdout)
-        self.process.finished.connect(self._finished)
-        self._stderr_tail = b""
         self.process.readyReadStandardError.connect(self._read_stderr)
+        self.process.finished.connect(self._finished)
+        self.process.errorOccurred.connect(self._error)
+        self._stderr_tail = b""
 
     def start(self) -> None:
-        index_root = Setting.INDEX_ROOT.get()
-        os.makedirs(index_root, exist_ok=True)
-        env = QProcessEnvironment.systemEnvironment()
-        env.insert("PYTHONUNBUFFERED", "1")
-        self.process.setProcessEnvironment(env)
-        worker_dir = Setting.WORKER_DIR.get()
-        if worker_dir:
-            self.process.setWorkingDirectory(worker_dir)
-        self.process.start(Setting.WORKER_PYTHON.get(), ["-m", "worker", "serve", "--bind", self.endpoint,
-                                                         "--index-root", index_root, "--raster-root", "/"])
+        try:
+            os.makedirs(self.index_root, exist_ok=True)
+        except OSError as exc:
+            self.stopped.emit(WorkerExit(None, (f"cannot make the index folder {self.index_root}: {exc}",),
+                                         Setting.INDEX_ROOT))
+            return
+        self.command.prepare(self.process)
+        self.process.start(self.command.python, ["-m", "worker", "serve", "--bind", self.endpoint,
+                                                 "--index-root", self.index_root, "--raster-root", "/"])
+
+    def last_lines(self) -> list:
+        return self._stderr_tail.decode(errors="replace").strip().splitlines()[-LAST_LINES:]
 
     def _read_stdout(self) -> None:
         while self.process.canReadLine():
@@ -47,20 +96,28 @@ class LocalWorker(QObject):
             except ValueError:
                 continue
             if isinstance(info, dict) and "serving" in info:
+                self.serving = True
                 self.ready.emit(info["serving"], info["pub"])
 
     def _read_stderr(self) -> None:
-        self._stderr_tail = (self._stderr_tail + bytes(self.process.readAllStandardError()))[-4000:]
+        self._stderr_tail = (self._stderr_tail + bytes(self.process.readAllStandardError()))[-8000:]
 
-    def _finished(self, code: int, _status) -> None:
-        last = self._stderr_tail.decode(errors="replace").strip().splitlines()[-1:]
-        self.failed.emit(f"the local worker exited with code {code}: {last[0] if last else 'no message'} "
-                         f"(Python: {Setting.WORKER_PYTHON.get()}; set {Setting.WORKER_PYTHON.path} and "
-                         f"{Setting.WORKER_DIR.path} to the worker's venv and checkout)")
+    def _finished(self, code: int, _status: QProcess.ExitStatus) -> None:
+        self._read_stderr()
+        lines = self.last_lines()
+        self.stopped.emit(WorkerExit(code, tuple(lines), setting_to_blame(lines), self.serving))
+
+    def _error(self, error: QProcess.ProcessError) -> None:
+        if error == QProcess.FailedToStart:  # a path that is no program: no finished signal follows
+            self.stopped.emit(WorkerExit(None, (f"cannot run {self.command.python}: {self.process.errorString()}",),
+                                         Setting.WORKER_PYTHON))
 
     def stop(self) -> None:
+        """Stop it (SIGTERM, then kill); it is not reported as having stopped by itself."""
+        self.process.finished.disconnect(self._finished)
+        self.process.errorOccurred.disconnect(self._error)
         if self.process.state() != QProcess.NotRunning:
-            self.process.finished.disconnect(self._finished)
             self.process.terminate()
-            if not self.process.waitForFinished(15000):
+            if not self.process.waitForFinished(STOP_WAIT_MS):
                 self.process.kill()
+                self.process.waitForFinished(2000)

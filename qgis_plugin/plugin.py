@@ -1,4 +1,4 @@
-"""Plugin entry: toolbar button, dock widget, Processing provider."""
+"""Plugin entry: toolbar button, dock widget, Settings > Options page, Processing provider."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from qgis.PyQt.QtWidgets import QAction
 from .controller import SearchController
 from .dock import TITLE, SketchSearchDock
 from .processing_provider import SketchSearchProvider
+from .settings_dialog import SettingsPageFactory
 
 ICON = os.path.join(os.path.dirname(__file__), "icon.svg")
 
@@ -24,6 +25,7 @@ class SketchSearchPlugin:
         self.dock: Optional[SketchSearchDock] = None
         self.action: Optional[QAction] = None
         self.provider: Optional[SketchSearchProvider] = None
+        self.options_factory: Optional[SettingsPageFactory] = None
 
     def initProcessing(self) -> None:  # noqa: N802 (QGIS calls it by this name)
         self.provider = SketchSearchProvider()
@@ -37,13 +39,23 @@ class SketchSearchPlugin:
         self.dock.hide()
         self.action = QAction(QIcon(ICON), TITLE, self.iface.mainWindow())
         self.action.setCheckable(True)
-        self.action.toggled.connect(self.dock.setVisible)
+        self.action.toggled.connect(self._show_dock)
         self.dock.visibilityChanged.connect(self.action.setChecked)
         self.iface.addToolBarIcon(self.action)
         self.iface.addPluginToMenu(TITLE, self.action)
+        self.options_factory = SettingsPageFactory(QIcon(ICON), self.dock.reload_settings)
+        self.iface.registerOptionsWidgetFactory(self.options_factory)
         QgsApplication.instance().aboutToQuit.connect(self.controller.shutdown)
 
+    def _show_dock(self, visible: bool) -> None:
+        """The toolbar button and menu entry; also follows the dock when QGIS restores it."""
+        self.dock.setVisible(visible)
+        if visible:
+            self.dock.first_use()
+
     def unload(self) -> None:
+        if self.options_factory is not None:
+            self.iface.unregisterOptionsWidgetFactory(self.options_factory)
         if self.controller is not None:
             QgsApplication.instance().aboutToQuit.disconnect(self.controller.shutdown)
             self.controller.shutdown()

@@ -13,10 +13,11 @@ from qgis.core import (QgsCoordinateReferenceSystem, QgsCoordinateTransform, Qgs
 from qgis.PyQt.QtGui import QIcon
 
 from .results import features_from_hits, hit_fields
+from .settings import Setting
 from .wire import job_states as states
 from .wire.client import WorkerClient
 from .wire.errors import WorkerError
-from .wire.protocol import DEFAULT_ENDPOINT, DEFAULT_TOP, MAX_TOP
+from .wire.protocol import DEFAULT_TOP, MAX_TOP
 
 ICON = os.path.join(os.path.dirname(__file__), "icon.svg")
 WGS84 = "EPSG:4326"
@@ -34,7 +35,7 @@ class _WorkerAlgorithm(QgsProcessingAlgorithm):
         return QIcon(ICON)
 
     def _add_endpoint(self) -> None:
-        self.addParameter(QgsProcessingParameterString("ENDPOINT", "Worker endpoint", DEFAULT_ENDPOINT))
+        self.addParameter(QgsProcessingParameterString("ENDPOINT", "Worker endpoint", Setting.ENDPOINT.get()))
 
     def _client(self, parameters, context) -> WorkerClient:
         return WorkerClient(self.parameterAsString(parameters, "ENDPOINT", context), timeout=120.0, retries=1)

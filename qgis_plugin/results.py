@@ -11,9 +11,10 @@ from qgis.core import (QgsCategorizedSymbolRenderer, QgsCoordinateReferenceSyste
 from qgis.PyQt.QtCore import QVariant
 from qgis.PyQt.QtGui import QColor
 
+# the hit properties kept as attributes (a property a worker does not send is null), then the round trip
 FIELDS = [("rank", QVariant.Int), ("score", QVariant.Double), ("shortlist_score", QVariant.Double),
           ("raster", QVariant.String), ("window", QVariant.String), ("scale", QVariant.Int),
-          ("query_ms", QVariant.Double)]
+          ("angle", QVariant.Double), ("query_ms", QVariant.Double)]
 
 
 def polygon_from_geojson(geometry: dict) -> QgsGeometry:
@@ -39,16 +40,19 @@ def hit_fields() -> QgsFields:
 def features_from_hits(collection: dict, fields: QgsFields, transform: QgsCoordinateTransform,
                        query_ms: float) -> list:
     """One polygon feature per hit of a search reply's `hits` (a GeoJSON FeatureCollection),
-    reprojected by `transform`; `query_ms` is the search's round trip as the user waited for it."""
+    reprojected by `transform` (a hit's square may be turned: any polygon is kept as it is);
+    `query_ms` is the search's round trip as the user waited for it."""
     features = []
     for item in collection.get("features", []):
-        props = item["properties"]
+        props = item.get("properties") or {}
         geometry = polygon_from_geojson(item["geometry"])
         geometry.transform(transform)
         feature = QgsFeature(fields)
         feature.setGeometry(geometry)
-        feature.setAttributes([props["rank"], props["score"], props["shortlist_score"], props["raster"],
-                               json.dumps(props["window"]), props["scale"], query_ms])
+        window = props.get("window")
+        feature.setAttributes([props.get("rank"), props.get("score"), props.get("shortlist_score"), props.get("raster"),
+                               None if window is None else json.dumps(window), props.get("scale"), props.get("angle"),
+                               query_ms])
         features.append(feature)
     return features
 

@@ -1,13 +1,16 @@
 """The plugin's settings: one list of keys, each read and written through QgsSettings.
 
 They live under SketchSearch/ in the user's QGIS profile, so they outlast the session; an
-environment variable can stand in for a setting not yet made (the test and CI runs do).
+environment variable can stand in for a worker setting not yet made (the test and CI runs do).
+Each key carries the label and the help a person sees for it (the Settings dialog, and error
+messages that name the setting to change), so what a setting is called is written once.
 """
 
 from __future__ import annotations
 
 import os
 from enum import Enum
+from typing import Callable
 
 from qgis.core import QgsApplication, QgsSettings
 
@@ -16,7 +19,7 @@ from .wire.protocol import DEFAULT_ENDPOINT
 GROUP = "SketchSearch"
 
 
-def _env(name: str, fallback: str):
+def _env(name: str, fallback: str = "") -> Callable[[], str]:
     return lambda: os.environ.get(name, fallback)
 
 
@@ -25,18 +28,31 @@ def _default_index_root() -> str:
 
 
 class Setting(Enum):
-    """A setting: its key under SketchSearch/ and a function giving its default."""
+    """A setting: its key under SketchSearch/, a function giving its default, its label and help."""
 
-    WORKER_PYTHON = ("python", _env("SKETCH_SEARCH_WORKER_PYTHON", "python3"))  # the Python that has torch
-    WORKER_DIR = ("worker_dir", _env("SKETCH_SEARCH_WORKER_DIR", ""))  # the checkout holding `worker`
-    ENDPOINT = ("endpoint", lambda: DEFAULT_ENDPOINT)  # the worker last connected to
-    SERVER_KEY = ("server_key", lambda: "")  # path of that worker's public CURVE key
-    CLIENT_KEY = ("client_key", lambda: "")  # path of this client's secret CURVE key
-    INDEX_ROOT = ("index_root", _default_index_root)  # where a local worker keeps its indexes
+    WORKER_PYTHON = ("python", _env("SKETCH_SEARCH_WORKER_PYTHON"), "Worker Python",
+                     "The Python that runs the worker: it has torch and can import the sketch-search `worker` "
+                     "package (after scripts/setup: CHECKOUT/.venv/bin/python). Empty: none chosen yet.")
+    WORKER_DIR = ("worker_dir", _env("SKETCH_SEARCH_WORKER_DIR"), "Worker checkout",
+                  "The sketch-search repository folder (it holds worker/ and scripts/setup). Leave empty when "
+                  "the worker Python has the `worker` package installed.")
+    INDEX_ROOT = ("index_root", _default_index_root, "Index folder",
+                  "Where a local worker keeps its indexes (each index is a folder in it).")
+    ENDPOINT = ("endpoint", lambda: DEFAULT_ENDPOINT, "Endpoint",
+                "The worker's address: tcp://HOST:PORT. A local worker binds it; Connect talks to a worker "
+                "already running there (a GPU machine, for example).")
+    SERVER_KEY = ("server_key", lambda: "", "Server public key",
+                  "For a remote worker started with --curve-keys: its public key file (server.key). "
+                  "Leave both key files empty for a worker on this machine.")
+    CLIENT_KEY = ("client_key", lambda: "", "Client secret key",
+                  "For a remote worker started with --curve-keys: this client's secret key file "
+                  "(client.key_secret), whose public key is in the worker's authorized_clients/.")
 
-    def __init__(self, key: str, default):
+    def __init__(self, key: str, default: Callable[[], str], label: str, help_text: str):
         self.key = key
         self._default = default
+        self.label = label
+        self.help_text = help_text
 
     @property
     def path(self) -> str:
@@ -46,12 +62,21 @@ class Setting(Enum):
         return self._default()
 
     def get(self) -> str:
+        """The saved value, else the default (an environment variable, for the worker settings)."""
         value = QgsSettings().value(self.path, None)
         return self.default() if value is None else str(value)
 
     def set(self, value: str) -> None:
         QgsSettings().setValue(self.path, str(value))
 
+    def is_saved(self) -> bool:
+        """Whether the user saved a value (not only the default standing in)."""
+        return QgsSettings().contains(self.path)
+
     def reset(self) -> None:
         """Back to the default (the key is removed)."""
         QgsSettings().remove(self.path)
+
+    def describe(self) -> str:
+        """How a person finds it: the label in the Settings dialog and the key in the profile."""
+        return f"“{self.label}” in Sketch search Settings ({self.path})"

@@ -73,6 +73,29 @@ def plugin(plugin_started, qgis_iface):
     return instance
 
 
+@pytest.fixture
+def reloaded_plugin(plugin_started, qgis_iface):
+    """A new instance of the plugin whose dock has not been shown yet, as on a first use."""
+    import qgis.utils
+
+    assert qgis.utils.reloadPlugin("sketch_search")
+    instance = qgis.utils.plugins["sketch_search"]
+    qgis_iface.mainWindow().addDockWidget(2, instance.dock)
+    return instance
+
+
+@pytest.fixture
+def new_user_settings(plugin_started):
+    """Every setting of the plugin back to its default before and after the test: a new user."""
+    from sketch_search.settings import Setting
+
+    for setting in Setting:
+        setting.reset()
+    yield Setting
+    for setting in Setting:
+        setting.reset()
+
+
 @pytest.fixture(scope="session")
 def raster_root(tmp_path_factory) -> Path:
     from worker.assets import load_asset_paths
@@ -80,6 +103,26 @@ def raster_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("rasters")
     shutil.copy(load_asset_paths()["rmnp_rgb"], root / "rmnp-rgb.tif")
     return root
+
+
+@pytest.fixture
+def rmnp_layer(raster_root, qgis_iface):
+    """The sample raster in the project (EPSG:3857), the canvas on it; every layer removed after."""
+    from qgis.core import QgsCoordinateReferenceSystem, QgsProject, QgsRasterLayer
+
+    project = QgsProject.instance()
+    project.setCrs(QgsCoordinateReferenceSystem("EPSG:3857"))
+    layer = QgsRasterLayer(str(raster_root / "rmnp-rgb.tif"), "rmnp")
+    assert layer.isValid()
+    project.addMapLayer(layer)
+    canvas = qgis_iface.mapCanvas()
+    canvas.setDestinationCrs(project.crs())
+    canvas.setLayers([layer])
+    canvas.setExtent(canvas.mapSettings().layerExtentToOutputExtent(layer, layer.extent()))
+    canvas.refresh()
+    yield layer
+    for other in list(project.mapLayers().values()):
+        project.removeMapLayer(other.id())
 
 
 @pytest.fixture(scope="session")

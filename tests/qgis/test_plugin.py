@@ -3,28 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from qgis.core import Qgis, QgsApplication, QgsCoordinateReferenceSystem, QgsProject, QgsRasterLayer, QgsVectorLayer
+from qgis.core import Qgis, QgsApplication, QgsProject, QgsRasterLayer, QgsVectorLayer
 from qgis.PyQt.QtCore import QPoint, QTimer
 
 from conftest import process_until
 from mouse import drag
-
-
-@pytest.fixture
-def rmnp_layer(raster_root, qgis_iface):
-    project = QgsProject.instance()
-    project.setCrs(QgsCoordinateReferenceSystem("EPSG:3857"))
-    layer = QgsRasterLayer(str(raster_root / "rmnp-rgb.tif"), "rmnp")
-    assert layer.isValid()
-    project.addMapLayer(layer)
-    canvas = qgis_iface.mapCanvas()
-    canvas.setDestinationCrs(project.crs())
-    canvas.setLayers([layer])
-    canvas.setExtent(canvas.mapSettings().layerExtentToOutputExtent(layer, layer.extent()))
-    canvas.refresh()
-    yield layer
-    for other in list(project.mapLayers().values()):
-        project.removeMapLayer(other.id())
 
 
 def test_plugin_loads_like_in_qgis(plugin):
@@ -73,8 +56,8 @@ def test_search_against_a_real_worker_adds_a_georeferenced_layer(plugin, worker,
     dock = plugin.dock
     qgis_iface.messageBar().clear_messages()
     dock.connect_worker(worker.bind)
-    assert process_until(lambda: dock.status_label.text().startswith("connected"), 30), dock.status_label.text()
-    assert "cpu" in dock.status_label.text()
+    assert process_until(lambda: dock.worker_panel.status_label.text().startswith("connected"), 30), dock.worker_panel.status_label.text()
+    assert "cpu" in dock.worker_panel.status_label.text()
     assert process_until(lambda: dock.index_combo.count() > 0, 10)
     dock.index_combo.setCurrentText("rmnp")
     dock.area_combo.setCurrentIndex(0)
@@ -90,7 +73,8 @@ def test_search_against_a_real_worker_adds_a_georeferenced_layer(plugin, worker,
     layer = QgsProject.instance().mapLayer(new_id)
     assert layer.name().startswith("Sketch search 1: rmnp")
     assert layer.crs().authid() == "EPSG:3857"
-    assert [f.name() for f in layer.fields()] == ["rank", "score", "shortlist_score", "raster", "window", "scale", "query_ms"]
+    assert [f.name() for f in layer.fields()] == ["rank", "score", "shortlist_score", "raster", "window", "scale",
+                                                  "angle", "query_ms"]
     assert sorted(f["rank"] for f in layer.getFeatures()) == [1, 2, 3]
     assert layer.extent().intersects(qgis_iface.mapCanvas().mapSettings().layerExtentToOutputExtent(rmnp_layer, rmnp_layer.extent()))
     assert dock.results_list.count() == 3
@@ -139,7 +123,7 @@ def test_a_worker_that_is_down_gives_a_message_and_the_ui_stays_live(plugin, qgi
     timer.stop()
     assert len(ticks) > 10, "the event loop kept running while the worker was silent"
     assert "Is the worker running" in qgis_iface.messageBar().get_messages(Qgis.Warning)[0]
-    assert dock.status_label.text() == "not answering"
+    assert dock.worker_panel.status_label.text() == "not answering"
 
 
 def test_processing_algorithms_run(plugin, worker, raster_root, tmp_path):
@@ -164,6 +148,7 @@ def test_processing_algorithms_run(plugin, worker, raster_root, tmp_path):
 def test_connecting_to_a_curve_protected_worker_needs_the_keys(plugin, raster_root, tmp_path, qgis_iface):
     from conftest import WORKER_PYTHON
     from lab.worker_process import WorkerProcess, make_curve_keys
+    from sketch_search.settings import Setting
 
     keys, good = make_curve_keys(tmp_path)
     index_root = tmp_path / "indexes"
@@ -171,69 +156,68 @@ def test_connecting_to_a_curve_protected_worker_needs_the_keys(plugin, raster_ro
     proc = WorkerProcess(index_root, raster_root, extra=["--curve-keys", str(keys)], python=WORKER_PYTHON).start(curve=good)
     dock = plugin.dock
     try:
-        dock.server_key_edit.setText(str(keys / "server.key"))
-        dock.client_key_edit.setText(str(keys / "authorized_clients" / "client.key_secret"))
+        Setting.SERVER_KEY.set(str(keys / "server.key"))
+        Setting.CLIENT_KEY.set(str(keys / "authorized_clients" / "client.key_secret"))
         dock.connect_worker(proc.bind)
-        assert process_until(lambda: dock.status_label.text().startswith("connected"), 30), dock.status_label.text()
-        dock.server_key_edit.clear()
-        dock.client_key_edit.clear()
+        assert process_until(lambda: dock.worker_panel.status_label.text().startswith("connected"), 30), \
+            dock.worker_panel.status_label.text()
+        Setting.SERVER_KEY.reset()
+        Setting.CLIENT_KEY.reset()
         qgis_iface.messageBar().clear_messages()
         dock.controller.connect_timeout_s = 1.5
         dock.connect_worker(proc.bind)
-        assert process_until(lambda: dock.status_label.text() == "not answering", 20)
+        assert process_until(lambda: dock.worker_panel.status_label.text() == "not answering", 20)
     finally:
         dock.controller.connect_timeout_s = 10.0
-        dock.server_key_edit.clear()
-        dock.client_key_edit.clear()
+        Setting.SERVER_KEY.reset()
+        Setting.CLIENT_KEY.reset()
         proc.stop()
 
 
 def test_building_an_index_from_the_dock_shows_progress(plugin, worker, rmnp_layer, qgis_iface):
     dock = plugin.dock
     dock.connect_worker(worker.bind)
-    assert process_until(lambda: dock.status_label.text().startswith("connected"), 30)
-    dock.refresh_raster_layers()
-    assert dock.checked_rasters() == [rmnp_layer.source()]
-    dock.new_index_edit.setText("from-dock")
+    assert process_until(lambda: dock.worker_panel.status_label.text().startswith("connected"), 30)
+    panel = dock.index_panel
+    panel.refresh_raster_layers()
+    assert panel.checked_rasters() == [rmnp_layer.source()]
+    panel.table.clearSelection()
+    panel.name_edit.setText("from-dock")
     qgis_iface.messageBar().clear_messages()
     seen = []
-    dock.progress.valueChanged.connect(seen.append)
-    dock.build_button.click()
+    panel.progress.valueChanged.connect(seen.append)
+    panel.build_button.click()
     assert process_until(lambda: any("Indexing done" in m for m in qgis_iface.messageBar().get_messages(Qgis.Success)), 120)
-    assert dock.progress.value() == dock.progress.maximum() and seen, "progress came from the worker's events"
-    assert not dock.cancel_button.isEnabled()
+    assert panel.progress.value() == panel.progress.maximum() and seen, "progress came from the worker's events"
+    assert not panel.cancel_button.isEnabled()
     assert process_until(lambda: dock.index_combo.findText("from-dock") >= 0, 10)
 
 
-def test_endpoint_and_key_paths_survive_a_plugin_reload(plugin, tmp_path):
-    import qgis.utils
-    from qgis.core import QgsSettings
+def test_every_control_explains_itself_and_the_dock_says_how_to_sketch(plugin):
+    from qgis.gui import QgsFileWidget
+    from qgis.PyQt.QtWidgets import (QAbstractButton, QAbstractItemView, QAbstractSpinBox, QComboBox, QLineEdit,
+                                     QPlainTextEdit, QWidget)
 
-    from lab.worker_process import free_port, make_curve_keys
+    from sketch_search.help_panel import README_SECTION
 
-    keys, _ = make_curve_keys(tmp_path)
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-    server, client = str(keys / "server.key"), str(keys / "authorized_clients" / "client.key_secret")
+    controls = (QAbstractButton, QLineEdit, QAbstractSpinBox, QComboBox, QAbstractItemView, QPlainTextEdit, QgsFileWidget)
+    compound = (QAbstractSpinBox, QComboBox, QAbstractItemView, QgsFileWidget)  # their inner parts are theirs
+
+    def inner(widget) -> bool:
+        parent = widget.parentWidget()
+        while parent is not None:
+            if isinstance(parent, compound):
+                return True
+            parent = parent.parentWidget()
+        return False
+
     dock = plugin.dock
-    dock.server_key_edit.setText(server)
-    dock.client_key_edit.setText(client)
-    dock.connect_worker(endpoint)  # nothing answers there: remembering does not wait for an answer
-    try:
-        assert qgis.utils.reloadPlugin("sketch_search")
-        reloaded = qgis.utils.plugins["sketch_search"]
-        assert reloaded is not plugin
-        dock = reloaded.dock
-        assert (dock.endpoint_edit.text(), dock.server_key_edit.text(), dock.client_key_edit.text()) == \
-               (endpoint, server, client)
-        settings = QgsSettings()
-        settings.sync()
-        assert endpoint in open(settings.fileName()).read(), "written to the profile, for the next QGIS session"
-    finally:
-        from sketch_search.settings import Setting
-
-        for setting in (Setting.ENDPOINT, Setting.SERVER_KEY, Setting.CLIENT_KEY):
-            setting.reset()
-        dock = qgis.utils.plugins["sketch_search"].dock
-        dock.endpoint_edit.setText(Setting.ENDPOINT.get())
-        dock.server_key_edit.clear()
-        dock.client_key_edit.clear()
+    found = [w for root in (dock, dock.settings_dialog) for w in root.findChildren(QWidget)
+             if isinstance(w, controls) and not inner(w) and not w.objectName().startswith("qt_")
+             ]
+    assert len(found) > 30
+    silent = {f"{type(w).__name__} {w.objectName()} {getattr(w, 'text', lambda: '')()!r}" for w in found if not w.toolTip()}
+    assert not silent, f"controls without a tooltip: {silent}"
+    text = dock.how_to.text.text()
+    assert "main lines of the place as they lie in the frame" in text and "several strokes" in text
+    assert "turned" in text and f"README.md#{README_SECTION}" in text

@@ -1,0 +1,89 @@
+"""What the dock asks the controller for, as values: a worker to connect to, an index to build,
+a search. The dock fills them from its widgets; the controller turns them into requests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from .wire.sockets import CurveKeys
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How an index cuts its rasters (the worker's TileSettings, as the `index` op takes them)."""
+
+    tile: int
+    overlap: float
+    scales: tuple
+    bands: Optional[tuple] = None  # None: natural colour from the rasters' colour interpretation
+    min_valid: float = 0.5
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Tiling":
+        """From a `tiling` or `tiling_defaults` object of the worker's replies."""
+        return cls(tile=int(d["tile"]), overlap=float(d["overlap"]), scales=tuple(d["scales"]),
+                   bands=tuple(d["bands"]) if d.get("bands") else None, min_valid=float(d.get("min_valid", 0.5)))
+
+    def fields(self) -> dict:
+        """The `index` request's fields for these settings."""
+        return {"tile": self.tile, "overlap": self.overlap, "scales": list(self.scales),
+                "bands": list(self.bands) if self.bands else None, "min_valid": self.min_valid}
+
+
+@dataclass(frozen=True)
+class IndexBuild:
+    """An index to build, or to extend with more rasters (then with the tiling it was built with)."""
+
+    name: str
+    rasters: tuple
+    tiling: Optional[Tiling] = None  # None: the worker's defaults
+
+    def fields(self) -> dict:
+        return {"index": self.name, "rasters": list(self.rasters), **(self.tiling.fields() if self.tiling else {})}
+
+
+@dataclass(frozen=True)
+class Connection:
+    """A worker to connect to; both key files (paths) for a remote worker, neither for a local one."""
+
+    endpoint: str
+    server_key: str = ""  # the worker's public key (server.key)
+    client_key: str = ""  # this client's secret key (client.key_secret), authorised on the worker
+
+    def curve_keys(self) -> Optional[CurveKeys]:
+        """The CURVE keys, or None; ValueError or OSError says what is wrong with them."""
+        if not self.server_key and not self.client_key:
+            return None
+        if not (self.server_key and self.client_key):
+            raise ValueError("give both the server's public key and your client secret key, or neither")
+        return CurveKeys.from_files(self.server_key, self.client_key)
+
+
+@dataclass(frozen=True)
+class SearchQuery:
+    """One search as the user set it up: exactly one of a sketch image or strokes."""
+
+    index: str
+    top: int
+    crs: str  # of the hits (the project's)
+    sketch_png: Optional[bytes] = None
+    strokes: Optional[list] = None  # [[[x, y], ...], ...]
+    strokes_crs: Optional[str] = None  # a CRS, or "pixel" for the pad (y down)
+    strokes_frame: Optional[list] = None  # [x0, y0, x1, y1]: the pad the strokes were drawn in
+    bbox: Optional[list] = None  # the search area, in bbox_crs
+    bbox_crs: Optional[str] = None
+
+    def message(self) -> tuple:
+        """(payload frames, fields) of the search request."""
+        fields = {"index": self.index, "top": self.top, "crs": self.crs}
+        frames: tuple = ()
+        if self.sketch_png is not None:
+            frames, fields["sketch_frame"] = (self.sketch_png,), 1
+        else:
+            fields.update(strokes=self.strokes, strokes_crs=self.strokes_crs)
+            if self.strokes_frame is not None:
+                fields["strokes_frame"] = self.strokes_frame
+        if self.bbox is not None:
+            fields.update(bbox=self.bbox, bbox_crs=self.bbox_crs)
+        return frames, fields

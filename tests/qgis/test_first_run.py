@@ -1,0 +1,180 @@
+"""The plugin's first run as a new user meets it, in real QGIS with real worker processes: the
+Settings dialog, finding a worker, explaining what is needed, setting one up from a checkout,
+and a worker that stops at start."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from qgis.core import Qgis, QgsSettings
+from qgis.PyQt.QtWidgets import QDialogButtonBox
+
+from conftest import REPO, WORKER_PYTHON, process_until
+
+WORKER_START_S = 180  # a worker loads its model before it answers; two cores are shared with the tests
+
+
+def connected(dock) -> bool:
+    return dock.worker_panel.status_label.text().startswith("connected")
+
+
+def notice_text(dock) -> str:
+    panel = dock.worker_panel
+    return "" if panel.notice.isHidden() else panel.notice_text.text()
+
+
+def shown(widget) -> bool:
+    """Not hidden by the panel (the test's main window itself is never shown on screen)."""
+    return not widget.isHidden()
+
+
+def test_the_settings_dialog_saves_every_value_and_a_reload_restores_them(plugin, new_user_settings, tmp_path):
+    import qgis.utils
+
+    Setting = new_user_settings
+    values = {Setting.WORKER_PYTHON: str(tmp_path / "venv" / "bin" / "python"),
+              Setting.WORKER_DIR: str(tmp_path / "checkout"), Setting.INDEX_ROOT: str(tmp_path / "indexes"),
+              Setting.ENDPOINT: "tcp://127.0.0.1:47001", Setting.SERVER_KEY: str(tmp_path / "keys" / "server.key"),
+              Setting.CLIENT_KEY: str(tmp_path / "keys" / "client.key_secret")}
+    assert set(values) == set(Setting), "the test sets every setting there is"
+    plugin.dock.worker_panel.settings_button.click()
+    dialog = plugin.dock.settings_dialog
+    assert dialog.isVisible()
+    for setting, value in values.items():
+        assert dialog.form.value(setting) == "", "a new user has nothing saved"
+        dialog.form.set_value(setting, value)
+    dialog.buttons.button(QDialogButtonBox.Ok).click()
+    assert not dialog.isVisible()
+    assert plugin.dock.worker_panel.endpoint_edit.text() == values[Setting.ENDPOINT], "the dock shows what was saved"
+
+    assert qgis.utils.reloadPlugin("sketch_search")
+    reloaded = qgis.utils.plugins["sketch_search"]
+    assert reloaded is not plugin
+    reloaded.dock.open_settings()
+    form = reloaded.dock.settings_dialog.form
+    assert {setting.key: form.value(setting) for setting in values} == {s.key: v for s, v in values.items()}
+    reloaded.dock.settings_dialog.reject()
+    assert reloaded.dock.worker_panel.endpoint_edit.text() == values[Setting.ENDPOINT]
+    settings = QgsSettings()
+    settings.sync()
+    written = open(settings.fileName()).read()
+    assert all(value in written for value in values.values()), "in the profile, for the next QGIS session"
+
+    page = reloaded.options_factory.createWidget(None)  # the plugin's page in Settings > Options
+    assert page.form.value(Setting.INDEX_ROOT) == values[Setting.INDEX_ROOT]
+    page.form.set_value(Setting.ENDPOINT, "tcp://127.0.0.1:47002")
+    page.apply()
+    assert Setting.ENDPOINT.get() == "tcp://127.0.0.1:47002"
+    assert reloaded.dock.worker_panel.endpoint_edit.text() == "tcp://127.0.0.1:47002"
+    page.deleteLater()
+
+
+def test_without_a_worker_start_explains_what_is_needed_and_set_up_makes_one(
+        reloaded_plugin, new_user_settings, tmp_path, qgis_iface, monkeypatch):
+    """A checkout nobody has set up: no worker anywhere. Start explains, Set up worker… runs the
+    checkout's scripts/setup as a task and starts the worker it made."""
+    from lab.worker_process import free_port
+
+    Setting = new_user_settings
+    checkout = tmp_path / "sketch-search"
+    subprocess.run(["git", "clone", "--quiet", str(REPO), str(checkout)], check=True, timeout=120)
+    assert not (checkout / ".venv").exists()
+    monkeypatch.delenv("SKETCH_SEARCH_WORKER_PYTHON", raising=False)
+    monkeypatch.delenv("SKETCH_SEARCH_WORKER_DIR", raising=False)
+    Setting.WORKER_DIR.set(str(checkout))
+    Setting.INDEX_ROOT.set(str(tmp_path / "indexes"))
+    dock, panel = reloaded_plugin.dock, reloaded_plugin.dock.worker_panel
+    panel.endpoint_edit.setText(f"tcp://127.0.0.1:{free_port()}")
+    qgis_iface.messageBar().clear_messages()
+    panel.start_button.click()
+    assert process_until(lambda: "needs a worker" in notice_text(dock), 60), notice_text(dock)
+    text = notice_text(dock)
+    assert "Set up worker" in text and str(checkout) in text and "Change Worker Python" in text
+    assert text.count(". ") + text.endswith(".") == 2, "two sentences"
+    assert shown(panel.setup_button) and shown(panel.fix_button) and not shown(panel.use_button)
+    assert not qgis_iface.messageBar().get_messages(Qgis.Critical), "an explanation, not a raw error"
+    assert panel.status_label.text() == "disconnected"
+
+    try:
+        panel.setup_button.click()
+        assert process_until(lambda: panel.status_label.text() == "setting up the worker…", 10)
+        assert shown(panel.setup_progress) and shown(panel.log_view) and shown(panel.cancel_setup_button)
+        assert process_until(lambda: connected(dock), WORKER_START_S), (panel.status_label.text(), notice_text(dock),
+                                                                         panel.log_view.toPlainText())
+        log = panel.log_view.toPlainText()
+        assert "ready:" in log and panel.setup_progress.value() == 100, log
+        assert Setting.WORKER_PYTHON.get() == str(checkout / ".venv" / "bin" / "python")
+        assert Setting.WORKER_DIR.get() == str(checkout)
+        assert dock.controller.local_worker.command.worker_dir == str(checkout)
+        assert panel.notice.isHidden(), "connected: nothing left to explain"
+    finally:
+        dock.controller.stop_local_worker()
+
+
+def test_first_use_offers_the_worker_it_finds_and_a_configured_worker_connects(
+        reloaded_plugin, new_user_settings, tmp_path):
+    """The test run's SKETCH_SEARCH_WORKER_PYTHON is a usable worker nobody saved yet: the dock
+    offers it on first use; once used it is the configured worker, and Start uses it directly."""
+    from lab.worker_process import free_port
+
+    Setting = new_user_settings
+    Setting.INDEX_ROOT.set(str(tmp_path / "indexes"))
+    dock, panel = reloaded_plugin.dock, reloaded_plugin.dock.worker_panel
+    reloaded_plugin.action.setChecked(True)  # opening the dock the first time, it looks for a worker by itself
+    assert process_until(lambda: "Found a usable worker" in notice_text(dock), 120), notice_text(dock)
+    assert WORKER_PYTHON in notice_text(dock) and "SKETCH_SEARCH_WORKER_PYTHON" in notice_text(dock)
+    assert shown(panel.use_button)
+    panel.endpoint_edit.setText(f"tcp://127.0.0.1:{free_port()}")
+    try:
+        panel.use_button.click()
+        assert process_until(lambda: connected(dock), WORKER_START_S), (panel.status_label.text(), notice_text(dock))
+        assert Setting.WORKER_PYTHON.is_saved() and Setting.WORKER_PYTHON.get() == WORKER_PYTHON
+        dock.controller.stop_local_worker()
+        panel.endpoint_edit.setText(f"tcp://127.0.0.1:{free_port()}")
+        panel.start_button.click()  # configured now: started at once, nothing asked
+        assert process_until(lambda: connected(dock), WORKER_START_S), (panel.status_label.text(), notice_text(dock))
+        assert dock.controller.local_worker.command.python == WORKER_PYTHON
+    finally:
+        dock.controller.stop_local_worker()
+
+
+def test_a_worker_that_stops_at_start_says_which_setting_to_change(plugin, new_user_settings, tmp_path, qgis_iface):
+    """QGIS's own Python has no torch (the issue's case): the dock shows the worker's last lines and
+    a button to the setting to change."""
+    from lab.worker_process import free_port
+
+    Setting = new_user_settings
+    Setting.WORKER_PYTHON.set("/usr/bin/python3")
+    Setting.WORKER_DIR.set(str(REPO))
+    Setting.INDEX_ROOT.set(str(tmp_path / "indexes"))
+    dock, panel = plugin.dock, plugin.dock.worker_panel
+    panel.endpoint_edit.setText(f"tcp://127.0.0.1:{free_port()}")
+    qgis_iface.messageBar().clear_messages()
+    panel.start_button.click()
+    assert process_until(lambda: "stopped as it started" in notice_text(dock), 60), notice_text(dock)
+    text, lines = notice_text(dock), panel.log_view.toPlainText()
+    assert "ModuleNotFoundError" in lines and "Traceback" in lines, "the worker's last lines, as it wrote them"
+    assert "Worker Python" in text and Setting.WORKER_PYTHON.path in text
+    assert panel.status_label.text() == "local worker stopped"
+    assert any("Worker Python" in m for m in qgis_iface.messageBar().get_messages(Qgis.Critical))
+    assert shown(panel.fix_button) and shown(panel.setup_button)
+    panel.fix_button.click()
+    dialog = dock.settings_dialog
+    assert dialog.isVisible() and dialog.form.value(Setting.WORKER_PYTHON) == "/usr/bin/python3"
+    dialog.reject()
+
+    Setting.WORKER_PYTHON.set(str(tmp_path / "no-such-python"))
+    panel.start_button.click()
+    assert process_until(lambda: "could not be run" in notice_text(dock), 30), notice_text(dock)
+    assert "no-such-python" in panel.log_view.toPlainText() and "Worker Python" in notice_text(dock)
+
+
+@pytest.mark.parametrize("lines, key", [
+    (["ModuleNotFoundError: No module named 'worker'"], "worker_dir"),
+    (["zmq.error.ZMQError: Address already in use (addr='tcp://127.0.0.1:5555')"], "endpoint"),
+    (["ModuleNotFoundError: No module named 'torch'"], "python")])
+def test_the_setting_to_blame_follows_the_last_lines(plugin, lines, key):
+    from sketch_search.local_worker import setting_to_blame
+
+    assert setting_to_blame(lines).key == key

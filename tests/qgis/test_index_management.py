@@ -1,0 +1,115 @@
+"""Index management in the dock, against a real worker: the list, the tiles layer, building with
+tile settings of one's own (the manifest records them), deleting after confirming."""
+
+from __future__ import annotations
+
+import json
+
+from qgis.core import Qgis, QgsProject
+from qgis.PyQt.QtCore import QTimer
+from qgis.PyQt.QtWidgets import QApplication, QMessageBox
+
+from conftest import process_until
+
+
+def connect(dock, worker) -> None:
+    dock.connect_worker(worker.bind)
+    assert process_until(lambda: dock.worker_panel.status_label.text().startswith("connected"), 30)
+    assert process_until(lambda: dock.index_panel.table.rowCount() > 0, 10)
+
+
+def row_of(panel, name: str) -> int:
+    names = [panel.table.item(row, 0).text() for row in range(panel.table.rowCount())]
+    return names.index(name) if name in names else -1
+
+
+def cells(panel, name: str) -> list:
+    row = row_of(panel, name)
+    return [panel.table.item(row, column).text() for column in range(panel.table.columnCount())]
+
+
+def answer_the_next_question(button: int) -> None:
+    """Press `button` of the message box about to open (as a user would, a moment later)."""
+    def press() -> None:
+        box = QApplication.activeModalWidget()
+        if isinstance(box, QMessageBox):
+            box.button(button).click()
+        else:
+            QTimer.singleShot(50, press)
+    QTimer.singleShot(50, press)
+
+
+def test_the_list_shows_each_index_and_its_tiles_become_a_layer(plugin, worker):
+    dock = plugin.dock
+    panel = dock.index_panel
+    connect(dock, worker)
+    listed = dock.controller.index_named("rmnp")
+    name, tiles, rasters, searchable, job = cells(panel, "rmnp")
+    assert (name, tiles, rasters, searchable, job) == ("rmnp", str(listed["tile_count"]), "1", "yes", "—")
+    assert int(tiles) > 0
+    assert panel.table.item(row_of(panel, "rmnp"), 2).toolTip().endswith("rmnp-rgb.tif")
+    panel.table.selectRow(row_of(panel, "rmnp"))
+    assert panel.name_edit.text() == "rmnp", "a selected index is the one Build / extend extends"
+    assert (panel.tiling_form.tile_spin.value(), panel.tiling_form.scales_edit.text()) == (112, "1,2"), \
+        "with the tile settings it was built with"
+    panel.tiles_button.click()
+    [layer] = QgsProject.instance().mapLayersByName("Index tiles: rmnp")
+    try:
+        assert layer.isValid() and layer.featureCount() == listed["tile_count"]
+        assert layer.crs().authid() == "EPSG:4326"
+    finally:
+        QgsProject.instance().removeMapLayer(layer.id())
+
+
+def test_build_with_tile_settings_of_ones_own_then_delete_after_confirming(plugin, worker, rmnp_layer, qgis_iface):
+    dock = plugin.dock
+    panel, form = dock.index_panel, dock.index_panel.tiling_form
+    connect(dock, worker)
+    panel.table.clearSelection()
+    form.defaults_button.click()
+    defaults = (form.tile_spin.value(), form.overlap_spin.value(), form.scales_edit.text(), form.bands_edit.text())
+    assert defaults == (224, 0.25, "1,2,4", ""), "the worker's defaults are shown"
+    panel.refresh_raster_layers()
+    panel.name_edit.setText("custom")
+    form.tile_spin.setValue(160)
+    form.overlap_spin.setValue(0.1)
+    form.scales_edit.setText("2")
+    form.bands_edit.setText("1,2,3")
+    qgis_iface.messageBar().clear_messages()
+    panel.build_button.click()
+    assert process_until(lambda: any("Indexing done" in m for m in qgis_iface.messageBar().get_messages(Qgis.Success)),
+                         180), qgis_iface.messageBar().get_messages(Qgis.Warning)
+    manifest = json.loads((worker.index_root / "custom" / "manifest.json").read_text())
+    assert manifest["tiling"] == {"tile": 160, "overlap": 0.1, "scales": [2], "bands": [1, 2, 3], "min_valid": 0.5}
+    assert process_until(lambda: (dock.controller.index_named("custom") or {}).get("tiles_layer"), 10), \
+        "listed again once the job is done, with its tiles layer"
+    assert dock.index_combo.findText("custom") >= 0, "searchable, so offered for search"
+
+    panel.table.selectRow(row_of(panel, "custom"))
+    panel.tiles_button.click()
+    assert QgsProject.instance().mapLayersByName("Index tiles: custom")
+    answer_the_next_question(QMessageBox.Cancel)
+    panel.delete_button.click()
+    assert (worker.index_root / "custom" / "manifest.json").is_file(), "Cancel keeps the index"
+    answer_the_next_question(QMessageBox.Yes)
+    panel.delete_button.click()
+    assert process_until(lambda: row_of(panel, "custom") < 0, 30)
+    assert not (worker.index_root / "custom").exists()
+    assert not QgsProject.instance().mapLayersByName("Index tiles: custom"), "its tiles layer went with it"
+    assert dock.index_combo.findText("custom") < 0
+    assert any("deleted" in m for m in qgis_iface.messageBar().get_messages(Qgis.Success))
+
+
+def test_bad_tile_settings_say_which_field_to_correct(plugin, worker, rmnp_layer, qgis_iface):
+    dock = plugin.dock
+    panel = dock.index_panel
+    connect(dock, worker)
+    panel.table.clearSelection()
+    panel.name_edit.setText("never-built")
+    panel.tiling_form.scales_edit.setText("1, two")
+    qgis_iface.messageBar().clear_messages()
+    panel.build_button.click()
+    [message] = qgis_iface.messageBar().get_messages(Qgis.Warning)
+    assert "Scales" in message and "1,2,4" in message
+    panel.tiling_form.defaults_button.click()
+    assert not (worker.index_root / "never-built").exists()
