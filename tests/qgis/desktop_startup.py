@@ -1,8 +1,9 @@
 """Run inside the real QGIS desktop (qgis --code): use the plugin, draw, search, screenshot.
 
 Inputs come from environment variables set by test_desktop.py; the outcome is written as
-JSON to SKETCH_TEST_STATUS and the screenshot to SKETCH_TEST_SCREENSHOT. A timer walks the
-steps so QGIS's event loop keeps running, as it would for a user.
+JSON to SKETCH_TEST_STATUS, and two screenshots: the dock as a new user first opens it
+(SKETCH_TEST_FIRST_RUN) and the desktop after a search (SKETCH_TEST_SCREENSHOT). A timer walks
+the steps so QGIS's event loop keeps running, as it would for a user.
 """
 
 import json
@@ -36,22 +37,30 @@ def setup():
     layer = QgsRasterLayer(env["SKETCH_TEST_RASTER"], "rmnp-rgb")
     QgsProject.instance().addMapLayer(layer)
     iface.mapCanvas().setExtent(layer.extent())
-    plugin.action.setChecked(True)
-    plugin.dock.connect_worker(env["SKETCH_TEST_ENDPOINT"])
+    plugin.action.setChecked(True)  # the dock opened for the first time: it looks for a worker
     status["steps"].append("plugin loaded")
     return plugin.dock
 
 
-state = {"dock": None, "phase": "connect", "deadline": time.time() + 120}
+state = {"dock": None, "phase": "first run", "deadline": time.time() + 120}
 
 
 def tick():
     try:
         dock = state["dock"]
         if time.time() > state["deadline"]:
-            return finish(False, f"timed out in phase {state['phase']}: {dock.status_label.text() if dock else ''}")
+            return finish(False, f"timed out in phase {state['phase']}: {dock.worker_panel.status_label.text() if dock else ''}")
         if dock is None:
             state["dock"] = setup()
+        elif state["phase"] == "first run" and not dock.worker_panel.notice.isHidden():
+            state["phase"] = "first run shown"
+            state["render_at"] = time.time() + 2
+        elif state["phase"] == "first run shown" and time.time() > state["render_at"]:
+            status["first_run_notice"] = dock.worker_panel.notice_text.text()
+            iface.mainWindow().grab().save(env["SKETCH_TEST_FIRST_RUN"])
+            status["steps"].append("first run screenshot saved")
+            dock.connect_worker(env["SKETCH_TEST_ENDPOINT"])
+            state["phase"] = "connect"
         elif state["phase"] == "connect" and dock.index_combo.count() > 0:
             dock.index_combo.setCurrentText("rmnp")
             dock.draw_button.setChecked(True)
