@@ -15,6 +15,7 @@ import traceback
 import qgis.utils
 from qgis.core import QgsProject, QgsRasterLayer
 from qgis.PyQt.QtCore import QTimer
+from qgis.PyQt.QtWidgets import QApplication
 from qgis.utils import iface
 
 env = os.environ
@@ -30,6 +31,20 @@ def finish(ok: bool, error: str = "") -> None:
         json.dump(status, f)
     QgsProject.instance().clear()  # else a modal "save project?" blocks the exit
     iface.actionExit().trigger()
+
+
+def look_at_the_options_page() -> None:
+    """Settings > Options holds the plugin's page (QGIS builds every page when it opens)."""
+    from sketch_search.settings_dialog import SettingsPage
+
+    def inspect() -> None:
+        dialog = QApplication.activeModalWidget()
+        if dialog is None:
+            return QTimer.singleShot(200, inspect)
+        status["options_pages"] = len(dialog.findChildren(SettingsPage))
+        dialog.reject()
+    QTimer.singleShot(500, inspect)
+    iface.showOptionsDialog(iface.mainWindow())  # modal: returns when inspect() closed it
 
 
 def setup():
@@ -59,6 +74,7 @@ def tick():
             status["first_run_notice"] = dock.worker_panel.notice_text.text()
             iface.mainWindow().grab().save(env["SKETCH_TEST_FIRST_RUN"])
             status["steps"].append("first run screenshot saved")
+            look_at_the_options_page()
             dock.connect_worker(env["SKETCH_TEST_ENDPOINT"])
             state["phase"] = "connect"
         elif state["phase"] == "connect" and dock.index_combo.count() > 0:

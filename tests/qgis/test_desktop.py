@@ -54,6 +54,7 @@ def test_desktop_first_run_then_search_with_screenshots(tmp_path, worker, raster
     status = json.loads(status_file.read_text())
     assert status["ok"], status
     assert "needs a worker" in status["first_run_notice"] and "Set up worker" in status["first_run_notice"]
+    assert status["options_pages"] == 1, "the plugin's page is in Settings > Options"
     assert status["hits"] == 5 and status["layer"].startswith("Sketch search 1: rmnp")
     for png in (first_run, screenshot):
         image = Image.open(png)
