@@ -1,7 +1,7 @@
 """Retrieval quality as users meet it: sketches of places anywhere in real rasters, found or not.
 
 One index of four real rasters (three sensors; the Sentinel-2 scene is the training scene, the
-others are held out) is built by the product (`worker.index`), and each query is run through the
+others are held out) is built by the product (`worker.store`), and each query is run through the
 product's `worker.search.search`. A query is a frame placed as a user would (lab.placements:
 aligned with a tile, shifted, scaled 0.6-1.6x, turned up to 15 degrees, or all at once), drawn
 in a style from dense to abstract (lab.queries). A hit is correct when its footprint overlaps the
@@ -26,8 +26,9 @@ import numpy as np
 
 from lab.placements import PLACEMENTS, iou
 from lab.queries import BENCH_TILES, SCENES, TRAIN_SCENES, Query, make_queries, scene_rasters
-from worker.index import IndexWriter, TileIndex
+from worker.store import IndexWriter, TileIndex
 from worker.model.loading import load_model
+from worker.ranking import RankingConfig
 from worker.sketch import prepare_sketch
 from worker.tiling import plan_tiles
 
@@ -124,33 +125,22 @@ def cross_table(outcomes: list[Outcome], metric: str = "R@5") -> str:
     return "\n".join(lines)
 
 
-def product_method(index: TileIndex, model, **options):
+def product_method(ranking: RankingConfig):
+    """The product's search (worker.search) with these ranking settings."""
     from worker.search import search
 
-    def run(q: Query):
-        return search(index, model, prepare_sketch(q.image, model.img_size), top=10, **options).hits
-
-    return run
-
-
-def ranking_variant(**config):
-    """The product's search with other ranking settings (a copy of the model's config)."""
-    from dataclasses import replace
-
-    def make(index, model):
-        import copy
-
-        variant = copy.copy(model)
-        variant.config = replace(model.config, **config)
-        return product_method(index, variant)
+    def make(index: TileIndex, model):
+        return lambda q: search(index, model, prepare_sketch(q.image, model.img_size), ranking, top=10).hits
 
     return make
 
 
 METHODS = {
-    "default": lambda index, model: product_method(index, model),
-    "layout": ranking_variant(token_weight=0.0),
-    "tokens": ranking_variant(ranker="tokens"),
+    "default": product_method(RankingConfig()),
+    "no verify": product_method(RankingConfig(verify=0)),
+    "tokens 0.5": product_method(RankingConfig(token_weight=0.5)),
+    "one template": product_method(RankingConfig(sizes=(224,), angles=(0.0,))),
+    "paper (tokens)": product_method(RankingConfig(ranker="tokens")),
 }
 
 
@@ -158,7 +148,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 frames per placement and scene instead of 8")
     parser.add_argument("--per-placement", type=int, default=None)
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"any of: {', '.join(METHODS)}")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
     parser.add_argument("--json", type=Path, default=None, help="also write every query's outcome here")

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 from worker import edge_layout
 from worker.assets import load_asset_paths
-from worker.index import FORMAT_VERSION, RECORD_DTYPE, IndexWriter, TileIndex, write_json_atomic
+from worker.store import FORMAT_VERSION, RECORD_DTYPE, IndexWriter, TileIndex, write_json_atomic
 from worker.model.loading import load_model
 from lab.pseudo_sketch import pseudo_sketch
 from worker.search import search

@@ -1,79 +1,75 @@
-#!/usr/bin/env python3
-"""Check that the model computes on a GPU what it computes on the CPU.
+"""Check that the product computes on a GPU what it computes on the CPU, and how fast.
 
-The tiles of one real raster are encoded once per device (what an index stores), the codes are
-compared, and pseudo-sketches of places in it are ranked on each device by the worker's two
-stages (benchlib.product_scores, the code `search` runs) and their top 5 compared. Prints the
-encoding time per device. `--random-weights` where the converted backbone is not installed (the
-check is about the computation, not the quality).
-Run: scripts/lab check_gpu (on a GPU machine without the venv: PYTHONPATH=. python3 -m lab.check_gpu) --raster PATH [--random-weights] [--devices cpu,cuda]
+One real raster is indexed once per device by the product (worker.store), the stored arrays are
+compared, and pseudo-sketches of places anywhere in it (lab.placements) are searched on each
+device (worker.search); the top-5 placements are compared. Prints indexing and query times per
+device. `--random-weights` where the converted backbone is not installed (the check is about the
+computation, not the quality).
+Run: scripts/lab check_gpu --raster PATH [--random-weights] [--devices cpu,cuda]
+(on a GPU machine without the venv: PYTHONPATH=. python3 -m lab.check_gpu ...)
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from lab.benchlib import Gallery, GalleryCodes, encode_gallery, product_scores
-
-from worker.model.loading import load_model
+from lab.placements import random_frame
 from lab.pseudo_sketch import has_lines, pseudo_sketch
+from worker.model.loading import load_model
+from worker.search import search
 from worker.sketch import prepare_sketch
-from worker.tiling import TileReader, TileSettings, open_raster, plan_tiles
-
-
-def encode(model, gallery: Gallery) -> tuple[GalleryCodes, float]:
-    began = time.perf_counter()
-    codes = encode_gallery(model, gallery)
-    return codes, time.perf_counter() - began
+from worker.store import IndexWriter, TileIndex
+from worker.tiling import TileSettings, open_raster
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--raster", type=Path, required=True)
     parser.add_argument("--random-weights", action="store_true")
-    parser.add_argument("--places", type=int, default=12)
-    parser.add_argument("--devices", default="cpu,cuda", help="the reference, then the device checked")
+    parser.add_argument("--devices", default="cpu,cuda")
+    parser.add_argument("--queries", type=int, default=8)
     args = parser.parse_args()
-    devices = args.devices.split(",")
-    info = open_raster(args.raster, None)
-    tiles = plan_tiles(info, TileSettings(tile=112, scales=(1,)))
-    with TileReader(info, 224) as reader:
-        read = [reader.read(t) for t in tiles]
-    images, valid = np.stack([r[0] for r in read]), np.stack([r[1] for r in read])
-    gallery = Gallery(tiles, np.full(len(tiles), args.raster.name), images, valid)
-    models, codes = [], []
-    for device in devices:
-        torch.manual_seed(0)  # the same random weights (and untrained modules) on both devices
-        models.append(load_model(device=device, random_weights=args.random_weights))
-        c, seconds = encode(models[-1], gallery)
-        codes.append(c)
-        print(f"{device}: encoded {len(images)} tiles in {seconds:.1f} s")
-    a, b = codes
-    print(f"global tokens: min cosine {np.min(np.sum(a.global_tokens * b.global_tokens, 1)):.5f}; kept token "
-          f"positions equal at {np.mean(np.sort(a.positions, 1) == np.sort(b.positions, 1)):.3f}; layouts identical: "
-          f"{np.array_equal(a.coarse_layouts, b.coarse_layouts) and np.array_equal(a.fine, b.fine)}")
-    rows = [i for i in range(len(images)) if has_lines(images[i], valid[i])]
-    rows = rows[:: max(1, len(rows) // args.places)][:args.places]
-    sketches = [prepare_sketch(pseudo_sketch(images[i], "canny", valid=valid[i]), 224) for i in rows]
-    for ranker in ("layout", "tokens"):
-        same, found = 0, [0, 0]
-        for row, sketch in zip(rows, sketches):
-            tops = []
-            for k, (model, c) in enumerate(zip(models, codes)):
-                model.config = replace(model.config, ranker=ranker)
-                top = np.argsort(-product_scores(model, c, model.encode_sketch(sketch)), kind="stable")[:5]
-                tops.append(list(top))
-                found[k] += row in top
-            same += tops[0] == tops[1]
-        print(f"ranker {ranker}: same top 5 for {same} of {len(rows)} sketches; "
-              f"true place in the top 5: {devices[0]} {found[0]}, {devices[1]} {found[1]}")
+    settings = TileSettings(scales=(1, 2))
+    info = open_raster(args.raster.resolve(), None)
+    rng = np.random.default_rng(0)
+    sketches = []
+    while len(sketches) < args.queries:
+        frame = random_frame(info, settings, "free", rng)
+        image, valid = frame.read()
+        if has_lines(image, valid):
+            sketches.append(prepare_sketch(pseudo_sketch(image, "simple", valid=valid), 224))
+    work = Path(tempfile.mkdtemp(prefix="check-gpu-"))
+    indexes, tops = {}, {}
+    for device in args.devices.split(","):
+        torch.manual_seed(0)
+        model = load_model(device=device, random_weights=args.random_weights,
+                           sketch_modules="none" if args.random_weights else None)
+        began = time.perf_counter()
+        IndexWriter(work / device, model, settings).build([info.path])
+        seconds = time.perf_counter() - began
+        index = indexes[device] = TileIndex.open(work / device)
+        search(index, model, sketches[0])  # warm-up: level maps, scanner
+        began = time.perf_counter()
+        tops[device] = [[(round(h.placement.cx), round(h.placement.cy), round(h.placement.side), h.placement.angle)
+                         for h in search(index, model, s).hits[:5]] for s in sketches]
+        query_ms = (time.perf_counter() - began) / len(sketches) * 1e3
+        print(f"{device}: indexed {len(index)} tiles in {seconds:.1f} s ({len(index) / seconds:.1f} tiles/s); "
+              f"{query_ms:.0f} ms per query", flush=True)
+    names = list(indexes)
+    for other in names[1:]:
+        a, b = indexes[names[0]], indexes[other]
+        rel = np.abs(a.global_tokens.astype(np.float32) - b.global_tokens.astype(np.float32)).max()
+        cells = np.abs(a.cells_of(np.arange(len(a))).astype(int) - b.cells_of(np.arange(len(b))).astype(int)).max()
+        same = np.mean([x == y for x, y in zip(tops[names[0]], tops[other])])
+        print(f"{names[0]} vs {other}: records equal {np.array_equal(a.records, b.records)}; global tokens differ by "
+              f"at most {rel:.1e}; stored cells by at most {cells} (of 255); the same top 5 for {same:.2f} of queries")
     return 0
 
 

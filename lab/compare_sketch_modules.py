@@ -1,8 +1,6 @@
 #!/usr/bin/env python3
-"""Compare trained sketch-module files by what training changes: the token score alone, in the
-paper's two stages (global-token shortlist, cross-attention re-rank; `--ranker tokens`).
-
-Uses the quality benchmark's gallery and queries (benchlib). Prints recall@5, mAP and mean rank
+"""Compare trained sketch-module files by what training changes: the token score alone, ranking
+every gallery tile (lab.token_eval). Prints recall@5, mAP and mean rank
 on the training scene (where a file is chosen) and the held-out scenes, and held-out recall@5
 per style. Run: scripts/lab compare_sketch_modules A.safetensors [B.safetensors ...]
 """
@@ -10,13 +8,11 @@ per style. Run: scripts/lab compare_sketch_modules A.safetensors [B.safetensors 
 from __future__ import annotations
 
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from lab.benchlib import (TRAIN_SCENES, build_gallery, encode_gallery, make_queries, metrics,
-                      outline_queries, product_scores, rank_of)
+from lab.token_eval import TRAIN_SCENES, build_gallery, encode_gallery, make_queries, metrics, outline_queries, token_ranks
 
 from worker.model.loading import load_model
 
@@ -36,8 +32,7 @@ def main() -> int:
     print("|---" * (7 + len(styles)) + "|")
     for path in sys.argv[1:]:
         model = load_model(device="cpu", sketch_modules=path)
-        model.config = replace(model.config, ranker="tokens")
-        ranks = np.array([rank_of(product_scores(model, codes, model.encode_sketch(q.sketch)), q.target) for q in queries])
+        ranks = np.array(token_ranks(model, codes, queries))
         train, out = metrics(list(ranks[~held])), metrics(list(ranks[held]))
         per_style = [metrics([r for r, q, h in zip(ranks, queries, held) if h and q.style == s])["R@5"] for s in styles]
         print(f"| {path} | {train['R@5']:.3f} | {train['mAP']:.3f} | {train['mean rank']:.1f} | {out['R@5']:.3f} | "

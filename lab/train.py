@@ -31,20 +31,15 @@ from lab.training_pairs import PairSet
 
 def held_out_recall(model) -> dict:
     """Held-out ranks by the cross-attention token score alone (what training changes)."""
-    from lab.benchlib import TRAIN_SCENES, build_gallery, encode_gallery, make_queries, metrics, rank_of
+    from lab.token_eval import TRAIN_SCENES, build_gallery, encode_gallery, make_queries, metrics, token_ranks
 
     gallery = build_gallery()
     queries = [q for q in make_queries(gallery, 12, seed=1) if q.scene not in TRAIN_SCENES]
-    codes = encode_gallery(model, gallery)
-    ranks = []
-    for q in queries:
-        s = model.encode_sketch(q.sketch, tokens=True)
-        ranks.append(rank_of(model.token_scores(s, codes.tokens, codes.positions), q.target))
-    return metrics(ranks)
+    return metrics(token_ranks(model, encode_gallery(model, gallery), queries))
 
 
 def build_training_pairs(args) -> PairSet:
-    from lab.benchlib import SCENES, TRAIN_SCENES
+    from lab.queries import SCENES, TRAIN_SCENES
 
     from worker.assets import load_asset_paths
     from lab.pseudo_sketch import load_hand_strokes

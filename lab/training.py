@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from worker import edge_cells
 from worker.model.checkpoints import save_sketch_modules
 from worker.model.retrieval_model import RetrievalModel
 from lab.training_pairs import PairSet
@@ -63,11 +64,12 @@ def encode_pairs(model: RetrievalModel, pairs: PairSet, cache_sketch_tokens: boo
     """Tile tokens of every place, and the sketches' backbone tokens unless the tokenizer trains."""
     globals_, tokens, positions, layouts = [], [], [], []
     for i in tqdm(range(0, len(pairs.drawings), batch), desc="tile tokens", unit="batch"):
-        out = model.encode_drawings(pairs.drawings[i:i + batch])
+        drawings = pairs.drawings[i:i + batch]
+        out = model.tile_tokens(np.repeat(drawings[..., None], 3, axis=-1))
         globals_.append(torch.from_numpy(out.global_token.astype(np.float32)))
         tokens.append(torch.from_numpy(out.tokens.astype(np.float32)))
         positions.append(torch.from_numpy(out.positions.astype(np.int64)))
-        layouts.append(torch.from_numpy(out.layout.coarse.astype(np.float32)))
+        layouts.append(edge_cells.describe(torch.from_numpy(drawings), edge_cells.COARSE).cpu())
     images = torch.from_numpy(pairs.sketches)
     sketch_tokens = sketch_positions = None
     if cache_sketch_tokens:

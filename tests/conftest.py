@@ -29,7 +29,7 @@ def model():
 @pytest.fixture(scope="session")
 def s2_index(tmp_path_factory, assets, model) -> Path:
     """The Sentinel-2 scene (16-bit, 1933x1947, EPSG:32618) indexed at scales 1 and 2."""
-    from worker.index import IndexWriter
+    from worker.store import IndexWriter
     from worker.tiling import TileSettings
 
     out = tmp_path_factory.mktemp("s2") / "index"

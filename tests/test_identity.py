@@ -40,7 +40,10 @@ def test_the_default_model_loads_the_shipped_modules_on_weights_converted_now(fr
                                                                             monkeypatch):
     """What a fresh machine runs: weights converted here and now, the sketch modules shipped in
     the repository (trained elsewhere), loaded by default, and a search with every default."""
-    from worker.index import IndexWriter, TileIndex
+    from worker.store import IndexWriter, TileIndex
+    from lab.placements import iou
+    from worker.placement import Placement
+    from worker.ranking import RankingConfig
     from worker.search import search
     from worker.sketch import prepare_sketch
     from lab.pseudo_sketch import pseudo_sketch
@@ -56,8 +59,10 @@ def test_the_default_model_loads_the_shipped_modules_on_weights_converted_now(fr
     tile = index.tile(4)
     with TileReader(tile.raster, 224) as reader:
         sketch = prepare_sketch(pseudo_sketch(reader.read(tile)[0], "canny"), 224)
-    hits = search(index, model, sketch, top=5).hits
-    assert 4 in [h.row for h in hits]
+    tile_frame = Placement(tile.raster, tile.col_off + tile.width / 2, tile.row_off + tile.height / 2, tile.width)
+    for ranking in (RankingConfig(), RankingConfig(token_weight=0.5)):  # the modules take part in the second
+        hits = search(index, model, sketch, ranking, top=5).hits
+        assert any(iou(h.footprint_pixels(), tile_frame.pixel_polygon()) >= 0.5 for h in hits)
 
 
 def test_a_tensor_digest_ignores_the_container_and_sees_one_changed_value(tmp_path):

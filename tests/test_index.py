@@ -13,7 +13,7 @@ import pytest
 
 from conftest import REPO
 from worker.errors import IndexMismatchError, InputError
-from worker.index import IndexWriter, TileIndex
+from worker.store import IndexWriter, TileIndex
 from worker.tiling import TileSettings
 
 SMALL = ["--tile", "112", "--scales", "1", "--chunk-tiles", "4", "--batch-size", "4", "--quiet"]
@@ -29,7 +29,7 @@ def shard_arrays(index_dir: Path) -> dict[str, np.ndarray]:
     rows = np.arange(len(index))
     tokens, positions = index.tokens_of(rows)
     return {"records": index.records, "global": np.asarray(index.global_tokens), "tokens": tokens,
-            "positions": positions, "coarse": np.asarray(index.coarse_layouts), "fine": index.fine_layouts_of(rows)}
+            "positions": positions, "cells": index.cells_of(rows)}
 
 
 def test_killed_indexing_resumes_to_the_same_index(tmp_path, rmnp_copy):
@@ -57,7 +57,7 @@ def test_killed_indexing_resumes_to_the_same_index(tmp_path, rmnp_copy):
     assert np.allclose(a["global"].astype(np.float32), b["global"].astype(np.float32), atol=2e-3)
     assert np.allclose(a["tokens"].astype(np.float32), b["tokens"].astype(np.float32), atol=2e-3)
     assert np.array_equal(a["positions"], b["positions"])
-    assert np.array_equal(a["fine"], b["fine"]) and np.array_equal(a["coarse"], b["coarse"])
+    assert np.array_equal(a["cells"], b["cells"])
     assert not [p for p in (resumed / "shards").iterdir() if p.name.startswith(".tmp")]
 
 
@@ -110,7 +110,7 @@ def test_tiles_gpkg_lists_every_indexed_tile(tmp_path, model, rmnp_copy):
 
 
 def test_a_second_writer_is_refused_while_one_runs(tmp_path, model, rmnp_copy):
-    from worker.index import index_lock
+    from worker.store.format import index_lock
 
     out = tmp_path / "index"
     with index_lock(out):

@@ -1,4 +1,5 @@
-"""Search over real indexes: shortlist correctness, finding known places, bbox, de-duplication, CLI."""
+"""Search over real indexes: shortlist correctness, finding known places, bbox, de-duplication, CLI.
+(Sketches anywhere off the tile grid: tests/test_placement_search.py.)"""
 
 import json
 import subprocess
@@ -10,7 +11,9 @@ from PIL import Image
 
 from conftest import REPO
 from worker.geo import bbox_to_wgs84
-from worker.index import TileIndex
+from lab.placements import iou
+from worker.placement import Placement
+from worker.store import TileIndex
 from lab.pseudo_sketch import has_lines, load_hand_strokes, pseudo_sketch
 from worker.search import search, shortlist_topk
 from worker.sketch import prepare_sketch
@@ -31,8 +34,9 @@ def test_shortlist_over_100k_rows_equals_brute_force():
 def test_shortlist_respects_a_candidate_mask():
     rows = np.eye(8, dtype=np.float16)
     mask = np.array([False, True] * 4)
-    idx, _ = shortlist_topk(np.ones(8, np.float32), rows, 3, candidates=mask)
-    assert set(idx) <= {1, 3, 5, 7}
+    query = np.array([0, 1, 5, 4, 3, 2, 1, 0], np.float32)  # unmasked rows would rank 2, 3, 4 first
+    idx, scores = shortlist_topk(query, rows, 3, candidates=mask)
+    assert list(idx) == [3, 5, 1] and list(scores) == [4.0, 2.0, 1.0]
 
 
 def _tile_image(index, row):
@@ -48,43 +52,29 @@ def drawable_places(s2_index):
     return np.array([r for r in np.nonzero(index.records["scale"] == 1)[0] if has_lines(_tile_image(index, int(r)))])
 
 
-@pytest.mark.parametrize("style, at_least", [("canny", 10), ("sloppy", 7)])
-def test_sketches_of_known_places_come_back_in_the_top_5(s2_index, drawable_places, model, assets, style, at_least):
-    """12 random places (fixed seed) of the Sentinel-2 scene with something to draw, drawn as thinned Canny edges at a
-    finer scale than the index's tile drawings, or as traced lines with real hand wobble and a
-    person's errors (missing and extra lines, rotation, scale). Chance of the true tile in the
-    top 5 of ~190 is about 3% per query (0.3 of 12 expected); measured: 12 and 11 of 12."""
+def _tile_frame(index, row) -> Placement:
+    t = index.tile(row)
+    return Placement(t.raster, t.col_off + t.width / 2, t.row_off + t.height / 2, float(t.width))
+
+
+def _found(hits, frame: Placement, overlap: float = 0.5) -> bool:
+    return any(iou(h.footprint_pixels(), frame.pixel_polygon()) >= overlap for h in hits)
+
+
+@pytest.mark.parametrize("style, at_least", [("canny", 11), ("sloppy", 9)])
+def test_sketches_of_tile_windows_come_back_in_the_top_5(s2_index, drawable_places, model, assets, style, at_least):
+    """The easy case beside the hard one: 12 random scale-1 tiles (fixed seed) of the Sentinel-2
+    scene with something to draw, drawn as thinned Canny edges at a finer scale than the index's
+    tile drawings, or as traced lines with real hand wobble and a person's errors (missing and
+    extra lines, rotation, scale). Measured: 12 and 10 of 12 in the top 5 with IoU >= 0.5."""
     index = TileIndex.open(s2_index)
     strokes = load_hand_strokes(assets["lasa_dir"])
     rng = np.random.default_rng(0)
     found = 0
     for row in rng.choice(drawable_places, 12, replace=False):
         drawing = pseudo_sketch(_tile_image(index, int(row)), style, rng=rng, hand_strokes=strokes)
-        result = search(index, model, prepare_sketch(drawing, 224), top=5)
-        found += int(row) in [h.row for h in result.hits]
+        found += _found(search(index, model, prepare_sketch(drawing, 224), top=5).hits, _tile_frame(index, int(row)))
     assert found >= at_least, f"only {found} of 12 known places in the top 5"
-
-
-def test_the_papers_ranker_alone_finds_dense_drawings_and_layout_alone_needs_no_vit(s2_index, drawable_places, model):
-    """`--ranker tokens` (global-token shortlist, cross-attention re-rank) still finds Canny
-    drawings of known places well above chance; `--token-weight 0` ranks without the sketch's
-    ViT pass and finds them too. Measured: 8 and 12 of 12 (chance about 0.3 of 12)."""
-    from dataclasses import replace
-
-    index = TileIndex.open(s2_index)
-    rows = np.random.default_rng(0).choice(drawable_places, 12, replace=False)
-    sketches = [prepare_sketch(pseudo_sketch(_tile_image(index, int(r)), "canny"), 224) for r in rows]
-    original = model.config
-    try:
-        model.config = replace(original, ranker="tokens")
-        tokens_found = sum(int(r) in [h.row for h in search(index, model, s, top=5).hits] for r, s in zip(rows, sketches))
-        model.config = replace(original, token_weight=0.0)
-        assert model.encode_sketch(sketches[0]).tokens is None
-        layout_found = sum(int(r) in [h.row for h in search(index, model, s, top=5).hits] for r, s in zip(rows, sketches))
-    finally:
-        model.config = original
-    assert tokens_found >= 6, f"tokens ranker: only {tokens_found} of 12 known places in the top 5"
-    assert layout_found >= 10, f"layout alone: only {layout_found} of 12 known places in the top 5"
 
 
 def test_search_is_deterministic_and_deduplicates_places(s2_index, model):
@@ -92,9 +82,9 @@ def test_search_is_deterministic_and_deduplicates_places(s2_index, model):
     sketch = prepare_sketch(pseudo_sketch(_tile_image(index, 5), "canny"), 224)
     a = search(index, model, sketch, top=10)
     b = search(index, model, sketch, top=10)
-    assert [(h.row, h.score) for h in a.hits] == [(h.row, h.score) for h in b.hits]
-    assert [h.score for h in a.hits] == sorted((h.score for h in a.hits), reverse=True)
-    polys = [h.tile.footprint() for h in a.hits]
+    key = lambda h: (h.placement.cx, h.placement.cy, h.placement.side, h.placement.angle, h.score)
+    assert [key(h) for h in a.hits] == [key(h) for h in b.hits] and len(a.hits) == 10
+    polys = [h.footprint_pixels() for h in a.hits]
     for i in range(len(polys)):
         for j in range(i):
             overlap = polys[i].intersection(polys[j]).area / min(polys[i].area, polys[j].area)
@@ -110,11 +100,15 @@ def test_bbox_in_another_crs_limits_hits_to_the_area(s2_index, model, assets):
         crs = src.crs
     west_half = (left, bottom, (left + right) / 2, top)  # in the raster's UTM zone
     area = bbox_to_wgs84(west_half, crs)
-    sketch = prepare_sketch(pseudo_sketch(_tile_image(index, 0), "canny"), 224)
-    result = search(index, model, sketch, top=10, area_wgs84=area)
-    assert result.hits
-    for hit in result.hits:
-        assert hit.tile.footprint().bounds[0] < west_half[2]  # each hit touches the west half
+    east = Placement(index.rasters[0], cx=1700, cy=1000, side=224.0)  # a place in the east half
+    sketch = prepare_sketch(pseudo_sketch(east.read(224)[0], "canny"), 224)
+    anywhere = search(index, model, sketch, top=10).hits
+    assert iou(anywhere[0].footprint_pixels(), east.pixel_polygon()) >= 0.5  # found where it lies
+    west = search(index, model, sketch, top=10, area_wgs84=area).hits
+    assert len(west) == 10
+    for hit in west:
+        x_min = min(x for x, _ in hit.placement.ring())
+        assert x_min < west_half[2]  # each hit touches the west half
 
 
 def run_cli(*args):
@@ -133,7 +127,7 @@ def test_cli_search_writes_geojson_and_preview(tmp_path, s2_index, assets):
     features = collection["features"]
     assert [f["properties"]["rank"] for f in features] == [1, 2, 3, 4, 5]
     props = features[0]["properties"]
-    assert {"rank", "score", "shortlist_score", "raster", "window", "scale"} <= set(props)
+    assert {"rank", "score", "shortlist_score", "raster", "window", "scale", "center", "side", "angle"} <= set(props)
     assert collection["crs"]["properties"]["name"].endswith("32618")
     x = features[0]["geometry"]["coordinates"][0][0][0]
     assert x > 1000  # UTM metres, not degrees

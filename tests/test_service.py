@@ -25,7 +25,7 @@ from wire.client import WorkerClient
 from wire.errors import WorkerError, WorkerUnavailable
 from wire.protocol import decode_progress
 from wire.sockets import CurveKeys, subscribe_progress
-from worker.index import TileIndex
+from worker.store import TileIndex
 from lab.worker_process import REPO, WorkerProcess, free_port, make_curve_keys
 
 
@@ -331,7 +331,7 @@ def test_four_clients_search_while_an_index_job_runs(worker, rasters):
 
 
 def test_kill_9_mid_index_then_restart_resumes_to_the_same_index(tmp_path, rasters):
-    from worker.index import IndexWriter
+    from worker.store import IndexWriter
 
     root = tmp_path / "indexes"
     root.mkdir()

@@ -3,7 +3,9 @@
 import numpy as np
 from PIL import Image, ImageDraw
 
-from worker import edge_layout
+import torch
+
+from worker import edge_cells
 from lab.pseudo_sketch import draw_outlines, label_outlines, only_part, trace_polylines
 from worker.sketch import StrokeSketch, load_sketch, prepare_sketch
 
@@ -42,26 +44,34 @@ def test_pad_strokes_are_placed_in_the_pad_frame():
 def test_edge_layout_prefers_lines_at_the_same_place_and_direction():
     tiles = {"top horizontal": [[(0, 40), (224, 50)]], "bottom horizontal": [[(0, 180), (224, 190)]],
              "vertical": [[(110, 0), (115, 224)]], "top diagonal": [[(0, 0), (224, 100)]]}
-    drawings = np.stack([np.asarray(_drawing(lines)) for lines in tiles.values()])
-    stored = edge_layout.describe_drawings(drawings)
-    sketch = np.asarray(_drawing([[(10, 46), (120, 52), (214, 58)]]), np.float32) / 255  # a looser top line
-    coarse = np.asarray(stored.coarse, np.float32) @ edge_layout.unit(edge_layout.block_hog(sketch, edge_layout.COARSE))
-    fine = edge_layout.fine_similarity(edge_layout.block_hog(sketch, edge_layout.FINE), stored.fine)
+    drawings = torch.from_numpy(np.stack([np.asarray(_drawing(lines)) for lines in tiles.values()]))
+    sketch = torch.from_numpy(np.array(_drawing([[(10, 46), (120, 52), (214, 58)]])))[None]  # a looser top line
     names = list(tiles)
-    assert names[int(np.argmax(coarse))] == "top horizontal"
-    assert names[int(np.argmax(fine))] == "top horizontal"
+    for spec in (edge_cells.COARSE, edge_cells.FINE):
+        scores = edge_cells.describe(drawings, spec) @ edge_cells.describe(sketch, spec)[0]
+        assert names[int(scores.argmax())] == "top horizontal"
 
 
-def test_stored_fine_layouts_rank_like_unquantised_ones():
+def test_cells_give_scikit_image_hog_exactly_and_survive_storage():
+    """A window's HOG blocks summed from stored 8 px cells are scikit-image's `hog` of the same
+    drawing (cells 16/32 px, 2x2 blocks, L2-Hys), and the uint8 storage keeps their ranking."""
+    from skimage.feature import hog
+
     rng = np.random.default_rng(0)
     drawings = np.stack([np.asarray(_drawing([[tuple(rng.integers(0, 224, 2)) for _ in range(3)] for _ in range(4)]))
                          for _ in range(30)])
-    sketch = drawings[7].astype(np.float32) / 255
-    exact = np.stack([edge_layout.unit(edge_layout.block_hog(d, edge_layout.FINE)) for d in drawings])
-    query = edge_layout.block_hog(sketch, edge_layout.FINE)
-    stored = edge_layout.fine_similarity(query, edge_layout.describe_drawings(drawings).fine)
-    assert np.abs(stored - exact @ edge_layout.unit(query)).max() < 0.01
-    assert int(np.argmax(stored)) == 7
+    cells = edge_cells.cell_histograms(torch.from_numpy(drawings))
+    for spec in (edge_cells.COARSE, edge_cells.FINE):
+        ours = edge_cells.window_descriptor(edge_cells.block_map(cells, spec), spec).flatten(1).numpy()
+        reference = np.stack([hog(1 - d / 255.0, orientations=9, pixels_per_cell=(spec.cell, spec.cell),
+                                  cells_per_block=(2, 2), block_norm="L2-Hys") for d in drawings])
+        assert np.abs(ours - reference).max() < 1e-5
+    stored = edge_cells.dequantise(edge_cells.quantise(cells))
+    fine = lambda c: torch.nn.functional.normalize(
+        edge_cells.window_descriptor(edge_cells.block_map(c, edge_cells.FINE), edge_cells.FINE).flatten(1), dim=1)
+    exact, kept = fine(cells), fine(stored)
+    assert (exact @ exact[7] - kept @ exact[7]).abs().max() < 0.02
+    assert int((kept @ exact[7]).argmax()) == 7
 
 
 def test_a_one_pixel_diagonal_line_is_traced_as_one_long_stroke():

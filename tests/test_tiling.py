@@ -10,7 +10,7 @@ from rasterio.windows import bounds as window_bounds
 
 from conftest import write_raster
 from worker.errors import InputError
-from worker.index import tile_bounds_wgs84
+from worker.geo import bounds_wgs84
 from worker.line_drawing import TILE_EDGE_SIGMA, edge_map, tile_line_drawings
 from lab.pseudo_sketch import has_lines
 from worker.tiling import Tile, TileReader, TileSettings, find_rasters, open_raster, plan_tiles
@@ -27,7 +27,7 @@ def test_tiles_cover_the_raster_and_footprints_match_rasterio(assets):
             expected = window_bounds(tile.window, src.transform)
             assert np.allclose(tile.footprint().bounds, expected)
             lon_lat = transform_bounds(src.crs, "EPSG:4326", *expected, densify_pts=21)
-            assert np.allclose(tile_bounds_wgs84([tile])[0], lon_lat, atol=1e-6)
+            assert np.allclose(bounds_wgs84([tile])[0], lon_lat, atol=1e-6)
 
 
 def test_natural_colour_bands_come_from_colour_interpretation(assets):
@@ -65,7 +65,7 @@ def test_crs_without_epsg_code_is_indexable(assets):
     info = open_raster(assets["lsat7_10"], None)
     assert CRS.from_wkt(info.crs_wkt).to_epsg(confidence_threshold=100) is None  # "unnamed" projection
     tile = plan_tiles(info, TileSettings(scales=(1,)))[0]
-    assert np.isfinite(tile_bounds_wgs84([tile])).all()
+    assert np.isfinite(bounds_wgs84([tile])).all()
 
 
 def test_corrupt_raster_is_a_clear_error(tmp_path):

@@ -18,7 +18,8 @@ from shapely.geometry import Polygon
 from wire.protocol import DEFAULT_TOP, MAX_TOP
 from worker.errors import InputError
 from worker.geo import bbox_to_wgs84, parse_crs
-from worker.index import CHUNK_TILES, IndexProgress, IndexWriter, TileIndex, check_compatible
+from worker.ranking import RankingConfig
+from worker.store import CHUNK_TILES, IndexProgress, IndexWriter, TileIndex, check_compatible
 from worker.tiling import TileSettings, find_rasters
 
 if TYPE_CHECKING:
@@ -52,8 +53,6 @@ class ModelOptions:
     img_size: int | None = None
     device: str | None = None
     tile_view: str | None = None
-    ranker: str | None = None
-    token_weight: float | None = None
 
     def load(self) -> "RetrievalModel":
         from worker.model.loading import load_model
@@ -173,7 +172,10 @@ class SearchRequest:
     bbox: tuple[float, float, float, float] | None = None  # search area, in bbox_crs
     bbox_crs: str = WGS84
     crop_to_ink: bool = False  # crop a sketch image to its strokes first (the paper's object sketches)
+    ranker: str = RankingConfig.ranker  # "layout" (every placement) or "tokens" (the paper's two stages alone)
+    token_weight: float = RankingConfig.token_weight  # the aligned cross-attention score's share (worker.ranking)
     out_crs: CRS = field(init=False, repr=False, compare=False)
+    ranking: RankingConfig = field(init=False, repr=False, compare=False)
     area_wgs84: Polygon | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -186,6 +188,8 @@ class SearchRequest:
         if self.bbox is not None and len(self.bbox) != 4:
             raise InputError(f"bbox {list(self.bbox)}: expected MINX,MINY,MAXX,MAXY")
         object.__setattr__(self, "out_crs", parse_crs(self.crs))
+        object.__setattr__(self, "ranking", RankingConfig(ranker=self.ranker, token_weight=float(self.token_weight),
+                                                          shortlist=max(self.top, self.shortlist)))
         area = bbox_to_wgs84(tuple(float(v) for v in self.bbox), parse_crs(self.bbox_crs)) if self.bbox else None
         object.__setattr__(self, "area_wgs84", area)
 
@@ -205,13 +209,13 @@ class SearchOutcome:
 
 
 def run_search(request: SearchRequest, model: "RetrievalModel", index: TileIndex) -> SearchOutcome:
-    """Rank `index`'s tiles for the request's sketch; InputError for a sketch that cannot be used."""
+    """Find where the request's sketch lies in `index`; InputError for a sketch that cannot be used."""
     from worker.hits_output import hits_to_geojson
     from worker.search import search
     from worker.sketch import load_sketch
 
     sketch = load_sketch(request.sketch, model.img_size, crop_to_ink=request.crop_to_ink)
-    result = search(index, model, sketch, top=request.top, shortlist=max(request.top, request.shortlist),
-                    area_wgs84=request.area_wgs84, max_overlap=request.max_overlap)
+    result = search(index, model, sketch, request.ranking, top=request.top, area_wgs84=request.area_wgs84,
+                    max_overlap=request.max_overlap)
     timings = {k: round(v, 2) for k, v in result.timings_ms.items()}
     return SearchOutcome(hits_to_geojson(result.hits, request.out_crs, None), timings, result.hits, sketch)

@@ -15,6 +15,7 @@ from pathlib import Path
 from wire.protocol import DEFAULT_ENDPOINT
 from worker.app import IndexRequest, ModelOptions, SearchRequest
 from worker.errors import InputError
+from worker.ranking import RANKERS
 from worker.service.config import ServiceConfig
 from worker.tiling import TileSettings
 
@@ -56,18 +57,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--img-size", type=int, default=None, help="model input size in pixels (default: the model's)")
     g.add_argument("--tile-view", default=None, choices=["edges", "rgb"],
                    help="encode tiles as line drawings (default; bridges sketch and imagery) or as RGB")
-    g.add_argument("--ranker", default=None, choices=["layout", "tokens"],
-                   help="layout (default): edge-layout shortlist and re-rank blended with the token score; "
-                        "tokens: the paper's global-token shortlist and cross-attention re-rank alone")
-    g.add_argument("--token-weight", type=float, default=None,
-                   help="weight of the cross-attention token score in the layout ranker's re-rank")
     g.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"], help="default: auto")
 
 
 def model_options(args: argparse.Namespace) -> ModelOptions:
     return ModelOptions(timm_name=args.timm_name, weights=args.weights, random_weights=args.random_weights,
                         sketch_modules=args.sketch_modules, img_size=args.img_size, device=args.device,
-                        tile_view=args.tile_view, ranker=args.ranker, token_weight=args.token_weight)
+                        tile_view=args.tile_view)
 
 
 def cmd_index(args: argparse.Namespace) -> int:
@@ -95,12 +91,13 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from worker.app import check_index, open_index, run_search
-    from worker.index import write_json_atomic
+    from worker.store import write_json_atomic
 
     index = open_index(args.index)
     request = SearchRequest(args.sketch, top=args.top, shortlist=args.shortlist, max_overlap=args.max_overlap,
                             crs=args.crs, bbox=_floats(args.bbox, 4, "--bbox") if args.bbox else None,
-                            bbox_crs=args.bbox_crs, crop_to_ink=args.crop_to_ink)
+                            bbox_crs=args.bbox_crs, crop_to_ink=args.crop_to_ink, ranker=args.ranker,
+                            token_weight=args.token_weight)
     model = model_options(args).load()
     check_index(index, model)
     outcome = run_search(request, model, index)
@@ -170,6 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-overlap", type=float, default=SearchRequest.max_overlap,
                    help="hits overlapping a better one by more than this fraction of the smaller are dropped "
                         "(default %(default)s)")
+    p.add_argument("--ranker", default=SearchRequest.ranker, choices=list(RANKERS),
+                   help="layout (default): the sketch's edge layout at every placement (offset, size, turn), "
+                        "verified on the placed windows; tokens: the paper's global-token shortlist over tiles and "
+                        "cross-attention re-rank alone")
+    p.add_argument("--token-weight", type=float, default=SearchRequest.token_weight,
+                   help="share of the aligned cross-attention token score in the layout ranker (default "
+                        "%(default)s: off; one ViT pass per query when on)")
     p.add_argument("--out", type=Path, required=True, help="GeoJSON FeatureCollection to write")
     p.add_argument("--preview", type=Path, default=None, help="contact sheet PNG of the sketch and hits")
     add_model_args(p)

@@ -12,7 +12,6 @@ from rasterio.warp import transform as warp_transform
 from shapely.geometry import Polygon, box
 
 from worker.errors import InputError
-from worker.tiling import Tile
 
 
 def parse_crs(text: str) -> CRS:
@@ -22,8 +21,9 @@ def parse_crs(text: str) -> CRS:
         raise InputError(f"unknown CRS {text!r} ({exc})") from exc
 
 
-def reproject_rings(tiles: list[Tile], dst: CRS) -> list[Polygon]:
-    """Each tile's densified footprint in `dst`, one warp call per source raster."""
+def reproject_rings(tiles: list, dst: CRS) -> list[Polygon]:
+    """Each footprint's densified ring in `dst` (tiles, placements: anything with `raster` and
+    `ring()`), one warp call per source raster."""
     out: list[Polygon | None] = [None] * len(tiles)
     groups: dict[str, list[int]] = defaultdict(list)
     for i, t in enumerate(tiles):
@@ -39,6 +39,13 @@ def reproject_rings(tiles: list[Tile], dst: CRS) -> list[Polygon]:
         for j, i in enumerate(idx):
             out[i] = Polygon(np.column_stack([xs[j], ys[j]]))
     return out  # type: ignore[return-value]
+
+
+def bounds_wgs84(items: list) -> np.ndarray:
+    """(n, 4) lon/lat bounds of each footprint (see reproject_rings)."""
+    if not items:
+        return np.zeros((0, 4))
+    return np.array([p.bounds for p in reproject_rings(items, CRS.from_epsg(4326))])
 
 
 def bbox_to_wgs84(bbox: tuple[float, float, float, float], crs: CRS) -> Polygon:

@@ -9,19 +9,26 @@ from shapely.geometry import mapping
 
 from worker.geo import reproject_rings
 from worker.search import Hit
-from worker.tiling import TileReader
+
+
+def hit_properties(hit: Hit) -> dict:
+    """What a user sees of a hit: rank and scores, the raster, where in it (the pixel window
+    around the matched square, its centre, side and turn) and the index's scale there."""
+    p = hit.placement
+    props = {"rank": hit.rank, "score": round(hit.score, 6), "shortlist_score": round(hit.coarse_score, 6),
+             "fine_score": round(hit.fine_score, 6),
+             "token_score": None if hit.token_score is None else round(hit.token_score, 6),
+             "raster": p.raster.path, "window": list(p.window()), "center": [round(p.cx, 2), round(p.cy, 2)],
+             "side": round(p.side, 2), "angle": round(p.angle, 2), "scale": hit.scale}
+    return props
 
 
 def hits_to_geojson(hits: list[Hit], crs: CRS, extra: dict | None = None) -> dict:
-    """One polygon feature per hit, best first, with the properties the CLI documents.
+    """One polygon feature per hit, best first: the (turned) square the sketch matched.
     A non-WGS84 output CRS is named in a `crs` member (which QGIS and GDAL read)."""
-    polygons = reproject_rings([h.tile for h in hits], crs)
-    features = []
-    for hit, poly in zip(hits, polygons):
-        t = hit.tile
-        features.append({"type": "Feature", "geometry": mapping(poly), "properties": {
-            "rank": hit.rank, "score": round(hit.score, 6), "shortlist_score": round(hit.shortlist_score, 6),
-            "raster": t.raster.path, "window": [t.col_off, t.row_off, t.width, t.height], "scale": t.scale}})
+    polygons = reproject_rings([h.placement for h in hits], crs)
+    features = [{"type": "Feature", "geometry": mapping(poly), "properties": hit_properties(hit)}
+                for hit, poly in zip(hits, polygons)]
     out = {"type": "FeatureCollection", "features": features}
     epsg = crs.to_epsg()
     if epsg != 4326:
@@ -32,15 +39,15 @@ def hits_to_geojson(hits: list[Hit], crs: CRS, extra: dict | None = None) -> dic
 
 
 def hit_thumbnail(hit: Hit, size: int) -> Image.Image:
-    with TileReader(hit.tile.raster, size) as reader:
-        image, _ = reader.read(hit.tile)
+    """The matched square as the sketch's frame sees it (turned back by the hit's angle)."""
+    image, _ = hit.placement.read(size)
     return Image.fromarray(image)
 
 
 def contact_sheet(sketch: np.ndarray, hits: list[Hit], cell: int = 160, columns: int = 6) -> Image.Image:
     """The sketch first, then each hit's pixels labelled with rank and score."""
     items = [(Image.fromarray((sketch.transpose(1, 2, 0) * 255).astype(np.uint8)), "sketch")]
-    items += [(hit_thumbnail(h, cell), f"#{h.rank} {h.score:.3f} s{h.tile.scale}") for h in hits]
+    items += [(hit_thumbnail(h, cell), f"#{h.rank} {h.score:.2f} s{h.scale} {h.placement.angle:+.0f}°") for h in hits]
     rows = (len(items) + columns - 1) // columns
     sheet = Image.new("RGB", (columns * cell, rows * (cell + 16)), "white")
     draw = ImageDraw.Draw(sheet)

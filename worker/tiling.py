@@ -238,7 +238,7 @@ def plan_tiles(raster: RasterInfo, settings: TileSettings) -> list[Tile]:
     return tiles
 
 
-def _to_uint8(data: np.ma.MaskedArray, stretch: tuple[tuple[float, float], ...] | None) -> np.ndarray:
+def stretch_to_uint8(data: np.ma.MaskedArray, stretch: tuple[tuple[float, float], ...] | None) -> np.ndarray:
     arr = data.filled(0).astype(np.float32)
     if stretch is None:
         return np.clip(arr, 0, 255).astype(np.uint8)
@@ -278,7 +278,7 @@ class TileReader:
             raise InputError(f"{self.raster.path}: cannot read window {tile.window} ({exc})") from exc
         valid = ~np.ma.getmaskarray(data).any(axis=0)
         valid &= np.isfinite(data.filled(0)).all(axis=0)
-        image = _to_uint8(data, self.raster.stretch).transpose(1, 2, 0)
+        image = stretch_to_uint8(data, self.raster.stretch).transpose(1, 2, 0)
         return fill_from_nearest_valid(image, valid), valid
 
 

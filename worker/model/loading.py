@@ -17,7 +17,7 @@ DEFAULT_TIMM = "vit_small_patch14_dinov2"
 
 def load_model(timm_name: str = DEFAULT_TIMM, weights: Path | None = None, random_weights: bool = False,
                sketch_modules: Path | str | None = None, img_size: int = 224, device: str = "auto",
-               tile_view: str = "edges", ranker: str = "layout", token_weight: float | None = None) -> RetrievalModel:
+               tile_view: str = "edges") -> RetrievalModel:
     """Default: the converted offline DINOv2 plus the shipped trained sketch modules.
 
     `sketch_modules`: None takes the shipped modules when the backbone is the default one (the
@@ -42,6 +42,5 @@ def load_model(timm_name: str = DEFAULT_TIMM, weights: Path | None = None, rando
     elif str(sketch_modules) != "none":
         modules = checkpoints.load_sketch_modules(Path(sketch_modules), backbone_id)
     spec = BackboneSpec(timm_name=timm_name, identity=backbone_id, img_size=img_size)
-    config = ModelConfig(backbone=spec, tile_view=tile_view, ranker=ranker,
-                         token_weight=ModelConfig.token_weight if token_weight is None else token_weight)
-    return RetrievalModel(config, device=device, backbone_state=state, sketch_modules=modules)
+    return RetrievalModel(ModelConfig(backbone=spec, tile_view=tile_view), device=device, backbone_state=state,
+                          sketch_modules=modules)

@@ -1,4 +1,8 @@
-"""The retrieval model: tile encoder (index side) and sketch encoder + scorer (query side)."""
+"""The network: ViT tokens of tiles (index side), of sketches, and their cross-attention score.
+
+Line drawings and edge cells are not the network's business (worker.line_drawing,
+worker.edge_cells, worker.tile_features); ranking settings are the search's (worker.search).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worker import edge_layout, line_drawing
+from worker import edge_cells, line_drawing
 from worker.errors import InputError
 from worker.model.adapter import SketchAdapter
 from worker.model.backbone import BackboneSpec, build_backbone
@@ -22,51 +26,34 @@ from worker.model.tokenizer import MultiLevelTokenizer
 from worker.model.vit_tokens import forward_tokens
 
 
-RANKERS = ("layout", "tokens")
-
-
 @dataclass(frozen=True)
 class ModelConfig:
-    """Everything that decides what the model computes."""
+    """Everything that decides what the network computes."""
 
     backbone: BackboneSpec = field(default_factory=BackboneSpec)
     tile_tokens: int = 48  # patch tokens stored per tile, chosen by the last block's CLS attention
     tile_view: str = "edges"  # "edges": tiles are encoded as line drawings (see worker.line_drawing); "rgb"
     sketch_prune_layers: tuple[int, ...] = (3, 6, 9)  # attention-guided filtering of sketch tokens
     sketch_keep_rate: float = 0.7
-    # "layout": shortlist by the coarse edge layout, re-rank by the fine edge layout blended with
-    # token_weight x the cross-attention score, computed for the token_candidates best tiles by
-    # fine layout (each score standardised over the tiles it was computed for).
-    # "tokens": the paper's two stages alone: global-token shortlist, cross-attention re-rank.
-    # Both numbers were chosen on the training scene (scripts/lab sweep_token_weight, table in
-    # docs/benchmarks/token_weight.md): 64 candidates rank like 200; 0.2 is the smallest weight
-    # with the best recall@5 there (0.2, 0.3 and 0.5 tie; larger weights lose on held-out scenes,
-    # where the trained modules are weaker than on the scene they were trained on).
-    ranker: str = "layout"
-    token_weight: float = 0.2
-    token_candidates: int = 64
 
 
 @dataclass
 class TileTokens:
     """Per tile: global token (B, D), filtered patch tokens (B, K, D), all L2-normalised fp16,
-    the patch index of each kept token (B, K), and the edge layouts of the tile's line drawing."""
+    and the patch index of each kept token (B, K)."""
 
     global_token: np.ndarray
     tokens: np.ndarray
     positions: np.ndarray
-    layout: edge_layout.Layouts
 
 
 @dataclass
 class SketchTokens:
-    """What a query needs of a sketch; the token fields are None when the ranker does not use them."""
+    """A sketch's tokens after the trained sketch modules."""
 
-    layout_coarse: np.ndarray  # (COARSE.dim,) unit fp32
-    layout_fine: np.ndarray  # (FINE.dim,) fp32
-    global_token: torch.Tensor | None = None  # (D,) normalised fp32
-    tokens: torch.Tensor | None = None  # (M, D) normalised fp32
-    positions: torch.Tensor | None = None  # (M,) patch index of each token
+    global_token: torch.Tensor  # (D,) normalised fp32
+    tokens: torch.Tensor  # (M, D) normalised fp32
+    positions: torch.Tensor  # (M,) patch index of each token
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -93,8 +80,6 @@ class RetrievalModel(nn.Module):
             raise ValueError("a model needs to know which backbone weights it runs (BackboneSpec.identity)")
         if config.tile_view not in ("edges", "rgb"):
             raise InputError(f"tile view {config.tile_view!r} must be 'edges' or 'rgb'")
-        if config.ranker not in RANKERS:
-            raise InputError(f"ranker {config.ranker!r} must be one of {', '.join(RANKERS)}")
         self.config = config
         self.vit = build_backbone(config.backbone, backbone_state)
         dim = self.vit.embed_dim
@@ -127,7 +112,7 @@ class RetrievalModel(nn.Module):
         return _digest({"timm": b.timm_name, "img": b.img_size, "weights": b.identity.digest,
                         "mean": b.mean, "std": b.std, "tile_tokens": self.config.tile_tokens,
                         "tile_view": self.config.tile_view, "drawing": line_drawing.fingerprint(),
-                        "layout": edge_layout.fingerprint()})
+                        "cells": edge_cells.fingerprint()})
 
     def fingerprint(self) -> dict:
         """The model's identity as recorded in index manifests and `info` replies."""
@@ -162,34 +147,16 @@ class RetrievalModel(nn.Module):
             images = images.permute(0, 3, 1, 2).float() / 255.0
         return (images.to(self.device) - self._mean) / self._std
 
-    @property
-    def uses_tokens(self) -> bool:
-        """Whether queries need the sketch's ViT tokens (the expensive part of a query)."""
-        return self.config.ranker == "tokens" or self.config.token_weight != 0.0
-
     @torch.inference_mode()
-    def encode_tiles(self, tiles: np.ndarray, valid: np.ndarray | None = None) -> TileTokens:
-        """uint8 (B, S, S, 3) tiles (and their (B, S, S) valid-pixel masks, where some pixels are
-        nodata) -> global token, filtered patch tokens and edge layouts for the index."""
-        drawings = line_drawing.tile_line_drawings(tiles, valid)
-        return self._encode(drawings if self.config.tile_view == "edges" else tiles, drawings[..., 0])
-
-    @torch.inference_mode()
-    def encode_drawings(self, drawings: np.ndarray) -> TileTokens:
-        """Tiles already drawn as lines, uint8 (B, S, S) (what encode_tiles computes first):
-        training pairs carry these instead of the imagery."""
-        if self.config.tile_view != "edges":
-            raise InputError("encode_drawings needs the 'edges' tile view")
-        return self._encode(np.repeat(drawings[..., None], 3, axis=-1), drawings)
-
-    def _encode(self, images: np.ndarray, drawings: np.ndarray) -> TileTokens:
-        x = self.normalise(torch.from_numpy(np.ascontiguousarray(images)))
+    def tile_tokens(self, views: np.ndarray) -> TileTokens:
+        """What the index stores of tiles, from their views (B, S, S, 3) uint8: line drawings
+        for the "edges" tile view (worker.tile_features draws them), the imagery for "rgb"."""
+        x = self.normalise(torch.from_numpy(np.ascontiguousarray(views)))
         out = forward_tokens(self.vit, self.vit.patch_embed(x), final_keep=self.config.tile_tokens)
         return TileTokens(
             global_token=F.normalize(out.cls, dim=-1).half().cpu().numpy(),
             tokens=F.normalize(out.patches, dim=-1).half().cpu().numpy(),
             positions=out.positions.to(torch.int16).cpu().numpy(),
-            layout=edge_layout.describe_drawings(drawings),
         )
 
     def sketch_backbone(self, sketch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,16 +172,12 @@ class RetrievalModel(nn.Module):
         return adapted[:, 0], adapted[:, 1:]
 
     @torch.inference_mode()
-    def encode_sketch(self, sketch: torch.Tensor, tokens: bool | None = None) -> SketchTokens:
-        """A preprocessed sketch (3, S, S) in [0, 1] -> its edge layouts and (when the ranker
-        uses them, or `tokens` asks) its global token, filtered tokens and their positions."""
-        coarse, fine = edge_layout.describe(sketch[0].cpu().numpy())
-        out = SketchTokens(layout_coarse=coarse, layout_fine=fine)
-        if tokens or (tokens is None and self.uses_tokens):
-            vit_tokens, positions = self.sketch_backbone(self.normalise(sketch[None]))
-            g, t = self.adapt(vit_tokens)
-            out.global_token, out.tokens, out.positions = g[0].float(), t[0].float(), positions[0]
-        return out
+    def encode_sketch(self, sketch: torch.Tensor) -> SketchTokens:
+        """A preprocessed sketch (3, S, S) in [0, 1] -> its global token, filtered tokens and
+        their positions (the expensive part of a query on a CPU: one ViT pass)."""
+        vit_tokens, positions = self.sketch_backbone(self.normalise(sketch[None]))
+        g, t = self.adapt(vit_tokens)
+        return SketchTokens(global_token=g[0].float(), tokens=t[0].float(), positions=positions[0])
 
     @torch.inference_mode()
     def token_scores(self, sketch: SketchTokens, tile_tokens: np.ndarray, tile_positions: np.ndarray | None = None) -> np.ndarray:
@@ -223,3 +186,15 @@ class RetrievalModel(nn.Module):
         pos = None if tile_positions is None else torch.from_numpy(np.asarray(tile_positions, np.int64)).to(self.device)
         return self.scorer(sketch.tokens, tiles, sketch_pos=sketch.positions if pos is not None else None,
                            tile_pos=pos).cpu().numpy()
+
+    @torch.inference_mode()
+    def aligned_token_scores(self, sketch: SketchTokens, tile_tokens: np.ndarray, tile_positions: np.ndarray,
+                             sketch_rc: np.ndarray, sketch_in: np.ndarray, tile_in: np.ndarray) -> np.ndarray:
+        """The cross-attention score of the sketch with B tiles it was placed over (see
+        CrossAttentionScorer.aligned): (B,)."""
+        dev = self.device
+        tiles = torch.from_numpy(np.ascontiguousarray(tile_tokens)).to(dev).float()
+        tile_rc = self.scorer.grid_rc(torch.from_numpy(np.asarray(tile_positions, np.int64)).to(dev))
+        return self.scorer.aligned(sketch.tokens, torch.from_numpy(sketch_rc).to(dev).float(),
+                                   torch.from_numpy(sketch_in).to(dev), tiles, tile_rc,
+                                   torch.from_numpy(tile_in).to(dev)).cpu().numpy()

@@ -131,7 +131,8 @@ class Handlers:
             top=field(header, "top", int, None), shortlist=field(header, "shortlist", int, None),
             max_overlap=field(header, "max_overlap", (int, float), None), crs=field(header, "crs", str, None),
             bbox=field(header, "bbox", list, None, check=_four_numbers), bbox_crs=field(header, "bbox_crs", str, None),
-            crop_to_ink=field(header, "crop_to_ink", bool, None)))
+            crop_to_ink=field(header, "crop_to_ink", bool, None), ranker=field(header, "ranker", str, None),
+            token_weight=field(header, "token_weight", (int, float), None)))
         reply = run_search(request, self.model, index).to_json()
         reply["timings_ms"]["server_ms"] = round((time.perf_counter() - started) * 1e3, 2)
         return reply

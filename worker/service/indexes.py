@@ -9,10 +9,7 @@ from pathlib import Path
 
 from worker.app import check_index, open_index
 from worker.errors import IndexMismatchError
-from worker.index import TileIndex
-
-MANIFEST = "manifest.json"  # what marks a directory as an index; replaced atomically on every commit
-TILES_LAYER = "tiles.gpkg"  # the indexed tiles as polygons, for QGIS (worker.index writes it)
+from worker.store import MANIFEST, TILES_LAYER, TileIndex
 
 
 class OpenIndexes:

@@ -18,7 +18,7 @@ from wire import job_states as states
 from wire.protocol import new_id
 from worker.app import IndexRequest, build_index
 from worker.errors import InputError, error_object
-from worker.index import IndexProgress, write_json_atomic
+from worker.store import IndexProgress, write_json_atomic
 
 log = logging.getLogger(__name__)
 JOB_FILE = "job.json"

@@ -1,5 +1,6 @@
-"""Evaluation data shared by bench_quality.py and train.py: real rasters, tiles, pseudo-sketch
-queries whose true place is known, and retrieval metrics.
+"""What training the sketch modules changes, measured: the token score alone, ranking the tiles
+of real rasters for pseudo-sketches of tiles (lab/train.py, lab/compare_sketch_modules.py).
+The product's own quality, sketches anywhere in a raster, is lab/bench_quality.py's.
 
 Scenes: the Sentinel-2 scene is the training scene (train.py samples its windows); the other
 rasters (other sensors, resolutions and places) are held out, so their numbers are zero-shot.
@@ -7,27 +8,19 @@ rasters (other sensors, resolutions and places) are held out, so their numbers a
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 
+from lab.pseudo_sketch import draw_outlines, has_lines, label_outlines, load_hand_strokes, pseudo_sketch
+from lab.queries import SCENES, TRAIN_SCENES
 from worker.assets import load_asset_paths
 from worker.line_drawing import CONTRAST_FLOOR
-from lab.pseudo_sketch import draw_outlines, has_lines, label_outlines, load_hand_strokes, pseudo_sketch
 from worker.sketch import prepare_sketch
 from worker.tiling import Tile, TileReader, TileSettings, open_raster, plan_tiles
 
-# name -> (asset key, description); the first is the training scene
-SCENES = {
-    "s2": ("s2_rgb", "Sentinel-2 10 m, 16-bit, UTM 18N (training scene)"),
-    "lsat7": ("lsat7_rgb", "Landsat 7 28.5 m, float, CRS without EPSG code"),
-    "rmnp": ("rmnp_rgb", "Landsat (coarsened), 8-bit, EPSG:4326"),
-    "osbs": ("osbs_rgb", "NEON aerial 0.1 m, 8-bit, UTM 17N"),
-}
-TRAIN_SCENES = ("s2",)
 # hed: learned edges, a style train.py never sees; partial: a quarter of the place drawn
 STYLES = ("canny", "simple", "wobbly", "sloppy", "hed", "partial")
 OUTLINE_LABELS = {"lsat7": "lsat7_strata"}  # scenes with a land-cover label map on their grid
@@ -115,40 +108,31 @@ def outline_queries(gallery: Gallery, min_ink: float = 0.005) -> list[Query]:
 
 @dataclass
 class GalleryCodes:
-    """What an index stores of every gallery tile, as in-memory arrays (the shortlist rows under
-    TileIndex's names, so worker.search.shortlist_rows picks them the same way)."""
+    """The tokens an index stores of every gallery tile."""
 
     global_tokens: np.ndarray  # (N, D) fp32
-    coarse_layouts: np.ndarray
-    tokens: np.ndarray
-    positions: np.ndarray
-    fine: np.ndarray
+    tokens: np.ndarray  # (N, K, D) fp16
+    positions: np.ndarray  # (N, K) int16
 
 
 def encode_gallery(model, gallery: Gallery, batch: int = 16) -> GalleryCodes:
-    outs = [model.encode_tiles(gallery.images[i:i + batch], gallery.valid[i:i + batch])
+    from worker.line_drawing import tile_line_drawings
+
+    outs = [model.tile_tokens(tile_line_drawings(gallery.images[i:i + batch], gallery.valid[i:i + batch]))
             for i in range(0, len(gallery.images), batch)]
     cat = lambda get: np.concatenate([get(o) for o in outs])
-    return GalleryCodes(cat(lambda o: o.global_token).astype(np.float32), cat(lambda o: o.layout.coarse),
-                        cat(lambda o: o.tokens), cat(lambda o: o.positions), cat(lambda o: o.layout.fine))
+    return GalleryCodes(cat(lambda o: o.global_token).astype(np.float32), cat(lambda o: o.tokens),
+                        cat(lambda o: o.positions))
 
 
-SHORTLIST = 200  # the worker's default shortlist
-
-
-def product_scores(model, codes: GalleryCodes, sketch, spatial: bool = True) -> np.ndarray:
-    """Scores of every gallery tile for an encoded sketch, ranked by the worker's two stages
-    (worker.search) as `search` runs them on an index: tiles outside the shortlist rank after
-    it, by the scan. `spatial=False` drops the token score's spatial prior."""
-    from worker.search import candidate_scores, shortlist_rows, shortlist_topk
-
-    query, scanned = shortlist_rows(model, codes, sketch)
-    rows, _ = shortlist_topk(query, scanned, SHORTLIST)
-    final = np.asarray(scanned, np.float32) @ query
-    final[rows] = 1e3 + candidate_scores(
-        model, sketch, len(rows), lambda: codes.fine[rows],
-        lambda i: (codes.tokens[rows[i]], codes.positions[rows[i]] if spatial else None))
-    return final
+def token_ranks(model, codes: GalleryCodes, queries) -> list[int]:
+    """Rank of each query's own tile by the cross-attention token score alone (what training
+    of the sketch modules changes), over every gallery tile."""
+    ranks = []
+    for q in queries:
+        scores = model.token_scores(model.encode_sketch(q.sketch), codes.tokens, codes.positions)
+        ranks.append(rank_of(scores, q.target))
+    return ranks
 
 
 def metrics(ranks: list[int]) -> dict[str, float]:

@@ -1,0 +1,109 @@
+"""A sketch is found wherever it lies: off the tile grid, larger or smaller, turned; hits say
+where it matched. Real Sentinel-2 tiles (the session index of conftest)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lab.placements import iou, random_frame
+from lab.pseudo_sketch import has_lines, pseudo_sketch
+from worker import edge_cells
+from worker.level_maps import level_pixel
+from worker.placement import Placement
+from worker.ranking import RankingConfig
+from worker.search import search
+from worker.sketch import prepare_sketch
+from worker.store import TileIndex
+from worker.tiling import TileReader, TileSettings
+
+
+@pytest.fixture(scope="module")
+def index(s2_index):
+    return TileIndex.open(s2_index)
+
+
+def test_a_tiles_cells_are_its_levels_cells_where_it_is_most_central(index):
+    """Each tile stores its drawing's cells on a grid shared by its raster and scale; the level
+    map takes every cell from the tile it is most central in, so the middle of a tile is its own."""
+    from worker.tile_features import cells_on_grid
+
+    row = int(np.nonzero(index.records["scale"] == 1)[0][7])
+    rec = index.records[row]
+    level = index.maps[(int(rec["raster_id"]), 1)]
+    assert level.level_px == level_pixel(224, 1, 224) == 1.0
+    r0, c0 = int(rec["cell_row"]), int(rec["cell_col"])
+    own = index.cells_of(np.array([row]))[0]
+    centre = slice(8, 20)  # the middle 96 px of the tile's 224: nearer its centre than any neighbour's
+    assert np.array_equal(level.cells[r0 + 8:r0 + 20, c0 + 8:c0 + 20], own[centre, centre])
+    # the stored cells are the drawing's own, on the shared grid
+    tile = index.tile(row)
+    with TileReader(tile.raster, 224) as reader:
+        image, valid = reader.read(tile)
+    from worker.line_drawing import tile_line_drawings
+
+    drawing = tile_line_drawings(image[None], valid[None])[..., 0]
+    again, origin = cells_on_grid(drawing, [tile], 224, torch.device("cpu"))
+    assert np.array_equal(again[0], own) and tuple(origin[0]) == (r0, c0, rec["cell_rows"], rec["cell_cols"])
+
+
+def test_a_placement_reads_what_the_user_sees_in_a_turned_frame(index):
+    tile = index.tile(40)
+    with TileReader(tile.raster, 224) as reader:
+        expected, _ = reader.read(tile)
+    centre = (tile.col_off + tile.width / 2, tile.row_off + tile.height / 2)
+    straight, valid = Placement(tile.raster, *centre, tile.width).read(224)
+    assert np.array_equal(straight, expected) and valid.all()
+    turned, _ = Placement(tile.raster, *centre, tile.width, angle=90).read(224)
+    assert np.abs(turned.astype(int) - np.rot90(expected, -1).astype(int)).mean() < 1.0  # a frame turned left
+
+
+def _sketch_of(frame: Placement, style: str = "simple"):
+    image, valid = frame.read(224)
+    return prepare_sketch(pseudo_sketch(image, style, valid=valid), 224)
+
+
+def test_an_off_grid_larger_turned_sketch_is_found_where_it_lies(index, model):
+    """The issue's case: a window shifted by half a tile from the grid, 1.4x a tile's side,
+    turned by 10 degrees. Measured: rank 1, IoU 0.96 with the sketched window, at scale 2 turned
+    10 degrees (the tile ranker of index format 3 had no hit with IoU over 0.14 in its top 5)."""
+    raster = index.rasters[0]
+    frame = Placement(raster, cx=3.5 * 168 + 112 + 84, cy=5 * 168 + 112 + 84, side=1.4 * 224, angle=10.0)
+    hits = search(index, model, _sketch_of(frame), top=5).hits
+    overlaps = [iou(h.footprint_pixels(), frame.pixel_polygon()) for h in hits]
+    assert max(overlaps) >= 0.5, overlaps
+    best = hits[int(np.argmax(overlaps))]
+    assert abs(best.placement.angle - 10.0) <= 10.0 and best.scale == 2
+
+
+def test_sketches_anywhere_are_found_in_the_top_5(index, model):
+    """12 frames anywhere in the scene (random offset, 0.6-1.6x a tile, turned up to 15
+    degrees; fixed seed), drawn as traced lines. Measured: 9 of 12 in the top 5 with IoU >= 0.25
+    (8 at rank 1); the tile ranker of index format 3 found 4."""
+    rng = np.random.default_rng(3)
+    settings = TileSettings(scales=(1, 2))
+    found = tried = 0
+    while tried < 12:
+        frame = random_frame(index.rasters[0], settings, "free", rng)
+        image, valid = frame.read(224)
+        if not has_lines(image, valid):
+            continue
+        tried += 1
+        hits = search(index, model, _sketch_of(frame), top=5).hits
+        found += any(iou(h.footprint_pixels(), frame.pixel_polygon()) >= 0.25 for h in hits)
+    assert found >= 8, f"only {found} of 12"
+
+
+def test_the_papers_ranker_and_the_token_score_still_run(index, model):
+    """`--ranker tokens` (global-token shortlist over tiles, cross-attention re-rank) returns tile
+    windows; the layout ranker with a token weight scores its placements with the aligned
+    cross-attention."""
+    tile = index.tile(int(np.nonzero(index.records["scale"] == 1)[0][20]))
+    frame = Placement(tile.raster, tile.col_off + 112, tile.row_off + 112, 224.0)
+    sketch = _sketch_of(frame, "canny")
+    tiles = search(index, model, sketch, RankingConfig(ranker="tokens"), top=5).hits
+    assert len(tiles) == 5 and all(h.placement.angle == 0 and h.token_score is not None for h in tiles)
+    placed = search(index, model, sketch, RankingConfig(token_weight=0.5), top=5).hits
+    assert any(h.token_score is not None for h in placed)
+    assert iou(placed[0].footprint_pixels(), frame.pixel_polygon()) >= 0.5

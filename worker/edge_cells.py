@@ -1,0 +1,155 @@
+"""Oriented-edge cells of line drawings, and their HOG blocks at every placement.
+
+Which way the lines run, and where: a sketch of a place keeps the place's layout, so a sketch is
+compared with a tile's line drawing by histograms of oriented gradients (HOG). To find the place
+wherever the sketch lies, the comparison is made at every 8 px offset: every tile stores the
+gradient histograms of its drawing's 8 px cells (on a grid shared by all tiles of one raster and
+scale, so their cells join into one map per raster and scale, worker.level_maps), and the HOG
+blocks of any window are sums of those cells, normalised block by block (L2-Hys, as Dalal and
+Triggs, and scikit-image's `hog`). Two granularities, both from the same cells:
+  COARSE  32 px cells, blocks of 2x2 cells, at 16 px steps: scanned everywhere (the shortlist)
+  FINE    16 px cells, blocks of 2x2 cells, at 8 px steps: scores the shortlist's neighbourhoods
+A window's descriptor is its blocks on a grid of one cell, so scoring a template at every offset
+is a dilated convolution of the block map with the template (torch; on the GPU when there is one).
+Sizes are in pixels of the model's 224 px drawings ("level pixels").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+CELL = 8  # level pixels per stored cell
+ORIENTATIONS = 9  # unsigned, 20 degrees each
+CELL_QUANT = 255.0  # stored as uint8 of sqrt(value): fine steps where edges are faint
+L2HYS_CLIP = 0.2
+EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """HOG blocks of `block` x `block` cells of `cell` level pixels (a multiple of CELL)."""
+
+    cell: int
+    block: int = 2
+
+    @property
+    def span(self) -> int:
+        """Stored cells per HOG cell."""
+        return self.cell // CELL
+
+    @property
+    def dim(self) -> int:
+        return self.block * self.block * ORIENTATIONS
+
+    def blocks_per_side(self, side: int) -> int:
+        """HOG blocks along a window of `side` level pixels (a multiple of the cell)."""
+        return side // self.cell - self.block + 1
+
+
+COARSE = BlockSpec(cell=32)
+FINE = BlockSpec(cell=16)
+
+
+def ink(drawings: torch.Tensor) -> torch.Tensor:
+    """(B, S, S) drawings, dark lines on white (uint8, or float in [0, 1]) -> ink in [0, 1]."""
+    x = drawings.float()
+    if drawings.dtype == torch.uint8:
+        x = x / 255.0
+    return 1.0 - x
+
+
+def cell_histograms(drawings: torch.Tensor, phase: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """(B, S, S) drawings -> (B, R, C, ORIENTATIONS) float: per 8 px cell, the mean gradient
+    magnitude of the ink in each orientation (scikit-image's HOG cell stage: central differences,
+    unsigned orientation, one bin per pixel). Cells start at pixel `phase` (row, col), so that a
+    tile's cells fall on its raster's shared cell grid."""
+    x = ink(drawings)
+    g_row, g_col = torch.zeros_like(x), torch.zeros_like(x)
+    g_row[:, 1:-1] = x[:, 2:] - x[:, :-2]
+    g_col[:, :, 1:-1] = x[:, :, 2:] - x[:, :, :-2]
+    magnitude = torch.hypot(g_row, g_col)
+    angle = torch.rad2deg(torch.atan2(g_row, g_col)) % 180.0
+    bins = (angle / (180.0 / ORIENTATIONS)).long().clamp(0, ORIENTATIONS - 1)
+    r0, c0 = phase
+    rows, cols = (x.shape[1] - r0) // CELL, (x.shape[2] - c0) // CELL
+    magnitude = magnitude[:, r0:r0 + rows * CELL, c0:c0 + cols * CELL]
+    bins = bins[:, r0:r0 + rows * CELL, c0:c0 + cols * CELL]
+    per_bin = torch.zeros(*magnitude.shape, ORIENTATIONS, device=x.device)
+    per_bin.scatter_(-1, bins[..., None], magnitude[..., None])
+    pooled = F.avg_pool2d(per_bin.permute(0, 3, 1, 2), CELL)  # B, O, rows, cols
+    return pooled.permute(0, 2, 3, 1)
+
+
+def quantise(cells: torch.Tensor) -> np.ndarray:
+    """Cell histograms as stored: uint8 of sqrt(value) (values lie in [0, 1])."""
+    return (cells.clamp(0, 1).sqrt() * CELL_QUANT).round().to(torch.uint8).cpu().numpy()
+
+
+def dequantise(stored: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    q = torch.as_tensor(np.asarray(stored), device=device).float() / CELL_QUANT
+    return q * q
+
+
+def block_map(cells: torch.Tensor, spec: BlockSpec, step: int = 1) -> torch.Tensor:
+    """(R, C, O) cells (or a batch (B, R, C, O)) -> L2-Hys normalised blocks at every `step`-th
+    cell offset: (B, spec.dim, R', C'). `step` divides spec.span; a window's blocks then lie
+    spec.span // step apart in the map (the dilation of `cosine_map`)."""
+    if cells.dim() == 3:
+        cells = cells[None]
+    if spec.span % step:
+        raise ValueError(f"step {step} does not divide the {spec.span}-cell span of {spec}")
+    x = cells.permute(0, 3, 1, 2)  # B, O, R, C
+    k, gap = spec.span, spec.span // step
+    hog_cells = F.avg_pool2d(x, k, stride=step) if k > 1 else x  # HOG cells at every step
+    rows, cols = hog_cells.shape[2] - gap * (spec.block - 1), hog_cells.shape[3] - gap * (spec.block - 1)
+    if rows <= 0 or cols <= 0:
+        return x.new_zeros(x.shape[0], spec.dim, max(rows, 0), max(cols, 0))
+    parts = [hog_cells[:, :, i * gap:i * gap + rows, j * gap:j * gap + cols]
+             for i in range(spec.block) for j in range(spec.block)]
+    blocks = torch.cat(parts, 1)  # B, dim, rows, cols
+    blocks = blocks / torch.sqrt((blocks ** 2).sum(1, keepdim=True) + EPS ** 2)
+    blocks = blocks.clamp(max=L2HYS_CLIP)
+    return blocks / torch.sqrt((blocks ** 2).sum(1, keepdim=True) + EPS ** 2)
+
+
+def window_descriptor(blocks: torch.Tensor, spec: BlockSpec, row: int = 0, col: int = 0, side: int = 224,
+                      step: int = 1) -> torch.Tensor:
+    """The HOG descriptor of the window of `side` level px at map position (row, col) of a block
+    map (B, dim, R', C') made with `step`: (B, n, n, dim), blocks on a grid of one HOG cell."""
+    n = spec.blocks_per_side(side)
+    gap = spec.span // step
+    picked = blocks[:, :, row:row + (n - 1) * gap + 1:gap, col:col + (n - 1) * gap + 1:gap]
+    return picked.permute(0, 2, 3, 1)
+
+
+def describe(drawings: torch.Tensor, spec: BlockSpec) -> torch.Tensor:
+    """Whole-drawing HOG descriptors (B, n * n * dim), unit length (all-zero stays zero)."""
+    blocks = window_descriptor(block_map(cell_histograms(drawings), spec), spec, side=drawings.shape[-1])
+    return F.normalize(blocks.flatten(1), dim=1)
+
+
+def cosine_map(blocks: torch.Tensor, templates: torch.Tensor, spec: BlockSpec, step: int = 1,
+               inked_only: bool = False) -> torch.Tensor:
+    """Cosine of T templates (T, n, n, dim) with the window at every position of B block maps
+    (B, dim, R', C') made with `step`: (B, T, R'', C''). Blank windows score 0. `inked_only`
+    measures the window only where the template has lines (what is not drawn is not compared)."""
+    weight = templates.permute(0, 3, 1, 2).contiguous()  # T, dim, n, n
+    dilation = spec.span // step
+    dots = F.conv2d(blocks, weight, dilation=dilation)
+    sq = (blocks ** 2).sum(1, keepdim=True)
+    if inked_only:
+        where = (weight.norm(dim=1, keepdim=True) > 0).float()  # T, 1, n, n
+    else:
+        where = torch.ones(1, 1, weight.shape[2], weight.shape[3], device=blocks.device)
+    norms = F.conv2d(sq, where, dilation=dilation).clamp(min=0).sqrt()
+    t_norms = weight.flatten(1).norm(dim=1)[None, :, None, None]
+    return dots / (norms * t_norms + 1e-6)
+
+
+def fingerprint() -> dict:
+    """What decides the stored cells (part of an index's tile-encoder fingerprint)."""
+    return {"cell": CELL, "orientations": ORIENTATIONS, "quant": "sqrt-uint8", "gradient": "central"}

@@ -1,0 +1,91 @@
+"""Where a sketch lies in a raster: a square anywhere, of any size, turned (what a hit is).
+
+Given in the raster's pixel coordinates: centre, side and angle (degrees, counterclockwise as
+seen on a north-up map). Pixel (u, v) of the sketch's frame, measured from its centre (u right,
+v down, as the user drew it), lies at raster pixel
+    col = cx + u cos a + v sin a,   row = cy - u sin a + v cos a.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import rasterio
+import shapely
+from PIL import Image
+from rasterio.enums import Resampling
+from rasterio.windows import Window
+
+from worker.tiling import RasterInfo, stretch_to_uint8, fill_from_nearest_valid
+
+EDGE_POINTS = 4  # points per footprint edge, so reprojected footprints follow curved edges
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a sketch lies in a raster: a square of `side` raster pixels centred at (cx, cy),
+    turned by `angle` degrees counterclockwise as seen on a north-up map."""
+
+    raster: RasterInfo
+    cx: float
+    cy: float
+    side: float
+    angle: float = 0.0
+
+    def corners(self) -> np.ndarray:
+        """(4, 2) raster pixel (col, row) of the frame's corners: top-left, top-right, bottom-right, bottom-left."""
+        h = self.side / 2
+        a = math.radians(self.angle)
+        uv = np.array([[-h, -h], [h, -h], [h, h], [-h, h]])
+        cols = self.cx + uv[:, 0] * math.cos(a) + uv[:, 1] * math.sin(a)
+        rows = self.cy - uv[:, 0] * math.sin(a) + uv[:, 1] * math.cos(a)
+        return np.column_stack([cols, rows])
+
+    def pixel_polygon(self) -> shapely.Polygon:
+        return shapely.Polygon(self.corners())
+
+    def ring(self) -> np.ndarray:
+        """Footprint ring in the raster's CRS, densified (4 * EDGE_POINTS + 1, 2), closed."""
+        c = self.corners()
+        t = np.linspace(0.0, 1.0, EDGE_POINTS, endpoint=False)[:, None]
+        pts = np.concatenate([c[i] + (c[(i + 1) % 4] - c[i]) * t for i in range(4)] + [c[:1]])
+        xs, ys = self.raster.affine * (pts[:, 0], pts[:, 1])
+        return np.column_stack([xs, ys])
+
+    def window(self) -> tuple[int, int, int, int]:
+        """The pixel window (col_off, row_off, width, height) around the (turned) square."""
+        c = self.corners()
+        c0, r0 = np.floor(c.min(0)).astype(int)
+        c1, r1 = np.ceil(c.max(0)).astype(int)
+        return int(c0), int(r0), int(c1 - c0), int(r1 - r0)
+
+    def read(self, size: int = 224) -> tuple[np.ndarray, np.ndarray]:
+        """The frame's pixels as the user sees them, (size, size, 3) uint8 in natural colour,
+        and its valid-data mask (outside the raster counts as invalid)."""
+        corners = self.corners()
+        c0, r0 = np.floor(corners.min(0)).astype(int) - 1
+        c1, r1 = np.ceil(corners.max(0)).astype(int) + 1
+        # read the bounding box at about the frame's output resolution
+        factor = max(1.0, self.side / size)
+        out_w, out_h = max(1, int(round((c1 - c0) / factor))), max(1, int(round((r1 - r0) / factor)))
+        with rasterio.open(self.raster.path) as src:
+            data = src.read(list(self.raster.bands), window=Window(c0, r0, c1 - c0, r1 - r0), out_shape=(3, out_h, out_w),
+                            resampling=Resampling.average if factor > 1 else Resampling.bilinear, masked=True,
+                            boundless=True)
+        valid = ~np.ma.getmaskarray(data).any(axis=0) & np.isfinite(data.filled(0)).all(axis=0)
+        rgb = fill_from_nearest_valid(stretch_to_uint8(data, self.raster.stretch).transpose(1, 2, 0), valid)
+        sx, sy = (c1 - c0) / out_w, (r1 - r0) / out_h
+        # continuous output (x, y) -> frame (u, v) -> raster (col, row) -> bounding-box image
+        # (PIL maps continuous coordinates: pixel i covers [i, i + 1))
+        step = self.side / size
+        a = math.radians(self.angle)
+        ca, sa = math.cos(a), math.sin(a)
+        u0 = v0 = -self.side / 2
+        coeffs = (step * ca / sx, step * sa / sx, (self.cx + u0 * ca + v0 * sa - c0) / sx,
+                  -step * sa / sy, step * ca / sy, (self.cy - u0 * sa + v0 * ca - r0) / sy)
+        image = Image.fromarray(rgb).transform((size, size), Image.Transform.AFFINE, coeffs, Image.Resampling.BILINEAR)
+        mask = Image.fromarray(valid.astype(np.uint8) * 255).transform((size, size), Image.Transform.AFFINE, coeffs,
+                                                                       Image.Resampling.NEAREST)
+        return np.asarray(image), np.asarray(mask) > 127

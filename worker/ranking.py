@@ -1,0 +1,47 @@
+"""How a search ranks: the settings a caller passes to worker.search (none live in the model)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from worker.errors import InputError
+
+RANKERS = ("layout", "tokens")
+
+
+@dataclass(frozen=True)
+class RankingConfig:
+    """How a search ranks (passed in by the caller; the model holds no ranking settings)."""
+
+    ranker: str = "layout"
+    sizes: tuple[int, ...] = (160, 224)  # template sides in level px: two per octave of scales
+    angles: tuple[float, ...] = (-10.0, 0.0, 10.0)  # turns tried, degrees counterclockwise
+    shortlist: int = 200  # candidates re-ranked: coarse local peaks ("layout"), or global-token nearest tiles
+    fine_radius: int = 2  # fine search +- stored cells (8 level px each) around a coarse peak
+    # The aligned cross-attention token score (the paper's modules) is blended into the best
+    # `token_candidates` placements with this weight (each score standardised over the
+    # placements it was computed for). Off by default: on the benchmark's held-out scenes it
+    # changed recall@5 by less than its noise at weights 0.2-1.0 (docs/benchmarks/quality.md)
+    # and costs a ViT pass per query.
+    token_weight: float = 0.0
+    token_candidates: int = 32
+    calibrate: bool = True  # scores as z-values against each template's own background (coarse_peaks)
+    # The best `verify` placements are read from their rasters and drawn as one picture each, as
+    # the user saw the place, and compared with the sketch again (see `verify`).
+    verify: int = 24
+    verify_weight: float = 1.0
+    coarse_weight: float = 0.5  # the coarse z-score's share in the fine stage's ranking
+    inked_only: bool = True  # compare windows only where the sketch has lines (worker.edge_cells.cosine_map)
+
+    def __post_init__(self) -> None:
+        if self.ranker not in RANKERS:
+            raise InputError(f"ranker {self.ranker!r} must be one of {', '.join(RANKERS)}")
+        if self.token_weight < 0:
+            raise InputError(f"token weight {self.token_weight} must be 0 or more")
+        if self.shortlist < 1:
+            raise InputError(f"shortlist {self.shortlist} must be at least 1")
+
+    @property
+    def uses_tokens(self) -> bool:
+        """Whether a query needs the sketch's ViT tokens (the expensive part of a query on a CPU)."""
+        return self.ranker == "tokens" or self.token_weight > 0

@@ -1,0 +1,188 @@
+"""Building and extending an index: tiles -> features -> shards, every committed chunk kept."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from worker import level_maps
+from worker.geo import bounds_wgs84
+from worker.store.format import (CHUNK_TILES, MANIFEST, RECORD_DTYPE, SHARDS, check_compatible, index_lock,
+                                 new_manifest, shard_name, write_json_atomic, write_shard)
+from worker.store.gpkg import write_tiles_gpkg
+from worker.tile_features import TileFeatures, describe_tiles
+from worker.tiling import RasterInfo, Tile, TileSettings, iter_tile_pixels, open_raster, plan_tiles
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class IndexProgress:
+    """Reported after every committed chunk (CLI: tqdm; service: progress messages)."""
+
+    tiles_done: int
+    tiles_total: int
+    tiles_skipped: int
+    raster: str
+
+
+class IndexWriter:
+    """Builds or extends an index; every committed chunk survives a crash."""
+
+    def __init__(self, index_dir: Path, model, settings: TileSettings, chunk_tiles: int = CHUNK_TILES):
+        self.dir = Path(index_dir)
+        self.model = model
+        self.settings = settings
+        self.manifest = self._load_or_create(chunk_tiles)
+        self.chunk_tiles = self.manifest["chunk_tiles"]  # an existing index keeps its own chunking
+
+    def _load_or_create(self, chunk_tiles: int) -> dict:
+        path = self.dir / MANIFEST
+        fp = self.model.fingerprint()
+        settings = self.settings.to_json()
+        if path.exists():
+            manifest = json.loads(path.read_text())
+            check_compatible(manifest, fp["tile_encoder"], settings, self.dir)
+            return manifest
+        return new_manifest(fp, settings, chunk_tiles, self.model.img_size)
+
+    def _commit(self) -> None:
+        self.manifest["updated"] = time.time()
+        self.manifest["tile_count"] = sum(s["count"] for s in self.manifest["shards"])
+        write_json_atomic(self.dir / MANIFEST, self.manifest)
+
+    def _clean_uncommitted(self) -> None:
+        committed = {s["name"] for s in self.manifest["shards"]}
+        shards = self.dir / SHARDS
+        for entry in shards.iterdir() if shards.exists() else []:
+            if entry.name not in committed:
+                shutil.rmtree(entry, ignore_errors=True)
+
+    def _raster_entry(self, info: RasterInfo) -> dict:
+        for entry in self.manifest["rasters"]:
+            if entry["path"] == info.path:
+                if RasterInfo.from_json(entry).changed_on_disk():
+                    self._drop_raster(entry["id"])
+                    entry.update(info.to_json(), complete=False, tiles_total=None, tiles_skipped=0)
+                    log.info("%s changed on disk since it was indexed: indexing it again", info.path)
+                return entry
+        entry = {"id": max((r["id"] for r in self.manifest["rasters"]), default=-1) + 1, **info.to_json(),
+                 "complete": False, "tiles_total": None, "tiles_skipped": 0}
+        self.manifest["rasters"].append(entry)
+        return entry
+
+    def _drop_raster(self, raster_id: int) -> None:
+        self.manifest["shards"] = [s for s in self.manifest["shards"] if s["raster_id"] != raster_id]
+        self._commit()
+        self._clean_uncommitted()
+
+    def build(self, raster_paths: list[Path], progress: Callable[[IndexProgress], None] | None = None,
+              should_stop: Callable[[], bool] = lambda: False, batch_size: int = 16) -> dict:
+        """Index every raster not yet (fully) indexed; returns the manifest.
+
+        `should_stop` is polled between batches: returning True stops after the last commit
+        (cancel), leaving a resumable index.
+        """
+        with index_lock(self.dir):
+            (self.dir / SHARDS).mkdir(exist_ok=True)
+            self._clean_uncommitted()
+            infos = [open_raster(p, self.settings.bands) for p in raster_paths]  # refuse bad input up front
+            plans = []
+            for info in infos:
+                entry = self._raster_entry(info)
+                tiles = plan_tiles(RasterInfo.from_json(entry), self.settings)
+                entry["tiles_total"] = len(tiles)
+                plans.append((entry, tiles))
+            self._commit()
+            total = sum(len(t) for _, t in plans)
+            done = sum(len(t) for e, t in plans if e["complete"])
+            done += sum(min(self.chunk_tiles, len(t) - s["chunk"] * self.chunk_tiles) for e, t in plans if not e["complete"]
+                        for s in self.manifest["shards"] if s["raster_id"] == e["id"])
+            skipped_total = sum(e["tiles_skipped"] for e, _ in plans)
+            for entry, tiles in plans:
+                if entry["complete"]:
+                    continue
+                committed = {s["chunk"] for s in self.manifest["shards"] if s["raster_id"] == entry["id"]}
+                for chunk in range(0, (len(tiles) + self.chunk_tiles - 1) // self.chunk_tiles):
+                    if chunk in committed:
+                        continue
+                    if should_stop():
+                        return self.manifest
+                    part = tiles[chunk * self.chunk_tiles:(chunk + 1) * self.chunk_tiles]
+
+                    def batch_done(n: int, _done=done, _path=entry["path"]) -> None:
+                        if progress:
+                            progress(IndexProgress(_done + n, total, skipped_total, _path))
+
+                    skipped = self._write_chunk(entry, chunk, part, batch_size, should_stop, batch_done)
+                    if skipped is None:
+                        return self.manifest
+                    entry["tiles_skipped"] += skipped
+                    skipped_total += skipped
+                    self._commit()
+                    done += len(part)
+                    if progress:
+                        progress(IndexProgress(done, total, skipped_total, entry["path"]))
+                entry["complete"] = True
+                self._commit()
+            write_tiles_gpkg(self.dir)
+            return self.manifest
+
+    def _write_chunk(self, entry: dict, chunk: int, tiles: list[Tile], batch_size: int,
+                     should_stop: Callable[[], bool], batch_done: Callable[[int], None]) -> int | None:
+        """Encode one chunk and commit it as a shard; returns how many tiles were skipped as empty."""
+        name = shard_name(entry["id"], chunk)
+        kept: list[Tile] = []
+        valid: list[float] = []
+        outputs: list[TileFeatures] = []
+        batch: list[np.ndarray] = []
+        masks: list[np.ndarray] = []
+
+        def encode() -> None:
+            outputs.append(describe_tiles(self.model, kept[len(kept) - len(batch):], np.stack(batch), np.stack(masks),
+                                          self.settings.tile))
+            batch.clear()
+            masks.clear()
+
+        for n, (tile, image, mask) in enumerate(iter_tile_pixels(RasterInfo.from_json(entry), tiles,
+                                                                 self.model.img_size), start=1):
+            fraction = float(mask.mean())
+            if fraction < self.settings.min_valid:
+                continue
+            kept.append(tile)
+            valid.append(fraction)
+            batch.append(image)
+            masks.append(mask)
+            if len(batch) == batch_size:
+                if should_stop():
+                    return None
+                encode()
+                batch_done(n)  # progress within the chunk (committed only at its end)
+        if batch:
+            encode()
+        records = np.zeros(len(kept), RECORD_DTYPE)
+        records["raster_id"] = entry["id"]
+        for field_name in ("col_off", "row_off", "width", "height", "scale"):
+            records[field_name] = [getattr(t, field_name) for t in kept]
+        records["valid"] = valid
+        records["bounds4326"] = bounds_wgs84(kept)
+        arrays = {"records": records}  # a shard of empty tiles holds its records only (readers skip it)
+        if outputs:
+            origins = np.concatenate([o.cell_origin for o in outputs])
+            for i, f in enumerate(level_maps.CELL_ORIGIN_FIELDS):
+                records[f] = origins[:, i]
+            arrays.update({"global": np.concatenate([o.global_token for o in outputs]),
+                           "tokens": np.concatenate([o.tokens for o in outputs]),
+                           "positions": np.concatenate([o.positions for o in outputs]),
+                           "cells": np.concatenate([o.cells for o in outputs])})
+        write_shard(self.dir, name, arrays)
+        self.manifest["shards"].append({"name": name, "raster_id": entry["id"], "chunk": chunk,
+                                        "count": len(kept), "skipped": len(tiles) - len(kept)})
+        return len(tiles) - len(kept)

@@ -1,0 +1,52 @@
+"""What the index stores of each tile: its tokens (ViT of its line drawing) and its edge cells.
+
+Tile pixels -> line drawing (worker.line_drawing) -> ViT tokens (worker.model) and the 8 px
+oriented-edge cells on its level's shared grid (worker.edge_cells, worker.level_maps).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from worker import edge_cells, line_drawing
+from worker.level_maps import cell_origin, level_pixel
+from worker.tiling import Tile
+
+
+@dataclass
+class TileFeatures:
+    global_token: np.ndarray  # (B, D) fp16
+    tokens: np.ndarray  # (B, K, D) fp16
+    positions: np.ndarray  # (B, K) int16
+    cells: np.ndarray  # (B, G, G, ORIENTATIONS) uint8, G = drawing size / CELL (unused rows/cols zero)
+    cell_origin: np.ndarray  # (B, 4) int32: cell_row, cell_col, cell_rows, cell_cols (worker.level_maps)
+
+
+def cells_on_grid(drawings: np.ndarray, tiles: list[Tile], tile_size: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Each drawing's 8 px cells, cut where its level's shared grid runs through it."""
+    size = drawings.shape[1]
+    g = size // edge_cells.CELL
+    cells = np.zeros((len(tiles), g, g, edge_cells.ORIENTATIONS), np.uint8)
+    origins = np.zeros((len(tiles), 4), np.int32)
+    batch = torch.from_numpy(np.ascontiguousarray(drawings)).to(device)
+    by_phase: dict[tuple[int, int], list[int]] = {}
+    for i, tile in enumerate(tiles):
+        origin = cell_origin(tile, level_pixel(tile_size, tile.scale, size), size)
+        origins[i] = (origin.cell_row, origin.cell_col, origin.rows, origin.cols)
+        by_phase.setdefault(origin.phase, []).append(i)
+    for phase, idx in by_phase.items():  # tiles flush with the raster's far edge have their own phase
+        hist = edge_cells.quantise(edge_cells.cell_histograms(batch[idx], phase))
+        cells[idx, :hist.shape[1], :hist.shape[2]] = hist
+    return cells, origins
+
+
+@torch.inference_mode()
+def describe_tiles(model, tiles: list[Tile], images: np.ndarray, valid: np.ndarray | None, tile_size: int) -> TileFeatures:
+    """uint8 (B, S, S, 3) tile pixels and their (B, S, S) valid masks -> what the index stores."""
+    drawings = line_drawing.tile_line_drawings(images, valid)
+    out = model.tile_tokens(drawings if model.config.tile_view == "edges" else images)
+    cells, origins = cells_on_grid(drawings[..., 0], tiles, tile_size, model.device)
+    return TileFeatures(out.global_token, out.tokens, out.positions, cells, origins)
