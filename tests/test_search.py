@@ -15,7 +15,8 @@ from lab.placements import iou
 from worker.placement import Placement
 from worker.store import TileIndex
 from lab.pseudo_sketch import has_lines, load_hand_strokes, pseudo_sketch
-from worker.search import search, shortlist_topk
+from worker.search import search
+from worker.token_ranking import shortlist_topk
 from worker.sketch import prepare_sketch
 from worker.tiling import TileReader
 

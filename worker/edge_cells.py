@@ -78,10 +78,15 @@ def cell_histograms(drawings: torch.Tensor, phase: tuple[int, int] = (0, 0)) -> 
     rows, cols = (x.shape[1] - r0) // CELL, (x.shape[2] - c0) // CELL
     magnitude = magnitude[:, r0:r0 + rows * CELL, c0:c0 + cols * CELL]
     bins = bins[:, r0:r0 + rows * CELL, c0:c0 + cols * CELL]
-    per_bin = torch.zeros(*magnitude.shape, ORIENTATIONS, device=x.device)
-    per_bin.scatter_(-1, bins[..., None], magnitude[..., None])
-    pooled = F.avg_pool2d(per_bin.permute(0, 3, 1, 2), CELL)  # B, O, rows, cols
-    return pooled.permute(0, 2, 3, 1)
+    # one weighted bincount over (image, cell row, cell col, bin): no per-bin image in memory
+    b = x.shape[0]
+    cell_r = torch.arange(rows * CELL, device=x.device) // CELL
+    cell_c = torch.arange(cols * CELL, device=x.device) // CELL
+    cell = (cell_r[:, None] * cols + cell_c[None, :])[None]  # 1, H, W
+    image = torch.arange(b, device=x.device)[:, None, None] * (rows * cols)
+    index = ((image + cell) * ORIENTATIONS + bins).flatten()
+    sums = torch.bincount(index, weights=magnitude.flatten().double(), minlength=b * rows * cols * ORIENTATIONS)
+    return (sums / (CELL * CELL)).float().view(b, rows, cols, ORIENTATIONS)
 
 
 def quantise(cells: torch.Tensor) -> np.ndarray:

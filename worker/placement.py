@@ -61,19 +61,23 @@ class Placement:
         c1, r1 = np.ceil(c.max(0)).astype(int)
         return int(c0), int(r0), int(c1 - c0), int(r1 - r0)
 
-    def read(self, size: int = 224) -> tuple[np.ndarray, np.ndarray]:
+    def read(self, size: int = 224, src: rasterio.DatasetReader | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The frame's pixels as the user sees them, (size, size, 3) uint8 in natural colour,
-        and its valid-data mask (outside the raster counts as invalid)."""
+        and its valid-data mask (outside the raster counts as invalid). `src`: the raster,
+        already open (reading many placements of one raster)."""
+        if src is None:
+            with rasterio.open(self.raster.path) as opened:
+                return self.read(size, opened)
         corners = self.corners()
         c0, r0 = np.floor(corners.min(0)).astype(int) - 1
         c1, r1 = np.ceil(corners.max(0)).astype(int) + 1
         # read the bounding box at about the frame's output resolution
         factor = max(1.0, self.side / size)
         out_w, out_h = max(1, int(round((c1 - c0) / factor))), max(1, int(round((r1 - r0) / factor)))
-        with rasterio.open(self.raster.path) as src:
-            data = src.read(list(self.raster.bands), window=Window(c0, r0, c1 - c0, r1 - r0), out_shape=(3, out_h, out_w),
-                            resampling=Resampling.average if factor > 1 else Resampling.bilinear, masked=True,
-                            boundless=True)
+        inside = c0 >= 0 and r0 >= 0 and c1 <= src.width and r1 <= src.height  # boundless reads are slower
+        data = src.read(list(self.raster.bands), window=Window(c0, r0, c1 - c0, r1 - r0), out_shape=(3, out_h, out_w),
+                        resampling=Resampling.average if factor > 1 else Resampling.bilinear, masked=True,
+                        boundless=not inside)
         valid = ~np.ma.getmaskarray(data).any(axis=0) & np.isfinite(data.filled(0)).all(axis=0)
         rgb = fill_from_nearest_valid(stretch_to_uint8(data, self.raster.stretch).transpose(1, 2, 0), valid)
         sx, sy = (c1 - c0) / out_w, (r1 - r0) / out_h

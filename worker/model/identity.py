@@ -111,15 +111,11 @@ def safetensors_metadata(path: Path) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
-def read_identity(path: Path, state: Mapping[str, torch.Tensor] | None = None) -> WeightsIdentity:
-    """The stamped identity of a safetensors file, else the digest of its tensors (`state`, when
-    already loaded, saves reading them again)."""
+def read_identity(path: Path, state: Mapping[str, torch.Tensor]) -> WeightsIdentity:
+    """The stamped identity of a safetensors file, else the digest of its tensors (`state`: the
+    file's tensors, as worker.model.checkpoints read them)."""
     if path.suffix == ".safetensors":
         stamped = safetensors_metadata(path).get(METADATA_KEY)
         if stamped:
             return WeightsIdentity.from_json(stamped)
-    if state is None:
-        from worker.model.checkpoints import load_state_dict_file
-
-        state = load_state_dict_file(path)
     return of_tensors(state)

@@ -1,0 +1,56 @@
+"""Verification of a search's best placements: each read from its raster and drawn as one picture.
+
+The level maps join the drawings of overlapping tiles, each made with its own contrast; a person
+draws what they see in their frame, so the frame drawn as one picture is the fairer comparison
+for the few placements that compete for the top of the list.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from worker import edge_cells
+from worker.candidates import Candidate, standardise
+from worker.edge_cells import FINE
+from worker.placement import Placement
+from worker.ranking import RankingConfig
+from worker.store import TileIndex
+
+
+def draw_placements(placements: list[Placement], size: int) -> np.ndarray:
+    """The line drawings of placements, each read as the user's frame sees it: (B, S, S) uint8."""
+    from contextlib import ExitStack
+
+    import rasterio
+
+    from worker.line_drawing import tile_line_drawings
+
+    with ExitStack() as stack:
+        opened = {path: stack.enter_context(rasterio.open(path)) for path in {p.raster.path for p in placements}}
+        read = [p.read(size, opened[p.raster.path]) for p in placements]
+    images = np.stack([r[0] for r in read])
+    valid = np.stack([r[1] for r in read])
+    return tile_line_drawings(images, valid)[..., 0]
+
+
+def verify(index: TileIndex, sketch_tensor: torch.Tensor, candidates: list[Candidate], ranking: RankingConfig,
+           size: int) -> list[int]:
+    """Re-score the best `ranking.verify` candidates by the sketch's HOG against their own
+    drawing: the place read from its raster at the placement (turned as the sketch's frame) and
+    drawn as one picture. The level maps join the drawings of overlapping tiles, each made with
+    its own contrast; a person draws what they see in their frame, so the frame drawn as one
+    picture is the fairer comparison. Returns the verified candidates' positions, best first."""
+    order = sorted(range(len(candidates)), key=lambda i: -candidates[i].score)[:ranking.verify]
+    if not order:
+        return []
+    drawings = draw_placements([candidates[i].placement(index.maps[candidates[i].map_key]) for i in order], size)
+    sketch = torch.from_numpy((sketch_tensor[0].cpu().numpy() * 255).round().astype(np.uint8))[None]
+    query = edge_cells.describe(sketch, FINE)[0]
+    seen = edge_cells.describe(torch.from_numpy(drawings), FINE)
+    own = (seen @ query).numpy()
+    combined = standardise(own) * ranking.verify_weight + standardise([candidates[i].score for i in order])
+    for i, v, z in zip(order, own, combined):
+        candidates[i].verified = float(v)
+        candidates[i].score = float(z)
+    return order
