@@ -13,6 +13,7 @@ from worker.model.identity import WeightsIdentity
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_TIMM = "vit_small_patch14_dinov2"  # the backbone the shipped weights and sketch modules are for
 
 
 @dataclass(frozen=True)
@@ -20,7 +21,7 @@ class BackboneSpec:
     """Which ViT, at which input size, with which weights (`identity` says where they came from;
     a random initialisation is the quality floor)."""
 
-    timm_name: str = "vit_small_patch14_dinov2"
+    timm_name: str = DEFAULT_TIMM
     identity: WeightsIdentity | None = None
     img_size: int = 224
     mean: tuple[float, float, float] = IMAGENET_MEAN

@@ -8,11 +8,10 @@ from pathlib import Path
 from worker.assets import default_weights_path
 from worker.errors import InputError
 from worker.model import checkpoints, identity
-from worker.model.backbone import BackboneSpec
+from worker.model.backbone import DEFAULT_TIMM, BackboneSpec
 from worker.model.retrieval_model import ModelConfig, RetrievalModel
 
 SHIPPED_SKETCH_MODULES = Path(__file__).resolve().parents[1] / "weights" / "sketch_modules.safetensors"
-DEFAULT_TIMM = "vit_small_patch14_dinov2"
 
 
 def load_model(timm_name: str = DEFAULT_TIMM, weights: Path | None = None, random_weights: bool = False,
