@@ -8,14 +8,16 @@ from rasterio.crs import CRS
 from shapely.geometry import mapping
 
 from worker.geo import reproject_rings
+from worker.hit_ids import hit_id
 from worker.search import Hit
 
 
 def hit_properties(hit: Hit) -> dict:
-    """What a user sees of a hit: rank and scores, the raster, where in it (the pixel window
-    around the matched square, its centre, side and turn) and the index's scale there."""
+    """What a user sees of a hit: its id (its place, worker.hit_ids: what feedback names), rank
+    and scores, the raster, where in it (the pixel window around the matched square, its centre,
+    side and turn) and the index's scale there."""
     p = hit.placement
-    props = {"rank": hit.rank, "score": round(hit.score, 6), "shortlist_score": round(hit.coarse_score, 6),
+    props = {"id": hit_id(p), "rank": hit.rank, "score": round(hit.score, 6), "shortlist_score": round(hit.coarse_score, 6),
              "fine_score": round(hit.fine_score, 6),
              "token_score": None if hit.token_score is None else round(hit.token_score, 6),
              "raster": p.raster.path, "window": list(p.window()), "center": [round(p.cx, 2), round(p.cy, 2)],

@@ -1,0 +1,133 @@
+"""Query by example, hit ids and relevance feedback on a real raster (worker.example_query,
+worker.hit_ids, worker.feedback through worker.query_search)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.crs import CRS
+from rasterio.warp import transform_bounds
+
+from conftest import write_raster
+from worker.errors import ForbiddenError, InputError
+from worker.example_query import OWN_PLACE_IOU, Example, prepare_example
+from worker.feedback import Feedback
+from worker.hit_ids import hit_id, parse_hit_id, raster_key
+from worker.query_search import iou, search_query
+from worker.ranking import RankingConfig
+from worker.raster_access import RasterAccess
+
+WINDOW = (200, 100, 330, 230)  # col0, row0, col1, row1 of rmnp: a ridge and valleys, off the tile grid
+
+
+@pytest.fixture(scope="module")
+def rmnp_index(tmp_path_factory, assets, model):
+    from worker.store import IndexWriter, TileIndex
+    from worker.tiling import TileSettings
+
+    out = tmp_path_factory.mktemp("rmnp") / "index"
+    IndexWriter(out, model, TileSettings(tile=112, scales=(1, 2))).build([assets["rmnp_rgb"]])
+    return TileIndex.open(out)
+
+
+def window_bbox(path, window=WINDOW, crs: str | None = None) -> list[float]:
+    with rasterio.open(path) as src:
+        c0, r0, c1, r1 = window
+        x0, y1 = src.transform * (c0, r0)
+        x1, y0 = src.transform * (c1, r1)
+        if crs:
+            return list(transform_bounds(src.crs, CRS.from_user_input(crs), x0, y0, x1, y1))
+        return [x0, y0, x1, y1]
+
+
+def own_overlap(hits, query) -> list[float]:
+    from worker.geo import reproject_rings
+
+    polygons = reproject_rings([h.placement for h in hits], CRS.from_wkt(query.raster.crs_wkt))
+    return [iou(p, query.footprint) for p in polygons]
+
+
+def test_an_example_finds_its_own_place_and_leaves_it_out(rmnp_index, model, assets):
+    rasters = list(rmnp_index.rasters.values())
+    query = prepare_example(Example(str(assets["rmnp_rgb"]), tuple(window_bbox(assets["rmnp_rgb"])), "EPSG:4326"),
+                            rasters, model.img_size)
+    assert query.window == pytest.approx(WINDOW, abs=0.01)
+    assert query.raster == rasters[0], "an indexed raster is drawn with the index's bands and stretch"
+    plain = search_query(rmnp_index, model, query.sketch, RankingConfig(), top=5).hits
+    assert own_overlap(plain, query)[0] > OWN_PLACE_IOU, "the worker's drawing of a place finds that place first"
+    own = (query.footprint, CRS.from_wkt(query.raster.crs_wkt))
+    hits = search_query(rmnp_index, model, query.sketch, RankingConfig(), top=5, own_place=own).hits
+    assert len(hits) == 5 and [h.rank for h in hits] == [1, 2, 3, 4, 5]
+    assert max(own_overlap(hits, query)) <= OWN_PLACE_IOU
+
+
+def test_an_example_box_in_another_crs_is_the_same_window(rmnp_index, model, assets):
+    rasters = list(rmnp_index.rasters.values())
+    box = window_bbox(assets["rmnp_rgb"], crs="EPSG:3857")
+    query = prepare_example(Example(str(assets["rmnp_rgb"]), tuple(box), "EPSG:3857"), rasters, model.img_size)
+    assert query.window == pytest.approx(WINDOW, abs=1.5)  # a box in web mercator, around the raster's window
+
+
+def test_bad_examples_are_refused_with_what_to_do(rmnp_index, model, assets, tmp_path):
+    rasters = list(rmnp_index.rasters.values())
+    path = str(assets["rmnp_rgb"])
+    with pytest.raises(InputError, match="lies outside"):
+        prepare_example(Example(path, (10.0, 10.0, 11.0, 11.0), "EPSG:4326"), rasters, model.img_size)
+    with pytest.raises(InputError, match="is empty"):
+        Example(path, (-105.5, 40.3, -105.6, 40.4), "EPSG:4326")
+    with pytest.raises(InputError, match="at least 8 px"):
+        prepare_example(Example(path, tuple(window_bbox(path, (200, 100, 203, 200))), "EPSG:4326"), rasters,
+                        model.img_size)
+    with pytest.raises(InputError, match="unknown CRS|not an authority code"):
+        prepare_example(Example(path, tuple(window_bbox(path)), "EPSG:999999"), rasters, model.img_size)
+    flat = write_raster(tmp_path / "flat.tif", np.full((3, 200, 200), 90, np.uint8), crs="EPSG:32617",
+                        transform=rasterio.Affine(1, 0, 500000, 0, -1, 4000000))
+    with pytest.raises(InputError, match="nothing to draw"):
+        prepare_example(Example(str(flat), (500010.0, 3999810.0, 500150.0, 3999990.0), "EPSG:32617"), rasters,
+                        model.img_size)
+    confined = RasterAccess((tmp_path,))
+    with pytest.raises(ForbiddenError, match="outside the raster roots"):
+        prepare_example(Example(path, tuple(window_bbox(path)), "EPSG:4326"), rasters, model.img_size, access=confined)
+
+
+def test_hit_ids_name_places_and_are_checked_against_the_index(rmnp_index, model, assets):
+    rasters = rmnp_index.rasters
+    query = prepare_example(Example(str(assets["rmnp_rgb"]), tuple(window_bbox(assets["rmnp_rgb"])), "EPSG:4326"),
+                            list(rasters.values()), model.img_size)
+    hit = search_query(rmnp_index, model, query.sketch, RankingConfig(), top=1).hits[0]
+    text = hit_id(hit.placement)
+    assert text.startswith(raster_key(hit.placement.raster) + "@")
+    back = parse_hit_id(text, rasters)
+    assert (back.raster, back.cx, back.cy, back.side, back.angle) == pytest.approx(
+        (hit.placement.raster, hit.placement.cx, hit.placement.cy, hit.placement.side, hit.placement.angle), abs=0.01)
+    with pytest.raises(InputError, match="not in this index"):
+        parse_hit_id("0123456789@10.00,10.00,50.00,0.00", rasters)
+    with pytest.raises(InputError, match="not a hit id"):
+        parse_hit_id("rank 1", rasters)
+    with pytest.raises(InputError, match="not a place in"):
+        parse_hit_id(f"{raster_key(hit.placement.raster)}@9999.00,10.00,50.00,0.00", rasters)
+
+
+def test_feedback_leaves_out_bad_places_and_brings_up_good_ones(rmnp_index, model, assets):
+    rasters = rmnp_index.rasters
+    query = prepare_example(Example(str(assets["rmnp_rgb"]), tuple(window_bbox(assets["rmnp_rgb"])), "EPSG:4326"),
+                            list(rasters.values()), model.img_size)
+    own = (query.footprint, CRS.from_wkt(query.raster.crs_wkt))
+    first = search_query(rmnp_index, model, query.sketch, RankingConfig(), top=8, own_place=own).hits
+    good, bad = hit_id(first[4].placement), hit_id(first[0].placement)
+    refined = search_query(rmnp_index, model, query.sketch, RankingConfig(), top=8, own_place=own,
+                           feedback=Feedback((good,), (bad,))).hits
+    ids = [hit_id(h.placement) for h in refined]
+    assert bad not in ids, "a place marked bad is not returned"
+    assert good in ids[:2], f"a place marked good comes up: {ids.index(good) if good in ids else None}"
+    assert [h.rank for h in refined] == list(range(1, len(refined) + 1))
+    with pytest.raises(InputError, match="no marks"):
+        Feedback((), ())
+    with pytest.raises(InputError, match="both good and bad"):
+        Feedback((good,), (good,))
+    with pytest.raises(InputError, match="not in this index"):
+        search_query(rmnp_index, model, query.sketch, RankingConfig(), top=8,
+                     feedback=Feedback(("0123456789@10.00,10.00,50.00,0.00",)))
+    with pytest.raises(InputError, match="must be an object"):
+        Feedback.from_json(["a"])

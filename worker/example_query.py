@@ -1,0 +1,154 @@
+"""Query by example: a place of a raster, read by the worker and drawn as the tiles are, as the sketch.
+
+A user drags a rectangle over a raster ("more like this place"). The worker reads that window
+itself (the rectangle's box in the raster's pixels, any size, read down to the model's drawing
+size), draws it with the tiles' own line drawing (worker.line_drawing, as worker.verify draws
+placements) and searches with that drawing as the sketch. Where the square drawing reaches past
+the rectangle it is left blank, and the layout ranker compares only where a sketch has lines, so
+a long thin rectangle is matched by its own part. The example's own place is no answer: hits
+overlapping its footprint by IoU > OWN_PLACE_IOU are left out (worker.query_search).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from rasterio.crs import CRS
+from rasterio.warp import transform as warp_transform
+from shapely.geometry import Polygon, box
+
+from wire.protocol import excerpt
+from worker.errors import InputError
+from worker.geo import parse_crs
+from worker.placement import Placement
+from worker.raster_access import RasterAccess
+from worker.tiling import RasterInfo, open_raster
+
+OWN_PLACE_IOU = 0.5  # hits overlapping the example's footprint more than this are the example itself
+MIN_SIDE_PX = 8  # raster pixels: a smaller box has nothing to draw
+MIN_INK = 0.002  # share of the drawing's pixels that are lines: less is a blank example
+EDGE_STEPS = 16  # points per bbox edge when it is reprojected
+
+
+@dataclass(frozen=True)
+class Example:
+    """A place to search for: `bbox` (minx, miny, maxx, maxy) in `crs` over the raster at `raster`."""
+
+    raster: str
+    bbox: tuple[float, float, float, float]
+    crs: str
+
+    def __post_init__(self) -> None:
+        if len(self.bbox) != 4 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in self.bbox):
+            raise InputError(f"example bbox {excerpt(list(self.bbox))}: expected four finite numbers "
+                             "MINX,MINY,MAXX,MAXY")
+        minx, miny, maxx, maxy = self.bbox
+        if not (minx < maxx and miny < maxy):
+            raise InputError(f"example bbox {excerpt(list(self.bbox))} is empty: expected MINX,MINY,MAXX,MAXY with "
+                             "min < max (drag a rectangle, not a line or a point)")
+
+    def to_json(self) -> dict:
+        return {"raster": self.raster, "bbox": list(self.bbox), "crs": self.crs}
+
+
+@dataclass(frozen=True)
+class ExampleQuery:
+    """An example made ready: the drawing to search with, and where it lies (to leave it out)."""
+
+    sketch: torch.Tensor  # (3, S, S) in [0, 1], as worker.sketch.load_sketch makes it
+    raster: RasterInfo
+    footprint: Polygon  # the example's box in the raster's CRS
+    window: tuple[float, float, float, float]  # col0, row0, col1, row1 in the raster's pixels
+    drawing: np.ndarray  # (S, S) uint8, dark lines on white
+
+
+def raster_of(path: Path, rasters: list[RasterInfo], bands: tuple[int, ...] | None,
+              drivers: tuple[str, ...] | None) -> RasterInfo:
+    """The index's record of a raster (its bands and stretch, so the example is drawn as its
+    tiles were), or the raster opened afresh when the index does not hold it."""
+    for r in rasters:
+        if Path(r.path).resolve() == path:
+            return r
+    return open_raster(path, bands, drivers)
+
+
+def pixel_box(example: Example, raster: RasterInfo) -> tuple[float, float, float, float]:
+    """The example's box in the raster's pixels (col0, row0, col1, row1), clipped to the raster;
+    InputError when it lies outside it or is too small to draw."""
+    src = parse_crs(example.crs)
+    minx, miny, maxx, maxy = example.bbox
+    t = np.linspace(0.0, 1.0, EDGE_STEPS, endpoint=False)
+    xs = np.concatenate([minx + (maxx - minx) * t, np.full_like(t, maxx), maxx - (maxx - minx) * t, np.full_like(t, minx)])
+    ys = np.concatenate([np.full_like(t, miny), miny + (maxy - miny) * t, np.full_like(t, maxy), maxy - (maxy - miny) * t])
+    dst = CRS.from_wkt(raster.crs_wkt)
+    if src != dst:
+        try:
+            xs, ys = (np.asarray(v) for v in warp_transform(src, dst, xs, ys))
+        except Exception as exc:  # PROJ's errors have no common type
+            raise InputError(f"example bbox {excerpt(list(example.bbox))} in {example.crs} cannot be placed on "
+                             f"{raster.path} ({excerpt(str(exc))})") from None
+    if not (np.isfinite(xs).all() and np.isfinite(ys).all()):
+        raise InputError(f"example bbox {excerpt(list(example.bbox))} in {example.crs} cannot be placed in the CRS "
+                         f"of {raster.path}")
+    cols, rows = ~raster.affine * (xs, ys)
+    wanted = box(float(np.min(cols)), float(np.min(rows)), float(np.max(cols)), float(np.max(rows)))
+    inside = wanted.intersection(box(0, 0, raster.width, raster.height))
+    if inside.is_empty or inside.area <= 0:
+        raise InputError(f"example bbox {excerpt(list(example.bbox))} ({example.crs}) lies outside {raster.path}: "
+                         "drag the rectangle over the raster's data")
+    c0, r0, c1, r1 = inside.bounds
+    if min(c1 - c0, r1 - r0) < MIN_SIDE_PX:
+        raise InputError(f"example bbox {excerpt(list(example.bbox))} covers {c1 - c0:.0f}x{r1 - r0:.0f} pixels of "
+                         f"{raster.path}: at least {MIN_SIDE_PX} px a side is needed to draw a place")
+    return c0, r0, c1, r1
+
+
+def draw_window(raster: RasterInfo, window: tuple[float, float, float, float], size: int) -> np.ndarray:
+    """The window drawn as a tile is: the square around it read at `size` px and drawn with
+    worker.line_drawing, blank beyond the window (and where the data ends): (size, size) uint8."""
+    from worker.line_drawing import tile_line_drawings
+
+    c0, r0, c1, r1 = window
+    side = max(c1 - c0, r1 - r0)
+    square = Placement(raster, (c0 + c1) / 2, (r0 + r1) / 2, side)
+    image, valid = square.read(size)
+    # the window inside the square, in drawing pixels
+    scale = size / side
+    x0, x1 = (c0 - (square.cx - side / 2)) * scale, (c1 - (square.cx - side / 2)) * scale
+    y0, y1 = (r0 - (square.cy - side / 2)) * scale, (r1 - (square.cy - side / 2)) * scale
+    xs, ys = np.arange(size) + 0.5, np.arange(size) + 0.5
+    in_window = ((ys >= y0) & (ys <= y1))[:, None] & ((xs >= x0) & (xs <= x1))[None, :]
+    valid = valid & in_window
+    drawing = tile_line_drawings(image[None], valid[None])[0, ..., 0]
+    return np.where(valid, drawing, 255).astype(np.uint8)
+
+
+def prepare_example(example: Example, rasters: list[RasterInfo], size: int, bands: tuple[int, ...] | None = None,
+                    access: RasterAccess = RasterAccess()) -> ExampleQuery:
+    """Read and draw an example (a client's confined to `access`'s roots); InputError for a box
+    outside the raster, too small, or with nothing to draw."""
+    path = access.resolve(example.raster)
+    if access.roots is not None:
+        path = access.check_file(path)
+    if not path.is_file():
+        raise InputError(f"example raster {excerpt(example.raster)} is not a file")
+    raster = raster_of(path, rasters, bands, access.drivers)
+    window = pixel_box(example, raster)
+    drawing = draw_window(raster, window, size)
+    if (drawing < 128).mean() < MIN_INK:
+        raise InputError(f"the example at {excerpt(list(example.bbox))} in {raster.path} has nothing to draw (open "
+                         "water, haze or flat fields draw no lines): pick a place with visible lines")
+    sketch = torch.from_numpy(drawing.astype(np.float32) / 255.0)[None].expand(3, -1, -1).contiguous()
+    c0, r0, c1, r1 = window
+    ring = [raster.affine * (c, r) for c, r in ((c0, r0), (c1, r0), (c1, r1), (c0, r1))]
+    return ExampleQuery(sketch, raster, Polygon(ring), window, drawing)
+
+
+def drawing_image(query: ExampleQuery) -> Image.Image:
+    """The example's drawing as a picture (previews)."""
+    return Image.fromarray(query.drawing)

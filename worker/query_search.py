@@ -1,0 +1,99 @@
+"""A search as the user asked it: a sketch or an example, without the example's own place, re-ranked
+by the user's marks. It wraps worker.search.search (asked for more places than shown, then
+filtered and re-ranked here), so the ranking itself stays in one place."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+from rasterio.crs import CRS
+from shapely.geometry import Polygon
+
+from worker import feedback as fb
+from worker.cancellation import raise_if_stopped
+from worker.example_query import OWN_PLACE_IOU
+from worker.geo import reproject_rings
+from worker.placement import Placement
+from worker.ranking import RankingConfig
+from worker.search import Hit, SearchResult, dedupe, search
+from worker.store import WGS84, TileIndex
+
+OWN_PLACE_MARGIN = 5  # extra places asked for, to fill the list after the example's own place is left out
+
+
+def iou(a: Polygon, b: Polygon) -> float:
+    inter = a.intersection(b).area if a.intersects(b) else 0.0
+    return float(inter / (a.area + b.area - inter)) if inter > 0 else 0.0
+
+
+def overlapping(placements: list[Placement], footprints: list[Polygon], crs: CRS, limit: float) -> list[bool]:
+    """Whether each placement overlaps any footprint (polygons in `crs`) with IoU above `limit`."""
+    if not footprints or not placements:
+        return [False] * len(placements)
+    polygons = reproject_rings(placements, crs)
+    return [any(iou(p, f) > limit for f in footprints) for p in polygons]
+
+
+def search_query(index: TileIndex, model, sketch: torch.Tensor, ranking: RankingConfig, top: int = 10,
+                 area_wgs84: Polygon | None = None, max_overlap: float = 0.3,
+                 own_place: tuple[Polygon, CRS] | None = None, feedback: fb.Feedback | None = None) -> SearchResult:
+    """The best `top` places for a sketch (3, S, S): worker.search's, less those overlapping
+    `own_place` (an example's footprint and its CRS) by IoU > OWN_PLACE_IOU, re-ranked by
+    `feedback` (worker.feedback) when given."""
+    if own_place is None and feedback is None:
+        return search(index, model, sketch, ranking, top=top, area_wgs84=area_wgs84, max_overlap=max_overlap)
+    started = time.perf_counter()
+    good, bad = feedback.places(index.rasters) if feedback else ([], [])
+    asked = max(top + OWN_PLACE_MARGIN, fb.POOL if feedback else 0, 3 * top if feedback else 0)
+    ranking = replace(ranking, shortlist=max(ranking.shortlist, asked))
+    first = search(index, model, sketch, ranking, top=asked, area_wgs84=area_wgs84, max_overlap=max_overlap)
+    timings = dict(first.timings_ms)
+    hits = first.hits
+    if feedback is not None:
+        raise_if_stopped("the feedback re-rank")
+        hits = rerank(index, model, sketch, ranking, hits, good, bad, area_wgs84, max_overlap)
+    if own_place is not None:
+        footprint, crs = own_place
+        own = overlapping([h.placement for h in hits], [footprint], crs, OWN_PLACE_IOU)
+        hits = [h for h, is_own in zip(hits, own) if not is_own]
+    hits = [replace(h, rank=n + 1) for n, h in enumerate(hits[:top])]
+    timings["total_ms"] = (time.perf_counter() - started) * 1e3
+    return SearchResult(hits=hits, timings_ms=timings)
+
+
+def rerank(index: TileIndex, model, sketch: torch.Tensor, ranking: RankingConfig, hits: list[Hit],
+           good: list[Placement], bad: list[Placement], area_wgs84: Polygon | None, max_overlap: float) -> list[Hit]:
+    """The search's places and those like the good ones, re-ranked by Rocchio (worker.feedback),
+    places marked bad left out, overlapping places collapsed to the best: best first."""
+    size = model.img_size
+    pool = list(hits)
+    prior = list(range(1, len(hits) + 1))
+    if good:
+        good_drawings = describe_drawings(good[:fb.EXPANSIONS], size)
+        for drawing in good_drawings:
+            raise_if_stopped("searching for places like the ones marked good")
+            more = search(index, model, drawing, ranking, top=fb.EXPANSION_TOP, area_wgs84=area_wgs84,
+                          max_overlap=max_overlap).hits
+            pool += more
+            prior += list(range(1, len(more) + 1))
+    marked = good + bad
+    described = fb.describe_places([h.placement for h in pool] + marked, size)
+    candidates, good_d, bad_d = (described[:len(pool)], described[len(pool):len(pool) + len(good)],
+                                 described[len(pool) + len(good):])
+    query = fb.rocchio_query(fb.describe_sketch(sketch), good_d, bad_d)
+    scores = fb.feedback_scores(candidates, query, np.asarray(prior, np.float64))
+    rejected = overlapping([h.placement for h in pool], reproject_rings(bad, WGS84), WGS84, fb.SAME_PLACE_IOU)
+    order = np.array([i for i in np.argsort(-scores, kind="stable") if not rejected[i]], dtype=np.int64)
+    kept = dedupe(reproject_rings([h.placement for h in pool], WGS84), order, max_overlap)
+    return [replace(pool[i], rank=n + 1, score=float(scores[i])) for n, i in enumerate(kept)]
+
+
+def describe_drawings(places: list[Placement], size: int) -> list[torch.Tensor]:
+    """Places drawn as one picture each, as sketch tensors (3, S, S) in [0, 1]."""
+    from worker.verify import draw_placements
+
+    drawings = draw_placements(places, size)
+    return [torch.from_numpy(d.astype(np.float32) / 255.0)[None].expand(3, -1, -1).contiguous() for d in drawings]
