@@ -14,14 +14,16 @@ TOO_LARGE = "too_large"  # over the worker's --max-message-bytes
 BAD_INPUT = "bad_input"  # a raster, sketch or value the worker cannot use
 NOT_FOUND = "not_found"  # a named index or job that does not exist
 INDEX_MISMATCH = "index_mismatch"  # an index of another format, model or tile settings
-FORBIDDEN = "forbidden"  # a path outside the allowed roots
-BUSY = "busy"  # an index an indexing job is writing: cancel the job or wait for it
+FORBIDDEN = "forbidden"  # a path outside the allowed roots, or a file or address a client may not have read
+BUSY = "busy"  # an index a job is writing (cancel it or wait), or the worker's queues are full (retry later)
 TIMEOUT = "timeout"  # the server-side time limit passed
+CORRUPT_INDEX = "corrupt_index"  # an index whose files are damaged: delete it and build it again
+STORAGE = "storage"  # the worker's disk is full or failing: free space or fix it, then retry
 INTERNAL = "internal"  # a bug in the worker; details in its log
 UNAVAILABLE = "unavailable"  # never sent: a client's own code for "no reply at all"
 
 SERVER_CODES = (BAD_JSON, BAD_REQUEST, UNKNOWN_OP, UNSUPPORTED_VERSION, TOO_LARGE, BAD_INPUT, NOT_FOUND,
-                INDEX_MISMATCH, FORBIDDEN, BUSY, TIMEOUT, INTERNAL)
+                INDEX_MISMATCH, FORBIDDEN, BUSY, TIMEOUT, CORRUPT_INDEX, STORAGE, INTERNAL)
 
 
 class ProtocolError(Exception):

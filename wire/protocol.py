@@ -10,6 +10,7 @@ frames and are referred to by number ("sketch_frame": 1). Every request gets exa
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -23,6 +24,12 @@ DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 # the search's `top`: its default and limit (worker.app.SearchRequest checks them; clients show them)
 DEFAULT_TOP = 10
 MAX_TOP = 1000
+# a search's strokes: enough for minutes of freehand drawing (QGIS sends every mouse move), few
+# enough that one request's strokes cost a few MB in the worker
+MAX_STROKES = 1000
+MAX_STROKE_POINTS = 50_000  # over all strokes
+MAX_ID_CHARS = 128  # a request id is echoed in its reply
+EXCERPT_CHARS = 200  # how much of a rejected value an error message quotes (a path fits)
 PROGRESS_TOPIC = b"job."
 
 
@@ -42,12 +49,42 @@ def request_id_of(message: list) -> str:
     return json.loads(message[0])["id"]
 
 
+def excerpt(value: Any, limit: int = EXCERPT_CHARS) -> str:
+    """A value as an error message quotes it: its repr, cut to `limit` characters (a rejected
+    value may be megabytes long, and replies echo messages)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def decode_header(frame: bytes) -> dict:
     """Frame 0 of a request or reply as a dict; ProtocolError(BAD_JSON) for anything else."""
+    return _decode(frame, json.loads)
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:EXCERPT_CHARS]} is out of range")
+    return value
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number a request may carry")
+
+
+def decode_request(frame: bytes) -> dict:
+    """Frame 0 of a request as a dict, its numbers finite (no NaN, Infinity or 1e400);
+    ProtocolError(BAD_JSON) for anything else, too deeply nested or too long a number included."""
+    return _decode(frame, lambda text: json.loads(text, parse_float=_finite, parse_constant=_no_constant))
+
+
+def _decode(frame: bytes, loads: Callable[[str], Any]) -> dict:
     try:
-        header = json.loads(frame.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(BAD_JSON, f"frame 0 must be a UTF-8 JSON object ({exc})") from None
+        header = loads(frame.decode("utf-8"))
+    except RecursionError:
+        raise ProtocolError(BAD_JSON, "frame 0 is nested too deeply to read") from None
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, and numbers over Python's digit limit
+        raise ProtocolError(BAD_JSON, f"frame 0 must be a UTF-8 JSON object ({str(exc)[:200]})") from None
     if not isinstance(header, dict):
         raise ProtocolError(BAD_JSON, "frame 0 must be a JSON object")
     return header
@@ -55,14 +92,16 @@ def decode_header(frame: bytes) -> dict:
 
 def check_request(header: dict) -> str:
     """Validate the fields every request has; returns the op."""
-    if header.get("v") != VERSION:
-        raise ProtocolError(UNSUPPORTED_VERSION, f"protocol version {header.get('v')!r} not supported "
+    version = header.get("v")
+    if type(version) is not int or version != VERSION:  # true and 1.0 equal 1 in Python, not on the wire
+        raise ProtocolError(UNSUPPORTED_VERSION, f"protocol version {excerpt(version)} not supported "
                                                  f"(this worker speaks {VERSION})")
-    if not isinstance(header.get("id"), str) or not header["id"]:
-        raise ProtocolError(BAD_REQUEST, "field 'id' must be a non-empty string")
+    request_id = header.get("id")
+    if not isinstance(request_id, str) or not request_id or len(request_id) > MAX_ID_CHARS:
+        raise ProtocolError(BAD_REQUEST, f"field 'id' must be a non-empty string of at most {MAX_ID_CHARS} characters")
     op = header.get("op")
     if op not in OPS:
-        raise ProtocolError(UNKNOWN_OP, f"unknown op {op!r}; known: {', '.join(OPS)}")
+        raise ProtocolError(UNKNOWN_OP, f"unknown op {excerpt(op)}; known: {', '.join(OPS)}")
     return op
 
 
@@ -80,7 +119,7 @@ def field(header: dict, name: str, kind: Any, default: Any = ..., check: Optiona
     if not isinstance(value, kinds):
         raise ProtocolError(BAD_REQUEST, f"field {name!r} must be {_kind_name(kinds)}, got {type(value).__name__}")
     if check is not None and not check(value):
-        raise ProtocolError(BAD_REQUEST, f"field {name!r} has an invalid value {value!r}")
+        raise ProtocolError(BAD_REQUEST, f"field {name!r} has an invalid value {excerpt(value)}")
     return value
 
 

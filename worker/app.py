@@ -15,11 +15,13 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
 from rasterio.crs import CRS
 from shapely.geometry import Polygon
 
-from wire.protocol import DEFAULT_TOP, MAX_TOP
+from wire.protocol import DEFAULT_TOP, MAX_TOP, excerpt
+from worker.cancellation import StopCheck, raise_if_stopped, stop_when
 from worker.errors import InputError
 from worker.geo import bbox_to_wgs84, parse_crs
-from worker.ranking import RankingConfig
-from worker.store import CHUNK_TILES, IndexProgress, IndexWriter, TileIndex, check_compatible
+from worker.ranking import RANKERS, RankingConfig
+from worker.raster_access import RasterAccess
+from worker.store import CHUNK_TILES, IndexProgress, IndexWriter, TileIndex, check_compatible, check_index_folder
 from worker.tiling import TileSettings, find_rasters
 
 if TYPE_CHECKING:
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
 
 MAX_CHUNK_TILES = 65536
 MAX_SHORTLIST = 100_000
+MAX_COORDINATE = 1e15  # of a search box: any CRS's coordinates are far smaller; more only overflows
 WGS84 = "EPSG:4326"
 PIXEL_STROKES = "pixel"  # strokes in pixel coordinates, y down (a sketch pad); any other CRS has y up
 
@@ -70,30 +73,34 @@ class IndexRequest:
     settings: TileSettings = field(default_factory=TileSettings)
     chunk_tiles: int = CHUNK_TILES  # tiles per committed shard: what a crash can lose
     batch_size: int = 16  # tiles per forward pass
+    access: RasterAccess = field(default_factory=RasterAccess)  # which files it may read (a client: confined)
 
     def __post_init__(self) -> None:
         if not self.rasters:
             raise InputError("no rasters to index: name raster files, folders of rasters or VRTs")
         if not 1 <= self.chunk_tiles <= MAX_CHUNK_TILES:
-            raise InputError(f"chunk_tiles {self.chunk_tiles} must be between 1 and {MAX_CHUNK_TILES}")
-        if self.batch_size < 1:
-            raise InputError(f"batch_size {self.batch_size} must be at least 1")
+            raise InputError(f"chunk_tiles {excerpt(self.chunk_tiles)} must be between 1 and {MAX_CHUNK_TILES}")
+        if not 1 <= self.batch_size <= MAX_CHUNK_TILES:
+            raise InputError(f"batch_size {excerpt(self.batch_size)} must be between 1 and {MAX_CHUNK_TILES}")
         if not 0.0 <= self.settings.min_valid <= 1.0:
-            raise InputError(f"min_valid {self.settings.min_valid} must be a fraction between 0 and 1")
+            raise InputError(f"min_valid {excerpt(self.settings.min_valid)} must be a fraction between 0 and 1")
 
     @classmethod
     def create(cls, index_dir: Path, rasters: Sequence[str | Path], *, tile: int | None = None,
                overlap: float | None = None, scales: Sequence[int] | None = None, bands: Sequence[int] | None = None,
                min_valid: float | None = None, chunk_tiles: int | None = None,
-               batch_size: int | None = None) -> "IndexRequest":
-        """A request from what the user gave (None: the default). Raster inputs (files, folders,
-        VRTs) are found on disk now, so a missing one is refused before any work starts."""
+               batch_size: int | None = None, access: RasterAccess = RasterAccess()) -> "IndexRequest":
+        """A request from what the user gave (None: the default). The index folder is checked
+        (new, empty or an index: never one holding other things) and the raster inputs (files,
+        folders, VRTs) are found on disk and allowed by `access` now, so a bad one is refused
+        before any work starts."""
         settings = TileSettings(**given(tile=tile, overlap=None if overlap is None else float(overlap),
                                         scales=None if scales is None else tuple(scales),
                                         bands=tuple(bands) if bands else None,
                                         min_valid=None if min_valid is None else float(min_valid)))
-        return cls(Path(index_dir), tuple(find_rasters(list(rasters))), settings,
-                   **given(chunk_tiles=chunk_tiles, batch_size=batch_size))
+        check_index_folder(Path(index_dir))
+        return cls(Path(index_dir), tuple(find_rasters(list(rasters), access)), settings,
+                   **given(chunk_tiles=chunk_tiles, batch_size=batch_size), access=access)
 
     def to_json(self) -> dict:
         """What a rerun needs (the service keeps it in the index's job.json)."""
@@ -101,9 +108,16 @@ class IndexRequest:
                 "chunk_tiles": self.chunk_tiles}
 
     @classmethod
-    def from_json(cls, index_dir: Path, d: dict) -> "IndexRequest":
-        return cls(Path(index_dir), tuple(find_rasters(d["rasters"])), TileSettings.from_json(d["settings"]),
-                   **given(chunk_tiles=d.get("chunk_tiles")))
+    def from_json(cls, index_dir: Path, d: dict, access: RasterAccess = RasterAccess()) -> "IndexRequest":
+        """The request a job file holds; InputError when it is damaged or its rasters are gone."""
+        try:
+            rasters, settings, chunk_tiles = d["rasters"], TileSettings.from_json(d["settings"]), d.get("chunk_tiles")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"the job file of {index_dir} is damaged ({excerpt(str(exc))})") from None
+        if not isinstance(rasters, list):
+            raise InputError(f"the job file of {index_dir} is damaged (rasters is not a list)")
+        return cls(Path(index_dir), tuple(find_rasters(rasters, access)), settings,
+                   **given(chunk_tiles=chunk_tiles), access=access)
 
 
 @dataclass(frozen=True)
@@ -128,7 +142,7 @@ def build_index(request: IndexRequest, model: "RetrievalModel", progress: Callab
     batches: True stops after the last commit, leaving an index that a rerun completes."""
     writer = IndexWriter(request.index_dir, model, request.settings, request.chunk_tiles)
     manifest = writer.build(list(request.rasters), progress=progress, should_stop=should_stop,
-                            batch_size=request.batch_size)
+                            batch_size=request.batch_size, drivers=request.access.drivers)
     rasters = manifest["rasters"]
     return IndexSummary(request.index_dir, manifest.get("tile_count", 0), sum(r["tiles_total"] or 0 for r in rasters),
                         sum(r["tiles_skipped"] for r in rasters), len(rasters), all(r["complete"] for r in rasters))
@@ -151,9 +165,12 @@ def check_index(index: TileIndex, model: "RetrievalModel", settings: TileSetting
 def stroke_sketch(strokes: Sequence[Sequence[Sequence[float]]], crs: str | None = None,
                   frame: Sequence[float] | None = None) -> "StrokeSketch":
     """Polylines as drawn: in a CRS (y up) or in pixels (y down, the default), framed by `frame`
-    (x0, y0, x1, y1; e.g. the sketch pad) or else by their own extent."""
+    (x0, y0, x1, y1; e.g. the sketch pad) or else by their own extent. InputError for a CRS
+    that is none, and for strokes past the limits of worker.sketch.StrokeSketch."""
     from worker.sketch import StrokeSketch
 
+    if crs is not None and crs != PIXEL_STROKES:
+        parse_crs(crs)  # only its y direction is used, but a CRS that is none is the client's mistake
     return StrokeSketch(tuple(tuple((float(x), float(y)) for x, y in s) for s in strokes),
                         y_up=(crs or PIXEL_STROKES) != PIXEL_STROKES,
                         frame=tuple(float(v) for v in frame) if frame is not None else None)
@@ -180,13 +197,16 @@ class SearchRequest:
 
     def __post_init__(self) -> None:
         if not 1 <= self.top <= MAX_TOP:
-            raise InputError(f"top {self.top} must be between 1 and {MAX_TOP}")
+            raise InputError(f"top {excerpt(self.top)} must be between 1 and {MAX_TOP}")
         if not 1 <= self.shortlist <= MAX_SHORTLIST:
-            raise InputError(f"shortlist {self.shortlist} must be between 1 and {MAX_SHORTLIST}")
+            raise InputError(f"shortlist {excerpt(self.shortlist)} must be between 1 and {MAX_SHORTLIST}")
         if not 0.0 <= self.max_overlap <= 1.0:
-            raise InputError(f"max_overlap {self.max_overlap} must be a fraction between 0 and 1")
-        if self.bbox is not None and len(self.bbox) != 4:
-            raise InputError(f"bbox {list(self.bbox)}: expected MINX,MINY,MAXX,MAXY")
+            raise InputError(f"max_overlap {excerpt(self.max_overlap)} must be a fraction between 0 and 1")
+        if self.ranker not in RANKERS:
+            raise InputError(f"ranker {excerpt(self.ranker)} must be one of {', '.join(RANKERS)}")
+        if self.bbox is not None and (len(self.bbox) != 4 or not all(abs(float(v)) < MAX_COORDINATE for v in self.bbox)):
+            raise InputError(f"bbox {excerpt(list(self.bbox))}: expected MINX,MINY,MAXX,MAXY within "
+                             f"+-{MAX_COORDINATE:g}")
         object.__setattr__(self, "out_crs", parse_crs(self.crs))
         object.__setattr__(self, "ranking", RankingConfig(ranker=self.ranker, token_weight=float(self.token_weight),
                                                           shortlist=max(self.top, self.shortlist)))
@@ -208,14 +228,21 @@ class SearchOutcome:
         return {"hits": self.hits, "timings_ms": self.timings_ms}
 
 
-def run_search(request: SearchRequest, model: "RetrievalModel", index: TileIndex) -> SearchOutcome:
-    """Find where the request's sketch lies in `index`; InputError for a sketch that cannot be used."""
+def run_search(request: SearchRequest, model: "RetrievalModel", index: TileIndex,
+               should_stop: StopCheck | None = None) -> SearchOutcome:
+    """Find where the request's sketch lies in `index`; InputError for a sketch that cannot be used.
+    `should_stop` (the service's deadline) is checked between stages: when it says so, the
+    search ends with SearchStopped (worker.cancellation) and its thread is free again."""
     from worker.hits_output import hits_to_geojson
     from worker.search import search
     from worker.sketch import load_sketch
 
-    sketch = load_sketch(request.sketch, model.img_size, crop_to_ink=request.crop_to_ink)
-    result = search(index, model, sketch, request.ranking, top=request.top, area_wgs84=request.area_wgs84,
-                    max_overlap=request.max_overlap)
-    timings = {k: round(v, 2) for k, v in result.timings_ms.items()}
-    return SearchOutcome(hits_to_geojson(result.hits, request.out_crs, None), timings, result.hits, sketch)
+    with stop_when(should_stop):
+        raise_if_stopped("drawing the sketch")
+        sketch = load_sketch(request.sketch, model.img_size, crop_to_ink=request.crop_to_ink)
+        raise_if_stopped("the search")
+        result = search(index, model, sketch, request.ranking, top=request.top, area_wgs84=request.area_wgs84,
+                        max_overlap=request.max_overlap)
+        raise_if_stopped("writing the hits")
+        timings = {k: round(v, 2) for k, v in result.timings_ms.items()}
+        return SearchOutcome(hits_to_geojson(result.hits, request.out_crs, None), timings, result.hits, sketch)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from collections import defaultdict
 
 import numpy as np
@@ -11,14 +13,59 @@ from rasterio.errors import CRSError
 from rasterio.warp import transform as warp_transform
 from shapely.geometry import Polygon, box
 
+from wire.protocol import excerpt
 from worker.errors import InputError
+
+MAX_CRS_CHARS = 20_000  # a long PROJJSON is a few thousand characters
+AUTHORITY_CODE = re.compile(r"[A-Za-z][A-Za-z0-9_]*:{1,2}[A-Za-z0-9_.]+|urn:ogc:def:crs:[A-Za-z0-9_]+:[0-9.]*:[A-Za-z0-9_.]+")
+WKT = re.compile(r"\s*[A-Z_]+\s*\[", re.IGNORECASE)
+# what makes PROJ open a file (a grid, an init file): a path there is read, and a FIFO or a
+# terminal blocks the reading thread inside PROJ while it holds the interpreter lock
+FILE_REFERENCES = ("parameterfile", "extension", "+proj", "+init", "proj=", "nadgrids", "geoidgrids")
 
 
 def parse_crs(text: str) -> CRS:
+    """A CRS named by an authority code (EPSG:4326, ESRI:102100, OGC:CRS84), WKT or PROJJSON.
+    PROJ strings and definitions that name files (grids, init files) are refused: they would
+    make PROJ open paths a request chooses."""
+    if not isinstance(text, str) or not text.strip():
+        raise InputError("a CRS must be a non-empty string such as EPSG:4326")
+    if len(text) > MAX_CRS_CHARS:
+        raise InputError(f"CRS {excerpt(text)} is longer than {MAX_CRS_CHARS} characters")
+    if not AUTHORITY_CODE.fullmatch(text.strip()):
+        _check_definition(text)
     try:
-        return CRS.from_user_input(text)
+        return CRS.from_user_input(text.strip())
     except CRSError as exc:
-        raise InputError(f"unknown CRS {text!r} ({exc})") from exc
+        raise InputError(f"unknown CRS {excerpt(text)} ({str(exc)[:200]})") from exc
+
+
+def _check_definition(text: str) -> None:
+    """WKT or PROJJSON without file references, or InputError saying what is accepted."""
+    lowered = text.lower()
+    named = [word for word in FILE_REFERENCES if word in lowered]
+    if named:
+        raise InputError(f"CRS {excerpt(text)} names files or PROJ options ({', '.join(named)}): give an authority "
+                         "code such as EPSG:4326, or WKT or PROJJSON without grids")
+    if text.lstrip().startswith("{"):
+        try:
+            definition = json.loads(text)
+        except (ValueError, RecursionError):
+            raise InputError(f"CRS {excerpt(text)} is not valid PROJJSON") from None
+        if _has_text_value(definition):  # a parameter whose value is a string names a file
+            raise InputError(f"CRS {excerpt(text)} names a parameter file: give a CRS without grids")
+    elif not WKT.match(text):
+        raise InputError(f"CRS {excerpt(text)} is not an authority code (EPSG:4326), WKT or PROJJSON")
+
+
+def _has_text_value(node: object, depth: int = 0) -> bool:
+    if depth > 64:
+        return True  # no CRS nests this deep
+    if isinstance(node, dict):
+        return isinstance(node.get("value"), str) or any(_has_text_value(v, depth + 1) for v in node.values())
+    if isinstance(node, list):
+        return any(_has_text_value(v, depth + 1) for v in node)
+    return False
 
 
 def reproject_rings(tiles: list, dst: CRS) -> list[Polygon]:

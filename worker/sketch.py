@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
+from wire.protocol import MAX_STROKE_POINTS, MAX_STROKES
 from worker.errors import InputError
 
 MAX_SKETCH_PIXELS = 4096 * 4096
@@ -36,6 +37,23 @@ class StrokeSketch:
     strokes: tuple[tuple[tuple[float, float], ...], ...]
     y_up: bool = True
     frame: tuple[float, float, float, float] | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse what no one draws: more strokes or points than MAX_STROKES and
+        MAX_STROKE_POINTS (they would only cost the worker memory), coordinates that are not
+        finite, and an extent too large to compute with."""
+        if len(self.strokes) > MAX_STROKES:
+            raise InputError(f"sketch has {len(self.strokes)} strokes; at most {MAX_STROKES}: draw fewer")
+        points = sum(len(s) for s in self.strokes)
+        if points > MAX_STROKE_POINTS:
+            raise InputError(f"sketch has {points} points; at most {MAX_STROKE_POINTS}: draw fewer or simpler strokes")
+        coords = np.array([c for s in self.strokes for p in s for c in p] + list(self.frame or ()), np.float64)
+        if not np.isfinite(coords).all():
+            raise InputError("sketch strokes or frame contain coordinates that are not finite numbers")
+        x0, y0, x1, y1 = self.extent() if self.strokes and all(self.strokes) else (0.0, 0.0, 0.0, 0.0)
+        if not np.isfinite([x1 - x0, y1 - y0]).all():
+            raise InputError("sketch strokes span more than a float can hold (coordinates near 1e308): draw them in "
+                             "map or pixel coordinates")
 
     def extent(self) -> tuple[float, float, float, float]:
         if self.frame is not None:

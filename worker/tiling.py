@@ -15,19 +15,25 @@ from typing import Iterator
 
 import numpy as np
 import rasterio
+import rasterio.io
 from rasterio.enums import ColorInterp, Resampling
 from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
 from scipy import ndimage
 from shapely.geometry import Polygon
 
+from wire.protocol import excerpt
 from worker.errors import InputError
+from worker.raster_access import RasterAccess
 
 log = logging.getLogger(__name__)
 
 RASTER_SUFFIXES = {".tif", ".tiff", ".jp2", ".vrt", ".img", ".png", ".jpg", ".jpeg", ".nc", ".hdf", ".ecw", ".sid", ".dem", ".bil"}
 STRETCH_PERCENTILES = (2.0, 98.0)
 EDGE_POINTS = 4  # points per footprint edge, so reprojected footprints follow curved edges
+MAX_TILE = 4096  # pixels; the model reads every tile down to its input size
+MAX_SCALE = 64  # a window of 64 tiles a side, read down to one tile
+MAX_SCALES = 8
 
 
 @dataclass(frozen=True)
@@ -41,12 +47,17 @@ class TileSettings:
     min_valid: float = 0.5  # tiles with less valid (non-nodata) area are skipped and counted
 
     def __post_init__(self) -> None:
-        if self.tile < 32:
-            raise InputError(f"--tile {self.tile} is too small (at least 32 px)")
+        if not 32 <= self.tile <= MAX_TILE:
+            raise InputError(f"--tile {excerpt(self.tile)} must be between 32 and {MAX_TILE} px")
         if not 0.0 <= self.overlap < 0.9:
-            raise InputError(f"--overlap {self.overlap} must be in [0, 0.9)")
-        if not self.scales or any(s < 1 for s in self.scales):
-            raise InputError(f"--scales {self.scales} must be positive integers")
+            raise InputError(f"--overlap {excerpt(self.overlap)} must be in [0, 0.9)")
+        scales = list(self.scales)
+        if not 1 <= len(scales) <= MAX_SCALES or len(set(scales)) != len(scales) or not all(
+                1 <= s <= MAX_SCALE for s in scales):
+            raise InputError(f"--scales {excerpt(scales)} must be 1 to {MAX_SCALES} different whole numbers between 1 "
+                             f"and {MAX_SCALE} (e.g. 1,2,4)")
+        if self.bands is not None and not (len(self.bands) in (1, 3) and all(b >= 1 for b in self.bands)):
+            raise InputError(f"--bands {excerpt(list(self.bands))} must be 1 or 3 band numbers (R,G,B), from 1")
 
     def to_json(self) -> dict:
         """As stored in manifests and job files (lists, not tuples, so stored and fresh compare equal)."""
@@ -130,20 +141,31 @@ class Tile:
                         (self.col_off + self.width, self.row_off + self.height), (self.col_off, self.row_off + self.height)])
 
 
-def find_rasters(inputs: list[str | Path]) -> list[Path]:
-    """Files, directories (searched recursively for raster suffixes) and VRTs -> sorted files."""
+def find_rasters(inputs: list[str | Path], access: RasterAccess = RasterAccess()) -> list[Path]:
+    """Files, directories (searched recursively for raster suffixes) and VRTs -> sorted files,
+    each one (and each VRT's sources) allowed by `access`."""
     found: list[Path] = []
     for item in inputs:
-        path = Path(item).expanduser().resolve()
+        path = access.resolve(item)
         if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in RASTER_SUFFIXES)
+            found += [access.check_file(p) for p in _files_under(path)]
         elif path.is_file():
-            found.append(path)
+            found.append(access.check_file(path))
         else:
-            raise InputError(f"raster not found: {item}")
+            raise InputError(f"raster not found: {excerpt(str(item))}")
     if not found:
-        raise InputError(f"no raster files in {', '.join(map(str, inputs))}")
+        raise InputError(f"no raster files in {excerpt(', '.join(map(str, inputs)))}")
     return list(dict.fromkeys(found))
+
+
+def _files_under(folder: Path) -> list[Path]:
+    """Raster files in a folder and its subfolders, sorted; linked folders are not entered
+    (a link to a file is returned as found, for the caller to resolve and check)."""
+    files = []
+    for parent, dirs, names in os.walk(folder, followlinks=False):
+        dirs.sort()
+        files += [Path(parent) / n for n in names if Path(n).suffix.lower() in RASTER_SUFFIXES]
+    return sorted(p for p in files if p.is_file())
 
 
 def choose_bands(src: rasterio.DatasetReader, requested: tuple[int, ...] | None) -> tuple[int, ...]:
@@ -190,11 +212,24 @@ def robust_stretch(src: rasterio.DatasetReader, bands: tuple[int, ...]) -> tuple
     return tuple(table[b] for b in bands)
 
 
-def open_raster(path: Path, bands: tuple[int, ...] | None) -> RasterInfo:
-    """Check a raster can be indexed and describe it; every refusal says what to do."""
+def _open_with(path: Path, drivers: tuple[str, ...] | None) -> rasterio.DatasetReader:
+    """`path` opened by any GDAL driver, or only by one of `drivers` (rasterio.open takes one
+    driver name; its reader takes GDAL's list of allowed drivers)."""
+    if not drivers:
+        return rasterio.open(path)
+    with rasterio.Env():
+        return rasterio.io.DatasetReader(path, driver=list(drivers))
+
+
+def open_raster(path: Path, bands: tuple[int, ...] | None, drivers: tuple[str, ...] | None = None) -> RasterInfo:
+    """Check a raster can be indexed and describe it; every refusal says what to do. With
+    `drivers`, only those GDAL drivers may read it (a service client's raster)."""
     try:
-        src = rasterio.open(path)
+        src = _open_with(path, drivers)
     except RasterioIOError as exc:
+        if drivers:
+            raise InputError(f"{path}: not a raster this worker reads for clients (formats: {', '.join(drivers)}; "
+                             f"convert it with gdal_translate) or not readable ({str(exc)[:200]})") from exc
         raise InputError(f"{path}: not a readable raster ({exc})") from exc
     with src:
         if src.crs is None or not src.crs.to_wkt():

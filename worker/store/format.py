@@ -7,10 +7,14 @@ Layout of INDEX_DIR:
                        int16, cells.npy (n, G, G, 9) uint8 (worker.edge_cells, worker.level_maps)
   tiles.gpkg           the indexed tiles as polygons (EPSG:4326) for QGIS, rebuilt after each run
   .lock                held by the one process writing the index
-A shard directory is written under a temporary name and renamed into place, then the manifest
-naming it is replaced: a crash at any point leaves the last committed state, and a rerun
-recomputes only the chunks that were not committed. A shard of only empty tiles holds its
-records alone (readers skip shards of count 0).
+  job.json             the service's indexing request while its job runs (resumed after a crash)
+Before a shard is written its name goes into the manifest's `pending` list (the journal); the
+shard directory is written under a temporary name and renamed into place, then the manifest
+naming it as committed is replaced: a crash at any point leaves the last committed state, a
+rerun recomputes only the chunks that were not committed, and cleaning up removes only what
+the journal says this index was writing: never a file the index did not write. A folder that
+holds anything else is not made an index. A shard of only empty tiles holds its records alone
+(readers skip shards of count 0).
 """
 
 from __future__ import annotations
@@ -18,15 +22,18 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 import time
+from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-from worker.errors import IndexMismatchError, InputError, NotFoundError
+from wire.protocol import excerpt
+from worker.errors import CorruptIndexError, IndexMismatchError, InputError, NotFoundError, StorageError
 
 # 2: edge layouts per tile; 3: backbones named by their source (worker.model.identity);
 # 4: edge cells on shared level grids instead of per-tile layouts (search at every placement)
@@ -36,10 +43,13 @@ MANIFEST = "manifest.json"
 SHARDS = "shards"
 TILES_LAYER = "tiles.gpkg"
 LOCK = ".lock"
+JOB_FILE = "job.json"
 RECORD_DTYPE = np.dtype([("raster_id", "<i4"), ("col_off", "<i4"), ("row_off", "<i4"), ("width", "<i4"),
                          ("height", "<i4"), ("scale", "<i2"), ("valid", "<f4"), ("bounds4326", "<f8", (4,)),
                          ("cell_row", "<i4"), ("cell_col", "<i4"), ("cell_rows", "<i2"), ("cell_cols", "<i2")])
 SHARD_ARRAYS = ("records", "global", "tokens", "positions", "cells")
+SHARD_NAME = re.compile(r"r\d{5}-c\d{6}")  # shard_name's form
+TMP_PREFIX = ".tmp-"
 
 
 def shard_name(raster_id: int, chunk: int) -> str:
@@ -50,51 +60,137 @@ def new_manifest(model_fingerprint: dict, tiling: dict, chunk_tiles: int, drawin
     """The manifest of an index with nothing committed yet."""
     now = time.time()
     return {"format": FORMAT_VERSION, "model": model_fingerprint, "tiling": tiling, "chunk_tiles": chunk_tiles,
-            "drawing_size": drawing_size, "rasters": [], "shards": [], "tile_count": 0, "created": now, "updated": now}
+            "drawing_size": drawing_size, "rasters": [], "shards": [], "pending": [], "tile_count": 0, "created": now, "updated": now}
 
 
 def read_manifest(index_dir: Path) -> dict:
     """The committed manifest of an index: NotFoundError when the folder is not an index,
-    IndexMismatchError when it is of another format."""
+    IndexMismatchError when it is of another format, CorruptIndexError when it cannot be read."""
     path = Path(index_dir) / MANIFEST
-    if not path.exists():
+    if not path.is_file():
         raise NotFoundError(f"{index_dir} is not an index (no {MANIFEST}); build one with `index`")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise CorruptIndexError(f"{path} cannot be read ({str(exc)[:120]}): delete the index and build it "
+                                "again") from None
+    if not isinstance(manifest, dict):
+        raise CorruptIndexError(f"{path} is not a manifest: delete the index and build it again")
     check_format(manifest, index_dir)
+    check_manifest_shape(manifest, path)
     return manifest
+
+
+def check_manifest_shape(manifest: dict, path: Path) -> None:
+    """The fields readers rely on are there, with their types (a damaged or hand-edited manifest
+    is refused here with what to do, not deep inside a search)."""
+    kinds = {"model": dict, "tiling": dict, "rasters": list, "shards": list, "drawing_size": int}
+    wrong = [k for k, kind in kinds.items() if not isinstance(manifest.get(k), kind)]
+    wrong += [f"shards[{i}]" for i, s in enumerate(manifest.get("shards") or [])
+              if not (isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("count"), int)
+                      and SHARD_NAME.fullmatch(s["name"]))]
+    if wrong:
+        raise CorruptIndexError(f"{path} is damaged ({', '.join(wrong[:5])} missing or malformed): delete the index "
+                                "and build it again")
+
+
+@contextmanager
+def disk_write(path: Path) -> Iterator[None]:
+    """Writes to `path`: an OSError (a full or failing disk) becomes a StorageError that says
+    where and how much space is left."""
+    try:
+        yield
+    except OSError as exc:
+        try:
+            free = f"{shutil.disk_usage(Path(path).parent).free / 1e6:.1f} MB left there"
+        except OSError:
+            free = "free space unknown"
+        reason = exc.strerror or str(exc)  # numpy's short writes say "N requested and M written"
+        raise StorageError(f"cannot write {path}: {reason} ({free}); free space on that disk (or fix it) and run "
+                           "the job again: committed chunks are kept") from exc
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with disk_write(path):
+        try:
+            with open(tmp, "w") as f:
+                json.dump(obj, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if tmp.is_file():  # a write that failed leaves nothing behind
+                tmp.unlink()
 
 
 def write_shard(index_dir: Path, name: str, arrays: dict[str, np.ndarray]) -> None:
     """Write one shard's arrays under a temporary name and rename it into place (the manifest
-    that names it is committed after)."""
+    that names it is committed after, and named it pending before)."""
     shards = Path(index_dir) / SHARDS
-    tmp = shards / f".tmp-{name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for key, arr in arrays.items():
-        with open(tmp / f"{key}.npy", "wb") as f:
-            np.save(f, arr)
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, shards / name)
+    tmp = shards / f"{TMP_PREFIX}{name}"
+    with disk_write(tmp):
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for key, arr in arrays.items():
+            with open(tmp / f"{key}.npy", "wb") as f:
+                np.save(f, arr)
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, shards / name)
+
+
+def remove_shards(index_dir: Path, names: Iterable[str]) -> None:
+    """Remove shards (and their half-written temporaries) by name: only names of this format,
+    so nothing but what an index writer wrote is ever removed."""
+    shards = Path(index_dir) / SHARDS
+    for name in names:
+        if SHARD_NAME.fullmatch(name):
+            for entry in (shards / name, shards / f"{TMP_PREFIX}{name}"):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+
+
+def check_index_folder(index_dir: Path) -> None:
+    """A folder an index may be built in: an index already, absent, or holding only what an
+    index writer leaves before its first commit. A folder with anything else (a user's files,
+    other indexes) or inside another index is refused: building there must never delete or mix."""
+    index_dir = Path(index_dir)
+    for parent in index_dir.parents:
+        if (parent / MANIFEST).is_file():
+            raise InputError(f"{index_dir} is inside the index {parent}: name a folder outside it")
+    if not index_dir.exists():
+        return
+    if not index_dir.is_dir():
+        raise InputError(f"{index_dir} is a file, not an index folder: name another folder")
+    if (index_dir / MANIFEST).is_file():
+        return
+    foreign = sorted(entry.name for entry in index_dir.iterdir() if not _left_by_a_writer(entry))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise InputError(f"{index_dir} already holds other things ({shown}) and is not an index: name a new or empty "
+                         "folder")
+
+
+def _left_by_a_writer(entry: Path) -> bool:
+    """What an index writer creates before its first commit: the lock, the job file, temporary
+    manifests, and an empty shards folder."""
+    name = entry.name
+    temporary = name.endswith(".tmp") and name.startswith((f".{MANIFEST}.", f".{JOB_FILE}."))
+    if name in (LOCK, JOB_FILE) or temporary:
+        return entry.is_file() and not entry.is_symlink()
+    return name == SHARDS and entry.is_dir() and not entry.is_symlink() and not any(entry.iterdir())
 
 
 @contextmanager
 def index_lock(index_dir: Path) -> Iterator[None]:
     """One writer per index (a second one gets a clear error instead of interleaving shards)."""
-    index_dir.mkdir(parents=True, exist_ok=True)
-    with open(index_dir / LOCK, "w") as f:
+    with disk_write(index_dir / LOCK):
+        index_dir.mkdir(parents=True, exist_ok=True)
+        lock_file = open(index_dir / LOCK, "w")
+    with lock_file:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise InputError(f"{index_dir} is being written by another indexing run") from None
         yield
@@ -102,15 +198,15 @@ def index_lock(index_dir: Path) -> Iterator[None]:
 
 def check_format(manifest: dict, index_dir: Path) -> None:
     if manifest.get("format") != FORMAT_VERSION:
-        raise IndexMismatchError(f"{index_dir}: index format {manifest.get('format')} is not {FORMAT_VERSION}; "
+        raise IndexMismatchError(f"{index_dir}: index format {excerpt(manifest.get('format'))} is not {FORMAT_VERSION}; "
                                  "build it again with this version")
 
 
 def check_compatible(manifest: dict, tile_encoder: str, settings: dict, index_dir: Path) -> None:
     check_format(manifest, index_dir)
-    if manifest["model"]["tile_encoder"] != tile_encoder:
+    if manifest["model"].get("tile_encoder") != tile_encoder:
         raise IndexMismatchError(f"{index_dir} was built with another model (tile encoder "
-                                 f"{manifest['model']['tile_encoder']}, this worker has {tile_encoder}); "
+                                 f"{manifest['model'].get('tile_encoder')}, this worker has {tile_encoder}); "
                                  "use that model or build a new index")
     if settings is not None and manifest["tiling"] != settings:
         raise IndexMismatchError(f"{index_dir} was built with tile settings {manifest['tiling']}, not {settings}; "

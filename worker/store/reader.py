@@ -1,4 +1,4 @@
-"""Reading a committed index: records in memory, level maps joined on first use, the rest mapped."""
+"""Reading a committed index: records in memory, level maps joined on first use, the rest read by rows."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ import numpy as np
 from rasterio.crs import CRS
 
 from worker import edge_cells, level_maps
-from worker.store.format import RECORD_DTYPE, SHARDS, read_manifest
+from wire.protocol import excerpt
+from worker.errors import CorruptIndexError
+from worker.store.format import MANIFEST, RECORD_DTYPE, SHARDS, read_manifest
+from worker.store.shard_file import ShardArray
 from worker.tiling import RasterInfo, Tile
 
 WGS84 = CRS.from_epsg(4326)
@@ -17,34 +20,41 @@ WGS84 = CRS.from_epsg(4326)
 
 class TileIndex:
     """A read-only view of a committed index. What a search scans everywhere (the level maps
-    of edge cells, or the global tokens) is loaded into memory when first used; the rest stays
-    memory-mapped."""
+    of edge cells, or the global tokens) is loaded into memory when first used; the rest is read
+    by rows when asked for. Shard files are checked against the manifest when the index is
+    opened and again on every read, so a damaged or truncated shard is a CorruptIndexError,
+    never a crash (worker.store.shard_file)."""
 
     def __init__(self, index_dir: Path, manifest: dict, shards: list[dict]):
         self.dir = index_dir
         self.manifest = manifest
-        self.rasters = {r["id"]: RasterInfo.from_json(r) for r in manifest["rasters"]}
+        try:
+            self.rasters = {r["id"]: RasterInfo.from_json(r) for r in manifest["rasters"]}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptIndexError(f"{index_dir / MANIFEST} describes its rasters wrongly ({excerpt(str(exc))}): "
+                                    "delete the index and build it again") from None
         self._shards = [s for s in shards if s["count"] > 0]
-        self.records = (np.concatenate([self._load(s, "records", None) for s in self._shards]) if self._shards
+        self.records = (np.concatenate([self._array(s, "records").read_all() for s in self._shards]) if self._shards
                         else np.zeros(0, RECORD_DTYPE))
-        self._mapped = {key: [self._load(s, key, "r") for s in self._shards]
-                        for key in ("tokens", "positions", "cells")}
+        if self.records.dtype != RECORD_DTYPE:
+            raise CorruptIndexError(f"{index_dir}: its tile records are not of this format: delete the index and "
+                                    "build it again")
+        self._arrays = {key: [self._array(s, key) for s in self._shards] for key in ("tokens", "positions", "cells")}
         self._offsets = np.cumsum([0] + [s["count"] for s in self._shards])
-        self.dim = self._mapped["tokens"][0].shape[-1] if self._shards else 0
+        self.dim = self._arrays["tokens"][0].shape[-1] if self._shards else 0
 
-    def _load(self, shard: dict, key: str, mmap: str | None) -> np.ndarray:
-        return np.load(self.dir / SHARDS / shard["name"] / f"{key}.npy", mmap_mode=mmap)
+    def _array(self, shard: dict, key: str) -> ShardArray:
+        return ShardArray(self.dir / SHARDS / shard["name"] / f"{key}.npy", shard["count"])
 
     def _rows_in_memory(self, key: str, dim: int) -> np.ndarray:
         """One (n, dim) array filled shard by shard, so only one shard is held twice at a time
-        (concatenating memory maps peaked at twice the array: 5.9 GB at 1M tiles)."""
+        (concatenating whole arrays peaked at twice the array: 5.9 GB at 1M tiles)."""
         if not self._shards:
             return np.zeros((0, dim), np.float16)
-        first = self._load(self._shards[0], key, "r")
-        rows = np.empty((len(self), *first.shape[1:]), first.dtype)
-        del first
-        for shard, start in zip(self._shards, self._offsets):
-            rows[start:start + shard["count"]] = self._load(shard, key, None)
+        arrays = [self._array(s, key) for s in self._shards]
+        rows = np.empty((len(self), *arrays[0].shape[1:]), arrays[0].dtype)
+        for array, start in zip(arrays, self._offsets):
+            rows[start:start + array.shape[0]] = array.read_all()
         return rows
 
     @cached_property
@@ -68,12 +78,23 @@ class TileIndex:
         return len(self.records)
 
     def _gather(self, key: str, rows: np.ndarray) -> np.ndarray:
+        """Rows of one array, in the order asked, read shard by shard."""
+        rows = np.asarray(rows, np.int64)
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"rows {rows.min()}..{rows.max()} outside the index's {len(self)} tiles")
         shard = np.searchsorted(self._offsets, rows, side="right") - 1
-        return np.stack([self._mapped[key][s][r - self._offsets[s]] for s, r in zip(shard, rows)])
+        out = None
+        for s in np.unique(shard):
+            picked = np.nonzero(shard == s)[0]
+            values = self._arrays[key][s].read_rows(rows[picked] - self._offsets[s])
+            if out is None:
+                out = np.empty((len(rows), *values.shape[1:]), values.dtype)
+            out[picked] = values
+        return out
 
     def tokens_of(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Patch tokens (len(rows), K, D) and their patch positions (len(rows), K), gathered
-        from the memory-mapped shards."""
+        """Patch tokens (len(rows), K, D) and their patch positions (len(rows), K), read
+        from the shards."""
         if not len(rows):
             return np.zeros((0, 1, self.dim), np.float16), np.zeros((0, 1), np.int16)
         return self._gather("tokens", rows), self._gather("positions", rows)
@@ -117,7 +138,7 @@ class TileIndex:
 
     def info(self) -> dict:
         m = self.manifest
-        sizes = {"tokens_bytes": int(sum(t.nbytes for t in self._mapped["tokens"])),
+        sizes = {"tokens_bytes": int(sum(t.nbytes for t in self._arrays["tokens"])),
                  "disk_bytes": int(sum(f.stat().st_size for f in self.dir.rglob("*") if f.is_file()))}
         return {"index": str(self.dir), "format": m["format"], "model": m["model"], "tiling": m["tiling"],
                 "tile_count": len(self), "tiles_skipped": sum(r["tiles_skipped"] for r in m["rasters"]),

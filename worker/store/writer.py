@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,8 +12,9 @@ import numpy as np
 
 from worker import level_maps
 from worker.geo import bounds_wgs84
-from worker.store.format import (CHUNK_TILES, MANIFEST, RECORD_DTYPE, SHARDS, check_compatible, index_lock,
-                                 new_manifest, shard_name, write_json_atomic, write_shard)
+from worker.store.format import (CHUNK_TILES, MANIFEST, RECORD_DTYPE, SHARDS, TILES_LAYER, check_compatible, check_index_folder,
+                                 disk_write, index_lock, new_manifest, read_manifest, remove_shards, shard_name,
+                                 write_json_atomic, write_shard)
 from worker.store.gpkg import write_tiles_gpkg
 from worker.tile_features import TileFeatures, describe_tiles
 from worker.tiling import RasterInfo, Tile, TileSettings, iter_tile_pixels, open_raster, plan_tiles
@@ -44,11 +43,11 @@ class IndexWriter:
         self.chunk_tiles = self.manifest["chunk_tiles"]  # an existing index keeps its own chunking
 
     def _load_or_create(self, chunk_tiles: int) -> dict:
-        path = self.dir / MANIFEST
+        check_index_folder(self.dir)  # an index, or a new or empty folder: never one holding other things
         fp = self.model.fingerprint()
         settings = self.settings.to_json()
-        if path.exists():
-            manifest = json.loads(path.read_text())
+        if (self.dir / MANIFEST).is_file():
+            manifest = read_manifest(self.dir)
             check_compatible(manifest, fp["tile_encoder"], settings, self.dir)
             return manifest
         return new_manifest(fp, settings, chunk_tiles, self.model.img_size)
@@ -59,11 +58,15 @@ class IndexWriter:
         write_json_atomic(self.dir / MANIFEST, self.manifest)
 
     def _clean_uncommitted(self) -> None:
+        """Remove the shards the journal names as being written (or dropped) but not committed:
+        what a crash or a changed raster left. Nothing else in the folder is touched."""
+        pending = self.manifest.get("pending", [])
+        if not pending:
+            return
         committed = {s["name"] for s in self.manifest["shards"]}
-        shards = self.dir / SHARDS
-        for entry in shards.iterdir() if shards.exists() else []:
-            if entry.name not in committed:
-                shutil.rmtree(entry, ignore_errors=True)
+        remove_shards(self.dir, [name for name in pending if name not in committed])
+        self.manifest["pending"] = []
+        self._commit()
 
     def _raster_entry(self, info: RasterInfo) -> dict:
         for entry in self.manifest["rasters"]:
@@ -79,21 +82,26 @@ class IndexWriter:
         return entry
 
     def _drop_raster(self, raster_id: int) -> None:
+        dropped = [s["name"] for s in self.manifest["shards"] if s["raster_id"] == raster_id]
         self.manifest["shards"] = [s for s in self.manifest["shards"] if s["raster_id"] != raster_id]
+        self.manifest["pending"] = self.manifest.get("pending", []) + dropped
         self._commit()
         self._clean_uncommitted()
 
     def build(self, raster_paths: list[Path], progress: Callable[[IndexProgress], None] | None = None,
-              should_stop: Callable[[], bool] = lambda: False, batch_size: int = 16) -> dict:
+              should_stop: Callable[[], bool] = lambda: False, batch_size: int = 16,
+              drivers: tuple[str, ...] | None = None) -> dict:
         """Index every raster not yet (fully) indexed; returns the manifest.
 
         `should_stop` is polled between batches: returning True stops after the last commit
-        (cancel), leaving a resumable index.
+        (cancel), leaving a resumable index. `drivers` limits the GDAL drivers that may read
+        the rasters (a service client's request).
         """
         with index_lock(self.dir):
-            (self.dir / SHARDS).mkdir(exist_ok=True)
+            infos = [open_raster(p, self.settings.bands, drivers) for p in raster_paths]  # refuse bad input up front
+            with disk_write(self.dir / SHARDS):
+                (self.dir / SHARDS).mkdir(exist_ok=True)
             self._clean_uncommitted()
-            infos = [open_raster(p, self.settings.bands) for p in raster_paths]  # refuse bad input up front
             plans = []
             for info in infos:
                 entry = self._raster_entry(info)
@@ -132,7 +140,8 @@ class IndexWriter:
                         progress(IndexProgress(done, total, skipped_total, entry["path"]))
                 entry["complete"] = True
                 self._commit()
-            write_tiles_gpkg(self.dir)
+            with disk_write(self.dir / TILES_LAYER):
+                write_tiles_gpkg(self.dir)
             return self.manifest
 
     def _write_chunk(self, entry: dict, chunk: int, tiles: list[Tile], batch_size: int,
@@ -182,7 +191,10 @@ class IndexWriter:
                            "tokens": np.concatenate([o.tokens for o in outputs]),
                            "positions": np.concatenate([o.positions for o in outputs]),
                            "cells": np.concatenate([o.cells for o in outputs])})
+        self.manifest["pending"] = self.manifest.get("pending", []) + [name]  # the journal: what a crash leaves
+        self._commit()
         write_shard(self.dir, name, arrays)
         self.manifest["shards"].append({"name": name, "raster_id": entry["id"], "chunk": chunk,
                                         "count": len(kept), "skipped": len(tiles) - len(kept)})
+        self.manifest["pending"].remove(name)  # committed by the caller
         return len(tiles) - len(kept)

@@ -1,0 +1,51 @@
+"""Stopping a search that is no longer wanted: its time limit passed, or the worker is stopping.
+
+The service runs each search under `stop_when(should_stop)`, and code on the search's path calls
+`raise_if_stopped(stage)` between its stages: that raises SearchStopped once `should_stop()`
+says so, and the search's thread is free for the next request. Outside the service (the CLI,
+tests) nothing is set and the call costs a lookup. A context variable carries the callable, so
+the search functions keep their signatures; it holds in the thread that set it (a search that
+hands work to another thread passes `current_stop()` along).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Callable, Iterator
+
+from wire import errors as codes
+from worker.errors import InputError
+
+StopCheck = Callable[[], bool]
+_should_stop: ContextVar[StopCheck | None] = ContextVar("should_stop", default=None)
+
+
+class SearchStopped(InputError):
+    """The search ran past its time limit (or the worker is stopping) and was stopped between stages."""
+
+    code = codes.TIMEOUT
+
+
+@contextmanager
+def stop_when(should_stop: StopCheck | None) -> Iterator[None]:
+    """Within this block, raise_if_stopped() raises once `should_stop()` is true."""
+    token = _should_stop.set(should_stop)
+    try:
+        yield
+    finally:
+        _should_stop.reset(token)
+
+
+def current_stop() -> StopCheck | None:
+    """The stop check in force in this thread (None outside a service search)."""
+    return _should_stop.get()
+
+
+def raise_if_stopped(stage: str) -> None:
+    """Call between the stages of a search: SearchStopped when its time is up. `stage` names
+    what would come next, for the worker's log."""
+    should_stop = _should_stop.get()
+    if should_stop is not None and should_stop():
+        raise SearchStopped(f"search stopped before {stage}: it ran past the worker's time limit; "
+                            "search a smaller area or ask the operator for a longer --search-timeout")

@@ -1,0 +1,130 @@
+"""Which raster files a request may have the worker read.
+
+The command line reads what its user names (RasterAccess() confines nothing). A client of the
+service is confined to the worker's raster roots: a path it names, every file found in a folder
+it names and every file a VRT reads (its sources, nested VRTs) must resolve, links followed,
+inside a root; GDAL's virtual file systems (/vsicurl/, /vsis3/, ...), URLs and driver prefixes
+are refused, so a request can make the worker neither read files elsewhere nor send network
+requests; and only the formats in CLIENT_DRIVERS are opened, not those that point elsewhere by
+design (WMS, tile indexes, HDF5 external links).
+"""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+from wire.protocol import excerpt
+from worker.errors import ForbiddenError, InputError
+
+CLIENT_DRIVERS = ("GTiff", "VRT", "JP2OpenJPEG", "HFA", "PNG", "JPEG", "ECW", "JP2ECW", "MrSID", "JP2MrSID",
+                  "USGSDEM", "EHdr")
+MAX_PATH_CHARS = 4096
+MAX_VRT_BYTES = 16 * 1024 * 1024
+MAX_VRT_DEPTH = 8  # VRTs of VRTs
+VRT_SNIFF_BYTES = 1024  # GDAL's VRT driver looks for "<VRTDataset" in a file's first bytes, whatever its name
+DRIVER_PREFIX = re.compile(r"[A-Za-z][A-Za-z0-9_]+:")  # GDAL's "NETCDF:file:var", "GTIFF_DIR:1:file"
+SOURCE_TAGS = ("SourceFilename", "SourceDataset")  # where a VRT names what it reads
+
+
+@dataclass(frozen=True)
+class RasterAccess:
+    """Unconfined (roots None: the command line) or confined to `roots` (a service client)."""
+
+    roots: tuple[Path, ...] | None = None
+
+    @property
+    def drivers(self) -> tuple[str, ...] | None:
+        """The GDAL drivers open_raster may use (None: any)."""
+        return CLIENT_DRIVERS if self.roots is not None else None
+
+    def resolve(self, name: str | Path) -> Path:
+        """A raster path as the user wrote it -> the absolute path, links resolved. A client's
+        is refused (ForbiddenError) unless it is a plain path inside a root."""
+        text = str(name)
+        if not text or len(text) > MAX_PATH_CHARS or any(ord(c) < 32 for c in text):
+            raise InputError(f"raster path {excerpt(text)} must be a non-empty path of at most {MAX_PATH_CHARS} "
+                             "characters without control characters")
+        if self.roots is None:
+            return Path(text).expanduser().resolve()
+        if text.startswith("~"):
+            raise ForbiddenError(f"raster path {excerpt(text)}: '~' is not expanded for clients; give the path "
+                                 f"inside the raster roots ({self._roots_text()})")
+        self._refuse_special(text, "raster path")
+        return self.check_inside(Path(text).resolve(), text)
+
+    def check_file(self, path: Path) -> Path:
+        """A file found or named for indexing: inside a root, and so is everything it reads
+        when it is a VRT. Returns its resolved path."""
+        if self.roots is None:
+            return path.resolve()
+        resolved = self.check_inside(path.resolve(), str(path))
+        self._check_vrt_sources(resolved, depth=0)
+        return resolved
+
+    def check_inside(self, resolved: Path, named: str) -> Path:
+        assert self.roots is not None
+        if not any(resolved.is_relative_to(root) for root in self.roots):
+            shown = excerpt(named) if named == str(resolved) else f"{excerpt(named)} (resolves to {excerpt(str(resolved))})"
+            raise ForbiddenError(f"raster {shown} is outside the raster roots this worker serves ({self._roots_text()})")
+        return resolved
+
+    def _roots_text(self) -> str:
+        return ", ".join(str(r) for r in self.roots or ())
+
+    @staticmethod
+    def _refuse_special(text: str, what: str) -> None:
+        """GDAL reads more than files: /vsicurl/ and friends, URLs, "DRIVER:..." connection strings."""
+        if text.startswith("/vsi") or "://" in text or text.startswith("<") or DRIVER_PREFIX.match(text):
+            raise ForbiddenError(f"{what} {excerpt(text)}: GDAL virtual file systems, URLs and driver prefixes are not "
+                                 "served to clients; name a file inside the raster roots")
+
+    def _check_vrt_sources(self, path: Path, depth: int) -> None:
+        if not is_vrt(path):
+            return
+        if depth >= MAX_VRT_DEPTH:
+            raise InputError(f"{path}: VRTs nest more than {MAX_VRT_DEPTH} deep")
+        for source in vrt_sources(path):
+            self._check_vrt_source(path, source, depth)
+
+    def _check_vrt_source(self, vrt: Path, source: tuple[str, bool], depth: int) -> None:
+        name, relative = source
+        self._refuse_special(name, f"{vrt}: source")
+        if any(ord(c) < 32 for c in name):
+            raise InputError(f"{vrt}: source {excerpt(name)} has control characters")
+        target = (vrt.parent / name) if relative and not Path(name).is_absolute() else Path(name)
+        resolved = target.resolve()
+        self.check_inside(resolved, f"{name} (a source of {vrt})")
+        if resolved.is_file():
+            self._check_vrt_sources(resolved, depth + 1)
+
+
+def is_vrt(path: Path) -> bool:
+    """Whether GDAL would read `path` as a VRT (by its content, as GDAL does, not its name)."""
+    try:
+        with open(path, "rb") as f:
+            return b"<VRTDataset" in f.read(VRT_SNIFF_BYTES)
+    except OSError:
+        return False
+
+
+def vrt_sources(path: Path) -> list[tuple[str, bool]]:
+    """Every file a VRT names, with whether it is relative to the VRT's folder; refuses Python
+    pixel functions (code the VRT would have the worker run)."""
+    if path.stat().st_size > MAX_VRT_BYTES:
+        raise InputError(f"{path}: a VRT of more than {MAX_VRT_BYTES} bytes")
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as exc:
+        raise InputError(f"{path}: not a readable VRT ({exc})") from exc
+    sources = []
+    for element in root.iter():
+        if element.tag == "PixelFunctionCode" or (element.tag == "PixelFunctionLanguage"
+                                                   and (element.text or "").strip().lower() == "python"):
+            raise ForbiddenError(f"{path}: VRT pixel functions in Python are not run for clients")
+        if element.tag in SOURCE_TAGS:
+            relative = element.get("relativeToVRT", "0").strip() == "1"
+            sources.append(((element.text or "").strip(), relative))
+    return sources
