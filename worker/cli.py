@@ -16,7 +16,7 @@ from wire.protocol import DEFAULT_ENDPOINT
 from worker.app import IndexRequest, ModelOptions, SearchRequest
 from worker.errors import InputError
 from worker.ranking import RANKERS
-from worker.service.config import ServiceConfig
+from worker.service.config import Limits, ServiceConfig
 from worker.tiling import TileSettings
 
 log = logging.getLogger("worker")
@@ -43,6 +43,18 @@ def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
 
 def _listed(values: tuple) -> str:
     return ",".join(str(v) for v in values)
+
+
+# the service's limits (worker.service.config.Limits), one flag each
+LIMIT_HELP = {
+    "max_message_bytes": "larger requests are refused with too_large",
+    "max_header_bytes": "larger JSON headers (frame 0) are refused with too_large",
+    "search_timeout": "seconds from a search's arrival to its timeout reply; the search stops at its next stage",
+    "search_threads": "searches computed at once",
+    "max_queued_searches": "searches waiting or running at once; more are answered busy",
+    "max_jobs": "indexing jobs running at once; more wait in state queued",
+    "max_queued_jobs": "indexing jobs waiting; more are answered busy",
+}
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -124,8 +136,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from worker.service.startup import serve
 
     config = ServiceConfig.create(bind=args.bind, pub=args.pub, index_roots=args.index_root,
-                                  raster_roots=args.raster_root, max_message_bytes=args.max_message_bytes,
-                                  search_timeout=args.search_timeout, curve_keys=args.curve_keys)
+                                  raster_roots=args.raster_root, curve_keys=args.curve_keys,
+                                  **{name: getattr(args, name) for name in LIMIT_HELP})
     return serve(config, model_options(args))
 
 
@@ -192,10 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--curve-keys", type=Path, default=None,
                    help="directory with server.key_secret and authorized_clients/*.key (needed beyond loopback)")
     p.add_argument("--pub", default=None, help="PUB endpoint for progress events (default: bind port + 1)")
-    p.add_argument("--max-message-bytes", type=int, default=ServiceConfig.max_message_bytes,
-                   help="larger requests are refused (default %(default)s)")
-    p.add_argument("--search-timeout", type=float, default=ServiceConfig.search_timeout,
-                   help="seconds before a search is abandoned (default %(default)s)")
+    for name, help_text in LIMIT_HELP.items():
+        default = getattr(Limits, name)
+        p.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default,
+                       help=f"{help_text} (default %(default)s)")
     add_model_args(p)
     p.set_defaults(func=cmd_serve)
     return parser

@@ -40,28 +40,49 @@ def default_pub(bind: str) -> str:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """What one client can make the worker hold or do at once (docs/protocol.md, "Limits and
+    security"); each has a `serve` flag of the same name."""
+
+    max_message_bytes: int = 32 * 1024 * 1024  # larger requests get `too_large`
+    max_header_bytes: int = 4 * 1024 * 1024  # of frame 0, the JSON (parsing costs ~15x this); within the above
+    search_timeout: float = 60.0  # seconds from a search's arrival to its `timeout` reply
+    search_threads: int = 2
+    max_queued_searches: int = 8  # searches waiting or running at once; more are answered `busy`
+    max_jobs: int = 1  # indexing jobs running at once; more wait, `queued`
+    max_queued_jobs: int = 16  # indexing jobs waiting; more are answered `busy`
+
+    def __post_init__(self) -> None:
+        for name in ("max_message_bytes", "max_header_bytes", "search_threads", "max_queued_searches", "max_jobs",
+                     "max_queued_jobs"):
+            if getattr(self, name) < 1:
+                raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least 1")
+        if not self.search_timeout > 0:
+            raise InputError(f"--search-timeout {self.search_timeout} must be more than 0 seconds")
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     bind: str
     pub: str
     paths: PathPolicy
-    max_message_bytes: int = 32 * 1024 * 1024  # larger requests get `too_large`
-    search_timeout: float = 60.0  # seconds before a search is answered with `timeout`
-    search_threads: int = 2
+    limits: Limits = Limits()
     curve_keys: Path | None = None  # a folder with server.key_secret and authorized_clients/*.key
 
     @classmethod
     def create(cls, bind: str | None = None, pub: str | None = None, index_roots: Sequence[Path] | None = None,
-               raster_roots: Sequence[Path] | None = None, max_message_bytes: int | None = None,
-               search_timeout: float | None = None, curve_keys: Path | None = None) -> "ServiceConfig":
-        """A config from what the user gave (None: the default); index roots are created. Refuses
-        (InputError) an endpoint beyond this machine without keys, and keys that are not there."""
+               raster_roots: Sequence[Path] | None = None, curve_keys: Path | None = None,
+               **limits: float | int | None) -> "ServiceConfig":
+        """A config from what the user gave (None: the default; `limits` by the names of Limits);
+        index roots are created. Refuses (InputError) an endpoint beyond this machine without
+        keys, keys that are not there, and limits out of range."""
         bind = bind or DEFAULT_ENDPOINT
         index_roots = [Path(p).resolve() for p in (index_roots or [Path.cwd() / "indexes"])]
         for root in index_roots:
             root.mkdir(parents=True, exist_ok=True)
         raster_roots = [Path(p).resolve() for p in (raster_roots or index_roots)]
         config = cls(bind, pub or default_pub(bind), PathPolicy(tuple(index_roots), tuple(raster_roots)),
-                     curve_keys=curve_keys, **given(max_message_bytes=max_message_bytes, search_timeout=search_timeout))
+                     Limits(**given(**limits)), curve_keys=curve_keys)
         config.check_security()
         return config
 

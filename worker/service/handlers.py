@@ -6,26 +6,29 @@ from __future__ import annotations
 
 import socket
 import time
+from dataclasses import asdict
 from typing import Callable
 
 from wire import protocol
 from wire.errors import BAD_REQUEST, BUSY, FORBIDDEN, NOT_FOUND, ProtocolError
-from wire.protocol import field
+from wire.protocol import MAX_STROKE_POINTS, MAX_STROKES, field
 from worker import __version__
 from worker.app import IndexRequest, SearchRequest, SketchSource, check_index, given, run_search, stroke_sketch
-from worker.errors import NotFoundError
+from worker.cancellation import StopCheck, raise_if_stopped, stop_when
+from worker.errors import InputError, NotFoundError
 from worker.service.config import ServiceConfig
 from worker.service.indexes import MANIFEST, OpenIndexes, index_dirs
 from worker.service.jobs import Job, JobManager
 from worker.tiling import TileSettings
 
 Handler = Callable[[dict, list], dict]
+Work = Callable[[StopCheck], dict]  # a slow op's work, run in the search pool until its stop check says so
 
 
 class Handlers:
     """Every op of the protocol, by name."""
 
-    POOLED = frozenset({"search"})  # slow ops: run in the search pool, under the search time limit
+    POOLED = frozenset({"search"})  # slow ops: checked on the loop's thread, run in the search pool
 
     def __init__(self, config: ServiceConfig, model, jobs: JobManager, indexes: OpenIndexes):
         self.config = config
@@ -35,11 +38,19 @@ class Handlers:
         self.started = time.time()
         self._ops: dict[str, Handler] = {"ping": self.ping, "info": self.info, "list_indexes": self.list_indexes,
                                          "index": self.index, "job": self.job, "cancel": self.cancel,
-                                         "search": self.search, "delete_index": self.delete_index}
-        assert set(self._ops) == set(protocol.OPS), "every op of the protocol has a handler"
+                                         "delete_index": self.delete_index}
+        self._pooled: dict[str, Callable[[dict, list], Work]] = {"search": self.search}
+        assert set(self._pooled) == self.POOLED and set(self._ops) | self.POOLED == set(protocol.OPS), \
+            "every op of the protocol has a handler"
 
     def __call__(self, op: str, header: dict, frames: list) -> dict:
+        """Answer a quick op."""
         return self._ops[op](header, frames)
+
+    def prepare(self, op: str, header: dict, frames: list) -> Work:
+        """Read and check a slow op now (a bad one is refused at once); the work returned keeps
+        what it needs of the message, nothing more, and runs in the search pool."""
+        return self._pooled[op](header, frames)
 
     # -- about the worker -----------------------------------------------------------------------
     def ping(self, header: dict, frames: list) -> dict:
@@ -52,33 +63,40 @@ class Handlers:
                 "index_roots": [str(p) for p in paths.index_roots], "raster_roots": [str(p) for p in paths.raster_roots],
                 "loaded_indexes": [str(p) for p in self.indexes.loaded()],
                 "tiling_defaults": TileSettings().to_json(),  # what an index request leaves out
+                "limits": asdict(self.config.limits),
                 "uptime_s": round(time.time() - self.started, 1), "host": socket.gethostname()}
 
     def list_indexes(self, header: dict, frames: list) -> dict:
+        """Every index in the index root; one that cannot be read is listed with its error, the
+        others as usual."""
         paths = self.config.paths
         out = []
         for index_dir in index_dirs(paths.index_root):
             running = self.jobs.running_for(index_dir)
+            last = self.jobs.last_for(index_dir)
             out.append({"name": paths.index_name(index_dir), **self.indexes.status(index_dir),
-                        "job": running.id if running else None})
+                        "job": running.id if running else None, "last_job": last.to_json() if last else None})
         return {"indexes": out}
 
     # -- indexing -------------------------------------------------------------------------------
     def index(self, header: dict, frames: list) -> dict:
+        """Start a job (or return the one running for this index: a resent request is safe);
+        the folder and the rasters are checked first, confined to the worker's roots."""
         paths = self.config.paths
         name = field(header, "index", str)
         rasters = field(header, "rasters", list, check=lambda v: v and all(isinstance(p, str) for p in v))
         index_dir = paths.index_dir(name)
+        running = self.jobs.running_for(index_dir)
+        if running is not None:  # its folder holds a half-written shard: not checked as a new one
+            return {"job": running.to_json()}
         request = IndexRequest.create(
-            index_dir, [paths.raster(p) for p in rasters],
+            index_dir, rasters, access=paths.raster_access,
             tile=field(header, "tile", int, None), overlap=field(header, "overlap", (int, float), None),
             scales=field(header, "scales", list, None, check=lambda v: bool(v) and _ints(v)),
             bands=field(header, "bands", list, None, check=_ints),
             min_valid=field(header, "min_valid", (int, float), None), chunk_tiles=field(header, "chunk_tiles", int, None))
-        running = self.jobs.running_for(index_dir)
-        if running is None:
-            self._check_extendable(request)  # refused now, not as a failed job later
-        return {"job": (running or self.jobs.start(name, request)).to_json()}
+        self._check_extendable(request)  # refused now, not as a failed job later
+        return {"job": self.jobs.start(name, request).to_json()}
 
     def delete_index(self, header: dict, frames: list) -> dict:
         """Remove an index's folder: only a folder that is an index (it has the manifest), inside
@@ -124,18 +142,27 @@ class Handlers:
         return {"job": job.to_json()}
 
     # -- search ---------------------------------------------------------------------------------
-    def search(self, header: dict, frames: list) -> dict:
-        started = time.perf_counter()
-        index = self.indexes.searchable(self.config.paths.index_dir(field(header, "index", str)))
+    def search(self, header: dict, frames: list) -> Work:
+        """The search's fields, sketch, CRSs and box are checked here; the work opens the index
+        and searches it, stopping between stages once its stop check says so."""
+        index_dir = self.config.paths.index_dir(field(header, "index", str))
         request = SearchRequest(_sketch(header, frames), **given(
             top=field(header, "top", int, None), shortlist=field(header, "shortlist", int, None),
             max_overlap=field(header, "max_overlap", (int, float), None), crs=field(header, "crs", str, None),
             bbox=field(header, "bbox", list, None, check=_four_numbers), bbox_crs=field(header, "bbox_crs", str, None),
             crop_to_ink=field(header, "crop_to_ink", bool, None), ranker=field(header, "ranker", str, None),
             token_weight=field(header, "token_weight", (int, float), None)))
-        reply = run_search(request, self.model, index).to_json()
-        reply["timings_ms"]["server_ms"] = round((time.perf_counter() - started) * 1e3, 2)
-        return reply
+
+        def work(should_stop: StopCheck) -> dict:
+            started = time.perf_counter()
+            with stop_when(should_stop):
+                raise_if_stopped("opening the index")  # it waited in the queue past its time
+            index = self.indexes.searchable(index_dir)
+            reply = run_search(request, self.model, index, should_stop).to_json()
+            reply["timings_ms"]["server_ms"] = round((time.perf_counter() - started) * 1e3, 2)
+            return reply
+
+        return work
 
 
 def _sketch(header: dict, frames: list) -> SketchSource:
@@ -145,8 +172,18 @@ def _sketch(header: dict, frames: list) -> SketchSource:
         if not 1 <= n <= len(frames):
             raise ProtocolError(BAD_REQUEST, f"sketch_frame {n} but the message has {len(frames)} payload frame(s)")
         return frames[n - 1]
+    _count_strokes(field(header, "strokes", list))  # before every point is looked at
     return stroke_sketch(field(header, "strokes", list, check=_valid_strokes), field(header, "strokes_crs", str, None),
                          field(header, "strokes_frame", list, None, check=_four_numbers))
+
+
+def _count_strokes(strokes: list) -> None:
+    """InputError for more strokes or points than the wire allows (worker.sketch checks the same)."""
+    if len(strokes) > MAX_STROKES:
+        raise InputError(f"sketch has {len(strokes)} strokes; at most {MAX_STROKES}: draw fewer")
+    points = sum(len(s) for s in strokes if isinstance(s, list))
+    if points > MAX_STROKE_POINTS:
+        raise InputError(f"sketch has {points} points; at most {MAX_STROKE_POINTS}: draw fewer or simpler strokes")
 
 
 def _ints(values: list) -> bool:
@@ -159,7 +196,8 @@ def _four_numbers(values: list) -> bool:
 
 
 def _valid_strokes(strokes: list) -> bool:
-    return bool(strokes) and len(strokes) <= 10_000 and all(
-        isinstance(s, list) and 0 < len(s) <= 100_000 and all(
+    """Polylines of [x, y] numbers."""
+    return bool(strokes) and all(
+        isinstance(s, list) and 0 < len(s) and all(
             isinstance(p, list) and len(p) == 2 and all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in p)
             for p in s) for s in strokes)

@@ -1,15 +1,26 @@
 """The indexes a worker serves: each opened once and kept while unchanged on disk, listed with
-whether this worker's model can search them, and deleted on request."""
+whether this worker's model can search them, and deleted on request.
+
+"Unchanged" means its manifest and every shard file it names have the size and modification
+time they had when it was opened: a shard truncated or replaced under a running worker makes
+the next search open the index again, and its checks answer `corrupt_index` (a few stat calls
+per search, against a damaged index searched from stale memory or a crash).
+"""
 
 from __future__ import annotations
 
+import logging
+import os
 import shutil
 import threading
 from pathlib import Path
 
 from worker.app import check_index, open_index
-from worker.errors import IndexMismatchError
+from worker.errors import IndexMismatchError, InputError, error_object
 from worker.store import MANIFEST, TILES_LAYER, TileIndex
+from worker.store.format import SHARD_ARRAYS, SHARDS
+
+log = logging.getLogger(__name__)
 
 
 class OpenIndexes:
@@ -17,18 +28,20 @@ class OpenIndexes:
 
     def __init__(self, model):
         self.model = model
-        self._open: dict[Path, tuple[int, TileIndex]] = {}
+        self._open: dict[Path, tuple[tuple, TileIndex]] = {}  # by folder: (the files' stamp when opened, index)
         self._lock = threading.Lock()  # searches run in a thread pool
 
     def get(self, index_dir: Path) -> TileIndex:
-        """The index in `index_dir` (NotFoundError, or IndexMismatchError for another format)."""
-        manifest = index_dir / MANIFEST
-        stamp = manifest.stat().st_mtime_ns if manifest.exists() else None
+        """The index in `index_dir` (NotFoundError, IndexMismatchError for another format,
+        CorruptIndexError for damaged files), opened again when its files changed."""
         with self._lock:
             cached = self._open.get(index_dir)
-            if cached is not None and cached[0] == stamp:
-                return cached[1]
+        if cached is not None and cached[0] == _stamp(index_dir, cached[1].manifest):
+            return cached[1]
+        with self._lock:
+            self._open.pop(index_dir, None)  # a damaged index is not kept
         index = open_index(index_dir)
+        stamp = _stamp(index_dir, index.manifest)
         with self._lock:
             self._open[index_dir] = (stamp, index)
         return index
@@ -53,22 +66,43 @@ class OpenIndexes:
 
     def status(self, index_dir: Path) -> dict:
         """What `list_indexes` says of one index; one this worker cannot search is listed with
-        `compatible: false` and the reason, not refused."""
+        `compatible: false` and the reason, and one that cannot be read (a damaged manifest or
+        shard) also with its `error`: never a failure of the whole list."""
         tiles_layer = index_dir / TILES_LAYER
         where = {"path": str(index_dir), "tiles_layer": str(tiles_layer) if tiles_layer.is_file() else None}
+        unreadable = {**where, "tile_count": None, "rasters": [], "complete": None, "tiling": None, "compatible": False}
         try:
             index = self.get(index_dir)
+            try:
+                check_index(index, self.model)
+                reason = None
+            except IndexMismatchError as exc:
+                reason = str(exc)
+            info = index.info()
         except IndexMismatchError as exc:  # another format: nothing more can be read safely
-            return {**where, "tile_count": None, "rasters": [], "complete": None, "tiling": None,
-                    "compatible": False, "reason": str(exc)}
-        try:
-            check_index(index, self.model)
-            reason = None
-        except IndexMismatchError as exc:
-            reason = str(exc)
-        info = index.info()
+            return {**unreadable, "reason": str(exc), "error": None}
+        except Exception as exc:  # damaged (CorruptIndexError), or a bug: this index alone is flagged
+            if not isinstance(exc, InputError):
+                log.exception("listing the index in %s failed", index_dir)
+            error = error_object(exc)
+            return {**unreadable, "reason": error["message"], "error": error}
         return {**where, "tile_count": info["tile_count"], "rasters": [r["path"] for r in info["rasters"]],
-                "complete": info["complete"], "tiling": info["tiling"], "compatible": reason is None, "reason": reason}
+                "complete": info["complete"], "tiling": info["tiling"], "compatible": reason is None, "reason": reason,
+                "error": None}
+
+
+def _stamp(index_dir: Path, manifest: dict) -> tuple:
+    """Size and modification time of the manifest and of every shard file `manifest` names."""
+    paths = [index_dir / MANIFEST] + [index_dir / SHARDS / s["name"] / f"{key}.npy"
+                                      for s in manifest["shards"] if s["count"] > 0 for key in SHARD_ARRAYS]
+    stamps = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+            stamps.append((st.st_size, st.st_mtime_ns))
+        except OSError:
+            stamps.append(None)
+    return tuple(stamps)
 
 
 def index_dirs(root: Path) -> list[Path]:

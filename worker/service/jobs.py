@@ -1,8 +1,12 @@
-"""Background indexing jobs: progress, cancel, and resume after the worker was killed.
+"""Background indexing jobs: a bounded queue, progress, cancel, and resume after the worker was killed.
 
 A job writes INDEX_DIR/job.json (its request) before it starts and removes it when it ends
-(done, failed or cancelled); a worker that starts and finds one resumes that job. A job the
-worker stops on SIGTERM ends `interrupted` and keeps its job.json for the same reason.
+(done, failed or cancelled); a worker that starts and finds one resumes that job, or, when it
+cannot (its rasters were moved, the file is damaged), lists it as failed with the reason and
+serves on. A job the worker stops on SIGTERM ends `interrupted` and keeps its job.json for the
+same reason. At most `max_jobs` jobs run at once; the others wait `queued`, up to
+`max_queued_jobs` (more are refused `busy`): many jobs at once would only share the CPU and
+memory, and slow every search.
 """
 
 from __future__ import annotations
@@ -15,22 +19,26 @@ from pathlib import Path
 from typing import Callable
 
 from wire import job_states as states
+from wire.errors import BUSY, ProtocolError
 from wire.protocol import new_id
 from worker.app import IndexRequest, build_index
 from worker.errors import InputError, error_object
-from worker.store import IndexProgress, write_json_atomic
+from worker.raster_access import RasterAccess
+from worker.store import JOB_FILE, IndexProgress, write_json_atomic
 
 log = logging.getLogger(__name__)
-JOB_FILE = "job.json"
+SLOT_WAIT_S = 0.25  # how often a queued job looks whether it was cancelled
+MAX_FINISHED_JOBS = 1000  # finished jobs remembered for the `job` op; older ones are forgotten
 
 
 class Job:
     """One indexing run of one index, as the `job` op and progress events report it."""
 
-    def __init__(self, index_name: str, request: IndexRequest):
+    def __init__(self, index_name: str, index_dir: Path, request: IndexRequest | None):
         self.id = new_id()
         self.index_name = index_name
-        self.request = request
+        self.index_dir = index_dir
+        self.request = request  # None for a job that could not be resumed
         self.state = states.QUEUED
         self.error: dict | None = None
         self.tiles_done = 0
@@ -41,10 +49,6 @@ class Job:
         self.cancel_requested = threading.Event()
         self.thread: threading.Thread | None = None
         self._rate_start: tuple[float, int] | None = None  # (time, tiles done) the ETA's rate counts from
-
-    @property
-    def index_dir(self) -> Path:
-        return self.request.index_dir
 
     def to_json(self) -> dict:
         fraction = self.tiles_done / self.tiles_total if self.tiles_total else (1.0 if self.state == states.DONE else 0.0)
@@ -65,50 +69,108 @@ class Job:
 
 
 class JobManager:
-    """Runs each indexing job in its own thread; at most one job per index at a time."""
+    """Runs each indexing job in its own thread; at most one job per index at a time, at most
+    `max_jobs` at once."""
 
-    def __init__(self, model, publish: Callable[[dict], None]):
+    def __init__(self, model, publish: Callable[[dict], None], access: RasterAccess = RasterAccess(),
+                 max_jobs: int = 1, max_queued: int = 16):
         self.model = model
         self.publish = publish  # called from job threads with the job's JSON after every change
+        self.access = access  # what resumed jobs may read (the service's raster roots)
+        self.max_queued = max_queued
         self.jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(max_jobs)
         self.stopping = threading.Event()
 
     def running_for(self, index_dir: Path) -> Job | None:
+        """The job queued or running for an index, if any."""
         with self._lock:
             return next((j for j in self.jobs.values() if j.index_dir == index_dir and j.state in states.ACTIVE), None)
 
-    def start(self, index_name: str, request: IndexRequest) -> Job:
-        """Start a job, or return the one already running for this index (so retries are safe)."""
+    def last_for(self, index_dir: Path) -> Job | None:
+        """The latest job of an index this worker knows, running or ended (a failed resume included)."""
+        with self._lock:
+            return max((j for j in self.jobs.values() if j.index_dir == index_dir), key=lambda j: j.started,
+                       default=None)
+
+    def start(self, index_name: str, request: IndexRequest, queue_bound: bool = True) -> Job:
+        """Start a job, or return the one already running for this index (so retries are safe).
+        ProtocolError(BUSY) when `max_queued` jobs already wait (resumed jobs are never refused)."""
         existing = self.running_for(request.index_dir)
         if existing:
             return existing
-        job = Job(index_name, request)
+        with self._lock:
+            queued = sum(j.state == states.QUEUED for j in self.jobs.values())
+        if queue_bound and queued >= self.max_queued:
+            raise ProtocolError(BUSY, f"{queued} indexing jobs are already waiting (the worker's limit): wait for "
+                                      "one to end, or cancel one, and ask again")
+        job = Job(index_name, request.index_dir, request)
         request.index_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(request.index_dir / JOB_FILE, {"index": index_name, **request.to_json()})
-        with self._lock:
-            self.jobs[job.id] = job
+        self._remember(job)
         job.thread = threading.Thread(target=self._run, args=(job,), name=f"index-{job.id}", daemon=True)
         job.thread.start()
         return job
 
+    def _remember(self, job: Job) -> None:
+        with self._lock:
+            self.jobs[job.id] = job
+            finished = [j for j in self.jobs.values() if j.state in states.FINISHED]
+            for old in sorted(finished, key=lambda j: j.started)[:max(0, len(finished) - MAX_FINISHED_JOBS)]:
+                del self.jobs[old.id]
+
     def resume_interrupted(self, index_roots: list[Path]) -> list[Job]:
-        """Restart the jobs a killed or stopped worker left behind (their job.json is still there)."""
-        resumed = []
+        """Restart the jobs a killed or stopped worker left behind (their job.json is still
+        there). One that cannot be resumed is remembered as failed, with its reason, and its
+        job.json removed (what it committed stays; asking for the index again resumes it)."""
+        jobs = []
         for root in index_roots:
             for job_file in sorted(root.rglob(JOB_FILE)):
-                spec = json.loads(job_file.read_text())
+                index_name = _name_in(root, job_file.parent)
                 try:
-                    request = IndexRequest.from_json(job_file.parent, spec)
-                except InputError as exc:
-                    log.warning("not resuming the indexing job of %s: %s (remove %s to stop this warning)",
-                                job_file.parent, exc, job_file)
+                    spec = json.loads(job_file.read_text())
+                    if not isinstance(spec, dict):
+                        raise InputError(f"{job_file} is damaged (not a JSON object)")
+                    index_name = spec.get("index") if isinstance(spec.get("index"), str) else index_name
+                    request = IndexRequest.from_json(job_file.parent, spec, self.access)
+                except (InputError, OSError, ValueError) as exc:  # a damaged file, rasters moved or outside the roots
+                    jobs.append(self._failed_resume(index_name, job_file, exc))
                     continue
                 log.info("resuming the interrupted indexing job of %s", job_file.parent)
-                resumed.append(self.start(spec["index"], request))
-        return resumed
+                jobs.append(self.start(index_name, request, queue_bound=False))
+        return jobs
+
+    def _failed_resume(self, index_name: str, job_file: Path, exc: Exception) -> Job:
+        job = Job(index_name, job_file.parent, None)
+        reason = exc if isinstance(exc, InputError) else InputError(
+            f"{job_file} is damaged or cannot be read ({str(exc)[:200]}): index again to finish the index")
+        job.state, job.error, job.finished = states.FAILED, error_object(reason), time.time()
+        log.warning("not resuming the indexing job of %s: %s", job_file.parent, job.error["message"])
+        job_file.unlink(missing_ok=True)
+        self._remember(job)
+        self.publish(job.to_json())
+        return job
+
+    def _wait_for_slot(self, job: Job) -> bool:
+        """Wait `queued` until fewer than max_jobs run; False when cancelled or stopping meanwhile."""
+        while not self._slots.acquire(timeout=SLOT_WAIT_S):
+            if job.cancel_requested.is_set() or self.stopping.is_set():
+                return False
+        return True
 
     def _run(self, job: Job) -> None:
+        if not self._wait_for_slot(job):
+            job.state = states.CANCELLED if job.cancel_requested.is_set() else states.INTERRUPTED
+            self._finish(job)
+            return
+        try:
+            self._build(job)
+        finally:
+            self._slots.release()
+            self._finish(job)
+
+    def _build(self, job: Job) -> None:
         job.state = states.RUNNING
         job._rate_start = (time.time(), 0)
         self.publish(job.to_json())
@@ -132,11 +194,15 @@ class JobManager:
             if not isinstance(exc, InputError):
                 log.exception("indexing job %s failed", job.id)
             job.state, job.error = states.FAILED, error_object(exc)
-        finally:
-            job.finished = time.time()
-            if job.state != states.INTERRUPTED:
+
+    def _finish(self, job: Job) -> None:
+        job.finished = time.time()
+        if job.state != states.INTERRUPTED:
+            try:
                 (job.index_dir / JOB_FILE).unlink(missing_ok=True)
-            self.publish(job.to_json())
+            except OSError as exc:  # a failing disk: the next start tries to resume, and says why it cannot
+                log.warning("cannot remove %s: %s", job.index_dir / JOB_FILE, exc)
+        self.publish(job.to_json())
 
     def get(self, job_id: str) -> Job | None:
         with self._lock:
@@ -149,3 +215,10 @@ class JobManager:
             if job.thread is not None:
                 job.thread.join(timeout)
 
+
+def _name_in(root: Path, index_dir: Path) -> str:
+    """An index's name in its root (for a job file too damaged to say it)."""
+    try:
+        return str(index_dir.relative_to(root))
+    except ValueError:
+        return str(index_dir)

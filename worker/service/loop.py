@@ -1,8 +1,16 @@
 """The service's loop: one ROUTER for requests, one PUB for job progress, a pool for searches.
 
 The main thread owns both sockets (one socket per thread, as the zguide says). Quick ops are
-answered inline; searches run in a small thread pool under a server-side time limit; indexing
-jobs run in their own threads. Finished work and job events wake the loop through a pipe.
+answered inline; searches are read and checked inline too, then run in a small thread pool
+under a server-side time limit counted from their arrival; indexing jobs run in their own
+threads. Finished work and job events wake the loop through a pipe.
+
+What one client can make the loop hold is bounded (worker.service.config.Limits): a message
+over max_message_bytes, or a header over max_header_bytes, is answered `too_large`; at most
+max_queued_searches searches wait or run at once and more are answered `busy` at once; a
+queued search keeps its checked request and its sketch, not the message it came in. A search
+past its deadline is answered `timeout` and stops at its next stage (worker.cancellation),
+so its thread is soon free for the next one.
 """
 
 from __future__ import annotations
@@ -12,11 +20,12 @@ import logging
 import os
 import queue
 import time
+from dataclasses import dataclass
 
 import zmq
 
 from wire import protocol
-from wire.errors import BAD_REQUEST, TIMEOUT, TOO_LARGE, ProtocolError
+from wire.errors import BAD_REQUEST, BUSY, TIMEOUT, TOO_LARGE, ProtocolError
 from worker.errors import InputError, error_object
 from worker.service.config import AUTHORIZED_CLIENTS, SERVER_SECRET_KEY, ServiceConfig
 from worker.service.handlers import Handlers
@@ -25,6 +34,8 @@ from worker.service.jobs import JobManager
 
 log = logging.getLogger(__name__)
 HARD_LIMIT_FACTOR = 4  # ZeroMQ drops peers sending more than this times the answerable limit
+RECEIVE_HWM = 16  # messages ZeroMQ reads ahead per peer while the loop is busy; then TCP pushes back
+IDLE_POLL_MS = 1000
 
 
 def reply_for(request_id: str | None, exc: Exception) -> list[bytes]:
@@ -34,17 +45,29 @@ def reply_for(request_id: str | None, exc: Exception) -> list[bytes]:
     return protocol.error_reply(request_id, **error_object(exc))
 
 
+@dataclass
+class PendingSearch:
+    """A search in the pool, not yet answered: where its reply goes and when it is due."""
+
+    envelope: list[bytes]
+    request_id: str | None
+    deadline: float  # time.monotonic() of its arrival plus the search time limit
+
+
 class Service:
     def __init__(self, config: ServiceConfig, model, context: zmq.Context | None = None):
         self.config = config
+        self.limits = config.limits
         self.context = context or zmq.Context.instance()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
-        self._pending: dict[cf.Future, tuple[list[bytes], str | None, float]] = {}  # envelope, id, deadline
+        self._pending: dict[cf.Future, PendingSearch] = {}
+        self._abandoned: set[cf.Future] = set()  # answered `timeout`, still running until their next stage
         self._events: queue.Queue = queue.Queue()
-        self.jobs = JobManager(model, publish=self._queue_event)
+        self.jobs = JobManager(model, publish=self._queue_event, access=config.paths.raster_access,
+                               max_jobs=self.limits.max_jobs, max_queued=self.limits.max_queued_jobs)
         self.handlers = Handlers(config, model, self.jobs, OpenIndexes(model))
-        self.pool = cf.ThreadPoolExecutor(config.search_threads, thread_name_prefix="search")
+        self.pool = cf.ThreadPoolExecutor(self.limits.search_threads, thread_name_prefix="search")
         self.stopping = False
         self.auth = None
 
@@ -69,7 +92,8 @@ class Service:
             self.auth.configure_curve(domain="*", location=str(self.config.curve_keys / AUTHORIZED_CLIENTS))
         self.router = self.context.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
-        self.router.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes * HARD_LIMIT_FACTOR)
+        self.router.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes * HARD_LIMIT_FACTOR)
+        self.router.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
         self._secure(self.router)
         self.router.bind(self.config.bind)
         self.pub = self.context.socket(zmq.PUB)
@@ -94,6 +118,9 @@ class Service:
         poller.register(self._wake_r, zmq.POLLIN)
         while not self.stopping:
             events = dict(poller.poll(self._next_deadline_ms()))
+            # a request read in this round arrived after this moment or waited in ZeroMQ since
+            # (then the loop was busy with the round before): its time limit counts from here
+            arrived = time.monotonic()
             if self._wake_r in events:
                 try:
                     while os.read(self._wake_r, 4096):
@@ -105,14 +132,14 @@ class Service:
             self._expire()
             if self.router in events:
                 while self.router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                    self._handle(self.router.recv_multipart(zmq.NOBLOCK))
+                    self._handle(self.router.recv_multipart(zmq.NOBLOCK), arrived)
         self._shutdown()
 
     def _next_deadline_ms(self) -> int:
         if not self._pending:
-            return 1000
-        soonest = min(deadline for _, _, deadline in self._pending.values())
-        return max(0, int((soonest - time.monotonic()) * 1000))
+            return IDLE_POLL_MS
+        soonest = min(p.deadline for p in self._pending.values())
+        return max(0, min(IDLE_POLL_MS, int((soonest - time.monotonic()) * 1000) + 1))
 
     def _send(self, envelope: list[bytes], reply: list[bytes]) -> None:
         try:
@@ -129,49 +156,81 @@ class Service:
             self.pub.send_multipart(protocol.progress_event(job))
 
     def _flush_done(self) -> None:
+        for future in [f for f in self._abandoned if f.done()]:
+            self._abandoned.discard(future)
+            exc = future.exception()  # the operator may want a longer --search-timeout, or smaller searches
+            log.warning("a search answered `timeout` ended: %s", exc if exc is not None else "it finished its stages")
         for future in [f for f in self._pending if f.done()]:
-            envelope, request_id, _ = self._pending.pop(future)
-            try:
-                reply = protocol.ok_reply(request_id, **future.result())
-            except Exception as exc:  # answered with its code; a bug is logged
-                reply = reply_for(request_id, exc)
-            self._send(envelope, reply)
+            pending = self._pending.pop(future)
+            if future.cancelled():  # the worker is stopping
+                reply = protocol.error_reply(pending.request_id, BUSY, "the worker is stopping: ask again once it "
+                                                                       "is back")
+            else:
+                try:
+                    reply = protocol.ok_reply(pending.request_id, **future.result())
+                except Exception as exc:  # answered with its code; a bug is logged
+                    reply = reply_for(pending.request_id, exc)
+            self._send(pending.envelope, reply)
 
     def _expire(self) -> None:
+        """Answer the searches past their deadline `timeout`; one still running is stopped by its
+        own stop check (worker.cancellation) at its next stage, and counts as held until then."""
         now = time.monotonic()
-        for future, (envelope, request_id, deadline) in list(self._pending.items()):
-            if now >= deadline and not future.done():
+        for future, pending in list(self._pending.items()):
+            if now >= pending.deadline and not future.done():
                 del self._pending[future]
-                future.cancel()
-                self._send(envelope, protocol.error_reply(
-                    request_id, TIMEOUT, f"search took longer than the {self.config.search_timeout:g} s limit"))
+                if not future.cancel():
+                    self._abandoned.add(future)
+                message = (f"search took longer than the worker's {self.limits.search_timeout:g} s limit: search a "
+                           "smaller area, or ask for a longer --search-timeout")
+                self._send(pending.envelope, protocol.error_reply(pending.request_id, TIMEOUT, message))
 
-    def _handle(self, frames: list[bytes]) -> None:
+    def searches_held(self) -> int:
+        """Searches waiting, running, or stopping after their timeout."""
+        return len(self._pending) + len(self._abandoned)
+
+    def _handle(self, frames: list[bytes], arrived: float) -> None:
         # ROUTER envelope: identity, then an empty delimiter for REQ peers (none for DEALER)
         if len(frames) < 2:
             return
         split = 2 if len(frames) >= 3 and frames[1] == b"" else 1
         envelope, body = frames[:split], frames[split:]
+        del frames  # nothing of a message is kept beyond what its handler takes from it
         request_id = None
         try:
             if not body:
                 raise ProtocolError(BAD_REQUEST, "message has no header frame")
             size = sum(len(f) for f in body)
-            if size > self.config.max_message_bytes:
-                raise ProtocolError(TOO_LARGE, f"message of {size} bytes exceeds the "
-                                               f"{self.config.max_message_bytes} byte limit")
-            header = protocol.decode_header(body[0])
+            if size > self.limits.max_message_bytes:
+                raise ProtocolError(TOO_LARGE, f"message of {size} bytes exceeds the worker's "
+                                               f"{self.limits.max_message_bytes} byte limit (--max-message-bytes)")
+            if len(body[0]) > self.limits.max_header_bytes:
+                raise ProtocolError(TOO_LARGE, f"header (frame 0) of {len(body[0])} bytes exceeds the worker's "
+                                               f"{self.limits.max_header_bytes} byte limit (--max-header-bytes): "
+                                               "send images as payload frames, draw fewer points")
+            header = protocol.decode_request(body[0])
             request_id = header.get("id") if isinstance(header.get("id"), str) else None
             op = protocol.check_request(header)
             if op in Handlers.POOLED:
-                future = self.pool.submit(self.handlers, op, header, body[1:])
-                future.add_done_callback(lambda _: self._wake())
-                self._pending[future] = (envelope, request_id, time.monotonic() + self.config.search_timeout)
+                self._submit(envelope, request_id, op, header, body[1:], arrived)
                 return
             reply = protocol.ok_reply(request_id, **self.handlers(op, header, body[1:]))
         except Exception as exc:  # answered with its code; a bug is logged and the loop keeps serving
             reply = reply_for(request_id, exc)
         self._send(envelope, reply)
+
+    def _submit(self, envelope: list[bytes], request_id: str | None, op: str, header: dict, payloads: list[bytes],
+                arrived: float) -> None:
+        """Check a slow request now and queue its work: `busy` when the queue is full."""
+        held = self.searches_held()
+        if held >= self.limits.max_queued_searches:
+            raise ProtocolError(BUSY, f"the worker already holds {held} searches (its --max-queued-searches limit): "
+                                      "ask again in a moment")
+        work = self.handlers.prepare(op, header, payloads)  # keeps the checked request, not the message
+        deadline = arrived + self.limits.search_timeout
+        future = self.pool.submit(work, lambda: self.stopping or time.monotonic() >= deadline)
+        future.add_done_callback(lambda _: self._wake())
+        self._pending[future] = PendingSearch(envelope, request_id, deadline)
 
     # -- shutdown -------------------------------------------------------------------------------
     def request_stop(self, *_: object) -> None:
@@ -179,9 +238,9 @@ class Service:
         self._wake()
 
     def _shutdown(self) -> None:
-        log.info("stopping: letting indexing jobs commit and finishing searches")
+        log.info("stopping: letting indexing jobs commit and stopping searches")
         self.jobs.shutdown()
-        self.pool.shutdown(wait=True)
+        self.pool.shutdown(wait=True, cancel_futures=True)  # running searches stop at their next stage
         self._flush_done()
         self._flush_events()
         self.router.close(linger=0)

@@ -1,11 +1,16 @@
-"""Which paths a client may name: index names inside index roots, rasters inside raster roots."""
+"""Which paths a client may name: index names inside the index root, rasters inside raster roots."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-from wire.errors import FORBIDDEN, ProtocolError
+from wire.protocol import excerpt
+from worker.errors import ForbiddenError, InputError
+from worker.raster_access import RasterAccess
+
+MAX_NAME_CHARS = 1024
+MAX_PART_CHARS = 255  # a folder name, as file systems allow
 
 
 @dataclass(frozen=True)
@@ -14,14 +19,22 @@ class PathPolicy:
     raster_roots: tuple[Path, ...]
 
     def index_dir(self, name: str) -> Path:
-        """An index name (a relative path like "coast/2024") inside the first index root."""
+        """An index name (a relative path like "coast/2024") -> its folder inside the first
+        index root: never the root itself, never outside it (links resolved)."""
+        if not name or len(name) > MAX_NAME_CHARS or any(ord(c) < 32 or c == "\x7f" for c in name):
+            raise InputError(f"index name {excerpt(name)} must be 1 to {MAX_NAME_CHARS} characters without control "
+                             "characters")
         parts = Path(name).parts
-        if not name or Path(name).is_absolute() or ".." in parts or name.startswith("~"):
-            raise ProtocolError(FORBIDDEN, f"index name {name!r} must be a relative path without '..'")
+        if Path(name).is_absolute() or ".." in parts or name.startswith("~"):
+            raise ForbiddenError(f"index name {excerpt(name)} must be a relative path without '..' or '~'")
+        if any(len(part.encode()) > MAX_PART_CHARS for part in parts):
+            raise InputError(f"index name {excerpt(name)} has a folder name longer than {MAX_PART_CHARS} bytes")
         root = self.index_root
         path = (root / name).resolve()
+        if path == root:
+            raise ForbiddenError(f"index name {excerpt(name)} names the index root itself: name an index inside it")
         if not path.is_relative_to(root):
-            raise ProtocolError(FORBIDDEN, f"index name {name!r} leaves the index root")
+            raise ForbiddenError(f"index name {excerpt(name)} leaves the index root")
         return path
 
     def index_name(self, index_dir: Path) -> str:
@@ -33,10 +46,7 @@ class PathPolicy:
         """Where named indexes live (the first index root; the others are only resumed from)."""
         return self.index_roots[0].resolve()
 
-    def raster(self, path: str) -> Path:
-        """A raster path, accepted only inside a raster root (after resolving links and '..')."""
-        resolved = Path(path).expanduser().resolve()
-        if not any(resolved.is_relative_to(r.resolve()) for r in self.raster_roots):
-            roots = ", ".join(str(r) for r in self.raster_roots)
-            raise ProtocolError(FORBIDDEN, f"{path} is outside the raster roots this worker serves ({roots})")
-        return resolved
+    @property
+    def raster_access(self) -> RasterAccess:
+        """What a client's indexing request may read: files inside the raster roots only."""
+        return RasterAccess(tuple(r.resolve() for r in self.raster_roots))

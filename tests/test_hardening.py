@@ -1,0 +1,496 @@
+"""Issue #15: what a client (or a careless operator) can make a real `python -m worker serve`
+do over real sockets, one test per finding. After each, the worker answers a ping and the
+committed index is unchanged on disk."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import rasterio
+import zmq
+from rasterio.windows import Window
+
+from lab.worker_process import WorkerProcess
+from test_service import sketch_png, wait_job
+from wire import errors as codes
+from wire import job_states as states
+from wire.errors import WorkerError
+from wire.protocol import MAX_STROKE_POINTS, encode_request
+from worker.tiling import TileSettings
+
+LIMITS = ["--max-jobs", "1", "--max-queued-jobs", "2"]
+FLOOD_LIMITS = ["--search-timeout", "0.3", "--search-threads", "2", "--max-queued-searches", "4",
+                "--max-header-bytes", "100000"]
+TILE = {"tile": 112, "scales": [1]}
+
+
+# -- fixtures --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory, assets) -> Path:
+    """rasters/ (the served raster root: a 240 px crop and the whole RMNP scene), outside/ (a
+    raster beside the root) and indexes/."""
+    base = tmp_path_factory.mktemp("hardening")
+    for name in ("rasters", "outside", "indexes"):
+        (base / name).mkdir()
+    with rasterio.open(assets["rmnp_rgb"]) as src:
+        window = Window(0, 0, 240, 240)
+        profile = {**src.profile, "width": 240, "height": 240, "transform": src.window_transform(window)}
+        data = src.read(window=window)
+    for path in (base / "rasters" / "tiny.tif", base / "outside" / "secret.tif"):
+        with rasterio.open(path, "w", **profile) as dst:
+            dst.write(data)
+    shutil.copy(assets["rmnp_rgb"], base / "rasters" / "rmnp.tif")
+    return base
+
+
+@pytest.fixture(scope="module")
+def served(tree):
+    """One worker for the module, with its index `base` built."""
+    proc = WorkerProcess(tree / "indexes", tree / "rasters", extra=LIMITS).start()
+    with proc.client() as c:
+        job = wait_job(c, c.start_index("base", [str(tree / "rasters" / "tiny.tif")], **TILE)["id"])
+    assert job["state"] == states.DONE, job
+    proc.base_files = _fingerprint(tree / "indexes" / "base")
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(autouse=True)
+def still_serving(request):
+    """After each test: the module's worker answers a ping within a second and its committed
+    index is byte for byte what it was."""
+    yield
+    if "served" not in request.fixturenames:
+        return
+    proc = request.getfixturevalue("served")
+    started = time.perf_counter()
+    with proc.client(timeout=5, retries=0) as c:
+        assert c.ping()["ok"]
+        assert time.perf_counter() - started < 1.0
+        listed = {i["name"]: i for i in c.list_indexes()}
+    assert listed["base"]["complete"] and listed["base"]["compatible"] and listed["base"]["error"] is None
+    assert _fingerprint(proc.index_root / "base") == proc.base_files
+
+
+def _fingerprint(index_dir: Path) -> dict[str, str]:
+    """The committed files of an index by their hash (the manifest and the shards)."""
+    files = [index_dir / "manifest.json", *sorted((index_dir / "shards").rglob("*.npy"))]
+    return {str(f.relative_to(index_dir)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
+def _code(call) -> WorkerError:
+    with pytest.raises(WorkerError) as err:
+        call()
+    return err.value
+
+
+def _raw(endpoint: str, frames: list[bytes], timeout: float = 10) -> dict:
+    """One request as raw frames on a DEALER socket; its reply's header."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    try:
+        sock.send_multipart(frames)
+        assert sock.poll(int(timeout * 1000)), "no reply"
+        return json.loads(sock.recv_multipart()[0])
+    finally:
+        sock.close()
+
+
+def _copy_index(served, name: str) -> Path:
+    dest = served.index_root / name
+    shutil.copytree(served.index_root / "base", dest)
+    return dest
+
+
+def _rss_mb(pid: int) -> dict[str, float]:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return {key: int(line.split()[1]) / 1024 for line in status.splitlines()
+            for key in ("VmRSS", "VmHWM") if line.startswith(key + ":")}
+
+
+# -- 1. a CRS a client chooses: no PROJ strings, no files ------------------------------------
+def test_1_a_crs_naming_a_fifo_is_refused_at_once(served, tmp_path):
+    fifo = tmp_path / "grid.fifo"
+    os.mkfifo(fifo)
+    crss = [f"+proj=longlat +datum=WGS84 +nadgrids={fifo}", f"+proj=longlat +geoidgrids={fifo} +type=crs",
+            f"+init={fifo}:1", f'GEOGCRS["x",DATUM["d",ELLIPSOID["e",6378137,298.257]],PARAMETERFILE["g","{fifo}"]]',
+            json.dumps({"type": "GeographicCRS", "name": "x", "parameters": [{"name": "g", "value": str(fifo)}]})]
+    strokes = [[[-105.6, 40.3], [-105.55, 40.35]]]
+    try:
+        with served.client(timeout=5, retries=0) as c:
+            for crs in crss:
+                started = time.perf_counter()
+                errors = [_code(lambda: c.search("base", sketch_png=sketch_png(), crs=crs)),
+                          _code(lambda: c.search("base", sketch_png=sketch_png(), bbox=[0, 0, 1, 1], bbox_crs=crs)),
+                          _code(lambda: c.search("base", strokes=strokes, strokes_crs=crs))]
+                assert time.perf_counter() - started < 3.0, "refused without touching the file"
+                assert {e.code for e in errors} == {codes.BAD_INPUT}, errors
+                assert "authority code" in errors[0].message or "names" in errors[0].message
+            assert c.ping()["ok"]
+    finally:
+        try:  # a reader blocked on the FIFO (the bug) gets its end of file
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+
+
+# -- 2. rasters outside the raster roots: links, VRT sources, network ------------------------
+def _vrt(path: Path, source: str, relative: bool = False) -> Path:
+    path.write_text(f"""<VRTDataset rasterXSize="240" rasterYSize="240">
+  <SRS>EPSG:4326</SRS><GeoTransform>-105.6, 0.0001, 0, 40.4, 0, -0.0001</GeoTransform>
+  <VRTRasterBand dataType="Byte" band="1"><SimpleSource>
+    <SourceFilename relativeToVRT="{int(relative)}">{source}</SourceFilename><SourceBand>1</SourceBand>
+  </SimpleSource></VRTRasterBand>
+</VRTDataset>""")
+    return path
+
+
+def test_2_links_vrt_sources_and_network_paths_outside_the_roots_are_forbidden(served, tree):
+    rasters, secret = tree / "rasters", tree / "outside" / "secret.tif"
+    linked = rasters / "linked"
+    linked.mkdir()
+    (linked / "innocent.tif").symlink_to(secret)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.settimeout(0.5)
+    port = listener.getsockname()[1]
+    vrts = rasters / "vrts"
+    vrts.mkdir()
+    cases = {"a folder holding a link out": [str(linked)], "the link itself": [str(linked / "innocent.tif")],
+             "a VRT with an outside source": [str(_vrt(vrts / "abs.vrt", str(secret)))],
+             "a VRT with a relative source out": [str(_vrt(vrts / "rel.vrt", "../../outside/secret.tif", True))],
+             "a VRT with a /vsicurl/ source": [str(_vrt(vrts / "net.vrt", f"/vsicurl/http://127.0.0.1:{port}/a.tif"))],
+             "a /vsicurl/ path": [f"/vsicurl/http://127.0.0.1:{port}/a.tif"],
+             "a driver prefix": [f"GTIFF_DIR:1:{secret}"]}
+    try:
+        with served.client(timeout=20) as c:
+            refused = {what: _code(lambda: c.start_index("leak", paths, **TILE)) for what, paths in cases.items()}
+            indexes = {i["name"] for i in c.list_indexes()}
+        assert {what: e.code for what, e in refused.items()} == dict.fromkeys(cases, codes.FORBIDDEN), refused
+        assert "outside the raster roots" in refused["a VRT with an outside source"].message
+        with pytest.raises(socket.timeout):
+            listener.accept()  # the worker sent no request anywhere
+        assert "leak" not in indexes and not (served.index_root / "leak").exists()
+    finally:
+        listener.close()
+        shutil.rmtree(linked)
+        shutil.rmtree(vrts)
+
+
+# -- 3. a folder that is not an index is never cleaned ---------------------------------------
+def test_3_a_folder_with_foreign_content_is_refused_and_left_as_it_was(served, tree):
+    root = served.index_root
+    notes = root / "notes"
+    (notes / "shards" / "mine").mkdir(parents=True)
+    (notes / "notes.txt").write_text("not an index")
+    (notes / "shards" / "mine" / "data.txt").write_text("a user's data")
+    (root / "afile.txt").write_text("a file")
+    before = sorted(str(p.relative_to(notes)) for p in notes.rglob("*"))
+    tiny = str(tree / "rasters" / "tiny.tif")
+    try:
+        with served.client() as c:
+            foreign = _code(lambda: c.start_index("notes", [tiny], **TILE))
+            missing = _code(lambda: c.start_index("notes", [str(tree / "rasters" / "missing.tif")], **TILE))
+            a_file = _code(lambda: c.start_index("afile.txt", [tiny], **TILE))
+            inside = _code(lambda: c.start_index("base/inner", [tiny], **TILE))
+            the_root = _code(lambda: c.start_index(".", [tiny], **TILE))
+        assert (foreign.code, missing.code, a_file.code, inside.code) == (codes.BAD_INPUT,) * 4
+        assert "holds other things" in foreign.message and "notes.txt" in foreign.message
+        assert "is a file" in a_file.message and "inside the index" in inside.message
+        assert the_root.code == codes.FORBIDDEN
+        assert sorted(str(p.relative_to(notes)) for p in notes.rglob("*")) == before
+        assert (notes / "shards" / "mine" / "data.txt").read_text() == "a user's data"
+        assert not (root / ".lock").exists() and not (root / "shards").exists()
+        assert not (root / "base" / "inner").exists()
+    finally:
+        shutil.rmtree(notes)
+        (root / "afile.txt").unlink()
+
+
+# -- 4. a shard truncated under a running worker ---------------------------------------------
+def test_4_a_truncated_shard_of_a_loaded_index_is_a_corrupt_index_error(served):
+    copy = _copy_index(served, "truncated")
+    try:
+        with served.client(timeout=60) as c:
+            assert c.search("truncated", sketch_png=sketch_png(), top=2)["hits"]["features"]  # loaded and cached
+            for shard in sorted((copy / "shards").iterdir()):
+                for array in ("tokens.npy", "cells.npy"):
+                    path = shard / array
+                    os.truncate(path, path.stat().st_size // 2)
+            err = _code(lambda: c.search("truncated", sketch_png=sketch_png(), top=2))
+            listed = {i["name"]: i for i in c.list_indexes()}
+        assert err.code == codes.CORRUPT_INDEX and "build it again" in err.message and "truncated" in err.message
+        assert listed["truncated"]["error"]["code"] == codes.CORRUPT_INDEX
+    finally:
+        shutil.rmtree(copy)
+
+
+# -- 5. jobs that cannot be resumed do not stop the worker from starting ---------------------
+def test_5_a_moved_raster_and_a_torn_job_file_fail_their_jobs_and_the_worker_serves(served, tree, tmp_path):
+    root = tmp_path / "indexes"
+    root.mkdir()
+    rasters = tree / "rasters"
+    moving = rasters / "moving.tif"
+    shutil.copy(rasters / "tiny.tif", moving)
+    spec = {"settings": TileSettings(tile=112, scales=(1,)).to_json(), "chunk_tiles": 64}
+    jobs = {"moved": {"index": "moved", "rasters": [str(moving)], **spec},
+            "outside": {"index": "outside", "rasters": [str(tree / "outside" / "secret.tif")], **spec},
+            "torn": None}
+    for name, job in jobs.items():
+        shutil.copytree(served.index_root / "base", root / name)
+        if job is None:  # a job file cut in half, as a full disk or a crash mid-write leaves it
+            text = json.dumps({"index": name, "rasters": [str(rasters / "tiny.tif")], **spec})
+            (root / name / "job.json").write_text(text[:len(text) // 2])
+        else:
+            (root / name / "job.json").write_text(json.dumps(job))
+    moving.rename(tmp_path / "moved-away.tif")
+    manifests = {name: (root / name / "manifest.json").read_bytes() for name in jobs}
+    proc = WorkerProcess(root, rasters).start()
+    try:
+        with proc.client() as c:
+            assert c.ping()["ok"]
+            listed = {i["name"]: i for i in c.list_indexes()}
+    finally:
+        assert proc.kill(15) == 0
+    for name in jobs:
+        job = listed[name]["last_job"]
+        assert job["state"] == states.FAILED and listed[name]["job"] is None, (name, job)
+        assert listed[name]["complete"] and (root / name / "manifest.json").read_bytes() == manifests[name]
+        assert not (root / name / "job.json").exists()
+    assert listed["moved"]["last_job"]["error"]["code"] == codes.BAD_INPUT
+    assert "not found" in listed["moved"]["last_job"]["error"]["message"]
+    assert listed["outside"]["last_job"]["error"]["code"] == codes.FORBIDDEN
+    assert "damaged" in listed["torn"]["last_job"]["error"]["message"]
+
+
+# -- 6 and 7. a flood: bounded queue and memory, timeouts that free their thread -------------
+def test_6_7_a_flood_is_bounded_and_a_timed_out_search_frees_its_thread(served, tree):
+    root = tree / "flood-indexes"
+    root.mkdir()
+    shutil.copytree(served.index_root / "base", root / "base")
+    proc = WorkerProcess(root, tree / "rasters", extra=FLOOD_LIMITS).start()
+    pid = proc.proc.pid
+    try:
+        with proc.client(timeout=10) as c:  # the index loaded once: what the flood adds is what counts
+            try:
+                c.search("base", sketch_png=sketch_png())
+            except WorkerError:  # over 0.3 s: timeout
+                pass
+        time.sleep(1.0)
+        before = _rss_mb(pid)
+
+        latencies, flooding = [], threading.Event()
+
+        def ping_while_flooding() -> None:
+            with proc.client(timeout=10, retries=0) as c:
+                while not flooding.is_set():
+                    started = time.perf_counter()
+                    c.ping()
+                    latencies.append(time.perf_counter() - started)
+                    time.sleep(0.05)
+
+        pinger = threading.Thread(target=ping_while_flooding)
+        pinger.start()
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(proc.bind)
+        sent, extra, sketch = 300, b"\0" * 1_000_000, sketch_png()
+        for i in range(sent):
+            header = json.dumps({"v": 1, "id": f"f{i}", "op": "search", "index": "base", "sketch_frame": 1}).encode()
+            sock.send_multipart([header, sketch, extra])
+        replies: dict[str, str] = {}
+        deadline = time.time() + 60
+        while len(replies) < sent and time.time() < deadline:
+            if sock.poll(1000):
+                reply = json.loads(sock.recv_multipart()[0])
+                replies[reply["id"]] = "ok" if reply["ok"] else reply["error"]["code"]
+        after = _rss_mb(pid)
+        flooding.set()
+        pinger.join()
+        time.sleep(1.0)  # the flood's last searches stop
+
+        too_large = _raw(proc.bind, encode_request("ping", pad="x" * 200_000))
+        started = time.perf_counter()
+        sock.send_multipart(encode_request("search", request_id="slow1", index="base", sketch_frame=1,
+                                           frames=(sketch_png(),)))
+        sock.send_multipart(encode_request("search", request_id="slow2", index="base", sketch_frame=1,
+                                           frames=(sketch_png(),)))
+        timed_out = {}
+        while len(timed_out) < 2 and time.perf_counter() - started < 10:
+            if sock.poll(1000):
+                reply = json.loads(sock.recv_multipart()[0])
+                timed_out[reply["id"]] = (reply["error"]["code"], time.perf_counter() - started)
+        answered_at = max(t for _, t in timed_out.values())
+        with proc.client(timeout=5, retries=0) as c:  # a search that needs a free thread within 0.3 s
+            while True:
+                err = _code(lambda: c.search("absent", sketch_png=sketch_png()))
+                if err.code != codes.TIMEOUT or time.perf_counter() - started > 10:
+                    break
+                time.sleep(0.1)
+        freed_after = time.perf_counter() - started - answered_at
+        sock.close()
+        time.sleep(0.5)
+        log = proc.log.read_text()
+    finally:
+        proc.stop()
+    counts = {code: list(replies.values()).count(code) for code in set(replies.values())}
+    print(f"\nflood of {sent} searches with a 1 MB extra frame: replies {counts}; RSS {before['VmRSS']:.0f} -> "
+          f"{after['VmRSS']:.0f} MB (peak {before['VmHWM']:.0f} -> {after['VmHWM']:.0f} MB); ping during the flood: "
+          f"{len(latencies)} pings, max {max(latencies) * 1e3:.0f} ms, median "
+          f"{sorted(latencies)[len(latencies) // 2] * 1e3:.0f} ms; timeouts answered after "
+          f"{[round(t, 2) for _, t in timed_out.values()]} s, a thread free {freed_after:.2f} s later")
+    assert len(replies) == sent, "every request of the flood is answered"
+    assert set(counts) <= {"ok", codes.BUSY, codes.TIMEOUT} and counts.get(codes.BUSY, 0) >= sent - 50
+    assert after["VmHWM"] - before["VmHWM"] < 150 and after["VmRSS"] - before["VmRSS"] < 150, \
+        "the flood's 300 MB of payloads are not kept"
+    assert latencies and max(latencies) < 1.5, "ping answers during the flood"
+    assert too_large["error"]["code"] == codes.TOO_LARGE and "--max-header-bytes" in too_large["error"]["message"]
+    assert {code for code, _ in timed_out.values()} == {codes.TIMEOUT}
+    assert answered_at < 1.5, "timeout counts from arrival and is answered at the deadline"
+    assert err.code == codes.NOT_FOUND and freed_after < 3.0, "a later search gets a thread"
+    assert "search stopped before" in log, "the timed-out search stopped at a stage, it did not run to its end"
+
+
+# -- 8. index jobs: a bounded queue; scales bounded ------------------------------------------
+def test_8_jobs_beyond_the_limit_wait_or_are_busy_and_scales_are_bounded(served, tree):
+    rmnp = str(tree / "rasters" / "rmnp.tif")
+    names = ["job-a", "job-b", "job-c", "job-d"]
+    started = []
+    try:
+        with served.client() as c:
+            started.append(c.start_index("job-a", [rmnp], tile=64, scales=[1, 2], chunk_tiles=4))
+            deadline = time.time() + 60
+            while c.job(started[0]["id"])["state"] == states.QUEUED and time.time() < deadline:
+                time.sleep(0.05)
+            started += [c.start_index(name, [rmnp], tile=64, scales=[1], chunk_tiles=4) for name in names[1:3]]
+            busy = _code(lambda: c.start_index("job-d", [rmnp], tile=64, scales=[1]))
+            states_now = [c.job(j["id"])["state"] for j in started]
+            scale_errors = [_code(lambda: c.start_index("scales", [rmnp], scales=scales))
+                            for scales in ([1] * 200, list(range(1, 201)), [1000], [0])]
+            tile_error = _code(lambda: c.start_index("scales", [rmnp], tile=100_000))
+            for job in started:
+                c.cancel(job["id"])
+            ended = [wait_job(c, j["id"], timeout=120)["state"] for j in started]
+        assert states_now == [states.RUNNING, states.QUEUED, states.QUEUED]
+        assert busy.code == codes.BUSY and "waiting" in busy.message
+        assert [e.code for e in scale_errors] == [codes.BAD_INPUT] * 4 and "different" in scale_errors[0].message
+        assert tile_error.code == codes.BAD_INPUT
+        assert set(ended) <= {states.CANCELLED, states.DONE}
+        assert not (served.index_root / "job-d").exists() and not (served.index_root / "scales").exists()
+    finally:
+        for name in names:
+            shutil.rmtree(served.index_root / name, ignore_errors=True)
+
+
+# -- 9. one broken manifest ------------------------------------------------------------------
+def test_9_a_corrupt_manifest_is_flagged_and_the_others_listed(served):
+    broken, torn = _copy_index(served, "broken"), _copy_index(served, "torn")
+    (broken / "manifest.json").write_text("{not json")
+    manifest = json.loads((torn / "manifest.json").read_text())
+    (torn / "manifest.json").write_text(json.dumps({**manifest, "shards": "x", "rasters": [{}]}))
+    try:
+        with served.client() as c:
+            listed = {i["name"]: i for i in c.list_indexes()}
+            errors = [_code(lambda: c.search(name, sketch_png=sketch_png())) for name in ("broken", "torn")]
+        assert listed["base"]["error"] is None and listed["base"]["tile_count"] > 0
+        for name in ("broken", "torn"):
+            assert listed[name]["error"]["code"] == codes.CORRUPT_INDEX and not listed[name]["compatible"]
+            assert "build it again" in listed[name]["reason"]
+        assert [e.code for e in errors] == [codes.CORRUPT_INDEX] * 2
+    finally:
+        shutil.rmtree(broken)
+        shutil.rmtree(torn)
+
+
+# -- 10. each bad input gets its code, never `internal` --------------------------------------
+def test_10_each_bad_input_gets_its_own_code(served, tree):
+    def header(**fields) -> bytes:
+        return json.dumps({"v": 1, "id": "x", "op": "ping", **fields}).encode()
+
+    raw_cases = {
+        "JSON nested 100,000 deep": (header(a=[])[:-4] + b"[" * 100_000 + b"]" * 100_000 + b"}", codes.BAD_JSON),
+        "a 5001-digit integer": (b'{"v": 1, "id": "x", "op": "search", "top": ' + b"9" * 5001 + b"}", codes.BAD_JSON),
+        "a number past a float": (b'{"v": 1, "id": "x", "op": "search", "top": 1e400}', codes.BAD_JSON),
+        "NaN": (b'{"v": 1, "id": "x", "op": "search", "top": NaN}', codes.BAD_JSON),
+        "version true": (header(v=True), codes.UNSUPPORTED_VERSION),
+        "version 1.0": (header(v=1.0), codes.UNSUPPORTED_VERSION),
+    }
+    for what, (frame, code) in raw_cases.items():
+        reply = _raw(served.bind, [frame])
+        assert not reply["ok"] and reply["error"]["code"] == code, (what, reply)
+
+    tiny = str(tree / "rasters" / "tiny.tif")
+    (served.index_root / "afile").write_text("a file")
+    huge_name = "n" * 100_000
+    far, line = [[[1e308, 1e308], [-1e308, -1e308]]], [[[0, 0], [1, 1]]]
+    try:
+        with served.client() as c:
+            cases = {
+                "a NUL in an index name": (lambda: c.start_index("a\0b", [tiny], **TILE), codes.BAD_INPUT),
+                "an over-long index name": (lambda: c.start_index(huge_name, [tiny], **TILE), codes.BAD_INPUT),
+                "a folder name over 255 bytes": (lambda: c.start_index("d" * 300, [tiny], **TILE), codes.BAD_INPUT),
+                "a name that is a file": (lambda: c.start_index("afile", [tiny], **TILE), codes.BAD_INPUT),
+                "a search of a file": (lambda: c.search("afile", sketch_png=sketch_png()), codes.NOT_FOUND),
+                "~nosuchuser as an index": (lambda: c.start_index("~nosuchuser/x", [tiny], **TILE), codes.FORBIDDEN),
+                "~nosuchuser as a raster": (lambda: c.start_index("x", ["~nosuchuser/a.tif"], **TILE), codes.FORBIDDEN),
+                "a NUL in a raster path": (lambda: c.start_index("x", [tiny + "\0"], **TILE), codes.BAD_INPUT),
+                "strokes at +-1e308": (lambda: c.search("base", strokes=far, strokes_crs="EPSG:3857"), codes.BAD_INPUT),
+                "a strokes_crs that is none": (lambda: c.search("base", strokes=line, strokes_crs="EPSG:0"),
+                                               codes.BAD_INPUT),
+                "a PROJ string strokes_crs": (lambda: c.search("base", strokes=line, strokes_crs="+proj=merc"),
+                                              codes.BAD_INPUT),
+                "too many points": (lambda: c.search("base", strokes=[[[0, 0]] * (MAX_STROKE_POINTS + 1)],
+                                                     strokes_crs="pixel"), codes.BAD_INPUT),
+                "a huge output CRS": (lambda: c.search("base", sketch_png=sketch_png(), crs="EPSG:" + "9" * 50_000),
+                                      codes.BAD_INPUT),
+            }
+            errors = {what: _code(call) for what, (call, _) in cases.items()}
+        assert {w: e.code for w, e in errors.items()} == {w: code for w, (_, code) in cases.items()}
+        assert all(len(e.message) < 600 for e in errors.values()), "a rejected value is quoted in part"
+        assert "blank" not in errors["strokes at +-1e308"].message and "1e308" in errors["strokes at +-1e308"].message
+        assert "at most 50000" in errors["too many points"].message
+        assert not (served.index_root / "x").exists() and not (served.index_root / "~nosuchuser").exists()
+    finally:
+        (served.index_root / "afile").unlink()
+
+
+def test_10_a_full_disk_is_a_storage_error_not_a_bug(tmp_path):
+    """A full disk (here /dev/full) is reported as `storage` with where and what to do."""
+    from worker.errors import error_object
+    from worker.store.format import disk_write
+
+    with pytest.raises(Exception) as err:
+        with disk_write(tmp_path / "shard.npy"):
+            with open("/dev/full", "wb") as f:
+                f.write(b"\0" * 300_000)
+                f.flush()
+    reply = error_object(err.value)
+    assert reply["code"] == codes.STORAGE and "free space" in reply["message"] and "MB left" in reply["message"]
+    raw = OSError(28, "No space left on device", "/data/index/manifest.json")
+    assert error_object(raw)["code"] == codes.STORAGE
+
+
+def test_the_documented_limits_are_the_workers():
+    """docs/protocol.md's table of limits names every serve flag with its default."""
+    from dataclasses import fields
+
+    from lab.worker_process import REPO
+    from worker.service.config import Limits
+
+    doc = (REPO / "docs" / "protocol.md").read_text().split("## Limits and security")[1]
+    for limit in fields(Limits):
+        flag = f"`--{limit.name.replace('_', '-')}`"
+        row = next((line for line in doc.splitlines() if line.startswith("|") and flag in line), None)
+        assert row is not None, f"{flag} is documented"
+        documented = row.split("|")[2].split()[0]
+        assert float(documented) == limit.default, (flag, documented, limit.default)
