@@ -61,6 +61,11 @@ class LevelMap:
         return col * CELL * self.level_px, row * CELL * self.level_px
 
 
+def map_shape(raster: RasterInfo, level_px: float) -> tuple[int, int]:
+    """Rows and columns of cells of a raster's level map (one spare cell past the far edges)."""
+    return int(np.ceil(raster.height / level_px / CELL)) + 1, int(np.ceil(raster.width / level_px / CELL)) + 1
+
+
 def assemble(rasters: dict[int, RasterInfo], records: np.ndarray, cells_of, tile_size: int,
              drawing_size: int) -> dict[tuple[int, int], LevelMap]:
     """Level maps of every (raster id, scale) in `records` (the index's tile records with
@@ -70,7 +75,7 @@ def assemble(rasters: dict[int, RasterInfo], records: np.ndarray, cells_of, tile
     for raster_id, scale in keys:
         raster = rasters[int(raster_id)]
         lp = level_pixel(tile_size, int(scale), drawing_size)
-        shape = (int(np.ceil(raster.height / lp / CELL)) + 1, int(np.ceil(raster.width / lp / CELL)) + 1)
+        shape = map_shape(raster, lp)
         grid = np.zeros((*shape, ORIENTATIONS), np.uint8)
         best = np.full(shape, np.inf, np.float32)
         rows = np.nonzero((records["raster_id"] == raster_id) & (records["scale"] == scale))[0]

@@ -64,9 +64,11 @@ class TileIndex:
 
     @cached_property
     def maps(self) -> dict[tuple[int, int], level_maps.LevelMap]:
-        """One map of edge cells per (raster id, scale), joined from the tiles' cells."""
-        return level_maps.assemble(self.rasters, self.records, self.cells_of, self.manifest["tiling"]["tile"],
-                                   self.manifest["drawing_size"])
+        """One map of edge cells per (raster id, scale): a complete raster's read from its file
+        by region (worker.store.maps), the others joined from the tiles' cells."""
+        from worker.store.maps import open_maps
+
+        return open_maps(self, {r["id"] for r in self.manifest["rasters"] if r.get("complete")})
 
     @classmethod
     def open(cls, index_dir: Path) -> "TileIndex":

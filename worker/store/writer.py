@@ -6,7 +6,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 
@@ -16,6 +16,8 @@ from worker.store.format import (CHUNK_TILES, MANIFEST, RECORD_DTYPE, SHARDS, TI
                                  disk_write, index_lock, new_manifest, read_manifest, remove_shards, shard_name,
                                  write_json_atomic, write_shard)
 from worker.store.gpkg import write_tiles_gpkg
+from worker.store.maps import remove_maps, write_maps
+from worker.store.reader import TileIndex
 from worker.tile_features import TileFeatures, describe_tiles
 from worker.tiling import RasterInfo, Tile, TileSettings, iter_tile_pixels, open_raster, plan_tiles
 
@@ -82,6 +84,7 @@ class IndexWriter:
         return entry
 
     def _drop_raster(self, raster_id: int) -> None:
+        remove_maps(self.dir, raster_id)
         dropped = [s["name"] for s in self.manifest["shards"] if s["raster_id"] == raster_id]
         self.manifest["shards"] = [s for s in self.manifest["shards"] if s["raster_id"] != raster_id]
         self.manifest["pending"] = self.manifest.get("pending", []) + dropped
@@ -90,13 +93,15 @@ class IndexWriter:
 
     def build(self, raster_paths: list[Path], progress: Callable[[IndexProgress], None] | None = None,
               should_stop: Callable[[], bool] = lambda: False, batch_size: int = 16,
-              drivers: tuple[str, ...] | None = None) -> dict:
+              drivers: tuple[str, ...] | None = None, computer: "ChunkComputer | None" = None) -> dict:
         """Index every raster not yet (fully) indexed; returns the manifest.
 
         `should_stop` is polled between batches: returning True stops after the last commit
         (cancel), leaving a resumable index. `drivers` limits the GDAL drivers that may read
-        the rasters (a service client's request).
+        the rasters (a service client's request). `computer` computes the chunks (default: here,
+        one after another; worker.distributed: on a cluster); this writer alone commits them.
         """
+        computer = computer or LocalChunks(self.model)
         with index_lock(self.dir):
             infos = [open_raster(p, self.settings.bands, drivers) for p in raster_paths]  # refuse bad input up front
             with disk_write(self.dir / SHARDS):
@@ -110,91 +115,155 @@ class IndexWriter:
                 plans.append((entry, tiles))
             self._commit()
             total = sum(len(t) for _, t in plans)
-            done = sum(len(t) for e, t in plans if e["complete"])
-            done += sum(min(self.chunk_tiles, len(t) - s["chunk"] * self.chunk_tiles) for e, t in plans if not e["complete"]
-                        for s in self.manifest["shards"] if s["raster_id"] == e["id"])
-            skipped_total = sum(e["tiles_skipped"] for e, _ in plans)
+            jobs, done = [], 0
             for entry, tiles in plans:
-                if entry["complete"]:
-                    continue
                 committed = {s["chunk"] for s in self.manifest["shards"] if s["raster_id"] == entry["id"]}
                 for chunk in range(0, (len(tiles) + self.chunk_tiles - 1) // self.chunk_tiles):
-                    if chunk in committed:
-                        continue
-                    if should_stop():
-                        return self.manifest
                     part = tiles[chunk * self.chunk_tiles:(chunk + 1) * self.chunk_tiles]
+                    if entry["complete"] or chunk in committed:
+                        done += len(part)
+                    else:
+                        jobs.append(ChunkJob(entry["id"], chunk, entry, tuple(part)))
+            skipped_total = sum(e["tiles_skipped"] for e, _ in plans)
+            remaining = {e["id"]: 0 for e, _ in plans}
+            for job in jobs:
+                remaining[job.raster_id] += 1
+            entries = {e["id"]: e for e, _ in plans}
+            self._mark_complete([entries[i] for i, n in remaining.items() if n == 0 and not entries[i]["complete"]])
 
-                    def batch_done(n: int, _done=done, _path=entry["path"]) -> None:
-                        if progress:
-                            progress(IndexProgress(_done + n, total, skipped_total, _path))
+            def batch_done(n: int, path: str) -> None:
+                if progress:
+                    progress(IndexProgress(done + n, total, skipped_total, path))
 
-                    skipped = self._write_chunk(entry, chunk, part, batch_size, should_stop, batch_done)
-                    if skipped is None:
-                        return self.manifest
-                    entry["tiles_skipped"] += skipped
-                    skipped_total += skipped
-                    self._commit()
-                    done += len(part)
-                    if progress:
-                        progress(IndexProgress(done, total, skipped_total, entry["path"]))
-                entry["complete"] = True
+            for job, result in computer.run(jobs, self.settings, batch_size, should_stop, batch_done):
+                if result is None:  # stopped: what was committed stays
+                    return self.manifest
+                entry = entries[job.raster_id]
+                self._commit_chunk(entry, job.chunk, len(job.tiles), result)
+                entry["tiles_skipped"] += result.skipped
+                skipped_total += result.skipped
                 self._commit()
+                done += len(job.tiles)
+                if progress:
+                    progress(IndexProgress(done, total, skipped_total, entry["path"]))
+                remaining[job.raster_id] -= 1
+                if remaining[job.raster_id] == 0:
+                    self._mark_complete([entry])
             with disk_write(self.dir / TILES_LAYER):
                 write_tiles_gpkg(self.dir)
             return self.manifest
 
-    def _write_chunk(self, entry: dict, chunk: int, tiles: list[Tile], batch_size: int,
-                     should_stop: Callable[[], bool], batch_done: Callable[[int], None]) -> int | None:
-        """Encode one chunk and commit it as a shard; returns how many tiles were skipped as empty."""
+    def _mark_complete(self, entries: list[dict]) -> None:
+        """Mark rasters complete, once their level maps are on disk (worker.store.maps)."""
+        if not entries:
+            return
+        index = TileIndex(self.dir, self.manifest, self.manifest["shards"])
+        for entry in entries:
+            rows = np.nonzero(index.records["raster_id"] == entry["id"])[0]
+            if len(rows):
+                write_maps(self.dir, level_maps.assemble(index.rasters, index.records[rows],
+                                                         lambda r, _rows=rows: index.cells_of(_rows[r]),
+                                                         self.settings.tile, self.manifest["drawing_size"]))
+            entry["complete"] = True
+        self._commit()
+
+    def _commit_chunk(self, entry: dict, chunk: int, tiles: int, result: "ChunkResult") -> None:
+        """Write a computed chunk as a shard, named in the journal first (committed by the caller)."""
         name = shard_name(entry["id"], chunk)
-        kept: list[Tile] = []
-        valid: list[float] = []
-        outputs: list[TileFeatures] = []
-        batch: list[np.ndarray] = []
-        masks: list[np.ndarray] = []
-
-        def encode() -> None:
-            outputs.append(describe_tiles(self.model, kept[len(kept) - len(batch):], np.stack(batch), np.stack(masks),
-                                          self.settings.tile))
-            batch.clear()
-            masks.clear()
-
-        for n, (tile, image, mask) in enumerate(iter_tile_pixels(RasterInfo.from_json(entry), tiles,
-                                                                 self.model.img_size), start=1):
-            fraction = float(mask.mean())
-            if fraction < self.settings.min_valid:
-                continue
-            kept.append(tile)
-            valid.append(fraction)
-            batch.append(image)
-            masks.append(mask)
-            if len(batch) == batch_size:
-                if should_stop():
-                    return None
-                encode()
-                batch_done(n)  # progress within the chunk (committed only at its end)
-        if batch:
-            encode()
-        records = np.zeros(len(kept), RECORD_DTYPE)
-        records["raster_id"] = entry["id"]
-        for field_name in ("col_off", "row_off", "width", "height", "scale"):
-            records[field_name] = [getattr(t, field_name) for t in kept]
-        records["valid"] = valid
-        records["bounds4326"] = bounds_wgs84(kept)
-        arrays = {"records": records}  # a shard of empty tiles holds its records only (readers skip it)
-        if outputs:
-            origins = np.concatenate([o.cell_origin for o in outputs])
-            for i, f in enumerate(level_maps.CELL_ORIGIN_FIELDS):
-                records[f] = origins[:, i]
-            arrays.update({"global": np.concatenate([o.global_token for o in outputs]),
-                           "tokens": np.concatenate([o.tokens for o in outputs]),
-                           "positions": np.concatenate([o.positions for o in outputs]),
-                           "cells": np.concatenate([o.cells for o in outputs])})
         self.manifest["pending"] = self.manifest.get("pending", []) + [name]  # the journal: what a crash leaves
         self._commit()
-        write_shard(self.dir, name, arrays)
+        write_shard(self.dir, name, result.arrays)
         self.manifest["shards"].append({"name": name, "raster_id": entry["id"], "chunk": chunk,
-                                        "count": len(kept), "skipped": len(tiles) - len(kept)})
-        self.manifest["pending"].remove(name)  # committed by the caller
-        return len(tiles) - len(kept)
+                                        "count": tiles - result.skipped, "skipped": result.skipped})
+        self.manifest["pending"].remove(name)
+
+
+@dataclass(frozen=True)
+class ChunkJob:
+    """One chunk of one raster's tile plan: what a computer turns into a shard's arrays."""
+
+    raster_id: int
+    chunk: int
+    raster: dict  # the raster's manifest entry (RasterInfo's JSON): enough to read it anywhere
+    tiles: tuple[Tile, ...]
+
+
+@dataclass
+class ChunkResult:
+    arrays: dict[str, np.ndarray]  # a shard's arrays (worker.store.format.SHARD_ARRAYS)
+    skipped: int  # tiles left out as mostly empty
+
+
+class ChunkComputer(Protocol):
+    def run(self, jobs: list[ChunkJob], settings: TileSettings, batch_size: int, should_stop: Callable[[], bool],
+            batch_done: Callable[[int, str], None]) -> Iterator[tuple[ChunkJob, ChunkResult | None]]:
+        """Yield each job with its result, in any order; a None result means stop now."""
+
+
+class LocalChunks:
+    """Chunks computed here, one after another, with progress after every batch."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def run(self, jobs, settings, batch_size, should_stop, batch_done):
+        for job in jobs:
+            if should_stop():
+                yield job, None
+                return
+            result = compute_chunk(self.model, job, settings, batch_size, should_stop,
+                                   lambda n, _path=job.raster["path"]: batch_done(n, _path))
+            yield job, result
+            if result is None:
+                return
+
+
+def compute_chunk(model, job: ChunkJob, settings: TileSettings, batch_size: int,
+                  should_stop: Callable[[], bool] = lambda: False,
+                  batch_done: Callable[[int], None] = lambda n: None) -> ChunkResult | None:
+    """Read, draw and encode one chunk's tiles (None when stopped between batches). Runs
+    wherever the model and the raster files are: this process or a cluster's worker."""
+    raster = RasterInfo.from_json(job.raster)
+    kept: list[Tile] = []
+    valid: list[float] = []
+    outputs: list[TileFeatures] = []
+    batch: list[np.ndarray] = []
+    masks: list[np.ndarray] = []
+
+    def encode() -> None:
+        outputs.append(describe_tiles(model, kept[len(kept) - len(batch):], np.stack(batch), np.stack(masks),
+                                      settings.tile))
+        batch.clear()
+        masks.clear()
+
+    for n, (tile, image, mask) in enumerate(iter_tile_pixels(raster, list(job.tiles), model.img_size), start=1):
+        fraction = float(mask.mean())
+        if fraction < settings.min_valid:
+            continue
+        kept.append(tile)
+        valid.append(fraction)
+        batch.append(image)
+        masks.append(mask)
+        if len(batch) == batch_size:
+            if should_stop():
+                return None
+            encode()
+            batch_done(n)  # progress within the chunk (committed only at its end)
+    if batch:
+        encode()
+    records = np.zeros(len(kept), RECORD_DTYPE)
+    records["raster_id"] = job.raster_id
+    for field_name in ("col_off", "row_off", "width", "height", "scale"):
+        records[field_name] = [getattr(t, field_name) for t in kept]
+    records["valid"] = valid
+    records["bounds4326"] = bounds_wgs84(kept)
+    arrays = {"records": records}  # a shard of empty tiles holds its records only (readers skip it)
+    if outputs:
+        origins = np.concatenate([o.cell_origin for o in outputs])
+        for i, f in enumerate(level_maps.CELL_ORIGIN_FIELDS):
+            records[f] = origins[:, i]
+        arrays.update({"global": np.concatenate([o.global_token for o in outputs]),
+                       "tokens": np.concatenate([o.tokens for o in outputs]),
+                       "positions": np.concatenate([o.positions for o in outputs]),
+                       "cells": np.concatenate([o.cells for o in outputs])})
+    return ChunkResult(arrays, len(job.tiles) - len(kept))

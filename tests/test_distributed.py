@@ -1,0 +1,81 @@
+"""Indexing on a Dask cluster (local mode, 2 worker processes) gives the index one process gives."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import numpy as np
+import pytest
+
+from worker.app import ModelOptions
+from worker.distributed import ClusterChunks, connect
+from worker.store import IndexWriter, TileIndex
+from worker.tiling import TileSettings
+
+SETTINGS = TileSettings(tile=128, scales=(1, 2))
+OPTIONS = ModelOptions(device="cpu", sketch_modules="none")  # the `model` fixture's
+CHUNK = 12  # several chunks per raster, so two workers share them
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory, assets, model) -> TileIndex:
+    out = tmp_path_factory.mktemp("one") / "index"
+    IndexWriter(out, model, SETTINGS, CHUNK).build([assets["rmnp_rgb"], assets["osbs_rgb"]])
+    return TileIndex.open(out)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with connect("local:2") as client:
+        yield client
+
+
+def assert_same_index(got: TileIndex, want: TileIndex) -> None:
+    assert len(got) == len(want) > 2 * CHUNK
+    keys = ("raster_id", "col_off", "row_off", "width", "height", "scale", "cell_row", "cell_col")
+    order_g, order_w = (np.lexsort([i.records[k] for k in reversed(keys)]) for i in (got, want))
+    for k in keys:
+        assert (got.records[k][order_g] == want.records[k][order_w]).all(), k
+    tokens_g, _ = got.tokens_of(order_g)
+    tokens_w, _ = want.tokens_of(order_w)
+    np.testing.assert_allclose(tokens_g.astype(np.float32), tokens_w.astype(np.float32), atol=2e-2)
+    assert (got.cells_of(order_g) == want.cells_of(order_w)).mean() > 0.999
+
+
+def test_cluster_index_equals_single_process(tmp_path, assets, model, cluster, single_process):
+    out = tmp_path / "index"
+    chunks = ClusterChunks(cluster, OPTIONS, model.fingerprint()["tile_encoder"])
+    seen = []
+    IndexWriter(out, model, SETTINGS, CHUNK).build([assets["rmnp_rgb"], assets["osbs_rgb"]], progress=seen.append,
+                                                   computer=chunks)
+    assert_same_index(TileIndex.open(out), single_process)
+    assert seen[-1].tiles_done == seen[-1].tiles_total  # progress reached the end
+    assert len(cluster.run(os.getpid)) == 2
+
+
+def test_a_killed_worker_does_not_stop_the_job(tmp_path, assets, model, cluster, single_process):
+    out = tmp_path / "index"
+    chunks = ClusterChunks(cluster, OPTIONS, model.fingerprint()["tile_encoder"])
+    killed = threading.Event()
+
+    def kill_one_worker(progress) -> None:
+        if not killed.is_set():  # after the first commit: the other chunks are queued or running
+            pid = next(iter(cluster.run(os.getpid).values()))
+            os.kill(pid, signal.SIGKILL)
+            killed.set()
+
+    IndexWriter(out, model, SETTINGS, CHUNK).build([assets["rmnp_rgb"], assets["osbs_rgb"]], progress=kill_one_worker,
+                                                   computer=chunks)
+    assert killed.is_set()
+    assert_same_index(TileIndex.open(out), single_process)
+
+
+def test_a_worker_with_another_model_is_refused(tmp_path, assets, model, cluster):
+    from worker.errors import InputError
+
+    other = ModelOptions(device="cpu", sketch_modules="none", random_weights=True)
+    chunks = ClusterChunks(cluster, other, model.fingerprint()["tile_encoder"])
+    with pytest.raises(InputError, match="another model"):
+        IndexWriter(tmp_path / "index", model, SETTINGS, CHUNK).build([assets["osbs_rgb"]], computer=chunks)

@@ -1,0 +1,125 @@
+"""Indexing on a Dask cluster: the cluster's workers compute chunks, this process commits them.
+
+Dask distributed rather than Ray: two pure-Python wheels instead of a large binary one, the
+same code on a laptop (`local`: a LocalCluster of worker processes) and on a cluster that
+already runs (a `dask scheduler` address, dask-jobqueue on HPC, dask-kubernetes), nothing else
+to operate, and futures that Dask recomputes on another worker when a worker dies.
+
+Each worker process loads the model once (cached per process, keyed by the model options) and
+reads its tiles straight from the raster files, which every worker must see at the same path
+(a shared or cloud file system). The driver, worker.store.writer.IndexWriter, alone writes the
+index: it commits each chunk as it arrives, in any order, with the same journal as a local run,
+so a killed driver resumes from its last commit and a killed worker's chunks are computed again
+by another worker. A worker whose model differs from the driver's (other weights, another
+version of the code) is refused, so an index never mixes features of two models.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+from worker.errors import InputError
+from worker.store.writer import ChunkJob, ChunkResult, compute_chunk
+from worker.tiling import TileSettings
+
+if TYPE_CHECKING:
+    from worker.app import ModelOptions
+
+log = logging.getLogger(__name__)
+LOCAL = "local"
+TASK_RETRIES = 2  # a chunk whose computation raised is tried this many more times (a worker that died is not counted)
+_models: dict[str, object] = {}  # per worker process: the model of each options
+
+
+def local_workers(spec: str) -> int | None:
+    """`local` -> None (one worker per 2 cores), `local:N` -> N; anything else is an address."""
+    if spec == LOCAL:
+        return None
+    if spec.startswith(LOCAL + ":"):
+        try:
+            n = int(spec[len(LOCAL) + 1:])
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise InputError(f"--cluster {spec}: local:N needs a number of workers of at least 1")
+        return n
+    return 0
+
+
+@contextmanager
+def connect(spec: str):
+    """A Dask client of the cluster `spec` names: `local`, `local:N` (a LocalCluster of N worker
+    processes, one thread each, closed on exit) or a scheduler address (tcp://host:8786)."""
+    from distributed import Client, LocalCluster
+
+    n = local_workers(spec)
+    if n == 0:
+        try:
+            client = Client(spec, timeout="20s")
+        except (OSError, TimeoutError, ValueError) as exc:
+            raise InputError(f"cannot reach the Dask scheduler at {spec} ({str(exc)[:200]}): start one with "
+                             "`dask scheduler` and workers with `dask worker ADDRESS`, or use --cluster local") from None
+        with client:
+            yield client
+        return
+    n = n or max(1, (os.cpu_count() or 2) // 2)
+    with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        yield client
+
+
+def _model_of(options: "ModelOptions"):
+    key = repr(options)
+    if key not in _models:
+        _models[key] = options.load()
+    return _models[key]
+
+
+def compute_on_worker(options: "ModelOptions", encoder: dict, job: ChunkJob, settings: TileSettings,
+                      batch_size: int) -> ChunkResult:
+    """One chunk, computed on a cluster's worker with its own copy of the model."""
+    model = _model_of(options)
+    if model.fingerprint()["tile_encoder"] != encoder:
+        raise InputError(f"a cluster worker (pid {os.getpid()}) runs another model than the index's: install the same "
+                         "code and weights on every worker")
+    result = compute_chunk(model, job, settings, batch_size)
+    assert result is not None  # nothing stops a chunk on a worker; the driver cancels between chunks
+    return result
+
+
+class ClusterChunks:
+    """Chunks computed on a Dask cluster, handed back as they finish (worker.store.writer.ChunkComputer)."""
+
+    def __init__(self, client, options: "ModelOptions", encoder: dict):
+        self.client = client
+        self.options = options
+        self.encoder = encoder  # the driver's tile-encoder fingerprint: workers must match it
+
+    def run(self, jobs: list[ChunkJob], settings: TileSettings, batch_size: int, should_stop: Callable[[], bool],
+            batch_done: Callable[[int, str], None]) -> Iterator[tuple[ChunkJob, ChunkResult | None]]:
+        from distributed import KilledWorker, as_completed
+
+        if not jobs:
+            return
+        futures = {self.client.submit(compute_on_worker, self.options, self.encoder, job, settings, batch_size,
+                                      pure=False, retries=TASK_RETRIES, key=f"chunk-{job.raster_id}-{job.chunk}-{id(self)}"): job
+                   for job in jobs}
+        log.info("%d chunks sent to %d cluster workers", len(futures), len(self.client.scheduler_info()["workers"]))
+        try:
+            for future in as_completed(futures):
+                if should_stop():
+                    yield futures[future], None
+                    return
+                try:
+                    result = future.result()
+                except KilledWorker as exc:
+                    raise InputError(f"cluster workers kept dying while computing {futures[future].raster['path']} "
+                                     f"(chunk {futures[future].chunk}): look at their logs (memory?); committed "
+                                     "chunks are kept, run the job again") from exc
+                yield futures[future], result
+        finally:
+            self.client.cancel(list(futures))

@@ -1,0 +1,131 @@
+"""Level maps on disk: each complete raster's joined cells per scale, read by region.
+
+The maps are derived from the shards (worker.level_maps joins the tiles' cells), so they can
+always be made again. Keeping them as files lets a search read only the neighbourhoods it
+scores (the ANN shortlist's windows, the refine's spots) instead of holding every map of a
+mosaic in memory: 4 KB per tile, 40 GB at 10M tiles. They are read with plain reads whose size
+is checked, like the shards (worker.store.shard_file), never memory-mapped: a file that shrinks
+under a running worker is a CorruptIndexError, not a crash. A raster still being indexed has no
+map file yet: its maps are joined in memory from its committed shards.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from worker import level_maps
+from worker.errors import CorruptIndexError
+from worker.level_maps import LevelMap
+from worker.store.format import disk_write
+from worker.store.shard_file import ShardArray
+
+MAPS = "maps"
+
+
+def map_file(index_dir: Path, raster_id: int, scale: int) -> Path:
+    return Path(index_dir) / MAPS / f"r{raster_id:05d}-s{scale}.npy"
+
+
+def write_maps(index_dir: Path, maps: dict[tuple[int, int], LevelMap]) -> None:
+    """Write level maps, each under a temporary name renamed into place."""
+    folder = Path(index_dir) / MAPS
+    for (raster_id, scale), level in maps.items():
+        dest = map_file(index_dir, raster_id, scale)
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+        with disk_write(dest):
+            folder.mkdir(exist_ok=True)
+            try:
+                with open(tmp, "wb") as f:
+                    np.save(f, np.ascontiguousarray(level.cells))
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, dest)
+            finally:
+                if tmp.is_file():
+                    tmp.unlink()
+
+
+def remove_maps(index_dir: Path, raster_id: int) -> None:
+    for path in (Path(index_dir) / MAPS).glob(f"r{raster_id:05d}-s*.npy"):
+        path.unlink()
+
+
+class MapFile:
+    """A level map's cells on disk, (rows, cols, ORIENTATIONS) uint8, read by row bands and
+    blocks (`cells[r0:r1]`, `cells[r0:r1, c0:c1]`) or whole (`np.asarray(cells)`)."""
+
+    def __init__(self, path: Path, rows: int):
+        self.array = ShardArray(path, rows)
+        self.shape = self.array.shape
+        self.dtype = self.array.dtype
+        self.nbytes = self.array.nbytes
+
+    def __array__(self, dtype=None, copy=None):
+        whole = self.array.read_all()
+        return whole if dtype is None else whole.astype(dtype)
+
+    def __getitem__(self, key) -> np.ndarray:
+        """Cells of a block: one read of each row's columns (a neighbourhood of a wide map
+        costs its own bytes, not whole rows)."""
+        rows, cols = key if isinstance(key, tuple) else (key, slice(None))
+        r0, r1, _ = rows.indices(self.shape[0])
+        c0, c1, _ = cols.indices(self.shape[1])
+        r1, c1 = max(r0, r1), max(c0, c1)
+        if c0 == 0 and c1 == self.shape[1]:
+            return self.array.read_rows(np.arange(r0, r1))
+        cell = int(np.prod(self.shape[2:])) * self.dtype.itemsize
+        out = np.empty((r1 - r0, c1 - c0, *self.shape[2:]), self.dtype)
+        flat = out.reshape(r1 - r0, -1).view(np.uint8)
+        length = (c1 - c0) * cell
+        fd = self.array.open_checked()
+        try:
+            for i, r in enumerate(range(r0, r1)):
+                data = os.pread(fd, length, self.array.offset + r * self.array.row_bytes + c0 * cell)
+                if len(data) != length:
+                    raise self.array.corrupt(f"a read of {length} bytes gave {len(data)} (truncated?)")
+                flat[i] = np.frombuffer(data, np.uint8)
+        finally:
+            os.close(fd)
+        return out
+
+
+def region(cells, r0: int, c0: int, span: int) -> np.ndarray:
+    """A span x span block of a level map's cells from (r0, c0), blank where it lies beyond the
+    map; `cells` is an array or a MapFile."""
+    rows, cols = cells.shape[:2]
+    out = np.zeros((span, span, cells.shape[2]), np.uint8)
+    a, b = max(r0, 0), min(r0 + span, rows)
+    c, d = max(c0, 0), min(c0 + span, cols)
+    if a < b and c < d:
+        out[a - r0:b - r0, c - c0:d - c0] = cells[a:b, c:d]
+    return out
+
+
+def open_maps(index, complete: set[int]) -> dict[tuple[int, int], LevelMap]:
+    """Every level map of an open index (worker.store.reader.TileIndex): read from its file
+    where the raster is complete and the file is there, joined in memory from the shards
+    otherwise (a raster being indexed, an index written before maps were kept)."""
+    tile, drawing = index.manifest["tiling"]["tile"], index.manifest["drawing_size"]
+    records = index.records
+    keys = sorted({(int(r), int(s)) for r, s in zip(records["raster_id"], records["scale"])})
+    out: dict[tuple[int, int], LevelMap] = {}
+    missing = np.zeros(len(records), bool)
+    for raster_id, scale in keys:
+        path = map_file(index.dir, raster_id, scale)
+        raster = index.rasters[raster_id]
+        lp = level_maps.level_pixel(tile, scale, drawing)
+        if raster_id in complete and path.is_file():
+            cells = MapFile(path, level_maps.map_shape(raster, lp)[0])
+            if cells.shape[1:] != (level_maps.map_shape(raster, lp)[1], *cells.shape[2:]) or cells.dtype != np.uint8:
+                raise CorruptIndexError(f"{path} is damaged (a map of {cells.shape} {cells.dtype}): delete the index "
+                                        "and build it again")
+            out[(raster_id, scale)] = LevelMap(raster, raster_id, scale, lp, cells)
+        else:
+            missing |= (records["raster_id"] == raster_id) & (records["scale"] == scale)
+    if missing.any():
+        rows = np.nonzero(missing)[0]
+        out.update(level_maps.assemble(index.rasters, records[rows], lambda r: index.cells_of(rows[r]), tile, drawing))
+    return out
