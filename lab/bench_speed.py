@@ -1,19 +1,21 @@
-#!/usr/bin/env python3
-"""Speed of indexing and querying, measured in one run; prints a markdown table.
+"""Speed and memory of indexing and searching, measured in one run; prints markdown tables.
 
-- indexing throughput (tiles/s) against the raw backbone forward at the same batch size;
-- query latency p50/p95 split into stages, in process and end to end through a real ZeroMQ
-  worker, at 1k to 1M tiles (synthetic token rows: random globals, token arrays written as
-  sparse files, so timing matches real data without writing 37 GB);
-- the naive reference: re-encoding every candidate tile per query;
-- index bytes per tile and the worker's peak resident memory.
-Run: scripts/bench_speed [--quick] [--json FILE] [--device cpu|cuda]
+1. Indexing a real raster: the product's tiles/s (read, line drawing, edge cells, ViT tokens,
+   store) against the raw backbone forward at the same batch size, with each stage timed on the
+   same tiles; optionally on a Dask cluster (`--cluster local:2`, worker.distributed).
+2. Searching a real index: latency p50/p95 by stage, exact scan and ANN shortlist.
+3. The ANN shortlist at scale (worker.ann): `--ann-windows` synthetic windows made from the real
+   index's window descriptors (each a real window plus noise, so the data keeps real structure),
+   built with the product's factory, memory-mapped, searched with real sketches' query vectors;
+   recall@200 against an exact scan of the same vectors, bytes per window, peak memory.
+Run: scripts/bench_speed [--quick] [--json FILE] [--device cpu|cuda] [--cluster local:2] [--ann-windows N]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shutil
 import sys
 import tempfile
@@ -23,25 +25,38 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-
-from worker import edge_layout
-from worker.assets import load_asset_paths
-from worker.store import FORMAT_VERSION, RECORD_DTYPE, IndexWriter, TileIndex, write_json_atomic
-from worker.model.loading import load_model
 from lab.pseudo_sketch import pseudo_sketch
+from worker import ann, line_drawing, query_templates
+from worker.app import ModelOptions
+from worker.assets import load_asset_paths
+from worker.model.loading import load_model
+from worker.ranking import RankingConfig
 from worker.search import search
 from worker.sketch import prepare_sketch
-from worker.tiling import TileReader, TileSettings, open_raster, plan_tiles
+from worker.store import IndexWriter, TileIndex
+from worker.tile_features import cells_on_grid
+from worker.tiling import TileSettings, iter_tile_pixels, open_raster, plan_tiles
 
-SHARD = 65536
+WINDOWS_PER_TILE = (168 / 112) ** 2  # ANN windows every 112 level px, tiles every 168 (overlap 0.25)
+RECALL_AT = 200
 
 
 def pct(values, q) -> float:
     return float(np.percentile(values, q))
 
 
-def backbone_throughput(model, batch: int, batches: int) -> float:
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timed(fn, *args):
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t0
+
+
+# -- 1. indexing --------------------------------------------------------------------------------
+def backbone_tiles_per_s(model, batch: int, batches: int) -> float:
     x = torch.rand(batch, 3, model.img_size, model.img_size, device=model.device)
     with torch.inference_mode():
         model.vit.forward_features(x)  # warm-up
@@ -53,184 +68,187 @@ def backbone_throughput(model, batch: int, batches: int) -> float:
     return batch * batches / (time.perf_counter() - t0)
 
 
-def index_throughput(model, raster: Path, settings: TileSettings, batch: int, workdir: Path) -> tuple[float, int, dict]:
-    out = workdir / "real-index"
-    shutil.rmtree(out, ignore_errors=True)
+def stage_seconds(model, raster: Path, settings: TileSettings, n: int, batch: int) -> dict:
+    """Seconds per tile of each indexing stage, run one after another on the same tiles."""
+    info = open_raster(raster, None)
+    tiles = plan_tiles(info, settings)[:n]
+    (pixels, t_read) = timed(lambda: list(iter_tile_pixels(info, tiles, model.img_size)))
+    out = {"read": t_read, "draw": 0.0, "cells": 0.0, "tokens": 0.0}
+    with torch.inference_mode():
+        for i in range(0, len(pixels), batch):
+            part = pixels[i:i + batch]
+            images, masks = np.stack([p[1] for p in part]), np.stack([p[2] for p in part])
+            drawings, t = timed(line_drawing.tile_line_drawings, images, masks)
+            out["draw"] += t
+            out["tokens"] += timed(model.tile_tokens, drawings)[1]
+            out["cells"] += timed(cells_on_grid, drawings[..., 0], [p[0] for p in part], settings.tile, model.device)[1]
+    return {k: v / len(tiles) for k, v in out.items()}
+
+
+def index_tiles_per_s(model, raster: Path, settings: TileSettings, work: Path, batch: int, computer=None) -> tuple[float, int]:
+    out = work / f"index-{time.monotonic_ns()}"
     t0 = time.perf_counter()
-    manifest = IndexWriter(out, model, settings).build([raster], batch_size=batch)
+    manifest = IndexWriter(out, model, settings).build([raster], batch_size=batch, computer=computer)
     seconds = time.perf_counter() - t0
     tiles = sum(r["tiles_total"] for r in manifest["rasters"])
-    return tiles / seconds, tiles, TileIndex.open(out).info()["sizes"]
+    return tiles / seconds, tiles
 
 
-def write_synthetic_index(out: Path, model, n: int, rng: np.random.Generator) -> None:
-    """A valid index of n tiles over a real raster's grid, with random normalised globals and
-    coarse layouts (the rows a shortlist scans); token and fine-layout arrays are sparse files."""
-    info = open_raster(Path(load_asset_paths()["s2_rgb"]), None)
-    template = plan_tiles(info, TileSettings(scales=(1,)))
-    dim, k = model.vit.embed_dim, model.config.tile_tokens
-    shards = []
-    (out / "shards").mkdir(parents=True)
-    for start in range(0, n, SHARD):
-        count = min(SHARD, n - start)
-        name = f"r00000-c{start // SHARD:06d}"
-        d = out / "shards" / name
-        d.mkdir()
-        rec = np.zeros(count, RECORD_DTYPE)
-        pick = rng.integers(0, len(template), count)
-        rec["col_off"] = [template[i].col_off for i in pick]
-        rec["row_off"] = [template[i].row_off for i in pick]
-        rec["width"] = rec["height"] = 224
-        rec["scale"] = 1
-        rec["valid"] = 1.0
-        rec["bounds4326"] = [-75.0, 40.0, -74.9, 40.1]
-        np.save(d / "records.npy", rec)
-        g = rng.standard_normal((count, dim)).astype(np.float32)
-        np.save(d / "global.npy", (g / np.linalg.norm(g, axis=1, keepdims=True)).astype(np.float16))
-        np.lib.format.open_memmap(d / "tokens.npy", "w+", np.float16, (count, k, dim)).flush()  # sparse
-        pos = np.lib.format.open_memmap(d / "positions.npy", "w+", np.int16, (count, k))
-        pos[:] = np.arange(k, dtype=np.int16)
-        pos.flush()
-        coarse = np.abs(rng.standard_normal((count, edge_layout.COARSE.dim))).astype(np.float32)
-        np.save(d / "layout_coarse.npy", edge_layout.unit(coarse).astype(np.float16))
-        np.lib.format.open_memmap(d / "layout_fine.npy", "w+", np.uint8, (count, edge_layout.FINE.dim)).flush()  # sparse
-        shards.append({"name": name, "raster_id": 0, "chunk": start // SHARD, "count": count, "skipped": 0})
-    settings = TileSettings(scales=(1,)).to_json()
-    write_json_atomic(out / "manifest.json", {
-        "format": FORMAT_VERSION, "model": model.fingerprint(), "tiling": settings, "chunk_tiles": SHARD,
-        "rasters": [{"id": 0, **info.to_json(), "complete": True, "tiles_total": n, "tiles_skipped": 0}],
-        "shards": shards, "tile_count": n, "created": time.time(), "updated": time.time()})
+# -- 2. search ------------------------------------------------------------------------------------
+def sketches(index: TileIndex, model, n: int) -> list[torch.Tensor]:
+    rng = np.random.default_rng(0)
+    info = next(iter(index.rasters.values()))
+    out = []
+    for tile in rng.permutation(plan_tiles(info, TileSettings()))[:4 * n]:
+        image, valid = next(iter(iter_tile_pixels(info, [tile], model.img_size)))[1:]
+        drawing = pseudo_sketch(image, "sloppy", rng)
+        if drawing is not None:
+            out.append(prepare_sketch(drawing, model.img_size))
+        if len(out) == n:
+            break
+    return out
 
 
-def demo_sketch(model) -> tuple[torch.Tensor, bytes]:
-    import io
-
-    info = open_raster(Path(load_asset_paths()["s2_rgb"]), None)
-    tile = plan_tiles(info, TileSettings(scales=(1,)))[40]
-    with TileReader(info, model.img_size) as reader:
-        img = pseudo_sketch(reader.read(tile)[0], "canny")
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return prepare_sketch(img, model.img_size), buf.getvalue()
+def search_latency(index: TileIndex, model, queries: list[torch.Tensor], ranking: RankingConfig) -> dict:
+    search(index, model, queries[0], ranking)  # warm-up: level maps, scanner
+    runs = [search(index, model, q, ranking).timings_ms for q in queries]
+    stages = [k for k in runs[0] if k != "total_ms"]
+    out = {k[:-3]: pct([r[k] for r in runs], 50) for k in stages}
+    out.update(p50=pct([r["total_ms"] for r in runs], 50), p95=pct([r["total_ms"] for r in runs], 95))
+    return out
 
 
-def in_process_latency(index_dir: Path, model, sketch, repeats: int) -> dict:
-    index = TileIndex.open(index_dir)
-    search(index, model, sketch, top=10)  # warm-up
-    runs = [search(index, model, sketch, top=10).timings_ms for _ in range(repeats)]
-    return {k: (pct([r[k] for r in runs], 50), pct([r[k] for r in runs], 95)) for k in runs[0]}
+# -- 3. ANN at scale ------------------------------------------------------------------------------
+def synthetic_windows(base: np.ndarray, n: int, batch: int, noise: float = 0.5):
+    """Batches of `n` unit vectors, each a random real window plus Gaussian noise of `noise` times
+    its norm (seeded: the same batches every call)."""
+    rng = np.random.default_rng(1)
+    sigma = noise / np.sqrt(base.shape[1])
+    for start in range(0, n, batch):
+        m = min(batch, n - start)
+        x = base[rng.integers(0, len(base), m)] + rng.normal(0, sigma, (m, base.shape[1])).astype(np.float32)
+        yield x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def rss_mb(pid: int) -> tuple[float, float]:
-    status = Path(f"/proc/{pid}/status").read_text().splitlines()
-    get = lambda key: float(next(l for l in status if l.startswith(key)).split()[1]) / 1024
-    return get("VmRSS:"), get("VmHWM:")
+def ann_at_scale(base: np.ndarray, queries: np.ndarray, n: int, work: Path, batch: int = 100_000) -> dict:
+    import faiss
 
-
-def end_to_end(index_root: Path, name: str, png: bytes, repeats: int, device: str) -> dict:
-    from lab.worker_process import WorkerProcess
-
-    proc = WorkerProcess(index_root, index_root, extra=["--device", device]).start(timeout=300)
-    try:
-        with proc.client(timeout=300) as client:
-            client.search(name, sketch_png=png, top=10)  # opens the index
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                client.search(name, sketch_png=png, top=10)
-                times.append((time.perf_counter() - t0) * 1e3)
-        rss, peak = rss_mb(proc.proc.pid)
-    finally:
-        proc.stop()
-    return {"p50": pct(times, 50), "p95": pct(times, 95), "rss_mb": rss, "peak_rss_mb": peak}
-
-
-def naive_latency(model, raster: Path, n: int, sketch) -> float:
-    """The reference without a precomputed database: encode every candidate tile per query."""
-    info = open_raster(raster, None)
-    tiles = plan_tiles(info, TileSettings(scales=(1,)))[:n]
+    nlist = ann.nlist_for(n)
+    factory = ann.factory_for(n)
+    index = faiss.index_factory(base.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
     t0 = time.perf_counter()
-    with TileReader(info, model.img_size) as reader:
-        images = np.stack([reader.read(t)[0] for t in tiles])
-    s = model.encode_sketch(sketch, tokens=True)
-    outs = [model.encode_tiles(images[i:i + 16]) for i in range(0, len(images), 16)]
-    g = np.concatenate([o.global_token for o in outs]).astype(np.float32)
-    np.argsort(-(g @ s.global_token.numpy()))
-    return (time.perf_counter() - t0) * 1e3
+    index.train(next(synthetic_windows(base, min(n, ann.TRAIN_MAX), ann.TRAIN_MAX)))
+    for x in synthetic_windows(base, n, batch):
+        index.add(x)
+    build_s = time.perf_counter() - t0
+    path = work / "scale.faiss"
+    faiss.write_index(index, str(path))
+    del index
+    mapped = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    faiss.extract_index_ivf(mapped).nprobe = ann.NPROBE
+    times, found = [], []
+    for q in queries:
+        (_, ids), t = timed(mapped.search, q[None], RECALL_AT)
+        times.append(t * 1e3)
+        found.append(ids[0])
+    exact = [np.full(RECALL_AT, -np.inf) for _ in queries], [np.zeros(RECALL_AT, np.int64) for _ in queries]
+    offset = 0
+    for x in synthetic_windows(base, n, batch):  # exact top RECALL_AT of the same vectors, streamed
+        scores = queries @ x.T
+        for i in range(len(queries)):
+            s = np.concatenate([exact[0][i], scores[i]])
+            ids = np.concatenate([exact[1][i], np.arange(offset, offset + len(x))])
+            keep = np.argpartition(-s, RECALL_AT)[:RECALL_AT]
+            exact[0][i], exact[1][i] = s[keep], ids[keep]
+        offset += len(x)
+    recall = np.mean([len(set(f.tolist()) & set(e.tolist())) / RECALL_AT for f, e in zip(found, exact[1])])
+    return {"windows": n, "tiles_equivalent": int(n / WINDOWS_PER_TILE), "factory": factory, "nlist": nlist,
+            "build_s": round(build_s, 1), "bytes_per_window": round(path.stat().st_size / n, 1),
+            "query_ms_p50": round(pct(times, 50), 2), "query_ms_p95": round(pct(times, 95), 2),
+            "shortlist_recall_at_200": round(float(recall), 3), "peak_rss_mb": round(peak_rss_mb())}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="under a minute: small sizes, few repeats")
+    parser.add_argument("--quick", action="store_true", help="fewer tiles, queries and ANN windows")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--cluster", default=None, help="also index on this Dask cluster (local, local:N, ADDRESS)")
+    parser.add_argument("--ann-windows", type=int, default=None, help="synthetic ANN windows (default 1M; quick 100k)")
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--md", type=Path, default=None, help="also write the table here")
-    parser.add_argument("--sizes", default=None, help="comma-separated tile counts")
     args = parser.parse_args()
-    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else ([1000, 10_000] if args.quick else [1000, 10_000, 100_000, 1_000_000])
-    repeats = 5 if args.quick else 20
-    batch = 16
-    torch.manual_seed(0)
-    model = load_model(device=args.device, sketch_modules="none")
-    layout_only = load_model(device=args.device, sketch_modules="none", token_weight=0.0)  # no ViT pass per query
-    assets = load_asset_paths()
+    n_tiles, n_queries = (48, 5) if args.quick else (160, 20)
+    n_windows = args.ann_windows or (100_000 if args.quick else 1_000_000)
+    model = load_model(device=args.device)
+    raster = Path(load_asset_paths()["s2_rgb"])
+    settings = TileSettings()
+    f: dict = {"device": str(model.device), "batch": args.batch, "raster": raster.name}
     work = Path(tempfile.mkdtemp(prefix="bench-speed-"))
     try:
-        backbone = backbone_throughput(model, batch, 2 if args.quick else 6)
-        raster = Path(assets["rmnp_rgb"] if args.quick else assets["s2_rgb"])
-        settings = TileSettings(tile=112, scales=(1,)) if args.quick else TileSettings(scales=(1,))
-        indexing, n_real, sizes_real = index_throughput(model, raster, settings, batch, work)
-        sketch, png = demo_sketch(model)
-        figures = {"device": str(model.device), "backbone_tiles_per_s": backbone, "index_tiles_per_s": indexing,
-                   "index_over_backbone": indexing / backbone, "bytes_per_tile": sizes_real["bytes_per_tile"],
-                   "query_ms_p50": {}, "query_ms_p95": {}, "e2e_ms_p50": {}, "e2e_ms_p95": {}, "stages_ms_p50": {},
-                   "peak_rss_mb": {}, "layout_only_ms_p50": {}}
-        for n in sizes:
-            index_dir = work / "indexes" / f"n{n}"
-            write_synthetic_index(index_dir, model, n, np.random.default_rng(n))
-            lat = in_process_latency(index_dir, model, sketch, repeats)
-            figures["layout_only_ms_p50"][str(n)] = in_process_latency(index_dir, layout_only, sketch, repeats)["total_ms"][0]
-            e2e = end_to_end(work / "indexes", f"n{n}", png, repeats, args.device)
-            figures["query_ms_p50"][str(n)] = lat["total_ms"][0]
-            figures["query_ms_p95"][str(n)] = lat["total_ms"][1]
-            figures["e2e_ms_p50"][str(n)] = e2e["p50"]
-            figures["e2e_ms_p95"][str(n)] = e2e["p95"]
-            figures["stages_ms_p50"][str(n)] = {k: v[0] for k, v in lat.items()}
-            figures["peak_rss_mb"][str(n)] = e2e["peak_rss_mb"]
-            shutil.rmtree(index_dir)
-            print(f"n={n}: in-process p50 {lat['total_ms'][0]:.0f} ms, end to end p50 {e2e['p50']:.0f} ms, "
-                  f"peak RSS {e2e['peak_rss_mb']:.0f} MB", file=sys.stderr)
-        naive_n = 32 if args.quick else 100
-        figures["naive_ms"] = {str(naive_n): naive_latency(model, Path(assets["s2_rgb"]), naive_n, sketch)}
-        figures["naive_tiles"] = naive_n
+        f["backbone_tiles_per_s"] = backbone_tiles_per_s(model, args.batch, max(2, n_tiles // args.batch))
+        f["stage_ms_per_tile"] = {k: 1e3 * v for k, v in stage_seconds(model, raster, settings, n_tiles, args.batch).items()}
+        f["index_tiles_per_s"], f["index_tiles"] = index_tiles_per_s(model, raster, settings, work, args.batch)
+        if args.cluster:
+            from worker.distributed import ClusterChunks, connect
+
+            with connect(args.cluster) as client:
+                chunks = ClusterChunks(client, ModelOptions(device=args.device), model.fingerprint()["tile_encoder"])
+                f["cluster"] = args.cluster
+                f["cluster_tiles_per_s"] = index_tiles_per_s(model, raster, settings, work, args.batch, chunks)[0]
+        index_dir = next(work.glob("index-*"))
+        index = TileIndex.open(index_dir)
+        queries = sketches(index, model, n_queries)
+        f["search_exact"] = search_latency(index, model, queries, RankingConfig(ann="off"))
+        f["ann_build"] = ann.build(index).to_json()
+        index = TileIndex.open(index_dir)
+        f["ann"] = search_latency(index, model, queries, RankingConfig(ann="on"))
+        f["bytes_per_tile_on_disk"] = sum(p.stat().st_size for p in (index_dir / "shards").rglob("*")) / len(index)
+        f["bytes_per_tile_in_memory"] = {
+            "exact": sum(m.cells.nbytes for m in index.maps.values()) / len(index) + index.records.itemsize,
+            "ann": ann.BYTES_PER_WINDOW * WINDOWS_PER_TILE + index.records.itemsize}
+        base = np.concatenate([ann.window_vectors(m.cells)[0] for m in index.maps.values()])
+        qv = np.concatenate([ann.query_vectors(query_templates.build(q, RankingConfig().sizes, RankingConfig().angles,
+                                                                     model.device).coarse)[:1] for q in queries])
+        f["ann_scale"] = ann_at_scale(base, qv, n_windows, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    table = render(figures, n_real, raster.name)
-    print(table)
-    if args.md:
-        args.md.write_text(table)
+    f["ann"]["e2e_ms_p50"] = f["ann"]["p50"] + f["ann_scale"]["query_ms_p50"] * 12  # 12 query vectors per sketch
+    f["peak_rss_mb"] = round(peak_rss_mb())
+    f["shortlist_recall_at_200"] = f["ann_scale"]["shortlist_recall_at_200"]
+    report = render(f)
+    print(report)
     if args.json:
-        args.json.write_text(json.dumps(figures, indent=1))
+        args.json.write_text(json.dumps(f, indent=1))
     return 0
 
 
-def render(f: dict, n_real: int, raster: str) -> str:
-    lines = [f"Device: {f['device']}. Indexing: {n_real} real tiles of {raster}, batch 16.", "",
-             "| measure | value |", "|---|---|",
+def render(f: dict) -> str:
+    st = f["stage_ms_per_tile"]
+    lines = [f"Device: {f['device']}, batch {f['batch']}, raster {f['raster']} ({f['index_tiles']} tiles at the defaults).", "",
+             "| indexing | value |", "|---|---|",
              f"| raw backbone forward | {f['backbone_tiles_per_s']:.1f} tiles/s |",
-             f"| indexing (read, line drawing, encode, filter, store) | {f['index_tiles_per_s']:.1f} tiles/s "
-             f"({f['index_over_backbone']:.2f} of the backbone) |",
-             f"| index size on disk | {f['bytes_per_tile'] / 1000:.1f} KB per tile |",
-             f"| naive: re-encode {f['naive_tiles']} candidate tiles per query | "
-             f"{list(f['naive_ms'].values())[0]:.0f} ms per query |", "",
-             "| tiles | in process p50 / p95 (ms) | encode | shortlist | re-rank | de-dup | end to end ZeroMQ p50 / p95 (ms) "
-             "| worker peak RSS (MB) | `--token-weight 0` in process p50 (ms) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for n, p50 in f["query_ms_p50"].items():
-        st = f["stages_ms_p50"][n]
-        lines.append(f"| {int(n):,} | {p50:.0f} / {f['query_ms_p95'][n]:.0f} | {st['encode_ms']:.0f} | {st['shortlist_ms']:.0f} | "
-                     f"{st['rerank_ms']:.0f} | {st['dedupe_ms']:.0f} | {f['e2e_ms_p50'][n]:.0f} / {f['e2e_ms_p95'][n]:.0f} | "
-                     f"{f['peak_rss_mb'][n]:.0f} | {f['layout_only_ms_p50'][n]:.0f} |")
+             f"| product indexing | {f['index_tiles_per_s']:.1f} tiles/s ({f['index_tiles_per_s'] / f['backbone_tiles_per_s']:.2f} of the backbone) |"]
+    if "cluster_tiles_per_s" in f:
+        lines.append(f"| product indexing on `--cluster {f['cluster']}` | {f['cluster_tiles_per_s']:.1f} tiles/s |")
+    lines += [f"| stages, ms per tile | read {st['read']:.1f}, line drawing {st['draw']:.1f}, edge cells "
+              f"{st['cells']:.1f}, ViT tokens {st['tokens']:.1f} |",
+              f"| index on disk | {f['bytes_per_tile_on_disk'] / 1e3:.1f} KB per tile |", "",
+              "| search | p50 | p95 | " + " | ".join(k for k in f["search_exact"] if k not in ("p50", "p95")) + " |",
+              "|---|---|---|" + "---|" * (len(f["search_exact"]) - 2)]
+    for name in ("search_exact", "ann"):
+        s = f[name]
+        lines.append(f"| {name} | {s['p50']:.0f} | {s['p95']:.0f} | "
+                     + " | ".join(f"{v:.0f}" for k, v in s.items() if k not in ("p50", "p95", "e2e_ms_p50")) + " |")
+    a = f["ann_scale"]
+    lines += ["", "| ANN at scale | value |", "|---|---|",
+              f"| windows (tiles) | {a['windows']:,} ({a['tiles_equivalent']:,}) |",
+              f"| factory | `{a['factory']}` |", f"| build | {a['build_s']} s |",
+              f"| on disk | {a['bytes_per_window']} B per window |",
+              f"| query (one vector) p50 / p95 | {a['query_ms_p50']} / {a['query_ms_p95']} ms |",
+              f"| shortlist recall@200 against exact | {a['shortlist_recall_at_200']} |",
+              f"| memory per tile: exact scan / ANN | {f['bytes_per_tile_in_memory']['exact'] / 1e3:.1f} KB / "
+              f"{f['bytes_per_tile_in_memory']['ann']:.0f} B |",
+              f"| peak RSS of this run | {f['peak_rss_mb']} MB |"]
     return "\n".join(lines) + "\n"
 
 

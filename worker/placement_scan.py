@@ -12,41 +12,42 @@ import torch
 import torch.nn.functional as F
 
 from worker import edge_cells, query_templates
+from worker.cancellation import raise_if_stopped
 from worker.candidates import Candidate
 from worker.edge_cells import CELL, COARSE, FINE
 from worker.ranking import RankingConfig
 from worker.store import TileIndex
+from worker.store.maps import region
 
 COARSE_STEP = 2  # coarse scan every 2 stored cells (16 level px)
 
 
 class Scanner:
-    """The dense scans of one index: cells and coarse block maps are made once per level map and
-    kept. Cells are padded by PAD stored cells of blank on every side, so a fine search near
-    the raster's edge reads blank, not out of bounds."""
-
-    PAD = 8
+    """The dense scans of one index. Whole-map coarse block maps (the exact scan) are made once
+    per level map and kept; neighbourhoods are read from the stored cells (in memory or on disk)
+    on demand, blank beyond the raster's edge."""
 
     def __init__(self, index: TileIndex, device: torch.device):
         self.index = index
         self.device = device
         self._coarse: dict[tuple[int, int], torch.Tensor] = {}
-        self._cells: dict[tuple[int, int], torch.Tensor] = {}
 
-    def padded_cells(self, key: tuple[int, int]) -> torch.Tensor:
-        if key not in self._cells:
-            cells = edge_cells.dequantise(self.index.maps[key].cells, self.device)
-            self._cells[key] = F.pad(cells, (0, 0, self.PAD, self.PAD, self.PAD, self.PAD))
-        return self._cells[key]
-
-    def cells(self, key: tuple[int, int]) -> torch.Tensor:
-        p = self.PAD
-        return self.padded_cells(key)[p:-p, p:-p]
+    def shape(self, key: tuple[int, int]) -> tuple[int, int]:
+        return tuple(self.index.maps[key].cells.shape[:2])
 
     def coarse_blocks(self, key: tuple[int, int]) -> torch.Tensor:
         if key not in self._coarse:
-            self._coarse[key] = edge_cells.block_map(self.cells(key), COARSE, step=COARSE_STEP)
+            cells = edge_cells.dequantise(np.asarray(self.index.maps[key].cells), self.device)
+            self._coarse[key] = edge_cells.block_map(cells, COARSE, step=COARSE_STEP)
         return self._coarse[key]
+
+    def regions(self, key: tuple[int, int], rows: np.ndarray, cols: np.ndarray, span: int) -> torch.Tensor:
+        """Cells of square regions of `span` stored cells with top-left (rows[i], cols[i]) (which
+        may lie beyond the map: blank there): (n, span, span, ORIENTATIONS) float. Read region by
+        region, so a map kept on disk (worker.store.maps) is never read whole."""
+        stored = self.index.maps[key].cells
+        picked = np.stack([region(stored, int(r), int(c), span) for r, c in zip(rows, cols)])
+        return edge_cells.dequantise(picked, self.device)
 
 
 def scanner_of(index: TileIndex, device: torch.device) -> Scanner:
@@ -68,6 +69,7 @@ def coarse_peaks(scanner: Scanner, templates: query_templates.Templates, ranking
     maps: list[tuple[tuple[int, int], int, torch.Tensor]] = []
     moments: dict[int, torch.Tensor] = {}
     for key in keys:
+        raise_if_stopped("the coarse scan of the next level map")
         blocks = scanner.coarse_blocks(key)
         for size in templates.sizes:
             n = COARSE.blocks_per_side(size)
@@ -99,26 +101,77 @@ def coarse_peaks(scanner: Scanner, templates: query_templates.Templates, ranking
     return found[:ranking.shortlist]
 
 
+ANN_MARGIN = 14  # stored cells around an ANN window that its local scan covers (half a tile)
+
+
+def ann_peaks(scanner: Scanner, templates: query_templates.Templates, ranking: RankingConfig,
+              windows: np.ndarray) -> list[Candidate]:
+    """The coarse scan where the ANN shortlist points (windows: raster id, scale, row, col of
+    grid windows): each window and half a tile around it scanned exactly, its best peak per
+    template size kept, scores calibrated against random neighbourhoods of the index."""
+    side = WINDOW_CELLS + 2 * ANN_MARGIN
+    rng = np.random.default_rng(0)
+    keys = sorted({(int(r), int(s)) for r, s, _, _ in windows})
+    all_keys = list(scanner.index.maps)
+    areas = np.array([np.prod(scanner.shape(k)) for k in all_keys], np.float64)
+    background = []
+    for k in rng.choice(len(all_keys), ANN_BACKGROUND, p=areas / areas.sum()):
+        rows, cols = scanner.shape(all_keys[k])
+        background.append((all_keys[k], int(rng.integers(0, max(1, rows - side))), int(rng.integers(0, max(1, cols - side)))))
+    found: list[Candidate] = []
+    for size in templates.sizes:
+        bg = _local_coarse(scanner, templates, ranking, size, background, side)
+        flat = bg.permute(1, 0, 2, 3).flatten(1)  # A, ...
+        mean, std = flat.mean(1), flat.std(1).clamp(min=1e-6)
+        if not ranking.calibrate:
+            mean, std = torch.zeros_like(mean), torch.ones_like(std)
+        spots = [((int(r), int(s)), int(row) - ANN_MARGIN, int(col) - ANN_MARGIN) for r, s, row, col in windows]
+        scores = _local_coarse(scanner, templates, ranking, size, spots, side)  # B, A, R, C
+        z = (scores - mean[None, :, None, None]) / std[None, :, None, None]
+        best, where = z.flatten(1).max(1)
+        per_angle = z.shape[2] * z.shape[3]
+        for (key, r0, c0), value, at in zip(spots, best.tolist(), where.tolist()):
+            angle, pos = divmod(at, per_angle)
+            r, c = divmod(pos, z.shape[3])
+            found.append(Candidate(key, size, templates.angles[angle], r0 + r * COARSE_STEP, c0 + c * COARSE_STEP, value))
+    found.sort(key=lambda c: -c.coarse)
+    return found[:ranking.shortlist]
+
+
+ANN_BACKGROUND = 48  # random neighbourhoods that calibrate the local coarse scores
+WINDOW_CELLS = 28  # a tile's 224 level px in stored cells
+
+
+def _local_coarse(scanner: Scanner, templates: query_templates.Templates, ranking: RankingConfig, size: int,
+                  spots: list[tuple[tuple[int, int], int, int]], side: int) -> torch.Tensor:
+    """Coarse scores of one template size's turns over square regions: (B, A, R, C)."""
+    regions: list[torch.Tensor | None] = [None] * len(spots)
+    by_key: dict[tuple[int, int], list[int]] = {}
+    for i, (key, _, _) in enumerate(spots):
+        by_key.setdefault(key, []).append(i)
+    for key, idx in by_key.items():
+        got = scanner.regions(key, np.array([spots[i][1] for i in idx]), np.array([spots[i][2] for i in idx]), side)
+        for i, region in zip(idx, got):
+            regions[i] = region
+    blocks = edge_cells.block_map(torch.stack(regions), COARSE, step=COARSE_STEP)
+    return edge_cells.cosine_map(blocks, templates.coarse[size], COARSE, COARSE_STEP, ranking.inked_only)
+
+
 def _fine_scores(scanner: Scanner, templates: torch.Tensor, size: int, spots: list[tuple[tuple[int, int], int, int]],
                  pad: int, inked_only: bool) -> torch.Tensor:
     """Fine cosines of T templates (T, n, n, dim) at every offset within `pad` stored cells of
     each spot (map key, row, col): (B, T, (2 pad + 1)^2)."""
     span = size // CELL + 2 * pad
-    ramp = torch.arange(span)
-    regions = []
+    out: list[torch.Tensor | None] = [None] * len(spots)
     by_key: dict[tuple[int, int], list[int]] = {}
     for i, (key, _, _) in enumerate(spots):
         by_key.setdefault(key, []).append(i)
-    out = [None] * len(spots)
-    for key, idx in by_key.items():  # one gather per level map
-        cells = scanner.padded_cells(key)
-        rows = torch.tensor([spots[i][1] - pad + Scanner.PAD for i in idx]).clamp(0, cells.shape[0] - span)
-        cols = torch.tensor([spots[i][2] - pad + Scanner.PAD for i in idx]).clamp(0, cells.shape[1] - span)
-        gathered = cells[(rows[:, None] + ramp)[:, :, None], (cols[:, None] + ramp)[:, None, :]]  # B, span, span, O
-        for j, i in enumerate(idx):
-            out[i] = gathered[j]
-    regions = torch.stack(out)
-    blocks = edge_cells.block_map(regions, FINE)
+    for key, idx in by_key.items():  # one read per level map
+        rows = np.array([spots[i][1] - pad for i in idx])
+        cols = np.array([spots[i][2] - pad for i in idx])
+        for i, region in zip(idx, scanner.regions(key, rows, cols, span)):
+            out[i] = region
+    blocks = edge_cells.block_map(torch.stack(out), FINE)
     return edge_cells.cosine_map(blocks, templates, FINE, inked_only=inked_only).flatten(2)
 
 
@@ -132,7 +185,7 @@ def refine(scanner: Scanner, templates: query_templates.Templates, ranking: Rank
     pad = ranking.fine_radius
     width = 2 * pad + 1
     rng = np.random.default_rng(0)
-    areas = np.array([scanner.cells(k).shape[0] * scanner.cells(k).shape[1] for k in keys], np.float64)
+    areas = np.array([np.prod(scanner.shape(k)) for k in keys], np.float64)
     for size in templates.sizes:
         group = [c for c in candidates if c.size == size]
         if not group:
@@ -145,7 +198,7 @@ def refine(scanner: Scanner, templates: query_templates.Templates, ranking: Rank
         if ranking.calibrate:
             spots = []
             for k in rng.choice(len(keys), BACKGROUND_SPOTS, p=areas / areas.sum()):
-                rows, cols = scanner.cells(keys[k]).shape[:2]
+                rows, cols = scanner.shape(keys[k])
                 spots.append((keys[k], int(rng.integers(0, max(1, rows - size // CELL))),
                               int(rng.integers(0, max(1, cols - size // CELL)))))
             background = _fine_scores(scanner, fine, size, spots, pad, ranking.inked_only).amax(2)  # S, A

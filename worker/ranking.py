@@ -32,12 +32,19 @@ class RankingConfig:
     verify_weight: float = 1.0
     coarse_weight: float = 0.5  # the coarse z-score's share in the fine stage's ranking
     inked_only: bool = True  # compare windows only where the sketch has lines (worker.edge_cells.cosine_map)
+    # The approximate shortlist (worker.ann): "auto" asks it first for indexes that have one built
+    # and hold at least worker.ann.AUTO_MIN_TILES tiles; "on" whenever one is built; "off" never.
+    ann: str = "auto"
+    ann_neighbours: int = 64  # windows asked of the ANN index per query vector
+    ann_windows: int = 256  # best distinct windows scanned exactly
 
     def __post_init__(self) -> None:
         if self.ranker not in RANKERS:
             raise InputError(f"ranker {self.ranker!r} must be one of {', '.join(RANKERS)}")
         if self.token_weight < 0:
             raise InputError(f"token weight {self.token_weight} must be 0 or more")
+        if self.ann not in ("auto", "on", "off"):
+            raise InputError(f"ann {self.ann!r} must be auto, on or off")
         if self.shortlist < 1:
             raise InputError(f"shortlist {self.shortlist} must be at least 1")
 

@@ -13,6 +13,8 @@ cross-attention re-rank), kept for comparison.
 
 from __future__ import annotations
 
+import logging
+
 import time
 from dataclasses import dataclass, field, replace
 
@@ -23,7 +25,9 @@ from shapely.geometry import Polygon
 from worker import query_templates
 from worker.geo import reproject_rings
 from worker.placement import Placement
-from worker.placement_scan import coarse_peaks, refine, scanner_of
+from worker.ann import AUTO_MIN_TILES, AnnShortlist, query_vectors
+from worker.cancellation import raise_if_stopped
+from worker.placement_scan import ann_peaks, coarse_peaks, refine, scanner_of
 from worker.ranking import RankingConfig
 from worker.store import WGS84, TileIndex
 from worker.token_ranking import tile_candidates, tile_placement, token_rerank
@@ -45,6 +49,9 @@ def dedupe(polygons: list[Polygon], order: np.ndarray, max_overlap: float, limit
             kept.append(int(i))
             kept_polys.append(p)
     return kept
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -73,6 +80,20 @@ class SearchResult:
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
+def ann_shortlist(index: TileIndex, ranking: RankingConfig) -> AnnShortlist | None:
+    """The index's ANN shortlist when this search should ask it (kept on the open index)."""
+    if ranking.ann == "off" or not AnnShortlist.exists(index.dir):
+        return None
+    if ranking.ann == "auto" and len(index) < AUTO_MIN_TILES:
+        return None
+    if getattr(index, "_ann", None) is None:
+        index._ann = AnnShortlist(index.dir)
+    if not index._ann.covers(index):
+        log.warning("%s: its ANN shortlist is older than its tiles; scanning exactly (run `build-ann`)", index.dir)
+        return None
+    return index._ann
+
+
 def search(index: TileIndex, model, sketch_tensor: torch.Tensor, ranking: RankingConfig | None = None, top: int = 10,
            area_wgs84: Polygon | None = None, max_overlap: float = 0.3, scales: tuple[int, ...] | None = None,
            shortlist: int | None = None) -> SearchResult:
@@ -94,15 +115,24 @@ def search(index: TileIndex, model, sketch_tensor: torch.Tensor, ranking: Rankin
         templates = query_templates.build(sketch_tensor, ranking.sizes, ranking.angles, model.device)
         scanner = scanner_of(index, model.device)
         t["encode"] = time.perf_counter()
+        shortlist = ann_shortlist(index, ranking)
         with torch.inference_mode():
-            candidates = coarse_peaks(scanner, templates, ranking, keys)
+            if shortlist is None:
+                candidates = coarse_peaks(scanner, templates, ranking, keys)
+            else:
+                windows, _ = shortlist.search(query_vectors(templates.coarse), ranking.ann_neighbours)
+                windows = [w for w in windows[:ranking.ann_windows] if (int(w[0]), int(w[1])) in set(keys)]
+                candidates = ann_peaks(scanner, templates, ranking, np.asarray(windows).reshape(-1, 4))
             t["shortlist"] = time.perf_counter()
+            raise_if_stopped("refining the shortlist")
             refine(scanner, templates, ranking, candidates, keys)
             t["refine"] = time.perf_counter()
         for c in candidates:
             c.score = c.fine + ranking.coarse_weight * c.coarse
+        raise_if_stopped("verifying the best placements")
         verify(index, sketch_tensor, candidates, ranking, model.img_size)
         t["verify"] = time.perf_counter()
+        raise_if_stopped("the token re-rank")
         token_rerank(index, model, sketch_tensor, candidates, ranking)
         placements = [c.placement(index.maps[c.map_key]) for c in candidates]
     t["rerank"] = time.perf_counter()

@@ -1,0 +1,71 @@
+"""The approximate shortlist (worker.ann) finds what the exact scan finds, on real tiles, and is
+never asked when it is older than the index."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from lab.placements import iou, random_frame
+from lab.pseudo_sketch import has_lines, pseudo_sketch
+from worker import ann
+from worker.ranking import RankingConfig
+from worker.search import ann_shortlist, search
+from worker.sketch import prepare_sketch
+from worker.store import IndexWriter, TileIndex
+from worker.tiling import TileSettings
+
+
+@pytest.fixture(scope="module")
+def index_with_ann(s2_index, tmp_path_factory):
+    copy = tmp_path_factory.mktemp("ann") / "index"
+    shutil.copytree(s2_index, copy)
+    info = ann.build(TileIndex.open(copy))
+    return copy, info
+
+
+def frames(index: TileIndex, n: int, seed: int = 5):
+    rng = np.random.default_rng(seed)
+    while n:
+        frame = random_frame(index.rasters[0], TileSettings(scales=(1, 2)), "free", rng)
+        image, valid = frame.read(224)
+        if has_lines(image, valid):
+            n -= 1
+            yield frame, prepare_sketch(pseudo_sketch(image, "simple", valid=valid), 224)
+
+
+def test_the_ann_shortlist_finds_what_the_exact_scan_finds(index_with_ann, model):
+    """8 sketches anywhere in the scene: the ANN shortlist's search finds the sketched place in
+    its top 5 as often as the exact scan, within one query."""
+    folder, info = index_with_ann
+    index = TileIndex.open(folder)
+    assert info.vectors > 200 and info.factory.startswith("IVF")
+    found = {"off": 0, "on": 0}
+    for frame, sketch in frames(index, 8):
+        for mode in found:
+            hits = search(index, model, sketch, RankingConfig(ann=mode), top=5).hits
+            found[mode] += any(iou(h.footprint_pixels(), frame.pixel_polygon()) >= 0.25 for h in hits)
+    assert found["on"] >= found["off"] - 1 and found["off"] >= 5, found
+
+
+def test_auto_asks_the_ann_only_for_large_indexes(index_with_ann):
+    index = TileIndex.open(index_with_ann[0])
+    assert len(index) < ann.AUTO_MIN_TILES
+    assert ann_shortlist(index, RankingConfig()) is None  # auto: the exact scan for this small index
+    assert ann_shortlist(index, RankingConfig(ann="on")) is not None
+
+
+def test_an_ann_older_than_its_index_is_not_asked_until_updated(index_with_ann, model, assets, tmp_path):
+    folder = tmp_path / "index"
+    shutil.copytree(index_with_ann[0], folder)
+    before = ann.AnnShortlist(folder).info["vectors"]
+    IndexWriter(folder, model, TileSettings(scales=(1, 2))).build([assets["s2_rgb"], assets["osbs_rgb"]])
+    index = TileIndex.open(folder)
+    assert ann_shortlist(index, RankingConfig(ann="on")) is None  # stale: the exact scan answers
+    info = ann.update(index)
+    assert info.vectors > before and sorted(info.rasters) == [0, 1]
+    index = TileIndex.open(folder)
+    shortlist = ann_shortlist(index, RankingConfig(ann="on"))
+    assert shortlist is not None and set(np.unique(shortlist.windows[:, 0])) == {0, 1}

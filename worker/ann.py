@@ -1,0 +1,251 @@
+"""A compressed approximate shortlist for mosaics too large to scan whole (FAISS).
+
+Every level map is cut into windows of one tile (224 level px) at half-tile steps; each
+window's coarse HOG (the coarse scan's descriptor, worker.edge_cells) is compressed with PCA and
+product quantisation in an inverted-file index (FAISS IVF-PQ, memory-mapped from disk). A query
+asks with its upright and turned templates, each also shifted by 64 px in x, y or both, so that
+some shift lies within 32 px of any window's place relative to the grid, plus the small
+template centred in a tile's frame; the windows found are the neighbourhoods the exact dense scan then searches
+(worker.placement_scan), so the ranking stays exact on the candidates.
+
+Files in INDEX_DIR/ann/: index.faiss, windows.npy (per vector: raster id, scale, stored-cell
+row and column of the window's top-left), ann.json (what was built, from which rasters).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from worker import edge_cells
+from worker.edge_cells import CELL, COARSE
+from worker.errors import InputError
+from worker.store import TileIndex, write_json_atomic
+
+ANN_DIR = "ann"
+WINDOW = 224  # level px: one tile
+STRIDE_CELLS = 14  # windows every half tile (112 level px)
+SHIFT_HOG_CELLS = 2  # queries also shifted by 64 level px: any window lies within 32 px of a query's grid window
+AUTO_MIN_TILES = 200_000  # from here on a search asks the ANN shortlist first (when one is built)
+DEFAULT_FACTORY = "PCA256,IVF{nlist}_HNSW32,PQ64"  # 64 bytes a window; an HNSW graph finds the lists fast
+SMALL_FACTORY = "IVF{nlist},Flat"  # under SMALL_VECTORS windows compression is not worth its loss
+SMALL_VECTORS = 50_000
+BYTES_PER_WINDOW = 64 + 8 + 16  # PQ code, its id in the inverted list, its window row (windows.npy)
+TRAIN_MAX = 100_000  # windows the PCA, the lists and the quantiser are trained on
+NPROBE = 32  # inverted lists a query visits
+ADD_BATCH = 100_000
+
+
+@dataclass(frozen=True)
+class AnnInfo:
+    vectors: int
+    rasters: list[int]
+    factory: str
+    build_s: float
+    bytes_on_disk: int
+
+    def to_json(self) -> dict:
+        return {"vectors": self.vectors, "rasters": self.rasters, "factory": self.factory, "build_s": self.build_s,
+                "bytes_on_disk": self.bytes_on_disk}
+
+
+def window_vectors(cells: np.ndarray, device: torch.device | str = "cpu", batch_rows: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Unit coarse HOG descriptors (n, COARSE dim) of a level map's grid windows and their
+    top-left stored cells (n, 2); blank windows (nothing drawn) are left out. Read in bands of
+    rows, so a memory-mapped map of any size is never held whole."""
+    height, width = cells.shape[:2]
+    side = WINDOW // CELL
+    vectors, origins = [], []
+    starts = range(0, max(1, height - side + 1), STRIDE_CELLS)
+    band_windows = max(1, batch_rows // STRIDE_CELLS)
+    starts = list(starts)
+    for b in range(0, len(starts), band_windows):
+        r0 = starts[b]
+        rows = starts[b:b + band_windows]
+        band = edge_cells.dequantise(cells[r0:rows[-1] + side], device)
+        blocks = edge_cells.block_map(band, COARSE, step=COARSE_STEP_CELLS)
+        gap = COARSE.span // COARSE_STEP_CELLS
+        n = COARSE.blocks_per_side(WINDOW)
+        for r in rows:
+            for c in range(0, max(1, width - side + 1), STRIDE_CELLS):
+                i, j = (r - r0) // COARSE_STEP_CELLS, c // COARSE_STEP_CELLS
+                window = blocks[0, :, i:i + (n - 1) * gap + 1:gap, j:j + (n - 1) * gap + 1:gap]
+                if window.shape[1:] != (n, n):
+                    continue
+                vectors.append(window.permute(1, 2, 0).reshape(-1))
+                origins.append((r, c))
+    if not vectors:
+        return np.zeros((0, COARSE.dim * COARSE.blocks_per_side(WINDOW) ** 2), np.float32), np.zeros((0, 2), np.int32)
+    stacked = torch.stack(vectors)
+    norms = stacked.norm(dim=1)
+    keep = norms > 0
+    unit = (stacked[keep] / norms[keep, None]).cpu().numpy().astype(np.float32)
+    return unit, np.asarray(origins, np.int32)[keep.cpu().numpy()]
+
+
+COARSE_STEP_CELLS = 2  # the coarse block map's step (as worker.placement_scan's coarse scan)
+
+
+def query_vectors(coarse_templates: dict[int, torch.Tensor]) -> np.ndarray:
+    """The ANN queries of a sketch: each upright or turned template of a tile's size, shifted by
+    0 or a quarter tile in x and y, and each smaller template centred in a tile's frame."""
+    side = WINDOW // CELL
+    out = []
+    for size, templates in coarse_templates.items():
+        n = COARSE.blocks_per_side(WINDOW)
+        for t in templates.cpu():  # (m, m, dim) blocks on a grid of one HOG cell (4 stored cells)
+            m = t.shape[0]
+            grid = torch.zeros(n, n, t.shape[2])
+            if size == WINDOW:
+                for dr in (0, SHIFT_HOG_CELLS):
+                    for dc in (0, SHIFT_HOG_CELLS):
+                        shifted = torch.zeros_like(grid)
+                        shifted[dr:, dc:] = t[:n - dr, :n - dc]
+                        out.append(shifted.flatten())
+            else:
+                off = (n - m) // 2
+                grid[off:off + m, off:off + m] = t
+                out.append(grid.flatten())
+    q = torch.stack(out)
+    return F.normalize(q, dim=1).numpy().astype(np.float32)
+
+
+def ann_dir(index_dir: Path) -> Path:
+    return Path(index_dir) / ANN_DIR
+
+
+def nlist_for(n: int) -> int:
+    """Inverted lists for n windows: about 4 sqrt(n), as FAISS's guidelines suggest, and at
+    least 39 training windows per list."""
+    return int(min(65536, max(4, min(4 * np.sqrt(n), n // 39))))
+
+
+def factory_for(n: int, factory: str | None = None) -> str:
+    return (factory or (SMALL_FACTORY if n < SMALL_VECTORS else DEFAULT_FACTORY)).format(nlist=nlist_for(n))
+
+
+def _windows_of(index: TileIndex):
+    """(raster id, scale, unit vectors, top-left cells) of every level map, one map at a time."""
+    for (raster_id, scale), level in sorted(index.maps.items()):
+        vectors, origins = window_vectors(level.cells)
+        yield raster_id, scale, vectors, origins
+
+
+def build(index: TileIndex, factory: str | None = None, seed: int = 0) -> AnnInfo:
+    """Build (or rebuild) the ANN shortlist of every level map of a committed index. Two passes
+    over the maps (count and sample, then add), so no more than a map's windows and the training
+    sample are ever in memory; the files are written under temporary names and renamed."""
+    import faiss
+
+    began = time.perf_counter()
+    counts = [len(v) for _, _, v, _ in _windows_of(index)]
+    n = sum(counts)
+    if n < 256:
+        raise InputError(f"{n} windows are too few for an ANN shortlist; the exact scan is the right tool")
+    rng = np.random.default_rng(seed)
+    share = min(1.0, TRAIN_MAX / n)
+    sample = np.concatenate([v[rng.random(len(v)) < share] for _, _, v, _ in _windows_of(index)])
+    factory = factory_for(n, factory)
+    ann = faiss.index_factory(sample.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    ann.train(sample)
+    del sample
+    ids = []
+    for raster_id, scale, vectors, origins in _windows_of(index):
+        for start in range(0, len(vectors), ADD_BATCH):
+            ann.add(vectors[start:start + ADD_BATCH])
+        ids.append(np.column_stack([np.full(len(vectors), raster_id), np.full(len(vectors), scale), origins]))
+    out = ann_dir(index.dir)
+    out.mkdir(exist_ok=True)
+    tmp = out / f".index.{os.getpid()}.faiss"
+    faiss.write_index(ann, str(tmp))
+    os.replace(tmp, out / "index.faiss")
+    np.save(out / ".windows.npy", np.concatenate(ids).astype(np.int32))
+    os.replace(out / ".windows.npy", out / "windows.npy")
+    info = AnnInfo(n, sorted(index.rasters), factory, round(time.perf_counter() - began, 2),
+                   sum(f.stat().st_size for f in out.iterdir() if f.is_file()))
+    write_json_atomic(out / "ann.json", {**info.to_json(), "covers": covered(index)})
+    return info
+
+
+def covered(index: TileIndex) -> dict[str, int]:
+    """What an ANN shortlist built now covers: tiles per raster id (a raster added, removed or
+    indexed again changes it)."""
+    ids, counts = np.unique(index.records["raster_id"], return_counts=True)
+    return {str(int(i)): int(c) for i, c in zip(ids, counts)}
+
+
+def update(index: TileIndex) -> AnnInfo | None:
+    """Bring an index's ANN shortlist up to date after indexing: the windows of rasters added
+    since it was built are added; when a raster was indexed again or removed it is rebuilt.
+    None when the index has no ANN shortlist (nothing to keep up to date)."""
+    import faiss
+
+    folder = ann_dir(index.dir)
+    if not AnnShortlist.exists(index.dir):
+        return None
+    built = json.loads((folder / "ann.json").read_text())
+    now = covered(index)
+    old = built.get("covers", {})
+    if any(now.get(r) != c for r, c in old.items()):
+        return build(index)
+    new = [int(r) for r in now if r not in old]
+    if not new:
+        return AnnInfo(built["vectors"], built["rasters"], built["factory"], built["build_s"], built["bytes_on_disk"])
+    began = time.perf_counter()
+    ann = faiss.read_index(str(folder / "index.faiss"))
+    ids = [np.load(folder / "windows.npy")]
+    n = built["vectors"]
+    for (raster_id, scale), level in sorted(index.maps.items()):
+        if raster_id in new:
+            vectors, origins = window_vectors(level.cells)
+            ann.add(vectors)
+            ids.append(np.column_stack([np.full(len(vectors), raster_id), np.full(len(vectors), scale), origins]).astype(np.int32))
+            n += len(vectors)
+    tmp = folder / f".index.{os.getpid()}.faiss"
+    faiss.write_index(ann, str(tmp))
+    os.replace(tmp, folder / "index.faiss")
+    np.save(folder / ".windows.npy", np.concatenate(ids))
+    os.replace(folder / ".windows.npy", folder / "windows.npy")
+    info = AnnInfo(n, sorted(index.rasters), built["factory"], round(time.perf_counter() - began, 2),
+                   sum(f.stat().st_size for f in folder.iterdir() if f.is_file()))
+    write_json_atomic(folder / "ann.json", {**info.to_json(), "covers": now})
+    return info
+
+
+class AnnShortlist:
+    """A built ANN shortlist, memory-mapped: which grid windows a sketch may lie near."""
+
+    def __init__(self, index_dir: Path, nprobe: int = NPROBE):
+        import faiss
+
+        folder = ann_dir(index_dir)
+        self.index = faiss.read_index(str(folder / "index.faiss"), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+        faiss.extract_index_ivf(self.index).nprobe = nprobe
+        self.windows = np.load(folder / "windows.npy", mmap_mode="r")
+        self.info = json.loads((folder / "ann.json").read_text())
+
+    @staticmethod
+    def exists(index_dir: Path) -> bool:
+        return (ann_dir(index_dir) / "ann.json").exists()
+
+    def covers(self, index: TileIndex) -> bool:
+        """Whether it was built from the index as it is now (a stale one is not asked)."""
+        return self.info.get("covers") == covered(index)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Window rows (raster id, scale, row, col) and scores of the best `k` windows per query,
+        merged (best score per window), best first."""
+        scores, ids = self.index.search(queries, k)
+        best: dict[int, float] = {}
+        for s, i in zip(scores.ravel(), ids.ravel()):
+            if i >= 0 and s > best.get(int(i), -np.inf):
+                best[int(i)] = float(s)
+        order = sorted(best, key=lambda i: -best[i])
+        return np.asarray(self.windows[order]) if order else np.zeros((0, 4), np.int32), np.array([best[i] for i in order])
