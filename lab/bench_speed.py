@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import sys
@@ -34,6 +35,7 @@ from worker.ranking import RankingConfig
 from worker.search import search
 from worker.sketch import prepare_sketch
 from worker.store import IndexWriter, TileIndex
+from worker.store.writer import LocalChunks
 from worker.tile_features import cells_on_grid
 from worker.tiling import TileSettings, iter_tile_pixels, open_raster, plan_tiles
 
@@ -174,6 +176,8 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--cluster", default=None, help="also index on this Dask cluster (local, local:N, ADDRESS)")
+    parser.add_argument("--draw-processes", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                        help="processes that read and draw tiles while this one encodes (worker.drawing_pool)")
     parser.add_argument("--ann-windows", type=int, default=None, help="synthetic ANN windows (default 1M; quick 100k)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -187,7 +191,11 @@ def main() -> int:
     try:
         f["backbone_tiles_per_s"] = backbone_tiles_per_s(model, args.batch, max(2, n_tiles // args.batch))
         f["stage_ms_per_tile"] = {k: 1e3 * v for k, v in stage_seconds(model, raster, settings, n_tiles, args.batch).items()}
-        f["index_tiles_per_s"], f["index_tiles"] = index_tiles_per_s(model, raster, settings, work, args.batch)
+        f["index_tiles_per_s"], f["index_tiles"] = index_tiles_per_s(model, raster, settings, work, args.batch,
+                                                                     LocalChunks(model, processes=0))
+        f["draw_processes"] = args.draw_processes
+        f["index_pool_tiles_per_s"] = index_tiles_per_s(model, raster, settings, work, args.batch,
+                                                        LocalChunks(model, processes=args.draw_processes))[0]
         if args.cluster:
             from worker.distributed import ClusterChunks, connect
 
@@ -195,7 +203,7 @@ def main() -> int:
                 chunks = ClusterChunks(client, ModelOptions(device=args.device), model.fingerprint()["tile_encoder"])
                 f["cluster"] = args.cluster
                 f["cluster_tiles_per_s"] = index_tiles_per_s(model, raster, settings, work, args.batch, chunks)[0]
-        index_dir = next(work.glob("index-*"))
+        index_dir = sorted(work.glob("index-*"))[0]
         index = TileIndex.open(index_dir)
         queries = sketches(index, model, n_queries)
         f["search_exact"] = search_latency(index, model, queries, RankingConfig(ann="off"))
@@ -228,6 +236,8 @@ def render(f: dict) -> str:
              "| indexing | value |", "|---|---|",
              f"| raw backbone forward | {f['backbone_tiles_per_s']:.1f} tiles/s |",
              f"| product indexing | {f['index_tiles_per_s']:.1f} tiles/s ({f['index_tiles_per_s'] / f['backbone_tiles_per_s']:.2f} of the backbone) |"]
+    lines.append(f"| product indexing, tiles read and drawn in {f['draw_processes']} other processes | "
+                 f"{f['index_pool_tiles_per_s']:.1f} tiles/s ({f['index_pool_tiles_per_s'] / f['backbone_tiles_per_s']:.2f} of the backbone) |")
     if "cluster_tiles_per_s" in f:
         lines.append(f"| product indexing on `--cluster {f['cluster']}` | {f['cluster_tiles_per_s']:.1f} tiles/s |")
     lines += [f"| stages, ms per tile | read {st['read']:.1f}, line drawing {st['draw']:.1f}, edge cells "

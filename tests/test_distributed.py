@@ -1,4 +1,5 @@
-"""Indexing on a Dask cluster (local mode, 2 worker processes) gives the index one process gives."""
+"""Indexing elsewhere gives the index one process gives: on a Dask cluster (local mode, 2 worker
+processes), and with tiles read and drawn in a pool of processes (worker.drawing_pool)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 from worker.app import ModelOptions
 from worker.distributed import ClusterChunks, connect
 from worker.store import IndexWriter, TileIndex
+from worker.store.writer import LocalChunks
 from worker.tiling import TileSettings
 
 SETTINGS = TileSettings(tile=128, scales=(1, 2))
@@ -79,3 +81,12 @@ def test_a_worker_with_another_model_is_refused(tmp_path, assets, model, cluster
     chunks = ClusterChunks(cluster, other, model.fingerprint()["tile_encoder"])
     with pytest.raises(InputError, match="another model"):
         IndexWriter(tmp_path / "index", model, SETTINGS, CHUNK).build([assets["osbs_rgb"]], computer=chunks)
+
+
+def test_drawing_in_other_processes_gives_the_same_index(tmp_path, assets, model, single_process):
+    out = tmp_path / "index"
+    seen = []
+    IndexWriter(out, model, SETTINGS, CHUNK).build([assets["rmnp_rgb"], assets["osbs_rgb"]], progress=seen.append,
+                                                   computer=LocalChunks(model, processes=1))
+    assert_same_index(TileIndex.open(out), single_process)
+    assert [p.tiles_done for p in seen] == sorted(p.tiles_done for p in seen) and seen[-1].tiles_done == seen[-1].tiles_total

@@ -46,7 +46,13 @@ def cells_on_grid(drawings: np.ndarray, tiles: list[Tile], tile_size: int, devic
 @torch.inference_mode()
 def describe_tiles(model, tiles: list[Tile], images: np.ndarray, valid: np.ndarray | None, tile_size: int) -> TileFeatures:
     """uint8 (B, S, S, 3) tile pixels and their (B, S, S) valid masks -> what the index stores."""
-    drawings = line_drawing.tile_line_drawings(images, valid)
+    return describe_drawings(model, tiles, line_drawing.tile_line_drawings(images, valid), images, tile_size)
+
+
+@torch.inference_mode()
+def describe_drawings(model, tiles: list[Tile], drawings: np.ndarray, images: np.ndarray, tile_size: int) -> TileFeatures:
+    """Tiles already drawn (worker.drawing_pool draws them in other processes) -> what the index
+    stores: the part that runs on the model's device."""
     out = model.tile_tokens(drawings if model.config.tile_view == "edges" else images)
     cells, origins = cells_on_grid(drawings[..., 0], tiles, tile_size, model.device)
     return TileFeatures(out.global_token, out.tokens, out.positions, cells, origins)

@@ -18,7 +18,8 @@ from worker.store.format import (CHUNK_TILES, MANIFEST, RECORD_DTYPE, SHARDS, TI
 from worker.store.gpkg import write_tiles_gpkg
 from worker.store.maps import remove_maps, write_maps
 from worker.store.reader import TileIndex
-from worker.tile_features import TileFeatures, describe_tiles
+from worker.drawing_pool import DrawingPool, default_processes
+from worker.tile_features import TileFeatures, describe_drawings, describe_tiles
 from worker.tiling import RasterInfo, Tile, TileSettings, iter_tile_pixels, open_raster, plan_tiles
 
 log = logging.getLogger(__name__)
@@ -201,32 +202,51 @@ class ChunkComputer(Protocol):
 
 
 class LocalChunks:
-    """Chunks computed here, one after another, with progress after every batch."""
+    """Chunks computed here, one after another, with progress after every batch. Tiles are read
+    and drawn in `processes` other processes while this one encodes (worker.drawing_pool;
+    None: as many as suit the model's device, 0: none)."""
 
-    def __init__(self, model):
+    def __init__(self, model, processes: int | None = None):
         self.model = model
+        self.processes = default_processes(model.device.type) if processes is None else processes
 
     def run(self, jobs, settings, batch_size, should_stop, batch_done):
-        for job in jobs:
-            if should_stop():
-                yield job, None
-                return
-            result = compute_chunk(self.model, job, settings, batch_size, should_stop,
-                                   lambda n, _path=job.raster["path"]: batch_done(n, _path))
-            yield job, result
-            if result is None:
-                return
+        pool = DrawingPool(self.processes) if self.processes and jobs else None
+        try:
+            for job in jobs:
+                if should_stop():
+                    yield job, None
+                    return
+                result = compute_chunk(self.model, job, settings, batch_size, should_stop,
+                                       lambda n, _path=job.raster["path"]: batch_done(n, _path), pool)
+                yield job, result
+                if result is None:
+                    return
+        finally:
+            if pool is not None:
+                pool.close()
 
 
 def compute_chunk(model, job: ChunkJob, settings: TileSettings, batch_size: int,
                   should_stop: Callable[[], bool] = lambda: False,
-                  batch_done: Callable[[int], None] = lambda n: None) -> ChunkResult | None:
+                  batch_done: Callable[[int], None] = lambda n: None, pool: DrawingPool | None = None) -> ChunkResult | None:
     """Read, draw and encode one chunk's tiles (None when stopped between batches). Runs
-    wherever the model and the raster files are: this process or a cluster's worker."""
+    wherever the model and the raster files are: this process or a cluster's worker; with a
+    pool, reading and drawing run in its processes."""
     raster = RasterInfo.from_json(job.raster)
     kept: list[Tile] = []
     valid: list[float] = []
     outputs: list[TileFeatures] = []
+    if pool is not None:
+        for n, drawn in pool.batches(job.raster, list(job.tiles), model.img_size, batch_size, settings.min_valid):
+            if should_stop():
+                return None
+            if drawn.tiles:
+                kept += drawn.tiles
+                valid += drawn.valid_share
+                outputs.append(describe_drawings(model, drawn.tiles, drawn.drawings, drawn.images, settings.tile))
+            batch_done(n)
+        return _chunk_result(job, kept, valid, outputs)
     batch: list[np.ndarray] = []
     masks: list[np.ndarray] = []
 
@@ -251,6 +271,11 @@ def compute_chunk(model, job: ChunkJob, settings: TileSettings, batch_size: int,
             batch_done(n)  # progress within the chunk (committed only at its end)
     if batch:
         encode()
+    return _chunk_result(job, kept, valid, outputs)
+
+
+def _chunk_result(job: ChunkJob, kept: list[Tile], valid: list[float], outputs: list[TileFeatures]) -> ChunkResult:
+    """A chunk's encoded tiles as a shard's arrays."""
     records = np.zeros(len(kept), RECORD_DTYPE)
     records["raster_id"] = job.raster_id
     for field_name in ("col_off", "row_off", "width", "height", "scale"):
