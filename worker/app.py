@@ -25,6 +25,8 @@ from worker.store import CHUNK_TILES, IndexProgress, IndexWriter, TileIndex, che
 from worker.tiling import TileSettings, find_rasters
 
 if TYPE_CHECKING:
+    from worker.example_query import Example
+    from worker.feedback import Feedback
     from worker.model.retrieval_model import RetrievalModel
     from worker.search import Hit
     from worker.sketch import StrokeSketch
@@ -178,10 +180,11 @@ def stroke_sketch(strokes: Sequence[Sequence[Sequence[float]]], crs: str | None 
 
 @dataclass(frozen=True)
 class SearchRequest:
-    """Find the places that look like `sketch`. Checked when made: a bad CRS or box is refused
-    before the model runs."""
+    """Find the places that look like `sketch`, or like `example` (a place of a raster, read and
+    drawn by the worker; that place itself is left out), re-ranked by `feedback` (the user's marks
+    on earlier hits). Checked when made: a bad CRS or box is refused before the model runs."""
 
-    sketch: SketchSource
+    sketch: SketchSource | None
     top: int = DEFAULT_TOP
     shortlist: int = 200  # candidates re-ranked (at least `top`)
     max_overlap: float = 0.3  # hits overlapping a better one by more than this (of the smaller) are dropped
@@ -191,11 +194,17 @@ class SearchRequest:
     crop_to_ink: bool = False  # crop a sketch image to its strokes first (the paper's object sketches)
     ranker: str = RankingConfig.ranker  # "layout" (every placement) or "tokens" (the paper's two stages alone)
     token_weight: float = RankingConfig.token_weight  # the aligned cross-attention score's share (worker.ranking)
+    example: "Example | None" = None  # a place as the query, instead of a sketch (worker.example_query)
+    feedback: "Feedback | None" = None  # hits marked good and bad (worker.feedback)
+    access: RasterAccess = field(default_factory=RasterAccess)  # which rasters an example may be read from
     out_crs: CRS = field(init=False, repr=False, compare=False)
     ranking: RankingConfig = field(init=False, repr=False, compare=False)
     area_wgs84: Polygon | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if (self.sketch is None) == (self.example is None):
+            raise InputError("give a sketch (an image or strokes) or an example place, not "
+                             + ("both" if self.sketch is not None else "neither"))
         if not 1 <= self.top <= MAX_TOP:
             raise InputError(f"top {excerpt(self.top)} must be between 1 and {MAX_TOP}")
         if not 1 <= self.shortlist <= MAX_SHORTLIST:
@@ -234,15 +243,24 @@ def run_search(request: SearchRequest, model: "RetrievalModel", index: TileIndex
     `should_stop` (the service's deadline) is checked between stages: when it says so, the
     search ends with SearchStopped (worker.cancellation) and its thread is free again."""
     from worker.hits_output import hits_to_geojson
-    from worker.search import search
+    from worker.query_search import search_query
     from worker.sketch import load_sketch
 
     with stop_when(should_stop):
         raise_if_stopped("drawing the sketch")
-        sketch = load_sketch(request.sketch, model.img_size, crop_to_ink=request.crop_to_ink)
+        own_place = None
+        if request.example is not None:
+            from worker.example_query import prepare_example
+
+            bands = index.manifest["tiling"].get("bands")
+            example = prepare_example(request.example, list(index.rasters.values()), model.img_size,
+                                      tuple(bands) if bands else None, request.access)
+            sketch, own_place = example.sketch, (example.footprint, CRS.from_wkt(example.raster.crs_wkt))
+        else:
+            sketch = load_sketch(request.sketch, model.img_size, crop_to_ink=request.crop_to_ink)
         raise_if_stopped("the search")
-        result = search(index, model, sketch, request.ranking, top=request.top, area_wgs84=request.area_wgs84,
-                        max_overlap=request.max_overlap)
+        result = search_query(index, model, sketch, request.ranking, top=request.top, area_wgs84=request.area_wgs84,
+                              max_overlap=request.max_overlap, own_place=own_place, feedback=request.feedback)
         raise_if_stopped("writing the hits")
         timings = {k: round(v, 2) for k, v in result.timings_ms.items()}
         return SearchOutcome(hits_to_geojson(result.hits, request.out_crs, None), timings, result.hits, sketch)

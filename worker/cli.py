@@ -106,8 +106,22 @@ def cmd_search(args: argparse.Namespace) -> int:
     from worker.store import write_json_atomic
 
     index = open_index(args.index)
-    request = SearchRequest(args.sketch, top=args.top, shortlist=args.shortlist, max_overlap=args.max_overlap,
-                            crs=args.crs, bbox=_floats(args.bbox, 4, "--bbox") if args.bbox else None,
+    example, area = None, _floats(args.bbox, 4, "--bbox") if args.bbox else None
+    if args.example is not None:
+        from worker.example_query import Example
+
+        if area is None:
+            raise InputError("--example needs --bbox MINX,MINY,MAXX,MAXY: the place's box (in --bbox-crs)")
+        example, area = Example(args.example, area, args.bbox_crs), None
+    elif args.sketch is None:
+        raise InputError("give --sketch SKETCH.png, or --example RASTER with --bbox (a place to find more of)")
+    feedback = None
+    if args.good or args.bad:
+        from worker.feedback import Feedback
+
+        feedback = Feedback(tuple(args.good or ()), tuple(args.bad or ()))
+    request = SearchRequest(args.sketch, example=example, feedback=feedback, top=args.top, shortlist=args.shortlist, max_overlap=args.max_overlap,
+                            crs=args.crs, bbox=area,
                             bbox_crs=args.bbox_crs, crop_to_ink=args.crop_to_ink, ranker=args.ranker,
                             token_weight=args.token_weight)
     model = model_options(args).load()
@@ -166,14 +180,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("search", help="find the places that look like a sketch")
     p.add_argument("index", type=Path)
-    p.add_argument("--sketch", type=Path, required=True,
+    p.add_argument("--sketch", type=Path, default=None,
                    help="PNG/JPEG of dark strokes on a light background; its frame is the place's frame")
+    p.add_argument("--example", default=None, metavar="RASTER",
+                   help="search by example instead of a sketch: the place of RASTER in --bbox (in --bbox-crs) is read "
+                        "and drawn as the tiles are; the place itself is left out of the hits")
+    p.add_argument("--good", action="append", default=None, metavar="ID",
+                   help="the id of a hit marked good (a hit's `id` property); repeatable: the search is re-ranked")
+    p.add_argument("--bad", action="append", default=None, metavar="ID",
+                   help="the id of a hit marked bad; repeatable: it is left out, places like it rank lower")
     p.add_argument("--crop-to-ink", action="store_true",
                    help="crop the sketch to its strokes first (the paper's preprocessing, for sketches of objects)")
     p.add_argument("--top", type=int, default=SearchRequest.top, help="hits to return (default %(default)s)")
     p.add_argument("--shortlist", type=int, default=SearchRequest.shortlist,
                    help="candidates re-ranked (default %(default)s)")
-    p.add_argument("--bbox", default=None, help="MINX,MINY,MAXX,MAXY search area")
+    p.add_argument("--bbox", default=None,
+                   help="MINX,MINY,MAXX,MAXY search area (with --example: the example place's box)")
     p.add_argument("--bbox-crs", default=SearchRequest.bbox_crs, help="CRS of --bbox (default %(default)s)")
     p.add_argument("--crs", default=SearchRequest.crs, help="CRS of the output polygons (default %(default)s)")
     p.add_argument("--max-overlap", type=float, default=SearchRequest.max_overlap,

@@ -16,6 +16,8 @@ from worker import __version__
 from worker.app import IndexRequest, SearchRequest, SketchSource, check_index, given, run_search, stroke_sketch
 from worker.cancellation import StopCheck, raise_if_stopped, stop_when
 from worker.errors import InputError, NotFoundError
+from worker.example_query import Example
+from worker.feedback import Feedback
 from worker.service.config import ServiceConfig
 from worker.service.indexes import MANIFEST, OpenIndexes, index_dirs
 from worker.service.jobs import Job, JobManager
@@ -146,7 +148,11 @@ class Handlers:
         """The search's fields, sketch, CRSs and box are checked here; the work opens the index
         and searches it, stopping between stages once its stop check says so."""
         index_dir = self.config.paths.index_dir(field(header, "index", str))
-        request = SearchRequest(_sketch(header, frames), **given(
+        example = _example(header)
+        feedback = field(header, "feedback", dict, None)
+        request = SearchRequest(None if example else _sketch(header, frames), example=example,
+                                feedback=None if feedback is None else Feedback.from_json(feedback),
+                                access=self.config.paths.raster_access, **given(
             top=field(header, "top", int, None), shortlist=field(header, "shortlist", int, None),
             max_overlap=field(header, "max_overlap", (int, float), None), crs=field(header, "crs", str, None),
             bbox=field(header, "bbox", list, None, check=_four_numbers), bbox_crs=field(header, "bbox_crs", str, None),
@@ -163,6 +169,17 @@ class Handlers:
             return reply
 
         return work
+
+
+def _example(header: dict) -> Example | None:
+    """The example place of a search ({raster, bbox, crs}), or None; a sketch beside it is refused."""
+    example = field(header, "example", dict, None)
+    if example is None:
+        return None
+    if "sketch_frame" in header or "strokes" in header:
+        raise ProtocolError(BAD_REQUEST, "give a sketch (sketch_frame or strokes) or an example, not both")
+    return Example(field(example, "raster", str), tuple(field(example, "bbox", list, check=_four_numbers)),
+                   field(example, "crs", str, "EPSG:4326"))
 
 
 def _sketch(header: dict, frames: list) -> SketchSource:

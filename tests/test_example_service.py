@@ -1,0 +1,124 @@
+"""Query by example and feedback through the real service (real sockets, a real worker process)
+and the command line, on a real raster; bad input answered with what to do."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import rasterio
+
+from wire import errors as codes
+from wire import job_states as states
+from wire.errors import WorkerError
+from lab.worker_process import REPO, WorkerProcess
+
+WINDOW = (200, 100, 330, 230)  # col0, row0, col1, row1 of rmnp, off the tile grid
+
+
+@pytest.fixture(scope="module")
+def rasters(tmp_path_factory, assets) -> Path:
+    root = tmp_path_factory.mktemp("rasters")
+    shutil.copy(assets["rmnp_rgb"], root / "rmnp-rgb.tif")
+    return root
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory, rasters):
+    root = tmp_path_factory.mktemp("example-service") / "indexes"
+    root.mkdir()
+    proc = WorkerProcess(root, rasters).start()
+    with proc.client() as c:
+        job = c.start_index("rmnp", [str(rasters / "rmnp-rgb.tif")], tile=112, scales=[1, 2])
+        deadline = time.time() + 300
+        while c.job(job["id"])["state"] in states.ACTIVE and time.time() < deadline:
+            time.sleep(0.2)
+    yield proc
+    proc.stop()
+
+
+def bbox_of(path: Path, window=WINDOW) -> list[float]:
+    with rasterio.open(path) as src:
+        c0, r0, c1, r1 = window
+        x0, y1 = src.transform * (c0, r0)
+        x1, y0 = src.transform * (c1, r1)
+    return [x0, y0, x1, y1]
+
+
+def own_iou(feature: dict, path: Path) -> float:
+    from shapely.geometry import box, shape
+
+    hit, own = shape(feature["geometry"]), box(*bbox_of(path))
+    inter = hit.intersection(own).area
+    return inter / (hit.area + own.area - inter)
+
+
+def example(rasters: Path, **changes) -> dict:
+    return {"raster": str(rasters / "rmnp-rgb.tif"), "bbox": bbox_of(rasters / "rmnp-rgb.tif"), "crs": "EPSG:4326",
+            **changes}
+
+
+def test_search_by_example_and_refine_over_sockets(worker, rasters):
+    with worker.client() as c:
+        reply = c.request("search", index="rmnp", example=example(rasters), top=6, timeout=120)
+        hits = reply["hits"]["features"]
+        assert [h["properties"]["rank"] for h in hits] == [1, 2, 3, 4, 5, 6]
+        assert all(own_iou(h, rasters / "rmnp-rgb.tif") <= 0.5 for h in hits), "the example's own place is left out"
+        ids = [h["properties"]["id"] for h in hits]
+        assert len(set(ids)) == 6
+        refined = c.request("search", index="rmnp", example=example(rasters), top=6, timeout=180,
+                            feedback={"positive": [ids[3]], "negative": [ids[0]]})["hits"]["features"]
+        new_ids = [h["properties"]["id"] for h in refined]
+        assert ids[0] not in new_ids and ids[3] in new_ids[:2]
+        # ids are stateless: a restarted worker reads them too (the id names the place, not a row of a table)
+        again = c.request("search", index="rmnp", example=example(rasters), top=6, timeout=180,
+                          feedback={"positive": [ids[3]], "negative": [ids[0]]})["hits"]["features"]
+        assert [h["properties"]["id"] for h in again] == new_ids
+
+
+@pytest.mark.parametrize("fields, code, message", [
+    ({"example": {"bbox": [10.0, 10.0, 11.0, 11.0]}}, codes.BAD_INPUT, "lies outside"),
+    ({"example": {"bbox": [-105.5, 40.3, -105.6, 40.4]}}, codes.BAD_INPUT, "is empty"),
+    ({"example": {"raster": "/etc/passwd"}}, codes.FORBIDDEN, "outside the raster roots"),
+    ({"example": {"crs": "EPSG:999999"}}, codes.BAD_INPUT, "CRS"),
+    ({"feedback": {"positive": [], "negative": []}}, codes.BAD_INPUT, "no marks"),
+    ({"feedback": {"negative": ["0123456789@10.00,10.00,50.00,0.00"]}}, codes.BAD_INPUT, "not in this index"),
+    ({"feedback": {"negative": ["rank 1"]}}, codes.BAD_INPUT, "not a hit id"),
+    ({"feedback": ["x"]}, codes.BAD_REQUEST, "feedback"),
+    ({"example": "here"}, codes.BAD_REQUEST, "example"),
+])
+def test_bad_examples_and_marks_get_clear_errors(worker, rasters, fields, code, message):
+    if "example" in fields and isinstance(fields["example"], dict):
+        fields = {**fields, "example": example(rasters, **fields["example"])}
+    elif "feedback" in fields:
+        fields = {**fields, "example": example(rasters)}
+    with worker.client() as c, pytest.raises(WorkerError) as err:
+        c.request("search", index="rmnp", top=3, timeout=60, **fields)
+    assert err.value.code == code and message in err.value.message, err.value.message
+
+
+def test_the_command_line_searches_by_example(worker, rasters, tmp_path):
+    index = worker.index_root / "rmnp"
+    out = tmp_path / "hits.geojson"
+    bbox = ",".join(str(v) for v in bbox_of(rasters / "rmnp-rgb.tif"))
+    run = lambda *args: subprocess.run([sys.executable, "-m", "worker", "search", str(index), *args], cwd=REPO,
+                                       capture_output=True, text=True)
+    result = run("--example", str(rasters / "rmnp-rgb.tif"), f"--bbox={bbox}", "--bbox-crs", "EPSG:4326", "--top", "4",
+                 "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    hits = json.loads(out.read_text())["features"]
+    assert len(hits) == 4 and all(own_iou(h, rasters / "rmnp-rgb.tif") <= 0.5 for h in hits)
+    ids = [h["properties"]["id"] for h in hits]
+    result = run("--example", str(rasters / "rmnp-rgb.tif"), f"--bbox={bbox}", "--top", "4", "--bad", ids[0],
+                 "--good", ids[2], "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert ids[0] not in [h["properties"]["id"] for h in json.loads(out.read_text())["features"]]
+    result = run("--example", str(rasters / "rmnp-rgb.tif"), "--bbox", "10,10,11,11", "--out", str(out))
+    assert result.returncode == 2 and "lies outside" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    result = run("--example", str(rasters / "rmnp-rgb.tif"), "--out", str(out))
+    assert result.returncode == 2 and "--bbox" in result.stderr
