@@ -14,7 +14,7 @@ from qgis.PyQt.QtCore import QObject, pyqtSignal
 from .index_layers import tiles_layer, tiles_layer_name, why_no_tiles_layer
 from .local_worker import LocalWorker, WorkerExit
 from .user_requests import Connection, IndexBuild, SearchQuery
-from .results import hits_layer, save_gpkg
+from .results import BAD, GOOD, hits_layer, keep_query, marks, save_gpkg, saved_query, set_mark
 from .settings import Setting
 from .wire import errors as codes
 from .wire import job_states as states
@@ -290,11 +290,61 @@ class SearchController(QObject):
         hits_crs = QgsCoordinateReferenceSystem(query.crs)
         project_crs = QgsProject.instance().crs()
         layer = hits_layer(reply["hits"], name, hits_crs, project_crs if project_crs.isValid() else hits_crs, query_ms)
+        keep_query(layer, query.to_json(), self.info.get("model"))
         QgsProject.instance().addMapLayer(layer)
         self.result_layer = layer
         self.results_ready.emit(layer)
         self.notice.emit(f"{layer.featureCount()} hit(s) in {query_ms:.0f} ms, added as layer “{name}”.",
                          Qgis.Success, "")
+
+    def query_of(self, layer) -> Optional[SearchQuery]:
+        """The query a results layer answers (kept with it, or in its GeoPackage), or None and a message."""
+        text = saved_query(layer) if layer is not None else None
+        if not text:
+            self.notice.emit("That layer holds no sketch search: choose a layer of search results.", Qgis.Warning, "")
+            return None
+        try:
+            return SearchQuery.from_json(text)
+        except ValueError as exc:
+            self.notice.emit(f"The layer's saved search cannot be read: {exc}.", Qgis.Warning, "")
+            return None
+
+    def run_again(self, layer) -> None:
+        """Repeat the search a results layer answers (e.g. on an index built again); a new layer."""
+        query = self.query_of(layer)
+        if query is not None:
+            self.search(query)
+
+    def refine(self, layer) -> None:
+        """The layer's search again, with the hits marked good and bad (the `feedback` field): a new layer."""
+        query = self.query_of(layer)
+        if query is None:
+            return
+        good, bad = marks(layer)
+        if not good and not bad:
+            return self.notice.emit("Mark some hits 👍 or 👎 first (buttons under the list, or the + and - keys).",
+                                    Qgis.Warning, "")
+        self.search(query.with_feedback(good, bad))
+
+    def mark(self, layer, feature_id: int, mark: Optional[int]) -> None:
+        """Store the user's mark of a hit (GOOD, BAD or None) in the layer's `feedback` field."""
+        if mark not in (GOOD, BAD, None) or not set_mark(layer, feature_id, mark):
+            self.notice.emit("That layer cannot hold marks (it has no `feedback` field or is read-only).",
+                             Qgis.Warning, "")
+
+    def more_like_this(self, layer, feature) -> None:
+        """Search for places like one hit: its square, read from its raster, as the example."""
+        query = self.query_of(layer)
+        if query is None:
+            return
+        raster = feature["raster"]
+        if not isinstance(raster, str) or not raster:
+            return self.notice.emit("That hit names no raster.", Qgis.Warning, "")
+        box = feature.geometry().boundingBox()
+        crs = layer.crs()
+        example = {"raster": raster, "bbox": [box.xMinimum(), box.yMinimum(), box.xMaximum(), box.yMaximum()],
+                   "crs": crs.authid() or crs.toWkt()}
+        self.search(SearchQuery(index=query.index, top=query.top, crs=query.crs, example=example))
 
     def save_results(self, path: str) -> None:
         """Write the last search's layer to a GeoPackage."""

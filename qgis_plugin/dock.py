@@ -9,15 +9,17 @@ from typing import Optional
 
 from qgis.core import (Qgis, QgsCoordinateTransform, QgsMapLayerType, QgsMapRendererParallelJob, QgsMapSettings,
                        QgsMessageLog, QgsProject, QgsRectangle)
-from qgis.PyQt.QtCore import QSize, Qt
+from qgis.PyQt.QtCore import QEvent, QSize, Qt
 from qgis.PyQt.QtGui import QIcon, QPixmap
 from qgis.PyQt.QtWidgets import (QComboBox, QDockWidget, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel,
-                                 QListWidget, QListWidgetItem, QPushButton, QScrollArea, QSpinBox, QVBoxLayout,
-                                 QWidget)
+                                 QListWidget, QListWidgetItem, QPushButton, QScrollArea, QSpinBox,
+                                 QVBoxLayout, QWidget)
 
 from .controller import SearchController
 from .help_panel import HowToSketch
 from .index_panel import IndexPanel
+from .place_tool import PlaceMapTool, example_of, raster_under
+from .results import BAD, GOOD, saved_query
 from .user_requests import SearchQuery
 from .settings import Setting
 from .settings_dialog import SettingsDialog
@@ -28,6 +30,9 @@ from .worker_panel import WorkerPanel
 
 TITLE = "Sketch search"
 WHOLE_INDEX, MAP_VIEW = 0, 1  # the search area choices
+FEATURE_ID = Qt.UserRole + 1  # a results list item's feature id (Qt.UserRole holds its extent)
+MARK_TEXT = {GOOD: "👍", BAD: "👎"}
+MARK_KEYS = {Qt.Key_Plus: GOOD, Qt.Key_Equal: GOOD, Qt.Key_Minus: BAD, Qt.Key_0: None}
 
 
 def _number(feature, name: str, pattern: str) -> str:
@@ -44,6 +49,10 @@ class SketchSearchDock(QDockWidget):
         self.canvas = iface.mapCanvas()
         self.controller = controller
         self.map_tool = SketchMapTool(self.canvas)
+        self.place_tool = PlaceMapTool(self.canvas)
+        self.place_tool.picked.connect(self.pick_place)
+        self.example: Optional[dict] = None  # the place picked on the map: {raster, bbox, crs}
+        self.shown_layer = None  # the results layer the list shows
         self.sketch_image: Optional[bytes] = None
         self.sketch_source = "map"
         self.settings_dialog = SettingsDialog(self)
@@ -74,6 +83,7 @@ class SketchSearchDock(QDockWidget):
         controller.indexes_listed.connect(self._show_searchable_indexes)
         controller.search_running.connect(lambda running: self.search_button.setEnabled(not running))
         controller.results_ready.connect(self._show_results)
+        QgsProject.instance().layerWillBeRemoved[str].connect(self._layer_removed)
 
     def first_use(self) -> None:
         """When the dock is first opened, look for a worker (without waiting for it: what was found,
@@ -116,11 +126,18 @@ class SketchSearchDock(QDockWidget):
         row = QHBoxLayout()
         self.load_button = QPushButton("Load sketch image…")
         self.load_button.setToolTip("Search with a PNG or JPEG of dark strokes on white; the image is the frame.")
+        self.place_button = QPushButton("Pick a place")
+        self.place_button.setCheckable(True)
+        self.place_button.setToolTip("While pressed, drag a rectangle over a raster layer: the next search finds "
+                                     "places like that one (the worker reads and draws it; the place itself is "
+                                     "left out of the hits).")
+        row.addWidget(self.load_button)
+        row.addWidget(self.place_button)
+        layout.addLayout(row)
         self.sketch_label = QLabel("draw on the map or the pad")
         self.sketch_label.setToolTip("What the next search will use.")
-        row.addWidget(self.load_button)
-        row.addWidget(self.sketch_label, 1)
-        layout.addLayout(row)
+        layout.addWidget(self.sketch_label)
+        self.place_button.toggled.connect(self._toggle_place_tool)
         self.draw_button.toggled.connect(self._toggle_map_tool)
         self.undo_button.clicked.connect(self.undo)
         self.clear_button.clicked.connect(self.clear_sketch)
@@ -158,11 +175,39 @@ class SketchSearchDock(QDockWidget):
         self.results_list.setIconSize(QSize(64, 64))
         self.results_list.setToolTip("The last search's hits, best first: click one to zoom to it.")
         self.results_list.itemClicked.connect(self._zoom_to_item)
+        self.results_list.setToolTip("The hits of the results layer shown, best first: click one to zoom to it; "
+                                     "+ marks it good (👍), - bad (👎), 0 clears its mark.")
+        layout.addWidget(self.results_list)
+        buttons = [("good_button", "👍", "Mark the selected hit as a good answer (key +): Refine looks for more like it."),
+                   ("bad_button", "👎", "Mark the selected hit as a wrong answer (key -): Refine leaves it out and "
+                                       "looks for places unlike it."),
+                   ("unmark_button", "Clear mark", "Remove the selected hit's mark (key 0)."),
+                   ("more_button", "More like this", "Search for places like the selected hit (its square, read from "
+                                                     "its raster, as the example)."),
+                   ("refine_button", "Refine", "Search again with the marked hits (👍/👎): the results come as a new "
+                                               "layer."),
+                   ("again_button", "Run again", "Repeat the search of the selected results layer (or the last one), "
+                                                 "e.g. after the index was built again; a layer loaded from a saved "
+                                                 "GeoPackage keeps its search.")]
+        rows = [QHBoxLayout(), QHBoxLayout()]
+        for n, (name, text, tip) in enumerate(buttons):
+            button = QPushButton(text)
+            button.setToolTip(tip)
+            setattr(self, name, button)
+            rows[n // 3].addWidget(button)
+        for row in rows:
+            layout.addLayout(row)
+        self.good_button.clicked.connect(lambda: self.mark_selected(GOOD))
+        self.bad_button.clicked.connect(lambda: self.mark_selected(BAD))
+        self.unmark_button.clicked.connect(lambda: self.mark_selected(None))
+        self.more_button.clicked.connect(self.more_like_selected)
+        self.refine_button.clicked.connect(lambda: self.controller.refine(self.shown_layer))
+        self.again_button.clicked.connect(lambda: self.controller.run_again(self.layer_to_run_again()))
+        self.results_list.installEventFilter(self)  # + / - / 0 mark the selected hit
         self.save_button = QPushButton("Save results…")
-        self.save_button.setToolTip("Write the last search's layer to a GeoPackage.")
+        self.save_button.setToolTip("Write the last search's layer, its marks and its search to a GeoPackage.")
         self.save_button.setEnabled(False)
         self.save_button.clicked.connect(self._choose_save_path)
-        layout.addWidget(self.results_list)
         layout.addWidget(self.save_button)
         return box
 
@@ -182,16 +227,41 @@ class SketchSearchDock(QDockWidget):
 
     def _show_results(self, layer) -> None:
         self.save_button.setEnabled(True)
+        self.shown_layer = layer
         self.results_list.clear()
         rasters = [lyr for lyr in QgsProject.instance().mapLayers().values() if lyr.type() == QgsMapLayerType.RasterLayer]
         for feature in sorted(layer.getFeatures(), key=lambda f: f["rank"]):
             extent = feature.geometry().boundingBox()
-            item = QListWidgetItem(f"#{feature['rank']}  score {_number(feature, 'score', '{:.3f}')}  "
-                                   f"scale {_number(feature, 'scale', '{}')}  {_number(feature, 'angle', '{:+.0f}°')}")
+            item = QListWidgetItem(self._item_text(feature))
             item.setData(Qt.UserRole, extent)
+            item.setData(FEATURE_ID, feature.id())
             item.setIcon(QIcon(self._thumbnail(extent, layer.crs(), rasters)))
             self.results_list.addItem(item)
         self.scroll.ensureWidgetVisible(self.results_list)
+
+    def eventFilter(self, watched, event) -> bool:  # noqa: N802
+        """Keys on the results list: + (or =) marks the selected hit good, - bad, 0 clears its mark."""
+        if watched is self.results_list and event.type() == QEvent.KeyPress and event.key() in MARK_KEYS \
+                and self.results_list.currentItem() is not None:
+            self.mark_selected(MARK_KEYS[event.key()])
+            return True
+        return super().eventFilter(watched, event)
+
+    def _layer_removed(self, layer_id: str) -> None:
+        """Forget a results layer removed from the project (its hits are no longer listed)."""
+        if self.shown_layer is not None and self.shown_layer.id() == layer_id:
+            self.shown_layer = None
+            self.results_list.clear()
+        if self.controller.result_layer is not None and self.controller.result_layer.id() == layer_id:
+            self.controller.result_layer = None
+            self.save_button.setEnabled(False)
+
+    @staticmethod
+    def _item_text(feature) -> str:
+        mark = feature["feedback"] if feature.fields().indexOf("feedback") >= 0 else None
+        return (f"#{feature['rank']}  score {_number(feature, 'score', '{:.3f}')}  "
+                f"scale {_number(feature, 'scale', '{}')}  {_number(feature, 'angle', '{:+.0f}°')}"
+                f"{'  ' + MARK_TEXT[mark] if mark in MARK_TEXT else ''}")
 
     @staticmethod
     def _thumbnail(extent: QgsRectangle, crs, rasters, size: int = 64) -> QPixmap:
@@ -225,9 +295,57 @@ class SketchSearchDock(QDockWidget):
 
     def _toggle_map_tool(self, on: bool) -> None:
         if on:
+            self.place_button.setChecked(False)
             self.canvas.setMapTool(self.map_tool)
         else:
             self.canvas.unsetMapTool(self.map_tool)
+
+    def _toggle_place_tool(self, on: bool) -> None:
+        if on:
+            self.draw_button.setChecked(False)
+            self.canvas.setMapTool(self.place_tool)
+        else:
+            self.canvas.unsetMapTool(self.place_tool)
+
+    def pick_place(self, rect: QgsRectangle) -> None:
+        """A rectangle dragged on the map (map CRS) -> the example of the next search, in the CRS
+        of the raster layer under it."""
+        map_crs = self.canvas.mapSettings().destinationCrs()
+        layer = raster_under(rect, map_crs, self.iface.activeLayer())
+        if layer is None:
+            self.place_tool.clear()
+            return self.notify("Drag the rectangle over a raster layer (a file the worker can read).", Qgis.Warning)
+        self.example = example_of(rect, map_crs, layer)
+        self.sketch_source = "example"
+        self.sketch_label.setText(f"a place of {layer.name()}")
+
+    def _selected_feature(self):
+        """The results layer shown and the feature of the selected list item, or (None, None) and a message."""
+        item = self.results_list.currentItem()
+        if item is None or self.shown_layer is None:
+            self.notify("Select a hit in the results list first.", Qgis.Warning)
+            return None, None
+        return self.shown_layer, self.shown_layer.getFeature(item.data(FEATURE_ID))
+
+    def mark_selected(self, mark) -> None:
+        """Mark the selected hit good, bad or not at all (stored in the layer's `feedback` field)."""
+        layer, feature = self._selected_feature()
+        if feature is None:
+            return
+        self.controller.mark(layer, feature.id(), mark)
+        self.results_list.currentItem().setText(self._item_text(layer.getFeature(feature.id())))
+
+    def more_like_selected(self) -> None:
+        layer, feature = self._selected_feature()
+        if feature is not None:
+            self.controller.more_like_this(layer, feature)
+
+    def layer_to_run_again(self):
+        """The active layer when it holds a search (e.g. loaded from a GeoPackage), else the list's."""
+        active = self.iface.activeLayer()
+        if active is not None and active.type() == QgsMapLayerType.VectorLayer and saved_query(active):
+            return active
+        return self.shown_layer
 
     def _set_pen_width(self, width: int) -> None:
         self.map_tool.set_pen_width(width)
@@ -244,7 +362,9 @@ class SketchSearchDock(QDockWidget):
     def clear_sketch(self) -> None:
         self.map_tool.clear()
         self.pad.clear()
+        self.place_tool.clear()
         self.sketch_image = None
+        self.example = None
 
     def _choose_image(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Load sketch image", "", "Images (*.png *.jpg *.jpeg)")
@@ -268,6 +388,8 @@ class SketchSearchDock(QDockWidget):
         sketch: dict = {}
         if self.sketch_source == "image" and self.sketch_image:
             sketch = {"sketch_png": self.sketch_image}
+        elif self.sketch_source == "example" and self.example:
+            sketch = {"example": self.example}
         elif self.sketch_source == "pad" and self.pad.strokes():
             sketch = {"strokes": self.pad.strokes(), "strokes_crs": "pixel",
                       "strokes_frame": [0, 0, self.pad.width(), self.pad.height()]}
@@ -296,6 +418,9 @@ class SketchSearchDock(QDockWidget):
     def shutdown(self) -> None:
         """Put the map tool away and stop listening to the project (on unload)."""
         self.canvas.unsetMapTool(self.map_tool)
+        self.canvas.unsetMapTool(self.place_tool)
+        QgsProject.instance().layerWillBeRemoved[str].disconnect(self._layer_removed)
         self.map_tool.clear()
+        self.place_tool.clear()
         self.index_panel.shutdown()
         self.settings_dialog.close()

@@ -1,8 +1,16 @@
-"""Search hits -> a styled, labelled polygon layer in the project CRS; saving to GeoPackage."""
+"""Search hits -> a styled, labelled polygon layer in the project CRS; the user's marks on hits;
+the query the layer answers (kept with it, so it can be run again); saving to GeoPackage.
+
+The query lives in the layer's custom properties (saved in the project) and, in a GeoPackage,
+in a side table QUERIES_TABLE (layer name -> query JSON): a GeoPackage file keeps no QGIS custom
+properties, and a side table is read back by any QGIS (and by sqlite3) without a project.
+"""
 
 from __future__ import annotations
 
 import json
+import sqlite3
+from typing import Optional
 
 from qgis.core import (QgsCategorizedSymbolRenderer, QgsCoordinateReferenceSystem, QgsCoordinateTransform,
                        QgsFeature, QgsField, QgsFields, QgsFillSymbol, QgsGeometry, QgsPalLayerSettings, QgsPointXY,
@@ -14,7 +22,12 @@ from qgis.PyQt.QtGui import QColor
 # the hit properties kept as attributes (a property a worker does not send is null), then the round trip
 FIELDS = [("rank", QVariant.Int), ("score", QVariant.Double), ("shortlist_score", QVariant.Double),
           ("raster", QVariant.String), ("window", QVariant.String), ("scale", QVariant.Int),
-          ("angle", QVariant.Double), ("query_ms", QVariant.Double)]
+          ("angle", QVariant.Double), ("query_ms", QVariant.Double), ("id", QVariant.String),
+          ("feedback", QVariant.Int)]
+GOOD, BAD = 1, -1  # the `feedback` field: the user's mark of a hit (NULL: none)
+QUERY_PROPERTY = "sketch_search/query"  # the layer's custom property holding the query's JSON
+MODEL_PROPERTY = "sketch_search/model"  # which model answered (the worker's fingerprint, JSON)
+QUERIES_TABLE = "sketch_search_queries"
 
 
 def polygon_from_geojson(geometry: dict) -> QgsGeometry:
@@ -52,7 +65,7 @@ def features_from_hits(collection: dict, fields: QgsFields, transform: QgsCoordi
         window = props.get("window")
         feature.setAttributes([props.get("rank"), props.get("score"), props.get("shortlist_score"), props.get("raster"),
                                None if window is None else json.dumps(window), props.get("scale"), props.get("angle"),
-                               query_ms])
+                               query_ms, props.get("id"), None])
         features.append(feature)
     return features
 
@@ -97,9 +110,66 @@ def style_by_rank(layer: QgsVectorLayer, count: int) -> None:
 
 
 def save_gpkg(layer: QgsVectorLayer, path: str) -> str | None:
-    """Write the layer to a GeoPackage; returns an error message or None."""
+    """Write the layer (marks included) and its query to a GeoPackage; returns an error message or None."""
     options = QgsVectorFileWriter.SaveVectorOptions()
     options.driverName = "GPKG"
     options.layerName = layer.name()
     result = QgsVectorFileWriter.writeAsVectorFormatV3(layer, path, QgsProject.instance().transformContext(), options)
-    return None if result[0] == QgsVectorFileWriter.NoError else result[1]
+    if result[0] != QgsVectorFileWriter.NoError:
+        return result[1]
+    query = layer.customProperty(QUERY_PROPERTY)
+    if query:
+        try:
+            with sqlite3.connect(path) as db:
+                db.execute(f"CREATE TABLE IF NOT EXISTS {QUERIES_TABLE} (layer TEXT PRIMARY KEY, query TEXT NOT NULL, "
+                           "model TEXT)")
+                db.execute(f"INSERT OR REPLACE INTO {QUERIES_TABLE} VALUES (?, ?, ?)",
+                           (layer.name(), query, layer.customProperty(MODEL_PROPERTY) or None))
+        except sqlite3.Error as exc:
+            return f"the hits were written but not their query ({exc})"
+    return None
+
+
+def keep_query(layer: QgsVectorLayer, query_json: str, model: Optional[dict]) -> None:
+    """Record on the layer the query it answers and the model that answered."""
+    layer.setCustomProperty(QUERY_PROPERTY, query_json)
+    layer.setCustomProperty(MODEL_PROPERTY, json.dumps(model) if model else "")
+
+
+def saved_query(layer: QgsVectorLayer) -> Optional[str]:
+    """The query JSON a results layer answers: its custom property, or a GeoPackage's side table
+    (a layer loaded from a saved file). None for a layer that is not a search's results."""
+    query = layer.customProperty(QUERY_PROPERTY)
+    if query:
+        return query
+    source = layer.source().split("|")
+    if not source[0].lower().endswith(".gpkg"):
+        return None
+    name = next((part.split("=", 1)[1] for part in source[1:] if part.startswith("layername=")), layer.name())
+    try:
+        with sqlite3.connect(f"file:{source[0]}?mode=ro", uri=True) as db:
+            row = db.execute(f"SELECT query, model FROM {QUERIES_TABLE} WHERE layer = ?", (name,)).fetchone()
+    except sqlite3.Error:
+        return None
+    if row is None:
+        return None
+    keep_query(layer, row[0], json.loads(row[1]) if row[1] else None)
+    return row[0]
+
+
+def marks(layer: QgsVectorLayer) -> tuple:
+    """The ids of the hits marked good and bad (the `feedback` field)."""
+    good, bad = [], []
+    for feature in layer.getFeatures():
+        mark, hit = feature["feedback"], feature["id"]
+        if isinstance(hit, str) and mark in (GOOD, BAD):
+            (good if mark == GOOD else bad).append(hit)
+    return good, bad
+
+
+def set_mark(layer: QgsVectorLayer, feature_id: int, mark: Optional[int]) -> bool:
+    """Store a mark (GOOD, BAD or None) in a hit's `feedback` field; False when the layer cannot be written."""
+    index = layer.fields().indexOf("feedback")
+    if index < 0:
+        return False
+    return layer.dataProvider().changeAttributeValues({feature_id: {index: mark}})

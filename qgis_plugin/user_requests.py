@@ -3,7 +3,9 @@ a search. The dock fills them from its widgets; the controller turns them into r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import base64
+import json
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 from .wire.sockets import CurveKeys
@@ -62,7 +64,9 @@ class Connection:
 
 @dataclass(frozen=True)
 class SearchQuery:
-    """One search as the user set it up: exactly one of a sketch image or strokes."""
+    """One search as the user set it up: exactly one of a sketch image, strokes or an example
+    place ({raster, bbox, crs}: a rectangle of a raster, in its CRS), and optionally the marks
+    of an earlier search's hits ({positive: [ids], negative: [ids]})."""
 
     index: str
     top: int
@@ -73,6 +77,8 @@ class SearchQuery:
     strokes_frame: Optional[list] = None  # [x0, y0, x1, y1]: the pad the strokes were drawn in
     bbox: Optional[list] = None  # the search area, in bbox_crs
     bbox_crs: Optional[str] = None
+    example: Optional[dict] = None
+    feedback: Optional[dict] = None
 
     def message(self) -> tuple:
         """(payload frames, fields) of the search request."""
@@ -80,10 +86,37 @@ class SearchQuery:
         frames: tuple = ()
         if self.sketch_png is not None:
             frames, fields["sketch_frame"] = (self.sketch_png,), 1
+        elif self.example is not None:
+            fields["example"] = self.example
         else:
             fields.update(strokes=self.strokes, strokes_crs=self.strokes_crs)
             if self.strokes_frame is not None:
                 fields["strokes_frame"] = self.strokes_frame
         if self.bbox is not None:
             fields.update(bbox=self.bbox, bbox_crs=self.bbox_crs)
+        if self.feedback is not None:
+            fields["feedback"] = self.feedback
         return frames, fields
+
+    def with_feedback(self, positive: list, negative: list) -> "SearchQuery":
+        """The same search with these marks (None when there are none)."""
+        marks = {"positive": list(positive), "negative": list(negative)} if positive or negative else None
+        return replace(self, feedback=marks)
+
+    def to_json(self) -> str:
+        """The query as saved with its results layer (the sketch image as base64)."""
+        d = asdict(self)
+        if self.sketch_png is not None:
+            d["sketch_png"] = base64.b64encode(self.sketch_png).decode("ascii")
+        return json.dumps(d)
+
+    @classmethod
+    def from_json(cls, text: str) -> "SearchQuery":
+        """A saved query; ValueError when it is not one."""
+        try:
+            d = json.loads(text)
+            if d.get("sketch_png") is not None:
+                d["sketch_png"] = base64.b64decode(d["sketch_png"])
+            return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"not a saved sketch search ({exc})") from None

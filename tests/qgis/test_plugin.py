@@ -74,7 +74,7 @@ def test_search_against_a_real_worker_adds_a_georeferenced_layer(plugin, worker,
     assert layer.name().startswith("Sketch search 1: rmnp")
     assert layer.crs().authid() == "EPSG:3857"
     assert [f.name() for f in layer.fields()] == ["rank", "score", "shortlist_score", "raster", "window", "scale",
-                                                  "angle", "query_ms"]
+                                                  "angle", "query_ms", "id", "feedback"]
     assert sorted(f["rank"] for f in layer.getFeatures()) == [1, 2, 3]
     assert layer.extent().intersects(qgis_iface.mapCanvas().mapSettings().layerExtentToOutputExtent(rmnp_layer, rmnp_layer.extent()))
     assert dock.results_list.count() == 3

@@ -1,0 +1,78 @@
+"""A map tool to pick a place: drag a rectangle over a raster layer ("Pick a place", query by example)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from qgis.core import (QgsCoordinateTransform, QgsGeometry, QgsMapLayerType, QgsPointXY, QgsProject, QgsRasterLayer, QgsRectangle,
+                       QgsWkbTypes)
+from qgis.gui import QgsMapTool, QgsRubberBand
+from qgis.PyQt.QtCore import Qt, pyqtSignal
+from qgis.PyQt.QtGui import QColor
+
+
+class PlaceMapTool(QgsMapTool):
+    """Drag a rectangle; `picked` gives it in map coordinates (the canvas CRS)."""
+
+    picked = pyqtSignal(QgsRectangle)
+
+    def __init__(self, canvas):
+        super().__init__(canvas)
+        self.canvas = canvas
+        self._start: Optional[QgsPointXY] = None
+        self.band = QgsRubberBand(canvas, QgsWkbTypes.PolygonGeometry)
+        self.band.setColor(QColor(30, 120, 220, 60))
+        self.band.setStrokeColor(QColor(30, 120, 220, 230))
+        self.band.setWidth(2)
+        self.setCursor(Qt.CrossCursor)
+
+    def canvasPressEvent(self, event) -> None:  # noqa: N802
+        if event.button() == Qt.LeftButton:
+            self._start = self.toMapCoordinates(event.pos())
+            self.band.reset(QgsWkbTypes.PolygonGeometry)
+
+    def canvasMoveEvent(self, event) -> None:  # noqa: N802
+        if self._start is not None:
+            self._show(QgsRectangle(self._start, self.toMapCoordinates(event.pos())))
+
+    def canvasReleaseEvent(self, event) -> None:  # noqa: N802
+        if self._start is None or event.button() != Qt.LeftButton:
+            return
+        rect = QgsRectangle(self._start, self.toMapCoordinates(event.pos()))
+        self._start = None
+        self._show(rect)
+        self.picked.emit(rect)
+
+    def _show(self, rect: QgsRectangle) -> None:
+        self.band.setToGeometry(QgsGeometry.fromRect(rect), None)
+
+    def clear(self) -> None:
+        self.band.reset(QgsWkbTypes.PolygonGeometry)
+
+    def deactivate(self) -> None:
+        self._start = None
+        super().deactivate()
+
+
+def raster_under(rect: QgsRectangle, map_crs, active=None) -> Optional[QgsRasterLayer]:
+    """The raster layer a rectangle (map CRS) was dragged over: the active layer when it is a
+    file raster under the rectangle, else the topmost visible one."""
+    project = QgsProject.instance()
+    candidates = [active] if active is not None else []
+    root = project.layerTreeRoot()
+    candidates += [node.layer() for node in root.findLayers() if node.isVisible()]
+    for layer in candidates:
+        if layer is None or layer.type() != QgsMapLayerType.RasterLayer or layer.providerType() != "gdal":
+            continue
+        transform = QgsCoordinateTransform(map_crs, layer.crs(), project)
+        if transform.transformBoundingBox(rect).intersects(layer.extent()):
+            return layer
+    return None
+
+
+def example_of(rect: QgsRectangle, map_crs, layer: QgsRasterLayer) -> dict:
+    """The `example` of a search: the raster's file, the rectangle as a box in the raster's CRS."""
+    box = QgsCoordinateTransform(map_crs, layer.crs(), QgsProject.instance()).transformBoundingBox(rect)
+    crs = layer.crs()
+    return {"raster": layer.source().split("|")[0], "bbox": [box.xMinimum(), box.yMinimum(), box.xMaximum(), box.yMaximum()],
+            "crs": crs.authid() or crs.toWkt()}
