@@ -69,3 +69,30 @@ def test_an_ann_older_than_its_index_is_not_asked_until_updated(index_with_ann, 
     index = TileIndex.open(folder)
     shortlist = ann_shortlist(index, RankingConfig(ann="on"))
     assert shortlist is not None and set(np.unique(shortlist.windows[:, 0])) == {0, 1}
+
+
+def test_the_command_line_builds_reports_and_asks_the_ann(index_with_ann, assets, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    folder = tmp_path / "index"
+    shutil.copytree(index_with_ann[0], folder)
+    shutil.rmtree(folder / "ann")
+
+    def cli(*args):
+        done = subprocess.run([sys.executable, "-m", "worker", *map(str, args)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    assert json.loads(cli("info", folder))["ann"] is None
+    built = json.loads(cli("build-ann", folder))
+    info = json.loads(cli("info", folder))["ann"]
+    assert info["vectors"] == built["vectors"] > 200 and info["current"] and not info["asked_by_default"]
+    sketch = tmp_path / "sketch.png"
+    frame, _ = next(frames(TileIndex.open(folder), 1))
+    image, valid = frame.read(224)
+    pseudo_sketch(image, "simple", valid=valid).save(sketch)
+    out = tmp_path / "hits.geojson"
+    cli("search", folder, "--sketch", sketch, "--ann", "on", "--top", "5", "--out", out, "--sketch-modules", "none")
+    assert len(json.loads(out.read_text())["features"]) == 5

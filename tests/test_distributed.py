@@ -90,3 +90,16 @@ def test_drawing_in_other_processes_gives_the_same_index(tmp_path, assets, model
                                                    computer=LocalChunks(model, processes=1))
     assert_same_index(TileIndex.open(out), single_process)
     assert [p.tiles_done for p in seen] == sorted(p.tiles_done for p in seen) and seen[-1].tiles_done == seen[-1].tiles_total
+
+
+def test_the_command_line_indexes_on_a_local_cluster(tmp_path, assets):
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "worker", "index", "--out", tmp_path / "index", "--tile", "128",
+                           "--scales", "1", "--cluster", "local:2", "--quiet", "--sketch-modules", "none",
+                           assets["osbs_rgb"]], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["tile_count"] == len(TileIndex.open(tmp_path / "index")) > 0

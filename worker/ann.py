@@ -181,6 +181,17 @@ def covered(index: TileIndex) -> dict[str, int]:
     return {str(int(i)): int(c) for i, c in zip(ids, counts)}
 
 
+def describe(index: TileIndex) -> dict | None:
+    """What `info` says of an index's ANN shortlist: what it holds, whether it covers the index
+    as it is now, and whether a search asks it (None: the index has none)."""
+    if not AnnShortlist.exists(index.dir):
+        return None
+    built = json.loads((ann_dir(index.dir) / "ann.json").read_text())
+    current = built.get("covers") == covered(index)
+    return {**{k: v for k, v in built.items() if k != "covers"}, "current": current,
+            "asked_by_default": current and len(index) >= AUTO_MIN_TILES}
+
+
 def update(index: TileIndex) -> AnnInfo | None:
     """Bring an index's ANN shortlist up to date after indexing: the windows of rasters added
     since it was built are added; when a raster was indexed again or removed it is rebuilt.

@@ -9,6 +9,7 @@ that `python -m worker info` and `--help` stay quick.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
 
@@ -16,6 +17,7 @@ from rasterio.crs import CRS
 from shapely.geometry import Polygon
 
 from wire.protocol import DEFAULT_TOP, MAX_TOP, excerpt
+from worker import ann
 from worker.cancellation import StopCheck, raise_if_stopped, stop_when
 from worker.errors import InputError
 from worker.geo import bbox_to_wgs84, parse_crs
@@ -25,6 +27,7 @@ from worker.store import CHUNK_TILES, IndexProgress, IndexWriter, TileIndex, che
 from worker.tiling import TileSettings, find_rasters
 
 if TYPE_CHECKING:
+    from worker.distributed import Cluster
     from worker.example_query import Example
     from worker.feedback import Feedback
     from worker.model.retrieval_model import RetrievalModel
@@ -76,6 +79,7 @@ class IndexRequest:
     chunk_tiles: int = CHUNK_TILES  # tiles per committed shard: what a crash can lose
     batch_size: int = 16  # tiles per forward pass
     access: RasterAccess = field(default_factory=RasterAccess)  # which files it may read (a client: confined)
+    ann: bool = False  # build the ANN shortlist (worker.ann) once the index is complete
 
     def __post_init__(self) -> None:
         if not self.rasters:
@@ -91,7 +95,7 @@ class IndexRequest:
     def create(cls, index_dir: Path, rasters: Sequence[str | Path], *, tile: int | None = None,
                overlap: float | None = None, scales: Sequence[int] | None = None, bands: Sequence[int] | None = None,
                min_valid: float | None = None, chunk_tiles: int | None = None,
-               batch_size: int | None = None, access: RasterAccess = RasterAccess()) -> "IndexRequest":
+               batch_size: int | None = None, access: RasterAccess = RasterAccess(), ann: bool = False) -> "IndexRequest":
         """A request from what the user gave (None: the default). The index folder is checked
         (new, empty or an index: never one holding other things) and the raster inputs (files,
         folders, VRTs) are found on disk and allowed by `access` now, so a bad one is refused
@@ -102,12 +106,12 @@ class IndexRequest:
                                         min_valid=None if min_valid is None else float(min_valid)))
         check_index_folder(Path(index_dir))
         return cls(Path(index_dir), tuple(find_rasters(list(rasters), access)), settings,
-                   **given(chunk_tiles=chunk_tiles, batch_size=batch_size), access=access)
+                   **given(chunk_tiles=chunk_tiles, batch_size=batch_size), access=access, ann=bool(ann))
 
     def to_json(self) -> dict:
         """What a rerun needs (the service keeps it in the index's job.json)."""
         return {"rasters": [str(p) for p in self.rasters], "settings": self.settings.to_json(),
-                "chunk_tiles": self.chunk_tiles}
+                "chunk_tiles": self.chunk_tiles, "ann": self.ann}
 
     @classmethod
     def from_json(cls, index_dir: Path, d: dict, access: RasterAccess = RasterAccess()) -> "IndexRequest":
@@ -119,7 +123,7 @@ class IndexRequest:
         if not isinstance(rasters, list):
             raise InputError(f"the job file of {index_dir} is damaged (rasters is not a list)")
         return cls(Path(index_dir), tuple(find_rasters(rasters, access)), settings,
-                   **given(chunk_tiles=chunk_tiles), access=access)
+                   **given(chunk_tiles=chunk_tiles), access=access, ann=d.get("ann") is True)
 
 
 @dataclass(frozen=True)
@@ -132,22 +136,48 @@ class IndexSummary:
     tiles_skipped: int  # mostly empty (nodata) tiles, not indexed
     rasters: int
     complete: bool  # False when the run was stopped: running it again resumes
+    ann: dict | None = None  # the ANN shortlist built or updated (worker.ann.AnnInfo), if any
 
     def to_json(self) -> dict:
-        return {"index": str(self.index_dir), "tile_count": self.tile_count, "tiles_skipped": self.tiles_skipped,
-                "rasters": self.rasters}
+        out = {"index": str(self.index_dir), "tile_count": self.tile_count, "tiles_skipped": self.tiles_skipped,
+               "rasters": self.rasters}
+        return {**out, "ann": self.ann} if self.ann else out
 
 
 def build_index(request: IndexRequest, model: "RetrievalModel", progress: Callable[[IndexProgress], None] | None = None,
-                should_stop: Callable[[], bool] = lambda: False) -> IndexSummary:
-    """Index every raster of the request not yet (fully) indexed. `should_stop` is polled between
-    batches: True stops after the last commit, leaving an index that a rerun completes."""
+                should_stop: Callable[[], bool] = lambda: False, cluster: "Cluster | None" = None) -> IndexSummary:
+    """Index every raster of the request not yet (fully) indexed, here or on `cluster`'s workers
+    (worker.distributed). `should_stop` is polled between batches (between chunks on a cluster):
+    True stops after the last commit, leaving an index that a rerun completes. Once complete, the
+    index's ANN shortlist is built (`request.ann`) or, when it has one, brought up to date."""
     writer = IndexWriter(request.index_dir, model, request.settings, request.chunk_tiles)
-    manifest = writer.build(list(request.rasters), progress=progress, should_stop=should_stop,
-                            batch_size=request.batch_size, drivers=request.access.drivers)
+    build = partial(writer.build, list(request.rasters), progress=progress, should_stop=should_stop,
+                    batch_size=request.batch_size, drivers=request.access.drivers)
+    if cluster is None:
+        manifest = build()
+    else:
+        from worker.distributed import ClusterChunks, connect
+
+        with connect(cluster.address) as client:
+            manifest = build(computer=ClusterChunks(client, cluster.model, model.fingerprint()["tile_encoder"]))
     rasters = manifest["rasters"]
+    complete = all(r["complete"] for r in rasters)
+    ann_info = None
+    if complete and (request.ann or ann.AnnShortlist.exists(request.index_dir)):
+        index = TileIndex.open(request.index_dir)
+        try:
+            built = (ann.update(index) if ann.AnnShortlist.exists(request.index_dir) else None) or ann.build(index)
+            ann_info = built.to_json()
+        except InputError as exc:  # too few windows: the index is fine, and the exact scan serves it
+            ann_info = {"built": False, "why": str(exc)}
     return IndexSummary(request.index_dir, manifest.get("tile_count", 0), sum(r["tiles_total"] or 0 for r in rasters),
-                        sum(r["tiles_skipped"] for r in rasters), len(rasters), all(r["complete"] for r in rasters))
+                        sum(r["tiles_skipped"] for r in rasters), len(rasters), complete, ann_info)
+
+
+def index_info(index: TileIndex) -> dict:
+    """What `info` says of an index: its manifest's summary and its ANN shortlist (or none)."""
+    shortlist = ann.describe(index)
+    return {**index.info(), "ann": shortlist}
 
 
 def open_index(index_dir: Path) -> TileIndex:
@@ -194,6 +224,7 @@ class SearchRequest:
     crop_to_ink: bool = False  # crop a sketch image to its strokes first (the paper's object sketches)
     ranker: str = RankingConfig.ranker  # "layout" (every placement) or "tokens" (the paper's two stages alone)
     token_weight: float = RankingConfig.token_weight  # the aligned cross-attention score's share (worker.ranking)
+    ann: str = RankingConfig.ann  # the approximate shortlist: auto, on or off (worker.ranking)
     example: "Example | None" = None  # a place as the query, instead of a sketch (worker.example_query)
     feedback: "Feedback | None" = None  # hits marked good and bad (worker.feedback)
     access: RasterAccess = field(default_factory=RasterAccess)  # which rasters an example may be read from
@@ -218,7 +249,7 @@ class SearchRequest:
                              f"+-{MAX_COORDINATE:g}")
         object.__setattr__(self, "out_crs", parse_crs(self.crs))
         object.__setattr__(self, "ranking", RankingConfig(ranker=self.ranker, token_weight=float(self.token_weight),
-                                                          shortlist=max(self.top, self.shortlist)))
+                                                          shortlist=max(self.top, self.shortlist), ann=self.ann))
         area = bbox_to_wgs84(tuple(float(v) for v in self.bbox), parse_crs(self.bbox_crs)) if self.bbox else None
         object.__setattr__(self, "area_wgs84", area)
 

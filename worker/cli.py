@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from wire.protocol import DEFAULT_ENDPOINT
+from worker.ann import AUTO_MIN_TILES
 from worker.app import IndexRequest, ModelOptions, SearchRequest
 from worker.errors import InputError
 from worker.ranking import RANKERS
@@ -85,7 +86,13 @@ def cmd_index(args: argparse.Namespace) -> int:
 
     request = IndexRequest.create(args.out, args.rasters, tile=args.tile, overlap=args.overlap,
                                   scales=_ints(args.scales, "--scales"), bands=_ints(args.bands, "--bands"),
-                                  min_valid=args.min_valid, chunk_tiles=args.chunk_tiles, batch_size=args.batch_size)
+                                  min_valid=args.min_valid, chunk_tiles=args.chunk_tiles, batch_size=args.batch_size,
+                                  ann=args.ann)
+    cluster = None
+    if args.cluster:
+        from worker.distributed import Cluster
+
+        cluster = Cluster(args.cluster, model_options(args))
     model = model_options(args).load()
     bar = tqdm(total=None, unit="tile", disable=args.quiet)
 
@@ -95,7 +102,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         bar.set_postfix(skipped=p.tiles_skipped)
         bar.refresh()
 
-    summary = build_index(request, model, progress=progress)
+    summary = build_index(request, model, progress=progress, cluster=cluster)
     bar.close()
     print(json.dumps(summary.to_json()))
     return 0
@@ -123,7 +130,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     request = SearchRequest(args.sketch, example=example, feedback=feedback, top=args.top, shortlist=args.shortlist, max_overlap=args.max_overlap,
                             crs=args.crs, bbox=area,
                             bbox_crs=args.bbox_crs, crop_to_ink=args.crop_to_ink, ranker=args.ranker,
-                            token_weight=args.token_weight)
+                            token_weight=args.token_weight, ann=args.ann)
     model = model_options(args).load()
     check_index(index, model)
     outcome = run_search(request, model, index)
@@ -140,9 +147,17 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from worker.app import index_info, open_index
+
+    print(json.dumps(index_info(open_index(args.index)), indent=1))
+    return 0
+
+
+def cmd_build_ann(args: argparse.Namespace) -> int:
+    from worker import ann
     from worker.app import open_index
 
-    print(json.dumps(open_index(args.index).info(), indent=1))
+    print(json.dumps(ann.build(open_index(args.index)).to_json()))
     return 0
 
 
@@ -150,7 +165,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from worker.service.startup import serve
 
     config = ServiceConfig.create(bind=args.bind, pub=args.pub, index_roots=args.index_root,
-                                  raster_roots=args.raster_root, curve_keys=args.curve_keys,
+                                  raster_roots=args.raster_root, curve_keys=args.curve_keys, cluster=args.cluster,
                                   **{name: getattr(args, name) for name in LIMIT_HELP})
     return serve(config, model_options(args))
 
@@ -175,8 +190,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-tiles", type=int, default=IndexRequest.chunk_tiles,
                    help="tiles per committed shard, what a crash can lose (default %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--cluster", default=None, metavar="ADDRESS",
+                   help="compute the tiles on a Dask cluster: local, local:N (N worker processes here) or a scheduler's "
+                        "address (tcp://host:8786); every worker must see the rasters at the same paths")
+    p.add_argument("--ann", action="store_true",
+                   help="also build the approximate shortlist (FAISS) for large mosaics once the index is complete")
     add_model_args(p)
     p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("build-ann", help="build (or rebuild) an index's approximate shortlist for large mosaics")
+    p.add_argument("index", type=Path)
+    p.set_defaults(func=cmd_build_ann)
 
     p = sub.add_parser("search", help="find the places that look like a sketch")
     p.add_argument("index", type=Path)
@@ -205,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layout (default): the sketch's edge layout at every placement (offset, size, turn), "
                         "verified on the placed windows; tokens: the paper's global-token shortlist over tiles and "
                         "cross-attention re-rank alone")
+    p.add_argument("--ann", default=SearchRequest.ann, choices=("auto", "on", "off"),
+                   help=f"the approximate shortlist (`build-ann`): auto asks it from {AUTO_MIN_TILES:,} tiles on, when it "
+                        "is current (default %(default)s)")
     p.add_argument("--token-weight", type=float, default=SearchRequest.token_weight,
                    help="share of the aligned cross-attention token score in the layout ranker (default "
                         "%(default)s: off; one ViT pass per query when on)")
@@ -226,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--curve-keys", type=Path, default=None,
                    help="directory with server.key_secret and authorized_clients/*.key (needed beyond loopback)")
     p.add_argument("--pub", default=None, help="PUB endpoint for progress events (default: bind port + 1)")
+    p.add_argument("--cluster", default=None, metavar="ADDRESS",
+                   help="run indexing jobs on this Dask cluster (local, local:N or a scheduler's address); clients "
+                        "cannot choose it")
     for name, help_text in LIMIT_HELP.items():
         default = getattr(Limits, name)
         p.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default,

@@ -20,6 +20,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from worker.errors import InputError
@@ -33,6 +34,18 @@ log = logging.getLogger(__name__)
 LOCAL = "local"
 TASK_RETRIES = 2  # a chunk whose computation raised is tried this many more times (a worker that died is not counted)
 _models: dict[str, object] = {}  # per worker process: the model of each options
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """Where indexing runs: `address` (local, local:N or a scheduler's address) and the model
+    each of its workers loads."""
+
+    address: str
+    model: "ModelOptions"
+
+    def __post_init__(self) -> None:
+        local_workers(self.address)  # a malformed local:N is refused before any work
 
 
 def local_workers(spec: str) -> int | None:

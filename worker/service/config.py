@@ -68,10 +68,11 @@ class ServiceConfig:
     paths: PathPolicy
     limits: Limits = Limits()
     curve_keys: Path | None = None  # a folder with server.key_secret and authorized_clients/*.key
+    cluster: str | None = None  # the Dask cluster indexing jobs run on (worker.distributed); None: this process
 
     @classmethod
     def create(cls, bind: str | None = None, pub: str | None = None, index_roots: Sequence[Path] | None = None,
-               raster_roots: Sequence[Path] | None = None, curve_keys: Path | None = None,
+               raster_roots: Sequence[Path] | None = None, curve_keys: Path | None = None, cluster: str | None = None,
                **limits: float | int | None) -> "ServiceConfig":
         """A config from what the user gave (None: the default; `limits` by the names of Limits);
         index roots are created. Refuses (InputError) an endpoint beyond this machine without
@@ -82,7 +83,7 @@ class ServiceConfig:
             root.mkdir(parents=True, exist_ok=True)
         raster_roots = [Path(p).resolve() for p in (raster_roots or index_roots)]
         config = cls(bind, pub or default_pub(bind), PathPolicy(tuple(index_roots), tuple(raster_roots)),
-                     Limits(**given(**limits)), curve_keys=curve_keys)
+                     Limits(**given(**limits)), curve_keys=curve_keys, cluster=cluster or None)
         config.check_security()
         return config
 

@@ -157,7 +157,7 @@ class Handlers:
             max_overlap=field(header, "max_overlap", (int, float), None), crs=field(header, "crs", str, None),
             bbox=field(header, "bbox", list, None, check=_four_numbers), bbox_crs=field(header, "bbox_crs", str, None),
             crop_to_ink=field(header, "crop_to_ink", bool, None), ranker=field(header, "ranker", str, None),
-            token_weight=field(header, "token_weight", (int, float), None)))
+            token_weight=field(header, "token_weight", (int, float), None), ann=field(header, "ann", str, None)))
 
         def work(should_stop: StopCheck) -> dict:
             started = time.perf_counter()

@@ -22,6 +22,7 @@ from wire import job_states as states
 from wire.errors import BUSY, ProtocolError
 from wire.protocol import new_id
 from worker.app import IndexRequest, build_index
+from worker.distributed import Cluster
 from worker.errors import InputError, error_object
 from worker.raster_access import RasterAccess
 from worker.store import JOB_FILE, IndexProgress, write_json_atomic
@@ -73,10 +74,11 @@ class JobManager:
     `max_jobs` at once."""
 
     def __init__(self, model, publish: Callable[[dict], None], access: RasterAccess = RasterAccess(),
-                 max_jobs: int = 1, max_queued: int = 16):
+                 max_jobs: int = 1, max_queued: int = 16, cluster: Cluster | None = None):
         self.model = model
         self.publish = publish  # called from job threads with the job's JSON after every change
         self.access = access  # what resumed jobs may read (the service's raster roots)
+        self.cluster = cluster  # where jobs compute their tiles (None: in this process)
         self.max_queued = max_queued
         self.jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
@@ -181,7 +183,8 @@ class JobManager:
 
         try:
             summary = build_index(job.request, self.model, progress=progress,
-                                  should_stop=lambda: job.cancel_requested.is_set() or self.stopping.is_set())
+                                  should_stop=lambda: job.cancel_requested.is_set() or self.stopping.is_set(),
+                                  cluster=self.cluster)
             job.tiles_total = summary.tiles_total
             if summary.complete:
                 job.state = states.DONE

@@ -26,6 +26,8 @@ import zmq
 
 from wire import protocol
 from wire.errors import BAD_REQUEST, BUSY, TIMEOUT, TOO_LARGE, ProtocolError
+from worker.app import ModelOptions
+from worker.distributed import Cluster
 from worker.errors import InputError, error_object
 from worker.service.config import AUTHORIZED_CLIENTS, SERVER_SECRET_KEY, ServiceConfig
 from worker.service.handlers import Handlers
@@ -55,7 +57,8 @@ class PendingSearch:
 
 
 class Service:
-    def __init__(self, config: ServiceConfig, model, context: zmq.Context | None = None):
+    def __init__(self, config: ServiceConfig, model, context: zmq.Context | None = None,
+                 model_options: ModelOptions | None = None):
         self.config = config
         self.limits = config.limits
         self.context = context or zmq.Context.instance()
@@ -64,8 +67,9 @@ class Service:
         self._pending: dict[cf.Future, PendingSearch] = {}
         self._abandoned: set[cf.Future] = set()  # answered `timeout`, still running until their next stage
         self._events: queue.Queue = queue.Queue()
+        cluster = Cluster(config.cluster, model_options or ModelOptions()) if config.cluster else None
         self.jobs = JobManager(model, publish=self._queue_event, access=config.paths.raster_access,
-                               max_jobs=self.limits.max_jobs, max_queued=self.limits.max_queued_jobs)
+                               max_jobs=self.limits.max_jobs, max_queued=self.limits.max_queued_jobs, cluster=cluster)
         self.handlers = Handlers(config, model, self.jobs, OpenIndexes(model))
         self.pool = cf.ThreadPoolExecutor(self.limits.search_threads, thread_name_prefix="search")
         self.stopping = False

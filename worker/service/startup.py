@@ -14,7 +14,7 @@ def serve(config: ServiceConfig, model_options: ModelOptions) -> int:
     """Serve until SIGTERM or SIGINT, then let indexing jobs commit and exit 0. One JSON line on
     stdout ({"serving", "pub", "device"}) says when requests are answered (the plugin waits for it)."""
     model = model_options.load()
-    service = Service(config, model)
+    service = Service(config, model, model_options=model_options)
     service.open()
     signal.signal(signal.SIGTERM, service.request_stop)
     signal.signal(signal.SIGINT, service.request_stop)
