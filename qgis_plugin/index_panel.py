@@ -13,6 +13,7 @@ from qgis.PyQt.QtWidgets import (QAbstractItemView, QDoubleSpinBox, QFormLayout,
                                  QProgressBar, QPushButton, QSpinBox, QTableWidget, QTableWidgetItem, QVBoxLayout,
                                  QWidget)
 
+from .widgets import add_button
 from .controller import SearchController
 from .user_requests import IndexBuild, Tiling
 from .wire import job_states as states
@@ -106,10 +107,10 @@ class IndexPanel(QGroupBox):
         layout = QVBoxLayout(self)
         layout.addWidget(self._build_table())
         row = QHBoxLayout()
-        self.refresh_button = self._button("Refresh", "List the worker's indexes again.", row)
-        self.tiles_button = self._button("Show tiles", "Add the selected index's tiles (tiles.gpkg) to the "
+        self.refresh_button = add_button("Refresh", "List the worker's indexes again.", row)
+        self.tiles_button = add_button("Show tiles", "Add the selected index's tiles (tiles.gpkg) to the "
                                                        "project as a layer.", row)
-        self.delete_button = self._button("Delete…", "Delete the selected index from the worker's disk (asks "
+        self.delete_button = add_button("Delete…", "Delete the selected index from the worker's disk (asks "
                                                      "first; the rasters stay).", row)
         layout.addLayout(row)
         layout.addWidget(self._build_build_box())
@@ -125,13 +126,6 @@ class IndexPanel(QGroupBox):
         QgsProject.instance().layersRemoved.connect(self._layers_changed)
         self.refresh_raster_layers()
         self._selected()
-
-    @staticmethod
-    def _button(text: str, tip: str, row: QHBoxLayout) -> QPushButton:
-        button = QPushButton(text)
-        button.setToolTip(tip)
-        row.addWidget(button)
-        return button
 
     def _build_table(self) -> QTableWidget:
         self.table = QTableWidget(0, len(COLUMNS))
@@ -163,9 +157,9 @@ class IndexPanel(QGroupBox):
         self.tiling_form = TilingForm()
         form.addRow(self.tiling_form)
         row = QHBoxLayout()
-        self.build_button = self._button("Build / extend", "Index the ticked rasters in the worker (in the "
+        self.build_button = add_button("Build / extend", "Index the ticked rasters in the worker (in the "
                                                            "background; resumable).", row)
-        self.cancel_button = self._button("Cancel", "Stop indexing after the batch in progress; what was "
+        self.cancel_button = add_button("Cancel", "Stop indexing after the batch in progress; what was "
                                                     "committed stays, and Build / extend resumes it.", row)
         self.cancel_button.setEnabled(False)
         form.addRow(row)

@@ -11,6 +11,7 @@ from qgis.PyQt.QtWidgets import (QFileDialog, QFormLayout, QFrame, QGroupBox, QH
                                  QPlainTextEdit, QProgressBar, QPushButton, QVBoxLayout, QWidget)
 
 from .checkout import known_checkout
+from .widgets import add_button
 from .controller import SearchController, Status
 from .local_worker import WorkerExit
 from .user_requests import Connection
@@ -40,9 +41,9 @@ class WorkerPanel(QGroupBox):
         self.endpoint_edit.setToolTip(Setting.ENDPOINT.help_text)
         form.addRow("Endpoint", self.endpoint_edit)
         row = QHBoxLayout()
-        self.connect_button = self._button("Connect", "Connect to a worker already running at the endpoint "
+        self.connect_button = add_button("Connect", "Connect to a worker already running at the endpoint "
                                                       "(with the key files from Settings for a remote one).", row)
-        self.start_button = self._button("Start local worker", "Run the worker on this machine with the worker "
+        self.start_button = add_button("Start local worker", "Run the worker on this machine with the worker "
                                                                "Python from Settings; with none set, look for one.", row)
         form.addRow(row)
         self.status_light = QLabel("●")
@@ -53,7 +54,7 @@ class WorkerPanel(QGroupBox):
         status = QHBoxLayout()
         status.addWidget(self.status_light)
         status.addWidget(self.status_label, 1)
-        self.settings_button = self._button("Settings…", "The worker Python, checkout, index folder, endpoint "
+        self.settings_button = add_button("Settings…", "The worker Python, checkout, index folder, endpoint "
                                                          "and key files.", status)
         form.addRow("Status", status)
         layout.addWidget(self._build_notice())
@@ -71,13 +72,6 @@ class WorkerPanel(QGroupBox):
         controller.status_changed.connect(self.show_status)
         controller.worker_stopped.connect(self._show_stopped)
         self.show_status(*Status.DISCONNECTED)
-
-    @staticmethod
-    def _button(text: str, tip: str, row: QHBoxLayout) -> QPushButton:
-        button = QPushButton(text)
-        button.setToolTip(tip)
-        row.addWidget(button)
-        return button
 
     def _build_notice(self) -> QFrame:
         self.notice = QFrame()
@@ -98,12 +92,12 @@ class WorkerPanel(QGroupBox):
         self.log_view.setToolTip("The set-up script's log, or the last lines the worker wrote before it stopped.")
         layout.addWidget(self.log_view)
         row = QHBoxLayout()
-        self.use_button = self._button("Use this worker", "Save this worker Python in Settings and start it.", row)
-        self.setup_button = self._button("Set up worker…", "Run the sketch-search checkout's scripts/setup "
+        self.use_button = add_button("Use this worker", "Save this worker Python in Settings and start it.", row)
+        self.setup_button = add_button("Set up worker…", "Run the sketch-search checkout's scripts/setup "
                                                            "(installs torch and the model), then start the worker.", row)
-        self.cancel_setup_button = self._button("Cancel set-up", "Stop scripts/setup; run it again later to "
+        self.cancel_setup_button = add_button("Cancel set-up", "Stop scripts/setup; run it again later to "
                                                                  "resume.", row)
-        self.fix_button = self._button("", "Open Settings at the setting to change.", row)
+        self.fix_button = add_button("", "Open Settings at the setting to change.", row)
         row.addStretch(1)
         layout.addLayout(row)
         self.use_button.clicked.connect(self._use_offered)
