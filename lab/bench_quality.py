@@ -7,8 +7,10 @@ aligned with a tile, shifted, scaled 0.6-1.6x, turned up to 15 degrees, or all a
 in a style from dense to abstract (lab.queries). A hit is correct when its footprint overlaps the
 sketched frame with IoU >= 0.25 in the same raster; localisation is the IoU of the best correct
 hit in the top 10. Chance is what a ranker returning random grid tiles would get.
-Writes quality.md, a recall plot and a contact sheet into --out.
-Run: scripts/bench_quality [--quick] [--methods default,layout] [--out docs/benchmarks]
+Writes quality.md into --out. `--feedback 2` instead simulates a user who marks hits 👍 / 👎 for
+up to 2 rounds (lab.feedback_sim) on the held-out scenes and writes feedback.md; `--styles` adds
+the `example` style (query by example: the frame's own pixels, drawn by the worker).
+Run: scripts/bench_quality [--quick] [--methods default,layout] [--styles ...,example] [--feedback 2] [--out docs/benchmarks]
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from lab.placements import PLACEMENTS, iou
-from lab.queries import BENCH_TILES, SCENES, TRAIN_SCENES, Query, make_queries, scene_rasters
+from lab.queries import BENCH_TILES, SCENES, STYLES, TRAIN_SCENES, Query, make_queries, scene_rasters
 from worker.store import IndexWriter, TileIndex
 from worker.model.loading import load_model
 from worker.ranking import RankingConfig
@@ -152,6 +154,9 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
     parser.add_argument("--json", type=Path, default=None, help="also write every query's outcome here")
+    parser.add_argument("--styles", default=",".join(STYLES), help="sketch styles (add `example` for query by example)")
+    parser.add_argument("--feedback", type=int, default=0,
+                        help="rounds of simulated 👍/👎 feedback on the held-out scenes (writes feedback.md)")
     args = parser.parse_args()
     per = args.per_placement or (2 if args.quick else 8)
     model = load_model(device=args.device)
@@ -160,8 +165,10 @@ def main() -> int:
         t0 = time.perf_counter()
         index = build_index(work / "index", model)
         print(f"index: {len(index)} tiles in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-        queries = make_queries(per)
+        queries = make_queries(per, styles=tuple(args.styles.split(",")))
         print(f"{len(queries)} queries", file=sys.stderr)
+        if args.feedback:
+            return run_feedback(index, model, [q for q in queries if q.scene not in TRAIN_SCENES], args, per)
         grid = {r.path: [t.footprint_pixels() for t in plan_tiles(r, BENCH_TILES)] for r in scene_rasters().values()}
         results = {}
         for name in args.methods.split(","):
@@ -180,6 +187,57 @@ def main() -> int:
                                          for name, outs in results.items()}))
     print(report)
     return 0
+
+
+def run_feedback(index, model, queries: list[Query], args, per: int) -> int:
+    """Simulated 👍/👎 rounds on each query (lab.feedback_sim); writes feedback.md."""
+    from lab.feedback_sim import simulate
+
+    t0 = time.perf_counter()
+    outcomes = []
+    for n, q in enumerate(queries, start=1):
+        outcomes.append((q, simulate(index, model, q, rounds=args.feedback)))
+        if n % 10 == 0:
+            print(f"{n}/{len(queries)} queries, {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    report = render_feedback(outcomes, per, len(index), args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "feedback.md").write_text(report)
+    if args.json:
+        args.json.write_text(json.dumps([{"scene": q.scene, "placement": q.placement, "style": q.style, **o.ranks}
+                                         for q, o in outcomes]))
+    print(report)
+    return 0
+
+
+def render_feedback(outcomes, per: int, tiles: int, args) -> str:
+    stages = list(outcomes[0][1].ranks) if outcomes else []
+    styles = sorted({q.style for q, _ in outcomes})
+    head = "| style | n | " + " | ".join(f"R@5 {s} | R@10 {s}" for s in stages) + " |"
+    lines = [head, "|---|---|" + "---|---|" * len(stages)]
+    for style in (*styles, "all"):
+        rows = [o for q, o in outcomes if style in ("all", q.style)]
+        cells = []
+        for stage in stages:
+            ranks = np.array([o.ranks[stage] or 10 ** 6 for o in rows])
+            cells.append(f"{(ranks <= 5).mean():.2f} | {(ranks <= 10).mean():.2f}")
+        lines.append(f"| {style} | {len(rows)} | " + " | ".join(cells) + " |")
+    styles_arg = args.styles
+    return "\n".join([
+        "# Query by example and relevance feedback", "",
+        f"Command: `scripts/bench_quality --per-placement {per} --methods default --styles {styles_arg} "
+        f"--feedback {args.feedback}` (seed 0).", "",
+        f"Index: {tiles} tiles of the 4 rasters of quality.md; queries only on the held-out scenes "
+        "(lsat7, rmnp, osbs), one frame per placement kind and scene drawn in every style. A hit counts when "
+        "its footprint has IoU >= 0.25 with the frame.", "",
+        "Stages: `before` the search alone; `drop bad` the first list less the hits marked 👎 (the trivial "
+        "baseline); `round 1`, `round 2` the product's search with the simulated user's marks "
+        "(worker.feedback: Rocchio on the drawn places' fine layout, plus searches like each 👍 place). The "
+        "user marks 👍 every shown hit (top 10) that touches the true place, 👎 the best 3 that do not; marks "
+        "add up over rounds. A query with no correct hit in the top 10 gets only 👎 marks.", "",
+        "`example`: the frame's own pixels drawn by the worker as the query (query by example), searched "
+        "WITHOUT leaving out the example's own place, which the product does (so this measures whether the "
+        "worker's own drawing of a place finds that place among the others, not other places like it).", "",
+        *lines, ""])
 
 
 def render(results: dict[str, list[Outcome]], per: int, tiles: int) -> str:

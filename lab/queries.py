@@ -28,6 +28,9 @@ SCENES = {
 TRAIN_SCENES = ("s2",)
 # dense to abstract; `outline` (land-cover boundaries) exists only where a scene ships a label map
 STYLES = ("canny", "simple", "wobbly", "sloppy", "hed", "partial", "strokes", "regions")
+# query by example (worker.example_query): the frame's own pixels, read and drawn by the worker as
+# a dragged rectangle is (the upright square around the frame's centre); opt-in (--styles)
+EXAMPLE = "example"
 LABEL_MAPS = {"lsat7": "lsat7_strata"}
 # The rasters are small (373-1947 px), so the benchmark's index cuts 128 px tiles (read to the
 # model's 224 px, as a 224 px tile of 1.75x finer imagery would be): more places per raster.
@@ -75,6 +78,9 @@ def make_queries(per_placement: int, seed: int = 0, styles=STYLES, placements=PL
                     continue
                 made += 1
                 for style in styles:
+                    if style == EXAMPLE:
+                        queries.append(Query(scene, placement, style, frame, example_drawing(frame)))
+                        continue
                     sketch = pseudo_sketch(image, style, rng=rng, hand_strokes=strokes, hed=hed, valid=valid)
                     queries.append(Query(scene, placement, style, frame, sketch))
                 if labels is not None:
@@ -82,6 +88,14 @@ def make_queries(per_placement: int, seed: int = 0, styles=STYLES, placements=PL
                     if (np.asarray(outline) < 128).mean() >= 0.005:
                         queries.append(Query(scene, placement, "outline", frame, outline))
     return queries
+
+
+def example_drawing(frame: Frame, size: int = 224) -> Image.Image:
+    """The upright square around a frame as the worker draws an example (worker.example_query)."""
+    from worker.example_query import draw_window
+
+    h = frame.side / 2
+    return Image.fromarray(draw_window(frame.raster, (frame.cx - h, frame.cy - h, frame.cx + h, frame.cy + h), size))
 
 
 def _label_lines(scene: str, raster: RasterInfo):
