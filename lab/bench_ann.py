@@ -26,7 +26,7 @@ from worker.sketch import prepare_sketch
 from worker.store import TileIndex
 from worker.tiling import plan_tiles
 
-FACTORIES = {"IVF-Flat": "IVF{nlist},Flat", "PCA256+IVF-PQ64": ann.DEFAULT_FACTORY}
+FACTORIES = {"IVF-Flat": "IVF{nlist},Flat", "OPQ64_256+IVF-PQ64": ann.DEFAULT_FACTORY}
 STYLES_USED = ("simple", "sloppy", "strokes", "regions")  # dense to abstract
 
 
