@@ -27,11 +27,12 @@ import torch.nn.functional as F
 from worker import edge_cells
 from worker.edge_cells import CELL, COARSE
 from worker.errors import InputError
+from worker.placement_scan import COARSE_STEP, WINDOW_CELLS
 from worker.store import TileIndex, write_json_atomic
 
 ANN_DIR = "ann"
-WINDOW = 224  # level px: one tile
-STRIDE_CELLS = 14  # windows every half tile (112 level px)
+WINDOW = WINDOW_CELLS * CELL  # level px: one tile
+STRIDE_CELLS = WINDOW_CELLS // 2  # windows every half tile (112 level px)
 SHIFT_HOG_CELLS = 2  # queries also shifted by 64 level px: any window lies within 32 px of a query's grid window
 AUTO_MIN_TILES = 200_000  # from here on a search asks the ANN shortlist first (when one is built)
 # 64 bytes a window: an OPQ rotation down to 256 dimensions, then product quantisation; an HNSW
@@ -63,23 +64,22 @@ class AnnInfo:
 def window_vectors(cells: np.ndarray, device: torch.device | str = "cpu", batch_rows: int = 512) -> tuple[np.ndarray, np.ndarray]:
     """Unit coarse HOG descriptors (n, COARSE dim) of a level map's grid windows and their
     top-left stored cells (n, 2); blank windows (nothing drawn) are left out. Read in bands of
-    rows, so a memory-mapped map of any size is never held whole."""
+    rows, so a map kept on disk (worker.store.maps) is never held whole."""
     height, width = cells.shape[:2]
-    side = WINDOW // CELL
+    side = WINDOW_CELLS
     vectors, origins = [], []
-    starts = range(0, max(1, height - side + 1), STRIDE_CELLS)
+    starts = list(range(0, max(1, height - side + 1), STRIDE_CELLS))
     band_windows = max(1, batch_rows // STRIDE_CELLS)
-    starts = list(starts)
     for b in range(0, len(starts), band_windows):
         r0 = starts[b]
         rows = starts[b:b + band_windows]
         band = edge_cells.dequantise(cells[r0:rows[-1] + side], device)
-        blocks = edge_cells.block_map(band, COARSE, step=COARSE_STEP_CELLS)
-        gap = COARSE.span // COARSE_STEP_CELLS
+        blocks = edge_cells.block_map(band, COARSE, step=COARSE_STEP)
+        gap = COARSE.span // COARSE_STEP
         n = COARSE.blocks_per_side(WINDOW)
         for r in rows:
             for c in range(0, max(1, width - side + 1), STRIDE_CELLS):
-                i, j = (r - r0) // COARSE_STEP_CELLS, c // COARSE_STEP_CELLS
+                i, j = (r - r0) // COARSE_STEP, c // COARSE_STEP
                 window = blocks[0, :, i:i + (n - 1) * gap + 1:gap, j:j + (n - 1) * gap + 1:gap]
                 if window.shape[1:] != (n, n):
                     continue
@@ -94,13 +94,9 @@ def window_vectors(cells: np.ndarray, device: torch.device | str = "cpu", batch_
     return unit, np.asarray(origins, np.int32)[keep.cpu().numpy()]
 
 
-COARSE_STEP_CELLS = 2  # the coarse block map's step (as worker.placement_scan's coarse scan)
-
-
 def query_vectors(coarse_templates: dict[int, torch.Tensor]) -> np.ndarray:
     """The ANN queries of a sketch: each upright or turned template of a tile's size, shifted by
     0 or a quarter tile in x and y, and each smaller template centred in a tile's frame."""
-    side = WINDOW // CELL
     out = []
     for size, templates in coarse_templates.items():
         n = COARSE.blocks_per_side(WINDOW)
@@ -135,11 +131,13 @@ def factory_for(n: int, factory: str | None = None) -> str:
     return (factory or (SMALL_FACTORY if n < SMALL_VECTORS else DEFAULT_FACTORY)).format(nlist=nlist_for(n))
 
 
-def _windows_of(index: TileIndex):
-    """(raster id, scale, unit vectors, top-left cells) of every level map, one map at a time."""
+def _windows_of(index: TileIndex, rasters: set[int] | None = None):
+    """(raster id, scale, unit vectors, top-left cells) of every level map (of `rasters` only,
+    when given), one map at a time."""
     for (raster_id, scale), level in sorted(index.maps.items()):
-        vectors, origins = window_vectors(level.cells)
-        yield raster_id, scale, vectors, origins
+        if rasters is None or raster_id in rasters:
+            vectors, origins = window_vectors(level.cells)
+            yield raster_id, scale, vectors, origins
 
 
 def build(index: TileIndex, factory: str | None = None, seed: int = 0) -> AnnInfo:
@@ -149,32 +147,56 @@ def build(index: TileIndex, factory: str | None = None, seed: int = 0) -> AnnInf
     import faiss
 
     began = time.perf_counter()
-    counts = [len(v) for _, _, v, _ in _windows_of(index)]
-    n = sum(counts)
+    n, sample = _count_and_sample(index, np.random.default_rng(seed))
     if n < 256:
         raise InputError(f"{n} windows are too few for an ANN shortlist; the exact scan is the right tool")
-    rng = np.random.default_rng(seed)
-    share = min(1.0, TRAIN_MAX / n)
-    sample = np.concatenate([v[rng.random(len(v)) < share] for _, _, v, _ in _windows_of(index)])
     factory = factory_for(n, factory)
     ann = faiss.index_factory(sample.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
     ann.train(sample)
     del sample
-    ids = []
+    rows = []
     for raster_id, scale, vectors, origins in _windows_of(index):
         for start in range(0, len(vectors), ADD_BATCH):
             ann.add(vectors[start:start + ADD_BATCH])
-        ids.append(np.column_stack([np.full(len(vectors), raster_id), np.full(len(vectors), scale), origins]))
-    out = ann_dir(index.dir)
-    out.mkdir(exist_ok=True)
-    tmp = out / f".index.{os.getpid()}.faiss"
+        rows.append(_window_rows(raster_id, scale, origins))
+    return _write(index, ann, rows, factory, began)
+
+
+def _count_and_sample(index: TileIndex, rng: np.random.Generator) -> tuple[int, np.ndarray]:
+    """How many windows the index has, and a uniform sample of at most TRAIN_MAX of them (the
+    windows with the smallest random keys: one pass, whatever the total)."""
+    n, sample, keys = 0, None, np.zeros(0)
+    for _, _, vectors, _ in _windows_of(index):
+        n += len(vectors)
+        drawn = rng.random(len(vectors))
+        sample = vectors if sample is None else np.concatenate([sample, vectors])
+        keys = np.concatenate([keys, drawn])
+        if len(keys) > TRAIN_MAX:
+            keep = np.argpartition(keys, TRAIN_MAX)[:TRAIN_MAX]
+            sample, keys = sample[keep], keys[keep]
+    return n, sample if sample is not None else np.zeros((0, 1), np.float32)
+
+
+def _window_rows(raster_id: int, scale: int, origins: np.ndarray) -> np.ndarray:
+    """windows.npy's rows for one map's windows: raster id, scale, top-left stored cell."""
+    return np.column_stack([np.full(len(origins), raster_id), np.full(len(origins), scale), origins]).astype(np.int32)
+
+
+def _write(index: TileIndex, ann, rows: list[np.ndarray], factory: str, began: float) -> AnnInfo:
+    """Write the FAISS index, its window table and ann.json (last: what makes it exist), each
+    under a temporary name renamed into place."""
+    import faiss
+
+    folder = ann_dir(index.dir)
+    folder.mkdir(exist_ok=True)
+    tmp = folder / f".index.{os.getpid()}.faiss"
     faiss.write_index(ann, str(tmp))
-    os.replace(tmp, out / "index.faiss")
-    np.save(out / ".windows.npy", np.concatenate(ids).astype(np.int32))
-    os.replace(out / ".windows.npy", out / "windows.npy")
-    info = AnnInfo(n, sorted(index.rasters), factory, round(time.perf_counter() - began, 2),
-                   sum(f.stat().st_size for f in out.iterdir() if f.is_file()))
-    write_json_atomic(out / "ann.json", {**info.to_json(), "covers": covered(index)})
+    os.replace(tmp, folder / "index.faiss")
+    np.save(folder / ".windows.npy", np.concatenate(rows))
+    os.replace(folder / ".windows.npy", folder / "windows.npy")
+    info = AnnInfo(int(ann.ntotal), sorted(index.rasters), factory, round(time.perf_counter() - began, 2),
+                   sum(f.stat().st_size for f in folder.iterdir() if f.is_file()))
+    write_json_atomic(folder / "ann.json", {**info.to_json(), "covers": covered(index)})
     return info
 
 
@@ -215,23 +237,11 @@ def update(index: TileIndex) -> AnnInfo | None:
         return AnnInfo(built["vectors"], built["rasters"], built["factory"], built["build_s"], built["bytes_on_disk"])
     began = time.perf_counter()
     ann = faiss.read_index(str(folder / "index.faiss"))
-    ids = [np.load(folder / "windows.npy")]
-    n = built["vectors"]
-    for (raster_id, scale), level in sorted(index.maps.items()):
-        if raster_id in new:
-            vectors, origins = window_vectors(level.cells)
-            ann.add(vectors)
-            ids.append(np.column_stack([np.full(len(vectors), raster_id), np.full(len(vectors), scale), origins]).astype(np.int32))
-            n += len(vectors)
-    tmp = folder / f".index.{os.getpid()}.faiss"
-    faiss.write_index(ann, str(tmp))
-    os.replace(tmp, folder / "index.faiss")
-    np.save(folder / ".windows.npy", np.concatenate(ids))
-    os.replace(folder / ".windows.npy", folder / "windows.npy")
-    info = AnnInfo(n, sorted(index.rasters), built["factory"], round(time.perf_counter() - began, 2),
-                   sum(f.stat().st_size for f in folder.iterdir() if f.is_file()))
-    write_json_atomic(folder / "ann.json", {**info.to_json(), "covers": now})
-    return info
+    rows = [np.load(folder / "windows.npy")]
+    for raster_id, scale, vectors, origins in _windows_of(index, rasters=set(new)):
+        ann.add(vectors)
+        rows.append(_window_rows(raster_id, scale, origins))
+    return _write(index, ann, rows, built["factory"], began)
 
 
 class AnnShortlist:

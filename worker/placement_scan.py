@@ -41,13 +41,23 @@ class Scanner:
             self._coarse[key] = edge_cells.block_map(cells, COARSE, step=COARSE_STEP)
         return self._coarse[key]
 
-    def regions(self, key: tuple[int, int], rows: np.ndarray, cols: np.ndarray, span: int) -> torch.Tensor:
-        """Cells of square regions of `span` stored cells with top-left (rows[i], cols[i]) (which
-        may lie beyond the map: blank there): (n, span, span, ORIENTATIONS) float. Read region by
+    def regions(self, spots: list[tuple[tuple[int, int], int, int]], span: int) -> torch.Tensor:
+        """Cells of square regions of `span` stored cells at each spot (map key, top-left row,
+        col; beyond the map: blank): (n, span, span, ORIENTATIONS) float. Read region by
         region, so a map kept on disk (worker.store.maps) is never read whole."""
-        stored = self.index.maps[key].cells
-        picked = np.stack([region(stored, int(r), int(c), span) for r, c in zip(rows, cols)])
+        picked = np.stack([region(self.index.maps[key].cells, r, c, span) for key, r, c in spots])
         return edge_cells.dequantise(picked, self.device)
+
+    def random_spots(self, keys: list[tuple[int, int]], n: int, side: int,
+                     rng: np.random.Generator) -> list[tuple[tuple[int, int], int, int]]:
+        """`n` random squares of `side` stored cells inside the maps `keys`, each map drawn in
+        proportion to its area: the background that calibrates a score."""
+        areas = np.array([np.prod(self.shape(k)) for k in keys], np.float64)
+        spots = []
+        for k in rng.choice(len(keys), n, p=areas / areas.sum()):
+            rows, cols = self.shape(keys[k])
+            spots.append((keys[k], int(rng.integers(0, max(1, rows - side))), int(rng.integers(0, max(1, cols - side)))))
+        return spots
 
 
 def scanner_of(index: TileIndex, device: torch.device) -> Scanner:
@@ -102,6 +112,8 @@ def coarse_peaks(scanner: Scanner, templates: query_templates.Templates, ranking
 
 
 ANN_MARGIN = 14  # stored cells around an ANN window that its local scan covers (half a tile)
+ANN_BACKGROUND = 48  # random neighbourhoods that calibrate the local coarse scores
+WINDOW_CELLS = 28  # a tile's 224 level px in stored cells: the ANN's windows (worker.ann)
 
 
 def ann_peaks(scanner: Scanner, templates: query_templates.Templates, ranking: RankingConfig,
@@ -109,24 +121,23 @@ def ann_peaks(scanner: Scanner, templates: query_templates.Templates, ranking: R
     """The coarse scan where the ANN shortlist points (windows: raster id, scale, row, col of
     grid windows): each window and half a tile around it scanned exactly, its best peak per
     template size kept, scores calibrated against random neighbourhoods of the index."""
+    if not len(windows):
+        return []
     side = WINDOW_CELLS + 2 * ANN_MARGIN
-    rng = np.random.default_rng(0)
-    keys = sorted({(int(r), int(s)) for r, s, _, _ in windows})
-    all_keys = list(scanner.index.maps)
-    areas = np.array([np.prod(scanner.shape(k)) for k in all_keys], np.float64)
-    background = []
-    for k in rng.choice(len(all_keys), ANN_BACKGROUND, p=areas / areas.sum()):
-        rows, cols = scanner.shape(all_keys[k])
-        background.append((all_keys[k], int(rng.integers(0, max(1, rows - side))), int(rng.integers(0, max(1, cols - side)))))
+    background = scanner.random_spots(list(scanner.index.maps), ANN_BACKGROUND, side, np.random.default_rng(0))
+    spots = [((int(r), int(s)), int(row) - ANN_MARGIN, int(col) - ANN_MARGIN) for r, s, row, col in windows]
+    # block maps of the regions, read and made once for every template size
+    background_blocks = edge_cells.block_map(scanner.regions(background, side), COARSE, step=COARSE_STEP)
+    spot_blocks = edge_cells.block_map(scanner.regions(spots, side), COARSE, step=COARSE_STEP)
     found: list[Candidate] = []
     for size in templates.sizes:
-        bg = _local_coarse(scanner, templates, ranking, size, background, side)
+        bg = edge_cells.cosine_map(background_blocks, templates.coarse[size], COARSE, COARSE_STEP, ranking.inked_only)
         flat = bg.permute(1, 0, 2, 3).flatten(1)  # A, ...
         mean, std = flat.mean(1), flat.std(1).clamp(min=1e-6)
         if not ranking.calibrate:
             mean, std = torch.zeros_like(mean), torch.ones_like(std)
-        spots = [((int(r), int(s)), int(row) - ANN_MARGIN, int(col) - ANN_MARGIN) for r, s, row, col in windows]
-        scores = _local_coarse(scanner, templates, ranking, size, spots, side)  # B, A, R, C
+        scores = edge_cells.cosine_map(spot_blocks, templates.coarse[size], COARSE, COARSE_STEP,
+                                       ranking.inked_only)  # B, A, R, C
         z = (scores - mean[None, :, None, None]) / std[None, :, None, None]
         best, where = z.flatten(1).max(1)
         per_angle = z.shape[2] * z.shape[3]
@@ -138,40 +149,13 @@ def ann_peaks(scanner: Scanner, templates: query_templates.Templates, ranking: R
     return found[:ranking.shortlist]
 
 
-ANN_BACKGROUND = 48  # random neighbourhoods that calibrate the local coarse scores
-WINDOW_CELLS = 28  # a tile's 224 level px in stored cells
-
-
-def _local_coarse(scanner: Scanner, templates: query_templates.Templates, ranking: RankingConfig, size: int,
-                  spots: list[tuple[tuple[int, int], int, int]], side: int) -> torch.Tensor:
-    """Coarse scores of one template size's turns over square regions: (B, A, R, C)."""
-    regions: list[torch.Tensor | None] = [None] * len(spots)
-    by_key: dict[tuple[int, int], list[int]] = {}
-    for i, (key, _, _) in enumerate(spots):
-        by_key.setdefault(key, []).append(i)
-    for key, idx in by_key.items():
-        got = scanner.regions(key, np.array([spots[i][1] for i in idx]), np.array([spots[i][2] for i in idx]), side)
-        for i, region in zip(idx, got):
-            regions[i] = region
-    blocks = edge_cells.block_map(torch.stack(regions), COARSE, step=COARSE_STEP)
-    return edge_cells.cosine_map(blocks, templates.coarse[size], COARSE, COARSE_STEP, ranking.inked_only)
-
-
 def _fine_scores(scanner: Scanner, templates: torch.Tensor, size: int, spots: list[tuple[tuple[int, int], int, int]],
                  pad: int, inked_only: bool) -> torch.Tensor:
     """Fine cosines of T templates (T, n, n, dim) at every offset within `pad` stored cells of
     each spot (map key, row, col): (B, T, (2 pad + 1)^2)."""
     span = size // CELL + 2 * pad
-    out: list[torch.Tensor | None] = [None] * len(spots)
-    by_key: dict[tuple[int, int], list[int]] = {}
-    for i, (key, _, _) in enumerate(spots):
-        by_key.setdefault(key, []).append(i)
-    for key, idx in by_key.items():  # one read per level map
-        rows = np.array([spots[i][1] - pad for i in idx])
-        cols = np.array([spots[i][2] - pad for i in idx])
-        for i, region in zip(idx, scanner.regions(key, rows, cols, span)):
-            out[i] = region
-    blocks = edge_cells.block_map(torch.stack(out), FINE)
+    regions = scanner.regions([(key, row - pad, col - pad) for key, row, col in spots], span)
+    blocks = edge_cells.block_map(regions, FINE)
     return edge_cells.cosine_map(blocks, templates, FINE, inked_only=inked_only).flatten(2)
 
 
@@ -185,7 +169,6 @@ def refine(scanner: Scanner, templates: query_templates.Templates, ranking: Rank
     pad = ranking.fine_radius
     width = 2 * pad + 1
     rng = np.random.default_rng(0)
-    areas = np.array([np.prod(scanner.shape(k)) for k in keys], np.float64)
     for size in templates.sizes:
         group = [c for c in candidates if c.size == size]
         if not group:
@@ -196,11 +179,7 @@ def refine(scanner: Scanner, templates: query_templates.Templates, ranking: Rank
         mean = torch.zeros(len(templates.angles))
         std = torch.ones(len(templates.angles))
         if ranking.calibrate:
-            spots = []
-            for k in rng.choice(len(keys), BACKGROUND_SPOTS, p=areas / areas.sum()):
-                rows, cols = scanner.shape(keys[k])
-                spots.append((keys[k], int(rng.integers(0, max(1, rows - size // CELL))),
-                              int(rng.integers(0, max(1, cols - size // CELL)))))
+            spots = scanner.random_spots(keys, BACKGROUND_SPOTS, size // CELL, rng)
             background = _fine_scores(scanner, fine, size, spots, pad, ranking.inked_only).amax(2)  # S, A
             mean, std = background.mean(0), background.std(0).clamp(min=1e-6)
         z = (scores - mean[None, :, None]) / std[None, :, None]

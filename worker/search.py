@@ -121,7 +121,8 @@ def search(index: TileIndex, model, sketch_tensor: torch.Tensor, ranking: Rankin
                 candidates = coarse_peaks(scanner, templates, ranking, keys)
             else:
                 windows, _ = shortlist.search(query_vectors(templates.coarse), ranking.ann_neighbours)
-                windows = [w for w in windows[:ranking.ann_windows] if (int(w[0]), int(w[1])) in set(keys)]
+                searched = set(keys)
+                windows = [w for w in windows[:ranking.ann_windows] if (int(w[0]), int(w[1])) in searched]
                 candidates = ann_peaks(scanner, templates, ranking, np.asarray(windows).reshape(-1, 4))
             t["shortlist"] = time.perf_counter()
             raise_if_stopped("refining the shortlist")
