@@ -163,11 +163,11 @@ def build_index(request: IndexRequest, model: "RetrievalModel", progress: Callab
     rasters = manifest["rasters"]
     complete = all(r["complete"] for r in rasters)
     ann_info = None
-    if complete and (request.ann or ann.AnnShortlist.exists(request.index_dir)):
+    has_ann = ann.AnnShortlist.exists(request.index_dir)
+    if complete and (request.ann or has_ann):
         index = TileIndex.open(request.index_dir)
         try:
-            built = (ann.update(index) if ann.AnnShortlist.exists(request.index_dir) else None) or ann.build(index)
-            ann_info = built.to_json()
+            ann_info = (ann.update(index) if has_ann else ann.build(index)).to_json()
         except InputError as exc:  # too few windows: the index is fine, and the exact scan serves it
             ann_info = {"built": False, "why": str(exc)}
     return IndexSummary(request.index_dir, manifest.get("tile_count", 0), sum(r["tiles_total"] or 0 for r in rasters),

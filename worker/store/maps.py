@@ -118,14 +118,20 @@ def open_maps(index, complete: set[int]) -> dict[tuple[int, int], LevelMap]:
         raster = index.rasters[raster_id]
         lp = level_maps.level_pixel(tile, scale, drawing)
         if raster_id in complete and path.is_file():
-            cells = MapFile(path, level_maps.map_shape(raster, lp)[0])
-            if cells.shape[1:] != (level_maps.map_shape(raster, lp)[1], *cells.shape[2:]) or cells.dtype != np.uint8:
+            rows, cols = level_maps.map_shape(raster, lp)
+            cells = MapFile(path, rows)
+            if cells.shape[1:] != (cols, *cells.shape[2:]) or cells.dtype != np.uint8:
                 raise CorruptIndexError(f"{path} is damaged (a map of {cells.shape} {cells.dtype}): delete the index "
                                         "and build it again")
             out[(raster_id, scale)] = LevelMap(raster, raster_id, scale, lp, cells)
         else:
             missing |= (records["raster_id"] == raster_id) & (records["scale"] == scale)
     if missing.any():
-        rows = np.nonzero(missing)[0]
-        out.update(level_maps.assemble(index.rasters, records[rows], lambda r: index.cells_of(rows[r]), tile, drawing))
+        out.update(join_maps(index, np.nonzero(missing)[0]))
     return out
+
+
+def join_maps(index, rows: np.ndarray) -> dict[tuple[int, int], LevelMap]:
+    """The level maps of the tiles `rows` of an open index, joined in memory from their cells."""
+    return level_maps.assemble(index.rasters, index.records[rows], lambda r: index.cells_of(rows[r]),
+                               index.manifest["tiling"]["tile"], index.manifest["drawing_size"])

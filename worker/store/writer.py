@@ -16,7 +16,7 @@ from worker.store.format import (CHUNK_TILES, MANIFEST, RECORD_DTYPE, SHARDS, TI
                                  disk_write, index_lock, new_manifest, read_manifest, remove_shards, shard_name,
                                  write_json_atomic, write_shard)
 from worker.store.gpkg import write_tiles_gpkg
-from worker.store.maps import remove_maps, write_maps
+from worker.store.maps import join_maps, remove_maps, write_maps
 from worker.store.reader import TileIndex
 from worker.drawing_pool import DrawingPool, default_processes
 from worker.tile_features import TileFeatures, describe_drawings, describe_tiles
@@ -158,13 +158,11 @@ class IndexWriter:
         """Mark rasters complete, once their level maps are on disk (worker.store.maps)."""
         if not entries:
             return
-        index = TileIndex(self.dir, self.manifest, self.manifest["shards"])
         for entry in entries:
-            rows = np.nonzero(index.records["raster_id"] == entry["id"])[0]
-            if len(rows):
-                write_maps(self.dir, level_maps.assemble(index.rasters, index.records[rows],
-                                                         lambda r, _rows=rows: index.cells_of(_rows[r]),
-                                                         self.settings.tile, self.manifest["drawing_size"]))
+            # a view of this raster's committed shards only: its tiles are all it joins
+            index = TileIndex(self.dir, self.manifest, [s for s in self.manifest["shards"] if s["raster_id"] == entry["id"]])
+            if len(index):
+                write_maps(self.dir, join_maps(index, np.arange(len(index))))
             entry["complete"] = True
         self._commit()
 
