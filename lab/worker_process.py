@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from wire import job_states as states
 from wire.client import WorkerClient
 from wire.errors import WorkerUnavailable
 from wire.sockets import CurveKeys
@@ -27,6 +28,17 @@ def make_curve_keys(root: Path) -> tuple[Path, CurveKeys]:
     zmq.auth.create_certificates(str(keys), "server")
     _, client_secret = zmq.auth.create_certificates(str(keys / "authorized_clients"), "client")
     return keys, CurveKeys.from_files(keys / "server.key", client_secret)
+
+
+def wait_job(client: WorkerClient, job_id: str, timeout: float = 300) -> dict:
+    """The job once it has ended (TimeoutError when it has not within `timeout` seconds)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = client.job(job_id)
+        if job["state"] in states.FINISHED:
+            return job
+        time.sleep(0.2)
+    raise TimeoutError(job)
 
 
 def free_port() -> int:
@@ -67,6 +79,11 @@ class WorkerProcess:
                         raise
     def client(self, **kw) -> WorkerClient:
         return WorkerClient(self.bind, **{"timeout": 60, **kw})
+
+    def index(self, name: str, rasters: list[Path], **tiling) -> dict:
+        """Build an index through the worker and wait for its job to end; returns the job."""
+        with self.client() as c:
+            return wait_job(c, c.start_index(name, [str(r) for r in rasters], **tiling)["id"])
 
     def kill(self, sig: int = signal.SIGKILL) -> int:
         self.proc.send_signal(sig)

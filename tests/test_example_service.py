@@ -7,14 +7,12 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import rasterio
 
 from wire import errors as codes
-from wire import job_states as states
 from wire.errors import WorkerError
 from lab.worker_process import REPO, WorkerProcess
 
@@ -33,11 +31,7 @@ def worker(tmp_path_factory, rasters):
     root = tmp_path_factory.mktemp("example-service") / "indexes"
     root.mkdir()
     proc = WorkerProcess(root, rasters).start()
-    with proc.client() as c:
-        job = c.start_index("rmnp", [str(rasters / "rmnp-rgb.tif")], tile=112, scales=[1, 2])
-        deadline = time.time() + 300
-        while c.job(job["id"])["state"] in states.ACTIVE and time.time() < deadline:
-            time.sleep(0.2)
+    proc.index("rmnp", [rasters / "rmnp-rgb.tif"], tile=112, scales=[1, 2])
     yield proc
     proc.stop()
 

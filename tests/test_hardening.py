@@ -18,8 +18,8 @@ import rasterio
 import zmq
 from rasterio.windows import Window
 
-from lab.worker_process import WorkerProcess
-from test_service import sketch_png, wait_job
+from lab.worker_process import WorkerProcess, wait_job
+from test_service import sketch_png
 from wire import errors as codes
 from wire import job_states as states
 from wire.errors import WorkerError

@@ -26,7 +26,7 @@ from wire.errors import WorkerError, WorkerUnavailable
 from wire.protocol import decode_progress
 from wire.sockets import CurveKeys, subscribe_progress
 from worker.store import TileIndex
-from lab.worker_process import REPO, WorkerProcess, free_port, make_curve_keys
+from lab.worker_process import REPO, WorkerProcess, free_port, make_curve_keys, wait_job
 
 
 @pytest.fixture(scope="module")
@@ -43,21 +43,9 @@ def worker(tmp_path_factory, rasters):
     root = tmp_path_factory.mktemp("service") / "indexes"
     root.mkdir()
     proc = WorkerProcess(root, rasters).start()
-    with proc.client() as c:
-        job = c.start_index("rmnp", [str(rasters / "rmnp-rgb.tif")], tile=112, scales=[1, 2])
-        wait_job(c, job["id"])
+    proc.index("rmnp", [rasters / "rmnp-rgb.tif"], tile=112, scales=[1, 2])
     yield proc
     proc.stop()
-
-
-def wait_job(client: WorkerClient, job_id: str, timeout: float = 300) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        job = client.job(job_id)
-        if job["state"] in states.FINISHED:
-            return job
-        time.sleep(0.2)
-    raise TimeoutError(job)
 
 
 def sketch_png(size: int = 256) -> bytes:

@@ -16,7 +16,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 from lab.worker_process import WorkerProcess
-from wire import job_states as states
 
 WORKER_PYTHON = os.environ.get("SKETCH_SEARCH_WORKER_PYTHON", str(REPO / ".venv" / "bin" / "python"))
 
@@ -130,10 +129,6 @@ def worker(tmp_path_factory, raster_root):
     index_root = tmp_path_factory.mktemp("qgis-worker") / "indexes"
     index_root.mkdir()
     proc = WorkerProcess(index_root, raster_root, python=WORKER_PYTHON).start()
-    with proc.client() as client:
-        job = client.start_index("rmnp", [str(raster_root / "rmnp-rgb.tif")], tile=112, scales=[1, 2])
-        deadline = time.time() + 300
-        while client.job(job["id"])["state"] in states.ACTIVE and time.time() < deadline:
-            time.sleep(0.2)
+    proc.index("rmnp", [raster_root / "rmnp-rgb.tif"], tile=112, scales=[1, 2])
     yield proc
     proc.stop()
