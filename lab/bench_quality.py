@@ -140,6 +140,7 @@ def product_method(ranking: RankingConfig):
 METHODS = {
     "default": product_method(RankingConfig()),
     "no verify": product_method(RankingConfig(verify=0)),
+    "no tile windows": product_method(RankingConfig(tile_windows=0)),
     "tokens 0.5": product_method(RankingConfig(token_weight=0.5)),
     "one template": product_method(RankingConfig(sizes=(224,), angles=(0.0,))),
     "paper (tokens)": product_method(RankingConfig(ranker="tokens")),

@@ -38,6 +38,9 @@ class Candidate:
         """Verified placements first (their scores are on another scale), then by score."""
         return (self.verified is None, -self.score)
     tile_row: int | None = None  # the index row of the tile under it (the "tokens" ranker's tile)
+    # the HOG cosine of its own drawing with the sketch, when known without reading the raster (a
+    # tile window's stored cells, worker.tile_windows); such a candidate keeps its place
+    drawn: float | None = None
 
     def placement(self, level: LevelMap) -> Placement:
         half = self.size / 2

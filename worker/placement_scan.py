@@ -165,7 +165,9 @@ BACKGROUND_SPOTS = 96  # random windows per template size that calibrate the fin
 def refine(scanner: Scanner, templates: query_templates.Templates, ranking: RankingConfig,
            candidates: list[Candidate], keys: list[tuple[int, int]]) -> None:
     """The fine HOG score of each candidate at the best 8 px offset within `fine_radius` cells,
-    calibrated per template against random windows of the index searched the same way."""
+    calibrated per template against random windows of the index searched the same way, and moved
+    to that offset. A tile window (worker.tile_windows) keeps its place, and its own drawing's
+    fine cosine, which it arrives with, is calibrated the same way."""
     pad = ranking.fine_radius
     width = 2 * pad + 1
     rng = np.random.default_rng(0)
@@ -185,6 +187,9 @@ def refine(scanner: Scanner, templates: query_templates.Templates, ranking: Rank
         z = (scores - mean[None, :, None]) / std[None, :, None]
         for c, row in zip(group, z):
             angle = templates.angles.index(c.angle)
+            if c.drawn is not None:  # a tile window: its own drawing's fine cosine, calibrated the same way
+                c.fine = float((c.fine - mean[angle]) / std[angle])
+                continue
             value, at = row[angle].max(0)
             c.fine = float(value)
             c.row += int(at) // width - pad

@@ -29,6 +29,9 @@ class RankingConfig:
     # The best `verify` placements are read from their rasters and drawn as one picture each, as
     # the user saw the place, and compared with the sketch again (see `verify`).
     verify: int = 24
+    # The best `tile_windows` tiles under the coarse shortlist, scored by their own drawings, join
+    # the candidates and the verification (worker.tile_windows); 0: none.
+    tile_windows: int = 8
     verify_weight: float = 1.0
     coarse_weight: float = 0.5  # the coarse z-score's share in the fine stage's ranking
     inked_only: bool = True  # compare windows only where the sketch has lines (worker.edge_cells.cosine_map)

@@ -30,8 +30,9 @@ from worker.cancellation import raise_if_stopped
 from worker.placement_scan import ann_peaks, coarse_peaks, refine, scanner_of
 from worker.ranking import RankingConfig
 from worker.store import WGS84, TileIndex
+from worker.tile_windows import tile_window_candidates
 from worker.token_ranking import tile_candidates, tile_placement, token_rerank
-from worker.verify import verify
+from worker.verify import sketch_descriptor, verify
 
 
 def dedupe(polygons: list[Polygon], order: np.ndarray, max_overlap: float, limit: int | None = None) -> list[int]:
@@ -124,6 +125,8 @@ def search(index: TileIndex, model, sketch_tensor: torch.Tensor, ranking: Rankin
                 searched = set(keys)
                 windows = [w for w in windows[:ranking.ann_windows] if (int(w[0]), int(w[1])) in searched]
                 candidates = ann_peaks(scanner, templates, ranking, np.asarray(windows).reshape(-1, 4))
+            candidates += tile_window_candidates(index, templates, candidates, sketch_descriptor(sketch_tensor),
+                                                 ranking.tile_windows, ranking.inked_only)
             t["shortlist"] = time.perf_counter()
             raise_if_stopped("refining the shortlist")
             refine(scanner, templates, ranking, candidates, keys)

@@ -34,21 +34,35 @@ def draw_placements(placements: list[Placement], size: int) -> np.ndarray:
     return tile_line_drawings(images, valid)[..., 0]
 
 
+def sketch_descriptor(sketch_tensor: torch.Tensor) -> torch.Tensor:
+    """The whole sketch's unit FINE HOG descriptor, as a drawing of a place is described."""
+    sketch = torch.from_numpy((sketch_tensor[0].cpu().numpy() * 255).round().astype(np.uint8))[None]
+    return edge_cells.describe(sketch, FINE)[0]
+
+
 def verify(index: TileIndex, sketch_tensor: torch.Tensor, candidates: list[Candidate], ranking: RankingConfig,
            size: int) -> list[int]:
-    """Re-score the best `ranking.verify` candidates by the sketch's HOG against their own
-    drawing: the place read from its raster at the placement (turned as the sketch's frame) and
-    drawn as one picture. The level maps join the drawings of overlapping tiles, each made with
-    its own contrast; a person draws what they see in their frame, so the frame drawn as one
-    picture is the fairer comparison. Returns the verified candidates' positions, best first."""
-    order = sorted(range(len(candidates)), key=lambda i: -candidates[i].score)[:ranking.verify]
+    """Re-score the best `ranking.verify` candidates, and every tile window among the candidates,
+    by the sketch's HOG against their own drawing: the place read from its raster at the
+    placement (turned as the sketch's frame) and drawn as one picture; a tile window's drawing is
+    its stored cells (worker.tile_windows). The level maps join the drawings of overlapping tiles,
+    each made with its own contrast; a person draws what they see in their frame, so the frame
+    drawn as one picture is the fairer comparison. Returns the verified candidates' positions,
+    best first."""
+    if ranking.verify <= 0:
+        return []
+    best = sorted(range(len(candidates)), key=lambda i: -candidates[i].score)[:ranking.verify]
+    chosen = set(best)
+    order = best + [i for i, c in enumerate(candidates) if c.drawn is not None and i not in chosen]
     if not order:
         return []
-    drawings = draw_placements([candidates[i].placement(index.maps[candidates[i].map_key]) for i in order], size)
-    sketch = torch.from_numpy((sketch_tensor[0].cpu().numpy() * 255).round().astype(np.uint8))[None]
-    query = edge_cells.describe(sketch, FINE)[0]
-    seen = edge_cells.describe(torch.from_numpy(drawings), FINE)
-    own = (seen @ query).numpy()
+    to_draw = [i for i in order if candidates[i].drawn is None]
+    own_of = {i: candidates[i].drawn for i in order if candidates[i].drawn is not None}
+    if to_draw:
+        drawings = draw_placements([candidates[i].placement(index.maps[candidates[i].map_key]) for i in to_draw], size)
+        seen = edge_cells.describe(torch.from_numpy(drawings), FINE)
+        own_of.update(zip(to_draw, (seen @ sketch_descriptor(sketch_tensor)).tolist()))
+    own = np.array([own_of[i] for i in order])
     combined = standardise(own) * ranking.verify_weight + standardise([candidates[i].score for i in order])
     for i, v, z in zip(order, own, combined):
         candidates[i].verified = float(v)

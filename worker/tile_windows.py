@@ -1,0 +1,79 @@
+"""The index's own tile windows under the shortlist, as placements scored by their own drawings.
+
+The level maps join each cell from the tile it is most central in, so a window exactly on a tile
+does not see that tile's own drawing at its margins. For a sparse or abstract sketch (a few
+strokes, region outlines, a partial drawing) of such a window, that margin decides: measured on
+the benchmark's held-out aligned queries, every tile's own stored cells ranked the true tile in
+the top 5 for all HED, strokes and regions sketches and 7 of 9 partial ones, where the map's
+fine score ranked it first for under half of them (docs/benchmarks/quality.md). So the tiles
+under the coarse shortlist are scored by their own cells, and the best few join the candidates,
+with the HOG cosine of their own drawing known without reading the raster (worker.verify).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from worker import edge_cells, query_templates
+from worker.candidates import Candidate
+from worker.edge_cells import CELL, FINE
+from worker.store import TileIndex
+
+TILE_CELLS = 28  # a tile's 224 level px in stored cells
+MIN_OVERLAP = 0.25  # a tile is under a candidate when their windows overlap by this IoU
+
+
+def tiles_under(index: TileIndex, candidates: list[Candidate]) -> dict[int, float]:
+    """Index rows of whole, grid-aligned tiles whose window overlaps a candidate's by IoU >=
+    MIN_OVERLAP, each with the best coarse score of the candidates over it."""
+    found: dict[int, float] = {}
+    by_map: dict[tuple[int, int], list[Candidate]] = {}
+    for c in candidates:
+        by_map.setdefault(c.map_key, []).append(c)
+    for key, group in by_map.items():
+        rows = index.rows_of_map(*key)
+        rec = index.records[rows]
+        whole = (rec["cell_rows"] == TILE_CELLS) & (rec["cell_cols"] == TILE_CELLS)
+        rows, rec = rows[whole], rec[whole]
+        if not len(rows):
+            continue
+        r0, c0 = rec["cell_row"].astype(np.float64), rec["cell_col"].astype(np.float64)
+        for c in group:
+            side = c.size / CELL
+            dr = np.clip(np.minimum(r0 + TILE_CELLS, c.row + side) - np.maximum(r0, c.row), 0, None)
+            dc = np.clip(np.minimum(c0 + TILE_CELLS, c.col + side) - np.maximum(c0, c.col), 0, None)
+            inter = dr * dc
+            overlap = inter / (TILE_CELLS ** 2 + side ** 2 - inter)
+            for row in rows[overlap >= MIN_OVERLAP]:
+                found[int(row)] = max(found.get(int(row), -np.inf), c.coarse)
+    return found
+
+
+def tile_window_candidates(index: TileIndex, templates: query_templates.Templates, candidates: list[Candidate],
+                    sketch_descriptor: torch.Tensor, count: int, inked_only: bool) -> list[Candidate]:
+    """The `count` tiles under the candidates whose own drawing best matches the upright template
+    of a tile's size, as candidates of their own: coarse score from the candidates over them,
+    `fine` their own drawing's fine cosine with that template (worker.placement_scan.refine
+    calibrates it), `drawn` the HOG cosine of their own drawing with the sketch
+    (`sketch_descriptor`, unit), as worker.verify compares a drawn placement."""
+    size = TILE_CELLS * CELL
+    if count <= 0 or size not in templates.sizes or 0.0 not in templates.angles:
+        return []
+    under = tiles_under(index, candidates)
+    if not under:
+        return []
+    rows = np.fromiter(under, np.int64)
+    cells = edge_cells.dequantise(index.cells_of(rows))[:, :TILE_CELLS, :TILE_CELLS]
+    blocks = edge_cells.block_map(cells, FINE)
+    upright = templates.fine[size][templates.angles.index(0.0)][None]
+    scores = edge_cells.cosine_map(blocks, upright, FINE, inked_only=inked_only).flatten()
+    best = torch.argsort(scores, descending=True)[:count].numpy()
+    drawn = (torch.nn.functional.normalize(edge_cells.window_descriptor(blocks[best], FINE).flatten(1), dim=1)
+             @ sketch_descriptor).numpy()
+    out = []
+    for i, value in zip(best, drawn):
+        rec = index.records[rows[i]]
+        out.append(Candidate((int(rec["raster_id"]), int(rec["scale"])), size, 0.0, int(rec["cell_row"]),
+                             int(rec["cell_col"]), under[int(rows[i])], fine=float(scores[i]), drawn=float(value)))
+    return out
