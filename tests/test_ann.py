@@ -71,6 +71,23 @@ def test_an_ann_older_than_its_index_is_not_asked_until_updated(index_with_ann, 
     assert shortlist is not None and set(np.unique(shortlist.windows[:, 0])) == {0, 1}
 
 
+@pytest.mark.parametrize("name", ann.MAPPED_FILES)
+def test_a_truncated_ann_file_is_refused_before_it_is_mapped(index_with_ann, model, tmp_path, name):
+    """A memory-mapped file cut short would crash the worker at its first read past the end
+    (SIGBUS); its size is checked against what was written, and the search says what to do."""
+    from worker.errors import CorruptIndexError
+
+    folder = tmp_path / "index"
+    shutil.copytree(index_with_ann[0], folder)
+    path = ann.ann_dir(folder) / name
+    path.write_bytes(path.read_bytes()[:-100])
+    index = TileIndex.open(folder)
+    sketch = next(frames(index, 1))[1]
+    with pytest.raises(CorruptIndexError, match="build-ann"):
+        search(index, model, sketch, RankingConfig(ann="on"), top=5)
+    assert search(index, model, sketch, RankingConfig(ann="off"), top=5).hits  # the exact scan still answers
+
+
 def test_the_command_line_builds_reports_and_asks_the_ann(index_with_ann, assets, tmp_path):
     import json
     import subprocess

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from worker import edge_cells
 from worker.edge_cells import CELL, COARSE
-from worker.errors import InputError
+from worker.errors import CorruptIndexError, InputError
 from worker.placement_scan import COARSE_STEP, WINDOW_CELLS
 from worker.store import TileIndex, write_json_atomic
 
@@ -46,6 +46,7 @@ BYTES_PER_WINDOW = 64 + 8 + 16  # PQ code, its id in the inverted list, its wind
 TRAIN_MAX = 100_000  # windows the rotation, the lists and the quantiser are trained on
 NPROBE = 32  # inverted lists a query visits
 ADD_BATCH = 100_000
+MAPPED_FILES = ("index.faiss", "windows.npy")  # their sizes are recorded in ann.json and checked on opening
 
 
 @dataclass(frozen=True)
@@ -196,8 +197,20 @@ def _write(index: TileIndex, ann, rows: list[np.ndarray], factory: str, began: f
     os.replace(folder / ".windows.npy", folder / "windows.npy")
     info = AnnInfo(int(ann.ntotal), sorted(index.rasters), factory, round(time.perf_counter() - began, 2),
                    sum(f.stat().st_size for f in folder.iterdir() if f.is_file()))
-    write_json_atomic(folder / "ann.json", {**info.to_json(), "covers": covered(index)})
+    sizes = {name: (folder / name).stat().st_size for name in MAPPED_FILES}
+    write_json_atomic(folder / "ann.json", {**info.to_json(), "covers": covered(index), "file_bytes": sizes})
     return info
+
+
+def check_sizes(folder: Path, info: dict) -> None:
+    """Refuse memory-mapped files whose size is not what was written (a truncated file, mapped,
+    would crash the worker at the first read past its end instead of failing here)."""
+    for name, size in info.get("file_bytes", {}).items():
+        path = folder / name
+        found = path.stat().st_size if path.exists() else None
+        if found != size:
+            raise CorruptIndexError(f"{path}: {found if found is not None else 'missing'}, written as {size} bytes; "
+                                    "run `python -m worker build-ann` again, or search with --ann off")
 
 
 def covered(index: TileIndex) -> dict[str, int]:
@@ -251,10 +264,11 @@ class AnnShortlist:
         import faiss
 
         folder = ann_dir(index_dir)
+        self.info = json.loads((folder / "ann.json").read_text())
+        check_sizes(folder, self.info)
         self.index = faiss.read_index(str(folder / "index.faiss"), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
         faiss.extract_index_ivf(self.index).nprobe = nprobe
         self.windows = np.load(folder / "windows.npy", mmap_mode="r")
-        self.info = json.loads((folder / "ann.json").read_text())
 
     @staticmethod
     def exists(index_dir: Path) -> bool:
