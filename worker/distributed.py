@@ -92,6 +92,11 @@ def _model_of(options: "ModelOptions"):
     return _models[key]
 
 
+def load_models(client, options: "ModelOptions") -> None:
+    """Every worker of the cluster loads the model now, not at its first chunk (start-up apart)."""
+    client.run(lambda: _model_of(options) and None)
+
+
 def compute_on_worker(options: "ModelOptions", encoder: dict, job: ChunkJob, settings: TileSettings,
                       batch_size: int) -> ChunkResult:
     """One chunk, computed on a cluster's worker with its own copy of the model."""

@@ -1,0 +1,144 @@
+"""The ANN shortlist at continental scale, asked end to end through a real worker.
+
+Millions of tiles cannot be indexed on this machine, so the windows are synthetic (as the issue
+allows): each a random mixture of three real windows' descriptors of a real index plus noise,
+so the data keeps real structure. They are built with the product's factory (worker.ann) into
+that real index's `ann/` folder, each pointing at the real window it mostly mixes, so that a
+real `python -m worker serve` process answers real sketches with `ann: on` over ZeroMQ: the
+FAISS shortlist over all the synthetic windows, then the exact local scans, refine and
+verification on the real rasters. What it cannot show: the level maps of millions of tiles
+(read by region from disk, worker.store.maps) are those of the small real index.
+
+Recall is measured against an exact scan of the same vectors: for each sketch, the windows by
+their best inner product with any of the sketch's query vectors (worker.ann.query_vectors), as
+the product merges them.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lab.worker_process import WorkerProcess
+from worker import ann
+from worker.store import TileIndex
+
+RECALL_AT = 200  # the shortlist's length
+WINDOWS_PER_TILE = (168 / 112) ** 2  # windows every 112 level px, tiles every 168 (overlap 0.25)
+TIMED_QUERIES = 20
+
+
+def synthetic_windows(base: np.ndarray, n: int, batch: int, noise: float = 0.1):
+    """Batches of `n` unit vectors, each a random mixture of three real windows (Dirichlet
+    weights) plus Gaussian noise of `noise` times its norm, with the row in `base` of the window
+    each mostly mixes (seeded: the same batches every call)."""
+    rng = np.random.default_rng(1)
+    sigma = noise / np.sqrt(base.shape[1])
+    for start in range(0, n, batch):
+        m = min(batch, n - start)
+        weights = rng.dirichlet(np.ones(3), m).astype(np.float32)
+        sources = rng.integers(0, len(base), (3, m))
+        x = sum(weights[:, i:i + 1] * base[sources[i]] for i in range(3))
+        x = x + sigma * rng.standard_normal((m, base.shape[1]), dtype=np.float32)
+        yield x / np.linalg.norm(x, axis=1, keepdims=True), sources[weights.argmax(1), np.arange(m)]
+
+
+def real_windows(index: TileIndex) -> tuple[np.ndarray, np.ndarray]:
+    """Every grid window of a real index: unit descriptors and their windows.npy rows."""
+    vectors, rows = [], []
+    for (raster_id, scale), level in sorted(index.maps.items()):
+        v, origins = ann.window_vectors(level.cells)
+        vectors.append(v)
+        rows.append(ann._window_rows(raster_id, scale, origins))
+    return np.concatenate(vectors), np.concatenate(rows)
+
+
+class ExactBest:
+    """Each sketch's exact best `k` windows (by its best query vector), kept while the windows
+    stream past in batches."""
+
+    def __init__(self, sketches: list[np.ndarray], k: int):
+        self.queries = np.concatenate(sketches)
+        self.owner = np.repeat(np.arange(len(sketches)), [len(s) for s in sketches])
+        self.k = k
+        self.scores = [np.full(0, -np.inf, np.float32) for _ in sketches]
+        self.ids = [np.zeros(0, np.int64) for _ in sketches]
+        self.seen = 0
+
+    def add(self, x: np.ndarray) -> None:
+        scores = self.queries @ x.T
+        for j in range(len(self.scores)):
+            s = np.concatenate([self.scores[j], scores[self.owner == j].max(0)])
+            i = np.concatenate([self.ids[j], np.arange(self.seen, self.seen + len(x))])
+            keep = np.argpartition(-s, self.k)[:self.k] if len(s) > self.k else np.arange(len(s))
+            self.scores[j], self.ids[j] = s[keep], i[keep]
+        self.seen += len(x)
+
+    def best_first(self) -> list[np.ndarray]:
+        return [i[np.argsort(-s)] for s, i in zip(self.scores, self.ids)]
+
+
+def build_synthetic(index: TileIndex, base: np.ndarray, base_rows: np.ndarray, n: int, sketches: list[np.ndarray],
+                    batch: int = 100_000) -> dict:
+    """Build an ANN shortlist of n synthetic windows into `index`'s ann/ folder, as `build-ann`
+    would, and find each sketch's exact best RECALL_AT windows in the same pass."""
+    import faiss
+
+    factory = ann.factory_for(n)
+    exact = ExactBest(sketches, RECALL_AT)
+    t0 = time.perf_counter()
+    faiss_index = faiss.index_factory(base.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    faiss_index.train(next(synthetic_windows(base, min(n, ann.TRAIN_MAX), ann.TRAIN_MAX))[0])
+    rows, exact_s = [], 0.0
+    for x, sources in synthetic_windows(base, n, batch):
+        faiss_index.add(x)
+        rows.append(base_rows[sources])
+        t1 = time.perf_counter()
+        exact.add(x)
+        exact_s += time.perf_counter() - t1
+    info = ann._write(index, faiss_index, rows, factory, t0)
+    return {"factory": factory, "build_s": round(info.build_s - exact_s, 1), "bytes": info.bytes_on_disk,
+            "exact": exact.best_first()}
+
+
+def recall(index_dir: Path, sketches: list[np.ndarray], truth: list[np.ndarray]) -> dict:
+    """Shortlist recall against the exact scan: of the exact best 200 and of the exact best 10,
+    the share in the ANN's merged 200 (the product's shortlist as worker.ann asks it)."""
+    shortlist = ann.AnnShortlist(index_dir)
+    at200, at10 = [], []
+    for vectors, exact in zip(sketches, truth):
+        scores, ids = shortlist.index.search(vectors, RECALL_AT)
+        found = set(merged_ids(scores, ids, RECALL_AT).tolist())
+        at200.append(len(found & set(exact.tolist())) / len(exact))
+        at10.append(len(found & set(exact[:10].tolist())) / min(10, len(exact)))
+    return {"at200": float(np.mean(at200)), "at10": float(np.mean(at10))}
+
+
+def png(sketch: torch.Tensor) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray((sketch[0].cpu().numpy() * 255).round().astype(np.uint8)).save(out, "PNG")
+    return out.getvalue()
+
+
+def end_to_end(index_dir: Path, raster_root: Path, sketches: list[torch.Tensor]) -> dict:
+    """Searches with `ann: on` through a real worker process over ZeroMQ: p50 and p95 ms as the
+    client sees them, and the worker's peak resident memory."""
+    worker = WorkerProcess(index_dir.parent, raster_root).start()
+    try:
+        times = []
+        with worker.client(timeout=120) as client:
+            client.search(index_dir.name, png(sketches[0]), ann="on", top=10)  # warm-up: opens the index
+            for sketch in sketches[:TIMED_QUERIES]:
+                t0 = time.perf_counter()
+                client.search(index_dir.name, png(sketch), ann="on", top=10)
+                times.append(1e3 * (time.perf_counter() - t0))
+        status = Path(f"/proc/{worker.proc.pid}/status").read_text()
+        hwm_kb = int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1])
+    finally:
+        worker.stop()
+    return {"p50": float(np.percentile(times, 50)), "p95": float(np.percentile(times, 95)), "peak_rss_mb": hwm_kb / 1024}
