@@ -106,6 +106,16 @@ def build_synthetic(index: TileIndex, base: np.ndarray, base_rows: np.ndarray, n
             "exact": exact.best_first()}
 
 
+def merged_ids(scores: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
+    """The best `k` distinct ids of one sketch's per-vector results (best score per id), as
+    worker.ann.AnnShortlist.search merges them."""
+    best: dict[int, float] = {}
+    for s, i in zip(scores.ravel(), ids.ravel()):
+        if i >= 0 and s > best.get(int(i), -np.inf):
+            best[int(i)] = float(s)
+    return np.array(sorted(best, key=lambda i: -best[i])[:k], np.int64)
+
+
 def recall(index_dir: Path, sketches: list[np.ndarray], truth: list[np.ndarray]) -> dict:
     """Shortlist recall against the exact scan: of the exact best 200 and of the exact best 10,
     the share in the ANN's merged 200 (the product's shortlist as worker.ann asks it)."""
