@@ -37,6 +37,7 @@ from worker.ranking import RankingConfig
 from worker.search import search
 from worker.sketch import prepare_sketch
 from worker.store import IndexWriter, TileIndex
+from worker.store.format import CHUNK_TILES
 from worker.store.writer import LocalChunks
 from worker.tile_features import cells_on_grid
 from worker.tiling import TileSettings, iter_tile_pixels, open_raster, plan_tiles
@@ -87,10 +88,11 @@ def stage_seconds(model, raster: Path, settings: TileSettings, n: int, batch: in
     return {k: v / len(tiles) for k, v in out.items()}
 
 
-def index_tiles_per_s(model, raster: Path, settings: TileSettings, work: Path, batch: int, computer=None) -> tuple[float, int]:
+def index_tiles_per_s(model, raster: Path, settings: TileSettings, work: Path, batch: int, computer=None,
+                      chunk_tiles: int = CHUNK_TILES) -> tuple[float, int]:
     out = work / f"index-{time.monotonic_ns()}"
     t0 = time.perf_counter()
-    manifest = IndexWriter(out, model, settings).build([raster], batch_size=batch, computer=computer)
+    manifest = IndexWriter(out, model, settings, chunk_tiles).build([raster], batch_size=batch, computer=computer)
     seconds = time.perf_counter() - t0
     tiles = sum(r["tiles_total"] for r in manifest["rasters"])
     return tiles / seconds, tiles
@@ -119,6 +121,9 @@ def search_latency(index: TileIndex, model, queries: list[torch.Tensor], ranking
     return out
 
 
+CLUSTER_CHUNK_TILES = 24  # the raster's 189 tiles in 8 chunks, so that every worker has some (one chunk by default)
+
+
 def cluster_speed(model, raster: Path, settings: TileSettings, work: Path, batch: int, device: str,
                   workers: list[int]) -> tuple[dict, dict]:
     """Tiles/s of indexing on a local Dask cluster of each number of workers, after a warm-up
@@ -132,7 +137,7 @@ def cluster_speed(model, raster: Path, settings: TileSettings, work: Path, batch
             chunks = ClusterChunks(client, ModelOptions(device=device), model.fingerprint()["tile_encoder"])
             load_models(client, chunks.options)
             startup[str(n)] = time.perf_counter() - t0
-            speed[str(n)] = index_tiles_per_s(model, raster, settings, work, batch, chunks)[0]
+            speed[str(n)] = index_tiles_per_s(model, raster, settings, work, batch, chunks, CLUSTER_CHUNK_TILES)[0]
     return speed, startup
 
 
