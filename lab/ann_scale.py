@@ -26,6 +26,7 @@ from PIL import Image
 
 from lab.worker_process import WorkerProcess
 from worker import ann
+from worker.sketch import sketch_pixels
 from worker.store import TileIndex
 
 RECALL_AT = 200  # the shortlist's length
@@ -50,12 +51,8 @@ def synthetic_windows(base: np.ndarray, n: int, batch: int, noise: float = 0.1):
 
 def real_windows(index: TileIndex) -> tuple[np.ndarray, np.ndarray]:
     """Every grid window of a real index: unit descriptors and their windows.npy rows."""
-    vectors, rows = [], []
-    for (raster_id, scale), level in sorted(index.maps.items()):
-        v, origins = ann.window_vectors(level.cells)
-        vectors.append(v)
-        rows.append(ann._window_rows(raster_id, scale, origins))
-    return np.concatenate(vectors), np.concatenate(rows)
+    found = [(v, ann._window_rows(r, s, o)) for r, s, v, o in ann._windows_of(index)]
+    return np.concatenate([v for v, _ in found]), np.concatenate([rows for _, rows in found])
 
 
 class ExactBest:
@@ -106,24 +103,13 @@ def build_synthetic(index: TileIndex, base: np.ndarray, base_rows: np.ndarray, n
             "exact": exact.best_first()}
 
 
-def merged_ids(scores: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
-    """The best `k` distinct ids of one sketch's per-vector results (best score per id), as
-    worker.ann.AnnShortlist.search merges them."""
-    best: dict[int, float] = {}
-    for s, i in zip(scores.ravel(), ids.ravel()):
-        if i >= 0 and s > best.get(int(i), -np.inf):
-            best[int(i)] = float(s)
-    return np.array(sorted(best, key=lambda i: -best[i])[:k], np.int64)
-
-
 def recall(index_dir: Path, sketches: list[np.ndarray], truth: list[np.ndarray]) -> dict:
     """Shortlist recall against the exact scan: of the exact best 200 and of the exact best 10,
     the share in the ANN's merged 200 (the product's shortlist as worker.ann asks it)."""
     shortlist = ann.AnnShortlist(index_dir)
     at200, at10 = [], []
     for vectors, exact in zip(sketches, truth):
-        scores, ids = shortlist.index.search(vectors, RECALL_AT)
-        found = set(merged_ids(scores, ids, RECALL_AT).tolist())
+        found = set(ann.merge_results(*shortlist.index.search(vectors, RECALL_AT))[0][:RECALL_AT].tolist())
         at200.append(len(found & set(exact.tolist())) / len(exact))
         at10.append(len(found & set(exact[:10].tolist())) / min(10, len(exact)))
     return {"at200": float(np.mean(at200)), "at10": float(np.mean(at10))}
@@ -131,7 +117,7 @@ def recall(index_dir: Path, sketches: list[np.ndarray], truth: list[np.ndarray])
 
 def png(sketch: torch.Tensor) -> bytes:
     out = io.BytesIO()
-    Image.fromarray((sketch[0].cpu().numpy() * 255).round().astype(np.uint8)).save(out, "PNG")
+    Image.fromarray(sketch_pixels(sketch)).save(out, "PNG")
     return out.getvalue()
 
 

@@ -67,25 +67,6 @@ class Feedback:
         return [parse_hit_id(i, rasters) for i in self.positive], [parse_hit_id(i, rasters) for i in self.negative]
 
 
-def describe_places(placements: list[Placement], size: int) -> torch.Tensor:
-    """Unit fine-layout descriptors of places, each read and drawn as one picture: (n, dim)."""
-    from worker import edge_cells
-    from worker.verify import draw_placements
-
-    if not placements:
-        return torch.zeros(0, 1)
-    drawings = draw_placements(placements, size)
-    return edge_cells.describe(torch.from_numpy(drawings), edge_cells.FINE)
-
-
-def describe_sketch(sketch: torch.Tensor) -> torch.Tensor:
-    """The sketch's fine-layout descriptor (dim,), as describe_places describes places."""
-    from worker import edge_cells
-
-    drawing = torch.from_numpy((sketch[0].cpu().numpy() * 255).round().astype(np.uint8))[None]
-    return edge_cells.describe(drawing, edge_cells.FINE)[0]
-
-
 def rocchio_query(sketch: torch.Tensor, good: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
     """q' = ALPHA q + BETA mean(good) - GAMMA mean(bad), all unit descriptors."""
     query = ALPHA * sketch

@@ -20,6 +20,7 @@ from worker.placement import Placement
 from worker.ranking import RankingConfig
 from worker.search import Hit, SearchResult, dedupe, search
 from worker.store import WGS84, TileIndex
+from worker.verify import describe_places, describe_sketch
 
 OWN_PLACE_MARGIN = 5  # extra places asked for, to fill the list after the example's own place is left out
 
@@ -80,10 +81,10 @@ def rerank(index: TileIndex, model, sketch: torch.Tensor, ranking: RankingConfig
             pool += more
             prior += list(range(1, len(more) + 1))
     marked = good + bad
-    described = fb.describe_places([h.placement for h in pool] + marked, size)
+    described = describe_places([h.placement for h in pool] + marked, size)
     candidates, good_d, bad_d = (described[:len(pool)], described[len(pool):len(pool) + len(good)],
                                  described[len(pool) + len(good):])
-    query = fb.rocchio_query(fb.describe_sketch(sketch), good_d, bad_d)
+    query = fb.rocchio_query(describe_sketch(sketch), good_d, bad_d)
     scores = fb.feedback_scores(candidates, query, np.asarray(prior, np.float64))
     rejected = overlapping([h.placement for h in pool], reproject_rings(bad, WGS84), WGS84, fb.SAME_PLACE_IOU)
     order = np.array([i for i in np.argsort(-scores, kind="stable") if not rejected[i]], dtype=np.int64)

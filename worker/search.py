@@ -33,7 +33,7 @@ from worker.ranking import RankingConfig
 from worker.store import WGS84, TileIndex
 from worker.tile_windows import tile_window_candidates
 from worker.token_ranking import tile_candidates, tile_placement, token_rerank
-from worker.verify import sketch_descriptor, verify
+from worker.verify import describe_sketch, verify
 
 
 def dedupe(polygons: list[Polygon], order: np.ndarray, max_overlap: float, limit: int | None = None) -> list[int]:
@@ -115,6 +115,7 @@ def search(index: TileIndex, model, sketch_tensor: torch.Tensor, ranking: Rankin
         placements = [tile_placement(index, c.tile_row) for c in candidates]
     else:
         templates = query_templates.build(sketch_tensor, ranking.sizes, ranking.angles, model.device)
+        sketch_descriptor = describe_sketch(sketch_tensor)
         scanner = scanner_of(index, model.device)
         t["encode"] = time.perf_counter()
         shortlist = ann_shortlist(index, ranking)
@@ -126,7 +127,7 @@ def search(index: TileIndex, model, sketch_tensor: torch.Tensor, ranking: Rankin
                 searched = set(keys)
                 windows = [w for w in windows[:ranking.ann_windows] if (int(w[0]), int(w[1])) in searched]
                 candidates = ann_peaks(scanner, templates, ranking, np.asarray(windows).reshape(-1, 4))
-            candidates += tile_window_candidates(index, templates, candidates, sketch_descriptor(sketch_tensor),
+            candidates += tile_window_candidates(index, templates, candidates, sketch_descriptor,
                                                  ranking.tile_windows, ranking.inked_only)
             t["shortlist"] = time.perf_counter()
             raise_if_stopped("refining the shortlist")
@@ -135,7 +136,7 @@ def search(index: TileIndex, model, sketch_tensor: torch.Tensor, ranking: Rankin
         for c in candidates:
             c.score = c.fine + ranking.coarse_weight * c.coarse
         raise_if_stopped("verifying the best placements")
-        verify(index, sketch_tensor, candidates, ranking, model.img_size)
+        verify(index, sketch_descriptor, candidates, ranking, model.img_size)
         t["verify"] = time.perf_counter()
         raise_if_stopped("the token re-rank")
         token_rerank(index, model, sketch_tensor, candidates, ranking)

@@ -138,6 +138,11 @@ def prepare_sketch(img: Image.Image, size: int, crop_to_ink: bool = False) -> to
     return arr[None].expand(3, -1, -1).contiguous()
 
 
+def sketch_pixels(sketch: torch.Tensor) -> np.ndarray:
+    """A prepared sketch (3, S, S) in [0, 1] back to its drawing: (S, S) uint8, dark lines on white."""
+    return (sketch[0].cpu().numpy() * 255).round().astype(np.uint8)
+
+
 def load_sketch(source: str | Path | bytes | StrokeSketch, size: int, crop_to_ink: bool = False) -> torch.Tensor:
     """Any sketch input -> model-ready tensor. Strokes are rendered into their frame (see
     StrokeSketch.frame), so `crop_to_ink` only changes images."""

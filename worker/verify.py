@@ -19,6 +19,7 @@ from worker.candidates import Candidate, standardise
 from worker.edge_cells import FINE
 from worker.placement import Placement
 from worker.ranking import RankingConfig
+from worker.sketch import sketch_pixels
 from worker.store import TileIndex
 
 
@@ -48,16 +49,22 @@ def _draw(placements: list[Placement], size: int) -> np.ndarray:
     return tile_line_drawings(images, valid)[..., 0]
 
 
-def sketch_descriptor(sketch_tensor: torch.Tensor) -> torch.Tensor:
-    """The whole sketch's unit FINE HOG descriptor, as a drawing of a place is described."""
-    sketch = torch.from_numpy((sketch_tensor[0].cpu().numpy() * 255).round().astype(np.uint8))[None]
-    return edge_cells.describe(sketch, FINE)[0]
+def describe_places(placements: list[Placement], size: int) -> torch.Tensor:
+    """Unit FINE HOG descriptors of places, each read and drawn as one picture: (n, dim)."""
+    if not placements:
+        return torch.zeros(0, 1)
+    return edge_cells.describe(torch.from_numpy(draw_placements(placements, size)), FINE)
 
 
-def verify(index: TileIndex, sketch_tensor: torch.Tensor, candidates: list[Candidate], ranking: RankingConfig,
+def describe_sketch(sketch: torch.Tensor) -> torch.Tensor:
+    """A prepared sketch's unit FINE HOG descriptor (dim,), as a drawn place is described."""
+    return edge_cells.describe(torch.from_numpy(sketch_pixels(sketch))[None], FINE)[0]
+
+
+def verify(index: TileIndex, sketch_descriptor: torch.Tensor, candidates: list[Candidate], ranking: RankingConfig,
            size: int) -> list[int]:
     """Re-score the best `ranking.verify` candidates, and every tile window among the candidates,
-    by the sketch's HOG against their own drawing: the place read from its raster at the
+    by the sketch's HOG (`sketch_descriptor`, worker.verify.describe_sketch) against their own drawing: the place read from its raster at the
     placement (turned as the sketch's frame) and drawn as one picture; a tile window's drawing is
     its stored cells (worker.tile_windows). The level maps join the drawings of overlapping tiles,
     each made with its own contrast; a person draws what they see in their frame, so the frame
@@ -73,9 +80,8 @@ def verify(index: TileIndex, sketch_tensor: torch.Tensor, candidates: list[Candi
     to_draw = [i for i in order if candidates[i].drawn is None]
     own_of = {i: candidates[i].drawn for i in order if candidates[i].drawn is not None}
     if to_draw:
-        drawings = draw_placements([candidates[i].placement(index.maps[candidates[i].map_key]) for i in to_draw], size)
-        seen = edge_cells.describe(torch.from_numpy(drawings), FINE)
-        own_of.update(zip(to_draw, (seen @ sketch_descriptor(sketch_tensor)).tolist()))
+        seen = describe_places([candidates[i].placement(index.maps[candidates[i].map_key]) for i in to_draw], size)
+        own_of.update(zip(to_draw, (seen @ sketch_descriptor).tolist()))
     own = np.array([own_of[i] for i in order])
     combined = standardise(own) * ranking.verify_weight + standardise([candidates[i].score for i in order])
     for i, v, z in zip(order, own, combined):
