@@ -176,20 +176,24 @@ def refine(scanner: Scanner, templates: query_templates.Templates, ranking: Rank
         if not group:
             continue
         fine = templates.fine[size]  # A angles
-        scores = _fine_scores(scanner, fine, size, [(c.map_key, c.row, c.col) for c in group], pad,
-                              ranking.inked_only)  # B, A, offsets
         mean = torch.zeros(len(templates.angles))
         std = torch.ones(len(templates.angles))
         if ranking.calibrate:
             spots = scanner.random_spots(keys, BACKGROUND_SPOTS, size // CELL, rng)
             background = _fine_scores(scanner, fine, size, spots, pad, ranking.inked_only).amax(2)  # S, A
             mean, std = background.mean(0), background.std(0).clamp(min=1e-6)
-        z = (scores - mean[None, :, None]) / std[None, :, None]
-        for c, row in zip(group, z):
-            angle = templates.angles.index(c.angle)
+        for c in group:
             if c.drawn is not None:  # a tile window: its own drawing's fine cosine, calibrated the same way
+                angle = templates.angles.index(c.angle)
                 c.fine = float((c.fine - mean[angle]) / std[angle])
-                continue
+        movable = [c for c in group if c.drawn is None]
+        if not movable:
+            continue
+        scores = _fine_scores(scanner, fine, size, [(c.map_key, c.row, c.col) for c in movable], pad,
+                              ranking.inked_only)  # B, A, offsets
+        z = (scores - mean[None, :, None]) / std[None, :, None]
+        for c, row in zip(movable, z):
+            angle = templates.angles.index(c.angle)
             value, at = row[angle].max(0)
             c.fine = float(value)
             c.row += int(at) // width - pad
