@@ -281,10 +281,16 @@ class AnnShortlist:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Window rows (raster id, scale, row, col) and scores of the best `k` windows per query,
         merged (best score per window), best first."""
-        scores, ids = self.index.search(queries, k)
-        best: dict[int, float] = {}
-        for s, i in zip(scores.ravel(), ids.ravel()):
-            if i >= 0 and s > best.get(int(i), -np.inf):
-                best[int(i)] = float(s)
-        order = sorted(best, key=lambda i: -best[i])
-        return np.asarray(self.windows[order]) if order else np.zeros((0, 4), np.int32), np.array([best[i] for i in order])
+        order, scores = merge_results(*self.index.search(queries, k))
+        return np.asarray(self.windows[order]) if len(order) else np.zeros((0, 4), np.int32), scores
+
+
+def merge_results(scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """FAISS's results of several query vectors as one list: distinct ids, each with its best
+    score, best first (ids, scores)."""
+    best: dict[int, float] = {}
+    for s, i in zip(scores.ravel(), ids.ravel()):
+        if i >= 0 and s > best.get(int(i), -np.inf):
+            best[int(i)] = float(s)
+    order = sorted(best, key=lambda i: -best[i])
+    return np.array(order, np.int64), np.array([best[i] for i in order])
