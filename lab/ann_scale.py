@@ -81,35 +81,39 @@ class ExactBest:
 
 
 def build_synthetic(index: TileIndex, base: np.ndarray, base_rows: np.ndarray, n: int, sketches: list[np.ndarray],
-                    batch: int = 100_000) -> dict:
+                    batch: int = 100_000, factory: str | None = None) -> dict:
     """Build an ANN shortlist of n synthetic windows into `index`'s ann/ folder, as `build-ann`
     would, and find each sketch's exact best RECALL_AT windows in the same pass."""
     import faiss
 
-    factory = ann.factory_for(n)
+    factory = ann.factory_for(n, factory)
     exact = ExactBest(sketches, RECALL_AT)
     t0 = time.perf_counter()
     faiss_index = faiss.index_factory(base.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
-    faiss_index.train(next(synthetic_windows(base, min(n, ann.TRAIN_MAX), ann.TRAIN_MAX))[0])
+    sample = next(synthetic_windows(base, min(n, ann.TRAIN_MAX), ann.TRAIN_MAX))[0]
+    faiss_index.train(sample)
+    refine = ann.RefineWriter.trained(ann.ann_dir(index.dir), faiss_index, sample, n)
     rows, exact_s = [], 0.0
     for x, sources in synthetic_windows(base, n, batch):
         faiss_index.add(x)
+        refine.add(x)
         rows.append(base_rows[sources])
         t1 = time.perf_counter()
         exact.add(x)
         exact_s += time.perf_counter() - t1
-    info = ann._write(index, faiss_index, rows, factory, t0)
+    info = ann._write(index, faiss_index, rows, refine, factory, t0)
     return {"factory": factory, "build_s": round(info.build_s - exact_s, 1), "bytes": info.bytes_on_disk,
             "exact": exact.best_first()}
 
 
-def recall(index_dir: Path, sketches: list[np.ndarray], truth: list[np.ndarray]) -> dict:
+def recall(index_dir: Path, sketches: list[np.ndarray], truth: list[np.ndarray], neighbours: int) -> dict:
     """Shortlist recall against the exact scan: of the exact best 200 and of the exact best 10,
-    the share in the ANN's merged 200 (the product's shortlist as worker.ann asks it)."""
+    the share in the ANN's best 200, asked as the product asks it (`neighbours` a query vector,
+    re-ranked: worker.ann.AnnShortlist.candidates)."""
     shortlist = ann.AnnShortlist(index_dir)
     at200, at10 = [], []
     for vectors, exact in zip(sketches, truth):
-        found = set(ann.merge_results(*shortlist.index.search(vectors, RECALL_AT))[0][:RECALL_AT].tolist())
+        found = set(shortlist.candidates(vectors, neighbours)[0][:RECALL_AT].tolist())
         at200.append(len(found & set(exact.tolist())) / len(exact))
         at10.append(len(found & set(exact[:10].tolist())) / min(10, len(exact)))
     return {"at200": float(np.mean(at200)), "at10": float(np.mean(at10))}

@@ -157,7 +157,7 @@ def ann_at_scale(index_dir: Path, raster_root: Path, queries: list[torch.Tensor]
         n = int(tiles * ann_scale.WINDOWS_PER_TILE)
         key = str(tiles)
         built = ann_scale.build_synthetic(index, base, base_rows, n, vectors)
-        found = ann_scale.recall(scale_dir, vectors, built["exact"])
+        found = ann_scale.recall(scale_dir, vectors, built["exact"], ranking.ann_neighbours)
         e2e = ann_scale.end_to_end(scale_dir, raster_root, queries)
         out["windows"][key], out["factory"][key], out["build_s"][key] = n, built["factory"], built["build_s"]
         out["shortlist_recall_at_200"][key] = round(found["at200"], 3)

@@ -50,6 +50,40 @@ def test_the_ann_shortlist_finds_what_the_exact_scan_finds(index_with_ann, model
     assert found["on"] >= found["off"] - 1 and found["off"] >= 5, found
 
 
+def test_the_compressed_shortlist_re_ranks_its_candidates_close_to_the_exact_vectors(s2_index, model, tmp_path):
+    """PQ codes rank windows only roughly, so the shortlist re-ranks FAISS's candidates by their
+    8-bit rotated vectors. Scene-sized indexes are too small for PQ to lose anything, so this
+    is lab.ann_scale's set-up in small: 5,000 windows mixed from the scene's real ones, a
+    small OPQ + IVF-PQ factory. Of each sketch's exact best 200 windows, the re-ranked 200 hold
+    at least 0.72, and clearly more than PQ's own order of the same candidates. Measured on 6
+    sketches: 0.79 re-ranked, 0.66 by PQ's order."""
+    import faiss
+
+    from lab import ann_scale
+    from worker import query_templates
+
+    folder = tmp_path / "index"
+    shutil.copytree(s2_index, folder)
+    index = TileIndex.open(folder)
+    ranking = RankingConfig()
+    queries = [ann.query_vectors(query_templates.build(sketch, ranking.sizes, ranking.angles).coarse)
+               for _, sketch in frames(index, 6, seed=11)]
+    built = ann_scale.build_synthetic(index, *ann_scale.real_windows(index), 5000, queries,
+                                      factory="OPQ16_64,IVF16,PQ16")
+    shortlist = ann.AnnShortlist(folder)
+    assert faiss.extract_index_ivf(shortlist.index).nprobe == ann.NPROBE
+    refined, by_pq = [], []
+    for q, exact in zip(queries, built["exact"]):
+        exact = set(exact.tolist())
+        refined.append(len(exact & set(shortlist.candidates(q, ranking.ann_neighbours)[0][:200].tolist())) / 200)
+        scores, ids = shortlist.index.search(q, ranking.ann_neighbours)
+        best: dict[int, float] = {}
+        for s, i in zip(scores.ravel(), ids.ravel()):
+            best[int(i)] = max(best.get(int(i), -np.inf), float(s))
+        by_pq.append(len(exact & set(sorted(best, key=lambda i: -best[i])[:200])) / 200)
+    assert np.mean(refined) >= 0.72 and np.mean(refined) >= np.mean(by_pq) + 0.08, (refined, by_pq)
+
+
 def test_auto_asks_the_ann_only_for_large_indexes(index_with_ann):
     index = TileIndex.open(index_with_ann[0])
     assert len(index) < ann.AUTO_MIN_TILES
@@ -69,6 +103,24 @@ def test_an_ann_older_than_its_index_is_not_asked_until_updated(index_with_ann, 
     index = TileIndex.open(folder)
     shortlist = ann_shortlist(index, RankingConfig(ann="on"))
     assert shortlist is not None and set(np.unique(shortlist.windows[:, 0])) == {0, 1}
+
+
+def test_an_ann_of_an_older_format_is_not_asked_until_rebuilt(index_with_ann, tmp_path):
+    """A shortlist built before the re-rank codes existed has no refine.npy: the search scans
+    exactly instead of failing, `info` says it is not current, and `update` rebuilds it."""
+    import json
+
+    folder = tmp_path / "index"
+    shutil.copytree(index_with_ann[0], folder)
+    meta = ann.ann_dir(folder) / "ann.json"
+    old = {k: v for k, v in json.loads(meta.read_text()).items() if k != "format"}
+    meta.write_text(json.dumps(old))
+    (ann.ann_dir(folder) / "refine.npy").unlink()
+    index = TileIndex.open(folder)
+    assert ann_shortlist(index, RankingConfig(ann="on")) is None and not ann.describe(index)["current"]
+    ann.update(index)
+    index = TileIndex.open(folder)
+    assert ann_shortlist(index, RankingConfig(ann="on")) is not None and ann.describe(index)["current"]
 
 
 @pytest.mark.parametrize("name", ann.MAPPED_FILES)

@@ -91,7 +91,7 @@ def ann_shortlist(index: TileIndex, ranking: RankingConfig) -> AnnShortlist | No
     if getattr(index, "_ann", None) is None:
         index._ann = AnnShortlist(index.dir)
     if not index._ann.covers(index):
-        log.warning("%s: its ANN shortlist is older than its tiles; scanning exactly (run `build-ann`)", index.dir)
+        log.warning("%s: its ANN shortlist is older than its tiles or this worker; scanning exactly (run `build-ann`)", index.dir)
         return None
     return index._ann
 
