@@ -125,17 +125,17 @@ def png(sketch: torch.Tensor) -> bytes:
     return out.getvalue()
 
 
-def end_to_end(index_dir: Path, raster_root: Path, sketches: list[torch.Tensor]) -> dict:
-    """Searches with `ann: on` through a real worker process over ZeroMQ: p50 and p95 ms as the
-    client sees them, and the worker's peak resident memory."""
+def end_to_end(index_dir: Path, raster_root: Path, sketches: list[torch.Tensor], ann_mode: str = "on") -> dict:
+    """Searches (with `ann: on` unless told) through a real worker process over ZeroMQ: p50 and
+    p95 ms as the client sees them, and the worker's peak resident memory."""
     worker = WorkerProcess(index_dir.parent, raster_root).start()
     try:
         times = []
         with worker.client(timeout=120) as client:
-            client.search(index_dir.name, png(sketches[0]), ann="on", top=10)  # warm-up: opens the index
+            client.search(index_dir.name, png(sketches[0]), ann=ann_mode, top=10)  # warm-up: opens the index
             for sketch in sketches[:TIMED_QUERIES]:
                 t0 = time.perf_counter()
-                client.search(index_dir.name, png(sketch), ann="on", top=10)
+                client.search(index_dir.name, png(sketch), ann=ann_mode, top=10)
                 times.append(1e3 * (time.perf_counter() - t0))
         status = Path(f"/proc/{worker.proc.pid}/status").read_text()
         hwm_kb = int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1])
