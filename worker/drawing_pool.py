@@ -48,6 +48,18 @@ def read_and_draw(raster: dict, tiles: list[Tile], size: int, min_valid: float) 
     return DrawnBatch(kept, shares, images_a, line_drawing.tile_line_drawings(images_a, np.stack(masks)))
 
 
+def drawn_batches(raster: dict, tiles: list[Tile], size: int, batch_size: int, min_valid: float,
+                  pool: "DrawingPool | None" = None) -> Iterator[tuple[int, DrawnBatch]]:
+    """(tiles of the plan read so far, the drawn batch) for each batch of `tiles`, in order: read
+    and drawn in `pool`'s processes, or here, one batch at a time, without one."""
+    if pool is not None:
+        yield from pool.batches(raster, tiles, size, batch_size, min_valid)
+        return
+    for start in range(0, len(tiles), batch_size):
+        yield min(start + batch_size, len(tiles)), read_and_draw(raster, tiles[start:start + batch_size], size,
+                                                                 min_valid)
+
+
 def default_processes(device_type: str) -> int:
     """Drawing processes by default: on a GPU every core but one draws; on a CPU none (the model
     already uses every core, and a pool would only add copying)."""

@@ -73,7 +73,7 @@ def rerank(index: TileIndex, model, sketch: torch.Tensor, ranking: RankingConfig
     pool = list(hits)
     prior = list(range(1, len(hits) + 1))
     if good:
-        good_drawings = describe_drawings(good[:fb.EXPANSIONS], size)
+        good_drawings = places_as_sketches(good[:fb.EXPANSIONS], size)
         for drawing in good_drawings:
             raise_if_stopped("searching for places like the ones marked good")
             more = search(index, model, drawing, ranking, top=fb.EXPANSION_TOP, area_wgs84=area_wgs84,
@@ -92,7 +92,7 @@ def rerank(index: TileIndex, model, sketch: torch.Tensor, ranking: RankingConfig
     return [replace(pool[i], rank=n + 1, score=float(scores[i])) for n, i in enumerate(kept)]
 
 
-def describe_drawings(places: list[Placement], size: int) -> list[torch.Tensor]:
+def places_as_sketches(places: list[Placement], size: int) -> list[torch.Tensor]:
     """Places drawn as one picture each, as sketch tensors (3, S, S) in [0, 1]."""
     from worker.verify import draw_placements
 

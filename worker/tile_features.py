@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from worker import edge_cells, line_drawing
+from worker import edge_cells
 from worker.level_maps import cell_origin, level_pixel
 from worker.tiling import Tile
 
@@ -41,12 +41,6 @@ def cells_on_grid(drawings: np.ndarray, tiles: list[Tile], tile_size: int, devic
         hist = edge_cells.quantise(edge_cells.cell_histograms(batch[idx], phase))
         cells[idx, :hist.shape[1], :hist.shape[2]] = hist
     return cells, origins
-
-
-@torch.inference_mode()
-def describe_tiles(model, tiles: list[Tile], images: np.ndarray, valid: np.ndarray | None, tile_size: int) -> TileFeatures:
-    """uint8 (B, S, S, 3) tile pixels and their (B, S, S) valid masks -> what the index stores."""
-    return describe_drawings(model, tiles, line_drawing.tile_line_drawings(images, valid), images, tile_size)
 
 
 @torch.inference_mode()

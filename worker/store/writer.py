@@ -18,9 +18,9 @@ from worker.store.format import (CHUNK_TILES, MANIFEST, RECORD_DTYPE, SHARDS, TI
 from worker.store.gpkg import write_tiles_gpkg
 from worker.store.maps import join_maps, remove_maps, write_maps
 from worker.store.reader import TileIndex
-from worker.drawing_pool import DrawingPool, default_processes
-from worker.tile_features import TileFeatures, describe_drawings, describe_tiles
-from worker.tiling import RasterInfo, Tile, TileSettings, iter_tile_pixels, open_raster, plan_tiles
+from worker.drawing_pool import DrawingPool, default_processes, drawn_batches
+from worker.tile_features import TileFeatures, describe_drawings
+from worker.tiling import RasterInfo, Tile, TileSettings, open_raster, plan_tiles
 
 log = logging.getLogger(__name__)
 
@@ -231,44 +231,17 @@ def compute_chunk(model, job: ChunkJob, settings: TileSettings, batch_size: int,
     """Read, draw and encode one chunk's tiles (None when stopped between batches). Runs
     wherever the model and the raster files are: this process or a cluster's worker; with a
     pool, reading and drawing run in its processes."""
-    raster = RasterInfo.from_json(job.raster)
     kept: list[Tile] = []
     valid: list[float] = []
     outputs: list[TileFeatures] = []
-    if pool is not None:
-        for n, drawn in pool.batches(job.raster, list(job.tiles), model.img_size, batch_size, settings.min_valid):
-            if should_stop():
-                return None
-            if drawn.tiles:
-                kept += drawn.tiles
-                valid += drawn.valid_share
-                outputs.append(describe_drawings(model, drawn.tiles, drawn.drawings, drawn.images, settings.tile))
-            batch_done(n)
-        return _chunk_result(job, kept, valid, outputs)
-    batch: list[np.ndarray] = []
-    masks: list[np.ndarray] = []
-
-    def encode() -> None:
-        outputs.append(describe_tiles(model, kept[len(kept) - len(batch):], np.stack(batch), np.stack(masks),
-                                      settings.tile))
-        batch.clear()
-        masks.clear()
-
-    for n, (tile, image, mask) in enumerate(iter_tile_pixels(raster, list(job.tiles), model.img_size), start=1):
-        fraction = float(mask.mean())
-        if fraction < settings.min_valid:
-            continue
-        kept.append(tile)
-        valid.append(fraction)
-        batch.append(image)
-        masks.append(mask)
-        if len(batch) == batch_size:
-            if should_stop():
-                return None
-            encode()
-            batch_done(n)  # progress within the chunk (committed only at its end)
-    if batch:
-        encode()
+    for n, drawn in drawn_batches(job.raster, list(job.tiles), model.img_size, batch_size, settings.min_valid, pool):
+        if should_stop():
+            return None
+        if drawn.tiles:
+            kept += drawn.tiles
+            valid += drawn.valid_share
+            outputs.append(describe_drawings(model, drawn.tiles, drawn.drawings, drawn.images, settings.tile))
+        batch_done(n)  # progress within the chunk (committed only at its end)
     return _chunk_result(job, kept, valid, outputs)
 
 
