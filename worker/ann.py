@@ -338,6 +338,36 @@ def update(index: TileIndex) -> AnnInfo | None:
     return _write(index, ann, rows, refine, built["factory"], began)
 
 
+class RefineCodes:
+    """refine.npy's rows, read by position (pread), not memory-mapped: a search reads a few
+    thousand scattered rows of a file of gigabytes, and mapped pages (with the kernel's
+    read-ahead) would count to the worker's resident memory (7.7 GB at 10M tiles, measured)."""
+
+    def __init__(self, path: Path):
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+            self.offset = f.tell()
+        if dtype != np.uint8 or len(shape) != 2:
+            raise CorruptIndexError(f"{path}: {dtype} {shape}, expected 8-bit codes; run `python -m worker build-ann` again")
+        self.shape = shape
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """The codes of rows `ids` (ascending reads the file in order): (len(ids), dim) uint8."""
+        width = self.shape[1]
+        out = bytearray(len(ids) * width)
+        view = memoryview(out)
+        for n, i in enumerate(ids.tolist()):
+            view[n * width:(n + 1) * width] = os.pread(self.fd, width, self.offset + i * width)
+        return np.frombuffer(out, np.uint8).reshape(len(ids), width)
+
+    def __del__(self) -> None:
+        if getattr(self, "fd", None) is not None:
+            os.close(self.fd)
+
+
 class AnnShortlist:
     """A built ANN shortlist, memory-mapped: which grid windows a sketch may lie near."""
 
@@ -357,7 +387,7 @@ class AnnShortlist:
         if isinstance(quantiser, faiss.IndexHNSW):
             quantiser.hnsw.efSearch = QUANTISER_EF
         self.windows = np.load(folder / "windows.npy", mmap_mode="r")
-        self.refine = np.load(folder / "refine.npy", mmap_mode="r")
+        self.refine = RefineCodes(folder / "refine.npy")
         self.refine_range = np.load(folder / "refine_range.npy")
 
     @staticmethod
@@ -376,7 +406,7 @@ class AnnShortlist:
         ids = np.unique(ids[ids >= 0])
         if not len(ids):
             return ids, np.zeros(0, np.float32)
-        vectors = np.asarray(self.refine[ids], np.float32) * self.refine_range[1] + self.refine_range[0]
+        vectors = self.refine.rows(ids).astype(np.float32) * self.refine_range[1] + self.refine_range[0]
         scores = (rotate(self.index, queries) @ vectors.T).max(0)
         order = np.argsort(-scores, kind="stable")
         return ids[order], scores[order]
