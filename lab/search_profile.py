@@ -22,7 +22,6 @@ import numpy as np
 
 from lab import ann_scale
 from lab.bench_speed import sketches
-from lab.worker_process import WorkerProcess
 from worker import ann, query_templates
 from worker.assets import load_asset_paths
 from worker.model.loading import load_model

@@ -339,29 +339,30 @@ def update(index: TileIndex) -> AnnInfo | None:
 
 
 class RefineCodes:
-    """refine.npy's rows, read by position (pread), not memory-mapped: a search reads a few
-    thousand scattered rows of a file of gigabytes, and mapped pages (with the kernel's
-    read-ahead) would count to the worker's resident memory (7.7 GB at 10M tiles, measured)."""
+    """The re-rank vectors: refine.npy's 8-bit codes, read by position (pread), not
+    memory-mapped, and decoded over refine_range.npy. A search reads a few thousand scattered
+    rows of a file of gigabytes, and mapped pages (with the kernel's read-ahead) would count to
+    the worker's resident memory (7.7 GB at 10M tiles, measured)."""
 
-    def __init__(self, path: Path):
-        with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, _, dtype = read_header(f)
-            self.offset = f.tell()
-        if dtype != np.uint8 or len(shape) != 2:
-            raise CorruptIndexError(f"{path}: {dtype} {shape}, expected 8-bit codes; run `python -m worker build-ann` again")
-        self.shape = shape
+    def __init__(self, folder: Path):
+        path = folder / "refine.npy"
+        header = np.load(path, mmap_mode="r")  # the array's shape and where its rows start; no row is read
+        if header.dtype != np.uint8 or header.ndim != 2:
+            raise CorruptIndexError(f"{path}: {header.dtype} {header.shape}, expected 8-bit codes; "
+                                    "run `python -m worker build-ann` again")
+        self.offset, self.width = header.offset, header.shape[1]
+        del header
+        self.range = np.load(folder / "refine_range.npy")  # each dimension's low end and step (RefineWriter)
         self.fd = os.open(path, os.O_RDONLY)
 
-    def rows(self, ids: np.ndarray) -> np.ndarray:
-        """The codes of rows `ids` (ascending reads the file in order): (len(ids), dim) uint8."""
-        width = self.shape[1]
-        out = bytearray(len(ids) * width)
+    def vectors(self, ids: np.ndarray) -> np.ndarray:
+        """The decoded rotated vectors of rows `ids` (ascending reads the file in order): (len(ids), dim)."""
+        out = bytearray(len(ids) * self.width)
         view = memoryview(out)
         for n, i in enumerate(ids.tolist()):
-            view[n * width:(n + 1) * width] = os.pread(self.fd, width, self.offset + i * width)
-        return np.frombuffer(out, np.uint8).reshape(len(ids), width)
+            view[n * self.width:(n + 1) * self.width] = os.pread(self.fd, self.width, self.offset + i * self.width)
+        codes = np.frombuffer(out, np.uint8).reshape(len(ids), self.width)
+        return codes.astype(np.float32) * self.range[1] + self.range[0]
 
     def __del__(self) -> None:
         if getattr(self, "fd", None) is not None:
@@ -387,8 +388,7 @@ class AnnShortlist:
         if isinstance(quantiser, faiss.IndexHNSW):
             quantiser.hnsw.efSearch = QUANTISER_EF
         self.windows = np.load(folder / "windows.npy", mmap_mode="r")
-        self.refine = RefineCodes(folder / "refine.npy")
-        self.refine_range = np.load(folder / "refine_range.npy")
+        self.refine = RefineCodes(folder)
 
     @staticmethod
     def exists(index_dir: Path) -> bool:
@@ -406,8 +406,7 @@ class AnnShortlist:
         ids = np.unique(ids[ids >= 0])
         if not len(ids):
             return ids, np.zeros(0, np.float32)
-        vectors = self.refine.rows(ids).astype(np.float32) * self.refine_range[1] + self.refine_range[0]
-        scores = (rotate(self.index, queries) @ vectors.T).max(0)
+        scores = (rotate(self.index, queries) @ self.refine.vectors(ids).T).max(0)
         order = np.argsort(-scores, kind="stable")
         return ids[order], scores[order]
 
