@@ -92,6 +92,15 @@ def test_drawing_in_other_processes_gives_the_same_index(tmp_path, assets, model
     assert [p.tiles_done for p in seen] == sorted(p.tiles_done for p in seen) and seen[-1].tiles_done == seen[-1].tiles_total
 
 
+def test_a_local_cluster_leaves_this_process_environment_as_it_was():
+    """Dask's nannies set OMP_NUM_THREADS=1 in the process that starts them; processes started
+    after the cluster (a worker service, a drawing pool) must not inherit it."""
+    before = dict(os.environ)
+    with connect("local:1") as client:
+        assert list(client.run(lambda: os.environ.get("OMP_NUM_THREADS")).values()) == ["1"]  # as Dask means it
+    assert dict(os.environ) == before
+
+
 def test_the_command_line_indexes_on_a_local_cluster(tmp_path, assets):
     import json
     import subprocess
