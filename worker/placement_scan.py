@@ -31,6 +31,7 @@ class Scanner:
         self.index = index
         self.device = device
         self._coarse: dict[tuple[int, int], torch.Tensor] = {}
+        self._backgrounds: dict[tuple, object] = {}
 
     def shape(self, key: tuple[int, int]) -> tuple[int, int]:
         return tuple(self.index.maps[key].cells.shape[:2])
@@ -58,6 +59,21 @@ class Scanner:
             rows, cols = self.shape(keys[k])
             spots.append((keys[k], int(rng.integers(0, max(1, rows - side))), int(rng.integers(0, max(1, cols - side)))))
         return spots
+
+
+    def background(self, key: tuple, make):
+        """What `make()` computes from random regions of the index, made once per `key` and kept:
+        the backgrounds that calibrate scores are drawn with a fixed seed, so every search
+        reads and describes the same regions (reading them was a quarter of a search's scans).
+        The latest BACKGROUNDS_KEPT are kept (searches limited to other maps make other ones)."""
+        if key not in self._backgrounds:
+            while len(self._backgrounds) >= BACKGROUNDS_KEPT:
+                self._backgrounds.pop(next(iter(self._backgrounds)))
+            self._backgrounds[key] = make()
+        return self._backgrounds[key]
+
+
+BACKGROUNDS_KEPT = 16
 
 
 def scanner_of(index: TileIndex, device: torch.device) -> Scanner:
@@ -124,14 +140,18 @@ def ann_peaks(scanner: Scanner, templates: query_templates.Templates, ranking: R
     if not len(windows):
         return []
     side = WINDOW_CELLS + 2 * ANN_MARGIN
-    background = scanner.random_spots(list(scanner.index.maps), ANN_BACKGROUND, side, np.random.default_rng(0))
+
+    def background_blocks() -> torch.Tensor:
+        spots = scanner.random_spots(list(scanner.index.maps), ANN_BACKGROUND, side, np.random.default_rng(0))
+        return edge_cells.block_map(scanner.regions(spots, side), COARSE, step=COARSE_STEP)
+
+    background = scanner.background(("ann", side), background_blocks)
     spots = [((int(r), int(s)), int(row) - ANN_MARGIN, int(col) - ANN_MARGIN) for r, s, row, col in windows]
     # block maps of the regions, read and made once for every template size
-    background_blocks = edge_cells.block_map(scanner.regions(background, side), COARSE, step=COARSE_STEP)
     spot_blocks = edge_cells.block_map(scanner.regions(spots, side), COARSE, step=COARSE_STEP)
     found: list[Candidate] = []
     for size in templates.sizes:
-        bg = edge_cells.cosine_map(background_blocks, templates.coarse[size], COARSE, COARSE_STEP, ranking.inked_only)
+        bg = edge_cells.cosine_map(background, templates.coarse[size], COARSE, COARSE_STEP, ranking.inked_only)
         flat = bg.permute(1, 0, 2, 3).flatten(1)  # A, ...
         mean, std = flat.mean(1), flat.std(1).clamp(min=1e-6)
         if not ranking.calibrate:
@@ -149,14 +169,26 @@ def ann_peaks(scanner: Scanner, templates: query_templates.Templates, ranking: R
     return found[:ranking.shortlist]
 
 
-def _fine_scores(scanner: Scanner, templates: torch.Tensor, size: int, spots: list[tuple[tuple[int, int], int, int]],
-                 pad: int, inked_only: bool) -> torch.Tensor:
-    """Fine cosines of T templates (T, n, n, dim) at every offset within `pad` stored cells of
-    each spot (map key, row, col): (B, T, (2 pad + 1)^2)."""
+def _fine_blocks(scanner: Scanner, size: int, spots: list[tuple[tuple[int, int], int, int]], pad: int) -> torch.Tensor:
+    """Fine block maps of the neighbourhood within `pad` stored cells of a window of `size` level
+    px at each spot (map key, row, col): (B, dim, R, C)."""
     span = size // CELL + 2 * pad
-    regions = scanner.regions([(key, row - pad, col - pad) for key, row, col in spots], span)
-    blocks = edge_cells.block_map(regions, FINE)
+    return edge_cells.block_map(scanner.regions([(key, row - pad, col - pad) for key, row, col in spots], span), FINE)
+
+
+def _fine_scores(blocks: torch.Tensor, templates: torch.Tensor, inked_only: bool) -> torch.Tensor:
+    """Fine cosines of T templates (T, n, n, dim) at every offset of fine block maps
+    (worker.placement_scan._fine_blocks): (B, T, (2 pad + 1)^2)."""
     return edge_cells.cosine_map(blocks, templates, FINE, inked_only=inked_only).flatten(2)
+
+
+def _refine_backgrounds(scanner: Scanner, sizes: tuple[int, ...], keys: list[tuple[int, int]],
+                        pad: int) -> dict[int, torch.Tensor]:
+    """Fine block maps of BACKGROUND_SPOTS random windows of each template size in the maps
+    `keys`, drawn from one seeded generator in the order of `sizes`."""
+    rng = np.random.default_rng(0)
+    return {size: _fine_blocks(scanner, size, scanner.random_spots(keys, BACKGROUND_SPOTS, size // CELL, rng), pad)
+            for size in sizes}
 
 
 BACKGROUND_SPOTS = 96  # random windows per template size that calibrate the fine scores
@@ -170,7 +202,10 @@ def refine(scanner: Scanner, templates: query_templates.Templates, ranking: Rank
     fine cosine, which it arrives with, is calibrated the same way."""
     pad = ranking.fine_radius
     width = 2 * pad + 1
-    rng = np.random.default_rng(0)
+    backgrounds = None
+    if ranking.calibrate:
+        backgrounds = scanner.background(("refine", templates.sizes, tuple(keys), pad),
+                                         lambda: _refine_backgrounds(scanner, templates.sizes, keys, pad))
     for size in templates.sizes:
         group = [c for c in candidates if c.size == size]
         if not group:
@@ -179,8 +214,7 @@ def refine(scanner: Scanner, templates: query_templates.Templates, ranking: Rank
         mean = torch.zeros(len(templates.angles))
         std = torch.ones(len(templates.angles))
         if ranking.calibrate:
-            spots = scanner.random_spots(keys, BACKGROUND_SPOTS, size // CELL, rng)
-            background = _fine_scores(scanner, fine, size, spots, pad, ranking.inked_only).amax(2)  # S, A
+            background = _fine_scores(backgrounds[size], fine, ranking.inked_only).amax(2)  # S, A
             mean, std = background.mean(0), background.std(0).clamp(min=1e-6)
         for c in group:
             if c.drawn is not None:  # a tile window: its own drawing's fine cosine, calibrated the same way
@@ -189,7 +223,7 @@ def refine(scanner: Scanner, templates: query_templates.Templates, ranking: Rank
         movable = [c for c in group if c.drawn is None]
         if not movable:
             continue
-        scores = _fine_scores(scanner, fine, size, [(c.map_key, c.row, c.col) for c in movable], pad,
+        scores = _fine_scores(_fine_blocks(scanner, size, [(c.map_key, c.row, c.col) for c in movable], pad), fine,
                               ranking.inked_only)  # B, A, offsets
         z = (scores - mean[None, :, None]) / std[None, :, None]
         for c, row in zip(movable, z):
