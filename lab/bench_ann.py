@@ -3,7 +3,10 @@ the exact coarse scan and with the ANN shortlist (uncompressed and compressed), 
 
 The benchmark's index (lab.bench_quality) is small, so here the ANN is forced on (`ann="on"`);
 in the product it is asked only above worker.ann.AUTO_MIN_TILES tiles. Held-out scenes only.
-Run: scripts/lab bench_ann [--per-placement 2] [--out docs/benchmarks]
+With --factories and --ann-windows, only those shortlists, each scanning that many of its best
+windows (worker.ranking.RankingConfig.ann_windows), e.g. `--factories OPQ64_256+IVF-PQ64
+--ann-windows 256,128`.
+Run: scripts/lab bench_ann [--per-placement 2] [--factories A,B] [--ann-windows N,M] [--out docs/benchmarks]
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ STYLES_USED = ("simple", "sloppy", "strokes", "regions")  # dense to abstract
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-placement", type=int, default=2)
+    parser.add_argument("--factories", default=",".join(FACTORIES), help="shortlists to compare (names of FACTORIES)")
+    parser.add_argument("--ann-windows", default=str(RankingConfig.ann_windows),
+                        help="best windows of the shortlist scanned exactly, one row each")
     parser.add_argument("--out", type=Path, default=None, help="write ann_quality.md here")
     args = parser.parse_args()
     model = load_model(device="cpu")
@@ -46,16 +52,20 @@ def main() -> int:
         exact = evaluate(lambda q: search(index, model, prepare_sketch(q.image, model.img_size),
                                           RankingConfig(ann="off"), top=10).hits, queries, grid)
         rows.append(("exact scan", "", exact))
-        for name, factory in FACTORIES.items():
-            info = ann.build(index, factory=factory)
+        windows = [int(n) for n in args.ann_windows.split(",")]
+        for name in args.factories.split(","):
+            info = ann.build(index, factory=FACTORIES[name])
             index = TileIndex.open(work / "index")  # a fresh view, so the new ANN files are read
-            outcomes = evaluate(lambda q: search(index, model, prepare_sketch(q.image, model.img_size),
-                                                 RankingConfig(ann="on"), top=10).hits, queries, grid)
-            rows.append((name, f"{info.vectors} windows, {info.bytes_on_disk / info.vectors:.0f} B each", outcomes))
+            for n in windows:
+                ranking = RankingConfig(ann="on", ann_windows=n)
+                outcomes = evaluate(lambda q: search(index, model, prepare_sketch(q.image, model.img_size),
+                                                     ranking, top=10).hits, queries, grid)
+                label = name if len(windows) == 1 else f"{name}, best {n} windows scanned"
+                rows.append((label, f"{info.vectors} windows, {info.bytes_on_disk / info.vectors:.0f} B each", outcomes))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     lines = ["# ANN shortlist against the exact scan", "",
-             f"Command: `scripts/lab bench_ann --per-placement {args.per_placement}`; held-out scenes, styles "
+             f"Command: `scripts/lab bench_ann {' '.join(sys.argv[1:])}`; held-out scenes, styles "
              f"{', '.join(STYLES_USED)}; {len(queries)} queries, every placement.", "",
              "| shortlist | size | " + " | ".join(f"R@5 {p}" for p in PLACEMENTS) + " | R@5 | R@10 | IoU | ms p50 |",
              "|---|---|" + "---|" * (len(PLACEMENTS) + 4)]
