@@ -9,7 +9,7 @@ template centred in a tile's frame. PQ codes rank the candidates only roughly, s
 asked for many (ann_neighbours a query vector) and they are re-ranked by each window's vector
 after the rotation, kept at 8 bits a dimension on disk (RefineWriter): of the exact best 200
 windows the re-ranked shortlist holds 0.95, where PQ's own order of 256 a query vector held
-0.78 and the 64 asked before 0.34 (450k synthetic windows, 10 sketches). The
+0.78 and the 64 asked before 0.34 (450k synthetic windows, 10 sketches; at scale see NPROBE). The
 windows found are the neighbourhoods the exact dense scan then searches (worker.placement_scan),
 so the ranking stays exact on the candidates.
 
@@ -53,8 +53,12 @@ TRAIN_MAX = 100_000  # windows the rotation, the lists and the quantiser are tra
 # Inverted lists a query visits, and how many list heads the HNSW quantiser explores to find
 # them (its default, 16, is below NPROBE). Measured on 450k synthetic windows, 512 asked a query
 # vector and re-ranked by the full vectors: recall of the exact 200 0.94 at 32 lists, 0.97 at
-# 64, for 8 ms more (0.95 re-ranked by the 8-bit codes).
-NPROBE = 64
+# 64, for 8 ms more (0.95 re-ranked by the 8-bit codes). At 1M tiles (2.25M windows, 6000
+# lists), re-ranked by the 8-bit codes: 0.86 at 32, 0.89 at 64, 0.90 at 128, 0.91 at 256 lists
+# (512 asked), 0.92 at 128 lists with 1024 asked; the FAISS candidates then hold 0.98 of the
+# exact 200, and the re-rank codes lose the rest (0.94 with the rotated vectors unquantised,
+# 0.98 with the full vectors, which would take 1296 bytes a window instead of 256).
+NPROBE = 128
 QUANTISER_EF = 2 * NPROBE
 ADD_BATCH = 100_000
 FORMAT = 2  # 2: the re-rank codes (refine.npy); a shortlist of another format is rebuilt by `update`
