@@ -7,6 +7,8 @@ since a small or turned template matches by chance more easily than a large upri
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -32,6 +34,7 @@ class Scanner:
         self.device = device
         self._coarse: dict[tuple[int, int], torch.Tensor] = {}
         self._backgrounds: dict[tuple, object] = {}
+        self._backgrounds_lock = threading.Lock()  # searches run in several threads (search_threads)
 
     def shape(self, key: tuple[int, int]) -> tuple[int, int]:
         return tuple(self.index.maps[key].cells.shape[:2])
@@ -66,11 +69,12 @@ class Scanner:
         the backgrounds that calibrate scores are drawn with a fixed seed, so every search
         reads and describes the same regions (reading them was a quarter of a search's scans).
         The latest BACKGROUNDS_KEPT are kept (searches limited to other maps make other ones)."""
-        if key not in self._backgrounds:
-            while len(self._backgrounds) >= BACKGROUNDS_KEPT:
-                self._backgrounds.pop(next(iter(self._backgrounds)))
-            self._backgrounds[key] = make()
-        return self._backgrounds[key]
+        with self._backgrounds_lock:
+            if key not in self._backgrounds:
+                while len(self._backgrounds) >= BACKGROUNDS_KEPT:
+                    self._backgrounds.pop(next(iter(self._backgrounds)))
+                self._backgrounds[key] = make()
+            return self._backgrounds[key]
 
 
 BACKGROUNDS_KEPT = 16
