@@ -6,7 +6,7 @@ in the product it is asked only above worker.ann.AUTO_MIN_TILES tiles. Held-out 
 With --factories and --ann-windows, only those shortlists, each scanning that many of its best
 windows (worker.ranking.RankingConfig.ann_windows), e.g. `--factories OPQ64_256+IVF-PQ64
 --ann-windows 256,128`.
-Run: scripts/lab bench_ann [--per-placement 2] [--factories A,B] [--ann-windows N,M] [--out docs/benchmarks]
+Run: scripts/lab bench_ann [--per-placement 2] [--factories A,B] [--ann-windows N,M] [--skip-exact] [--out DIR]
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ def main() -> int:
     parser.add_argument("--factories", default=",".join(FACTORIES), help="shortlists to compare (names of FACTORIES)")
     parser.add_argument("--ann-windows", default=str(RankingConfig.ann_windows),
                         help="best windows of the shortlist scanned exactly, one row each")
+    parser.add_argument("--skip-exact", action="store_true", help="no exact-scan row (the slowest; deterministic)")
     parser.add_argument("--out", type=Path, default=None, help="write ann_quality.md here")
     args = parser.parse_args()
     model = load_model(device="cpu")
@@ -49,9 +50,10 @@ def main() -> int:
         grid = {r.path: [t.footprint_pixels() for t in plan_tiles(r, BENCH_TILES)] for r in scene_rasters().values()}
         index = TileIndex.open(work / "index")
         rows = []
-        exact = evaluate(lambda q: search(index, model, prepare_sketch(q.image, model.img_size),
-                                          RankingConfig(ann="off"), top=10).hits, queries, grid)
-        rows.append(("exact scan", "", exact))
+        if not args.skip_exact:
+            exact = evaluate(lambda q: search(index, model, prepare_sketch(q.image, model.img_size),
+                                              RankingConfig(ann="off"), top=10).hits, queries, grid)
+            rows.append(("exact scan", "", exact))
         windows = [int(n) for n in args.ann_windows.split(",")]
         for name in args.factories.split(","):
             info = ann.build(index, factory=FACTORIES[name])
