@@ -25,13 +25,20 @@ import torch
 from PIL import Image
 
 from lab.worker_process import WorkerProcess
-from worker import ann
+from worker import ann, query_templates
+from worker.ranking import RankingConfig
 from worker.sketch import sketch_pixels
 from worker.store import TileIndex
 
 RECALL_AT = 200  # the shortlist's length
 WINDOWS_PER_TILE = (168 / 112) ** 2  # windows every 112 level px, tiles every 168 (overlap 0.25)
 TIMED_QUERIES = 20
+
+
+def sketch_vectors(sketch: torch.Tensor) -> np.ndarray:
+    """The ANN query vectors a search asks for a sketch (3, S, S) with the default ranking."""
+    ranking = RankingConfig()
+    return ann.query_vectors(query_templates.build(sketch, ranking.sizes, ranking.angles).coarse)
 
 
 def synthetic_windows(base: np.ndarray, n: int, batch: int, noise: float = 0.1):

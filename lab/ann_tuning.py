@@ -22,7 +22,7 @@ import numpy as np
 
 from lab import ann_scale
 from lab.bench_speed import sketches
-from worker import ann, query_templates
+from worker import ann
 from worker.assets import load_asset_paths
 from worker.model.loading import load_model
 from worker.ranking import RankingConfig
@@ -62,8 +62,7 @@ def main() -> int:
         IndexWriter(index_dir, model, TileSettings()).build([Path(load_asset_paths()["s2_rgb"])])
         index = TileIndex.open(index_dir)
         ranking = RankingConfig()
-        vectors = [ann.query_vectors(query_templates.build(q, ranking.sizes, ranking.angles).coarse)
-                   for q in sketches(index, model, SKETCHES)]
+        vectors = [ann_scale.sketch_vectors(q) for q in sketches(index, model, SKETCHES)]
         n = int(args.tiles * ann_scale.WINDOWS_PER_TILE)
         built = ann_scale.build_synthetic(index, *ann_scale.real_windows(index), n, vectors)
         lines = [f"ANN shortlist at {args.tiles:,} tiles ({n:,} synthetic windows, `{built['factory']}`, built in "

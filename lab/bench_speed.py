@@ -28,7 +28,7 @@ import torch
 
 from lab import ann_scale
 from lab.pseudo_sketch import has_lines, pseudo_sketch
-from worker import ann, line_drawing, query_templates
+from worker import ann, line_drawing
 from worker.app import ModelOptions
 from worker.assets import load_asset_paths
 from worker.errors import InputError
@@ -150,7 +150,7 @@ def ann_at_scale(index_dir: Path, raster_root: Path, queries: list[torch.Tensor]
     index = TileIndex.open(scale_dir)
     base, base_rows = ann_scale.real_windows(index)
     ranking = RankingConfig()
-    vectors = [ann.query_vectors(query_templates.build(q, ranking.sizes, ranking.angles).coarse) for q in queries]
+    vectors = [ann_scale.sketch_vectors(q) for q in queries]
     out: dict = {"e2e_ms_p50": {}, "e2e_ms_p95": {}, "shortlist_recall_at_200": {}, "recall_of_best_10_at_200": {},
                  "bytes_per_tile_in_memory": {}, "peak_rss_mb": {}, "build_s": {}, "windows": {}, "factory": {}}
     for tiles in tile_counts:

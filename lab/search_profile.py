@@ -4,8 +4,8 @@ A short check beside scripts/bench_speed, from a fresh process: the same sketche
 this process (stage timings) and through a real `python -m worker serve` over ZeroMQ (what the
 client sees, and the worker's peak memory), with the exact scan and with the ANN shortlist. With
 --windows N the ANN holds N synthetic windows (lab.ann_scale; 2,250,000 is 1M tiles), else the
-real index's own windows. bench_speed's long-lived process was measured to slow the worker it
-starts (docs/benchmarks/speed.md); this is the control.
+real index's own windows. It found that bench_speed's worker, started after its Dask clusters,
+ran on one thread (worker.distributed keeps the environment now; docs/benchmarks/speed.md).
 Run: scripts/lab search_profile [--windows N] [--queries 10]
 """
 
@@ -21,22 +21,14 @@ from pathlib import Path
 import numpy as np
 
 from lab import ann_scale
-from lab.bench_speed import sketches
-from worker import ann, query_templates
+from lab.bench_speed import search_latency, sketches
+from worker import ann
 from worker.assets import load_asset_paths
 from worker.model.loading import load_model
 from worker.ranking import RankingConfig
-from worker.search import ann_shortlist, search
+from worker.search import ann_shortlist
 from worker.store import IndexWriter, TileIndex
 from worker.tiling import TileSettings
-
-
-def in_process(index: TileIndex, model, queries, mode: str) -> dict:
-    """Median ms of each stage of worker.search over `queries` (after one warm-up search)."""
-    ranking = RankingConfig(ann=mode)
-    search(index, model, queries[0], ranking)
-    runs = [search(index, model, q, ranking).timings_ms for q in queries]
-    return {k: round(float(np.median([r[k] for r in runs]))) for k in runs[0]}
 
 
 def shortlist_ms(index: TileIndex, queries) -> dict:
@@ -45,7 +37,7 @@ def shortlist_ms(index: TileIndex, queries) -> dict:
     shortlist = ann_shortlist(index, ranking)
     faiss_ms, total_ms = [], []
     for q in queries:
-        vectors = ann.query_vectors(query_templates.build(q, ranking.sizes, ranking.angles).coarse)
+        vectors = ann_scale.sketch_vectors(q)
         t0 = time.perf_counter()
         shortlist.index.search(vectors, ranking.ann_neighbours)
         t1 = time.perf_counter()
@@ -69,15 +61,15 @@ def main() -> int:
         index = TileIndex.open(index_dir)
         queries = sketches(index, model, args.queries)
         if args.windows:
-            ranking = RankingConfig()
-            vectors = [ann.query_vectors(query_templates.build(q, ranking.sizes, ranking.angles).coarse) for q in queries]
+            vectors = [ann_scale.sketch_vectors(q) for q in queries]
             ann_scale.build_synthetic(index, *ann_scale.real_windows(index), args.windows, vectors)
         else:
             ann.build(index)
         index = TileIndex.open(index_dir)
         print(f"ANN: {ann.describe(index)['vectors']:,} windows", flush=True)
         for mode in ("off", "on"):
-            print(f"in process, ann {mode}, ms: {in_process(index, model, queries, mode)}", flush=True)
+            stages = search_latency(index, model, queries, RankingConfig(ann=mode))
+            print(f"in process, ann {mode}, ms: {({k: round(v) for k, v in stages.items()})}", flush=True)
         print(f"ANN shortlist alone, ms: {shortlist_ms(index, queries)}", flush=True)
         for mode in ("off", "on"):
             e2e = ann_scale.end_to_end(index_dir, raster.parent, queries, ann_mode=mode)
