@@ -118,7 +118,7 @@ def coarse_peaks(scanner: Scanner, templates: query_templates.Templates, ranking
         std = (squares / count - mean ** 2).clamp(min=1e-12).sqrt()
         z = (scores - mean[:, None, None]) / std[:, None, None] if ranking.calibrate else scores
         best, angle = z.max(0)
-        radius = max(1, size // (CELL * COARSE_STEP) // 4)  # peaks a quarter of the window apart
+        radius = peak_radius(size)
         pooled = F.max_pool2d(best[None, None], 2 * radius + 1, stride=1, padding=radius)[0, 0]
         peak = (best >= pooled) & (scores.max(0).values > 0)
         flat = torch.nonzero(peak)
@@ -138,8 +138,10 @@ WINDOW_CELLS = 28  # a tile's 224 level px in stored cells: the ANN's windows (w
 def ann_peaks(scanner: Scanner, templates: query_templates.Templates, ranking: RankingConfig,
               windows: np.ndarray) -> list[Candidate]:
     """The coarse scan where the ANN shortlist points (windows: raster id, scale, row, col of
-    grid windows): each window and half a tile around it scanned exactly, its best peak per
-    template size kept, scores calibrated against random neighbourhoods of the index."""
+    grid windows): each window and half a tile around it scanned exactly, scores calibrated
+    against random neighbourhoods of the index, and the local peaks kept as the exact scan keeps
+    them (coarse_peaks): the neighbourhoods of nearby windows overlap, so a peak found in several
+    is kept once, and a neighbourhood may hold more than one place worth refining."""
     if not len(windows):
         return []
     side = WINDOW_CELLS + 2 * ANN_MARGIN
@@ -152,7 +154,7 @@ def ann_peaks(scanner: Scanner, templates: query_templates.Templates, ranking: R
     spots = [((int(r), int(s)), int(row) - ANN_MARGIN, int(col) - ANN_MARGIN) for r, s, row, col in windows]
     # block maps of the regions, read and made once for every template size
     spot_blocks = edge_cells.block_map(scanner.regions(spots, side), COARSE, step=COARSE_STEP)
-    found: list[Candidate] = []
+    peaks = []  # per template size: region, row, col (coarse steps in the region), angle, z
     for size in templates.sizes:
         bg = edge_cells.cosine_map(background, templates.coarse[size], COARSE, COARSE_STEP, ranking.inked_only)
         flat = bg.permute(1, 0, 2, 3).flatten(1)  # A, ...
@@ -161,15 +163,49 @@ def ann_peaks(scanner: Scanner, templates: query_templates.Templates, ranking: R
             mean, std = torch.zeros_like(mean), torch.ones_like(std)
         scores = edge_cells.cosine_map(spot_blocks, templates.coarse[size], COARSE, COARSE_STEP,
                                        ranking.inked_only)  # B, A, R, C
-        z = (scores - mean[None, :, None, None]) / std[None, :, None, None]
-        best, where = z.flatten(1).max(1)
-        per_angle = z.shape[2] * z.shape[3]
-        for (key, r0, c0), value, at in zip(spots, best.tolist(), where.tolist()):
-            angle, pos = divmod(at, per_angle)
-            r, c = divmod(pos, z.shape[3])
-            found.append(Candidate(key, size, templates.angles[angle], r0 + r * COARSE_STEP, c0 + c * COARSE_STEP, value))
-    found.sort(key=lambda c: -c.coarse)
-    return found[:ranking.shortlist]
+        best, angle = ((scores - mean[None, :, None, None]) / std[None, :, None, None]).max(1)
+        radius = peak_radius(size)
+        pooled = F.max_pool2d(best[:, None], 2 * radius + 1, stride=1, padding=radius)[:, 0]
+        peak = (best >= pooled) & (scores.amax(1) > 0)
+        at = torch.nonzero(peak).cpu().numpy()
+        peaks.append((size, at, angle[peak].cpu().numpy(), best[peak].cpu().numpy()))
+    return apart(peaks, spots, templates.angles, ranking.shortlist)
+
+
+def peak_radius(size: int) -> int:
+    """How far apart (coarse steps) two peaks of a template of `size` level px must lie: a
+    quarter of its side."""
+    return max(1, size // (CELL * COARSE_STEP) // 4)
+
+
+def apart(peaks: list, spots: list[tuple[tuple[int, int], int, int]], angles: tuple[float, ...],
+          limit: int) -> list[Candidate]:
+    """The best `limit` of the neighbourhoods' peaks (per template size: region, row, col in
+    coarse steps, angle index, z), best first, none within peak_radius of a better one of the
+    same map and template size: the neighbourhoods of nearby windows overlap, so most peaks are
+    found more than once."""
+    origin = np.array([(r, c) for _, r, c in spots], np.int64).reshape(-1, 2)
+    rows = []  # size, region, absolute row, col (stored cells), angle index, z
+    for size, at, angle, z in peaks:
+        absolute = origin[at[:, 0]] + at[:, 1:] * COARSE_STEP
+        rows.append(np.column_stack([np.full(len(at), size), at[:, 0], absolute, angle, z]))
+    table = np.concatenate(rows) if rows else np.zeros((0, 6))
+    kept: list[Candidate] = []
+    taken: dict[tuple, list[tuple[int, int]]] = {}
+    for size, region, row, col, a, z in table[np.argsort(-table[:, 5], kind="stable")]:
+        size, row, col = int(size), int(row), int(col)
+        key = spots[int(region)][0]
+        reach = peak_radius(size) * COARSE_STEP
+        bucket = (key, size, row // (reach + 1), col // (reach + 1))
+        near = [p for dr in (-1, 0, 1) for dc in (-1, 0, 1)
+                for p in taken.get((key, size, bucket[2] + dr, bucket[3] + dc), ())]
+        if any(abs(row - r) <= reach and abs(col - c) <= reach for r, c in near):
+            continue
+        taken.setdefault(bucket, []).append((row, col))
+        kept.append(Candidate(key, size, angles[int(a)], row, col, float(z)))
+        if len(kept) == limit:
+            break
+    return kept
 
 
 def _fine_blocks(scanner: Scanner, size: int, spots: list[tuple[tuple[int, int], int, int]], pad: int) -> torch.Tensor:
