@@ -48,6 +48,28 @@ def test_a_tiles_cells_are_its_levels_cells_where_it_is_most_central(index):
     assert np.array_equal(again[0], own) and tuple(origin[0]) == (r0, c0, rec["cell_rows"], rec["cell_cols"])
 
 
+def test_overlapping_regions_read_together_are_the_regions_read_one_by_one(index):
+    """A search reads hundreds of squares of a level map, crowded around its best places
+    (worker.store.maps.regions reads those near each other as one block). On a map read from
+    disk, every square equals its own read: inside, across the map's edges (blank beyond), near
+    each other and apart."""
+    from worker.store.maps import MapFile, region, regions
+
+    cells = index.maps[(0, 1)].cells
+    assert isinstance(cells, MapFile)
+    rows, cols = cells.shape[:2]
+    span = 56
+    rng = np.random.default_rng(0)
+    crowd = [(int(r), int(c)) for r, c in rng.integers(-20, 60, (40, 2))]  # overlapping, some beyond the top-left edge
+    apart = [(int(r), int(c)) for r, c in rng.integers(0, min(rows, cols), (10, 2))]
+    edge = [(rows - 10, cols - 30), (rows + 5, 3)]  # partly and wholly beyond the map
+    corners = crowd + apart + edge
+    together = regions(cells, corners, span)
+    for got, (r, c) in zip(together, corners):
+        assert np.array_equal(got, region(cells, r, c, span))
+    assert together[:40].any() and not together[-1].any()
+
+
 def test_a_placement_reads_what_the_user_sees_in_a_turned_frame(index):
     tile = index.tile(40)
     with TileReader(tile.raster, 224) as reader:

@@ -19,7 +19,7 @@ from worker.candidates import Candidate
 from worker.edge_cells import CELL, COARSE, FINE
 from worker.ranking import RankingConfig
 from worker.store import TileIndex
-from worker.store.maps import region
+from worker.store.maps import regions
 
 COARSE_STEP = 2  # coarse scan every 2 stored cells (16 level px)
 
@@ -47,9 +47,16 @@ class Scanner:
 
     def regions(self, spots: list[tuple[tuple[int, int], int, int]], span: int) -> torch.Tensor:
         """Cells of square regions of `span` stored cells at each spot (map key, top-left row,
-        col; beyond the map: blank): (n, span, span, ORIENTATIONS) float. Read region by
-        region, so a map kept on disk (worker.store.maps) is never read whole."""
-        picked = np.stack([region(self.index.maps[key].cells, r, c, span) for key, r, c in spots])
+        col; beyond the map: blank): (n, span, span, ORIENTATIONS) float. Read by region
+        (overlapping ones together: worker.store.maps.regions), so a map kept on disk is never
+        read whole."""
+        picked = np.empty((len(spots), span, span, edge_cells.ORIENTATIONS), np.uint8)
+        by_map: dict[tuple[int, int], list[int]] = {}
+        for i, (key, _, _) in enumerate(spots):
+            by_map.setdefault(key, []).append(i)
+        for key, members in by_map.items():
+            corners = [(spots[i][1], spots[i][2]) for i in members]
+            picked[members] = regions(self.index.maps[key].cells, corners, span)
         return edge_cells.dequantise(picked, self.device)
 
     def random_spots(self, keys: list[tuple[int, int]], n: int, side: int,

@@ -92,15 +92,43 @@ class MapFile:
         return out
 
 
-def region(cells, r0: int, c0: int, span: int) -> np.ndarray:
-    """A span x span block of a level map's cells from (r0, c0), blank where it lies beyond the
-    map; `cells` is an array or a MapFile."""
+def region(cells, r0: int, c0: int, span: int, width: int | None = None) -> np.ndarray:
+    """A block of `span` rows and `width` (default `span`) columns of a level map's cells from
+    (r0, c0), blank where it lies beyond the map; `cells` is an array or a MapFile."""
+    width = span if width is None else width
     rows, cols = cells.shape[:2]
-    out = np.zeros((span, span, cells.shape[2]), np.uint8)
+    out = np.zeros((span, width, cells.shape[2]), np.uint8)
     a, b = max(r0, 0), min(r0 + span, rows)
-    c, d = max(c0, 0), min(c0 + span, cols)
+    c, d = max(c0, 0), min(c0 + width, cols)
     if a < b and c < d:
         out[a - r0:b - r0, c - c0:d - c0] = cells[a:b, c:d]
+    return out
+
+
+REGION_GROUP = 4  # squares of one map whose corners lie in the same cell of this many spans are read as one block
+
+
+def regions(cells, corners: list[tuple[int, int]], span: int) -> np.ndarray:
+    """Squares of `span` cells at each top-left corner (row, col) of one map (region, each):
+    (n, span, span, channels). A search's squares crowd around its best places and overlap, so
+    those near each other are read as one block, where that block is no larger than the
+    squares it covers; the others one by one."""
+    out = np.empty((len(corners), span, span, cells.shape[2]), np.uint8)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, (r, c) in enumerate(corners):
+        groups.setdefault((r // (REGION_GROUP * span), c // (REGION_GROUP * span)), []).append(i)
+    for members in groups.values():
+        rs = [corners[i][0] for i in members]
+        cs = [corners[i][1] for i in members]
+        top, left = min(rs), min(cs)
+        height, width = max(rs) - top + span, max(cs) - left + span
+        if len(members) > 1 and height * width <= len(members) * span * span:
+            block = region(cells, top, left, height, width)
+            for i, r, c in zip(members, rs, cs):
+                out[i] = block[r - top:r - top + span, c - left:c - left + span]
+        else:
+            for i, r, c in zip(members, rs, cs):
+                out[i] = region(cells, r, c, span)
     return out
 
 
