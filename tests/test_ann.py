@@ -7,11 +7,15 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from lab.placements import iou, random_frame
 from lab.pseudo_sketch import has_lines, pseudo_sketch
-from worker import ann, query_templates
-from worker.placement_scan import COARSE_STEP, ann_peaks, peak_radius, scanner_of
+from worker import ann, edge_cells, query_templates
+from worker.edge_cells import COARSE
+from worker.placement_scan import (ANN_MARGIN, COARSE_STEP, WINDOW_CELLS, local_scores, ann_peaks, peak_radius,
+                                    scanner_of)
+from worker.store.maps import crowds
 from worker.ranking import RankingConfig
 from worker.search import ann_shortlist, search
 from worker.sketch import prepare_sketch
@@ -70,6 +74,28 @@ def test_the_ann_shortlist_hands_on_distinct_places(index_with_ann, model):
         reach = peak_radius(a.size) * COARSE_STEP
         assert not any(b.map_key == a.map_key and b.size == a.size and abs(a.row - b.row) <= reach
                        and abs(a.col - b.col) <= reach for b in found[:i]), a
+
+
+def test_crowded_neighbourhoods_scored_as_one_block_score_as_each_alone(index_with_ann, model):
+    """The ANN's neighbourhoods crowd around the best places and overlap; those crowded together
+    are scored as one block and cut apart. Every neighbourhood's scores equal its own
+    neighbourhood scored alone, crowded or not, even or odd corners, across the map's edge."""
+    index = TileIndex.open(index_with_ann[0])
+    ranking = RankingConfig(ann="on")
+    _, sketch = next(frames(index, 1, seed=3))
+    templates = query_templates.build(sketch, ranking.sizes, ranking.angles)
+    scanner = scanner_of(index, model.device)
+    side = WINDOW_CELLS + 2 * ANN_MARGIN
+    rng = np.random.default_rng(1)
+    spots = [((0, 1), int(r), int(c)) for r, c in 2 * rng.integers(-10, 40, (30, 2))]  # crowded, on even cells
+    spots += [((0, 1), 41, 7), ((0, 1), 44, 7), ((0, 2), 3, 90), ((0, 1), 200, 10)]  # odd, alone, far
+    local = local_scores(scanner, spots, side, templates, ranking)
+    alone = edge_cells.block_map(scanner.regions(spots, side), COARSE, step=COARSE_STEP)
+    for size in templates.sizes:
+        expected = edge_cells.cosine_map(alone, templates.coarse[size], COARSE, COARSE_STEP, ranking.inked_only)
+        assert local[size].shape == expected.shape
+        torch.testing.assert_close(local[size], expected, rtol=0, atol=1e-5)
+    assert len(crowds([s[1:] for s in spots[:30]], side)) < 30  # the crowd was scored as blocks
 
 
 def test_the_compressed_shortlist_re_ranks_its_candidates_close_to_the_exact_vectors(s2_index, model, tmp_path):

@@ -19,7 +19,7 @@ from worker.candidates import Candidate
 from worker.edge_cells import CELL, COARSE, FINE
 from worker.ranking import RankingConfig
 from worker.store import TileIndex
-from worker.store.maps import regions
+from worker.store.maps import crowds, region, regions
 
 COARSE_STEP = 2  # coarse scan every 2 stored cells (16 level px)
 
@@ -159,8 +159,7 @@ def ann_peaks(scanner: Scanner, templates: query_templates.Templates, ranking: R
 
     background = scanner.background(("ann", side), background_blocks)
     spots = [((int(r), int(s)), int(row) - ANN_MARGIN, int(col) - ANN_MARGIN) for r, s, row, col in windows]
-    # block maps of the regions, read and made once for every template size
-    spot_blocks = edge_cells.block_map(scanner.regions(spots, side), COARSE, step=COARSE_STEP)
+    local = local_scores(scanner, spots, side, templates, ranking)
     peaks = []  # per template size: region, row, col (coarse steps in the region), angle, z
     for size in templates.sizes:
         bg = edge_cells.cosine_map(background, templates.coarse[size], COARSE, COARSE_STEP, ranking.inked_only)
@@ -168,8 +167,7 @@ def ann_peaks(scanner: Scanner, templates: query_templates.Templates, ranking: R
         mean, std = flat.mean(1), flat.std(1).clamp(min=1e-6)
         if not ranking.calibrate:
             mean, std = torch.zeros_like(mean), torch.ones_like(std)
-        scores = edge_cells.cosine_map(spot_blocks, templates.coarse[size], COARSE, COARSE_STEP,
-                                       ranking.inked_only)  # B, A, R, C
+        scores = local[size]  # B, A, R, C
         best, angle = ((scores - mean[None, :, None, None]) / std[None, :, None, None]).max(1)
         radius = peak_radius(size)
         pooled = F.max_pool2d(best[:, None], 2 * radius + 1, stride=1, padding=radius)[:, 0]
@@ -177,6 +175,47 @@ def ann_peaks(scanner: Scanner, templates: query_templates.Templates, ranking: R
         at = torch.nonzero(peak).cpu().numpy()
         peaks.append((size, at, angle[peak].cpu().numpy(), best[peak].cpu().numpy()))
     return apart(peaks, spots, templates.angles, ranking.shortlist)
+
+
+def local_scores(scanner: Scanner, spots: list[tuple[tuple[int, int], int, int]], side: int,
+                  templates: query_templates.Templates, ranking: RankingConfig) -> dict[int, torch.Tensor]:
+    """Each template size's coarse cosines over the square of `side` stored cells at each spot:
+    (spots, angles, R, C). The neighbourhoods of nearby windows overlap, so squares crowded
+    together (worker.store.maps.crowds) are scored as one block and cut apart (the same
+    numbers, each made once); the others are scored together as a batch."""
+    def scored(cells: torch.Tensor) -> dict[int, torch.Tensor]:
+        blocks = edge_cells.block_map(cells, COARSE, step=COARSE_STEP)
+        return {size: edge_cells.cosine_map(blocks, templates.coarse[size], COARSE, COARSE_STEP, ranking.inked_only)
+                for size in templates.sizes}
+
+    alone, crowded = [], []
+    by_map: dict[tuple[int, int], list[int]] = {}
+    for i, (key, _, _) in enumerate(spots):
+        by_map.setdefault(key, []).append(i)
+    for key, members in by_map.items():
+        for group, box in crowds([spots[i][1:] for i in members], side):
+            ids = [members[g] for g in group]
+            on_steps = all((spots[i][1] - box[0]) % COARSE_STEP == 0 and (spots[i][2] - box[1]) % COARSE_STEP == 0
+                           for i in ids)  # each square's scores then lie on the block's grid of positions
+            if len(ids) > 1 and on_steps:
+                crowded.append((key, ids, box))
+            else:
+                alone.extend(ids)
+    out: dict[int, torch.Tensor] = {}
+    if alone:
+        for size, scores in scored(scanner.regions([spots[i] for i in alone], side)).items():
+            out[size] = scores.new_empty((len(spots), *scores.shape[1:]))
+            out[size][alone] = scores
+    for key, ids, (top, left, height, width) in crowded:
+        cells = edge_cells.dequantise(region(scanner.index.maps[key].cells, top, left, height, width), scanner.device)
+        for size, scores in scored(cells).items():
+            rows, cols = scores.shape[2] - (height - side) // COARSE_STEP, scores.shape[3] - (width - side) // COARSE_STEP
+            if size not in out:
+                out[size] = scores.new_empty((len(spots), scores.shape[1], rows, cols))
+            for i in ids:
+                r, c = (spots[i][1] - top) // COARSE_STEP, (spots[i][2] - left) // COARSE_STEP
+                out[size][i] = scores[0, :, r:r + rows, c:c + cols]
+    return out
 
 
 def peak_radius(size: int) -> int:

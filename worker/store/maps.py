@@ -105,30 +105,38 @@ def region(cells, r0: int, c0: int, span: int, width: int | None = None) -> np.n
     return out
 
 
-REGION_GROUP = 4  # squares of one map whose corners lie in the same cell of this many spans are read as one block
+REGION_GROUP = 4  # squares of one map whose corners lie in the same cell of this many spans may be read as one block
+
+
+def crowds(corners: list[tuple[int, int]], span: int) -> list[tuple[list[int], tuple[int, int, int, int]]]:
+    """Squares of `span` cells at top-left `corners` (row, col) of one map grouped for reading:
+    (members, (top, left, height, width) of the block they lie in). A search's squares crowd
+    around its best places and overlap, so those near each other are one block, where that
+    block is no larger than the squares it covers; every other square is a group of its own."""
+    near: dict[tuple[int, int], list[int]] = {}
+    for i, (r, c) in enumerate(corners):
+        near.setdefault((r // (REGION_GROUP * span), c // (REGION_GROUP * span)), []).append(i)
+    out = []
+    for members in near.values():
+        top, left = min(corners[i][0] for i in members), min(corners[i][1] for i in members)
+        height = max(corners[i][0] for i in members) - top + span
+        width = max(corners[i][1] for i in members) - left + span
+        if len(members) > 1 and height * width <= len(members) * span * span:
+            out.append((members, (top, left, height, width)))
+        else:
+            out.extend(([i], (corners[i][0], corners[i][1], span, span)) for i in members)
+    return out
 
 
 def regions(cells, corners: list[tuple[int, int]], span: int) -> np.ndarray:
-    """Squares of `span` cells at each top-left corner (row, col) of one map (region, each):
-    (n, span, span, channels). A search's squares crowd around its best places and overlap, so
-    those near each other are read as one block, where that block is no larger than the
-    squares it covers; the others one by one."""
+    """Squares of `span` cells at each top-left corner (row, col) of one map (region, each),
+    crowded ones read as one block (crowds): (n, span, span, channels)."""
     out = np.empty((len(corners), span, span, cells.shape[2]), np.uint8)
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, (r, c) in enumerate(corners):
-        groups.setdefault((r // (REGION_GROUP * span), c // (REGION_GROUP * span)), []).append(i)
-    for members in groups.values():
-        rs = [corners[i][0] for i in members]
-        cs = [corners[i][1] for i in members]
-        top, left = min(rs), min(cs)
-        height, width = max(rs) - top + span, max(cs) - left + span
-        if len(members) > 1 and height * width <= len(members) * span * span:
-            block = region(cells, top, left, height, width)
-            for i, r, c in zip(members, rs, cs):
-                out[i] = block[r - top:r - top + span, c - left:c - left + span]
-        else:
-            for i, r, c in zip(members, rs, cs):
-                out[i] = region(cells, r, c, span)
+    for members, (top, left, height, width) in crowds(corners, span):
+        block = region(cells, top, left, height, width)
+        for i in members:
+            r, c = corners[i][0] - top, corners[i][1] - left
+            out[i] = block[r:r + span, c:c + span]
     return out
 
 
