@@ -51,10 +51,7 @@ class Scanner:
         (overlapping ones together: worker.store.maps.regions), so a map kept on disk is never
         read whole."""
         picked = np.empty((len(spots), span, span, edge_cells.ORIENTATIONS), np.uint8)
-        by_map: dict[tuple[int, int], list[int]] = {}
-        for i, (key, _, _) in enumerate(spots):
-            by_map.setdefault(key, []).append(i)
-        for key, members in by_map.items():
+        for key, members in by_map(spots).items():
             corners = [(spots[i][1], spots[i][2]) for i in members]
             picked[members] = regions(self.index.maps[key].cells, corners, span)
         return edge_cells.dequantise(picked, self.device)
@@ -84,6 +81,14 @@ class Scanner:
 
 
 BACKGROUNDS_KEPT = 16
+
+
+def by_map(spots: list[tuple[tuple[int, int], int, int]]) -> dict[tuple[int, int], list[int]]:
+    """The positions in `spots` (map key, row, col) of each map's spots."""
+    out: dict[tuple[int, int], list[int]] = {}
+    for i, (key, _, _) in enumerate(spots):
+        out.setdefault(key, []).append(i)
+    return out
 
 
 def scanner_of(index: TileIndex, device: torch.device) -> Scanner:
@@ -189,10 +194,7 @@ def local_scores(scanner: Scanner, spots: list[tuple[tuple[int, int], int, int]]
                 for size in templates.sizes}
 
     alone, crowded = [], []
-    by_map: dict[tuple[int, int], list[int]] = {}
-    for i, (key, _, _) in enumerate(spots):
-        by_map.setdefault(key, []).append(i)
-    for key, members in by_map.items():
+    for key, members in by_map(spots).items():
         for group, box in crowds([spots[i][1:] for i in members], side):
             ids = [members[g] for g in group]
             on_steps = all((spots[i][1] - box[0]) % COARSE_STEP == 0 and (spots[i][2] - box[1]) % COARSE_STEP == 0
@@ -238,9 +240,9 @@ def apart(peaks: list, spots: list[tuple[tuple[int, int], int, int]], angles: tu
     table = np.concatenate(rows) if rows else np.zeros((0, 6))
     kept: list[Candidate] = []
     taken: dict[tuple, list[tuple[int, int]]] = {}
-    for size, region, row, col, a, z in table[np.argsort(-table[:, 5], kind="stable")]:
+    for size, square, row, col, a, z in table[np.argsort(-table[:, 5], kind="stable")]:
         size, row, col = int(size), int(row), int(col)
-        key = spots[int(region)][0]
+        key = spots[int(square)][0]
         reach = peak_radius(size) * COARSE_STEP
         bucket = (key, size, row // (reach + 1), col // (reach + 1))
         near = [p for dr in (-1, 0, 1) for dc in (-1, 0, 1)
