@@ -70,7 +70,7 @@ class Scanner:
     def background(self, key: tuple, make):
         """What `make()` computes from random regions of the index, made once per `key` and kept:
         the backgrounds that calibrate scores are drawn with a fixed seed, so every search
-        reads and described the same regions (the refine took 55 ms p50 with that, 33 without).
+        reads and describes the same regions (the refine took 55 ms p50 doing so at every search, 33 now).
         The latest BACKGROUNDS_KEPT are kept (searches limited to other maps make other ones)."""
         with self._backgrounds_lock:
             if key not in self._backgrounds:
