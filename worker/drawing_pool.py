@@ -66,11 +66,19 @@ def default_processes(device_type: str) -> int:
     return max(1, (os.cpu_count() or 2) - 1) if device_type == "cuda" else 0
 
 
+def _one_thread() -> None:
+    """A drawing process draws with one torch thread: the pool's processes are the parallelism."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 class DrawingPool:
     """`processes` worker processes (spawned: no copy of a CUDA context or open rasters)."""
 
     def __init__(self, processes: int, ahead: int | None = None):
-        self.executor = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
+        self.executor = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_one_thread)
         self.ahead = ahead or 2 * processes
 
     def batches(self, raster: dict, tiles: list[Tile], size: int, batch_size: int,

@@ -3,14 +3,25 @@
 Zero-shot DINOv2 features do not bridge sketches and imagery (measured: 0 of 12 pseudo-sketch
 queries in the top 5 of 189 Sentinel-2 tiles against RGB tiles). Drawing each tile as thin
 dark edges on white first, and matching the sketch against that drawing, gave 5 of 12.
+
+The drawing is Canny's by scikit-image's rules (Gaussian smoothing that ignores nodata, Sobel
+gradients, bilinear non-maximum suppression, quantile thresholds, 8-connected hysteresis), then
+a skeleton. The filters run in torch on a whole batch at once, on the device of the tensors
+given (the CPU for arrays): scikit-image tile by tile took 7.0 ms a tile on this 2-core CPU,
+this 3.8 ms (batches of 16), and its drawings differ from scikit-image's by float rounding only
+(16 of 2.9 million pixels on 57 real tiles). The two steps that follow connected pixels
+(hysteresis, skeleton) stay in scipy / scikit-image, once for the whole batch.
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
-from PIL import Image, ImageFilter
+import torch
+import torch.nn.functional as F
+from PIL import Image
 from scipy import ndimage
-from skimage.feature import canny
 from skimage.morphology import skeletonize
 
 TILE_EDGE_SIGMA = 3.0  # at 224 px: coarse structure (shorelines, roads, field edges), not texture
@@ -22,61 +33,190 @@ EDGE_QUANTILES = (0.6, 0.9)  # Canny's low/high thresholds as quantiles of the g
 # would draw. Chosen on the training scene (docs/benchmarks/contrast_floor.md).
 CONTRAST_SIGMA = 3.0
 CONTRAST_FLOOR = 0.01
+TRUNCATE = 4.0  # Gaussian kernels reach this many sigmas (scipy's default)
+
+
+def edge_maps(tiles: np.ndarray | torch.Tensor, sigma: float, valid: np.ndarray | torch.Tensor | None = None,
+              floor: float = CONTRAST_FLOOR) -> np.ndarray:
+    """Boolean one-pixel edges (B, S, S) of RGB uint8 tiles (B, S, S, 3); quantile thresholds keep
+    the drawing density comparable between bright and dull scenes, and the contrast floor keeps
+    featureless surfaces blank. Smoothing ignores nodata pixels (`valid` False) and no edge is
+    drawn where the data ends."""
+    grey = _grey(_tensor(tiles))
+    mask = torch.ones_like(grey) if valid is None else _tensor(valid).to(grey.device, grey.dtype)
+    strong, weak = _canny_candidates(grey, mask, sigma)
+    edges = _hysteresis(strong.cpu().numpy(), weak.cpu().numpy())
+    if floor > 0:
+        edges &= _contrast_above(grey, floor).cpu().numpy()
+    return _skeleton(edges)
 
 
 def edge_map(tile: np.ndarray, sigma: float, valid: np.ndarray | None = None,
              floor: float = CONTRAST_FLOOR) -> np.ndarray:
-    """Boolean one-pixel edges of an RGB uint8 tile; quantile thresholds keep the drawing
-    density comparable between bright and dull scenes, and the contrast floor keeps featureless
-    surfaces blank. Smoothing ignores nodata pixels (`valid` False) and no edge is drawn where
-    the data ends."""
-    gray = _grey(tile)
-    if valid is not None and valid.all():
-        valid = None
-    low, high = EDGE_QUANTILES
-    edges = canny(gray, sigma=sigma, low_threshold=low, high_threshold=high, use_quantiles=True, mask=valid)
-    if floor > 0:
-        edges &= _contrast_above(gray, floor)
-    return skeletonize(edges)
+    """One tile's edges (S, S) bool: `edge_maps` of a batch of one."""
+    return edge_maps(tile[None], sigma, None if valid is None else valid[None], floor)[0]
 
 
 def visible_structure(tile: np.ndarray, floor: float = CONTRAST_FLOOR) -> np.ndarray:
     """Where an RGB uint8 tile has contrast enough for a line (bool (S, S)); all True at floor 0."""
     if floor <= 0:
         return np.ones(tile.shape[:2], bool)
-    return _contrast_above(_grey(tile), floor)
-
-
-def _grey(tile: np.ndarray) -> np.ndarray:
-    return tile.astype(np.float32).mean(-1) / 255.0
-
-
-def _contrast_above(gray: np.ndarray, floor: float) -> np.ndarray:
-    return ndimage.gaussian_gradient_magnitude(gray, CONTRAST_SIGMA * gray.shape[0] / 224) >= floor
+    return _contrast_above(_grey(_tensor(tile)[None]), floor)[0].numpy()
 
 
 def draw_edges(edges: np.ndarray, size: int, width: int = 2) -> Image.Image:
     """Dark strokes on white at `size` px from a boolean edge map."""
-    img = Image.fromarray(np.where(edges, 0, 255).astype(np.uint8))
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.Resampling.NEAREST)
-    if width > 1:
-        img = img.filter(ImageFilter.MinFilter(width + 1 - width % 2))
-    return img
+    if edges.shape != (size, size):
+        edges = np.asarray(Image.fromarray(edges).resize((size, size), Image.Resampling.NEAREST))
+    return Image.fromarray(_ink(torch.from_numpy(edges)[None], width)[0].numpy())
 
 
 def tile_line_drawings(tiles: np.ndarray, valid: np.ndarray | None = None, sigma: float = TILE_EDGE_SIGMA,
                        floor: float = CONTRAST_FLOOR) -> np.ndarray:
     """(B, S, S, 3) uint8 tiles and their (B, S, S) valid-pixel masks -> (B, S, S, 3) uint8 line drawings."""
+    if len(tiles) == 0:
+        return np.empty_like(tiles)
     size = tiles.shape[1]
-    out = np.empty_like(tiles)
-    for i, tile in enumerate(tiles):
-        mask = None if valid is None else valid[i]
-        out[i] = np.asarray(draw_edges(edge_map(tile, sigma * size / 224, mask, floor), size))[..., None]
-    return out
+    edges = edge_maps(tiles, sigma * size / 224, valid, floor)
+    return np.repeat(_ink(torch.from_numpy(edges), 2).numpy()[..., None], 3, axis=-1)
 
 
 def fingerprint() -> dict:
     """What decides tile drawings (part of the index's tile-encoder fingerprint)."""
     return {"sigma": TILE_EDGE_SIGMA, "thresholds": EDGE_QUANTILES, "nodata": "masked",
-            "contrast_floor": (CONTRAST_SIGMA, CONTRAST_FLOOR)}
+            "contrast_floor": (CONTRAST_SIGMA, CONTRAST_FLOOR), "canny": "batched torch filters, float32"}
+
+
+def _tensor(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Pixels as a tensor, sharing an array's memory where it may be written (copied where not)."""
+    return pixels if isinstance(pixels, torch.Tensor) else torch.from_numpy(np.require(pixels, requirements="W"))
+
+
+def _grey(tiles: torch.Tensor) -> torch.Tensor:
+    return tiles.to(torch.float32).mean(-1) / 255.0
+
+
+def _ink(edges: torch.Tensor, width: int) -> torch.Tensor:
+    """Edges (B, S, S) bool drawn as dark strokes `width` px wide (odd widths centred) on white, uint8."""
+    for _ in range((width + 1 - width % 2) // 2):
+        edges = _neighbourhood(edges, any_of=True)
+    return torch.where(edges, 0, 255).to(torch.uint8)
+
+
+def _neighbourhood(pixels: torch.Tensor, any_of: bool) -> torch.Tensor:
+    """Over each pixel's 3x3 neighbourhood of (B, H, W) bool, pixels past the border False: any
+    set (a dilation) or all set (an erosion). Shifted views, 30x faster than a max-pool here."""
+    p = F.pad(pixels, (1, 1, 1, 1))
+    if any_of:
+        rows = p[:, :, :-2] | p[:, :, 1:-1] | p[:, :, 2:]
+        return rows[:, :-2] | rows[:, 1:-1] | rows[:, 2:]
+    rows = p[:, :, :-2] & p[:, :, 1:-1] & p[:, :, 2:]
+    return rows[:, :-2] & rows[:, 1:-1] & rows[:, 2:]
+
+
+@lru_cache(maxsize=32)
+def _filter_matrix(n: int, sigma: float, order: int, padding: str) -> torch.Tensor:
+    """(n, n) matrix M with x @ M = x correlated along its last axis with a sampled Gaussian
+    (order 0) or its derivative (order 1), as scipy.ndimage samples them; past the border: zeros
+    ("constant") or the line mirrored about its edge ("symmetric", scipy's "reflect"). A matrix
+    product, because torch's CPU convolution is slow for one channel and a long kernel (13 ms a
+    pass over 12 tiles, against 2 ms)."""
+    radius = int(TRUNCATE * sigma + 0.5)
+    x = np.arange(-radius, radius + 1)
+    phi = np.exp(-0.5 * (x / sigma) ** 2)
+    phi /= phi.sum()
+    kernel = phi if order == 0 else x / sigma ** 2 * phi  # correlation weights of d/dx
+    matrix = np.zeros((n, n))
+    out = np.arange(n)
+    for offset, weight in zip(x, kernel):
+        source = out + offset
+        if padding == "symmetric":
+            source = np.where(source < 0, -source - 1, np.where(source >= n, 2 * n - source - 1, source))
+        inside = (source >= 0) & (source < n)
+        np.add.at(matrix, (source[inside], out[inside]), weight)
+    return torch.from_numpy(matrix.astype(np.float32))
+
+
+def _filter(images: torch.Tensor, sigma: float, orders: tuple[int, int], padding: str) -> torch.Tensor:
+    """(B, H, W) images filtered along rows then columns by the Gaussian orders given (0 smooths,
+    1 differentiates)."""
+    h, w = images.shape[-2:]
+    down = _filter_matrix(h, sigma, orders[0], padding).to(images.device)
+    across = _filter_matrix(w, sigma, orders[1], padding).to(images.device)
+    return down.T @ images @ across
+
+
+def _contrast_above(grey: torch.Tensor, floor: float) -> torch.Tensor:
+    """Where the grey level's Gaussian gradient magnitude reaches `floor` (B, S, S) bool."""
+    sigma = CONTRAST_SIGMA * grey.shape[-1] / 224
+    down = _filter(grey, sigma, (1, 0), "symmetric")
+    across = _filter(grey, sigma, (0, 1), "symmetric")
+    return torch.sqrt(down ** 2 + across ** 2) >= floor
+
+
+def _canny_candidates(grey: torch.Tensor, mask: torch.Tensor, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Canny's thinned edge pixels above the high threshold and above the low one (B, S, S) bool each."""
+    eps = torch.finfo(torch.float32).eps
+    smoothed = _filter(grey * mask, sigma, (0, 0), "constant") / (_filter(mask, sigma, (0, 0), "constant") + eps)
+    inner = _neighbourhood(mask > 0, any_of=False)  # no edge where the data ends, nor on the border
+    padded = F.pad(smoothed[:, None], (1, 1, 1, 1), mode="replicate")[:, 0]
+    rows = padded[:, 2:, :] - padded[:, :-2, :]
+    cols = padded[:, :, 2:] - padded[:, :, :-2]
+    di = rows[:, :, :-2] + 2 * rows[:, :, 1:-1] + rows[:, :, 2:]  # Sobel along rows (axis 0)
+    dj = cols[:, :-2, :] + 2 * cols[:, 1:-1, :] + cols[:, 2:, :]  # Sobel along columns (axis 1)
+    magnitude = torch.sqrt(di * di + dj * dj)
+    low, high = torch.quantile(magnitude.flatten(1), torch.tensor(EDGE_QUANTILES, device=grey.device), dim=1,
+                               interpolation="linear")[:, :, None, None]
+    peak = _local_maxima(di, dj, magnitude) & inner & (magnitude >= low.clamp_min(1e-14))
+    return peak & (magnitude >= high), peak
+
+
+def _local_maxima(di: torch.Tensor, dj: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """Bilinear non-maximum suppression: the magnitude is no less than the two values interpolated
+    a pixel away along the gradient, on either side (scikit-image's rule, border pixels excluded)."""
+    m = F.pad(magnitude[:, None], (1, 1, 1, 1))[:, 0]
+    h, w = magnitude.shape[-2:]
+
+    def at(dx: int, dy: int) -> torch.Tensor:  # magnitude at (row + dx, col + dy)
+        return m[:, 1 + dx:1 + dx + h, 1 + dy:1 + dy + w]
+
+    ai, aj = di.abs(), dj.abs()
+    same_sign = ((di > 0) & (dj > 0)) | ((di <= 0) & (dj <= 0))
+    steep = torch.where(same_sign, ai > aj, ai >= aj)
+    weight = torch.where(steep, aj / ai, ai / aj)
+    # the neighbours (straight, diagonal) on the plus and minus side, per octant
+    plus_straight = torch.where(steep, torch.where(same_sign, at(1, 0), at(-1, 0)), at(0, 1))
+    plus_diagonal = torch.where(same_sign, at(1, 1), at(-1, 1))
+    minus_straight = torch.where(steep, torch.where(same_sign, at(-1, 0), at(1, 0)), at(0, -1))
+    minus_diagonal = torch.where(same_sign, at(-1, -1), at(1, -1))
+    plus = plus_diagonal * weight + plus_straight * (1 - weight) <= magnitude
+    minus = minus_diagonal * weight + minus_straight * (1 - weight) <= magnitude
+    return plus & minus
+
+
+_BATCH_8_CONNECTED = np.zeros((3, 3, 3), bool)
+_BATCH_8_CONNECTED[1] = True  # 8-connected within a tile, never across tiles
+
+
+def _hysteresis(strong: np.ndarray, weak: np.ndarray) -> np.ndarray:
+    """The weak pixels 8-connected to a strong one (B, S, S) bool, for a whole batch in one pass."""
+    labels, count = ndimage.label(weak, _BATCH_8_CONNECTED)
+    if count == 0:
+        return weak
+    keep = np.zeros(count + 1, bool)
+    keep[np.unique(labels[strong])] = True
+    keep[0] = False
+    return keep[labels]
+
+
+def _skeleton(edges: np.ndarray) -> np.ndarray:
+    """Each tile's edges thinned to one pixel (B, S, S) bool: the tiles side by side with a blank
+    column between them, skeletonised as one image (the thinning looks only at 3x3 neighbours)."""
+    b, h, w = edges.shape
+    if b == 0:
+        return edges
+    strip = np.zeros((h, b * (w + 1)), bool)
+    view = strip.reshape(h, b, w + 1)
+    view[:, :, :w] = edges.transpose(1, 0, 2)
+    thin = skeletonize(strip).reshape(h, b, w + 1)[:, :, :w]
+    return np.ascontiguousarray(thin.transpose(1, 0, 2))
