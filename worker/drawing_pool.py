@@ -2,10 +2,10 @@
 
 Indexing does two kinds of work per tile: reading and stretching its window and drawing it as a
 line drawing (Canny, skeleton: CPU; here 1.2 and 5.5 ms a tile in one thread) and encoding the
-drawing (ViT tokens and edge cells: the model's device). On a GPU the first caps the second (13.4 s for 529 tiles
-on an H100 with everything in one process). A DrawingPool runs the CPU part for the next
-batches in other processes while this one encodes: batches are submitted ahead, at most
-`ahead` at once, and handed back in order.
+drawing (ViT tokens and edge cells: the model's device). On a GPU the first caps the second
+(13.4 s for 529 tiles on an H100 with everything in one process). A DrawingPool runs the CPU
+part for the next batches in other processes while this one encodes: batches are submitted
+ahead, at most `ahead` at once, and handed back in order.
 """
 
 from __future__ import annotations
