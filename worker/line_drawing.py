@@ -9,9 +9,11 @@ gradients, bilinear non-maximum suppression, quantile thresholds, 8-connected hy
 a skeleton. The filters run in torch on a whole batch at once, on the device of the tensors
 given (the CPU for arrays), and use every torch thread: on this 2-core CPU, 16 tiles took 7.0 ms
 a tile with scikit-image (one thread, tile by tile) and 3.9 ms so; in one thread (a drawing
-process's share) 6.7 and 5.5 ms. The drawings differ from scikit-image's by float rounding only
-(16 of 2.9 million pixels on 57 real tiles). The two steps that follow connected pixels
-(hysteresis, skeleton) stay in scipy / scikit-image, once for the whole batch.
+process's share) 6.7 and 5.5 ms. The two steps that follow connected pixels (hysteresis,
+skeleton) stay in scipy / scikit-image, once for the whole batch. The edges differ from
+scikit-image's by float rounding only (8 of 90,000 edge pixels on 57 real tiles; only a blank
+tile without the contrast floor draws other noise, rounding being all there is to draw), so
+the index fingerprint did not change with it and older indexes stay valid.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ def edge_maps(tiles: np.ndarray | torch.Tensor, sigma: float, valid: np.ndarray 
     the drawing density comparable between bright and dull scenes, and the contrast floor keeps
     featureless surfaces blank. Smoothing ignores nodata pixels (`valid` False) and no edge is
     drawn where the data ends."""
+    if len(tiles) == 0:
+        return np.zeros((0, *tiles.shape[1:3]), bool)
     grey = _grey(_tensor(tiles))
     mask = torch.ones_like(grey) if valid is None else _tensor(valid).to(grey.device, grey.dtype)
     strong, weak = _canny_candidates(grey, mask, sigma)
@@ -69,7 +73,7 @@ def draw_edges(edges: np.ndarray, size: int, width: int = 2) -> Image.Image:
     """Dark strokes on white at `size` px from a boolean edge map."""
     if edges.shape != (size, size):
         edges = np.asarray(Image.fromarray(edges).resize((size, size), Image.Resampling.NEAREST))
-    return Image.fromarray(_ink(torch.from_numpy(edges)[None], width)[0].numpy())
+    return Image.fromarray(_ink(_tensor(np.asarray(edges, bool))[None], width)[0].numpy())
 
 
 def tile_line_drawings(tiles: np.ndarray, valid: np.ndarray | None = None, sigma: float = TILE_EDGE_SIGMA,
@@ -85,12 +89,15 @@ def tile_line_drawings(tiles: np.ndarray, valid: np.ndarray | None = None, sigma
 def fingerprint() -> dict:
     """What decides tile drawings (part of the index's tile-encoder fingerprint)."""
     return {"sigma": TILE_EDGE_SIGMA, "thresholds": EDGE_QUANTILES, "nodata": "masked",
-            "contrast_floor": (CONTRAST_SIGMA, CONTRAST_FLOOR), "canny": "batched torch filters, float32"}
+            "contrast_floor": (CONTRAST_SIGMA, CONTRAST_FLOOR)}
 
 
 def _tensor(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """Pixels as a tensor, sharing an array's memory where it may be written (copied where not)."""
-    return pixels if isinstance(pixels, torch.Tensor) else torch.from_numpy(np.require(pixels, requirements="W"))
+    """Pixels as a tensor, sharing an array's memory where torch can (copied where it cannot:
+    read-only or reversed arrays)."""
+    if isinstance(pixels, torch.Tensor):
+        return pixels
+    return torch.from_numpy(np.require(pixels, requirements=("W", "C")))
 
 
 def _grey(tiles: torch.Tensor) -> torch.Tensor:
@@ -98,7 +105,8 @@ def _grey(tiles: torch.Tensor) -> torch.Tensor:
 
 
 def _ink(edges: torch.Tensor, width: int) -> torch.Tensor:
-    """Edges (B, S, S) bool drawn as dark strokes `width` px wide (odd widths centred) on white, uint8."""
+    """Edges (B, S, S) bool drawn as dark strokes on white, uint8: 3 px wide, centred, for width 2
+    or 3 (PIL's MinFilter of the odd size at or above `width`, as drawings always were)."""
     for _ in range((width + 1 - width % 2) // 2):
         edges = _neighbourhood(edges, any_of=True)
     return torch.where(edges, 0, 255).to(torch.uint8)
@@ -116,7 +124,7 @@ def _neighbourhood(pixels: torch.Tensor, any_of: bool) -> torch.Tensor:
 
 
 @lru_cache(maxsize=32)
-def _filter_matrix(n: int, sigma: float, order: int, padding: str) -> torch.Tensor:
+def _filter_matrix(n: int, sigma: float, order: int, padding: str, device: str) -> torch.Tensor:
     """(n, n) matrix M with x @ M = x correlated along its last axis with a sampled Gaussian
     (order 0) or its derivative (order 1), as scipy.ndimage samples them; past the border: zeros
     ("constant") or the line mirrored about its edge ("symmetric", scipy's "reflect"). A matrix
@@ -131,25 +139,26 @@ def _filter_matrix(n: int, sigma: float, order: int, padding: str) -> torch.Tens
     out = np.arange(n)
     for offset, weight in zip(x, kernel):
         source = out + offset
-        if padding == "symmetric":
-            source = np.where(source < 0, -source - 1, np.where(source >= n, 2 * n - source - 1, source))
+        if padding == "symmetric":  # mirrored as often as the kernel reaches past the line
+            source = np.mod(source, 2 * n)
+            source = np.where(source >= n, 2 * n - 1 - source, source)
         inside = (source >= 0) & (source < n)
         np.add.at(matrix, (source[inside], out[inside]), weight)
-    return torch.from_numpy(matrix.astype(np.float32))
+    return torch.from_numpy(matrix.astype(np.float32)).to(device)
 
 
 def _filter(images: torch.Tensor, sigma: float, orders: tuple[int, int], padding: str) -> torch.Tensor:
     """(B, H, W) images filtered along rows then columns by the Gaussian orders given (0 smooths,
     1 differentiates)."""
     h, w = images.shape[-2:]
-    down = _filter_matrix(h, sigma, orders[0], padding).to(images.device)
-    across = _filter_matrix(w, sigma, orders[1], padding).to(images.device)
+    down = _filter_matrix(h, sigma, orders[0], padding, str(images.device))
+    across = _filter_matrix(w, sigma, orders[1], padding, str(images.device))
     return down.T @ images @ across
 
 
 def _contrast_above(grey: torch.Tensor, floor: float) -> torch.Tensor:
     """Where the grey level's Gaussian gradient magnitude reaches `floor` (B, S, S) bool."""
-    sigma = CONTRAST_SIGMA * grey.shape[-1] / 224
+    sigma = CONTRAST_SIGMA * grey.shape[-2] / 224
     down = _filter(grey, sigma, (1, 0), "symmetric")
     across = _filter(grey, sigma, (0, 1), "symmetric")
     return torch.sqrt(down ** 2 + across ** 2) >= floor
@@ -177,8 +186,8 @@ def _canny_candidates(grey: torch.Tensor, mask: torch.Tensor, sigma: float) -> t
 def _local_maxima(di: torch.Tensor, dj: torch.Tensor, magnitude: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
     """Bilinear non-maximum suppression at the pixels `at` (never on the border): the magnitude is
     no less than the two values interpolated a pixel away along the gradient, on either side
-    (scikit-image's rule). Computed only where asked: a third of the pixels pass the low threshold."""
-    b, h, w = magnitude.shape
+    (scikit-image's rule). Computed only where asked: 40% of the pixels pass the low threshold."""
+    w = magnitude.shape[-1]
     flat = magnitude.reshape(-1)
     where = at.reshape(-1).nonzero().squeeze(1)
     i, j, m = di.reshape(-1)[where], dj.reshape(-1)[where], flat[where]
