@@ -129,3 +129,26 @@ def test_the_papers_ranker_and_the_token_score_still_run(index, model):
     placed = search(index, model, sketch, RankingConfig(token_weight=0.5), top=5).hits
     assert any(h.token_score is not None for h in placed)
     assert iou(placed[0].footprint_pixels(), frame.pixel_polygon()) >= 0.5
+
+
+def test_a_raster_rewritten_between_searches_is_read_anew(tmp_path, assets):
+    """Verification keeps rasters open between searches (GDAL keeps their decoded blocks); a file
+    written again in place must not be drawn from the old handle."""
+    import rasterio
+
+    from conftest import write_raster
+    from worker.line_drawing import tile_line_drawings
+    from worker.tiling import open_raster
+    from worker.verify import draw_placements
+
+    with rasterio.open(assets["s2_rgb"]) as src:
+        land = src.read(window=((112, 560), (448, 896)))
+        profile = {"crs": src.crs, "transform": src.transform}
+    path = write_raster(tmp_path / "scene.tif", land, **profile)
+    frame = Placement(open_raster(path, None), cx=224, cy=224, side=224, angle=10.0)
+    before = draw_placements([frame], 224)
+    write_raster(path, np.ascontiguousarray(land[:, ::-1]), **profile)  # the same file, its rows upside down
+    after = draw_placements([frame], 224)
+    image, valid = frame.read(224)
+    assert np.array_equal(after, tile_line_drawings(image[None], valid[None])[..., 0])
+    assert (before != after).mean() > 0.02

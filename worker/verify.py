@@ -8,10 +8,12 @@ for the few placements that compete for the top of the list.
 from __future__ import annotations
 
 import os
+import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
 
 import numpy as np
+import rasterio
 import torch
 
 from worker import edge_cells
@@ -24,6 +26,46 @@ from worker.store import TileIndex
 
 
 READ_THREADS = min(4, os.cpu_count() or 1)  # GDAL and PIL release the GIL while reading and turning
+OPEN_PER_THREAD = 16  # raster handles a reading thread keeps open between searches
+
+
+class _OpenRasters(threading.local):
+    """This thread's open rasters, kept between searches (least recently used closed first). GDAL
+    keeps the decoded blocks of an open raster, so a place read again, or one sharing blocks with
+    a place just read, is not decompressed again; a raster changed on disk is opened anew."""
+
+    def __init__(self) -> None:
+        self.handles: OrderedDict[tuple, rasterio.DatasetReader] = OrderedDict()
+
+    def get(self, path: str) -> rasterio.DatasetReader:
+        try:
+            stat = os.stat(path)
+        except OSError:  # gone or unreadable: rasterio says so as it always did
+            return rasterio.open(path)
+        key = (path, stat.st_mtime_ns, stat.st_size)
+        if key in self.handles:
+            self.handles.move_to_end(key)
+            return self.handles[key]
+        for old in [k for k in self.handles if k[0] == path]:
+            self.handles.pop(old).close()
+        self.handles[key] = rasterio.open(path)
+        while len(self.handles) > OPEN_PER_THREAD:
+            self.handles.popitem(last=False)[1].close()
+        return self.handles[key]
+
+
+_open_rasters = _OpenRasters()
+_readers: ThreadPoolExecutor | None = None
+_readers_lock = threading.Lock()
+
+
+def _reading_pool() -> ThreadPoolExecutor:
+    """The threads that read places, started once: their open rasters outlive a search."""
+    global _readers
+    with _readers_lock:
+        if _readers is None:
+            _readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="verify-read")
+        return _readers
 
 
 def draw_placements(placements: list[Placement], size: int) -> np.ndarray:
@@ -31,21 +73,10 @@ def draw_placements(placements: list[Placement], size: int) -> np.ndarray:
     Read in a few threads, drawn as one batch."""
     from worker.line_drawing import tile_line_drawings
 
-    parts = [part for part in np.array_split(np.arange(len(placements)), READ_THREADS) if len(part)]
-    with ThreadPoolExecutor(len(parts)) as pool:
-        read = [r for part in pool.map(lambda part: _read([placements[i] for i in part], size), parts) for r in part]
+    read = list(_reading_pool().map(lambda p: p.read(size, _open_rasters.get(p.raster.path)), placements))
     images = np.stack([r[0] for r in read])
     valid = np.stack([r[1] for r in read])
     return tile_line_drawings(images, valid)[..., 0]
-
-
-def _read(placements: list[Placement], size: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Read placements in this thread, with its own raster handles: (pixels, valid) each."""
-    import rasterio
-
-    with ExitStack() as stack:
-        opened = {path: stack.enter_context(rasterio.open(path)) for path in {p.raster.path for p in placements}}
-        return [p.read(size, opened[p.raster.path]) for p in placements]
 
 
 def describe_places(placements: list[Placement], size: int) -> torch.Tensor:
