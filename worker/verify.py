@@ -40,9 +40,9 @@ class _OpenRasters(threading.local):
     def get(self, path: str) -> rasterio.DatasetReader:
         try:
             stat = os.stat(path)
-        except OSError:  # gone or unreadable: rasterio says so as it always did
-            return rasterio.open(path)
-        key = (path, stat.st_mtime_ns, stat.st_size)
+            key = (path, stat.st_mtime_ns, stat.st_size)
+        except OSError:  # not a file here (a GDAL /vsi path), or gone: rasterio.open says which
+            key = (path, None, None)
         if key in self.handles:
             self.handles.move_to_end(key)
             return self.handles[key]
