@@ -4,7 +4,8 @@ A short check beside scripts/bench_speed, from a fresh process: the same sketche
 this process (stage timings) and through a real `python -m worker serve` over ZeroMQ (what the
 client sees, and the worker's peak memory), with the exact scan and with the ANN shortlist. With
 --windows N the ANN holds N synthetic windows (lab.ann_scale; 2,250,000 is 1M tiles), else the
-real index's own windows. It found that bench_speed's worker, started after its Dask clusters,
+real index's own windows; with synthetic windows it also says the shortlist's recall of the exact
+best 200 windows (lab.ann_scale.recall). It found that bench_speed's worker, started after its Dask clusters,
 ran on one thread (worker.distributed keeps the environment now; docs/benchmarks/speed.md).
 Run: scripts/lab search_profile [--windows N] [--queries 10]
 """
@@ -62,7 +63,11 @@ def main() -> int:
         queries = sketches(index, model, args.queries)
         if args.windows:
             vectors = [ann_scale.sketch_vectors(q) for q in queries]
-            ann_scale.build_synthetic(index, *ann_scale.real_windows(index), args.windows, vectors)
+            built = ann_scale.build_synthetic(index, *ann_scale.real_windows(index), args.windows, vectors)
+            got = ann_scale.recall(index_dir, vectors, built["exact"], RankingConfig().ann_neighbours)
+            print(f"ANN built in {built['build_s']:.0f} s ({built['factory']}), {built['bytes'] / args.windows:.0f} bytes "
+                  f"a window; of the exact best 200 windows it keeps {got['at200']:.3f}, of the best 10 "
+                  f"{got['at10']:.3f}", flush=True)
         else:
             ann.build(index)
         index = TileIndex.open(index_dir)

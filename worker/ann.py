@@ -6,22 +6,25 @@ product quantisation in an inverted-file index (FAISS OPQ + IVF-PQ, memory-mappe
 asks with its upright and turned templates, each also shifted by 64 px in x, y or both, so that
 some shift lies within 32 px of any window's place relative to the grid, plus the small
 template centred in a tile's frame. PQ codes rank the candidates only roughly, so FAISS is
-asked for many (ann_neighbours a query vector) and they are re-ranked by each window's vector
-after the rotation, kept at 8 bits a dimension on disk (RefineWriter): of the exact best 200
-windows the re-ranked shortlist holds 0.95, where PQ's own order of 256 a query vector held
-0.78 and the 64 asked before 0.34 (450k synthetic windows, 10 sketches; at scale see NPROBE). The
-windows found are the neighbourhoods the exact dense scan then searches (worker.placement_scan),
-so the ranking stays exact on the candidates.
+asked for many (ann_neighbours a query vector) and they are re-ranked in two stages, each from
+codes of 8 bits a dimension read from disk (CodeWriter, Codes): all of them by their vectors
+after the rotation (256 dimensions), then the best FULL_RERANK of those by their full vectors
+(1296 dimensions). PQ's own order of 256 a query vector held 0.78 of the exact best 200 windows
+(450k synthetic windows); the rotated codes alone hold 0.92 at 1M tiles, since the rotation to
+256 dimensions loses some of the ranking; with the full codes see FULL_RERANK. The windows found
+are the neighbourhoods the exact dense scan then searches (worker.placement_scan), so the
+ranking stays exact on the candidates.
 
 Files in INDEX_DIR/ann/: index.faiss, windows.npy (per vector: raster id, scale, stored-cell
-row and column of the window's top-left), refine.npy (per vector: its 8-bit rotated vector),
-refine_range.npy (each dimension's range of those codes), ann.json (what was built, from which
-rasters; written last).
+row and column of the window's top-left), refine.npy and refine_full.npy (per vector: its 8-bit
+rotated and full vector), refine_range.npy and refine_full_range.npy (each dimension's range of
+those codes), ann.json (what was built, from which rasters, each file's size; written last).
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import time
 from dataclasses import dataclass
@@ -61,8 +64,15 @@ TRAIN_MAX = 100_000  # windows the rotation, the lists and the quantiser are tra
 NPROBE = 128
 QUANTISER_EF = 2 * NPROBE
 ADD_BATCH = 100_000
-FORMAT = 2  # 2: the re-rank codes (refine.npy); a shortlist of another format is rebuilt by `update`
-MAPPED_FILES = ("index.faiss", "windows.npy", "refine.npy", "refine_range.npy")  # sizes recorded in ann.json, checked on opening
+# The re-rank codes: the rotated vectors for all of FAISS's candidates, then the full vectors for
+# the best FULL_RERANK of those (code_transforms). At 1M tiles (lab.ann_tuning, 20 sketches) the
+# re-ranked best 200 then hold 0.962 of the exact best 200 (0.923 by the rotated codes alone;
+# FAISS's candidates 0.979), the same with the best 512, 1024 or 2048 re-ranked, 0.960 with 256.
+CODES = ("refine", "refine_full")
+FULL_RERANK = 512
+FORMAT = 3  # 2: the rotated re-rank codes; 3: and the full ones. Another format is rebuilt by `update`
+MAPPED_FILES = ("index.faiss", "windows.npy", *(f"{name}{end}.npy" for name in CODES for end in ("", "_range")))
+# (sizes recorded in ann.json, checked on opening)
 
 
 @dataclass(frozen=True)
@@ -170,15 +180,16 @@ def build(index: TileIndex, factory: str | None = None, seed: int = 0) -> AnnInf
     factory = factory_for(n, factory)
     ann = faiss.index_factory(sample.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
     ann.train(sample)
-    refine = RefineWriter.trained(ann_dir(index.dir), ann, sample, n)
+    codes = code_writers(ann_dir(index.dir), ann, sample, n)
     del sample
     rows = []
     for raster_id, scale, vectors, origins in _windows_of(index):
         for start in range(0, len(vectors), ADD_BATCH):
             ann.add(vectors[start:start + ADD_BATCH])
-            refine.add(vectors[start:start + ADD_BATCH])
+            for writer in codes:
+                writer.add(vectors[start:start + ADD_BATCH])
         rows.append(_window_rows(raster_id, scale, origins))
-    return _write(index, ann, rows, refine, factory, began)
+    return _write(index, ann, rows, codes, factory, began)
 
 
 def _count_and_sample(index: TileIndex, rng: np.random.Generator) -> tuple[int, np.ndarray]:
@@ -212,37 +223,45 @@ def rotate(ann, vectors: np.ndarray) -> np.ndarray:
     return vectors
 
 
-class RefineWriter:
-    """Writes refine.npy as windows are added: each window's rotated vector at 8 bits a dimension,
-    over the range its training sample spans (values beyond it clipped), into a file of the final
-    size under a temporary name; refine_range.npy holds each dimension's low end and step."""
+def code_transforms(ann) -> dict[str, object]:
+    """What each re-rank code file quantises: the window vectors as the index's quantiser sees
+    them (rotated, 256 dimensions), and the vectors themselves (1296 dimensions)."""
+    return dict(zip(CODES, (lambda vectors: rotate(ann, vectors), lambda vectors: vectors)))
 
-    def __init__(self, folder: Path, ann, code_range: np.ndarray, total: int):
+
+class CodeWriter:
+    """Writes NAME.npy as windows are added: each window's vector (through `transform`) at 8 bits
+    a dimension, over the range its training sample spans (values beyond it clipped), into a file
+    of the final size under a temporary name; NAME_range.npy holds each dimension's low end and
+    step."""
+
+    def __init__(self, folder: Path, name: str, transform, code_range: np.ndarray, total: int):
         from numpy.lib.format import open_memmap
 
-        self.ann, self.range = ann, code_range
+        self.name, self.transform, self.range = name, transform, code_range
         folder.mkdir(exist_ok=True)
-        self.tmp = folder / f".refine.{os.getpid()}.npy"
+        self.tmp = folder / f".{name}.{os.getpid()}.npy"
         self.codes = open_memmap(self.tmp, mode="w+", dtype=np.uint8, shape=(total, code_range.shape[1]))
         self.filled = 0
 
     @classmethod
-    def trained(cls, folder: Path, ann, sample: np.ndarray, total: int) -> "RefineWriter":
-        """A writer of `total` codes over the range of the (trained) index's rotated sample."""
-        rotated = rotate(ann, sample)
-        low, high = rotated.min(0), rotated.max(0)
-        return cls(folder, ann, np.stack([low, np.maximum(high - low, 1e-12) / 255]).astype(np.float32), total)
+    def trained(cls, folder: Path, name: str, transform, sample: np.ndarray, total: int) -> "CodeWriter":
+        """A writer of `total` codes over the range of the transformed training sample."""
+        seen = transform(sample)
+        low, high = seen.min(0), seen.max(0)
+        return cls(folder, name, transform, np.stack([low, np.maximum(high - low, 1e-12) / 255]).astype(np.float32), total)
 
     @classmethod
-    def extending(cls, folder: Path, ann, code_range: np.ndarray, old: np.ndarray, added: int) -> "RefineWriter":
-        """A writer of the `old` codes (copied in blocks) and `added` more, over their range."""
-        writer = cls(folder, ann, code_range, len(old) + added)
+    def extending(cls, folder: Path, name: str, transform, added: int) -> "CodeWriter":
+        """A writer of the folder's NAME codes (copied in blocks, over their range) and `added` more."""
+        old = np.load(folder / f"{name}.npy", mmap_mode="r")
+        writer = cls(folder, name, transform, np.load(folder / f"{name}_range.npy"), len(old) + added)
         for start in range(0, len(old), ADD_BATCH):
             writer.add_codes(np.asarray(old[start:start + ADD_BATCH]))
         return writer
 
     def add(self, vectors: np.ndarray) -> None:
-        self.add_codes(np.clip(np.rint((rotate(self.ann, vectors) - self.range[0]) / self.range[1]), 0, 255)
+        self.add_codes(np.clip(np.rint((self.transform(vectors) - self.range[0]) / self.range[1]), 0, 255)
                        .astype(np.uint8))
 
     def add_codes(self, codes: np.ndarray) -> None:
@@ -251,15 +270,20 @@ class RefineWriter:
 
     def commit(self, folder: Path) -> None:
         if self.filled != len(self.codes):
-            raise RuntimeError(f"{self.filled} re-rank codes written of {len(self.codes)}")
+            raise RuntimeError(f"{self.filled} {self.name} codes written of {len(self.codes)}")
         self.codes.flush()
         del self.codes
-        os.replace(self.tmp, folder / "refine.npy")
-        np.save(folder / ".refine_range.npy", self.range)
-        os.replace(folder / ".refine_range.npy", folder / "refine_range.npy")
+        os.replace(self.tmp, folder / f"{self.name}.npy")
+        np.save(folder / f".{self.name}_range.npy", self.range)
+        os.replace(folder / f".{self.name}_range.npy", folder / f"{self.name}_range.npy")
 
 
-def _write(index: TileIndex, ann, rows: list[np.ndarray], refine: RefineWriter, factory: str,
+def code_writers(folder: Path, ann, sample: np.ndarray, total: int) -> list[CodeWriter]:
+    """Writers of both re-rank code files of `total` windows, over the (trained) index's sample."""
+    return [CodeWriter.trained(folder, name, f, sample, total) for name, f in code_transforms(ann).items()]
+
+
+def _write(index: TileIndex, ann, rows: list[np.ndarray], codes: list[CodeWriter], factory: str,
            began: float) -> AnnInfo:
     """Write the FAISS index, its window table, the re-rank codes and ann.json (last: what makes
     it exist), each under a temporary name renamed into place."""
@@ -272,7 +296,8 @@ def _write(index: TileIndex, ann, rows: list[np.ndarray], refine: RefineWriter, 
     os.replace(tmp, folder / "index.faiss")
     np.save(folder / ".windows.npy", np.concatenate(rows))
     os.replace(folder / ".windows.npy", folder / "windows.npy")
-    refine.commit(folder)
+    for writer in codes:
+        writer.commit(folder)
     info = AnnInfo(int(ann.ntotal), sorted(index.rasters), factory, round(time.perf_counter() - began, 2),
                    sum(f.stat().st_size for f in folder.iterdir() if f.is_file()))
     sizes = {name: (folder / name).stat().st_size for name in MAPPED_FILES}
@@ -331,54 +356,57 @@ def update(index: TileIndex) -> AnnInfo | None:
     began = time.perf_counter()
     ann = faiss.read_index(str(folder / "index.faiss"))
     rows = [np.load(folder / "windows.npy")]
-    old_codes = np.load(folder / "refine.npy", mmap_mode="r")
     # the new windows are counted first: the codes file is written at its final size
     added = sum(len(v) for _, _, v, _ in _windows_of(index, rasters=set(new)))
-    refine = RefineWriter.extending(folder, ann, np.load(folder / "refine_range.npy"), old_codes, added)
+    codes = [CodeWriter.extending(folder, name, f, added) for name, f in code_transforms(ann).items()]
     for raster_id, scale, vectors, origins in _windows_of(index, rasters=set(new)):
         ann.add(vectors)
-        refine.add(vectors)
+        for writer in codes:
+            writer.add(vectors)
         rows.append(_window_rows(raster_id, scale, origins))
-    return _write(index, ann, rows, refine, built["factory"], began)
+    return _write(index, ann, rows, codes, built["factory"], began)
 
 
-class RefineCodes:
-    """The re-rank vectors: refine.npy's 8-bit codes, read by position (pread), not
-    memory-mapped, and decoded over refine_range.npy. A search reads a few thousand scattered
-    rows of a file of gigabytes, and mapped pages (with the kernel's read-ahead) would count to
-    the worker's resident memory (7.7 GB at 10M tiles, measured)."""
+class Codes:
+    """One file of 8-bit re-rank codes (NAME.npy over NAME_range.npy), read by row. The file is
+    mapped for one read at a time, with random access advised: a search reads a few thousand
+    scattered rows of a file of gigabytes, a mapping kept open would count every page it ever
+    touched to the worker's resident memory (7.7 GB at 10M tiles, measured), and the kernel's
+    read-around would read 128 KB from disk for each row."""
 
-    def __init__(self, folder: Path):
-        path = folder / "refine.npy"
-        header = np.load(path, mmap_mode="r")  # the array's shape and where its rows start; no row is read
+    def __init__(self, folder: Path, name: str):
+        self.path = folder / f"{name}.npy"
+        header = np.load(self.path, mmap_mode="r")  # the array's shape and where its rows start; no row is read
         if header.dtype != np.uint8 or header.ndim != 2:
-            raise CorruptIndexError(f"{path}: {header.dtype} {header.shape}, expected 8-bit codes; "
+            raise CorruptIndexError(f"{self.path}: {header.dtype} {header.shape}, expected 8-bit codes; "
                                     "run `python -m worker build-ann` again")
-        self.offset, self.width = header.offset, header.shape[1]
+        self.offset, self.shape = header.offset, header.shape
         del header
-        self.range = np.load(folder / "refine_range.npy")  # each dimension's low end and step (RefineWriter)
-        self.fd = os.open(path, os.O_RDONLY)
+        self.low, self.step = np.load(folder / f"{name}_range.npy")  # each dimension's (CodeWriter)
 
-    def vectors(self, ids: np.ndarray) -> np.ndarray:
-        """The decoded rotated vectors of rows `ids` (ascending reads the file in order): (len(ids), dim)."""
-        out = bytearray(len(ids) * self.width)
-        view = memoryview(out)
-        for n, i in enumerate(ids.tolist()):
-            view[n * self.width:(n + 1) * self.width] = os.pread(self.fd, self.width, self.offset + i * self.width)
-        codes = np.frombuffer(out, np.uint8).reshape(len(ids), self.width)
-        return codes.astype(np.float32) * self.range[1] + self.range[0]
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """The codes of rows `ids`: (len(ids), dim) uint8."""
+        with open(self.path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            mapped.madvise(mmap.MADV_RANDOM)
+            table = np.frombuffer(mapped, np.uint8, self.shape[0] * self.shape[1], self.offset).reshape(self.shape)
+            picked = table[ids]  # a copy: the mapping closes with nothing pointing into it
+            del table
+        return picked
 
-    def __del__(self) -> None:
-        if getattr(self, "fd", None) is not None:
-            os.close(self.fd)
+    def best_scores(self, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Each row's best inner product with any of `queries` (in this file's space), from its
+        codes; the decoding is folded into the queries."""
+        codes = self.rows(ids).astype(np.float32)
+        return ((queries * self.step) @ codes.T + (queries @ self.low)[:, None]).max(0)
 
 
 class AnnShortlist:
     """A built ANN shortlist, memory-mapped: which grid windows a sketch may lie near."""
 
-    def __init__(self, index_dir: Path, nprobe: int = NPROBE):
+    def __init__(self, index_dir: Path, nprobe: int = NPROBE, full_rerank: int = FULL_RERANK):
         import faiss
 
+        self.full_rerank = full_rerank
         folder = ann_dir(index_dir)
         self.info = json.loads((folder / "ann.json").read_text())
         self.current_format = self.info.get("format") == FORMAT
@@ -392,7 +420,7 @@ class AnnShortlist:
         if isinstance(quantiser, faiss.IndexHNSW):
             quantiser.hnsw.efSearch = QUANTISER_EF
         self.windows = np.load(folder / "windows.npy", mmap_mode="r")
-        self.refine = RefineCodes(folder)
+        self.codes = {name: Codes(folder, name) for name in CODES}
 
     @staticmethod
     def exists(index_dir: Path) -> bool:
@@ -403,16 +431,19 @@ class AnnShortlist:
         return self.current_format and self.info.get("covers") == covered(index)
 
     def candidates(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Ids and scores of the distinct windows among FAISS's best `k` per query vector,
-        re-ranked by their best inner product with any query in the rotated space, from their
-        8-bit codes (read from disk in id order): best first."""
+        """Ids and scores of the best `full_rerank` distinct windows among FAISS's best `k` per
+        query vector, best first: all of them re-ranked by their best inner product with any query
+        from their rotated codes, then the best `full_rerank` of those from their full codes (the
+        rotation to 256 dimensions alone kept 0.94 of the exact best 200 at 1M tiles)."""
         _, ids = self.index.search(queries, k)
         ids = np.unique(ids[ids >= 0])
         if not len(ids):
             return ids, np.zeros(0, np.float32)
-        scores = (rotate(self.index, queries) @ self.refine.vectors(ids).T).max(0)
+        rough = self.codes["refine"].best_scores(rotate(self.index, queries), ids)
+        best = np.sort(ids[np.argsort(-rough, kind="stable")[:self.full_rerank]])
+        scores = self.codes["refine_full"].best_scores(queries, best)
         order = np.argsort(-scores, kind="stable")
-        return ids[order], scores[order]
+        return best[order], scores[order]
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Window rows (raster id, scale, row, col) and re-ranked scores of the windows among the
