@@ -367,9 +367,6 @@ def update(index: TileIndex) -> AnnInfo | None:
     return _write(index, ann, rows, codes, built["factory"], began)
 
 
-ROWS_A_MAPPING = 1024
-
-
 class Codes:
     """One file of 8-bit re-rank codes (NAME.npy over NAME_range.npy), read by row. The file is
     mapped for one read at a time, with random access advised: a search reads a few thousand
@@ -388,19 +385,13 @@ class Codes:
         self.low, self.step = np.load(folder / f"{name}_range.npy")  # each dimension's (CodeWriter)
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
-        """The codes of rows `ids`: (len(ids), dim) uint8. Mapped again for each ROWS_A_MAPPING
-        of them: the kernel maps the cached pages around each page read too (fault-around, 64 KB),
-        and they count to the worker's resident memory while mapped (15,000 rows in one mapping
-        raised the peak by about 0.9 GB at 1M tiles, measured)."""
-        out = np.empty((len(ids), self.shape[1]), np.uint8)
-        with open(self.path, "rb") as file:
-            for start in range(0, len(ids), ROWS_A_MAPPING):
-                with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                    mapped.madvise(mmap.MADV_RANDOM)
-                    table = np.frombuffer(mapped, np.uint8, self.shape[0] * self.shape[1], self.offset)
-                    out[start:start + ROWS_A_MAPPING] = table.reshape(self.shape)[ids[start:start + ROWS_A_MAPPING]]
-                    del table  # nothing may point into the mapping when it closes
-        return out
+        """The codes of rows `ids`: (len(ids), dim) uint8."""
+        with open(self.path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            mapped.madvise(mmap.MADV_RANDOM)
+            table = np.frombuffer(mapped, np.uint8, self.shape[0] * self.shape[1], self.offset).reshape(self.shape)
+            picked = table[ids]  # a copy: the mapping closes with nothing pointing into it
+            del table
+        return picked
 
     def best_scores(self, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """Each row's best inner product with any of `queries` (in this file's space), from its
