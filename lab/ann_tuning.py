@@ -1,8 +1,9 @@
 """How many inverted lists to visit and how many windows to ask the ANN shortlist for: recall
 of the exact best 200 windows and milliseconds, over synthetic windows at scale (lab.ann_scale).
 
-For each (lists visited, windows asked a query vector): the share of the exact best 200 among
-FAISS's distinct candidates (what a perfect re-rank could reach), the share in the re-ranked
+For each (lists visited, windows asked a query vector, candidates re-ranked by full codes): the
+share of the exact best 200 among FAISS's distinct candidates (what a perfect re-rank could
+reach), the share in the re-ranked
 best 200 (what the product scans), the share of the exact best 10 there, and the ms of FAISS
 with the re-rank (worker.ann.AnnShortlist.candidates), p50 over the sketches. The shortlist is
 built once; the grid is searched in this process.

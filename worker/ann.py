@@ -71,8 +71,8 @@ ADD_BATCH = 100_000
 CODES = ("refine", "refine_full")
 FULL_RERANK = 512
 FORMAT = 3  # 2: the rotated re-rank codes; 3: and the full ones. Another format is rebuilt by `update`
+# the files a shortlist maps or reads: sizes recorded in ann.json, checked on opening
 MAPPED_FILES = ("index.faiss", "windows.npy", *(f"{name}{end}.npy" for name in CODES for end in ("", "_range")))
-# (sizes recorded in ann.json, checked on opening)
 
 
 @dataclass(frozen=True)
