@@ -97,7 +97,7 @@ def build_synthetic(index: TileIndex, base: np.ndarray, base_rows: np.ndarray, n
     exact = ExactBest(sketches, RECALL_AT)
     t0 = time.perf_counter()
     faiss_index = faiss.index_factory(base.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
-    sample = next(synthetic_windows(base, min(n, ann.TRAIN_MAX), ann.TRAIN_MAX))[0]
+    sample = next(synthetic_windows(base, ann.train_size(n), ann.train_size(n)))[0]
     faiss_index.train(sample)
     codes = ann.code_writers(ann.ann_dir(index.dir), faiss_index, sample, n)
     rows, exact_s = [], 0.0
@@ -114,17 +114,20 @@ def build_synthetic(index: TileIndex, base: np.ndarray, base_rows: np.ndarray, n
             "exact": exact.best_first()}
 
 
-def recall(index_dir: Path, sketches: list[np.ndarray], truth: list[np.ndarray], neighbours: int) -> dict:
+def recall(index_dir: Path, sketches: list[np.ndarray], truth: list[np.ndarray], neighbours: int,
+           nprobe: int = ann.NPROBE) -> dict:
     """Shortlist recall against the exact scan: of the exact best 200 and of the exact best 10,
     the share in the ANN's best 200, asked as the product asks it (`neighbours` a query vector,
-    re-ranked: worker.ann.AnnShortlist.candidates)."""
-    shortlist = ann.AnnShortlist(index_dir)
-    at200, at10 = [], []
+    re-ranked: worker.ann.AnnShortlist.candidates), visiting `nprobe` lists."""
+    shortlist = ann.AnnShortlist(index_dir, nprobe=nprobe)
+    at200, at10, ms = [], [], []
     for vectors, exact in zip(sketches, truth):
+        t0 = time.perf_counter()
         found = set(shortlist.candidates(vectors, neighbours)[0][:RECALL_AT].tolist())
+        ms.append(1e3 * (time.perf_counter() - t0))
         at200.append(len(found & set(exact.tolist())) / len(exact))
         at10.append(len(found & set(exact[:10].tolist())) / min(10, len(exact)))
-    return {"at200": float(np.mean(at200)), "at10": float(np.mean(at10))}
+    return {"at200": float(np.mean(at200)), "at10": float(np.mean(at10)), "ms": float(np.median(ms))}
 
 
 def png(sketch: torch.Tensor) -> bytes:

@@ -7,7 +7,7 @@ client sees, and the worker's peak memory), with the exact scan and with the ANN
 real index's own windows; with synthetic windows it also says the shortlist's recall of the exact
 best 200 windows (lab.ann_scale.recall). It found that bench_speed's worker, started after its Dask clusters,
 ran on one thread (worker.distributed keeps the environment now; docs/benchmarks/speed.md).
-Run: scripts/lab search_profile [--windows N] [--queries 10]
+Run: scripts/lab search_profile [--windows N [--lists 256,512]] [--queries 10]
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--windows", type=int, default=0, help="synthetic ANN windows (0: the index's own)")
     parser.add_argument("--queries", type=int, default=10)
+    parser.add_argument("--lists", default="", help="with --windows: recall also at these lists visited (e.g. 256,512)")
     args = parser.parse_args()
     model = load_model(device="cpu")
     raster = Path(load_asset_paths()["s2_rgb"])
@@ -68,6 +69,10 @@ def main() -> int:
             print(f"ANN built in {built['build_s']:.0f} s ({built['factory']}), {built['bytes'] / args.windows:.0f} bytes "
                   f"a window; of the exact best 200 windows it keeps {got['at200']:.3f}, of the best 10 "
                   f"{got['at10']:.3f}", flush=True)
+            for lists in (int(x) for x in args.lists.split(",") if x):
+                got = ann_scale.recall(index_dir, vectors, built["exact"], RankingConfig().ann_neighbours, nprobe=lists)
+                print(f"visiting {lists} lists: of the exact best 200 {got['at200']:.3f}, of the best 10 {got['at10']:.3f}; "
+                      f"FAISS + re-rank ms p50 {got['ms']:.0f}", flush=True)
         else:
             ann.build(index)
         index = TileIndex.open(index_dir)

@@ -52,7 +52,13 @@ AUTO_MIN_TILES = 200_000  # from here on a search asks the ANN shortlist first (
 DEFAULT_FACTORY = "OPQ64_256,IVF{nlist}_HNSW32,PQ64"
 SMALL_FACTORY = "IVF{nlist},Flat"  # under SMALL_VECTORS windows compression is not worth its loss
 SMALL_VECTORS = 50_000
-TRAIN_MAX = 100_000  # windows the rotation, the lists and the quantiser are trained on
+# Windows the rotation, the lists and the quantiser are trained on: FAISS's k-means asks for at
+# least POINTS_PER_LIST a list (train_size), never fewer than TRAIN_MIN nor more than TRAIN_MAX
+# (3.9 GB of vectors while training; it caps the lists at TRAIN_MAX // POINTS_PER_LIST). At 10M
+# tiles 100,000 windows trained 18,973 lists before: about 5 a list.
+TRAIN_MIN = 100_000
+TRAIN_MAX = 750_000
+POINTS_PER_LIST = 39
 # Inverted lists a query visits, and how many list heads the HNSW quantiser explores to find
 # them (its default, 16, is below NPROBE). Measured on 450k synthetic windows, 512 asked a query
 # vector and re-ranked by the full vectors: recall of the exact 200 0.94 at 32 lists, 0.97 at
@@ -149,9 +155,14 @@ def ann_dir(index_dir: Path) -> Path:
 
 
 def nlist_for(n: int) -> int:
-    """Inverted lists for n windows: about 4 sqrt(n), as FAISS's guidelines suggest, and at
-    least 39 training windows per list."""
-    return int(min(65536, max(4, min(4 * np.sqrt(n), n // 39))))
+    """Inverted lists for n windows: about 4 sqrt(n), as FAISS's guidelines suggest, with
+    POINTS_PER_LIST training windows for each (so at most TRAIN_MAX // POINTS_PER_LIST)."""
+    return int(max(4, min(4 * np.sqrt(n), n // POINTS_PER_LIST, TRAIN_MAX // POINTS_PER_LIST)))
+
+
+def train_size(n: int) -> int:
+    """Windows to train on for an index of n: POINTS_PER_LIST a list, within TRAIN_MIN..TRAIN_MAX."""
+    return int(min(n, max(TRAIN_MIN, POINTS_PER_LIST * nlist_for(n))))
 
 
 def factory_for(n: int, factory: str | None = None) -> str:
@@ -193,18 +204,25 @@ def build(index: TileIndex, factory: str | None = None, seed: int = 0) -> AnnInf
 
 
 def _count_and_sample(index: TileIndex, rng: np.random.Generator) -> tuple[int, np.ndarray]:
-    """How many windows the index has, and a uniform sample of at most TRAIN_MAX of them (the
-    windows with the smallest random keys: one pass, whatever the total)."""
+    """How many windows the index has, and a uniform sample of train_size of them (the windows
+    with the smallest random keys: one pass, whatever the total; sized by the grid windows of
+    the maps' shapes, of which blank ones are left out later)."""
+    keep_at_most = train_size(sum(grid_windows(level.cells.shape[:2]) for level in index.maps.values()))
     n, sample, keys = 0, None, np.zeros(0)
     for _, _, vectors, _ in _windows_of(index):
         n += len(vectors)
         drawn = rng.random(len(vectors))
         sample = vectors if sample is None else np.concatenate([sample, vectors])
         keys = np.concatenate([keys, drawn])
-        if len(keys) > TRAIN_MAX:
-            keep = np.argpartition(keys, TRAIN_MAX)[:TRAIN_MAX]
+        if len(keys) > keep_at_most:
+            keep = np.argpartition(keys, keep_at_most)[:keep_at_most]
             sample, keys = sample[keep], keys[keep]
     return n, sample if sample is not None else np.zeros((0, 1), np.float32)
+
+
+def grid_windows(shape: tuple[int, int]) -> int:
+    """Grid windows of a level map of `shape` stored cells (as window_vectors walks them)."""
+    return int(np.prod([len(range(0, max(1, side - WINDOW_CELLS + 1), STRIDE_CELLS)) for side in shape]))
 
 
 def _window_rows(raster_id: int, scale: int, origins: np.ndarray) -> np.ndarray:
