@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lab.worker_process import WorkerProcess
+from lab.worker_process import WorkerProcess, memory_mb
 from worker import ann, query_templates
 from worker.ranking import RankingConfig
 from worker.sketch import sketch_pixels
@@ -148,8 +148,7 @@ def end_to_end(index_dir: Path, raster_root: Path, sketches: list[torch.Tensor],
                 t0 = time.perf_counter()
                 client.search(index_dir.name, png(sketch), ann=ann_mode, top=10)
                 times.append(1e3 * (time.perf_counter() - t0))
-        status = Path(f"/proc/{worker.proc.pid}/status").read_text()
-        hwm_kb = int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1])
+        peak_mb = memory_mb(worker.proc.pid)["VmHWM"]
     finally:
         worker.stop()
-    return {"p50": float(np.percentile(times, 50)), "p95": float(np.percentile(times, 95)), "peak_rss_mb": hwm_kb / 1024}
+    return {"p50": float(np.percentile(times, 50)), "p95": float(np.percentile(times, 95)), "peak_rss_mb": peak_mb}

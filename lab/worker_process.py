@@ -41,6 +41,13 @@ def wait_job(client: WorkerClient, job_id: str, timeout: float = 300) -> dict:
     raise TimeoutError(job)
 
 
+def memory_mb(pid: int) -> dict[str, float]:
+    """A process's resident memory now (VmRSS) and at its peak (VmHWM), in MB (Linux)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return {key: int(line.split()[1]) / 1024 for line in status.splitlines()
+            for key in ("VmRSS", "VmHWM") if line.startswith(key + ":")}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -3,6 +3,7 @@ never asked when it is older than the index."""
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 
 from lab.placements import iou, random_frame
 from lab.pseudo_sketch import has_lines, pseudo_sketch
+from lab.worker_process import memory_mb
 from worker import ann, edge_cells, query_templates
 from worker.edge_cells import COARSE
 from worker.placement_scan import (ANN_MARGIN, COARSE_STEP, WINDOW_CELLS, local_scores, ann_peaks, peak_radius,
@@ -134,14 +136,11 @@ def test_the_compressed_shortlist_re_ranks_its_candidates_close_to_the_exact_vec
 
 def peak_resident_mb_during(work) -> float:
     """How far this process's peak resident memory rose while `work()` ran (Linux: the peak is reset first)."""
-    def peak() -> int:
-        status = open("/proc/self/status").read()
-        return int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1]) // 1024
     with open("/proc/self/clear_refs", "w") as reset:
         reset.write("5")  # VmHWM := VmRSS
-    before = peak()
+    before = memory_mb(os.getpid())["VmHWM"]
     work()
-    return peak() - before
+    return memory_mb(os.getpid())["VmHWM"] - before
 
 
 def test_reading_scattered_re_rank_codes_does_not_hold_their_file_in_memory(tmp_path):

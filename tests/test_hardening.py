@@ -18,7 +18,7 @@ import rasterio
 import zmq
 from rasterio.windows import Window
 
-from lab.worker_process import WorkerProcess, wait_job
+from lab.worker_process import WorkerProcess, memory_mb, wait_job
 from test_service import sketch_png
 from wire import errors as codes
 from wire import job_states as states
@@ -110,12 +110,6 @@ def _copy_index(served, name: str) -> Path:
     dest = served.index_root / name
     shutil.copytree(served.index_root / "base", dest)
     return dest
-
-
-def _rss_mb(pid: int) -> dict[str, float]:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return {key: int(line.split()[1]) / 1024 for line in status.splitlines()
-            for key in ("VmRSS", "VmHWM") if line.startswith(key + ":")}
 
 
 # -- 1. a CRS a client chooses: no PROJ strings, no files ------------------------------------
@@ -288,7 +282,7 @@ def test_6_7_a_flood_is_bounded_and_a_timed_out_search_frees_its_thread(served, 
             except WorkerError:  # over 0.1 s: timeout
                 pass
         time.sleep(1.0)
-        before = _rss_mb(pid)
+        before = memory_mb(pid)
 
         latencies, flooding = [], threading.Event()
 
@@ -315,7 +309,7 @@ def test_6_7_a_flood_is_bounded_and_a_timed_out_search_frees_its_thread(served, 
             if sock.poll(1000):
                 reply = json.loads(sock.recv_multipart()[0])
                 replies[reply["id"]] = "ok" if reply["ok"] else reply["error"]["code"]
-        after = _rss_mb(pid)
+        after = memory_mb(pid)
         flooding.set()
         pinger.join()
         time.sleep(1.0)  # the flood's last searches stop
