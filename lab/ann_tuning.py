@@ -16,10 +16,8 @@ import argparse
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 
 from lab import ann_scale
 from lab.bench_speed import sketches
@@ -31,23 +29,6 @@ from worker.store import IndexWriter, TileIndex
 from worker.tiling import TileSettings
 
 SKETCHES = 20
-
-
-def shares(shortlist: ann.AnnShortlist, vectors: list[np.ndarray], exact: list[np.ndarray], asked: int) -> dict:
-    """Recall of the exact best 200 among the candidates and in the re-ranked best 200, of the
-    exact best 10 in the re-ranked best 200, and FAISS-with-re-rank ms p50."""
-    covered, ranked, best10, ms = [], [], [], []
-    for v, truth in zip(vectors, exact):
-        t0 = time.perf_counter()
-        ids = shortlist.candidates(v, asked)[0]
-        ms.append(1e3 * (time.perf_counter() - t0))
-        top = set(ids[:ann_scale.RECALL_AT].tolist())
-        found = shortlist.index.search(v, asked)[1]  # FAISS's own candidates, before the re-rank keeps the best
-        covered.append(len(set(found[found >= 0].tolist()) & set(truth.tolist())) / len(truth))
-        ranked.append(len(top & set(truth.tolist())) / len(truth))
-        best10.append(len(top & set(truth[:10].tolist())) / min(10, len(truth)))
-    return {"candidates": np.mean(covered), "reranked": np.mean(ranked), "best10": np.mean(best10),
-            "ms": float(np.median(ms))}
 
 
 def main() -> int:
@@ -74,9 +55,9 @@ def main() -> int:
                  "| lists visited | asked a query vector | re-ranked by full codes | exact 200 among the candidates "
                  "| in the re-ranked 200 | exact best 10 there | FAISS + re-rank ms p50 |", "|---|---|---|---|---|---|---|"]
         for lists, asked, full in grid:
-            got = shares(ann.AnnShortlist(index_dir, nprobe=lists, full_rerank=full), vectors, built["exact"], asked)
-            lines.append(f"| {lists} | {asked} | {full} | {got['candidates']:.3f} | {got['reranked']:.3f} "
-                         f"| {got['best10']:.3f} | {got['ms']:.1f} |")
+            got = ann_scale.recall(index_dir, vectors, built["exact"], asked, nprobe=lists, full_rerank=full)
+            lines.append(f"| {lists} | {asked} | {full} | {got['candidates']:.3f} | {got['at200']:.3f} "
+                         f"| {got['at10']:.3f} | {got['ms']:.1f} |")
             print(lines[-1], file=sys.stderr, flush=True)
         print("\n".join(lines))
     finally:
