@@ -103,7 +103,7 @@ def window_vectors(cells: np.ndarray, device: torch.device | str = "cpu", batch_
     height, width = cells.shape[:2]
     side = WINDOW_CELLS
     vectors, origins = [], []
-    starts = list(range(0, max(1, height - side + 1), STRIDE_CELLS))
+    starts = list(grid_starts(height))
     band_windows = max(1, batch_rows // STRIDE_CELLS)
     for b in range(0, len(starts), band_windows):
         r0 = starts[b]
@@ -113,7 +113,7 @@ def window_vectors(cells: np.ndarray, device: torch.device | str = "cpu", batch_
         gap = COARSE.span // COARSE_STEP
         n = COARSE.blocks_per_side(WINDOW)
         for r in rows:
-            for c in range(0, max(1, width - side + 1), STRIDE_CELLS):
+            for c in grid_starts(width):
                 i, j = (r - r0) // COARSE_STEP, c // COARSE_STEP
                 window = blocks[0, :, i:i + (n - 1) * gap + 1:gap, j:j + (n - 1) * gap + 1:gap]
                 if window.shape[1:] != (n, n):
@@ -222,9 +222,14 @@ def _count_and_sample(index: TileIndex, rng: np.random.Generator) -> tuple[int, 
     return n, sample if sample is not None else np.zeros((0, 1), np.float32)
 
 
+def grid_starts(length: int) -> range:
+    """Where the grid windows of a level map start along a side of `length` stored cells."""
+    return range(0, max(1, length - WINDOW_CELLS + 1), STRIDE_CELLS)
+
+
 def grid_windows(shape: tuple[int, int]) -> int:
-    """Grid windows of a level map of `shape` stored cells (as window_vectors walks them)."""
-    return int(np.prod([len(range(0, max(1, side - WINDOW_CELLS + 1), STRIDE_CELLS)) for side in shape]))
+    """Grid windows of a level map of `shape` stored cells (window_vectors walks these)."""
+    return int(np.prod([len(grid_starts(side)) for side in shape]))
 
 
 def _window_rows(raster_id: int, scale: int, origins: np.ndarray) -> np.ndarray:
