@@ -286,7 +286,10 @@ def refine(scanner: Scanner, templates: query_templates.Templates, ranking: Rank
     """The fine HOG score of each candidate at the best 8 px offset within `fine_radius` cells,
     calibrated per template against random windows of the index searched the same way, and moved
     to that offset. A tile window (worker.tile_windows) keeps its place, and its own drawing's
-    fine cosine, which it arrives with, is calibrated the same way."""
+    fine cosine, which it arrives with, is calibrated against the background windows' cosines
+    at their own place: the best of 25 offsets of a random window scores higher than one
+    place does, so against that a tile window's z-value came out about 0.5 too low and the
+    placements beat the tile a sketch was drawn on."""
     pad = ranking.fine_radius
     width = 2 * pad + 1
     backgrounds = None
@@ -300,13 +303,17 @@ def refine(scanner: Scanner, templates: query_templates.Templates, ranking: Rank
         fine = templates.fine[size]  # A angles
         mean = torch.zeros(len(templates.angles))
         std = torch.ones(len(templates.angles))
+        at_mean, at_std = mean, std
         if ranking.calibrate:
-            background = _fine_scores(backgrounds[size], fine, ranking.inked_only).amax(2)  # S, A
-            mean, std = background.mean(0), background.std(0).clamp(min=1e-6)
+            background = _fine_scores(backgrounds[size], fine, ranking.inked_only)  # S, A, offsets
+            best = background.amax(2)
+            mean, std = best.mean(0), best.std(0).clamp(min=1e-6)
+            at = background[:, :, pad * width + pad]  # the window itself, no offset tried
+            at_mean, at_std = at.mean(0), at.std(0).clamp(min=1e-6)
         for c in group:
-            if c.drawn is not None:  # a tile window: its own drawing's fine cosine, calibrated the same way
+            if c.drawn is not None:  # a tile window: its own drawing's cosine at its own place, calibrated so
                 angle = templates.angles.index(c.angle)
-                c.fine = float((c.fine - mean[angle]) / std[angle])
+                c.fine = float((c.fine - at_mean[angle]) / at_std[angle])
         movable = [c for c in group if c.drawn is None]
         if not movable:
             continue
