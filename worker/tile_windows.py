@@ -23,6 +23,10 @@ from worker.placement_scan import WINDOW_CELLS as TILE_CELLS  # a tile's 224 lev
 from worker.store import TileIndex
 
 MIN_OVERLAP = 0.25  # a tile is under a candidate when their windows overlap by this IoU
+# A whole tile holds TILE_CELLS whole cells a side, or one fewer when it does not start on its
+# level's cell grid (the last tile of a row or column, moved in to end at the raster's edge):
+# its cells then start up to 7 level px inside it, and its last row or column is blank.
+WHOLE_CELLS = TILE_CELLS - 1
 
 
 def tiles_under(index: TileIndex, candidates: list[Candidate]) -> dict[int, float]:
@@ -35,7 +39,7 @@ def tiles_under(index: TileIndex, candidates: list[Candidate]) -> dict[int, floa
     for key, group in by_map.items():
         rows = index.rows_of_map(*key)
         rec = index.records[rows]
-        whole = (rec["cell_rows"] == TILE_CELLS) & (rec["cell_cols"] == TILE_CELLS)
+        whole = (rec["cell_rows"] >= WHOLE_CELLS) & (rec["cell_cols"] >= WHOLE_CELLS)
         rows, rec = rows[whole], rec[whole]
         if not len(rows):
             continue
