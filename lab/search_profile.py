@@ -7,7 +7,7 @@ client sees, and the worker's peak memory), with the exact scan and with the ANN
 real index's own windows; with synthetic windows it also says the shortlist's recall of the exact
 best 200 windows (lab.ann_scale.recall). It found that bench_speed's worker, started after its Dask clusters,
 ran on one thread (worker.distributed keeps the environment now; docs/benchmarks/speed.md).
-Run: scripts/lab search_profile [--windows N [--lists 256,512]] [--queries 10]
+Run: scripts/lab search_profile [--windows N [--lists 256,512] [--neighbours 2048]] [--queries 10]
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ def main() -> int:
     parser.add_argument("--windows", type=int, default=0, help="synthetic ANN windows (0: the index's own)")
     parser.add_argument("--queries", type=int, default=10)
     parser.add_argument("--lists", default="", help="with --windows: recall also at these lists visited (e.g. 256,512)")
+    parser.add_argument("--neighbours", default="",
+                        help="with --windows: recall also with these many windows asked a query vector (e.g. 2048)")
     args = parser.parse_args()
     model = load_model(device="cpu")
     raster = Path(load_asset_paths()["s2_rgb"])
@@ -72,6 +74,11 @@ def main() -> int:
             for lists in (int(x) for x in args.lists.split(",") if x):
                 got = ann_scale.recall(index_dir, vectors, built["exact"], RankingConfig().ann_neighbours, nprobe=lists)
                 print(f"visiting {lists} lists: of the exact best 200 {got['at200']:.3f}, of the best 10 {got['at10']:.3f}; "
+                      f"FAISS + re-rank ms p50 {got['ms']:.0f}", flush=True)
+            for asked in [RankingConfig().ann_neighbours] + [int(x) for x in args.neighbours.split(",") if x]:
+                got = ann_scale.recall(index_dir, vectors, built["exact"], asked)
+                print(f"asking {asked} a query vector: FAISS's candidates hold {got['candidates']:.3f} of the exact "
+                      f"best 200, the re-ranked best 200 {got['at200']:.3f}, of the best 10 {got['at10']:.3f}; "
                       f"FAISS + re-rank ms p50 {got['ms']:.0f}", flush=True)
         else:
             ann.build(index)
