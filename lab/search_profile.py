@@ -67,18 +67,16 @@ def main() -> int:
         if args.windows:
             vectors = [ann_scale.sketch_vectors(q) for q in queries]
             built = ann_scale.build_synthetic(index, *ann_scale.real_windows(index), args.windows, vectors)
-            got = ann_scale.recall(index_dir, vectors, built["exact"], RankingConfig().ann_neighbours)
             print(f"ANN built in {built['build_s']:.0f} s ({built['factory']}), {built['bytes'] / args.windows:.0f} bytes "
-                  f"a window; of the exact best 200 windows it keeps {got['at200']:.3f}, of the best 10 "
-                  f"{got['at10']:.3f}", flush=True)
-            for lists in (int(x) for x in args.lists.split(",") if x):
-                got = ann_scale.recall(index_dir, vectors, built["exact"], RankingConfig().ann_neighbours, nprobe=lists)
-                print(f"visiting {lists} lists: of the exact best 200 {got['at200']:.3f}, of the best 10 {got['at10']:.3f}; "
-                      f"FAISS + re-rank ms p50 {got['ms']:.0f}", flush=True)
+                  f"a window", flush=True)
             for asked in [RankingConfig().ann_neighbours] + [int(x) for x in args.neighbours.split(",") if x]:
                 got = ann_scale.recall(index_dir, vectors, built["exact"], asked)
                 print(f"asking {asked} a query vector: FAISS's candidates hold {got['candidates']:.3f} of the exact "
                       f"best 200, the re-ranked best 200 {got['at200']:.3f}, of the best 10 {got['at10']:.3f}; "
+                      f"FAISS + re-rank ms p50 {got['ms']:.0f}", flush=True)
+            for lists in (int(x) for x in args.lists.split(",") if x):
+                got = ann_scale.recall(index_dir, vectors, built["exact"], RankingConfig().ann_neighbours, nprobe=lists)
+                print(f"visiting {lists} lists: of the exact best 200 {got['at200']:.3f}, of the best 10 {got['at10']:.3f}; "
                       f"FAISS + re-rank ms p50 {got['ms']:.0f}", flush=True)
         else:
             ann.build(index)
