@@ -36,7 +36,9 @@ class RankingConfig:
     tile_windows: int = 8
     verify_weight: float = 1.0
     coarse_weight: float = 0.5  # the coarse z-score's share in the fine stage's ranking
-    inked_only: bool = True  # compare windows only where the sketch has lines (worker.edge_cells.cosine_map)
+    # compare windows and drawn places only where the sketch has lines (edge_cells.cosine_map,
+    # verify.drawing_cosine)
+    inked_only: bool = True
     # The approximate shortlist (worker.ann): "auto" asks it first for indexes that have one built
     # and hold at least worker.ann.AUTO_MIN_TILES tiles; "on" whenever one is built; "off" never.
     ann: str = "auto"

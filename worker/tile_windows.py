@@ -21,6 +21,7 @@ from worker.candidates import Candidate
 from worker.edge_cells import CELL, FINE
 from worker.placement_scan import WINDOW_CELLS as TILE_CELLS  # a tile's 224 level px in stored cells
 from worker.store import TileIndex
+from worker.verify import drawing_cosine
 
 MIN_OVERLAP = 0.25  # a tile is under a candidate when their windows overlap by this IoU
 # A whole tile holds TILE_CELLS whole cells a side, or one fewer when it does not start on its
@@ -74,8 +75,8 @@ def tile_window_candidates(index: TileIndex, templates: query_templates.Template
     upright = templates.fine[size][templates.angles.index(0.0)][None]
     scores = edge_cells.cosine_map(blocks, upright, FINE, inked_only=inked_only).flatten()
     best = torch.argsort(scores, descending=True)[:count].numpy()
-    drawn = (torch.nn.functional.normalize(edge_cells.window_descriptor(blocks[best], FINE).flatten(1), dim=1)
-             @ sketch_descriptor).numpy()
+    drawn = drawing_cosine(edge_cells.window_descriptor(blocks[best], FINE).flatten(1), sketch_descriptor,
+                           inked_only).numpy()
     out = []
     for i, value in zip(best, drawn):
         rec = index.records[rows[i]]
