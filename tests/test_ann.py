@@ -69,7 +69,7 @@ def test_the_ann_shortlist_hands_on_distinct_places(index_with_ann, model):
     _, sketch = next(frames(index, 1, seed=3))
     templates = query_templates.build(sketch, ranking.sizes, ranking.angles)
     windows, _ = ann_shortlist(index, ranking).search(ann.query_vectors(templates.coarse), ranking.ann_neighbours)
-    found = ann_peaks(scanner_of(index, model.device), templates, ranking, windows[:ranking.ann_windows])
+    found = ann_peaks(scanner_of(index, model.device), templates, ranking, windows[:ranking.ann_windows], ranking.shortlist)
     assert len(found) == ranking.shortlist
     assert [c.coarse for c in found] == sorted((c.coarse for c in found), reverse=True)
     for i, a in enumerate(found):

@@ -136,7 +136,7 @@ def test_a_sketch_of_the_tile_at_the_rasters_far_edge_meets_that_tiles_own_drawi
     sketch = _sketch_of(frame)
     ranking = RankingConfig()
     templates = query_templates.build(sketch, ranking.sizes, ranking.angles, model.device)
-    candidates = coarse_peaks(scanner_of(index, model.device), templates, ranking, list(index.maps))
+    candidates = coarse_peaks(scanner_of(index, model.device), templates, ranking, list(index.maps), ranking.shortlist)
     windows = tile_window_candidates(index, templates, candidates, describe_sketch(sketch), ranking.tile_windows,
                                      ranking.inked_only)
     best = windows[0].placement(index.maps[windows[0].map_key])

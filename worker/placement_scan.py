@@ -101,8 +101,8 @@ def scanner_of(index: TileIndex, device: torch.device) -> Scanner:
 
 
 def coarse_peaks(scanner: Scanner, templates: query_templates.Templates, ranking: RankingConfig,
-                 keys: list[tuple[int, int]]) -> list[Candidate]:
-    """Local peaks of the coarse score on every level map, best `ranking.shortlist` overall.
+                 keys: list[tuple[int, int]], limit: int) -> list[Candidate]:
+    """Local peaks of the coarse score on every level map, best `limit` overall.
 
     Templates of different sizes and turns are not equally easy to match by chance (a smaller
     template has fewer blocks, so its best cosine anywhere is higher), so each template's scores
@@ -134,12 +134,12 @@ def coarse_peaks(scanner: Scanner, templates: query_templates.Templates, ranking
         pooled = F.max_pool2d(best[None, None], 2 * radius + 1, stride=1, padding=radius)[0, 0]
         peak = (best >= pooled) & (scores.max(0).values > 0)
         flat = torch.nonzero(peak)
-        order = torch.argsort(best[peak], descending=True)[:ranking.shortlist]
+        order = torch.argsort(best[peak], descending=True)[:limit]
         for r, c in flat[order].tolist():
             found.append(Candidate(key, size, templates.angles[int(angle[r, c])], r * COARSE_STEP,
                                    c * COARSE_STEP, float(best[r, c])))
     found.sort(key=lambda c: -c.coarse)
-    return found[:ranking.shortlist]
+    return found[:limit]
 
 
 ANN_MARGIN = 14  # stored cells around an ANN window that its local scan covers (half a tile)
@@ -148,7 +148,7 @@ WINDOW_CELLS = 28  # a tile's 224 level px in stored cells: the ANN's windows (w
 
 
 def ann_peaks(scanner: Scanner, templates: query_templates.Templates, ranking: RankingConfig,
-              windows: np.ndarray) -> list[Candidate]:
+              windows: np.ndarray, limit: int) -> list[Candidate]:
     """The coarse scan where the ANN shortlist points (windows: raster id, scale, row, col of
     grid windows): each window and half a tile around it scanned exactly, scores calibrated
     against random neighbourhoods of the index, and the local peaks kept as the exact scan keeps
@@ -179,7 +179,7 @@ def ann_peaks(scanner: Scanner, templates: query_templates.Templates, ranking: R
         peak = (best >= pooled) & (scores.amax(1) > 0)
         at = torch.nonzero(peak).cpu().numpy()
         peaks.append((size, at, angle[peak].cpu().numpy(), best[peak].cpu().numpy()))
-    return apart(peaks, spots, templates.angles, ranking.shortlist)
+    return apart(peaks, spots, templates.angles, limit)
 
 
 def local_scores(scanner: Scanner, spots: list[tuple[tuple[int, int], int, int]], side: int,

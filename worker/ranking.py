@@ -34,6 +34,12 @@ class RankingConfig:
     # The best `tile_windows` tiles under the coarse shortlist, scored by their own drawings, join
     # the candidates and the verification (worker.tile_windows); 0: none.
     tile_windows: int = 8
+    # The best `tile_window_pool` coarse peaks (more than are refined) say which tiles may become
+    # tile windows: a sparse sketch's coarse score is weak, and the tile it was drawn on was often
+    # under no peak of the best 200 (13 of 150 aligned held-out queries, seed 2). On 750 held-out
+    # queries (seed 2), 200 -> 800: recall@5 0.649 -> 0.667 (16 gained, 3 lost), aligned 0.85 ->
+    # 0.93; median query 379 -> 482 ms on that 577-tile index. 400: recall@5 0.665, aligned 0.91.
+    tile_window_pool: int = 800
     verify_weight: float = 1.0
     coarse_weight: float = 0.5  # the coarse z-score's share in the fine stage's ranking
     # compare windows and drawn places only where the sketch has lines (edge_cells.cosine_map,

@@ -119,15 +119,17 @@ def search(index: TileIndex, model, sketch_tensor: torch.Tensor, ranking: Rankin
         scanner = scanner_of(index, model.device)
         t["encode"] = time.perf_counter()
         shortlist = ann_shortlist(index, ranking)
+        pool = max(ranking.shortlist, ranking.tile_window_pool)
         with torch.inference_mode():
             if shortlist is None:
-                candidates = coarse_peaks(scanner, templates, ranking, keys)
+                peaks = coarse_peaks(scanner, templates, ranking, keys, pool)
             else:
                 windows, _ = shortlist.search(query_vectors(templates.coarse), ranking.ann_neighbours)
                 searched = set(keys)
                 windows = [w for w in windows[:ranking.ann_windows] if (int(w[0]), int(w[1])) in searched]
-                candidates = ann_peaks(scanner, templates, ranking, np.asarray(windows).reshape(-1, 4))
-            candidates += tile_window_candidates(index, templates, candidates, sketch_descriptor,
+                peaks = ann_peaks(scanner, templates, ranking, np.asarray(windows).reshape(-1, 4), pool)
+            candidates = peaks[:ranking.shortlist]
+            candidates += tile_window_candidates(index, templates, peaks[:ranking.tile_window_pool], sketch_descriptor,
                                                  ranking.tile_windows, ranking.inked_only)
             t["shortlist"] = time.perf_counter()
             raise_if_stopped("refining the shortlist")

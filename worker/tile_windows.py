@@ -44,14 +44,18 @@ def tiles_under(index: TileIndex, candidates: list[Candidate]) -> dict[int, floa
         rows, rec = rows[whole], rec[whole]
         if not len(rows):
             continue
+        by_row = np.argsort(rec["cell_row"], kind="stable")  # tiles by their first cell row
+        rows, rec = rows[by_row], rec[by_row]
         r0, c0 = rec["cell_row"].astype(np.float64), rec["cell_col"].astype(np.float64)
         for c in group:
             side = c.size / CELL
-            dr = np.clip(np.minimum(r0 + TILE_CELLS, c.row + side) - np.maximum(r0, c.row), 0, None)
-            dc = np.clip(np.minimum(c0 + TILE_CELLS, c.col + side) - np.maximum(c0, c.col), 0, None)
+            band = slice(np.searchsorted(r0, c.row - TILE_CELLS, "right"), np.searchsorted(r0, c.row + side, "left"))
+            r, col = r0[band], c0[band]  # only tiles whose rows meet the candidate's
+            dr = np.clip(np.minimum(r + TILE_CELLS, c.row + side) - np.maximum(r, c.row), 0, None)
+            dc = np.clip(np.minimum(col + TILE_CELLS, c.col + side) - np.maximum(col, c.col), 0, None)
             inter = dr * dc
             overlap = inter / (TILE_CELLS ** 2 + side ** 2 - inter)
-            for row in rows[overlap >= MIN_OVERLAP]:
+            for row in rows[band][overlap >= MIN_OVERLAP]:
                 found[int(row)] = max(found.get(int(row), -np.inf), c.coarse)
     return found
 
