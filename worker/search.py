@@ -3,13 +3,13 @@
 The default "layout" ranker slides the sketch's edge layout (worker.query_templates) over every
 raster's level maps (worker.level_maps): a coarse scan at 16 px steps everywhere, local peaks,
 then a fine HOG score at 8 px steps around each peak, each template's scores calibrated against
-its own background; the tiles under the shortlist join it, scored by their own stored drawings
-(worker.tile_windows); the best placements are read from their rasters and drawn as one picture
-each (verified); optionally the paper's cross-attention token score, aligned to where each
-placement lies in the tile under it, is blended in; overlapping placements of one place collapse
-to the best. A hit is that placement: the turned square of the raster the sketch matched. The
-"tokens" ranker is the paper's two stages alone (global-token shortlist over tiles,
-cross-attention re-rank), kept for comparison.
+its own background; the tiles under its best peaks (more than are refined) join it, scored by
+their own stored drawings (worker.tile_windows); the best placements are read from their rasters
+and drawn as one picture each (verified); optionally the paper's cross-attention token score,
+aligned to where each placement lies in the tile under it, is blended in; overlapping placements
+of one place collapse to the best. A hit is that placement: the turned square of the raster the
+sketch matched. The "tokens" ranker is the paper's two stages alone (global-token shortlist over
+tiles, cross-attention re-rank), kept for comparison.
 """
 
 from __future__ import annotations
