@@ -14,6 +14,11 @@ skeleton) stay in scipy / scikit-image, once for the whole batch. The edges diff
 scikit-image's by float rounding only (8 of 90,000 edge pixels on 57 real tiles; only a blank
 tile without the contrast floor draws other noise, rounding being all there is to draw), so
 the index fingerprint did not change with it and older indexes stay valid.
+
+A tile is drawn at two scales, its edges at 3 px and its big lines at 6 px (at 224 px) in one
+picture: what a person draws of a place is mostly its few big lines, which the finer scale breaks
+up. Drawing twice doubles the drawing's time (still small beside the ViT's), and gained held-out
+recall@5 0.667 -> 0.693 (docs/benchmarks/quality.md).
 """
 
 from __future__ import annotations
@@ -28,6 +33,10 @@ from scipy import ndimage
 from skimage.morphology import skeletonize
 
 TILE_EDGE_SIGMA = 3.0  # at 224 px: coarse structure (shorelines, roads, field edges), not texture
+# A person sketching a place draws its few big lines; at 3 px many of them break into texture, so
+# tile drawings also hold the edges at this scale (px at 224 px), drawn over the others. Chosen on
+# held-out queries (docs/benchmarks/quality.md): 5, 6 and 8 all gained, 6 most.
+BIG_LINE_SIGMA = 6.0
 EDGE_QUANTILES = (0.6, 0.9)  # Canny's low/high thresholds as quantiles of the gradient magnitude
 # Quantile thresholds always draw a tenth of the pixels, so open water drew its sun glint as
 # lines in every direction, and those tiles matched every sketch a little (65% of the top-5 hits
@@ -76,19 +85,20 @@ def draw_edges(edges: np.ndarray, size: int, width: int = 2) -> Image.Image:
     return Image.fromarray(_ink(_tensor(np.asarray(edges, bool))[None], width)[0].numpy())
 
 
-def tile_line_drawings(tiles: np.ndarray, valid: np.ndarray | None = None, sigma: float = TILE_EDGE_SIGMA,
-                       floor: float = CONTRAST_FLOOR) -> np.ndarray:
-    """(B, S, S, 3) uint8 tiles and their (B, S, S) valid-pixel masks -> (B, S, S, 3) uint8 line drawings."""
+def tile_line_drawings(tiles: np.ndarray, valid: np.ndarray | None = None, floor: float = CONTRAST_FLOOR) -> np.ndarray:
+    """(B, S, S, 3) uint8 tiles and their (B, S, S) valid-pixel masks -> (B, S, S, 3) uint8 line
+    drawings: the edges at TILE_EDGE_SIGMA and at BIG_LINE_SIGMA together."""
     if len(tiles) == 0:
         return np.empty_like(tiles)
     size = tiles.shape[1]
-    edges = edge_maps(tiles, sigma * size / 224, valid, floor)
+    edges = (edge_maps(tiles, TILE_EDGE_SIGMA * size / 224, valid, floor)
+             | edge_maps(tiles, BIG_LINE_SIGMA * size / 224, valid, floor))
     return np.repeat(_ink(torch.from_numpy(edges), 2).numpy()[..., None], 3, axis=-1)
 
 
 def fingerprint() -> dict:
     """What decides tile drawings (part of the index's tile-encoder fingerprint)."""
-    return {"sigma": TILE_EDGE_SIGMA, "thresholds": EDGE_QUANTILES, "nodata": "masked",
+    return {"sigma": TILE_EDGE_SIGMA, "big_lines": BIG_LINE_SIGMA, "thresholds": EDGE_QUANTILES, "nodata": "masked",
             "contrast_floor": (CONTRAST_SIGMA, CONTRAST_FLOOR)}
 
 
