@@ -206,8 +206,9 @@ def check_compatible(manifest: dict, tile_encoder: str, settings: dict, index_di
     check_format(manifest, index_dir)
     if manifest["model"].get("tile_encoder") != tile_encoder:
         raise IndexMismatchError(f"{index_dir} was built with another model (tile encoder "
-                                 f"{manifest['model'].get('tile_encoder')}, this worker has {tile_encoder}); "
-                                 "use that model or build a new index")
+                                 f"{manifest['model'].get('tile_encoder')}, this worker has {tile_encoder}: "
+                                 "other weights, or tiles drawn another way by an older version); "
+                                 "use that model and version, or build a new index")
     if settings is not None and manifest["tiling"] != settings:
         raise IndexMismatchError(f"{index_dir} was built with tile settings {manifest['tiling']}, not {settings}; "
                                  "extend it with the same settings or build a new index")
