@@ -238,9 +238,16 @@ def apart(peaks: list, spots: list[tuple[tuple[int, int], int, int]], angles: tu
         absolute = origin[at[:, 0]] + at[:, 1:] * COARSE_STEP
         rows.append(np.column_stack([np.full(len(at), size), at[:, 0], absolute, angle, z]))
     table = np.concatenate(rows) if rows else np.zeros((0, 6))
+    table = table[np.argsort(-table[:, 5], kind="stable")]
+    # A place found from several neighbourhoods is the same place: only its first finding (the
+    # best) can be kept, so the others leave before the loop (two rows of three on the demo scene).
+    maps = np.array([key for key, _, _ in spots], np.int64).reshape(-1, 2)[table[:, 1].astype(np.int64)]
+    place = np.column_stack([maps, table[:, [0, 2, 3]].astype(np.int64)])
+    _, first = np.unique(place, axis=0, return_index=True)
+    table = table[np.sort(first)]
     kept: list[Candidate] = []
     taken: dict[tuple, list[tuple[int, int]]] = {}
-    for size, square, row, col, a, z in table[np.argsort(-table[:, 5], kind="stable")]:
+    for size, square, row, col, a, z in table:
         size, row, col = int(size), int(row), int(col)
         key = spots[int(square)][0]
         reach = peak_radius(size) * COARSE_STEP

@@ -47,16 +47,22 @@ def tiles_under(index: TileIndex, candidates: list[Candidate]) -> dict[int, floa
         by_row = np.argsort(rec["cell_row"], kind="stable")  # tiles by their first cell row
         rows, rec = rows[by_row], rec[by_row]
         r0, c0 = rec["cell_row"].astype(np.float64), rec["cell_col"].astype(np.float64)
-        for c in group:
-            side = c.size / CELL
-            band = slice(np.searchsorted(r0, c.row - TILE_CELLS, "right"), np.searchsorted(r0, c.row + side, "left"))
-            r, col = r0[band], c0[band]  # only tiles whose rows meet the candidate's
-            dr = np.clip(np.minimum(r + TILE_CELLS, c.row + side) - np.maximum(r, c.row), 0, None)
-            dc = np.clip(np.minimum(col + TILE_CELLS, c.col + side) - np.maximum(col, c.col), 0, None)
-            inter = dr * dc
-            overlap = inter / (TILE_CELLS ** 2 + side ** 2 - inter)
-            for row in rows[band][overlap >= MIN_OVERLAP]:
-                found[int(row)] = max(found.get(int(row), -np.inf), c.coarse)
+        top = np.array([c.row for c in group], np.float64)
+        left = np.array([c.col for c in group], np.float64)
+        side = np.array([c.size / CELL for c in group])
+        # only tiles whose rows meet a candidate's: a band of the sorted tiles, each pair once
+        first = np.searchsorted(r0, top - TILE_CELLS, "right")
+        count = np.clip(np.searchsorted(r0, top + side, "left") - first, 0, None)
+        which = np.repeat(np.arange(len(group)), count)
+        tile = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count) + np.repeat(first, count)
+        dr = np.clip(np.minimum(r0[tile] + TILE_CELLS, top[which] + side[which]) - np.maximum(r0[tile], top[which]), 0, None)
+        dc = np.clip(np.minimum(c0[tile] + TILE_CELLS, left[which] + side[which]) - np.maximum(c0[tile], left[which]), 0, None)
+        inter = dr * dc
+        under = inter / (TILE_CELLS ** 2 + side[which] ** 2 - inter) >= MIN_OVERLAP
+        best = np.full(len(rows), -np.inf)
+        np.maximum.at(best, tile[under], np.array([c.coarse for c in group])[which[under]])
+        for i in np.nonzero(best > -np.inf)[0]:
+            found[int(rows[i])] = float(best[i])
     return found
 
 
