@@ -36,7 +36,7 @@ from skimage.morphology import skeletonize
 TILE_EDGE_SIGMA = 3.0  # at 224 px: coarse structure (shorelines, roads, field edges), not texture
 # A person sketching a place draws its few big lines; at 3 px many of them break into texture, so
 # tile drawings also hold the edges at this scale (px at 224 px), drawn over the others. Chosen on
-# held-out queries (docs/benchmarks/quality.md): 5, 6 and 8 all gained, 6 most.
+# held-out queries (docs/benchmarks/quality.md): 5, 6 and 8 all gained, 6 most at recall@5 and @10.
 BIG_LINE_SIGMA = 6.0
 EDGE_QUANTILES = (0.6, 0.9)  # Canny's low/high thresholds as quantiles of the gradient magnitude
 # Quantile thresholds always draw a tenth of the pixels, so open water drew its sun glint as

@@ -240,7 +240,8 @@ def apart(peaks: list, spots: list[tuple[tuple[int, int], int, int]], angles: tu
     table = np.concatenate(rows) if rows else np.zeros((0, 6))
     table = table[np.argsort(-table[:, 5], kind="stable")]
     # A place found from several neighbourhoods is the same place: only its first finding (the
-    # best) can be kept, so the others leave before the loop (two rows of three on the demo scene).
+    # best) can be kept, so the others leave before the loop (about two rows in three on the demo
+    # scene are such repeats).
     maps = np.array([key for key, _, _ in spots], np.int64).reshape(-1, 2)[table[:, 1].astype(np.int64)]
     place = np.column_stack([maps, table[:, [0, 2, 3]].astype(np.int64)])
     _, first = np.unique(place, axis=0, return_index=True)

@@ -28,9 +28,12 @@ MIN_OVERLAP = 0.25  # a tile is under a candidate when their windows overlap by 
 # level's cell grid (the last tile of a row or column, moved in to end at the raster's edge):
 # its cells then start up to 7 level px inside it, and its last row or column is blank.
 WHOLE_CELLS = TILE_CELLS - 1
+PAIRS_AT_ONCE = 1 << 20  # candidate-tile pairs compared in one go: a raster of a continent in one
+# map puts thousands of tiles in each candidate's band: 800 candidates' pairs at once would take
+# hundreds of megabytes
 
 
-def tiles_under(index: TileIndex, candidates: list[Candidate]) -> dict[int, float]:
+def tiles_under(index: TileIndex, candidates: list[Candidate], pairs_at_once: int = PAIRS_AT_ONCE) -> dict[int, float]:
     """Index rows of whole, grid-aligned tiles whose window overlaps a candidate's by IoU >=
     MIN_OVERLAP, each with the best coarse score of the candidates over it."""
     found: dict[int, float] = {}
@@ -50,20 +53,35 @@ def tiles_under(index: TileIndex, candidates: list[Candidate]) -> dict[int, floa
         top = np.array([c.row for c in group], np.float64)
         left = np.array([c.col for c in group], np.float64)
         side = np.array([c.size / CELL for c in group])
+        coarse = np.array([c.coarse for c in group])
         # only tiles whose rows meet a candidate's: a band of the sorted tiles, each pair once
         first = np.searchsorted(r0, top - TILE_CELLS, "right")
         count = np.clip(np.searchsorted(r0, top + side, "left") - first, 0, None)
-        which = np.repeat(np.arange(len(group)), count)
-        tile = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count) + np.repeat(first, count)
-        dr = np.clip(np.minimum(r0[tile] + TILE_CELLS, top[which] + side[which]) - np.maximum(r0[tile], top[which]), 0, None)
-        dc = np.clip(np.minimum(c0[tile] + TILE_CELLS, left[which] + side[which]) - np.maximum(c0[tile], left[which]), 0, None)
-        inter = dr * dc
-        under = inter / (TILE_CELLS ** 2 + side[which] ** 2 - inter) >= MIN_OVERLAP
         best = np.full(len(rows), -np.inf)
-        np.maximum.at(best, tile[under], np.array([c.coarse for c in group])[which[under]])
+        for part in _at_most_pairs(count, pairs_at_once):
+            which = np.repeat(part, count[part])
+            tile = np.arange(len(which)) - np.repeat(np.cumsum(count[part]) - count[part], count[part]) + first[which]
+            dr = np.clip(np.minimum(r0[tile] + TILE_CELLS, top[which] + side[which]) - np.maximum(r0[tile], top[which]), 0, None)
+            dc = np.clip(np.minimum(c0[tile] + TILE_CELLS, left[which] + side[which]) - np.maximum(c0[tile], left[which]), 0, None)
+            inter = dr * dc
+            under = inter / (TILE_CELLS ** 2 + side[which] ** 2 - inter) >= MIN_OVERLAP
+            np.maximum.at(best, tile[under], coarse[which[under]])
         for i in np.nonzero(best > -np.inf)[0]:
             found[int(rows[i])] = float(best[i])
     return found
+
+
+def _at_most_pairs(count: np.ndarray, limit: int) -> list[np.ndarray]:
+    """Candidate indices in runs whose pairs (`count` each) add up to at most `limit` (a run of
+    one may exceed it)."""
+    runs, start, total = [], 0, 0
+    for i, n in enumerate(count.tolist()):
+        if total + n > limit and i > start:
+            runs.append(np.arange(start, i))
+            start, total = i, 0
+        total += n
+    runs.append(np.arange(start, len(count)))
+    return runs
 
 
 def tile_window_candidates(index: TileIndex, templates: query_templates.Templates, candidates: list[Candidate],
