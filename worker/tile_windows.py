@@ -47,14 +47,13 @@ def tiles_under(index: TileIndex, candidates: list[Candidate], pairs_at_once: in
         rows, rec = rows[whole], rec[whole]
         if not len(rows):
             continue
-        by_row = np.argsort(rec["cell_row"], kind="stable")  # tiles by their first cell row
-        rows, rec = rows[by_row], rec[by_row]
         r0, c0 = rec["cell_row"].astype(np.float64), rec["cell_col"].astype(np.float64)
         top = np.array([c.row for c in group], np.float64)
         left = np.array([c.col for c in group], np.float64)
         side = np.array([c.size / CELL for c in group])
         coarse = np.array([c.coarse for c in group])
-        # only tiles whose rows meet a candidate's: a band of the sorted tiles, each pair once
+        # only tiles whose rows meet a candidate's: a band of the map's tiles (by first cell row),
+        # each pair once
         first = np.searchsorted(r0, top - TILE_CELLS, "right")
         count = np.clip(np.searchsorted(r0, top + side, "left") - first, 0, None)
         best = np.full(len(rows), -np.inf)

@@ -110,13 +110,14 @@ class TileIndex:
     @cached_property
     def _rows_by_map(self) -> dict[tuple[int, int], np.ndarray]:
         keys = self.records["raster_id"].astype(np.int64) * 65536 + self.records["scale"]
-        order = np.argsort(keys, kind="stable")
+        order = np.lexsort((self.records["cell_row"], keys))  # by map, then first cell row (stable)
         uniq, starts = np.unique(keys[order], return_index=True)
         bounds = list(starts[1:]) + [len(order)]
         return {(int(k // 65536), int(k % 65536)): order[a:b] for k, a, b in zip(uniq, starts, bounds)}
 
     def rows_of_map(self, raster_id: int, scale: int) -> np.ndarray:
-        """Index rows of the tiles of one raster at one scale."""
+        """Index rows of the tiles of one raster at one scale, by their first cell row (so a search
+        finds the tiles a window's rows meet as one band: worker.tile_windows)."""
         return self._rows_by_map.get((raster_id, scale), np.zeros(0, np.int64))
 
     def map_bounds_wgs84(self, key: tuple[int, int]):
