@@ -257,3 +257,15 @@ def test_a_raster_rewritten_between_searches_is_read_anew(tmp_path, assets):
     image, valid = frame.read(224)
     assert np.array_equal(after, tile_line_drawings(image[None], valid[None])[..., 0])
     assert (before != after).mean() > 0.02
+
+
+def test_a_place_found_from_several_neighbourhoods_keeps_its_best_finding():
+    """The ANN's neighbourhoods overlap, so a place is found several times over; only its first
+    finding in score order (the best) goes on. Same positions as np.unique's first occurrences,
+    on a table of many repeats, empty and all-distinct tables included."""
+    from worker.placement_scan import first_of_each
+
+    rng = np.random.default_rng(0)
+    for rows in (rng.integers(0, 3, (2000, 5)), np.zeros((0, 5), np.int64), np.arange(12).reshape(4, 3)):
+        expected = np.sort(np.unique(rows, axis=0, return_index=True)[1]) if len(rows) else np.zeros(0)
+        assert first_of_each(rows).tolist() == expected.tolist()
