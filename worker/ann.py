@@ -131,7 +131,8 @@ def window_vectors(cells: np.ndarray, device: torch.device | str = "cpu", batch_
 
 def query_vectors(coarse_templates: dict[int, torch.Tensor]) -> np.ndarray:
     """The ANN queries of a sketch: each upright or turned template of a tile's size, shifted by
-    0 or a quarter tile in x and y, and each smaller template centred in a tile's frame."""
+    0 or a quarter tile in x and y, each smaller template centred in a tile's frame, and the
+    middle of each larger one."""
     out = []
     for size, templates in coarse_templates.items():
         n = COARSE.blocks_per_side(WINDOW)
@@ -144,10 +145,13 @@ def query_vectors(coarse_templates: dict[int, torch.Tensor]) -> np.ndarray:
                         shifted = torch.zeros_like(grid)
                         shifted[dr:, dc:] = t[:n - dr, :n - dc]
                         out.append(shifted.flatten())
-            else:
+            elif m < n:
                 off = (n - m) // 2
                 grid[off:off + m, off:off + m] = t
                 out.append(grid.flatten())
+            else:  # a larger template: its middle, a window's size
+                off = (m - n) // 2
+                out.append(t[off:off + n, off:off + n].flatten())
     q = torch.stack(out)
     return F.normalize(q, dim=1).numpy().astype(np.float32)
 

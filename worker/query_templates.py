@@ -2,8 +2,9 @@
 
 A user draws a place a bit larger or smaller than a tile and seldom quite north-up. Each
 template is the sketch turned by one of `angles` (undoing a frame turned that way) and drawn at
-one of `sizes` level pixels; with the index's scales an octave apart, sizes 160 and 224 give
-windows on a sqrt(2) ladder (160, 224, 320, 448, ... raster pixels at tile 224). Templates are
+one of `sizes` level pixels; with the index's scales an octave apart, sizes 160, 192, 224 and
+256 give windows at most 1.25x apart (160, 192, 224, 256, 320, ... raster pixels at tile 224),
+so a frame 0.6-1.6x a tile is never more than about 12% off a template's size. Templates are
 the same HOG blocks as the maps' (worker.edge_cells), computed by the same code.
 """
 
