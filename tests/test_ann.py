@@ -107,7 +107,7 @@ def test_the_compressed_shortlist_re_ranks_its_candidates_close_to_the_exact_vec
     5,000 windows mixed from the scene's real ones, a small OPQ + IVF-PQ factory. Of each
     sketch's exact best 200 windows, the re-ranked 200 hold at least 0.93, and far more than
     PQ's own order of the same candidates. Measured on 6 sketches: 0.99 re-ranked (0.80 by the
-    rotated codes alone, before the full ones existed), 0.64 by PQ's order (1024 asked a query
+    rotated codes alone, before the full ones existed), 0.66 by PQ's order (1024 asked a query
     vector)."""
     import faiss
 
