@@ -17,8 +17,9 @@ class RankingConfig:
     # Template sides in level px: four per octave of the index's scales (windows 1.14-1.25x
     # apart). Held-out recall@5/10 with 160 and 224 alone, then these four: 0.689/0.739 ->
     # 0.708/0.764 (750 queries, seed 2, where it was chosen), 0.693/0.735 -> 0.705/0.760 (seed
-    # 0, the reported set), for a third to a half more time a query (docs/benchmarks/quality.md).
-    # 160, 192, 224 gained nothing.
+    # 0, the reported set). Median query 517 -> 749 ms on that 577-tile index, about a quarter
+    # more on the demo index, no measurable change end to end at 1M tiles
+    # (docs/benchmarks/quality.md, speed.md). 160, 192, 224 gained nothing.
     sizes: tuple[int, ...] = (160, 192, 224, 256)
     angles: tuple[float, ...] = (-10.0, 0.0, 10.0)  # turns tried, degrees counterclockwise
     shortlist: int = 200  # candidates re-ranked: coarse local peaks ("layout"), or global-token nearest tiles
