@@ -54,7 +54,7 @@ def hit_polygon(hit):
 
 def build_index(out: Path, model) -> TileIndex:
     rasters = scene_rasters()
-    IndexWriter(out, model, BENCH_TILES).build([Path(r.path) for r in rasters.values()])
+    IndexWriter(out, model, BENCH_TILES, tokens=True).build([Path(r.path) for r in rasters.values()])  # the token rows
     return TileIndex.open(out)
 
 

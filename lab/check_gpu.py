@@ -52,7 +52,7 @@ def main() -> int:
         model = load_model(device=device, random_weights=args.random_weights,
                            sketch_modules="none" if args.random_weights else None)
         began = time.perf_counter()
-        IndexWriter(work / device, model, settings).build([info.path])
+        IndexWriter(work / device, model, settings, tokens=True).build([info.path])
         seconds = time.perf_counter() - began
         index = indexes[device] = TileIndex.open(work / device)
         search(index, model, sketches[0])  # warm-up: level maps, scanner

@@ -49,7 +49,7 @@ class BuildIndexAlgorithm(_WorkerAlgorithm):
         return "Build sketch index"
 
     def shortHelpString(self) -> str:  # noqa: N802
-        return ("Tiles the rasters and precomputes their tokens in the worker (resumable; extends an existing "
+        return ("Tiles the rasters and precomputes their edge cells in the worker (resumable; extends an existing "
                 "index). Tile size and scales left empty take the worker's defaults.")
 
     def createInstance(self):  # noqa: N802

@@ -219,9 +219,8 @@ def test_4_a_truncated_shard_of_a_loaded_index_is_a_corrupt_index_error(served):
         with served.client(timeout=60) as c:
             assert c.search("truncated", sketch_png=sketch_png(), top=2)["hits"]["features"]  # loaded and cached
             for shard in sorted((copy / "shards").iterdir()):
-                for array in ("tokens.npy", "cells.npy"):
-                    path = shard / array
-                    os.truncate(path, path.stat().st_size // 2)
+                path = shard / "cells.npy"
+                os.truncate(path, path.stat().st_size // 2)
             err = _code(lambda: c.search("truncated", sketch_png=sketch_png(), top=2))
             listed = {i["name"]: i for i in c.list_indexes()}
         assert err.code == codes.CORRUPT_INDEX and "build it again" in err.message and "truncated" in err.message

@@ -55,7 +55,7 @@ def test_the_default_model_loads_the_shipped_modules_on_weights_converted_now(fr
     shipped = identity.read_identity(SHIPPED_SKETCH_MODULES, checkpoints.load_state_dict_file(SHIPPED_SKETCH_MODULES))
     assert model.sketch_modules_identity == shipped
     assert model.tokenizer.gate.abs().max() > 0  # the trained tokenizer, not the zero-shot default
-    IndexWriter(tmp_path / "index", model, TileSettings(tile=112, scales=(1,))).build([rmnp_copy])
+    IndexWriter(tmp_path / "index", model, TileSettings(tile=112, scales=(1,)), tokens=True).build([rmnp_copy])
     index = TileIndex.open(tmp_path / "index")
     tile = index.tile(4)
     with TileReader(tile.raster, 224) as reader:

@@ -27,6 +27,8 @@ def run_cli(*args, **kw) -> subprocess.CompletedProcess:
 def shard_arrays(index_dir: Path) -> dict[str, np.ndarray]:
     index = TileIndex.open(index_dir)
     rows = np.arange(len(index))
+    if not index.has_tokens:
+        return {"records": index.records, "cells": index.cells_of(rows)}
     tokens, positions = index.tokens_of(rows)
     return {"records": index.records, "global": np.asarray(index.global_tokens), "tokens": tokens,
             "positions": positions, "cells": index.cells_of(rows)}
@@ -53,10 +55,8 @@ def test_killed_indexing_resumes_to_the_same_index(tmp_path, rmnp_copy):
 
     assert run_cli("index", "--out", resumed, *SMALL, rmnp_copy).returncode == 0
     a, b = shard_arrays(reference), shard_arrays(resumed)
+    assert a.keys() == b.keys() == {"records", "cells"}  # the default index: no tokens
     assert np.array_equal(a["records"], b["records"])
-    assert np.allclose(a["global"].astype(np.float32), b["global"].astype(np.float32), atol=2e-3)
-    assert np.allclose(a["tokens"].astype(np.float32), b["tokens"].astype(np.float32), atol=2e-3)
-    assert np.array_equal(a["positions"], b["positions"])
     assert np.array_equal(a["cells"], b["cells"])
     assert not [p for p in (resumed / "shards").iterdir() if p.name.startswith(".tmp")]
 

@@ -224,13 +224,23 @@ def test_a_few_strokes_sketch_meets_its_place_in_the_big_lines_of_the_drawing(in
     assert margin > margin_fine + 0.02, (margin, margin_fine)
 
 
-def test_the_papers_ranker_and_the_token_score_still_run(index, model):
+def test_the_papers_ranker_and_the_token_score_run_on_an_index_with_tokens(index, model, assets, tmp_path):
     """`--ranker tokens` (global-token shortlist over tiles, cross-attention re-rank) returns tile
     windows; the layout ranker with a token weight scores its placements with the aligned
-    cross-attention."""
+    cross-attention. Both need an index built with tokens; on the default index, without them,
+    they are refused with what to do."""
+    from worker.errors import InputError
+    from worker.store import IndexWriter
+    from worker.tiling import TileSettings
+
     tile = index.tile(int(np.nonzero(index.records["scale"] == 1)[0][20]))
     frame = Placement(tile.raster, tile.col_off + 112, tile.row_off + 112, 224.0)
     sketch = _sketch_of(frame, "canny")
+    for ranking in (RankingConfig(ranker="tokens"), RankingConfig(token_weight=0.5)):
+        with pytest.raises(InputError, match="index --tokens"):
+            search(index, model, sketch, ranking, top=5)
+    IndexWriter(tmp_path / "tokens", model, TileSettings(scales=(1,)), tokens=True).build([assets["s2_rgb"]])
+    index = TileIndex.open(tmp_path / "tokens")
     tiles = search(index, model, sketch, RankingConfig(ranker="tokens"), top=5).hits
     assert len(tiles) == 5 and all(h.placement.angle == 0 and h.token_score is not None for h in tiles)
     placed = search(index, model, sketch, RankingConfig(token_weight=0.5), top=5).hits

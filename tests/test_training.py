@@ -41,7 +41,7 @@ def test_training_lowers_the_loss_and_writes_a_checkpoint(trained):
 def test_loading_the_checkpoint_changes_results_deterministically(trained, tmp_path, rmnp_copy):
     _, checkpoint = trained
     base = load_model(device="cpu", sketch_modules="none")
-    IndexWriter(tmp_path / "index", base, TileSettings(tile=112, scales=(1,))).build([rmnp_copy])
+    IndexWriter(tmp_path / "index", base, TileSettings(tile=112, scales=(1,)), tokens=True).build([rmnp_copy])
     index = TileIndex.open(tmp_path / "index")
     tile = index.tile(3)
     with TileReader(tile.raster, 224) as reader:

@@ -23,7 +23,8 @@ from worker.errors import InputError
 from worker.geo import bbox_to_wgs84, parse_crs
 from worker.ranking import RANKERS, RankingConfig
 from worker.raster_access import RasterAccess
-from worker.store import CHUNK_TILES, IndexProgress, IndexWriter, TileIndex, check_compatible, check_index_folder
+from worker.store import (CHUNK_TILES, IndexProgress, IndexWriter, TileIndex, check_compatible, check_index_folder,
+                          check_tokens)
 from worker.tiling import TileSettings, find_rasters
 
 if TYPE_CHECKING:
@@ -80,6 +81,10 @@ class IndexRequest:
     batch_size: int = 16  # tiles per forward pass
     access: RasterAccess = field(default_factory=RasterAccess)  # which files it may read (a client: confined)
     ann: bool = False  # build the ANN shortlist (worker.ann) once the index is complete
+    # store the tiles' ViT tokens, for the "tokens" ranker and a token weight (None: a new index
+    # does not; an existing one keeps its own choice). Measured on this CPU they were 80% of an
+    # index's time and size, and the default search reads none (docs/benchmarks/speed.md).
+    tokens: bool | None = None
 
     def __post_init__(self) -> None:
         if not self.rasters:
@@ -95,7 +100,8 @@ class IndexRequest:
     def create(cls, index_dir: Path, rasters: Sequence[str | Path], *, tile: int | None = None,
                overlap: float | None = None, scales: Sequence[int] | None = None, bands: Sequence[int] | None = None,
                min_valid: float | None = None, chunk_tiles: int | None = None,
-               batch_size: int | None = None, access: RasterAccess = RasterAccess(), ann: bool = False) -> "IndexRequest":
+               batch_size: int | None = None, access: RasterAccess = RasterAccess(), ann: bool = False,
+               tokens: bool | None = None) -> "IndexRequest":
         """A request from what the user gave (None: the default). The index folder is checked
         (new, empty or an index: never one holding other things) and the raster inputs (files,
         folders, VRTs) are found on disk and allowed by `access` now, so a bad one is refused
@@ -106,12 +112,12 @@ class IndexRequest:
                                         min_valid=None if min_valid is None else float(min_valid)))
         check_index_folder(Path(index_dir))
         return cls(Path(index_dir), tuple(find_rasters(list(rasters), access)), settings,
-                   **given(chunk_tiles=chunk_tiles, batch_size=batch_size), access=access, ann=bool(ann))
+                   **given(chunk_tiles=chunk_tiles, batch_size=batch_size), access=access, ann=bool(ann), tokens=tokens)
 
     def to_json(self) -> dict:
         """What a rerun needs (the service keeps it in the index's job.json)."""
         return {"rasters": [str(p) for p in self.rasters], "settings": self.settings.to_json(),
-                "chunk_tiles": self.chunk_tiles, "ann": self.ann}
+                "chunk_tiles": self.chunk_tiles, "ann": self.ann, "tokens": self.tokens}
 
     @classmethod
     def from_json(cls, index_dir: Path, d: dict, access: RasterAccess = RasterAccess()) -> "IndexRequest":
@@ -123,7 +129,8 @@ class IndexRequest:
         if not isinstance(rasters, list):
             raise InputError(f"the job file of {index_dir} is damaged (rasters is not a list)")
         return cls(Path(index_dir), tuple(find_rasters(rasters, access)), settings,
-                   **given(chunk_tiles=chunk_tiles), access=access, ann=d.get("ann") is True)
+                   **given(chunk_tiles=chunk_tiles), access=access, ann=d.get("ann") is True,
+                   tokens=d.get("tokens") if isinstance(d.get("tokens"), bool) else None)
 
 
 @dataclass(frozen=True)
@@ -150,7 +157,7 @@ def build_index(request: IndexRequest, model: "RetrievalModel", progress: Callab
     (worker.distributed). `should_stop` is polled between batches (between chunks on a cluster):
     True stops after the last commit, leaving an index that a rerun completes. Once complete, the
     index's ANN shortlist is built (`request.ann`) or, when it has one, brought up to date."""
-    writer = IndexWriter(request.index_dir, model, request.settings, request.chunk_tiles)
+    writer = IndexWriter(request.index_dir, model, request.settings, request.chunk_tiles, request.tokens)
     build = partial(writer.build, list(request.rasters), progress=progress, should_stop=should_stop,
                     batch_size=request.batch_size, drivers=request.access.drivers)
     if cluster is None:
@@ -186,11 +193,13 @@ def open_index(index_dir: Path) -> TileIndex:
     return TileIndex.open(Path(index_dir))
 
 
-def check_index(index: TileIndex, model: "RetrievalModel", settings: TileSettings | None = None) -> None:
+def check_index(index: TileIndex, model: "RetrievalModel", settings: TileSettings | None = None,
+                tokens: bool | None = None) -> None:
     """IndexMismatchError when `model` cannot search `index` (another model) or, given
-    `settings`, cannot extend it (other tile settings)."""
+    `settings` or `tokens`, cannot extend it (other tile settings, or built otherwise with tokens)."""
     check_compatible(index.manifest, model.tile_encoder_fingerprint(), settings.to_json() if settings else None,
                      index.dir)
+    check_tokens(index.manifest, tokens, index.dir)
 
 
 # -- search ------------------------------------------------------------------------------------

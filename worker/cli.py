@@ -87,7 +87,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     request = IndexRequest.create(args.out, args.rasters, tile=args.tile, overlap=args.overlap,
                                   scales=_ints(args.scales, "--scales"), bands=_ints(args.bands, "--bands"),
                                   min_valid=args.min_valid, chunk_tiles=args.chunk_tiles, batch_size=args.batch_size,
-                                  ann=args.ann)
+                                  ann=args.ann, tokens=args.tokens or None)
     cluster = None
     if args.cluster:
         from worker.distributed import Cluster
@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("index", help="tile rasters and precompute their tokens (resumable, incremental)")
+    p = sub.add_parser("index", help="tile rasters and precompute their edge cells (resumable, incremental)")
     p.add_argument("rasters", nargs="+", help="raster files, directories of rasters, or GDAL VRTs")
     p.add_argument("--out", type=Path, required=True, help="index directory (created or extended)")
     p.add_argument("--tile", type=int, default=TileSettings.tile, help="tile size in pixels (default %(default)s)")
@@ -195,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "address (tcp://host:8786); every worker must see the rasters at the same paths")
     p.add_argument("--ann", action="store_true",
                    help="also build the approximate shortlist (FAISS) for large mosaics once the index is complete")
+    p.add_argument("--tokens", action="store_true",
+                   help="also store the tiles' ViT tokens, for `search --ranker tokens` and `--token-weight` (the paper's "
+                        "modules; about 5x the time and size of an index on a CPU; the default search needs none)")
     add_model_args(p)
     p.set_defaults(func=cmd_index)
 

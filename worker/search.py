@@ -122,6 +122,8 @@ def search(index: TileIndex, model, sketch_tensor: torch.Tensor, ranking: Rankin
     ranking = ranking or RankingConfig()
     if shortlist is not None:
         ranking = replace(ranking, shortlist=shortlist)
+    if ranking.uses_tokens:
+        index.require_tokens("the tokens ranker" if ranking.ranker == "tokens" else "a token weight")
     t = {"start": time.perf_counter()}
     keys = [k for k in index.maps if scales is None or k[1] in scales]
     if area_wgs84 is not None:

@@ -1,7 +1,9 @@
-"""What the index stores of each tile: its tokens (ViT of its line drawing) and its edge cells.
+"""What the index stores of each tile: its edge cells, and its tokens when asked for.
 
-Tile pixels -> line drawing (worker.line_drawing) -> ViT tokens (worker.model) and the 8 px
-oriented-edge cells on its level's shared grid (worker.edge_cells, worker.level_maps).
+Tile pixels -> line drawing (worker.line_drawing) -> the 8 px oriented-edge cells on its level's
+shared grid (worker.edge_cells, worker.level_maps), which every default search uses, and, in an
+index built with tokens, the ViT tokens of the drawing (worker.model), which only the "tokens"
+ranker and a token weight use. On a CPU the ViT is most of an index's time and size.
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ from worker.tiling import Tile
 
 @dataclass
 class TileFeatures:
-    global_token: np.ndarray  # (B, D) fp16
-    tokens: np.ndarray  # (B, K, D) fp16
-    positions: np.ndarray  # (B, K) int16
     cells: np.ndarray  # (B, G, G, ORIENTATIONS) uint8, G = drawing size / CELL (unused rows/cols zero)
     cell_origin: np.ndarray  # (B, 4) int32: cell_row, cell_col, cell_rows, cell_cols (worker.level_maps)
+    global_token: np.ndarray | None = None  # (B, D) fp16, with tokens
+    tokens: np.ndarray | None = None  # (B, K, D) fp16, with tokens
+    positions: np.ndarray | None = None  # (B, K) int16, with tokens
 
 
 def cells_on_grid(drawings: np.ndarray, tiles: list[Tile], tile_size: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
@@ -44,9 +46,12 @@ def cells_on_grid(drawings: np.ndarray, tiles: list[Tile], tile_size: int, devic
 
 
 @torch.inference_mode()
-def describe_drawings(model, tiles: list[Tile], drawings: np.ndarray, images: np.ndarray, tile_size: int) -> TileFeatures:
+def describe_drawings(model, tiles: list[Tile], drawings: np.ndarray, images: np.ndarray, tile_size: int,
+                      tokens: bool) -> TileFeatures:
     """Tiles already drawn (worker.drawing_pool draws them in other processes) -> what the index
-    stores: the part that runs on the model's device."""
-    out = model.tile_tokens(drawings if model.config.tile_view == "edges" else images)
+    stores (the ViT tokens with `tokens`): the part that runs on the model's device."""
     cells, origins = cells_on_grid(drawings[..., 0], tiles, tile_size, model.device)
-    return TileFeatures(out.global_token, out.tokens, out.positions, cells, origins)
+    if not tokens:
+        return TileFeatures(cells, origins)
+    out = model.tile_tokens(drawings if model.config.tile_view == "edges" else images)
+    return TileFeatures(cells, origins, out.global_token, out.tokens, out.positions)

@@ -97,7 +97,7 @@ class Handlers:
             scales=field(header, "scales", list, None, check=lambda v: bool(v) and _ints(v)),
             bands=field(header, "bands", list, None, check=_ints),
             min_valid=field(header, "min_valid", (int, float), None), chunk_tiles=field(header, "chunk_tiles", int, None),
-            ann=field(header, "ann", bool, False))
+            ann=field(header, "ann", bool, False), tokens=field(header, "tokens", bool, None))
         self._check_extendable(request)  # refused now, not as a failed job later
         return {"job": self.jobs.start(name, request).to_json()}
 
@@ -127,7 +127,7 @@ class Handlers:
             index = self.indexes.get(request.index_dir)
         except NotFoundError:
             return  # a new index
-        check_index(index, self.model, request.settings)
+        check_index(index, self.model, request.settings, request.tokens)
 
     def _job(self, header: dict) -> Job:
         job_id = field(header, "job", str)

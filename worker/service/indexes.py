@@ -18,7 +18,7 @@ from pathlib import Path
 from worker.app import check_index, open_index
 from worker.errors import IndexMismatchError, InputError, error_object
 from worker.store import MANIFEST, TILES_LAYER, TileIndex
-from worker.store.format import SHARD_ARRAYS, SHARDS
+from worker.store.format import SHARDS, shard_arrays
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class OpenIndexes:
 def _stamp(index_dir: Path, manifest: dict) -> tuple:
     """Size and modification time of the manifest and of every shard file `manifest` names."""
     paths = [index_dir / MANIFEST] + [index_dir / SHARDS / s["name"] / f"{key}.npy"
-                                      for s in manifest["shards"] if s["count"] > 0 for key in SHARD_ARRAYS]
+                                      for s in manifest["shards"] if s["count"] > 0 for key in shard_arrays(manifest)]
     stamps = []
     for path in paths:
         try:

@@ -3,8 +3,9 @@
 Layout of INDEX_DIR:
   manifest.json        model fingerprint, tile settings, rasters, committed shards (replaced atomically)
   shards/<name>/       records.npy (tile windows, WGS84 bounds, where the tile's cells lie on its level's
-                       grid), global.npy (n, D) fp16, tokens.npy (n, K, D) fp16, positions.npy (n, K)
-                       int16, cells.npy (n, G, G, 9) uint8 (worker.edge_cells, worker.level_maps)
+                       grid), cells.npy (n, G, G, 9) uint8 (worker.edge_cells, worker.level_maps); in an
+                       index built with tokens (`index --tokens`) also global.npy (n, D) fp16,
+                       tokens.npy (n, K, D) fp16, positions.npy (n, K) int16
   tiles.gpkg           the indexed tiles as polygons (EPSG:4326) for QGIS, rebuilt after each run
   .lock                held by the one process writing the index
   job.json             the service's indexing request while its job runs (resumed after a crash)
@@ -47,7 +48,8 @@ JOB_FILE = "job.json"
 RECORD_DTYPE = np.dtype([("raster_id", "<i4"), ("col_off", "<i4"), ("row_off", "<i4"), ("width", "<i4"),
                          ("height", "<i4"), ("scale", "<i2"), ("valid", "<f4"), ("bounds4326", "<f8", (4,)),
                          ("cell_row", "<i4"), ("cell_col", "<i4"), ("cell_rows", "<i2"), ("cell_cols", "<i2")])
-SHARD_ARRAYS = ("records", "global", "tokens", "positions", "cells")
+TOKEN_ARRAYS = ("global", "tokens", "positions")  # only in an index built with tokens (holds_tokens)
+SHARD_ARRAYS = ("records", *TOKEN_ARRAYS, "cells")
 SHARD_NAME = re.compile(r"r\d{5}-c\d{6}")  # shard_name's form
 TMP_PREFIX = ".tmp-"
 
@@ -56,11 +58,31 @@ def shard_name(raster_id: int, chunk: int) -> str:
     return f"r{raster_id:05d}-c{chunk:06d}"
 
 
-def new_manifest(model_fingerprint: dict, tiling: dict, chunk_tiles: int, drawing_size: int) -> dict:
+def new_manifest(model_fingerprint: dict, tiling: dict, chunk_tiles: int, drawing_size: int, tokens: bool) -> dict:
     """The manifest of an index with nothing committed yet."""
     now = time.time()
     return {"format": FORMAT_VERSION, "model": model_fingerprint, "tiling": tiling, "chunk_tiles": chunk_tiles,
-            "drawing_size": drawing_size, "rasters": [], "shards": [], "pending": [], "tile_count": 0, "created": now, "updated": now}
+            "drawing_size": drawing_size, "tokens": tokens, "rasters": [], "shards": [], "pending": [], "tile_count": 0,
+            "created": now, "updated": now}
+
+
+def holds_tokens(manifest: dict) -> bool:
+    """Whether the index's shards hold ViT tokens (TOKEN_ARRAYS): only what the "tokens" ranker
+    and a token weight use. Indexes from before the choice all hold them."""
+    return manifest.get("tokens", True) is not False
+
+
+def check_tokens(manifest: dict, tokens: bool | None, index_dir: Path) -> None:
+    """IndexMismatchError when a request to extend an index asks otherwise of its tokens than it
+    was built with (None asks nothing)."""
+    if tokens is not None and tokens != holds_tokens(manifest):
+        raise IndexMismatchError(f"{index_dir} was built {'with' if holds_tokens(manifest) else 'without'} tokens: "
+                                 "extend it as it was built, or build a new index")
+
+
+def shard_arrays(manifest: dict) -> tuple[str, ...]:
+    """The arrays each shard of the index holds."""
+    return SHARD_ARRAYS if holds_tokens(manifest) else tuple(a for a in SHARD_ARRAYS if a not in TOKEN_ARRAYS)
 
 
 def read_manifest(index_dir: Path) -> dict:

@@ -10,8 +10,8 @@ from rasterio.crs import CRS
 
 from worker import edge_cells, level_maps
 from wire.protocol import excerpt
-from worker.errors import CorruptIndexError
-from worker.store.format import MANIFEST, RECORD_DTYPE, SHARDS, read_manifest
+from worker.errors import CorruptIndexError, InputError
+from worker.store.format import MANIFEST, RECORD_DTYPE, SHARDS, holds_tokens, read_manifest
 from worker.store.shard_file import ShardArray
 from worker.tiling import RasterInfo, Tile
 
@@ -39,9 +39,11 @@ class TileIndex:
         if self.records.dtype != RECORD_DTYPE:
             raise CorruptIndexError(f"{index_dir}: its tile records are not of this format: delete the index and "
                                     "build it again")
-        self._arrays = {key: [self._array(s, key) for s in self._shards] for key in ("tokens", "positions", "cells")}
+        self.has_tokens = holds_tokens(manifest)
+        kept = ("tokens", "positions", "cells") if self.has_tokens else ("cells",)
+        self._arrays = {key: [self._array(s, key) for s in self._shards] for key in kept}
         self._offsets = np.cumsum([0] + [s["count"] for s in self._shards])
-        self.dim = self._arrays["tokens"][0].shape[-1] if self._shards else 0
+        self.dim = self._arrays["tokens"][0].shape[-1] if self._shards and self.has_tokens else 0
 
     def _array(self, shard: dict, key: str) -> ShardArray:
         return ShardArray(self.dir / SHARDS / shard["name"] / f"{key}.npy", shard["count"])
@@ -57,9 +59,16 @@ class TileIndex:
             rows[start:start + array.shape[0]] = array.read_all()
         return rows
 
+    def require_tokens(self, what: str) -> None:
+        """InputError, saying what to do, when this index holds no ViT tokens for `what`."""
+        if not self.has_tokens:
+            raise InputError(f"{what} needs the tiles' ViT tokens, and {self.dir} was built without them: build an "
+                             "index with `index --tokens` (the default search needs none)")
+
     @cached_property
     def global_tokens(self) -> np.ndarray:
         """(n, D) fp16 global tokens (the "tokens" ranker's shortlist)."""
+        self.require_tokens("the global-token shortlist")
         return self._rows_in_memory("global", self.dim or 1)
 
     @cached_property
@@ -97,6 +106,7 @@ class TileIndex:
     def tokens_of(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Patch tokens (len(rows), K, D) and their patch positions (len(rows), K), read
         from the shards."""
+        self.require_tokens("the token re-rank")
         if not len(rows):
             return np.zeros((0, 1, self.dim), np.float16), np.zeros((0, 1), np.int16)
         return self._gather("tokens", rows), self._gather("positions", rows)
@@ -141,9 +151,10 @@ class TileIndex:
 
     def info(self) -> dict:
         m = self.manifest
-        sizes = {"tokens_bytes": int(sum(t.nbytes for t in self._arrays["tokens"])),
+        sizes = {"tokens_bytes": int(sum(t.nbytes for t in self._arrays.get("tokens", []))),
                  "disk_bytes": int(sum(f.stat().st_size for f in self.dir.rglob("*") if f.is_file()))}
         return {"index": str(self.dir), "format": m["format"], "model": m["model"], "tiling": m["tiling"],
+                "tokens": self.has_tokens,
                 "tile_count": len(self), "tiles_skipped": sum(r["tiles_skipped"] for r in m["rasters"]),
                 "complete": all(r["complete"] for r in m["rasters"]),
                 "rasters": [{"id": r["id"], "path": r["path"], "width": r["width"], "height": r["height"],

@@ -12,9 +12,9 @@ import numpy as np
 
 from worker import level_maps
 from worker.geo import bounds_wgs84
-from worker.store.format import (CHUNK_TILES, MANIFEST, RECORD_DTYPE, SHARDS, TILES_LAYER, check_compatible, check_index_folder,
-                                 disk_write, index_lock, new_manifest, read_manifest, remove_shards, shard_name,
-                                 write_json_atomic, write_shard)
+from worker.store.format import (CHUNK_TILES, MANIFEST, RECORD_DTYPE, SHARDS, TILES_LAYER, check_compatible,
+                                 check_index_folder, check_tokens, disk_write, holds_tokens, index_lock, new_manifest,
+                                 read_manifest, remove_shards, shard_name, write_json_atomic, write_shard)
 from worker.store.gpkg import write_tiles_gpkg
 from worker.store.maps import join_maps, remove_maps, write_maps
 from worker.store.reader import TileIndex
@@ -36,24 +36,27 @@ class IndexProgress:
 
 
 class IndexWriter:
-    """Builds or extends an index; every committed chunk survives a crash."""
+    """Builds or extends an index; every committed chunk survives a crash. `tokens`: whether a new
+    index stores the tiles' ViT tokens (None: no; an existing index keeps its own choice)."""
 
-    def __init__(self, index_dir: Path, model, settings: TileSettings, chunk_tiles: int = CHUNK_TILES):
+    def __init__(self, index_dir: Path, model, settings: TileSettings, chunk_tiles: int = CHUNK_TILES,
+                 tokens: bool | None = None):
         self.dir = Path(index_dir)
         self.model = model
         self.settings = settings
-        self.manifest = self._load_or_create(chunk_tiles)
+        self.manifest = self._load_or_create(chunk_tiles, tokens)
         self.chunk_tiles = self.manifest["chunk_tiles"]  # an existing index keeps its own chunking
 
-    def _load_or_create(self, chunk_tiles: int) -> dict:
+    def _load_or_create(self, chunk_tiles: int, tokens: bool | None) -> dict:
         check_index_folder(self.dir)  # an index, or a new or empty folder: never one holding other things
         fp = self.model.fingerprint()
         settings = self.settings.to_json()
         if (self.dir / MANIFEST).is_file():
             manifest = read_manifest(self.dir)
             check_compatible(manifest, fp["tile_encoder"], settings, self.dir)
+            check_tokens(manifest, tokens, self.dir)
             return manifest
-        return new_manifest(fp, settings, chunk_tiles, self.model.img_size)
+        return new_manifest(fp, settings, chunk_tiles, self.model.img_size, bool(tokens))
 
     def _commit(self) -> None:
         self.manifest["updated"] = time.time()
@@ -124,7 +127,7 @@ class IndexWriter:
                     if entry["complete"] or chunk in committed:
                         done += len(part)
                     else:
-                        jobs.append(ChunkJob(entry["id"], chunk, entry, tuple(part)))
+                        jobs.append(ChunkJob(entry["id"], chunk, entry, tuple(part), holds_tokens(self.manifest)))
             skipped_total = sum(e["tiles_skipped"] for e, _ in plans)
             remaining = {e["id"]: 0 for e, _ in plans}
             for job in jobs:
@@ -185,6 +188,7 @@ class ChunkJob:
     chunk: int
     raster: dict  # the raster's manifest entry (RasterInfo's JSON): enough to read it anywhere
     tiles: tuple[Tile, ...]
+    tokens: bool  # store the tiles' ViT tokens too (the index's choice: worker.store.format.holds_tokens)
 
 
 @dataclass
@@ -240,7 +244,8 @@ def compute_chunk(model, job: ChunkJob, settings: TileSettings, batch_size: int,
         if drawn.tiles:
             kept += drawn.tiles
             valid += drawn.valid_share
-            outputs.append(describe_drawings(model, drawn.tiles, drawn.drawings, drawn.images, settings.tile))
+            outputs.append(describe_drawings(model, drawn.tiles, drawn.drawings, drawn.images, settings.tile,
+                                             job.tokens))
         batch_done(n)  # progress within the chunk (committed only at its end)
     return _chunk_result(job, kept, valid, outputs)
 
@@ -258,8 +263,9 @@ def _chunk_result(job: ChunkJob, kept: list[Tile], valid: list[float], outputs: 
         origins = np.concatenate([o.cell_origin for o in outputs])
         for i, f in enumerate(level_maps.CELL_ORIGIN_FIELDS):
             records[f] = origins[:, i]
-        arrays.update({"global": np.concatenate([o.global_token for o in outputs]),
-                       "tokens": np.concatenate([o.tokens for o in outputs]),
-                       "positions": np.concatenate([o.positions for o in outputs]),
-                       "cells": np.concatenate([o.cells for o in outputs])})
+        arrays["cells"] = np.concatenate([o.cells for o in outputs])
+        if job.tokens:
+            arrays.update({"global": np.concatenate([o.global_token for o in outputs]),
+                           "tokens": np.concatenate([o.tokens for o in outputs]),
+                           "positions": np.concatenate([o.positions for o in outputs])})
     return ChunkResult(arrays, len(job.tiles) - len(kept))
