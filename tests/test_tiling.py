@@ -168,21 +168,6 @@ def test_batched_drawing_draws_what_scikit_images_canny_draws(assets):
     assert (drawn != reference).sum() <= 1e-3 * reference.sum()
 
 
-def test_drawing_thresholds_are_torch_quantiles_bit_for_bit(assets):
-    """The Canny thresholds are selected, not sorted, on the CPU; they must equal torch.quantile's
-    to the bit, or every index built before would draw its tiles otherwise than a search does."""
-    import torch
-
-    from worker.line_drawing import EDGE_QUANTILES, _quantiles
-
-    images, _ = _real_tiles(assets, per_raster=4)
-    greys = torch.from_numpy(images.astype(np.float32).mean(-1).reshape(len(images), -1) / 255)
-    flat_areas = torch.where(torch.rand(3, 50176, generator=torch.Generator().manual_seed(0)) < 0.7, 0.0, 0.3)
-    for values in (greys, greys ** 3, flat_areas, torch.rand(5, 997, generator=torch.Generator().manual_seed(1))):
-        expected = torch.quantile(values, torch.tensor(EDGE_QUANTILES), dim=1, interpolation="linear")
-        assert torch.equal(_quantiles(values, EDGE_QUANTILES), expected)
-
-
 def test_tiles_drawn_in_one_batch_are_drawn_as_each_alone(assets):
     """Hysteresis and the skeleton run over the whole batch at once: no line may cross from one
     tile into its neighbour in the batch, nor a tile's quantiles depend on the others."""

@@ -69,22 +69,22 @@ def _has_text_value(node: object, depth: int = 0) -> bool:
 
 
 def reproject_rings(tiles: list, dst: CRS) -> list[Polygon]:
-    """Each footprint's densified ring in `dst` (tiles, placements: anything with `raster` and
-    `ring()`), one warp call per source raster."""
+    """Each footprint's densified ring in `dst`, for tiles or placements (all of one kind: its
+    class's `rings`), one warp call per source CRS."""
     out: list[Polygon | None] = [None] * len(tiles)
     groups: dict[str, list[int]] = defaultdict(list)
     for i, t in enumerate(tiles):
         groups[t.raster.crs_wkt].append(i)
     for wkt, idx in groups.items():
-        rings = np.stack([tiles[i].ring() for i in idx])
+        rings = type(tiles[idx[0]]).rings([tiles[i] for i in idx])
         src = CRS.from_wkt(wkt)
         if src == dst:
             xs, ys = rings[..., 0], rings[..., 1]
         else:
             xs, ys = warp_transform(src, dst, rings[..., 0].ravel(), rings[..., 1].ravel())
             xs, ys = np.asarray(xs).reshape(rings.shape[:2]), np.asarray(ys).reshape(rings.shape[:2])
-        for j, i in enumerate(idx):
-            out[i] = Polygon(np.column_stack([xs[j], ys[j]]))
+        for i, polygon in zip(idx, shapely.polygons(np.stack([xs, ys], axis=-1))):
+            out[i] = polygon
     return out  # type: ignore[return-value]
 
 

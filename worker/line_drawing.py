@@ -188,24 +188,12 @@ def _canny_candidates(grey: torch.Tensor, mask: torch.Tensor, sigma: float) -> t
     di = rows[:, :, :-2] + 2 * rows[:, :, 1:-1] + rows[:, :, 2:]  # Sobel along rows (axis 0)
     dj = cols[:, :-2, :] + 2 * cols[:, 1:-1, :] + cols[:, 2:, :]  # Sobel along columns (axis 1)
     magnitude = torch.sqrt(di * di + dj * dj)
-    low, high = _quantiles(magnitude.flatten(1), EDGE_QUANTILES)[:, :, None, None]
+    low, high = torch.quantile(magnitude.flatten(1), torch.tensor(EDGE_QUANTILES, device=grey.device), dim=1,
+                               interpolation="linear")[:, :, None, None]
     candidates = inner & (magnitude >= low.clamp_min(1e-14))
     peak = torch.zeros_like(candidates)
     peak[candidates] = _local_maxima(di, dj, magnitude, candidates)
     return peak & (magnitude >= high), peak
-
-
-def _quantiles(values: torch.Tensor, q: tuple[float, ...]) -> torch.Tensor:
-    """torch.quantile(values, q, dim=1) (linear interpolation) bit for bit, (Q, B). On the CPU the
-    order statistics are selected (numpy's partition), not sorted: 12 against 29 ms for 11 tiles."""
-    qs = torch.tensor(q, dtype=torch.float32, device=values.device)
-    if values.device.type != "cpu":
-        return torch.quantile(values, qs, dim=1)
-    ranks = qs.double() * (values.shape[1] - 1)  # as torch.quantile computes them
-    below, above = ranks.floor().long(), ranks.ceil().long()
-    selected = torch.from_numpy(np.partition(values.numpy(), sorted({*below.tolist(), *above.tolist()}), axis=1))
-    weights = (ranks - below.double()).float()
-    return torch.lerp(selected[:, below], selected[:, above], weights).T
 
 
 def _local_maxima(di: torch.Tensor, dj: torch.Tensor, magnitude: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
@@ -215,12 +203,7 @@ def _local_maxima(di: torch.Tensor, dj: torch.Tensor, magnitude: torch.Tensor, a
     w = magnitude.shape[-1]
     flat = magnitude.reshape(-1)
     where = at.reshape(-1).nonzero().squeeze(1)
-
-    def picked(values: torch.Tensor, offset: torch.Tensor | int = 0) -> torch.Tensor:
-        """`values` a flat offset away from each pixel asked (index_select: 2x faster than indexing)."""
-        return values.reshape(-1).index_select(0, where + offset)
-
-    i, j, m = picked(di), picked(dj), picked(flat)
+    i, j, m = di.reshape(-1)[where], dj.reshape(-1)[where], flat[where]
     ai, aj = i.abs(), j.abs()
     same_sign = ((i > 0) & (j > 0)) | ((i <= 0) & (j <= 0))
     steep = torch.where(same_sign, ai > aj, ai >= aj)
@@ -229,8 +212,8 @@ def _local_maxima(di: torch.Tensor, dj: torch.Tensor, magnitude: torch.Tensor, a
     down = torch.where(same_sign, w, -w)
     straight = torch.where(steep, down, 1)
     diagonal = down + 1
-    plus = picked(flat, diagonal) * weight + picked(flat, straight) * (1 - weight) <= m
-    minus = picked(flat, -diagonal) * weight + picked(flat, -straight) * (1 - weight) <= m
+    plus = flat[where + diagonal] * weight + flat[where + straight] * (1 - weight) <= m
+    minus = flat[where - diagonal] * weight + flat[where - straight] * (1 - weight) <= m
     return plus & minus
 
 
