@@ -82,8 +82,9 @@ class IndexRequest:
     access: RasterAccess = field(default_factory=RasterAccess)  # which files it may read (a client: confined)
     ann: bool = False  # build the ANN shortlist (worker.ann) once the index is complete
     # store the tiles' ViT tokens, for the "tokens" ranker and a token weight (None: a new index
-    # does not; an existing one keeps its own choice). Measured on this CPU they were 80% of an
-    # index's time and size, and the default search reads none (docs/benchmarks/speed.md).
+    # does not; an existing one keeps its own choice). The default search reads none; on this CPU
+    # they took 197-244 of 228-275 CPU ms a tile and three quarters of the disk
+    # (docs/benchmarks/speed.md).
     tokens: bool | None = None
 
     def __post_init__(self) -> None:

@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also build the approximate shortlist (FAISS) for large mosaics once the index is complete")
     p.add_argument("--tokens", action="store_true",
                    help="also store the tiles' ViT tokens, for `search --ranker tokens` and `--token-weight` (the paper's "
-                        "modules; about 5x the time and size of an index on a CPU; the default search needs none)")
+                        "modules; on a CPU about 6x the time and 4x the size of an index; the default search needs none)")
     add_model_args(p)
     p.set_defaults(func=cmd_index)
 
