@@ -75,6 +75,7 @@ def test_a_killed_worker_does_not_stop_the_job(tmp_path, assets, model, cluster,
                                                    computer=chunks)
     assert killed.is_set()
     assert not TileIndex.open(out).has_tokens  # the default: what a search needs, no more
+    assert not list((out / "shards").rglob("tokens.npy"))
     assert_same_index(TileIndex.open(out), single_process)
 
 

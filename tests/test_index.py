@@ -98,6 +98,30 @@ def test_other_settings_or_model_are_refused(tmp_path, model, rmnp_copy):
         TileIndex.open(out)
 
 
+def test_an_index_holds_tokens_only_when_asked_and_keeps_its_choice(tmp_path, model, rmnp_copy, assets):
+    """A new index holds the tiles' ViT tokens only when built with `--tokens`; extending an index
+    keeps its choice, and asking it for the other one is refused before any work. An index of
+    format 4, from before the choice, holds them and stays usable."""
+    plain, with_tokens = tmp_path / "plain", tmp_path / "tokens"
+    assert run_cli("index", "--out", plain, *SMALL, rmnp_copy).returncode == 0
+    assert run_cli("index", "--out", with_tokens, *SMALL, "--tokens", rmnp_copy).returncode == 0
+    assert not list((plain / "shards").rglob("tokens.npy")) and list((with_tokens / "shards").rglob("tokens.npy"))
+
+    refused = run_cli("index", "--out", plain, *SMALL, "--tokens", assets["osbs_rgb"])
+    assert refused.returncode == 2 and "keeps that choice" in refused.stderr
+    assert not (plain / "shards").joinpath("r00001-c000000").exists()  # nothing of the refused raster
+    with pytest.raises(IndexMismatchError, match="keeps that choice"):
+        IndexWriter(with_tokens, model, TileSettings(tile=112, scales=(1,)), 4, tokens=False)
+    IndexWriter(with_tokens, model, TileSettings(tile=112, scales=(1,)), 4).build([rmnp_copy, assets["osbs_rgb"]])
+    index = TileIndex.open(with_tokens)
+    assert len(index.rasters) == 2 and index.tokens_of(np.arange(len(index)))[0].shape[0] == len(index)
+
+    manifest = json.loads((with_tokens / "manifest.json").read_text())
+    del manifest["tokens"]
+    (with_tokens / "manifest.json").write_text(json.dumps({**manifest, "format": 4}))
+    assert TileIndex.open(with_tokens).has_tokens
+
+
 def test_tiles_gpkg_lists_every_indexed_tile(tmp_path, model, rmnp_copy):
     import pyogrio
 

@@ -168,6 +168,31 @@ def test_batched_drawing_draws_what_scikit_images_canny_draws(assets):
     assert (drawn != reference).sum() <= 1e-3 * reference.sum()
 
 
+def test_footprints_of_many_placements_are_each_ones_own(assets):
+    """Rings computed for many placements at once (a search reprojects hundreds) are each one's
+    own: turned about its own centre and placed by its own raster's affine, whichever rasters
+    share the list; an empty list has none."""
+    import math
+    from dataclasses import replace
+
+    from worker.placement import EDGE_POINTS, Placement
+
+    a = open_raster(assets["rmnp_rgb"], None)
+    b = replace(a, transform=(30.0, 0.0, 5000.0, 0.0, -30.0, 9000.0, *a.transform[6:]))
+    placements = [Placement(r, 100.0 + 17 * i, 80.0 + 9 * i, 60.0 + 11 * i, angle)
+                  for i, (r, angle) in enumerate([(a, 0.0), (b, 12.5), (a, -9.0), (b, 90.0), (a, 3.0)])]
+    rings = Placement.rings(placements)
+    for p, ring in zip(placements, rings):
+        h, t = p.side / 2, math.radians(p.angle)
+        corners = [(p.cx + u * math.cos(t) + v * math.sin(t), p.cy - u * math.sin(t) + v * math.cos(t))
+                   for u, v in ((-h, -h), (h, -h), (h, h), (-h, h))]
+        steps = np.arange(EDGE_POINTS) / EDGE_POINTS
+        pixels = [np.add(corners[k], np.subtract(corners[(k + 1) % 4], corners[k]) * s) for k in range(4) for s in steps]
+        cols, rows = np.array(pixels + [corners[0]]).T
+        np.testing.assert_allclose(ring, np.column_stack(p.raster.affine * (cols, rows)), rtol=0, atol=1e-6)
+    assert Placement.rings([]).shape == (0, 4 * EDGE_POINTS + 1, 2)
+
+
 def test_tiles_drawn_in_one_batch_are_drawn_as_each_alone(assets):
     """Hysteresis and the skeleton run over the whole batch at once: no line may cross from one
     tile into its neighbour in the batch, nor a tile's quantiles depend on the others."""

@@ -83,7 +83,7 @@ class IndexRequest:
     ann: bool = False  # build the ANN shortlist (worker.ann) once the index is complete
     # store the tiles' ViT tokens, for the "tokens" ranker and a token weight (None: a new index
     # does not; an existing one keeps its own choice). The default search reads none; on this CPU
-    # they took 197-244 of 228-275 CPU ms a tile and three quarters of the disk
+    # they took about 170-210 of an index's 200-245 CPU ms a tile, and three quarters of its disk
     # (docs/benchmarks/speed.md).
     tokens: bool | None = None
 

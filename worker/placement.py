@@ -65,7 +65,7 @@ class Placement:
         c = Placement.corners_of(placements)
         t = np.linspace(0.0, 1.0, EDGE_POINTS, endpoint=False)[None, None, :, None]
         edges = c[:, :, None] + (np.roll(c, -1, axis=1) - c)[:, :, None] * t  # n, 4 sides, EDGE_POINTS, 2
-        pts = np.concatenate([edges.reshape(len(c), -1, 2), c[:, :1]], axis=1)
+        pts = np.concatenate([edges.reshape(len(c), 4 * EDGE_POINTS, 2), c[:, :1]], axis=1)
         return pixel_to_crs([p.raster for p in placements], pts[..., 0], pts[..., 1])
 
     def window(self) -> tuple[int, int, int, int]:

@@ -63,7 +63,7 @@ class RankingConfig:
     def __post_init__(self) -> None:
         if self.ranker not in RANKERS:
             raise InputError(f"ranker {self.ranker!r} must be one of {', '.join(RANKERS)}")
-        if self.token_weight < 0:
+        if not self.token_weight >= 0:  # NaN too
             raise InputError(f"token weight {self.token_weight} must be 0 or more")
         if self.ann not in ("auto", "on", "off"):
             raise InputError(f"ann {self.ann!r} must be auto, on or off")

@@ -70,7 +70,8 @@ class OpenIndexes:
         shard) also with its `error`: never a failure of the whole list."""
         tiles_layer = index_dir / TILES_LAYER
         where = {"path": str(index_dir), "tiles_layer": str(tiles_layer) if tiles_layer.is_file() else None}
-        unreadable = {**where, "tile_count": None, "rasters": [], "complete": None, "tiling": None, "compatible": False}
+        unreadable = {**where, "tile_count": None, "rasters": [], "complete": None, "tiling": None, "tokens": None,
+                      "compatible": False}
         try:
             index = self.get(index_dir)
             try:
@@ -87,8 +88,8 @@ class OpenIndexes:
             error = error_object(exc)
             return {**unreadable, "reason": error["message"], "error": error}
         return {**where, "tile_count": info["tile_count"], "rasters": [r["path"] for r in info["rasters"]],
-                "complete": info["complete"], "tiling": info["tiling"], "compatible": reason is None, "reason": reason,
-                "error": None}
+                "complete": info["complete"], "tiling": info["tiling"], "tokens": info["tokens"],
+                "compatible": reason is None, "reason": reason, "error": None}
 
 
 def _stamp(index_dir: Path, manifest: dict) -> tuple:

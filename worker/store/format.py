@@ -37,8 +37,12 @@ from wire.protocol import excerpt
 from worker.errors import CorruptIndexError, IndexMismatchError, InputError, NotFoundError, StorageError
 
 # 2: edge layouts per tile; 3: backbones named by their source (worker.model.identity);
-# 4: edge cells on shared level grids instead of per-tile layouts (search at every placement)
-FORMAT_VERSION = 4
+# 4: edge cells on shared level grids instead of per-tile layouts (search at every placement);
+# 5: the ViT tokens only when asked (the manifest's `tokens`). A format 4 index holds them all and
+# stays readable and extendable as it is; a worker of format 4 refuses a format 5 index as of
+# another format, rather than calling its missing token files damaged.
+FORMAT_VERSION = 5
+READABLE_FORMATS = (4, FORMAT_VERSION)
 CHUNK_TILES = 256
 MANIFEST = "manifest.json"
 SHARDS = "shards"
@@ -68,16 +72,18 @@ def new_manifest(model_fingerprint: dict, tiling: dict, chunk_tiles: int, drawin
 
 def holds_tokens(manifest: dict) -> bool:
     """Whether the index's shards hold ViT tokens (TOKEN_ARRAYS): only what the "tokens" ranker
-    and a token weight use. Indexes from before the choice all hold them."""
-    return manifest.get("tokens", True) is not False
+    and a token weight use. Indexes of format 4, from before the choice, all hold them."""
+    return manifest.get("format") == 4 or manifest.get("tokens") is True
 
 
 def check_tokens(manifest: dict, tokens: bool | None, index_dir: Path) -> None:
     """IndexMismatchError when a request to extend an index asks otherwise of its tokens than it
     was built with (None asks nothing)."""
     if tokens is not None and tokens != holds_tokens(manifest):
-        raise IndexMismatchError(f"{index_dir} was built {'with' if holds_tokens(manifest) else 'without'} tokens: "
-                                 "extend it as it was built, or build a new index")
+        built = "with" if holds_tokens(manifest) else "without"
+        raise IndexMismatchError(f"{index_dir} was built {built} the tiles' ViT tokens, and an index keeps that choice: "
+                                 "extend it without asking for tokens (leave out --tokens or the index op's `tokens`), "
+                                 "or build a new index")
 
 
 def shard_arrays(manifest: dict) -> tuple[str, ...]:
@@ -219,9 +225,9 @@ def index_lock(index_dir: Path) -> Iterator[None]:
 
 
 def check_format(manifest: dict, index_dir: Path) -> None:
-    if manifest.get("format") != FORMAT_VERSION:
-        raise IndexMismatchError(f"{index_dir}: index format {excerpt(manifest.get('format'))} is not {FORMAT_VERSION}; "
-                                 "build it again with this version")
+    if manifest.get("format") not in READABLE_FORMATS:
+        raise IndexMismatchError(f"{index_dir}: index format {excerpt(manifest.get('format'))} is not "
+                                 f"{' or '.join(map(str, READABLE_FORMATS))}; build it again with this version")
 
 
 def check_compatible(manifest: dict, tile_encoder: str, settings: dict, index_dir: Path) -> None:

@@ -62,8 +62,9 @@ class TileIndex:
     def require_tokens(self, what: str) -> None:
         """InputError, saying what to do, when this index holds no ViT tokens for `what`."""
         if not self.has_tokens:
-            raise InputError(f"{what} needs the tiles' ViT tokens, and {self.dir} was built without them: build an "
-                             "index with `index --tokens` (the default search needs none)")
+            raise InputError(f"{what} needs the tiles' ViT tokens, and {self.dir} was built without them: build a new "
+                             "index with tokens (`index --tokens`, or the index op's `tokens: true`); the default "
+                             "search needs none")
 
     @cached_property
     def global_tokens(self) -> np.ndarray:
