@@ -72,8 +72,9 @@ def new_manifest(model_fingerprint: dict, tiling: dict, chunk_tiles: int, drawin
 
 def holds_tokens(manifest: dict) -> bool:
     """Whether the index's shards hold ViT tokens (TOKEN_ARRAYS): only what the "tokens" ranker
-    and a token weight use. Indexes of format 4, from before the choice, all hold them."""
-    return manifest.get("format") == 4 or manifest.get("tokens") is True
+    and a token weight use. A manifest that does not say (format 4, from before the choice) is of
+    an index that holds them."""
+    return manifest.get("tokens") is not False
 
 
 def check_tokens(manifest: dict, tokens: bool | None, index_dir: Path) -> None:
