@@ -101,6 +101,11 @@ def index_tiles_per_s(model, raster: Path, settings: TileSettings, work: Path, b
     return tiles / seconds, tiles
 
 
+def shard_bytes_per_tile(index_dir: Path) -> float:
+    """Bytes of an index's shards on disk per indexed tile."""
+    return sum(p.stat().st_size for p in (index_dir / "shards").rglob("*")) / len(TileIndex.open(index_dir))
+
+
 # -- 2. search ------------------------------------------------------------------------------------
 def sketches(index: TileIndex, model, n: int) -> list[torch.Tensor]:
     rng = np.random.default_rng(0)
@@ -198,8 +203,7 @@ def main() -> int:
         index_dir = sorted(work.glob("index-default-*"))[0]  # what users build and search
         f["index_tiles_per_s"], f["index_tiles"] = index_tiles_per_s(model, raster, settings, work, args.batch,
                                                                      LocalChunks(model, processes=0))
-        f["bytes_per_tile_on_disk_with_tokens"] = (sum(p.stat().st_size for p in sorted(work.glob("index-tokens-*"))[0]
-                                                       .joinpath("shards").rglob("*")) / f["index_tiles"])
+        f["bytes_per_tile_on_disk_with_tokens"] = shard_bytes_per_tile(sorted(work.glob("index-tokens-*"))[0])
         f["draw_processes"] = args.draw_processes
         f["index_pool_tiles_per_s"] = index_tiles_per_s(model, raster, settings, work, args.batch,
                                                         LocalChunks(model, processes=args.draw_processes))[0]
@@ -216,7 +220,7 @@ def main() -> int:
             f["search_ann"] = search_latency(TileIndex.open(index_dir), model, queries, RankingConfig(ann="on"))
         except InputError as exc:  # too few windows (--quick's small index): the scale part still runs
             f["ann_build"], f["search_ann"] = {"why": str(exc)}, None
-        f["bytes_per_tile_on_disk"] = sum(p.stat().st_size for p in (index_dir / "shards").rglob("*")) / len(index)
+        f["bytes_per_tile_on_disk"] = shard_bytes_per_tile(index_dir)
         f["bytes_per_tile_in_memory_exact"] = (sum(m.cells.nbytes for m in index.maps.values()) / len(index)
                                                + index.records.itemsize)
         f["ann"] = ann_at_scale(index_dir, raster.parent, queries, tile_counts, work)

@@ -141,10 +141,10 @@ class Tile:
         windows = np.array([(t.col_off, t.row_off, t.width, t.height) for t in tiles], np.float64).reshape(-1, 4)
         c0, r0 = windows[:, :1], windows[:, 1:2]
         c1, r1 = c0 + windows[:, 2:3], r0 + windows[:, 3:4]
-        t = np.linspace(0.0, 1.0, EDGE_POINTS, endpoint=False)[None]
-        along = np.ones_like(t)
-        cols = np.concatenate([c0 + (c1 - c0) * t, c1 * along, c1 - (c1 - c0) * t, c0 * along, c0], axis=1)
-        rows = np.concatenate([r0 * along, r0 + (r1 - r0) * t, r1 * along, r1 - (r1 - r0) * t, r0], axis=1)
+        steps = np.linspace(0.0, 1.0, EDGE_POINTS, endpoint=False)[None]
+        along = np.ones_like(steps)
+        cols = np.concatenate([c0 + (c1 - c0) * steps, c1 * along, c1 - (c1 - c0) * steps, c0 * along, c0], axis=1)
+        rows = np.concatenate([r0 * along, r0 + (r1 - r0) * steps, r1 * along, r1 - (r1 - r0) * steps, r0], axis=1)
         return pixel_to_crs([t.raster for t in tiles], cols, rows)
 
     def footprint(self) -> Polygon:
