@@ -458,6 +458,20 @@ def test_10_each_bad_input_gets_its_own_code(served, tree):
         (served.index_root / "afile").unlink()
 
 
+def test_10_the_other_choice_of_tokens_is_refused_and_changes_nothing(served, tree):
+    """`base` was built by the service's default, without ViT tokens (list_indexes says so).
+    Extending it with `tokens: true` is index_mismatch before any work (the autouse check: its
+    files are byte for byte as they were), and the tokens ranker on it is bad input that says how
+    to build an index with them."""
+    with served.client(timeout=60) as c:
+        listed = {i["name"]: i for i in c.list_indexes()}
+        extend = _code(lambda: c.start_index("base", [str(tree / "rasters" / "rmnp.tif")], tokens=True, **TILE))
+        ranker = _code(lambda: c.search("base", sketch_png=sketch_png(), ranker="tokens", top=2))
+    assert listed["base"]["tokens"] is False
+    assert extend.code == codes.INDEX_MISMATCH and "keeps that choice" in extend.message
+    assert ranker.code == codes.BAD_INPUT and "tokens: true" in ranker.message
+
+
 def test_10_a_full_disk_is_a_storage_error_not_a_bug(tmp_path):
     """A full disk (here /dev/full) is reported as `storage` with where and what to do."""
     from worker.errors import error_object
