@@ -18,9 +18,7 @@ from PIL import Image
 from rasterio.enums import Resampling
 from rasterio.windows import Window
 
-from worker.tiling import RasterInfo, fill_from_nearest_valid, pixel_to_crs, stretch_to_uint8
-
-EDGE_POINTS = 4  # points per footprint edge, so reprojected footprints follow curved edges
+from worker.tiling import EDGE_POINTS, RasterInfo, fill_from_nearest_valid, footprint_rings, stretch_to_uint8
 
 
 @dataclass(frozen=True)
@@ -62,11 +60,7 @@ class Placement:
     def rings(placements: list["Placement"]) -> np.ndarray:
         """Footprint rings of many placements, each in its raster's CRS: (n, 4 * EDGE_POINTS + 1, 2),
         in one pass of array arithmetic (a search reprojects hundreds)."""
-        c = Placement.corners_of(placements)
-        t = np.linspace(0.0, 1.0, EDGE_POINTS, endpoint=False)[None, None, :, None]
-        edges = c[:, :, None] + (np.roll(c, -1, axis=1) - c)[:, :, None] * t  # n, 4 sides, EDGE_POINTS, 2
-        pts = np.concatenate([edges.reshape(len(c), 4 * EDGE_POINTS, 2), c[:, :1]], axis=1)
-        return pixel_to_crs([p.raster for p in placements], pts[..., 0], pts[..., 1])
+        return footprint_rings(Placement.corners_of(placements), [p.raster for p in placements])
 
     def window(self) -> tuple[int, int, int, int]:
         """The pixel window (col_off, row_off, width, height) around the (turned) square."""

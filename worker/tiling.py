@@ -115,6 +115,16 @@ def pixel_to_crs(rasters: list[RasterInfo], cols: np.ndarray, rows: np.ndarray) 
     return np.stack([cols * a + rows * b + c, cols * d + rows * e + f], axis=-1)
 
 
+def footprint_rings(corners: np.ndarray, rasters: list[RasterInfo]) -> np.ndarray:
+    """Closed rings (n, 4 * EDGE_POINTS + 1, 2), each in its raster's CRS, of n quadrilaterals
+    given by their corners in raster pixels (n, 4, 2); every edge densified, so that a
+    reprojected footprint follows curved edges (tiles and placements alike)."""
+    t = np.linspace(0.0, 1.0, EDGE_POINTS, endpoint=False)[None, None, :, None]
+    edges = corners[:, :, None] + (np.roll(corners, -1, axis=1) - corners)[:, :, None] * t  # n, 4 sides, EDGE_POINTS, 2
+    pts = np.concatenate([edges.reshape(len(corners), 4 * EDGE_POINTS, 2), corners[:, :1]], axis=1)
+    return pixel_to_crs(rasters, pts[..., 0], pts[..., 1])
+
+
 @dataclass(frozen=True)
 class Tile:
     """One tile: a native-resolution window of a raster, read down to the tile size."""
@@ -139,13 +149,10 @@ class Tile:
         """Footprint rings of tiles, each in its raster's CRS: (n, 4 * EDGE_POINTS + 1, 2), closed;
         in one pass of array arithmetic (a search reprojects hundreds)."""
         windows = np.array([(t.col_off, t.row_off, t.width, t.height) for t in tiles], np.float64).reshape(-1, 4)
-        c0, r0 = windows[:, :1], windows[:, 1:2]
-        c1, r1 = c0 + windows[:, 2:3], r0 + windows[:, 3:4]
-        steps = np.linspace(0.0, 1.0, EDGE_POINTS, endpoint=False)[None]
-        along = np.ones_like(steps)
-        cols = np.concatenate([c0 + (c1 - c0) * steps, c1 * along, c1 - (c1 - c0) * steps, c0 * along, c0], axis=1)
-        rows = np.concatenate([r0 * along, r0 + (r1 - r0) * steps, r1 * along, r1 - (r1 - r0) * steps, r0], axis=1)
-        return pixel_to_crs([t.raster for t in tiles], cols, rows)
+        c0, r0 = windows[:, 0], windows[:, 1]
+        c1, r1 = c0 + windows[:, 2], r0 + windows[:, 3]
+        corners = np.stack([np.stack(corner, axis=-1) for corner in ((c0, r0), (c1, r0), (c1, r1), (c0, r1))], axis=1)
+        return footprint_rings(corners, [t.raster for t in tiles])
 
     def footprint(self) -> Polygon:
         return Polygon(self.ring())
