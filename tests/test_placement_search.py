@@ -100,11 +100,32 @@ def test_an_off_grid_larger_turned_sketch_is_found_where_it_lies(index, model):
     assert abs(best.placement.angle - 10.0) <= 10.0 and best.scale == 2
 
 
+@pytest.mark.parametrize("frame_angle, coarse_angle", [(10.0, 0.0), (0.0, -10.0), (-10.0, 10.0)])
+def test_the_fine_score_chooses_the_turn_of_a_place(index, model, frame_angle, coarse_angle):
+    """The coarse scan's 32 px cells tell turns 10 degrees apart poorly, so a place often reaches
+    the refine at the wrong turn; there it is scored at every turn and keeps its best (held-out
+    recall@5 0.708 -> 0.735, docs/benchmarks/quality.md). A peak at the sketched place, handed
+    over at another turn, leaves at the frame's."""
+    from worker import query_templates
+    from worker.candidates import Candidate
+    from worker.placement_scan import refine, scanner_of
+
+    frame = Placement(index.rasters[0], cx=6 * 168 + 112 + 40, cy=4 * 168 + 112 + 40, side=224.0, angle=frame_angle)
+    ranking = RankingConfig()
+    templates = query_templates.build(_sketch_of(frame), ranking.sizes, ranking.angles)
+    key = (0, 1)  # raster 0 at scale 1: one level px a raster px
+    peak = Candidate(key, 224, coarse_angle, row=int(frame.cy - 112) // 8, col=int(frame.cx - 112) // 8, coarse=0.0)
+    with torch.inference_mode():
+        refine(scanner_of(index, model.device), templates, ranking, [peak], [key])
+    assert peak.angle == frame_angle
+    assert iou(peak.placement(index.maps[key]).pixel_polygon(), frame.pixel_polygon()) >= 0.8
+
+
 def test_sketches_anywhere_are_found_in_the_top_5(index, model):
     """12 frames anywhere in the scene (random offset, 0.6-1.6x a tile, turned up to 15
-    degrees; fixed seed), drawn as traced lines. Measured: 9 of 12 in the top 5 with IoU >= 0.25
-    (10 with two template sizes, not four, 9 before tile drawings held the big lines); the tile
-    ranker of index format 3 found 4."""
+    degrees; fixed seed), drawn as traced lines. Measured: 11 of 12 in the top 5 with IoU >= 0.25
+    (9 before the fine score chose each place's turn; 10 with two template sizes, not four, 9
+    before tile drawings held the big lines); the tile ranker of index format 3 found 4."""
     rng = np.random.default_rng(3)
     settings = TileSettings(scales=(1, 2))
     found = tried = 0
@@ -116,7 +137,7 @@ def test_sketches_anywhere_are_found_in_the_top_5(index, model):
         tried += 1
         hits = search(index, model, _sketch_of(frame), top=5).hits
         found += any(iou(h.footprint_pixels(), frame.pixel_polygon()) >= 0.25 for h in hits)
-    assert found >= 8, f"only {found} of 12"
+    assert found >= 9, f"only {found} of 12"
 
 
 def test_a_sketch_of_the_tile_at_the_rasters_far_edge_meets_that_tiles_own_drawing(index, model):
