@@ -112,7 +112,7 @@ def test_the_fine_score_chooses_the_turn_of_a_place(index, model, frame_angle, c
 
     frame = Placement(index.rasters[0], cx=6 * 168 + 112 + 40, cy=4 * 168 + 112 + 40, side=224.0, angle=frame_angle)
     ranking = RankingConfig()
-    templates = query_templates.build(_sketch_of(frame), ranking.sizes, ranking.angles)
+    templates = query_templates.build(_sketch_of(frame), ranking.sizes, ranking.angles, model.device)
     key = (0, 1)  # raster 0 at scale 1: one level px a raster px
     peak = Candidate(key, 224, coarse_angle, row=int(frame.cy - 112) // 8, col=int(frame.cx - 112) // 8, coarse=0.0)
     with torch.inference_mode():

@@ -311,7 +311,9 @@ def refine(scanner: Scanner, templates: query_templates.Templates, ranking: Rank
     place, and its own drawing's fine cosine, which it arrives with, is calibrated against the
     background windows' cosines at their own place: the best of 25 offsets of a random window
     scores higher than one place does, so against that a tile window's z-value came out about
-    0.5 too low and the placements beat the tile a sketch was drawn on."""
+    0.5 too low and the placements beat the tile a sketch was drawn on. (A placement's best over
+    turns as well is not calibrated once more against the background's best over turns: that
+    changed recall by a query or two either way, docs/benchmarks/quality.md.)"""
     pad = ranking.fine_radius
     width = 2 * pad + 1
     backgrounds = None
