@@ -175,7 +175,8 @@ def test_footprints_of_many_placements_are_each_ones_own(assets):
     import math
     from dataclasses import replace
 
-    from worker.placement import EDGE_POINTS, Placement
+    from worker.placement import Placement
+    from worker.tiling import EDGE_POINTS
 
     a = open_raster(assets["rmnp_rgb"], None)
     b = replace(a, transform=(30.0, 0.0, 5000.0, 0.0, -30.0, 9000.0, *a.transform[6:]))

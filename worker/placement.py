@@ -18,7 +18,7 @@ from PIL import Image
 from rasterio.enums import Resampling
 from rasterio.windows import Window
 
-from worker.tiling import EDGE_POINTS, RasterInfo, fill_from_nearest_valid, footprint_rings, stretch_to_uint8
+from worker.tiling import RasterInfo, fill_from_nearest_valid, footprint_rings, stretch_to_uint8
 
 
 @dataclass(frozen=True)
@@ -53,12 +53,12 @@ class Placement:
         return shapely.Polygon(self.corners())
 
     def ring(self) -> np.ndarray:
-        """Footprint ring in the raster's CRS, densified (4 * EDGE_POINTS + 1, 2), closed."""
+        """Footprint ring in the raster's CRS, densified (4 * tiling.EDGE_POINTS + 1, 2), closed."""
         return Placement.rings([self])[0]
 
     @staticmethod
     def rings(placements: list["Placement"]) -> np.ndarray:
-        """Footprint rings of many placements, each in its raster's CRS: (n, 4 * EDGE_POINTS + 1, 2),
+        """Footprint rings of many placements, each in its raster's CRS: (n, 4 * tiling.EDGE_POINTS + 1, 2),
         in one pass of array arithmetic (a search reprojects hundreds)."""
         return footprint_rings(Placement.corners_of(placements), [p.raster for p in placements])
 
