@@ -124,7 +124,7 @@ def test_the_fine_score_chooses_the_turn_of_a_place(index, model, frame_angle, c
 def test_sketches_anywhere_are_found_in_the_top_5(index, model):
     """12 frames anywhere in the scene (random offset, 0.6-1.6x a tile, turned up to 15
     degrees; fixed seed), drawn as traced lines. Measured: 11 of 12 in the top 5 with IoU >= 0.25
-    (9 before the fine score chose each place's turn; 10 with two template sizes, not four, 9
+    (the same with the sketch compared smoothed or not; 9 before the fine score chose each place's turn; 10 with two template sizes, not four, 9
     before tile drawings held the big lines); the tile ranker of index format 3 found 4."""
     rng = np.random.default_rng(3)
     settings = TileSettings(scales=(1, 2))
@@ -211,8 +211,10 @@ def test_a_few_strokes_sketch_meets_its_place_in_the_big_lines_of_the_drawing(in
     3 px and the big lines at 6 px (worker.line_drawing), so a few-strokes sketch of a tile (3-8
     long lines, simplified, with a real hand's wobble) meets its own place more closely. Measured
     over 30 tiles of the scene, each sketch against all 30 places (the verification's cosine,
-    where the sketch has lines): its own place first for all 30 either way, by a mean margin of
-    0.304 over the best other place (own cosine 0.791); drawn at 3 px only, 0.272 (0.757)."""
+    where the sketch has lines, the sketch smoothed as a search compares it): its own place first
+    for all 30 either way, by a mean margin of 0.199 over the best other place (own cosine 0.511);
+    drawn at 3 px only, 0.181. (Compared unsmoothed: 0.304 (0.791) against 0.272; the smoothing
+    lowers every cosine, tile drawings being binary lines that vote in 4 of the 9 orientations.)"""
     from pathlib import Path
 
     from lab.pseudo_sketch import load_hand_strokes
@@ -241,8 +243,8 @@ def test_a_few_strokes_sketch_meets_its_place_in_the_big_lines_of_the_drawing(in
 
     assert len(pixels) == 30
     (own, margin), (_, margin_fine) = own_and_margin(tile_line_drawings(images, masks)[..., 0]), own_and_margin(fine_only)
-    assert own >= 0.78 and margin >= 0.29, (own, margin)
-    assert margin > margin_fine + 0.02, (margin, margin_fine)
+    assert own >= 0.49 and margin >= 0.19, (own, margin)
+    assert margin > margin_fine + 0.01, (margin, margin_fine)
 
 
 def test_the_papers_ranker_and_the_token_score_run_on_an_index_with_tokens(index, model, assets, tmp_path):

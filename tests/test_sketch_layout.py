@@ -1,13 +1,15 @@
 """Sketch framing and edge layouts: where a line lies in the sketch is what locates the place."""
 
 import numpy as np
+import pytest
 from PIL import Image, ImageDraw
+from scipy import ndimage
 
 import torch
 
 from worker import edge_cells
 from lab.pseudo_sketch import draw_outlines, label_outlines, only_part, trace_polylines
-from worker.sketch import StrokeSketch, load_sketch, prepare_sketch
+from worker.sketch import StrokeSketch, compared_lines, load_sketch, prepare_sketch, sketch_pixels
 
 
 def _ink_box(tensor) -> tuple[int, int, int, int]:
@@ -104,3 +106,19 @@ def test_a_partial_sketch_keeps_a_quarter_of_the_frame_in_place():
     assert (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1) <= 0.26 * 224 * 224
     assert np.array_equal(part, part & (np.asarray(full) < 128))  # the same lines, where they were
     assert part.sum() > 0.2 * (np.asarray(full) < 128).sum()
+
+
+@pytest.mark.parametrize("end", [(200, 130), (200, 160), (150, 200)])
+def test_the_sketch_is_compared_smoothed_with_its_lines_where_they_lie(end):
+    """Where a line lies in the sketch locates the place: the drawing a search compares
+    (worker.sketch.compared_lines) is smoothed, but adds no ink farther than 2 px from a line
+    and cuts no line away."""
+    img = Image.new("L", (224, 224), 255)
+    ImageDraw.Draw(img).line([(20, 100), end], fill=0, width=2)
+    sketch = prepare_sketch(img, 224)
+    compared = compared_lines(sketch)
+    drawn = sketch_pixels(sketch) < 128
+    assert (compared[drawn] < 255).all()  # every line kept, lighter where smoothed
+    assert (compared[drawn] > 0).any()  # and smoothed: a 2 px line is no longer full black
+    near = ndimage.binary_dilation(drawn, iterations=2)
+    assert (compared[~near] == 255).all()

@@ -18,7 +18,7 @@ from PIL import Image
 
 from worker import edge_cells
 from worker.edge_cells import COARSE, FINE
-from worker.sketch import sketch_pixels
+from worker.sketch import compared_lines
 
 
 @dataclass
@@ -47,7 +47,7 @@ def build(sketch_tensor: torch.Tensor, sizes: tuple[int, ...], angles: tuple[flo
     for size in sizes:
         if size % COARSE.cell:
             raise ValueError(f"template size {size} is not a multiple of {COARSE.cell}")
-    grey = Image.fromarray(sketch_pixels(sketch_tensor))
+    grey = Image.fromarray(compared_lines(sketch_tensor))
     coarse, fine, drawings = {}, {}, {}
     for size in sizes:
         stack = np.stack([turned(grey, a, size) for a in angles])

@@ -21,7 +21,7 @@ from worker.candidates import Candidate, standardise
 from worker.edge_cells import FINE
 from worker.placement import Placement
 from worker.ranking import RankingConfig
-from worker.sketch import sketch_pixels
+from worker.sketch import compared_lines
 from worker.store import TileIndex
 
 
@@ -88,7 +88,7 @@ def describe_places(placements: list[Placement], size: int) -> torch.Tensor:
 
 def describe_sketch(sketch: torch.Tensor) -> torch.Tensor:
     """A prepared sketch's unit FINE HOG descriptor (dim,), as a drawn place is described."""
-    return edge_cells.describe(torch.from_numpy(sketch_pixels(sketch))[None], FINE)[0]
+    return edge_cells.describe(torch.from_numpy(compared_lines(sketch))[None], FINE)[0]
 
 
 def drawing_cosine(places: torch.Tensor, sketch_descriptor: torch.Tensor, inked_only: bool) -> torch.Tensor:
