@@ -87,7 +87,8 @@ def describe_places(placements: list[Placement], size: int) -> torch.Tensor:
 
 
 def describe_sketch(sketch: torch.Tensor) -> torch.Tensor:
-    """A prepared sketch's unit FINE HOG descriptor (dim,), as a drawn place is described."""
+    """A prepared sketch's unit FINE HOG descriptor (dim,), of the drawing a search compares
+    (worker.sketch.compared_lines), made as a drawn place's is."""
     return edge_cells.describe(torch.from_numpy(compared_lines(sketch))[None], FINE)[0]
 
 
