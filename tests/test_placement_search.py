@@ -124,8 +124,9 @@ def test_the_fine_score_chooses_the_turn_of_a_place(index, model, frame_angle, c
 def test_sketches_anywhere_are_found_in_the_top_5(index, model):
     """12 frames anywhere in the scene (random offset, 0.6-1.6x a tile, turned up to 15
     degrees; fixed seed), drawn as traced lines. Measured: 11 of 12 in the top 5 with IoU >= 0.25
-    (the same with the sketch compared smoothed or not; 9 before the fine score chose each place's turn; 10 with two template sizes, not four, 9
-    before tile drawings held the big lines); the tile ranker of index format 3 found 4."""
+    (the same with the sketch compared smoothed or not; 9 before the fine score chose each
+    place's turn; 10 with two template sizes, not four; 9 before tile drawings held the big
+    lines); the tile ranker of index format 3 found 4."""
     rng = np.random.default_rng(3)
     settings = TileSettings(scales=(1, 2))
     found = tried = 0
