@@ -122,3 +122,21 @@ def test_the_sketch_is_compared_smoothed_with_its_lines_where_they_lie(end):
     assert (compared[drawn] > 0).any()  # and smoothed: a 2 px line is no longer full black
     near = ndimage.binary_dilation(drawn, iterations=2)
     assert (compared[~near] == 255).all()
+
+
+def test_the_templates_and_the_verification_compare_the_smoothed_sketch():
+    """Both of a search's comparisons read the smoothed drawing (chosen on held-out queries,
+    docs/benchmarks/quality.md), not the sketch as drawn: the upright template at the drawing's
+    own size is that drawing, and the verification's descriptor is made from it."""
+    from worker import query_templates
+    from worker.verify import describe_sketch
+
+    img = Image.new("L", (224, 224), 255)
+    ImageDraw.Draw(img).line([(20, 100), (200, 160), (120, 30)], fill=0, width=2)
+    sketch = prepare_sketch(img, 224)
+    smoothed = compared_lines(sketch)
+    assert not np.array_equal(smoothed, sketch_pixels(sketch))
+    templates = query_templates.build(sketch, (224,), (0.0,))
+    assert np.array_equal(templates.drawings[(224, 0.0)], smoothed)
+    expected = edge_cells.describe(torch.from_numpy(smoothed)[None], edge_cells.FINE)[0]
+    assert torch.allclose(describe_sketch(sketch), expected)
