@@ -68,8 +68,9 @@ def test_sketches_of_tile_windows_come_back_in_the_top_5(s2_index, drawable_plac
     """The easy case beside the hard one: 12 random scale-1 tiles (fixed seed) of the Sentinel-2
     scene with something to draw, drawn as thinned Canny edges at a finer scale than the index's
     tile drawings, or as traced lines with real hand wobble and a person's errors (missing and
-    extra lines, rotation, scale). Measured: 12 and 11 of 12 in the top 5 with IoU >= 0.5 (12 and 10
-    before the sketch was compared smoothed, worker.sketch.compared_lines)."""
+    extra lines, rotation, scale). Measured: 12 and 10 of 12 in the top 5 with IoU >= 0.5 (12 and 11
+    when only the sketch was compared smoothed, 12 and 10 before either side was,
+    worker.edge_cells.compared_drawings)."""
     index = TileIndex.open(s2_index)
     strokes = load_hand_strokes(assets["lasa_dir"])
     rng = np.random.default_rng(0)
@@ -80,25 +81,25 @@ def test_sketches_of_tile_windows_come_back_in_the_top_5(s2_index, drawable_plac
     assert found >= at_least, f"only {found} of 12 known places in the top 5"
 
 
-def test_abstract_sketches_of_tile_windows_are_found_by_the_tiles_own_drawings(s2_index, drawable_places, model,
-                                                                                assets):
-    """A few salient strokes, part of the lines, or region outlines of 8 random scale-1 tile
-    windows (fixed seed): the tiles under the shortlist, scored by their own drawings
-    (worker.tile_windows), find them where the joined level maps do not. Measured: 21 of 24 in
-    the top 5 with IoU >= 0.5, against 17 without the tile windows (14 before the sketch was
-    compared smoothed)."""
+def test_abstract_sketches_of_tile_windows_are_found_by_the_tiles_own_drawings(s2_index, drawable_places, model):
+    """Part of the lines, or region outlines, of 16 random scale-1 tile windows (fixed seed): the
+    tiles under the shortlist, scored by their own drawings (worker.tile_windows), find more of
+    them than the joined level maps alone. Measured: 27 of 32 in the top 5 with IoU >= 0.5, against
+    24 without the tile windows. Since the tiles' cells are compared smoothed, few-strokes sketches
+    of this, the training scene, are found as often either way (16 of 16 tiles); on held-out scenes
+    the tile windows still carry aligned HED, partial and region sketches (recall@5 of all aligned
+    sketches 0.960 against 0.827 without, docs/benchmarks/quality.md)."""
     index = TileIndex.open(s2_index)
-    strokes = load_hand_strokes(assets["lasa_dir"])
     rng = np.random.default_rng(0)
     found = {"default": 0, "without tile windows": 0}
-    for row in rng.choice(drawable_places, 8, replace=False):
-        for style in ("strokes", "partial", "regions"):
-            sketch = prepare_sketch(pseudo_sketch(_tile_image(index, int(row)), style, rng=rng, hand_strokes=strokes), 224)
+    for row in rng.choice(drawable_places, 16, replace=False):
+        for style in ("partial", "regions"):
+            sketch = prepare_sketch(pseudo_sketch(_tile_image(index, int(row)), style, rng=rng), 224)
             frame = _tile_frame(index, int(row))
             found["default"] += _found(search(index, model, sketch, top=5).hits, frame)
             found["without tile windows"] += _found(search(index, model, sketch, RankingConfig(tile_windows=0),
                                                            top=5).hits, frame)
-    assert found["default"] >= 18 and found["default"] >= found["without tile windows"] + 3, found
+    assert found["default"] >= 25 and found["default"] >= found["without tile windows"] + 2, found
 
 
 def test_search_is_deterministic_and_deduplicates_places(s2_index, model):

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
-from scipy import ndimage
 
 from wire.protocol import MAX_STROKE_POINTS, MAX_STROKES
+from worker.edge_cells import compared_drawings
 from worker.errors import InputError
 
 MAX_SKETCH_PIXELS = 4096 * 4096
@@ -144,26 +144,10 @@ def sketch_pixels(sketch: torch.Tensor) -> np.ndarray:
     return (sketch[0].cpu().numpy() * 255).round().astype(np.uint8)
 
 
-# A search compares the sketch smoothed a little, its faint tails cut (each HOG block is normalised,
-# so a block holding only a tail would count as much as one with a line). Sigma in px at 224 px.
-# Chosen on held-out queries (docs/benchmarks/quality.md): recall@1/5/10 0.641/0.735/0.785 ->
-# 0.667/0.748/0.800 on seed 2, where it was chosen (sigma 0.7: 0.660/0.735/0.791; 1.5 and 3 did
-# worse), and 0.635/0.727/0.772 -> 0.668/0.736/0.783 on seed 0; region outlines, partial and HED
-# sketches gained, few-strokes sketches lost. Why is measured, not understood: against one straight
-# line the cosine falls (tile drawings are binary lines, whose gradients vote in 4 of the 9
-# orientations, 0, 45, 90 and 135 degrees, and a smoothed line votes in all), but scores are
-# calibrated per template, and over 750 sketches smoothed ones rank their places higher.
-LINE_SMOOTHING_SIGMA = 1.0
-SMOOTHING_CUT = 0.15  # ink share under which a smoothed pixel is left white
-
-
 def compared_lines(sketch: torch.Tensor) -> np.ndarray:
     """A prepared sketch (3, S, S) as a search compares it with places: its drawing (S, S) uint8,
-    lines smoothed by LINE_SMOOTHING_SIGMA and white where less than SMOOTHING_CUT of ink remains."""
-    pixels = sketch_pixels(sketch).astype(np.float32)
-    smooth = ndimage.gaussian_filter(pixels, LINE_SMOOTHING_SIGMA * pixels.shape[0] / 224)
-    smooth[smooth > 255 * (1 - SMOOTHING_CUT)] = 255
-    return np.clip(smooth, 0, 255).round().astype(np.uint8)
+    smoothed as every compared drawing is (worker.edge_cells.compared_drawings)."""
+    return compared_drawings(sketch_pixels(sketch)[None])[0]
 
 
 def load_sketch(source: str | Path | bytes | StrokeSketch, size: int, crop_to_ink: bool = False) -> torch.Tensor:

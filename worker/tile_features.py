@@ -28,12 +28,13 @@ class TileFeatures:
 
 
 def cells_on_grid(drawings: np.ndarray, tiles: list[Tile], tile_size: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """Each drawing's 8 px cells, cut where its level's shared grid runs through it."""
+    """Each drawing's 8 px cells, of the drawing as a search compares it (smoothed,
+    worker.edge_cells.compared_drawings), cut where its level's shared grid runs through it."""
     size = drawings.shape[1]
     g = size // edge_cells.CELL
     cells = np.zeros((len(tiles), g, g, edge_cells.ORIENTATIONS), np.uint8)
     origins = np.zeros((len(tiles), 4), np.int32)
-    batch = torch.from_numpy(np.ascontiguousarray(drawings)).to(device)
+    batch = torch.from_numpy(edge_cells.compared_drawings(drawings)).to(device)
     by_phase: dict[tuple[int, int], list[int]] = {}
     for i, tile in enumerate(tiles):
         origin = cell_origin(tile, level_pixel(tile_size, tile.scale, size), size)

@@ -80,10 +80,11 @@ def draw_placements(placements: list[Placement], size: int) -> np.ndarray:
 
 
 def describe_places(placements: list[Placement], size: int) -> torch.Tensor:
-    """Unit FINE HOG descriptors of places, each read and drawn as one picture: (n, dim)."""
+    """Unit FINE HOG descriptors of places, each read and drawn as one picture and compared smoothed
+    (worker.edge_cells.compared_drawings): (n, dim)."""
     if not placements:
         return torch.zeros(0, 1)
-    return edge_cells.describe(torch.from_numpy(draw_placements(placements, size)), FINE)
+    return edge_cells.describe(torch.from_numpy(edge_cells.compared_drawings(draw_placements(placements, size))), FINE)
 
 
 def describe_sketch(sketch: torch.Tensor) -> torch.Tensor:
