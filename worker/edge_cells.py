@@ -36,7 +36,8 @@ EPS = 1e-5
 # so a line at 60 degrees in a sketch met nothing in a tile's cells; smoothed, a line votes in the
 # orientations it runs in. On 750 held-out queries (docs/benchmarks/quality.md) smoothing the
 # sketch alone took recall@1/5/10 from 0.641/0.735/0.785 to 0.667/0.748/0.800 (seed 2), and both
-# sides to 0.736/0.797/0.839; few-strokes sketches gained most (recall@5 0.73 -> 0.86).
+# sides to 0.736/0.797/0.839; few-strokes sketches gained most (recall@5 0.73 -> 0.86). Sigma was
+# chosen with the sketch alone smoothed (0.7, 1.5 and 3 did worse) and not tuned again since.
 LINE_SMOOTHING_SIGMA = 1.0
 SMOOTHING_CUT = 0.15  # ink share under which a smoothed pixel is left white
 
