@@ -37,7 +37,8 @@ EPS = 1e-5
 # orientations it runs in. On 750 held-out queries (docs/benchmarks/quality.md) smoothing the
 # sketch alone took recall@1/5/10 from 0.641/0.735/0.785 to 0.667/0.748/0.800 (seed 2), and both
 # sides to 0.736/0.797/0.839; few-strokes sketches gained most (recall@5 0.73 -> 0.86). Sigma was
-# chosen with the sketch alone smoothed (0.7, 1.5 and 3 did worse) and not tuned again since.
+# chosen with the sketch alone smoothed (0.7, 1.5 and 3 did worse); with both sides, 0.7 and 1.5
+# came within a few queries of 1 (seed 2: recall@5 0.791 and 0.785 against 0.797).
 LINE_SMOOTHING_SIGMA = 1.0
 SMOOTHING_CUT = 0.15  # ink share under which a smoothed pixel is left white
 
