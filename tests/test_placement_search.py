@@ -219,15 +219,14 @@ def test_a_partial_sketch_is_verified_only_where_it_has_lines(index):
     worker, its right half erased as the sketch, both compared smoothed as a search compares them:
     its own place 0.88 (0.73 over the whole frame), the best of 20 other tiles 0.40 (0.26 over the
     whole frame). (Both unsmoothed: 0.89 (0.73) against 0.52 (0.34).)"""
-    from worker.verify import drawing_cosine, draw_placements
+    from worker.verify import describe_drawings, drawing_cosine, draw_placements
 
     rows = np.nonzero(index.records["scale"] == 1)[0]
     places = [Placement(t.raster, t.col_off + 112, t.row_off + 112, 224.0) for t in map(index.tile, rows[20:41])]
     drawings = draw_placements(places, 224)
     half = drawings[:1].copy()
     half[:, :, 112:] = 255
-    described = edge_cells.describe(torch.from_numpy(edge_cells.compared_drawings(drawings)), edge_cells.FINE)
-    sketch = edge_cells.describe(torch.from_numpy(edge_cells.compared_drawings(half)), edge_cells.FINE)[0]
+    described, sketch = describe_drawings(drawings), describe_drawings(half)[0]
     inked = drawing_cosine(described, sketch, inked_only=True)
     whole = drawing_cosine(described, sketch, inked_only=False)
     assert inked[0] >= 0.85 and whole[0] <= 0.78, (float(inked[0]), float(whole[0]))
@@ -247,7 +246,7 @@ def test_a_few_strokes_sketch_meets_its_place_in_the_big_lines_of_the_drawing(in
 
     from lab.pseudo_sketch import load_hand_strokes
     from worker.line_drawing import TILE_EDGE_SIGMA, draw_edges, edge_maps, tile_line_drawings
-    from worker.verify import describe_sketch, drawing_cosine
+    from worker.verify import describe_drawings, describe_sketch, drawing_cosine
 
     rows = np.nonzero(index.records["scale"] == 1)[0]
     places = [Placement(t.raster, t.col_off + 112, t.row_off + 112, 224.0) for t in map(index.tile, rows[10:80])]
@@ -262,7 +261,7 @@ def test_a_few_strokes_sketch_meets_its_place_in_the_big_lines_of_the_drawing(in
     fine_only = np.stack([np.asarray(draw_edges(e, 224)) for e in edge_maps(images, TILE_EDGE_SIGMA, masks)])
 
     def own_and_margin(drawings: np.ndarray) -> tuple[float, float]:
-        described = edge_cells.describe(torch.from_numpy(edge_cells.compared_drawings(drawings)), edge_cells.FINE)
+        described = describe_drawings(drawings)
         cosines = torch.stack([drawing_cosine(described, sketch, inked_only=True) for sketch in sketches])
         own = cosines.diagonal()
         best_other = (cosines - 10 * torch.eye(len(cosines))).max(1).values

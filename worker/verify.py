@@ -21,7 +21,7 @@ from worker.candidates import Candidate, standardise
 from worker.edge_cells import FINE
 from worker.placement import Placement
 from worker.ranking import RankingConfig
-from worker.sketch import compared_lines
+from worker.sketch import sketch_pixels
 from worker.store import TileIndex
 
 
@@ -79,18 +79,22 @@ def draw_placements(placements: list[Placement], size: int) -> np.ndarray:
     return tile_line_drawings(images, valid)[..., 0]
 
 
+def describe_drawings(drawings: np.ndarray) -> torch.Tensor:
+    """Unit FINE HOG descriptors of line drawings (B, S, S) uint8, of the drawings as a search
+    compares them (smoothed, worker.edge_cells.compared_drawings): (B, dim)."""
+    return edge_cells.describe(torch.from_numpy(edge_cells.compared_drawings(drawings)), FINE)
+
+
 def describe_places(placements: list[Placement], size: int) -> torch.Tensor:
-    """Unit FINE HOG descriptors of places, each read and drawn as one picture and compared smoothed
-    (worker.edge_cells.compared_drawings): (n, dim)."""
+    """Unit FINE HOG descriptors of places, each read and drawn as one picture: (n, dim)."""
     if not placements:
         return torch.zeros(0, 1)
-    return edge_cells.describe(torch.from_numpy(edge_cells.compared_drawings(draw_placements(placements, size))), FINE)
+    return describe_drawings(draw_placements(placements, size))
 
 
 def describe_sketch(sketch: torch.Tensor) -> torch.Tensor:
-    """A prepared sketch's unit FINE HOG descriptor (dim,), of the drawing a search compares
-    (worker.sketch.compared_lines), made as a drawn place's is."""
-    return edge_cells.describe(torch.from_numpy(compared_lines(sketch))[None], FINE)[0]
+    """A prepared sketch's unit FINE HOG descriptor (dim,), made as a drawn place's is."""
+    return describe_drawings(sketch_pixels(sketch)[None])[0]
 
 
 def drawing_cosine(places: torch.Tensor, sketch_descriptor: torch.Tensor, inked_only: bool) -> torch.Tensor:
