@@ -124,6 +124,24 @@ def test_the_sketch_is_compared_smoothed_with_its_lines_where_they_lie(end):
     assert (compared[~near] == 255).all()
 
 
+def test_the_compared_smoothing_is_scipys_gaussian_filter_batched_in_torch():
+    """The smoothing of every compared drawing (worker.edge_cells.compared_drawings) runs in
+    torch, a batch at once on the drawings' device; it is scipy's Gaussian filter, with which
+    its sigma was chosen, to one grey level at a rounding tie, at the drawings' sizes and beyond."""
+    rng = np.random.default_rng(0)
+    for size in (224, 512, 100):
+        drawings = np.stack([np.asarray(_drawing([[tuple(rng.integers(0, size, 2)) for _ in range(3)]
+                                                   for _ in range(4)], size=size)) for _ in range(6)])
+        ours = edge_cells.compared_drawings(torch.from_numpy(drawings)).numpy().astype(int)
+        sigma = edge_cells.LINE_SMOOTHING_SIGMA * size / 224
+        reference = ndimage.gaussian_filter(drawings.astype(np.float32), (0, sigma, sigma))
+        reference[reference > 255 * (1 - edge_cells.SMOOTHING_CUT)] = 255
+        reference = np.clip(reference, 0, 255).round().astype(int)
+        assert np.abs(ours - reference).max() <= 1
+        assert (ours != reference).mean() < 1e-4
+        assert (ours != drawings).any()  # smoothed, not handed back as drawn
+
+
 def test_the_templates_and_the_verification_compare_the_smoothed_sketch():
     """Both of a search's comparisons read the smoothed drawing (chosen on held-out queries,
     docs/benchmarks/quality.md), not the sketch as drawn: the upright template at the drawing's

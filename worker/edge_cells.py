@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
+
+from worker import gaussian
 
 CELL = 8  # level pixels per stored cell
 ORIENTATIONS = 9  # unsigned, 20 degrees each
@@ -76,14 +77,15 @@ def ink(drawings: torch.Tensor) -> torch.Tensor:
     return 1.0 - x
 
 
-def compared_drawings(drawings: np.ndarray) -> np.ndarray:
+def compared_drawings(drawings: torch.Tensor) -> torch.Tensor:
     """(B, S, S) uint8 line drawings, dark on white -> the drawings a search compares: lines smoothed
-    by LINE_SMOOTHING_SIGMA and white where less than SMOOTHING_CUT of ink remains, (B, S, S) uint8."""
-    pixels = np.asarray(drawings, np.float32)
-    sigma = LINE_SMOOTHING_SIGMA * pixels.shape[-1] / 224
-    smooth = ndimage.gaussian_filter(pixels, (0,) * (pixels.ndim - 2) + (sigma, sigma))
+    by LINE_SMOOTHING_SIGMA and white where less than SMOOTHING_CUT of ink remains, (B, S, S) uint8
+    on the drawings' device (worker.gaussian: scipy's filter, a batch at once; on a GPU, not CPU
+    work in the process that feeds it)."""
+    pixels = drawings.float()
+    smooth = gaussian.filtered(pixels, LINE_SMOOTHING_SIGMA * pixels.shape[-1] / 224)
     smooth[smooth > 255 * (1 - SMOOTHING_CUT)] = 255
-    return np.clip(smooth, 0, 255).round().astype(np.uint8)
+    return smooth.clamp(0, 255).round().to(torch.uint8)
 
 
 def cell_histograms(drawings: torch.Tensor, phase: tuple[int, int] = (0, 0)) -> torch.Tensor:

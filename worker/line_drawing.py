@@ -24,14 +24,14 @@ real tiles). Chosen on held-out queries (docs/benchmarks/quality.md).
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
 from skimage.morphology import skeletonize
+
+from worker.gaussian import filtered
 
 TILE_EDGE_SIGMA = 3.0  # at 224 px: coarse structure (shorelines, roads, field edges), not texture
 # A person sketching a place draws its few big lines; at 3 px many of them break into texture, so
@@ -46,7 +46,6 @@ EDGE_QUANTILES = (0.6, 0.9)  # Canny's low/high thresholds as quantiles of the g
 # would draw. Chosen on the training scene (docs/benchmarks/contrast_floor.md).
 CONTRAST_SIGMA = 3.0
 CONTRAST_FLOOR = 0.01
-TRUNCATE = 4.0  # Gaussian kernels reach this many sigmas (scipy's default)
 
 
 def edge_maps(tiles: np.ndarray | torch.Tensor, sigma: float | tuple[float, ...],
@@ -136,51 +135,18 @@ def _neighbourhood(pixels: torch.Tensor, any_of: bool) -> torch.Tensor:
     return rows[:, :-2] & rows[:, 1:-1] & rows[:, 2:]
 
 
-@lru_cache(maxsize=32)
-def _filter_matrix(n: int, sigma: float, order: int, padding: str, device: str) -> torch.Tensor:
-    """(n, n) matrix M with x @ M = x correlated along its last axis with a sampled Gaussian
-    (order 0) or its derivative (order 1), as scipy.ndimage samples them; past the border: zeros
-    ("constant") or the line mirrored about its edge ("symmetric", scipy's "reflect"). A matrix
-    product, because torch's CPU convolution is slow for one channel and a long kernel (13 ms a
-    pass over 12 tiles, against 2 ms)."""
-    radius = int(TRUNCATE * sigma + 0.5)
-    x = np.arange(-radius, radius + 1)
-    phi = np.exp(-0.5 * (x / sigma) ** 2)
-    phi /= phi.sum()
-    kernel = phi if order == 0 else x / sigma ** 2 * phi  # correlation weights of d/dx
-    matrix = np.zeros((n, n))
-    out = np.arange(n)
-    for offset, weight in zip(x, kernel):
-        source = out + offset
-        if padding == "symmetric":  # mirrored as often as the kernel reaches past the line
-            source = np.mod(source, 2 * n)
-            source = np.where(source >= n, 2 * n - 1 - source, source)
-        inside = (source >= 0) & (source < n)
-        np.add.at(matrix, (source[inside], out[inside]), weight)
-    return torch.from_numpy(matrix.astype(np.float32)).to(device)
-
-
-def _filter(images: torch.Tensor, sigma: float, orders: tuple[int, int], padding: str) -> torch.Tensor:
-    """(B, H, W) images filtered along rows then columns by the Gaussian orders given (0 smooths,
-    1 differentiates)."""
-    h, w = images.shape[-2:]
-    down = _filter_matrix(h, sigma, orders[0], padding, str(images.device))
-    across = _filter_matrix(w, sigma, orders[1], padding, str(images.device))
-    return down.T @ images @ across
-
-
 def _contrast_above(grey: torch.Tensor, floor: float) -> torch.Tensor:
     """Where the grey level's Gaussian gradient magnitude reaches `floor` (B, S, S) bool."""
     sigma = CONTRAST_SIGMA * grey.shape[-2] / 224
-    down = _filter(grey, sigma, (1, 0), "symmetric")
-    across = _filter(grey, sigma, (0, 1), "symmetric")
+    down = filtered(grey, sigma, (1, 0), "symmetric")
+    across = filtered(grey, sigma, (0, 1), "symmetric")
     return torch.sqrt(down ** 2 + across ** 2) >= floor
 
 
 def _canny_candidates(grey: torch.Tensor, mask: torch.Tensor, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Canny's thinned edge pixels above the high threshold and above the low one (B, S, S) bool each."""
     eps = torch.finfo(torch.float32).eps
-    smoothed = _filter(grey * mask, sigma, (0, 0), "constant") / (_filter(mask, sigma, (0, 0), "constant") + eps)
+    smoothed = filtered(grey * mask, sigma, (0, 0), "constant") / (filtered(mask, sigma, (0, 0), "constant") + eps)
     inner = _neighbourhood(mask > 0, any_of=False)  # no edge where the data ends, nor on the border
     padded = F.pad(smoothed[:, None], (1, 1, 1, 1), mode="replicate")[:, 0]
     rows = padded[:, 2:, :] - padded[:, :-2, :]

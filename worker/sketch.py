@@ -147,7 +147,7 @@ def sketch_pixels(sketch: torch.Tensor) -> np.ndarray:
 def compared_lines(sketch: torch.Tensor) -> np.ndarray:
     """A prepared sketch (3, S, S) as a search compares it with places: its drawing (S, S) uint8,
     smoothed as every compared drawing is (worker.edge_cells.compared_drawings)."""
-    return compared_drawings(sketch_pixels(sketch)[None])[0]
+    return compared_drawings(torch.from_numpy(sketch_pixels(sketch))[None])[0].numpy()
 
 
 def load_sketch(source: str | Path | bytes | StrokeSketch, size: int, crop_to_ink: bool = False) -> torch.Tensor:

@@ -34,7 +34,7 @@ def cells_on_grid(drawings: np.ndarray, tiles: list[Tile], tile_size: int, devic
     g = size // edge_cells.CELL
     cells = np.zeros((len(tiles), g, g, edge_cells.ORIENTATIONS), np.uint8)
     origins = np.zeros((len(tiles), 4), np.int32)
-    batch = torch.from_numpy(edge_cells.compared_drawings(drawings)).to(device)
+    batch = edge_cells.compared_drawings(torch.from_numpy(drawings).to(device))
     by_phase: dict[tuple[int, int], list[int]] = {}
     for i, tile in enumerate(tiles):
         origin = cell_origin(tile, level_pixel(tile_size, tile.scale, size), size)

@@ -82,7 +82,7 @@ def draw_placements(placements: list[Placement], size: int) -> np.ndarray:
 def describe_drawings(drawings: np.ndarray) -> torch.Tensor:
     """Unit FINE HOG descriptors of line drawings (B, S, S) uint8, of the drawings as a search
     compares them (smoothed, worker.edge_cells.compared_drawings): (B, dim)."""
-    return edge_cells.describe(torch.from_numpy(edge_cells.compared_drawings(drawings)), FINE)
+    return edge_cells.describe(edge_cells.compared_drawings(torch.from_numpy(drawings)), FINE)
 
 
 def describe_places(placements: list[Placement], size: int) -> torch.Tensor:
