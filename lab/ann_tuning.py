@@ -7,7 +7,7 @@ reach), the share in the re-ranked
 best 200 (what the product scans), the share of the exact best 10 there, and the ms of FAISS
 with the re-rank (worker.ann.AnnShortlist.candidates), p50 over the sketches. The shortlist is
 built once; the grid is searched in this process.
-Run: scripts/lab ann_tuning [--tiles 1000000] [--grid 64x512,128x1024]
+Run: scripts/lab ann_tuning [--tiles 1000000] [--grid 64x512,128x1024] [--factory 'OPQ64_256,IVF{nlist}_HNSW32,PQ64']
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ def main() -> int:
     parser.add_argument("--tiles", type=int, default=1_000_000)
     parser.add_argument("--grid", default="32x512,64x512,128x512,64x1024,128x1024,256x1024,256x2048",
                         help="LISTSxASKED pairs, or LISTSxASKEDxFULL (full-code re-rank length; default ann.FULL_RERANK)")
+    parser.add_argument("--factory", default=None, help="a FAISS factory string ({nlist}: the product's list count) "
+                        "instead of the product's (worker.ann.DEFAULT_FACTORY)")
     args = parser.parse_args()
     grid = [tuple(int(x) for x in item.split("x")) for item in args.grid.split(",")]
     grid = [(*g, ann.FULL_RERANK) if len(g) == 2 else g for g in grid]
@@ -48,7 +50,7 @@ def main() -> int:
         ranking = RankingConfig()
         vectors = [ann_scale.sketch_vectors(q) for q in sketches(index, model, SKETCHES)]
         n = int(args.tiles * ann_scale.WINDOWS_PER_TILE)
-        built = ann_scale.build_synthetic(index, *ann_scale.real_windows(index), n, vectors)
+        built = ann_scale.build_synthetic(index, *ann_scale.real_windows(index), n, vectors, factory=args.factory)
         lines = [f"ANN shortlist at {args.tiles:,} tiles ({n:,} synthetic windows, `{built['factory']}`, built in "
                  f"{built['build_s']:.0f} s), {SKETCHES} sketches; product default: {ann.NPROBE} lists, "
                  f"{ranking.ann_neighbours} asked, the best {ann.FULL_RERANK} re-ranked by full codes", "",
