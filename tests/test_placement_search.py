@@ -331,3 +331,15 @@ def test_a_place_found_from_several_neighbourhoods_keeps_its_best_finding():
     for rows in (rng.integers(0, 3, (2000, 5)), np.zeros((0, 5), np.int64), np.arange(12).reshape(4, 3)):
         expected = np.sort(np.unique(rows, axis=0, return_index=True)[1]) if len(rows) else np.zeros(0)
         assert first_of_each(rows).tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("radius", [1, 2, 4])
+def test_a_peak_is_compared_with_every_score_in_its_square(radius):
+    """A local peak must equal the best score in the square around it (rows pooled, then columns):
+    the same as one square max-pool, at the map's edges and corners too, and on ties."""
+    from worker.placement_scan import neighbourhood_max
+
+    scores = torch.randn(3, 1, 17, 23)
+    scores[0, 0, :5, :5] = 2.0  # a plateau in a corner
+    square = torch.nn.functional.max_pool2d(scores, 2 * radius + 1, stride=1, padding=radius)
+    assert torch.equal(neighbourhood_max(scores, radius), square)

