@@ -37,7 +37,7 @@ def main() -> int:
     parser.add_argument("--grid", default="32x512,64x512,128x512,64x1024,128x1024,256x1024,256x2048",
                         help="LISTSxASKED pairs, or LISTSxASKEDxFULL (full-code re-rank length; default ann.FULL_RERANK)")
     parser.add_argument("--factory", default=None, help="a FAISS factory string ({nlist}: the product's list count) "
-                        "instead of the product's (worker.ann.DEFAULT_FACTORY)")
+                        "instead of the product's for that many windows (worker.ann.factory_for)")
     args = parser.parse_args()
     grid = [tuple(int(x) for x in item.split("x")) for item in args.grid.split(",")]
     grid = [(*g, ann.FULL_RERANK) if len(g) == 2 else g for g in grid]

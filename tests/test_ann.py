@@ -243,3 +243,19 @@ def test_the_command_line_builds_reports_and_asks_the_ann(index_with_ann, assets
     out = tmp_path / "hits.geojson"
     cli("search", folder, "--sketch", sketch, "--ann", "on", "--top", "5", "--out", out, "--sketch-modules", "none")
     assert len(json.loads(out.read_text())["features"]) == 5
+
+
+def test_a_continental_shortlist_gets_the_finer_codes_and_faiss_accepts_every_factory():
+    """Indexes of LARGE_VECTORS windows or more get 128-byte PQ codes, smaller compressed ones 64
+    bytes, small ones none; and FAISS makes each factory string (a typo in one would otherwise
+    show only after an hour's training at continental scale)."""
+    import faiss
+
+    dim = COARSE.dim * COARSE.blocks_per_side(ann.WINDOW) ** 2
+    made = {}
+    for n in (ann.SMALL_VECTORS - 1, ann.SMALL_VECTORS, ann.LARGE_VECTORS - 1, ann.LARGE_VECTORS, 22_500_000):
+        whole = faiss.index_factory(dim, ann.factory_for(n), faiss.METRIC_INNER_PRODUCT)
+        made[n] = faiss.extract_index_ivf(whole).code_size  # `whole` kept: the lists belong to it
+    assert made[ann.SMALL_VECTORS - 1] == dim * 4  # uncompressed float32
+    assert made[ann.SMALL_VECTORS] == made[ann.LARGE_VECTORS - 1] == 64
+    assert made[ann.LARGE_VECTORS] == made[22_500_000] == 128

@@ -52,6 +52,15 @@ AUTO_MIN_TILES = 200_000  # from here on a search asks the ANN shortlist first (
 DEFAULT_FACTORY = "OPQ64_256,IVF{nlist}_HNSW32,PQ64"
 SMALL_FACTORY = "IVF{nlist},Flat"  # under SMALL_VECTORS windows compression is not worth its loss
 SMALL_VECTORS = 50_000
+# 128 bytes a window from LARGE_VECTORS windows (about 2.2M tiles) on. Among 22.5M windows (10M
+# tiles) PQ64's order lost the sketch's best windows before any re-rank could see them: FAISS's
+# candidates held 0.872 of the exact best 200, PQ128's 0.965; re-ranked, 0.868 -> 0.941, and
+# 0.955 -> 0.995 of the exact best 10 (lab.ann_tuning, docs/benchmarks/ann_tuning.md). At 2.25M
+# windows (1M tiles) it gained little (0.971 -> 0.975) for about 70 ms more a query, so smaller
+# indexes keep PQ64; the threshold lies between the two measured sizes. A shortlist keeps the
+# codes it was built with when rasters are added; `build-ann` rebuilds it with these.
+LARGE_FACTORY = "OPQ128_256,IVF{nlist}_HNSW32,PQ128"
+LARGE_VECTORS = 5_000_000
 # Windows the rotation, the lists and the quantiser are trained on: FAISS's k-means asks for at
 # least POINTS_PER_LIST a list (train_size), never fewer than TRAIN_MIN nor more than TRAIN_MAX
 # (3.9 GB of vectors while training; it caps the lists at TRAIN_MAX // POINTS_PER_LIST). At 10M
@@ -172,7 +181,10 @@ def train_size(n: int) -> int:
 
 
 def factory_for(n: int, factory: str | None = None) -> str:
-    return (factory or (SMALL_FACTORY if n < SMALL_VECTORS else DEFAULT_FACTORY)).format(nlist=nlist_for(n))
+    """The FAISS factory string for n windows (`factory` instead, when given), lists filled in."""
+    if factory is None:
+        factory = SMALL_FACTORY if n < SMALL_VECTORS else DEFAULT_FACTORY if n < LARGE_VECTORS else LARGE_FACTORY
+    return factory.format(nlist=nlist_for(n))
 
 
 def _windows_of(index: TileIndex, rasters: set[int] | None = None):
