@@ -53,14 +53,8 @@ def hit_polygon(hit):
 
 
 def build_index(out: Path, model) -> TileIndex:
-    """The benchmark's index, with its token rows and an ANN shortlist (worker.ann): too few tiles
-    for a search to ask it by default, so only the `ANN` methods, which force it on, do."""
-    from worker import ann
-
     rasters = scene_rasters()
     IndexWriter(out, model, BENCH_TILES, tokens=True).build([Path(r.path) for r in rasters.values()])  # the token rows
-    built = ann.build(TileIndex.open(out))
-    print(f"ANN shortlist: {built.vectors} windows ({built.factory})", file=sys.stderr)
     return TileIndex.open(out)
 
 
@@ -150,11 +144,6 @@ METHODS = {
     "tokens 0.5": product_method(RankingConfig(token_weight=0.5)),
     "one template": product_method(RankingConfig(sizes=(224,), angles=(0.0,))),
     "paper (tokens)": product_method(RankingConfig(ranker="tokens")),
-    # The continental path: the coarse scan only around the windows the ANN shortlist names (its
-    # codes are uncompressed at this size, so this measures the query vectors and the local scans,
-    # not the compression, which lab.ann_scale measures at 1M and 10M tiles)
-    "ANN": product_method(RankingConfig(ann="on")),
-    "ANN 128 windows": product_method(RankingConfig(ann="on", ann_windows=128)),
 }
 
 

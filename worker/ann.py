@@ -49,14 +49,14 @@ AUTO_MIN_TILES = 200_000  # from here on a search asks the ANN shortlist first (
 # graph finds the inverted lists fast. Not PCA: FAISS's PCA subtracts the mean, which changes a
 # ranking by inner product (measured on 100k windows: 10-recall@200 0.46 with PCA256, 0.98 with
 # OPQ64_256, 0.995 uncompressed).
-DEFAULT_FACTORY = "OPQ64_256,IVF{nlist}_HNSW32,PQ64"
+DEFAULT_FACTORY = "OPQ64_256,IVF{nlist}_HNSW32,PQ64"  # from SMALL_VECTORS up to LARGE_VECTORS windows
 SMALL_FACTORY = "IVF{nlist},Flat"  # under SMALL_VECTORS windows compression is not worth its loss
 SMALL_VECTORS = 50_000
 # 128 bytes a window from LARGE_VECTORS windows (about 2.2M tiles) on. Among 22.5M windows (10M
 # tiles) PQ64's order lost the sketch's best windows before any re-rank could see them: FAISS's
 # candidates held 0.872 of the exact best 200, PQ128's 0.965; re-ranked, 0.868 -> 0.941, and
 # 0.955 -> 0.995 of the exact best 10 (lab.ann_tuning, docs/benchmarks/ann_tuning.md). At 2.25M
-# windows (1M tiles) it gained little (0.971 -> 0.975) for about 70 ms more a query, so smaller
+# windows (1M tiles) it gained little (0.962-0.971 -> 0.975) for about 70 ms more a query, so smaller
 # indexes keep PQ64; the threshold lies between the two measured sizes. A shortlist keeps the
 # codes it was built with when rasters are added; `build-ann` rebuilds it with these.
 LARGE_FACTORY = "OPQ128_256,IVF{nlist}_HNSW32,PQ128"
