@@ -251,7 +251,7 @@ def test_a_continental_shortlist_gets_the_finer_codes_and_faiss_accepts_every_fa
     show only after an hour's training at continental scale)."""
     import faiss
 
-    dim = COARSE.dim * COARSE.blocks_per_side(ann.WINDOW) ** 2
+    dim = ann.WINDOW_DIM
     made = {}
     for n in (ann.SMALL_VECTORS - 1, ann.SMALL_VECTORS, ann.LARGE_VECTORS - 1, ann.LARGE_VECTORS, 22_500_000):
         whole = faiss.index_factory(dim, ann.factory_for(n), faiss.METRIC_INNER_PRODUCT)

@@ -42,6 +42,7 @@ from worker.store import TileIndex, write_json_atomic
 
 ANN_DIR = "ann"
 WINDOW = WINDOW_CELLS * CELL  # level px: one tile
+WINDOW_DIM = COARSE.dim * COARSE.blocks_per_side(WINDOW) ** 2  # a window vector's length
 STRIDE_CELLS = WINDOW_CELLS // 2  # windows every half tile (112 level px)
 SHIFT_HOG_CELLS = 2  # queries also shifted by 64 level px: any window lies within 32 px of a query's grid window
 AUTO_MIN_TILES = 200_000  # from here on a search asks the ANN shortlist first (when one is built)
@@ -130,7 +131,7 @@ def window_vectors(cells: np.ndarray, device: torch.device | str = "cpu", batch_
                 vectors.append(window.permute(1, 2, 0).reshape(-1))
                 origins.append((r, c))
     if not vectors:
-        return np.zeros((0, COARSE.dim * COARSE.blocks_per_side(WINDOW) ** 2), np.float32), np.zeros((0, 2), np.int32)
+        return np.zeros((0, WINDOW_DIM), np.float32), np.zeros((0, 2), np.int32)
     stacked = torch.stack(vectors)
     norms = stacked.norm(dim=1)
     keep = norms > 0

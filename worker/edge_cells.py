@@ -152,9 +152,14 @@ def block_map(cells: torch.Tensor, spec: BlockSpec, step: int = 1) -> torch.Tens
 
 
 def _norms(blocks: torch.Tensor) -> torch.Tensor:
-    """Each block's L2 norm, softened by EPS: (B, 1, R, C). vector_norm makes no squared copy of
-    the blocks ((blocks ** 2).sum made two a block map, a quarter of its time)."""
-    return torch.linalg.vector_norm(blocks, dim=1, keepdim=True).square_().add_(EPS ** 2).sqrt_()
+    """Each block's L2 norm, softened by EPS: (B, 1, R, C)."""
+    return _squared_norms(blocks).add_(EPS ** 2).sqrt_()
+
+
+def _squared_norms(blocks: torch.Tensor) -> torch.Tensor:
+    """Each block's squared L2 norm (B, 1, R, C), without a squared copy of the blocks
+    ((blocks ** 2).sum made two a block map, a quarter of its time)."""
+    return torch.linalg.vector_norm(blocks, dim=1, keepdim=True).square_()
 
 
 def window_descriptor(blocks: torch.Tensor, spec: BlockSpec, row: int = 0, col: int = 0, side: int = 224,
@@ -181,7 +186,7 @@ def cosine_map(blocks: torch.Tensor, templates: torch.Tensor, spec: BlockSpec, s
     weight = templates.permute(0, 3, 1, 2).contiguous()  # T, dim, n, n
     dilation = spec.span // step
     dots = F.conv2d(blocks, weight, dilation=dilation)
-    sq = torch.linalg.vector_norm(blocks, dim=1, keepdim=True).square_()  # no squared copy of the blocks
+    sq = _squared_norms(blocks)
     if inked_only:
         where = (weight.norm(dim=1, keepdim=True) > 0).float()  # T, 1, n, n
     else:
