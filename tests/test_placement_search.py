@@ -107,6 +107,41 @@ def test_a_placement_reads_what_the_user_sees_in_a_turned_frame(index):
     assert np.abs(turned.astype(int) - np.rot90(expected, -1).astype(int)).mean() < 1.0  # a frame turned left
 
 
+@pytest.mark.parametrize("window, out", [((-50, 100, 250, 400), (97, 97)),  # past the left edge, averaged
+                                         ((1800, 1850, 2100, 2150), (150, 150)),  # past the bottom-right corner
+                                         ((300, -7, 524, 217), (224, 224)),  # past the top, read as is
+                                         ((-500, 300, -100, 700), (64, 64))])  # wholly outside
+def test_a_place_reaching_past_the_raster_reads_as_gdals_boundless_read(index, window, out):
+    """Places at a raster's edge are read only where they lie inside (GDAL's boundless read is
+    slow): the same values as the boundless read wherever an output pixel lies wholly inside,
+    masked beyond; only the pixels the edge cuts are masked too."""
+    import rasterio
+    from rasterio.enums import Resampling
+    from rasterio.windows import Window
+
+    from worker.tiling import read_reaching_past
+
+    raster = index.rasters[0]
+    bands = list(raster.bands)
+    col0, row0, col1, row1 = window
+    resampling = Resampling.average if col1 - col0 > out[1] else Resampling.bilinear
+    with rasterio.open(raster.path) as src:
+        assert (src.width, src.height) == (1933, 1947)
+        got = read_reaching_past(src, bands, col0, row0, col1, row1, out, resampling)
+        expected = src.read(bands, window=Window(col0, row0, col1 - col0, row1 - row0), out_shape=(len(bands), *out),
+                            resampling=resampling, masked=True, boundless=True)
+    assert got.shape == expected.shape
+    got_valid, expected_valid = ~np.ma.getmaskarray(got).any(0), ~np.ma.getmaskarray(expected).any(0)
+    assert not (got_valid & ~expected_valid).any()  # nothing past the edge is read as data
+    cut = expected_valid & ~got_valid  # valid in the boundless read, masked here
+    rest = cut.copy()
+    rest[:, cut.sum(0).argmax()] = False
+    rest[cut.sum(1).argmax(), :] = False
+    assert not rest.any()  # only the column and the row the edge cuts
+    assert np.array_equal(got.data[:, got_valid], expected.data[:, got_valid])
+    assert got_valid.any() == (window != (-500, 300, -100, 700))
+
+
 def _sketch_of(frame: Placement, style: str = "simple"):
     image, valid = frame.read(224)
     return prepare_sketch(pseudo_sketch(image, style, valid=valid), 224)

@@ -16,9 +16,8 @@ import rasterio
 import shapely
 from PIL import Image
 from rasterio.enums import Resampling
-from rasterio.windows import Window
 
-from worker.tiling import RasterInfo, fill_from_nearest_valid, footprint_rings, stretch_to_uint8
+from worker.tiling import RasterInfo, fill_from_nearest_valid, footprint_rings, read_reaching_past, stretch_to_uint8
 
 
 @dataclass(frozen=True)
@@ -82,10 +81,8 @@ class Placement:
         # read the bounding box at about the frame's output resolution
         factor = max(1.0, self.side / size)
         out_w, out_h = max(1, int(round((c1 - c0) / factor))), max(1, int(round((r1 - r0) / factor)))
-        inside = c0 >= 0 and r0 >= 0 and c1 <= src.width and r1 <= src.height  # boundless reads are slower
-        data = src.read(list(self.raster.bands), window=Window(c0, r0, c1 - c0, r1 - r0), out_shape=(3, out_h, out_w),
-                        resampling=Resampling.average if factor > 1 else Resampling.bilinear, masked=True,
-                        boundless=not inside)
+        data = read_reaching_past(src, list(self.raster.bands), c0, r0, c1, r1, (out_h, out_w),
+                                  Resampling.average if factor > 1 else Resampling.bilinear)
         valid = ~np.ma.getmaskarray(data).any(axis=0) & np.isfinite(data.filled(0)).all(axis=0)
         rgb = fill_from_nearest_valid(stretch_to_uint8(data, self.raster.stretch).transpose(1, 2, 0), valid)
         sx, sy = (c1 - c0) / out_w, (r1 - r0) / out_h

@@ -8,6 +8,7 @@ which uses overviews where the file has them.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -337,6 +338,32 @@ class TileReader:
         valid &= np.isfinite(data.filled(0)).all(axis=0)
         image = stretch_to_uint8(data, self.raster.stretch).transpose(1, 2, 0)
         return fill_from_nearest_valid(image, valid), valid
+
+
+def read_reaching_past(src: rasterio.DatasetReader, bands: list[int], col0: int, row0: int, col1: int, row1: int,
+                       out_shape: tuple[int, int], resampling: Resampling) -> np.ma.MaskedArray:
+    """The window [col0, col1) x [row0, row1) of an open raster at `out_shape` (rows, cols), masked
+    wherever it reaches past the raster: (bands, rows, cols). Only the output pixels wholly inside
+    are read, through a window of fractional offsets (the same values as those pixels of the
+    whole window read at once); a pixel the edge cuts is masked too. GDAL's boundless read builds
+    a VRT at every call: 5.8-22 ms against 0.1-3 ms for the same window inside (measured on the
+    demo raster), and most of a small raster's searched places reach past an edge. Tiles keep
+    GDAL's boundless read (TileReader), so that indexes stay as they were built."""
+    out_h, out_w = out_shape
+    sx, sy = (col1 - col0) / out_w, (row1 - row0) / out_h
+    j0, j1 = max(0, math.ceil(-col0 / sx - 1e-9)), min(out_w, math.floor((src.width - col0) / sx + 1e-9))
+    i0, i1 = max(0, math.ceil(-row0 / sy - 1e-9)), min(out_h, math.floor((src.height - row0) / sy + 1e-9))
+    if j1 <= j0 or i1 <= i0:
+        return np.ma.masked_all((len(bands), out_h, out_w), src.dtypes[bands[0] - 1])
+    left, right = (col0 if j0 == 0 else col0 + j0 * sx), (col1 if j1 == out_w else col0 + j1 * sx)
+    top, bottom = (row0 if i0 == 0 else row0 + i0 * sy), (row1 if i1 == out_h else row0 + i1 * sy)
+    inside = src.read(bands, window=Window(left, top, right - left, bottom - top), out_shape=(len(bands), i1 - i0, j1 - j0),
+                      resampling=resampling, masked=True)
+    if (i0, j0, i1, j1) == (0, 0, out_h, out_w):
+        return inside
+    out = np.ma.masked_all((len(bands), out_h, out_w), inside.dtype)
+    out[:, i0:i1, j0:j1] = inside
+    return out
 
 
 def fill_from_nearest_valid(image: np.ndarray, valid: np.ndarray) -> np.ndarray:
