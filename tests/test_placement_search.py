@@ -113,8 +113,9 @@ def test_a_placement_reads_what_the_user_sees_in_a_turned_frame(index):
                                          ((-500, 300, -100, 700), (64, 64))])  # wholly outside
 def test_a_place_reaching_past_the_raster_reads_as_gdals_boundless_read(index, window, out):
     """Places at a raster's edge are read only where they lie inside (GDAL's boundless read is
-    slow): the same values as the boundless read wherever an output pixel lies wholly inside,
-    masked beyond; only the pixels the edge cuts are masked too."""
+    slow): the values of the boundless read wherever an output pixel lies wholly inside (to
+    GDAL's rounding when averaging: 1 apart at most), masked beyond; only the pixels the edge
+    cuts are masked too."""
     import rasterio
     from rasterio.enums import Resampling
     from rasterio.windows import Window
@@ -138,7 +139,7 @@ def test_a_place_reaching_past_the_raster_reads_as_gdals_boundless_read(index, w
     rest[:, cut.sum(0).argmax()] = False
     rest[cut.sum(1).argmax(), :] = False
     assert not rest.any()  # only the column and the row the edge cuts
-    assert np.array_equal(got.data[:, got_valid], expected.data[:, got_valid])
+    assert np.abs(got.data[:, got_valid].astype(np.int64) - expected.data[:, got_valid]).max(initial=0) <= 1
     assert got_valid.any() == (window != (-500, 300, -100, 700))
 
 
@@ -405,3 +406,5 @@ def test_templates_of_several_sides_score_in_one_pass_as_each_window_compared_al
             expected = (window * t[a]).sum() / (window[inked].norm() * t[a].norm() + 1e-6)
             assert float(scores[side][b, a, r, c]) == pytest.approx(float(expected), abs=1e-5)
         assert float(scores[side][1, :, 0, 0].abs().max()) == 0  # blank windows score 0 (the corner)
+    with pytest.raises(ValueError, match="do not fit"):  # a set too large is refused, not scored from the padding
+        edge_cells.cosine_maps(blocks[:, :, :5], templates, COARSE, step, inked_only)

@@ -194,8 +194,13 @@ def cosine_maps(blocks: torch.Tensor, templates: dict[int, torch.Tensor], spec: 
     scores (the same numbers to float rounding: the padding only ever meets zeros). The four
     template sizes of a search: 46 -> 36 ms over 256 windows' neighbourhoods, 20 -> 9 ms over a
     map of 400x400 stored cells; torch's CPU convolution pays more per call than per multiply."""
-    side = max(t.shape[1] for t in templates.values())
     dilation = spec.span // step
+    for t in templates.values():
+        if t.shape[1] != t.shape[2]:
+            raise ValueError(f"templates must be square, not {t.shape[1]}x{t.shape[2]} blocks")
+        if min(blocks.shape[2:]) < (t.shape[1] - 1) * dilation + 1:
+            raise ValueError(f"templates of {t.shape[1]} blocks a side do not fit in block maps of {tuple(blocks.shape[2:])}")
+    side = max(t.shape[1] for t in templates.values())
     weights, wheres = [], []
     for t in templates.values():
         weight = F.pad(t.permute(0, 3, 1, 2), (0, side - t.shape[2], 0, side - t.shape[1]))  # T, dim, side, side
