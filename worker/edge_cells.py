@@ -178,6 +178,12 @@ def describe(drawings: torch.Tensor, spec: BlockSpec) -> torch.Tensor:
     return F.normalize(blocks.flatten(1), dim=1)
 
 
+def fits(blocks: torch.Tensor, side: int, spec: BlockSpec, step: int = 1) -> bool:
+    """Whether a template of `side` blocks a side fits in block maps (B, dim, R', C') made with
+    `step` (a raster smaller than a template at some scale has no window of its size)."""
+    return min(blocks.shape[2:]) >= (side - 1) * (spec.span // step) + 1
+
+
 def cosine_map(blocks: torch.Tensor, templates: torch.Tensor, spec: BlockSpec, step: int = 1,
                inked_only: bool = False) -> torch.Tensor:
     """Cosine of T templates (T, n, n, dim) with the window at every position of B block maps
@@ -198,15 +204,16 @@ def cosine_maps(blocks: torch.Tensor, templates: dict[int, torch.Tensor], spec: 
     for t in templates.values():
         if t.shape[1] != t.shape[2]:
             raise ValueError(f"templates must be square, not {t.shape[1]}x{t.shape[2]} blocks")
-        if min(blocks.shape[2:]) < (t.shape[1] - 1) * dilation + 1:
+        if not fits(blocks, t.shape[1], spec, step):
             raise ValueError(f"templates of {t.shape[1]} blocks a side do not fit in block maps of {tuple(blocks.shape[2:])}")
     side = max(t.shape[1] for t in templates.values())
     weights, wheres = [], []
     for t in templates.values():
-        weight = F.pad(t.permute(0, 3, 1, 2), (0, side - t.shape[2], 0, side - t.shape[1]))  # T, dim, side, side
+        to_side = (0, side - t.shape[2], 0, side - t.shape[1])
+        weight = F.pad(t.permute(0, 3, 1, 2), to_side)  # T, dim, side, side
         weights.append(weight)
         wheres.append((weight.norm(dim=1, keepdim=True) > 0).float() if inked_only
-                      else F.pad(torch.ones_like(t[:, None, :, :, 0]), (0, side - t.shape[2], 0, side - t.shape[1])))
+                      else F.pad(torch.ones_like(t[:, None, :, :, 0]), to_side))
     weight = torch.cat(weights).contiguous(memory_format=torch.channels_last)
     grow = (side - min(t.shape[1] for t in templates.values())) * dilation
     padded = F.pad(blocks, (0, grow, 0, grow)) if grow else blocks

@@ -112,9 +112,8 @@ def coarse_peaks(scanner: Scanner, templates: query_templates.Templates, ranking
     for key in keys:
         raise_if_stopped("the coarse scan of the next level map")
         blocks = scanner.coarse_blocks(key)
-        gap = COARSE.span // COARSE_STEP
         fitting = {size: t for size, t in templates.coarse.items()  # the raster may be smaller than a template
-                   if min(blocks.shape[2:]) >= (COARSE.blocks_per_side(size) - 1) * gap + 1}
+                   if edge_cells.fits(blocks, COARSE.blocks_per_side(size), COARSE, COARSE_STEP)}
         if not fitting:
             continue
         for size, scores in edge_cells.cosine_maps(blocks, fitting, COARSE, COARSE_STEP, ranking.inked_only).items():
