@@ -346,18 +346,15 @@ def read_reaching_past(src: rasterio.DatasetReader, bands: list[int], col0: int,
     wherever it reaches past the raster: (bands, rows, cols). Only the output pixels wholly inside
     are read, through a window of fractional offsets (the values of those pixels in the whole
     window read at once, to GDAL's rounding: at most 1 apart when averaging); a pixel the edge
-    cuts is masked too. GDAL's boundless read builds
-    a VRT at every call: 5.8-22 ms against 0.1-3 ms for the same window inside (measured on the
-    demo raster), and most of a small raster's searched places reach past an edge. Tiles keep
-    GDAL's boundless read (TileReader), so that indexes stay as they were built."""
+    cuts is masked too. GDAL's boundless read builds a VRT at every call: 5.8-22 ms against
+    0.1-3 ms for the same window inside (measured on the demo raster), and most of a small
+    raster's searched places reach past an edge. Tiles keep GDAL's boundless read (TileReader),
+    so that indexes stay as they were built."""
     out_h, out_w = out_shape
-    sx, sy = (col1 - col0) / out_w, (row1 - row0) / out_h
-    j0, j1 = max(0, math.ceil(-col0 / sx - 1e-9)), min(out_w, math.floor((src.width - col0) / sx + 1e-9))
-    i0, i1 = max(0, math.ceil(-row0 / sy - 1e-9)), min(out_h, math.floor((src.height - row0) / sy + 1e-9))
+    (i0, i1), (top, bottom) = _inside(row0, row1, out_h, src.height)
+    (j0, j1), (left, right) = _inside(col0, col1, out_w, src.width)
     if j1 <= j0 or i1 <= i0:
         return np.ma.masked_all((len(bands), out_h, out_w), src.dtypes[bands[0] - 1])
-    left, right = (col0 if j0 == 0 else col0 + j0 * sx), (col1 if j1 == out_w else col0 + j1 * sx)
-    top, bottom = (row0 if i0 == 0 else row0 + i0 * sy), (row1 if i1 == out_h else row0 + i1 * sy)
     inside = src.read(bands, window=Window(left, top, right - left, bottom - top), out_shape=(len(bands), i1 - i0, j1 - j0),
                       resampling=resampling, masked=True)
     if (i0, j0, i1, j1) == (0, 0, out_h, out_w):
@@ -365,6 +362,15 @@ def read_reaching_past(src: rasterio.DatasetReader, bands: list[int], col0: int,
     out = np.ma.masked_all((len(bands), out_h, out_w), inside.dtype)
     out[:, i0:i1, j0:j1] = inside
     return out
+
+
+def _inside(start: int, end: int, out: int, extent: int) -> tuple[tuple[int, int], tuple[float, float]]:
+    """Along one axis, of a span [start, end) of raster pixels read as `out` pixels, the output
+    pixels [first, last) lying wholly within [0, extent), and the raster span they cover (the
+    span's own ends where nothing is cut)."""
+    step = (end - start) / out
+    first, last = max(0, math.ceil(-start / step - 1e-9)), min(out, math.floor((extent - start) / step + 1e-9))
+    return (first, last), (start if first == 0 else start + first * step, end if last == out else start + last * step)
 
 
 def fill_from_nearest_valid(image: np.ndarray, valid: np.ndarray) -> np.ndarray:
