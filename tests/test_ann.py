@@ -102,7 +102,7 @@ def test_crowded_neighbourhoods_scored_as_one_block_score_as_each_alone(index_wi
 
 def test_the_compressed_shortlist_re_ranks_its_candidates_close_to_the_exact_vectors(s2_index, model, tmp_path):
     """PQ codes rank windows only roughly, so the shortlist re-ranks FAISS's candidates by their
-    8-bit rotated vectors, then the best of those by their 8-bit full vectors. Scene-sized
+    8-bit rotated vectors, then the best of those by their 16-bit full vectors. Scene-sized
     indexes are too small for PQ to lose anything, so this is lab.ann_scale's set-up in small:
     5,000 windows mixed from the scene's real ones, a small OPQ + IVF-PQ factory. Of each
     sketch's exact best 200 windows, the re-ranked 200 hold at least 0.93, and far more than
@@ -132,6 +132,33 @@ def test_the_compressed_shortlist_re_ranks_its_candidates_close_to_the_exact_vec
             best[int(i)] = max(best.get(int(i), -np.inf), float(s))
         by_pq.append(len(exact & set(sorted(best, key=lambda i: -best[i])[:200])) / 200)
     assert np.mean(refined) >= 0.93 and np.mean(refined) >= np.mean(by_pq) + 0.2, (refined, by_pq)
+
+
+def test_the_full_re_rank_orders_windows_closer_than_an_8_bit_step(tmp_path):
+    """The best 200 of millions of windows are near ties, and the last re-rank decides which of
+    them the exact scan searches. 40 windows whose scores step by 1e-4 (about a quarter of an
+    8-bit step over the range of 2,000 HOG-like windows) come out of the full codes in their
+    exact order (8-bit codes over that range swapped neighbours here)."""
+    rng = np.random.default_rng(0)
+    dim = ann.WINDOW_DIM
+    sample = np.abs(rng.standard_normal((2000, dim))).astype(np.float32)
+    sample /= np.linalg.norm(sample, axis=1, keepdims=True)
+    query = sample[0] + 0.5 * np.abs(rng.standard_normal(dim)).astype(np.float32)
+    query /= np.linalg.norm(query)
+    away = sample[1] - (sample[1] @ query) * query  # a unit direction that keeps the windows' norms
+    away /= np.linalg.norm(away)
+    target = np.linspace(0.9, 0.9 - 39e-4, 40)  # scores 1e-4 apart
+    near = target[:, None] * query + np.sqrt(1 - target[:, None] ** 2) * away
+    near = near.astype(np.float32)
+    exact = near @ query
+    assert np.all(np.diff(exact) < -5e-5)  # the set-up: distinct scores, best first
+    assert np.median(sample.max(0) - sample.min(0)) / 255 > 3e-4  # an 8-bit step of this range: 3 times the spacing
+    writer = ann.CodeWriter.trained(tmp_path, "refine_full", lambda x: x, sample, len(near))
+    writer.add(near)
+    writer.commit(tmp_path)
+    scores = ann.Codes(tmp_path, "refine_full").best_scores(query[None], np.arange(len(near)))
+    assert list(np.argsort(-scores, kind="stable")) == list(range(len(near))), scores - exact
+    assert np.abs(scores - exact).max() < 2e-5
 
 
 def peak_resident_mb_during(work) -> float:

@@ -7,18 +7,20 @@ asks with its upright and turned templates, each also shifted by 64 px in x, y o
 some shift lies within 32 px of any window's place relative to the grid, plus the small
 template centred in a tile's frame. PQ codes rank the candidates only roughly, so FAISS is
 asked for many (ann_neighbours a query vector) and they are re-ranked in two stages, each from
-codes of 8 bits a dimension read from disk (CodeWriter, Codes): all of them by their vectors
-after the rotation (256 dimensions), then the best FULL_RERANK of those by their full vectors
-(1296 dimensions). PQ's own order of 256 a query vector held 0.78 of the exact best 200 windows
-(450k synthetic windows); the rotated codes alone hold 0.92 at 1M tiles, since the rotation to
-256 dimensions loses some of the ranking; with the full codes see FULL_RERANK. The windows found
+codes read from disk by row (CodeWriter, Codes): all of them by their vectors after the
+rotation (256 dimensions, 8 bits a dimension), then the best FULL_RERANK of those by their full
+vectors (1296 dimensions at 16 bits). PQ's own order of 256 a query vector held 0.78 of the
+exact best 200 windows (450k synthetic windows); the rotated codes alone hold 0.92 at 1M tiles,
+since the rotation to 256 dimensions loses some of the ranking; with the full codes see CODES.
+The windows found
 are the neighbourhoods the exact dense scan then searches (worker.placement_scan), so the
 ranking stays exact on the candidates.
 
 Files in INDEX_DIR/ann/: index.faiss, windows.npy (per vector: raster id, scale, stored-cell
-row and column of the window's top-left), refine.npy and refine_full.npy (per vector: its 8-bit
-rotated and full vector), refine_range.npy and refine_full_range.npy (each dimension's range of
-those codes), ann.json (what was built, from which rasters, each file's size; written last).
+row and column of the window's top-left), refine.npy (per vector: its rotated vector at 8 bits)
+with refine_range.npy (each dimension's range of those codes), refine_full.npy (per vector: the
+vector itself at 16 bits), ann.json (what was built, from which rasters, each file's size;
+written last).
 """
 
 from __future__ import annotations
@@ -80,17 +82,24 @@ POINTS_PER_LIST = 39
 NPROBE = 128
 QUANTISER_EF = 2 * NPROBE
 ADD_BATCH = 100_000
-# The re-rank codes: the rotated vectors for all of FAISS's candidates, then the full vectors for
-# the best FULL_RERANK of those (code_transforms). At 1M tiles (lab.ann_tuning, 20 sketches) the
-# re-ranked best 200 then hold 0.962 of the exact best 200 (0.923 by the rotated codes alone;
-# FAISS's candidates 0.979), the same with the best 512, 1024 or 2048 re-ranked, 0.960 with 256.
-CODES = ("refine", "refine_full")
+# The re-rank codes, each file's name and what a dimension is stored as: the rotated vectors for
+# all of FAISS's candidates, at 8 bits over each dimension's range, then the full vectors for the
+# best FULL_RERANK of those (code_transforms), at 16 bits. At 1M tiles (lab.ann_tuning, 20
+# sketches) the re-ranked best 200 held 0.962 of the exact best 200 with full codes of 8 bits
+# (0.923 by the rotated codes alone; FAISS's candidates 0.979), the same with the best 512, 1024
+# or 2048 re-ranked, 0.960 with 256. The best 200 of millions of windows are near ties, which 8
+# bits a dimension cannot order: ranking all of 450k synthetic windows by codes of their full
+# vectors kept 0.990 of the exact best 200 at 8 bits, 0.9995 at 16 (float16; 0.993 at 8 bits
+# over each vector's own range, 0.988 over square-root steps; docs/benchmarks/ann_tuning.md).
+# 16 bits cost 2592 bytes a window on disk (5.8 KB a tile), read for FULL_RERANK rows a query.
+CODES = {"refine": np.uint8, "refine_full": np.float16}
 ROWS_A_RELEASE = 256  # rows read before their pages are let go (Codes.rows)
 FAULT_AROUND = 64 * 1024  # the most the kernel maps around a faulted page (its default fault_around_bytes)
 FULL_RERANK = 512
-FORMAT = 3  # 2: the rotated re-rank codes; 3: and the full ones. Another format is rebuilt by `update`
+FORMAT = 4  # 2: the rotated re-rank codes; 3: and the full ones at 8 bits; 4: at 16. Another is rebuilt by `update`
 # the files a shortlist maps or reads: sizes recorded in ann.json, checked on opening
-MAPPED_FILES = ("index.faiss", "windows.npy", *(f"{name}{end}.npy" for name in CODES for end in ("", "_range")))
+MAPPED_FILES = ("index.faiss", "windows.npy", *(f"{name}.npy" for name in CODES),
+                *(f"{name}_range.npy" for name, dtype in CODES.items() if dtype == np.uint8))
 
 
 @dataclass(frozen=True)
@@ -266,45 +275,52 @@ def rotate(ann, vectors: np.ndarray) -> np.ndarray:
 
 
 def code_transforms(ann) -> dict[str, object]:
-    """What each re-rank code file quantises: the window vectors as the index's quantiser sees
+    """What each re-rank code file holds: the window vectors as the index's quantiser sees
     them (rotated, 256 dimensions), and the vectors themselves (1296 dimensions)."""
     return dict(zip(CODES, (lambda vectors: rotate(ann, vectors), lambda vectors: vectors)))
 
 
 class CodeWriter:
-    """Writes NAME.npy as windows are added: each window's vector (through `transform`) at 8 bits
-    a dimension, over the range its training sample spans (values beyond it clipped), into a file
-    of the final size under a temporary name; NAME_range.npy holds each dimension's low end and
-    step."""
+    """Writes NAME.npy as windows are added: each window's vector (through `transform`) in the
+    file's dtype (CODES), into a file of the final size under a temporary name. 8-bit codes span
+    the range their training sample spans (values beyond it clipped); NAME_range.npy holds each
+    dimension's low end and step. Float16 codes are the values themselves (no range file)."""
 
-    def __init__(self, folder: Path, name: str, transform, code_range: np.ndarray, total: int):
+    def __init__(self, folder: Path, name: str, transform, code_range: np.ndarray | None, total: int, dims: int):
         from numpy.lib.format import open_memmap
 
         self.name, self.transform, self.range = name, transform, code_range
         folder.mkdir(exist_ok=True)
         self.tmp = folder / f".{name}.{os.getpid()}.npy"
-        self.codes = open_memmap(self.tmp, mode="w+", dtype=np.uint8, shape=(total, code_range.shape[1]))
+        self.codes = open_memmap(self.tmp, mode="w+", dtype=CODES[name], shape=(total, dims))
         self.filled = 0
 
     @classmethod
     def trained(cls, folder: Path, name: str, transform, sample: np.ndarray, total: int) -> "CodeWriter":
-        """A writer of `total` codes over the range of the transformed training sample."""
+        """A writer of `total` codes; 8-bit ones over the range of the transformed training sample."""
         seen = transform(sample)
-        low, high = seen.min(0), seen.max(0)
-        return cls(folder, name, transform, np.stack([low, np.maximum(high - low, 1e-12) / 255]).astype(np.float32), total)
+        code_range = None
+        if CODES[name] == np.uint8:
+            low, high = seen.min(0), seen.max(0)
+            code_range = np.stack([low, np.maximum(high - low, 1e-12) / 255]).astype(np.float32)
+        return cls(folder, name, transform, code_range, total, seen.shape[1])
 
     @classmethod
     def extending(cls, folder: Path, name: str, transform, added: int) -> "CodeWriter":
         """A writer of the folder's NAME codes (copied in blocks, over their range) and `added` more."""
         old = np.load(folder / f"{name}.npy", mmap_mode="r")
-        writer = cls(folder, name, transform, np.load(folder / f"{name}_range.npy"), len(old) + added)
+        code_range = np.load(folder / f"{name}_range.npy") if CODES[name] == np.uint8 else None
+        writer = cls(folder, name, transform, code_range, len(old) + added, old.shape[1])
         for start in range(0, len(old), ADD_BATCH):
             writer.add_codes(np.asarray(old[start:start + ADD_BATCH]))
         return writer
 
     def add(self, vectors: np.ndarray) -> None:
-        self.add_codes(np.clip(np.rint((self.transform(vectors) - self.range[0]) / self.range[1]), 0, 255)
-                       .astype(np.uint8))
+        values = self.transform(vectors)
+        if self.range is None:
+            self.add_codes(values.astype(self.codes.dtype))
+        else:
+            self.add_codes(np.clip(np.rint((values - self.range[0]) / self.range[1]), 0, 255).astype(np.uint8))
 
     def add_codes(self, codes: np.ndarray) -> None:
         self.codes[self.filled:self.filled + len(codes)] = codes
@@ -316,8 +332,9 @@ class CodeWriter:
         self.codes.flush()
         del self.codes
         os.replace(self.tmp, folder / f"{self.name}.npy")
-        np.save(folder / f".{self.name}_range.npy", self.range)
-        os.replace(folder / f".{self.name}_range.npy", folder / f"{self.name}_range.npy")
+        if self.range is not None:
+            np.save(folder / f".{self.name}_range.npy", self.range)
+            os.replace(folder / f".{self.name}_range.npy", folder / f"{self.name}_range.npy")
 
 
 def code_writers(folder: Path, ann, sample: np.ndarray, total: int) -> list[CodeWriter]:
@@ -410,7 +427,7 @@ def update(index: TileIndex) -> AnnInfo | None:
 
 
 class Codes:
-    """One file of 8-bit re-rank codes (NAME.npy over NAME_range.npy), read by row. The file is
+    """One file of re-rank codes (NAME.npy, of CODES[NAME]'s dtype), read by row. The file is
     mapped for one read at a time, with random access advised (else the kernel's read-around
     reads 128 KB from disk for each row), and the pages of every ROWS_A_RELEASE rows are let go
     as soon as they are read: a search reads thousands of scattered rows of a file of gigabytes,
@@ -422,21 +439,25 @@ class Codes:
     def __init__(self, folder: Path, name: str):
         self.path = folder / f"{name}.npy"
         header = np.load(self.path, mmap_mode="r")  # the array's shape and where its rows start; no row is read
-        if header.dtype != np.uint8 or header.ndim != 2:
-            raise CorruptIndexError(f"{self.path}: {header.dtype} {header.shape}, expected 8-bit codes; "
-                                    "run `python -m worker build-ann` again")
-        self.offset, self.shape = header.offset, header.shape
+        if header.dtype != CODES[name] or header.ndim != 2:
+            raise CorruptIndexError(f"{self.path}: {header.dtype} {header.shape}, expected codes of "
+                                    f"{np.dtype(CODES[name])}; run `python -m worker build-ann` again")
+        self.offset, self.shape, self.dtype = header.offset, header.shape, header.dtype
         del header
-        self.low, self.step = np.load(folder / f"{name}_range.npy")  # each dimension's (CodeWriter)
+        if self.dtype == np.uint8:
+            self.low, self.step = np.load(folder / f"{name}_range.npy")  # each dimension's (CodeWriter)
+        else:  # the values themselves
+            self.low, self.step = np.zeros(self.shape[1], np.float32), np.ones(self.shape[1], np.float32)
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
-        """The codes of rows `ids`: (len(ids), dim) uint8."""
+        """The codes of rows `ids`: (len(ids), dim) of the file's dtype."""
         order = np.argsort(ids, kind="stable")
-        picked = np.empty((len(ids), self.shape[1]), np.uint8)
-        row_bytes, size = self.shape[1], self.offset + self.shape[0] * self.shape[1]
+        picked = np.empty((len(ids), self.shape[1]), self.dtype)
+        row_bytes = self.shape[1] * self.dtype.itemsize
+        size = self.offset + self.shape[0] * row_bytes
         with open(self.path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
             mapped.madvise(mmap.MADV_RANDOM)
-            table = np.frombuffer(mapped, np.uint8, self.shape[0] * self.shape[1], self.offset).reshape(self.shape)
+            table = np.frombuffer(mapped, self.dtype, self.shape[0] * self.shape[1], self.offset).reshape(self.shape)
             for start in range(0, len(ids), ROWS_A_RELEASE):
                 part = order[start:start + ROWS_A_RELEASE]
                 picked[part] = table[ids[part]]  # copies: the mapping closes with nothing pointing into it
