@@ -164,7 +164,7 @@ def ann_at_scale(index_dir: Path, raster_root: Path, queries: list[torch.Tensor]
     for tiles in tile_counts:
         n = int(tiles * ann_scale.WINDOWS_PER_TILE)
         key = str(tiles)
-        shutil.rmtree(ann.ann_dir(scale_dir), ignore_errors=True)  # the last size's files: 64 GB of disk at 10M tiles
+        shutil.rmtree(ann.ann_dir(scale_dir), ignore_errors=True)  # the last size's files: 68 GB of disk at 10M tiles
         built = ann_scale.build_synthetic(index, base, base_rows, n, vectors)
         found = ann_scale.recall(scale_dir, vectors, built["exact"], ranking.ann_neighbours)
         e2e = ann_scale.end_to_end(scale_dir, raster_root, queries)
