@@ -212,7 +212,8 @@ def test_an_ann_older_than_its_index_is_not_asked_until_updated(index_with_ann, 
 
 def test_an_ann_of_an_older_format_is_not_asked_until_rebuilt(index_with_ann, tmp_path):
     """A shortlist built before the re-rank codes existed has no refine.npy: the search scans
-    exactly instead of failing, `info` says it is not current, and `update` rebuilds it."""
+    exactly instead of failing, `info` says it is not current, and `update` rebuilds it,
+    leaving none of an older format's files (format 3 had a range file of 8-bit full codes)."""
     import json
 
     folder = tmp_path / "index"
@@ -221,11 +222,13 @@ def test_an_ann_of_an_older_format_is_not_asked_until_rebuilt(index_with_ann, tm
     old = {k: v for k, v in json.loads(meta.read_text()).items() if k != "format"}
     meta.write_text(json.dumps(old))
     (ann.ann_dir(folder) / "refine.npy").unlink()
+    (ann.ann_dir(folder) / "refine_full_range.npy").write_bytes(b"format 3")
     index = TileIndex.open(folder)
     assert ann_shortlist(index, RankingConfig(ann="on")) is None and not ann.describe(index)["current"]
     ann.update(index)
     index = TileIndex.open(folder)
     assert ann_shortlist(index, RankingConfig(ann="on")) is not None and ann.describe(index)["current"]
+    assert not (ann.ann_dir(folder) / "refine_full_range.npy").exists()
 
 
 @pytest.mark.parametrize("name", ann.MAPPED_FILES)

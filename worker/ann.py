@@ -357,6 +357,10 @@ def _write(index: TileIndex, ann, rows: list[np.ndarray], codes: list[CodeWriter
     os.replace(folder / ".windows.npy", folder / "windows.npy")
     for writer in codes:
         writer.commit(folder)
+    kept = {*MAPPED_FILES, "ann.json"}
+    for leftover in folder.iterdir():  # an older format's files (format 3's refine_full_range.npy)
+        if leftover.is_file() and not leftover.name.startswith(".") and leftover.name not in kept:
+            leftover.unlink()
     info = AnnInfo(int(ann.ntotal), sorted(index.rasters), factory, round(time.perf_counter() - began, 2),
                    sum(f.stat().st_size for f in folder.iterdir() if f.is_file()))
     sizes = {name: (folder / name).stat().st_size for name in MAPPED_FILES}
