@@ -186,11 +186,13 @@ def main() -> int:
     parser.add_argument("--cluster-workers", default="1,2", help="local Dask cluster sizes to index on ('' for none)")
     parser.add_argument("--draw-processes", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                         help="processes that read and draw tiles while this one encodes (worker.drawing_pool)")
-    parser.add_argument("--ann-tiles", default=None, help="tile counts of the ANN at scale (default 1000000,10000000)")
+    parser.add_argument("--ann-tiles", default=None,
+                        help="tile counts of the ANN at scale (default 1000000,10000000; '' for none)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     n_tiles, n_queries = (48, 5) if args.quick else (160, 20)
-    tile_counts = [int(t) for t in (args.ann_tiles or ("100000" if args.quick else "1000000,10000000")).split(",")]
+    asked = args.ann_tiles if args.ann_tiles is not None else "100000" if args.quick else "1000000,10000000"
+    tile_counts = [int(t) for t in asked.split(",") if t]
     model = load_model(device=args.device)
     raster = Path(load_asset_paths()["s2_rgb"])
     settings = TileSettings(scales=(2, 4)) if args.quick else TileSettings()  # quick: 44 tiles, not 180
