@@ -93,13 +93,15 @@ ADD_BATCH = 100_000
 # over each vector's own range, 0.988 over square-root steps; docs/benchmarks/ann_tuning.md).
 # 16 bits cost 2592 bytes a window on disk (5.8 KB a tile), read for FULL_RERANK rows a query.
 CODES = {"refine": np.uint8, "refine_full": np.float16}
+# the codes of 8 bits over each dimension's range (NAME_range.npy); the others are the values themselves
+RANGED = tuple(name for name, dtype in CODES.items() if dtype == np.uint8)
 ROWS_A_RELEASE = 256  # rows read before their pages are let go (Codes.rows)
 FAULT_AROUND = 64 * 1024  # the most the kernel maps around a faulted page (its default fault_around_bytes)
 FULL_RERANK = 512
 FORMAT = 4  # 2: the rotated re-rank codes; 3: and the full ones at 8 bits; 4: at 16. Another is rebuilt by `update`
 # the files a shortlist maps or reads: sizes recorded in ann.json, checked on opening
 MAPPED_FILES = ("index.faiss", "windows.npy", *(f"{name}.npy" for name in CODES),
-                *(f"{name}_range.npy" for name, dtype in CODES.items() if dtype == np.uint8))
+                *(f"{name}_range.npy" for name in RANGED))
 
 
 @dataclass(frozen=True)
@@ -300,7 +302,7 @@ class CodeWriter:
         """A writer of `total` codes; 8-bit ones over the range of the transformed training sample."""
         seen = transform(sample)
         code_range = None
-        if CODES[name] == np.uint8:
+        if name in RANGED:
             low, high = seen.min(0), seen.max(0)
             code_range = np.stack([low, np.maximum(high - low, 1e-12) / 255]).astype(np.float32)
         return cls(folder, name, transform, code_range, total, seen.shape[1])
@@ -309,7 +311,7 @@ class CodeWriter:
     def extending(cls, folder: Path, name: str, transform, added: int) -> "CodeWriter":
         """A writer of the folder's NAME codes (copied in blocks, over their range) and `added` more."""
         old = np.load(folder / f"{name}.npy", mmap_mode="r")
-        code_range = np.load(folder / f"{name}_range.npy") if CODES[name] == np.uint8 else None
+        code_range = np.load(folder / f"{name}_range.npy") if name in RANGED else None
         writer = cls(folder, name, transform, code_range, len(old) + added, old.shape[1])
         for start in range(0, len(old), ADD_BATCH):
             writer.add_codes(np.asarray(old[start:start + ADD_BATCH]))
@@ -448,7 +450,7 @@ class Codes:
                                     f"{np.dtype(CODES[name])}; run `python -m worker build-ann` again")
         self.offset, self.shape, self.dtype = header.offset, header.shape, header.dtype
         del header
-        if self.dtype == np.uint8:
+        if name in RANGED:
             self.low, self.step = np.load(folder / f"{name}_range.npy")  # each dimension's (CodeWriter)
         else:  # the values themselves
             self.low, self.step = np.zeros(self.shape[1], np.float32), np.ones(self.shape[1], np.float32)
