@@ -478,7 +478,7 @@ class Codes:
         codes; the decoding is folded into the queries. Multiplied in torch, not numpy: numpy's
         OpenBLAS keeps its own threads spinning for a while after a product, and on this 2-core
         CPU they took a core from the torch scans that follow (the local scans after the
-        shortlist took 95-121 ms instead of 49-59; lab.search_profile, speed.md)."""
+        shortlist took 95-121 ms instead of 49-59; docs/benchmarks/speed.md)."""
         codes = torch.from_numpy(self.rows(ids)).float()
         q = torch.from_numpy(np.ascontiguousarray(queries, np.float32))
         step, low = torch.from_numpy(self.step), torch.from_numpy(self.low)
