@@ -166,6 +166,10 @@ def test_batched_drawing_draws_what_scikit_images_canny_draws(assets):
         for grey, valid in zip(greys, masks)])
     assert reference.sum() > 0.02 * reference.size  # real lines to compare
     assert (drawn != reference).sum() <= 1e-3 * reference.sum()
+    whole = masks.all(axis=(1, 2))
+    assert 0 < whole.sum() < len(whole)  # tiles with nodata and tiles without
+    alone = edge_maps(images[whole], TILE_EDGE_SIGMA, masks[whole])  # a batch without nodata: one normaliser
+    assert (alone != reference[whole]).sum() <= 1e-3 * reference[whole].sum()
 
 
 def test_footprints_of_many_placements_are_each_ones_own(assets):
