@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -133,6 +134,9 @@ class ClusterChunks:
         self.client = client
         self.options = options
         self.encoder = encoder  # the driver's tile-encoder fingerprint: workers must match it
+        # task keys unique to this run: raster ids restart at 0 in every index, and a scheduler
+        # shared by two drivers would hand one the other's chunk under an equal key
+        self.run_id = uuid.uuid4().hex
 
     def run(self, jobs: list[ChunkJob], settings: TileSettings, batch_size: int, should_stop: Callable[[], bool],
             batch_done: Callable[[int, str], None]) -> Iterator[tuple[ChunkJob, ChunkResult | None]]:
@@ -141,7 +145,7 @@ class ClusterChunks:
         if not jobs:
             return
         futures = {self.client.submit(compute_on_worker, self.options, self.encoder, job, settings, batch_size,
-                                      pure=False, retries=TASK_RETRIES, key=f"chunk-{job.raster_id}-{job.chunk}-{id(self)}"): job
+                                      pure=False, retries=TASK_RETRIES, key=f"chunk-{job.raster_id}-{job.chunk}-{self.run_id}"): job
                    for job in jobs}
         log.info("%d chunks sent to %d cluster workers", len(futures), len(self.client.scheduler_info()["workers"]))
         try:
