@@ -99,17 +99,18 @@ def build_synthetic(index: TileIndex, base: np.ndarray, base_rows: np.ndarray, n
     faiss_index = faiss.index_factory(base.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
     sample = next(synthetic_windows(base, ann.train_size(n), ann.train_size(n)))[0]
     faiss_index.train(sample)
-    codes = ann.code_writers(ann.ann_dir(index.dir), faiss_index, sample, n)
-    rows, exact_s = [], 0.0
-    for x, sources in synthetic_windows(base, n, batch):
-        faiss_index.add(x)
-        for writer in codes:
-            writer.add(x)
-        rows.append(base_rows[sources])
-        t1 = time.perf_counter()
-        exact.add(x)
-        exact_s += time.perf_counter() - t1
-    info = ann._write(index, faiss_index, rows, codes, factory, t0)
+    with ann.staging(index.dir) as folder:
+        codes = ann.code_writers(folder, faiss_index, sample, n)
+        rows, exact_s = [], 0.0
+        for x, sources in synthetic_windows(base, n, batch):
+            faiss_index.add(x)
+            for writer in codes:
+                writer.add(x)
+            rows.append(base_rows[sources])
+            t1 = time.perf_counter()
+            exact.add(x)
+            exact_s += time.perf_counter() - t1
+        info = ann._write(index, faiss_index, rows, codes, factory, t0, folder)
     return {"factory": factory, "build_s": round(info.build_s - exact_s, 1), "bytes": info.bytes_on_disk,
             "exact": exact.best_first()}
 

@@ -155,7 +155,7 @@ def test_the_full_re_rank_orders_windows_closer_than_an_8_bit_step(tmp_path):
     assert np.median(sample.max(0) - sample.min(0)) / 255 > 3e-4  # an 8-bit step of this range: 3 times the spacing
     writer = ann.CodeWriter.trained(tmp_path, "refine_full", lambda x: x, sample, len(near))
     writer.add(near)
-    writer.commit(tmp_path)
+    writer.commit()
     scores = ann.Codes(tmp_path, "refine_full").best_scores(query[None], np.arange(len(near)))
     assert list(np.argsort(-scores, kind="stable")) == list(range(len(near))), scores - exact
     assert np.abs(scores - exact).max() < 2e-5
@@ -201,13 +201,73 @@ def test_an_ann_older_than_its_index_is_not_asked_until_updated(index_with_ann, 
     shutil.copytree(index_with_ann[0], folder)
     before = ann.AnnShortlist(folder).info["vectors"]
     IndexWriter(folder, model, TileSettings(scales=(1, 2))).build([assets["s2_rgb"], assets["osbs_rgb"]])
-    index = TileIndex.open(folder)
+    index = TileIndex.open(folder)  # as a worker holds it open
     assert ann_shortlist(index, RankingConfig(ann="on")) is None  # stale: the exact scan answers
-    info = ann.update(index)
+    info = ann.update(TileIndex.open(folder))  # as the indexing job updates it
     assert info.vectors > before and sorted(info.rasters) == [0, 1]
-    index = TileIndex.open(folder)
-    shortlist = ann_shortlist(index, RankingConfig(ann="on"))
+    shortlist = ann_shortlist(index, RankingConfig(ann="on"))  # the worker's open index asks the new one
     assert shortlist is not None and set(np.unique(shortlist.windows[:, 0])) == {0, 1}
+
+
+def test_a_raster_indexed_again_with_as_many_tiles_makes_its_shortlist_stale(model, assets, tmp_path):
+    """A raster replaced on disk (here: the same scene upside down) keeps its id and its tile
+    count when it is indexed again; its old windows must not be asked all the same."""
+    import rasterio
+
+    raster = tmp_path / "s2.tif"
+    shutil.copy(assets["s2_rgb"], raster)
+    folder = tmp_path / "index"
+    IndexWriter(folder, model, TileSettings(scales=(1, 2))).build([raster])
+    ann.build(TileIndex.open(folder))
+    tiles = len(TileIndex.open(folder))
+    with rasterio.open(raster, "r+") as dst:
+        dst.write(dst.read()[:, ::-1])
+    IndexWriter(folder, model, TileSettings(scales=(1, 2))).build([raster])
+    index = TileIndex.open(folder)
+    assert len(index) == tiles and ann.covered(index) == {"0": tiles}
+    assert ann_shortlist(index, RankingConfig(ann="on")) is None and not ann.describe(index)["current"]
+    ann.update(index)
+    assert ann_shortlist(index, RankingConfig(ann="on")) is not None and ann.describe(index)["current"]
+
+
+def test_a_shortlist_in_use_keeps_reading_its_own_files_while_another_is_built(index_with_ann, model, tmp_path):
+    """A worker's open shortlist answers from the files it opened while `build-ann` swaps in
+    new ones (rows of the new files under the old ids would rank other windows)."""
+    folder = tmp_path / "index"
+    shutil.copytree(index_with_ann[0], folder)
+    index = TileIndex.open(folder)
+    ranking = RankingConfig(ann="on")
+    shortlist = ann_shortlist(index, ranking)
+    queries = ann.query_vectors(query_templates.build(next(frames(index, 1))[1], ranking.sizes, ranking.angles).coarse)
+    before = shortlist.search(queries, ranking.ann_neighbours)
+    rebuilt = ann.build(TileIndex.open(folder), seed=1)  # trained on other windows: other codes
+    assert rebuilt.vectors == shortlist.info["vectors"]
+    after = shortlist.search(queries, ranking.ann_neighbours)
+    assert (after[0] == before[0]).all() and (after[1] == before[1]).all()
+    assert ann_shortlist(index, ranking) is not shortlist  # the next search opens the new one
+
+
+def test_what_a_killed_build_leaves_is_cleared_and_the_old_shortlist_kept(index_with_ann, model, tmp_path):
+    """Killed while writing, a build leaves its half-written folder beside the old shortlist;
+    killed between the swap's two renames, the old shortlist under another name and none in
+    place (searches scan exactly meanwhile). The next update clears the one and puts the other
+    back, unchanged."""
+    folder = tmp_path / "index"
+    shutil.copytree(index_with_ann[0], folder)
+    built = (ann.ann_dir(folder) / "ann.json").read_text()
+    half = folder / ".ann.new.999999"
+    half.mkdir()
+    (half / "refine_full.npy").write_bytes(b"\x93NUMPY half")
+    ann.ann_dir(folder).rename(folder / ".ann.old.999999")
+    index = TileIndex.open(folder)
+    sketch = next(frames(index, 1))[1]
+    assert ann_shortlist(index, RankingConfig(ann="on")) is None
+    assert search(index, model, sketch, RankingConfig(ann="on"), top=5).hits
+    info = ann.update(index)
+    assert info is not None and info.build_s == 0  # put back, not rebuilt
+    assert (ann.ann_dir(folder) / "ann.json").read_text() == built
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".ann")) == []
+    assert ann_shortlist(index, RankingConfig(ann="on")).covers(index)
 
 
 def test_an_ann_of_an_older_format_is_not_asked_until_rebuilt(index_with_ann, tmp_path):
@@ -289,3 +349,31 @@ def test_a_continental_shortlist_gets_the_finer_codes_and_faiss_accepts_every_fa
     assert made[ann.SMALL_VECTORS - 1] == dim * 4  # uncompressed float32
     assert made[ann.SMALL_VECTORS] == made[ann.LARGE_VECTORS - 1] == 64
     assert made[ann.LARGE_VECTORS] == made[22_500_000] == 128
+
+
+@pytest.mark.parametrize("ann_mode", ["off", "on"])
+def test_a_search_limited_to_an_area_ranks_the_places_inside_it(index_with_ann, model, ann_mode):
+    """A map view over part of a raster gets the best places inside it, however many better
+    ones lie outside: the scans keep only the peaks that meet the area, and the ANN shortlist
+    only the windows near it, before they cut their lists short. The lists are cut short here
+    (20 peaks, 16 windows) as, at scale, a map view holds few of a mosaic's best peaks."""
+    from rasterio.crs import CRS
+
+    from worker.geo import bbox_to_wgs84, reproject_rings
+    from worker.store import WGS84
+
+    index = TileIndex.open(index_with_ann[0])
+    frame, sketch = next(frames(index, 1))
+    raster = index.rasters[0]
+    side = 480  # raster px: about 6% of the scene, away from the sketched place
+    cx = min(max((frame.cx + raster.width / 2) % raster.width, side / 2), raster.width - side / 2)
+    cy = min(max((frame.cy + raster.height / 2) % raster.height, side / 2), raster.height - side / 2)
+    (x0, x1), (y0, y1) = (raster.affine * (np.array([cx - side / 2, cx + side / 2]), np.array([cy - side / 2, cy + side / 2])))
+    area = bbox_to_wgs84((min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)), CRS.from_wkt(raster.crs_wkt))
+    ranking = RankingConfig(ann=ann_mode, shortlist=20, tile_window_pool=20, ann_windows=16)
+    hits = search(index, model, sketch, ranking, top=3, area_wgs84=area).hits
+    assert len(hits) == 3
+    for footprint in reproject_rings([h.placement for h in hits], WGS84):
+        assert footprint.intersects(area)
+    unlimited = search(index, model, sketch, ranking, top=3).hits
+    assert not all(f.intersects(area) for f in reproject_rings([h.placement for h in unlimited], WGS84))

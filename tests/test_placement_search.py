@@ -211,6 +211,7 @@ def test_a_sketch_of_the_tile_at_the_rasters_far_edge_meets_that_tiles_own_drawi
     best tile window did not overlap the frame at all)."""
     from worker import query_templates
     from worker.placement_scan import coarse_peaks, scanner_of
+    from worker.search_area import SearchArea
     from worker.tile_windows import TILE_CELLS, tile_window_candidates
     from worker.verify import describe_sketch
 
@@ -222,7 +223,7 @@ def test_a_sketch_of_the_tile_at_the_rasters_far_edge_meets_that_tiles_own_drawi
     sketch = _sketch_of(frame)
     ranking = RankingConfig()
     templates = query_templates.build(sketch, ranking.sizes, ranking.angles, model.device)
-    candidates = coarse_peaks(scanner_of(index, model.device), templates, ranking, list(index.maps), ranking.shortlist)
+    candidates = coarse_peaks(scanner_of(index, model.device), templates, ranking, SearchArea.of(index), ranking.shortlist)
     windows = tile_window_candidates(index, templates, candidates, describe_sketch(sketch), ranking.tile_windows,
                                      ranking.inked_only)
     best = windows[0].placement(index.maps[windows[0].map_key])
@@ -237,12 +238,13 @@ def test_the_tiles_under_the_peaks_do_not_depend_on_how_their_pairs_are_split(in
     800 peaks; 176 under 525 with two template sizes)."""
     from worker import query_templates
     from worker.placement_scan import coarse_peaks, scanner_of
+    from worker.search_area import SearchArea
     from worker.tile_windows import tiles_under
 
     frame = Placement(index.rasters[0], 700.0, 900.0, 250.0, angle=5.0)
     ranking = RankingConfig()
     templates = query_templates.build(_sketch_of(frame), ranking.sizes, ranking.angles, model.device)
-    peaks = coarse_peaks(scanner_of(index, model.device), templates, ranking, list(index.maps), 800)
+    peaks = coarse_peaks(scanner_of(index, model.device), templates, ranking, SearchArea.of(index), 800)
     whole = tiles_under(index, peaks)
     assert len(peaks) > 400 and len(whole) > 100, (len(peaks), len(whole))
     assert tiles_under(index, peaks, pairs_at_once=300) == whole

@@ -20,7 +20,9 @@ Files in INDEX_DIR/ann/: index.faiss, windows.npy (per vector: raster id, scale,
 row and column of the window's top-left), refine.npy (per vector: its rotated vector at 8 bits)
 with refine_range.npy (each dimension's range of those codes), refine_full.npy (per vector: the
 vector itself at 16 bits), ann.json (what was built, from which rasters, each file's size;
-written last).
+written last). A shortlist is written whole into a folder of its own and swapped in for the old
+one (_swap_in): a crash at any point leaves the old shortlist or, for the moment between two
+renames, none (the next build or update puts the old one back), never a mix of two.
 """
 
 from __future__ import annotations
@@ -28,7 +30,11 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import shutil
 import time
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +47,7 @@ from worker.edge_cells import CELL, COARSE
 from worker.errors import CorruptIndexError, InputError
 from worker.placement_scan import COARSE_STEP, WINDOW_CELLS
 from worker.store import TileIndex, write_json_atomic
+from worker.store.format import disk_write, index_lock
 
 ANN_DIR = "ann"
 WINDOW = WINDOW_CELLS * CELL  # level px: one tile
@@ -211,7 +218,13 @@ def _windows_of(index: TileIndex, rasters: set[int] | None = None):
 def build(index: TileIndex, factory: str | None = None, seed: int = 0) -> AnnInfo:
     """Build (or rebuild) the ANN shortlist of every level map of a committed index. Two passes
     over the maps (count and sample, then add), so no more than a map's windows and the training
-    sample are ever in memory; the files are written under temporary names and renamed."""
+    sample are ever in memory. Holds the index's lock: not beside an indexing run or another build."""
+    with index_lock(index.dir):
+        _sweep(index.dir)
+        return _build(index, factory, seed)
+
+
+def _build(index: TileIndex, factory: str | None = None, seed: int = 0) -> AnnInfo:
     import faiss
 
     began = time.perf_counter()
@@ -221,16 +234,17 @@ def build(index: TileIndex, factory: str | None = None, seed: int = 0) -> AnnInf
     factory = factory_for(n, factory)
     ann = faiss.index_factory(sample.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
     ann.train(sample)
-    codes = code_writers(ann_dir(index.dir), ann, sample, n)
-    del sample
-    rows = []
-    for raster_id, scale, vectors, origins in _windows_of(index):
-        for start in range(0, len(vectors), ADD_BATCH):
-            ann.add(vectors[start:start + ADD_BATCH])
-            for writer in codes:
-                writer.add(vectors[start:start + ADD_BATCH])
-        rows.append(_window_rows(raster_id, scale, origins))
-    return _write(index, ann, rows, codes, factory, began)
+    with staging(index.dir) as folder:
+        codes = code_writers(folder, ann, sample, n)
+        del sample
+        rows = []
+        for raster_id, scale, vectors, origins in _windows_of(index):
+            for start in range(0, len(vectors), ADD_BATCH):
+                ann.add(vectors[start:start + ADD_BATCH])
+                for writer in codes:
+                    writer.add(vectors[start:start + ADD_BATCH])
+            rows.append(_window_rows(raster_id, scale, origins))
+        return _write(index, ann, rows, codes, factory, began, folder)
 
 
 def _count_and_sample(index: TileIndex, rng: np.random.Generator) -> tuple[int, np.ndarray]:
@@ -284,17 +298,16 @@ def code_transforms(ann) -> dict[str, object]:
 
 class CodeWriter:
     """Writes NAME.npy as windows are added: each window's vector (through `transform`) in the
-    file's dtype (CODES), into a file of the final size under a temporary name. 8-bit codes span
+    file's dtype (CODES), into a file of the final size in a new shortlist's folder (staging). 8-bit codes span
     the range their training sample spans (values beyond it clipped); NAME_range.npy holds each
     dimension's low end and step. Float16 codes are the values themselves (no range file)."""
 
     def __init__(self, folder: Path, name: str, transform, code_range: np.ndarray | None, total: int, dims: int):
         from numpy.lib.format import open_memmap
 
-        self.name, self.transform, self.range = name, transform, code_range
-        folder.mkdir(exist_ok=True)
-        self.tmp = folder / f".{name}.{os.getpid()}.npy"
-        self.codes = open_memmap(self.tmp, mode="w+", dtype=CODES[name], shape=(total, dims))
+        self.name, self.transform, self.range, self.folder = name, transform, code_range, folder
+        with disk_write(folder / f"{name}.npy"):
+            self.codes = open_memmap(folder / f"{name}.npy", mode="w+", dtype=CODES[name], shape=(total, dims))
         self.filled = 0
 
     @classmethod
@@ -308,10 +321,11 @@ class CodeWriter:
         return cls(folder, name, transform, code_range, total, seen.shape[1])
 
     @classmethod
-    def extending(cls, folder: Path, name: str, transform, added: int) -> "CodeWriter":
-        """A writer of the folder's NAME codes (copied in blocks, over their range) and `added` more."""
-        old = np.load(folder / f"{name}.npy", mmap_mode="r")
-        code_range = np.load(folder / f"{name}_range.npy") if name in RANGED else None
+    def extending(cls, built: Path, folder: Path, name: str, transform, added: int) -> "CodeWriter":
+        """A writer into `folder` of the NAME codes in `built` (copied in blocks, over their
+        range) and `added` more."""
+        old = np.load(built / f"{name}.npy", mmap_mode="r")
+        code_range = np.load(built / f"{name}_range.npy") if name in RANGED else None
         writer = cls(folder, name, transform, code_range, len(old) + added, old.shape[1])
         for start in range(0, len(old), ADD_BATCH):
             writer.add_codes(np.asarray(old[start:start + ADD_BATCH]))
@@ -328,15 +342,14 @@ class CodeWriter:
         self.codes[self.filled:self.filled + len(codes)] = codes
         self.filled += len(codes)
 
-    def commit(self, folder: Path) -> None:
+    def commit(self) -> None:
         if self.filled != len(self.codes):
             raise RuntimeError(f"{self.filled} {self.name} codes written of {len(self.codes)}")
-        self.codes.flush()
-        del self.codes
-        os.replace(self.tmp, folder / f"{self.name}.npy")
-        if self.range is not None:
-            np.save(folder / f".{self.name}_range.npy", self.range)
-            os.replace(folder / f".{self.name}_range.npy", folder / f"{self.name}_range.npy")
+        with disk_write(self.folder / f"{self.name}.npy"):
+            self.codes.flush()
+            del self.codes
+            if self.range is not None:
+                np.save(self.folder / f"{self.name}_range.npy", self.range)
 
 
 def code_writers(folder: Path, ann, sample: np.ndarray, total: int) -> list[CodeWriter]:
@@ -345,30 +358,70 @@ def code_writers(folder: Path, ann, sample: np.ndarray, total: int) -> list[Code
 
 
 def _write(index: TileIndex, ann, rows: list[np.ndarray], codes: list[CodeWriter], factory: str,
-           began: float) -> AnnInfo:
-    """Write the FAISS index, its window table, the re-rank codes and ann.json (last: what makes
-    it exist), each under a temporary name renamed into place."""
+           began: float, folder: Path) -> AnnInfo:
+    """Write the FAISS index, its window table, the re-rank codes and ann.json (last) into the
+    new shortlist's `folder` (staging), each on disk before it is swapped in for the old one."""
     import faiss
 
-    folder = ann_dir(index.dir)
-    folder.mkdir(exist_ok=True)
-    tmp = folder / f".index.{os.getpid()}.faiss"
-    faiss.write_index(ann, str(tmp))
-    os.replace(tmp, folder / "index.faiss")
-    np.save(folder / ".windows.npy", np.concatenate(rows))
-    os.replace(folder / ".windows.npy", folder / "windows.npy")
-    for writer in codes:
-        writer.commit(folder)
-    kept = {*MAPPED_FILES, "ann.json"}
-    for leftover in folder.iterdir():  # an older format's files (format 3's refine_full_range.npy)
-        if leftover.is_file() and not leftover.name.startswith(".") and leftover.name not in kept:
-            leftover.unlink()
+    with disk_write(folder):
+        faiss.write_index(ann, str(folder / "index.faiss"))
+        np.save(folder / "windows.npy", np.concatenate(rows))
+        for writer in codes:
+            writer.commit()
+        for name in MAPPED_FILES:
+            with open(folder / name, "rb") as written:
+                os.fsync(written.fileno())
     info = AnnInfo(int(ann.ntotal), sorted(index.rasters), factory, round(time.perf_counter() - began, 2),
                    sum(f.stat().st_size for f in folder.iterdir() if f.is_file()))
     sizes = {name: (folder / name).stat().st_size for name in MAPPED_FILES}
     write_json_atomic(folder / "ann.json", {**info.to_json(), "format": FORMAT, "covers": covered(index),
-                                            "file_bytes": sizes})
+                                            "sources": sources(index), "file_bytes": sizes})
+    _swap_in(folder, index.dir)
     return info
+
+
+@contextmanager
+def staging(index_dir: Path) -> Iterator[Path]:
+    """An empty folder for a new shortlist (INDEX/.ann.new.PID), removed if writing it fails."""
+    folder = Path(index_dir) / f".{ANN_DIR}.new.{os.getpid()}"
+    shutil.rmtree(folder, ignore_errors=True)
+    with disk_write(folder):
+        folder.mkdir()
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # gone already once swapped in
+
+
+def _swap_in(folder: Path, index_dir: Path) -> None:
+    """The written shortlist in `folder` in place of the old one, by two renames. Between them
+    there is none (searches scan exactly); if the process dies there, _sweep puts the old one
+    back. A shortlist open in a worker keeps reading its own files (Codes keeps them open)."""
+    live, old = ann_dir(index_dir), Path(index_dir) / f".{ANN_DIR}.old.{os.getpid()}"
+    shutil.rmtree(old, ignore_errors=True)
+    if live.exists():
+        os.replace(live, old)
+    os.replace(folder, live)
+    descriptor = os.open(index_dir, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)  # the renames on disk
+    finally:
+        os.close(descriptor)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _sweep(index_dir: Path) -> None:
+    """What a killed build or update left (run holding the index's lock): its half-written
+    folder is removed, and when it died between _swap_in's two renames the old shortlist is put
+    back."""
+    index_dir = Path(index_dir)
+    for folder in index_dir.glob(f".{ANN_DIR}.new.*"):
+        shutil.rmtree(folder, ignore_errors=True)
+    olds = sorted(index_dir.glob(f".{ANN_DIR}.old.*"), key=lambda p: p.stat().st_mtime_ns)
+    if olds and not ann_dir(index_dir).exists():
+        os.replace(olds.pop(), ann_dir(index_dir))
+    for folder in olds:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def check_sizes(folder: Path, info: dict) -> None:
@@ -383,10 +436,23 @@ def check_sizes(folder: Path, info: dict) -> None:
 
 
 def covered(index: TileIndex) -> dict[str, int]:
-    """What an ANN shortlist built now covers: tiles per raster id (a raster added, removed or
-    indexed again changes it)."""
+    """What an ANN shortlist built now covers: tiles per raster id (a raster added or removed
+    changes it)."""
     ids, counts = np.unique(index.records["raster_id"], return_counts=True)
     return {str(int(i)): int(c) for i, c in zip(ids, counts)}
+
+
+def sources(index: TileIndex) -> dict[str, list[int]]:
+    """The file each raster id was indexed from, as its size and modification time: a raster
+    changed on disk and indexed again keeps its id, and often its tile count."""
+    return {str(r["id"]): [r.get("size"), r.get("mtime_ns")] for r in index.manifest["rasters"]}
+
+
+def current(built: dict, index: TileIndex) -> bool:
+    """Whether a shortlist's ann.json says it was built, in this format, from the index as it is
+    now (shortlists from before `sources` was recorded are judged by their tile counts)."""
+    return (built.get("format") == FORMAT and built.get("covers") == covered(index)
+            and built.get("sources", sources(index)) == sources(index))
 
 
 def describe(index: TileIndex) -> dict | None:
@@ -395,41 +461,75 @@ def describe(index: TileIndex) -> dict | None:
     if not AnnShortlist.exists(index.dir):
         return None
     built = json.loads((ann_dir(index.dir) / "ann.json").read_text())
-    current = built.get("format") == FORMAT and built.get("covers") == covered(index)
-    return {**{k: v for k, v in built.items() if k != "covers"}, "current": current,
-            "asked_by_default": current and len(index) >= AUTO_MIN_TILES}
+    up_to_date = current(built, index)
+    return {**{k: v for k, v in built.items() if k not in ("covers", "sources")}, "current": up_to_date,
+            "asked_by_default": up_to_date and len(index) >= AUTO_MIN_TILES}
 
 
 def update(index: TileIndex) -> AnnInfo | None:
     """Bring an index's ANN shortlist up to date after indexing: the windows of rasters added
     since it was built are added; when a raster was indexed again or removed, or the shortlist
-    is of another format, it is rebuilt. None when the index has no ANN shortlist (nothing to
-    keep up to date)."""
+    is of another format or does not hold what its ann.json says, it is rebuilt. None when the
+    index has no ANN shortlist (nothing to keep up to date). Holds the index's lock."""
+    with index_lock(index.dir):
+        _sweep(index.dir)
+        return _update(index)
+
+
+def _update(index: TileIndex) -> AnnInfo | None:
     import faiss
 
-    folder = ann_dir(index.dir)
+    built_dir = ann_dir(index.dir)
     if not AnnShortlist.exists(index.dir):
         return None
-    built = json.loads((folder / "ann.json").read_text())
-    now = covered(index)
-    old = built.get("covers", {})
-    if built.get("format") != FORMAT or any(now.get(r) != c for r, c in old.items()):
-        return build(index)
-    new = [int(r) for r in now if r not in old]
+    built = json.loads((built_dir / "ann.json").read_text())
+    now, then = covered(index), built.get("covers", {})
+    now_sources, then_sources = sources(index), built.get("sources")  # None: built before they were recorded
+    changed = any(now.get(r) != count or (then_sources is not None and now_sources.get(r) != then_sources.get(r))
+                  for r, count in then.items())
+    if built.get("format") != FORMAT or changed or not _whole(built_dir, built):
+        return _build(index)
+    new = [int(r) for r in now if r not in then]
     if not new:
-        return AnnInfo(built["vectors"], built["rasters"], built["factory"], built["build_s"], built["bytes_on_disk"])
+        return AnnInfo(built["vectors"], built["rasters"], built["factory"], 0.0, built["bytes_on_disk"])
     began = time.perf_counter()
-    ann = faiss.read_index(str(folder / "index.faiss"))
-    rows = [np.load(folder / "windows.npy")]
-    # the new windows are counted first: the codes file is written at its final size
+    ann = faiss.read_index(str(built_dir / "index.faiss"))
+    rows = [np.load(built_dir / "windows.npy")]
+    # the new windows are counted first (made twice: holding them all could take more memory than
+    # there is), so that the codes files are written at their final size
     added = sum(len(v) for _, _, v, _ in _windows_of(index, rasters=set(new)))
-    codes = [CodeWriter.extending(folder, name, f, added) for name, f in code_transforms(ann).items()]
-    for raster_id, scale, vectors, origins in _windows_of(index, rasters=set(new)):
-        ann.add(vectors)
-        for writer in codes:
-            writer.add(vectors)
-        rows.append(_window_rows(raster_id, scale, origins))
-    return _write(index, ann, rows, codes, built["factory"], began)
+    with staging(index.dir) as folder:
+        codes = [CodeWriter.extending(built_dir, folder, name, f, added) for name, f in code_transforms(ann).items()]
+        for raster_id, scale, vectors, origins in _windows_of(index, rasters=set(new)):
+            ann.add(vectors)
+            for writer in codes:
+                writer.add(vectors)
+            rows.append(_window_rows(raster_id, scale, origins))
+        return _write(index, ann, rows, codes, built["factory"], began, folder)
+
+
+def _whole(folder: Path, built: dict) -> bool:
+    """Whether a shortlist's files are those its ann.json describes (sizes as written)."""
+    try:
+        check_sizes(folder, built)
+    except CorruptIndexError:
+        return False
+    return True
+
+
+def _npy_header(file) -> tuple[tuple[int, ...], np.dtype, int]:
+    """Shape, dtype and data offset of the .npy file open as `file` (C order only)."""
+    from numpy.lib import format as npy
+
+    try:
+        version = npy.read_magic(file)
+        read = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+        shape, fortran_order, dtype = read(file)
+    except ValueError as exc:
+        raise CorruptIndexError(f"{file.name}: not a .npy file ({exc}); run `python -m worker build-ann` again") from None
+    if fortran_order:
+        raise CorruptIndexError(f"{file.name}: in Fortran order; run `python -m worker build-ann` again")
+    return shape, dtype, file.tell()
 
 
 class Codes:
@@ -440,16 +540,18 @@ class Codes:
     and the kernel maps up to 64 KB of cached pages around each row it faults in (fault-around),
     so one read of 15,000 rows of a warm 576 MB file counted all 576 MB to the worker's resident
     memory while it lasted (40 MB with releases every 1024 rows, 14 MB every 256, as fast;
-    measured). A mapping kept open counted every page ever touched (7.7 GB at 10M tiles)."""
+    measured). A mapping kept open counted every page ever touched (7.7 GB at 10M tiles). The
+    file is kept open, so that a shortlist rebuilt meanwhile (_swap_in) does not change what
+    this one reads."""
 
     def __init__(self, folder: Path, name: str):
         self.path = folder / f"{name}.npy"
-        header = np.load(self.path, mmap_mode="r")  # the array's shape and where its rows start; no row is read
-        if header.dtype != CODES[name] or header.ndim != 2:
-            raise CorruptIndexError(f"{self.path}: {header.dtype} {header.shape}, expected codes of "
+        self.file = open(self.path, "rb")
+        weakref.finalize(self, self.file.close)
+        self.shape, self.dtype, self.offset = _npy_header(self.file)  # where the rows start; none is read
+        if self.dtype != CODES[name] or len(self.shape) != 2:
+            raise CorruptIndexError(f"{self.path}: {self.dtype} {self.shape}, expected codes of "
                                     f"{np.dtype(CODES[name])}; run `python -m worker build-ann` again")
-        self.offset, self.shape, self.dtype = header.offset, header.shape, header.dtype
-        del header
         if name in RANGED:
             self.low, self.step = np.load(folder / f"{name}_range.npy")  # each dimension's (CodeWriter)
         else:  # the values themselves
@@ -461,7 +563,7 @@ class Codes:
         picked = np.empty((len(ids), self.shape[1]), self.dtype)
         row_bytes = self.shape[1] * self.dtype.itemsize
         size = self.offset + self.shape[0] * row_bytes
-        with open(self.path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        with mmap.mmap(self.file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
             mapped.madvise(mmap.MADV_RANDOM)
             table = np.frombuffer(mapped, self.dtype, self.shape[0] * self.shape[1], self.offset).reshape(self.shape)
             for start in range(0, len(ids), ROWS_A_RELEASE):
@@ -493,6 +595,7 @@ class AnnShortlist:
 
         self.full_rerank = full_rerank
         folder = ann_dir(index_dir)
+        self.stamp = AnnShortlist.stamp_of(index_dir)  # before anything is read: a swap meanwhile shows next time
         self.info = json.loads((folder / "ann.json").read_text())
         self.current_format = self.info.get("format") == FORMAT
         if not self.current_format:
@@ -507,21 +610,51 @@ class AnnShortlist:
         self.windows = np.load(folder / "windows.npy", mmap_mode="r")
         self.codes = {name: Codes(folder, name) for name in CODES}
 
+    @classmethod
+    def open(cls, index_dir: Path) -> "AnnShortlist | None":
+        """The shortlist on disk now; opened again if it was swapped for another while it was
+        being opened (which could pair one's ann.json with the other's files); None if there
+        is none, or none yet: between the two renames of a swap."""
+        for _ in range(3):
+            try:
+                shortlist = cls(index_dir)
+            except (FileNotFoundError, CorruptIndexError):
+                if cls.stamp_of(index_dir) is None:
+                    return None
+                shortlist = None
+            if shortlist is not None and cls.stamp_of(index_dir) == shortlist.stamp:
+                return shortlist
+        return cls(index_dir)  # still changing: what it says now (a damaged shortlist says so)
+
     @staticmethod
     def exists(index_dir: Path) -> bool:
         return (ann_dir(index_dir) / "ann.json").exists()
 
+    @staticmethod
+    def stamp_of(index_dir: Path) -> tuple | None:
+        """Which shortlist is on disk now (its ann.json's inode, size and time; None: none): a
+        worker holding an older one opens this one (worker.search.ann_shortlist)."""
+        try:
+            st = os.stat(ann_dir(index_dir) / "ann.json")
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
     def covers(self, index: TileIndex) -> bool:
         """Whether it was built, in this format, from the index as it is now (a stale one is not asked)."""
-        return self.current_format and self.info.get("covers") == covered(index)
+        return current(self.info, index)
 
-    def candidates(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def candidates(self, queries: np.ndarray, k: int, keep=None) -> tuple[np.ndarray, np.ndarray]:
         """Ids and scores of the best `full_rerank` distinct windows among FAISS's best `k` per
         query vector, best first: all of them re-ranked by their best inner product with any query
         from their rotated codes, then the best `full_rerank` of those from their full codes (the
-        rotation to 256 dimensions alone kept 0.94 of the exact best 200 at 1M tiles)."""
+        rotation to 256 dimensions alone kept 0.94 of the exact best 200 at 1M tiles). `keep`:
+        which windows a search may hand on (rows of windows.npy -> bool), asked before the
+        re-rank's cuts (worker.search_area)."""
         _, ids = self.index.search(queries, k)
         ids = np.unique(ids[ids >= 0])
+        if keep is not None and len(ids):
+            ids = ids[keep(np.asarray(self.windows[ids]))]
         if not len(ids):
             return ids, np.zeros(0, np.float32)
         rough = self.codes["refine"].best_scores(rotate(self.index, queries), ids)
@@ -530,8 +663,8 @@ class AnnShortlist:
         order = np.argsort(-scores, kind="stable")
         return best[order], scores[order]
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, keep=None) -> tuple[np.ndarray, np.ndarray]:
         """Window rows (raster id, scale, row, col) and re-ranked scores of the windows among the
         best `k` per query vector (AnnShortlist.candidates), best first."""
-        ids, scores = self.candidates(queries, k)
+        ids, scores = self.candidates(queries, k, keep)
         return np.asarray(self.windows[ids]) if len(ids) else np.zeros((0, 4), np.int32), scores

@@ -18,6 +18,7 @@ from worker.cancellation import raise_if_stopped
 from worker.candidates import Candidate
 from worker.edge_cells import CELL, COARSE, FINE
 from worker.ranking import RankingConfig
+from worker.search_area import SearchArea
 from worker.store import TileIndex
 from worker.store.maps import crowds, region, regions
 
@@ -101,15 +102,16 @@ def scanner_of(index: TileIndex, device: torch.device) -> Scanner:
 
 
 def coarse_peaks(scanner: Scanner, templates: query_templates.Templates, ranking: RankingConfig,
-                 keys: list[tuple[int, int]], limit: int) -> list[Candidate]:
-    """Local peaks of the coarse score on every level map, best `limit` overall.
+                 area: SearchArea, limit: int) -> list[Candidate]:
+    """Local peaks of the coarse score on every level map of `area`, best `limit` overall of
+    those that meet it.
 
     Templates of different sizes and turns are not equally easy to match by chance (a smaller
     template has fewer blocks, so its best cosine anywhere is higher), so each template's scores
     are calibrated as z-values against its own scores over every window of the index."""
     maps: list[tuple[tuple[int, int], int, torch.Tensor]] = []
     moments: dict[int, torch.Tensor] = {}
-    for key in keys:
+    for key in area.keys:
         raise_if_stopped("the coarse scan of the next level map")
         blocks = scanner.coarse_blocks(key)
         fitting = {size: t for size, t in templates.coarse.items()  # the raster may be smaller than a template
@@ -132,6 +134,10 @@ def coarse_peaks(scanner: Scanner, templates: query_templates.Templates, ranking
         radius = peak_radius(size)
         pooled = neighbourhood_max(best[None, None], radius)[0, 0]
         peak = (best >= pooled) & (scores.max(0).values > 0)
+        if key in area.boxes:
+            steps = np.arange(max(peak.shape)) * COARSE_STEP
+            inside = area.meets(key, steps[:peak.shape[0], None], steps[None, :peak.shape[1]], size // CELL)
+            peak &= torch.from_numpy(inside).to(peak.device)
         flat = torch.nonzero(peak)
         order = torch.argsort(best[peak], descending=True)[:limit]
         for r, c in flat[order].tolist():
@@ -147,12 +153,13 @@ WINDOW_CELLS = 28  # a tile's 224 level px in stored cells: the ANN's windows (w
 
 
 def ann_peaks(scanner: Scanner, templates: query_templates.Templates, ranking: RankingConfig,
-              windows: np.ndarray, limit: int) -> list[Candidate]:
+              windows: np.ndarray, limit: int, area: SearchArea | None = None) -> list[Candidate]:
     """The coarse scan where the ANN shortlist points (windows: raster id, scale, row, col of
     grid windows): each window and half a tile around it scanned exactly, scores calibrated
     against random neighbourhoods of the index, and the local peaks kept as the exact scan keeps
     them (coarse_peaks): the neighbourhoods of nearby windows overlap, so a peak found in several
-    is kept once, and a neighbourhood may hold more than one place worth refining."""
+    is kept once, and a neighbourhood may hold more than one place worth refining. Only peaks
+    that meet `area` are kept."""
     if not len(windows):
         return []
     side = WINDOW_CELLS + 2 * ANN_MARGIN
@@ -177,7 +184,12 @@ def ann_peaks(scanner: Scanner, templates: query_templates.Templates, ranking: R
         pooled = neighbourhood_max(best[:, None], radius)[:, 0]
         peak = (best >= pooled) & (scores.amax(1) > 0)
         at = torch.nonzero(peak).cpu().numpy()
-        peaks.append((size, at, angle[peak].cpu().numpy(), best[peak].cpu().numpy()))
+        found = angle[peak].cpu().numpy(), best[peak].cpu().numpy()
+        if area is not None and area.boxes:
+            corner = np.array([(row, col) for _, row, col in spots])[at[:, 0]] + at[:, 1:] * COARSE_STEP
+            inside = area.meets_each(windows[at[:, 0], :2], corner[:, 0], corner[:, 1], size // CELL)
+            at, found = at[inside], [f[inside] for f in found]
+        peaks.append((size, at, *found))
     return apart(peaks, spots, templates.angles, limit)
 
 

@@ -28,8 +28,9 @@ from worker.geo import reproject_rings
 from worker.placement import Placement
 from worker.ann import AUTO_MIN_TILES, AnnShortlist, query_vectors
 from worker.cancellation import raise_if_stopped
-from worker.placement_scan import ann_peaks, coarse_peaks, refine, scanner_of
+from worker.placement_scan import ANN_MARGIN, WINDOW_CELLS, ann_peaks, coarse_peaks, refine, scanner_of
 from worker.ranking import RankingConfig
+from worker.search_area import SearchArea
 from worker.store import WGS84, TileIndex
 from worker.tile_windows import tile_window_candidates
 from worker.token_ranking import tile_candidates, tile_placement, token_rerank
@@ -82,18 +83,35 @@ class SearchResult:
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
-def ann_shortlist(index: TileIndex, ranking: RankingConfig) -> AnnShortlist | None:
-    """The index's ANN shortlist when this search should ask it (kept on the open index)."""
-    if ranking.ann == "off" or not AnnShortlist.exists(index.dir):
+def ann_shortlist(index: TileIndex, ranking: RankingConfig, area: SearchArea | None = None) -> AnnShortlist | None:
+    """The index's ANN shortlist when this search should ask it (kept on the open index): "auto"
+    asks it when the maps searched hold AUTO_MIN_TILES tiles or more."""
+    searched = len(index) if area is None else sum(len(index.rows_of_map(*key)) for key in area.keys)
+    if ranking.ann == "off" or (ranking.ann == "auto" and searched < AUTO_MIN_TILES):
         return None
-    if ranking.ann == "auto" and len(index) < AUTO_MIN_TILES:
+    on_disk = AnnShortlist.stamp_of(index.dir)
+    if on_disk is None:
         return None
-    if getattr(index, "_ann", None) is None:
-        index._ann = AnnShortlist(index.dir)
+    if getattr(index, "_ann", None) is None or index._ann.stamp != on_disk:  # built or updated since
+        index._ann = AnnShortlist.open(index.dir)
+    if index._ann is None:  # swapped out while it was opened, none in place yet
+        return None
     if not index._ann.covers(index):
         log.warning("%s: its ANN shortlist is older than its tiles or this worker; scanning exactly (run `build-ann`)", index.dir)
         return None
     return index._ann
+
+
+ANN_SPAN = WINDOW_CELLS + 2 * ANN_MARGIN  # stored cells a window's local scan covers (placement_scan.ann_peaks)
+
+
+def ann_neighbours(index: TileIndex, ranking: RankingConfig, area: SearchArea) -> int:
+    """Windows asked of the ANN shortlist a query vector: more when the area holds a part of the
+    index (its windows are then a part of FAISS's answers), at most MAX_ANN_NEIGHBOURS."""
+    return int(min(MAX_ANN_NEIGHBOURS, ranking.ann_neighbours / max(area.share(index), 1e-9)))
+
+
+MAX_ANN_NEIGHBOURS = 8192
 
 
 def search(index: TileIndex, model, sketch_tensor: torch.Tensor, ranking: RankingConfig | None = None, top: int = 10,
@@ -107,9 +125,8 @@ def search(index: TileIndex, model, sketch_tensor: torch.Tensor, ranking: Rankin
     if ranking.uses_tokens:
         index.require_tokens("the tokens ranker" if ranking.ranker == "tokens" else "a token weight")
     t = {"start": time.perf_counter()}
-    keys = [k for k in index.maps if scales is None or k[1] in scales]
-    if area_wgs84 is not None:
-        keys = [k for k in keys if index.map_bounds_wgs84(k).intersects(area_wgs84)]
+    area = SearchArea.of(index, scales, area_wgs84)
+    keys = area.keys
     if ranking.ranker == "tokens":
         mask = np.isin(index.records["scale"], scales) if scales is not None else None
         candidates = tile_candidates(index, model, sketch_tensor, ranking, mask)
@@ -120,16 +137,17 @@ def search(index: TileIndex, model, sketch_tensor: torch.Tensor, ranking: Rankin
         sketch_descriptor = describe_sketch(sketch_tensor)
         scanner = scanner_of(index, model.device)
         t["encode"] = time.perf_counter()
-        shortlist = ann_shortlist(index, ranking)
+        shortlist = ann_shortlist(index, ranking, area)
         pool = max(ranking.shortlist, ranking.tile_window_pool)
         with torch.inference_mode():
             if shortlist is None:
-                peaks = coarse_peaks(scanner, templates, ranking, keys, pool)
+                peaks = coarse_peaks(scanner, templates, ranking, area, pool)
             else:
-                windows, _ = shortlist.search(query_vectors(templates.coarse), ranking.ann_neighbours)
-                searched = set(keys)
-                windows = [w for w in windows[:ranking.ann_windows] if (int(w[0]), int(w[1])) in searched]
-                peaks = ann_peaks(scanner, templates, ranking, np.asarray(windows).reshape(-1, 4), pool)
+                near_area = None if area.whole else lambda rows: area.meets_each(
+                    rows[:, :2], rows[:, 2] - ANN_MARGIN, rows[:, 3] - ANN_MARGIN, ANN_SPAN)
+                windows, _ = shortlist.search(query_vectors(templates.coarse), ann_neighbours(index, ranking, area),
+                                              keep=near_area)
+                peaks = ann_peaks(scanner, templates, ranking, windows[:ranking.ann_windows], pool, area)
             candidates = peaks[:ranking.shortlist]
             candidates += tile_window_candidates(index, templates, peaks[:ranking.tile_window_pool], sketch_descriptor,
                                                  ranking.tile_windows, ranking.inked_only)

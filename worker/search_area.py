@@ -1,0 +1,100 @@
+"""Where a search looks: the level maps it scans, and the part of each that an area covers.
+
+A search limited to an area (the plugin's "Current map view") must find the best places inside
+it, not the best places of whole maps of which a few happen to lie inside: a map view over one
+town of a mosaic of large rasters, or of one large raster, holds few of any map's best peaks.
+So the scans keep only the places that meet the area's box in each map (in stored cells), and
+the ANN shortlist hands on only windows whose neighbourhood meets it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from rasterio.crs import CRS
+from rasterio.warp import transform as warp_transform
+from shapely.geometry import Polygon
+
+from worker.edge_cells import CELL
+from worker.store import WGS84, TileIndex
+
+Box = tuple[int, int, int, int]  # rows r0:r1, cols c0:c1 of a level map's stored cells
+Key = tuple[int, int]  # raster id, scale
+_KEY_SPAN = 1 << 20  # raster id * _KEY_SPAN + scale: one integer a map
+
+
+@dataclass(frozen=True)
+class SearchArea:
+    """The level maps a search scans (`keys`), and for maps the area covers only in part, the box
+    of stored cells a place must meet (`boxes`; a map without one is searched whole)."""
+
+    keys: list[Key]
+    boxes: dict[Key, Box]
+    whole: bool  # every map of the index, each whole: nothing to check
+
+    @classmethod
+    def of(cls, index: TileIndex, scales: tuple[int, ...] | None = None, area_wgs84: Polygon | None = None) -> "SearchArea":
+        keys = [k for k in index.maps if scales is None or k[1] in scales]
+        if area_wgs84 is None:
+            return cls(keys, {}, len(keys) == len(index.maps))
+        keys = [k for k in keys if index.map_bounds_wgs84(k).intersects(area_wgs84)]
+        boxes = {}
+        for key in keys:
+            box = _cell_box(index, key, area_wgs84)
+            if box is not None:
+                boxes[key] = box
+        return cls(keys, boxes, not boxes and len(keys) == len(index.maps))
+
+    def meets(self, key: Key, rows: np.ndarray, cols: np.ndarray, side: int) -> np.ndarray:
+        """Whether squares of `side` stored cells with top-left cells (rows, cols) of map `key`
+        meet the area's box there (all True for a map searched whole)."""
+        box = self.boxes.get(key)
+        rows, cols = np.asarray(rows), np.asarray(cols)
+        if box is None:
+            return np.ones(np.broadcast_shapes(rows.shape, cols.shape), bool)
+        r0, c0, r1, c1 = box
+        return (rows < r1) & (rows + side > r0) & (cols < c1) & (cols + side > c0)
+
+    def meets_each(self, keys: np.ndarray, rows: np.ndarray, cols: np.ndarray, side: int) -> np.ndarray:
+        """`meets` for squares each in its own map: keys (n, 2) of raster id and scale."""
+        keys = np.asarray(keys).reshape(-1, 2)
+        out = np.isin(keys[:, 0] * _KEY_SPAN + keys[:, 1], [r * _KEY_SPAN + s for r, s in self.keys])
+        for key in self.boxes:
+            on = (keys[:, 0] == key[0]) & (keys[:, 1] == key[1])
+            out[on] = self.meets(key, np.asarray(rows)[on], np.asarray(cols)[on], side)
+        return out
+
+    def share(self, index: TileIndex) -> float:
+        """About what share of the index's tiles the area holds (by map, and by box within a map)."""
+        total = len(index)
+        if not total:
+            return 0.0
+        held = 0.0
+        for key in self.keys:
+            tiles = len(index.rows_of_map(*key))
+            box = self.boxes.get(key)
+            if box is not None:
+                rows, cols = index.maps[key].cells.shape[:2]
+                tiles *= (box[2] - box[0]) * (box[3] - box[1]) / (rows * cols)
+            held += tiles
+        return min(1.0, held / total)
+
+
+def _cell_box(index: TileIndex, key: Key, area_wgs84: Polygon) -> Box | None:
+    """The box of `key`'s stored cells around the area (None: the area covers the whole map, or
+    cannot be placed in the raster's CRS, and the map is searched whole)."""
+    level = index.maps[key]
+    raster = level.raster
+    ring = np.asarray(area_wgs84.exterior.coords)
+    xs, ys = warp_transform(WGS84, CRS.from_wkt(raster.crs_wkt), ring[:, 0], ring[:, 1])
+    cols, rows = ~raster.affine * (np.asarray(xs), np.asarray(ys))
+    if not (np.isfinite(cols).all() and np.isfinite(rows).all()):
+        return None
+    cell_px = CELL * level.level_px
+    height, width = level.cells.shape[:2]
+    r0, r1 = max(0, int(np.floor(rows.min() / cell_px))), min(height, int(np.ceil(rows.max() / cell_px)))
+    c0, c1 = max(0, int(np.floor(cols.min() / cell_px))), min(width, int(np.ceil(cols.max() / cell_px)))
+    if (r0, c0, r1, c1) == (0, 0, height, width):
+        return None
+    return r0, c0, max(r0, r1), max(c0, c1)
