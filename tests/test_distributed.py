@@ -117,3 +117,19 @@ def test_the_command_line_indexes_on_a_local_cluster(tmp_path, assets):
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["tile_count"] == len(TileIndex.open(tmp_path / "index")) > 0
+
+
+def test_a_cancel_is_seen_while_the_cluster_computes(tmp_path, assets, model, cluster):
+    """A job cancelled on a cluster stops within a moment, not when its computing chunks end
+    (one chunk of a large raster takes minutes), and commits none of them. Last in this module:
+    the cluster's worker computes the cancelled chunk to its end."""
+    import time
+
+    out = tmp_path / "index"
+    chunks = ClusterChunks(cluster, OPTIONS, model.fingerprint()["tile_encoder"])
+    cancelled_at = time.monotonic() + 1.0
+    manifest = IndexWriter(out, model, SETTINGS, 100_000, tokens=True).build(  # the scene's ~500 tiles in one chunk
+        [assets["s2_rgb"]], should_stop=lambda: time.monotonic() > cancelled_at, computer=chunks)
+    stopped_after = time.monotonic() - cancelled_at
+    assert manifest["tile_count"] == 0 and not manifest["rasters"][0]["complete"]
+    assert stopped_after < 5, f"the cancel was seen {stopped_after:.1f} s late"  # the chunk itself takes about a minute

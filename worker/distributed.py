@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -127,6 +128,9 @@ def compute_on_worker(options: "ModelOptions", encoder: dict, job: ChunkJob, set
     return result
 
 
+STOP_POLL_S = 0.2  # how often the driver asks whether the job was cancelled while chunks compute
+
+
 class ClusterChunks:
     """Chunks computed on a Dask cluster, handed back as they finish (worker.store.writer.ChunkComputer)."""
 
@@ -149,7 +153,14 @@ class ClusterChunks:
                    for job in jobs}
         log.info("%d chunks sent to %d cluster workers", len(futures), len(self.client.scheduler_info()["workers"]))
         try:
-            for future in as_completed(futures):
+            finished = as_completed(futures)
+            while not finished.is_empty():
+                while not finished.has_ready():  # a cancel is seen within STOP_POLL_S, not when a chunk ends
+                    if should_stop():
+                        yield jobs[0], None
+                        return
+                    time.sleep(STOP_POLL_S)
+                future = next(finished)
                 if should_stop():
                     yield futures[future], None
                     return
