@@ -17,6 +17,7 @@ from rasterio.warp import transform as warp_transform
 from shapely.geometry import Polygon
 
 from worker.edge_cells import CELL
+from worker.level_maps import LevelMap
 from worker.store import WGS84, TileIndex
 
 Box = tuple[int, int, int, int]  # rows r0:r1, cols c0:c1 of a level map's stored cells
@@ -39,9 +40,15 @@ class SearchArea:
         if area_wgs84 is None:
             return cls(keys, {}, len(keys) == len(index.maps))
         keys = [k for k in keys if index.map_bounds_wgs84(k).intersects(area_wgs84)]
+        ring = np.asarray(area_wgs84.exterior.coords)
+        rings: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # the area in each CRS of the maps, reprojected once
         boxes = {}
         for key in keys:
-            box = _cell_box(index, key, area_wgs84)
+            wkt = index.maps[key].raster.crs_wkt
+            if wkt not in rings:
+                xs, ys = warp_transform(WGS84, CRS.from_wkt(wkt), ring[:, 0], ring[:, 1])
+                rings[wkt] = np.asarray(xs), np.asarray(ys)
+            box = _cell_box(index.maps[key], *rings[wkt])
             if box is not None:
                 boxes[key] = box
         return cls(keys, boxes, not boxes and len(keys) == len(index.maps))
@@ -81,14 +88,11 @@ class SearchArea:
         return min(1.0, held / total)
 
 
-def _cell_box(index: TileIndex, key: Key, area_wgs84: Polygon) -> Box | None:
-    """The box of `key`'s stored cells around the area (None: the area covers the whole map, or
-    cannot be placed in the raster's CRS, and the map is searched whole)."""
-    level = index.maps[key]
-    raster = level.raster
-    ring = np.asarray(area_wgs84.exterior.coords)
-    xs, ys = warp_transform(WGS84, CRS.from_wkt(raster.crs_wkt), ring[:, 0], ring[:, 1])
-    cols, rows = ~raster.affine * (np.asarray(xs), np.asarray(ys))
+def _cell_box(level: LevelMap, xs: np.ndarray, ys: np.ndarray) -> Box | None:
+    """The box of a level map's stored cells around the area's ring (xs, ys in the raster's
+    CRS); None: the area covers the whole map, or cannot be placed in the raster's CRS, and the
+    map is searched whole."""
+    cols, rows = ~level.raster.affine * (xs, ys)
     if not (np.isfinite(cols).all() and np.isfinite(rows).all()):
         return None
     cell_px = CELL * level.level_px
