@@ -8,9 +8,12 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import zmq
+
 from qgis.core import Qgis, QgsCoordinateReferenceSystem, QgsProject
 from qgis.PyQt.QtCore import QObject, pyqtSignal
 
+from .crs_names import crs_name
 from .index_layers import tiles_layer, tiles_layer_name, why_no_tiles_layer
 from .local_worker import LocalWorker, WorkerExit
 from .user_requests import Connection, IndexBuild, SearchQuery
@@ -19,12 +22,13 @@ from .settings import Setting
 from .wire import errors as codes
 from .wire import job_states as states
 from .wire.errors import WorkerError
-from .wire.sockets import CurveKeys
+from .wire.sockets import CurveKeys, dialable
 from .worker_command import WorkerCommand
 from .worker_finder import WorkerFinder
 from .worker_link import WorkerLink
 
 # what a user can do about each error reply
+SEARCH_GRACE_S = 10.0  # waited past the worker's own search limit, for its `timeout` answer to arrive
 HINTS = {codes.UNAVAILABLE: "Is the worker running? Start it or check the endpoint.",
          codes.INDEX_MISMATCH: "Build a new index with this worker's model.",
          codes.BAD_INPUT: "Check the sketch or rasters.",
@@ -135,7 +139,7 @@ class SearchController(QObject):
 
     def _local_worker_stopped(self, exit_: WorkerExit) -> None:
         stopped, self.local_worker = self.local_worker, None
-        if self.link is not None and self.link.endpoint == stopped.endpoint:
+        if self.link is not None and self.link.endpoint == dialable(stopped.endpoint, stopped.endpoint):
             self._close_link()
         stopped.deleteLater()
         self.status_changed.emit(*Status.STOPPED)
@@ -167,7 +171,11 @@ class SearchController(QObject):
         if err:
             return self._failed("Connecting to the worker", err)
         if reply.get("pub"):
-            self.link.subscribe(reply["pub"])
+            try:
+                self.link.subscribe(reply["pub"])
+            except zmq.ZMQError as exc:
+                self.notice.emit(f"Indexing progress cannot be followed ({reply['pub']}: {exc}); searches work.",
+                                 Qgis.Warning, "")
         self.info = reply
         self.status_changed.emit(*Status.connected(reply))
         self.worker_info.emit(reply)
@@ -278,7 +286,10 @@ class SearchController(QObject):
         frames, fields = query.message()
         self.search_running.emit(True)
         started = time.perf_counter()
-        self.link.request("search", lambda r, e: self._on_hits(r, e, query, started), frames=frames, **fields)
+        # the worker answers `timeout` at its own limit, with its advice: wait for that answer
+        limit_s = self.info.get("limits", {}).get("search_timeout") or self.request_timeout_s
+        self.link.request("search", lambda r, e: self._on_hits(r, e, query, started), frames=frames,
+                          timeout_s=limit_s + SEARCH_GRACE_S, **fields)
 
     def _on_hits(self, reply: Optional[dict], err: Optional[WorkerError], query: SearchQuery, started: float) -> None:
         self.search_running.emit(False)
@@ -343,7 +354,7 @@ class SearchController(QObject):
         box = feature.geometry().boundingBox()
         crs = layer.crs()
         example = {"raster": raster, "bbox": [box.xMinimum(), box.yMinimum(), box.xMaximum(), box.yMaximum()],
-                   "crs": crs.authid() or crs.toWkt()}
+                   "crs": crs_name(crs) or "EPSG:4326"}
         self.search(SearchQuery(index=query.index, top=query.top, crs=query.crs, example=example))
 
     def save_results(self, path: str) -> None:

@@ -7,15 +7,14 @@ from __future__ import annotations
 
 from typing import Optional
 
-from qgis.core import (Qgis, QgsCoordinateTransform, QgsMapLayerType, QgsMapRendererParallelJob, QgsMapSettings,
-                       QgsMessageLog, QgsProject, QgsRectangle)
+from qgis.core import Qgis, QgsCoordinateTransform, QgsMapLayerType, QgsMessageLog, QgsProject, QgsRectangle
 from qgis.PyQt.QtCore import QEvent, QSize, Qt
-from qgis.PyQt.QtGui import QIcon, QPixmap
 from qgis.PyQt.QtWidgets import (QComboBox, QDockWidget, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel,
                                  QListWidget, QListWidgetItem, QPushButton, QScrollArea, QSpinBox,
                                  QVBoxLayout, QWidget)
 
 from .controller import SearchController
+from .crs_names import crs_name
 from .help_panel import HowToSketch
 from .index_panel import IndexPanel
 from .place_tool import PlaceMapTool, example_of, raster_under
@@ -25,6 +24,7 @@ from .settings import Setting
 from .settings_dialog import SettingsDialog
 from .sketch_pad import SketchPad
 from .sketch_tool import SketchMapTool
+from . import thumbnails
 from .wire.protocol import DEFAULT_TOP, MAX_TOP
 from .worker_panel import WorkerPanel
 
@@ -53,6 +53,7 @@ class SketchSearchDock(QDockWidget):
         self.place_tool.picked.connect(self.pick_place)
         self.example: Optional[dict] = None  # the place picked on the map: {raster, bbox, crs}
         self.shown_layer = None  # the results layer the list shows
+        self.thumbnails = thumbnails.Thumbnails(self)
         self.sketch_image: Optional[bytes] = None
         self.sketch_source = "map"
         self.settings_dialog = SettingsDialog(self)
@@ -223,21 +224,29 @@ class SketchSearchDock(QDockWidget):
             if item.get("compatible"):
                 self.index_combo.addItem(item["name"], item)
         if current:
-            self.index_combo.setCurrentText(current)
+            kept = self.index_combo.findText(current)
+            self.index_combo.setCurrentIndex(kept)  # -1 when it is gone: never another index in its place
+            if kept < 0:
+                self.notify(f"Index “{current}” is no longer offered by the worker: choose one to search.", Qgis.Warning)
 
     def _show_results(self, layer) -> None:
         self.save_button.setEnabled(True)
         self.shown_layer = layer
-        self.results_list.clear()
-        rasters = [lyr for lyr in QgsProject.instance().mapLayers().values() if lyr.type() == QgsMapLayerType.RasterLayer]
-        for feature in sorted(layer.getFeatures(), key=lambda f: f["rank"]):
+        self._clear_results_list()
+        rasters = [lyr for lyr in self.canvas.layers() if lyr.type() == QgsMapLayerType.RasterLayer]  # the visible ones
+        for n, feature in enumerate(sorted(layer.getFeatures(), key=lambda f: f["rank"])):
             extent = feature.geometry().boundingBox()
             item = QListWidgetItem(self._item_text(feature))
             item.setData(Qt.UserRole, extent)
             item.setData(FEATURE_ID, feature.id())
-            item.setIcon(QIcon(self._thumbnail(extent, layer.crs(), rasters)))
             self.results_list.addItem(item)
+            if n < thumbnails.SHOWN and rasters:
+                self.thumbnails.draw(item, extent, layer.crs(), rasters)
         self.scroll.ensureWidgetVisible(self.results_list)
+
+    def _clear_results_list(self) -> None:
+        self.thumbnails.cancel()  # before the items they draw for are gone
+        self.results_list.clear()
 
     def eventFilter(self, watched, event) -> bool:  # noqa: N802
         """Keys on the results list: + (or =) marks the selected hit good, - bad, 0 clears its mark."""
@@ -251,7 +260,7 @@ class SketchSearchDock(QDockWidget):
         """Forget a results layer removed from the project (its hits are no longer listed)."""
         if self.shown_layer is not None and self.shown_layer.id() == layer_id:
             self.shown_layer = None
-            self.results_list.clear()
+            self._clear_results_list()
         if self.controller.result_layer is not None and self.controller.result_layer.id() == layer_id:
             self.controller.result_layer = None
             self.save_button.setEnabled(False)
@@ -262,18 +271,6 @@ class SketchSearchDock(QDockWidget):
         return (f"#{feature['rank']}  score {_number(feature, 'score', '{:.3f}')}  "
                 f"scale {_number(feature, 'scale', '{}')}  {_number(feature, 'angle', '{:+.0f}°')}"
                 f"{'  ' + MARK_TEXT[mark] if mark in MARK_TEXT else ''}")
-
-    @staticmethod
-    def _thumbnail(extent: QgsRectangle, crs, rasters, size: int = 64) -> QPixmap:
-        settings = QgsMapSettings()
-        settings.setLayers(rasters)
-        settings.setDestinationCrs(crs)
-        settings.setExtent(extent)
-        settings.setOutputSize(QSize(size, size))
-        job = QgsMapRendererParallelJob(settings)
-        job.start()
-        job.waitForFinished()
-        return QPixmap.fromImage(job.renderedImage())
 
     def _zoom_to_item(self, item: QListWidgetItem) -> None:
         extent = QgsRectangle(item.data(Qt.UserRole))
@@ -383,8 +380,11 @@ class SketchSearchDock(QDockWidget):
         if not index:
             self.notify("Choose an index to search (build one in the Index box first).", Qgis.Warning)
             return None
-        canvas_crs = self.canvas.mapSettings().destinationCrs()
-        canvas_crs_id = canvas_crs.authid() or canvas_crs.toWkt()
+        canvas_crs_id = crs_name(self.canvas.mapSettings().destinationCrs())
+        if canvas_crs_id is None:
+            self.notify("The map has no CRS: set the project's CRS (Project ▸ Properties ▸ CRS), then search.",
+                        Qgis.Warning)
+            return None
         sketch: dict = {}
         if self.sketch_source == "image" and self.sketch_image:
             sketch = {"sketch_png": self.sketch_image}
@@ -400,10 +400,10 @@ class SketchSearchDock(QDockWidget):
             return None
         area: dict = {}
         if self.area_combo.currentIndex() == MAP_VIEW:
-            e = self.canvas.extent()
-            area = {"bbox": [e.xMinimum(), e.yMinimum(), e.xMaximum(), e.yMaximum()], "bbox_crs": canvas_crs_id}
+            e = self.canvas.mapSettings().visiblePolygon().boundingRect()  # what is on screen, the canvas turned or not
+            area = {"bbox": [e.left(), e.top(), e.right(), e.bottom()], "bbox_crs": canvas_crs_id}  # top: the least y
         return SearchQuery(index=index, top=self.top_spin.value(),
-                           crs=QgsProject.instance().crs().authid() or "EPSG:4326", **sketch, **area)
+                           crs=crs_name(QgsProject.instance().crs()) or "EPSG:4326", **sketch, **area)
 
     def search(self) -> None:
         query = self.search_query()
@@ -422,5 +422,6 @@ class SketchSearchDock(QDockWidget):
         QgsProject.instance().layerWillBeRemoved[str].disconnect(self._layer_removed)
         self.map_tool.clear()
         self.place_tool.clear()
+        self.thumbnails.shutdown()
         self.index_panel.shutdown()
         self.settings_dialog.close()

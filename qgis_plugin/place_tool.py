@@ -10,6 +10,8 @@ from qgis.gui import QgsMapTool, QgsRubberBand
 from qgis.PyQt.QtCore import Qt, pyqtSignal
 from qgis.PyQt.QtGui import QColor
 
+from .crs_names import crs_name
+
 
 class PlaceMapTool(QgsMapTool):
     """Drag a rectangle; `picked` gives it in map coordinates (the canvas CRS)."""
@@ -75,4 +77,4 @@ def example_of(rect: QgsRectangle, map_crs, layer: QgsRasterLayer) -> dict:
     box = QgsCoordinateTransform(map_crs, layer.crs(), QgsProject.instance()).transformBoundingBox(rect)
     crs = layer.crs()
     return {"raster": layer.source().split("|")[0], "bbox": [box.xMinimum(), box.yMinimum(), box.xMaximum(), box.yMaximum()],
-            "crs": crs.authid() or crs.toWkt()}
+            "crs": crs_name(crs) or "EPSG:4326"}

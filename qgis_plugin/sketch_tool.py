@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from qgis.core import QgsPointXY, QgsWkbTypes
+from qgis.core import QgsCoordinateTransform, QgsCsException, QgsPointXY, QgsProject, QgsWkbTypes
 from qgis.gui import QgsMapTool, QgsRubberBand
 from qgis.PyQt.QtCore import Qt, pyqtSignal
 from qgis.PyQt.QtGui import QColor
 
 
 class SketchMapTool(QgsMapTool):
+    """Strokes are kept in the canvas CRS, the one a search names: when the map's CRS changes,
+    they are reprojected and stay where they were drawn."""
+
     strokes_changed = pyqtSignal(int)  # number of strokes
 
     def __init__(self, canvas, pen_width: int = 3):
@@ -18,7 +21,25 @@ class SketchMapTool(QgsMapTool):
         self._strokes: list[list[QgsPointXY]] = []
         self._bands: list[QgsRubberBand] = []
         self._drawing = False
+        self._crs = canvas.mapSettings().destinationCrs()
+        canvas.destinationCrsChanged.connect(self._follow_crs)
         self.setCursor(Qt.CrossCursor)
+
+    def _follow_crs(self) -> None:
+        new = self.canvas.mapSettings().destinationCrs()
+        old, self._crs = self._crs, new
+        if not self._strokes or new == old:
+            return
+        try:
+            transform = QgsCoordinateTransform(old, new, QgsProject.instance())
+            self._strokes = [[transform.transform(p) for p in stroke] for stroke in self._strokes]
+        except QgsCsException:  # the strokes have no place in the new CRS
+            self.clear()
+            return
+        for band, stroke in zip(self._bands, self._strokes):
+            band.reset(QgsWkbTypes.LineGeometry)
+            for point in stroke:
+                band.addPoint(point)
 
     def _new_band(self) -> QgsRubberBand:
         band = QgsRubberBand(self.canvas, QgsWkbTypes.LineGeometry)

@@ -17,7 +17,7 @@ from qgis.PyQt.QtCore import QObject, QSocketNotifier, QTimer, pyqtSignal
 
 from .wire import protocol
 from .wire.errors import ProtocolError, WorkerError, WorkerUnavailable
-from .wire.sockets import CurveKeys, connect, subscribe_progress
+from .wire.sockets import CurveKeys, connect, dialable, subscribe_progress
 
 Callback = Callable[[Optional[dict], Optional[WorkerError]], None]
 
@@ -29,7 +29,7 @@ class WorkerLink(QObject):
     def __init__(self, endpoint: str, pub_endpoint: Optional[str] = None, curve: Optional[CurveKeys] = None,
                  timeout_s: float = 60.0, parent: Optional[QObject] = None):
         super().__init__(parent)
-        self.endpoint = endpoint
+        self.endpoint = dialable(endpoint, endpoint)  # a worker here bound to every interface: at 127.0.0.1
         self.curve = curve
         self.timeout_s = timeout_s
         # a private context, destroyed on close: an open socket on the global context makes
@@ -62,10 +62,11 @@ class WorkerLink(QObject):
         return self._sub is not None
 
     def subscribe(self, pub_endpoint: str) -> None:
-        """Receive job progress from the worker's PUB endpoint (the `pub` of its info reply)."""
+        """Receive job progress from the worker's PUB endpoint (the `pub` of its info reply; one
+        bound to every interface is dialled at the host the requests go to)."""
         if self._sub is not None:
             return
-        self._sub = subscribe_progress(pub_endpoint, self._context, self.curve)
+        self._sub = subscribe_progress(dialable(pub_endpoint, self.endpoint), self._context, self.curve)
         self._sub_notifier = QSocketNotifier(self._sub.getsockopt(zmq.FD), QSocketNotifier.Read, self)
         self._sub_notifier.activated.connect(self._drain_events)
 

@@ -49,6 +49,24 @@ def connect(context: zmq.Context, kind: int, endpoint: str, curve: Optional[Curv
     return sock
 
 
+EVERY_INTERFACE = ("*", "0.0.0.0", "::", "[::]")  # hosts a worker binds to serve every interface
+
+
+def dialable(endpoint: str, reached_at: str) -> str:
+    """An endpoint of the worker a client can connect to: one bound to every interface
+    (tcp://*:5556, the way to serve a team) is dialled at the host the client reached the worker
+    at (`reached_at`, its request endpoint); any other is left as it is."""
+    scheme, _, address = endpoint.partition("://")
+    host, _, port = address.rpartition(":")
+    if scheme != "tcp" or host not in EVERY_INTERFACE:
+        return endpoint
+    reached_scheme, _, reached = reached_at.partition("://")
+    reached_host = reached.rpartition(":")[0] if reached_scheme == "tcp" else ""
+    if reached_host in ("", *EVERY_INTERFACE):
+        reached_host = "127.0.0.1"
+    return f"tcp://{reached_host}:{port}"
+
+
 def subscribe_progress(pub_endpoint: str, context: Optional[zmq.Context] = None,
                        curve: Optional[CurveKeys] = None) -> zmq.Socket:
     """A SUB socket receiving every job's progress events (read them with protocol.decode_progress)."""

@@ -91,9 +91,12 @@ def test_build_with_tile_settings_of_ones_own_then_delete_after_confirming(plugi
     answer_the_next_question(QMessageBox.Cancel)
     panel.delete_button.click()
     assert (worker.index_root / "custom" / "manifest.json").is_file(), "Cancel keeps the index"
+    dock.index_combo.setCurrentText("custom")
     answer_the_next_question(QMessageBox.Yes)
     panel.delete_button.click()
     assert process_until(lambda: row_of(panel, "custom") < 0, 30)
+    assert dock.index_combo.currentIndex() == -1, "no other index is searched in its place"
+    assert any("“custom” is no longer offered" in m for m in qgis_iface.messageBar().get_messages(Qgis.Warning))
     assert not (worker.index_root / "custom").exists()
     assert not QgsProject.instance().mapLayersByName("Index tiles: custom"), "its tiles layer went with it"
     assert dock.index_combo.findText("custom") < 0

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from qgis.core import Qgis, QgsApplication, QgsProject, QgsRasterLayer, QgsVectorLayer
+from qgis.core import (Qgis, QgsApplication, QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsPointXY,
+                       QgsProject, QgsRasterLayer, QgsVectorLayer)
 from qgis.PyQt.QtCore import QPoint, QTimer
 
 from conftest import process_until
@@ -41,6 +42,26 @@ def test_a_drawn_stroke_becomes_the_request(plugin, rmnp_layer, qgis_iface):
     frames, fields = query.message()
     assert frames == () and fields["strokes"] == strokes and fields["bbox"] == query.bbox
     assert "strokes_frame" not in fields, "strokes on the map are framed by their own extent"
+
+    canvas.setRotation(30)  # the map view searched is what is on screen
+    corners = [canvas.getCoordinateTransform().toMapCoordinates(QPoint(x, y))
+               for x in (0, viewport.width()) for y in (0, viewport.height())]
+    on_screen = [min(p.x() for p in corners), min(p.y() for p in corners), max(p.x() for p in corners),
+                 max(p.y() for p in corners)]
+    assert dock.search_query().bbox == pytest.approx(on_screen, rel=0.02)
+    canvas.setRotation(0)
+
+    mercator, first = canvas.mapSettings().destinationCrs(), strokes[0][0]
+    canvas.setDestinationCrs(QgsCoordinateReferenceSystem("EPSG:4326"))  # strokes stay where they were drawn
+    query = dock.search_query()
+    lon_lat = QgsCoordinateTransform(mercator, QgsCoordinateReferenceSystem("EPSG:4326"),
+                                     QgsProject.instance()).transform(QgsPointXY(*first))
+    assert query.strokes_crs == "EPSG:4326" and query.strokes[0][0] == pytest.approx([lon_lat.x(), lon_lat.y()])
+    custom = QgsCoordinateReferenceSystem.fromProj("+proj=merc +lon_0=10 +datum=WGS84 +units=m +no_defs")
+    canvas.setDestinationCrs(custom)  # no authority code: named by its WKT2, which the worker reads
+    assert dock.search_query().strokes_crs.startswith("PROJCRS[")
+    canvas.setDestinationCrs(mercator)
+    assert dock.search_query().strokes[0][0] == pytest.approx(first)
     dock.map_tool.undo()
     assert len(dock.map_tool.strokes()) == 1
     dock.draw_button.setChecked(False)
@@ -67,8 +88,11 @@ def test_search_against_a_real_worker_adds_a_georeferenced_layer(plugin, worker,
     drag(qgis_iface.mapCanvas().viewport(), [(80, 120), (160, 170), (240, 160), (330, 260)])
     dock.draw_button.setChecked(False)
     layers_before = set(QgsProject.instance().mapLayers())
+    dock.controller.link.timeout_s = 0.01  # a search waits for the worker's own limit, not for other requests'
     dock.search_button.click()
-    assert process_until(lambda: dock.search_button.isEnabled() and dock.controller.result_layer is not None, 60)
+    assert process_until(lambda: dock.search_button.isEnabled() and dock.controller.result_layer is not None, 60), \
+        qgis_iface.messageBar().get_messages(Qgis.Warning)
+    dock.controller.link.timeout_s = dock.controller.request_timeout_s
     [new_id] = set(QgsProject.instance().mapLayers()) - layers_before
     layer = QgsProject.instance().mapLayer(new_id)
     assert layer.name().startswith("Sketch search 1: rmnp")
@@ -78,6 +102,7 @@ def test_search_against_a_real_worker_adds_a_georeferenced_layer(plugin, worker,
     assert sorted(f["rank"] for f in layer.getFeatures()) == [1, 2, 3]
     assert layer.extent().intersects(qgis_iface.mapCanvas().mapSettings().layerExtentToOutputExtent(rmnp_layer, rmnp_layer.extent()))
     assert dock.results_list.count() == 3
+    assert process_until(lambda: not dock.results_list.item(0).icon().isNull(), 20), "its picture, drawn in the background"
     dock.results_list.itemClicked.emit(dock.results_list.item(0))  # zoom to the best hit
     best = next(f for f in layer.getFeatures() if f["rank"] == 1).geometry().boundingBox()
     assert qgis_iface.mapCanvas().extent().contains(best)
@@ -169,6 +194,42 @@ def test_connecting_to_a_curve_protected_worker_needs_the_keys(plugin, raster_ro
         assert process_until(lambda: dock.worker_panel.status_label.text() == "not answering", 20)
     finally:
         dock.controller.connect_timeout_s = 10.0
+        Setting.SERVER_KEY.reset()
+        Setting.CLIENT_KEY.reset()
+        proc.stop()
+
+
+def test_a_worker_serving_every_interface_sends_progress_where_it_was_reached(plugin, raster_root, rmnp_layer,
+                                                                             qgis_iface, tmp_path):
+    """A worker serving a team binds every interface (tcp://*:PORT) and names its progress
+    endpoint so; the plugin dials that at the host it reached the worker at, and an index job's
+    progress and end arrive (they come only as events)."""
+    from conftest import WORKER_PYTHON
+    from lab.worker_process import WorkerProcess, free_port, make_curve_keys
+    from sketch_search.settings import Setting
+
+    keys, good = make_curve_keys(tmp_path)  # a worker serving other machines must encrypt
+    index_root = tmp_path / "indexes"
+    index_root.mkdir()
+    proc = WorkerProcess(index_root, raster_root, extra=["--curve-keys", str(keys), "--pub", f"tcp://*:{free_port()}"],
+                         python=WORKER_PYTHON).start(curve=good)
+    dock = plugin.dock
+    try:
+        Setting.SERVER_KEY.set(str(keys / "server.key"))
+        Setting.CLIENT_KEY.set(str(keys / "authorized_clients" / "client.key_secret"))
+        dock.connect_worker(proc.bind)
+        assert process_until(lambda: dock.worker_panel.status_label.text().startswith("connected"), 30), \
+            dock.worker_panel.status_label.text()
+        assert dock.controller.link.subscribed
+        panel = dock.index_panel
+        panel.refresh_raster_layers()
+        panel.table.clearSelection()
+        panel.name_edit.setText("everywhere")
+        qgis_iface.messageBar().clear_messages()
+        panel.build_button.click()
+        assert process_until(lambda: any("Indexing done" in m for m in qgis_iface.messageBar().get_messages(Qgis.Success)),
+                             120), qgis_iface.messageBar().get_messages(Qgis.Warning)
+    finally:
         Setting.SERVER_KEY.reset()
         Setting.CLIENT_KEY.reset()
         proc.stop()
