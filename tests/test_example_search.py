@@ -48,11 +48,14 @@ def own_overlap(hits, query) -> list[float]:
     return [iou(p, query.footprint) for p in polygons]
 
 
-def test_an_example_finds_its_own_place_and_leaves_it_out(rmnp_index, model, assets):
+@pytest.mark.parametrize("window", [WINDOW, (180, 100, 360, 160)], ids=["square", "3 to 1"])
+def test_an_example_finds_its_own_place_and_leaves_it_out(rmnp_index, model, assets, window):
+    """Its own place is the square drawn around the box, which the search finds: a long
+    rectangle's own square overlaps the rectangle by IoU 1/3 only."""
     rasters = list(rmnp_index.rasters.values())
-    query = prepare_example(Example(str(assets["rmnp_rgb"]), tuple(window_bbox(assets["rmnp_rgb"])), "EPSG:4326"),
+    query = prepare_example(Example(str(assets["rmnp_rgb"]), tuple(window_bbox(assets["rmnp_rgb"], window)), "EPSG:4326"),
                             rasters, model.img_size)
-    assert query.window == pytest.approx(WINDOW, abs=0.01)
+    assert query.window == pytest.approx(window, abs=0.01)
     assert query.raster == rasters[0], "an indexed raster is drawn with the index's bands and stretch"
     plain = search_query(rmnp_index, model, query.sketch, RankingConfig(), top=5).hits
     assert own_overlap(plain, query)[0] > OWN_PLACE_IOU, "the worker's drawing of a place finds that place first"

@@ -6,7 +6,7 @@ size), draws it with the tiles' own line drawing (worker.line_drawing, as worker
 placements) and searches with that drawing as the sketch. Where the square drawing reaches past
 the rectangle it is left blank, and the layout ranker compares only where a sketch has lines, so
 a long thin rectangle is matched by its own part. The example's own place is no answer: hits
-overlapping its footprint by IoU > OWN_PLACE_IOU are left out (worker.query_search).
+overlapping the square drawn around it by IoU > OWN_PLACE_IOU are left out (worker.query_search).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from rasterio.crs import CRS
 from rasterio.warp import transform as warp_transform
 from shapely.geometry import Polygon, box
@@ -62,7 +61,7 @@ class ExampleQuery:
 
     sketch: torch.Tensor  # (3, S, S) in [0, 1], as worker.sketch.load_sketch makes it
     raster: RasterInfo
-    footprint: Polygon  # the example's box in the raster's CRS
+    footprint: Polygon  # the square drawn around the example's box, in the raster's CRS: the query's own place
     window: tuple[float, float, float, float]  # col0, row0, col1, row1 in the raster's pixels
     drawing: np.ndarray  # (S, S) uint8, dark lines on white
 
@@ -108,14 +107,21 @@ def pixel_box(example: Example, raster: RasterInfo) -> tuple[float, float, float
     return c0, r0, c1, r1
 
 
+def drawn_square(raster: RasterInfo, window: tuple[float, float, float, float]) -> Placement:
+    """The square around an example's window that is drawn as the sketch: what the search looks
+    for, so its own place (a long rectangle's own square overlaps the rectangle by IoU 1/3 at 3:1)."""
+    c0, r0, c1, r1 = window
+    return Placement(raster, (c0 + c1) / 2, (r0 + r1) / 2, max(c1 - c0, r1 - r0))
+
+
 def draw_window(raster: RasterInfo, window: tuple[float, float, float, float], size: int) -> np.ndarray:
     """The window drawn as a tile is: the square around it read at `size` px and drawn with
     worker.line_drawing, blank beyond the window (and where the data ends): (size, size) uint8."""
     from worker.line_drawing import tile_line_drawings
 
     c0, r0, c1, r1 = window
-    side = max(c1 - c0, r1 - r0)
-    square = Placement(raster, (c0 + c1) / 2, (r0 + r1) / 2, side)
+    square = drawn_square(raster, window)
+    side = square.side
     image, valid = square.read(size)
     # the window inside the square, in drawing pixels
     scale = size / side
@@ -144,11 +150,5 @@ def prepare_example(example: Example, rasters: list[RasterInfo], size: int, band
         raise InputError(f"the example at {excerpt(list(example.bbox))} in {raster.path} has nothing to draw (open "
                          "water, haze or flat fields draw no lines): pick a place with visible lines")
     sketch = torch.from_numpy(drawing.astype(np.float32) / 255.0)[None].expand(3, -1, -1).contiguous()
-    c0, r0, c1, r1 = window
-    ring = [raster.affine * (c, r) for c, r in ((c0, r0), (c1, r0), (c1, r1), (c0, r1))]
-    return ExampleQuery(sketch, raster, Polygon(ring), window, drawing)
+    return ExampleQuery(sketch, raster, Polygon(drawn_square(raster, window).ring()), window, drawing)
 
-
-def drawing_image(query: ExampleQuery) -> Image.Image:
-    """The example's drawing as a picture (previews)."""
-    return Image.fromarray(query.drawing)

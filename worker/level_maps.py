@@ -56,10 +56,6 @@ class LevelMap:
     level_px: float
     cells: np.ndarray
 
-    def cell_to_pixels(self, row: float, col: float) -> tuple[float, float]:
-        """A position on the cell grid (in cells) -> raster pixel (col, row)."""
-        return col * CELL * self.level_px, row * CELL * self.level_px
-
 
 def map_shape(raster: RasterInfo, level_px: float) -> tuple[int, int]:
     """Rows and columns of cells of a raster's level map (one spare cell past the far edges)."""
