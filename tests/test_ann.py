@@ -76,6 +76,11 @@ def test_the_ann_shortlist_hands_on_distinct_places(index_with_ann, model):
         reach = peak_radius(a.size) * COARSE_STEP
         assert not any(b.map_key == a.map_key and b.size == a.size and abs(a.row - b.row) <= reach
                        and abs(a.col - b.col) <= reach for b in found[:i]), a
+    edge = np.array([[0, 1, 0, 0], [0, 2, 0, 0]], np.int32)  # windows at the maps' corners: half their neighbourhoods outside
+    scanner = scanner_of(index, model.device)
+    for c in ann_peaks(scanner, templates, ranking, edge, 800):  # only squares the exact scan could place
+        rows, cols = scanner.shape(c.map_key)
+        assert 0 <= c.row <= rows - c.size // edge_cells.CELL and 0 <= c.col <= cols - c.size // edge_cells.CELL, c
 
 
 def test_crowded_neighbourhoods_scored_as_one_block_score_as_each_alone(index_with_ann, model):
@@ -377,3 +382,13 @@ def test_a_search_limited_to_an_area_ranks_the_places_inside_it(index_with_ann, 
         assert footprint.intersects(area)
     unlimited = search(index, model, sketch, ranking, top=3).hits
     assert not all(f.intersects(area) for f in reproject_rings([h.placement for h in unlimited], WGS84))
+
+
+def test_the_area_keeps_windows_of_rasters_with_high_ids():
+    """windows.npy holds int32 rows: a mosaic of thousands of sheets has raster ids past 2048,
+    whose windows an area-limited search must still hand on."""
+    from worker.search_area import SearchArea
+
+    area = SearchArea(keys=[(2048, 1), (5000, 2)], boxes={(5000, 2): (0, 0, 10, 10)}, whole=False)
+    rows = np.array([[2048, 1, 0, 0], [5000, 2, 5, 5], [5000, 2, 50, 50], [7, 1, 0, 0]], np.int32)
+    assert list(area.meets_each(rows[:, :2], rows[:, 2], rows[:, 3], 4)) == [True, True, False, False]

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
+from rasterio.crs import CRS
 
 from conftest import REPO
 from worker.geo import bbox_to_wgs84
@@ -134,6 +135,10 @@ def test_bbox_in_another_crs_limits_hits_to_the_area(s2_index, model, assets):
     for hit in west:
         x_min = min(x for x, _ in hit.placement.ring())
         assert x_min < west_half[2]  # each hit touches the west half
+    elsewhere = bbox_to_wgs84((10.0, 10.0, 11.0, 11.0), CRS.from_epsg(4326))  # no raster of the index there
+    assert search(index, model, sketch, top=10, area_wgs84=elsewhere).hits == []
+    world = bbox_to_wgs84((-25e6, -30e6, 25e6, 30e6), CRS.from_epsg(3857))  # a map zoomed out past the world's edges
+    assert len(search(index, model, sketch, top=10, area_wgs84=world).hits) == 10
 
 
 def run_cli(*args):

@@ -11,6 +11,7 @@ import shapely
 from rasterio.crs import CRS
 from rasterio.errors import CRSError
 from rasterio.warp import transform as warp_transform
+from rasterio.warp import transform_bounds
 from shapely.geometry import Polygon, box
 
 from wire.protocol import excerpt
@@ -103,8 +104,18 @@ def bbox_to_wgs84(bbox: tuple[float, float, float, float], crs: CRS) -> Polygon:
     ring = np.asarray(shapely.segmentize(box(*bbox), max((maxx - minx), (maxy - miny)) / 16).exterior.coords)
     if crs == CRS.from_epsg(4326):
         return Polygon(ring)
-    xs, ys = warp_transform(crs, CRS.from_epsg(4326), ring[:, 0], ring[:, 1])
+    xs, ys = (np.asarray(v) for v in warp_transform(crs, CRS.from_epsg(4326), ring[:, 0], ring[:, 1]))
     poly = Polygon(np.column_stack([xs, ys]))
-    if not poly.is_valid or not np.isfinite(poly.bounds).all():
+    if poly.is_valid and np.isfinite(poly.bounds).all() and not (np.abs(np.diff(xs)) > 180).any():
+        return poly
+    # Past the CRS's edges (a web map zoomed out beyond the world) or across the antimeridian, the
+    # ring wraps round: the box's lon/lat bounds instead, every longitude when it crosses 180.
+    try:
+        west, south, east, north = transform_bounds(crs, CRS.from_epsg(4326), *bbox, densify_pts=21)
+    except Exception:  # PROJ's errors have no common type
+        west = south = east = north = float("nan")
+    if not np.isfinite([west, south, east, north]).all() or south >= north:
         raise InputError(f"bbox {list(bbox)} cannot be placed in WGS84 from {crs}")
-    return poly
+    if west >= east:
+        west, east = -180.0, 180.0
+    return box(max(west, -180.0), max(south, -90.0), min(east, 180.0), min(north, 90.0))

@@ -159,7 +159,7 @@ def ann_peaks(scanner: Scanner, templates: query_templates.Templates, ranking: R
     against random neighbourhoods of the index, and the local peaks kept as the exact scan keeps
     them (coarse_peaks): the neighbourhoods of nearby windows overlap, so a peak found in several
     is kept once, and a neighbourhood may hold more than one place worth refining. Only peaks
-    that meet `area` are kept."""
+    that meet `area`, at places the exact scan could have found (inside the maps), are kept."""
     if not len(windows):
         return []
     side = WINDOW_CELLS + 2 * ANN_MARGIN
@@ -171,6 +171,8 @@ def ann_peaks(scanner: Scanner, templates: query_templates.Templates, ranking: R
     background = scanner.background(("ann", side), background_blocks)
     spots = [((int(r), int(s)), int(row) - ANN_MARGIN, int(col) - ANN_MARGIN) for r, s, row, col in windows]
     local = local_scores(scanner, spots, side, templates, ranking)
+    origins = np.array([(row, col) for _, row, col in spots]).reshape(-1, 2)
+    shapes = np.array([scanner.shape(key) for key, _, _ in spots]).reshape(-1, 2)
     peaks = []  # per template size: region, row, col (coarse steps in the region), angle, z
     backgrounds = edge_cells.cosine_maps(background, templates.coarse, COARSE, COARSE_STEP, ranking.inked_only)
     for size in templates.sizes:
@@ -185,11 +187,12 @@ def ann_peaks(scanner: Scanner, templates: query_templates.Templates, ranking: R
         peak = (best >= pooled) & (scores.amax(1) > 0)
         at = torch.nonzero(peak).cpu().numpy()
         found = angle[peak].cpu().numpy(), best[peak].cpu().numpy()
+        # where the exact scan could have put the square (the neighbourhoods reach past the maps' edges)
+        corner = origins[at[:, 0]] + at[:, 1:] * COARSE_STEP
+        inside = ((corner >= 0) & (corner + size // CELL <= shapes[at[:, 0]])).all(1)
         if area is not None and area.boxes:
-            corner = np.array([(row, col) for _, row, col in spots])[at[:, 0]] + at[:, 1:] * COARSE_STEP
-            inside = area.meets_each(windows[at[:, 0], :2], corner[:, 0], corner[:, 1], size // CELL)
-            at, found = at[inside], [f[inside] for f in found]
-        peaks.append((size, at, *found))
+            inside &= area.meets_each(windows[at[:, 0], :2], corner[:, 0], corner[:, 1], size // CELL)
+        peaks.append((size, at[inside], *(f[inside] for f in found)))
     return apart(peaks, spots, templates.angles, limit)
 
 

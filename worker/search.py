@@ -127,8 +127,12 @@ def search(index: TileIndex, model, sketch_tensor: torch.Tensor, ranking: Rankin
     t = {"start": time.perf_counter()}
     area = SearchArea.of(index, scales, area_wgs84)
     keys = area.keys
+    stages = ["start", "encode", "shortlist", "refine", "verify", "rerank", "dedupe"]
+    if not keys:  # the area meets no raster of the index, or no scale asked is indexed
+        return SearchResult(hits=[], timings_ms={**{f"{s}_ms": 0.0 for s in stages[1:]},
+                                                 "total_ms": (time.perf_counter() - t["start"]) * 1e3})
     if ranking.ranker == "tokens":
-        mask = np.isin(index.records["scale"], scales) if scales is not None else None
+        mask = area.tile_rows(index)
         candidates = tile_candidates(index, model, sketch_tensor, ranking, mask)
         t["encode"] = t["shortlist"] = t["refine"] = t["verify"] = time.perf_counter()
         placements = [tile_placement(index, c.tile_row) for c in candidates]
@@ -174,7 +178,6 @@ def search(index: TileIndex, model, sketch_tensor: torch.Tensor, ranking: Rankin
     hits = [Hit(rank=n + 1, score=candidates[i].score, placement=placements[i], scale=candidates[i].map_key[1],
                 coarse_score=candidates[i].coarse, fine_score=candidates[i].fine, token_score=candidates[i].tokens)
             for n, i in enumerate(kept)]
-    stages = ["start", "encode", "shortlist", "refine", "verify", "rerank", "dedupe"]
     timings = {f"{b}_ms": (t[b] - t[a]) * 1e3 for a, b in zip(stages, stages[1:])}
     timings["total_ms"] = (t["dedupe"] - t["start"]) * 1e3
     return SearchResult(hits=hits, timings_ms=timings)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import shapely
 from rasterio.crs import CRS
 from rasterio.warp import transform as warp_transform
 from shapely.geometry import Polygon
@@ -33,25 +34,21 @@ class SearchArea:
     keys: list[Key]
     boxes: dict[Key, Box]
     whole: bool  # every map of the index, each whole: nothing to check
+    area_wgs84: Polygon | None = None
 
     @classmethod
     def of(cls, index: TileIndex, scales: tuple[int, ...] | None = None, area_wgs84: Polygon | None = None) -> "SearchArea":
         keys = [k for k in index.maps if scales is None or k[1] in scales]
         if area_wgs84 is None:
-            return cls(keys, {}, len(keys) == len(index.maps))
-        keys = [k for k in keys if index.map_bounds_wgs84(k).intersects(area_wgs84)]
-        ring = np.asarray(area_wgs84.exterior.coords)
-        rings: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # the area in each CRS of the maps, reprojected once
+            return cls(keys, {}, len(keys) == len(index.maps), None)
+        bounds = {k: index.map_bounds_wgs84(k) for k in keys}
+        keys = [k for k in keys if bounds[k].intersects(area_wgs84)]
         boxes = {}
         for key in keys:
-            wkt = index.maps[key].raster.crs_wkt
-            if wkt not in rings:
-                xs, ys = warp_transform(WGS84, CRS.from_wkt(wkt), ring[:, 0], ring[:, 1])
-                rings[wkt] = np.asarray(xs), np.asarray(ys)
-            box = _cell_box(index.maps[key], *rings[wkt])
+            box = _cell_box(index.maps[key], bounds[key], area_wgs84)
             if box is not None:
                 boxes[key] = box
-        return cls(keys, boxes, not boxes and len(keys) == len(index.maps))
+        return cls(keys, boxes, not boxes and len(keys) == len(index.maps), area_wgs84)
 
     def meets(self, key: Key, rows: np.ndarray, cols: np.ndarray, side: int) -> np.ndarray:
         """Whether squares of `side` stored cells with top-left cells (rows, cols) of map `key`
@@ -65,12 +62,26 @@ class SearchArea:
 
     def meets_each(self, keys: np.ndarray, rows: np.ndarray, cols: np.ndarray, side: int) -> np.ndarray:
         """`meets` for squares each in its own map: keys (n, 2) of raster id and scale."""
-        keys = np.asarray(keys).reshape(-1, 2)
+        keys = np.asarray(keys, np.int64).reshape(-1, 2)  # windows.npy's int32 would overflow raster id * _KEY_SPAN
         out = np.isin(keys[:, 0] * _KEY_SPAN + keys[:, 1], [r * _KEY_SPAN + s for r, s in self.keys])
         for key in self.boxes:
             on = (keys[:, 0] == key[0]) & (keys[:, 1] == key[1])
             out[on] = self.meets(key, np.asarray(rows)[on], np.asarray(cols)[on], side)
         return out
+
+    def tile_rows(self, index: TileIndex) -> np.ndarray | None:
+        """Which of the index's tile rows lie in the area's maps and meet it (bool, or None for
+        all): the paper's ranker shortlists tiles, not places."""
+        if self.whole:
+            return None
+        rows = np.zeros(len(index), bool)
+        for key in self.keys:
+            rows[index.rows_of_map(*key)] = True
+        if self.area_wgs84 is not None:
+            b = index.records["bounds4326"]
+            x0, y0, x1, y1 = self.area_wgs84.bounds
+            rows &= (b[:, 0] <= x1) & (b[:, 2] >= x0) & (b[:, 1] <= y1) & (b[:, 3] >= y0)
+        return rows
 
     def share(self, index: TileIndex) -> float:
         """About what share of the index's tiles the area holds (by map, and by box within a map)."""
@@ -88,11 +99,18 @@ class SearchArea:
         return min(1.0, held / total)
 
 
-def _cell_box(level: LevelMap, xs: np.ndarray, ys: np.ndarray) -> Box | None:
-    """The box of a level map's stored cells around the area's ring (xs, ys in the raster's
-    CRS); None: the area covers the whole map, or cannot be placed in the raster's CRS, and the
-    map is searched whole."""
-    cols, rows = ~level.raster.affine * (xs, ys)
+def _cell_box(level: LevelMap, map_bounds: Polygon, area_wgs84: Polygon) -> Box | None:
+    """The box of a level map's stored cells around the part of the area over the map's lon/lat
+    bounds (reprojected there only: far from a raster its CRS's coordinates run wild); None: the
+    area covers the whole map, or cannot be placed in the raster's CRS, and the map is searched
+    whole."""
+    part = area_wgs84.intersection(map_bounds)
+    if part.is_empty or part.covers(map_bounds):
+        return None
+    west, south, east, north = map_bounds.bounds
+    points = shapely.get_coordinates(shapely.segmentize(part, max(east - west, north - south) / 16))
+    xs, ys = warp_transform(WGS84, CRS.from_wkt(level.raster.crs_wkt), points[:, 0], points[:, 1])
+    cols, rows = ~level.raster.affine * (np.asarray(xs), np.asarray(ys))
     if not (np.isfinite(cols).all() and np.isfinite(rows).all()):
         return None
     cell_px = CELL * level.level_px
