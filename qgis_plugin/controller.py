@@ -17,7 +17,8 @@ from .crs_names import crs_name
 from .index_layers import tiles_layer, tiles_layer_name, why_no_tiles_layer
 from .local_worker import LocalWorker, WorkerExit
 from .user_requests import Connection, IndexBuild, SearchQuery
-from .results import BAD, GOOD, hits_layer, keep_query, marks, save_gpkg, saved_query, set_mark
+from .results import (BAD, GOOD, hits_layer, keep_query, kept_on_disk, marks, results_file, save_gpkg, saved_query,
+                      set_mark)
 from .settings import Setting
 from .wire import errors as codes
 from .wire import job_states as states
@@ -302,6 +303,13 @@ class SearchController(QObject):
         project_crs = QgsProject.instance().crs()
         layer = hits_layer(reply["hits"], name, hits_crs, project_crs if project_crs.isValid() else hits_crs, query_ms)
         keep_query(layer, query.to_json(), self.info.get("model"))
+        path = results_file(QgsProject.instance())
+        kept = kept_on_disk(layer, path, f"sketch_search_{time.strftime('%Y%m%d_%H%M%S')}_{self.search_count}")
+        if isinstance(kept, str):
+            self.notice.emit(f"The hits are kept in memory only, not saved with the project ({path}: {kept}); "
+                             "use Save results.", Qgis.Warning, "")
+        else:
+            layer = kept
         QgsProject.instance().addMapLayer(layer)
         self.result_layer = layer
         self.results_ready.emit(layer)

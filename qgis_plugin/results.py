@@ -1,6 +1,10 @@
 """Search hits -> a styled, labelled polygon layer in the project CRS; the user's marks on hits;
 the query the layer answers (kept with it, so it can be run again); saving to GeoPackage.
 
+Every search's hits are written to a GeoPackage at once (results_file: beside the saved project,
+else in the plugin's folder of the QGIS profile) and shown from there: QGIS 3.22 saves no
+features of a memory layer with a project, so a reopened project had lost its results and marks.
+
 The query lives in the layer's custom properties (saved in the project) and, in a GeoPackage,
 in a side table QUERIES_TABLE (layer name -> query JSON): a GeoPackage file keeps no QGIS custom
 properties, and a side table is read back by any QGIS (and by sqlite3) without a project.
@@ -10,9 +14,10 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from typing import Optional
+from pathlib import Path
+from typing import Optional, Union
 
-from qgis.core import (QgsCategorizedSymbolRenderer, QgsCoordinateReferenceSystem, QgsCoordinateTransform,
+from qgis.core import (QgsApplication, QgsCategorizedSymbolRenderer, QgsCoordinateReferenceSystem, QgsCoordinateTransform,
                        QgsFeature, QgsField, QgsFields, QgsFillSymbol, QgsGeometry, QgsPalLayerSettings, QgsPointXY,
                        QgsProject, QgsRendererCategory, QgsTextFormat, QgsVectorFileWriter, QgsVectorLayer,
                        QgsVectorLayerSimpleLabeling)
@@ -109,11 +114,44 @@ def style_by_rank(layer: QgsVectorLayer, count: int) -> None:
     layer.setLabelsEnabled(True)
 
 
-def save_gpkg(layer: QgsVectorLayer, path: str) -> str | None:
-    """Write the layer (marks included) and its query to a GeoPackage; returns an error message or None."""
+def results_file(project: QgsProject) -> Path:
+    """The GeoPackage a search's hits are written to: beside the saved project
+    (NAME_sketch_search.gpkg), else results.gpkg in the plugin's folder of the QGIS profile."""
+    if project.fileName():
+        saved = Path(project.fileName())
+        return saved.with_name(f"{saved.stem}_sketch_search.gpkg")
+    return Path(QgsApplication.qgisSettingsDirPath()) / "sketch_search" / "results.gpkg"
+
+
+def kept_on_disk(layer: QgsVectorLayer, path: Path, table: str) -> Union[QgsVectorLayer, str]:
+    """A memory layer of hits written to the GeoPackage `path` as `table` (with its query) and
+    opened from there, named and styled as it was; or why it could not be."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return str(exc)
+    error = save_gpkg(layer, str(path), table)
+    if error:
+        return error
+    kept = QgsVectorLayer(f"{path}|layername={table}", layer.name(), "ogr")
+    if not kept.isValid():
+        return f"QGIS cannot read {path} back"
+    kept.setRenderer(layer.renderer().clone())
+    kept.setLabeling(layer.labeling().clone())
+    kept.setLabelsEnabled(True)
+    for key in (QUERY_PROPERTY, MODEL_PROPERTY):
+        kept.setCustomProperty(key, layer.customProperty(key))
+    return kept
+
+
+def save_gpkg(layer: QgsVectorLayer, path: str, table: Optional[str] = None) -> str | None:
+    """Write the layer (marks included) and its query to a GeoPackage, as `table` (the layer's
+    name by default) beside the file's other layers; returns an error message or None."""
     options = QgsVectorFileWriter.SaveVectorOptions()
     options.driverName = "GPKG"
-    options.layerName = layer.name()
+    options.layerName = table or layer.name()
+    if Path(path).exists():  # add to the file, do not replace it (it may hold other searches)
+        options.actionOnExistingFile = QgsVectorFileWriter.CreateOrOverwriteLayer
     result = QgsVectorFileWriter.writeAsVectorFormatV3(layer, path, QgsProject.instance().transformContext(), options)
     if result[0] != QgsVectorFileWriter.NoError:
         return result[1]
@@ -124,7 +162,7 @@ def save_gpkg(layer: QgsVectorLayer, path: str) -> str | None:
                 db.execute(f"CREATE TABLE IF NOT EXISTS {QUERIES_TABLE} (layer TEXT PRIMARY KEY, query TEXT NOT NULL, "
                            "model TEXT)")
                 db.execute(f"INSERT OR REPLACE INTO {QUERIES_TABLE} VALUES (?, ?, ?)",
-                           (layer.name(), query, layer.customProperty(MODEL_PROPERTY) or None))
+                           (options.layerName, query, layer.customProperty(MODEL_PROPERTY) or None))
         except sqlite3.Error as exc:
             return f"the hits were written but not their query ({exc})"
     return None

@@ -74,6 +74,8 @@ def test_a_drawn_stroke_becomes_the_request(plugin, rmnp_layer, qgis_iface):
 
 
 def test_search_against_a_real_worker_adds_a_georeferenced_layer(plugin, worker, rmnp_layer, qgis_iface, tmp_path):
+    from sketch_search.results import saved_query
+
     dock = plugin.dock
     qgis_iface.messageBar().clear_messages()
     dock.connect_worker(worker.bind)
@@ -97,8 +99,13 @@ def test_search_against_a_real_worker_adds_a_georeferenced_layer(plugin, worker,
     layer = QgsProject.instance().mapLayer(new_id)
     assert layer.name().startswith("Sketch search 1: rmnp")
     assert layer.crs().authid() == "EPSG:3857"
-    assert [f.name() for f in layer.fields()] == ["rank", "score", "shortlist_score", "raster", "window", "scale",
-                                                  "angle", "query_ms", "id", "feedback"]
+    assert [f.name() for f in layer.fields()] == ["fid", "rank", "score", "shortlist_score", "raster", "window",
+                                                  "scale", "angle", "query_ms", "id", "feedback"]
+    source = layer.source().split("|")[0]  # written at once, so that the project keeps its results
+    assert layer.providerType() == "ogr" and source.endswith("results.gpkg")
+    reopened = QgsVectorLayer(layer.source(), "reopened", "ogr")
+    assert reopened.featureCount() == 3 and saved_query(reopened) == saved_query(layer)
+    del reopened
     assert sorted(f["rank"] for f in layer.getFeatures()) == [1, 2, 3]
     assert layer.extent().intersects(qgis_iface.mapCanvas().mapSettings().layerExtentToOutputExtent(rmnp_layer, rmnp_layer.extent()))
     assert dock.results_list.count() == 3
@@ -112,6 +119,15 @@ def test_search_against_a_real_worker_adds_a_georeferenced_layer(plugin, worker,
     assert saved.isValid() and saved.featureCount() == 3
     del saved
     assert qgis_iface.messageBar().get_messages(Qgis.Success)
+
+    project = QgsProject.instance()
+    try:  # in a saved project, the hits go beside it
+        project.setFileName(str(tmp_path / "survey.qgz"))
+        dock.controller.run_again(layer)
+        assert process_until(lambda: dock.controller.result_layer is not layer and dock.search_button.isEnabled(), 60)
+        assert dock.controller.result_layer.source().split("|")[0] == str(tmp_path / "survey_sketch_search.gpkg")
+    finally:
+        project.setFileName("")
 
 
 def test_an_error_reply_becomes_a_message(plugin, worker, qgis_iface, tmp_path):
