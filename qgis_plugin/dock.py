@@ -422,6 +422,9 @@ class SketchSearchDock(QDockWidget):
         QgsProject.instance().layerWillBeRemoved[str].disconnect(self._layer_removed)
         self.map_tool.clear()
         self.place_tool.clear()
+        self.canvas.scene().removeItem(self.place_tool.band)  # the canvas owns rubber bands: they outlive the tool
+        self.map_tool.deleteLater()
+        self.place_tool.deleteLater()
         self.thumbnails.shutdown()
         self.index_panel.shutdown()
         self.settings_dialog.close()

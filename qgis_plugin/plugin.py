@@ -67,5 +67,6 @@ class SketchSearchPlugin:
         if self.action is not None:
             self.iface.removeToolBarIcon(self.action)
             self.iface.removePluginMenu(TITLE, self.action)
+            self.action.deleteLater()  # a child of the main window: it would outlive the plugin
         if self.provider is not None:
             QgsApplication.processingRegistry().removeProvider(self.provider)

@@ -14,6 +14,7 @@ from qgis.PyQt.QtGui import QIcon
 
 from .results import features_from_hits, hit_fields
 from .settings import Setting
+from .user_requests import Connection
 from .wire import job_states as states
 from .wire.client import WorkerClient
 from .wire.errors import WorkerError
@@ -38,7 +39,15 @@ class _WorkerAlgorithm(QgsProcessingAlgorithm):
         self.addParameter(QgsProcessingParameterString("ENDPOINT", "Worker endpoint", Setting.ENDPOINT.get()))
 
     def _client(self, parameters, context) -> WorkerClient:
-        return WorkerClient(self.parameterAsString(parameters, "ENDPOINT", context), timeout=120.0, retries=1)
+        """A client of the endpoint given, with the CURVE keys chosen in the plugin's settings
+        (a remote worker must be reached encrypted, from the dock and from Processing alike)."""
+        try:
+            curve = Connection("", Setting.SERVER_KEY.get(), Setting.CLIENT_KEY.get()).curve_keys()
+        except (OSError, ValueError) as exc:
+            raise QgsProcessingException(f"CURVE keys not usable: {exc}. Choose both key files, or neither, in "
+                                         "the Sketch search settings.") from None
+        return WorkerClient(self.parameterAsString(parameters, "ENDPOINT", context), timeout=120.0, retries=1,
+                            curve=curve)
 
 
 class BuildIndexAlgorithm(_WorkerAlgorithm):

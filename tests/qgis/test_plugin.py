@@ -202,6 +202,13 @@ def test_connecting_to_a_curve_protected_worker_needs_the_keys(plugin, raster_ro
         dock.connect_worker(proc.bind)
         assert process_until(lambda: dock.worker_panel.status_label.text().startswith("connected"), 30), \
             dock.worker_panel.status_label.text()
+        import processing  # Processing reaches it with the same keys
+
+        layer = QgsRasterLayer(str(raster_root / "rmnp-rgb.tif"), "rmnp")
+        built = processing.run("sketchsearch:build_index", {"ENDPOINT": proc.bind, "INDEX": "encrypted",
+                                                            "RASTERS": [layer], "TILE": 224, "SCALES": "1"})
+        assert built["TILES"] > 0
+        del layer
         Setting.SERVER_KEY.reset()
         Setting.CLIENT_KEY.reset()
         qgis_iface.messageBar().clear_messages()
@@ -298,3 +305,23 @@ def test_every_control_explains_itself_and_the_dock_says_how_to_sketch(plugin):
     text = dock.how_to.text.text()
     assert "main lines of the place as they lie in the frame" in text and "several strokes" in text
     assert "turned" in text and f"README.md#{README_SECTION}" in text
+
+
+def test_a_reload_leaves_nothing_behind(plugin_started, qgis_iface):
+    """Reloading the plugin (Plugin Reloader, an upgrade) removes its button and its drawings
+    from the canvas; nothing of the old instance stays in QGIS's main window or map."""
+    import qgis.utils
+    from qgis.gui import QgsRubberBand
+    from qgis.PyQt.QtCore import QCoreApplication, QEvent
+    from qgis.PyQt.QtWidgets import QAction
+
+    def in_qgis():
+        QCoreApplication.sendPostedEvents(None, QEvent.DeferredDelete)
+        bands = sum(isinstance(item, QgsRubberBand) for item in qgis_iface.mapCanvas().scene().items())
+        actions = sum(a.text() == "Sketch search" for a in qgis_iface.mainWindow().findChildren(QAction))
+        return bands, actions
+
+    before = in_qgis()
+    for _ in range(2):
+        assert qgis.utils.reloadPlugin("sketch_search")
+    assert in_qgis() == before
