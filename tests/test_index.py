@@ -1,7 +1,6 @@
 """The index on disk: resumable after a hard kill, incremental, never mixed, visible in QGIS."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -75,13 +74,35 @@ def test_adding_a_raster_does_not_recompute_the_others(tmp_path, model, rmnp_cop
 
 
 def test_a_raster_changed_on_disk_is_indexed_again(tmp_path, model, rmnp_copy):
+    """New pixels (here the scene upside down) give new cells, in place of the old ones."""
+    import rasterio
+
     settings = TileSettings(tile=112, scales=(1,))
     out = tmp_path / "index"
     IndexWriter(out, model, settings).build([rmnp_copy])
-    count = TileIndex.open(out).info()["tile_count"]
-    os.utime(rmnp_copy, ns=(time.time_ns(), time.time_ns()))
+    before = shard_arrays(out)
+    with rasterio.open(rmnp_copy, "r+") as dst:
+        dst.write(dst.read()[:, ::-1])
     IndexWriter(out, model, settings).build([rmnp_copy])
-    assert TileIndex.open(out).info()["tile_count"] == count  # replaced, not duplicated
+    after = shard_arrays(out)
+    assert len(after["records"]) == len(before["records"])  # replaced, not duplicated
+    assert (after["cells"] != before["cells"]).mean() > 0.1  # drawn from the new pixels
+
+
+def test_a_run_is_complete_when_its_own_rasters_are(tmp_path, model, rmnp_copy, assets):
+    """One raster's run was stopped, another's finished: the second run is complete (its job is
+    done, not `interrupted` and resumed at every worker start), and says why the shortlist it
+    asked for waits."""
+    from worker.app import IndexRequest, build_index
+    from worker.tiling import find_rasters
+
+    settings = TileSettings(tile=112, scales=(1,))
+    out = tmp_path / "index"
+    stopped = build_index(IndexRequest(out, tuple(find_rasters([rmnp_copy])), settings, ann=True), model,
+                          should_stop=lambda: True)
+    assert not stopped.complete
+    done = build_index(IndexRequest(out, tuple(find_rasters([assets["osbs_rgb"]])), settings, ann=True), model)
+    assert done.complete and done.ann["built"] is False and "rmnp-rgb.tif" in done.ann["why"]
 
 
 def test_other_settings_or_model_are_refused(tmp_path, model, rmnp_copy):

@@ -143,7 +143,7 @@ class IndexSummary:
     tiles_total: int  # tiles planned over all rasters, skipped ones included
     tiles_skipped: int  # mostly empty (nodata) tiles, not indexed
     rasters: int
-    complete: bool  # False when the run was stopped: running it again resumes
+    complete: bool  # this request's rasters all indexed (False when the run was stopped: running it again resumes)
     ann: dict | None = None  # the ANN shortlist built or updated (worker.ann.AnnInfo), if any
 
     def to_json(self) -> dict:
@@ -169,10 +169,16 @@ def build_index(request: IndexRequest, model: "RetrievalModel", progress: Callab
         with connect(cluster.address) as client:
             manifest = build(computer=ClusterChunks(client, cluster.model, model.fingerprint()["tile_encoder"]))
     rasters = manifest["rasters"]
-    complete = all(r["complete"] for r in rasters)
+    asked = {str(path) for path in request.rasters}
+    # this request's rasters decide whether its run is complete; the shortlist needs the whole index
+    complete = all(r["complete"] for r in rasters if r["path"] in asked)
+    unfinished = [r["path"] for r in rasters if not r["complete"]]
     ann_info = None
     has_ann = ann.AnnShortlist.exists(request.index_dir)
-    if complete and (request.ann or has_ann):
+    if complete and unfinished and (request.ann or has_ann):
+        ann_info = {"built": False, "why": f"{len(unfinished)} other raster(s) of the index are not fully indexed "
+                                           f"(first {unfinished[0]}): index them again, then the shortlist follows"}
+    elif complete and (request.ann or has_ann):
         index = TileIndex.open(request.index_dir)
         try:
             ann_info = (ann.update(index) if has_ann else ann.build(index)).to_json()
