@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import rasterio
 from rasterio.crs import CRS
+from rasterio.enums import ColorInterp
 from rasterio.warp import transform_bounds
 from rasterio.windows import bounds as window_bounds
 
@@ -51,6 +52,22 @@ def test_multiband_raster_without_colour_interpretation_needs_bands(tmp_path, as
     assert open_raster(path, (3, 2, 1)).bands == (3, 2, 1)
     with pytest.raises(InputError, match="band\\(s\\) \\[7\\]"):
         open_raster(path, (7, 2, 1))
+
+
+def test_a_paletted_raster_is_refused_and_grey_with_alpha_is_read_as_grey(tmp_path, assets):
+    """A palette's band holds class numbers: drawn as greys its classes would be lost, so it is
+    refused with what to do. Grey with an alpha band is grey, the alpha its mask."""
+    with rasterio.open(assets["rmnp_rgb"]) as src:
+        grey, profile = src.read(1)[None], {"crs": src.crs, "transform": src.transform}
+    paletted = write_raster(tmp_path / "classes.tif", (grey // 64).astype(np.uint8), **profile)
+    with rasterio.open(paletted, "r+") as dst:
+        dst.write_colormap(1, {0: (0, 0, 255, 255), 1: (0, 255, 0, 255), 2: (255, 255, 0, 255), 3: (255, 0, 0, 255)})
+    with pytest.raises(InputError, match="gdal_translate -expand rgb"):
+        open_raster(paletted, None)
+    with_alpha = write_raster(tmp_path / "grey_alpha.tif", np.concatenate([grey, np.full_like(grey, 255)]), **profile)
+    with rasterio.open(with_alpha, "r+") as dst:
+        dst.colorinterp = [ColorInterp.gray, ColorInterp.alpha]
+    assert open_raster(with_alpha, None).bands == (1, 1, 1)
 
 
 def test_crs_less_raster_is_refused_with_what_to_do(tmp_path, assets):

@@ -204,14 +204,14 @@ def choose_bands(src: rasterio.DatasetReader, requested: tuple[int, ...] | None)
     interp = list(src.colorinterp)
     if all(c in interp for c in (ColorInterp.red, ColorInterp.green, ColorInterp.blue)):
         return tuple(interp.index(c) + 1 for c in (ColorInterp.red, ColorInterp.green, ColorInterp.blue))
-    if src.count == 1:
+    if interp[0] == ColorInterp.palette:  # one band of class numbers: drawn as greys, its classes would be lost
+        raise InputError(f"{name}: paletted rasters are not supported; expand it to RGB (gdal_translate -expand rgb)")
+    if src.count == 1 or (src.count == 2 and interp[1] == ColorInterp.alpha):  # grey, or grey and its alpha mask
         return (1, 1, 1)
-    if src.count == 3 and interp[0] != ColorInterp.palette:
+    if src.count == 3:
         log.warning("%s: 3 bands without RGB colour interpretation, read as R,G,B = 1,2,3 "
                     "(pass --bands to choose otherwise)", name)
         return (1, 2, 3)
-    if interp[0] == ColorInterp.palette:
-        raise InputError(f"{name}: paletted rasters are not supported; expand it to RGB (gdal_translate -expand rgb)")
     raise InputError(f"{name}: cannot tell which of its {src.count} bands are red, green, blue "
                      f"(colour interpretation {[c.name for c in interp]}); pass --bands R,G,B")
 
