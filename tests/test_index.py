@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from xml.sax.saxutils import escape
 
 import numpy as np
 import pytest
@@ -87,6 +88,32 @@ def test_a_raster_changed_on_disk_is_indexed_again(tmp_path, model, rmnp_copy):
     after = shard_arrays(out)
     assert len(after["records"]) == len(before["records"])  # replaced, not duplicated
     assert (after["cells"] != before["cells"]).mean() > 0.1  # drawn from the new pixels
+
+
+def test_a_mosaic_whose_source_changed_is_indexed_again(tmp_path, model, rmnp_copy):
+    """A VRT mosaic does not change when a file it reads does (a sheet replaced by a newer
+    flight): the change is seen all the same, and the mosaic indexed again."""
+    import rasterio
+
+    with rasterio.open(rmnp_copy) as src:
+        width, height, crs, geotransform = src.width, src.height, src.crs.to_wkt(), src.transform.to_gdal()
+    bands = "".join(f"""<VRTRasterBand dataType="Byte" band="{b}"><ColorInterp>{name}</ColorInterp><SimpleSource>
+        <SourceFilename relativeToVRT="1">{rmnp_copy.name}</SourceFilename><SourceBand>{b}</SourceBand>
+        </SimpleSource></VRTRasterBand>""" for b, name in ((1, "Red"), (2, "Green"), (3, "Blue")))
+    mosaic = tmp_path / "mosaic.vrt"
+    mosaic.write_text(f"""<VRTDataset rasterXSize="{width}" rasterYSize="{height}"><SRS>{escape(crs)}</SRS>
+        <GeoTransform>{", ".join(map(str, geotransform))}</GeoTransform>{bands}</VRTDataset>""")
+    settings = TileSettings(tile=112, scales=(1,))
+    out = tmp_path / "index"
+    IndexWriter(out, model, settings).build([mosaic])
+    before = shard_arrays(out)
+    vrt_stamp = mosaic.stat().st_mtime_ns
+    with rasterio.open(rmnp_copy, "r+") as dst:
+        dst.write(dst.read()[:, ::-1])
+    assert mosaic.stat().st_mtime_ns == vrt_stamp
+    IndexWriter(out, model, settings).build([mosaic])
+    after = shard_arrays(out)
+    assert len(after["records"]) == len(before["records"]) and (after["cells"] != before["cells"]).mean() > 0.1
 
 
 def test_a_run_is_complete_when_its_own_rasters_are(tmp_path, model, rmnp_copy, assets):

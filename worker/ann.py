@@ -443,9 +443,10 @@ def covered(index: TileIndex) -> dict[str, int]:
 
 
 def sources(index: TileIndex) -> dict[str, list[int]]:
-    """The file each raster id was indexed from, as its size and modification time: a raster
-    changed on disk and indexed again keeps its id, and often its tile count."""
-    return {str(r["id"]): [r.get("size"), r.get("mtime_ns")] for r in index.manifest["rasters"]}
+    """The file each raster id was indexed from, as its size and modification time (and a VRT's
+    sources'): a raster changed on disk and indexed again keeps its id, and often its tile count."""
+    return {str(r["id"]): [r.get("size"), r.get("mtime_ns"), *(r.get("sources") or [])]
+            for r in index.manifest["rasters"]}
 
 
 def current(built: dict, index: TileIndex) -> bool:

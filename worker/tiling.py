@@ -88,25 +88,50 @@ class RasterInfo:
     transform: tuple[float, ...]
     bands: tuple[int, ...]
     stretch: tuple[tuple[float, float], ...] | None  # per band (low, high); None for 8-bit
+    sources: tuple[int, int] | None = None  # a VRT's: the files it reads (sources_stamp); None for other rasters
 
     def to_json(self) -> dict:
-        return {"path": self.path, "size": self.size, "mtime_ns": self.mtime_ns, "width": self.width,
-                "height": self.height, "crs_wkt": self.crs_wkt, "transform": list(self.transform),
-                "bands": list(self.bands), "stretch": [list(s) for s in self.stretch] if self.stretch else None}
+        out = {"path": self.path, "size": self.size, "mtime_ns": self.mtime_ns, "width": self.width,
+               "height": self.height, "crs_wkt": self.crs_wkt, "transform": list(self.transform),
+               "bands": list(self.bands), "stretch": [list(s) for s in self.stretch] if self.stretch else None}
+        return {**out, "sources": list(self.sources)} if self.sources else out
 
     @classmethod
     def from_json(cls, d: dict) -> "RasterInfo":
         return cls(path=d["path"], size=d["size"], mtime_ns=d["mtime_ns"], width=d["width"], height=d["height"],
                    crs_wkt=d["crs_wkt"], transform=tuple(d["transform"]), bands=tuple(d["bands"]),
-                   stretch=tuple(tuple(s) for s in d["stretch"]) if d["stretch"] else None)
+                   stretch=tuple(tuple(s) for s in d["stretch"]) if d["stretch"] else None,
+                   sources=tuple(d["sources"]) if d.get("sources") else None)
 
     @property
     def affine(self) -> rasterio.Affine:
         return rasterio.Affine(*self.transform[:6])
 
     def changed_on_disk(self) -> bool:
+        """Whether the file, or any file a VRT reads, changed since it was described (a VRT's
+        sources are recorded from this version on; older records judge the .vrt alone)."""
         st = os.stat(self.path)
-        return st.st_size != self.size or st.st_mtime_ns != self.mtime_ns
+        if st.st_size != self.size or st.st_mtime_ns != self.mtime_ns:
+            return True
+        if self.sources is None:
+            return False
+        with rasterio.open(self.path) as src:
+            return sources_stamp(src) != self.sources
+
+
+def sources_stamp(src: rasterio.DatasetReader) -> tuple[int, int] | None:
+    """A VRT's sources (a mosaic's files), as their total size and latest modification time: its
+    own file does not change when they do. None for other rasters (their side files, such as the
+    .aux.xml QGIS rewrites when it shows a raster, are not pixels)."""
+    if src.driver != "VRT":
+        return None
+    stats = []
+    for name in src.files[1:]:
+        try:
+            stats.append(os.stat(name))
+        except OSError:  # not a local file (/vsi), or gone: reading it says so
+            continue
+    return (sum(st.st_size for st in stats), max(st.st_mtime_ns for st in stats)) if stats else None
 
 
 def pixel_to_crs(rasters: list[RasterInfo], cols: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -270,7 +295,7 @@ def open_raster(path: Path, bands: tuple[int, ...] | None, drivers: tuple[str, .
         st = os.stat(path)
         return RasterInfo(path=str(path), size=st.st_size, mtime_ns=st.st_mtime_ns, width=src.width,
                           height=src.height, crs_wkt=src.crs.to_wkt(), transform=tuple(src.transform)[:6],
-                          bands=chosen, stretch=stretch)
+                          bands=chosen, stretch=stretch, sources=sources_stamp(src))
 
 
 def _offsets(length: int, window: int, step: int) -> list[int]:
