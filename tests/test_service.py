@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import fcntl
 import json
 import random
 import re
@@ -122,6 +123,12 @@ def test_delete_index_is_refused_while_a_job_builds_it(worker, rasters):
         assert err.value.code == codes.BUSY and "cancel" in err.value.message
         c.cancel(job["id"])
         assert wait_job(c, job["id"])["state"] in (states.CANCELLED, states.DONE)
+        with open(root / "building" / ".lock", "w") as other_writer:  # as a command-line run holds it
+            fcntl.flock(other_writer, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            with pytest.raises(WorkerError) as err:
+                c.request("delete_index", index="building")
+        assert err.value.code == codes.BUSY and "another process" in err.value.message
+        assert (root / "building" / "manifest.json").is_file(), "nothing removed under the other writer"
         assert c.request("delete_index", index="building")["deleted"] == "building"
         assert "building" not in {i["name"] for i in c.list_indexes()}
     assert not (root / "building").exists()

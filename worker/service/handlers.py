@@ -21,6 +21,7 @@ from worker.feedback import Feedback
 from worker.service.config import ServiceConfig
 from worker.service.indexes import MANIFEST, OpenIndexes, index_dirs
 from worker.service.jobs import Job, JobManager
+from worker.store.format import IndexLocked, index_lock
 from worker.tiling import TileSettings
 
 Handler = Callable[[dict, list], dict]
@@ -118,8 +119,14 @@ class Handlers:
         inner = [paths.index_name(d) for d in index_dirs(index_dir) if d != index_dir]
         if inner:
             raise ProtocolError(FORBIDDEN, f"index {name!r} holds other indexes ({', '.join(inner)}): delete them first")
-        # handlers run on the loop's thread, as jobs are started: no job can start between the check and here
-        self.indexes.delete(index_dir)
+        # handlers run on the loop's thread, as jobs are started: no job can start between the check and here;
+        # the index's lock keeps out a writer of another process (a command-line run, `build-ann`)
+        try:
+            with index_lock(index_dir):
+                self.indexes.delete(index_dir)
+        except IndexLocked:
+            raise ProtocolError(BUSY, f"index {name!r} is being written by another process (a command-line `index` "
+                                      "or `build-ann` run): wait for it to end or stop it, then delete the index") from None
         return {"deleted": name}
 
     def _check_extendable(self, request: IndexRequest) -> None:

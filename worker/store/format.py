@@ -211,6 +211,10 @@ def _left_by_a_writer(entry: Path) -> bool:
     return name == SHARDS and entry.is_dir() and not entry.is_symlink() and not any(entry.iterdir())
 
 
+class IndexLocked(InputError):
+    """Another writer holds the index (an indexing run or a shortlist build, in any process)."""
+
+
 @contextmanager
 def index_lock(index_dir: Path) -> Iterator[None]:
     """One writer per index (a second one gets a clear error instead of interleaving shards)."""
@@ -221,7 +225,8 @@ def index_lock(index_dir: Path) -> Iterator[None]:
         try:
             fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise InputError(f"{index_dir} is being written by another indexing run") from None
+            raise IndexLocked(f"{index_dir} is being written by another indexing run: wait for it to end, or stop "
+                              "it, and run this again") from None
         yield
 
 
