@@ -71,11 +71,17 @@ def test_a_paletted_raster_is_refused_and_grey_with_alpha_is_read_as_grey(tmp_pa
 
 
 def test_crs_less_raster_is_refused_with_what_to_do(tmp_path, assets):
+    from rasterio.control import GroundControlPoint
+
     with rasterio.open(assets["rmnp_rgb"]) as src:
-        data, transform = src.read(), src.transform
+        data, transform, crs = src.read(), src.transform, src.crs
     path = write_raster(tmp_path / "nocrs.tif", data, transform=transform)
     with pytest.raises(InputError, match="has no CRS.*gdal_edit"):
         open_raster(path, None)
+    gcps = [GroundControlPoint(row, col, *(transform * (col, row))) for row, col in ((0, 0), (0, 200), (200, 0))]
+    placed = write_raster(tmp_path / "gcps.tif", data, gcps=gcps, crs=crs)  # a scene as delivered: no map grid yet
+    with pytest.raises(InputError, match="ground control points.*gdalwarp"):
+        open_raster(placed, None)
 
 
 def test_crs_without_epsg_code_is_indexable(assets):
