@@ -98,9 +98,3 @@ class DrawingPool:
 
     def close(self) -> None:
         self.executor.shutdown(cancel_futures=True)
-
-    def __enter__(self) -> "DrawingPool":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
