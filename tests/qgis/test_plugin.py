@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 from qgis.core import (Qgis, QgsApplication, QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsPointXY,
                        QgsProject, QgsRasterLayer, QgsVectorLayer)
@@ -186,7 +188,11 @@ def test_processing_algorithms_run(plugin, worker, raster_root, tmp_path):
     del hits, layer
 
 
-def test_connecting_to_a_curve_protected_worker_needs_the_keys(plugin, raster_root, tmp_path, qgis_iface):
+@contextmanager
+def encrypted_worker(dock, raster_root, tmp_path, *extra):
+    """A worker that serves only CURVE clients (as one serving other machines must), the keys
+    chosen in the plugin's settings and the dock connected to it; after: the keys reset, the
+    worker stopped."""
     from conftest import WORKER_PYTHON
     from lab.worker_process import WorkerProcess, make_curve_keys
     from sketch_search.settings import Setting
@@ -194,32 +200,42 @@ def test_connecting_to_a_curve_protected_worker_needs_the_keys(plugin, raster_ro
     keys, good = make_curve_keys(tmp_path)
     index_root = tmp_path / "indexes"
     index_root.mkdir()
-    proc = WorkerProcess(index_root, raster_root, extra=["--curve-keys", str(keys)], python=WORKER_PYTHON).start(curve=good)
-    dock = plugin.dock
+    proc = WorkerProcess(index_root, raster_root, extra=["--curve-keys", str(keys), *extra],
+                         python=WORKER_PYTHON).start(curve=good)
     try:
         Setting.SERVER_KEY.set(str(keys / "server.key"))
         Setting.CLIENT_KEY.set(str(keys / "authorized_clients" / "client.key_secret"))
         dock.connect_worker(proc.bind)
         assert process_until(lambda: dock.worker_panel.status_label.text().startswith("connected"), 30), \
             dock.worker_panel.status_label.text()
-        import processing  # Processing reaches it with the same keys
-
-        layer = QgsRasterLayer(str(raster_root / "rmnp-rgb.tif"), "rmnp")
-        built = processing.run("sketchsearch:build_index", {"ENDPOINT": proc.bind, "INDEX": "encrypted",
-                                                            "RASTERS": [layer], "TILE": 224, "SCALES": "1"})
-        assert built["TILES"] > 0
-        del layer
-        Setting.SERVER_KEY.reset()
-        Setting.CLIENT_KEY.reset()
-        qgis_iface.messageBar().clear_messages()
-        dock.controller.connect_timeout_s = 1.5
-        dock.connect_worker(proc.bind)
-        assert process_until(lambda: dock.worker_panel.status_label.text() == "not answering", 20)
+        yield proc
     finally:
-        dock.controller.connect_timeout_s = 10.0
         Setting.SERVER_KEY.reset()
         Setting.CLIENT_KEY.reset()
         proc.stop()
+
+
+def test_connecting_to_a_curve_protected_worker_needs_the_keys(plugin, raster_root, tmp_path, qgis_iface):
+    import processing
+
+    from sketch_search.settings import Setting
+
+    dock = plugin.dock
+    try:
+        with encrypted_worker(dock, raster_root, tmp_path) as proc:
+            layer = QgsRasterLayer(str(raster_root / "rmnp-rgb.tif"), "rmnp")  # Processing reaches it with the same keys
+            built = processing.run("sketchsearch:build_index", {"ENDPOINT": proc.bind, "INDEX": "encrypted",
+                                                                "RASTERS": [layer], "TILE": 224, "SCALES": "1"})
+            assert built["TILES"] > 0
+            del layer
+            Setting.SERVER_KEY.reset()
+            Setting.CLIENT_KEY.reset()
+            qgis_iface.messageBar().clear_messages()
+            dock.controller.connect_timeout_s = 1.5
+            dock.connect_worker(proc.bind)
+            assert process_until(lambda: dock.worker_panel.status_label.text() == "not answering", 20)
+    finally:
+        dock.controller.connect_timeout_s = 10.0
 
 
 def test_a_worker_serving_every_interface_sends_progress_where_it_was_reached(plugin, raster_root, rmnp_layer,
@@ -227,22 +243,10 @@ def test_a_worker_serving_every_interface_sends_progress_where_it_was_reached(pl
     """A worker serving a team binds every interface (tcp://*:PORT) and names its progress
     endpoint so; the plugin dials that at the host it reached the worker at, and an index job's
     progress and end arrive (they come only as events)."""
-    from conftest import WORKER_PYTHON
-    from lab.worker_process import WorkerProcess, free_port, make_curve_keys
-    from sketch_search.settings import Setting
+    from lab.worker_process import free_port
 
-    keys, good = make_curve_keys(tmp_path)  # a worker serving other machines must encrypt
-    index_root = tmp_path / "indexes"
-    index_root.mkdir()
-    proc = WorkerProcess(index_root, raster_root, extra=["--curve-keys", str(keys), "--pub", f"tcp://*:{free_port()}"],
-                         python=WORKER_PYTHON).start(curve=good)
     dock = plugin.dock
-    try:
-        Setting.SERVER_KEY.set(str(keys / "server.key"))
-        Setting.CLIENT_KEY.set(str(keys / "authorized_clients" / "client.key_secret"))
-        dock.connect_worker(proc.bind)
-        assert process_until(lambda: dock.worker_panel.status_label.text().startswith("connected"), 30), \
-            dock.worker_panel.status_label.text()
+    with encrypted_worker(dock, raster_root, tmp_path, "--pub", f"tcp://*:{free_port()}"):
         assert dock.controller.link.subscribed
         panel = dock.index_panel
         panel.refresh_raster_layers()
@@ -252,10 +256,6 @@ def test_a_worker_serving_every_interface_sends_progress_where_it_was_reached(pl
         panel.build_button.click()
         assert process_until(lambda: any("Indexing done" in m for m in qgis_iface.messageBar().get_messages(Qgis.Success)),
                              120), qgis_iface.messageBar().get_messages(Qgis.Warning)
-    finally:
-        Setting.SERVER_KEY.reset()
-        Setting.CLIENT_KEY.reset()
-        proc.stop()
 
 
 def test_building_an_index_from_the_dock_shows_progress(plugin, worker, rmnp_layer, qgis_iface):
