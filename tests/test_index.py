@@ -116,6 +116,24 @@ def test_a_mosaic_whose_source_changed_is_indexed_again(tmp_path, model, rmnp_co
     assert len(after["records"]) == len(before["records"]) and (after["cells"] != before["cells"]).mean() > 0.1
 
 
+def test_maps_written_band_by_band_hold_the_cells_joined_whole(tmp_path, model, assets):
+    """A raster's level maps are joined into their files a band of rows at a time (a continental
+    mosaic's map and its tiles' cells do not fit in memory at once): the same cells as every tile
+    joined at once, at any band height."""
+    from worker.store.maps import join_maps, map_file, write_joined_maps
+
+    out = tmp_path / "index"
+    IndexWriter(out, model, TileSettings(tile=112, scales=(1, 2))).build([assets["rmnp_rgb"]])
+    index = TileIndex.open(out)
+    whole = join_maps(index, np.arange(len(index)))
+    assert len(whole) == 2 and all(level.cells.any() for level in whole.values())
+    for band in (None, 7, 64):  # the writer's own, then odd heights whose bands cut through tiles
+        if band:
+            write_joined_maps(index, band_cells=band)
+        for key, level in whole.items():
+            assert np.array_equal(np.load(map_file(out, *key)), level.cells), (band, key)
+
+
 def test_a_run_is_complete_when_its_own_rasters_are(tmp_path, model, rmnp_copy, assets):
     """One raster's run was stopped, another's finished: the second run is complete (its job is
     done, not `interrupted` and resumed at every worker start), and says why the shortlist it

@@ -67,30 +67,41 @@ def assemble(rasters: dict[int, RasterInfo], records: np.ndarray, cells_of, tile
     """Level maps of every (raster id, scale) in `records` (the index's tile records with
     CELL_ORIGIN_FIELDS); `cells_of(rows)` gives the stored cells of those records."""
     maps: dict[tuple[int, int], LevelMap] = {}
-    keys = np.unique(np.stack([records["raster_id"], records["scale"]], 1), axis=0) if len(records) else []
-    for raster_id, scale in keys:
-        raster = rasters[int(raster_id)]
-        lp = level_pixel(tile_size, int(scale), drawing_size)
-        shape = map_shape(raster, lp)
-        grid = np.zeros((*shape, ORIENTATIONS), np.uint8)
-        best = np.full(shape, np.inf, np.float32)
+    for raster_id, scale in map_keys(records):
+        raster = rasters[raster_id]
+        lp = level_pixel(tile_size, scale, drawing_size)
+        grid = np.zeros((*map_shape(raster, lp), ORIENTATIONS), np.uint8)
         rows = np.nonzero((records["raster_id"] == raster_id) & (records["scale"] == scale))[0]
-        stored = cells_of(rows)
-        half = drawing_size / 2 / CELL
-        for rec, cells in zip(records[rows], stored):
-            r0, c0, nr, nc = (int(rec[f]) for f in CELL_ORIGIN_FIELDS)
-            nr, nc = min(nr, shape[0] - r0), min(nc, shape[1] - c0)
-            if nr <= 0 or nc <= 0:
-                continue
-            # distance (in cells, Chebyshev) of each cell's centre from the tile's centre
-            centre_r = rec["row_off"] / lp / CELL + half
-            centre_c = rec["col_off"] / lp / CELL + half
-            dr = np.abs(np.arange(r0, r0 + nr) + 0.5 - centre_r)
-            dc = np.abs(np.arange(c0, c0 + nc) + 0.5 - centre_c)
-            dist = np.maximum(dr[:, None], dc[None, :])
-            region = best[r0:r0 + nr, c0:c0 + nc]
-            closer = dist < region
-            region[closer] = dist[closer]
-            grid[r0:r0 + nr, c0:c0 + nc][closer] = cells[:nr, :nc][closer]
-        maps[(int(raster_id), int(scale))] = LevelMap(raster, int(raster_id), int(scale), lp, grid)
+        paint(grid, 0, records[rows], cells_of(rows), lp, drawing_size)
+        maps[(raster_id, scale)] = LevelMap(raster, raster_id, scale, lp, grid)
     return maps
+
+
+def map_keys(records: np.ndarray) -> list[tuple[int, int]]:
+    """The (raster id, scale) of every level map the tile records make, in order."""
+    if not len(records):
+        return []
+    return [(int(r), int(s)) for r, s in np.unique(np.stack([records["raster_id"], records["scale"]], 1), axis=0)]
+
+
+def paint(grid: np.ndarray, top: int, records: np.ndarray, stored, lp: float, drawing_size: int) -> None:
+    """Paint tiles' cells into rows top .. top + len(grid) of a level map (a band of it, or all):
+    each cell comes from the tile whose centre is nearest (Chebyshev, in cells), the first in
+    record order on a tie. `stored`: the records' cells, in their order."""
+    half = drawing_size / 2 / CELL
+    bottom, width = top + grid.shape[0], grid.shape[1]
+    best = np.full(grid.shape[:2], np.inf, np.float32)  # each cell's distance from its tile's centre so far
+    for rec, cells in zip(records, stored):
+        r0, c0, nr, nc = (int(rec[f]) for f in CELL_ORIGIN_FIELDS)
+        a, b, nc = max(r0, top), min(r0 + nr, bottom), min(nc, width - c0)
+        if b <= a or nc <= 0:
+            continue
+        centre_r = rec["row_off"] / lp / CELL + half
+        centre_c = rec["col_off"] / lp / CELL + half
+        dr = np.abs(np.arange(a, b) + 0.5 - centre_r)
+        dc = np.abs(np.arange(c0, c0 + nc) + 0.5 - centre_c)
+        dist = np.maximum(dr[:, None], dc[None, :])
+        region = best[a - top:b - top, c0:c0 + nc]
+        closer = dist < region
+        region[closer] = dist[closer]
+        grid[a - top:b - top, c0:c0 + nc][closer] = cells[a - r0:b - r0, :nc][closer]

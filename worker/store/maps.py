@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from worker import level_maps
+from worker.edge_cells import ORIENTATIONS
 from worker.errors import CorruptIndexError
 from worker.level_maps import LevelMap
 from worker.store.format import disk_write
@@ -29,19 +30,40 @@ def map_file(index_dir: Path, raster_id: int, scale: int) -> Path:
     return Path(index_dir) / MAPS / f"r{raster_id:05d}-s{scale}.npy"
 
 
-def write_maps(index_dir: Path, maps: dict[tuple[int, int], LevelMap]) -> None:
-    """Write level maps, each under a temporary name renamed into place."""
-    folder = Path(index_dir) / MAPS
-    for (raster_id, scale), level in maps.items():
-        dest = map_file(index_dir, raster_id, scale)
+BAND_CELLS = 512  # map rows joined at a time: a band of a wide mosaic and its tiles' cells, never the whole map
+
+
+def write_joined_maps(index, band_cells: int = BAND_CELLS) -> None:
+    """The level maps of an open index's tiles (worker.store.reader.TileIndex; the writer gives
+    a view of one raster's shards) joined band by band straight into their files, each under a
+    temporary name renamed into place. Joined whole in memory, a 100,000 px square mosaic took
+    about 7 GB (its tiles' cells read at once, copied, and the map); a band holds the cells of the
+    tiles that meet it. The same cells as level_maps.assemble, bit for bit."""
+    from numpy.lib.format import open_memmap
+
+    records = index.records
+    tile, drawing = index.manifest["tiling"]["tile"], index.manifest["drawing_size"]
+    for raster_id, scale in level_maps.map_keys(records):
+        rows = np.nonzero((records["raster_id"] == raster_id) & (records["scale"] == scale))[0]
+        lp = level_maps.level_pixel(tile, scale, drawing)
+        shape = level_maps.map_shape(index.rasters[raster_id], lp)
+        first, count = records["cell_row"][rows], records["cell_rows"][rows]
+        dest = map_file(index.dir, raster_id, scale)
         tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
         with disk_write(dest):
-            folder.mkdir(exist_ok=True)
+            dest.parent.mkdir(exist_ok=True)
             try:
-                with open(tmp, "wb") as f:
-                    np.save(f, np.ascontiguousarray(level.cells))
-                    f.flush()
-                    os.fsync(f.fileno())
+                out = open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(*shape, ORIENTATIONS))
+                for top in range(0, shape[0], band_cells):
+                    bottom = min(top + band_cells, shape[0])
+                    meeting = rows[(first < bottom) & (first + count > top)]
+                    band = np.zeros((bottom - top, *shape[1:], ORIENTATIONS), np.uint8)
+                    level_maps.paint(band, top, records[meeting], index.cells_of(meeting), lp, drawing)
+                    out[top:bottom] = band
+                out.flush()
+                del out
+                with open(tmp, "rb") as written:
+                    os.fsync(written.fileno())
                 os.replace(tmp, dest)
             finally:
                 if tmp.is_file():
@@ -49,7 +71,9 @@ def write_maps(index_dir: Path, maps: dict[tuple[int, int], LevelMap]) -> None:
 
 
 def remove_maps(index_dir: Path, raster_id: int) -> None:
-    for path in (Path(index_dir) / MAPS).glob(f"r{raster_id:05d}-s*.npy"):
+    """A raster's map files, and any a killed writer left under a temporary name."""
+    folder = Path(index_dir) / MAPS
+    for path in [*folder.glob(f"r{raster_id:05d}-s*.npy"), *folder.glob(f".r{raster_id:05d}-s*.npy.*.tmp")]:
         path.unlink()
 
 

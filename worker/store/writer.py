@@ -16,7 +16,7 @@ from worker.store.format import (CHUNK_TILES, MANIFEST, RECORD_DTYPE, SHARDS, TI
                                  check_index_folder, check_tokens, disk_write, holds_tokens, index_lock, new_manifest,
                                  read_manifest, remove_shards, shard_name, write_json_atomic, write_shard)
 from worker.store.gpkg import write_tiles_gpkg
-from worker.store.maps import join_maps, remove_maps, write_maps
+from worker.store.maps import remove_maps, write_joined_maps
 from worker.store.reader import TileIndex
 from worker.drawing_pool import DrawingPool, default_processes, drawn_batches
 from worker.tile_features import TileFeatures, describe_drawings
@@ -165,7 +165,7 @@ class IndexWriter:
             # a view of this raster's committed shards only: its tiles are all it joins
             index = TileIndex(self.dir, self.manifest, [s for s in self.manifest["shards"] if s["raster_id"] == entry["id"]])
             if len(index):
-                write_maps(self.dir, join_maps(index, np.arange(len(index))))
+                write_joined_maps(index)
             entry["complete"] = True
         self._commit()
 
