@@ -134,6 +134,24 @@ def test_maps_written_band_by_band_hold_the_cells_joined_whole(tmp_path, model, 
             assert np.array_equal(np.load(map_file(out, *key)), level.cells), (band, key)
 
 
+def test_a_raster_too_small_for_a_tile_says_so(tmp_path, model, rmnp_copy, caplog):
+    """A raster smaller than a tile has no tile with enough data: it is complete, and a warning
+    says how to index it; a GDAL virtual path is refused with what to do."""
+    import rasterio
+
+    from conftest import write_raster
+    from worker.tiling import find_rasters
+
+    with rasterio.open(rmnp_copy) as src:
+        small = write_raster(tmp_path / "small.tif", src.read(window=((0, 60), (0, 60))), crs=src.crs,
+                             transform=src.transform)
+    IndexWriter(tmp_path / "index", model, TileSettings(tile=224, scales=(1,))).build([small])
+    assert TileIndex.open(tmp_path / "index").info()["tile_count"] == 0
+    assert any("small.tif" in r.message and "smaller --tile" in r.message for r in caplog.records)
+    with pytest.raises(InputError, match="virtual paths.*copy or extract"):
+        find_rasters([f"/vsizip/{tmp_path}/mosaic.zip/sheet.tif"])
+
+
 def test_a_run_is_complete_when_its_own_rasters_are(tmp_path, model, rmnp_copy, assets):
     """One raster's run was stopped, another's finished: the second run is complete (its job is
     done, not `interrupted` and resumed at every worker start), and says why the shortlist it

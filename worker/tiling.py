@@ -199,6 +199,9 @@ def find_rasters(inputs: list[str | Path], access: RasterAccess = RasterAccess()
             found += [access.check_file(p) for p in _files_under(path)]
         elif path.is_file():
             found.append(access.check_file(path))
+        elif str(item).startswith("/vsi"):
+            raise InputError(f"{excerpt(str(item))}: GDAL virtual paths are not indexed (a search reads the raster "
+                             "again for every hit); copy or extract it to a folder first")
         else:
             raise InputError(f"raster not found: {excerpt(str(item))}")
     if not found:

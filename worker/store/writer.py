@@ -166,6 +166,10 @@ class IndexWriter:
             index = TileIndex(self.dir, self.manifest, [s for s in self.manifest["shards"] if s["raster_id"] == entry["id"]])
             if len(index):
                 write_joined_maps(index)
+            else:  # complete, and nothing in it a search could find
+                log.warning("%s: none of its %d tiles holds enough data (at least %.0f%% of a tile of %d px) to be "
+                            "indexed; a raster smaller than a tile needs a smaller --tile", entry["path"],
+                            entry["tiles_total"] or 0, 100 * self.settings.min_valid, self.settings.tile)
             entry["complete"] = True
         self._commit()
 
