@@ -4,6 +4,7 @@ and what a tile's line drawing leaves out (nodata, featureless water)."""
 import numpy as np
 import pytest
 import rasterio
+import rasterio.warp
 from rasterio.crs import CRS
 from rasterio.enums import ColorInterp
 from rasterio.warp import transform_bounds
@@ -193,6 +194,25 @@ def test_batched_drawing_draws_what_scikit_images_canny_draws(assets):
     assert 0 < whole.sum() < len(whole)  # tiles with nodata and tiles without
     alone = edge_maps(images[whole], TILE_EDGE_SIGMA, masks[whole])  # a batch without nodata: one normaliser
     assert (alone != reference[whole]).sum() <= 1e-3 * reference[whole].sum()
+
+
+def test_a_place_across_the_antimeridian_keeps_its_footprint(tmp_path):
+    """A raster across 180 degrees (here in EPSG:3832, Mercator centred on the Pacific): a hit's
+    footprint in lon/lat or web Mercator stays the small square it is, not a band round the world
+    (its western corners are moved one world east, where GIS software draws them)."""
+    from rasterio.transform import from_origin
+
+    from worker.geo import reproject_rings
+    from worker.placement import Placement
+
+    pacific = CRS.from_epsg(3832)
+    x180 = float(rasterio.warp.transform(CRS.from_epsg(4326), pacific, [180.0], [-17.0])[0][0])
+    data = np.random.default_rng(0).integers(0, 255, (3, 200, 200), dtype=np.uint8)
+    path = write_raster(tmp_path / "fiji.tif", data, crs=pacific, transform=from_origin(x180 - 50_000, -1_900_000, 500, 500))
+    across = Placement(open_raster(path, None), cx=100.0, cy=100.0, side=100.0)  # 50 km, on the antimeridian
+    wgs84, mercator = reproject_rings([across], CRS.from_epsg(4326))[0], reproject_rings([across], CRS.from_epsg(3857))[0]
+    assert wgs84.is_valid and wgs84.bounds[0] < 180 < wgs84.bounds[2] and wgs84.bounds[2] - wgs84.bounds[0] < 1
+    assert mercator.is_valid and mercator.bounds[2] - mercator.bounds[0] < 100_000
 
 
 def test_footprints_of_many_placements_are_each_ones_own(assets):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
+from functools import lru_cache
 
 import numpy as np
 import shapely
@@ -84,9 +85,46 @@ def reproject_rings(tiles: list, dst: CRS) -> list[Polygon]:
         else:
             xs, ys = warp_transform(src, dst, rings[..., 0].ravel(), rings[..., 1].ravel())
             xs, ys = np.asarray(xs).reshape(rings.shape[:2]), np.asarray(ys).reshape(rings.shape[:2])
+            xs = _unwrapped(xs, dst)
         for i, polygon in zip(idx, shapely.polygons(np.stack([xs, ys], axis=-1))):
             out[i] = polygon
     return out  # type: ignore[return-value]
+
+
+def _unwrapped(xs: np.ndarray, dst: CRS) -> np.ndarray:
+    """Rings (n, k) of x in `dst` that cross the antimeridian, made whole: in a CRS whose x wraps
+    round the world (lon/lat, web Mercator), a footprint across 180 degrees jumps from one edge to
+    the other and would become a band round the world; its western points are moved one world
+    east (x past the CRS's edge, which GIS software draws where it belongs)."""
+    world = _world(dst.to_wkt())
+    if world is None or not np.isfinite(xs).all():
+        return xs
+    width, middle = world
+    jumps = np.ptp(xs, axis=1) > width / 2
+    if jumps.any():
+        xs = xs.copy()
+        xs[jumps] = np.where(xs[jumps] < middle, xs[jumps] + width, xs[jumps])
+    return xs
+
+
+@lru_cache(maxsize=16)
+def _world(dst_wkt: str) -> tuple[float, float] | None:
+    """How far x runs once round the equator in a CRS, and its middle (360 and 0 in lon/lat);
+    None where that is no CRS whose x wraps round (x not growing eastwards over the whole turn)."""
+    dst = CRS.from_wkt(dst_wkt)
+    if dst.is_geographic:
+        return 360.0, 0.0
+    centre = float(dst.to_dict().get("lon_0", 0.0))
+    lons = centre + np.array([-179.999, -90.0, 0.0, 90.0, 179.999])
+    try:
+        xs, _ = warp_transform(CRS.from_epsg(4326), dst, lons, np.zeros(len(lons)))
+    except Exception:  # PROJ's errors have no common type
+        return None
+    xs = np.asarray(xs)
+    if not np.isfinite(xs).all() or not (np.diff(xs) > 0).all():
+        return None
+    width = (xs[-1] - xs[0]) * 360.0 / 359.998
+    return width, (xs[-1] + xs[0]) / 2
 
 
 def bounds_wgs84(items: list) -> np.ndarray:
