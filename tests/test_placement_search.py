@@ -317,8 +317,11 @@ def test_the_papers_ranker_and_the_token_score_run_on_an_index_with_tokens(index
     windows; the layout ranker with a token weight scores its placements with the aligned
     cross-attention. Both need an index built with tokens; on the default index, without them,
     they are refused with what to do."""
+    from rasterio.crs import CRS
+
     from worker.errors import InputError
-    from worker.store import IndexWriter
+    from worker.geo import bbox_to_wgs84, reproject_rings
+    from worker.store import WGS84, IndexWriter
     from worker.tiling import TileSettings
 
     tile = index.tile(int(np.nonzero(index.records["scale"] == 1)[0][20]))
@@ -331,6 +334,11 @@ def test_the_papers_ranker_and_the_token_score_run_on_an_index_with_tokens(index
     index = TileIndex.open(tmp_path / "tokens")
     tiles = search(index, model, sketch, RankingConfig(ranker="tokens"), top=5).hits
     assert len(tiles) == 5 and all(h.placement.angle == 0 and h.token_score is not None for h in tiles)
+    raster = index.rasters[0]  # the paper's ranker shortlists tiles inside a search's area, too
+    (x0, x1), (y0, y1) = raster.affine * (np.array([0.0, raster.width / 2]), np.array([raster.height / 2, raster.height]))
+    corner = bbox_to_wgs84((min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)), CRS.from_wkt(raster.crs_wkt))
+    inside = search(index, model, sketch, RankingConfig(ranker="tokens", shortlist=10), top=5, area_wgs84=corner).hits
+    assert len(inside) == 5 and all(p.intersects(corner) for p in reproject_rings([h.placement for h in inside], WGS84))
     placed = search(index, model, sketch, RankingConfig(token_weight=0.5), top=5).hits
     assert any(h.token_score is not None for h in placed)
     assert iou(placed[0].footprint_pixels(), frame.pixel_polygon()) >= 0.5
