@@ -15,7 +15,7 @@ from lab.pseudo_sketch import has_lines, pseudo_sketch
 from lab.worker_process import memory_mb
 from worker import ann, edge_cells, query_templates
 from worker.edge_cells import COARSE
-from worker.placement_scan import (ANN_MARGIN, COARSE_STEP, WINDOW_CELLS, local_scores, ann_peaks, peak_radius,
+from worker.placement_scan import (ANN_SPAN, COARSE_STEP, local_scores, ann_peaks, peak_radius,
                                     scanner_of)
 from worker.store.maps import crowds
 from worker.ranking import RankingConfig
@@ -92,7 +92,7 @@ def test_crowded_neighbourhoods_scored_as_one_block_score_as_each_alone(index_wi
     _, sketch = next(frames(index, 1, seed=3))
     templates = query_templates.build(sketch, ranking.sizes, ranking.angles)
     scanner = scanner_of(index, model.device)
-    side = WINDOW_CELLS + 2 * ANN_MARGIN
+    side = ANN_SPAN
     rng = np.random.default_rng(1)
     spots = [((0, 1), int(r), int(c)) for r, c in 2 * rng.integers(-10, 40, (30, 2))]  # crowded, on even cells
     spots += [((0, 1), 41, 7), ((0, 1), 44, 7), ((0, 2), 3, 90), ((0, 1), 200, 10)]  # odd, alone, far

@@ -150,6 +150,7 @@ def coarse_peaks(scanner: Scanner, templates: query_templates.Templates, ranking
 ANN_MARGIN = 14  # stored cells around an ANN window that its local scan covers (half a tile)
 ANN_BACKGROUND = 48  # random neighbourhoods that calibrate the local coarse scores
 WINDOW_CELLS = 28  # a tile's 224 level px in stored cells: the ANN's windows (worker.ann)
+ANN_SPAN = WINDOW_CELLS + 2 * ANN_MARGIN  # stored cells a side of an ANN window's local scan
 
 
 def ann_peaks(scanner: Scanner, templates: query_templates.Templates, ranking: RankingConfig,
@@ -162,7 +163,7 @@ def ann_peaks(scanner: Scanner, templates: query_templates.Templates, ranking: R
     that meet `area`, at places the exact scan could have found (inside the maps), are kept."""
     if not len(windows):
         return []
-    side = WINDOW_CELLS + 2 * ANN_MARGIN
+    side = ANN_SPAN
 
     def background_blocks() -> torch.Tensor:
         spots = scanner.random_spots(list(scanner.index.maps), ANN_BACKGROUND, side, np.random.default_rng(0))
@@ -173,7 +174,7 @@ def ann_peaks(scanner: Scanner, templates: query_templates.Templates, ranking: R
     local = local_scores(scanner, spots, side, templates, ranking)
     origins = np.array([(row, col) for _, row, col in spots]).reshape(-1, 2)
     shapes = np.array([scanner.shape(key) for key, _, _ in spots]).reshape(-1, 2)
-    peaks = []  # per template size: region, row, col (coarse steps in the region), angle, z
+    peaks = []  # per template size: region, top-left stored cell in its map, angle, z
     backgrounds = edge_cells.cosine_maps(background, templates.coarse, COARSE, COARSE_STEP, ranking.inked_only)
     for size in templates.sizes:
         flat = backgrounds[size].permute(1, 0, 2, 3).flatten(1)  # A, ...
@@ -192,7 +193,7 @@ def ann_peaks(scanner: Scanner, templates: query_templates.Templates, ranking: R
         inside = ((corner >= 0) & (corner + size // CELL <= shapes[at[:, 0]])).all(1)
         if area is not None and area.boxes:
             inside &= area.meets_each(windows[at[:, 0], :2], corner[:, 0], corner[:, 1], size // CELL)
-        peaks.append((size, at[inside], *(f[inside] for f in found)))
+        peaks.append((size, at[inside, 0], corner[inside], *(f[inside] for f in found)))
     return apart(peaks, spots, templates.angles, limit)
 
 
@@ -251,15 +252,13 @@ def peak_radius(size: int) -> int:
 
 def apart(peaks: list, spots: list[tuple[tuple[int, int], int, int]], angles: tuple[float, ...],
           limit: int) -> list[Candidate]:
-    """The best `limit` of the neighbourhoods' peaks (per template size: region, row, col in
-    coarse steps, angle index, z), best first, none within peak_radius of a better one of the
-    same map and template size: the neighbourhoods of nearby windows overlap, so most peaks are
-    found more than once."""
-    origin = np.array([(r, c) for _, r, c in spots], np.int64).reshape(-1, 2)
-    rows = []  # size, region, absolute row, col (stored cells), angle index, z
-    for size, at, angle, z in peaks:
-        absolute = origin[at[:, 0]] + at[:, 1:] * COARSE_STEP
-        rows.append(np.column_stack([np.full(len(at), size), at[:, 0], absolute, angle, z]))
+    """The best `limit` of the neighbourhoods' peaks (per template size: region, top-left stored
+    cell (row, col) in its map, angle index, z), best first, none within peak_radius of a better
+    one of the same map and template size: the neighbourhoods of nearby windows overlap, so most
+    peaks are found more than once."""
+    rows = []  # size, region, row, col (stored cells), angle index, z
+    for size, region, corner, angle, z in peaks:
+        rows.append(np.column_stack([np.full(len(region), size), region, corner, angle, z]))
     table = np.concatenate(rows) if rows else np.zeros((0, 6))
     table = table[np.argsort(-table[:, 5], kind="stable")]
     # A place found from several neighbourhoods is the same place: only its first finding (the

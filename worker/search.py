@@ -28,7 +28,7 @@ from worker.geo import reproject_rings
 from worker.placement import Placement
 from worker.ann import AUTO_MIN_TILES, AnnShortlist, query_vectors
 from worker.cancellation import raise_if_stopped
-from worker.placement_scan import ANN_MARGIN, WINDOW_CELLS, ann_peaks, coarse_peaks, refine, scanner_of
+from worker.placement_scan import ANN_MARGIN, ANN_SPAN, ann_peaks, coarse_peaks, refine, scanner_of
 from worker.ranking import RankingConfig
 from worker.search_area import SearchArea
 from worker.store import WGS84, TileIndex
@@ -100,9 +100,6 @@ def ann_shortlist(index: TileIndex, ranking: RankingConfig, area: SearchArea | N
         log.warning("%s: its ANN shortlist is older than its tiles or this worker; scanning exactly (run `build-ann`)", index.dir)
         return None
     return index._ann
-
-
-ANN_SPAN = WINDOW_CELLS + 2 * ANN_MARGIN  # stored cells a window's local scan covers (placement_scan.ann_peaks)
 
 
 def ann_neighbours(index: TileIndex, ranking: RankingConfig, area: SearchArea) -> int:
