@@ -35,6 +35,7 @@ def test_a_drawn_stroke_becomes_the_request(plugin, rmnp_layer, qgis_iface):
     expected = canvas.getCoordinateTransform().toMapCoordinates(QPoint(100, 100))
     assert strokes[0][0] == pytest.approx([expected.x(), expected.y()])
     dock.index_combo.addItem("rmnp")
+    dock.index_combo.setCurrentText("rmnp")  # whatever an earlier test left selected (or nothing)
     dock.area_combo.setCurrentIndex(1)
     query = dock.search_query()
     assert query.sketch_png is None and query.strokes == strokes and query.strokes_crs == "EPSG:3857"
