@@ -148,9 +148,9 @@ class SearchController(QObject):
         self.notice.emit(exit_.message, Qgis.Critical, "\n".join(exit_.last_lines))
 
     def stop_local_worker(self) -> None:
+        """Ask the local worker to stop; it finishes in the background (LocalWorker.stop)."""
         if self.local_worker is not None:
             self.local_worker.stop()
-            self.local_worker.deleteLater()
             self.local_worker = None
 
     def _open_link(self, endpoint: str, curve: Optional[CurveKeys], pub: Optional[str] = None) -> None:

@@ -8,13 +8,17 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from qgis.PyQt.QtCore import QObject, QProcess, pyqtSignal
+from qgis.PyQt.QtCore import QCoreApplication, QObject, QProcess, QTimer, pyqtSignal
 
 from .settings import Setting
 from .worker_command import WorkerCommand
 
 LAST_LINES = 12  # of the worker's stderr, shown when it stops
-STOP_WAIT_MS = 15000  # SIGTERM lets indexing jobs commit their batch
+STOP_WAIT_MS = 15000  # SIGTERM lets indexing jobs commit their batch; killed if still running after this
+START_POLL_MS = 100  # how often a worker to start looks whether the ones stopping have gone
+# the object name of a worker process asked to stop and not gone yet: the application holds it
+# until then, so a plugin reloaded meanwhile still finds it
+STOPPING = "sketch_search_worker_stopping"
 
 # what to do about each setting when it is the one to blame
 ADVICE = {Setting.WORKER_PYTHON: "choose a Python that has torch and the worker (CHECKOUT/.venv/bin/python after "
@@ -55,7 +59,8 @@ def setting_to_blame(lines: list) -> Setting:
 
 
 class LocalWorker(QObject):
-    """`python -m worker serve` as a child process of QGIS, stopped with it."""
+    """`python -m worker serve` as a child process of QGIS, stopped with it. Stopping never waits:
+    the worker is asked to stop and left to finish in the background."""
 
     ready = pyqtSignal(str, str)  # endpoint, pub endpoint
     stopped = pyqtSignal(object)  # a WorkerExit, when it stops by itself
@@ -73,8 +78,25 @@ class LocalWorker(QObject):
         self.process.finished.connect(self._finished)
         self.process.errorOccurred.connect(self._error)
         self._stderr_tail = b""
+        self._stop_asked = False
+        self._start_timer = self._timer(self.start)  # waits for the workers stopping
+        self._kill_timer = self._timer(self.process.kill)  # a stop's last resort
+
+    def _timer(self, then) -> QTimer:
+        timer = QTimer(self)
+        timer.setSingleShot(True)
+        timer.timeout.connect(then)
+        return timer
 
     def start(self) -> None:
+        """Start it once every worker this QGIS is stopping has gone: one still committing an
+        indexing batch holds its port and its index's lock."""
+        if self._stop_asked:
+            return
+        if any(process.state() != QProcess.NotRunning
+               for process in QCoreApplication.instance().findChildren(QProcess, STOPPING)):
+            self._start_timer.start(START_POLL_MS)
+            return
         try:
             os.makedirs(self.index_root, exist_ok=True)
         except OSError as exc:
@@ -113,11 +135,19 @@ class LocalWorker(QObject):
                                          Setting.WORKER_PYTHON))
 
     def stop(self) -> None:
-        """Stop it (SIGTERM, then kill); it is not reported as having stopped by itself."""
+        """Ask it to stop (SIGTERM: an indexing job commits its batch first) and return at once; it
+        is killed if still running STOP_WAIT_MS later. Waiting here froze QGIS for up to 15 s
+        while a job committed. The application keeps it until it has gone, so it outlives a
+        plugin unloaded meanwhile; it is not reported as having stopped by itself."""
+        self._stop_asked = True
+        self._start_timer.stop()
         self.process.finished.disconnect(self._finished)
         self.process.errorOccurred.disconnect(self._error)
-        if self.process.state() != QProcess.NotRunning:
-            self.process.terminate()
-            if not self.process.waitForFinished(STOP_WAIT_MS):
-                self.process.kill()
-                self.process.waitForFinished(2000)
+        if self.process.state() == QProcess.NotRunning:
+            self.deleteLater()
+            return
+        self.setParent(QCoreApplication.instance())
+        self.process.setObjectName(STOPPING)
+        self.process.finished.connect(self.deleteLater)
+        self.process.terminate()
+        self._kill_timer.start(STOP_WAIT_MS)

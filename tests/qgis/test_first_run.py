@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 from qgis.core import Qgis, QgsSettings
+from qgis.PyQt.QtCore import QCoreApplication, QProcess
 from qgis.PyQt.QtWidgets import QDialogButtonBox
 
 from conftest import REPO, WORKER_PYTHON, process_until
@@ -115,8 +116,10 @@ def test_without_a_worker_start_explains_what_is_needed_and_set_up_makes_one(
 def test_first_use_offers_the_worker_it_finds_and_a_configured_worker_connects(
         reloaded_plugin, new_user_settings, tmp_path):
     """The test run's SKETCH_SEARCH_WORKER_PYTHON is a usable worker nobody saved yet: the dock
-    offers it on first use; once used it is the configured worker, and Start uses it directly."""
+    offers it on first use; once used it is the configured worker, and Start uses it directly.
+    Stopping a worker does not wait for it; one started on its port waits until it has gone."""
     from lab.worker_process import free_port
+    from sketch_search.local_worker import STOPPING
 
     Setting = new_user_settings
     Setting.INDEX_ROOT.set(str(tmp_path / "indexes"))
@@ -130,10 +133,14 @@ def test_first_use_offers_the_worker_it_finds_and_a_configured_worker_connects(
         panel.use_button.click()
         assert process_until(lambda: connected(dock), WORKER_START_S), (panel.status_label.text(), notice_text(dock))
         assert Setting.WORKER_PYTHON.is_saved() and Setting.WORKER_PYTHON.get() == WORKER_PYTHON
+        first = dock.controller.local_worker.process
         dock.controller.stop_local_worker()
-        panel.endpoint_edit.setText(f"tcp://127.0.0.1:{free_port()}")
-        panel.start_button.click()  # configured now: started at once, nothing asked
+        assert first.state() != QProcess.NotRunning, "stopping does not wait for the worker: QGIS stays live"
+        panel.start_button.click()  # configured now: started at once, nothing asked, on the same port
+        assert panel.status_label.text() == "starting local worker…"
         assert process_until(lambda: connected(dock), WORKER_START_S), (panel.status_label.text(), notice_text(dock))
+        assert process_until(lambda: not QCoreApplication.instance().findChildren(QProcess, STOPPING), 10), \
+            "the first worker has gone, and nothing of it is left"
         assert dock.controller.local_worker.command.python == WORKER_PYTHON
     finally:
         dock.controller.stop_local_worker()
