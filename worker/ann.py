@@ -47,7 +47,7 @@ from worker.edge_cells import CELL, COARSE
 from worker.errors import CorruptIndexError, InputError
 from worker.placement_scan import COARSE_STEP, WINDOW_CELLS
 from worker.store import TileIndex, write_json_atomic
-from worker.store.format import disk_write, index_lock
+from worker.store.format import disk_write, index_lock, replace_durably
 
 ANN_DIR = "ann"
 WINDOW = WINDOW_CELLS * CELL  # level px: one tile
@@ -401,12 +401,7 @@ def _swap_in(folder: Path, index_dir: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
     if live.exists():
         os.replace(live, old)
-    os.replace(folder, live)
-    descriptor = os.open(index_dir, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)  # the renames on disk
-    finally:
-        os.close(descriptor)
+    replace_durably(folder, live)
     shutil.rmtree(old, ignore_errors=True)
 
 

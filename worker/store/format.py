@@ -139,6 +139,22 @@ def disk_write(path: Path) -> Iterator[None]:
                            "the job again: committed chunks are kept") from exc
 
 
+def sync_folder(folder: Path) -> None:
+    """Put a folder's renames on disk: a rename is not durable until its folder is synced, so a
+    power cut could otherwise keep a manifest that names a shard and lose the shard's rename."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def replace_durably(tmp: Path, dest: Path) -> None:
+    """Rename a written file or folder into place, the rename on disk before anything after it."""
+    os.replace(tmp, dest)
+    sync_folder(Path(dest).parent)
+
+
 def write_json_atomic(path: Path, obj: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with disk_write(path):
@@ -147,7 +163,7 @@ def write_json_atomic(path: Path, obj: dict) -> None:
                 json.dump(obj, f, indent=1)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
+            replace_durably(tmp, path)
         finally:
             if tmp.is_file():  # a write that failed leaves nothing behind
                 tmp.unlink()
@@ -166,7 +182,8 @@ def write_shard(index_dir: Path, name: str, arrays: dict[str, np.ndarray]) -> No
                 np.save(f, arr)
                 f.flush()
                 os.fsync(f.fileno())
-        os.replace(tmp, shards / name)
+        sync_folder(tmp)  # its files' names
+        replace_durably(tmp, shards / name)
 
 
 def remove_shards(index_dir: Path, names: Iterable[str]) -> None:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
-from worker.store.format import TILES_LAYER
+from worker.store.format import TILES_LAYER, replace_durably
 
 
 def write_tiles_gpkg(index_dir: Path) -> None:
@@ -28,4 +27,4 @@ def write_tiles_gpkg(index_dir: Path) -> None:
     tmp.unlink(missing_ok=True)
     pyogrio.raw.write(str(tmp), np.array(geoms, dtype=object), data, fields, layer="tiles", driver="GPKG",
                       crs="EPSG:4326", geometry_type="Polygon")
-    os.replace(tmp, index_dir / TILES_LAYER)
+    replace_durably(tmp, index_dir / TILES_LAYER)

@@ -20,7 +20,7 @@ from worker import level_maps
 from worker.edge_cells import ORIENTATIONS
 from worker.errors import CorruptIndexError
 from worker.level_maps import LevelMap
-from worker.store.format import disk_write
+from worker.store.format import disk_write, replace_durably
 from worker.store.shard_file import ShardArray
 
 MAPS = "maps"
@@ -64,7 +64,7 @@ def write_joined_maps(index, band_cells: int = BAND_CELLS) -> None:
                 del out
                 with open(tmp, "rb") as written:
                     os.fsync(written.fileno())
-                os.replace(tmp, dest)
+                replace_durably(tmp, dest)
             finally:
                 if tmp.is_file():
                     tmp.unlink()
