@@ -488,6 +488,49 @@ def test_10_a_full_disk_is_a_storage_error_not_a_bug(tmp_path):
     assert error_object(raw)["code"] == codes.STORAGE
 
 
+FULL_DISK = """
+import json, resource, signal, sys
+from pathlib import Path
+from worker.errors import error_object
+from worker.store.format import TILES_LAYER, disk_write
+from worker.store.gpkg import write_tiles_gpkg
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+index = Path(sys.argv[1])
+try:
+    with disk_write(index / TILES_LAYER):
+        write_tiles_gpkg(index)
+except Exception as exc:
+    print(json.dumps(error_object(exc)))
+"""
+
+
+def test_10_tiles_gpkg_on_a_full_disk_is_a_storage_error_and_keeps_the_last_one(served, tmp_path):
+    """The last step of an indexing job writes tiles.gpkg through GDAL, whose words for a full
+    disk are SQLite's ("no such table"). A disk that refuses it (here a file size limit) is a
+    storage error that says so, and the last tiles.gpkg stays as it was, with nothing beside it."""
+    import subprocess
+    import sys
+
+    from lab.worker_process import REPO
+    from worker.store import TileIndex
+    from worker.store.format import TILES_LAYER
+
+    index = tmp_path / "index"
+    shutil.copytree(served.index_root / "base", index)
+    before = (index / TILES_LAYER).read_bytes()
+    assert len(before) > 20_000, "more than the limit lets a process write"
+    done = subprocess.run([sys.executable, "-c", FULL_DISK, str(index)], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    reply = json.loads(done.stdout)
+    assert reply["code"] == codes.STORAGE, reply
+    assert "tiles.gpkg" in reply["message"] and "free space" in reply["message"], reply
+    assert (index / TILES_LAYER).read_bytes() == before
+    assert sorted(p.name for p in index.iterdir()) == sorted(p.name for p in (served.index_root / "base").iterdir())
+    assert len(TileIndex.open(index)) > 0
+
+
 def test_the_documented_limits_are_the_workers():
     """docs/protocol.md's table of limits names every serve flag with its default."""
     from dataclasses import fields

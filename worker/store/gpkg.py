@@ -11,6 +11,7 @@ from worker.store.format import TILES_LAYER, replace_durably
 
 def write_tiles_gpkg(index_dir: Path) -> None:
     """The committed tiles of an index as EPSG:4326 polygons in tiles.gpkg (replaced atomically)."""
+    import pyogrio.errors
     import pyogrio.raw
     import shapely
 
@@ -25,6 +26,12 @@ def write_tiles_gpkg(index_dir: Path) -> None:
             rec["height"], rec["scale"].astype(np.int32), rec["valid"].astype(np.float64)]
     tmp = index_dir / ".tiles.tmp.gpkg"
     tmp.unlink(missing_ok=True)
-    pyogrio.raw.write(str(tmp), np.array(geoms, dtype=object), data, fields, layer="tiles", driver="GPKG",
-                      crs="EPSG:4326", geometry_type="Polygon")
+    try:
+        pyogrio.raw.write(str(tmp), np.array(geoms, dtype=object), data, fields, layer="tiles", driver="GPKG",
+                          crs="EPSG:4326", geometry_type="Polygon")
+    except (pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError) as exc:
+        # a full disk, in GDAL's words (SQLite's, often not "full" at all): reported as storage
+        # by worker.store.format.disk_write, and the last tiles.gpkg is kept
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"GDAL: {exc}") from exc
     replace_durably(tmp, index_dir / TILES_LAYER)
