@@ -140,12 +140,22 @@ class SearchController(QObject):
 
     def _local_worker_stopped(self, exit_: WorkerExit) -> None:
         stopped, self.local_worker = self.local_worker, None
-        if self.link is not None and self.link.endpoint == dialable(stopped.endpoint, stopped.endpoint):
+        if self._linked_to(stopped):
             self._close_link()
         stopped.deleteLater()
         self.status_changed.emit(*Status.STOPPED)
         self.worker_stopped.emit(exit_)
         self.notice.emit(exit_.message, Qgis.Critical, "\n".join(exit_.last_lines))
+
+    def _linked_to(self, worker: LocalWorker) -> bool:
+        return self.link is not None and self.link.endpoint == dialable(worker.endpoint, worker.endpoint)
+
+    def stop_by_user(self) -> None:
+        """The user's Stop: the local worker asked to stop, and this plugin no longer connected to it."""
+        if self.local_worker is not None and self._linked_to(self.local_worker):
+            self._close_link()
+        self.stop_local_worker()
+        self.status_changed.emit(*Status.DISCONNECTED)
 
     def stop_local_worker(self) -> None:
         """Ask the local worker to stop; it finishes in the background (LocalWorker.stop)."""

@@ -45,6 +45,8 @@ class WorkerPanel(QGroupBox):
                                                       "(with the key files from Settings for a remote one).", row)
         self.start_button = add_button("Start local worker", "Run the worker on this machine with the worker "
                                                                "Python from Settings; with none set, look for one.", row)
+        self.stop_button = add_button("Stop", "Stop the local worker started here, freeing its memory (an indexing "
+                                              "job commits its batch first; start it again to resume the job).", row)
         form.addRow(row)
         self.status_light = QLabel("●")
         self.status_label = QLabel()
@@ -60,6 +62,7 @@ class WorkerPanel(QGroupBox):
         layout.addWidget(self._build_notice())
         self.connect_button.clicked.connect(self.connect_worker)
         self.start_button.clicked.connect(self.start_worker)
+        self.stop_button.clicked.connect(self.controller.stop_by_user)
         self.settings_button.clicked.connect(lambda: self.open_settings(Setting.WORKER_PYTHON))
         finder = controller.finder
         finder.searching.connect(self._show_searching)
@@ -122,6 +125,7 @@ class WorkerPanel(QGroupBox):
     def show_status(self, text: str, colour: str) -> None:
         self.status_light.setStyleSheet(f"color: {colour}; font-size: 16px")
         self.status_label.setText(text)
+        self.stop_button.setEnabled(self.controller.local_worker is not None)
         if text.startswith("connected"):
             self.notice.hide()
 

@@ -117,7 +117,8 @@ def test_first_use_offers_the_worker_it_finds_and_a_configured_worker_connects(
         reloaded_plugin, new_user_settings, tmp_path):
     """The test run's SKETCH_SEARCH_WORKER_PYTHON is a usable worker nobody saved yet: the dock
     offers it on first use; once used it is the configured worker, and Start uses it directly.
-    Stopping a worker does not wait for it; one started on its port waits until it has gone."""
+    Stopping a worker does not wait for it; one started on its port waits until it has gone; Stop
+    stops it and disconnects."""
     from lab.worker_process import free_port
     from sketch_search.local_worker import STOPPING
 
@@ -142,6 +143,11 @@ def test_first_use_offers_the_worker_it_finds_and_a_configured_worker_connects(
         assert process_until(lambda: not QCoreApplication.instance().findChildren(QProcess, STOPPING), 10), \
             "the first worker has gone, and nothing of it is left"
         assert dock.controller.local_worker.command.python == WORKER_PYTHON
+        assert panel.stop_button.isEnabled()
+        panel.stop_button.click()  # freeing its memory without quitting QGIS
+        assert panel.status_label.text() == "disconnected" and not panel.stop_button.isEnabled()
+        assert dock.controller.link is None, "no requests left to time out against a worker that has gone"
+        assert process_until(lambda: not QCoreApplication.instance().findChildren(QProcess, STOPPING), 20)
     finally:
         dock.controller.stop_local_worker()
 
