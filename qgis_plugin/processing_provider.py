@@ -17,7 +17,7 @@ from .settings import Setting
 from .user_requests import Connection
 from .wire import job_states as states
 from .wire.client import WorkerClient
-from .wire.errors import WorkerError
+from .wire.errors import RequestCancelled, WorkerError
 from .wire.protocol import DEFAULT_TOP, MAX_TOP
 
 ICON = os.path.join(os.path.dirname(__file__), "icon.svg")
@@ -137,7 +137,11 @@ class SearchBySketchAlgorithm(_WorkerAlgorithm):
         with self._client(parameters, context) as client:
             try:
                 reply = client.search(self.parameterAsString(parameters, "INDEX", context), sketch_png=png,
-                                      top=self.parameterAsInt(parameters, "TOP", context), crs=WGS84)
+                                      top=self.parameterAsInt(parameters, "TOP", context), crs=WGS84,
+                                      cancelled=feedback.isCanceled)
+            except RequestCancelled:
+                feedback.pushInfo("Search canceled: no hits written.")
+                return {}
             except WorkerError as exc:
                 raise QgsProcessingException(f"worker: {exc.message}") from exc
         query_ms = (time.perf_counter() - started) * 1e3

@@ -49,3 +49,7 @@ class WorkerUnavailable(WorkerError):
 
     def __init__(self, endpoint: str, attempts: int, timeout: float):
         super().__init__(UNAVAILABLE, f"no reply from {endpoint} after {attempts} attempt(s) of {timeout:g} s")
+
+
+class RequestCancelled(Exception):
+    """The caller stopped waiting for a reply (the worker may still finish the request)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 
 import pytest
@@ -187,6 +188,39 @@ def test_processing_algorithms_run(plugin, worker, raster_root, tmp_path):
     hits = result["OUTPUT"]
     assert hits.featureCount() == 2 and "rank" in hits.fields().names()
     del hits, layer
+
+
+def test_cancel_stops_a_processing_search_waiting_on_a_worker_that_does_not_answer(plugin, tmp_path):
+    """A hung worker (it takes requests and never answers): Cancel in the Processing dialog ends the
+    search at once, not after the client's two waits of 120 s, and writes no hits."""
+    import threading
+
+    import processing
+    import zmq
+    from PIL import Image
+    from qgis.core import QgsProcessingFeedback
+
+    from lab.worker_process import free_port
+
+    sketch = tmp_path / "sketch.png"
+    Image.new("L", (64, 64), 255).save(sketch)
+    hung = zmq.Context.instance().socket(zmq.ROUTER)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    hung.bind(endpoint)
+    feedback = QgsProcessingFeedback()
+    later = threading.Timer(1.0, feedback.cancel)
+    try:
+        later.start()
+        started = time.monotonic()
+        result = processing.run("sketchsearch:search_by_sketch", {"ENDPOINT": endpoint, "INDEX": "any",
+                                                                  "SKETCH": str(sketch), "OUTPUT": "memory:"},
+                                feedback=feedback)
+        waited = time.monotonic() - started
+    finally:
+        later.cancel()
+        hung.close(linger=0)
+    assert waited < 30, f"waited {waited:.0f} s after Cancel"
+    assert "OUTPUT" not in result
 
 
 @contextmanager
