@@ -4,6 +4,7 @@ changed through Qt signals."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -323,8 +324,14 @@ class SearchController(QObject):
         QgsProject.instance().addMapLayer(layer)
         self.result_layer = layer
         self.results_ready.emit(layer)
-        self.notice.emit(f"{layer.featureCount()} hit(s) in {query_ms:.0f} ms, added as layer “{name}”.",
-                         Qgis.Success, "")
+        found = f"{layer.featureCount()} hit(s) in {query_ms:.0f} ms, added as layer “{name}”."
+        left_out = reply.get("left_out") or []
+        if left_out:  # rasters being indexed that are too large to search before they are complete
+            names = ", ".join(os.path.basename(r["raster"]) for r in left_out[:3]) + ("…" if len(left_out) > 3 else "")
+            self.notice.emit(f"{found} Not searched: {names}, still being indexed (searched once indexed).",
+                             Qgis.Warning, "\n".join(f"{r['raster']}: {r['reason']}" for r in left_out))
+        else:
+            self.notice.emit(found, Qgis.Success, "")
 
     def query_of(self, layer) -> Optional[SearchQuery]:
         """The query a results layer answers (kept with it, or in its GeoPackage), or None and a message."""

@@ -168,6 +168,36 @@ def test_a_run_is_complete_when_its_own_rasters_are(tmp_path, model, rmnp_copy, 
     assert done.complete and done.ann["built"] is False and "rmnp-rgb.tif" in done.ann["why"]
 
 
+def test_a_raster_being_indexed_is_searched_while_its_maps_fit_in_memory(tmp_path, model, rmnp_copy):
+    """A search while a raster is being indexed joins its committed tiles' maps in memory, whole:
+    a state's 0.3 m imagery as one VRT would need tens of GB. Within the worker's budget the
+    raster is searched; over it, it is left out and the reply says which and why, and once
+    indexed it is searched again."""
+    from test_service import sketch_png
+    from worker.app import SearchRequest, run_search
+    from worker.service.indexes import OpenIndexes
+
+    out, settings = tmp_path / "index", TileSettings(tile=112, scales=(1,))
+    committed = []
+    IndexWriter(out, model, settings, chunk_tiles=8).build([rmnp_copy], progress=committed.append,
+                                                           should_stop=lambda: len(committed) >= 2)
+    assert not TileIndex.open(out).manifest["rasters"][0]["complete"] and len(TileIndex.open(out)) > 0
+    request = SearchRequest(sketch_png(), top=3)
+
+    def search(budget: int | None) -> dict:
+        return run_search(request, model, OpenIndexes(model, budget).searchable(out)).to_json()
+
+    within = search(None)  # the default budget
+    assert within["left_out"] == [] and len(within["hits"]["features"]) == 3
+    over = search(1000)
+    assert over["hits"]["features"] == []
+    assert [r["raster"] for r in over["left_out"]] == [str(rmnp_copy)]
+    assert "being indexed" in over["left_out"][0]["reason"] and "--max-partial-maps-mb" in over["left_out"][0]["reason"]
+    IndexWriter(out, model, settings).build([rmnp_copy])  # the run resumed to its end
+    done = search(1000)
+    assert done["left_out"] == [] and len(done["hits"]["features"]) == 3
+
+
 def test_other_settings_or_model_are_refused(tmp_path, model, rmnp_copy):
     out = tmp_path / "index"
     IndexWriter(out, model, TileSettings(tile=112, scales=(1,))).build([rmnp_copy])

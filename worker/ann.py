@@ -432,8 +432,10 @@ def check_sizes(folder: Path, info: dict) -> None:
 
 def covered(index: TileIndex) -> dict[str, int]:
     """What an ANN shortlist built now covers: tiles per raster id (a raster added or removed
-    changes it)."""
-    ids, counts = np.unique(index.records["raster_id"], return_counts=True)
+    changes it), less the rasters searches leave out while they are being indexed (TileIndex.left_out):
+    once complete, they are added."""
+    raster_ids = index.records["raster_id"]
+    ids, counts = np.unique(raster_ids[~np.isin(raster_ids, list(index.left_out))], return_counts=True)
     return {str(int(i)): int(c) for i, c in zip(ids, counts)}
 
 

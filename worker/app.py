@@ -194,10 +194,10 @@ def index_info(index: TileIndex) -> dict:
     return {**index.info(), "ann": shortlist}
 
 
-def open_index(index_dir: Path) -> TileIndex:
+def open_index(index_dir: Path, partial_maps_bytes: int | None = None) -> TileIndex:
     """The committed index in `index_dir`: NotFoundError when there is none, IndexMismatchError
-    when it has another format."""
-    return TileIndex.open(Path(index_dir))
+    when it has another format. `partial_maps_bytes`: see TileIndex.open."""
+    return TileIndex.open(Path(index_dir), partial_maps_bytes)
 
 
 def check_index(index: TileIndex, model: "RetrievalModel", settings: TileSettings | None = None,
@@ -279,9 +279,11 @@ class SearchOutcome:
     ranked: list["Hit"]
     sketch: Any  # the model-ready sketch (3, S, S)
 
+    left_out: list[dict] = field(default_factory=list)  # rasters not searched: {raster, reason}
+
     def to_json(self) -> dict:
         """The search reply's fields."""
-        return {"hits": self.hits, "timings_ms": self.timings_ms}
+        return {"hits": self.hits, "timings_ms": self.timings_ms, "left_out": self.left_out}
 
 
 def run_search(request: SearchRequest, model: "RetrievalModel", index: TileIndex,
@@ -310,4 +312,15 @@ def run_search(request: SearchRequest, model: "RetrievalModel", index: TileIndex
                               max_overlap=request.max_overlap, own_place=own_place, feedback=request.feedback)
         raise_if_stopped("writing the hits")
         timings = {k: round(v, 2) for k, v in result.timings_ms.items()}
-        return SearchOutcome(hits_to_geojson(result.hits, request.out_crs, None), timings, result.hits, sketch)
+        return SearchOutcome(hits_to_geojson(result.hits, request.out_crs, None), timings, result.hits, sketch,
+                             left_out(index))
+
+
+def left_out(index: TileIndex) -> list[dict]:
+    """The rasters of `index` a search leaves out while they are being indexed (TileIndex.left_out),
+    each with the reason."""
+    return [{"raster": index.rasters[raster_id].path,
+             "reason": f"still being indexed, and its maps would take {size / 2 ** 20:,.0f} MB of memory to search "
+                       f"before it is complete (over {index.partial_maps_bytes / 2 ** 20:,.0f} MB, "
+                       "--max-partial-maps-mb): it is searched once indexed"}
+            for raster_id, size in sorted(index.left_out.items())]

@@ -55,6 +55,8 @@ LIMIT_HELP = {
     "max_queued_searches": "searches waiting or running at once; more are answered busy",
     "max_jobs": "indexing jobs running at once; more wait in state queued",
     "max_queued_jobs": "indexing jobs waiting; more are answered busy",
+    "max_partial_maps_mb": "memory the maps of rasters still being indexed may take joined in a search; larger "
+                           "ones are searched once complete",
 }
 
 
@@ -135,13 +137,13 @@ def cmd_search(args: argparse.Namespace) -> int:
     check_index(index, model)
     outcome = run_search(request, model, index)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.out, {**outcome.hits, "timings_ms": outcome.timings_ms})
+    write_json_atomic(args.out, {**outcome.hits, "timings_ms": outcome.timings_ms, "left_out": outcome.left_out})
     if args.preview:
         from worker.hits_output import contact_sheet
 
         args.preview.parent.mkdir(parents=True, exist_ok=True)
         contact_sheet(outcome.sketch.numpy(), outcome.ranked).save(args.preview)
-    print(json.dumps({"hits": len(outcome.ranked), "out": str(args.out),
+    print(json.dumps({"hits": len(outcome.ranked), "out": str(args.out), "left_out": outcome.left_out,
                       **{k: round(v, 1) for k, v in outcome.timings_ms.items()}}))
     return 0
 

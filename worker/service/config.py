@@ -12,6 +12,7 @@ from wire.protocol import DEFAULT_ENDPOINT
 from worker.app import given
 from worker.errors import InputError
 from worker.service.paths import PathPolicy
+from worker.store.maps import PARTIAL_MAPS_BYTES
 
 SERVER_SECRET_KEY = "server.key_secret"
 AUTHORIZED_CLIENTS = "authorized_clients"
@@ -51,12 +52,17 @@ class Limits:
     max_queued_searches: int = 8  # searches waiting or running at once; more are answered `busy`
     max_jobs: int = 1  # indexing jobs running at once; more wait, `queued`
     max_queued_jobs: int = 16  # indexing jobs waiting; more are answered `busy`
+    # memory the maps of rasters still being indexed may take joined in a search; larger ones are
+    # left out until complete, and the reply's `left_out` says so (worker.store.maps)
+    max_partial_maps_mb: float = PARTIAL_MAPS_BYTES / 2 ** 20
 
     def __post_init__(self) -> None:
         for name in ("max_message_bytes", "max_header_bytes", "search_threads", "max_queued_searches", "max_jobs",
                      "max_queued_jobs"):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least 1")
+        if not self.max_partial_maps_mb >= 0:
+            raise InputError(f"--max-partial-maps-mb {self.max_partial_maps_mb} must be 0 or more")
         if not self.search_timeout > 0:
             raise InputError(f"--search-timeout {self.search_timeout} must be more than 0 seconds")
 

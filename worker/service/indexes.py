@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 class OpenIndexes:
     """Opened indexes by directory, reopened when an indexing job has committed more."""
 
-    def __init__(self, model):
+    def __init__(self, model, partial_maps_bytes: int | None = None):
         self.model = model
+        self.partial_maps_bytes = partial_maps_bytes  # worker.store.maps.PARTIAL_MAPS_BYTES when None
         self._open: dict[Path, tuple[tuple, TileIndex]] = {}  # by folder: (the files' stamp when opened, index)
         self._lock = threading.Lock()  # searches run in a thread pool
 
@@ -40,7 +41,7 @@ class OpenIndexes:
             return cached[1]
         with self._lock:
             self._open.pop(index_dir, None)  # a damaged index is not kept
-        index = open_index(index_dir)
+        index = open_index(index_dir, self.partial_maps_bytes)
         stamp = _stamp(index_dir, index.manifest)
         with self._lock:
             self._open[index_dir] = (stamp, index)

@@ -6,7 +6,9 @@ scores (the ANN shortlist's windows, the refine's spots) instead of holding ever
 mosaic in memory: 4 KB per tile, 40 GB at 10M tiles. They are read with plain reads whose size
 is checked, like the shards (worker.store.shard_file), never memory-mapped: a file that shrinks
 under a running worker is a CorruptIndexError, not a crash. A raster still being indexed has no
-map file yet: its maps are joined in memory from its committed shards.
+map file yet: its maps are joined in memory from its committed shards, whole, each time more is
+committed; so only while they fit in PARTIAL_MAPS_BYTES (a 0.3 m state as one VRT would need tens
+of GB). A larger one is left out of searches until it is complete, and the search says so.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from worker import level_maps
-from worker.edge_cells import ORIENTATIONS
+from worker.edge_cells import CELL, ORIENTATIONS
 from worker.errors import CorruptIndexError
 from worker.level_maps import LevelMap
 from worker.store.format import disk_write, replace_durably
@@ -29,6 +31,12 @@ MAPS = "maps"
 def map_file(index_dir: Path, raster_id: int, scale: int) -> Path:
     return Path(index_dir) / MAPS / f"r{raster_id:05d}-s{scale}.npy"
 
+
+# memory the joined maps of rasters still being indexed may take in a search, all of them together:
+# their cells, each cell's distance while joined, and the committed tiles' cells read for the join
+# (about a 30,000 px square raster at the default tiling). `serve --max-partial-maps-mb` sets it.
+PARTIAL_MAPS_BYTES = 512 * 1024 * 1024
+JOINED_BYTES_PER_CELL = ORIENTATIONS + 4  # a cell, and its float32 distance from its tile's centre while joined
 
 BAND_CELLS = 512  # map rows joined at a time: a band of a wide mosaic and its tiles' cells, never the whole map
 
@@ -164,31 +172,46 @@ def regions(cells, corners: list[tuple[int, int]], span: int) -> np.ndarray:
     return out
 
 
-def open_maps(index, complete: set[int]) -> dict[tuple[int, int], LevelMap]:
+def open_maps(index, complete: set[int], partial_bytes: int = PARTIAL_MAPS_BYTES
+              ) -> tuple[dict[tuple[int, int], LevelMap], dict[int, int]]:
     """Every level map of an open index (worker.store.reader.TileIndex): read from its file
     where the raster is complete and the file is there, joined in memory from the shards
-    otherwise (a raster being indexed, an index written before maps were kept)."""
+    otherwise (a raster being indexed, an index written before maps were kept), and the rasters
+    left out: those being indexed whose maps do not fit in `partial_bytes` with the ones before
+    them (by id), with the bytes they would take."""
     tile, drawing = index.manifest["tiling"]["tile"], index.manifest["drawing_size"]
     records = index.records
     keys = sorted({(int(r), int(s)) for r, s in zip(records["raster_id"], records["scale"])})
     out: dict[tuple[int, int], LevelMap] = {}
+    to_join: dict[int, int] = {}  # raster id -> the bytes its maps take joined
     missing = np.zeros(len(records), bool)
     for raster_id, scale in keys:
         path = map_file(index.dir, raster_id, scale)
         raster = index.rasters[raster_id]
         lp = level_maps.level_pixel(tile, scale, drawing)
+        rows, cols = level_maps.map_shape(raster, lp)
         if raster_id in complete and path.is_file():
-            rows, cols = level_maps.map_shape(raster, lp)
             cells = MapFile(path, rows)
             if cells.shape[1:] != (cols, *cells.shape[2:]) or cells.dtype != np.uint8:
                 raise CorruptIndexError(f"{path} is damaged (a map of {cells.shape} {cells.dtype}): delete the index "
                                         "and build it again")
             out[(raster_id, scale)] = LevelMap(raster, raster_id, scale, lp, cells)
         else:
-            missing |= (records["raster_id"] == raster_id) & (records["scale"] == scale)
+            of_key = (records["raster_id"] == raster_id) & (records["scale"] == scale)
+            tile_cells = (drawing // CELL) ** 2 * ORIENTATIONS  # each tile's cells, read for the join
+            to_join[raster_id] = (to_join.get(raster_id, 0) + rows * cols * JOINED_BYTES_PER_CELL
+                                  + int(of_key.sum()) * tile_cells)
+            missing |= of_key
+    left_out, taken = {}, 0
+    for raster_id, size in sorted(to_join.items()):
+        if raster_id not in complete and taken + size > partial_bytes:
+            left_out[raster_id] = size
+        else:  # complete rasters of an index written before maps were kept are always joined
+            taken += size
+    missing &= ~np.isin(records["raster_id"], list(left_out))
     if missing.any():
         out.update(join_maps(index, np.nonzero(missing)[0]))
-    return out
+    return out, left_out
 
 
 def join_maps(index, rows: np.ndarray) -> dict[tuple[int, int], LevelMap]:

@@ -12,6 +12,7 @@ from worker import edge_cells, level_maps
 from wire.protocol import excerpt
 from worker.errors import CorruptIndexError, InputError
 from worker.store.format import MANIFEST, RECORD_DTYPE, SHARDS, holds_tokens, read_manifest
+from worker.store.maps import PARTIAL_MAPS_BYTES, open_maps
 from worker.store.shard_file import ShardArray
 from worker.tiling import RasterInfo, Tile
 
@@ -25,9 +26,10 @@ class TileIndex:
     opened and again on every read, so a damaged or truncated shard is a CorruptIndexError,
     never a crash (worker.store.shard_file)."""
 
-    def __init__(self, index_dir: Path, manifest: dict, shards: list[dict]):
+    def __init__(self, index_dir: Path, manifest: dict, shards: list[dict], partial_maps_bytes: int | None = None):
         self.dir = index_dir
         self.manifest = manifest
+        self.partial_maps_bytes = PARTIAL_MAPS_BYTES if partial_maps_bytes is None else partial_maps_bytes
         try:
             self.rasters = {r["id"]: RasterInfo.from_json(r) for r in manifest["rasters"]}
         except (KeyError, TypeError, ValueError) as exc:
@@ -73,18 +75,30 @@ class TileIndex:
         return self._rows_in_memory("global", self.dim or 1)
 
     @cached_property
-    def maps(self) -> dict[tuple[int, int], level_maps.LevelMap]:
-        """One map of edge cells per (raster id, scale): a complete raster's read from its file
-        by region (worker.store.maps), the others joined from the tiles' cells."""
-        from worker.store.maps import open_maps
+    def _maps(self) -> tuple[dict[tuple[int, int], level_maps.LevelMap], dict[int, int]]:
+        return open_maps(self, {r["id"] for r in self.manifest["rasters"] if r.get("complete")},
+                         self.partial_maps_bytes)
 
-        return open_maps(self, {r["id"] for r in self.manifest["rasters"] if r.get("complete")})
+    @property
+    def maps(self) -> dict[tuple[int, int], level_maps.LevelMap]:
+        """One map of edge cells per (raster id, scale), of the rasters a search scans: a
+        complete raster's read from its file by region (worker.store.maps), the others joined
+        from the tiles' cells, unless they are `left_out`."""
+        return self._maps[0]
+
+    @property
+    def left_out(self) -> dict[int, int]:
+        """Rasters still being indexed that searches leave out until they are complete, by id:
+        the bytes their maps would take joined, over `partial_maps_bytes` (worker.store.maps)."""
+        return self._maps[1]
 
     @classmethod
-    def open(cls, index_dir: Path) -> "TileIndex":
+    def open(cls, index_dir: Path, partial_maps_bytes: int | None = None) -> "TileIndex":
+        """The committed index in `index_dir`; `partial_maps_bytes`: the memory the maps of its
+        rasters still being indexed may take joined (worker.store.maps.PARTIAL_MAPS_BYTES)."""
         index_dir = Path(index_dir)
         manifest = read_manifest(index_dir)
-        return cls(index_dir, manifest, manifest["shards"])
+        return cls(index_dir, manifest, manifest["shards"], partial_maps_bytes)
 
     def __len__(self) -> int:
         return len(self.records)
