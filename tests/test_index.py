@@ -168,34 +168,38 @@ def test_a_run_is_complete_when_its_own_rasters_are(tmp_path, model, rmnp_copy, 
     assert done.complete and done.ann["built"] is False and "rmnp-rgb.tif" in done.ann["why"]
 
 
-def test_a_raster_being_indexed_is_searched_while_its_maps_fit_in_memory(tmp_path, model, rmnp_copy):
+def test_a_raster_being_indexed_is_searched_while_its_maps_fit_in_memory(tmp_path, model, rmnp_copy, assets):
     """A search while a raster is being indexed joins its committed tiles' maps in memory, whole:
     a state's 0.3 m imagery as one VRT would need tens of GB. Within the worker's budget the
-    raster is searched; over it, it is left out and the reply says which and why, and once
-    indexed it is searched again."""
+    raster is searched; over it, it is left out by either ranker (the other rasters are searched)
+    and the reply says which and why; once indexed it is searched again."""
+    from dataclasses import replace
+
     from test_service import sketch_png
     from worker.app import SearchRequest, run_search
     from worker.service.indexes import OpenIndexes
 
     out, settings = tmp_path / "index", TileSettings(tile=112, scales=(1,))
+    IndexWriter(out, model, settings, chunk_tiles=8, tokens=True).build([assets["osbs_rgb"]])
     committed = []
-    IndexWriter(out, model, settings, chunk_tiles=8).build([rmnp_copy], progress=committed.append,
-                                                           should_stop=lambda: len(committed) >= 2)
-    assert not TileIndex.open(out).manifest["rasters"][0]["complete"] and len(TileIndex.open(out)) > 0
-    request = SearchRequest(sketch_png(), top=3)
+    IndexWriter(out, model, settings).build([rmnp_copy], progress=committed.append,
+                                            should_stop=lambda: len(committed) >= 2)
+    assert [r["complete"] for r in TileIndex.open(out).manifest["rasters"]] == [True, False]
+    request = SearchRequest(sketch_png(), top=50)
 
-    def search(budget: int | None) -> dict:
-        return run_search(request, model, OpenIndexes(model, budget).searchable(out)).to_json()
+    def rasters_hit(budget: int | None, ranker: str = "layout") -> tuple[set, list]:
+        asked = replace(request, ranker=ranker) if ranker != "layout" else request
+        reply = run_search(asked, model, OpenIndexes(model, budget).searchable(out)).to_json()
+        return {f["properties"]["raster"] for f in reply["hits"]["features"]}, reply["left_out"]
 
-    within = search(None)  # the default budget
-    assert within["left_out"] == [] and len(within["hits"]["features"]) == 3
-    over = search(1000)
-    assert over["hits"]["features"] == []
-    assert [r["raster"] for r in over["left_out"]] == [str(rmnp_copy)]
-    assert "being indexed" in over["left_out"][0]["reason"] and "--max-partial-maps-mb" in over["left_out"][0]["reason"]
+    assert rasters_hit(None) == ({str(assets["osbs_rgb"]), str(rmnp_copy)}, []), "the default budget holds it"
+    for ranker in ("layout", "tokens"):
+        hit, left_out = rasters_hit(1000, ranker)
+        assert hit == {str(assets["osbs_rgb"])}, ranker
+        assert [r["raster"] for r in left_out] == [str(rmnp_copy)]
+        assert "being indexed" in left_out[0]["reason"] and "--max-partial-maps-mb" in left_out[0]["reason"]
     IndexWriter(out, model, settings).build([rmnp_copy])  # the run resumed to its end
-    done = search(1000)
-    assert done["left_out"] == [] and len(done["hits"]["features"]) == 3
+    assert rasters_hit(1000) == ({str(assets["osbs_rgb"]), str(rmnp_copy)}, [])
 
 
 def test_other_settings_or_model_are_refused(tmp_path, model, rmnp_copy):

@@ -39,8 +39,9 @@ class SearchArea:
     @classmethod
     def of(cls, index: TileIndex, scales: tuple[int, ...] | None = None, area_wgs84: Polygon | None = None) -> "SearchArea":
         keys = [k for k in index.maps if scales is None or k[1] in scales]
+        every_map = not index.left_out  # a raster left out has tiles, and no map (TileIndex.left_out)
         if area_wgs84 is None:
-            return cls(keys, {}, len(keys) == len(index.maps), None)
+            return cls(keys, {}, every_map and len(keys) == len(index.maps), None)
         bounds = {k: index.map_bounds_wgs84(k) for k in keys}
         keys = [k for k in keys if bounds[k].intersects(area_wgs84)]
         boxes = {}
@@ -48,7 +49,7 @@ class SearchArea:
             box = _cell_box(index.maps[key], bounds[key], area_wgs84)
             if box is not None:
                 boxes[key] = box
-        return cls(keys, boxes, not boxes and len(keys) == len(index.maps), area_wgs84)
+        return cls(keys, boxes, every_map and not boxes and len(keys) == len(index.maps), area_wgs84)
 
     def meets(self, key: Key, rows: np.ndarray, cols: np.ndarray, side: int) -> np.ndarray:
         """Whether squares of `side` stored cells with top-left cells (rows, cols) of map `key`
