@@ -156,7 +156,8 @@ class SearchController(QObject):
         if self.local_worker is not None and self._linked_to(self.local_worker):
             self._close_link()
         self.stop_local_worker()
-        self.status_changed.emit(*Status.DISCONNECTED)
+        if self.link is None:  # connected to another worker, it stays connected
+            self.status_changed.emit(*Status.DISCONNECTED)
 
     def stop_local_worker(self) -> None:
         """Ask the local worker to stop; it finishes in the background (LocalWorker.stop)."""
@@ -393,8 +394,8 @@ class SearchController(QObject):
             self.notice.emit(f"Results saved to {path}", Qgis.Success, "")
 
     def shutdown(self) -> None:
-        """Close sockets, stop the worker search and set-up, and stop a local worker (on unload
-        and when QGIS quits)."""
+        """Close sockets, stop the worker search and set-up, and ask a local worker to stop (on
+        unload, and when QGIS quits: then the plugin waits for it, local_worker.finish_stopping)."""
         self._close_link()
         self.finder.shutdown()
         self.stop_local_worker()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -111,6 +112,8 @@ class LocalWorker(QObject):
         return self._stderr_tail.decode(errors="replace").strip().splitlines()[-LAST_LINES:]
 
     def _read_stdout(self) -> None:
+        if self._stop_asked:  # a "serving" line from a worker asked to stop is no news
+            return
         while self.process.canReadLine():
             line = bytes(self.process.readLine()).decode(errors="replace").strip()
             try:
@@ -138,7 +141,8 @@ class LocalWorker(QObject):
         """Ask it to stop (SIGTERM: an indexing job commits its batch first) and return at once; it
         is killed if still running STOP_WAIT_MS later. Waiting here froze QGIS for up to 15 s
         while a job committed. The application keeps it until it has gone, so it outlives a
-        plugin unloaded meanwhile; it is not reported as having stopped by itself."""
+        plugin unloaded meanwhile (when QGIS quits, finish_stopping waits for it); it is not
+        reported as having stopped by itself."""
         self._stop_asked = True
         self._start_timer.stop()
         self.process.finished.disconnect(self._finished)
@@ -149,5 +153,21 @@ class LocalWorker(QObject):
         self.setParent(QCoreApplication.instance())
         self.process.setObjectName(STOPPING)
         self.process.finished.connect(self.deleteLater)
+        self.process.errorOccurred.connect(self.deleteLater)  # one still starting that never ran: no finished
         self.process.terminate()
         self._kill_timer.start(STOP_WAIT_MS)
+
+
+def finish_stopping(wait_ms: int = STOP_WAIT_MS) -> bool:
+    """Wait for the workers asked to stop, at most `wait_ms` in all, and kill those left: for when
+    QGIS quits, whose end would kill them at once, mid-commit. True when every one ended by itself."""
+    deadline = time.monotonic() + wait_ms / 1000
+    by_itself = True
+    for process in QCoreApplication.instance().findChildren(QProcess, STOPPING):
+        if process.state() == QProcess.NotRunning:
+            continue
+        if not process.waitForFinished(max(0, int((deadline - time.monotonic()) * 1000))):
+            by_itself = False
+            process.kill()
+            process.waitForFinished(2000)
+    return by_itself

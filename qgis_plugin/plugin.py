@@ -12,6 +12,7 @@ from qgis.PyQt.QtWidgets import QAction
 
 from .controller import SearchController
 from .dock import TITLE, SketchSearchDock
+from .local_worker import finish_stopping
 from .processing_provider import SketchSearchProvider
 from .settings_dialog import SettingsPageFactory
 
@@ -45,7 +46,7 @@ class SketchSearchPlugin:
         self.iface.addPluginToMenu(TITLE, self.action)
         self.options_factory = SettingsPageFactory(QIcon(ICON), self.dock.reload_settings)
         self.iface.registerOptionsWidgetFactory(self.options_factory)
-        QgsApplication.instance().aboutToQuit.connect(self.controller.shutdown)
+        QgsApplication.instance().aboutToQuit.connect(self._quitting)
 
     def _show_dock(self, visible: bool) -> None:
         """The toolbar button and menu entry; also follows the dock when QGIS restores it."""
@@ -53,11 +54,16 @@ class SketchSearchPlugin:
         if visible:
             self.dock.first_use()
 
+    def _quitting(self) -> None:
+        """QGIS quits: a local worker is stopped and waited for, so an indexing job commits its batch."""
+        self.controller.shutdown()
+        finish_stopping()
+
     def unload(self) -> None:
         if self.options_factory is not None:
             self.iface.unregisterOptionsWidgetFactory(self.options_factory)
         if self.controller is not None:
-            QgsApplication.instance().aboutToQuit.disconnect(self.controller.shutdown)
+            QgsApplication.instance().aboutToQuit.disconnect(self._quitting)
             self.controller.shutdown()
             self.controller.deleteLater()
         if self.dock is not None:

@@ -62,7 +62,7 @@ class WorkerPanel(QGroupBox):
         layout.addWidget(self._build_notice())
         self.connect_button.clicked.connect(self.connect_worker)
         self.start_button.clicked.connect(self.start_worker)
-        self.stop_button.clicked.connect(self.controller.stop_by_user)
+        self.stop_button.clicked.connect(self.stop_worker)
         self.settings_button.clicked.connect(lambda: self.open_settings(Setting.WORKER_PYTHON))
         finder = controller.finder
         finder.searching.connect(self._show_searching)
@@ -180,6 +180,10 @@ class WorkerPanel(QGroupBox):
 
     def start_worker(self) -> None:
         self.controller.start_local_worker(self.endpoint_edit.text().strip())
+
+    def stop_worker(self) -> None:
+        self.controller.stop_by_user()
+        self.stop_button.setEnabled(self.controller.local_worker is not None)
 
     def _use_offered(self) -> None:
         if self.offered is not None:

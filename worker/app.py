@@ -320,7 +320,7 @@ def left_out(index: TileIndex) -> list[dict]:
     """The rasters of `index` a search leaves out while they are being indexed (TileIndex.left_out),
     each with the reason."""
     return [{"raster": index.rasters[raster_id].path,
-             "reason": f"still being indexed, and its maps would take {size / 2 ** 20:,.0f} MB of memory to search "
-                       f"before it is complete (over {index.partial_maps_bytes / 2 ** 20:,.0f} MB, "
+             "reason": f"still being indexed, and its maps would take {size / 2 ** 20:,.0f} MiB of memory to search "
+                       f"before it is complete (over {index.partial_maps_bytes / 2 ** 20:,.0f} MiB, "
                        "--max-partial-maps-mb): it is searched once indexed"}
             for raster_id, size in sorted(index.left_out.items())]

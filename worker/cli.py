@@ -55,8 +55,8 @@ LIMIT_HELP = {
     "max_queued_searches": "searches waiting or running at once; more are answered busy",
     "max_jobs": "indexing jobs running at once; more wait in state queued",
     "max_queued_jobs": "indexing jobs waiting; more are answered busy",
-    "max_partial_maps_mb": "memory the maps of rasters still being indexed may take joined in a search; larger "
-                           "ones are searched once complete",
+    "max_partial_maps_mb": "MiB the maps of an index's rasters still being indexed may take joined in a search; "
+                           "larger ones are searched once complete",
 }
 
 

@@ -85,8 +85,9 @@ class SearchArea:
         return rows
 
     def share(self, index: TileIndex) -> float:
-        """About what share of the index's tiles the area holds (by map, and by box within a map)."""
-        total = len(index)
+        """About what share of the searched index's tiles the area holds (by map, and by box
+        within a map); a raster left out (TileIndex.left_out) is not counted."""
+        total = sum(len(index.rows_of_map(*key)) for key in index.maps)
         if not total:
             return 0.0
         held = 0.0

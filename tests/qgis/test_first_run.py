@@ -120,7 +120,7 @@ def test_first_use_offers_the_worker_it_finds_and_a_configured_worker_connects(
     Stopping a worker does not wait for it; one started on its port waits until it has gone; Stop
     stops it and disconnects."""
     from lab.worker_process import free_port
-    from sketch_search.local_worker import STOPPING
+    from sketch_search.local_worker import STOPPING, finish_stopping
 
     Setting = new_user_settings
     Setting.INDEX_ROOT.set(str(tmp_path / "indexes"))
@@ -147,7 +147,10 @@ def test_first_use_offers_the_worker_it_finds_and_a_configured_worker_connects(
         panel.stop_button.click()  # freeing its memory without quitting QGIS
         assert panel.status_label.text() == "disconnected" and not panel.stop_button.isEnabled()
         assert dock.controller.link is None, "no requests left to time out against a worker that has gone"
-        assert process_until(lambda: not QCoreApplication.instance().findChildren(QProcess, STOPPING), 20)
+        assert finish_stopping(), "as when QGIS quits: waited for until it ended by itself, not killed"
+        assert all(p.state() == QProcess.NotRunning and p.exitStatus() == QProcess.NormalExit
+                   for p in QCoreApplication.instance().findChildren(QProcess, STOPPING))
+        assert panel.status_label.text() == "disconnected", "its serving line, if late, changes nothing"
     finally:
         dock.controller.stop_local_worker()
 

@@ -52,8 +52,8 @@ class Limits:
     max_queued_searches: int = 8  # searches waiting or running at once; more are answered `busy`
     max_jobs: int = 1  # indexing jobs running at once; more wait, `queued`
     max_queued_jobs: int = 16  # indexing jobs waiting; more are answered `busy`
-    # memory the maps of rasters still being indexed may take joined in a search; larger ones are
-    # left out until complete, and the reply's `left_out` says so (worker.store.maps)
+    # MiB the maps of an index's rasters still being indexed may take joined in a search; larger
+    # ones are left out until complete, and the reply's `left_out` says so (worker.store.maps)
     max_partial_maps_mb: float = PARTIAL_MAPS_BYTES / 2 ** 20
 
     def __post_init__(self) -> None:

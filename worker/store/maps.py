@@ -172,46 +172,57 @@ def regions(cells, corners: list[tuple[int, int]], span: int) -> np.ndarray:
     return out
 
 
-def open_maps(index, complete: set[int], partial_bytes: int = PARTIAL_MAPS_BYTES
-              ) -> tuple[dict[tuple[int, int], LevelMap], dict[int, int]]:
-    """Every level map of an open index (worker.store.reader.TileIndex): read from its file
-    where the raster is complete and the file is there, joined in memory from the shards
-    otherwise (a raster being indexed, an index written before maps were kept), and the rasters
-    left out: those being indexed whose maps do not fit in `partial_bytes` with the ones before
-    them (by id), with the bytes they would take."""
+def open_maps(index, complete: set[int], left_out: dict[int, int]) -> dict[tuple[int, int], LevelMap]:
+    """Every level map of an open index (worker.store.reader.TileIndex) but those of the rasters
+    `left_out` (left_out_rasters): read from its file where the raster is complete and the file
+    is there, joined in memory from the shards otherwise (a raster being indexed, an index
+    written before maps were kept)."""
     tile, drawing = index.manifest["tiling"]["tile"], index.manifest["drawing_size"]
     records = index.records
-    keys = sorted({(int(r), int(s)) for r, s in zip(records["raster_id"], records["scale"])})
     out: dict[tuple[int, int], LevelMap] = {}
-    to_join: dict[int, int] = {}  # raster id -> the bytes its maps take joined
     missing = np.zeros(len(records), bool)
-    for raster_id, scale in keys:
+    for raster_id, scale in level_maps.map_keys(records):
+        if raster_id in left_out:
+            continue
         path = map_file(index.dir, raster_id, scale)
-        raster = index.rasters[raster_id]
-        lp = level_maps.level_pixel(tile, scale, drawing)
-        rows, cols = level_maps.map_shape(raster, lp)
         if raster_id in complete and path.is_file():
+            raster = index.rasters[raster_id]
+            lp = level_maps.level_pixel(tile, scale, drawing)
+            rows, cols = level_maps.map_shape(raster, lp)
             cells = MapFile(path, rows)
             if cells.shape[1:] != (cols, *cells.shape[2:]) or cells.dtype != np.uint8:
                 raise CorruptIndexError(f"{path} is damaged (a map of {cells.shape} {cells.dtype}): delete the index "
                                         "and build it again")
             out[(raster_id, scale)] = LevelMap(raster, raster_id, scale, lp, cells)
         else:
-            of_key = (records["raster_id"] == raster_id) & (records["scale"] == scale)
-            tile_cells = (drawing // CELL) ** 2 * ORIENTATIONS  # each tile's cells, read for the join
-            to_join[raster_id] = (to_join.get(raster_id, 0) + rows * cols * JOINED_BYTES_PER_CELL
-                                  + int(of_key.sum()) * tile_cells)
-            missing |= of_key
+            missing |= (records["raster_id"] == raster_id) & (records["scale"] == scale)
+    if missing.any():
+        out.update(join_maps(index, np.nonzero(missing)[0]))
+    return out
+
+
+def left_out_rasters(index, complete: set[int], partial_bytes: int = PARTIAL_MAPS_BYTES) -> dict[int, int]:
+    """The rasters being indexed whose maps do not fit in `partial_bytes` joined, with those
+    before them (by id), and the bytes each would take: from the records alone, nothing joined.
+    The bytes grow as tiles are committed (the join reads their cells), so a raster searched
+    early in its run may be left out later."""
+    tile, drawing = index.manifest["tiling"]["tile"], index.manifest["drawing_size"]
+    records = index.records
+    tile_cells = (drawing // CELL) ** 2 * ORIENTATIONS  # each tile's cells, read for the join
+    to_join: dict[int, int] = {}
+    for raster_id, scale in level_maps.map_keys(records):
+        if raster_id in complete and map_file(index.dir, raster_id, scale).is_file():
+            continue
+        rows, cols = level_maps.map_shape(index.rasters[raster_id], level_maps.level_pixel(tile, scale, drawing))
+        tiles = int(((records["raster_id"] == raster_id) & (records["scale"] == scale)).sum())
+        to_join[raster_id] = to_join.get(raster_id, 0) + rows * cols * JOINED_BYTES_PER_CELL + tiles * tile_cells
     left_out, taken = {}, 0
     for raster_id, size in sorted(to_join.items()):
         if raster_id not in complete and taken + size > partial_bytes:
             left_out[raster_id] = size
         else:  # complete rasters of an index written before maps were kept are always joined
             taken += size
-    missing &= ~np.isin(records["raster_id"], list(left_out))
-    if missing.any():
-        out.update(join_maps(index, np.nonzero(missing)[0]))
-    return out, left_out
+    return left_out
 
 
 def join_maps(index, rows: np.ndarray) -> dict[tuple[int, int], LevelMap]:

@@ -12,7 +12,7 @@ from worker import edge_cells, level_maps
 from wire.protocol import excerpt
 from worker.errors import CorruptIndexError, InputError
 from worker.store.format import MANIFEST, RECORD_DTYPE, SHARDS, holds_tokens, read_manifest
-from worker.store.maps import PARTIAL_MAPS_BYTES, open_maps
+from worker.store.maps import PARTIAL_MAPS_BYTES, left_out_rasters, open_maps
 from worker.store.shard_file import ShardArray
 from worker.tiling import RasterInfo, Tile
 
@@ -75,22 +75,21 @@ class TileIndex:
         return self._rows_in_memory("global", self.dim or 1)
 
     @cached_property
-    def _maps(self) -> tuple[dict[tuple[int, int], level_maps.LevelMap], dict[int, int]]:
-        return open_maps(self, {r["id"] for r in self.manifest["rasters"] if r.get("complete")},
-                         self.partial_maps_bytes)
-
-    @property
     def maps(self) -> dict[tuple[int, int], level_maps.LevelMap]:
         """One map of edge cells per (raster id, scale), of the rasters a search scans: a
         complete raster's read from its file by region (worker.store.maps), the others joined
-        from the tiles' cells, unless they are `left_out`."""
-        return self._maps[0]
+        from the tiles' cells, but for those `left_out`."""
+        return open_maps(self, self._complete, self.left_out)
 
-    @property
+    @cached_property
     def left_out(self) -> dict[int, int]:
         """Rasters still being indexed that searches leave out until they are complete, by id:
         the bytes their maps would take joined, over `partial_maps_bytes` (worker.store.maps)."""
-        return self._maps[1]
+        return left_out_rasters(self, self._complete, self.partial_maps_bytes)
+
+    @property
+    def _complete(self) -> set[int]:
+        return {r["id"] for r in self.manifest["rasters"] if r.get("complete")}
 
     @classmethod
     def open(cls, index_dir: Path, partial_maps_bytes: int | None = None) -> "TileIndex":
