@@ -33,10 +33,10 @@ def index_with_ann(s2_index, tmp_path_factory):
     return copy, info
 
 
-def frames(index: TileIndex, n: int, seed: int = 5):
+def frames(index: TileIndex, n: int, seed: int = 5, raster_id: int = 0):
     rng = np.random.default_rng(seed)
     while n:
-        frame = random_frame(index.rasters[0], TileSettings(scales=(1, 2)), "free", rng)
+        frame = random_frame(index.rasters[raster_id], TileSettings(scales=(1, 2)), "free", rng)
         image, valid = frame.read(224)
         if has_lines(image, valid):
             n -= 1
@@ -201,13 +201,13 @@ def test_auto_asks_the_ann_only_for_large_indexes(index_with_ann):
     assert ann_shortlist(index, RankingConfig(ann="on")) is not None
 
 
-def test_an_ann_older_than_its_index_is_not_asked_until_updated(index_with_ann, model, assets, tmp_path):
+def test_an_ann_older_than_its_index_answers_for_what_it_holds_until_updated(index_with_ann, model, assets, tmp_path):
     folder = tmp_path / "index"
     shutil.copytree(index_with_ann[0], folder)
     before = ann.AnnShortlist(folder).info["vectors"]
     IndexWriter(folder, model, TileSettings(scales=(1, 2))).build([assets["s2_rgb"], assets["osbs_rgb"]])
     index = TileIndex.open(folder)  # as a worker holds it open
-    assert ann_shortlist(index, RankingConfig(ann="on")) is None  # stale: the exact scan answers
+    assert ann_shortlist(index, RankingConfig(ann="on")).answers_for(index) == {0}  # raster 1 is scanned exactly
     info = ann.update(TileIndex.open(folder))  # as the indexing job updates it
     assert info.vectors > before and sorted(info.rasters) == [0, 1]
     shortlist = ann_shortlist(index, RankingConfig(ann="on"))  # the worker's open index asks the new one
@@ -233,6 +233,32 @@ def test_a_raster_indexed_again_with_as_many_tiles_makes_its_shortlist_stale(mod
     assert ann_shortlist(index, RankingConfig(ann="on")) is None and not ann.describe(index)["current"]
     ann.update(index)
     assert ann_shortlist(index, RankingConfig(ann="on")) is not None and ann.describe(index)["current"]
+
+
+def test_a_raster_added_since_the_shortlist_was_built_is_scanned_exactly_beside_it(index_with_ann, model, assets,
+                                                                                   tmp_path):
+    """A raster added to an index (or being indexed) after its shortlist was built: the shortlist
+    still answers for the others and the new raster is scanned exactly beside it, so places in
+    either are found. Before, the shortlist was not asked at all until it was updated: one
+    raster added to a 10M-tile index made every search meanwhile scan every map exactly."""
+    folder = tmp_path / "index"
+    shutil.copytree(index_with_ann[0], folder)
+    IndexWriter(folder, model, TileSettings(scales=(1, 2))).build([assets["rmnp_rgb"]])  # no shortlist update
+    index = TileIndex.open(folder)
+    shortlist = ann_shortlist(index, RankingConfig(ann="on"))
+    assert shortlist is not None and shortlist.answers_for(index) == {0}
+    described = ann.describe(index)
+    assert not described["current"] and described["rasters_scanned_exactly_beside"] == [1]
+    found = {0: 0, 1: 0}
+    for raster_id in found:
+        for frame, sketch in frames(index, 3, seed=7, raster_id=raster_id):
+            hits = search(index, model, sketch, RankingConfig(ann="on"), top=5).hits
+            found[raster_id] += any(h.placement.raster.path == frame.raster.path
+                                    and iou(h.footprint_pixels(), frame.pixel_polygon()) >= 0.25 for h in hits)
+    assert found[0] >= 2 and found[1] >= 2, found
+    ann.update(index)
+    index = TileIndex.open(folder)
+    assert ann.describe(index)["current"] and ann.describe(index)["rasters_scanned_exactly_beside"] == []
 
 
 def test_a_shortlist_in_use_keeps_reading_its_own_files_while_another_is_built(index_with_ann, model, tmp_path):
@@ -272,7 +298,7 @@ def test_what_a_killed_build_leaves_is_cleared_and_the_old_shortlist_kept(index_
     assert info is not None and info.build_s == 0  # put back, not rebuilt
     assert (ann.ann_dir(folder) / "ann.json").read_text() == built
     assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".ann")) == []
-    assert ann_shortlist(index, RankingConfig(ann="on")).covers(index)
+    assert ann_shortlist(index, RankingConfig(ann="on")).answers_for(index) == {0}
 
 
 def test_an_ann_of_an_older_format_is_not_asked_until_rebuilt(index_with_ann, tmp_path):

@@ -434,9 +434,8 @@ def covered(index: TileIndex) -> dict[str, int]:
     """What an ANN shortlist built now covers: tiles per raster id (a raster added or removed
     changes it), less the rasters searches leave out while they are being indexed (TileIndex.left_out):
     once complete, they are added."""
-    raster_ids = index.records["raster_id"]
-    ids, counts = np.unique(raster_ids[~np.isin(raster_ids, list(index.left_out))], return_counts=True)
-    return {str(int(i)): int(c) for i, c in zip(ids, counts)}
+    left_out = index.left_out
+    return {str(r): n for r, n in sorted(index.tiles_per_raster.items()) if r not in left_out}
 
 
 def sources(index: TileIndex) -> dict[str, list[int]]:
@@ -444,6 +443,20 @@ def sources(index: TileIndex) -> dict[str, list[int]]:
     sources'): a raster changed on disk and indexed again keeps its id, and often its tile count."""
     return {str(r["id"]): [r.get("size"), r.get("mtime_ns"), *(r.get("sources") or [])]
             for r in index.manifest["rasters"]}
+
+
+def answers_for(built: dict, index: TileIndex) -> set[int] | None:
+    """The rasters a shortlist whose ann.json says `built` can still answer for: those it covers,
+    when each is in the index unchanged (its tile count, and its files where recorded); None when
+    it can answer for none (another format, or a raster it covers changed or gone). A raster
+    added since, or being indexed, is not among them: a search scans it exactly beside."""
+    now, now_sources, then_sources = covered(index), sources(index), built.get("sources")
+    then = built.get("covers", {})
+    if built.get("format") != FORMAT or any(
+            now.get(r) != count or (then_sources is not None and now_sources.get(r) != then_sources.get(r))
+            for r, count in then.items()):
+        return None
+    return {int(r) for r in then}
 
 
 def current(built: dict, index: TileIndex) -> bool:
@@ -459,9 +472,11 @@ def describe(index: TileIndex) -> dict | None:
     if not AnnShortlist.exists(index.dir):
         return None
     built = json.loads((ann_dir(index.dir) / "ann.json").read_text())
-    up_to_date = current(built, index)
-    return {**{k: v for k, v in built.items() if k not in ("covers", "sources")}, "current": up_to_date,
-            "asked_by_default": up_to_date and len(index) >= AUTO_MIN_TILES}
+    answered = answers_for(built, index)
+    beside = None if answered is None else sorted(r for r in index.tiles_per_raster if r not in answered)
+    return {**{k: v for k, v in built.items() if k not in ("covers", "sources")}, "current": current(built, index),
+            "asked_by_default": answered is not None and len(index) >= AUTO_MIN_TILES,
+            "rasters_scanned_exactly_beside": beside}
 
 
 def update(index: TileIndex) -> AnnInfo | None:
@@ -481,13 +496,10 @@ def _update(index: TileIndex) -> AnnInfo | None:
     if not AnnShortlist.exists(index.dir):
         return None
     built = json.loads((built_dir / "ann.json").read_text())
-    now, then = covered(index), built.get("covers", {})
-    now_sources, then_sources = sources(index), built.get("sources")  # None: built before they were recorded
-    changed = any(now.get(r) != count or (then_sources is not None and now_sources.get(r) != then_sources.get(r))
-                  for r, count in then.items())
-    if built.get("format") != FORMAT or changed or not _whole(built_dir, built):
+    answered = answers_for(built, index)
+    if answered is None or not _whole(built_dir, built):
         return _build(index)
-    new = [int(r) for r in now if r not in then]
+    new = [int(r) for r in covered(index) if int(r) not in answered]
     if not new:
         return AnnInfo(built["vectors"], built["rasters"], built["factory"], 0.0, built["bytes_on_disk"])
     began = time.perf_counter()
@@ -638,9 +650,9 @@ class AnnShortlist:
             return None
         return st.st_ino, st.st_size, st.st_mtime_ns
 
-    def covers(self, index: TileIndex) -> bool:
-        """Whether it was built, in this format, from the index as it is now (a stale one is not asked)."""
-        return current(self.info, index)
+    def answers_for(self, index: TileIndex) -> set[int] | None:
+        """The rasters of `index` it can answer for (module function answers_for)."""
+        return answers_for(self.info, index)
 
     def candidates(self, queries: np.ndarray, k: int, keep=None) -> tuple[np.ndarray, np.ndarray]:
         """Ids and scores of the best `full_rerank` distinct windows among FAISS's best `k` per

@@ -96,10 +96,18 @@ def ann_shortlist(index: TileIndex, ranking: RankingConfig, area: SearchArea | N
         index._ann = AnnShortlist.open(index.dir)
     if index._ann is None:  # swapped out while it was opened, none in place yet
         return None
-    if not index._ann.covers(index):
+    if index._ann.answers_for(index) is None:
         log.warning("%s: its ANN shortlist is older than its tiles or this worker; scanning exactly (run `build-ann`)", index.dir)
         return None
     return index._ann
+
+
+def not_in_shortlist(index: TileIndex, shortlist: AnnShortlist, area: SearchArea) -> list[tuple[int, int]]:
+    """The area's maps the ANN shortlist cannot answer for: rasters added since it was built, or
+    being indexed. They are scanned exactly beside it; before, one raster being added to a
+    10M-tile index made every search scan all of it exactly until the shortlist was updated."""
+    answered = shortlist.answers_for(index) or set()
+    return [key for key in area.keys if key[0] not in answered]
 
 
 def ann_neighbours(index: TileIndex, ranking: RankingConfig, area: SearchArea) -> int:
@@ -149,6 +157,10 @@ def search(index: TileIndex, model, sketch_tensor: torch.Tensor, ranking: Rankin
                 windows, _ = shortlist.search(query_vectors(templates.coarse), ann_neighbours(index, ranking, area),
                                               keep=near_area)
                 peaks = ann_peaks(scanner, templates, ranking, windows[:ranking.ann_windows], pool, area)
+                added = not_in_shortlist(index, shortlist, area)
+                if added:
+                    peaks = sorted(peaks + coarse_peaks(scanner, templates, ranking, area.only(added), pool),
+                                   key=lambda c: -c.coarse)[:pool]
             candidates = peaks[:ranking.shortlist]
             candidates += tile_window_candidates(index, templates, peaks[:ranking.tile_window_pool], sketch_descriptor,
                                                  ranking.tile_windows, ranking.inked_only)

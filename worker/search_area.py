@@ -51,6 +51,10 @@ class SearchArea:
                 boxes[key] = box
         return cls(keys, boxes, every_map and not boxes and len(keys) == len(index.maps), area_wgs84)
 
+    def only(self, keys: list[Key]) -> "SearchArea":
+        """This area in the maps `keys` alone."""
+        return SearchArea(list(keys), {k: b for k, b in self.boxes.items() if k in keys}, False, self.area_wgs84)
+
     def meets(self, key: Key, rows: np.ndarray, cols: np.ndarray, side: int) -> np.ndarray:
         """Whether squares of `side` stored cells with top-left cells (rows, cols) of map `key`
         meet the area's box there (all True for a map searched whole)."""

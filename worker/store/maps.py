@@ -178,10 +178,9 @@ def open_maps(index, complete: set[int], left_out: dict[int, int]) -> dict[tuple
     is there, joined in memory from the shards otherwise (a raster being indexed, an index
     written before maps were kept)."""
     tile, drawing = index.manifest["tiling"]["tile"], index.manifest["drawing_size"]
-    records = index.records
     out: dict[tuple[int, int], LevelMap] = {}
-    missing = np.zeros(len(records), bool)
-    for raster_id, scale in level_maps.map_keys(records):
+    missing = []  # the rows of the maps joined in memory
+    for raster_id, scale in index.map_keys:
         if raster_id in left_out:
             continue
         path = map_file(index.dir, raster_id, scale)
@@ -195,9 +194,9 @@ def open_maps(index, complete: set[int], left_out: dict[int, int]) -> dict[tuple
                                         "and build it again")
             out[(raster_id, scale)] = LevelMap(raster, raster_id, scale, lp, cells)
         else:
-            missing |= (records["raster_id"] == raster_id) & (records["scale"] == scale)
-    if missing.any():
-        out.update(join_maps(index, np.nonzero(missing)[0]))
+            missing.append(index.rows_of_map(raster_id, scale))
+    if missing:
+        out.update(join_maps(index, np.sort(np.concatenate(missing))))  # in record order, as they were painted
     return out
 
 
@@ -207,14 +206,13 @@ def left_out_rasters(index, complete: set[int], partial_bytes: int = PARTIAL_MAP
     The bytes grow as tiles are committed (the join reads their cells), so a raster searched
     early in its run may be left out later."""
     tile, drawing = index.manifest["tiling"]["tile"], index.manifest["drawing_size"]
-    records = index.records
     tile_cells = (drawing // CELL) ** 2 * ORIENTATIONS  # each tile's cells, read for the join
     to_join: dict[int, int] = {}
-    for raster_id, scale in level_maps.map_keys(records):
+    for raster_id, scale in index.map_keys:
         if raster_id in complete and map_file(index.dir, raster_id, scale).is_file():
             continue
         rows, cols = level_maps.map_shape(index.rasters[raster_id], level_maps.level_pixel(tile, scale, drawing))
-        tiles = int(((records["raster_id"] == raster_id) & (records["scale"] == scale)).sum())
+        tiles = len(index.rows_of_map(raster_id, scale))
         to_join[raster_id] = to_join.get(raster_id, 0) + rows * cols * JOINED_BYTES_PER_CELL + tiles * tile_cells
     left_out, taken = {}, 0
     for raster_id, size in sorted(to_join.items()):

@@ -139,6 +139,19 @@ class TileIndex:
         bounds = list(starts[1:]) + [len(order)]
         return {(int(k // 65536), int(k % 65536)): order[a:b] for k, a, b in zip(uniq, starts, bounds)}
 
+    @property
+    def map_keys(self) -> list[tuple[int, int]]:
+        """The (raster id, scale) of every level map the tiles make, in order."""
+        return sorted(self._rows_by_map)
+
+    @property
+    def tiles_per_raster(self) -> dict[int, int]:
+        """Tiles per raster id, every scale (an open index's records never change)."""
+        out: dict[int, int] = {}
+        for (raster_id, _), rows in self._rows_by_map.items():
+            out[raster_id] = out.get(raster_id, 0) + len(rows)
+        return out
+
     def rows_of_map(self, raster_id: int, scale: int) -> np.ndarray:
         """Index rows of the tiles of one raster at one scale, by their first cell row (so a search
         finds the tiles a window's rows meet as one band: worker.tile_windows)."""
