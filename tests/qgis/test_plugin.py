@@ -134,6 +134,55 @@ def test_search_against_a_real_worker_adds_a_georeferenced_layer(plugin, worker,
         project.setFileName("")
 
 
+PARTIAL_INDEX = """
+import sys
+from pathlib import Path
+from worker.model.loading import load_model
+from worker.store import IndexWriter
+from worker.tiling import TileSettings
+committed = []
+IndexWriter(Path(sys.argv[1]), load_model(device="cpu", sketch_modules="none"), TileSettings(tile=112, scales=(1,)),
+            chunk_tiles=8).build([Path(sys.argv[2])], progress=committed.append, should_stop=lambda: bool(committed))
+"""
+
+
+def test_a_raster_being_indexed_that_is_left_out_is_named_in_the_message(plugin, raster_root, rmnp_layer, qgis_iface,
+                                                                          tmp_path):
+    """A worker whose --max-partial-maps-mb holds no raster still being indexed: a search leaves
+    the raster out, and the dock's message says so by name, as a warning."""
+    import subprocess
+
+    from conftest import REPO, WORKER_PYTHON
+    from lab.worker_process import WorkerProcess
+
+    index_root = tmp_path / "indexes"
+    index_root.mkdir()
+    subprocess.run([WORKER_PYTHON, "-c", PARTIAL_INDEX, str(index_root / "partial"), str(raster_root / "rmnp-rgb.tif")],
+                   cwd=REPO, check=True, timeout=300)  # the indexer's own code, stopped after its first chunk
+    proc = WorkerProcess(index_root, raster_root, python=WORKER_PYTHON, extra=["--max-partial-maps-mb", "0"]).start()
+    dock = plugin.dock
+    try:
+        qgis_iface.messageBar().clear_messages()
+        dock.connect_worker(proc.bind)
+        assert process_until(lambda: dock.worker_panel.status_label.text().startswith("connected"), 30)
+        assert process_until(lambda: dock.index_combo.findText("partial") >= 0, 10)
+        dock.index_combo.setCurrentText("partial")
+        dock.area_combo.setCurrentIndex(0)
+        dock.clear_sketch()
+        dock.draw_button.setChecked(True)
+        drag(qgis_iface.mapCanvas().viewport(), [(80, 120), (160, 170), (240, 160), (330, 260)])
+        dock.draw_button.setChecked(False)
+        dock.controller.result_layer = None
+        dock.search_button.click()
+        assert process_until(lambda: dock.search_button.isEnabled() and dock.controller.result_layer is not None, 60)
+        warnings = qgis_iface.messageBar().get_messages(Qgis.Warning)
+        assert any("Not searched: rmnp-rgb.tif, still being indexed" in m for m in warnings), warnings
+    finally:
+        proc.stop()
+        dock.clear_sketch()
+        dock.index_combo.clear()  # the next test waits for its own worker's list, not this one's
+
+
 def test_an_error_reply_becomes_a_message(plugin, worker, qgis_iface, tmp_path):
     from PIL import Image
 
