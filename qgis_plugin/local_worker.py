@@ -94,8 +94,7 @@ class LocalWorker(QObject):
         indexing batch holds its port and its index's lock."""
         if self._stop_asked:
             return
-        if any(process.state() != QProcess.NotRunning
-               for process in QCoreApplication.instance().findChildren(QProcess, STOPPING)):
+        if still_stopping():
             self._start_timer.start(START_POLL_MS)
             return
         try:
@@ -158,14 +157,18 @@ class LocalWorker(QObject):
         self._kill_timer.start(STOP_WAIT_MS)
 
 
+def still_stopping() -> list:
+    """The processes of the workers asked to stop that are still running (from any plugin load)."""
+    return [process for process in QCoreApplication.instance().findChildren(QProcess, STOPPING)
+            if process.state() != QProcess.NotRunning]
+
+
 def finish_stopping(wait_ms: int = STOP_WAIT_MS) -> bool:
     """Wait for the workers asked to stop, at most `wait_ms` in all, and kill those left: for when
     QGIS quits, whose end would kill them at once, mid-commit. True when every one ended by itself."""
     deadline = time.monotonic() + wait_ms / 1000
     by_itself = True
-    for process in QCoreApplication.instance().findChildren(QProcess, STOPPING):
-        if process.state() == QProcess.NotRunning:
-            continue
+    for process in still_stopping():
         if not process.waitForFinished(max(0, int((deadline - time.monotonic()) * 1000))):
             by_itself = False
             process.kill()

@@ -56,6 +56,10 @@ class Limits:
     # ones are left out until complete, and the reply's `left_out` says so (worker.store.maps)
     max_partial_maps_mb: float = PARTIAL_MAPS_BYTES / 2 ** 20
 
+    @property
+    def partial_maps_bytes(self) -> int:
+        return int(self.max_partial_maps_mb * 2 ** 20)
+
     def __post_init__(self) -> None:
         for name in ("max_message_bytes", "max_header_bytes", "search_threads", "max_queued_searches", "max_jobs",
                      "max_queued_jobs"):

@@ -70,7 +70,7 @@ class Service:
         cluster = Cluster(config.cluster, model_options or ModelOptions()) if config.cluster else None
         self.jobs = JobManager(model, publish=self._queue_event, access=config.paths.raster_access,
                                max_jobs=self.limits.max_jobs, max_queued=self.limits.max_queued_jobs, cluster=cluster)
-        self.handlers = Handlers(config, model, self.jobs, OpenIndexes(model, int(self.limits.max_partial_maps_mb * 2 ** 20)))
+        self.handlers = Handlers(config, model, self.jobs, OpenIndexes(model, self.limits.partial_maps_bytes))
         self.pool = cf.ThreadPoolExecutor(self.limits.search_threads, thread_name_prefix="search")
         self.stopping = False
         self.auth = None

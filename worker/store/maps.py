@@ -172,6 +172,12 @@ def regions(cells, corners: list[tuple[int, int]], span: int) -> np.ndarray:
     return out
 
 
+def on_disk(index, complete: set[int], raster_id: int, scale: int) -> bool:
+    """Whether a level map is read from its file: its raster is complete and the file is there
+    (an index written before maps were kept has none)."""
+    return raster_id in complete and map_file(index.dir, raster_id, scale).is_file()
+
+
 def open_maps(index, complete: set[int], left_out: dict[int, int]) -> dict[tuple[int, int], LevelMap]:
     """Every level map of an open index (worker.store.reader.TileIndex) but those of the rasters
     `left_out` (left_out_rasters): read from its file where the raster is complete and the file
@@ -183,8 +189,8 @@ def open_maps(index, complete: set[int], left_out: dict[int, int]) -> dict[tuple
     for raster_id, scale in index.map_keys:
         if raster_id in left_out:
             continue
-        path = map_file(index.dir, raster_id, scale)
-        if raster_id in complete and path.is_file():
+        if on_disk(index, complete, raster_id, scale):
+            path = map_file(index.dir, raster_id, scale)
             raster = index.rasters[raster_id]
             lp = level_maps.level_pixel(tile, scale, drawing)
             rows, cols = level_maps.map_shape(raster, lp)
@@ -209,7 +215,7 @@ def left_out_rasters(index, complete: set[int], partial_bytes: int = PARTIAL_MAP
     tile_cells = (drawing // CELL) ** 2 * ORIENTATIONS  # each tile's cells, read for the join
     to_join: dict[int, int] = {}
     for raster_id, scale in index.map_keys:
-        if raster_id in complete and map_file(index.dir, raster_id, scale).is_file():
+        if on_disk(index, complete, raster_id, scale):
             continue
         rows, cols = level_maps.map_shape(index.rasters[raster_id], level_maps.level_pixel(tile, scale, drawing))
         tiles = len(index.rows_of_map(raster_id, scale))
