@@ -120,12 +120,12 @@ def test_maps_written_band_by_band_hold_the_cells_joined_whole(tmp_path, model, 
     """A raster's level maps are joined into their files a band of rows at a time (a continental
     mosaic's map and its tiles' cells do not fit in memory at once): the same cells as every tile
     joined at once, at any band height."""
-    from worker.store.maps import join_maps, map_file, write_joined_maps
+    from worker.store.maps import join_map, map_file, write_joined_maps
 
     out = tmp_path / "index"
     IndexWriter(out, model, TileSettings(tile=112, scales=(1, 2))).build([assets["rmnp_rgb"]])
     index = TileIndex.open(out)
-    whole = join_maps(index, np.arange(len(index)))
+    whole = {key: join_map(index, key).level for key in index.map_keys}
     assert len(whole) == 2 and all(level.cells.any() for level in whole.values())
     for band in (None, 7, 64):  # the writer's own, then odd heights whose bands cut through tiles
         if band:
@@ -200,6 +200,36 @@ def test_a_raster_being_indexed_is_searched_while_its_maps_fit_in_memory(tmp_pat
         assert "being indexed" in left_out[0]["reason"] and "--max-partial-maps-mb" in left_out[0]["reason"]
     IndexWriter(out, model, settings).build([rmnp_copy])  # the run resumed to its end
     assert rasters_hit(1000) == ({str(assets["osbs_rgb"]), str(rmnp_copy)}, [])
+
+
+def test_searches_while_a_raster_is_indexed_paint_only_each_commits_tiles_onto_the_last_join(tmp_path, model, assets):
+    """The worker opens an index again after each commit of a raster being indexed: its maps
+    continue the last view's join with the new tiles alone (joined afresh, a 30,000 px raster's
+    took seconds after every commit), and hold the same cells as every committed tile joined
+    at once, at both scales, where the new tiles overlap the old."""
+    from worker.store import MANIFEST
+    from worker.store.maps import join_map
+    from worker.service.indexes import OpenIndexes
+
+    out, indexes, views = tmp_path / "index", OpenIndexes(model), []
+
+    def search_view(_) -> None:  # as a search between batches would: the index as now committed, its maps joined
+        if (out / MANIFEST).is_file() and len(index := indexes.get(out)):
+            index.maps
+            if not views or views[-1] is not index:
+                views.append(index)
+
+    IndexWriter(out, model, TileSettings(tile=112, scales=(1, 2)), chunk_tiles=8).build([assets["rmnp_rgb"]],
+                                                                                        progress=search_view)
+    assert len(views) >= 4, "the run should commit several times"
+    continued = 0
+    for earlier, view in zip(views, views[1:]):
+        for key, joined in view.joins_to_continue.items():
+            assert np.array_equal(joined.level.cells, join_map(view, key).level.cells), key
+            if key in earlier.joins_to_continue:
+                assert joined.continued == len(earlier.rows_of_map(*key)) > 0, key
+                continued += 1
+    assert continued >= 3
 
 
 def test_other_settings_or_model_are_refused(tmp_path, model, rmnp_copy):

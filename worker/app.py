@@ -194,10 +194,11 @@ def index_info(index: TileIndex) -> dict:
     return {**index.info(), "ann": shortlist}
 
 
-def open_index(index_dir: Path, partial_maps_bytes: int | None = None) -> TileIndex:
+def open_index(index_dir: Path, partial_maps_bytes: int | None = None,
+               earlier: TileIndex | None = None) -> TileIndex:
     """The committed index in `index_dir`: NotFoundError when there is none, IndexMismatchError
-    when it has another format. `partial_maps_bytes`: see TileIndex.open."""
-    return TileIndex.open(Path(index_dir), partial_maps_bytes)
+    when it has another format. `partial_maps_bytes`, `earlier`: see TileIndex.open."""
+    return TileIndex.open(Path(index_dir), partial_maps_bytes, earlier)
 
 
 def check_index(index: TileIndex, model: "RetrievalModel", settings: TileSettings | None = None,

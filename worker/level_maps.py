@@ -62,21 +62,6 @@ def map_shape(raster: RasterInfo, level_px: float) -> tuple[int, int]:
     return int(np.ceil(raster.height / level_px / CELL)) + 1, int(np.ceil(raster.width / level_px / CELL)) + 1
 
 
-def assemble(rasters: dict[int, RasterInfo], records: np.ndarray, cells_of, tile_size: int,
-             drawing_size: int) -> dict[tuple[int, int], LevelMap]:
-    """Level maps of every (raster id, scale) in `records` (the index's tile records with
-    CELL_ORIGIN_FIELDS); `cells_of(rows)` gives the stored cells of those records."""
-    maps: dict[tuple[int, int], LevelMap] = {}
-    for raster_id, scale in map_keys(records):
-        raster = rasters[raster_id]
-        lp = level_pixel(tile_size, scale, drawing_size)
-        grid = np.zeros((*map_shape(raster, lp), ORIENTATIONS), np.uint8)
-        rows = np.nonzero((records["raster_id"] == raster_id) & (records["scale"] == scale))[0]
-        paint(grid, 0, records[rows], cells_of(rows), lp, drawing_size)
-        maps[(raster_id, scale)] = LevelMap(raster, raster_id, scale, lp, grid)
-    return maps
-
-
 def map_keys(records: np.ndarray) -> list[tuple[int, int]]:
     """The (raster id, scale) of every level map the tile records make, in order."""
     if not len(records):
@@ -84,13 +69,16 @@ def map_keys(records: np.ndarray) -> list[tuple[int, int]]:
     return [(int(r), int(s)) for r, s in np.unique(np.stack([records["raster_id"], records["scale"]], 1), axis=0)]
 
 
-def paint(grid: np.ndarray, top: int, records: np.ndarray, stored, lp: float, drawing_size: int) -> None:
+def paint(grid: np.ndarray, top: int, records: np.ndarray, stored, lp: float, drawing_size: int,
+          nearest: np.ndarray | None = None) -> None:
     """Paint tiles' cells into rows top .. top + len(grid) of a level map (a band of it, or all):
     each cell comes from the tile whose centre is nearest (Chebyshev, in cells), the first in
-    record order on a tie. `stored`: the records' cells, in their order."""
+    record order on a tie. `stored`: the records' cells, in their order. `nearest`: each cell's
+    distance from its tile's centre so far, float32 (rows, cols), updated; given, tiles painted
+    after earlier ones give the cells all of them painted at once would."""
     half = drawing_size / 2 / CELL
     bottom, width = top + grid.shape[0], grid.shape[1]
-    best = np.full(grid.shape[:2], np.inf, np.float32)  # each cell's distance from its tile's centre so far
+    nearest = np.full(grid.shape[:2], np.inf, np.float32) if nearest is None else nearest
     for rec, cells in zip(records, stored):
         r0, c0, nr, nc = (int(rec[f]) for f in CELL_ORIGIN_FIELDS)
         a, b, nc = max(r0, top), min(r0 + nr, bottom), min(nc, width - c0)
@@ -101,7 +89,7 @@ def paint(grid: np.ndarray, top: int, records: np.ndarray, stored, lp: float, dr
         dr = np.abs(np.arange(a, b) + 0.5 - centre_r)
         dc = np.abs(np.arange(c0, c0 + nc) + 0.5 - centre_c)
         dist = np.maximum(dr[:, None], dc[None, :])
-        region = best[a - top:b - top, c0:c0 + nc]
+        region = nearest[a - top:b - top, c0:c0 + nc]
         closer = dist < region
         region[closer] = dist[closer]
         grid[a - top:b - top, c0:c0 + nc][closer] = cells[a - r0:b - r0, :nc][closer]

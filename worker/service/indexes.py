@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 
 class OpenIndexes:
-    """Opened indexes by directory, reopened when an indexing job has committed more."""
+    """Opened indexes by directory, reopened when an indexing job has committed more (continuing
+    the maps the last view joined of rasters being indexed)."""
 
     def __init__(self, model, partial_maps_bytes: int | None = None):
         self.model = model
@@ -41,7 +42,7 @@ class OpenIndexes:
             return cached[1]
         with self._lock:
             self._open.pop(index_dir, None)  # a damaged index is not kept
-        index = open_index(index_dir, self.partial_maps_bytes)
+        index = open_index(index_dir, self.partial_maps_bytes, earlier=cached[1] if cached else None)
         stamp = _stamp(index_dir, index.manifest)
         with self._lock:
             self._open[index_dir] = (stamp, index)

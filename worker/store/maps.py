@@ -6,14 +6,16 @@ scores (the ANN shortlist's windows, the refine's spots) instead of holding ever
 mosaic in memory: 4 KB per tile, 40 GB at 10M tiles. They are read with plain reads whose size
 is checked, like the shards (worker.store.shard_file), never memory-mapped: a file that shrinks
 under a running worker is a CorruptIndexError, not a crash. A raster still being indexed has no
-map file yet: its maps are joined in memory from its committed shards, whole, each time more is
-committed; so only while they fit in PARTIAL_MAPS_BYTES (a 0.3 m state as one VRT would need tens
-of GB). A larger one is left out of searches until it is complete, and the search says so.
+map file yet: its maps are joined in memory from its committed shards, and after each commit only
+the tiles it added are painted onto a copy of the last join (join_map); so only while they fit in
+PARTIAL_MAPS_BYTES (a 0.3 m state as one VRT would need tens of GB). A larger one is left out of
+searches until it is complete, and the search says so.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,10 +35,10 @@ def map_file(index_dir: Path, raster_id: int, scale: int) -> Path:
 
 
 # memory the joined maps of rasters still being indexed may take in a search, all of them together:
-# their cells, each cell's distance while joined, and the committed tiles' cells read for the join
-# (about a 30,000 px square raster at the default tiling). `serve --max-partial-maps-mb` sets it.
+# their cells, each cell's distance kept for the next commit's join, and the committed tiles' cells read
+# for a join (about a 30,000 px square raster at the default tiling). `serve --max-partial-maps-mb` sets it.
 PARTIAL_MAPS_BYTES = 512 * 1024 * 1024
-JOINED_BYTES_PER_CELL = ORIENTATIONS + 4  # a cell, and its float32 distance from its tile's centre while joined
+JOINED_BYTES_PER_CELL = ORIENTATIONS + 4  # a cell, and its float32 distance from its tile's centre
 
 BAND_CELLS = 512  # map rows joined at a time: a band of a wide mosaic and its tiles' cells, never the whole map
 
@@ -46,7 +48,7 @@ def write_joined_maps(index, band_cells: int = BAND_CELLS) -> None:
     a view of one raster's shards) joined band by band straight into their files, each under a
     temporary name renamed into place. Joined whole in memory, a 100,000 px square mosaic took
     about 7 GB (its tiles' cells read at once, copied, and the map); a band holds the cells of the
-    tiles that meet it. The same cells as level_maps.assemble, bit for bit."""
+    tiles that meet it. The same cells as join_map, bit for bit."""
     from numpy.lib.format import open_memmap
 
     records = index.records
@@ -178,14 +180,16 @@ def on_disk(index, complete: set[int], raster_id: int, scale: int) -> bool:
     return raster_id in complete and map_file(index.dir, raster_id, scale).is_file()
 
 
-def open_maps(index, complete: set[int], left_out: dict[int, int]) -> dict[tuple[int, int], LevelMap]:
+def open_maps(index, complete: set[int], left_out: dict[int, int], earlier: dict[tuple[int, int], "JoinedMap"]
+              ) -> tuple[dict[tuple[int, int], LevelMap], dict[tuple[int, int], "JoinedMap"]]:
     """Every level map of an open index (worker.store.reader.TileIndex) but those of the rasters
     `left_out` (left_out_rasters): read from its file where the raster is complete and the file
     is there, joined in memory from the shards otherwise (a raster being indexed, an index
-    written before maps were kept)."""
+    written before maps were kept), continuing the joins of an `earlier` view of the index.
+    Also the maps joined, for the view after the next commit to continue."""
     tile, drawing = index.manifest["tiling"]["tile"], index.manifest["drawing_size"]
     out: dict[tuple[int, int], LevelMap] = {}
-    missing = []  # the rows of the maps joined in memory
+    joined: dict[tuple[int, int], JoinedMap] = {}
     for raster_id, scale in index.map_keys:
         if raster_id in left_out:
             continue
@@ -200,10 +204,9 @@ def open_maps(index, complete: set[int], left_out: dict[int, int]) -> dict[tuple
                                         "and build it again")
             out[(raster_id, scale)] = LevelMap(raster, raster_id, scale, lp, cells)
         else:
-            missing.append(index.rows_of_map(raster_id, scale))
-    if missing:
-        out.update(join_maps(index, np.sort(np.concatenate(missing))))  # in record order, as they were painted
-    return out
+            joined[(raster_id, scale)] = join_map(index, (raster_id, scale), earlier.get((raster_id, scale)))
+            out[(raster_id, scale)] = joined[(raster_id, scale)].level
+    return out, joined
 
 
 def left_out_rasters(index, complete: set[int], partial_bytes: int = PARTIAL_MAPS_BYTES) -> dict[int, int]:
@@ -229,7 +232,40 @@ def left_out_rasters(index, complete: set[int], partial_bytes: int = PARTIAL_MAP
     return left_out
 
 
-def join_maps(index, rows: np.ndarray) -> dict[tuple[int, int], LevelMap]:
-    """The level maps of the tiles `rows` of an open index, joined in memory from their cells."""
-    return level_maps.assemble(index.rasters, index.records[rows], lambda r: index.cells_of(rows[r]),
-                               index.manifest["tiling"]["tile"], index.manifest["drawing_size"])
+@dataclass
+class JoinedMap:
+    """A level map joined in memory from its tiles' cells, with what a join after the next
+    commit needs to paint only the tiles it adds: each cell's distance from its tile's centre,
+    and the index rows painted with their records, in record order."""
+
+    level: LevelMap
+    nearest: np.ndarray
+    rows: np.ndarray
+    records: np.ndarray
+    continued: int = 0  # tiles taken over from an earlier join of the map (0: joined afresh)
+
+    def continued_by(self, raster, rows: np.ndarray, records: np.ndarray) -> bool:
+        """Whether a later view of the map holds the tiles painted here first, unchanged."""
+        n = len(self.rows)
+        return (self.level.raster == raster and n <= len(rows) and np.array_equal(rows[:n], self.rows)
+                and records[:n].tobytes() == self.records.tobytes())
+
+
+def join_map(index, key: tuple[int, int], earlier: JoinedMap | None = None) -> JoinedMap:
+    """One level map of an open index joined in memory from its tiles' cells. Given the map as
+    an earlier view of the index joined it (before a commit added tiles), a copy of that join
+    with only the added tiles painted on: the same cells, reading the new tiles alone. Joining
+    every tile again after each commit took 1.2 s at 24,000 tiles of a 29,000 px raster on a
+    2-core CPU, and grows with them; continuing it, 80 ms (most of it the copy)."""
+    raster_id, scale = key
+    tile, drawing = index.manifest["tiling"]["tile"], index.manifest["drawing_size"]
+    raster, lp = index.rasters[raster_id], level_maps.level_pixel(tile, scale, drawing)
+    rows = np.sort(index.rows_of_map(raster_id, scale))  # in record order, as they are painted
+    records = index.records[rows]
+    if earlier is not None and earlier.continued_by(raster, rows, records):
+        cells, nearest, start = earlier.level.cells.copy(), earlier.nearest.copy(), len(earlier.rows)
+    else:
+        cells = np.zeros((*level_maps.map_shape(raster, lp), ORIENTATIONS), np.uint8)
+        nearest, start = np.full(cells.shape[:2], np.inf, np.float32), 0
+    level_maps.paint(cells, 0, records[start:], index.cells_of(rows[start:]), lp, drawing, nearest)
+    return JoinedMap(LevelMap(raster, raster_id, scale, lp, cells), nearest, rows, records, start)

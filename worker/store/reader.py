@@ -12,7 +12,7 @@ from worker import edge_cells, level_maps
 from wire.protocol import excerpt
 from worker.errors import CorruptIndexError, InputError
 from worker.store.format import MANIFEST, RECORD_DTYPE, SHARDS, holds_tokens, read_manifest
-from worker.store.maps import PARTIAL_MAPS_BYTES, left_out_rasters, open_maps
+from worker.store.maps import PARTIAL_MAPS_BYTES, JoinedMap, left_out_rasters, open_maps
 from worker.store.shard_file import ShardArray
 from worker.tiling import RasterInfo, Tile
 
@@ -26,10 +26,13 @@ class TileIndex:
     opened and again on every read, so a damaged or truncated shard is a CorruptIndexError,
     never a crash (worker.store.shard_file)."""
 
-    def __init__(self, index_dir: Path, manifest: dict, shards: list[dict], partial_maps_bytes: int | None = None):
+    def __init__(self, index_dir: Path, manifest: dict, shards: list[dict], partial_maps_bytes: int | None = None,
+                 earlier: "TileIndex | None" = None):
         self.dir = index_dir
         self.manifest = manifest
         self.partial_maps_bytes = PARTIAL_MAPS_BYTES if partial_maps_bytes is None else partial_maps_bytes
+        self._earlier_joins = earlier.joins_to_continue if earlier is not None else {}
+        self._joins: dict[tuple[int, int], JoinedMap] = {}
         try:
             self.rasters = {r["id"]: RasterInfo.from_json(r) for r in manifest["rasters"]}
         except (KeyError, TypeError, ValueError) as exc:
@@ -79,7 +82,15 @@ class TileIndex:
         """One map of edge cells per (raster id, scale), of the rasters a search scans: a
         complete raster's read from its file by region (worker.store.maps), the others joined
         from the tiles' cells, but for those `left_out`."""
-        return open_maps(self, self._complete, self.left_out)
+        maps, self._joins = open_maps(self, self._complete, self.left_out, self._earlier_joins)
+        self._earlier_joins = {}
+        return maps
+
+    @property
+    def joins_to_continue(self) -> dict[tuple[int, int], JoinedMap]:
+        """The maps joined in memory, for a view of the index opened after a commit to continue
+        (worker.store.maps.join_map): this view's own once searched, else those it was given."""
+        return self._joins if "maps" in self.__dict__ else self._earlier_joins
 
     @cached_property
     def left_out(self) -> dict[int, int]:
@@ -92,12 +103,14 @@ class TileIndex:
         return {r["id"] for r in self.manifest["rasters"] if r.get("complete")}
 
     @classmethod
-    def open(cls, index_dir: Path, partial_maps_bytes: int | None = None) -> "TileIndex":
+    def open(cls, index_dir: Path, partial_maps_bytes: int | None = None, earlier: "TileIndex | None" = None
+             ) -> "TileIndex":
         """The committed index in `index_dir`; `partial_maps_bytes`: the memory the maps of its
-        rasters still being indexed may take joined (worker.store.maps.PARTIAL_MAPS_BYTES)."""
+        rasters still being indexed may take joined (worker.store.maps.PARTIAL_MAPS_BYTES);
+        `earlier`: a view of it opened before, whose joined maps this one continues."""
         index_dir = Path(index_dir)
         manifest = read_manifest(index_dir)
-        return cls(index_dir, manifest, manifest["shards"], partial_maps_bytes)
+        return cls(index_dir, manifest, manifest["shards"], partial_maps_bytes, earlier)
 
     def __len__(self) -> int:
         return len(self.records)
