@@ -17,12 +17,13 @@ from .settings import Setting
 from .user_requests import Connection
 from .wire import job_states as states
 from .wire.client import WorkerClient
-from .wire.errors import RequestCancelled, WorkerError
+from .wire.errors import RequestCancelled, WorkerError, WorkerUnavailable
 from .wire.protocol import DEFAULT_TOP, MAX_TOP
 
 ICON = os.path.join(os.path.dirname(__file__), "icon.svg")
 WGS84 = "EPSG:4326"
 POLL_S = 0.5  # how often a running job is asked for its progress
+CANCEL_WAIT_S = 10.0  # how long Cancel waits for the worker to stop a job (its client tries twice)
 
 
 class _WorkerAlgorithm(QgsProcessingAlgorithm):
@@ -94,19 +95,50 @@ class BuildIndexAlgorithm(_WorkerAlgorithm):
         name = self.parameterAsString(parameters, "INDEX", context)
         with self._client(parameters, context) as client:
             try:
-                job = client.start_index(name, rasters, **self._tiling(parameters, context))
+                job = client.start_index(name, rasters, cancelled=feedback.isCanceled,
+                                         **self._tiling(parameters, context))
+            except RequestCancelled:
+                feedback.pushWarning("Canceled before the worker answered: if it takes the request later, the job "
+                                     "runs there (the dock's Indexing list shows it).")
+                return {}
+            except WorkerError as exc:
+                raise QgsProcessingException(f"worker: {exc.message}") from exc
+            try:
                 while job["state"] in states.ACTIVE:
-                    if feedback.isCanceled():
-                        client.cancel(job["id"])
                     time.sleep(POLL_S)
-                    job = client.job(job["id"])
+                    job = client.job(job["id"], cancelled=feedback.isCanceled)
                     feedback.setProgress(100 * job["progress"])
+            except RequestCancelled:
+                job = _cancel(client, job, feedback)
+                if job is None:
+                    return {}
             except WorkerError as exc:
                 raise QgsProcessingException(f"worker: {exc.message}") from exc
         if job["state"] == states.FAILED:
             raise QgsProcessingException(f"indexing failed: {job['error']['message']}")
         feedback.pushInfo(f"{job['state']}: {job['tiles_done']} tiles ({job['tiles_skipped']} empty, skipped)")
         return {"INDEX": name, "TILES": job["tiles_done"]}
+
+
+def _cancel(client: WorkerClient, job: dict, feedback) -> dict | None:
+    """The job once the worker has stopped it; None, said in the log, when the worker does not
+    answer or stop it within about CANCEL_WAIT_S (hung, or gone): Cancel never waits minutes."""
+    deadline, each = time.monotonic() + CANCEL_WAIT_S, CANCEL_WAIT_S / 4  # the client tries each request twice
+    try:
+        stopping = client.cancel(job["id"], timeout=each)
+        while stopping["state"] in states.ACTIVE and time.monotonic() < deadline:
+            time.sleep(POLL_S)
+            stopping = client.job(job["id"], timeout=each)
+    except WorkerUnavailable:
+        stopping = job
+    except WorkerError as exc:
+        raise QgsProcessingException(f"worker: {exc.message}") from exc
+    if stopping["state"] in states.ACTIVE:
+        feedback.pushWarning(f"Canceled, but the worker at {client.endpoint} did not stop indexing job {job['id']} "
+                             f"within {CANCEL_WAIT_S:.0f} s: it may still be running there (the dock's Indexing "
+                             "list shows it).")
+        return None
+    return stopping
 
 
 class SearchBySketchAlgorithm(_WorkerAlgorithm):

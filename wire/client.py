@@ -91,15 +91,16 @@ class WorkerClient:
     def list_indexes(self) -> list:
         return self.request("list_indexes")["indexes"]
 
-    def start_index(self, index: str, rasters: list, **settings: Any) -> dict:
+    def start_index(self, index: str, rasters: list, cancelled: Optional[Callable[[], bool]] = None,
+                    **settings: Any) -> dict:
         """Start (or join the running) indexing job for `index`; returns the job."""
-        return self.request("index", index=index, rasters=rasters, **settings)["job"]
+        return self.request("index", cancelled=cancelled, index=index, rasters=rasters, **settings)["job"]
 
-    def job(self, job_id: str) -> dict:
-        return self.request("job", job=job_id)["job"]
+    def job(self, job_id: str, timeout: Optional[float] = None, cancelled: Optional[Callable[[], bool]] = None) -> dict:
+        return self.request("job", timeout=timeout, cancelled=cancelled, job=job_id)["job"]
 
-    def cancel(self, job_id: str) -> dict:
-        return self.request("cancel", job=job_id)["job"]
+    def cancel(self, job_id: str, timeout: Optional[float] = None) -> dict:
+        return self.request("cancel", timeout=timeout, job=job_id)["job"]
 
     def search(self, index: str, sketch_png: Optional[bytes] = None, strokes: Optional[list] = None,
                strokes_crs: Optional[str] = None, timeout: Optional[float] = None,

@@ -149,8 +149,13 @@ IndexWriter(Path(sys.argv[1]), load_model(device="cpu", sketch_modules="none"), 
 def test_a_raster_being_indexed_that_is_left_out_is_named_in_the_message(plugin, raster_root, rmnp_layer, qgis_iface,
                                                                           tmp_path):
     """A worker whose --max-partial-maps-mb holds no raster still being indexed: a search leaves
-    the raster out, and the dock's message says so by name, as a warning."""
+    the raster out, and the dock's message says so by name, as a warning; Processing's search, in
+    its log."""
     import subprocess
+
+    import processing
+    from PIL import Image, ImageDraw
+    from qgis.core import QgsProcessingFeedback
 
     from conftest import REPO, WORKER_PYTHON
     from lab.worker_process import WorkerProcess
@@ -160,6 +165,10 @@ def test_a_raster_being_indexed_that_is_left_out_is_named_in_the_message(plugin,
     subprocess.run([WORKER_PYTHON, "-c", PARTIAL_INDEX, str(index_root / "partial"), str(raster_root / "rmnp-rgb.tif")],
                    cwd=REPO, check=True, timeout=300)  # the indexer's own code, stopped after its first chunk
     proc = WorkerProcess(index_root, raster_root, python=WORKER_PYTHON, extra=["--max-partial-maps-mb", "0"]).start()
+    sketch = tmp_path / "sketch.png"
+    img = Image.new("L", (256, 256), 255)
+    ImageDraw.Draw(img).line([(10, 200), (120, 60), (240, 120)], fill=0, width=4)
+    img.save(sketch)
     dock = plugin.dock
     try:
         qgis_iface.messageBar().clear_messages()
@@ -177,6 +186,11 @@ def test_a_raster_being_indexed_that_is_left_out_is_named_in_the_message(plugin,
         assert process_until(lambda: dock.search_button.isEnabled() and dock.controller.result_layer is not None, 60)
         warnings = qgis_iface.messageBar().get_messages(Qgis.Warning)
         assert any("Not searched: rmnp-rgb.tif, still being indexed" in m for m in warnings), warnings
+        feedback = QgsProcessingFeedback()  # Processing's search says so in its log
+        processing.run("sketchsearch:search_by_sketch", {"ENDPOINT": proc.bind, "INDEX": "partial",
+                                                         "SKETCH": str(sketch), "OUTPUT": "memory:"},
+                       feedback=feedback)
+        assert f"Not searched: {raster_root / 'rmnp-rgb.tif'}: still being indexed" in feedback.textLog()
     finally:
         proc.stop()
         dock.clear_sketch()
@@ -270,6 +284,65 @@ def test_cancel_stops_a_processing_search_waiting_on_a_worker_that_does_not_answ
         hung.close(linger=0)
     assert waited < 30, f"waited {waited:.0f} s after Cancel"
     assert "OUTPUT" not in result
+
+
+def test_cancel_ends_a_processing_build_at_once_whether_or_not_the_worker_answers(plugin, tmp_path):
+    """Cancel during a Processing build: a worker that answers stops the job and the run reports
+    the tiles kept; a hung one (a real worker, stopped with SIGSTOP mid-job) is given up on
+    within seconds, with a warning that its job may still run, not after the client's two
+    waits of 120 s for each of its requests."""
+    import shutil
+    import signal
+    import threading
+
+    import processing
+    from qgis.core import QgsProcessingFeedback
+
+    from conftest import WORKER_PYTHON
+    from lab.worker_process import WorkerProcess
+    from worker.assets import load_asset_paths
+
+    rasters, index_root = tmp_path / "rasters", tmp_path / "indexes"
+    rasters.mkdir()
+    index_root.mkdir()
+    shutil.copy(load_asset_paths()["s2_rgb"], rasters / "s2.tif")  # thousands of tiles at 32 px: still running
+    layer = QgsRasterLayer(str(rasters / "s2.tif"), "s2")
+    proc = WorkerProcess(index_root, rasters, python=WORKER_PYTHON).start()
+
+    def build(index: str, hang: bool) -> tuple[dict, float, str]:
+        """Run the build, cancelled once it reports progress (the worker stopped first if `hang`):
+        its outputs, the seconds from Cancel to its end, and its log."""
+        feedback, cancelled_at = QgsProcessingFeedback(), []
+
+        def cancel_once_running() -> None:
+            while feedback.progress() <= 0 and not feedback.isCanceled():
+                time.sleep(0.05)
+            if hang:
+                proc.proc.send_signal(signal.SIGSTOP)
+            cancelled_at.append(time.monotonic())
+            feedback.cancel()
+
+        canceller = threading.Thread(target=cancel_once_running, daemon=True)
+        canceller.start()
+        try:
+            result = processing.run("sketchsearch:build_index", {"ENDPOINT": proc.bind, "INDEX": index,
+                                                                 "RASTERS": [layer], "TILE": 32, "SCALES": "1"},
+                                    feedback=feedback)
+        finally:
+            feedback.cancel()  # the canceller ends, whatever happened
+            canceller.join(10)
+        return result, time.monotonic() - cancelled_at[0], feedback.textLog()
+
+    try:
+        result, waited, log = build("answering", hang=False)
+        assert waited < 15, f"waited {waited:.0f} s after Cancel"
+        assert result["INDEX"] == "answering" and 0 < result["TILES"] and "cancelled" in log, log
+        result, waited, log = build("hung", hang=True)
+        assert waited < 30, f"waited {waited:.0f} s after Cancel"
+        assert "INDEX" not in result and "did not stop indexing job" in log and "may still be running" in log, log
+    finally:
+        proc.proc.send_signal(signal.SIGCONT)
+        proc.stop()
 
 
 @contextmanager
