@@ -8,7 +8,10 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
+import rasterio
+import rasterio.warp
 from rasterio.crs import CRS
+from shapely.geometry import Polygon
 
 from conftest import REPO
 from worker.geo import bbox_to_wgs84
@@ -118,8 +121,6 @@ def test_search_is_deterministic_and_deduplicates_places(s2_index, model):
 
 
 def test_bbox_in_another_crs_limits_hits_to_the_area(s2_index, model, assets):
-    import rasterio
-
     index = TileIndex.open(s2_index)
     with rasterio.open(assets["s2_rgb"]) as src:
         left, bottom, right, top = src.bounds
@@ -139,6 +140,55 @@ def test_bbox_in_another_crs_limits_hits_to_the_area(s2_index, model, assets):
     assert search(index, model, sketch, top=10, area_wgs84=elsewhere).hits == []
     world = bbox_to_wgs84((-25e6, -30e6, 25e6, 30e6), CRS.from_epsg(3857))  # a map zoomed out past the world's edges
     assert len(search(index, model, sketch, top=10, area_wgs84=world).hits) == 10
+
+
+def test_a_view_across_the_antimeridian_is_searched_where_it_lies(tmp_path, model, assets):
+    """A map view across 180 degrees (a project in EPSG:3832 over Fiji, or lon/lat past 180): the
+    hits lie in the view, not anywhere on its latitudes (an island at the same latitude near
+    Greenwich, or the part of the raster outside the view, was searched before)."""
+    from rasterio.transform import from_origin
+    from shapely.geometry import box
+
+    from conftest import write_raster
+    from worker.store import IndexWriter
+    from worker.tiling import TileSettings
+
+    pacific, wgs84 = CRS.from_epsg(3832), CRS.from_epsg(4326)
+    x180 = float(rasterio.warp.transform(wgs84, pacific, [180.0], [-17.0])[0][0])
+    with rasterio.open(assets["rmnp_rgb"]) as src:
+        pixels = src.read()
+    across = write_raster(tmp_path / "across.tif", pixels, crs=pacific, transform=from_origin(x180 - 7000, -1_900_000, 30, 30))
+    greenwich = write_raster(tmp_path / "greenwich.tif", pixels, crs=wgs84, transform=from_origin(10.0, -17.0, 0.0003, 0.0003))
+    out = tmp_path / "index"
+    IndexWriter(out, model, TileSettings(tile=112, scales=(1,))).build([across, greenwich])
+    index = TileIndex.open(out)
+    raster = next(r for r in index.rasters.values() if r.path == str(across))
+    place = Placement(raster, cx=380, cy=180, side=112.0)  # east of 180 degrees
+    sketch = prepare_sketch(pseudo_sketch(place.read(224)[0], "canny"), 224)
+    west, top = x180 - 2000, -1_900_000  # the view: from 2 km west of 180 to the raster's east edge
+    view = box(west, top - 373 * 30, x180 - 7000 + 485 * 30, top)
+    lon_west = float(rasterio.warp.transform(pacific, wgs84, [west], [top])[0][0])
+    lat_south, lat_north = (float(v) for v in rasterio.warp.transform(pacific, wgs84, [west, west], [view.bounds[1], top])[1])
+    for bbox, crs in ((view.bounds, pacific), ((lon_west, lat_south, 181.0, lat_north), wgs84)):
+        hits = search(index, model, sketch, top=10, area_wgs84=bbox_to_wgs84(bbox, crs)).hits
+        assert len(hits) >= 3, crs
+        assert {h.raster_path for h in hits} == {str(across)}, crs
+        for hit in hits:
+            assert Polygon(hit.placement.ring()).intersects(view), (crs, hit.placement)
+        assert iou(hits[0].footprint_pixels(), place.pixel_polygon()) >= 0.5, crs
+
+
+def test_the_same_place_on_both_sides_of_the_antimeridian_is_one_hit():
+    """Two rasters in different CRSs over the same ground at 180 degrees: the footprint from one
+    crosses 180 and lies past it, the other's lies at -180; the same place is kept once."""
+    from shapely.geometry import box
+
+    from worker.search import dedupe
+
+    crossing = box(179.9, -17.2, 180.1, -17.0)  # lies past 180, as footprints across it do
+    beside = box(-180.0, -17.2, -179.85, -17.0)  # the same ground east of 180, from the other raster
+    elsewhere = box(-179.7, -17.2, -179.5, -17.0)
+    assert dedupe([crossing, beside, elsewhere], np.arange(3), max_overlap=0.3) == [0, 2]
 
 
 def run_cli(*args):

@@ -14,13 +14,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
 
 from rasterio.crs import CRS
-from shapely.geometry import Polygon
 
 from wire.protocol import DEFAULT_TOP, MAX_TOP, excerpt
 from worker import ann
 from worker.cancellation import StopCheck, raise_if_stopped, stop_when
 from worker.errors import InputError
-from worker.geo import bbox_to_wgs84, parse_crs
+from worker.geo import Area, bbox_to_wgs84, parse_crs
 from worker.ranking import RANKERS, RankingConfig
 from worker.raster_access import RasterAccess
 from worker.store import (CHUNK_TILES, IndexProgress, IndexWriter, TileIndex, check_compatible, check_index_folder,
@@ -247,7 +246,7 @@ class SearchRequest:
     access: RasterAccess = field(default_factory=RasterAccess)  # which rasters an example may be read from
     out_crs: CRS = field(init=False, repr=False, compare=False)
     ranking: RankingConfig = field(init=False, repr=False, compare=False)
-    area_wgs84: Polygon | None = field(init=False, repr=False, compare=False)
+    area_wgs84: Area | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if (self.sketch is None) == (self.example is None):

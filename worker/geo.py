@@ -13,11 +13,13 @@ from rasterio.crs import CRS
 from rasterio.errors import CRSError
 from rasterio.warp import transform as warp_transform
 from rasterio.warp import transform_bounds
-from shapely.geometry import Polygon, box
+import shapely.affinity
+from shapely.geometry import MultiPolygon, Polygon, box
 
 from wire.protocol import excerpt
 from worker.errors import InputError
 
+Area = Polygon | MultiPolygon  # a search area in lon/lat: one across 180 degrees is its world copies
 MAX_CRS_CHARS = 20_000  # a long PROJJSON is a few thousand characters
 AUTHORITY_CODE = re.compile(r"[A-Za-z][A-Za-z0-9_]*:{1,2}[A-Za-z0-9_.]+|urn:ogc:def:crs:[A-Za-z0-9_]+:[0-9.]*:[A-Za-z0-9_.]+")
 WKT = re.compile(r"\s*[A-Z_]+\s*\[", re.IGNORECASE)
@@ -134,20 +136,25 @@ def bounds_wgs84(items: list) -> np.ndarray:
     return np.array([p.bounds for p in reproject_rings(items, CRS.from_epsg(4326))])
 
 
-def bbox_to_wgs84(bbox: tuple[float, float, float, float], crs: CRS) -> Polygon:
-    """A query box in any CRS as a densified WGS84 polygon."""
+def bbox_to_wgs84(bbox: tuple[float, float, float, float], crs: CRS) -> Area:
+    """A query box in any CRS as a densified WGS84 polygon. A box across the antimeridian (a map
+    view over the Pacific) is drawn whole, its x past 180 degrees, with a copy a world to either
+    side (with_world_copies): each footprint meets the copy where it lies."""
     minx, miny, maxx, maxy = bbox
     if not (minx < maxx and miny < maxy):
         raise InputError(f"bbox {list(bbox)} is empty: expected MINX,MINY,MAXX,MAXY with min < max")
     ring = np.asarray(shapely.segmentize(box(*bbox), max((maxx - minx), (maxy - miny)) / 16).exterior.coords)
     if crs == CRS.from_epsg(4326):
-        return Polygon(ring)
-    xs, ys = (np.asarray(v) for v in warp_transform(crs, CRS.from_epsg(4326), ring[:, 0], ring[:, 1]))
+        xs, ys = ring[:, 0], ring[:, 1]
+    else:
+        xs, ys = (np.asarray(v) for v in warp_transform(crs, CRS.from_epsg(4326), ring[:, 0], ring[:, 1]))
+        xs = np.degrees(np.unwrap(np.radians(xs)))  # a ring across 180 degrees, jumping a world there, made whole
     poly = Polygon(np.column_stack([xs, ys]))
-    if poly.is_valid and np.isfinite(poly.bounds).all() and not (np.abs(np.diff(xs)) > 180).any():
-        return poly
-    # Past the CRS's edges (a web map zoomed out beyond the world) or across the antimeridian, the
-    # ring wraps round: the box's lon/lat bounds instead, every longitude when it crosses 180.
+    west, _, east, _ = poly.bounds
+    if poly.is_valid and np.isfinite(poly.bounds).all() and east - west < 360:
+        return poly if -180 <= west and east <= 180 else with_world_copies(poly)
+    # Past the CRS's edges (a web map zoomed out beyond the world) the ring wraps round or is
+    # lost: the box's lon/lat bounds instead, every longitude when it wraps.
     try:
         west, south, east, north = transform_bounds(crs, CRS.from_epsg(4326), *bbox, densify_pts=21)
     except Exception:  # PROJ's errors have no common type
@@ -157,3 +164,26 @@ def bbox_to_wgs84(bbox: tuple[float, float, float, float], crs: CRS) -> Polygon:
     if west >= east:
         west, east = -180.0, 180.0
     return box(max(west, -180.0), max(south, -90.0), min(east, 180.0), min(north, 90.0))
+
+
+WORLD_SHIFTS = (-360.0, 0.0, 360.0)
+
+
+def with_world_copies(shape: Polygon) -> MultiPolygon:
+    """A lon/lat shape and its copies one world west and east. Footprints lie between -180 and
+    180 degrees, or past 180 where they cross it (reproject_rings); a shape drawn across 180
+    meets each of them, on whichever side it lies, in one of the copies."""
+    return MultiPolygon([shapely.affinity.translate(shape, dx) for dx in WORLD_SHIFTS])
+
+
+def shared_area(a: Polygon, b: Polygon) -> float:
+    """The area two lon/lat footprints share on the ground: also where one lies a world from the
+    other (a footprint across 180 degrees lies past it, the same place beside it in another
+    raster's CRS does not)."""
+    shared = a.intersection(b).area if a.intersects(b) else 0.0
+    if max(a.bounds[2], b.bounds[2]) > 180:
+        for dx in (-360.0, 360.0):
+            moved = shapely.affinity.translate(b, dx)
+            if a.intersects(moved):
+                shared += a.intersection(moved).area
+    return shared

@@ -15,7 +15,7 @@ from shapely.geometry import Polygon
 from worker import feedback as fb
 from worker.cancellation import raise_if_stopped
 from worker.example_query import OWN_PLACE_IOU
-from worker.geo import reproject_rings
+from worker.geo import Area, reproject_rings
 from worker.placement import Placement
 from worker.ranking import RankingConfig
 from worker.search import Hit, SearchResult, dedupe, search
@@ -39,7 +39,7 @@ def overlapping(placements: list[Placement], footprints: list[Polygon], crs: CRS
 
 
 def search_query(index: TileIndex, model, sketch: torch.Tensor, ranking: RankingConfig, top: int = 10,
-                 area_wgs84: Polygon | None = None, max_overlap: float = 0.3,
+                 area_wgs84: Area | None = None, max_overlap: float = 0.3,
                  own_place: tuple[Polygon, CRS] | None = None, feedback: fb.Feedback | None = None) -> SearchResult:
     """The best `top` places for a sketch (3, S, S): worker.search's, less those overlapping
     `own_place` (an example's footprint and its CRS) by IoU > OWN_PLACE_IOU, re-ranked by
@@ -66,7 +66,7 @@ def search_query(index: TileIndex, model, sketch: torch.Tensor, ranking: Ranking
 
 
 def rerank(index: TileIndex, model, sketch: torch.Tensor, ranking: RankingConfig, hits: list[Hit],
-           good: list[Placement], bad: list[Placement], area_wgs84: Polygon | None, max_overlap: float) -> list[Hit]:
+           good: list[Placement], bad: list[Placement], area_wgs84: Area | None, max_overlap: float) -> list[Hit]:
     """The search's places and those like the good ones, re-ranked by Rocchio (worker.feedback),
     places marked bad left out, overlapping places collapsed to the best: best first."""
     size = model.img_size

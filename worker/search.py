@@ -24,7 +24,7 @@ import torch
 from shapely.geometry import Polygon
 
 from worker import query_templates
-from worker.geo import reproject_rings
+from worker.geo import Area, reproject_rings, shared_area
 from worker.placement import Placement
 from worker.ann import AUTO_MIN_TILES, AnnShortlist, query_vectors
 from worker.cancellation import raise_if_stopped
@@ -38,17 +38,16 @@ from worker.verify import describe_sketch, verify
 
 
 def dedupe(polygons: list[Polygon], order: np.ndarray, max_overlap: float, limit: int | None = None) -> list[int]:
-    """Greedy spatial de-duplication: walk `order` (best first) and keep a footprint only if it
-    overlaps every kept one by at most `max_overlap` of the smaller of the two areas; stop
-    after `limit` kept."""
+    """Greedy spatial de-duplication of lon/lat footprints: walk `order` (best first) and keep a
+    footprint only if it shares with every kept one at most `max_overlap` of the smaller of the
+    two areas (across 180 degrees too: geo.shared_area); stop after `limit` kept."""
     kept: list[int] = []
     kept_polys: list[Polygon] = []
     for i in order:
         if limit is not None and len(kept) >= limit:
             break
         p = polygons[i]
-        if all(p.intersection(q).area <= max_overlap * min(p.area, q.area) for q in kept_polys
-               if p.intersects(q)):
+        if all(shared_area(p, q) <= max_overlap * min(p.area, q.area) for q in kept_polys):
             kept.append(int(i))
             kept_polys.append(p)
     return kept
@@ -120,7 +119,7 @@ MAX_ANN_NEIGHBOURS = 8192
 
 
 def search(index: TileIndex, model, sketch_tensor: torch.Tensor, ranking: RankingConfig | None = None, top: int = 10,
-           area_wgs84: Polygon | None = None, max_overlap: float = 0.3, scales: tuple[int, ...] | None = None,
+           area_wgs84: Area | None = None, max_overlap: float = 0.3, scales: tuple[int, ...] | None = None,
            shortlist: int | None = None) -> SearchResult:
     """Rank where a preprocessed sketch (3, S, S) lies in the index's rasters; the best `top`
     non-overlapping placements, best first. `area_wgs84` limits hits to those touching it."""

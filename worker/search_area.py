@@ -18,6 +18,7 @@ from rasterio.warp import transform as warp_transform
 from shapely.geometry import Polygon
 
 from worker.edge_cells import CELL
+from worker.geo import Area
 from worker.level_maps import LevelMap
 from worker.store import WGS84, TileIndex
 
@@ -34,10 +35,10 @@ class SearchArea:
     keys: list[Key]
     boxes: dict[Key, Box]
     whole: bool  # every map of the index, each whole: nothing to check
-    area_wgs84: Polygon | None = None
+    area_wgs84: Area | None = None
 
     @classmethod
-    def of(cls, index: TileIndex, scales: tuple[int, ...] | None = None, area_wgs84: Polygon | None = None) -> "SearchArea":
+    def of(cls, index: TileIndex, scales: tuple[int, ...] | None = None, area_wgs84: Area | None = None) -> "SearchArea":
         keys = [k for k in index.maps if scales is None or k[1] in scales]
         every_map = not index.left_out  # a raster left out has tiles, and no map (TileIndex.left_out)
         if area_wgs84 is None:
@@ -84,8 +85,11 @@ class SearchArea:
             rows[index.rows_of_map(*key)] = True
         if self.area_wgs84 is not None:
             b = index.records["bounds4326"]
-            x0, y0, x1, y1 = self.area_wgs84.bounds
-            rows &= (b[:, 0] <= x1) & (b[:, 2] >= x0) & (b[:, 1] <= y1) & (b[:, 3] >= y0)
+            near = np.zeros(len(index), bool)
+            for part in getattr(self.area_wgs84, "geoms", [self.area_wgs84]):  # an area across 180: its world copies
+                x0, y0, x1, y1 = part.bounds
+                near |= (b[:, 0] <= x1) & (b[:, 2] >= x0) & (b[:, 1] <= y1) & (b[:, 3] >= y0)
+            rows &= near
         return rows
 
     def share(self, index: TileIndex) -> float:
@@ -105,7 +109,7 @@ class SearchArea:
         return min(1.0, held / total)
 
 
-def _cell_box(level: LevelMap, map_bounds: Polygon, area_wgs84: Polygon) -> Box | None:
+def _cell_box(level: LevelMap, map_bounds: Polygon, area_wgs84: Area) -> Box | None:
     """The box of a level map's stored cells around the part of the area over the map's lon/lat
     bounds (reprojected there only: far from a raster its CRS's coordinates run wild); None: the
     area covers the whole map, or cannot be placed in the raster's CRS, and the map is searched
