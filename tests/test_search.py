@@ -169,13 +169,31 @@ def test_a_view_across_the_antimeridian_is_searched_where_it_lies(tmp_path, mode
     view = box(west, top - 373 * 30, x180 - 7000 + 485 * 30, top)
     lon_west = float(rasterio.warp.transform(pacific, wgs84, [west], [top])[0][0])
     lat_south, lat_north = (float(v) for v in rasterio.warp.transform(pacific, wgs84, [west, west], [view.bounds[1], top])[1])
-    for bbox, crs in ((view.bounds, pacific), ((lon_west, lat_south, 181.0, lat_north), wgs84)):
+    mercator = CRS.from_epsg(3857)  # a web map panned east past 180 degrees: x past the world's edge
+    xs, ys = rasterio.warp.transform(pacific, mercator, [view.bounds[0], view.bounds[2]], [view.bounds[1], top])
+    web = (xs[0], ys[0], xs[1] + 2 * 20037508.342789244 if xs[1] < xs[0] else xs[1], ys[1])
+    for bbox, crs in ((view.bounds, pacific), ((lon_west, lat_south, 181.0, lat_north), wgs84), (web, mercator)):
         hits = search(index, model, sketch, top=10, area_wgs84=bbox_to_wgs84(bbox, crs)).hits
         assert len(hits) >= 3, crs
         assert {h.raster_path for h in hits} == {str(across)}, crs
         for hit in hits:
             assert Polygon(hit.placement.ring()).intersects(view), (crs, hit.placement)
         assert iou(hits[0].footprint_pixels(), place.pixel_polygon()) >= 0.5, crs
+
+
+def test_search_areas_near_180_degrees_and_the_poles_cover_what_the_view_shows():
+    """A web map's view across 180 is that view, not its latitude band; a view holding a pole
+    holds the pole; a view just east of 180 meets the footprints that cross 180 (they lie past
+    it, reproject_rings), as well as those beside it."""
+    from shapely.geometry import Point, box
+
+    pacific = bbox_to_wgs84((-2.5e7, -2e6, -1.5e7, 3e6), CRS.from_epsg(3857))  # 135.4 E to 134.8 W
+    assert pacific.intersects(Point(179, 0)) and pacific.intersects(Point(-170, 0))
+    assert not pacific.intersects(Point(0, 0)) and not pacific.intersects(Point(-120, 0))
+    antarctica = bbox_to_wgs84((-2.0e6, -2.88e6, 2.78e6, 2.25e6), CRS.from_epsg(3031))
+    assert antarctica.intersects(Point(0, -89.99)) and not antarctica.intersects(Point(0, -50))
+    east_of_180 = bbox_to_wgs84((-180, -18, -179.95, -16), CRS.from_epsg(4326))
+    assert east_of_180.intersects(box(179.9, -17.2, 180.1, -17.0)) and east_of_180.intersects(box(-179.99, -17.2, -179.9, -17.0))
 
 
 def test_the_same_place_on_both_sides_of_the_antimeridian_is_one_hit():

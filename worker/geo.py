@@ -137,9 +137,9 @@ def bounds_wgs84(items: list) -> np.ndarray:
 
 
 def bbox_to_wgs84(bbox: tuple[float, float, float, float], crs: CRS) -> Area:
-    """A query box in any CRS as a densified WGS84 polygon. A box across the antimeridian (a map
-    view over the Pacific) is drawn whole, its x past 180 degrees, with a copy a world to either
-    side (with_world_copies): each footprint meets the copy where it lies."""
+    """A query box in any CRS as a densified WGS84 polygon with its copies a world to either side
+    (with_world_copies): a box across the antimeridian (a map view over the Pacific) is drawn
+    whole, its x past 180 degrees, and each footprint meets the copy where it lies."""
     minx, miny, maxx, maxy = bbox
     if not (minx < maxx and miny < maxy):
         raise InputError(f"bbox {list(bbox)} is empty: expected MINX,MINY,MAXX,MAXY with min < max")
@@ -148,13 +148,15 @@ def bbox_to_wgs84(bbox: tuple[float, float, float, float], crs: CRS) -> Area:
         xs, ys = ring[:, 0], ring[:, 1]
     else:
         xs, ys = (np.asarray(v) for v in warp_transform(crs, CRS.from_epsg(4326), ring[:, 0], ring[:, 1]))
-        xs = np.degrees(np.unwrap(np.radians(xs)))  # a ring across 180 degrees, jumping a world there, made whole
-    poly = Polygon(np.column_stack([xs, ys]))
-    west, _, east, _ = poly.bounds
-    if poly.is_valid and np.isfinite(poly.bounds).all() and east - west < 360:
-        return poly if -180 <= west and east <= 180 else with_world_copies(poly)
-    # Past the CRS's edges (a web map zoomed out beyond the world) the ring wraps round or is
-    # lost: the box's lon/lat bounds instead, every longitude when it wraps.
+        xs = xs[0] + np.concatenate([[0.0], np.cumsum((np.diff(xs) + 180.0) % 360.0 - 180.0)])  # across 180: whole
+    closes = np.isfinite(xs).all() and abs(xs[-1] - xs[0]) < 1e-6  # else it winds round a pole, or is lost
+    if closes:
+        xs[-1] = xs[0]
+    poly = Polygon(np.column_stack([xs, ys])) if closes else None
+    if poly is not None and poly.is_valid and np.isfinite(poly.bounds).all() and np.ptp(xs) < 360:
+        return with_world_copies(poly)
+    # Round a pole, or past the CRS's edges (a web map zoomed out beyond the world), the ring
+    # does not close or is lost: the box's lon/lat bounds instead, every longitude when it wraps.
     try:
         west, south, east, north = transform_bounds(crs, CRS.from_epsg(4326), *bbox, densify_pts=21)
     except Exception:  # PROJ's errors have no common type
