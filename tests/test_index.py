@@ -206,7 +206,8 @@ def test_searches_while_a_raster_is_indexed_paint_only_each_commits_tiles_onto_t
     """The worker opens an index again after each commit of a raster being indexed: its maps
     continue the last view's join with the new tiles alone (joined afresh, a 30,000 px raster's
     took seconds after every commit), and hold the same cells as every committed tile joined
-    at once, at both scales, where the new tiles overlap the old."""
+    at once, at both scales, where the new tiles overlap the old. Once the raster is complete,
+    nothing joined is kept."""
     from worker.store import MANIFEST
     from worker.store.maps import join_map
     from worker.service.indexes import OpenIndexes
@@ -230,6 +231,8 @@ def test_searches_while_a_raster_is_indexed_paint_only_each_commits_tiles_onto_t
                 assert joined.continued == len(earlier.rows_of_map(*key)) > 0, key
                 continued += 1
     assert continued >= 3
+    done = indexes.get(out)  # complete: its maps are read from their files, and the last joins are let go
+    assert done is not views[-1] and done.joins_to_continue == {}
 
 
 def test_other_settings_or_model_are_refused(tmp_path, model, rmnp_copy):

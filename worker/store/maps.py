@@ -35,8 +35,9 @@ def map_file(index_dir: Path, raster_id: int, scale: int) -> Path:
 
 
 # memory the joined maps of rasters still being indexed may take in a search, all of them together:
-# their cells, each cell's distance kept for the next commit's join, and the committed tiles' cells read
-# for a join (about a 30,000 px square raster at the default tiling). `serve --max-partial-maps-mb` sets it.
+# their cells, each cell's distance kept for the next commit's join, and either the committed tiles' cells
+# (a join afresh reads them) or a copy of the map being continued (about a 30,000 px square raster at the
+# default tiling; left_out_rasters). `serve --max-partial-maps-mb` sets it.
 PARTIAL_MAPS_BYTES = 512 * 1024 * 1024
 JOINED_BYTES_PER_CELL = ORIENTATIONS + 4  # a cell, and its float32 distance from its tile's centre
 
@@ -185,8 +186,9 @@ def open_maps(index, complete: set[int], left_out: dict[int, int], earlier: dict
     """Every level map of an open index (worker.store.reader.TileIndex) but those of the rasters
     `left_out` (left_out_rasters): read from its file where the raster is complete and the file
     is there, joined in memory from the shards otherwise (a raster being indexed, an index
-    written before maps were kept), continuing the joins of an `earlier` view of the index.
-    Also the maps joined, for the view after the next commit to continue."""
+    written before maps were kept), continuing the joins of an `earlier` view of the index
+    (each let go once continued). Also the joined maps of rasters being indexed, for the view
+    after the next commit to continue."""
     tile, drawing = index.manifest["tiling"]["tile"], index.manifest["drawing_size"]
     out: dict[tuple[int, int], LevelMap] = {}
     joined: dict[tuple[int, int], JoinedMap] = {}
@@ -204,25 +206,30 @@ def open_maps(index, complete: set[int], left_out: dict[int, int], earlier: dict
                                         "and build it again")
             out[(raster_id, scale)] = LevelMap(raster, raster_id, scale, lp, cells)
         else:
-            joined[(raster_id, scale)] = join_map(index, (raster_id, scale), earlier.get((raster_id, scale)))
-            out[(raster_id, scale)] = joined[(raster_id, scale)].level
+            made = join_map(index, (raster_id, scale), earlier.pop((raster_id, scale), None))
+            out[(raster_id, scale)] = made.level
+            if raster_id not in complete:  # no commit will add to a complete raster's map
+                joined[(raster_id, scale)] = made
     return out, joined
 
 
 def left_out_rasters(index, complete: set[int], partial_bytes: int = PARTIAL_MAPS_BYTES) -> dict[int, int]:
     """The rasters being indexed whose maps do not fit in `partial_bytes` joined, with those
     before them (by id), and the bytes each would take: from the records alone, nothing joined.
-    The bytes grow as tiles are committed (the join reads their cells), so a raster searched
-    early in its run may be left out later."""
+    A join afresh holds the maps and reads every committed tile's cells; continuing one holds
+    the maps and a copy of the one being continued. The first grows as tiles are committed, so
+    a raster searched early in its run may be left out later."""
     tile, drawing = index.manifest["tiling"]["tile"], index.manifest["drawing_size"]
     tile_cells = (drawing // CELL) ** 2 * ORIENTATIONS  # each tile's cells, read for the join
-    to_join: dict[int, int] = {}
+    maps: dict[int, list[int]] = {}
+    tiles: dict[int, int] = {}
     for raster_id, scale in index.map_keys:
         if on_disk(index, complete, raster_id, scale):
             continue
         rows, cols = level_maps.map_shape(index.rasters[raster_id], level_maps.level_pixel(tile, scale, drawing))
-        tiles = len(index.rows_of_map(raster_id, scale))
-        to_join[raster_id] = to_join.get(raster_id, 0) + rows * cols * JOINED_BYTES_PER_CELL + tiles * tile_cells
+        maps.setdefault(raster_id, []).append(rows * cols * JOINED_BYTES_PER_CELL)
+        tiles[raster_id] = tiles.get(raster_id, 0) + len(index.rows_of_map(raster_id, scale)) * tile_cells
+    to_join = {r: sum(m) + max(tiles[r], max(m)) for r, m in maps.items()}
     left_out, taken = {}, 0
     for raster_id, size in sorted(to_join.items()):
         if raster_id not in complete and taken + size > partial_bytes:
@@ -242,12 +249,14 @@ class JoinedMap:
     nearest: np.ndarray
     rows: np.ndarray
     records: np.ndarray
+    index_created: str  # the index's manifest's: one deleted and built again is another
     continued: int = 0  # tiles taken over from an earlier join of the map (0: joined afresh)
 
-    def continued_by(self, raster, rows: np.ndarray, records: np.ndarray) -> bool:
+    def continued_by(self, index, raster, rows: np.ndarray, records: np.ndarray) -> bool:
         """Whether a later view of the map holds the tiles painted here first, unchanged."""
         n = len(self.rows)
-        return (self.level.raster == raster and n <= len(rows) and np.array_equal(rows[:n], self.rows)
+        return (index.manifest.get("created") == self.index_created and self.level.raster == raster
+                and n <= len(rows) and np.array_equal(rows[:n], self.rows)
                 and records[:n].tobytes() == self.records.tobytes())
 
 
@@ -262,10 +271,11 @@ def join_map(index, key: tuple[int, int], earlier: JoinedMap | None = None) -> J
     raster, lp = index.rasters[raster_id], level_maps.level_pixel(tile, scale, drawing)
     rows = np.sort(index.rows_of_map(raster_id, scale))  # in record order, as they are painted
     records = index.records[rows]
-    if earlier is not None and earlier.continued_by(raster, rows, records):
+    if earlier is not None and earlier.continued_by(index, raster, rows, records):
         cells, nearest, start = earlier.level.cells.copy(), earlier.nearest.copy(), len(earlier.rows)
     else:
         cells = np.zeros((*level_maps.map_shape(raster, lp), ORIENTATIONS), np.uint8)
         nearest, start = np.full(cells.shape[:2], np.inf, np.float32), 0
     level_maps.paint(cells, 0, records[start:], index.cells_of(rows[start:]), lp, drawing, nearest)
-    return JoinedMap(LevelMap(raster, raster_id, scale, lp, cells), nearest, rows, records, start)
+    return JoinedMap(LevelMap(raster, raster_id, scale, lp, cells), nearest, rows, records,
+                     index.manifest.get("created"), start)

@@ -31,7 +31,8 @@ class TileIndex:
         self.dir = index_dir
         self.manifest = manifest
         self.partial_maps_bytes = PARTIAL_MAPS_BYTES if partial_maps_bytes is None else partial_maps_bytes
-        self._earlier_joins = earlier.joins_to_continue if earlier is not None else {}
+        self._earlier_joins = {key: joined for key, joined in (earlier.joins_to_continue if earlier else {}).items()
+                               if key[0] not in self._complete}  # a complete raster's map is read from its file
         self._joins: dict[tuple[int, int], JoinedMap] = {}
         try:
             self.rasters = {r["id"]: RasterInfo.from_json(r) for r in manifest["rasters"]}
@@ -88,8 +89,9 @@ class TileIndex:
 
     @property
     def joins_to_continue(self) -> dict[tuple[int, int], JoinedMap]:
-        """The maps joined in memory, for a view of the index opened after a commit to continue
-        (worker.store.maps.join_map): this view's own once searched, else those it was given."""
+        """The maps of rasters being indexed joined in memory, for a view of the index opened after
+        a commit to continue (worker.store.maps.join_map): this view's own once searched, else
+        those it was given."""
         return self._joins if "maps" in self.__dict__ else self._earlier_joins
 
     @cached_property
