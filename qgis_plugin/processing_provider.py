@@ -23,7 +23,7 @@ from .wire.protocol import DEFAULT_TOP, MAX_TOP
 ICON = os.path.join(os.path.dirname(__file__), "icon.svg")
 WGS84 = "EPSG:4326"
 POLL_S = 0.5  # how often a running job is asked for its progress
-CANCEL_WAIT_S = 10.0  # how long Cancel waits for the worker to stop a job (its client tries twice)
+CANCEL_WAIT_S = 5.0  # how long a Cancel waits for each answer of a worker stopping a job
 
 
 class _WorkerAlgorithm(QgsProcessingAlgorithm):
@@ -121,24 +121,20 @@ class BuildIndexAlgorithm(_WorkerAlgorithm):
 
 
 def _cancel(client: WorkerClient, job: dict, feedback) -> dict | None:
-    """The job once the worker has stopped it; None, said in the log, when the worker does not
-    answer or stop it within about CANCEL_WAIT_S (hung, or gone): Cancel never waits minutes."""
-    deadline, each = time.monotonic() + CANCEL_WAIT_S, CANCEL_WAIT_S / 4  # the client tries each request twice
+    """The job once the worker has stopped it (after its batch in progress, which may take a
+    while); None, said in the log, as soon as the worker leaves a request unanswered for
+    CANCEL_WAIT_S (hung, or gone) or answers with an error: Cancel never waits minutes on it."""
     try:
-        stopping = client.cancel(job["id"], timeout=each)
-        while stopping["state"] in states.ACTIVE and time.monotonic() < deadline:
+        stopping = client.cancel(job["id"], timeout=CANCEL_WAIT_S / 2)  # the client tries each request twice
+        while stopping["state"] in states.ACTIVE:
             time.sleep(POLL_S)
-            stopping = client.job(job["id"], timeout=each)
-    except WorkerUnavailable:
-        stopping = job
-    except WorkerError as exc:
-        raise QgsProcessingException(f"worker: {exc.message}") from exc
-    if stopping["state"] in states.ACTIVE:
-        feedback.pushWarning(f"Canceled, but the worker at {client.endpoint} did not stop indexing job {job['id']} "
-                             f"within {CANCEL_WAIT_S:.0f} s: it may still be running there (the dock's Indexing "
-                             "list shows it).")
+            stopping = client.job(job["id"], timeout=CANCEL_WAIT_S / 2)
+        return stopping
+    except WorkerError as exc:  # WorkerUnavailable too
+        feedback.pushWarning(f"Canceled, but the worker at {client.endpoint} did not confirm that indexing job "
+                             f"{job['id']} stopped ({exc.message}): it may still be running there (the dock's "
+                             "Indexing list shows it).")
         return None
-    return stopping
 
 
 class SearchBySketchAlgorithm(_WorkerAlgorithm):
