@@ -31,14 +31,14 @@ class TileIndex:
         self.dir = index_dir
         self.manifest = manifest
         self.partial_maps_bytes = PARTIAL_MAPS_BYTES if partial_maps_bytes is None else partial_maps_bytes
-        self._earlier_joins = {key: joined for key, joined in (earlier.joins_to_continue if earlier else {}).items()
-                               if key[0] not in self._complete}  # a complete raster's map is read from its file
-        self._joins: dict[tuple[int, int], JoinedMap] = {}
         try:
             self.rasters = {r["id"]: RasterInfo.from_json(r) for r in manifest["rasters"]}
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptIndexError(f"{index_dir / MANIFEST} describes its rasters wrongly ({excerpt(str(exc))}): "
                                     "delete the index and build it again") from None
+        self._earlier_joins = {key: joined for key, joined in (earlier.joins_to_continue if earlier else {}).items()
+                               if key[0] not in self._complete}  # a complete raster's map is read from its file
+        self._joins: dict[tuple[int, int], JoinedMap] = {}
         self._shards = [s for s in shards if s["count"] > 0]
         self.records = (np.concatenate([self._array(s, "records").read_all() for s in self._shards]) if self._shards
                         else np.zeros(0, RECORD_DTYPE))
