@@ -184,7 +184,8 @@ def test_a_view_across_the_antimeridian_is_searched_where_it_lies(tmp_path, mode
 def test_search_areas_near_180_degrees_and_the_poles_cover_what_the_view_shows():
     """A web map's view across 180 is that view, not its latitude band; a view holding a pole
     holds the pole; a view just east of 180 meets the footprints that cross 180 (they lie past
-    it, reproject_rings), as well as those beside it."""
+    it, reproject_rings), as well as those beside it; a view of the whole world or more, or one
+    panned worlds away, holds what it shows."""
     from shapely.geometry import Point, box
 
     pacific = bbox_to_wgs84((-2.5e7, -2e6, -1.5e7, 3e6), CRS.from_epsg(3857))  # 135.4 E to 134.8 W
@@ -194,6 +195,10 @@ def test_search_areas_near_180_degrees_and_the_poles_cover_what_the_view_shows()
     assert antarctica.intersects(Point(0, -89.99)) and not antarctica.intersects(Point(0, -50))
     east_of_180 = bbox_to_wgs84((-180, -18, -179.95, -16), CRS.from_epsg(4326))
     assert east_of_180.intersects(box(179.9, -17.2, 180.1, -17.0)) and east_of_180.intersects(box(-179.99, -17.2, -179.9, -17.0))
+    zoomed_out = bbox_to_wgs84((-1e8, -1e7, 1e8, 1e7), CRS.from_epsg(3857))  # five worlds wide: all of it
+    assert zoomed_out.intersects(Point(179.5, 0)) and zoomed_out.intersects(Point(-179.5, 60))
+    assert bbox_to_wgs84((0, -1, 360, 1), CRS.from_epsg(4326)).intersects(Point(-90, 0))  # one world, from Greenwich
+    assert bbox_to_wgs84((600, 0, 700, 10), CRS.from_epsg(4326)).intersects(Point(-100, 5))  # panned two worlds east
 
 
 def test_the_same_place_on_both_sides_of_the_antimeridian_is_one_hit():

@@ -143,20 +143,24 @@ def bbox_to_wgs84(bbox: tuple[float, float, float, float], crs: CRS) -> Area:
     minx, miny, maxx, maxy = bbox
     if not (minx < maxx and miny < maxy):
         raise InputError(f"bbox {list(bbox)} is empty: expected MINX,MINY,MAXX,MAXY with min < max")
+    world = _world(crs.to_wkt())
+    if world is not None and maxx - minx >= world[0]:  # a map zoomed out to the whole world or more
+        return _latitude_band(bbox, crs, world[1])
     ring = np.asarray(shapely.segmentize(box(*bbox), max((maxx - minx), (maxy - miny)) / 16).exterior.coords)
     if crs == CRS.from_epsg(4326):
         xs, ys = ring[:, 0], ring[:, 1]
     else:
         xs, ys = (np.asarray(v) for v in warp_transform(crs, CRS.from_epsg(4326), ring[:, 0], ring[:, 1]))
         xs = xs[0] + np.concatenate([[0.0], np.cumsum((np.diff(xs) + 180.0) % 360.0 - 180.0)])  # across 180: whole
+    xs = xs - 360.0 * np.floor((xs[0] + 180.0) / 360.0)  # its first point within -180..180, as the footprints'
     closes = np.isfinite(xs).all() and abs(xs[-1] - xs[0]) < 1e-6  # else it winds round a pole, or is lost
     if closes:
         xs[-1] = xs[0]
     poly = Polygon(np.column_stack([xs, ys])) if closes else None
     if poly is not None and poly.is_valid and np.isfinite(poly.bounds).all() and np.ptp(xs) < 360:
         return with_world_copies(poly)
-    # Round a pole, or past the CRS's edges (a web map zoomed out beyond the world), the ring
-    # does not close or is lost: the box's lon/lat bounds instead, every longitude when it wraps.
+    # Round a pole, or past a CRS's edges, the ring does not close or is lost: the box's lon/lat
+    # bounds instead, every longitude when it wraps.
     try:
         west, south, east, north = transform_bounds(crs, CRS.from_epsg(4326), *bbox, densify_pts=21)
     except Exception:  # PROJ's errors have no common type
@@ -166,6 +170,15 @@ def bbox_to_wgs84(bbox: tuple[float, float, float, float], crs: CRS) -> Area:
     if west >= east:
         west, east = -180.0, 180.0
     return box(max(west, -180.0), max(south, -90.0), min(east, 180.0), min(north, 90.0))
+
+
+def _latitude_band(bbox: tuple[float, float, float, float], crs: CRS, middle: float) -> Polygon:
+    """Every longitude between a box's latitudes, in a CRS whose x wraps round the world (y alone
+    gives the latitude: lon/lat, Mercator)."""
+    _, lats = warp_transform(crs, CRS.from_epsg(4326), [middle, middle], [bbox[1], bbox[3]])
+    south, north = (float(np.clip(v, -90.0, 90.0)) if np.isfinite(v) else float(np.copysign(90.0, y))
+                    for v, y in zip(lats, (bbox[1], bbox[3])))
+    return box(-180.0, south, 180.0, north)
 
 
 WORLD_SHIFTS = (-360.0, 0.0, 360.0)
