@@ -24,6 +24,7 @@ ICON = os.path.join(os.path.dirname(__file__), "icon.svg")
 WGS84 = "EPSG:4326"
 POLL_S = 0.5  # how often a running job is asked for its progress
 CANCEL_WAIT_S = 5.0  # how long a Cancel waits for each answer of a worker stopping a job
+CANCEL_GIVE_UP_S = 120.0  # how long it waits for the job to stop while the worker answers
 
 
 class _WorkerAlgorithm(QgsProcessingAlgorithm):
@@ -123,18 +124,23 @@ class BuildIndexAlgorithm(_WorkerAlgorithm):
 def _cancel(client: WorkerClient, job: dict, feedback) -> dict | None:
     """The job once the worker has stopped it (after its batch in progress, which may take a
     while); None, said in the log, as soon as the worker leaves a request unanswered for
-    CANCEL_WAIT_S (hung, or gone) or answers with an error: Cancel never waits minutes on it."""
+    CANCEL_WAIT_S (hung, or gone) or answers with an error, or has not stopped the job within
+    CANCEL_GIVE_UP_S."""
+    deadline = time.monotonic() + CANCEL_GIVE_UP_S
     try:
         stopping = client.cancel(job["id"], timeout=CANCEL_WAIT_S / 2)  # the client tries each request twice
-        while stopping["state"] in states.ACTIVE:
+        while stopping["state"] in states.ACTIVE and time.monotonic() < deadline:
             time.sleep(POLL_S)
             stopping = client.job(job["id"], timeout=CANCEL_WAIT_S / 2)
-        return stopping
+        why = f"it was still {stopping['state']} after {CANCEL_GIVE_UP_S:.0f} s"
     except WorkerError as exc:  # WorkerUnavailable too
-        feedback.pushWarning(f"Canceled, but the worker at {client.endpoint} did not confirm that indexing job "
-                             f"{job['id']} stopped ({exc.message}): it may still be running there (the dock's "
-                             "Indexing list shows it).")
-        return None
+        stopping, why = None, exc.message
+    if stopping is not None and stopping["state"] not in states.ACTIVE:
+        return stopping
+    feedback.pushWarning(f"Canceled, but the worker at {client.endpoint} did not confirm that indexing job "
+                         f"{job['id']} stopped ({why}): it may still be running there (the dock's Indexing list "
+                         "shows it).")
+    return None
 
 
 class SearchBySketchAlgorithm(_WorkerAlgorithm):

@@ -233,6 +233,10 @@ def test_searches_while_a_raster_is_indexed_paint_only_each_commits_tiles_onto_t
     assert continued >= 3
     done = indexes.get(out)  # complete: its maps are read from their files, and the last joins are let go
     assert done is not views[-1] and done.joins_to_continue == {}
+    for path in (out / "maps").glob("*.npy"):  # as an index written before maps were kept: joined, nothing kept
+        path.unlink()
+    old_style = TileIndex.open(out)
+    assert len(old_style.maps) == 2 and old_style.joins_to_continue == {}
 
 
 def test_other_settings_or_model_are_refused(tmp_path, model, rmnp_copy):

@@ -216,20 +216,20 @@ def open_maps(index, complete: set[int], left_out: dict[int, int], earlier: dict
 def left_out_rasters(index, complete: set[int], partial_bytes: int = PARTIAL_MAPS_BYTES) -> dict[int, int]:
     """The rasters being indexed whose maps do not fit in `partial_bytes` joined, with those
     before them (by id), and the bytes each would take: from the records alone, nothing joined.
-    A join afresh holds the maps and reads every committed tile's cells; continuing one holds
-    the maps and a copy of the one being continued. The first grows as tiles are committed, so
-    a raster searched early in its run may be left out later."""
+    Its maps are joined one at a time: afresh, one map's committed tiles' cells are read beside
+    the maps; continued, a copy of one map is held beside them. The first grows as tiles are
+    committed, so a raster searched early in its run may be left out later."""
     tile, drawing = index.manifest["tiling"]["tile"], index.manifest["drawing_size"]
     tile_cells = (drawing // CELL) ** 2 * ORIENTATIONS  # each tile's cells, read for the join
     maps: dict[int, list[int]] = {}
-    tiles: dict[int, int] = {}
+    tiles: dict[int, list[int]] = {}
     for raster_id, scale in index.map_keys:
         if on_disk(index, complete, raster_id, scale):
             continue
         rows, cols = level_maps.map_shape(index.rasters[raster_id], level_maps.level_pixel(tile, scale, drawing))
         maps.setdefault(raster_id, []).append(rows * cols * JOINED_BYTES_PER_CELL)
-        tiles[raster_id] = tiles.get(raster_id, 0) + len(index.rows_of_map(raster_id, scale)) * tile_cells
-    to_join = {r: sum(m) + max(tiles[r], max(m)) for r, m in maps.items()}
+        tiles.setdefault(raster_id, []).append(len(index.rows_of_map(raster_id, scale)) * tile_cells)
+    to_join = {r: sum(m) + max(max(tiles[r]), max(m)) for r, m in maps.items()}  # one map joined at a time
     left_out, taken = {}, 0
     for raster_id, size in sorted(to_join.items()):
         if raster_id not in complete and taken + size > partial_bytes:
@@ -249,7 +249,7 @@ class JoinedMap:
     nearest: np.ndarray
     rows: np.ndarray
     records: np.ndarray
-    index_created: str  # the index's manifest's: one deleted and built again is another
+    index_created: float | None  # the index's manifest's: one deleted and built again is another
     continued: int = 0  # tiles taken over from an earlier join of the map (0: joined afresh)
 
     def continued_by(self, index, raster, rows: np.ndarray, records: np.ndarray) -> bool:

@@ -36,7 +36,8 @@ class TileIndex:
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptIndexError(f"{index_dir / MANIFEST} describes its rasters wrongly ({excerpt(str(exc))}): "
                                     "delete the index and build it again") from None
-        self._earlier_joins = {key: joined for key, joined in (earlier.joins_to_continue if earlier else {}).items()
+        given = dict(earlier.joins_to_continue) if earlier else {}  # one step: a search may be taking from it
+        self._earlier_joins = {key: joined for key, joined in given.items()
                                if key[0] not in self._complete}  # a complete raster's map is read from its file
         self._joins: dict[tuple[int, int], JoinedMap] = {}
         self._shards = [s for s in shards if s["count"] > 0]
