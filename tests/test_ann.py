@@ -214,6 +214,27 @@ def test_an_ann_older_than_its_index_answers_for_what_it_holds_until_updated(ind
     assert shortlist is not None and set(np.unique(shortlist.windows[:, 0])) == {0, 1}
 
 
+def test_a_shortlist_still_answers_where_a_worker_with_a_smaller_budget_leaves_a_raster_out(model, assets, tmp_path):
+    """`build-ann` run while a raster was partly indexed covers it (the default budget holds its
+    maps); a worker started with a smaller --max-partial-maps-mb leaves that raster out. The
+    shortlist still answers for the others: before, it was dropped, and every search scanned
+    every map exactly."""
+    folder, settings = tmp_path / "index", TileSettings(tile=112, scales=(1,))
+    IndexWriter(folder, model, settings, chunk_tiles=8).build([assets["s2_rgb"]])
+    committed = []
+    IndexWriter(folder, model, settings).build([assets["rmnp_rgb"]], progress=committed.append,
+                                               should_stop=lambda: len(committed) >= 2)
+    built = ann.build(TileIndex.open(folder))  # as `build-ann` from the command line: the default budget
+    assert sorted(built.rasters) == [0, 1]
+    index = TileIndex.open(folder, partial_maps_bytes=0)  # as a worker started with --max-partial-maps-mb 0
+    assert list(index.left_out) == [1]
+    shortlist = ann_shortlist(index, RankingConfig(ann="on"))
+    assert shortlist is not None and shortlist.answers_for(index) == {0}
+    frame, sketch = next(frames(index, 1, seed=3))
+    hits = search(index, model, sketch, RankingConfig(ann="on"), top=5).hits
+    assert hits and {h.placement.raster.path for h in hits} == {str(assets["s2_rgb"])}
+
+
 def test_a_raster_indexed_again_with_as_many_tiles_makes_its_shortlist_stale(model, assets, tmp_path):
     """A raster replaced on disk (here: the same scene upside down) keeps its id and its tile
     count when it is indexed again; its old windows must not be asked all the same."""

@@ -447,16 +447,18 @@ def sources(index: TileIndex) -> dict[str, list[int]]:
 
 def answers_for(built: dict, index: TileIndex) -> set[int] | None:
     """The rasters a shortlist whose ann.json says `built` can still answer for: those it covers,
-    when each is in the index unchanged (its tile count, and its files where recorded); None when
-    it can answer for none (another format, or a raster it covers changed or gone). A raster
-    added since, or being indexed, is not among them: a search scans it exactly beside."""
-    now, now_sources, then_sources = covered(index), sources(index), built.get("sources")
+    when each is in the index unchanged (its tile count, and its files where recorded), but those
+    this view leaves out (TileIndex.left_out: a worker with a smaller --max-partial-maps-mb than
+    the shortlist's builder); None when it can answer for none (another format, or a raster it
+    covers changed or gone). A raster added since, or being indexed, is not among them: a search
+    scans it exactly beside."""
+    now, now_sources, then_sources = index.tiles_per_raster, sources(index), built.get("sources")
     then = built.get("covers", {})
     if built.get("format") != FORMAT or any(
-            now.get(r) != count or (then_sources is not None and now_sources.get(r) != then_sources.get(r))
+            now.get(int(r)) != count or (then_sources is not None and now_sources.get(r) != then_sources.get(r))
             for r, count in then.items()):
         return None
-    return {int(r) for r in then}
+    return {int(r) for r in then} - set(index.left_out)
 
 
 def current(built: dict, index: TileIndex) -> bool:
