@@ -10,6 +10,8 @@ import pytest
 from PIL import Image
 import rasterio
 import rasterio.warp
+import shapely
+import shapely.geometry
 from rasterio.crs import CRS
 from shapely.geometry import Polygon
 
@@ -142,6 +144,20 @@ def test_bbox_in_another_crs_limits_hits_to_the_area(s2_index, model, assets):
     assert len(search(index, model, sketch, top=10, area_wgs84=world).hits) == 10
 
 
+def raster_across_180(folder, assets) -> tuple:
+    """The sample scene (485 by 373 px of 30 m) over Fiji in EPSG:3832, Mercator centred on the
+    Pacific, from 7 km west of 180 degrees; and the x of 180 degrees there."""
+    from rasterio.transform import from_origin
+
+    from conftest import write_raster
+
+    pacific = CRS.from_epsg(3832)
+    x180 = float(rasterio.warp.transform(CRS.from_epsg(4326), pacific, [180.0], [-17.0])[0][0])
+    with rasterio.open(assets["rmnp_rgb"]) as src:
+        pixels = src.read()
+    return write_raster(folder / "across.tif", pixels, crs=pacific, transform=from_origin(x180 - 7000, -1_900_000, 30, 30)), x180
+
+
 def test_a_view_across_the_antimeridian_is_searched_where_it_lies(tmp_path, model, assets):
     """A map view across 180 degrees (a project in EPSG:3832 over Fiji, or lon/lat past 180): the
     hits lie in the view, not anywhere on its latitudes (an island at the same latitude near
@@ -154,10 +170,9 @@ def test_a_view_across_the_antimeridian_is_searched_where_it_lies(tmp_path, mode
     from worker.tiling import TileSettings
 
     pacific, wgs84 = CRS.from_epsg(3832), CRS.from_epsg(4326)
-    x180 = float(rasterio.warp.transform(wgs84, pacific, [180.0], [-17.0])[0][0])
+    across, x180 = raster_across_180(tmp_path, assets)
     with rasterio.open(assets["rmnp_rgb"]) as src:
         pixels = src.read()
-    across = write_raster(tmp_path / "across.tif", pixels, crs=pacific, transform=from_origin(x180 - 7000, -1_900_000, 30, 30))
     greenwich = write_raster(tmp_path / "greenwich.tif", pixels, crs=wgs84, transform=from_origin(10.0, -17.0, 0.0003, 0.0003))
     out = tmp_path / "index"
     IndexWriter(out, model, TileSettings(tile=112, scales=(1,))).build([across, greenwich])
@@ -235,6 +250,28 @@ def test_cli_search_writes_geojson_and_preview(tmp_path, s2_index, assets):
     x = features[0]["geometry"]["coordinates"][0][0][0]
     assert x > 1000  # UTM metres, not degrees
     assert Image.open(preview).size[0] > 0
+
+
+def test_the_command_line_cuts_a_hit_across_180_in_two(tmp_path, model, assets):
+    """RFC 7946: in the GeoJSON file the CLI writes, a footprint across 180 degrees is cut there,
+    each part within -180..180 (the worker's replies keep it whole, for the plugin's zoom)."""
+    from worker.store import IndexWriter
+    from worker.tiling import TileSettings
+
+    across, _ = raster_across_180(tmp_path, assets)
+    IndexWriter(tmp_path / "index", model, TileSettings(tile=112, scales=(1,))).build([across])
+    place = Placement(TileIndex.open(tmp_path / "index").rasters[0], cx=233, cy=180, side=112.0)  # on 180 degrees
+    sketch, out = tmp_path / "sketch.png", tmp_path / "hits.geojson"
+    pseudo_sketch(place.read(224)[0], "canny").save(sketch)
+    result = run_cli("search", tmp_path / "index", "--sketch", sketch, "--top", "3", "--out", out, "--sketch-modules", "none")
+    assert result.returncode == 0, result.stderr
+    features = json.loads(out.read_text())["features"]
+    xs = [x for f in features for x, _ in shapely.get_coordinates(shapely.geometry.shape(f["geometry"]))]
+    assert -180 <= min(xs) and max(xs) <= 180
+    first = shapely.geometry.shape(features[0]["geometry"])
+    assert first.geom_type == "MultiPolygon", first
+    east_of_180, west_of_180 = sorted(first.geoms, key=lambda part: part.bounds[0])
+    assert east_of_180.bounds[0] == -180 and west_of_180.bounds[2] == 180, first
 
 
 @pytest.mark.parametrize("content, message", [

@@ -112,7 +112,8 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from worker.app import check_index, open_index, run_search
-    from worker.store import write_json_atomic
+    from worker.hits_output import split_at_antimeridian
+    from worker.store import WGS84, write_json_atomic
 
     index = open_index(args.index)
     example, area = None, _floats(args.bbox, 4, "--bbox") if args.bbox else None
@@ -137,7 +138,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     check_index(index, model)
     outcome = run_search(request, model, index)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.out, {**outcome.hits, "timings_ms": outcome.timings_ms, "left_out": outcome.left_out})
+    hits = split_at_antimeridian(outcome.hits) if request.out_crs == WGS84 else outcome.hits  # a file: RFC 7946
+    write_json_atomic(args.out, {**hits, "timings_ms": outcome.timings_ms, "left_out": outcome.left_out})
     if args.preview:
         from worker.hits_output import contact_sheet
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 from rasterio.crs import CRS
-from shapely.geometry import mapping
+import shapely.affinity
+from shapely.geometry import MultiPolygon, box, mapping, shape
 
 from worker.geo import reproject_rings
 from worker.hit_ids import hit_id
@@ -38,6 +39,22 @@ def hits_to_geojson(hits: list[Hit], crs: CRS, extra: dict | None = None) -> dic
     if extra:
         out.update(extra)
     return out
+
+
+def split_at_antimeridian(collection: dict) -> dict:
+    """Hits in lon/lat as RFC 7946 asks of a GeoJSON file: a footprint across 180 degrees (it lies
+    past 180, geo.reproject_rings) cut in two there, each part within -180..180. The worker's
+    replies keep it whole: split, a hit in a lon/lat project lies at both edges of the world."""
+    features = []
+    for feature in collection["features"]:
+        footprint = shape(feature["geometry"])
+        if footprint.bounds[2] > 180:
+            parts = [footprint.intersection(box(-180, -90, 180, 90)),
+                     shapely.affinity.translate(footprint.intersection(box(180, -90, 540, 90)), -360)]
+            polygons = [p for part in parts for p in getattr(part, "geoms", [part]) if p.area > 0]
+            feature = {**feature, "geometry": mapping(MultiPolygon(polygons) if len(polygons) > 1 else polygons[0])}
+        features.append(feature)
+    return {**collection, "features": features}
 
 
 def hit_thumbnail(hit: Hit, size: int) -> Image.Image:
