@@ -230,6 +230,7 @@ def test_a_shortlist_still_answers_where_a_worker_with_a_smaller_budget_leaves_a
     assert list(index.left_out) == [1]
     shortlist = ann_shortlist(index, RankingConfig(ann="on"))
     assert shortlist is not None and shortlist.answers_for(index) == {0}
+    assert ann.describe(index)["rasters_scanned_exactly_beside"] == []  # left out: not scanned at all
     frame, sketch = next(frames(index, 1, seed=3))
     hits = search(index, model, sketch, RankingConfig(ann="on"), top=5).hits
     assert hits and {h.placement.raster.path for h in hits} == {str(assets["s2_rgb"])}

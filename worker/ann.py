@@ -453,12 +453,12 @@ def answers_for(built: dict, index: TileIndex) -> set[int] | None:
     covers changed or gone). A raster added since, or being indexed, is not among them: a search
     scans it exactly beside."""
     now, now_sources, then_sources = index.tiles_per_raster, sources(index), built.get("sources")
-    then = built.get("covers", {})
+    then, left_out = built.get("covers", {}), index.left_out
     if built.get("format") != FORMAT or any(
             now.get(int(r)) != count or (then_sources is not None and now_sources.get(r) != then_sources.get(r))
-            for r, count in then.items()):
+            for r, count in then.items() if int(r) not in left_out):  # those grow, unsearched, while indexed
         return None
-    return {int(r) for r in then} - set(index.left_out)
+    return {int(r) for r in then} - set(left_out)
 
 
 def current(built: dict, index: TileIndex) -> bool:
@@ -475,7 +475,8 @@ def describe(index: TileIndex) -> dict | None:
         return None
     built = json.loads((ann_dir(index.dir) / "ann.json").read_text())
     answered = answers_for(built, index)
-    beside = None if answered is None else sorted(r for r in index.tiles_per_raster if r not in answered)
+    beside = None if answered is None else sorted(r for r in index.tiles_per_raster
+                                                  if r not in answered and r not in index.left_out)
     return {**{k: v for k, v in built.items() if k not in ("covers", "sources")}, "current": current(built, index),
             "asked_by_default": answered is not None and len(index) >= AUTO_MIN_TILES,
             "rasters_scanned_exactly_beside": beside}
@@ -499,8 +500,8 @@ def _update(index: TileIndex) -> AnnInfo | None:
         return None
     built = json.loads((built_dir / "ann.json").read_text())
     answered = answers_for(built, index)
-    if answered is None or not _whole(built_dir, built):
-        return _build(index)
+    if answered is None or not _whole(built_dir, built) or {int(r) for r in built["covers"]} - answered:
+        return _build(index)  # a covered raster this view leaves out would lose its place in `covers`, not its windows
     new = [int(r) for r in covered(index) if int(r) not in answered]
     if not new:
         return AnnInfo(built["vectors"], built["rasters"], built["factory"], 0.0, built["bytes_on_disk"])

@@ -7,6 +7,7 @@ from PIL import Image, ImageDraw
 from rasterio.crs import CRS
 import shapely.affinity
 from shapely.geometry import MultiPolygon, box, mapping, shape
+from shapely.geometry.polygon import orient
 
 from worker.geo import reproject_rings
 from worker.hit_ids import hit_id
@@ -48,11 +49,14 @@ def split_at_antimeridian(collection: dict) -> dict:
     features = []
     for feature in collection["features"]:
         footprint = shape(feature["geometry"])
-        if footprint.bounds[2] > 180:
-            parts = [footprint.intersection(box(-180, -90, 180, 90)),
-                     shapely.affinity.translate(footprint.intersection(box(180, -90, 540, 90)), -360)]
-            polygons = [p for part in parts for p in getattr(part, "geoms", [part]) if p.area > 0]
-            feature = {**feature, "geometry": mapping(MultiPolygon(polygons) if len(polygons) > 1 else polygons[0])}
+        west, _, east, _ = footprint.bounds
+        if footprint.is_valid and (east > 180 or west < -180):
+            parts = [shapely.affinity.translate(footprint.intersection(box(x0, -90, x0 + 360, 90)), -(x0 + 180))
+                     for x0 in (-540, -180, 180)]  # the world west of -180, the world, and east of 180
+            polygons = [orient(p) for part in parts for p in getattr(part, "geoms", [part])
+                        if p.geom_type == "Polygon" and p.area > 0]  # counterclockwise, as RFC 7946 asks
+            if polygons:
+                feature = {**feature, "geometry": mapping(MultiPolygon(polygons) if len(polygons) > 1 else polygons[0])}
         features.append(feature)
     return {**collection, "features": features}
 
