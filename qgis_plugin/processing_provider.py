@@ -94,22 +94,20 @@ class BuildIndexAlgorithm(_WorkerAlgorithm):
         layers = self.parameterAsLayerList(parameters, "RASTERS", context)
         rasters = [layer.source().split("|")[0] for layer in layers]
         name = self.parameterAsString(parameters, "INDEX", context)
+        job = None
         with self._client(parameters, context) as client:
             try:
                 job = client.start_index(name, rasters, cancelled=feedback.isCanceled,
                                          **self._tiling(parameters, context))
-            except RequestCancelled:
-                feedback.pushWarning("Canceled before the worker answered: if it takes the request later, the job "
-                                     "runs there (the dock's Indexing list shows it).")
-                return {}
-            except WorkerError as exc:
-                raise QgsProcessingException(f"worker: {exc.message}") from exc
-            try:
                 while job["state"] in states.ACTIVE:
                     time.sleep(POLL_S)
                     job = client.job(job["id"], cancelled=feedback.isCanceled)
                     feedback.setProgress(100 * job["progress"])
             except RequestCancelled:
+                if job is None:
+                    feedback.pushWarning("Canceled before the worker answered: if it takes the request later, the "
+                                         "job runs there (the dock's Indexing list shows it).")
+                    return {}
                 job = _cancel(client, job, feedback)
                 if job is None:
                     return {}

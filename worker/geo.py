@@ -15,6 +15,7 @@ from rasterio.warp import transform as warp_transform
 from rasterio.warp import transform_bounds
 import shapely.affinity
 from shapely.geometry import MultiPolygon, Polygon, box
+from shapely.geometry.polygon import orient
 
 from wire.protocol import excerpt
 from worker.errors import InputError
@@ -153,12 +154,11 @@ def bbox_to_wgs84(bbox: tuple[float, float, float, float], crs: CRS) -> Area:
         xs, ys = (np.asarray(v) for v in warp_transform(crs, CRS.from_epsg(4326), ring[:, 0], ring[:, 1]))
         xs = xs[0] + np.concatenate([[0.0], np.cumsum((np.diff(xs) + 180.0) % 360.0 - 180.0)])  # across 180: whole
     xs = xs - 360.0 * np.floor((xs[0] + 180.0) / 360.0)  # its first point within -180..180, as the footprints'
-    closes = np.isfinite(xs).all() and abs(xs[-1] - xs[0]) < 1e-6  # else it winds round a pole, or is lost
-    if closes:
+    if np.isfinite(xs).all() and abs(xs[-1] - xs[0]) < 1e-6:  # else it winds round a pole, or is lost
         xs[-1] = xs[0]
-    poly = Polygon(np.column_stack([xs, ys])) if closes else None
-    if poly is not None and poly.is_valid and np.isfinite(poly.bounds).all() and np.ptp(xs) < 360:
-        return with_world_copies(poly)
+        poly = Polygon(np.column_stack([xs, ys]))
+        if poly.is_valid and np.isfinite(poly.bounds).all() and np.ptp(xs) < 360:
+            return with_world_copies(poly)
     # Round a pole, or past a CRS's edges, the ring does not close or is lost: the box's lon/lat
     # bounds instead, every longitude when it wraps.
     try:
@@ -195,10 +195,21 @@ def shared_area(a: Polygon, b: Polygon) -> float:
     """The area two lon/lat footprints share on the ground: also where one lies a world from the
     other (a footprint across 180 degrees lies past it, the same place beside it in another
     raster's CRS does not)."""
-    shared = a.intersection(b).area if a.intersects(b) else 0.0
-    if max(a.bounds[2], b.bounds[2]) > 180:
-        for dx in (-360.0, 360.0):
-            moved = shapely.affinity.translate(b, dx)
-            if a.intersects(moved):
-                shared += a.intersection(moved).area
-    return shared
+    shifts = WORLD_SHIFTS if max(a.bounds[2], b.bounds[2]) > 180 else (0.0,)
+    moved = [shapely.affinity.translate(b, dx) if dx else b for dx in shifts]
+    return float(sum(a.intersection(m).area for m in moved if a.intersects(m)))
+
+
+def cut_at_antimeridian(footprint: Polygon) -> Polygon | MultiPolygon:
+    """A lon/lat footprint past -180 or 180 degrees (reproject_rings) cut there, each part moved
+    into -180..180 and turned counterclockwise, as RFC 7946 asks of a GeoJSON file; one inside,
+    or one that cannot be cut (invalid, or without area), as it was."""
+    west, _, east, _ = footprint.bounds
+    if not footprint.is_valid or -180 <= west and east <= 180:
+        return footprint
+    parts = [shapely.affinity.translate(footprint.intersection(box(-180 - dx, -90, 180 - dx, 90)), dx)
+             for dx in WORLD_SHIFTS]  # the world east of 180, the world, and west of -180, each moved into it
+    polygons = [orient(p) for p in shapely.get_parts(parts) if p.geom_type == "Polygon" and p.area > 0]
+    if not polygons:
+        return footprint
+    return MultiPolygon(polygons) if len(polygons) > 1 else polygons[0]

@@ -5,11 +5,9 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 from rasterio.crs import CRS
-import shapely.affinity
-from shapely.geometry import MultiPolygon, box, mapping, shape
-from shapely.geometry.polygon import orient
+from shapely.geometry import mapping, shape
 
-from worker.geo import reproject_rings
+from worker.geo import cut_at_antimeridian, reproject_rings
 from worker.hit_ids import hit_id
 from worker.search import Hit
 
@@ -43,22 +41,11 @@ def hits_to_geojson(hits: list[Hit], crs: CRS, extra: dict | None = None) -> dic
 
 
 def split_at_antimeridian(collection: dict) -> dict:
-    """Hits in lon/lat as RFC 7946 asks of a GeoJSON file: a footprint across 180 degrees (it lies
-    past 180, geo.reproject_rings) cut in two there, each part within -180..180. The worker's
-    replies keep it whole: split, a hit in a lon/lat project lies at both edges of the world."""
-    features = []
-    for feature in collection["features"]:
-        footprint = shape(feature["geometry"])
-        west, _, east, _ = footprint.bounds
-        if footprint.is_valid and (east > 180 or west < -180):
-            parts = [shapely.affinity.translate(footprint.intersection(box(x0, -90, x0 + 360, 90)), -(x0 + 180))
-                     for x0 in (-540, -180, 180)]  # the world west of -180, the world, and east of 180
-            polygons = [orient(p) for part in parts for p in getattr(part, "geoms", [part])
-                        if p.geom_type == "Polygon" and p.area > 0]  # counterclockwise, as RFC 7946 asks
-            if polygons:
-                feature = {**feature, "geometry": mapping(MultiPolygon(polygons) if len(polygons) > 1 else polygons[0])}
-        features.append(feature)
-    return {**collection, "features": features}
+    """Hits in lon/lat as RFC 7946 asks of a GeoJSON file: a footprint across 180 degrees cut in
+    two there (geo.cut_at_antimeridian). The worker's replies keep it whole: split, a hit in a
+    lon/lat project lies at both edges of the world."""
+    return {**collection, "features": [{**f, "geometry": mapping(cut_at_antimeridian(shape(f["geometry"])))}
+                                       for f in collection["features"]]}
 
 
 def hit_thumbnail(hit: Hit, size: int) -> Image.Image:

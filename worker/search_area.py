@@ -86,7 +86,7 @@ class SearchArea:
         if self.area_wgs84 is not None:
             b = index.records["bounds4326"]
             near = np.zeros(len(index), bool)
-            for part in getattr(self.area_wgs84, "geoms", [self.area_wgs84]):  # an area across 180: its world copies
+            for part in shapely.get_parts(self.area_wgs84):  # an area across 180: its world copies
                 x0, y0, x1, y1 = part.bounds
                 near |= (b[:, 0] <= x1) & (b[:, 2] >= x0) & (b[:, 1] <= y1) & (b[:, 3] >= y0)
             rows &= near

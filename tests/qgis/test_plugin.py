@@ -134,6 +134,16 @@ def test_search_against_a_real_worker_adds_a_georeferenced_layer(plugin, worker,
         project.setFileName("")
 
 
+def line_sketch(path):
+    """A sketch image of one line in three strokes, saved to `path` (returned)."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("L", (256, 256), 255)
+    ImageDraw.Draw(img).line([(10, 200), (120, 60), (240, 120)], fill=0, width=4)
+    img.save(path)
+    return path
+
+
 PARTIAL_INDEX = """
 import sys
 from pathlib import Path
@@ -154,7 +164,6 @@ def test_a_raster_being_indexed_that_is_left_out_is_named_in_the_message(plugin,
     import subprocess
 
     import processing
-    from PIL import Image, ImageDraw
     from qgis.core import QgsProcessingFeedback
 
     from conftest import REPO, WORKER_PYTHON
@@ -165,10 +174,7 @@ def test_a_raster_being_indexed_that_is_left_out_is_named_in_the_message(plugin,
     subprocess.run([WORKER_PYTHON, "-c", PARTIAL_INDEX, str(index_root / "partial"), str(raster_root / "rmnp-rgb.tif")],
                    cwd=REPO, check=True, timeout=300)  # the indexer's own code, stopped after its first chunk
     proc = WorkerProcess(index_root, raster_root, python=WORKER_PYTHON, extra=["--max-partial-maps-mb", "0"]).start()
-    sketch = tmp_path / "sketch.png"
-    img = Image.new("L", (256, 256), 255)
-    ImageDraw.Draw(img).line([(10, 200), (120, 60), (240, 120)], fill=0, width=4)
-    img.save(sketch)
+    sketch = line_sketch(tmp_path / "sketch.png")
     dock = plugin.dock
     try:
         qgis_iface.messageBar().clear_messages()
@@ -236,16 +242,12 @@ def test_a_worker_that_is_down_gives_a_message_and_the_ui_stays_live(plugin, qgi
 
 def test_processing_algorithms_run(plugin, worker, raster_root, tmp_path):
     import processing
-    from PIL import Image, ImageDraw
 
     layer = QgsRasterLayer(str(raster_root / "rmnp-rgb.tif"), "rmnp")
     built = processing.run("sketchsearch:build_index", {"ENDPOINT": worker.bind, "INDEX": "from-processing",
                                                         "RASTERS": [layer], "TILE": 224, "SCALES": "1"})
     assert built["INDEX"] == "from-processing" and built["TILES"] > 0
-    sketch = tmp_path / "sketch.png"
-    img = Image.new("L", (256, 256), 255)
-    ImageDraw.Draw(img).line([(10, 200), (120, 60), (240, 120)], fill=0, width=4)
-    img.save(sketch)
+    sketch = line_sketch(tmp_path / "sketch.png")
     result = processing.run("sketchsearch:search_by_sketch", {"ENDPOINT": worker.bind, "INDEX": "from-processing",
                                                               "SKETCH": str(sketch), "TOP": 2, "OUTPUT": "memory:"})
     hits = result["OUTPUT"]
