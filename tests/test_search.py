@@ -11,6 +11,7 @@ from PIL import Image
 import rasterio
 import rasterio.warp
 import shapely
+import shapely.affinity
 import shapely.geometry
 from rasterio.crs import CRS
 from shapely.geometry import Polygon
@@ -227,6 +228,32 @@ def test_the_same_place_on_both_sides_of_the_antimeridian_is_one_hit():
     beside = box(-180.0, -17.2, -179.85, -17.0)  # the same ground east of 180, from the other raster
     elsewhere = box(-179.7, -17.2, -179.5, -17.0)
     assert dedupe([crossing, beside, elsewhere], np.arange(3), max_overlap=0.3) == [0, 2]
+
+
+def test_a_footprint_is_cut_at_either_edge_of_the_world_into_counterclockwise_parts():
+    """RFC 7946's cut, as the CLI's file makes it: a footprint past 180 or past -180 (a raster's
+    ring unwrapped either way) becomes parts within -180..180 covering the same ground, each
+    counterclockwise even from a clockwise ring; one inside, or one that cannot be cut (a
+    self-crossing ring), is kept as it was."""
+    from shapely.geometry import Polygon as Poly
+    from shapely.geometry import box
+
+    from worker.geo import cut_at_antimeridian
+
+    for across in (box(179.8, -17.2, 180.3, -17.0), box(-180.3, -17.2, -179.8, -17.0)):
+        clockwise = Poly(list(across.exterior.coords)[::-1])
+        cut = cut_at_antimeridian(clockwise)
+        parts = list(cut.geoms)
+        assert len(parts) == 2 and all(p.exterior.is_ccw for p in parts)
+        assert all(-180 <= p.bounds[0] and p.bounds[2] <= 180 for p in parts)
+        west_part, east_part = sorted(parts, key=lambda p: p.bounds[0])  # lon -180.. and ..180
+        shift = 360 if across.bounds[2] > 180 else -360  # where the part beyond the edge lies
+        beyond, within = (west_part, east_part) if shift == 360 else (east_part, west_part)
+        assert shapely.affinity.translate(beyond, shift).union(within).equals(across)
+    inside = box(170, -17.2, 171, -17.0)
+    assert cut_at_antimeridian(inside) is inside
+    bow_tie = Poly([(179.9, -17.2), (180.1, -17.0), (180.1, -17.2), (179.9, -17.0)])
+    assert cut_at_antimeridian(bow_tie) is bow_tie
 
 
 def run_cli(*args):
