@@ -250,6 +250,55 @@ def test_the_tiles_under_the_peaks_do_not_depend_on_how_their_pairs_are_split(in
     assert tiles_under(index, peaks, pairs_at_once=300) == whole
 
 
+def test_a_mosaic_of_small_rasters_is_scanned_as_each_raster_alone(tmp_path, model, assets, monkeypatch):
+    """Small level maps are scanned in batches, padded to one shape (a mosaic of 1,000 small
+    rasters took 12 times as long scanned one map at a time). The padding is never a place, and a
+    map view over some rasters of a batch finds places only in those: the peaks are those of each
+    map scanned alone, for the whole mosaic and for a view over part of it."""
+    import rasterio
+    from rasterio.crs import CRS
+    from rasterio.transform import from_origin
+    from shapely.geometry import box
+
+    from conftest import write_raster
+    from worker import placement_scan, query_templates
+    from worker.geo import bbox_to_wgs84
+    from worker.search_area import SearchArea
+    from worker.store import IndexWriter
+
+    with rasterio.open(assets["s2_rgb"]) as src:
+        pixels = src.read(window=((0, 1100), (0, 1100)))
+    utm = CRS.from_epsg(32618)
+    rasters = []
+    for i, (side, r, c) in enumerate([(300, 0, 0), (260, 0, 300), (300, 300, 0), (330, 300, 300), (240, 640, 100),
+                                      (300, 640, 400), (280, 0, 700), (360, 700, 700)]):
+        rasters.append(write_raster(tmp_path / f"chip{i}.tif", np.ascontiguousarray(pixels[:, r:r + side, c:c + side]),
+                                    crs=utm, transform=from_origin(500_000 + c * 10, 4_000_000 - r * 10, 10, 10)))
+    IndexWriter(tmp_path / "index", model, TileSettings(scales=(1,))).build(rasters)
+    mosaic = TileIndex.open(tmp_path / "index")
+    shapes = {key: level.cells.shape[:2] for key, level in mosaic.maps.items()}
+    assert len(placement_scan.batch_maps(shapes)) < len(shapes) // 2  # they are scanned in batches
+
+    frame = Placement(mosaic.rasters[3], 150.0, 160.0, 200.0, angle=5.0)
+    ranking = RankingConfig()
+    templates = query_templates.build(_sketch_of(frame), ranking.sizes, ranking.angles, model.device)
+    view = bbox_to_wgs84((500_000 + 2_500, 4_000_000 - 6_000, 500_000 + 6_000, 4_000_000 - 2_000), utm)  # 4 chips, in part
+    areas = {"whole": SearchArea.of(mosaic), "view": SearchArea.of(mosaic, None, view)}
+    assert len(areas["view"].keys) < len(mosaic.maps) and areas["view"].boxes
+
+    def peaks(area):
+        found = placement_scan.coarse_peaks(placement_scan.Scanner(mosaic, model.device), templates, ranking, area, 300)
+        return {(c.map_key, c.size, c.angle, c.row, c.col): c.coarse for c in found}
+
+    batched = {name: peaks(area) for name, area in areas.items()}
+    monkeypatch.setattr(placement_scan, "SMALL_MAP_CELLS", 0)  # every map alone, as before batches
+    for name, area in areas.items():
+        alone = peaks(area)
+        assert len(alone) > 20 and set(batched[name]) == set(alone), name
+        assert max(abs(batched[name][k] - alone[k]) for k in alone) < 1e-3, name
+    assert {k[0] for k in batched["view"]} <= set(areas["view"].keys)
+
+
 def test_a_partial_sketch_is_verified_only_where_it_has_lines(index):
     """A user who draws half of a place leaves the other half blank; the verification measures
     the place only where the sketch has lines, so the place is not marked down for what was left

@@ -140,7 +140,7 @@ def block_map(cells: torch.Tensor, spec: BlockSpec, step: int = 1) -> torch.Tens
     x = cells.permute(0, 3, 1, 2)  # B, O, R, C
     k, gap = spec.span, spec.span // step
     hog_cells = F.avg_pool2d(x, k, stride=step) if k > 1 else x  # HOG cells at every step
-    rows, cols = hog_cells.shape[2] - gap * (spec.block - 1), hog_cells.shape[3] - gap * (spec.block - 1)
+    rows, cols = block_positions(x.shape[2], spec, step), block_positions(x.shape[3], spec, step)
     if rows <= 0 or cols <= 0:
         return x.new_zeros(x.shape[0], spec.dim, max(rows, 0), max(cols, 0))
     parts = [hog_cells[:, :, i * gap:i * gap + rows, j * gap:j * gap + cols]
@@ -149,6 +149,13 @@ def block_map(cells: torch.Tensor, spec: BlockSpec, step: int = 1) -> torch.Tens
     blocks.div_(_norms(blocks))
     blocks.clamp_(max=L2HYS_CLIP)
     return blocks.div_(_norms(blocks))
+
+
+def block_positions(cells: int, spec: BlockSpec, step: int = 1) -> int:
+    """Block positions along `cells` stored cells in a block map made with `step` (block_map);
+    0 or less: none."""
+    hog_cells = (cells - spec.span) // step + 1 if spec.span > 1 else cells
+    return hog_cells - spec.span // step * (spec.block - 1)
 
 
 def _norms(blocks: torch.Tensor) -> torch.Tensor:
