@@ -85,6 +85,25 @@ def test_crs_less_raster_is_refused_with_what_to_do(tmp_path, assets):
         open_raster(placed, None)
 
 
+def test_a_raster_whose_crs_does_not_fit_its_coordinates_is_refused_with_what_to_do(tmp_path, assets):
+    """A CRS assigned in error: a UTM grid in metres tagged as lon/lat (its hits would lie at
+    latitude 4,500,000, outside every map view), or a grid past where its projection is
+    defined. Lon/lat past 180 (0..360 grids) or half a pixel past a pole is fine."""
+    from rasterio.transform import from_origin
+
+    pixels = np.zeros((3, 40, 40), np.uint8)
+    pixels[:, 10:30, 10:30] = 200
+    wgs84, utm = CRS.from_epsg(4326), CRS.from_epsg(32613)
+    metres_as_degrees = write_raster(tmp_path / "a.tif", pixels, crs=wgs84, transform=from_origin(400_000, 4_500_000, 30, 30))
+    with pytest.raises(InputError, match="not longitudes and latitudes.*gdal_edit"):
+        open_raster(metres_as_degrees, None)
+    beyond = write_raster(tmp_path / "b.tif", pixels, crs=utm, transform=from_origin(1e12, 4_500_000, 30, 30))
+    with pytest.raises(InputError, match="outside where its CRS is defined.*gdal_edit"):
+        open_raster(beyond, None)
+    for name, transform in (("pacific", from_origin(170.0, -10.0, 0.5, 0.5)), ("pole", from_origin(-180.05, 90.05, 0.1, 0.1))):
+        open_raster(write_raster(tmp_path / f"{name}.tif", pixels, crs=wgs84, transform=transform), None)
+
+
 def test_crs_without_epsg_code_is_indexable(assets):
     info = open_raster(assets["lsat7_10"], None)
     assert CRS.from_wkt(info.crs_wkt).to_epsg(confidence_threshold=100) is None  # "unnamed" projection

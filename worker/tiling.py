@@ -18,7 +18,9 @@ import numpy as np
 import rasterio
 import rasterio.io
 from rasterio.enums import ColorInterp, Resampling
+from rasterio.crs import CRS
 from rasterio.errors import RasterioIOError
+from rasterio.warp import transform as warp_transform
 from rasterio.windows import Window
 from scipy import ndimage
 from shapely.geometry import Polygon
@@ -292,6 +294,7 @@ def open_raster(path: Path, bands: tuple[int, ...] | None, drivers: tuple[str, .
                              "(e.g. gdal_edit.py -a_srs EPSG:XXXX) and index it again")
         if src.transform.is_identity:
             raise InputError(f"{path}: has no geotransform (pixel grid not georeferenced)")
+        _check_on_earth(path, src)
         if any(np.dtype(src.dtypes[b - 1]).kind == "c" for b in range(1, src.count + 1)):
             raise InputError(f"{path}: complex-valued bands are not imagery")
         chosen = choose_bands(src, bands)
@@ -303,6 +306,27 @@ def open_raster(path: Path, bands: tuple[int, ...] | None, drivers: tuple[str, .
         return RasterInfo(path=str(path), size=st.st_size, mtime_ns=st.st_mtime_ns, width=src.width,
                           height=src.height, crs_wkt=src.crs.to_wkt(), transform=tuple(src.transform)[:6],
                           bands=chosen, stretch=stretch, sources=sources_stamp(src))
+
+
+def _check_on_earth(path: Path, src: rasterio.DatasetReader) -> None:
+    """InputError when the raster's corners lie nowhere on Earth in its CRS: a CRS assigned in
+    error (metres labelled as degrees: a UTM grid tagged EPSG:4326 put its hits at latitude
+    4,500,000 and its tiles outside every map view)."""
+    cols, rows = [0, src.width, 0, src.width], [0, 0, src.height, src.height]
+    xs, ys = src.transform * (np.array(cols, float), np.array(rows, float))
+    fix = "assign the CRS its coordinates are in (gdal_edit.py -a_srs EPSG:XXXX) and index it again"
+    corners = f"its corners run x {min(xs):.6g} to {max(xs):.6g}, y {min(ys):.6g} to {max(ys):.6g}"
+    if src.crs.is_geographic:
+        if not (-90 - abs(src.transform.e) <= min(ys) and max(ys) <= 90 + abs(src.transform.e)
+                and -360 <= min(xs) and max(xs) <= 540):
+            raise InputError(f"{path}: {corners}, which are not longitudes and latitudes, as its CRS says; {fix}")
+        return
+    try:
+        lons, lats = warp_transform(src.crs, CRS.from_epsg(4326), list(xs), list(ys))
+    except Exception:  # PROJ refuses the points outright
+        lons, lats = [np.nan], [np.nan]
+    if not (np.isfinite(lons).all() and np.isfinite(lats).all()):
+        raise InputError(f"{path}: {corners}, which lie outside where its CRS is defined; {fix}")
 
 
 def _offsets(length: int, window: int, step: int) -> list[int]:
