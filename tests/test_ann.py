@@ -201,6 +201,31 @@ def test_auto_asks_the_ann_only_for_large_indexes(index_with_ann):
     assert ann_shortlist(index, RankingConfig(ann="on")) is not None
 
 
+def test_an_index_big_enough_gets_its_ann_shortlist_unasked_and_searches_ask_it(s2_index, assets, model, tmp_path,
+                                                                                  monkeypatch):
+    """A user (or the plugin, which never asks) who indexes a large mosaic gets the shortlist
+    built once the index is complete, and searches ask it; before, only `--ann` built one, and a
+    plugin user's million-tile index was scanned exactly at every search (minutes on a CPU).
+    `ann: false` builds none; a small index gets none. The threshold is lowered to this index's
+    size here: the real one is tens of thousands of tiles."""
+    from worker.app import IndexRequest, build_index
+
+    def extend(name: str, **ann_choice):
+        folder = tmp_path / name
+        shutil.copytree(s2_index, folder)  # complete: extending it with its own raster only brings the shortlist
+        return folder, build_index(IndexRequest.create(folder, [assets["s2_rgb"]], scales=[1, 2], **ann_choice), model)
+
+    folder, summary = extend("small")
+    assert summary.ann is None and not ann.AnnShortlist.exists(folder)
+    monkeypatch.setattr(ann, "AUTO_MIN_TILES", len(TileIndex.open(s2_index)))
+    folder, summary = extend("refused", ann=False)
+    assert summary.ann is None and not ann.AnnShortlist.exists(folder)
+    folder, summary = extend("big")
+    assert summary.ann and summary.ann["vectors"] > 200, summary.ann
+    index = TileIndex.open(folder)
+    assert ann.describe(index)["asked_by_default"] and ann_shortlist(index, RankingConfig()) is not None
+
+
 def test_an_ann_older_than_its_index_answers_for_what_it_holds_until_updated(index_with_ann, model, assets, tmp_path):
     folder = tmp_path / "index"
     shutil.copytree(index_with_ann[0], folder)

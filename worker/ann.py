@@ -54,7 +54,13 @@ WINDOW = WINDOW_CELLS * CELL  # level px: one tile
 WINDOW_DIM = COARSE.dim * COARSE.blocks_per_side(WINDOW) ** 2  # a window vector's length
 STRIDE_CELLS = WINDOW_CELLS // 2  # windows every half tile (112 level px)
 SHIFT_HOG_CELLS = 2  # queries also shifted by 64 level px: any window lies within 32 px of a query's grid window
-AUTO_MIN_TILES = 200_000  # from here on a search asks the ANN shortlist first (when one is built)
+AUTO_MIN_TILES = 50_000  # from here on an index gets an ANN shortlist, and a search asks it first
+
+
+def big_enough(tiles: int) -> bool:
+    """Whether `tiles` tiles are enough for the ANN shortlist by default: built when an index
+    holding them is complete, asked first by a search over them."""
+    return tiles >= AUTO_MIN_TILES
 # 64 bytes a window: an OPQ rotation down to 256 dimensions, then product quantisation; an HNSW
 # graph finds the inverted lists fast. Not PCA: FAISS's PCA subtracts the mean, which changes a
 # ranking by inner product (measured on 100k windows: 10-recall@200 0.46 with PCA256, 0.98 with
@@ -478,7 +484,7 @@ def describe(index: TileIndex) -> dict | None:
     beside = None if answered is None else sorted(r for r in index.tiles_per_raster
                                                   if r not in answered and r not in index.left_out)
     return {**{k: v for k, v in built.items() if k not in ("covers", "sources")}, "current": current(built, index),
-            "asked_by_default": answered is not None and len(index) >= AUTO_MIN_TILES,
+            "asked_by_default": answered is not None and big_enough(len(index)),
             "rasters_scanned_exactly_beside": beside}
 
 

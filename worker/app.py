@@ -79,7 +79,9 @@ class IndexRequest:
     chunk_tiles: int = CHUNK_TILES  # tiles per committed shard: what a crash can lose
     batch_size: int = 16  # tiles per forward pass
     access: RasterAccess = field(default_factory=RasterAccess)  # which files it may read (a client: confined)
-    ann: bool = False  # build the ANN shortlist (worker.ann) once the index is complete
+    # build the ANN shortlist (worker.ann) once the index is complete: True always, False never,
+    # None when it holds enough tiles (worker.ann.big_enough); one built before is kept up to date
+    ann: bool | None = None
     # store the tiles' ViT tokens, for the "tokens" ranker and a token weight (None: a new index
     # does not; an existing one keeps its own choice). The default search reads none; on this CPU
     # they took about 170-210 of an index's 200-245 CPU ms a tile, and three quarters of its disk
@@ -100,7 +102,7 @@ class IndexRequest:
     def create(cls, index_dir: Path, rasters: Sequence[str | Path], *, tile: int | None = None,
                overlap: float | None = None, scales: Sequence[int] | None = None, bands: Sequence[int] | None = None,
                min_valid: float | None = None, chunk_tiles: int | None = None,
-               batch_size: int | None = None, access: RasterAccess = RasterAccess(), ann: bool = False,
+               batch_size: int | None = None, access: RasterAccess = RasterAccess(), ann: bool | None = None,
                tokens: bool | None = None) -> "IndexRequest":
         """A request from what the user gave (None: the default). The index folder is checked
         (new, empty or an index: never one holding other things) and the raster inputs (files,
@@ -112,7 +114,7 @@ class IndexRequest:
                                         min_valid=None if min_valid is None else float(min_valid)))
         check_index_folder(Path(index_dir))
         return cls(Path(index_dir), tuple(find_rasters(list(rasters), access)), settings,
-                   **given(chunk_tiles=chunk_tiles, batch_size=batch_size), access=access, ann=bool(ann), tokens=tokens)
+                   **given(chunk_tiles=chunk_tiles, batch_size=batch_size), access=access, ann=ann, tokens=tokens)
 
     def to_json(self) -> dict:
         """What a rerun needs (the service keeps it in the index's job.json)."""
@@ -129,7 +131,7 @@ class IndexRequest:
         if not isinstance(rasters, list):
             raise InputError(f"the job file of {index_dir} is damaged (rasters is not a list)")
         return cls(Path(index_dir), tuple(find_rasters(rasters, access)), settings,
-                   **given(chunk_tiles=chunk_tiles), access=access, ann=d.get("ann") is True,
+                   **given(chunk_tiles=chunk_tiles), access=access, ann=d.get("ann") if isinstance(d.get("ann"), bool) else None,
                    tokens=d.get("tokens") if isinstance(d.get("tokens"), bool) else None)
 
 
@@ -156,7 +158,8 @@ def build_index(request: IndexRequest, model: "RetrievalModel", progress: Callab
     """Index every raster of the request not yet (fully) indexed, here or on `cluster`'s workers
     (worker.distributed). `should_stop` is polled between batches (between chunks on a cluster):
     True stops after the last commit, leaving an index that a rerun completes. Once complete, the
-    index's ANN shortlist is built (`request.ann`) or, when it has one, brought up to date."""
+    index's ANN shortlist is built (`request.ann`, by default once the index is big enough) or,
+    when it has one, brought up to date."""
     writer = IndexWriter(request.index_dir, model, request.settings, request.chunk_tiles, request.tokens)
     build = partial(writer.build, list(request.rasters), progress=progress, should_stop=should_stop,
                     batch_size=request.batch_size, drivers=request.access.drivers)
@@ -174,10 +177,11 @@ def build_index(request: IndexRequest, model: "RetrievalModel", progress: Callab
     unfinished = [r["path"] for r in rasters if not r["complete"]]
     ann_info = None
     has_ann = ann.AnnShortlist.exists(request.index_dir)
-    if complete and unfinished and (request.ann or has_ann):
+    wanted = ann.big_enough(manifest.get("tile_count", 0)) if request.ann is None else request.ann
+    if complete and unfinished and (wanted or has_ann):
         ann_info = {"built": False, "why": f"{len(unfinished)} other raster(s) of the index are not fully indexed "
                                            f"(first {unfinished[0]}): index them again, then the shortlist follows"}
-    elif complete and (request.ann or has_ann):
+    elif complete and (wanted or has_ann):
         index = TileIndex.open(request.index_dir)
         try:
             ann_info = (ann.update(index) if has_ann else ann.build(index)).to_json()

@@ -197,8 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster", default=None, metavar="ADDRESS",
                    help="compute the tiles on a Dask cluster: local, local:N (N worker processes here) or a scheduler's "
                         "address (tcp://host:8786); every worker must see the rasters at the same paths")
-    p.add_argument("--ann", action="store_true",
-                   help="also build the approximate shortlist (FAISS) for large mosaics once the index is complete")
+    p.add_argument("--ann", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"build the approximate shortlist (FAISS) once the index is complete: by default when it holds "
+                        f"{AUTO_MIN_TILES:,} tiles or more (--no-ann: never; one built before is kept up to date)")
     p.add_argument("--tokens", action="store_true",
                    help="also store the tiles' ViT tokens, for `search --ranker tokens` and `--token-weight` (the paper's "
                         "modules; on a CPU about 6x the time and 4x the size of an index; the default search needs none)")

@@ -26,7 +26,7 @@ from shapely.geometry import Polygon
 from worker import query_templates
 from worker.geo import Area, reproject_rings, shared_area
 from worker.placement import Placement
-from worker.ann import AUTO_MIN_TILES, AnnShortlist, query_vectors
+from worker.ann import AnnShortlist, big_enough, query_vectors
 from worker.cancellation import raise_if_stopped
 from worker.placement_scan import ANN_MARGIN, ANN_SPAN, ann_peaks, coarse_peaks, refine, scanner_of
 from worker.ranking import RankingConfig
@@ -84,9 +84,9 @@ class SearchResult:
 
 def ann_shortlist(index: TileIndex, ranking: RankingConfig, area: SearchArea | None = None) -> AnnShortlist | None:
     """The index's ANN shortlist when this search should ask it (kept on the open index): "auto"
-    asks it when the maps searched hold AUTO_MIN_TILES tiles or more."""
+    asks it when the maps searched hold enough tiles (worker.ann.big_enough)."""
     searched = len(index) if area is None else sum(len(index.rows_of_map(*key)) for key in area.keys)
-    if ranking.ann == "off" or (ranking.ann == "auto" and searched < AUTO_MIN_TILES):
+    if ranking.ann == "off" or (ranking.ann == "auto" and not big_enough(searched)):
         return None
     on_disk = AnnShortlist.stamp_of(index.dir)
     if on_disk is None:

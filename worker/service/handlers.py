@@ -98,7 +98,7 @@ class Handlers:
             scales=field(header, "scales", list, None, check=lambda v: bool(v) and _ints(v)),
             bands=field(header, "bands", list, None, check=_ints),
             min_valid=field(header, "min_valid", (int, float), None), chunk_tiles=field(header, "chunk_tiles", int, None),
-            ann=field(header, "ann", bool, False), tokens=field(header, "tokens", bool, None))
+            ann=field(header, "ann", bool, None), tokens=field(header, "tokens", bool, None))
         self._check_extendable(request)  # refused now, not as a failed job later
         return {"job": self.jobs.start(name, request).to_json()}
 
