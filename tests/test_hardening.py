@@ -139,11 +139,12 @@ def test_1_a_crs_naming_a_fifo_is_refused_at_once(served, tmp_path):
 
 
 # -- 2. rasters outside the raster roots: links, VRT sources, network ------------------------
-def _vrt(path: Path, source: str, relative: bool = False) -> Path:
-    path.write_text(f"""<VRTDataset rasterXSize="240" rasterYSize="240">
+def _vrt(path: Path, source: str, relative: bool = False, tag: str = "SourceFilename", root: str = "",
+         relative_name: str = "relativeToVRT") -> Path:
+    path.write_text(f"""<VRTDataset rasterXSize="240" rasterYSize="240"{root}>
   <SRS>EPSG:4326</SRS><GeoTransform>-105.6, 0.0001, 0, 40.4, 0, -0.0001</GeoTransform>
   <VRTRasterBand dataType="Byte" band="1"><SimpleSource>
-    <SourceFilename relativeToVRT="{int(relative)}">{source}</SourceFilename><SourceBand>1</SourceBand>
+    <{tag} {relative_name}="{int(relative)}">{source}</{tag}><SourceBand>1</SourceBand>
   </SimpleSource></VRTRasterBand>
 </VRTDataset>""")
     return path
@@ -165,6 +166,13 @@ def test_2_links_vrt_sources_and_network_paths_outside_the_roots_are_forbidden(s
              "a VRT with an outside source": [str(_vrt(vrts / "abs.vrt", str(secret)))],
              "a VRT with a relative source out": [str(_vrt(vrts / "rel.vrt", "../../outside/secret.tif", True))],
              "a VRT with a /vsicurl/ source": [str(_vrt(vrts / "net.vrt", f"/vsicurl/http://127.0.0.1:{port}/a.tif"))],
+             # GDAL reads a VRT's names in any case and whatever their namespace
+             "a VRT's source in lower case": [str(_vrt(vrts / "lower.vrt", str(secret), tag="sourcefilename"))],
+             "a VRT in a namespace": [str(_vrt(vrts / "ns.vrt", str(secret), root=' xmlns="urn:x"'))],
+             "a VRT's URL source in upper case": [str(_vrt(vrts / "upper.vrt", f"/vsicurl/http://127.0.0.1:{port}/b.tif",
+                                                         tag="SOURCEFILENAME"))],
+             "a VRT's relative source out, its flag in lower case":
+                 [str(_vrt(vrts / "rel2.vrt", "../../outside/secret.tif", True, relative_name="relativetovrt"))],
              "a /vsicurl/ path": [f"/vsicurl/http://127.0.0.1:{port}/a.tif"],
              "a driver prefix": [f"GTIFF_DIR:1:{secret}"]}
     try:

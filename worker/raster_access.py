@@ -26,7 +26,8 @@ MAX_VRT_BYTES = 16 * 1024 * 1024
 MAX_VRT_DEPTH = 8  # VRTs of VRTs
 VRT_SNIFF_BYTES = 1024  # GDAL's VRT driver looks for "<VRTDataset" in a file's first bytes, whatever its name
 DRIVER_PREFIX = re.compile(r"[A-Za-z][A-Za-z0-9_]+:")  # GDAL's "NETCDF:file:var", "GTIFF_DIR:1:file"
-SOURCE_TAGS = ("SourceFilename", "SourceDataset")  # where a VRT names what it reads
+SOURCE_TAGS = ("sourcefilename", "sourcedataset")  # where a VRT names what it reads (any case, as GDAL)
+LEADING_INTEGER = re.compile(r"\s*([+-]?\d+)")  # what C's atoi, and so GDAL, reads of relativeToVRT
 
 
 @dataclass(frozen=True)
@@ -105,14 +106,16 @@ def is_vrt(path: Path) -> bool:
     """Whether GDAL would read `path` as a VRT (by its content, as GDAL does, not its name)."""
     try:
         with open(path, "rb") as f:
-            return b"<VRTDataset" in f.read(VRT_SNIFF_BYTES)
+            return b"<vrtdataset" in f.read(VRT_SNIFF_BYTES).lower()  # any case: checked rather than missed
     except OSError:
         return False
 
 
 def vrt_sources(path: Path) -> list[tuple[str, bool]]:
     """Every file a VRT names, with whether it is relative to the VRT's folder; refuses Python
-    pixel functions (code the VRT would have the worker run)."""
+    pixel functions (code the VRT would have the worker run). Names and attributes are matched
+    as GDAL matches them, in any case and whatever their XML namespace: `<sourcefilename>` and a
+    `xmlns` on the root read files as well."""
     if path.stat().st_size > MAX_VRT_BYTES:
         raise InputError(f"{path}: a VRT of more than {MAX_VRT_BYTES} bytes")
     try:
@@ -121,10 +124,18 @@ def vrt_sources(path: Path) -> list[tuple[str, bool]]:
         raise InputError(f"{path}: not a readable VRT ({exc})") from exc
     sources = []
     for element in root.iter():
-        if element.tag == "PixelFunctionCode" or (element.tag == "PixelFunctionLanguage"
-                                                   and (element.text or "").strip().lower() == "python"):
+        tag = _xml_name(element.tag)
+        if tag == "pixelfunctioncode" or (tag == "pixelfunctionlanguage"
+                                          and (element.text or "").strip().lower() == "python"):
             raise ForbiddenError(f"{path}: VRT pixel functions in Python are not run for clients")
-        if element.tag in SOURCE_TAGS:
-            relative = element.get("relativeToVRT", "0").strip() == "1"
-            sources.append(((element.text or "").strip(), relative))
+        if tag in SOURCE_TAGS:
+            attributes = {_xml_name(k): v for k, v in element.attrib.items()}
+            number = LEADING_INTEGER.match(attributes.get("relativetovrt", "0"))
+            sources.append(((element.text or "").strip(), bool(number and int(number.group(1)))))
     return sources
+
+
+def _xml_name(name: object) -> str:
+    """An XML tag or attribute name as GDAL compares it: lower case, without its namespace
+    (comments and processing instructions have none: "")."""
+    return name.rsplit("}", 1)[-1].lower() if isinstance(name, str) else ""
