@@ -100,9 +100,10 @@ def test_the_command_line_searches_by_example(worker, rasters, tmp_path):
     index = worker.index_root / "rmnp"
     out = tmp_path / "hits.geojson"
     bbox = ",".join(str(v) for v in bbox_of(rasters / "rmnp-rgb.tif"))
+    assert bbox.startswith("-")  # west of Greenwich: written as README writes it, not as --bbox=...
     run = lambda *args: subprocess.run([sys.executable, "-m", "worker", "search", str(index), *args], cwd=REPO,
                                        capture_output=True, text=True)
-    result = run("--example", str(rasters / "rmnp-rgb.tif"), f"--bbox={bbox}", "--bbox-crs", "EPSG:4326", "--top", "4",
+    result = run("--example", str(rasters / "rmnp-rgb.tif"), "--bbox", bbox, "--bbox-crs", "EPSG:4326", "--top", "4",
                  "--out", str(out))
     assert result.returncode == 0, result.stderr
     hits = json.loads(out.read_text())["features"]

@@ -316,6 +316,18 @@ def test_cli_bad_sketch_exits_2_with_one_clear_line(tmp_path, s2_index, content,
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+def test_cli_outputs_it_could_not_write_are_refused_before_the_search(tmp_path, s2_index):
+    """A folder as --out, or a preview in no image format, was found only after the search (a
+    traceback after the GeoJSON was written, or a message about free disk space)."""
+    sketch = tmp_path / "sketch.png"
+    Image.new("L", (200, 200), 255).save(sketch)  # blank: refused too, but only after the outputs are checked
+    for args, message in (((tmp_path,), "is a folder"), ((tmp_path / "h.geojson", "--preview", tmp_path / "p.xyz"),
+                                                        ".xyz is not an image format")):
+        result = run_cli("search", s2_index, "--sketch", sketch, "--out", *args)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "h.geojson").exists()
+
+
 def test_cli_info_and_missing_index(tmp_path, s2_index):
     info = json.loads(run_cli("info", s2_index).stdout)
     assert info["tile_count"] > 100 and info["model"]["timm_name"] == "vit_small_patch14_dinov2"

@@ -397,6 +397,21 @@ def test_curve_protected_bind_refuses_clients_without_the_key(tmp_path, rasters)
         proc.stop()
 
 
+def test_a_worker_on_an_address_in_use_says_so_in_one_line(tmp_path):
+    import zmq
+
+    taken = zmq.Context.instance().socket(zmq.ROUTER)
+    address = f"tcp://127.0.0.1:{free_port()}"
+    taken.bind(address)
+    try:
+        result = subprocess.run([sys.executable, "-m", "worker", "serve", "--bind", address, "--index-root", str(tmp_path),
+                                 "--device", "cpu"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    finally:
+        taken.close(linger=0)
+    assert result.returncode == 2 and "another worker may be running" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 def test_binding_beyond_loopback_without_keys_is_refused(tmp_path):
     result = subprocess.run([sys.executable, "-m", "worker", "serve", "--bind", f"tcp://0.0.0.0:{free_port()}",
                              "--index-root", str(tmp_path), "--device", "cpu"], cwd=REPO, capture_output=True, text=True,

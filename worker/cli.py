@@ -115,6 +115,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from worker.hits_output import split_at_antimeridian
     from worker.store import write_json_atomic
 
+    check_outputs(args.out, args.preview)
     index = open_index(args.index)
     example, area = None, _floats(args.bbox, 4, "--bbox") if args.bbox else None
     if args.example is not None:
@@ -148,6 +149,21 @@ def cmd_search(args: argparse.Namespace) -> int:
     print(json.dumps({"hits": len(outcome.ranked), "out": str(args.out), "left_out": outcome.left_out,
                       **{k: round(v, 1) for k, v in outcome.timings_ms.items()}}))
     return 0
+
+
+def check_outputs(out: Path, preview: Path | None) -> None:
+    """InputError now, before a search, for files it could not write after it."""
+    from PIL import Image
+
+    if out.is_dir():
+        raise InputError(f"--out {out} is a folder: name the GeoJSON file to write (e.g. {out / 'hits.geojson'})")
+    if preview is not None:
+        if preview.is_dir():
+            raise InputError(f"--preview {preview} is a folder: name the image to write (e.g. {preview / 'hits.png'})")
+        Image.init()
+        if preview.suffix.lower() not in Image.EXTENSION:
+            raise InputError(f"--preview {preview}: {preview.suffix or 'no extension'} is not an image format; use .png "
+                             "or .jpg")
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -273,9 +289,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+BOX_OPTIONS = ("--bbox",)  # values that start with a minus west of Greenwich or south of the equator
+
+
+def joined_box_values(argv: list[str]) -> list[str]:
+    """`--bbox -75.7,37.6,...` as `--bbox=-75.7,37.6,...`: argparse takes a value starting with
+    a minus for an option, unless it is one plain negative number."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in BOX_OPTIONS and i + 1 < len(argv) and argv[i + 1].startswith("-") and argv[i + 1][1:2].isdigit():
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(joined_box_values(sys.argv[1:] if argv is None else list(argv)))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -99,11 +99,11 @@ class Service:
         self.router.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes * HARD_LIMIT_FACTOR)
         self.router.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
         self._secure(self.router)
-        self.router.bind(self.config.bind)
+        _bind(self.router, self.config.bind, "--bind")
         self.pub = self.context.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
         self._secure(self.pub)
-        self.pub.bind(self.config.pub)
+        _bind(self.pub, self.config.pub, "--pub")
 
     def _wake(self) -> None:
         try:
@@ -253,3 +253,12 @@ class Service:
             self.auth.stop()
         os.close(self._wake_r)
         os.close(self._wake_w)
+
+
+def _bind(socket: zmq.Socket, address: str, option: str) -> None:
+    """Listen on `address`, or an InputError that says why not (a worker already there)."""
+    try:
+        socket.bind(address)
+    except zmq.ZMQError as exc:
+        raise InputError(f"cannot listen on {address} ({exc}): another worker may be running there; choose another "
+                         f"address with {option}") from None
