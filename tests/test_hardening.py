@@ -414,6 +414,46 @@ def test_9_a_corrupt_manifest_is_flagged_and_the_others_listed(served):
         shutil.rmtree(torn)
 
 
+# -- 9b. a raster gone since it was indexed --------------------------------------------------
+def test_9b_a_raster_moved_away_is_left_out_and_said_so_and_searched_again_once_back(served, tree):
+    """An unplugged drive or a reorganised folder: every search of the index failed `internal`,
+    its other rasters too. Now the others are searched, the reply's `left_out` names the raster
+    and why, and once its file is back it is searched again."""
+    import io
+
+    from lab.pseudo_sketch import pseudo_sketch
+    from worker.placement import Placement
+    from worker.tiling import open_raster
+
+    gone = tree / "rasters" / "gone.tif"
+    shutil.copy(tree / "rasters" / "rmnp.tif", gone)
+    image, valid = Placement(open_raster(gone, None), cx=370.0, cy=260.0, side=112.0).read(224)  # outside tiny.tif
+    buf = io.BytesIO()
+    pseudo_sketch(image, "simple", valid=valid).save(buf, "PNG")
+    away = tree / "gone.tif.away"
+    try:
+        with served.client(timeout=60) as c:
+            job = wait_job(c, c.start_index("two", [str(tree / "rasters" / "tiny.tif"), str(gone)], **TILE)["id"])
+            assert job["state"] == states.DONE, job
+            present = c.search("two", sketch_png=buf.getvalue(), top=3)
+            assert present["hits"]["features"][0]["properties"]["raster"] == str(gone) and not present["left_out"]
+            gone.rename(away)
+            missing = c.search("two", sketch_png=buf.getvalue(), top=3)
+            again = c.search("two", sketch_png=buf.getvalue(), top=3)  # remembered: not read again
+            away.rename(gone)
+            back = c.search("two", sketch_png=buf.getvalue(), top=3)
+        for reply in (missing, again):
+            assert reply["hits"]["features"] and {f["properties"]["raster"] for f in reply["hits"]["features"]} == {
+                str(tree / "rasters" / "tiny.tif")}
+            assert [o["raster"] for o in reply["left_out"]] == [str(gone)] and "cannot be read" in reply["left_out"][0]["reason"]
+        assert back["hits"]["features"][0]["properties"]["raster"] == str(gone) and not back["left_out"]
+    finally:
+        if away.exists():
+            away.rename(gone)
+        shutil.rmtree(served.index_root / "two", ignore_errors=True)
+        gone.unlink(missing_ok=True)
+
+
 # -- 10. each bad input gets its code, never `internal` --------------------------------------
 def test_10_each_bad_input_gets_its_own_code(served, tree):
     def header(**fields) -> bytes:

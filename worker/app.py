@@ -316,8 +316,9 @@ def run_search(request: SearchRequest, model: "RetrievalModel", index: TileIndex
                               max_overlap=request.max_overlap, own_place=own_place, feedback=request.feedback)
         raise_if_stopped("writing the hits")
         timings = {k: round(v, 2) for k, v in result.timings_ms.items()}
+        unreadable = [{"raster": path, "reason": why} for path, why in sorted(result.unreadable.items())]
         return SearchOutcome(hits_to_geojson(result.hits, request.out_crs, None), timings, result.hits, sketch,
-                             left_out(index))
+                             left_out(index) + unreadable)
 
 
 def left_out(index: TileIndex) -> list[dict]:

@@ -43,6 +43,19 @@ class CorruptIndexError(InputError):
     code = codes.CORRUPT_INDEX
 
 
+class RasterUnreadable(InputError):
+    """An indexed raster that cannot be read now (moved, deleted, an unplugged drive, damaged
+    since it was indexed). A search leaves it out and says so (worker.search); a place the user
+    marked in it is refused with this."""
+
+    code = codes.NOT_FOUND
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path} cannot be read ({reason}): moved, deleted or damaged since it was indexed; "
+                         "put it back, or index it again")
+        self.path, self.reason = path, reason
+
+
 class StorageError(InputError):
     """The disk refused a write (full, read-only, failing): the operator frees space or fixes it."""
 

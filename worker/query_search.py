@@ -62,7 +62,7 @@ def search_query(index: TileIndex, model, sketch: torch.Tensor, ranking: Ranking
         hits = [h for h, is_own in zip(hits, own) if not is_own]
     hits = [replace(h, rank=n + 1) for n, h in enumerate(hits[:top])]
     timings["total_ms"] = (time.perf_counter() - started) * 1e3
-    return SearchResult(hits=hits, timings_ms=timings)
+    return SearchResult(hits=hits, timings_ms=timings, unreadable=first.unreadable)
 
 
 def rerank(index: TileIndex, model, sketch: torch.Tensor, ranking: RankingConfig, hits: list[Hit],

@@ -15,7 +15,7 @@ tiles, cross-attention re-rank), kept for comparison.
 from __future__ import annotations
 
 import logging
-
+import os
 import time
 from dataclasses import dataclass, field, replace
 
@@ -28,6 +28,7 @@ from worker.geo import Area, reproject_rings, shared_area
 from worker.placement import Placement
 from worker.ann import AnnShortlist, big_enough, query_vectors
 from worker.cancellation import raise_if_stopped
+from worker.errors import RasterUnreadable
 from worker.placement_scan import ANN_MARGIN, ANN_SPAN, ann_peaks, coarse_peaks, refine, scanner_of
 from worker.ranking import RankingConfig
 from worker.search_area import SearchArea
@@ -80,6 +81,7 @@ class Hit:
 class SearchResult:
     hits: list[Hit]
     timings_ms: dict[str, float] = field(default_factory=dict)
+    unreadable: dict[str, str] = field(default_factory=dict)  # rasters left out, by path: why (RasterUnreadable)
 
 
 def ann_shortlist(index: TileIndex, ranking: RankingConfig, area: SearchArea | None = None) -> AnnShortlist | None:
@@ -122,14 +124,54 @@ def search(index: TileIndex, model, sketch_tensor: torch.Tensor, ranking: Rankin
            area_wgs84: Area | None = None, max_overlap: float = 0.3, scales: tuple[int, ...] | None = None,
            shortlist: int | None = None) -> SearchResult:
     """Rank where a preprocessed sketch (3, S, S) lies in the index's rasters; the best `top`
-    non-overlapping placements, best first. `area_wgs84` limits hits to those touching it."""
+    non-overlapping placements, best first. `area_wgs84` limits hits to those touching it.
+    A raster that cannot be read now (moved, deleted, on an unplugged drive) is left out, and
+    the result says so (`unreadable`): before, it failed every search of its index. The open
+    index remembers it until its file changes."""
+    unreadable = _unreadable(index)
+    while True:
+        leave_out = frozenset(i for i, r in index.rasters.items() if r.path in unreadable)
+        try:
+            result = _search(index, model, sketch_tensor, ranking, top, area_wgs84, max_overlap, scales, shortlist,
+                             leave_out)
+        except RasterUnreadable as exc:
+            if exc.path in unreadable:  # left out, and read all the same: a bug, not the file
+                raise
+            log.warning("%s", exc)
+            unreadable[exc.path] = (_file_state(exc.path), str(exc))
+            continue
+        result.unreadable = {path: why for path, (_, why) in unreadable.items()}
+        return result
+
+
+def _unreadable(index: TileIndex) -> dict[str, tuple[tuple | None, str]]:
+    """The rasters this open index found unreadable (path: its file's state then, why), less those
+    whose file has changed since (put back, or replaced): they are tried again."""
+    found = index.__dict__.setdefault("_unreadable", {})
+    for path, (state, _) in list(found.items()):
+        if _file_state(path) != state:
+            found.pop(path, None)  # searches run in several threads
+    return found
+
+
+def _file_state(path: str) -> tuple | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _search(index: TileIndex, model, sketch_tensor: torch.Tensor, ranking: RankingConfig | None, top: int,
+            area_wgs84: Area | None, max_overlap: float, scales: tuple[int, ...] | None, shortlist: int | None,
+            leave_out: frozenset[int]) -> SearchResult:
     ranking = ranking or RankingConfig()
     if shortlist is not None:
         ranking = replace(ranking, shortlist=shortlist)
     if ranking.uses_tokens:
         index.require_tokens("the tokens ranker" if ranking.ranker == "tokens" else "a token weight")
     t = {"start": time.perf_counter()}
-    area = SearchArea.of(index, scales, area_wgs84)
+    area = SearchArea.of(index, scales, area_wgs84, leave_out)
     keys = area.keys
     stages = ["start", "encode", "shortlist", "refine", "verify", "rerank", "dedupe"]
     if not keys:  # the area meets no raster of the index, or no scale asked is indexed

@@ -38,9 +38,12 @@ class SearchArea:
     area_wgs84: Area | None = None
 
     @classmethod
-    def of(cls, index: TileIndex, scales: tuple[int, ...] | None = None, area_wgs84: Area | None = None) -> "SearchArea":
-        keys = [k for k in index.maps if scales is None or k[1] in scales]
-        every_map = not index.left_out  # a raster left out has tiles, and no map (TileIndex.left_out)
+    def of(cls, index: TileIndex, scales: tuple[int, ...] | None = None, area_wgs84: Area | None = None,
+           leave_out: frozenset[int] = frozenset()) -> "SearchArea":
+        """The maps of `index` at `scales` (None: all) that meet `area_wgs84` (None: everywhere),
+        but those of the rasters `leave_out` (ids: rasters that cannot be read now)."""
+        keys = [k for k in index.maps if (scales is None or k[1] in scales) and k[0] not in leave_out]
+        every_map = not index.left_out and not leave_out  # a raster left out has tiles, and no map (TileIndex.left_out)
         if area_wgs84 is None:
             return cls(keys, {}, every_map and len(keys) == len(index.maps), None)
         bounds = {k: index.map_bounds_wgs84(k) for k in keys}

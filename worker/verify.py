@@ -14,11 +14,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import rasterio
+import rasterio.errors
 import torch
 
+from wire.protocol import excerpt
 from worker import edge_cells
 from worker.candidates import Candidate, standardise
 from worker.edge_cells import FINE
+from worker.errors import RasterUnreadable
 from worker.placement import Placement
 from worker.ranking import RankingConfig
 from worker.sketch import sketch_pixels
@@ -68,12 +71,21 @@ def _reading_pool() -> ThreadPoolExecutor:
         return _readers
 
 
+def read_placement(placement: Placement, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Placement.read from this thread's open raster; RasterUnreadable when the raster cannot be
+    opened or read now."""
+    try:
+        return placement.read(size, _open_rasters.get(placement.raster.path))
+    except (rasterio.errors.RasterioError, OSError) as exc:
+        raise RasterUnreadable(placement.raster.path, excerpt(str(exc))) from None
+
+
 def draw_placements(placements: list[Placement], size: int) -> np.ndarray:
     """The line drawings of placements, each read as the user's frame sees it: (B, S, S) uint8.
     Read in a few threads, drawn as one batch."""
     from worker.line_drawing import tile_line_drawings
 
-    read = list(_reading_pool().map(lambda p: p.read(size, _open_rasters.get(p.raster.path)), placements))
+    read = list(_reading_pool().map(lambda p: read_placement(p, size), placements))
     images = np.stack([r[0] for r in read])
     valid = np.stack([r[1] for r in read])
     return tile_line_drawings(images, valid)[..., 0]
