@@ -374,6 +374,12 @@ def test_8_jobs_beyond_the_limit_wait_or_are_busy_and_scales_are_bounded(served,
             deadline = time.time() + 60
             while c.job(started[0]["id"])["state"] == states.QUEUED and time.time() < deadline:
                 time.sleep(0.05)
+            # the same request again is the same job; other work for that index, or one inside it, is refused
+            resent = c.start_index("job-a", [rmnp], tile=64, scales=[1, 2], chunk_tiles=4)
+            other_work = [_code(lambda: c.start_index("job-a", [rmnp], tile=128, scales=[1, 2])),
+                          _code(lambda: c.start_index("job-a", [str(tree / "rasters" / "tiny.tif")], tile=64,
+                                                      scales=[1, 2]))]
+            nested = _code(lambda: c.start_index("job-a/inner", [rmnp], tile=64, scales=[1]))
             started += [c.start_index(name, [rmnp], tile=64, scales=[1], chunk_tiles=4) for name in names[1:3]]
             busy = _code(lambda: c.start_index("job-d", [rmnp], tile=64, scales=[1]))
             states_now = [c.job(j["id"])["state"] for j in started]
@@ -382,7 +388,21 @@ def test_8_jobs_beyond_the_limit_wait_or_are_busy_and_scales_are_bounded(served,
             tile_error = _code(lambda: c.start_index("scales", [rmnp], tile=100_000))
             for job in started:
                 c.cancel(job["id"])
+            try:  # Build again at once after Cancel: not the job being cancelled (it ended cancelled, unsaid)
+                after_cancel = c.start_index("job-a", [rmnp], tile=64, scales=[1, 2], chunk_tiles=4)
+                c.cancel(after_cancel["id"])
+                started.append(after_cancel)
+            except WorkerError as exc:
+                after_cancel = exc
             ended = [wait_job(c, j["id"], timeout=120)["state"] for j in started]
+        assert resent["id"] == started[0]["id"]
+        if isinstance(after_cancel, WorkerError):
+            assert after_cancel.code == codes.BUSY and "being cancelled" in after_cancel.message
+        else:  # the cancelled job had already stopped: a new one
+            assert after_cancel["id"] != started[0]["id"]
+        assert [e.code for e in other_work] == [codes.BUSY] * 2 and "other rasters or settings" in other_work[0].message
+        assert nested.code == codes.FORBIDDEN and "inside or around" in nested.message
+        assert not (served.index_root / "job-a" / "inner").exists()
         assert states_now == [states.RUNNING, states.QUEUED, states.QUEUED]
         assert busy.code == codes.BUSY and "waiting" in busy.message
         assert [e.code for e in scale_errors] == [codes.BAD_INPUT] * 4 and "different" in scale_errors[0].message

@@ -103,18 +103,27 @@ class IndexRequest:
                overlap: float | None = None, scales: Sequence[int] | None = None, bands: Sequence[int] | None = None,
                min_valid: float | None = None, chunk_tiles: int | None = None,
                batch_size: int | None = None, access: RasterAccess = RasterAccess(), ann: bool | None = None,
-               tokens: bool | None = None) -> "IndexRequest":
+               tokens: bool | None = None, check_folder: bool = True) -> "IndexRequest":
         """A request from what the user gave (None: the default). The index folder is checked
-        (new, empty or an index: never one holding other things) and the raster inputs (files,
-        folders, VRTs) are found on disk and allowed by `access` now, so a bad one is refused
-        before any work starts."""
+        (new, empty or an index: never one holding other things; not while a job writes it,
+        `check_folder` False) and the raster inputs (files, folders, VRTs) are found on disk and
+        allowed by `access` now, so a bad one is refused before any work starts."""
         settings = TileSettings(**given(tile=tile, overlap=None if overlap is None else float(overlap),
                                         scales=None if scales is None else tuple(scales),
                                         bands=tuple(bands) if bands else None,
                                         min_valid=None if min_valid is None else float(min_valid)))
-        check_index_folder(Path(index_dir))
+        if check_folder:
+            check_index_folder(Path(index_dir))
         return cls(Path(index_dir), tuple(find_rasters(list(rasters), access)), settings,
                    **given(chunk_tiles=chunk_tiles, batch_size=batch_size), access=access, ann=ann, tokens=tokens)
+
+    def same_work(self, other: "IndexRequest") -> bool:
+        """Whether `other` asks this request's work again (a resent request): the same index,
+        rasters, tile settings and choices."""
+        mine, theirs = self.to_json(), other.to_json()
+        return self.index_dir == other.index_dir and all(
+            (sorted(mine[k]) if k == "rasters" else mine[k]) == (sorted(theirs[k]) if k == "rasters" else theirs[k])
+            for k in ("rasters", "settings", "ann", "tokens"))
 
     def to_json(self) -> dict:
         """What a rerun needs (the service keeps it in the index's job.json)."""

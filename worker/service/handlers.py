@@ -83,23 +83,23 @@ class Handlers:
 
     # -- indexing -------------------------------------------------------------------------------
     def index(self, header: dict, frames: list) -> dict:
-        """Start a job (or return the one running for this index: a resent request is safe);
-        the folder and the rasters are checked first, confined to the worker's roots."""
+        """Start a job (or return the one running for this index when it asks the same: a resent
+        request is safe; `busy` when it asks other work); the folder and the rasters are checked
+        first, confined to the worker's roots."""
         paths = self.config.paths
         name = field(header, "index", str)
         rasters = field(header, "rasters", list, check=lambda v: v and all(isinstance(p, str) for p in v))
         index_dir = paths.index_dir(name)
-        running = self.jobs.running_for(index_dir)
-        if running is not None:  # its folder holds a half-written shard: not checked as a new one
-            return {"job": running.to_json()}
+        running = self.jobs.running_for(index_dir)  # its folder holds a half-written shard: not checked as new
         request = IndexRequest.create(
-            index_dir, rasters, access=paths.raster_access,
+            index_dir, rasters, access=paths.raster_access, check_folder=running is None,
             tile=field(header, "tile", int, None), overlap=field(header, "overlap", (int, float), None),
             scales=field(header, "scales", list, None, check=lambda v: bool(v) and _ints(v)),
             bands=field(header, "bands", list, None, check=_ints),
             min_valid=field(header, "min_valid", (int, float), None), chunk_tiles=field(header, "chunk_tiles", int, None),
             ann=field(header, "ann", bool, None), tokens=field(header, "tokens", bool, None))
-        self._check_extendable(request)  # refused now, not as a failed job later
+        if running is None:
+            self._check_extendable(request)  # refused now, not as a failed job later
         return {"job": self.jobs.start(name, request).to_json()}
 
     def delete_index(self, header: dict, frames: list) -> dict:
