@@ -483,6 +483,9 @@ def test_10_each_bad_input_gets_its_own_code(served, tree):
         "JSON nested 100,000 deep": (header(a=[])[:-4] + b"[" * 100_000 + b"]" * 100_000 + b"}", codes.BAD_JSON),
         "a 5001-digit integer": (b'{"v": 1, "id": "x", "op": "search", "top": ' + b"9" * 5001 + b"}", codes.BAD_JSON),
         "a number past a float": (b'{"v": 1, "id": "x", "op": "search", "top": 1e400}', codes.BAD_JSON),
+        "a 400-digit integer in a box": (b'{"v": 1, "id": "x", "op": "search", "index": "base", "strokes_crs": "pixel", '
+                                         b'"strokes": [[[0, 0], [90, 60]]], "bbox": [0, 0, 1' + b"0" * 399 + b', 1]}',
+                                         codes.BAD_JSON),  # overflowed a float: internal
         "NaN": (b'{"v": 1, "id": "x", "op": "search", "top": NaN}', codes.BAD_JSON),
         "version true": (header(v=True), codes.UNSUPPORTED_VERSION),
         "version 1.0": (header(v=1.0), codes.UNSUPPORTED_VERSION),
@@ -515,6 +518,13 @@ def test_10_each_bad_input_gets_its_own_code(served, tree):
                                                      strokes_crs="pixel"), codes.BAD_INPUT),
                 "a huge output CRS": (lambda: c.search("base", sketch_png=sketch_png(), crs="EPSG:" + "9" * 50_000),
                                       codes.BAD_INPUT),
+                # these were internal errors, or answered in meaningless coordinates (heights, Earth-centred XYZ)
+                "an Earth-centred output CRS": (lambda: c.search("base", sketch_png=sketch_png(), crs="EPSG:4978"),
+                                                codes.BAD_INPUT),
+                "a box on Mars": (lambda: c.search("base", sketch_png=sketch_png(), bbox=[0, 0, 1, 1],
+                                                   bbox_crs="IAU_2015:49900"), codes.BAD_INPUT),
+                "a box far past its CRS": (lambda: c.search("base", sketch_png=sketch_png(), bbox=[-1e14, -1e14, 1e14, 1e14],
+                                                            bbox_crs="EPSG:32618"), codes.BAD_INPUT),
             }
             errors = {what: _code(call) for what, (call, _) in cases.items()}
         assert {w: e.code for w, e in errors.items()} == {w: code for w, (_, code) in cases.items()}

@@ -68,14 +68,27 @@ def _finite(text: str) -> float:
     return value
 
 
+MAX_INT_DIGITS = 18  # integers a request may carry: within int64, and exact as a float's 2**53 or near it
+
+
+def _bounded_int(text: str) -> int:
+    """An integer of at most MAX_INT_DIGITS digits: a 400-digit one overflowed every float it met
+    (a bbox, a weight), an `internal` error."""
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"integer {text[:EXCERPT_CHARS]}... has more than {MAX_INT_DIGITS} digits")
+    return int(text)
+
+
 def _no_constant(name: str) -> float:
     raise ValueError(f"{name} is not a number a request may carry")
 
 
 def decode_request(frame: bytes) -> dict:
-    """Frame 0 of a request as a dict, its numbers finite (no NaN, Infinity or 1e400);
-    ProtocolError(BAD_JSON) for anything else, too deeply nested or too long a number included."""
-    return _decode(frame, lambda text: json.loads(text, parse_float=_finite, parse_constant=_no_constant))
+    """Frame 0 of a request as a dict, its numbers finite (no NaN, Infinity, 1e400 or integers of
+    hundreds of digits); ProtocolError(BAD_JSON) for anything else, too deeply nested or too long a
+    number included."""
+    return _decode(frame, lambda text: json.loads(text, parse_float=_finite, parse_int=_bounded_int,
+                                                  parse_constant=_no_constant))
 
 
 def _decode(frame: bytes, loads: Callable[[str], Any]) -> dict:

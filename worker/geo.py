@@ -40,9 +40,25 @@ def parse_crs(text: str) -> CRS:
     if not AUTHORITY_CODE.fullmatch(text.strip()):
         _check_definition(text)
     try:
-        return CRS.from_user_input(text.strip())
+        crs = CRS.from_user_input(text.strip())
     except CRSError as exc:
         raise InputError(f"unknown CRS {excerpt(text)} ({str(exc)[:200]})") from exc
+    _check_on_a_map(crs, text)
+    return crs
+
+
+def _check_on_a_map(crs: CRS, text: str) -> None:
+    """InputError for a CRS that cannot place a box or a hit on a map of the Earth: heights,
+    Earth-centred XYZ, local engineering systems, or another body (they gave meaningless
+    coordinates, or an `internal` error)."""
+    if not (crs.is_geographic or crs.is_projected):
+        raise InputError(f"CRS {excerpt(text)} is not a map's (lon/lat or projected x, y): heights, Earth-centred "
+                         "XYZ and local engineering systems cannot place a box or a hit on a map")
+    try:
+        warp_transform(crs, CRS.from_epsg(4326), [0.0], [0.0])
+    except Exception:  # PROJ's errors have no common type
+        raise InputError(f"CRS {excerpt(text)} cannot be related to longitudes and latitudes on Earth (another "
+                         "body, or no transformation PROJ knows)") from None
 
 
 def _check_definition(text: str) -> None:
@@ -151,7 +167,11 @@ def bbox_to_wgs84(bbox: tuple[float, float, float, float], crs: CRS) -> Area:
     if crs == CRS.from_epsg(4326):
         xs, ys = ring[:, 0], ring[:, 1]
     else:
-        xs, ys = (np.asarray(v) for v in warp_transform(crs, CRS.from_epsg(4326), ring[:, 0], ring[:, 1]))
+        try:
+            xs, ys = (np.asarray(v) for v in warp_transform(crs, CRS.from_epsg(4326), ring[:, 0], ring[:, 1]))
+        except Exception:  # PROJ's errors have no common type: far past where the CRS is defined
+            raise InputError(f"bbox {excerpt(list(bbox))} cannot be placed in WGS84 from {crs}: it lies far past "
+                             "where that CRS is defined") from None
         xs = xs[0] + np.concatenate([[0.0], np.cumsum((np.diff(xs) + 180.0) % 360.0 - 180.0)])  # across 180: whole
     xs = xs - 360.0 * np.floor((xs[0] + 180.0) / 360.0)  # its first point within -180..180, as the footprints'
     if np.isfinite(xs).all() and abs(xs[-1] - xs[0]) < 1e-6:  # else it winds round a pole, or is lost
