@@ -132,11 +132,29 @@ def prepare_sketch(img: Image.Image, size: int, crop_to_ink: bool = False) -> to
     crop = img.crop((x0, y0, x1, y1))
     scale = size / max(crop.size)
     new = (max(1, round(crop.width * scale)), max(1, round(crop.height * scale)))
-    crop = crop.resize(new, Image.Resampling.LANCZOS)
+    crop = _fitted(crop, new, scale)
     canvas = Image.new("L", (size, size), 255)
     canvas.paste(crop, ((size - new[0]) // 2, (size - new[1]) // 2))
     arr = torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0)
     return arr[None].expand(3, -1, -1).contiguous()
+
+
+def _fitted(img: Image.Image, new: tuple[int, int], scale: float) -> Image.Image:
+    """A greyscale sketch resized to `new`. Strokes far thinner than the reduction (a 3 px pen on
+    a 4096 px canvas, 0.16 px at 224) faded to light grey, nothing a search saw as a line, and
+    the search found nothing, unsaid: when every stroke would fade so, each block of pixels keeps
+    its darkest first (a line stays a line, about a pixel wide), then the resize."""
+    resized = img.resize(new, Image.Resampling.LANCZOS)
+    gray = np.asarray(img)
+    midpoint = (int(gray.min()) + int(gray.max())) / 2
+    block = int(1 / scale)
+    if block < 2 or np.asarray(resized).min() < midpoint:
+        return resized
+    rows, cols = -(-gray.shape[0] // block) * block, -(-gray.shape[1] // block) * block
+    padded = np.full((rows, cols), gray.max(), gray.dtype)
+    padded[:gray.shape[0], :gray.shape[1]] = gray
+    darkest = padded.reshape(rows // block, block, cols // block, block).min(axis=(1, 3))
+    return Image.fromarray(darkest).resize(new, Image.Resampling.LANCZOS)
 
 
 def sketch_pixels(sketch: torch.Tensor) -> np.ndarray:
