@@ -474,6 +474,33 @@ def test_9b_a_raster_moved_away_is_left_out_and_said_so_and_searched_again_once_
         gone.unlink(missing_ok=True)
 
 
+# -- 9c. a delete that cannot remove every file ----------------------------------------------
+def test_9c_a_delete_that_cannot_remove_a_file_still_frees_the_name(served, tree):
+    """A file of the index that cannot be removed (immutable here; on Windows, its tiles layer
+    open in QGIS): the manifest went first and the removal failed `internal`, leaving a folder
+    that was neither an index nor free, so no client could delete it or build that name again.
+    The folder is moved away first now: the index is gone and its name free."""
+    import subprocess
+
+    doomed = _copy_index(served, "doomed")
+    stuck = next((doomed / "shards").rglob("*.npy"))
+    if subprocess.run(["chattr", "+i", str(stuck)], capture_output=True).returncode != 0:
+        shutil.rmtree(doomed)
+        pytest.skip("chattr +i is not available here (needs root on ext4 or the like)")
+    try:
+        with served.client() as c:
+            deleted = c.request("delete_index", index="doomed")
+            listed = {i["name"] for i in c.list_indexes()}
+            again = wait_job(c, c.start_index("doomed", [str(tree / "rasters" / "tiny.tif")], **TILE)["id"])
+        assert deleted["deleted"] == "doomed" and "doomed" not in listed
+        assert again["state"] == states.DONE, again
+    finally:
+        for leftover in [stuck, *served.index_root.glob(".deleted-*/shards/**/*.npy")]:
+            subprocess.run(["chattr", "-i", str(leftover)], capture_output=True)
+        for folder in [doomed, *served.index_root.glob(".deleted-*")]:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 # -- 10. each bad input gets its code, never `internal` --------------------------------------
 def test_10_each_bad_input_gets_its_own_code(served, tree):
     def header(**fields) -> bytes:

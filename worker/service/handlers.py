@@ -4,6 +4,7 @@ loop, so a handler reads as the happy path."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from dataclasses import asdict
@@ -11,7 +12,7 @@ from typing import Callable
 
 from wire import protocol
 from wire.errors import BAD_REQUEST, BUSY, FORBIDDEN, NOT_FOUND, ProtocolError
-from wire.protocol import MAX_STROKE_POINTS, MAX_STROKES, field
+from wire.protocol import MAX_STROKE_POINTS, MAX_STROKES, excerpt, field, new_id
 from worker import __version__
 from worker.app import IndexRequest, SearchRequest, SketchSource, check_index, given, run_search, stroke_sketch
 from worker.cancellation import StopCheck, raise_if_stopped, stop_when
@@ -19,13 +20,15 @@ from worker.errors import InputError, NotFoundError
 from worker.example_query import Example
 from worker.feedback import Feedback
 from worker.service.config import ServiceConfig
-from worker.service.indexes import MANIFEST, OpenIndexes, index_dirs
+from worker.service.indexes import MANIFEST, TRASH_PREFIX, OpenIndexes, index_dirs
 from worker.service.jobs import Job, JobManager
 from worker.store.format import IndexLocked, index_lock
 from worker.tiling import TileSettings
 
 Handler = Callable[[dict, list], dict]
 Work = Callable[[StopCheck], dict]  # a slow op's work, run in the search pool until its stop check says so
+
+log = logging.getLogger(__name__)
 
 
 class Handlers:
@@ -121,12 +124,19 @@ class Handlers:
             raise ProtocolError(FORBIDDEN, f"index {name!r} holds other indexes ({', '.join(inner)}): delete them first")
         # handlers run on the loop's thread, as jobs are started: no job can start between the check and here;
         # the index's lock keeps out a writer of another process (a command-line run, `build-ann`)
+        trash = paths.index_root / f"{TRASH_PREFIX}{index_dir.name}-{new_id()}"
         try:
             with index_lock(index_dir):
-                self.indexes.delete(index_dir)
+                removed = self.indexes.delete(index_dir, trash)
         except IndexLocked:
             raise ProtocolError(BUSY, f"index {name!r} is being written by another process (a command-line `index` "
                                       "or `build-ann` run): wait for it to end or stop it, then delete the index") from None
+        except OSError as exc:
+            raise ProtocolError(BUSY, f"index {name!r} cannot be moved away to be deleted ({excerpt(str(exc))}); it is "
+                                      "left whole: close what holds its files (its tiles layer in QGIS) and delete it "
+                                      "again") from None
+        if not removed:
+            log.warning("deleted index %s: some of its files could not be removed, left in %s", name, trash)
         return {"deleted": name}
 
     def _check_extendable(self, request: IndexRequest) -> None:

@@ -23,6 +23,9 @@ from worker.store.format import SHARDS, shard_arrays
 log = logging.getLogger(__name__)
 
 
+TRASH_PREFIX = ".deleted-"  # an index being removed, in its index root (no manifest: never listed)
+
+
 class OpenIndexes:
     """Opened indexes by directory, reopened when an indexing job has committed more (continuing
     the maps the last view joined of rasters being indexed)."""
@@ -58,13 +61,20 @@ class OpenIndexes:
         with self._lock:
             return list(self._open)
 
-    def delete(self, index_dir: Path) -> None:
-        """Forget the index and remove its folder. The manifest goes first, so a folder left half
-        removed (a crash, a file in use) is no longer an index and is never listed or searched."""
+    def delete(self, index_dir: Path, trash: Path) -> bool:
+        """Forget the index and remove its folder, moved to `trash` first in one step: a folder
+        that cannot be moved (a file of it in use) is left whole, an index, and the OSError says
+        why; one moved is no longer an index, and its name is free at once. Before, the manifest
+        went first and a removal that then failed left a folder that was neither an index nor
+        free, which no client could delete or reuse. Returns whether the trash was all removed
+        (what is left is a hidden folder of the index root, removed at the next delete)."""
+        index_dir.rename(trash)
         with self._lock:
             self._open.pop(index_dir, None)
-        (index_dir / MANIFEST).unlink()
-        shutil.rmtree(index_dir)
+        (trash / MANIFEST).unlink(missing_ok=True)
+        for old in [trash, *sorted(trash.parent.glob(TRASH_PREFIX + "*"))]:
+            shutil.rmtree(old, ignore_errors=True)
+        return not trash.exists()
 
     def status(self, index_dir: Path) -> dict:
         """What `list_indexes` says of one index; one this worker cannot search is listed with
