@@ -159,7 +159,8 @@ def bbox_to_wgs84(bbox: tuple[float, float, float, float], crs: CRS) -> Area:
     whole, its x past 180 degrees, and each footprint meets the copy where it lies."""
     minx, miny, maxx, maxy = bbox
     if not (minx < maxx and miny < maxy):
-        raise InputError(f"bbox {list(bbox)} is empty: expected MINX,MINY,MAXX,MAXY with min < max")
+        across = " (a box across 180 degrees: its east past 180, as 179.5,-18,180.5,-16)" if crs.is_geographic else ""
+        raise InputError(f"bbox {list(bbox)} is empty: expected MINX,MINY,MAXX,MAXY with min < max{across}")
     world = _world(crs.to_wkt())
     if world is not None and maxx - minx >= world[0]:  # a map zoomed out to the whole world or more
         return _latitude_band(bbox, crs, world[1])
