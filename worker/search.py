@@ -139,6 +139,9 @@ def search(index: TileIndex, model, sketch_tensor: torch.Tensor, ranking: Rankin
                 raise
             log.warning("%s", exc)
             unreadable[exc.path] = (_file_state(exc.path), str(exc))
+            for raster in index.rasters.values():  # a drive unplugged takes many: found at once, not a search each
+                if raster.path not in unreadable and _file_state(raster.path) is None:
+                    unreadable[raster.path] = (None, str(RasterUnreadable(raster.path, "no such file")))
             continue
         result.unreadable = {path: why for path, (_, why) in unreadable.items()}
         return result
