@@ -140,11 +140,13 @@ def test_1_a_crs_naming_a_fifo_is_refused_at_once(served, tmp_path):
 
 # -- 2. rasters outside the raster roots: links, VRT sources, network ------------------------
 def _vrt(path: Path, source: str, relative: bool = False, tag: str = "SourceFilename", root: str = "",
-         relative_name: str = "relativeToVRT") -> Path:
+         relative_name: str = "relativeToVRT", as_attribute: bool = False) -> Path:
+    """A VRT reading `source`: in a `tag` element, or as an attribute of its source (GDAL reads both)."""
+    named = "" if as_attribute else f'<{tag} {relative_name}="{int(relative)}">{source}</{tag}>'
     path.write_text(f"""<VRTDataset rasterXSize="240" rasterYSize="240"{root}>
   <SRS>EPSG:4326</SRS><GeoTransform>-105.6, 0.0001, 0, 40.4, 0, -0.0001</GeoTransform>
-  <VRTRasterBand dataType="Byte" band="1"><SimpleSource>
-    <{tag} {relative_name}="{int(relative)}">{source}</{tag}><SourceBand>1</SourceBand>
+  <VRTRasterBand dataType="Byte" band="1"><SimpleSource{f' {tag}="{source}"' if as_attribute else ""}>
+    {named}<SourceBand>1</SourceBand>
   </SimpleSource></VRTRasterBand>
 </VRTDataset>""")
     return path
@@ -171,6 +173,7 @@ def test_2_links_vrt_sources_and_network_paths_outside_the_roots_are_forbidden(s
              "a VRT in a namespace": [str(_vrt(vrts / "ns.vrt", str(secret), root=' xmlns="urn:x"'))],
              "a VRT's URL source in upper case": [str(_vrt(vrts / "upper.vrt", f"/vsicurl/http://127.0.0.1:{port}/b.tif",
                                                          tag="SOURCEFILENAME"))],
+             "a VRT's source as an attribute": [str(_vrt(vrts / "attr.vrt", str(secret), as_attribute=True))],
              "a VRT's relative source out, its flag in lower case":
                  [str(_vrt(vrts / "rel2.vrt", "../../outside/secret.tif", True, relative_name="relativetovrt"))],
              "a /vsicurl/ path": [f"/vsicurl/http://127.0.0.1:{port}/a.tif"],

@@ -113,9 +113,10 @@ def is_vrt(path: Path) -> bool:
 
 def vrt_sources(path: Path) -> list[tuple[str, bool]]:
     """Every file a VRT names, with whether it is relative to the VRT's folder; refuses Python
-    pixel functions (code the VRT would have the worker run). Names and attributes are matched
-    as GDAL matches them, in any case and whatever their XML namespace: `<sourcefilename>` and a
-    `xmlns` on the root read files as well."""
+    pixel functions (code the VRT would have the worker run). Names are matched as GDAL matches
+    them: in any case, whatever their XML namespace, as elements or as attributes
+    (`<sourcefilename>`, a `xmlns` on the root and `<SimpleSource SourceFilename="...">` read
+    files as well)."""
     if path.stat().st_size > MAX_VRT_BYTES:
         raise InputError(f"{path}: a VRT of more than {MAX_VRT_BYTES} bytes")
     try:
@@ -125,13 +126,15 @@ def vrt_sources(path: Path) -> list[tuple[str, bool]]:
     sources = []
     for element in root.iter():
         tag = _xml_name(element.tag)
-        if tag == "pixelfunctioncode" or (tag == "pixelfunctionlanguage"
-                                          and (element.text or "").strip().lower() == "python"):
+        attributes = {_xml_name(k): v for k, v in element.attrib.items()}
+        # GDAL finds a name as a child element or as an attribute: <SimpleSource SourceFilename="...">
+        language = attributes.get("pixelfunctionlanguage", element.text if tag == "pixelfunctionlanguage" else "")
+        if tag == "pixelfunctioncode" or "pixelfunctioncode" in attributes or (language or "").strip().lower() == "python":
             raise ForbiddenError(f"{path}: VRT pixel functions in Python are not run for clients")
         if tag in SOURCE_TAGS:
-            attributes = {_xml_name(k): v for k, v in element.attrib.items()}
             number = LEADING_INTEGER.match(attributes.get("relativetovrt", "0"))
             sources.append(((element.text or "").strip(), bool(number and int(number.group(1)))))
+        sources += [(value.strip(), False) for name, value in attributes.items() if name in SOURCE_TAGS]
     return sources
 
 
