@@ -217,6 +217,20 @@ def test_search_areas_near_180_degrees_and_the_poles_cover_what_the_view_shows()
     assert bbox_to_wgs84((600, 0, 700, 10), CRS.from_epsg(4326)).intersects(Point(-100, 5))  # panned two worlds east
 
 
+def test_a_crs_is_refused_only_when_it_cannot_place_a_hit_on_earth():
+    """Maps' CRSs are taken, also those whose projection does not reach (0, 0) (Gauss-Kruger
+    zones with the zone in the false easting: a probe there refused China's national grids);
+    heights, Earth-centred XYZ and another body's are refused with why."""
+    from worker.errors import InputError
+    from worker.geo import parse_crs
+
+    for taken in ("EPSG:4326", "EPSG:4513", "EPSG:2401", "EPSG:27700", "ESRI:54009", "EPSG:3031"):
+        parse_crs(taken)
+    for refused, why in (("EPSG:5703", "not a map's"), ("EPSG:4978", "not a map's"), ("IAU_2015:49900", "not the Earth's")):
+        with pytest.raises(InputError, match=why):
+            parse_crs(refused)
+
+
 def test_the_same_place_on_both_sides_of_the_antimeridian_is_one_hit():
     """Two rasters in different CRSs over the same ground at 180 degrees: the footprint from one
     crosses 180 and lies past it, the other's lies at -180; the same place is kept once."""

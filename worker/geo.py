@@ -26,6 +26,8 @@ AUTHORITY_CODE = re.compile(r"[A-Za-z][A-Za-z0-9_]*:{1,2}[A-Za-z0-9_.]+|urn:ogc:
 WKT = re.compile(r"\s*[A-Z_]+\s*\[", re.IGNORECASE)
 # what makes PROJ open a file (a grid, an init file): a path there is read, and a FIFO or a
 # terminal blocks the reading thread inside PROJ while it holds the interpreter lock
+SEMI_MAJOR_AXIS = re.compile(r'SPHEROID\["[^"]*",\s*([0-9.eE+-]+)')
+EARTH_SEMI_MAJOR_M = (6_300_000.0, 6_400_000.0)  # every Earth ellipsoid and sphere; Mars's is 3,396,190 m
 FILE_REFERENCES = ("parameterfile", "extension", "+proj", "+init", "proj=", "nadgrids", "geoidgrids")
 
 
@@ -49,16 +51,17 @@ def parse_crs(text: str) -> CRS:
 
 def _check_on_a_map(crs: CRS, text: str) -> None:
     """InputError for a CRS that cannot place a box or a hit on a map of the Earth: heights,
-    Earth-centred XYZ, local engineering systems, or another body (they gave meaningless
-    coordinates, or an `internal` error)."""
+    Earth-centred XYZ, local engineering systems, or another body's (they gave meaningless
+    coordinates, or an `internal` error). Another body is told by its ellipsoid: a point
+    transformed to lon/lat fails also for an Earth CRS whose projection does not reach it
+    (Gauss-Kruger zones with their zone in the false easting, at (0, 0))."""
     if not (crs.is_geographic or crs.is_projected):
         raise InputError(f"CRS {excerpt(text)} is not a map's (lon/lat or projected x, y): heights, Earth-centred "
                          "XYZ and local engineering systems cannot place a box or a hit on a map")
-    try:
-        warp_transform(crs, CRS.from_epsg(4326), [0.0], [0.0])
-    except Exception:  # PROJ's errors have no common type
-        raise InputError(f"CRS {excerpt(text)} cannot be related to longitudes and latitudes on Earth (another "
-                         "body, or no transformation PROJ knows)") from None
+    axes = [float(a) for a in SEMI_MAJOR_AXIS.findall(crs.to_wkt())]  # WKT1: in metres
+    if any(not EARTH_SEMI_MAJOR_M[0] < a < EARTH_SEMI_MAJOR_M[1] for a in axes):
+        raise InputError(f"CRS {excerpt(text)} is not the Earth's (its ellipsoid's equatorial radius is {axes[0]:,.0f} m, "
+                         "not about 6,378 km): hits on Earth cannot be placed in it")
 
 
 def _check_definition(text: str) -> None:
