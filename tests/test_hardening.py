@@ -485,6 +485,10 @@ def test_9c_a_delete_that_cannot_remove_a_file_still_frees_the_name(served, tree
     The folder is moved away first now: the index is gone and its name free."""
     import subprocess
 
+    long_name = _copy_index(served, "l" * 240)  # the trash's name must fit beside any index name
+    with served.client() as c:
+        assert c.request("delete_index", index="l" * 240)["deleted"] == "l" * 240
+    assert not long_name.exists()
     doomed = _copy_index(served, "doomed")
     stuck = next((doomed / "shards").rglob("*.npy"))
     if subprocess.run(["chattr", "+i", str(stuck)], capture_output=True).returncode != 0:

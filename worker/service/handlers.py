@@ -124,7 +124,7 @@ class Handlers:
             raise ProtocolError(FORBIDDEN, f"index {name!r} holds other indexes ({', '.join(inner)}): delete them first")
         # handlers run on the loop's thread, as jobs are started: no job can start between the check and here;
         # the index's lock keeps out a writer of another process (a command-line run, `build-ann`)
-        trash = paths.index_root / f"{TRASH_PREFIX}{index_dir.name}-{new_id()}"
+        trash = paths.index_root / f"{TRASH_PREFIX}{new_id()}"  # a short name: any index name fits
         try:
             with index_lock(index_dir):
                 removed = self.indexes.delete(index_dir, trash)

@@ -10,6 +10,7 @@ per search, against a damaged index searched from stale memory or a crash).
 from __future__ import annotations
 
 import logging
+import errno
 import os
 import shutil
 import threading
@@ -68,10 +69,18 @@ class OpenIndexes:
         went first and a removal that then failed left a folder that was neither an index nor
         free, which no client could delete or reuse. Returns whether the trash was all removed
         (what is left is a hidden folder of the index root, removed at the next delete)."""
-        index_dir.rename(trash)
+        try:
+            index_dir.rename(trash)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            trash = index_dir  # on another file system (a linked folder): removed where it is, manifest first
         with self._lock:
             self._open.pop(index_dir, None)
-        (trash / MANIFEST).unlink(missing_ok=True)
+        try:  # moved: what fails from here on is left in the trash, never reported as the index left whole
+            (trash / MANIFEST).unlink(missing_ok=True)
+        except OSError:
+            pass
         for old in [trash, *sorted(trash.parent.glob(TRASH_PREFIX + "*"))]:
             shutil.rmtree(old, ignore_errors=True)
         return not trash.exists()
@@ -119,5 +128,7 @@ def _stamp(index_dir: Path, manifest: dict) -> tuple:
 
 
 def index_dirs(root: Path) -> list[Path]:
-    """Every index under `root` (at any depth: index names are relative paths)."""
-    return sorted(p.parent for p in root.rglob(MANIFEST))
+    """Every index under `root` (at any depth: index names are relative paths), but those being
+    removed (OpenIndexes.delete)."""
+    return sorted(p.parent for p in root.rglob(MANIFEST)
+                  if not any(part.startswith(TRASH_PREFIX) for part in p.relative_to(root).parts))
