@@ -127,7 +127,7 @@ def search(index: TileIndex, model, sketch_tensor: torch.Tensor, ranking: Rankin
     non-overlapping placements, best first. `area_wgs84` limits hits to those touching it.
     A raster that cannot be read now (moved, deleted, on an unplugged drive) is left out, and
     the result says so (`unreadable`): before, it failed every search of its index. The open
-    index remembers it until its file changes."""
+    index remembers it until its file changes, or for UNREADABLE_RETRY_S."""
     unreadable = _unreadable(index)
     while True:
         leave_out = frozenset(i for i, r in index.rasters.items() if r.path in unreadable)
@@ -138,21 +138,26 @@ def search(index: TileIndex, model, sketch_tensor: torch.Tensor, ranking: Rankin
             if exc.path in unreadable:  # left out, and read all the same: a bug, not the file
                 raise
             log.warning("%s", exc)
-            unreadable[exc.path] = (_file_state(exc.path), str(exc))
+            now = time.monotonic()
+            unreadable[exc.path] = ((_file_state(exc.path), now), str(exc))
             for raster in index.rasters.values():  # a drive unplugged takes many: found at once, not a search each
                 if raster.path not in unreadable and _file_state(raster.path) is None:
-                    unreadable[raster.path] = (None, str(RasterUnreadable(raster.path, "no such file")))
+                    unreadable[raster.path] = ((None, now), str(RasterUnreadable(raster.path, "no such file")))
             continue
         result.unreadable = {path: why for path, (_, why) in unreadable.items()}
         return result
 
 
-def _unreadable(index: TileIndex) -> dict[str, tuple[tuple | None, str]]:
-    """The rasters this open index found unreadable (path: its file's state then, why), less those
-    whose file has changed since (put back, or replaced): they are tried again."""
+UNREADABLE_RETRY_S = 60.0  # a raster left out is tried again after this, also when its own file did not change
+
+
+def _unreadable(index: TileIndex) -> dict[str, tuple[tuple, str]]:
+    """The rasters this open index found unreadable (path: its file's state and the time then,
+    why), less those whose file has changed since (put back, or replaced) or that were found a
+    while ago (a VRT whose sources are back is the same file): they are tried again."""
     found = index.__dict__.setdefault("_unreadable", {})
-    for path, (state, _) in list(found.items()):
-        if _file_state(path) != state:
+    for path, ((state, when), _) in list(found.items()):
+        if _file_state(path) != state or time.monotonic() - when > UNREADABLE_RETRY_S:
             found.pop(path, None)  # searches run in several threads
     return found
 

@@ -9,8 +9,8 @@ per search, against a damaged index searched from stale memory or a crash).
 
 from __future__ import annotations
 
-import logging
 import errno
+import logging
 import os
 import shutil
 import threading
