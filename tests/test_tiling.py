@@ -102,6 +102,9 @@ def test_a_raster_whose_crs_does_not_fit_its_coordinates_is_refused_with_what_to
         open_raster(beyond, None)
     for name, transform in (("pacific", from_origin(170.0, -10.0, 0.5, 0.5)), ("pole", from_origin(-180.05, 90.05, 0.1, 0.1))):
         open_raster(write_raster(tmp_path / f"{name}.tif", pixels, crs=wgs84, transform=transform), None)
+    # the whole world in Mollweide: its corners lie in the blank beyond the Earth, its centre on it
+    world = from_origin(-18_040_095, 9_020_047, 902_004.75, 451_002.35)
+    open_raster(write_raster(tmp_path / "world.tif", pixels, crs=CRS.from_string("ESRI:54009"), transform=world), None)
 
 
 def test_crs_without_epsg_code_is_indexable(assets):

@@ -123,12 +123,12 @@ class IndexRequest:
         mine, theirs = self.to_json(), other.to_json()
         return self.index_dir == other.index_dir and all(
             (sorted(mine[k]) if k == "rasters" else mine[k]) == (sorted(theirs[k]) if k == "rasters" else theirs[k])
-            for k in ("rasters", "settings", "ann", "tokens"))
+            for k in ("rasters", "settings", "build_ann", "tokens"))
 
     def to_json(self) -> dict:
         """What a rerun needs (the service keeps it in the index's job.json)."""
         return {"rasters": [str(p) for p in self.rasters], "settings": self.settings.to_json(),
-                "chunk_tiles": self.chunk_tiles, "ann": self.ann, "tokens": self.tokens}
+                "chunk_tiles": self.chunk_tiles, "build_ann": self.ann, "tokens": self.tokens}
 
     @classmethod
     def from_json(cls, index_dir: Path, d: dict, access: RasterAccess = RasterAccess()) -> "IndexRequest":
@@ -140,8 +140,16 @@ class IndexRequest:
         if not isinstance(rasters, list):
             raise InputError(f"the job file of {index_dir} is damaged (rasters is not a list)")
         return cls(Path(index_dir), tuple(find_rasters(rasters, access)), settings,
-                   **given(chunk_tiles=chunk_tiles), access=access, ann=d.get("ann") if isinstance(d.get("ann"), bool) else None,
+                   **given(chunk_tiles=chunk_tiles), access=access, ann=_ann_choice(d),
                    tokens=d.get("tokens") if isinstance(d.get("tokens"), bool) else None)
+
+
+def _ann_choice(job: dict) -> bool | None:
+    """A job file's ANN choice: `build_ann` (True, False or None: by size); files written before
+    it have `ann`, whose false was the default, not a choice."""
+    if "build_ann" in job:
+        return job["build_ann"] if isinstance(job["build_ann"], bool) else None
+    return True if job.get("ann") is True else None
 
 
 @dataclass(frozen=True)

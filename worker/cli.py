@@ -161,7 +161,7 @@ def check_outputs(out: Path, preview: Path | None) -> None:
         if preview.is_dir():
             raise InputError(f"--preview {preview} is a folder: name the image to write (e.g. {preview / 'hits.png'})")
         Image.init()
-        if preview.suffix.lower() not in Image.EXTENSION:
+        if Image.EXTENSION.get(preview.suffix.lower()) not in Image.SAVE:
             raise InputError(f"--preview {preview}: {preview.suffix or 'no extension'} is not an image format; use .png "
                              "or .jpg")
 
@@ -297,7 +297,7 @@ def joined_box_values(argv: list[str]) -> list[str]:
     a minus for an option, unless it is one plain negative number."""
     out, i = [], 0
     while i < len(argv):
-        if argv[i] in BOX_OPTIONS and i + 1 < len(argv) and argv[i + 1].startswith("-") and argv[i + 1][1:2].isdigit():
+        if argv[i] in BOX_OPTIONS and i + 1 < len(argv) and argv[i + 1][:1] == "-" and argv[i + 1][1:2] in tuple("0123456789."):
             out.append(f"{argv[i]}={argv[i + 1]}")
             i += 2
         else:

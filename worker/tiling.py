@@ -309,10 +309,12 @@ def open_raster(path: Path, bands: tuple[int, ...] | None, drivers: tuple[str, .
 
 
 def _check_on_earth(path: Path, src: rasterio.DatasetReader) -> None:
-    """InputError when the raster's corners lie nowhere on Earth in its CRS: a CRS assigned in
-    error (metres labelled as degrees: a UTM grid tagged EPSG:4326 put its hits at latitude
-    4,500,000 and its tiles outside every map view)."""
-    cols, rows = [0, src.width, 0, src.width], [0, 0, src.height, src.height]
+    """InputError when the raster lies nowhere on Earth in its CRS: a CRS assigned in error
+    (metres labelled as degrees: a UTM grid tagged EPSG:4326 put its hits at latitude 4,500,000
+    and its tiles outside every map view). A projected raster is refused only when neither its
+    centre nor a corner reaches lon/lat (a whole-world raster in Mollweide has its corners in
+    the blank beyond the Earth)."""
+    cols, rows = [0, src.width, 0, src.width, src.width / 2], [0, 0, src.height, src.height, src.height / 2]
     xs, ys = src.transform * (np.array(cols, float), np.array(rows, float))
     fix = "assign the CRS its coordinates are in (gdal_edit.py -a_srs EPSG:XXXX) and index it again"
     corners = f"its corners run x {min(xs):.6g} to {max(xs):.6g}, y {min(ys):.6g} to {max(ys):.6g}"
@@ -321,11 +323,14 @@ def _check_on_earth(path: Path, src: rasterio.DatasetReader) -> None:
                 and -360 <= min(xs) and max(xs) <= 540):
             raise InputError(f"{path}: {corners}, which are not longitudes and latitudes, as its CRS says; {fix}")
         return
-    try:
-        lons, lats = warp_transform(src.crs, CRS.from_epsg(4326), list(xs), list(ys))
-    except Exception:  # PROJ refuses the points outright
-        lons, lats = [np.nan], [np.nan]
-    if not (np.isfinite(lons).all() and np.isfinite(lats).all()):
+    reached = []
+    for x, y in zip(xs, ys):
+        try:
+            lon, lat = warp_transform(src.crs, CRS.from_epsg(4326), [x], [y])
+        except Exception:  # PROJ refuses a point outright: its errors have no common type
+            continue
+        reached.append(np.isfinite(lon[0]) and np.isfinite(lat[0]))
+    if not any(reached):
         raise InputError(f"{path}: {corners}, which lie outside where its CRS is defined; {fix}")
 
 

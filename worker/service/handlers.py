@@ -101,8 +101,9 @@ class Handlers:
             bands=field(header, "bands", list, None, check=_ints),
             min_valid=field(header, "min_valid", (int, float), None), chunk_tiles=field(header, "chunk_tiles", int, None),
             ann=field(header, "ann", bool, None), tokens=field(header, "tokens", bool, None))
-        if running is None:
-            self._check_extendable(request)  # refused now, not as a failed job later
+        if running is not None:  # never a new job here: this request skipped the checks of one
+            return {"job": self.jobs.joined(running, name, request).to_json()}
+        self._check_extendable(request)  # refused now, not as a failed job later
         return {"job": self.jobs.start(name, request).to_json()}
 
     def delete_index(self, header: dict, frames: list) -> dict:

@@ -104,13 +104,7 @@ class JobManager:
         folder inside or around one a job writes (it would be built inside the other index)."""
         existing = self.running_for(request.index_dir)
         if existing:
-            if existing.cancel_requested.is_set():
-                raise ProtocolError(BUSY, f"index {index_name!r}: its job {existing.id} is being cancelled (it stops "
-                                          "after its batch); ask again once it has stopped")
-            if existing.request is None or not existing.request.same_work(request):
-                raise ProtocolError(BUSY, f"index {index_name!r} is being built by job {existing.id} with other "
-                                          "rasters or settings: wait for it to end, or cancel it, and ask again")
-            return existing
+            return self.joined(existing, index_name, request)
         with self._lock:
             around = [j for j in self.jobs.values() if j.state in states.ACTIVE
                       and (j.index_dir in request.index_dir.parents or request.index_dir in j.index_dir.parents)]
@@ -130,6 +124,19 @@ class JobManager:
         job.thread = threading.Thread(target=self._run, args=(job,), name=f"index-{job.id}", daemon=True)
         job.thread.start()
         return job
+
+    @staticmethod
+    def joined(existing: Job, index_name: str, request: IndexRequest) -> Job:
+        """`existing`, the job of the request's index, when the request asks the same work of it
+        (a resent request, answered with that job even if it has just ended); ProtocolError(BUSY)
+        when it asks other work, or the job is being cancelled."""
+        if existing.cancel_requested.is_set():
+            raise ProtocolError(BUSY, f"index {index_name!r}: its job {existing.id} is being cancelled (it stops "
+                                      "after its batch); ask again once it has stopped")
+        if existing.request is None or not existing.request.same_work(request):
+            raise ProtocolError(BUSY, f"index {index_name!r} is being built by job {existing.id} with other "
+                                      "rasters or settings: wait for it to end, or cancel it, and ask again")
+        return existing
 
     def _remember(self, job: Job) -> None:
         with self._lock:
