@@ -1,0 +1,175 @@
+"""How a search's time grows with the mosaic: many small rasters against the same pixels as one
+VRT, and a search of one large raster scanned exactly and with the ANN shortlist.
+
+Two runs, in process, the same sketches for each index (simple pseudo-sketches of its tiles):
+  --rasters N   N rasters of 240 px (crops of the demo scene, on a grid, EPSG:32618), indexed
+                at scale 1, against the same pixels as one VRT (gdalbuildvrt). Found that one
+                map per raster was scanned one convolution at a time (placement_scan.batch_maps).
+  --vrt-side K  the demo scene's first 1,100 px repeated K by K times as one VRT, indexed at
+                scale 1, searched exactly and with an ANN shortlist (ann.AUTO_MIN_TILES).
+  --scan-tiles  the exact coarse scan alone over one map of the area of N tiles (random cells,
+                no index: what the scan costs at sizes too slow to index here).
+Run: scripts/lab mosaic_scale [--rasters 1000] [--vrt-side 0] [--scan-tiles 19000,50000] [--queries 8] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import time
+
+import numpy as np
+import rasterio
+import torch
+from PIL import Image, ImageDraw
+from rasterio.transform import from_origin
+
+from lab.bench_speed import search_latency, sketches
+from worker import ann, edge_cells, placement_scan, query_templates
+from worker.assets import load_asset_paths
+from worker.model.loading import load_model
+from worker.ranking import RankingConfig
+from worker.search_area import SearchArea
+from worker.sketch import prepare_sketch
+from worker.store import IndexWriter, TileIndex
+from worker.tiling import TileSettings
+
+CHIP = 240  # px a side of each small raster: four tiles of 224 px at 25% overlap
+SETTINGS = TileSettings(scales=(1,))
+
+
+def scene_pixels() -> tuple[np.ndarray, rasterio.crs.CRS]:
+    with rasterio.open(load_asset_paths()["s2_rgb"]) as src:
+        return src.read(window=((0, 1100), (0, 1100))), src.crs
+
+
+def small_rasters(folder: Path, n: int) -> list[Path]:
+    """`n` crops of the demo scene on a grid, each its own GeoTIFF (flipped in turn, so that
+    neighbours differ); those already written (--keep) are kept, so their index stays current."""
+    pixels, crs = scene_pixels()
+    rng = np.random.default_rng(0)
+    columns = int(np.ceil(np.sqrt(n)))
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        r, c = rng.integers(0, pixels.shape[1] - CHIP, 2)
+        crop = pixels[:, r:r + CHIP, c:c + CHIP][:, ::(-1 if i % 2 else 1), ::(-1 if i % 3 == 1 else 1)]
+        path = folder / f"chip{i:05d}.tif"
+        paths.append(path)
+        if path.exists():
+            continue
+        corner = from_origin(500_000 + (i % columns) * CHIP * 10, 4_000_000 - (i // columns) * CHIP * 10, 10, 10)
+        with rasterio.open(path, "w", driver="GTiff", count=crop.shape[0], height=CHIP, width=CHIP, dtype=crop.dtype,
+                           photometric="RGB", crs=crs, transform=corner) as dst:
+            dst.write(np.ascontiguousarray(crop))
+    return paths
+
+
+def repeated_scene(folder: Path, side: int) -> Path:
+    """The demo scene's first 1,100 px as one GeoTIFF, and a VRT repeating it `side` by `side`
+    (what an earlier run wrote, --keep, is kept)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tile = folder / "scene.tif"
+    if not tile.exists():
+        pixels, crs = scene_pixels()
+        with rasterio.open(tile, "w", driver="GTiff", count=pixels.shape[0], height=pixels.shape[1],
+                           width=pixels.shape[2], dtype=pixels.dtype, photometric="RGB", crs=crs,
+                           transform=from_origin(500_000, 4_000_000, 10, 10)) as dst:
+            dst.write(pixels)
+    copies = []
+    for i in range(side * side):
+        copy = folder / f"copy{i:04d}.vrt"
+        copies.append(copy)
+        if copy.exists():
+            continue
+        x, y = 500_000 + (i % side) * 11_000, 4_000_000 - (i // side) * 11_000
+        subprocess.run(["gdal_translate", "-q", "-of", "VRT", "-a_ullr", str(x), str(y), str(x + 11_000),
+                        str(y - 11_000), str(tile), str(copy)], check=True)
+    return vrt_of(folder / f"repeated-{side}.vrt", copies)
+
+
+def vrt_of(path: Path, rasters: list[Path]) -> Path:
+    if path.exists():  # written by an earlier run (--keep): rewritten, its index would be built again
+        return path
+    listing = path.with_suffix(".txt")
+    listing.write_text("\n".join(map(str, rasters)))
+    subprocess.run(["gdalbuildvrt", "-q", "-input_file_list", str(listing), str(path)], check=True)
+    return path
+
+
+def coarse_scan_seconds(tiles: int) -> float:
+    """The exact coarse scan (placement_scan.coarse_peaks, the product's templates and 800
+    peaks, a sketch of four lines) over one map of random cells of the area `tiles` tiles of
+    224 px at 25% overlap cover: the fastest of 3."""
+    drawing = Image.new("L", (224, 224), 255)
+    ImageDraw.Draw(drawing).line([(10, 200), (80, 120), (150, 110), (214, 20)], fill=0, width=3)
+    ImageDraw.Draw(drawing).line([(20, 30), (120, 60)], fill=0, width=3)
+    sketch = prepare_sketch(drawing, 224)
+    ranking = RankingConfig()
+    templates = query_templates.build(sketch, ranking.sizes, ranking.angles, torch.device("cpu"))
+    cells = int(np.sqrt(tiles) * SETTINGS.step) // edge_cells.CELL
+    random = torch.rand(cells, cells, edge_cells.ORIENTATIONS, generator=torch.Generator().manual_seed(0)) ** 4
+    blocks = edge_cells.block_map(random, edge_cells.COARSE, step=placement_scan.COARSE_STEP)
+    batch = placement_scan.MapBatch(((0, 1),), blocks, torch.tensor([list(blocks.shape[2:])]))
+
+    class OneMap:  # a scanner of this one map
+        def coarse_batches(self, keys):
+            return [batch]
+
+    area, took = SearchArea([(0, 1)], {}, True), []
+    for _ in range(4):
+        started = time.perf_counter()
+        placement_scan.coarse_peaks(OneMap(), templates, ranking, area, 800)
+        took.append(time.perf_counter() - started)
+    return min(took[1:])
+
+
+def row(name: str, index: TileIndex, latency: dict) -> str:
+    return (f"| {name} | {len(index.maps):,} | {len(index):,} | {latency['p50']:.0f} | {latency['shortlist']:.0f} | "
+            f"{latency['refine']:.0f} | {latency['verify']:.0f} |")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rasters", type=int, default=1000, help="small rasters (0: skip this run)")
+    parser.add_argument("--vrt-side", type=int, default=0, help="the scene repeated K by K as one VRT (0: skip)")
+    parser.add_argument("--scan-tiles", default="", help="coarse scan alone at these tile counts (e.g. 19000,50000)")
+    parser.add_argument("--queries", type=int, default=8)
+    parser.add_argument("--keep", type=Path, default=None, help="build here and keep (else a temporary folder)")
+    args = parser.parse_args()
+    model = load_model(device="cpu", sketch_modules="none")
+    work = args.keep or Path(tempfile.mkdtemp(prefix="mosaic-scale-"))
+    print("| mosaic | level maps | tiles | search p50 ms | shortlist | refine | verify |\n|---|---|---|---|---|---|---|")
+    try:
+        if args.rasters:
+            chips = small_rasters(work / f"chips-{args.rasters}", args.rasters)
+            for name, inputs in ((f"{args.rasters:,} rasters of {CHIP} px", chips),
+                                 ("the same pixels as one VRT", [vrt_of(work / f"chips-{args.rasters}.vrt", chips)])):
+                folder = work / (f"index-chips-{args.rasters}" + ("" if len(inputs) > 1 else "-vrt"))
+                IndexWriter(folder, model, SETTINGS).build(inputs)
+                index = TileIndex.open(folder)
+                print(row(name, index, search_latency(index, model, sketches(index, model, args.queries),
+                                                      RankingConfig(ann="off"))), flush=True)
+        if args.vrt_side:
+            folder = work / f"index-repeated-{args.vrt_side}"
+            IndexWriter(folder, model, SETTINGS).build([repeated_scene(work / "repeated", args.vrt_side)])
+            index = TileIndex.open(folder)
+            ann.build(index)
+            queries = sketches(index, model, args.queries)
+            for mode in ("off", "on"):
+                name = f"one VRT, {args.vrt_side}x{args.vrt_side} scenes, " + ("exact" if mode == "off" else "ANN")
+                print(row(name, index, search_latency(index, model, queries, RankingConfig(ann=mode))), flush=True)
+        for tiles in (int(n) for n in args.scan_tiles.split(",") if n):
+            print(f"coarse scan alone over the area of {tiles:,} tiles: {coarse_scan_seconds(tiles):.2f} s", flush=True)
+    finally:
+        if args.keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
