@@ -153,11 +153,12 @@ UNREADABLE_RETRY_S = 60.0  # a raster left out is tried again after this, also w
 
 def _unreadable(index: TileIndex) -> dict[str, tuple[tuple, str]]:
     """The rasters this open index found unreadable (path: its file's state and the time then,
-    why), less those whose file has changed since (put back, or replaced) or that were found a
-    while ago (a VRT whose sources are back is the same file): they are tried again."""
+    why), less those whose file has changed since (put back, or replaced) or, when it is there,
+    that were found a while ago (a VRT whose sources are back is the same file): they are tried
+    again. A file still missing is not tried again until it is there."""
     found = index.__dict__.setdefault("_unreadable", {})
     for path, ((state, when), _) in list(found.items()):
-        if _file_state(path) != state or time.monotonic() - when > UNREADABLE_RETRY_S:
+        if _file_state(path) != state or (state is not None and time.monotonic() - when > UNREADABLE_RETRY_S):
             found.pop(path, None)  # searches run in several threads
     return found
 
