@@ -404,7 +404,8 @@ def test_8_jobs_beyond_the_limit_wait_or_are_busy_and_scales_are_bounded(served,
         else:  # the cancelled job had already stopped: a new one
             assert after_cancel["id"] != started[0]["id"]
         assert [e.code for e in other_work] == [codes.BUSY] * 2 and "other rasters or settings" in other_work[0].message
-        assert nested.code == codes.FORBIDDEN and "inside or around" in nested.message
+        # inside the index being built: refused by the job (before its first commit) or as inside an index (after)
+        assert nested.code == codes.BAD_INPUT and "inside" in nested.message
         assert not (served.index_root / "job-a" / "inner").exists()
         assert states_now == [states.RUNNING, states.QUEUED, states.QUEUED]
         assert busy.code == codes.BUSY and "waiting" in busy.message

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from wire import job_states as states
-from wire.errors import BUSY, FORBIDDEN, ProtocolError
+from wire.errors import BUSY, ProtocolError
 from wire.protocol import new_id
 from worker.app import IndexRequest, build_index
 from worker.distributed import Cluster
@@ -100,8 +100,9 @@ class JobManager:
         """Start a job, or return the one already running for this index when it asks the same work
         (so retries are safe). ProtocolError(BUSY) when a job for this index does other work or is
         being cancelled (before, the request was answered with that job and never done), or when
-        `max_queued` jobs already wait (resumed jobs are never refused); FORBIDDEN for an index
-        folder inside or around one a job writes (it would be built inside the other index)."""
+        `max_queued` jobs already wait (resumed jobs are never refused); InputError for an index
+        folder inside or around one a job writes (it would be built inside the other index), as
+        for one inside an index (worker.store.check_index_folder)."""
         existing = self.running_for(request.index_dir)
         if existing:
             return self.joined(existing, index_name, request)
@@ -109,9 +110,8 @@ class JobManager:
             around = [j for j in self.jobs.values() if j.state in states.ACTIVE
                       and (j.index_dir in request.index_dir.parents or request.index_dir in j.index_dir.parents)]
         if around:
-            raise ProtocolError(FORBIDDEN, f"index {index_name!r} would lie inside or around index "
-                                           f"{around[0].index_name!r}, which job {around[0].id} is building: choose "
-                                           "another name")
+            raise InputError(f"index {index_name!r} would lie inside or around index {around[0].index_name!r}, which "
+                             f"job {around[0].id} is building: choose another name")
         with self._lock:
             queued = sum(j.state == states.QUEUED for j in self.jobs.values())
         if queue_bound and queued >= self.max_queued:
