@@ -56,11 +56,6 @@ STRIDE_CELLS = WINDOW_CELLS // 2  # windows every half tile (112 level px)
 SHIFT_HOG_CELLS = 2  # queries also shifted by 64 level px: any window lies within 32 px of a query's grid window
 AUTO_MIN_TILES = 50_000  # from here on an index gets an ANN shortlist, and a search asks it first
 
-
-def big_enough(tiles: int) -> bool:
-    """Whether `tiles` tiles are enough for the ANN shortlist by default: built when an index
-    holding them is complete, asked first by a search over them."""
-    return tiles >= AUTO_MIN_TILES
 # 64 bytes a window: an OPQ rotation down to 256 dimensions, then product quantisation; an HNSW
 # graph finds the inverted lists fast. Not PCA: FAISS's PCA subtracts the mean, which changes a
 # ranking by inner product (measured on 100k windows: 10-recall@200 0.46 with PCA256, 0.98 with
@@ -83,6 +78,12 @@ LARGE_VECTORS = 5_000_000
 # tiles 100,000 windows trained 18,973 lists before: about 5 a list.
 TRAIN_MIN = 100_000
 TRAIN_MAX = 750_000
+
+
+def big_enough(tiles: int) -> bool:
+    """Whether `tiles` tiles are enough for the ANN shortlist by default: built when an index
+    holding them is complete, asked first by a search over them."""
+    return tiles >= AUTO_MIN_TILES
 POINTS_PER_LIST = 39
 # Inverted lists a query visits, and how many list heads the HNSW quantiser explores to find
 # them (its default, 16, is below NPROBE). Measured on 450k synthetic windows, 512 asked a query

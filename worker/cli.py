@@ -162,8 +162,8 @@ def check_outputs(out: Path, preview: Path | None) -> None:
             raise InputError(f"--preview {preview} is a folder: name the image to write (e.g. {preview / 'hits.png'})")
         Image.init()
         if Image.EXTENSION.get(preview.suffix.lower()) not in Image.SAVE:
-            raise InputError(f"--preview {preview}: {preview.suffix or 'no extension'} is not an image format; use .png "
-                             "or .jpg")
+            raise InputError(f"--preview {preview}: {preview.suffix or 'no extension'} is not an image format it can write; "
+                             "use .png or .jpg")
 
 
 def cmd_info(args: argparse.Namespace) -> int:

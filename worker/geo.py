@@ -24,10 +24,10 @@ Area = Polygon | MultiPolygon  # a search area in lon/lat: one across 180 degree
 MAX_CRS_CHARS = 20_000  # a long PROJJSON is a few thousand characters
 AUTHORITY_CODE = re.compile(r"[A-Za-z][A-Za-z0-9_]*:{1,2}[A-Za-z0-9_.]+|urn:ogc:def:crs:[A-Za-z0-9_]+:[0-9.]*:[A-Za-z0-9_.]+")
 WKT = re.compile(r"\s*[A-Z_]+\s*\[", re.IGNORECASE)
-# what makes PROJ open a file (a grid, an init file): a path there is read, and a FIFO or a
-# terminal blocks the reading thread inside PROJ while it holds the interpreter lock
 SEMI_MAJOR_AXIS = re.compile(r'SPHEROID\["[^"]*",\s*([0-9.eE+-]+)')
 EARTH_SEMI_MAJOR_M = (6_300_000.0, 6_400_000.0)  # every Earth ellipsoid and sphere; Mars's is 3,396,190 m
+# what makes PROJ open a file (a grid, an init file): a path there is read, and a FIFO or a
+# terminal blocks the reading thread inside PROJ while it holds the interpreter lock
 FILE_REFERENCES = ("parameterfile", "extension", "+proj", "+init", "proj=", "nadgrids", "geoidgrids")
 
 

@@ -106,19 +106,19 @@ PADDING = 0.25
 def batch_maps(shapes: dict[tuple[int, int], tuple[int, int]]) -> list[tuple[tuple[int, int], ...]]:
     """Level maps (key: rows, cols of stored cells) in the batches their coarse scan runs in:
     small maps of similar shapes together, each larger one alone."""
-    batches, current, own = [], [], 0
-    for key in sorted(shapes, key=lambda k: (shapes[k], k)):
+    batches, current, own, widest = [], [], 0, 0
+    for key in sorted(shapes, key=lambda k: (shapes[k], k)):  # by shape: a batch's most rows are its last map's
         rows, cols = shapes[key]
         if rows * cols > SMALL_MAP_CELLS:
             batches.append((key,))
             continue
-        padded = (len(current) + 1) * max([rows] + [shapes[k][0] for k in current]) * max(
-            [cols] + [shapes[k][1] for k in current])
+        padded = (len(current) + 1) * rows * max(widest, cols)
         if current and (padded > BATCH_CELLS or padded > (1 + PADDING) * (own + rows * cols)):
             batches.append(tuple(current))
-            current, own = [], 0
+            current, own, widest = [], 0, 0
         current.append(key)
         own += rows * cols
+        widest = max(widest, cols)
     if current:
         batches.append(tuple(current))
     return batches

@@ -110,12 +110,16 @@ def render_strokes(sketch: StrokeSketch, canvas: int = 512, width_fraction: floa
     return img
 
 
+def ink_level(gray: np.ndarray) -> float:
+    """The grey level below which a sketch's pixel is ink: halfway between paper and darkest stroke."""
+    return (int(gray.min()) + int(gray.max())) / 2
+
+
 def ink_bbox(gray: np.ndarray) -> tuple[int, int, int, int]:
     """Bounding box (x0, y0, x1, y1) of the dark strokes; InputError when there are none."""
-    lo, hi = int(gray.min()), int(gray.max())
-    if hi - lo < INK_CONTRAST:
+    if int(gray.max()) - int(gray.min()) < INK_CONTRAST:
         raise InputError("sketch is blank: no dark strokes on a light background")
-    ys, xs = np.nonzero(gray < (lo + hi) / 2)
+    ys, xs = np.nonzero(gray < ink_level(gray))
     return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
 
@@ -146,9 +150,8 @@ def _fitted(img: Image.Image, new: tuple[int, int], scale: float) -> Image.Image
     its darkest first (a line stays a line, about a pixel wide), then the resize."""
     resized = img.resize(new, Image.Resampling.LANCZOS)
     gray = np.asarray(img)
-    midpoint = (int(gray.min()) + int(gray.max())) / 2
     block = int(1 / scale)
-    if block < 2 or np.asarray(resized).min() < midpoint:
+    if block < 2 or np.asarray(resized).min() < ink_level(gray):
         return resized
     rows, cols = -(-gray.shape[0] // block) * block, -(-gray.shape[1] // block) * block
     padded = np.full((rows, cols), gray.max(), gray.dtype)

@@ -109,11 +109,10 @@ class JobManager:
         with self._lock:
             around = [j for j in self.jobs.values() if j.state in states.ACTIVE
                       and (j.index_dir in request.index_dir.parents or request.index_dir in j.index_dir.parents)]
+            queued = sum(j.state == states.QUEUED for j in self.jobs.values())
         if around:
             raise InputError(f"index {index_name!r} would lie inside or around index {around[0].index_name!r}, which "
                              f"job {around[0].id} is building: choose another name")
-        with self._lock:
-            queued = sum(j.state == states.QUEUED for j in self.jobs.values())
         if queue_bound and queued >= self.max_queued:
             raise ProtocolError(BUSY, f"{queued} indexing jobs are already waiting (the worker's limit): wait for "
                                       "one to end, or cancel one, and ask again")
