@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import rasterio
@@ -334,27 +334,68 @@ def _check_on_earth(path: Path, src: rasterio.DatasetReader) -> None:
         raise InputError(f"{path}: {corners}, which lie outside where its CRS is defined; {fix}")
 
 
-def _offsets(length: int, window: int, step: int) -> list[int]:
-    if length <= window:
-        return [0]
-    offs = list(range(0, length - window + 1, step))
-    if offs[-1] != length - window:
-        offs.append(length - window)  # flush with the far edge so the raster is fully covered
-    return offs
+@dataclass(frozen=True)
+class TilePlan(Sequence[Tile]):
+    """All tiles of one raster in a fixed order (scale, row, column), resumable by position. A
+    tile is made when asked for: as objects a plan's tiles took 176 bytes each and 10 s a million,
+    and a continental raster has tens of millions. Small to pickle for a cluster's chunk."""
+
+    raster: RasterInfo
+    tile: int
+    step: int
+    scales: tuple[int, ...]  # those with something to see (a window at most twice the raster's side)
+
+    def _grid(self, scale: int) -> tuple[int, int, int]:
+        """A scale's window side in raster px and its tile rows and columns."""
+        size = self.tile * scale
+        return size, _offset_count(self.raster.height, size, self.step * scale), \
+            _offset_count(self.raster.width, size, self.step * scale)
+
+    def __len__(self) -> int:
+        return sum(rows * cols for _, rows, cols in map(self._grid, self.scales))
+
+    def __getitem__(self, position):
+        if isinstance(position, slice):
+            start, stop, stride = position.indices(len(self))
+            if stride != 1:
+                return [self[i] for i in range(start, stop, stride)]
+            return list(self._tiles(start, stop))
+        i = position + len(self) if position < 0 else position
+        if not 0 <= i < len(self):
+            raise IndexError(f"tile {position} of a plan of {len(self)}")
+        return next(self._tiles(i, i + 1))
+
+    def __iter__(self) -> Iterator[Tile]:
+        return self._tiles(0, len(self))
+
+    def _tiles(self, start: int, stop: int) -> Iterator[Tile]:
+        """The tiles at positions start to stop (0 <= start <= stop <= len), in order."""
+        first = 0  # the position of the scale's first tile
+        for scale in self.scales:
+            size, rows, cols = self._grid(scale)
+            step = self.step * scale
+            for i in range(max(start, first), min(stop, first + rows * cols)):
+                row, col = divmod(i - first, cols)
+                yield Tile(self.raster, _offset(col, self.raster.width, size, step),
+                           _offset(row, self.raster.height, size, step), size, size, scale)
+            first += rows * cols
 
 
-def plan_tiles(raster: RasterInfo, settings: TileSettings) -> list[Tile]:
-    """All tiles of one raster in a fixed order (scale, row, column): resumable by position."""
-    tiles = []
-    for scale in settings.scales:
-        size = settings.tile * scale
-        if scale > 1 and size > 2 * max(raster.width, raster.height):
-            continue  # mostly outside the raster: nothing to see at this scale
-        step = settings.step * scale
-        for row in _offsets(raster.height, size, step):
-            for col in _offsets(raster.width, size, step):
-                tiles.append(Tile(raster, col, row, size, size, scale))
-    return tiles
+def _offset_count(length: int, window: int, step: int) -> int:
+    """How many windows cover `length`: a step apart, the last flush with the far edge."""
+    return 1 if length <= window else -(-(length - window) // step) + 1
+
+
+def _offset(k: int, length: int, window: int, step: int) -> int:
+    """The k-th window's start (_offset_count): k steps in, or flush with the far edge."""
+    return min(k * step, max(0, length - window))
+
+
+def plan_tiles(raster: RasterInfo, settings: TileSettings) -> TilePlan:
+    """All tiles of one raster in a fixed order (scale, row, column): TilePlan. A scale whose
+    window is over twice the raster's side is left out: mostly outside it, nothing to see."""
+    seen = tuple(s for s in settings.scales if s == 1 or settings.tile * s <= 2 * max(raster.width, raster.height))
+    return TilePlan(raster, settings.tile, settings.step, seen)
 
 
 def stretch_to_uint8(data: np.ma.MaskedArray, stretch: tuple[tuple[float, float], ...] | None) -> np.ndarray:

@@ -20,7 +20,7 @@ from worker.store.maps import remove_maps, write_joined_maps
 from worker.store.reader import TileIndex
 from worker.drawing_pool import DrawingPool, default_processes, drawn_batches
 from worker.tile_features import TileFeatures, describe_drawings
-from worker.tiling import RasterInfo, Tile, TileSettings, open_raster, plan_tiles
+from worker.tiling import RasterInfo, Tile, TilePlan, TileSettings, open_raster, plan_tiles
 
 log = logging.getLogger(__name__)
 
@@ -123,11 +123,11 @@ class IndexWriter:
             for entry, tiles in plans:
                 committed = {s["chunk"] for s in self.manifest["shards"] if s["raster_id"] == entry["id"]}
                 for chunk in range(0, (len(tiles) + self.chunk_tiles - 1) // self.chunk_tiles):
-                    part = tiles[chunk * self.chunk_tiles:(chunk + 1) * self.chunk_tiles]
+                    start, stop = chunk * self.chunk_tiles, min(len(tiles), (chunk + 1) * self.chunk_tiles)
                     if entry["complete"] or chunk in committed:
-                        done += len(part)
+                        done += stop - start
                     else:
-                        jobs.append(ChunkJob(entry["id"], chunk, entry, tuple(part), holds_tokens(self.manifest)))
+                        jobs.append(ChunkJob(entry["id"], chunk, entry, tiles, start, stop, holds_tokens(self.manifest)))
             skipped_total = sum(e["tiles_skipped"] for e, _ in plans)
             remaining = {e["id"]: 0 for e, _ in plans}
             for job in jobs:
@@ -143,11 +143,11 @@ class IndexWriter:
                 if result is None:  # stopped: what was committed stays
                     return self.manifest
                 entry = entries[job.raster_id]
-                self._commit_chunk(entry, job.chunk, len(job.tiles), result)
+                self._commit_chunk(entry, job.chunk, job.count, result)
                 entry["tiles_skipped"] += result.skipped
                 skipped_total += result.skipped
                 self._commit()
-                done += len(job.tiles)
+                done += job.count
                 if progress:
                     progress(IndexProgress(done, total, skipped_total, entry["path"]))
                 remaining[job.raster_id] -= 1
@@ -191,8 +191,18 @@ class ChunkJob:
     raster_id: int
     chunk: int
     raster: dict  # the raster's manifest entry (RasterInfo's JSON): enough to read it anywhere
-    tiles: tuple[Tile, ...]
+    plan: TilePlan  # the raster's, of which this chunk is the tiles start to stop
+    start: int
+    stop: int
     tokens: bool  # store the tiles' ViT tokens too (the index's choice: worker.store.format.holds_tokens)
+
+    @property
+    def count(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def tiles(self) -> list[Tile]:
+        return self.plan[self.start:self.stop]
 
 
 @dataclass
@@ -242,7 +252,7 @@ def compute_chunk(model, job: ChunkJob, settings: TileSettings, batch_size: int,
     kept: list[Tile] = []
     valid: list[float] = []
     outputs: list[TileFeatures] = []
-    for n, drawn in drawn_batches(job.raster, list(job.tiles), model.img_size, batch_size, settings.min_valid, pool):
+    for n, drawn in drawn_batches(job.raster, job.tiles, model.img_size, batch_size, settings.min_valid, pool):
         if should_stop():
             return None
         if drawn.tiles:
@@ -272,4 +282,4 @@ def _chunk_result(job: ChunkJob, kept: list[Tile], valid: list[float], outputs: 
             arrays.update({"global": np.concatenate([o.global_token for o in outputs]),
                            "tokens": np.concatenate([o.tokens for o in outputs]),
                            "positions": np.concatenate([o.positions for o in outputs])})
-    return ChunkResult(arrays, len(job.tiles) - len(kept))
+    return ChunkResult(arrays, job.count - len(kept))
