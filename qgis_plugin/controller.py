@@ -55,6 +55,18 @@ class Status:
         return f"connected · {device} · model {info['model']['model']}", "green"
 
 
+LEFT_OUT_BECAUSE = {"indexing": "still being indexed", "unreadable": "cannot be read"}  # a reply's left_out kinds
+
+
+def _names(rasters: list[dict]) -> str:
+    """A few rasters of a reply's list by file name (and why, where the worker says), for a
+    one-line message."""
+    def named(r: dict) -> str:
+        why = LEFT_OUT_BECAUSE.get(r.get("kind"))
+        return f"{os.path.basename(r['raster'])}{f', {why}' if why else ''}"
+    return "; ".join(map(named, rasters[:3])) + ("…" if len(rasters) > 3 else "")
+
+
 class SearchController(QObject):
     status_changed = pyqtSignal(str, str)  # text, colour name
     notice = pyqtSignal(str, object, str)  # text, Qgis message level, details for the log
@@ -326,11 +338,12 @@ class SearchController(QObject):
         self.result_layer = layer
         self.results_ready.emit(layer)
         found = f"{layer.featureCount()} hit(s) in {query_ms:.0f} ms, added as layer “{name}”."
-        left_out = reply.get("left_out") or []
-        if left_out:  # rasters being indexed that are too large to search before they are complete
-            names = ", ".join(os.path.basename(r["raster"]) for r in left_out[:3]) + ("…" if len(left_out) > 3 else "")
-            self.notice.emit(f"{found} Not searched: {names}, still being indexed (searched once indexed).",
-                             Qgis.Warning, "\n".join(f"{r['raster']}: {r['reason']}" for r in left_out))
+        left_out, changed = reply.get("left_out") or [], reply.get("changed") or []
+        said = [f"Not searched: {_names(left_out)}." if left_out else "",
+                f"Changed on disk since indexed, index again: {_names(changed)}." if changed else ""]
+        if left_out or changed:  # each raster's whole reason in the message's details
+            self.notice.emit(" ".join([found, *filter(None, said)]), Qgis.Warning,
+                             "\n".join(f"{r['raster']}: {r['reason']}" for r in left_out + changed))
         else:
             self.notice.emit(found, Qgis.Success, "")
 

@@ -179,6 +179,8 @@ class SearchBySketchAlgorithm(_WorkerAlgorithm):
         query_ms = (time.perf_counter() - started) * 1e3
         for raster in reply.get("left_out") or []:
             feedback.pushWarning(f"Not searched: {raster['raster']}: {raster['reason']}")
+        for raster in reply.get("changed") or []:
+            feedback.pushWarning(f"Changed since indexed: {raster['raster']}: {raster['reason']}")
         project = context.project()
         out_crs = project.crs() if project and project.crs().isValid() else QgsCoordinateReferenceSystem(WGS84)
         fields = hit_fields()

@@ -509,6 +509,28 @@ def test_9c_a_delete_that_cannot_remove_a_file_still_frees_the_name(served, tree
             shutil.rmtree(folder, ignore_errors=True)
 
 
+# -- 9d. a raster changed since it was indexed -------------------------------------------------
+def test_9d_a_raster_changed_since_it_was_indexed_is_named_with_its_hits_until_indexed_again(served, tree):
+    """A raster exported again over its old file: its hits were found by the old pixels' features
+    and nothing said so. The reply's `changed` names it, and indexing it again clears it."""
+    changed = tree / "rasters" / "changed.tif"
+    shutil.copy(tree / "rasters" / "tiny.tif", changed)
+    try:
+        with served.client(timeout=60) as c:
+            assert wait_job(c, c.start_index("changing", [str(changed)], **TILE)["id"])["state"] == states.DONE
+            before = c.search("changing", sketch_png=sketch_png(), top=3)
+            with rasterio.open(changed, "r+") as dst:  # the same grid, other pixels
+                dst.write(255 - dst.read())
+            after = c.search("changing", sketch_png=sketch_png(), top=3)
+            assert wait_job(c, c.start_index("changing", [str(changed)], **TILE)["id"])["state"] == states.DONE
+            again = c.search("changing", sketch_png=sketch_png(), top=3)
+        assert before["hits"]["features"] and before["changed"] == [] and again["changed"] == []
+        assert after["hits"]["features"] and not after["left_out"]  # still searched, and said so
+        assert [r["raster"] for r in after["changed"]] == [str(changed)] and "index it again" in after["changed"][0]["reason"]
+    finally:
+        shutil.rmtree(served.index_root / "changing", ignore_errors=True)
+        changed.unlink(missing_ok=True)
+
 # -- 10. each bad input gets its code, never `internal` --------------------------------------
 def test_10_each_bad_input_gets_its_own_code(served, tree):
     def header(**fields) -> bytes:

@@ -300,11 +300,12 @@ class SearchOutcome:
     ranked: list["Hit"]
     sketch: Any  # the model-ready sketch (3, S, S)
 
-    left_out: list[dict] = field(default_factory=list)  # rasters not searched: {raster, reason}
+    left_out: list[dict] = field(default_factory=list)  # rasters not searched: {raster, kind, reason}
+    changed: list[dict] = field(default_factory=list)  # the hits' rasters changed since indexed: {raster, reason}
 
     def to_json(self) -> dict:
         """The search reply's fields."""
-        return {"hits": self.hits, "timings_ms": self.timings_ms, "left_out": self.left_out}
+        return {"hits": self.hits, "timings_ms": self.timings_ms, "left_out": self.left_out, "changed": self.changed}
 
 
 def run_search(request: SearchRequest, model: "RetrievalModel", index: TileIndex,
@@ -333,15 +334,35 @@ def run_search(request: SearchRequest, model: "RetrievalModel", index: TileIndex
                               max_overlap=request.max_overlap, own_place=own_place, feedback=request.feedback)
         raise_if_stopped("writing the hits")
         timings = {k: round(v, 2) for k, v in result.timings_ms.items()}
-        unreadable = [{"raster": path, "reason": why} for path, why in sorted(result.unreadable.items())]
+        unreadable = [{"raster": path, "kind": "unreadable", "reason": why}
+                      for path, why in sorted(result.unreadable.items())]
         return SearchOutcome(hits_to_geojson(result.hits, request.out_crs, None), timings, result.hits, sketch,
-                             left_out(index) + unreadable)
+                             left_out(index) + unreadable, changed_since_indexed(result.hits))
+
+
+def changed_since_indexed(hits: list["Hit"]) -> list[dict]:
+    """The hits' rasters whose file (or a VRT's sources) changed since they were indexed, each
+    with the reason. Their hits were found by the old pixels' features and verified on the new
+    pixels, so they may be wrong, and nothing said so. Only the hits' rasters are looked at: a
+    stat each (a VRT's sources too), not one for every file of a large mosaic."""
+    import rasterio.errors
+
+    changed = []
+    for raster in {h.placement.raster.path: h.placement.raster for h in hits}.values():
+        try:
+            if raster.changed_on_disk():
+                changed.append({"raster": raster.path, "reason": "changed on disk since it was indexed: its hits were "
+                                "found by the old pixels' features; index it again (the same index request redoes "
+                                "only the rasters that changed)"})
+        except (OSError, rasterio.errors.RasterioError):
+            continue  # gone since it was read: the next search leaves it out and says so
+    return sorted(changed, key=lambda c: c["raster"])
 
 
 def left_out(index: TileIndex) -> list[dict]:
     """The rasters of `index` a search leaves out while they are being indexed (TileIndex.left_out),
-    each with the reason."""
-    return [{"raster": index.rasters[raster_id].path,
+    each with the reason (`kind` "indexing"; an unreadable raster's is "unreadable")."""
+    return [{"raster": index.rasters[raster_id].path, "kind": "indexing",
              "reason": f"still being indexed, and its maps would take {size / 2 ** 20:,.0f} MiB of memory to search "
                        f"before it is complete (over {index.partial_maps_bytes / 2 ** 20:,.0f} MiB, "
                        "--max-partial-maps-mb): it is searched once indexed"}

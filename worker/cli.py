@@ -140,14 +140,15 @@ def cmd_search(args: argparse.Namespace) -> int:
     outcome = run_search(request, model, index)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     hits = split_at_antimeridian(outcome.hits) if request.out_crs.is_geographic else outcome.hits  # RFC 7946
-    write_json_atomic(args.out, {**hits, "timings_ms": outcome.timings_ms, "left_out": outcome.left_out})
+    write_json_atomic(args.out, {**hits, "timings_ms": outcome.timings_ms, "left_out": outcome.left_out,
+                                 "changed": outcome.changed})
     if args.preview:
         from worker.hits_output import contact_sheet
 
         args.preview.parent.mkdir(parents=True, exist_ok=True)
         contact_sheet(outcome.sketch.numpy(), outcome.ranked).save(args.preview)
     print(json.dumps({"hits": len(outcome.ranked), "out": str(args.out), "left_out": outcome.left_out,
-                      **{k: round(v, 1) for k, v in outcome.timings_ms.items()}}))
+                      "changed": outcome.changed, **{k: round(v, 1) for k, v in outcome.timings_ms.items()}}))
     return 0
 
 
