@@ -531,6 +531,37 @@ def test_9d_a_raster_changed_since_it_was_indexed_is_named_with_its_hits_until_i
         shutil.rmtree(served.index_root / "changing", ignore_errors=True)
         changed.unlink(missing_ok=True)
 
+
+# -- 9e. a search racing a delete ------------------------------------------------------------
+def test_9e_a_search_of_an_index_deleted_meanwhile_is_told_it_was_deleted_not_damaged(served):
+    """A delete while a search reads the index's files: the search answered `corrupt_index`,
+    "delete the index and build it again", of an index the user had just deleted. Deleted at
+    several moments of a search: each answers its hits, or `not_found`."""
+    outcomes = []
+    for delay in (0.0, 0.03, 0.06, 0.1, 0.15, 0.2, 0.3):
+        _copy_index(served, "racing")
+        answer = {}
+
+        def search() -> None:
+            with served.client(timeout=60) as c:
+                try:
+                    answer["reply"] = c.search("racing", sketch_png=sketch_png(), top=3)
+                except WorkerError as exc:
+                    answer["reply"] = exc
+
+        searching = threading.Thread(target=search)
+        searching.start()
+        time.sleep(delay)
+        with served.client() as c:
+            c.request("delete_index", index="racing")
+        searching.join(60)
+        outcomes.append(answer["reply"])
+    for outcome in outcomes:
+        if isinstance(outcome, WorkerError):
+            assert outcome.code == codes.NOT_FOUND, outcome.message
+        else:
+            assert outcome["hits"]["features"]
+
 # -- 10. each bad input gets its code, never `internal` --------------------------------------
 def test_10_each_bad_input_gets_its_own_code(served, tree):
     def header(**fields) -> bytes:

@@ -16,7 +16,7 @@ from wire.protocol import MAX_STROKE_POINTS, MAX_STROKES, excerpt, field, new_id
 from worker import __version__
 from worker.app import IndexRequest, SearchRequest, SketchSource, check_index, given, run_search, stroke_sketch
 from worker.cancellation import StopCheck, raise_if_stopped, stop_when
-from worker.errors import InputError, NotFoundError
+from worker.errors import CorruptIndexError, InputError, NotFoundError
 from worker.example_query import Example
 from worker.feedback import Feedback
 from worker.service.config import ServiceConfig
@@ -182,8 +182,12 @@ class Handlers:
             started = time.perf_counter()
             with stop_when(should_stop):
                 raise_if_stopped("opening the index")  # it waited in the queue past its time
-            index = self.indexes.searchable(index_dir)
-            reply = run_search(request, self.model, index, should_stop).to_json()
+            try:
+                reply = run_search(request, self.model, self.indexes.searchable(index_dir), should_stop).to_json()
+            except CorruptIndexError:
+                if not (index_dir / MANIFEST).is_file():  # deleted while the search read its files: not damage
+                    raise NotFoundError(f"index {header['index']!r} was deleted while this search ran") from None
+                raise
             reply["timings_ms"]["server_ms"] = round((time.perf_counter() - started) * 1e3, 2)
             return reply
 
