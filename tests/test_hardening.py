@@ -278,6 +278,24 @@ def test_5_a_moved_raster_and_a_torn_job_file_fail_their_jobs_and_the_worker_ser
     assert "damaged" in listed["torn"]["last_job"]["error"]["message"]
 
 
+
+def test_5b_a_job_that_fails_before_its_first_commit_leaves_no_folder(served, tree):
+    """A raster that is no raster, found once the job opens it: the job failed and its empty
+    folder stayed in the index root, a name taken by something that is not an index."""
+    junk = tree / "rasters" / "junk.tif"
+    junk.write_bytes(b"II*\x00 not a TIFF after all")
+    try:
+        with served.client() as c:
+            try:
+                job = wait_job(c, c.start_index("junk", [str(junk)], **TILE)["id"])
+                assert job["state"] == states.FAILED and job["error"]["code"] == codes.BAD_INPUT, job
+            except WorkerError as exc:  # refused before the job started
+                assert exc.code == codes.BAD_INPUT, exc.message
+        assert not (served.index_root / "junk").exists()
+    finally:
+        junk.unlink()
+        shutil.rmtree(served.index_root / "junk", ignore_errors=True)
+
 # -- 6 and 7. a flood: bounded queue and memory, timeouts that free their thread -------------
 def test_6_7_a_flood_is_bounded_and_a_timed_out_search_frees_its_thread(served, tree):
     root = tree / "flood-indexes"

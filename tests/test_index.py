@@ -134,6 +134,16 @@ def test_maps_written_band_by_band_hold_the_cells_joined_whole(tmp_path, model, 
             assert np.array_equal(np.load(map_file(out, *key)), level.cells), (band, key)
 
 
+def test_a_refused_raster_leaves_no_index_folder(tmp_path):
+    """The index command refused a file that is no raster, and left the new index's folder (with
+    its lock) behind: the next run of another name found a stray folder."""
+    junk = tmp_path / "junk.tif"
+    junk.write_bytes(b"II*\x00 not a TIFF after all")
+    result = run_cli("index", "--out", tmp_path / "index", *SMALL, junk)
+    assert result.returncode != 0 and "not a readable raster" in result.stderr
+    assert not (tmp_path / "index").exists()
+
+
 def test_a_raster_too_small_for_a_tile_says_so(tmp_path, model, rmnp_copy, caplog):
     """A raster smaller than a tile has no tile with enough data: it is complete, and a warning
     says how to index it; a GDAL virtual path is refused with what to do."""

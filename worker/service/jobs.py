@@ -26,6 +26,7 @@ from worker.distributed import Cluster
 from worker.errors import InputError, error_object
 from worker.raster_access import RasterAccess
 from worker.store import JOB_FILE, IndexProgress, write_json_atomic
+from worker.store.format import remove_unborn
 
 log = logging.getLogger(__name__)
 SLOT_WAIT_S = 0.25  # how often a queued job looks whether it was cancelled
@@ -227,6 +228,7 @@ class JobManager:
                 (job.index_dir / JOB_FILE).unlink(missing_ok=True)
             except OSError as exc:  # a failing disk: the next start tries to resume, and says why it cannot
                 log.warning("cannot remove %s: %s", job.index_dir / JOB_FILE, exc)
+            remove_unborn(job.index_dir)  # failed or cancelled before its first commit: no empty folder left
         self.publish(job.to_json())
 
     def get(self, job_id: str) -> Job | None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import re
 import shutil
@@ -35,6 +36,8 @@ import numpy as np
 
 from wire.protocol import excerpt
 from worker.errors import CorruptIndexError, IndexMismatchError, InputError, NotFoundError, StorageError
+
+log = logging.getLogger(__name__)
 
 # 2: edge layouts per tile; 3: backbones named by their source (worker.model.identity);
 # 4: edge cells on shared level grids instead of per-tile layouts (search at every placement);
@@ -245,6 +248,24 @@ def index_lock(index_dir: Path) -> Iterator[None]:
             raise IndexLocked(f"{index_dir} is being written by another indexing run: wait for it to end, or stop "
                               "it, and run this again") from None
         yield
+
+
+def remove_unborn(index_dir: Path) -> None:
+    """Remove a folder an indexing run made and left before its first commit (it failed or was
+    cancelled first): only the lock and an empty shards folder in it, and no writer holding it.
+    Left behind, it kept the name in the index root as a folder that was not an index."""
+    if not index_dir.is_dir() or (index_dir / MANIFEST).exists():
+        return
+    try:
+        with index_lock(index_dir):
+            entries = list(index_dir.iterdir())
+            if (index_dir / MANIFEST).exists() or any(e.name == JOB_FILE or not _left_by_a_writer(e) for e in entries):
+                return
+            for entry in entries:
+                entry.rmdir() if entry.is_dir() else entry.unlink()
+            index_dir.rmdir()
+    except (IndexLocked, OSError) as exc:  # written meanwhile, or the disk refused: left as it is
+        log.info("%s left as it is: %s", index_dir, exc)
 
 
 def check_format(manifest: dict, index_dir: Path) -> None:

@@ -106,8 +106,9 @@ class IndexWriter:
         one after another; worker.distributed: on a cluster); this writer alone commits them.
         """
         computer = computer or LocalChunks(self.model)
+        # bad input refused up front, before a new index's folder is made: a refused run left one behind
+        infos = [open_raster(p, self.settings.bands, drivers) for p in raster_paths]
         with index_lock(self.dir):
-            infos = [open_raster(p, self.settings.bands, drivers) for p in raster_paths]  # refuse bad input up front
             with disk_write(self.dir / SHARDS):
                 (self.dir / SHARDS).mkdir(exist_ok=True)
             self._clean_uncommitted()
