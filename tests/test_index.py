@@ -324,6 +324,29 @@ def test_tiles_gpkg_lists_every_indexed_tile(tmp_path, model, rmnp_copy):
     assert {"raster", "col_off", "row_off", "width", "height", "scale"} <= set(info["fields"])
 
 
+def test_tiles_gpkg_written_in_batches_holds_each_tile_once_in_its_place(tmp_path, model, rmnp_copy, monkeypatch):
+    """The layer is written a batch at a time (a continental index's at once did not fit in
+    memory): batches of 7 tiles give every tile once, with its own footprint and window."""
+    import pyogrio
+    import shapely
+
+    from worker.store import gpkg
+
+    out = tmp_path / "index"
+    IndexWriter(out, model, TileSettings(tile=112, scales=(1, 2))).build([rmnp_copy])
+    monkeypatch.setattr(gpkg, "BATCH_TILES", 7)
+    gpkg.write_tiles_gpkg(out)
+    layer = pyogrio.raw.read(out / "tiles.gpkg", layer="tiles")
+    index = TileIndex.open(out)
+    meta, _, geometry, values = layer
+    columns = dict(zip(meta["fields"], values))
+    assert len(index) > 3 * 7 and list(columns["tile_id"]) == list(range(len(index)))
+    for name in ("col_off", "row_off", "width", "height", "scale"):
+        assert (columns[name] == index.records[name]).all(), name
+    expected = index.footprints_wgs84(np.arange(len(index)))
+    assert all(shapely.from_wkb(g).equals_exact(e, 1e-9) for g, e in zip(geometry, expected))
+
+
 def test_a_second_writer_is_refused_while_one_runs(tmp_path, model, rmnp_copy):
     from worker.store.format import index_lock
 
