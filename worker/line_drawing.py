@@ -161,30 +161,33 @@ def _canny_candidates(grey: torch.Tensor, mask: torch.Tensor, sigma: float) -> t
     magnitude = torch.sqrt(di * di + dj * dj)
     low, high = torch.quantile(magnitude.flatten(1), torch.tensor(EDGE_QUANTILES, device=grey.device), dim=1,
                                interpolation="linear")[:, :, None, None]
-    candidates = inner & (magnitude >= low.clamp_min(1e-14))
-    peak = torch.zeros_like(candidates)
-    peak[candidates] = _local_maxima(di, dj, magnitude, candidates)
+    peak = inner & (magnitude >= low.clamp_min(1e-14)) & _local_maxima(di, dj, magnitude)
     return peak & (magnitude >= high), peak
 
 
-def _local_maxima(di: torch.Tensor, dj: torch.Tensor, magnitude: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
-    """Bilinear non-maximum suppression at the pixels `at` (never on the border): the magnitude is
-    no less than the two values interpolated a pixel away along the gradient, on either side
-    (scikit-image's rule). Computed only where asked: 40% of the pixels pass the low threshold."""
-    w = magnitude.shape[-1]
-    flat = magnitude.reshape(-1)
-    where = at.reshape(-1).nonzero().squeeze(1)
-    i, j, m = di.reshape(-1)[where], dj.reshape(-1)[where], flat[where]
-    ai, aj = i.abs(), j.abs()
-    same_sign = ((i > 0) & (j > 0)) | ((i <= 0) & (j <= 0))
+def _local_maxima(di: torch.Tensor, dj: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """Bilinear non-maximum suppression (B, S, S) bool: the magnitude is no less than the two
+    values interpolated a pixel away along the gradient, on either side (scikit-image's rule).
+    Every pixel at once from shifted views: 9 ms for 12 tiles, where gathering the 40% of pixels
+    above the low threshold took 14 ms, with the same edges. Border pixels are not edges
+    (_canny_candidates masks them)."""
+    h, w = magnitude.shape[-2:]
+    padded = F.pad(magnitude, (1, 1, 1, 1))
+
+    def shifted(down: int, right: int) -> torch.Tensor:
+        return padded[:, 1 + down:1 + down + h, 1 + right:1 + right + w]
+
+    ai, aj = di.abs(), dj.abs()
+    same_sign = ((di > 0) & (dj > 0)) | ((di <= 0) & (dj <= 0))
     steep = torch.where(same_sign, ai > aj, ai >= aj)
     weight = torch.where(steep, aj / ai, ai / aj)
-    # flat offsets of the neighbours (straight, diagonal) on the plus side; the minus side mirrors them
-    down = torch.where(same_sign, w, -w)
-    straight = torch.where(steep, down, 1)
-    diagonal = down + 1
-    plus = flat[where + diagonal] * weight + flat[where + straight] * (1 - weight) <= m
-    minus = flat[where - diagonal] * weight + flat[where - straight] * (1 - weight) <= m
+    # the neighbours on the gradient's plus side, straight and diagonal; the minus side mirrors them
+    diagonal_plus = torch.where(same_sign, shifted(1, 1), shifted(-1, 1))
+    diagonal_minus = torch.where(same_sign, shifted(-1, -1), shifted(1, -1))
+    straight_plus = torch.where(steep, torch.where(same_sign, shifted(1, 0), shifted(-1, 0)), shifted(0, 1))
+    straight_minus = torch.where(steep, torch.where(same_sign, shifted(-1, 0), shifted(1, 0)), shifted(0, -1))
+    plus = diagonal_plus * weight + straight_plus * (1 - weight) <= magnitude
+    minus = diagonal_minus * weight + straight_minus * (1 - weight) <= magnitude
     return plus & minus
 
 
