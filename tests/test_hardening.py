@@ -223,21 +223,27 @@ def test_3_a_folder_with_foreign_content_is_refused_and_left_as_it_was(served, t
         (root / "afile.txt").unlink()
 
 
-# -- 4. a shard truncated under a running worker ---------------------------------------------
-def test_4_a_truncated_shard_of_a_loaded_index_is_a_corrupt_index_error(served):
-    copy = _copy_index(served, "truncated")
+# -- 4. a shard or a map truncated under a running worker ------------------------------------
+def test_4_a_truncated_shard_or_map_of_a_loaded_index_is_a_corrupt_index_error(served):
+    """Found by the search that reads it, and by the list (a truncated level map was listed as
+    sound while every search of it failed)."""
+    copies = {"truncated": _copy_index(served, "truncated"), "truncated-map": _copy_index(served, "truncated-map")}
     try:
         with served.client(timeout=60) as c:
-            assert c.search("truncated", sketch_png=sketch_png(), top=2)["hits"]["features"]  # loaded and cached
-            for shard in sorted((copy / "shards").iterdir()):
-                path = shard / "cells.npy"
+            for name in copies:  # loaded and cached
+                assert c.search(name, sketch_png=sketch_png(), top=2)["hits"]["features"]
+            for path in [shard / "cells.npy" for shard in sorted((copies["truncated"] / "shards").iterdir())] + \
+                    sorted((copies["truncated-map"] / "maps").glob("*.npy")):
                 os.truncate(path, path.stat().st_size // 2)
-            err = _code(lambda: c.search("truncated", sketch_png=sketch_png(), top=2))
             listed = {i["name"]: i for i in c.list_indexes()}
-        assert err.code == codes.CORRUPT_INDEX and "build it again" in err.message and "truncated" in err.message
-        assert listed["truncated"]["error"]["code"] == codes.CORRUPT_INDEX
+            errors = {name: _code(lambda: c.search(name, sketch_png=sketch_png(), top=2)) for name in copies}
+        for name in copies:
+            assert errors[name].code == codes.CORRUPT_INDEX and "build it again" in errors[name].message
+            assert "truncated" in errors[name].message
+            assert (listed[name]["error"] or {}).get("code") == codes.CORRUPT_INDEX, (name, listed[name])
     finally:
-        shutil.rmtree(copy)
+        for copy in copies.values():
+            shutil.rmtree(copy)
 
 
 # -- 5. jobs that cannot be resumed do not stop the worker from starting ---------------------

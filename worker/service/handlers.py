@@ -187,6 +187,7 @@ class Handlers:
             except CorruptIndexError:
                 if not (index_dir / MANIFEST).is_file():  # deleted while the search read its files: not damage
                     raise NotFoundError(f"index {header['index']!r} was deleted while this search ran") from None
+                self.indexes.forget(index_dir)  # a file found damaged: opened (and checked) again next time
                 raise
             reply["timings_ms"]["server_ms"] = round((time.perf_counter() - started) * 1e3, 2)
             return reply

@@ -181,6 +181,20 @@ def on_disk(index, complete: set[int], raster_id: int, scale: int) -> bool:
     return raster_id in complete and map_file(index.dir, raster_id, scale).is_file()
 
 
+def map_on_disk(index, raster_id: int, scale: int) -> LevelMap:
+    """A complete raster's level map, read from its file by region; CorruptIndexError when the
+    file's header or size does not fit the raster."""
+    path = map_file(index.dir, raster_id, scale)
+    raster = index.rasters[raster_id]
+    lp = level_maps.level_pixel(index.manifest["tiling"]["tile"], scale, index.manifest["drawing_size"])
+    rows, cols = level_maps.map_shape(raster, lp)
+    cells = MapFile(path, rows)
+    if cells.shape[1:] != (cols, *cells.shape[2:]) or cells.dtype != np.uint8:
+        raise CorruptIndexError(f"{path} is damaged (a map of {cells.shape} {cells.dtype}): delete the index "
+                                "and build it again")
+    return LevelMap(raster, raster_id, scale, lp, cells)
+
+
 def open_maps(index, complete: set[int], left_out: dict[int, int], earlier: dict[tuple[int, int], "JoinedMap"]
               ) -> tuple[dict[tuple[int, int], LevelMap], dict[tuple[int, int], "JoinedMap"]]:
     """Every level map of an open index (worker.store.reader.TileIndex) but those of the rasters
@@ -189,22 +203,13 @@ def open_maps(index, complete: set[int], left_out: dict[int, int], earlier: dict
     written before maps were kept), continuing the joins of an `earlier` view of the index
     (each let go once continued). Also the joined maps of rasters being indexed, for the view
     after the next commit to continue."""
-    tile, drawing = index.manifest["tiling"]["tile"], index.manifest["drawing_size"]
     out: dict[tuple[int, int], LevelMap] = {}
     joined: dict[tuple[int, int], JoinedMap] = {}
     for raster_id, scale in index.map_keys:
         if raster_id in left_out:
             continue
         if on_disk(index, complete, raster_id, scale):
-            path = map_file(index.dir, raster_id, scale)
-            raster = index.rasters[raster_id]
-            lp = level_maps.level_pixel(tile, scale, drawing)
-            rows, cols = level_maps.map_shape(raster, lp)
-            cells = MapFile(path, rows)
-            if cells.shape[1:] != (cols, *cells.shape[2:]) or cells.dtype != np.uint8:
-                raise CorruptIndexError(f"{path} is damaged (a map of {cells.shape} {cells.dtype}): delete the index "
-                                        "and build it again")
-            out[(raster_id, scale)] = LevelMap(raster, raster_id, scale, lp, cells)
+            out[(raster_id, scale)] = map_on_disk(index, raster_id, scale)
         else:
             made = join_map(index, (raster_id, scale), earlier.pop((raster_id, scale), None))
             out[(raster_id, scale)] = made.level

@@ -12,7 +12,7 @@ from worker import edge_cells, level_maps
 from wire.protocol import excerpt
 from worker.errors import CorruptIndexError, InputError
 from worker.store.format import MANIFEST, RECORD_DTYPE, SHARDS, holds_tokens, read_manifest
-from worker.store.maps import PARTIAL_MAPS_BYTES, JoinedMap, left_out_rasters, open_maps
+from worker.store.maps import PARTIAL_MAPS_BYTES, JoinedMap, left_out_rasters, map_on_disk, on_disk, open_maps
 from worker.store.shard_file import ShardArray
 from worker.tiling import RasterInfo, Tile
 
@@ -87,6 +87,13 @@ class TileIndex:
         maps, self._joins = open_maps(self, self._complete, self.left_out, self._earlier_joins)
         self._earlier_joins = {}
         return maps
+
+    def check_map_files(self) -> None:
+        """CorruptIndexError when a complete raster's level map file is damaged (shard files are
+        checked when the index is opened; the maps when a search first reads them, or here)."""
+        for raster_id, scale in self.map_keys:
+            if on_disk(self, self._complete, raster_id, scale):
+                map_on_disk(self, raster_id, scale)
 
     @property
     def joins_to_continue(self) -> dict[tuple[int, int], JoinedMap]:
