@@ -186,16 +186,19 @@ class JobManager:
 
     def _run(self, job: Job) -> None:
         if not self._wait_for_slot(job):
-            job.state = states.CANCELLED if job.cancel_requested.is_set() else states.INTERRUPTED
-            self._finish(job)
+            self._finish(job, states.CANCELLED if job.cancel_requested.is_set() else states.INTERRUPTED)
             return
+        ended: tuple[str, dict | None] = (states.FAILED, None)  # what a BaseException leaves
         try:
-            self._build(job)
+            ended = self._build(job)
         finally:
             self._slots.release()
-            self._finish(job)
+            self._finish(job, *ended)
 
-    def _build(self, job: Job) -> None:
+    def _build(self, job: Job) -> tuple[str, dict | None]:
+        """Run the job's indexing; returns how it ended (its state and error), which _finish
+        makes known once the job's files are tidied: a client told `failed` found the folder of a
+        job that failed before its first commit still there."""
         job.state = states.RUNNING
         job._rate_start = (time.time(), 0)
         self.publish(job.to_json())
@@ -208,27 +211,27 @@ class JobManager:
             summary = build_index(job.request, self.model, progress=progress,
                                   should_stop=lambda: job.cancel_requested.is_set() or self.stopping.is_set(),
                                   cluster=self.cluster)
-            job.tiles_total = summary.tiles_total
-            if summary.complete:
-                job.state = states.DONE
-                job.tiles_done, job.tiles_skipped = job.tiles_total, summary.tiles_skipped
-            elif job.cancel_requested.is_set():
-                job.state = states.CANCELLED
-            else:
-                job.state = states.INTERRUPTED  # the worker is stopping; job.json stays for the next one
         except Exception as exc:  # reported on the job; the worker keeps serving
             if not isinstance(exc, InputError):
                 log.exception("indexing job %s failed", job.id)
-            job.state, job.error = states.FAILED, error_object(exc)
+            return states.FAILED, error_object(exc)
+        job.tiles_total = summary.tiles_total
+        if summary.complete:
+            job.tiles_done, job.tiles_skipped = job.tiles_total, summary.tiles_skipped
+            return states.DONE, None
+        if job.cancel_requested.is_set():
+            return states.CANCELLED, None
+        return states.INTERRUPTED, None  # the worker is stopping; job.json stays for the next one
 
-    def _finish(self, job: Job) -> None:
-        job.finished = time.time()
-        if job.state != states.INTERRUPTED:
+    def _finish(self, job: Job, state: str, error: dict | None = None) -> None:
+        """Tidy the job's files, then make its end known."""
+        if state != states.INTERRUPTED:
             try:
                 (job.index_dir / JOB_FILE).unlink(missing_ok=True)
             except OSError as exc:  # a failing disk: the next start tries to resume, and says why it cannot
                 log.warning("cannot remove %s: %s", job.index_dir / JOB_FILE, exc)
             remove_unborn(job.index_dir)  # failed or cancelled before its first commit: no empty folder left
+        job.state, job.error, job.finished = state, error, time.time()
         self.publish(job.to_json())
 
     def get(self, job_id: str) -> Job | None:
