@@ -235,8 +235,8 @@ def test_4_a_truncated_shard_or_map_of_a_loaded_index_is_a_corrupt_index_error(s
             for path in [shard / "cells.npy" for shard in sorted((copies["truncated"] / "shards").iterdir())] + \
                     sorted((copies["truncated-map"] / "maps").glob("*.npy")):
                 os.truncate(path, path.stat().st_size // 2)
-            listed = {i["name"]: i for i in c.list_indexes()}
             errors = {name: _code(lambda: c.search(name, sketch_png=sketch_png(), top=2)) for name in copies}
+            listed = {i["name"]: i for i in c.list_indexes()}
         for name in copies:
             assert errors[name].code == codes.CORRUPT_INDEX and "build it again" in errors[name].message
             assert "truncated" in errors[name].message

@@ -120,7 +120,8 @@ class Handlers:
                                       "after its batch) or wait for it to end, then delete the index")
         if not (index_dir / MANIFEST).is_file():
             raise ProtocolError(NOT_FOUND, f"no index {name!r} in the index root (a folder with {MANIFEST})")
-        inner = [paths.index_name(d) for d in index_dirs(index_dir) if d != index_dir]
+        inner = [paths.index_name(d) for sub in index_dir.iterdir() if sub.is_dir() and not sub.is_symlink()
+                 for d in index_dirs(sub)]
         if inner:
             raise ProtocolError(FORBIDDEN, f"index {name!r} holds other indexes ({', '.join(inner)}): delete them first")
         # handlers run on the loop's thread, as jobs are started: no job can start between the check and here;
