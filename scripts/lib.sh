@@ -88,9 +88,15 @@ ensure_qgis_env() {
 }
 
 run_qgis_tests() {
-  local runtime="${XDG_RUNTIME_DIR:-/tmp/runtime-$(id -u)}"
+  local runtime="${XDG_RUNTIME_DIR:-/tmp/runtime-$(id -u)}" qgis_tmp status=0
   rm -rf "$REPO/.qgis-settings"  # pytest-qgis keeps QGIS settings there: every run starts as a new user
   mkdir -p "$runtime" && chmod 700 "$runtime"
-  XDG_RUNTIME_DIR="$runtime" QT_QPA_PLATFORM=offscreen SKETCH_SEARCH_WORKER_PYTHON="$REPO/.venv/bin/python" \
-    "$REPO/.venv-qgis/bin/python" -m pytest tests/qgis -p no:cacheprovider "$@"
+  # QGIS leaves an empty QGIS3-* folder in the temporary folder each time it starts: in one removed after
+  qgis_tmp="$(mktemp -d)"
+  TMPDIR="$qgis_tmp" XDG_RUNTIME_DIR="$runtime" QT_QPA_PLATFORM=offscreen \
+    SKETCH_SEARCH_WORKER_PYTHON="$REPO/.venv/bin/python" \
+    "$REPO/.venv-qgis/bin/python" -m pytest tests/qgis -p no:cacheprovider --basetemp="$qgis_tmp/pytest" "$@" \
+    || status=$?
+  rm -rf "$qgis_tmp"
+  return "$status"
 }
