@@ -6,7 +6,8 @@ benchmark at 10M (lab.ann_scale) keeps the real index's one shard, so what a wor
 shard is not in its figures. Here the demo index's tiles are copied round into N shards of
 `--per-shard` tiles (the same raster, its level maps on disk) and the service's index cache
 (worker.service.indexes.OpenIndexes) is timed on each copy: `get` of the open index, as every
-search asks it; opening it afresh; `status`, as `list_indexes` asks it. Searches themselves
+search asks it; opening it afresh; opening it after one more shard was committed, continuing
+the view before (as the worker does while an index is built); `status`, as `list_indexes` asks it. Searches themselves
 are not timed: the copies repeat the same tiles, which a search would find many times over.
 Run: scripts/lab many_shards --index DIR [--shards 1,1000,10000,39000] [--per-shard 1] [--repeat 5]
 """
@@ -25,7 +26,7 @@ import numpy as np
 
 from worker.model.loading import load_model
 from worker.service.indexes import OpenIndexes
-from worker.store import MANIFEST
+from worker.store import MANIFEST, TileIndex
 from worker.store.format import SHARDS, shard_arrays, write_json_atomic
 
 
@@ -68,8 +69,9 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
     model = load_model()
-    print("| shards | tiles | each search's look (get), ms | opening, ms | listing (status), ms |")
-    print("|---|---|---|---|---|")
+    print("| shards | tiles | each search's look (get), ms | opening, ms | opening after a commit, ms | "
+          "listing (status), ms |")
+    print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(prefix="many-shards-") as work:
         for shards in map(int, args.shards.split(",")):
             index_dir = Path(work) / f"index-{shards}"
@@ -79,8 +81,12 @@ def main() -> int:
             indexes.get(index_dir)
             look = median_ms(lambda: indexes.get(index_dir), args.repeat)
             listing = median_ms(lambda: indexes.status(index_dir), args.repeat)
+            manifest = json.loads((index_dir / MANIFEST).read_text())
+            before = TileIndex(index_dir, manifest, manifest["shards"][:-1])
+            continued = median_ms(lambda: TileIndex(index_dir, manifest, manifest["shards"], earlier=before), args.repeat)
             shutil.rmtree(index_dir)
-            print(f"| {shards:,} | {tiles:,} | {look:,.1f} | {opening:,.0f} | {listing:,.0f} |", flush=True)
+            print(f"| {shards:,} | {tiles:,} | {look:,.1f} | {opening:,.0f} | {continued:,.0f} | {listing:,.0f} |",
+                  flush=True)
     return 0
 
 

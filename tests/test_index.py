@@ -261,6 +261,10 @@ def test_searches_while_a_raster_is_indexed_paint_only_each_commits_tiles_onto_t
     assert len(views) >= 4, "the run should commit several times"
     continued = 0
     for earlier, view in zip(views, views[1:]):
+        # the shards it opened are kept, and only those added since are opened
+        assert all(a is b for a, b in zip(view._arrays["cells"], earlier._arrays["cells"]))
+        assert len(view._arrays["cells"]) > len(earlier._arrays["cells"])
+        assert np.array_equal(view.records, TileIndex(out, view.manifest, view.manifest["shards"]).records)
         for key, joined in view.joins_to_continue.items():
             assert np.array_equal(joined.level.cells, join_map(view, key).level.cells), key
             if key in earlier.joins_to_continue:
@@ -273,6 +277,24 @@ def test_searches_while_a_raster_is_indexed_paint_only_each_commits_tiles_onto_t
         path.unlink()
     old_style = TileIndex.open(out)
     assert len(old_style.maps) == 2 and old_style.joins_to_continue == {}
+
+
+def test_a_view_after_a_raster_was_indexed_again_opens_its_shards_afresh(tmp_path, model, rmnp_copy):
+    """A raster changed on disk is dropped and indexed again, its shards under the same names:
+    a view opened before must not lend the new view its old records and arrays."""
+    import rasterio
+
+    out = tmp_path / "index"
+    settings = TileSettings(tile=112, scales=(1,))
+    IndexWriter(out, model, settings).build([rmnp_copy])
+    before = TileIndex.open(out)
+    with rasterio.open(rmnp_copy, "r+") as dst:
+        dst.write(255 - dst.read())
+    IndexWriter(out, model, settings).build([rmnp_copy])
+    after = TileIndex.open(out, earlier=before)
+    assert [s["name"] for s in after._shards] == [s["name"] for s in before._shards]
+    assert not any(a is b for a, b in zip(after._arrays["cells"], before._arrays["cells"]))
+    assert np.array_equal(after.records, TileIndex.open(out).records)
 
 
 def test_other_settings_or_model_are_refused(tmp_path, model, rmnp_copy):

@@ -41,14 +41,18 @@ class TileIndex:
                                if key[0] not in self._complete}  # a complete raster's map is read from its file
         self._joins: dict[tuple[int, int], JoinedMap] = {}
         self._shards = [s for s in shards if s["count"] > 0]
-        self.records = (np.concatenate([self._array(s, "records").read_all() for s in self._shards]) if self._shards
-                        else np.zeros(0, RECORD_DTYPE))
+        self.has_tokens = holds_tokens(manifest)
+        kept = ("tokens", "positions", "cells") if self.has_tokens else ("cells",)
+        before = earlier if _opened_before(earlier, self) else None
+        new = self._shards[len(before._shards) if before else 0:]
+        records = [before.records] if before else []
+        records += [self._array(s, "records").read_all() for s in new]
+        self.records = np.concatenate(records) if records else np.zeros(0, RECORD_DTYPE)
         if self.records.dtype != RECORD_DTYPE:
             raise CorruptIndexError(f"{index_dir}: its tile records are not of this format: delete the index and "
                                     "build it again")
-        self.has_tokens = holds_tokens(manifest)
-        kept = ("tokens", "positions", "cells") if self.has_tokens else ("cells",)
-        self._arrays = {key: [self._array(s, key) for s in self._shards] for key in kept}
+        self._arrays = {key: [*(before._arrays[key] if before else []), *(self._array(s, key) for s in new)]
+                        for key in kept}
         self._offsets = np.cumsum([0] + [s["count"] for s in self._shards])
         self.dim = self._arrays["tokens"][0].shape[-1] if self._shards and self.has_tokens else 0
 
@@ -211,3 +215,17 @@ class TileIndex:
                              "bands": r["bands"], "complete": r["complete"], "tiles_total": r["tiles_total"],
                              "tiles_skipped": r["tiles_skipped"]} for r in m["rasters"]],
                 "sizes": {**sizes, "bytes_per_tile": sizes["disk_bytes"] / max(1, len(self))}}
+
+
+def _opened_before(earlier: TileIndex | None, view: TileIndex) -> bool:
+    """Whether an `earlier` view of the same index opened the first of a new `view`'s shards,
+    so that the view keeps its records and checked arrays and opens only the shards added since:
+    an index being built only gains shards, and opening every one again after each commit took
+    seconds at 10,000 shards. Not when the index was built again since (its `created` differs),
+    lost shards, or one of the earlier view's rasters changed (dropped and indexed again, its
+    shards may bear the same names)."""
+    if earlier is None or earlier.manifest.get("created") != view.manifest.get("created"):
+        return False
+    if earlier.has_tokens != view.has_tokens or earlier._shards != view._shards[:len(earlier._shards)]:
+        return False
+    return all(earlier.rasters[r] == view.rasters.get(r) for r in {s["raster_id"] for s in earlier._shards})
