@@ -111,7 +111,7 @@ def sketches(index: TileIndex, model, n: int) -> list[torch.Tensor]:
     rng = np.random.default_rng(0)
     info = next(iter(index.rasters.values()))
     out = []
-    for tile in rng.permutation(plan_tiles(info, TileSettings()))[:4 * n]:
+    for tile in rng.permutation(list(plan_tiles(info, TileSettings())))[:4 * n]:
         image, valid = next(iter(iter_tile_pixels(info, [tile], model.img_size)))[1:]
         if has_lines(image, valid):
             out.append(prepare_sketch(pseudo_sketch(image, "simple", rng=rng, valid=valid), model.img_size))

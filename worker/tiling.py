@@ -109,11 +109,15 @@ class RasterInfo:
     def affine(self) -> rasterio.Affine:
         return rasterio.Affine(*self.transform[:6])
 
+    def file_changed(self) -> bool:
+        """Whether the file itself (a VRT's .vrt) changed since it was described: one stat."""
+        st = os.stat(self.path)
+        return st.st_size != self.size or st.st_mtime_ns != self.mtime_ns
+
     def changed_on_disk(self) -> bool:
         """Whether the file, or any file a VRT reads, changed since it was described (a VRT's
         sources are recorded from this version on; older records judge the .vrt alone)."""
-        st = os.stat(self.path)
-        if st.st_size != self.size or st.st_mtime_ns != self.mtime_ns:
+        if self.file_changed():
             return True
         if self.sources is None:
             return False

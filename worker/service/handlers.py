@@ -14,6 +14,7 @@ from wire import protocol
 from wire.errors import BAD_REQUEST, BUSY, FORBIDDEN, NOT_FOUND, ProtocolError
 from wire.protocol import MAX_STROKE_POINTS, MAX_STROKES, excerpt, field, new_id
 from worker import __version__
+from worker.ann import ANN_DIR
 from worker.app import IndexRequest, SearchRequest, SketchSource, check_index, given, run_search, stroke_sketch
 from worker.cancellation import StopCheck, raise_if_stopped, stop_when
 from worker.errors import CorruptIndexError, InputError, NotFoundError
@@ -22,10 +23,12 @@ from worker.feedback import Feedback
 from worker.service.config import ServiceConfig
 from worker.service.indexes import MANIFEST, TRASH_PREFIX, OpenIndexes, index_dirs
 from worker.service.jobs import Job, JobManager
-from worker.store.format import IndexLocked, index_lock
+from worker.store.format import SHARDS, IndexLocked, index_lock
+from worker.store.maps import MAPS
 from worker.tiling import TileSettings
 
 Handler = Callable[[dict, list], dict]
+INDEX_FOLDERS = {SHARDS, MAPS, ANN_DIR}  # an index's own folders: no index inside them
 Work = Callable[[StopCheck], dict]  # a slow op's work, run in the search pool until its stop check says so
 
 log = logging.getLogger(__name__)
@@ -120,8 +123,8 @@ class Handlers:
                                       "after its batch) or wait for it to end, then delete the index")
         if not (index_dir / MANIFEST).is_file():
             raise ProtocolError(NOT_FOUND, f"no index {name!r} in the index root (a folder with {MANIFEST})")
-        inner = [paths.index_name(d) for sub in index_dir.iterdir() if sub.is_dir() and not sub.is_symlink()
-                 for d in index_dirs(sub)]
+        inner = [paths.index_name(d) for sub in index_dir.iterdir()
+                 if sub.is_dir() and not sub.is_symlink() and sub.name not in INDEX_FOLDERS for d in index_dirs(sub)]
         if inner:
             raise ProtocolError(FORBIDDEN, f"index {name!r} holds other indexes ({', '.join(inner)}): delete them first")
         # handlers run on the loop's thread, as jobs are started: no job can start between the check and here;
@@ -183,13 +186,19 @@ class Handlers:
             started = time.perf_counter()
             with stop_when(should_stop):
                 raise_if_stopped("opening the index")  # it waited in the queue past its time
-            try:
-                reply = run_search(request, self.model, self.indexes.searchable(index_dir), should_stop).to_json()
-            except CorruptIndexError:
-                if not (index_dir / MANIFEST).is_file():  # deleted while the search read its files: not damage
-                    raise NotFoundError(f"index {header['index']!r} was deleted while this search ran") from None
-                self.indexes.forget(index_dir)  # a file found damaged: opened (and checked) again next time
-                raise
+            for attempt in (1, 2):
+                index = self.indexes.searchable(index_dir)
+                try:
+                    reply = run_search(request, self.model, index, should_stop).to_json()
+                    break
+                except CorruptIndexError:
+                    if not (index_dir / MANIFEST).is_file():  # deleted while the search read its files: not damage
+                        raise NotFoundError(f"index {header['index']!r} was deleted while this search ran") from None
+                    current = self.indexes.is_current(index_dir, index)
+                    self.indexes.forget(index_dir)  # opened (and checked) again
+                    if current or attempt == 2:  # damaged as it is now
+                        raise
+                    # committed meanwhile (a raster indexed again removes its old files): searched as it is now
             reply["timings_ms"]["server_ms"] = round((time.perf_counter() - started) * 1e3, 2)
             return reply
 

@@ -47,11 +47,18 @@ class OpenIndexes:
             return cached[1]
         with self._lock:
             self._open.pop(index_dir, None)  # a damaged index is not kept
+        stamp = _stamp(index_dir)  # before opening: a commit meanwhile has the next search open it again
         index = open_index(index_dir, self.partial_maps_bytes, earlier=cached[1] if cached else None)
-        stamp = _stamp(index_dir)
-        with self._lock:
-            self._open[index_dir] = (stamp, index)
+        if stamp is not None:  # gone meanwhile: not kept
+            with self._lock:
+                self._open[index_dir] = (stamp, index)
         return index
+
+    def is_current(self, index_dir: Path, index: TileIndex) -> bool:
+        """Whether `index` is the open view of the index's manifest as it is now."""
+        with self._lock:
+            cached = self._open.get(index_dir)
+        return cached is not None and cached[1] is index and cached[0] == _stamp(index_dir)
 
     def forget(self, index_dir: Path) -> None:
         """Open the index again at its next use (a search found one of its files damaged)."""
@@ -121,12 +128,13 @@ class OpenIndexes:
 
 
 def _stamp(index_dir: Path) -> tuple | None:
-    """Size and modification time of the index's manifest (None when there is none)."""
+    """The index's manifest's file, size and change time (None when there is none): every
+    commit writes a new file and renames it into place."""
     try:
         st = os.stat(index_dir / MANIFEST)
     except OSError:
         return None
-    return st.st_size, st.st_mtime_ns
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def index_dirs(root: Path) -> list[Path]:

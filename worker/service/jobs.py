@@ -188,7 +188,7 @@ class JobManager:
         if not self._wait_for_slot(job):
             self._finish(job, states.CANCELLED if job.cancel_requested.is_set() else states.INTERRUPTED)
             return
-        ended: tuple[str, dict | None] = (states.FAILED, None)  # what a BaseException leaves
+        ended: tuple[str, dict | None] = (states.FAILED, error_object(RuntimeError("the job's thread was stopped")))
         try:
             ended = self._build(job)
         finally:
@@ -224,15 +224,18 @@ class JobManager:
         return states.INTERRUPTED, None  # the worker is stopping; job.json stays for the next one
 
     def _finish(self, job: Job, state: str, error: dict | None = None) -> None:
-        """Tidy the job's files, then make its end known."""
-        if state != states.INTERRUPTED:
-            try:
-                (job.index_dir / JOB_FILE).unlink(missing_ok=True)
-            except OSError as exc:  # a failing disk: the next start tries to resume, and says why it cannot
-                log.warning("cannot remove %s: %s", job.index_dir / JOB_FILE, exc)
-            remove_unborn(job.index_dir)  # failed or cancelled before its first commit: no empty folder left
-        job.state, job.error, job.finished = state, error, time.time()
-        self.publish(job.to_json())
+        """Tidy the job's files, then make its end known (also when tidying fails: a job left
+        `running` would keep its index busy until the worker restarts)."""
+        try:
+            if state != states.INTERRUPTED:
+                try:
+                    (job.index_dir / JOB_FILE).unlink(missing_ok=True)
+                except OSError as exc:  # a failing disk: the next start tries to resume, and says why it cannot
+                    log.warning("cannot remove %s: %s", job.index_dir / JOB_FILE, exc)
+                remove_unborn(job.index_dir)  # failed or cancelled before its first commit: no empty folder left
+        finally:
+            job.state, job.error, job.finished = state, error, time.time()
+            self.publish(job.to_json())
 
     def get(self, job_id: str) -> Job | None:
         with self._lock:

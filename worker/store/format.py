@@ -255,9 +255,10 @@ def index_lock(index_dir: Path) -> Iterator[None]:
 
 
 def remove_unborn(index_dir: Path) -> None:
-    """Remove a folder an indexing run made and left before its first commit (it failed or was
-    cancelled first): only the lock and an empty shards folder in it, and no writer holding it.
-    Left behind, it kept the name in the index root as a folder that was not an index."""
+    """Remove an index folder left without a first commit (its run failed or was cancelled
+    first; or made empty by hand): only the lock and an empty shards folder in it, and no writer
+    holding it. Left behind, it kept the name in the index root as a folder that was not an
+    index. Never raises: what cannot be removed is left as it is."""
     if not index_dir.is_dir() or (index_dir / MANIFEST).exists():
         return
     try:
@@ -268,7 +269,7 @@ def remove_unborn(index_dir: Path) -> None:
             for entry in entries:
                 entry.rmdir() if entry.is_dir() else entry.unlink()
             index_dir.rmdir()
-    except (IndexLocked, OSError) as exc:  # written meanwhile, or the disk refused: left as it is
+    except (InputError, OSError) as exc:  # written meanwhile (IndexLocked), or the disk refused (StorageError)
         log.info("%s left as it is: %s", index_dir, exc)
 
 

@@ -42,4 +42,7 @@ def write_tiles_gpkg(index_dir: Path) -> None:
         # by worker.store.format.disk_write, and the last tiles.gpkg is kept
         tmp.unlink(missing_ok=True)
         raise OSError(f"GDAL: {exc}") from exc
+    except BaseException:  # a part written: not left beside the index
+        tmp.unlink(missing_ok=True)
+        raise
     replace_durably(tmp, index_dir / TILES_LAYER)

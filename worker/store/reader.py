@@ -94,10 +94,14 @@ class TileIndex:
 
     def check_map_files(self) -> None:
         """CorruptIndexError when a complete raster's level map file is damaged (shard files are
-        checked when the index is opened; the maps when a search first reads them, or here)."""
+        checked when the index is opened; the maps when a search first reads them, or here, once
+        a view: damage after that is found by the read that meets it)."""
+        if self.__dict__.get("_maps_checked"):
+            return
         for raster_id, scale in self.map_keys:
             if on_disk(self, self._complete, raster_id, scale):
                 map_on_disk(self, raster_id, scale)
+        self._maps_checked = True
 
     @property
     def joins_to_continue(self) -> dict[tuple[int, int], JoinedMap]:
