@@ -1,6 +1,7 @@
 """The index on disk: resumable after a hard kill, incremental, never mixed, visible in QGIS."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -59,6 +60,31 @@ def test_killed_indexing_resumes_to_the_same_index(tmp_path, rmnp_copy):
     assert np.array_equal(a["records"], b["records"])
     assert np.array_equal(a["cells"], b["cells"])
     assert not [p for p in (resumed / "shards").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_shards_a_crash_left_uncommitted_are_removed_by_the_next_run(tmp_path, model, rmnp_copy):
+    """A shard is written, then committed in one manifest write (no journal before it): what a
+    crash leaves between the two, a shard or its temporary, is removed when the run resumes, and
+    nothing else in the folder is touched."""
+    from worker.store.format import SHARDS
+
+    out, settings = tmp_path / "index", TileSettings(tile=112, scales=(1,))
+    committed = []
+    IndexWriter(out, model, settings, chunk_tiles=4).build([rmnp_copy], progress=committed.append,
+                                                           should_stop=lambda: len(committed) >= 1)
+    shards = out / SHARDS
+    [first] = [p for p in shards.iterdir()]
+    for stray in ("r00000-c000007", ".tmp-r00000-c000008"):  # as a crash leaves them
+        shutil.copytree(first, shards / stray)
+    (shards / "notes.txt").write_text("mine")
+    IndexWriter(out, model, settings, chunk_tiles=4).build([rmnp_copy])
+    names = {s["name"] for s in json.loads((out / "manifest.json").read_text())["shards"]}
+    assert {p.name for p in shards.iterdir()} == names | {"notes.txt"}
+    assert "r00000-c000007" in names  # computed again, its stray copy replaced
+    reference = tmp_path / "reference"
+    IndexWriter(reference, model, settings, chunk_tiles=4).build([rmnp_copy])
+    for key, values in shard_arrays(reference).items():
+        assert np.array_equal(values, shard_arrays(out)[key]), key
 
 
 def test_adding_a_raster_does_not_recompute_the_others(tmp_path, model, rmnp_copy, assets):

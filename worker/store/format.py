@@ -69,7 +69,7 @@ def new_manifest(model_fingerprint: dict, tiling: dict, chunk_tiles: int, drawin
     """The manifest of an index with nothing committed yet."""
     now = time.time()
     return {"format": FORMAT_VERSION, "model": model_fingerprint, "tiling": tiling, "chunk_tiles": chunk_tiles,
-            "drawing_size": drawing_size, "tokens": tokens, "rasters": [], "shards": [], "pending": [], "tile_count": 0,
+            "drawing_size": drawing_size, "tokens": tokens, "rasters": [], "shards": [], "tile_count": 0,
             "created": now, "updated": now}
 
 

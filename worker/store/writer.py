@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,9 +13,10 @@ import numpy as np
 
 from worker import level_maps
 from worker.geo import bounds_wgs84
-from worker.store.format import (CHUNK_TILES, MANIFEST, RECORD_DTYPE, SHARDS, TILES_LAYER, check_compatible,
-                                 check_index_folder, check_tokens, disk_write, holds_tokens, index_lock, new_manifest,
-                                 read_manifest, remove_shards, shard_name, write_json_atomic, write_shard)
+from worker.store.format import (CHUNK_TILES, MANIFEST, RECORD_DTYPE, SHARDS, TILES_LAYER, TMP_PREFIX,
+                                 check_compatible, check_index_folder, check_tokens, disk_write, holds_tokens,
+                                 index_lock, new_manifest, read_manifest, remove_shards, shard_name, write_json_atomic,
+                                 write_shard)
 from worker.store.gpkg import write_tiles_gpkg
 from worker.store.maps import remove_maps, write_joined_maps
 from worker.store.reader import TileIndex
@@ -64,15 +66,18 @@ class IndexWriter:
         write_json_atomic(self.dir / MANIFEST, self.manifest)
 
     def _clean_uncommitted(self) -> None:
-        """Remove the shards the journal names as being written (or dropped) but not committed:
-        what a crash or a changed raster left. Nothing else in the folder is touched."""
-        pending = self.manifest.get("pending", [])
-        if not pending:
-            return
+        """Remove the shard folders no commit names: what a crash left between writing a shard
+        and committing it, and the shards of a raster dropped to be indexed again. Only shard
+        names (and their temporaries) are removed; nothing else in the folder is touched. Older
+        versions named each shard in a journal (`pending`) before writing it: a second manifest
+        write a chunk, 71 ms at 39,000 shards; a journal such an index holds is honoured."""
         committed = {s["name"] for s in self.manifest["shards"]}
-        remove_shards(self.dir, [name for name in pending if name not in committed])
-        self.manifest["pending"] = []
-        self._commit()
+        folder = self.dir / SHARDS
+        written = [name.removeprefix(TMP_PREFIX) for name in (os.listdir(folder) if folder.is_dir() else [])]
+        remove_shards(self.dir, {*self.manifest.get("pending", []), *written} - committed)
+        if self.manifest.get("pending"):
+            self.manifest["pending"] = []
+            self._commit()
 
     def _raster_entry(self, info: RasterInfo) -> dict:
         for entry in self.manifest["rasters"]:
@@ -89,11 +94,9 @@ class IndexWriter:
 
     def _drop_raster(self, raster_id: int) -> None:
         remove_maps(self.dir, raster_id)
-        dropped = [s["name"] for s in self.manifest["shards"] if s["raster_id"] == raster_id]
         self.manifest["shards"] = [s for s in self.manifest["shards"] if s["raster_id"] != raster_id]
-        self.manifest["pending"] = self.manifest.get("pending", []) + dropped
         self._commit()
-        self._clean_uncommitted()
+        self._clean_uncommitted()  # its shards, no longer committed
 
     def build(self, raster_paths: list[Path], progress: Callable[[IndexProgress], None] | None = None,
               should_stop: Callable[[], bool] = lambda: False, batch_size: int = 16,
@@ -175,14 +178,12 @@ class IndexWriter:
         self._commit()
 
     def _commit_chunk(self, entry: dict, chunk: int, tiles: int, result: "ChunkResult") -> None:
-        """Write a computed chunk as a shard, named in the journal first (committed by the caller)."""
+        """Write a computed chunk as a shard (committed by the caller; one a crash leaves before
+        the commit is removed by the next run: _clean_uncommitted)."""
         name = shard_name(entry["id"], chunk)
-        self.manifest["pending"] = self.manifest.get("pending", []) + [name]  # the journal: what a crash leaves
-        self._commit()
         write_shard(self.dir, name, result.arrays)
         self.manifest["shards"].append({"name": name, "raster_id": entry["id"], "chunk": chunk,
                                         "count": tiles - result.skipped, "skipped": result.skipped})
-        self.manifest["pending"].remove(name)
 
 
 @dataclass(frozen=True)
