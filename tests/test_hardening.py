@@ -636,12 +636,17 @@ def test_10_each_bad_input_gets_its_own_code(served, tree):
                                                    bbox_crs="IAU_2015:49900"), codes.BAD_INPUT),
                 "a box far past its CRS": (lambda: c.search("base", sketch_png=sketch_png(), bbox=[-1e14, -1e14, 1e14, 1e14],
                                                             bbox_crs="EPSG:32618"), codes.BAD_INPUT),
+                # was searched, and answered no hits without a word
+                "a dot in a large frame": (lambda: c.search("base", strokes=[[[5000, 5000], [5003, 5003]]],
+                                                            strokes_crs="pixel", strokes_frame=[0, 0, 10000, 10000]),
+                                           codes.BAD_INPUT),
             }
             errors = {what: _code(call) for what, (call, _) in cases.items()}
         assert {w: e.code for w, e in errors.items()} == {w: code for w, (_, code) in cases.items()}
         assert all(len(e.message) < 600 for e in errors.values()), "a rejected value is quoted in part"
         assert "blank" not in errors["strokes at +-1e308"].message and "1e308" in errors["strokes at +-1e308"].message
         assert "at most 50000" in errors["too many points"].message
+        assert "too small to match anything" in errors["a dot in a large frame"].message
         assert not (served.index_root / "x").exists() and not (served.index_root / "~nosuchuser").exists()
     finally:
         (served.index_root / "afile").unlink()

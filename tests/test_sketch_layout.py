@@ -54,6 +54,24 @@ def test_a_thin_pen_on_a_large_canvas_keeps_its_lines_where_they_lie():
                        torch.from_numpy(np.asarray(usual.resize((224, 224), Image.Resampling.LANCZOS), np.float32) / 255))
 
 
+def test_a_mark_too_small_for_its_frame_is_refused_but_light_lines_beside_a_dot_are_not():
+    """A dot in a large frame was searched and answered no hits, unsaid; light pencil lines
+    beside one black dot are a sketch (ink counts from the paper, not from the darkest mark)."""
+    from worker.errors import InputError
+
+    dot = Image.new("L", (4000, 4000), 255)
+    ImageDraw.Draw(dot).ellipse([1995, 1995, 2005, 2005], fill=0)
+    with pytest.raises(InputError, match="too small to match anything"):
+        prepare_sketch(dot, 224)
+    pencil = Image.new("L", (224, 224), 255)
+    draw = ImageDraw.Draw(pencil)
+    draw.line([(10, 30), (210, 40)], fill=150, width=2)
+    draw.point((100, 100), fill=0)
+    assert prepare_sketch(pencil, 224)[0].min() < 1.0
+    x0, _, x1, _ = _ink_box(prepare_sketch(dot, 224, crop_to_ink=True))
+    assert x1 - x0 > 100  # cropped to it, the mark fills the frame
+
+
 def test_pad_strokes_are_placed_in_the_pad_frame():
     stroke = ((10.0, 10.0), (50.0, 30.0))
     framed = load_sketch(StrokeSketch((stroke,), y_up=False, frame=(0.0, 0.0, 200.0, 200.0)), 224)

@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from wire.protocol import MAX_STROKE_POINTS, MAX_STROKES
-from worker.edge_cells import compared_drawings
+from worker.edge_cells import CELL, compared_drawings
 from worker.errors import InputError
 
 MAX_SKETCH_PIXELS = 4096 * 4096
@@ -139,8 +139,24 @@ def prepare_sketch(img: Image.Image, size: int, crop_to_ink: bool = False) -> to
     crop = _fitted(crop, new, scale)
     canvas = Image.new("L", (size, size), 255)
     canvas.paste(crop, ((size - new[0]) // 2, (size - new[1]) // 2))
+    _check_ink_span(np.asarray(canvas))
     arr = torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0)
     return arr[None].expand(3, -1, -1).contiguous()
+
+
+def _check_ink_span(fitted: np.ndarray) -> None:
+    """InputError for strokes that span less than one cell of the compared drawings once fitted
+    (worker.edge_cells.CELL px of 224): a dot or a tiny mark in a large frame was searched and
+    found nothing, unsaid. Ink here is anything INK_CONTRAST darker than the paper, so light
+    pencil lines beside one black dot count."""
+    ys, xs = np.nonzero(fitted < int(fitted.max()) - INK_CONTRAST)
+    if not len(xs):
+        raise InputError("sketch is blank once fitted to its frame: no dark strokes on a light background")
+    span = max(xs.max() - xs.min(), ys.max() - ys.min()) + 1
+    if span < CELL * fitted.shape[0] / 224:
+        raise InputError(f"the sketch's strokes span {100 * span / fitted.shape[0]:.1f}% of its frame, too small to "
+                         "match anything: draw the place's lines across the frame (an image: crop it to its strokes, "
+                         "--crop-to-ink)")
 
 
 def _fitted(img: Image.Image, new: tuple[int, int], scale: float) -> Image.Image:
