@@ -9,12 +9,13 @@ Layout of INDEX_DIR:
   tiles.gpkg           the indexed tiles as polygons (EPSG:4326) for QGIS, rebuilt after each run
   .lock                held by the one process writing the index
   job.json             the service's indexing request while its job runs (resumed after a crash)
-Before a shard is written its name goes into the manifest's `pending` list (the journal); the
-shard directory is written under a temporary name and renamed into place, then the manifest
+A shard directory is written under a temporary name and renamed into place, then the manifest
 naming it as committed is replaced: a crash at any point leaves the last committed state, a
-rerun recomputes only the chunks that were not committed, and cleaning up removes only what
-the journal says this index was writing: never a file the index did not write. A folder that
-holds anything else is not made an index. A shard of only empty tiles holds its records alone
+rerun recomputes only the chunks that were not committed, and cleaning up (under the index's
+lock, against the manifest read under it) removes only shard folders, by their names' form,
+that no commit names: never a file the index did not write. (Older versions named each shard
+in a journal, the manifest's `pending`, before writing it: a second manifest write a chunk.)
+A folder that holds anything else is not made an index. A shard of only empty tiles holds its records alone
 (readers skip shards of count 0).
 """
 
@@ -160,7 +161,7 @@ def replace_durably(tmp: Path, dest: Path) -> None:
 
 def write_json_atomic(path: Path, obj: dict) -> None:
     """`obj` as JSON at `path`, all or nothing. On one line: indented, the manifest of a 10M-tile
-    index (39,000 shards, 4 MB) took 227 ms to write, and it is written twice a chunk (json's
+    index (39,000 shards, 4 MB) took 227 ms to write, and it is written for every chunk (json's
     indenting encoder is pure Python); 44 ms to encode as one line."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     text = json.dumps(obj)
@@ -178,7 +179,7 @@ def write_json_atomic(path: Path, obj: dict) -> None:
 
 def write_shard(index_dir: Path, name: str, arrays: dict[str, np.ndarray]) -> None:
     """Write one shard's arrays under a temporary name and rename it into place (the manifest
-    that names it is committed after, and named it pending before)."""
+    that names it is committed after; one a crash leaves uncommitted is removed by the next run)."""
     shards = Path(index_dir) / SHARDS
     tmp = shards / f"{TMP_PREFIX}{name}"
     with disk_write(tmp):

@@ -46,7 +46,8 @@ class IndexWriter:
         self.dir = Path(index_dir)
         self.model = model
         self.settings = settings
-        self.manifest = self._load_or_create(chunk_tiles, tokens)
+        self._asked = (chunk_tiles, tokens)
+        self.manifest = self._load_or_create(chunk_tiles, tokens)  # refuses another index's settings now
         self.chunk_tiles = self.manifest["chunk_tiles"]  # an existing index keeps its own chunking
 
     def _load_or_create(self, chunk_tiles: int, tokens: bool | None) -> dict:
@@ -112,6 +113,10 @@ class IndexWriter:
         # bad input refused up front, before a new index's folder is made: a refused run left one behind
         infos = [open_raster(p, self.settings.bands, drivers) for p in raster_paths]
         with index_lock(self.dir):
+            # read again under the lock: another run may have committed since this writer was made,
+            # and cleaning against an older manifest would remove the shards it committed
+            self.manifest = self._load_or_create(*self._asked)
+            self.chunk_tiles = self.manifest["chunk_tiles"]
             with disk_write(self.dir / SHARDS):
                 (self.dir / SHARDS).mkdir(exist_ok=True)
             self._clean_uncommitted()
