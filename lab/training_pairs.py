@@ -88,7 +88,10 @@ def build_pairs(rasters: list[Path], windows_per_raster: int, sketches_per_windo
                     try:
                         sketch = prepare_sketch(augment(clean, rng), size)
                     except InputError:  # the errors erased every line of a sparse place
-                        sketch = prepare_sketch(clean, size)
+                        try:
+                            sketch = prepare_sketch(clean, size)
+                        except InputError:  # too small a mark to search at all (worker.sketch)
+                            continue
                     grey = np.round(sketch[0].numpy() * 255 / SKETCH_GREY_STEP) * SKETCH_GREY_STEP
                     sketches.append(grey.astype(np.uint8))
                     places.append(place)
