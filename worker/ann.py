@@ -78,12 +78,6 @@ LARGE_VECTORS = 5_000_000
 # tiles 100,000 windows trained 18,973 lists before: about 5 a list.
 TRAIN_MIN = 100_000
 TRAIN_MAX = 750_000
-
-
-def big_enough(tiles: int) -> bool:
-    """Whether `tiles` tiles are enough for the ANN shortlist by default: built when an index
-    holding them is complete, asked first by a search over them."""
-    return tiles >= AUTO_MIN_TILES
 POINTS_PER_LIST = 39
 # Inverted lists a query visits, and how many list heads the HNSW quantiser explores to find
 # them (its default, 16, is below NPROBE). Measured on 450k synthetic windows, 512 asked a query
@@ -193,6 +187,12 @@ def query_vectors(coarse_templates: dict[int, torch.Tensor]) -> np.ndarray:
 
 def ann_dir(index_dir: Path) -> Path:
     return Path(index_dir) / ANN_DIR
+
+
+def big_enough(tiles: int) -> bool:
+    """Whether `tiles` tiles are enough for the ANN shortlist by default: built when an index
+    holding them is complete, asked first by a search over them."""
+    return tiles >= AUTO_MIN_TILES
 
 
 def nlist_for(n: int) -> int:
