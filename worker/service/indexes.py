@@ -43,11 +43,11 @@ class OpenIndexes:
         CorruptIndexError for damaged files), opened again when its manifest changed."""
         with self._lock:
             cached = self._open.get(index_dir)
-        if cached is not None and cached[0] == _stamp(index_dir):
+        stamp = _stamp(index_dir)  # taken before opening: a commit meanwhile has the next search open it again
+        if cached is not None and cached[0] == stamp:
             return cached[1]
         with self._lock:
             self._open.pop(index_dir, None)  # a damaged index is not kept
-        stamp = _stamp(index_dir)  # before opening: a commit meanwhile has the next search open it again
         index = open_index(index_dir, self.partial_maps_bytes, earlier=cached[1] if cached else None)
         if stamp is not None:  # gone meanwhile: not kept
             with self._lock:
