@@ -374,7 +374,7 @@ def _changed_on_disk(raster) -> bool:
     key = (raster.path, raster.size, raster.mtime_ns, raster.sources)
     when, changed = _sources_checked.get(key, (-SOURCES_RECHECK_S, False))
     if time.monotonic() - when >= SOURCES_RECHECK_S:
-        changed = raster.changed_on_disk()
+        changed = raster.sources_changed()
         _sources_checked[key] = (time.monotonic(), changed)
     return changed
 

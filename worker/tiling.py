@@ -114,15 +114,17 @@ class RasterInfo:
         st = os.stat(self.path)
         return st.st_size != self.size or st.st_mtime_ns != self.mtime_ns
 
-    def changed_on_disk(self) -> bool:
-        """Whether the file, or any file a VRT reads, changed since it was described (a VRT's
-        sources are recorded from this version on; older records judge the .vrt alone)."""
-        if self.file_changed():
-            return True
+    def sources_changed(self) -> bool:
+        """Whether any file a VRT reads changed since it was described (False for other rasters,
+        and for VRTs recorded before their sources were)."""
         if self.sources is None:
             return False
         with rasterio.open(self.path) as src:
             return sources_stamp(src) != self.sources
+
+    def changed_on_disk(self) -> bool:
+        """Whether the file, or any file a VRT reads, changed since it was described."""
+        return self.file_changed() or self.sources_changed()
 
 
 def sources_stamp(src: rasterio.DatasetReader) -> tuple[int, int] | None:
