@@ -24,9 +24,10 @@ from wire import errors as codes
 from wire import job_states as states
 from wire.client import WorkerClient
 from wire.errors import WorkerError, WorkerUnavailable
-from wire.protocol import decode_progress
+from wire.protocol import decode_progress, decode_reply, encode_request
 from wire.sockets import CurveKeys, subscribe_progress
 from worker.store import TileIndex
+from lab.many_shards import split_copy
 from lab.worker_process import REPO, WorkerProcess, free_port, make_curve_keys, wait_job
 
 
@@ -196,6 +197,28 @@ def test_indexes_the_worker_cannot_search_are_listed_with_the_reason(worker):
     finally:
         shutil.rmtree(old.parent)
         shutil.rmtree(other)
+
+
+def test_listing_a_large_index_leaves_pings_and_other_replies_flowing(worker, s2_index):
+    """Listing opens an index of thousands of shards (a 10M-tile index has 39,000: seconds) off
+    the service loop: a ping sent after the list is answered first, then the list itself."""
+    split_copy(s2_index, worker.index_root / "many-shards", shards=4000, per_shard=1)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(worker.bind)
+    try:
+        sock.send_multipart(encode_request("list_indexes", "the-list"))
+        sock.send_multipart(encode_request("ping", "the-ping"))
+        replies = []
+        while len(replies) < 2 and sock.poll(60_000):
+            replies.append(decode_reply(sock.recv_multipart()))
+        assert [r.id for r in replies] == ["the-ping", "the-list"]
+        listed = {i["name"]: i for i in replies[1].result()["indexes"]}
+        assert listed["many-shards"]["tile_count"] == 4000 and listed["many-shards"]["error"] is None
+    finally:
+        sock.close()
+        with worker.client() as c:
+            c.request("delete_index", index="many-shards")
 
 
 def test_bad_requests_get_error_replies_with_codes(worker, rasters, tmp_path):

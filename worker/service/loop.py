@@ -1,8 +1,9 @@
 """The service's loop: one ROUTER for requests, one PUB for job progress, a pool for searches.
 
 The main thread owns both sockets (one socket per thread, as the zguide says). Quick ops are
-answered inline; searches are read and checked inline too, then run in a small thread pool
-under a server-side time limit counted from their arrival; indexing jobs run in their own
+answered inline; searches and listings (which may open large indexes) are read and checked
+inline too, then run in a small thread pool under a server-side time limit counted from their
+arrival; indexing jobs run in their own
 threads. Finished work and job events wake the loop through a pipe.
 
 What one client can make the loop hold is bounded (worker.service.config.Limits): a message
@@ -48,11 +49,12 @@ def reply_for(request_id: str | None, exc: Exception) -> list[bytes]:
 
 
 @dataclass
-class PendingSearch:
-    """A search in the pool, not yet answered: where its reply goes and when it is due."""
+class PendingRequest:
+    """A search or listing in the pool, not yet answered: where its reply goes and when it is due."""
 
     envelope: list[bytes]
     request_id: str | None
+    op: str
     deadline: float  # time.monotonic() of its arrival plus the search time limit
 
 
@@ -64,7 +66,7 @@ class Service:
         self.context = context or zmq.Context.instance()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
-        self._pending: dict[cf.Future, PendingSearch] = {}
+        self._pending: dict[cf.Future, PendingRequest] = {}
         self._abandoned: set[cf.Future] = set()  # answered `timeout`, still running until their next stage
         self._events: queue.Queue = queue.Queue()
         cluster = Cluster(config.cluster, model_options or ModelOptions()) if config.cluster else None
@@ -185,12 +187,13 @@ class Service:
                 del self._pending[future]
                 if not future.cancel():
                     self._abandoned.add(future)
-                message = (f"search took longer than the worker's {self.limits.search_timeout:g} s limit: search a "
-                           "smaller area, or ask for a longer --search-timeout")
+                message = (f"{pending.op} took longer than the worker's {self.limits.search_timeout:g} s limit: "
+                           + ("search a smaller area, or " if pending.op == "search" else "")
+                           + "ask for a longer --search-timeout")
                 self._send(pending.envelope, protocol.error_reply(pending.request_id, TIMEOUT, message))
 
     def searches_held(self) -> int:
-        """Searches waiting, running, or stopping after their timeout."""
+        """Searches and listings waiting, running, or stopping after their timeout."""
         return len(self._pending) + len(self._abandoned)
 
     def _handle(self, frames: list[bytes], arrived: float) -> None:
@@ -228,13 +231,13 @@ class Service:
         """Check a slow request now and queue its work: `busy` when the queue is full."""
         held = self.searches_held()
         if held >= self.limits.max_queued_searches:
-            raise ProtocolError(BUSY, f"the worker already holds {held} searches (its --max-queued-searches limit): "
-                                      "ask again in a moment")
+            raise ProtocolError(BUSY, f"the worker already holds {held} searches and listings (its "
+                                      "--max-queued-searches limit): ask again in a moment")
         work = self.handlers.prepare(op, header, payloads)  # keeps the checked request, not the message
         deadline = arrived + self.limits.search_timeout
         future = self.pool.submit(work, lambda: self.stopping or time.monotonic() >= deadline)
         future.add_done_callback(lambda _: self._wake())
-        self._pending[future] = PendingSearch(envelope, request_id, deadline)
+        self._pending[future] = PendingRequest(envelope, request_id, op, deadline)
 
     # -- shutdown -------------------------------------------------------------------------------
     def request_stop(self, *_: object) -> None:
