@@ -553,6 +553,31 @@ def test_9d_a_raster_changed_since_it_was_indexed_is_named_with_its_hits_until_i
         changed.unlink(missing_ok=True)
 
 
+def test_9d_a_mosaic_whose_source_file_changed_is_named_with_its_hits(served, tree):
+    """A VRT mosaic does not change when a sheet it reads is exported again: its hits are named
+    `changed` all the same (the VRT's sources are looked at, not only the .vrt), and indexing it
+    again clears it."""
+    source = tree / "rasters" / "sheet.tif"
+    shutil.copy(tree / "rasters" / "tiny.tif", source)
+    mosaic = _vrt(tree / "rasters" / "sheets.vrt", source.name, relative=True)
+    try:
+        with served.client(timeout=60) as c:
+            assert wait_job(c, c.start_index("mosaic", [str(mosaic)], **TILE)["id"])["state"] == states.DONE
+            vrt_stamp = mosaic.stat().st_mtime_ns
+            with rasterio.open(source, "r+") as dst:  # the same grid, other pixels
+                dst.write(255 - dst.read())
+            assert mosaic.stat().st_mtime_ns == vrt_stamp
+            after = c.search("mosaic", sketch_png=sketch_png(), top=3)
+            assert wait_job(c, c.start_index("mosaic", [str(mosaic)], **TILE)["id"])["state"] == states.DONE
+            again = c.search("mosaic", sketch_png=sketch_png(), top=3)
+        assert after["hits"]["features"] and [r["raster"] for r in after["changed"]] == [str(mosaic)]
+        assert again["hits"]["features"] and again["changed"] == []
+    finally:
+        shutil.rmtree(served.index_root / "mosaic", ignore_errors=True)
+        mosaic.unlink(missing_ok=True)
+        source.unlink(missing_ok=True)
+
+
 # -- 9e. a search racing a delete ------------------------------------------------------------
 def test_9e_a_search_of_an_index_deleted_meanwhile_is_told_it_was_deleted_not_damaged(served):
     """A delete while a search reads the index's files: the search answered `corrupt_index`,
