@@ -402,3 +402,23 @@ def test_a_second_writer_is_refused_while_one_runs(tmp_path, model, rmnp_copy):
     with index_lock(out):
         with pytest.raises(InputError, match="being written by another"):
             IndexWriter(out, model, TileSettings(tile=112, scales=(1,))).build([rmnp_copy])
+
+
+def test_an_array_file_over_2_gib_is_read_whole(tmp_path):
+    """One read gives at most 2 GiB on Linux: a wide level map read whole was taken for a
+    truncated file. A sparse file of 2 GiB and 8 KiB, marked in its first and last rows."""
+    from worker.store.shard_file import ShardArray
+
+    rows, width = 2 ** 21 + 8, 1024
+    path = tmp_path / "wide.npy"
+    written = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(rows, width))
+    written[0], written[-1] = 3, 7
+    written.flush()
+    del written
+    array = ShardArray(path, rows)
+    whole = array.read_all()
+    assert whole.shape == (rows, width) and (whole[0] == 3).all() and (whole[-1] == 7).all()
+    assert not whole[1:-1:99_991].any()
+    del whole
+    tail = array.read_rows(np.arange(rows - 2, rows))
+    assert (tail[0] == 0).all() and (tail[1] == 7).all()
