@@ -103,10 +103,12 @@ def test_cells_give_scikit_image_hog_exactly_and_survive_storage():
                          for _ in range(30)])
     cells = edge_cells.cell_histograms(torch.from_numpy(drawings))
     for spec in (edge_cells.COARSE, edge_cells.FINE):
-        ours = edge_cells.window_descriptor(edge_cells.block_map(cells, spec), spec).flatten(1).numpy()
         reference = np.stack([hog(1 - d / 255.0, orientations=9, pixels_per_cell=(spec.cell, spec.cell),
                                   cells_per_block=(2, 2), block_norm="L2-Hys") for d in drawings])
-        assert np.abs(ours - reference).max() < 1e-5
+        at_every_offset = edge_cells.window_descriptor(edge_cells.block_map(cells, spec), spec)  # what placements read
+        whole_windows = edge_cells.window_hog(cells, spec)  # templates, tiles and drawings: one HOG cell's step
+        for ours in (at_every_offset, whole_windows):
+            assert np.abs(ours.flatten(1).numpy() - reference).max() < 1e-5
     stored = edge_cells.dequantise(edge_cells.quantise(cells))
     fine = lambda c: torch.nn.functional.normalize(
         edge_cells.window_descriptor(edge_cells.block_map(c, edge_cells.FINE), edge_cells.FINE).flatten(1), dim=1)

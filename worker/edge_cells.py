@@ -179,10 +179,21 @@ def window_descriptor(blocks: torch.Tensor, spec: BlockSpec, row: int = 0, col: 
     return picked.permute(0, 2, 3, 1)
 
 
+def window_hog(cells: torch.Tensor, spec: BlockSpec) -> torch.Tensor:
+    """The HOG blocks of whole windows from their cells ((B, R, C, O), the window's top-left
+    cell first): (B, n, n, dim), scikit-image's `hog` of each. Made at one HOG cell's step, the
+    only offsets a whole window reads: a block map at every stored cell's offset (block_map's
+    default) computed spec.span squared times the blocks (4 for FINE, 16 for COARSE) and kept
+    one of each."""
+    if cells.dim() == 3:
+        cells = cells[None]
+    blocks = block_map(cells, spec, step=spec.span)
+    return window_descriptor(blocks, spec, side=min(cells.shape[1:3]) * CELL, step=spec.span)
+
+
 def describe(drawings: torch.Tensor, spec: BlockSpec) -> torch.Tensor:
     """Whole-drawing HOG descriptors (B, n * n * dim), unit length (all-zero stays zero)."""
-    blocks = window_descriptor(block_map(cell_histograms(drawings), spec), spec, side=drawings.shape[-1])
-    return F.normalize(blocks.flatten(1), dim=1)
+    return F.normalize(window_hog(cell_histograms(drawings), spec).flatten(1), dim=1)
 
 
 def fits(blocks: torch.Tensor, side: int, spec: BlockSpec, step: int = 1) -> bool:

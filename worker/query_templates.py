@@ -54,6 +54,6 @@ def build(sketch_tensor: torch.Tensor, sizes: tuple[int, ...], angles: tuple[flo
         for a, d in zip(angles, stack):
             drawings[(size, a)] = d
         cells = edge_cells.cell_histograms(torch.from_numpy(stack).to(device))
-        coarse[size] = edge_cells.window_descriptor(edge_cells.block_map(cells, COARSE), COARSE, side=size)
-        fine[size] = edge_cells.window_descriptor(edge_cells.block_map(cells, FINE), FINE, side=size)
+        coarse[size] = edge_cells.window_hog(cells, COARSE)
+        fine[size] = edge_cells.window_hog(cells, FINE)
     return Templates(tuple(sizes), tuple(angles), coarse, fine, drawings)

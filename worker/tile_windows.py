@@ -98,12 +98,12 @@ def tile_window_candidates(index: TileIndex, templates: query_templates.Template
         return []
     rows = np.fromiter(under, np.int64)
     cells = edge_cells.dequantise(index.cells_of(rows))[:, :TILE_CELLS, :TILE_CELLS]
-    blocks = edge_cells.block_map(cells, FINE)
+    hogs = edge_cells.window_hog(cells, FINE)  # each tile's window: (B, n, n, dim)
     upright = templates.fine[size][templates.angles.index(0.0)][None]
-    scores = edge_cells.cosine_map(blocks, upright, FINE, inked_only=inked_only).flatten()
+    scores = edge_cells.cosine_map(hogs.permute(0, 3, 1, 2), upright, FINE, step=FINE.span,
+                                   inked_only=inked_only).flatten()
     best = torch.argsort(scores, descending=True)[:count].numpy()
-    drawn = drawing_cosine(edge_cells.window_descriptor(blocks[best], FINE).flatten(1), sketch_descriptor,
-                           inked_only).numpy()
+    drawn = drawing_cosine(hogs[best].flatten(1), sketch_descriptor, inked_only).numpy()
     out = []
     for i, value in zip(best, drawn):
         rec = index.records[rows[i]]
