@@ -35,12 +35,15 @@ def shard_arrays(index_dir: Path) -> dict[str, np.ndarray]:
             "positions": positions, "cells": index.cells_of(rows)}
 
 
-def test_killed_indexing_resumes_to_the_same_index(tmp_path, rmnp_copy):
+def test_killed_indexing_resumes_to_the_same_index(tmp_path, assets):
+    """A run commits every COMMIT_EVERY_S: the scene's 133 chunks take several seconds, so the
+    kill lands between commits, with chunks computed and not committed."""
+    raster = assets["s2_rgb"]
     reference = tmp_path / "reference"
-    assert run_cli("index", "--out", reference, *SMALL, rmnp_copy).returncode == 0
+    assert run_cli("index", "--out", reference, *SMALL, raster).returncode == 0
 
     resumed = tmp_path / "resumed"
-    proc = subprocess.Popen([sys.executable, "-m", "worker", "index", "--out", str(resumed), *SMALL, str(rmnp_copy)],
+    proc = subprocess.Popen([sys.executable, "-m", "worker", "index", "--out", str(resumed), *SMALL, str(raster)],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -54,7 +57,7 @@ def test_killed_indexing_resumes_to_the_same_index(tmp_path, rmnp_copy):
     total = json.loads((reference / "manifest.json").read_text())
     assert 2 <= len(partial["shards"]) < len(total["shards"]), "the kill should land mid-run"
 
-    assert run_cli("index", "--out", resumed, *SMALL, rmnp_copy).returncode == 0
+    assert run_cli("index", "--out", resumed, *SMALL, raster).returncode == 0
     a, b = shard_arrays(reference), shard_arrays(resumed)
     assert a.keys() == b.keys() == {"records", "cells"}  # the default index: no tokens
     assert np.array_equal(a["records"], b["records"])
@@ -282,8 +285,8 @@ def test_searches_while_a_raster_is_indexed_paint_only_each_commits_tiles_onto_t
             if not views or views[-1] is not index:
                 views.append(index)
 
-    IndexWriter(out, model, TileSettings(tile=112, scales=(1, 2)), chunk_tiles=8).build([assets["rmnp_rgb"]],
-                                                                                        progress=search_view)
+    IndexWriter(out, model, TileSettings(tile=112, scales=(1, 2)), chunk_tiles=8,
+                commit_every_s=0).build([assets["rmnp_rgb"]], progress=search_view)  # a commit every chunk
     assert len(views) >= 4, "the run should commit several times"
     continued = 0
     for earlier, view in zip(views, views[1:]):
@@ -298,7 +301,7 @@ def test_searches_while_a_raster_is_indexed_paint_only_each_commits_tiles_onto_t
                 continued += 1
     assert continued >= 3
     done = indexes.get(out)  # complete: its maps are read from their files, and the last joins are let go
-    assert done is not views[-1] and done.joins_to_continue == {}
+    assert all(r["complete"] for r in done.manifest["rasters"]) and done.joins_to_continue == {}
     for path in (out / "maps").glob("*.npy"):  # as an index written before maps were kept: joined, nothing kept
         path.unlink()
     old_style = TileIndex.open(out)
@@ -422,3 +425,13 @@ def test_an_array_file_over_2_gib_is_read_whole(tmp_path):
     del whole
     tail = array.read_rows(np.arange(rows - 2, rows))
     assert (tail[0] == 0).all() and (tail[1] == 7).all()
+
+
+def test_a_stopped_run_commits_every_chunk_it_computed(tmp_path, model, rmnp_copy):
+    """A run commits every COMMIT_EVERY_S, not every chunk (a commit rewrites the whole
+    manifest); a cancel commits what was computed since the last commit: nothing is redone."""
+    out, computed = tmp_path / "index", []
+    IndexWriter(out, model, TileSettings(tile=112, scales=(1,)), chunk_tiles=2).build(
+        [rmnp_copy], progress=computed.append, should_stop=lambda: len(computed) >= 5, batch_size=2)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["tile_count"] == computed[-1].tiles_done >= 4 and len(manifest["shards"]) >= 2

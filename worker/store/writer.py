@@ -26,10 +26,19 @@ from worker.tiling import RasterInfo, Tile, TilePlan, TileSettings, open_raster,
 
 log = logging.getLogger(__name__)
 
+# A commit rewrites the whole manifest: it names every raster (each with its CRS's WKT) and
+# shard, so one grows with the index and a commit after every chunk cost the run the square of
+# its size: at 1,000 small rasters, 16 of 73 s went to encoding manifests. A run commits what it
+# computed at most this often, and so that commits take at most a twentieth of its time; a
+# stop, an error or its end commits at once. A killed run loses what it computed since.
+COMMIT_EVERY_S = 2.0
+COMMIT_SHARE = 20  # seconds between commits, at least, per second a commit takes
+
 
 @dataclass
 class IndexProgress:
-    """Reported after every committed chunk (CLI: tqdm; service: progress messages)."""
+    """Reported after every computed chunk (CLI: tqdm; service: progress messages); committed
+    within COMMIT_EVERY_S or so."""
 
     tiles_done: int
     tiles_total: int
@@ -42,11 +51,14 @@ class IndexWriter:
     index stores the tiles' ViT tokens (None: no; an existing index keeps its own choice)."""
 
     def __init__(self, index_dir: Path, model, settings: TileSettings, chunk_tiles: int = CHUNK_TILES,
-                 tokens: bool | None = None):
+                 tokens: bool | None = None, commit_every_s: float = COMMIT_EVERY_S):
         self.dir = Path(index_dir)
         self.model = model
         self.settings = settings
+        self.commit_every_s = commit_every_s
         self._asked = (chunk_tiles, tokens)
+        self._last_commit = (0.0, 0.0)  # time.monotonic() when the last commit ended, and its seconds
+        self._uncommitted = False
         self.manifest = self._load_or_create(chunk_tiles, tokens)  # refuses another index's settings now
         self.chunk_tiles = self.manifest["chunk_tiles"]  # an existing index keeps its own chunking
 
@@ -62,9 +74,20 @@ class IndexWriter:
         return new_manifest(fp, settings, chunk_tiles, self.model.img_size, bool(tokens))
 
     def _commit(self) -> None:
+        started = time.monotonic()
         self.manifest["updated"] = time.time()
         self.manifest["tile_count"] = sum(s["count"] for s in self.manifest["shards"])
         write_json_atomic(self.dir / MANIFEST, self.manifest)
+        self._last_commit = (time.monotonic(), time.monotonic() - started)
+        self._uncommitted = False
+
+    def _commit_when_due(self) -> None:
+        """Commit what was computed since the last commit once COMMIT_EVERY_S (or COMMIT_SHARE
+        times the last commit's seconds) have passed."""
+        self._uncommitted = True
+        ended, took = self._last_commit
+        if time.monotonic() - ended >= max(self.commit_every_s, COMMIT_SHARE * took):
+            self._commit()
 
     def _clean_uncommitted(self) -> None:
         """Remove the shard folders no commit names: what a crash left between writing a shard
@@ -148,31 +171,37 @@ class IndexWriter:
                 if progress:
                     progress(IndexProgress(done + n, total, skipped_total, path))
 
-            for job, result in computer.run(jobs, self.settings, batch_size, should_stop, batch_done):
-                if result is None:  # stopped: what was committed stays
-                    return self.manifest
-                entry = entries[job.raster_id]
-                self._commit_chunk(entry, job.chunk, job.count, result)
-                entry["tiles_skipped"] += result.skipped
-                skipped_total += result.skipped
-                self._commit()
-                done += job.count
-                if progress:
-                    progress(IndexProgress(done, total, skipped_total, entry["path"]))
-                remaining[job.raster_id] -= 1
-                if remaining[job.raster_id] == 0:
-                    self._mark_complete([entry])
+            try:
+                for job, result in computer.run(jobs, self.settings, batch_size, should_stop, batch_done):
+                    if result is None:  # stopped: what was computed is committed (finally)
+                        return self.manifest
+                    entry = entries[job.raster_id]
+                    self._commit_chunk(entry, job.chunk, job.count, result)
+                    entry["tiles_skipped"] += result.skipped
+                    skipped_total += result.skipped
+                    remaining[job.raster_id] -= 1
+                    if remaining[job.raster_id] == 0:
+                        self._mark_complete([entry], commit=False)
+                    self._commit_when_due()
+                    done += job.count
+                    if progress:
+                        progress(IndexProgress(done, total, skipped_total, entry["path"]))
+            finally:  # stopped, failed, or done: nothing computed is left to the next run
+                if self._uncommitted:
+                    self._commit()
             with disk_write(self.dir / TILES_LAYER):
                 write_tiles_gpkg(self.dir)
             return self.manifest
 
-    def _mark_complete(self, entries: list[dict]) -> None:
+    def _mark_complete(self, entries: list[dict], commit: bool = True) -> None:
         """Mark rasters complete, once their level maps are on disk (worker.store.maps)."""
         if not entries:
             return
         for entry in entries:
-            # a view of this raster's committed shards only: its tiles are all it joins
-            index = TileIndex(self.dir, self.manifest, [s for s in self.manifest["shards"] if s["raster_id"] == entry["id"]])
+            # a view of this raster alone and its shards: its tiles are all it joins (a view of
+            # every raster read each one's entry: the square of the rasters over a run)
+            index = TileIndex(self.dir, {**self.manifest, "rasters": [entry]},
+                              [s for s in self.manifest["shards"] if s["raster_id"] == entry["id"]])
             if len(index):
                 write_joined_maps(index)
             else:  # complete, and nothing in it a search could find
@@ -180,7 +209,8 @@ class IndexWriter:
                             "indexed; a raster smaller than a tile needs a smaller --tile", entry["path"],
                             entry["tiles_total"] or 0, 100 * self.settings.min_valid, self.settings.tile)
             entry["complete"] = True
-        self._commit()
+        if commit:
+            self._commit()
 
     def _commit_chunk(self, entry: dict, chunk: int, tiles: int, result: "ChunkResult") -> None:
         """Write a computed chunk as a shard (committed by the caller; one a crash leaves before
