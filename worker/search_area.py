@@ -46,11 +46,12 @@ class SearchArea:
         every_map = not index.left_out and not leave_out  # a raster left out has tiles, and no map (TileIndex.left_out)
         if area_wgs84 is None:
             return cls(keys, {}, every_map and len(keys) == len(index.maps), None)
-        bounds = {k: index.map_bounds_wgs84(k) for k in keys}
-        keys = [k for k in keys if bounds[k].intersects(area_wgs84)]
+        bounds = shapely.box(*np.array([index.map_boxes_wgs84[k] for k in keys], np.float64).reshape(-1, 4).T)
+        meets = shapely.intersects(bounds, area_wgs84)  # every map at once: a mosaic has thousands
+        keys, bounds = [k for k, m in zip(keys, meets) if m], bounds[meets]
         boxes = {}
-        for key in keys:
-            box = _cell_box(index.maps[key], bounds[key], area_wgs84)
+        for key, map_bounds in zip(keys, bounds):
+            box = _cell_box(index.maps[key], map_bounds, area_wgs84)
             if box is not None:
                 boxes[key] = box
         return cls(keys, boxes, every_map and not boxes and len(keys) == len(index.maps), area_wgs84)

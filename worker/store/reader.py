@@ -188,12 +188,13 @@ class TileIndex:
         finds the tiles a window's rows meet as one band: worker.tile_windows)."""
         return self._rows_by_map.get((raster_id, scale), np.zeros(0, np.int64))
 
-    def map_bounds_wgs84(self, key: tuple[int, int]):
-        """The lon/lat box around a level map's tiles."""
-        import shapely
-
-        b = self.records["bounds4326"][self.rows_of_map(*key)]
-        return shapely.box(b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max())
+    @cached_property
+    def map_boxes_wgs84(self) -> dict[tuple[int, int], tuple[float, float, float, float]]:
+        """The lon/lat box (west, south, east, north) around each level map's tiles, made once a
+        view: a search in an area looked at every map's tiles (12 ms a search at 1,000 rasters)."""
+        b = self.records["bounds4326"]
+        return {key: (float(b[rows, 0].min()), float(b[rows, 1].min()), float(b[rows, 2].max()), float(b[rows, 3].max()))
+                for key, rows in self._rows_by_map.items()}
 
     def tile(self, row: int) -> Tile:
         r = self.records[row]
