@@ -77,7 +77,7 @@ class IndexRequest:
     index_dir: Path
     rasters: tuple[Path, ...]
     settings: TileSettings = field(default_factory=TileSettings)
-    chunk_tiles: int = CHUNK_TILES  # tiles per committed shard: what a crash can lose
+    chunk_tiles: int = CHUNK_TILES  # tiles per shard (committed every writer.COMMIT_EVERY_S or so)
     batch_size: int = 16  # tiles per forward pass
     access: RasterAccess = field(default_factory=RasterAccess)  # which files it may read (a client: confined)
     # build the ANN shortlist (worker.ann) once the index is complete: True always, False never,

@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip tiles with less valid (non-nodata) area (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=IndexRequest.batch_size, help="default %(default)s")
     p.add_argument("--chunk-tiles", type=int, default=IndexRequest.chunk_tiles,
-                   help="tiles per committed shard, what a crash can lose (default %(default)s)")
+                   help="tiles per shard (a run commits every 2 s or so; a crash loses what was computed since; default %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--cluster", default=None, metavar="ADDRESS",
                    help="compute the tiles on a Dask cluster: local, local:N (N worker processes here) or a scheduler's "
