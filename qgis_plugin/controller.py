@@ -35,7 +35,8 @@ HINTS = {codes.UNAVAILABLE: "Is the worker running? Start it or check the endpoi
          codes.INDEX_MISMATCH: "Build a new index with this worker's model.",
          codes.BAD_INPUT: "Check the sketch or rasters.",
          codes.FORBIDDEN: "The worker does not serve that path.",
-         codes.BUSY: "Cancel the index's job, or wait for it to end, and try again."}
+         codes.BUSY: "The worker is busy (an index's job, or searches queued): wait for them, or cancel the "
+                     "job, and try again."}
 
 
 class Status:
@@ -222,8 +223,8 @@ class SearchController(QObject):
 
     # -- indexes ----------------------------------------------------------------------------------
     def refresh_indexes(self) -> None:
-        if self.link is not None:
-            self.link.request("list_indexes", self._on_indexes)
+        if self.link is not None:  # listed beside searches, under their limit (opening large indexes takes seconds)
+            self.link.request("list_indexes", self._on_indexes, timeout_s=self._pooled_timeout_s())
 
     def _on_indexes(self, reply: Optional[dict], err: Optional[WorkerError]) -> None:
         if err:
@@ -311,10 +312,14 @@ class SearchController(QObject):
         frames, fields = query.message()
         self.search_running.emit(True)
         started = time.perf_counter()
-        # the worker answers `timeout` at its own limit, with its advice: wait for that answer
-        limit_s = self.info.get("limits", {}).get("search_timeout") or self.request_timeout_s
         self.link.request("search", lambda r, e: self._on_hits(r, e, query, started), frames=frames,
-                          timeout_s=limit_s + SEARCH_GRACE_S, **fields)
+                          timeout_s=self._pooled_timeout_s(), **fields)
+
+    def _pooled_timeout_s(self) -> float:
+        """How long to wait for a search or a list of the indexes: the worker answers `timeout`
+        at its own limit, counted from their arrival, with its advice; wait for that answer."""
+        limit_s = self.info.get("limits", {}).get("search_timeout") or self.request_timeout_s
+        return limit_s + SEARCH_GRACE_S
 
     def _on_hits(self, reply: Optional[dict], err: Optional[WorkerError], query: SearchQuery, started: float) -> None:
         self.search_running.emit(False)

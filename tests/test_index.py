@@ -286,7 +286,7 @@ def test_searches_while_a_raster_is_indexed_paint_only_each_commits_tiles_onto_t
                 views.append(index)
 
     IndexWriter(out, model, TileSettings(tile=112, scales=(1, 2)), chunk_tiles=8,
-                commit_every_s=0).build([assets["rmnp_rgb"]], progress=search_view)  # a commit every chunk
+                commit_every_s=0).build([assets["rmnp_rgb"]], progress=search_view)  # 0: a commit after every chunk
     assert len(views) >= 4, "the run should commit several times"
     continued = 0
     for earlier, view in zip(views, views[1:]):
@@ -427,11 +427,23 @@ def test_an_array_file_over_2_gib_is_read_whole(tmp_path):
     assert (tail[0] == 0).all() and (tail[1] == 7).all()
 
 
-def test_a_stopped_run_commits_every_chunk_it_computed(tmp_path, model, rmnp_copy):
+@pytest.mark.parametrize("ending", ["cancelled", "failed"])
+def test_a_run_cancelled_or_failing_commits_every_chunk_it_computed(tmp_path, model, rmnp_copy, ending):
     """A run commits every COMMIT_EVERY_S, not every chunk (a commit rewrites the whole
-    manifest); a cancel commits what was computed since the last commit: nothing is redone."""
+    manifest); one cancelled, or failing (here its progress report raises), commits what it
+    computed since its last commit: nothing is redone. No timed commit here: only the end's."""
     out, computed = tmp_path / "index", []
-    IndexWriter(out, model, TileSettings(tile=112, scales=(1,)), chunk_tiles=2).build(
-        [rmnp_copy], progress=computed.append, should_stop=lambda: len(computed) >= 5, batch_size=2)
+
+    def report(p) -> None:
+        computed.append(p)
+        if ending == "failed" and len(computed) == 4:  # a chunk's last report (two a chunk: its batch, its end)
+            raise RuntimeError("the progress report failed")
+
+    writer = IndexWriter(out, model, TileSettings(tile=112, scales=(1,)), chunk_tiles=2, commit_every_s=3600)
+    try:
+        writer.build([rmnp_copy], progress=report, should_stop=lambda: len(computed) >= 5, batch_size=2)
+    except RuntimeError:
+        assert ending == "failed"
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["tile_count"] == computed[-1].tiles_done >= 4 and len(manifest["shards"]) >= 2
+    committed = sum(s["count"] + s["skipped"] for s in manifest["shards"])
+    assert len(manifest["shards"]) >= 2 and committed == computed[-1].tiles_done

@@ -8,8 +8,8 @@ to operate, and futures that Dask recomputes on another worker when a worker die
 Each worker process loads the model once (cached per process, keyed by the model options) and
 reads its tiles straight from the raster files, which every worker must see at the same path
 (a shared or cloud file system). The driver, worker.store.writer.IndexWriter, alone writes the
-index: it commits each chunk as it arrives, in any order, as a local run does,
-so a killed driver resumes from its last commit and a killed worker's chunks are computed again
+index: it writes each chunk as it arrives, in any order, and commits them as a local run does
+(every writer.COMMIT_EVERY_S), so a killed driver resumes from its last commit and a killed worker's chunks are computed again
 by another worker. A worker whose model differs from the driver's (other weights, another
 version of the code) is refused, so an index never mixes features of two models.
 """

@@ -87,7 +87,7 @@ class Handlers:
             for index_dir in index_dirs(paths.index_root):
                 if should_stop():
                     raise SearchStopped("listing the indexes stopped: it ran past the worker's time limit "
-                                        "(--search-timeout)")
+                                        "(--search-timeout), or the worker is stopping")
                 status = self.indexes.status(index_dir)
                 if status["error"] is not None and not (index_dir / MANIFEST).is_file():
                     continue  # deleted meanwhile (delete_index runs on the loop): not damage

@@ -49,7 +49,7 @@ class OpenIndexes:
         with self._lock:
             self._open.pop(index_dir, None)  # a damaged index is not kept
         index = open_index(index_dir, self.partial_maps_bytes, earlier=cached[1] if cached else None)
-        if stamp is not None:  # gone meanwhile: not kept
+        if stamp is not None and (index_dir / MANIFEST).is_file():  # deleted meanwhile (or before): not kept
             with self._lock:
                 self._open[index_dir] = (stamp, index)
         return index

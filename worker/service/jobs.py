@@ -66,7 +66,7 @@ class Job:
 
     def on_progress(self, p: IndexProgress) -> None:
         if self._rate_start and self._rate_start[1] == 0 and self.tiles_done == 0:
-            self._rate_start = (time.time(), p.tiles_done)  # the rate counts from the first commit on
+            self._rate_start = (time.time(), p.tiles_done)  # the rate counts from the first chunk on
         self.tiles_done, self.tiles_total, self.tiles_skipped = p.tiles_done, p.tiles_total, p.tiles_skipped
 
 

@@ -165,7 +165,7 @@ class Service:
         for future in [f for f in self._abandoned if f.done()]:
             self._abandoned.discard(future)
             exc = future.exception()  # the operator may want a longer --search-timeout, or smaller searches
-            log.warning("a search answered `timeout` ended: %s", exc if exc is not None else "it finished its stages")
+            log.warning("a request answered `timeout` ended: %s", exc if exc is not None else "it finished its stages")
         for future in [f for f in self._pending if f.done()]:
             pending = self._pending.pop(future)
             if future.cancelled():  # the worker is stopping

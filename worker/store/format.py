@@ -161,7 +161,7 @@ def replace_durably(tmp: Path, dest: Path) -> None:
 
 def write_json_atomic(path: Path, obj: dict) -> None:
     """`obj` as JSON at `path`, all or nothing. On one line: indented, the manifest of a 10M-tile
-    index (39,000 shards, 4 MB) took 227 ms to write, and it is written for every chunk (json's
+    index (39,000 shards, 4 MB) took 227 ms to write, and it was written for every chunk (json's
     indenting encoder is pure Python); 44 ms to encode as one line."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     text = json.dumps(obj)

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 # stop, an error or its end commits at once. A killed run loses what it computed since.
 COMMIT_EVERY_S = 2.0
 COMMIT_SHARE = 20  # seconds between commits, at least, per second a commit takes
+COMMIT_AT_LEAST_EVERY_S = 60.0  # however slow a commit (a stalled network file system)
 
 
 @dataclass
@@ -83,11 +84,22 @@ class IndexWriter:
 
     def _commit_when_due(self) -> None:
         """Commit what was computed since the last commit once COMMIT_EVERY_S (or COMMIT_SHARE
-        times the last commit's seconds) have passed."""
-        self._uncommitted = True
+        times the last commit's seconds, at most COMMIT_AT_LEAST_EVERY_S) have passed; after every
+        chunk when commit_every_s is 0."""
         ended, took = self._last_commit
-        if time.monotonic() - ended >= max(self.commit_every_s, COMMIT_SHARE * took):
+        due = min(COMMIT_AT_LEAST_EVERY_S, max(self.commit_every_s, COMMIT_SHARE * took))
+        if self.commit_every_s <= 0 or time.monotonic() - ended >= due:
             self._commit()
+
+    def _commit_after_failure(self) -> None:
+        """Commit what a failing run computed; a commit that fails too is logged, and the run's
+        own error is what is raised."""
+        if not self._uncommitted:
+            return
+        try:
+            self._commit()
+        except Exception as exc:
+            log.warning("%s: what the run computed since its last commit could not be committed: %s", self.dir, exc)
 
     def _clean_uncommitted(self) -> None:
         """Remove the shard folders no commit names: what a crash left between writing a shard
@@ -171,10 +183,12 @@ class IndexWriter:
                 if progress:
                     progress(IndexProgress(done + n, total, skipped_total, path))
 
+            stopped = False
             try:
                 for job, result in computer.run(jobs, self.settings, batch_size, should_stop, batch_done):
-                    if result is None:  # stopped: what was computed is committed (finally)
-                        return self.manifest
+                    if result is None:  # stopped: what was computed is committed below
+                        stopped = True
+                        break
                     entry = entries[job.raster_id]
                     self._commit_chunk(entry, job.chunk, job.count, result)
                     entry["tiles_skipped"] += result.skipped
@@ -186,9 +200,13 @@ class IndexWriter:
                     done += job.count
                     if progress:
                         progress(IndexProgress(done, total, skipped_total, entry["path"]))
-            finally:  # stopped, failed, or done: nothing computed is left to the next run
-                if self._uncommitted:
-                    self._commit()
+            except BaseException:  # failed: what was computed is committed, and the error is the run's
+                self._commit_after_failure()
+                raise
+            if self._uncommitted:
+                self._commit()
+            if stopped:
+                return self.manifest
             with disk_write(self.dir / TILES_LAYER):
                 write_tiles_gpkg(self.dir)
             return self.manifest
@@ -219,6 +237,7 @@ class IndexWriter:
         write_shard(self.dir, name, result.arrays)
         self.manifest["shards"].append({"name": name, "raster_id": entry["id"], "chunk": chunk,
                                         "count": tiles - result.skipped, "skipped": result.skipped})
+        self._uncommitted = True
 
 
 @dataclass(frozen=True)
@@ -297,7 +316,7 @@ def compute_chunk(model, job: ChunkJob, settings: TileSettings, batch_size: int,
             valid += drawn.valid_share
             outputs.append(describe_drawings(model, drawn.tiles, drawn.drawings, drawn.images, settings.tile,
                                              job.tokens))
-        batch_done(n)  # progress within the chunk (committed only at its end)
+        batch_done(n)  # progress within the chunk (its shard is written at its end)
     return _chunk_result(job, kept, valid, outputs)
 
 
