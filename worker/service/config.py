@@ -48,7 +48,11 @@ class Limits:
     max_message_bytes: int = 32 * 1024 * 1024  # larger requests get `too_large`
     max_header_bytes: int = 4 * 1024 * 1024  # of frame 0, the JSON (parsing costs ~15x this); within the above
     search_timeout: float = 60.0  # seconds from a search's arrival to its `timeout` reply
-    search_threads: int = 2
+    # One: torch's OpenMP keeps a thread team for every thread that ran a search, for as long as
+    # it lives, and once the teams hold more threads than there are CPUs their threads sleep
+    # between ops; after two searches had run at once, every later search of the demo index took
+    # 242 ms instead of 176-189 (2-core CPU, docs/benchmarks/speed.md, fourteenth stop).
+    search_threads: int = 1
     max_queued_searches: int = 8  # searches waiting or running at once; more are answered `busy`
     max_jobs: int = 1  # indexing jobs running at once; more wait, `queued`
     max_queued_jobs: int = 16  # indexing jobs waiting; more are answered `busy`

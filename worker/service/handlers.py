@@ -29,7 +29,7 @@ from worker.tiling import TileSettings
 
 Handler = Callable[[dict, list], dict]
 INDEX_FOLDERS = {SHARDS, MAPS, ANN_DIR}  # an index's own folders: no index inside them
-Work = Callable[[StopCheck], dict]  # a slow op's work, run in the search pool until its stop check says so
+Work = Callable[[StopCheck], dict]  # a slow op's work, run off the loop until its stop check says so
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 class Handlers:
     """Every op of the protocol, by name."""
 
-    # slow ops: checked on the loop's thread, run in the search pool. Listing opens every index not
-    # yet open (5.5 s for a 10M-tile index's 39,000 shards): on the loop, pings and job events waited.
+    # slow ops: checked on the loop's thread, run in threads of their own (worker.service.loop).
+    # Listing opens every index not yet open (5.5 s for a 10M-tile index's 39,000 shards): on the
+    # loop, pings and job events waited.
     POOLED = frozenset({"search", "list_indexes"})
 
     def __init__(self, config: ServiceConfig, model, jobs: JobManager, indexes: OpenIndexes):
@@ -60,7 +61,7 @@ class Handlers:
 
     def prepare(self, op: str, header: dict, frames: list) -> Work:
         """Read and check a slow op now (a bad one is refused at once); the work returned keeps
-        what it needs of the message, nothing more, and runs in the search pool."""
+        what it needs of the message, nothing more, and runs off the loop (worker.service.loop)."""
         return self._pooled[op](header, frames)
 
     # -- about the worker -----------------------------------------------------------------------

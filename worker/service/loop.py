@@ -2,8 +2,8 @@
 
 The main thread owns both sockets (one socket per thread, as the zguide says). Quick ops are
 answered inline; searches and listings (which may open large indexes) are read and checked
-inline too, then run in a small thread pool under a server-side time limit counted from their
-arrival; indexing jobs run in their own
+inline too, then run in threads of their own (searches `--search-threads` at once, listings one
+at a time) under a server-side time limit counted from their arrival; indexing jobs run in their own
 threads. Finished work and job events wake the loop through a pipe.
 
 What one client can make the loop hold is bounded (worker.service.config.Limits): a message
@@ -73,7 +73,9 @@ class Service:
         self.jobs = JobManager(model, publish=self._queue_event, access=config.paths.raster_access,
                                max_jobs=self.limits.max_jobs, max_queued=self.limits.max_queued_jobs, cluster=cluster)
         self.handlers = Handlers(config, model, self.jobs, OpenIndexes(model, self.limits.partial_maps_bytes))
-        self.pool = cf.ThreadPoolExecutor(self.limits.search_threads, thread_name_prefix="search")
+        # listing runs no torch op: a thread of its own, so that it never waits behind a search
+        self.pools = {"search": cf.ThreadPoolExecutor(self.limits.search_threads, thread_name_prefix="search"),
+                      "list_indexes": cf.ThreadPoolExecutor(1, thread_name_prefix="list")}
         self.stopping = False
         self.auth = None
 
@@ -235,7 +237,7 @@ class Service:
                                       "--max-queued-searches limit): ask again in a moment")
         work = self.handlers.prepare(op, header, payloads)  # keeps the checked request, not the message
         deadline = arrived + self.limits.search_timeout
-        future = self.pool.submit(work, lambda: self.stopping or time.monotonic() >= deadline)
+        future = self.pools[op].submit(work, lambda: self.stopping or time.monotonic() >= deadline)
         future.add_done_callback(lambda _: self._wake())
         self._pending[future] = PendingRequest(envelope, request_id, op, deadline)
 
@@ -247,7 +249,8 @@ class Service:
     def _shutdown(self) -> None:
         log.info("stopping: letting indexing jobs commit and stopping searches")
         self.jobs.shutdown()
-        self.pool.shutdown(wait=True, cancel_futures=True)  # running searches stop at their next stage
+        for pool in self.pools.values():
+            pool.shutdown(wait=True, cancel_futures=True)  # running searches stop at their next stage
         self._flush_done()
         self._flush_events()
         self.router.close(linger=0)
