@@ -349,13 +349,15 @@ def test_four_clients_search_while_an_index_job_runs(worker, rasters):
 
 
 def test_kill_9_mid_index_then_restart_resumes_to_the_same_index(tmp_path, rasters):
+    """A job commits every 2 s or so (worker.store.writer.COMMIT_EVERY_S): the scene's 529 tiles
+    of 112 px take several seconds, so the kill after the first commit lands mid-run."""
     from worker.store import IndexWriter
 
     root = tmp_path / "indexes"
     root.mkdir()
     proc = WorkerProcess(root, rasters).start()
     with proc.client() as c:
-        c.start_index("coast", [str(rasters / "s2.tif")], scales=[1], tile=224, chunk_tiles=16)
+        c.start_index("coast", [str(rasters / "s2.tif")], scales=[1], tile=112, chunk_tiles=16)
     manifest = root / "coast" / "manifest.json"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -381,7 +383,8 @@ def test_kill_9_mid_index_then_restart_resumes_to_the_same_index(tmp_path, raste
     from worker.tiling import TileSettings
 
     reference = tmp_path / "reference"
-    IndexWriter(reference, load_model(device="cpu", sketch_modules="none"), TileSettings(scales=(1,))).build([rasters / "s2.tif"])
+    IndexWriter(reference, load_model(device="cpu", sketch_modules="none"),
+                TileSettings(tile=112, scales=(1,))).build([rasters / "s2.tif"])
     a, b = TileIndex.open(reference), TileIndex.open(root / "coast")
     assert np.array_equal(a.records, b.records)
     assert np.array_equal(a.cells_of(np.arange(len(a))), b.cells_of(np.arange(len(b))))
