@@ -447,3 +447,18 @@ def test_a_run_cancelled_or_failing_commits_every_chunk_it_computed(tmp_path, mo
     manifest = json.loads((out / "manifest.json").read_text())
     committed = sum(s["count"] + s["skipped"] for s in manifest["shards"])
     assert len(manifest["shards"]) >= 2 and committed == computed[-1].tiles_done
+
+
+def test_tile_records_of_another_format_are_a_corrupt_index_error(tmp_path, s2_index):
+    """A shard whose records lack a field this version reads (an older format, a damaged copy)
+    is refused when the index is opened, saying to build it again, not read as garbage."""
+    from numpy.lib import recfunctions
+
+    from worker.errors import CorruptIndexError
+
+    index_dir = shutil.copytree(s2_index, tmp_path / "index")
+    [records_file] = (index_dir / "shards").glob("*/records.npy")
+    records = np.load(records_file)
+    np.save(records_file, recfunctions.drop_fields(records, "valid", usemask=False))
+    with pytest.raises(CorruptIndexError, match="not of this format"):
+        TileIndex.open(index_dir)

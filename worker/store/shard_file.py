@@ -9,6 +9,7 @@ which tells the user to build the index again.
 from __future__ import annotations
 
 import io
+import math
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -33,8 +34,8 @@ def _parsed_header(version: tuple[int, int], header: bytes) -> tuple[tuple[int, 
 class ShardArray:
     """The header of `path` checked against the rows its manifest gives and the file's size."""
 
-    def __init__(self, path: Path, rows: int):
-        self.path = Path(path)
+    def __init__(self, path: Path | str, rows: int):
+        self.path = os.fspath(path)  # a str: pathlib's parsing was a quarter of opening 10,000 shards
         try:
             with open(self.path, "rb") as f:
                 version = np.lib.format.read_magic(f)
@@ -50,7 +51,7 @@ class ShardArray:
             raise self.corrupt(f"it holds {shape} {dtype} where the manifest says {rows} rows")
         self.shape: tuple[int, ...] = tuple(shape)
         self.dtype = dtype
-        self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        self.row_bytes = math.prod(shape[1:]) * dtype.itemsize
         self._check_size(os.stat(self.path).st_size)
 
     @property
@@ -77,9 +78,11 @@ class ShardArray:
         if size != self.offset + self.nbytes:
             raise self.corrupt(f"it is {size} bytes where its header says {self.offset + self.nbytes} (truncated?)")
 
-    def read_all(self) -> np.ndarray:
-        """The whole array."""
-        values = np.empty(self.shape, self.dtype)
+    def read_all(self, out: np.ndarray | None = None) -> np.ndarray:
+        """The whole array, into `out` (of its shape and dtype) when given."""
+        values = np.empty(self.shape, self.dtype) if out is None else out
+        if values.shape != self.shape or values.dtype != self.dtype:
+            raise self.corrupt(f"it holds {self.shape} {self.dtype} where {values.shape} {values.dtype} was expected")
         fd = self.open_checked()
         try:
             self._read_into(fd, values.reshape(-1).view(np.uint8), self.offset)
