@@ -190,7 +190,7 @@ def window_hog(cells: torch.Tensor, spec: BlockSpec) -> torch.Tensor:
     if cells.shape[1] != cells.shape[2]:
         raise ValueError(f"whole windows are square, not {cells.shape[1]}x{cells.shape[2]} cells")
     blocks = block_map(cells, spec, step=spec.span)
-    return window_descriptor(blocks, spec, side=min(cells.shape[1:3]) * CELL, step=spec.span)
+    return window_descriptor(blocks, spec, side=cells.shape[1] * CELL, step=spec.span)
 
 
 def describe(drawings: torch.Tensor, spec: BlockSpec) -> torch.Tensor:
