@@ -56,7 +56,7 @@ def free_port() -> int:
 
 class WorkerProcess:
     def __init__(self, index_root: Path, raster_root: Path, bind: str | None = None, extra: list[str] = (),
-                 python: str = sys.executable):
+                 python: str = sys.executable, env: dict[str, str] | None = None):
         port = free_port()
         self.index_root = index_root
         self.bind = bind or f"tcp://127.0.0.1:{port}"
@@ -65,12 +65,13 @@ class WorkerProcess:
                     "--index-root", str(index_root), "--raster-root", str(raster_root),
                     "--sketch-modules", "none", *extra]
         self.log = index_root.parent / f"worker-{port}.log"
+        self.env = env  # the process's environment (None: this one's)
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 90.0, curve=None) -> "WorkerProcess":
         """Start and wait until it answers a ping (sent with `curve` keys for a CURVE bind)."""
         self.proc = subprocess.Popen(self.cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=open(self.log, "ab"),
-                                     text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                     text=True, env={**(os.environ if self.env is None else self.env), "PYTHONUNBUFFERED": "1"})
         deadline = time.time() + timeout
         line = self.proc.stdout.readline()
         if not line:

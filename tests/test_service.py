@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import fcntl
 import json
+import os
 import random
 import re
 import shutil
@@ -443,3 +444,20 @@ def test_binding_beyond_loopback_without_keys_is_refused(tmp_path):
                              "--index-root", str(tmp_path), "--device", "cpu"], cwd=REPO, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 2 and "--curve-keys" in result.stderr
+
+
+@pytest.mark.parametrize("chosen", [{}, {"GOMP_SPINCOUNT": "2500"}, {"OMP_WAIT_POLICY": "ACTIVE"}])
+def test_the_workers_openmp_threads_soon_sleep_unless_the_user_chose_how_they_wait(tmp_path, chosen):
+    """libgomp's default spinning made searches 5-10x slower beside another busy torch process
+    (worker.openmp). What libgomp itself took, as it prints it at start (OMP_DISPLAY_ENV)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}  # this process's
+    result = subprocess.run([sys.executable, "-m", "worker", "info", str(tmp_path / "none")], cwd=REPO,
+                            env={**env, **chosen, "OMP_DISPLAY_ENV": "VERBOSE"}, capture_output=True, text=True,
+                            timeout=120)
+    taken = dict(re.findall(r"^\s*(GOMP_SPINCOUNT|OMP_WAIT_POLICY) = '(\w+)'", result.stderr, re.M))
+    if not chosen:
+        assert taken["GOMP_SPINCOUNT"] == "10000", result.stderr
+    elif "GOMP_SPINCOUNT" in chosen:
+        assert taken["GOMP_SPINCOUNT"] == "2500"
+    else:
+        assert taken["OMP_WAIT_POLICY"] == "ACTIVE" and taken["GOMP_SPINCOUNT"] != "10000"
