@@ -33,16 +33,15 @@ from lab.worker_process import WorkerProcess, wait_job
 from wire import job_states as states
 from worker.assets import load_asset_paths
 from worker.model.loading import load_model
+from worker.openmp import USER_CHOICES
 from worker.store import IndexWriter, TileIndex
 from worker.tiling import TileSettings
-
-OPENMP_CHOICES = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")  # this process holds the worker's own (worker.openmp)
 
 
 def environment(spec: str) -> dict[str, str]:
     """This process's environment less its OpenMP choices, with `spec`'s (VAR=VALUE,...; "worker":
     none, the worker's own defaults)."""
-    env = {k: v for k, v in os.environ.items() if k not in OPENMP_CHOICES}
+    env = {k: v for k, v in os.environ.items() if k not in USER_CHOICES}  # this process holds the worker's own
     if spec != "worker":
         env.update(item.split("=", 1) for item in spec.split(","))
     return env

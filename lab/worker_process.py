@@ -70,8 +70,9 @@ class WorkerProcess:
 
     def start(self, timeout: float = 90.0, curve=None) -> "WorkerProcess":
         """Start and wait until it answers a ping (sent with `curve` keys for a CURVE bind)."""
+        env = os.environ if self.env is None else self.env
         self.proc = subprocess.Popen(self.cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=open(self.log, "ab"),
-                                     text=True, env={**(os.environ if self.env is None else self.env), "PYTHONUNBUFFERED": "1"})
+                                     text=True, env={**env, "PYTHONUNBUFFERED": "1"})
         deadline = time.time() + timeout
         line = self.proc.stdout.readline()
         if not line:

@@ -27,6 +27,7 @@ from wire.client import WorkerClient
 from wire.errors import WorkerError, WorkerUnavailable
 from wire.protocol import decode_progress, decode_reply, encode_request
 from wire.sockets import CurveKeys, subscribe_progress
+from worker.openmp import USER_CHOICES
 from worker.store import TileIndex
 from lab.many_shards import split_copy
 from lab.worker_process import REPO, WorkerProcess, free_port, make_curve_keys, wait_job
@@ -451,7 +452,7 @@ def test_the_workers_openmp_threads_soon_sleep_unless_the_user_chose_how_they_wa
     """libgomp's default spinning made searches 5-11x slower beside another busy torch process
     (worker.openmp). What each libgomp loaded (torch's, FAISS's) itself took, as it prints it
     at start (OMP_DISPLAY_ENV; GCC 13 on prefixes its lines with "[host]")."""
-    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}  # this process's
+    env = {k: v for k, v in os.environ.items() if k not in USER_CHOICES}  # this process's: the worker's own
     result = subprocess.run([sys.executable, "-m", "worker", "info", str(tmp_path / "none")], cwd=REPO,
                             env={**env, **chosen, "OMP_DISPLAY_ENV": "VERBOSE"}, capture_output=True, text=True,
                             timeout=120)

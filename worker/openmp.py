@@ -17,10 +17,10 @@ search_beside_load; docs/benchmarks/speed.md, fifteenth stop):
 Alone, over this and a second run, 10,000 gave 171-200 ms and the default 165-183 (means 183 and
 174: perhaps 5%, within the noise of any one figure). 3,000 shows no cost in this table, but took
 196-205 ms against 175-193 in earlier scratch runs. Beside a torch process that keeps the
-default (--cli-env), the worker's searches took 392-406 ms against 1051-1565. Beside work that never
-waits for a team (sha256sum on every core) every count gave 363-486 ms, and during the worker's
-own indexing job 286-321. Torch's Windows and macOS builds use Intel's or LLVM's OpenMP, whose
-threads spin for KMP_BLOCKTIME instead: not set here, and not measured.
+default (--cli-env), the worker's searches took 392-406 ms against 1051-1565. Beside work that
+never waits for a team (sha256sum on every core) every count gave 363-486 ms, and during the
+worker's own indexing job 286-321. Torch's Windows and macOS builds use Intel's or LLVM's OpenMP,
+whose threads spin for KMP_BLOCKTIME instead: not set here, and not measured.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import os
 from collections.abc import MutableMapping
 
 SPIN_COUNT = 10_000
+USER_CHOICES = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")  # either one set: the user chose how OpenMP waits
 
 
 def spin_briefly(environ: MutableMapping[str, str] = os.environ) -> None:
@@ -36,5 +37,5 @@ def spin_briefly(environ: MutableMapping[str, str] = os.environ) -> None:
     OMP_WAIT_POLICY set). Each libgomp reads it once, when it is loaded: in a process that loaded
     torch before the worker package, torch's keeps its default (FAISS's own libgomp, loaded
     later, and child processes still take this)."""
-    if "GOMP_SPINCOUNT" not in environ and "OMP_WAIT_POLICY" not in environ:
+    if not any(name in environ for name in USER_CHOICES):
         environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
