@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from lab.page_cache import evict
 from lab.worker_process import WorkerProcess, memory_mb
 from worker import ann, query_templates
 from worker.ranking import RankingConfig
@@ -143,17 +144,22 @@ def png(sketch: torch.Tensor) -> bytes:
     return out.getvalue()
 
 
-def end_to_end(index_dir: Path, raster_root: Path, sketches: list[torch.Tensor], ann_mode: str = "on") -> dict:
+def end_to_end(index_dir: Path, raster_root: Path, sketches: list[torch.Tensor], ann_mode: str = "on",
+               cold: bool = False) -> dict:
     """Searches (with `ann: on` unless told) through a real worker process over ZeroMQ: p50 and
     p95 ms as the client sees them, the worker's peak resident memory, and p50 of the worker's
     own timings (`server`: from when a search thread took the request; by stage: the search's),
-    so that a gap to the in-process figures can be placed."""
+    so that a gap to the in-process figures can be placed. `cold`: each search from a cold page
+    cache, the files of the index and under raster_root evicted before it (lab.page_cache), as
+    the first searches after a restart or on an index larger than memory read them."""
     worker = WorkerProcess(index_dir.parent, raster_root).start()
     try:
         times, server = [], []
         with worker.client(timeout=120) as client:
             client.search(index_dir.name, png(sketches[0]), ann=ann_mode, top=10)  # warm-up: opens the index
             for sketch in sketches[:TIMED_QUERIES]:
+                if cold:
+                    evict([index_dir, raster_root])
                 t0 = time.perf_counter()
                 reply = client.search(index_dir.name, png(sketch), ann=ann_mode, top=10)
                 times.append(1e3 * (time.perf_counter() - t0))

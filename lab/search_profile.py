@@ -7,7 +7,9 @@ client sees, and the worker's peak memory), with the exact scan and with the ANN
 real index's own windows; with synthetic windows it also says the shortlist's recall of the exact
 best 200 windows (lab.ann_scale.recall). It found that bench_speed's worker, started after its Dask clusters,
 ran on one thread (worker.distributed keeps the environment now; docs/benchmarks/speed.md).
-Run: scripts/lab search_profile [--windows N [--lists 256,512] [--neighbours 2048]] [--queries 10]
+With --cold it also times searches from a cold page cache, the index's and raster's files evicted
+before each (lab.page_cache).
+Run: scripts/lab search_profile [--windows N [--lists 256,512] [--neighbours 2048]] [--queries 10] [--cold]
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ def main() -> int:
     parser.add_argument("--lists", default="", help="with --windows: recall also at these lists visited (e.g. 256,512)")
     parser.add_argument("--neighbours", default="",
                         help="with --windows: recall also with these many windows asked a query vector (e.g. 2048)")
+    parser.add_argument("--cold", action="store_true",
+                        help="also end to end with ann on, each search from a cold page cache (Linux)")
     args = parser.parse_args()
     model = load_model(device="cpu")
     raster = Path(load_asset_paths()["s2_rgb"])
@@ -86,11 +90,11 @@ def main() -> int:
             stages = search_latency(index, model, queries, RankingConfig(ann=mode))
             print(f"in process, ann {mode}, ms: {({k: round(v) for k, v in stages.items()})}", flush=True)
         print(f"ANN shortlist alone, ms: {shortlist_ms(index, queries)}", flush=True)
-        for mode in ("off", "on"):
-            e2e = ann_scale.end_to_end(index_dir, raster.parent, queries, ann_mode=mode)
-            print(f"end to end, ann {mode}: p50 {e2e['p50']:.0f} ms, p95 {e2e['p95']:.0f} ms, "
-                  f"worker peak RSS {e2e['peak_rss_mb']:.0f} MB; the worker's own timings, p50 ms: {e2e['server']}",
-                  flush=True)
+        for mode, cold in [("off", False), ("on", False)] + [("on", True)] * args.cold:
+            e2e = ann_scale.end_to_end(index_dir, raster.parent, queries, ann_mode=mode, cold=cold)
+            print(f"end to end, ann {mode}{', each search from a cold page cache' * cold}: p50 {e2e['p50']:.0f} ms, "
+                  f"p95 {e2e['p95']:.0f} ms, worker peak RSS {e2e['peak_rss_mb']:.0f} MB; the worker's own timings, "
+                  f"p50 ms: {e2e['server']}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
