@@ -34,6 +34,7 @@ import shutil
 import time
 import weakref
 from collections.abc import Iterator
+from concurrent.futures import wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,7 @@ from worker.errors import CorruptIndexError, InputError
 from worker.placement_scan import COARSE_STEP, WINDOW_CELLS
 from worker.store import TileIndex, write_json_atomic
 from worker.store.format import disk_write, index_lock, replace_durably
+from worker.thread_pools import shared_pool
 
 ANN_DIR = "ann"
 WINDOW = WINDOW_CELLS * CELL  # level px: one tile
@@ -103,7 +105,11 @@ ADD_BATCH = 100_000
 CODES = {"refine": np.uint8, "refine_full": np.float16}
 # the codes of 8 bits over each dimension's range (NAME_range.npy); the others are the values themselves
 RANGED = tuple(name for name, dtype in CODES.items() if dtype == np.uint8)
-ROWS_A_RELEASE = 256  # rows read before their pages are let go (Codes.rows)
+# A search's rows are read by READ_THREADS threads at once, each a run of them in file order, so
+# that from a cold page cache (the first searches after a restart; an index larger than memory)
+# the disk has many reads to serve at once instead of one page fault at a time (Codes.rows).
+READ_THREADS = 8
+ROWS_A_RELEASE = 256  # rows a thread reads before their pages are let go (Codes.rows)
 FAULT_AROUND = 64 * 1024  # the most the kernel maps around a faulted page (its default fault_around_bytes)
 FULL_RERANK = 512
 FORMAT = 4  # 2: the rotated re-rank codes; 3: and the full ones at 8 bits; 4: at 16. Another is rebuilt by `update`
@@ -555,13 +561,20 @@ def _npy_header(file) -> tuple[tuple[int, ...], np.dtype, int]:
 class Codes:
     """One file of re-rank codes (NAME.npy, of CODES[NAME]'s dtype), read by row. The file is
     mapped for one read at a time, with random access advised (else the kernel's read-around
-    reads 128 KB from disk for each row), and the pages of every ROWS_A_RELEASE rows are let go
-    as soon as they are read: a search reads thousands of scattered rows of a file of gigabytes,
-    and the kernel maps up to 64 KB of cached pages around each row it faults in (fault-around),
-    so one read of 15,000 rows of a warm 576 MB file counted all 576 MB to the worker's resident
-    memory while it lasted (40 MB with releases every 1024 rows, 14 MB every 256, as fast;
-    measured). A mapping kept open counted every page ever touched (7.7 GB at 10M tiles). The
-    file is kept open, so that a shortlist rebuilt meanwhile (_swap_in) does not change what
+    reads 128 KB from disk for each row and, from a cold cache, the whole file).
+
+    Rows are read by READ_THREADS threads. 15,000 scattered rows of a 576 MB file (the refine
+    codes of 1M tiles) took 1.36 s from a cold page cache in one thread, 0.23 s in 8, 0.17 s in
+    16; 12-17 ms from a warm one in any (medians; docs/benchmarks/speed.md).
+
+    The pages of every ROWS_A_RELEASE rows a thread reads are let go as soon as they are read:
+    the kernel maps up to 64 KB of cached pages around each row it faults in (fault-around), so
+    one read of 15,000 rows of a warm 576 MB file counted all 576 MB to the worker's resident
+    memory while it lasted, and a mapping kept open counted every page ever touched (7.7 GB at
+    10M tiles). With releases, 8,000 rows of a warm 256 MB file raised the peak by 13-15 MB in
+    one thread, 12-72 MB in 8, 67-95 MB in 16 (measured), so 8 threads.
+
+    The file is kept open, so that a shortlist rebuilt meanwhile (_swap_in) does not change what
     this one reads."""
 
     def __init__(self, folder: Path, name: str):
@@ -586,13 +599,22 @@ class Codes:
         with mmap.mmap(self.file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
             mapped.madvise(mmap.MADV_RANDOM)
             table = np.frombuffer(mapped, self.dtype, self.shape[0] * self.shape[1], self.offset).reshape(self.shape)
-            for start in range(0, len(ids), ROWS_A_RELEASE):
-                part = order[start:start + ROWS_A_RELEASE]
-                picked[part] = table[ids[part]]  # copies: the mapping closes with nothing pointing into it
-                first = (self.offset + int(ids[part[0]]) * row_bytes) // FAULT_AROUND * FAULT_AROUND
-                end = min(size, -(-(self.offset + (int(ids[part[-1]]) + 1) * row_bytes) // FAULT_AROUND) * FAULT_AROUND)
-                mapped.madvise(mmap.MADV_DONTNEED, first, end - first)
+
+            def read_run(run: np.ndarray) -> None:
+                for start in range(0, len(run), ROWS_A_RELEASE):
+                    part = run[start:start + ROWS_A_RELEASE]
+                    picked[part] = table[ids[part]]  # copies: the mapping closes with nothing pointing into it
+                    first = (self.offset + int(ids[part[0]]) * row_bytes) // FAULT_AROUND * FAULT_AROUND
+                    end = min(size, -(-(self.offset + (int(ids[part[-1]]) + 1) * row_bytes) // FAULT_AROUND) * FAULT_AROUND)
+                    mapped.madvise(mmap.MADV_DONTNEED, first, end - first)
+
+            runs = [run for run in np.array_split(order, READ_THREADS) if len(run)]
+            readers = shared_pool("ann-read", READ_THREADS)
+            reads = [readers.submit(read_run, run) for run in runs]
+            wait(reads)  # all of them, even when one failed: none may read the mapping after it closes
             del table
+            for read in reads:
+                read.result()
         return picked
 
     def best_scores(self, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:

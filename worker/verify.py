@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import rasterio
@@ -26,6 +25,7 @@ from worker.placement import Placement
 from worker.ranking import RankingConfig
 from worker.sketch import sketch_pixels
 from worker.store import TileIndex
+from worker.thread_pools import shared_pool
 
 
 READ_THREADS = min(4, os.cpu_count() or 1)  # GDAL and PIL release the GIL while reading and turning
@@ -58,19 +58,6 @@ class _OpenRasters(threading.local):
 
 
 _open_rasters = _OpenRasters()
-_readers: ThreadPoolExecutor | None = None
-_readers_lock = threading.Lock()
-
-
-def _reading_pool() -> ThreadPoolExecutor:
-    """The threads that read places, started once: their open rasters outlive a search."""
-    global _readers
-    with _readers_lock:
-        if _readers is None:
-            _readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="verify-read")
-        return _readers
-
-
 def read_placement(placement: Placement, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Placement.read from this thread's open raster; RasterUnreadable when the raster cannot be
     opened or read now."""
@@ -85,7 +72,8 @@ def draw_placements(placements: list[Placement], size: int) -> np.ndarray:
     Read in a few threads, drawn as one batch."""
     from worker.line_drawing import tile_line_drawings
 
-    read = list(_reading_pool().map(lambda p: read_placement(p, size), placements))
+    readers = shared_pool("verify-read", READ_THREADS)  # started once: their open rasters outlive a search
+    read = list(readers.map(lambda p: read_placement(p, size), placements))
     images = np.stack([r[0] for r in read])
     valid = np.stack([r[1] for r in read])
     return tile_line_drawings(images, valid)[..., 0]
