@@ -189,15 +189,16 @@ def test_reading_scattered_re_rank_codes_does_not_hold_their_file_in_memory(tmp_
     """A search reads thousands of scattered rows of a code file of gigabytes. Read through a
     mapping, the kernel maps cached pages around each row, so one read of 8,000 rows of a warm
     256 MB file counted the whole file to the worker's resident memory while it lasted
-    (measured: +245 MB). Rows are right and the peak rises by under half the file (measured:
-    12-72 MB, read by 8 threads, each letting go of its pages every 256 rows)."""
+    (measured: +245 MB). Rows are right and the peak rises by well under the file: 8 threads
+    each let go of their pages every 256 rows, 32 KB apart here, so at most 64 MB of the file is
+    mapped at once (measured: 12-72 MB with the threads' own)."""
     rows = 1_000_000
     expected = write_codes(tmp_path, rows, 256)  # the file's pages are now in the page cache, as a worker's are after a few searches
     ids = np.random.default_rng(1).choice(rows, 8000, replace=False)
     read = {}
     rose = peak_resident_mb_during(lambda: read.update(rows=ann.Codes(tmp_path, "refine").rows(ids)))
     assert (read["rows"] == expected[ids]).all()
-    assert rose < 128, rose
+    assert rose < 96, rose
 
 
 def test_re_rank_codes_read_from_a_cold_disk_are_right_and_only_theirs(tmp_path):
@@ -209,7 +210,8 @@ def test_re_rank_codes_read_from_a_cold_disk_are_right_and_only_theirs(tmp_path)
     expected = write_codes(tmp_path, rows, dim)
     codes = ann.Codes(tmp_path, "refine")
     evict([codes.path])
-    assert cached_share(codes.path) < 0.01  # the set-up: a cold file
+    if cached_share(codes.path) > 0.01:
+        pytest.skip(f"{tmp_path}'s file system keeps its pages in memory (tmpfs): no cold file to read")
     ids = np.random.default_rng(1).choice(rows, 2000, replace=False)
     assert (codes.rows(ids) == expected[ids]).all()
     own_pages = np.unique((codes.offset + ids * dim) // PAGE)

@@ -571,8 +571,10 @@ class Codes:
     the kernel maps up to 64 KB of cached pages around each row it faults in (fault-around), so
     one read of 15,000 rows of a warm 576 MB file counted all 576 MB to the worker's resident
     memory while it lasted, and a mapping kept open counted every page ever touched (7.7 GB at
-    10M tiles). With releases, 8,000 rows of a warm 256 MB file raised the peak by 13-15 MB in
-    one thread, 12-72 MB in 8, 67-95 MB in 16 (measured), so 8 threads.
+    10M tiles). With releases, at most READ_THREADS * ROWS_A_RELEASE rows' 64 KB are mapped at
+    once (128 MB, where rows lie 64 KB apart or more: at 10M tiles, not measured); 8,000 rows of
+    a warm 256 MB file, 32 KB apart, raised the peak by 13-15 MB in one thread, 12-72 MB in 8,
+    67-95 MB in 16 (measured), so 8 threads.
 
     The file is kept open, so that a shortlist rebuilt meanwhile (_swap_in) does not change what
     this one reads."""
@@ -608,11 +610,14 @@ class Codes:
                     end = min(size, -(-(self.offset + (int(ids[part[-1]]) + 1) * row_bytes) // FAULT_AROUND) * FAULT_AROUND)
                     mapped.madvise(mmap.MADV_DONTNEED, first, end - first)
 
-            runs = [run for run in np.array_split(order, READ_THREADS) if len(run)]
-            readers = shared_pool("ann-read", READ_THREADS)
-            reads = [readers.submit(read_run, run) for run in runs]
-            wait(reads)  # all of them, even when one failed: none may read the mapping after it closes
-            del table
+            readers, reads = shared_pool("ann-read", READ_THREADS), []
+            try:
+                for run in np.array_split(order, READ_THREADS):
+                    if len(run):
+                        reads.append(readers.submit(read_run, run))
+            finally:
+                wait(reads)  # all of them, even when one failed: none may read the mapping after it closes
+                del table
             for read in reads:
                 read.result()
         return picked

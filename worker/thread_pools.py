@@ -10,7 +10,8 @@ _lock = threading.Lock()
 
 
 def shared_pool(name: str, threads: int) -> ThreadPoolExecutor:
-    """The process's pool called `name`, started with `threads` threads at its first use."""
+    """The process's pool called `name`, started with `threads` threads at its first use (later
+    calls get it as it is)."""
     with _lock:
         if name not in _pools:
             _pools[name] = ThreadPoolExecutor(threads, thread_name_prefix=name)
