@@ -169,9 +169,9 @@ def first_searches_from_disk(index_dir: Path, raster_root: Path, sketches: list[
     """What a search after a restart costs when the index is not in memory (after a reboot, or an
     index larger than memory): each sketch the first search of a fresh worker (`ann: on`), after
     every file of the index and under raster_root was dropped from the page cache
-    (lab.page_cache). As end_to_end, and `left_cached`: the largest share of index.faiss still
-    cached after a drop (pages a running process maps cannot be dropped: none may, for a true
-    figure)."""
+    (lab.page_cache). As end_to_end, with `sketches` (how many; at most COLD_QUERIES) and
+    `left_cached`: the largest share of index.faiss still cached after a drop (pages a running
+    process maps cannot be dropped: none may, for a true figure)."""
     times, replies, peaks, left = [], [], [], []
     for sketch in sketches[:COLD_QUERIES]:
         evict([index_dir, raster_root])
@@ -185,7 +185,7 @@ def first_searches_from_disk(index_dir: Path, raster_root: Path, sketches: list[
             peaks.append(memory_mb(worker.proc.pid)["VmHWM"])
         finally:
             worker.stop()
-    return _latency(times, replies) | {"peak_rss_mb": max(peaks), "left_cached": max(left)}
+    return _latency(times, replies) | {"peak_rss_mb": max(peaks), "left_cached": max(left), "sketches": len(times)}
 
 
 def _latency(times: list[float], replies: list[dict]) -> dict:

@@ -101,7 +101,7 @@ def main() -> int:
             gc.collect()
             cold = ann_scale.first_searches_from_disk(index_dir, raster.parent, queries)
             print(f"first search of a fresh worker, the index and raster dropped from the page cache "
-                  f"({ann_scale.COLD_QUERIES} sketches): p50 {cold['p50']:.0f} ms, p95 {cold['p95']:.0f} ms, "
+                  f"({cold['sketches']} sketches): p50 {cold['p50']:.0f} ms, p95 {cold['p95']:.0f} ms, "
                   f"worker peak RSS {cold['peak_rss_mb']:.0f} MB, index.faiss still cached at most "
                   f"{cold['left_cached']:.3f}; the worker's own timings, p50 ms: {cold['server']}", flush=True)
     finally:
