@@ -107,9 +107,13 @@ CODES = {"refine": np.uint8, "refine_full": np.float16}
 RANGED = tuple(name for name, dtype in CODES.items() if dtype == np.uint8)
 # A search's rows are read by READ_THREADS threads at once, each a run of them in file order, so
 # that from a cold page cache (the first searches after a restart; an index larger than memory)
-# the disk has many reads to serve at once instead of one page fault at a time (Codes.rows).
+# the disk has many reads to serve at once instead of one page fault at a time (RowFile.rows).
 READ_THREADS = 8
-ROWS_A_RELEASE = 256  # rows a thread reads before their pages are let go (Codes.rows)
+ROWS_A_RELEASE = 256  # rows a thread reads before their pages are let go (RowFile.rows)
+# Rows asked closer than this on average (bytes) are read with the kernel's read-around, not as
+# random pages: 15,000 rows of the 36 MB windows.npy of 1M tiles took 19 ms from a cold cache so
+# and 128 ms as random pages; 512 rows took 24 ms so and 9 as random pages (RowFile.rows).
+DENSE_GAP = 8192
 FAULT_AROUND = 64 * 1024  # the most the kernel maps around a faulted page (its default fault_around_bytes)
 FULL_RERANK = 512
 FORMAT = 4  # 2: the rotated re-rank codes; 3: and the full ones at 8 bits; 4: at 16. Another is rebuilt by `update`
@@ -558,10 +562,11 @@ def _npy_header(file) -> tuple[tuple[int, ...], np.dtype, int]:
     return shape, dtype, file.tell()
 
 
-class Codes:
-    """One file of re-rank codes (NAME.npy, of CODES[NAME]'s dtype), read by row. The file is
-    mapped for one read at a time, with random access advised (else the kernel's read-around
-    reads 128 KB from disk for each row and, from a cold cache, the whole file).
+class RowFile:
+    """A .npy file of rows (2-D, of one dtype) of a shortlist, read by row: the re-rank codes
+    (Codes) and windows.npy. The file is mapped for one read at a time, with random access
+    advised (else the kernel's read-around reads 128 KB from disk for each row and, from a cold
+    cache, the whole file).
 
     Rows are read by READ_THREADS threads. 15,000 scattered rows of a 576 MB file (the refine
     codes of 1M tiles) took 1.36 s from a cold page cache in one thread, 0.23 s in 8, 0.17 s in
@@ -579,27 +584,23 @@ class Codes:
     The file is kept open, so that a shortlist rebuilt meanwhile (_swap_in) does not change what
     this one reads."""
 
-    def __init__(self, folder: Path, name: str):
-        self.path = folder / f"{name}.npy"
+    def __init__(self, path: Path, dtype, what: str):
+        self.path = path
         self.file = open(self.path, "rb")
         weakref.finalize(self, self.file.close)
         self.shape, self.dtype, self.offset = _npy_header(self.file)  # where the rows start; none is read
-        if self.dtype != CODES[name] or len(self.shape) != 2:
-            raise CorruptIndexError(f"{self.path}: {self.dtype} {self.shape}, expected codes of "
-                                    f"{np.dtype(CODES[name])}; run `python -m worker build-ann` again")
-        if name in RANGED:
-            self.low, self.step = np.load(folder / f"{name}_range.npy")  # each dimension's (CodeWriter)
-        else:  # the values themselves
-            self.low, self.step = np.zeros(self.shape[1], np.float32), np.ones(self.shape[1], np.float32)
+        if self.dtype != dtype or len(self.shape) != 2:
+            raise CorruptIndexError(f"{self.path}: {self.dtype} {self.shape}, expected {what} of "
+                                    f"{np.dtype(dtype)}; run `python -m worker build-ann` again")
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
-        """The codes of rows `ids`: (len(ids), dim) of the file's dtype."""
+        """Rows `ids`, in their order: (len(ids), columns) of the file's dtype."""
         order = np.argsort(ids, kind="stable")
         picked = np.empty((len(ids), self.shape[1]), self.dtype)
         row_bytes = self.shape[1] * self.dtype.itemsize
         size = self.offset + self.shape[0] * row_bytes
         with mmap.mmap(self.file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            mapped.madvise(mmap.MADV_RANDOM)
+            mapped.madvise(mmap.MADV_NORMAL if len(ids) * DENSE_GAP >= size else mmap.MADV_RANDOM)
             table = np.frombuffer(mapped, self.dtype, self.shape[0] * self.shape[1], self.offset).reshape(self.shape)
 
             def read_run(run: np.ndarray) -> None:
@@ -621,6 +622,18 @@ class Codes:
             for read in reads:
                 read.result()
         return picked
+
+
+class Codes(RowFile):
+    """One file of re-rank codes (NAME.npy, of CODES[NAME]'s dtype), read by row (RowFile), and
+    the range its 8-bit codes stand for (NAME_range.npy)."""
+
+    def __init__(self, folder: Path, name: str):
+        super().__init__(folder / f"{name}.npy", CODES[name], "codes")
+        if name in RANGED:
+            self.low, self.step = np.load(folder / f"{name}_range.npy")  # each dimension's (CodeWriter)
+        else:  # the values themselves
+            self.low, self.step = np.zeros(self.shape[1], np.float32), np.ones(self.shape[1], np.float32)
 
     def best_scores(self, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """Each row's best inner product with any of `queries` (in this file's space), from its
@@ -654,7 +667,7 @@ class AnnShortlist:
         quantiser = faiss.downcast_index(ivf.quantizer)
         if isinstance(quantiser, faiss.IndexHNSW):
             quantiser.hnsw.efSearch = QUANTISER_EF
-        self.windows = np.load(folder / "windows.npy", mmap_mode="r")
+        self.windows = RowFile(folder / "windows.npy", np.int32, "windows")
         self.codes = {name: Codes(folder, name) for name in CODES}
 
     @classmethod
@@ -701,7 +714,7 @@ class AnnShortlist:
         _, ids = self.index.search(queries, k)
         ids = np.unique(ids[ids >= 0])
         if keep is not None and len(ids):
-            ids = ids[keep(np.asarray(self.windows[ids]))]
+            ids = ids[keep(self.windows.rows(ids))]
         if not len(ids):
             return ids, np.zeros(0, np.float32)
         rough = self.codes["refine"].best_scores(rotate(self.index, queries), ids)
@@ -714,4 +727,4 @@ class AnnShortlist:
         """Window rows (raster id, scale, row, col) and re-ranked scores of the windows among the
         best `k` per query vector (AnnShortlist.candidates), best first."""
         ids, scores = self.candidates(queries, k, keep)
-        return np.asarray(self.windows[ids]) if len(ids) else np.zeros((0, 4), np.int32), scores
+        return self.windows.rows(ids) if len(ids) else np.zeros((0, 4), np.int32), scores
