@@ -111,8 +111,10 @@ RANGED = tuple(name for name, dtype in CODES.items() if dtype == np.uint8)
 READ_THREADS = 8
 ROWS_A_RELEASE = 256  # rows a thread reads before their pages are let go (RowFile.rows)
 # Rows asked closer than this on average (bytes) are read with the kernel's read-around, not as
-# random pages: 15,000 rows of the 36 MB windows.npy of 1M tiles took 19 ms from a cold cache so
-# and 128 ms as random pages; 512 rows took 24 ms so and 9 as random pages (RowFile.rows).
+# random pages (RowFile.rows): nearly every page between them is read anyway, and read-around
+# asks for them in large reads. 15,000 rows of the 36 MB windows.npy of 1M tiles took 19 ms
+# from a cold cache so and 128 ms as random pages; 512 rows took 24 ms so and 9 as random pages.
+# It applies to the re-rank codes too, of indexes under about 200k tiles (not measured there).
 DENSE_GAP = 8192
 FAULT_AROUND = 64 * 1024  # the most the kernel maps around a faulted page (its default fault_around_bytes)
 FULL_RERANK = 512
@@ -565,8 +567,8 @@ def _npy_header(file) -> tuple[tuple[int, ...], np.dtype, int]:
 class RowFile:
     """A .npy file of rows (2-D, of one dtype) of a shortlist, read by row: the re-rank codes
     (Codes) and windows.npy. The file is mapped for one read at a time, with random access
-    advised (else the kernel's read-around reads 128 KB from disk for each row and, from a cold
-    cache, the whole file).
+    advised unless rows are asked densely (DENSE_GAP): else the kernel's read-around reads
+    128 KB from disk for each row and, from a cold cache, the whole file.
 
     Rows are read by READ_THREADS threads. 15,000 scattered rows of a 576 MB file (the refine
     codes of 1M tiles) took 1.36 s from a cold page cache in one thread, 0.23 s in 8, 0.17 s in
