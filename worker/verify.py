@@ -58,6 +58,8 @@ class _OpenRasters(threading.local):
 
 
 _open_rasters = _OpenRasters()
+
+
 def read_placement(placement: Placement, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Placement.read from this thread's open raster; RasterUnreadable when the raster cannot be
     opened or read now."""
