@@ -3,8 +3,12 @@ never asked when it is older than the index."""
 
 from __future__ import annotations
 
+import _thread
 import os
 import shutil
+import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -23,6 +27,7 @@ from worker.ranking import RankingConfig
 from worker.search import ann_shortlist, search
 from worker.sketch import prepare_sketch
 from worker.store import IndexWriter, TileIndex
+from worker.thread_pools import shared_pool
 from worker.tiling import TileSettings
 
 
@@ -218,6 +223,55 @@ def test_re_rank_codes_read_from_a_cold_disk_are_right_and_only_theirs(tmp_path)
     own_share = len(own_pages) / -(-codes.path.stat().st_size // PAGE)
     assert own_share < 0.25  # the set-up: rows pages apart
     assert cached_share(codes.path) < 1.5 * own_share, own_share
+
+
+WAIT_FOR_FUTURES = os.path.join("concurrent", "futures", "_base.py")  # concurrent.futures.wait
+
+
+def test_ctrl_c_while_rows_are_read_stops_as_an_interrupt_and_reads_go_on(tmp_path):
+    """`python -m worker search` reads rows in the main thread, and Ctrl-C there must end in the
+    CLI's clean "interrupted" exit. Before, the interrupt skipped letting go of the mapping, whose
+    close then failed (BufferError: cannot close exported pointers exist) in its place. Here the
+    shared readers are busy (another search's reads, a slow disk) and the interrupt comes once
+    this read waits for its own."""
+    expected = write_codes(tmp_path, 10_000, 64)
+    codes = ann.Codes(tmp_path, "refine")
+    readers = shared_pool("ann-read", ann.READ_THREADS)
+    release = threading.Event()
+
+    def main_thread_waits_for_reads() -> bool:
+        frame = sys._current_frames().get(threading.main_thread().ident)
+        while frame is not None:
+            if frame.f_code.co_name == "wait" and frame.f_code.co_filename.endswith(WAIT_FOR_FUTURES):
+                return True
+            frame = frame.f_back
+        return False
+
+    def busy(first: bool) -> None:
+        if first:  # the read below has queued its runs behind the busy readers and waits for them
+            deadline = time.monotonic() + 30
+            while not main_thread_waits_for_reads() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if main_thread_waits_for_reads():  # else no interrupt: the test fails
+                _thread.interrupt_main()
+                time.sleep(0.1)
+            release.set()
+        release.wait()
+
+    for n in range(ann.READ_THREADS):
+        readers.submit(busy, n == 0)
+    with pytest.raises(KeyboardInterrupt):
+        codes.rows(np.arange(0, 10_000, 3))
+    assert (codes.rows(np.array([7, 2])) == expected[[7, 2]]).all()
+
+
+def test_rows_outside_the_file_are_refused_before_any_is_read(tmp_path):
+    """A negative id would wrap round to the file's last rows."""
+    write_codes(tmp_path, 1000, 64)
+    codes = ann.Codes(tmp_path, "refine")
+    for ids in ([-1, 3], [3, 1000]):
+        with pytest.raises(IndexError, match="refine.npy: rows"):
+            codes.rows(np.array(ids))
 
 
 def test_auto_asks_the_ann_only_for_large_indexes(index_with_ann):

@@ -34,7 +34,6 @@ import shutil
 import time
 import weakref
 from collections.abc import Iterator
-from concurrent.futures import wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +48,7 @@ from worker.errors import CorruptIndexError, InputError
 from worker.placement_scan import COARSE_STEP, WINDOW_CELLS
 from worker.store import TileIndex, write_json_atomic
 from worker.store.format import disk_write, index_lock, replace_durably
-from worker.thread_pools import shared_pool
+from worker.thread_pools import shared_pool, wait_all
 
 ANN_DIR = "ann"
 WINDOW = WINDOW_CELLS * CELL  # level px: one tile
@@ -598,6 +597,9 @@ class RowFile:
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """Rows `ids`, in their order: (len(ids), columns) of the file's dtype."""
+        ids = np.asarray(ids)
+        if len(ids) and (ids.min() < 0 or ids.max() >= self.shape[0]):
+            raise IndexError(f"{self.path.name}: rows {ids.min()}..{ids.max()} asked of {self.shape[0]}")
         order = np.argsort(ids, kind="stable")
         picked = np.empty((len(ids), self.shape[1]), self.dtype)
         row_bytes = self.shape[1] * self.dtype.itemsize
@@ -620,8 +622,10 @@ class RowFile:
                     if len(run):
                         reads.append(readers.submit(read_run, run))
             finally:
-                wait(reads)  # all of them, even when one failed: none may read the mapping after it closes
-                del table
+                try:
+                    wait_all(reads)  # all, even after a failure or Ctrl-C: none may read the mapping once it closes
+                finally:
+                    del table  # also when Ctrl-C is raised on: the mapping cannot close while an array points into it
             for read in reads:
                 read.result()
         return picked

@@ -3,16 +3,38 @@
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 _pools: dict[str, ThreadPoolExecutor] = {}
 _lock = threading.Lock()
 
 
 def shared_pool(name: str, threads: int) -> ThreadPoolExecutor:
-    """The process's pool called `name`, started with `threads` threads at its first use (later
-    calls get it as it is)."""
+    """The process's pool called `name`, started with `threads` threads at its first use; asked
+    with another number later, a ValueError (a comparison of thread counts in one process would
+    otherwise measure the first count every time)."""
     with _lock:
         if name not in _pools:
             _pools[name] = ThreadPoolExecutor(threads, thread_name_prefix=name)
+        if _pools[name]._max_workers != threads:
+            raise ValueError(f"the thread pool {name!r} was started with {_pools[name]._max_workers} threads, "
+                             f"not {threads}")
         return _pools[name]
+
+
+def wait_all(futures: list[Future]) -> None:
+    """Return once none of `futures` runs, also after Ctrl-C: the ones still queued are then
+    cancelled, the running ones waited for, and the KeyboardInterrupt raised. For tasks that read
+    memory the caller frees next (worker.ann.RowFile's mapping): an interrupted wait would let
+    the caller close the mapping under them (BufferError instead of the CLI's clean exit)."""
+    interrupted = None
+    while True:
+        try:
+            wait(futures)
+            break
+        except KeyboardInterrupt as exc:
+            interrupted = exc
+            for future in futures:
+                future.cancel()
+    if interrupted is not None:
+        raise interrupted
