@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
-_pools: dict[str, ThreadPoolExecutor] = {}
+_pools: dict[str, tuple[ThreadPoolExecutor, int]] = {}  # name: the pool, its threads
 _lock = threading.Lock()
 
 
@@ -15,11 +15,11 @@ def shared_pool(name: str, threads: int) -> ThreadPoolExecutor:
     otherwise measure the first count every time)."""
     with _lock:
         if name not in _pools:
-            _pools[name] = ThreadPoolExecutor(threads, thread_name_prefix=name)
-        if _pools[name]._max_workers != threads:
-            raise ValueError(f"the thread pool {name!r} was started with {_pools[name]._max_workers} threads, "
-                             f"not {threads}")
-        return _pools[name]
+            _pools[name] = ThreadPoolExecutor(threads, thread_name_prefix=name), threads
+        pool, started_with = _pools[name]
+        if started_with != threads:
+            raise ValueError(f"the thread pool {name!r} was started with {started_with} threads, not {threads}")
+        return pool
 
 
 def wait_all(futures: list[Future]) -> None:
