@@ -57,7 +57,11 @@ class Feedback:
         if not isinstance(d, dict) or set(d) - {"positive", "negative"}:
             raise InputError(f"feedback {excerpt(d)} must be an object with `positive` and/or `negative` lists of "
                              "hit ids")
-        return cls(tuple(d.get("positive") or ()), tuple(d.get("negative") or ()))
+        marks = {side: d.get(side) or [] for side in ("positive", "negative")}
+        for side, ids in marks.items():
+            if not isinstance(ids, list):  # a string would be read as ids of one character
+                raise InputError(f"feedback `{side}` {excerpt(ids)} must be a list of hit ids")
+        return cls(tuple(marks["positive"]), tuple(marks["negative"]))
 
     def to_json(self) -> dict:
         return {"positive": list(self.positive), "negative": list(self.negative)}
