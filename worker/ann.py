@@ -28,6 +28,7 @@ renames, none (the next build or update puts the old one back), never a mix of t
 from __future__ import annotations
 
 import json
+import logging
 import mmap
 import os
 import shutil
@@ -42,13 +43,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from wire.protocol import excerpt
 from worker import edge_cells
 from worker.edge_cells import CELL, COARSE
 from worker.errors import CorruptIndexError, InputError
 from worker.placement_scan import COARSE_STEP, WINDOW_CELLS
+from worker.search_area import KEY_SPAN
 from worker.store import TileIndex, write_json_atomic
 from worker.store.format import disk_write, index_lock, replace_durably
 from worker.thread_pools import shared_pool, wait_all
+
+log = logging.getLogger(__name__)
 
 ANN_DIR = "ann"
 WINDOW = WINDOW_CELLS * CELL  # level px: one tile
@@ -438,6 +443,42 @@ def _sweep(index_dir: Path) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+REBUILD = ("run `python -m worker build-ann` again, or search without the shortlist (`--ann off`; over the "
+           "protocol `\"ann\": \"off\"`)")
+
+
+def read_built(folder: Path) -> dict:
+    """A shortlist's ann.json (what was built); CorruptIndexError when it is not a JSON object
+    (FileNotFoundError passes: between a swap's two renames there is none)."""
+    path = folder / "ann.json"
+    try:
+        built = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CorruptIndexError(f"{path}: unreadable ({excerpt(str(exc))}); {REBUILD}") from None
+    if not isinstance(built, dict) or not isinstance(built.get("covers", {}), dict) \
+            or not isinstance(built.get("file_bytes", {}), dict):
+        raise CorruptIndexError(f"{path}: not what a build writes; {REBUILD}")
+    return built
+
+
+def check_windows(index: TileIndex, rows: np.ndarray) -> None:
+    """Refuse window rows (raster id, scale, stored-cell row and column) that lie in no level map of
+    `index`: a damaged windows.npy would otherwise fail a search with a KeyError, or hand on
+    places outside every map and find nothing, without a word."""
+    rows = np.asarray(rows).reshape(-1, 4).astype(np.int64)
+    keys, where = np.unique(rows[:, 0] * KEY_SPAN + rows[:, 1], return_inverse=True)  # one a map: fast at 22M rows
+    maps = [(int(key) // KEY_SPAN, int(key) % KEY_SPAN) for key in keys]
+    shapes = np.array([index.maps[k].cells.shape[:2] if k in index.maps else (0, 0) for k in maps], np.int64)
+    outside = (rows[:, 1] < 0) | (rows[:, 1] >= KEY_SPAN) | (rows[:, 2:] < 0).any(1)
+    outside |= (rows[:, 2:] >= shapes.reshape(-1, 2)[where]).any(1)
+    if outside.any():
+        raster_id, scale, row, col = rows[outside][0].tolist()
+        raise CorruptIndexError(f"{ann_dir(index.dir) / 'windows.npy'}: a window (raster {raster_id}, scale {scale}, "
+                                f"cell {row}, {col}) outside the index's maps; {REBUILD}")
+
+
 def check_sizes(folder: Path, info: dict) -> None:
     """Refuse memory-mapped files whose size is not what was written (a truncated file, mapped,
     would crash the worker at the first read past its end instead of failing here)."""
@@ -446,7 +487,7 @@ def check_sizes(folder: Path, info: dict) -> None:
         found = path.stat().st_size if path.exists() else None
         if found != size:
             raise CorruptIndexError(f"{path}: {found if found is not None else 'missing'}, written as {size} bytes; "
-                                    "run `python -m worker build-ann` again, or search with --ann off")
+                                    f"{REBUILD}")
 
 
 def covered(index: TileIndex) -> dict[str, int]:
@@ -489,10 +530,14 @@ def current(built: dict, index: TileIndex) -> bool:
 
 def describe(index: TileIndex) -> dict | None:
     """What `info` says of an index's ANN shortlist: what it holds, whether it covers the index
-    as it is now, and whether a search asks it (None: the index has none)."""
+    as it is now, and whether a search asks it (None: the index has none; `damaged`: why it
+    cannot be read)."""
     if not AnnShortlist.exists(index.dir):
         return None
-    built = json.loads((ann_dir(index.dir) / "ann.json").read_text())
+    try:
+        built = AnnShortlist(index.dir).info
+    except CorruptIndexError as exc:  # the index itself is fine, and `info` says what to do
+        return {"damaged": str(exc)}
     answered = answers_for(built, index)
     beside = None if answered is None else sorted(r for r in index.tiles_per_raster
                                                   if r not in answered and r not in index.left_out)
@@ -512,21 +557,28 @@ def update(index: TileIndex) -> AnnInfo | None:
 
 
 def _update(index: TileIndex) -> AnnInfo | None:
-    import faiss
-
     built_dir = ann_dir(index.dir)
     if not AnnShortlist.exists(index.dir):
         return None
-    built = json.loads((built_dir / "ann.json").read_text())
-    answered = answers_for(built, index)
-    if answered is None or not _whole(built_dir, built) or {int(r) for r in built["covers"]} - answered:
-        return _build(index)  # a covered raster this view leaves out would lose its place in `covers`, not its windows
+    began = time.perf_counter()
+    try:
+        built = read_built(built_dir)
+        answered = answers_for(built, index)
+        if answered is None or not _whole(built_dir, built) or {int(r) for r in built["covers"]} - answered:
+            answered = None  # a covered raster this view leaves out would lose its place in `covers`, not its windows
+        else:
+            AnnShortlist(index.dir)  # its files readable
+            rows = [np.load(built_dir / "windows.npy")]
+            check_windows(index, rows[0])  # else kept, or copied into the new shortlist under sizes that then match
+    except (CorruptIndexError, KeyError, TypeError, ValueError) as exc:
+        log.warning("%s: its ANN shortlist cannot be read (%s); building it again", index.dir, excerpt(str(exc)))
+        answered = None
+    if answered is None:
+        return _build(index)
     new = [int(r) for r in covered(index) if int(r) not in answered]
     if not new:
         return AnnInfo(built["vectors"], built["rasters"], built["factory"], 0.0, built["bytes_on_disk"])
-    began = time.perf_counter()
-    ann = faiss.read_index(str(built_dir / "index.faiss"))
-    rows = [np.load(built_dir / "windows.npy")]
+    ann = _read_faiss(built_dir / "index.faiss")  # whole, to add to (opened above mapped: readable)
     # the new windows are counted first (made twice: holding them all could take more memory than
     # there is), so that the codes files are written at their final size
     added = sum(len(v) for _, _, v, _ in _windows_of(index, rasters=set(new)))
@@ -538,6 +590,16 @@ def _update(index: TileIndex) -> AnnInfo | None:
                 writer.add(vectors)
             rows.append(_window_rows(raster_id, scale, origins))
         return _write(index, ann, rows, codes, built["factory"], began, folder)
+
+
+def _read_faiss(path: Path, flags: int = 0):
+    """A FAISS index read from `path`; CorruptIndexError when FAISS cannot read it."""
+    import faiss
+
+    try:
+        return faiss.read_index(str(path), flags)
+    except RuntimeError as exc:
+        raise CorruptIndexError(f"{path}: FAISS cannot read it ({excerpt((str(exc).strip().splitlines() or ['?'])[-1])}); {REBUILD}") from None
 
 
 def _whole(folder: Path, built: dict) -> bool:
@@ -558,9 +620,9 @@ def _npy_header(file) -> tuple[tuple[int, ...], np.dtype, int]:
         read = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
         shape, fortran_order, dtype = read(file)
     except ValueError as exc:
-        raise CorruptIndexError(f"{file.name}: not a .npy file ({exc}); run `python -m worker build-ann` again") from None
+        raise CorruptIndexError(f"{file.name}: not a .npy file ({exc}); {REBUILD}") from None
     if fortran_order:
-        raise CorruptIndexError(f"{file.name}: in Fortran order; run `python -m worker build-ann` again")
+        raise CorruptIndexError(f"{file.name}: in Fortran order; {REBUILD}")
     return shape, dtype, file.tell()
 
 
@@ -593,7 +655,7 @@ class RowFile:
         self.shape, self.dtype, self.offset = _npy_header(self.file)  # where the rows start; none is read
         if self.dtype != dtype or len(self.shape) != 2:
             raise CorruptIndexError(f"{self.path}: {self.dtype} {self.shape}, expected {what} of "
-                                    f"{np.dtype(dtype)}; run `python -m worker build-ann` again")
+                                    f"{np.dtype(dtype)}; {REBUILD}")
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """Rows `ids`, in their order: (len(ids), columns) of the file's dtype."""
@@ -637,8 +699,11 @@ class Codes(RowFile):
 
     def __init__(self, folder: Path, name: str):
         super().__init__(folder / f"{name}.npy", CODES[name], "codes")
-        if name in RANGED:
-            self.low, self.step = np.load(folder / f"{name}_range.npy")  # each dimension's (CodeWriter)
+        if name in RANGED:  # each dimension's (CodeWriter); a pickle is refused, not loaded
+            try:
+                self.low, self.step = np.load(folder / f"{name}_range.npy").reshape(2, self.shape[1])
+            except (OSError, ValueError) as exc:
+                raise CorruptIndexError(f"{folder / f'{name}_range.npy'}: {excerpt(str(exc))}; {REBUILD}") from None
         else:  # the values themselves
             self.low, self.step = np.zeros(self.shape[1], np.float32), np.ones(self.shape[1], np.float32)
 
@@ -663,19 +728,30 @@ class AnnShortlist:
         self.full_rerank = full_rerank
         folder = ann_dir(index_dir)
         self.stamp = AnnShortlist.stamp_of(index_dir)  # before anything is read: a swap meanwhile shows next time
-        self.info = json.loads((folder / "ann.json").read_text())
+        self.folder = folder
+        self.info = read_built(folder)
         self.current_format = self.info.get("format") == FORMAT
         if not self.current_format:
             return  # built by an older worker: never asked (covers), rebuilt by `update`
         check_sizes(folder, self.info)
-        self.index = faiss.read_index(str(folder / "index.faiss"), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
-        ivf = faiss.extract_index_ivf(self.index)
+        self.index = _read_faiss(folder / "index.faiss", faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+        try:
+            ivf = faiss.extract_index_ivf(self.index)
+        except RuntimeError:
+            raise CorruptIndexError(f"{folder / 'index.faiss'}: not an inverted-file index; {REBUILD}") from None
         ivf.nprobe = nprobe
         quantiser = faiss.downcast_index(ivf.quantizer)
         if isinstance(quantiser, faiss.IndexHNSW):
             quantiser.hnsw.efSearch = QUANTISER_EF
         self.windows = RowFile(folder / "windows.npy", np.int32, "windows")
         self.codes = {name: Codes(folder, name) for name in CODES}
+
+    def check_files(self) -> None:
+        """Refuse files changed in size since this shortlist was opened (truncated in place, or
+        copied over): FAISS maps index.faiss, and a read past a mapped file's new end kills the
+        worker (SIGBUS). A search asks before each use (worker.search.ann_shortlist)."""
+        if self.current_format:
+            check_sizes(self.folder, self.info)
 
     @classmethod
     def open(cls, index_dir: Path) -> "AnnShortlist | None":

@@ -26,7 +26,7 @@ from shapely.geometry import Polygon
 from worker import query_templates
 from worker.geo import Area, reproject_rings, shared_area
 from worker.placement import Placement
-from worker.ann import AnnShortlist, big_enough, query_vectors
+from worker.ann import AnnShortlist, big_enough, check_windows, query_vectors
 from worker.cancellation import raise_if_stopped
 from worker.errors import RasterUnreadable
 from worker.placement_scan import ANN_MARGIN, ANN_SPAN, ann_peaks, coarse_peaks, refine, scanner_of
@@ -97,6 +97,7 @@ def ann_shortlist(index: TileIndex, ranking: RankingConfig, area: SearchArea | N
         index._ann = AnnShortlist.open(index.dir)
     if index._ann is None:  # swapped out while it was opened, none in place yet
         return None
+    index._ann.check_files()
     if index._ann.answers_for(index) is None:
         log.warning("%s: its ANN shortlist is older than its tiles or this worker; scanning exactly (run `build-ann`)", index.dir)
         return None
@@ -206,6 +207,7 @@ def _search(index: TileIndex, model, sketch_tensor: torch.Tensor, ranking: Ranki
                     rows[:, :2], rows[:, 2] - ANN_MARGIN, rows[:, 3] - ANN_MARGIN, ANN_SPAN)
                 windows, _ = shortlist.search(query_vectors(templates.coarse), ann_neighbours(index, ranking, area),
                                               keep=near_area)
+                check_windows(index, windows)
                 peaks = ann_peaks(scanner, templates, ranking, windows[:ranking.ann_windows], pool, area)
                 added = not_in_shortlist(index, shortlist, area)
                 if added:

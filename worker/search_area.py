@@ -24,7 +24,7 @@ from worker.store import WGS84, TileIndex
 
 Box = tuple[int, int, int, int]  # rows r0:r1, cols c0:c1 of a level map's stored cells
 Key = tuple[int, int]  # raster id, scale
-_KEY_SPAN = 1 << 20  # raster id * _KEY_SPAN + scale: one integer a map
+KEY_SPAN = 1 << 20  # raster id * KEY_SPAN + scale: one integer a map
 
 
 @dataclass(frozen=True)
@@ -72,8 +72,8 @@ class SearchArea:
 
     def meets_each(self, keys: np.ndarray, rows: np.ndarray, cols: np.ndarray, side: int) -> np.ndarray:
         """`meets` for squares each in its own map: keys (n, 2) of raster id and scale."""
-        keys = np.asarray(keys, np.int64).reshape(-1, 2)  # windows.npy's int32 would overflow raster id * _KEY_SPAN
-        out = np.isin(keys[:, 0] * _KEY_SPAN + keys[:, 1], [r * _KEY_SPAN + s for r, s in self.keys])
+        keys = np.asarray(keys, np.int64).reshape(-1, 2)  # windows.npy's int32 would overflow raster id * KEY_SPAN
+        out = np.isin(keys[:, 0] * KEY_SPAN + keys[:, 1], [r * KEY_SPAN + s for r, s in self.keys])
         for key in self.boxes:
             on = (keys[:, 0] == key[0]) & (keys[:, 1] == key[1])
             out[on] = self.meets(key, np.asarray(rows)[on], np.asarray(cols)[on], side)
