@@ -236,6 +236,8 @@ def test_bad_requests_get_error_replies_with_codes(worker, rasters, tmp_path):
             (lambda: c.start_index("x", [str(rasters / "missing.tif")]), codes.BAD_INPUT),
             (lambda: c.request("search", index="rmnp", top="ten", sketch_frame=1, frames=(sketch_png(),)), codes.BAD_REQUEST),
             (lambda: c.request("search", index="rmnp", sketch_frame=2, frames=(sketch_png(),)), codes.BAD_REQUEST),
+            (lambda: c.request("search", index="rmnp", sketch_frame=1, frames=(sketch_png(),),
+                               strokes=[[[0, 0], [5, 5]]]), codes.BAD_REQUEST),  # not one of them dropped unsaid
             (lambda: c.request("search", index="rmnp", strokes=[[[0, 0], [5, 5]]], strokes_frame=[0, 0]), codes.BAD_REQUEST),
             (lambda: c.request("search", index="rmnp", strokes=[[[0, 0], [5, 5]]], strokes_frame=[0, 0, 0, 0]), codes.BAD_INPUT),
             (lambda: c.request("search", index="rmnp", crop_to_ink="yes", sketch_frame=1, frames=(sketch_png(),)),

@@ -230,7 +230,9 @@ def _example(header: dict) -> Example | None:
 
 
 def _sketch(header: dict, frames: list) -> SketchSource:
-    """The sketch of a search: a PNG/JPEG payload frame, or strokes."""
+    """The sketch of a search: a PNG/JPEG payload frame, or strokes (not both: one would be dropped unsaid)."""
+    if "sketch_frame" in header and "strokes" in header:
+        raise ProtocolError(BAD_REQUEST, "give the sketch as sketch_frame or as strokes, not both")
     if "sketch_frame" in header:
         n = field(header, "sketch_frame", int)
         if not 1 <= n <= len(frames):
