@@ -319,6 +319,17 @@ def test_oversized_message_is_refused_with_an_error(tmp_path, rasters):
         proc.stop()
 
 
+def test_a_job_says_what_became_of_the_shortlist_it_was_asked_for(worker, rasters):
+    """An index asked for an approximate shortlist that it is too small to have: the job is done
+    (the exact scan serves it) and says why there is none, instead of nothing at all."""
+    with worker.client() as c:
+        job = c.start_index("rmnp-ann", [str(rasters / "rmnp-rgb.tif")], ann=True)
+        final = wait_job(c, job["id"])
+        c.request("delete_index", index="rmnp-ann")
+    assert final["state"] == states.DONE
+    assert final["ann"]["built"] is False and "too few" in final["ann"]["why"], final["ann"]
+
+
 def test_four_clients_search_while_an_index_job_runs(worker, rasters):
     progress = subscribe_progress(worker.pub)
     time.sleep(0.3)  # let the subscription reach the publisher

@@ -46,6 +46,7 @@ class Job:
         self.tiles_done = 0
         self.tiles_total = 0
         self.tiles_skipped = 0
+        self.ann: dict | None = None  # what became of the approximate shortlist (IndexSummary.ann), once done
         self.started = time.time()
         self.finished: float | None = None
         self.cancel_requested = threading.Event()
@@ -61,7 +62,7 @@ class Job:
             eta = (self.tiles_total - self.tiles_done) / rate if rate > 0 else None
         return {"id": self.id, "index": self.index_name, "state": self.state, "progress": round(fraction, 4),
                 "tiles_done": self.tiles_done, "tiles_total": self.tiles_total, "tiles_skipped": self.tiles_skipped,
-                "eta_s": round(eta, 1) if eta is not None else None, "error": self.error,
+                "eta_s": round(eta, 1) if eta is not None else None, "error": self.error, "ann": self.ann,
                 "started": self.started, "finished": self.finished}
 
     def on_progress(self, p: IndexProgress) -> None:
@@ -215,7 +216,7 @@ class JobManager:
             if not isinstance(exc, InputError):
                 log.exception("indexing job %s failed", job.id)
             return states.FAILED, error_object(exc)
-        job.tiles_total = summary.tiles_total
+        job.tiles_total, job.ann = summary.tiles_total, summary.ann
         if summary.complete:
             job.tiles_done, job.tiles_skipped = job.tiles_total, summary.tiles_skipped
             return states.DONE, None
