@@ -85,6 +85,8 @@ def test_search_by_example_and_refine_over_sockets(worker, rasters):
     ({"feedback": {"negative": ["rank 1"]}}, codes.BAD_INPUT, "not a hit id"),
     ({"feedback": ["x"]}, codes.BAD_REQUEST, "feedback"),
     ({"feedback": {"positive": 5}}, codes.BAD_INPUT, "must be a list of hit ids"),
+    ({"feedback": {"positive": 0, "negative": ["0123456789@10.00,10.00,50.00,0.00"]}}, codes.BAD_INPUT,
+     "must be a list of hit ids"),
     ({"feedback": {"negative": "0123456789@10.00,10.00,50.00,0.00"}}, codes.BAD_INPUT, "must be a list of hit ids"),
     ({"example": "here"}, codes.BAD_REQUEST, "example"),
 ])

@@ -535,9 +535,12 @@ def describe(index: TileIndex) -> dict | None:
     if not AnnShortlist.exists(index.dir):
         return None
     try:
-        built = AnnShortlist(index.dir).info
+        shortlist = AnnShortlist.open(index.dir)
     except CorruptIndexError as exc:  # the index itself is fine, and `info` says what to do
         return {"damaged": str(exc)}
+    if shortlist is None:  # between the two renames of a swap
+        return None
+    built = shortlist.info
     answered = answers_for(built, index)
     beside = None if answered is None else sorted(r for r in index.tiles_per_raster
                                                   if r not in answered and r not in index.left_out)
@@ -568,16 +571,16 @@ def _update(index: TileIndex) -> AnnInfo | None:
             answered = None  # a covered raster this view leaves out would lose its place in `covers`, not its windows
         else:
             AnnShortlist(index.dir)  # its files readable
+            new = [int(r) for r in covered(index) if int(r) not in answered]
+            if not new:  # its windows' rows are not read (360 MB at 10M tiles): a search checks those it uses
+                return AnnInfo(built["vectors"], built["rasters"], built["factory"], 0.0, built["bytes_on_disk"])
             rows = [np.load(built_dir / "windows.npy")]
-            check_windows(index, rows[0])  # else kept, or copied into the new shortlist under sizes that then match
+            check_windows(index, rows[0])  # else copied into the new shortlist, under sizes that then match
     except (CorruptIndexError, KeyError, TypeError, ValueError) as exc:
         log.warning("%s: its ANN shortlist cannot be read (%s); building it again", index.dir, excerpt(str(exc)))
         answered = None
     if answered is None:
         return _build(index)
-    new = [int(r) for r in covered(index) if int(r) not in answered]
-    if not new:
-        return AnnInfo(built["vectors"], built["rasters"], built["factory"], 0.0, built["bytes_on_disk"])
     ann = _read_faiss(built_dir / "index.faiss")  # whole, to add to (opened above mapped: readable)
     # the new windows are counted first (made twice: holding them all could take more memory than
     # there is), so that the codes files are written at their final size
@@ -745,6 +748,10 @@ class AnnShortlist:
             quantiser.hnsw.efSearch = QUANTISER_EF
         self.windows = RowFile(folder / "windows.npy", np.int32, "windows")
         self.codes = {name: Codes(folder, name) for name in CODES}
+        counts = {"index.faiss": self.index.ntotal, "windows.npy": self.windows.shape[0],
+                  **{f"{name}.npy": codes.shape[0] for name, codes in self.codes.items()}}
+        if len(set(counts.values())) > 1:
+            raise CorruptIndexError(f"{folder}: its files hold different numbers of windows {counts}; {REBUILD}")
 
     def check_files(self) -> None:
         """Refuse files changed in size since this shortlist was opened (truncated in place, or
@@ -796,6 +803,8 @@ class AnnShortlist:
         re-rank's cuts (worker.search_area)."""
         _, ids = self.index.search(queries, k)
         ids = np.unique(ids[ids >= 0])
+        if len(ids) and ids[-1] >= self.windows.shape[0]:  # a damaged index.faiss that still loads
+            raise CorruptIndexError(f"{self.folder / 'index.faiss'}: window {ids[-1]} of {self.windows.shape[0]}; {REBUILD}")
         if keep is not None and len(ids):
             ids = ids[keep(self.windows.rows(ids))]
         if not len(ids):

@@ -57,7 +57,7 @@ class Feedback:
         if not isinstance(d, dict) or set(d) - {"positive", "negative"}:
             raise InputError(f"feedback {excerpt(d)} must be an object with `positive` and/or `negative` lists of "
                              "hit ids")
-        marks = {side: d.get(side) or [] for side in ("positive", "negative")}
+        marks = {side: [] if d.get(side) is None else d[side] for side in ("positive", "negative")}
         for side, ids in marks.items():
             if not isinstance(ids, list):  # a string would be read as ids of one character
                 raise InputError(f"feedback `{side}` {excerpt(ids)} must be a list of hit ids")

@@ -28,7 +28,7 @@ from worker.geo import Area, reproject_rings, shared_area
 from worker.placement import Placement
 from worker.ann import AnnShortlist, big_enough, check_windows, query_vectors
 from worker.cancellation import raise_if_stopped
-from worker.errors import RasterUnreadable
+from worker.errors import CorruptIndexError, RasterUnreadable
 from worker.placement_scan import ANN_MARGIN, ANN_SPAN, ann_peaks, coarse_peaks, refine, scanner_of
 from worker.ranking import RankingConfig
 from worker.search_area import SearchArea
@@ -97,7 +97,14 @@ def ann_shortlist(index: TileIndex, ranking: RankingConfig, area: SearchArea | N
         index._ann = AnnShortlist.open(index.dir)
     if index._ann is None:  # swapped out while it was opened, none in place yet
         return None
-    index._ann.check_files()
+    try:
+        index._ann.check_files()
+    except CorruptIndexError:
+        if AnnShortlist.stamp_of(index.dir) == index._ann.stamp:
+            raise
+        index._ann = AnnShortlist.open(index.dir)  # swapped for another since the stamp was read: that one
+        if index._ann is None:
+            return None
     if index._ann.answers_for(index) is None:
         log.warning("%s: its ANN shortlist is older than its tiles or this worker; scanning exactly (run `build-ann`)", index.dir)
         return None
