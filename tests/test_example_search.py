@@ -110,6 +110,8 @@ def test_hit_ids_name_places_and_are_checked_against_the_index(rmnp_index, model
         parse_hit_id("rank 1", rasters)
     with pytest.raises(InputError, match="not a place in"):
         parse_hit_id(f"{raster_key(hit.placement.raster)}@9999.00,10.00,50.00,0.00", rasters)
+    with pytest.raises(InputError, match="at least 1 px"):  # a speck: no place to read
+        parse_hit_id(f"{raster_key(hit.placement.raster)}@10.00,10.00,0.0001,0.00", rasters)
 
 
 def test_feedback_leaves_out_bad_places_and_brings_up_good_ones(rmnp_index, model, assets):
@@ -129,6 +131,10 @@ def test_feedback_leaves_out_bad_places_and_brings_up_good_ones(rmnp_index, mode
         Feedback((), ())
     with pytest.raises(InputError, match="both good and bad"):
         Feedback((good,), (good,))
+    key, numbers = good.split("@")
+    written_otherwise = f" {key}@" + ",".join(f"{float(v):.3f}" for v in numbers.split(","))
+    with pytest.raises(InputError, match="both good and bad"):  # one place, its id written two ways
+        Feedback((good,), (written_otherwise,))
     with pytest.raises(InputError, match="not in this index"):
         search_query(rmnp_index, model, query.sketch, RankingConfig(), top=8,
                      feedback=Feedback(("0123456789@10.00,10.00,50.00,0.00",)))

@@ -19,7 +19,7 @@ import torch
 
 from wire.protocol import excerpt
 from worker.errors import InputError
-from worker.hit_ids import parse_hit_id
+from worker.hit_ids import parse_hit_id, place_of
 from worker.placement import Placement
 from worker.tiling import RasterInfo
 
@@ -48,9 +48,10 @@ class Feedback:
         if not self.positive and not self.negative:
             raise InputError("feedback has no marks: mark at least one hit good (positive) or bad (negative), "
                              "or search without feedback")
-        both = set(self.positive) & set(self.negative)
+        good = {place_of(i): i for i in self.positive}
+        both = [i for i in self.negative if place_of(i) in good]  # one place, its id written two ways too
         if both:
-            raise InputError(f"feedback marks {excerpt(sorted(both)[0])} both good and bad: choose one")
+            raise InputError(f"feedback marks {excerpt(both[0])} both good and bad: choose one")
 
     @classmethod
     def from_json(cls, d: object) -> "Feedback":

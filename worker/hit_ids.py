@@ -21,6 +21,7 @@ KEY_CHARS = 10
 MAX_ID_CHARS = 200
 ID_PATTERN = re.compile(r"([0-9a-f]{%d})@(-?[0-9.]+),(-?[0-9.]+),([0-9.]+),(-?[0-9.]+)" % KEY_CHARS)
 MAX_ANGLE = 180.0
+MIN_SIDE = 1.0  # raster px: a hit is a tile's size or near it; a speck is no place to read
 
 
 def raster_key(raster: RasterInfo | str) -> str:
@@ -33,6 +34,19 @@ def hit_id(placement: Placement) -> str:
     """The id of a hit at this placement (centre and side to 1/100 pixel, turn to 1/100 degree)."""
     return (f"{raster_key(placement.raster)}@{placement.cx:.2f},{placement.cy:.2f},{placement.side:.2f},"
             f"{placement.angle:.2f}")
+
+
+def place_of(text: str) -> tuple | str:
+    """What an id names, as written by hit_id (raster key, and the numbers to 1/100), so that
+    ids written differently for one place compare equal (' a@1.5,...' and 'a@1.50,...'); an id
+    that is none stays its text (parse_hit_id says what is wrong with it)."""
+    m = ID_PATTERN.fullmatch(text.strip())
+    if m is None:
+        return text
+    try:
+        return (m.group(1), *(round(float(v), 2) for v in m.groups()[1:]))
+    except ValueError:
+        return text
 
 
 def parse_hit_id(text: object, rasters: dict[int, RasterInfo] | list[RasterInfo]) -> Placement:
@@ -55,8 +69,8 @@ def parse_hit_id(text: object, rasters: dict[int, RasterInfo] | list[RasterInfo]
         raise InputError(f"hit id {excerpt(text)} names a raster that is not in this index (was the index rebuilt "
                          "without it, or is the id from another index?)")
     raster = found[0]
-    if not (math.isfinite(side) and side > 0 and 0 <= cx <= raster.width and 0 <= cy <= raster.height
+    if not (math.isfinite(side) and side >= MIN_SIDE and 0 <= cx <= raster.width and 0 <= cy <= raster.height
             and side <= 2 * max(raster.width, raster.height) and abs(angle) <= MAX_ANGLE):
         raise InputError(f"hit id {excerpt(text)} is not a place in {raster.path} ({raster.width}x{raster.height} "
-                         "px): its centre must lie on the raster and its side be positive")
+                         f"px): its centre must lie on the raster and its side be at least {MIN_SIDE:g} px")
     return Placement(raster, cx, cy, side, angle)
