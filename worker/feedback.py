@@ -48,7 +48,7 @@ class Feedback:
         if not self.positive and not self.negative:
             raise InputError("feedback has no marks: mark at least one hit good (positive) or bad (negative), "
                              "or search without feedback")
-        good = {place_of(i): i for i in self.positive}
+        good = {place_of(i) for i in self.positive}
         both = [i for i in self.negative if place_of(i) in good]  # one place, its id written two ways too
         if both:
             raise InputError(f"feedback marks {excerpt(both[0])} both good and bad: choose one")
