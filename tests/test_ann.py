@@ -269,8 +269,8 @@ def test_ctrl_c_while_rows_are_read_stops_as_an_interrupt_and_reads_go_on(tmp_pa
     CLI's clean "interrupted" exit. Before, the interrupt skipped letting go of the mapping, whose
     close then failed (BufferError: cannot close exported pointers exist) in its place. Here the
     readers are busy (another search's reads, a slow disk) and SIGINT comes once this read waits
-    for its own. In a process of its own: the pool's threads and the signal's handler are then
-    known (in the whole suite, this in pytest's process once read undisturbed)."""
+    for its own. In a process of its own, where the pool's threads and the signal's handler are
+    known: run in pytest's process within the whole suite, the read once went undisturbed."""
     write_codes(tmp_path, 10_000, 64)
     run = subprocess.run([sys.executable, "-c", CTRL_C_WHILE_ROWS_ARE_READ, str(tmp_path)], capture_output=True,
                          text=True, timeout=120, cwd=REPO)
