@@ -565,12 +565,11 @@ def _update(index: TileIndex) -> AnnInfo | None:
         return None
     began = time.perf_counter()
     try:
-        built = read_built(built_dir)
+        built = AnnShortlist(index.dir).info  # ann.json, the files' sizes, and each file readable
         answered = answers_for(built, index)
-        if answered is None or not _whole(built_dir, built) or {int(r) for r in built["covers"]} - answered:
+        if answered is None or {int(r) for r in built["covers"]} - answered:
             answered = None  # a covered raster this view leaves out would lose its place in `covers`, not its windows
         else:
-            AnnShortlist(index.dir)  # its files readable
             new = [int(r) for r in covered(index) if int(r) not in answered]
             if not new:  # its windows' rows are not read (360 MB at 10M tiles): a search checks those it uses
                 return AnnInfo(built["vectors"], built["rasters"], built["factory"], 0.0, built["bytes_on_disk"])
@@ -602,16 +601,8 @@ def _read_faiss(path: Path, flags: int = 0):
     try:
         return faiss.read_index(str(path), flags)
     except RuntimeError as exc:
-        raise CorruptIndexError(f"{path}: FAISS cannot read it ({excerpt((str(exc).strip().splitlines() or ['?'])[-1])}); {REBUILD}") from None
-
-
-def _whole(folder: Path, built: dict) -> bool:
-    """Whether a shortlist's files are those its ann.json describes (sizes as written)."""
-    try:
-        check_sizes(folder, built)
-    except CorruptIndexError:
-        return False
-    return True
+        last_line = (str(exc).strip().splitlines() or ["?"])[-1]  # FAISS's own message, after its C++ trace
+        raise CorruptIndexError(f"{path}: FAISS cannot read it ({excerpt(last_line)}); {REBUILD}") from None
 
 
 def _npy_header(file) -> tuple[tuple[int, ...], np.dtype, int]:
@@ -804,7 +795,8 @@ class AnnShortlist:
         _, ids = self.index.search(queries, k)
         ids = np.unique(ids[ids >= 0])
         if len(ids) and ids[-1] >= self.windows.shape[0]:  # a damaged index.faiss that still loads
-            raise CorruptIndexError(f"{self.folder / 'index.faiss'}: window {ids[-1]} of {self.windows.shape[0]}; {REBUILD}")
+            raise CorruptIndexError(f"{self.folder / 'index.faiss'}: window {ids[-1]} of {self.windows.shape[0]}; "
+                                    f"{REBUILD}")
         if keep is not None and len(ids):
             ids = ids[keep(self.windows.rows(ids))]
         if not len(ids):
