@@ -434,8 +434,8 @@ def refine(scanner: Scanner, templates: query_templates.Templates, ranking: Rank
         if not group:
             continue
         fine = templates.fine[size]  # A angles
-        mean = torch.zeros(len(templates.angles))
-        std = torch.ones(len(templates.angles))
+        mean = torch.zeros(len(templates.angles), device=fine.device)
+        std = torch.ones(len(templates.angles), device=fine.device)
         at_mean, at_std = mean, std
         if ranking.calibrate:
             background = _fine_scores(backgrounds[size], fine, ranking.inked_only)  # S, A, offsets

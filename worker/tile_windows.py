@@ -99,7 +99,8 @@ def tile_window_candidates(index: TileIndex, templates: query_templates.Template
     rows = np.fromiter(under, np.int64)
     cells = edge_cells.dequantise(index.cells_of(rows))[:, :TILE_CELLS, :TILE_CELLS]
     hogs = edge_cells.window_hog(cells, FINE)  # each tile's window: (B, n, n, dim)
-    upright = templates.fine[size][templates.angles.index(0.0)][None]
+    # on the CPU, beside the stored cells and the sketch's descriptor: a few hundred tiles at most
+    upright = templates.fine[size][templates.angles.index(0.0)][None].cpu()
     scores = edge_cells.cosine_map(hogs.permute(0, 3, 1, 2), upright, FINE, step=FINE.span,
                                    inked_only=inked_only).flatten()
     best = torch.argsort(scores, descending=True)[:count].numpy()
