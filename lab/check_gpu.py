@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lab.gpu_speed import without_gpkg_where_pyogrio_is_missing
 from lab.placements import random_frame
 from lab.pseudo_sketch import has_lines, pseudo_sketch
 from worker.model.loading import load_model
@@ -36,6 +37,7 @@ def main() -> int:
     parser.add_argument("--devices", default="cpu,cuda")
     parser.add_argument("--queries", type=int, default=8)
     args = parser.parse_args()
+    without_gpkg_where_pyogrio_is_missing()
     settings = TileSettings(scales=(1, 2))
     info = open_raster(args.raster.resolve(), None)
     rng = np.random.default_rng(0)
