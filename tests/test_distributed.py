@@ -88,11 +88,15 @@ def test_a_worker_with_another_model_is_refused(tmp_path, assets, model, cluster
         IndexWriter(tmp_path / "index", model, SETTINGS, CHUNK).build([assets["osbs_rgb"]], computer=chunks)
 
 
-def test_drawing_in_other_processes_gives_the_same_index(tmp_path, assets, model, single_process):
+@pytest.mark.parametrize("tokens", [False, True])
+def test_drawing_in_other_processes_gives_the_same_index(tmp_path, assets, model, single_process, tokens):
+    """Two drawing processes, each chunk one batch: the pool draws ahead across the ends of chunks
+    and of rasters, and hands every batch back to its own chunk, in order."""
     out = tmp_path / "index"
     seen = []
-    IndexWriter(out, model, SETTINGS, CHUNK).build([assets["rmnp_rgb"], assets["osbs_rgb"]], progress=seen.append,
-                                                   computer=LocalChunks(model, processes=1))
+    IndexWriter(out, model, SETTINGS, CHUNK, tokens=tokens).build(
+        [assets["rmnp_rgb"], assets["osbs_rgb"]], progress=seen.append, batch_size=CHUNK,
+        computer=LocalChunks(model, processes=2))
     assert_same_index(TileIndex.open(out), single_process)
     assert [p.tiles_done for p in seen] == sorted(p.tiles_done for p in seen) and seen[-1].tiles_done == seen[-1].tiles_total
 

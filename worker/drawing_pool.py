@@ -1,25 +1,30 @@
-"""Reading and drawing tiles in worker processes, so the model's device never waits for the CPU.
+"""Reading, drawing and describing tiles in worker processes, so the model's device never waits for the CPU.
 
-Indexing does two kinds of work per tile: reading and stretching its window and drawing it as a
-line drawing (Canny, skeleton: CPU; here 1.2 and 5.5 ms a tile in one thread) and encoding the
-drawing (ViT tokens and edge cells: the model's device). On a GPU the first caps the second
-(13.4 s for 529 tiles on an H100 with everything in one process). A DrawingPool runs the CPU
-part for the next batches in other processes while this one encodes: batches are submitted
-ahead, at most `ahead` at once, and handed back in order.
+Indexing does two kinds of work per tile. The CPU's: reading and stretching its window, drawing
+it as a line drawing (Canny, skeleton) and its edge cells (worker.tile_features), 8 ms a tile in
+one thread on an H200 machine's cores. The model's device's, only in an index with tokens: the
+ViT tokens of the drawing. On a GPU the first caps the second (13.4 s for 529 tiles on an H100
+with everything in one process). A DrawingPool runs the CPU part of the next batches in other
+processes while this one encodes: batches are submitted ahead, at most `ahead` at once, across
+the ends of chunks (a chunk's last batches would otherwise leave most processes idle: a 189-tile
+raster is 3 batches of 64), and handed back in order. Only what the index stores travels back
+(the cells: 6 KB a tile), and the pixels the ViT reads when tokens are asked for.
 """
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
-from worker import line_drawing
+from worker import edge_cells, line_drawing
+from worker.tile_features import cells_on_grid
 from worker.tiling import RasterInfo, Tile, iter_tile_pixels
 
 
@@ -27,43 +32,67 @@ from worker.tiling import RasterInfo, Tile, iter_tile_pixels
 class DrawnBatch:
     tiles: list[Tile]  # the batch's tiles with enough valid area, in plan order
     valid_share: list[float]
-    images: np.ndarray  # (B, S, S, 3) uint8
-    drawings: np.ndarray  # (B, S, S, 3) uint8 line drawings
+    cells: np.ndarray  # (B, G, G, ORIENTATIONS) uint8 edge cells (worker.tile_features.cells_on_grid)
+    cell_origins: np.ndarray  # (B, 4) int32
+    pixels: np.ndarray | None  # (B, S, S, 3) uint8 what the ViT encodes, when tokens are asked for
 
 
-def read_and_draw(raster: dict, tiles: list[Tile], size: int, min_valid: float) -> DrawnBatch:
-    """Read tiles, leave out those with less valid area than `min_valid`, draw the others."""
+@dataclass(frozen=True)
+class DrawingJob:
+    """How to read and draw the tiles of one raster (the tiles travel apart, a batch at a time)."""
+
+    raster: dict  # RasterInfo's JSON
+    size: int  # drawing side, px (the model's input)
+    tile_size: int  # the tile plan's tile side at scale 1 (where the level's cell grid runs)
+    min_valid: float
+    pixels: str | None = None  # "edges": the line drawings, "rgb": the images, None: neither (no tokens)
+
+
+def read_and_draw(job: DrawingJob, tiles: Sequence[Tile]) -> DrawnBatch:
+    """Read `tiles` of `job`'s raster, leave out those with less valid area than its `min_valid`,
+    draw the others and describe them by their edge cells."""
     kept, shares, images, masks = [], [], [], []
-    for tile, image, valid in iter_tile_pixels(RasterInfo.from_json(raster), tiles, size):
+    for tile, image, valid in iter_tile_pixels(RasterInfo.from_json(job.raster), tiles, job.size):
         share = float(valid.mean())
-        if share >= min_valid:
+        if share >= job.min_valid:
             kept.append(tile)
             shares.append(share)
             images.append(image)
             masks.append(valid)
     if not kept:
-        empty = np.zeros((0, size, size, 3), np.uint8)
-        return DrawnBatch([], [], empty, empty)
+        g = job.size // edge_cells.CELL
+        return DrawnBatch([], [], np.zeros((0, g, g, edge_cells.ORIENTATIONS), np.uint8), np.zeros((0, 4), np.int32), None)
     images_a = np.stack(images)
-    return DrawnBatch(kept, shares, images_a, line_drawing.tile_line_drawings(images_a, np.stack(masks)))
+    drawings = line_drawing.tile_line_drawings(images_a, np.stack(masks))
+    cells, origins = cells_on_grid(drawings[..., 0], kept, job.tile_size, "cpu")
+    pixels = {"edges": drawings, "rgb": images_a, None: None}[job.pixels]
+    return DrawnBatch(kept, shares, cells, origins, pixels)
 
 
-def drawn_batches(raster: dict, tiles: list[Tile], size: int, batch_size: int, min_valid: float,
-                  pool: "DrawingPool | None" = None) -> Iterator[tuple[int, DrawnBatch]]:
-    """(tiles of the plan read so far, the drawn batch) for each batch of `tiles`, in order: read
-    and drawn in `pool`'s processes, or here, one batch at a time, without one."""
-    if pool is not None:
-        yield from pool.batches(raster, tiles, size, batch_size, min_valid)
-        return
+def drawn_batches(job: DrawingJob, tiles: Sequence[Tile], batch_size: int) -> Iterator[tuple[int, DrawnBatch]]:
+    """(tiles read so far, the drawn batch) for each batch of `tiles`, in order, read and drawn
+    here one batch at a time (a DrawingPool does it in other processes)."""
     for start in range(0, len(tiles), batch_size):
-        yield min(start + batch_size, len(tiles)), read_and_draw(raster, tiles[start:start + batch_size], size,
-                                                                 min_valid)
+        yield min(start + batch_size, len(tiles)), read_and_draw(job, tiles[start:start + batch_size])
 
 
-def default_processes(device_type: str) -> int:
-    """Drawing processes by default: on a GPU every core but one draws; on a CPU none (the model
-    already uses every core, and a pool would only add copying)."""
-    return max(1, (os.cpu_count() or 2) - 1) if device_type == "cuda" else 0
+POOL_FROM_CORES = 8  # a CPU index without tokens is drawn in a pool on this many cores or more
+
+
+def default_processes(device_type: str, tokens: bool) -> int:
+    """Drawing processes by default: every core but one on a GPU, and on a CPU of
+    POOL_FROM_CORES cores or more when the index stores no ViT tokens (all its work is drawing);
+    none otherwise. Measured: 16 cores indexed 55.6 tiles/s in one process, whose torch threads
+    scale poorly on 224 px tiles, and 195.8 in a pool of 15 (start-up and opening 60 files
+    included; lab.gpu_speed on an H200 machine, whose GPU a default index does not use); 2 cores
+    78.9 in one process, 55.3 in a pool of 2 (3 s of start-up for 567 tiles); core counts between
+    were not measured, hence the threshold half-way. Each process holds its own torch and
+    rasterio (a few hundred MB). On a CPU an index with tokens is mostly the ViT, which already
+    uses every core."""
+    cores = os.cpu_count() or 2
+    if device_type == "cuda" or (not tokens and cores >= POOL_FROM_CORES):
+        return max(1, cores - 1)
+    return 0
 
 
 def _one_thread() -> None:
@@ -81,20 +110,34 @@ class DrawingPool:
                                             initializer=_one_thread)
         self.ahead = ahead or 2 * processes
 
-    def batches(self, raster: dict, tiles: list[Tile], size: int, batch_size: int,
-                min_valid: float) -> Iterator[tuple[int, DrawnBatch]]:
-        """(tiles of the plan read so far, the drawn batch) for each batch of `tiles`, in order."""
-        starts = list(range(0, len(tiles), batch_size))
-        queue: deque[tuple[int, Future]] = deque()
-        for start in starts:
-            queue.append((start, self.executor.submit(read_and_draw, raster, tiles[start:start + batch_size], size,
-                                                      min_valid)))
-            if len(queue) >= self.ahead:
-                start_done, future = queue.popleft()
-                yield min(start_done + batch_size, len(tiles)), future.result()
-        while queue:
-            start_done, future = queue.popleft()
-            yield min(start_done + batch_size, len(tiles)), future.result()
+    def each_job(self, work: Iterable[tuple[DrawingJob, Sequence[Tile]]],
+                 batch_size: int) -> Iterator[Iterator[tuple[int, DrawnBatch]]]:
+        """For each job of `work`, taken as needed, an iterator of its batches as drawn_batches
+        gives them. Later jobs' batches are submitted while earlier ones are handed back, so take
+        each job's batches to the end before the next job's (a job left early ends the pool's use)."""
+        tasks = ((j, tiles, job, start) for j, (job, tiles) in enumerate(work)
+                 for start in range(0, len(tiles), batch_size))
+        queue: deque[tuple[int, int, Future]] = deque()  # job number, tiles done with this batch, result
+
+        def fill() -> None:
+            while len(queue) < self.ahead:
+                task = next(tasks, None)
+                if task is None:
+                    return
+                j, tiles, job, start = task
+                part = tiles[start:start + batch_size]
+                queue.append((j, start + len(part), self.executor.submit(read_and_draw, job, part)))
+
+        def batches_of(j: int) -> Iterator[tuple[int, DrawnBatch]]:
+            while True:
+                fill()
+                if not queue or queue[0][0] != j:
+                    return
+                _, done, future = queue.popleft()
+                yield done, future.result()
+
+        for j in itertools.count():
+            yield batches_of(j)
 
     def close(self) -> None:
         self.executor.shutdown(cancel_futures=True)

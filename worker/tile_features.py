@@ -44,15 +44,3 @@ def cells_on_grid(drawings: np.ndarray, tiles: list[Tile], tile_size: int, devic
         hist = edge_cells.quantise(edge_cells.cell_histograms(batch[idx], phase))
         cells[idx, :hist.shape[1], :hist.shape[2]] = hist
     return cells, origins
-
-
-@torch.inference_mode()
-def describe_drawings(model, tiles: list[Tile], drawings: np.ndarray, images: np.ndarray, tile_size: int,
-                      tokens: bool) -> TileFeatures:
-    """Tiles already drawn (worker.drawing_pool draws them in other processes) -> what the index
-    stores (the ViT tokens with `tokens`): the part that runs on the model's device."""
-    cells, origins = cells_on_grid(drawings[..., 0], tiles, tile_size, model.device)
-    if not tokens:
-        return TileFeatures(cells, origins)
-    out = model.tile_tokens(drawings if model.config.tile_view == "edges" else images)
-    return TileFeatures(cells, origins, out.global_token, out.tokens, out.positions)

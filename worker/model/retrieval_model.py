@@ -142,10 +142,12 @@ class RetrievalModel(nn.Module):
 
     # -- encoders ----------------------------------------------------------------------------
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, H, W, 3) or float in [0, 1] (B, 3, H, W) -> backbone input."""
+        """uint8 (B, H, W, 3) or float in [0, 1] (B, 3, H, W) -> backbone input. On the model's
+        device first: uint8 is a quarter of float32's bytes to copy, and the arithmetic is the device's."""
+        images = images.to(self.device)
         if images.dtype == torch.uint8:
             images = images.permute(0, 3, 1, 2).float() / 255.0
-        return (images.to(self.device) - self._mean) / self._std
+        return (images - self._mean) / self._std
 
     @torch.inference_mode()
     def tile_tokens(self, views: np.ndarray) -> TileTokens:

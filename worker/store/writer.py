@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
 import numpy as np
+import torch
 
 from worker import level_maps
 from worker.geo import bounds_wgs84
@@ -20,8 +21,8 @@ from worker.store.format import (CHUNK_TILES, MANIFEST, RECORD_DTYPE, SHARDS, TI
 from worker.store.gpkg import write_tiles_gpkg
 from worker.store.maps import remove_maps, write_joined_maps
 from worker.store.reader import TileIndex
-from worker.drawing_pool import DrawingPool, default_processes, drawn_batches
-from worker.tile_features import TileFeatures, describe_drawings
+from worker.drawing_pool import DrawingJob, DrawingPool, DrawnBatch, default_processes, drawn_batches
+from worker.tile_features import TileFeatures
 from worker.tiling import RasterInfo, Tile, TilePlan, TileSettings, open_raster, plan_tiles
 
 log = logging.getLogger(__name__)
@@ -274,23 +275,28 @@ class ChunkComputer(Protocol):
 
 
 class LocalChunks:
-    """Chunks computed here, one after another, with progress after every batch. Tiles are read
-    and drawn in `processes` other processes while this one encodes (worker.drawing_pool;
-    None: as many as suit the model's device, 0: none)."""
+    """Chunks computed here, one after another, with progress after every batch. Tiles are read,
+    drawn and described in `processes` other processes while this one encodes
+    (worker.drawing_pool; None: as many as suit the model's device and the index, 0: none)."""
 
     def __init__(self, model, processes: int | None = None):
         self.model = model
-        self.processes = default_processes(model.device.type) if processes is None else processes
+        self.processes = processes
 
     def run(self, jobs, settings, batch_size, should_stop, batch_done):
-        pool = DrawingPool(self.processes) if self.processes and jobs else None
+        processes = self.processes
+        if processes is None:
+            processes = default_processes(self.model.device.type, any(job.tokens for job in jobs))
+        pool = DrawingPool(processes) if processes and jobs else None
         try:
-            for job in jobs:
+            work = ((drawing_job(self.model, job, settings), job.tiles) for job in jobs)  # tiles as needed
+            each = pool.each_job(work, batch_size) if pool else (drawn_batches(d, t, batch_size) for d, t in work)
+            for job, batches in zip(jobs, each):
                 if should_stop():
                     yield job, None
                     return
                 result = compute_chunk(self.model, job, settings, batch_size, should_stop,
-                                       lambda n, _path=job.raster["path"]: batch_done(n, _path), pool)
+                                       lambda n, _path=job.raster["path"]: batch_done(n, _path), batches)
                 yield job, result
                 if result is None:
                     return
@@ -299,23 +305,42 @@ class LocalChunks:
                 pool.close()
 
 
+def drawing_job(model, job: ChunkJob, settings: TileSettings) -> DrawingJob:
+    """How the CPU reads, draws and describes a chunk's tiles for `model`: the pixels its ViT
+    encodes travel back only when the index stores tokens."""
+    pixels = model.config.tile_view if job.tokens else None
+    return DrawingJob(job.raster, model.img_size, settings.tile, settings.min_valid, pixels)
+
+
+@torch.inference_mode()
+def stored_features(model, drawn: DrawnBatch) -> TileFeatures:
+    """What the index stores of a drawn batch: its cells, and its ViT tokens (the model's device)
+    when the pixels for them came with it."""
+    if drawn.pixels is None:
+        return TileFeatures(drawn.cells, drawn.cell_origins)
+    out = model.tile_tokens(drawn.pixels)
+    return TileFeatures(drawn.cells, drawn.cell_origins, out.global_token, out.tokens, out.positions)
+
+
 def compute_chunk(model, job: ChunkJob, settings: TileSettings, batch_size: int,
                   should_stop: Callable[[], bool] = lambda: False,
-                  batch_done: Callable[[int], None] = lambda n: None, pool: DrawingPool | None = None) -> ChunkResult | None:
+                  batch_done: Callable[[int], None] = lambda n: None,
+                  batches: Iterator[tuple[int, DrawnBatch]] | None = None) -> ChunkResult | None:
     """Read, draw and encode one chunk's tiles (None when stopped between batches). Runs
-    wherever the model and the raster files are: this process or a cluster's worker; with a
-    pool, reading and drawing run in its processes."""
+    wherever the model and the raster files are: this process or a cluster's worker. `batches`:
+    the chunk's batches drawn elsewhere (a DrawingPool), else they are drawn here."""
     kept: list[Tile] = []
     valid: list[float] = []
     outputs: list[TileFeatures] = []
-    for n, drawn in drawn_batches(job.raster, job.tiles, model.img_size, batch_size, settings.min_valid, pool):
+    if batches is None:
+        batches = drawn_batches(drawing_job(model, job, settings), job.tiles, batch_size)
+    for n, drawn in batches:
         if should_stop():
             return None
         if drawn.tiles:
             kept += drawn.tiles
             valid += drawn.valid_share
-            outputs.append(describe_drawings(model, drawn.tiles, drawn.drawings, drawn.images, settings.tile,
-                                             job.tokens))
+            outputs.append(stored_features(model, drawn))
         batch_done(n)  # progress within the chunk (its shard is written at its end)
     return _chunk_result(job, kept, valid, outputs)
 
