@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 
 from lab.bench_speed import backbone_tiles_per_s, search_latency, sketches, stage_seconds
-from worker.drawing_pool import default_processes
 from worker.model.loading import load_model
 from worker.ranking import RankingConfig
 from worker.store import IndexWriter, TileIndex
@@ -95,6 +94,8 @@ def main() -> int:
     parser.add_argument("--batches", default="16,64,256", help="batch sizes of the raw backbone")
     parser.add_argument("--index-batches", default="16,64", help="batch sizes of indexing")
     parser.add_argument("--backbone-tiles", type=int, default=4096, help="tiles timed through the raw backbone")
+    parser.add_argument("--processes", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                        help="drawing processes (a GPU's default for a large job: every core but one)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -122,7 +123,7 @@ def main() -> int:
         for path in rasters[:10]:
             open_raster(path, None)
         note("open_raster_s_per_file", round((time.perf_counter() - t0) / len(rasters[:10]), 3))  # stretch statistics
-        pool = default_processes(model.device.type, tokens=True)
+        pool = args.processes
         note("startup", index_speed(model, rasters[:1], work, 64, pool, False))
         index = TileIndex.open(Path(f["startup"]["dir"]))  # one copy, the default index: what users search
         note("search_exact_ms", search_latency(index, model, sketches(index, model, 12), RankingConfig(ann="off")))

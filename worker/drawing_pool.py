@@ -77,19 +77,24 @@ def drawn_batches(job: DrawingJob, tiles: Sequence[Tile], batch_size: int) -> It
 
 
 POOL_FROM_CORES = 8  # a CPU index without tokens is drawn in a pool on this many cores or more
+POOL_FROM_TILES = 2_000  # fewer tiles to compute are drawn here: the pool's start-up would cost more
 
 
-def default_processes(device_type: str, tokens: bool) -> int:
-    """Drawing processes by default: every core but one on a GPU, and on a CPU of
-    POOL_FROM_CORES cores or more when the index stores no ViT tokens (all its work is drawing);
-    none otherwise. Measured: 16 cores indexed 55.6 tiles/s in one process, whose torch threads
-    scale poorly on 224 px tiles, and 195.8 in a pool of 15 (start-up and opening 60 files
-    included; lab.gpu_speed on an H200 machine, whose GPU a default index does not use); 2 cores
-    78.9 in one process, 55.3 in a pool of 2 (3 s of start-up for 567 tiles); core counts between
-    were not measured, hence the threshold half-way. Each process holds its own torch and
-    rasterio (a few hundred MB). On a CPU an index with tokens is mostly the ViT, which already
-    uses every core."""
+def default_processes(device_type: str, tokens: bool, tiles: int) -> int:
+    """Drawing processes by default for `tiles` tiles to compute: every core but one on a GPU,
+    and on a CPU of POOL_FROM_CORES cores or more when the index stores no ViT tokens (all its
+    work is drawing); none for fewer than POOL_FROM_TILES tiles, nor otherwise.
+
+    Measured: 16 cores indexed 55.6 tiles/s in one process, whose torch threads scale poorly on
+    224 px tiles, and 195.8 in a pool of 15, about 350 once it had started (lab.gpu_speed on an
+    H200 machine, whose GPU a default index does not use); 2 cores 78.9 in one process, 55.3 in a
+    pool of 2 (3 s of start-up for 567 tiles). Core counts between were not measured, hence the
+    threshold half-way. The pool of 15 took 14 s to start there, in which one process draws
+    about 800 tiles. Each process holds its own torch and rasterio (a few hundred MB). On a CPU an
+    index with tokens is mostly the ViT, which already uses every core."""
     cores = os.cpu_count() or 2
+    if tiles < POOL_FROM_TILES:
+        return 0
     if device_type == "cuda" or (not tokens and cores >= POOL_FROM_CORES):
         return max(1, cores - 1)
     return 0

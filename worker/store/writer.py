@@ -286,7 +286,8 @@ class LocalChunks:
     def run(self, jobs, settings, batch_size, should_stop, batch_done):
         processes = self.processes
         if processes is None:
-            processes = default_processes(self.model.device.type, any(job.tokens for job in jobs))
+            processes = default_processes(self.model.device.type, any(job.tokens for job in jobs),
+                                          sum(job.count for job in jobs))
         pool = DrawingPool(processes) if processes and jobs else None
         try:
             work = ((drawing_job(self.model, job, settings), job.tiles) for job in jobs)  # tiles as needed
