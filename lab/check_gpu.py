@@ -6,7 +6,7 @@ device (worker.search); the top-5 placements are compared. Prints indexing and q
 device. `--random-weights` where the converted backbone is not installed (the check is about the
 computation, not the quality).
 Run: scripts/lab check_gpu --raster PATH [--random-weights] [--devices cpu,cuda]
-(on a GPU machine without the venv: PYTHONPATH=. python3 -m lab.check_gpu ...)
+(on a GPU machine without the venv: lab/gpu_carry.sh packs what it needs and prints the command)
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ mosaic's that size) with the drawing pool it uses on a GPU (worker.drawing_pool)
 process for comparison. The backbone's weights are random (the converted file does not fit in
 what a call can carry): the arithmetic and the data flow are the default model's, the quality is
 not measured here. Each figure is one run's; the pool's start-up is timed apart (a one-copy build).
-Run there: PYTHONPATH=/tmp/site:. python3 -m lab.gpu_speed --raster R.tif --copies 60 --json OUT.json
+Run there: lab/gpu_carry.sh prints the command (PYTHONPATH=/tmp/site:. python3 -m lab.gpu_speed ...).
 """
 
 from __future__ import annotations
