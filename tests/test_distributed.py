@@ -3,7 +3,9 @@ processes), and with tiles read and drawn in a pool of processes (worker.drawing
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import shutil
 import signal
 import threading
 
@@ -12,9 +14,11 @@ import pytest
 
 from worker.app import ModelOptions
 from worker.distributed import ClusterChunks, connect
+from worker.drawing_pool import DrawingJob, DrawingPool
+from worker.errors import InputError
 from worker.store import IndexWriter, TileIndex
 from worker.store.writer import LocalChunks
-from worker.tiling import TileSettings
+from worker.tiling import TileSettings, open_raster, plan_tiles
 
 SETTINGS = TileSettings(tile=128, scales=(1, 2))
 OPTIONS = ModelOptions(device="cpu", sketch_modules="none")  # the `model` fixture's
@@ -88,17 +92,65 @@ def test_a_worker_with_another_model_is_refused(tmp_path, assets, model, cluster
         IndexWriter(tmp_path / "index", model, SETTINGS, CHUNK).build([assets["osbs_rgb"]], computer=chunks)
 
 
-@pytest.mark.parametrize("tokens", [False, True])
-def test_drawing_in_other_processes_gives_the_same_index(tmp_path, assets, model, single_process, tokens):
-    """Two drawing processes, each chunk one batch: the pool draws ahead across the ends of chunks
-    and of rasters, and hands every batch back to its own chunk, in order."""
+@pytest.mark.parametrize("tokens, batch", [(False, 5), (True, CHUNK)])
+def test_drawing_in_other_processes_gives_the_same_index(tmp_path, assets, model, single_process, tokens, batch):
+    """Two drawing processes, chunks of several batches or of one: the pool draws ahead across
+    the ends of chunks and of rasters, and hands every batch back to its own chunk, in order."""
     out = tmp_path / "index"
     seen = []
     IndexWriter(out, model, SETTINGS, CHUNK, tokens=tokens).build(
-        [assets["rmnp_rgb"], assets["osbs_rgb"]], progress=seen.append, batch_size=CHUNK,
+        [assets["rmnp_rgb"], assets["osbs_rgb"]], progress=seen.append, batch_size=batch,
         computer=LocalChunks(model, processes=2))
     assert_same_index(TileIndex.open(out), single_process)
     assert [p.tiles_done for p in seen] == sorted(p.tiles_done for p in seen) and seen[-1].tiles_done == seen[-1].tiles_total
+
+
+def test_a_pool_run_stopped_or_failed_midway_resumes_to_the_same_index(tmp_path, assets, model, single_process):
+    """Stopped in the middle of a chunk, then failing when a raster turns unreadable while the pool
+    draws it: each time the pool's processes end, what was committed stays, and the run resumed
+    gives the one-process index."""
+    rmnp = tmp_path / "rmnp-rgb.tif"
+    shutil.copy2(assets["rmnp_rgb"], rmnp)
+    out = tmp_path / "index"
+    others = set(multiprocessing.active_children())  # the module's Dask cluster
+
+    def build(**kw):
+        return IndexWriter(out, model, SETTINGS, CHUNK).build([rmnp, assets["osbs_rgb"]], batch_size=5,
+                                                             computer=LocalChunks(model, processes=2), **kw)
+
+    seen = []
+    stopped = build(progress=seen.append, should_stop=lambda: len(seen) >= 4)
+    assert 0 < len(stopped["shards"]) and not set(multiprocessing.active_children()) - others
+    saved, stat = rmnp.read_bytes(), rmnp.stat()
+
+    def truncate_midway(progress):
+        if progress.tiles_done >= stopped["rasters"][0]["tiles_total"] // 2:
+            rmnp.write_bytes(saved[:2000])
+
+    with pytest.raises(InputError):
+        build(progress=truncate_midway)
+    assert not set(multiprocessing.active_children()) - others
+    rmnp.write_bytes(saved)
+    os.utime(rmnp, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the same file again, not a changed one
+    build()
+    assert_same_index(TileIndex.open(out), single_process)
+
+
+def test_a_chunk_left_early_is_an_error_not_an_empty_chunk(assets):
+    """The pool draws the next chunk's batches ahead: if one chunk's batches are left untaken,
+    asking for the next chunk's must fail, not hand back none (a chunk of nothing but skipped
+    tiles would be committed)."""
+    info = open_raster(assets["osbs_rgb"], None)
+    tiles = list(plan_tiles(info, SETTINGS))
+    job = DrawingJob(info.to_json(), 224, SETTINGS.tile, SETTINGS.min_valid)
+    pool = DrawingPool(2)
+    try:
+        chunks = pool.each_job([(job, tiles[:12]), (job, tiles[12:24])], 4)
+        next(next(chunks))  # the first chunk's first batch of three
+        with pytest.raises(RuntimeError, match="not all taken"):
+            next(next(chunks))
+    finally:
+        pool.close()
 
 
 def test_a_local_cluster_leaves_this_process_environment_as_it_was():

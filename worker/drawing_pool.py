@@ -78,6 +78,16 @@ def drawn_batches(job: DrawingJob, tiles: Sequence[Tile], batch_size: int) -> It
 
 POOL_FROM_CORES = 8  # a CPU index without tokens is drawn in a pool on this many cores or more
 POOL_FROM_TILES = 2_000  # fewer tiles to compute are drawn here: the pool's start-up would cost more
+MAX_PROCESSES = 15  # the most measured; each holds a few hundred MB
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, which a container's cpuset sets), not
+    the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 2
 
 
 def default_processes(device_type: str, tokens: bool, tiles: int) -> int:
@@ -90,13 +100,14 @@ def default_processes(device_type: str, tokens: bool, tiles: int) -> int:
     H200 machine, whose GPU a default index does not use); 2 cores 78.9 in one process, 55.3 in a
     pool of 2 (3 s of start-up for 567 tiles). Core counts between were not measured, hence the
     threshold half-way. The pool of 15 took 14 s to start there, in which one process draws
-    about 800 tiles. Each process holds its own torch and rasterio (a few hundred MB). On a CPU an
-    index with tokens is mostly the ViT, which already uses every core."""
-    cores = os.cpu_count() or 2
+    about 800 tiles. Each process holds its own torch and rasterio (340 MB of its own after a
+    batch on this CPU), hence at most MAX_PROCESSES. On a CPU an index with tokens is mostly the
+    ViT, which already uses every core."""
+    cores = usable_cores()
     if tiles < POOL_FROM_TILES:
         return 0
     if device_type == "cuda" or (not tokens and cores >= POOL_FROM_CORES):
-        return max(1, cores - 1)
+        return min(MAX_PROCESSES, max(1, cores - 1))
     return 0
 
 
@@ -118,8 +129,9 @@ class DrawingPool:
     def each_job(self, work: Iterable[tuple[DrawingJob, Sequence[Tile]]],
                  batch_size: int) -> Iterator[Iterator[tuple[int, DrawnBatch]]]:
         """For each job of `work`, taken as needed, an iterator of its batches as drawn_batches
-        gives them. Later jobs' batches are submitted while earlier ones are handed back, so take
-        each job's batches to the end before the next job's (a job left early ends the pool's use)."""
+        gives them. Later jobs' batches are submitted while earlier ones are handed back, so each
+        job's batches must be taken to the end before the next job's: a job's iterator used while
+        an earlier one's batches wait raises, rather than hand back nothing."""
         tasks = ((j, tiles, job, start) for j, (job, tiles) in enumerate(work)
                  for start in range(0, len(tiles), batch_size))
         queue: deque[tuple[int, int, Future]] = deque()  # job number, tiles done with this batch, result
@@ -136,6 +148,8 @@ class DrawingPool:
         def batches_of(j: int) -> Iterator[tuple[int, DrawnBatch]]:
             while True:
                 fill()
+                if queue and queue[0][0] < j:
+                    raise RuntimeError(f"chunk {queue[0][0]}'s batches were not all taken before chunk {j}'s")
                 if not queue or queue[0][0] != j:
                     return
                 _, done, future = queue.popleft()

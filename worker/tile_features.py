@@ -27,7 +27,8 @@ class TileFeatures:
     positions: np.ndarray | None = None  # (B, K) int16, with tokens
 
 
-def cells_on_grid(drawings: np.ndarray, tiles: list[Tile], tile_size: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+def cells_on_grid(drawings: np.ndarray, tiles: list[Tile], tile_size: int,
+                  device: torch.device | str) -> tuple[np.ndarray, np.ndarray]:
     """Each drawing's 8 px cells, of the drawing as a search compares it (smoothed,
     worker.edge_cells.compared_drawings), cut where its level's shared grid runs through it."""
     size = drawings.shape[1]

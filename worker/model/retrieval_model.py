@@ -152,7 +152,7 @@ class RetrievalModel(nn.Module):
     @torch.inference_mode()
     def tile_tokens(self, views: np.ndarray) -> TileTokens:
         """What the index stores of tiles, from their views (B, S, S, 3) uint8: line drawings
-        for the "edges" tile view (worker.tile_features draws them), the imagery for "rgb"."""
+        for the "edges" tile view (worker.line_drawing draws them), the imagery for "rgb"."""
         x = self.normalise(torch.from_numpy(np.ascontiguousarray(views)))
         out = forward_tokens(self.vit, self.vit.patch_embed(x), final_keep=self.config.tile_tokens)
         return TileTokens(

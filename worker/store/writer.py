@@ -277,7 +277,7 @@ class ChunkComputer(Protocol):
 class LocalChunks:
     """Chunks computed here, one after another, with progress after every batch. Tiles are read,
     drawn and described in `processes` other processes while this one encodes
-    (worker.drawing_pool; None: as many as suit the model's device and the index, 0: none)."""
+    (worker.drawing_pool; None: as default_processes says for the run's device, index and size; 0: none)."""
 
     def __init__(self, model, processes: int | None = None):
         self.model = model
