@@ -2,13 +2,14 @@
 
 Indexing does two kinds of work per tile. The CPU's: reading and stretching its window, drawing
 it as a line drawing (Canny, skeleton) and its edge cells (worker.tile_features), about 12 ms a
-tile in one thread on this project's CPU. The model's device's, only in an index with tokens: the
+tile in one thread on this project's CPU at batches of 16 (read 1.5, draw 8.9, cells 1.8). The
+model's device's, only in an index with tokens: the
 ViT tokens of the drawing. On a GPU the first caps the second (13.4 s for 529 tiles on an H100
 with everything in one process). A DrawingPool runs the CPU part of the next batches in other
 processes while this one encodes: batches are submitted ahead, at most `ahead` at once, across
 the ends of chunks (a chunk's last batches would otherwise leave most processes idle: a 189-tile
 raster is 3 batches of 64), and handed back in order. Only what the index stores travels back
-(the cells: 6 KB a tile), and the pixels the ViT reads when tokens are asked for.
+(the cells: 7 KB a tile), and the pixels the ViT reads when tokens are asked for.
 """
 
 from __future__ import annotations
@@ -96,14 +97,14 @@ def default_processes(device_type: str, tokens: bool, tiles: int) -> int:
     and on a CPU of POOL_FROM_CORES cores or more when the index stores no ViT tokens (all its
     work is drawing); none for fewer than POOL_FROM_TILES tiles, nor otherwise.
 
-    Measured: 16 cores indexed 55.6 tiles/s in one process, whose torch threads scale poorly on
-    224 px tiles, and 195.8 in a pool of 15, about 350 once it had started (lab.gpu_speed on an
-    H200 machine, whose GPU a default index does not use); 2 cores 78.9 in one process, 55.3 in a
-    pool of 2 (3 s of start-up for 567 tiles). Core counts between were not measured, hence the
-    threshold half-way. The pool of 15 took 14 s to start there, in which one process draws
-    about 800 tiles. Each process holds its own torch and rasterio (340 MB of its own after a
-    batch on this CPU), hence at most MAX_PROCESSES. On a CPU an index with tokens is mostly the
-    ViT, which already uses every core."""
+    Measured (lab.gpu_speed on H200 machines, whose GPU a default index does not use): 16 cores
+    indexed 55.6 tiles/s in one process and 195.8 in a pool of 15 on one machine (about 350 once
+    started and the files opened), 108.2 in one process on another; 2 cores 78.9 in one process,
+    55.3 in a pool of 2 (567 tiles). Core counts between were not measured, hence the threshold
+    half-way. The pool of 15 took 14 s to start there, 800 to 1,500 tiles of one process's work.
+    Each process holds its own torch and rasterio (340 MB of its own after a batch on this CPU),
+    hence at most MAX_PROCESSES. On a CPU an index with tokens is mostly the ViT, which already
+    uses every core."""
     cores = usable_cores()
     if tiles < POOL_FROM_TILES:
         return 0

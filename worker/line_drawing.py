@@ -93,7 +93,7 @@ def draw_edges(edges: np.ndarray, size: int, width: int = 2) -> Image.Image:
 
 
 # Tiles drawn at once: the filters' arrays of a few tiles stay in the CPU's caches. From batches
-# of 16 tiles of 224 px, 4 at a time took 8.9-9.3 ms a tile in one thread against 10.4-11.0 (5.7
+# of 16 tiles of 224 px, 4 at a time took 8.9-9.3 ms a tile in one thread against 10.4-11.0 (5.5-5.7
 # against 6.4 in two threads; 64 at once: 13.0 in one thread); 2 and 8 at a time were slower.
 DRAWN_AT_ONCE = 4
 
