@@ -106,32 +106,34 @@ def test_drawing_in_other_processes_gives_the_same_index(tmp_path, assets, model
 
 
 def test_a_pool_run_stopped_or_failed_midway_resumes_to_the_same_index(tmp_path, assets, model, single_process):
-    """Stopped in the middle of a chunk, then failing when a raster turns unreadable while the pool
-    draws it: each time the pool's processes end, what was committed stays, and the run resumed
-    gives the one-process index."""
-    rmnp = tmp_path / "rmnp-rgb.tif"
+    """Stopped in the middle of a chunk, then failing when the second raster turns unreadable
+    after the pool has started: each time the pool's processes end, what was committed stays,
+    and the run resumed gives the one-process index. The second raster's first batch is asked
+    for only after the first raster's last (the pool looks 4 batches ahead), so it is read
+    after it was cut short."""
+    rmnp, osbs = tmp_path / "rmnp-rgb.tif", tmp_path / "OSBS_029.tif"
     shutil.copy2(assets["rmnp_rgb"], rmnp)
+    shutil.copy2(assets["osbs_rgb"], osbs)
     out = tmp_path / "index"
     others = set(multiprocessing.active_children())  # the module's Dask cluster
 
     def build(**kw):
-        return IndexWriter(out, model, SETTINGS, CHUNK).build([rmnp, assets["osbs_rgb"]], batch_size=5,
+        return IndexWriter(out, model, SETTINGS, CHUNK).build([rmnp, osbs], batch_size=5,
                                                              computer=LocalChunks(model, processes=2), **kw)
 
     seen = []
     stopped = build(progress=seen.append, should_stop=lambda: len(seen) >= 4)
     assert 0 < len(stopped["shards"]) and not set(multiprocessing.active_children()) - others
-    saved, stat = rmnp.read_bytes(), rmnp.stat()
+    saved, stat = osbs.read_bytes(), osbs.stat()
 
-    def truncate_midway(progress):
-        if progress.tiles_done >= stopped["rasters"][0]["tiles_total"] // 2:
-            rmnp.write_bytes(saved[:2000])
+    def cut_short(progress):
+        osbs.write_bytes(saved[:2000])
 
     with pytest.raises(InputError):
-        build(progress=truncate_midway)
+        build(progress=cut_short)
     assert not set(multiprocessing.active_children()) - others
-    rmnp.write_bytes(saved)
-    os.utime(rmnp, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the same file again, not a changed one
+    osbs.write_bytes(saved)
+    os.utime(osbs, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the same file again, not a changed one
     build()
     assert_same_index(TileIndex.open(out), single_process)
 

@@ -423,7 +423,10 @@ class TileReader:
     _src: rasterio.DatasetReader | None = field(default=None, init=False)
 
     def __enter__(self) -> "TileReader":
-        self._src = rasterio.open(self.raster.path)
+        try:  # opened when the run plans it, it may be gone or damaged by the time its tiles are read
+            self._src = rasterio.open(self.raster.path)
+        except RasterioIOError as exc:
+            raise InputError(f"{self.raster.path}: cannot open it to read tiles ({exc})") from exc
         return self
 
     def __exit__(self, *exc) -> None:
