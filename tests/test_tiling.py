@@ -71,6 +71,23 @@ def test_a_paletted_raster_is_refused_and_grey_with_alpha_is_read_as_grey(tmp_pa
     assert open_raster(with_alpha, None).bands == (1, 1, 1)
 
 
+def test_rasters_opened_together_refuse_as_one_at_a_time_would(tmp_path, assets):
+    """Opened in threads, a run's rasters describe themselves as one at a time would, and the
+    first refused in the order given is the error, not whichever thread failed first."""
+    from worker.tiling import open_rasters
+
+    with rasterio.open(assets["rmnp_rgb"]) as src:
+        data, transform = src.read(), src.transform
+    no_crs = write_raster(tmp_path / "nocrs.tif", data, transform=transform)
+    missing = tmp_path / "missing.tif"
+    good = [assets["s2_rgb"], assets["rmnp_rgb"], assets["osbs_rgb"]]
+    assert open_rasters(good, None, threads=3) == [open_raster(p, None) for p in good]
+    with pytest.raises(InputError, match="nocrs.tif.*has no CRS"):
+        open_rasters([*good, no_crs, missing], None, threads=4)
+    with pytest.raises(InputError, match="missing.tif"):
+        open_rasters([missing, *good, no_crs], None, threads=4)
+
+
 def test_crs_less_raster_is_refused_with_what_to_do(tmp_path, assets):
     from rasterio.control import GroundControlPoint
 
