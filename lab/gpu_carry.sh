@@ -6,7 +6,9 @@
 # with rasterio's small dependencies, and the Sentinel-2 demo raster (14 MB). Left behind:
 # pyogrio (33 MB; builds skip tiles.gpkg without it) and the converted backbone (87 MB; both
 # tools use random weights). Run: lab/gpu_carry.sh (after scripts/setup), then the device
-# tool's run with carry [".gpu"] and the printed command.
+# tool's run with carry [".gpu"], timeout_s 480 and the printed command (on the eighteenth stop
+# check_gpu took about 40 s there, and gpu_speed about 6 minutes by estimate: its run was cut at
+# 230 s with two builds left).
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 source "$REPO/scripts/lib.sh"
