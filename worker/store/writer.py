@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
 import numpy as np
-import torch
 
 from worker import level_maps
 from worker.geo import bounds_wgs84
@@ -315,7 +314,6 @@ def drawing_job(model, job: ChunkJob, settings: TileSettings) -> DrawingJob:
     return DrawingJob(job.raster, model.img_size, settings.tile, settings.min_valid, pixels)
 
 
-@torch.inference_mode()
 def stored_features(model, drawn: DrawnBatch) -> TileFeatures:
     """What the index stores of a drawn batch: its cells, and its ViT tokens (the model's device)
     when the pixels for them came with it."""
