@@ -1,7 +1,9 @@
-"""Thread pools started once per process and shared by every search (worker.verify, worker.ann)."""
+"""Thread pools started once per process and shared by every search and run (worker.verify, worker.ann,
+worker.line_drawing, worker.drawing_pool), and the cores they may use."""
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
@@ -20,6 +22,15 @@ def shared_pool(name: str, threads: int) -> ThreadPoolExecutor:
         if started_with != threads:
             raise ValueError(f"the thread pool {name!r} was started with {started_with} threads, not {threads}")
         return pool
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, which a container's cpuset sets), not
+    the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 2
 
 
 def wait_all(futures: list[Future]) -> None:

@@ -446,22 +446,27 @@ class TileReader:
         if self._src is not None:
             self._src.close()
 
-    def read(self, tile: Tile) -> tuple[np.ndarray, float]:
-        src = self._src
-        assert src is not None, "use TileReader as a context manager"
-        inside = (tile.col_off >= 0 and tile.row_off >= 0 and tile.col_off + tile.width <= src.width
-                  and tile.row_off + tile.height <= src.height)
-        out_shape = (len(self.raster.bands), self.tile_size, self.tile_size)
-        resampling = Resampling.average if tile.scale > 1 else Resampling.nearest
-        try:
-            data = src.read(list(self.raster.bands), window=tile.window, out_shape=out_shape,
-                            resampling=resampling, masked=True, boundless=not inside)
-        except RasterioIOError as exc:
-            raise InputError(f"{self.raster.path}: cannot read window {tile.window} ({exc})") from exc
-        valid = ~np.ma.getmaskarray(data).any(axis=0)
-        valid &= np.isfinite(data.filled(0)).all(axis=0)
-        image = stretch_to_uint8(data, self.raster.stretch).transpose(1, 2, 0)
-        return fill_from_nearest_valid(image, valid), valid
+    def read(self, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
+        assert self._src is not None, "use TileReader as a context manager"
+        return read_tile(self._src, self.raster, tile, self.tile_size)
+
+
+def read_tile(src: rasterio.DatasetReader, raster: RasterInfo, tile: Tile, tile_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """One tile of `raster`, open as `src`, as (S, S, 3) uint8 (nodata filled from its nearest
+    valid pixel) and its (S, S) valid-pixel mask."""
+    inside = (tile.col_off >= 0 and tile.row_off >= 0 and tile.col_off + tile.width <= src.width
+              and tile.row_off + tile.height <= src.height)
+    out_shape = (len(raster.bands), tile_size, tile_size)
+    resampling = Resampling.average if tile.scale > 1 else Resampling.nearest
+    try:
+        data = src.read(list(raster.bands), window=tile.window, out_shape=out_shape,
+                        resampling=resampling, masked=True, boundless=not inside)
+    except RasterioIOError as exc:
+        raise InputError(f"{raster.path}: cannot read window {tile.window} ({exc})") from exc
+    valid = ~np.ma.getmaskarray(data).any(axis=0)
+    valid &= np.isfinite(data.filled(0)).all(axis=0)
+    image = stretch_to_uint8(data, raster.stretch).transpose(1, 2, 0)
+    return fill_from_nearest_valid(image, valid), valid
 
 
 def read_reaching_past(src: rasterio.DatasetReader, bands: list[int], col0: int, row0: int, col1: int, row1: int,

@@ -8,11 +8,8 @@ for the few placements that compete for the top of the list.
 from __future__ import annotations
 
 import os
-import threading
-from collections import OrderedDict
 
 import numpy as np
-import rasterio
 import rasterio.errors
 import torch
 
@@ -23,48 +20,20 @@ from worker.edge_cells import FINE
 from worker.errors import RasterUnreadable
 from worker.placement import Placement
 from worker.ranking import RankingConfig
+from worker.raster_handles import open_in_this_thread
 from worker.sketch import sketch_pixels
 from worker.store import TileIndex
 from worker.thread_pools import shared_pool
 
 
 READ_THREADS = min(4, os.cpu_count() or 1)  # GDAL and PIL release the GIL while reading and turning
-OPEN_PER_THREAD = 16  # raster handles a reading thread keeps open between searches
-
-
-class _OpenRasters(threading.local):
-    """This thread's open rasters, kept between searches (least recently used closed first). GDAL
-    keeps the decoded blocks of an open raster, so a place read again, or one sharing blocks with
-    a place just read, is not decompressed again; a raster changed on disk is opened anew."""
-
-    def __init__(self) -> None:
-        self.handles: OrderedDict[tuple, rasterio.DatasetReader] = OrderedDict()
-
-    def get(self, path: str) -> rasterio.DatasetReader:
-        try:
-            stat = os.stat(path)
-            key = (path, stat.st_mtime_ns, stat.st_size)
-        except OSError:  # not a file here (a GDAL /vsi path), or gone: rasterio.open says which
-            key = (path, None, None)
-        if key in self.handles:
-            self.handles.move_to_end(key)
-            return self.handles[key]
-        for old in [k for k in self.handles if k[0] == path]:
-            self.handles.pop(old).close()
-        self.handles[key] = rasterio.open(path)
-        while len(self.handles) > OPEN_PER_THREAD:
-            self.handles.popitem(last=False)[1].close()
-        return self.handles[key]
-
-
-_open_rasters = _OpenRasters()
 
 
 def read_placement(placement: Placement, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Placement.read from this thread's open raster; RasterUnreadable when the raster cannot be
     opened or read now."""
     try:
-        return placement.read(size, _open_rasters.get(placement.raster.path))
+        return placement.read(size, open_in_this_thread(placement.raster.path))
     except (rasterio.errors.RasterioError, OSError) as exc:
         raise RasterUnreadable(placement.raster.path, excerpt(str(exc))) from None
 
@@ -74,7 +43,8 @@ def draw_placements(placements: list[Placement], size: int) -> np.ndarray:
     Read in a few threads, drawn as one batch."""
     from worker.line_drawing import tile_line_drawings
 
-    readers = shared_pool("verify-read", READ_THREADS)  # started once: their open rasters outlive a search
+    # started once: their open rasters (worker.raster_handles) outlive a search
+    readers = shared_pool("verify-read", READ_THREADS)
     read = list(readers.map(lambda p: read_placement(p, size), placements))
     images = np.stack([r[0] for r in read])
     valid = np.stack([r[1] for r in read])
