@@ -10,7 +10,8 @@ a skeleton. The filters run in torch on a whole batch at once, on the device of 
 given (the CPU for arrays), and use every torch thread: on this 2-core CPU, 16 tiles took 7.0 ms
 a tile with scikit-image (one thread, tile by tile) and 3.9 ms so; in one thread (a drawing
 process's share) 6.7 and 5.5 ms. The two steps that follow connected pixels (hysteresis,
-skeleton) stay in scipy / scikit-image, once for the whole batch. The edges differ from
+skeleton) stay in scipy / scikit-image on the CPU, whatever the filters' device, the batch split
+over torch's threads (both release the GIL). The edges differ from
 scikit-image's by float rounding only (8 of 90,000 edge pixels on 57 real tiles; only a blank
 tile without the contrast floor draws other noise, rounding being all there is to draw), so
 the index fingerprint did not change with it and older indexes stay valid.
@@ -32,6 +33,7 @@ from scipy import ndimage
 from skimage.morphology import skeletonize
 
 from worker.gaussian import filtered
+from worker.thread_pools import shared_pool
 
 TILE_EDGE_SIGMA = 3.0  # at 224 px: coarse structure (shorelines, roads, field edges), not texture
 # A person sketching a place draws its few big lines; at 3 px many of them break into texture, so
@@ -65,11 +67,15 @@ def edge_maps(tiles: np.ndarray | torch.Tensor, sigma: float | tuple[float, ...]
         # a tile (the same numbers; at sigma 6, 12 tiles smoothed in 4.5 ms, not 9.0)
         mask = torch.ones_like(grey[:1])
     strong, weak = zip(*(_canny_candidates(grey, mask, s) for s in sigmas))
-    edges = _hysteresis(torch.cat(strong).cpu().numpy(), torch.cat(weak).cpu().numpy())  # each scale's own
-    edges = np.logical_or.reduce(edges.reshape(len(sigmas), *grey.shape), axis=0)
-    if floor > 0:
-        edges &= _contrast_above(grey, floor).cpu().numpy()
-    return _skeleton(edges)
+    strong = torch.stack(strong, 1).cpu().numpy()  # (B, scales, S, S): each scale's own hysteresis
+    weak = torch.stack(weak, 1).cpu().numpy()
+    visible = _contrast_above(grey, floor).cpu().numpy() if floor > 0 else np.ones(grey.shape, bool)
+    threads = torch.get_num_threads()  # a drawing process's one, or the filters' own
+    if threads == 1 or len(grey) == 1:
+        return _thin_lines(strong, weak, visible)
+    parts = np.array_split(np.arange(len(grey)), min(threads, len(grey)))
+    pool = shared_pool(f"thin-lines-{threads}", threads)
+    return np.concatenate(list(pool.map(lambda p: _thin_lines(strong[p], weak[p], visible[p]), parts)))
 
 
 def edge_map(tile: np.ndarray, sigma: float, valid: np.ndarray | None = None,
@@ -92,24 +98,30 @@ def draw_edges(edges: np.ndarray, size: int, width: int = 2) -> Image.Image:
     return Image.fromarray(_ink(_tensor(np.asarray(edges, bool))[None], width)[0].numpy())
 
 
-# Tiles drawn at once: the filters' arrays of a few tiles stay in the CPU's caches. From batches
-# of 16 tiles of 224 px, 4 at a time took 8.9-9.3 ms a tile in one thread against 10.4-11.0 (5.5-5.7
-# against 6.4 in two threads; 64 at once: 13.0 in one thread); 2 and 8 at a time were slower.
+# Tiles drawn at once on a CPU: the filters' arrays of a few tiles stay in the CPU's caches. From
+# batches of 16 tiles of 224 px, 4 at a time took 8.9-9.3 ms a tile in one thread against 10.4-11.0
+# (5.5-5.7 against 6.4 in two threads; 64 at once: 13.0 in one thread); 2 and 8 at a time were
+# slower. A GPU draws a whole batch at once: each filter is then one launch for the batch.
 DRAWN_AT_ONCE = 4
 
 
-def tile_line_drawings(tiles: np.ndarray, valid: np.ndarray | None = None, floor: float = CONTRAST_FLOOR) -> np.ndarray:
+def tile_line_drawings(tiles: np.ndarray | torch.Tensor, valid: np.ndarray | torch.Tensor | None = None,
+                       floor: float = CONTRAST_FLOOR) -> np.ndarray | torch.Tensor:
     """(B, S, S, 3) uint8 tiles and their (B, S, S) valid-pixel masks -> (B, S, S, 3) uint8 line
-    drawings: the edges at TILE_EDGE_SIGMA and at BIG_LINE_SIGMA together, DRAWN_AT_ONCE tiles
-    at a time (each tile's drawing is its own: the same whatever the batch)."""
+    drawings: the edges at TILE_EDGE_SIGMA and at BIG_LINE_SIGMA together (each tile's drawing is
+    its own: the same whatever the batch). Arrays are drawn on the CPU, DRAWN_AT_ONCE tiles at a
+    time, into an array; a tensor is filtered on its device, the whole batch at once, into a
+    tensor there (the hysteresis and the thinning run on the CPU either way: edge_maps)."""
     if len(tiles) == 0:
-        return np.empty_like(tiles)
+        return tiles[:0]
     size = tiles.shape[1]
     sigmas = (TILE_EDGE_SIGMA * size / 224, BIG_LINE_SIGMA * size / 224)
-    edges = np.concatenate([edge_maps(tiles[i:i + DRAWN_AT_ONCE], sigmas,
-                                      None if valid is None else valid[i:i + DRAWN_AT_ONCE], floor)
-                            for i in range(0, len(tiles), DRAWN_AT_ONCE)])
-    return np.repeat(_ink(torch.from_numpy(edges), 2).numpy()[..., None], 3, axis=-1)
+    at_once = len(tiles) if isinstance(tiles, torch.Tensor) and tiles.device.type != "cpu" else DRAWN_AT_ONCE
+    edges = np.concatenate([edge_maps(tiles[i:i + at_once], sigmas, None if valid is None else valid[i:i + at_once], floor)
+                            for i in range(0, len(tiles), at_once)])
+    device = tiles.device if isinstance(tiles, torch.Tensor) else "cpu"
+    drawings = _ink(torch.from_numpy(edges).to(device), 2)[..., None].expand(-1, -1, -1, 3)
+    return drawings.contiguous() if isinstance(tiles, torch.Tensor) else drawings.numpy().copy()
 
 
 def fingerprint() -> dict:
@@ -199,6 +211,16 @@ def _local_maxima(di: torch.Tensor, dj: torch.Tensor, magnitude: torch.Tensor) -
     plus = diagonal_plus * weight + straight_plus * (1 - weight) <= magnitude
     minus = diagonal_minus * weight + straight_minus * (1 - weight) <= magnitude
     return plus & minus
+
+
+def _thin_lines(strong: np.ndarray, weak: np.ndarray, visible: np.ndarray) -> np.ndarray:
+    """The CPU's part of a drawing (B, S, S) bool: each scale's hysteresis (strong and weak
+    (B, scales, S, S)), the scales joined, kept where `visible`, thinned. scipy's labelling and
+    scikit-image's thinning release the GIL, so parts of a batch run in threads (16 tiles: 15 ms
+    labelled in one thread, 10 in two; 35 ms thinned in one, 21 in two)."""
+    b, scales, h, w = strong.shape
+    edges = _hysteresis(strong.reshape(b * scales, h, w), weak.reshape(b * scales, h, w))
+    return _skeleton(edges.reshape(b, scales, h, w).any(axis=1) & visible)
 
 
 _BATCH_8_CONNECTED = np.zeros((3, 3, 3), bool)
