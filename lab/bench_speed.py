@@ -84,7 +84,7 @@ def stage_seconds(model, raster: Path, settings: TileSettings, n: int, batch: in
             drawings, t = timed(line_drawing.tile_line_drawings, images, masks)
             out["draw"] += t
             out["tokens"] += timed(model.tile_tokens, drawings)[1]
-            out["cells"] += timed(cells_on_grid, drawings[..., 0], [p[0] for p in part], settings.tile, "cpu")[1]
+            out["cells"] += timed(cells_on_grid, drawings[..., 0], [p[0] for p in part], settings.tile)[1]
     return {k: v / len(tiles) for k, v in out.items()}
 
 

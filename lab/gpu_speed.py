@@ -3,10 +3,10 @@
 What issue #16 asks of a GPU: the product's indexing tiles/s against the raw backbone forward at
 the same batch size (goal: at least 0.9 of it and 1000 tiles/s). The product indexes a mosaic of
 `--copies` copies of one real raster (copies under other names: the tile plan and the work are a
-mosaic's that size) with the drawing pool it uses on a GPU (worker.drawing_pool), and in one
-process for comparison. The backbone's weights are random (the converted file does not fit in
+mosaic's that size) as it does on a GPU, the tiles drawn there (worker.drawing_pool), and, for
+comparison, drawn on the CPU in a pool of `--processes` processes as the eighteenth stop did. The backbone's weights are random (the converted file does not fit in
 what a call can carry): the arithmetic and the data flow are the default model's, the quality is
-not measured here. Each figure is one run's; the pool's start-up is timed apart (a one-copy build).
+not measured here. Each figure is one run's; a one-copy build is timed apart (start-up), and the pool's start.
 Run there: lab/gpu_carry.sh prints the command (PYTHONPATH=/tmp/site:. python3 -m lab.gpu_speed ...).
 """
 
@@ -68,22 +68,15 @@ def index_speed(model, rasters: list[Path], work: Path, batch: int, processes: i
             "seconds": round(seconds, 2), "tiles_per_s": round(tiles / seconds, 1), "dir": str(out)}
 
 
-def pool_start_seconds(method: str, processes: int) -> float:
-    """Seconds until `processes` drawing processes, started by `method` ("spawn", the pool's;
-    "forkserver", one import then forks), have all answered."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+def pool_start_seconds(processes: int) -> float:
+    """Seconds until a DrawingPool's `processes` processes have all answered."""
+    from worker.drawing_pool import DrawingPool
 
-    from worker import drawing_pool
-
-    context = multiprocessing.get_context(method)
-    if method == "forkserver":
-        context.set_forkserver_preload(["__main__", "worker.drawing_pool"])
     t0 = time.perf_counter()
-    executor = ProcessPoolExecutor(processes, mp_context=context, initializer=drawing_pool._one_thread)
-    list(executor.map(time.sleep, [0.2] * processes))  # 0.2 s each: every process must take one
+    pool = DrawingPool(processes)
+    list(pool.executor.map(time.sleep, [0.2] * processes))  # 0.2 s each: every process must take one
     seconds = time.perf_counter() - t0
-    executor.shutdown()
+    pool.close()
     return round(seconds, 2)
 
 
@@ -92,10 +85,10 @@ def main() -> int:
     parser.add_argument("--raster", type=Path, required=True)
     parser.add_argument("--copies", type=int, default=60)
     parser.add_argument("--batches", default="16,64,256", help="batch sizes of the raw backbone")
-    parser.add_argument("--index-batches", default="16,64", help="batch sizes of indexing")
+    parser.add_argument("--index-batches", default="64,256", help="batch sizes of indexing, drawn on the GPU")
     parser.add_argument("--backbone-tiles", type=int, default=4096, help="tiles timed through the raw backbone")
-    parser.add_argument("--processes", type=int, default=max(1, (os.cpu_count() or 2) - 1),
-                        help="drawing processes (a GPU's default for a large job: every core but one)")
+    parser.add_argument("--processes", type=int, default=min(15, max(1, (os.cpu_count() or 2) - 1)),
+                        help="drawing processes of the comparison with the CPU's drawing (0: none)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -124,15 +117,18 @@ def main() -> int:
             open_raster(path, None)
         note("open_raster_s_per_file", round((time.perf_counter() - t0) / len(rasters[:10]), 3))  # stretch statistics
         pool = args.processes
-        note("startup", index_speed(model, rasters[:1], work, 64, pool, False))
+        note("startup", index_speed(model, rasters[:1], work, 64, 0, False))  # drawn on the GPU: no pool
         index = TileIndex.open(Path(f["startup"]["dir"]))  # one copy, the default index: what users search
         note("search_exact_ms", search_latency(index, model, sketches(index, model, 12), RankingConfig(ann="off")))
-        note("pool_start_s", {m: pool_start_seconds(m, pool or 1) for m in ("spawn", "forkserver")})
-        runs = [index_speed(model, rasters[:max(1, args.copies // 10)], work, 64, 0, False)]
-        print(json.dumps(runs[-1]), flush=True)
+        runs = []
         for batch in (int(b) for b in args.index_batches.split(",")):
             for tokens in (False, True):
-                runs.append(index_speed(model, rasters, work, batch, pool, tokens))
+                runs.append(index_speed(model, rasters, work, batch, 0, tokens))  # the default: drawn on the GPU
+                note("indexing", runs)
+        if pool:  # the tiles drawn on the CPU in a pool, as before the GPU drew them
+            note("pool_start_s", pool_start_seconds(pool))
+            for tokens in (False, True):
+                runs.append(index_speed(model, rasters, work, 64, pool, tokens))
                 note("indexing", runs)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -1,5 +1,6 @@
 """Indexing elsewhere gives the index one process gives: on a Dask cluster (local mode, 2 worker
-processes), and with tiles read and drawn in a pool of processes (worker.drawing_pool)."""
+processes), with tiles read and drawn in a pool of processes, and drawn as a GPU draws them
+(worker.drawing_pool)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 
 from worker.app import ModelOptions
 from worker.distributed import ClusterChunks, connect
-from worker.drawing_pool import DrawingJob, DrawingPool
+from worker.drawing_pool import DrawingJob, DrawingPool, drawn_batches
 from worker.errors import InputError
 from worker.store import IndexWriter, TileIndex
 from worker.store.writer import LocalChunks
@@ -153,6 +155,36 @@ def test_a_chunk_left_early_is_an_error_not_an_empty_chunk(assets):
             next(next(chunks))
     finally:
         pool.close()
+
+
+@pytest.mark.parametrize("pixels", ["edges", "rgb"])
+def test_tiles_drawn_as_a_gpu_draws_them_are_the_cpus_drawings(assets, pixels):
+    """On a GPU a batch is read in threads and drawn and described there, the hysteresis and the
+    thinning in threads on the CPU (read_and_draw's device). The CPU standing in for the GPU runs
+    that path here: the tiles kept, their cells and the ViT's pixels must be the CPU path's, for
+    tiles inside the raster and tiles reaching past its edges (partly nodata)."""
+    for name in ("rmnp_rgb", "osbs_rgb"):  # 26 and 20 tiles
+        info = open_raster(assets[name], None)
+        tiles = list(plan_tiles(info, SETTINGS))
+        job = DrawingJob(info.to_json(), 224, SETTINGS.tile, SETTINGS.min_valid, pixels)
+        on_cpu = list(drawn_batches(job, tiles, 16))
+        as_on_gpu = list(drawn_batches(job, tiles, 16, torch.device("cpu")))
+        assert [n for n, _ in as_on_gpu] == [n for n, _ in on_cpu] == [16, len(tiles)]
+        assert min(share for _, b in on_cpu for share in b.valid_share) < 1  # some tiles reach past an edge
+        for (_, want), (_, got) in zip(on_cpu, as_on_gpu):
+            assert got.tiles == want.tiles and got.valid_share == want.valid_share
+            assert np.array_equal(got.cells, want.cells) and np.array_equal(got.cell_origins, want.cell_origins)
+            assert isinstance(got.pixels, torch.Tensor) and np.array_equal(got.pixels.numpy(), want.pixels)
+
+
+def test_a_raster_damaged_before_a_gpu_reads_it_is_an_input_error(tmp_path, assets):
+    info = open_raster(assets["osbs_rgb"], None)
+    tiles = list(plan_tiles(info, SETTINGS))[:8]
+    damaged = tmp_path / "damaged.tif"
+    damaged.write_bytes(assets["osbs_rgb"].read_bytes()[:2000])
+    job = DrawingJob({**info.to_json(), "path": str(damaged)}, 224, SETTINGS.tile, SETTINGS.min_valid)
+    with pytest.raises(InputError, match="damaged.tif"):
+        list(drawn_batches(job, tiles, 4, torch.device("cpu")))
 
 
 def test_a_local_cluster_leaves_this_process_environment_as_it_was():

@@ -45,7 +45,7 @@ def test_a_tiles_cells_are_its_levels_cells_where_it_is_most_central(index):
     from worker.line_drawing import tile_line_drawings
 
     drawing = tile_line_drawings(image[None], valid[None])[..., 0]
-    again, origin = cells_on_grid(drawing, [tile], 224, torch.device("cpu"))
+    again, origin = cells_on_grid(drawing, [tile], 224)
     assert np.array_equal(again[0], own) and tuple(origin[0]) == (r0, c0, rec["cell_rows"], rec["cell_cols"])
 
 
@@ -67,7 +67,7 @@ def test_a_tiles_line_votes_in_the_orientation_it_runs_in_whichever_of_the_nine(
         ImageDraw.Draw(img).line([(112 - dx, 112 - dy), (112 + dx, 112 + dy)], fill=0, width=2)
         drawings.append(np.asarray(img))
     tile = index.tile(int(np.nonzero(index.records["scale"] == 1)[0][0]))
-    cells, _ = cells_on_grid(np.stack(drawings), [tile] * len(angles), 224, torch.device("cpu"))
+    cells, _ = cells_on_grid(np.stack(drawings), [tile] * len(angles), 224)
     votes = edge_cells.dequantise(cells).sum((1, 2))  # (9, ORIENTATIONS)
     own = votes[np.arange(len(angles)), np.arange(len(angles))] / votes.sum(1)
     assert (votes.argmax(1) == torch.arange(len(angles))).all(), votes.argmax(1)

@@ -1,32 +1,41 @@
-"""Reading, drawing and describing tiles in worker processes, so the model's device never waits for the CPU.
+"""Reading, drawing and describing tiles: on a GPU, or in worker processes beside a busy CPU.
 
-Indexing does two kinds of work per tile. The CPU's: reading and stretching its window, drawing
-it as a line drawing (Canny, skeleton) and its edge cells (worker.tile_features), about 12 ms a
-tile in one thread on this project's CPU at batches of 16 (read 1.5, draw 8.9, cells 1.8). The
-model's device's, only in an index with tokens: the
-ViT tokens of the drawing. On a GPU the first caps the second (13.4 s for 529 tiles on an H100
-with everything in one process). A DrawingPool runs the CPU part of the next batches in other
-processes while this one encodes: batches are submitted ahead, at most `ahead` at once, across
-the ends of chunks (a chunk's last batches would otherwise leave most processes idle: a 189-tile
-raster is 3 batches of 64), and handed back in order. Only what the index stores travels back
-(the cells: 7 KB a tile), and the pixels the ViT reads when tokens are asked for.
+Indexing does two kinds of work per tile: reading and stretching its window, drawing it as a
+line drawing (Canny, skeleton) and its edge cells (worker.tile_features), about 12 ms a tile in
+one thread on this project's CPU at batches of 16 (read 1.5, draw 8.9, cells 1.8); and, only in
+an index with tokens, the ViT tokens of the drawing. Drawn on the CPU, the first capped a GPU's
+second (13.4 s for 529 tiles on an H100 with everything in one process; 196 tiles/s on an H200
+with the drawing in 15 processes, against 2,400 for its backbone alone).
+
+So on a GPU, read_and_draw reads a batch in threads and draws and describes it on the GPU: the
+filters, the inking, the smoothing and the cells run there a batch at once; the hysteresis and
+the thinning, which follow connected pixels, stay on the CPU in threads (worker.line_drawing).
+On a CPU of many cores, a DrawingPool runs whole batches in other processes while this one
+encodes: batches are submitted ahead, at most `ahead` at once, across the ends of chunks (a
+chunk's last batches would otherwise leave most processes idle: a 189-tile raster is 3 batches
+of 64), and handed back in order. Only what the index stores travels back (the cells: 7 KB a
+tile), and the pixels the ViT reads when tokens are asked for.
 """
 
 from __future__ import annotations
 
 import itertools
 import multiprocessing
-import os
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+import rasterio.errors
+import torch
 
 from worker import edge_cells, line_drawing
+from worker.errors import InputError
+from worker.raster_handles import open_in_this_thread
+from worker.thread_pools import shared_pool, usable_cores
 from worker.tile_features import cells_on_grid
-from worker.tiling import RasterInfo, Tile, iter_tile_pixels
+from worker.tiling import RasterInfo, Tile, iter_tile_pixels, read_tile
 
 
 @dataclass
@@ -49,11 +58,15 @@ class DrawingJob:
     pixels: str | None = None  # "edges": the line drawings, "rgb": the images, None: neither (no tokens)
 
 
-def read_and_draw(job: DrawingJob, tiles: Sequence[Tile]) -> DrawnBatch:
+def read_and_draw(job: DrawingJob, tiles: Sequence[Tile], device: torch.device | None = None) -> DrawnBatch:
     """Read `tiles` of `job`'s raster, leave out those with less valid area than its `min_valid`,
-    draw the others and describe them by their edge cells."""
+    draw the others and describe them by their edge cells. With `device` (a GPU's), the tiles are
+    read in threads and drawn and described there, and the pixels for the ViT stay there; else
+    all of it runs here on the CPU (a drawing process, or this one)."""
+    read = _read_in_threads(job, tiles) if device is not None else \
+        iter_tile_pixels(RasterInfo.from_json(job.raster), tiles, job.size)
     kept, shares, images, masks = [], [], [], []
-    for tile, image, valid in iter_tile_pixels(RasterInfo.from_json(job.raster), tiles, job.size):
+    for tile, image, valid in read:
         share = float(valid.mean())
         if share >= job.min_valid:
             kept.append(tile)
@@ -64,18 +77,39 @@ def read_and_draw(job: DrawingJob, tiles: Sequence[Tile]) -> DrawnBatch:
         g = job.size // edge_cells.CELL
         no_cells = np.zeros((0, g, g, edge_cells.ORIENTATIONS), np.uint8)
         return DrawnBatch([], [], no_cells, np.zeros((0, 4), np.int32), None)
-    images_a = np.stack(images)
-    drawings = line_drawing.tile_line_drawings(images_a, np.stack(masks))
-    cells, origins = cells_on_grid(drawings[..., 0], kept, job.tile_size, "cpu")
+    images_a, masks_a = np.stack(images), np.stack(masks)
+    if device is not None:
+        images_a, masks_a = torch.from_numpy(images_a).to(device), torch.from_numpy(masks_a).to(device)
+    drawings = line_drawing.tile_line_drawings(images_a, masks_a)
+    cells, origins = cells_on_grid(drawings[..., 0], kept, job.tile_size)
     pixels = {"edges": drawings, "rgb": images_a, None: None}[job.pixels]
     return DrawnBatch(kept, shares, cells, origins, pixels)
 
 
-def drawn_batches(job: DrawingJob, tiles: Sequence[Tile], batch_size: int) -> Iterator[tuple[int, DrawnBatch]]:
+READ_THREADS = min(16, usable_cores())  # GDAL releases the GIL while it reads and decodes
+
+
+def _read_in_threads(job: DrawingJob, tiles: Sequence[Tile]) -> list[tuple[Tile, np.ndarray, np.ndarray]]:
+    """(tile, image, valid) for each of `tiles`, in order, read in READ_THREADS threads, each
+    with its own open handle of the raster (worker.raster_handles)."""
+    raster = RasterInfo.from_json(job.raster)
+
+    def read(tile: Tile) -> tuple[Tile, np.ndarray, np.ndarray]:
+        try:
+            src = open_in_this_thread(raster.path)
+        except (rasterio.errors.RasterioError, OSError) as exc:
+            raise InputError(f"{raster.path}: cannot open it to read tiles ({exc})") from exc
+        return (tile, *read_tile(src, raster, tile, job.size))
+
+    return list(shared_pool("tile-read", READ_THREADS).map(read, tiles))
+
+
+def drawn_batches(job: DrawingJob, tiles: Sequence[Tile], batch_size: int,
+                  device: torch.device | None = None) -> Iterator[tuple[int, DrawnBatch]]:
     """(tiles read so far, the drawn batch) for each batch of `tiles`, in order, read and drawn
-    here one batch at a time (a DrawingPool does it in other processes)."""
+    here one batch at a time (read_and_draw's `device`; a DrawingPool draws in other processes)."""
     for start in range(0, len(tiles), batch_size):
-        yield min(start + batch_size, len(tiles)), read_and_draw(job, tiles[start:start + batch_size])
+        yield min(start + batch_size, len(tiles)), read_and_draw(job, tiles[start:start + batch_size], device)
 
 
 POOL_FROM_CORES = 8  # a CPU index without tokens is drawn in a pool on this many cores or more
@@ -83,34 +117,26 @@ POOL_FROM_TILES = 2_000  # fewer tiles to compute are drawn here: the pool's sta
 MAX_PROCESSES = 15  # the most measured; each holds a few hundred MB
 
 
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity, which a container's cpuset sets), not
-    the machine's."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 2
-
-
 def default_processes(device_type: str, tokens: bool, tiles: int) -> int:
-    """Drawing processes by default for `tiles` tiles to compute: every core but one on a GPU,
-    and on a CPU of POOL_FROM_CORES cores or more when the index stores no ViT tokens (all its
-    work is drawing); none for fewer than POOL_FROM_TILES tiles, nor otherwise.
+    """Drawing processes by default for `tiles` tiles to compute: none on a GPU, which draws the
+    tiles itself (read_and_draw's `device`); on a CPU of POOL_FROM_CORES cores or more, every core
+    but one when the index stores no ViT tokens (all its work is drawing); none for fewer than
+    POOL_FROM_TILES tiles, nor otherwise.
 
-    Measured (lab.gpu_speed on H200 machines, whose GPU a default index does not use): 16 cores
-    indexed 55.6 tiles/s in one process and 195.8 in a pool of 15 on one machine (about 350 once
-    started and the files opened), 108.2 in one process on another; 2 cores 78.9 in one process,
-    55.3 in a pool of 2 (567 tiles). Core counts between were not measured, hence the threshold
-    half-way. The pool of 15 took 14 s to start there, 800 to 1,500 tiles of one process's work.
-    Each process holds its own torch and rasterio (340 MB of its own after a batch on this CPU),
-    hence at most MAX_PROCESSES. On a CPU an index with tokens is mostly the ViT, which already
-    uses every core."""
-    cores = usable_cores()
-    if tiles < POOL_FROM_TILES:
+    Measured (lab.gpu_speed on H200 machines, the tiles drawn on the CPU): 16 cores indexed 55.6
+    tiles/s in one process and 195.8 in a pool of 15 on one machine (about 350 once started and
+    the files opened), 108.2 in one process on another; 2 cores 78.9 in one process, 55.3 in a
+    pool of 2 (567 tiles). Core counts between were not measured, hence the threshold half-way.
+    The pool of 15 took 14 s to start there, 800 to 1,500 tiles of one process's work. Each
+    process holds its own torch and rasterio (340 MB of its own after a batch on this CPU), hence
+    at most MAX_PROCESSES. On a CPU an index with tokens is mostly the ViT, which already uses
+    every core. A GPU's own drawing leaves the CPU the reads, the hysteresis and the thinning,
+    about 3 of the 16 ms a tile took in one thread there, in threads; it has not yet run on a
+    GPU (docs/benchmarks/speed.md)."""
+    if device_type != "cpu" or tiles < POOL_FROM_TILES:
         return 0
-    if device_type == "cuda" or (not tokens and cores >= POOL_FROM_CORES):
-        return min(MAX_PROCESSES, max(1, cores - 1))
-    return 0
+    cores = usable_cores()
+    return min(MAX_PROCESSES, cores - 1) if not tokens and cores >= POOL_FROM_CORES else 0
 
 
 def _one_thread() -> None:

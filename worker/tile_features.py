@@ -27,15 +27,15 @@ class TileFeatures:
     positions: np.ndarray | None = None  # (B, K) int16, with tokens
 
 
-def cells_on_grid(drawings: np.ndarray, tiles: list[Tile], tile_size: int,
-                  device: torch.device | str) -> tuple[np.ndarray, np.ndarray]:
+def cells_on_grid(drawings: np.ndarray | torch.Tensor, tiles: list[Tile], tile_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Each drawing's 8 px cells, of the drawing as a search compares it (smoothed,
-    worker.edge_cells.compared_drawings), cut where its level's shared grid runs through it."""
+    worker.edge_cells.compared_drawings), cut where its level's shared grid runs through it;
+    computed on the drawings' device (the CPU for an array)."""
     size = drawings.shape[1]
     g = size // edge_cells.CELL
     cells = np.zeros((len(tiles), g, g, edge_cells.ORIENTATIONS), np.uint8)
     origins = np.zeros((len(tiles), 4), np.int32)
-    batch = edge_cells.compared_drawings(torch.from_numpy(drawings).to(device))
+    batch = edge_cells.compared_drawings(torch.as_tensor(drawings))
     by_phase: dict[tuple[int, int], list[int]] = {}
     for i, tile in enumerate(tiles):
         origin = cell_origin(tile, level_pixel(tile_size, tile.scale, size), size)

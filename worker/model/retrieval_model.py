@@ -150,10 +150,11 @@ class RetrievalModel(nn.Module):
         return (images - self._mean) / self._std
 
     @torch.inference_mode()
-    def tile_tokens(self, views: np.ndarray) -> TileTokens:
-        """What the index stores of tiles, from their views (B, S, S, 3) uint8: line drawings
-        for the "edges" tile view (worker.line_drawing draws them), the imagery for "rgb"."""
-        x = self.normalise(torch.from_numpy(np.ascontiguousarray(views)))
+    def tile_tokens(self, views: np.ndarray | torch.Tensor) -> TileTokens:
+        """What the index stores of tiles, from their views (B, S, S, 3) uint8, an array or a
+        tensor (one drawn on the model's device stays there): line drawings for the "edges"
+        tile view (worker.line_drawing draws them), the imagery for "rgb"."""
+        x = self.normalise(views if isinstance(views, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(views)))
         out = forward_tokens(self.vit, self.vit.patch_embed(x), final_keep=self.config.tile_tokens)
         return TileTokens(
             global_token=F.normalize(out.cls, dim=-1).half().cpu().numpy(),

@@ -7,7 +7,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 
 import numpy as np
 
@@ -20,9 +20,13 @@ from worker.store.format import (CHUNK_TILES, MANIFEST, RECORD_DTYPE, SHARDS, TI
 from worker.store.gpkg import write_tiles_gpkg
 from worker.store.maps import remove_maps, write_joined_maps
 from worker.store.reader import TileIndex
-from worker.drawing_pool import DrawingJob, DrawingPool, DrawnBatch, default_processes, drawn_batches, usable_cores
+from worker.drawing_pool import DrawingJob, DrawingPool, DrawnBatch, default_processes, drawn_batches
+from worker.thread_pools import usable_cores
 from worker.tile_features import TileFeatures
 from worker.tiling import RasterInfo, Tile, TilePlan, TileSettings, open_rasters, plan_tiles
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -292,7 +296,8 @@ class LocalChunks:
         pool = DrawingPool(processes) if processes and jobs else None
         try:
             work = ((drawing_job(self.model, job, settings), job.tiles) for job in jobs)  # tiles as needed
-            each = pool.each_job(work, batch_size) if pool else (drawn_batches(d, t, batch_size) for d, t in work)
+            each = pool.each_job(work, batch_size) if pool else \
+                (drawn_batches(d, t, batch_size, drawing_device(self.model)) for d, t in work)
             for job, batches in zip(jobs, each):
                 if should_stop():
                     yield job, None
@@ -312,6 +317,12 @@ def drawing_job(model, job: ChunkJob, settings: TileSettings) -> DrawingJob:
     encodes travel back only when the index stores tokens."""
     pixels = model.config.tile_view if job.tokens else None
     return DrawingJob(job.raster, model.img_size, settings.tile, settings.min_valid, pixels)
+
+
+def drawing_device(model) -> torch.device | None:
+    """Where this process draws tiles for `model` (worker.drawing_pool.read_and_draw): on its
+    GPU, else (None) on the CPU."""
+    return None if model.device.type == "cpu" else model.device
 
 
 def stored_features(model, drawn: DrawnBatch) -> TileFeatures:
@@ -334,7 +345,7 @@ def compute_chunk(model, job: ChunkJob, settings: TileSettings, batch_size: int,
     valid: list[float] = []
     outputs: list[TileFeatures] = []
     if batches is None:
-        batches = drawn_batches(drawing_job(model, job, settings), job.tiles, batch_size)
+        batches = drawn_batches(drawing_job(model, job, settings), job.tiles, batch_size, drawing_device(model))
     for n, drawn in batches:
         if should_stop():
             return None
