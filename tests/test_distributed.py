@@ -16,7 +16,7 @@ import torch
 
 from worker.app import ModelOptions
 from worker.distributed import ClusterChunks, connect
-from worker.drawing_pool import DrawingJob, DrawingPool, drawn_batches
+from worker.drawing_pool import DeviceDrawing, DrawingJob, DrawingPool, drawn_batches
 from worker.errors import InputError
 from worker.store import IndexWriter, TileIndex
 from worker.store.writer import LocalChunks
@@ -177,6 +177,25 @@ def test_tiles_drawn_as_a_gpu_draws_them_are_the_cpus_drawings(assets, pixels):
             assert isinstance(got.pixels, torch.Tensor) and np.array_equal(got.pixels.numpy(), want.pixels)
 
 
+def test_a_gpus_reads_ahead_hand_back_each_chunks_batches_in_order(assets):
+    """DeviceDrawing reads the next batches in threads, across the ends of chunks, while one is
+    drawn: each chunk gets its own batches, in order, the same as drawn one after another."""
+    info = open_raster(assets["rmnp_rgb"], None)
+    tiles = list(plan_tiles(info, SETTINGS))
+    job = DrawingJob(info.to_json(), 224, SETTINGS.tile, SETTINGS.min_valid)
+    chunks = [tiles[:10], tiles[10:11], tiles[11:]]  # 3, 1 and 4 batches of 4
+    drawing = DeviceDrawing(torch.device("cpu"))
+    try:
+        got = [list(batches) for batches, _ in zip(drawing.each_job([(job, c) for c in chunks], 4), chunks)]
+    finally:
+        drawing.close()
+    for chunk, batches in zip(chunks, got):
+        want = list(drawn_batches(job, chunk, 4))
+        assert [n for n, _ in batches] == [n for n, _ in want]
+        for (_, a), (_, b) in zip(batches, want):
+            assert a.tiles == b.tiles and np.array_equal(a.cells, b.cells)
+
+
 def test_a_raster_damaged_before_a_gpu_reads_it_is_an_input_error(tmp_path, assets):
     info = open_raster(assets["osbs_rgb"], None)
     tiles = list(plan_tiles(info, SETTINGS))[:8]
@@ -185,6 +204,12 @@ def test_a_raster_damaged_before_a_gpu_reads_it_is_an_input_error(tmp_path, asse
     job = DrawingJob({**info.to_json(), "path": str(damaged)}, 224, SETTINGS.tile, SETTINGS.min_valid)
     with pytest.raises(InputError, match="damaged.tif"):
         list(drawn_batches(job, tiles, 4, torch.device("cpu")))
+    drawing = DeviceDrawing(torch.device("cpu"))  # read ahead in another thread: the error still comes here
+    try:
+        with pytest.raises(InputError, match="damaged.tif"):
+            list(next(drawing.each_job([(job, tiles)], 4)))
+    finally:
+        drawing.close()
 
 
 def test_a_local_cluster_leaves_this_process_environment_as_it_was():

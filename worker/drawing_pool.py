@@ -7,9 +7,10 @@ an index with tokens, the ViT tokens of the drawing. Drawn on the CPU, the first
 second (13.4 s for 529 tiles on an H100 with everything in one process; 196 tiles/s on an H200
 with the drawing in 15 processes, against 2,400 for its backbone alone).
 
-So on a GPU, read_and_draw reads a batch in threads and draws and describes it on the GPU: the
-filters, the inking, the smoothing and the cells run there a batch at once; the hysteresis and
-the thinning, which follow connected pixels, stay on the CPU in threads (worker.line_drawing).
+So on a GPU (DeviceDrawing), each batch is read in threads while the ones before it are drawn
+and encoded, and drawn and described on the GPU: the filters, the inking, the smoothing and the
+cells run there a batch at once; the hysteresis and the thinning, which follow connected pixels,
+stay on the CPU in threads (worker.line_drawing).
 On a CPU of many cores, a DrawingPool runs whole batches in other processes while this one
 encodes: batches are submitted ahead, at most `ahead` at once, across the ends of chunks (a
 chunk's last batches would otherwise leave most processes idle: a 189-tile raster is 3 batches
@@ -23,8 +24,9 @@ import itertools
 import multiprocessing
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import numpy as np
 import rasterio.errors
@@ -36,6 +38,8 @@ from worker.raster_handles import open_in_this_thread
 from worker.thread_pools import shared_pool, usable_cores
 from worker.tile_features import cells_on_grid
 from worker.tiling import RasterInfo, Tile, iter_tile_pixels, read_tile
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -63,8 +67,15 @@ def read_and_draw(job: DrawingJob, tiles: Sequence[Tile], device: torch.device |
     draw the others and describe them by their edge cells. With `device` (a GPU's), the tiles are
     read in threads and drawn and described there, and the pixels for the ViT stay there; else
     all of it runs here on the CPU (a drawing process, or this one)."""
-    read = _read_in_threads(job, tiles) if device is not None else \
-        iter_tile_pixels(RasterInfo.from_json(job.raster), tiles, job.size)
+    if device is None:
+        return draw_read(job, iter_tile_pixels(RasterInfo.from_json(job.raster), tiles, job.size))
+    return draw_read(*read_in_threads(job, tiles), device)
+
+
+def draw_read(job: DrawingJob, read: Iterable[tuple[Tile, np.ndarray, np.ndarray]],
+              device: torch.device | None = None) -> DrawnBatch:
+    """The tiles `read` (tile, image, valid) of `job` with enough valid area, drawn and described
+    on `device` (None: on the CPU, into arrays)."""
     kept, shares, images, masks = [], [], [], []
     for tile, image, valid in read:
         share = float(valid.mean())
@@ -89,9 +100,9 @@ def read_and_draw(job: DrawingJob, tiles: Sequence[Tile], device: torch.device |
 READ_THREADS = min(16, usable_cores())  # GDAL releases the GIL while it reads and decodes
 
 
-def _read_in_threads(job: DrawingJob, tiles: Sequence[Tile]) -> list[tuple[Tile, np.ndarray, np.ndarray]]:
-    """(tile, image, valid) for each of `tiles`, in order, read in READ_THREADS threads, each
-    with its own open handle of the raster (worker.raster_handles)."""
+def read_in_threads(job: DrawingJob, tiles: Sequence[Tile]) -> tuple[DrawingJob, list[tuple[Tile, np.ndarray, np.ndarray]]]:
+    """`job` and (tile, image, valid) for each of `tiles`, in order, read in READ_THREADS
+    threads, each with its own open handle of the raster (worker.raster_handles)."""
     raster = RasterInfo.from_json(job.raster)
 
     def read(tile: Tile) -> tuple[Tile, np.ndarray, np.ndarray]:
@@ -101,7 +112,7 @@ def _read_in_threads(job: DrawingJob, tiles: Sequence[Tile]) -> list[tuple[Tile,
             raise InputError(f"{raster.path}: cannot open it to read tiles ({exc})") from exc
         return (tile, *read_tile(src, raster, tile, job.size))
 
-    return list(shared_pool("tile-read", READ_THREADS).map(read, tiles))
+    return job, list(shared_pool("tile-read", READ_THREADS).map(read, tiles))
 
 
 def drawn_batches(job: DrawingJob, tiles: Sequence[Tile], batch_size: int,
@@ -146,8 +157,44 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
+def batches_ahead(executor: Executor, task: Callable[[DrawingJob, Sequence[Tile]], T],
+                  work: Iterable[tuple[DrawingJob, Sequence[Tile]]], batch_size: int,
+                  ahead: int) -> Iterator[Iterator[tuple[int, T]]]:
+    """For each job of `work`, taken as needed, an iterator of (tiles done, `task`'s result) for
+    each of its batches, the tasks run by `executor` at most `ahead` at once, across the ends of
+    jobs, and handed back in order. Later jobs' batches are submitted while earlier ones are
+    handed back, so each job's batches must be taken to the end before the next job's: a job's
+    iterator used while an earlier one's batches wait raises, rather than hand back nothing."""
+    tasks = ((j, tiles, job, start) for j, (job, tiles) in enumerate(work)
+             for start in range(0, len(tiles), batch_size))
+    queue: deque[tuple[int, int, Future]] = deque()  # job number, tiles done with this batch, result
+
+    def fill() -> None:
+        while len(queue) < ahead:
+            next_task = next(tasks, None)
+            if next_task is None:
+                return
+            j, tiles, job, start = next_task
+            part = tiles[start:start + batch_size]
+            queue.append((j, start + len(part), executor.submit(task, job, part)))
+
+    def batches_of(j: int) -> Iterator[tuple[int, T]]:
+        while True:
+            fill()
+            if queue and queue[0][0] < j:
+                raise RuntimeError(f"chunk {queue[0][0]}'s batches were not all taken before chunk {j}'s")
+            if not queue or queue[0][0] != j:
+                return
+            _, done, future = queue.popleft()
+            yield done, future.result()
+
+    for j in itertools.count():
+        yield batches_of(j)
+
+
 class DrawingPool:
-    """`processes` worker processes (spawned: no copy of a CUDA context or open rasters)."""
+    """`processes` worker processes (spawned: no copy of a CUDA context or open rasters) that read,
+    draw and describe whole batches, `ahead` batches at once."""
 
     def __init__(self, processes: int, ahead: int | None = None):
         self.executor = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
@@ -156,35 +203,30 @@ class DrawingPool:
 
     def each_job(self, work: Iterable[tuple[DrawingJob, Sequence[Tile]]],
                  batch_size: int) -> Iterator[Iterator[tuple[int, DrawnBatch]]]:
-        """For each job of `work`, taken as needed, an iterator of its batches as drawn_batches
-        gives them. Later jobs' batches are submitted while earlier ones are handed back, so each
-        job's batches must be taken to the end before the next job's: a job's iterator used while
-        an earlier one's batches wait raises, rather than hand back nothing."""
-        tasks = ((j, tiles, job, start) for j, (job, tiles) in enumerate(work)
-                 for start in range(0, len(tiles), batch_size))
-        queue: deque[tuple[int, int, Future]] = deque()  # job number, tiles done with this batch, result
-
-        def fill() -> None:
-            while len(queue) < self.ahead:
-                task = next(tasks, None)
-                if task is None:
-                    return
-                j, tiles, job, start = task
-                part = tiles[start:start + batch_size]
-                queue.append((j, start + len(part), self.executor.submit(read_and_draw, job, part)))
-
-        def batches_of(j: int) -> Iterator[tuple[int, DrawnBatch]]:
-            while True:
-                fill()
-                if queue and queue[0][0] < j:
-                    raise RuntimeError(f"chunk {queue[0][0]}'s batches were not all taken before chunk {j}'s")
-                if not queue or queue[0][0] != j:
-                    return
-                _, done, future = queue.popleft()
-                yield done, future.result()
-
-        for j in itertools.count():
-            yield batches_of(j)
+        """For each job of `work`, an iterator of its batches as drawn_batches gives them
+        (batches_ahead: each job's must be taken to the end before the next job's)."""
+        return batches_ahead(self.executor, read_and_draw, work, batch_size, self.ahead)
 
     def close(self) -> None:
         self.executor.shutdown(cancel_futures=True)
+
+
+class DeviceDrawing:
+    """Tiles drawn and described on `device` in this process, each batch read in threads while
+    the ones before it are drawn and encoded: the device does not wait for the reads, across
+    the ends of chunks too (a chunk is 4 batches of 64)."""
+
+    READ_AHEAD = 2  # batches read ahead of the one being drawn
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reader = ThreadPoolExecutor(1, thread_name_prefix="tile-read-ahead")
+
+    def each_job(self, work: Iterable[tuple[DrawingJob, Sequence[Tile]]],
+                 batch_size: int) -> Iterator[Iterator[tuple[int, DrawnBatch]]]:
+        """As DrawingPool.each_job, the batches drawn here on the device."""
+        for batches in batches_ahead(self.reader, read_in_threads, work, batch_size, self.READ_AHEAD):
+            yield ((done, draw_read(*read, self.device)) for done, read in batches)
+
+    def close(self) -> None:
+        self.reader.shutdown(cancel_futures=True)

@@ -20,7 +20,7 @@ from worker.store.format import (CHUNK_TILES, MANIFEST, RECORD_DTYPE, SHARDS, TI
 from worker.store.gpkg import write_tiles_gpkg
 from worker.store.maps import remove_maps, write_joined_maps
 from worker.store.reader import TileIndex
-from worker.drawing_pool import DrawingJob, DrawingPool, DrawnBatch, default_processes, drawn_batches
+from worker.drawing_pool import DeviceDrawing, DrawingJob, DrawingPool, DrawnBatch, default_processes, drawn_batches
 from worker.thread_pools import usable_cores
 from worker.tile_features import TileFeatures
 from worker.tiling import RasterInfo, Tile, TilePlan, TileSettings, open_rasters, plan_tiles
@@ -281,8 +281,10 @@ class ChunkComputer(Protocol):
 
 class LocalChunks:
     """Chunks computed here, one after another, with progress after every batch. Tiles are read,
-    drawn and described in `processes` other processes while this one encodes
-    (worker.drawing_pool; None: as default_processes says for the run's device, index and size; 0: none)."""
+    drawn and described in `processes` other processes while this one encodes (None: as
+    default_processes says for the run's device, index and size; 0: none); without them, on a
+    GPU, drawn there and read in threads ahead (worker.drawing_pool.DeviceDrawing), else here
+    on the CPU."""
 
     def __init__(self, model, processes: int | None = None):
         self.model = model
@@ -293,11 +295,15 @@ class LocalChunks:
         if processes is None:
             processes = default_processes(self.model.device.type, any(job.tokens for job in jobs),
                                           sum(job.count for job in jobs))
-        pool = DrawingPool(processes) if processes and jobs else None
+        device = drawing_device(self.model)
+        pool: DrawingPool | DeviceDrawing | None = None
+        if jobs and processes:
+            pool = DrawingPool(processes)
+        elif jobs and device is not None:
+            pool = DeviceDrawing(device)
         try:
             work = ((drawing_job(self.model, job, settings), job.tiles) for job in jobs)  # tiles as needed
-            each = pool.each_job(work, batch_size) if pool else \
-                (drawn_batches(d, t, batch_size, drawing_device(self.model)) for d, t in work)
+            each = pool.each_job(work, batch_size) if pool else (drawn_batches(d, t, batch_size) for d, t in work)
             for job, batches in zip(jobs, each):
                 if should_stop():
                     yield job, None
