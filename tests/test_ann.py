@@ -555,6 +555,31 @@ def test_a_damaged_shortlist_of_the_right_size_says_so_and_is_built_again(index_
     assert search(index, model, sketch, RankingConfig(ann="on"), top=5).hits
 
 
+def test_an_index_faiss_naming_windows_past_its_rows_is_a_damaged_shortlist(index_with_ann, model, tmp_path):
+    """An index.faiss damaged in its lists' ids alone is the size it was written at, and FAISS
+    reads it; the windows it names lie past windows.npy's rows. A search says the shortlist is
+    damaged and what to do, from the ids FAISS hands back (not an error from reading rows that
+    are not there, which a client would see as internal)."""
+    import faiss
+
+    from worker.errors import CorruptIndexError
+
+    folder = tmp_path / "index"
+    shutil.copytree(index_with_ann[0], folder)
+    path = ann.ann_dir(folder) / "index.faiss"
+    size = path.stat().st_size
+    damaged = faiss.read_index(str(path))
+    lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(damaged).invlists)
+    for number in range(lists.nlist):
+        ids = faiss.rev_swig_ptr(lists.get_ids(number), lists.list_size(number))
+        ids += damaged.ntotal  # in place: every window named one index past the last
+    faiss.write_index(damaged, str(path))
+    assert path.stat().st_size == size
+    index = TileIndex.open(folder)
+    with pytest.raises(CorruptIndexError, match=r"index.faiss: window \d+ of \d+; .*build-ann"):
+        search(index, model, next(frames(index, 1))[1], RankingConfig(ann="on"), top=5)
+
+
 def test_the_command_line_builds_reports_and_asks_the_ann(index_with_ann, assets, tmp_path):
     import json
     import subprocess
