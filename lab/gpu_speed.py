@@ -57,7 +57,8 @@ def mosaic(raster: Path, copies: int, folder: Path) -> list[Path]:
 
 
 def index_speed(model, rasters: list[Path], work: Path, batch: int, processes: int, tokens: bool) -> dict:
-    """Tiles/s of the product indexing `rasters` into a new index (the drawing pool's start included)."""
+    """Tiles/s of the product indexing `rasters` into a new index (with `processes`, the drawing
+    pool's start included; with none on a GPU, drawn there)."""
     out = work / f"index-{time.monotonic_ns()}"
     t0 = time.perf_counter()
     manifest = IndexWriter(out, model, TileSettings(), tokens=tokens).build(
@@ -110,7 +111,7 @@ def main() -> int:
         rasters = mosaic(args.raster.resolve(), args.copies, work / "mosaic")
         note("backbone_tiles_per_s", {str(b): round(backbone_tiles_per_s(model, b, max(2, args.backbone_tiles // b)), 1)
                                       for b in batches})
-        note("stage_ms_per_tile", {k: round(1e3 * v, 2) for k, v in
+        note("cpu_stage_ms_per_tile", {k: round(1e3 * v, 2) for k, v in  # the CPU path's stages (a pool's work)
                                    stage_seconds(model, rasters[0], TileSettings(), 189, 64).items()})
         t0 = time.perf_counter()
         for path in rasters[:10]:

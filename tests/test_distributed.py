@@ -177,18 +177,34 @@ def test_tiles_drawn_as_a_gpu_draws_them_are_the_cpus_drawings(assets, pixels):
             assert isinstance(got.pixels, torch.Tensor) and np.array_equal(got.pixels.numpy(), want.pixels)
 
 
-def test_a_gpus_reads_ahead_hand_back_each_chunks_batches_in_order(assets):
+def open_files() -> set[str]:
+    """The files this process has open now (Linux)."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            found.add(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:  # closed meanwhile
+            pass
+    return found
+
+
+def test_a_gpus_reads_ahead_hand_back_each_chunks_batches_in_order(assets, tmp_path):
     """DeviceDrawing reads the next batches in threads, across the ends of chunks, while one is
-    drawn: each chunk gets its own batches, in order, the same as drawn one after another."""
-    info = open_raster(assets["rmnp_rgb"], None)
+    drawn: each chunk gets its own batches, in order, the same as drawn one after another. Once
+    the run ends, no reading thread holds the raster open (on Windows it could not be replaced)."""
+    raster = tmp_path / "rmnp.tif"
+    shutil.copyfile(assets["rmnp_rgb"], raster)
+    info = open_raster(raster, None)
     tiles = list(plan_tiles(info, SETTINGS))
     job = DrawingJob(info.to_json(), 224, SETTINGS.tile, SETTINGS.min_valid)
     chunks = [tiles[:10], tiles[10:11], tiles[11:]]  # 3, 1 and 4 batches of 4
     drawing = DeviceDrawing(torch.device("cpu"))
     try:
         got = [list(batches) for batches, _ in zip(drawing.each_job([(job, c) for c in chunks], 4), chunks)]
+        assert str(raster) in open_files()
     finally:
         drawing.close()
+    assert str(raster) not in open_files()
     for chunk, batches in zip(chunks, got):
         want = list(drawn_batches(job, chunk, 4))
         assert [n for n, _ in batches] == [n for n, _ in want]

@@ -20,6 +20,7 @@ tile), and the pixels the ViT reads when tokens are asked for.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import multiprocessing
 from collections import deque
@@ -34,8 +35,8 @@ import torch
 
 from worker import edge_cells, line_drawing
 from worker.errors import InputError
-from worker.raster_handles import open_in_this_thread
-from worker.thread_pools import shared_pool, usable_cores
+from worker.raster_handles import ThreadHandles
+from worker.thread_pools import shared_pool, usable_cores, wait_all
 from worker.tile_features import cells_on_grid
 from worker.tiling import RasterInfo, Tile, iter_tile_pixels, read_tile
 
@@ -48,7 +49,8 @@ class DrawnBatch:
     valid_share: list[float]
     cells: np.ndarray  # (B, G, G, ORIENTATIONS) uint8 edge cells (worker.tile_features.cells_on_grid)
     cell_origins: np.ndarray  # (B, 4) int32
-    pixels: np.ndarray | None  # (B, S, S, 3) uint8 what the ViT encodes, when tokens are asked for
+    # (B, S, S, 3) uint8 what the ViT encodes, when tokens are asked for: on the GPU that drew it, or an array
+    pixels: np.ndarray | torch.Tensor | None
 
 
 @dataclass(frozen=True)
@@ -62,14 +64,11 @@ class DrawingJob:
     pixels: str | None = None  # "edges": the line drawings, "rgb": the images, None: neither (no tokens)
 
 
-def read_and_draw(job: DrawingJob, tiles: Sequence[Tile], device: torch.device | None = None) -> DrawnBatch:
+def read_and_draw(job: DrawingJob, tiles: Sequence[Tile]) -> DrawnBatch:
     """Read `tiles` of `job`'s raster, leave out those with less valid area than its `min_valid`,
-    draw the others and describe them by their edge cells. With `device` (a GPU's), the tiles are
-    read in threads and drawn and described there, and the pixels for the ViT stay there; else
-    all of it runs here on the CPU (a drawing process, or this one)."""
-    if device is None:
-        return draw_read(job, iter_tile_pixels(RasterInfo.from_json(job.raster), tiles, job.size))
-    return draw_read(*read_in_threads(job, tiles), device)
+    draw the others and describe them by their edge cells, all on the CPU (a drawing process,
+    or this one)."""
+    return draw_read(job, iter_tile_pixels(RasterInfo.from_json(job.raster), tiles, job.size))
 
 
 def draw_read(job: DrawingJob, read: Iterable[tuple[Tile, np.ndarray, np.ndarray]],
@@ -100,27 +99,41 @@ def draw_read(job: DrawingJob, read: Iterable[tuple[Tile, np.ndarray, np.ndarray
 READ_THREADS = min(16, usable_cores())  # GDAL releases the GIL while it reads and decodes
 
 
-def read_in_threads(job: DrawingJob, tiles: Sequence[Tile]) -> tuple[DrawingJob, list[tuple[Tile, np.ndarray, np.ndarray]]]:
-    """`job` and (tile, image, valid) for each of `tiles`, in order, read in READ_THREADS
-    threads, each with its own open handle of the raster (worker.raster_handles)."""
+def read_in_threads(job: DrawingJob, tiles: Sequence[Tile],
+                    handles: ThreadHandles) -> tuple[DrawingJob, list[tuple[Tile, np.ndarray, np.ndarray]]]:
+    """`job` and (tile, image, valid) for each of `tiles`, in order, read in up to READ_THREADS
+    threads, each reading a run of neighbouring tiles (which share the raster's blocks) through
+    its own handle of `handles`. Returns, or raises the first error, once no thread reads."""
     raster = RasterInfo.from_json(job.raster)
 
-    def read(tile: Tile) -> tuple[Tile, np.ndarray, np.ndarray]:
+    def read(part: Sequence[Tile]) -> list[tuple[Tile, np.ndarray, np.ndarray]]:
         try:
-            src = open_in_this_thread(raster.path)
+            src = handles.get(raster.path)
         except (rasterio.errors.RasterioError, OSError) as exc:
             raise InputError(f"{raster.path}: cannot open it to read tiles ({exc})") from exc
-        return (tile, *read_tile(src, raster, tile, job.size))
+        return [(tile, *read_tile(src, raster, tile, job.size)) for tile in part]
 
-    return job, list(shared_pool("tile-read", READ_THREADS).map(read, tiles))
+    pool = shared_pool("tile-read", READ_THREADS)
+    futures = [pool.submit(read, tiles[p[0]:p[-1] + 1])
+               for p in np.array_split(np.arange(len(tiles)), min(READ_THREADS, len(tiles))) if len(p)]
+    wait_all(futures)  # a failed part must not close the handles under the others
+    return job, [one for future in futures for one in future.result()]
 
 
 def drawn_batches(job: DrawingJob, tiles: Sequence[Tile], batch_size: int,
                   device: torch.device | None = None) -> Iterator[tuple[int, DrawnBatch]]:
     """(tiles read so far, the drawn batch) for each batch of `tiles`, in order, read and drawn
-    here one batch at a time (read_and_draw's `device`; a DrawingPool draws in other processes)."""
-    for start in range(0, len(tiles), batch_size):
-        yield min(start + batch_size, len(tiles)), read_and_draw(job, tiles[start:start + batch_size], device)
+    here one batch at a time: on the CPU (read_and_draw), or read in threads and drawn on
+    `device` (a GPU's; DeviceDrawing also reads ahead). A DrawingPool draws in other processes."""
+    handles = ThreadHandles()
+    try:
+        for start in range(0, len(tiles), batch_size):
+            part = tiles[start:start + batch_size]
+            drawn = read_and_draw(job, part) if device is None else \
+                draw_read(*read_in_threads(job, part, handles), device)
+            yield start + len(part), drawn
+    finally:
+        handles.close()
 
 
 POOL_FROM_CORES = 8  # a CPU index without tokens is drawn in a pool on this many cores or more
@@ -213,20 +226,23 @@ class DrawingPool:
 
 class DeviceDrawing:
     """Tiles drawn and described on `device` in this process, each batch read in threads while
-    the ones before it are drawn and encoded: the device does not wait for the reads, across
-    the ends of chunks too (a chunk is 4 batches of 64)."""
+    the one before it is drawn and encoded, across the ends of chunks too (a chunk is 256 tiles:
+    16 batches at the default batch size, 4 at 64). Its raster handles are closed with it."""
 
-    READ_AHEAD = 2  # batches read ahead of the one being drawn
+    READ_AHEAD = 3  # batches in flight: the one handed back, and the next two, read one at a time
 
     def __init__(self, device: torch.device):
         self.device = device
+        self.handles = ThreadHandles()
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="tile-read-ahead")
 
     def each_job(self, work: Iterable[tuple[DrawingJob, Sequence[Tile]]],
                  batch_size: int) -> Iterator[Iterator[tuple[int, DrawnBatch]]]:
         """As DrawingPool.each_job, the batches drawn here on the device."""
-        for batches in batches_ahead(self.reader, read_in_threads, work, batch_size, self.READ_AHEAD):
-            yield ((done, draw_read(*read, self.device)) for done, read in batches)
+        read = functools.partial(read_in_threads, handles=self.handles)
+        for batches in batches_ahead(self.reader, read, work, batch_size, self.READ_AHEAD):
+            yield ((done, draw_read(*one, self.device)) for done, one in batches)
 
     def close(self) -> None:
-        self.reader.shutdown(cancel_futures=True)
+        self.reader.shutdown(cancel_futures=True)  # waits for the batch being read
+        self.handles.close()

@@ -110,13 +110,13 @@ def tile_line_drawings(tiles: np.ndarray | torch.Tensor, valid: np.ndarray | tor
     """(B, S, S, 3) uint8 tiles and their (B, S, S) valid-pixel masks -> (B, S, S, 3) uint8 line
     drawings: the edges at TILE_EDGE_SIGMA and at BIG_LINE_SIGMA together (each tile's drawing is
     its own: the same whatever the batch). Arrays are drawn on the CPU, DRAWN_AT_ONCE tiles at a
-    time, into an array; a tensor is filtered on its device, the whole batch at once, into a
-    tensor there (the hysteresis and the thinning run on the CPU either way: edge_maps)."""
+    time, into an array; a tensor (a GPU's) is filtered on its device, the whole batch at once,
+    into a tensor there (the hysteresis and the thinning run on the CPU either way: edge_maps)."""
     if len(tiles) == 0:
         return tiles[:0]
     size = tiles.shape[1]
     sigmas = (TILE_EDGE_SIGMA * size / 224, BIG_LINE_SIGMA * size / 224)
-    at_once = len(tiles) if isinstance(tiles, torch.Tensor) and tiles.device.type != "cpu" else DRAWN_AT_ONCE
+    at_once = len(tiles) if isinstance(tiles, torch.Tensor) else DRAWN_AT_ONCE
     edges = np.concatenate([edge_maps(tiles[i:i + at_once], sigmas, None if valid is None else valid[i:i + at_once], floor)
                             for i in range(0, len(tiles), at_once)])
     device = tiles.device if isinstance(tiles, torch.Tensor) else "cpu"

@@ -1,9 +1,11 @@
-"""Raster handles kept open per thread, between searches and between a run's batches.
+"""Raster handles opened by the threads that read them, kept between reads and closed together.
 
 A rasterio dataset must not be read from two threads at once, so each thread that reads keeps
 its own. GDAL keeps the decoded blocks of an open raster, so a place read again, or one sharing
 blocks with a place just read, is not decompressed again; a raster changed on disk is opened
-anew (worker.verify's reads, worker.drawing_pool's reads for a device's drawing).
+anew. Verification keeps one set for the worker's life (worker.verify); a GPU's indexing run
+keeps one for the run and closes it at the end (worker.drawing_pool), so that no file stays open
+after it (on Windows an open file cannot be replaced or deleted).
 """
 
 from __future__ import annotations
@@ -17,30 +19,44 @@ import rasterio
 OPEN_PER_THREAD = 16  # raster handles a thread keeps open (least recently used closed first)
 
 
-class _ThreadHandles(threading.local):
+class ThreadHandles:
+    """Each reading thread's open rasters, at most OPEN_PER_THREAD each."""
+
     def __init__(self) -> None:
-        self.handles: OrderedDict[tuple, rasterio.DatasetReader] = OrderedDict()
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._every_thread: list[OrderedDict[tuple, rasterio.DatasetReader]] = []
+
+    def _mine(self) -> OrderedDict[tuple, rasterio.DatasetReader]:
+        handles = getattr(self._local, "handles", None)
+        if handles is None:
+            handles = self._local.handles = OrderedDict()
+            with self._lock:
+                self._every_thread.append(handles)
+        return handles
 
     def get(self, path: str) -> rasterio.DatasetReader:
+        """This thread's open handle of the raster at `path` (rasterio's errors if it cannot be opened)."""
         try:
             stat = os.stat(path)
             key = (path, stat.st_mtime_ns, stat.st_size)
         except OSError:  # not a file here (a GDAL /vsi path), or gone: rasterio.open says which
             key = (path, None, None)
-        if key in self.handles:
-            self.handles.move_to_end(key)
-            return self.handles[key]
-        for old in [k for k in self.handles if k[0] == path]:
-            self.handles.pop(old).close()
-        self.handles[key] = rasterio.open(path)
-        while len(self.handles) > OPEN_PER_THREAD:
-            self.handles.popitem(last=False)[1].close()
-        return self.handles[key]
+        handles = self._mine()
+        if key in handles:
+            handles.move_to_end(key)
+            return handles[key]
+        for old in [k for k in handles if k[0] == path]:
+            handles.pop(old).close()
+        handles[key] = rasterio.open(path)
+        while len(handles) > OPEN_PER_THREAD:
+            handles.popitem(last=False)[1].close()
+        return handles[key]
 
-
-_handles = _ThreadHandles()
-
-
-def open_in_this_thread(path: str) -> rasterio.DatasetReader:
-    """This thread's open handle of the raster at `path` (rasterio's errors if it cannot be opened)."""
-    return _handles.get(path)
+    def close(self) -> None:
+        """Close every thread's handles; only once no thread reads through them."""
+        with self._lock:
+            for handles in self._every_thread:
+                for src in handles.values():
+                    src.close()
+                handles.clear()

@@ -20,20 +20,21 @@ from worker.edge_cells import FINE
 from worker.errors import RasterUnreadable
 from worker.placement import Placement
 from worker.ranking import RankingConfig
-from worker.raster_handles import open_in_this_thread
+from worker.raster_handles import ThreadHandles
 from worker.sketch import sketch_pixels
 from worker.store import TileIndex
 from worker.thread_pools import shared_pool
 
 
 READ_THREADS = min(4, os.cpu_count() or 1)  # GDAL and PIL release the GIL while reading and turning
+_handles = ThreadHandles()  # the reading threads' open rasters, kept for the worker's life
 
 
 def read_placement(placement: Placement, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Placement.read from this thread's open raster; RasterUnreadable when the raster cannot be
     opened or read now."""
     try:
-        return placement.read(size, open_in_this_thread(placement.raster.path))
+        return placement.read(size, _handles.get(placement.raster.path))
     except (rasterio.errors.RasterioError, OSError) as exc:
         raise RasterUnreadable(placement.raster.path, excerpt(str(exc))) from None
 
