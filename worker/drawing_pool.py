@@ -157,7 +157,7 @@ def default_processes(device_type: str, tokens: bool, tiles: int) -> int:
     every core. A GPU's own drawing leaves the CPU the reads, the hysteresis and the thinning,
     about 3 of the 16 ms a tile took in one thread there, in threads; it has not yet run on a
     GPU (docs/benchmarks/speed.md)."""
-    if device_type != "cpu" or tiles < POOL_FROM_TILES:
+    if device_type == "cuda" or tiles < POOL_FROM_TILES:
         return 0
     cores = usable_cores()
     return min(MAX_PROCESSES, cores - 1) if not tokens and cores >= POOL_FROM_CORES else 0

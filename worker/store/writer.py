@@ -326,9 +326,9 @@ def drawing_job(model, job: ChunkJob, settings: TileSettings) -> DrawingJob:
 
 
 def drawing_device(model) -> torch.device | None:
-    """Where this process draws tiles for `model` (worker.drawing_pool.read_and_draw): on its
-    GPU, else (None) on the CPU."""
-    return None if model.device.type == "cpu" else model.device
+    """Where this process draws tiles for `model` (worker.drawing_pool): on its CUDA GPU, else
+    (None) on the CPU."""
+    return model.device if model.device.type == "cuda" else None
 
 
 def stored_features(model, drawn: DrawnBatch) -> TileFeatures:
