@@ -7,8 +7,9 @@
 # pyogrio (33 MB; builds skip tiles.gpkg without it) and the converted backbone (87 MB; both
 # tools use random weights). Run: lab/gpu_carry.sh (after scripts/setup), then the device
 # tool's run with carry [".gpu"], timeout_s 480 and the printed command (on the eighteenth stop
-# check_gpu took about 40 s there, and gpu_speed about 6 minutes by estimate: its run was cut at
-# 230 s with two builds left).
+# check_gpu took about 40 s there, and gpu_speed's pool runs about a minute each; since the
+# nineteenth it runs 4 builds drawn on the GPU, then the 2 pool builds, which its 400 s may cut:
+# what it measured by then is in gpu_speed.json).
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 source "$REPO/scripts/lib.sh"
