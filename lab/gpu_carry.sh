@@ -8,7 +8,7 @@
 # tools use random weights). Run: lab/gpu_carry.sh (after scripts/setup), then the device
 # tool's run with carry [".gpu"], timeout_s 480 and the printed command (on the eighteenth stop
 # check_gpu took about 40 s there, and gpu_speed's pool runs about a minute each; since the
-# nineteenth it runs 4 builds drawn on the GPU, then the 2 pool builds, which its 400 s may cut:
+# nineteenth it runs 6 builds drawn on the GPU, then the 2 pool builds, which its 400 s may cut:
 # what it measured by then is in gpu_speed.json).
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"

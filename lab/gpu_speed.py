@@ -130,7 +130,8 @@ def main() -> int:
     parser.add_argument("--raster", type=Path, required=True)
     parser.add_argument("--copies", type=int, default=60)
     parser.add_argument("--batches", default="16,64,256", help="batch sizes of the raw backbone")
-    parser.add_argument("--index-batches", default="64,256", help="batch sizes of indexing, drawn on the GPU")
+    parser.add_argument("--index-batches", default="16,64,256",
+                        help="batch sizes of indexing, drawn on the GPU (16: the product's default)")
     parser.add_argument("--backbone-tiles", type=int, default=4096, help="tiles timed through the raw backbone")
     parser.add_argument("--processes", type=int, default=min(15, max(1, (os.cpu_count() or 2) - 1)),
                         help="drawing processes of the comparison with the CPU's drawing (0: none)")
