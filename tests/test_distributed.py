@@ -160,9 +160,10 @@ def test_a_chunk_left_early_is_an_error_not_an_empty_chunk(assets):
 @pytest.mark.parametrize("pixels", ["edges", "rgb"])
 def test_tiles_drawn_as_a_gpu_draws_them_are_the_cpus_drawings(assets, pixels):
     """On a GPU a batch is read in threads and drawn and described there, the hysteresis and the
-    thinning in threads on the CPU (read_and_draw's device). The CPU standing in for the GPU runs
-    that path here: the tiles kept, their cells and the ViT's pixels must be the CPU path's, for
-    tiles inside the raster and tiles reaching past its edges (partly nodata)."""
+    thinning in threads on the CPU (drawn_batches' device; DeviceDrawing). The CPU standing in
+    for the GPU runs that path here, a whole batch at once: the tiles kept, their cells and the
+    ViT's pixels must be the CPU path's, for tiles inside the raster and tiles reaching past its
+    edges (partly nodata)."""
     for name in ("rmnp_rgb", "osbs_rgb"):  # 26 and 20 tiles
         info = open_raster(assets[name], None)
         tiles = list(plan_tiles(info, SETTINGS))
