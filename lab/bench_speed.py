@@ -31,6 +31,7 @@ from lab.pseudo_sketch import has_lines, pseudo_sketch
 from worker import ann, line_drawing
 from worker.app import ModelOptions
 from worker.assets import load_asset_paths
+from worker.drawing_pool import DrawingJob, read_in_threads
 from worker.errors import InputError
 from worker.model.loading import load_model
 from worker.ranking import RankingConfig
@@ -38,7 +39,8 @@ from worker.search import search
 from worker.sketch import prepare_sketch
 from worker.store import IndexWriter, TileIndex
 from worker.store.format import CHUNK_TILES
-from worker.store.writer import LocalChunks
+from worker.raster_handles import ThreadHandles
+from worker.store.writer import LocalChunks, drawing_device
 from worker.tile_features import cells_on_grid
 from worker.tiling import TileSettings, iter_tile_pixels, open_raster, plan_tiles
 
@@ -72,20 +74,45 @@ def backbone_tiles_per_s(model, batch: int, batches: int) -> float:
 
 
 def stage_seconds(model, raster: Path, settings: TileSettings, n: int, batch: int) -> dict:
-    """Seconds per tile of each indexing stage, run one after another on the same tiles."""
+    """Seconds per tile of each indexing stage, as the product runs them for the model's device
+    (worker.drawing_pool), one after another on the same tiles, a batch at a time, the device
+    synchronised after each: on a CPU, read one after another and drawn into arrays; on a GPU,
+    read in threads and drawn and described there. Without the reads ahead that overlap them in
+    a run: where a run misses its goal, these say which stage caps it."""
     info = open_raster(raster, None)
     tiles = plan_tiles(info, settings)[:n]
-    (pixels, t_read) = timed(lambda: list(iter_tile_pixels(info, tiles, model.img_size)))
-    out = {"read": t_read, "draw": 0.0, "cells": 0.0, "tokens": 0.0}
-    with torch.inference_mode():
-        for i in range(0, len(pixels), batch):
-            part = pixels[i:i + batch]
-            images, masks = np.stack([p[1] for p in part]), np.stack([p[2] for p in part])
-            drawings, t = timed(line_drawing.tile_line_drawings, images, masks)
-            out["draw"] += t
-            out["tokens"] += timed(model.tile_tokens, drawings)[1]
-            out["cells"] += timed(cells_on_grid, drawings[..., 0], [p[0] for p in part], settings.tile)[1]
-    return {k: v / len(tiles) for k, v in out.items()}
+    job = DrawingJob(info.to_json(), model.img_size, settings.tile, settings.min_valid)
+    device = drawing_device(model)
+    handles = ThreadHandles()
+    spent = dict.fromkeys(("read", "draw", "cells", "tokens"), 0.0)
+
+    def lap(stage: str, began: float) -> float:
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        spent[stage] += now - began
+        return now
+
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(tiles), batch):
+                began = time.perf_counter()
+                part = tiles[start:start + batch]
+                read = list(iter_tile_pixels(info, part, model.img_size)) if device is None else \
+                    read_in_threads(job, part, handles)[1]
+                images, masks = np.stack([r[1] for r in read]), np.stack([r[2] for r in read])
+                if device is not None:
+                    images, masks = torch.from_numpy(images).to(device), torch.from_numpy(masks).to(device)
+                began = lap("read", began)
+                drawings = line_drawing.tile_line_drawings(images, masks)
+                began = lap("draw", began)
+                cells_on_grid(drawings[..., 0], [r[0] for r in read], settings.tile)
+                began = lap("cells", began)
+                model.tile_tokens(drawings)
+                lap("tokens", began)
+    finally:
+        handles.close()
+    return {stage: seconds / len(tiles) for stage, seconds in spent.items()}
 
 
 def index_tiles_per_s(model, raster: Path, settings: TileSettings, work: Path, batch: int, computer=None,

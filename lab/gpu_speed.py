@@ -5,7 +5,7 @@ the same batch size (goal: at least 0.9 of it and 1000 tiles/s). The product ind
 `--copies` copies of one real raster (copies under other names: the tile plan and the work are a
 mosaic's that size) as it does on a GPU, the tiles drawn there (worker.drawing_pool), and, for
 comparison, drawn on the CPU in a pool of `--processes` processes as the eighteenth stop did.
-Each stage of the GPU's path is also timed apart (device_stage_ms), and the CPU path's stages.
+Each stage of the GPU's path is also timed apart (lab.bench_speed.stage_seconds).
 The backbone's weights are random (the converted file does not fit in what a call can carry):
 the arithmetic and the data flow are the default model's, the quality is not measured here.
 Each figure is one run's; a one-copy build is timed apart (start-up), and the pool's start.
@@ -23,19 +23,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from lab.bench_speed import backbone_tiles_per_s, search_latency, sketches, stage_seconds
-from worker import line_drawing
-from worker.drawing_pool import DrawingJob, read_in_threads
 from worker.model.loading import load_model
-from worker.raster_handles import ThreadHandles
 from worker.ranking import RankingConfig
 from worker.store import IndexWriter, TileIndex
 from worker.store.writer import LocalChunks
-from worker.tile_features import cells_on_grid
-from worker.tiling import TileSettings, open_raster, plan_tiles
+from worker.tiling import TileSettings, open_raster
 
 
 def without_gpkg_where_pyogrio_is_missing() -> bool:
@@ -74,43 +69,6 @@ def index_speed(model, rasters: list[Path], work: Path, batch: int, processes: i
     tiles = sum(r["tiles_total"] for r in manifest["rasters"])
     return {"batch": batch, "processes": processes, "tokens": tokens, "rasters": len(rasters), "tiles": tiles,
             "seconds": round(seconds, 2), "tiles_per_s": round(tiles / seconds, 1), "dir": str(out)}
-
-
-def device_stage_ms(model, raster: Path, tiles: int, batch: int) -> dict:
-    """ms a tile of each stage of the GPU's indexing path (worker.drawing_pool.DeviceDrawing),
-    one batch after another without reading ahead, the device synchronised after each stage:
-    the reads (threads), the drawing (the device's filters, the CPU's hysteresis and thinning in
-    threads), the cells, the ViT. Where a run misses its goal, these say which stage caps it."""
-    settings = TileSettings()
-    info = open_raster(raster, None)
-    plan = plan_tiles(info, settings)[:tiles]
-    job = DrawingJob(info.to_json(), model.img_size, settings.tile, settings.min_valid)
-    handles = ThreadHandles()
-    spent = {"read": 0.0, "draw": 0.0, "cells": 0.0, "tokens": 0.0}
-
-    def lap(stage: str, began: float) -> float:
-        if model.device.type == "cuda":
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        spent[stage] += now - began
-        return now
-
-    try:
-        for start in range(0, len(plan), batch):
-            began = time.perf_counter()
-            _, read = read_in_threads(job, plan[start:start + batch], handles)
-            images = torch.from_numpy(np.stack([r[1] for r in read])).to(model.device)
-            masks = torch.from_numpy(np.stack([r[2] for r in read])).to(model.device)
-            began = lap("read", began)
-            drawings = line_drawing.tile_line_drawings(images, masks)
-            began = lap("draw", began)
-            cells_on_grid(drawings[..., 0], [r[0] for r in read], settings.tile)
-            began = lap("cells", began)
-            model.tile_tokens(drawings)
-            lap("tokens", began)
-    finally:
-        handles.close()
-    return {stage: round(1e3 * seconds / len(plan), 3) for stage, seconds in spent.items()}
 
 
 def pool_start_seconds(processes: int) -> float:
@@ -156,9 +114,9 @@ def main() -> int:
         rasters = mosaic(args.raster.resolve(), args.copies, work / "mosaic")
         note("backbone_tiles_per_s", {str(b): round(backbone_tiles_per_s(model, b, max(2, args.backbone_tiles // b)), 1)
                                       for b in batches})
-        note("device_stage_ms_per_tile", {b: device_stage_ms(model, rasters[0], 189, b) for b in (64, 256)})
-        note("cpu_stage_ms_per_tile", {k: round(1e3 * v, 2) for k, v in  # the CPU path's stages (a pool's work)
-                                   stage_seconds(model, rasters[0], TileSettings(), 189, 64).items()})
+        note("stage_ms_per_tile", {b: {k: round(1e3 * v, 3) for k, v in  # the GPU's path, stage by stage
+                                       stage_seconds(model, rasters[0], TileSettings(), 189, b).items()}
+                                   for b in (64, 256)})
         t0 = time.perf_counter()
         for path in rasters[:10]:
             open_raster(path, None)
