@@ -40,7 +40,7 @@ from worker.sketch import prepare_sketch
 from worker.store import IndexWriter, TileIndex
 from worker.store.format import CHUNK_TILES
 from worker.raster_handles import ThreadHandles
-from worker.store.writer import LocalChunks, drawing_device
+from worker.store.writer import LocalChunks
 from worker.tile_features import cells_on_grid
 from worker.tiling import TileSettings, iter_tile_pixels, open_raster, plan_tiles
 
@@ -82,7 +82,7 @@ def stage_seconds(model, raster: Path, settings: TileSettings, n: int, batch: in
     info = open_raster(raster, None)
     tiles = plan_tiles(info, settings)[:n]
     job = DrawingJob(info.to_json(), model.img_size, settings.tile, settings.min_valid)
-    device = drawing_device(model)
+    device = line_drawing.drawing_device(model.device)
     handles = ThreadHandles()
     spent = dict.fromkeys(("read", "draw", "cells", "tokens"), 0.0)
 

@@ -320,6 +320,24 @@ def test_a_partial_sketch_is_verified_only_where_it_has_lines(index):
     assert inked[0] > inked[1:].max() + 0.3, (float(inked[0]), float(inked[1:].max()))
 
 
+def test_places_verified_as_on_a_gpu_are_described_as_on_the_cpu(index):
+    """On a GPU, verification draws and describes its places there, a batch at once
+    (worker.line_drawing.drawing_device). The CPU standing in for the GPU runs that path here:
+    the descriptors of 12 places, some turned and some reaching past the raster's edge, must be
+    the CPU path's."""
+    from worker.verify import describe_places
+
+    rows = np.nonzero(index.records["scale"] == 1)[0]
+    tiles = list(map(index.tile, rows[:12]))
+    places = [Placement(t.raster, t.col_off + 40 * (i % 3), t.row_off + 112, 224.0 + 16 * i, angle=10.0 * (i % 3 - 1))
+              for i, t in enumerate(tiles)]
+    assert any(p.window()[0] < 0 or p.window()[1] < 0 for p in places)  # past the raster's edge
+    on_cpu = describe_places(places, 224)
+    as_on_gpu = describe_places(places, 224, torch.device("cpu"))
+    assert on_cpu.shape == (12, on_cpu.shape[1]) and on_cpu.abs().sum() > 0
+    assert torch.equal(as_on_gpu, on_cpu)
+
+
 def test_a_few_strokes_sketch_meets_its_place_in_the_big_lines_of_the_drawing(index, assets):
     """A person sketching a place draws a few of its big lines. Tile drawings hold the edges at
     3 px and the big lines at 6 px (worker.line_drawing), so a few-strokes sketch of a tile (3-8

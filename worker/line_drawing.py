@@ -117,11 +117,18 @@ def tile_line_drawings(tiles: np.ndarray | torch.Tensor, valid: np.ndarray | tor
     size = tiles.shape[1]
     sigmas = (TILE_EDGE_SIGMA * size / 224, BIG_LINE_SIGMA * size / 224)
     at_once = len(tiles) if isinstance(tiles, torch.Tensor) else DRAWN_AT_ONCE
-    edges = np.concatenate([edge_maps(tiles[i:i + at_once], sigmas, None if valid is None else valid[i:i + at_once], floor)
-                            for i in range(0, len(tiles), at_once)])
+    edges = np.concatenate([edge_maps(tiles[i:i + at_once], sigmas, None if valid is None else valid[i:i + at_once],
+                                      floor) for i in range(0, len(tiles), at_once)])
     device = tiles.device if isinstance(tiles, torch.Tensor) else "cpu"
     drawings = _ink(torch.from_numpy(edges).to(device), 2)[..., None].expand(-1, -1, -1, 3)
     return drawings.contiguous() if isinstance(tiles, torch.Tensor) else drawings.numpy().copy()
+
+
+def drawing_device(device: torch.device) -> torch.device | None:
+    """Where tiles and places are drawn for a model on `device`: on a CUDA GPU, there (tensors, a
+    batch at once); else None, on the CPU (arrays, DRAWN_AT_ONCE at a time). Not on MPS, which
+    has no float64 for the cells' bincount."""
+    return device if device.type == "cuda" else None
 
 
 def fingerprint() -> dict:

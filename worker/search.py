@@ -25,6 +25,7 @@ from shapely.geometry import Polygon
 
 from worker import query_templates
 from worker.geo import Area, reproject_rings, shared_area
+from worker.line_drawing import drawing_device
 from worker.placement import Placement
 from worker.ann import AnnShortlist, big_enough, check_windows, query_vectors
 from worker.cancellation import raise_if_stopped
@@ -230,7 +231,7 @@ def _search(index: TileIndex, model, sketch_tensor: torch.Tensor, ranking: Ranki
         for c in candidates:
             c.score = c.fine + ranking.coarse_weight * c.coarse
         raise_if_stopped("verifying the best placements")
-        verify(index, sketch_descriptor, candidates, ranking, model.img_size)
+        verify(index, sketch_descriptor, candidates, ranking, model.img_size, drawing_device(model.device))
         t["verify"] = time.perf_counter()
         raise_if_stopped("the token re-rank")
         token_rerank(index, model, sketch_tensor, candidates, ranking)

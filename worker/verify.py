@@ -39,9 +39,11 @@ def read_placement(placement: Placement, size: int) -> tuple[np.ndarray, np.ndar
         raise RasterUnreadable(placement.raster.path, excerpt(str(exc))) from None
 
 
-def draw_placements(placements: list[Placement], size: int) -> np.ndarray:
+def draw_placements(placements: list[Placement], size: int,
+                    device: torch.device | None = None) -> np.ndarray | torch.Tensor:
     """The line drawings of placements, each read as the user's frame sees it: (B, S, S) uint8.
-    Read in a few threads, drawn as one batch."""
+    Read in a few threads, drawn as one batch: into an array on the CPU, or with `device` (a
+    GPU's, worker.line_drawing.drawing_device) into a tensor there."""
     from worker.line_drawing import tile_line_drawings
 
     # started once: their open rasters (worker.raster_handles) outlive a search
@@ -49,20 +51,24 @@ def draw_placements(placements: list[Placement], size: int) -> np.ndarray:
     read = list(readers.map(lambda p: read_placement(p, size), placements))
     images = np.stack([r[0] for r in read])
     valid = np.stack([r[1] for r in read])
+    if device is not None:
+        images, valid = torch.from_numpy(images).to(device), torch.from_numpy(valid).to(device)
     return tile_line_drawings(images, valid)[..., 0]
 
 
-def describe_drawings(drawings: np.ndarray) -> torch.Tensor:
+def describe_drawings(drawings: np.ndarray | torch.Tensor) -> torch.Tensor:
     """Unit FINE HOG descriptors of line drawings (B, S, S) uint8, of the drawings as a search
-    compares them (smoothed, worker.edge_cells.compared_drawings): (B, dim)."""
-    return edge_cells.describe(edge_cells.compared_drawings(torch.from_numpy(drawings)), FINE)
+    compares them (smoothed, worker.edge_cells.compared_drawings), made on the drawings' device:
+    (B, dim) on the CPU."""
+    return edge_cells.describe(edge_cells.compared_drawings(torch.as_tensor(drawings)), FINE).cpu()
 
 
-def describe_places(placements: list[Placement], size: int) -> torch.Tensor:
-    """Unit FINE HOG descriptors of places, each read and drawn as one picture: (n, dim)."""
+def describe_places(placements: list[Placement], size: int, device: torch.device | None = None) -> torch.Tensor:
+    """Unit FINE HOG descriptors of places, each read and drawn as one picture (on `device`, as
+    draw_placements): (n, dim) on the CPU."""
     if not placements:
         return torch.zeros(0, 1)
-    return describe_drawings(draw_placements(placements, size))
+    return describe_drawings(draw_placements(placements, size, device))
 
 
 def describe_sketch(sketch: torch.Tensor) -> torch.Tensor:
@@ -86,11 +92,12 @@ def drawing_cosine(places: torch.Tensor, sketch_descriptor: torch.Tensor, inked_
 
 
 def verify(index: TileIndex, sketch_descriptor: torch.Tensor, candidates: list[Candidate], ranking: RankingConfig,
-           size: int) -> list[int]:
+           size: int, device: torch.device | None = None) -> list[int]:
     """Re-score the best `ranking.verify` candidates, and every tile window among the candidates,
     by the sketch's HOG (`sketch_descriptor`, describe_sketch) against their own drawing
     (`drawing_cosine`; only where the sketch has lines when `ranking.inked_only`): the place read
-    from its raster at the placement (turned as the sketch's frame) and drawn as one picture; a
+    from its raster at the placement (turned as the sketch's frame) and drawn as one picture (on
+    `device`, a GPU's, else on the CPU); a
     tile window's drawing is its stored cells (worker.tile_windows). The level maps join the
     drawings of overlapping tiles, each made with its own contrast; a person draws what they see
     in their frame, so the frame drawn as one picture is the fairer comparison. Returns the
@@ -105,7 +112,8 @@ def verify(index: TileIndex, sketch_descriptor: torch.Tensor, candidates: list[C
     to_draw = [i for i in order if candidates[i].drawn is None]
     own_of = {i: candidates[i].drawn for i in order if candidates[i].drawn is not None}
     if to_draw:
-        seen = describe_places([candidates[i].placement(index.maps[candidates[i].map_key]) for i in to_draw], size)
+        seen = describe_places([candidates[i].placement(index.maps[candidates[i].map_key]) for i in to_draw], size,
+                               device)
         own_of.update(zip(to_draw, drawing_cosine(seen, sketch_descriptor, ranking.inked_only).tolist()))
     own = np.array([own_of[i] for i in order])
     combined = standardise(own) * ranking.verify_weight + standardise([candidates[i].score for i in order])

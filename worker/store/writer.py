@@ -7,12 +7,13 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 
 from worker import level_maps
 from worker.geo import bounds_wgs84
+from worker.line_drawing import drawing_device
 from worker.store.format import (CHUNK_TILES, MANIFEST, RECORD_DTYPE, SHARDS, TILES_LAYER, TMP_PREFIX,
                                  check_compatible, check_index_folder, check_tokens, disk_write, holds_tokens,
                                  index_lock, new_manifest, read_manifest, remove_shards, shard_name, write_json_atomic,
@@ -24,9 +25,6 @@ from worker.drawing_pool import DeviceDrawing, DrawingJob, DrawingPool, DrawnBat
 from worker.thread_pools import usable_cores
 from worker.tile_features import TileFeatures
 from worker.tiling import RasterInfo, Tile, TilePlan, TileSettings, open_rasters, plan_tiles
-
-if TYPE_CHECKING:
-    import torch
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +293,7 @@ class LocalChunks:
         if processes is None:
             processes = default_processes(self.model.device.type, any(job.tokens for job in jobs),
                                           sum(job.count for job in jobs))
-        device = drawing_device(self.model)
+        device = drawing_device(self.model.device)
         pool: DrawingPool | DeviceDrawing | None = None
         if jobs and processes:
             pool = DrawingPool(processes)
@@ -325,12 +323,6 @@ def drawing_job(model, job: ChunkJob, settings: TileSettings) -> DrawingJob:
     return DrawingJob(job.raster, model.img_size, settings.tile, settings.min_valid, pixels)
 
 
-def drawing_device(model) -> torch.device | None:
-    """Where this process draws tiles for `model` (worker.drawing_pool): on its CUDA GPU, else
-    (None) on the CPU."""
-    return model.device if model.device.type == "cuda" else None
-
-
 def stored_features(model, drawn: DrawnBatch) -> TileFeatures:
     """What the index stores of a drawn batch: its cells, and its ViT tokens (the model's device)
     when the pixels for them came with it."""
@@ -351,7 +343,7 @@ def compute_chunk(model, job: ChunkJob, settings: TileSettings, batch_size: int,
     valid: list[float] = []
     outputs: list[TileFeatures] = []
     if batches is None:
-        batches = drawn_batches(drawing_job(model, job, settings), job.tiles, batch_size, drawing_device(model))
+        batches = drawn_batches(drawing_job(model, job, settings), job.tiles, batch_size, drawing_device(model.device))
     for n, drawn in batches:
         if should_stop():
             return None
