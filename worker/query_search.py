@@ -16,6 +16,7 @@ from worker import feedback as fb
 from worker.cancellation import raise_if_stopped
 from worker.example_query import OWN_PLACE_IOU
 from worker.geo import Area, reproject_rings
+from worker.line_drawing import drawing_device
 from worker.placement import Placement
 from worker.ranking import RankingConfig
 from worker.search import Hit, SearchResult, dedupe, search
@@ -81,7 +82,7 @@ def rerank(index: TileIndex, model, sketch: torch.Tensor, ranking: RankingConfig
             pool += more
             prior += list(range(1, len(more) + 1))
     marked = good + bad
-    described = describe_places([h.placement for h in pool] + marked, size)
+    described = describe_places([h.placement for h in pool] + marked, size, drawing_device(model.device))
     candidates, good_d, bad_d = (described[:len(pool)], described[len(pool):len(pool) + len(good)],
                                  described[len(pool) + len(good):])
     query = fb.rocchio_query(describe_sketch(sketch), good_d, bad_d)
