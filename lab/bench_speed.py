@@ -74,11 +74,13 @@ def backbone_tiles_per_s(model, batch: int, batches: int) -> float:
 
 
 def stage_seconds(model, raster: Path, settings: TileSettings, n: int, batch: int) -> dict:
-    """Seconds per tile of each indexing stage, as the product runs them for the model's device
-    (worker.drawing_pool), one after another on the same tiles, a batch at a time, the device
-    synchronised after each: on a CPU, read one after another and drawn into arrays; on a GPU,
-    read in threads and drawn and described there. Without the reads ahead that overlap them in
-    a run: where a run misses its goal, these say which stage caps it."""
+    """Seconds per planned tile of each indexing stage, as the product runs them for the model's
+    device (worker.drawing_pool), one after another on the first `n` tiles, a batch at a time,
+    the device synchronised after each: on a CPU, read one after another and drawn into arrays;
+    on a GPU, read in threads and drawn and described there. Tiles with less valid area than the
+    settings' `min_valid` are read, not drawn (as in a run); a first batch runs untimed (the
+    first calls' costs: kernels, filter matrices, thread pools). Without the reads ahead that
+    overlap the stages in a run: where a run misses its goal, these say which stage caps it."""
     info = open_raster(raster, None)
     tiles = plan_tiles(info, settings)[:n]
     job = DrawingJob(info.to_json(), model.img_size, settings.tile, settings.min_valid)
@@ -93,23 +95,28 @@ def stage_seconds(model, raster: Path, settings: TileSettings, n: int, batch: in
         spent[stage] += now - began
         return now
 
+    def one_batch(part) -> None:
+        began = time.perf_counter()
+        read = list(iter_tile_pixels(info, part, model.img_size)) if device is None else \
+            read_in_threads(job, part, handles)[1]
+        read = [r for r in read if r[2].mean() >= settings.min_valid]
+        images, masks = np.stack([r[1] for r in read]), np.stack([r[2] for r in read])
+        if device is not None:
+            images, masks = torch.from_numpy(images).to(device), torch.from_numpy(masks).to(device)
+        began = lap("read", began)
+        drawings = line_drawing.tile_line_drawings(images, masks)
+        began = lap("draw", began)
+        cells_on_grid(drawings[..., 0], [r[0] for r in read], settings.tile)
+        began = lap("cells", began)
+        model.tile_tokens(drawings)
+        lap("tokens", began)
+
     try:
         with torch.inference_mode():
+            one_batch(tiles[:batch])
+            spent.update(dict.fromkeys(spent, 0.0))
             for start in range(0, len(tiles), batch):
-                began = time.perf_counter()
-                part = tiles[start:start + batch]
-                read = list(iter_tile_pixels(info, part, model.img_size)) if device is None else \
-                    read_in_threads(job, part, handles)[1]
-                images, masks = np.stack([r[1] for r in read]), np.stack([r[2] for r in read])
-                if device is not None:
-                    images, masks = torch.from_numpy(images).to(device), torch.from_numpy(masks).to(device)
-                began = lap("read", began)
-                drawings = line_drawing.tile_line_drawings(images, masks)
-                began = lap("draw", began)
-                cells_on_grid(drawings[..., 0], [r[0] for r in read], settings.tile)
-                began = lap("cells", began)
-                model.tile_tokens(drawings)
-                lap("tokens", began)
+                one_batch(tiles[start:start + batch])
     finally:
         handles.close()
     return {stage: seconds / len(tiles) for stage, seconds in spent.items()}

@@ -142,8 +142,8 @@ MAX_PROCESSES = 15  # the most measured; each holds a few hundred MB
 
 
 def default_processes(device_type: str, tokens: bool, tiles: int) -> int:
-    """Drawing processes by default for `tiles` tiles to compute: none on a GPU, which draws the
-    tiles itself (DeviceDrawing); on a CPU of POOL_FROM_CORES cores or more, every core but one
+    """Drawing processes by default for `tiles` tiles to compute: none on a CUDA GPU, which draws
+    the tiles itself (DeviceDrawing); elsewhere, on POOL_FROM_CORES cores or more, every core but one
     when the index stores no ViT tokens (all its work is drawing); none for fewer than
     POOL_FROM_TILES tiles, nor otherwise.
 
