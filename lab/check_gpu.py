@@ -1,8 +1,9 @@
 """Check that the product computes on a GPU what it computes on the CPU, and how fast.
 
 One real raster is indexed once per device by the product (worker.store; on a GPU the tiles are
-drawn there, worker.drawing_pool), the stored arrays are compared, and pseudo-sketches of places anywhere in it (lab.placements) are searched on each
-device (worker.search); the top-5 placements are compared. Prints indexing and query times per
+drawn there, worker.drawing_pool), the stored arrays are compared, and pseudo-sketches of places
+anywhere in it (lab.placements) are searched on each device (worker.search); the top-5
+placements are compared. Prints indexing and query times per
 device. `--random-weights` where the converted backbone is not installed (the check is about the
 computation, not the quality).
 Run: scripts/lab check_gpu --raster PATH [--random-weights] [--devices cpu,cuda]

@@ -141,11 +141,11 @@ POOL_FROM_TILES = 2_000  # fewer tiles to compute are drawn here: the pool's sta
 MAX_PROCESSES = 15  # the most measured; each holds a few hundred MB
 
 
-def default_processes(device_type: str, tokens: bool, tiles: int) -> int:
-    """Drawing processes by default for `tiles` tiles to compute: none on a CUDA GPU, which draws
-    the tiles itself (DeviceDrawing); elsewhere, on POOL_FROM_CORES cores or more, every core but one
-    when the index stores no ViT tokens (all its work is drawing); none for fewer than
-    POOL_FROM_TILES tiles, nor otherwise.
+def default_processes(tokens: bool, tiles: int) -> int:
+    """Drawing processes by default for `tiles` tiles drawn on the CPU (a GPU draws its own:
+    DeviceDrawing): on POOL_FROM_CORES cores or more, every core but one when the index stores
+    no ViT tokens (all its work is drawing); none for fewer than POOL_FROM_TILES tiles, nor
+    otherwise.
 
     Measured (lab.gpu_speed on H200 machines, the tiles drawn on the CPU): 16 cores indexed 55.6
     tiles/s in one process and 195.8 in a pool of 15 on one machine (about 350 once started and
@@ -157,7 +157,7 @@ def default_processes(device_type: str, tokens: bool, tiles: int) -> int:
     every core. A GPU's own drawing leaves the CPU the reads, the hysteresis and the thinning,
     about 3 of the 16 ms a tile took in one thread there, in threads; it has not yet run on a
     GPU (docs/benchmarks/speed.md)."""
-    if device_type == "cuda" or tiles < POOL_FROM_TILES:
+    if tiles < POOL_FROM_TILES:
         return 0
     cores = usable_cores()
     return min(MAX_PROCESSES, cores - 1) if not tokens and cores >= POOL_FROM_CORES else 0

@@ -97,11 +97,10 @@ def verify(index: TileIndex, sketch_descriptor: torch.Tensor, candidates: list[C
     by the sketch's HOG (`sketch_descriptor`, describe_sketch) against their own drawing
     (`drawing_cosine`; only where the sketch has lines when `ranking.inked_only`): the place read
     from its raster at the placement (turned as the sketch's frame) and drawn as one picture (on
-    `device`, a GPU's, else on the CPU); a
-    tile window's drawing is its stored cells (worker.tile_windows). The level maps join the
-    drawings of overlapping tiles, each made with its own contrast; a person draws what they see
-    in their frame, so the frame drawn as one picture is the fairer comparison. Returns the
-    verified candidates' positions, best first."""
+    `device`, a GPU's, else on the CPU); a tile window's drawing is its stored cells
+    (worker.tile_windows). The level maps join the drawings of overlapping tiles, each made with
+    its own contrast; a person draws what they see in their frame, so the frame drawn as one
+    picture is the fairer comparison. Returns the verified candidates' positions, best first."""
     if ranking.verify <= 0:
         return []
     best = sorted(range(len(candidates)), key=lambda i: -candidates[i].score)[:ranking.verify]

@@ -279,9 +279,9 @@ class ChunkComputer(Protocol):
 
 class LocalChunks:
     """Chunks computed here, one after another, with progress after every batch. Tiles are read,
-    drawn and described in `processes` other processes while this one encodes (None: as
-    default_processes says for the run's device, index and size; 0: none); without them, on a
-    GPU, drawn there and read in threads ahead (worker.drawing_pool.DeviceDrawing), else here
+    drawn and described in `processes` other processes while this one encodes (None: none on a
+    GPU, else as default_processes says for the run's index and size; 0: none); without them, on
+    a GPU, drawn there and read in threads ahead (worker.drawing_pool.DeviceDrawing), else here
     on the CPU."""
 
     def __init__(self, model, processes: int | None = None):
@@ -289,11 +289,11 @@ class LocalChunks:
         self.processes = processes
 
     def run(self, jobs, settings, batch_size, should_stop, batch_done):
-        processes = self.processes
-        if processes is None:
-            processes = default_processes(self.model.device.type, any(job.tokens for job in jobs),
-                                          sum(job.count for job in jobs))
         device = drawing_device(self.model.device)
+        processes = self.processes
+        if processes is None:  # a GPU draws its own tiles
+            processes = 0 if device is not None else default_processes(any(job.tokens for job in jobs),
+                                                                        sum(job.count for job in jobs))
         pool: DrawingPool | DeviceDrawing | None = None
         if jobs and processes:
             pool = DrawingPool(processes)
