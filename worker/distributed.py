@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from worker.errors import InputError
 from worker.store.writer import ChunkJob, ChunkResult, compute_chunk
+from worker.thread_pools import usable_cores
 from worker.tiling import TileSettings
 
 if TYPE_CHECKING:
@@ -81,7 +82,7 @@ def connect(spec: str):
         with client:
             yield client
         return
-    n = n or max(1, (os.cpu_count() or 2) // 2)
+    n = n or max(1, usable_cores() // 2)
     with _environment_kept(), \
             LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
             Client(cluster) as client:

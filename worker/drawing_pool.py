@@ -34,11 +34,10 @@ import rasterio.errors
 import torch
 
 from worker import edge_cells, line_drawing
-from worker.errors import InputError
 from worker.raster_handles import ThreadHandles
 from worker.thread_pools import shared_pool, usable_cores, wait_all
 from worker.tile_features import cells_on_grid
-from worker.tiling import RasterInfo, Tile, iter_tile_pixels, read_tile
+from worker.tiling import RasterInfo, Tile, iter_tile_pixels, read_tile, unopenable
 
 T = TypeVar("T")
 
@@ -110,7 +109,7 @@ def read_in_threads(job: DrawingJob, tiles: Sequence[Tile],
         try:
             src = handles.get(raster.path)
         except (rasterio.errors.RasterioError, OSError) as exc:
-            raise InputError(f"{raster.path}: cannot open it to read tiles ({exc})") from exc
+            raise unopenable(raster.path, exc) from exc
         return [(tile, *read_tile(src, raster, tile, job.size)) for tile in part]
 
     pool = shared_pool("tile-read", READ_THREADS)

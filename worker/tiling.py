@@ -427,6 +427,12 @@ def stretch_to_uint8(data: np.ma.MaskedArray, stretch: tuple[tuple[float, float]
     return (np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
+def unopenable(path: str, exc: Exception) -> InputError:
+    """The error of a raster that cannot be opened to read its tiles: opened when a run planned
+    it, it may be gone or damaged by the time its tiles are read."""
+    return InputError(f"{path}: cannot open it to read tiles ({exc})")
+
+
 @dataclass
 class TileReader:
     """Reads tiles of one raster as (S, S, 3) uint8 plus their (S, S) valid-pixel mask; keep it open per raster."""
@@ -436,10 +442,10 @@ class TileReader:
     _src: rasterio.DatasetReader | None = field(default=None, init=False)
 
     def __enter__(self) -> "TileReader":
-        try:  # opened when the run plans it, it may be gone or damaged by the time its tiles are read
+        try:
             self._src = rasterio.open(self.raster.path)
         except RasterioIOError as exc:
-            raise InputError(f"{self.raster.path}: cannot open it to read tiles ({exc})") from exc
+            raise unopenable(self.raster.path, exc) from exc
         return self
 
     def __exit__(self, *exc) -> None:

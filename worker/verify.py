@@ -7,7 +7,6 @@ for the few placements that compete for the top of the list.
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import rasterio.errors
@@ -23,10 +22,10 @@ from worker.ranking import RankingConfig
 from worker.raster_handles import ThreadHandles
 from worker.sketch import sketch_pixels
 from worker.store import TileIndex
-from worker.thread_pools import shared_pool
+from worker.thread_pools import shared_pool, usable_cores
 
 
-READ_THREADS = min(4, os.cpu_count() or 1)  # GDAL and PIL release the GIL while reading and turning
+READ_THREADS = min(4, usable_cores())  # GDAL and PIL release the GIL while reading and turning
 _handles = ThreadHandles()  # the reading threads' open rasters, kept for the worker's life
 
 
