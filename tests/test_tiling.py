@@ -124,6 +124,31 @@ def test_a_raster_whose_crs_does_not_fit_its_coordinates_is_refused_with_what_to
     open_raster(write_raster(tmp_path / "world.tif", pixels, crs=CRS.from_string("ESRI:54009"), transform=world), None)
 
 
+def test_a_grid_turned_or_mirrored_against_its_map_is_refused_with_what_to_do(tmp_path, assets):
+    """South up (rows running north), turned a quarter, tilted 20 degrees: a sketch drawn on the
+    north-up map never met the place in such a grid. A grid turned half a degree is taken as it
+    is, and a north-up VRT of a refused one, as the message advises, is indexable."""
+    import rasterio.shutil
+    from rasterio.transform import Affine
+    from rasterio.vrt import WarpedVRT
+
+    with rasterio.open(assets["rmnp_rgb"]) as src:
+        pixels, crs, (x, y), r = src.read(), src.crs, (src.transform.c, src.transform.f), src.transform.a
+    turned = {"south_up": (Affine(r, 0, x, 0, r, y - r * pixels.shape[1]), "mirrored"),
+              "quarter": (Affine(0, -r, x, -r, 0, y), "turned -90.0"),
+              "tilted": (Affine.translation(x, y) * Affine.rotation(20) * Affine.scale(r, -r), "turned 20.0")}
+    for name, (transform, how) in turned.items():
+        path = write_raster(tmp_path / f"{name}.tif", pixels, crs=crs, transform=transform)
+        with pytest.raises(InputError, match=f"{how} degrees against its map.*gdalwarp -of VRT" if "turned" in how
+                           else f"{how}.*gdalwarp -of VRT"):
+            open_raster(path, None)
+    slightly = Affine.translation(x, y) * Affine.rotation(0.5) * Affine.scale(r, -r)
+    open_raster(write_raster(tmp_path / "slightly.tif", pixels, crs=crs, transform=slightly), None)
+    with rasterio.open(tmp_path / "south_up.tif") as src, WarpedVRT(src) as north_up:
+        rasterio.shutil.copy(north_up, tmp_path / "north_up.vrt", driver="VRT")
+    assert open_raster(tmp_path / "north_up.vrt", None).width == pixels.shape[2]
+
+
 def test_crs_without_epsg_code_is_indexable(assets):
     info = open_raster(assets["lsat7_10"], None)
     assert CRS.from_wkt(info.crs_wkt).to_epsg(confidence_threshold=100) is None  # "unnamed" projection
