@@ -173,6 +173,27 @@ def test_a_refused_raster_leaves_no_index_folder(tmp_path):
     assert not (tmp_path / "index").exists()
 
 
+def test_a_mosaic_missing_a_source_is_refused_naming_it_before_any_tile(tmp_path, rmnp_copy):
+    """A VRT whose second sheet is gone: GDAL opens it, and indexing failed midway, at the first
+    tile over the gap, with "Read failed" and no file named, leaving a partial index."""
+    import rasterio
+
+    with rasterio.open(rmnp_copy) as src:
+        width, height, crs, geotransform = src.width, src.height, src.crs.to_wkt(), src.transform.to_gdal()
+    sources = "".join(f"""<SimpleSource><SourceFilename relativeToVRT="1">{{name}}</SourceFilename>
+        <SourceBand>{{b}}</SourceBand><DstRect xOff="{x}" yOff="0" xSize="{width // 2}" ySize="{height}"/>
+        <SrcRect xOff="{x}" yOff="0" xSize="{width // 2}" ySize="{height}"/></SimpleSource>""".replace("{name}", name)
+                      for x, name in ((0, rmnp_copy.name), (width // 2, "gone.tif")))
+    bands = "".join(f"""<VRTRasterBand dataType="Byte" band="{b}"><ColorInterp>{name}</ColorInterp>
+        {sources.replace("{b}", str(b))}</VRTRasterBand>""" for b, name in ((1, "Red"), (2, "Green"), (3, "Blue")))
+    mosaic = tmp_path / "mosaic.vrt"
+    mosaic.write_text(f"""<VRTDataset rasterXSize="{width}" rasterYSize="{height}"><SRS>{escape(crs)}</SRS>
+        <GeoTransform>{", ".join(map(str, geotransform))}</GeoTransform>{bands}</VRTDataset>""")
+    result = run_cli("index", "--out", tmp_path / "index", *SMALL, mosaic)
+    assert result.returncode == 2 and "gone.tif is missing" in result.stderr and "gdalbuildvrt" in result.stderr
+    assert not (tmp_path / "index").exists()
+
+
 def test_a_raster_too_small_for_a_tile_says_so(tmp_path, model, rmnp_copy, caplog):
     """A raster smaller than a tile has no tile with enough data: it is complete, and a warning
     says how to index it; a GDAL virtual path is refused with what to do."""

@@ -302,6 +302,7 @@ def open_raster(path: Path, bands: tuple[int, ...] | None, drivers: tuple[str, .
         if src.transform.is_identity:
             raise InputError(f"{path}: has no geotransform (pixel grid not georeferenced)")
         _check_north_up(path, src.transform)
+        _check_sources(path, src)
         _check_on_earth(path, src)
         if any(np.dtype(src.dtypes[b - 1]).kind == "c" for b in range(1, src.count + 1)):
             raise InputError(f"{path}: complex-valued bands are not imagery")
@@ -326,6 +327,19 @@ def open_rasters(paths: Sequence[Path], bands: tuple[int, ...] | None, drivers: 
         return [open_raster(p, bands, drivers) for p in paths]
     with ThreadPoolExecutor(min(threads, len(paths)), thread_name_prefix="open-raster") as pool:
         return list(pool.map(lambda p: open_raster(p, bands, drivers), paths))
+
+
+def _check_sources(path: Path, src: rasterio.DatasetReader) -> None:
+    """Refuse a VRT whose source files are missing, naming them: GDAL opens it, and the first
+    tile over a missing file failed midway through indexing with "Read failed"."""
+    if src.driver != "VRT":
+        return
+    missing = [name for name in src.files[1:] if not name.startswith("/vsi") and "://" not in name
+               and not os.path.exists(name)]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise InputError(f"{path}: its source {missing[0]}{more} is missing; put it back, or build the VRT "
+                         "again from the files there are (gdalbuildvrt)")
 
 
 MAX_GRID_TURN_DEG = 1.0  # a pixel grid turned this much against its map is still taken as north up
