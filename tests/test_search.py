@@ -197,6 +197,45 @@ def test_a_view_across_the_antimeridian_is_searched_where_it_lies(tmp_path, mode
         assert iou(hits[0].footprint_pixels(), place.pixel_polygon()) >= 0.5, crs
 
 
+def test_a_web_mercator_raster_across_180_is_searched_in_a_box_and_read_as_an_example_there(tmp_path, model, assets):
+    """The sample scene (485 by 373 px of 30 m) in EPSG:3857 from 7 km west of 180 degrees, its
+    x past the CRS's edge, as a web map's tiles are. PROJ gives a point just east of 180 the x of
+    the CRS's west edge, a world from the raster: a box round the whole raster or east of 180
+    searched a part of it or none (the place missed), and an example box across 180 was read as
+    a strip from the raster's west edge. Such points are moved a world over, next to the raster."""
+    from rasterio.transform import from_origin
+
+    from conftest import write_raster
+    from worker.example_query import Example, pixel_box
+    from worker.store import IndexWriter
+    from worker.tiling import TileSettings
+
+    edge = 20037508.342789244  # x of 180 degrees in EPSG:3857
+    mercator, wgs84 = CRS.from_epsg(3857), CRS.from_epsg(4326)
+    with rasterio.open(assets["rmnp_rgb"]) as src:
+        pixels = src.read()
+    across = write_raster(tmp_path / "across.tif", pixels, crs=mercator, transform=from_origin(edge - 7000, -1_900_000, 30, 30))
+    out = tmp_path / "index"
+    IndexWriter(out, model, TileSettings(tile=112, scales=(1,))).build([across])
+    index = TileIndex.open(out)
+    raster = index.rasters[0]
+    place = Placement(raster, cx=380, cy=180, side=112.0)  # east of 180 degrees
+    sketch = prepare_sketch(pseudo_sketch(place.read(224)[0], "canny"), 224)
+    _, (south, north) = rasterio.warp.transform(mercator, wgs84, [edge, edge], [-1_900_000 - 373 * 30, -1_900_000])
+    whole = bbox_to_wgs84((179.9, south, 180.1, north), wgs84)
+    east_of_180 = bbox_to_wgs84((-180.0, south, -179.9, north), wgs84)
+    x180 = 7000 / 30  # the raster's column at 180 degrees
+    for area, east_only in ((whole, False), (east_of_180, True)):
+        hits = search(index, model, sketch, top=5, area_wgs84=area).hits
+        assert len(hits) == 5 and iou(hits[0].footprint_pixels(), place.pixel_polygon()) >= 0.5
+        assert not east_only or all(max(x for x, _ in h.placement.ring()) > x180 for h in hits)
+    (west, east), (north, south) = rasterio.warp.transform(  # pixels 180 to 290 across, 124 to 236 down: across 180
+        mercator, wgs84, [edge - 7000 + 180 * 30, edge - 7000 + 290 * 30], [-1_900_000 - 124 * 30, -1_900_000 - 236 * 30])
+    assert west > 0 > east  # PROJ's: the east side west of the west
+    window = pixel_box(Example(str(across), (west, south, east + 360.0, north), "EPSG:4326"), raster)
+    assert np.allclose(window, (180, 124, 290, 236), atol=1.0), window
+
+
 def test_search_areas_near_180_degrees_and_the_poles_cover_what_the_view_shows():
     """A web map's view across 180 is that view, not its latitude band; a view holding a pole
     holds the pole; a view just east of 180 meets the footprints that cross 180 (they lie past

@@ -129,6 +129,16 @@ def _unwrapped(xs: np.ndarray, dst: CRS) -> np.ndarray:
     return xs
 
 
+def nearest_copy_x(xs: np.ndarray, crs_wkt: str, centre_x: float) -> np.ndarray:
+    """x in a CRS (points from PROJ), each moved by whole turns round the Earth to lie nearest
+    `centre_x` (a raster's centre), in a CRS whose x wraps (lon/lat, web Mercator): PROJ gives a
+    point past 180 degrees a world away, at the CRS's other edge, from a raster that crosses 180."""
+    world = _world(crs_wkt)
+    if world is None:
+        return xs
+    return xs - world[0] * np.round((xs - centre_x) / world[0])
+
+
 @lru_cache(maxsize=16)
 def _world(dst_wkt: str) -> tuple[float, float] | None:
     """How far x runs once round the equator in a CRS, and its middle (360 and 0 in lon/lat);

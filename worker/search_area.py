@@ -18,7 +18,7 @@ from rasterio.warp import transform as warp_transform
 from shapely.geometry import Polygon
 
 from worker.edge_cells import CELL
-from worker.geo import Area
+from worker.geo import Area, nearest_copy_x
 from worker.level_maps import LevelMap
 from worker.store import WGS84, TileIndex
 
@@ -123,8 +123,10 @@ def _cell_box(level: LevelMap, map_bounds: Polygon, area_wgs84: Area) -> Box | N
         return None
     west, south, east, north = map_bounds.bounds
     points = shapely.get_coordinates(shapely.segmentize(part, max(east - west, north - south) / 16))
-    xs, ys = warp_transform(WGS84, CRS.from_wkt(level.raster.crs_wkt), points[:, 0], points[:, 1])
-    cols, rows = ~level.raster.affine * (np.asarray(xs), np.asarray(ys))
+    raster = level.raster
+    xs, ys = warp_transform(WGS84, CRS.from_wkt(raster.crs_wkt), points[:, 0], points[:, 1])
+    xs = nearest_copy_x(np.asarray(xs), raster.crs_wkt, (raster.affine * (raster.width / 2, raster.height / 2))[0])
+    cols, rows = ~raster.affine * (xs, np.asarray(ys))
     if not (np.isfinite(cols).all() and np.isfinite(rows).all()):
         return None
     cell_px = CELL * level.level_px
