@@ -268,7 +268,8 @@ class SketchSearchDock(QDockWidget):
     @staticmethod
     def _item_text(feature) -> str:
         mark = feature["feedback"] if feature.fields().indexOf("feedback") >= 0 else None
-        return (f"#{feature['rank']}  score {_number(feature, 'score', '{:.3f}')}  "
+        score = _number(feature, "score", "score {:.3f}") or "not verified"  # ranked below the verified hits
+        return (f"#{feature['rank']}  {score}  "
                 f"scale {_number(feature, 'scale', '{}')}  {_number(feature, 'angle', '{:+.0f}°')}"
                 f"{'  ' + MARK_TEXT[mark] if mark in MARK_TEXT else ''}")
 

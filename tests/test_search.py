@@ -145,6 +145,24 @@ def test_bbox_in_another_crs_limits_hits_to_the_area(s2_index, model, assets):
     assert len(search(index, model, sketch, top=10, area_wgs84=world).hits) == 10
 
 
+def test_scores_fall_with_rank_and_an_unverified_hit_has_none(s2_index, model, assets):
+    """A hit's score is comparable with the other hits': the best candidates are read, drawn and
+    verified, and a hit ranked below them has no score (it kept the score of another scale: the
+    demo's ranks 8 to 10 scored 2.7 under rank 7's -1.7). In an area that misses the sketched
+    place, the candidates verified are the area's (none of its hits was verified before)."""
+    index = TileIndex.open(s2_index)
+    with rasterio.open(assets["s2_rgb"]) as src:
+        left, bottom, right, top = src.bounds
+        west_half = bbox_to_wgs84((left, bottom, (left + right) / 2, top), src.crs)
+    east = Placement(index.rasters[0], cx=1700, cy=1000, side=224.0)
+    sketch = prepare_sketch(pseudo_sketch(east.read(224)[0], "canny"), 224)
+    for area in (None, west_half):
+        scores = [hit.score for hit in search(index, model, sketch, top=10, area_wgs84=area).hits]
+        scored = scores[:scores.index(None)] if None in scores else scores
+        assert len(scores) == 10 and len(scored) >= 3 and set(scores[len(scored):]) <= {None}, scores
+        assert scored == sorted(scored, reverse=True), scores
+
+
 def raster_across_180(folder, assets) -> tuple:
     """The sample scene (485 by 373 px of 30 m) over Fiji in EPSG:3832, Mercator centred on the
     Pacific, from 7 km west of 180 degrees; and the x of 180 degrees there."""
@@ -236,6 +254,37 @@ def test_a_web_mercator_raster_across_180_is_searched_in_a_box_and_read_as_an_ex
     assert np.allclose(window, (180, 124, 290, 236), atol=1.0), window
 
 
+def test_a_raster_over_a_pole_is_searched_and_its_hits_are_one_each(tmp_path, model, assets):
+    """The sample scene (485 by 373 px) at 30 m in Antarctic polar stereographic, round the South
+    Pole. A footprint round the pole was a ring crossing itself in lon/lat: every search of such
+    an index failed in GEOS ("side location conflict"). Hits in one raster are now told apart in
+    its pixels, and a footprint round a pole is a cap in lon/lat, valid, cut at 180 as one piece."""
+    from rasterio.transform import from_origin
+
+    from conftest import write_raster
+    from worker.geo import cut_at_antimeridian, reproject_rings
+    from worker.store import IndexWriter
+    from worker.tiling import TileSettings
+
+    with rasterio.open(assets["rmnp_rgb"]) as src:
+        pixels = src.read()
+    polar = write_raster(tmp_path / "pole.tif", pixels, crs=CRS.from_epsg(3031), transform=from_origin(-240 * 30, 180 * 30, 30, 30))
+    out = tmp_path / "index"
+    IndexWriter(out, model, TileSettings(tile=112, scales=(1,))).build([polar])
+    index = TileIndex.open(out)
+    pole = Placement(index.rasters[0], cx=240, cy=180, side=112.0)  # the pole at its centre
+    sketch = prepare_sketch(pseudo_sketch(pole.read(224)[0], "canny"), 224)
+    hits = search(index, model, sketch, top=10).hits
+    assert len(hits) == 10 and iou(hits[0].footprint_pixels(), pole.pixel_polygon()) >= 0.5
+    squares = [h.footprint_pixels() for h in hits]
+    for i, a in enumerate(squares):
+        assert all(a.intersection(b).area <= 0.3 * min(a.area, b.area) + 1e-6 for b in squares[:i])
+    cap = reproject_rings([hits[0].placement], CRS.from_epsg(4326))[0]
+    assert cap.is_valid and cap.intersects(shapely.geometry.Point(0.0, -90.0)) and cap.bounds[3] < -89.9
+    written = cut_at_antimeridian(cap)
+    assert written.geom_type == "Polygon" and written.is_valid and written.bounds[::2] == (-180.0, 180.0)
+
+
 def test_search_areas_near_180_degrees_and_the_poles_cover_what_the_view_shows():
     """A web map's view across 180 is that view, not its latitude band; a view holding a pole
     holds the pole; a view just east of 180 meets the footprints that cross 180 (they lie past
@@ -273,14 +322,20 @@ def test_a_crs_is_refused_only_when_it_cannot_place_a_hit_on_earth():
 def test_the_same_place_on_both_sides_of_the_antimeridian_is_one_hit():
     """Two rasters in different CRSs over the same ground at 180 degrees: the footprint from one
     crosses 180 and lies past it, the other's lies at -180; the same place is kept once."""
-    from shapely.geometry import box
+    from worker.search import Footprints, dedupe
+    from worker.tiling import RasterInfo
 
-    from worker.search import dedupe
+    def lonlat_raster(name: str, west: float) -> RasterInfo:  # 0.0001 degrees a pixel, from 17 S
+        return RasterInfo(name, 0, 0, 4000, 4000, CRS.from_epsg(4326).to_wkt(), (1e-4, 0.0, west, 0.0, -1e-4, -17.0),
+                          (1, 2, 3), None)
 
-    crossing = box(179.9, -17.2, 180.1, -17.0)  # lies past 180, as footprints across it do
-    beside = box(-180.0, -17.2, -179.85, -17.0)  # the same ground east of 180, from the other raster
-    elsewhere = box(-179.7, -17.2, -179.5, -17.0)
-    assert dedupe([crossing, beside, elsewhere], np.arange(3), max_overlap=0.3) == [0, 2]
+    west_of_180, east_of_180 = lonlat_raster("a.tif", 179.8), lonlat_raster("b.tif", -180.2)
+    crossing = Placement(west_of_180, cx=2000, cy=1000, side=2000)  # 179.9 to 180.1: lies past 180
+    beside = Placement(east_of_180, cx=2750, cy=750, side=1500)  # -180 to -179.85: the same ground
+    elsewhere = Placement(east_of_180, cx=6000, cy=1000, side=2000)  # -179.7 to -179.5
+    footprints = Footprints([crossing, beside, elsewhere])
+    assert footprints.lonlat[0].bounds[2] > 180 > -180 >= footprints.lonlat[1].bounds[0] - 1e-9
+    assert dedupe(footprints, np.arange(3), max_overlap=0.3) == [0, 2]
 
 
 def test_a_footprint_is_cut_at_either_edge_of_the_world_into_counterclockwise_parts():

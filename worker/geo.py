@@ -108,9 +108,30 @@ def reproject_rings(tiles: list, dst: CRS) -> list[Polygon]:
             xs, ys = warp_transform(src, dst, rings[..., 0].ravel(), rings[..., 1].ravel())
             xs, ys = np.asarray(xs).reshape(rings.shape[:2]), np.asarray(ys).reshape(rings.shape[:2])
             xs = _unwrapped(xs, dst)
-        for i, polygon in zip(idx, shapely.polygons(np.stack([xs, ys], axis=-1))):
+        polygons = shapely.polygons(np.stack([xs, ys], axis=-1))
+        if dst.is_geographic:
+            for n in np.flatnonzero(_winds_round_a_pole(xs)):
+                polygons[n] = _polar_cap(xs[n], ys[n])
+        for i, polygon in zip(idx, polygons):
             out[i] = polygon
     return out  # type: ignore[return-value]
+
+
+def _winds_round_a_pole(xs: np.ndarray) -> np.ndarray:
+    """Which lon/lat rings (n, k) go once round a pole: their longitudes, followed step by step,
+    turn a whole 360 degrees (a footprint over the pole of a polar raster)."""
+    turns = np.sum((np.diff(xs, axis=1) + 180.0) % 360.0 - 180.0, axis=1)
+    return np.isfinite(turns) & (np.abs(turns) > 180.0)
+
+
+def _polar_cap(xs: np.ndarray, ys: np.ndarray) -> Polygon:
+    """A ring round a pole as a valid lon/lat polygon: its longitudes followed round (360 degrees
+    of them, from the first within -180..180), closed along the pole. As a ring it crosses itself
+    and fails shapely's operations (a search over a polar raster failed in GEOS)."""
+    lons = xs[0] + np.concatenate([[0.0], np.cumsum((np.diff(xs) + 180.0) % 360.0 - 180.0)])
+    lons -= 360.0 * np.floor((lons[0] + 180.0) / 360.0)
+    pole = 90.0 if np.mean(ys) > 0 else -90.0
+    return orient(Polygon([*zip(lons, ys), (lons[-1], pole), (lons[0], pole)]))
 
 
 def _unwrapped(xs: np.ndarray, dst: CRS) -> np.ndarray:
@@ -231,7 +252,16 @@ def shared_area(a: Polygon, b: Polygon) -> float:
     raster's CRS does not)."""
     shifts = WORLD_SHIFTS if max(a.bounds[2], b.bounds[2]) > 180 else (0.0,)
     moved = [shapely.affinity.translate(b, dx) if dx else b for dx in shifts]
-    return float(sum(a.intersection(m).area for m in moved if a.intersects(m)))
+    return float(sum(overlap_area(a, m) for m in moved if a.intersects(m)))
+
+
+def overlap_area(a: Polygon, b: Polygon) -> float:
+    """The area of a and b's intersection. A footprint around a pole has no valid lon/lat ring:
+    it is repaired (shapely.make_valid) rather than failing the search with GEOS's error."""
+    try:
+        return a.intersection(b).area
+    except shapely.errors.GEOSException:
+        return shapely.make_valid(a).intersection(shapely.make_valid(b)).area
 
 
 def cut_at_antimeridian(footprint: Polygon) -> Polygon | MultiPolygon:
@@ -246,4 +276,7 @@ def cut_at_antimeridian(footprint: Polygon) -> Polygon | MultiPolygon:
     polygons = [orient(p) for p in shapely.get_parts(parts) if p.geom_type == "Polygon" and p.area > 0]
     if not polygons:
         return footprint
+    joined = shapely.union_all(polygons)  # a cap round a pole (_polar_cap): its parts meet again
+    if joined.geom_type == "Polygon":
+        return orient(joined)
     return MultiPolygon(polygons) if len(polygons) > 1 else polygons[0]

@@ -15,11 +15,11 @@ from shapely.geometry import Polygon
 from worker import feedback as fb
 from worker.cancellation import raise_if_stopped
 from worker.example_query import OWN_PLACE_IOU
-from worker.geo import Area, reproject_rings
+from worker.geo import Area, overlap_area, reproject_rings
 from worker.line_drawing import drawing_device
 from worker.placement import Placement
 from worker.ranking import RankingConfig
-from worker.search import Hit, SearchResult, dedupe, search
+from worker.search import Footprints, Hit, SearchResult, dedupe, search
 from worker.store import WGS84, TileIndex
 from worker.verify import describe_places, describe_sketch
 
@@ -27,7 +27,7 @@ OWN_PLACE_MARGIN = 5  # extra places asked for, to fill the list after the examp
 
 
 def iou(a: Polygon, b: Polygon) -> float:
-    inter = a.intersection(b).area if a.intersects(b) else 0.0
+    inter = overlap_area(a, b) if a.intersects(b) else 0.0
     return float(inter / (a.area + b.area - inter)) if inter > 0 else 0.0
 
 
@@ -89,7 +89,7 @@ def rerank(index: TileIndex, model, sketch: torch.Tensor, ranking: RankingConfig
     scores = fb.feedback_scores(candidates, query, np.asarray(prior, np.float64))
     rejected = overlapping([h.placement for h in pool], reproject_rings(bad, WGS84), WGS84, fb.SAME_PLACE_IOU)
     order = np.array([i for i in np.argsort(-scores, kind="stable") if not rejected[i]], dtype=np.int64)
-    kept = dedupe(reproject_rings([h.placement for h in pool], WGS84), order, max_overlap)
+    kept = dedupe(Footprints([h.placement for h in pool]), order, max_overlap)
     return [replace(pool[i], rank=n + 1, score=float(scores[i])) for n, i in enumerate(kept)]
 
 

@@ -35,7 +35,12 @@ class RankingConfig:
     # The best `verify` placements are read from their rasters and drawn as one picture each, as
     # the user saw the place, and compared with the sketch again (see `verify`). 12, not 24: on
     # 500 held-out queries (2 seeds) recall@5/10 were 0.68/0.74 with 12 and 0.67/0.74 with 24,
-    # and a search took 100 ms less (356 -> 256 ms p50).
+    # and a search took 100 ms less (356 -> 256 ms p50). They are mostly one place a little
+    # moved, scaled or turned (about 7 distinct places of 12), so a search's hits below them are
+    # not verified, and have no score (worker.search). Verifying the next distinct places too,
+    # until 10 were, cost 18-75 ms a search (p50, demo index) for recall@1/5/10 0.735/0.800/0.847
+    # -> 0.736/0.803/0.841 (750 held-out queries, seed 0); the 12 as the first distinct places
+    # and the best others, 0.731/0.793/0.839 (docs/benchmarks/quality.md). Neither was adopted.
     verify: int = 12
     # The best `tile_windows` tiles under the coarse shortlist, scored by their own drawings, join
     # the candidates and the verification (worker.tile_windows); 0: none.

@@ -24,7 +24,7 @@ import torch
 from shapely.geometry import Polygon
 
 from worker import query_templates
-from worker.geo import Area, reproject_rings, shared_area
+from worker.geo import Area, overlap_area, reproject_rings, shared_area
 from worker.line_drawing import drawing_device
 from worker.placement import Placement
 from worker.ann import AnnShortlist, big_enough, check_windows, query_vectors
@@ -39,20 +39,50 @@ from worker.token_ranking import tile_candidates, tile_placement, token_rerank
 from worker.verify import describe_sketch, verify
 
 
-def dedupe(polygons: list[Polygon], order: np.ndarray, max_overlap: float, limit: int | None = None) -> list[int]:
-    """Greedy spatial de-duplication of lon/lat footprints: walk `order` (best first) and keep a
-    footprint only if it shares with every kept one at most `max_overlap` of the smaller of the
-    two areas (across 180 degrees too: geo.shared_area); stop after `limit` kept."""
+class Footprints:
+    """Candidates' footprints, to tell whether two are one place: two in one raster are compared
+    in its pixels (exact, and also around a pole, where a footprint has no valid lon/lat ring),
+    two in different rasters on the ground, in lon/lat (across 180 degrees too: geo.shared_area)."""
+
+    def __init__(self, placements: list[Placement]) -> None:
+        self.placements = placements
+        self.lonlat = reproject_rings(placements, WGS84)
+        self.pixels = [p.pixel_polygon() for p in placements]
+
+    def shares_little(self, i: int, others: list[int], max_overlap: float) -> bool:
+        """Whether footprint `i` shares with each of `others` at most `max_overlap` of the smaller of the two."""
+        for k in others:
+            same_raster = self.placements[i].raster.path == self.placements[k].raster.path
+            polygons = self.pixels if same_raster else self.lonlat
+            a, b = polygons[i], polygons[k]
+            shared = overlap_area(a, b) if same_raster else shared_area(a, b)
+            if shared > max_overlap * min(a.area, b.area):
+                return False
+        return True
+
+
+def dedupe(footprints: Footprints, order: np.ndarray, max_overlap: float, limit: int | None = None) -> list[int]:
+    """Greedy spatial de-duplication: walk `order` (best first) and keep a footprint only if it
+    shares with every kept one at most `max_overlap` of the smaller of the two areas; stop after
+    `limit` kept."""
     kept: list[int] = []
-    kept_polys: list[Polygon] = []
     for i in order:
         if limit is not None and len(kept) >= limit:
             break
-        p = polygons[i]
-        if all(shared_area(p, q) <= max_overlap * min(p.area, q.area) for q in kept_polys):
+        if footprints.shares_little(int(i), kept, max_overlap):
             kept.append(int(i))
-            kept_polys.append(p)
     return kept
+
+
+def places_to_verify(scores: list[float], footprints: Footprints, area_wgs84: Area | None,
+                     ranking: RankingConfig) -> list[int]:
+    """The best `ranking.verify` candidates that can be hits (those meeting the search's area),
+    best first: before, an area search verified the best candidates anywhere, and when they lay
+    outside the area, none of its hits was verified."""
+    if ranking.verify <= 0:
+        return []
+    eligible = (i for i in range(len(scores)) if area_wgs84 is None or footprints.lonlat[i].intersects(area_wgs84))
+    return sorted(eligible, key=lambda i: -scores[i])[:ranking.verify]
 
 
 log = logging.getLogger(__name__)
@@ -63,7 +93,9 @@ class Hit:
     """Where the sketch matched: a placement in a raster, its scores, and the index's scale there."""
 
     rank: int
-    score: float
+    # higher is better, comparable between one search's hits; None for a hit ranked below the
+    # verified ones (worker.verify), which was not verified: its stage scores are on another scale
+    score: float | None
     placement: Placement
     scale: int
     coarse_score: float
@@ -199,7 +231,7 @@ def _search(index: TileIndex, model, sketch_tensor: torch.Tensor, ranking: Ranki
         mask = area.tile_rows(index)
         candidates = tile_candidates(index, model, sketch_tensor, ranking, mask)
         t["encode"] = t["shortlist"] = t["refine"] = t["verify"] = time.perf_counter()
-        placements = [tile_placement(index, c.tile_row) for c in candidates]
+        footprints = Footprints([tile_placement(index, c.tile_row) for c in candidates])
     else:
         templates = query_templates.build(sketch_tensor, ranking.sizes, ranking.angles, model.device)
         sketch_descriptor = describe_sketch(sketch_tensor)
@@ -230,22 +262,24 @@ def _search(index: TileIndex, model, sketch_tensor: torch.Tensor, ranking: Ranki
             t["refine"] = time.perf_counter()
         for c in candidates:
             c.score = c.fine + ranking.coarse_weight * c.coarse
+        footprints = Footprints([c.placement(index.maps[c.map_key]) for c in candidates])
         raise_if_stopped("verifying the best placements")
-        verify(index, sketch_descriptor, candidates, ranking, model.img_size, drawing_device(model.device))
+        to_verify = places_to_verify([c.score for c in candidates], footprints, area_wgs84, ranking)
+        verify(index, sketch_descriptor, candidates, to_verify, ranking, model.img_size, drawing_device(model.device))
         t["verify"] = time.perf_counter()
         raise_if_stopped("the token re-rank")
         token_rerank(index, model, sketch_tensor, candidates, ranking)
-        placements = [c.placement(index.maps[c.map_key]) for c in candidates]
     t["rerank"] = time.perf_counter()
 
     order = np.array(sorted(range(len(candidates)), key=lambda i: (*candidates[i].rank_key, i)), dtype=np.int64)
-    polygons = reproject_rings(placements, WGS84)
     if area_wgs84 is not None:
-        order = np.array([i for i in order if polygons[i].intersects(area_wgs84)], dtype=np.int64)
-    kept = dedupe(polygons, order, max_overlap, limit=top)
+        order = np.array([i for i in order if footprints.lonlat[i].intersects(area_wgs84)], dtype=np.int64)
+    kept = dedupe(footprints, order, max_overlap, limit=top)
     t["dedupe"] = time.perf_counter()
-    hits = [Hit(rank=n + 1, score=candidates[i].score, placement=placements[i], scale=candidates[i].map_key[1],
-                coarse_score=candidates[i].coarse, fine_score=candidates[i].fine, token_score=candidates[i].tokens)
+    verified = any(c.verified is not None for c in candidates)
+    hits = [Hit(rank=n + 1, score=None if verified and candidates[i].verified is None else candidates[i].score,
+                placement=footprints.placements[i], scale=candidates[i].map_key[1], coarse_score=candidates[i].coarse,
+                fine_score=candidates[i].fine, token_score=candidates[i].tokens)
             for n, i in enumerate(kept)]
     timings = {f"{b}_ms": (t[b] - t[a]) * 1e3 for a, b in zip(stages, stages[1:])}
     timings["total_ms"] = (t["dedupe"] - t["start"]) * 1e3

@@ -90,19 +90,19 @@ def drawing_cosine(places: torch.Tensor, sketch_descriptor: torch.Tensor, inked_
     return (places @ sketch_descriptor) / norms.clamp(min=1e-12)
 
 
-def verify(index: TileIndex, sketch_descriptor: torch.Tensor, candidates: list[Candidate], ranking: RankingConfig,
-           size: int, device: torch.device | None = None) -> list[int]:
-    """Re-score the best `ranking.verify` candidates, and every tile window among the candidates,
-    by the sketch's HOG (`sketch_descriptor`, describe_sketch) against their own drawing
-    (`drawing_cosine`; only where the sketch has lines when `ranking.inked_only`): the place read
-    from its raster at the placement (turned as the sketch's frame) and drawn as one picture (on
-    `device`, a GPU's, else on the CPU); a tile window's drawing is its stored cells
+def verify(index: TileIndex, sketch_descriptor: torch.Tensor, candidates: list[Candidate], best: list[int],
+           ranking: RankingConfig, size: int, device: torch.device | None = None) -> list[int]:
+    """Re-score the candidates at positions `best` (worker.search.places_to_verify), and every
+    tile window among the candidates, by the sketch's HOG (`sketch_descriptor`, describe_sketch)
+    against their own drawing (`drawing_cosine`; only where the sketch has lines when
+    `ranking.inked_only`): the place read from its raster at the placement (turned as the
+    sketch's frame) and drawn as one picture (on `device`, a GPU's, else on the CPU); a tile
+    window's drawing is its stored cells
     (worker.tile_windows). The level maps join the drawings of overlapping tiles, each made with
     its own contrast; a person draws what they see in their frame, so the frame drawn as one
     picture is the fairer comparison. Returns the verified candidates' positions, best first."""
     if ranking.verify <= 0:
         return []
-    best = sorted(range(len(candidates)), key=lambda i: -candidates[i].score)[:ranking.verify]
     chosen = set(best)
     order = best + [i for i, c in enumerate(candidates) if c.drawn is not None and i not in chosen]
     if not order:
