@@ -157,10 +157,13 @@ def test_scores_fall_with_rank_and_an_unverified_hit_has_none(s2_index, model, a
     east = Placement(index.rasters[0], cx=1700, cy=1000, side=224.0)
     sketch = prepare_sketch(pseudo_sketch(east.read(224)[0], "canny"), 224)
     for area in (None, west_half):
-        scores = [hit.score for hit in search(index, model, sketch, top=10, area_wgs84=area).hits]
+        hits = search(index, model, sketch, top=10, area_wgs84=area).hits
+        scores = [hit.score for hit in hits]
         scored = scores[:scores.index(None)] if None in scores else scores
         assert len(scores) == 10 and len(scored) >= 3 and set(scores[len(scored):]) <= {None}, scores
         assert scored == sorted(scored, reverse=True), scores
+        stage_score = hits[0].fine_score + RankingConfig().coarse_weight * hits[0].coarse_score
+        assert abs(hits[0].score - stage_score) > 1e-3  # verified: its score is not the stage's
 
 
 def raster_across_180(folder, assets) -> tuple:

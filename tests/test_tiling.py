@@ -127,14 +127,15 @@ def test_a_raster_whose_crs_does_not_fit_its_coordinates_is_refused_with_what_to
 def test_a_grid_turned_or_mirrored_against_its_map_is_refused_with_what_to_do(tmp_path, assets):
     """South up (rows running north), turned a quarter, tilted 20 degrees: a sketch drawn on the
     north-up map never met the place in such a grid. A grid turned half a degree is taken as it
-    is, and a north-up VRT of a refused one, as the message advises, is indexable."""
+    is, a north-up VRT of a refused one, as the message advises, is indexable, and a grid in a
+    CRS whose axes run west and south is judged by where they run."""
     import rasterio.shutil
     from rasterio.transform import Affine
     from rasterio.vrt import WarpedVRT
 
     with rasterio.open(assets["rmnp_rgb"]) as src:
         pixels, crs, (x, y), r = src.read(), src.crs, (src.transform.c, src.transform.f), src.transform.a
-    turned = {"south_up": (Affine(r, 0, x, 0, r, y - r * pixels.shape[1]), "mirrored"),
+    turned = {"south_up": (Affine(r, 0, x, 0, r, y - r * pixels.shape[1]), "mirrored \\(e.g. south up\\)"),
               "quarter": (Affine(0, -r, x, -r, 0, y), "turned -90.0"),
               "tilted": (Affine.translation(x, y) * Affine.rotation(20) * Affine.scale(r, -r), "turned 20.0")}
     for name, (transform, how) in turned.items():
@@ -144,6 +145,11 @@ def test_a_grid_turned_or_mirrored_against_its_map_is_refused_with_what_to_do(tm
             open_raster(path, None)
     slightly = Affine.translation(x, y) * Affine.rotation(0.5) * Affine.scale(r, -r)
     open_raster(write_raster(tmp_path / "slightly.tif", pixels, crs=crs, transform=slightly), None)
+    lo19 = CRS.from_epsg(2048)  # South African Lo19: x grows west, y south; north up is x falling, y growing
+    (x0,), (y0,) = rasterio.warp.transform(CRS.from_epsg(4326), lo19, [18.9], [-33.9])
+    open_raster(write_raster(tmp_path / "lo19.tif", pixels, crs=lo19, transform=Affine(-30, 0, x0, 0, 30, y0)), None)
+    with pytest.raises(InputError, match="turned"):  # the same grid turned half round on the ground
+        open_raster(write_raster(tmp_path / "lo19_turned.tif", pixels, crs=lo19, transform=Affine(30, 0, x0, 0, -30, y0)), None)
     with rasterio.open(tmp_path / "south_up.tif") as src, WarpedVRT(src) as north_up:
         rasterio.shutil.copy(north_up, tmp_path / "north_up.vrt", driver="VRT")
     assert open_raster(tmp_path / "north_up.vrt", None).width == pixels.shape[2]

@@ -150,14 +150,20 @@ def _unwrapped(xs: np.ndarray, dst: CRS) -> np.ndarray:
     return xs
 
 
-def nearest_copy_x(xs: np.ndarray, crs_wkt: str, centre_x: float) -> np.ndarray:
-    """x in a CRS (points from PROJ), each moved by whole turns round the Earth to lie nearest
+def nearest_copy_x(xs: np.ndarray, crs_wkt: str, centre_x: float, whole: bool = False) -> np.ndarray:
+    """x in a CRS (points from PROJ) moved by whole turns round the Earth to lie nearest
     `centre_x` (a raster's centre), in a CRS whose x wraps (lon/lat, web Mercator): PROJ gives a
-    point past 180 degrees a world away, at the CRS's other edge, from a raster that crosses 180."""
+    point past 180 degrees a world away, at the CRS's other edge, from a raster that crosses 180.
+    Each point alone, or with `whole`, a ring (xs in order) made whole first and moved as one, so
+    that a box wider than the raster is not torn in two on a raster round the whole world."""
     world = _world(crs_wkt)
     if world is None:
         return xs
-    return xs - world[0] * np.round((xs - centre_x) / world[0])
+    width = world[0]
+    if whole:
+        xs = xs[0] + np.concatenate([[0.0], np.cumsum((np.diff(xs) + width / 2) % width - width / 2)])
+        return xs - width * np.round((xs.mean() - centre_x) / width)
+    return xs - width * np.round((xs - centre_x) / width)
 
 
 @lru_cache(maxsize=16)
@@ -256,8 +262,9 @@ def shared_area(a: Polygon, b: Polygon) -> float:
 
 
 def overlap_area(a: Polygon, b: Polygon) -> float:
-    """The area of a and b's intersection. A footprint around a pole has no valid lon/lat ring:
-    it is repaired (shapely.make_valid) rather than failing the search with GEOS's error."""
+    """The area of a and b's intersection. A ring that crosses itself (a footprint with a corner
+    on a pole, where PROJ's longitude means nothing) is repaired (shapely.make_valid) rather
+    than failing the search with GEOS's error."""
     try:
         return a.intersection(b).area
     except shapely.errors.GEOSException:

@@ -28,7 +28,7 @@ from shapely.geometry import Polygon
 
 from wire.protocol import excerpt
 from worker.errors import InputError
-from worker.raster_access import RasterAccess
+from worker.raster_access import DRIVER_PREFIX, RasterAccess
 
 log = logging.getLogger(__name__)
 
@@ -301,7 +301,7 @@ def open_raster(path: Path, bands: tuple[int, ...] | None, drivers: tuple[str, .
                              "(e.g. gdal_edit.py -a_srs EPSG:XXXX) and index it again")
         if src.transform.is_identity:
             raise InputError(f"{path}: has no geotransform (pixel grid not georeferenced)")
-        _check_north_up(path, src.transform)
+        _check_north_up(path, src.transform, src.crs)
         _check_sources(path, src)
         _check_on_earth(path, src)
         if any(np.dtype(src.dtypes[b - 1]).kind == "c" for b in range(1, src.count + 1)):
@@ -335,7 +335,7 @@ def _check_sources(path: Path, src: rasterio.DatasetReader) -> None:
     if src.driver != "VRT":
         return
     missing = [name for name in src.files[1:] if not name.startswith("/vsi") and "://" not in name
-               and not os.path.exists(name)]
+               and not DRIVER_PREFIX.match(name) and not os.path.exists(name)]  # files only: not NETCDF:"x.nc":v
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise InputError(f"{path}: its source {missing[0]}{more} is missing; put it back, or build the VRT "
@@ -345,18 +345,20 @@ def _check_sources(path: Path, src: rasterio.DatasetReader) -> None:
 MAX_GRID_TURN_DEG = 1.0  # a pixel grid turned this much against its map is still taken as north up
 
 
-def _check_north_up(path: Path, transform: rasterio.Affine) -> None:
+def _check_north_up(path: Path, transform: rasterio.Affine, crs: CRS) -> None:
     """Refuse a pixel grid turned or mirrored against its map (rotation terms, or south up: rows
     running north). A user sketches on a map shown north up, and the search compares the sketch
     with the rasters' pixel grids as they are: in such a grid the place is turned or mirrored
     against the sketch, and was never found (a south-up copy of the sample scene: IoU 0 in the
     top 5, where the north-up one had it at rank 1)."""
-    t = transform
-    rows_turn = math.degrees(math.atan2(t.d, t.a))  # where a row runs, against east
-    columns_turn = math.degrees(math.atan2(t.b, -t.e))  # where a column runs, against south
-    mirrored = t.a * t.e - t.b * t.d > 0
+    axis = crs.to_dict().get("axis", "enu")  # x east and y north, or, e.g. "wsu", west and south
+    east, north = (-1.0 if axis[0] == "w" else 1.0), (-1.0 if axis[1:2] == "s" else 1.0)
+    a, b, d, e = east * transform.a, east * transform.b, north * transform.d, north * transform.e  # east, north
+    rows_turn = math.degrees(math.atan2(d, a))  # where a row runs, against east
+    columns_turn = math.degrees(math.atan2(b, -e))  # where a column runs, against south
+    mirrored = a * e - b * d > 0
     if mirrored or max(abs(rows_turn), abs(columns_turn)) > MAX_GRID_TURN_DEG:
-        how = "mirrored (south up)" if mirrored else f"turned {rows_turn:.1f} degrees"
+        how = "mirrored (e.g. south up)" if mirrored else f"turned {rows_turn:.1f} degrees"
         raise InputError(f"{path}: its pixel grid is {how} against its map, so a sketch drawn on the map would "
                          "not meet it; make a north-up grid of it, e.g. gdalwarp -of VRT in.tif north_up.vrt "
                          "(a VRT: no pixels copied), and index that")

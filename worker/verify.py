@@ -7,7 +7,6 @@ for the few placements that compete for the top of the list.
 
 from __future__ import annotations
 
-
 import numpy as np
 import rasterio.errors
 import torch
