@@ -6,8 +6,8 @@ import time
 from contextlib import contextmanager
 
 import pytest
-from qgis.core import (Qgis, QgsApplication, QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsPointXY,
-                       QgsProject, QgsRasterLayer, QgsVectorLayer)
+from qgis.core import (NULL, Qgis, QgsApplication, QgsCoordinateReferenceSystem, QgsCoordinateTransform,
+                       QgsPointXY, QgsProject, QgsRasterLayer, QgsVectorLayer)
 from qgis.PyQt.QtCore import QPoint, QTimer
 
 from conftest import process_until
@@ -132,6 +132,17 @@ def test_search_against_a_real_worker_adds_a_georeferenced_layer(plugin, worker,
         assert dock.controller.result_layer.source().split("|")[0] == str(tmp_path / "survey_sketch_search.gpkg")
     finally:
         project.setFileName("")
+
+    dock.top_spin.setValue(15)  # past the verified hits: no score, and the list says so
+    done = dock.controller.result_layer
+    dock.search_button.click()
+    assert process_until(lambda: dock.search_button.isEnabled() and dock.controller.result_layer is not done, 60)
+    scores = [f["score"] for f in sorted(dock.controller.result_layer.getFeatures(), key=lambda f: f["rank"])]
+    verified = [s for s in scores if s not in (None, NULL)]
+    assert 3 <= len(verified) < len(scores) == 15 and verified == sorted(verified, reverse=True), scores
+    assert all(s in (None, NULL) for s in scores[len(verified):]), scores
+    texts = [dock.results_list.item(n).text() for n in range(dock.results_list.count())]
+    assert "not verified" in texts[-1] and "not verified" not in texts[0], texts
 
 
 def line_sketch(path):
