@@ -286,6 +286,11 @@ def test_a_raster_over_a_pole_is_searched_and_its_hits_are_one_each(tmp_path, mo
     assert cap.is_valid and cap.intersects(shapely.geometry.Point(0.0, -90.0)) and cap.bounds[3] < -89.9
     written = cut_at_antimeridian(cap)
     assert written.geom_type == "Polygon" and written.is_valid and written.bounds[::2] == (-180.0, 180.0)
+    corner_on_pole, edge_through_pole = Placement(pole.raster, 296, 236, 112.0), Placement(pole.raster, 240, 236, 112.0)
+    for place, degrees in ((corner_on_pole, 90.0), (edge_through_pole, 180.0)):  # PROJ gives the pole longitude 0
+        footprint = reproject_rings([place], CRS.from_epsg(4326))[0]
+        west, south, east, _ = footprint.bounds
+        assert footprint.is_valid and south == -90.0 and abs(east - west - degrees) < 1e-6, footprint.bounds
 
 
 def test_search_areas_near_180_degrees_and_the_poles_cover_what_the_view_shows():

@@ -110,23 +110,32 @@ def reproject_rings(tiles: list, dst: CRS) -> list[Polygon]:
             xs = _unwrapped(xs, dst)
         polygons = shapely.polygons(np.stack([xs, ys], axis=-1))
         if dst.is_geographic:
-            for n in np.flatnonzero(_winds_round_a_pole(xs)):
-                polygons[n] = _polar_cap(xs[n], ys[n])
+            on_pole = np.abs(ys) >= POLE_LAT  # a point on a pole has no longitude (PROJ gives 0)
+            for n in np.flatnonzero(_winds_round_a_pole(xs) | on_pole.any(axis=1)):
+                if on_pole[n].any():  # the ring from just past the pole round to just before it
+                    path = np.roll(np.arange(xs.shape[1] - 1), -(np.argmax(on_pole[n][:-1]) + 1))[:-1]
+                    polygons[n] = _polar_cap(xs[n][path], ys[n][path])
+                else:
+                    polygons[n] = _polar_cap(xs[n], ys[n])
         for i, polygon in zip(idx, polygons):
             out[i] = polygon
     return out  # type: ignore[return-value]
 
 
+POLE_LAT = 90.0 - 1e-9
+
+
 def _winds_round_a_pole(xs: np.ndarray) -> np.ndarray:
-    """Which lon/lat rings (n, k) go once round a pole: their longitudes, followed step by step,
-    turn a whole 360 degrees (a footprint over the pole of a polar raster)."""
+    """Which lon/lat rings (n, k) go round a pole: their longitudes, followed step by step, turn
+    a whole 360 degrees (a footprint over the pole of a polar raster)."""
     turns = np.sum((np.diff(xs, axis=1) + 180.0) % 360.0 - 180.0, axis=1)
     return np.isfinite(turns) & (np.abs(turns) > 180.0)
 
 
 def _polar_cap(xs: np.ndarray, ys: np.ndarray) -> Polygon:
-    """A ring round a pole as a valid lon/lat polygon: its longitudes followed round (360 degrees
-    of them, from the first within -180..180), closed along the pole. As a ring it crosses itself
+    """A ring round a pole, or the path of a ring through it from just past the pole to just
+    before it, as a valid lon/lat polygon: its longitudes followed (360 degrees of them round a
+    pole, from the first within -180..180), closed along the pole. As a ring it crosses itself
     and fails shapely's operations (a search over a polar raster failed in GEOS)."""
     lons = xs[0] + np.concatenate([[0.0], np.cumsum((np.diff(xs) + 180.0) % 360.0 - 180.0)])
     lons -= 360.0 * np.floor((lons[0] + 180.0) / 360.0)
