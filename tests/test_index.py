@@ -195,7 +195,8 @@ def test_a_mosaic_missing_a_source_is_refused_naming_it_before_any_tile(tmp_path
     from worker.tiling import open_raster
 
     by_driver = tmp_path / "by_driver.vrt"  # a source named by a GDAL driver prefix is no file name, and not missing
-    by_driver.write_text(mosaic.read_text().replace('relativeToVRT="1">gone.tif', f'relativeToVRT="0">GTIFF_DIR:1:{rmnp_copy}'))
+    by_driver.write_text(mosaic.read_text().replace('relativeToVRT="1">gone.tif',
+                                                    f'relativeToVRT="0">GTIFF_DIR:1:{rmnp_copy}'))
     assert open_raster(by_driver, None).width == width
 
 

@@ -235,7 +235,8 @@ def test_a_web_mercator_raster_across_180_is_searched_in_a_box_and_read_as_an_ex
     mercator, wgs84 = CRS.from_epsg(3857), CRS.from_epsg(4326)
     with rasterio.open(assets["rmnp_rgb"]) as src:
         pixels = src.read()
-    across = write_raster(tmp_path / "across.tif", pixels, crs=mercator, transform=from_origin(edge - 7000, -1_900_000, 30, 30))
+    across = write_raster(tmp_path / "across.tif", pixels, crs=mercator,
+                          transform=from_origin(edge - 7000, -1_900_000, 30, 30))
     out = tmp_path / "index"
     IndexWriter(out, model, TileSettings(tile=112, scales=(1,))).build([across])
     index = TileIndex.open(out)
@@ -251,7 +252,8 @@ def test_a_web_mercator_raster_across_180_is_searched_in_a_box_and_read_as_an_ex
         assert len(hits) == 5 and iou(hits[0].footprint_pixels(), place.pixel_polygon()) >= 0.5
         assert not east_only or all(max(x for x, _ in h.placement.ring()) > x180 for h in hits)
     (west, east), (north, south) = rasterio.warp.transform(  # pixels 180 to 290 across, 124 to 236 down: across 180
-        mercator, wgs84, [edge - 7000 + 180 * 30, edge - 7000 + 290 * 30], [-1_900_000 - 124 * 30, -1_900_000 - 236 * 30])
+        mercator, wgs84, [edge - 7000 + 180 * 30, edge - 7000 + 290 * 30],
+        [-1_900_000 - 124 * 30, -1_900_000 - 236 * 30])
     assert west > 0 > east  # PROJ's: the east side west of the west
     window = pixel_box(Example(str(across), (west, south, east + 360.0, north), "EPSG:4326"), raster)
     assert np.allclose(window, (180, 124, 290, 236), atol=1.0), window
@@ -271,7 +273,8 @@ def test_a_raster_over_a_pole_is_searched_and_its_hits_are_one_each(tmp_path, mo
 
     with rasterio.open(assets["rmnp_rgb"]) as src:
         pixels = src.read()
-    polar = write_raster(tmp_path / "pole.tif", pixels, crs=CRS.from_epsg(3031), transform=from_origin(-240 * 30, 180 * 30, 30, 30))
+    polar = write_raster(tmp_path / "pole.tif", pixels, crs=CRS.from_epsg(3031),
+                         transform=from_origin(-240 * 30, 180 * 30, 30, 30))
     out = tmp_path / "index"
     IndexWriter(out, model, TileSettings(tile=112, scales=(1,))).build([polar])
     index = TileIndex.open(out)

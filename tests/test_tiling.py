@@ -149,7 +149,8 @@ def test_a_grid_turned_or_mirrored_against_its_map_is_refused_with_what_to_do(tm
     (x0,), (y0,) = rasterio.warp.transform(CRS.from_epsg(4326), lo19, [18.9], [-33.9])
     open_raster(write_raster(tmp_path / "lo19.tif", pixels, crs=lo19, transform=Affine(-30, 0, x0, 0, 30, y0)), None)
     with pytest.raises(InputError, match="turned"):  # the same grid turned half round on the ground
-        open_raster(write_raster(tmp_path / "lo19_turned.tif", pixels, crs=lo19, transform=Affine(30, 0, x0, 0, -30, y0)), None)
+        turned = Affine(30, 0, x0, 0, -30, y0)
+        open_raster(write_raster(tmp_path / "lo19_turned.tif", pixels, crs=lo19, transform=turned), None)
     with rasterio.open(tmp_path / "south_up.tif") as src, WarpedVRT(src) as north_up:
         rasterio.shutil.copy(north_up, tmp_path / "north_up.vrt", driver="VRT")
     assert open_raster(tmp_path / "north_up.vrt", None).width == pixels.shape[2]

@@ -94,8 +94,8 @@ def pixel_box(example: Example, raster: RasterInfo) -> tuple[float, float, float
     if not (np.isfinite(xs).all() and np.isfinite(ys).all()):
         raise InputError(f"example bbox {excerpt(list(example.bbox))} in {example.crs} cannot be placed in the CRS "
                          f"of {raster.path}")
-    xs = nearest_copy_x(np.asarray(xs, np.float64), raster.crs_wkt, (raster.affine * (raster.width / 2, raster.height / 2))[0],
-                        whole=True)
+    centre_x = (raster.affine * (raster.width / 2, raster.height / 2))[0]
+    xs = nearest_copy_x(np.asarray(xs, np.float64), raster.crs_wkt, centre_x, whole=True)
     cols, rows = ~raster.affine * (xs, ys)
     wanted = box(float(np.min(cols)), float(np.min(rows)), float(np.max(cols)), float(np.max(rows)))
     inside = wanted.intersection(box(0, 0, raster.width, raster.height))

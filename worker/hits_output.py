@@ -17,8 +17,8 @@ def hit_properties(hit: Hit) -> dict:
     and scores, the raster, where in it (the pixel window around the matched square, its centre,
     side and turn) and the index's scale there."""
     p = hit.placement
-    props = {"id": hit_id(p), "rank": hit.rank, "score": None if hit.score is None else round(hit.score, 6), "shortlist_score": round(hit.coarse_score, 6),
-             "fine_score": round(hit.fine_score, 6),
+    props = {"id": hit_id(p), "rank": hit.rank, "score": None if hit.score is None else round(hit.score, 6),
+             "shortlist_score": round(hit.coarse_score, 6), "fine_score": round(hit.fine_score, 6),
              "token_score": None if hit.token_score is None else round(hit.token_score, 6),
              "raster": p.raster.path, "window": list(p.window()), "center": [round(p.cx, 2), round(p.cy, 2)],
              "side": round(p.side, 2), "angle": round(p.angle, 2), "scale": hit.scale}
@@ -57,7 +57,9 @@ def hit_thumbnail(hit: Hit, size: int) -> Image.Image:
 def contact_sheet(sketch: np.ndarray, hits: list[Hit], cell: int = 160, columns: int = 6) -> Image.Image:
     """The sketch first, then each hit's pixels labelled with rank and score."""
     items = [(Image.fromarray((sketch.transpose(1, 2, 0) * 255).astype(np.uint8)), "sketch")]
-    items += [(hit_thumbnail(h, cell), f"#{h.rank} {'-' if h.score is None else f'{h.score:.2f}'} s{h.scale} {h.placement.angle:+.0f}°") for h in hits]
+    for h in hits:
+        score = "-" if h.score is None else f"{h.score:.2f}"  # no score: ranked below the verified hits
+        items.append((hit_thumbnail(h, cell), f"#{h.rank} {score} s{h.scale} {h.placement.angle:+.0f}°"))
     rows = (len(items) + columns - 1) // columns
     sheet = Image.new("RGB", (columns * cell, rows * (cell + 16)), "white")
     draw = ImageDraw.Draw(sheet)

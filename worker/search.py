@@ -41,8 +41,8 @@ from worker.verify import describe_sketch, verify
 
 class Footprints:
     """Candidates' footprints, to tell whether two are one place: two in one raster are compared
-    in its pixels (exact, and also around a pole, where a footprint has no valid lon/lat ring),
-    two in different rasters on the ground, in lon/lat (across 180 degrees too: geo.shared_area)."""
+    in its pixels (exact; near a pole, lon/lat areas are far from the ground's), two in different
+    rasters on the ground, in lon/lat (across 180 degrees too: geo.shared_area)."""
 
     def __init__(self, placements: list[Placement]) -> None:
         self.placements = placements
