@@ -56,6 +56,8 @@ def test_killed_indexing_resumes_to_the_same_index(tmp_path, assets):
     partial = json.loads((resumed / "manifest.json").read_text())
     total = json.loads((reference / "manifest.json").read_text())
     assert 2 <= len(partial["shards"]) < len(total["shards"]), "the kill should land mid-run"
+    (resumed / "maps").mkdir(exist_ok=True)  # what a kill while a level map is written leaves
+    (resumed / "maps" / ".r00000-s1.npy.99999.tmp").write_bytes(bytes(4096))
 
     assert run_cli("index", "--out", resumed, *SMALL, raster).returncode == 0
     a, b = shard_arrays(reference), shard_arrays(resumed)
@@ -63,6 +65,7 @@ def test_killed_indexing_resumes_to_the_same_index(tmp_path, assets):
     assert np.array_equal(a["records"], b["records"])
     assert np.array_equal(a["cells"], b["cells"])
     assert not [p for p in (resumed / "shards").iterdir() if p.name.startswith(".tmp")]
+    assert not list((resumed / "maps").glob("*.tmp"))
 
 
 def test_shards_a_crash_left_uncommitted_are_removed_by_the_next_run(tmp_path, model, rmnp_copy):
@@ -198,6 +201,30 @@ def test_a_mosaic_missing_a_source_is_refused_naming_it_before_any_tile(tmp_path
     by_driver.write_text(mosaic.read_text().replace('relativeToVRT="1">gone.tif',
                                                     f'relativeToVRT="0">GTIFF_DIR:1:{rmnp_copy}'))
     assert open_raster(by_driver, None).width == width
+
+
+def test_a_file_written_through_a_memory_map_on_a_full_disk_is_an_error_not_a_crash(tmp_path):
+    """Level maps and the shortlist's codes are written through memory maps. Into a sparse file
+    on a full disk, a write raised SIGBUS: the process (a worker service, and every client's
+    search with it) died with no message. Their blocks are now allocated first, so a full disk
+    is an OSError, which the writers report as a storage error (a 1 MB tmpfs stands for it)."""
+    import errno
+
+    from worker.store.format import allocated_memmap
+
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small file system here (needs root)")
+    try:
+        with pytest.raises(OSError) as raised:
+            allocated_memmap(small / "map.npy", np.uint8, (4_000_000,))
+        assert raised.value.errno == errno.ENOSPC
+        fits = allocated_memmap(small / "fits.npy", np.uint8, (100_000,))
+        fits[:] = 7
+        del fits
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
 
 
 def test_a_raster_too_small_for_a_tile_says_so(tmp_path, model, rmnp_copy, caplog):

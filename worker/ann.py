@@ -50,7 +50,7 @@ from worker.errors import CorruptIndexError, InputError
 from worker.placement_scan import COARSE_STEP, WINDOW_CELLS
 from worker.search_area import KEY_SPAN
 from worker.store import TileIndex, write_json_atomic
-from worker.store.format import disk_write, index_lock, replace_durably
+from worker.store.format import allocated_memmap, disk_write, index_lock, replace_durably
 from worker.thread_pools import shared_pool, wait_all
 
 log = logging.getLogger(__name__)
@@ -327,11 +327,9 @@ class CodeWriter:
     dimension's low end and step. Float16 codes are the values themselves (no range file)."""
 
     def __init__(self, folder: Path, name: str, transform, code_range: np.ndarray | None, total: int, dims: int):
-        from numpy.lib.format import open_memmap
-
         self.name, self.transform, self.range, self.folder = name, transform, code_range, folder
         with disk_write(folder / f"{name}.npy"):
-            self.codes = open_memmap(folder / f"{name}.npy", mode="w+", dtype=CODES[name], shape=(total, dims))
+            self.codes = allocated_memmap(folder / f"{name}.npy", CODES[name], (total, dims))
         self.filled = 0
 
     @classmethod
@@ -388,7 +386,10 @@ def _write(index: TileIndex, ann, rows: list[np.ndarray], codes: list[CodeWriter
     import faiss
 
     with disk_write(folder):
-        faiss.write_index(ann, str(folder / "index.faiss"))
+        try:
+            faiss.write_index(ann, str(folder / "index.faiss"))
+        except RuntimeError as exc:  # FAISS's own: "Error in ... write error ... (No space left on device)"
+            raise OSError(excerpt(str(exc).strip().splitlines()[-1])) from exc
         np.save(folder / "windows.npy", np.concatenate(rows))
         for writer in codes:
             writer.commit()

@@ -164,7 +164,10 @@ class JobManager:
                     jobs.append(self._failed_resume(index_name, job_file, exc))
                     continue
                 log.info("resuming the interrupted indexing job of %s", job_file.parent)
-                jobs.append(self.start(index_name, request, queue_bound=False))
+                try:
+                    jobs.append(self.start(index_name, request, queue_bound=False))
+                except InputError as exc:  # its job.json cannot be written again (a full disk): serve on
+                    jobs.append(self._failed_resume(index_name, job_file, exc))
         return jobs
 
     def _failed_resume(self, index_name: str, job_file: Path, exc: Exception) -> Job:

@@ -21,6 +21,7 @@ A folder that holds anything else is not made an index. A shard of only empty ti
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -141,6 +142,27 @@ def disk_write(path: Path) -> Iterator[None]:
         reason = exc.strerror or str(exc)  # numpy's short writes say "N requested and M written"
         raise StorageError(f"cannot write {path}: {reason} ({free}); free space on that disk (or fix it) and run "
                            "the job again: committed chunks are kept") from exc
+
+
+def allocated_memmap(path: Path, dtype, shape: tuple[int, ...]):
+    """numpy's open_memmap of a new .npy file, its blocks allocated on disk at once: writing
+    through a memory map into a sparse file past the disk's free space raises SIGBUS, which
+    killed the process (a worker service, every client's searches with it) with no message;
+    allocated first, a full disk is an OSError here, which disk_write says as a storage error."""
+    from numpy.lib.format import open_memmap
+
+    out = open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    if hasattr(os, "posix_fallocate"):  # not on macOS or Windows
+        descriptor = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(descriptor, 0, os.fstat(descriptor).st_size)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):  # a file system without it
+                del out
+                raise
+        finally:
+            os.close(descriptor)
+    return out
 
 
 def sync_folder(folder: Path) -> None:

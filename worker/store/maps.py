@@ -24,7 +24,7 @@ from worker import level_maps
 from worker.edge_cells import CELL, ORIENTATIONS
 from worker.errors import CorruptIndexError
 from worker.level_maps import LevelMap
-from worker.store.format import disk_write, replace_durably
+from worker.store.format import allocated_memmap, disk_write, replace_durably
 from worker.store.shard_file import ShardArray
 
 MAPS = "maps"
@@ -50,8 +50,6 @@ def write_joined_maps(index, band_cells: int = BAND_CELLS) -> None:
     temporary name renamed into place. Joined whole in memory, a 100,000 px square mosaic took
     about 7 GB (its tiles' cells read at once, copied, and the map); a band holds the cells of the
     tiles that meet it. The same cells as join_map, bit for bit."""
-    from numpy.lib.format import open_memmap
-
     records = index.records
     tile, drawing = index.manifest["tiling"]["tile"], index.manifest["drawing_size"]
     for raster_id, scale in level_maps.map_keys(records):
@@ -64,7 +62,7 @@ def write_joined_maps(index, band_cells: int = BAND_CELLS) -> None:
         with disk_write(dest):
             dest.parent.mkdir(exist_ok=True)
             try:
-                out = open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(*shape, ORIENTATIONS))
+                out = allocated_memmap(tmp, np.uint8, (*shape, ORIENTATIONS))
                 for top in range(0, shape[0], band_cells):
                     bottom = min(top + band_cells, shape[0])
                     meeting = rows[(first < bottom) & (first + count > top)]
@@ -79,6 +77,14 @@ def write_joined_maps(index, band_cells: int = BAND_CELLS) -> None:
             finally:
                 if tmp.is_file():
                     tmp.unlink()
+
+
+def remove_unfinished_maps(index_dir: Path) -> None:
+    """The maps a killed writer left under a temporary name (a map is about 4 KB a tile: GBs
+    of a large raster's, a disk's worth when it was full); only a run holding the index's lock,
+    so that no other writer's map is underway."""
+    for path in (Path(index_dir) / MAPS).glob(".r*-s*.npy.*.tmp"):
+        path.unlink(missing_ok=True)
 
 
 def remove_maps(index_dir: Path, raster_id: int) -> None:

@@ -19,7 +19,7 @@ from worker.store.format import (CHUNK_TILES, MANIFEST, RECORD_DTYPE, SHARDS, TI
                                  index_lock, new_manifest, read_manifest, remove_shards, shard_name, write_json_atomic,
                                  write_shard)
 from worker.store.gpkg import write_tiles_gpkg
-from worker.store.maps import remove_maps, write_joined_maps
+from worker.store.maps import remove_maps, remove_unfinished_maps, write_joined_maps
 from worker.store.reader import TileIndex
 from worker.drawing_pool import DeviceDrawing, DrawingJob, DrawingPool, DrawnBatch, default_processes, drawn_batches
 from worker.thread_pools import usable_cores
@@ -107,14 +107,16 @@ class IndexWriter:
 
     def _clean_uncommitted(self) -> None:
         """Remove the shard folders no commit names: what a crash left between writing a shard
-        and committing it, and the shards of a raster dropped to be indexed again. Only shard
-        names (and their temporaries) are removed; nothing else in the folder is touched. Older
+        and committing it, and the shards of a raster dropped to be indexed again, and the
+        unfinished level maps a killed run left. Only shard names (and their temporaries) are
+        removed; nothing else in the folder is touched. Older
         versions named each shard in a journal (`pending`) before writing it: a second manifest
         write a chunk, 71 ms at 39,000 shards; a journal such an index holds is honoured."""
         committed = {s["name"] for s in self.manifest["shards"]}
         folder = self.dir / SHARDS
         written = [name.removeprefix(TMP_PREFIX) for name in (os.listdir(folder) if folder.is_dir() else [])]
         remove_shards(self.dir, {*self.manifest.get("pending", []), *written} - committed)
+        remove_unfinished_maps(self.dir)
         if self.manifest.get("pending"):
             self.manifest["pending"] = []
             self._commit()
