@@ -441,6 +441,21 @@ def test_what_a_killed_build_leaves_is_cleared_and_the_old_shortlist_kept(index_
     assert ann_shortlist(index, RankingConfig(ann="on")).answers_for(index) == {0}
 
 
+def test_an_index_run_puts_back_a_shortlist_a_killed_swap_left_aside(index_with_ann, model, assets, tmp_path):
+    """An index of fewer tiles than get a shortlist unasked kept one built before up to date,
+    but not one a build killed between its swap's two renames had left aside: the next index
+    run saw none and left it there, and the index had no shortlist from then on."""
+    from worker.app import IndexRequest, build_index
+
+    folder = tmp_path / "index"
+    shutil.copytree(index_with_ann[0], folder)
+    built = (ann.ann_dir(folder) / "ann.json").read_text()
+    ann.ann_dir(folder).rename(folder / ".ann.old.999999")
+    summary = build_index(IndexRequest(folder, (assets["s2_rgb"],), TileSettings(scales=(1, 2))), model)
+    assert summary.ann is not None and (ann.ann_dir(folder) / "ann.json").read_text() == built
+    assert not list(folder.glob(".ann.old.*"))
+
+
 def test_an_ann_of_an_older_format_is_not_asked_until_rebuilt(index_with_ann, tmp_path):
     """A shortlist built before the re-rank codes existed has no refine.npy: the search scans
     exactly instead of failing, `info` says it is not current, and `update` rebuilds it,

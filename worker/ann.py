@@ -444,6 +444,14 @@ def _sweep(index_dir: Path) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def left_mid_swap(index_dir: Path) -> bool:
+    """Whether a build killed between _swap_in's two renames left the old shortlist under its
+    swap's name and none in place: the index still has one, which the next update puts back."""
+    index_dir = Path(index_dir)
+    return not ann_dir(index_dir).exists() and any((p / "ann.json").is_file()
+                                                   for p in index_dir.glob(f".{ANN_DIR}.old.*"))
+
+
 REBUILD = ("run `python -m worker build-ann` again, or search without the shortlist (`--ann off`; over the "
            "protocol `\"ann\": \"off\"`)")
 

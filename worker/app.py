@@ -194,7 +194,7 @@ def build_index(request: IndexRequest, model: "RetrievalModel", progress: Callab
     complete = all(r["complete"] for r in rasters if r["path"] in asked)
     unfinished = [r["path"] for r in rasters if not r["complete"]]
     ann_info = None
-    has_ann = ann.AnnShortlist.exists(request.index_dir)
+    has_ann = ann.AnnShortlist.exists(request.index_dir) or ann.left_mid_swap(request.index_dir)
     wanted = ann.big_enough(manifest.get("tile_count", 0)) if request.ann is None else request.ann
     if complete and unfinished and (wanted or has_ann):
         ann_info = {"built": False, "why": f"{len(unfinished)} other raster(s) of the index are not fully indexed "
