@@ -125,10 +125,18 @@ def reproject_rings(tiles: list, dst: CRS) -> list[Polygon]:
 POLE_LAT = 90.0 - 1e-9
 
 
+def followed(xs: np.ndarray, width: float = 360.0) -> np.ndarray:
+    """x along paths (the last axis) followed step by step, each step the short way round a
+    world `width` wide (360 in lon/lat): a path that crosses 180 degrees made whole."""
+    steps = (np.diff(xs, axis=-1) + width / 2) % width - width / 2
+    return xs[..., :1] + np.concatenate([np.zeros_like(xs[..., :1]), np.cumsum(steps, axis=-1)], axis=-1)
+
+
 def _winds_round_a_pole(xs: np.ndarray) -> np.ndarray:
     """Which lon/lat rings (n, k) go round a pole: their longitudes, followed step by step, turn
     a whole 360 degrees (a footprint over the pole of a polar raster)."""
-    turns = np.sum((np.diff(xs, axis=1) + 180.0) % 360.0 - 180.0, axis=1)
+    path = followed(xs)
+    turns = path[:, -1] - path[:, 0]
     return np.isfinite(turns) & (np.abs(turns) > 180.0)
 
 
@@ -137,7 +145,7 @@ def _polar_cap(xs: np.ndarray, ys: np.ndarray) -> Polygon:
     before it, as a valid lon/lat polygon: its longitudes followed (360 degrees of them round a
     pole, from the first within -180..180), closed along the pole. As a ring it crosses itself
     and fails shapely's operations (a search over a polar raster failed in GEOS)."""
-    lons = xs[0] + np.concatenate([[0.0], np.cumsum((np.diff(xs) + 180.0) % 360.0 - 180.0)])
+    lons = followed(xs)
     lons -= 360.0 * np.floor((lons[0] + 180.0) / 360.0)
     pole = 90.0 if np.mean(ys) > 0 else -90.0
     return orient(Polygon([*zip(lons, ys), (lons[-1], pole), (lons[0], pole)]))
@@ -170,7 +178,7 @@ def nearest_copy_x(xs: np.ndarray, crs_wkt: str, centre_x: float, whole: bool = 
         return xs
     width = world[0]
     if whole:
-        xs = xs[0] + np.concatenate([[0.0], np.cumsum((np.diff(xs) + width / 2) % width - width / 2)])
+        xs = followed(xs, width)
         return xs - width * np.round((xs.mean() - centre_x) / width)
     return xs - width * np.round((xs - centre_x) / width)
 
@@ -222,7 +230,7 @@ def bbox_to_wgs84(bbox: tuple[float, float, float, float], crs: CRS) -> Area:
         except Exception:  # PROJ's errors have no common type: far past where the CRS is defined
             raise InputError(f"bbox {excerpt(list(bbox))} cannot be placed in WGS84 from {crs}: it lies far past "
                              "where that CRS is defined") from None
-        xs = xs[0] + np.concatenate([[0.0], np.cumsum((np.diff(xs) + 180.0) % 360.0 - 180.0)])  # across 180: whole
+        xs = followed(xs)  # across 180: whole
     xs = xs - 360.0 * np.floor((xs[0] + 180.0) / 360.0)  # its first point within -180..180, as the footprints'
     if np.isfinite(xs).all() and abs(xs[-1] - xs[0]) < 1e-6:  # else it winds round a pole, or is lost
         xs[-1] = xs[0]

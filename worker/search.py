@@ -265,7 +265,8 @@ def _search(index: TileIndex, model, sketch_tensor: torch.Tensor, ranking: Ranki
         footprints = Footprints([c.placement(index.maps[c.map_key]) for c in candidates])
         raise_if_stopped("verifying the best placements")
         to_verify = places_to_verify([c.score for c in candidates], footprints, area_wgs84, ranking)
-        verify(index, sketch_descriptor, candidates, to_verify, ranking, model.img_size, drawing_device(model.device))
+        verify(sketch_descriptor, candidates, footprints.placements, to_verify, ranking, model.img_size,
+               drawing_device(model.device))
         t["verify"] = time.perf_counter()
         raise_if_stopped("the token re-rank")
         token_rerank(index, model, sketch_tensor, candidates, ranking)

@@ -20,7 +20,6 @@ from worker.placement import Placement
 from worker.ranking import RankingConfig
 from worker.raster_handles import ThreadHandles
 from worker.sketch import sketch_pixels
-from worker.store import TileIndex
 from worker.thread_pools import shared_pool, usable_cores
 
 
@@ -89,17 +88,17 @@ def drawing_cosine(places: torch.Tensor, sketch_descriptor: torch.Tensor, inked_
     return (places @ sketch_descriptor) / norms.clamp(min=1e-12)
 
 
-def verify(index: TileIndex, sketch_descriptor: torch.Tensor, candidates: list[Candidate], best: list[int],
-           ranking: RankingConfig, size: int, device: torch.device | None = None) -> list[int]:
+def verify(sketch_descriptor: torch.Tensor, candidates: list[Candidate], placements: list[Placement],
+           best: list[int], ranking: RankingConfig, size: int, device: torch.device | None = None) -> list[int]:
     """Re-score the candidates at positions `best` (worker.search.places_to_verify), and every
     tile window among the candidates, by the sketch's HOG (`sketch_descriptor`, describe_sketch)
     against their own drawing (`drawing_cosine`; only where the sketch has lines when
-    `ranking.inked_only`): the place read from its raster at the placement (turned as the
-    sketch's frame) and drawn as one picture (on `device`, a GPU's, else on the CPU); a tile
-    window's drawing is its stored cells
-    (worker.tile_windows). The level maps join the drawings of overlapping tiles, each made with
-    its own contrast; a person draws what they see in their frame, so the frame drawn as one
-    picture is the fairer comparison. Returns the verified candidates' positions, best first."""
+    `ranking.inked_only`): the place read from its raster at its placement (`placements`, one a
+    candidate, turned as the sketch's frame) and drawn as one picture (on `device`, a GPU's, else
+    on the CPU); a tile window's drawing is its stored cells (worker.tile_windows). The level
+    maps join the drawings of overlapping tiles, each made with its own contrast; a person draws
+    what they see in their frame, so the frame drawn as one picture is the fairer comparison.
+    Returns the verified candidates' positions, best first."""
     if ranking.verify <= 0:
         return []
     chosen = set(best)
@@ -109,8 +108,7 @@ def verify(index: TileIndex, sketch_descriptor: torch.Tensor, candidates: list[C
     to_draw = [i for i in order if candidates[i].drawn is None]
     own_of = {i: candidates[i].drawn for i in order if candidates[i].drawn is not None}
     if to_draw:
-        seen = describe_places([candidates[i].placement(index.maps[candidates[i].map_key]) for i in to_draw], size,
-                               device)
+        seen = describe_places([placements[i] for i in to_draw], size, device)
         own_of.update(zip(to_draw, drawing_cosine(seen, sketch_descriptor, ranking.inked_only).tolist()))
     own = np.array([own_of[i] for i in order])
     combined = standardise(own) * ranking.verify_weight + standardise([candidates[i].score for i in order])

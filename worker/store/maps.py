@@ -88,9 +88,9 @@ def remove_unfinished_maps(index_dir: Path) -> None:
 
 
 def remove_maps(index_dir: Path, raster_id: int) -> None:
-    """A raster's map files, and any a killed writer left under a temporary name."""
-    folder = Path(index_dir) / MAPS
-    for path in [*folder.glob(f"r{raster_id:05d}-s*.npy"), *folder.glob(f".r{raster_id:05d}-s*.npy.*.tmp")]:
+    """A raster's map files (the unfinished ones a killed writer left: remove_unfinished_maps,
+    at the start of every run)."""
+    for path in (Path(index_dir) / MAPS).glob(f"r{raster_id:05d}-s*.npy"):
         path.unlink()
 
 

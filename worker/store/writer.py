@@ -107,11 +107,11 @@ class IndexWriter:
 
     def _clean_uncommitted(self) -> None:
         """Remove the shard folders no commit names: what a crash left between writing a shard
-        and committing it, and the shards of a raster dropped to be indexed again, and the
-        unfinished level maps a killed run left. Only shard names (and their temporaries) are
-        removed; nothing else in the folder is touched. Older
-        versions named each shard in a journal (`pending`) before writing it: a second manifest
-        write a chunk, 71 ms at 39,000 shards; a journal such an index holds is honoured."""
+        and committing it, and the shards of a raster dropped to be indexed again; and the level
+        maps a killed run left unfinished. Only shard names (and their temporaries) and
+        unfinished maps' names are removed; nothing else in the folder is touched. Older versions
+        named each shard in a journal (`pending`) before writing it: a second manifest write a
+        chunk, 71 ms at 39,000 shards; a journal such an index holds is honoured."""
         committed = {s["name"] for s in self.manifest["shards"]}
         folder = self.dir / SHARDS
         written = [name.removeprefix(TMP_PREFIX) for name in (os.listdir(folder) if folder.is_dir() else [])]
