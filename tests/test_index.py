@@ -1,6 +1,7 @@
 """The index on disk: resumable after a hard kill, incremental, never mixed, visible in QGIS."""
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -516,3 +517,36 @@ def test_tile_records_of_another_format_are_a_corrupt_index_error(tmp_path, s2_i
     np.save(records_file, recfunctions.drop_fields(records, "valid", usemask=False))
     with pytest.raises(CorruptIndexError, match="not of this format"):
         TileIndex.open(index_dir)
+
+
+@pytest.mark.parametrize("damaged", ["map", "shard"])
+def test_an_index_run_makes_again_what_damage_to_the_index_lost(tmp_path, model, assets, s2_index, damaged):
+    """A truncated level map or shard (a bad copy, a full disk) fails every search of it, saying
+    to index the rasters again; that run joins the map again from the tiles, or computes the
+    shard's tiles again, and the index is as it was. `info` names a damaged map (it said the
+    index was sound, and `index` left the map as it was, so the index was lost)."""
+    from worker.app import index_info, open_index
+    from worker.errors import CorruptIndexError
+
+    index_dir = shutil.copytree(s2_index, tmp_path / "index")
+    maps = {path.name: path.read_bytes() for path in (index_dir / "maps").glob("*.npy")}
+    before = shard_arrays(index_dir)
+    target = (index_dir / "maps" / "r00000-s1.npy" if damaged == "map"
+              else next((index_dir / "shards").glob("*/cells.npy")))
+    os.truncate(target, target.stat().st_size - 1000)
+    if damaged == "map":
+        [said] = index_info(open_index(index_dir))["damaged"]
+        assert str(target) in said and "index its rasters" in said
+    with pytest.raises(CorruptIndexError, match="index its rasters into the index again"):
+        index = TileIndex.open(index_dir)
+        index.check_map_files()
+
+    computed = []
+    IndexWriter(index_dir, model, TileSettings(scales=(1, 2))).build(
+        [assets["s2_rgb"]], progress=computed.append)
+    assert {path.name: path.read_bytes() for path in (index_dir / "maps").glob("*.npy")} == maps
+    for key, values in shard_arrays(index_dir).items():
+        assert np.array_equal(values, before[key]), key
+    assert index_info(open_index(index_dir))["damaged"] == []
+    assert json.loads((index_dir / "manifest.json").read_text())["rasters"][0]["complete"]
+    assert bool(computed) == (damaged == "shard")  # a map is joined from the tiles: nothing computed

@@ -26,6 +26,7 @@ from worker.errors import CorruptIndexError
 from worker.level_maps import LevelMap
 from worker.store.format import allocated_memmap, disk_write, replace_durably
 from worker.store.shard_file import ShardArray
+from worker.tiling import RasterInfo
 
 MAPS = "maps"
 
@@ -190,15 +191,34 @@ def on_disk(index, complete: set[int], raster_id: int, scale: int) -> bool:
 def map_on_disk(index, raster_id: int, scale: int) -> LevelMap:
     """A complete raster's level map, read from its file by region; CorruptIndexError when the
     file's header or size does not fit the raster."""
-    path = map_file(index.dir, raster_id, scale)
     raster = index.rasters[raster_id]
     lp = level_maps.level_pixel(index.manifest["tiling"]["tile"], scale, index.manifest["drawing_size"])
+    return LevelMap(raster, raster_id, scale, lp, _map_cells(map_file(index.dir, raster_id, scale), raster, lp))
+
+
+def _map_cells(path: Path, raster, lp: float) -> MapFile:
     rows, cols = level_maps.map_shape(raster, lp)
     cells = MapFile(path, rows)
-    if cells.shape[1:] != (cols, *cells.shape[2:]) or cells.dtype != np.uint8:
-        raise CorruptIndexError(f"{path} is damaged (a map of {cells.shape} {cells.dtype}): delete the index "
-                                "and build it again")
-    return LevelMap(raster, raster_id, scale, lp, cells)
+    if cells.shape[1:] != (cols, ORIENTATIONS) or cells.dtype != np.uint8:
+        raise cells.array.corrupt(f"it holds a map of {cells.shape} {cells.dtype}")
+    return cells
+
+
+def damaged_map(index_dir: Path, manifest: dict, raster_id: int) -> CorruptIndexError | None:
+    """What is wrong with the first of a raster's map files that does not fit it, from the
+    manifest alone (nothing of its tiles read); None when all fit. A missing file is no damage:
+    the map is joined from the tiles instead (an index written before maps were kept)."""
+    entry = next(r for r in manifest["rasters"] if r["id"] == raster_id)
+    raster = RasterInfo.from_json(entry)
+    for scale in manifest["tiling"]["scales"]:
+        path = map_file(index_dir, raster_id, scale)
+        if path.is_file():
+            try:
+                _map_cells(path, raster, level_maps.level_pixel(manifest["tiling"]["tile"], scale,
+                                                                manifest["drawing_size"]))
+            except CorruptIndexError as exc:
+                return exc
+    return None
 
 
 def open_maps(index, complete: set[int], left_out: dict[int, int], earlier: dict[tuple[int, int], "JoinedMap"]

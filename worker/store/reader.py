@@ -12,7 +12,8 @@ from worker import edge_cells, level_maps
 from wire.protocol import excerpt
 from worker.errors import CorruptIndexError, InputError
 from worker.store.format import MANIFEST, RECORD_DTYPE, SHARDS, holds_tokens, read_manifest
-from worker.store.maps import PARTIAL_MAPS_BYTES, JoinedMap, left_out_rasters, map_on_disk, on_disk, open_maps
+from worker.store.maps import (PARTIAL_MAPS_BYTES, JoinedMap, damaged_map, left_out_rasters, map_on_disk, on_disk,
+                               open_maps)
 from worker.store.shard_file import ShardArray
 from worker.tiling import RasterInfo, Tile
 
@@ -69,8 +70,7 @@ class TileIndex:
         for shard in new:
             array = self._array(shard, "records")
             if array.dtype != RECORD_DTYPE:
-                raise CorruptIndexError(f"{self.dir}: its tile records are not of this format: delete the index and "
-                                        "build it again")
+                raise array.corrupt(f"its records are {array.dtype}, not of this format")
             array.read_all(records[start:start + shard["count"]])
             start += shard["count"]
         return records
@@ -224,13 +224,17 @@ class TileIndex:
         return reproject_rings(tiles, WGS84)
 
     def info(self) -> dict:
+        """What `info` says of the index; `damaged`: why each complete raster's damaged level map
+        is so (a search meeting it fails; an `index` run joins it again)."""
         m = self.manifest
+        damaged = [str(wrong) for r in m["rasters"] if r["complete"] and (wrong := damaged_map(self.dir, m, r["id"]))]
         sizes = {"tokens_bytes": int(sum(t.nbytes for t in self._arrays.get("tokens", []))),
                  "disk_bytes": int(sum(f.stat().st_size for f in self.dir.rglob("*") if f.is_file()))}
         return {"index": str(self.dir), "format": m["format"], "model": m["model"], "tiling": m["tiling"],
                 "tokens": self.has_tokens,
                 "tile_count": len(self), "tiles_skipped": sum(r["tiles_skipped"] for r in m["rasters"]),
                 "complete": all(r["complete"] for r in m["rasters"]),
+                "damaged": damaged,
                 "rasters": [{"id": r["id"], "path": r["path"], "width": r["width"], "height": r["height"],
                              "bands": r["bands"], "complete": r["complete"], "tiles_total": r["tiles_total"],
                              "tiles_skipped": r["tiles_skipped"]} for r in m["rasters"]],

@@ -3,7 +3,7 @@
 Shards are read with plain reads, not memory maps: a mapped file that shrinks under a running
 worker (truncated by a full disk, a bad copy, a user) kills the process with SIGBUS on the next
 access, while a read of a short file can say so. Every check fails with CorruptIndexError,
-which tells the user to build the index again.
+which tells the user to index the rasters again: the run makes again what the damage lost.
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ import numpy as np
 from worker.errors import CorruptIndexError
 
 
+# what a damaged shard or level map asks of the user: worker.store.writer repairs both
+REPAIR = ("index its rasters into the index again: the run computes again what was lost (or delete the index and "
+          "build it again)")
 MAX_HEADER = 10_000  # bytes of an .npy header, as numpy reads them by default
 
 
@@ -72,7 +75,7 @@ class ShardArray:
         return fd
 
     def corrupt(self, why: str) -> CorruptIndexError:
-        return CorruptIndexError(f"{self.path} is damaged: {why}; delete the index and build it again")
+        return CorruptIndexError(f"{self.path} is damaged: {why}; {REPAIR}")
 
     def _check_size(self, size: int) -> None:
         if size != self.offset + self.nbytes:

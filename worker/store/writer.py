@@ -14,13 +14,15 @@ import numpy as np
 from worker import level_maps
 from worker.geo import bounds_wgs84
 from worker.line_drawing import drawing_device
+from worker.errors import CorruptIndexError
 from worker.store.format import (CHUNK_TILES, MANIFEST, RECORD_DTYPE, SHARDS, TILES_LAYER, TMP_PREFIX,
                                  check_compatible, check_index_folder, check_tokens, disk_write, holds_tokens,
-                                 index_lock, new_manifest, read_manifest, remove_shards, shard_name, write_json_atomic,
-                                 write_shard)
+                                 index_lock, new_manifest, read_manifest, remove_shards, shard_arrays, shard_name,
+                                 write_json_atomic, write_shard)
 from worker.store.gpkg import write_tiles_gpkg
-from worker.store.maps import remove_maps, remove_unfinished_maps, write_joined_maps
+from worker.store.maps import damaged_map, remove_maps, remove_unfinished_maps, write_joined_maps
 from worker.store.reader import TileIndex
+from worker.store.shard_file import REPAIR, ShardArray
 from worker.drawing_pool import DeviceDrawing, DrawingJob, DrawingPool, DrawnBatch, default_processes, drawn_batches
 from worker.thread_pools import usable_cores
 from worker.tile_features import TileFeatures
@@ -121,6 +123,59 @@ class IndexWriter:
             self.manifest["pending"] = []
             self._commit()
 
+    def _repair_damage(self) -> None:
+        """Make again what damage to a committed index lost, instead of refusing the index until
+        it is deleted: a damaged shard (a truncated or overwritten file) is uncommitted, so that its
+        raster is incomplete and this run, or the next that names the raster, computes its tiles
+        again; a complete raster's damaged level map is joined again from its tiles.
+        A search of a damaged index fails saying to run `index` (worker.store.shard_file). Only
+        headers and sizes are checked (a shard's, as opening the index checks them): the records
+        are not read."""
+        damaged = {}
+        for shard in self.manifest["shards"]:
+            try:
+                self._check_shard(shard)
+            except CorruptIndexError as exc:
+                damaged[shard["name"]] = shard
+                log.warning("%s: its %d tiles are computed again", _damage(exc), shard["count"] + shard["skipped"])
+        entries = {entry["id"]: entry for entry in self.manifest["rasters"]}
+        if damaged:
+            self.manifest["shards"] = [s for s in self.manifest["shards"] if s["name"] not in damaged]
+            for shard in damaged.values():
+                entry = entries[shard["raster_id"]]
+                entry["complete"] = False
+                entry["tiles_skipped"] -= shard["skipped"]
+                remove_maps(self.dir, entry["id"])
+            self._commit()
+            self._clean_uncommitted()  # the damaged shards, no longer committed
+        for entry in entries.values():
+            wrong = damaged_map(self.dir, self.manifest, entry["id"]) if entry["complete"] else None
+            if wrong:
+                log.warning("%s: joining %s's level maps again from its tiles", _damage(wrong), entry["path"])
+                self._write_maps(entry)
+
+    def _check_shard(self, shard: dict) -> None:
+        """CorruptIndexError when a committed shard's files do not hold what the manifest says:
+        each array's header, rows and size, and the records' dtype (as TileIndex checks them)."""
+        if shard["count"] == 0:  # empty tiles only: its records are never read
+            return
+        for key in shard_arrays(self.manifest):
+            array = ShardArray(self.dir / SHARDS / shard["name"] / f"{key}.npy", shard["count"])
+            if key == "records" and array.dtype != RECORD_DTYPE:
+                raise array.corrupt(f"its records are {array.dtype}, not of this format")
+
+    def _write_maps(self, entry: dict) -> None:
+        """A complete raster's level maps, joined from a view of it alone and its shards (a view
+        of every raster read each one's entry: the square of the rasters over a run)."""
+        index = TileIndex(self.dir, {**self.manifest, "rasters": [entry]},
+                          [s for s in self.manifest["shards"] if s["raster_id"] == entry["id"]])
+        if len(index):
+            write_joined_maps(index)
+        else:  # complete, and nothing in it a search could find
+            log.warning("%s: none of its %d tiles holds enough data (at least %.0f%% of a tile of %d px) to be "
+                        "indexed; a raster smaller than a tile needs a smaller --tile", entry["path"],
+                        entry["tiles_total"] or 0, 100 * self.settings.min_valid, self.settings.tile)
+
     def _raster_entry(self, info: RasterInfo) -> dict:
         for entry in self.manifest["rasters"]:
             if entry["path"] == info.path:
@@ -161,6 +216,7 @@ class IndexWriter:
             with disk_write(self.dir / SHARDS):
                 (self.dir / SHARDS).mkdir(exist_ok=True)
             self._clean_uncommitted()
+            self._repair_damage()
             plans = []
             for info in infos:
                 entry = self._raster_entry(info)
@@ -222,16 +278,7 @@ class IndexWriter:
         if not entries:
             return
         for entry in entries:
-            # a view of this raster alone and its shards: its tiles are all it joins (a view of
-            # every raster read each one's entry: the square of the rasters over a run)
-            index = TileIndex(self.dir, {**self.manifest, "rasters": [entry]},
-                              [s for s in self.manifest["shards"] if s["raster_id"] == entry["id"]])
-            if len(index):
-                write_joined_maps(index)
-            else:  # complete, and nothing in it a search could find
-                log.warning("%s: none of its %d tiles holds enough data (at least %.0f%% of a tile of %d px) to be "
-                            "indexed; a raster smaller than a tile needs a smaller --tile", entry["path"],
-                            entry["tiles_total"] or 0, 100 * self.settings.min_valid, self.settings.tile)
+            self._write_maps(entry)
             entry["complete"] = True
         if commit:
             self._commit()
@@ -244,6 +291,11 @@ class IndexWriter:
         self.manifest["shards"].append({"name": name, "raster_id": entry["id"], "chunk": chunk,
                                         "count": tiles - result.skipped, "skipped": result.skipped})
         self._uncommitted = True
+
+
+def _damage(exc: CorruptIndexError) -> str:
+    """What is damaged, without what to do about it: the run is doing it."""
+    return str(exc).removesuffix(f"; {REPAIR}")
 
 
 @dataclass(frozen=True)
