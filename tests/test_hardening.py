@@ -707,6 +707,38 @@ def test_10_a_full_disk_is_a_storage_error_not_a_bug(tmp_path):
     assert error_object(raw)["code"] == codes.STORAGE
 
 
+FILE_SIZE_LIMIT = """
+import json, resource, signal, sys
+import numpy as np
+from pathlib import Path
+from worker.errors import error_object
+from worker.store.format import disk_write
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+try:
+    with disk_write(Path(sys.argv[1])):
+        np.save(sys.argv[1], np.zeros(100_000, np.uint8))
+except Exception as exc:
+    print(json.dumps(error_object(exc)))
+"""
+
+
+def test_10_a_file_too_large_for_the_disk_says_so_not_to_free_space(tmp_path):
+    """A write past the worker's file size limit is a storage error that names the limit: the
+    message said only to free space, of a disk with gigabytes free (numpy's short write says
+    no errno, so the limit is looked up)."""
+    import subprocess
+    import sys
+
+    from lab.worker_process import REPO
+
+    done = subprocess.run([sys.executable, "-c", FILE_SIZE_LIMIT, str(tmp_path / "cells.npy")], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    reply = json.loads(done.stdout)
+    assert reply["code"] == codes.STORAGE and "cells.npy" in reply["message"], reply
+    assert "file size limit (ulimit -f) is 20,000 bytes" in reply["message"], reply
+
+
 FULL_DISK = """
 import json, resource, signal, sys
 from pathlib import Path

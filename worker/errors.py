@@ -9,8 +9,43 @@ import errno
 from wire import errors as codes
 from wire.errors import ProtocolError
 
-# what the kernel says when a disk is full, read-only or failing: the operator's to fix, not a bug
-STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
+# what to do about a write the disk refused (worker.store.format.disk_write)
+STORAGE_ADVICE = {
+    errno.ENOSPC: "free space on that disk",
+    errno.EDQUOT: "free space within your quota on that disk, or have it raised",
+    errno.EROFS: "the disk is mounted read-only: mount it writable, or keep the index on another disk",
+    errno.EIO: "the disk failed a read or write: check it (dmesg, smartctl) or keep the index on another disk",
+    errno.EFBIG: "the file is larger than that file system, or the worker's file size limit (ulimit -f), allows: "
+                 "keep the index on a file system that takes larger files, or raise the limit",
+    errno.EACCES: "the worker may not write there: give the user it runs as write access to that folder",
+    errno.EPERM: "the worker may not write there: give the user it runs as write access to that folder",
+}
+# what the kernel says when a disk is full, read-only or failing, or a file too large for it,
+# wherever it is raised: the operator's to fix, not a bug
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG})
+
+
+def storage_advice(error: OSError) -> str:
+    """What to do about a write the disk refused. Where the error says not why (numpy's short
+    write, "N requested and M written"; GDAL's words for a full disk, which are SQLite's), a
+    file size limit set on the worker, else a full disk, the likeliest cause."""
+    if error.errno in STORAGE_ADVICE:
+        return STORAGE_ADVICE[error.errno]
+    limit = _file_size_limit()
+    if limit is not None:
+        return (f"the worker's file size limit (ulimit -f) is {limit:,} bytes: raise it, or free space on that "
+                "disk if it is full")
+    return "free space on that disk (or fix it)"
+
+
+def _file_size_limit() -> int | None:
+    """The worker's file size limit in bytes (ulimit -f), None when it has none."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return None if limit == resource.RLIM_INFINITY else limit
 
 
 class InputError(Exception):
@@ -72,6 +107,6 @@ def error_object(exc: Exception) -> dict:
         return {"code": exc.code, "message": str(exc)}
     if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
         where = f" ({exc.filename})" if exc.filename else ""
-        return {"code": codes.STORAGE, "message": f"the worker's disk failed{where}: {exc.strerror}; free space or "
-                                                  "fix the disk, then try again"}
+        return {"code": codes.STORAGE, "message": f"the worker's disk failed{where}: {exc.strerror}; "
+                                                  f"{storage_advice(exc)}, then try again"}
     return {"code": codes.INTERNAL, "message": f"{type(exc).__name__}: {str(exc)[:300]}"}

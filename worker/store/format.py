@@ -37,7 +37,8 @@ from typing import Iterator
 import numpy as np
 
 from wire.protocol import excerpt
-from worker.errors import CorruptIndexError, IndexMismatchError, InputError, NotFoundError, StorageError
+from worker.errors import (CorruptIndexError, IndexMismatchError, InputError, NotFoundError, StorageError,
+                           storage_advice)
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +131,8 @@ def check_manifest_shape(manifest: dict, path: Path) -> None:
 
 @contextmanager
 def disk_write(path: Path) -> Iterator[None]:
-    """Writes to `path`: an OSError (a full or failing disk) becomes a StorageError that says
-    where and how much space is left."""
+    """Writes to `path`: an OSError (a full, read-only or failing disk) becomes a StorageError
+    that says where, how much space is left, and what to do (worker.errors.storage_advice)."""
     try:
         yield
     except OSError as exc:
@@ -140,8 +141,8 @@ def disk_write(path: Path) -> Iterator[None]:
         except OSError:
             free = "free space unknown"
         reason = exc.strerror or str(exc)  # numpy's short writes say "N requested and M written"
-        raise StorageError(f"cannot write {path}: {reason} ({free}); free space on that disk (or fix it) and run "
-                           "the job again: committed chunks are kept") from exc
+        raise StorageError(f"cannot write {path}: {reason} ({free}); {storage_advice(exc)}; then run the job "
+                           "again: committed chunks are kept") from exc
 
 
 def allocated_memmap(path: Path, dtype, shape: tuple[int, ...]):
