@@ -114,7 +114,7 @@ def test_delete_index_removes_only_an_index_folder_inside_the_root(worker):
             shutil.rmtree(root / name, ignore_errors=True)
 
 
-def test_delete_index_is_refused_while_a_job_builds_it(worker, rasters):
+def test_delete_index_and_a_new_job_are_refused_while_the_index_is_written(worker, rasters):
     root = worker.index_root
     with worker.client() as c:
         job = c.start_index("building", [str(rasters / "rmnp-rgb.tif")], tile=64, scales=[1], chunk_tiles=8)
@@ -130,7 +130,10 @@ def test_delete_index_is_refused_while_a_job_builds_it(worker, rasters):
             fcntl.flock(other_writer, fcntl.LOCK_EX | fcntl.LOCK_NB)
             with pytest.raises(WorkerError) as err:
                 c.request("delete_index", index="building")
+            with pytest.raises(WorkerError) as refused:  # was a job that failed as bad input
+                c.start_index("building", [str(rasters / "rmnp-rgb.tif")], tile=64, scales=[1], chunk_tiles=8)
         assert err.value.code == codes.BUSY and "another process" in err.value.message
+        assert refused.value.code == codes.BUSY and "another process" in refused.value.message
         assert (root / "building" / "manifest.json").is_file(), "nothing removed under the other writer"
         assert c.request("delete_index", index="building")["deleted"] == "building"
         assert "building" not in {i["name"] for i in c.list_indexes()}

@@ -23,7 +23,7 @@ from worker.feedback import Feedback
 from worker.service.config import ServiceConfig
 from worker.service.indexes import MANIFEST, TRASH_PREFIX, OpenIndexes, index_dirs
 from worker.service.jobs import Job, JobManager
-from worker.store.format import SHARDS, IndexLocked, index_lock
+from worker.store.format import SHARDS, IndexLocked, index_lock, locked_by_another
 from worker.store.maps import MAPS
 from worker.tiling import TileSettings
 
@@ -120,6 +120,9 @@ class Handlers:
         if running is not None:  # never a new job here: this request skipped the checks of one
             return {"job": self.jobs.joined(running, name, request).to_json()}
         self._check_extendable(request)  # refused now, not as a failed job later
+        if locked_by_another(index_dir):
+            raise ProtocolError(BUSY, f"index {name!r} is being written by another process (a command-line `index` "
+                                      "or `build-ann` run): wait for it to end or stop it, then ask again")
         return {"job": self.jobs.start(name, request).to_json()}
 
     def delete_index(self, header: dict, frames: list) -> dict:

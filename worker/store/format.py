@@ -36,6 +36,7 @@ from typing import Iterator
 
 import numpy as np
 
+from wire import errors as codes
 from wire.protocol import excerpt
 from worker.errors import (CorruptIndexError, IndexMismatchError, InputError, NotFoundError, StorageError,
                            storage_advice)
@@ -260,7 +261,10 @@ def _left_by_a_writer(entry: Path) -> bool:
 
 
 class IndexLocked(InputError):
-    """Another writer holds the index (an indexing run or a shortlist build, in any process)."""
+    """Another writer holds the index (an indexing run or a shortlist build, in any process):
+    `busy` to a client, whose request may be made again once it ends."""
+
+    code = codes.BUSY
 
 
 @contextmanager
@@ -276,6 +280,19 @@ def index_lock(index_dir: Path) -> Iterator[None]:
             raise IndexLocked(f"{index_dir} is being written by another indexing run: wait for it to end, or stop "
                               "it, and run this again") from None
         yield
+
+
+def locked_by_another(index_dir: Path) -> bool:
+    """Whether a writer holds the index now (a command-line run, in another process): a service
+    refuses a job at once rather than start one that fails. A writer may take it a moment after."""
+    try:
+        with open(Path(index_dir) / LOCK, "rb") as lock_file:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # no lock file: no writer yet
+        return False
+    return False
 
 
 def remove_unborn(index_dir: Path) -> None:
