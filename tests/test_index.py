@@ -322,6 +322,21 @@ def test_a_raster_being_indexed_is_searched_while_its_maps_fit_in_memory(tmp_pat
     assert rasters_hit(1000) == ({str(assets["osbs_rgb"]), str(rmnp_copy)}, [])
 
 
+def test_a_search_before_a_rasters_first_commit_says_it_is_being_indexed(tmp_path, model, rmnp_copy, assets):
+    """A search of an index whose raster has no tile committed yet (a job just started) names
+    it in `left_out`: it answered no hits and nothing else, as if the raster held no match."""
+    from test_service import sketch_png
+    from worker.app import SearchRequest, run_search
+
+    out, settings = tmp_path / "index", TileSettings(tile=112, scales=(1,))
+    IndexWriter(out, model, settings).build([assets["osbs_rgb"]])
+    IndexWriter(out, model, settings).build([rmnp_copy], should_stop=lambda: True)
+    reply = run_search(SearchRequest(sketch_png(), top=5), model, TileIndex.open(out)).to_json()
+    assert {f["properties"]["raster"] for f in reply["hits"]["features"]} == {str(assets["osbs_rgb"])}
+    assert [(r["raster"], r["kind"]) for r in reply["left_out"]] == [(str(rmnp_copy), "indexing")]
+    assert "none of its tiles is committed yet" in reply["left_out"][0]["reason"]
+
+
 def test_searches_while_a_raster_is_indexed_paint_only_each_commits_tiles_onto_the_last_join(tmp_path, model, assets):
     """The worker opens an index again after each commit of a raster being indexed: its maps
     continue the last view's join with the new tiles alone (joined afresh, a 30,000 px raster's

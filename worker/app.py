@@ -380,10 +380,18 @@ def _changed_on_disk(raster) -> bool:
 
 
 def left_out(index: TileIndex) -> list[dict]:
-    """The rasters of `index` a search leaves out while they are being indexed (TileIndex.left_out),
-    each with the reason (`kind` "indexing"; an unreadable raster's is "unreadable")."""
-    return [{"raster": index.rasters[raster_id].path, "kind": "indexing",
-             "reason": f"still being indexed, and its maps would take {size / 2 ** 20:,.0f} MiB of memory to search "
-                       f"before it is complete (over {index.partial_maps_bytes / 2 ** 20:,.0f} MiB, "
-                       "--max-partial-maps-mb): it is searched once indexed"}
-            for raster_id, size in sorted(index.left_out.items())]
+    """The rasters of `index` a search leaves out while they are being indexed, each with the
+    reason (`kind` "indexing"; an unreadable raster's is "unreadable"): those with no tile
+    committed yet (a search of a new index found nothing, and said nothing), and those whose
+    maps would take too much memory (TileIndex.left_out)."""
+    tiles = index.tiles_per_raster
+    first = [{"raster": r["path"], "kind": "indexing",
+              "reason": "still being indexed, and none of its tiles is committed yet: it is searched once they are "
+                        "(an indexing run commits every few seconds)"}
+             for r in index.manifest["rasters"] if not r["complete"] and not tiles.get(r["id"])]
+    return first + [
+        {"raster": index.rasters[raster_id].path, "kind": "indexing",
+         "reason": f"still being indexed, and its maps would take {size / 2 ** 20:,.0f} MiB of memory to search before it "
+                   f"is complete (over {index.partial_maps_bytes / 2 ** 20:,.0f} MiB, --max-partial-maps-mb): it is "
+                   "searched once indexed"}
+        for raster_id, size in sorted(index.left_out.items())]
