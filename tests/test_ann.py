@@ -674,3 +674,37 @@ def test_the_area_keeps_windows_of_rasters_with_high_ids():
     area = SearchArea(keys=[(2048, 1), (5000, 2)], boxes={(5000, 2): (0, 0, 10, 10)}, whole=False)
     rows = np.array([[2048, 1, 0, 0], [5000, 2, 5, 5], [5000, 2, 50, 50], [7, 1, 0, 0]], np.int32)
     assert list(area.meets_each(rows[:, :2], rows[:, 2], rows[:, 3], 4)) == [True, True, False, False]
+
+
+BUILD_UNDER_A_FILE_SIZE_LIMIT = """
+import json, resource, signal, sys
+from worker import ann
+from worker.errors import error_object
+from worker.store import TileIndex
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), int(sys.argv[2])))
+try:
+    ann.build(TileIndex.open(sys.argv[1]))
+except Exception as exc:
+    print(json.dumps(error_object(exc)))
+"""
+
+
+def test_a_shortlist_the_disk_refuses_to_take_is_a_storage_error_and_the_index_stays_as_it_was(s2_index, tmp_path):
+    """FAISS says a failed write in its own words (a RuntimeError, "write error in ..."): it was
+    a traceback, `internal` in the service. Here the disk refuses FAISS's file alone (a file size
+    limit above each re-rank code file, below the FAISS index): a storage error, and the index is
+    left as it was, searchable, with no shortlist and nothing half-written beside it."""
+    import json
+
+    from wire import errors as codes
+
+    index_dir = shutil.copytree(s2_index, tmp_path / "index")
+    before = sorted(p.name for p in index_dir.iterdir())  # its lock too: each writer takes it
+    done = subprocess.run([sys.executable, "-c", BUILD_UNDER_A_FILE_SIZE_LIMIT, str(index_dir), "1200000"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    reply = json.loads(done.stdout)
+    assert reply["code"] == codes.STORAGE and "faiss" in reply["message"].lower(), reply
+    assert "file size limit" in reply["message"], reply  # FAISS's words for the cause, read back
+    assert sorted(p.name for p in index_dir.iterdir()) == before
+    assert not ann.AnnShortlist.exists(index_dir) and len(TileIndex.open(index_dir)) > 0

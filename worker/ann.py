@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from wire.protocol import excerpt
 from worker import edge_cells
 from worker.edge_cells import CELL, COARSE
-from worker.errors import CorruptIndexError, InputError
+from worker.errors import CorruptIndexError, InputError, errno_named_in
 from worker.placement_scan import COARSE_STEP, WINDOW_CELLS
 from worker.search_area import KEY_SPAN
 from worker.store import TileIndex, write_json_atomic
@@ -389,7 +389,8 @@ def _write(index: TileIndex, ann, rows: list[np.ndarray], codes: list[CodeWriter
         try:
             faiss.write_index(ann, str(folder / "index.faiss"))
         except RuntimeError as exc:  # FAISS's own: "Error in ... write error ... (No space left on device)"
-            raise OSError(excerpt(str(exc).strip().splitlines()[-1])) from exc
+            said = str(exc).strip().splitlines()[-1]
+            raise OSError(errno_named_in(said), excerpt(said)) from exc
         np.save(folder / "windows.npy", np.concatenate(rows))
         for writer in codes:
             writer.commit()

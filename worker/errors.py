@@ -5,6 +5,7 @@ The codes themselves are the wire's (wire.errors), named there once."""
 from __future__ import annotations
 
 import errno
+import os
 
 from wire import errors as codes
 from wire.errors import ProtocolError
@@ -23,6 +24,12 @@ STORAGE_ADVICE = {
 # what the kernel says when a disk is full, read-only or failing, or a file too large for it,
 # wherever it is raised: the operator's to fix, not a bug
 STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG})
+
+
+def errno_named_in(text: str) -> int | None:
+    """The error number whose words end a library's message in brackets, as FAISS ends its
+    write errors ("write error in ...: 410677 != 456192 (File too large)"); None when none do."""
+    return next((number for number in STORAGE_ADVICE if f"({os.strerror(number)})" in text), None)
 
 
 def storage_advice(error: OSError) -> str:
