@@ -285,6 +285,52 @@ def test_5_a_moved_raster_and_a_torn_job_file_fail_their_jobs_and_the_worker_ser
 
 
 
+def test_5c_a_job_file_another_writer_holds_or_a_read_only_root_keeps_and_the_worker_serves(served, tree, tmp_path):
+    """Two workers may share an index root: one starting while the other builds an index took
+    up its job, which failed on the lock, and removed its job file. On a read-only root (indexes
+    served to searchers), a job file left there stopped the worker from starting: removing it
+    raised. Now the job another process holds is left to it, and a job that cannot be resumed
+    on a read-only root is listed failed, its file left, and the indexes are searched."""
+    import fcntl
+    import subprocess
+
+    rasters = tree / "rasters"
+    spec = {"rasters": [str(rasters / "tiny.tif")], "settings": TileSettings(tile=112, scales=(1,)).to_json(),
+            "chunk_tiles": 64}
+    root, read_only = tmp_path / "indexes", tmp_path / "read-only"
+    shutil.copytree(served.index_root / "base", root / "held")
+    (root / "held" / "job.json").write_text(json.dumps({"index": "held", **spec}))
+    with open(root / "held" / ".lock", "w") as other_writer:  # as another worker building it holds it
+        fcntl.flock(other_writer, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        proc = WorkerProcess(root, rasters).start()
+        try:
+            with proc.client() as c:
+                held = {i["name"]: i for i in c.list_indexes()}["held"]
+        finally:
+            assert proc.kill(15) == 0
+    assert held["last_job"] is None and held["job"] is None and (root / "held" / "job.json").is_file()
+
+    read_only.mkdir()
+    shutil.copytree(served.index_root / "base", root / "left")
+    (root / "left" / "job.json").write_text(json.dumps({"index": "left", **spec}))
+    if subprocess.run(["mount", "--bind", str(root), str(read_only)], capture_output=True).returncode:
+        pytest.skip("cannot mount here (needs root)")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(read_only)], check=True)
+        proc = WorkerProcess(read_only, rasters).start()
+        try:
+            with proc.client() as c:
+                left = {i["name"]: i for i in c.list_indexes()}["left"]
+                found = c.search("left", sketch_png=sketch_png(), top=2)
+        finally:
+            assert proc.kill(15) == 0
+    finally:
+        subprocess.run(["umount", str(read_only)], check=True)
+    assert left["last_job"]["state"] == states.FAILED and left["last_job"]["error"]["code"] == codes.STORAGE
+    assert "read-only" in left["last_job"]["error"]["message"] and (root / "left" / "job.json").is_file()
+    assert found["hits"]["features"]
+
+
 def test_5b_a_job_that_fails_before_its_first_commit_leaves_no_folder(served, tree):
     """A raster that is no raster, found once the job opens it: the job failed and its empty
     folder stayed in the index root, a name taken by something that is not an index."""

@@ -26,7 +26,7 @@ from worker.distributed import Cluster
 from worker.errors import InputError, error_object
 from worker.raster_access import RasterAccess
 from worker.store import JOB_FILE, IndexProgress, write_json_atomic
-from worker.store.format import remove_unborn
+from worker.store.format import locked_by_another, remove_unborn
 
 log = logging.getLogger(__name__)
 SLOT_WAIT_S = 0.25  # how often a queued job looks whether it was cancelled
@@ -154,6 +154,9 @@ class JobManager:
         for root in index_roots:
             for job_file in sorted(root.rglob(JOB_FILE)):
                 index_name = _name_in(root, job_file.parent)
+                if locked_by_another(job_file.parent):  # its job runs in another worker sharing the root
+                    log.info("not resuming the indexing job of %s: another process is writing it", job_file.parent)
+                    continue
                 try:
                     spec = json.loads(job_file.read_text())
                     if not isinstance(spec, dict):
@@ -176,7 +179,10 @@ class JobManager:
             f"{job_file} is damaged or cannot be read ({str(exc)[:200]}): index again to finish the index")
         job.state, job.error, job.finished = states.FAILED, error_object(reason), time.time()
         log.warning("not resuming the indexing job of %s: %s", job_file.parent, job.error["message"])
-        job_file.unlink(missing_ok=True)
+        try:
+            job_file.unlink(missing_ok=True)
+        except OSError as exc:  # a read-only index root: the worker serves its indexes all the same
+            log.warning("%s cannot be removed (%s): the next start tries it again", job_file, exc.strerror)
         self._remember(job)
         self.publish(job.to_json())
         return job
