@@ -35,8 +35,8 @@ HINTS = {codes.UNAVAILABLE: "Is the worker running? Start it or check the endpoi
          codes.INDEX_MISMATCH: "Build a new index with this worker's model.",
          codes.BAD_INPUT: "Check the sketch or rasters.",
          codes.FORBIDDEN: "The worker does not serve that path.",
-         codes.BUSY: "The worker is busy (an index's job, or searches queued): wait for them, or cancel the "
-                     "job, and try again."}
+         codes.BUSY: "The worker is busy (an index's job, another program writing the index, or searches "
+                     "queued): wait for them, or cancel the job, and try again."}
 
 
 class Status:

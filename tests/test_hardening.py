@@ -782,7 +782,7 @@ def test_10_a_file_too_large_for_the_disk_says_so_not_to_free_space(tmp_path):
                           capture_output=True, text=True, timeout=120)
     reply = json.loads(done.stdout)
     assert reply["code"] == codes.STORAGE and "cells.npy" in reply["message"], reply
-    assert "file size limit (ulimit -f) is 20,000 bytes" in reply["message"], reply
+    assert "file size limit is 20,000 bytes" in reply["message"], reply
 
 
 FULL_DISK = """

@@ -334,7 +334,7 @@ def test_a_search_before_a_rasters_first_commit_says_it_is_being_indexed(tmp_pat
     reply = run_search(SearchRequest(sketch_png(), top=5), model, TileIndex.open(out)).to_json()
     assert {f["properties"]["raster"] for f in reply["hits"]["features"]} == {str(assets["osbs_rgb"])}
     assert [(r["raster"], r["kind"]) for r in reply["left_out"]] == [(str(rmnp_copy), "indexing")]
-    assert "none of its tiles is committed yet" in reply["left_out"][0]["reason"]
+    assert "none of its tiles is committed" in reply["left_out"][0]["reason"]
 
 
 def test_searches_while_a_raster_is_indexed_paint_only_each_commits_tiles_onto_the_last_join(tmp_path, model, assets):
@@ -565,3 +565,22 @@ def test_an_index_run_makes_again_what_damage_to_the_index_lost(tmp_path, model,
     assert index_info(open_index(index_dir))["damaged"] == []
     assert json.loads((index_dir / "manifest.json").read_text())["rasters"][0]["complete"]
     assert bool(computed) == (damaged == "shard")  # a map is joined from the tiles: nothing computed
+
+
+def test_a_damaged_shard_of_a_raster_the_run_does_not_name_is_computed_again_too(tmp_path, model, assets, rmnp_copy):
+    """An index run naming one raster of a mosaic meets a damaged shard of another: that raster's
+    tiles are computed again all the same (left uncomputed, the raster was incomplete and its
+    searches silently lacked the shard's tiles)."""
+    def shard_files(index_dir: Path) -> dict[str, bytes]:
+        return {str(path.relative_to(index_dir)): path.read_bytes() for path in (index_dir / "shards").rglob("*.npy")}
+
+    out, settings = tmp_path / "index", TileSettings(tile=112, scales=(1,))
+    IndexWriter(out, model, settings, chunk_tiles=16).build([assets["osbs_rgb"], rmnp_copy])
+    before = shard_files(out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    rmnp_id = next(r["id"] for r in manifest["rasters"] if r["path"] == str(rmnp_copy))
+    shard = next(s["name"] for s in manifest["shards"] if s["raster_id"] == rmnp_id and s["count"])
+    os.truncate(out / "shards" / shard / "cells.npy", 100)
+    IndexWriter(out, model, settings, chunk_tiles=16).build([assets["osbs_rgb"]])
+    assert shard_files(out) == before
+    assert all(r["complete"] for r in json.loads((out / "manifest.json").read_text())["rasters"])

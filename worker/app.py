@@ -382,12 +382,12 @@ def _changed_on_disk(raster) -> bool:
 def left_out(index: TileIndex) -> list[dict]:
     """The rasters of `index` a search leaves out while they are being indexed, each with the
     reason (`kind` "indexing"; an unreadable raster's is "unreadable"): those with no tile
-    committed yet (a search of a new index found nothing, and said nothing), and those whose
+    committed (a search of a new index found nothing, and said nothing), and those whose
     maps would take too much memory (TileIndex.left_out)."""
     tiles = index.tiles_per_raster
     first = [{"raster": r["path"], "kind": "indexing",
-              "reason": "still being indexed, and none of its tiles is committed yet: it is searched once they are "
-                        "(an indexing run commits every few seconds)"}
+              "reason": "not indexed yet: none of its tiles is committed (its indexing run is under way, committing "
+                        "every few seconds, or it stopped or failed: index the raster again to search it)"}
              for r in index.manifest["rasters"] if not r["complete"] and not tiles.get(r["id"])]
     return first + [
         {"raster": index.rasters[raster_id].path, "kind": "indexing",

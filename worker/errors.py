@@ -38,10 +38,10 @@ def storage_advice(error: OSError) -> str:
     file size limit set on the worker, else a full disk, the likeliest cause."""
     if error.errno in STORAGE_ADVICE:
         return STORAGE_ADVICE[error.errno]
-    limit = _file_size_limit()
+    limit = _file_size_limit() if error.errno is None else None
     if limit is not None:
-        return (f"the worker's file size limit (ulimit -f) is {limit:,} bytes: raise it, or free space on that "
-                "disk if it is full")
+        return (f"the worker's file size limit is {limit:,} bytes (`ulimit -f` {limit // 1024}): raise it, or free "
+                "space on that disk if it is full")
     return "free space on that disk (or fix it)"
 
 
@@ -80,7 +80,8 @@ class ForbiddenError(InputError):
 
 
 class CorruptIndexError(InputError):
-    """An index whose files are damaged (truncated, unreadable): delete it and build it again."""
+    """An index whose files are damaged (truncated, overwritten): indexing its rasters again
+    makes its shards and level maps again (worker.store.writer); a damaged manifest cannot be."""
 
     code = codes.CORRUPT_INDEX
 

@@ -147,7 +147,7 @@ class Handlers:
         # the index's lock keeps out a writer of another process (a command-line run, `build-ann`)
         trash = paths.index_root / f"{TRASH_PREFIX}{new_id()}"  # a short name: any index name fits
         try:
-            with index_lock(index_dir):
+            with index_lock(index_dir, patience_s=0):  # on the loop's thread: never waited for
                 removed = self.indexes.delete(index_dir, trash)
         except IndexLocked:
             raise ProtocolError(BUSY, f"index {name!r} is being written by another process (a command-line `index` "

@@ -267,18 +267,27 @@ class IndexLocked(InputError):
     code = codes.BUSY
 
 
+LOCK_PATIENCE_S = 0.5  # a lock held this briefly is no writer's: a service looking whether one holds it
+
+
 @contextmanager
-def index_lock(index_dir: Path) -> Iterator[None]:
-    """One writer per index (a second one gets a clear error instead of interleaving shards)."""
+def index_lock(index_dir: Path, patience_s: float = LOCK_PATIENCE_S) -> Iterator[None]:
+    """One writer per index (a second one gets a clear error instead of interleaving shards),
+    once the lock has been held `patience_s` past the first try."""
     with disk_write(index_dir / LOCK):
         index_dir.mkdir(parents=True, exist_ok=True)
         lock_file = open(index_dir / LOCK, "w")
     with lock_file:
-        try:
-            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise IndexLocked(f"{index_dir} is being written by another indexing run: wait for it to end, or stop "
-                              "it, and run this again") from None
+        waited = time.monotonic() + patience_s
+        while True:
+            try:
+                fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= waited:
+                    raise IndexLocked(f"{index_dir} is being written by another indexing run: wait for it to end, "
+                                      "or stop it, and run this again") from None
+                time.sleep(0.02)
         yield
 
 

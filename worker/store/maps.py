@@ -204,14 +204,14 @@ def _map_cells(path: Path, raster, lp: float) -> MapFile:
     return cells
 
 
-def damaged_map(index_dir: Path, manifest: dict, raster_id: int) -> CorruptIndexError | None:
-    """What is wrong with the first of a raster's map files that does not fit it, from the
-    manifest alone (nothing of its tiles read); None when all fit. A missing file is no damage:
-    the map is joined from the tiles instead (an index written before maps were kept)."""
-    entry = next(r for r in manifest["rasters"] if r["id"] == raster_id)
+def damaged_map(index_dir: Path, manifest: dict, entry: dict) -> CorruptIndexError | None:
+    """What is wrong with the first of a raster's map files (its manifest `entry`) that does not
+    fit it, from the manifest alone (nothing of its tiles read); None when all fit. A missing
+    file is no damage: the map is joined from the tiles instead (an index written before maps
+    were kept)."""
     raster = RasterInfo.from_json(entry)
     for scale in manifest["tiling"]["scales"]:
-        path = map_file(index_dir, raster_id, scale)
+        path = map_file(index_dir, entry["id"], scale)
         if path.is_file():
             try:
                 _map_cells(path, raster, level_maps.level_pixel(manifest["tiling"]["tile"], scale,

@@ -227,7 +227,7 @@ class TileIndex:
         """What `info` says of the index; `damaged`: why each complete raster's damaged level map
         is so (a search meeting it fails; an `index` run joins it again)."""
         m = self.manifest
-        damaged = [str(wrong) for r in m["rasters"] if r["complete"] and (wrong := damaged_map(self.dir, m, r["id"]))]
+        damaged = [str(wrong) for r in m["rasters"] if r["complete"] and (wrong := damaged_map(self.dir, m, r))]
         sizes = {"tokens_bytes": int(sum(t.nbytes for t in self._arrays.get("tokens", []))),
                  "disk_bytes": int(sum(f.stat().st_size for f in self.dir.rglob("*") if f.is_file()))}
         return {"index": str(self.dir), "format": m["format"], "model": m["model"], "tiling": m["tiling"],

@@ -14,7 +14,7 @@ import numpy as np
 from worker import level_maps
 from worker.geo import bounds_wgs84
 from worker.line_drawing import drawing_device
-from worker.errors import CorruptIndexError
+from worker.errors import CorruptIndexError, InputError
 from worker.store.format import (CHUNK_TILES, MANIFEST, RECORD_DTYPE, SHARDS, TILES_LAYER, TMP_PREFIX,
                                  check_compatible, check_index_folder, check_tokens, disk_write, holds_tokens,
                                  index_lock, new_manifest, read_manifest, remove_shards, shard_arrays, shard_name,
@@ -123,14 +123,14 @@ class IndexWriter:
             self.manifest["pending"] = []
             self._commit()
 
-    def _repair_damage(self) -> None:
+    def _repair_damage(self) -> list[dict]:
         """Make again what damage to a committed index lost, instead of refusing the index until
         it is deleted: a damaged shard (a truncated or overwritten file) is uncommitted, so that its
-        raster is incomplete and this run, or the next that names the raster, computes its tiles
-        again; a complete raster's damaged level map is joined again from its tiles.
-        A search of a damaged index fails saying to run `index` (worker.store.shard_file). Only
-        headers and sizes are checked (a shard's, as opening the index checks them): the records
-        are not read."""
+        raster is incomplete and this run computes its tiles again; a complete raster's damaged
+        level map is joined again from its tiles. Returns the rasters' entries whose shards were
+        uncommitted. A search of a damaged index fails saying to run `index`
+        (worker.store.shard_file). Only headers and sizes are checked (a shard's, as opening the
+        index checks them): the records are not read."""
         damaged = {}
         for shard in self.manifest["shards"]:
             try:
@@ -139,30 +139,60 @@ class IndexWriter:
                 damaged[shard["name"]] = shard
                 log.warning("%s: its %d tiles are computed again", _damage(exc), shard["count"] + shard["skipped"])
         entries = {entry["id"]: entry for entry in self.manifest["rasters"]}
+        redone = {shard["raster_id"]: entries[shard["raster_id"]] for shard in damaged.values()}
         if damaged:
             self.manifest["shards"] = [s for s in self.manifest["shards"] if s["name"] not in damaged]
             for shard in damaged.values():
-                entry = entries[shard["raster_id"]]
+                entries[shard["raster_id"]]["tiles_skipped"] -= shard["skipped"]
+            for entry in redone.values():
                 entry["complete"] = False
-                entry["tiles_skipped"] -= shard["skipped"]
-                remove_maps(self.dir, entry["id"])
             self._commit()
+            for raster_id in redone:  # an incomplete raster's maps are never read (worker.store.maps.on_disk)
+                remove_maps(self.dir, raster_id)
             self._clean_uncommitted()  # the damaged shards, no longer committed
         for entry in entries.values():
-            wrong = damaged_map(self.dir, self.manifest, entry["id"]) if entry["complete"] else None
+            wrong = damaged_map(self.dir, self.manifest, entry) if entry["complete"] else None
             if wrong:
                 log.warning("%s: joining %s's level maps again from its tiles", _damage(wrong), entry["path"])
                 self._write_maps(entry)
+        return list(redone.values())
 
     def _check_shard(self, shard: dict) -> None:
         """CorruptIndexError when a committed shard's files do not hold what the manifest says:
-        each array's header, rows and size, and the records' dtype (as TileIndex checks them)."""
+        each array's header, rows and size, and the records' dtype (as TileIndex checks them), or
+        a file is missing. A file that cannot be read now (no access, a failing disk) is an
+        InputError that stops the run: a shard is only made again when it is damaged."""
         if shard["count"] == 0:  # empty tiles only: its records are never read
             return
         for key in shard_arrays(self.manifest):
-            array = ShardArray(self.dir / SHARDS / shard["name"] / f"{key}.npy", shard["count"])
+            path = self.dir / SHARDS / shard["name"] / f"{key}.npy"
+            try:
+                os.close(os.open(path, os.O_RDONLY))
+            except FileNotFoundError:
+                raise CorruptIndexError(f"{path} is damaged: it is missing; {REPAIR}") from None
+            except OSError as exc:
+                raise InputError(f"{path} cannot be read ({exc.strerror}): the index is left as it is; make it "
+                                 "readable and run this again") from None
+            array = ShardArray(path, shard["count"])
             if key == "records" and array.dtype != RECORD_DTYPE:
                 raise array.corrupt(f"its records are {array.dtype}, not of this format")
+
+    def _also_redone(self, redone: list[dict], infos: list[RasterInfo], drivers: tuple[str, ...] | None
+                     ) -> list[RasterInfo]:
+        """The rasters whose damaged shards this run computes again though the request did not
+        name them: each opened as the request's were; one that cannot be opened now is left
+        incomplete, and the run says so."""
+        asked = {info.path for info in infos}
+        more = []
+        for entry in redone:
+            if entry["path"] in asked:
+                continue
+            try:
+                more += open_rasters([Path(entry["path"])], self.settings.bands, drivers)
+            except InputError as exc:
+                log.warning("%s: its damaged tiles cannot be computed again now (%s): index it again once it can be "
+                            "read", entry["path"], exc)
+        return more
 
     def _write_maps(self, entry: dict) -> None:
         """A complete raster's level maps, joined from a view of it alone and its shards (a view
@@ -216,7 +246,7 @@ class IndexWriter:
             with disk_write(self.dir / SHARDS):
                 (self.dir / SHARDS).mkdir(exist_ok=True)
             self._clean_uncommitted()
-            self._repair_damage()
+            infos = infos + self._also_redone(self._repair_damage(), infos, drivers)
             plans = []
             for info in infos:
                 entry = self._raster_entry(info)
