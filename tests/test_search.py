@@ -316,6 +316,26 @@ def test_search_areas_near_180_degrees_and_the_poles_cover_what_the_view_shows()
     assert bbox_to_wgs84((600, 0, 700, 10), CRS.from_epsg(4326)).intersects(Point(-100, 5))  # panned two worlds east
 
 
+def test_search_areas_past_where_a_projection_is_defined_hold_what_the_view_shows():
+    """A world map's view zoomed out past its outline (Mollweide, Equal Earth), or a UTM view
+    zoomed out far past its zone, is the part of it on Earth: the first was refused as lying
+    "far past where that CRS is defined", the others were drawn round the wrong place. Numbers
+    that cannot be lon/lat (a UTM box sent as EPSG:4326) are refused, not searched to no hits."""
+    from shapely.geometry import Point
+
+    from worker.errors import InputError
+
+    mollweide = bbox_to_wgs84((1e7, 5e6, 1.9e7, 9e6), CRS.from_string("ESRI:54009"))  # past the outline, east
+    assert mollweide.intersects(Point(178, 60)) and mollweide.intersects(Point(125, 45))
+    assert not mollweide.intersects(Point(0, 60))
+    equal_earth = bbox_to_wgs84((1e7, 5e6, 1.9e7, 9e6), CRS.from_epsg(8857))
+    assert equal_earth.intersects(Point(170, 70)) and not equal_earth.intersects(Point(-30, 70))
+    utm_zoomed_out = bbox_to_wgs84((-1e7, -1e7, 1e7, 1e7), CRS.from_epsg(32660))  # zone 60N, 20,000 km across
+    assert utm_zoomed_out.intersects(Point(179, 60)) and utm_zoomed_out.intersects(Point(170, 0))
+    with pytest.raises(InputError, match="projected coordinates"):
+        bbox_to_wgs84((441730, 4169000, 446000, 4173460), CRS.from_epsg(4326))
+
+
 def test_a_crs_is_refused_only_when_it_cannot_place_a_hit_on_earth():
     """Maps' CRSs are taken, also those whose projection does not reach (0, 0) (Gauss-Kruger
     zones with the zone in the false easting: a probe there refused China's national grids);

@@ -218,34 +218,104 @@ def bbox_to_wgs84(bbox: tuple[float, float, float, float], crs: CRS) -> Area:
     if not (minx < maxx and miny < maxy):
         across = " (a box across 180 degrees: its east past 180, as 179.5,-18,180.5,-16)" if crs.is_geographic else ""
         raise InputError(f"bbox {list(bbox)} is empty: expected MINX,MINY,MAXX,MAXY with min < max{across}")
+    if crs.is_geographic and (miny >= 90 or maxy <= -90):  # nothing on Earth: searched, it found nothing, silently
+        raise InputError(f"bbox {excerpt(list(bbox))} lies wholly past a pole in {crs} (latitudes beyond 90 degrees): "
+                         "are these projected coordinates? Name their CRS (bbox_crs, --bbox-crs)")
     world = _world(crs.to_wkt())
     if world is not None and maxx - minx >= world[0]:  # a map zoomed out to the whole world or more
         return _latitude_band(bbox, crs, world[1])
     ring = np.asarray(shapely.segmentize(box(*bbox), max((maxx - minx), (maxy - miny)) / 16).exterior.coords)
     if crs == CRS.from_epsg(4326):
-        xs, ys = ring[:, 0], ring[:, 1]
+        area = _ring_area(ring[:, 0], ring[:, 1])
     else:
-        try:
-            xs, ys = (np.asarray(v) for v in warp_transform(crs, CRS.from_epsg(4326), ring[:, 0], ring[:, 1]))
-        except Exception:  # PROJ's errors have no common type: far past where the CRS is defined
-            raise InputError(f"bbox {excerpt(list(bbox))} cannot be placed in WGS84 from {crs}: it lies far past "
-                             "where that CRS is defined") from None
-        xs = followed(xs)  # across 180: whole
+        placed = _placed(crs, ring[:, 0], ring[:, 1])
+        area = None if placed is None else _ring_area(followed(placed[0]), placed[1])  # across 180: whole
+    if area is not None and _holds_its_centre(area, bbox, crs):
+        return area
+    # Round a pole, or past where the CRS is defined (a view zoomed out past a Mollweide world's
+    # outline, or far from a UTM zone), the ring does not close, is lost, or folds over: the lon/lat
+    # bounds of what of the box lies on Earth instead, every longitude when it wraps.
+    return _on_earth_bounds(bbox, crs)
+
+
+def _ring_area(xs: np.ndarray, ys: np.ndarray) -> Area | None:
+    """A closed lon/lat ring as a search area with its world copies; None when it does not close
+    (it winds round a pole), is not finite, or is not a valid polygon less than a world wide."""
     xs = xs - 360.0 * np.floor((xs[0] + 180.0) / 360.0)  # its first point within -180..180, as the footprints'
-    if np.isfinite(xs).all() and abs(xs[-1] - xs[0]) < 1e-6:  # else it winds round a pole, or is lost
-        xs[-1] = xs[0]
-        poly = Polygon(np.column_stack([xs, ys]))
-        if poly.is_valid and np.isfinite(poly.bounds).all() and np.ptp(xs) < 360:
-            return with_world_copies(poly)
-    # Round a pole, or past a CRS's edges, the ring does not close or is lost: the box's lon/lat
-    # bounds instead, every longitude when it wraps.
+    if not (np.isfinite(xs).all() and np.isfinite(ys).all() and abs(xs[-1] - xs[0]) < 1e-6):
+        return None
+    xs = xs.copy()
+    xs[-1] = xs[0]
+    poly = Polygon(np.column_stack([xs, ys]))
+    return with_world_copies(poly) if poly.is_valid and np.ptp(xs) < 360 else None
+
+
+def _placed(crs: CRS, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Points of `crs` in lon/lat, None unless every one is on Earth (_on_earth)."""
+    lons, lats, ok = _on_earth(crs, xs, ys)
+    return (lons, lats) if ok.all() else None
+
+
+def _on_earth(crs: CRS, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Points of `crs` in lon/lat, and which of them are on Earth: finite, and back where they
+    were when projected again (past where a projection is defined, PROJ may give a point on the
+    other side of the world, or fail the whole call: then each point is tried alone)."""
     try:
-        west, south, east, north = transform_bounds(crs, CRS.from_epsg(4326), *bbox, densify_pts=21)
+        return _round_trip(crs, xs, ys)
     except Exception:  # PROJ's errors have no common type
-        west = south = east = north = float("nan")
-    if not np.isfinite([west, south, east, north]).all() or south >= north:
-        raise InputError(f"bbox {list(bbox)} cannot be placed in WGS84 from {crs}")
-    if west >= east:
+        if len(xs) == 1:
+            return np.full(1, np.nan), np.full(1, np.nan), np.zeros(1, bool)
+        each = [_on_earth(crs, xs[i:i + 1], ys[i:i + 1]) for i in range(len(xs))]
+        return tuple(np.concatenate(parts) for parts in zip(*each))
+
+
+def _round_trip(crs: CRS, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    lons, lats = (np.asarray(v, float) for v in warp_transform(crs, CRS.from_epsg(4326), xs, ys))
+    finite = np.isfinite(lons) & np.isfinite(lats)
+    back_x, back_y = (np.asarray(v, float) for v in warp_transform(CRS.from_epsg(4326), crs,
+                                                                   np.where(finite, lons, 0.0), np.where(finite, lats, 0.0)))
+    world = _world(crs.to_wkt())
+    if world is not None:  # x that wraps comes back the same a world away (a web map panned past 180)
+        back_x = xs + (back_x - xs + world[0] / 2) % world[0] - world[0] / 2
+    back = np.isclose(back_x, xs, rtol=1e-9, atol=1e-4) & np.isclose(back_y, ys, rtol=1e-9, atol=1e-4)
+    return lons, lats, finite & back
+
+
+def _holds_its_centre(area: Area, bbox: tuple[float, float, float, float], crs: CRS) -> bool:
+    """Whether a box's area holds the box's centre, where that is on Earth: a box past a CRS's
+    bounds can be drawn as a valid ring round somewhere else (a UTM view zoomed out to 20,000 km
+    became a band west of its zone, leaving its middle out)."""
+    centre = _placed(crs, np.array([(bbox[0] + bbox[2]) / 2]), np.array([(bbox[1] + bbox[3]) / 2]))
+    return centre is None or area.intersects(shapely.Point(_within_the_world(centre[0][0]), centre[1][0]))
+
+
+def _within_the_world(lon):
+    """Longitudes moved by whole turns into -180..180 (a lon/lat box panned worlds away)."""
+    return (lon + 180.0) % 360.0 - 180.0
+
+
+ON_EARTH_GRID = 33  # points a side of the grid that finds the part of a box on Earth
+
+
+def _on_earth_bounds(bbox: tuple[float, float, float, float], crs: CRS) -> Polygon:
+    """The lon/lat box round the points of a grid over `bbox` that are on Earth in `crs`, with
+    the poles the box holds; every longitude when they span more than half the world (a box
+    across 180 so, or one round a pole). InputError when none is."""
+    gx, gy = np.meshgrid(np.linspace(bbox[0], bbox[2], ON_EARTH_GRID), np.linspace(bbox[1], bbox[3], ON_EARTH_GRID))
+    lons, lats, ok = _on_earth(crs, gx.ravel(), gy.ravel())
+    if not ok.any():
+        raise InputError(f"bbox {excerpt(list(bbox))} in {crs} lies wholly past where that CRS places points on "
+                         "Earth: give a box of the map's own area, or in another CRS")
+    lons = _within_the_world(lons[ok])
+    west, east, south, north = lons.min(), lons.max(), lats[ok].min(), lats[ok].max()
+    for pole in (-90.0, 90.0):
+        try:
+            px, py = (float(np.asarray(v)[0]) for v in warp_transform(CRS.from_epsg(4326), crs, [0.0], [pole]))
+        except Exception:  # PROJ's errors have no common type: a CRS that cannot place the pole
+            continue
+        if bbox[0] <= px <= bbox[2] and bbox[1] <= py <= bbox[3]:
+            south, north = min(south, pole), max(north, pole)
+    if east - west > 180.0 or south <= -90.0 or north >= 90.0:
         west, east = -180.0, 180.0
     return box(max(west, -180.0), max(south, -90.0), min(east, 180.0), min(north, 90.0))
 
