@@ -140,3 +140,33 @@ def test_feedback_leaves_out_bad_places_and_brings_up_good_ones(rmnp_index, mode
                      feedback=Feedback(("0123456789@10.00,10.00,50.00,0.00",)))
     with pytest.raises(InputError, match="must be an object"):
         Feedback.from_json(["a"])
+
+
+def test_an_example_on_a_raster_changed_since_it_was_indexed_is_read_where_it_is_now(tmp_path, model, assets):
+    """A raster written again 400 px east after it was indexed: an example box where its old
+    pixels lay was read from the file's new pixels by the index's old grid, 400 px from the place
+    asked for, and said nothing. Now the file is read as it is (the old place lies outside it),
+    and the reply names the raster as changed."""
+    import os
+
+    from worker.app import SearchRequest, run_search
+    from worker.store import IndexWriter, TileIndex
+    from worker.tiling import TileSettings
+
+    with rasterio.open(assets["rmnp_rgb"]) as src:
+        pixels, crs, transform = src.read(), src.crs, src.transform
+    moving = write_raster(tmp_path / "moving.tif", pixels, crs=crs, transform=transform)
+    out = tmp_path / "index"
+    IndexWriter(out, model, TileSettings(tile=112, scales=(1,))).build([moving])
+    old_place = tuple(window_bbox(moving))
+    shifted = rasterio.Affine(transform.a, transform.b, transform.c + 400 * transform.a, transform.d, transform.e,
+                              transform.f)  # 400 px east: the old place is past its west edge
+    write_raster(moving, pixels, crs=crs, transform=shifted)
+    os.utime(moving, ns=(1, 1))  # another time than the indexed file's, whatever the clock
+    with pytest.raises(InputError, match="lies outside"):
+        prepare_example(Example(str(moving), old_place, crs.to_string()), list(TileIndex.open(out).rasters.values()),
+                        model.img_size)
+    new_place = tuple(window_bbox(moving))
+    reply = run_search(SearchRequest(None, example=Example(str(moving), new_place, crs.to_string()), top=3), model,
+                       TileIndex.open(out)).to_json()
+    assert [c["raster"] for c in reply["changed"]] == [str(moving)] and "example" in reply["changed"][0]["reason"]

@@ -320,7 +320,7 @@ def run_search(request: SearchRequest, model: "RetrievalModel", index: TileIndex
 
     with stop_when(should_stop):
         raise_if_stopped("drawing the sketch")
-        own_place = None
+        own_place, example = None, None
         if request.example is not None:
             from worker.example_query import prepare_example
 
@@ -337,8 +337,17 @@ def run_search(request: SearchRequest, model: "RetrievalModel", index: TileIndex
         timings = {k: round(v, 2) for k, v in result.timings_ms.items()}
         unreadable = [{"raster": path, "kind": "unreadable", "reason": why}
                       for path, why in sorted(result.unreadable.items())]
+        changed = changed_since_indexed(result.hits)
+        if example is not None and example.changed:  # said of the example, and of its raster's hits
+            changed = sorted([*(c for c in changed if c["raster"] != example.raster.path),
+                              {"raster": example.raster.path, "reason": EXAMPLE_CHANGED}], key=lambda c: c["raster"])
         return SearchOutcome(hits_to_geojson(result.hits, request.out_crs, None), timings, result.hits, sketch,
-                             left_out(index) + unreadable, changed_since_indexed(result.hits))
+                             left_out(index) + unreadable, changed)
+
+
+EXAMPLE_CHANGED = ("changed on disk since it was indexed: the example was read from the file as it is now, while "
+                   "the index holds the old pixels' features, by which any hits in it were found; index it again "
+                   "(the same index request redoes only the rasters that changed)")
 
 
 def changed_since_indexed(hits: list["Hit"]) -> list[dict]:

@@ -64,14 +64,17 @@ class ExampleQuery:
     footprint: Polygon  # the square drawn around the example's box, in the raster's CRS: the query's own place
     window: tuple[float, float, float, float]  # col0, row0, col1, row1 in the raster's pixels
     drawing: np.ndarray  # (S, S) uint8, dark lines on white
+    changed: bool = False  # the index holds the raster, and its file changed since: read as it is now
 
 
 def raster_of(path: Path, rasters: list[RasterInfo], bands: tuple[int, ...] | None,
               drivers: tuple[str, ...] | None) -> RasterInfo:
     """The index's record of a raster (its bands and stretch, so the example is drawn as its
-    tiles were), or the raster opened afresh when the index does not hold it."""
+    tiles were), or the raster opened afresh when the index does not hold it, or its file has
+    changed since it was indexed (the record's size and pixel grid may no longer be the file's:
+    an example was read from a place kilometres from the one asked for)."""
     for r in rasters:
-        if Path(r.path).resolve() == path:
+        if Path(r.path).resolve() == path and not r.changed_on_disk():
             return r
     return open_raster(path, bands, drivers)
 
@@ -146,11 +149,12 @@ def prepare_example(example: Example, rasters: list[RasterInfo], size: int, band
     if not path.is_file():
         raise InputError(f"example raster {excerpt(example.raster)} is not a file")
     raster = raster_of(path, rasters, bands, access.drivers)
+    changed = raster not in rasters and any(Path(r.path).resolve() == path for r in rasters)
     window = pixel_box(example, raster)
     drawing = draw_window(raster, window, size)
     if (drawing < 128).mean() < MIN_INK:
         raise InputError(f"the example at {excerpt(list(example.bbox))} in {raster.path} has nothing to draw (open "
                          "water, haze or flat fields draw no lines): pick a place with visible lines")
     sketch = torch.from_numpy(drawing.astype(np.float32) / 255.0)[None].expand(3, -1, -1).contiguous()
-    return ExampleQuery(sketch, raster, Polygon(drawn_square(raster, window).ring()), window, drawing)
+    return ExampleQuery(sketch, raster, Polygon(drawn_square(raster, window).ring()), window, drawing, changed)
 
