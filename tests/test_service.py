@@ -140,6 +140,28 @@ def test_delete_index_and_a_new_job_are_refused_while_the_index_is_written(worke
     assert not (root / "building").exists()
 
 
+def test_a_search_of_an_index_whose_job_has_committed_nothing_is_busy_not_missing(worker, rasters):
+    """An index asked for and not yet begun (its job waits behind another) was `not_found`, "build
+    one with index", of the index the user had just asked to build."""
+    with worker.client() as c:
+        first = c.start_index("first", [str(rasters / "rmnp-rgb.tif")], tile=64, scales=[1], chunk_tiles=8)
+        waiting = c.start_index("waiting", [str(rasters / "OSBS_029.tif")], tile=112, scales=[1])
+        try:
+            assert waiting["state"] == states.QUEUED, "one job runs at a time: it waits behind the first"
+            with pytest.raises(WorkerError) as err:
+                c.search("waiting", sketch_png=sketch_png(), top=2)
+            with pytest.raises(WorkerError) as never_asked:
+                c.search("never-asked", sketch_png=sketch_png(), top=2)
+        finally:
+            for job in (waiting, first):
+                c.cancel(job["id"])
+                wait_job(c, job["id"])
+    assert err.value.code == codes.BUSY and "committed nothing yet" in err.value.message
+    assert never_asked.value.code == codes.NOT_FOUND
+    for name in ("first", "waiting"):
+        shutil.rmtree(worker.index_root / name, ignore_errors=True)
+
+
 def test_search_with_a_png_frame_and_with_strokes_in_a_crs(worker):
     with worker.client() as c:
         reply = c.search("rmnp", sketch_png=sketch_png(), top=3, crs="EPSG:3857")

@@ -8,6 +8,7 @@ import logging
 import socket
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Callable
 
 from wire import protocol
@@ -25,6 +26,7 @@ from worker.service.indexes import MANIFEST, TRASH_PREFIX, OpenIndexes, index_di
 from worker.service.jobs import Job, JobManager
 from worker.store.format import SHARDS, IndexLocked, index_lock, locked_by_another
 from worker.store.maps import MAPS
+from worker.store.reader import TileIndex
 from worker.tiling import TileSettings
 
 Handler = Callable[[dict, list], dict]
@@ -203,7 +205,7 @@ class Handlers:
             with stop_when(should_stop):
                 raise_if_stopped("opening the index")  # it waited in the queue past its time
             for attempt in (1, 2):
-                index = self.indexes.searchable(index_dir)
+                index = self._searchable(index_dir, header["index"])
                 try:
                     reply = run_search(request, self.model, index, should_stop).to_json()
                     break
@@ -219,6 +221,18 @@ class Handlers:
             return reply
 
         return work
+
+    def _searchable(self, index_dir: Path, name: str) -> TileIndex:
+        """The index to search; `busy` while its job has committed nothing yet (it was `not_found`,
+        "build one with `index`", of an index the user had just asked to build)."""
+        try:
+            return self.indexes.searchable(index_dir)
+        except NotFoundError:
+            job = self.jobs.running_for(index_dir)
+            if job is None:
+                raise
+            raise ProtocolError(BUSY, f"index {name!r} is being built by job {job.id}, which has committed nothing "
+                                      "yet: search again in a few seconds") from None
 
 
 def _example(header: dict) -> Example | None:
