@@ -473,3 +473,28 @@ def test_cli_info_and_missing_index(tmp_path, s2_index):
     assert info["sizes"]["bytes_per_tile"] < 50_000
     result = run_cli("info", tmp_path / "nope")
     assert result.returncode == 2 and "not an index" in result.stderr
+
+
+def test_a_footprint_across_180_degrees_is_whole_in_world_maps_and_other_units(tmp_path, assets):
+    """A place at 60 degrees north across 180, written in Mollweide, Equal Earth or Robinson
+    (whose width shrinks towards the poles) was a sliver 8,000-13,000 km wide: its western points
+    were moved by the equator's world, not its own latitude's. In grads (NTF Paris) it was moved
+    by 360 of 400, and a GeoJSON file's cut at 180 applied to grads moved it again."""
+    from rasterio.transform import from_origin
+
+    from conftest import write_raster
+    from worker.geo import is_lon_lat_degrees, reproject_rings
+    from worker.tiling import open_raster
+
+    with rasterio.open(assets["rmnp_rgb"]) as src:
+        pixels = src.read()
+    raster = open_raster(write_raster(tmp_path / "chukotka.tif", pixels, crs=CRS.from_epsg(4326),
+                                      transform=from_origin(179.99, 60.0, 0.0003, 0.0003)), None)
+    place = Placement(raster, cx=80, cy=180, side=112.0)  # 179.997 to 180.031 degrees east
+    for crs, widest in (("ESRI:54009", 50_000.0), ("EPSG:8857", 50_000.0), ("ESRI:54030", 50_000.0), ("EPSG:3857", 50_000.0),
+                        ("EPSG:4807", 0.1), ("EPSG:4326", 0.05)):
+        footprint = reproject_rings([place], CRS.from_string(crs))[0]
+        west, _, east, _ = footprint.bounds
+        assert footprint.is_valid and 0 < east - west < widest, (crs, footprint.bounds)
+    assert is_lon_lat_degrees(CRS.from_epsg(4326)) and is_lon_lat_degrees(CRS.from_string("OGC:CRS84"))
+    assert not is_lon_lat_degrees(CRS.from_epsg(4807)) and not is_lon_lat_degrees(CRS.from_epsg(3857))

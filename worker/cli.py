@@ -112,6 +112,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from worker.app import check_index, open_index, run_search
+    from worker.geo import is_lon_lat_degrees
     from worker.hits_output import split_at_antimeridian
     from worker.store import write_json_atomic
 
@@ -139,7 +140,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     check_index(index, model)
     outcome = run_search(request, model, index)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    hits = split_at_antimeridian(outcome.hits) if request.out_crs.is_geographic else outcome.hits  # RFC 7946
+    hits = split_at_antimeridian(outcome.hits) if is_lon_lat_degrees(request.out_crs) else outcome.hits  # RFC 7946
     write_json_atomic(args.out, {**hits, "timings_ms": outcome.timings_ms, "left_out": outcome.left_out,
                                  "changed": outcome.changed})
     if args.preview:

@@ -107,9 +107,9 @@ def reproject_rings(tiles: list, dst: CRS) -> list[Polygon]:
         else:
             xs, ys = warp_transform(src, dst, rings[..., 0].ravel(), rings[..., 1].ravel())
             xs, ys = np.asarray(xs).reshape(rings.shape[:2]), np.asarray(ys).reshape(rings.shape[:2])
-            xs = _unwrapped(xs, dst)
+            xs = _unwrapped(xs, dst, lambda rows: _latitudes(src, rings[rows]))
         polygons = shapely.polygons(np.stack([xs, ys], axis=-1))
-        if dst.is_geographic:
+        if is_lon_lat_degrees(dst):  # a pole in other units (grads) lies elsewhere
             on_pole = np.abs(ys) >= POLE_LAT  # a point on a pole has no longitude (PROJ gives 0)
             for n in np.flatnonzero(_winds_round_a_pole(xs) | on_pole.any(axis=1)):
                 if on_pole[n].any():  # the ring from just past the pole round to just before it
@@ -151,11 +151,14 @@ def _polar_cap(xs: np.ndarray, ys: np.ndarray) -> Polygon:
     return orient(Polygon([*zip(lons, ys), (lons[-1], pole), (lons[0], pole)]))
 
 
-def _unwrapped(xs: np.ndarray, dst: CRS) -> np.ndarray:
+def _unwrapped(xs: np.ndarray, dst: CRS, latitudes=None) -> np.ndarray:
     """Rings (n, k) of x in `dst` that cross the antimeridian, made whole: in a CRS whose x wraps
     round the world (lon/lat, web Mercator), a footprint across 180 degrees jumps from one edge to
     the other and would become a band round the world; its western points are moved one world
-    east (x past the CRS's edge, which GIS software draws where it belongs)."""
+    east (x past the CRS's edge, which GIS software draws where it belongs). In a world map whose
+    width shrinks towards the poles (Mollweide, Robinson, Equal Earth), one world at each point's
+    latitude, from `latitudes` (a function of the jumping rings' row numbers): the equator's
+    moved a footprint at 60 degrees 12,000 km."""
     world = _world(dst.to_wkt())
     if world is None or not np.isfinite(xs).all():
         return xs
@@ -163,8 +166,34 @@ def _unwrapped(xs: np.ndarray, dst: CRS) -> np.ndarray:
     jumps = np.ptp(xs, axis=1) > width / 2
     if jumps.any():
         xs = xs.copy()
+        if not _cylindrical(dst.to_wkt()) and latitudes is not None:
+            width = _widths_at(dst.to_wkt(), latitudes(np.flatnonzero(jumps)))
         xs[jumps] = np.where(xs[jumps] < middle, xs[jumps] + width, xs[jumps])
     return xs
+
+
+def _latitudes(src: CRS, rings: np.ndarray) -> np.ndarray:
+    """The latitude of each point of rings (n, k, 2) in `src`."""
+    _, lats = warp_transform(src, CRS.from_epsg(4326), rings[..., 0].ravel(), rings[..., 1].ravel())
+    return np.asarray(lats).reshape(rings.shape[:2])
+
+
+def _widths_at(dst_wkt: str, lats: np.ndarray) -> np.ndarray:
+    """How far x runs once round the world at each latitude (any shape) in a CRS whose x wraps;
+    the equator's where PROJ cannot say."""
+    dst, (width, _) = CRS.from_wkt(dst_wkt), _world(dst_wkt)
+    centre = float(dst.to_dict().get("lon_0", 0.0))
+    flat = np.clip(np.asarray(lats, float).ravel(), -89.999, 89.999)
+    try:
+        xs, _ = warp_transform(CRS.from_epsg(4326), dst, np.concatenate([np.full_like(flat, centre - 179.999),
+                                                                          np.full_like(flat, centre + 179.999)]),
+                               np.concatenate([flat, flat]))
+        xs = np.asarray(xs)
+        widths = (xs[len(flat):] - xs[:len(flat)]) * 360.0 / 359.998
+    except Exception:  # PROJ's errors have no common type
+        widths = np.full_like(flat, width)
+    widths = np.where(np.isfinite(widths) & (widths > 0), widths, width)
+    return widths.reshape(np.shape(lats))
 
 
 def nearest_copy_x(xs: np.ndarray, crs_wkt: str, centre_x: float, whole: bool = False) -> np.ndarray:
@@ -185,11 +214,12 @@ def nearest_copy_x(xs: np.ndarray, crs_wkt: str, centre_x: float, whole: bool = 
 
 @lru_cache(maxsize=16)
 def _world(dst_wkt: str) -> tuple[float, float] | None:
-    """How far x runs once round the equator in a CRS, and its middle (360 and 0 in lon/lat);
-    None where that is no CRS whose x wraps round (x not growing eastwards over the whole turn)."""
+    """How far x runs once round the equator in a CRS, and its middle (360 and 0 in lon/lat in
+    degrees, 400 in grads); None where that is no CRS whose x wraps round (x not growing eastwards
+    over the whole turn)."""
     dst = CRS.from_wkt(dst_wkt)
     if dst.is_geographic:
-        return 360.0, 0.0
+        return 2 * np.pi / dst.units_factor[1], 0.0
     centre = float(dst.to_dict().get("lon_0", 0.0))
     lons = centre + np.array([-179.999, -90.0, 0.0, 90.0, 179.999])
     try:
@@ -201,6 +231,21 @@ def _world(dst_wkt: str) -> tuple[float, float] | None:
         return None
     width = (xs[-1] - xs[0]) * 360.0 / 359.998
     return width, (xs[-1] + xs[0]) / 2
+
+
+@lru_cache(maxsize=16)
+def _cylindrical(dst_wkt: str) -> bool:
+    """Whether a CRS whose x wraps is as wide at 60 degrees as at the equator (lon/lat, Mercator,
+    plate carree), not a world map narrowing towards the poles."""
+    if CRS.from_wkt(dst_wkt).is_geographic:
+        return True
+    return bool(np.isclose(_widths_at(dst_wkt, np.array([60.0]))[0], _world(dst_wkt)[0], rtol=1e-6))
+
+
+def is_lon_lat_degrees(crs: CRS) -> bool:
+    """Whether a CRS is longitude and latitude in degrees from Greenwich: what a GeoJSON file's
+    cut at 180 degrees (RFC 7946) and a polar cap's 90 degrees are written in."""
+    return bool(crs.is_geographic and crs.units_factor[0] in ("degree", "degrees") and "pm" not in crs.to_dict())
 
 
 def bounds_wgs84(items: list) -> np.ndarray:
@@ -218,7 +263,7 @@ def bbox_to_wgs84(bbox: tuple[float, float, float, float], crs: CRS) -> Area:
     if not (minx < maxx and miny < maxy):
         across = " (a box across 180 degrees: its east past 180, as 179.5,-18,180.5,-16)" if crs.is_geographic else ""
         raise InputError(f"bbox {list(bbox)} is empty: expected MINX,MINY,MAXX,MAXY with min < max{across}")
-    if crs.is_geographic and (miny >= 90 or maxy <= -90):  # nothing on Earth: searched, it found nothing, silently
+    if is_lon_lat_degrees(crs) and (miny >= 90 or maxy <= -90):  # nothing on Earth: it found nothing, silently
         raise InputError(f"bbox {excerpt(list(bbox))} lies wholly past a pole in {crs} (latitudes beyond 90 degrees): "
                          "are these projected coordinates? Name their CRS (bbox_crs, --bbox-crs)")
     world = _world(crs.to_wkt())
