@@ -79,6 +79,8 @@ def test_bad_examples_are_refused_with_what_to_do(rmnp_index, model, assets, tmp
         prepare_example(Example(path, (10.0, 10.0, 11.0, 11.0), "EPSG:4326"), rasters, model.img_size)
     with pytest.raises(InputError, match="is empty"):
         Example(path, (-105.5, 40.3, -105.6, 40.4), "EPSG:4326")
+    with pytest.raises(InputError, match="its east past 180"):  # a box across 180 written west to east
+        Example(path, (179.5, -18.0, -179.5, -16.0), "EPSG:4326")
     with pytest.raises(InputError, match="at least 8 px"):
         prepare_example(Example(path, tuple(window_bbox(path, (200, 100, 203, 200))), "EPSG:4326"), rasters,
                         model.img_size)

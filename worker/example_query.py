@@ -48,11 +48,19 @@ class Example:
                              "MINX,MINY,MAXX,MAXY")
         minx, miny, maxx, maxy = self.bbox
         if not (minx < maxx and miny < maxy):
+            across = " or, across 180 degrees, its east past 180 (as 179.5,-18,180.5,-16)" if _geographic(self.crs) else ""
             raise InputError(f"example bbox {excerpt(list(self.bbox))} is empty: expected MINX,MINY,MAXX,MAXY with "
-                             "min < max (drag a rectangle, not a line or a point)")
+                             f"min < max{across} (drag a rectangle, not a line or a point)")
 
     def to_json(self) -> dict:
         return {"raster": self.raster, "bbox": list(self.bbox), "crs": self.crs}
+
+
+def _geographic(crs: str) -> bool:
+    try:
+        return parse_crs(crs).is_geographic
+    except InputError:  # said when the example is placed
+        return False
 
 
 @dataclass(frozen=True)
