@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -251,12 +252,91 @@ def test_the_command_line_indexes_on_a_local_cluster(tmp_path, assets):
     assert summary["tile_count"] == len(TileIndex.open(tmp_path / "index")) > 0
 
 
+def damaged_in_the_middle(folder, assets):
+    """rmnp written as deflate tiles, some in the middle overwritten: its first tiles read, a later one fails."""
+    import rasterio
+
+    from conftest import write_raster
+
+    with rasterio.open(assets["rmnp_rgb"]) as src:
+        path = write_raster(folder / "damaged.tif", src.read(), crs=src.crs, transform=src.transform, compress="deflate",
+                            tiled=True, blockxsize=64, blockysize=64)
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 40_000] = np.random.default_rng(0).integers(0, 256, 40_000, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_raster_a_cluster_worker_cannot_read_is_an_input_error_as_here(tmp_path, assets, model, cluster):
+    """The worker's InputError came back as a plain Exception (its cause, rasterio's error, cannot
+    be unpickled): a traceback to the user, `internal` in the service. It is the same error a run
+    here gives."""
+    damaged = damaged_in_the_middle(tmp_path, assets)
+    with pytest.raises(InputError, match="damaged.tif") as here:
+        IndexWriter(tmp_path / "here", model, SETTINGS, CHUNK).build([damaged])
+    chunks = ClusterChunks(cluster, OPTIONS, model.fingerprint()["tile_encoder"])
+    with pytest.raises(InputError, match="damaged.tif") as there:
+        IndexWriter(tmp_path / "there", model, SETTINGS, CHUNK).build([damaged], computer=chunks)
+    assert type(there.value) is InputError and "cannot read" in str(here.value) and "cannot read" in str(there.value)
+
+
+@pytest.mark.parametrize("peer", ["silent", "ssh"])
+def test_an_address_where_no_dask_scheduler_answers_is_refused_in_time(peer, monkeypatch):
+    """A peer that accepts the connection and never answers left the run waiting for ever (a
+    service's job running, every later job queued behind it); one that answers in another
+    protocol failed with numpy's "Unable to allocate 2.82 EiB"."""
+    import socket
+
+    from worker import distributed
+
+    monkeypatch.setattr(distributed, "CONNECT_S", 3.0)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    accepted = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(conn)
+            if peer == "ssh":
+                conn.sendall(b"SSH-2.0-OpenSSH_8.9p1 Ubuntu-3ubuntu0.1\r\n" * 4)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        with pytest.raises(InputError, match="cannot reach the Dask scheduler") as err:
+            with connect(f"tcp://127.0.0.1:{listener.getsockname()[1]}"):
+                pass
+    finally:
+        listener.close()
+        for conn in accepted:
+            conn.close()
+    assert ("within 3 s" if peer == "silent" else "does not speak") in str(err.value)
+
+
+def test_a_cluster_without_workers_fails_the_run_instead_of_waiting_for_ever(tmp_path, assets, model, monkeypatch):
+    """Its chunks waited for a worker for ever, the job running and the service's jobs queued."""
+    from worker import distributed
+
+    monkeypatch.setattr(distributed, "NO_WORKERS_S", 2.0)
+    with connect("local:1") as client:
+        client.retire_workers(close_workers=True)
+        deadline = time.monotonic() + 30
+        while client.scheduler_info()["workers"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        chunks = ClusterChunks(client, OPTIONS, model.fingerprint()["tile_encoder"])
+        with pytest.raises(InputError, match="no workers"):
+            IndexWriter(tmp_path / "index", model, SETTINGS, CHUNK).build([assets["osbs_rgb"]], computer=chunks)
+
+
 def test_a_cancel_is_seen_while_the_cluster_computes(tmp_path, assets, model, cluster):
     """A job cancelled on a cluster stops within a moment, not when its computing chunks end
     (one chunk of a large raster takes minutes), and commits none of them. Last in this module:
     the cluster's worker computes the cancelled chunk to its end."""
-    import time
-
     out = tmp_path / "index"
     chunks = ClusterChunks(cluster, OPTIONS, model.fingerprint()["tile_encoder"])
     cancelled_at = time.monotonic() + 1.0

@@ -21,10 +21,12 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from wire.protocol import excerpt
 from worker.errors import InputError
 from worker.store.writer import ChunkJob, ChunkResult, compute_chunk
 from worker.thread_pools import usable_cores
@@ -69,24 +71,61 @@ def local_workers(spec: str) -> int | None:
 @contextmanager
 def connect(spec: str):
     """A Dask client of the cluster `spec` names: `local`, `local:N` (a LocalCluster of N worker
-    processes, one thread each, closed on exit) or a scheduler address (tcp://host:8786)."""
+    processes, one thread each, closed on exit; its scheduler's web server, which Dask always
+    starts, on a free port: on 8787 it warned of another taking it) or a scheduler address
+    (tcp://host:8786)."""
     from distributed import Client, LocalCluster
 
     n = local_workers(spec)
     if n == 0:
+        unreachable = (f"cannot reach the Dask scheduler at {spec} ({{}}): start one with `dask scheduler` and "
+                       "workers with `dask worker ADDRESS`, or use --cluster local")
+        _check_scheduler(spec, unreachable)
         try:
-            client = Client(spec, timeout="20s")
-        except (OSError, TimeoutError, ValueError) as exc:
-            raise InputError(f"cannot reach the Dask scheduler at {spec} ({str(exc)[:200]}): start one with "
-                             "`dask scheduler` and workers with `dask worker ADDRESS`, or use --cluster local") from None
+            client = Client(spec, timeout=f"{CONNECT_S:.0f}s")
+        except Exception as exc:  # besides OSError and timeouts, whatever a peer that is no scheduler makes Dask raise
+            raise InputError(unreachable.format(excerpt(str(exc)))) from None
         with client:
             yield client
         return
     n = n or max(1, usable_cores() // 2)
     with _environment_kept(), \
-            LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
             Client(cluster) as client:
         yield client
+
+
+CONNECT_S = 20.0  # for a scheduler to answer who it is; Dask's own timeout covers opening the connection only
+
+
+def _check_scheduler(address: str, unreachable: str) -> None:
+    """InputError, saying `unreachable`, unless a Dask scheduler answers at `address` within
+    CONNECT_S: a peer that accepts the connection and never answers (an HTTP server, a port
+    forwarded to nothing) left Client waiting for ever, a job running and the service's jobs
+    queued behind it; one that answers with other bytes (an SSH banner) failed with numpy's
+    "Unable to allocate 2.82 EiB"."""
+    import asyncio
+
+    from distributed.core import rpc
+
+    async def identity() -> dict:
+        async with rpc(address, timeout=CONNECT_S) as scheduler:
+            return await scheduler.identity()
+
+    def ask() -> dict:
+        return asyncio.run(asyncio.wait_for(identity(), CONNECT_S))
+
+    try:
+        with ThreadPoolExecutor(1) as pool:  # its own event loop, whatever the caller's thread runs
+            answer = pool.submit(ask).result()
+    except TimeoutError:
+        raise InputError(unreachable.format(f"no answer as a Dask scheduler within {CONNECT_S:.0f} s")) from None
+    except OSError as exc:  # refused, no route, a name that does not resolve
+        raise InputError(unreachable.format(excerpt(str(exc)))) from None
+    except Exception:  # an answer in another protocol: bytes Dask reads as a length of exabytes, or as nothing
+        raise InputError(unreachable.format("what answers there does not speak Dask's protocol")) from None
+    if not isinstance(answer, dict) or answer.get("type") != "Scheduler":
+        raise InputError(unreachable.format(f"it answered as {excerpt(str(answer))}, not as a Dask scheduler"))
 
 
 @contextmanager
@@ -119,17 +158,37 @@ def load_models(client, options: "ModelOptions") -> None:
 
 def compute_on_worker(options: "ModelOptions", encoder: dict, job: ChunkJob, settings: TileSettings,
                       batch_size: int) -> ChunkResult:
-    """One chunk, computed on a cluster's worker with its own copy of the model."""
-    model = _model_of(options)
-    if model.fingerprint()["tile_encoder"] != encoder:
-        raise InputError(f"a cluster worker (pid {os.getpid()}) runs another model than the index's: install the same "
-                         "code and weights on every worker")
-    result = compute_chunk(model, job, settings, batch_size)
-    assert result is not None  # nothing stops a chunk on a worker; the driver cancels between chunks
-    return result
+    """One chunk, computed on a cluster's worker with its own copy of the model. Its InputError
+    (a raster the worker cannot open or read) travels back bare: with its cause (rasterio's
+    error, which cannot be unpickled) Dask sent a plain Exception, a traceback to the user and
+    `internal` in the service."""
+    try:
+        model = _model_of(options)
+        if model.fingerprint()["tile_encoder"] != encoder:
+            raise InputError(f"a cluster worker ({_worker_name()}) runs another model than the index's: install the "
+                             "same code and weights on every worker")
+        result = compute_chunk(model, job, settings, batch_size)
+    except InputError as exc:
+        bare = InputError(str(exc))
+        bare.code = exc.code
+    else:
+        assert result is not None  # nothing stops a chunk on a worker; the driver cancels between chunks
+        return result
+    raise bare
+
+
+def _worker_name() -> str:
+    """The cluster worker this runs on, by its address (its pid outside one)."""
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except (ImportError, ValueError):
+        return f"pid {os.getpid()}"
 
 
 STOP_POLL_S = 0.2  # how often the driver asks whether the job was cancelled while chunks compute
+NO_WORKERS_S = 120.0  # a cluster without workers this long fails the job rather than wait for ever
 
 
 class ClusterChunks:
@@ -145,7 +204,8 @@ class ClusterChunks:
 
     def run(self, jobs: list[ChunkJob], settings: TileSettings, batch_size: int, should_stop: Callable[[], bool],
             batch_done: Callable[[int, str], None]) -> Iterator[tuple[ChunkJob, ChunkResult | None]]:
-        from distributed import KilledWorker, as_completed
+        from distributed import as_completed
+        from distributed.comm import CommClosedError
 
         if not jobs:
             return
@@ -156,21 +216,56 @@ class ClusterChunks:
         try:
             finished = as_completed(futures)
             while not finished.is_empty():
+                idle_since = None
                 while not finished.has_ready():  # a cancel is seen within STOP_POLL_S, not when a chunk ends
                     if should_stop():
                         yield jobs[0], None
                         return
+                    idle_since = self._check_workers(idle_since)
                     time.sleep(STOP_POLL_S)
                 future = next(finished)
                 if should_stop():
                     yield futures[future], None
                     return
-                try:
-                    result = future.result()
-                except KilledWorker as exc:
-                    raise InputError(f"cluster workers kept dying while computing {futures[future].raster['path']} "
-                                     f"(chunk {futures[future].chunk}): look at their logs (memory?); committed "
-                                     "chunks are kept, run the job again") from exc
-                yield futures[future], result
+                yield futures[future], self._result(future, futures[future])
+        except (CancelledError, CommClosedError) as exc:  # the scheduler went away: every future is cancelled
+            raise InputError(f"lost the Dask scheduler at {self.client.scheduler.address} ({excerpt(str(exc))}): "
+                             "committed chunks are kept; run the job again once it is back") from None
         finally:
-            self.client.cancel(list(futures))
+            try:
+                self.client.cancel(list(futures))
+            except Exception as exc:  # a scheduler gone cannot be told
+                log.info("the cluster's chunks could not be cancelled: %s", exc)
+
+    def _result(self, future, job: ChunkJob) -> ChunkResult:
+        """A finished chunk's arrays; InputError, naming the chunk, where its workers failed."""
+        from distributed import KilledWorker
+        from distributed.comm import CommClosedError
+
+        where = f"{job.raster['path']} (chunk {job.chunk})"
+        try:
+            return future.result()
+        except KilledWorker:
+            raise InputError(f"cluster workers kept dying while computing {where}: look at their logs (memory?); "
+                             "committed chunks are kept, run the job again") from None
+        except (InputError, CancelledError, CommClosedError):
+            raise
+        except Exception as exc:  # on the worker: its environment (no `worker` package to import, a missing file)
+            raise InputError(f"a cluster worker failed computing {where}: {excerpt(str(exc) or type(exc).__name__)}; "
+                             "every worker and the scheduler need this code importable (PYTHONPATH) and the rasters "
+                             "at the same paths; committed chunks are kept") from None
+
+    def _check_workers(self, idle_since: float | None) -> float | None:
+        """When the cluster has had no worker for NO_WORKERS_S, InputError (its chunks would wait
+        for ever); returns since when it has had none, None while it has some."""
+        if self.client.scheduler_info().get("workers"):
+            return None
+        now = time.monotonic()
+        if idle_since is None:
+            log.warning("the Dask cluster at %s has no workers: its chunks wait for one", self.client.scheduler.address)
+            return now
+        if now - idle_since > NO_WORKERS_S:
+            raise InputError(f"the Dask cluster at {self.client.scheduler.address} has had no workers for "
+                             f"{NO_WORKERS_S:.0f} s: start some with `dask worker ADDRESS`; committed chunks are kept, "
+                             "run the job again")
+        return idle_since
