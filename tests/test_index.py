@@ -69,6 +69,26 @@ def test_killed_indexing_resumes_to_the_same_index(tmp_path, assets):
     assert not list((resumed / "maps").glob("*.tmp"))
 
 
+def test_a_terminated_run_commits_what_it_computed_and_says_so(tmp_path, assets):
+    """SIGTERM (a batch scheduler's time limit, a container stopping) ended a run with no word,
+    losing what it had computed since its last commit: it now stops as Ctrl-C does, commits, and
+    exits 143 saying how to resume."""
+    out = tmp_path / "index"
+    proc = subprocess.Popen([sys.executable, "-m", "worker", "index", "--out", str(out), *SMALL, str(assets["s2_rgb"])],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "manifest.json").exists()
+                                           and json.loads((out / "manifest.json").read_text())["shards"]):
+        time.sleep(0.05)
+    time.sleep(0.5)  # chunks of 4 tiles computed since that commit (a run commits every 2 s or so)
+    before = json.loads((out / "manifest.json").read_text())["tile_count"]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "terminated: committed work is kept" in err, err
+    assert json.loads((out / "manifest.json").read_text())["tile_count"] > before, "what it computed, committed"
+    assert run_cli("index", "--out", out, *SMALL, assets["s2_rgb"]).returncode == 0
+
+
 def test_shards_a_crash_left_uncommitted_are_removed_by_the_next_run(tmp_path, model, rmnp_copy):
     """A shard is written, then committed in one manifest write (no journal before it): what a
     crash leaves between the two, a shard or its temporary, is removed when the run resumes, and
