@@ -334,6 +334,13 @@ def test_search_areas_past_where_a_projection_is_defined_hold_what_the_view_show
     assert utm_zoomed_out.intersects(Point(179, 60)) and utm_zoomed_out.intersects(Point(170, 0))
     with pytest.raises(InputError, match="projected coordinates"):
         bbox_to_wgs84((441730, 4169000, 446000, 4173460), CRS.from_epsg(4326))
+    for name in ("ESRI:54009", "ESRI:54030", "ESRI:54042"):  # zoomed out past a whole world: every longitude
+        world = bbox_to_wgs84((-4e7, -2e7, 4e7, 2e7), CRS.from_string(name))
+        assert world.intersects(Point(-179, 60)) and world.intersects(Point(179, -60)), name
+    for epsg, (x, y) in ((27700, (530000, 180000)), (21781, (600000, 200000)), (29902, (315000, 234000))):
+        grid = bbox_to_wgs84((x, y, x + 1000, y + 1000), CRS.from_epsg(epsg))  # datum shifts come back mm off
+        centre = rasterio.warp.transform(CRS.from_epsg(epsg), CRS.from_epsg(4326), [x + 500], [y + 500])
+        assert grid.intersects(Point(centre[0][0], centre[1][0])) and grid.area < 1e-3, epsg
 
 
 def test_a_crs_is_refused_only_when_it_cannot_place_a_hit_on_earth():
@@ -480,6 +487,7 @@ def test_a_footprint_across_180_degrees_is_whole_in_world_maps_and_other_units(t
     (whose width shrinks towards the poles) was a sliver 8,000-13,000 km wide: its western points
     were moved by the equator's world, not its own latitude's. In grads (NTF Paris) it was moved
     by 360 of 400, and a GeoJSON file's cut at 180 applied to grads moved it again."""
+    from rasterio.enums import WktVersion
     from rasterio.transform import from_origin
 
     from conftest import write_raster
@@ -491,10 +499,14 @@ def test_a_footprint_across_180_degrees_is_whole_in_world_maps_and_other_units(t
     raster = open_raster(write_raster(tmp_path / "chukotka.tif", pixels, crs=CRS.from_epsg(4326),
                                       transform=from_origin(179.99, 60.0, 0.0003, 0.0003)), None)
     place = Placement(raster, cx=80, cy=180, side=112.0)  # 179.997 to 180.031 degrees east
-    for crs, widest in (("ESRI:54009", 50_000.0), ("EPSG:8857", 50_000.0), ("ESRI:54030", 50_000.0), ("EPSG:3857", 50_000.0),
-                        ("EPSG:4807", 0.1), ("EPSG:4326", 0.05)):
-        footprint = reproject_rings([place], CRS.from_string(crs))[0]
-        west, _, east, _ = footprint.bounds
-        assert footprint.is_valid and 0 < east - west < widest, (crs, footprint.bounds)
+    arctic = open_raster(write_raster(tmp_path / "arctic.tif", pixels, crs=CRS.from_epsg(4326),
+                                      transform=from_origin(179.99, 75.0, 0.0003, 0.0003)), None)
+    for where in (place, Placement(arctic, cx=80, cy=180, side=112.0)):  # at 60 and at 75 degrees north
+        for crs, widest in (("ESRI:54009", 50_000.0), ("EPSG:8857", 50_000.0), ("ESRI:54030", 50_000.0),
+                            ("ESRI:54008", 50_000.0), ("EPSG:3857", 50_000.0), ("EPSG:4807", 0.1), ("EPSG:4326", 0.05)):
+            footprint = reproject_rings([where], CRS.from_string(crs))[0]
+            west, _, east, _ = footprint.bounds
+            assert footprint.is_valid and 0 < east - west < widest, (crs, footprint.bounds)
     assert is_lon_lat_degrees(CRS.from_epsg(4326)) and is_lon_lat_degrees(CRS.from_string("OGC:CRS84"))
+    assert is_lon_lat_degrees(CRS.from_wkt(CRS.from_epsg(4326).to_wkt(version=WktVersion.WKT1_ESRI)))  # UNIT["Degree", ...]
     assert not is_lon_lat_degrees(CRS.from_epsg(4807)) and not is_lon_lat_degrees(CRS.from_epsg(3857))

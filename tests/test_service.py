@@ -156,7 +156,7 @@ def test_a_search_of_an_index_whose_job_has_committed_nothing_is_busy_not_missin
             for job in (waiting, first):
                 c.cancel(job["id"])
                 wait_job(c, job["id"])
-    assert err.value.code == codes.BUSY and "committed nothing yet" in err.value.message
+    assert err.value.code == codes.BUSY and "waits behind other jobs" in err.value.message
     assert never_asked.value.code == codes.NOT_FOUND
     for name in ("first", "waiting"):
         shutil.rmtree(worker.index_root / name, ignore_errors=True)

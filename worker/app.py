@@ -339,8 +339,8 @@ def run_search(request: SearchRequest, model: "RetrievalModel", index: TileIndex
                       for path, why in sorted(result.unreadable.items())]
         changed = changed_since_indexed(result.hits)
         if example is not None and example.changed:  # said of the example, and of its raster's hits
-            changed = sorted([*(c for c in changed if c["raster"] != example.raster.path),
-                              {"raster": example.raster.path, "reason": EXAMPLE_CHANGED}], key=lambda c: c["raster"])
+            changed = sorted([*(c for c in changed if c["raster"] != example.changed),
+                              {"raster": example.changed, "reason": EXAMPLE_CHANGED}], key=lambda c: c["raster"])
         return SearchOutcome(hits_to_geojson(result.hits, request.out_crs, None), timings, result.hits, sketch,
                              left_out(index) + unreadable, changed)
 

@@ -107,9 +107,10 @@ def _check_scheduler(address: str, unreachable: str) -> None:
     import asyncio
 
     from distributed.core import rpc
+    from distributed.security import Security
 
-    async def identity() -> dict:
-        async with rpc(address, timeout=CONNECT_S) as scheduler:
+    async def identity() -> dict:  # with Dask's own connection settings: a tls:// scheduler's certificates
+        async with rpc(address, timeout=CONNECT_S, connection_args=Security().get_connection_args("client")) as scheduler:
             return await scheduler.identity()
 
     def ask() -> dict:
@@ -258,8 +259,8 @@ class ClusterChunks:
     def _check_workers(self, idle_since: float | None) -> float | None:
         """When the cluster has had no worker for NO_WORKERS_S, InputError (its chunks would wait
         for ever); returns since when it has had none, None while it has some."""
-        if self.client.scheduler_info().get("workers"):
-            return None
+        if getattr(self.client, "_scheduler_identity", {}).get("workers", True):  # as Dask last heard, every 2 s or so:
+            return None  # asking the scheduler blocked for as long as it did not answer (stopped), a cancel unseen
         now = time.monotonic()
         if idle_since is None:
             log.warning("the Dask cluster at %s has no workers: its chunks wait for one", self.client.scheduler.address)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import rasterio.errors
 import torch
 from rasterio.crs import CRS
 from rasterio.warp import transform as warp_transform
@@ -72,7 +73,7 @@ class ExampleQuery:
     footprint: Polygon  # the square drawn around the example's box, in the raster's CRS: the query's own place
     window: tuple[float, float, float, float]  # col0, row0, col1, row1 in the raster's pixels
     drawing: np.ndarray  # (S, S) uint8, dark lines on white
-    changed: bool = False  # the index holds the raster, and its file changed since: read as it is now
+    changed: str | None = None  # the raster's path as indexed, when its file changed since: read as it is now
 
 
 def raster_of(path: Path, rasters: list[RasterInfo], bands: tuple[int, ...] | None,
@@ -82,9 +83,18 @@ def raster_of(path: Path, rasters: list[RasterInfo], bands: tuple[int, ...] | No
     changed since it was indexed (the record's size and pixel grid may no longer be the file's:
     an example was read from a place kilometres from the one asked for)."""
     for r in rasters:
-        if Path(r.path).resolve() == path and not r.changed_on_disk():
+        if Path(r.path).resolve() == path and not _changed(r):
             return r
     return open_raster(path, bands, drivers)
+
+
+def _changed(raster: RasterInfo) -> bool:
+    """Whether a raster's file changed since it was indexed; True where that cannot be told (a
+    VRT that cannot be opened now), so that it is opened afresh and says why it cannot be."""
+    try:
+        return raster.changed_on_disk()
+    except (OSError, rasterio.errors.RasterioError):
+        return True
 
 
 def pixel_box(example: Example, raster: RasterInfo) -> tuple[float, float, float, float]:
@@ -157,7 +167,7 @@ def prepare_example(example: Example, rasters: list[RasterInfo], size: int, band
     if not path.is_file():
         raise InputError(f"example raster {excerpt(example.raster)} is not a file")
     raster = raster_of(path, rasters, bands, access.drivers)
-    changed = raster not in rasters and any(Path(r.path).resolve() == path for r in rasters)
+    changed = None if raster in rasters else next((r.path for r in rasters if Path(r.path).resolve() == path), None)
     window = pixel_box(example, raster)
     drawing = draw_window(raster, window, size)
     if (drawing < 128).mean() < MIN_INK:

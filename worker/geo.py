@@ -157,18 +157,19 @@ def _unwrapped(xs: np.ndarray, dst: CRS, latitudes=None) -> np.ndarray:
     the other and would become a band round the world; its western points are moved one world
     east (x past the CRS's edge, which GIS software draws where it belongs). In a world map whose
     width shrinks towards the poles (Mollweide, Robinson, Equal Earth), one world at each point's
-    latitude, from `latitudes` (a function of the jumping rings' row numbers): the equator's
-    moved a footprint at 60 degrees 12,000 km."""
+    latitude, from `latitudes` (a function of rings' row numbers): the equator's moved a
+    footprint at 60 degrees 12,000 km, and at 75 degrees told no jump."""
     world = _world(dst.to_wkt())
     if world is None or not np.isfinite(xs).all():
         return xs
     width, middle = world
-    jumps = np.ptp(xs, axis=1) > width / 2
+    widths = np.full(xs.shape, width)
+    if not _cylindrical(dst.to_wkt()) and latitudes is not None:  # judged by each ring's own latitudes
+        widths = _widths_at(dst.to_wkt(), latitudes(np.arange(len(xs))))
+    jumps = np.ptp(xs, axis=1) > widths.min(axis=1) / 2
     if jumps.any():
         xs = xs.copy()
-        if not _cylindrical(dst.to_wkt()) and latitudes is not None:
-            width = _widths_at(dst.to_wkt(), latitudes(np.flatnonzero(jumps)))
-        xs[jumps] = np.where(xs[jumps] < middle, xs[jumps] + width, xs[jumps])
+        xs[jumps] = np.where(xs[jumps] < middle, xs[jumps] + widths[jumps], xs[jumps])
     return xs
 
 
@@ -245,7 +246,7 @@ def _cylindrical(dst_wkt: str) -> bool:
 def is_lon_lat_degrees(crs: CRS) -> bool:
     """Whether a CRS is longitude and latitude in degrees from Greenwich: what a GeoJSON file's
     cut at 180 degrees (RFC 7946) and a polar cap's 90 degrees are written in."""
-    return bool(crs.is_geographic and crs.units_factor[0] in ("degree", "degrees") and "pm" not in crs.to_dict())
+    return bool(crs.is_geographic and np.isclose(crs.units_factor[1], np.pi / 180) and "pm" not in crs.to_dict())
 
 
 def bounds_wgs84(items: list) -> np.ndarray:
@@ -268,7 +269,8 @@ def bbox_to_wgs84(bbox: tuple[float, float, float, float], crs: CRS) -> Area:
                          "are these projected coordinates? Name their CRS (bbox_crs, --bbox-crs)")
     world = _world(crs.to_wkt())
     if world is not None and maxx - minx >= world[0]:  # a map zoomed out to the whole world or more
-        return _latitude_band(bbox, crs, world[1])
+        band = _latitude_band(bbox, crs, world[1])
+        return band if band is not None else _on_earth_bounds(bbox, crs)
     ring = np.asarray(shapely.segmentize(box(*bbox), max((maxx - minx), (maxy - miny)) / 16).exterior.coords)
     if crs == CRS.from_epsg(4326):
         area = _ring_area(ring[:, 0], ring[:, 1])
@@ -301,20 +303,29 @@ def _placed(crs: CRS, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.nd
     return (lons, lats) if ok.all() else None
 
 
-def _on_earth(crs: CRS, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Points of `crs` in lon/lat, and which of them are on Earth: finite, and back where they
-    were when projected again (past where a projection is defined, PROJ may give a point on the
-    other side of the world, or fail the whole call: then each point is tried alone)."""
+def _on_earth(crs: CRS, xs: np.ndarray, ys: np.ndarray, tolerance: float | None = None
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Points of `crs` in lon/lat, and which of them are on Earth: finite, and back within
+    `tolerance` (CRS units; by default a thousandth of the points' spread, at least 100 m or a
+    thousandth of a degree) when projected again. Past where a projection is defined PROJ gives
+    points kilometres, or a world, away, or fails the whole call: then each half is tried apart.
+    Datum shifts come back millimetres to metres off (British, Swiss and Irish grids), never
+    kilometres."""
+    if tolerance is None:
+        floor = 100.0 if not crs.is_geographic else 1e-3 * _world(crs.to_wkt())[0] / 360.0
+        tolerance = max(floor, 1e-3 * max(np.ptp(xs), np.ptp(ys)))
     try:
-        return _round_trip(crs, xs, ys)
+        return _round_trip(crs, xs, ys, tolerance)
     except Exception:  # PROJ's errors have no common type
         if len(xs) == 1:
             return np.full(1, np.nan), np.full(1, np.nan), np.zeros(1, bool)
-        each = [_on_earth(crs, xs[i:i + 1], ys[i:i + 1]) for i in range(len(xs))]
-        return tuple(np.concatenate(parts) for parts in zip(*each))
+        half = len(xs) // 2
+        parts = [_on_earth(crs, xs[:half], ys[:half], tolerance), _on_earth(crs, xs[half:], ys[half:], tolerance)]
+        return tuple(np.concatenate(arrays) for arrays in zip(*parts))
 
 
-def _round_trip(crs: CRS, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _round_trip(crs: CRS, xs: np.ndarray, ys: np.ndarray, tolerance: float
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     lons, lats = (np.asarray(v, float) for v in warp_transform(crs, CRS.from_epsg(4326), xs, ys))
     finite = np.isfinite(lons) & np.isfinite(lats)
     back_x, back_y = (np.asarray(v, float) for v in warp_transform(CRS.from_epsg(4326), crs,
@@ -322,8 +333,7 @@ def _round_trip(crs: CRS, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, n
     world = _world(crs.to_wkt())
     if world is not None:  # x that wraps comes back the same a world away (a web map panned past 180)
         back_x = xs + (back_x - xs + world[0] / 2) % world[0] - world[0] / 2
-    back = np.isclose(back_x, xs, rtol=1e-9, atol=1e-4) & np.isclose(back_y, ys, rtol=1e-9, atol=1e-4)
-    return lons, lats, finite & back
+    return lons, lats, finite & (np.abs(back_x - xs) <= tolerance) & (np.abs(back_y - ys) <= tolerance)
 
 
 def _holds_its_centre(area: Area, bbox: tuple[float, float, float, float], crs: CRS) -> bool:
@@ -365,12 +375,14 @@ def _on_earth_bounds(bbox: tuple[float, float, float, float], crs: CRS) -> Polyg
     return box(max(west, -180.0), max(south, -90.0), min(east, 180.0), min(north, 90.0))
 
 
-def _latitude_band(bbox: tuple[float, float, float, float], crs: CRS, middle: float) -> Polygon:
+def _latitude_band(bbox: tuple[float, float, float, float], crs: CRS, middle: float) -> Polygon | None:
     """Every longitude between a box's latitudes, in a CRS whose x wraps round the world (y alone
-    gives the latitude: lon/lat, Mercator)."""
-    _, lats = warp_transform(crs, CRS.from_epsg(4326), [middle, middle], [bbox[1], bbox[3]])
-    south, north = (float(np.clip(v, -90.0, 90.0)) if np.isfinite(v) else float(np.copysign(90.0, y))
-                    for v, y in zip(lats, (bbox[1], bbox[3])))
+    gives the latitude at its middle: lon/lat, Mercator); None where y past the map's outline
+    (a Mollweide world's) has no latitude."""
+    _, lats, ok = _on_earth(crs, np.array([middle, middle]), np.array([bbox[1], bbox[3]]))
+    if not ok.all():
+        return None
+    south, north = (float(np.clip(v, -90.0, 90.0)) for v in lats)
     return box(-180.0, south, 180.0, north)
 
 

@@ -11,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
+from wire import job_states as states
 from wire import protocol
 from wire.errors import BAD_REQUEST, BUSY, FORBIDDEN, NOT_FOUND, ProtocolError
 from wire.protocol import MAX_STROKE_POINTS, MAX_STROKES, excerpt, field, new_id
@@ -231,8 +232,9 @@ class Handlers:
             job = self.jobs.running_for(index_dir)
             if job is None:
                 raise
-            raise ProtocolError(BUSY, f"index {name!r} is being built by job {job.id}, which has committed nothing "
-                                      "yet: search again in a few seconds") from None
+            when = ("waits behind other jobs: search again once it runs" if job.state == states.QUEUED
+                    else "has committed nothing yet: search again in a few seconds")
+            raise ProtocolError(BUSY, f"index {name!r} is being built by job {job.id}, which {when}") from None
 
 
 def _example(header: dict) -> Example | None:
