@@ -263,7 +263,8 @@ def test_a_raster_over_a_pole_is_searched_and_its_hits_are_one_each(tmp_path, mo
     """The sample scene (485 by 373 px) at 30 m in Antarctic polar stereographic, round the South
     Pole. A footprint round the pole was a ring crossing itself in lon/lat: every search of such
     an index failed in GEOS ("side location conflict"). Hits in one raster are now told apart in
-    its pixels, and a footprint round a pole is a cap in lon/lat, valid, cut at 180 as one piece."""
+    its pixels, and a footprint round a pole is a cap in lon/lat, valid, cut at 180 as one piece;
+    in web Mercator, which draws the pole infinitely far, a strip along the map's edge."""
     from rasterio.transform import from_origin
 
     from conftest import write_raster
@@ -294,6 +295,11 @@ def test_a_raster_over_a_pole_is_searched_and_its_hits_are_one_each(tmp_path, mo
         footprint = reproject_rings([place], CRS.from_epsg(4326))[0]
         west, south, east, _ = footprint.bounds
         assert footprint.is_valid and south == -90.0 and abs(east - west - degrees) < 1e-6, footprint.bounds
+    near_pole = Placement(pole.raster, 100, 100, 112.0)  # 89.9 degrees south, wholly past a web map's edge
+    half_world = 20037508.342789244
+    for place in (pole, corner_on_pole, edge_through_pole, near_pole):  # a QGIS project in web Mercator
+        drawn = reproject_rings([place], CRS.from_epsg(3857))[0]  # was a ring 56,000 km south, crossing itself
+        assert drawn.is_valid and -half_world - 1 <= drawn.bounds[1] and drawn.bounds[3] <= -half_world + 20_000
 
 
 def test_search_areas_near_180_degrees_and_the_poles_cover_what_the_view_shows():

@@ -20,6 +20,7 @@ from shapely.geometry.polygon import orient
 from wire.protocol import excerpt
 from worker.errors import InputError
 
+WGS84 = CRS.from_epsg(4326)
 Area = Polygon | MultiPolygon  # a search area in lon/lat: one across 180 degrees is its world copies
 MAX_CRS_CHARS = 20_000  # a long PROJJSON is a few thousand characters
 AUTHORITY_CODE = re.compile(r"[A-Za-z][A-Za-z0-9_]*:{1,2}[A-Za-z0-9_.]+|urn:ogc:def:crs:[A-Za-z0-9_]+:[0-9.]*:[A-Za-z0-9_.]+")
@@ -117,9 +118,52 @@ def reproject_rings(tiles: list, dst: CRS) -> list[Polygon]:
                     polygons[n] = _polar_cap(xs[n][path], ys[n][path])
                 else:
                     polygons[n] = _polar_cap(xs[n], ys[n])
+        elif _is_mercator(dst):
+            lats = _latitudes(src, rings) if not src.is_geographic else rings[..., 1]
+            beyond = np.flatnonzero((np.abs(lats) > MERCATOR_LAT).any(axis=1))
+            for n, footprint in zip(beyond, reproject_rings([tiles[idx[n]] for n in beyond], WGS84) if len(beyond) else []):
+                polygons[n] = _at_mercators_edge(footprint, dst)
         for i, polygon in zip(idx, polygons):
             out[i] = polygon
     return out  # type: ignore[return-value]
+
+
+MERCATOR_LAT = 85.0511287798  # where a Mercator map of the world ends square (web maps): it draws a pole infinitely far
+
+
+def _is_mercator(crs: CRS) -> bool:
+    return _mercator(crs.to_wkt())
+
+
+@lru_cache(maxsize=16)
+def _mercator(wkt: str) -> bool:
+    crs = CRS.from_wkt(wkt)
+    return crs.is_projected and crs.to_dict().get("proj") == "merc"
+
+
+EDGE_STRIP = 0.01  # degrees of latitude: a hit wholly past a Mercator map's edge is drawn as a strip along it
+
+
+def _at_mercators_edge(footprint: Polygon, dst: CRS) -> Polygon:
+    """A lon/lat footprint reaching past MERCATOR_LAT in a Mercator `dst`: its part within, or,
+    wholly past it, a strip EDGE_STRIP wide along the map's edge at its longitudes. Projected
+    whole, a footprint round a pole was a ring 56,000 km south of the equator, crossing itself,
+    and a zoom to it in QGIS showed empty map."""
+    within = footprint.intersection(box(-720.0, -MERCATOR_LAT, 720.0, MERCATOR_LAT))
+    parts = [p for p in shapely.get_parts(within) if p.geom_type == "Polygon" and p.area > 0]
+    if parts:
+        shape = max(parts, key=lambda p: p.area)
+    else:
+        west, south, east, _ = footprint.bounds
+        edge = MERCATOR_LAT if south > 0 else -MERCATOR_LAT
+        shape = shapely.segmentize(box(west, min(edge, edge - np.sign(edge) * EDGE_STRIP), east,
+                                       max(edge, edge - np.sign(edge) * EDGE_STRIP)), 1.0)
+    ring = np.asarray(orient(shape).exterior.coords)
+    xs, ys = (np.asarray(v) for v in warp_transform(WGS84, dst, ring[:, 0], ring[:, 1]))
+    width = _world(dst.to_wkt())[0]
+    xs = followed(xs, width)
+    xs = xs - width * np.round((xs.mean() - _world(dst.to_wkt())[1]) / width)  # in the world, not a world away
+    return Polygon(np.column_stack([xs, ys]))
 
 
 POLE_LAT = 90.0 - 1e-9
@@ -175,7 +219,7 @@ def _unwrapped(xs: np.ndarray, dst: CRS, latitudes=None) -> np.ndarray:
 
 def _latitudes(src: CRS, rings: np.ndarray) -> np.ndarray:
     """The latitude of each point of rings (n, k, 2) in `src`."""
-    _, lats = warp_transform(src, CRS.from_epsg(4326), rings[..., 0].ravel(), rings[..., 1].ravel())
+    _, lats = warp_transform(src, WGS84, rings[..., 0].ravel(), rings[..., 1].ravel())
     return np.asarray(lats).reshape(rings.shape[:2])
 
 
@@ -186,7 +230,7 @@ def _widths_at(dst_wkt: str, lats: np.ndarray) -> np.ndarray:
     centre = float(dst.to_dict().get("lon_0", 0.0))
     flat = np.clip(np.asarray(lats, float).ravel(), -89.999, 89.999)
     try:
-        xs, _ = warp_transform(CRS.from_epsg(4326), dst, np.concatenate([np.full_like(flat, centre - 179.999),
+        xs, _ = warp_transform(WGS84, dst, np.concatenate([np.full_like(flat, centre - 179.999),
                                                                           np.full_like(flat, centre + 179.999)]),
                                np.concatenate([flat, flat]))
         xs = np.asarray(xs)
@@ -224,7 +268,7 @@ def _world(dst_wkt: str) -> tuple[float, float] | None:
     centre = float(dst.to_dict().get("lon_0", 0.0))
     lons = centre + np.array([-179.999, -90.0, 0.0, 90.0, 179.999])
     try:
-        xs, _ = warp_transform(CRS.from_epsg(4326), dst, lons, np.zeros(len(lons)))
+        xs, _ = warp_transform(WGS84, dst, lons, np.zeros(len(lons)))
     except Exception:  # PROJ's errors have no common type
         return None
     xs = np.asarray(xs)
@@ -253,7 +297,7 @@ def bounds_wgs84(items: list) -> np.ndarray:
     """(n, 4) lon/lat bounds of each footprint (see reproject_rings)."""
     if not items:
         return np.zeros((0, 4))
-    return np.array([p.bounds for p in reproject_rings(items, CRS.from_epsg(4326))])
+    return np.array([p.bounds for p in reproject_rings(items, WGS84)])
 
 
 def bbox_to_wgs84(bbox: tuple[float, float, float, float], crs: CRS) -> Area:
@@ -272,7 +316,7 @@ def bbox_to_wgs84(bbox: tuple[float, float, float, float], crs: CRS) -> Area:
         band = _latitude_band(bbox, crs, world[1])
         return band if band is not None else _on_earth_bounds(bbox, crs)
     ring = np.asarray(shapely.segmentize(box(*bbox), max((maxx - minx), (maxy - miny)) / 16).exterior.coords)
-    if crs == CRS.from_epsg(4326):
+    if crs == WGS84:
         area = _ring_area(ring[:, 0], ring[:, 1])
     else:
         placed = _placed(crs, ring[:, 0], ring[:, 1])
@@ -326,9 +370,9 @@ def _on_earth(crs: CRS, xs: np.ndarray, ys: np.ndarray, tolerance: float | None 
 
 def _round_trip(crs: CRS, xs: np.ndarray, ys: np.ndarray, tolerance: float
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    lons, lats = (np.asarray(v, float) for v in warp_transform(crs, CRS.from_epsg(4326), xs, ys))
+    lons, lats = (np.asarray(v, float) for v in warp_transform(crs, WGS84, xs, ys))
     finite = np.isfinite(lons) & np.isfinite(lats)
-    back_x, back_y = (np.asarray(v, float) for v in warp_transform(CRS.from_epsg(4326), crs,
+    back_x, back_y = (np.asarray(v, float) for v in warp_transform(WGS84, crs,
                                                                    np.where(finite, lons, 0.0), np.where(finite, lats, 0.0)))
     world = _world(crs.to_wkt())
     if world is not None:  # x that wraps comes back the same a world away (a web map panned past 180)
@@ -365,7 +409,7 @@ def _on_earth_bounds(bbox: tuple[float, float, float, float], crs: CRS) -> Polyg
     west, east, south, north = lons.min(), lons.max(), lats[ok].min(), lats[ok].max()
     for pole in (-90.0, 90.0):
         try:
-            px, py = (float(np.asarray(v)[0]) for v in warp_transform(CRS.from_epsg(4326), crs, [0.0], [pole]))
+            px, py = (float(np.asarray(v)[0]) for v in warp_transform(WGS84, crs, [0.0], [pole]))
         except Exception:  # PROJ's errors have no common type: a CRS that cannot place the pole
             continue
         if bbox[0] <= px <= bbox[2] and bbox[1] <= py <= bbox[3]:
