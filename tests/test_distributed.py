@@ -248,6 +248,7 @@ def test_the_command_line_indexes_on_a_local_cluster(tmp_path, assets):
                            "--scales", "1", "--cluster", "local:2", "--quiet", "--sketch-modules", "none",
                            assets["osbs_rgb"]], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+    assert " INFO " not in done.stderr, done.stderr  # --quiet: Dask's 37 lines of news are not the user's
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["tile_count"] == len(TileIndex.open(tmp_path / "index")) > 0
 

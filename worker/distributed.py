@@ -76,6 +76,8 @@ def connect(spec: str):
     (tcp://host:8786)."""
     from distributed import Client, LocalCluster
 
+    if logging.getLogger().getEffectiveLevel() > logging.INFO:  # Dask's news at INFO only when asked (-v)
+        logging.getLogger("distributed").setLevel(logging.WARNING)
     n = local_workers(spec)
     if n == 0:
         unreachable = (f"cannot reach the Dask scheduler at {spec} ({{}}): start one with `dask scheduler` and "
