@@ -18,7 +18,7 @@ FORBIDDEN = "forbidden"  # a path outside the allowed roots, or a file or addres
 BUSY = "busy"  # an index a job is writing (cancel it or wait), or the worker's queues are full (retry later)
 TIMEOUT = "timeout"  # the server-side time limit passed
 CORRUPT_INDEX = "corrupt_index"  # an index whose files are damaged: index its rasters again (worker.store.writer)
-STORAGE = "storage"  # the worker's disk is full or failing: free space or fix it, then retry
+STORAGE = "storage"  # the worker's disk refused (full, read-only, failing, a size limit): the message says what to do
 INTERNAL = "internal"  # a bug in the worker; details in its log
 UNAVAILABLE = "unavailable"  # never sent: a client's own code for "no reply at all"
 

@@ -76,17 +76,20 @@ def connect(spec: str):
     (tcp://host:8786)."""
     from distributed import Client, LocalCluster
 
-    if logging.getLogger().getEffectiveLevel() > logging.INFO:  # Dask's news at INFO only when asked (-v)
+    # Dask's news at INFO only when asked (-v): here, since importing distributed sets its logger to INFO
+    if logging.getLogger().getEffectiveLevel() > logging.INFO:
         logging.getLogger("distributed").setLevel(logging.WARNING)
     n = local_workers(spec)
     if n == 0:
-        unreachable = (f"cannot reach the Dask scheduler at {spec} ({{}}): start one with `dask scheduler` and "
-                       "workers with `dask worker ADDRESS`, or use --cluster local")
+        def unreachable(why: str) -> InputError:
+            return InputError(f"cannot reach the Dask scheduler at {spec} ({why}): start one with `dask scheduler` "
+                              "and workers with `dask worker ADDRESS`, or use --cluster local")
+
         _check_scheduler(spec, unreachable)
         try:
             client = Client(spec, timeout=f"{CONNECT_S:.0f}s")
         except Exception as exc:  # besides OSError and timeouts, whatever a peer that is no scheduler makes Dask raise
-            raise InputError(unreachable.format(excerpt(str(exc)))) from None
+            raise unreachable(excerpt(str(exc))) from None
         with client:
             yield client
         return
@@ -100,8 +103,8 @@ def connect(spec: str):
 CONNECT_S = 20.0  # for a scheduler to answer who it is; Dask's own timeout covers opening the connection only
 
 
-def _check_scheduler(address: str, unreachable: str) -> None:
-    """InputError, saying `unreachable`, unless a Dask scheduler answers at `address` within
+def _check_scheduler(address: str, unreachable: Callable[[str], InputError]) -> None:
+    """InputError (`unreachable` of why) unless a Dask scheduler answers at `address` within
     CONNECT_S: a peer that accepts the connection and never answers (an HTTP server, a port
     forwarded to nothing) left Client waiting for ever, a job running and the service's jobs
     queued behind it; one that answers with other bytes (an SSH banner) failed with numpy's
@@ -122,13 +125,13 @@ def _check_scheduler(address: str, unreachable: str) -> None:
         with ThreadPoolExecutor(1) as pool:  # its own event loop, whatever the caller's thread runs
             answer = pool.submit(ask).result()
     except TimeoutError:
-        raise InputError(unreachable.format(f"no answer as a Dask scheduler within {CONNECT_S:.0f} s")) from None
+        raise unreachable(f"no answer as a Dask scheduler within {CONNECT_S:.0f} s") from None
     except OSError as exc:  # refused, no route, a name that does not resolve
-        raise InputError(unreachable.format(excerpt(str(exc)))) from None
+        raise unreachable(excerpt(str(exc))) from None
     except Exception:  # an answer in another protocol: bytes Dask reads as a length of exabytes, or as nothing
-        raise InputError(unreachable.format("what answers there does not speak Dask's protocol")) from None
+        raise unreachable("what answers there does not speak Dask's protocol") from None
     if not isinstance(answer, dict) or answer.get("type") != "Scheduler":
-        raise InputError(unreachable.format(f"it answered as {excerpt(str(answer))}, not as a Dask scheduler"))
+        raise unreachable(f"it answered as {excerpt(str(answer))}, not as a Dask scheduler")
 
 
 @contextmanager
@@ -190,6 +193,13 @@ def _worker_name() -> str:
         return f"pid {os.getpid()}"
 
 
+def _environment_error(exc: Exception) -> bool:
+    """Whether a worker's failure is its environment's, not a bug: this code not importable there
+    (Dask then cannot read the task: "Error during deserialization of the task graph"), a file
+    it cannot find."""
+    return isinstance(exc, (ImportError, FileNotFoundError)) or "deserializ" in str(exc)
+
+
 STOP_POLL_S = 0.2  # how often the driver asks whether the job was cancelled while chunks compute
 NO_WORKERS_S = 120.0  # a cluster without workers this long fails the job rather than wait for ever
 
@@ -224,7 +234,7 @@ class ClusterChunks:
                     if should_stop():
                         yield jobs[0], None
                         return
-                    idle_since = self._check_workers(idle_since)
+                    idle_since = self._without_workers_since(idle_since)
                     time.sleep(STOP_POLL_S)
                 future = next(finished)
                 if should_stop():
@@ -253,16 +263,21 @@ class ClusterChunks:
                              "committed chunks are kept, run the job again") from None
         except (InputError, CancelledError, CommClosedError):
             raise
-        except Exception as exc:  # on the worker: its environment (no `worker` package to import, a missing file)
+        except Exception as exc:
+            if not _environment_error(exc):  # a bug: `internal`, with where it happened
+                exc.add_note(f"computing {where} on a cluster worker")
+                raise
             raise InputError(f"a cluster worker failed computing {where}: {excerpt(str(exc) or type(exc).__name__)}; "
                              "every worker and the scheduler need this code importable (PYTHONPATH) and the rasters "
                              "at the same paths; committed chunks are kept") from None
 
-    def _check_workers(self, idle_since: float | None) -> float | None:
+    def _without_workers_since(self, idle_since: float | None) -> float | None:
         """When the cluster has had no worker for NO_WORKERS_S, InputError (its chunks would wait
         for ever); returns since when it has had none, None while it has some."""
-        if getattr(self.client, "_scheduler_identity", {}).get("workers", True):  # as Dask last heard, every 2 s or so:
-            return None  # asking the scheduler blocked for as long as it did not answer (stopped), a cancel unseen
+        # Dask's own record (private) of what the scheduler last said, renewed every 2 s or so:
+        # client.scheduler_info() asks it, and blocked as long as it did not answer (stopped)
+        if getattr(self.client, "_scheduler_identity", {}).get("workers", True):
+            return None
         now = time.monotonic()
         if idle_since is None:
             log.warning("the Dask cluster at %s has no workers: its chunks wait for one", self.client.scheduler.address)

@@ -18,12 +18,13 @@ STORAGE_ADVICE = {
     errno.EIO: "the disk failed a read or write: check it (dmesg, smartctl) or keep the index on another disk",
     errno.EFBIG: "the file is larger than that file system, or the worker's file size limit (ulimit -f), allows: "
                  "keep the index on a file system that takes larger files, or raise the limit",
-    errno.EACCES: "the worker may not write there: give the user it runs as write access to that folder",
-    errno.EPERM: "the worker may not write there: give the user it runs as write access to that folder",
+    **dict.fromkeys((errno.EACCES, errno.EPERM),
+                    "the worker may not write there: give the user it runs as write access to that folder"),
 }
 # what the kernel says when a disk is full, read-only or failing, or a file too large for it,
-# wherever it is raised: the operator's to fix, not a bug
-STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG})
+# wherever it is raised: the operator's to fix, not a bug (no access is a storage error only
+# where the worker writes: worker.store.format.disk_write)
+STORAGE_ERRNOS = frozenset(STORAGE_ADVICE) - {errno.EACCES, errno.EPERM}
 
 
 def errno_named_in(text: str) -> int | None:
@@ -100,7 +101,8 @@ class RasterUnreadable(InputError):
 
 
 class StorageError(InputError):
-    """The disk refused a write (full, read-only, failing): the operator frees space or fixes it."""
+    """The disk refused a write (full, read-only, failing) or a read (failing): the operator frees
+    space or fixes it."""
 
     code = codes.STORAGE
 

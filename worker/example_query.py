@@ -77,15 +77,15 @@ class ExampleQuery:
 
 
 def raster_of(path: Path, rasters: list[RasterInfo], bands: tuple[int, ...] | None,
-              drivers: tuple[str, ...] | None) -> RasterInfo:
+              drivers: tuple[str, ...] | None) -> tuple[RasterInfo, str | None]:
     """The index's record of a raster (its bands and stretch, so the example is drawn as its
     tiles were), or the raster opened afresh when the index does not hold it, or its file has
-    changed since it was indexed (the record's size and pixel grid may no longer be the file's:
-    an example was read from a place kilometres from the one asked for)."""
-    for r in rasters:
-        if Path(r.path).resolve() == path and not _changed(r):
-            return r
-    return open_raster(path, bands, drivers)
+    changed since it was indexed (the record's size and pixel grid may no longer be the file's).
+    Also the raster's path as indexed when it changed, else None."""
+    indexed = next((r for r in rasters if Path(r.path).resolve() == path), None)
+    if indexed is not None and not _changed(indexed):
+        return indexed, None
+    return open_raster(path, bands, drivers), None if indexed is None else indexed.path
 
 
 def _changed(raster: RasterInfo) -> bool:
@@ -166,8 +166,7 @@ def prepare_example(example: Example, rasters: list[RasterInfo], size: int, band
         path = access.check_file(path)
     if not path.is_file():
         raise InputError(f"example raster {excerpt(example.raster)} is not a file")
-    raster = raster_of(path, rasters, bands, access.drivers)
-    changed = None if raster in rasters else next((r.path for r in rasters if Path(r.path).resolve() == path), None)
+    raster, changed = raster_of(path, rasters, bands, access.drivers)
     window = pixel_box(example, raster)
     drawing = draw_window(raster, window, size)
     if (drawing < 128).mean() < MIN_INK:

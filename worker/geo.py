@@ -12,7 +12,6 @@ import shapely
 from rasterio.crs import CRS
 from rasterio.errors import CRSError
 from rasterio.warp import transform as warp_transform
-from rasterio.warp import transform_bounds
 import shapely.affinity
 from shapely.geometry import MultiPolygon, Polygon, box
 from shapely.geometry.polygon import orient
@@ -118,9 +117,8 @@ def reproject_rings(tiles: list, dst: CRS) -> list[Polygon]:
                     polygons[n] = _polar_cap(xs[n][path], ys[n][path])
                 else:
                     polygons[n] = _polar_cap(xs[n], ys[n])
-        elif _is_mercator(dst):
-            lats = _latitudes(src, rings) if not src.is_geographic else rings[..., 1]
-            beyond = np.flatnonzero((np.abs(lats) > MERCATOR_LAT).any(axis=1))
+        elif (edges := _mercator_edges(dst.to_wkt())) is not None:  # y grows with latitude: no lon/lat needed
+            beyond = np.flatnonzero((~np.isfinite(ys) | (ys < edges[0]) | (ys > edges[1])).any(axis=1))
             for n, footprint in zip(beyond, reproject_rings([tiles[idx[n]] for n in beyond], WGS84) if len(beyond) else []):
                 polygons[n] = _at_mercators_edge(footprint, dst)
         for i, polygon in zip(idx, polygons):
@@ -131,14 +129,14 @@ def reproject_rings(tiles: list, dst: CRS) -> list[Polygon]:
 MERCATOR_LAT = 85.0511287798  # where a Mercator map of the world ends square (web maps): it draws a pole infinitely far
 
 
-def _is_mercator(crs: CRS) -> bool:
-    return _mercator(crs.to_wkt())
-
-
 @lru_cache(maxsize=16)
-def _mercator(wkt: str) -> bool:
+def _mercator_edges(wkt: str) -> tuple[float, float] | None:
+    """The y of MERCATOR_LAT south and north in a Mercator CRS; None for any other."""
     crs = CRS.from_wkt(wkt)
-    return crs.is_projected and crs.to_dict().get("proj") == "merc"
+    if not (crs.is_projected and crs.to_dict().get("proj") == "merc"):
+        return None
+    _, ys = warp_transform(WGS84, crs, [0.0, 0.0], [-MERCATOR_LAT, MERCATOR_LAT])
+    return float(ys[0]), float(ys[1])
 
 
 EDGE_STRIP = 0.01  # degrees of latitude: a hit wholly past a Mercator map's edge is drawn as a strip along it
@@ -149,7 +147,7 @@ def _at_mercators_edge(footprint: Polygon, dst: CRS) -> Polygon:
     wholly past it, a strip EDGE_STRIP wide along the map's edge at its longitudes. Projected
     whole, a footprint round a pole was a ring 56,000 km south of the equator, crossing itself,
     and a zoom to it in QGIS showed empty map."""
-    within = footprint.intersection(box(-720.0, -MERCATOR_LAT, 720.0, MERCATOR_LAT))
+    within = shapely.make_valid(footprint).intersection(box(-720.0, -MERCATOR_LAT, 720.0, MERCATOR_LAT))
     parts = [p for p in shapely.get_parts(within) if p.geom_type == "Polygon" and p.area > 0]
     if parts:
         shape = max(parts, key=lambda p: p.area)
@@ -160,10 +158,8 @@ def _at_mercators_edge(footprint: Polygon, dst: CRS) -> Polygon:
                                        max(edge, edge - np.sign(edge) * EDGE_STRIP)), 1.0)
     ring = np.asarray(orient(shape).exterior.coords)
     xs, ys = (np.asarray(v) for v in warp_transform(WGS84, dst, ring[:, 0], ring[:, 1]))
-    width = _world(dst.to_wkt())[0]
-    xs = followed(xs, width)
-    xs = xs - width * np.round((xs.mean() - _world(dst.to_wkt())[1]) / width)  # in the world, not a world away
-    return Polygon(np.column_stack([xs, ys]))
+    wkt = dst.to_wkt()
+    return Polygon(np.column_stack([nearest_copy_x(xs, wkt, _world(wkt)[1], whole=True), ys]))
 
 
 POLE_LAT = 90.0 - 1e-9

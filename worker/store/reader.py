@@ -69,8 +69,7 @@ class TileIndex:
         start = kept
         for shard in new:
             array = self._array(shard, "records")
-            if array.dtype != RECORD_DTYPE:
-                raise array.corrupt(f"its records are {array.dtype}, not of this format")
+            array.require_dtype(RECORD_DTYPE, "records")
             array.read_all(records[start:start + shard["count"]])
             start += shard["count"]
         return records

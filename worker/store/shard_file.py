@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from worker.errors import CorruptIndexError
+from worker.errors import STORAGE_ERRNOS, CorruptIndexError, InputError, StorageError
 
 
 # what a damaged shard or level map asks of the user: worker.store.writer repairs both
@@ -48,7 +48,11 @@ class ShardArray:
                     raise ValueError(f"a header of {length} bytes")
                 shape, fortran, dtype = _parsed_header(version, length_field + f.read(length))
                 self.offset = f.tell()
-        except (OSError, ValueError) as exc:
+        except FileNotFoundError:
+            raise self.corrupt("it is missing") from None
+        except OSError as exc:  # no access, a failing disk: not damage, nothing to make again
+            raise self.unreadable(exc) from None
+        except ValueError as exc:
             raise self.corrupt(f"its header cannot be read ({str(exc)[:120]})") from None
         if fortran or dtype.hasobject or not shape or shape[0] != rows:
             raise self.corrupt(f"it holds {shape} {dtype} where the manifest says {rows} rows")
@@ -65,8 +69,10 @@ class ShardArray:
         """A file descriptor of the array's file, its size checked again (the caller closes it)."""
         try:
             fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise self.corrupt("it is missing") from None
         except OSError as exc:
-            raise self.corrupt(f"it cannot be opened ({exc.strerror})") from None
+            raise self.unreadable(exc) from None
         try:
             self._check_size(os.fstat(fd).st_size)
         except CorruptIndexError:
@@ -76,6 +82,18 @@ class ShardArray:
 
     def corrupt(self, why: str) -> CorruptIndexError:
         return CorruptIndexError(f"{self.path} is damaged: {why}; {REPAIR}")
+
+    def unreadable(self, exc: OSError) -> InputError:
+        """A file that is there and cannot be read now: a storage error on a failing disk, else
+        bad input (no access); never damage, which an index run would make again."""
+        kind = StorageError if exc.errno in STORAGE_ERRNOS else InputError
+        return kind(f"{self.path} cannot be read now ({exc.strerror}): the index is left as it is; make it readable "
+                    "and try again")
+
+    def require_dtype(self, dtype: np.dtype, what: str) -> None:
+        """CorruptIndexError unless the array holds `dtype` (`what` it holds: the tile records)."""
+        if self.dtype != dtype:
+            raise self.corrupt(f"its {what} are {self.dtype}, not of this format")
 
     def _check_size(self, size: int) -> None:
         if size != self.offset + self.nbytes:

@@ -160,22 +160,14 @@ class IndexWriter:
     def _check_shard(self, shard: dict) -> None:
         """CorruptIndexError when a committed shard's files do not hold what the manifest says:
         each array's header, rows and size, and the records' dtype (as TileIndex checks them), or
-        a file is missing. A file that cannot be read now (no access, a failing disk) is an
-        InputError that stops the run: a shard is only made again when it is damaged."""
+        a file is missing. A file that cannot be read now (no access, a failing disk) stops the
+        run (worker.store.shard_file.ShardArray.unreadable): a shard is made again only when damaged."""
         if shard["count"] == 0:  # empty tiles only: its records are never read
             return
         for key in shard_arrays(self.manifest):
-            path = self.dir / SHARDS / shard["name"] / f"{key}.npy"
-            try:
-                os.close(os.open(path, os.O_RDONLY))
-            except FileNotFoundError:
-                raise CorruptIndexError(f"{path} is damaged: it is missing; {REPAIR}") from None
-            except OSError as exc:
-                raise InputError(f"{path} cannot be read ({exc.strerror}): the index is left as it is; make it "
-                                 "readable and run this again") from None
-            array = ShardArray(path, shard["count"])
-            if key == "records" and array.dtype != RECORD_DTYPE:
-                raise array.corrupt(f"its records are {array.dtype}, not of this format")
+            array = ShardArray(self.dir / SHARDS / shard["name"] / f"{key}.npy", shard["count"])
+            if key == "records":
+                array.require_dtype(RECORD_DTYPE, "records")
 
     def _also_redone(self, redone: list[dict], infos: list[RasterInfo], drivers: tuple[str, ...] | None
                      ) -> list[RasterInfo]:
