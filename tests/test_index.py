@@ -604,3 +604,21 @@ def test_a_damaged_shard_of_a_raster_the_run_does_not_name_is_computed_again_too
     IndexWriter(out, model, settings, chunk_tiles=16).build([assets["osbs_rgb"]])
     assert shard_files(out) == before
     assert all(r["complete"] for r in json.loads((out / "manifest.json").read_text())["rasters"])
+
+
+def test_a_run_meeting_another_writers_lock_is_busy_not_bad_input(tmp_path, model, rmnp_copy):
+    """A service's job that meets a command-line run's lock after it started (the check before
+    it starts can be overtaken) fails as `busy`: the client's request was fine."""
+    import fcntl
+
+    from wire import errors as codes
+    from worker.errors import error_object
+    from worker.store.format import IndexLocked
+
+    out = tmp_path / "index"
+    out.mkdir()
+    with open(out / ".lock", "w") as other_writer:
+        fcntl.flock(other_writer, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(IndexLocked) as met:
+            IndexWriter(out, model, TileSettings(tile=112, scales=(1,))).build([rmnp_copy])
+    assert error_object(met.value)["code"] == codes.BUSY

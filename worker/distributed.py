@@ -163,11 +163,11 @@ def load_models(client, options: "ModelOptions") -> None:
 
 
 def compute_on_worker(options: "ModelOptions", encoder: dict, job: ChunkJob, settings: TileSettings,
-                      batch_size: int) -> ChunkResult:
-    """One chunk, computed on a cluster's worker with its own copy of the model. Its InputError
-    (a raster the worker cannot open or read) travels back bare: with its cause (rasterio's
-    error, which cannot be unpickled) Dask sent a plain Exception, a traceback to the user and
-    `internal` in the service."""
+                      batch_size: int) -> ChunkResult | InputError:
+    """One chunk, computed on a cluster's worker with its own copy of the model; or its InputError
+    (a raster the worker cannot open or read, another model), returned, not raised: raised, Dask
+    computed the chunk twice more to the same end (TASK_RETRIES), and sent it back as a plain
+    Exception, its cause (rasterio's error) being one it cannot unpickle. The driver raises it."""
     try:
         model = _model_of(options)
         if model.fingerprint()["tile_encoder"] != encoder:
@@ -175,12 +175,11 @@ def compute_on_worker(options: "ModelOptions", encoder: dict, job: ChunkJob, set
                              "same code and weights on every worker")
         result = compute_chunk(model, job, settings, batch_size)
     except InputError as exc:
-        bare = InputError(str(exc))
+        bare = InputError(str(exc))  # returned, never raised here: no cause or context travels with it
         bare.code = exc.code
-    else:
-        assert result is not None  # nothing stops a chunk on a worker; the driver cancels between chunks
-        return result
-    raise bare
+        return bare
+    assert result is not None  # nothing stops a chunk on a worker; the driver cancels between chunks
+    return result
 
 
 def _worker_name() -> str:
@@ -257,7 +256,7 @@ class ClusterChunks:
 
         where = f"{job.raster['path']} (chunk {job.chunk})"
         try:
-            return future.result()
+            result = future.result()
         except KilledWorker:
             raise InputError(f"cluster workers kept dying while computing {where}: look at their logs (memory?); "
                              "committed chunks are kept, run the job again") from None
@@ -270,6 +269,9 @@ class ClusterChunks:
             raise InputError(f"a cluster worker failed computing {where}: {excerpt(str(exc) or type(exc).__name__)}; "
                              "every worker and the scheduler need this code importable (PYTHONPATH) and the rasters "
                              "at the same paths; committed chunks are kept") from None
+        if isinstance(result, InputError):  # the worker's: a raster it cannot read, another model
+            raise result
+        return result
 
     def _without_workers_since(self, idle_since: float | None) -> float | None:
         """When the cluster has had no worker for NO_WORKERS_S, InputError (its chunks would wait
