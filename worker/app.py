@@ -8,7 +8,6 @@ that `python -m worker info` and `--help` stay quick.
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -25,7 +24,7 @@ from worker.ranking import RANKERS, RankingConfig
 from worker.raster_access import RasterAccess
 from worker.store import (CHUNK_TILES, IndexProgress, IndexWriter, TileIndex, check_compatible, check_index_folder,
                           check_tokens)
-from worker.tiling import TileSettings, find_rasters
+from worker.tiling import TileSettings, changed_lately, find_rasters
 
 if TYPE_CHECKING:
     from worker.distributed import Cluster
@@ -360,32 +359,13 @@ def changed_since_indexed(hits: list["Hit"]) -> list[dict]:
     changed = []
     for raster in {h.placement.raster.path: h.placement.raster for h in hits}.values():
         try:
-            if _changed_on_disk(raster):
+            if changed_lately(raster):
                 changed.append({"raster": raster.path, "reason": "changed on disk since it was indexed: its hits were "
                                 "found by the old pixels' features; index it again (the same index request redoes "
                                 "only the rasters that changed)"})
         except (OSError, rasterio.errors.RasterioError):
             continue  # gone since it was read: the next search leaves it out and says so
     return sorted(changed, key=lambda c: c["raster"])
-
-
-SOURCES_RECHECK_S = 60.0  # how long a VRT's sources found unchanged are not looked at again
-_sources_checked: dict[tuple, tuple[float, bool]] = {}  # a VRT as indexed -> (when, changed)
-
-
-def _changed_on_disk(raster) -> bool:
-    """RasterInfo.changed_on_disk, a VRT's sources' answer kept SOURCES_RECHECK_S while the .vrt
-    itself is unchanged (a stat each search)."""
-    if raster.file_changed():
-        return True
-    if raster.sources is None:
-        return False
-    key = (raster.path, raster.size, raster.mtime_ns, raster.sources)
-    when, changed = _sources_checked.get(key, (-SOURCES_RECHECK_S, False))
-    if time.monotonic() - when >= SOURCES_RECHECK_S:
-        changed = raster.sources_changed()
-        _sources_checked[key] = (time.monotonic(), changed)
-    return changed
 
 
 def left_out(index: TileIndex) -> list[dict]:

@@ -27,7 +27,7 @@ from worker.errors import InputError
 from worker.geo import nearest_copy_x, parse_crs
 from worker.placement import Placement
 from worker.raster_access import RasterAccess
-from worker.tiling import RasterInfo, open_raster
+from worker.tiling import RasterInfo, changed_lately, open_raster
 
 OWN_PLACE_IOU = 0.5  # hits overlapping the example's footprint more than this are the example itself
 MIN_SIDE_PX = 8  # raster pixels: a smaller box has nothing to draw
@@ -92,7 +92,7 @@ def _changed(raster: RasterInfo) -> bool:
     """Whether a raster's file changed since it was indexed; True where that cannot be told (a
     VRT that cannot be opened now), so that it is opened afresh and says why it cannot be."""
     try:
-        return raster.changed_on_disk()
+        return changed_lately(raster)
     except (OSError, rasterio.errors.RasterioError):
         return True
 

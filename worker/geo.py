@@ -199,13 +199,14 @@ def _unwrapped(xs: np.ndarray, dst: CRS, latitudes=None) -> np.ndarray:
     width shrinks towards the poles (Mollweide, Robinson, Equal Earth), one world at each point's
     latitude, from `latitudes` (a function of rings' row numbers): the equator's moved a
     footprint at 60 degrees 12,000 km, and at 75 degrees told no jump."""
-    world = _world(dst.to_wkt())
+    wkt = dst.to_wkt()
+    world = _world(wkt)
     if world is None or not np.isfinite(xs).all():
         return xs
     width, middle = world
     widths = np.full(xs.shape, width)
-    if not _cylindrical(dst.to_wkt()) and latitudes is not None:  # judged by each ring's own latitudes
-        widths = _widths_at(dst.to_wkt(), latitudes(np.arange(len(xs))))
+    if not _cylindrical(wkt) and latitudes is not None:  # judged by each ring's own latitudes
+        widths = _widths_at(wkt, latitudes(np.arange(len(xs))))
     jumps = np.ptp(xs, axis=1) > widths.min(axis=1) / 2
     if jumps.any():
         xs = xs.copy()
@@ -222,19 +223,30 @@ def _latitudes(src: CRS, rings: np.ndarray) -> np.ndarray:
 def _widths_at(dst_wkt: str, lats: np.ndarray) -> np.ndarray:
     """How far x runs once round the world at each latitude (any shape) in a CRS whose x wraps;
     the equator's where PROJ cannot say."""
-    dst, (width, _) = CRS.from_wkt(dst_wkt), _world(dst_wkt)
-    centre = float(dst.to_dict().get("lon_0", 0.0))
+    width = _world(dst_wkt)[0]
     flat = np.clip(np.asarray(lats, float).ravel(), -89.999, 89.999)
     try:
-        xs, _ = warp_transform(WGS84, dst, np.concatenate([np.full_like(flat, centre - 179.999),
-                                                                          np.full_like(flat, centre + 179.999)]),
-                               np.concatenate([flat, flat]))
-        xs = np.asarray(xs)
-        widths = (xs[len(flat):] - xs[:len(flat)]) * 360.0 / 359.998
+        xs = _xs_from_centre(CRS.from_wkt(dst_wkt), np.repeat([-EDGE_LON, EDGE_LON], len(flat)), np.tile(flat, 2))
+        widths = _turn(xs[:len(flat)], xs[len(flat):])
     except Exception:  # PROJ's errors have no common type
         widths = np.full_like(flat, width)
     widths = np.where(np.isfinite(widths) & (widths > 0), widths, width)
     return widths.reshape(np.shape(lats))
+
+
+EDGE_LON = 179.999  # degrees either side of a CRS's central meridian: its world's edges, each on its own side
+
+
+def _xs_from_centre(dst: CRS, offsets: np.ndarray, lats: np.ndarray) -> np.ndarray:
+    """x in `dst` of points `offsets` degrees east of its central meridian, at `lats`."""
+    centre = float(dst.to_dict().get("lon_0", 0.0))
+    xs, _ = warp_transform(WGS84, dst, centre + np.asarray(offsets, float), np.asarray(lats, float))
+    return np.asarray(xs)
+
+
+def _turn(west: np.ndarray, east: np.ndarray) -> np.ndarray:
+    """The x of one whole turn round the Earth from the x of its edges (EDGE_LON either side)."""
+    return (east - west) * 360.0 / (2 * EDGE_LON)
 
 
 def nearest_copy_x(xs: np.ndarray, crs_wkt: str, centre_x: float, whole: bool = False) -> np.ndarray:
@@ -261,17 +273,13 @@ def _world(dst_wkt: str) -> tuple[float, float] | None:
     dst = CRS.from_wkt(dst_wkt)
     if dst.is_geographic:
         return 2 * np.pi / dst.units_factor[1], 0.0
-    centre = float(dst.to_dict().get("lon_0", 0.0))
-    lons = centre + np.array([-179.999, -90.0, 0.0, 90.0, 179.999])
     try:
-        xs, _ = warp_transform(WGS84, dst, lons, np.zeros(len(lons)))
+        xs = _xs_from_centre(dst, np.array([-EDGE_LON, -90.0, 0.0, 90.0, EDGE_LON]), np.zeros(5))
     except Exception:  # PROJ's errors have no common type
         return None
-    xs = np.asarray(xs)
     if not np.isfinite(xs).all() or not (np.diff(xs) > 0).all():
         return None
-    width = (xs[-1] - xs[0]) * 360.0 / 359.998
-    return width, (xs[-1] + xs[0]) / 2
+    return float(_turn(xs[0], xs[-1])), (xs[-1] + xs[0]) / 2
 
 
 @lru_cache(maxsize=16)

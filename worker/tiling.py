@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -126,6 +127,25 @@ class RasterInfo:
     def changed_on_disk(self) -> bool:
         """Whether the file, or any file a VRT reads, changed since it was described."""
         return self.file_changed() or self.sources_changed()
+
+
+SOURCES_RECHECK_S = 60.0  # how long a VRT's sources found unchanged are not looked at again
+_sources_checked: dict[tuple, tuple[float, bool]] = {}  # a VRT as described -> (when, changed)
+
+
+def changed_lately(raster: RasterInfo) -> bool:
+    """RasterInfo.changed_on_disk, a VRT's sources' answer kept SOURCES_RECHECK_S while the .vrt
+    itself is unchanged (a stat each search; a mosaic's sources are every file of it)."""
+    if raster.file_changed():
+        return True
+    if raster.sources is None:
+        return False
+    key = (raster.path, raster.size, raster.mtime_ns, raster.sources)
+    when, changed = _sources_checked.get(key, (-SOURCES_RECHECK_S, False))
+    if time.monotonic() - when >= SOURCES_RECHECK_S:
+        changed = raster.sources_changed()
+        _sources_checked[key] = (time.monotonic(), changed)
+    return changed
 
 
 def sources_stamp(src: rasterio.DatasetReader) -> tuple[int, int] | None:

@@ -124,8 +124,7 @@ class Handlers:
             return {"job": self.jobs.joined(running, name, request).to_json()}
         self._check_extendable(request)  # refused now, not as a failed job later
         if locked_by_another(index_dir):
-            raise ProtocolError(BUSY, f"index {name!r} is being written by another process (a command-line `index` "
-                                      "or `build-ann` run): wait for it to end or stop it, then ask again")
+            raise _written_elsewhere(name, "ask again")
         return {"job": self.jobs.start(name, request).to_json()}
 
     def delete_index(self, header: dict, frames: list) -> dict:
@@ -153,8 +152,7 @@ class Handlers:
             with index_lock(index_dir, patience_s=0):  # on the loop's thread: never waited for
                 removed = self.indexes.delete(index_dir, trash)
         except IndexLocked:
-            raise ProtocolError(BUSY, f"index {name!r} is being written by another process (a command-line `index` "
-                                      "or `build-ann` run): wait for it to end or stop it, then delete the index") from None
+            raise _written_elsewhere(name, "delete the index") from None
         except OSError as exc:
             raise ProtocolError(BUSY, f"index {name!r} cannot be moved away to be deleted ({excerpt(str(exc))}); it is "
                                       "left whole: close what holds its files (its tiles layer in QGIS) and delete it "
@@ -235,6 +233,12 @@ class Handlers:
             when = ("waits behind other jobs: search again once it runs" if job.state == states.QUEUED
                     else "has committed nothing yet: search again in a few seconds")
             raise ProtocolError(BUSY, f"index {name!r} is being built by job {job.id}, which {when}") from None
+
+
+def _written_elsewhere(name: str, then: str) -> ProtocolError:
+    """`busy`: another process holds the index's lock."""
+    return ProtocolError(BUSY, f"index {name!r} is being written by another process (a command-line `index` or "
+                               f"`build-ann` run): wait for it to end or stop it, then {then}")
 
 
 def _example(header: dict) -> Example | None:

@@ -12,8 +12,7 @@ from worker import edge_cells, level_maps
 from wire.protocol import excerpt
 from worker.errors import CorruptIndexError, InputError
 from worker.store.format import MANIFEST, RECORD_DTYPE, SHARDS, holds_tokens, read_manifest
-from worker.store.maps import (PARTIAL_MAPS_BYTES, JoinedMap, damaged_map, left_out_rasters, map_on_disk, on_disk,
-                               open_maps)
+from worker.store.maps import PARTIAL_MAPS_BYTES, JoinedMap, damaged_map, left_out_rasters, open_maps
 from worker.store.shard_file import ShardArray
 from worker.tiling import RasterInfo, Tile
 
@@ -112,10 +111,16 @@ class TileIndex:
         a view: damage after that is found by the read that meets it)."""
         if self.__dict__.get("_maps_checked"):
             return
-        for raster_id, scale in self.map_keys:
-            if on_disk(self, self._complete, raster_id, scale):
-                map_on_disk(self, raster_id, scale)
+        if self.damaged_maps:
+            raise self.damaged_maps[0]
         self._maps_checked = True
+
+    @property
+    def damaged_maps(self) -> list[CorruptIndexError]:
+        """Why each complete raster's level map file that does not fit it is damaged (its header
+        and size, read again each time: worker.store.maps.damaged_map)."""
+        m = self.manifest
+        return [wrong for r in m["rasters"] if r["complete"] and (wrong := damaged_map(self.dir, m, r))]
 
     @property
     def joins_to_continue(self) -> dict[tuple[int, int], JoinedMap]:
@@ -226,7 +231,7 @@ class TileIndex:
         """What `info` says of the index; `damaged`: why each complete raster's damaged level map
         is so (a search meeting it fails; an `index` run joins it again)."""
         m = self.manifest
-        damaged = [str(wrong) for r in m["rasters"] if r["complete"] and (wrong := damaged_map(self.dir, m, r))]
+        damaged = [str(wrong) for wrong in self.damaged_maps]
         sizes = {"tokens_bytes": int(sum(t.nbytes for t in self._arrays.get("tokens", []))),
                  "disk_bytes": int(sum(f.stat().st_size for f in self.dir.rglob("*") if f.is_file()))}
         return {"index": str(self.dir), "format": m["format"], "model": m["model"], "tiling": m["tiling"],
