@@ -371,13 +371,12 @@ def changed_since_indexed(hits: list["Hit"]) -> list[dict]:
 def left_out(index: TileIndex) -> list[dict]:
     """The rasters of `index` a search leaves out while they are being indexed, each with the
     reason (`kind` "indexing"; an unreadable raster's is "unreadable"): those with no tile
-    committed (a search of a new index found nothing, and said nothing), and those whose
-    maps would take too much memory (TileIndex.left_out)."""
-    tiles = index.tiles_per_raster
-    first = [{"raster": r["path"], "kind": "indexing",
+    committed (TileIndex.not_started: a search of a new index found nothing, and said nothing),
+    and those whose maps would take too much memory (TileIndex.left_out)."""
+    first = [{"raster": index.rasters[raster_id].path, "kind": "indexing",
               "reason": "not indexed yet: none of its tiles is committed (its indexing run is under way, committing "
                         "every few seconds, or it stopped or failed: index the raster again to search it)"}
-             for r in index.manifest["rasters"] if not r["complete"] and not tiles.get(r["id"])]
+             for raster_id in index.not_started]
     return first + [
         {"raster": index.rasters[raster_id].path, "kind": "indexing",
          "reason": f"still being indexed, and its maps would take {size / 2 ** 20:,.0f} MiB of memory to search before it "

@@ -22,10 +22,9 @@ import numpy as np
 
 from worker import level_maps
 from worker.edge_cells import CELL, ORIENTATIONS
-from worker.errors import CorruptIndexError
 from worker.level_maps import LevelMap
 from worker.store.format import allocated_memmap, disk_write, replace_durably
-from worker.store.shard_file import ShardArray
+from worker.store.shard_file import DamagedFile, ShardArray
 from worker.tiling import RasterInfo
 
 MAPS = "maps"
@@ -204,7 +203,7 @@ def _map_cells(path: Path, raster, lp: float) -> MapFile:
     return cells
 
 
-def damaged_map(index_dir: Path, manifest: dict, entry: dict) -> CorruptIndexError | None:
+def damaged_map(index_dir: Path, manifest: dict, entry: dict) -> DamagedFile | None:
     """What is wrong with the first of a raster's map files (its manifest `entry`) that does not
     fit it, from the manifest alone (nothing of its tiles read); None when all fit. A missing
     file is no damage: the map is joined from the tiles instead (an index written before maps
@@ -216,7 +215,7 @@ def damaged_map(index_dir: Path, manifest: dict, entry: dict) -> CorruptIndexErr
             try:
                 _map_cells(path, raster, level_maps.level_pixel(manifest["tiling"]["tile"], scale,
                                                                 manifest["drawing_size"]))
-            except CorruptIndexError as exc:
+            except DamagedFile as exc:
                 return exc
     return None
 

@@ -13,7 +13,7 @@ from wire.protocol import excerpt
 from worker.errors import CorruptIndexError, InputError
 from worker.store.format import MANIFEST, RECORD_DTYPE, SHARDS, holds_tokens, read_manifest
 from worker.store.maps import PARTIAL_MAPS_BYTES, JoinedMap, damaged_map, left_out_rasters, open_maps
-from worker.store.shard_file import ShardArray
+from worker.store.shard_file import ShardArray, committed_array
 from worker.tiling import RasterInfo, Tile
 
 WGS84 = CRS.from_epsg(4326)
@@ -52,7 +52,7 @@ class TileIndex:
         self.dim = self._arrays["tokens"][0].shape[-1] if self._shards and self.has_tokens else 0
 
     def _array(self, shard: dict, key: str) -> ShardArray:
-        return ShardArray(f"{self._shards_dir}/{shard['name']}/{key}.npy", shard["count"])
+        return committed_array(self._shards_dir, shard, key)
 
     @cached_property
     def _shards_dir(self) -> str:
@@ -67,9 +67,7 @@ class TileIndex:
             records[:kept] = before.records
         start = kept
         for shard in new:
-            array = self._array(shard, "records")
-            array.require_dtype(RECORD_DTYPE, "records")
-            array.read_all(records[start:start + shard["count"]])
+            self._array(shard, "records").read_all(records[start:start + shard["count"]])
             start += shard["count"]
         return records
     def _rows_in_memory(self, key: str, dim: int) -> np.ndarray:
@@ -201,6 +199,12 @@ class TileIndex:
         for (raster_id, _), rows in self._rows_by_map.items():
             out[raster_id] = out.get(raster_id, 0) + len(rows)
         return out
+
+    @property
+    def not_started(self) -> list[int]:
+        """Rasters being indexed with no tile committed yet, by id: a search finds nothing of them."""
+        tiles = self.tiles_per_raster
+        return [r["id"] for r in self.manifest["rasters"] if not r["complete"] and not tiles.get(r["id"])]
 
     def rows_of_map(self, raster_id: int, scale: int) -> np.ndarray:
         """Index rows of the tiles of one raster at one scale, by their first cell row (so a search

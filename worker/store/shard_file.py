@@ -17,12 +17,22 @@ from pathlib import Path
 import numpy as np
 
 from worker.errors import STORAGE_ERRNOS, CorruptIndexError, InputError, StorageError
+from worker.store.format import RECORD_DTYPE
 
 
 # what a damaged shard or level map asks of the user: worker.store.writer repairs both
 REPAIR = ("index its rasters into the index again: the run computes again what was lost (or delete the index and "
           "build it again)")
 MAX_HEADER = 10_000  # bytes of an .npy header, as numpy reads them by default
+
+
+class DamagedFile(CorruptIndexError):
+    """A shard's or level map's file that does not hold what the index says: an index run makes
+    it again (worker.store.writer), and says `what` was damaged while it does."""
+
+    def __init__(self, what: str):
+        super().__init__(f"{what}; {REPAIR}")
+        self.what = what
 
 
 @lru_cache(maxsize=1024)
@@ -80,8 +90,8 @@ class ShardArray:
             raise
         return fd
 
-    def corrupt(self, why: str) -> CorruptIndexError:
-        return CorruptIndexError(f"{self.path} is damaged: {why}; {REPAIR}")
+    def corrupt(self, why: str) -> DamagedFile:
+        return DamagedFile(f"{self.path} is damaged: {why}")
 
     def unreadable(self, exc: OSError) -> InputError:
         """A file that is there and cannot be read now: a storage error on a failing disk, else
@@ -146,3 +156,13 @@ class ShardArray:
             if got == 0:  # shrunk since the check
                 raise self.corrupt(f"a read of {len(view)} bytes gave {done} (truncated?)")
             done += got
+
+
+def committed_array(shards_dir: str, shard: dict, key: str) -> ShardArray:
+    """One array of a committed shard (its manifest entry), its header, rows and size checked, and
+    the records' dtype: how an opened index (worker.store.reader) and an index run's check for
+    damage (worker.store.writer) find a shard's arrays."""
+    array = ShardArray(f"{shards_dir}/{shard['name']}/{key}.npy", shard["count"])
+    if key == "records":
+        array.require_dtype(RECORD_DTYPE, "records")
+    return array

@@ -14,7 +14,7 @@ import numpy as np
 from worker import level_maps
 from worker.geo import bounds_wgs84
 from worker.line_drawing import drawing_device
-from worker.errors import CorruptIndexError, InputError
+from worker.errors import InputError
 from worker.store.format import (CHUNK_TILES, MANIFEST, RECORD_DTYPE, SHARDS, TILES_LAYER, TMP_PREFIX,
                                  check_compatible, check_index_folder, check_tokens, disk_write, holds_tokens,
                                  index_lock, new_manifest, read_manifest, remove_shards, shard_arrays, shard_name,
@@ -22,7 +22,7 @@ from worker.store.format import (CHUNK_TILES, MANIFEST, RECORD_DTYPE, SHARDS, TI
 from worker.store.gpkg import write_tiles_gpkg
 from worker.store.maps import damaged_map, remove_maps, remove_unfinished_maps, write_joined_maps
 from worker.store.reader import TileIndex
-from worker.store.shard_file import REPAIR, ShardArray
+from worker.store.shard_file import DamagedFile, committed_array
 from worker.drawing_pool import DeviceDrawing, DrawingJob, DrawingPool, DrawnBatch, default_processes, drawn_batches
 from worker.thread_pools import usable_cores
 from worker.tile_features import TileFeatures
@@ -135,9 +135,9 @@ class IndexWriter:
         for shard in self.manifest["shards"]:
             try:
                 self._check_shard(shard)
-            except CorruptIndexError as exc:
+            except DamagedFile as exc:
                 damaged[shard["name"]] = shard
-                log.warning("%s: its %d tiles are computed again", _damage(exc), shard["count"] + shard["skipped"])
+                log.warning("%s: its %d tiles are computed again", exc.what, shard["count"] + shard["skipped"])
         entries = {entry["id"]: entry for entry in self.manifest["rasters"]}
         redone = {shard["raster_id"]: entries[shard["raster_id"]] for shard in damaged.values()}
         if damaged:
@@ -153,21 +153,19 @@ class IndexWriter:
         for entry in entries.values():
             wrong = damaged_map(self.dir, self.manifest, entry) if entry["complete"] else None
             if wrong:
-                log.warning("%s: joining %s's level maps again from its tiles", _damage(wrong), entry["path"])
+                log.warning("%s: joining %s's level maps again from its tiles", wrong.what, entry["path"])
                 self._write_maps(entry)
         return list(redone.values())
 
     def _check_shard(self, shard: dict) -> None:
-        """CorruptIndexError when a committed shard's files do not hold what the manifest says:
-        each array's header, rows and size, and the records' dtype (as TileIndex checks them), or
+        """DamagedFile when a committed shard's files do not hold what the manifest says:
+        each array's header, rows and size, and the records' dtype (as TileIndex opens them: committed_array), or
         a file is missing. A file that cannot be read now (no access, a failing disk) stops the
         run (worker.store.shard_file.ShardArray.unreadable): a shard is made again only when damaged."""
         if shard["count"] == 0:  # empty tiles only: its records are never read
             return
         for key in shard_arrays(self.manifest):
-            array = ShardArray(self.dir / SHARDS / shard["name"] / f"{key}.npy", shard["count"])
-            if key == "records":
-                array.require_dtype(RECORD_DTYPE, "records")
+            committed_array(str(self.dir / SHARDS), shard, key)
 
     def _also_redone(self, redone: list[dict], infos: list[RasterInfo], drivers: tuple[str, ...] | None
                      ) -> list[RasterInfo]:
@@ -313,11 +311,6 @@ class IndexWriter:
         self.manifest["shards"].append({"name": name, "raster_id": entry["id"], "chunk": chunk,
                                         "count": tiles - result.skipped, "skipped": result.skipped})
         self._uncommitted = True
-
-
-def _damage(exc: CorruptIndexError) -> str:
-    """What is damaged, without what to do about it: the run is doing it."""
-    return str(exc).removesuffix(f"; {REPAIR}")
 
 
 @dataclass(frozen=True)
