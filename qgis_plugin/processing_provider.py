@@ -12,6 +12,7 @@ from qgis.core import (QgsCoordinateReferenceSystem, QgsCoordinateTransform, Qgs
                        QgsProcessingParameterString, QgsProcessingProvider, QgsWkbTypes)
 from qgis.PyQt.QtGui import QIcon
 
+from .crs_names import crs_name
 from .results import features_from_hits, hit_fields
 from .settings import Setting
 from .user_requests import Connection
@@ -165,12 +166,16 @@ class SearchBySketchAlgorithm(_WorkerAlgorithm):
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
         with open(self.parameterAsFile(parameters, "SKETCH", context), "rb") as f:
             png = f.read()
+        project = context.project()
+        # hits are asked in the project's CRS, as the dock asks them: the worker draws a footprint
+        # across 180 degrees, round a pole or past a Mercator map's edge whole in it
+        out_crs = project.crs() if project and project.crs().isValid() else QgsCoordinateReferenceSystem(WGS84)
         started = time.perf_counter()
         with self._client(parameters, context) as client:
             try:
                 reply = client.search(self.parameterAsString(parameters, "INDEX", context), sketch_png=png,
-                                      top=self.parameterAsInt(parameters, "TOP", context), crs=WGS84,
-                                      cancelled=feedback.isCanceled)
+                                      top=self.parameterAsInt(parameters, "TOP", context),
+                                      crs=crs_name(out_crs) or WGS84, cancelled=feedback.isCanceled)
             except RequestCancelled:
                 feedback.pushInfo("Search canceled: no hits written.")
                 return {}
@@ -181,12 +186,10 @@ class SearchBySketchAlgorithm(_WorkerAlgorithm):
             feedback.pushWarning(f"Not searched: {raster['raster']}: {raster['reason']}")
         for raster in reply.get("changed") or []:
             feedback.pushWarning(f"Changed since indexed: {raster['raster']}: {raster['reason']}")
-        project = context.project()
-        out_crs = project.crs() if project and project.crs().isValid() else QgsCoordinateReferenceSystem(WGS84)
         fields = hit_fields()
         sink, dest = self.parameterAsSink(parameters, "OUTPUT", context, fields, QgsWkbTypes.Polygon, out_crs)
-        transform = QgsCoordinateTransform(QgsCoordinateReferenceSystem(WGS84), out_crs, context.transformContext())
-        for feature in features_from_hits(reply["hits"], fields, transform, query_ms):
+        as_asked = QgsCoordinateTransform(out_crs, out_crs, context.transformContext())  # the hits are in out_crs
+        for feature in features_from_hits(reply["hits"], fields, as_asked, query_ms):
             sink.addFeature(feature, QgsFeatureSink.FastInsert)
         return {"OUTPUT": dest}
 

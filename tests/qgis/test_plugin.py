@@ -251,10 +251,10 @@ def test_a_worker_that_is_down_gives_a_message_and_the_ui_stays_live(plugin, qgi
     assert dock.worker_panel.status_label.text() == "not answering"
 
 
-def test_processing_algorithms_run(plugin, worker, raster_root, tmp_path):
+def test_processing_algorithms_run(plugin, worker, rmnp_layer, tmp_path):
     import processing
 
-    layer = QgsRasterLayer(str(raster_root / "rmnp-rgb.tif"), "rmnp")
+    layer = rmnp_layer
     built = processing.run("sketchsearch:build_index", {"ENDPOINT": worker.bind, "INDEX": "from-processing",
                                                         "RASTERS": [layer], "TILE": 224, "SCALES": "1"})
     assert built["INDEX"] == "from-processing" and built["TILES"] > 0
@@ -263,6 +263,12 @@ def test_processing_algorithms_run(plugin, worker, raster_root, tmp_path):
                                                               "SKETCH": str(sketch), "TOP": 2, "OUTPUT": "memory:"})
     hits = result["OUTPUT"]
     assert hits.featureCount() == 2 and "rank" in hits.fields().names()
+    project_crs = QgsProject.instance().crs()
+    assert project_crs.isValid() and project_crs != layer.crs()
+    assert hits.crs() == project_crs  # asked in the project's CRS, as the dock asks
+    on_raster = QgsCoordinateTransform(layer.crs(), project_crs, QgsProject.instance()).transformBoundingBox(layer.extent())
+    centres = [f.geometry().centroid().asPoint() for f in hits.getFeatures()]
+    assert all(on_raster.contains(c) for c in centres), (on_raster.toString(), centres)
     del hits, layer
 
 
