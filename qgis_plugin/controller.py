@@ -5,6 +5,7 @@ changed through Qt signals."""
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 from typing import Optional
@@ -17,9 +18,9 @@ from qgis.PyQt.QtCore import QObject, pyqtSignal
 from .crs_names import crs_name
 from .index_layers import tiles_layer, tiles_layer_name, why_no_tiles_layer
 from .local_worker import LocalWorker, WorkerExit
-from .user_requests import Connection, IndexBuild, SearchQuery
-from .results import (BAD, GOOD, hits_layer, keep_query, kept_on_disk, marks, results_file, save_gpkg, saved_query,
-                      set_mark)
+from .user_requests import Connection, IndexBuild, SearchQuery, unusable_endpoint
+from .results import (BAD, GOOD, free_table, hits_layer, keep_query, kept_on_disk, marks, results_file, save_gpkg,
+                      saved_query, set_mark)
 from .settings import Setting
 from .wire import errors as codes
 from .wire import job_states as states
@@ -56,6 +57,15 @@ class Status:
         return f"connected · {device} · model {info['model']['model']}", "green"
 
 
+SEARCH_LAYER_PREFIX = "Sketch search"  # results layers are "Sketch search N: INDEX", N counting on in a project
+
+
+def _search_numbers(project: QgsProject) -> list[int]:
+    """The N of the project's results layers (a reopened project's too, so none gets a name twice)."""
+    named = (re.match(rf"{SEARCH_LAYER_PREFIX} (\d+): ", layer.name()) for layer in project.mapLayers().values())
+    return [int(m.group(1)) for m in named if m]
+
+
 LEFT_OUT_BECAUSE = {"indexing": "still being indexed", "unreadable": "cannot be read"}  # a reply's left_out kinds
 
 
@@ -88,8 +98,11 @@ class SearchController(QObject):
         self.finder.setup_ended.connect(self._set_up)
         self.endpoint_to_start = Setting.ENDPOINT.get()  # where a worker found or set up will be started
         self.info: dict = {}
+        self._not_answering = False  # the light says so (an unanswered request), until a reply comes
         self.indexes: list = []
-        self.job_id: Optional[str] = None
+        self.job_id: Optional[str] = None  # the indexing job started here, followed in the dock
+        self._followed_job: dict = {}  # its last progress
+        self._resumable_index: Optional[str] = None  # the index of a job followed until the connection closed
         self.result_layer = None
         self.search_count = 0
         self.connect_timeout_s = 10.0  # for the first answer of a worker
@@ -104,10 +117,10 @@ class SearchController(QObject):
             self.notice.emit(f"CURVE keys not usable: {exc}. Choose both key files, or neither, in Settings.",
                              Qgis.Warning, "")
             return
-        Setting.ENDPOINT.set(connection.endpoint)
-        Setting.SERVER_KEY.set(connection.server_key)
-        Setting.CLIENT_KEY.set(connection.client_key)
-        self._open_link(connection.endpoint, curve)
+        if self._open_link(connection.endpoint, curve):
+            Setting.ENDPOINT.set(connection.endpoint)
+            Setting.SERVER_KEY.set(connection.server_key)
+            Setting.CLIENT_KEY.set(connection.client_key)
 
     def find_worker(self) -> None:
         """Look for a usable local worker (the finder says what it found)."""
@@ -178,20 +191,35 @@ class SearchController(QObject):
             self.local_worker.stop()
             self.local_worker = None
 
-    def _open_link(self, endpoint: str, curve: Optional[CurveKeys], pub: Optional[str] = None) -> None:
+    def _open_link(self, endpoint: str, curve: Optional[CurveKeys], pub: Optional[str] = None) -> bool:
+        """Connect to the worker at `endpoint`, closing the last connection; False, and a message,
+        for an endpoint ZeroMQ cannot dial (the last connection then stays)."""
+        try:
+            link = WorkerLink(endpoint, pub_endpoint=pub, curve=curve, timeout_s=self.request_timeout_s)
+        except zmq.ZMQError as exc:
+            self.notice.emit(unusable_endpoint(endpoint, exc), Qgis.Warning, "")
+            return False
         self._close_link()
-        self.link = WorkerLink(endpoint, pub_endpoint=pub, curve=curve, timeout_s=self.request_timeout_s, parent=self)
+        self._not_answering, self.info = False, {}  # until this worker says who it is
+        link.setParent(self)
+        self.link = link
         self.link.job_event.connect(self._on_job)
+        self.link.answered.connect(self._answered)
         self.link.callback_failed.connect(lambda tb: self.notice.emit(
             "Sketch search hit an internal error; details are in the log panel.", Qgis.Critical, tb))
         self.status_changed.emit(*Status.CONNECTING)
         self.link.request("info", self._on_info, timeout_s=self.connect_timeout_s)
+        return True
 
     def _close_link(self) -> None:
         if self.link is not None:
-            self.link.close()
-            self.link.deleteLater()
-            self.link = None
+            link, self.link = self.link, None  # what the closed requests' answers do finds no link
+            link.close()
+            link.deleteLater()
+        if self.job_id is not None:  # its progress stops here; a worker that goes on with it is followed again
+            self._resumable_index = self._followed_job["index"]
+            self.job_id = None
+            self.job_changed.emit({**self._followed_job, "state": states.INTERRUPTED, "eta_s": None})
 
     def _on_info(self, reply: Optional[dict], err: Optional[WorkerError]) -> None:
         if err:
@@ -202,7 +230,7 @@ class SearchController(QObject):
             except zmq.ZMQError as exc:
                 self.notice.emit(f"Indexing progress cannot be followed ({reply['pub']}: {exc}); searches work.",
                                  Qgis.Warning, "")
-        self.info = reply
+        self.info, self._not_answering = reply, False
         self.status_changed.emit(*Status.connected(reply))
         self.worker_info.emit(reply)
         self.refresh_indexes()
@@ -213,12 +241,27 @@ class SearchController(QObject):
                              Qgis.Warning, "")
         return self.link is not None
 
+    def _answered(self) -> None:
+        """A reply came: a light that said "not answering" shows the worker connected again (asked
+        who it is, when its first answer was the one missed)."""
+        if not self._not_answering or self.link is None:
+            return
+        self._not_answering = False
+        if self.info:
+            self.status_changed.emit(*Status.connected(self.info))
+        else:
+            self.link.request("info", self._on_info, timeout_s=self.connect_timeout_s)
+
     def _failed(self, what: str, err: WorkerError) -> None:
+        if err.code == codes.CLOSED:  # connected elsewhere, or the local worker stopped (said apart)
+            return self.notice.emit(f"{what} stopped: {err.message}.", Qgis.Info, "")
         hint = HINTS.get(err.code, "See the log panel for details.")
-        self.notice.emit(f"{what} failed: {err.message} {hint}",
+        said = err.message if err.message.rstrip().endswith((".", "!", "?")) else f"{err.message.rstrip()}."
+        self.notice.emit(f"{what} failed: {said} {hint}",
                          Qgis.Critical if err.code == codes.INTERNAL else Qgis.Warning,
                          f"{what} failed ({err.code}): {err.message}")
         if err.code == codes.UNAVAILABLE:
+            self._not_answering = True
             self.status_changed.emit(*Status.NOT_ANSWERING)
 
     # -- indexes ----------------------------------------------------------------------------------
@@ -255,8 +298,11 @@ class SearchController(QObject):
 
     def _on_job(self, job: dict) -> None:
         self.index_job_changed.emit(job)
+        if self.job_id is None and job["index"] == self._resumable_index and job["state"] in states.ACTIVE:
+            self.job_id = job["id"]  # the job followed here, gone on with after the connection closed
         if job["id"] != self.job_id:
             return  # another client's job
+        self._followed_job, self._resumable_index = job, None
         self.job_changed.emit(job)
         if job["state"] not in states.FINISHED:
             return
@@ -326,8 +372,8 @@ class SearchController(QObject):
         if err:
             return self._failed("Search", err)
         query_ms = (time.perf_counter() - started) * 1e3
-        self.search_count += 1
-        name = f"Sketch search {self.search_count}: {query.index}"
+        self.search_count = max([self.search_count, *_search_numbers(QgsProject.instance())]) + 1
+        name = f"{SEARCH_LAYER_PREFIX} {self.search_count}: {query.index}"
         hits_crs = QgsCoordinateReferenceSystem(query.crs)
         project_crs = QgsProject.instance().crs()
         layer = hits_layer(reply["hits"], name, hits_crs, project_crs if project_crs.isValid() else hits_crs, query_ms)
@@ -405,11 +451,12 @@ class SearchController(QObject):
         """Write the last search's layer to a GeoPackage."""
         if self.result_layer is None:
             return self.notice.emit("Search first: there are no results to save.", Qgis.Warning, "")
-        error = save_gpkg(self.result_layer, path)
+        table = free_table(path, self.result_layer.name())
+        error = save_gpkg(self.result_layer, path, table)
         if error:
             self.notice.emit(f"Saving failed: {error}. Choose a folder you can write to.", Qgis.Critical, "")
         else:
-            self.notice.emit(f"Results saved to {path}", Qgis.Success, "")
+            self.notice.emit(f"Results saved to {path} as “{table}”.", Qgis.Success, "")
 
     def shutdown(self) -> None:
         """Close sockets, stop the worker search and set-up, and ask a local worker to stop (on

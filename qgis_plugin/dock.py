@@ -29,6 +29,7 @@ from .wire.protocol import DEFAULT_TOP, MAX_TOP
 from .worker_panel import WorkerPanel
 
 TITLE = "Sketch search"
+NO_SKETCH = "draw on the map or the pad"  # what the sketch's label says while there is none
 WHOLE_INDEX, MAP_VIEW = 0, 1  # the search area choices
 FEATURE_ID = Qt.UserRole + 1  # a results list item's feature id (Qt.UserRole holds its extent)
 MARK_TEXT = {GOOD: "👍", BAD: "👎"}
@@ -135,7 +136,7 @@ class SketchSearchDock(QDockWidget):
         row.addWidget(self.load_button)
         row.addWidget(self.place_button)
         layout.addLayout(row)
-        self.sketch_label = QLabel("draw on the map or the pad")
+        self.sketch_label = QLabel(NO_SKETCH)
         self.sketch_label.setToolTip("What the next search will use.")
         layout.addWidget(self.sketch_label)
         self.place_button.toggled.connect(self._toggle_place_tool)
@@ -352,7 +353,7 @@ class SketchSearchDock(QDockWidget):
 
     def _sketch_changed(self, source: str, strokes: int) -> None:
         self.sketch_source = source
-        self.sketch_label.setText(f"{strokes} stroke(s) on the {source}")
+        self.sketch_label.setText(f"{strokes} stroke(s) on the {source}" if strokes else NO_SKETCH)
 
     def undo(self) -> None:
         (self.map_tool if self.sketch_source == "map" else self.pad).undo()

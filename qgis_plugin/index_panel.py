@@ -4,6 +4,7 @@ its tile settings (the worker's defaults shown)."""
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 from qgis.core import Qgis, QgsMapLayerType, QgsProject
@@ -259,25 +260,36 @@ class IndexPanel(QGroupBox):
         self.refresh_raster_layers()
 
     def refresh_raster_layers(self) -> None:
+        """The project's GDAL raster layers, ticked; those that are no file (a GeoPackage's raster
+        table, an in-memory raster, a GDAL virtual path) shown greyed with why: the worker reads
+        files, and refused a whole build that held one."""
         self.raster_list.clear()
         for layer in QgsProject.instance().mapLayers().values():
             if layer.type() == QgsMapLayerType.RasterLayer and layer.providerType() == "gdal":
+                path = layer.source().split("|")[0]
                 item = QListWidgetItem(layer.name())
-                item.setData(Qt.UserRole, layer.source())
-                item.setToolTip(layer.source())
-                item.setFlags(item.flags() | Qt.ItemIsUserCheckable)
-                item.setCheckState(Qt.Checked)
+                item.setData(Qt.UserRole, path)
+                if os.path.isfile(path):
+                    item.setToolTip(path)
+                    item.setFlags(item.flags() | Qt.ItemIsUserCheckable)
+                    item.setCheckState(Qt.Checked)
+                else:
+                    item.setToolTip(f"{layer.source()}\nNot a file the worker can read (a GeoPackage raster, an "
+                                    "in-memory or virtual raster): save it as a GeoTIFF (Export > Save As…) to index it.")
+                    item.setFlags(item.flags() & ~Qt.ItemIsEnabled)
                 self.raster_list.addItem(item)
 
     def checked_rasters(self) -> list:
         items = [self.raster_list.item(i) for i in range(self.raster_list.count())]
-        return [i.data(Qt.UserRole).split("|")[0] for i in items if i.checkState() == Qt.Checked]
+        return [i.data(Qt.UserRole) for i in items if i.flags() & Qt.ItemIsUserCheckable and i.checkState() == Qt.Checked]
 
     def build_index(self) -> None:
         try:
             tiling = self.tiling_form.tiling()
         except ValueError as exc:
             return self.controller.notice.emit(str(exc), Qgis.Warning, "")
+        self.progress.setValue(0)  # not the last job's; this one's progress, or the message why not
+        self.progress.setFormat("")
         self.controller.build_index(IndexBuild(self.name_edit.text().strip(), tuple(self.checked_rasters()), tiling))
 
     def shutdown(self) -> None:

@@ -29,22 +29,40 @@ ADVICE = {Setting.WORKER_PYTHON: "choose a Python that has torch and the worker 
           Setting.INDEX_ROOT: "choose a folder you can write to"}
 
 
+RESTART = ("Start local worker starts it again; an indexing job it was running goes on from its last commit "
+           "(every few seconds).")
+
+
 @dataclass(frozen=True)
 class WorkerExit:
     """How a local worker stopped: its exit code (None: it never ran), its last lines, and the
     setting that most likely has to change."""
 
-    code: Optional[int]
+    code: Optional[int]  # with `killed`, the signal
     last_lines: tuple
     setting: Setting
     was_serving: bool = False
+    killed: bool = False  # ended by a signal (QProcess.CrashExit): the kernel's OOM killer, a kill
+
+    @property
+    def blamed(self) -> Optional[Setting]:
+        """The setting to change; None for a worker that ran (killed by a signal, or stopped while
+        serving with no other setting named in its last lines): its Python is no suspect."""
+        if self.killed or (self.was_serving and self.setting == Setting.WORKER_PYTHON):
+            return None
+        return self.setting
 
     @property
     def message(self) -> str:
-        when = "stopped" if self.was_serving else "stopped as it started"
-        how = "could not be run" if self.code is None else f"{when} (exit code {self.code})"
         last = self.last_lines[-1] if self.last_lines else "no message"
-        return f"The local worker {how}: {last}. Change {self.setting.describe()}: {ADVICE[self.setting]}."
+        if self.code is None:
+            what = f"could not be run: {last}."
+        elif self.killed:
+            what = f"was killed (signal {self.code}: out of memory, or ended by another program)."
+        else:
+            what = f"stopped{'' if self.was_serving else ' as it started'} (exit code {self.code}): {last}."
+        remedy = RESTART if self.blamed is None else f"Change {self.blamed.describe()}: {ADVICE[self.blamed]}."
+        return f"The local worker {what} {remedy}"
 
 
 def setting_to_blame(lines: list) -> Setting:
@@ -126,10 +144,11 @@ class LocalWorker(QObject):
     def _read_stderr(self) -> None:
         self._stderr_tail = (self._stderr_tail + bytes(self.process.readAllStandardError()))[-8000:]
 
-    def _finished(self, code: int, _status: QProcess.ExitStatus) -> None:
+    def _finished(self, code: int, status: QProcess.ExitStatus) -> None:
         self._read_stderr()
         lines = self.last_lines()
-        self.stopped.emit(WorkerExit(code, tuple(lines), setting_to_blame(lines), self.serving))
+        self.stopped.emit(WorkerExit(code, tuple(lines), setting_to_blame(lines), self.serving,
+                                     killed=status == QProcess.CrashExit))
 
     def _error(self, error: QProcess.ProcessError) -> None:
         if error == QProcess.FailedToStart:  # a path that is no program: no finished signal follows

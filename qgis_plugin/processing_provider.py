@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import time
 
+import zmq
+
 from qgis.core import (QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsFeatureSink, QgsProcessing,
                        QgsProcessingAlgorithm, QgsProcessingException, QgsProcessingOutputNumber,
                        QgsProcessingOutputString, QgsProcessingParameterFeatureSink, QgsProcessingParameterFile,
@@ -15,7 +17,7 @@ from qgis.PyQt.QtGui import QIcon
 from .crs_names import crs_name
 from .results import features_from_hits, hit_fields
 from .settings import Setting
-from .user_requests import Connection
+from .user_requests import Connection, unusable_endpoint
 from .wire import job_states as states
 from .wire.client import WorkerClient
 from .wire.errors import RequestCancelled, WorkerError, WorkerUnavailable
@@ -114,6 +116,8 @@ class BuildIndexAlgorithm(_WorkerAlgorithm):
                     return {}
             except WorkerError as exc:
                 raise QgsProcessingException(f"worker: {exc.message}") from exc
+            except zmq.ZMQError as exc:
+                raise QgsProcessingException(unusable_endpoint(client.endpoint, exc)) from None
         if job["state"] == states.FAILED:
             raise QgsProcessingException(f"indexing failed: {job['error']['message']}")
         feedback.pushInfo(f"{job['state']}: {job['tiles_done']} tiles ({job['tiles_skipped']} empty, skipped)")
@@ -181,6 +185,8 @@ class SearchBySketchAlgorithm(_WorkerAlgorithm):
                 return {}
             except WorkerError as exc:
                 raise QgsProcessingException(f"worker: {exc.message}") from exc
+            except zmq.ZMQError as exc:
+                raise QgsProcessingException(unusable_endpoint(client.endpoint, exc)) from None
         query_ms = (time.perf_counter() - started) * 1e3
         for raster in reply.get("left_out") or []:
             feedback.pushWarning(f"Not searched: {raster['raster']}: {raster['reason']}")

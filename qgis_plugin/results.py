@@ -168,6 +168,24 @@ def save_gpkg(layer: QgsVectorLayer, path: str, table: Optional[str] = None) -> 
     return None
 
 
+def free_table(path: str, name: str) -> str:
+    """`name`, else `name (2)`, `name (3)`...: the first that no layer of the GeoPackage `path`
+    has. Save results adds to a file the user chose, never replacing what an earlier session saved
+    there (layer names start again at "Sketch search 1" in each project)."""
+    if not Path(path).is_file():
+        return name
+    try:
+        with sqlite3.connect(path) as db:
+            taken = {row[0].lower() for row in db.execute("SELECT table_name FROM gpkg_contents")}
+    except sqlite3.Error:
+        return name  # not a GeoPackage: writing to it says what is wrong
+    table, n = name, 1
+    while table.lower() in taken:
+        n += 1
+        table = f"{name} ({n})"
+    return table
+
+
 def keep_query(layer: QgsVectorLayer, query_json: str, model: Optional[dict]) -> None:
     """Record on the layer the query it answers and the model that answered."""
     layer.setCustomProperty(QUERY_PROPERTY, query_json)

@@ -45,6 +45,11 @@ class IndexBuild:
         return {"index": self.name, "rasters": list(self.rasters), **(self.tiling.fields() if self.tiling else {})}
 
 
+def unusable_endpoint(endpoint: str, exc: Exception) -> str:
+    """What to tell a user whose endpoint ZeroMQ cannot dial (`localhost:5555`, a typo)."""
+    return f"Cannot connect to “{endpoint}” ({exc}): an endpoint is written tcp://HOST:PORT, e.g. tcp://127.0.0.1:5555."
+
+
 @dataclass(frozen=True)
 class Connection:
     """A worker to connect to; both key files (paths) for a remote worker, neither for a local one."""

@@ -3,7 +3,8 @@
 A DEALER socket watched by a QSocketNotifier: the UI never waits on the network. ZeroMQ's
 notification fd is edge-triggered, so every wake-up drains all queued messages, and a drain
 is scheduled after each send. A request unanswered within its timeout fails with
-WorkerUnavailable and the socket is replaced by a fresh one (Lazy Pirate). Messages are made
+WorkerUnavailable, and the socket is replaced by a fresh one (Lazy Pirate) once no other
+request waits on it. Messages are made
 and read by the wire package, as the blocking client does.
 """
 
@@ -16,7 +17,7 @@ import zmq
 from qgis.PyQt.QtCore import QObject, QSocketNotifier, QTimer, pyqtSignal
 
 from .wire import protocol
-from .wire.errors import ProtocolError, WorkerError, WorkerUnavailable
+from .wire.errors import ConnectionClosed, ProtocolError, WorkerError, WorkerUnavailable
 from .wire.sockets import CurveKeys, connect, dialable, subscribe_progress
 
 Callback = Callable[[Optional[dict], Optional[WorkerError]], None]
@@ -24,6 +25,7 @@ Callback = Callable[[Optional[dict], Optional[WorkerError]], None]
 
 class WorkerLink(QObject):
     job_event = pyqtSignal(dict)  # a job progress event from the worker's PUB socket
+    answered = pyqtSignal()  # a reply came: the worker answers (again)
     callback_failed = pyqtSignal(str)  # a reply handler raised: reported, never allowed to abort QGIS
 
     def __init__(self, endpoint: str, pub_endpoint: Optional[str] = None, curve: Optional[CurveKeys] = None,
@@ -38,9 +40,13 @@ class WorkerLink(QObject):
         self._pending: dict = {}  # request id -> (callback, timer)
         self._sock = self._notifier = None
         self._sub = self._sub_notifier = None
-        self._open()
-        if pub_endpoint:
-            self.subscribe(pub_endpoint)
+        try:
+            self._open()
+            if pub_endpoint:
+                self.subscribe(pub_endpoint)
+        except zmq.ZMQError:  # an endpoint ZeroMQ cannot dial: nothing left open
+            self.close()
+            raise
 
     # -- sockets ------------------------------------------------------------------------------
     def _open(self) -> None:
@@ -71,8 +77,10 @@ class WorkerLink(QObject):
         self._sub_notifier.activated.connect(self._drain_events)
 
     def close(self) -> None:
-        for request_id in list(self._pending):
-            _, timer = self._pending.pop(request_id)
+        """Close the sockets; each request still waiting gets ConnectionClosed, so that whoever
+        waits for it (a search's disabled button) is told."""
+        waiting, self._pending = self._pending, {}
+        for _, timer in waiting.values():
             timer.stop()
         self._close_socket()
         if self._sub is not None:
@@ -80,6 +88,8 @@ class WorkerLink(QObject):
             self._sub.close(linger=0)
             self._sub = None
         self._context.destroy(linger=0)
+        for callback, _ in waiting.values():
+            self._call(callback, None, ConnectionClosed(self.endpoint))
 
     # -- requests -------------------------------------------------------------------------------
     def request(self, op: str, callback: Callback, frames: tuple = (), timeout_s: Optional[float] = None,
@@ -101,10 +111,12 @@ class WorkerLink(QObject):
         entry = self._pending.pop(request_id, None)
         if entry is None:
             return
-        # a REQ-less DEALER could keep going, but a silent worker may have lost our message:
-        # start over on a fresh socket, as the Lazy Pirate does
-        self._close_socket()
-        self._open()
+        # a REQ-less DEALER could keep going, but a silent worker may have lost our message, and
+        # one restarted would still be sent what queued: start over on a fresh socket, as the
+        # Lazy Pirate does, once no other request waits for its reply on this one
+        if not self._pending:
+            self._close_socket()
+            self._open()
         self._call(entry[0], None, WorkerUnavailable(self.endpoint, 1, timeout_s))
 
     def _call(self, callback: Callback, reply: Optional[dict], error: Optional[WorkerError]) -> None:
@@ -127,6 +139,7 @@ class WorkerLink(QObject):
             callback, timer = entry
             timer.stop()
             self._call(callback, None if reply.error else reply.fields, reply.error)
+            self.answered.emit()
 
     def _drain_events(self, *_: object) -> None:
         while self._sub is not None and self._sub.getsockopt(zmq.EVENTS) & zmq.POLLIN:

@@ -166,8 +166,9 @@ class WorkerPanel(QGroupBox):
                               lines=tuple(self.log_view.toPlainText().splitlines()))
 
     def _show_stopped(self, exit_: WorkerExit) -> None:
-        self.setting_to_change = exit_.setting
-        buttons = (self.fix_button, self.setup_button) if exit_.setting == Setting.WORKER_PYTHON else (self.fix_button,)
+        self.setting_to_change = exit_.blamed or self.setting_to_change
+        buttons = {None: (), Setting.WORKER_PYTHON: (self.fix_button, self.setup_button)}.get(exit_.blamed,
+                                                                                             (self.fix_button,))
         self._show_notice(html.escape(exit_.message) + " Its last lines:", *buttons, lines=exit_.last_lines)
 
     # -- what the user does ----------------------------------------------------------------------

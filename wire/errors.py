@@ -21,6 +21,7 @@ CORRUPT_INDEX = "corrupt_index"  # an index whose files are damaged: index its r
 STORAGE = "storage"  # the worker's disk refused (full, read-only, failing, a size limit): the message says what to do
 INTERNAL = "internal"  # a bug in the worker; details in its log
 UNAVAILABLE = "unavailable"  # never sent: a client's own code for "no reply at all"
+CLOSED = "closed"  # never sent: a client's own code for a request whose connection it closed before the reply
 
 SERVER_CODES = (BAD_JSON, BAD_REQUEST, UNKNOWN_OP, UNSUPPORTED_VERSION, TOO_LARGE, BAD_INPUT, NOT_FOUND,
                 INDEX_MISMATCH, FORBIDDEN, BUSY, TIMEOUT, CORRUPT_INDEX, STORAGE, INTERNAL)
@@ -49,6 +50,14 @@ class WorkerUnavailable(WorkerError):
 
     def __init__(self, endpoint: str, attempts: int, timeout: float):
         super().__init__(UNAVAILABLE, f"no reply from {endpoint} after {attempts} attempt(s) of {timeout:g} s")
+
+
+class ConnectionClosed(WorkerError):
+    """The client closed its connection before the reply came (connected elsewhere, its local
+    worker stopped): the request may still run on the worker."""
+
+    def __init__(self, endpoint: str):
+        super().__init__(CLOSED, f"the connection to {endpoint} was closed before the worker answered")
 
 
 class RequestCancelled(Exception):

@@ -194,3 +194,62 @@ def test_the_setting_to_blame_follows_the_last_lines(plugin, lines, key):
     from sketch_search.local_worker import setting_to_blame
 
     assert setting_to_blame(lines).key == key
+
+
+def test_a_local_worker_killed_mid_search_and_mid_index_is_started_again_and_its_job_followed(
+        plugin, new_user_settings, rmnp_layer, tmp_path, qgis_iface):
+    """Killed (the OOM killer, `kill -9`): a search waiting on it ends and Search comes back; the
+    build's progress says interrupted; the message says to start it again, not to change a working
+    Python; started again, the worker goes on with the job, and the dock follows it (Cancel too)."""
+    import os
+    import signal
+
+    from lab.worker_process import free_port
+    from mouse import drag
+
+    Setting = new_user_settings
+    Setting.WORKER_PYTHON.set(WORKER_PYTHON)
+    Setting.WORKER_DIR.set(str(REPO))
+    Setting.INDEX_ROOT.set(str(tmp_path / "indexes"))
+    dock, panel, index_panel = plugin.dock, plugin.dock.worker_panel, plugin.dock.index_panel
+
+    def start() -> int:
+        panel.start_button.click()
+        assert process_until(lambda: connected(dock), WORKER_START_S), (panel.status_label.text(), notice_text(dock))
+        return dock.controller.local_worker.process.processId()
+
+    def killed_notice() -> bool:
+        return "was killed (signal 9" in notice_text(dock)
+
+    panel.endpoint_edit.setText(f"tcp://127.0.0.1:{free_port()}")
+    try:
+        pid = start()
+        index_panel.table.clearSelection()
+        index_panel.name_edit.setText("fine")
+        index_panel.tiling_form.tile_spin.setValue(32)  # thousands of tiles: still running when killed
+        index_panel.tiling_form.scales_edit.setText("1")
+        index_panel.build_button.click()
+        assert process_until(lambda: index_panel.progress.value() > 0, 120), index_panel.progress.format()
+        assert process_until(lambda: dock.index_combo.findText("fine") >= 0, 30)
+        dock.index_combo.setCurrentText("fine")
+        dock.clear_sketch()
+        drag(dock.pad, [(10, 12), (40, 30), (90, 60)])
+        os.kill(pid, signal.SIGSTOP)  # it takes the search and never answers
+        dock.search_button.click()
+        assert not dock.search_button.isEnabled()
+        os.kill(pid, signal.SIGKILL)
+        assert process_until(killed_notice, 30), notice_text(dock)
+        assert dock.search_button.isEnabled(), "the search ended with its worker"
+        assert index_panel.progress.format().startswith("interrupted") and not index_panel.cancel_button.isEnabled()
+        assert "Start local worker starts it again" in notice_text(dock) and "Worker Python" not in notice_text(dock)
+        assert panel.fix_button.isHidden() and panel.setup_button.isHidden(), "no setting to change"
+
+        start()
+        assert process_until(lambda: index_panel.progress.format().startswith("running"), 60), \
+            "the job the worker went on with is followed again"
+        index_panel.cancel_button.click()
+        assert process_until(lambda: index_panel.progress.format().startswith("cancelled"), 60), \
+            index_panel.progress.format()
+    finally:
+        dock.clear_sketch()
+        dock.controller.stop_local_worker()

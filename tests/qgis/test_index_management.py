@@ -15,7 +15,7 @@ from conftest import process_until
 def connect(dock, worker) -> None:
     dock.connect_worker(worker.bind)
     assert process_until(lambda: dock.worker_panel.status_label.text().startswith("connected"), 30)
-    assert process_until(lambda: dock.index_panel.table.rowCount() > 0, 10)
+    assert process_until(lambda: row_of(dock.index_panel, "rmnp") >= 0, 10), "this worker's indexes listed"
 
 
 def row_of(panel, name: str) -> int:
@@ -116,3 +116,24 @@ def test_bad_tile_settings_say_which_field_to_correct(plugin, worker, rmnp_layer
     assert "Scales" in message and "1,2,4" in message
     panel.tiling_form.defaults_button.click()
     assert not (worker.index_root / "never-built").exists()
+
+
+def test_a_raster_layer_that_is_no_file_is_greyed_with_why_and_not_sent(plugin, rmnp_layer):
+    """A GDAL raster the worker cannot read as a file (here an in-memory one; a GeoPackage's raster
+    table alike) was ticked, and the worker refused the whole build with it."""
+    from osgeo import gdal
+    from qgis.core import QgsRasterLayer
+    from qgis.PyQt.QtCore import Qt
+
+    panel = plugin.dock.index_panel
+    gdal.Translate("/vsimem/in-memory.tif", rmnp_layer.source())
+    try:
+        layer = QgsRasterLayer("/vsimem/in-memory.tif", "in memory", "gdal")
+        assert layer.isValid()
+        QgsProject.instance().addMapLayer(layer)
+        items = {panel.raster_list.item(i).text(): panel.raster_list.item(i) for i in range(panel.raster_list.count())}
+        assert not items["in memory"].flags() & Qt.ItemIsEnabled and "GeoTIFF" in items["in memory"].toolTip()
+        assert items["rmnp"].flags() & Qt.ItemIsEnabled
+        assert panel.checked_rasters() == [rmnp_layer.source()]
+    finally:
+        gdal.Unlink("/vsimem/in-memory.tif")

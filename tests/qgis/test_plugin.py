@@ -74,6 +74,7 @@ def test_a_drawn_stroke_becomes_the_request(plugin, rmnp_layer, qgis_iface):
     assert query.strokes == [[[10.0, 12.0], [40.0, 30.0]]] and query.strokes_crs == "pixel"
     assert query.message()[1]["strokes_frame"] == [0, 0, dock.pad.width(), dock.pad.height()]
     dock.clear_sketch()
+    assert dock.sketch_label.text() == "draw on the map or the pad", "not '0 stroke(s) on the pad'"
     dock.index_combo.clear()
 
 
@@ -123,6 +124,11 @@ def test_search_against_a_real_worker_adds_a_georeferenced_layer(plugin, worker,
     assert saved.isValid() and saved.featureCount() == 3
     del saved
     assert qgis_iface.messageBar().get_messages(Qgis.Success)
+    dock.controller.save_results(str(out))  # a layer of that name saved there before (another session's 1)
+    again = QgsVectorLayer(f"{out}|layername={layer.name()} (2)", "saved again", "ogr")
+    assert again.isValid() and again.featureCount() == 3, "added beside the first, not over it"
+    assert f"“{layer.name()} (2)”" in qgis_iface.messageBar().get_messages(Qgis.Success)[-1]
+    del again
 
     project = QgsProject.instance()
     try:  # in a saved project, the hits go beside it
@@ -230,6 +236,78 @@ def test_an_error_reply_becomes_a_message(plugin, worker, qgis_iface, tmp_path):
     dock.clear_sketch()
 
 
+def connected_to(dock, worker) -> None:
+    dock.connect_worker(worker.bind)
+    assert process_until(lambda: dock.worker_panel.status_label.text().startswith("connected"), 30), \
+        dock.worker_panel.status_label.text()
+
+
+def test_connecting_again_during_a_search_gives_the_search_button_back(plugin, worker, tmp_path, qgis_iface):
+    """The connection a search waits on is closed (Connect pressed again, or another worker): the
+    search ends at once, saying so, and Search can be pressed again. It stayed greyed for good."""
+    dock = plugin.dock
+    connected_to(dock, worker)
+    assert process_until(lambda: dock.index_combo.count() > 0, 10)
+    dock.index_combo.setCurrentText("rmnp")
+    dock.load_sketch_image(str(line_sketch(tmp_path / "sketch.png")))
+    qgis_iface.messageBar().clear_messages()
+    dock.search_button.click()
+    assert not dock.search_button.isEnabled()
+    connected_to(dock, worker)
+    assert dock.search_button.isEnabled()
+    assert any("Search stopped" in m for m in qgis_iface.messageBar().get_messages(Qgis.Info))
+    dock.clear_sketch()
+
+
+def test_the_light_turns_green_again_once_a_silent_worker_answers(plugin, worker):
+    """A worker that did not answer in time (stopped, swapping) and answers later is shown connected again."""
+    import signal
+
+    dock = plugin.dock
+    dock.controller.connect_timeout_s = 1.0
+    worker.proc.send_signal(signal.SIGSTOP)
+    try:
+        dock.connect_worker(worker.bind)
+        assert process_until(lambda: dock.worker_panel.status_label.text() == "not answering", 20)
+    finally:
+        worker.proc.send_signal(signal.SIGCONT)
+        dock.controller.connect_timeout_s = 10.0
+    dock.index_panel.refresh_button.click()
+    assert process_until(lambda: dock.worker_panel.status_label.text().startswith("connected"), 30), \
+        dock.worker_panel.status_label.text()
+    assert "model" in dock.worker_panel.status_label.text(), "who the worker is, asked again"
+
+
+def test_an_endpoint_zeromq_cannot_dial_is_explained_and_the_connection_stays(plugin, worker, qgis_iface):
+    from sketch_search.settings import Setting
+
+    dock = plugin.dock
+    connected_to(dock, worker)
+    qgis_iface.messageBar().clear_messages()
+    dock.worker_panel.endpoint_edit.setText("localhost:5555")
+    dock.worker_panel.connect_button.click()
+    [said] = qgis_iface.messageBar().get_messages(Qgis.Warning)
+    assert "“localhost:5555”" in said and "tcp://HOST:PORT" in said
+    assert dock.worker_panel.status_label.text().startswith("connected") and Setting.ENDPOINT.get() == worker.bind
+    dock.worker_panel.endpoint_edit.setText(worker.bind)
+
+
+def test_a_reopened_project_s_results_keep_their_names(reloaded_plugin, worker, rmnp_layer, tmp_path):
+    """Results layers are numbered on from those in the project: a new session (a reloaded plugin,
+    a reopened project) named its first search "Sketch search 1" beside another of that name."""
+    dock = reloaded_plugin.dock
+    earlier = QgsVectorLayer("Polygon?crs=EPSG:3857", "Sketch search 7: rmnp", "memory")
+    QgsProject.instance().addMapLayer(earlier)
+    connected_to(dock, worker)
+    assert process_until(lambda: dock.index_combo.count() > 0, 10)
+    dock.index_combo.setCurrentText("rmnp")
+    dock.load_sketch_image(str(line_sketch(tmp_path / "sketch.png")))
+    dock.search_button.click()
+    assert process_until(lambda: dock.controller.result_layer is not None and dock.search_button.isEnabled(), 60)
+    assert dock.controller.result_layer.name() == "Sketch search 8: rmnp"
+    dock.clear_sketch()
+
+
 def test_a_worker_that_is_down_gives_a_message_and_the_ui_stays_live(plugin, qgis_iface):
     from lab.worker_process import free_port
 
@@ -270,6 +348,16 @@ def test_processing_algorithms_run(plugin, worker, rmnp_layer, tmp_path):
     centres = [f.geometry().centroid().asPoint() for f in hits.getFeatures()]
     assert all(on_raster.contains(c) for c in centres), (on_raster.toString(), centres)
     del hits, layer
+
+
+def test_a_processing_endpoint_zeromq_cannot_dial_is_explained(plugin, tmp_path):
+    import processing
+    from qgis.core import QgsProcessingException
+
+    sketch = line_sketch(tmp_path / "sketch.png")
+    with pytest.raises(QgsProcessingException, match="tcp://HOST:PORT"):
+        processing.run("sketchsearch:search_by_sketch", {"ENDPOINT": "localhost:5555", "INDEX": "any",
+                                                          "SKETCH": str(sketch), "OUTPUT": "memory:"})
 
 
 def test_cancel_stops_a_processing_search_waiting_on_a_worker_that_does_not_answer(plugin, tmp_path):
