@@ -178,7 +178,7 @@ def test_search_with_a_png_frame_and_with_strokes_in_a_crs(worker):
 def test_the_documented_codes_and_states_are_the_wires():
     doc = (REPO / "docs" / "protocol.md").read_text()
     documented = re.findall(r"`([a-z_]+)`", doc.split("## Error codes")[1].split("##")[0])
-    assert set(documented) == {*codes.SERVER_CODES, codes.UNAVAILABLE}
+    assert set(documented) == {*codes.SERVER_CODES, codes.UNAVAILABLE, codes.CLOSED}
     row = next(line for line in doc.splitlines() if line.startswith("| `job` |"))
     assert set(re.search(r"`state` \(([a-z, ]+)\)", row).group(1).split(", ")) == states.ACTIVE | states.FINISHED
 
