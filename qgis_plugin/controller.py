@@ -18,7 +18,7 @@ from qgis.PyQt.QtCore import QObject, pyqtSignal
 from .crs_names import crs_name
 from .index_layers import tiles_layer, tiles_layer_name, why_no_tiles_layer
 from .local_worker import LocalWorker, WorkerExit
-from .user_requests import Connection, IndexBuild, SearchQuery, unusable_endpoint
+from .user_requests import Connection, IndexBuild, SearchQuery, endpoint_problem
 from .results import (BAD, GOOD, free_table, hits_layer, keep_query, kept_on_disk, marks, results_file, save_gpkg,
                       saved_query, set_mark)
 from .settings import Setting
@@ -85,6 +85,7 @@ class SearchController(QObject):
     worker_stopped = pyqtSignal(object)  # a WorkerExit: the local worker stopped by itself
     indexes_listed = pyqtSignal(list)  # the worker's indexes (list_indexes items)
     job_changed = pyqtSignal(dict)  # the indexing job started from here, after each event
+    job_lost = pyqtSignal(dict)  # its last event, when the connection it was followed on closed
     index_job_changed = pyqtSignal(dict)  # any client's indexing job, after each event
     search_running = pyqtSignal(bool)
     results_ready = pyqtSignal(object)  # the new hits layer, already in the project
@@ -102,7 +103,9 @@ class SearchController(QObject):
         self.indexes: list = []
         self.job_id: Optional[str] = None  # the indexing job started here, followed in the dock
         self._followed_job: dict = {}  # its last progress
-        self._resumable_index: Optional[str] = None  # the index of a job followed until the connection closed
+        # (endpoint, index) of the job followed until the connection closed or the worker stopped:
+        # followed again when that worker lists a job of the index (one it resumed, or runs on)
+        self._resumable: Optional[tuple] = None
         self.result_layer = None
         self.search_count = 0
         self.connect_timeout_s = 10.0  # for the first answer of a worker
@@ -157,10 +160,13 @@ class SearchController(QObject):
             self.status_changed.emit(*Status.DISCONNECTED)
 
     def _start(self, command: WorkerCommand) -> None:
+        problem = endpoint_problem(dialable(self.endpoint_to_start, self.endpoint_to_start))
+        if problem:
+            return self.notice.emit(problem, Qgis.Warning, "")
         self.stop_local_worker()
         Setting.ENDPOINT.set(self.endpoint_to_start)
         self.local_worker = LocalWorker(command, self.endpoint_to_start, Setting.INDEX_ROOT.get(), self)
-        self.local_worker.ready.connect(lambda bound, pub: self._open_link(bound, None, pub))
+        self.local_worker.ready.connect(lambda bound: self._open_link(bound, None))
         self.local_worker.stopped.connect(self._local_worker_stopped)
         self.status_changed.emit(*Status.STARTING)
         self.local_worker.start()
@@ -191,14 +197,15 @@ class SearchController(QObject):
             self.local_worker.stop()
             self.local_worker = None
 
-    def _open_link(self, endpoint: str, curve: Optional[CurveKeys], pub: Optional[str] = None) -> bool:
+    def _open_link(self, endpoint: str, curve: Optional[CurveKeys]) -> bool:
         """Connect to the worker at `endpoint`, closing the last connection; False, and a message,
-        for an endpoint ZeroMQ cannot dial (the last connection then stays)."""
-        try:
-            link = WorkerLink(endpoint, pub_endpoint=pub, curve=curve, timeout_s=self.request_timeout_s)
-        except zmq.ZMQError as exc:
-            self.notice.emit(unusable_endpoint(endpoint, exc), Qgis.Warning, "")
+        for an endpoint ZeroMQ cannot dial (the last connection then stays). Job progress is
+        subscribed to once the worker says where it publishes (_on_info)."""
+        problem = endpoint_problem(endpoint)
+        if problem:
+            self.notice.emit(problem, Qgis.Warning, "")
             return False
+        link = WorkerLink(endpoint, curve=curve, timeout_s=self.request_timeout_s)
         self._close_link()
         self._not_answering, self.info = False, {}  # until this worker says who it is
         link.setParent(self)
@@ -211,15 +218,18 @@ class SearchController(QObject):
         self.link.request("info", self._on_info, timeout_s=self.connect_timeout_s)
         return True
 
-    def _close_link(self) -> None:
-        if self.link is not None:
-            link, self.link = self.link, None  # what the closed requests' answers do finds no link
-            link.close()
-            link.deleteLater()
-        if self.job_id is not None:  # its progress stops here; a worker that goes on with it is followed again
-            self._resumable_index = self._followed_job["index"]
+    def _close_link(self, tell_waiting: bool = True) -> None:
+        """Close the connection; the requests waiting on it end (WorkerLink.close), and the job
+        followed here is no longer (job_lost), until this worker lists it again (_on_indexes)."""
+        if self.link is None:
+            return
+        link, self.link = self.link, None  # what the closed requests' answers do finds no link
+        if self.job_id is not None:
+            self._resumable = (link.endpoint, self._followed_job["index"])
             self.job_id = None
-            self.job_changed.emit({**self._followed_job, "state": states.INTERRUPTED, "eta_s": None})
+            self.job_lost.emit(self._followed_job)
+        link.close(tell_waiting)
+        link.deleteLater()
 
     def _on_info(self, reply: Optional[dict], err: Optional[WorkerError]) -> None:
         if err:
@@ -273,6 +283,9 @@ class SearchController(QObject):
         if err:
             return self._failed("Listing indexes", err)
         self.indexes = reply["indexes"]
+        if self._resumable and self.link is not None and self._resumable[0] == self.link.endpoint:
+            index, self._resumable = self._resumable[1], None  # the worker the job was followed on, listing it
+            self.job_id = next((item["job"] for item in self.indexes if item["name"] == index), None) or self.job_id
         self.indexes_listed.emit(self.indexes)
 
     def index_named(self, name: str) -> Optional[dict]:
@@ -298,15 +311,15 @@ class SearchController(QObject):
 
     def _on_job(self, job: dict) -> None:
         self.index_job_changed.emit(job)
-        if self.job_id is None and job["index"] == self._resumable_index and job["state"] in states.ACTIVE:
-            self.job_id = job["id"]  # the job followed here, gone on with after the connection closed
         if job["id"] != self.job_id:
             return  # another client's job
-        self._followed_job, self._resumable_index = job, None
+        self._followed_job = job
         self.job_changed.emit(job)
         if job["state"] not in states.FINISHED:
             return
         self.job_id = None
+        if job["state"] == states.INTERRUPTED and self.link is not None:  # the worker stopping: it goes on when started
+            self._resumable = (self.link.endpoint, job["index"])
         if job["state"] == states.FAILED:
             self.notice.emit(f"Indexing failed: {job['error']['message']}", Qgis.Critical, "")
         else:
@@ -461,6 +474,6 @@ class SearchController(QObject):
     def shutdown(self) -> None:
         """Close sockets, stop the worker search and set-up, and ask a local worker to stop (on
         unload, and when QGIS quits: then the plugin waits for it, local_worker.finish_stopping)."""
-        self._close_link()
+        self._close_link(tell_waiting=False)  # QGIS quitting or the plugin unloaded: no one to tell
         self.finder.shutdown()
         self.stop_local_worker()

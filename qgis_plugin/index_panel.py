@@ -122,6 +122,7 @@ class IndexPanel(QGroupBox):
         controller.indexes_listed.connect(self.show_indexes)
         controller.index_job_changed.connect(self._show_any_job)
         controller.job_changed.connect(self._show_job)
+        controller.job_lost.connect(self._show_job_lost)
         controller.worker_info.connect(self._show_defaults)
         QgsProject.instance().layersAdded.connect(self._layers_changed)
         QgsProject.instance().layersRemoved.connect(self._layers_changed)
@@ -222,6 +223,10 @@ class IndexPanel(QGroupBox):
         self.progress.setFormat(f"{job['state']} {job['tiles_done']}/{job['tiles_total']} tiles{eta}")
         self.cancel_button.setEnabled(job["state"] not in states.FINISHED)
 
+    def _show_job_lost(self, job: dict) -> None:
+        self.progress.setFormat(f"{job['tiles_done']}/{job['tiles_total']} tiles, then disconnected from the worker")
+        self.cancel_button.setEnabled(False)
+
     # -- what the user does ----------------------------------------------------------------------
     def selected_name(self) -> str:
         rows = self.table.selectionModel().selectedRows()
@@ -288,8 +293,6 @@ class IndexPanel(QGroupBox):
             tiling = self.tiling_form.tiling()
         except ValueError as exc:
             return self.controller.notice.emit(str(exc), Qgis.Warning, "")
-        self.progress.setValue(0)  # not the last job's; this one's progress, or the message why not
-        self.progress.setFormat("")
         self.controller.build_index(IndexBuild(self.name_edit.text().strip(), tuple(self.checked_rasters()), tiling))
 
     def shutdown(self) -> None:

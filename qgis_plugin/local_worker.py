@@ -29,8 +29,9 @@ ADVICE = {Setting.WORKER_PYTHON: "choose a Python that has torch and the worker 
           Setting.INDEX_ROOT: "choose a folder you can write to"}
 
 
-RESTART = ("Start local worker starts it again; an indexing job it was running goes on from its last commit "
-           "(every few seconds).")
+RESTART = "Start local worker starts it again"
+RESUMED = "; an indexing job it was running goes on from its last commit (every few seconds)."
+SIGNALS = {9: "was killed (out of memory, or kill -9)", 15: "was ended by another program"}  # else it crashed
 
 
 @dataclass(frozen=True)
@@ -54,15 +55,18 @@ class WorkerExit:
 
     @property
     def message(self) -> str:
-        last = self.last_lines[-1] if self.last_lines else "no message"
         if self.code is None:
-            what = f"could not be run: {last}."
+            what = "could not be run"
         elif self.killed:
-            what = f"was killed (signal {self.code}: out of memory, or ended by another program)."
+            what = f"{SIGNALS.get(self.code, 'crashed')} (signal {self.code})"
         else:
-            what = f"stopped{'' if self.was_serving else ' as it started'} (exit code {self.code}): {last}."
-        remedy = RESTART if self.blamed is None else f"Change {self.blamed.describe()}: {ADVICE[self.blamed]}."
-        return f"The local worker {what} {remedy}"
+            what = f"stopped{'' if self.was_serving else ' as it started'} (exit code {self.code})"
+        said = f": {self.last_lines[-1]}." if self.last_lines else "."
+        if self.blamed is not None:
+            remedy = f"Change {self.blamed.describe()}: {ADVICE[self.blamed]}."
+        else:
+            remedy = RESTART + (RESUMED if self.was_serving else ".")
+        return f"The local worker {what}{said} {remedy}"
 
 
 def setting_to_blame(lines: list) -> Setting:
@@ -81,7 +85,7 @@ class LocalWorker(QObject):
     """`python -m worker serve` as a child process of QGIS, stopped with it. Stopping never waits:
     the worker is asked to stop and left to finish in the background."""
 
-    ready = pyqtSignal(str, str)  # endpoint, pub endpoint
+    ready = pyqtSignal(str)  # the endpoint it serves at
     stopped = pyqtSignal(object)  # a WorkerExit, when it stops by itself
 
     def __init__(self, command: WorkerCommand, endpoint: str, index_root: str, parent: Optional[QObject] = None):
@@ -139,7 +143,7 @@ class LocalWorker(QObject):
                 continue
             if isinstance(info, dict) and "serving" in info:
                 self.serving = True
-                self.ready.emit(info["serving"], info["pub"])
+                self.ready.emit(info["serving"])
 
     def _read_stderr(self) -> None:
         self._stderr_tail = (self._stderr_tail + bytes(self.process.readAllStandardError()))[-8000:]

@@ -5,9 +5,7 @@ from __future__ import annotations
 import os
 import time
 
-import zmq
-
-from qgis.core import (QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsFeatureSink, QgsProcessing,
+from qgis.core import (QgsCoordinateReferenceSystem, QgsFeatureSink, QgsProcessing,
                        QgsProcessingAlgorithm, QgsProcessingException, QgsProcessingOutputNumber,
                        QgsProcessingOutputString, QgsProcessingParameterFeatureSink, QgsProcessingParameterFile,
                        QgsProcessingParameterMultipleLayers, QgsProcessingParameterNumber,
@@ -17,7 +15,7 @@ from qgis.PyQt.QtGui import QIcon
 from .crs_names import crs_name
 from .results import features_from_hits, hit_fields
 from .settings import Setting
-from .user_requests import Connection, unusable_endpoint
+from .user_requests import Connection, endpoint_problem
 from .wire import job_states as states
 from .wire.client import WorkerClient
 from .wire.errors import RequestCancelled, WorkerError, WorkerUnavailable
@@ -46,13 +44,16 @@ class _WorkerAlgorithm(QgsProcessingAlgorithm):
     def _client(self, parameters, context) -> WorkerClient:
         """A client of the endpoint given, with the CURVE keys chosen in the plugin's settings
         (a remote worker must be reached encrypted, from the dock and from Processing alike)."""
+        endpoint = self.parameterAsString(parameters, "ENDPOINT", context)
+        problem = endpoint_problem(endpoint)
+        if problem:
+            raise QgsProcessingException(problem)
         try:
             curve = Connection("", Setting.SERVER_KEY.get(), Setting.CLIENT_KEY.get()).curve_keys()
         except (OSError, ValueError) as exc:
             raise QgsProcessingException(f"CURVE keys not usable: {exc}. Choose both key files, or neither, in "
                                          "the Sketch search settings.") from None
-        return WorkerClient(self.parameterAsString(parameters, "ENDPOINT", context), timeout=120.0, retries=1,
-                            curve=curve)
+        return WorkerClient(endpoint, timeout=120.0, retries=1, curve=curve)
 
 
 class BuildIndexAlgorithm(_WorkerAlgorithm):
@@ -116,8 +117,6 @@ class BuildIndexAlgorithm(_WorkerAlgorithm):
                     return {}
             except WorkerError as exc:
                 raise QgsProcessingException(f"worker: {exc.message}") from exc
-            except zmq.ZMQError as exc:
-                raise QgsProcessingException(unusable_endpoint(client.endpoint, exc)) from None
         if job["state"] == states.FAILED:
             raise QgsProcessingException(f"indexing failed: {job['error']['message']}")
         feedback.pushInfo(f"{job['state']}: {job['tiles_done']} tiles ({job['tiles_skipped']} empty, skipped)")
@@ -179,14 +178,12 @@ class SearchBySketchAlgorithm(_WorkerAlgorithm):
             try:
                 reply = client.search(self.parameterAsString(parameters, "INDEX", context), sketch_png=png,
                                       top=self.parameterAsInt(parameters, "TOP", context),
-                                      crs=crs_name(out_crs) or WGS84, cancelled=feedback.isCanceled)
+                                      crs=crs_name(out_crs), cancelled=feedback.isCanceled)
             except RequestCancelled:
                 feedback.pushInfo("Search canceled: no hits written.")
                 return {}
             except WorkerError as exc:
                 raise QgsProcessingException(f"worker: {exc.message}") from exc
-            except zmq.ZMQError as exc:
-                raise QgsProcessingException(unusable_endpoint(client.endpoint, exc)) from None
         query_ms = (time.perf_counter() - started) * 1e3
         for raster in reply.get("left_out") or []:
             feedback.pushWarning(f"Not searched: {raster['raster']}: {raster['reason']}")
@@ -194,8 +191,7 @@ class SearchBySketchAlgorithm(_WorkerAlgorithm):
             feedback.pushWarning(f"Changed since indexed: {raster['raster']}: {raster['reason']}")
         fields = hit_fields()
         sink, dest = self.parameterAsSink(parameters, "OUTPUT", context, fields, QgsWkbTypes.Polygon, out_crs)
-        as_asked = QgsCoordinateTransform(out_crs, out_crs, context.transformContext())  # the hits are in out_crs
-        for feature in features_from_hits(reply["hits"], fields, as_asked, query_ms):
+        for feature in features_from_hits(reply["hits"], fields, None, query_ms):  # asked in out_crs
             sink.addFeature(feature, QgsFeatureSink.FastInsert)
         return {"OUTPUT": dest}
 

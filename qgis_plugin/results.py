@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from contextlib import closing
 from pathlib import Path
 from typing import Optional, Union
 
@@ -55,16 +56,18 @@ def hit_fields() -> QgsFields:
     return fields
 
 
-def features_from_hits(collection: dict, fields: QgsFields, transform: QgsCoordinateTransform,
+def features_from_hits(collection: dict, fields: QgsFields, transform: Optional[QgsCoordinateTransform],
                        query_ms: float) -> list:
     """One polygon feature per hit of a search reply's `hits` (a GeoJSON FeatureCollection),
-    reprojected by `transform` (a hit's square may be turned: any polygon is kept as it is);
+    reprojected by `transform` (None: the hits are in the layer's CRS already; a hit's square
+    may be turned: any polygon is kept as it is);
     `query_ms` is the search's round trip as the user waited for it."""
     features = []
     for item in collection.get("features", []):
         props = item.get("properties") or {}
         geometry = polygon_from_geojson(item["geometry"])
-        geometry.transform(transform)
+        if transform is not None:
+            geometry.transform(transform)
         feature = QgsFeature(fields)
         feature.setGeometry(geometry)
         window = props.get("window")
@@ -158,7 +161,7 @@ def save_gpkg(layer: QgsVectorLayer, path: str, table: Optional[str] = None) -> 
     query = layer.customProperty(QUERY_PROPERTY)
     if query:
         try:
-            with sqlite3.connect(path) as db:
+            with closing(sqlite3.connect(path)) as db, db:  # committed, then closed
                 db.execute(f"CREATE TABLE IF NOT EXISTS {QUERIES_TABLE} (layer TEXT PRIMARY KEY, query TEXT NOT NULL, "
                            "model TEXT)")
                 db.execute(f"INSERT OR REPLACE INTO {QUERIES_TABLE} VALUES (?, ?, ?)",
@@ -170,12 +173,12 @@ def save_gpkg(layer: QgsVectorLayer, path: str, table: Optional[str] = None) -> 
 
 def free_table(path: str, name: str) -> str:
     """`name`, else `name (2)`, `name (3)`...: the first that no layer of the GeoPackage `path`
-    has. Save results adds to a file the user chose, never replacing what an earlier session saved
-    there (layer names start again at "Sketch search 1" in each project)."""
+    has. Save results adds to a file the user chose, never replacing what was saved there before
+    (another project's "Sketch search 1")."""
     if not Path(path).is_file():
         return name
     try:
-        with sqlite3.connect(path) as db:
+        with closing(sqlite3.connect(path)) as db:
             taken = {row[0].lower() for row in db.execute("SELECT table_name FROM gpkg_contents")}
     except sqlite3.Error:
         return name  # not a GeoPackage: writing to it says what is wrong

@@ -8,6 +8,8 @@ import json
 from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
+import zmq
+
 from .wire.sockets import CurveKeys
 
 
@@ -45,9 +47,20 @@ class IndexBuild:
         return {"index": self.name, "rasters": list(self.rasters), **(self.tiling.fields() if self.tiling else {})}
 
 
-def unusable_endpoint(endpoint: str, exc: Exception) -> str:
-    """What to tell a user whose endpoint ZeroMQ cannot dial (`localhost:5555`, a typo)."""
-    return f"Cannot connect to “{endpoint}” ({exc}): an endpoint is written tcp://HOST:PORT, e.g. tcp://127.0.0.1:5555."
+def endpoint_problem(endpoint: str) -> Optional[str]:
+    """Why ZeroMQ cannot dial `endpoint` (`localhost:5555`, a typo), said for the user; None when
+    it can (whether a worker answers there is another matter). Asked before the endpoint is
+    used or saved, so that nothing else a socket raises is blamed on how it is written."""
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    try:
+        sock.connect(endpoint)
+    except zmq.ZMQError as exc:
+        return f"Cannot connect to “{endpoint}” ({exc}): an endpoint is written tcp://HOST:PORT, e.g. tcp://127.0.0.1:5555."
+    finally:
+        sock.close(linger=0)
+        context.term()
+    return None
 
 
 @dataclass(frozen=True)

@@ -3,9 +3,8 @@
 A DEALER socket watched by a QSocketNotifier: the UI never waits on the network. ZeroMQ's
 notification fd is edge-triggered, so every wake-up drains all queued messages, and a drain
 is scheduled after each send. A request unanswered within its timeout fails with
-WorkerUnavailable, and the socket is replaced by a fresh one (Lazy Pirate) once no other
-request waits on it. Messages are made
-and read by the wire package, as the blocking client does.
+WorkerUnavailable, and the socket is replaced by a fresh one (Lazy Pirate) once no other request
+waits on it. Messages are made and read by the wire package, as the blocking client does.
 """
 
 from __future__ import annotations
@@ -28,8 +27,8 @@ class WorkerLink(QObject):
     answered = pyqtSignal()  # a reply came: the worker answers (again)
     callback_failed = pyqtSignal(str)  # a reply handler raised: reported, never allowed to abort QGIS
 
-    def __init__(self, endpoint: str, pub_endpoint: Optional[str] = None, curve: Optional[CurveKeys] = None,
-                 timeout_s: float = 60.0, parent: Optional[QObject] = None):
+    def __init__(self, endpoint: str, curve: Optional[CurveKeys] = None, timeout_s: float = 60.0,
+                 parent: Optional[QObject] = None):
         super().__init__(parent)
         self.endpoint = dialable(endpoint, endpoint)  # a worker here bound to every interface: at 127.0.0.1
         self.curve = curve
@@ -40,13 +39,7 @@ class WorkerLink(QObject):
         self._pending: dict = {}  # request id -> (callback, timer)
         self._sock = self._notifier = None
         self._sub = self._sub_notifier = None
-        try:
-            self._open()
-            if pub_endpoint:
-                self.subscribe(pub_endpoint)
-        except zmq.ZMQError:  # an endpoint ZeroMQ cannot dial: nothing left open
-            self.close()
-            raise
+        self._open()
 
     # -- sockets ------------------------------------------------------------------------------
     def _open(self) -> None:
@@ -76,9 +69,9 @@ class WorkerLink(QObject):
         self._sub_notifier = QSocketNotifier(self._sub.getsockopt(zmq.FD), QSocketNotifier.Read, self)
         self._sub_notifier.activated.connect(self._drain_events)
 
-    def close(self) -> None:
-        """Close the sockets; each request still waiting gets ConnectionClosed, so that whoever
-        waits for it (a search's disabled button) is told."""
+    def close(self, tell_waiting: bool = True) -> None:
+        """Close the sockets; each request still waiting gets ConnectionClosed when `tell_waiting`,
+        so that whoever waits for it (a search's disabled button) is told."""
         waiting, self._pending = self._pending, {}
         for _, timer in waiting.values():
             timer.stop()
@@ -88,7 +81,7 @@ class WorkerLink(QObject):
             self._sub.close(linger=0)
             self._sub = None
         self._context.destroy(linger=0)
-        for callback, _ in waiting.values():
+        for callback, _ in waiting.values() if tell_waiting else ():
             self._call(callback, None, ConnectionClosed(self.endpoint))
 
     # -- requests -------------------------------------------------------------------------------
@@ -133,13 +126,13 @@ class WorkerLink(QObject):
                 reply = protocol.decode_reply(sock.recv_multipart(zmq.NOBLOCK))
             except ProtocolError:
                 continue  # not a reply this client can read
-            entry = self._pending.pop(reply.id, None)
-            if entry is None:
-                continue  # the answer to a request that already timed out
-            callback, timer = entry
-            timer.stop()
-            self._call(callback, None if reply.error else reply.fields, reply.error)
-            self.answered.emit()
+            entry = self._pending.pop(reply.id, None)  # None: a late answer to a request that timed out
+            if entry is not None:
+                callback, timer = entry
+                timer.stop()
+                self._call(callback, None if reply.error else reply.fields, reply.error)
+            if self._sock is sock:  # the link not closed by what the reply did
+                self.answered.emit()
 
     def _drain_events(self, *_: object) -> None:
         while self._sub is not None and self._sub.getsockopt(zmq.EVENTS) & zmq.POLLIN:

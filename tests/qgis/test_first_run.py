@@ -197,7 +197,7 @@ def test_the_setting_to_blame_follows_the_last_lines(plugin, lines, key):
 
 
 def test_a_local_worker_killed_mid_search_and_mid_index_is_started_again_and_its_job_followed(
-        plugin, new_user_settings, rmnp_layer, tmp_path, qgis_iface):
+        plugin, new_user_settings, tmp_path, qgis_iface):
     """Killed (the OOM killer, `kill -9`): a search waiting on it ends and Search comes back; the
     build's progress says interrupted; the message says to start it again, not to change a working
     Python; started again, the worker goes on with the job, and the dock follows it (Cancel too)."""
@@ -205,7 +205,9 @@ def test_a_local_worker_killed_mid_search_and_mid_index_is_started_again_and_its
     import signal
 
     from lab.worker_process import free_port
-    from mouse import drag
+    from qgis.core import QgsCoordinateReferenceSystem, QgsProject, QgsRasterLayer
+    from test_plugin import line_sketch
+    from worker.assets import load_asset_paths
 
     Setting = new_user_settings
     Setting.WORKER_PYTHON.set(WORKER_PYTHON)
@@ -219,9 +221,13 @@ def test_a_local_worker_killed_mid_search_and_mid_index_is_started_again_and_its
         return dock.controller.local_worker.process.processId()
 
     def killed_notice() -> bool:
-        return "was killed (signal 9" in notice_text(dock)
+        return "was killed (out of memory, or kill -9) (signal 9)." in notice_text(dock)
 
     panel.endpoint_edit.setText(f"tcp://127.0.0.1:{free_port()}")
+    scene = QgsRasterLayer(load_asset_paths()["s2_rgb"], "s2")  # 6,561 tiles of 32 px: minutes to index
+    QgsProject.instance().addMapLayer(scene)
+    QgsProject.instance().setCrs(QgsCoordinateReferenceSystem("EPSG:3857"))  # hits are drawn in it
+    qgis_iface.mapCanvas().setDestinationCrs(QgsProject.instance().crs())
     try:
         pid = start()
         index_panel.table.clearSelection()
@@ -229,27 +235,37 @@ def test_a_local_worker_killed_mid_search_and_mid_index_is_started_again_and_its
         index_panel.tiling_form.tile_spin.setValue(32)  # thousands of tiles: still running when killed
         index_panel.tiling_form.scales_edit.setText("1")
         index_panel.build_button.click()
-        assert process_until(lambda: index_panel.progress.value() > 0, 120), index_panel.progress.format()
-        assert process_until(lambda: dock.index_combo.findText("fine") >= 0, 30)
+        assert process_until(lambda: index_panel.progress.format().startswith("running"), 120), \
+            index_panel.progress.format()
+        def listed_for_search() -> bool:  # once its first tiles are committed (every few seconds)
+            index_panel.refresh_button.click()
+            return process_until(lambda: dock.index_combo.findText("fine") >= 0, 3)
+        assert any(listed_for_search() for _ in range(20))
         dock.index_combo.setCurrentText("fine")
-        dock.clear_sketch()
-        drag(dock.pad, [(10, 12), (40, 30), (90, 60)])
+        dock.load_sketch_image(str(line_sketch(tmp_path / "sketch.png")))
+        qgis_iface.messageBar().clear_messages()
         os.kill(pid, signal.SIGSTOP)  # it takes the search and never answers
         dock.search_button.click()
-        assert not dock.search_button.isEnabled()
+        assert not dock.search_button.isEnabled(), qgis_iface.messageBar().get_messages(Qgis.Warning)
         os.kill(pid, signal.SIGKILL)
         assert process_until(killed_notice, 30), notice_text(dock)
         assert dock.search_button.isEnabled(), "the search ended with its worker"
-        assert index_panel.progress.format().startswith("interrupted") and not index_panel.cancel_button.isEnabled()
-        assert "Start local worker starts it again" in notice_text(dock) and "Worker Python" not in notice_text(dock)
+        assert index_panel.progress.format().endswith("then disconnected from the worker")
+        assert not index_panel.cancel_button.isEnabled()
+        assert "Start local worker starts it again; an indexing job" in notice_text(dock)
+        assert "Worker Python" not in notice_text(dock)
         assert panel.fix_button.isHidden() and panel.setup_button.isHidden(), "no setting to change"
 
         start()
         assert process_until(lambda: index_panel.progress.format().startswith("running"), 60), \
             "the job the worker went on with is followed again"
+        start()  # Start again: the worker asked to stop says the job is interrupted, the next goes on with it
+        assert process_until(lambda: index_panel.progress.format().startswith("running"), 60), \
+            index_panel.progress.format()
         index_panel.cancel_button.click()
         assert process_until(lambda: index_panel.progress.format().startswith("cancelled"), 60), \
             index_panel.progress.format()
     finally:
         dock.clear_sketch()
         dock.controller.stop_local_worker()
+        QgsProject.instance().removeMapLayer(scene.id())

@@ -329,10 +329,13 @@ def test_a_worker_that_is_down_gives_a_message_and_the_ui_stays_live(plugin, qgi
     assert dock.worker_panel.status_label.text() == "not answering"
 
 
-def test_processing_algorithms_run(plugin, worker, rmnp_layer, tmp_path):
+def test_processing_algorithms_run(plugin, worker, rmnp_layer, tmp_path, monkeypatch):
     import processing
+    from sketch_search.processing_provider import WorkerClient
 
     layer = rmnp_layer
+    asked_in, search = [], WorkerClient.search
+    monkeypatch.setattr(WorkerClient, "search", lambda self, *a, **kw: asked_in.append(kw["crs"]) or search(self, *a, **kw))
     built = processing.run("sketchsearch:build_index", {"ENDPOINT": worker.bind, "INDEX": "from-processing",
                                                         "RASTERS": [layer], "TILE": 224, "SCALES": "1"})
     assert built["INDEX"] == "from-processing" and built["TILES"] > 0
@@ -343,7 +346,7 @@ def test_processing_algorithms_run(plugin, worker, rmnp_layer, tmp_path):
     assert hits.featureCount() == 2 and "rank" in hits.fields().names()
     project_crs = QgsProject.instance().crs()
     assert project_crs.isValid() and project_crs != layer.crs()
-    assert hits.crs() == project_crs  # asked in the project's CRS, as the dock asks
+    assert hits.crs() == project_crs and asked_in == ["EPSG:3857"]  # asked in the project's CRS, as the dock asks
     on_raster = QgsCoordinateTransform(layer.crs(), project_crs, QgsProject.instance()).transformBoundingBox(layer.extent())
     centres = [f.geometry().centroid().asPoint() for f in hits.getFeatures()]
     assert all(on_raster.contains(c) for c in centres), (on_raster.toString(), centres)
