@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -25,7 +26,8 @@ STOPPING = "sketch_search_worker_stopping"
 ADVICE = {Setting.WORKER_PYTHON: "choose a Python that has torch and the worker (CHECKOUT/.venv/bin/python after "
                                  "scripts/setup), or press Set up worker…",
           Setting.WORKER_DIR: "choose the sketch-search repository folder (the one holding worker/)",
-          Setting.ENDPOINT: "another program listens on that port: choose another one",
+          Setting.ENDPOINT: "another program listens on that port (a worker another QGIS started: Connect to it), "
+                            "or choose another port",
           Setting.INDEX_ROOT: "choose a folder you can write to"}
 
 
@@ -127,6 +129,7 @@ class LocalWorker(QObject):
             return
         self.command.prepare(self.process)
         self.process.start(self.command.python, ["-m", "worker", "serve", "--bind", self.endpoint,
+                                                 *free_pub_option(self.endpoint),
                                                  "--index-root", self.index_root, "--raster-root", "/"])
 
     def last_lines(self) -> list:
@@ -155,7 +158,13 @@ class LocalWorker(QObject):
                                      killed=status == QProcess.CrashExit))
 
     def _error(self, error: QProcess.ProcessError) -> None:
-        if error == QProcess.FailedToStart:  # a path that is no program: no finished signal follows
+        if error != QProcess.FailedToStart:
+            return
+        # a path that is no program, or a checkout that is no folder: no finished signal follows
+        folder = self.command.working_directory()
+        if not os.path.isdir(folder):
+            self.stopped.emit(WorkerExit(None, (f"the worker checkout {folder} is no folder",), Setting.WORKER_DIR))
+        else:
             self.stopped.emit(WorkerExit(None, (f"cannot run {self.command.python}: {self.process.errorString()}",),
                                          Setting.WORKER_PYTHON))
 
@@ -178,6 +187,23 @@ class LocalWorker(QObject):
         self.process.errorOccurred.connect(self.deleteLater)  # one still starting that never ran: no finished
         self.process.terminate()
         self._kill_timer.start(STOP_WAIT_MS)
+
+
+def free_pub_option(endpoint: str) -> list:
+    """`--pub` on a free port of the endpoint's host, for a tcp endpoint: the worker's default, the
+    next port, was often taken (a worker another QGIS started holds it for its progress, and
+    choosing the next endpoint met it again); [] otherwise (an ipc endpoint's is beside it)."""
+    scheme, _, address = endpoint.partition("://")
+    host = address.rpartition(":")[0]
+    if scheme != "tcp" or not host:
+        return []
+    with socket.socket(socket.AF_INET6 if host.startswith("[") else socket.AF_INET) as probe:
+        try:
+            probe.bind(("" if host in ("*", "0.0.0.0", "[::]") else host.strip("[]"), 0))
+        except OSError:
+            return []  # a host name: the worker's default, and its message if that is taken
+        port = probe.getsockname()[1]
+    return ["--pub", f"tcp://{host}:{port}"]
 
 
 def still_stopping() -> list:

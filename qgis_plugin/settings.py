@@ -62,9 +62,14 @@ class Setting(Enum):
         return self._default()
 
     def get(self) -> str:
-        """The saved value, else the default (an environment variable, for the worker settings)."""
+        """The saved value, else the default (an environment variable, for the worker settings); a
+        path with `~` expanded, and a relative one taken from the home folder: the worker runs in
+        another folder than QGIS, and each made its own folder of a relative or `~` index folder."""
         value = QgsSettings().value(self.path, None)
-        return self.default() if value is None else str(value)
+        value = self.default() if value is None else str(value)
+        if value and self in PATH_SETTINGS:
+            return os.path.join(os.path.expanduser("~"), os.path.expanduser(value))
+        return value
 
     def set(self, value: str) -> None:
         QgsSettings().setValue(self.path, str(value))
@@ -80,3 +85,6 @@ class Setting(Enum):
     def describe(self) -> str:
         """How a person finds it: the label in the Settings dialog and the key in the profile."""
         return f"“{self.label}” in Sketch search Settings ({self.path})"
+
+
+PATH_SETTINGS = (Setting.WORKER_PYTHON, Setting.WORKER_DIR, Setting.INDEX_ROOT, Setting.SERVER_KEY, Setting.CLIENT_KEY)

@@ -17,9 +17,15 @@ from .worker_command import WorkerCommand
 
 PYTHON_VARIABLE = "SKETCH_SEARCH_WORKER_PYTHON"
 DIR_VARIABLE = "SKETCH_SEARCH_WORKER_DIR"
-# what `python -m worker serve` imports before it loads the model, and the versions to show
-PROBE_CODE = ("import json, torch, worker, worker.service.startup; print(json.dumps({'worker': worker.__version__, "
-              "'location': worker.__file__, 'torch': torch.__version__, 'cuda': torch.cuda.is_available()}))")
+# what `python -m worker serve` imports before it loads the model, the weights it loads (a set-up
+# cancelled or failed while downloading leaves a venv without them), and the versions to show
+PROBE_CODE = ("import json, torch, worker, worker.service.startup\n"
+              "from worker.model.loading import default_weights_path\n"
+              "if not default_weights_path().exists():\n"
+              "    raise SystemExit(f'the model weights are missing ({default_weights_path()}): its set-up did not "
+              "finish (Set up worker... finishes it)')\n"
+              "print(json.dumps({'worker': worker.__version__, 'location': worker.__file__, "
+              "'torch': torch.__version__, 'cuda': torch.cuda.is_available()}))")
 SETTINGS_SOURCE = "your settings"
 PROBE_TIMEOUT_S = 120  # torch imports in seconds; a first import from a cold disk takes longer
 

