@@ -129,7 +129,7 @@ class LocalWorker(QObject):
             return
         self.command.prepare(self.process)
         self.process.start(self.command.python, ["-m", "worker", "serve", "--bind", self.endpoint,
-                                                 *free_pub_option(self.endpoint),
+                                                 *free_pub_option(self.endpoint), "--stop-with-parent",
                                                  "--index-root", self.index_root, "--raster-root", "/"])
 
     def last_lines(self) -> list:

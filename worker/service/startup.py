@@ -1,28 +1,54 @@
-"""`python -m worker serve`: load the model, bind, resume interrupted jobs, serve until SIGTERM."""
+"""`python -m worker serve`: load the model, bind, resume interrupted jobs, serve until SIGTERM
+(or until the application that started it has ended)."""
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import logging
+import os
 import signal
+import threading
+import time
 
 from worker.app import ModelOptions
 from worker.service.config import ServiceConfig
 from worker.service.loop import Service
 
+log = logging.getLogger(__name__)
+PARENT_CHECK_S = 1.0  # how often a worker started with --stop-with-parent looks whether its parent is there
 
-def serve(config: ServiceConfig, model_options: ModelOptions) -> int:
-    """Serve until SIGTERM or SIGINT, then let indexing jobs commit and exit 0. One JSON line on
-    stdout ({"serving", "pub", "device"}) says when requests are answered (the plugin waits for it)."""
+
+def serve(config: ServiceConfig, model_options: ModelOptions, stop_with_parent: bool = False) -> int:
+    """Serve until SIGTERM or SIGINT (or, with `stop_with_parent`, until the process that started
+    it has ended), then let indexing jobs commit and exit 0. One JSON line on stdout ({"serving",
+    "pub", "device"}) says when requests are answered (the plugin waits for it)."""
     model = _load_in_passing_thread(model_options)
     service = Service(config, model, model_options=model_options)
     service.open()
     signal.signal(signal.SIGTERM, service.request_stop)
     signal.signal(signal.SIGINT, service.request_stop)
+    if stop_with_parent:
+        _stop_when_parent_ends(service, os.getppid())
     service.jobs.resume_interrupted(list(config.paths.index_roots))
     print(json.dumps({"serving": config.bind, "pub": config.pub, "device": str(model.device)}), flush=True)
     service.run()
     return 0
+
+
+def _stop_when_parent_ends(service: Service, parent: int) -> None:
+    """Stop the service, as at SIGTERM, once this process's parent is no longer `parent` (it ended,
+    and the process was handed to another): QGIS that crashed or was killed left its local worker
+    running, holding its port and gigabytes of memory."""
+    def watch() -> None:
+        while not service.stopping:
+            if os.getppid() != parent:
+                log.warning("the process that started this worker (pid %d) has ended: stopping", parent)
+                service.request_stop()
+                return
+            time.sleep(PARENT_CHECK_S)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _load_in_passing_thread(model_options: ModelOptions):
