@@ -27,7 +27,7 @@ def plugin_checkout() -> Optional[Path]:
 
 def known_checkout() -> Optional[Path]:
     """The checkout in the settings, else the plugin's own; None when neither is one."""
-    configured = Setting.WORKER_DIR.get().strip()
+    configured = Setting.WORKER_DIR.as_path()
     if configured:
         return Path(configured) if is_checkout(Path(configured)) else None
     return plugin_checkout()

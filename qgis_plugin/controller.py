@@ -113,7 +113,8 @@ class SearchController(QObject):
 
     # -- connection -------------------------------------------------------------------------------
     def connect_worker(self, connection: Connection) -> None:
-        """Connect to a worker and remember it (endpoint and key paths) for the next QGIS session."""
+        """Connect to a worker and remember its endpoint for the next QGIS session (the key files are
+        the settings' own)."""
         try:
             curve = connection.curve_keys()
         except (OSError, ValueError) as exc:
@@ -122,8 +123,6 @@ class SearchController(QObject):
             return
         if self._open_link(connection.endpoint, curve):
             Setting.ENDPOINT.set(connection.endpoint)
-            Setting.SERVER_KEY.set(connection.server_key)
-            Setting.CLIENT_KEY.set(connection.client_key)
 
     def find_worker(self) -> None:
         """Look for a usable local worker (the finder says what it found)."""
@@ -165,7 +164,7 @@ class SearchController(QObject):
             return self.notice.emit(problem, Qgis.Warning, "")
         self.stop_local_worker()
         Setting.ENDPOINT.set(self.endpoint_to_start)
-        self.local_worker = LocalWorker(command, self.endpoint_to_start, Setting.INDEX_ROOT.get(), self)
+        self.local_worker = LocalWorker(command, self.endpoint_to_start, Setting.INDEX_ROOT.as_path(), self)
         self.local_worker.ready.connect(lambda bound: self._open_link(bound, None))
         self.local_worker.stopped.connect(self._local_worker_stopped)
         self.status_changed.emit(*Status.STARTING)

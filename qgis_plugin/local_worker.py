@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -33,6 +32,7 @@ ADVICE = {Setting.WORKER_PYTHON: "choose a Python that has torch and the worker 
 
 RESTART = "Start local worker starts it again"
 RESUMED = "; an indexing job it was running goes on from its last commit (every few seconds)."
+OLDER_WORKER = "unrecognized arguments"  # what an older worker says of an option this plugin passes
 SIGNALS = {9: "was killed (out of memory, or kill -9)", 15: "was ended by another program"}  # else it crashed
 
 
@@ -64,7 +64,10 @@ class WorkerExit:
         else:
             what = f"stopped{'' if self.was_serving else ' as it started'} (exit code {self.code})"
         said = f": {self.last_lines[-1]}." if self.last_lines else "."
-        if self.blamed is not None:
+        if any(OLDER_WORKER in line for line in self.last_lines):
+            remedy = ("The worker checkout is older than this plugin: update it (git pull, then scripts/setup), or "
+                      "install the plugin of its version.")
+        elif self.blamed is not None:
             remedy = f"Change {self.blamed.describe()}: {ADVICE[self.blamed]}."
         else:
             remedy = RESTART + (RESUMED if self.was_serving else ".")
@@ -78,7 +81,7 @@ def setting_to_blame(lines: list) -> Setting:
         return Setting.WORKER_DIR
     if "Address already in use" in text or "Address in use" in text:
         return Setting.ENDPOINT
-    if "--index-root" in text or Setting.INDEX_ROOT.get() in text:
+    if "--index-root" in text or Setting.INDEX_ROOT.as_path() in text:
         return Setting.INDEX_ROOT
     return Setting.WORKER_PYTHON
 
@@ -129,7 +132,8 @@ class LocalWorker(QObject):
             return
         self.command.prepare(self.process)
         self.process.start(self.command.python, ["-m", "worker", "serve", "--bind", self.endpoint,
-                                                 *free_pub_option(self.endpoint), "--stop-with-parent",
+                                                 *free_pub_option(self.endpoint),
+                                                 "--stop-with", str(QCoreApplication.applicationPid()),
                                                  "--index-root", self.index_root, "--raster-root", "/"])
 
     def last_lines(self) -> list:
@@ -190,20 +194,12 @@ class LocalWorker(QObject):
 
 
 def free_pub_option(endpoint: str) -> list:
-    """`--pub` on a free port of the endpoint's host, for a tcp endpoint: the worker's default, the
-    next port, was often taken (a worker another QGIS started holds it for its progress, and
-    choosing the next endpoint met it again); [] otherwise (an ipc endpoint's is beside it)."""
+    """`--pub` on any free port of a tcp endpoint's host (the worker says which in its info reply):
+    its default, the next port, was often taken (a worker another QGIS started holds it for its
+    progress, and the next endpoint a user tried met it again); [] for an ipc endpoint."""
     scheme, _, address = endpoint.partition("://")
     host = address.rpartition(":")[0]
-    if scheme != "tcp" or not host:
-        return []
-    with socket.socket(socket.AF_INET6 if host.startswith("[") else socket.AF_INET) as probe:
-        try:
-            probe.bind(("" if host in ("*", "0.0.0.0", "[::]") else host.strip("[]"), 0))
-        except OSError:
-            return []  # a host name: the worker's default, and its message if that is taken
-        port = probe.getsockname()[1]
-    return ["--pub", f"tcp://{host}:{port}"]
+    return ["--pub", f"tcp://{host}:*"] if scheme == "tcp" and host else []
 
 
 def still_stopping() -> list:

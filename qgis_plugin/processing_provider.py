@@ -49,7 +49,7 @@ class _WorkerAlgorithm(QgsProcessingAlgorithm):
         if problem:
             raise QgsProcessingException(problem)
         try:
-            curve = Connection("", Setting.SERVER_KEY.get(), Setting.CLIENT_KEY.get()).curve_keys()
+            curve = Connection("", Setting.SERVER_KEY.as_path(), Setting.CLIENT_KEY.as_path()).curve_keys()
         except (OSError, ValueError) as exc:
             raise QgsProcessingException(f"CURVE keys not usable: {exc}. Choose both key files, or neither, in "
                                          "the Sketch search settings.") from None

@@ -62,14 +62,20 @@ class Setting(Enum):
         return self._default()
 
     def get(self) -> str:
-        """The saved value, else the default (an environment variable, for the worker settings); a
-        path with `~` expanded, and a relative one taken from the home folder: the worker runs in
-        another folder than QGIS, and each made its own folder of a relative or `~` index folder."""
+        """The saved value, else the default (an environment variable, for the worker settings):
+        as the user wrote it (the Settings dialog shows it so)."""
         value = QgsSettings().value(self.path, None)
-        value = self.default() if value is None else str(value)
-        if value and self in PATH_SETTINGS:
-            return os.path.join(os.path.expanduser("~"), os.path.expanduser(value))
-        return value
+        return self.default() if value is None else str(value)
+
+    def as_path(self) -> str:
+        """The value as a path to use: stripped, `~` expanded, and a relative path taken from the home
+        folder (the worker runs in another folder than QGIS, and each made its own folder of a
+        relative or `~` index folder); a bare name (`python3`, found on PATH) and an empty value
+        as they are."""
+        value = self.get().strip()
+        if not value.startswith("~") and os.sep not in value and "/" not in value:
+            return value
+        return os.path.join(os.path.expanduser("~"), os.path.expanduser(value))
 
     def set(self, value: str) -> None:
         QgsSettings().setValue(self.path, str(value))
@@ -85,6 +91,3 @@ class Setting(Enum):
     def describe(self) -> str:
         """How a person finds it: the label in the Settings dialog and the key in the profile."""
         return f"“{self.label}” in Sketch search Settings ({self.path})"
-
-
-PATH_SETTINGS = (Setting.WORKER_PYTHON, Setting.WORKER_DIR, Setting.INDEX_ROOT, Setting.SERVER_KEY, Setting.CLIENT_KEY)

@@ -30,11 +30,11 @@ class WorkerCommand:
     def configured(cls) -> Optional["WorkerCommand"]:
         """The one in the settings (or their environment variables), or None when none is set.
         Without a checkout set, a plugin folder that is a link into a checkout names it."""
-        python = Setting.WORKER_PYTHON.get().strip()
+        python = Setting.WORKER_PYTHON.as_path()
         if not python:
             return None
         checkout = plugin_checkout()
-        return cls(python, Setting.WORKER_DIR.get().strip() or (str(checkout) if checkout else ""))
+        return cls(python, Setting.WORKER_DIR.as_path() or (str(checkout) if checkout else ""))
 
     def save(self) -> None:
         """Make this the configured worker."""

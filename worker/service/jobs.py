@@ -119,7 +119,8 @@ class JobManager:
             raise ProtocolError(BUSY, f"{queued} indexing jobs are already waiting (the worker's limit): wait for "
                                       "one to end, or cancel one, and ask again")
         job = Job(index_name, request.index_dir, request)
-        with disk_write(request.index_dir):  # an index root not writable: `storage`, saying so, not `internal`
+        # an index root the worker may not write in: `storage`, saying so, not `internal`
+        with disk_write(request.index_dir, then="then ask again"):
             request.index_dir.mkdir(parents=True, exist_ok=True)
             write_json_atomic(request.index_dir / JOB_FILE, {"index": index_name, **request.to_json()})
         self._remember(job)

@@ -21,7 +21,7 @@ import logging
 import os
 import queue
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import zmq
 
@@ -108,6 +108,9 @@ class Service:
         self.pub.setsockopt(zmq.LINGER, 0)
         self._secure(self.pub)
         _bind(self.pub, self.config.pub, "--pub")
+        if self.config.pub.endswith(":*"):  # any free port: clients are told the one the system gave
+            self.config = replace(self.config, pub=self.pub.getsockopt_string(zmq.LAST_ENDPOINT))
+            self.handlers.config = self.config
 
     def _wake(self) -> None:
         try:

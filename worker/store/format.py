@@ -131,9 +131,9 @@ def check_manifest_shape(manifest: dict, path: Path) -> None:
 
 
 @contextmanager
-def disk_write(path: Path) -> Iterator[None]:
+def disk_write(path: Path, then: str = "then run the job again: committed chunks are kept") -> Iterator[None]:
     """Writes to `path`: an OSError (a full, read-only or failing disk) becomes a StorageError
-    that says where, how much space is left, and what to do (worker.errors.storage_advice)."""
+    that says where, how much space is left, what to do (worker.errors.storage_advice), and `then`."""
     try:
         yield
     except OSError as exc:
@@ -142,8 +142,7 @@ def disk_write(path: Path) -> Iterator[None]:
         except OSError:
             free = "free space unknown"
         reason = exc.strerror or str(exc)  # numpy's short writes say "N requested and M written"
-        raise StorageError(f"cannot write {path}: {reason} ({free}); {storage_advice(exc)}; then run the job "
-                           "again: committed chunks are kept") from exc
+        raise StorageError(f"cannot write {path}: {reason} ({free}); {storage_advice(exc)}; {then}") from exc
 
 
 def allocated_memmap(path: Path, dtype, shape: tuple[int, ...]):
