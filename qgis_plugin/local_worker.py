@@ -164,13 +164,8 @@ class LocalWorker(QObject):
     def _error(self, error: QProcess.ProcessError) -> None:
         if error != QProcess.FailedToStart:
             return
-        # a path that is no program, or a checkout that is no folder: no finished signal follows
-        folder = self.command.working_directory()
-        if not os.path.isdir(folder):
-            self.stopped.emit(WorkerExit(None, (f"the worker checkout {folder} is no folder",), Setting.WORKER_DIR))
-        else:
-            self.stopped.emit(WorkerExit(None, (f"cannot run {self.command.python}: {self.process.errorString()}",),
-                                         Setting.WORKER_PYTHON))
+        line, setting = self.command.start_failure(self.process)  # no finished signal follows
+        self.stopped.emit(WorkerExit(None, (line,), setting))
 
     def stop(self) -> None:
         """Ask it to stop (SIGTERM: an indexing job commits its batch first) and return at once; it

@@ -59,6 +59,15 @@ class WorkerCommand:
         process.setWorkingDirectory(self.working_directory())
         process.setProcessEnvironment(self.environment())
 
+    def start_failure(self, process: QProcess) -> tuple[str, Setting]:
+        """Why `process`, prepared by this command, could not start, and the setting to change: a
+        checkout that is no folder (Qt says "chdir: No such file", which read as the Python's
+        fault), else this Python."""
+        folder = self.working_directory()
+        if not os.path.isdir(folder):
+            return f"the worker checkout {folder} is no folder", Setting.WORKER_DIR
+        return f"cannot run {self.python}: {process.errorString()}", Setting.WORKER_PYTHON
+
 
 def clean_environment() -> dict:
     """This process's environment without QGIS's Python variables (for a shell script)."""

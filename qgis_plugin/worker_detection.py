@@ -134,7 +134,7 @@ class WorkerProbe(QObject):
 
     def _failed_to_start(self, error: QProcess.ProcessError) -> None:
         if error == QProcess.FailedToStart:  # no finished signal follows this one
-            self._record(False, f"cannot run {self._current.command.python}: {self._process.errorString()}")
+            self._record(False, self._current.command.start_failure(self._process)[0])
 
     def _give_up(self) -> None:
         if self._process is None:
