@@ -190,7 +190,7 @@ def test_a_worker_whose_set_up_did_not_finish_is_not_offered(reloaded_plugin, ne
                                                                 monkeypatch):
     """A set-up cancelled or failed while downloading leaves a venv that imports the worker and no
     model weights: it was offered as usable, and then stopped at start blaming its Python."""
-    monkeypatch.setenv("SKETCH_SEARCH_CACHE", str(tmp_path / "cache-without-weights"))
+    monkeypatch.setenv("SKETCH_SEARCH_ASSETS", str(tmp_path / "assets-without-weights"))  # where the weights go
     dock, panel = reloaded_plugin.dock, reloaded_plugin.dock.worker_panel
     reloaded_plugin.action.setChecked(True)
     assert process_until(lambda: "needs a worker" in notice_text(dock), 120), notice_text(dock)
