@@ -23,7 +23,7 @@ STOPPING = "sketch_search_worker_stopping"
 
 # what to do about each setting when it is the one to blame
 ADVICE = {Setting.WORKER_PYTHON: "choose a Python that has torch and the worker (CHECKOUT/.venv/bin/python after "
-                                 "scripts/setup), or press Set up worker…",
+                                 "scripts/setup), or press Set up worker… to make one",
           Setting.WORKER_DIR: "choose the sketch-search repository folder (the one holding worker/)",
           Setting.ENDPOINT: "another program listens on that port (a worker another QGIS started: Connect to it), "
                             "or choose another port",

@@ -22,7 +22,7 @@ from .worker_finder import MissingWorker
 NEEDED = ("Sketch search needs a worker: a Python with torch and the sketch-search <i>worker</i> package, which "
           "does the searching, on this machine or on a GPU machine.")
 NONE_HERE = ("None was found here: press <b>Set up worker…</b> to install one from {where} (several GB; it runs "
-             "in the background), or choose an existing worker Python with <b>Change Worker Python…</b>.")
+             "in the background), or press <b>Change Worker Python…</b> to choose an existing one.")
 LOG_BLOCKS = 400  # lines kept in the log view
 
 
