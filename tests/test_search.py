@@ -480,6 +480,26 @@ def test_cli_outputs_it_could_not_write_are_refused_before_the_search(tmp_path, 
         assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "h.geojson").exists()
 
 
+def test_cli_outputs_in_a_folder_it_may_not_write_in_are_refused_before_the_search(tmp_path, s2_index):
+    """An --out or --preview in a folder the CLI may not write in was found only after the search:
+    a traceback (its folder could not be made) or a storage error that said to "run the job
+    again: committed chunks are kept". An immutable folder refuses a file even to root."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    if subprocess.run(["chattr", "+i", str(locked)], capture_output=True).returncode:
+        pytest.skip("chattr +i is not available here")
+    sketch = tmp_path / "sketch.png"
+    Image.new("L", (200, 200), 255).save(sketch)  # blank: refused too, but only after the outputs are checked
+    try:
+        for args in ((locked / "h.geojson",), (locked / "new" / "h.geojson",),
+                     (tmp_path / "out" / "h.geojson", "--preview", locked / "p.png")):
+            result = run_cli("search", s2_index, "--sketch", sketch, "--out", *args)
+            assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+            assert f"cannot write {locked}" in result.stderr and result.stderr.strip().endswith("then search again")
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)], check=True)
+
+
 def test_cli_info_and_missing_index(tmp_path, s2_index):
     info = json.loads(run_cli("info", s2_index).stdout)
     assert info["tile_count"] > 100 and info["model"]["timm_name"] == "vit_small_patch14_dinov2"

@@ -18,6 +18,7 @@ from worker.ann import AUTO_MIN_TILES
 from worker.app import IndexRequest, ModelOptions, SearchRequest
 from worker.errors import InputError
 from worker.ranking import RANKERS
+from worker.store.format import disk_write
 from worker.service.config import Limits, ServiceConfig
 from worker.tiling import TileSettings
 
@@ -140,22 +141,25 @@ def cmd_search(args: argparse.Namespace) -> int:
     model = model_options(args).load()
     check_index(index, model)
     outcome = run_search(request, model, index)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     hits = split_at_antimeridian(outcome.hits) if is_lon_lat_degrees(request.out_crs) else outcome.hits  # RFC 7946
     write_json_atomic(args.out, {**hits, "timings_ms": outcome.timings_ms, "left_out": outcome.left_out,
-                                 "changed": outcome.changed})
+                                 "changed": outcome.changed}, SEARCH_THEN)
     if args.preview:
         from worker.hits_output import contact_sheet
 
-        args.preview.parent.mkdir(parents=True, exist_ok=True)
-        contact_sheet(outcome.sketch.numpy(), outcome.ranked).save(args.preview)
+        with disk_write(args.preview, SEARCH_THEN):
+            contact_sheet(outcome.sketch.numpy(), outcome.ranked).save(args.preview)
     print(json.dumps({"hits": len(outcome.ranked), "out": str(args.out), "left_out": outcome.left_out,
                       "changed": outcome.changed, **{k: round(v, 1) for k, v in outcome.timings_ms.items()}}))
     return 0
 
 
+SEARCH_THEN = "then search again"
+
+
 def check_outputs(out: Path, preview: Path | None) -> None:
-    """InputError now, before a search, for files it could not write after it."""
+    """InputError (a StorageError for a folder it may not write in) now, before a search, for
+    files it could not write after it. Their folders are made here."""
     from PIL import Image
 
     if out.is_dir():
@@ -167,6 +171,18 @@ def check_outputs(out: Path, preview: Path | None) -> None:
         if Image.EXTENSION.get(preview.suffix.lower()) not in Image.SAVE:
             raise InputError(f"--preview {preview}: {preview.suffix or 'no extension'} is not an image format it can write; "
                              "use .png or .jpg")
+    for folder in {out.parent, *([] if preview is None else [preview.parent])}:
+        _check_writable(folder)
+
+
+def _check_writable(folder: Path) -> None:
+    """Make `folder` and write a file in it: permissions alone do not say (root, an immutable or
+    read-only mount)."""
+    import tempfile
+
+    with disk_write(folder, SEARCH_THEN):
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
 
 
 def cmd_info(args: argparse.Namespace) -> int:

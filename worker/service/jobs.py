@@ -120,9 +120,10 @@ class JobManager:
                                       "one to end, or cancel one, and ask again")
         job = Job(index_name, request.index_dir, request)
         # an index root the worker may not write in: `storage`, saying so, not `internal`
-        with disk_write(request.index_dir, then="then ask again"):
+        then = "then ask again"
+        with disk_write(request.index_dir, then):
             request.index_dir.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(request.index_dir / JOB_FILE, {"index": index_name, **request.to_json()})
+            write_json_atomic(request.index_dir / JOB_FILE, {"index": index_name, **request.to_json()}, then)
         self._remember(job)
         job.thread = threading.Thread(target=self._run, args=(job,), name=f"index-{job.id}", daemon=True)
         job.thread.start()

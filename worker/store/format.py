@@ -130,8 +130,11 @@ def check_manifest_shape(manifest: dict, path: Path) -> None:
                                 "and build it again")
 
 
+INDEXING_THEN = "then run the job again: committed chunks are kept"
+
+
 @contextmanager
-def disk_write(path: Path, then: str = "then run the job again: committed chunks are kept") -> Iterator[None]:
+def disk_write(path: Path, then: str = INDEXING_THEN) -> Iterator[None]:
     """Writes to `path`: an OSError (a full, read-only or failing disk) becomes a StorageError
     that says where, how much space is left, what to do (worker.errors.storage_advice), and `then`."""
     try:
@@ -182,13 +185,14 @@ def replace_durably(tmp: Path, dest: Path) -> None:
     sync_folder(Path(dest).parent)
 
 
-def write_json_atomic(path: Path, obj: dict) -> None:
-    """`obj` as JSON at `path`, all or nothing. On one line: indented, the manifest of a 10M-tile
-    index (39,000 shards, 4 MB) took 227 ms to write, and it was written for every chunk (json's
-    indenting encoder is pure Python); 44 ms to encode as one line."""
+def write_json_atomic(path: Path, obj: dict, then: str = INDEXING_THEN) -> None:
+    """`obj` as JSON at `path`, all or nothing; a failed write is disk_write's storage error,
+    ending with `then`. On one line: indented, the manifest of a 10M-tile index (39,000 shards,
+    4 MB) took 227 ms to write, and it was written for every chunk (json's indenting encoder is
+    pure Python); 44 ms to encode as one line."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     text = json.dumps(obj)
-    with disk_write(path):
+    with disk_write(path, then):
         try:
             with open(tmp, "w") as f:
                 f.write(text)
