@@ -12,6 +12,7 @@ from typing import Optional
 from qgis.PyQt.QtCore import QCoreApplication, QObject, QProcess, QTimer, pyqtSignal
 
 from .settings import Setting
+from .wire.sockets import tcp_host_and_port
 from .worker_command import WorkerCommand
 
 LAST_LINES = 12  # of the worker's stderr, shown when it stops
@@ -192,9 +193,8 @@ def free_pub_option(endpoint: str) -> list:
     """`--pub` on any free port of a tcp endpoint's host (the worker says which in its info reply):
     its default, the next port, was often taken (a worker another QGIS started holds it for its
     progress, and the next endpoint a user tried met it again); [] for an ipc endpoint."""
-    scheme, _, address = endpoint.partition("://")
-    host = address.rpartition(":")[0]
-    return ["--pub", f"tcp://{host}:*"] if scheme == "tcp" and host else []
+    host = tcp_host_and_port(endpoint)[0]
+    return ["--pub", f"tcp://{host}:*"] if host else []
 
 
 def still_stopping() -> list:

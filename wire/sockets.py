@@ -52,16 +52,24 @@ def connect(context: zmq.Context, kind: int, endpoint: str, curve: Optional[Curv
 EVERY_INTERFACE = ("*", "0.0.0.0", "::", "[::]")  # hosts a worker binds to serve every interface
 
 
+def tcp_host_and_port(endpoint: str) -> tuple[str, str]:
+    """The host and port of a tcp endpoint (tcp://HOST:PORT; an IPv6 host keeps its brackets),
+    ("", "") for any other transport."""
+    scheme, _, address = endpoint.partition("://")
+    if scheme != "tcp":
+        return "", ""
+    host, _, port = address.rpartition(":")
+    return host, port
+
+
 def dialable(endpoint: str, reached_at: str) -> str:
     """An endpoint of the worker a client can connect to: one bound to every interface
     (tcp://*:5556, the way to serve a team) is dialled at the host the client reached the worker
     at (`reached_at`, its request endpoint); any other is left as it is."""
-    scheme, _, address = endpoint.partition("://")
-    host, _, port = address.rpartition(":")
-    if scheme != "tcp" or host not in EVERY_INTERFACE:
+    host, port = tcp_host_and_port(endpoint)
+    if host not in EVERY_INTERFACE:
         return endpoint
-    reached_scheme, _, reached = reached_at.partition("://")
-    reached_host = reached.rpartition(":")[0] if reached_scheme == "tcp" else ""
+    reached_host = tcp_host_and_port(reached_at)[0]
     if reached_host in ("", *EVERY_INTERFACE):
         reached_host = "127.0.0.1"
     return f"tcp://{reached_host}:{port}"

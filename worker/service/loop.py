@@ -61,7 +61,6 @@ class PendingRequest:
 class Service:
     def __init__(self, config: ServiceConfig, model, context: zmq.Context | None = None,
                  model_options: ModelOptions | None = None):
-        self.config = config
         self.limits = config.limits
         self.context = context or zmq.Context.instance()
         self._wake_r, self._wake_w = os.pipe()
@@ -78,6 +77,11 @@ class Service:
                       "list_indexes": cf.ThreadPoolExecutor(1, thread_name_prefix="list")}
         self.stopping = False
         self.auth = None
+
+    @property
+    def config(self) -> ServiceConfig:
+        """The service's configuration, held once (by its handlers, whose replies say it)."""
+        return self.handlers.config
 
     # -- sockets ------------------------------------------------------------------------------
     def _secure(self, sock: zmq.Socket) -> None:
@@ -109,8 +113,7 @@ class Service:
         self._secure(self.pub)
         _bind(self.pub, self.config.pub, "--pub")
         if self.config.pub.endswith(":*"):  # any free port: clients are told the one the system gave
-            self.config = replace(self.config, pub=self.pub.getsockopt_string(zmq.LAST_ENDPOINT))
-            self.handlers.config = self.config
+            self.handlers.config = replace(self.config, pub=self.pub.getsockopt_string(zmq.LAST_ENDPOINT))
 
     def _wake(self) -> None:
         try:
