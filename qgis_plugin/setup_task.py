@@ -35,6 +35,23 @@ def progress_after(line: str, percent: float) -> float:
     return percent
 
 
+class OutputLines:
+    """A process's output, given in chunks as it comes, cut into lines (at a newline, or at a
+    carriage return, as a progress bar redraws its line)."""
+
+    def __init__(self):
+        self._partial = b""
+
+    def add(self, chunk: bytes) -> list[str]:
+        """The lines `chunk` completes; b"" (the output's end) also gives the last, unfinished one."""
+        text = self._partial + chunk
+        if not chunk:
+            self._partial = b""
+            return [text.decode(errors="replace").rstrip()] if text.strip() else []
+        *done, self._partial = text.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        return [line.decode(errors="replace").rstrip() for line in done if line.strip()]
+
+
 class WorkerSetupTask(QgsTask):
     """Runs CHECKOUT/scripts/setup; cancelling stops it (the script resumes where it was on a rerun)."""
 
@@ -51,13 +68,14 @@ class WorkerSetupTask(QgsTask):
     def run(self) -> bool:  # in a task thread: may wait, must not touch widgets
         script = self.checkout / SETUP_SCRIPT
         try:
-            process = subprocess.Popen([str(script)], cwd=self.checkout, env=clean_environment(), text=True,
-                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1,
+            process = subprocess.Popen([str(script)], cwd=self.checkout, env=clean_environment(),
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                        start_new_session=True)  # its own group: a cancel stops pip too
         except OSError as exc:
             self.error = f"cannot run {script}: {exc}"
             return False
         self.setProgress(1)
+        lines = OutputLines()
         with selectors.DefaultSelector() as selector:
             selector.register(process.stdout, selectors.EVENT_READ)
             while True:
@@ -66,10 +84,13 @@ class WorkerSetupTask(QgsTask):
                     process.wait()
                     return False
                 if selector.select(timeout=0.2):
-                    line = process.stdout.readline()
-                    if not line:
+                    # what is there, not a whole line: a line still being written must not keep a
+                    # cancel waiting
+                    chunk = os.read(process.stdout.fileno(), 65536)
+                    for line in lines.add(chunk):
+                        self._logged(line)
+                    if not chunk:
                         break
-                    self._logged(line.rstrip())
         self.returncode = process.wait()
         return self.returncode == 0
 

@@ -33,7 +33,7 @@ class WorkerPanel(QGroupBox):
         self.controller = controller
         self.open_settings = open_settings
         self.offered: Optional[ProbeResult] = None  # the worker Use this worker would save and start
-        self.setting_to_change = Setting.WORKER_PYTHON  # what Settings… in the notice opens at
+        self.setting_to_change = Setting.WORKER_PYTHON  # what the notice's Change … button opens Settings at
         layout = QVBoxLayout(self)
         form = QFormLayout()
         layout.addLayout(form)
@@ -110,11 +110,16 @@ class WorkerPanel(QGroupBox):
         self.notice.hide()
         return self.notice
 
-    def _show_notice(self, text: str, *buttons: QPushButton, lines: tuple = (), progress: bool = False) -> None:
+    def _show_notice(self, text: str, *buttons: QPushButton, fix: Setting | None = None, lines: tuple = (),
+                     progress: bool = False) -> None:
+        """Show `text` with `buttons`, and a Change … button opening Settings at `fix` when given."""
         self.notice_text.setText(text)
-        self.fix_button.setText(f"Change {self.setting_to_change.label}…")
-        for button in (self.use_button, self.setup_button, self.cancel_setup_button, self.fix_button):
+        if fix is not None:
+            self.setting_to_change = fix
+            self.fix_button.setText(f"Change {fix.label}…")
+        for button in (self.use_button, self.setup_button, self.cancel_setup_button):
             button.setVisible(button in buttons)
+        self.fix_button.setVisible(fix is not None)
         self.setup_progress.setVisible(progress)
         if lines:
             self.log_view.setPlainText("\n".join(lines))
@@ -139,17 +144,15 @@ class WorkerPanel(QGroupBox):
             return self._show_notice(f"The worker in Settings is ready ({html.escape(found.detail)}): press "
                                      "<b>Start local worker</b>.")
         self.offered = found
-        self.setting_to_change = Setting.WORKER_PYTHON
         self._show_notice(f"Found a usable worker: <b>{html.escape(command.python)}</b> "
                           f"(from {html.escape(found.candidate.source)}; {html.escape(found.detail)}).",
-                          self.use_button, self.fix_button)
+                          self.use_button, fix=Setting.WORKER_PYTHON)
 
     def _show_missing(self, missing: MissingWorker) -> None:
         where = (f"the checkout in {html.escape(str(missing.checkout))}" if missing.checkout
                  else "the sketch-search repository, whose folder you choose")
         tried = tuple(f"{r.candidate.command.python} ({r.candidate.source}): {r.detail}" for r in missing.tried)
-        self.setting_to_change = Setting.WORKER_PYTHON
-        self._show_notice(f"{NEEDED} {NONE_HERE.format(where=where)}", self.setup_button, self.fix_button,
+        self._show_notice(f"{NEEDED} {NONE_HERE.format(where=where)}", self.setup_button, fix=Setting.WORKER_PYTHON,
                           lines=tried)
 
     def _show_setup_started(self, checkout: str) -> None:
@@ -162,14 +165,13 @@ class WorkerPanel(QGroupBox):
         if ok:
             self._show_notice(html.escape(message) + " Starting it…", progress=True)
         else:
-            self._show_notice(html.escape(message), self.setup_button, self.fix_button, progress=False,
+            self._show_notice(html.escape(message), self.setup_button, fix=Setting.WORKER_PYTHON, progress=False,
                               lines=tuple(self.log_view.toPlainText().splitlines()))
 
     def _show_stopped(self, exit_: WorkerExit) -> None:
-        self.setting_to_change = exit_.blamed or self.setting_to_change
-        buttons = {None: (), Setting.WORKER_PYTHON: (self.fix_button, self.setup_button)}.get(exit_.blamed,
-                                                                                             (self.fix_button,))
-        self._show_notice(html.escape(exit_.message) + " Its last lines:", *buttons, lines=exit_.last_lines)
+        set_up = (self.setup_button,) if exit_.blamed == Setting.WORKER_PYTHON else ()
+        self._show_notice(html.escape(exit_.message) + " Its last lines:", *set_up, fix=exit_.blamed,
+                          lines=exit_.last_lines)
 
     # -- what the user does ----------------------------------------------------------------------
     def connection(self) -> Connection:

@@ -227,8 +227,51 @@ def test_a_worker_checkout_that_is_no_folder_is_the_setting_blamed(plugin, new_u
     dock, panel = plugin.dock, plugin.dock.worker_panel
     panel.endpoint_edit.setText(f"tcp://127.0.0.1:{free_port()}")
     panel.start_button.click()
-    assert process_until(lambda: "could not be run" in notice_text(dock), 30), notice_text(dock)
-    assert "moved-away is no folder" in notice_text(dock) and "Change “Worker checkout”" in notice_text(dock)
+    assert process_until(lambda: "moved-away is no folder" in notice_text(dock), 30), notice_text(dock)
+    assert "could not be run" in notice_text(dock) and "Change “Worker checkout”" in notice_text(dock)
+
+
+def fake_checkout(folder, setup_script: str):
+    """A folder the plugin takes for a checkout, whose scripts/setup is `setup_script` (bash)."""
+    (folder / "worker").mkdir(parents=True)
+    (folder / "worker" / "__init__.py").write_text("")
+    (folder / "scripts").mkdir()
+    (folder / "scripts" / "setup").write_text("#!/usr/bin/env bash\n" + setup_script)
+    (folder / "scripts" / "setup").chmod(0o755)
+    return folder
+
+
+def test_a_set_up_mid_line_is_cancelled_at_once_and_a_failed_one_offers_the_right_setting(
+        plugin, new_user_settings, tmp_path):
+    """Cancel set-up waited for the script's next line: one that wrote part of a line and then
+    worked (a download) kept the cancel, and QGIS's task, waiting until it ended. A set-up that
+    failed offered to change the setting an earlier notice had blamed (here the checkout)."""
+    from lab.worker_process import free_port
+
+    Setting = new_user_settings
+    Setting.WORKER_PYTHON.set(WORKER_PYTHON)
+    Setting.WORKER_DIR.set(str(tmp_path / "moved-away"))
+    Setting.INDEX_ROOT.set(str(tmp_path / "indexes"))
+    dock, panel = plugin.dock, plugin.dock.worker_panel
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    panel.endpoint_edit.setText(endpoint)
+    panel.start_button.click()
+    assert process_until(lambda: "Change “Worker checkout”" in notice_text(dock), 30), notice_text(dock)
+
+    slow = fake_checkout(tmp_path / "slow", "echo 'creating worker venv'\nprintf 'downloading torch'\nsleep 120\n")
+    dock.controller.set_up_worker(slow, endpoint)
+    assert process_until(lambda: "creating worker venv" in panel.log_view.toPlainText(), 30)
+    panel.cancel_setup_button.click()
+    assert process_until(lambda: "cancelled" in notice_text(dock), 5), (notice_text(dock), panel.log_view.toPlainText())
+
+    failing = fake_checkout(tmp_path / "failing", "printf 'fetching 10%%\\rfetching 90%%\\r\\n'\n"
+                                                  "echo 'python3.11 not found' >&2\nexit 3\n")
+    dock.controller.set_up_worker(failing, endpoint)
+    assert process_until(lambda: "failed" in notice_text(dock), 30), notice_text(dock)
+    assert panel.log_view.toPlainText().splitlines()[-3:] == ["fetching 10%", "fetching 90%", "python3.11 not found"]
+    assert "python3.11 not found" in notice_text(dock), "the script's last line, from its error output"
+    assert shown(panel.setup_button) and shown(panel.fix_button)
+    assert panel.fix_button.text() == "Change Worker Python…", "an existing Python instead, not the checkout"
 
 
 @pytest.mark.parametrize("lines, key", [
