@@ -86,6 +86,7 @@ class SearchController(QObject):
     indexes_listed = pyqtSignal(list)  # the worker's indexes (list_indexes items)
     job_changed = pyqtSignal(dict)  # the indexing job started from here, after each event
     job_lost = pyqtSignal(dict)  # its last event, when the connection it was followed on closed
+    lost_job_ended = pyqtSignal(dict)  # the index item of a lost job the worker, listing it again, no longer runs
     index_job_changed = pyqtSignal(dict)  # any client's indexing job, after each event
     search_running = pyqtSignal(bool)
     results_ready = pyqtSignal(object)  # the new hits layer, already in the project
@@ -219,7 +220,8 @@ class SearchController(QObject):
 
     def _close_link(self, tell_waiting: bool = True) -> None:
         """Close the connection; the requests waiting on it end (WorkerLink.close), and the job
-        followed here is no longer (job_lost), until this worker lists it again (_on_indexes)."""
+        followed here is no longer (job_lost), until this worker lists it again (_on_indexes:
+        followed again, or lost_job_ended)."""
         if self.link is None:
             return
         link, self.link = self.link, None  # what the closed requests' answers do finds no link
@@ -282,10 +284,17 @@ class SearchController(QObject):
         if err:
             return self._failed("Listing indexes", err)
         self.indexes = reply["indexes"]
+        ended = None
         if self._resumable and self.link is not None and self._resumable[0] == self.link.endpoint:
             index, self._resumable = self._resumable[1], None  # the worker the job was followed on, listing it
-            self.job_id = next((item["job"] for item in self.indexes if item["name"] == index), None) or self.job_id
+            item = self.index_named(index)
+            if item is not None and item.get("job"):
+                self.job_id = item["job"]  # it went on with the job: followed again
+            elif item is not None and self.job_id is None:  # it ended meanwhile, or could not go on with it
+                ended = item
         self.indexes_listed.emit(self.indexes)
+        if ended is not None:
+            self.lost_job_ended.emit(ended)
 
     def index_named(self, name: str) -> Optional[dict]:
         """The last listed item of an index, or None."""

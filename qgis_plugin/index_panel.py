@@ -123,6 +123,7 @@ class IndexPanel(QGroupBox):
         controller.index_job_changed.connect(self._show_any_job)
         controller.job_changed.connect(self._show_job)
         controller.job_lost.connect(self._show_job_lost)
+        controller.lost_job_ended.connect(self._show_lost_job_ended)
         controller.worker_info.connect(self._show_defaults)
         QgsProject.instance().layersAdded.connect(self._layers_changed)
         QgsProject.instance().layersRemoved.connect(self._layers_changed)
@@ -226,6 +227,16 @@ class IndexPanel(QGroupBox):
     def _show_job_lost(self, job: dict) -> None:
         self.progress.setFormat(f"{job['tiles_done']}/{job['tiles_total']} tiles, then disconnected from the worker")
         self.cancel_button.setEnabled(False)
+
+    def _show_lost_job_ended(self, item: dict) -> None:
+        """The job lost with its connection no longer runs on the worker listing its index again:
+        it finished meanwhile, or it was not taken up again."""
+        if item.get("complete"):
+            self.progress.setValue(PROGRESS_STEPS)
+            self.progress.setFormat(f"{item['name']} is complete: {item['tile_count']} tiles")
+        else:
+            self.progress.setFormat(f"{item['name']} is incomplete ({item.get('tile_count') or 0} tiles) and no "
+                                    "longer being built: Build / extend it to finish it")
 
     # -- what the user does ----------------------------------------------------------------------
     def selected_name(self) -> str:

@@ -362,3 +362,48 @@ def test_a_local_worker_killed_mid_search_and_mid_index_is_started_again_and_its
         dock.controller.stop_local_worker()
         QgsProject.instance().removeMapLayer(scene.id())
         next_port.close()
+
+
+def test_a_lost_job_the_restarted_worker_does_not_go_on_with_says_how_the_index_was_left(
+        plugin, new_user_settings, tmp_path, qgis_iface):
+    """A job lost with its worker, which the worker started again no longer runs (it finished
+    before the dock asked, or it could not be taken up: here its job file is gone): the progress
+    bar said "then disconnected from the worker" for good."""
+    import os
+    import signal
+
+    from lab.worker_process import free_port
+    from qgis.core import QgsProject, QgsRasterLayer
+    from worker.assets import load_asset_paths
+
+    Setting = new_user_settings
+    Setting.WORKER_PYTHON.set(WORKER_PYTHON)
+    Setting.WORKER_DIR.set(str(REPO))
+    Setting.INDEX_ROOT.set(str(tmp_path / "indexes"))
+    dock, panel, index_panel = plugin.dock, plugin.dock.worker_panel, plugin.dock.index_panel
+    panel.endpoint_edit.setText(f"tcp://127.0.0.1:{free_port()}")
+    QgsProject.instance().addMapLayer(QgsRasterLayer(load_asset_paths()["s2_rgb"], "s2"))
+    try:
+        panel.start_button.click()
+        assert process_until(lambda: connected(dock), WORKER_START_S), (panel.status_label.text(), notice_text(dock))
+        index_panel.table.clearSelection()
+        index_panel.name_edit.setText("left")
+        index_panel.tiling_form.tile_spin.setValue(32)  # thousands of tiles: still running when killed
+        index_panel.tiling_form.scales_edit.setText("1")
+        index_panel.build_button.click()
+
+        def committed() -> bool:  # once its first tiles are committed (every few seconds)
+            index_panel.refresh_button.click()
+            return process_until(lambda: (dock.controller.index_named("left") or {}).get("tile_count"), 3)
+        assert any(committed() for _ in range(20)), index_panel.progress.format()
+        os.kill(dock.controller.local_worker.process.processId(), signal.SIGKILL)
+        assert process_until(lambda: index_panel.progress.format().endswith("then disconnected from the worker"), 30)
+        (tmp_path / "indexes" / "left" / "job.json").unlink()  # not taken up by the next worker
+
+        panel.start_button.click()
+        assert process_until(lambda: "is incomplete" in index_panel.progress.format(), WORKER_START_S), \
+            index_panel.progress.format()
+        assert index_panel.progress.format().endswith("no longer being built: Build / extend it to finish it")
+        assert not index_panel.cancel_button.isEnabled()
+    finally:
+        dock.controller.stop_local_worker()
