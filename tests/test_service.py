@@ -529,3 +529,22 @@ def test_a_worker_started_to_stop_with_its_application_stops_when_it_dies_even_w
     finally:
         if os.path.exists(f"/proc/{pid}"):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_worker_started_to_stop_with_an_application_left_a_zombie_stops_too(tmp_path):
+    """An application that died but whose parent has not reaped it yet (a zombie: its pid still
+    answers signal 0) kept its worker running; on Linux the worker holds the process itself."""
+    if not hasattr(os, "pidfd_open"):
+        pytest.skip("no pidfd here: the worker asks signal 0, which a zombie answers")
+    (tmp_path / "indexes").mkdir()
+    application = subprocess.Popen(["sleep", "3"])  # ends as the worker loads; this test, its parent, reaps it last
+    worker = WorkerProcess(tmp_path / "indexes", tmp_path, extra=["--stop-with", str(application.pid)])
+    try:
+        worker.proc = subprocess.Popen(worker.cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=open(worker.log, "ab"))
+        assert worker.proc.wait(timeout=120) == 0, worker.log.read_text()[-2000:]
+        assert open(f"/proc/{application.pid}/stat").read().split()[2] == "Z", "still a zombie when the worker ended"
+        assert "which started this worker, has ended: stopping" in worker.log.read_text()
+    finally:
+        if worker.proc is not None and worker.proc.poll() is None:
+            worker.proc.kill()
+        application.wait()

@@ -7,6 +7,7 @@ import concurrent.futures as cf
 import json
 import logging
 import os
+import select
 import signal
 import threading
 import time
@@ -23,22 +24,59 @@ def serve(config: ServiceConfig, model_options: ModelOptions, stop_with: int | N
     """Serve until SIGTERM or SIGINT (or until process `stop_with` has ended: the application that
     started the worker), then let indexing jobs commit and exit 0. One JSON line on stdout
     ({"serving", "pub", "device"}) says when requests are answered (the plugin waits for it)."""
+    application = None if stop_with is None else Application(stop_with)  # held before the model loads
     model = _load_in_passing_thread(model_options)
     service = Service(config, model, model_options=model_options)
     service.open()
     signal.signal(signal.SIGTERM, service.request_stop)
     signal.signal(signal.SIGINT, service.request_stop)
-    if stop_with is not None:
-        _stop_when_gone(service, stop_with)
+    if application is not None:
+        _stop_when_gone(service, application)
     service.jobs.resume_interrupted(list(config.paths.index_roots))
     print(json.dumps({"serving": config.bind, "pub": service.config.pub, "device": str(model.device)}), flush=True)
     service.run()
     return 0
 
 
-def _stop_when_gone(service: Service, pid: int) -> None:
-    """Stop the service, as at SIGTERM, once process `pid` has ended (checked from the start: one
-    that ended while the model loaded stops it at once): QGIS that crashed or was killed left its
+class Application:
+    """The process that started this worker (`--stop-with PID`), to see when it has ended. On
+    Linux the process itself is held from the start (a pidfd): one that died and was left a
+    zombie its parent has not reaped, or whose pid a new process took, has ended all the same;
+    signal 0 saw both as alive. Elsewhere (macOS) signal 0 is asked every PARENT_CHECK_S."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self._poll = None
+        self._ended_at_start = False
+        try:
+            descriptor = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self._ended_at_start = True
+        except (AttributeError, OSError):  # not Linux 5.3+: signal 0
+            pass
+        else:
+            self._poll = select.poll()
+            self._poll.register(descriptor, select.POLLIN)  # readable once the process has ended
+
+    def ended(self, wait_s: float) -> bool:
+        """Whether the process has ended, waiting for it up to `wait_s` seconds."""
+        if self._ended_at_start:
+            return True
+        if self._poll is not None:
+            return bool(self._poll.poll(wait_s * 1000))
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass  # there, run by another user
+        time.sleep(wait_s)
+        return False
+
+
+def _stop_when_gone(service: Service, application: Application) -> None:
+    """Stop the service, as at SIGTERM, once the application that started it has ended (one that
+    ended while the model loaded stops it at once): QGIS that crashed or was killed left its
     local worker running, holding its port and gigabytes of memory. Not on Windows, where a
     signal 0 would end the process."""
     if os.name == "nt":
@@ -47,15 +85,10 @@ def _stop_when_gone(service: Service, pid: int) -> None:
 
     def watch() -> None:
         while not service.stopping:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                log.warning("process %d, which started this worker, has ended: stopping", pid)
+            if application.ended(PARENT_CHECK_S):
+                log.warning("process %d, which started this worker, has ended: stopping", application.pid)
                 service.request_stop()
                 return
-            except PermissionError:
-                pass  # there, run by another user
-            time.sleep(PARENT_CHECK_S)
 
     threading.Thread(target=watch, name="stop-with", daemon=True).start()
 
