@@ -446,14 +446,17 @@ def test_a_place_found_from_several_neighbourhoods_keeps_its_best_finding():
         assert first_of_each(rows).tolist() == expected.tolist()
 
 
-@pytest.mark.parametrize("radius", [1, 2, 4])
-def test_a_peak_is_compared_with_every_score_in_its_square(radius):
-    """A local peak must equal the best score in the square around it (rows pooled, then columns):
-    the same as one square max-pool, at the map's edges and corners too, and on ties."""
+@pytest.mark.parametrize("radius", [1, 2, 3, 4, 7])
+@pytest.mark.parametrize("shape", [(3, 1, 17, 23), (2, 1, 3, 40)])
+def test_a_peak_is_compared_with_every_score_in_its_square(radius, shape):
+    """A local peak must equal the best score in the square around it (rows, then columns, each a
+    running max): the same as one square max-pool, at the map's edges and corners too, on ties,
+    where no template fits (-inf) and in maps narrower than the square."""
     from worker.placement_scan import neighbourhood_max
 
-    scores = torch.randn(3, 1, 17, 23)
+    scores = torch.randn(shape)
     scores[0, 0, :5, :5] = 2.0  # a plateau in a corner
+    scores[-1, 0, :, -4:] = -torch.inf  # past where a template fits
     square = torch.nn.functional.max_pool2d(scores, 2 * radius + 1, stride=1, padding=radius)
     assert torch.equal(neighbourhood_max(scores, radius), square)
 

@@ -323,12 +323,23 @@ def local_scores(scanner: Scanner, spots: list[tuple[tuple[int, int], int, int]]
 
 def neighbourhood_max(scores: torch.Tensor, radius: int) -> torch.Tensor:
     """The largest score within `radius` positions (a square) of each position of (B, 1, R, C):
-    what a peak must equal. Pooled along rows, then along columns: the same numbers as one square
-    max-pool, in half the time (5.7 -> 2.4 ms for 256 neighbourhoods, 17.7 -> 8.0 ms for a
-    400x400 map; torch's CPU max-pool visits all (2 radius + 1)^2 neighbours)."""
-    width = 2 * radius + 1
-    down = F.max_pool2d(scores, (width, 1), stride=1, padding=(radius, 0))
-    return F.max_pool2d(down, (1, width), stride=1, padding=(0, radius))
+    what a peak must equal. Along rows, then along columns (the same numbers as one square
+    max-pool), each a running max by doubling spans (_running_max): torch's CPU max-pool took
+    0.24-0.35 s for 4 maps of 1,446 x 1,446 positions (19,000 tiles), a quarter of the exact
+    coarse scan; this, 13-57 ms."""
+    return _running_max(_running_max(scores, radius, 2), radius, 3)
+
+
+def _running_max(x: torch.Tensor, radius: int, dim: int) -> torch.Tensor:
+    """The max of x over positions i - radius .. i + radius along `dim` (outside x: -inf), by
+    maxima of spans doubled (1, 2, 4, ...) and two overlapping spans joined."""
+    n, width = x.shape[dim], 2 * radius + 1
+    pad = (radius, radius, 0, 0) if dim == 3 else (0, 0, radius, radius)
+    spans, span = F.pad(x, pad, value=-torch.inf), 1  # spans[i]: the max of x over [i, i + span) padded
+    while 2 * span <= width:
+        kept = spans.shape[dim] - span
+        spans, span = torch.maximum(spans.narrow(dim, 0, kept), spans.narrow(dim, span, kept)), 2 * span
+    return torch.maximum(spans.narrow(dim, 0, n), spans.narrow(dim, width - span, n))
 
 
 def peak_radius(size: int) -> int:
