@@ -473,8 +473,10 @@ def test_cli_outputs_it_could_not_write_are_refused_before_the_search(tmp_path, 
     traceback after the GeoJSON was written, or a message about free disk space)."""
     sketch = tmp_path / "sketch.png"
     Image.new("L", (200, 200), 255).save(sketch)  # blank: refused too, but only after the outputs are checked
+    (tmp_path / "a-file").write_text("")
     for args, message in (((tmp_path,), "is a folder"), ((tmp_path / "h.geojson", "--preview", tmp_path / "p.xyz"),
-                                                        ".xyz is not an image format")):
+                                                        ".xyz is not an image format"),
+                          ((tmp_path / "a-file" / "new" / "h.geojson",), f"{tmp_path / 'a-file'} is a file, not a folder")):
         result = run_cli("search", s2_index, "--sketch", sketch, "--out", *args)
         assert result.returncode == 2 and message in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "h.geojson").exists()
@@ -496,6 +498,7 @@ def test_cli_outputs_in_a_folder_it_may_not_write_in_are_refused_before_the_sear
             result = run_cli("search", s2_index, "--sketch", sketch, "--out", *args)
             assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
             assert f"cannot write {locked}" in result.stderr and result.stderr.strip().endswith("then search again")
+        assert not (tmp_path / "out").exists(), "nothing made for a search that did not run"
     finally:
         subprocess.run(["chattr", "-i", str(locked)], check=True)
 

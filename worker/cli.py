@@ -118,8 +118,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     from worker.hits_output import split_at_antimeridian
     from worker.store import write_json_atomic
 
-    check_outputs(args.out, args.preview)
     index = open_index(args.index)
+    check_outputs(args.out, args.preview)
     example, area = None, _floats(args.bbox, 4, "--bbox") if args.bbox else None
     if args.example is not None:
         from worker.example_query import Example
@@ -142,13 +142,17 @@ def cmd_search(args: argparse.Namespace) -> int:
     check_index(index, model)
     outcome = run_search(request, model, index)
     hits = split_at_antimeridian(outcome.hits) if is_lon_lat_degrees(request.out_crs) else outcome.hits  # RFC 7946
+    with disk_write(args.out.parent, SEARCH_THEN):
+        args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out, {**hits, "timings_ms": outcome.timings_ms, "left_out": outcome.left_out,
                                  "changed": outcome.changed}, SEARCH_THEN)
     if args.preview:
         from worker.hits_output import contact_sheet
 
+        sheet = contact_sheet(outcome.sketch.numpy(), outcome.ranked)  # reads the hits' rasters
         with disk_write(args.preview, SEARCH_THEN):
-            contact_sheet(outcome.sketch.numpy(), outcome.ranked).save(args.preview)
+            args.preview.parent.mkdir(parents=True, exist_ok=True)
+            sheet.save(args.preview)
     print(json.dumps({"hits": len(outcome.ranked), "out": str(args.out), "left_out": outcome.left_out,
                       "changed": outcome.changed, **{k: round(v, 1) for k, v in outcome.timings_ms.items()}}))
     return 0
@@ -159,7 +163,7 @@ SEARCH_THEN = "then search again"
 
 def check_outputs(out: Path, preview: Path | None) -> None:
     """InputError (a StorageError for a folder it may not write in) now, before a search, for
-    files it could not write after it. Their folders are made here."""
+    files it could not write after it."""
     from PIL import Image
 
     if out.is_dir():
@@ -171,18 +175,24 @@ def check_outputs(out: Path, preview: Path | None) -> None:
         if Image.EXTENSION.get(preview.suffix.lower()) not in Image.SAVE:
             raise InputError(f"--preview {preview}: {preview.suffix or 'no extension'} is not an image format it can write; "
                              "use .png or .jpg")
-    for folder in {out.parent, *([] if preview is None else [preview.parent])}:
-        _check_writable(folder)
+    for option, path in (("--out", out), ("--preview", preview)):
+        if path is not None:
+            _check_writable(option, path)
 
 
-def _check_writable(folder: Path) -> None:
-    """Make `folder` and write a file in it: permissions alone do not say (root, an immutable or
-    read-only mount)."""
+def _check_writable(option: str, path: Path) -> None:
+    """The folder `path` would be written in, or the nearest one above it that exists (its
+    folders are made when it is written), is a folder this process can write a file in:
+    permissions alone do not say (root, an immutable folder, a read-only mount)."""
     import tempfile
 
-    with disk_write(folder, SEARCH_THEN):
-        folder.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
+    existing = path.absolute().parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"{option} {path}: {existing} is a file, not a folder")
+    with disk_write(existing, SEARCH_THEN):
+        tempfile.TemporaryFile(dir=existing).close()
 
 
 def cmd_info(args: argparse.Namespace) -> int:
