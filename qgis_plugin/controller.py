@@ -86,7 +86,8 @@ class SearchController(QObject):
     indexes_listed = pyqtSignal(list)  # the worker's indexes (list_indexes items)
     job_changed = pyqtSignal(dict)  # the indexing job started from here, after each event
     job_lost = pyqtSignal(dict)  # its last event, when the connection it was followed on closed
-    lost_job_ended = pyqtSignal(dict)  # the index item of a lost job the worker, listing it again, no longer runs
+    # the index item of a lost job the worker, listing it again, no longer runs ({"name", "missing"}: not listed)
+    lost_job_ended = pyqtSignal(dict)
     index_job_changed = pyqtSignal(dict)  # any client's indexing job, after each event
     search_running = pyqtSignal(bool)
     results_ready = pyqtSignal(object)  # the new hits layer, already in the project
@@ -105,7 +106,8 @@ class SearchController(QObject):
         self.job_id: Optional[str] = None  # the indexing job started here, followed in the dock
         self._followed_job: dict = {}  # its last progress
         # (endpoint, index) of the job followed until the connection closed or the worker stopped:
-        # followed again when that worker lists a job of the index (one it resumed, or runs on)
+        # followed again when that worker lists a job of the index (one it resumed, or runs on),
+        # else said as the index was left (lost_job_ended)
         self._resumable: Optional[tuple] = None
         self.result_layer = None
         self.search_count = 0
@@ -288,10 +290,12 @@ class SearchController(QObject):
         if self._resumable and self.link is not None and self._resumable[0] == self.link.endpoint:
             index, self._resumable = self._resumable[1], None  # the worker the job was followed on, listing it
             item = self.index_named(index)
-            if item is not None and item.get("job"):
+            if self.job_id is not None:
+                pass  # a job started here since: that one is followed
+            elif item is not None and item.get("job"):
                 self.job_id = item["job"]  # it went on with the job: followed again
-            elif item is not None and self.job_id is None:  # it ended meanwhile, or could not go on with it
-                ended = item
+            else:  # it ended meanwhile, could not go on with it, or the index is gone
+                ended = item or {"name": index, "missing": True}
         self.indexes_listed.emit(self.indexes)
         if ended is not None:
             self.lost_job_ended.emit(ended)

@@ -100,6 +100,23 @@ class TilingForm(QWidget):
         return Tiling(self.tile_spin.value(), round(self.overlap_spin.value(), 3), scales, bands, self.min_valid)
 
 
+def how_left(item: dict) -> str:
+    """How an index whose job was lost with its worker was left, from its list_indexes item."""
+    name, last = item["name"], item.get("last_job") or {}
+    if item.get("missing"):
+        return f"{name} is no longer listed by the worker"
+    if item.get("error"):
+        return f"{name} cannot be read: {item['error']['message']}"
+    if last.get("state") == states.FAILED and last.get("error"):
+        return f"{name}: indexing could not go on: {last['error']['message']}"
+    if item.get("reason"):
+        return f"{name}: {item['reason']}"
+    if item.get("complete"):
+        return f"{name} is complete: {item['tile_count']} tiles"
+    return (f"{name} is incomplete ({item.get('tile_count') or 0} tiles) and no longer being built: "
+            "Build / extend it to finish it")
+
+
 class IndexPanel(QGroupBox):
     def __init__(self, controller: SearchController, parent: Optional[QWidget] = None):
         super().__init__("Index", parent)
@@ -230,13 +247,11 @@ class IndexPanel(QGroupBox):
 
     def _show_lost_job_ended(self, item: dict) -> None:
         """The job lost with its connection no longer runs on the worker listing its index again:
-        it finished meanwhile, or it was not taken up again."""
+        it finished meanwhile, it could not be taken up again, or the index is gone."""
         if item.get("complete"):
             self.progress.setValue(PROGRESS_STEPS)
-            self.progress.setFormat(f"{item['name']} is complete: {item['tile_count']} tiles")
-        else:
-            self.progress.setFormat(f"{item['name']} is incomplete ({item.get('tile_count') or 0} tiles) and no "
-                                    "longer being built: Build / extend it to finish it")
+        self.progress.setFormat(how_left(item))
+
 
     # -- what the user does ----------------------------------------------------------------------
     def selected_name(self) -> str:

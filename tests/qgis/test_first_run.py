@@ -364,11 +364,16 @@ def test_a_local_worker_killed_mid_search_and_mid_index_is_started_again_and_its
         next_port.close()
 
 
+@pytest.mark.parametrize("job_file, said", [
+    (None, "left is incomplete (* tiles) and no longer being built: Build / extend it to finish it"),
+    ("{damaged", "left: indexing could not go on: * is damaged or cannot be read *")])
 def test_a_lost_job_the_restarted_worker_does_not_go_on_with_says_how_the_index_was_left(
-        plugin, new_user_settings, tmp_path, qgis_iface):
+        plugin, new_user_settings, tmp_path, qgis_iface, job_file, said):
     """A job lost with its worker, which the worker started again no longer runs (it finished
-    before the dock asked, or it could not be taken up: here its job file is gone): the progress
-    bar said "then disconnected from the worker" for good."""
+    before the dock asked, or it could not be taken up: its job file gone, or damaged): the
+    progress bar said "then disconnected from the worker" for good."""
+    import fnmatch
+
     import os
     import signal
 
@@ -394,16 +399,18 @@ def test_a_lost_job_the_restarted_worker_does_not_go_on_with_says_how_the_index_
 
         def committed() -> bool:  # once its first tiles are committed (every few seconds)
             index_panel.refresh_button.click()
-            return process_until(lambda: (dock.controller.index_named("left") or {}).get("tile_count"), 3)
+            item = lambda: dock.controller.index_named("left") or {}  # noqa: E731
+            return process_until(lambda: item().get("path", "").startswith(str(tmp_path)) and item()["tile_count"], 3)
         assert any(committed() for _ in range(20)), index_panel.progress.format()
+        assert index_panel.progress.format().startswith("running"), index_panel.progress.format()
         os.kill(dock.controller.local_worker.process.processId(), signal.SIGKILL)
         assert process_until(lambda: index_panel.progress.format().endswith("then disconnected from the worker"), 30)
-        (tmp_path / "indexes" / "left" / "job.json").unlink()  # not taken up by the next worker
+        left_behind = tmp_path / "indexes" / "left" / "job.json"  # what the next worker would go on with
+        left_behind.unlink() if job_file is None else left_behind.write_text(job_file)
 
         panel.start_button.click()
-        assert process_until(lambda: "is incomplete" in index_panel.progress.format(), WORKER_START_S), \
+        assert process_until(lambda: fnmatch.fnmatch(index_panel.progress.format(), said), WORKER_START_S), \
             index_panel.progress.format()
-        assert index_panel.progress.format().endswith("no longer being built: Build / extend it to finish it")
         assert not index_panel.cancel_button.isEnabled()
     finally:
         dock.controller.stop_local_worker()
