@@ -387,7 +387,8 @@ def test_a_lost_job_the_restarted_worker_does_not_go_on_with_says_how_the_index_
     Setting.INDEX_ROOT.set(str(tmp_path / "indexes"))
     dock, panel, index_panel = plugin.dock, plugin.dock.worker_panel, plugin.dock.index_panel
     panel.endpoint_edit.setText(f"tcp://127.0.0.1:{free_port()}")
-    QgsProject.instance().addMapLayer(QgsRasterLayer(load_asset_paths()["s2_rgb"], "s2"))
+    scene = QgsRasterLayer(load_asset_paths()["s2_rgb"], "s2")  # the raster the index is built of
+    QgsProject.instance().addMapLayer(scene)
     try:
         panel.start_button.click()
         assert process_until(lambda: connected(dock), WORKER_START_S), (panel.status_label.text(), notice_text(dock))
@@ -414,3 +415,4 @@ def test_a_lost_job_the_restarted_worker_does_not_go_on_with_says_how_the_index_
         assert not index_panel.cancel_button.isEnabled()
     finally:
         dock.controller.stop_local_worker()
+        QgsProject.instance().removeMapLayer(scene.id())
