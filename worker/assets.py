@@ -144,13 +144,14 @@ TMP_SUFFIX = ".tmp"  # a file being written, renamed into place once whole
 
 
 def remove_leftovers(root: Path) -> None:
-    """Files an interrupted set-up was writing (each up to 86 MB), never used and never removed:
-    named *.tmp or *.tmp.tif here, .NAME.PID.tmp by worker.model.checkpoints, .tmp* by the
-    libraries' own temporary files. Only while no other set-up runs (scripts/lib.sh's lock)."""
-    for path in root.rglob("*") if root.is_dir() else ():
-        if path.is_file() and (path.name.endswith((TMP_SUFFIX, TMP_SUFFIX + ".tif")) or path.name.startswith(".tmp")):
-            log.info("removing %s, left by an interrupted set-up", path)
-            path.unlink(missing_ok=True)
+    """Files an interrupted set-up was writing (each up to 86 MB), never used and never removed,
+    in the folders it writes (weights/, data/): NAME.tmp and NAME.tmp.tif here, .NAME.PID.tmp by
+    worker.model.checkpoints. Only while no other set-up of the cache runs (scripts/lib.sh's lock)."""
+    for folder in (root / "weights", root / "data"):
+        for path in folder.rglob("*") if folder.is_dir() else ():
+            if path.is_file() and path.name.endswith((TMP_SUFFIX, TMP_SUFFIX + ".tif")):
+                log.info("removing %s, left by an interrupted set-up", path)
+                path.unlink(missing_ok=True)
 
 
 def ensure_assets(cache: Path, packages: dict[str, Path]) -> dict[str, str]:

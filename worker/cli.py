@@ -16,7 +16,7 @@ from pathlib import Path
 from wire.protocol import DEFAULT_ENDPOINT
 from worker.ann import AUTO_MIN_TILES
 from worker.app import IndexRequest, ModelOptions, SearchRequest
-from worker.errors import InputError
+from worker.errors import CorruptIndexError, IndexMismatchError, InputError
 from worker.ranking import RANKERS
 from worker.store.format import disk_write
 from worker.service.config import Limits, ServiceConfig
@@ -358,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.func(args)
+    except (IndexMismatchError, CorruptIndexError) as exc:  # the index must be built again (scripts/demo does)
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
