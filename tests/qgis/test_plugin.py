@@ -353,6 +353,62 @@ def test_processing_algorithms_run(plugin, worker, rmnp_layer, tmp_path, monkeyp
     del hits, layer
 
 
+ACROSS_180 = """
+import sys
+from pathlib import Path
+import rasterio, rasterio.warp
+from rasterio.crs import CRS
+from rasterio.transform import from_origin
+from lab.pseudo_sketch import pseudo_sketch
+from worker.assets import load_asset_paths
+from worker.placement import Placement
+from worker.tiling import open_raster
+pacific = CRS.from_epsg(3832)  # Mercator centred on the Pacific: x runs on across 180 degrees
+x180 = float(rasterio.warp.transform(CRS.from_epsg(4326), pacific, [180.0], [-17.0])[0][0])
+with rasterio.open(load_asset_paths()["rmnp_rgb"]) as src:
+    pixels, profile = src.read(), src.profile
+profile.update(crs=pacific, transform=from_origin(x180 - 7000, -1_900_000, 30, 30))
+with rasterio.open(sys.argv[1], "w", **profile) as out:
+    out.write(pixels)
+place = Placement(open_raster(sys.argv[1], None), cx=233, cy=180, side=112.0)  # on 180 degrees
+pseudo_sketch(place.read(224)[0], "canny").save(sys.argv[2])
+"""
+
+
+def test_a_processing_search_in_lon_lat_keeps_a_hit_across_180_whole(plugin, worker, raster_root, tmp_path):
+    """A raster over Fiji across 180 degrees, searched by Processing in a lon/lat project: each
+    hit's footprint is one polygon a few kilometres wide, past 180 where it crosses it (as the
+    worker draws it for the dock's zoom), not a sliver round the world."""
+    import subprocess
+
+    import processing
+
+    from conftest import REPO, WORKER_PYTHON
+
+    across, sketch = raster_root / "across-180.tif", tmp_path / "sketch.png"
+    subprocess.run([WORKER_PYTHON, "-c", ACROSS_180, str(across), str(sketch)], cwd=REPO, check=True, timeout=300)
+    layer = QgsRasterLayer(str(across), "across")
+    assert layer.isValid()
+    project = QgsProject.instance()
+    project.setCrs(QgsCoordinateReferenceSystem("EPSG:4326"))
+    try:
+        processing.run("sketchsearch:build_index", {"ENDPOINT": worker.bind, "INDEX": "across-180", "RASTERS": [layer],
+                                                    "TILE": 112, "SCALES": "1"})
+        hits = processing.run("sketchsearch:search_by_sketch", {"ENDPOINT": worker.bind, "INDEX": "across-180",
+                                                                "SKETCH": str(sketch), "TOP": 5,
+                                                                "OUTPUT": "memory:"})["OUTPUT"]
+        boxes = [f.geometry().boundingBox() for f in hits.getFeatures()]
+        assert hits.crs().authid() == "EPSG:4326" and len(boxes) == 5
+        assert all(box.width() < 0.1 for box in boxes), [box.toString() for box in boxes]  # 112 px of 30 m: ~0.03
+        assert any(box.xMinimum() < 180 < box.xMaximum() for box in boxes), [box.toString() for box in boxes]
+        del hits
+    finally:
+        project.setCrs(QgsCoordinateReferenceSystem("EPSG:3857"))
+        with worker.client() as client:  # the session's worker serves the next tests without it
+            client.request("delete_index", index="across-180")
+        across.unlink()
+
+
 def test_a_processing_endpoint_zeromq_cannot_dial_is_explained(plugin, tmp_path):
     import processing
     from qgis.core import QgsProcessingException
