@@ -493,14 +493,21 @@ def test_cli_outputs_in_a_folder_it_may_not_write_in_are_refused_before_the_sear
     sketch = tmp_path / "sketch.png"
     Image.new("L", (200, 200), 255).save(sketch)  # blank: refused too, but only after the outputs are checked
     try:
+        (tmp_path / "link.png").symlink_to(locked / "p.png")  # PIL saves where the link points
         for args in ((locked / "h.geojson",), (locked / "new" / "h.geojson",),
-                     (tmp_path / "out" / "h.geojson", "--preview", locked / "p.png")):
+                     (tmp_path / "out" / "h.geojson", "--preview", locked / "p.png"),
+                     (tmp_path / "out" / "h.geojson", "--preview", tmp_path / "link.png")):
             result = run_cli("search", s2_index, "--sketch", sketch, "--out", *args)
             assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
             assert f"cannot write {locked}" in result.stderr and result.stderr.strip().endswith("then search again")
         assert not (tmp_path / "out").exists(), "nothing made for a search that did not run"
+        (tmp_path / "kept.png").write_bytes(b"an earlier preview")
+        subprocess.run(["chattr", "+i", str(tmp_path / "kept.png")], check=True)  # a file it may not replace
+        result = run_cli("search", s2_index, "--sketch", sketch, "--out", tmp_path / "h.geojson",
+                         "--preview", tmp_path / "kept.png")
+        assert result.returncode == 2 and f"cannot write {tmp_path / 'kept.png'}" in result.stderr, result.stderr
     finally:
-        subprocess.run(["chattr", "-i", str(locked)], check=True)
+        subprocess.run(["chattr", "-i", str(locked), str(tmp_path / "kept.png")], capture_output=True)
 
 
 def test_cli_info_and_missing_index(tmp_path, s2_index):

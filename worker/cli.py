@@ -175,17 +175,24 @@ def check_outputs(out: Path, preview: Path | None) -> None:
         if Image.EXTENSION.get(preview.suffix.lower()) not in Image.SAVE:
             raise InputError(f"--preview {preview}: {preview.suffix or 'no extension'} is not an image format it can write; "
                              "use .png or .jpg")
-    for option, path in (("--out", out), ("--preview", preview)):
-        if path is not None:
-            _check_writable(option, path)
+    _check_writable("--out", out, follows_links=False)
+    if preview is not None:
+        _check_writable("--preview", preview, follows_links=True)
 
 
-def _check_writable(option: str, path: Path) -> None:
+def _check_writable(option: str, path: Path, follows_links: bool) -> None:
     """The folder `path` would be written in, or the nearest one above it that exists (its
-    folders are made when it is written), is a folder this process can write a file in:
-    permissions alone do not say (root, an immutable folder, a read-only mount)."""
+    folders are made when it is written), is a folder this process can write a file in, and a
+    file already there can be written: permissions alone do not say (root, an immutable file or
+    folder, a read-only mount). `follows_links`: the file is written where a link at `path`
+    points (PIL's save), not in its place (write_json_atomic)."""
     import tempfile
 
+    if follows_links:
+        path = path.resolve()
+    if path.is_file():
+        with disk_write(path, SEARCH_THEN):
+            open(path, "ab").close()  # opened to write, not truncated
     existing = path.absolute().parent
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
