@@ -71,6 +71,25 @@ ensure_debs() {
   fi
 }
 
+# Venvs of the cache no checkout has used for this many days are removed (6+ GB each; one
+# requirements change makes a new one): a later run that needs one makes it again.
+VENV_UNUSED_DAYS=30
+
+# Mark `venv` as used now, and remove the cache's other venvs unused for VENV_UNUSED_DAYS (their
+# .used, or for one made before it was kept, their .complete). Under the set-up lock.
+use_venv() {
+  local venv="$1" marker other
+  touch "$venv/.used"
+  while IFS= read -r -d '' marker; do
+    other="$(dirname "$marker")"
+    [ "$other" = "$venv" ] || [ ! -d "$other" ] && continue
+    if [ -f "$other/.used" ] && [ "$marker" = "$other/.complete" ]; then continue; fi
+    log "removing $other: unused for $VENV_UNUSED_DAYS days (a run that needs it makes it again)"
+    rm -rf "$other"
+  done < <(find "$CACHE" -mindepth 2 -maxdepth 2 -path "$CACHE/venv-*" \( -name .used -o -name .complete \) \
+             -mtime +"$VENV_UNUSED_DAYS" -print0)
+}
+
 ensure_worker_venv() {
   local key venv
   key=$(cat "$REPO"/requirements/{worker,lab,test}.txt | sha256sum | cut -c1-16)
@@ -87,6 +106,7 @@ ensure_worker_venv() {
       -r "$REPO/requirements/test.txt" 2> >(grep -v "is ignored: it is neither" >&2)
     touch "$venv/.complete"
   fi
+  use_venv "$venv"
   setup_unlock
   link_venv "$venv" "$REPO/.venv"
 }
@@ -181,6 +201,7 @@ ensure_qgis_env() {
     "$venv/bin/pip" install -q pytest==8.4.2 pytest-qgis==5.0.2 2> >(grep -v "is ignored" >&2)
     touch "$venv/.complete"
   fi
+  use_venv "$venv"
   setup_unlock
   link_venv "$venv" "$REPO/.venv-qgis"
 }

@@ -153,3 +153,27 @@ def test_the_plugin_zip_leaves_out_what_git_ignores(tmp_path):
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode == 1 and "is a link" in refused.stderr
     assert (checkout / "qgis_plugin" / "dock.py").is_file(), "the checkout the link points to is untouched"
+
+
+def test_venvs_no_checkout_has_used_for_a_month_are_removed(tmp_path):
+    """Each requirements change made a new venv of 6+ GB in the cache, and none was ever removed."""
+    cache = tmp_path / "cache"
+    ages = {"venv-current": None, "venv-used-yesterday": 1, "venv-old": 40, "venv-qgis-old": 40,
+            "venv-made-long-ago-used-today": 0, "venv-unfinished": None}
+    for name, used_days_ago in ages.items():
+        (cache / name).mkdir(parents=True)
+        if name != "venv-unfinished":
+            (cache / name / ".complete").touch()
+        if used_days_ago is not None:
+            (cache / name / ".used").touch()
+            when = time.time() - used_days_ago * 86400
+            os.utime(cache / name / ".used", (when, when))
+    long_ago = time.time() - 90 * 86400
+    os.utime(cache / "venv-made-long-ago-used-today" / ".complete", (long_ago, long_ago))
+    os.utime(cache / "venv-current" / ".complete", (long_ago, long_ago))
+    done = lib_sh(f"use_venv '{cache / 'venv-current'}'", cache)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in cache.iterdir() if p.is_dir()) == [
+        "venv-current", "venv-made-long-ago-used-today", "venv-unfinished", "venv-used-yesterday"]
+    assert done.stderr.count("unused for 30 days") == 2, done.stderr
+    assert (cache / "venv-current" / ".used").stat().st_mtime > time.time() - 60, "the one in use is marked"
