@@ -6,16 +6,19 @@
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-CACHE="${SKETCH_SEARCH_CACHE:-$HOME/.cache/sketch-search}"
 PYTHON_WORKER="${SKETCH_SEARCH_PYTHON:-python3.11}"
-# absolute, and said to the Python it runs: the same cache from any folder, also when the
-# variable was empty or relative
-mkdir -p "$CACHE" && CACHE="$(CDPATH='' cd -- "$CACHE" && pwd)" ||
-  { printf 'cannot use %s as the cache folder (SKETCH_SEARCH_CACHE)\n' "$CACHE" >&2; exit 1; }
+# The folder named by variable $1 (default $2), made, as an absolute path said to the Python the
+# scripts run: the same folder from any working folder, also when the variable was empty or
+# relative; one that cannot be made stops the script.
+absolute_folder() {
+  local folder="${!1:-$2}"
+  mkdir -p "$folder" && (CDPATH='' cd -- "$folder" && pwd) ||
+    { printf 'cannot use %s as a folder (%s)\n' "$folder" "$1" >&2; exit 1; }
+}
+CACHE="$(absolute_folder SKETCH_SEARCH_CACHE "$HOME/.cache/sketch-search")"
 export SKETCH_SEARCH_CACHE="$CACHE"
 if [ -n "${SKETCH_SEARCH_ASSETS:-}" ]; then
-  mkdir -p "$SKETCH_SEARCH_ASSETS" && SKETCH_SEARCH_ASSETS="$(CDPATH='' cd -- "$SKETCH_SEARCH_ASSETS" && pwd)" ||
-    { printf 'cannot use %s as the assets folder (SKETCH_SEARCH_ASSETS)\n' "$SKETCH_SEARCH_ASSETS" >&2; exit 1; }
+  SKETCH_SEARCH_ASSETS="$(absolute_folder SKETCH_SEARCH_ASSETS "")"
   export SKETCH_SEARCH_ASSETS
 fi
 
@@ -121,7 +124,8 @@ fetch_pkg() {
   rm -rf "$dir"/.partial-*  # what an interrupted download left (under the set-up lock: no other is running)
   local name="${spec%%==*}" version="${spec##*==}"
   local pattern="/${name//-/[-_]}-${version}[-.]"
-  found=$(ls -d "$dir"/* 2>/dev/null | grep -i "$pattern" | head -1 || true)
+  pkg_file() { ls -d "$dir"/* 2>/dev/null | grep -i "$pattern" | head -1 || true; }  # the package's file, if any
+  found=$(pkg_file)
   if [ -n "$found" ]; then
     "$REPO/.venv/bin/python" - "$found" <<'PYEOF' || status=$?
 import sys, tarfile, zipfile
@@ -163,7 +167,7 @@ PYEOF
     find "$partial" -mindepth 1 -maxdepth 1 -exec mv -t "$dir" -- {} + || { rm -rf "$err" "$partial"; return 1; }
     rm -rf "$err" "$partial"
   fi
-  found=$(ls -d "$dir"/* | grep -i "$pattern" | head -1 || true)
+  found=$(pkg_file)
   [ -n "$found" ] || { log "$spec was downloaded, but no file of it is in $dir"; return 1; }
   echo "$found"
 }
