@@ -290,12 +290,11 @@ class SearchController(QObject):
         if self._resumable and self.link is not None and self._resumable[0] == self.link.endpoint:
             index, self._resumable = self._resumable[1], None  # the worker the job was followed on, listing it
             item = self.index_named(index)
-            if self.job_id is not None:
-                pass  # a job started here since: that one is followed
-            elif item is not None and item.get("job"):
-                self.job_id = item["job"]  # it went on with the job: followed again
-            else:  # it ended meanwhile, could not go on with it, or the index is gone
-                ended = item or {"name": index, "missing": True}
+            if self.job_id is None:  # else a job started here since: that one is followed
+                if item is not None and item.get("job"):
+                    self.job_id = item["job"]  # it went on with the job: followed again
+                else:  # it ended meanwhile, could not go on with it, or the index is gone
+                    ended = item or {"name": index, "missing": True}
         self.indexes_listed.emit(self.indexes)
         if ended is not None:
             self.lost_job_ended.emit(ended)

