@@ -47,7 +47,7 @@ class Footprints:
     def __init__(self, placements: list[Placement]) -> None:
         self.placements = placements
         self.lonlat = reproject_rings(placements, WGS84)
-        self.pixels = [p.pixel_polygon() for p in placements]
+        self.pixels = Placement.pixel_polygons(placements)
 
     def shares_little(self, i: int, others: list[int], max_overlap: float) -> bool:
         """Whether footprint `i` shares with each of `others` at most `max_overlap` of the smaller of the two."""
