@@ -187,6 +187,32 @@ def test_maps_written_band_by_band_hold_the_cells_joined_whole(tmp_path, model, 
             assert np.array_equal(np.load(map_file(out, *key)), level.cells), (band, key)
 
 
+def test_maps_are_the_same_whatever_order_the_chunks_were_committed_in(tmp_path, model, assets):
+    """A cluster commits chunks as they finish, and a resumed run after the chunks it kept: the
+    maps took a cell two tiles' centres are equally near from the first tile in commit order, so
+    a cluster's index searched differently from one process's (hits at ranks 5-7 moved). Now
+    the first in the raster's tile order: the same maps, written or joined in memory, also when
+    a join continues one made before the tiles committed earlier in tile order."""
+    from worker.store.maps import join_map, map_file, write_joined_maps
+
+    out = tmp_path / "index"
+    IndexWriter(out, model, TileSettings(tile=112, scales=(1, 2)), chunk_tiles=4).build([assets["rmnp_rgb"]])
+    index = TileIndex.open(out)
+    shards = index.manifest["shards"]
+    assert len(shards) >= 6
+    finished_first = shards[len(shards) // 2:] + shards[:len(shards) // 2]  # the later chunks finished first
+    as_committed = TileIndex(out, index.manifest, finished_first)
+    before_the_rest = TileIndex(out, index.manifest, finished_first[:2])
+    write_joined_maps(as_committed)
+    for key in index.map_keys:
+        want = join_map(index, key).level.cells
+        assert np.array_equal(join_map(as_committed, key).level.cells, want), key
+        assert np.array_equal(np.load(map_file(out, *key)), want), key
+        if key in before_the_rest.map_keys:
+            continued = join_map(as_committed, key, join_map(before_the_rest, key))
+            assert np.array_equal(continued.level.cells, want), key
+
+
 def test_a_refused_raster_leaves_no_index_folder(tmp_path):
     """The index command refused a file that is no raster, and left the new index's folder (with
     its lock) behind: the next run of another name found a stray folder."""

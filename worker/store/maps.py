@@ -283,11 +283,15 @@ class JoinedMap:
     continued: int = 0  # tiles taken over from an earlier join of the map (0: joined afresh)
 
     def continued_by(self, index, raster, rows: np.ndarray, records: np.ndarray) -> bool:
-        """Whether a later view of the map holds the tiles painted here first, unchanged."""
+        """Whether a later view of the map holds the tiles painted here first, unchanged, and the
+        tiles it adds all come after them in the raster's tile order (level_maps.paint: a
+        cluster's chunks may be committed out of order, and the map is then joined afresh)."""
         n = len(self.rows)
         return (index.manifest.get("created") == self.index_created and self.level.raster == raster
                 and n <= len(rows) and np.array_equal(rows[:n], self.rows)
-                and records[:n].tobytes() == self.records.tobytes())
+                and records[:n].tobytes() == self.records.tobytes()
+                and (n in (0, len(rows)) or level_maps.tile_order(records[n:]).min()
+                     > level_maps.tile_order(self.records).max()))
 
 
 def join_map(index, key: tuple[int, int], earlier: JoinedMap | None = None) -> JoinedMap:
@@ -299,7 +303,7 @@ def join_map(index, key: tuple[int, int], earlier: JoinedMap | None = None) -> J
     raster_id, scale = key
     tile, drawing = index.manifest["tiling"]["tile"], index.manifest["drawing_size"]
     raster, lp = index.rasters[raster_id], level_maps.level_pixel(tile, scale, drawing)
-    rows = np.sort(index.rows_of_map(raster_id, scale))  # in record order, as they are painted
+    rows = np.sort(index.rows_of_map(raster_id, scale))  # in record order: a later join continues them
     records = index.records[rows]
     if earlier is not None and earlier.continued_by(index, raster, rows, records):
         cells, nearest, start = earlier.level.cells.copy(), earlier.nearest.copy(), len(earlier.rows)
