@@ -213,6 +213,28 @@ def test_maps_are_the_same_whatever_order_the_chunks_were_committed_in(tmp_path,
             assert np.array_equal(continued.level.cells, want), key
 
 
+def test_info_says_which_rasters_changed_or_went_since_they_were_indexed(tmp_path, model, rmnp_copy, assets):
+    """A raster changed on disk is searched by its old pixels' features until indexed again, and
+    `info` said nothing of it (its shortlist "current" beside). Now each raster says how its file
+    is: unchanged, changed, or unreadable (gone)."""
+    import rasterio
+
+    from worker.app import index_info
+
+    out = tmp_path / "index"
+    IndexWriter(out, model, TileSettings(tile=112, scales=(1,))).build([rmnp_copy, assets["osbs_rgb"]])
+
+    def states() -> list[str]:
+        return [r["on_disk"] for r in index_info(TileIndex.open(out))["rasters"]]
+
+    assert states() == ["unchanged", "unchanged"]
+    with rasterio.open(rmnp_copy, "r+") as dst:
+        dst.write(255 - dst.read())
+    assert states() == ["changed", "unchanged"]
+    rmnp_copy.unlink()
+    assert states() == ["unreadable", "unchanged"]
+
+
 def test_a_refused_raster_leaves_no_index_folder(tmp_path):
     """The index command refused a file that is no raster, and left the new index's folder (with
     its lock) behind: the next run of another name found a stray folder."""

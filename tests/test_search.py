@@ -514,6 +514,7 @@ def test_cli_info_and_missing_index(tmp_path, s2_index):
     info = json.loads(run_cli("info", s2_index).stdout)
     assert info["tile_count"] > 100 and info["model"]["timm_name"] == "vit_small_patch14_dinov2"
     assert info["sizes"]["bytes_per_tile"] < 50_000
+    assert [r["on_disk"] for r in info["rasters"]] == ["unchanged"]
     result = run_cli("info", tmp_path / "nope")
     assert result.returncode == 2 and "not an index" in result.stderr
 

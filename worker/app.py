@@ -209,9 +209,24 @@ def build_index(request: IndexRequest, model: "RetrievalModel", progress: Callab
 
 
 def index_info(index: TileIndex) -> dict:
-    """What `info` says of an index: its manifest's summary and its ANN shortlist (or none)."""
-    shortlist = ann.describe(index)
-    return {**index.info(), "ann": shortlist}
+    """What `info` says of an index: its manifest's summary, each raster's file as it is now
+    (`on_disk`), and its ANN shortlist (or none)."""
+    summary = index.info()
+    for entry in summary["rasters"]:
+        entry["on_disk"] = on_disk(index.rasters[entry["id"]])
+    return {**summary, "ann": ann.describe(index)}
+
+
+def on_disk(raster) -> str:
+    """A raster's file (or a VRT's sources) against what was indexed: "unchanged", "changed"
+    (searched by the old pixels' features until indexed again) or "unreadable" (gone, moved or
+    damaged). `info` said nothing of a changed raster, not even beside a shortlist "current"."""
+    import rasterio.errors
+
+    try:
+        return "changed" if changed_lately(raster) else "unchanged"
+    except (OSError, rasterio.errors.RasterioError):
+        return "unreadable"
 
 
 def open_index(index_dir: Path, partial_maps_bytes: int | None = None,
