@@ -59,6 +59,8 @@ def test_killed_indexing_resumes_to_the_same_index(tmp_path, assets):
     assert 2 <= len(partial["shards"]) < len(total["shards"]), "the kill should land mid-run"
     (resumed / "maps").mkdir(exist_ok=True)  # what a kill while a level map is written leaves
     (resumed / "maps" / ".r00000-s1.npy.99999.tmp").write_bytes(bytes(4096))
+    (resumed / ".ann.new.99999").mkdir()  # and a `build-ann` killed midway (GBs at continental scale)
+    (resumed / ".ann.new.99999" / "index.faiss").write_bytes(bytes(4096))
 
     assert run_cli("index", "--out", resumed, *SMALL, raster).returncode == 0
     a, b = shard_arrays(reference), shard_arrays(resumed)
@@ -66,7 +68,7 @@ def test_killed_indexing_resumes_to_the_same_index(tmp_path, assets):
     assert np.array_equal(a["records"], b["records"])
     assert np.array_equal(a["cells"], b["cells"])
     assert not [p for p in (resumed / "shards").iterdir() if p.name.startswith(".tmp")]
-    assert not list((resumed / "maps").glob("*.tmp"))
+    assert not list((resumed / "maps").glob("*.tmp")) and not list(resumed.glob(".ann.new.*"))
 
 
 def test_a_terminated_run_commits_what_it_computed_and_says_so(tmp_path, assets):

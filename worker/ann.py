@@ -436,12 +436,19 @@ def _sweep(index_dir: Path) -> None:
     folder is removed, and when it died between _swap_in's two renames the old shortlist is put
     back."""
     index_dir = Path(index_dir)
-    for folder in index_dir.glob(f".{ANN_DIR}.new.*"):
-        shutil.rmtree(folder, ignore_errors=True)
+    remove_unfinished_builds(index_dir)
     olds = sorted(index_dir.glob(f".{ANN_DIR}.old.*"), key=lambda p: p.stat().st_mtime_ns)
     if olds and not ann_dir(index_dir).exists():
         os.replace(olds.pop(), ann_dir(index_dir))
     for folder in olds:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_unfinished_builds(index_dir: Path) -> None:
+    """The half-written folders of killed builds or updates (about 3 KB a window: GBs at
+    continental scale); only by a run holding the index's lock. Indexing runs remove them too:
+    only the next build-ann did, and an index with no shortlist yet is never updated."""
+    for folder in Path(index_dir).glob(f".{ANN_DIR}.new.*"):
         shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -109,16 +109,20 @@ class IndexWriter:
 
     def _clean_uncommitted(self) -> None:
         """Remove the shard folders no commit names: what a crash left between writing a shard
-        and committing it, and the shards of a raster dropped to be indexed again; and the level
-        maps a killed run left unfinished. Only shard names (and their temporaries) and
-        unfinished maps' names are removed; nothing else in the folder is touched. Older versions
-        named each shard in a journal (`pending`) before writing it: a second manifest write a
-        chunk, 71 ms at 39,000 shards; a journal such an index holds is honoured."""
+        and committing it, and the shards of a raster dropped to be indexed again; the level
+        maps a killed run left unfinished, and a killed shortlist build's folder. Only shard
+        names (and their temporaries) and unfinished maps' and builds' names are removed; nothing
+        else in the folder is touched. Older versions named each shard in a journal (`pending`)
+        before writing it: a second manifest write a chunk, 71 ms at 39,000 shards; a journal
+        such an index holds is honoured."""
         committed = {s["name"] for s in self.manifest["shards"]}
         folder = self.dir / SHARDS
         written = [name.removeprefix(TMP_PREFIX) for name in (os.listdir(folder) if folder.is_dir() else [])]
         remove_shards(self.dir, {*self.manifest.get("pending", []), *written} - committed)
         remove_unfinished_maps(self.dir)
+        from worker.ann import remove_unfinished_builds  # worker.ann reads indexes: imported here, no cycle
+
+        remove_unfinished_builds(self.dir)
         if self.manifest.get("pending"):
             self.manifest["pending"] = []
             self._commit()
