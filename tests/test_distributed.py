@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from worker.app import ModelOptions
-from worker.distributed import ClusterChunks, connect
+from worker.distributed import Cluster, ClusterChunks, connect
 from worker.drawing_pool import DeviceDrawing, DrawingJob, DrawingPool, drawn_batches
 from worker.errors import InputError
 from worker.store import IndexWriter, TileIndex
@@ -317,6 +317,40 @@ def test_an_address_where_no_dask_scheduler_answers_is_refused_in_time(peer, mon
         for conn in accepted:
             conn.close()
     assert ("within 3 s" if peer == "silent" else "does not speak") in str(err.value)
+
+
+@pytest.mark.parametrize("spec", ["", "locl", "localhost", "tcp://[::1]:99999", "inproc://x"])
+def test_what_is_no_cluster_is_refused_before_any_work_by_the_command_line_and_the_service(spec, tmp_path, assets):
+    """A typo of local went to Dask as an address ("does not speak Dask's protocol" of a place
+    nothing listens at), an empty one indexed with no cluster and no word, and a service took
+    either and failed each job after its model loaded."""
+    from worker.service.config import ServiceConfig
+
+    with pytest.raises(InputError, match="is not a cluster: give local, local:N"):
+        Cluster(spec, OPTIONS)
+    with pytest.raises(InputError, match="is not a cluster"):
+        ServiceConfig.create(index_roots=[tmp_path], cluster=spec)
+    if spec == "":
+        import subprocess
+        import sys
+
+        done = subprocess.run([sys.executable, "-m", "worker", "index", "--out", tmp_path / "index", "--cluster", "",
+                               "--quiet", "--sketch-modules", "none", assets["osbs_rgb"]], capture_output=True, text=True)
+        assert done.returncode == 2 and "is not a cluster" in done.stderr, done.stderr
+
+
+def test_an_address_nothing_listens_at_is_refused_at_once_saying_why():
+    """Dask's own connecting retries a refused connection until its timeout: a typo in the port
+    waited 24 s, then said that nothing answered as a Dask scheduler."""
+    import socket
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    with pytest.raises(InputError, match="cannot reach the Dask scheduler") as err:
+        with connect(f"tcp://127.0.0.1:{port}"):
+            pass
+    assert "refused" in str(err.value)
 
 
 def test_a_cluster_without_workers_fails_the_run_instead_of_waiting_for_ever(tmp_path, assets, model, monkeypatch):

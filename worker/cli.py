@@ -93,7 +93,7 @@ def cmd_index(args: argparse.Namespace) -> int:
                                   min_valid=args.min_valid, chunk_tiles=args.chunk_tiles, batch_size=args.batch_size,
                                   ann=args.ann, tokens=args.tokens or None)
     cluster = None
-    if args.cluster:
+    if args.cluster is not None:
         from worker.distributed import Cluster
 
         cluster = Cluster(args.cluster, model_options(args))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -53,8 +54,14 @@ class Cluster:
         local_workers(self.address)  # a malformed local:N is refused before any work
 
 
+# a scheduler's address as Dask writes it: tcp:// (or tls://) is Dask's default scheme
+SCHEDULER_ADDRESS = re.compile(r"(?:(?:tcp|tls)://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})")
+
+
 def local_workers(spec: str) -> int | None:
-    """`local` -> None (one worker per 2 cores), `local:N` -> N; anything else is an address."""
+    """`local` -> None (one worker per 2 cores), `local:N` -> N, a scheduler's address -> 0;
+    InputError for anything else (a typo of local went to Dask as an address, which said
+    "does not speak Dask's protocol" of a place nothing listens at; an empty one meant none)."""
     if spec == LOCAL:
         return None
     if spec.startswith(LOCAL + ":"):
@@ -65,6 +72,10 @@ def local_workers(spec: str) -> int | None:
         if n < 1:
             raise InputError(f"--cluster {spec}: local:N needs a number of workers of at least 1")
         return n
+    address = SCHEDULER_ADDRESS.fullmatch(spec)
+    if address is None or not 0 < int(address[2]) < 65536:
+        raise InputError(f"--cluster {spec!r} is not a cluster: give local, local:N (N worker processes here) or a "
+                         "Dask scheduler's address, tcp://HOST:PORT (port 8786 unless it was started on another)")
     return 0
 
 
@@ -110,9 +121,18 @@ def _check_scheduler(address: str, unreachable: Callable[[str], InputError]) -> 
     queued behind it; one that answers with other bytes (an SSH banner) failed with numpy's
     "Unable to allocate 2.82 EiB"."""
     import asyncio
+    import socket
 
     from distributed.core import rpc
     from distributed.security import Security
+
+    host, port = SCHEDULER_ADDRESS.fullmatch(address).groups()
+    try:  # Dask's own connecting retries a refused connection until its timeout: 24 s to say "no answer"
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_S).close()
+    except TimeoutError:
+        raise unreachable(f"no answer within {CONNECT_S:.0f} s") from None
+    except OSError as exc:  # refused, no route, a name that does not resolve
+        raise unreachable(excerpt(str(exc))) from None
 
     async def identity() -> dict:  # with Dask's own connection settings: a tls:// scheduler's certificates
         async with rpc(address, timeout=CONNECT_S, connection_args=Security().get_connection_args("client")) as scheduler:

@@ -92,12 +92,16 @@ class ServiceConfig:
         index roots are created. Refuses (InputError) an endpoint beyond this machine without
         keys, keys that are not there, and limits out of range."""
         bind = bind or DEFAULT_ENDPOINT
+        if cluster is not None:
+            from worker.distributed import local_workers
+
+            local_workers(cluster)  # a malformed one refused now, not at the first job after the model loads
         index_roots = [Path(p).resolve() for p in (index_roots or [Path.cwd() / "indexes"])]
         for root in index_roots:
             root.mkdir(parents=True, exist_ok=True)
         raster_roots = [Path(p).resolve() for p in (raster_roots or index_roots)]
         config = cls(bind, pub or default_pub(bind), PathPolicy(tuple(index_roots), tuple(raster_roots)),
-                     Limits(**given(**limits)), curve_keys=curve_keys, cluster=cluster or None)
+                     Limits(**given(**limits)), curve_keys=curve_keys, cluster=cluster)
         config.check_security()
         return config
 

@@ -68,7 +68,7 @@ class Service:
         self._pending: dict[cf.Future, PendingRequest] = {}
         self._abandoned: set[cf.Future] = set()  # answered `timeout`, still running until their next stage
         self._events: queue.Queue = queue.Queue()
-        cluster = Cluster(config.cluster, model_options or ModelOptions()) if config.cluster else None
+        cluster = Cluster(config.cluster, model_options or ModelOptions()) if config.cluster is not None else None
         self.jobs = JobManager(model, publish=self._queue_event, access=config.paths.raster_access,
                                max_jobs=self.limits.max_jobs, max_queued=self.limits.max_queued_jobs, cluster=cluster)
         self.handlers = Handlers(config, model, self.jobs, OpenIndexes(model, self.limits.partial_maps_bytes))
