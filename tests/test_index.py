@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -69,6 +70,16 @@ def test_killed_indexing_resumes_to_the_same_index(tmp_path, assets):
     assert np.array_equal(a["cells"], b["cells"])
     assert not [p for p in (resumed / "shards").iterdir() if p.name.startswith(".tmp")]
     assert not list((resumed / "maps").glob("*.tmp")) and not list(resumed.glob(".ann.new.*"))
+
+
+def test_progress_is_written_once_per_step(tmp_path, rmnp_copy):
+    """Each progress step was written twice (tqdm's set_postfix refreshes the bar, and so did
+    the CLI after it): a log of the run, stderr not a terminal, held every line twice."""
+    result = run_cli("index", "--out", tmp_path / "index", *[a for a in SMALL if a != "--quiet"], rmnp_copy)
+    assert result.returncode == 0, result.stderr
+    steps = re.findall(r"\| (\d+)/(\d+) \[", result.stderr)
+    unfinished = [done for done, total in steps if done != total]
+    assert unfinished and len(unfinished) == len(set(unfinished)), result.stderr
 
 
 def test_a_terminated_run_commits_what_it_computed_and_says_so(tmp_path, assets):
@@ -570,20 +581,22 @@ def test_an_array_file_over_2_gib_is_read_whole(tmp_path):
 @pytest.mark.parametrize("ending", ["cancelled", "failed"])
 def test_a_run_cancelled_or_failing_commits_every_chunk_it_computed(tmp_path, model, rmnp_copy, ending):
     """A run commits every COMMIT_EVERY_S, not every chunk (a commit rewrites the whole
-    manifest); one cancelled, or failing (here its progress report raises), commits what it
-    computed since its last commit: nothing is redone. No timed commit here: only the end's."""
+    manifest); one cancelled, or failing (here between chunks), commits what it computed since
+    its last commit: nothing is redone. No timed commit here: only the end's."""
     out, computed = tmp_path / "index", []
 
-    def report(p) -> None:
-        computed.append(p)
-        if ending == "failed" and len(computed) == 4:  # a chunk's last report (two a chunk: its batch, its end)
-            raise RuntimeError("the progress report failed")
+    def stop_after_four_chunks() -> bool:
+        if len(computed) >= 4 and ending == "failed":
+            raise RuntimeError("the next chunk failed")
+        return len(computed) >= 4
 
     writer = IndexWriter(out, model, TileSettings(tile=112, scales=(1,)), chunk_tiles=2, commit_every_s=3600)
     try:
-        writer.build([rmnp_copy], progress=report, should_stop=lambda: len(computed) >= 5, batch_size=2)
+        writer.build([rmnp_copy], progress=computed.append, should_stop=stop_after_four_chunks, batch_size=2)
     except RuntimeError:
         assert ending == "failed"
+    else:
+        assert ending == "cancelled"
     manifest = json.loads((out / "manifest.json").read_text())
     committed = sum(s["count"] + s["skipped"] for s in manifest["shards"])
     assert len(manifest["shards"]) >= 2 and committed == computed[-1].tiles_done

@@ -103,7 +103,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     def progress(p) -> None:
         bar.total = p.tiles_total
         bar.n = p.tiles_done
-        bar.set_postfix(skipped=p.tiles_skipped)
+        bar.set_postfix(skipped=p.tiles_skipped, refresh=False)
         bar.refresh()
 
     summary = build_index(request, model, progress=progress, cluster=cluster)

@@ -265,9 +265,17 @@ class IndexWriter:
             entries = {e["id"]: e for e, _ in plans}
             self._mark_complete([entries[i] for i, n in remaining.items() if n == 0 and not entries[i]["complete"]])
 
+            reported = None
+
+            def report(tiles_done: int, path: str) -> None:
+                """A chunk's last batch and its commit tell the same count: said once."""
+                nonlocal reported
+                if progress and reported != (tiles_done, skipped_total):
+                    reported = (tiles_done, skipped_total)
+                    progress(IndexProgress(tiles_done, total, skipped_total, path))
+
             def batch_done(n: int, path: str) -> None:
-                if progress:
-                    progress(IndexProgress(done + n, total, skipped_total, path))
+                report(done + n, path)
 
             stopped = False
             try:
@@ -284,8 +292,7 @@ class IndexWriter:
                         self._mark_complete([entry], commit=False)
                     self._commit_when_due()
                     done += job.count
-                    if progress:
-                        progress(IndexProgress(done, total, skipped_total, entry["path"]))
+                    report(done, entry["path"])
             except BaseException:  # failed: what was computed is committed, and the error is the run's
                 self._commit_after_failure()
                 raise
