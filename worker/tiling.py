@@ -309,8 +309,8 @@ def open_raster(path: Path, bands: tuple[int, ...] | None, drivers: tuple[str, .
     except RasterioIOError as exc:
         if drivers:
             raise InputError(f"{path}: not a raster this worker reads for clients (formats: {', '.join(drivers)}; "
-                             f"convert it with gdal_translate) or not readable ({str(exc)[:200]})") from exc
-        raise InputError(f"{path}: not a readable raster ({exc})") from exc
+                             f"convert it with gdal_translate) or not readable ({gdal_reason(exc)[:200]})") from exc
+        raise InputError(f"{path}: not a readable raster ({gdal_reason(exc)})") from exc
     with src:
         if src.transform.is_identity and (src.gcps[0] or src.rpcs):  # a scene as delivered, not yet on a map grid
             raise InputError(f"{path}: placed by {'ground control points' if src.gcps[0] else 'RPCs'}, not on a map "
@@ -330,7 +330,7 @@ def open_raster(path: Path, bands: tuple[int, ...] | None, drivers: tuple[str, .
         try:
             stretch = robust_stretch(src, chosen)
         except RasterioIOError as exc:
-            raise InputError(f"{path}: cannot read its pixels ({exc})") from exc
+            raise InputError(f"{path}: cannot read its pixels ({gdal_reason(exc)})") from exc
         st = os.stat(path)
         return RasterInfo(path=str(path), size=st.st_size, mtime_ns=st.st_mtime_ns, width=src.width,
                           height=src.height, crs_wkt=src.crs.to_wkt(), transform=tuple(src.transform)[:6],
@@ -484,10 +484,22 @@ def stretch_to_uint8(data: np.ma.MaskedArray, stretch: tuple[tuple[float, float]
     return (np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
+def gdal_reason(exc: BaseException) -> str:
+    """What GDAL said about a failed open or read. Rasterio's error of a failed read says only
+    "Read failed. See previous exception for details."; GDAL's words (a file cut short: "got 0
+    bytes, expected 85801") are at the end of its cause chain."""
+    if "See previous exception" not in str(exc):
+        return str(exc)
+    reason = exc
+    while reason.__cause__ is not None:
+        reason = reason.__cause__
+    return str(reason)
+
+
 def unopenable(path: str, exc: Exception) -> InputError:
     """The error of a raster that cannot be opened to read its tiles: opened when a run planned
     it, it may be gone or damaged by the time its tiles are read."""
-    return InputError(f"{path}: cannot open it to read tiles ({exc})")
+    return InputError(f"{path}: cannot open it to read tiles ({gdal_reason(exc)})")
 
 
 @dataclass
@@ -525,7 +537,7 @@ def read_tile(src: rasterio.DatasetReader, raster: RasterInfo, tile: Tile, tile_
         data = src.read(list(raster.bands), window=tile.window, out_shape=out_shape,
                         resampling=resampling, masked=True, boundless=not inside)
     except RasterioIOError as exc:
-        raise InputError(f"{raster.path}: cannot read window {tile.window} ({exc})") from exc
+        raise InputError(f"{raster.path}: cannot read window {tile.window} ({gdal_reason(exc)})") from exc
     valid = ~np.ma.getmaskarray(data).any(axis=0)
     valid &= np.isfinite(data.filled(0)).all(axis=0)
     image = stretch_to_uint8(data, raster.stretch).transpose(1, 2, 0)

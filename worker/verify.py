@@ -21,6 +21,7 @@ from worker.ranking import RankingConfig
 from worker.raster_handles import ThreadHandles
 from worker.sketch import sketch_pixels
 from worker.thread_pools import shared_pool, usable_cores
+from worker.tiling import gdal_reason
 
 
 READ_THREADS = min(4, usable_cores())  # GDAL and PIL release the GIL while reading and turning
@@ -33,7 +34,7 @@ def read_placement(placement: Placement, size: int) -> tuple[np.ndarray, np.ndar
     try:
         return placement.read(size, _handles.get(placement.raster.path))
     except (rasterio.errors.RasterioError, OSError) as exc:
-        raise RasterUnreadable(placement.raster.path, excerpt(str(exc))) from None
+        raise RasterUnreadable(placement.raster.path, excerpt(gdal_reason(exc))) from None
 
 
 def draw_placements(placements: list[Placement], size: int,
