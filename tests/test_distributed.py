@@ -340,6 +340,16 @@ def test_what_is_no_cluster_is_refused_before_any_work_by_the_command_line_and_t
         assert done.returncode == 2 and "is not a cluster" in done.stderr, done.stderr
 
 
+@pytest.mark.parametrize("spec", ["localhost:8786", "tcp://sched-1.example.org:8786", "tls://10.0.0.7:8786",
+                                  "tcp://[::1]:8786", "tcp://[fe80::1%eth0]:8786", "ws://h:8786", "ucx://10.0.0.7:13337"])
+def test_every_kind_of_scheduler_address_dask_takes_is_taken(spec):
+    """Addresses are checked by their form, and every form Dask connects to passes: the check
+    first written refused websocket (ws://, wss://) and UCX schedulers and IPv6 zones."""
+    from worker.distributed import local_workers
+
+    assert local_workers(spec) == 0 and Cluster(spec, OPTIONS).address == spec
+
+
 def test_an_address_nothing_listens_at_is_refused_at_once_saying_why():
     """Dask's own connecting retries a refused connection until its timeout: a typo in the port
     waited 24 s, then said that nothing answered as a Dask scheduler."""

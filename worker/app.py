@@ -24,7 +24,7 @@ from worker.ranking import RANKERS, RankingConfig
 from worker.raster_access import RasterAccess
 from worker.store import (CHUNK_TILES, IndexProgress, IndexWriter, TileIndex, check_compatible, check_index_folder,
                           check_tokens)
-from worker.tiling import TileSettings, changed_lately, find_rasters
+from worker.tiling import TileSettings, disk_state, find_rasters
 
 if TYPE_CHECKING:
     from worker.distributed import Cluster
@@ -210,23 +210,12 @@ def build_index(request: IndexRequest, model: "RetrievalModel", progress: Callab
 
 def index_info(index: TileIndex) -> dict:
     """What `info` says of an index: its manifest's summary, each raster's file as it is now
-    (`on_disk`), and its ANN shortlist (or none)."""
+    (`on_disk`: info said nothing of a changed raster, not even beside a shortlist "current"),
+    and its ANN shortlist (or none)."""
     summary = index.info()
     for entry in summary["rasters"]:
-        entry["on_disk"] = on_disk(index.rasters[entry["id"]])
+        entry["on_disk"] = disk_state(index.rasters[entry["id"]])
     return {**summary, "ann": ann.describe(index)}
-
-
-def on_disk(raster) -> str:
-    """A raster's file (or a VRT's sources) against what was indexed: "unchanged", "changed"
-    (searched by the old pixels' features until indexed again) or "unreadable" (gone, moved or
-    damaged). `info` said nothing of a changed raster, not even beside a shortlist "current"."""
-    import rasterio.errors
-
-    try:
-        return "changed" if changed_lately(raster) else "unchanged"
-    except (OSError, rasterio.errors.RasterioError):
-        return "unreadable"
 
 
 def open_index(index_dir: Path, partial_maps_bytes: int | None = None,
@@ -369,17 +358,12 @@ def changed_since_indexed(hits: list["Hit"]) -> list[dict]:
     with the reason. Their hits were found by the old pixels' features and verified on the new
     pixels, so they may be wrong, and nothing said so. Only the hits' rasters are looked at, a
     stat each; a VRT's sources (every file of a mosaic) at most once a minute."""
-    import rasterio.errors
-
     changed = []
     for raster in {h.placement.raster.path: h.placement.raster for h in hits}.values():
-        try:
-            if changed_lately(raster):
-                changed.append({"raster": raster.path, "reason": "changed on disk since it was indexed: its hits were "
-                                "found by the old pixels' features; index it again (the same index request redoes "
-                                "only the rasters that changed)"})
-        except (OSError, rasterio.errors.RasterioError):
-            continue  # gone since it was read: the next search leaves it out and says so
+        if disk_state(raster) == "changed":  # one gone since it was read: the next search leaves it out, saying so
+            changed.append({"raster": raster.path, "reason": "changed on disk since it was indexed: its hits were "
+                            "found by the old pixels' features; index it again (the same index request redoes "
+                            "only the rasters that changed)"})
     return sorted(changed, key=lambda c: c["raster"])
 
 

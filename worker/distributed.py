@@ -51,11 +51,12 @@ class Cluster:
     model: "ModelOptions"
 
     def __post_init__(self) -> None:
-        local_workers(self.address)  # a malformed local:N is refused before any work
+        local_workers(self.address)  # what is no cluster is refused before any work
 
 
-# a scheduler's address as Dask writes it: tcp:// (or tls://) is Dask's default scheme
-SCHEDULER_ADDRESS = re.compile(r"(?:(?:tcp|tls)://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})")
+# a scheduler's address as Dask writes it: scheme (tcp://, Dask's default, when none), host (an
+# IPv6 one in brackets, perhaps with its zone), port
+SCHEDULER_ADDRESS = re.compile(r"(?:(tcp|tls|wss?|ucx)://)?(\[[0-9A-Fa-f:.]+(?:%[\w.-]+)?\]|[A-Za-z0-9_.-]+):(\d{1,5})")
 
 
 def local_workers(spec: str) -> int | None:
@@ -73,7 +74,7 @@ def local_workers(spec: str) -> int | None:
             raise InputError(f"--cluster {spec}: local:N needs a number of workers of at least 1")
         return n
     address = SCHEDULER_ADDRESS.fullmatch(spec)
-    if address is None or not 0 < int(address[2]) < 65536:
+    if address is None or not 0 < int(address[3]) < 65536:
         raise InputError(f"--cluster {spec!r} is not a cluster: give local, local:N (N worker processes here) or a "
                          "Dask scheduler's address, tcp://HOST:PORT (port 8786 unless it was started on another)")
     return 0
@@ -126,13 +127,14 @@ def _check_scheduler(address: str, unreachable: Callable[[str], InputError]) -> 
     from distributed.core import rpc
     from distributed.security import Security
 
-    host, port = SCHEDULER_ADDRESS.fullmatch(address).groups()
-    try:  # Dask's own connecting retries a refused connection until its timeout: 24 s to say "no answer"
-        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_S).close()
-    except TimeoutError:
-        raise unreachable(f"no answer within {CONNECT_S:.0f} s") from None
-    except OSError as exc:  # refused, no route, a name that does not resolve
-        raise unreachable(excerpt(str(exc))) from None
+    scheme, host, port = SCHEDULER_ADDRESS.fullmatch(address).groups()
+    if scheme != "ucx":  # over TCP: Dask's own connecting retries a refused connection until its timeout, 24 s
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_S).close()
+        except TimeoutError:
+            raise unreachable(f"no answer within {CONNECT_S:.0f} s") from None
+        except OSError as exc:  # refused, no route, a name that does not resolve
+            raise unreachable(excerpt(str(exc))) from None
 
     async def identity() -> dict:  # with Dask's own connection settings: a tls:// scheduler's certificates
         async with rpc(address, timeout=CONNECT_S, connection_args=Security().get_connection_args("client")) as scheduler:

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import rasterio.errors
 import torch
 from rasterio.crs import CRS
 from rasterio.warp import transform as warp_transform
@@ -27,7 +26,7 @@ from worker.errors import InputError
 from worker.geo import nearest_copy_x, parse_crs
 from worker.placement import Placement
 from worker.raster_access import RasterAccess
-from worker.tiling import RasterInfo, changed_lately, open_raster
+from worker.tiling import RasterInfo, disk_state, open_raster
 
 OWN_PLACE_IOU = 0.5  # hits overlapping the example's footprint more than this are the example itself
 MIN_SIDE_PX = 8  # raster pixels: a smaller box has nothing to draw
@@ -83,18 +82,9 @@ def raster_of(path: Path, rasters: list[RasterInfo], bands: tuple[int, ...] | No
     changed since it was indexed (the record's size and pixel grid may no longer be the file's).
     Also the raster's path as indexed when it changed, else None."""
     indexed = next((r for r in rasters if Path(r.path).resolve() == path), None)
-    if indexed is not None and not _changed(indexed):
+    if indexed is not None and disk_state(indexed) == "unchanged":  # else opened afresh, saying why it cannot be
         return indexed, None
     return open_raster(path, bands, drivers), None if indexed is None else indexed.path
-
-
-def _changed(raster: RasterInfo) -> bool:
-    """Whether a raster's file changed since it was indexed; True where that cannot be told (a
-    VRT that cannot be opened now), so that it is opened afresh and says why it cannot be."""
-    try:
-        return changed_lately(raster)
-    except (OSError, rasterio.errors.RasterioError):
-        return True
 
 
 def pixel_box(example: Example, raster: RasterInfo) -> tuple[float, float, float, float]:

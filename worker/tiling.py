@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
+import rasterio.errors
 import rasterio.io
 from rasterio.enums import ColorInterp, Resampling
 from rasterio.crs import CRS
@@ -146,6 +147,16 @@ def changed_lately(raster: RasterInfo) -> bool:
         changed = raster.sources_changed()
         _sources_checked[key] = (time.monotonic(), changed)
     return changed
+
+
+def disk_state(raster: RasterInfo) -> str:
+    """A raster's file (or a VRT's sources) against what was indexed, by size and modification
+    time (changed_lately): "unchanged", "changed" (searched by the old pixels' features until
+    indexed again) or "unreadable" (its file gone or moved, a VRT that cannot be opened now)."""
+    try:
+        return "changed" if changed_lately(raster) else "unchanged"
+    except (OSError, rasterio.errors.RasterioError):
+        return "unreadable"
 
 
 def sources_stamp(src: rasterio.DatasetReader) -> tuple[int, int] | None:
