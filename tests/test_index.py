@@ -205,7 +205,8 @@ def test_maps_are_the_same_whatever_order_the_chunks_were_committed_in(tmp_path,
     maps took a cell two tiles' centres are equally near from the first tile in commit order, so
     a cluster's index searched differently from one process's (hits at ranks 5-7 moved). Now
     the first in the raster's tile order: the same maps, written or joined in memory, also when
-    a join continues one made before the tiles committed earlier in tile order."""
+    a join continues one made before the tiles committed earlier in tile order (which it takes
+    over, not joining the map afresh)."""
     from worker.store.maps import join_map, map_file, write_joined_maps
 
     out = tmp_path / "index"
@@ -223,7 +224,9 @@ def test_maps_are_the_same_whatever_order_the_chunks_were_committed_in(tmp_path,
         assert np.array_equal(np.load(map_file(out, *key)), want), key
         if key in before_the_rest.map_keys:
             continued = join_map(as_committed, key, join_map(before_the_rest, key))
+            assert continued.continued == len(before_the_rest.rows_of_map(*key)) > 0, key
             assert np.array_equal(continued.level.cells, want), key
+            assert np.array_equal(continued.nearest, join_map(index, key).nearest), key  # for the next join
 
 
 def test_info_says_which_rasters_changed_or_went_since_they_were_indexed(tmp_path, model, rmnp_copy, assets):

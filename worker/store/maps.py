@@ -283,15 +283,11 @@ class JoinedMap:
     continued: int = 0  # tiles taken over from an earlier join of the map (0: joined afresh)
 
     def continued_by(self, index, raster, rows: np.ndarray, records: np.ndarray) -> bool:
-        """Whether a later view of the map holds the tiles painted here first, unchanged, and the
-        tiles it adds all come after them in the raster's tile order (level_maps.paint: a
-        cluster's chunks may be committed out of order, and the map is then joined afresh)."""
+        """Whether a later view of the map holds the tiles painted here first, unchanged."""
         n = len(self.rows)
         return (index.manifest.get("created") == self.index_created and self.level.raster == raster
                 and n <= len(rows) and np.array_equal(rows[:n], self.rows)
-                and records[:n].tobytes() == self.records.tobytes()
-                and (n in (0, len(rows)) or level_maps.tile_order(records[n:]).min()
-                     > level_maps.tile_order(self.records).max()))
+                and records[:n].tobytes() == self.records.tobytes())
 
 
 def join_map(index, key: tuple[int, int], earlier: JoinedMap | None = None) -> JoinedMap:
@@ -310,6 +306,28 @@ def join_map(index, key: tuple[int, int], earlier: JoinedMap | None = None) -> J
     else:
         cells = np.zeros((*level_maps.map_shape(raster, lp), ORIENTATIONS), np.uint8)
         nearest, start = np.full(cells.shape[:2], np.inf, np.float32), 0
-    level_maps.paint(cells, 0, records[start:], index.cells_of(rows[start:]), lp, drawing, nearest)
+    added = records[start:]
+    if 0 < start < len(records) and level_maps.tile_order(added).min() < level_maps.tile_order(records[:start]).max():
+        _paint_again(index, cells, nearest, rows, records, added, lp, drawing)
+    else:
+        level_maps.paint(cells, 0, added, index.cells_of(rows[start:]), lp, drawing, nearest)
     return JoinedMap(LevelMap(raster, raster_id, scale, lp, cells), nearest, rows, records,
                      index.manifest.get("created"), start)
+
+
+def _paint_again(index, cells: np.ndarray, nearest: np.ndarray, rows: np.ndarray, records: np.ndarray,
+                 added: np.ndarray, lp: float, drawing: int) -> None:
+    """Paint `added`, tiles that come before some already painted in the raster's tile order (a
+    cluster commits its chunks as they finish), into a continued join: a cell two tiles tie for
+    goes to the first in tile order (level_maps.paint), which painting on top cannot tell. The
+    band of map rows the added tiles cover is painted afresh, from every tile reaching into it;
+    cells outside it are no added tile's. A search after each such commit joined the whole map
+    afresh (1.2 s at 24,000 tiles against 80 ms continued)."""
+    r0, nr = records["cell_row"].astype(np.int64), records["cell_rows"].astype(np.int64)
+    top = max(0, int(added["cell_row"].min()))
+    bottom = min(int((added["cell_row"].astype(np.int64) + added["cell_rows"]).max()), cells.shape[0])
+    reaching = np.flatnonzero((r0 < bottom) & (r0 + nr > top))
+    cells[top:bottom] = 0
+    nearest[top:bottom] = np.inf
+    level_maps.paint(cells[top:bottom], top, records[reaching], index.cells_of(rows[reaching]), lp, drawing,
+                     nearest[top:bottom])
