@@ -6,8 +6,8 @@ scores (the ANN shortlist's windows, the refine's spots) instead of holding ever
 mosaic in memory: 4 KB per tile, 40 GB at 10M tiles. They are read with plain reads whose size
 is checked, like the shards (worker.store.shard_file), never memory-mapped: a file that shrinks
 under a running worker is a CorruptIndexError, not a crash. A raster still being indexed has no
-map file yet: its maps are joined in memory from its committed shards, and after each commit only
-the tiles it added are painted onto a copy of the last join (join_map); so only while they fit in
+map file yet: its maps are joined in memory from its committed shards, and after each commit the
+tiles it added are painted onto a copy of the last join (join_map); so only while they fit in
 PARTIAL_MAPS_BYTES (a 0.3 m state as one VRT would need tens of GB). A larger one is left out of
 searches until it is complete, and the search says so.
 """
@@ -247,8 +247,9 @@ def left_out_rasters(index, complete: set[int], partial_bytes: int = PARTIAL_MAP
     """The rasters being indexed whose maps do not fit in `partial_bytes` joined, with those
     before them (by id), and the bytes each would take: from the records alone, nothing joined.
     Its maps are joined one at a time: afresh, one map's committed tiles' cells are read beside
-    the maps; continued, a copy of one map is held beside them. The first grows as tiles are
-    committed, so a raster searched early in its run may be left out later."""
+    the maps; continued, a copy of one map is held beside them, with the cells of the tiles a
+    commit added (and, added out of tile order, of those reaching into their rows). The first
+    grows as tiles are committed, so a raster searched early in its run may be left out later."""
     tile, drawing = index.manifest["tiling"]["tile"], index.manifest["drawing_size"]
     tile_cells = (drawing // CELL) ** 2 * ORIENTATIONS  # each tile's cells, read for the join
     maps: dict[int, list[int]] = {}
@@ -293,7 +294,8 @@ class JoinedMap:
 def join_map(index, key: tuple[int, int], earlier: JoinedMap | None = None) -> JoinedMap:
     """One level map of an open index joined in memory from its tiles' cells. Given the map as
     an earlier view of the index joined it (before a commit added tiles), a copy of that join
-    with only the added tiles painted on: the same cells, reading the new tiles alone. Joining
+    with only the added tiles painted on (and, where they come before painted ones in tile
+    order, the tiles reaching into their rows painted again): the same cells. Joining
     every tile again after each commit took 1.2 s at 24,000 tiles of a 29,000 px raster on a
     2-core CPU, and grows with them; continuing it, 80 ms (most of it the copy)."""
     raster_id, scale = key
@@ -319,15 +321,22 @@ def _paint_again(index, cells: np.ndarray, nearest: np.ndarray, rows: np.ndarray
                  added: np.ndarray, lp: float, drawing: int) -> None:
     """Paint `added`, tiles that come before some already painted in the raster's tile order (a
     cluster commits its chunks as they finish), into a continued join: a cell two tiles tie for
-    goes to the first in tile order (level_maps.paint), which painting on top cannot tell. The
-    band of map rows the added tiles cover is painted afresh, from every tile reaching into it;
-    cells outside it are no added tile's. A search after each such commit joined the whole map
-    afresh (1.2 s at 24,000 tiles against 80 ms continued)."""
+    goes to the first in tile order (level_maps.paint), which painting on top cannot tell. Each
+    run of map rows the added tiles cover is painted afresh, from every tile reaching into it;
+    cells outside them are no added tile's. A search after each such commit joined the whole map
+    afresh (170 ms for a map of 4,356 tiles, against 19 ms so)."""
     r0, nr = records["cell_row"].astype(np.int64), records["cell_rows"].astype(np.int64)
-    top = max(0, int(added["cell_row"].min()))
-    bottom = min(int((added["cell_row"].astype(np.int64) + added["cell_rows"]).max()), cells.shape[0])
-    reaching = np.flatnonzero((r0 < bottom) & (r0 + nr > top))
-    cells[top:bottom] = 0
-    nearest[top:bottom] = np.inf
-    level_maps.paint(cells[top:bottom], top, records[reaching], index.cells_of(rows[reaching]), lp, drawing,
-                     nearest[top:bottom])
+    runs: list[list[int]] = []
+    for top, bottom in sorted(zip(added["cell_row"].astype(np.int64).tolist(),
+                                  (added["cell_row"].astype(np.int64) + added["cell_rows"]).tolist())):
+        if runs and top <= runs[-1][1]:
+            runs[-1][1] = max(runs[-1][1], bottom)
+        else:
+            runs.append([top, bottom])
+    for top, bottom in runs:
+        top, bottom = max(0, top), min(bottom, cells.shape[0])
+        reaching = np.flatnonzero((r0 < bottom) & (r0 + nr > top))
+        cells[top:bottom] = 0
+        nearest[top:bottom] = np.inf
+        level_maps.paint(cells[top:bottom], top, records[reaching], index.cells_of(rows[reaching]), lp, drawing,
+                         nearest[top:bottom])
