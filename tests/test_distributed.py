@@ -341,7 +341,8 @@ def test_what_is_no_cluster_is_refused_before_any_work_by_the_command_line_and_t
 
 
 @pytest.mark.parametrize("spec", ["localhost:8786", "tcp://sched-1.example.org:8786", "tls://10.0.0.7:8786",
-                                  "tcp://[::1]:8786", "tcp://[fe80::1%eth0]:8786", "ws://h:8786", "ucx://10.0.0.7:13337"])
+                                  "tcp://[::1]:8786", "tcp://[fe80::1%eth0]:8786", "ws://h:8786", "ucx://10.0.0.7:13337",
+                                  "ucxx://10.0.0.7:13337"])
 def test_every_kind_of_scheduler_address_dask_takes_is_taken(spec):
     """Addresses are checked by their form, and every form Dask connects to passes: the check
     first written refused websocket (ws://, wss://) and UCX schedulers and IPv6 zones."""
@@ -362,6 +363,14 @@ def test_an_address_nothing_listens_at_is_refused_at_once_saying_why():
         with connect(f"tcp://127.0.0.1:{port}"):
             pass
     assert "refused" in str(err.value)
+
+
+def test_a_ucx_scheduler_this_machine_cannot_reach_is_said_to_be_ucxs_failing():
+    """UCX has no TCP peer to ask first: its failure here (distributed-ucxx not installed) was
+    told as "what answers there does not speak Dask's protocol"."""
+    with pytest.raises(InputError, match=r"cannot reach the Dask scheduler at ucx://127.0.0.1:13337 \(UCX: "):
+        with connect("ucx://127.0.0.1:13337"):
+            pass
 
 
 def test_a_cluster_without_workers_fails_the_run_instead_of_waiting_for_ever(tmp_path, assets, model, monkeypatch):
