@@ -3,6 +3,7 @@ never asked when it is older than the index."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -373,6 +374,14 @@ def test_a_raster_indexed_again_with_as_many_tiles_makes_its_shortlist_stale(mod
     assert ann_shortlist(index, RankingConfig(ann="on")) is None and not ann.describe(index)["current"]
     ann.update(index)
     assert ann_shortlist(index, RankingConfig(ann="on")) is not None and ann.describe(index)["current"]
+
+
+def test_a_search_asking_for_a_shortlist_an_index_lacks_says_it_scans_exactly(s2_index, caplog):
+    """`--ann on` on an index without one scanned exactly without a word: a slow search looked
+    like a slow shortlist."""
+    with caplog.at_level(logging.WARNING, logger="worker.search"):
+        assert ann_shortlist(TileIndex.open(s2_index), RankingConfig(ann="on")) is None
+    assert "has no ANN shortlist; scanning exactly (run `build-ann`)" in caplog.text
 
 
 def test_a_raster_added_since_the_shortlist_was_built_is_scanned_exactly_beside_it(index_with_ann, model, assets,

@@ -125,6 +125,8 @@ def ann_shortlist(index: TileIndex, ranking: RankingConfig, area: SearchArea | N
         return None
     on_disk = AnnShortlist.stamp_of(index.dir)
     if on_disk is None:
+        if ranking.ann == "on":  # asked for by name: scanning exactly without a word looked like a slow shortlist
+            log.warning("%s: has no ANN shortlist; scanning exactly (run `build-ann`)", index.dir)
         return None
     if getattr(index, "_ann", None) is None or index._ann.stamp != on_disk:  # built or updated since
         index._ann = AnnShortlist.open(index.dir)
