@@ -78,6 +78,8 @@ def test_search_by_example_and_refine_over_sockets(worker, rasters):
 @pytest.mark.parametrize("fields, code, message", [
     ({"example": {"bbox": [10.0, 10.0, 11.0, 11.0]}}, codes.BAD_INPUT, "lies outside"),
     ({"example": {"bbox": [-105.5, 40.3, -105.6, 40.4]}}, codes.BAD_INPUT, "is empty"),
+    # PROJ took ever longer placing it, holding the GIL: the worker answered no one, nor SIGTERM
+    ({"example": {"bbox": [-1e20, -1e20, 1e20, 1e20], "crs": "EPSG:3857"}}, codes.BAD_INPUT, "within +-1e+12"),
     ({"example": {"raster": "/etc/passwd"}}, codes.FORBIDDEN, "outside the raster roots"),
     ({"example": {"crs": "EPSG:999999"}}, codes.BAD_INPUT, "CRS"),
     ({"feedback": {"positive": [], "negative": []}}, codes.BAD_INPUT, "no marks"),

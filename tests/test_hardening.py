@@ -708,8 +708,11 @@ def test_10_each_bad_input_gets_its_own_code(served, tree):
                                                 codes.BAD_INPUT),
                 "a box on Mars": (lambda: c.search("base", sketch_png=sketch_png(), bbox=[0, 0, 1, 1],
                                                    bbox_crs="IAU_2015:49900"), codes.BAD_INPUT),
-                "a box wholly past its CRS": (lambda: c.search("base", sketch_png=sketch_png(), bbox=[1e14, 1e14, 2e14, 2e14],
+                "a box wholly past its CRS": (lambda: c.search("base", sketch_png=sketch_png(), bbox=[1e11, 1e11, 2e11, 2e11],
                                                               bbox_crs="EPSG:32618"), codes.BAD_INPUT),
+                # placed in 15 s at 1e15, the loop answering no one meanwhile
+                "a box past +-1e12": (lambda: c.search("base", sketch_png=sketch_png(), bbox=[-1e13, -1e13, 1e13, 1e13],
+                                                       bbox_crs="EPSG:3857"), codes.BAD_INPUT),
                 # was searched, and answered no hits without a word
                 "a dot in a large frame": (lambda: c.search("base", strokes=[[[5000, 5000], [5003, 5003]]],
                                                             strokes_crs="pixel", strokes_frame=[0, 0, 10000, 10000]),

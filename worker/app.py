@@ -19,7 +19,7 @@ from wire.protocol import DEFAULT_TOP, MAX_TOP, excerpt
 from worker import ann
 from worker.cancellation import StopCheck, raise_if_stopped, stop_when
 from worker.errors import InputError
-from worker.geo import Area, bbox_to_wgs84, parse_crs
+from worker.geo import MAX_COORDINATE, Area, bbox_to_wgs84, parse_crs
 from worker.ranking import RANKERS, RankingConfig
 from worker.raster_access import RasterAccess
 from worker.store import (CHUNK_TILES, IndexProgress, IndexWriter, TileIndex, check_compatible, check_index_folder,
@@ -36,7 +36,6 @@ if TYPE_CHECKING:
 
 MAX_CHUNK_TILES = 65536
 MAX_SHORTLIST = 100_000
-MAX_COORDINATE = 1e15  # of a search box: any CRS's coordinates are far smaller; more only overflows
 WGS84 = "EPSG:4326"
 PIXEL_STROKES = "pixel"  # strokes in pixel coordinates, y down (a sketch pad); any other CRS has y up
 

@@ -11,7 +11,6 @@ overlapping the square drawn around it by IoU > OWN_PLACE_IOU are left out (work
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from shapely.geometry import Polygon, box
 
 from wire.protocol import excerpt
 from worker.errors import InputError
-from worker.geo import nearest_copy_x, parse_crs
+from worker.geo import MAX_COORDINATE, nearest_copy_x, parse_crs
 from worker.placement import Placement
 from worker.raster_access import RasterAccess
 from worker.tiling import RasterInfo, disk_state, open_raster
@@ -43,9 +42,9 @@ class Example:
     crs: str
 
     def __post_init__(self) -> None:
-        if len(self.bbox) != 4 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in self.bbox):
-            raise InputError(f"example bbox {excerpt(list(self.bbox))}: expected four finite numbers "
-                             "MINX,MINY,MAXX,MAXY")
+        if len(self.bbox) != 4 or not all(isinstance(v, (int, float)) and abs(v) < MAX_COORDINATE for v in self.bbox):
+            raise InputError(f"example bbox {excerpt(list(self.bbox))}: expected four numbers MINX,MINY,MAXX,MAXY "
+                             f"within +-{MAX_COORDINATE:g}")
         minx, miny, maxx, maxy = self.bbox
         if not (minx < maxx and miny < maxy):
             across = " or, across 180 degrees, its east past 180 (as 179.5,-18,180.5,-16)" if _geographic(self.crs) else ""

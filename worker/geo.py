@@ -22,6 +22,10 @@ from worker.errors import InputError
 WGS84 = CRS.from_epsg(4326)
 Area = Polygon | MultiPolygon  # a search area in lon/lat: one across 180 degrees is its world copies
 MAX_CRS_CHARS = 20_000  # a long PROJJSON is a few thousand characters
+# of a box a client gives (a search area, an example): any CRS's coordinates on Earth are far smaller
+# (50,000 times its circumference in metres); PROJ's time grows with them past it, holding the GIL:
+# a box at 1e15 in EPSG:3857 took 15 s to place, one at 1e20 never finished, and the worker stopped answering
+MAX_COORDINATE = 1e12
 AUTHORITY_CODE = re.compile(r"[A-Za-z][A-Za-z0-9_]*:{1,2}[A-Za-z0-9_.]+|urn:ogc:def:crs:[A-Za-z0-9_]+:[0-9.]*:[A-Za-z0-9_.]+")
 WKT = re.compile(r"\s*[A-Z_]+\s*\[", re.IGNORECASE)
 SEMI_MAJOR_AXIS = re.compile(r'SPHEROID\["[^"]*",\s*([0-9.eE+-]+)')
