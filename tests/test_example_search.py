@@ -91,6 +91,11 @@ def test_bad_examples_are_refused_with_what_to_do(rmnp_index, model, assets, tmp
     with pytest.raises(InputError, match="nothing to draw"):
         prepare_example(Example(str(flat), (500010.0, 3999810.0, 500150.0, 3999990.0), "EPSG:32617"), rasters,
                         model.img_size)
+    cut_short = tmp_path / "cut-short.tif"  # was `internal`: "Read failed. See previous exception for details."
+    cut_short.write_bytes(assets["rmnp_rgb"].read_bytes()[:60_000])
+    with pytest.raises(InputError, match=r"cut-short.tif: cannot read its pixels there \(.*got \d+ bytes"):
+        prepare_example(Example(str(cut_short), tuple(window_bbox(path, (100, 250, 300, 370))), "EPSG:4326"), rasters,
+                        model.img_size)
     confined = RasterAccess((tmp_path,))
     with pytest.raises(ForbiddenError, match="outside the raster roots"):
         prepare_example(Example(path, tuple(window_bbox(path)), "EPSG:4326"), rasters, model.img_size, access=confined)

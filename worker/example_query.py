@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import rasterio.errors
 import torch
 from rasterio.crs import CRS
 from rasterio.warp import transform as warp_transform
@@ -25,7 +26,7 @@ from worker.errors import InputError
 from worker.geo import MAX_COORDINATE, nearest_copy_x, parse_crs
 from worker.placement import Placement
 from worker.raster_access import RasterAccess
-from worker.tiling import RasterInfo, disk_state, open_raster
+from worker.tiling import RasterInfo, disk_state, gdal_reason, open_raster
 
 OWN_PLACE_IOU = 0.5  # hits overlapping the example's footprint more than this are the example itself
 MIN_SIDE_PX = 8  # raster pixels: a smaller box has nothing to draw
@@ -134,7 +135,10 @@ def draw_window(raster: RasterInfo, window: tuple[float, float, float, float], s
     c0, r0, c1, r1 = window
     square = drawn_square(raster, window)
     side = square.side
-    image, valid = square.read(size)
+    try:
+        image, valid = square.read(size)
+    except (rasterio.errors.RasterioError, OSError) as exc:  # was `internal`: a file damaged or cut short
+        raise InputError(f"example raster {raster.path}: cannot read its pixels there ({gdal_reason(exc)})") from None
     # the window inside the square, in drawing pixels
     scale = size / side
     x0, x1 = (c0 - (square.cx - side / 2)) * scale, (c1 - (square.cx - side / 2)) * scale
