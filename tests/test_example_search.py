@@ -11,10 +11,10 @@ from rasterio.warp import transform_bounds
 
 from conftest import write_raster
 from worker.errors import ForbiddenError, InputError
-from worker.example_query import OWN_PLACE_IOU, Example, prepare_example
+from worker.example_query import OWN_PLACE_SHARE, Example, prepare_example
 from worker.feedback import Feedback
 from worker.hit_ids import hit_id, parse_hit_id, raster_key
-from worker.query_search import iou, search_query
+from worker.query_search import search_query, share_of_smaller
 from worker.ranking import RankingConfig
 from worker.raster_access import RasterAccess
 
@@ -42,27 +42,29 @@ def window_bbox(path, window=WINDOW, crs: str | None = None) -> list[float]:
 
 
 def own_overlap(hits, query) -> list[float]:
+    """How much of the smaller of each hit's footprint and the example's they share."""
     from worker.geo import reproject_rings
 
     polygons = reproject_rings([h.placement for h in hits], CRS.from_wkt(query.raster.crs_wkt))
-    return [iou(p, query.footprint) for p in polygons]
+    return [share_of_smaller(p, query.footprint) for p in polygons]
 
 
-@pytest.mark.parametrize("window", [WINDOW, (180, 100, 360, 160)], ids=["square", "3 to 1"])
+@pytest.mark.parametrize("window", [WINDOW, (180, 100, 360, 160), (40, 40, 340, 340)], ids=["square", "3 to 1", "large"])
 def test_an_example_finds_its_own_place_and_leaves_it_out(rmnp_index, model, assets, window):
     """Its own place is the square drawn around the box, which the search finds: a long
-    rectangle's own square overlaps the rectangle by IoU 1/3 only."""
+    rectangle's own square overlaps the rectangle by IoU 1/3 only. A place inside a large
+    example, its IoU with it small, is its own place too (by IoU, one came back at rank 1)."""
     rasters = list(rmnp_index.rasters.values())
     query = prepare_example(Example(str(assets["rmnp_rgb"]), tuple(window_bbox(assets["rmnp_rgb"], window)), "EPSG:4326"),
                             rasters, model.img_size)
     assert query.window == pytest.approx(window, abs=0.01)
     assert query.raster == rasters[0], "an indexed raster is drawn with the index's bands and stretch"
     plain = search_query(rmnp_index, model, query.sketch, RankingConfig(), top=5).hits
-    assert own_overlap(plain, query)[0] > OWN_PLACE_IOU, "the worker's drawing of a place finds that place first"
+    assert own_overlap(plain, query)[0] > OWN_PLACE_SHARE, "the worker's drawing of a place finds that place first"
     own = (query.footprint, CRS.from_wkt(query.raster.crs_wkt))
     hits = search_query(rmnp_index, model, query.sketch, RankingConfig(), top=5, own_place=own).hits
     assert len(hits) == 5 and [h.rank for h in hits] == [1, 2, 3, 4, 5]
-    assert max(own_overlap(hits, query)) <= OWN_PLACE_IOU
+    assert max(own_overlap(hits, query)) <= OWN_PLACE_SHARE
 
 
 def test_an_example_box_in_another_crs_is_the_same_window(rmnp_index, model, assets):

@@ -6,7 +6,8 @@ size), draws it with the tiles' own line drawing (worker.line_drawing, as worker
 placements) and searches with that drawing as the sketch. Where the square drawing reaches past
 the rectangle it is left blank, and the layout ranker compares only where a sketch has lines, so
 a long thin rectangle is matched by its own part. The example's own place is no answer: hits
-overlapping the square drawn around it by IoU > OWN_PLACE_IOU are left out (worker.query_search).
+sharing more than OWN_PLACE_SHARE of their area, or of the square drawn around it, with that
+square are left out (worker.query_search).
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from worker.placement import Placement
 from worker.raster_access import RasterAccess
 from worker.tiling import RasterInfo, disk_state, gdal_reason, open_raster
 
-OWN_PLACE_IOU = 0.5  # hits overlapping the example's footprint more than this are the example itself
+# a hit sharing more than this of the smaller of its footprint and the example's is the example itself: by
+# IoU, a hit inside a large example (a small IoU) came back at rank 1, the user's own box
+OWN_PLACE_SHARE = 0.5
 MIN_SIDE_PX = 8  # raster pixels: a smaller box has nothing to draw
 MIN_INK = 0.002  # share of the drawing's pixels that are lines: less is a blank example
 EDGE_STEPS = 16  # points per bbox edge when it is reprojected

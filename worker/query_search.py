@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from typing import Callable
 
 import numpy as np
 import torch
@@ -14,7 +15,7 @@ from shapely.geometry import Polygon
 
 from worker import feedback as fb
 from worker.cancellation import raise_if_stopped
-from worker.example_query import OWN_PLACE_IOU
+from worker.example_query import OWN_PLACE_SHARE
 from worker.geo import Area, overlap_area, reproject_rings
 from worker.line_drawing import drawing_device
 from worker.placement import Placement
@@ -31,19 +32,25 @@ def iou(a: Polygon, b: Polygon) -> float:
     return float(inter / (a.area + b.area - inter)) if inter > 0 else 0.0
 
 
-def overlapping(placements: list[Placement], footprints: list[Polygon], crs: CRS, limit: float) -> list[bool]:
-    """Whether each placement overlaps any footprint (polygons in `crs`) with IoU above `limit`."""
+def share_of_smaller(a: Polygon, b: Polygon) -> float:
+    inter = overlap_area(a, b) if a.intersects(b) else 0.0
+    return float(inter / min(a.area, b.area)) if inter > 0 else 0.0
+
+
+def overlapping(placements: list[Placement], footprints: list[Polygon], crs: CRS, limit: float,
+                measure: Callable[[Polygon, Polygon], float] = iou) -> list[bool]:
+    """Whether each placement overlaps any footprint (polygons in `crs`) by `measure` above `limit`."""
     if not footprints or not placements:
         return [False] * len(placements)
     polygons = reproject_rings(placements, crs)
-    return [any(iou(p, f) > limit for f in footprints) for p in polygons]
+    return [any(measure(p, f) > limit for f in footprints) for p in polygons]
 
 
 def search_query(index: TileIndex, model, sketch: torch.Tensor, ranking: RankingConfig, top: int = 10,
                  area_wgs84: Area | None = None, max_overlap: float = 0.3,
                  own_place: tuple[Polygon, CRS] | None = None, feedback: fb.Feedback | None = None) -> SearchResult:
     """The best `top` places for a sketch (3, S, S): worker.search's, less those overlapping
-    `own_place` (an example's footprint and its CRS) by IoU > OWN_PLACE_IOU, re-ranked by
+    `own_place` (an example's footprint and its CRS) by more than OWN_PLACE_SHARE of the smaller, re-ranked by
     `feedback` (worker.feedback) when given."""
     if own_place is None and feedback is None:
         return search(index, model, sketch, ranking, top=top, area_wgs84=area_wgs84, max_overlap=max_overlap)
@@ -59,7 +66,7 @@ def search_query(index: TileIndex, model, sketch: torch.Tensor, ranking: Ranking
         hits = rerank(index, model, sketch, ranking, hits, good, bad, area_wgs84, max_overlap)
     if own_place is not None:
         footprint, crs = own_place
-        own = overlapping([h.placement for h in hits], [footprint], crs, OWN_PLACE_IOU)
+        own = overlapping([h.placement for h in hits], [footprint], crs, OWN_PLACE_SHARE, share_of_smaller)
         hits = [h for h, is_own in zip(hits, own) if not is_own]
     hits = [replace(h, rank=n + 1) for n, h in enumerate(hits[:top])]
     timings["total_ms"] = (time.perf_counter() - started) * 1e3
