@@ -151,6 +151,30 @@ def test_feedback_leaves_out_bad_places_and_brings_up_good_ones(rmnp_index, mode
         Feedback.from_json(["a"])
 
 
+def test_marks_in_a_raster_that_cannot_be_read_now_are_left_out_with_it(tmp_path, model, assets):
+    """A mark, good or bad, in a raster moved, deleted or damaged since it was indexed failed the
+    whole search with `not_found`; the search without marks leaves the raster out and says so.
+    Now its marks are left out with it."""
+    import shutil
+
+    from worker.placement import Placement
+    from worker.store import IndexWriter, TileIndex
+    from worker.tiling import TileSettings
+
+    kept, gone = (shutil.copy(assets[name], tmp_path / f"{name}.tif") for name in ("rmnp_rgb", "osbs_rgb"))
+    IndexWriter(tmp_path / "index", model, TileSettings(tile=112, scales=(1,))).build([kept, gone])
+    index = TileIndex.open(tmp_path / "index")
+    there = next(r for r in index.rasters.values() if r.path == str(gone))
+    marks = Feedback((hit_id(Placement(there, 100, 100, 112)),), (hit_id(Placement(there, 200, 200, 112)),))
+    query = prepare_example(Example(str(kept), tuple(window_bbox(kept)), "EPSG:4326"), list(index.rasters.values()),
+                            model.img_size)
+    gone.unlink()
+    result = search_query(index, model, query.sketch, RankingConfig(), top=5, feedback=marks)
+    assert [h.rank for h in result.hits] == [1, 2, 3, 4, 5]
+    assert all(h.placement.raster.path == str(kept) for h in result.hits)
+    assert list(result.unreadable) == [str(gone)] and "cannot be read" in result.unreadable[str(gone)]
+
+
 def test_an_example_on_a_raster_changed_since_it_was_indexed_is_read_where_it_is_now(tmp_path, model, assets):
     """A raster written again 400 px east after it was indexed: an example box where its old
     pixels lay was read from the file's new pixels by the index's old grid, 400 px from the place

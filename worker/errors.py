@@ -89,8 +89,8 @@ class CorruptIndexError(InputError):
 
 class RasterUnreadable(InputError):
     """An indexed raster that cannot be read now (moved, deleted, an unplugged drive, damaged
-    since it was indexed). A search leaves it out and says so (worker.search); a place the user
-    marked in it is refused with this."""
+    since it was indexed). A search leaves it out and says so (worker.search), and the places
+    the user marked in it (worker.query_search.readable_marks)."""
 
     code = codes.NOT_FOUND
 
