@@ -119,8 +119,10 @@ def test_hit_ids_name_places_and_are_checked_against_the_index(rmnp_index, model
         parse_hit_id("rank 1", rasters)
     with pytest.raises(InputError, match="not a place in"):
         parse_hit_id(f"{raster_key(hit.placement.raster)}@9999.00,10.00,50.00,0.00", rasters)
-    with pytest.raises(InputError, match="at least 1 px"):  # a speck: no place to read
+    with pytest.raises(InputError, match="side be 1 px to twice"):  # a speck: no place to read
         parse_hit_id(f"{raster_key(hit.placement.raster)}@10.00,10.00,0.0001,0.00", rasters)
+    with pytest.raises(InputError, match=r"turn within \+-180 degrees"):  # the message named only centre and side
+        parse_hit_id(f"{raster_key(hit.placement.raster)}@10.00,10.00,50.00,200.00", rasters)
 
 
 def test_feedback_leaves_out_bad_places_and_brings_up_good_ones(rmnp_index, model, assets):
@@ -173,6 +175,31 @@ def test_marks_in_a_raster_that_cannot_be_read_now_are_left_out_with_it(tmp_path
     assert [h.rank for h in result.hits] == [1, 2, 3, 4, 5]
     assert all(h.placement.raster.path == str(kept) for h in result.hits)
     assert list(result.unreadable) == [str(gone)] and "cannot be read" in result.unreadable[str(gone)]
+
+
+def test_a_raster_marked_in_and_changed_since_it_was_indexed_is_named(tmp_path, model, assets):
+    """A mark names a place by the indexed pixels; read from a file changed since, it may be
+    another place, or none (a probe's mark, on a raster shrunk since, lay off it), and the reply
+    said nothing when no hit was there. Now `changed` names the marked raster."""
+    import shutil
+
+    from worker.app import SearchRequest, run_search
+    from worker.placement import Placement
+    from worker.store import IndexWriter, TileIndex
+    from worker.tiling import TileSettings
+
+    searched, marked = (shutil.copy(assets[name], tmp_path / f"{name}.tif") for name in ("rmnp_rgb", "osbs_rgb"))
+    IndexWriter(tmp_path / "index", model, TileSettings(tile=112, scales=(1,))).build([searched, marked])
+    index = TileIndex.open(tmp_path / "index")
+    there = next(r for r in index.rasters.values() if r.path == str(marked))
+    with rasterio.open(marked, "r+") as dst:
+        dst.write(255 - dst.read())
+    request = SearchRequest(None, example=Example(str(searched), tuple(window_bbox(searched)), "EPSG:4326"), top=3,
+                            bbox=tuple(window_bbox(searched, (0, 0, 485, 373))),  # hits in the searched raster only
+                            feedback=Feedback((), (hit_id(Placement(there, 100, 100, 112)),)))
+    reply = run_search(request, model, index).to_json()
+    assert reply["hits"]["features"] and all(f["properties"]["raster"] == str(searched) for f in reply["hits"]["features"])
+    assert [c["raster"] for c in reply["changed"]] == [str(marked)] and "marked in it" in reply["changed"][0]["reason"]
 
 
 def test_an_example_on_a_raster_changed_since_it_was_indexed_is_read_where_it_is_now(tmp_path, model, assets):

@@ -24,7 +24,7 @@ from worker.ranking import RANKERS, RankingConfig
 from worker.raster_access import RasterAccess
 from worker.store import (CHUNK_TILES, IndexProgress, IndexWriter, TileIndex, check_compatible, check_index_folder,
                           check_tokens)
-from worker.tiling import TileSettings, disk_state, find_rasters
+from worker.tiling import RasterInfo, TileSettings, disk_state, find_rasters
 
 if TYPE_CHECKING:
     from worker.distributed import Cluster
@@ -339,12 +339,15 @@ def run_search(request: SearchRequest, model: "RetrievalModel", index: TileIndex
         timings = {k: round(v, 2) for k, v in result.timings_ms.items()}
         unreadable = [{"raster": path, "kind": "unreadable", "reason": why}
                       for path, why in sorted(result.unreadable.items())]
-        changed = changed_since_indexed(result.hits)
+        changed = {c["raster"]: c for c in changed_since_indexed([h.placement.raster for h in result.hits])}
+        if request.feedback is not None:  # a mark there named the old pixels, and was read from the new ones
+            good, bad = request.feedback.places(index.rasters)
+            marked = [p.raster for p in good + bad if p.raster.path not in changed]
+            changed |= {c["raster"]: c for c in changed_since_indexed(marked, MARK_CHANGED)}
         if example is not None and example.changed:  # said of the example, and of its raster's hits
-            changed = sorted([*(c for c in changed if c["raster"] != example.changed),
-                              {"raster": example.changed, "reason": EXAMPLE_CHANGED}], key=lambda c: c["raster"])
+            changed[example.changed] = {"raster": example.changed, "reason": EXAMPLE_CHANGED}
         return SearchOutcome(hits_to_geojson(result.hits, request.out_crs, None), timings, result.hits, sketch,
-                             left_out(index) + unreadable, changed)
+                             left_out(index) + unreadable, sorted(changed.values(), key=lambda c: c["raster"]))
 
 
 EXAMPLE_CHANGED = ("changed on disk since it was indexed: the example was read from the file as it is now, while "
@@ -352,18 +355,23 @@ EXAMPLE_CHANGED = ("changed on disk since it was indexed: the example was read f
                    "(the same index request redoes only the rasters that changed)")
 
 
-def changed_since_indexed(hits: list["Hit"]) -> list[dict]:
-    """The hits' rasters whose file (or a VRT's sources) changed since they were indexed, each
-    with the reason. Their hits were found by the old pixels' features and verified on the new
-    pixels, so they may be wrong, and nothing said so. Only the hits' rasters are looked at, a
-    stat each; a VRT's sources (every file of a mosaic) at most once a minute."""
+HITS_CHANGED = ("changed on disk since it was indexed: its hits were found by the old pixels' features; index it "
+                "again (the same index request redoes only the rasters that changed)")
+MARK_CHANGED = ("changed on disk since it was indexed: a place marked in it was named by the old pixels and read "
+                "from the file as it is now; index it again (the same index request redoes only the rasters that "
+                "changed), then search and mark again")
+
+
+def changed_since_indexed(rasters: list[RasterInfo], reason: str = HITS_CHANGED) -> list[dict]:
+    """Those of `rasters` (the hits', the marks') whose file (or a VRT's sources) changed since
+    they were indexed, each with `reason`. Hits there were found by the old pixels' features and
+    verified on the new pixels, so they may be wrong, and nothing said so. Only these rasters are
+    looked at, a stat each; a VRT's sources (every file of a mosaic) at most once a minute."""
     changed = []
-    for raster in {h.placement.raster.path: h.placement.raster for h in hits}.values():
+    for raster in {r.path: r for r in rasters}.values():
         if disk_state(raster) == "changed":  # one gone since it was read: the next search leaves it out, saying so
-            changed.append({"raster": raster.path, "reason": "changed on disk since it was indexed: its hits were "
-                            "found by the old pixels' features; index it again (the same index request redoes "
-                            "only the rasters that changed)"})
-    return sorted(changed, key=lambda c: c["raster"])
+            changed.append({"raster": raster.path, "reason": reason})
+    return changed
 
 
 def left_out(index: TileIndex) -> list[dict]:

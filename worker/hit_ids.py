@@ -72,5 +72,6 @@ def parse_hit_id(text: object, rasters: dict[int, RasterInfo] | list[RasterInfo]
     if not (math.isfinite(side) and side >= MIN_SIDE and 0 <= cx <= raster.width and 0 <= cy <= raster.height
             and side <= 2 * max(raster.width, raster.height) and abs(angle) <= MAX_ANGLE):
         raise InputError(f"hit id {excerpt(text)} is not a place in {raster.path} ({raster.width}x{raster.height} "
-                         f"px): its centre must lie on the raster and its side be at least {MIN_SIDE:g} px")
+                         f"px): its centre must lie on the raster, its side be {MIN_SIDE:g} px to twice the raster's longer side "
+                         f"and its turn within +-{MAX_ANGLE:g} degrees")
     return Placement(raster, cx, cy, side, angle)
