@@ -91,6 +91,8 @@ def test_search_by_example_and_refine_over_sockets(worker, rasters):
      "must be a list of hit ids"),
     ({"feedback": {"negative": "0123456789@10.00,10.00,50.00,0.00"}}, codes.BAD_INPUT, "must be a list of hit ids"),
     ({"example": "here"}, codes.BAD_REQUEST, "example"),
+    # was read in EPSG:4326 without a word of the key, and refused as a box that cannot be placed
+    ({"example": {"bbox_crs": "EPSG:32617"}}, codes.BAD_REQUEST, "example has no field 'bbox_crs'"),
 ])
 def test_bad_examples_and_marks_get_clear_errors(worker, rasters, fields, code, message):
     if "example" in fields and isinstance(fields["example"], dict):

@@ -32,6 +32,7 @@ from worker.tiling import TileSettings
 
 Handler = Callable[[dict, list], dict]
 INDEX_FOLDERS = {SHARDS, MAPS, ANN_DIR}  # an index's own folders: no index inside them
+EXAMPLE_FIELDS = {"raster", "bbox", "crs"}  # a search's `example`
 Work = Callable[[StopCheck], dict]  # a slow op's work, run off the loop until its stop check says so
 
 log = logging.getLogger(__name__)
@@ -248,6 +249,10 @@ def _example(header: dict) -> Example | None:
         return None
     if "sketch_frame" in header or "strokes" in header:
         raise ProtocolError(BAD_REQUEST, "give a sketch (sketch_frame or strokes) or an example, not both")
+    unknown = sorted(set(example) - EXAMPLE_FIELDS)
+    if unknown:  # e.g. a search's `bbox_crs` written here: the box was read in EPSG:4326, and the error spoke of that
+        raise ProtocolError(BAD_REQUEST, f"example has no field {excerpt(', '.join(map(str, unknown)))}: it takes "
+                                         f"{', '.join(sorted(EXAMPLE_FIELDS))} (its CRS is `crs`)")
     return Example(field(example, "raster", str), tuple(field(example, "bbox", list, check=_four_numbers)),
                    field(example, "crs", str, "EPSG:4326"))
 
