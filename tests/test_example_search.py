@@ -6,15 +6,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import rasterio
+import torch
 from rasterio.crs import CRS
 from rasterio.warp import transform_bounds
+from shapely.geometry import Polygon
 
 from conftest import write_raster
 from worker.errors import ForbiddenError, InputError
-from worker.example_query import OWN_PLACE_SHARE, Example, prepare_example
+from worker.example_query import Example, OwnPlace, prepare_example
 from worker.feedback import Feedback
 from worker.hit_ids import hit_id, parse_hit_id, raster_key
-from worker.query_search import search_query, share_of_smaller
+from worker.query_search import own_places, search_query
 from worker.ranking import RankingConfig
 from worker.raster_access import RasterAccess
 
@@ -41,12 +43,13 @@ def window_bbox(path, window=WINDOW, crs: str | None = None) -> list[float]:
         return [x0, y0, x1, y1]
 
 
-def own_overlap(hits, query) -> list[float]:
-    """How much of the smaller of each hit's footprint and the example's they share."""
+def own_overlap(hits, query) -> list[tuple[float, float]]:
+    """Each hit's IoU with the square drawn around the example, and its share inside the box."""
     from worker.geo import reproject_rings
 
     polygons = reproject_rings([h.placement for h in hits], CRS.from_wkt(query.raster.crs_wkt))
-    return [share_of_smaller(p, query.footprint) for p in polygons]
+    square, box = query.own_place.square, query.own_place.box
+    return [(p.intersection(square).area / p.union(square).area, p.intersection(box).area / p.area) for p in polygons]
 
 
 @pytest.mark.parametrize("window", [WINDOW, (180, 100, 360, 160), (40, 40, 340, 340)], ids=["square", "3 to 1", "large"])
@@ -60,11 +63,30 @@ def test_an_example_finds_its_own_place_and_leaves_it_out(rmnp_index, model, ass
     assert query.window == pytest.approx(window, abs=0.01)
     assert query.raster == rasters[0], "an indexed raster is drawn with the index's bands and stretch"
     plain = search_query(rmnp_index, model, query.sketch, RankingConfig(), top=5).hits
-    assert own_overlap(plain, query)[0] > OWN_PLACE_SHARE, "the worker's drawing of a place finds that place first"
-    own = (query.footprint, CRS.from_wkt(query.raster.crs_wkt))
-    hits = search_query(rmnp_index, model, query.sketch, RankingConfig(), top=5, own_place=own).hits
+    assert max(own_overlap(plain, query)[0]) > 0.5, "the worker's drawing of a place finds that place first"
+    hits = search_query(rmnp_index, model, query.sketch, RankingConfig(), top=5, own_place=query.own_place).hits
     assert len(hits) == 5 and [h.rank for h in hits] == [1, 2, 3, 4, 5]
-    assert max(own_overlap(hits, query)) <= OWN_PLACE_SHARE
+    assert max(max(overlaps) for overlaps in own_overlap(hits, query)) <= 0.5
+
+
+def test_the_own_place_is_the_examples_square_or_what_lies_mostly_inside_its_box(rmnp_index):
+    """A long box (300 x 100 px) and the square drawn around it: the square itself, a place half
+    its size inside the box, and a smaller one at the box's edge are the example's own place; a
+    place in the square's blank margin, outside the box, is another, as is a place four times
+    the box's size containing it (by the smaller's share, both were left out)."""
+    from worker.placement import Placement
+
+    raster = next(iter(rmnp_index.rasters.values()))
+    c0, r0, c1, r1 = 100.0, 150.0, 400.0, 250.0
+    corners = [raster.affine * corner for corner in ((c0, r0), (c1, r0), (c1, r1), (c0, r1))]
+    square = Placement(raster, 250, 200, 300)
+    own = OwnPlace(Polygon(square.ring()), Polygon(corners), CRS.from_wkt(raster.crs_wkt))
+    places = {"the square": (square, True), "inside the box": (Placement(raster, 200, 200, 100), True),
+              "mostly inside, at its edge": (Placement(raster, 380, 200, 60), True),
+              "in the square's margin": (Placement(raster, 250, 90, 90), False),
+              "four times its size, around it": (Placement(raster, 250, 200, 1200), False)}
+    got = own_places([p for p, _ in places.values()], own)
+    assert dict(zip(places, got)) == {name: is_own for name, (_, is_own) in places.items()}
 
 
 def test_an_example_box_in_another_crs_is_the_same_window(rmnp_index, model, assets):
@@ -129,7 +151,7 @@ def test_feedback_leaves_out_bad_places_and_brings_up_good_ones(rmnp_index, mode
     rasters = rmnp_index.rasters
     query = prepare_example(Example(str(assets["rmnp_rgb"]), tuple(window_bbox(assets["rmnp_rgb"])), "EPSG:4326"),
                             list(rasters.values()), model.img_size)
-    own = (query.footprint, CRS.from_wkt(query.raster.crs_wkt))
+    own = query.own_place
     first = search_query(rmnp_index, model, query.sketch, RankingConfig(), top=8, own_place=own).hits
     good, bad = hit_id(first[4].placement), hit_id(first[0].placement)
     refined = search_query(rmnp_index, model, query.sketch, RankingConfig(), top=8, own_place=own,
@@ -153,28 +175,63 @@ def test_feedback_leaves_out_bad_places_and_brings_up_good_ones(rmnp_index, mode
         Feedback.from_json(["a"])
 
 
-def test_marks_in_a_raster_that_cannot_be_read_now_are_left_out_with_it(tmp_path, model, assets):
+@pytest.mark.parametrize("damage", ["deleted", "cut short"])
+def test_marks_in_a_raster_that_cannot_be_read_now_are_left_out_with_it(tmp_path, model, assets, damage):
     """A mark, good or bad, in a raster moved, deleted or damaged since it was indexed failed the
     whole search with `not_found`; the search without marks leaves the raster out and says so.
-    Now its marks are left out with it."""
+    Now its marks are left out with it, and the reply says so once: the raster is unreadable,
+    not changed (a file cut short is both)."""
     import shutil
 
+    from worker.app import SearchRequest, run_search
     from worker.placement import Placement
     from worker.store import IndexWriter, TileIndex
     from worker.tiling import TileSettings
 
-    kept, gone = (shutil.copy(assets[name], tmp_path / f"{name}.tif") for name in ("rmnp_rgb", "osbs_rgb"))
-    IndexWriter(tmp_path / "index", model, TileSettings(tile=112, scales=(1,))).build([kept, gone])
+    searched, marked = (shutil.copy(assets[name], tmp_path / f"{name}.tif") for name in ("rmnp_rgb", "osbs_rgb"))
+    IndexWriter(tmp_path / "index", model, TileSettings(tile=112, scales=(1,))).build([searched, marked])
     index = TileIndex.open(tmp_path / "index")
-    there = next(r for r in index.rasters.values() if r.path == str(gone))
+    there = next(r for r in index.rasters.values() if r.path == str(marked))
     marks = Feedback((hit_id(Placement(there, 100, 100, 112)),), (hit_id(Placement(there, 200, 200, 112)),))
-    query = prepare_example(Example(str(kept), tuple(window_bbox(kept)), "EPSG:4326"), list(index.rasters.values()),
-                            model.img_size)
-    gone.unlink()
-    result = search_query(index, model, query.sketch, RankingConfig(), top=5, feedback=marks)
-    assert [h.rank for h in result.hits] == [1, 2, 3, 4, 5]
-    assert all(h.placement.raster.path == str(kept) for h in result.hits)
-    assert list(result.unreadable) == [str(gone)] and "cannot be read" in result.unreadable[str(gone)]
+    if damage == "deleted":
+        marked.unlink()
+    else:
+        marked.write_bytes(marked.read_bytes()[:20_000])
+    request = SearchRequest(None, example=Example(str(searched), tuple(window_bbox(searched)), "EPSG:4326"), top=5,
+                            feedback=marks)
+    reply = run_search(request, model, index).to_json()
+    assert [f["properties"]["rank"] for f in reply["hits"]["features"]] == [1, 2, 3, 4, 5]
+    assert all(f["properties"]["raster"] == str(searched) for f in reply["hits"]["features"])
+    assert [(o["raster"], o["kind"]) for o in reply["left_out"]] == [(str(marked), "unreadable")]
+    assert reply["changed"] == []
+
+
+def test_places_are_described_in_their_order_less_those_of_rasters_that_cannot_be_read(tmp_path, model, assets):
+    """Described all at once, or, when one raster cannot be read, raster by raster: the marks'
+    order is kept (the first good marks are the ones searched "more like"), each place with its
+    own descriptor."""
+    import shutil
+
+    from worker.line_drawing import drawing_device
+    from worker.placement import Placement
+    from worker.query_search import describe_readable
+    from worker.store import IndexWriter, TileIndex
+    from worker.tiling import TileSettings
+    from worker.verify import describe_places
+
+    a, b = (shutil.copy(assets[name], tmp_path / f"{name}.tif") for name in ("rmnp_rgb", "osbs_rgb"))
+    IndexWriter(tmp_path / "index", model, TileSettings(tile=112, scales=(1,))).build([a, b])
+    index = TileIndex.open(tmp_path / "index")
+    in_a, in_b = (next(r for r in index.rasters.values() if r.path == str(path)) for path in (a, b))
+    places = [Placement(in_a, 100, 100, 112), Placement(in_b, 150, 150, 112), Placement(in_a, 250, 200, 90)]
+    size, device = model.img_size, drawing_device(model.device)
+    unreadable: dict[str, str] = {}
+    kept, described = describe_readable(index, places, size, device, unreadable)
+    assert kept == [0, 1, 2] and torch.equal(described, describe_places(places, size, device))
+    b.unlink()
+    kept, described = describe_readable(index, places, size, device, unreadable)
+    assert kept == [0, 2] and torch.equal(described, describe_places([places[0], places[2]], size, device))
+    assert list(unreadable) == [str(b)]
 
 
 def test_a_raster_marked_in_and_changed_since_it_was_indexed_is_named(tmp_path, model, assets):

@@ -329,7 +329,7 @@ def run_search(request: SearchRequest, model: "RetrievalModel", index: TileIndex
             bands = index.manifest["tiling"].get("bands")
             example = prepare_example(request.example, list(index.rasters.values()), model.img_size,
                                       tuple(bands) if bands else None, request.access)
-            sketch, own_place = example.sketch, (example.footprint, CRS.from_wkt(example.raster.crs_wkt))
+            sketch, own_place = example.sketch, example.own_place
         else:
             sketch = load_sketch(request.sketch, model.img_size, crop_to_ink=request.crop_to_ink)
         raise_if_stopped("the search")
@@ -342,7 +342,7 @@ def run_search(request: SearchRequest, model: "RetrievalModel", index: TileIndex
         changed = {c["raster"]: c for c in changed_since_indexed([h.placement.raster for h in result.hits])}
         if request.feedback is not None:  # a mark there named the old pixels, and was read from the new ones
             good, bad = request.feedback.places(index.rasters)
-            marked = [p.raster for p in good + bad if p.raster.path not in changed]
+            marked = [p.raster for p in good + bad if p.raster.path not in changed | result.unreadable.keys()]
             changed |= {c["raster"]: c for c in changed_since_indexed(marked, MARK_CHANGED)}
         if example is not None and example.changed:  # said of the example, and of its raster's hits
             changed[example.changed] = {"raster": example.changed, "reason": EXAMPLE_CHANGED}

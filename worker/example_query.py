@@ -6,8 +6,8 @@ size), draws it with the tiles' own line drawing (worker.line_drawing, as worker
 placements) and searches with that drawing as the sketch. Where the square drawing reaches past
 the rectangle it is left blank, and the layout ranker compares only where a sketch has lines, so
 a long thin rectangle is matched by its own part. The example's own place is no answer: hits
-sharing more than OWN_PLACE_SHARE of their area, or of the square drawn around it, with that
-square are left out (worker.query_search).
+that are the square drawn around it (IoU > OWN_PLACE_IOU) or lie mostly inside the box the user
+dragged (more than OWN_PLACE_SHARE of their area) are left out (worker.query_search.own_places).
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ from worker.placement import Placement
 from worker.raster_access import RasterAccess
 from worker.tiling import RasterInfo, disk_state, gdal_reason, open_raster
 
-# a hit sharing more than this of the smaller of its footprint and the example's is the example itself: by
-# IoU, a hit inside a large example (a small IoU) came back at rank 1, the user's own box
+OWN_PLACE_IOU = 0.5  # a hit overlapping the square drawn around the example more than this is the example itself
+# a hit with more than this of its area inside the example's box is part of it: by IoU alone, a place inside a
+# large example (its IoU small) came back at rank 1, the user's own box
 OWN_PLACE_SHARE = 0.5
 MIN_SIDE_PX = 8  # raster pixels: a smaller box has nothing to draw
 MIN_INK = 0.002  # share of the drawing's pixels that are lines: less is a blank example
@@ -67,6 +68,16 @@ def _geographic(crs: str) -> bool:
 
 
 @dataclass(frozen=True)
+class OwnPlace:
+    """Where an example lies, to leave it out of its own search: the square drawn around its box,
+    and the box the user dragged, in `crs` (the raster's)."""
+
+    square: Polygon
+    box: Polygon
+    crs: CRS
+
+
+@dataclass(frozen=True)
 class ExampleQuery:
     """An example made ready: the drawing to search with, and where it lies (to leave it out)."""
 
@@ -76,6 +87,12 @@ class ExampleQuery:
     window: tuple[float, float, float, float]  # col0, row0, col1, row1 in the raster's pixels
     drawing: np.ndarray  # (S, S) uint8, dark lines on white
     changed: str | None = None  # the raster's path as indexed, when its file changed since: read as it is now
+
+    @property
+    def own_place(self) -> OwnPlace:
+        c0, r0, c1, r1 = self.window
+        corners = [self.raster.affine * corner for corner in ((c0, r0), (c1, r0), (c1, r1), (c0, r1))]
+        return OwnPlace(self.footprint, Polygon(corners), CRS.from_wkt(self.raster.crs_wkt))
 
 
 def raster_of(path: Path, rasters: list[RasterInfo], bands: tuple[int, ...] | None,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from typing import Callable
 
 import numpy as np
 import torch
@@ -16,12 +15,12 @@ from shapely.geometry import Polygon
 from worker import feedback as fb
 from worker.cancellation import raise_if_stopped
 from worker.errors import RasterUnreadable
-from worker.example_query import OWN_PLACE_SHARE
+from worker.example_query import OWN_PLACE_IOU, OWN_PLACE_SHARE, OwnPlace
 from worker.geo import Area, overlap_area, reproject_rings
 from worker.line_drawing import drawing_device
 from worker.placement import Placement
 from worker.ranking import RankingConfig
-from worker.search import Footprints, Hit, SearchResult, dedupe, search
+from worker.search import Footprints, Hit, SearchResult, dedupe, remember_unreadable, search
 from worker.store import WGS84, TileIndex
 from worker.verify import describe_places, describe_sketch
 
@@ -33,27 +32,32 @@ def iou(a: Polygon, b: Polygon) -> float:
     return float(inter / (a.area + b.area - inter)) if inter > 0 else 0.0
 
 
-def share_of_smaller(a: Polygon, b: Polygon) -> float:
-    inter = overlap_area(a, b) if a.intersects(b) else 0.0
-    return float(inter / min(a.area, b.area)) if inter > 0 else 0.0
-
-
-def overlapping(placements: list[Placement], footprints: list[Polygon], crs: CRS, limit: float,
-                measure: Callable[[Polygon, Polygon], float] = iou) -> list[bool]:
-    """Whether each placement overlaps any footprint (polygons in `crs`) by `measure` above `limit`."""
+def overlapping(placements: list[Placement], footprints: list[Polygon], crs: CRS, limit: float) -> list[bool]:
+    """Whether each placement overlaps any footprint (polygons in `crs`) with IoU above `limit`."""
     if not footprints or not placements:
         return [False] * len(placements)
     polygons = reproject_rings(placements, crs)
-    return [any(measure(p, f) > limit for f in footprints) for p in polygons]
+    return [any(iou(p, f) > limit for f in footprints) for p in polygons]
+
+
+def own_places(placements: list[Placement], own: OwnPlace) -> list[bool]:
+    """Whether each placement is an example's own place: the square drawn around it (IoU above
+    OWN_PLACE_IOU) or, at any scale, a place lying mostly inside the box the user dragged (more
+    than OWN_PLACE_SHARE of its area). A place containing a small example, or lying in the
+    blank margin of a long box's square, is another place."""
+    if not placements:
+        return []
+    polygons = reproject_rings(placements, own.crs)
+    return [iou(p, own.square) > OWN_PLACE_IOU or overlap_area(p, own.box) > OWN_PLACE_SHARE * p.area
+            for p in polygons]
 
 
 def search_query(index: TileIndex, model, sketch: torch.Tensor, ranking: RankingConfig, top: int = 10,
                  area_wgs84: Area | None = None, max_overlap: float = 0.3,
-                 own_place: tuple[Polygon, CRS] | None = None, feedback: fb.Feedback | None = None) -> SearchResult:
-    """The best `top` places for a sketch (3, S, S): worker.search's, less those sharing more
-    than OWN_PLACE_SHARE of the smaller with `own_place` (an example's footprint and its CRS),
-    re-ranked by `feedback` (worker.feedback) when given. Marks in rasters that cannot be read
-    now are left out with the rasters (`unreadable`)."""
+                 own_place: OwnPlace | None = None, feedback: fb.Feedback | None = None) -> SearchResult:
+    """The best `top` places for a sketch (3, S, S): worker.search's, less an example's own place
+    (`own_place`, own_places), re-ranked by `feedback` (worker.feedback) when given. Marks and
+    places in rasters that cannot be read now are left out with the rasters (`unreadable`)."""
     if own_place is None and feedback is None:
         return search(index, model, sketch, ranking, top=top, area_wgs84=area_wgs84, max_overlap=max_overlap)
     started = time.perf_counter()
@@ -64,48 +68,52 @@ def search_query(index: TileIndex, model, sketch: torch.Tensor, ranking: Ranking
     timings, hits, unreadable = dict(first.timings_ms), first.hits, dict(first.unreadable)
     if feedback is not None:
         raise_if_stopped("the feedback re-rank")
-        device = drawing_device(model.device)
-        good, bad = (readable_marks(marks, model.img_size, device, unreadable) for marks in (good, bad))
-        hits = rerank(index, model, sketch, ranking, hits, good, bad, area_wgs84, max_overlap)
+        hits = rerank(index, model, sketch, ranking, hits, good, bad, area_wgs84, max_overlap, unreadable)
     if own_place is not None:
-        footprint, crs = own_place
-        own = overlapping([h.placement for h in hits], [footprint], crs, OWN_PLACE_SHARE, share_of_smaller)
+        own = own_places([h.placement for h in hits], own_place)
         hits = [h for h, is_own in zip(hits, own) if not is_own]
     hits = [replace(h, rank=n + 1) for n, h in enumerate(hits[:top])]
     timings["total_ms"] = (time.perf_counter() - started) * 1e3
     return SearchResult(hits=hits, timings_ms=timings, unreadable=unreadable)
 
 
-def readable_marks(marks: list[Placement], size: int, device, unreadable: dict[str, str]
-                   ) -> tuple[list[Placement], torch.Tensor]:
-    """The marked places whose rasters can be read now, and their descriptors (describe_places).
-    A raster that cannot (moved, deleted, damaged since it was indexed) is added to `unreadable`
-    (path: why) and its marks left out, as the search leaves the raster out: a mark there failed
-    the whole search with `not_found`."""
-    kept, described = [], []
-    by_raster: dict[str, list[Placement]] = {}
-    for place in marks:
-        by_raster.setdefault(place.raster.path, []).append(place)
-    for path, places in by_raster.items():
-        if path in unreadable:
-            continue
+def describe_readable(index: TileIndex, places: list[Placement], size: int, device,
+                      unreadable: dict[str, str]) -> tuple[list[int], torch.Tensor]:
+    """Which of `places` lie in rasters that can be read now (their indices, in order) and their
+    descriptors (describe_places). A raster that cannot (moved, deleted, damaged since it was
+    indexed) is added to `unreadable` (path: why) and remembered on the index, as a search
+    leaves it out (worker.search.remember_unreadable), and its places are left out: one mark,
+    or one place past the search's verified ones, there failed the whole search (`not_found`)."""
+    readable = [i for i, p in enumerate(places) if p.raster.path not in unreadable]
+    try:  # all at once, as one batch: the usual case
+        return readable, describe_places([places[i] for i in readable], size, device)
+    except RasterUnreadable:
+        pass
+    by_raster: dict[str, list[int]] = {}
+    for i in readable:
+        by_raster.setdefault(places[i].raster.path, []).append(i)
+    described: dict[int, torch.Tensor] = {}
+    for path, indices in by_raster.items():
         try:
-            described.append(describe_places(places, size, device))
+            described.update(zip(indices, describe_places([places[i] for i in indices], size, device)))
         except RasterUnreadable as exc:
             unreadable[path] = str(exc)
-            continue
-        kept += places
-    return kept, (torch.cat(described) if described else torch.zeros(0, 1))
+            remember_unreadable(index, exc)
+    kept = sorted(described)
+    return kept, (torch.stack([described[i] for i in kept]) if kept else torch.zeros(0, 1))
 
 
 def rerank(index: TileIndex, model, sketch: torch.Tensor, ranking: RankingConfig, hits: list[Hit],
-           good: tuple[list[Placement], torch.Tensor], bad: tuple[list[Placement], torch.Tensor],
-           area_wgs84: Area | None, max_overlap: float) -> list[Hit]:
+           good: list[Placement], bad: list[Placement], area_wgs84: Area | None, max_overlap: float,
+           unreadable: dict[str, str]) -> list[Hit]:
     """The search's places and those like the good ones, re-ranked by Rocchio (worker.feedback),
-    places marked bad left out, overlapping places collapsed to the best: best first. `good`,
-    `bad`: the marked places and their descriptors (readable_marks)."""
-    (good, good_d), (bad, bad_d) = good, bad
-    size = model.img_size
+    places marked bad left out, overlapping places collapsed to the best: best first. Rasters
+    found unreadable on the way are added to `unreadable`, their places and marks left out."""
+    size, device = model.img_size, drawing_device(model.device)
+    kept, good_d = describe_readable(index, good, size, device, unreadable)
+    good = [good[i] for i in kept]
+    kept, bad_d = describe_readable(index, bad, size, device, unreadable)
+    bad = [bad[i] for i in kept]
     pool = list(hits)
     prior = list(range(1, len(hits) + 1))
     if good:
@@ -113,10 +121,12 @@ def rerank(index: TileIndex, model, sketch: torch.Tensor, ranking: RankingConfig
         for drawing in good_drawings:
             raise_if_stopped("searching for places like the ones marked good")
             more = search(index, model, drawing, ranking, top=fb.EXPANSION_TOP, area_wgs84=area_wgs84,
-                          max_overlap=max_overlap).hits
-            pool += more
-            prior += list(range(1, len(more) + 1))
-    candidates = describe_places([h.placement for h in pool], size, drawing_device(model.device))
+                          max_overlap=max_overlap)
+            unreadable |= more.unreadable
+            pool += more.hits
+            prior += list(range(1, len(more.hits) + 1))
+    kept, candidates = describe_readable(index, [h.placement for h in pool], size, device, unreadable)
+    pool, prior = [pool[i] for i in kept], [prior[i] for i in kept]
     query = fb.rocchio_query(describe_sketch(sketch), good_d, bad_d)
     scores = fb.feedback_scores(candidates, query, np.asarray(prior, np.float64))
     rejected = overlapping([h.placement for h in pool], reproject_rings(bad, WGS84), WGS84, fb.SAME_PLACE_IOU)

@@ -181,8 +181,8 @@ def search(index: TileIndex, model, sketch_tensor: torch.Tensor, ranking: Rankin
             if exc.path in unreadable:  # left out, and read all the same: a bug, not the file
                 raise
             log.warning("%s", exc)
+            remember_unreadable(index, exc)
             now = time.monotonic()
-            unreadable[exc.path] = ((_file_state(exc.path), now), str(exc))
             for raster in index.rasters.values():  # a drive unplugged takes many: found at once, not a search each
                 if raster.path not in unreadable and _file_state(raster.path) is None:
                     unreadable[raster.path] = ((None, now), str(RasterUnreadable(raster.path, "no such file")))
@@ -192,6 +192,12 @@ def search(index: TileIndex, model, sketch_tensor: torch.Tensor, ranking: Rankin
 
 
 UNREADABLE_RETRY_S = 60.0  # a raster left out is tried again after this, also when its own file did not change
+
+
+def remember_unreadable(index: TileIndex, exc: RasterUnreadable) -> None:
+    """Leave the raster `exc` names out of this open index's searches until its file changes, or
+    for UNREADABLE_RETRY_S (worker.query_search finds some too: a place marked in it)."""
+    _unreadable(index)[exc.path] = ((_file_state(exc.path), time.monotonic()), str(exc))
 
 
 def _unreadable(index: TileIndex) -> dict[str, tuple[tuple, str]]:
