@@ -57,6 +57,7 @@ class Cluster:
 # a scheduler's address as Dask writes it: scheme (tcp://, Dask's default, when none), host (an
 # IPv6 one in brackets, perhaps with its zone), port
 SCHEDULER_ADDRESS = re.compile(r"(?:(tcp|tls|wss?|ucxx?)://)?(\[[0-9A-Fa-f:.]+(?:%[\w.-]+)?\]|[A-Za-z0-9_.-]+):(\d{1,5})")
+UCX_SCHEMES = ("ucx", "ucxx")  # not over TCP: no TCP peer to ask first
 
 
 def local_workers(spec: str) -> int | None:
@@ -128,7 +129,7 @@ def _check_scheduler(address: str, unreachable: Callable[[str], InputError]) -> 
     from distributed.security import Security
 
     scheme, host, port = SCHEDULER_ADDRESS.fullmatch(address).groups()
-    if scheme not in ("ucx", "ucxx"):  # over TCP: Dask's own connecting retries a refused connection until its timeout, 24 s
+    if scheme not in UCX_SCHEMES:  # Dask's own connecting retries a refused connection until its timeout: 24 s
         try:
             socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_S).close()
         except TimeoutError:
@@ -151,7 +152,7 @@ def _check_scheduler(address: str, unreachable: Callable[[str], InputError]) -> 
     except OSError as exc:  # refused, no route, a name that does not resolve
         raise unreachable(excerpt(str(exc))) from None
     except Exception as exc:  # an answer in another protocol: bytes Dask reads as a length of exabytes, or as nothing
-        if scheme in ("ucx", "ucxx"):  # no TCP peer was asked: what failed is UCX here (not installed: distributed-ucxx)
+        if scheme in UCX_SCHEMES:  # what failed is UCX here (not installed: distributed-ucxx)
             raise unreachable(f"UCX: {excerpt(str(exc) or type(exc).__name__)}") from None
         raise unreachable("what answers there does not speak Dask's protocol") from None
     if not isinstance(answer, dict) or answer.get("type") != "Scheduler":

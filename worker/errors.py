@@ -90,7 +90,7 @@ class CorruptIndexError(InputError):
 class RasterUnreadable(InputError):
     """An indexed raster that cannot be read now (moved, deleted, an unplugged drive, damaged
     since it was indexed). A search leaves it out and says so (worker.search), and the places
-    the user marked in it (worker.query_search.readable_marks)."""
+    the user marked in it (worker.query_search.describe_readable)."""
 
     code = codes.NOT_FOUND
 

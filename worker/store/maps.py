@@ -326,9 +326,9 @@ def _paint_again(index, cells: np.ndarray, nearest: np.ndarray, rows: np.ndarray
     cells outside them are no added tile's. A search after each such commit joined the whole map
     afresh (170 ms for a map of 4,356 tiles, against 19 ms so)."""
     r0, nr = records["cell_row"].astype(np.int64), records["cell_rows"].astype(np.int64)
+    tops = added["cell_row"].astype(np.int64)
     runs: list[list[int]] = []
-    for top, bottom in sorted(zip(added["cell_row"].astype(np.int64).tolist(),
-                                  (added["cell_row"].astype(np.int64) + added["cell_rows"]).tolist())):
+    for top, bottom in sorted(zip(tops.tolist(), (tops + added["cell_rows"]).tolist())):
         if runs and top <= runs[-1][1]:
             runs[-1][1] = max(runs[-1][1], bottom)
         else:
