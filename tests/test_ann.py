@@ -355,7 +355,7 @@ def test_a_shortlist_still_answers_where_a_worker_with_a_smaller_budget_leaves_a
     assert hits and {h.placement.raster.path for h in hits} == {str(assets["s2_rgb"])}
 
 
-def test_a_raster_indexed_again_with_as_many_tiles_makes_its_shortlist_stale(model, assets, tmp_path):
+def test_a_raster_indexed_again_with_as_many_tiles_makes_its_shortlist_stale(model, assets, tmp_path, caplog):
     """A raster replaced on disk (here: the same scene upside down) keeps its id and its tile
     count when it is indexed again; its old windows must not be asked all the same."""
     import rasterio
@@ -371,17 +371,23 @@ def test_a_raster_indexed_again_with_as_many_tiles_makes_its_shortlist_stale(mod
     IndexWriter(folder, model, TileSettings(scales=(1, 2))).build([raster])
     index = TileIndex.open(folder)
     assert len(index) == tiles and ann.covered(index) == {"0": tiles}
-    assert ann_shortlist(index, RankingConfig(ann="on")) is None and not ann.describe(index)["current"]
+    with caplog.at_level(logging.WARNING, logger="worker.search"):
+        for _ in range(2):
+            assert ann_shortlist(index, RankingConfig(ann="on")) is None and not ann.describe(index)["current"]
+    assert caplog.text.count("its ANN shortlist is older than its tiles") == 1  # once while it lasts
     ann.update(index)
     assert ann_shortlist(index, RankingConfig(ann="on")) is not None and ann.describe(index)["current"]
 
 
-def test_a_search_asking_for_a_shortlist_an_index_lacks_says_it_scans_exactly(s2_index, caplog):
+def test_a_search_asking_for_a_shortlist_an_index_lacks_says_it_scans_exactly_once(s2_index, caplog):
     """`--ann on` on an index without one scanned exactly without a word: a slow search looked
-    like a slow shortlist."""
+    like a slow shortlist. It says so once per open index: a feedback search runs up to four
+    searches, and a service answers many."""
+    index = TileIndex.open(s2_index)
     with caplog.at_level(logging.WARNING, logger="worker.search"):
-        assert ann_shortlist(TileIndex.open(s2_index), RankingConfig(ann="on")) is None
-    assert "has no ANN shortlist; scanning exactly (run `build-ann`)" in caplog.text
+        assert ann_shortlist(index, RankingConfig(ann="on")) is None
+        assert ann_shortlist(index, RankingConfig(ann="on")) is None
+    assert caplog.text.count("has no ANN shortlist; scanning exactly (run `build-ann`)") == 1
 
 
 def test_a_raster_added_since_the_shortlist_was_built_is_scanned_exactly_beside_it(index_with_ann, model, assets,

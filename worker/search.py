@@ -126,7 +126,7 @@ def ann_shortlist(index: TileIndex, ranking: RankingConfig, area: SearchArea | N
     on_disk = AnnShortlist.stamp_of(index.dir)
     if on_disk is None:
         if ranking.ann == "on":  # asked for by name: scanning exactly without a word looked like a slow shortlist
-            log.warning("%s: has no ANN shortlist; scanning exactly (run `build-ann`)", index.dir)
+            _warn_once(index, ("none",), "has no ANN shortlist; scanning exactly (run `build-ann`)")
         return None
     if getattr(index, "_ann", None) is None or index._ann.stamp != on_disk:  # built or updated since
         index._ann = AnnShortlist.open(index.dir)
@@ -141,9 +141,19 @@ def ann_shortlist(index: TileIndex, ranking: RankingConfig, area: SearchArea | N
         if index._ann is None:
             return None
     if index._ann.answers_for(index) is None:
-        log.warning("%s: its ANN shortlist is older than its tiles or this worker; scanning exactly (run `build-ann`)", index.dir)
+        _warn_once(index, ("stale", index._ann.stamp),
+                   "its ANN shortlist is older than its tiles or this worker; scanning exactly (run `build-ann`)")
         return None
+    index._ann_warned = None
     return index._ann
+
+
+def _warn_once(index: TileIndex, state: tuple, message: str) -> None:
+    """Warn of the shortlist's state once while it lasts on this open index: a feedback search
+    runs up to four searches, and a service answers many, each of which said it again."""
+    if getattr(index, "_ann_warned", None) != state:
+        index._ann_warned = state
+        log.warning("%s: %s", index.dir, message)
 
 
 def not_in_shortlist(index: TileIndex, shortlist: AnnShortlist, area: SearchArea) -> list[tuple[int, int]]:
