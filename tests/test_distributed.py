@@ -363,6 +363,7 @@ def test_an_address_nothing_listens_at_is_refused_at_once_saying_why():
         with connect(f"tcp://127.0.0.1:{port}"):
             pass
     assert "refused" in str(err.value)
+    assert "give the worker's `index` or `serve` --cluster local" in str(err.value)  # a plugin's user has no flag
 
 
 def test_a_ucx_scheduler_this_machine_cannot_reach_is_said_to_be_ucxs_failing():

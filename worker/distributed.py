@@ -96,7 +96,8 @@ def connect(spec: str):
     if n == 0:
         def unreachable(why: str) -> InputError:
             return InputError(f"cannot reach the Dask scheduler at {spec} ({why}): start one with `dask scheduler` "
-                              "and workers with `dask worker ADDRESS`, or use --cluster local")
+                              "and workers with `dask worker ADDRESS`, or give the worker's `index` or `serve` "
+                              "--cluster local to index on its own machine")  # a plugin's user reads it too
 
         _check_scheduler(spec, unreachable)
         try:
