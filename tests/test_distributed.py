@@ -254,6 +254,43 @@ def test_the_command_line_indexes_on_a_local_cluster(tmp_path, assets):
     assert summary["tile_count"] == len(TileIndex.open(tmp_path / "index")) > 0
 
 
+def test_ctrl_c_stops_a_local_cluster_run_in_a_few_lines_and_it_resumes(tmp_path, assets):
+    """Ctrl-C reaches the terminal's whole process group, Dask's worker processes too: each died
+    with two KeyboardInterrupt tracebacks and its nanny's, some 150 lines around the one that
+    says what happened. The driver alone stops the run; the committed chunks are kept."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    command = [sys.executable, "-m", "worker", "index", "--out", tmp_path / "index", "--tile", "64", "--scales", "1",
+               "--chunk-tiles", "8", "--cluster", "local:2", "--sketch-modules", "none", assets["osbs_rgb"],
+               assets["lsat7_rgb"]]
+    run = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                           start_new_session=True)  # its own process group, as a terminal's foreground job
+    said: list[str] = []
+    reader = threading.Thread(target=lambda: said.extend(iter(lambda: run.stderr.read(1), "")), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 180
+    while not re.search(r"\b[1-9]\d*/\d+ \[", "".join(said)) and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # until a chunk is committed
+    assert run.poll() is None, "".join(said)
+    os.killpg(run.pid, signal.SIGINT)
+    assert run.wait(timeout=60) == 128 + signal.SIGINT
+    reader.join(timeout=10)
+    said = "".join(said)
+    assert "interrupted: committed work is kept" in said
+    assert "Traceback" not in said and "KeyboardInterrupt" not in said and "distributed." not in said, said
+    kept = len(TileIndex.open(tmp_path / "index"))
+    assert kept > 0
+    resumed = subprocess.run(command + ["--quiet"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert len(TileIndex.open(tmp_path / "index")) > kept
+
+
 def damaged_in_the_middle(folder, assets):
     """rmnp written as deflate tiles, some in the middle overwritten: its first tiles read, a later one fails."""
     import rasterio

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -90,7 +91,8 @@ def connect(spec: str):
     from distributed import Client, LocalCluster
 
     # Dask's news at INFO only when asked (-v): here, since importing distributed sets its logger to INFO
-    if logging.getLogger().getEffectiveLevel() > logging.INFO:
+    quiet = logging.getLogger().getEffectiveLevel() > logging.INFO
+    if quiet:
         logging.getLogger("distributed").setLevel(logging.WARNING)
     n = local_workers(spec)
     if n == 0:
@@ -108,10 +110,18 @@ def connect(spec: str):
             yield client
         return
     n = n or max(1, usable_cores() // 2)
-    with _environment_kept(), \
-            LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+    # its worker processes' own logs only when asked (-v): stopped mid-chunk (Ctrl-C, a cancelled
+    # job), each printed some 60 lines of CancelledError tracebacks; what a chunk raised reaches
+    # the driver anyway
+    with _environment_kept(), _closed_quietly(quiet) as closing, \
+            LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
+                         silence_logs=logging.CRITICAL if quiet else False) as cluster, \
             Client(cluster) as client:
-        yield client
+        client.register_plugin(_ignoring_interrupts(), name="ignore-interrupts")
+        try:
+            yield client
+        finally:
+            closing()
 
 
 CONNECT_S = 20.0  # for a scheduler to answer who it is; Dask's own timeout covers opening the connection only
@@ -158,6 +168,38 @@ def _check_scheduler(address: str, unreachable: Callable[[str], InputError]) -> 
         raise unreachable("what answers there does not speak Dask's protocol") from None
     if not isinstance(answer, dict) or answer.get("type") != "Scheduler":
         raise unreachable(f"it answered as {excerpt(str(answer))}, not as a Dask scheduler")
+
+
+def _ignoring_interrupts():
+    """A Dask worker plugin: a local cluster's worker processes (those restarted too) ignore
+    SIGINT. Ctrl-C in a terminal reaches the whole process group, and each worker process
+    died with two KeyboardInterrupt tracebacks while the driver was closing them in order."""
+    from distributed import WorkerPlugin
+
+    class IgnoreInterrupts(WorkerPlugin):  # defined here, sent by value: distributed is imported only when used
+        def setup(self, worker) -> None:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # on the worker's event loop: its main thread
+
+    return IgnoreInterrupts()
+
+
+@contextmanager
+def _closed_quietly(quiet: bool):
+    """Yields a function to call when a local cluster starts closing: from then until it is
+    closed, the driver's Dask logs say only errors (when `quiet`). Workers stopped mid-chunk
+    made the scheduler and nannies warn ("Worker process still alive after 4.0 seconds,
+    killing"), which is no news once the run has ended."""
+    log = logging.getLogger("distributed")
+    level = log.level
+
+    def closing() -> None:
+        if quiet:
+            log.setLevel(logging.ERROR)
+
+    try:
+        yield closing
+    finally:
+        log.setLevel(level)
 
 
 @contextmanager
