@@ -98,16 +98,14 @@ def cmd_index(args: argparse.Namespace) -> int:
 
         cluster = Cluster(args.cluster, model_options(args))
     model = model_options(args).load()
-    bar = tqdm(total=None, unit="tile", disable=args.quiet)
+    with tqdm(total=None, unit="tile", disable=args.quiet) as bar:  # closed before an error or Ctrl-C is said
+        def progress(p) -> None:
+            bar.total = p.tiles_total
+            bar.n = p.tiles_done
+            bar.set_postfix(skipped=p.tiles_skipped, refresh=False)
+            bar.refresh()
 
-    def progress(p) -> None:
-        bar.total = p.tiles_total
-        bar.n = p.tiles_done
-        bar.set_postfix(skipped=p.tiles_skipped, refresh=False)
-        bar.refresh()
-
-    summary = build_index(request, model, progress=progress, cluster=cluster)
-    bar.close()
+        summary = build_index(request, model, progress=progress, cluster=cluster)
     print(json.dumps(summary.to_json()))
     return 0
 
