@@ -291,6 +291,45 @@ def test_ctrl_c_stops_a_local_cluster_run_in_a_few_lines_and_it_resumes(tmp_path
     assert len(TileIndex.open(tmp_path / "index")) > kept
 
 
+def test_a_service_job_on_a_local_cluster_equals_one_process_and_publishes_progress(tmp_path, assets,
+                                                                                      single_process):
+    """`serve --cluster`: the service's index op computes its chunks on the cluster, publishes
+    progress as they commit and writes the index one process writes."""
+    from wire import job_states as states
+    from wire.protocol import decode_progress
+    from wire.sockets import subscribe_progress
+    from lab.worker_process import WorkerProcess, wait_job
+
+    rasters = tmp_path / "rasters"
+    rasters.mkdir()
+    for name in ("rmnp_rgb", "osbs_rgb"):
+        shutil.copy(assets[name], rasters / assets[name].name)
+    root = tmp_path / "indexes"
+    root.mkdir()
+    service = WorkerProcess(root, rasters, extra=["--cluster", "local:2"])
+    service.cmd.insert(service.cmd.index("serve"), "-v")  # Dask's news in its log: where the chunks ran
+    service.start()
+    try:
+        progress = subscribe_progress(service.pub)
+        time.sleep(0.3)  # the subscription reaches the publisher
+        with service.client() as client:
+            job = client.start_index("both", [str(rasters / assets[n].name) for n in ("rmnp_rgb", "osbs_rgb")],
+                                     tile=SETTINGS.tile, scales=list(SETTINGS.scales), chunk_tiles=CHUNK, tokens=True)
+            final = wait_job(client, job["id"], timeout=600)
+            assert client.ping()["ok"]  # still serving
+        events = []
+        while progress.poll(100):
+            events.append(decode_progress(progress.recv_multipart()))
+        progress.close()
+    finally:
+        service.stop()
+    assert final["state"] == states.DONE, final
+    assert any(0 < e["progress"] < 1 for e in events) and events[-1]["state"] == states.DONE, events
+    assert_same_index(TileIndex.open(root / "both"), single_process)
+    log = service.log.read_text()
+    assert log.count("distributed.scheduler: Register worker") == 2 and "Traceback" not in log
+
+
 def damaged_in_the_middle(folder, assets):
     """rmnp written as deflate tiles, some in the middle overwritten: its first tiles read, a later one fails."""
     import rasterio
