@@ -390,6 +390,24 @@ def test_a_search_asking_for_a_shortlist_an_index_lacks_says_it_scans_exactly_on
     assert caplog.text.count("has no ANN shortlist; scanning exactly (run `build-ann`)") == 1
 
 
+def test_a_shortlist_warning_comes_back_only_when_its_state_does(model, assets, tmp_path, caplog):
+    """Said once while it lasts, also over the views a service opens after each commit; said
+    again when the shortlist, current meanwhile, is gone again."""
+    folder = tmp_path / "index"
+    IndexWriter(folder, model, TileSettings(tile=112, scales=(1,))).build([assets["s2_rgb"]])
+    index = TileIndex.open(folder)
+    wanted = RankingConfig(ann="on")
+    with caplog.at_level(logging.WARNING, logger="worker.search"):
+        assert ann_shortlist(index, wanted) is None
+        assert ann_shortlist(TileIndex.open(folder, earlier=index), wanted) is None  # the next commit's view
+        assert caplog.text.count("has no ANN shortlist") == 1
+        ann.build(index)
+        assert ann_shortlist(index, wanted) is not None
+        shutil.rmtree(ann.ann_dir(folder))
+        assert ann_shortlist(index, wanted) is None
+    assert caplog.text.count("has no ANN shortlist") == 2
+
+
 def test_a_raster_added_since_the_shortlist_was_built_is_scanned_exactly_beside_it(index_with_ann, model, assets,
                                                                                    tmp_path):
     """A raster added to an index (or being indexed) after its shortlist was built: the shortlist

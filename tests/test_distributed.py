@@ -267,26 +267,33 @@ def test_ctrl_c_stops_a_local_cluster_run_in_a_few_lines_and_it_resumes(tmp_path
     import time
 
     command = [sys.executable, "-m", "worker", "index", "--out", tmp_path / "index", "--tile", "64", "--scales", "1",
-               "--chunk-tiles", "8", "--cluster", "local:2", "--sketch-modules", "none", assets["osbs_rgb"],
+               "--chunk-tiles", "4", "--cluster", "local:2", "--sketch-modules", "none", assets["osbs_rgb"],
                assets["lsat7_rgb"]]
     run = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                            start_new_session=True)  # its own process group, as a terminal's foreground job
     said: list[str] = []
     reader = threading.Thread(target=lambda: said.extend(iter(lambda: run.stderr.read(1), "")), daemon=True)
     reader.start()
-    deadline = time.monotonic() + 180
-    while not re.search(r"\b[1-9]\d*/\d+ \[", "".join(said)) and run.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)  # until a chunk is committed
-    assert run.poll() is None, "".join(said)
-    os.killpg(run.pid, signal.SIGINT)
-    assert run.wait(timeout=60) == 128 + signal.SIGINT
+    try:
+        deadline = time.monotonic() + 180
+        committed = re.compile(r"\b[1-9]\d*/\d+ \[")
+        while not committed.search("".join(said)) and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # until a chunk is committed
+        assert committed.search("".join(said)) and run.poll() is None, "".join(said)
+        os.killpg(run.pid, signal.SIGINT)
+        assert run.wait(timeout=60) == 128 + signal.SIGINT
+    finally:
+        try:
+            os.killpg(run.pid, signal.SIGKILL)  # whatever is left: its workers ignore SIGINT
+        except ProcessLookupError:
+            pass
     reader.join(timeout=10)
     said = "".join(said)
     assert said.rstrip().splitlines()[-1].startswith("interrupted: committed work is kept")  # after the bar's end
     assert "Traceback" not in said and "KeyboardInterrupt" not in said and "distributed." not in said, said
     kept = len(TileIndex.open(tmp_path / "index"))
     assert kept > 0
-    resumed = subprocess.run(command + ["--quiet"], capture_output=True, text=True)
+    resumed = subprocess.run(command + ["--quiet"], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert len(TileIndex.open(tmp_path / "index")) > kept
 
@@ -439,7 +446,8 @@ def test_an_address_nothing_listens_at_is_refused_at_once_saying_why():
         with connect(f"tcp://127.0.0.1:{port}"):
             pass
     assert "refused" in str(err.value)
-    assert "give the worker's `index` or `serve` --cluster local" in str(err.value)  # a plugin's user has no flag
+    assert "run the worker's `index` or `serve` command with --cluster local" in str(err.value)  # a plugin's user
+    # has no such flag
 
 
 def test_a_ucx_scheduler_this_machine_cannot_reach_is_said_to_be_ucxs_failing():

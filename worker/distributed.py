@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -92,14 +93,15 @@ def connect(spec: str):
 
     # Dask's news at INFO only when asked (-v): here, since importing distributed sets its logger to INFO
     quiet = logging.getLogger().getEffectiveLevel() > logging.INFO
-    if quiet:
-        logging.getLogger("distributed").setLevel(logging.WARNING)
+    with _closing_lock:
+        if quiet and not _clusters_closing:  # not while another job's cluster closes quietly
+            logging.getLogger("distributed").setLevel(logging.WARNING)
     n = local_workers(spec)
     if n == 0:
         def unreachable(why: str) -> InputError:
             return InputError(f"cannot reach the Dask scheduler at {spec} ({why}): start one with `dask scheduler` "
-                              "and workers with `dask worker ADDRESS`, or give the worker's `index` or `serve` "
-                              "--cluster local to index on its own machine")  # a plugin's user reads it too
+                              "and workers with `dask worker ADDRESS`, or run the worker's `index` or `serve` "
+                              "command with --cluster local to index on the worker's machine")  # read in the plugin too
 
         _check_scheduler(spec, unreachable)
         try:
@@ -110,14 +112,17 @@ def connect(spec: str):
             yield client
         return
     n = n or max(1, usable_cores() // 2)
-    # its worker processes' own logs only when asked (-v): stopped mid-chunk (Ctrl-C, a cancelled
-    # job), each printed some 60 lines of CancelledError tracebacks; what a chunk raised reaches
-    # the driver anyway
+    # the worker processes' warnings (a worker closed mid-chunk: its task "ended with
+    # CancelledError") only when asked (-v); their errors, and the driver's own news (a worker
+    # restarted for its memory), as always
     with _environment_kept(), _closed_quietly(quiet) as closing, \
             LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
-                         silence_logs=logging.CRITICAL if quiet else False) as cluster, \
+                         silence_logs=logging.ERROR if quiet else False) as cluster, \
             Client(cluster) as client:
-        client.register_plugin(_ignoring_interrupts(), name="ignore-interrupts")
+        try:
+            client.register_plugin(_ignoring_interrupts(), name="ignore-interrupts")
+        except Exception as exc:  # a comfort, not worth a run
+            log.debug("local cluster workers will not ignore Ctrl-C: %s", exc)
         try:
             yield client
         finally:
@@ -183,23 +188,37 @@ def _ignoring_interrupts():
     return IgnoreInterrupts()
 
 
+_closing_lock = threading.Lock()
+_clusters_closing = 0  # local clusters closing quietly now (a service runs jobs side by side)
+
+
 @contextmanager
 def _closed_quietly(quiet: bool):
     """Yields a function to call when a local cluster starts closing: from then until it is
-    closed, the driver's Dask logs say only errors (when `quiet`). Workers stopped mid-chunk
-    made the scheduler and nannies warn ("Worker process still alive after 4.0 seconds,
-    killing"), which is no news once the run has ended."""
-    log = logging.getLogger("distributed")
-    level = log.level
+    closed, the driver's Dask logs say only errors (when `quiet`; the level is the process's,
+    so until every cluster closing so is closed). Workers stopped mid-chunk made the scheduler
+    and nannies warn ("Worker process still alive after 4.0 seconds, killing"), which is no
+    news once the run has ended."""
+    global _clusters_closing
+    dask_log, counted = logging.getLogger("distributed"), False
 
     def closing() -> None:
-        if quiet:
-            log.setLevel(logging.ERROR)
+        global _clusters_closing
+        nonlocal counted
+        if quiet and not counted:
+            with _closing_lock:
+                _clusters_closing += 1
+                counted = True
+                dask_log.setLevel(logging.ERROR)
 
     try:
         yield closing
     finally:
-        log.setLevel(level)
+        if counted:
+            with _closing_lock:
+                _clusters_closing -= 1
+                if not _clusters_closing:
+                    dask_log.setLevel(logging.WARNING)  # as connect sets it when quiet
 
 
 @contextmanager

@@ -151,7 +151,7 @@ def ann_shortlist(index: TileIndex, ranking: RankingConfig, area: SearchArea | N
 def _warn_once(index: TileIndex, state: tuple, message: str) -> None:
     """Warn of the shortlist's state once while it lasts on this open index: a feedback search
     runs up to four searches, and a service answers many, each of which said it again."""
-    if getattr(index, "_ann_warned", None) != state:
+    if index._ann_warned != state:
         index._ann_warned = state
         log.warning("%s: %s", index.dir, message)
 

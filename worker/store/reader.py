@@ -36,6 +36,8 @@ class TileIndex:
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptIndexError(f"{index_dir / MANIFEST} describes its rasters wrongly ({excerpt(str(exc))}): "
                                     "delete the index and build it again") from None
+        # what a search last warned of its shortlist (worker.search._warn_once): said once, not once a commit
+        self._ann_warned = earlier._ann_warned if earlier else None
         given = dict(earlier.joins_to_continue) if earlier else {}  # one step: a search may be taking from it
         self._earlier_joins = {key: joined for key, joined in given.items()
                                if key[0] not in self._complete}  # a complete raster's map is read from its file
