@@ -257,7 +257,8 @@ def test_the_command_line_indexes_on_a_local_cluster(tmp_path, assets):
 def test_ctrl_c_stops_a_local_cluster_run_in_a_few_lines_and_it_resumes(tmp_path, assets):
     """Ctrl-C reaches the terminal's whole process group, Dask's worker processes too: each died
     with two KeyboardInterrupt tracebacks and its nanny's, some 150 lines around the one that
-    says what happened. The driver alone stops the run; the committed chunks are kept."""
+    says what happened. The driver alone stops the run, however often Ctrl-C is pressed; the
+    committed chunks are kept."""
     import os
     import re
     import signal
@@ -280,7 +281,9 @@ def test_ctrl_c_stops_a_local_cluster_run_in_a_few_lines_and_it_resumes(tmp_path
         while not committed.search("".join(said)) and run.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)  # until a chunk is committed
         assert committed.search("".join(said)) and run.poll() is None, "".join(said)
-        os.killpg(run.pid, signal.SIGINT)
+        for _ in range(3):  # an impatient user: Ctrl-C again while the cluster closes broke the close off, and
+            os.killpg(run.pid, signal.SIGINT)  # Dask's exit hook waited 10 s for it; a third printed its traceback
+            time.sleep(0.3)
         assert run.wait(timeout=60) == 128 + signal.SIGINT
     finally:
         try:

@@ -25,7 +25,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -195,30 +195,49 @@ _clusters_closing = 0  # local clusters closing quietly now (a service runs jobs
 @contextmanager
 def _closed_quietly(quiet: bool):
     """Yields a function to call when a local cluster starts closing: from then until it is
-    closed, the driver's Dask logs say only errors (when `quiet`; the level is the process's,
-    so until every cluster closing so is closed). Workers stopped mid-chunk made the scheduler
-    and nannies warn ("Worker process still alive after 4.0 seconds, killing"), which is no
-    news once the run has ended."""
+    closed, a Ctrl-C is held back (_ctrl_c_held), and the driver's Dask logs say only errors
+    when `quiet` (the level is the process's: until every cluster closing so is closed).
+    Workers stopped mid-chunk made the scheduler and nannies warn ("Worker process still alive
+    after 4.0 seconds, killing"), which is no news once the run has ended."""
     global _clusters_closing
     dask_log, counted = logging.getLogger("distributed"), False
+    with ExitStack() as held:
+        def closing() -> None:
+            global _clusters_closing
+            nonlocal counted
+            held.enter_context(_ctrl_c_held())
+            if quiet and not counted:
+                with _closing_lock:
+                    _clusters_closing += 1
+                    counted = True
+                    dask_log.setLevel(logging.ERROR)
 
-    def closing() -> None:
-        global _clusters_closing
-        nonlocal counted
-        if quiet and not counted:
-            with _closing_lock:
-                _clusters_closing += 1
-                counted = True
-                dask_log.setLevel(logging.ERROR)
+        try:
+            yield closing
+        finally:
+            if counted:
+                with _closing_lock:
+                    _clusters_closing -= 1
+                    if not _clusters_closing:
+                        dask_log.setLevel(logging.WARNING)  # as connect sets it when quiet
 
+
+@contextmanager
+def _ctrl_c_held():
+    """Ctrl-C ignored while a local cluster closes (in the main thread, while Python's own
+    handler is in place: not in a service's job threads, whose process stops otherwise). A
+    second Ctrl-C broke the close off, and Dask's exit hook then waited 10 s for the cluster (a
+    third printed its traceback); one as a run ended made a complete run say "interrupted".
+    A run interrupted before stays interrupted; one that ended stands."""
+    holds = (threading.current_thread() is threading.main_thread()
+             and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+    if holds:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        yield closing
+        yield
     finally:
-        if counted:
-            with _closing_lock:
-                _clusters_closing -= 1
-                if not _clusters_closing:
-                    dask_log.setLevel(logging.WARNING)  # as connect sets it when quiet
+        if holds:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @contextmanager
