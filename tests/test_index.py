@@ -688,3 +688,15 @@ def test_a_run_meeting_another_writers_lock_is_busy_not_bad_input(tmp_path, mode
         with pytest.raises(IndexLocked) as met:
             IndexWriter(out, model, TileSettings(tile=112, scales=(1,))).build([rmnp_copy])
     assert error_object(met.value)["code"] == codes.BUSY
+
+
+def test_ctrl_c_while_the_command_starts_exits_130_without_a_traceback(tmp_path):
+    """Ctrl-C while torch and the rest load printed their imports' traceback (24 lines), or
+    torch's C++ "terminate called after throwing KeyboardInterrupt", and the process died by
+    the signal, not with the exit status a shell's Ctrl-C gives."""
+    run = subprocess.Popen([sys.executable, "-m", "worker", "info", str(tmp_path)], cwd=REPO, stderr=subprocess.PIPE,
+                           text=True, start_new_session=True)
+    time.sleep(0.5)  # Python runs its imports: about 2 s here
+    os.killpg(run.pid, signal.SIGINT)
+    said = run.communicate(timeout=60)[1]
+    assert run.returncode == 128 + signal.SIGINT and said == "", said
