@@ -195,7 +195,7 @@ _clusters_closing = 0  # local clusters closing quietly now (a service runs jobs
 @contextmanager
 def _closed_quietly(quiet: bool):
     """Yields a function to call when a local cluster starts closing: from then until it is
-    closed, a Ctrl-C is held back (_ctrl_c_held), and the driver's Dask logs say only errors
+    closed, Ctrl-C is ignored (_ctrl_c_ignored), and the driver's Dask logs say only errors
     when `quiet` (the level is the process's: until every cluster closing so is closed).
     Workers stopped mid-chunk made the scheduler and nannies warn ("Worker process still alive
     after 4.0 seconds, killing"), which is no news once the run has ended."""
@@ -205,7 +205,7 @@ def _closed_quietly(quiet: bool):
         def closing() -> None:
             global _clusters_closing
             nonlocal counted
-            held.enter_context(_ctrl_c_held())
+            held.enter_context(_ctrl_c_ignored())
             if quiet and not counted:
                 with _closing_lock:
                     _clusters_closing += 1
@@ -223,7 +223,7 @@ def _closed_quietly(quiet: bool):
 
 
 @contextmanager
-def _ctrl_c_held():
+def _ctrl_c_ignored():
     """Ctrl-C ignored while a local cluster closes (in the main thread, while Python's own
     handler is in place: not in a service's job threads, whose process stops otherwise). A
     second Ctrl-C broke the close off, and Dask's exit hook then waited 10 s for the cluster (a
