@@ -3,7 +3,9 @@ and one real index built once per session."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 from worker.assets import load_asset_paths
+
+
+def as_a_terminal_starts_it() -> None:
+    """A subprocess's preexec_fn: its own process group (Ctrl-C is sent to a whole group) and
+    Ctrl-C's default action. A test run in the background, as CI runs it, ignores SIGINT, and
+    the commands it started inherited that: they went on through the test's Ctrl-C."""
+    os.setsid()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.fixture(scope="session")

@@ -267,11 +267,13 @@ def test_ctrl_c_stops_a_local_cluster_run_in_a_few_lines_and_it_resumes(tmp_path
     import threading
     import time
 
+    from conftest import as_a_terminal_starts_it
+
     command = [sys.executable, "-m", "worker", "index", "--out", tmp_path / "index", "--tile", "64", "--scales", "1",
                "--chunk-tiles", "4", "--cluster", "local:2", "--sketch-modules", "none", assets["osbs_rgb"],
                assets["lsat7_rgb"]]
     run = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                           start_new_session=True)  # its own process group, as a terminal's foreground job
+                           preexec_fn=as_a_terminal_starts_it)
     said: list[str] = []
     reader = threading.Thread(target=lambda: said.extend(iter(lambda: run.stderr.read(1), "")), daemon=True)
     reader.start()

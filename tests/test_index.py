@@ -14,7 +14,7 @@ from xml.sax.saxutils import escape
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, as_a_terminal_starts_it
 from worker.errors import IndexMismatchError, InputError
 from worker.store import IndexWriter, TileIndex
 from worker.tiling import TileSettings
@@ -695,7 +695,7 @@ def test_ctrl_c_while_the_command_starts_exits_130_without_a_traceback(tmp_path)
     torch's C++ "terminate called after throwing KeyboardInterrupt", and the process died by
     the signal, not with the exit status a shell's Ctrl-C gives."""
     run = subprocess.Popen([sys.executable, "-m", "worker", "info", str(tmp_path)], cwd=REPO, stderr=subprocess.PIPE,
-                           text=True, start_new_session=True)
+                           text=True, preexec_fn=as_a_terminal_starts_it)
     time.sleep(0.5)  # Python runs its imports: about 2 s here
     os.killpg(run.pid, signal.SIGINT)
     said = run.communicate(timeout=60)[1]
