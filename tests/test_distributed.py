@@ -10,6 +10,7 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -254,46 +255,82 @@ def test_the_command_line_indexes_on_a_local_cluster(tmp_path, assets):
     assert summary["tile_count"] == len(TileIndex.open(tmp_path / "index")) > 0
 
 
+class InATerminal:
+    """A command started as a terminal starts it (its own process group: a test's Ctrl-C reaches
+    its worker processes too), its stderr gathered as it comes; what is left of it is killed on
+    leaving."""
+
+    def __init__(self, command: list):
+        import subprocess
+
+        from conftest import as_a_terminal_starts_it
+
+        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                                        preexec_fn=as_a_terminal_starts_it)
+        self._said: list[str] = []
+        self._reader = threading.Thread(target=lambda: self._said.extend(iter(lambda: self.process.stderr.read(1), "")),
+                                        daemon=True)
+        self._reader.start()
+
+    def said(self) -> str:
+        return "".join(self._said)
+
+    def until_it_says(self, pattern: str) -> None:
+        import re
+
+        self.until(lambda: re.search(pattern, self.said()), f"it says {pattern!r}")
+
+    def until(self, condition: Callable[[], object], what: str) -> None:
+        deadline = time.monotonic() + 180
+        while not condition() and self.process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert condition() and self.process.poll() is None, f"not {what}: {self.said()}"
+
+    def children(self) -> list[int]:
+        """The processes it started (Dask's worker processes, Python's resource tracker)."""
+        kids = []
+        for entry in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):  # gone meanwhile
+                continue
+            if parent == self.process.pid:
+                kids.append(int(entry))
+        return kids
+
+    def ctrl_c(self, times: int = 1) -> None:
+        for _ in range(times):
+            os.killpg(self.process.pid, signal.SIGINT)
+            time.sleep(0.3)
+
+    def __enter__(self) -> "InATerminal":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)  # whatever is left: its workers ignore SIGINT
+        except ProcessLookupError:
+            pass
+        self._reader.join(timeout=10)
+
+
 def test_ctrl_c_stops_a_local_cluster_run_in_a_few_lines_and_it_resumes(tmp_path, assets):
     """Ctrl-C reaches the terminal's whole process group, Dask's worker processes too: each died
     with two KeyboardInterrupt tracebacks and its nanny's, some 150 lines around the one that
     says what happened. The driver alone stops the run, however often Ctrl-C is pressed; the
     committed chunks are kept."""
-    import os
-    import re
-    import signal
     import subprocess
     import sys
-    import threading
-    import time
-
-    from conftest import as_a_terminal_starts_it
 
     command = [sys.executable, "-m", "worker", "index", "--out", tmp_path / "index", "--tile", "64", "--scales", "1",
                "--chunk-tiles", "4", "--cluster", "local:2", "--sketch-modules", "none", assets["osbs_rgb"],
                assets["lsat7_rgb"]]
-    run = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                           preexec_fn=as_a_terminal_starts_it)
-    said: list[str] = []
-    reader = threading.Thread(target=lambda: said.extend(iter(lambda: run.stderr.read(1), "")), daemon=True)
-    reader.start()
-    try:
-        deadline = time.monotonic() + 180
-        committed = re.compile(r"\b[1-9]\d*/\d+ \[")
-        while not committed.search("".join(said)) and run.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)  # until a chunk is committed
-        assert committed.search("".join(said)) and run.poll() is None, "".join(said)
-        for _ in range(3):  # an impatient user: Ctrl-C again while the cluster closes broke the close off, and
-            os.killpg(run.pid, signal.SIGINT)  # Dask's exit hook waited 10 s for it; a third printed its traceback
-            time.sleep(0.3)
-        assert run.wait(timeout=60) == 128 + signal.SIGINT
-    finally:
-        try:
-            os.killpg(run.pid, signal.SIGKILL)  # whatever is left: its workers ignore SIGINT
-        except ProcessLookupError:
-            pass
-    reader.join(timeout=10)
-    said = "".join(said)
+    with InATerminal(command) as run:
+        run.until_it_says(r"\b[1-9]\d*/\d+ \[")  # a chunk is committed
+        run.ctrl_c(3)  # an impatient user: Ctrl-C again while the cluster closes broke the close off, and Dask's
+        assert run.process.wait(timeout=60) == 128 + signal.SIGINT  # exit hook waited 10 s; a third printed its traceback
+    said = run.said()
     assert said.rstrip().splitlines()[-1].startswith("interrupted: committed work is kept")  # after the bar's end
     assert "Traceback" not in said and "KeyboardInterrupt" not in said and "distributed." not in said, said
     kept = len(TileIndex.open(tmp_path / "index"))
@@ -301,6 +338,37 @@ def test_ctrl_c_stops_a_local_cluster_run_in_a_few_lines_and_it_resumes(tmp_path
     resumed = subprocess.run(command + ["--quiet"], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert len(TileIndex.open(tmp_path / "index")) > kept
+
+
+def loading_torch(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/maps") as maps:
+            return "libtorch" in maps.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("pressed_once", ["while its worker processes boot", "while its workers load the model"])
+def test_ctrl_c_early_in_a_local_cluster_run_stops_it_in_a_few_lines(tmp_path, assets, pressed_once):
+    """Pressed while the cluster started, Ctrl-C left it half started: its booting workers
+    printed their KeyboardInterrupt tracebacks, and Dask its own. Pressed while the workers
+    loaded the model for their first chunk, each closing worker logged the heartbeat its close
+    cut off, as an ERROR with two tracebacks. Some 30 to 70 lines either way, around the one
+    that says what happened."""
+    import sys
+
+    command = [sys.executable, "-m", "worker", "index", "--out", tmp_path / "index", "--tile", "64", "--scales", "1",
+               "--cluster", "local:2", "--sketch-modules", "none", assets["osbs_rgb"]]
+    with InATerminal(command) as run:
+        if pressed_once == "while its worker processes boot":  # Python's resource tracker, then the two workers
+            run.until(lambda: len(run.children()) >= 3, "three processes started")
+        else:
+            run.until(lambda: any(map(loading_torch, run.children())), "a worker loading torch")
+        run.ctrl_c()
+        assert run.process.wait(timeout=60) == 128 + signal.SIGINT
+    said = run.said()
+    assert said.rstrip().splitlines()[-1].startswith("interrupted: committed work is kept")
+    assert "Traceback" not in said and "KeyboardInterrupt" not in said and "ERROR" not in said, said
 
 
 def test_a_service_job_on_a_local_cluster_equals_one_process_and_publishes_progress(tmp_path, assets,

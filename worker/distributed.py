@@ -113,17 +113,16 @@ def connect(spec: str):
         return
     n = n or max(1, usable_cores() // 2)
     # the worker processes' warnings (a worker closed mid-chunk: its task "ended with
-    # CancelledError") only when asked (-v); their errors, and the driver's own news (a worker
-    # restarted for its memory), as always
-    with _environment_kept(), _closed_quietly(quiet) as closing, \
-            LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
-                         silence_logs=logging.ERROR if quiet else False) as cluster, \
-            Client(cluster) as client:
+    # CancelledError") only when asked (-v); their errors (but the heartbeat a closing worker
+    # cuts off: worker.local_cluster_worker), and the driver's own news (a worker restarted for
+    # its memory), as always
+    with _environment_kept(), _closed_quietly(quiet) as closing, ExitStack() as running:
         try:
-            client.register_plugin(_ignoring_interrupts(), name="ignore-interrupts")
-        except Exception as exc:  # a comfort, not worth a run
-            log.debug("local cluster workers will not ignore Ctrl-C: %s", exc)
-        try:
+            with _stops_held_while_starting():
+                cluster = running.enter_context(LocalCluster(
+                    n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
+                    silence_logs=logging.ERROR if quiet else False, preload=["worker.local_cluster_worker"]))
+                client = running.enter_context(Client(cluster))
             yield client
         finally:
             closing()
@@ -175,17 +174,39 @@ def _check_scheduler(address: str, unreachable: Callable[[str], InputError]) -> 
         raise unreachable(f"it answered as {excerpt(str(answer))}, not as a Dask scheduler")
 
 
-def _ignoring_interrupts():
-    """A Dask worker plugin: a local cluster's worker processes (those restarted too) ignore
-    SIGINT. Ctrl-C in a terminal reaches the whole process group, and each worker process
-    died with two KeyboardInterrupt tracebacks while the driver was closing them in order."""
-    from distributed import WorkerPlugin
-
-    class IgnoreInterrupts(WorkerPlugin):  # defined here, sent by value: distributed is imported only when used
-        def setup(self, worker) -> None:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # on the worker's event loop: its main thread
-
-    return IgnoreInterrupts()
+@contextmanager
+def _stops_held_while_starting():
+    """While a local cluster starts (about 4 s here): SIGINT is blocked in this thread, so the
+    threads Dask starts from it, and the worker processes they spawn then or restart later,
+    inherit the mask (it survives exec) and never see a terminal's Ctrl-C, which reaches the
+    whole process group; and in the main thread a Ctrl-C or SIGTERM is held until the cluster
+    is up, then handled as it would have been. Pressed while it started, Ctrl-C left the
+    cluster half started: its booting workers printed their KeyboardInterrupt tracebacks, and
+    Dask its own, some 30 to 70 lines around the one that says the run was interrupted."""
+    held: list[int] = []
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.getsignal(signum)
+            if callable(handler):  # not SIG_IGN or SIG_DFL: those are left as they are
+                handlers[signum] = handler
+                signal.signal(signum, lambda caught, frame: held.append(caught))
+    masks = hasattr(signal, "pthread_sigmask")  # not on Windows, whose consoles signal otherwise
+    if masks:
+        # Python's resource tracker, started with a cluster's first worker, unblocks SIGINT in
+        # the thread that starts it: started before, it leaves the mask alone
+        from multiprocessing import resource_tracker
+        resource_tracker.ensure_running()
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        if masks:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    for signum in held[:1]:  # the cluster is up: stop as the first signal says
+        handlers[signum](signum, None)
 
 
 _closing_lock = threading.Lock()
