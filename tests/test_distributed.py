@@ -371,6 +371,71 @@ def test_ctrl_c_early_in_a_local_cluster_run_stops_it_in_a_few_lines(tmp_path, a
     assert "Traceback" not in said and "KeyboardInterrupt" not in said and "ERROR" not in said, said
 
 
+class DaskScheduler:
+    """A `dask scheduler` and one `dask worker` process, as a cluster's users start them (this
+    code importable by the worker through PYTHONPATH); both killed on leaving."""
+
+    def __init__(self, folder):
+        import json
+        import subprocess
+        import sys
+
+        from conftest import REPO
+
+        dask = [os.path.join(os.path.dirname(sys.executable), "dask")]
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        where = folder / "scheduler.json"
+        where.unlink(missing_ok=True)
+        self.processes = [subprocess.Popen(dask + ["scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                                                   "--scheduler-file", where], env=env, stderr=subprocess.DEVNULL)]
+        deadline = time.monotonic() + 60
+        while not where.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self.address = json.loads(where.read_text())["address"]
+        self.processes.append(subprocess.Popen(dask + ["worker", self.address, "--nthreads", "1", "--no-dashboard"],
+                                               env=env, stderr=subprocess.DEVNULL))
+
+    def kill_scheduler(self) -> None:
+        self.processes[0].kill()
+
+    def __enter__(self) -> "DaskScheduler":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for process in self.processes:
+            process.kill()
+            process.wait()
+
+
+def test_a_scheduler_lost_mid_run_fails_it_saying_so_and_a_rerun_on_a_new_one_completes(tmp_path, assets):
+    """A `dask scheduler` a run used (not a local cluster: its users' own) stopped mid-run:
+    the run ended in one line that says so, the committed chunks kept, and ran again on a new
+    scheduler it completed. Closing the client that had lost it logged Dask's cancelled
+    reconnect as an ERROR with 30 lines of traceback."""
+    import json
+    import subprocess
+    import sys
+
+    def command(address: str) -> list:
+        return [sys.executable, "-m", "worker", "index", "--out", tmp_path / "index", "--tile", "64", "--scales", "1",
+                "--chunk-tiles", "4", "--cluster", address, "--sketch-modules", "none", assets["osbs_rgb"]]
+
+    with DaskScheduler(tmp_path) as cluster, InATerminal(command(cluster.address)) as run:
+        run.until_it_says(r"\b[1-9]\d*/\d+ \[")  # a chunk is committed
+        cluster.kill_scheduler()
+        assert run.process.wait(timeout=120) == 2
+    said = run.said()
+    assert said.rstrip().splitlines()[-1].startswith(f"error: lost the Dask scheduler at {cluster.address}"), said
+    assert "Traceback" not in said and "ERROR" not in said, said
+    kept = len(TileIndex.open(tmp_path / "index"))
+    assert kept > 0
+    with DaskScheduler(tmp_path) as cluster:
+        again = subprocess.run(command(cluster.address) + ["--quiet"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    index = TileIndex.open(tmp_path / "index")
+    assert index.info()["complete"] and len(index) == json.loads(again.stdout.strip().splitlines()[-1])["tile_count"] > kept
+
+
 def test_a_service_job_on_a_local_cluster_equals_one_process_and_publishes_progress(tmp_path, assets,
                                                                                       single_process):
     """`serve --cluster`: the service's index op computes its chunks on the cluster, publishes

@@ -16,6 +16,7 @@ version of the code) is refused, so an index never mixes features of two models.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -108,8 +109,13 @@ def connect(spec: str):
             client = Client(spec, timeout=f"{CONNECT_S:.0f}s")
         except Exception as exc:  # besides OSError and timeouts, whatever a peer that is no scheduler makes Dask raise
             raise unreachable(excerpt(str(exc))) from None
-        with client:
-            yield client
+        client_log = logging.getLogger("distributed.client")
+        client_log.addFilter(_not_a_cancelled_reconnect)
+        try:
+            with client:
+                yield client
+        finally:
+            client_log.removeFilter(_not_a_cancelled_reconnect)
         return
     n = n or max(1, usable_cores() // 2)
     # the worker processes' warnings (a worker closed mid-chunk: its task "ended with
@@ -126,6 +132,13 @@ def connect(spec: str):
             yield client
         finally:
             closing()
+
+
+def _not_a_cancelled_reconnect(record: logging.LogRecord) -> bool:
+    """A logging filter for Dask's client: a client that lost its scheduler tries to reconnect
+    until it is closed, and closing it logged the cancelled try as an ERROR, 30 lines of
+    traceback after the run had said it lost the scheduler."""
+    return not (record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError))
 
 
 CONNECT_S = 20.0  # for a scheduler to answer who it is; Dask's own timeout covers opening the connection only
