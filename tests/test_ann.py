@@ -342,7 +342,7 @@ def test_a_shortlist_still_answers_where_a_worker_with_a_smaller_budget_leaves_a
     IndexWriter(folder, model, settings, chunk_tiles=8).build([assets["s2_rgb"]])
     committed = []
     IndexWriter(folder, model, settings).build([assets["rmnp_rgb"]], progress=committed.append,
-                                               should_stop=lambda: len(committed) >= 2)
+                                               should_stop=lambda: len(committed) >= 3)  # the plan, 2 steps
     built = ann.build(TileIndex.open(folder))  # as `build-ann` from the command line: the default budget
     assert sorted(built.rasters) == [0, 1]
     index = TileIndex.open(folder, partial_maps_bytes=0)  # as a worker started with --max-partial-maps-mb 0

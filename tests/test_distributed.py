@@ -126,7 +126,7 @@ def test_a_pool_run_stopped_or_failed_midway_resumes_to_the_same_index(tmp_path,
                                                              computer=LocalChunks(model, processes=2), **kw)
 
     seen = []
-    stopped = build(progress=seen.append, should_stop=lambda: len(seen) >= 4)
+    stopped = build(progress=seen.append, should_stop=lambda: len(seen) >= 5)  # the plan, 4 steps
     assert 0 < len(stopped["shards"]) and not set(multiprocessing.active_children()) - others
     saved, stat = osbs.read_bytes(), osbs.stat()
 

@@ -102,6 +102,22 @@ def test_a_terminated_run_commits_what_it_computed_and_says_so(tmp_path, assets)
     assert run_cli("index", "--out", out, *SMALL, assets["s2_rgb"]).returncode == 0
 
 
+def test_a_run_reports_its_size_and_what_earlier_runs_did_before_its_first_tile(tmp_path, model, rmnp_copy):
+    """A run's first progress report came with its first computed batch: on a cluster, whose
+    first chunk (256 tiles) takes a minute or so, the bar and a service's job showed no size
+    until then, and a resumed run's first report counted one batch more than it had found."""
+    out, settings = tmp_path / "index", TileSettings(tile=112, scales=(1,))
+    seen = []
+    IndexWriter(out, model, settings, chunk_tiles=4).build([rmnp_copy], progress=seen.append,
+                                                           should_stop=lambda: len(seen) >= 3)
+    kept = len(TileIndex.open(out))
+    assert seen[0].tiles_done == 0 and 0 < kept < seen[0].tiles_total
+    again = []
+    IndexWriter(out, model, settings).build([rmnp_copy], progress=again.append, should_stop=lambda: True)
+    assert [(p.tiles_done, p.tiles_total) for p in again] == [(kept, seen[0].tiles_total)]
+    assert len(TileIndex.open(out)) == kept  # stopped before its first tile
+
+
 def test_shards_a_crash_left_uncommitted_are_removed_by_the_next_run(tmp_path, model, rmnp_copy):
     """A shard is written, then committed in one manifest write (no journal before it): what a
     crash leaves between the two, a shard or its temporary, is removed when the run resumes, and
@@ -111,7 +127,7 @@ def test_shards_a_crash_left_uncommitted_are_removed_by_the_next_run(tmp_path, m
     out, settings = tmp_path / "index", TileSettings(tile=112, scales=(1,))
     committed = []
     IndexWriter(out, model, settings, chunk_tiles=4).build([rmnp_copy], progress=committed.append,
-                                                           should_stop=lambda: len(committed) >= 1)
+                                                           should_stop=lambda: len(committed) >= 2)  # the plan, a chunk
     shards = out / SHARDS
     [first] = [p for p in shards.iterdir()]
     for stray in ("r00000-c000007", ".tmp-r00000-c000008"):  # as a crash leaves them
@@ -387,7 +403,7 @@ def test_a_raster_being_indexed_is_searched_while_its_maps_fit_in_memory(tmp_pat
     IndexWriter(out, model, settings, chunk_tiles=8, tokens=True).build([assets["osbs_rgb"]])
     committed = []
     IndexWriter(out, model, settings).build([rmnp_copy], progress=committed.append,
-                                            should_stop=lambda: len(committed) >= 2)
+                                            should_stop=lambda: len(committed) >= 3)  # the plan, 2 steps
     assert [r["complete"] for r in TileIndex.open(out).manifest["rasters"]] == [True, False]
     request = SearchRequest(sketch_png(), top=50)
 
@@ -588,10 +604,10 @@ def test_a_run_cancelled_or_failing_commits_every_chunk_it_computed(tmp_path, mo
     its last commit: nothing is redone. No timed commit here: only the end's."""
     out, computed = tmp_path / "index", []
 
-    def stop_after_four_chunks() -> bool:
-        if len(computed) >= 4 and ending == "failed":
+    def stop_after_four_chunks() -> bool:  # the plan's report, then a chunk's each
+        if len(computed) >= 5 and ending == "failed":
             raise RuntimeError("the next chunk failed")
-        return len(computed) >= 4
+        return len(computed) >= 5
 
     writer = IndexWriter(out, model, TileSettings(tile=112, scales=(1,)), chunk_tiles=2, commit_every_s=3600)
     try:

@@ -100,6 +100,8 @@ def cmd_index(args: argparse.Namespace) -> int:
     model = model_options(args).load()
     with tqdm(total=None, unit="tile", disable=args.quiet) as bar:  # closed before an error or Ctrl-C is said
         def progress(p) -> None:
+            if bar.total is None:  # the run's first report, before its first tile: the rate is of this run's tiles
+                bar.initial = p.tiles_done
             bar.total = p.tiles_total
             bar.n = p.tiles_done
             bar.set_postfix(skipped=p.tiles_skipped, refresh=False)

@@ -169,7 +169,7 @@ from worker.store import IndexWriter
 from worker.tiling import TileSettings
 committed = []
 IndexWriter(Path(sys.argv[1]), load_model(device="cpu", sketch_modules="none"), TileSettings(tile=112, scales=(1,)),
-            chunk_tiles=8).build([Path(sys.argv[2])], progress=committed.append, should_stop=lambda: bool(committed))
+            chunk_tiles=8).build([Path(sys.argv[2])], progress=committed.append, should_stop=lambda: len(committed) >= 2)  # the plan, a chunk
 """
 
 

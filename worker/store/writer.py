@@ -277,6 +277,8 @@ class IndexWriter:
             def batch_done(n: int, path: str) -> None:
                 report(done + n, path)
 
+            if jobs:  # the run's size before its first tile: a cluster's first chunk of 256 takes a minute or so
+                report(done, jobs[0].raster["path"])
             stopped = False
             try:
                 for job, result in computer.run(jobs, self.settings, batch_size, should_stop, batch_done):
