@@ -287,7 +287,7 @@ class InATerminal:
         assert condition() and self.process.poll() is None, f"not {what}: {self.said()}"
 
     def children(self) -> list[int]:
-        """The processes it started (Dask's worker processes, Python's resource tracker)."""
+        """The processes it started (Dask's worker processes, Python's resource tracker); Linux's /proc."""
         kids = []
         for entry in filter(str.isdigit, os.listdir("/proc")):
             try:
@@ -312,7 +312,9 @@ class InATerminal:
             os.killpg(self.process.pid, signal.SIGKILL)  # whatever is left: its workers ignore SIGINT
         except ProcessLookupError:
             pass
+        self.process.wait()
         self._reader.join(timeout=10)
+        self.process.stderr.close()
 
 
 def test_ctrl_c_stops_a_local_cluster_run_in_a_few_lines_and_it_resumes(tmp_path, assets):
@@ -327,7 +329,7 @@ def test_ctrl_c_stops_a_local_cluster_run_in_a_few_lines_and_it_resumes(tmp_path
                "--chunk-tiles", "4", "--cluster", "local:2", "--sketch-modules", "none", assets["osbs_rgb"],
                assets["lsat7_rgb"]]
     with InATerminal(command) as run:
-        run.until_it_says(r"\b[1-9]\d*/\d+ \[")  # a chunk is committed
+        run.until_it_says(r"\b[1-9]\d*/\d+ \[")  # a chunk is in (the bar moved)
         run.ctrl_c(3)  # an impatient user: Ctrl-C again while the cluster closes broke the close off, and Dask's
         assert run.process.wait(timeout=60) == 128 + signal.SIGINT  # exit hook waited 10 s; a third printed its traceback
     said = run.said()
@@ -371,6 +373,47 @@ def test_ctrl_c_early_in_a_local_cluster_run_stops_it_in_a_few_lines(tmp_path, a
     assert "Traceback" not in said and "KeyboardInterrupt" not in said and "ERROR" not in said, said
 
 
+def test_a_stop_while_a_cluster_starts_is_held_until_it_is_up_and_a_second_is_not():
+    """What lets a local cluster start whole (worker.interrupts.stops_held), with real signals:
+    a Ctrl-C or SIGTERM is handled once the start is over, as it would have been; one again
+    is handled at once (a start that hangs can be stopped); and a start that failed stops as
+    asked, its error chained."""
+    from worker.cli import Terminated, _terminate
+    from worker.interrupts import stops_held
+
+    def press(signum: int) -> None:
+        os.kill(os.getpid(), signum)
+        time.sleep(0.2)  # handled here, in the main thread, while it sleeps
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a run in the background ignores SIGINT
+    previous_term = signal.signal(signal.SIGTERM, _terminate)  # as the command line runs
+    try:
+        reached = []
+        with pytest.raises(KeyboardInterrupt):
+            with stops_held():
+                press(signal.SIGINT)
+                reached.append("the end of the start")
+        with pytest.raises(Terminated):
+            with stops_held():
+                press(signal.SIGTERM)
+                reached.append("the end of another")
+        with pytest.raises(KeyboardInterrupt):
+            with stops_held():
+                press(signal.SIGINT)
+                press(signal.SIGINT)
+                reached.append("not reached")
+        with pytest.raises(KeyboardInterrupt) as stopped:
+            with stops_held():
+                press(signal.SIGINT)
+                raise OSError("the cluster did not start")
+        assert reached == ["the end of the start", "the end of another"]
+        assert isinstance(stopped.value.__context__, OSError)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler and signal.getsignal(signal.SIGTERM) is _terminate
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, previous_term)
+
+
 class DaskScheduler:
     """A `dask scheduler` and one `dask worker` process, as a cluster's users start them (this
     code importable by the worker through PYTHONPATH); both killed on leaving."""
@@ -388,12 +431,19 @@ class DaskScheduler:
         where.unlink(missing_ok=True)
         self.processes = [subprocess.Popen(dask + ["scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
                                                    "--scheduler-file", where], env=env, stderr=subprocess.DEVNULL)]
-        deadline = time.monotonic() + 60
-        while not where.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        self.address = json.loads(where.read_text())["address"]
-        self.processes.append(subprocess.Popen(dask + ["worker", self.address, "--nthreads", "1", "--no-dashboard"],
-                                               env=env, stderr=subprocess.DEVNULL))
+        try:
+            deadline, self.address = time.monotonic() + 60, None
+            while self.address is None and time.monotonic() < deadline:
+                try:  # Dask writes the file in place: it may be there and not yet whole
+                    self.address = json.loads(where.read_text())["address"]
+                except (FileNotFoundError, json.JSONDecodeError, KeyError):
+                    time.sleep(0.1)
+            assert self.address, "the scheduler did not write its address"
+            self.processes.append(subprocess.Popen(dask + ["worker", self.address, "--nthreads", "1", "--no-dashboard"],
+                                                   env=env, stderr=subprocess.DEVNULL))
+        except BaseException:
+            self.__exit__()
+            raise
 
     def kill_scheduler(self) -> None:
         self.processes[0].kill()
@@ -421,7 +471,7 @@ def test_a_scheduler_lost_mid_run_fails_it_saying_so_and_a_rerun_on_a_new_one_co
                 "--chunk-tiles", "4", "--cluster", address, "--sketch-modules", "none", assets["osbs_rgb"]]
 
     with DaskScheduler(tmp_path) as cluster, InATerminal(command(cluster.address)) as run:
-        run.until_it_says(r"\b[1-9]\d*/\d+ \[")  # a chunk is committed
+        run.until_it_says(r"\b[1-9]\d*/\d+ \[")  # a chunk is in (the bar moved)
         cluster.kill_scheduler()
         assert run.process.wait(timeout=120) == 2
     said = run.said()

@@ -20,7 +20,6 @@ import asyncio
 import logging
 import os
 import re
-import signal
 import threading
 import time
 import uuid
@@ -32,6 +31,7 @@ from typing import TYPE_CHECKING
 
 from wire.protocol import excerpt
 from worker.errors import InputError
+from worker.interrupts import children_deaf_to_ctrl_c, ctrl_c_ignored, stops_held
 from worker.store.writer import ChunkJob, ChunkResult, compute_chunk
 from worker.thread_pools import usable_cores
 from worker.tiling import TileSettings
@@ -109,13 +109,9 @@ def connect(spec: str):
             client = Client(spec, timeout=f"{CONNECT_S:.0f}s")
         except Exception as exc:  # besides OSError and timeouts, whatever a peer that is no scheduler makes Dask raise
             raise unreachable(excerpt(str(exc))) from None
-        client_log = logging.getLogger("distributed.client")
-        client_log.addFilter(_not_a_cancelled_reconnect)
-        try:
-            with client:
-                yield client
-        finally:
-            client_log.removeFilter(_not_a_cancelled_reconnect)
+        logging.getLogger("distributed.client").addFilter(_not_a_cancelled_reconnect)  # once: it is one function
+        with client:
+            yield client
         return
     n = n or max(1, usable_cores() // 2)
     # the worker processes' warnings (a worker closed mid-chunk: its task "ended with
@@ -124,14 +120,22 @@ def connect(spec: str):
     # its memory), as always
     with _environment_kept(), _closed_quietly(quiet) as closing, ExitStack() as running:
         try:
-            with _stops_held_while_starting():
+            with stops_held(), children_deaf_to_ctrl_c():  # the cluster starts whole, its workers deaf to Ctrl-C
                 cluster = running.enter_context(LocalCluster(
                     n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
-                    silence_logs=logging.ERROR if quiet else False, preload=["worker.local_cluster_worker"]))
+                    silence_logs=logging.ERROR if quiet else False, preload=_with_our_preload()))
                 client = running.enter_context(Client(cluster))
             yield client
         finally:
             closing()
+
+
+def _with_our_preload() -> list[str]:
+    """The worker preloads of the user's Dask configuration, and ours (worker.local_cluster_worker)."""
+    import dask
+
+    theirs = dask.config.get("distributed.worker.preload") or []
+    return [*([theirs] if isinstance(theirs, str) else theirs), "worker.local_cluster_worker"]
 
 
 def _not_a_cancelled_reconnect(record: logging.LogRecord) -> bool:
@@ -150,7 +154,6 @@ def _check_scheduler(address: str, unreachable: Callable[[str], InputError]) -> 
     forwarded to nothing) left Client waiting for ever, a job running and the service's jobs
     queued behind it; one that answers with other bytes (an SSH banner) failed with numpy's
     "Unable to allocate 2.82 EiB"."""
-    import asyncio
     import socket
 
     from distributed.core import rpc
@@ -187,41 +190,6 @@ def _check_scheduler(address: str, unreachable: Callable[[str], InputError]) -> 
         raise unreachable(f"it answered as {excerpt(str(answer))}, not as a Dask scheduler")
 
 
-@contextmanager
-def _stops_held_while_starting():
-    """While a local cluster starts (about 4 s here): SIGINT is blocked in this thread, so the
-    threads Dask starts from it, and the worker processes they spawn then or restart later,
-    inherit the mask (it survives exec) and never see a terminal's Ctrl-C, which reaches the
-    whole process group; and in the main thread a Ctrl-C or SIGTERM is held until the cluster
-    is up, then handled as it would have been. Pressed while it started, Ctrl-C left the
-    cluster half started: its booting workers printed their KeyboardInterrupt tracebacks, and
-    Dask its own, some 30 to 70 lines around the one that says the run was interrupted."""
-    held: list[int] = []
-    handlers = {}
-    if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            handler = signal.getsignal(signum)
-            if callable(handler):  # not SIG_IGN or SIG_DFL: those are left as they are
-                handlers[signum] = handler
-                signal.signal(signum, lambda caught, frame: held.append(caught))
-    masks = hasattr(signal, "pthread_sigmask")  # not on Windows, whose consoles signal otherwise
-    if masks:
-        # Python's resource tracker, started with a cluster's first worker, unblocks SIGINT in
-        # the thread that starts it: started before, it leaves the mask alone
-        from multiprocessing import resource_tracker
-        resource_tracker.ensure_running()
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        yield
-    finally:
-        if masks:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
-    for signum in held[:1]:  # the cluster is up: stop as the first signal says
-        handlers[signum](signum, None)
-
-
 _closing_lock = threading.Lock()
 _clusters_closing = 0  # local clusters closing quietly now (a service runs jobs side by side)
 
@@ -229,7 +197,7 @@ _clusters_closing = 0  # local clusters closing quietly now (a service runs jobs
 @contextmanager
 def _closed_quietly(quiet: bool):
     """Yields a function to call when a local cluster starts closing: from then until it is
-    closed, Ctrl-C is ignored (_ctrl_c_ignored), and the driver's Dask logs say only errors
+    closed, Ctrl-C is ignored (worker.interrupts.ctrl_c_ignored), and the driver's Dask logs say only errors
     when `quiet` (the level is the process's: until every cluster closing so is closed).
     Workers stopped mid-chunk made the scheduler and nannies warn ("Worker process still alive
     after 4.0 seconds, killing"), which is no news once the run has ended."""
@@ -239,7 +207,7 @@ def _closed_quietly(quiet: bool):
         def closing() -> None:
             global _clusters_closing
             nonlocal counted
-            held.enter_context(_ctrl_c_ignored())
+            held.enter_context(ctrl_c_ignored())
             if quiet and not counted:
                 with _closing_lock:
                     _clusters_closing += 1
@@ -254,24 +222,6 @@ def _closed_quietly(quiet: bool):
                     _clusters_closing -= 1
                     if not _clusters_closing:
                         dask_log.setLevel(logging.WARNING)  # as connect sets it when quiet
-
-
-@contextmanager
-def _ctrl_c_ignored():
-    """Ctrl-C ignored while a local cluster closes (in the main thread, while Python's own
-    handler is in place: not in a service's job threads, whose process stops otherwise). A
-    second Ctrl-C broke the close off, and Dask's exit hook then waited 10 s for the cluster (a
-    third printed its traceback); one as a run ended made a complete run say "interrupted".
-    A run interrupted before stays interrupted; one that ended stands."""
-    holds = (threading.current_thread() is threading.main_thread()
-             and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
-    if holds:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        if holds:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @contextmanager

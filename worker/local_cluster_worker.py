@@ -1,26 +1,28 @@
 """Set-up of a local cluster's worker processes, run by Dask in each as it starts (a preload:
-`dask_setup`), restarted ones too.
-
-A worker told to close while its chunk holds it (the model loading, a batch encoding) logged
-"Failed to communicate with scheduler during heartbeat" at ERROR, with two chained tracebacks:
-its own heartbeat, cut off by its own close. Ctrl-C in the first seconds of a run printed some
-30 such lines around the one that says the run was interrupted. A heartbeat that fails while
-the worker runs is still said.
-"""
+`dask_setup`), restarted ones too."""
 
 from __future__ import annotations
 
 import logging
+import signal
 
 HEARTBEAT_FAILED = "Failed to communicate with scheduler during heartbeat"
 
 
 def dask_setup(worker) -> None:
+    """The worker ignores Ctrl-C: the run's own process stops the run and closes the workers in
+    order (worker.interrupts; where signals are masked, the worker never heard it anyway).
+
+    A worker told to close while its chunk holds it (the model loading, a batch encoding) logged
+    the heartbeat its own close cut off, at ERROR with two chained tracebacks: Ctrl-C early in a
+    run printed some 30 such lines around the one that says the run was interrupted. A heartbeat
+    that fails while the worker runs is still said."""
     from distributed.core import Status
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # run on the worker's main thread, before it registers
     closing = (Status.closing, Status.closing_gracefully, Status.closed)
 
-    def said(record: logging.LogRecord) -> bool:
+    def not_a_closing_heartbeat(record: logging.LogRecord) -> bool:
         return not (worker.status in closing and record.getMessage().startswith(HEARTBEAT_FAILED))
 
-    logging.getLogger("distributed.worker").addFilter(said)
+    logging.getLogger("distributed.worker").addFilter(not_a_closing_heartbeat)

@@ -1,0 +1,80 @@
+"""How Ctrl-C and SIGTERM reach a run on a local Dask cluster (worker.distributed). A terminal's
+Ctrl-C reaches the whole process group, the cluster's worker processes too; the run's own
+process alone should stop the run, and close the workers in order."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+@contextmanager
+def children_deaf_to_ctrl_c() -> Iterator[None]:
+    """SIGINT blocked in this thread meanwhile: the threads started from it, and the processes
+    they spawn then or later (a local cluster's workers, restarted ones too), inherit the mask,
+    which survives exec, and so never see Ctrl-C, not even while they boot. Not on Windows (no
+    signal masks; worker.local_cluster_worker ignores SIGINT once a worker runs)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    # Python's resource tracker, started with a cluster's first worker, unblocks SIGINT in the
+    # thread that starts it: started before the mask is set, it leaves the mask alone
+    from multiprocessing import resource_tracker
+    resource_tracker.ensure_running()
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+@contextmanager
+def stops_held() -> Iterator[None]:
+    """A Ctrl-C or SIGTERM meanwhile is held, then handled as it would have been (a local
+    cluster starting whole, then closed in order, rather than torn down half started); a second
+    one is handled at once: a start that hangs can still be stopped. Only in the main thread,
+    and only over handlers of Python's (not SIG_IGN or SIG_DFL)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {signum: handler for signum, handler in handlers.items() if callable(handler)}
+    held: list[int] = []
+    over = False
+
+    def hold(signum: int, frame) -> None:
+        if over or held:  # after the start, or pressed again: as it would have been
+            handlers[signum](signum, frame)
+        else:
+            held.append(signum)
+
+    for signum in handlers:
+        signal.signal(signum, hold)
+    try:
+        yield
+    finally:  # a start that failed: the run stops as asked all the same, its error chained to it
+        over = True
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        for signum in held:
+            handlers[signum](signum, None)
+
+
+@contextmanager
+def ctrl_c_ignored() -> Iterator[None]:
+    """Ctrl-C ignored while a local cluster closes (in the main thread, while Python's own
+    handler is in place: not in a service's job threads, whose process stops otherwise). A
+    second Ctrl-C broke the close off, and Dask's exit hook then waited 10 s for the cluster (a
+    third printed its traceback); one as a run ended made a complete run say "interrupted".
+    A run interrupted before stays interrupted; one that ended stands."""
+    holds = (threading.current_thread() is threading.main_thread()
+             and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+    if holds:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        if holds:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
