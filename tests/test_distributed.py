@@ -373,11 +373,13 @@ def test_ctrl_c_early_in_a_local_cluster_run_stops_it_in_a_few_lines(tmp_path, a
     assert "Traceback" not in said and "KeyboardInterrupt" not in said and "ERROR" not in said, said
 
 
-def test_a_stop_while_a_cluster_starts_is_held_until_it_is_up_and_a_second_is_not():
+def test_a_stop_while_a_cluster_starts_is_held_until_it_is_up_and_a_second_is_not(monkeypatch):
     """What lets a local cluster start whole (worker.interrupts.stops_held), with real signals:
-    a Ctrl-C or SIGTERM is handled once the start is over, as it would have been; one again
-    is handled at once (a start that hangs can be stopped); and a start that failed stops as
-    asked, its error chained."""
+    a Ctrl-C or SIGTERM is handled once the start is over, as it would have been; one again,
+    or one held too long, is handled at once (a start that hangs still stops: a SIGTERM to the
+    whole group made Dask's wait for ever); and a start that failed stops as asked, its error
+    chained."""
+    from worker import interrupts
     from worker.cli import Terminated, _terminate
     from worker.interrupts import stops_held
 
@@ -406,6 +408,15 @@ def test_a_stop_while_a_cluster_starts_is_held_until_it_is_up_and_a_second_is_no
             with stops_held():
                 press(signal.SIGINT)
                 raise OSError("the cluster did not start")
+        monkeypatch.setattr(interrupts, "HELD_AT_MOST_S", 0.5)
+        began = time.monotonic()
+        with pytest.raises(Terminated):
+            with stops_held():
+                press(signal.SIGTERM)
+                for _ in range(300):  # a start that hangs, waited for as Dask waits: in slices (10 s there)
+                    time.sleep(0.1)
+                reached.append("not reached either")
+        assert time.monotonic() - began < 10
         assert reached == ["the end of the start", "the end of another"]
         assert isinstance(stopped.value.__context__, OSError)
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler and signal.getsignal(signal.SIGTERM) is _terminate

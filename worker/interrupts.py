@@ -4,6 +4,7 @@ process alone should stop the run, and close the workers in order."""
 
 from __future__ import annotations
 
+import _thread
 import signal
 import threading
 from collections.abc import Iterator
@@ -30,12 +31,17 @@ def children_deaf_to_ctrl_c() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
+HELD_AT_MOST_S = 15.0  # a start still running this long after a held stop is given up
+
+
 @contextmanager
 def stops_held() -> Iterator[None]:
     """A Ctrl-C or SIGTERM meanwhile is held, then handled as it would have been (a local
     cluster starting whole, then closed in order, rather than torn down half started); a second
-    one is handled at once: a start that hangs can still be stopped. Only in the main thread,
-    and only over handlers of Python's (not SIG_IGN or SIG_DFL)."""
+    one, or the first once HELD_AT_MOST_S have passed, is handled at once: a start that hangs
+    still stops. One did: a SIGTERM to the whole process group killed the booting workers, and
+    Dask's start waited on them for ever. Only in the main thread, and only over handlers of
+    Python's (not SIG_IGN or SIG_DFL)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -43,12 +49,18 @@ def stops_held() -> Iterator[None]:
     handlers = {signum: handler for signum, handler in handlers.items() if callable(handler)}
     held: list[int] = []
     over = False
+    waited: list[threading.Timer] = []
 
     def hold(signum: int, frame) -> None:
-        if over or held:  # after the start, or pressed again: as it would have been
+        if over or held:  # after the start, pressed again, or held long enough: as it would have been
             handlers[signum](signum, frame)
-        else:
-            held.append(signum)
+            return
+        held.append(signum)
+        # calls `hold` again once the main thread wakes (Dask's wait for its start does every 10 s)
+        timer = threading.Timer(HELD_AT_MOST_S, _thread.interrupt_main, (signum,))
+        timer.daemon = True
+        timer.start()
+        waited.append(timer)
 
     for signum in handlers:
         signal.signal(signum, hold)
@@ -56,6 +68,8 @@ def stops_held() -> Iterator[None]:
         yield
     finally:  # a start that failed: the run stops as asked all the same, its error chained to it
         over = True
+        for timer in waited:
+            timer.cancel()
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
         for signum in held:
