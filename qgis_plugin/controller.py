@@ -178,7 +178,7 @@ class SearchController(QObject):
         if self._linked_to(stopped):
             self._close_link()
         stopped.deleteLater()
-        self.status_changed.emit(*Status.STOPPED)
+        self.status_changed.emit(*(Status.SETTING_UP if self.finder.setting_up else Status.STOPPED))
         self.worker_stopped.emit(exit_)
         self.notice.emit(exit_.message, Qgis.Critical, "\n".join(exit_.last_lines))
 

@@ -242,10 +242,13 @@ def fake_checkout(folder, setup_script: str):
 
 
 def test_a_set_up_mid_line_is_cancelled_at_once_and_a_failed_one_offers_the_right_setting(
-        plugin, new_user_settings, tmp_path):
+        plugin, new_user_settings, tmp_path, qgis_iface):
     """Cancel set-up waited for the script's next line: one that wrote part of a line and then
     worked (a download) kept the cancel, and QGIS's task, waiting until it ended. A set-up that
-    failed offered to change the setting an earlier notice had blamed (here the checkout)."""
+    failed offered to change the setting an earlier notice had blamed (here the checkout). A
+    worker that stopped while a set-up ran replaced the set-up's log and hid its Cancel."""
+    import time
+
     from lab.worker_process import free_port
 
     Setting = new_user_settings
@@ -256,11 +259,21 @@ def test_a_set_up_mid_line_is_cancelled_at_once_and_a_failed_one_offers_the_righ
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     panel.endpoint_edit.setText(endpoint)
     panel.start_button.click()
-    assert process_until(lambda: "Change “Worker checkout”" in notice_text(dock), 30), notice_text(dock)
+    assert process_until(lambda: dock.controller.local_worker is None, 30), "its failed start is told later"
+    assert "Change “Worker checkout”" in notice_text(dock), notice_text(dock)
 
     slow = fake_checkout(tmp_path / "slow", "echo 'creating worker venv'\nprintf 'downloading torch'\nsleep 120\n")
+    qgis_iface.messageBar().clear_messages()
+    panel.start_button.click()  # fails again, told once the set-up has begun and written its first line
     dock.controller.set_up_worker(slow, endpoint)
-    assert process_until(lambda: "creating worker venv" in panel.log_view.toPlainText(), 30)
+    time.sleep(1)
+    assert process_until(lambda: dock.controller.local_worker is None, 30)
+    assert process_until(lambda: "creating worker venv" in panel.log_view.toPlainText(), 30), \
+        panel.log_view.toPlainText()
+    assert "Setting up the worker" in notice_text(dock) and shown(panel.cancel_setup_button)
+    assert panel.status_label.text() == "setting up the worker…"
+    assert any("Worker checkout" in m for m in qgis_iface.messageBar().get_messages(Qgis.Critical)), \
+        "the stop is told in the message bar"
     panel.cancel_setup_button.click()
     assert process_until(lambda: "cancelled" in notice_text(dock), 5), (notice_text(dock), panel.log_view.toPlainText())
 
