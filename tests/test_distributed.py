@@ -241,18 +241,27 @@ def test_a_local_cluster_leaves_this_process_environment_as_it_was():
     assert dict(os.environ) == before
 
 
-def test_the_command_line_indexes_on_a_local_cluster(tmp_path, assets):
+def test_the_command_line_indexes_on_a_local_cluster_keeping_the_users_dask_preload(tmp_path, assets):
+    """A worker preload in the user's Dask configuration (a site's logging or credentials set-up)
+    still runs in the local cluster's workers beside ours; ours once replaced it."""
     import json
     import subprocess
     import sys
 
+    ran = tmp_path / "preload-ran"
+    ran.mkdir()
+    users_preload = tmp_path / "site_preload.py"
+    users_preload.write_text(f"import os\n\ndef dask_setup(worker):\n    open(os.path.join({str(ran)!r}, "
+                             f"str(os.getpid())), 'w').close()\n")
+    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__PRELOAD": str(users_preload)}
     done = subprocess.run([sys.executable, "-m", "worker", "index", "--out", tmp_path / "index", "--tile", "128",
                            "--scales", "1", "--cluster", "local:2", "--quiet", "--sketch-modules", "none",
-                           assets["osbs_rgb"]], capture_output=True, text=True)
+                           assets["osbs_rgb"]], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     assert " INFO " not in done.stderr, done.stderr  # --quiet: Dask's 37 lines of news are not the user's
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["tile_count"] == len(TileIndex.open(tmp_path / "index")) > 0
+    assert len(os.listdir(ran)) >= 2, "the user's preload ran in each of the 2 workers (a restarted one again)"
 
 
 class InATerminal:
