@@ -243,7 +243,8 @@ def test_a_local_cluster_leaves_this_process_environment_as_it_was():
 
 def test_the_command_line_indexes_on_a_local_cluster_keeping_the_users_dask_preload(tmp_path, assets):
     """A worker preload in the user's Dask configuration (a site's logging or credentials set-up)
-    still runs in the local cluster's workers beside ours; ours once replaced it."""
+    still runs in the local cluster's workers beside ours: ours once replaced it, and then,
+    given with its arguments as a list each, left the lists one short and stopped every worker."""
     import json
     import subprocess
     import sys
@@ -253,7 +254,8 @@ def test_the_command_line_indexes_on_a_local_cluster_keeping_the_users_dask_prel
     users_preload = tmp_path / "site_preload.py"
     users_preload.write_text(f"import os\n\ndef dask_setup(worker):\n    open(os.path.join({str(ran)!r}, "
                              f"str(os.getpid())), 'w').close()\n")
-    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__PRELOAD": str(users_preload)}
+    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__PRELOAD": str(users_preload),
+           "DASK_DISTRIBUTED__WORKER__PRELOAD_ARGV": "[['--site', 'lab']]"}
     done = subprocess.run([sys.executable, "-m", "worker", "index", "--out", tmp_path / "index", "--tile", "128",
                            "--scales", "1", "--cluster", "local:2", "--quiet", "--sketch-modules", "none",
                            assets["osbs_rgb"]], capture_output=True, text=True, env=env)

@@ -123,19 +123,24 @@ def connect(spec: str):
             with stops_held(), children_deaf_to_ctrl_c():  # the cluster starts whole, its workers deaf to Ctrl-C
                 cluster = running.enter_context(LocalCluster(
                     n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
-                    silence_logs=logging.ERROR if quiet else False, preload=_with_our_preload()))
+                    silence_logs=logging.ERROR if quiet else False, **_with_our_preload()))
                 client = running.enter_context(Client(cluster))
             yield client
         finally:
             closing()
 
 
-def _with_our_preload() -> list[str]:
-    """The worker preloads of the user's Dask configuration, and ours (worker.local_cluster_worker)."""
+def _with_our_preload() -> dict:
+    """LocalCluster's preload and preload_argv: the worker preloads of the user's Dask
+    configuration, each with its arguments as Dask gives them (one list for all, or a list
+    each: the latter, one short of ours, stopped every worker), and ours (worker.local_cluster_worker)."""
     import dask
 
     theirs = dask.config.get("distributed.worker.preload") or []
-    return [*([theirs] if isinstance(theirs, str) else theirs), "worker.local_cluster_worker"]
+    theirs = [theirs] if isinstance(theirs, str) else list(theirs)
+    argv = dask.config.get("distributed.worker.preload-argv") or []
+    argv = [argv] * len(theirs) if not argv or isinstance(argv[0], str) else list(argv)
+    return {"preload": [*theirs, "worker.local_cluster_worker"], "preload_argv": [*argv, []]}
 
 
 def _not_a_cancelled_reconnect(record: logging.LogRecord) -> bool:
