@@ -169,8 +169,9 @@ class WorkerPanel(QGroupBox):
                               lines=tuple(self.log_view.toPlainText().splitlines()))
 
     def _show_stopped(self, exit_: WorkerExit) -> None:
-        if self.controller.finder.setting_up:
-            return  # its log and Cancel stay; the message bar and QGIS's log tell of the stop
+        if self.controller.finder.setting_up:  # its notice, log and Cancel stay; the stop joins its log
+            self.log_view.appendPlainText(f"(meanwhile) {exit_.message}")
+            return
         set_up = (self.setup_button,) if exit_.blamed == Setting.WORKER_PYTHON else ()
         self._show_notice(html.escape(exit_.message) + " Its last lines:", *set_up, fix=exit_.blamed,
                           lines=exit_.last_lines)
