@@ -279,7 +279,7 @@ def test_a_set_up_mid_line_is_cancelled_at_once_and_a_failed_one_offers_the_righ
         assert len(meanwhile) == 1 and moved_away in meanwhile[0], panel.log_view.toPlainText()
         assert any(moved_away in m for m in qgis_iface.messageBar().get_messages(Qgis.Critical))
         panel.cancel_setup_button.click()
-        assert process_until(lambda: "cancelled" in notice_text(dock), 5), (notice_text(dock),
+        assert process_until(lambda: "Setting up the worker was cancelled" in notice_text(dock), 5), (notice_text(dock),
                                                                             panel.log_view.toPlainText())
     finally:
         dock.controller.finder.cancel_setup()  # a set-up left running would hold the dock in later tests
@@ -288,7 +288,7 @@ def test_a_set_up_mid_line_is_cancelled_at_once_and_a_failed_one_offers_the_righ
     failing = fake_checkout(tmp_path / "failing", "printf 'fetching 10%%\\rfetching 90%%\\r\\n'\n"
                                                   "echo 'python3.11 not found' >&2\nexit 3\n")
     dock.controller.set_up_worker(failing, endpoint)
-    assert process_until(lambda: "failed" in notice_text(dock), 30), notice_text(dock)
+    assert process_until(lambda: "Setting up the worker failed" in notice_text(dock), 30), notice_text(dock)
     assert panel.log_view.toPlainText().splitlines()[-3:] == ["fetching 10%", "fetching 90%", "python3.11 not found"]
     assert "python3.11 not found" in notice_text(dock), "the script's last line, from its error output"
     assert shown(panel.setup_button) and shown(panel.fix_button)

@@ -13,9 +13,14 @@ from conftest import process_until
 
 
 def connect(dock, worker) -> None:
-    dock.connect_worker(worker.bind)
-    assert process_until(lambda: dock.worker_panel.status_label.text().startswith("connected"), 30)
-    assert process_until(lambda: row_of(dock.index_panel, "rmnp") >= 0, 10), "this worker's indexes listed"
+    listed = []  # a listing after this connect: the table may still show an earlier one's rows
+    dock.controller.indexes_listed.connect(listed.append)
+    try:
+        dock.connect_worker(worker.bind)
+        assert process_until(lambda: dock.worker_panel.status_label.text().startswith("connected"), 30)
+        assert process_until(lambda: listed and row_of(dock.index_panel, "rmnp") >= 0, 10), "this worker's indexes listed"
+    finally:
+        dock.controller.indexes_listed.disconnect(listed.append)
 
 
 def row_of(panel, name: str) -> int:

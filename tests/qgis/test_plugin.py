@@ -123,7 +123,7 @@ def test_search_against_a_real_worker_adds_a_georeferenced_layer(plugin, worker,
     saved = QgsVectorLayer(f"{out}|layername={layer.name()}", "saved", "ogr")
     assert saved.isValid() and saved.featureCount() == 3
     del saved
-    assert qgis_iface.messageBar().get_messages(Qgis.Success)
+    assert f"Results saved to {out}" in qgis_iface.messageBar().get_messages(Qgis.Success)[-1]
     dock.controller.save_results(str(out))  # a layer of that name saved there before (another session's 1)
     again = QgsVectorLayer(f"{out}|layername={layer.name()} (2)", "saved again", "ogr")
     assert again.isValid() and again.featureCount() == 3, "added beside the first, not over it"
@@ -246,6 +246,7 @@ def test_connecting_again_during_a_search_gives_the_search_button_back(plugin, w
     """The connection a search waits on is closed (Connect pressed again, or another worker): the
     search ends at once, saying so, and Search can be pressed again. It stayed greyed for good."""
     dock = plugin.dock
+    dock.index_combo.clear()  # the last test's list: this connect's own is waited for
     connected_to(dock, worker)
     assert process_until(lambda: dock.index_combo.count() > 0, 10)
     dock.index_combo.setCurrentText("rmnp")
