@@ -97,7 +97,7 @@ class SearchController(QObject):
         self.link: Optional[WorkerLink] = None
         self.local_worker: Optional[LocalWorker] = None
         self.finder = WorkerFinder(self)
-        self.finder.setup_started.connect(lambda _: self.status_changed.emit(*Status.SETTING_UP))
+        self.finder.setup_started.connect(lambda _: self._show_status_now(Status.SETTING_UP))
         self.finder.setup_ended.connect(self._set_up)
         self.endpoint_to_start = Setting.ENDPOINT.get()  # where a worker found or set up will be started
         self.info: dict = {}
@@ -136,7 +136,9 @@ class SearchController(QObject):
         with none configured, look for one (the finder offers it, or explains what is needed)."""
         self.endpoint_to_start = endpoint
         command = WorkerCommand.configured()
-        if command is None:
+        if command is None and self.finder.setting_up:
+            self.notice.emit("The worker is being set up: it starts once it is (its log is in the dock).", Qgis.Info, "")
+        elif command is None:
             self.finder.find()
         else:
             self._start(command)
@@ -159,7 +161,7 @@ class SearchController(QObject):
         if ok:
             self.use_worker(command, self.endpoint_to_start)
         else:
-            self.status_changed.emit(*Status.DISCONNECTED)
+            self._show_status_now(Status.DISCONNECTED)
 
     def _start(self, command: WorkerCommand) -> None:
         problem = endpoint_problem(dialable(self.endpoint_to_start, self.endpoint_to_start))
@@ -178,7 +180,7 @@ class SearchController(QObject):
         if self._linked_to(stopped):
             self._close_link()
         stopped.deleteLater()
-        self.status_changed.emit(*(Status.SETTING_UP if self.finder.setting_up else Status.STOPPED))
+        self._show_status_now(Status.STOPPED)
         self.worker_stopped.emit(exit_)
         self.notice.emit(exit_.message, Qgis.Critical, "\n".join(exit_.last_lines))
 
@@ -190,8 +192,15 @@ class SearchController(QObject):
         if self.local_worker is not None and self._linked_to(self.local_worker):
             self._close_link()
         self.stop_local_worker()
-        if self.link is None:  # connected to another worker, it stays connected
-            self.status_changed.emit(*Status.DISCONNECTED)
+        self._show_status_now(Status.DISCONNECTED)
+
+    def _show_status_now(self, otherwise: tuple) -> None:
+        """The light once a worker stopped or a set-up began or ended: still connected to another
+        worker, or still setting up, it says so; else `otherwise`."""
+        if self.link is not None:
+            self.status_changed.emit(*(Status.connected(self.info) if self.info else Status.CONNECTING))
+        else:
+            self.status_changed.emit(*(Status.SETTING_UP if self.finder.setting_up else otherwise))
 
     def stop_local_worker(self) -> None:
         """Ask the local worker to stop; it finishes in the background (LocalWorker.stop)."""

@@ -131,7 +131,7 @@ class WorkerPanel(QGroupBox):
         self.status_light.setStyleSheet(f"color: {colour}; font-size: 16px")
         self.status_label.setText(text)
         self.stop_button.setEnabled(self.controller.local_worker is not None)
-        if text.startswith("connected"):
+        if text.startswith("connected") and not self.controller.finder.setting_up:  # a set-up's log and Cancel stay
             self.notice.hide()
 
     def _show_searching(self) -> None:

@@ -295,6 +295,37 @@ def test_a_set_up_mid_line_is_cancelled_at_once_and_a_failed_one_offers_the_righ
     assert panel.fix_button.text() == "Change Worker Python…", "an existing Python instead, not the checkout"
 
 
+def test_a_set_up_keeps_its_log_and_cancel_while_the_dock_uses_another_worker(
+        plugin, new_user_settings, tmp_path, worker, qgis_iface, monkeypatch):
+    """A set-up takes minutes (torch is GBs); meanwhile the user connects to a worker already
+    running (a GPU machine's). Connecting hid the set-up's log and Cancel, Start (no worker
+    configured) replaced them with a search for one, and a cancelled set-up then said
+    "disconnected" while the dock was connected."""
+    from lab.worker_process import free_port
+
+    monkeypatch.delenv("SKETCH_SEARCH_WORKER_PYTHON", raising=False)  # no worker configured
+    new_user_settings.INDEX_ROOT.set(str(tmp_path / "indexes"))
+    dock, panel = plugin.dock, plugin.dock.worker_panel
+    slow = fake_checkout(tmp_path / "slow", "echo 'creating worker venv'\nsleep 120\n")
+    dock.controller.set_up_worker(slow, f"tcp://127.0.0.1:{free_port()}")
+    try:
+        assert process_until(lambda: "creating worker venv" in panel.log_view.toPlainText(), 30)
+        dock.connect_worker(worker.bind)
+        assert process_until(lambda: panel.status_label.text().startswith("connected"), 30), panel.status_label.text()
+        assert "Setting up the worker" in notice_text(dock), notice_text(dock)
+        assert shown(panel.cancel_setup_button) and "creating worker venv" in panel.log_view.toPlainText()
+        qgis_iface.messageBar().clear_messages()
+        panel.start_button.click()
+        assert process_until(lambda: any("being set up" in m for m in qgis_iface.messageBar().get_messages(Qgis.Info)), 5)
+        assert "Setting up the worker" in notice_text(dock) and shown(panel.cancel_setup_button)
+        panel.cancel_setup_button.click()
+        assert process_until(lambda: "Setting up the worker was cancelled" in notice_text(dock), 5), notice_text(dock)
+        assert panel.status_label.text().startswith("connected"), "the worker in use is still connected"
+    finally:
+        dock.controller.finder.cancel_setup()  # a set-up left running would hold the dock in later tests
+        process_until(lambda: not dock.controller.finder.setting_up, 10)
+
+
 @pytest.mark.parametrize("lines, key", [
     (["ModuleNotFoundError: No module named 'worker'"], "worker_dir"),
     (["zmq.error.ZMQError: Address already in use (addr='tcp://127.0.0.1:5555')"], "endpoint"),
