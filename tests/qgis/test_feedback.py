@@ -14,8 +14,10 @@ from mouse import drag
 
 
 def connected(dock, worker) -> None:
-    if dock.controller.link is None or not dock.worker_panel.status_label.text().startswith("connected"):
+    link = dock.controller.link  # the light can still say connected to a worker another test stopped
+    if link is None or link.endpoint != worker.bind or not dock.worker_panel.status_label.text().startswith("connected"):
         dock.connect_worker(worker.bind)
+        assert dock.worker_panel.status_label.text() == "connecting…"
         assert process_until(lambda: dock.worker_panel.status_label.text().startswith("connected"), 30)
     assert process_until(lambda: dock.index_combo.count() > 0, 10)
     dock.index_combo.setCurrentText("rmnp")
