@@ -134,11 +134,13 @@ class SearchController(QObject):
     def start_local_worker(self, endpoint: str) -> None:
         """Start the configured worker Python's `python -m worker serve` here and connect to it;
         with none configured, look for one (the finder offers it, or explains what is needed)."""
-        self.endpoint_to_start = endpoint
         command = WorkerCommand.configured()
-        if command is None and self.finder.setting_up:
-            self.notice.emit("The worker is being set up: it starts once it is (its log is in the dock).", Qgis.Info, "")
-        elif command is None:
+        if command is None and self.finder.setting_up:  # it starts where the set-up was asked to start it
+            self.notice.emit(f"The worker is being set up: it starts at {self.endpoint_to_start} once it is "
+                             "(its log is in the dock).", Qgis.Info, "")
+            return
+        self.endpoint_to_start = endpoint
+        if command is None:
             self.finder.find()
         else:
             self._start(command)
@@ -195,12 +197,19 @@ class SearchController(QObject):
         self._show_status_now(Status.DISCONNECTED)
 
     def _show_status_now(self, otherwise: tuple) -> None:
-        """The light once a worker stopped or a set-up began or ended: still connected to another
-        worker, or still setting up, it says so; else `otherwise`."""
+        """The light once a worker stopped or a set-up began or ended: the worker this dock is
+        linked to as it last was (connected, not answering, connecting), else a local worker
+        starting, else a set-up under way; else `otherwise`."""
         if self.link is not None:
-            self.status_changed.emit(*(Status.connected(self.info) if self.info else Status.CONNECTING))
+            status = (Status.NOT_ANSWERING if self._not_answering
+                      else Status.connected(self.info) if self.info else Status.CONNECTING)
+        elif self.local_worker is not None:
+            status = Status.STARTING
+        elif self.finder.setting_up:
+            status = Status.SETTING_UP
         else:
-            self.status_changed.emit(*(Status.SETTING_UP if self.finder.setting_up else otherwise))
+            status = otherwise
+        self.status_changed.emit(*status)
 
     def stop_local_worker(self) -> None:
         """Ask the local worker to stop; it finishes in the background (LocalWorker.stop)."""

@@ -242,7 +242,7 @@ def fake_checkout(folder, setup_script: str):
 
 
 def test_a_set_up_mid_line_is_cancelled_at_once_and_a_failed_one_offers_the_right_setting(
-        plugin, new_user_settings, tmp_path, qgis_iface):
+        reloaded_plugin, new_user_settings, tmp_path, qgis_iface):
     """Cancel set-up waited for the script's next line: one that wrote part of a line and then
     worked (a download) kept the cancel, and QGIS's task, waiting until it ended. A set-up that
     failed offered to change the setting an earlier notice had blamed (here the checkout). A
@@ -255,7 +255,7 @@ def test_a_set_up_mid_line_is_cancelled_at_once_and_a_failed_one_offers_the_righ
     Setting.WORKER_PYTHON.set(WORKER_PYTHON)
     Setting.WORKER_DIR.set(str(tmp_path / "moved-away"))
     Setting.INDEX_ROOT.set(str(tmp_path / "indexes"))
-    dock, panel = plugin.dock, plugin.dock.worker_panel
+    dock, panel = reloaded_plugin.dock, reloaded_plugin.dock.worker_panel  # no worker linked, no notice left
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     panel.endpoint_edit.setText(endpoint)
     panel.start_button.click()
@@ -307,7 +307,8 @@ def test_a_set_up_keeps_its_log_and_cancel_while_the_dock_uses_another_worker(
     new_user_settings.INDEX_ROOT.set(str(tmp_path / "indexes"))
     dock, panel = plugin.dock, plugin.dock.worker_panel
     slow = fake_checkout(tmp_path / "slow", "echo 'creating worker venv'\nsleep 120\n")
-    dock.controller.set_up_worker(slow, f"tcp://127.0.0.1:{free_port()}")
+    its_endpoint = f"tcp://127.0.0.1:{free_port()}"
+    dock.controller.set_up_worker(slow, its_endpoint)
     try:
         assert process_until(lambda: "creating worker venv" in panel.log_view.toPlainText(), 30)
         dock.connect_worker(worker.bind)
@@ -316,7 +317,9 @@ def test_a_set_up_keeps_its_log_and_cancel_while_the_dock_uses_another_worker(
         assert shown(panel.cancel_setup_button) and "creating worker venv" in panel.log_view.toPlainText()
         qgis_iface.messageBar().clear_messages()
         panel.start_button.click()
-        assert process_until(lambda: any("being set up" in m for m in qgis_iface.messageBar().get_messages(Qgis.Info)), 5)
+        told = f"The worker is being set up: it starts at {its_endpoint} once it is"
+        assert process_until(lambda: any(told in m for m in qgis_iface.messageBar().get_messages(Qgis.Info)), 5), \
+            "not at the endpoint Connect put in the box, the other worker's"
         assert "Setting up the worker" in notice_text(dock) and shown(panel.cancel_setup_button)
         panel.cancel_setup_button.click()
         assert process_until(lambda: "Setting up the worker was cancelled" in notice_text(dock), 5), notice_text(dock)

@@ -260,9 +260,12 @@ def test_connecting_again_during_a_search_gives_the_search_button_back(plugin, w
     dock.clear_sketch()
 
 
-def test_the_light_turns_green_again_once_a_silent_worker_answers(plugin, worker):
-    """A worker that did not answer in time (stopped, swapping) and answers later is shown connected again."""
+def test_the_light_turns_green_again_once_a_silent_worker_answers(plugin, worker, tmp_path):
+    """A worker that did not answer in time (stopped, swapping) and answers later is shown connected
+    again. A set-up begun and cancelled meanwhile does not turn the light green."""
     import signal
+
+    from test_first_run import fake_checkout
 
     dock = plugin.dock
     dock.controller.connect_timeout_s = 1.0
@@ -270,6 +273,11 @@ def test_the_light_turns_green_again_once_a_silent_worker_answers(plugin, worker
     try:
         dock.connect_worker(worker.bind)
         assert process_until(lambda: dock.worker_panel.status_label.text() == "not answering", 20)
+        dock.controller.set_up_worker(fake_checkout(tmp_path / "checkout", "sleep 120\n"), worker.bind)
+        assert dock.worker_panel.status_label.text() == "not answering"
+        dock.controller.finder.cancel_setup()
+        assert process_until(lambda: not dock.controller.finder.setting_up, 10)
+        assert dock.worker_panel.status_label.text() == "not answering"
     finally:
         worker.proc.send_signal(signal.SIGCONT)
         dock.controller.connect_timeout_s = 10.0
