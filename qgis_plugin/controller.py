@@ -133,7 +133,8 @@ class SearchController(QObject):
 
     def start_local_worker(self, endpoint: str) -> None:
         """Start the configured worker Python's `python -m worker serve` here and connect to it;
-        with none configured, look for one (the finder offers it, or explains what is needed)."""
+        with none configured, look for one (the finder offers it, or explains what is needed),
+        or, while one is being set up, say that it starts once it is."""
         command = WorkerCommand.configured()
         if command is None and self.finder.setting_up:  # it starts where the set-up was asked to start it
             self.notice.emit(f"The worker is being set up: it starts at {self.endpoint_to_start} once it is "
