@@ -153,18 +153,31 @@ class SearchController(QObject):
         self._start(command)
 
     def set_up_worker(self, checkout: Path, endpoint: str) -> None:
-        """Run the checkout's scripts/setup in the background, then start its worker at `endpoint`."""
+        """Run the checkout's scripts/setup in the background, then start its worker at `endpoint`
+        (or, connected meanwhile to another worker, make it the one Start local worker starts)."""
         self.endpoint_to_start = endpoint
         refused = self.finder.set_up(checkout)
         if refused:
             self.notice.emit(f"Cannot set up the worker: {refused}.", Qgis.Warning, "")
 
     def _set_up(self, ok: bool, message: str, command: Optional[WorkerCommand]) -> None:
+        if ok and self.linked_elsewhere():  # the user chose that worker meanwhile: not taken from them
+            command.save()
+            return self.notice.emit(f"{message} {self.not_started_note()}", Qgis.Success, "")
         self.notice.emit(message, Qgis.Success if ok else Qgis.Critical, "")
         if ok:
             self.use_worker(command, self.endpoint_to_start)
         else:
             self._show_status_now(Status.DISCONNECTED)
+
+    def linked_elsewhere(self) -> bool:
+        """Connected to another worker than the one a set-up starts (at endpoint_to_start)."""
+        return self.link is not None and self.link.endpoint != dialable(self.endpoint_to_start, self.endpoint_to_start)
+
+    def not_started_note(self) -> str:
+        """Why a worker set up while the dock used another was not started, and how to start it."""
+        return (f"It was not started, as this dock is connected to the worker at {self.link.endpoint}: "
+                "press Start local worker to use it.")
 
     def _start(self, command: WorkerCommand) -> None:
         problem = endpoint_problem(dialable(self.endpoint_to_start, self.endpoint_to_start))

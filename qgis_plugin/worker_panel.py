@@ -162,7 +162,9 @@ class WorkerPanel(QGroupBox):
                           self.cancel_setup_button, progress=True)
 
     def _show_setup_ended(self, ok: bool, message: str, _command: object) -> None:
-        if ok:
+        if ok and self.controller.linked_elsewhere():
+            self._show_notice(html.escape(f"{message} {self.controller.not_started_note()}"))
+        elif ok:
             self._show_notice(html.escape(message) + " Starting it…", progress=True)
         else:
             self._show_notice(html.escape(message), self.setup_button, fix=Setting.WORKER_PYTHON, progress=False,

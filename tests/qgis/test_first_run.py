@@ -295,20 +295,23 @@ def test_a_set_up_mid_line_is_cancelled_at_once_and_a_failed_one_offers_the_righ
     assert panel.fix_button.text() == "Change Worker Python…", "an existing Python instead, not the checkout"
 
 
-def test_a_set_up_keeps_its_log_and_cancel_while_the_dock_uses_another_worker(
+def test_a_set_up_while_the_dock_uses_another_worker_keeps_its_view_and_leaves_that_worker_in_use(
         plugin, new_user_settings, tmp_path, worker, qgis_iface, monkeypatch):
     """A set-up takes minutes (torch is GBs); meanwhile the user connects to a worker already
     running (a GPU machine's). Connecting hid the set-up's log and Cancel, Start (no worker
-    configured) replaced them with a search for one, and a cancelled set-up then said
-    "disconnected" while the dock was connected."""
+    configured) replaced them with a search for one, and the set-up, once done, started its
+    worker and took the dock's connection from the worker the user had chosen."""
     from lab.worker_process import free_port
 
     monkeypatch.delenv("SKETCH_SEARCH_WORKER_PYTHON", raising=False)  # no worker configured
-    new_user_settings.INDEX_ROOT.set(str(tmp_path / "indexes"))
+    Setting = new_user_settings
+    Setting.INDEX_ROOT.set(str(tmp_path / "indexes"))
     dock, panel = plugin.dock, plugin.dock.worker_panel
-    slow = fake_checkout(tmp_path / "slow", "echo 'creating worker venv'\nsleep 120\n")
+    checkout = fake_checkout(tmp_path / "checkout", "echo 'creating worker venv'\nmkdir -p .venv/bin\n"
+                                                    "touch .venv/bin/python\n"
+                                                    "while [ ! -e done-downloading ]; do sleep 0.1; done\n")
     its_endpoint = f"tcp://127.0.0.1:{free_port()}"
-    dock.controller.set_up_worker(slow, its_endpoint)
+    dock.controller.set_up_worker(checkout, its_endpoint)
     try:
         assert process_until(lambda: "creating worker venv" in panel.log_view.toPlainText(), 30)
         dock.connect_worker(worker.bind)
@@ -321,9 +324,13 @@ def test_a_set_up_keeps_its_log_and_cancel_while_the_dock_uses_another_worker(
         assert process_until(lambda: any(told in m for m in qgis_iface.messageBar().get_messages(Qgis.Info)), 5), \
             "not at the endpoint Connect put in the box, the other worker's"
         assert "Setting up the worker" in notice_text(dock) and shown(panel.cancel_setup_button)
-        panel.cancel_setup_button.click()
-        assert process_until(lambda: "Setting up the worker was cancelled" in notice_text(dock), 5), notice_text(dock)
-        assert panel.status_label.text().startswith("connected"), "the worker in use is still connected"
+
+        (checkout / "done-downloading").touch()
+        assert process_until(lambda: not dock.controller.finder.setting_up, 10)
+        assert f"It was not started, as this dock is connected to the worker at {worker.bind}" in notice_text(dock)
+        assert dock.controller.link.endpoint == worker.bind and panel.status_label.text().startswith("connected")
+        assert dock.controller.local_worker is None
+        assert Setting.WORKER_PYTHON.get() == str(checkout / ".venv" / "bin" / "python"), "Start local worker uses it"
     finally:
         dock.controller.finder.cancel_setup()  # a set-up left running would hold the dock in later tests
         process_until(lambda: not dock.controller.finder.setting_up, 10)
