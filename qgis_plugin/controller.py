@@ -84,6 +84,7 @@ class SearchController(QObject):
     worker_info = pyqtSignal(dict)  # the info reply of the worker connected to
     worker_stopped = pyqtSignal(object)  # a WorkerExit: the local worker stopped by itself
     indexes_listed = pyqtSignal(list)  # the worker's indexes (list_indexes items)
+    set_up_ended = pyqtSignal(bool, str, bool)  # success, what to tell the user, whether its worker starts now
     job_changed = pyqtSignal(dict)  # the indexing job started from here, after each event
     job_lost = pyqtSignal(dict)  # its last event, when the connection it was followed on closed
     # the index item of a lost job the worker, listing it again, no longer runs ({"name", "missing"}: not listed)
@@ -161,23 +162,22 @@ class SearchController(QObject):
             self.notice.emit(f"Cannot set up the worker: {refused}.", Qgis.Warning, "")
 
     def _set_up(self, ok: bool, message: str, command: Optional[WorkerCommand]) -> None:
-        if ok and self.linked_elsewhere():  # the user chose that worker meanwhile: not taken from them
+        starts = ok and not self._linked_elsewhere()  # a worker the user chose meanwhile is not taken from them
+        if ok and not starts:
             command.save()
-            return self.notice.emit(f"{message} {self.not_started_note()}", Qgis.Success, "")
+            message = (f"{message} It was not started, as this dock is connected to the worker at "
+                       f"{self.link.endpoint}: to use it, press Start local worker with the endpoint "
+                       f"{self.endpoint_to_start}.")
         self.notice.emit(message, Qgis.Success if ok else Qgis.Critical, "")
-        if ok:
+        self.set_up_ended.emit(ok, message, starts)
+        if starts:
             self.use_worker(command, self.endpoint_to_start)
-        else:
+        elif not ok:
             self._show_status_now(Status.DISCONNECTED)
 
-    def linked_elsewhere(self) -> bool:
-        """Connected to another worker than the one a set-up starts (at endpoint_to_start)."""
-        return self.link is not None and self.link.endpoint != dialable(self.endpoint_to_start, self.endpoint_to_start)
-
-    def not_started_note(self) -> str:
-        """Why a worker set up while the dock used another was not started, and how to start it."""
-        return (f"It was not started, as this dock is connected to the worker at {self.link.endpoint}: "
-                "press Start local worker to use it.")
+    def _linked_elsewhere(self) -> bool:
+        """Connected to another worker than this dock's local one (which a set-up restarts)."""
+        return self.link is not None and not (self.local_worker is not None and self._linked_to(self.local_worker))
 
     def _start(self, command: WorkerCommand) -> None:
         problem = endpoint_problem(dialable(self.endpoint_to_start, self.endpoint_to_start))
@@ -201,7 +201,10 @@ class SearchController(QObject):
         self.notice.emit(exit_.message, Qgis.Critical, "\n".join(exit_.last_lines))
 
     def _linked_to(self, worker: LocalWorker) -> bool:
-        return self.link is not None and self.link.endpoint == dialable(worker.endpoint, worker.endpoint)
+        """Whether the connection is to `worker`: one that never served is not what the dock is
+        connected to, even at its endpoint (a worker there already, this one refused the port)."""
+        return (worker.serving and self.link is not None
+                and self.link.endpoint == dialable(worker.endpoint, worker.endpoint))
 
     def stop_by_user(self) -> None:
         """The user's Stop: the local worker asked to stop, and this plugin no longer connected to it."""

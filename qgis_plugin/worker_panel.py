@@ -7,6 +7,7 @@ import html
 from pathlib import Path
 from typing import Callable, Optional
 
+from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtWidgets import (QFileDialog, QFormLayout, QFrame, QGroupBox, QHBoxLayout, QLabel, QLineEdit,
                                  QPlainTextEdit, QProgressBar, QPushButton, QVBoxLayout, QWidget)
 
@@ -71,7 +72,7 @@ class WorkerPanel(QGroupBox):
         finder.setup_started.connect(self._show_setup_started)
         finder.setup_line.connect(self.log_view.appendPlainText)
         finder.setup_progress.connect(lambda percent: self.setup_progress.setValue(int(percent)))
-        finder.setup_ended.connect(self._show_setup_ended)
+        controller.set_up_ended.connect(self._show_setup_ended)
         controller.status_changed.connect(self.show_status)
         controller.worker_stopped.connect(self._show_stopped)
         self.show_status(*Status.DISCONNECTED)
@@ -81,6 +82,7 @@ class WorkerPanel(QGroupBox):
         self.notice.setFrameShape(QFrame.StyledPanel)
         layout = QVBoxLayout(self.notice)
         self.notice_text = QLabel()
+        self.notice_text.setTextFormat(Qt.RichText)  # escaped text: a path's "&" shown as "&", never "&amp;"
         self.notice_text.setWordWrap(True)
         self.notice_text.setToolTip("What the plugin found out about the worker, and what to do.")
         layout.addWidget(self.notice_text)
@@ -161,11 +163,11 @@ class WorkerPanel(QGroupBox):
         self._show_notice(f"Setting up the worker in {html.escape(checkout)} (its scripts/setup)…",
                           self.cancel_setup_button, progress=True)
 
-    def _show_setup_ended(self, ok: bool, message: str, _command: object) -> None:
-        if ok and self.controller.linked_elsewhere():
-            self._show_notice(html.escape(f"{message} {self.controller.not_started_note()}"))
-        elif ok:
+    def _show_setup_ended(self, ok: bool, message: str, starts: bool) -> None:
+        if starts:
             self._show_notice(html.escape(message) + " Starting it…", progress=True)
+        elif ok:
+            self._show_notice(html.escape(message))
         else:
             self._show_notice(html.escape(message), self.setup_button, fix=Setting.WORKER_PYTHON, progress=False,
                               lines=tuple(self.log_view.toPlainText().splitlines()))

@@ -327,13 +327,33 @@ def test_a_set_up_while_the_dock_uses_another_worker_keeps_its_view_and_leaves_t
 
         (checkout / "done-downloading").touch()
         assert process_until(lambda: not dock.controller.finder.setting_up, 10)
-        assert f"It was not started, as this dock is connected to the worker at {worker.bind}" in notice_text(dock)
+        assert (f"It was not started, as this dock is connected to the worker at {worker.bind}: to use it, press "
+                f"Start local worker with the endpoint {its_endpoint}.") in notice_text(dock), notice_text(dock)
         assert dock.controller.link.endpoint == worker.bind and panel.status_label.text().startswith("connected")
         assert dock.controller.local_worker is None
         assert Setting.WORKER_PYTHON.get() == str(checkout / ".venv" / "bin" / "python"), "Start local worker uses it"
     finally:
         dock.controller.finder.cancel_setup()  # a set-up left running would hold the dock in later tests
         process_until(lambda: not dock.controller.finder.setting_up, 10)
+
+
+def test_a_local_worker_refused_the_endpoint_of_the_worker_in_use_leaves_that_connection(
+        plugin, new_user_settings, tmp_path, worker):
+    """Start with the endpoint still at the worker the dock is connected to (Connect puts it in the
+    box): the local worker cannot take the port and stops, and the dock closed its connection to
+    the worker in use as if that one had stopped (the two were matched by endpoint alone)."""
+    Setting = new_user_settings
+    Setting.WORKER_PYTHON.set(WORKER_PYTHON)
+    Setting.WORKER_DIR.set(str(REPO))
+    Setting.INDEX_ROOT.set(str(tmp_path / "indexes"))
+    dock, panel = plugin.dock, plugin.dock.worker_panel
+    dock.connect_worker(worker.bind)
+    assert process_until(lambda: panel.status_label.text().startswith("connected"), 30), panel.status_label.text()
+    panel.start_button.click()
+    assert process_until(lambda: "stopped as it started" in notice_text(dock), WORKER_START_S), notice_text(dock)
+    assert "Address already in use" in panel.log_view.toPlainText() and "Endpoint" in notice_text(dock)
+    assert dock.controller.link is not None and dock.controller.link.endpoint == worker.bind
+    assert panel.status_label.text().startswith("connected"), "the worker in use is still connected"
 
 
 @pytest.mark.parametrize("lines, key", [
