@@ -177,7 +177,7 @@ class SearchController(QObject):
 
     def _linked_elsewhere(self) -> bool:
         """Connected to another worker than this dock's local one (which a set-up restarts)."""
-        return self.link is not None and not (self.local_worker is not None and self._linked_to(self.local_worker))
+        return self.link is not None and not self._linked_to(self.local_worker)
 
     def _start(self, command: WorkerCommand) -> None:
         problem = endpoint_problem(dialable(self.endpoint_to_start, self.endpoint_to_start))
@@ -200,15 +200,16 @@ class SearchController(QObject):
         self.worker_stopped.emit(exit_)
         self.notice.emit(exit_.message, Qgis.Critical, "\n".join(exit_.last_lines))
 
-    def _linked_to(self, worker: LocalWorker) -> bool:
-        """Whether the connection is to `worker`: one that never served is not what the dock is
-        connected to, even at its endpoint (a worker there already, this one refused the port)."""
-        return (worker.serving and self.link is not None
+    def _linked_to(self, worker: Optional[LocalWorker]) -> bool:
+        """Whether the connection is to `worker` (None: no local worker): one that never served is
+        not what the dock is connected to, even at its endpoint (a worker there already, this one
+        refused the port)."""
+        return (worker is not None and worker.serving and self.link is not None
                 and self.link.endpoint == dialable(worker.endpoint, worker.endpoint))
 
     def stop_by_user(self) -> None:
         """The user's Stop: the local worker asked to stop, and this plugin no longer connected to it."""
-        if self.local_worker is not None and self._linked_to(self.local_worker):
+        if self._linked_to(self.local_worker):
             self._close_link()
         self.stop_local_worker()
         self._show_status_now(Status.DISCONNECTED)

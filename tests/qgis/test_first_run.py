@@ -5,6 +5,7 @@ and a worker that stops at start."""
 from __future__ import annotations
 
 import subprocess
+from contextlib import contextmanager
 
 import pytest
 from qgis.core import Qgis, QgsSettings
@@ -241,6 +242,18 @@ def fake_checkout(folder, setup_script: str):
     return folder
 
 
+@contextmanager
+def set_up_running(dock, checkout, endpoint: str):
+    """The set-up of `checkout` started (to start its worker at `endpoint`), and cancelled on
+    leaving if it still runs: one left running would hold the shared dock in later tests."""
+    dock.controller.set_up_worker(checkout, endpoint)
+    try:
+        yield
+    finally:
+        dock.controller.finder.cancel_setup()
+        process_until(lambda: not dock.controller.finder.setting_up, 10)
+
+
 def test_a_set_up_mid_line_is_cancelled_at_once_and_a_failed_one_offers_the_right_setting(
         reloaded_plugin, new_user_settings, tmp_path, qgis_iface):
     """Cancel set-up waited for the script's next line: one that wrote part of a line and then
@@ -267,8 +280,7 @@ def test_a_set_up_mid_line_is_cancelled_at_once_and_a_failed_one_offers_the_righ
     qgis_iface.messageBar().clear_messages()
     panel.start_button.click()  # fails again: Qt tells it later, here while the set-up runs
     assert dock.controller.local_worker is not None, "not told yet"
-    dock.controller.set_up_worker(slow, endpoint)
-    try:
+    with set_up_running(dock, slow, endpoint):
         time.sleep(1)  # the failed start and the set-up's first line, both waiting to be told
         assert process_until(lambda: dock.controller.local_worker is None, 30)
         assert process_until(lambda: "creating worker venv" in panel.log_view.toPlainText(), 30), \
@@ -279,11 +291,8 @@ def test_a_set_up_mid_line_is_cancelled_at_once_and_a_failed_one_offers_the_righ
         assert len(meanwhile) == 1 and moved_away in meanwhile[0], panel.log_view.toPlainText()
         assert any(moved_away in m for m in qgis_iface.messageBar().get_messages(Qgis.Critical))
         panel.cancel_setup_button.click()
-        assert process_until(lambda: "Setting up the worker was cancelled" in notice_text(dock), 5), (notice_text(dock),
-                                                                            panel.log_view.toPlainText())
-    finally:
-        dock.controller.finder.cancel_setup()  # a set-up left running would hold the dock in later tests
-        process_until(lambda: not dock.controller.finder.setting_up, 10)
+        assert process_until(lambda: "Setting up the worker was cancelled" in notice_text(dock), 5), \
+            (notice_text(dock), panel.log_view.toPlainText())
 
     failing = fake_checkout(tmp_path / "failing", "printf 'fetching 10%%\\rfetching 90%%\\r\\n'\n"
                                                   "echo 'python3.11 not found' >&2\nexit 3\n")
@@ -302,6 +311,7 @@ def test_a_set_up_while_the_dock_uses_another_worker_keeps_its_view_and_leaves_t
     configured) replaced them with a search for one, and the set-up, once done, started its
     worker and took the dock's connection from the worker the user had chosen."""
     from lab.worker_process import free_port
+    from test_plugin import connected_to
 
     monkeypatch.delenv("SKETCH_SEARCH_WORKER_PYTHON", raising=False)  # no worker configured
     Setting = new_user_settings
@@ -311,11 +321,9 @@ def test_a_set_up_while_the_dock_uses_another_worker_keeps_its_view_and_leaves_t
                                                     "touch .venv/bin/python\n"
                                                     "while [ ! -e done-downloading ]; do sleep 0.1; done\n")
     its_endpoint = f"tcp://127.0.0.1:{free_port()}"
-    dock.controller.set_up_worker(checkout, its_endpoint)
-    try:
+    with set_up_running(dock, checkout, its_endpoint):
         assert process_until(lambda: "creating worker venv" in panel.log_view.toPlainText(), 30)
-        dock.connect_worker(worker.bind)
-        assert process_until(lambda: panel.status_label.text().startswith("connected"), 30), panel.status_label.text()
+        connected_to(dock, worker)
         assert "Setting up the worker" in notice_text(dock), notice_text(dock)
         assert shown(panel.cancel_setup_button) and "creating worker venv" in panel.log_view.toPlainText()
         qgis_iface.messageBar().clear_messages()
@@ -332,9 +340,6 @@ def test_a_set_up_while_the_dock_uses_another_worker_keeps_its_view_and_leaves_t
         assert dock.controller.link.endpoint == worker.bind and panel.status_label.text().startswith("connected")
         assert dock.controller.local_worker is None
         assert Setting.WORKER_PYTHON.get() == str(checkout / ".venv" / "bin" / "python"), "Start local worker uses it"
-    finally:
-        dock.controller.finder.cancel_setup()  # a set-up left running would hold the dock in later tests
-        process_until(lambda: not dock.controller.finder.setting_up, 10)
 
 
 def test_a_local_worker_refused_the_endpoint_of_the_worker_in_use_leaves_that_connection(
@@ -342,13 +347,14 @@ def test_a_local_worker_refused_the_endpoint_of_the_worker_in_use_leaves_that_co
     """Start with the endpoint still at the worker the dock is connected to (Connect puts it in the
     box): the local worker cannot take the port and stops, and the dock closed its connection to
     the worker in use as if that one had stopped (the two were matched by endpoint alone)."""
+    from test_plugin import connected_to
+
     Setting = new_user_settings
     Setting.WORKER_PYTHON.set(WORKER_PYTHON)
     Setting.WORKER_DIR.set(str(REPO))
     Setting.INDEX_ROOT.set(str(tmp_path / "indexes"))
     dock, panel = plugin.dock, plugin.dock.worker_panel
-    dock.connect_worker(worker.bind)
-    assert process_until(lambda: panel.status_label.text().startswith("connected"), 30), panel.status_label.text()
+    connected_to(dock, worker)
     panel.start_button.click()
     assert process_until(lambda: "stopped as it started" in notice_text(dock), WORKER_START_S), notice_text(dock)
     assert "Address already in use" in panel.log_view.toPlainText() and "Endpoint" in notice_text(dock)

@@ -265,7 +265,7 @@ def test_the_light_turns_green_again_once_a_silent_worker_answers(plugin, worker
     again. A set-up begun and cancelled meanwhile does not turn the light green."""
     import signal
 
-    from test_first_run import fake_checkout
+    from test_first_run import fake_checkout, set_up_running
 
     dock = plugin.dock
     dock.controller.connect_timeout_s = 1.0
@@ -273,11 +273,11 @@ def test_the_light_turns_green_again_once_a_silent_worker_answers(plugin, worker
     try:
         dock.connect_worker(worker.bind)
         assert process_until(lambda: dock.worker_panel.status_label.text() == "not answering", 20)
-        dock.controller.set_up_worker(fake_checkout(tmp_path / "checkout", "sleep 120\n"), worker.bind)
-        assert dock.worker_panel.status_label.text() == "not answering"
-        dock.controller.finder.cancel_setup()
-        assert process_until(lambda: not dock.controller.finder.setting_up, 10)
-        assert dock.worker_panel.status_label.text() == "not answering"
+        with set_up_running(dock, fake_checkout(tmp_path / "checkout", "sleep 120\n"), worker.bind):
+            assert dock.worker_panel.status_label.text() == "not answering"
+            dock.controller.finder.cancel_setup()
+            assert process_until(lambda: not dock.controller.finder.setting_up, 10)
+            assert dock.worker_panel.status_label.text() == "not answering"
     finally:
         worker.proc.send_signal(signal.SIGCONT)
         dock.controller.connect_timeout_s = 10.0
