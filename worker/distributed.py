@@ -109,7 +109,7 @@ def connect(spec: str):
             client = Client(spec, timeout=f"{CONNECT_S:.0f}s")
         except Exception as exc:  # besides OSError and timeouts, whatever a peer that is no scheduler makes Dask raise
             raise unreachable(excerpt(str(exc))) from None
-        logging.getLogger("distributed.client").addFilter(_not_a_cancelled_reconnect)  # once: it is one function
+        logging.getLogger("distributed.client").addFilter(_not_the_end_of_a_reconnect)  # once: it is one function
         with client:
             yield client
         return
@@ -143,11 +143,17 @@ def _with_our_preload() -> dict:
     return {"preload": [*theirs, "worker.local_cluster_worker"], "preload_argv": [*argv, []]}
 
 
-def _not_a_cancelled_reconnect(record: logging.LogRecord) -> bool:
+RECONNECT_FAILED = "Failed to reconnect to scheduler"
+
+
+def _not_the_end_of_a_reconnect(record: logging.LogRecord) -> bool:
     """A logging filter for Dask's client: a client that lost its scheduler tries to reconnect
-    until it is closed, and closing it logged the cancelled try as an ERROR, 30 lines of
-    traceback after the run had said it lost the scheduler."""
-    return not (record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError))
+    until it is closed, and closing it logged the try's end as an ERROR beside the run's own
+    line that it lost the scheduler: the try cancelled, with 30 lines of traceback, or, when the
+    close fell between two tries, "Failed to reconnect to scheduler after 20.00 seconds" (the
+    timeout, whatever the time)."""
+    return not ((record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError))
+                or record.getMessage().startswith(RECONNECT_FAILED))
 
 
 CONNECT_S = 20.0  # for a scheduler to answer who it is; Dask's own timeout covers opening the connection only
