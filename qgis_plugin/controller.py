@@ -141,7 +141,8 @@ class SearchController(QObject):
             self.notice.emit(f"The worker is being set up: it starts at {self.endpoint_to_start} once it is "
                              "(its log is in the dock).", Qgis.Info, "")
             return
-        self.endpoint_to_start = endpoint
+        if not self._aim_at(endpoint):
+            return
         if command is None:
             self.finder.find()
         else:
@@ -149,14 +150,15 @@ class SearchController(QObject):
 
     def use_worker(self, command: WorkerCommand, endpoint: str) -> None:
         """Save a worker the finder offered as the configured one, and start it at `endpoint`."""
-        self.endpoint_to_start = endpoint
         command.save()
-        self._start(command)
+        if self._aim_at(endpoint):
+            self._start(command)
 
     def set_up_worker(self, checkout: Path, endpoint: str) -> None:
         """Run the checkout's scripts/setup in the background, then start its worker at `endpoint`
         (or, connected meanwhile to another worker, make it the one Start local worker starts)."""
-        self.endpoint_to_start = endpoint
+        if not self._aim_at(endpoint):  # told now, not once the set-up's minutes are over
+            return
         refused = self.finder.set_up(checkout)
         if refused:
             self.notice.emit(f"Cannot set up the worker: {refused}.", Qgis.Warning, "")
@@ -179,10 +181,20 @@ class SearchController(QObject):
         """Connected to another worker than this dock's local one (which a set-up restarts)."""
         return self.link is not None and not self._linked_to(self.local_worker)
 
-    def _start(self, command: WorkerCommand) -> None:
-        problem = endpoint_problem(dialable(self.endpoint_to_start, self.endpoint_to_start))
+    def _aim_at(self, endpoint: str) -> bool:
+        """Make `endpoint` where the next local worker starts (endpoint_to_start), or say why
+        ZeroMQ cannot dial it and leave the last one: an endpoint is checked before it is kept, so
+        a set-up that ends minutes later never finds it unusable (it said "Starting it…" while
+        nothing started)."""
+        problem = endpoint_problem(dialable(endpoint, endpoint))
         if problem:
-            return self.notice.emit(problem, Qgis.Warning, "")
+            self.notice.emit(problem, Qgis.Warning, "")
+            return False
+        self.endpoint_to_start = endpoint
+        return True
+
+    def _start(self, command: WorkerCommand) -> None:
+        """Start `command`'s worker at endpoint_to_start (dialable: _aim_at), in place of the last one."""
         self.stop_local_worker()
         Setting.ENDPOINT.set(self.endpoint_to_start)
         self.local_worker = LocalWorker(command, self.endpoint_to_start, Setting.INDEX_ROOT.as_path(), self)

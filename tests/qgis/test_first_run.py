@@ -342,6 +342,52 @@ def test_a_set_up_while_the_dock_uses_another_worker_keeps_its_view_and_leaves_t
         assert Setting.WORKER_PYTHON.get() == str(checkout / ".venv" / "bin" / "python"), "Start local worker uses it"
 
 
+def test_an_endpoint_zeromq_cannot_dial_is_refused_before_a_set_up_and_never_replaces_the_one_it_starts_at(
+        reloaded_plugin, new_user_settings, tmp_path, qgis_iface):
+    """The endpoint was checked only once a set-up had ended, minutes later: the dock then said
+    "Starting it…" while nothing started, and the light stayed at "setting up". Start pressed
+    during a set-up with a worker configured also kept a mistyped endpoint as where the set-up's
+    worker would start."""
+    from lab.worker_process import free_port
+
+    Setting = new_user_settings
+    Setting.WORKER_PYTHON.set(WORKER_PYTHON)  # a worker configured: the user sets up another one
+    Setting.WORKER_DIR.set(str(REPO))
+    Setting.INDEX_ROOT.set(str(tmp_path / "indexes"))
+    dock, panel = reloaded_plugin.dock, reloaded_plugin.dock.worker_panel  # linked to no worker: its own starts
+    checkout = fake_checkout(tmp_path / "checkout", "echo 'creating worker venv'\nmkdir -p .venv/bin\n"
+                                                    "touch .venv/bin/python\n"
+                                                    "while [ ! -e done-downloading ]; do sleep 0.1; done\n")
+    mistyped = "localhost:5555"
+    how_written = "an endpoint is written tcp://HOST:PORT"
+    qgis_iface.messageBar().clear_messages()
+    with set_up_running(dock, checkout, mistyped):
+        assert any(how_written in m for m in qgis_iface.messageBar().get_messages(Qgis.Warning)), "told at once"
+        assert not dock.controller.finder.setting_up
+
+    its_endpoint = f"tcp://127.0.0.1:{free_port()}"
+    lights = []
+    dock.controller.status_changed.connect(lambda text, _: lights.append(text))
+    try:
+        with set_up_running(dock, checkout, its_endpoint):
+            assert process_until(lambda: "creating worker venv" in panel.log_view.toPlainText(), 30)
+            qgis_iface.messageBar().clear_messages()
+            panel.endpoint_edit.setText(mistyped)
+            panel.start_button.click()
+            assert any(how_written in m for m in qgis_iface.messageBar().get_messages(Qgis.Warning))
+            assert dock.controller.local_worker is None and "Setting up the worker" in notice_text(dock)
+
+            lights.clear()
+            (checkout / "done-downloading").touch()
+            assert process_until(lambda: not dock.controller.finder.setting_up, 10)
+            assert process_until(lambda: "local worker stopped" in lights, 30), (lights, notice_text(dock))
+        assert lights[0] == "starting local worker…", lights
+        assert Setting.ENDPOINT.get() == its_endpoint, "started where the set-up was asked to start it"
+        assert Setting.WORKER_PYTHON.get() == str(checkout / ".venv" / "bin" / "python")
+    finally:
+        dock.controller.stop_local_worker()
+
+
 def test_a_local_worker_refused_the_endpoint_of_the_worker_in_use_leaves_that_connection(
         plugin, new_user_settings, tmp_path, worker):
     """Start with the endpoint still at the worker the dock is connected to (Connect puts it in the
