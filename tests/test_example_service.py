@@ -125,3 +125,67 @@ def test_the_command_line_searches_by_example(worker, rasters, tmp_path):
     assert result.returncode == 2 and "lies outside" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     result = run("--example", str(rasters / "rmnp-rgb.tif"), "--out", str(out))
     assert result.returncode == 2 and "--bbox" in result.stderr
+
+
+def test_feedback_on_a_search_that_finds_no_place_answers_no_hits(worker, rasters):
+    """A search with marks whose area meets no raster failed as `internal` (a size mismatch in
+    the re-rank), where the same search without marks answers no hits."""
+    with worker.client() as c:
+        ids = [h["properties"]["id"] for h in
+               c.request("search", index="rmnp", example=example(rasters), top=3, timeout=120)["hits"]["features"]]
+        for marks in ({"negative": [ids[0]]}, {"positive": [ids[1]]}):
+            reply = c.request("search", index="rmnp", example=example(rasters), top=3, timeout=120,
+                              bbox=[10.0, 10.0, 11.0, 11.0], feedback=marks)
+            assert reply["hits"]["features"] == [], marks
+
+
+def big_sparse_raster(path: Path, side: int, overviews: tuple[int, ...] = ()) -> Path:
+    """A GeoTIFF of `side` px a side, all blank but a bright cross of 256 px bands (few blocks
+    written: quick to make, small on disk, each pixel read as if it were there)."""
+    import numpy as np
+    from rasterio.enums import Resampling
+    from rasterio.transform import from_origin
+    from rasterio.windows import Window
+
+    with rasterio.open(path, "w", driver="GTiff", width=side, height=side, count=3, dtype="uint8", tiled=True,
+                       compress="deflate", sparse_ok=True, crs="EPSG:32613",
+                       transform=from_origin(400000, 4500000, 1, 1)) as dst:
+        middle = side // 2 - 128
+        dst.write(np.full((3, 256, side), 250, np.uint8), window=Window(0, middle, side, 256))
+        dst.write(np.full((3, side, 256), 250, np.uint8), window=Window(middle, 0, 256, side))
+    if overviews:
+        with rasterio.open(path, "r+") as dst:
+            dst.build_overviews(list(overviews), Resampling.average)
+    return path
+
+
+def test_an_example_too_large_to_read_is_refused_at_once_saying_how_to_search_it(worker, rasters, tmp_path):
+    """A large example on a raster without overviews was averaged from every pixel it covers, in a
+    read nothing interrupts: one of 194,000 px a side read for 105 s, long past its time limit, and
+    the searches sent behind it timed out. Now refused before it is read; from overviews, read."""
+    from worker.example_query import Example, prepare_example
+    from worker.hit_ids import raster_key
+
+    big = big_sparse_raster(rasters / "big.tif", 12_000)
+    whole = [400000.0, 4500000.0 - 12_000, 400000.0 + 12_000, 4500000.0]
+    with worker.client() as c:
+        with pytest.raises(WorkerError) as err:
+            c.request("search", index="rmnp", top=3, timeout=60,
+                      example={"raster": str(big), "bbox": whole, "crs": "EPSG:32613"})
+        assert err.value.code == codes.BAD_INPUT, err.value.message
+        assert "12,000 x 12,000 px" in err.value.message and "no overviews" in err.value.message, err.value.message
+        assert "gdaladdo" in err.value.message
+        assert c.request("search", index="rmnp", example=example(rasters), top=3, timeout=120)["hits"]["features"]
+        worker.index("big", [big], tile=112, scales=[64])  # marks may name places up to twice its side
+        whole_raster = f"{raster_key(str(big.resolve()))}@6000.00,6000.00,12000.00,0.00"
+        with pytest.raises(WorkerError) as err:
+            c.request("search", index="big", example=example(rasters), top=3, timeout=60,
+                      feedback={"positive": [whole_raster]})
+        assert err.value.code == codes.BAD_INPUT and f"the mark '{whole_raster}' covers" in err.value.message, \
+            err.value.message
+
+    with_overviews = big_sparse_raster(tmp_path / "big-with-overviews.tif", 12_000, overviews=(2, 4, 8, 16, 32))
+    drawn = prepare_example(Example(str(with_overviews), tuple(whole), "EPSG:32613"), [], 224).drawing
+    ink = drawn < 128
+    assert ink[100:124].any(axis=0).mean() > 0.9 and ink[:, 100:124].any(axis=1).mean() > 0.9, \
+        "read from the overviews, and drawn: the cross's edges run across the drawing"

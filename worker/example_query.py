@@ -25,7 +25,7 @@ from shapely.geometry import Polygon, box
 from wire.protocol import excerpt
 from worker.errors import InputError
 from worker.geo import MAX_COORDINATE, nearest_copy_x, parse_crs
-from worker.placement import Placement
+from worker.placement import Placement, refuse_too_large
 from worker.raster_access import RasterAccess
 from worker.tiling import RasterInfo, disk_state, gdal_reason, open_raster
 
@@ -155,6 +155,7 @@ def draw_window(raster: RasterInfo, window: tuple[float, float, float, float], s
     c0, r0, c1, r1 = window
     square = drawn_square(raster, window)
     side = square.side
+    refuse_too_large([square], size, ["the example"])
     try:
         image, valid = square.read(size)
     except (rasterio.errors.RasterioError, OSError) as exc:  # was `internal`: a file damaged or cut short

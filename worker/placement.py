@@ -13,11 +13,20 @@ from dataclasses import dataclass
 
 import numpy as np
 import rasterio
+import rasterio.errors
 import shapely
 from PIL import Image
 from rasterio.enums import Resampling
 
+from worker.errors import InputError
 from worker.tiling import RasterInfo, fill_from_nearest_valid, footprint_rings, read_reaching_past, stretch_to_uint8
+
+# Raster pixels a place the user gives (an example, a mark) may make GDAL read: without overviews
+# a place is averaged from every pixel it covers, in one read nothing interrupts. A 194,000 px
+# example read for 105 s, far past its search's time limit, and searches behind it timed out.
+# 8192 px a side read in 0.25 s here (a sparse GeoTIFF; compressed imagery reads slower), and is
+# many times the side of any place an index searches (a 224 px tile at scale 4: 896 px).
+MOST_PIXELS_READ = 8192 * 8192
 
 
 @dataclass(frozen=True)
@@ -74,6 +83,23 @@ class Placement:
         c1, r1 = np.ceil(c.max(0)).astype(int)
         return int(c0), int(r0), int(c1 - c0), int(r1 - r0)
 
+    def pixels_read(self, size: int, overviews: list[int]) -> float:
+        """Raster pixels `read` reads of the raster (at the overview GDAL takes of `overviews`,
+        the raster's decimation factors, or at full resolution)."""
+        c0, r0, c1, r1 = self._read_box()
+        factor = max(1.0, self.side / size)
+        taken = max([1, *(f for f in overviews if f <= factor)])
+        width = max(0, min(c1, self.raster.width) - max(c0, 0))
+        height = max(0, min(r1, self.raster.height) - max(r0, 0))
+        return width * height / (taken * taken)
+
+    def _read_box(self) -> tuple[int, int, int, int]:
+        """The pixel box (col0, row0, col1, row1) `read` reads: the frame's, and a pixel more."""
+        corners = self.corners()
+        c0, r0 = np.floor(corners.min(0)).astype(int) - 1
+        c1, r1 = np.ceil(corners.max(0)).astype(int) + 1
+        return int(c0), int(r0), int(c1), int(r1)
+
     def read(self, size: int = 224, src: rasterio.DatasetReader | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The frame's pixels as the user sees them, (size, size, 3) uint8 in natural colour,
         and its valid-data mask (outside the raster counts as invalid). `src`: the raster,
@@ -81,9 +107,7 @@ class Placement:
         if src is None:
             with rasterio.open(self.raster.path) as opened:
                 return self.read(size, opened)
-        corners = self.corners()
-        c0, r0 = np.floor(corners.min(0)).astype(int) - 1
-        c1, r1 = np.ceil(corners.max(0)).astype(int) + 1
+        c0, r0, c1, r1 = self._read_box()
         # read the bounding box at about the frame's output resolution
         factor = max(1.0, self.side / size)
         out_w, out_h = max(1, int(round((c1 - c0) / factor))), max(1, int(round((r1 - r0) / factor)))
@@ -104,3 +128,23 @@ class Placement:
         mask = Image.fromarray(valid.astype(np.uint8) * 255).transform((size, size), Image.Transform.AFFINE, coeffs,
                                                                        Image.Resampling.NEAREST)
         return np.asarray(image), np.asarray(mask) > 127
+
+
+def refuse_too_large(places: list[Placement], size: int, named: list[str]) -> None:
+    """InputError when reading one of the places the user gave (an example's square, marks;
+    `named` says each) at `size` px would read more than MOST_PIXELS_READ of its raster, before
+    any is read. A raster that cannot be opened is left to the read, which says why."""
+    for path in dict.fromkeys(p.raster.path for p in places):
+        try:
+            with rasterio.open(path) as src:
+                overviews = {p.raster.bands[0]: src.overviews(p.raster.bands[0]) for p in places if p.raster.path == path}
+        except (rasterio.errors.RasterioError, OSError):
+            continue
+        for place, name in zip(places, named):
+            if place.raster.path == path and place.pixels_read(size, overviews[place.raster.bands[0]]) > MOST_PIXELS_READ:
+                side = round(place.side)
+                how = "from its overviews" if overviews[place.raster.bands[0]] else "at full resolution (it has no overviews)"
+                raise InputError(f"{name} covers {side:,} x {side:,} px of {path}, which would be read {how}: at most "
+                                 f"{MOST_PIXELS_READ:,} px are read for a place. Choose a smaller place, or add "
+                                 "overviews to the raster (gdaladdo, or QGIS's Build Overviews) so a large one is "
+                                 "read from them")

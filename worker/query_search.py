@@ -12,13 +12,14 @@ import torch
 from rasterio.crs import CRS
 from shapely.geometry import Polygon
 
+from wire.protocol import excerpt
 from worker import feedback as fb
 from worker.cancellation import raise_if_stopped
 from worker.errors import RasterUnreadable
 from worker.example_query import OWN_PLACE_IOU, OWN_PLACE_SHARE, OwnPlace
 from worker.geo import Area, overlap_area, reproject_rings
 from worker.line_drawing import drawing_device
-from worker.placement import Placement
+from worker.placement import Placement, refuse_too_large
 from worker.ranking import RankingConfig
 from worker.search import Footprints, Hit, SearchResult, dedupe, remember_unreadable, search
 from worker.store import WGS84, TileIndex
@@ -62,6 +63,8 @@ def search_query(index: TileIndex, model, sketch: torch.Tensor, ranking: Ranking
         return search(index, model, sketch, ranking, top=top, area_wgs84=area_wgs84, max_overlap=max_overlap)
     started = time.perf_counter()
     good, bad = feedback.places(index.rasters) if feedback else ([], [])
+    if feedback:
+        refuse_too_large(good + bad, model.img_size, [f"the mark {excerpt(i)}" for i in feedback.positive + feedback.negative])
     asked = max(top + OWN_PLACE_MARGIN, fb.POOL if feedback else 0, 3 * top if feedback else 0)
     ranking = replace(ranking, shortlist=max(ranking.shortlist, asked))
     first = search(index, model, sketch, ranking, top=asked, area_wgs84=area_wgs84, max_overlap=max_overlap)
@@ -127,6 +130,8 @@ def rerank(index: TileIndex, model, sketch: torch.Tensor, ranking: RankingConfig
             prior += list(range(1, len(more.hits) + 1))
     kept, candidates = describe_readable(index, [h.placement for h in pool], size, device, unreadable)
     pool, prior = [pool[i] for i in kept], [prior[i] for i in kept]
+    if not pool:  # the area, or rasters that cannot be read, left no place: no hits, as without marks
+        return []
     query = fb.rocchio_query(describe_sketch(sketch), good_d, bad_d)
     scores = fb.feedback_scores(candidates, query, np.asarray(prior, np.float64))
     rejected = overlapping([h.placement for h in pool], reproject_rings(bad, WGS84), WGS84, fb.SAME_PLACE_IOU)
