@@ -548,6 +548,41 @@ def test_9b_a_raster_moved_away_is_left_out_and_said_so_and_searched_again_once_
         gone.unlink(missing_ok=True)
 
 
+def test_9b_a_hit_below_the_verified_ones_in_a_raster_gone_is_left_out_and_said_so(served, tree):
+    """Only a search's best places are read (verified): a hit below them, in a raster deleted
+    since it was indexed, was returned as if the raster were there, and the reply named no
+    raster left out (a later search, reading one of its places, said so)."""
+    import io
+
+    from lab.pseudo_sketch import pseudo_sketch
+    from worker.placement import Placement
+    from worker.tiling import open_raster
+
+    doomed = tree / "rasters" / "doomed.tif"  # tiny.tif's pixels a degree west: other places on the ground
+    with rasterio.open(tree / "rasters" / "tiny.tif") as src:
+        profile = {**src.profile, "transform": src.transform * rasterio.Affine.translation(-1 / src.transform.a, 0)}
+        with rasterio.open(doomed, "w", **profile) as dst:
+            dst.write(src.read())
+    image, valid = Placement(open_raster(tree / "rasters" / "rmnp.tif", None), cx=370.0, cy=260.0, side=112.0).read(224)
+    buf = io.BytesIO()
+    pseudo_sketch(image, "simple", valid=valid).save(buf, "PNG")
+    try:
+        with served.client(timeout=60) as c:
+            job = wait_job(c, c.start_index("below", [str(tree / "rasters" / "rmnp.tif"), str(doomed)], **TILE)["id"])
+            assert job["state"] == states.DONE, job
+            present = c.search("below", sketch_png=buf.getvalue(), top=10)["hits"]["features"]
+            in_doomed = [f["properties"] for f in present if f["properties"]["raster"] == str(doomed)]
+            assert in_doomed and all(h["score"] is None for h in in_doomed), "hits below the verified ones"
+            doomed.unlink()
+            reply = c.search("below", sketch_png=buf.getvalue(), top=10)
+        assert reply["hits"]["features"], "the other raster is searched"
+        assert {f["properties"]["raster"] for f in reply["hits"]["features"]} == {str(tree / "rasters" / "rmnp.tif")}
+        assert [o["raster"] for o in reply["left_out"]] == [str(doomed)], reply["left_out"]
+    finally:
+        shutil.rmtree(served.index_root / "below", ignore_errors=True)
+        doomed.unlink(missing_ok=True)
+
+
 # -- 9c. a delete that cannot remove every file ----------------------------------------------
 def test_9c_a_delete_that_cannot_remove_a_file_still_frees_the_name(served, tree):
     """A file of the index that cannot be removed (immutable here; on Windows, its tiles layer

@@ -192,13 +192,25 @@ def search(index: TileIndex, model, sketch_tensor: torch.Tensor, ranking: Rankin
                 raise
             log.warning("%s", exc)
             remember_unreadable(index, exc)
-            now = time.monotonic()
-            for raster in index.rasters.values():  # a drive unplugged takes many: found at once, not a search each
-                if raster.path not in unreadable and _file_state(raster.path) is None:
-                    unreadable[raster.path] = ((None, now), str(RasterUnreadable(raster.path, "no such file")))
+            # a drive unplugged takes many: found at once, not a search each
+            _remember_gone(unreadable, [r.path for r in index.rasters.values()])
+            continue
+        # only the verified places are read: a hit below them, in a raster deleted or unplugged
+        # since it was indexed, was returned as if it were there, its raster not named
+        if _remember_gone(unreadable, [h.raster_path for h in result.hits]):
             continue
         result.unreadable = {path: why for path, (_, why) in unreadable.items()}
         return result
+
+
+def _remember_gone(unreadable: dict[str, tuple[tuple, str]], paths: list[str]) -> bool:
+    """Remember those of `paths` whose file is gone as unreadable (worker.search._unreadable);
+    whether any was not remembered before."""
+    gone = {path for path in paths if path not in unreadable and _file_state(path) is None}
+    now = time.monotonic()
+    for path in gone:
+        unreadable[path] = ((None, now), str(RasterUnreadable(path, "no such file")))
+    return bool(gone)
 
 
 UNREADABLE_RETRY_S = 60.0  # a raster left out is tried again after this, also when its own file did not change
