@@ -3,6 +3,8 @@ worker.hit_ids, worker.feedback through worker.query_search)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import rasterio
@@ -168,6 +170,11 @@ def test_feedback_leaves_out_bad_places_and_brings_up_good_ones(rmnp_index, mode
     written_otherwise = f" {key}@" + ",".join(f"{float(v):.3f}" for v in numbers.split(","))
     with pytest.raises(InputError, match="both good and bad"):  # one place, its id written two ways
         Feedback((good,), (written_otherwise,))
+    place = first[4].placement
+    for other in (replace(place, angle=place.angle + 90), replace(place, cx=place.cx + 0.01)):  # one footprint
+        with pytest.raises(InputError, match="one place both good and bad"):
+            search_query(rmnp_index, model, query.sketch, RankingConfig(), top=8,
+                         feedback=Feedback((good,), (hit_id(other),)))
     with pytest.raises(InputError, match="not in this index"):
         search_query(rmnp_index, model, query.sketch, RankingConfig(), top=8,
                      feedback=Feedback(("0123456789@10.00,10.00,50.00,0.00",)))

@@ -15,7 +15,7 @@ from shapely.geometry import Polygon
 from wire.protocol import excerpt
 from worker import feedback as fb
 from worker.cancellation import raise_if_stopped
-from worker.errors import RasterUnreadable
+from worker.errors import InputError, RasterUnreadable
 from worker.example_query import OWN_PLACE_IOU, OWN_PLACE_SHARE, OwnPlace
 from worker.geo import Area, overlap_area, reproject_rings
 from worker.line_drawing import drawing_device
@@ -65,6 +65,7 @@ def search_query(index: TileIndex, model, sketch: torch.Tensor, ranking: Ranking
     good, bad = feedback.places(index.rasters) if feedback else ([], [])
     if feedback:
         refuse_too_large(good + bad, model.img_size, [f"the mark {excerpt(i)}" for i in feedback.positive + feedback.negative])
+        refuse_one_place_good_and_bad(feedback, good, bad)
     asked = max(top + OWN_PLACE_MARGIN, fb.POOL if feedback else 0, 3 * top if feedback else 0)
     ranking = replace(ranking, shortlist=max(ranking.shortlist, asked))
     first = search(index, model, sketch, ranking, top=asked, area_wgs84=area_wgs84, max_overlap=max_overlap)
@@ -78,6 +79,20 @@ def search_query(index: TileIndex, model, sketch: torch.Tensor, ranking: Ranking
     hits = [replace(h, rank=n + 1) for n, h in enumerate(hits[:top])]
     timings["total_ms"] = (time.perf_counter() - started) * 1e3
     return SearchResult(hits=hits, timings_ms=timings, unreadable=unreadable)
+
+
+def refuse_one_place_good_and_bad(feedback: fb.Feedback, good: list[Placement], bad: list[Placement]) -> None:
+    """InputError for a place marked good and bad by ids that differ (a mark turned a quarter, or
+    moved a hundredth of a pixel; worker.feedback.Feedback refuses ids naming one place): it was
+    re-ranked as marked good and then left out as marked bad, the good mark lost without a word.
+    One place is what the re-rank leaves out as a bad mark's (IoU over feedback.SAME_PLACE_IOU)."""
+    bad_footprints = reproject_rings(bad, WGS84)
+    for good_id, footprint in zip(feedback.positive, reproject_rings(good, WGS84)):
+        for bad_id, bad_footprint in zip(feedback.negative, bad_footprints):
+            if iou(footprint, bad_footprint) > fb.SAME_PLACE_IOU:
+                raise InputError(f"feedback marks one place both good and bad: {excerpt(good_id)} good and "
+                                 f"{excerpt(bad_id)} bad overlap by IoU {iou(footprint, bad_footprint):.2f}: "
+                                 "choose one")
 
 
 def describe_readable(index: TileIndex, places: list[Placement], size: int, device,
