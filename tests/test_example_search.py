@@ -101,8 +101,12 @@ def test_an_example_box_in_another_crs_is_the_same_window(rmnp_index, model, ass
 def test_bad_examples_are_refused_with_what_to_do(rmnp_index, model, assets, tmp_path):
     rasters = list(rmnp_index.rasters.values())
     path = str(assets["rmnp_rgb"])
-    with pytest.raises(InputError, match="lies outside"):
+    with pytest.raises(InputError, match="lies outside") as outside:
         prepare_example(Example(path, (10.0, 10.0, 11.0, 11.0), "EPSG:4326"), rasters, model.img_size)
+    assert "latitude first" not in str(outside.value)
+    minx, miny, maxx, maxy = window_bbox(path)
+    with pytest.raises(InputError, match=r"lies outside .*read as latitude first, it lies on it: give longitude first"):
+        prepare_example(Example(path, (miny, minx, maxy, maxx), "EPSG:4326"), rasters, model.img_size)
     with pytest.raises(InputError, match="is empty"):
         Example(path, (-105.5, 40.3, -105.6, 40.4), "EPSG:4326")
     with pytest.raises(InputError, match="its east past 180"):  # a box across 180 written west to east

@@ -110,8 +110,40 @@ def raster_of(path: Path, rasters: list[RasterInfo], bands: tuple[int, ...] | No
 def pixel_box(example: Example, raster: RasterInfo) -> tuple[float, float, float, float]:
     """The example's box in the raster's pixels (col0, row0, col1, row1), clipped to the raster;
     InputError when it lies outside it or is too small to draw."""
+    inside = _inside_raster(example, example.bbox, raster)
+    if inside.is_empty or inside.area <= 0:
+        hint = f" (read as latitude first, it lies on it: give longitude first, as {list(_swapped(example.bbox))})" \
+            if _swapped_lies_on(example, raster) else ""
+        raise InputError(f"example bbox {excerpt(list(example.bbox))} ({example.crs}) lies outside {raster.path}"
+                         f"{hint}: drag the rectangle over the raster's data")
+    c0, r0, c1, r1 = inside.bounds
+    if min(c1 - c0, r1 - r0) < MIN_SIDE_PX:
+        raise InputError(f"example bbox {excerpt(list(example.bbox))} covers {c1 - c0:.0f}x{r1 - r0:.0f} pixels of "
+                         f"{raster.path}: at least {MIN_SIDE_PX} px a side is needed to draw a place")
+    return c0, r0, c1, r1
+
+
+def _swapped(bbox: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+    minx, miny, maxx, maxy = bbox
+    return miny, minx, maxy, maxx
+
+
+def _swapped_lies_on(example: Example, raster: RasterInfo) -> bool:
+    """Whether a geographic example box that lies outside the raster would lie on it with its
+    numbers read latitude first (EPSG:4326's official axis order, which some tools write)."""
+    swapped = _swapped(example.bbox)
+    if not parse_crs(example.crs).is_geographic or max(abs(swapped[1]), abs(swapped[3])) > 90:
+        return False
+    try:
+        return not _inside_raster(example, swapped, raster).is_empty
+    except InputError:
+        return False
+
+
+def _inside_raster(example: Example, bbox: tuple[float, float, float, float], raster: RasterInfo):
+    """The part of `bbox` (in the example's CRS) on the raster, as a box in its pixels (maybe empty)."""
     src = parse_crs(example.crs)
-    minx, miny, maxx, maxy = example.bbox
+    minx, miny, maxx, maxy = bbox
     t = np.linspace(0.0, 1.0, EDGE_STEPS, endpoint=False)
     xs = np.concatenate([minx + (maxx - minx) * t, np.full_like(t, maxx), maxx - (maxx - minx) * t, np.full_like(t, minx)])
     ys = np.concatenate([np.full_like(t, miny), miny + (maxy - miny) * t, np.full_like(t, maxy), maxy - (maxy - miny) * t])
@@ -129,15 +161,7 @@ def pixel_box(example: Example, raster: RasterInfo) -> tuple[float, float, float
     xs = nearest_copy_x(np.asarray(xs, np.float64), raster.crs_wkt, centre_x, whole=True)
     cols, rows = ~raster.affine * (xs, ys)
     wanted = box(float(np.min(cols)), float(np.min(rows)), float(np.max(cols)), float(np.max(rows)))
-    inside = wanted.intersection(box(0, 0, raster.width, raster.height))
-    if inside.is_empty or inside.area <= 0:
-        raise InputError(f"example bbox {excerpt(list(example.bbox))} ({example.crs}) lies outside {raster.path}: "
-                         "drag the rectangle over the raster's data")
-    c0, r0, c1, r1 = inside.bounds
-    if min(c1 - c0, r1 - r0) < MIN_SIDE_PX:
-        raise InputError(f"example bbox {excerpt(list(example.bbox))} covers {c1 - c0:.0f}x{r1 - r0:.0f} pixels of "
-                         f"{raster.path}: at least {MIN_SIDE_PX} px a side is needed to draw a place")
-    return c0, r0, c1, r1
+    return wanted.intersection(box(0, 0, raster.width, raster.height))
 
 
 def drawn_square(raster: RasterInfo, window: tuple[float, float, float, float]) -> Placement:
