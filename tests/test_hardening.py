@@ -725,6 +725,10 @@ def test_10_each_bad_input_gets_its_own_code(served, tree):
                 "an over-long index name": (lambda: c.start_index(huge_name, [tiny], **TILE), codes.BAD_INPUT),
                 "a folder name over 255 bytes": (lambda: c.start_index("d" * 300, [tiny], **TILE), codes.BAD_INPUT),
                 "a name that is a file": (lambda: c.start_index("afile", [tiny], **TILE), codes.BAD_INPUT),
+                # never listed, and removed with the worker's trash at the next delete, a job writing it or not
+                "a name in the worker's trash": (lambda: c.start_index("a/.deleted-run", [tiny], **TILE),
+                                                 codes.BAD_INPUT),
+                "a folder name ending in a space": (lambda: c.start_index("a /b", [tiny], **TILE), codes.BAD_INPUT),
                 "a search of a file": (lambda: c.search("afile", sketch_png=sketch_png()), codes.NOT_FOUND),
                 "~nosuchuser as an index": (lambda: c.start_index("~nosuchuser/x", [tiny], **TILE), codes.FORBIDDEN),
                 "~nosuchuser as a raster": (lambda: c.start_index("x", ["~nosuchuser/a.tif"], **TILE), codes.FORBIDDEN),

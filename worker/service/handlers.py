@@ -23,8 +23,9 @@ from worker.errors import CorruptIndexError, InputError, NotFoundError
 from worker.example_query import Example
 from worker.feedback import Feedback
 from worker.service.config import ServiceConfig
-from worker.service.indexes import MANIFEST, TRASH_PREFIX, OpenIndexes, index_dirs
+from worker.service.indexes import MANIFEST, OpenIndexes, index_dirs
 from worker.service.jobs import Job, JobManager
+from worker.service.paths import TRASH_PREFIX
 from worker.store.format import SHARDS, IndexLocked, index_lock, locked_by_another
 from worker.store.maps import MAPS
 from worker.store.reader import TileIndex

@@ -20,12 +20,12 @@ from pathlib import Path
 
 from worker.app import check_index, open_index
 from worker.errors import IndexMismatchError, InputError, error_object
+from worker.service.paths import TRASH_PREFIX
 from worker.store import MANIFEST, TILES_LAYER, TileIndex
 
 log = logging.getLogger(__name__)
 
 
-TRASH_PREFIX = ".deleted-"  # an index being removed, in its index root (no manifest: never listed)
 
 
 class OpenIndexes:

@@ -11,6 +11,7 @@ from worker.raster_access import RasterAccess
 
 MAX_NAME_CHARS = 1024
 MAX_PART_CHARS = 255  # a folder name, as file systems allow
+TRASH_PREFIX = ".deleted-"  # an index being removed, in its index root (worker.service.indexes.OpenIndexes.delete)
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,12 @@ class PathPolicy:
             raise ForbiddenError(f"index name {excerpt(name)} must be a relative path without '..' or '~'")
         if any(len(part.encode()) > MAX_PART_CHARS for part in parts):
             raise InputError(f"index name {excerpt(name)} has a folder name longer than {MAX_PART_CHARS} bytes")
+        # an index in such a folder was never listed, and removed with the trash at the next delete
+        if any(part.startswith(TRASH_PREFIX) for part in parts):
+            raise InputError(f"index name {excerpt(name)}: folder names beginning {TRASH_PREFIX!r} are the "
+                             "worker's own (indexes being deleted)")
+        if any(part != part.strip() for part in parts):
+            raise InputError(f"index name {excerpt(name)} has a folder name beginning or ending with a space")
         root = self.index_root
         path = (root / name).resolve()
         if path == root:
