@@ -729,6 +729,8 @@ def test_10_each_bad_input_gets_its_own_code(served, tree):
                 "a name in the worker's trash": (lambda: c.start_index("a/.deleted-run", [tiny], **TILE),
                                                  codes.BAD_INPUT),
                 "a folder name ending in a space": (lambda: c.start_index("a /b", [tiny], **TILE), codes.BAD_INPUT),
+                # each entry was found on disk on the loop's thread: 50,000 held every client's answer 4-8 s
+                "10,001 raster entries": (lambda: c.start_index("x", [tiny] * 10_001, **TILE), codes.BAD_INPUT),
                 "a search of a file": (lambda: c.search("afile", sketch_png=sketch_png()), codes.NOT_FOUND),
                 "~nosuchuser as an index": (lambda: c.start_index("~nosuchuser/x", [tiny], **TILE), codes.FORBIDDEN),
                 "~nosuchuser as a raster": (lambda: c.start_index("x", ["~nosuchuser/a.tif"], **TILE), codes.FORBIDDEN),
@@ -762,6 +764,7 @@ def test_10_each_bad_input_gets_its_own_code(served, tree):
         assert all(len(e.message) < 600 for e in errors.values()), "a rejected value is quoted in part"
         assert "blank" not in errors["strokes at +-1e308"].message and "1e308" in errors["strokes at +-1e308"].message
         assert "at most 50000" in errors["too many points"].message
+        assert "name their folders" in errors["10,001 raster entries"].message
         assert "too small to match anything" in errors["a dot in a large frame"].message
         assert not (served.index_root / "x").exists() and not (served.index_root / "~nosuchuser").exists()
     finally:

@@ -29,6 +29,9 @@ MAX_TOP = 1000
 MAX_STROKES = 1000
 MAX_STROKE_POINTS = 50_000  # over all strokes
 MAX_ID_CHARS = 128  # a request id is echoed in its reply
+# an `index` request's rasters: each entry is found on disk on the worker's loop thread, where 50,000
+# took 4-8 s, no one answered meanwhile; a folder entry names any number of files
+MAX_RASTER_ENTRIES = 10_000
 EXCERPT_CHARS = 200  # how much of a rejected value an error message quotes (a path fits)
 PROGRESS_TOPIC = b"job."
 

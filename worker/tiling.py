@@ -233,8 +233,12 @@ def find_rasters(inputs: list[str | Path], access: RasterAccess = RasterAccess()
     """Files, directories (searched recursively for raster suffixes) and VRTs -> sorted files,
     each one (and each VRT's sources) allowed by `access`."""
     found: list[Path] = []
-    for item in inputs:
+    searched: set[Path] = set()
+    for item in dict.fromkeys(map(str, inputs)):  # one entry given many times, or by aliases, is found once
         path = access.resolve(item)
+        if path in searched:
+            continue
+        searched.add(path)
         if path.is_dir():
             found += [access.check_file(p) for p in _files_under(path)]
         elif path.is_file():

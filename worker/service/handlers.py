@@ -14,7 +14,7 @@ from typing import Callable
 from wire import job_states as states
 from wire import protocol
 from wire.errors import BAD_REQUEST, BUSY, FORBIDDEN, NOT_FOUND, ProtocolError
-from wire.protocol import MAX_STROKE_POINTS, MAX_STROKES, excerpt, field, new_id
+from wire.protocol import MAX_RASTER_ENTRIES, MAX_STROKE_POINTS, MAX_STROKES, excerpt, field, new_id
 from worker import __version__
 from worker.ann import ANN_DIR
 from worker.app import IndexRequest, SearchRequest, SketchSource, check_index, given, run_search, stroke_sketch
@@ -113,6 +113,9 @@ class Handlers:
         paths = self.config.paths
         name = field(header, "index", str)
         rasters = field(header, "rasters", list, check=lambda v: v and all(isinstance(p, str) for p in v))
+        if len(rasters) > MAX_RASTER_ENTRIES:
+            raise InputError(f"rasters has {len(rasters):,} entries; at most {MAX_RASTER_ENTRIES:,}: name their folders "
+                             "(searched recursively) or a VRT of them instead")
         index_dir = paths.index_dir(name)
         running = self.jobs.running_for(index_dir)  # its folder holds a half-written shard: not checked as new
         request = IndexRequest.create(
