@@ -334,6 +334,45 @@ def test_5c_a_job_file_another_writer_holds_or_a_read_only_root_keeps_and_the_wo
     assert new_index.value.code == codes.STORAGE and "read-only" in new_index.value.message, new_index.value
 
 
+def test_5d_a_job_queued_in_one_worker_is_neither_taken_nor_lost_by_another_sharing_the_root(served, tree):
+    """A queued job holds no index lock yet: another worker sharing the index root started the
+    same index over its job file (and one starting up resumed it), and when the queued job then
+    failed on the lock it removed the other's job file, which a killed worker never resumed. Now
+    a worker's job, queued or running, is its own until it ends."""
+    import signal
+
+    rasters = tree / "rasters"
+    other = None
+    with served.client() as a:
+        slow = a.start_index("slow", [str(rasters / "rmnp.tif")], **TILE)
+        queued = a.start_index("shared", [str(rasters / "tiny.tif")], **TILE)
+        assert queued["state"] == states.QUEUED, queued
+    served.proc.send_signal(signal.SIGSTOP)  # both jobs held as they are: nothing here waits on time
+    try:
+        other = WorkerProcess(served.index_root, rasters, extra=LIMITS).start()
+        with other.client() as b:
+            shared = {i["name"]: i for i in b.list_indexes()}.get("shared")
+            assert shared is None or shared["job"] is None, "not resumed by the worker starting beside it"
+            refused = _code(lambda: b.start_index("shared", [str(rasters / "tiny.tif")], **TILE))
+            assert refused.code == codes.BUSY and "another worker" in refused.message, refused
+            refused = _code(lambda: b.request("delete_index", index="shared"))
+            assert refused.code == codes.BUSY and "another worker" in refused.message, refused
+    finally:
+        served.proc.send_signal(signal.SIGCONT)
+    try:
+        with served.client() as a:
+            a.request("cancel", job=slow["id"])
+            assert wait_job(a, queued["id"])["state"] == states.DONE
+        with other.client() as b:
+            assert wait_job(b, b.start_index("shared", [str(rasters / "tiny.tif")], **TILE)["id"])["state"] == states.DONE
+            listed = {i["name"]: i for i in b.list_indexes()}["shared"]
+        assert listed["complete"] and not (served.index_root / "shared" / "job.json").exists()
+    finally:
+        other.stop()
+        for name in ("slow", "shared"):
+            shutil.rmtree(served.index_root / name, ignore_errors=True)
+
+
 def test_5b_a_job_that_fails_before_its_first_commit_leaves_no_folder(served, tree):
     """A raster that is no raster, found once the job opens it: the job failed and its empty
     folder stayed in the index root, a name taken by something that is not an index."""

@@ -26,7 +26,7 @@ from worker.service.config import ServiceConfig
 from worker.service.indexes import MANIFEST, OpenIndexes, index_dirs
 from worker.service.jobs import Job, JobManager
 from worker.service.paths import TRASH_PREFIX
-from worker.store.format import SHARDS, IndexLocked, index_lock, locked_by_another
+from worker.store.format import JOB_LOCK, SHARDS, IndexLocked, index_lock, locked_by_another
 from worker.store.maps import MAPS
 from worker.store.reader import TileIndex
 from worker.tiling import TileSettings
@@ -144,6 +144,9 @@ class Handlers:
         if running is not None:
             raise ProtocolError(BUSY, f"index {name!r} is being built by job {running.id}: cancel the job (it stops "
                                       "after its batch) or wait for it to end, then delete the index")
+        if locked_by_another(index_dir, JOB_LOCK):
+            raise ProtocolError(BUSY, f"index {name!r} has an indexing job queued or running in another worker "
+                                      "sharing the index root: wait for it to end, then delete the index")
         if not (index_dir / MANIFEST).is_file():
             raise ProtocolError(NOT_FOUND, f"no index {name!r} in the index root (a folder with {MANIFEST})")
         inner = [paths.index_name(d) for sub in index_dir.iterdir()

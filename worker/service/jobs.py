@@ -1,7 +1,9 @@
 """Background indexing jobs: a bounded queue, progress, cancel, and resume after the worker was killed.
 
 A job writes INDEX_DIR/job.json (its request) before it starts and removes it when it ends
-(done, failed or cancelled); a worker that starts and finds one resumes that job, or, when it
+(done, failed or cancelled), holding the index's JOB_LOCK from the one to the other, queued too:
+workers sharing an index root never take up or remove each other's job file. A worker that
+starts and finds a job file no worker holds resumes that job, or, when it
 cannot (its rasters were moved, the file is damaged), lists it as failed with the reason and
 serves on. A job the worker stops on SIGTERM ends `interrupted` and keeps its job.json for the
 same reason. At most `max_jobs` jobs run at once; the others wait `queued`, up to
@@ -26,7 +28,7 @@ from worker.distributed import Cluster
 from worker.errors import InputError, error_object
 from worker.raster_access import RasterAccess
 from worker.store import JOB_FILE, IndexProgress, write_json_atomic
-from worker.store.format import disk_write, locked_by_another, remove_unborn
+from worker.store.format import JOB_LOCK, LOCK, disk_write, held_job_lock, locked_by_another, remove_unborn
 
 log = logging.getLogger(__name__)
 SLOT_WAIT_S = 0.25  # how often a queued job looks whether it was cancelled
@@ -51,6 +53,7 @@ class Job:
         self.finished: float | None = None
         self.cancel_requested = threading.Event()
         self.thread: threading.Thread | None = None
+        self.job_lock = None  # the index's JOB_LOCK, held from the job's start to its end (JobManager.start)
         self._rate_start: tuple[float, int] | None = None  # (time, tiles done) the ETA's rate counts from
 
     def to_json(self) -> dict:
@@ -123,7 +126,16 @@ class JobManager:
         then = "then ask again"
         with disk_write(request.index_dir, then):
             request.index_dir.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(request.index_dir / JOB_FILE, {"index": index_name, **request.to_json()}, then)
+            job.job_lock = held_job_lock(request.index_dir)
+        if job.job_lock is None:
+            raise ProtocolError(BUSY, f"index {index_name!r} has an indexing job queued or running in another worker "
+                                      "sharing the index root: wait for it to end, and ask again")
+        try:
+            with disk_write(request.index_dir, then):
+                write_json_atomic(request.index_dir / JOB_FILE, {"index": index_name, **request.to_json()}, then)
+        except BaseException:
+            job.job_lock.close()
+            raise
         self._remember(job)
         job.thread = threading.Thread(target=self._run, args=(job,), name=f"index-{job.id}", daemon=True)
         job.thread.start()
@@ -157,8 +169,9 @@ class JobManager:
         for root in index_roots:
             for job_file in sorted(root.rglob(JOB_FILE)):
                 index_name = _name_in(root, job_file.parent)
-                if locked_by_another(job_file.parent):  # its job runs in another worker sharing the root
-                    log.info("not resuming the indexing job of %s: another process is writing it", job_file.parent)
+                if any(locked_by_another(job_file.parent, lock) for lock in (JOB_LOCK, LOCK)):  # another worker's job
+                    log.info("not resuming the indexing job of %s: another worker sharing the index root has it",
+                             job_file.parent)
                     continue
                 try:
                     spec = json.loads(job_file.read_text())
@@ -174,6 +187,8 @@ class JobManager:
                     jobs.append(self.start(index_name, request, queue_bound=False))
                 except InputError as exc:  # its job.json cannot be written again (a full disk): serve on
                     jobs.append(self._failed_resume(index_name, job_file, exc))
+                except ProtocolError:  # another worker took it since it was looked at: left to it
+                    log.info("not resuming the indexing job of %s: another worker has just taken it", job_file.parent)
         return jobs
 
     def _failed_resume(self, index_name: str, job_file: Path, exc: Exception) -> Job:
@@ -247,6 +262,9 @@ class JobManager:
                     log.warning("cannot remove %s: %s", job.index_dir / JOB_FILE, exc)
                 remove_unborn(job.index_dir)  # failed or cancelled before its first commit: no empty folder left
         finally:
+            if job.job_lock is not None:  # the job file is left as it is now: removed, or kept to resume
+                job.job_lock.close()
+                job.job_lock = None
             job.state, job.error, job.finished = state, error, time.time()
             self.publish(job.to_json())
 

@@ -32,7 +32,7 @@ import time
 from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Iterator
 
 import numpy as np
 
@@ -56,6 +56,10 @@ SHARDS = "shards"
 TILES_LAYER = "tiles.gpkg"
 LOCK = ".lock"
 JOB_FILE = "job.json"
+# held by the worker whose job owns the index's job file, queued or running (worker.service.jobs): a
+# queued job does not hold LOCK yet, and another worker sharing the index root overwrote its job
+# file, and then lost its own when the first one's job ended
+JOB_LOCK = ".job.lock"
 RECORD_DTYPE = np.dtype([("raster_id", "<i4"), ("col_off", "<i4"), ("row_off", "<i4"), ("width", "<i4"),
                          ("height", "<i4"), ("scale", "<i2"), ("valid", "<f4"), ("bounds4326", "<f8", (4,)),
                          ("cell_row", "<i4"), ("cell_col", "<i4"), ("cell_rows", "<i2"), ("cell_cols", "<i2")])
@@ -258,7 +262,7 @@ def _left_by_a_writer(entry: Path) -> bool:
     manifests, and an empty shards folder."""
     name = entry.name
     temporary = name.endswith(".tmp") and name.startswith((f".{MANIFEST}.", f".{JOB_FILE}."))
-    if name in (LOCK, JOB_FILE) or temporary:
+    if name in (LOCK, JOB_LOCK, JOB_FILE) or temporary:
         return entry.is_file() and not entry.is_symlink()
     return name == SHARDS and entry.is_dir() and not entry.is_symlink() and not any(entry.iterdir())
 
@@ -294,17 +298,30 @@ def index_lock(index_dir: Path, patience_s: float = LOCK_PATIENCE_S) -> Iterator
         yield
 
 
-def locked_by_another(index_dir: Path) -> bool:
+def locked_by_another(index_dir: Path, lock: str = LOCK) -> bool:
     """Whether a writer holds the index now (a command-line run, in another process): a service
-    refuses a job at once rather than start one that fails. A writer may take it a moment after."""
+    refuses a job at once rather than start one that fails. A writer may take it a moment after.
+    With JOB_LOCK: whether a job of another worker owns the index's job file (held_job_lock)."""
     try:
-        with open(Path(index_dir) / LOCK, "rb") as lock_file:
+        with open(Path(index_dir) / lock, "rb") as lock_file:
             fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
     except OSError:  # no lock file: no writer yet
         return False
     return False
+
+
+def held_job_lock(index_dir: Path) -> IO | None:
+    """The index's JOB_LOCK, made and held (the open file: closing it lets go), or None when
+    another process holds it. OSError when it cannot be made."""
+    lock_file = open(Path(index_dir) / JOB_LOCK, "a")
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock_file.close()
+        return None
+    return lock_file
 
 
 def remove_unborn(index_dir: Path) -> None:
