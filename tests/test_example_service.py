@@ -180,9 +180,15 @@ def test_an_example_too_large_to_read_is_refused_at_once_saying_how_to_search_it
         whole_raster = f"{raster_key(str(big.resolve()))}@6000.00,6000.00,12000.00,0.00"
         with pytest.raises(WorkerError) as err:
             c.request("search", index="big", example=example(rasters), top=3, timeout=60,
-                      feedback={"positive": [whole_raster]})
+                      feedback={"negative": [whole_raster]})
         assert err.value.code == codes.BAD_INPUT and f"the mark '{whole_raster}' covers" in err.value.message, \
             err.value.message
+        # the largest place this index's searches return (256 level px of 32 px), turned as they turn: read
+        # by a search's verification already, so a mark on such a hit is never refused
+        largest_hit = f"{raster_key(str(big.resolve()))}@6000.00,6000.00,8192.00,10.00"
+        answered = c.request("search", index="big", example=example(rasters), top=3, timeout=120,
+                             feedback={"negative": [largest_hit]})
+        assert answered["hits"]["type"] == "FeatureCollection"
 
     with_overviews = big_sparse_raster(tmp_path / "big-with-overviews.tif", 12_000, overviews=(2, 4, 8, 16, 32))
     drawn = prepare_example(Example(str(with_overviews), tuple(whole), "EPSG:32613"), [], 224).drawing

@@ -767,7 +767,6 @@ def test_10_each_bad_input_gets_its_own_code(served, tree):
                 # never listed, and removed with the worker's trash at the next delete, a job writing it or not
                 "a name in the worker's trash": (lambda: c.start_index("a/.deleted-run", [tiny], **TILE),
                                                  codes.BAD_INPUT),
-                "a folder name ending in a space": (lambda: c.start_index("a /b", [tiny], **TILE), codes.BAD_INPUT),
                 # each entry was found on disk on the loop's thread: 50,000 held every client's answer 4-8 s
                 "10,001 raster entries": (lambda: c.start_index("x", [tiny] * 10_001, **TILE), codes.BAD_INPUT),
                 "a search of a file": (lambda: c.search("afile", sketch_png=sketch_png()), codes.NOT_FOUND),

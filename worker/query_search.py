@@ -64,7 +64,7 @@ def search_query(index: TileIndex, model, sketch: torch.Tensor, ranking: Ranking
     started = time.perf_counter()
     good, bad = feedback.places(index.rasters) if feedback else ([], [])
     if feedback:
-        refuse_too_large(good + bad, model.img_size, [f"the mark {excerpt(i)}" for i in feedback.positive + feedback.negative])
+        refuse_marks_too_large(index, ranking, model.img_size, feedback, good + bad)
         refuse_one_place_good_and_bad(feedback, good, bad)
     asked = max(top + OWN_PLACE_MARGIN, fb.POOL if feedback else 0, 3 * top if feedback else 0)
     ranking = replace(ranking, shortlist=max(ranking.shortlist, asked))
@@ -79,6 +79,20 @@ def search_query(index: TileIndex, model, sketch: torch.Tensor, ranking: Ranking
     hits = [replace(h, rank=n + 1) for n, h in enumerate(hits[:top])]
     timings["total_ms"] = (time.perf_counter() - started) * 1e3
     return SearchResult(hits=hits, timings_ms=timings, unreadable=unreadable)
+
+
+def refuse_marks_too_large(index: TileIndex, ranking: RankingConfig, size: int, feedback: fb.Feedback,
+                           marks: list[Placement]) -> None:
+    """worker.placement.refuse_too_large for the marks (good ones first, as `feedback` lists
+    them) larger than any place a search of their raster returns: the index's own hits, of any
+    size its scales give, are read by a search already, and marking one was never refused."""
+    level_side = max(*ranking.sizes, size)  # a placement's side in level px: a template's, or a tile window's
+    reach: dict[str, float] = {}
+    for level in index.maps.values():
+        reach[level.raster.path] = max(reach.get(level.raster.path, 0.0), level_side * level.level_px)
+    names = [f"the mark {excerpt(i)}" for i in feedback.positive + feedback.negative]
+    beyond = [i for i, mark in enumerate(marks) if mark.side > reach.get(mark.raster.path, 0.0) + 0.01]
+    refuse_too_large([marks[i] for i in beyond], size, [names[i] for i in beyond])
 
 
 def refuse_one_place_good_and_bad(feedback: fb.Feedback, good: list[Placement], bad: list[Placement]) -> None:

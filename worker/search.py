@@ -206,7 +206,7 @@ def search(index: TileIndex, model, sketch_tensor: torch.Tensor, ranking: Rankin
 def _remember_gone(unreadable: dict[str, tuple[tuple, str]], paths: list[str]) -> bool:
     """Remember those of `paths` whose file is gone as unreadable (worker.search._unreadable);
     whether any was not remembered before."""
-    gone = {path for path in paths if path not in unreadable and _file_state(path) is None}
+    gone = [path for path in dict.fromkeys(paths) if path not in unreadable and _file_state(path) is None]
     now = time.monotonic()
     for path in gone:
         unreadable[path] = ((None, now), str(RasterUnreadable(path, "no such file")))

@@ -26,7 +26,7 @@ from worker.service.config import ServiceConfig
 from worker.service.indexes import MANIFEST, OpenIndexes, index_dirs
 from worker.service.jobs import Job, JobManager
 from worker.service.paths import TRASH_PREFIX
-from worker.store.format import JOB_LOCK, SHARDS, IndexLocked, index_lock, locked_by_another
+from worker.store.format import JOB_LOCK, SHARDS, IndexLocked, held_job_lock, index_lock, locked_by_another
 from worker.store.maps import MAPS
 from worker.store.reader import TileIndex
 from worker.tiling import TileSettings
@@ -156,8 +156,11 @@ class Handlers:
         # handlers run on the loop's thread, as jobs are started: no job can start between the check and here;
         # the index's lock keeps out a writer of another process (a command-line run, `build-ann`)
         trash = paths.index_root / f"{TRASH_PREFIX}{new_id()}"  # a short name: any index name fits
-        try:
-            with index_lock(index_dir, patience_s=0):  # on the loop's thread: never waited for
+        try:  # held while it is moved: no other worker's job queued meanwhile has its job file moved away
+            job_lock = held_job_lock(index_dir, patience_s=0)  # on the loop's thread: never waited for
+            if job_lock is None:
+                raise IndexLocked(str(index_dir))
+            with job_lock, index_lock(index_dir, patience_s=0):
                 removed = self.indexes.delete(index_dir, trash)
         except IndexLocked:
             raise _written_elsewhere(name, "delete the index") from None
@@ -246,7 +249,7 @@ class Handlers:
 def _written_elsewhere(name: str, then: str) -> ProtocolError:
     """`busy`: another process holds the index's lock."""
     return ProtocolError(BUSY, f"index {name!r} is being written by another process (a command-line `index` or "
-                               f"`build-ann` run): wait for it to end or stop it, then {then}")
+                               f"`build-ann` run, or another worker's job): wait for it to end or stop it, then {then}")
 
 
 def _example(header: dict) -> Example | None:

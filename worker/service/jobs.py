@@ -133,12 +133,12 @@ class JobManager:
         try:
             with disk_write(request.index_dir, then):
                 write_json_atomic(request.index_dir / JOB_FILE, {"index": index_name, **request.to_json()}, then)
-        except BaseException:
+            self._remember(job)
+            job.thread = threading.Thread(target=self._run, args=(job,), name=f"index-{job.id}", daemon=True)
+            job.thread.start()
+        except BaseException:  # never started: its lock is not held for the worker's life
             job.job_lock.close()
             raise
-        self._remember(job)
-        job.thread = threading.Thread(target=self._run, args=(job,), name=f"index-{job.id}", daemon=True)
-        job.thread.start()
         return job
 
     @staticmethod

@@ -34,8 +34,6 @@ class PathPolicy:
         if any(part.startswith(TRASH_PREFIX) for part in parts):
             raise InputError(f"index name {excerpt(name)}: folder names beginning {TRASH_PREFIX!r} are the "
                              "worker's own (indexes being deleted)")
-        if any(part != part.strip() for part in parts):
-            raise InputError(f"index name {excerpt(name)} has a folder name beginning or ending with a space")
         root = self.index_root
         path = (root / name).resolve()
         if path == root:

@@ -312,16 +312,25 @@ def locked_by_another(index_dir: Path, lock: str = LOCK) -> bool:
     return False
 
 
-def held_job_lock(index_dir: Path) -> IO | None:
+def held_job_lock(index_dir: Path, patience_s: float = LOCK_PATIENCE_S) -> IO | None:
     """The index's JOB_LOCK, made and held (the open file: closing it lets go), or None when
-    another process holds it. OSError when it cannot be made."""
+    another process holds it `patience_s` past the first try (locked_by_another takes it for a
+    moment to look). OSError when it cannot be made or locked."""
     lock_file = open(Path(index_dir) / JOB_LOCK, "a")
     try:
-        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        waited = time.monotonic() + patience_s
+        while True:
+            try:
+                fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return lock_file
+            except BlockingIOError:
+                if time.monotonic() >= waited:
+                    lock_file.close()
+                    return None
+                time.sleep(0.02)
+    except BaseException:
         lock_file.close()
-        return None
-    return lock_file
+        raise
 
 
 def remove_unborn(index_dir: Path) -> None:
