@@ -2,6 +2,7 @@
 (Sketches anywhere off the tile grid: tests/test_placement_search.py.)"""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -470,16 +471,26 @@ def test_cli_bad_sketch_exits_2_with_one_clear_line(tmp_path, s2_index, content,
 
 def test_cli_outputs_it_could_not_write_are_refused_before_the_search(tmp_path, s2_index):
     """A folder as --out, or a preview in no image format, was found only after the search (a
-    traceback after the GeoJSON was written, or a message about free disk space)."""
+    traceback after the GeoJSON was written, or a message about free disk space). --out replaced
+    whatever file it named (a GeoPackage, the index's own manifest, a device as root), and a
+    preview could replace the sketch it was drawn from."""
     sketch = tmp_path / "sketch.png"
     Image.new("L", (200, 200), 255).save(sketch)  # blank: refused too, but only after the outputs are checked
     (tmp_path / "a-file").write_text("")
+    (tmp_path / "project.gpkg").write_bytes(b"SQLite format 3\x00 a user's layers")
+    os.mkfifo(tmp_path / "pipe.geojson")
+    kept = {f: f.read_bytes() for f in (tmp_path / "project.gpkg", s2_index / "manifest.json", sketch)}
     for args, message in (((tmp_path,), "is a folder"), ((tmp_path / "h.geojson", "--preview", tmp_path / "p.xyz"),
                                                         ".xyz is not an image format"),
-                          ((tmp_path / "a-file" / "new" / "h.geojson",), f"{tmp_path / 'a-file'} is a file, not a folder")):
+                          ((tmp_path / "a-file" / "new" / "h.geojson",), f"{tmp_path / 'a-file'} is a file, not a folder"),
+                          ((tmp_path / "project.gpkg",), ".gpkg is not GeoJSON"),
+                          ((s2_index / "manifest.json",), f"lies in the index {s2_index}"),
+                          ((tmp_path / "pipe.geojson",), "is not a plain file"),
+                          ((tmp_path / "h.geojson", "--preview", sketch), "is the search's own input")):
         result = run_cli("search", s2_index, "--sketch", sketch, "--out", *args)
         assert result.returncode == 2 and message in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "h.geojson").exists()
+    assert all(f.read_bytes() == content for f, content in kept.items())
 
 
 def test_cli_outputs_in_a_folder_it_may_not_write_in_are_refused_before_the_search(tmp_path, s2_index):

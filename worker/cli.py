@@ -119,7 +119,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from worker.store import write_json_atomic
 
     index = open_index(args.index)
-    check_outputs(args.out, args.preview)
+    check_outputs(args.out, args.preview, index.dir, [p for p in (args.sketch, args.example) if p is not None])
     example, area = None, _floats(args.bbox, 4, "--bbox") if args.bbox else None
     if args.example is not None:
         from worker.example_query import Example
@@ -161,13 +161,20 @@ def cmd_search(args: argparse.Namespace) -> int:
 SEARCH_THEN = "then search again"
 
 
-def check_outputs(out: Path, preview: Path | None) -> None:
+GEOJSON_SUFFIXES = (".geojson", ".json")
+
+
+def check_outputs(out: Path, preview: Path | None, index_dir: Path, inputs: list[Path]) -> None:
     """InputError (a StorageError for a folder it may not write in) now, before a search, for
-    files it could not write after it."""
+    files it could not write after it, and for files it must not replace: --out replaced any file
+    named (a GeoPackage, a raster, the index's own manifest, /dev/null as root) and said nothing."""
     from PIL import Image
 
     if out.is_dir():
         raise InputError(f"--out {out} is a folder: name the GeoJSON file to write (e.g. {out / 'hits.geojson'})")
+    if out.suffix.lower() not in GEOJSON_SUFFIXES:
+        raise InputError(f"--out {out}: {out.suffix or 'no extension'} is not GeoJSON, the format it writes; name a "
+                         f"{GEOJSON_SUFFIXES[0]} file (a file there of another kind is not replaced)")
     if preview is not None:
         if preview.is_dir():
             raise InputError(f"--preview {preview} is a folder: name the image to write (e.g. {preview / 'hits.png'})")
@@ -175,9 +182,24 @@ def check_outputs(out: Path, preview: Path | None) -> None:
         if Image.EXTENSION.get(preview.suffix.lower()) not in Image.SAVE:
             raise InputError(f"--preview {preview}: {preview.suffix or 'no extension'} is not an image format it can write; "
                              "use .png or .jpg")
+    for option, path in (("--out", out), ("--preview", preview)):
+        if path is not None:
+            _check_replaceable(option, path, index_dir, inputs)
     _check_writable("--out", out, follows_links=False)
     if preview is not None:
         _check_writable("--preview", preview, follows_links=True)
+
+
+def _check_replaceable(option: str, path: Path, index_dir: Path, inputs: list[Path]) -> None:
+    """InputError for an output in the index's folder, at one of the search's own inputs (the
+    sketch, the example's raster), or at something there that is not a plain file."""
+    where = path.resolve()
+    if where == index_dir.resolve() or index_dir.resolve() in where.parents:
+        raise InputError(f"{option} {path} lies in the index {index_dir}: write it outside the index's folder")
+    if any(where == Path(i).resolve() for i in inputs):
+        raise InputError(f"{option} {path} is the search's own input: name another file")
+    if path.exists() and not path.is_file():
+        raise InputError(f"{option} {path} is not a plain file (a device, a pipe or a socket): name a file")
 
 
 def _check_writable(option: str, path: Path, follows_links: bool) -> None:
