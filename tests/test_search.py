@@ -521,6 +521,19 @@ def test_cli_outputs_in_a_folder_it_may_not_write_in_are_refused_before_the_sear
         subprocess.run(["chattr", "-i", str(locked), str(tmp_path / "kept.png")], capture_output=True)
 
 
+def test_an_output_crs_that_cannot_place_the_hits_is_bad_input_not_a_bug(tmp_path, s2_index):
+    """Hits in the northern hemisphere asked for in a South Pole orthographic CRS: PROJ cannot
+    place them, and the search ended `internal` (a traceback on the command line) after it ran."""
+    index = TileIndex.open(s2_index)
+    sketch = tmp_path / "sketch.png"
+    pseudo_sketch(_tile_image(index, 3), "canny").save(sketch)
+    result = run_cli("search", s2_index, "--sketch", sketch, "--crs", "ESRI:102037", "--out", tmp_path / "h.geojson",
+                     "--sketch-modules", "none")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "cannot be placed in the output CRS" in result.stderr and "EPSG:4326" in result.stderr
+    assert not (tmp_path / "h.geojson").exists()
+
+
 def test_cli_info_and_missing_index(tmp_path, s2_index):
     info = json.loads(run_cli("info", s2_index).stdout)
     assert info["tile_count"] > 100 and info["model"]["timm_name"] == "vit_small_patch14_dinov2"

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+import shapely
 from PIL import Image, ImageDraw
 from rasterio.crs import CRS
+from rasterio._err import CPLE_BaseError  # GDAL and PROJ errors (rasterio.errors does not export it)
 from shapely.geometry import mapping, shape
 
+from wire.protocol import excerpt
+from worker.errors import InputError
 from worker.geo import cut_at_antimeridian, reproject_rings
 from worker.hit_ids import hit_id
 from worker.search import Hit
@@ -28,7 +32,15 @@ def hit_properties(hit: Hit) -> dict:
 def hits_to_geojson(hits: list[Hit], crs: CRS, extra: dict | None = None) -> dict:
     """One polygon feature per hit, best first: the (turned) square the sketch matched.
     A non-WGS84 output CRS is named in a `crs` member (which QGIS and GDAL read)."""
-    polygons = reproject_rings([h.placement for h in hits], crs)
+    try:
+        polygons = reproject_rings([h.placement for h in hits], crs)
+    except CPLE_BaseError as exc:  # was `internal`, after the whole search: an orthographic CRS of the other side
+        raise InputError(f"the hits cannot be placed in the output CRS {excerpt(crs.to_string())} "
+                         f"({excerpt(str(exc))}): choose a CRS that covers them (EPSG:4326 covers every place)") from None
+    unplaced = [h.rank for h, polygon in zip(hits, polygons) if not np.isfinite(shapely.get_coordinates(polygon)).all()]
+    if unplaced:
+        raise InputError(f"hits ranked {unplaced[:10]} cannot be placed in the output CRS {excerpt(crs.to_string())}: "
+                         "choose a CRS that covers them (EPSG:4326 covers every place)")
     features = [{"type": "Feature", "geometry": mapping(poly), "properties": hit_properties(hit)}
                 for hit, poly in zip(hits, polygons)]
     out = {"type": "FeatureCollection", "features": features}
