@@ -25,6 +25,24 @@ def _drawing(lines, size=224) -> Image.Image:
     return img
 
 
+def test_a_photo_of_a_sketch_is_read_as_its_exif_orientation_shows_it(tmp_path):
+    """A phone stores a photo sideways with an EXIF orientation that viewers turn it upright by;
+    read without it, a photo of a paper sketch was searched turned 90 degrees."""
+    import io
+
+    from worker.sketch import open_sketch_image
+
+    stored = _drawing([[(20, 10), (200, 10)]], size=224).crop((0, 0, 224, 112))  # a line along the top, as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees clockwise: the top edge becomes the right edge
+    buf = io.BytesIO()
+    stored.save(buf, "JPEG", exif=exif, quality=95)
+    upright = np.asarray(open_sketch_image(buf.getvalue()))
+    assert upright.shape == (224, 112), "as the photo is shown: taller than wide"
+    ink = np.nonzero(upright < 128)
+    assert ink[1].min() > 90, "the line along the right edge, where a viewer shows it"
+
+
 def test_a_sketch_image_keeps_its_frame_unless_cropping_to_ink_is_asked():
     img = _drawing([[(10, 20), (90, 60)]], size=448)  # a stroke in the upper-left corner of the frame
     x0, y0, x1, y1 = _ink_box(prepare_sketch(img, 224))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 from wire.protocol import MAX_STROKE_POINTS, MAX_STROKES
 from worker.edge_cells import CELL, compared_drawings
@@ -73,6 +73,9 @@ def open_sketch_image(source: str | Path | bytes) -> Image.Image:
         if min(w, h) < MIN_SKETCH_SIDE:
             raise InputError(f"sketch is {w}x{h} px; draw on at least {MIN_SKETCH_SIDE}x{MIN_SKETCH_SIDE}")
         img.load()
+        # a phone's photo of a paper sketch is stored sideways and turned upright by its EXIF
+        # orientation, as every viewer shows it: read without it, it was searched turned 90 degrees
+        img = ImageOps.exif_transpose(img)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise InputError(f"sketch is not a readable PNG/JPEG image ({exc})") from exc
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
