@@ -29,6 +29,7 @@ def test_a_photo_of_a_sketch_is_read_as_its_exif_orientation_shows_it(tmp_path):
     """A phone stores a photo sideways with an EXIF orientation that viewers turn it upright by;
     read without it, a photo of a paper sketch was searched turned 90 degrees."""
     import io
+    import struct
 
     from worker.sketch import open_sketch_image
 
@@ -41,6 +42,15 @@ def test_a_photo_of_a_sketch_is_read_as_its_exif_orientation_shows_it(tmp_path):
     assert upright.shape == (224, 112), "as the photo is shown: taller than wide"
     ink = np.nonzero(upright < 128)
     assert ink[1].min() > 90, "the line along the right edge, where a viewer shows it"
+
+    # orientation 6 beside a tag of another type than its own (a signed -5 as the resolution unit):
+    # turning the image and writing that EXIF back raised struct.error, `internal`
+    entries = [(0x0112, 3, 1, struct.pack("<HH", 6, 0)), (0x0128, 8, 1, struct.pack("<hH", -5, 0))]
+    raw = (b"Exif\x00\x00II*\x00" + struct.pack("<IH", 8, len(entries))
+           + b"".join(struct.pack("<HHI", *entry[:3]) + entry[3] for entry in entries) + struct.pack("<I", 0))
+    buf = io.BytesIO()
+    stored.save(buf, "JPEG", exif=raw, quality=95)
+    assert np.asarray(open_sketch_image(buf.getvalue())).shape == (224, 112)
 
 
 def test_a_sketch_image_keeps_its_frame_unless_cropping_to_ink_is_asked():

@@ -10,12 +10,13 @@ ink moved lines away from where they lie in the place and cost most of the recal
 from __future__ import annotations
 
 import io
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from wire.protocol import MAX_STROKE_POINTS, MAX_STROKES
 from worker.edge_cells import CELL, compared_drawings
@@ -73,16 +74,33 @@ def open_sketch_image(source: str | Path | bytes) -> Image.Image:
         if min(w, h) < MIN_SKETCH_SIDE:
             raise InputError(f"sketch is {w}x{h} px; draw on at least {MIN_SKETCH_SIDE}x{MIN_SKETCH_SIDE}")
         img.load()
-        # a phone's photo of a paper sketch is stored sideways and turned upright by its EXIF
-        # orientation, as every viewer shows it: read without it, it was searched turned 90 degrees
-        img = ImageOps.exif_transpose(img)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise InputError(f"sketch is not a readable PNG/JPEG image ({exc})") from exc
+    img = _upright(img)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(white, rgba)
     return img.convert("L")
+
+
+# EXIF orientation -> the turn or flip that shows the image upright (as PIL's ImageOps.exif_transpose
+# turns it; that also writes the EXIF back, which raised struct.error on a tag of a wrong type)
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """The image as viewers show it: a phone stores a photo of a paper sketch sideways, with an
+    EXIF orientation that turns it upright; read without it, it was searched turned 90 degrees.
+    EXIF that cannot be read leaves the image as stored."""
+    try:
+        orientation = img.getexif().get(0x0112)
+    except (struct.error, ValueError, OSError, TypeError):
+        return img
+    turn = _UPRIGHT.get(orientation) if isinstance(orientation, int) else None
+    return img if turn is None else img.transpose(turn)
 
 
 def render_strokes(sketch: StrokeSketch, canvas: int = 512, width_fraction: float = 1 / 100) -> Image.Image:
