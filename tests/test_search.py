@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -474,23 +475,31 @@ def test_cli_outputs_it_could_not_write_are_refused_before_the_search(tmp_path, 
     traceback after the GeoJSON was written, or a message about free disk space). --out replaced
     whatever file it named (a GeoPackage, the index's own manifest, a device as root), and a
     preview could replace the sketch it was drawn from."""
+    index = TileIndex.open(s2_index)
     sketch = tmp_path / "sketch.png"
-    Image.new("L", (200, 200), 255).save(sketch)  # blank: refused too, but only after the outputs are checked
+    pseudo_sketch(_tile_image(index, 3), "canny").save(sketch)  # a search that ran would write its outputs
+    raster = Path(next(iter(index.rasters.values())).path)
     (tmp_path / "a-file").write_text("")
     (tmp_path / "project.gpkg").write_bytes(b"SQLite format 3\x00 a user's layers")
     os.mkfifo(tmp_path / "pipe.geojson")
-    kept = {f: f.read_bytes() for f in (tmp_path / "project.gpkg", s2_index / "manifest.json", sketch)}
+    (tmp_path / "link.geojson").symlink_to(tmp_path / "pipe.geojson")  # replaced itself, not what it points at
+    kept = {f: f.read_bytes() for f in (tmp_path / "project.gpkg", s2_index / "manifest.json", sketch, raster)}
     for args, message in (((tmp_path,), "is a folder"), ((tmp_path / "h.geojson", "--preview", tmp_path / "p.xyz"),
                                                         ".xyz is not an image format"),
                           ((tmp_path / "a-file" / "new" / "h.geojson",), f"{tmp_path / 'a-file'} is a file, not a folder"),
                           ((tmp_path / "project.gpkg",), ".gpkg is not GeoJSON"),
                           ((s2_index / "manifest.json",), f"lies in the index {s2_index}"),
                           ((tmp_path / "pipe.geojson",), "is not a plain file"),
-                          ((tmp_path / "h.geojson", "--preview", sketch), "is the search's own input")):
-        result = run_cli("search", s2_index, "--sketch", sketch, "--out", *args)
+                          ((tmp_path / "h.geojson", "--preview", sketch), "is one of the search's inputs"),
+                          ((tmp_path / "h.geojson", "--preview", raster), "is one of the search's inputs")):
+        result = run_cli("search", s2_index, "--sketch", sketch, "--out", *args, "--sketch-modules", "none")
         assert result.returncode == 2 and message in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "h.geojson").exists()
     assert all(f.read_bytes() == content for f, content in kept.items())
+    result = run_cli("search", s2_index, "--sketch", sketch, "--out", tmp_path / "link.geojson", "--top", "2",
+                     "--sketch-modules", "none")
+    assert result.returncode == 0 and len(json.loads((tmp_path / "link.geojson").read_text())["features"]) == 2
+    assert (tmp_path / "pipe.geojson").is_fifo()
 
 
 def test_cli_outputs_in_a_folder_it_may_not_write_in_are_refused_before_the_search(tmp_path, s2_index):

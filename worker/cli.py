@@ -119,7 +119,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     from worker.store import write_json_atomic
 
     index = open_index(args.index)
-    check_outputs(args.out, args.preview, index.dir, [p for p in (args.sketch, args.example) if p is not None])
+    inputs_at = ({Path(p).resolve() for p in (args.sketch, args.example) if p is not None}
+                 | {Path(r.path) for r in index.rasters.values()})  # held resolved
+    check_outputs(args.out, args.preview, index.dir, inputs_at)
     example, area = None, _floats(args.bbox, 4, "--bbox") if args.bbox else None
     if args.example is not None:
         from worker.example_query import Example
@@ -164,10 +166,11 @@ SEARCH_THEN = "then search again"
 GEOJSON_SUFFIXES = (".geojson", ".json")
 
 
-def check_outputs(out: Path, preview: Path | None, index_dir: Path, inputs: list[Path]) -> None:
+def check_outputs(out: Path, preview: Path | None, index_dir: Path, inputs_at: set[Path]) -> None:
     """InputError (a StorageError for a folder it may not write in) now, before a search, for
     files it could not write after it, and for files it must not replace: --out replaced any file
-    named (a GeoPackage, a raster, the index's own manifest, /dev/null as root) and said nothing."""
+    named (a GeoPackage, a raster, the index's own manifest, /dev/null as root) and said nothing.
+    `inputs_at`: the search's inputs, resolved (the sketch or the example's raster, the index's rasters)."""
     from PIL import Image
 
     if out.is_dir():
@@ -182,23 +185,25 @@ def check_outputs(out: Path, preview: Path | None, index_dir: Path, inputs: list
         if Image.EXTENSION.get(preview.suffix.lower()) not in Image.SAVE:
             raise InputError(f"--preview {preview}: {preview.suffix or 'no extension'} is not an image format it can write; "
                              "use .png or .jpg")
-    for option, path in (("--out", out), ("--preview", preview)):
-        if path is not None:
-            _check_replaceable(option, path, index_dir, inputs)
+    _check_replaceable("--out", out, index_dir, inputs_at, follows_links=False)
+    if preview is not None:
+        _check_replaceable("--preview", preview, index_dir, inputs_at, follows_links=True)
     _check_writable("--out", out, follows_links=False)
     if preview is not None:
         _check_writable("--preview", preview, follows_links=True)
 
 
-def _check_replaceable(option: str, path: Path, index_dir: Path, inputs: list[Path]) -> None:
+def _check_replaceable(option: str, path: Path, index_dir: Path, inputs_at: set[Path], follows_links: bool) -> None:
     """InputError for an output in the index's folder, at one of the search's own inputs (the
-    sketch, the example's raster), or at something there that is not a plain file."""
-    where = path.resolve()
+    sketch, the example's raster, the index's rasters; `inputs_at`, resolved), or at something
+    there that is not a plain file. `follows_links`: as _check_writable."""
+    where = path.resolve() if follows_links else path.absolute().parent.resolve() / path.name
     if where == index_dir.resolve() or index_dir.resolve() in where.parents:
         raise InputError(f"{option} {path} lies in the index {index_dir}: write it outside the index's folder")
-    if any(where == Path(i).resolve() for i in inputs):
-        raise InputError(f"{option} {path} is the search's own input: name another file")
-    if path.exists() and not path.is_file():
+    if where in inputs_at:
+        raise InputError(f"{option} {path} is one of the search's inputs (the sketch, or a raster): name another file")
+    replaced_link = not follows_links and where.is_symlink()  # the link itself is replaced
+    if where.exists() and not where.is_file() and not replaced_link:
         raise InputError(f"{option} {path} is not a plain file (a device, a pipe or a socket): name a file")
 
 
