@@ -342,24 +342,24 @@ def test_5d_a_job_queued_in_one_worker_is_neither_taken_nor_lost_by_another_shar
     import signal
 
     rasters = tree / "rasters"
-    other = None
     with served.client() as a:
         slow = a.start_index("slow", [str(rasters / "rmnp.tif")], **TILE)
         queued = a.start_index("shared", [str(rasters / "tiny.tif")], **TILE)
         assert queued["state"] == states.QUEUED, queued
-    served.proc.send_signal(signal.SIGSTOP)  # both jobs held as they are: nothing here waits on time
+    other = WorkerProcess(served.index_root, rasters, extra=LIMITS)
     try:
-        other = WorkerProcess(served.index_root, rasters, extra=LIMITS).start()
-        with other.client() as b:
-            shared = {i["name"]: i for i in b.list_indexes()}.get("shared")
-            assert shared is None or shared["job"] is None, "not resumed by the worker starting beside it"
-            refused = _code(lambda: b.start_index("shared", [str(rasters / "tiny.tif")], **TILE))
-            assert refused.code == codes.BUSY and "another worker" in refused.message, refused
-            refused = _code(lambda: b.request("delete_index", index="shared"))
-            assert refused.code == codes.BUSY and "another worker" in refused.message, refused
-    finally:
-        served.proc.send_signal(signal.SIGCONT)
-    try:
+        served.proc.send_signal(signal.SIGSTOP)  # both jobs held as they are: nothing here waits on time
+        try:
+            other.start()
+            with other.client() as b:
+                shared = {i["name"]: i for i in b.list_indexes()}.get("shared")
+                assert shared is None or shared["job"] is None, "not resumed by the worker starting beside it"
+                refused = _code(lambda: b.start_index("shared", [str(rasters / "tiny.tif")], **TILE))
+                assert refused.code == codes.BUSY and "another worker" in refused.message, refused
+                refused = _code(lambda: b.request("delete_index", index="shared"))
+                assert refused.code == codes.BUSY and "another worker" in refused.message, refused
+        finally:
+            served.proc.send_signal(signal.SIGCONT)
         with served.client() as a:
             a.request("cancel", job=slow["id"])
             assert wait_job(a, queued["id"])["state"] == states.DONE
@@ -368,7 +368,7 @@ def test_5d_a_job_queued_in_one_worker_is_neither_taken_nor_lost_by_another_shar
             listed = {i["name"]: i for i in b.list_indexes()}["shared"]
         assert listed["complete"] and not (served.index_root / "shared" / "job.json").exists()
     finally:
-        other.stop()
+        other.stop()  # started or not: a worker left running holds the index root for the tests after
         for name in ("slow", "shared"):
             shutil.rmtree(served.index_root / name, ignore_errors=True)
 
