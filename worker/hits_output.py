@@ -32,15 +32,15 @@ def hit_properties(hit: Hit) -> dict:
 def hits_to_geojson(hits: list[Hit], crs: CRS, extra: dict | None = None) -> dict:
     """One polygon feature per hit, best first: the (turned) square the sketch matched.
     A non-WGS84 output CRS is named in a `crs` member (which QGIS and GDAL read)."""
+    cannot = f"cannot be placed in the output CRS {excerpt(crs.to_string())}"
+    choose = "choose a CRS that covers them (EPSG:4326 covers every place)"
     try:
         polygons = reproject_rings([h.placement for h in hits], crs)
     except CPLE_BaseError as exc:  # was `internal`, after the whole search: an orthographic CRS of the other side
-        raise InputError(f"the hits cannot be placed in the output CRS {excerpt(crs.to_string())} "
-                         f"({excerpt(str(exc))}): choose a CRS that covers them (EPSG:4326 covers every place)") from None
+        raise InputError(f"the hits {cannot} ({excerpt(str(exc))}): {choose}") from None
     unplaced = [h.rank for h, polygon in zip(hits, polygons) if not np.isfinite(shapely.get_coordinates(polygon)).all()]
     if unplaced:
-        raise InputError(f"hits ranked {unplaced[:10]} cannot be placed in the output CRS {excerpt(crs.to_string())}: "
-                         "choose a CRS that covers them (EPSG:4326 covers every place)")
+        raise InputError(f"hits ranked {unplaced[:10]} {cannot}: {choose}")
     features = [{"type": "Feature", "geometry": mapping(poly), "properties": hit_properties(hit)}
                 for hit, poly in zip(hits, polygons)]
     out = {"type": "FeatureCollection", "features": features}

@@ -26,8 +26,6 @@ from worker.store import MANIFEST, TILES_LAYER, TileIndex
 log = logging.getLogger(__name__)
 
 
-
-
 class OpenIndexes:
     """Opened indexes by directory, reopened when an indexing job has committed more (continuing
     the maps the last view joined of rasters being indexed)."""

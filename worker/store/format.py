@@ -285,17 +285,24 @@ def index_lock(index_dir: Path, patience_s: float = LOCK_PATIENCE_S) -> Iterator
         index_dir.mkdir(parents=True, exist_ok=True)
         lock_file = open(index_dir / LOCK, "w")
     with lock_file:
-        waited = time.monotonic() + patience_s
-        while True:
-            try:
-                fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= waited:
-                    raise IndexLocked(f"{index_dir} is being written by another indexing run: wait for it to end, "
-                                      "or stop it, and run this again") from None
-                time.sleep(0.02)
+        if not _locked_within(lock_file, patience_s):
+            raise IndexLocked(f"{index_dir} is being written by another indexing run: wait for it to end, "
+                              "or stop it, and run this again")
         yield
+
+
+def _locked_within(lock_file: IO, patience_s: float) -> bool:
+    """Whether this process got the exclusive lock of `lock_file` within `patience_s` of the
+    first try (tried again every 20 ms)."""
+    waited = time.monotonic() + patience_s
+    while True:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= waited:
+                return False
+            time.sleep(0.02)
 
 
 def locked_by_another(index_dir: Path, lock: str = LOCK) -> bool:
@@ -318,19 +325,13 @@ def held_job_lock(index_dir: Path, patience_s: float = LOCK_PATIENCE_S) -> IO | 
     moment to look). OSError when it cannot be made or locked."""
     lock_file = open(Path(index_dir) / JOB_LOCK, "a")
     try:
-        waited = time.monotonic() + patience_s
-        while True:
-            try:
-                fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return lock_file
-            except BlockingIOError:
-                if time.monotonic() >= waited:
-                    lock_file.close()
-                    return None
-                time.sleep(0.02)
+        if _locked_within(lock_file, patience_s):
+            return lock_file
     except BaseException:
         lock_file.close()
         raise
+    lock_file.close()
+    return None
 
 
 def remove_unborn(index_dir: Path) -> None:
