@@ -304,6 +304,43 @@ def test_a_raster_over_a_pole_is_searched_and_its_hits_are_one_each(tmp_path, mo
         assert drawn.is_valid and -half_world - 1 <= drawn.bounds[1] and drawn.bounds[3] <= -half_world + 20_000
 
 
+@pytest.mark.parametrize("polar_crs, equal_area_crs, metres", [("EPSG:3031", "EPSG:6932", 30.0),
+                                                                ("EPSG:3413", "EPSG:6931", 30.0),
+                                                                ("EPSG:3031", "EPSG:6932", 1.0)])
+def test_hits_near_a_pole_are_drawn_where_they_lie_on_world_maps(tmp_path, assets, polar_crs, equal_area_crs, metres):
+    """Places all over a polar raster round a pole (15 km at 30 m a pixel, 485 m at 1 m), asked for
+    in world maps (a QGIS project in Mollweide, Equal Earth, sinusoidal, plate carree or web
+    Mercator): each is one valid polygon, and on the equal-area maps it covers the ground it
+    covers in the pole's own equal-area projection. Before, a place near the pole crossed
+    itself (its edges bent past each other, or a ring round the pole was drawn as a band across
+    the map, three times its area), a place across 180 degrees within metres of the pole was
+    moved a world's width at 89.999 degrees, and a strip along web Mercator's edge could end a
+    billionth of a metre past its start."""
+    from rasterio.transform import from_origin
+
+    from conftest import write_raster
+    from worker.geo import reproject_rings
+    from worker.tiling import open_raster
+
+    with rasterio.open(assets["rmnp_rgb"]) as src:  # 485 by 373 px, the pole at (240, 180)
+        pixels = src.read()
+    path = write_raster(tmp_path / "pole.tif", pixels, crs=CRS.from_user_input(polar_crs),
+                       transform=from_origin(-240 * metres, 180 * metres, metres, metres))
+    raster = open_raster(path, None)
+    places = [Placement(raster, cx, cy, side, angle) for cx in range(60, 440, 40) for cy in range(40, 340, 40)
+              for side, angle in ((112.0, 0.0), (60.0, 30.0))]
+    ground = np.array([p.area for p in reproject_rings(places, CRS.from_user_input(equal_area_crs))])
+    for world_map, equal_area in (("ESRI:54009", True), ("EPSG:8857", True), ("ESRI:54008", True),
+                                  ("EPSG:32662", False), ("EPSG:3857", False)):
+        drawn = reproject_rings(places, CRS.from_user_input(world_map))
+        crossed = [(p.cx, p.cy, p.side) for p, d in zip(places, drawn) if not d.is_valid]
+        assert not crossed, (world_map, crossed)
+        assert all(np.isfinite(shapely.get_coordinates(d)).all() for d in drawn), world_map
+        if equal_area:
+            error = np.abs(np.array([d.area for d in drawn]) / ground - 1)
+            assert error.max() < 0.05, (world_map, places[int(np.argmax(error))], error.max())
+
+
 def test_search_areas_near_180_degrees_and_the_poles_cover_what_the_view_shows():
     """A web map's view across 180 is that view, not its latitude band; a view holding a pole
     holds the pole; a view just east of 180 meets the footprints that cross 180 (they lie past

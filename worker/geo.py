@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
-from functools import lru_cache
+from functools import cache, lru_cache, partial
 
 import numpy as np
 import shapely
@@ -106,12 +106,13 @@ def reproject_rings(tiles: list, dst: CRS) -> list[Polygon]:
     for wkt, idx in groups.items():
         rings = type(tiles[idx[0]]).rings([tiles[i] for i in idx])
         src = CRS.from_wkt(wkt)
+        lonlats = cache(partial(_lonlats, src, rings))  # warped once, and only where a world map needs them
         if src == dst:
             xs, ys = rings[..., 0], rings[..., 1]
         else:
             xs, ys = warp_transform(src, dst, rings[..., 0].ravel(), rings[..., 1].ravel())
             xs, ys = np.asarray(xs).reshape(rings.shape[:2]), np.asarray(ys).reshape(rings.shape[:2])
-            xs = _unwrapped(xs, dst, lambda rows: _latitudes(src, rings[rows]))
+            xs = _unwrapped(xs, dst, lonlats)
         polygons = shapely.polygons(np.stack([xs, ys], axis=-1))
         if is_lon_lat_degrees(dst):  # a pole in other units (grads) lies elsewhere
             on_pole = np.abs(ys) >= POLE_LAT  # a point on a pole has no longitude (PROJ gives 0)
@@ -121,10 +122,19 @@ def reproject_rings(tiles: list, dst: CRS) -> list[Polygon]:
                     polygons[n] = _polar_cap(xs[n][path], ys[n][path])
                 else:
                     polygons[n] = _polar_cap(xs[n], ys[n])
-        elif (edges := _mercator_edges(dst.to_wkt())) is not None:  # y grows with latitude: no lon/lat needed
-            beyond = np.flatnonzero((~np.isfinite(ys) | (ys < edges[0]) | (ys > edges[1])).any(axis=1))
-            for n, footprint in zip(beyond, reproject_rings([tiles[idx[n]] for n in beyond], WGS84) if len(beyond) else []):
-                polygons[n] = _at_mercators_edge(footprint, dst)
+        else:
+            edges = _mercator_edges(dst.to_wkt())
+            if edges is not None:  # y grows with latitude: no lon/lat needed
+                beyond = np.flatnonzero((~np.isfinite(ys) | (ys < edges[0]) | (ys > edges[1])).any(axis=1))
+                lonlat = reproject_rings([tiles[idx[n]] for n in beyond], WGS84) if len(beyond) else []
+                for n, footprint in zip(beyond, lonlat):
+                    polygons[n] = _at_mercators_edge(footprint, dst)
+            redraw = ~shapely.is_valid(polygons)
+            if edges is None and src != dst and _world(dst.to_wkt()) is not None:  # a ring round a pole came out a band
+                lons, lats = lonlats()
+                redraw |= _winds_round_a_pole(lons) | (np.abs(lats) >= POLE_LAT).any(axis=1)
+            for n in np.flatnonzero(redraw):
+                polygons[n] = _redrawn(tiles[idx[n]], dst) or polygons[n]
         for i, polygon in zip(idx, polygons):
             out[i] = polygon
     return out  # type: ignore[return-value]
@@ -166,14 +176,88 @@ def _at_mercators_edge(footprint: Polygon, dst: CRS) -> Polygon:
     return Polygon(np.column_stack([nearest_copy_x(xs, wkt, _world(wkt)[1], whole=True), ys]))
 
 
+REDRAW_STEP = 2.0  # degrees between the points of a footprint drawn again from lon/lat (_redrawn)
+REDRAW_TOLERANCE = 1e-4  # of its size: how far a redrawn footprint's edge may stray from the curve it follows
+NOISE_SHARE = 0.99  # of a redrawn footprint's area, kept whole where its ring crossed itself only in slivers
+REDRAW_PASSES = 12  # halvings of an edge, at most
+
+
+def _redrawn(item, dst: CRS) -> Polygon | None:
+    """A footprint whose ring crossed itself in a projected `dst`, drawn again from its lon/lat
+    polygon (valid, a cap round a pole closed along it), its edges halved until each follows its
+    curve in `dst` (_followed_closely): near a pole a world map (Mollweide, Equal Earth, plate
+    carree) bends a raster's straight edge so far that 16 points crossed, and a ring round the
+    pole jumped across the map. A cap is cut at the map's own edge (180 degrees from its central
+    meridian) and drawn whole between them. None where that crosses itself too, or cannot be
+    placed (a pole that the projection draws infinitely far)."""
+    lonlat = reproject_rings([item], WGS84)[0]
+    west, _, east, _ = lonlat.bounds
+    cap = east - west >= 360.0 - 1e-6
+    centre = float(dst.to_dict().get("lon_0", 0.0))
+    if cap:  # and kept just inside the map's edges: PROJ puts a point on one at either side
+        lonlat = cut_at_antimeridian(lonlat, centre=centre)
+        lonlat = lonlat.intersection(box(centre - EDGE_LON, -90, centre + EDGE_LON, 90))
+        if lonlat.geom_type != "Polygon":
+            return None
+
+    def projected(lons: np.ndarray, lats: np.ndarray) -> np.ndarray:
+        xs, ys = (np.asarray(v) for v in warp_transform(WGS84, dst, lons, lats))
+        if not cap:
+            xs = _unwrapped(xs[None], dst, lambda: (lons[None], lats[None]))[0]
+        return np.column_stack([xs, ys])
+
+    ring = np.asarray(shapely.segmentize(lonlat, REDRAW_STEP).exterior.coords)
+    on_pole = np.abs(ring[:, 1]) >= 90.0
+    ring = ring[~(on_pole & np.roll(on_pole, 1) & np.roll(on_pole, -1))]  # a pole's edge is straight on these maps
+    try:
+        ring = _followed_closely(ring, projected)
+    except Exception:  # PROJ's errors have no common type
+        return None
+    if ring is None or not np.isfinite(ring).all():
+        return None
+    polygon = Polygon(ring)
+    if polygon.is_valid:
+        return polygon
+    parts = [p for p in shapely.get_parts(shapely.get_parts(shapely.make_valid(polygon))) if p.geom_type == "Polygon"]
+    largest = max(parts, key=lambda p: p.area, default=None)  # less PROJ's noise where it draws a pole as a point
+    return largest if largest is not None and largest.area >= NOISE_SHARE * sum(p.area for p in parts) else None
+
+
+def _followed_closely(lonlats: np.ndarray, projected) -> np.ndarray | None:
+    """A lon/lat ring (k, 2) projected (`projected(lons, lats)` -> (k, 2)), each edge halved in
+    lon/lat while its middle lies off the straight edge drawn, by more than REDRAW_TOLERANCE of
+    the ring's size: a meridian near Mollweide's pointed pole bends so sharply that its chord
+    crossed the footprint beside it. None where it cannot be placed (points not finite)."""
+    points = projected(lonlats[:, 0], lonlats[:, 1])
+    if not np.isfinite(points).all():
+        return None
+    tolerance = REDRAW_TOLERANCE * float(np.hypot(*np.ptp(points, axis=0)))
+    for _ in range(REDRAW_PASSES):
+        middles = (lonlats[:-1] + lonlats[1:]) / 2
+        both = np.empty((2 * len(lonlats) - 1, 2))
+        both[0::2], both[1::2] = lonlats, middles
+        drawn = projected(both[:, 0], both[:, 1])
+        if not np.isfinite(drawn).all():
+            return None
+        off = np.hypot(*(drawn[1::2] - (drawn[0:-1:2] + drawn[2::2]) / 2).T) > tolerance
+        if not off.any():
+            return drawn[0::2]
+        keep = np.ones(len(both), bool)
+        keep[1::2] = off
+        lonlats = both[keep]
+    return projected(lonlats[:, 0], lonlats[:, 1])
+
+
 POLE_LAT = 90.0 - 1e-9
 
 
 def followed(xs: np.ndarray, width: float = 360.0) -> np.ndarray:
     """x along paths (the last axis) followed step by step, each step the short way round a
-    world `width` wide (360 in lon/lat): a path that crosses 180 degrees made whole."""
-    steps = (np.diff(xs, axis=-1) + width / 2) % width - width / 2
-    return xs[..., :1] + np.concatenate([np.zeros_like(xs[..., :1]), np.cumsum(steps, axis=-1)], axis=-1)
+    world `width` wide (360 in lon/lat): a path that crosses 180 degrees made whole. Each point
+    moves by whole worlds, so a ring that does not wind round a pole stays exactly closed (summed
+    steps drifted: a ring ending 1e-9 past its start crossed itself there)."""
+    turns = np.round(np.diff(xs, axis=-1) / width)
+    return xs - width * np.concatenate([np.zeros_like(xs[..., :1]), np.cumsum(turns, axis=-1)], axis=-1)
 
 
 def _winds_round_a_pole(xs: np.ndarray) -> np.ndarray:
@@ -195,40 +279,47 @@ def _polar_cap(xs: np.ndarray, ys: np.ndarray) -> Polygon:
     return orient(Polygon([*zip(lons, ys), (lons[-1], pole), (lons[0], pole)]))
 
 
-def _unwrapped(xs: np.ndarray, dst: CRS, latitudes=None) -> np.ndarray:
+def _unwrapped(xs: np.ndarray, dst: CRS, lonlats=None) -> np.ndarray:
     """Rings (n, k) of x in `dst` that cross the antimeridian, made whole: in a CRS whose x wraps
     round the world (lon/lat, web Mercator), a footprint across 180 degrees jumps from one edge to
     the other and would become a band round the world; its western points are moved one world
     east (x past the CRS's edge, which GIS software draws where it belongs). In a world map whose
-    width shrinks towards the poles (Mollweide, Robinson, Equal Earth), one world at each point's
-    latitude, from `latitudes` (a function of rings' row numbers): the equator's moved a
-    footprint at 60 degrees 12,000 km, and at 75 degrees told no jump."""
+    width shrinks towards the poles (Mollweide, Robinson, Equal Earth), the points are told by
+    their longitudes (`lonlats`: a function giving the rings' (lons, lats)) and moved one world
+    at their latitude: the equator's width moved a footprint at 60 degrees 12,000 km, and a jump
+    judged by x alone was seen in a footprint spanning 110 degrees of longitude near a pole."""
     wkt = dst.to_wkt()
     world = _world(wkt)
     if world is None or not np.isfinite(xs).all():
         return xs
     width, middle = world
-    widths = np.full(xs.shape, width)
-    if not _cylindrical(wkt) and latitudes is not None:  # judged by each ring's own latitudes
-        widths = _widths_at(wkt, latitudes(np.arange(len(xs))))
-    jumps = np.ptp(xs, axis=1) > widths.min(axis=1) / 2
+    if not _cylindrical(wkt) and lonlats is not None:
+        lons, lats = lonlats()
+        if not np.isfinite(lons).all():
+            return xs
+        widths = _widths_at(wkt, lats)
+        drawn = (xs - middle) / widths * 360.0  # degrees from the central meridian where PROJ drew each point
+        worlds = np.round((followed(lons) - float(dst.to_dict().get("lon_0", 0.0)) - drawn) / 360.0)
+        worlds -= worlds.min(axis=1, keepdims=True)  # 1: a point of a ring across the map's edge drawn at its west
+        return xs + worlds * widths if worlds.any() else xs
+    jumps = np.ptp(xs, axis=1) > width / 2
     if jumps.any():
         xs = xs.copy()
-        xs[jumps] = np.where(xs[jumps] < middle, xs[jumps] + widths[jumps], xs[jumps])
+        xs[jumps] = np.where(xs[jumps] < middle, xs[jumps] + width, xs[jumps])
     return xs
 
 
-def _latitudes(src: CRS, rings: np.ndarray) -> np.ndarray:
-    """The latitude of each point of rings (n, k, 2) in `src`."""
-    _, lats = warp_transform(src, WGS84, rings[..., 0].ravel(), rings[..., 1].ravel())
-    return np.asarray(lats).reshape(rings.shape[:2])
+def _lonlats(src: CRS, rings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The longitude and latitude of each point of rings (n, k, 2) in `src`."""
+    lons, lats = warp_transform(src, WGS84, rings[..., 0].ravel(), rings[..., 1].ravel())
+    return np.asarray(lons).reshape(rings.shape[:2]), np.asarray(lats).reshape(rings.shape[:2])
 
 
 def _widths_at(dst_wkt: str, lats: np.ndarray) -> np.ndarray:
     """How far x runs once round the world at each latitude (any shape) in a CRS whose x wraps;
     the equator's where PROJ cannot say."""
     width = _world(dst_wkt)[0]
-    flat = np.clip(np.asarray(lats, float).ravel(), -89.999, 89.999)
+    flat = np.clip(np.asarray(lats, float).ravel(), -POLE_LAT, POLE_LAT)
     try:
         xs = _xs_from_centre(CRS.from_wkt(dst_wkt), np.repeat([-EDGE_LON, EDGE_LON], len(flat)), np.tile(flat, 2))
         widths = _turn(xs[:len(flat)], xs[len(flat):])
@@ -467,19 +558,20 @@ def overlap_area(a: Polygon, b: Polygon) -> float:
         return shapely.make_valid(a).intersection(shapely.make_valid(b)).area
 
 
-def cut_at_antimeridian(footprint: Polygon) -> Polygon | MultiPolygon:
+def cut_at_antimeridian(footprint: Polygon, centre: float = 0.0) -> Polygon | MultiPolygon:
     """A lon/lat footprint past -180 or 180 degrees (reproject_rings) cut there, each part moved
     into -180..180 and turned counterclockwise, as RFC 7946 asks of a GeoJSON file; one inside,
-    or one that cannot be cut (invalid, or without area), as it was."""
+    or one that cannot be cut (invalid, or without area), as it was. With `centre`, cut 180
+    degrees either side of that meridian instead (a world map's own edges)."""
     west, _, east, _ = footprint.bounds
-    if not footprint.is_valid or -180 <= west and east <= 180:
+    if not footprint.is_valid or centre - 180 <= west and east <= centre + 180:
         return footprint
-    parts = [shapely.affinity.translate(footprint.intersection(box(-180 - dx, -90, 180 - dx, 90)), dx)
-             for dx in WORLD_SHIFTS]  # the world east of 180, the world, and west of -180, each moved into it
+    parts = [shapely.affinity.translate(footprint.intersection(box(centre - 180 - dx, -90, centre + 180 - dx, 90)), dx)
+             for dx in WORLD_SHIFTS]  # the world east of its edge, the world, and west of it, each moved into it
     polygons = [orient(p) for p in shapely.get_parts(parts) if p.geom_type == "Polygon" and p.area > 0]
     if not polygons:
         return footprint
-    joined = shapely.union_all(polygons)  # a cap round a pole (_polar_cap): its parts meet again
+    joined = shapely.union_all(polygons, grid_size=1e-9)  # a cap round a pole (_polar_cap): its parts meet again
     if joined.geom_type == "Polygon":
         return orient(joined)
     return MultiPolygon(polygons) if len(polygons) > 1 else polygons[0]
