@@ -53,6 +53,36 @@ def test_a_photo_of_a_sketch_is_read_as_its_exif_orientation_shows_it(tmp_path):
     assert np.asarray(open_sketch_image(buf.getvalue())).shape == (224, 112)
 
 
+def test_light_strokes_on_dark_paper_are_searched_as_the_same_drawing():
+    """Chalk on a blackboard, a dark-themed app's export, a white pen on a transparent layer: the
+    search compares the same drawing as dark strokes on white. Before, the dark paper was read as
+    the ink (a search compared a dark square, unsaid), and white strokes on a transparent page
+    were called blank. A photo of a white page on a dark desk keeps its page as the paper."""
+    import io
+
+    from PIL import ImageOps
+
+    from worker.sketch import open_sketch_image
+
+    def encoded(img: Image.Image) -> bytes:
+        buf = io.BytesIO()
+        img.save(buf, "PNG")
+        return buf.getvalue()
+
+    drawing = _drawing([[(10, 200), (120, 60), (290, 90)], [(40, 20), (260, 280)]], size=300)
+    as_drawn = prepare_sketch(open_sketch_image(encoded(drawing)), 224)
+    on_blackboard = prepare_sketch(open_sketch_image(encoded(ImageOps.invert(drawing))), 224)
+    assert torch.equal(on_blackboard, as_drawn)
+    white_pen = Image.new("RGBA", drawing.size, (255, 255, 255, 0))
+    white_pen.putalpha(ImageOps.invert(drawing))  # opaque white where the lines are, transparent elsewhere
+    assert torch.allclose(prepare_sketch(open_sketch_image(encoded(white_pen)), 224), as_drawn, atol=1 / 255)
+
+    on_desk = Image.new("L", (300, 300), 30)  # a dark desk round the page, the page most of the photo
+    on_desk.paste(drawing.crop((30, 30, 270, 270)), (30, 30))
+    page = np.asarray(open_sketch_image(encoded(on_desk)))
+    assert page[250, 100] > 200 and page[5, 5] < 50, "read as it is: the page light, the desk dark"
+
+
 def test_a_sketch_image_keeps_its_frame_unless_cropping_to_ink_is_asked():
     img = _drawing([[(10, 20), (90, 60)]], size=448)  # a stroke in the upper-left corner of the frame
     x0, y0, x1, y1 = _ink_box(prepare_sketch(img, 224))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 from wire.protocol import MAX_STROKE_POINTS, MAX_STROKES
 from worker.edge_cells import CELL, compared_drawings
@@ -78,10 +78,32 @@ def open_sketch_image(source: str | Path | bytes) -> Image.Image:
         raise InputError(f"sketch is not a readable PNG/JPEG image ({exc})") from exc
     img = _upright(img)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(white, rgba)
-    return img.convert("L")
+        img = _flattened(img.convert("RGBA"))
+    return _dark_on_light(img.convert("L"))
+
+
+def _flattened(rgba: Image.Image) -> Image.Image:
+    """A transparent sketch on white paper; light strokes on a transparent page (a drawing app's
+    white pen), which vanished on white, on black instead."""
+    on_white = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("L")
+    if np.ptp(np.asarray(on_white)) >= INK_CONTRAST:
+        return on_white
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("L")
+
+
+def _dark_on_light(gray: Image.Image) -> Image.Image:
+    """Light strokes on dark paper (chalk on a blackboard, a dark-themed app's export) turned dark
+    on light, as every sketch is compared. Read as they were, the paper was the ink and a search
+    compared a dark square, unsaid. The paper is dark when most of the image and most of its
+    border are darker than the ink level: a photo of a page on a dark desk keeps its page."""
+    pixels = np.asarray(gray)
+    if int(np.ptp(pixels)) < INK_CONTRAST:
+        return gray
+    level = ink_level(pixels)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    if np.median(border) < level and np.mean(pixels < level) > 0.5:
+        return ImageOps.invert(gray)
+    return gray
 
 
 # EXIF orientation -> the turn or flip that shows the image upright (as PIL's ImageOps.exif_transpose
