@@ -792,6 +792,9 @@ def test_10_each_bad_input_gets_its_own_code(served, tree):
                 # placed in 15 s at 1e15, the loop answering no one meanwhile
                 "a box past +-1e12": (lambda: c.search("base", sketch_png=sketch_png(), bbox=[-1e13, -1e13, 1e13, 1e13],
                                                        bbox_crs="EPSG:3857"), codes.BAD_INPUT),
+                # the weight was dropped without a word: the tokens ranker has no blend
+                "a token weight for the tokens ranker": (lambda: c.search("base", sketch_png=sketch_png(), ranker="tokens",
+                                                                          token_weight=0.5), codes.BAD_INPUT),
                 # was searched, and answered no hits without a word
                 "a dot in a large frame": (lambda: c.search("base", strokes=[[[5000, 5000], [5003, 5003]]],
                                                             strokes_crs="pixel", strokes_frame=[0, 0, 10000, 10000]),
@@ -804,6 +807,7 @@ def test_10_each_bad_input_gets_its_own_code(served, tree):
         assert "at most 50000" in errors["too many points"].message
         assert "name their folders" in errors["10,001 raster entries"].message
         assert "too small to match anything" in errors["a dot in a large frame"].message
+        assert "one or the other" in errors["a token weight for the tokens ranker"].message
         assert not (served.index_root / "x").exists() and not (served.index_root / "~nosuchuser").exists()
     finally:
         (served.index_root / "afile").unlink()

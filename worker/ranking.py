@@ -70,6 +70,9 @@ class RankingConfig:
             raise InputError(f"ranker {self.ranker!r} must be one of {', '.join(RANKERS)}")
         if not self.token_weight >= 0:  # NaN too
             raise InputError(f"token weight {self.token_weight} must be 0 or more")
+        if self.ranker == "tokens" and self.token_weight:  # was dropped, unsaid: that ranker has no blend
+            raise InputError(f"token weight {self.token_weight} blends the token score into the layout ranker; "
+                             "the tokens ranker ranks by the tokens alone: give one or the other")
         if self.ann not in ("auto", "on", "off"):
             raise InputError(f"ann {self.ann!r} must be auto, on or off")
         if self.shortlist < 1:
