@@ -795,6 +795,10 @@ def test_10_each_bad_input_gets_its_own_code(served, tree):
                 # the weight was dropped without a word: the tokens ranker has no blend
                 "a token weight for the tokens ranker": (lambda: c.search("base", sketch_png=sketch_png(), ranker="tokens",
                                                                           token_weight=0.5), codes.BAD_INPUT),
+                # was called blank
+                "strokes outside their frame": (lambda: c.search("base", strokes=[[[5000, 5000], [6000, 6500]]],
+                                                                 strokes_crs="pixel", strokes_frame=[0, 0, 100, 100]),
+                                                codes.BAD_INPUT),
                 # was searched, and answered no hits without a word
                 "a dot in a large frame": (lambda: c.search("base", strokes=[[[5000, 5000], [5003, 5003]]],
                                                             strokes_crs="pixel", strokes_frame=[0, 0, 10000, 10000]),
@@ -808,6 +812,7 @@ def test_10_each_bad_input_gets_its_own_code(served, tree):
         assert "name their folders" in errors["10,001 raster entries"].message
         assert "too small to match anything" in errors["a dot in a large frame"].message
         assert "one or the other" in errors["a token weight for the tokens ranker"].message
+        assert "outside their frame" in errors["strokes outside their frame"].message
         assert not (served.index_root / "x").exists() and not (served.index_root / "~nosuchuser").exists()
     finally:
         (served.index_root / "afile").unlink()

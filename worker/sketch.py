@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import shapely
 import torch
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
@@ -137,6 +138,10 @@ def render_strokes(sketch: StrokeSketch, canvas: int = 512, width_fraction: floa
     span = max(x1 - x0, y1 - y0)
     if not np.isfinite([x0, y0, x1, y1]).all() or span <= 0 or min(x1 - x0, y1 - y0) < 0:
         raise InputError("sketch strokes have no extent (a single point) or an empty frame; draw lines")
+    if sketch.frame is not None and not shapely.box(x0, y0, x1, y1).intersects(
+            shapely.multilinestrings([s * 2 if len(s) == 1 else s for s in strokes])):  # was called blank
+        raise InputError(f"sketch strokes lie wholly outside their frame {list(sketch.frame)}: give the frame they "
+                         "were drawn in (strokes_frame), in the strokes' coordinates, or none")
     pad = canvas * 0.05
     scale = (canvas - 2 * pad) / span
     off_x = pad + ((canvas - 2 * pad) - (x1 - x0) * scale) / 2
