@@ -173,6 +173,17 @@ def test_search_with_a_png_frame_and_with_strokes_in_a_crs(worker):
         strokes = [[[-105.6, 40.3], [-105.55, 40.35], [-105.5, 40.32]], [[-105.6, 40.25], [-105.5, 40.28]]]
         reply = c.search("rmnp", strokes=strokes, strokes_crs="EPSG:4326", top=2)
         assert len(reply["hits"]["features"]) == 2
+        assert "ignored" not in reply, "every field of a well-formed search is used"
+
+
+def test_a_reply_names_the_fields_its_request_did_not_use(worker):
+    """A typo such as `bboxcrs` was dropped without a word, and the box was read in EPSG:4326;
+    the reply now names it (a newer client's fields are named, not refused)."""
+    with worker.client() as c:
+        typo = c.search("rmnp", sketch_png=sketch_png(), top=2, bbox=[-105.7, 40.2, -105.4, 40.4], bboxcrs="EPSG:4326")
+        assert typo["ignored"] == ["bboxcrs"] and len(typo["hits"]["features"]) == 2
+        assert c.request("ping", colour="blue")["ignored"] == ["colour"]
+        assert "ignored" not in c.request("ping")
 
 
 def test_the_documented_codes_and_states_are_the_wires():

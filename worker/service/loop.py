@@ -56,6 +56,38 @@ class PendingRequest:
     request_id: str | None
     op: str
     deadline: float  # time.monotonic() of its arrival plus the search time limit
+    ignored: dict  # the reply's `ignored` member, or nothing (FieldsRead.ignored)
+
+
+class FieldsRead(dict):
+    """A request's header that remembers which of its fields the handler looked at: the others
+    were ignored, and the reply names them. A typo (`bboxcrs` for `bbox_crs`) was dropped without
+    a word, and the search fell back to the default; refusing unknown fields would refuse a newer
+    client's."""
+
+    def __init__(self, header: dict):
+        super().__init__(header)
+        self.looked_at: set[str] = set()
+
+    def __contains__(self, name: object) -> bool:
+        self.looked_at.add(name)  # type: ignore[arg-type]
+        return super().__contains__(name)
+
+    def __getitem__(self, name: str):
+        self.looked_at.add(name)
+        return super().__getitem__(name)
+
+    def get(self, name: str, default=None):
+        self.looked_at.add(name)
+        return super().get(name, default)
+
+    def ignored(self) -> dict:
+        """{"ignored": [names]} for the fields no one looked at; {} when there are none."""
+        names = sorted(set(self) - self.looked_at)
+        return {"ignored": names[:MAX_IGNORED_NAMED]} if names else {}
+
+
+MAX_IGNORED_NAMED = 32  # fields named in a reply's `ignored`: a request of thousands of made-up fields is not echoed
 
 
 class Service:
@@ -181,7 +213,7 @@ class Service:
                                                                        "is back")
             else:
                 try:
-                    reply = protocol.ok_reply(pending.request_id, **future.result())
+                    reply = protocol.ok_reply(pending.request_id, **future.result(), **pending.ignored)
                 except Exception as exc:  # answered with its code; a bug is logged
                     reply = reply_for(pending.request_id, exc)
             self._send(pending.envelope, reply)
@@ -223,19 +255,20 @@ class Service:
                 raise ProtocolError(TOO_LARGE, f"header (frame 0) of {len(body[0])} bytes exceeds the worker's "
                                                f"{self.limits.max_header_bytes} byte limit (--max-header-bytes): "
                                                "send images as payload frames, draw fewer points")
-            header = protocol.decode_request(body[0])
+            header = FieldsRead(protocol.decode_request(body[0]))
             request_id = header.get("id") if isinstance(header.get("id"), str) else None
             op = protocol.check_request(header)
             if op in Handlers.POOLED:
                 self._submit(envelope, request_id, op, header, body[1:], arrived)
                 return
-            reply = protocol.ok_reply(request_id, **self.handlers(op, header, body[1:]))
+            answer = self.handlers(op, header, body[1:])
+            reply = protocol.ok_reply(request_id, **answer, **header.ignored())
         except Exception as exc:  # answered with its code; a bug is logged and the loop keeps serving
             reply = reply_for(request_id, exc)
         self._send(envelope, reply)
 
-    def _submit(self, envelope: list[bytes], request_id: str | None, op: str, header: dict, payloads: list[bytes],
-                arrived: float) -> None:
+    def _submit(self, envelope: list[bytes], request_id: str | None, op: str, header: FieldsRead,
+                payloads: list[bytes], arrived: float) -> None:
         """Check a slow request now and queue its work: `busy` when the queue is full."""
         held = self.searches_held()
         if held >= self.limits.max_queued_searches:
@@ -245,7 +278,7 @@ class Service:
         deadline = arrived + self.limits.search_timeout
         future = self.pools[op].submit(work, lambda: self.stopping or time.monotonic() >= deadline)
         future.add_done_callback(lambda _: self._wake())
-        self._pending[future] = PendingRequest(envelope, request_id, op, deadline)
+        self._pending[future] = PendingRequest(envelope, request_id, op, deadline, header.ignored())
 
     # -- shutdown -------------------------------------------------------------------------------
     def request_stop(self, *_: object) -> None:
