@@ -80,6 +80,9 @@ class SketchSearchDock(QDockWidget):
         self.setWidget(self.scroll)
         self._looked_for_worker = False
         self.map_tool.strokes_changed.connect(lambda n: self._sketch_changed("map", n))
+        self.map_tool.strokes_hidden.connect(lambda: self.notify(
+            "The sketch's strokes cannot be shown in this projection: they are kept, and shown again in one that "
+            "holds them. A search still uses them; drawing here starts a new sketch.", Qgis.Info))
         self.pad.strokes_changed.connect(lambda n: self._sketch_changed("pad", n))
         controller.notice.connect(self.notify)
         controller.indexes_listed.connect(self._show_searchable_indexes)
@@ -356,7 +359,14 @@ class SketchSearchDock(QDockWidget):
         self.sketch_label.setText(f"{strokes} stroke(s) on the {source}" if strokes else NO_SKETCH)
 
     def undo(self) -> None:
-        (self.map_tool if self.sketch_source == "map" else self.pad).undo()
+        """Undo the last stroke of the sketch in use; a picked place or a loaded image is undone
+        whole, giving back the strokes drawn before it (undo took a pad stroke and kept the place)."""
+        if self.sketch_source in ("map", "pad"):
+            return (self.map_tool if self.sketch_source == "map" else self.pad).undo()
+        self.place_tool.clear()
+        self.example, self.sketch_image = None, None
+        on_map, on_pad = len(self.map_tool.strokes()), len(self.pad.strokes())
+        self._sketch_changed("pad" if on_pad and not on_map else "map", on_map or on_pad)
 
     def clear_sketch(self) -> None:
         self.map_tool.clear()
@@ -395,8 +405,8 @@ class SketchSearchDock(QDockWidget):
         elif self.sketch_source == "pad" and self.pad.strokes():
             sketch = {"strokes": self.pad.strokes(), "strokes_crs": "pixel",
                       "strokes_frame": [0, 0, self.pad.width(), self.pad.height()]}
-        elif self.map_tool.strokes():
-            sketch = {"strokes": self.map_tool.strokes(), "strokes_crs": canvas_crs_id}
+        elif self.map_tool.strokes():  # in the CRS they were drawn in while the map's cannot place them
+            sketch = {"strokes": self.map_tool.strokes(), "strokes_crs": crs_name(self.map_tool.strokes_crs) or canvas_crs_id}
         else:
             self.notify("Draw a sketch first (on the map, on the pad, or load an image).", Qgis.Warning)
             return None

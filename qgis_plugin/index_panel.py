@@ -22,6 +22,7 @@ from .wire import job_states as states
 PROGRESS_STEPS = 1000
 COLUMNS = ("Index", "Tiles", "Rasters", "Searchable", "Job")
 FALLBACK_TILING = Tiling(tile=224, overlap=0.25, scales=(1, 2, 4))  # until a worker says its defaults
+LAYER_ID = Qt.UserRole + 1  # a raster list item's layer (its path is Qt.UserRole)
 
 
 def _numbers(text: str) -> Optional[tuple]:
@@ -292,17 +293,22 @@ class IndexPanel(QGroupBox):
     def refresh_raster_layers(self) -> None:
         """The project's GDAL raster layers, ticked; those that are no file (a GeoPackage's raster
         table, an in-memory raster, a GDAL virtual path) shown greyed with why: the worker reads
-        files, and refused a whole build that held one."""
+        files, and refused a whole build that held one. A layer the user unticked stays unticked:
+        the list is rebuilt whenever a layer is added (a search's results too), and ticking every
+        raster again made the next build index one the user had left out."""
+        items = [self.raster_list.item(i) for i in range(self.raster_list.count())]
+        unticked = {i.data(LAYER_ID) for i in items if i.flags() & Qt.ItemIsUserCheckable and i.checkState() != Qt.Checked}
         self.raster_list.clear()
         for layer in QgsProject.instance().mapLayers().values():
             if layer.type() == QgsMapLayerType.RasterLayer and layer.providerType() == "gdal":
                 path = layer.source().split("|")[0]
                 item = QListWidgetItem(layer.name())
                 item.setData(Qt.UserRole, path)
+                item.setData(LAYER_ID, layer.id())
                 if os.path.isfile(path):
                     item.setToolTip(path)
                     item.setFlags(item.flags() | Qt.ItemIsUserCheckable)
-                    item.setCheckState(Qt.Checked)
+                    item.setCheckState(Qt.Unchecked if layer.id() in unticked else Qt.Checked)
                 else:
                     item.setToolTip(f"{layer.source()}\nNot a file the worker can read (a GeoPackage raster, an "
                                     "in-memory or virtual raster): save it as a GeoTIFF (Export > Save As…) to index it.")

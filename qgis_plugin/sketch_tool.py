@@ -10,9 +10,13 @@ from qgis.PyQt.QtGui import QColor
 
 class SketchMapTool(QgsMapTool):
     """Strokes are kept in the canvas CRS, the one a search names: when the map's CRS changes,
-    they are reprojected and stay where they were drawn."""
+    they are reprojected and stay where they were drawn. A CRS that cannot place them (the far
+    side of an orthographic view) hides them, kept in the CRS they were in (`strokes_crs`), and
+    they are shown again in one that can; drawing there starts a new sketch. They were cleared,
+    unsaid."""
 
     strokes_changed = pyqtSignal(int)  # number of strokes
+    strokes_hidden = pyqtSignal()  # the map's CRS cannot place the strokes: they are kept, not shown
 
     def __init__(self, canvas, pen_width: int = 3):
         super().__init__(canvas)
@@ -21,21 +25,28 @@ class SketchMapTool(QgsMapTool):
         self._strokes: list[list[QgsPointXY]] = []
         self._bands: list[QgsRubberBand] = []
         self._drawing = False
-        self._crs = canvas.mapSettings().destinationCrs()
+        self.strokes_crs = canvas.mapSettings().destinationCrs()  # the CRS of the strokes kept
         canvas.destinationCrsChanged.connect(self._follow_crs)
         self.setCursor(Qt.CrossCursor)
 
     def _follow_crs(self) -> None:
         new = self.canvas.mapSettings().destinationCrs()
-        old, self._crs = self._crs, new
-        if not self._strokes or new == old:
+        if not self._strokes or new == self.strokes_crs:
+            self.strokes_crs = new
+            self._draw_bands()
             return
         try:
-            transform = QgsCoordinateTransform(old, new, QgsProject.instance())
-            self._strokes = [[transform.transform(p) for p in stroke] for stroke in self._strokes]
-        except QgsCsException:  # the strokes have no place in the new CRS
-            self.clear()
+            transform = QgsCoordinateTransform(self.strokes_crs, new, QgsProject.instance())
+            moved = [[transform.transform(p) for p in stroke] for stroke in self._strokes]
+        except QgsCsException:  # no place in the new CRS: kept as they are, and hidden
+            for band in self._bands:
+                band.reset(QgsWkbTypes.LineGeometry)
+            self.strokes_hidden.emit()
             return
+        self._strokes, self.strokes_crs = moved, new
+        self._draw_bands()
+
+    def _draw_bands(self) -> None:
         for band, stroke in zip(self._bands, self._strokes):
             band.reset(QgsWkbTypes.LineGeometry)
             for point in stroke:
@@ -50,6 +61,9 @@ class SketchMapTool(QgsMapTool):
     def canvasPressEvent(self, event) -> None:  # noqa: N802
         if event.button() != Qt.LeftButton:
             return
+        if self.strokes_crs != self.canvas.mapSettings().destinationCrs():  # hidden strokes: a new sketch here
+            self.clear()
+            self.strokes_crs = self.canvas.mapSettings().destinationCrs()
         self._drawing = True
         point = self.toMapCoordinates(event.pos())
         self._strokes.append([point])
@@ -91,5 +105,5 @@ class SketchMapTool(QgsMapTool):
             band.setWidth(width)
 
     def strokes(self) -> list[list[list[float]]]:
-        """Strokes as [[x, y], ...] lists in the canvas CRS."""
+        """Strokes as [[x, y], ...] lists in `strokes_crs` (the canvas CRS unless they are hidden)."""
         return [[[p.x(), p.y()] for p in stroke] for stroke in self._strokes]

@@ -62,6 +62,13 @@ def test_the_rectangle_tool_asks_for_the_place_in_the_rasters_crs(plugin, rmnp_l
     assert frames == () and fields["example"] == dock.example and "strokes" not in fields
     dock.place_button.setChecked(False)
     assert canvas.mapTool() is not dock.place_tool
+    drag(dock.pad, [(10, 12), (40, 30)])
+    dock.place_button.setChecked(True)
+    drag(canvas.viewport(), [(x0, y0), ((x0 + x1) // 2, (y0 + y1) // 2), (x1, y1)])
+    dock.place_button.setChecked(False)
+    dock.undo_button.click()  # undoes the place, not a pad stroke: it took one and kept searching the place
+    assert dock.example is None and len(dock.pad.strokes()) == 1 and dock.sketch_label.text() == "1 stroke(s) on the pad"
+    assert dock.search_query().strokes == [[[10.0, 12.0], [40.0, 30.0]]]
     dock.clear_sketch()
     assert dock.example is None
     dock.index_combo.clear()

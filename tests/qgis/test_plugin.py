@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import pytest
 from qgis.core import (NULL, Qgis, QgsApplication, QgsCoordinateReferenceSystem, QgsCoordinateTransform,
                        QgsPointXY, QgsProject, QgsRasterLayer, QgsVectorLayer)
-from qgis.PyQt.QtCore import QPoint, QTimer
+from qgis.PyQt.QtCore import QPoint, Qt, QTimer
 
 from conftest import process_until
 from mouse import drag
@@ -66,6 +66,23 @@ def test_a_drawn_stroke_becomes_the_request(plugin, rmnp_layer, qgis_iface):
     assert dock.search_query().strokes_crs.startswith("PROJCRS[")
     canvas.setDestinationCrs(mercator)
     assert dock.search_query().strokes[0][0] == pytest.approx(first)
+    qgis_iface.messageBar().clear_messages()
+    far_side = QgsCoordinateReferenceSystem.fromProj("+proj=ortho +lat_0=-40 +lon_0=74 +datum=WGS84 +units=m +no_defs")
+    canvas.setDestinationCrs(far_side)  # cannot place them: they were cleared, unsaid
+    query = dock.search_query()
+    assert query.strokes[0][0] == pytest.approx(first) and query.strokes_crs == "EPSG:3857", "kept, searched as drawn"
+    assert dock.sketch_label.text() == "2 stroke(s) on the map"
+    assert any("cannot be shown in this projection" in m for m in qgis_iface.messageBar().get_messages(Qgis.Info))
+    canvas.setDestinationCrs(mercator)  # shown again where they were drawn
+    assert dock.search_query().strokes_crs == "EPSG:3857"
+    assert [c for s in dock.map_tool.strokes() for p in s for c in p] == pytest.approx([c for s in strokes for p in s for c in p])
+    canvas.setDestinationCrs(far_side)
+    drag(viewport, [(120, 300), (300, 280)])  # drawing there starts a new sketch
+    assert len(dock.map_tool.strokes()) == 1 and dock.search_query().strokes_crs.startswith("PROJCRS[")
+    canvas.setDestinationCrs(mercator)
+    dock.map_tool.clear()
+    drag(viewport, [(100, 100), (150, 140), (200, 150), (260, 210)])
+    drag(viewport, [(120, 300), (300, 280)])
     dock.map_tool.undo()
     assert len(dock.map_tool.strokes()) == 1
     dock.draw_button.setChecked(False)
@@ -597,6 +614,13 @@ def test_building_an_index_from_the_dock_shows_progress(plugin, worker, rmnp_lay
     panel = dock.index_panel
     panel.refresh_raster_layers()
     assert panel.checked_rasters() == [rmnp_layer.source()]
+    panel.raster_list.item(0).setCheckState(Qt.Unchecked)  # left out by the user, then a layer is added (a search's)
+    added = QgsVectorLayer("Point?crs=EPSG:4326", "added meanwhile", "memory")
+    QgsProject.instance().addMapLayer(added)
+    assert panel.checked_rasters() == [], "was ticked again: the next build indexed it"
+    QgsProject.instance().removeMapLayer(added.id())
+    del added
+    panel.raster_list.item(0).setCheckState(Qt.Checked)
     panel.table.clearSelection()
     panel.name_edit.setText("from-dock")
     qgis_iface.messageBar().clear_messages()
