@@ -442,6 +442,8 @@ class SearchController(QObject):
     def _on_hits(self, reply: Optional[dict], err: Optional[WorkerError], query: SearchQuery, started: float) -> None:
         self.search_running.emit(False)
         if err:
+            if err.code == codes.NOT_FOUND:  # the index (or a raster) gone: the list offered it still
+                self.refresh_indexes()
             return self._failed("Search", err)
         query_ms = (time.perf_counter() - started) * 1e3
         self.search_count = max([self.search_count, *_search_numbers(QgsProject.instance())]) + 1

@@ -290,6 +290,9 @@ def test_bad_requests_get_error_replies_with_codes(worker, rasters, tmp_path):
             with pytest.raises(WorkerError) as err:
                 call()
             assert err.value.code == code, err.value
+        with pytest.raises(WorkerError) as err:  # was the command line's "/server/path/nope is not an index"
+            c.search("nope", sketch_png=sketch_png())
+        assert "index 'nope' does not exist" in err.value.message and str(worker.index_root) not in err.value.message
         assert c.ping()["ok"]
 
 

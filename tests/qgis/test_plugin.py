@@ -95,6 +95,26 @@ def test_a_drawn_stroke_becomes_the_request(plugin, rmnp_layer, qgis_iface):
     dock.index_combo.clear()
 
 
+def test_a_search_of_an_index_gone_meanwhile_says_so_and_stops_offering_it(plugin, worker, rmnp_layer, qgis_iface):
+    """An index deleted by another client after the list was shown: the search said "<the
+    worker's path> is not an index; build one with `index`", and the list kept offering it."""
+    dock = plugin.dock
+    dock.connect_worker(worker.bind)
+    assert process_until(lambda: dock.index_combo.count() > 0, 30)
+    dock.index_combo.addItem("gone")  # listed before another client deleted it
+    dock.index_combo.setCurrentText("gone")
+    dock.clear_sketch()
+    dock.draw_button.setChecked(True)
+    drag(qgis_iface.mapCanvas().viewport(), [(80, 120), (160, 170), (240, 160), (330, 260)])
+    dock.draw_button.setChecked(False)
+    qgis_iface.messageBar().clear_messages()
+    dock.search_button.click()
+    assert process_until(lambda: dock.search_button.isEnabled() and dock.index_combo.findText("gone") < 0, 30)
+    said = qgis_iface.messageBar().get_messages(Qgis.Warning)
+    assert any("index 'gone' does not exist" in m for m in said) and not any(str(worker.index_root) in m for m in said)
+    dock.clear_sketch()
+
+
 def test_search_against_a_real_worker_adds_a_georeferenced_layer(plugin, worker, rmnp_layer, qgis_iface, tmp_path):
     from sketch_search.results import saved_query
 

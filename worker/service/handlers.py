@@ -239,6 +239,9 @@ class Handlers:
             return self.indexes.searchable(index_dir)
         except NotFoundError:
             job = self.jobs.running_for(index_dir)
+            if job is None and not (index_dir / MANIFEST).is_file():  # was the command line's "<server path> is not an index"
+                raise NotFoundError(f"index {name!r} does not exist (deleted, or never built): list the indexes and "
+                                    "choose another, or build it") from None
             if job is None:
                 raise
             when = ("waits behind other jobs: search again once it runs" if job.state == states.QUEUED
