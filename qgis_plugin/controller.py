@@ -48,6 +48,7 @@ class Status:
     STARTING = ("starting local worker…", "orange")
     SETTING_UP = ("setting up the worker…", "orange")
     NOT_ANSWERING = ("not answering", "red")
+    NOT_A_WORKER = ("not a sketch search worker", "red")
     STOPPED = ("local worker stopped", "red")
 
     @staticmethod
@@ -55,6 +56,14 @@ class Status:
         """From the worker's info reply: where it runs and which model it has."""
         device = info["device"] + (" (GPU)" if info.get("cuda") else "")
         return f"connected · {device} · model {info['model']['model']}", "green"
+
+
+def _info_lacks(info: dict) -> str:
+    """What the plugin needs of a worker's info reply and it lacks ('' when nothing)."""
+    if not isinstance(info.get("device"), str):
+        return "device"
+    model = info.get("model")
+    return "" if isinstance(model, dict) and isinstance(model.get("model"), str) else "model"
 
 
 SEARCH_LAYER_PREFIX = "Sketch search"  # results layers are "Sketch search N: INDEX", N counting on in a project
@@ -285,6 +294,12 @@ class SearchController(QObject):
     def _on_info(self, reply: Optional[dict], err: Optional[WorkerError]) -> None:
         if err:
             return self._failed("Connecting to the worker", err)
+        lacking = _info_lacks(reply)
+        if lacking:  # was kept: every later status update raised, and the light said "connecting…" for good
+            self.status_changed.emit(*Status.NOT_A_WORKER)
+            return self.notice.emit(f"The service at {self.link.endpoint} answered, but not as a sketch search worker "
+                                    f"of this version (its info has no {lacking}): check the endpoint, or update "
+                                    "the worker.", Qgis.Warning, "")
         if reply.get("pub"):
             try:
                 self.link.subscribe(reply["pub"])

@@ -95,6 +95,51 @@ def test_a_drawn_stroke_becomes_the_request(plugin, rmnp_layer, qgis_iface):
     dock.index_combo.clear()
 
 
+def test_a_service_that_is_no_worker_of_this_version_is_named_so_and_a_worker_then_connects(plugin, worker,
+                                                                                            qgis_iface):
+    """A ZeroMQ service answering `info` without a worker's fields (another program, or a worker
+    of another version): its reply was kept, every later status update raised (an internal
+    error), and the light said "connecting…" for good."""
+    import json
+    import threading
+
+    import zmq
+
+    from lab.worker_process import free_port
+
+    dock = plugin.dock
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    router.bind(endpoint)
+    stop = threading.Event()
+
+    def answer() -> None:
+        while not stop.is_set():
+            if router.poll(50):
+                peer, *body = router.recv_multipart()
+                request = json.loads(body[-1])
+                router.send_multipart([peer, *body[:-1], json.dumps({"v": 1, "id": request["id"], "ok": True}).encode()])
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        qgis_iface.messageBar().clear_messages()
+        dock.connect_worker(endpoint)
+        assert process_until(lambda: dock.worker_panel.status_label.text() == "not a sketch search worker", 20), \
+            dock.worker_panel.status_label.text()
+        assert any("not as a sketch search worker" in m for m in qgis_iface.messageBar().get_messages(Qgis.Warning))
+        assert not qgis_iface.messageBar().get_messages(Qgis.Critical), "no internal error"
+    finally:
+        stop.set()
+        thread.join()
+        router.close(0)
+        context.term()
+    dock.connect_worker(worker.bind)
+    assert process_until(lambda: dock.worker_panel.status_label.text().startswith("connected"), 30), \
+        dock.worker_panel.status_label.text()
+
+
 def test_a_search_of_an_index_gone_meanwhile_says_so_and_stops_offering_it(plugin, worker, rmnp_layer, qgis_iface):
     """An index deleted by another client after the list was shown: the search said "<the
     worker's path> is not an index; build one with `index`", and the list kept offering it."""
