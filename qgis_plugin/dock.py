@@ -86,7 +86,7 @@ class SketchSearchDock(QDockWidget):
         self.pad.strokes_changed.connect(lambda n: self._sketch_changed("pad", n))
         controller.notice.connect(self.notify)
         controller.indexes_listed.connect(self._show_searchable_indexes)
-        controller.search_running.connect(lambda running: self.search_button.setEnabled(not running))
+        controller.search_running.connect(self._search_running)
         controller.results_ready.connect(self._show_results)
         QgsProject.instance().layerWillBeRemoved[str].connect(self._layer_removed)
 
@@ -357,6 +357,12 @@ class SketchSearchDock(QDockWidget):
     def _sketch_changed(self, source: str, strokes: int) -> None:
         self.sketch_source = source
         self.sketch_label.setText(f"{strokes} stroke(s) on the {source}" if strokes else NO_SKETCH)
+
+    def _search_running(self, running: bool) -> None:
+        """Every button that starts a search waits for the one running: two quick clicks on Run
+        again sent two, and the first answer enabled Search while the second still ran."""
+        for button in (self.search_button, self.more_button, self.refine_button, self.again_button):
+            button.setEnabled(not running)
 
     def undo(self) -> None:
         """Undo the last stroke of the sketch in use; a picked place or a loaded image is undone

@@ -179,8 +179,11 @@ def test_search_against_a_real_worker_adds_a_georeferenced_layer(plugin, worker,
     layers_before = set(QgsProject.instance().mapLayers())
     dock.controller.link.timeout_s = 0.01  # a search waits for the worker's own limit, not for other requests'
     dock.search_button.click()
+    starting = (dock.search_button, dock.more_button, dock.refine_button, dock.again_button)
+    assert not any(b.isEnabled() for b in starting), "a second search (Run again clicked twice) waits for the first"
     assert process_until(lambda: dock.search_button.isEnabled() and dock.controller.result_layer is not None, 60), \
         qgis_iface.messageBar().get_messages(Qgis.Warning)
+    assert all(b.isEnabled() for b in starting)
     dock.controller.link.timeout_s = dock.controller.request_timeout_s
     [new_id] = set(QgsProject.instance().mapLayers()) - layers_before
     layer = QgsProject.instance().mapLayer(new_id)
