@@ -120,6 +120,7 @@ class SearchController(QObject):
         # else said as the index was left (lost_job_ended)
         self._resumable: Optional[tuple] = None
         self.result_layer = None
+        self._search_id: Optional[str] = None  # the search waited for (cancel_search)
         self.search_count = 0
         self.connect_timeout_s = 10.0  # for the first answer of a worker
         self.request_timeout_s = 60.0
@@ -445,8 +446,14 @@ class SearchController(QObject):
         frames, fields = query.message()
         self.search_running.emit(True)
         started = time.perf_counter()
-        self.link.request("search", lambda r, e: self._on_hits(r, e, query, started), frames=frames,
-                          timeout_s=self._pooled_timeout_s(), **fields)
+        self._search_id = self.link.request("search", lambda r, e: self._on_hits(r, e, query, started), frames=frames,
+                                            timeout_s=self._pooled_timeout_s(), **fields)
+
+    def cancel_search(self) -> None:
+        """Stop waiting for the search running (a worker far away or frozen kept Search disabled
+        for its whole time limit, 70 s by default); its answer, if it comes, is dropped."""
+        if self._search_id is not None and self.link is not None:
+            self.link.cancel(self._search_id, "cancelled; the worker drops its answer")
 
     def _pooled_timeout_s(self) -> float:
         """How long to wait for a search or a list of the indexes: the worker answers `timeout`
@@ -455,6 +462,7 @@ class SearchController(QObject):
         return limit_s + SEARCH_GRACE_S
 
     def _on_hits(self, reply: Optional[dict], err: Optional[WorkerError], query: SearchQuery, started: float) -> None:
+        self._search_id = None
         self.search_running.emit(False)
         if err:
             if err.code == codes.NOT_FOUND:  # the index (or a raster) gone: the list offered it still

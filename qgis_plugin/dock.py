@@ -57,6 +57,7 @@ class SketchSearchDock(QDockWidget):
         self.thumbnails = thumbnails.Thumbnails(self)
         self.sketch_image: Optional[bytes] = None
         self.sketch_source = "map"
+        self.searching = False  # a search is waited for: the Search button cancels it
         self.settings_dialog = SettingsDialog(self)
         self.settings_dialog.saved.connect(self.reload_settings)
         self.worker_panel = WorkerPanel(controller, self.open_settings)
@@ -359,9 +360,12 @@ class SketchSearchDock(QDockWidget):
         self.sketch_label.setText(f"{strokes} stroke(s) on the {source}" if strokes else NO_SKETCH)
 
     def _search_running(self, running: bool) -> None:
-        """Every button that starts a search waits for the one running: two quick clicks on Run
-        again sent two, and the first answer enabled Search while the second still ran."""
-        for button in (self.search_button, self.more_button, self.refine_button, self.again_button):
+        """While a search runs, Search cancels it, and every other button that starts a search
+        waits: two quick clicks on Run again sent two, and the first answer enabled Search while
+        the second still ran."""
+        self.searching = running
+        self.search_button.setText("Cancel search" if running else "Search")
+        for button in (self.more_button, self.refine_button, self.again_button):
             button.setEnabled(not running)
 
     def undo(self) -> None:
@@ -424,6 +428,8 @@ class SketchSearchDock(QDockWidget):
                            crs=crs_name(QgsProject.instance().crs()) or "EPSG:4326", **sketch, **area)
 
     def search(self) -> None:
+        if self.searching:
+            return self.controller.cancel_search()
         query = self.search_query()
         if query is not None:
             self.controller.search(query)

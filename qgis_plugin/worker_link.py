@@ -16,7 +16,7 @@ import zmq
 from qgis.PyQt.QtCore import QObject, QSocketNotifier, QTimer, pyqtSignal
 
 from .wire import protocol
-from .wire.errors import ConnectionClosed, ProtocolError, WorkerError, WorkerUnavailable
+from .wire.errors import CLOSED, ConnectionClosed, ProtocolError, WorkerError, WorkerUnavailable
 from .wire.sockets import CurveKeys, connect, dialable, subscribe_progress
 
 Callback = Callable[[Optional[dict], Optional[WorkerError]], None]
@@ -99,6 +99,14 @@ class WorkerLink(QObject):
         self._sock.send_multipart(message)
         QTimer.singleShot(0, self._drain)
         return request_id
+
+    def cancel(self, request_id: str, why: str) -> None:
+        """Stop waiting for a request: its callback gets a `closed` error saying `why` now, and a
+        late reply is dropped (the worker finishes or drops the request on its own)."""
+        entry = self._pending.pop(request_id, None)
+        if entry is not None:
+            entry[1].stop()
+            self._call(entry[0], None, WorkerError(CLOSED, why))
 
     def _expire(self, request_id: str, timeout_s: float) -> None:
         entry = self._pending.pop(request_id, None)

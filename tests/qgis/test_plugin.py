@@ -154,7 +154,7 @@ def test_a_search_of_an_index_gone_meanwhile_says_so_and_stops_offering_it(plugi
     dock.draw_button.setChecked(False)
     qgis_iface.messageBar().clear_messages()
     dock.search_button.click()
-    assert process_until(lambda: dock.search_button.isEnabled() and dock.index_combo.findText("gone") < 0, 30)
+    assert process_until(lambda: not dock.searching and dock.index_combo.findText("gone") < 0, 30)
     said = qgis_iface.messageBar().get_messages(Qgis.Warning)
     assert any("index 'gone' does not exist" in m for m in said) and not any(str(worker.index_root) in m for m in said)
     dock.clear_sketch()
@@ -179,11 +179,12 @@ def test_search_against_a_real_worker_adds_a_georeferenced_layer(plugin, worker,
     layers_before = set(QgsProject.instance().mapLayers())
     dock.controller.link.timeout_s = 0.01  # a search waits for the worker's own limit, not for other requests'
     dock.search_button.click()
-    starting = (dock.search_button, dock.more_button, dock.refine_button, dock.again_button)
+    starting = (dock.more_button, dock.refine_button, dock.again_button)
     assert not any(b.isEnabled() for b in starting), "a second search (Run again clicked twice) waits for the first"
-    assert process_until(lambda: dock.search_button.isEnabled() and dock.controller.result_layer is not None, 60), \
+    assert dock.search_button.text() == "Cancel search" and dock.search_button.isEnabled()
+    assert process_until(lambda: not dock.searching and dock.controller.result_layer is not None, 60), \
         qgis_iface.messageBar().get_messages(Qgis.Warning)
-    assert all(b.isEnabled() for b in starting)
+    assert all(b.isEnabled() for b in starting) and dock.search_button.text() == "Search"
     dock.controller.link.timeout_s = dock.controller.request_timeout_s
     [new_id] = set(QgsProject.instance().mapLayers()) - layers_before
     layer = QgsProject.instance().mapLayer(new_id)
@@ -219,7 +220,7 @@ def test_search_against_a_real_worker_adds_a_georeferenced_layer(plugin, worker,
     try:  # in a saved project, the hits go beside it
         project.setFileName(str(tmp_path / "survey.qgz"))
         dock.controller.run_again(layer)
-        assert process_until(lambda: dock.controller.result_layer is not layer and dock.search_button.isEnabled(), 60)
+        assert process_until(lambda: dock.controller.result_layer is not layer and not dock.searching, 60)
         assert dock.controller.result_layer.source().split("|")[0] == str(tmp_path / "survey_sketch_search.gpkg")
     finally:
         project.setFileName("")
@@ -227,7 +228,7 @@ def test_search_against_a_real_worker_adds_a_georeferenced_layer(plugin, worker,
     dock.top_spin.setValue(15)  # past the verified hits: no score, and the list says so
     done = dock.controller.result_layer
     dock.search_button.click()
-    assert process_until(lambda: dock.search_button.isEnabled() and dock.controller.result_layer is not done, 60)
+    assert process_until(lambda: not dock.searching and dock.controller.result_layer is not done, 60)
     scores = [f["score"] for f in sorted(dock.controller.result_layer.getFeatures(), key=lambda f: f["rank"])]
     verified = [s for s in scores if s not in (None, NULL)]
     assert 3 <= len(verified) < len(scores) == 15 and verified == sorted(verified, reverse=True), scores
@@ -291,7 +292,7 @@ def test_a_raster_being_indexed_that_is_left_out_is_named_in_the_message(plugin,
         dock.draw_button.setChecked(False)
         dock.controller.result_layer = None
         dock.search_button.click()
-        assert process_until(lambda: dock.search_button.isEnabled() and dock.controller.result_layer is not None, 60)
+        assert process_until(lambda: not dock.searching and dock.controller.result_layer is not None, 60)
         warnings = qgis_iface.messageBar().get_messages(Qgis.Warning)
         assert any("Not searched: rmnp-rgb.tif, still being indexed" in m for m in warnings), warnings
         feedback = QgsProcessingFeedback()  # Processing's search says so in its log
@@ -338,10 +339,34 @@ def test_connecting_again_during_a_search_gives_the_search_button_back(plugin, w
     dock.load_sketch_image(str(line_sketch(tmp_path / "sketch.png")))
     qgis_iface.messageBar().clear_messages()
     dock.search_button.click()
-    assert not dock.search_button.isEnabled()
+    assert dock.searching
     connected_to(dock, worker)
-    assert dock.search_button.isEnabled()
+    assert not dock.searching
     assert any("Search stopped" in m for m in qgis_iface.messageBar().get_messages(Qgis.Info))
+    dock.clear_sketch()
+
+
+def test_search_can_be_cancelled_and_its_late_answer_adds_nothing(plugin, worker, tmp_path, qgis_iface):
+    """A worker far away or frozen kept Search greyed for its whole time limit (70 s by default),
+    with nothing to press. While a search runs, the button now cancels it; the worker's answer,
+    when it comes, adds no layer, and the next search runs as usual."""
+    dock = plugin.dock
+    dock.index_combo.clear()
+    connected_to(dock, worker)
+    assert process_until(lambda: dock.index_combo.count() > 0, 10)
+    dock.index_combo.setCurrentText("rmnp")
+    dock.load_sketch_image(str(line_sketch(tmp_path / "sketch.png")))
+    layers = set(QgsProject.instance().mapLayers())
+    qgis_iface.messageBar().clear_messages()
+    dock.search_button.click()
+    assert dock.searching and dock.search_button.text() == "Cancel search"
+    dock.search_button.click()
+    assert not dock.searching and dock.search_button.text() == "Search" and dock.again_button.isEnabled()
+    assert any("Search stopped: cancelled" in m for m in qgis_iface.messageBar().get_messages(Qgis.Info))
+    process_until(lambda: False, 3)  # the worker answers meanwhile (about a second)
+    assert set(QgsProject.instance().mapLayers()) == layers, "a cancelled search's answer adds nothing"
+    dock.search_button.click()
+    assert process_until(lambda: len(set(QgsProject.instance().mapLayers()) - layers) == 1, 60)
     dock.clear_sketch()
 
 
@@ -397,7 +422,7 @@ def test_a_reopened_project_s_results_keep_their_names(reloaded_plugin, worker, 
     dock.index_combo.setCurrentText("rmnp")
     dock.load_sketch_image(str(line_sketch(tmp_path / "sketch.png")))
     dock.search_button.click()
-    assert process_until(lambda: dock.controller.result_layer is not None and dock.search_button.isEnabled(), 60)
+    assert process_until(lambda: dock.controller.result_layer is not None and not dock.searching, 60)
     assert dock.controller.result_layer.name() == "Sketch search 8: rmnp"
     dock.clear_sketch()
 
