@@ -468,6 +468,11 @@ class SearchController(QObject):
             if err.code == codes.NOT_FOUND:  # the index (or a raster) gone: the list offered it still
                 self.refresh_indexes()
             return self._failed("Search", err)
+        left_out, changed = reply.get("left_out") or [], reply.get("changed") or []
+        if not reply["hits"]["features"]:  # was a green "0 hit(s)" and an empty layer
+            where = " in the map view: pan or zoom out, or search the whole index" if query.bbox is not None else ""
+            return self.notice.emit(f"No places found{where}." + (f" Not searched: {_names(left_out)}." if left_out else ""),
+                                    Qgis.Warning, "\n".join(f"{r['raster']}: {r['reason']}" for r in left_out))
         query_ms = (time.perf_counter() - started) * 1e3
         self.search_count = max([self.search_count, *_search_numbers(QgsProject.instance())]) + 1
         name = f"{SEARCH_LAYER_PREFIX} {self.search_count}: {query.index}"
@@ -486,7 +491,6 @@ class SearchController(QObject):
         self.result_layer = layer
         self.results_ready.emit(layer)
         found = f"{layer.featureCount()} hit(s) in {query_ms:.0f} ms, added as layer “{name}”."
-        left_out, changed = reply.get("left_out") or [], reply.get("changed") or []
         said = [f"Not searched: {_names(left_out)}." if left_out else "",
                 f"Changed on disk since indexed, index again: {_names(changed)}." if changed else ""]
         if left_out or changed:  # each raster's whole reason in the message's details

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 import pytest
 from qgis.core import (NULL, Qgis, QgsApplication, QgsCoordinateReferenceSystem, QgsCoordinateTransform,
-                       QgsPointXY, QgsProject, QgsRasterLayer, QgsVectorLayer)
+                       QgsPointXY, QgsProject, QgsRasterLayer, QgsRectangle, QgsVectorLayer)
 from qgis.PyQt.QtCore import QPoint, Qt, QTimer
 
 from conftest import process_until
@@ -367,6 +367,30 @@ def test_search_can_be_cancelled_and_its_late_answer_adds_nothing(plugin, worker
     assert set(QgsProject.instance().mapLayers()) == layers, "a cancelled search's answer adds nothing"
     dock.search_button.click()
     assert process_until(lambda: len(set(QgsProject.instance().mapLayers()) - layers) == 1, 60)
+    dock.clear_sketch()
+
+
+def test_a_search_that_finds_nothing_says_where_and_adds_no_layer(plugin, worker, rmnp_layer, tmp_path, qgis_iface):
+    """A map view with no indexed raster in it: the search said "0 hit(s)" as a success and added
+    an empty layer."""
+    dock = plugin.dock
+    dock.index_combo.clear()
+    connected_to(dock, worker)
+    assert process_until(lambda: dock.index_combo.count() > 0, 10)
+    dock.index_combo.setCurrentText("rmnp")
+    dock.load_sketch_image(str(line_sketch(tmp_path / "sketch.png")))
+    canvas = qgis_iface.mapCanvas()
+    shown = canvas.extent()
+    canvas.setExtent(QgsRectangle(0, 0, 100_000, 100_000))  # the Gulf of Guinea in EPSG:3857, far from the raster
+    dock.area_combo.setCurrentIndex(1)
+    layers = set(QgsProject.instance().mapLayers())
+    qgis_iface.messageBar().clear_messages()
+    dock.search_button.click()
+    assert process_until(lambda: not dock.searching, 60)
+    assert set(QgsProject.instance().mapLayers()) == layers
+    assert any("No places found in the map view" in m for m in qgis_iface.messageBar().get_messages(Qgis.Warning))
+    canvas.setExtent(shown)
+    dock.area_combo.setCurrentIndex(0)
     dock.clear_sketch()
 
 
