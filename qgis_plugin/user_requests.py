@@ -51,6 +51,9 @@ def endpoint_problem(endpoint: str) -> Optional[str]:
     """Why ZeroMQ cannot dial `endpoint` (`localhost:5555`, a typo), said for the user; None when
     it can (whether a worker answers there is another matter). Asked before the endpoint is
     used or saved, so that nothing else a socket raises is blamed on how it is written."""
+    port = endpoint.rsplit(":", 1)[-1] if endpoint.startswith("tcp://") else ""
+    if port.isdigit() and not 0 < int(port) < 65536:  # ZeroMQ takes tcp://127.0.0.1:99999, then nothing answers
+        return f"Cannot connect to “{endpoint}”: a port is 1 to 65535, e.g. tcp://127.0.0.1:5555."
     context = zmq.Context()
     sock = context.socket(zmq.DEALER)
     try:

@@ -432,6 +432,12 @@ def test_an_endpoint_zeromq_cannot_dial_is_explained_and_the_connection_stays(pl
     [said] = qgis_iface.messageBar().get_messages(Qgis.Warning)
     assert "“localhost:5555”" in said and "tcp://HOST:PORT" in said
     assert dock.worker_panel.status_label.text().startswith("connected") and Setting.ENDPOINT.get() == worker.bind
+    qgis_iface.messageBar().clear_messages()
+    dock.worker_panel.endpoint_edit.setText("tcp://127.0.0.1:99999")  # ZeroMQ dials it; it was saved, then unanswered
+    dock.worker_panel.connect_button.click()
+    [said] = qgis_iface.messageBar().get_messages(Qgis.Warning)
+    assert "a port is 1 to 65535" in said
+    assert dock.worker_panel.status_label.text().startswith("connected") and Setting.ENDPOINT.get() == worker.bind
     dock.worker_panel.endpoint_edit.setText(worker.bind)
 
 
