@@ -174,7 +174,9 @@ def save_gpkg(layer: QgsVectorLayer, path: str, table: Optional[str] = None) -> 
 def free_table(path: str, name: str) -> str:
     """`name`, else `name (2)`, `name (3)`...: the first that no layer of the GeoPackage `path`
     has. Save results adds to a file the user chose, never replacing what was saved there before
-    (another project's "Sketch search 1")."""
+    (another project's "Sketch search 1"). A "|" (an index named so) becomes "¦": QGIS reads
+    it as the end of the file's name in `path|layername=`, and the saved table could not be opened."""
+    name = name.replace("|", "¦")
     if not Path(path).is_file():
         return name
     try:

@@ -215,6 +215,13 @@ def test_search_against_a_real_worker_adds_a_georeferenced_layer(plugin, worker,
     assert again.isValid() and again.featureCount() == 3, "added beside the first, not over it"
     assert f"“{layer.name()} (2)”" in qgis_iface.messageBar().get_messages(Qgis.Success)[-1]
     del again
+    name = layer.name()
+    layer.setName("Sketch search 1: coast|2024")  # an index named with a "|", which a layer URI ends at
+    dock.controller.save_results(str(out))
+    piped = QgsVectorLayer(f"{out}|layername=Sketch search 1: coast¦2024", "saved with a bar", "ogr")
+    assert piped.isValid() and piped.featureCount() == 3
+    del piped
+    layer.setName(name)
 
     project = QgsProject.instance()
     try:  # in a saved project, the hits go beside it
