@@ -91,9 +91,15 @@ def test_delete_index_removes_only_an_index_folder_inside_the_root(worker):
     shutil.copy(root / "rmnp" / "manifest.json", root / "outer" / "manifest.json")
     (root / "plain").mkdir()
     (root / "plain" / "notes.txt").write_text("not an index")
+    shutil.copytree(root / "rmnp", root / "coast" / "2023" / "a")
+    shutil.copytree(root / "rmnp", root / "coast" / "2024" / "b")
     try:
         with worker.client() as c:
             assert c.request("delete_index", index="doomed")["deleted"] == "doomed"
+            c.request("delete_index", index="coast/2024/b")  # the folders it leaves empty go with it
+            assert not (root / "coast" / "2024").exists() and (root / "coast" / "2023" / "a").is_dir()
+            c.request("delete_index", index="coast/2023/a")
+            assert not (root / "coast").exists()
             refused = {}
             for name in ("plain", ".", "../elsewhere", "outer", "never-built"):
                 with pytest.raises(WorkerError) as err:
@@ -110,7 +116,7 @@ def test_delete_index_removes_only_an_index_folder_inside_the_root(worker):
         assert (root / "plain" / "notes.txt").read_text() == "not an index", "a folder that is no index stays"
         assert (root / "rmnp" / "manifest.json").is_file() and names == {"rmnp"}
     finally:
-        for name in ("doomed", "outer", "plain"):
+        for name in ("doomed", "outer", "plain", "coast"):
             shutil.rmtree(root / name, ignore_errors=True)
 
 

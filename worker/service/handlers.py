@@ -170,6 +170,13 @@ class Handlers:
                                       "again") from None
         if not removed:
             log.warning("deleted index %s: some of its files could not be removed, left in %s", name, trash)
+        for parent in index_dir.parents:  # deleting "coast/2024" left an empty "coast", listed as nothing
+            if parent == paths.index_root or not parent.is_relative_to(paths.index_root):
+                break
+            try:
+                parent.rmdir()  # only an empty one
+            except OSError:
+                break
         return {"deleted": name}
 
     def _check_extendable(self, request: IndexRequest) -> None:
