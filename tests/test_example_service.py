@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import rasterio
+import shapely.geometry
 
 from wire import errors as codes
 from wire.errors import WorkerError
@@ -121,6 +122,17 @@ def test_the_command_line_searches_by_example(worker, rasters, tmp_path):
                  "--good", ids[2], "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert ids[0] not in [h["properties"]["id"] for h in json.loads(out.read_text())["features"]]
+    with rasterio.open(rasters / "rmnp-rgb.tif") as src:  # in EPSG:4326
+        west, south, east, north = src.bounds
+    half = f"{west},{south},{(west + east) / 2},{north}"  # the raster's western half
+    result = run("--example", str(rasters / "rmnp-rgb.tif"), "--bbox", bbox, "--area", half, "--top", "4", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    within = shapely.geometry.box(*[float(v) for v in half.split(",")])
+    assert all(shapely.geometry.shape(h["geometry"]).intersects(within) for h in json.loads(out.read_text())["features"])
+    anywhere = [shapely.geometry.shape(h["geometry"]) for h in hits]  # the first search's, without an area
+    assert not all(h.intersects(within) for h in anywhere), "the area changed what was found"
+    result = run("--sketch", str(out), "--area", half, "--out", str(tmp_path / "other.geojson"))
+    assert result.returncode == 2 and "a sketch search's is --bbox" in result.stderr
     result = run("--example", str(rasters / "rmnp-rgb.tif"), "--bbox", "10,10,11,11", "--out", str(out))
     assert result.returncode == 2 and "lies outside" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     result = run("--example", str(rasters / "rmnp-rgb.tif"), "--out", str(out))
