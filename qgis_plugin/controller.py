@@ -453,7 +453,7 @@ class SearchController(QObject):
         """Stop waiting for the search running (a worker far away or frozen kept Search disabled
         for its whole time limit, 70 s by default); its answer, if it comes, is dropped."""
         if self._search_id is not None and self.link is not None:
-            self.link.cancel(self._search_id, "cancelled; the worker drops its answer")
+            self.link.cancel(self._search_id, "cancelled; its answer, if it comes, is dropped")
 
     def _pooled_timeout_s(self) -> float:
         """How long to wait for a search or a list of the indexes: the worker answers `timeout`
