@@ -175,14 +175,24 @@ def test_a_raster_changed_on_disk_is_indexed_again(tmp_path, model, rmnp_copy):
 def test_a_mosaic_whose_source_changed_is_indexed_again(tmp_path, model, rmnp_copy):
     """A VRT mosaic does not change when a file it reads does (a sheet replaced by a newer
     flight): the change is seen all the same, and the mosaic indexed again."""
+    from dataclasses import replace
+
     import rasterio
+
+    from worker.tiling import disk_state
 
     with rasterio.open(rmnp_copy) as src:
         width, height, crs, geotransform = src.width, src.height, src.crs.to_wkt(), src.transform.to_gdal()
+    with rasterio.open(rmnp_copy) as src:  # a second source, its blue band, uncompressed: rewritten, it keeps its size
+        profile, pixels = {**src.profile, "compress": None}, src.read()
+    with rasterio.open(blue := rmnp_copy.with_name("blue.tif"), "w", **profile) as dst:
+        dst.write(pixels)
+    os.utime(blue, ns=(10**18, 10**18))  # 2001: older than the first
     bands = "".join(f"""<VRTRasterBand dataType="Byte" band="{b}"><ColorInterp>{name}</ColorInterp><SimpleSource>
-        <SourceFilename relativeToVRT="1">{rmnp_copy.name}</SourceFilename><SourceBand>{b}</SourceBand>
-        </SimpleSource></VRTRasterBand>""" for b, name in ((1, "Red"), (2, "Green"), (3, "Blue")))
-    mosaic = tmp_path / "mosaic.vrt"
+        <SourceFilename relativeToVRT="1">{source.name}</SourceFilename><SourceBand>{b}</SourceBand>
+        </SimpleSource></VRTRasterBand>""" for b, name, source in ((1, "Red", rmnp_copy), (2, "Green", rmnp_copy),
+                                                                   (3, "Blue", blue)))
+    mosaic = rmnp_copy.with_name("mosaic.vrt")
     mosaic.write_text(f"""<VRTDataset rasterXSize="{width}" rasterYSize="{height}"><SRS>{escape(crs)}</SRS>
         <GeoTransform>{", ".join(map(str, geotransform))}</GeoTransform>{bands}</VRTDataset>""")
     settings = TileSettings(tile=112, scales=(1,))
@@ -196,6 +206,24 @@ def test_a_mosaic_whose_source_changed_is_indexed_again(tmp_path, model, rmnp_co
     IndexWriter(out, model, settings).build([mosaic])
     after = shard_arrays(out)
     assert len(after["records"]) == len(before["records"]) and (after["cells"] != before["cells"]).mean() > 0.1
+
+    # a source replaced by a file of its size holding other pixels, with a time older than the other
+    # source's (copied back from a backup with cp -p or rsync -t): the sources' total size and newest
+    # time were all the stamp held, and the mosaic was "unchanged"
+    [raster] = TileIndex.open(out).rasters.values()
+    old_format = replace(raster, sources=raster.sources[:2])  # an index recorded before the digest
+    assert not raster.changed_on_disk() and not old_format.changed_on_disk()
+    size = blue.stat().st_size
+    with rasterio.open(blue, "r+") as dst:
+        dst.write(dst.read()[:, :, ::-1])
+    os.utime(blue, ns=(9 * 10**17, 9 * 10**17))  # 1998
+    assert blue.stat().st_size == size
+    assert raster.changed_on_disk() and not old_format.changed_on_disk()
+    IndexWriter(out, model, settings).build([mosaic])
+    assert (shard_arrays(out)["cells"] != after["cells"]).mean() > 0.1, "indexed again"
+    [raster] = TileIndex.open(out).rasters.values()
+    rmnp_copy.unlink()  # a source gone: the mosaic cannot be read (it was said "changed")
+    assert disk_state(raster) == "unreadable"
 
 
 def test_maps_written_band_by_band_hold_the_cells_joined_whole(tmp_path, model, assets):

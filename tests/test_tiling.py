@@ -137,7 +137,10 @@ def test_a_grid_turned_or_mirrored_against_its_map_is_refused_with_what_to_do(tm
         pixels, crs, (x, y), r = src.read(), src.crs, (src.transform.c, src.transform.f), src.transform.a
     turned = {"south_up": (Affine(r, 0, x, 0, r, y - r * pixels.shape[1]), "mirrored \\(e.g. south up\\)"),
               "quarter": (Affine(0, -r, x, -r, 0, y), "turned -90.0"),
-              "tilted": (Affine.translation(x, y) * Affine.rotation(20) * Affine.scale(r, -r), "turned 20.0")}
+              "tilted": (Affine.translation(x, y) * Affine.rotation(20) * Affine.scale(r, -r), "turned 20.0"),
+              # said "turned 0.0 degrees": the rows' angle, where the columns' is the one past the limit
+              "sheared": (Affine.translation(x, y) * Affine.shear(10, 0) * Affine.scale(r, -r),
+                          "sheared \\(its rows run 0.0 degrees from east, its columns -?10.0 from south\\)")}
     for name, (transform, how) in turned.items():
         path = write_raster(tmp_path / f"{name}.tif", pixels, crs=crs, transform=transform)
         with pytest.raises(InputError, match=f"{how} degrees against its map.*gdalwarp -of VRT" if "turned" in how

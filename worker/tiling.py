@@ -7,6 +7,8 @@ which uses overviews where the file has them.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
@@ -93,7 +95,7 @@ class RasterInfo:
     transform: tuple[float, ...]
     bands: tuple[int, ...]
     stretch: tuple[tuple[float, float], ...] | None  # per band (low, high); None for 8-bit
-    sources: tuple[int, int] | None = None  # a VRT's: the files it reads (sources_stamp); None for other rasters
+    sources: tuple[int, ...] | None = None  # a VRT's: the files it reads (sources_stamp); None for other rasters
 
     def to_json(self) -> dict:
         out = {"path": self.path, "size": self.size, "mtime_ns": self.mtime_ns, "width": self.width,
@@ -123,7 +125,8 @@ class RasterInfo:
         if self.sources is None:
             return False
         with rasterio.open(self.path) as src:
-            return sources_stamp(src) != self.sources
+            now = sources_stamp(src)
+        return now is None or now[:len(self.sources)] != self.sources  # two numbers: recorded before the digest
 
     def changed_on_disk(self) -> bool:
         """Whether the file, or any file a VRT reads, changed since it was described."""
@@ -159,19 +162,29 @@ def disk_state(raster: RasterInfo) -> str:
         return "unreadable"
 
 
-def sources_stamp(src: rasterio.DatasetReader) -> tuple[int, int] | None:
-    """A VRT's sources (a mosaic's files), as their total size and latest modification time: its
-    own file does not change when they do. None for other rasters (their side files, such as the
-    .aux.xml QGIS rewrites when it shows a raster, are not pixels)."""
+def sources_stamp(src: rasterio.DatasetReader) -> tuple[int, int, int] | None:
+    """A VRT's sources (a mosaic's files) as their total size, latest modification time and a
+    digest of each file's path, size and modification time: its own file does not change when
+    they do, and a source replaced by another of its size with an older time (copied back from a
+    backup with cp -p or rsync -t) changed neither total. None for other rasters (their side
+    files, such as the .aux.xml QGIS rewrites when it shows a raster, are not pixels). A source
+    file that is gone raises FileNotFoundError: the VRT cannot be read."""
     if src.driver != "VRT":
         return None
     stats = []
     for name in src.files[1:]:
-        try:
-            stats.append(os.stat(name))
-        except OSError:  # not a local file (/vsi), or gone: reading it says so
-            continue
-    return (sum(st.st_size for st in stats), max(st.st_mtime_ns for st in stats)) if stats else None
+        if _local_file(name):  # /vsi paths, URLs and a driver's NAME:path have no stat here
+            st = os.stat(name)
+            stats.append((name, st.st_size, st.st_mtime_ns))
+    if not stats:
+        return None
+    digest = hashlib.blake2b(json.dumps(sorted(stats)).encode(), digest_size=6).digest()
+    return sum(s[1] for s in stats), max(s[2] for s in stats), int.from_bytes(digest, "big")
+
+
+def _local_file(name: str) -> bool:
+    """Whether a VRT's source is a file on a local disk (not /vsi, a URL or NETCDF:"x.nc":v)."""
+    return not name.startswith("/vsi") and "://" not in name and not DRIVER_PREFIX.match(name)
 
 
 def pixel_to_crs(rasters: list[RasterInfo], cols: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -369,8 +382,7 @@ def _check_sources(path: Path, src: rasterio.DatasetReader) -> None:
     tile over a missing file failed midway through indexing with "Read failed"."""
     if src.driver != "VRT":
         return
-    missing = [name for name in src.files[1:] if not name.startswith("/vsi") and "://" not in name
-               and not DRIVER_PREFIX.match(name) and not os.path.exists(name)]  # files only: not NETCDF:"x.nc":v
+    missing = [name for name in src.files[1:] if _local_file(name) and not os.path.exists(name)]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise InputError(f"{path}: its source {missing[0]}{more} is missing; put it back, or build the VRT "
@@ -393,7 +405,9 @@ def _check_north_up(path: Path, transform: rasterio.Affine, crs: CRS) -> None:
     columns_turn = math.degrees(math.atan2(b, -e))  # where a column runs, against south
     mirrored = a * e - b * d > 0
     if mirrored or max(abs(rows_turn), abs(columns_turn)) > MAX_GRID_TURN_DEG:
-        how = "mirrored (e.g. south up)" if mirrored else f"turned {rows_turn:.1f} degrees"
+        how = ("mirrored (e.g. south up)" if mirrored else f"turned {rows_turn:.1f} degrees"
+               if abs(rows_turn - columns_turn) <= MAX_GRID_TURN_DEG else  # a shear was said "turned 0.0 degrees"
+               f"sheared (its rows run {rows_turn:.1f} degrees from east, its columns {columns_turn:.1f} from south)")
         raise InputError(f"{path}: its pixel grid is {how} against its map, so a sketch drawn on the map would "
                          "not meet it; make a north-up grid of it, e.g. gdalwarp -of VRT in.tif north_up.vrt "
                          "(a VRT: no pixels copied), and index that")
