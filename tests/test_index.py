@@ -226,6 +226,48 @@ def test_a_mosaic_whose_source_changed_is_indexed_again(tmp_path, model, rmnp_co
     assert disk_state(raster) == "unreadable"
 
 
+def test_a_raster_gone_for_good_is_taken_out_of_the_index(tmp_path, model, rmnp_copy):
+    """A raster deleted for good was left out of every search, said unreadable with advice to
+    index it again, which failed ("raster not found"); indexing its folder again kept it, and
+    nothing took it out. `remove` does: its entry, tiles, maps and tiles-layer rows go, the other
+    raster's stay, and searches no longer name it."""
+    import sqlite3
+
+    from lab.pseudo_sketch import pseudo_sketch
+    from worker.search import search
+    from worker.sketch import prepare_sketch
+    from worker.store.format import SHARDS, TILES_LAYER
+    from worker.tiling import TileReader
+
+    second = Path(shutil.copy(rmnp_copy, rmnp_copy.with_name("second.tif")))
+    out = tmp_path / "index"
+    IndexWriter(out, model, TileSettings(tile=112, scales=(1,))).build([rmnp_copy, second])
+    before = TileIndex.open(out)
+    kept_id = next(i for i, r in before.rasters.items() if r.path == str(rmnp_copy.resolve()))
+    kept_tiles = before.tiles_per_raster[kept_id]
+    with TileReader(before.tile(0).raster, 224) as reader:
+        sketch = prepare_sketch(pseudo_sketch(reader.read(before.tile(0))[0], "canny"), 224)
+    second.unlink()
+    assert list(search(before, model, sketch, top=3).unreadable) == [str(second.resolve())]
+    remove = lambda *paths: subprocess.run([sys.executable, "-m", "worker", "remove", str(out), *map(str, paths)],
+                                           cwd=REPO, capture_output=True, text=True)
+    refused = remove(second, tmp_path / "never-indexed.tif")
+    assert refused.returncode == 2 and "holds no raster" in refused.stderr and "never-indexed.tif" in refused.stderr
+    assert len(TileIndex.open(out)) == len(before), "nothing taken out when one raster is not in it"
+    result = remove(second)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["removed"] == [str(second.resolve())]
+    after = TileIndex.open(out)
+    assert [r.path for r in after.rasters.values()] == [str(rmnp_copy.resolve())] and len(after) == kept_tiles
+    assert search(after, model, sketch, top=3).unreadable == {}
+    assert {s["raster_id"] for s in after.manifest["shards"]} == {kept_id}
+    assert len(os.listdir(out / SHARDS)) == len(after.manifest["shards"]), "its shards removed"
+    assert not list((out / "maps").glob(f"r{1 - kept_id:05d}-*")), "its level maps removed"
+    with sqlite3.connect(out / TILES_LAYER) as db:
+        [table] = [r[0] for r in db.execute("SELECT table_name FROM gpkg_contents")]
+        assert db.execute(f'SELECT count(*) FROM "{table}"').fetchone()[0] == kept_tiles
+
+
 def test_maps_written_band_by_band_hold_the_cells_joined_whole(tmp_path, model, assets):
     """A raster's level maps are joined into their files a band of rows at a time (a continental
     mosaic's map and its tiles' cells do not fit in memory at once): the same cells as every tile

@@ -247,6 +247,19 @@ def cmd_build_ann(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_remove(args: argparse.Namespace) -> int:
+    from worker import ann
+    from worker.app import open_index
+    from worker.store.removal import remove_rasters
+
+    open_index(args.index)  # not_found or another format, said as for the other commands
+    removed = remove_rasters(args.index, [str(p) for p in args.rasters])
+    shortlist = ann.update(open_index(args.index))
+    print(json.dumps({"removed": removed, "tile_count": len(open_index(args.index)),
+                      **({"ann": shortlist.to_json()} if shortlist else {})}))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from worker.service.startup import serve
 
@@ -291,6 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build-ann", help="build (or rebuild) an index's approximate shortlist for large mosaics")
     p.add_argument("index", type=Path)
     p.set_defaults(func=cmd_build_ann)
+
+    p = sub.add_parser("remove", help="take rasters out of an index (files deleted for good: a search leaves them "
+                                      "out, saying so, until they are taken out)")
+    p.add_argument("index", type=Path)
+    p.add_argument("rasters", nargs="+", type=Path, help="the rasters, as given to `index` or as `info` lists them")
+    p.set_defaults(func=cmd_remove)
 
     p = sub.add_parser("search", help="find the places that look like a sketch")
     p.add_argument("index", type=Path)
