@@ -566,6 +566,21 @@ def test_a_view_after_a_raster_was_indexed_again_opens_its_shards_afresh(tmp_pat
     assert np.array_equal(after.records, TileIndex.open(out).records)
 
 
+def test_an_index_is_extended_with_its_own_settings_unless_others_are_given(tmp_path, model, rmnp_copy):
+    """Extending an index built with --tile 112 --scales 1 --bands 1,2,3 by naming the new raster
+    alone was refused as another index's settings (exit 3): every setting had to be given again."""
+    out = tmp_path / "index"
+    own = TileSettings(tile=112, scales=(1,), bands=(1, 2, 3))
+    IndexWriter(out, model, own).build([rmnp_copy])
+    added = shutil.copy(rmnp_copy, rmnp_copy.with_name("added.tif"))
+    result = run_cli("index", "--out", out, added)
+    assert result.returncode == 0, result.stderr
+    index = TileIndex.open(out)
+    assert len(index.rasters) == 2 and TileSettings.from_json(index.manifest["tiling"]) == own
+    refused = run_cli("index", "--out", out, "--scales", "1,2", added)  # given otherwise: refused, as before
+    assert refused.returncode == 3 and "tile settings" in refused.stderr
+
+
 def test_other_settings_or_model_are_refused(tmp_path, model, rmnp_copy):
     out = tmp_path / "index"
     IndexWriter(out, model, TileSettings(tile=112, scales=(1,))).build([rmnp_copy])

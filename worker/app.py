@@ -22,8 +22,8 @@ from worker.errors import InputError
 from worker.geo import MAX_COORDINATE, Area, bbox_to_wgs84, parse_crs
 from worker.ranking import RANKERS, RankingConfig
 from worker.raster_access import RasterAccess
-from worker.store import (CHUNK_TILES, IndexProgress, IndexWriter, TileIndex, check_compatible, check_index_folder,
-                          check_tokens)
+from worker.store import (CHUNK_TILES, MANIFEST, IndexProgress, IndexWriter, TileIndex, check_compatible,
+                          check_index_folder, check_tokens, read_manifest)
 from worker.tiling import RasterInfo, TileSettings, disk_state, find_rasters
 
 if TYPE_CHECKING:
@@ -107,10 +107,10 @@ class IndexRequest:
         (new, empty or an index: never one holding other things; not while a job writes it,
         `check_folder` False) and the raster inputs (files, folders, VRTs) are found on disk and
         allowed by `access` now, so a bad one is refused before any work starts."""
-        settings = TileSettings(**given(tile=tile, overlap=None if overlap is None else float(overlap),
-                                        scales=None if scales is None else tuple(scales),
-                                        bands=tuple(bands) if bands else None,
-                                        min_valid=None if min_valid is None else float(min_valid)))
+        asked = given(tile=tile, overlap=None if overlap is None else float(overlap),
+                      scales=None if scales is None else tuple(scales), bands=tuple(bands) if bands else None,
+                      min_valid=None if min_valid is None else float(min_valid))
+        settings = TileSettings(**{**_settings_of(Path(index_dir)), **asked})
         if check_folder:
             check_index_folder(Path(index_dir))
         return cls(Path(index_dir), tuple(find_rasters(list(rasters), access)), settings,
@@ -141,6 +141,17 @@ class IndexRequest:
         return cls(Path(index_dir), tuple(find_rasters(rasters, access)), settings,
                    **given(chunk_tiles=chunk_tiles), access=access, ann=_ann_choice(d),
                    tokens=d.get("tokens") if isinstance(d.get("tokens"), bool) else None)
+
+
+def _settings_of(index_dir: Path) -> dict:
+    """The tile settings of the index at `index_dir`, as TileSettings' fields; {} where there is
+    none (or it cannot be read: opening it says why). An index is extended with its own settings
+    where a request gives none: extending one built with --bands 1,2,3 --scales 1 by naming the
+    new rasters alone was refused as another index's settings."""
+    try:
+        return asdict(TileSettings.from_json(read_manifest(index_dir)["tiling"])) if (index_dir / MANIFEST).is_file() else {}
+    except Exception:  # a damaged manifest: the writer says what is wrong with it
+        return {}
 
 
 def _ann_choice(job: dict) -> bool | None:

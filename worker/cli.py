@@ -277,14 +277,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("index", help="tile rasters and precompute their edge cells (resumable, incremental)")
     p.add_argument("rasters", nargs="+", help="raster files, directories of rasters, or GDAL VRTs")
     p.add_argument("--out", type=Path, required=True, help="index directory (created or extended)")
-    p.add_argument("--tile", type=int, default=TileSettings.tile, help="tile size in pixels (default %(default)s)")
-    p.add_argument("--overlap", type=float, default=TileSettings.overlap,
-                   help="overlap between neighbouring tiles, a fraction (default %(default)s)")
-    p.add_argument("--scales", default=_listed(TileSettings.scales),
-                   help="window sizes in tiles (2: twice as large, read down; default %(default)s)")
-    p.add_argument("--bands", default=None, help="R,G,B band numbers (default: from colour interpretation)")
-    p.add_argument("--min-valid", type=float, default=TileSettings.min_valid,
-                   help="skip tiles with less valid (non-nodata) area (default %(default)s)")
+    own = "an index extended keeps its own; a new one: "
+    p.add_argument("--tile", type=int, default=None, help=f"tile size in pixels ({own}{TileSettings.tile})")
+    p.add_argument("--overlap", type=float, default=None,
+                   help=f"overlap between neighbouring tiles, a fraction ({own}{TileSettings.overlap})")
+    p.add_argument("--scales", default=None,
+                   help=f"window sizes in tiles (2: twice as large, read down; {own}{_listed(TileSettings.scales)})")
+    p.add_argument("--bands", default=None,
+                   help=f"R,G,B band numbers ({own}from colour interpretation)")
+    p.add_argument("--min-valid", type=float, default=None,
+                   help=f"skip tiles with less valid (non-nodata) area ({own}{TileSettings.min_valid})")
     p.add_argument("--batch-size", type=int, default=IndexRequest.batch_size, help="default %(default)s")
     p.add_argument("--chunk-tiles", type=int, default=IndexRequest.chunk_tiles,
                    help="tiles per shard (a run commits every 2 s or so; a crash loses what was computed since; default %(default)s)")
