@@ -16,7 +16,7 @@ import zmq
 from qgis.PyQt.QtCore import QObject, QSocketNotifier, QTimer, pyqtSignal
 
 from .wire import protocol
-from .wire.errors import CLOSED, ConnectionClosed, ProtocolError, WorkerError, WorkerUnavailable
+from .wire.errors import CLOSED, UNAVAILABLE, ConnectionClosed, ProtocolError, WorkerError, WorkerUnavailable
 from .wire.sockets import CurveKeys, connect, dialable, subscribe_progress
 
 Callback = Callable[[Optional[dict], Optional[WorkerError]], None]
@@ -96,9 +96,28 @@ class WorkerLink(QObject):
         timer.timeout.connect(lambda: self._expire(request_id, timeout_s))
         timer.start(int(1000 * timeout_s))
         self._pending[request_id] = (callback, timer)
-        self._sock.send_multipart(message)
+        try:  # never blocking QGIS: a send with no connection to take it waited for good
+            self._sock.send_multipart(message, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            QTimer.singleShot(0, lambda: self._refused(request_id))
         QTimer.singleShot(0, self._drain)
         return request_id
+
+    def _refused(self, request_id: str) -> None:
+        """A request no connection would take: the worker dropped this client's (a worker that
+        serves only clients with its keys does so to one without them, a second or so after it
+        connects), and ZeroMQ does not dial it again. A blocking send froze QGIS for good."""
+        entry = self._pending.pop(request_id, None)
+        if entry is None:
+            return
+        entry[1].stop()
+        if not self._pending:  # a fresh socket dials again
+            self._close_socket()
+            self._open()
+        self._call(entry[0], None, WorkerError(UNAVAILABLE, f"the worker at {self.endpoint} dropped the connection "
+                                                            "without taking the request: a worker that serves only "
+                                                            "clients with its keys refuses others (check the keys in "
+                                                            "Settings), or it is restarting"))
 
     def cancel(self, request_id: str, why: str) -> None:
         """Stop waiting for a request: its callback gets a `closed` error saying `why` now, and a

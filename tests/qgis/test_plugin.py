@@ -717,6 +717,43 @@ def test_connecting_to_a_curve_protected_worker_needs_the_keys(plugin, raster_ro
         dock.controller.connect_timeout_s = 10.0
 
 
+def test_a_worker_that_drops_the_plugins_connection_never_freezes_qgis(plugin, raster_root, tmp_path):
+    """A worker serving only clients with its keys drops the connection of one without them, a
+    second or so after it connects, and ZeroMQ does not dial it again: the next request sent on
+    it waited in a blocking send, and QGIS's main thread froze for good (a CI run hung there).
+    It now fails at once, saying why, and the link dials afresh."""
+    import signal
+
+    from conftest import WORKER_PYTHON
+    from lab.worker_process import WorkerProcess, make_curve_keys
+    from sketch_search.wire import errors as codes
+    from sketch_search.worker_link import WorkerLink
+
+    def frozen(*_):
+        raise TimeoutError("a request blocked QGIS's main thread")
+
+    keys, good = make_curve_keys(tmp_path)
+    (tmp_path / "indexes").mkdir()
+    proc = WorkerProcess(tmp_path / "indexes", raster_root, extra=["--curve-keys", str(keys)],
+                         python=WORKER_PYTHON).start(curve=good)
+    link = WorkerLink(proc.bind, timeout_s=60)  # no keys
+    errors = []
+    previous = signal.signal(signal.SIGALRM, frozen)
+    try:
+        link.request("ping", lambda reply, error: errors.append(error))
+        process_until(lambda: False, 3)  # the worker drops the connection meanwhile
+        signal.alarm(20)
+        link.request("ping", lambda reply, error: errors.append(error))
+        assert process_until(lambda: errors, 10)
+        signal.alarm(0)
+        assert errors[0].code == codes.UNAVAILABLE and "keys" in errors[0].message, errors[0]
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+        link.close(tell_waiting=False)
+        proc.stop()
+
+
 def test_a_worker_serving_every_interface_sends_progress_where_it_was_reached(plugin, raster_root, rmnp_layer,
                                                                              qgis_iface, tmp_path):
     """A worker serving a team binds every interface (tcp://*:PORT) and names its progress
