@@ -334,15 +334,21 @@ def connected_to(dock, worker) -> None:
         dock.worker_panel.status_label.text()
 
 
-def test_connecting_again_during_a_search_gives_the_search_button_back(plugin, worker, tmp_path, qgis_iface):
-    """The connection a search waits on is closed (Connect pressed again, or another worker): the
-    search ends at once, saying so, and Search can be pressed again. It stayed greyed for good."""
-    dock = plugin.dock
+def ready_to_search(dock, worker, tmp_path) -> None:
+    """The dock connected to `worker`, its index rmnp chosen and a line sketch loaded."""
     dock.index_combo.clear()  # the last test's list: this connect's own is waited for
     connected_to(dock, worker)
     assert process_until(lambda: dock.index_combo.count() > 0, 10)
     dock.index_combo.setCurrentText("rmnp")
     dock.load_sketch_image(str(line_sketch(tmp_path / "sketch.png")))
+
+
+def test_connecting_again_during_a_search_gives_the_search_button_back(plugin, worker, rmnp_layer, tmp_path,
+                                                                       qgis_iface):
+    """The connection a search waits on is closed (Connect pressed again, or another worker): the
+    search ends at once, saying so, and Search can be pressed again. It stayed greyed for good."""
+    dock = plugin.dock
+    ready_to_search(dock, worker, tmp_path)
     qgis_iface.messageBar().clear_messages()
     dock.search_button.click()
     assert dock.searching
@@ -352,20 +358,16 @@ def test_connecting_again_during_a_search_gives_the_search_button_back(plugin, w
     dock.clear_sketch()
 
 
-def test_search_can_be_cancelled_and_its_late_answer_adds_nothing(plugin, worker, tmp_path, qgis_iface):
+def test_search_can_be_cancelled_and_its_late_answer_adds_nothing(plugin, worker, rmnp_layer, tmp_path, qgis_iface):
     """A worker far away or frozen kept Search greyed for its whole time limit (70 s by default),
     with nothing to press. While a search runs, the button now cancels it; the worker's answer,
     when it comes, adds no layer, and the next search runs as usual."""
     dock = plugin.dock
-    dock.index_combo.clear()
-    connected_to(dock, worker)
-    assert process_until(lambda: dock.index_combo.count() > 0, 10)
-    dock.index_combo.setCurrentText("rmnp")
-    dock.load_sketch_image(str(line_sketch(tmp_path / "sketch.png")))
+    ready_to_search(dock, worker, tmp_path)
     layers = set(QgsProject.instance().mapLayers())
     qgis_iface.messageBar().clear_messages()
     dock.search_button.click()
-    assert dock.searching and dock.search_button.text() == "Cancel search"
+    assert dock.searching and dock.search_button.text() == "Cancel search", qgis_iface.messageBar().get_messages(Qgis.Warning)
     dock.search_button.click()
     assert not dock.searching and dock.search_button.text() == "Search" and dock.again_button.isEnabled()
     assert any("Search stopped: cancelled" in m for m in qgis_iface.messageBar().get_messages(Qgis.Info))
@@ -380,11 +382,7 @@ def test_a_search_that_finds_nothing_says_where_and_adds_no_layer(plugin, worker
     """A map view with no indexed raster in it: the search said "0 hit(s)" as a success and added
     an empty layer."""
     dock = plugin.dock
-    dock.index_combo.clear()
-    connected_to(dock, worker)
-    assert process_until(lambda: dock.index_combo.count() > 0, 10)
-    dock.index_combo.setCurrentText("rmnp")
-    dock.load_sketch_image(str(line_sketch(tmp_path / "sketch.png")))
+    ready_to_search(dock, worker, tmp_path)
     canvas = qgis_iface.mapCanvas()
     shown = canvas.extent()
     canvas.setExtent(QgsRectangle(0, 0, 100_000, 100_000))  # the Gulf of Guinea in EPSG:3857, far from the raster
