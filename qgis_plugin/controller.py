@@ -446,14 +446,21 @@ class SearchController(QObject):
         frames, fields = query.message()
         self.search_running.emit(True)
         started = time.perf_counter()
-        self._search_id = self.link.request("search", lambda r, e: self._on_hits(r, e, query, started), frames=frames,
-                                            timeout_s=self._pooled_timeout_s(), **fields)
+        try:
+            self._search_id = self.link.request("search", lambda r, e: self._on_hits(r, e, query, started),
+                                                frames=frames, timeout_s=self._pooled_timeout_s(), **fields)
+        except Exception:  # never sent: no answer will end it
+            self.search_running.emit(False)
+            raise
 
     def cancel_search(self) -> None:
         """Stop waiting for the search running (a worker far away or frozen kept Search disabled
-        for its whole time limit, 70 s by default); its answer, if it comes, is dropped."""
+        for its whole time limit, 70 s by default); its answer, if it comes, is dropped. The
+        worker still runs it, in its turn."""
         if self._search_id is not None and self.link is not None:
             self.link.cancel(self._search_id, "cancelled; its answer, if it comes, is dropped")
+        else:  # none is waited for: the dock shows none running
+            self.search_running.emit(False)
 
     def _pooled_timeout_s(self) -> float:
         """How long to wait for a search or a list of the indexes: the worker answers `timeout`

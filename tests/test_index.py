@@ -247,6 +247,7 @@ def test_a_raster_gone_for_good_is_taken_out_of_the_index(tmp_path, model, rmnp_
     kept_tiles = before.tiles_per_raster[kept_id]
     with TileReader(before.tile(0).raster, 224) as reader:
         sketch = prepare_sketch(pseudo_sketch(reader.read(before.tile(0))[0], "canny"), 224)
+    assert list((out / "maps").glob(f"r{1 - kept_id:05d}-*")), "its level maps, before"
     second.unlink()
     assert list(search(before, model, sketch, top=3).unreadable) == [str(second.resolve())]
     remove = lambda *paths: subprocess.run([sys.executable, "-m", "worker", "remove", str(out), *map(str, paths)],

@@ -8,6 +8,7 @@ from scipy import ndimage
 import torch
 
 from worker import edge_cells
+from worker.errors import InputError
 from lab.pseudo_sketch import draw_outlines, label_outlines, only_part, trace_polylines
 from worker.sketch import StrokeSketch, compared_lines, load_sketch, prepare_sketch, sketch_pixels
 
@@ -77,6 +78,14 @@ def test_light_strokes_on_dark_paper_are_searched_as_the_same_drawing():
     white_pen.putalpha(ImageOps.invert(drawing))  # opaque white where the lines are, transparent elsewhere
     assert torch.allclose(prepare_sketch(open_sketch_image(encoded(white_pen)), 224), as_drawn, atol=1 / 255)
 
+    hatched = Image.new("L", (300, 300), 255)  # fields hatched dark over three quarters of the frame, a road across
+    draw = ImageDraw.Draw(hatched)
+    for k in range(-300, 600, 6):
+        draw.line([(k, 0), (k + 300, 300)], fill=0, width=4)
+    draw.rectangle([0, 140, 300, 160], fill=255)
+    assert np.mean(np.asarray(hatched) < 128) > 0.7
+    assert np.array_equal(np.asarray(open_sketch_image(encoded(hatched))), np.asarray(hatched)), "was turned"
+
     on_desk = Image.new("L", (300, 300), 30)  # a dark desk round the page, the page most of the photo
     on_desk.paste(drawing.crop((30, 30, 270, 270)), (30, 30))
     page = np.asarray(open_sketch_image(encoded(on_desk)))
@@ -138,6 +147,10 @@ def test_pad_strokes_are_placed_in_the_pad_frame():
     fitted = load_sketch(StrokeSketch((stroke,), y_up=False), 224)  # no frame: the strokes' extent is the place
     x0, y0, x1, y1 = _ink_box(fitted)
     assert x1 - x0 > 180
+    beside = ((205.0, 20.0), (208.0, 190.0))  # just past the frame, where the canvas still shows it: drawn
+    assert (load_sketch(StrokeSketch((beside,), y_up=False, frame=(0.0, 0.0, 200.0, 200.0)), 224) < 0.5).any()
+    with pytest.raises(InputError, match="wholly outside their frame"):
+        load_sketch(StrokeSketch((((300.0, 20.0), (320.0, 190.0)),), y_up=False, frame=(0.0, 0.0, 200.0, 200.0)), 224)
 
 
 def test_edge_layout_prefers_lines_at_the_same_place_and_direction():

@@ -130,10 +130,10 @@ def cmd_search(args: argparse.Namespace) -> int:
             raise InputError("--example needs --bbox MINX,MINY,MAXX,MAXY: the place's box (in --bbox-crs)")
         example = Example(args.example, area, args.bbox_crs)
         area, area_crs = (_floats(args.area, 4, "--area") if args.area else None), args.area_crs
-    elif args.area:
-        raise InputError("--area is the search area of an --example search; a sketch search's is --bbox")
     elif args.sketch is None:
         raise InputError("give --sketch SKETCH.png, or --example RASTER with --bbox (a place to find more of)")
+    elif args.area:
+        raise InputError("--area is the search area of an --example search; a sketch search's is --bbox")
     feedback = None
     if args.good or args.bad:
         from worker.feedback import Feedback
@@ -254,9 +254,9 @@ def cmd_remove(args: argparse.Namespace) -> int:
 
     open_index(args.index)  # not_found or another format, said as for the other commands
     removed = remove_rasters(args.index, [str(p) for p in args.rasters])
-    shortlist = ann.update(open_index(args.index))
-    print(json.dumps({"removed": removed, "tile_count": len(open_index(args.index)),
-                      **({"ann": shortlist.to_json()} if shortlist else {})}))
+    index = open_index(args.index)
+    shortlist = ann.update(index)  # rebuilt without them (a failure here leaves the rasters removed, and says so)
+    print(json.dumps({"removed": removed, "tile_count": len(index), **({"ann": shortlist.to_json()} if shortlist else {})}))
     return 0
 
 

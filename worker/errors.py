@@ -97,7 +97,7 @@ class RasterUnreadable(InputError):
     def __init__(self, path: str, reason: str):
         super().__init__(f"{path} cannot be read ({reason}): moved, deleted or damaged since it was indexed; "
                          "put it back, index it again, or, gone for good, take it out of the index "
-                         "(python -m worker remove INDEX RASTER)")
+                         "(on the worker's machine: python -m worker remove INDEX RASTER)")
         self.path, self.reason = path, reason
 
 

@@ -295,12 +295,13 @@ def _unwrapped(xs: np.ndarray, dst: CRS, lonlats=None) -> np.ndarray:
     width, middle = world
     if not _cylindrical(wkt) and lonlats is not None:
         lons, lats = lonlats()
-        if not np.isfinite(lons).all():
-            return xs
-        widths = _widths_at(wkt, lats)
+        placed = np.isfinite(lons).all(axis=1) & np.isfinite(lats).all(axis=1)  # a ring with a point off Earth: as is
+        widths = _widths_at(wkt, np.where(placed[:, None], lats, 0.0))
         drawn = (xs - middle) / widths * 360.0  # degrees from the central meridian where PROJ drew each point
-        worlds = np.round((followed(lons) - float(dst.to_dict().get("lon_0", 0.0)) - drawn) / 360.0)
+        worlds = np.round((followed(np.where(placed[:, None], lons, 0.0)) - float(dst.to_dict().get("lon_0", 0.0))
+                           - drawn) / 360.0)
         worlds -= worlds.min(axis=1, keepdims=True)  # 1: a point of a ring across the map's edge drawn at its west
+        worlds[~placed] = 0
         return xs + worlds * widths if worlds.any() else xs
     jumps = np.ptp(xs, axis=1) > width / 2
     if jumps.any():

@@ -27,6 +27,7 @@ MAX_SKETCH_PIXELS = 4096 * 4096
 MIN_SKETCH_SIDE = 8
 MARGIN_FRACTION = 10 / 224  # the reference's 10 px margin at 224 px
 INK_CONTRAST = 40  # grey levels between paper and ink below which a sketch counts as blank
+FRAME_MARGIN = 0.05 / 0.9  # of a stroke sketch's span: the canvas's 5% either side, drawn round its frame
 
 
 @dataclass(frozen=True)
@@ -92,17 +93,22 @@ def _flattened(rgba: Image.Image) -> Image.Image:
     return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("L")
 
 
+DARK_PAPER_SHARE = 0.85  # of the image darker than the ink level, for light strokes on dark paper
+DARK_BORDER_SHARE = 0.95  # of its border too: a page photographed on a dark desk keeps its page
+
+
 def _dark_on_light(gray: Image.Image) -> Image.Image:
     """Light strokes on dark paper (chalk on a blackboard, a dark-themed app's export) turned dark
     on light, as every sketch is compared. Read as they were, the paper was the ink and a search
-    compared a dark square, unsaid. The paper is dark when most of the image and most of its
-    border are darker than the ink level: a photo of a page on a dark desk keeps its page."""
+    compared a dark square, unsaid. The paper is dark when nearly all the image and its border
+    are darker than the ink level: lines are thin. A drawing hatched dark over three quarters of
+    its frame, border included, is dark strokes on light paper (at half, such a drawing was turned)."""
     pixels = np.asarray(gray)
     if int(np.ptp(pixels)) < INK_CONTRAST:
         return gray
     level = ink_level(pixels)
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    if np.median(border) < level and np.mean(pixels < level) > 0.5:
+    if np.mean(border < level) > DARK_BORDER_SHARE and np.mean(pixels < level) > DARK_PAPER_SHARE:
         return ImageOps.invert(gray)
     return gray
 
@@ -138,7 +144,8 @@ def render_strokes(sketch: StrokeSketch, canvas: int = 512, width_fraction: floa
     span = max(x1 - x0, y1 - y0)
     if not np.isfinite([x0, y0, x1, y1]).all() or span <= 0 or min(x1 - x0, y1 - y0) < 0:
         raise InputError("sketch strokes have no extent (a single point) or an empty frame; draw lines")
-    if sketch.frame is not None and not shapely.box(x0, y0, x1, y1).intersects(
+    margin = span * FRAME_MARGIN  # what the canvas shows round the frame: strokes there are drawn
+    if sketch.frame is not None and not shapely.box(x0 - margin, y0 - margin, x1 + margin, y1 + margin).intersects(
             shapely.multilinestrings([s * 2 if len(s) == 1 else s for s in strokes])):  # was called blank
         raise InputError(f"sketch strokes lie wholly outside their frame {list(sketch.frame)}: give the frame they "
                          "were drawn in (strokes_frame), in the strokes' coordinates, or none")
