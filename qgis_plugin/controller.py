@@ -75,6 +75,11 @@ def _search_numbers(project: QgsProject) -> list[int]:
     return [int(m.group(1)) for m in named if m]
 
 
+def _reasons(rasters: list[dict]) -> str:
+    """Each raster of a reply's list with its whole reason, a line each (a message's details)."""
+    return "\n".join(f"{r['raster']}: {r['reason']}" for r in rasters)
+
+
 LEFT_OUT_BECAUSE = {"indexing": "still being indexed", "unreadable": "cannot be read"}  # a reply's left_out kinds
 
 
@@ -479,7 +484,7 @@ class SearchController(QObject):
         if not reply["hits"]["features"]:  # was a green "0 hit(s)" and an empty layer
             where = " in the map view: pan or zoom out, or search the whole index" if query.bbox is not None else ""
             return self.notice.emit(f"No places found{where}." + (f" Not searched: {_names(left_out)}." if left_out else ""),
-                                    Qgis.Warning, "\n".join(f"{r['raster']}: {r['reason']}" for r in left_out))
+                                    Qgis.Warning, _reasons(left_out))
         query_ms = (time.perf_counter() - started) * 1e3
         self.search_count = max([self.search_count, *_search_numbers(QgsProject.instance())]) + 1
         name = f"{SEARCH_LAYER_PREFIX} {self.search_count}: {query.index}"
@@ -502,7 +507,7 @@ class SearchController(QObject):
                 f"Changed on disk since indexed, index again: {_names(changed)}." if changed else ""]
         if left_out or changed:  # each raster's whole reason in the message's details
             self.notice.emit(" ".join([found, *filter(None, said)]), Qgis.Warning,
-                             "\n".join(f"{r['raster']}: {r['reason']}" for r in left_out + changed))
+                             _reasons(left_out + changed))
         else:
             self.notice.emit(found, Qgis.Success, "")
 

@@ -133,8 +133,10 @@ def reproject_rings(tiles: list, dst: CRS) -> list[Polygon]:
             if edges is None and src != dst and _world(dst.to_wkt()) is not None:  # a ring round a pole came out a band
                 lons, lats = lonlats()
                 redraw |= _winds_round_a_pole(lons) | (np.abs(lats) >= POLE_LAT).any(axis=1)
-            for n in np.flatnonzero(redraw):
-                polygons[n] = _redrawn(tiles[idx[n]], dst) or polygons[n]
+            redrawn = np.flatnonzero(redraw)
+            lonlat = reproject_rings([tiles[idx[n]] for n in redrawn], WGS84) if len(redrawn) else []
+            for n, footprint in zip(redrawn, lonlat):
+                polygons[n] = _redrawn(footprint, dst) or polygons[n]
         for i, polygon in zip(idx, polygons):
             out[i] = polygon
     return out  # type: ignore[return-value]
@@ -182,18 +184,17 @@ NOISE_SHARE = 0.99  # of a redrawn footprint's area, kept whole where its ring c
 REDRAW_PASSES = 12  # halvings of an edge, at most
 
 
-def _redrawn(item, dst: CRS) -> Polygon | None:
+def _redrawn(lonlat: Polygon, dst: CRS) -> Polygon | None:
     """A footprint whose ring crossed itself in a projected `dst`, drawn again from its lon/lat
-    polygon (valid, a cap round a pole closed along it), its edges halved until each follows its
-    curve in `dst` (_followed_closely): near a pole a world map (Mollweide, Equal Earth, plate
-    carree) bends a raster's straight edge so far that 16 points crossed, and a ring round the
-    pole jumped across the map. A cap is cut at the map's own edge (180 degrees from its central
-    meridian) and drawn whole between them. None where that crosses itself too, or cannot be
-    placed (a pole that the projection draws infinitely far)."""
-    lonlat = reproject_rings([item], WGS84)[0]
+    polygon (`lonlat`, reproject_rings': valid, a cap round a pole closed along it), its edges
+    halved until each follows its curve in `dst` (_followed_closely): near a pole a world map
+    (Mollweide, Equal Earth, plate carree) bends a raster's straight edge so far that 16 points
+    crossed, and a ring round the pole jumped across the map. A cap is cut at the map's own edge
+    (180 degrees from its central meridian) and drawn whole between them. None where that
+    crosses itself too, or cannot be placed (a pole that the projection draws infinitely far)."""
     west, _, east, _ = lonlat.bounds
     cap = east - west >= 360.0 - 1e-6
-    centre = float(dst.to_dict().get("lon_0", 0.0))
+    centre = _central_meridian(dst)
     if cap:  # and kept just inside the map's edges: PROJ puts a point on one at either side
         lonlat = cut_at_antimeridian(lonlat, centre=centre)
         lonlat = lonlat.intersection(box(centre - EDGE_LON, -90, centre + EDGE_LON, 90))
@@ -298,8 +299,7 @@ def _unwrapped(xs: np.ndarray, dst: CRS, lonlats=None) -> np.ndarray:
         placed = np.isfinite(lons).all(axis=1) & np.isfinite(lats).all(axis=1)  # a ring with a point off Earth: as is
         widths = _widths_at(wkt, np.where(placed[:, None], lats, 0.0))
         drawn = (xs - middle) / widths * 360.0  # degrees from the central meridian where PROJ drew each point
-        worlds = np.round((followed(np.where(placed[:, None], lons, 0.0)) - float(dst.to_dict().get("lon_0", 0.0))
-                           - drawn) / 360.0)
+        worlds = np.round((followed(np.where(placed[:, None], lons, 0.0)) - _central_meridian(dst) - drawn) / 360.0)
         worlds -= worlds.min(axis=1, keepdims=True)  # 1: a point of a ring across the map's edge drawn at its west
         worlds[~placed] = 0
         return xs + worlds * widths if worlds.any() else xs
@@ -335,9 +335,14 @@ EDGE_LON = 179.999  # degrees either side of a CRS's central meridian: its world
 
 def _xs_from_centre(dst: CRS, offsets: np.ndarray, lats: np.ndarray) -> np.ndarray:
     """x in `dst` of points `offsets` degrees east of its central meridian, at `lats`."""
-    centre = float(dst.to_dict().get("lon_0", 0.0))
+    centre = _central_meridian(dst)
     xs, _ = warp_transform(WGS84, dst, centre + np.asarray(offsets, float), np.asarray(lats, float))
     return np.asarray(xs)
+
+
+def _central_meridian(crs: CRS) -> float:
+    """The longitude a projected CRS is centred on (its lon_0; 0 where it names none)."""
+    return float(crs.to_dict().get("lon_0", 0.0))
 
 
 def _turn(west: np.ndarray, east: np.ndarray) -> np.ndarray:
