@@ -461,7 +461,7 @@ class SearchController(QObject):
     def cancel_search(self) -> None:
         """Stop waiting for the search running (a worker far away or frozen kept Search disabled
         for its whole time limit, 70 s by default); its answer, if it comes, is dropped. The
-        worker still runs it, in its turn."""
+        worker is told too (WorkerLink.cancel), so the next search does not wait behind it."""
         if self._search_id is not None and self.link is not None:
             self.link.cancel(self._search_id, "cancelled; its answer, if it comes, is dropped")
         else:  # none is waited for: the dock shows none running

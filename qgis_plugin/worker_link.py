@@ -36,7 +36,7 @@ class WorkerLink(QObject):
         # a private context, destroyed on close: an open socket on the global context makes
         # zmq_ctx_term (at interpreter exit) wait forever, and QGIS would hang on quit
         self._context = zmq.Context()
-        self._pending: dict = {}  # request id -> (callback, timer)
+        self._pending: dict = {}  # request id -> (callback, timer, op)
         self._sock = self._notifier = None
         self._sub = self._sub_notifier = None
         self._open()
@@ -73,7 +73,7 @@ class WorkerLink(QObject):
         """Close the sockets; each request still waiting gets ConnectionClosed when `tell_waiting`,
         so that whoever waits for it (a search's disabled button) is told."""
         waiting, self._pending = self._pending, {}
-        for _, timer in waiting.values():
+        for _, timer, _ in waiting.values():
             timer.stop()
         self._close_socket()
         if self._sub is not None:
@@ -81,7 +81,7 @@ class WorkerLink(QObject):
             self._sub.close(linger=0)
             self._sub = None
         self._context.destroy(linger=0)
-        for callback, _ in waiting.values() if tell_waiting else ():
+        for callback, _, _ in waiting.values() if tell_waiting else ():
             self._call(callback, None, ConnectionClosed(self.endpoint))
 
     # -- requests -------------------------------------------------------------------------------
@@ -95,7 +95,7 @@ class WorkerLink(QObject):
         timer.setSingleShot(True)
         timer.timeout.connect(lambda: self._expire(request_id, timeout_s))
         timer.start(int(1000 * timeout_s))
-        self._pending[request_id] = (callback, timer)
+        self._pending[request_id] = (callback, timer, op)
         try:  # never blocking QGIS: a send with no connection to take it waited for good
             self._sock.send_multipart(message, flags=zmq.NOBLOCK)
         except zmq.Again:
@@ -107,37 +107,40 @@ class WorkerLink(QObject):
         """A request no connection would take: the worker dropped this client's (a worker that
         serves only clients with its keys does so to one without them, a second or so after it
         connects), and ZeroMQ does not dial it again. A blocking send froze QGIS for good."""
+        self._fail(request_id, WorkerError(UNAVAILABLE, f"the worker at {self.endpoint} dropped the connection "
+                                                        "without taking the request: a worker that serves only "
+                                                        "clients with its keys refuses others (check the keys in "
+                                                        "Settings), or it is restarting"))
+
+    def _expire(self, request_id: str, timeout_s: float) -> None:
+        self._fail(request_id, WorkerUnavailable(self.endpoint, 1, timeout_s))
+
+    def _fail(self, request_id: str, error: WorkerError) -> None:
+        """End a request the worker did not answer with `error`. A REQ-less DEALER could keep
+        going, but a silent worker may have lost our message, one restarted would still be sent
+        what queued, and one that dropped the connection is not dialled again: start over on a
+        fresh socket, as the Lazy Pirate does, once no other request waits for its reply on this one."""
         entry = self._pending.pop(request_id, None)
         if entry is None:
             return
         entry[1].stop()
-        if not self._pending:  # a fresh socket dials again
-            self._close_socket()
-            self._open()
-        self._call(entry[0], None, WorkerError(UNAVAILABLE, f"the worker at {self.endpoint} dropped the connection "
-                                                            "without taking the request: a worker that serves only "
-                                                            "clients with its keys refuses others (check the keys in "
-                                                            "Settings), or it is restarting"))
-
-    def cancel(self, request_id: str, why: str) -> None:
-        """Stop waiting for a request: its callback gets a `closed` error saying `why` now, and a
-        late reply is dropped (the worker finishes or drops the request on its own)."""
-        entry = self._pending.pop(request_id, None)
-        if entry is not None:
-            entry[1].stop()
-            self._call(entry[0], None, WorkerError(CLOSED, why))
-
-    def _expire(self, request_id: str, timeout_s: float) -> None:
-        entry = self._pending.pop(request_id, None)
-        if entry is None:
-            return
-        # a REQ-less DEALER could keep going, but a silent worker may have lost our message, and
-        # one restarted would still be sent what queued: start over on a fresh socket, as the
-        # Lazy Pirate does, once no other request waits for its reply on this one
         if not self._pending:
             self._close_socket()
             self._open()
-        self._call(entry[0], None, WorkerUnavailable(self.endpoint, 1, timeout_s))
+        self._call(entry[0], None, error)
+
+    def cancel(self, request_id: str, why: str) -> None:
+        """Stop waiting for a request: its callback gets a `closed` error saying `why` now, and a
+        late reply is dropped. A search is cancelled on the worker too, so that the next one does
+        not wait behind it (a worker before `cancel` took `search` answers `bad_request`, dropped
+        here, and runs it to its end)."""
+        entry = self._pending.pop(request_id, None)
+        if entry is None:
+            return
+        entry[1].stop()
+        if entry[2] == "search":
+            self.request("cancel", lambda reply, error: None, search=request_id)
+        self._call(entry[0], None, WorkerError(CLOSED, why))
 
     def _call(self, callback: Callback, reply: Optional[dict], error: Optional[WorkerError]) -> None:
         # PyQt aborts the whole application on an exception escaping a slot
@@ -155,7 +158,7 @@ class WorkerLink(QObject):
                 continue  # not a reply this client can read
             entry = self._pending.pop(reply.id, None)  # None: a late answer to a request that timed out
             if entry is not None:
-                callback, timer = entry
+                callback, timer, _ = entry
                 timer.stop()
                 self._call(callback, None if reply.error else reply.fields, reply.error)
             if self._sock is sock:  # the link not closed by what the reply did

@@ -192,6 +192,69 @@ def test_a_reply_names_the_fields_its_request_did_not_use(worker):
         assert "ignored" not in c.request("ping")
 
 
+def test_a_search_cancelled_by_its_client_frees_the_worker_for_the_next(worker):
+    """A user who gave up on a slow search and asked another waited behind it: the worker ran
+    every search it was sent to its end, one a thread. `cancel` with `search` answers the search
+    `cancelled` at once, drops it if it waits, stops it at its next stage if it runs, and only
+    the connection that sent it can do so."""
+    context = zmq.Context.instance()
+    mine, other = context.socket(zmq.DEALER), context.socket(zmq.DEALER)
+    mine.connect(worker.bind)
+    other.connect(worker.bind)
+    replies: dict[str, dict] = {}
+
+    def answers(sock, ids, timeout=60):
+        deadline = time.time() + timeout
+        while not set(ids) <= set(replies) and time.time() < deadline:
+            if sock.poll(500):
+                reply = json.loads(sock.recv_multipart()[0])
+                replies[reply["id"]] = reply
+        return [replies.get(i) for i in ids]
+
+    def search(request_id):
+        mine.send_multipart(encode_request("search", request_id=request_id, index="rmnp", sketch_frame=1,
+                                           frames=(sketch_png(),)))
+
+    try:
+        log_before = worker.log.read_text()
+        search("running")
+        time.sleep(0.05)  # taken by the worker's one search thread
+        search("waiting")  # queued behind it
+        other.send_multipart(encode_request("cancel", request_id="not-mine", search="running"))
+        mine.send_multipart(encode_request("cancel", request_id="c-waiting", search="waiting"))
+        mine.send_multipart(encode_request("cancel", request_id="c-running", search="running"))
+        [not_mine] = answers(other, ["not-mine"])
+        cancel_waiting, cancel_running, waiting, running = answers(mine, ["c-waiting", "c-running", "waiting",
+                                                                         "running"])
+        search("next")
+        [after] = answers(mine, ["next"])
+        mine.send_multipart(encode_request("cancel", request_id="c-next", search="next"))
+        mine.send_multipart(encode_request("cancel", request_id="both", search="next", job="j"))
+        mine.send_multipart(encode_request("cancel", request_id="neither"))
+        cancel_answered, both, neither = answers(mine, ["c-next", "both", "neither"])
+        assert process_until_logged(worker, log_before, "cancelled by its client ended: search stopped before")
+    finally:
+        mine.close(linger=0)
+        other.close(linger=0)
+    assert not_mine["ok"] and not_mine["cancelled"] is False, "another connection cannot cancel it"
+    assert cancel_waiting["cancelled"] and cancel_running["cancelled"]
+    assert waiting["error"]["code"] == running["error"]["code"] == codes.CANCELLED
+    assert after["ok"] and after["hits"]["features"], "the next search runs as usual"
+    assert cancel_answered["ok"] and cancel_answered["cancelled"] is False, "an answered search is not cancelled"
+    assert both["error"]["code"] == neither["error"]["code"] == codes.BAD_REQUEST
+    assert "`search`" in neither["error"]["message"]
+
+
+def process_until_logged(worker, before: str, line: str, timeout: float = 30) -> bool:
+    """Whether the worker's log gains `line` after `before` within `timeout` seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if line in worker.log.read_text()[len(before):]:
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def test_the_documented_codes_and_states_are_the_wires():
     doc = (REPO / "docs" / "protocol.md").read_text()
     documented = re.findall(r"`([a-z_]+)`", doc.split("## Error codes")[1].split("##")[0])

@@ -17,6 +17,7 @@ INDEX_MISMATCH = "index_mismatch"  # an index of another format, model or tile s
 FORBIDDEN = "forbidden"  # a path outside the allowed roots, or a file or address a client may not have read
 BUSY = "busy"  # an index a job is writing (cancel it or wait), or the worker's queues are full (retry later)
 TIMEOUT = "timeout"  # the server-side time limit passed
+CANCELLED = "cancelled"  # a search its client cancelled (`cancel` with `search`)
 CORRUPT_INDEX = "corrupt_index"  # an index whose files are damaged: index its rasters again (worker.store.writer)
 STORAGE = "storage"  # the worker's disk refused (full, read-only, failing, a size limit): the message says what to do
 INTERNAL = "internal"  # a bug in the worker; details in its log
@@ -24,7 +25,7 @@ UNAVAILABLE = "unavailable"  # never sent: a client's own code for "no reply at 
 CLOSED = "closed"  # never sent: a client's own code for a request whose connection it closed before the reply
 
 SERVER_CODES = (BAD_JSON, BAD_REQUEST, UNKNOWN_OP, UNSUPPORTED_VERSION, TOO_LARGE, BAD_INPUT, NOT_FOUND,
-                INDEX_MISMATCH, FORBIDDEN, BUSY, TIMEOUT, CORRUPT_INDEX, STORAGE, INTERNAL)
+                INDEX_MISMATCH, FORBIDDEN, BUSY, TIMEOUT, CANCELLED, CORRUPT_INDEX, STORAGE, INTERNAL)
 
 
 class ProtocolError(Exception):

@@ -26,6 +26,11 @@ class SearchStopped(InputError):
 
     code = codes.TIMEOUT
 
+    def __init__(self, stage: str, message: str | None = None):
+        super().__init__(message or f"search stopped before {stage}: it ran past the worker's time limit; search "
+                                    "a smaller area or ask the operator for a longer --search-timeout")
+        self.stage = stage  # what would have come next, for the worker's log
+
 
 @contextmanager
 def stop_when(should_stop: StopCheck | None) -> Iterator[None]:
@@ -47,5 +52,4 @@ def raise_if_stopped(stage: str) -> None:
     what would come next, for the worker's log."""
     should_stop = _should_stop.get()
     if should_stop is not None and should_stop():
-        raise SearchStopped(f"search stopped before {stage}: it ran past the worker's time limit; "
-                            "search a smaller area or ask the operator for a longer --search-timeout")
+        raise SearchStopped(stage)

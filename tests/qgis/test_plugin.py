@@ -360,18 +360,25 @@ def test_connecting_again_during_a_search_gives_the_search_button_back(plugin, w
 
 def test_search_can_be_cancelled_and_its_late_answer_adds_nothing(plugin, worker, rmnp_layer, tmp_path, qgis_iface):
     """A worker far away or frozen kept Search greyed for its whole time limit (70 s by default),
-    with nothing to press. While a search runs, the button now cancels it; the worker's answer,
-    when it comes, adds no layer, and the next search runs as usual."""
+    with nothing to press. While a search runs, the button now cancels it, on the worker too (it
+    ran it to its end, and the next search waited behind it); an answer adds no layer, and the
+    next search runs as usual."""
     dock = plugin.dock
     ready_to_search(dock, worker, tmp_path)
     layers = set(QgsProject.instance().mapLayers())
     qgis_iface.messageBar().clear_messages()
+    with worker.client() as c:  # answered once the worker's one search thread is free (an earlier test's)
+        c.search("rmnp", sketch_png=line_sketch(tmp_path / "idle.png").read_bytes(), top=1)
+    logged = len(worker.log.read_text())
     dock.search_button.click()
     assert dock.searching and dock.search_button.text() == "Cancel search", qgis_iface.messageBar().get_messages(Qgis.Warning)
+    process_until(lambda: False, 0.1)  # sent, and taken by the worker's search thread
     dock.search_button.click()
     assert not dock.searching and dock.search_button.text() == "Search" and dock.again_button.isEnabled()
     assert any("Search stopped: cancelled" in m for m in qgis_iface.messageBar().get_messages(Qgis.Info))
-    process_until(lambda: False, 3)  # the worker answers meanwhile (about a second)
+    assert process_until(lambda: "cancelled by its client ended" in worker.log.read_text()[logged:], 10), \
+        "the worker stopped the search"
+    process_until(lambda: False, 1)  # a late answer would come meanwhile
     assert set(QgsProject.instance().mapLayers()) == layers, "a cancelled search's answer adds nothing"
     dock.search_button.click()
     assert process_until(lambda: len(set(QgsProject.instance().mapLayers()) - layers) == 1, 60)

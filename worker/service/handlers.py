@@ -92,8 +92,8 @@ class Handlers:
             out = []
             for index_dir in index_dirs(paths.index_root):
                 if should_stop():
-                    raise SearchStopped("listing the indexes stopped: it ran past the worker's time limit "
-                                        "(--search-timeout), or the worker is stopping")
+                    raise SearchStopped("listing the next index", "listing the indexes stopped: it ran past the "
+                                        "worker's time limit (--search-timeout), or the worker is stopping")
                 status = self.indexes.status(index_dir)
                 if status["error"] is not None and not (index_dir / MANIFEST).is_file():
                     continue  # deleted meanwhile (delete_index runs on the loop): not damage
@@ -197,6 +197,10 @@ class Handlers:
         return {"job": self._job(header).to_json()}
 
     def cancel(self, header: dict, frames: list) -> dict:
+        """Cancel an indexing job (a search is cancelled by the loop, which holds it)."""
+        if "job" not in header:
+            raise ProtocolError(BAD_REQUEST, "cancel takes `job` (an indexing job's id) or `search` (the id of a "
+                                             "search this connection sent)")
         job = self._job(header)
         job.cancel_requested.set()
         return {"job": job.to_json()}

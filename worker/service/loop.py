@@ -20,14 +20,16 @@ import concurrent.futures as cf
 import logging
 import os
 import queue
+import threading
 import time
 from dataclasses import dataclass, replace
 
 import zmq
 
 from wire import protocol
-from wire.errors import BAD_REQUEST, BUSY, TIMEOUT, TOO_LARGE, ProtocolError
+from wire.errors import BAD_REQUEST, BUSY, CANCELLED, TIMEOUT, TOO_LARGE, ProtocolError
 from worker.app import ModelOptions
+from worker.cancellation import SearchStopped
 from worker.distributed import Cluster
 from worker.errors import InputError, error_object
 from worker.service.config import AUTHORIZED_CLIENTS, SERVER_SECRET_KEY, ServiceConfig
@@ -57,6 +59,7 @@ class PendingRequest:
     op: str
     deadline: float  # time.monotonic() of its arrival plus the search time limit
     ignored: dict  # the reply's `ignored` member, or nothing (FieldsRead.ignored)
+    cancelled: threading.Event  # set by its client's `cancel`: it stops at its next stage
 
 
 class FieldsRead(dict):
@@ -98,7 +101,8 @@ class Service:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self._pending: dict[cf.Future, PendingRequest] = {}
-        self._abandoned: set[cf.Future] = set()  # answered `timeout`, still running until their next stage
+        # answered `timeout` or `cancelled`, still running until their next stage: why, for the log
+        self._abandoned: dict[cf.Future, str] = {}
         self._events: queue.Queue = queue.Queue()
         cluster = Cluster(config.cluster, model_options or ModelOptions()) if config.cluster is not None else None
         self.jobs = JobManager(model, publish=self._queue_event, access=config.paths.raster_access,
@@ -203,9 +207,11 @@ class Service:
 
     def _flush_done(self) -> None:
         for future in [f for f in self._abandoned if f.done()]:
-            self._abandoned.discard(future)
+            why = self._abandoned.pop(future)
             exc = future.exception()  # the operator may want a longer --search-timeout, or smaller searches
-            log.warning("a request answered `timeout` ended: %s", exc if exc is not None else "it finished its stages")
+            how = ("it finished its stages" if exc is None else f"search stopped before {exc.stage}"
+                   if isinstance(exc, SearchStopped) else exc)
+            log.warning("a request %s ended: %s", why, how)
         for future in [f for f in self._pending if f.done()]:
             pending = self._pending.pop(future)
             if future.cancelled():  # the worker is stopping
@@ -224,13 +230,36 @@ class Service:
         now = time.monotonic()
         for future, pending in list(self._pending.items()):
             if now >= pending.deadline and not future.done():
-                del self._pending[future]
-                if not future.cancel():
-                    self._abandoned.add(future)
                 message = (f"{pending.op} took longer than the worker's {self.limits.search_timeout:g} s limit: "
                            + ("search a smaller area, or " if pending.op == "search" else "")
                            + "ask for a longer --search-timeout")
-                self._send(pending.envelope, protocol.error_reply(pending.request_id, TIMEOUT, message))
+                self._abandon(future, "answered `timeout`", protocol.error_reply(pending.request_id, TIMEOUT, message))
+
+    def _abandon(self, future: cf.Future, why: str, reply: list[bytes]) -> None:
+        """Answer a pending request now with `reply`; its work is dropped if it has not started,
+        else stopped at its next stage, and counts as held until then."""
+        pending = self._pending.pop(future)
+        pending.cancelled.set()
+        if not future.cancel():
+            self._abandoned[future] = why
+        self._send(pending.envelope, reply)
+
+    def _cancel_search(self, envelope: list[bytes], header: FieldsRead) -> dict:
+        """`cancel` of a search: the one with that id that this connection sent and still waits
+        for is answered `cancelled` and stops at its next stage, so a user who gives up on a slow
+        search and asks another does not wait behind it. Only its own connection can cancel it (a
+        client's ids are its own). `cancelled` false: no such search waits (answered already)."""
+        if "job" in header:
+            raise ProtocolError(BAD_REQUEST, "cancel takes `job` or `search`, not both")
+        search_id = protocol.field(header, "search", str)
+        for future, pending in list(self._pending.items()):
+            if pending.op == "search" and pending.request_id == search_id and pending.envelope[0] == envelope[0]:
+                if future.done():  # finished meanwhile: its answer goes out as it is
+                    break
+                self._abandon(future, "cancelled by its client",
+                              protocol.error_reply(search_id, CANCELLED, "the search was cancelled by its client"))
+                return {"search": search_id, "cancelled": True}
+        return {"search": search_id, "cancelled": False}
 
     def searches_held(self) -> int:
         """Searches and listings waiting, running, or stopping after their timeout."""
@@ -261,7 +290,10 @@ class Service:
             if op in Handlers.POOLED:
                 self._submit(envelope, request_id, op, header, body[1:], arrived)
                 return
-            answer = self.handlers(op, header, body[1:])
+            if op == "cancel" and "search" in header:
+                answer = self._cancel_search(envelope, header)
+            else:
+                answer = self.handlers(op, header, body[1:])
             reply = protocol.ok_reply(request_id, **answer, **header.ignored())
         except Exception as exc:  # answered with its code; a bug is logged and the loop keeps serving
             reply = reply_for(request_id, exc)
@@ -276,9 +308,11 @@ class Service:
                                       "--max-queued-searches limit): ask again in a moment")
         work = self.handlers.prepare(op, header, payloads)  # keeps the checked request, not the message
         deadline = arrived + self.limits.search_timeout
-        future = self.pools[op].submit(work, lambda: self.stopping or time.monotonic() >= deadline)
+        cancelled = threading.Event()
+        future = self.pools[op].submit(work, lambda: self.stopping or cancelled.is_set()
+                                       or time.monotonic() >= deadline)
         future.add_done_callback(lambda _: self._wake())
-        self._pending[future] = PendingRequest(envelope, request_id, op, deadline, header.ignored())
+        self._pending[future] = PendingRequest(envelope, request_id, op, deadline, header.ignored(), cancelled)
 
     # -- shutdown -------------------------------------------------------------------------------
     def request_stop(self, *_: object) -> None:
