@@ -137,6 +137,10 @@ def test_the_command_line_searches_by_example(worker, rasters, tmp_path):
     assert result.returncode == 2 and "lies outside" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     result = run("--example", str(rasters / "rmnp-rgb.tif"), "--out", str(out))
     assert result.returncode == 2 and "--bbox" in result.stderr
+    for alone in (["--example", str(rasters / "rmnp-rgb.tif"), "--bbox", bbox, "--area-crs", "EPSG:32613"],
+                  ["--sketch", str(out), "--bbox-crs", "EPSG:32613"]):  # a CRS without its box was ignored unsaid
+        result = run(*alone, "--out", str(tmp_path / "other.geojson"))
+        assert result.returncode == 2 and "-crs is the CRS of --" in result.stderr, result.stderr
 
 
 def test_feedback_on_a_search_that_finds_no_place_answers_no_hits(worker, rasters):

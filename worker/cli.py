@@ -122,13 +122,16 @@ def cmd_search(args: argparse.Namespace) -> int:
     inputs_at = ({Path(p).resolve() for p in (args.sketch, args.example) if p is not None}
                  | {Path(r.path) for r in index.rasters.values()})  # held resolved
     check_outputs(args.out, args.preview, index.dir, inputs_at)
+    for box, crs, named in ((args.bbox, args.bbox_crs, "bbox"), (args.area, args.area_crs, "area")):
+        if crs is not None and not box:  # a CRS alone was ignored unsaid
+            raise InputError(f"--{named}-crs is the CRS of --{named}, which is not given: give both, or neither")
     example, area, area_crs = None, _floats(args.bbox, 4, "--bbox") if args.bbox else None, args.bbox_crs
     if args.example is not None:
         from worker.example_query import Example
 
         if area is None:
             raise InputError("--example needs --bbox MINX,MINY,MAXX,MAXY: the place's box (in --bbox-crs)")
-        example = Example(args.example, area, args.bbox_crs)
+        example = Example(args.example, area, args.bbox_crs or SearchRequest.bbox_crs)
         area, area_crs = (_floats(args.area, 4, "--area") if args.area else None), args.area_crs
     elif args.sketch is None:
         raise InputError("give --sketch SKETCH.png, or --example RASTER with --bbox (a place to find more of)")
@@ -141,7 +144,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         feedback = Feedback(tuple(args.good or ()), tuple(args.bad or ()))
     request = SearchRequest(args.sketch, example=example, feedback=feedback, top=args.top, shortlist=args.shortlist, max_overlap=args.max_overlap,
                             crs=args.crs, bbox=area,
-                            bbox_crs=area_crs, crop_to_ink=args.crop_to_ink, ranker=args.ranker,
+                            bbox_crs=area_crs or SearchRequest.bbox_crs, crop_to_ink=args.crop_to_ink, ranker=args.ranker,
                             token_weight=args.token_weight, ann=args.ann)
     model = model_options(args).load()
     check_index(index, model)
@@ -331,10 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="candidates re-ranked (default %(default)s)")
     p.add_argument("--bbox", default=None,
                    help="MINX,MINY,MAXX,MAXY search area (with --example: the example place's box)")
-    p.add_argument("--bbox-crs", default=SearchRequest.bbox_crs, help="CRS of --bbox (default %(default)s)")
+    p.add_argument("--bbox-crs", default=None, help=f"CRS of --bbox (default {SearchRequest.bbox_crs})")
     p.add_argument("--area", default=None, metavar="MINX,MINY,MAXX,MAXY",
                    help="with --example: the search area (a sketch search's is --bbox)")
-    p.add_argument("--area-crs", default=SearchRequest.bbox_crs, help="CRS of --area (default %(default)s)")
+    p.add_argument("--area-crs", default=None, help=f"CRS of --area (default {SearchRequest.bbox_crs})")
     p.add_argument("--crs", default=SearchRequest.crs, help="CRS of the output polygons (default %(default)s)")
     p.add_argument("--max-overlap", type=float, default=SearchRequest.max_overlap,
                    help="hits overlapping a better one by more than this fraction of the smaller are dropped "
