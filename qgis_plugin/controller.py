@@ -88,6 +88,8 @@ def _names(rasters: list[dict]) -> str:
     one-line message."""
     def named(r: dict) -> str:
         why = LEFT_OUT_BECAUSE.get(r.get("kind"))
+        if r.get("tiles_total"):  # partly indexed
+            why = f"{100 * r['tiles_done'] / r['tiles_total']:.0f}% indexed"
         return f"{os.path.basename(r['raster'])}{f', {why}' if why else ''}"
     return "; ".join(map(named, rasters[:3])) + ("…" if len(rasters) > 3 else "")
 
@@ -481,10 +483,13 @@ class SearchController(QObject):
                 self.refresh_indexes()
             return self._failed("Search", err)
         left_out, changed = reply.get("left_out") or [], reply.get("changed") or []
+        partly = reply.get("partly_indexed") or []  # a worker before it did not say
+        unsearched = [f"Not searched: {_names(left_out)}." if left_out else "",
+                      f"Searched in part, still being indexed or stopped: {_names(partly)}." if partly else ""]
         if not reply["hits"]["features"]:  # was a green "0 hit(s)" and an empty layer
             where = " in the map view: pan or zoom out, or search the whole index" if query.bbox is not None else ""
-            return self.notice.emit(f"No places found{where}." + (f" Not searched: {_names(left_out)}." if left_out else ""),
-                                    Qgis.Warning, _reasons(left_out))
+            return self.notice.emit(" ".join([f"No places found{where}.", *filter(None, unsearched)]),
+                                    Qgis.Warning, _reasons(left_out + partly))
         query_ms = (time.perf_counter() - started) * 1e3
         self.search_count = max([self.search_count, *_search_numbers(QgsProject.instance())]) + 1
         name = f"{SEARCH_LAYER_PREFIX} {self.search_count}: {query.index}"
@@ -503,11 +508,10 @@ class SearchController(QObject):
         self.result_layer = layer
         self.results_ready.emit(layer)
         found = f"{layer.featureCount()} hit(s) in {query_ms:.0f} ms, added as layer “{name}”."
-        said = [f"Not searched: {_names(left_out)}." if left_out else "",
-                f"Changed on disk since indexed, index again: {_names(changed)}." if changed else ""]
-        if left_out or changed:  # each raster's whole reason in the message's details
+        said = [*unsearched, f"Changed on disk since indexed, index again: {_names(changed)}." if changed else ""]
+        if left_out or partly or changed:  # each raster's whole reason in the message's details
             self.notice.emit(" ".join([found, *filter(None, said)]), Qgis.Warning,
-                             _reasons(left_out + changed))
+                             _reasons(left_out + partly + changed))
         else:
             self.notice.emit(found, Qgis.Success, "")
 

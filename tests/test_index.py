@@ -462,8 +462,9 @@ def test_a_run_is_complete_when_its_own_rasters_are(tmp_path, model, rmnp_copy, 
 def test_a_raster_being_indexed_is_searched_while_its_maps_fit_in_memory(tmp_path, model, rmnp_copy, assets):
     """A search while a raster is being indexed joins its committed tiles' maps in memory, whole:
     a state's 0.3 m imagery as one VRT would need tens of GB. Within the worker's budget the
-    raster is searched; over it, it is left out by either ranker (the other rasters are searched)
-    and the reply says which and why; once indexed it is searched again."""
+    raster is searched, and the reply says it was searched in part (it said nothing, after a run
+    that stopped too); over it, it is left out by either ranker (the other rasters are searched)
+    and the reply says which and why; once indexed it is searched again, whole."""
     from dataclasses import replace
 
     from test_service import sketch_png
@@ -481,16 +482,22 @@ def test_a_raster_being_indexed_is_searched_while_its_maps_fit_in_memory(tmp_pat
     def rasters_hit(budget: int | None, ranker: str = "layout") -> tuple[set, list]:
         asked = replace(request, ranker=ranker) if ranker != "layout" else request
         reply = run_search(asked, model, OpenIndexes(model, budget).searchable(out)).to_json()
+        searched[budget, ranker] = reply["partly_indexed"]
         return {f["properties"]["raster"] for f in reply["hits"]["features"]}, reply["left_out"]
 
+    searched: dict[tuple, list] = {}
     assert rasters_hit(None) == ({str(assets["osbs_rgb"]), str(rmnp_copy)}, []), "the default budget holds it"
+    [partly] = searched[None, "layout"]
+    entry = TileIndex.open(out).manifest["rasters"][1]
+    assert partly["raster"] == str(rmnp_copy) and partly["tiles_total"] == entry["tiles_total"]
+    assert 0 < partly["tiles_done"] < partly["tiles_total"] and "index the raster again" in partly["reason"]
     for ranker in ("layout", "tokens"):
         hit, left_out = rasters_hit(1000, ranker)
         assert hit == {str(assets["osbs_rgb"])}, ranker
-        assert [r["raster"] for r in left_out] == [str(rmnp_copy)]
+        assert [r["raster"] for r in left_out] == [str(rmnp_copy)] and searched[1000, ranker] == []
         assert "being indexed" in left_out[0]["reason"] and "--max-partial-maps-mb" in left_out[0]["reason"]
     IndexWriter(out, model, settings).build([rmnp_copy])  # the run resumed to its end
-    assert rasters_hit(1000) == ({str(assets["osbs_rgb"]), str(rmnp_copy)}, [])
+    assert rasters_hit(1000) == ({str(assets["osbs_rgb"]), str(rmnp_copy)}, []) and searched[1000, "layout"] == []
 
 
 def test_a_search_before_a_rasters_first_commit_says_it_is_being_indexed(tmp_path, model, rmnp_copy, assets):

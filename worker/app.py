@@ -316,10 +316,13 @@ class SearchOutcome:
 
     left_out: list[dict] = field(default_factory=list)  # rasters not searched: {raster, kind, reason}
     changed: list[dict] = field(default_factory=list)  # the hits' rasters changed since indexed: {raster, reason}
+    # rasters searched in part, their indexing not finished: {raster, tiles_done, tiles_total, reason}
+    partly_indexed: list[dict] = field(default_factory=list)
 
     def to_json(self) -> dict:
         """The search reply's fields."""
-        return {"hits": self.hits, "timings_ms": self.timings_ms, "left_out": self.left_out, "changed": self.changed}
+        return {"hits": self.hits, "timings_ms": self.timings_ms, "left_out": self.left_out, "changed": self.changed,
+                "partly_indexed": self.partly_indexed}
 
 
 def run_search(request: SearchRequest, model: "RetrievalModel", index: TileIndex,
@@ -358,7 +361,8 @@ def run_search(request: SearchRequest, model: "RetrievalModel", index: TileIndex
         if example is not None and example.changed:  # said of the example, and of its raster's hits
             changed[example.changed] = {"raster": example.changed, "reason": EXAMPLE_CHANGED}
         return SearchOutcome(hits_to_geojson(result.hits, request.out_crs, None), timings, result.hits, sketch,
-                             left_out(index) + unreadable, sorted(changed.values(), key=lambda c: c["raster"]))
+                             left_out(index) + unreadable, sorted(changed.values(), key=lambda c: c["raster"]),
+                             partly_indexed(index, result.unreadable))
 
 
 EXAMPLE_CHANGED = ("changed on disk since it was indexed: the example was read from the file as it is now, while "
@@ -383,6 +387,21 @@ def changed_since_indexed(rasters: list[RasterInfo], reason: str = HITS_CHANGED)
         if disk_state(raster) == "changed":  # one gone since it was read: the next search leaves it out, saying so
             changed.append({"raster": raster.path, "reason": reason})
     return changed
+
+
+def partly_indexed(index: TileIndex, unreadable: dict[str, str]) -> list[dict]:
+    """The rasters of `index` a search met only in part, their indexing not finished (a run under
+    way, or one that stopped or failed): nothing said that the rest of them was not searched.
+    Those `unreadable` now are said as such."""
+    out = []
+    for raster_id, (done, total) in sorted(index.partly_indexed.items()):
+        path = index.rasters[raster_id].path
+        if path not in unreadable:
+            out.append({"raster": path, "tiles_done": done, "tiles_total": total,
+                        "reason": f"indexed in part ({done:,} of {total:,} tiles): the rest was not searched; its "
+                                  "indexing run is under way, or it stopped or failed: index the raster again to "
+                                  "finish it (the tiles done are kept)"})
+    return out
 
 
 def left_out(index: TileIndex) -> list[dict]:

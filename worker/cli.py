@@ -153,7 +153,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     with disk_write(args.out.parent, SEARCH_THEN):
         args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out, {**hits, "timings_ms": outcome.timings_ms, "left_out": outcome.left_out,
-                                 "changed": outcome.changed}, SEARCH_THEN)
+                                 "changed": outcome.changed, "partly_indexed": outcome.partly_indexed}, SEARCH_THEN)
     if args.preview:
         from worker.hits_output import contact_sheet
 
@@ -162,7 +162,8 @@ def cmd_search(args: argparse.Namespace) -> int:
             args.preview.parent.mkdir(parents=True, exist_ok=True)
             sheet.save(args.preview)
     print(json.dumps({"hits": len(outcome.ranked), "out": str(args.out), "left_out": outcome.left_out,
-                      "changed": outcome.changed, **{k: round(v, 1) for k, v in outcome.timings_ms.items()}}))
+                      "changed": outcome.changed, "partly_indexed": outcome.partly_indexed,
+                      **{k: round(v, 1) for k, v in outcome.timings_ms.items()}}))
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from contextlib import contextmanager
 
@@ -270,7 +271,8 @@ def test_a_raster_being_indexed_that_is_left_out_is_named_in_the_message(plugin,
                                                                           tmp_path):
     """A worker whose --max-partial-maps-mb holds no raster still being indexed: a search leaves
     the raster out, and the dock's message says so by name, as a warning; Processing's search, in
-    its log."""
+    its log. A worker whose budget holds it searches it in part, and both say that (they said
+    nothing, after a run that stopped too)."""
     import subprocess
 
     import processing
@@ -306,6 +308,21 @@ def test_a_raster_being_indexed_that_is_left_out_is_named_in_the_message(plugin,
                                                          "SKETCH": str(sketch), "OUTPUT": "memory:"},
                        feedback=feedback)
         assert f"Not searched: {raster_root / 'rmnp-rgb.tif'}: still being indexed" in feedback.textLog()
+        proc.stop()
+        proc = WorkerProcess(index_root, raster_root, python=WORKER_PYTHON).start()
+        qgis_iface.messageBar().clear_messages()
+        dock.connect_worker(proc.bind)
+        assert process_until(lambda: dock.worker_panel.status_label.text().startswith("connected"), 30)
+        dock.search_button.click()
+        assert process_until(lambda: not dock.searching and qgis_iface.messageBar().get_messages(Qgis.Warning), 60)
+        warnings = qgis_iface.messageBar().get_messages(Qgis.Warning)
+        assert any(re.search(r"Searched in part, still being indexed or stopped: rmnp-rgb.tif, \d+% indexed", m)
+                   for m in warnings), warnings
+        feedback = QgsProcessingFeedback()
+        processing.run("sketchsearch:search_by_sketch", {"ENDPOINT": proc.bind, "INDEX": "partial",
+                                                         "SKETCH": str(sketch), "OUTPUT": "memory:"},
+                       feedback=feedback)
+        assert f"Searched in part: {raster_root / 'rmnp-rgb.tif'}: indexed in part (" in feedback.textLog()
     finally:
         proc.stop()
         dock.clear_sketch()

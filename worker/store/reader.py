@@ -208,6 +208,14 @@ class TileIndex:
         tiles = self.tiles_per_raster
         return [r["id"] for r in self.manifest["rasters"] if not r["complete"] and not tiles.get(r["id"])]
 
+    @property
+    def partly_indexed(self) -> dict[int, tuple[int, int]]:
+        """Rasters being indexed that a search meets in part, by id: (tiles done, committed or
+        skipped, of every scale; tiles planned). Those not started and those left out are not."""
+        tiles, left_out = self.tiles_per_raster, self.left_out
+        return {r["id"]: (tiles[r["id"]] + r["tiles_skipped"], r["tiles_total"]) for r in self.manifest["rasters"]
+                if not r["complete"] and tiles.get(r["id"]) and r["id"] not in left_out}
+
     def rows_of_map(self, raster_id: int, scale: int) -> np.ndarray:
         """Index rows of the tiles of one raster at one scale, by their first cell row (so a search
         finds the tiles a window's rows meet as one band: worker.tile_windows)."""
