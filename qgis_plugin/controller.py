@@ -128,7 +128,8 @@ class SearchController(QObject):
         self._resumable: Optional[tuple] = None
         self.result_layer = None
         self._search_id: Optional[str] = None  # the search waited for (cancel_search)
-        self.search_count = 0
+        self.search_count = 0  # this project's last, so that no layer gets a name twice (one removed too)
+        QgsProject.instance().cleared.connect(self._project_cleared)
         self.connect_timeout_s = 10.0  # for the first answer of a worker
         self.request_timeout_s = 60.0
 
@@ -575,9 +576,18 @@ class SearchController(QObject):
         else:
             self.notice.emit(f"Results saved to {path} as “{table}”.", Qgis.Success, "")
 
+    def _project_cleared(self) -> None:
+        """A new or another project: its results are numbered from its own (a new project's first
+        search was "Sketch search 7", after the last one's six)."""
+        self.search_count = 0
+
     def shutdown(self) -> None:
         """Close sockets, stop the worker search and set-up, and ask a local worker to stop (on
         unload, and when QGIS quits: then the plugin waits for it, local_worker.finish_stopping)."""
         self._close_link(tell_waiting=False)  # QGIS quitting or the plugin unloaded: no one to tell
+        try:
+            QgsProject.instance().cleared.disconnect(self._project_cleared)
+        except TypeError:  # shut down already: QGIS quitting, then unloading its plugins
+            pass
         self.finder.shutdown()
         self.stop_local_worker()

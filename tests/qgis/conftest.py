@@ -104,9 +104,8 @@ def raster_root(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture
-def rmnp_layer(raster_root, qgis_iface):
-    """The sample raster in the project (EPSG:3857), the canvas on it; every layer removed after."""
+def show_rmnp(raster_root, qgis_iface):
+    """The sample raster added to the project (EPSG:3857), the canvas on it; returns the layer."""
     from qgis.core import QgsCoordinateReferenceSystem, QgsProject, QgsRasterLayer
 
     project = QgsProject.instance()
@@ -119,9 +118,17 @@ def rmnp_layer(raster_root, qgis_iface):
     canvas.setLayers([layer])
     canvas.setExtent(canvas.mapSettings().layerExtentToOutputExtent(layer, layer.extent()))
     canvas.refresh()
-    yield layer
-    for other in list(project.mapLayers().values()):
-        project.removeMapLayer(other.id())
+    return layer
+
+
+@pytest.fixture
+def rmnp_layer(raster_root, qgis_iface):
+    """The sample raster in the project (show_rmnp); every layer removed after."""
+    from qgis.core import QgsProject
+
+    yield show_rmnp(raster_root, qgis_iface)
+    for other in list(QgsProject.instance().mapLayers().values()):
+        QgsProject.instance().removeMapLayer(other.id())
 
 
 @pytest.fixture(scope="session")

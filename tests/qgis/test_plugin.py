@@ -11,7 +11,7 @@ from qgis.core import (NULL, Qgis, QgsApplication, QgsCoordinateReferenceSystem,
                        QgsPointXY, QgsProject, QgsRasterLayer, QgsRectangle, QgsVectorLayer)
 from qgis.PyQt.QtCore import QPoint, Qt, QTimer
 
-from conftest import process_until
+from conftest import process_until, show_rmnp
 from mouse import drag
 
 
@@ -469,9 +469,11 @@ def test_an_endpoint_zeromq_cannot_dial_is_explained_and_the_connection_stays(pl
     dock.worker_panel.endpoint_edit.setText(worker.bind)
 
 
-def test_a_reopened_project_s_results_keep_their_names(reloaded_plugin, worker, rmnp_layer, tmp_path):
+def test_a_reopened_project_s_results_keep_their_names(reloaded_plugin, worker, rmnp_layer, raster_root, tmp_path,
+                                                      qgis_iface):
     """Results layers are numbered on from those in the project: a new session (a reloaded plugin,
-    a reopened project) named its first search "Sketch search 1" beside another of that name."""
+    a reopened project) named its first search "Sketch search 1" beside another of that name. A
+    new project's are numbered from its own: its first was "Sketch search 9", after the last's."""
     dock = reloaded_plugin.dock
     earlier = QgsVectorLayer("Polygon?crs=EPSG:3857", "Sketch search 7: rmnp", "memory")
     QgsProject.instance().addMapLayer(earlier)
@@ -482,6 +484,11 @@ def test_a_reopened_project_s_results_keep_their_names(reloaded_plugin, worker, 
     dock.search_button.click()
     assert process_until(lambda: dock.controller.result_layer is not None and not dock.searching, 60)
     assert dock.controller.result_layer.name() == "Sketch search 8: rmnp"
+    QgsProject.instance().clear()  # File > New Project
+    show_rmnp(raster_root, qgis_iface)
+    dock.search_button.click()
+    assert process_until(lambda: dock.controller.result_layer is not None and not dock.searching, 60)
+    assert dock.controller.result_layer.name() == "Sketch search 1: rmnp"
     dock.clear_sketch()
 
 
