@@ -341,6 +341,38 @@ def test_hits_near_a_pole_are_drawn_where_they_lie_on_world_maps(tmp_path, asset
             assert error.max() < 0.05, (world_map, places[int(np.argmax(error))], error.max())
 
 
+def test_places_reaching_past_the_pole_of_a_world_raster_are_drawn_as_their_part_on_earth(tmp_path):
+    """A whole-world raster in EPSG:4326 (half a degree a pixel): a place at its top or bottom
+    edge reaches past the pole, to latitude 100. PROJ refused such a point, so a search whose
+    hits held one failed in web Mercator (and a search by example with a UTM example raised a
+    traceback); in lon/lat it was drawn as a cap over every longitude. It is now its part on
+    Earth, at its own longitudes, in every CRS."""
+    from rasterio.transform import from_origin
+
+    from conftest import write_raster
+    from worker.geo import reproject_rings
+    from worker.query_search import own_places
+    from worker.example_query import OwnPlace
+    from worker.tiling import open_raster
+
+    path = write_raster(tmp_path / "world.tif", np.full((3, 360, 720), 128, np.uint8), crs=CRS.from_epsg(4326),
+                        transform=from_origin(-180.0, 90.0, 0.5, 0.5))
+    raster = open_raster(path, None)
+    north, south = Placement(raster, 100, 4, 40.0, 10.0), Placement(raster, 600, 356, 40.0, 0.0)  # 8 px past
+    for place, lat in ((north, 90.0), (south, -90.0)):
+        [lonlat] = reproject_rings([place], CRS.from_epsg(4326))
+        west, bottom, east, top = lonlat.bounds
+        assert lonlat.is_valid and east - west < 30 and (top if lat > 0 else -bottom) == pytest.approx(90.0), \
+            lonlat.bounds  # its own 20 degrees of longitude (turned: a little more), to the pole
+    for crs in ("EPSG:3857", "ESRI:54009", "EPSG:32618", "EPSG:3413"):
+        drawn = reproject_rings([north, south], CRS.from_user_input(crs))
+        assert all(d.is_valid and np.isfinite(shapely.get_coordinates(d)).all() for d in drawn), crs
+    utm = CRS.from_epsg(32618)  # an example cut from a UTM raster: the world's places are compared with it
+    own = OwnPlace(shapely.geometry.box(400_000, 4_000_000, 410_000, 4_010_000),
+                   shapely.geometry.box(400_000, 4_000_000, 410_000, 4_010_000), utm)
+    assert own_places([north, south, Placement(raster, 300, 100, 40.0)], own) == [False, False, False]
+
+
 def test_search_areas_near_180_degrees_and_the_poles_cover_what_the_view_shows():
     """A web map's view across 180 is that view, not its latitude band; a view holding a pole
     holds the pole; a view just east of 180 meets the footprints that cross 180 (they lie past

@@ -106,6 +106,8 @@ def reproject_rings(tiles: list, dst: CRS) -> list[Polygon]:
     for wkt, idx in groups.items():
         rings = type(tiles[idx[0]]).rings([tiles[i] for i in idx])
         src = CRS.from_wkt(wkt)
+        if is_lon_lat_degrees(src):  # a place in a world raster reaching past its pole: the part on Earth
+            rings[..., 1] = np.clip(rings[..., 1], -90.0, 90.0)  # (PROJ refused the whole search's hits)
         lonlats = cache(partial(_lonlats, src, rings))  # warped once, and only where a world map needs them
         if src == dst:
             xs, ys = rings[..., 0], rings[..., 1]
