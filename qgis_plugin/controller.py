@@ -89,7 +89,7 @@ def _names(rasters: list[dict]) -> str:
     def named(r: dict) -> str:
         why = LEFT_OUT_BECAUSE.get(r.get("kind"))
         if r.get("tiles_total"):  # partly indexed
-            why = f"{100 * r['tiles_done'] / r['tiles_total']:.0f}% indexed"
+            why = f"{100 * r['tiles_done'] // r['tiles_total']}% indexed"  # never 100% while a tile is not
         return f"{os.path.basename(r['raster'])}{f', {why}' if why else ''}"
     return "; ".join(map(named, rasters[:3])) + ("…" if len(rasters) > 3 else "")
 

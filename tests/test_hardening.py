@@ -472,7 +472,7 @@ def test_6_7_a_flood_is_bounded_and_a_timed_out_search_frees_its_thread(served, 
     assert {code for code, _ in timed_out.values()} == {codes.TIMEOUT}
     assert answered_at < 1.5, "timeout counts from arrival and is answered at the deadline"
     assert err.code == codes.NOT_FOUND and freed_after < 3.0, "a later search gets a thread"
-    assert "search stopped before" in log, "the timed-out search stopped at a stage, it did not run to its end"
+    assert "answered `timeout` ended: it stopped before" in log, "the timed-out search stopped at a stage, it did not run to its end"
 
 
 # -- 8. index jobs: a bounded queue; scales bounded ------------------------------------------

@@ -491,6 +491,8 @@ def test_a_raster_being_indexed_is_searched_while_its_maps_fit_in_memory(tmp_pat
     entry = TileIndex.open(out).manifest["rasters"][1]
     assert partly["raster"] == str(rmnp_copy) and partly["tiles_total"] == entry["tiles_total"]
     assert 0 < partly["tiles_done"] < partly["tiles_total"] and "index the raster again" in partly["reason"]
+    elsewhere = run_search(replace(request, bbox=(10.0, 10.0, 11.0, 11.0)), model, TileIndex.open(out)).to_json()
+    assert elsewhere["partly_indexed"] == [], "a search in an area away from it does not name it"
     for ranker in ("layout", "tokens"):
         hit, left_out = rasters_hit(1000, ranker)
         assert hit == {str(assets["osbs_rgb"])}, ranker

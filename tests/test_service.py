@@ -221,9 +221,9 @@ def test_a_search_cancelled_by_its_client_frees_the_worker_for_the_next(worker):
         time.sleep(0.05)  # taken by the worker's one search thread
         search("waiting")  # queued behind it
         other.send_multipart(encode_request("cancel", request_id="not-mine", search="running"))
+        [not_mine] = answers(other, ["not-mine"])  # before its own connection cancels it
         mine.send_multipart(encode_request("cancel", request_id="c-waiting", search="waiting"))
         mine.send_multipart(encode_request("cancel", request_id="c-running", search="running"))
-        [not_mine] = answers(other, ["not-mine"])
         cancel_waiting, cancel_running, waiting, running = answers(mine, ["c-waiting", "c-running", "waiting",
                                                                          "running"])
         search("next")
@@ -232,7 +232,7 @@ def test_a_search_cancelled_by_its_client_frees_the_worker_for_the_next(worker):
         mine.send_multipart(encode_request("cancel", request_id="both", search="next", job="j"))
         mine.send_multipart(encode_request("cancel", request_id="neither"))
         cancel_answered, both, neither = answers(mine, ["c-next", "both", "neither"])
-        assert process_until_logged(worker, log_before, "cancelled by its client ended: search stopped before")
+        assert process_until_logged(worker, log_before, "cancelled by its client ended: it stopped before")
     finally:
         mine.close(linger=0)
         other.close(linger=0)

@@ -19,12 +19,13 @@ from wire.protocol import DEFAULT_TOP, MAX_TOP, excerpt
 from worker import ann
 from worker.cancellation import StopCheck, raise_if_stopped, stop_when
 from worker.errors import InputError
-from worker.geo import MAX_COORDINATE, Area, bbox_to_wgs84, parse_crs
+from worker.geo import WGS84 as LON_LAT
+from worker.geo import MAX_COORDINATE, Area, bbox_to_wgs84, parse_crs, reproject_rings
 from worker.ranking import RANKERS, RankingConfig
 from worker.raster_access import RasterAccess
 from worker.store import (CHUNK_TILES, MANIFEST, IndexProgress, IndexWriter, TileIndex, check_compatible,
                           check_index_folder, check_tokens, read_manifest)
-from worker.tiling import RasterInfo, TileSettings, disk_state, find_rasters
+from worker.tiling import RasterInfo, Tile, TileSettings, disk_state, find_rasters
 
 if TYPE_CHECKING:
     from worker.distributed import Cluster
@@ -362,7 +363,7 @@ def run_search(request: SearchRequest, model: "RetrievalModel", index: TileIndex
             changed[example.changed] = {"raster": example.changed, "reason": EXAMPLE_CHANGED}
         return SearchOutcome(hits_to_geojson(result.hits, request.out_crs, None), timings, result.hits, sketch,
                              left_out(index) + unreadable, sorted(changed.values(), key=lambda c: c["raster"]),
-                             partly_indexed(index, result.unreadable))
+                             partly_indexed(index, result.unreadable, request.area_wgs84))
 
 
 EXAMPLE_CHANGED = ("changed on disk since it was indexed: the example was read from the file as it is now, while "
@@ -389,14 +390,19 @@ def changed_since_indexed(rasters: list[RasterInfo], reason: str = HITS_CHANGED)
     return changed
 
 
-def partly_indexed(index: TileIndex, unreadable: dict[str, str]) -> list[dict]:
+def partly_indexed(index: TileIndex, unreadable: dict[str, str], area_wgs84: Area | None) -> list[dict]:
     """The rasters of `index` a search met only in part, their indexing not finished (a run under
     way, or one that stopped or failed): nothing said that the rest of them was not searched.
-    Those `unreadable` now are said as such."""
+    Those `unreadable` now are said as such, and those wholly outside the search's area not at all."""
+    rasters = {r: index.rasters[r] for r in index.partly_indexed if index.rasters[r].path not in unreadable}
+    if area_wgs84 is not None:
+        whole = [Tile(raster, 0, 0, raster.width, raster.height, 1) for raster in rasters.values()]
+        rasters = {r: raster for (r, raster), footprint in zip(rasters.items(), reproject_rings(whole, LON_LAT))
+                   if footprint.intersects(area_wgs84)}
     out = []
     for raster_id, (done, total) in sorted(index.partly_indexed.items()):
-        path = index.rasters[raster_id].path
-        if path not in unreadable:
+        if raster_id in rasters:
+            path = rasters[raster_id].path
             out.append({"raster": path, "tiles_done": done, "tiles_total": total,
                         "reason": f"indexed in part ({done:,} of {total:,} tiles): the rest was not searched; its "
                                   "indexing run is under way, or it stopped or failed: index the raster again to "

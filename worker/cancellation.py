@@ -1,4 +1,5 @@
-"""Stopping a search that is no longer wanted: its time limit passed, or the worker is stopping.
+"""Stopping a search that is no longer wanted: its time limit passed, its client cancelled it, or the
+worker is stopping.
 
 The service runs each search under `stop_when(should_stop)`, and code on the search's path calls
 `raise_if_stopped(stage)` between its stages: that raises SearchStopped once `should_stop()`
@@ -30,6 +31,9 @@ class SearchStopped(InputError):
         super().__init__(message or f"search stopped before {stage}: it ran past the worker's time limit; search "
                                     "a smaller area or ask the operator for a longer --search-timeout")
         self.stage = stage  # what would have come next, for the worker's log
+
+    def __reduce__(self):  # an exception is pickled with its args (the message alone)
+        return type(self), (self.stage, str(self))
 
 
 @contextmanager

@@ -10,8 +10,9 @@ What one client can make the loop hold is bounded (worker.service.config.Limits)
 over max_message_bytes, or a header over max_header_bytes, is answered `too_large`; at most
 max_queued_searches searches wait or run at once and more are answered `busy` at once; a
 queued search keeps its checked request and its sketch, not the message it came in. A search
-past its deadline is answered `timeout` and stops at its next stage (worker.cancellation),
-so its thread is soon free for the next one.
+past its deadline is answered `timeout`, and one its client cancels (`cancel` with `search`)
+`cancelled`; either stops at its next stage (worker.cancellation), so its thread is soon free
+for the next one (a cancelled search still waiting is dropped at once).
 """
 
 from __future__ import annotations
@@ -209,8 +210,10 @@ class Service:
         for future in [f for f in self._abandoned if f.done()]:
             why = self._abandoned.pop(future)
             exc = future.exception()  # the operator may want a longer --search-timeout, or smaller searches
-            how = ("it finished its stages" if exc is None else f"search stopped before {exc.stage}"
-                   if isinstance(exc, SearchStopped) else exc)
+            if exc is None:
+                how = "it finished its stages"
+            else:
+                how = f"it stopped before {exc.stage}" if isinstance(exc, SearchStopped) else exc
             log.warning("a request %s ended: %s", why, how)
         for future in [f for f in self._pending if f.done()]:
             pending = self._pending.pop(future)
@@ -249,7 +252,7 @@ class Service:
         for is answered `cancelled` and stops at its next stage, so a user who gives up on a slow
         search and asks another does not wait behind it. Only its own connection can cancel it (a
         client's ids are its own). `cancelled` false: no such search waits (answered already)."""
-        if "job" in header:
+        if header.get("job") is not None:
             raise ProtocolError(BAD_REQUEST, "cancel takes `job` or `search`, not both")
         search_id = protocol.field(header, "search", str)
         for future, pending in list(self._pending.items()):
@@ -262,7 +265,7 @@ class Service:
         return {"search": search_id, "cancelled": False}
 
     def searches_held(self) -> int:
-        """Searches and listings waiting, running, or stopping after their timeout."""
+        """Searches and listings waiting, running, or stopping after their timeout or cancel."""
         return len(self._pending) + len(self._abandoned)
 
     def _handle(self, frames: list[bytes], arrived: float) -> None:
@@ -290,7 +293,7 @@ class Service:
             if op in Handlers.POOLED:
                 self._submit(envelope, request_id, op, header, body[1:], arrived)
                 return
-            if op == "cancel" and "search" in header:
+            if op == "cancel" and header.get("search") is not None:
                 answer = self._cancel_search(envelope, header)
             else:
                 answer = self.handlers(op, header, body[1:])

@@ -211,10 +211,13 @@ class TileIndex:
     @property
     def partly_indexed(self) -> dict[int, tuple[int, int]]:
         """Rasters being indexed that a search meets in part, by id: (tiles done, committed or
-        skipped, of every scale; tiles planned). Those not started and those left out are not."""
+        skipped, of every scale; tiles planned). Those not started and those left out are not, nor
+        one whose every tile is done (its run failed writing its maps, after its last commit)."""
         tiles, left_out = self.tiles_per_raster, self.left_out
-        return {r["id"]: (tiles[r["id"]] + r["tiles_skipped"], r["tiles_total"]) for r in self.manifest["rasters"]
-                if not r["complete"] and tiles.get(r["id"]) and r["id"] not in left_out}
+        done = {r["id"]: tiles.get(r["id"], 0) + r["tiles_skipped"] for r in self.manifest["rasters"]}
+        return {r["id"]: (done[r["id"]], r["tiles_total"]) for r in self.manifest["rasters"]
+                if not r["complete"] and tiles.get(r["id"]) and r["id"] not in left_out
+                and done[r["id"]] < r["tiles_total"]}
 
     def rows_of_map(self, raster_id: int, scale: int) -> np.ndarray:
         """Index rows of the tiles of one raster at one scale, by their first cell row (so a search
