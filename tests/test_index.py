@@ -226,6 +226,41 @@ def test_a_mosaic_whose_source_changed_is_indexed_again(tmp_path, model, rmnp_co
     assert disk_state(raster) == "unreadable"
 
 
+def test_a_raster_georeferenced_again_beside_its_file_is_changed_and_indexed_again(tmp_path, model, rmnp_copy):
+    """A PNG placed by a worldfile (and its CRS in an .aux.xml), moved 100 pixels east by editing
+    the worldfile, as after georeferencing it again: its bytes did not change, so `info` said it was
+    unchanged, indexing it again did nothing, and its hits were drawn where it no longer lies. Its
+    grid is now compared too: it is changed, and indexing it again places it anew. An .aux.xml
+    rewritten with statistics (as QGIS does when it shows a raster) changes nothing."""
+    import rasterio
+
+    from worker.tiling import _checked_beside, disk_state
+
+    with rasterio.open(rmnp_copy) as src:
+        pixels, crs, transform = src.read(), src.crs, src.transform
+    png = tmp_path / "scan.png"
+    with rasterio.open(png, "w", driver="PNG", width=pixels.shape[2], height=pixels.shape[1], count=3, dtype="uint8",
+                       crs=crs, transform=transform, WORLDFILE="YES") as dst:
+        dst.write(pixels)
+    worldfile = png.with_suffix(".wld")
+    assert worldfile.is_file() and png.with_name("scan.png.aux.xml").is_file()  # the grid, the CRS
+    out, settings = tmp_path / "index", TileSettings(tile=112, scales=(1,))
+    IndexWriter(out, model, settings).build([png])
+    [raster] = TileIndex.open(out).rasters.values()
+    with rasterio.open(png) as src:  # statistics written beside it, as QGIS writes them
+        src.stats()
+    assert disk_state(raster) == "unchanged" and not raster.changed_on_disk()
+    lines = worldfile.read_text().splitlines()
+    lines[4] = repr(float(lines[4]) + 100 * transform.a)  # the upper left pixel's x
+    worldfile.write_text("\n".join(lines) + "\n")
+    _checked_beside.clear()  # what a search learnt in the last minute
+    assert disk_state(raster) == "changed" and raster.changed_on_disk()
+    IndexWriter(out, model, settings).build([png])
+    [again] = TileIndex.open(out).rasters.values()
+    assert again.transform[2] == pytest.approx(raster.transform[2] + 100 * transform.a)
+    assert not again.changed_on_disk()
+
+
 def test_a_raster_gone_for_good_is_taken_out_of_the_index(tmp_path, model, rmnp_copy):
     """A raster deleted for good was left out of every search, said unreadable with advice to
     index it again, which failed ("raster not found"); indexing its folder again kept it, and

@@ -119,42 +119,47 @@ class RasterInfo:
         st = os.stat(self.path)
         return st.st_size != self.size or st.st_mtime_ns != self.mtime_ns
 
-    def sources_changed(self) -> bool:
-        """Whether any file a VRT reads changed since it was described (False for other rasters,
-        and for VRTs recorded before their sources were)."""
-        if self.sources is None:
-            return False
+    def changed_beside(self) -> bool:
+        """Whether what the file's own bytes do not hold changed since it was described: any file
+        a VRT reads (not for VRTs recorded before their sources were), or the raster's grid (size,
+        geotransform, CRS), which a worldfile, .prj or .aux.xml beside a PNG, JPEG or JPEG 2000
+        holds: georeferenced again there, the raster was "unchanged", indexing it again did
+        nothing, and its hits were drawn where it no longer lies. One GDAL open; the side files'
+        own times are not looked at, since QGIS rewrites an .aux.xml when it shows a raster."""
         with rasterio.open(self.path) as src:
-            now = sources_stamp(src)
-        return now is None or now[:len(self.sources)] != self.sources  # two numbers: recorded before the digest
+            if self.sources is not None:
+                now = sources_stamp(src)
+                if now is None or now[:len(self.sources)] != self.sources:  # two numbers: recorded before the digest
+                    return True
+            return ((src.width, src.height) != (self.width, self.height)
+                    or tuple(src.transform)[:6] != tuple(self.transform[:6])
+                    or src.crs is None or src.crs != CRS.from_wkt(self.crs_wkt))
 
     def changed_on_disk(self) -> bool:
-        """Whether the file, or any file a VRT reads, changed since it was described."""
-        return self.file_changed() or self.sources_changed()
+        """Whether the file, what a VRT reads, or the raster's grid changed since it was described."""
+        return self.file_changed() or self.changed_beside()
 
 
-SOURCES_RECHECK_S = 60.0  # how long a VRT's sources found unchanged are not looked at again
-_sources_checked: dict[tuple, tuple[float, bool]] = {}  # a VRT as described -> (when, changed)
+SOURCES_RECHECK_S = 60.0  # how long what lies beside a raster found unchanged is not looked at again
+_checked_beside: dict[tuple, tuple[float, bool]] = {}  # a raster as described -> (when, changed)
 
 
 def changed_lately(raster: RasterInfo) -> bool:
-    """RasterInfo.changed_on_disk, a VRT's sources' answer kept SOURCES_RECHECK_S while the .vrt
-    itself is unchanged (a stat each search; a mosaic's sources are every file of it)."""
+    """RasterInfo.changed_on_disk, the answer of changed_beside kept SOURCES_RECHECK_S while the
+    file itself is unchanged (a stat each search; a mosaic's sources are every file of it)."""
     if raster.file_changed():
         return True
-    if raster.sources is None:
-        return False
     key = (raster.path, raster.size, raster.mtime_ns, raster.sources)
-    when, changed = _sources_checked.get(key, (-SOURCES_RECHECK_S, False))
+    when, changed = _checked_beside.get(key, (-SOURCES_RECHECK_S, False))
     if time.monotonic() - when >= SOURCES_RECHECK_S:
-        changed = raster.sources_changed()
-        _sources_checked[key] = (time.monotonic(), changed)
+        changed = raster.changed_beside()
+        _checked_beside[key] = (time.monotonic(), changed)
     return changed
 
 
 def disk_state(raster: RasterInfo) -> str:
-    """A raster's file (or a VRT's sources) against what was indexed, by size and modification
-    time (changed_lately): "unchanged", "changed" (searched by the old pixels' features until
+    """A raster's file (a VRT's sources, its grid) against what was indexed (changed_lately):
+    "unchanged", "changed" (searched by the old pixels' features, placed by the old grid, until
     indexed again) or "unreadable" (its file gone or moved, a VRT that cannot be opened now)."""
     try:
         return "changed" if changed_lately(raster) else "unchanged"
