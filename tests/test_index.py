@@ -261,6 +261,28 @@ def test_a_raster_georeferenced_again_beside_its_file_is_changed_and_indexed_aga
     assert not again.changed_on_disk()
 
 
+def test_an_empty_sheet_in_a_folder_adds_no_tiles_and_does_not_stop_the_run(tmp_path, model, rmnp_copy):
+    """A tiled delivery's empty edge sheet (16-bit, every pixel nodata) in the folder indexed:
+    its stretch could not be computed, and the whole run stopped ("band 1 has no valid
+    pixels"), no index made. An 8-bit one was indexed with no tiles, as it now is too."""
+    import rasterio
+
+    from conftest import write_raster
+    from worker.tiling import find_rasters
+
+    with rasterio.open(rmnp_copy) as src:
+        profile = {"crs": src.crs, "transform": src.transform}
+    folder = rmnp_copy.parent
+    write_raster(folder / "z_empty.tif", np.zeros((3, 300, 300), np.uint16), nodata=0, **profile)
+    out = tmp_path / "index"
+    IndexWriter(out, model, TileSettings(tile=112, scales=(1,))).build(find_rasters([folder]))
+    index = TileIndex.open(out)
+    tiles = {Path(index.rasters[r].path).name: n for r, n in index.tiles_per_raster.items()}
+    assert tiles == {rmnp_copy.name: len(index)} and len(index) > 0
+    assert [Path(r["path"]).name for r in index.manifest["rasters"] if r["complete"]] == sorted(
+        [rmnp_copy.name, "z_empty.tif"])
+
+
 def test_a_raster_gone_for_good_is_taken_out_of_the_index(tmp_path, model, rmnp_copy):
     """A raster deleted for good was left out of every search, said unreadable with advice to
     index it again, which failed ("raster not found"); indexing its folder again kept it, and

@@ -317,8 +317,11 @@ def robust_stretch(src: rasterio.DatasetReader, bands: tuple[int, ...]) -> tuple
         data = src.read(b, out_shape=shape, resampling=Resampling.nearest, masked=True)
         values = data.compressed().astype(np.float64)
         values = values[np.isfinite(values)]
-        if values.size == 0:
-            raise InputError(f"{src.name}: band {b} has no valid pixels")
+        if values.size == 0:  # an empty sheet of a tiled delivery: its tiles are skipped as nodata, not the run
+            log.warning("%s: band %d has no valid pixels (in a %d by %d px overview): it adds no tiles", src.name, b,
+                        shape[1], shape[0])
+            out.append((b, (0.0, 1.0)))
+            continue
         lo, hi = np.percentile(values, STRETCH_PERCENTILES)
         out.append((b, (float(lo), float(hi if hi > lo else lo + 1.0))))
     table = dict(out)
