@@ -131,6 +131,27 @@ def test_bad_examples_are_refused_with_what_to_do(rmnp_index, model, assets, tmp
         prepare_example(Example(path, tuple(window_bbox(path)), "EPSG:4326"), rasters, model.img_size, access=confined)
 
 
+def test_an_example_from_a_raster_outside_the_index_is_drawn_from_its_own_red_green_and_blue(model, assets, tmp_path):
+    """An index of a sensor's 13-band scenes is built with --bands 4,3,2: an example cut from an
+    RGB raster outside it was refused ("band(s) [4] asked for, but the raster has 3"), though
+    the user asked nothing of that raster. Its own colour interpretation draws it now, as it
+    draws the same pixels in an RGB raster; a raster of the sensor's (no colour
+    interpretation) is read by the index's bands; with neither, the refusal says what to do,
+    not to pass an option search does not have."""
+    with rasterio.open(assets["rmnp_rgb"]) as src:
+        rgb, profile = src.read(), {"crs": src.crs, "transform": src.transform, "nodata": src.nodata}
+    scene = write_raster(tmp_path / "scene.tif", np.stack([rgb[0], rgb[0], rgb[2], rgb[1], rgb[0]]), **profile)
+    box = tuple(window_bbox(assets["rmnp_rgb"]))
+    as_rgb = prepare_example(Example(str(assets["rmnp_rgb"]), box, "EPSG:4326"), [], model.img_size, bands=(4, 3, 2))
+    as_scene = prepare_example(Example(str(scene), box, "EPSG:4326"), [], model.img_size, bands=(5, 4, 3))
+    assert as_rgb.raster.bands == (1, 2, 3) and as_scene.raster.bands == (5, 4, 3)
+    assert np.array_equal(as_rgb.drawing, as_scene.drawing), "the same place drawn from the same colours"
+    with pytest.raises(InputError) as refused:
+        prepare_example(Example(str(scene), box, "EPSG:4326"), [], model.img_size)
+    assert "cannot tell which of its 5 bands" in str(refused.value) and "--bands" not in str(refused.value)
+    assert "cut the example from a raster of the index" in str(refused.value)
+
+
 def test_hit_ids_name_places_and_are_checked_against_the_index(rmnp_index, model, assets):
     rasters = rmnp_index.rasters
     query = prepare_example(Example(str(assets["rmnp_rgb"]), tuple(window_bbox(assets["rmnp_rgb"])), "EPSG:4326"),

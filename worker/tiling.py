@@ -281,6 +281,16 @@ def _files_under(folder: Path) -> list[Path]:
     return sorted(p for p in files if p.is_file())
 
 
+class BandsUnknown(InputError):
+    """A raster whose red, green and blue bands neither its colour interpretation nor the
+    request names. What to do depends on what was asked: `base` is the finding alone."""
+
+    def __init__(self, base: str, count: int):
+        super().__init__(f"{base}; pass --bands R,G,B (for a new index: an index keeps the bands it was built with)")
+        self.base = base
+        self.count = count  # the raster's bands
+
+
 def choose_bands(src: rasterio.DatasetReader, requested: tuple[int, ...] | None) -> tuple[int, ...]:
     """Natural colour from the colour interpretation, else the requested bands, else an error."""
     name = src.name
@@ -302,8 +312,8 @@ def choose_bands(src: rasterio.DatasetReader, requested: tuple[int, ...] | None)
         log.warning("%s: 3 bands without RGB colour interpretation, read as R,G,B = 1,2,3 "
                     "(pass --bands to choose otherwise)", name)
         return (1, 2, 3)
-    raise InputError(f"{name}: cannot tell which of its {src.count} bands are red, green, blue "
-                     f"(colour interpretation {[c.name for c in interp]}); pass --bands R,G,B")
+    raise BandsUnknown(f"{name}: cannot tell which of its {src.count} bands are red, green, blue "
+                       f"(colour interpretation {[c.name for c in interp]})", src.count)
 
 
 def robust_stretch(src: rasterio.DatasetReader, bands: tuple[int, ...]) -> tuple[tuple[float, float], ...] | None:
