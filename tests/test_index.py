@@ -283,6 +283,42 @@ def test_an_empty_sheet_in_a_folder_adds_no_tiles_and_does_not_stop_the_run(tmp_
         [rmnp_copy.name, "z_empty.tif"])
 
 
+def test_a_folder_of_sheets_with_their_mosaic_is_indexed_through_the_mosaic_alone(tmp_path, model, rmnp_copy):
+    """A delivery folder: four map sheets and the VRT built over them. Indexed as found, every
+    place came back twice (sheet and mosaic), and one across a sheet's edge, which no sheet
+    holds whole, was found only through the mosaic. The sheets the VRT reads are now indexed
+    through it alone; a sheet it does not read is indexed on its own."""
+    import rasterio
+    from rasterio.windows import Window
+
+    from worker.tiling import find_rasters
+
+    delivery = tmp_path / "delivery"
+    delivery.mkdir()
+    with rasterio.open(rmnp_copy) as src:
+        width, height, crs, geotransform = src.width, src.height, src.crs.to_wkt(), src.transform.to_gdal()
+        half_w, half_h, sheets = width // 2, height // 2, []
+        for col, row in ((0, 0), (1, 0), (0, 1), (1, 1)):
+            window = Window(col * half_w, row * half_h, half_w if col == 0 else width - half_w,
+                            half_h if row == 0 else height - half_h)
+            profile = {**src.profile, "width": window.width, "height": window.height,
+                       "transform": src.window_transform(window)}
+            with rasterio.open(sheet := delivery / f"sheet_{col}{row}.tif", "w", **profile) as dst:
+                dst.write(src.read(window=window))
+            sheets.append((sheet, window))
+    bands = "".join(f"""<VRTRasterBand dataType="Byte" band="{b}"><ColorInterp>{name}</ColorInterp>""" + "".join(
+        f"""<SimpleSource><SourceFilename relativeToVRT="1">{sheet.name}</SourceFilename><SourceBand>{b}</SourceBand>
+        <DstRect xOff="{w.col_off}" yOff="{w.row_off}" xSize="{w.width}" ySize="{w.height}"/></SimpleSource>"""
+        for sheet, w in sheets) + "</VRTRasterBand>" for b, name in ((1, "Red"), (2, "Green"), (3, "Blue")))
+    (delivery / "mosaic.vrt").write_text(f"""<VRTDataset rasterXSize="{width}" rasterYSize="{height}">
+        <SRS>{escape(crs)}</SRS><GeoTransform>{", ".join(map(str, geotransform))}</GeoTransform>{bands}</VRTDataset>""")
+    extra = Path(shutil.copy(rmnp_copy, delivery / "z_other.tif"))  # not in the mosaic
+    assert find_rasters([delivery]) == [(delivery / "mosaic.vrt").resolve(), extra.resolve()]
+    out = tmp_path / "index"
+    IndexWriter(out, model, TileSettings(tile=112, scales=(1,))).build(find_rasters([delivery]))
+    assert sorted(Path(r.path).name for r in TileIndex.open(out).rasters.values()) == ["mosaic.vrt", "z_other.tif"]
+
+
 def test_a_raster_gone_for_good_is_taken_out_of_the_index(tmp_path, model, rmnp_copy):
     """A raster deleted for good was left out of every search, said unreadable with advice to
     index it again, which failed ("raster not found"); indexing its folder again kept it, and

@@ -32,7 +32,7 @@ from shapely.geometry import Polygon
 
 from wire.protocol import excerpt
 from worker.errors import InputError
-from worker.raster_access import DRIVER_PREFIX, RasterAccess
+from worker.raster_access import DRIVER_PREFIX, RasterAccess, is_vrt, vrt_sources
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +268,23 @@ def find_rasters(inputs: list[str | Path], access: RasterAccess = RasterAccess()
             raise InputError(f"raster not found: {excerpt(str(item))}")
     if not found:
         raise InputError(f"no raster files in {excerpt(', '.join(map(str, inputs)))}")
-    return list(dict.fromkeys(found))
+    return _not_read_through_a_vrt(list(dict.fromkeys(found)))
+
+
+def _not_read_through_a_vrt(found: list[Path]) -> list[Path]:
+    """`found` less the files a VRT among them reads: a folder of map sheets with the mosaic
+    built over them (gdalbuildvrt) was indexed twice, as sheets and as the mosaic, and every
+    place came back twice. Through the mosaic alone a place across a sheet's edge is found,
+    which no sheet holds whole."""
+    read = set()
+    for vrt in (p for p in found if is_vrt(p)):
+        for name, relative in vrt_sources(vrt):
+            read.add(((vrt.parent / name) if relative and not Path(name).is_absolute() else Path(name)).resolve())
+    through = [p for p in found if p in read]
+    if through:
+        log.warning("%d of the rasters found are read by a VRT found with them, and are indexed through it only "
+                    "(%s%s)", len(through), ", ".join(p.name for p in through[:3]), ", ..." if len(through) > 3 else "")
+    return [p for p in found if p not in read]
 
 
 def _files_under(folder: Path) -> list[Path]:
