@@ -95,7 +95,7 @@ def example_drawing(frame: Frame, size: int = 224) -> Image.Image:
     from worker.example_query import draw_window
 
     h = frame.side / 2
-    return Image.fromarray(draw_window(frame.raster, (frame.cx - h, frame.cy - h, frame.cx + h, frame.cy + h), size))
+    return Image.fromarray(draw_window(frame.raster, (frame.cx - h, frame.cy - h, frame.cx + h, frame.cy + h), size)[0])
 
 
 def _label_lines(scene: str, raster: RasterInfo):

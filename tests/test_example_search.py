@@ -118,8 +118,14 @@ def test_bad_examples_are_refused_with_what_to_do(rmnp_index, model, assets, tmp
         prepare_example(Example(path, tuple(window_bbox(path)), "EPSG:999999"), rasters, model.img_size)
     flat = write_raster(tmp_path / "flat.tif", np.full((3, 200, 200), 90, np.uint8), crs="EPSG:32617",
                         transform=rasterio.Affine(1, 0, 500000, 0, -1, 4000000))
-    with pytest.raises(InputError, match="nothing to draw"):
+    with pytest.raises(InputError, match="nothing to draw .open water") as flat_refused:
         prepare_example(Example(str(flat), (500010.0, 3999810.0, 500150.0, 3999990.0), "EPSG:32617"), rasters,
+                        model.img_size)
+    assert "no data" not in str(flat_refused.value)
+    empty = write_raster(tmp_path / "empty.tif", np.zeros((3, 200, 200), np.uint8), crs="EPSG:32617", nodata=0,
+                         transform=rasterio.Affine(1, 0, 500000, 0, -1, 4000000))  # was blamed on open water
+    with pytest.raises(InputError, match=r"nothing to draw \(it holds no data: nodata or transparent"):
+        prepare_example(Example(str(empty), (500010.0, 3999810.0, 500150.0, 3999990.0), "EPSG:32617"), rasters,
                         model.img_size)
     cut_short = tmp_path / "cut-short.tif"  # was `internal`: "Read failed. See previous exception for details."
     cut_short.write_bytes(assets["rmnp_rgb"].read_bytes()[:60_000])

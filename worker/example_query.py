@@ -34,6 +34,7 @@ OWN_PLACE_IOU = 0.5  # a hit overlapping the square drawn around the example mor
 # large example (its IoU small) came back at rank 1, the user's own box
 OWN_PLACE_SHARE = 0.5
 MIN_SIDE_PX = 8  # raster pixels: a smaller box has nothing to draw
+MIN_DATA_SHARE = 0.05  # of an example's box: less is said to hold no data (not to be flat)
 MIN_INK = 0.002  # share of the drawing's pixels that are lines: less is a blank example
 EDGE_STEPS = 16  # points per bbox edge when it is reprojected
 
@@ -180,9 +181,10 @@ def drawn_square(raster: RasterInfo, window: tuple[float, float, float, float]) 
     return Placement(raster, (c0 + c1) / 2, (r0 + r1) / 2, max(c1 - c0, r1 - r0))
 
 
-def draw_window(raster: RasterInfo, window: tuple[float, float, float, float], size: int) -> np.ndarray:
+def draw_window(raster: RasterInfo, window: tuple[float, float, float, float], size: int) -> tuple[np.ndarray, float]:
     """The window drawn as a tile is: the square around it read at `size` px and drawn with
-    worker.line_drawing, blank beyond the window (and where the data ends): (size, size) uint8."""
+    worker.line_drawing, blank beyond the window (and where the data ends): (size, size) uint8;
+    and the share of the window that holds data."""
     from worker.line_drawing import tile_line_drawings
 
     c0, r0, c1, r1 = window
@@ -201,7 +203,7 @@ def draw_window(raster: RasterInfo, window: tuple[float, float, float, float], s
     in_window = ((ys >= y0) & (ys <= y1))[:, None] & ((xs >= x0) & (xs <= x1))[None, :]
     valid = valid & in_window
     drawing = tile_line_drawings(image[None], valid[None])[0, ..., 0]
-    return np.where(valid, drawing, 255).astype(np.uint8)
+    return np.where(valid, drawing, 255).astype(np.uint8), float(valid.sum() / max(1, in_window.sum()))
 
 
 def prepare_example(example: Example, rasters: list[RasterInfo], size: int, bands: tuple[int, ...] | None = None,
@@ -215,10 +217,12 @@ def prepare_example(example: Example, rasters: list[RasterInfo], size: int, band
         raise InputError(f"example raster {excerpt(example.raster)} is not a file")
     raster, changed = raster_of(path, rasters, bands, access.drivers)
     window = pixel_box(example, raster)
-    drawing = draw_window(raster, window, size)
+    drawing, data_share = draw_window(raster, window, size)
     if (drawing < 128).mean() < MIN_INK:
-        raise InputError(f"the example at {excerpt(list(example.bbox))} in {raster.path} has nothing to draw (open "
-                         "water, haze or flat fields draw no lines): pick a place with visible lines")
+        why = ("it holds no data: nodata or transparent pixels" if data_share < MIN_DATA_SHARE else
+               "open water, haze or flat fields draw no lines")
+        raise InputError(f"the example at {excerpt(list(example.bbox))} in {raster.path} has nothing to draw ({why}): "
+                         "pick a place with visible lines")
     sketch = torch.from_numpy(drawing.astype(np.float32) / 255.0)[None].expand(3, -1, -1).contiguous()
     return ExampleQuery(sketch, raster, Polygon(drawn_square(raster, window).ring()), window, drawing, changed)
 
