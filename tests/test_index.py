@@ -264,8 +264,12 @@ def test_a_raster_georeferenced_again_beside_its_file_is_changed_and_indexed_aga
 def test_an_empty_sheet_in_a_folder_adds_no_tiles_and_does_not_stop_the_run(tmp_path, model, rmnp_copy):
     """A tiled delivery's empty edge sheet (16-bit, every pixel nodata) in the folder indexed:
     its stretch could not be computed, and the whole run stopped ("band 1 has no valid
-    pixels"), no index made. An 8-bit one was indexed with no tiles, as it now is too."""
+    pixels"), no index made. An 8-bit one was indexed with no tiles, as it now is too. A search
+    of an index holding no tile says why it finds nothing."""
     import rasterio
+
+    from test_service import sketch_png
+    from worker.app import SearchRequest, run_search
 
     from conftest import write_raster
     from worker.tiling import find_rasters
@@ -281,6 +285,10 @@ def test_an_empty_sheet_in_a_folder_adds_no_tiles_and_does_not_stop_the_run(tmp_
     assert tiles == {rmnp_copy.name: len(index)} and len(index) > 0
     assert [Path(r["path"]).name for r in index.manifest["rasters"] if r["complete"]] == sorted(
         [rmnp_copy.name, "z_empty.tif"])
+    alone = tmp_path / "alone"  # an index of the empty sheet alone: its searches answered no hits, saying nothing
+    IndexWriter(alone, model, TileSettings(tile=112, scales=(1,))).build([folder / "z_empty.tif"])
+    with pytest.raises(InputError, match="alone holds no tiles: .* --min-valid"):
+        run_search(SearchRequest(sketch_png(), top=5), model, TileIndex.open(alone))
 
 
 def test_a_folder_of_sheets_with_their_mosaic_is_indexed_through_the_mosaic_alone(tmp_path, model, rmnp_copy):

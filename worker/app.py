@@ -336,6 +336,7 @@ def run_search(request: SearchRequest, model: "RetrievalModel", index: TileIndex
     from worker.sketch import load_sketch
 
     with stop_when(should_stop):
+        refuse_empty(index)
         raise_if_stopped("drawing the sketch")
         own_place, example = None, None
         if request.example is not None:
@@ -388,6 +389,16 @@ def changed_since_indexed(rasters: list[RasterInfo], reason: str = HITS_CHANGED)
         if disk_state(raster) == "changed":  # one gone since it was read: the next search leaves it out, saying so
             changed.append({"raster": raster.path, "reason": reason})
     return changed
+
+
+def refuse_empty(index: TileIndex) -> None:
+    """InputError for a complete index holding no tile: its searches answered no hits, as if no
+    place looked like the sketch, when no place could."""
+    if len(index) == 0 and all(r["complete"] for r in index.manifest["rasters"]):
+        tiling = index.manifest["tiling"]
+        raise InputError(f"{index.dir.name} holds no tiles: none of its rasters' tiles of {tiling['tile']} px holds "
+                         f"{100 * tiling['min_valid']:.0f}% valid data (rasters smaller or thinner than a tile, or "
+                         "nodata): index them into an index with a smaller --tile or --min-valid")
 
 
 def partly_indexed(index: TileIndex, unreadable: dict[str, str], area_wgs84: Area | None) -> list[dict]:
