@@ -422,12 +422,13 @@ def test_search_areas_past_where_a_projection_is_defined_hold_what_the_view_show
 
 def test_a_crs_is_refused_only_when_it_cannot_place_a_hit_on_earth():
     """Maps' CRSs are taken, also those whose projection does not reach (0, 0) (Gauss-Kruger
-    zones with the zone in the false easting: a probe there refused China's national grids);
+    zones with the zone in the false easting: a probe there refused China's national grids), and
+    a compound one's code (a map's and a height's: a probe's was refused as no authority code);
     heights, Earth-centred XYZ and another body's are refused with why."""
     from worker.errors import InputError
     from worker.geo import parse_crs
 
-    for taken in ("EPSG:4326", "EPSG:4513", "EPSG:2401", "EPSG:27700", "ESRI:54009", "EPSG:3031"):
+    for taken in ("EPSG:4326", "EPSG:4513", "EPSG:2401", "EPSG:27700", "ESRI:54009", "EPSG:3031", "EPSG:32618+5703"):
         parse_crs(taken)
     for refused, why in (("EPSG:5703", "not a map's"), ("EPSG:4978", "not a map's"), ("IAU_2015:49900", "not the Earth's")):
         with pytest.raises(InputError, match=why):

@@ -26,7 +26,9 @@ MAX_CRS_CHARS = 20_000  # a long PROJJSON is a few thousand characters
 # (50,000 times its circumference in metres); PROJ's time grows with them past it, holding the GIL:
 # a box at 1e15 in EPSG:3857 took 15 s to place, one at 1e20 never finished, and the worker stopped answering
 MAX_COORDINATE = 1e12
-AUTHORITY_CODE = re.compile(r"[A-Za-z][A-Za-z0-9_]*:{1,2}[A-Za-z0-9_.]+|urn:ogc:def:crs:[A-Za-z0-9_]+:[0-9.]*:[A-Za-z0-9_.]+")
+# EPSG:32618+5703 is a compound CRS (a map's and a height's), as a raster carrying heights names it
+AUTHORITY_CODE = re.compile(r"[A-Za-z][A-Za-z0-9_]*:{1,2}[A-Za-z0-9_.]+(\+[A-Za-z0-9_.]+)?"
+                            r"|urn:ogc:def:crs:[A-Za-z0-9_]+:[0-9.]*:[A-Za-z0-9_.]+")
 WKT = re.compile(r"\s*[A-Z_]+\s*\[", re.IGNORECASE)
 SEMI_MAJOR_AXIS = re.compile(r'SPHEROID\["[^"]*",\s*([0-9.eE+-]+)')
 EARTH_SEMI_MAJOR_M = (6_300_000.0, 6_400_000.0)  # every Earth ellipsoid and sphere; Mars's is 3,396,190 m
