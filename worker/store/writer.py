@@ -197,7 +197,7 @@ class IndexWriter:
             write_joined_maps(index)
         else:  # complete, and nothing in it a search could find
             log.warning("%s: none of its %d tiles holds enough data (at least %.0f%% of a tile of %d px) to be "
-                        "indexed; a raster smaller than a tile needs a smaller --tile", entry["path"],
+                        "indexed; a raster smaller or thinner than a tile needs a smaller --tile", entry["path"],
                         entry["tiles_total"] or 0, 100 * self.settings.min_valid, self.settings.tile)
 
     def _raster_entry(self, info: RasterInfo) -> dict:
