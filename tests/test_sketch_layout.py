@@ -151,6 +151,10 @@ def test_pad_strokes_are_placed_in_the_pad_frame():
     assert (load_sketch(StrokeSketch((beside,), y_up=False, frame=(0.0, 0.0, 200.0, 200.0)), 224) < 0.5).any()
     with pytest.raises(InputError, match="wholly outside their frame"):
         load_sketch(StrokeSketch((((300.0, 20.0), (320.0, 190.0)),), y_up=False, frame=(0.0, 0.0, 200.0, 200.0)), 224)
+    # strokes of different lengths, a dot among them, as every hand drawing has: was `internal`
+    # (a ragged list given to shapely), since the frame was checked against the strokes
+    drawn = [[[10, 10], [100, 80], [200, 40]], [[50, 190], [150, 150]], [[120, 120]]]
+    assert (load_sketch(StrokeSketch(drawn, y_up=False, frame=(0.0, 0.0, 200.0, 200.0)), 224) < 0.5).any()
 
 
 def test_edge_layout_prefers_lines_at_the_same_place_and_direction():

@@ -146,7 +146,7 @@ def render_strokes(sketch: StrokeSketch, canvas: int = 512, width_fraction: floa
         raise InputError("sketch strokes have no extent (a single point) or an empty frame; draw lines")
     margin = span * FRAME_MARGIN  # what the canvas shows round the frame: strokes there are drawn
     if sketch.frame is not None and not shapely.box(x0 - margin, y0 - margin, x1 + margin, y1 + margin).intersects(
-            shapely.multilinestrings([s * 2 if len(s) == 1 else s for s in strokes])):  # was called blank
+            shapely.MultiLineString([list(s) * 2 if len(s) == 1 else list(s) for s in strokes])):  # was called blank
         raise InputError(f"sketch strokes lie wholly outside their frame {list(sketch.frame)}: give the frame they "
                          "were drawn in (strokes_frame), in the strokes' coordinates, or none")
     pad = canvas * 0.05
