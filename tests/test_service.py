@@ -231,7 +231,8 @@ def test_a_search_cancelled_by_its_client_frees_the_worker_for_the_next(worker):
         mine.send_multipart(encode_request("cancel", request_id="c-next", search="next"))
         mine.send_multipart(encode_request("cancel", request_id="both", search="next", job="j"))
         mine.send_multipart(encode_request("cancel", request_id="neither"))
-        cancel_answered, both, neither = answers(mine, ["c-next", "both", "neither"])
+        mine.send_multipart(encode_request("cancel", request_id="long", search="x" * 4_000_000))  # was echoed whole
+        cancel_answered, both, neither, long = answers(mine, ["c-next", "both", "neither", "long"])
         assert process_until_logged(worker, log_before, "cancelled by its client ended: it stopped before")
     finally:
         mine.close(linger=0)
@@ -241,8 +242,49 @@ def test_a_search_cancelled_by_its_client_frees_the_worker_for_the_next(worker):
     assert waiting["error"]["code"] == running["error"]["code"] == codes.CANCELLED
     assert after["ok"] and after["hits"]["features"], "the next search runs as usual"
     assert cancel_answered["ok"] and cancel_answered["cancelled"] is False, "an answered search is not cancelled"
-    assert both["error"]["code"] == neither["error"]["code"] == codes.BAD_REQUEST
+    assert both["error"]["code"] == neither["error"]["code"] == long["error"]["code"] == codes.BAD_REQUEST
+    assert len(json.dumps(long)) < 1000
     assert "`search`" in neither["error"]["message"]
+
+
+def test_a_search_dropped_before_it_ran_lets_go_of_its_sketch_at_once():
+    """A future cancelled before it ran stays in its pool's queue until a thread takes it off,
+    and its work with it: a client sending searches with 8 MB sketches and cancelling them grew
+    the worker from 1.2 to 4.6 GB while its one search thread was busy. The loop queues a
+    QueuedWork and drops it: the sketch goes while the thread is still busy."""
+    import concurrent.futures as cf
+    import gc
+    import weakref
+
+    from worker.cancellation import SearchStopped
+    from worker.service.loop import QueuedWork
+
+    class Sketch(bytearray):  # what a queued search holds: its request and sketch
+        pass
+
+    def queued_search(sketch):
+        return QueuedWork(lambda should_stop: {"bytes": len(sketch)})
+
+    busy, release = threading.Event(), threading.Event()
+    with cf.ThreadPoolExecutor(1) as pool:
+        pool.submit(lambda: (busy.set(), release.wait(30)))
+        assert busy.wait(10)
+        sketch = Sketch(8 << 20)
+        held = weakref.ref(sketch)
+        work = queued_search(sketch)
+        future = pool.submit(work, lambda: False)
+        del sketch
+        assert future.cancel()
+        gc.collect()
+        assert held() is not None, "the pool's queue holds it while its thread is busy"
+        work.drop()
+        gc.collect()
+        assert held() is None, "dropped: let go at once"
+        release.set()
+    kept = queued_search(Sketch(10))
+    assert kept(lambda: False) == {"bytes": 10}
+    with pytest.raises(SearchStopped):
+        kept(lambda: False)  # run once: what it held is let go as it starts
 
 
 def process_until_logged(worker, before: str, line: str, timeout: float = 30) -> bool:
@@ -514,12 +556,29 @@ def test_kill_9_mid_index_then_restart_resumes_to_the_same_index(tmp_path, raste
 
 
 def test_sigterm_finishes_cleanly_and_ipc_works(tmp_path, rasters):
+    """A search running when the worker is stopped is answered `busy` (the worker is stopping),
+    as one waiting is: it was `timeout`, with advice to search a smaller area."""
     root = tmp_path / "indexes"
     root.mkdir()
     proc = WorkerProcess(root, rasters, bind=f"ipc://{tmp_path}/worker.sock").start()
+    proc.index("rmnp", [rasters / "rmnp-rgb.tif"], tile=112, scales=[1])
     with proc.client() as c:
         assert c.ping()["ok"]
-    assert proc.kill(signal.SIGTERM) == 0
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.connect(proc.bind)
+    try:
+        for request_id in ("running", "waiting"):
+            sock.send_multipart(encode_request("search", request_id=request_id, index="rmnp", sketch_frame=1,
+                                               frames=(sketch_png(),)))
+        time.sleep(0.05)  # taken by the worker's one search thread
+        assert proc.kill(signal.SIGTERM) == 0
+        replies = {}
+        while len(replies) < 2 and sock.poll(5000):
+            reply = json.loads(sock.recv_multipart()[0])
+            replies[reply["id"]] = reply.get("error", {}).get("code")
+    finally:
+        sock.close(linger=0)
+    assert replies == {"running": codes.BUSY, "waiting": codes.BUSY}
 
 
 def test_curve_protected_bind_refuses_clients_without_the_key(tmp_path, rasters):

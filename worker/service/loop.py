@@ -24,13 +24,14 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import zmq
 
 from wire import protocol
 from wire.errors import BAD_REQUEST, BUSY, CANCELLED, TIMEOUT, TOO_LARGE, ProtocolError
 from worker.app import ModelOptions
-from worker.cancellation import SearchStopped
+from worker.cancellation import SearchStopped, StopCheck
 from worker.distributed import Cluster
 from worker.errors import InputError, error_object
 from worker.service.config import AUTHORIZED_CLIENTS, SERVER_SECRET_KEY, ServiceConfig
@@ -61,6 +62,26 @@ class PendingRequest:
     deadline: float  # time.monotonic() of its arrival plus the search time limit
     ignored: dict  # the reply's `ignored` member, or nothing (FieldsRead.ignored)
     cancelled: threading.Event  # set by its client's `cancel`: it stops at its next stage
+    work: "QueuedWork"  # what it runs, dropped once it is answered without running
+
+
+class QueuedWork:
+    """A slow request's work as its pool queues it, which can be dropped: a future cancelled
+    before it ran stays in the pool's queue until a thread takes it off, and with it the request
+    and its sketch (a client sending searches of 8 MB sketches and cancelling them grew the
+    worker by 3.4 GB while its one search thread was busy)."""
+
+    def __init__(self, work: Callable[[StopCheck], dict]):
+        self._work: Callable[[StopCheck], dict] | None = work
+
+    def __call__(self, should_stop: StopCheck) -> dict:
+        work, self._work = self._work, None
+        if work is None:
+            raise SearchStopped("its work", "dropped before it ran")
+        return work(should_stop)
+
+    def drop(self) -> None:
+        self._work = None
 
 
 class FieldsRead(dict):
@@ -217,7 +238,9 @@ class Service:
             log.warning("a request %s ended: %s", why, how)
         for future in [f for f in self._pending if f.done()]:
             pending = self._pending.pop(future)
-            if future.cancelled():  # the worker is stopping
+            stopped_by_stopping = future.cancelled() or (self.stopping and isinstance(future.exception(), SearchStopped)
+                                                         and time.monotonic() < pending.deadline)
+            if stopped_by_stopping:  # waiting, or stopped at its next stage: not its time limit (was `timeout`)
                 reply = protocol.error_reply(pending.request_id, BUSY, "the worker is stopping: ask again once it "
                                                                        "is back")
             else:
@@ -243,7 +266,9 @@ class Service:
         else stopped at its next stage, and counts as held until then."""
         pending = self._pending.pop(future)
         pending.cancelled.set()
-        if not future.cancel():
+        if future.cancel():
+            pending.work.drop()
+        else:
             self._abandoned[future] = why
         self._send(pending.envelope, reply)
 
@@ -254,7 +279,7 @@ class Service:
         client's ids are its own). `cancelled` false: no such search waits (answered already)."""
         if header.get("job") is not None:
             raise ProtocolError(BAD_REQUEST, "cancel takes `job` or `search`, not both")
-        search_id = protocol.field(header, "search", str)
+        search_id = protocol.field(header, "search", str, check=lambda v: 0 < len(v) <= protocol.MAX_ID_CHARS)
         for future, pending in list(self._pending.items()):
             if pending.op == "search" and pending.request_id == search_id and pending.envelope[0] == envelope[0]:
                 if future.done():  # finished meanwhile: its answer goes out as it is
@@ -309,13 +334,13 @@ class Service:
         if held >= self.limits.max_queued_searches:
             raise ProtocolError(BUSY, f"the worker already holds {held} searches and listings (its "
                                       "--max-queued-searches limit): ask again in a moment")
-        work = self.handlers.prepare(op, header, payloads)  # keeps the checked request, not the message
+        work = QueuedWork(self.handlers.prepare(op, header, payloads))  # the checked request, not the message
         deadline = arrived + self.limits.search_timeout
         cancelled = threading.Event()
         future = self.pools[op].submit(work, lambda: self.stopping or cancelled.is_set()
                                        or time.monotonic() >= deadline)
         future.add_done_callback(lambda _: self._wake())
-        self._pending[future] = PendingRequest(envelope, request_id, op, deadline, header.ignored(), cancelled)
+        self._pending[future] = PendingRequest(envelope, request_id, op, deadline, header.ignored(), cancelled, work)
 
     # -- shutdown -------------------------------------------------------------------------------
     def request_stop(self, *_: object) -> None:
