@@ -156,6 +156,9 @@ def test_an_example_from_a_raster_outside_the_index_is_drawn_from_its_own_red_gr
         prepare_example(Example(str(scene), box, "EPSG:4326"), [], model.img_size)
     assert "cannot tell which of its 5 bands" in str(refused.value) and "--bands" not in str(refused.value)
     assert "cut the example from a raster of the index" in str(refused.value)
+    bgr = write_raster(tmp_path / "bgr.tif", rgb[::-1].copy(), photometric="MINISBLACK", **profile)  # names no colour
+    as_bgr = prepare_example(Example(str(bgr), box, "EPSG:4326"), [], model.img_size, bands=(3, 2, 1))
+    assert as_bgr.raster.bands == (3, 2, 1) and np.array_equal(as_bgr.drawing, as_rgb.drawing)
 
 
 def test_hit_ids_name_places_and_are_checked_against_the_index(rmnp_index, model, assets):

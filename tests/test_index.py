@@ -259,6 +259,7 @@ def test_a_raster_georeferenced_again_beside_its_file_is_changed_and_indexed_aga
     [again] = TileIndex.open(out).rasters.values()
     assert again.transform[2] == pytest.approx(raster.transform[2] + 100 * transform.a)
     assert not again.changed_on_disk()
+    assert disk_state(again) == "unchanged", "not the old grid's answer, kept for a minute"
 
 
 def test_an_empty_sheet_in_a_folder_adds_no_tiles_and_does_not_stop_the_run(tmp_path, model, rmnp_copy):
@@ -321,7 +322,13 @@ def test_a_folder_of_sheets_with_their_mosaic_is_indexed_through_the_mosaic_alon
     (delivery / "mosaic.vrt").write_text(f"""<VRTDataset rasterXSize="{width}" rasterYSize="{height}">
         <SRS>{escape(crs)}</SRS><GeoTransform>{", ".join(map(str, geotransform))}</GeoTransform>{bands}</VRTDataset>""")
     extra = Path(shutil.copy(rmnp_copy, delivery / "z_other.tif"))  # not in the mosaic
-    assert find_rasters([delivery]) == [(delivery / "mosaic.vrt").resolve(), extra.resolve()]
+    clip = delivery / "z_other_clip.vrt"  # a VRT of one file (a clip): not all of it, which stays
+    clip.write_text(f"""<VRTDataset rasterXSize="100" rasterYSize="100"><SRS>{escape(crs)}</SRS>
+        <GeoTransform>{", ".join(map(str, geotransform))}</GeoTransform><VRTRasterBand dataType="Byte" band="1">
+        <SimpleSource><SourceFilename relativeToVRT="1">z_other.tif</SourceFilename><SourceBand>1</SourceBand>
+        <SrcRect xOff="0" yOff="0" xSize="100" ySize="100"/></SimpleSource></VRTRasterBand></VRTDataset>""")
+    assert find_rasters([delivery]) == [(delivery / "mosaic.vrt").resolve(), extra.resolve(), clip.resolve()]
+    clip.unlink()
     out = tmp_path / "index"
     IndexWriter(out, model, TileSettings(tile=112, scales=(1,))).build(find_rasters([delivery]))
     assert sorted(Path(r.path).name for r in TileIndex.open(out).rasters.values()) == ["mosaic.vrt", "z_other.tif"]

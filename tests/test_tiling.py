@@ -322,3 +322,26 @@ def test_tiles_drawn_in_one_batch_are_drawn_as_each_alone(assets):
     together = tile_line_drawings(images, masks)
     alone = np.concatenate([tile_line_drawings(images[i:i + 1], masks[i:i + 1]) for i in range(len(images))])
     assert np.array_equal(together, alone)
+
+
+def test_a_sparse_band_the_first_overview_misses_is_stretched_from_a_finer_one(tmp_path):
+    """A 6000 px 16-bit raster whose data is a strip of 4 rows that the 1024 px overview's rows
+    pass between: before, the raster was refused ("no valid pixels"); an empty one must not stop
+    a run, and a placeholder stretch would draw this strip saturated. A finer look finds it; an
+    empty raster gets the placeholder."""
+    from rasterio.transform import from_origin
+
+    from worker.tiling import STRETCH_READ_PX, _valid_values, robust_stretch
+
+    data = np.zeros((1, 6000, 6000), np.uint16)
+    data[0, 2998:3002] = np.linspace(1000, 3000, 6000).astype(np.uint16)
+    profile = {"crs": "EPSG:32617", "transform": from_origin(500000, 4000000, 1, 1), "nodata": 0,
+               "compress": "deflate", "tiled": True}
+    strip = write_raster(tmp_path / "strip.tif", data, **profile)
+    empty = write_raster(tmp_path / "empty.tif", np.zeros_like(data), **profile)
+    with rasterio.open(strip) as src:
+        assert _valid_values(src, 1, STRETCH_READ_PX)[0].size == 0, "the strip lies between the overview's rows"
+        (low, high), = robust_stretch(src, (1,))
+    assert 1000 <= low < high <= 3000
+    with rasterio.open(empty) as src:
+        assert robust_stretch(src, (1,)) == ((0.0, 1.0),)

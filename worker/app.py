@@ -394,6 +394,8 @@ def changed_since_indexed(rasters: list[RasterInfo], reason: str = HITS_CHANGED)
 def refuse_empty(index: TileIndex) -> None:
     """InputError for a complete index holding no tile: its searches answered no hits, as if no
     place looked like the sketch, when no place could."""
+    if not index.manifest["rasters"]:
+        raise InputError(f"{index.dir.name} holds no rasters (all were removed): index rasters into it")
     if len(index) == 0 and all(r["complete"] for r in index.manifest["rasters"]):
         tiling = index.manifest["tiling"]
         raise InputError(f"{index.dir.name} holds no tiles: none of its rasters' tiles of {tiling['tile']} px holds "

@@ -27,7 +27,7 @@ from worker.errors import InputError
 from worker.geo import MAX_COORDINATE, nearest_copy_x, parse_crs
 from worker.placement import Placement, refuse_too_large
 from worker.raster_access import RasterAccess
-from worker.tiling import BandsUnknown, RasterInfo, disk_state, gdal_reason, open_raster
+from worker.tiling import BandsUnknown, RasterInfo, colour_bands, disk_state, gdal_reason, open_raster
 
 OWN_PLACE_IOU = 0.5  # a hit overlapping the square drawn around the example more than this is the example itself
 # a hit with more than this of its area inside the example's box is part of it: by IoU alone, a place inside a
@@ -107,11 +107,13 @@ def raster_of(path: Path, rasters: list[RasterInfo], bands: tuple[int, ...] | No
         return indexed, None
     if indexed is not None:
         return open_raster(path, bands, drivers), indexed.path
-    try:  # another raster: its own red, green and blue (an RGB raster's bands 4,3,2 of an index's were refused)
-        return open_raster(path, None, drivers), None
-    except BandsUnknown as exc:  # else those the index was built with (another scene of its sensor)
-        if bands and max(bands) <= exc.count:
-            return open_raster(path, bands, drivers), None
+    # another raster: its own red, green and blue (an RGB raster's bands 4,3,2 of an index's were
+    # refused), else those the index was built with where it has them (another scene of its sensor)
+    names_colours, count = colour_bands(path, drivers)
+    try:
+        own = names_colours or not bands or max(bands) > count
+        return open_raster(path, None if own else bands, drivers), None
+    except BandsUnknown as exc:
         lacks = f", and it lacks the bands the index was built with ({list(bands)})" if bands else ""
         raise InputError(f"{exc.base}{lacks}: cut the example from a raster of the index, or from one whose colour "
                          "interpretation names red, green and blue") from None

@@ -122,26 +122,51 @@ class RasterInfo:
     def changed_beside(self) -> bool:
         """Whether what the file's own bytes do not hold changed since it was described: any file
         a VRT reads (not for VRTs recorded before their sources were), or the raster's grid (size,
-        geotransform, CRS), which a worldfile, .prj or .aux.xml beside a PNG, JPEG or JPEG 2000
-        holds: georeferenced again there, the raster was "unchanged", indexing it again did
-        nothing, and its hits were drawn where it no longer lies. One GDAL open; the side files'
-        own times are not looked at, since QGIS rewrites an .aux.xml when it shows a raster."""
+        geotransform, CRS) where a side file can hold it (a worldfile, .prj or .aux.xml beside a
+        PNG, JPEG or JPEG 2000: georeferenced again there, the raster was "unchanged", indexing
+        it again did nothing, and its hits were drawn where it no longer lies). One GDAL open,
+        none for a raster with no such file beside it; the side files' times are not looked at,
+        since QGIS rewrites an .aux.xml when it shows a raster."""
+        if self.sources is None and not _georeferenced_beside(Path(self.path)):
+            return False
         with rasterio.open(self.path) as src:
-            if self.sources is not None:
-                now = sources_stamp(src)
-                if now is None or now[:len(self.sources)] != self.sources:  # two numbers: recorded before the digest
-                    return True
-            return ((src.width, src.height) != (self.width, self.height)
-                    or tuple(src.transform)[:6] != tuple(self.transform[:6])
-                    or src.crs is None or src.crs != CRS.from_wkt(self.crs_wkt))
+            sources = sources_stamp(src)
+            return self._sources_differ(sources) or not self.same_grid(src.width, src.height, tuple(src.transform),
+                                                                         src.crs)
+
+    def changed_since(self, now: "RasterInfo") -> bool:
+        """Whether the raster described `now` (opened afresh) differs from this description: its
+        file, what a VRT reads, or its grid."""
+        return ((now.size, now.mtime_ns) != (self.size, self.mtime_ns) or self._sources_differ(now.sources)
+                or not self.same_grid(now.width, now.height, now.transform, CRS.from_wkt(now.crs_wkt)))
+
+    def _sources_differ(self, now: tuple[int, ...] | None) -> bool:
+        if self.sources is None:
+            return False
+        return now is None or now[:len(self.sources)] != self.sources  # two numbers: recorded before the digest
+
+    def same_grid(self, width: int, height: int, transform: tuple[float, ...], crs: CRS | None) -> bool:
+        return ((width, height) == (self.width, self.height) and tuple(transform)[:6] == tuple(self.transform[:6])
+                and crs is not None and crs == CRS.from_wkt(self.crs_wkt))
 
     def changed_on_disk(self) -> bool:
         """Whether the file, what a VRT reads, or the raster's grid changed since it was described."""
         return self.file_changed() or self.changed_beside()
 
 
+# where GDAL finds a raster's grid or CRS beside it: its .aux.xml, a .prj, a worldfile (.wld, or
+# the suffix's first and last letters and "w": .tfw, .pgw, .jgw, .j2w; or the suffix and "w")
+def _georeferenced_beside(path: Path) -> bool:
+    """Whether a file beside `path` can hold its grid or CRS (a few stats: a folder of 10,000
+    sheets is not listed for each)."""
+    suffix = path.suffix.lower()
+    ends = [".prj", ".wld"] + ([suffix[:2] + suffix[-1] + "w", suffix + "w"] if len(suffix) > 2 else [])
+    names = [path.name + ".aux.xml"] + [path.stem + end for end in ends] + [path.stem + end.upper() for end in ends]
+    return any(os.path.exists(path.parent / name) for name in names)
+
+
 SOURCES_RECHECK_S = 60.0  # how long what lies beside a raster found unchanged is not looked at again
-_checked_beside: dict[tuple, tuple[float, bool]] = {}  # a raster as described -> (when, changed)
+_checked_beside: dict[RasterInfo, tuple[float, bool]] = {}  # a raster as described -> (when, changed)
 
 
 def changed_lately(raster: RasterInfo) -> bool:
@@ -149,11 +174,10 @@ def changed_lately(raster: RasterInfo) -> bool:
     file itself is unchanged (a stat each search; a mosaic's sources are every file of it)."""
     if raster.file_changed():
         return True
-    key = (raster.path, raster.size, raster.mtime_ns, raster.sources)
-    when, changed = _checked_beside.get(key, (-SOURCES_RECHECK_S, False))
+    when, changed = _checked_beside.get(raster, (-SOURCES_RECHECK_S, False))
     if time.monotonic() - when >= SOURCES_RECHECK_S:
         changed = raster.changed_beside()
-        _checked_beside[key] = (time.monotonic(), changed)
+        _checked_beside[raster] = (time.monotonic(), changed)
     return changed
 
 
@@ -272,18 +296,25 @@ def find_rasters(inputs: list[str | Path], access: RasterAccess = RasterAccess()
 
 
 def _not_read_through_a_vrt(found: list[Path]) -> list[Path]:
-    """`found` less the files a VRT among them reads: a folder of map sheets with the mosaic
-    built over them (gdalbuildvrt) was indexed twice, as sheets and as the mosaic, and every
-    place came back twice. Through the mosaic alone a place across a sheet's edge is found,
-    which no sheet holds whole."""
+    """`found` less the files that a mosaic VRT among them reads (one reading two files or more:
+    map sheets, or a scene's bands as files): a folder of map sheets with the mosaic built over
+    them (gdalbuildvrt) was indexed twice, as sheets and as the mosaic, and every place came
+    back twice. Through the mosaic alone a place across a sheet's edge is found, which no sheet
+    holds whole. A VRT of one file (a clip, a band, a warp) leaves it be: it is not all of it."""
     read = set()
     for vrt in (p for p in found if is_vrt(p)):
-        for name, relative in vrt_sources(vrt):
-            read.add(((vrt.parent / name) if relative and not Path(name).is_absolute() else Path(name)).resolve())
+        try:
+            sources = {((vrt.parent / name) if relative and not Path(name).is_absolute() else Path(name)).resolve()
+                       for name, relative in vrt_sources(vrt)} - {vrt}
+        except InputError:  # one the command line reads whole (a mosaic over 16 MiB): open_raster decides
+            continue
+        if len(sources) >= 2:
+            read |= sources
     through = [p for p in found if p in read]
     if through:
-        log.warning("%d of the rasters found are read by a VRT found with them, and are indexed through it only "
-                    "(%s%s)", len(through), ", ".join(p.name for p in through[:3]), ", ..." if len(through) > 3 else "")
+        log.warning("%d of the rasters found are read by a mosaic VRT found with them, and are indexed through it only "
+                    "(%s%s); those an index already holds stay in it (python -m worker remove takes them out)",
+                    len(through), ", ".join(p.name for p in through[:3]), ", ..." if len(through) > 3 else "")
     return [p for p in found if p not in read]
 
 
@@ -305,6 +336,18 @@ class BandsUnknown(InputError):
         super().__init__(f"{base}; pass --bands R,G,B (for a new index: an index keeps the bands it was built with)")
         self.base = base
         self.count = count  # the raster's bands
+
+
+def colour_bands(path: Path, drivers: tuple[str, ...] | None = None) -> tuple[bool, int]:
+    """Whether a raster's colour interpretation names its red, green and blue, and how many
+    bands it has (a raster that cannot be opened, by `drivers` where given: (False, 0), for
+    open_raster to say why)."""
+    try:
+        with _open_with(path, drivers) as src:
+            interp = set(src.colorinterp)
+            return {ColorInterp.red, ColorInterp.green, ColorInterp.blue} <= interp, src.count
+    except RasterioIOError:
+        return False, 0
 
 
 def choose_bands(src: rasterio.DatasetReader, requested: tuple[int, ...] | None) -> tuple[int, ...]:
@@ -332,19 +375,25 @@ def choose_bands(src: rasterio.DatasetReader, requested: tuple[int, ...] | None)
                        f"(colour interpretation {[c.name for c in interp]})", src.count)
 
 
+STRETCH_READ_PX = 1024  # the long side of the decimated read a stretch is taken from
+SPARSE_READ_PX = 4096  # a finer look where that read found no valid pixel: data sparser than it missed
+
+
 def robust_stretch(src: rasterio.DatasetReader, bands: tuple[int, ...]) -> tuple[tuple[float, float], ...] | None:
-    """Per-band 2nd/98th percentiles of valid pixels from a decimated read (None for 8-bit)."""
+    """Per-band 2nd/98th percentiles of valid pixels from a decimated read (None for 8-bit). A
+    band with no valid pixel in it is looked at once more, finer; with none there either (an
+    empty sheet of a tiled delivery) it gets a placeholder and its tiles are skipped as nodata:
+    one empty sheet in a folder stopped the whole run."""
     if all(src.dtypes[b - 1] == "uint8" for b in bands):
         return None
-    scale = max(1.0, max(src.width, src.height) / 1024.0)
-    shape = (max(1, int(src.height / scale)), max(1, int(src.width / scale)))
     out = []
     for b in dict.fromkeys(bands):
-        data = src.read(b, out_shape=shape, resampling=Resampling.nearest, masked=True)
-        values = data.compressed().astype(np.float64)
-        values = values[np.isfinite(values)]
-        if values.size == 0:  # an empty sheet of a tiled delivery: its tiles are skipped as nodata, not the run
-            log.warning("%s: band %d has no valid pixels (in a %d by %d px overview): it adds no tiles", src.name, b,
+        values, shape = _valid_values(src, b, STRETCH_READ_PX)
+        if values.size == 0 and max(src.width, src.height) > STRETCH_READ_PX:
+            values, shape = _valid_values(src, b, SPARSE_READ_PX)
+        if values.size == 0:
+            log.warning("%s: band %d has no valid pixels in a %d by %d px overview: read as empty, its tiles are "
+                        "skipped as nodata (data sparser than that overview would be drawn unstretched)", src.name, b,
                         shape[1], shape[0])
             out.append((b, (0.0, 1.0)))
             continue
@@ -352,6 +401,15 @@ def robust_stretch(src: rasterio.DatasetReader, bands: tuple[int, ...]) -> tuple
         out.append((b, (float(lo), float(hi if hi > lo else lo + 1.0))))
     table = dict(out)
     return tuple(table[b] for b in bands)
+
+
+def _valid_values(src: rasterio.DatasetReader, band: int, side: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """The valid, finite values of a band read down to `side` px on its long side, and the shape read."""
+    scale = max(1.0, max(src.width, src.height) / side)
+    shape = (max(1, int(src.height / scale)), max(1, int(src.width / scale)))
+    values = src.read(band, out_shape=shape, resampling=Resampling.nearest, masked=True).compressed()
+    values = values.astype(np.float64)
+    return values[np.isfinite(values)], shape
 
 
 def _open_with(path: Path, drivers: tuple[str, ...] | None) -> rasterio.DatasetReader:

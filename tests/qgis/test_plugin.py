@@ -402,6 +402,23 @@ def test_search_can_be_cancelled_and_its_late_answer_adds_nothing(plugin, worker
     dock.clear_sketch()
 
 
+def test_a_sketch_drawn_on_the_pad_in_strokes_of_different_lengths_is_searched(plugin, worker, rmnp_layer, tmp_path,
+                                                                              qgis_iface):
+    """The pad sends its frame with the strokes: since the last stop's frame check, strokes of
+    different lengths (every hand drawing) were answered `internal`, and no pad search worked."""
+    dock = plugin.dock
+    ready_to_search(dock, worker, tmp_path)
+    dock.clear_sketch()
+    drag(dock.pad, [(10, 12), (40, 30), (80, 20), (120, 60)])
+    drag(dock.pad, [(20, 80), (90, 90)])
+    layers = set(QgsProject.instance().mapLayers())
+    qgis_iface.messageBar().clear_messages()
+    dock.search_button.click()
+    assert process_until(lambda: not dock.searching, 60)
+    assert len(set(QgsProject.instance().mapLayers()) - layers) == 1, qgis_iface.messageBar().get_messages(Qgis.Warning)
+    dock.clear_sketch()
+
+
 def test_a_search_that_finds_nothing_says_where_and_adds_no_layer(plugin, worker, rmnp_layer, tmp_path, qgis_iface):
     """A map view with no indexed raster in it: the search said "0 hit(s)" as a success and added
     an empty layer."""

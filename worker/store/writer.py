@@ -203,7 +203,7 @@ class IndexWriter:
     def _raster_entry(self, info: RasterInfo) -> dict:
         for entry in self.manifest["rasters"]:
             if entry["path"] == info.path:
-                if RasterInfo.from_json(entry).changed_on_disk():
+                if RasterInfo.from_json(entry).changed_since(info):  # info: the raster opened afresh
                     self._drop_raster(entry["id"])
                     entry.update(info.to_json(), complete=False, tiles_total=None, tiles_skipped=0)
                     log.info("%s changed on disk since it was indexed: indexing it again", info.path)
