@@ -1,6 +1,8 @@
 """Tiling real rasters: windows, footprints in both CRSs, bands, 16-bit stretch, nodata, bad files,
 and what a tile's line drawing leaves out (nodata, featureless water)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import rasterio
@@ -345,3 +347,41 @@ def test_a_sparse_band_the_first_overview_misses_is_stretched_from_a_finer_one(t
     assert 1000 <= low < high <= 3000
     with rasterio.open(empty) as src:
         assert robust_stretch(src, (1,)) == ((0.0, 1.0),)
+
+
+def test_a_folder_s_pictures_without_georeferencing_are_left_out_and_named_ones_refused(tmp_path, assets):
+    """A delivery folder with its preview: the CRS-less thumbnail.png stopped the whole run ("has
+    no CRS"), and only naming every other file got round it. A PNG or JPEG found in a folder
+    with nothing beside it to place it (worldfile, .aux.xml, .prj) is left out, with a warning;
+    one with a worldfile is indexed; one named on its own is still refused with what to do."""
+    import shutil
+
+    from PIL import Image
+
+    folder = tmp_path / "delivery"
+    folder.mkdir()
+    scene = Path(shutil.copy(assets["rmnp_rgb"], folder / "scene.tif"))
+    Image.new("RGB", (64, 64), "grey").save(folder / "thumbnail.png")
+    Image.new("RGB", (64, 64), "grey").save(folder / "preview.JPG")
+    with rasterio.open(scene) as src:
+        profile = {"driver": "PNG", "width": src.width, "height": src.height, "count": 3, "dtype": "uint8",
+                   "crs": src.crs, "transform": src.transform}
+        with rasterio.open(folder / "placed.png", "w", WORLDFILE="YES", **profile) as dst:
+            dst.write(src.read())
+    assert find_rasters([folder]) == [(folder / "placed.png").resolve(), scene.resolve()]
+    with pytest.raises(InputError, match="has no CRS"):
+        open_raster(find_rasters([folder / "thumbnail.png"])[0], None)
+    (folder / "scene.tif").unlink()
+    (folder / "placed.png").unlink()
+    with pytest.raises(InputError, match=r"no raster files in .*2 picture\(s\) without georeferencing left out"):
+        find_rasters([folder])
+
+
+def test_a_raster_in_a_local_engineering_crs_is_refused_as_such(tmp_path):
+    """A site grid (LOCAL_CS) was told its corners lie outside where its CRS is defined."""
+    path = write_raster(tmp_path / "site.tif", np.full((3, 64, 64), 100, np.uint8),
+                        crs=CRS.from_wkt('LOCAL_CS["site grid",UNIT["metre",1],AXIS["Easting",EAST],'
+                                         'AXIS["Northing",NORTH]]'),
+                        transform=rasterio.Affine(1, 0, 1000, 0, -1, 2000))
+    with pytest.raises(InputError, match="local .engineering. one, not a map's.*the map CRS it was surveyed in"):
+        open_raster(path, None)

@@ -275,6 +275,7 @@ def find_rasters(inputs: list[str | Path], access: RasterAccess = RasterAccess()
     """Files, directories (searched recursively for raster suffixes) and VRTs -> sorted files,
     each one (and each VRT's sources) allowed by `access`."""
     found: list[Path] = []
+    pictures: list[Path] = []  # in a folder, with nothing to place them on a map
     searched: set[Path] = set()
     for item in dict.fromkeys(map(str, inputs)):  # one entry given many times, or by aliases, is found once
         path = access.resolve(item)
@@ -282,7 +283,9 @@ def find_rasters(inputs: list[str | Path], access: RasterAccess = RasterAccess()
             continue
         searched.add(path)
         if path.is_dir():
-            found += [access.check_file(p) for p in _files_under(path)]
+            files = _files_under(path)
+            pictures += [p for p in files if _plain_picture(p)]
+            found += [access.check_file(p) for p in files if not _plain_picture(p)]
         elif path.is_file():
             found.append(access.check_file(path))
         elif str(item).startswith("/vsi"):
@@ -290,9 +293,24 @@ def find_rasters(inputs: list[str | Path], access: RasterAccess = RasterAccess()
                              "again for every hit); copy or extract it to a folder first")
         else:
             raise InputError(f"raster not found: {excerpt(str(item))}")
+    if pictures:
+        log.warning("%d picture(s) in the folders given hold no georeferencing (no worldfile or .aux.xml beside "
+                    "them: previews, thumbnails) and are left out: %s%s", len(pictures),
+                    ", ".join(p.name for p in pictures[:3]), ", ..." if len(pictures) > 3 else "")
     if not found:
-        raise InputError(f"no raster files in {excerpt(', '.join(map(str, inputs)))}")
+        left = f" ({len(pictures)} picture(s) without georeferencing left out)" if pictures else ""
+        raise InputError(f"no raster files in {excerpt(', '.join(map(str, inputs)))}{left}")
     return _not_read_through_a_vrt(list(dict.fromkeys(found)))
+
+
+PICTURE_SUFFIXES = {".png", ".jpg", ".jpeg"}  # formats that hold no georeferencing of their own
+
+
+def _plain_picture(path: Path) -> bool:
+    """A PNG or JPEG with no file beside it to place it on a map: a folder's preview or
+    thumbnail, which stopped the whole run ("has no CRS"). Named on its own, it is still refused
+    with what to do."""
+    return path.suffix.lower() in PICTURE_SUFFIXES and not _georeferenced_beside(path)
 
 
 def _not_read_through_a_vrt(found: list[Path]) -> list[Path]:
@@ -515,6 +533,9 @@ def _check_on_earth(path: Path, src: rasterio.DatasetReader) -> None:
     xs, ys = src.transform * (np.array(cols, float), np.array(rows, float))
     fix = "assign the CRS its coordinates are in (gdal_edit.py -a_srs EPSG:XXXX) and index it again"
     corners = f"its corners run x {min(xs):.6g} to {max(xs):.6g}, y {min(ys):.6g} to {max(ys):.6g}"
+    if not (src.crs.is_geographic or src.crs.is_projected):  # was told its corners lie outside its CRS
+        raise InputError(f"{path}: its CRS is a local (engineering) one, not a map's, so its hits could not be placed "
+                         f"on Earth; {fix.replace('the CRS its coordinates are in', 'the map CRS it was surveyed in')}")
     if src.crs.is_geographic:
         if not (-90 - abs(src.transform.e) <= min(ys) and max(ys) <= 90 + abs(src.transform.e)
                 and -360 <= min(xs) and max(xs) <= 540):
