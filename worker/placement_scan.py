@@ -441,6 +441,7 @@ def refine(scanner: Scanner, templates: query_templates.Templates, ranking: Rank
         backgrounds = scanner.background(("refine", templates.sizes, tuple(keys), pad),
                                          lambda: _refine_backgrounds(scanner, templates.sizes, keys, pad))
     for size in templates.sizes:
+        raise_if_stopped("refining the next template size")  # a cancel waited for the whole stage (2 s, measured)
         group = [c for c in candidates if c.size == size]
         if not group:
             continue

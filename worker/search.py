@@ -64,11 +64,14 @@ class Footprints:
 def dedupe(footprints: Footprints, order: np.ndarray, max_overlap: float, limit: int | None = None) -> list[int]:
     """Greedy spatial de-duplication: walk `order` (best first) and keep a footprint only if it
     shares with every kept one at most `max_overlap` of the smaller of the two areas; stop after
-    `limit` kept."""
+    `limit` kept. A search's stop check is looked at every 64 footprints (a top of 1,000 took
+    1.5 s, which a cancel waited for)."""
     kept: list[int] = []
-    for i in order:
+    for n, i in enumerate(order):
         if limit is not None and len(kept) >= limit:
             break
+        if n % 64 == 63:
+            raise_if_stopped("de-duplicating the next hits")
         if footprints.shares_little(int(i), kept, max_overlap):
             kept.append(int(i))
     return kept
@@ -267,6 +270,7 @@ def _search(index: TileIndex, model, sketch_tensor: torch.Tensor, ranking: Ranki
         sketch_descriptor = describe_sketch(sketch_tensor)
         scanner = scanner_of(index, model.device)
         t["encode"] = time.perf_counter()
+        raise_if_stopped("the shortlist")
         shortlist = ann_shortlist(index, ranking, area)
         pool = max(ranking.shortlist, ranking.tile_window_pool)
         with torch.inference_mode():
