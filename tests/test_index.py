@@ -922,3 +922,32 @@ def test_ctrl_c_while_the_command_starts_exits_130_without_a_traceback(tmp_path)
     os.killpg(run.pid, signal.SIGINT)
     said = run.communicate(timeout=60)[1]
     assert run.returncode == 128 + signal.SIGINT and said == "", said
+
+
+def test_a_ctrl_c_that_came_during_a_callback_is_raised_again_not_printed_and_lost():
+    """A local cluster run's Ctrl-C once arrived while Python ran a weakref callback: it was
+    printed as "Exception ignored in ..." with its traceback, and lost. The command line's
+    unraisable hook raises it again, for the main thread to handle as a Ctrl-C."""
+    import weakref
+
+    from worker.cli import stop_lost_in_a_callback
+
+    class Held:
+        pass
+
+    def pressed_meanwhile(_):
+        raise KeyboardInterrupt
+
+    previous_hook = sys.unraisablehook
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    sys.unraisablehook = stop_lost_in_a_callback
+    try:
+        held = Held()
+        ref = weakref.ref(held, pressed_meanwhile)
+        with pytest.raises(KeyboardInterrupt):
+            del held  # the callback runs here, and its KeyboardInterrupt cannot leave it
+            time.sleep(1.0)  # handled here, at the main thread's next step
+        assert ref() is None
+    finally:
+        sys.unraisablehook = previous_hook
+        signal.signal(signal.SIGINT, previous)

@@ -6,11 +6,13 @@ usage or input error exits 2 with one clear line on stderr; success exits 0.
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import json
 import logging
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from wire.protocol import DEFAULT_ENDPOINT
@@ -415,12 +417,28 @@ def _terminate(signum, frame) -> None:
     raise Terminated()
 
 
+def stop_lost_in_a_callback(unraisable) -> None:
+    """sys.unraisablehook: a Ctrl-C or SIGTERM that arrived while Python ran a callback it cannot
+    raise from (a weakref's, a __del__) was printed as "Exception ignored in ..." with its
+    traceback, and lost (seen once in a local cluster run's Ctrl-C). It comes again, as if it
+    came now, from another thread a moment later (raised in the hook, it would be ignored the same
+    way), for the main thread to handle; anything else as Python would."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt) and threading.current_thread() is threading.main_thread():
+        signum = signal.SIGTERM if isinstance(unraisable.exc_value, Terminated) else signal.SIGINT
+        later = threading.Timer(0.05, _thread.interrupt_main, (signum,))  # once the hook has returned
+        later.daemon = True
+        later.start()
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(joined_box_values(sys.argv[1:] if argv is None else list(argv)))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGTERM, _terminate)
+    sys.unraisablehook = stop_lost_in_a_callback
     try:
         return args.func(args)
     except (IndexMismatchError, CorruptIndexError) as exc:  # the index must be built again (scripts/demo does)
