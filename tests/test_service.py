@@ -251,7 +251,7 @@ def test_a_search_dropped_before_it_ran_lets_go_of_its_sketch_at_once():
     """A future cancelled before it ran stays in its pool's queue until a thread takes it off,
     and its work with it: a client sending searches with 8 MB sketches and cancelling them grew
     the worker from 1.2 to 4.6 GB while its one search thread was busy. The loop queues a
-    QueuedWork and drops it: the sketch goes while the thread is still busy."""
+    QueuedWork and abandons it: the sketch goes while the thread is still busy."""
     import concurrent.futures as cf
     import gc
     import weakref
@@ -277,7 +277,7 @@ def test_a_search_dropped_before_it_ran_lets_go_of_its_sketch_at_once():
         assert future.cancel()
         gc.collect()
         assert held() is not None, "the pool's queue holds it while its thread is busy"
-        work.drop()
+        work.abandon()
         gc.collect()
         assert held() is None, "dropped: let go at once"
         release.set()

@@ -21,7 +21,6 @@ import concurrent.futures as cf
 import logging
 import os
 import queue
-import threading
 import time
 from dataclasses import dataclass, replace
 from typing import Callable
@@ -61,26 +60,28 @@ class PendingRequest:
     op: str
     deadline: float  # time.monotonic() of its arrival plus the search time limit
     ignored: dict  # the reply's `ignored` member, or nothing (FieldsRead.ignored)
-    cancelled: threading.Event  # set by its client's `cancel`: it stops at its next stage
-    work: "QueuedWork"  # what it runs, dropped once it is answered without running
+    work: "QueuedWork"  # what it runs
 
 
 class QueuedWork:
-    """A slow request's work as its pool queues it, which can be dropped: a future cancelled
-    before it ran stays in the pool's queue until a thread takes it off, and with it the request
-    and its sketch (a client sending searches of 8 MB sketches and cancelling them grew the
-    worker by 3.4 GB while its one search thread was busy)."""
+    """A slow request's work as its pool queues it, which can be abandoned: answered already
+    (its time limit, its client's cancel), it stops at its next stage if it runs, and lets go of
+    its request and sketch if it waits. A future cancelled before it ran stays in the pool's queue
+    until a thread takes it off, and its work with it (a client sending searches of 8 MB sketches
+    and cancelling them grew the worker by 3.4 GB while its one search thread was busy)."""
 
     def __init__(self, work: Callable[[StopCheck], dict]):
         self._work: Callable[[StopCheck], dict] | None = work
+        self.abandoned = False
 
     def __call__(self, should_stop: StopCheck) -> dict:
         work, self._work = self._work, None
         if work is None:
             raise SearchStopped("its work", "dropped before it ran")
-        return work(should_stop)
+        return work(lambda: self.abandoned or should_stop())
 
-    def drop(self) -> None:
+    def abandon(self) -> None:
+        self.abandoned = True
         self._work = None
 
 
@@ -265,10 +266,8 @@ class Service:
         """Answer a pending request now with `reply`; its work is dropped if it has not started,
         else stopped at its next stage, and counts as held until then."""
         pending = self._pending.pop(future)
-        pending.cancelled.set()
-        if future.cancel():
-            pending.work.drop()
-        else:
+        pending.work.abandon()
+        if not future.cancel():
             self._abandoned[future] = why
         self._send(pending.envelope, reply)
 
@@ -336,11 +335,9 @@ class Service:
                                       "--max-queued-searches limit): ask again in a moment")
         work = QueuedWork(self.handlers.prepare(op, header, payloads))  # the checked request, not the message
         deadline = arrived + self.limits.search_timeout
-        cancelled = threading.Event()
-        future = self.pools[op].submit(work, lambda: self.stopping or cancelled.is_set()
-                                       or time.monotonic() >= deadline)
+        future = self.pools[op].submit(work, lambda: self.stopping or time.monotonic() >= deadline)
         future.add_done_callback(lambda _: self._wake())
-        self._pending[future] = PendingRequest(envelope, request_id, op, deadline, header.ignored(), cancelled, work)
+        self._pending[future] = PendingRequest(envelope, request_id, op, deadline, header.ignored(), work)
 
     # -- shutdown -------------------------------------------------------------------------------
     def request_stop(self, *_: object) -> None:
