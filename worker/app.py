@@ -407,19 +407,18 @@ def partly_indexed(index: TileIndex, unreadable: dict[str, str], area_wgs84: Are
     """The rasters of `index` a search met only in part, their indexing not finished (a run under
     way, or one that stopped or failed): nothing said that the rest of them was not searched.
     Those `unreadable` now are said as such, and those wholly outside the search's area not at all."""
-    rasters = {r: index.rasters[r] for r in index.partly_indexed if index.rasters[r].path not in unreadable}
+    partly = index.partly_indexed
+    met = [r for r in sorted(partly) if index.rasters[r].path not in unreadable]
     if area_wgs84 is not None:
-        whole = [Tile(raster, 0, 0, raster.width, raster.height, 1) for raster in rasters.values()]
-        rasters = {r: raster for (r, raster), footprint in zip(rasters.items(), reproject_rings(whole, LON_LAT))
-                   if footprint.intersects(area_wgs84)}
+        whole = [Tile(index.rasters[r], 0, 0, index.rasters[r].width, index.rasters[r].height, 1) for r in met]
+        met = [r for r, footprint in zip(met, reproject_rings(whole, LON_LAT)) if footprint.intersects(area_wgs84)]
     out = []
-    for raster_id, (done, total) in sorted(index.partly_indexed.items()):
-        if raster_id in rasters:
-            path = rasters[raster_id].path
-            out.append({"raster": path, "tiles_done": done, "tiles_total": total,
-                        "reason": f"indexed in part ({done:,} of {total:,} tiles): the rest was not searched; its "
-                                  "indexing run is under way, or it stopped or failed: index the raster again to "
-                                  "finish it (the tiles done are kept)"})
+    for raster_id in met:
+        done, total = partly[raster_id]
+        out.append({"raster": index.rasters[raster_id].path, "tiles_done": done, "tiles_total": total,
+                    "reason": f"indexed in part ({done:,} of {total:,} tiles): the rest was not searched; its indexing "
+                              "run is under way, or it stopped or failed: index the raster again to finish it (the "
+                              "tiles done are kept)"})
     return out
 
 

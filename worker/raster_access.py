@@ -95,8 +95,7 @@ class RasterAccess:
         self._refuse_special(name, f"{vrt}: source")
         if any(ord(c) < 32 for c in name):
             raise InputError(f"{vrt}: source {excerpt(name)} has control characters")
-        target = (vrt.parent / name) if relative and not Path(name).is_absolute() else Path(name)
-        resolved = target.resolve()
+        resolved = source_path(vrt, name, relative)
         self.check_inside(resolved, f"{name} (a source of {vrt})")
         if resolved.is_file():
             self._check_vrt_sources(resolved, depth + 1)
@@ -109,6 +108,11 @@ def is_vrt(path: Path) -> bool:
             return b"<vrtdataset" in f.read(VRT_SNIFF_BYTES).lower()  # any case: checked rather than missed
     except OSError:
         return False
+
+
+def source_path(vrt: Path, name: str, relative: bool) -> Path:
+    """Where a VRT's source (vrt_sources) lies, resolved: beside the VRT when it is relative to it."""
+    return ((vrt.parent / name) if relative and not Path(name).is_absolute() else Path(name)).resolve()
 
 
 def vrt_sources(path: Path) -> list[tuple[str, bool]]:

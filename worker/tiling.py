@@ -32,7 +32,7 @@ from shapely.geometry import Polygon
 
 from wire.protocol import excerpt
 from worker.errors import InputError
-from worker.raster_access import DRIVER_PREFIX, RasterAccess, is_vrt, vrt_sources
+from worker.raster_access import DRIVER_PREFIX, RasterAccess, is_vrt, source_path, vrt_sources
 
 log = logging.getLogger(__name__)
 
@@ -283,9 +283,11 @@ def find_rasters(inputs: list[str | Path], access: RasterAccess = RasterAccess()
             continue
         searched.add(path)
         if path.is_dir():
-            files = _files_under(path)
-            pictures += [p for p in files if _plain_picture(p)]
-            found += [access.check_file(p) for p in files if not _plain_picture(p)]
+            for file in _files_under(path):
+                if _plain_picture(file):
+                    pictures.append(file)
+                else:
+                    found.append(access.check_file(file))
         elif path.is_file():
             found.append(access.check_file(path))
         elif str(item).startswith("/vsi"):
@@ -322,8 +324,7 @@ def _not_read_through_a_vrt(found: list[Path]) -> list[Path]:
     read = set()
     for vrt in (p for p in found if is_vrt(p)):
         try:
-            sources = {((vrt.parent / name) if relative and not Path(name).is_absolute() else Path(name)).resolve()
-                       for name, relative in vrt_sources(vrt)} - {vrt}
+            sources = {source_path(vrt, name, relative) for name, relative in vrt_sources(vrt)} - {vrt}
         except InputError:  # one the command line reads whole (a mosaic over 16 MiB): open_raster decides
             continue
         if len(sources) >= 2:
@@ -362,10 +363,14 @@ def colour_bands(path: Path, drivers: tuple[str, ...] | None = None) -> tuple[bo
     open_raster to say why)."""
     try:
         with _open_with(path, drivers) as src:
-            interp = set(src.colorinterp)
-            return {ColorInterp.red, ColorInterp.green, ColorInterp.blue} <= interp, src.count
+            return _names_rgb(src.colorinterp), src.count
     except RasterioIOError:
         return False, 0
+
+
+def _names_rgb(interp) -> bool:
+    """Whether a raster's colour interpretation names red, green and blue bands."""
+    return all(c in interp for c in (ColorInterp.red, ColorInterp.green, ColorInterp.blue))
 
 
 def choose_bands(src: rasterio.DatasetReader, requested: tuple[int, ...] | None) -> tuple[int, ...]:
@@ -379,7 +384,7 @@ def choose_bands(src: rasterio.DatasetReader, requested: tuple[int, ...] | None)
             raise InputError(f"--bands needs 1 or 3 band numbers (R,G,B), got {list(requested)}")
         return tuple(requested) * (3 if len(requested) == 1 else 1)
     interp = list(src.colorinterp)
-    if all(c in interp for c in (ColorInterp.red, ColorInterp.green, ColorInterp.blue)):
+    if _names_rgb(interp):
         return tuple(interp.index(c) + 1 for c in (ColorInterp.red, ColorInterp.green, ColorInterp.blue))
     if interp[0] == ColorInterp.palette:  # one band of class numbers: drawn as greys, its classes would be lost
         raise InputError(f"{name}: paletted rasters are not supported; expand it to RGB (gdal_translate -expand rgb)")
@@ -531,11 +536,12 @@ def _check_on_earth(path: Path, src: rasterio.DatasetReader) -> None:
     the blank beyond the Earth)."""
     cols, rows = [0, src.width, 0, src.width, src.width / 2], [0, 0, src.height, src.height, src.height / 2]
     xs, ys = src.transform * (np.array(cols, float), np.array(rows, float))
-    fix = "assign the CRS its coordinates are in (gdal_edit.py -a_srs EPSG:XXXX) and index it again"
-    corners = f"its corners run x {min(xs):.6g} to {max(xs):.6g}, y {min(ys):.6g} to {max(ys):.6g}"
     if not (src.crs.is_geographic or src.crs.is_projected):  # was told its corners lie outside its CRS
         raise InputError(f"{path}: its CRS is a local (engineering) one, not a map's, so its hits could not be placed "
-                         f"on Earth; {fix.replace('the CRS its coordinates are in', 'the map CRS it was surveyed in')}")
+                         "on Earth; assign the map CRS it was surveyed in (gdal_edit.py -a_srs EPSG:XXXX) and index "
+                         "it again")
+    fix = "assign the CRS its coordinates are in (gdal_edit.py -a_srs EPSG:XXXX) and index it again"
+    corners = f"its corners run x {min(xs):.6g} to {max(xs):.6g}, y {min(ys):.6g} to {max(ys):.6g}"
     if src.crs.is_geographic:
         if not (-90 - abs(src.transform.e) <= min(ys) and max(ys) <= 90 + abs(src.transform.e)
                 and -360 <= min(xs) and max(xs) <= 540):
