@@ -384,6 +384,37 @@ def test_ctrl_c_early_in_a_local_cluster_run_stops_it_in_a_few_lines(tmp_path, a
     assert "Traceback" not in said and "KeyboardInterrupt" not in said and "ERROR" not in said, said
 
 
+def test_a_connection_closed_under_a_message_as_a_cluster_closes_is_said_without_a_traceback(caplog):
+    """Dask's real batched stream, its connection closed between a message queued and written,
+    as a worker and its scheduler closing at once do: a `-v` log (`serve --cluster`) showed the
+    CommClosedError's 15-line traceback for a normal end."""
+    import asyncio
+    import logging
+
+    from distributed.batched import BatchedSend
+    from distributed.comm import connect as dial
+    from distributed.comm import listen
+
+    from worker.local_cluster_worker import closed_comms_without_traceback
+
+    async def close_under_a_message():
+        async def accept(comm):
+            await comm.close()
+
+        async with listen("inproc://", accept) as listener:
+            comm = await dial(listener.contact_address)
+            batched = BatchedSend(interval="5ms")
+            batched.start(comm)
+            batched.send({"op": "heartbeat"})
+            comm.abort()
+            await asyncio.sleep(0.2)  # its sending wakes and finds the connection closed
+
+    closed_comms_without_traceback()  # as every process of a cluster run does
+    with caplog.at_level(logging.INFO, logger="distributed.batched"):
+        asyncio.run(close_under_a_message())
+    assert "Batched Comm Closed" in caplog.text and "Traceback" not in caplog.text, caplog.text
+
+
 def test_a_stop_while_a_cluster_starts_is_held_until_it_is_up_and_a_second_is_not(monkeypatch):
     """What lets a local cluster start whole (worker.interrupts.stops_held), with real signals:
     a Ctrl-C or SIGTERM is handled once the start is over, as it would have been; one again,

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 from wire.protocol import excerpt
 from worker.errors import InputError
 from worker.interrupts import children_deaf_to_ctrl_c, ctrl_c_ignored, stops_held
+from worker.local_cluster_worker import closed_comms_without_traceback
 from worker.store.writer import ChunkJob, ChunkResult, compute_chunk
 from worker.thread_pools import usable_cores
 from worker.tiling import TileSettings
@@ -97,6 +98,7 @@ def connect(spec: str):
     with _closing_lock:
         if quiet and not _clusters_closing:  # not while another job's cluster closes quietly
             logging.getLogger("distributed").setLevel(logging.WARNING)
+    closed_comms_without_traceback()  # the client's, and a local cluster's scheduler's
     n = local_workers(spec)
     if n == 0:
         def unreachable(why: str) -> InputError:
