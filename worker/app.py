@@ -248,16 +248,18 @@ def check_index(index: TileIndex, model: "RetrievalModel", settings: TileSetting
 # -- search ------------------------------------------------------------------------------------
 def stroke_sketch(strokes: Sequence[Sequence[Sequence[float]]], crs: str | None = None,
                   frame: Sequence[float] | None = None) -> "StrokeSketch":
-    """Polylines as drawn: in a CRS (y up) or in pixels (y down, the default), framed by `frame`
+    """Polylines as drawn: on a map in a CRS (y up; a search takes them onto the rasters' pixel
+    grid: worker.map_strokes) or in pixels (y down, the default), framed by `frame`
     (x0, y0, x1, y1; e.g. the sketch pad) or else by their own extent. InputError for a CRS
     that is none, and for strokes past the limits of worker.sketch.StrokeSketch."""
     from worker.sketch import StrokeSketch
 
-    if crs is not None and crs != PIXEL_STROKES:
-        parse_crs(crs)  # only its y direction is used, but a CRS that is none is the client's mistake
-    return StrokeSketch(tuple(tuple((float(x), float(y)) for x, y in s) for s in strokes),
-                        y_up=(crs or PIXEL_STROKES) != PIXEL_STROKES,
-                        frame=tuple(float(v) for v in frame) if frame is not None else None)
+    on_a_map = (crs or PIXEL_STROKES) != PIXEL_STROKES
+    if on_a_map:
+        parse_crs(crs)
+    return StrokeSketch(tuple(tuple((float(x), float(y)) for x, y in s) for s in strokes), y_up=on_a_map,
+                        frame=tuple(float(v) for v in frame) if frame is not None else None,
+                        crs=crs if on_a_map else None)
 
 
 @dataclass(frozen=True)
@@ -332,8 +334,9 @@ def run_search(request: SearchRequest, model: "RetrievalModel", index: TileIndex
     `should_stop` (the service's deadline) is checked between stages: when it says so, the
     search ends with SearchStopped (worker.cancellation) and its thread is free again."""
     from worker.hits_output import hits_to_geojson
+    from worker.map_strokes import on_the_pixel_grid
     from worker.query_search import search_query
-    from worker.sketch import load_sketch
+    from worker.sketch import StrokeSketch, load_sketch
 
     with stop_when(should_stop):
         refuse_empty(index)
@@ -347,7 +350,10 @@ def run_search(request: SearchRequest, model: "RetrievalModel", index: TileIndex
                                       tuple(bands) if bands else None, request.access)
             sketch, own_place = example.sketch, example.own_place
         else:
-            sketch = load_sketch(request.sketch, model.img_size, crop_to_ink=request.crop_to_ink)
+            drawn = request.sketch
+            if isinstance(drawn, StrokeSketch):  # on a map: as the rasters' pixels show the place
+                drawn = on_the_pixel_grid(drawn, index.rasters, index.tiles_per_raster)
+            sketch = load_sketch(drawn, model.img_size, crop_to_ink=request.crop_to_ink)
         raise_if_stopped("the search")
         result = search_query(index, model, sketch, request.ranking, top=request.top, area_wgs84=request.area_wgs84,
                               max_overlap=request.max_overlap, own_place=own_place, feedback=request.feedback)

@@ -36,11 +36,14 @@ class StrokeSketch:
 
     `frame` (x0, y0, x1, y1) is what the strokes were drawn in, e.g. a sketch pad: the place's
     frame. Without it the strokes' own extent is the frame (on the map, what was drawn is the place).
+    `crs`: the map's, for strokes drawn on one (a search draws them as a raster's pixels show
+    the place: worker.map_strokes).
     """
 
     strokes: tuple[tuple[tuple[float, float], ...], ...]
     y_up: bool = True
     frame: tuple[float, float, float, float] | None = None
+    crs: str | None = None
 
     def __post_init__(self) -> None:
         """Refuse what no one draws: more strokes or points than MAX_STROKES and

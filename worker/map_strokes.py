@@ -1,0 +1,122 @@
+"""Strokes drawn on a map, turned into the place as the index's pixels show it.
+
+A user traces what the map canvas shows, in the canvas's CRS; tiles are drawn from each
+raster's own pixel grid. The two differ wherever the map's projection stretches or turns the
+raster: a lon/lat raster of square degrees at 62°N shown in web Mercator is stretched 2.1
+times north-south, a polar stereographic raster shown in lon/lat is turned by its longitude.
+Searched as drawn, such a sketch missed the very place it traced (IoU 0). So the strokes are
+taken through the ground where they were drawn (metres east and north) into the pixel grid of
+the raster they were drawn over, or, drawn elsewhere, the raster holding the most tiles, where
+that raster lies. Both maps are linear: a sketch is small beside a projection's curvature.
+
+One grid for the whole search: in an index whose rasters see the ground differently (lon/lat
+beside UTM, far north), those of the others are searched with the sketch as that grid sees it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import numpy as np
+from rasterio.warp import transform as warp_transform
+
+from worker.geo import WGS84
+from worker.sketch import StrokeSketch
+from worker.tiling import RasterInfo
+
+log = logging.getLogger(__name__)
+
+METRES_PER_DEGREE = 6_371_008.8 * np.pi / 180  # on the mean sphere: a linear map's scale, which cancels
+STEP_OF_SPAN = 1e-3  # a finite difference's step, of the strokes' extent
+STEP_M = 1.0  # on the ground, where a raster lies
+
+
+def on_the_pixel_grid(sketch: StrokeSketch, rasters: dict[int, RasterInfo], tiles: dict[int, int]) -> StrokeSketch:
+    """`sketch` drawn in a CRS (`sketch.crs`) as strokes in pixel coordinates of the raster it
+    was drawn over (of `rasters` with `tiles` by id), else of the one holding the most tiles;
+    unchanged when it has no CRS, when none of `rasters` holds a tile, or where the CRS cannot
+    place it (at a pole, past a projection's edge), as it was searched before."""
+    held = [rasters[i] for i in sorted(tiles, key=lambda i: -tiles[i]) if tiles[i] and i in rasters]
+    if sketch.crs is None or not held or not sketch.strokes or not all(sketch.strokes):
+        return sketch
+    x0, y0, x1, y1 = sketch.extent()
+    span = max(x1 - x0, y1 - y0)
+    if not span > 0:  # a single point: load_sketch says so
+        return sketch
+    centre = np.array([(x0 + x1) / 2, (y0 + y1) / 2])
+    to_ground = _ground_per_map_unit(sketch.crs, centre, span * STEP_OF_SPAN)
+    if to_ground is None:
+        return sketch
+    raster, lonlat = _raster_under(held, to_ground[1])
+    to_pixels = _pixels_per_ground(raster, lonlat)
+    if to_pixels is None:
+        return sketch
+    linear = to_pixels @ to_ground[0]
+    if not np.isfinite(linear).all() or abs(np.linalg.det(linear)) < 1e-12 * np.abs(linear).max() ** 2:
+        return sketch
+    log.debug("map strokes in %s onto the pixel grid of %s: %s", sketch.crs, raster.path, linear.round(4).tolist())
+
+    def moved(points) -> tuple[tuple[float, float], ...]:
+        return tuple(map(tuple, ((np.asarray(points, np.float64) - centre) @ linear.T).tolist()))
+
+    frame = None
+    if sketch.frame is not None:
+        fx0, fy0, fx1, fy1 = sketch.frame
+        corners = np.asarray(moved([(fx0, fy0), (fx1, fy0), (fx1, fy1), (fx0, fy1)]))
+        frame = (*corners.min(0).tolist(), *corners.max(0).tolist())
+    return replace(sketch, strokes=tuple(moved(s) for s in sketch.strokes), y_up=False, frame=frame, crs=None)
+
+
+def _ground_per_map_unit(crs: str, at: np.ndarray, step: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """The 2x2 map from a CRS's (dx, dy) at `at` to metres (east, north) on the ground there,
+    and `at` in lon/lat; None where the CRS cannot place it."""
+    xs = at[0] + np.array([0.0, step, -step, 0.0, 0.0])
+    ys = at[1] + np.array([0.0, 0.0, 0.0, step, -step])
+    lons, lats = (np.asarray(v, np.float64) for v in _transformed(crs, WGS84, xs, ys))
+    if not (np.isfinite(lons).all() and np.isfinite(lats).all()) or abs(lats[0]) >= 89.9:
+        return None
+    east = (np.mod(lons - lons[0] + 180.0, 360.0) - 180.0) * np.cos(np.radians(lats[0])) * METRES_PER_DEGREE
+    north = (lats - lats[0]) * METRES_PER_DEGREE
+    jacobian = np.array([[east[1] - east[2], east[3] - east[4]],
+                         [north[1] - north[2], north[3] - north[4]]]) / (2 * step)
+    return jacobian, np.array([lons[0], lats[0]])
+
+
+def _raster_under(held: list[RasterInfo], lonlat: np.ndarray) -> tuple[RasterInfo, np.ndarray]:
+    """The first of `held` (most tiles first) whose pixels hold the point `lonlat`, and that
+    point; else the first, and its centre in lon/lat. One transform per CRS."""
+    for wkt in dict.fromkeys(r.crs_wkt for r in held):
+        (x,), (y,) = _transformed(WGS84, wkt, [lonlat[0]], [lonlat[1]])
+        for raster in (r for r in held if r.crs_wkt == wkt):
+            col, row = ~raster.affine * (x, y)
+            if 0 <= col <= raster.width and 0 <= row <= raster.height:
+                return raster, lonlat
+    first = held[0]
+    x, y = first.affine * (first.width / 2, first.height / 2)
+    (lon,), (lat,) = _transformed(first.crs_wkt, WGS84, [x], [y])
+    return first, np.array([lon, lat])
+
+
+def _pixels_per_ground(raster: RasterInfo, lonlat: np.ndarray) -> np.ndarray | None:
+    """The 2x2 map from metres (east, north) on the ground at `lonlat` to the raster's (col,
+    row) pixels; None where its CRS cannot place the point."""
+    lon, lat = lonlat
+    if not np.isfinite(lonlat).all() or abs(lat) >= 89.9:
+        return None
+    d_lon = STEP_M / (METRES_PER_DEGREE * np.cos(np.radians(lat)))
+    d_lat = STEP_M / METRES_PER_DEGREE
+    xs, ys = _transformed(WGS84, raster.crs_wkt, [lon + d_lon, lon - d_lon, lon, lon],
+                          [lat, lat, lat + d_lat, lat - d_lat])
+    cols, rows = ~raster.affine * (np.asarray(xs, np.float64), np.asarray(ys, np.float64))
+    jacobian = np.array([[cols[0] - cols[1], cols[2] - cols[3]],
+                         [rows[0] - rows[1], rows[2] - rows[3]]]) / (2 * STEP_M)
+    return jacobian if np.isfinite(jacobian).all() else None
+
+
+def _transformed(src, dst, xs, ys) -> tuple[list[float], list[float]]:
+    """rasterio's transform, a point it cannot place as infinity (PROJ's own answer for most)."""
+    try:
+        return warp_transform(src, dst, list(xs), list(ys))
+    except Exception:  # PROJ's errors have no common type
+        return [np.inf] * len(xs), [np.inf] * len(ys)
