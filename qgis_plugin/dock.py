@@ -23,7 +23,7 @@ from .user_requests import SearchQuery
 from .settings import Setting
 from .settings_dialog import SettingsDialog
 from .sketch_pad import SketchPad
-from .sketch_tool import SketchMapTool
+from .sketch_tool import MIN_SKETCH_PX, SketchMapTool
 from . import thumbnails
 from .wire.protocol import DEFAULT_TOP, MAX_TOP
 from .worker_panel import WorkerPanel
@@ -416,6 +416,11 @@ class SketchSearchDock(QDockWidget):
             sketch = {"strokes": self.pad.strokes(), "strokes_crs": "pixel",
                       "strokes_frame": [0, 0, self.pad.width(), self.pad.height()]}
         elif self.map_tool.strokes():  # in the CRS they were drawn in while the map's cannot place them
+            drawn = self.map_tool.drawn_px()
+            if drawn is not None and drawn < MIN_SKETCH_PX:
+                self.notify(f"The sketch was drawn {drawn:.0f} px across: too small to tell places apart. Zoom in "
+                            "until the place fills much of the map, then draw it again.", Qgis.Warning)
+                return None
             sketch = {"strokes": self.map_tool.strokes(), "strokes_crs": crs_name(self.map_tool.strokes_crs) or canvas_crs_id}
         else:
             self.notify("Draw a sketch first (on the map, on the pad, or load an image).", Qgis.Warning)

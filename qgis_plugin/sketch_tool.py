@@ -7,6 +7,9 @@ from qgis.gui import QgsMapTool, QgsRubberBand
 from qgis.PyQt.QtCore import Qt, pyqtSignal
 from qgis.PyQt.QtGui import QColor
 
+MIN_STROKE_PX = 4  # a stroke smaller on screen is a click's slip: dropped, as a click is
+MIN_SKETCH_PX = 32  # a sketch drawn smaller on screen is too coarse to search (the worker draws it at 224 px)
+
 
 class SketchMapTool(QgsMapTool):
     """Strokes are kept in the canvas CRS, the one a search names: when the map's CRS changes,
@@ -24,7 +27,9 @@ class SketchMapTool(QgsMapTool):
         self.pen_width = pen_width
         self._strokes: list[list[QgsPointXY]] = []
         self._bands: list[QgsRubberBand] = []
+        self._units_per_px: list[float | None] = []  # the map's scale as each stroke was drawn (None: reprojected since)
         self._drawing = False
+        self._reach: list[int] = []  # the stroke being drawn's screen extent: x0, y0, x1, y1
         self.strokes_crs = canvas.mapSettings().destinationCrs()  # the CRS of the strokes kept
         canvas.destinationCrsChanged.connect(self._follow_crs)
         self.setCursor(Qt.CrossCursor)
@@ -44,6 +49,7 @@ class SketchMapTool(QgsMapTool):
             self.strokes_hidden.emit()
             return
         self._strokes, self.strokes_crs = moved, new
+        self._units_per_px = [None] * len(moved)
         self._draw_bands()
 
     def _draw_bands(self) -> None:
@@ -65,8 +71,10 @@ class SketchMapTool(QgsMapTool):
             self.clear()
             self.strokes_crs = self.canvas.mapSettings().destinationCrs()
         self._drawing = True
+        self._reach = [event.pos().x(), event.pos().y()] * 2
         point = self.toMapCoordinates(event.pos())
         self._strokes.append([point])
+        self._units_per_px.append(self.canvas.mapUnitsPerPixel())
         band = self._new_band()
         band.addPoint(point)
         self._bands.append(band)
@@ -74,6 +82,8 @@ class SketchMapTool(QgsMapTool):
     def canvasMoveEvent(self, event) -> None:  # noqa: N802
         if not self._drawing:
             return
+        x, y = event.pos().x(), event.pos().y()
+        self._reach = [min(self._reach[0], x), min(self._reach[1], y), max(self._reach[2], x), max(self._reach[3], y)]
         point = self.toMapCoordinates(event.pos())
         self._strokes[-1].append(point)
         self._bands[-1].addPoint(point)
@@ -82,22 +92,37 @@ class SketchMapTool(QgsMapTool):
         if not self._drawing:
             return
         self._drawing = False
-        if len(self._strokes[-1]) < 2:  # a click, not a stroke
-            self._strokes.pop()
-            self.canvas.scene().removeItem(self._bands.pop())
+        x0, y0, x1, y1 = self._reach
+        if len(self._strokes[-1]) < 2 or max(x1 - x0, y1 - y0) < MIN_STROKE_PX:  # a click, or its slip
+            self._drop_last()
         self.strokes_changed.emit(len(self._strokes))
+
+    def _drop_last(self) -> None:
+        self._strokes.pop()
+        self._units_per_px.pop()
+        self.canvas.scene().removeItem(self._bands.pop())
 
     def undo(self) -> None:
         if self._strokes:
-            self._strokes.pop()
-            self.canvas.scene().removeItem(self._bands.pop())
+            self._drop_last()
             self.strokes_changed.emit(len(self._strokes))
 
     def clear(self) -> None:
         for band in self._bands:
             self.canvas.scene().removeItem(band)
-        self._strokes, self._bands = [], []
+        self._strokes, self._bands, self._units_per_px = [], [], []
         self.strokes_changed.emit(0)
+
+    def drawn_px(self) -> float | None:
+        """How many screen pixels the sketch spanned as drawn (at the finest scale a stroke was
+        drawn at); None without strokes, or once they were reprojected (the scales were another
+        CRS's). A search is asked of the map's view after zooming out, so the view now says
+        nothing of how coarsely the sketch was drawn."""
+        if not self._strokes or None in self._units_per_px:
+            return None
+        xs = [p.x() for stroke in self._strokes for p in stroke]
+        ys = [p.y() for stroke in self._strokes for p in stroke]
+        return max(max(xs) - min(xs), max(ys) - min(ys)) / min(self._units_per_px)
 
     def set_pen_width(self, width: int) -> None:
         self.pen_width = width

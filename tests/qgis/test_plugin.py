@@ -402,6 +402,34 @@ def test_search_can_be_cancelled_and_its_late_answer_adds_nothing(plugin, worker
     dock.clear_sketch()
 
 
+def test_a_clicks_slip_is_no_stroke_and_a_sketch_drawn_tiny_is_refused_until_drawn_larger(plugin, rmnp_layer,
+                                                                                          qgis_iface):
+    """The probe's cases: a click whose mouse slipped 2 px counted as a stroke, and a place
+    drawn some 10 px across (the map zoomed far out); each was searched, with confident hits in
+    unrelated places. Zooming out after drawing (to search the map view) refuses nothing."""
+    from qgis.core import Qgis
+
+    dock = plugin.dock
+    dock.clear_sketch()
+    dock.draw_button.setChecked(True)
+    dock.index_combo.addItem("rmnp")
+    dock.index_combo.setCurrentText("rmnp")
+    canvas = qgis_iface.mapCanvas()
+    viewport = canvas.viewport()
+    drag(viewport, [(300, 300), (302, 301)])
+    assert dock.map_tool.strokes() == []
+    drag(viewport, [(40, 40), (46, 44), (50, 50)])
+    drag(viewport, [(40, 50), (50, 40)])
+    qgis_iface.messageBar().clear_messages()
+    assert dock.search_query() is None
+    assert any("drawn 10 px across" in m for m in qgis_iface.messageBar().get_messages(Qgis.Warning))
+    dock.clear_sketch()
+    drag(viewport, [(40, 40), (100, 80), (140, 140)])
+    canvas.zoomByFactor(8.0)
+    assert dock.search_query().strokes == dock.map_tool.strokes()
+    dock.clear_sketch()
+
+
 def test_a_sketch_drawn_on_the_pad_in_strokes_of_different_lengths_is_searched(plugin, worker, rmnp_layer, tmp_path,
                                                                               qgis_iface):
     """The pad sends its frame with the strokes: since the last stop's frame check, strokes of
