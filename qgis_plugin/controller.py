@@ -280,6 +280,8 @@ class SearchController(QObject):
         self.link = link
         self.link.job_event.connect(self._on_job)
         self.link.answered.connect(self._answered)
+        self.link.lost.connect(self._link_lost)
+        self.link.back.connect(self._link_back)
         self.link.callback_failed.connect(lambda tb: self.notice.emit(
             "Sketch search hit an internal error; details are in the log panel.", Qgis.Critical, tb))
         self.status_changed.emit(*Status.CONNECTING)
@@ -335,6 +337,16 @@ class SearchController(QObject):
         if self.info:
             self.status_changed.emit(*Status.connected(self.info))
         else:
+            self.link.request("info", self._on_info, timeout_s=self.connect_timeout_s)
+
+    def _link_lost(self) -> None:
+        """The connection dropped: the light says so at once (it said "connected" until a request
+        timed out), and says who answers when a worker takes the connection again (`back`)."""
+        self._not_answering = True
+        self.status_changed.emit(*Status.NOT_ANSWERING)
+
+    def _link_back(self) -> None:
+        if self.link is not None:
             self.link.request("info", self._on_info, timeout_s=self.connect_timeout_s)
 
     def _failed(self, what: str, err: WorkerError) -> None:

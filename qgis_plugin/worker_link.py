@@ -4,7 +4,10 @@ A DEALER socket watched by a QSocketNotifier: the UI never waits on the network.
 notification fd is edge-triggered, so every wake-up drains all queued messages, and a drain
 is scheduled after each send. A request unanswered within its timeout fails with
 WorkerUnavailable, and the socket is replaced by a fresh one (Lazy Pirate) once no other request
-waits on it. Messages are made and read by the wire package, as the blocking client does.
+waits on it. A socket monitor sees the connection drop (the worker stopped or was killed, or,
+by ZeroMQ's heartbeat, its machine went silent): the requests waiting on it fail at once, not
+after their timeout, and the link says it is lost until the worker answers again.
+Messages are made and read by the wire package, as the blocking client does.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Callable, Optional
 
 import zmq
 from qgis.PyQt.QtCore import QObject, QSocketNotifier, QTimer, pyqtSignal
+from zmq.utils.monitor import recv_monitor_message
 
 from .wire import protocol
 from .wire.errors import CLOSED, UNAVAILABLE, ConnectionClosed, ProtocolError, WorkerError, WorkerUnavailable
@@ -21,11 +25,18 @@ from .wire.sockets import CurveKeys, connect, dialable, subscribe_progress
 
 Callback = Callable[[Optional[dict], Optional[WorkerError]], None]
 
+HEARTBEAT_S = 5.0  # a worker whose machine went silent is dropped after three unanswered pings
+HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                    | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+WATCHED = zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | HANDSHAKE_FAILED
+
 
 class WorkerLink(QObject):
     job_event = pyqtSignal(dict)  # a job progress event from the worker's PUB socket
     answered = pyqtSignal()  # a reply came: the worker answers (again)
     callback_failed = pyqtSignal(str)  # a reply handler raised: reported, never allowed to abort QGIS
+    lost = pyqtSignal()  # the connection to the worker dropped: it stopped, was killed or went silent
+    back = pyqtSignal()  # connected again after `lost` (a worker started again at the endpoint)
 
     def __init__(self, endpoint: str, curve: Optional[CurveKeys] = None, timeout_s: float = 60.0,
                  parent: Optional[QObject] = None):
@@ -37,23 +48,32 @@ class WorkerLink(QObject):
         # zmq_ctx_term (at interpreter exit) wait forever, and QGIS would hang on quit
         self._context = zmq.Context()
         self._pending: dict = {}  # request id -> (callback, timer, op)
-        self._sock = self._notifier = None
+        self._sock = self._notifier = self._monitor = self._monitor_notifier = None
         self._sub = self._sub_notifier = None
+        self._lost = False  # since the connection dropped, until a worker takes one again
         self._open()
 
     # -- sockets ------------------------------------------------------------------------------
     def _open(self) -> None:
-        self._sock = connect(self._context, zmq.DEALER, self.endpoint, self.curve)
+        self._sock = connect(self._context, zmq.DEALER, self.endpoint, self.curve, heartbeat_s=HEARTBEAT_S)
         self._notifier = QSocketNotifier(self._sock.getsockopt(zmq.FD), QSocketNotifier.Read, self)
         self._notifier.activated.connect(self._drain)
+        self._monitor = self._sock.get_monitor_socket(WATCHED)
+        self._monitor_notifier = QSocketNotifier(self._monitor.getsockopt(zmq.FD), QSocketNotifier.Read, self)
+        self._monitor_notifier.activated.connect(self._watch)
+        QTimer.singleShot(0, self._watch)  # an event before the notifier was made
 
     def _close_socket(self) -> None:
-        if self._notifier is not None:
-            self._notifier.setEnabled(False)
-            self._notifier.deleteLater()
+        for notifier in (self._notifier, self._monitor_notifier):
+            if notifier is not None:
+                notifier.setEnabled(False)
+                notifier.deleteLater()
+        if self._monitor is not None:
+            self._sock.disable_monitor()  # before the socket closes: its own closing is no news
+            self._monitor.close(linger=0)
         if self._sock is not None:
             self._sock.close(linger=0)
-        self._sock = self._notifier = None
+        self._sock = self._notifier = self._monitor = self._monitor_notifier = None
 
     @property
     def subscribed(self) -> bool:
@@ -96,6 +116,9 @@ class WorkerLink(QObject):
         timer.timeout.connect(lambda: self._expire(request_id, timeout_s))
         timer.start(int(1000 * timeout_s))
         self._pending[request_id] = (callback, timer, op)
+        if self._lost:  # not sent: taken by a worker started again later, it would run for no one
+            QTimer.singleShot(0, lambda: self._fail(request_id, self._dropped()))
+            return request_id
         try:  # never blocking QGIS: a send with no connection to take it waited for good
             self._sock.send_multipart(message, flags=zmq.NOBLOCK)
         except zmq.Again:
@@ -111,6 +134,33 @@ class WorkerLink(QObject):
                                                         "without taking the request: a worker that serves only "
                                                         "clients with its keys refuses others (check the keys in "
                                                         "Settings), or it is restarting"))
+
+    def _watch(self, *_: object) -> None:
+        """What the socket monitor saw: a handshake refused fails the waiting requests as
+        _refused does; a connection dropped fails them at once, and those sent until a worker
+        takes the connection again (a killed worker answered nothing for a search's whole
+        timeout, 70 s, while the light said connected)."""
+        monitor = self._monitor
+        while monitor is not None and self._monitor is monitor and monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            event = recv_monitor_message(monitor, zmq.NOBLOCK)["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                if self._lost:
+                    self._lost = False
+                    self.back.emit()
+                continue
+            if not self._lost:
+                self._lost = True
+                self.lost.emit()
+            for request_id in list(self._pending):  # the last one failed replaces the socket and its monitor
+                if event & HANDSHAKE_FAILED:
+                    self._refused(request_id)
+                else:
+                    self._fail(request_id, self._dropped())
+
+    def _dropped(self) -> WorkerError:
+        return WorkerError(UNAVAILABLE, f"the connection to the worker at {self.endpoint} dropped before it answered: "
+                                        "the worker stopped or was killed (its log says why), its machine stopped "
+                                        "answering, or the request was far over its message size limit")
 
     def _expire(self, request_id: str, timeout_s: float) -> None:
         self._fail(request_id, WorkerUnavailable(self.endpoint, 1, timeout_s))

@@ -402,6 +402,51 @@ def test_search_can_be_cancelled_and_its_late_answer_adds_nothing(plugin, worker
     dock.clear_sketch()
 
 
+def test_a_worker_gone_silent_or_killed_ends_the_search_soon_and_one_started_again_is_used(plugin, worker, rmnp_layer,
+                                                                                          raster_root, tmp_path,
+                                                                                          qgis_iface):
+    """The probe's case: a worker at an endpoint killed (or frozen, its machine gone) left the
+    light saying "connected", and each search waited its whole time limit, 70 s. A frozen worker
+    is now dropped by ZeroMQ's heartbeat within some 20 s, a killed one at once; searches while
+    it is gone fail at once; started again at the endpoint, it is used with no Connect pressed."""
+    import os
+    import signal
+
+    from conftest import WORKER_PYTHON
+    from lab.worker_process import WorkerProcess
+
+    dock = plugin.dock
+    own = WorkerProcess(worker.index_root, raster_root, python=WORKER_PYTHON).start()
+    again = None
+    try:
+        ready_to_search(dock, own, tmp_path)
+        qgis_iface.messageBar().clear_messages()
+        os.kill(own.proc.pid, signal.SIGSTOP)  # frozen: its connection open, its heartbeat unanswered
+        began = time.monotonic()
+        dock.search_button.click()
+        assert dock.searching
+        assert process_until(lambda: not dock.searching, 40)
+        assert time.monotonic() - began < 30, "ended by the heartbeat, not the search's time limit"
+        assert any("dropped before it answered" in m for m in qgis_iface.messageBar().get_messages(Qgis.Warning))
+        assert dock.worker_panel.status_label.text().startswith("not answering")
+        own.kill(signal.SIGKILL)
+        qgis_iface.messageBar().clear_messages()
+        dock.search_button.click()
+        assert process_until(lambda: not dock.searching, 2), "failed at once while the worker is gone"
+        again = WorkerProcess(worker.index_root, raster_root, bind=own.bind, python=WORKER_PYTHON).start()
+        assert process_until(lambda: dock.worker_panel.status_label.text().startswith("connected"), 30), \
+            dock.worker_panel.status_label.text()
+        layers = set(QgsProject.instance().mapLayers())
+        dock.search_button.click()
+        assert process_until(lambda: len(set(QgsProject.instance().mapLayers()) - layers) == 1, 60)
+    finally:
+        for process in (own, again):
+            if process is not None and process.proc.poll() is None:
+                os.kill(process.proc.pid, signal.SIGCONT)
+                process.stop()
+        dock.clear_sketch()
+
+
 def test_a_clicks_slip_is_no_stroke_and_a_sketch_drawn_tiny_is_refused_until_drawn_larger(plugin, rmnp_layer,
                                                                                           qgis_iface):
     """The probe's cases: a click whose mouse slipped 2 px counted as a stroke, and a place
