@@ -20,7 +20,7 @@ from .index_layers import tiles_layer, tiles_layer_name, why_no_tiles_layer
 from .local_worker import LocalWorker, WorkerExit
 from .user_requests import Connection, IndexBuild, SearchQuery, endpoint_problem
 from .results import (BAD, GOOD, free_table, hits_layer, keep_query, kept_on_disk, marks, results_file, save_gpkg,
-                      saved_query, set_mark)
+                      saved_query, set_mark, take_results_beside)
 from .settings import Setting
 from .wire import errors as codes
 from .wire import job_states as states
@@ -130,6 +130,7 @@ class SearchController(QObject):
         self._search_id: Optional[str] = None  # the search waited for (cancel_search)
         self.search_count = 0  # this project's last, so that no layer gets a name twice (one removed too)
         QgsProject.instance().cleared.connect(self._project_cleared)
+        QgsProject.instance().fileNameChanged.connect(self._project_named)
         self.connect_timeout_s = 10.0  # for the first answer of a worker
         self.request_timeout_s = 60.0
 
@@ -593,12 +594,26 @@ class SearchController(QObject):
         search was "Sketch search 7", after the last one's six)."""
         self.search_count = 0
 
+    def _project_named(self) -> None:
+        """A project saved for the first time (or as another file), before QGIS writes it: the
+        results searched before are written beside it, so the saved project names them there."""
+        if not QgsProject.instance().fileName():
+            return
+        moved, problems = take_results_beside(QgsProject.instance())
+        if problems:
+            self.notice.emit(f"{len(problems)} results layer(s) stay in the QGIS profile, not beside the project "
+                             "(use Save results to keep them with it).", Qgis.Warning, "\n".join(problems))
+        elif moved:
+            self.notice.emit(f"{moved} results layer(s) searched before the project was saved are now kept beside "
+                             f"it, in {results_file(QgsProject.instance()).name}.", Qgis.Info, "")
+
     def shutdown(self) -> None:
         """Close sockets, stop the worker search and set-up, and ask a local worker to stop (on
         unload, and when QGIS quits: then the plugin waits for it, local_worker.finish_stopping)."""
         self._close_link(tell_waiting=False)  # QGIS quitting or the plugin unloaded: no one to tell
         try:
             QgsProject.instance().cleared.disconnect(self._project_cleared)
+            QgsProject.instance().fileNameChanged.disconnect(self._project_named)
         except TypeError:  # shut down already: QGIS quitting, then unloading its plugins
             pass
         self.finder.shutdown()

@@ -123,7 +123,63 @@ def results_file(project: QgsProject) -> Path:
     if project.fileName():
         saved = Path(project.fileName())
         return saved.with_name(f"{saved.stem}_sketch_search.gpkg")
+    return unsaved_results_file()
+
+
+def unsaved_results_file() -> Path:
     return Path(QgsApplication.qgisSettingsDirPath()) / "sketch_search" / "results.gpkg"
+
+
+def gpkg_table(layer: QgsVectorLayer) -> tuple[Optional[Path], str]:
+    """The GeoPackage a layer is read from (None for another source) and its table."""
+    source = layer.source().split("|")
+    if layer.providerType() != "ogr" or not source[0].lower().endswith(".gpkg"):
+        return None, ""
+    return Path(source[0]), next((p.split("=", 1)[1] for p in source[1:] if p.startswith("layername=")), layer.name())
+
+
+def take_results_beside(project: QgsProject) -> tuple[int, list[str]]:
+    """The results layers a named project still reads from the profile's GeoPackage (searched
+    before it was first saved) written beside it (results_file) and read from there, marks,
+    query and style kept, and taken out of the profile's file. They stayed in the profile, named
+    by an absolute path: on another machine, or after a profile reset, the saved project's first
+    results were gone. Returns how many moved, and why others could not be."""
+    unsaved, beside = unsaved_results_file(), results_file(project)
+    moved, problems, taken = 0, [], []
+    for layer in project.mapLayers().values():
+        path, table = gpkg_table(layer) if isinstance(layer, QgsVectorLayer) else (None, "")
+        if path is None or path != unsaved or beside == unsaved:
+            continue
+        new_table = free_table(str(beside), table)
+        error = save_gpkg(layer, str(beside), new_table)
+        if error:
+            problems.append(f"{layer.name()}: {error}")
+            continue
+        layer.setDataSource(f"{beside}|layername={new_table}", layer.name(), "ogr")
+        moved += 1
+        taken.append(table)
+    if taken:
+        _drop_tables(unsaved, taken)
+    return moved, problems
+
+
+def _drop_tables(path: Path, tables: list[str]) -> None:
+    """Remove tables (and their queries) from a GeoPackage; what cannot be removed stays (it
+    only takes room)."""
+    from osgeo import ogr
+
+    data = ogr.Open(str(path), update=1)
+    if data is None:
+        return
+    for n in reversed(range(data.GetLayerCount())):
+        if data.GetLayerByIndex(n).GetName() in tables:
+            data.DeleteLayer(n)
+    data = None
+    try:
+        with closing(sqlite3.connect(path)) as db, db:
+            db.execute(f"DELETE FROM {QUERIES_TABLE} WHERE layer IN ({','.join('?' * len(tables))})", tables)
+    except sqlite3.Error:
+        pass
 
 
 def kept_on_disk(layer: QgsVectorLayer, path: Path, table: str) -> Union[QgsVectorLayer, str]:
@@ -203,12 +259,11 @@ def saved_query(layer: QgsVectorLayer) -> Optional[str]:
     query = layer.customProperty(QUERY_PROPERTY)
     if query:
         return query
-    source = layer.source().split("|")
-    if not source[0].lower().endswith(".gpkg"):
+    path, name = gpkg_table(layer)
+    if path is None:
         return None
-    name = next((part.split("=", 1)[1] for part in source[1:] if part.startswith("layername=")), layer.name())
     try:
-        with sqlite3.connect(f"file:{source[0]}?mode=ro", uri=True) as db:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
             row = db.execute(f"SELECT query, model FROM {QUERIES_TABLE} WHERE layer = ?", (name,)).fetchone()
     except sqlite3.Error:
         return None

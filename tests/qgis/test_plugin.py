@@ -582,6 +582,46 @@ def test_a_reopened_project_s_results_keep_their_names(reloaded_plugin, worker, 
     dock.clear_sketch()
 
 
+def test_results_searched_before_the_project_is_first_saved_are_kept_beside_it(plugin, worker, rmnp_layer, tmp_path,
+                                                                               qgis_iface):
+    """The probe's case: a search made before the project's first save stayed in the QGIS
+    profile's results.gpkg, named by an absolute path: the saved project, opened on another
+    machine or after a profile reset, had lost it. Saving writes it beside the project, its mark
+    and query kept, and takes it out of the profile; the project read from another folder has it."""
+    import shutil
+    import sqlite3
+
+    from sketch_search.results import saved_query, set_mark, unsaved_results_file
+
+    dock, project = plugin.dock, QgsProject.instance()
+    ready_to_search(dock, worker, tmp_path)
+    dock.search_button.click()
+    assert process_until(lambda: not dock.searching and dock.controller.result_layer is not None, 60)
+    layer = dock.controller.result_layer
+    path, table = layer.source().split("|layername=")
+    assert path == str(unsaved_results_file())
+    marked = min(f.id() for f in layer.getFeatures())
+    assert set_mark(layer, marked, 1)
+    name, query, count = layer.name(), saved_query(layer), layer.featureCount()
+    (tmp_path / "survey").mkdir()
+    qgis_iface.messageBar().clear_messages()
+    project.setFileName(str(tmp_path / "survey" / "survey.qgz"))  # as QGIS's Save and Save As do, then write
+    assert project.write()
+    assert layer.source().split("|")[0] == str(tmp_path / "survey" / "survey_sketch_search.gpkg")
+    assert any("now kept beside it" in m for m in qgis_iface.messageBar().get_messages(Qgis.Info))
+    with sqlite3.connect(path) as db:
+        assert table not in {row[0] for row in db.execute("SELECT table_name FROM gpkg_contents")}
+    shutil.copytree(tmp_path / "survey", tmp_path / "moved")
+    project.clear()
+    assert project.read(str(tmp_path / "moved" / "survey.qgz"))
+    [reopened] = [lay for lay in project.mapLayers().values() if lay.name() == name]
+    assert reopened.isValid() and reopened.source().startswith(str(tmp_path / "moved"))
+    assert reopened.featureCount() == count and saved_query(reopened) == query
+    assert [f["feedback"] for f in reopened.getFeatures() if f.id() == marked] == [1]
+    project.clear()
+    dock.clear_sketch()
+
+
 def test_a_worker_that_is_down_gives_a_message_and_the_ui_stays_live(plugin, qgis_iface):
     from lab.worker_process import free_port
 
