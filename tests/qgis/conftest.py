@@ -51,7 +51,14 @@ def plugin_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def plugin_started(plugin_dir, qgis_iface, qgis_processing):
+    """The plugin loaded and started once, in a main window shown at a desktop's size: hidden,
+    the map canvas's viewport stayed 98 x 28 px, and strokes dragged across it fell outside it."""
     import qgis.utils
+    from qgis.core import QgsApplication
+
+    qgis_iface.mainWindow().resize(1600, 1000)
+    qgis_iface.mainWindow().show()
+    QgsApplication.processEvents()
 
     sys.path.insert(0, str(plugin_dir))
     qgis.utils.plugin_paths.insert(0, str(plugin_dir))
