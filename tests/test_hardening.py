@@ -226,7 +226,8 @@ def test_3_a_folder_with_foreign_content_is_refused_and_left_as_it_was(served, t
 # -- 4. a shard or a map truncated under a running worker ------------------------------------
 def test_4_a_truncated_shard_or_map_of_a_loaded_index_is_a_corrupt_index_error(served):
     """Found by the search that reads it, and by the list (a truncated level map was listed as
-    sound while every search of it failed)."""
+    sound while every search of it failed); mended by an index request for its rasters, as the
+    error says (it was refused with the same corrupt_index: found by the lifecycle probe)."""
     copies = {"truncated": _copy_index(served, "truncated"), "truncated-map": _copy_index(served, "truncated-map")}
     try:
         with served.client(timeout=60) as c:
@@ -241,6 +242,12 @@ def test_4_a_truncated_shard_or_map_of_a_loaded_index_is_a_corrupt_index_error(s
             assert errors[name].code == codes.CORRUPT_INDEX and "build it again" in errors[name].message
             assert "truncated" in errors[name].message
             assert (listed[name]["error"] or {}).get("code") == codes.CORRUPT_INDEX, (name, listed[name])
+        with served.client(timeout=60) as c:  # the error's advice, through the service: it was refused with that error
+            for name, copy in copies.items():
+                rasters = [r["path"] for r in json.loads((copy / "manifest.json").read_text())["rasters"]]
+                job = wait_job(c, c.start_index(name, rasters, **TILE)["id"])
+                assert job["state"] == states.DONE, job
+                assert c.search(name, sketch_png=sketch_png(), top=2)["hits"]["features"]
     finally:
         for copy in copies.values():
             shutil.rmtree(copy)

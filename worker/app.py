@@ -240,9 +240,15 @@ def check_index(index: TileIndex, model: "RetrievalModel", settings: TileSetting
                 tokens: bool | None = None) -> None:
     """IndexMismatchError when `model` cannot search `index` (another model) or, given
     `settings` or `tokens`, cannot extend it (other tile settings, or built otherwise with tokens)."""
-    check_compatible(index.manifest, model.tile_encoder_fingerprint(), settings.to_json() if settings else None,
-                     index.dir)
-    check_tokens(index.manifest, tokens, index.dir)
+    check_manifest(index.manifest, index.dir, model, settings, tokens)
+
+
+def check_manifest(manifest: dict, index_dir: Path, model: "RetrievalModel", settings: TileSettings | None = None,
+                   tokens: bool | None = None) -> None:
+    """check_index by the index's manifest alone: an index whose shards or maps are damaged
+    cannot be opened, and indexing it again is what mends it."""
+    check_compatible(manifest, model.tile_encoder_fingerprint(), settings.to_json() if settings else None, index_dir)
+    check_tokens(manifest, tokens, index_dir)
 
 
 # -- search ------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ from wire.errors import BAD_REQUEST, BUSY, FORBIDDEN, NOT_FOUND, ProtocolError
 from wire.protocol import MAX_RASTER_ENTRIES, MAX_STROKE_POINTS, MAX_STROKES, excerpt, field, new_id
 from worker import __version__
 from worker.ann import ANN_DIR
-from worker.app import IndexRequest, SearchRequest, SketchSource, check_index, given, run_search, stroke_sketch
+from worker.app import (IndexRequest, SearchRequest, SketchSource, check_index, check_manifest, given, run_search,
+                        stroke_sketch)
 from worker.cancellation import SearchStopped, StopCheck, raise_if_stopped, stop_when
 from worker.errors import CorruptIndexError, InputError, NotFoundError
 from worker.example_query import Example
@@ -26,7 +27,8 @@ from worker.service.config import ServiceConfig
 from worker.service.indexes import MANIFEST, OpenIndexes, index_dirs
 from worker.service.jobs import Job, JobManager
 from worker.service.paths import TRASH_PREFIX
-from worker.store.format import JOB_LOCK, SHARDS, IndexLocked, held_job_lock, index_lock, locked_by_another
+from worker.store.format import (JOB_LOCK, SHARDS, IndexLocked, held_job_lock, index_lock, locked_by_another,
+                                 read_manifest)
 from worker.store.maps import MAPS
 from worker.store.reader import TileIndex
 from worker.tiling import TileSettings
@@ -180,10 +182,18 @@ class Handlers:
         return {"deleted": name}
 
     def _check_extendable(self, request: IndexRequest) -> None:
+        """IndexMismatchError for an index the request cannot extend. One whose shards or maps
+        are damaged is judged by its manifest: its searches' corrupt_index says to index its
+        rasters again, and this request was refused with that same error (a damaged manifest
+        still is: nothing can mend it)."""
         try:
             index = self.indexes.get(request.index_dir)
         except NotFoundError:
             return  # a new index
+        except CorruptIndexError:
+            check_manifest(read_manifest(request.index_dir), request.index_dir, self.model, request.settings,
+                           request.tokens)
+            return
         check_index(index, self.model, request.settings, request.tokens)
 
     def _job(self, header: dict) -> Job:
