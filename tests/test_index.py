@@ -377,6 +377,47 @@ def test_a_raster_gone_for_good_is_taken_out_of_the_index(tmp_path, model, rmnp_
         assert db.execute(f'SELECT count(*) FROM "{table}"').fetchone()[0] == kept_tiles
 
 
+def test_a_search_of_an_index_changed_under_it_answers_the_index_as_it_is_now(tmp_path, model, rmnp_copy, assets):
+    """Found by the lifecycle probe: a command-line search opens the index, then loads the model
+    (seconds). A raster removed meanwhile failed it as damaged, "index its rasters again" of the
+    raster just removed; one removed and another indexed in its place (its id and shard names
+    reused) answered the new raster's features under the removed one's name, unsaid. The search
+    answers the index as it is now."""
+    import rasterio
+
+    from test_service import sketch_png
+    from worker.app import SearchRequest, open_index, run_search, search_as_it_is
+    from worker.errors import CorruptIndexError
+    from worker.store.removal import remove_rasters
+
+    keep = Path(shutil.copy(assets["osbs_rgb"], tmp_path / "keep.tif"))
+    new = tmp_path / "new.tif"
+    with rasterio.open(rmnp_copy) as src:
+        with rasterio.open(new, "w", **src.profile) as dst:
+            dst.write(src.read()[:, ::-1, ::-1])  # the same grid, other pixels
+    request, settings = SearchRequest(sketch_png(), top=5), TileSettings(tile=112, scales=(1,))
+
+    def as_it_is_now(outdated: TileIndex) -> TileIndex:
+        return open_index(outdated.dir, earlier=outdated)
+
+    for case in ("removed", "removed, another indexed in its place"):
+        out = tmp_path / case.replace(" ", "_").replace(",", "")
+        IndexWriter(out, model, settings).build([keep, rmnp_copy])
+        opened = open_index(out)
+        remove_rasters(out, [str(rmnp_copy)])
+        if case == "removed":
+            with pytest.raises(CorruptIndexError):
+                run_search(request, model, opened)  # what the view alone answers
+        else:
+            IndexWriter(out, model, settings).build([new])
+            assert {r.path: i for i, r in open_index(out).rasters.items()}[str(new)] == \
+                {r.path: i for i, r in opened.rasters.items()}[str(rmnp_copy.resolve())], "the id is reused"
+        now = [(h.raster_path, h.placement.cx, h.placement.cy) for h in run_search(request, model, open_index(out)).ranked]
+        answered = search_as_it_is(request, model, opened, as_it_is_now).ranked
+        assert [(h.raster_path, h.placement.cx, h.placement.cy) for h in answered] == now, case
+        assert str(rmnp_copy.resolve()) not in {path for path, _, _ in now}, case
+
+
 def test_maps_written_band_by_band_hold_the_cells_joined_whole(tmp_path, model, assets):
     """A raster's level maps are joined into their files a band of rows at a time (a continental
     mosaic's map and its tiles' cells do not fit in memory at once): the same cells as every tile

@@ -8,6 +8,7 @@ that `python -m worker info` and `--help` stay quick.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -18,7 +19,7 @@ from rasterio.crs import CRS
 from wire.protocol import DEFAULT_TOP, MAX_TOP, excerpt
 from worker import ann
 from worker.cancellation import StopCheck, raise_if_stopped, stop_when
-from worker.errors import InputError
+from worker.errors import CorruptIndexError, InputError, NotFoundError
 from worker.geo import WGS84 as LON_LAT
 from worker.geo import MAX_COORDINATE, Area, bbox_to_wgs84, parse_crs, reproject_rings
 from worker.ranking import RANKERS, RankingConfig
@@ -41,6 +42,8 @@ WGS84 = "EPSG:4326"
 PIXEL_STROKES = "pixel"  # strokes in pixel coordinates, y down (a sketch pad); any other CRS has y up
 
 SketchSource = Union[bytes, Path, "StrokeSketch"]  # an image's bytes, an image file, or strokes
+
+log = logging.getLogger(__name__)
 
 
 def given(**options: Any) -> dict:
@@ -377,6 +380,38 @@ def run_search(request: SearchRequest, model: "RetrievalModel", index: TileIndex
         return SearchOutcome(hits_to_geojson(result.hits, request.out_crs, None), timings, result.hits, sketch,
                              left_out(index) + unreadable, sorted(changed.values(), key=lambda c: c["raster"]),
                              partly_indexed(index, result.unreadable, request.area_wgs84))
+
+
+SEARCH_ATTEMPTS = 3  # searches of an index changed under each of them, before saying so
+
+
+def search_as_it_is(request: SearchRequest, model: "RetrievalModel", index: TileIndex,
+                    reopen: Callable[[TileIndex], TileIndex], should_stop: StopCheck | None = None) -> SearchOutcome:
+    """run_search on `index`, and again on the index as it is now (`reopen` of the outdated
+    view) when it changed under the search: a raster removed or indexed again meanwhile made a
+    search fail as damaged (its files removed, or a command-line search told to index again the
+    raster just removed), or answer with the new raster's features under the removed one's name,
+    unsaid. An indexing run's commits only add, and keep the answer. NotFoundError when the
+    index was deleted meanwhile."""
+    attempt = 1
+    while True:
+        try:
+            outcome = run_search(request, model, index, should_stop)
+        except CorruptIndexError:
+            if not index.outdated():  # damaged as it is now
+                raise
+            outcome = None
+        if outcome is not None and not index.outdated():
+            return outcome
+        if not (index.dir / MANIFEST).is_file():
+            raise NotFoundError("the index was deleted while this search ran") from None
+        if attempt == SEARCH_ATTEMPTS:
+            raise InputError(f"the index changed while each of {SEARCH_ATTEMPTS} searches ran (rasters removed or "
+                             "indexed again): search again once it is left alone")
+        log.info("%s changed while it was searched (rasters removed or indexed again): searching it as it is now",
+                 index.dir)
+        attempt += 1
+        index = reopen(index)
 
 
 EXAMPLE_CHANGED = ("changed on disk since it was indexed: the example was read from the file as it is now, while "

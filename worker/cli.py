@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from wire.protocol import DEFAULT_ENDPOINT
 from worker.ann import AUTO_MIN_TILES
@@ -23,6 +24,9 @@ from worker.ranking import RANKERS
 from worker.store.format import disk_write
 from worker.service.config import Limits, ServiceConfig
 from worker.tiling import TileSettings
+
+if TYPE_CHECKING:
+    from worker.store import TileIndex
 
 log = logging.getLogger("worker")
 
@@ -115,7 +119,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from worker.app import check_index, open_index, run_search
+    from worker.app import check_index, open_index, search_as_it_is
     from worker.geo import is_lon_lat_degrees
     from worker.hits_output import split_at_antimeridian
     from worker.store import write_json_atomic
@@ -150,7 +154,13 @@ def cmd_search(args: argparse.Namespace) -> int:
                             token_weight=args.token_weight, ann=args.ann)
     model = model_options(args).load()
     check_index(index, model)
-    outcome = run_search(request, model, index)
+
+    def as_it_is_now(outdated: TileIndex) -> TileIndex:
+        index = open_index(args.index, earlier=outdated)
+        check_index(index, model)
+        return index
+
+    outcome = search_as_it_is(request, model, index, as_it_is_now)
     hits = split_at_antimeridian(outcome.hits) if is_lon_lat_degrees(request.out_crs) else outcome.hits  # RFC 7946
     with disk_write(args.out.parent, SEARCH_THEN):
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -17,8 +17,8 @@ from wire.errors import BAD_REQUEST, BUSY, FORBIDDEN, NOT_FOUND, ProtocolError
 from wire.protocol import MAX_RASTER_ENTRIES, MAX_STROKE_POINTS, MAX_STROKES, excerpt, field, new_id
 from worker import __version__
 from worker.ann import ANN_DIR
-from worker.app import (IndexRequest, SearchRequest, SketchSource, check_index, check_manifest, given, run_search,
-                        stroke_sketch)
+from worker.app import (IndexRequest, SearchRequest, SketchSource, check_index, check_manifest, given,
+                        search_as_it_is, stroke_sketch)
 from worker.cancellation import SearchStopped, StopCheck, raise_if_stopped, stop_when
 from worker.errors import CorruptIndexError, InputError, NotFoundError
 from worker.example_query import Example
@@ -235,19 +235,14 @@ class Handlers:
             started = time.perf_counter()
             with stop_when(should_stop):
                 raise_if_stopped("opening the index")  # it waited in the queue past its time
-            for attempt in (1, 2):
-                index = self._searchable(index_dir, header["index"])
-                try:
-                    reply = run_search(request, self.model, index, should_stop).to_json()
-                    break
-                except CorruptIndexError:
-                    if not (index_dir / MANIFEST).is_file():  # deleted while the search read its files: not damage
-                        raise NotFoundError(f"index {header['index']!r} was deleted while this search ran") from None
-                    current = self.indexes.is_current(index_dir, index)
-                    self.indexes.forget(index_dir)  # opened (and checked) again
-                    if current or attempt == 2:  # damaged as it is now
-                        raise
-                    # committed meanwhile (a raster indexed again removes its old files): searched as it is now
+            def as_it_is_now(_outdated: TileIndex | None = None) -> TileIndex:
+                return self._searchable(index_dir, header["index"])
+
+            try:
+                reply = search_as_it_is(request, self.model, as_it_is_now(), as_it_is_now, should_stop).to_json()
+            except CorruptIndexError:
+                self.indexes.forget(index_dir)  # opened (and checked) again by the next search
+                raise
             reply["timings_ms"]["server_ms"] = round((time.perf_counter() - started) * 1e3, 2)
             return reply
 

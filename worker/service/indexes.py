@@ -22,6 +22,7 @@ from worker.app import check_index, open_index
 from worker.errors import IndexMismatchError, InputError, error_object
 from worker.service.paths import TRASH_PREFIX
 from worker.store import MANIFEST, TILES_LAYER, TileIndex
+from worker.store.format import manifest_stamp
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class OpenIndexes:
         CorruptIndexError for damaged files), opened again when its manifest changed."""
         with self._lock:
             cached = self._open.get(index_dir)
-        stamp = _stamp(index_dir)  # taken before opening: a commit meanwhile has the next search open it again
+        stamp = manifest_stamp(index_dir)  # taken before opening: a commit meanwhile has the next search open it again
         if cached is not None and cached[0] == stamp:
             return cached[1]
         with self._lock:
@@ -51,12 +52,6 @@ class OpenIndexes:
             with self._lock:
                 self._open[index_dir] = (stamp, index)
         return index
-
-    def is_current(self, index_dir: Path, index: TileIndex) -> bool:
-        """Whether `index` is the open view of the index's manifest as it is now."""
-        with self._lock:
-            cached = self._open.get(index_dir)
-        return cached is not None and cached[1] is index and cached[0] == _stamp(index_dir)
 
     def forget(self, index_dir: Path) -> None:
         """Open the index again at its next use (a search found one of its files damaged)."""
@@ -123,16 +118,6 @@ class OpenIndexes:
         return {**where, "tile_count": len(index), "rasters": [r["path"] for r in rasters],
                 "complete": all(r["complete"] for r in rasters), "tiling": index.manifest["tiling"],
                 "tokens": index.has_tokens, "compatible": reason is None, "reason": reason, "error": None}
-
-
-def _stamp(index_dir: Path) -> tuple | None:
-    """The index's manifest's file, size and change time (None when there is none): every
-    commit writes a new file and renames it into place."""
-    try:
-        st = os.stat(index_dir / MANIFEST)
-    except OSError:
-        return None
-    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def index_dirs(root: Path) -> list[Path]:

@@ -103,6 +103,16 @@ def shard_arrays(manifest: dict) -> tuple[str, ...]:
     return SHARD_ARRAYS if holds_tokens(manifest) else tuple(a for a in SHARD_ARRAYS if a not in TOKEN_ARRAYS)
 
 
+def manifest_stamp(index_dir: Path) -> tuple | None:
+    """The index's manifest's file, size and change time (None when there is none): every
+    commit writes a new file and renames it into place, so a new stamp is a new commit."""
+    try:
+        st = os.stat(Path(index_dir) / MANIFEST)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
 def read_manifest(index_dir: Path) -> dict:
     """The committed manifest of an index: NotFoundError when the folder is not an index,
     IndexMismatchError when it is of another format, CorruptIndexError when it cannot be read."""

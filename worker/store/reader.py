@@ -11,7 +11,7 @@ from rasterio.crs import CRS
 from worker import edge_cells, level_maps
 from wire.protocol import excerpt
 from worker.errors import CorruptIndexError, InputError
-from worker.store.format import MANIFEST, RECORD_DTYPE, SHARDS, holds_tokens, read_manifest
+from worker.store.format import MANIFEST, RECORD_DTYPE, SHARDS, holds_tokens, manifest_stamp, read_manifest
 from worker.store.maps import PARTIAL_MAPS_BYTES, JoinedMap, damaged_map, left_out_rasters, open_maps
 from worker.store.shard_file import ShardArray, committed_array
 from worker.tiling import RasterInfo, Tile
@@ -30,6 +30,7 @@ class TileIndex:
                  earlier: "TileIndex | None" = None):
         self.dir = index_dir
         self.manifest = manifest
+        self.stamp: tuple | None = None  # the manifest's file when it was read (TileIndex.open)
         self.partial_maps_bytes = PARTIAL_MAPS_BYTES if partial_maps_bytes is None else partial_maps_bytes
         try:
             self.rasters = {r["id"]: RasterInfo.from_json(r) for r in manifest["rasters"]}
@@ -146,8 +147,36 @@ class TileIndex:
         rasters still being indexed may take joined (worker.store.maps.PARTIAL_MAPS_BYTES);
         `earlier`: a view of it opened before, whose joined maps this one continues."""
         index_dir = Path(index_dir)
+        stamp = manifest_stamp(index_dir)  # before reading: a commit meanwhile makes the view outdated, not newer
         manifest = read_manifest(index_dir)
-        return cls(index_dir, manifest, manifest["shards"], partial_maps_bytes, earlier)
+        index = cls(index_dir, manifest, manifest["shards"], partial_maps_bytes, earlier)
+        index.stamp = stamp
+        return index
+
+    def held_by(self, manifest: dict) -> bool:
+        """Whether `manifest`, the index's as read later, still holds all this view reads: the
+        same build (`created`), every shard this view opened, first and as they were, and each of
+        their rasters as it was. An indexing run's commits only add shards; a raster removed or
+        indexed again takes its shards away, and its id and shard names may come back for other
+        pixels."""
+        if manifest.get("created") != self.manifest.get("created") or holds_tokens(manifest) != self.has_tokens:
+            return False
+        if self._shards != [s for s in manifest["shards"] if s["count"] > 0][:len(self._shards)]:
+            return False
+        rasters = {r["id"]: r for r in manifest["rasters"]}
+        return all(r in rasters and RasterInfo.from_json(rasters[r]) == self.rasters[r]
+                   for r in {s["raster_id"] for s in self._shards})
+
+    def outdated(self) -> bool:
+        """Whether the index on disk no longer holds what this view reads (held_by), or is gone:
+        a search of the view may have failed on removed files, or read a raster's features under
+        another's name."""
+        if self.stamp is not None and manifest_stamp(self.dir) == self.stamp:
+            return False
+        try:
+            return not self.held_by(read_manifest(self.dir))
+        except (InputError, KeyError, TypeError, ValueError):  # gone, or unreadable as it is now
+            return True
 
     def __len__(self) -> int:
         return len(self.records)
@@ -269,8 +298,4 @@ def _opened_before(earlier: TileIndex | None, view: TileIndex) -> bool:
     seconds at 10,000 shards. Not when the index was built again since (its `created` differs),
     lost shards, or one of the earlier view's rasters changed (dropped and indexed again, its
     shards may bear the same names)."""
-    if earlier is None or earlier.manifest.get("created") != view.manifest.get("created"):
-        return False
-    if earlier.has_tokens != view.has_tokens or earlier._shards != view._shards[:len(earlier._shards)]:
-        return False
-    return all(earlier.rasters[r] == view.rasters.get(r) for r in {s["raster_id"] for s in earlier._shards})
+    return earlier is not None and earlier.held_by(view.manifest)
