@@ -418,6 +418,22 @@ def test_a_search_of_an_index_changed_under_it_answers_the_index_as_it_is_now(tm
         assert str(rmnp_copy.resolve()) not in {path for path, _, _ in now}, case
 
 
+def test_an_index_folder_removed_while_it_is_built_stays_removed(tmp_path, model, rmnp_copy):
+    """Found by the lifecycle probe: `rm -rf` of an index while a service job wrote it; the job
+    made the folder again (its next shard's parents) and committed a manifest naming the shards
+    removed with it, an index come back damaged. The run stops, saying why, and writes nothing."""
+    out = tmp_path / "index"
+
+    def remove_once_started(progress) -> None:
+        if progress.tiles_done and out.exists():
+            shutil.rmtree(out)
+
+    writer = IndexWriter(out, model, TileSettings(tile=112, scales=(1,)), chunk_tiles=8, commit_every_s=0)
+    with pytest.raises(InputError, match="was removed while this run wrote it"):
+        writer.build([rmnp_copy], progress=remove_once_started)
+    assert not out.exists()
+
+
 def test_maps_written_band_by_band_hold_the_cells_joined_whole(tmp_path, model, assets):
     """A raster's level maps are joined into their files a band of rows at a time (a continental
     mosaic's map and its tiles' cells do not fit in memory at once): the same cells as every tile

@@ -225,7 +225,7 @@ def write_shard(index_dir: Path, name: str, arrays: dict[str, np.ndarray]) -> No
     tmp = shards / f"{TMP_PREFIX}{name}"
     with disk_write(tmp):
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        tmp.mkdir()  # not its parents: an index folder removed meanwhile stays removed (IndexWriter._check_in_place)
         for key, arr in arrays.items():
             with open(tmp / f"{key}.npy", "wb") as f:
                 np.save(f, arr)

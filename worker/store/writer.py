@@ -66,6 +66,7 @@ class IndexWriter:
         self._asked = (chunk_tiles, tokens)
         self._last_commit = (0.0, 0.0)  # time.monotonic() when the last commit ended, and its seconds
         self._uncommitted = False
+        self._shards_folder: int | None = None  # the inode of the shards folder this run writes into
         self.manifest = self._load_or_create(chunk_tiles, tokens)  # refuses another index's settings now
         self.chunk_tiles = self.manifest["chunk_tiles"]  # an existing index keeps its own chunking
 
@@ -80,7 +81,22 @@ class IndexWriter:
             return manifest
         return new_manifest(fp, settings, chunk_tiles, self.model.img_size, bool(tokens))
 
+    def _check_in_place(self) -> None:
+        """InputError when the index's folder was removed (or replaced) while this run wrote it:
+        a service job whose index was deleted with `rm -rf` made the folder again and committed a
+        manifest naming the shards that went with it, an index come back damaged."""
+        if self._shards_folder is None:
+            return
+        try:
+            same = os.stat(self.dir / SHARDS).st_ino == self._shards_folder
+        except OSError:
+            same = False
+        if not same:
+            raise InputError(f"{self.dir} was removed while this run wrote it: nothing more is written; index the "
+                             "rasters again to build it anew")
+
     def _commit(self) -> None:
+        self._check_in_place()
         started = time.monotonic()
         self.manifest["updated"] = time.time()
         self.manifest["tile_count"] = sum(s["count"] for s in self.manifest["shards"])
@@ -239,6 +255,7 @@ class IndexWriter:
             self.chunk_tiles = self.manifest["chunk_tiles"]
             with disk_write(self.dir / SHARDS):
                 (self.dir / SHARDS).mkdir(exist_ok=True)
+                self._shards_folder = os.stat(self.dir / SHARDS).st_ino
             self._clean_uncommitted()
             infos = infos + self._also_redone(self._repair_damage(), infos, drivers)
             plans = []
@@ -310,6 +327,7 @@ class IndexWriter:
         """Mark rasters complete, once their level maps are on disk (worker.store.maps)."""
         if not entries:
             return
+        self._check_in_place()
         for entry in entries:
             self._write_maps(entry)
             entry["complete"] = True
@@ -320,6 +338,7 @@ class IndexWriter:
         """Write a computed chunk as a shard (committed by the caller; one a crash leaves before
         the commit is removed by the next run: _clean_uncommitted)."""
         name = shard_name(entry["id"], chunk)
+        self._check_in_place()
         write_shard(self.dir, name, result.arrays)
         self.manifest["shards"].append({"name": name, "raster_id": entry["id"], "chunk": chunk,
                                         "count": tiles - result.skipped, "skipped": result.skipped})
