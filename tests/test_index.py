@@ -418,20 +418,44 @@ def test_a_search_of_an_index_changed_under_it_answers_the_index_as_it_is_now(tm
         assert str(rmnp_copy.resolve()) not in {path for path, _, _ in now}, case
 
 
-def test_an_index_folder_removed_while_it_is_built_stays_removed(tmp_path, model, rmnp_copy):
+@pytest.mark.parametrize("order", ["sorted", "reversed"])
+def test_an_index_folder_removed_while_it_is_built_stays_removed(tmp_path, model, rmnp_copy, order):
     """Found by the lifecycle probe: `rm -rf` of an index while a service job wrote it; the job
     made the folder again (its next shard's parents) and committed a manifest naming the shards
-    removed with it, an index come back damaged. The run stops, saying why, and writes nothing."""
+    removed with it, an index come back damaged. Removed as rm does, beside the run (each folder
+    read, its entries removed one by one, then the folder, which fails if the run wrote into it
+    meanwhile), in either order: the run stops saying why, and no index is left."""
+    import threading
+
     out = tmp_path / "index"
+    refused = []
+
+    def rm_rf(folder: Path) -> None:
+        entries = sorted(os.listdir(folder))
+        for entry in entries if order == "sorted" else entries[::-1]:
+            path = folder / entry
+            if path.is_dir():
+                rm_rf(path)
+            else:
+                path.unlink(missing_ok=True)
+            time.sleep(0.02)
+        try:
+            folder.rmdir()
+        except OSError as exc:
+            refused.append(exc)
+
+    removing, started = threading.Thread(target=rm_rf, args=(out,)), []
 
     def remove_once_started(progress) -> None:
-        if progress.tiles_done and out.exists():
-            shutil.rmtree(out)
+        if progress.tiles_done and not started:
+            started.append(progress.tiles_done)
+            removing.start()
 
     writer = IndexWriter(out, model, TileSettings(tile=112, scales=(1,)), chunk_tiles=8, commit_every_s=0)
     with pytest.raises(InputError, match="was removed while this run wrote it"):
         writer.build([rmnp_copy], progress=remove_once_started)
-    assert not out.exists()
+    removing.join()
+    assert not (out / "manifest.json").exists(), "no index came back"
 
 
 def test_maps_written_band_by_band_hold_the_cells_joined_whole(tmp_path, model, assets):

@@ -15,10 +15,10 @@ from worker import level_maps
 from worker.geo import bounds_wgs84
 from worker.line_drawing import drawing_device
 from worker.errors import InputError
-from worker.store.format import (CHUNK_TILES, MANIFEST, RECORD_DTYPE, SHARDS, TILES_LAYER, TMP_PREFIX,
+from worker.store.format import (CHUNK_TILES, LOCK, MANIFEST, RECORD_DTYPE, SHARDS, TILES_LAYER, TMP_PREFIX,
                                  check_compatible, check_index_folder, check_tokens, disk_write, holds_tokens,
-                                 index_lock, new_manifest, read_manifest, remove_shards, shard_arrays, shard_name,
-                                 write_json_atomic, write_shard)
+                                 index_lock, manifest_stamp, new_manifest, read_manifest, remove_shards, shard_arrays,
+                                 shard_name, write_json_atomic, write_shard)
 from worker.store.gpkg import write_tiles_gpkg
 from worker.store.maps import damaged_map, remove_maps, remove_unfinished_maps, write_joined_maps
 from worker.store.reader import TileIndex
@@ -66,7 +66,7 @@ class IndexWriter:
         self._asked = (chunk_tiles, tokens)
         self._last_commit = (0.0, 0.0)  # time.monotonic() when the last commit ended, and its seconds
         self._uncommitted = False
-        self._shards_folder: int | None = None  # the inode of the shards folder this run writes into
+        self._in_place: tuple | None = None  # what this run made and wrote last (_check_in_place)
         self.manifest = self._load_or_create(chunk_tiles, tokens)  # refuses another index's settings now
         self.chunk_tiles = self.manifest["chunk_tiles"]  # an existing index keeps its own chunking
 
@@ -81,17 +81,25 @@ class IndexWriter:
             return manifest
         return new_manifest(fp, settings, chunk_tiles, self.model.img_size, bool(tokens))
 
+    def _index_as_written(self) -> tuple:
+        """The lock file and shards folder this run holds (their inodes) and the manifest it
+        last committed (manifest_stamp; None before the first): what removing the folder, or
+        any part of it, changes."""
+        def inode(name: str) -> int | None:
+            try:
+                return os.stat(self.dir / name).st_ino
+            except OSError:
+                return None
+
+        return inode(LOCK), inode(SHARDS), manifest_stamp(self.dir)
+
     def _check_in_place(self) -> None:
         """InputError when the index's folder was removed (or replaced) while this run wrote it:
         a service job whose index was deleted with `rm -rf` made the folder again and committed a
-        manifest naming the shards that went with it, an index come back damaged."""
-        if self._shards_folder is None:
-            return
-        try:
-            same = os.stat(self.dir / SHARDS).st_ino == self._shards_folder
-        except OSError:
-            same = False
-        if not same:
+        manifest naming the shards that went with it, an index come back damaged. rm removes a
+        folder's entries one by one, and fails on a folder the run wrote into meanwhile: any of
+        the lock, the shards folder or the manifest gone or replaced stops the run."""
+        if self._in_place is not None and self._index_as_written() != self._in_place:
             raise InputError(f"{self.dir} was removed while this run wrote it: nothing more is written; index the "
                              "rasters again to build it anew")
 
@@ -101,6 +109,8 @@ class IndexWriter:
         self.manifest["updated"] = time.time()
         self.manifest["tile_count"] = sum(s["count"] for s in self.manifest["shards"])
         write_json_atomic(self.dir / MANIFEST, self.manifest)
+        if self._in_place is not None:  # the lock and shards folder as checked: only the manifest is new
+            self._in_place = (*self._in_place[:2], manifest_stamp(self.dir))
         self._last_commit = (time.monotonic(), time.monotonic() - started)
         self._uncommitted = False
 
@@ -255,7 +265,7 @@ class IndexWriter:
             self.chunk_tiles = self.manifest["chunk_tiles"]
             with disk_write(self.dir / SHARDS):
                 (self.dir / SHARDS).mkdir(exist_ok=True)
-                self._shards_folder = os.stat(self.dir / SHARDS).st_ino
+            self._in_place = self._index_as_written()
             self._clean_uncommitted()
             infos = infos + self._also_redone(self._repair_damage(), infos, drivers)
             plans = []
