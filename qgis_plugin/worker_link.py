@@ -50,15 +50,16 @@ class WorkerLink(QObject):
         self._pending: dict = {}  # request id -> (callback, timer, op)
         self._sock = self._notifier = self._monitor = self._monitor_notifier = None
         self._sub = self._sub_notifier = None
-        self._lost = False  # since the connection dropped, until a worker takes one again
+        self._lost: Optional[WorkerError] = None  # why, since the connection dropped, until a worker takes one again
         self._open()
 
     # -- sockets ------------------------------------------------------------------------------
     def _open(self) -> None:
-        self._sock = connect(self._context, zmq.DEALER, self.endpoint, self.curve, heartbeat_s=HEARTBEAT_S)
+        self._sock = connect(self._context, zmq.DEALER, self.endpoint, self.curve, heartbeat_s=HEARTBEAT_S,
+                             monitor_events=WATCHED)
         self._notifier = QSocketNotifier(self._sock.getsockopt(zmq.FD), QSocketNotifier.Read, self)
         self._notifier.activated.connect(self._drain)
-        self._monitor = self._sock.get_monitor_socket(WATCHED)
+        self._monitor = self._sock.get_monitor_socket()
         self._monitor_notifier = QSocketNotifier(self._monitor.getsockopt(zmq.FD), QSocketNotifier.Read, self)
         self._monitor_notifier.activated.connect(self._watch)
         QTimer.singleShot(0, self._watch)  # an event before the notifier was made
@@ -110,15 +111,16 @@ class WorkerLink(QObject):
         """Send a request; `callback(reply, None)` or `callback(None, error)` runs exactly once."""
         message = protocol.encode_request(op, frames=frames, **fields)
         request_id = protocol.request_id_of(message)
+        if self._lost is not None:  # not sent: taken by a worker started again later, it would run for no one
+            lost = self._lost
+            QTimer.singleShot(0, lambda: self._call(callback, None, lost))  # the socket kept: its monitor waits
+            return request_id
         timeout_s = timeout_s or self.timeout_s
         timer = QTimer(self)
         timer.setSingleShot(True)
         timer.timeout.connect(lambda: self._expire(request_id, timeout_s))
         timer.start(int(1000 * timeout_s))
         self._pending[request_id] = (callback, timer, op)
-        if self._lost:  # not sent: taken by a worker started again later, it would run for no one
-            QTimer.singleShot(0, lambda: self._fail(request_id, self._dropped()))
-            return request_id
         try:  # never blocking QGIS: a send with no connection to take it waited for good
             self._sock.send_multipart(message, flags=zmq.NOBLOCK)
         except zmq.Again:
@@ -130,10 +132,12 @@ class WorkerLink(QObject):
         """A request no connection would take: the worker dropped this client's (a worker that
         serves only clients with its keys does so to one without them, a second or so after it
         connects), and ZeroMQ does not dial it again. A blocking send froze QGIS for good."""
-        self._fail(request_id, WorkerError(UNAVAILABLE, f"the worker at {self.endpoint} dropped the connection "
-                                                        "without taking the request: a worker that serves only "
-                                                        "clients with its keys refuses others (check the keys in "
-                                                        "Settings), or it is restarting"))
+        self._fail(request_id, self._keys_refused())
+
+    def _keys_refused(self) -> WorkerError:
+        return WorkerError(UNAVAILABLE, f"the worker at {self.endpoint} dropped the connection without taking the "
+                                        "request: a worker that serves only clients with its keys refuses others "
+                                        "(check the keys in Settings), or it is restarting")
 
     def _watch(self, *_: object) -> None:
         """What the socket monitor saw: a handshake refused fails the waiting requests as
@@ -144,18 +148,15 @@ class WorkerLink(QObject):
         while monitor is not None and self._monitor is monitor and monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             event = recv_monitor_message(monitor, zmq.NOBLOCK)["event"]
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                if self._lost:
-                    self._lost = False
+                if self._lost is not None:
+                    self._lost = None
                     self.back.emit()
                 continue
-            if not self._lost:
-                self._lost = True
+            if self._lost is None:  # the first cause stays: a refused handshake is followed by its disconnection
+                self._lost = self._keys_refused() if event & HANDSHAKE_FAILED else self._dropped()
                 self.lost.emit()
             for request_id in list(self._pending):  # the last one failed replaces the socket and its monitor
-                if event & HANDSHAKE_FAILED:
-                    self._refused(request_id)
-                else:
-                    self._fail(request_id, self._dropped())
+                self._fail(request_id, self._lost)
 
     def _dropped(self) -> WorkerError:
         return WorkerError(UNAVAILABLE, f"the connection to the worker at {self.endpoint} dropped before it answered: "
