@@ -595,8 +595,9 @@ class SearchController(QObject):
         self.search_count = 0
 
     def _project_named(self) -> None:
-        """A project saved for the first time (or as another file), before QGIS writes it: the
-        results searched before are written beside it, so the saved project names them there."""
+        """A project saved for the first time, before QGIS writes it: the results searched
+        before, kept in the profile, are written beside it, so the saved project names them there
+        (Save As of a saved project leaves its results beside the old file, where they were)."""
         if not QgsProject.instance().fileName():
             return
         moved, problems = take_results_beside(QgsProject.instance())

@@ -119,8 +119,9 @@ def style_by_rank(layer: QgsVectorLayer, count: int) -> None:
 
 def results_file(project: QgsProject) -> Path:
     """The GeoPackage a search's hits are written to: beside the saved project
-    (NAME_sketch_search.gpkg), else results.gpkg in the plugin's folder of the QGIS profile."""
-    if project.fileName():
+    (NAME_sketch_search.gpkg), else results.gpkg in the plugin's folder of the QGIS profile (a
+    project not yet saved, or kept in a database: its name is no folder)."""
+    if project.fileName() and project.projectStorage() is None:
         saved = Path(project.fileName())
         return saved.with_name(f"{saved.stem}_sketch_search.gpkg")
     return unsaved_results_file()
@@ -168,12 +169,13 @@ def _drop_tables(path: Path, tables: list[str]) -> None:
     only takes room)."""
     from osgeo import ogr
 
-    data = ogr.Open(str(path), update=1)
-    if data is None:
-        return
-    for n in reversed(range(data.GetLayerCount())):
-        if data.GetLayerByIndex(n).GetName() in tables:
-            data.DeleteLayer(n)
+    try:  # OGR raises only where a plugin asked it to (ogr.UseExceptions)
+        data = ogr.Open(str(path), update=1)
+        for n in reversed(range(data.GetLayerCount() if data is not None else 0)):
+            if data.GetLayerByIndex(n).GetName() in tables:
+                data.DeleteLayer(n)
+    except RuntimeError:
+        pass
     data = None
     try:
         with closing(sqlite3.connect(path)) as db, db:
