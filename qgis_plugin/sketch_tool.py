@@ -120,9 +120,10 @@ class SketchMapTool(QgsMapTool):
         nothing of how coarsely the sketch was drawn."""
         if not self._strokes or None in self._units_per_px:
             return None
-        xs = [p.x() for stroke in self._strokes for p in stroke]
-        ys = [p.y() for stroke in self._strokes for p in stroke]
-        return max(max(xs) - min(xs), max(ys) - min(ys)) / min(self._units_per_px)
+        to_screen = self.canvas.getCoordinateTransform()  # as the map is shown now, turned or not
+        shown = [to_screen.transform(p) for stroke in self._strokes for p in stroke]
+        xs, ys = [p.x() for p in shown], [p.y() for p in shown]
+        return max(max(xs) - min(xs), max(ys) - min(ys)) * self.canvas.mapUnitsPerPixel() / min(self._units_per_px)
 
     def set_pen_width(self, width: int) -> None:
         self.pen_width = width

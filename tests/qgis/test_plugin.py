@@ -469,6 +469,12 @@ def test_a_clicks_slip_is_no_stroke_and_a_sketch_drawn_tiny_is_refused_until_dra
     assert dock.search_query() is None
     assert any("drawn 10 px across" in m for m in qgis_iface.messageBar().get_messages(Qgis.Warning))
     dock.clear_sketch()
+    canvas.setRotation(45)  # a 40 px line across the turned map: 28 px along each of the map's axes
+    drag(viewport, [(40, 40), (80, 40)])
+    qgis_iface.messageBar().clear_messages()
+    assert dock.search_query() is not None, qgis_iface.messageBar().get_messages(Qgis.Warning)
+    canvas.setRotation(0)
+    dock.clear_sketch()
     drag(viewport, [(40, 40), (100, 80), (140, 140)])
     canvas.zoomByFactor(8.0)
     assert dock.search_query().strokes == dock.map_tool.strokes()
