@@ -413,9 +413,24 @@ def test_a_search_of_an_index_changed_under_it_answers_the_index_as_it_is_now(tm
             assert {r.path: i for i, r in open_index(out).rasters.items()}[str(new)] == \
                 {r.path: i for i, r in opened.rasters.items()}[str(rmnp_copy.resolve())], "the id is reused"
         now = [(h.raster_path, h.placement.cx, h.placement.cy) for h in run_search(request, model, open_index(out)).ranked]
-        answered = search_as_it_is(request, model, opened, as_it_is_now).ranked
+        answered = search_as_it_is(request, model, opened, as_it_is_now, "the index").ranked
         assert [(h.raster_path, h.placement.cx, h.placement.cy) for h in answered] == now, case
         assert str(rmnp_copy.resolve()) not in {path for path, _, _ in now}, case
+
+    out = tmp_path / "extended"  # an indexing run's commits only add: the view is still what the index holds
+    IndexWriter(out, model, settings).build([keep])
+    opened = open_index(out)
+    IndexWriter(out, model, settings).build([new])
+    assert not opened.outdated()
+
+    def never(_: TileIndex) -> TileIndex:
+        raise AssertionError("searched again")
+
+    assert search_as_it_is(request, model, opened, never, "the index").ranked
+    remove_rasters(out, [str(new)])
+    assert not opened.outdated(), "a raster it never read removed"
+    remove_rasters(out, [str(keep)])
+    assert opened.outdated()
 
 
 @pytest.mark.parametrize("order", ["sorted", "reversed"])

@@ -26,6 +26,7 @@ from worker.ranking import RANKERS, RankingConfig
 from worker.raster_access import RasterAccess
 from worker.store import (CHUNK_TILES, MANIFEST, IndexProgress, IndexWriter, TileIndex, check_compatible,
                           check_index_folder, check_tokens, read_manifest)
+from worker.store.format import IndexLocked
 from worker.tiling import RasterInfo, Tile, TileSettings, disk_state, find_rasters
 
 if TYPE_CHECKING:
@@ -386,13 +387,15 @@ SEARCH_ATTEMPTS = 3  # searches of an index changed under each of them, before s
 
 
 def search_as_it_is(request: SearchRequest, model: "RetrievalModel", index: TileIndex,
-                    reopen: Callable[[TileIndex], TileIndex], should_stop: StopCheck | None = None) -> SearchOutcome:
+                    reopen: Callable[[TileIndex], TileIndex], named: str,
+                    should_stop: StopCheck | None = None) -> SearchOutcome:
     """run_search on `index`, and again on the index as it is now (`reopen` of the outdated
     view) when it changed under the search: a raster removed or indexed again meanwhile made a
     search fail as damaged (its files removed, or a command-line search told to index again the
     raster just removed), or answer with the new raster's features under the removed one's name,
     unsaid. An indexing run's commits only add, and keep the answer. NotFoundError when the
-    index was deleted meanwhile."""
+    index (`named` so in messages) was deleted meanwhile; IndexLocked (busy) when it changed
+    under every try."""
     attempt = 1
     while True:
         try:
@@ -404,10 +407,10 @@ def search_as_it_is(request: SearchRequest, model: "RetrievalModel", index: Tile
         if outcome is not None and not index.outdated():
             return outcome
         if not (index.dir / MANIFEST).is_file():
-            raise NotFoundError("the index was deleted while this search ran") from None
+            raise NotFoundError(f"{named} was deleted while this search ran") from None
         if attempt == SEARCH_ATTEMPTS:
-            raise InputError(f"the index changed while each of {SEARCH_ATTEMPTS} searches ran (rasters removed or "
-                             "indexed again): search again once it is left alone")
+            raise IndexLocked(f"{named} changed while each of {SEARCH_ATTEMPTS} searches ran (rasters removed or "
+                              "indexed again): search again once it is left alone")
         log.info("%s changed while it was searched (rasters removed or indexed again): searching it as it is now",
                  index.dir)
         attempt += 1

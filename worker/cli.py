@@ -160,7 +160,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         check_index(index, model)
         return index
 
-    outcome = search_as_it_is(request, model, index, as_it_is_now)
+    outcome = search_as_it_is(request, model, index, as_it_is_now, str(args.index))
     hits = split_at_antimeridian(outcome.hits) if is_lon_lat_degrees(request.out_crs) else outcome.hits  # RFC 7946
     with disk_write(args.out.parent, SEARCH_THEN):
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -239,7 +239,8 @@ class Handlers:
                 return self._searchable(index_dir, header["index"])
 
             try:
-                reply = search_as_it_is(request, self.model, as_it_is_now(), as_it_is_now, should_stop).to_json()
+                reply = search_as_it_is(request, self.model, as_it_is_now(), as_it_is_now, f"index {header['index']!r}",
+                                        should_stop).to_json()
             except CorruptIndexError:
                 self.indexes.forget(index_dir)  # opened (and checked) again by the next search
                 raise

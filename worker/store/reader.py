@@ -17,6 +17,7 @@ from worker.store.shard_file import ShardArray, committed_array
 from worker.tiling import RasterInfo, Tile
 
 WGS84 = CRS.from_epsg(4326)
+OPEN_ATTEMPTS = 3  # opens of an index changed under each of them, before its error is said
 
 
 class TileIndex:
@@ -147,11 +148,19 @@ class TileIndex:
         rasters still being indexed may take joined (worker.store.maps.PARTIAL_MAPS_BYTES);
         `earlier`: a view of it opened before, whose joined maps this one continues."""
         index_dir = Path(index_dir)
-        stamp = manifest_stamp(index_dir)  # before reading: a commit meanwhile makes the view outdated, not newer
-        manifest = read_manifest(index_dir)
-        index = cls(index_dir, manifest, manifest["shards"], partial_maps_bytes, earlier)
-        index.stamp = stamp
-        return index
+        for attempt in range(1, OPEN_ATTEMPTS + 1):
+            stamp = manifest_stamp(index_dir)  # before reading: a commit meanwhile makes the view outdated, not newer
+            manifest = read_manifest(index_dir)
+            try:
+                index = cls(index_dir, manifest, manifest["shards"], partial_maps_bytes, earlier)
+            except CorruptIndexError:
+                # a raster removed or indexed again while its shards were checked (opening 10M tiles
+                # takes seconds) is no damage: opened as it is now
+                if attempt == OPEN_ATTEMPTS or manifest_stamp(index_dir) == stamp:
+                    raise
+                continue
+            index.stamp = stamp
+            return index
 
     def held_by(self, manifest: dict) -> bool:
         """Whether `manifest`, the index's as read later, still holds all this view reads: the
