@@ -402,6 +402,15 @@ def is_lon_lat_degrees(crs: CRS) -> bool:
     return bool(crs.is_geographic and np.isclose(crs.units_factor[1], np.pi / 180) and "pm" not in crs.to_dict())
 
 
+def transformed_or_inf(src, dst, xs, ys) -> tuple[list[float], list[float]]:
+    """Points from one CRS to another (CRS objects, codes or WKT), a point PROJ cannot place as
+    infinity (its own answer for most)."""
+    try:
+        return warp_transform(src, dst, list(xs), list(ys))
+    except Exception:  # PROJ's errors have no common type
+        return [np.inf] * len(xs), [np.inf] * len(ys)
+
+
 def bounds_wgs84(items: list) -> np.ndarray:
     """(n, 4) lon/lat bounds of each footprint (see reproject_rings)."""
     if not items:

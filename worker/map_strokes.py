@@ -11,6 +11,8 @@ that raster lies. Both maps are linear: a sketch is small beside a projection's 
 
 One grid for the whole search: in an index whose rasters see the ground differently (lon/lat
 beside UTM, far north), those of the others are searched with the sketch as that grid sees it.
+A frame sent with map strokes (strokes_frame) becomes the box round the frame as the grid
+sees it (wider than the frame where the grid is turned against the map).
 """
 
 from __future__ import annotations
@@ -19,9 +21,8 @@ import logging
 from dataclasses import replace
 
 import numpy as np
-from rasterio.warp import transform as warp_transform
 
-from worker.geo import WGS84
+from worker.geo import WGS84, transformed_or_inf
 from worker.sketch import StrokeSketch
 from worker.tiling import RasterInfo
 
@@ -73,7 +74,7 @@ def _ground_per_map_unit(crs: str, at: np.ndarray, step: float) -> tuple[np.ndar
     and `at` in lon/lat; None where the CRS cannot place it."""
     xs = at[0] + np.array([0.0, step, -step, 0.0, 0.0])
     ys = at[1] + np.array([0.0, 0.0, 0.0, step, -step])
-    lons, lats = (np.asarray(v, np.float64) for v in _transformed(crs, WGS84, xs, ys))
+    lons, lats = (np.asarray(v, np.float64) for v in transformed_or_inf(crs, WGS84, xs, ys))
     if not (np.isfinite(lons).all() and np.isfinite(lats).all()) or abs(lats[0]) >= 89.9:
         return None
     east = (np.mod(lons - lons[0] + 180.0, 360.0) - 180.0) * np.cos(np.radians(lats[0])) * METRES_PER_DEGREE
@@ -87,14 +88,14 @@ def _raster_under(held: list[RasterInfo], lonlat: np.ndarray) -> tuple[RasterInf
     """The first of `held` (most tiles first) whose pixels hold the point `lonlat`, and that
     point; else the first, and its centre in lon/lat. One transform per CRS."""
     for wkt in dict.fromkeys(r.crs_wkt for r in held):
-        (x,), (y,) = _transformed(WGS84, wkt, [lonlat[0]], [lonlat[1]])
+        (x,), (y,) = transformed_or_inf(WGS84, wkt, [lonlat[0]], [lonlat[1]])
         for raster in (r for r in held if r.crs_wkt == wkt):
             col, row = ~raster.affine * (x, y)
             if 0 <= col <= raster.width and 0 <= row <= raster.height:
                 return raster, lonlat
     first = held[0]
     x, y = first.affine * (first.width / 2, first.height / 2)
-    (lon,), (lat,) = _transformed(first.crs_wkt, WGS84, [x], [y])
+    (lon,), (lat,) = transformed_or_inf(first.crs_wkt, WGS84, [x], [y])
     return first, np.array([lon, lat])
 
 
@@ -106,17 +107,9 @@ def _pixels_per_ground(raster: RasterInfo, lonlat: np.ndarray) -> np.ndarray | N
         return None
     d_lon = STEP_M / (METRES_PER_DEGREE * np.cos(np.radians(lat)))
     d_lat = STEP_M / METRES_PER_DEGREE
-    xs, ys = _transformed(WGS84, raster.crs_wkt, [lon + d_lon, lon - d_lon, lon, lon],
+    xs, ys = transformed_or_inf(WGS84, raster.crs_wkt, [lon + d_lon, lon - d_lon, lon, lon],
                           [lat, lat, lat + d_lat, lat - d_lat])
     cols, rows = ~raster.affine * (np.asarray(xs, np.float64), np.asarray(ys, np.float64))
     jacobian = np.array([[cols[0] - cols[1], cols[2] - cols[3]],
                          [rows[0] - rows[1], rows[2] - rows[3]]]) / (2 * STEP_M)
     return jacobian if np.isfinite(jacobian).all() else None
-
-
-def _transformed(src, dst, xs, ys) -> tuple[list[float], list[float]]:
-    """rasterio's transform, a point it cannot place as infinity (PROJ's own answer for most)."""
-    try:
-        return warp_transform(src, dst, list(xs), list(ys))
-    except Exception:  # PROJ's errors have no common type
-        return [np.inf] * len(xs), [np.inf] * len(ys)
