@@ -876,6 +876,24 @@ def test_a_second_writer_is_refused_while_one_runs(tmp_path, model, rmnp_copy):
             IndexWriter(out, model, TileSettings(tile=112, scales=(1,))).build([rmnp_copy])
 
 
+def test_a_command_line_run_is_refused_while_a_service_job_is_queued_for_the_index(tmp_path, rmnp_copy):
+    """Found by the lifecycle probe: a job queued in a worker service holds only the index's job
+    lock until it runs, and a command-line run of other rasters was accepted; the queued job
+    then added its own to what the run built (or failed, for other tile settings)."""
+    from worker.store.format import held_job_lock
+
+    out = tmp_path / "index"
+    out.mkdir()
+    queued = held_job_lock(out)  # as the service holds it for a queued job (worker.service.jobs)
+    try:
+        refused = run_cli("index", "--out", out, *SMALL, rmnp_copy)
+    finally:
+        queued.close()
+    assert refused.returncode == 2 and "indexing job of a worker service queued" in refused.stderr, refused.stderr
+    assert not (out / "manifest.json").exists()
+    assert run_cli("index", "--out", out, *SMALL, rmnp_copy).returncode == 0, "once the job has ended"
+
+
 def test_an_array_file_over_2_gib_is_read_whole(tmp_path):
     """One read gives at most 2 GiB on Linux: a wide level map read whole was taken for a
     truncated file. A sparse file of 2 GiB and 8 KiB, marked in its first and last rows."""

@@ -21,7 +21,7 @@ from worker.ann import AUTO_MIN_TILES
 from worker.app import IndexRequest, ModelOptions, SearchRequest
 from worker.errors import CorruptIndexError, IndexMismatchError, InputError
 from worker.ranking import RANKERS
-from worker.store.format import disk_write
+from worker.store.format import JOB_LOCK, IndexLocked, disk_write, locked_by_another
 from worker.service.config import Limits, ServiceConfig
 from worker.tiling import TileSettings
 
@@ -98,6 +98,9 @@ def cmd_index(args: argparse.Namespace) -> int:
                                   scales=_ints(args.scales, "--scales"), bands=_ints(args.bands, "--bands"),
                                   min_valid=args.min_valid, chunk_tiles=args.chunk_tiles, batch_size=args.batch_size,
                                   ann=args.ann, tokens=args.tokens or None)
+    if locked_by_another(request.index_dir, JOB_LOCK):  # a job queued holds only this lock until it runs
+        raise IndexLocked(f"{request.index_dir} has an indexing job of a worker service queued or running: wait for "
+                          "it to end (or cancel it), and run this again")
     cluster = None
     if args.cluster is not None:
         from worker.distributed import Cluster
