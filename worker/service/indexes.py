@@ -34,7 +34,7 @@ class OpenIndexes:
     def __init__(self, model, partial_maps_bytes: int | None = None):
         self.model = model
         self.partial_maps_bytes = partial_maps_bytes  # worker.store.maps.PARTIAL_MAPS_BYTES when None
-        self._open: dict[Path, tuple[tuple, TileIndex]] = {}  # by folder: (the files' stamp when opened, index)
+        self._open: dict[Path, TileIndex] = {}  # by folder (TileIndex.stamp: its manifest's file when read)
         self._lock = threading.Lock()  # searches run in a thread pool
 
     def get(self, index_dir: Path) -> TileIndex:
@@ -42,15 +42,14 @@ class OpenIndexes:
         CorruptIndexError for damaged files), opened again when its manifest changed."""
         with self._lock:
             cached = self._open.get(index_dir)
-        stamp = manifest_stamp(index_dir)  # taken before opening: a commit meanwhile has the next search open it again
-        if cached is not None and cached[0] == stamp:
-            return cached[1]
+        if cached is not None and cached.stamp == manifest_stamp(index_dir):
+            return cached
         with self._lock:
             self._open.pop(index_dir, None)  # a damaged index is not kept
-        index = open_index(index_dir, self.partial_maps_bytes, earlier=cached[1] if cached else None)
-        if stamp is not None and (index_dir / MANIFEST).is_file():  # deleted meanwhile (or before): not kept
+        index = open_index(index_dir, self.partial_maps_bytes, earlier=cached)
+        if index.stamp is not None and (index_dir / MANIFEST).is_file():  # deleted meanwhile (or before): not kept
             with self._lock:
-                self._open[index_dir] = (stamp, index)
+                self._open[index_dir] = index
         return index
 
     def forget(self, index_dir: Path) -> None:
