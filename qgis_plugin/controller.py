@@ -37,7 +37,8 @@ HINTS = {codes.UNAVAILABLE: "Is the worker running? Start it or check the endpoi
          codes.BAD_INPUT: "Check the sketch or rasters.",
          codes.FORBIDDEN: "The worker does not serve that path.",
          codes.BUSY: "The worker is busy (an index's job, another program writing the index, or searches "
-                     "queued): wait for them, or cancel the job, and try again."}
+                     "queued): wait for them, or cancel the job, and try again.",
+         codes.UNKNOWN_OP: "The worker is older than this plugin: update it (set it up again) to do this."}
 
 
 class Status:
@@ -92,6 +93,15 @@ def _names(rasters: list[dict]) -> str:
             why = f"{100 * r['tiles_done'] // r['tiles_total']}% indexed"  # never 100% while a tile is not
         return f"{os.path.basename(r['raster'])}{f', {why}' if why else ''}"
     return "; ".join(map(named, rasters[:3])) + ("…" if len(rasters) > 3 else "")
+
+
+def _job_ended(job: dict) -> str:
+    """What the message bar says of a job that ended without failing."""
+    if job.get("kind") != "remove":
+        return f"Indexing {job['state']}: {job['tiles_done']} tiles."
+    if job["state"] == states.DONE:
+        return f"Removed {len(job['removed'])} raster(s) from “{job['index']}”."
+    return f"Removing rasters {job['state']}."
 
 
 class SearchController(QObject):
@@ -396,11 +406,18 @@ class SearchController(QObject):
             return self.notice.emit("Name the index to build (or select one to extend).", Qgis.Warning, "")
         if not build.rasters:
             return self.notice.emit("Add raster layers to the project and tick the ones to index.", Qgis.Warning, "")
-        self.link.request("index", self._on_job_started, **build.fields())
+        self.link.request("index", lambda r, e: self._on_job_started(r, e, "Starting the index"), **build.fields())
 
-    def _on_job_started(self, reply: Optional[dict], err: Optional[WorkerError]) -> None:
+    def remove_rasters(self, name: str, rasters: list) -> None:
+        """Take rasters out of an index on the worker (the dock has asked which): a job, followed
+        as an indexing job is."""
+        if self._ready():
+            self.link.request("remove_rasters", lambda r, e: self._on_job_started(r, e, "Removing rasters"),
+                              index=name, rasters=rasters)
+
+    def _on_job_started(self, reply: Optional[dict], err: Optional[WorkerError], what: str) -> None:
         if err:
-            return self._failed("Starting the index", err)
+            return self._failed(what, err)
         self.job_id = reply["job"]["id"]
         self._on_job(reply["job"])
         self.refresh_indexes()  # a new index is listed while it is built
@@ -417,10 +434,10 @@ class SearchController(QObject):
         if job["state"] == states.INTERRUPTED and self.link is not None:  # the worker stopping: it goes on when started
             self._resumable = (self.link.endpoint, job["index"])
         if job["state"] == states.FAILED:
-            self.notice.emit(f"Indexing failed: {job['error']['message']}", Qgis.Critical, "")
+            what = "Removing rasters" if job.get("kind") == "remove" else "Indexing"
+            self.notice.emit(f"{what} failed: {job['error']['message']}", Qgis.Critical, "")
         else:
-            self.notice.emit(f"Indexing {job['state']}: {job['tiles_done']} tiles.",
-                             Qgis.Success if job["state"] == states.DONE else Qgis.Info, "")
+            self.notice.emit(_job_ended(job), Qgis.Success if job["state"] == states.DONE else Qgis.Info, "")
         self.refresh_indexes()
 
     def cancel_job(self) -> None:

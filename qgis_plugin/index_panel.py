@@ -1,6 +1,6 @@
 """The dock's Index box: the worker's indexes (tiles, rasters, whether this worker's model can
-search them, their jobs), their tiles layer, deleting one, and building or extending one with
-its tile settings (the worker's defaults shown)."""
+search them, their jobs), their tiles layer, deleting one or taking rasters out of it, and
+building or extending one with its tile settings (the worker's defaults shown)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from qgis.PyQt.QtWidgets import (QAbstractItemView, QDoubleSpinBox, QFormLayout,
 
 from .widgets import add_button
 from .controller import SearchController
+from .raster_removal import RasterRemovalDialog
 from .user_requests import IndexBuild, Tiling
 from .wire import job_states as states
 
@@ -131,11 +132,14 @@ class IndexPanel(QGroupBox):
                                                        "project as a layer.", row)
         self.delete_button = add_button("Delete…", "Delete the selected index from the worker's disk (asks "
                                                      "first; the rasters stay).", row)
+        self.remove_button = add_button("Remove rasters…", "Take rasters out of the selected index (asks which; "
+                                                           "the raster files stay).", row)
         layout.addLayout(row)
         layout.addWidget(self._build_build_box())
         self.refresh_button.clicked.connect(controller.refresh_indexes)
         self.tiles_button.clicked.connect(lambda: controller.show_tiles(self.selected_name()))
         self.delete_button.clicked.connect(self.confirm_delete)
+        self.remove_button.clicked.connect(self.choose_rasters_to_remove)
         self.table.itemSelectionChanged.connect(self._selected)
         controller.indexes_listed.connect(self.show_indexes)
         controller.index_job_changed.connect(self._show_any_job)
@@ -159,7 +163,8 @@ class IndexPanel(QGroupBox):
         for column in range(1, len(COLUMNS)):
             self.table.horizontalHeader().setSectionResizeMode(column, QHeaderView.ResizeToContents)
         self.table.setMaximumHeight(130)
-        self.table.setToolTip("The worker's indexes. Select one to extend it, show its tiles or delete it; "
+        self.table.setToolTip("The worker's indexes. Select one to extend it, show its tiles, take rasters out of "
+                              "it or delete it; "
                               "hover a cell for details.")
         return self.table
 
@@ -239,7 +244,10 @@ class IndexPanel(QGroupBox):
     def _show_job(self, job: dict) -> None:
         self.progress.setValue(int(PROGRESS_STEPS * job["progress"]))
         eta = f", {job['eta_s']:.0f} s left" if job.get("eta_s") else ""
-        self.progress.setFormat(f"{job['state']} {job['tiles_done']}/{job['tiles_total']} tiles{eta}")
+        if job.get("kind") == "remove":
+            self.progress.setFormat(f"removing rasters from {job['index']}: {job['state']}")
+        else:
+            self.progress.setFormat(f"{job['state']} {job['tiles_done']}/{job['tiles_total']} tiles{eta}")
         self.cancel_button.setEnabled(job["state"] not in states.FINISHED)
 
     def _show_job_lost(self, job: dict) -> None:
@@ -259,8 +267,10 @@ class IndexPanel(QGroupBox):
         return self.table.item(rows[0].row(), 0).text() if rows else ""
 
     def _enable_selection_buttons(self) -> None:
-        self.tiles_button.setEnabled(bool(self.selected_name()))
-        self.delete_button.setEnabled(bool(self.selected_name()))
+        name = self.selected_name()
+        self.tiles_button.setEnabled(bool(name))
+        self.delete_button.setEnabled(bool(name))
+        self.remove_button.setEnabled(bool((self.controller.index_named(name) or {}).get("rasters")))
 
     def _selected(self) -> None:
         """A selected index is what Build / extend extends: its name, and the tile settings it has."""
@@ -286,6 +296,14 @@ class IndexPanel(QGroupBox):
         box.setDefaultButton(QMessageBox.Cancel)
         if box.exec_() == QMessageBox.Yes:
             self.controller.delete_index(name)
+
+    def choose_rasters_to_remove(self) -> None:
+        item = self.controller.index_named(self.selected_name())
+        if item is None:
+            return
+        dialog = RasterRemovalDialog(item, self)
+        if dialog.exec_() == dialog.Accepted and dialog.ticked():
+            self.controller.remove_rasters(item["name"], dialog.ticked())
 
     def _layers_changed(self, *_: object) -> None:
         self.refresh_raster_layers()

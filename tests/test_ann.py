@@ -3,6 +3,7 @@ never asked when it is older than the index."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -107,6 +108,25 @@ def test_crowded_neighbourhoods_scored_as_one_block_score_as_each_alone(index_wi
         assert local[size].shape == expected.shape
         torch.testing.assert_close(local[size], expected, rtol=0, atol=1e-5)
     assert len(crowds([s[1:] for s in spots[:30]], side)) < 30  # the crowd was scored as blocks
+
+
+def test_a_shortlist_left_with_too_few_windows_by_a_removal_is_removed_and_the_removal_done(index_with_ann,
+                                                                                            tmp_path):
+    """Removing rasters until too few windows were left for a shortlist failed the removal
+    (exit 2; a service job `failed`), though the rasters were gone; the old shortlist stayed,
+    older than its index for good: `info` described rasters no longer there, and every index
+    run, removal and build-ann failed on it, until someone deleted its folder by hand."""
+    folder = tmp_path / "index"
+    shutil.copytree(index_with_ann[0], folder)
+    [raster] = [r.path for r in TileIndex.open(folder).rasters.values()]
+    run = lambda *args: subprocess.run([sys.executable, "-m", "worker", *args], cwd=REPO, capture_output=True, text=True)
+    removed = run("remove", str(folder), raster)
+    assert removed.returncode == 0, removed.stderr
+    summary = json.loads(removed.stdout)
+    assert summary["removed"] == [raster] and summary["tile_count"] == 0
+    assert summary["ann"]["built"] is False and "too few" in summary["ann"]["why"]
+    assert not ann.ann_dir(folder).exists() and not list(folder.glob(".ann*"))
+    assert json.loads(run("info", str(folder)).stdout)["ann"] is None
 
 
 def test_the_compressed_shortlist_re_ranks_its_candidates_close_to_the_exact_vectors(s2_index, model, tmp_path):

@@ -146,6 +146,45 @@ def test_delete_index_and_a_new_job_are_refused_while_the_index_is_written(worke
     assert not (root / "building").exists()
 
 
+def test_rasters_are_taken_out_of_an_index_by_a_job_of_the_worker(worker, rasters):
+    """A client (the plugin) could only delete a whole index: a raster indexed by mistake, or
+    deleted for good, stayed in it, searched or said unreadable at every search, unless the user
+    found the worker's command line. `remove_rasters` runs a job that takes it out; a resent
+    request gets that job, a raster the index does not hold removes nothing, and a job building
+    the index keeps it busy."""
+    osbs, rmnp = str(rasters / "OSBS_029.tif"), str(rasters / "rmnp-rgb.tif")
+    worker.index("pair", [rasters / "rmnp-rgb.tif", rasters / "OSBS_029.tif"], tile=112, scales=[1])
+    try:
+        with worker.client() as c:
+            [before] = [i for i in c.list_indexes() if i["name"] == "pair"]
+            with pytest.raises(WorkerError) as unknown:
+                c.request("remove_rasters", index="pair", rasters=[osbs, str(rasters / "s2.tif")])
+            with pytest.raises(WorkerError) as no_index:
+                c.request("remove_rasters", index="never-built", rasters=[osbs])
+            job = c.request("remove_rasters", index="pair", rasters=[osbs])["job"]
+            done = wait_job(c, job["id"])
+            resent = c.request("remove_rasters", index="pair", rasters=[osbs])["job"]
+            [after] = [i for i in c.list_indexes() if i["name"] == "pair"]
+            hits = c.search("pair", sketch_png=sketch_png(), top=20)["hits"]["features"]
+            building = c.start_index("pair", [osbs], tile=112, scales=[1], chunk_tiles=4)
+            try:
+                with pytest.raises(WorkerError) as while_built:
+                    c.request("remove_rasters", index="pair", rasters=[rmnp])
+            finally:
+                c.cancel(building["id"])
+                wait_job(c, building["id"])
+    finally:
+        shutil.rmtree(worker.index_root / "pair", ignore_errors=True)
+    assert unknown.value.code == codes.BAD_INPUT and "s2.tif" in unknown.value.message
+    assert no_index.value.code == codes.NOT_FOUND
+    assert sorted(before["rasters"]) == sorted([osbs, rmnp]), "nothing removed by the refused request"
+    assert (done["kind"], done["state"], done["removed"]) == ("remove", states.DONE, [osbs])
+    assert resent["id"] == job["id"], "a resent request is answered with its job"
+    assert after["rasters"] == [rmnp] and 0 < after["tile_count"] < before["tile_count"]
+    assert hits and {h["properties"]["raster"] for h in hits} == {rmnp}
+    assert while_built.value.code == codes.BUSY and building["id"] in while_built.value.message
+
+
 def test_a_search_of_an_index_whose_job_has_committed_nothing_is_busy_not_missing(worker, rasters):
     """An index asked for and not yet begun (its job waits behind another) was `not_found`, "build
     one with index", of the index the user had just asked to build."""

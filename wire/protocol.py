@@ -19,7 +19,7 @@ from .errors import (BAD_JSON, BAD_REQUEST, INTERNAL, UNKNOWN_OP, UNSUPPORTED_VE
                      WorkerError)
 
 VERSION = 1
-OPS = ("ping", "info", "list_indexes", "index", "job", "cancel", "search", "delete_index")
+OPS = ("ping", "info", "list_indexes", "index", "job", "cancel", "search", "delete_index", "remove_rasters")
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 # the search's `top`: its default and limit (worker.app.SearchRequest checks them; clients show them)
 DEFAULT_TOP = 10

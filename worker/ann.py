@@ -129,6 +129,13 @@ MAPPED_FILES = ("index.faiss", "windows.npy", *(f"{name}.npy" for name in CODES)
                 *(f"{name}_range.npy" for name in RANGED))
 
 
+MIN_WINDOWS = 256  # fewer cannot train even a small IVF, and the exact scan of so few is quick
+
+
+class TooFewWindows(InputError):
+    """An index holds too few windows for a shortlist."""
+
+
 @dataclass(frozen=True)
 class AnnInfo:
     vectors: int
@@ -253,8 +260,8 @@ def _build(index: TileIndex, factory: str | None = None, seed: int = 0) -> AnnIn
 
     began = time.perf_counter()
     n, sample = _count_and_sample(index, np.random.default_rng(seed))
-    if n < 256:
-        raise InputError(f"{n} windows are too few for an ANN shortlist; the exact scan is the right tool")
+    if n < MIN_WINDOWS:
+        raise TooFewWindows(f"{n} windows are too few for an ANN shortlist; the exact scan is the right tool")
     factory = factory_for(n, factory)
     ann = faiss.index_factory(sample.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
     ann.train(sample)
@@ -596,7 +603,7 @@ def _update(index: TileIndex) -> AnnInfo | None:
         log.warning("%s: its ANN shortlist cannot be read (%s); building it again", index.dir, excerpt(str(exc)))
         answered = None
     if answered is None:
-        return _build(index)
+        return _rebuild(index)
     ann = _read_faiss(built_dir / "index.faiss")  # whole, to add to (opened above mapped: readable)
     # the new windows are counted first (made twice: holding them all could take more memory than
     # there is), so that the codes files are written at their final size
@@ -609,6 +616,21 @@ def _update(index: TileIndex) -> AnnInfo | None:
                 writer.add(vectors)
             rows.append(_window_rows(raster_id, scale, origins))
         return _write(index, ann, rows, codes, built["factory"], began, folder)
+
+
+def _rebuild(index: TileIndex) -> AnnInfo:
+    """The shortlist built again from the index as it is; one the index now has too few windows
+    for (rasters removed) is removed, and TooFewWindows says so. Kept, it stayed older than its
+    index for good: never asked, `info` describing rasters that were gone, and every index run,
+    removal and build-ann failed on it, leaving it there."""
+    try:
+        return _build(index)
+    except TooFewWindows as exc:
+        discarded = Path(index.dir) / f".{ANN_DIR}.new.{os.getpid()}"  # what remove_unfinished_builds sweeps
+        shutil.rmtree(discarded, ignore_errors=True)
+        os.replace(ann_dir(index.dir), discarded)
+        shutil.rmtree(discarded, ignore_errors=True)
+        raise TooFewWindows(f"{exc}: the index's old shortlist was removed") from None
 
 
 def _read_faiss(path: Path, flags: int = 0):

@@ -121,9 +121,11 @@ class IndexRequest:
         return cls(Path(index_dir), tuple(find_rasters(list(rasters), access)), settings,
                    **given(chunk_tiles=chunk_tiles, batch_size=batch_size), access=access, ann=ann, tokens=tokens)
 
-    def same_work(self, other: "IndexRequest") -> bool:
+    def same_work(self, other: "IndexRequest | RemovalRequest") -> bool:
         """Whether `other` asks this request's work again (a resent request): the same index,
         rasters, tile settings and choices."""
+        if not isinstance(other, IndexRequest):
+            return False
         mine, theirs = self.to_json(), other.to_json()
         return self.index_dir == other.index_dir and all(
             (sorted(mine[k]) if k == "rasters" else mine[k]) == (sorted(theirs[k]) if k == "rasters" else theirs[k])
@@ -214,13 +216,66 @@ def build_index(request: IndexRequest, model: "RetrievalModel", progress: Callab
         ann_info = {"built": False, "why": f"{len(unfinished)} other raster(s) of the index are not fully indexed "
                                            f"(first {unfinished[0]}): index them again, then the shortlist follows"}
     elif complete and (wanted or has_ann):
-        index = TileIndex.open(request.index_dir)
-        try:
-            ann_info = (ann.update(index) if has_ann else ann.build(index)).to_json()
-        except InputError as exc:  # too few windows: the index is fine, and the exact scan serves it
-            ann_info = {"built": False, "why": str(exc)}
+        ann_info = _shortlist_kept(TileIndex.open(request.index_dir), update=has_ann)
     return IndexSummary(request.index_dir, manifest.get("tile_count", 0), sum(r["tiles_total"] or 0 for r in rasters),
                         sum(r["tiles_skipped"] for r in rasters), len(rasters), complete, ann_info)
+
+
+@dataclass(frozen=True)
+class RemovalRequest:
+    """Take `rasters` (their paths as the index names them) out of `index_dir`."""
+
+    index_dir: Path
+    rasters: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not self.rasters:
+            raise InputError("no rasters to remove: name them as the index lists them")
+
+    def same_work(self, other: "RemovalRequest | IndexRequest") -> bool:
+        """Whether `other` asks this removal again (a resent request)."""
+        return (isinstance(other, RemovalRequest) and self.index_dir == other.index_dir
+                and sorted(self.rasters) == sorted(other.rasters))
+
+
+@dataclass(frozen=True)
+class RemovalSummary:
+    """What a removal left: the rasters taken out (as the index named them), the tiles left,
+    and the ANN shortlist rebuilt without them (worker.ann.AnnInfo, or why it was not), if the
+    index had one."""
+
+    removed: list[str]
+    tile_count: int
+    ann: dict | None = None
+
+    def to_json(self) -> dict:
+        out = {"removed": self.removed, "tile_count": self.tile_count}
+        return {**out, "ann": self.ann} if self.ann else out
+
+
+def remove_rasters(request: RemovalRequest) -> RemovalSummary:
+    """Take the request's rasters out of its index (worker.store.removal), then rebuild its ANN
+    shortlist without them: until then a search scans exactly, so a failure there (a full disk,
+    said in the summary's `ann`) leaves the rasters removed and the index searchable, and the
+    next index run or build-ann rebuilds it. NotFoundError or IndexMismatchError for no index or one of another format;
+    InputError, changing nothing, for a raster the index does not hold."""
+    from worker.store.removal import remove_rasters as take_out
+
+    open_index(request.index_dir)  # not_found or another format, said as for every other use
+    removed = take_out(request.index_dir, list(request.rasters))
+    index = open_index(request.index_dir)
+    return RemovalSummary(removed, len(index), _shortlist_kept(index, update=True))
+
+
+def _shortlist_kept(index: TileIndex, update: bool) -> dict | None:
+    """The index's ANN shortlist built, or brought up to date, as a job reports it (AnnInfo);
+    where it cannot be (too few windows, a full disk), why not: the index is fine, and the exact
+    scan serves it. None when there is none to update."""
+    try:
+        info = ann.update(index) if update else ann.build(index)
+    except InputError as exc:
+        return {"built": False, "why": str(exc)}
+    return info.to_json() if info else None
 
 
 def index_info(index: TileIndex) -> dict:

@@ -267,15 +267,9 @@ def cmd_build_ann(args: argparse.Namespace) -> int:
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
-    from worker import ann
-    from worker.app import open_index
-    from worker.store.removal import remove_rasters
+    from worker.app import RemovalRequest, remove_rasters
 
-    open_index(args.index)  # not_found or another format, said as for the other commands
-    removed = remove_rasters(args.index, [str(p) for p in args.rasters])
-    index = open_index(args.index)
-    shortlist = ann.update(index)  # rebuilt without them (a failure here leaves the rasters removed, and says so)
-    print(json.dumps({"removed": removed, "tile_count": len(index), **({"ann": shortlist.to_json()} if shortlist else {})}))
+    print(json.dumps(remove_rasters(RemovalRequest(args.index, tuple(str(p) for p in args.rasters))).to_json()))
     return 0
 
 

@@ -4,6 +4,7 @@ tile settings of one's own (the manifest records them), deleting after confirmin
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from qgis.core import Qgis, QgsProject
 from qgis.PyQt.QtCore import QTimer
@@ -106,6 +107,49 @@ def test_build_with_tile_settings_of_ones_own_then_delete_after_confirming(plugi
     assert not QgsProject.instance().mapLayersByName("Index tiles: custom"), "its tiles layer went with it"
     assert dock.index_combo.findText("custom") < 0
     assert any("deleted" in m for m in qgis_iface.messageBar().get_messages(Qgis.Success))
+
+
+def test_a_raster_is_taken_out_of_an_index_after_choosing_it(plugin, worker, raster_root, qgis_iface):
+    """A raster indexed by mistake, or deleted for good, could only go with the whole index."""
+    import shutil
+
+    from qgis.PyQt.QtCore import Qt
+
+    (raster_root / "removal").mkdir(exist_ok=True)
+    mistake = Path(shutil.copy(raster_root / "rmnp-rgb.tif", raster_root / "removal" / "mistake.tif"))
+    worker.index("pair", [raster_root / "rmnp-rgb.tif", mistake], tile=112, scales=[1])
+    dock = plugin.dock
+    panel = dock.index_panel
+    connect(dock, worker)
+    chosen = []
+
+    def tick_the_mistake_and_remove() -> None:
+        dialog = QApplication.activeModalWidget()
+        if type(dialog).__name__ != "RasterRemovalDialog":  # the plugin's class, as QGIS loaded it
+            return QTimer.singleShot(50, tick_the_mistake_and_remove)
+        items = [dialog.raster_list.item(i) for i in range(dialog.raster_list.count())]
+        chosen.append((sorted(i.text() for i in items), dialog.remove_button.isEnabled()))
+        next(i for i in items if i.text() == "mistake.tif").setCheckState(Qt.Checked)
+        dialog.remove_button.click()
+
+    try:
+        assert process_until(lambda: row_of(panel, "pair") >= 0, 10)
+        panel.table.selectRow(row_of(panel, "pair"))
+        assert cells(panel, "pair")[2] == "2"
+        qgis_iface.messageBar().clear_messages()
+        QTimer.singleShot(50, tick_the_mistake_and_remove)
+        panel.remove_button.click()
+        assert chosen == [(["mistake.tif", "rmnp-rgb.tif"], False)], "the index's rasters, none ticked: Remove waits"
+        assert process_until(lambda: any("Removed 1 raster(s) from “pair”" in m
+                                         for m in qgis_iface.messageBar().get_messages(Qgis.Success)), 60), \
+            qgis_iface.messageBar().get_messages(Qgis.Warning)
+        assert process_until(lambda: row_of(panel, "pair") >= 0 and cells(panel, "pair")[2] == "1", 10)
+        assert dock.controller.index_named("pair")["rasters"] == [str(raster_root / "rmnp-rgb.tif")]
+        assert mistake.is_file(), "the raster file stays"
+    finally:
+        with worker.client() as c:
+            c.request("delete_index", index="pair")
+        shutil.rmtree(raster_root / "removal")
 
 
 def test_bad_tile_settings_say_which_field_to_correct(plugin, worker, rmnp_layer, qgis_iface):

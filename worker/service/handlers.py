@@ -17,8 +17,8 @@ from wire.errors import BAD_REQUEST, BUSY, FORBIDDEN, NOT_FOUND, ProtocolError
 from wire.protocol import MAX_RASTER_ENTRIES, MAX_STROKE_POINTS, MAX_STROKES, excerpt, field, new_id
 from worker import __version__
 from worker.ann import ANN_DIR
-from worker.app import (IndexRequest, SearchRequest, SketchSource, check_index, check_manifest, given,
-                        search_as_it_is, stroke_sketch)
+from worker.app import (IndexRequest, RemovalRequest, SearchRequest, SketchSource, check_index, check_manifest,
+                        given, search_as_it_is, stroke_sketch)
 from worker.cancellation import SearchStopped, StopCheck, raise_if_stopped, stop_when
 from worker.errors import CorruptIndexError, InputError, NotFoundError
 from worker.example_query import Example
@@ -56,7 +56,8 @@ class Handlers:
         self.indexes = indexes
         self.started = time.time()
         self._ops: dict[str, Handler] = {"ping": self.ping, "info": self.info, "index": self.index, "job": self.job,
-                                         "cancel": self.cancel, "delete_index": self.delete_index}
+                                         "cancel": self.cancel, "delete_index": self.delete_index,
+                                         "remove_rasters": self.remove_rasters}
         self._pooled: dict[str, Callable[[dict, list], Work]] = {"search": self.search,
                                                                   "list_indexes": self.list_indexes}
         assert set(self._pooled) == self.POOLED and set(self._ops) | self.POOLED == set(protocol.OPS), \
@@ -180,6 +181,35 @@ class Handlers:
             except OSError:
                 break
         return {"deleted": name}
+
+    def remove_rasters(self, header: dict, frames: list) -> dict:
+        """Start a job taking rasters out of an index (named as list_indexes lists them, matched
+        exactly: no path of the client's is looked up on disk). A resent request whose first
+        reply was lost is answered with its job, running or done."""
+        name = field(header, "index", str)
+        rasters = field(header, "rasters", list, check=lambda v: v and all(isinstance(p, str) for p in v))
+        if len(rasters) > MAX_RASTER_ENTRIES:
+            raise InputError(f"rasters has {len(rasters):,} entries; at most {MAX_RASTER_ENTRIES:,}")
+        index_dir = self.config.paths.index_dir(name)
+        request = RemovalRequest(index_dir, tuple(rasters))
+        running = self.jobs.running_for(index_dir)
+        if running is not None:
+            return {"job": self.jobs.joined(running, name, request).to_json()}
+        if not (index_dir / MANIFEST).is_file():
+            raise ProtocolError(NOT_FOUND, f"no index {name!r} in the index root (a folder with {MANIFEST})")
+        held = {entry["path"] for entry in read_manifest(index_dir)["rasters"]}
+        unknown = [path for path in rasters if path not in held]
+        if unknown:
+            last = self.jobs.last_for(index_dir)
+            if last is not None and last.state == states.DONE and last.request is not None \
+                    and last.request.same_work(request) and not held & set(rasters):
+                return {"job": last.to_json()}  # done already: its reply was lost
+            more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+            raise InputError(f"index {name!r} holds no raster {excerpt(unknown[0])}{more}: name rasters as "
+                             "list_indexes lists them")
+        if locked_by_another(index_dir, JOB_LOCK) or locked_by_another(index_dir):
+            raise _written_elsewhere(name, "ask again")
+        return {"job": self.jobs.start(name, request).to_json()}
 
     def _check_extendable(self, request: IndexRequest) -> None:
         """IndexMismatchError for an index the request cannot extend. One whose shards or maps

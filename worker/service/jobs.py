@@ -1,5 +1,8 @@
 """Background indexing jobs: a bounded queue, progress, cancel, and resume after the worker was killed.
 
+A job indexes rasters into an index, or takes rasters out of one (its kind, `remove`): both
+write the index, so they queue in the same line, one job per index at a time.
+
 A job writes INDEX_DIR/job.json (its request) before it starts and removes it when it ends
 (done, failed or cancelled), holding the index's JOB_LOCK from the one to the other, queued too:
 workers sharing an index root never take up or remove each other's job file. A worker that
@@ -23,7 +26,7 @@ from typing import Callable
 from wire import job_states as states
 from wire.errors import BUSY, ProtocolError
 from wire.protocol import new_id
-from worker.app import IndexRequest, build_index
+from worker.app import IndexRequest, RemovalRequest, build_index, remove_rasters
 from worker.distributed import Cluster
 from worker.errors import InputError, error_object
 from worker.raster_access import RasterAccess
@@ -35,14 +38,19 @@ SLOT_WAIT_S = 0.25  # how often a queued job looks whether it was cancelled
 MAX_FINISHED_JOBS = 1000  # finished jobs remembered for the `job` op; older ones are forgotten
 
 
-class Job:
-    """One indexing run of one index, as the `job` op and progress events report it."""
+JobRequest = IndexRequest | RemovalRequest
 
-    def __init__(self, index_name: str, index_dir: Path, request: IndexRequest | None):
+
+class Job:
+    """One indexing run (or removal) of one index, as the `job` op and progress events report it."""
+
+    def __init__(self, index_name: str, index_dir: Path, request: JobRequest | None):
         self.id = new_id()
         self.index_name = index_name
         self.index_dir = index_dir
         self.request = request  # None for a job that could not be resumed
+        self.kind = "remove" if isinstance(request, RemovalRequest) else "index"
+        self.removed: list[str] | None = None  # a removal's rasters, as the index named them, once done
         self.state = states.QUEUED
         self.error: dict | None = None
         self.tiles_done = 0
@@ -63,7 +71,8 @@ class Job:
             t0, n0 = self._rate_start
             rate = (self.tiles_done - n0) / max(1e-6, time.time() - t0)
             eta = (self.tiles_total - self.tiles_done) / rate if rate > 0 else None
-        return {"id": self.id, "index": self.index_name, "state": self.state, "progress": round(fraction, 4),
+        return {"id": self.id, "kind": self.kind, "index": self.index_name, "state": self.state,
+                "progress": round(fraction, 4), "removed": self.removed,
                 "tiles_done": self.tiles_done, "tiles_total": self.tiles_total, "tiles_skipped": self.tiles_skipped,
                 "eta_s": round(eta, 1) if eta is not None else None, "error": self.error, "ann": self.ann,
                 "started": self.started, "finished": self.finished}
@@ -101,7 +110,7 @@ class JobManager:
             return max((j for j in self.jobs.values() if j.index_dir == index_dir), key=lambda j: j.started,
                        default=None)
 
-    def start(self, index_name: str, request: IndexRequest, queue_bound: bool = True) -> Job:
+    def start(self, index_name: str, request: JobRequest, queue_bound: bool = True) -> Job:
         """Start a job, or return the one already running for this index when it asks the same work
         (so retries are safe). ProtocolError(BUSY) when a job for this index does other work or is
         being cancelled (before, the request was answered with that job and never done), or when
@@ -131,8 +140,9 @@ class JobManager:
             raise ProtocolError(BUSY, f"index {index_name!r} has an indexing job queued or running in another worker "
                                       "sharing the index root: wait for it to end, and ask again")
         try:
-            with disk_write(request.index_dir, then):
-                write_json_atomic(request.index_dir / JOB_FILE, {"index": index_name, **request.to_json()}, then)
+            if job.kind == "index":  # a removal is one commit, with nothing to resume
+                with disk_write(request.index_dir, then):
+                    write_json_atomic(request.index_dir / JOB_FILE, {"index": index_name, **request.to_json()}, then)
             self._remember(job)
             job.thread = threading.Thread(target=self._run, args=(job,), name=f"index-{job.id}", daemon=True)
             job.thread.start()
@@ -142,7 +152,7 @@ class JobManager:
         return job
 
     @staticmethod
-    def joined(existing: Job, index_name: str, request: IndexRequest) -> Job:
+    def joined(existing: Job, index_name: str, request: JobRequest) -> Job:
         """`existing`, the job of the request's index, when the request asks the same work of it
         (a resent request, answered with that job even if it has just ended); ProtocolError(BUSY)
         when it asks other work, or the job is being cancelled."""
@@ -150,8 +160,9 @@ class JobManager:
             raise ProtocolError(BUSY, f"index {index_name!r}: its job {existing.id} is being cancelled (it stops "
                                       "after its batch); ask again once it has stopped")
         if existing.request is None or not existing.request.same_work(request):
-            raise ProtocolError(BUSY, f"index {index_name!r} is being built by job {existing.id} with other "
-                                      "rasters or settings: wait for it to end, or cancel it, and ask again")
+            doing = "having rasters removed by" if existing.kind == "remove" else "being built by"
+            raise ProtocolError(BUSY, f"index {index_name!r} is {doing} job {existing.id}, with other rasters or "
+                                      "settings: wait for it to end, or cancel it, and ask again")
         return existing
 
     def _remember(self, job: Job) -> None:
@@ -224,7 +235,7 @@ class JobManager:
             self._finish(job, *ended)
 
     def _build(self, job: Job) -> tuple[str, dict | None]:
-        """Run the job's indexing; returns how it ended (its state and error), which _finish
+        """Run the job's indexing (or removal); returns how it ended (its state and error), which _finish
         makes known once the job's files are tidied: a client told `failed` found the folder of a
         job that failed before its first commit still there."""
         job.state = states.RUNNING
@@ -235,6 +246,8 @@ class JobManager:
             job.on_progress(p)
             self.publish(job.to_json())
 
+        if job.kind == "remove":
+            return self._remove(job)
         try:
             summary = build_index(job.request, self.model, progress=progress,
                                   should_stop=lambda: job.cancel_requested.is_set() or self.stopping.is_set(),
@@ -250,6 +263,20 @@ class JobManager:
         if job.cancel_requested.is_set():
             return states.CANCELLED, None
         return states.INTERRUPTED, None  # the worker is stopping; job.json stays for the next one
+
+    def _remove(self, job: Job) -> tuple[str, dict | None]:
+        """Take the job's rasters out of its index: one commit, then the ANN shortlist rebuilt
+        without them. A cancel no longer stops it once it runs."""
+        try:
+            summary = remove_rasters(job.request)
+        except Exception as exc:  # reported on the job; the worker keeps serving
+            if not isinstance(exc, InputError):
+                log.exception("removal job %s failed", job.id)
+            return states.FAILED, error_object(exc)
+        job.removed, job.ann = summary.removed, summary.ann
+        log.info("job %s removed %d raster(s) from %s: %d tiles left", job.id, len(summary.removed), job.index_dir,
+                 summary.tile_count)
+        return states.DONE, None
 
     def _finish(self, job: Job, state: str, error: dict | None = None) -> None:
         """Tidy the job's files, then make its end known (also when tidying fails: a job left
