@@ -220,6 +220,35 @@ def test_a_view_across_the_antimeridian_is_searched_where_it_lies(tmp_path, mode
         assert iou(hits[0].footprint_pixels(), place.pixel_polygon()) >= 0.5, crs
 
 
+def test_a_utm_raster_across_180_is_searched_in_a_view_of_the_whole_world(tmp_path, model, assets):
+    """A raster in UTM zone 1 across 180 degrees (Fiji, Chukotka, the Aleutians), searched in a
+    view of the whole world, as "Search current view" zoomed out sends it: the search failed
+    (`internal`; the command line's traceback). Its level map's lon/lat box went round the world
+    (its tiles lie on both sides of 180), and the world's points, reprojected into zone 1, were
+    outside the projection. Now the map's box lies past 180, and a place east of 180 is found."""
+    from rasterio.transform import from_origin
+
+    from conftest import write_raster
+    from worker.store import IndexWriter
+    from worker.tiling import TileSettings
+
+    with rasterio.open(assets["rmnp_rgb"]) as src:
+        pixels = src.read()
+    zone_1 = CRS.from_epsg(32601)
+    across = write_raster(tmp_path / "across.tif", pixels, crs=zone_1, transform=from_origin(160_000, 20_000, 30, 30))
+    out = tmp_path / "index"
+    IndexWriter(out, model, TileSettings(tile=112, scales=(1,))).build([across])
+    index = TileIndex.open(out)
+    [(west, _, east, _)] = index.map_boxes_wgs84.values()
+    assert 179.9 < west < 180 < east < 180.1, "the map's box lies across 180, not round the world"
+    place = Placement(next(iter(index.rasters.values())), cx=380, cy=180, side=112.0)  # east of 180 degrees
+    assert rasterio.warp.transform(zone_1, CRS.from_epsg(4326), [160_000 + 380 * 30], [20_000 - 180 * 30])[0][0] < 0
+    sketch = prepare_sketch(pseudo_sketch(place.read(224)[0], "canny"), 224)
+    for bbox, crs in (((-180, -90, 180, 90), "EPSG:4326"), ((-4e7, -3e7, 4e7, 3e7), "EPSG:3857")):
+        hits = search(index, model, sketch, top=5, area_wgs84=bbox_to_wgs84(bbox, CRS.from_string(crs))).hits
+        assert hits and iou(hits[0].footprint_pixels(), place.pixel_polygon()) >= 0.5, crs
+
+
 def test_a_web_mercator_raster_across_180_is_searched_in_a_box_and_read_as_an_example_there(tmp_path, model, assets):
     """The sample scene (485 by 373 px of 30 m) in EPSG:3857 from 7 km west of 180 degrees, its
     x past the CRS's edge, as a web map's tiles are. PROJ gives a point just east of 180 the x of

@@ -15,10 +15,10 @@ import numpy as np
 import shapely
 from rasterio.crs import CRS
 from rasterio.warp import transform as warp_transform
-from shapely.geometry import Polygon
+from shapely.geometry import MultiPolygon, Polygon
 
 from worker.edge_cells import CELL
-from worker.geo import Area, nearest_copy_x
+from worker.geo import Area, nearest_copy_x, with_world_copies
 from worker.level_maps import LevelMap
 from worker.store import WGS84, TileIndex
 
@@ -47,11 +47,12 @@ class SearchArea:
         if area_wgs84 is None:
             return cls(keys, {}, every_map and len(keys) == len(index.maps), None)
         bounds = shapely.box(*np.array([index.map_boxes_wgs84[k] for k in keys], np.float64).reshape(-1, 4).T)
-        meets = shapely.intersects(bounds, area_wgs84)  # every map at once: a mosaic has thousands
+        around = area_wgs84 if isinstance(area_wgs84, MultiPolygon) else with_world_copies(area_wgs84)  # maps past 180
+        meets = shapely.intersects(bounds, around)  # every map at once: a mosaic has thousands
         keys, bounds = [k for k, m in zip(keys, meets) if m], bounds[meets]
         boxes = {}
         for key, map_bounds in zip(keys, bounds):
-            box = _cell_box(index.maps[key], map_bounds, area_wgs84)
+            box = _cell_box(index.maps[key], map_bounds, around)
             if box is not None:
                 boxes[key] = box
         return cls(keys, boxes, every_map and not boxes and len(keys) == len(index.maps), area_wgs84)
@@ -114,8 +115,9 @@ class SearchArea:
 
 
 def _cell_box(level: LevelMap, map_bounds: Polygon, area_wgs84: Area) -> Box | None:
-    """The box of a level map's stored cells around the part of the area over the map's lon/lat
-    bounds (reprojected there only: far from a raster its CRS's coordinates run wild); None: the
+    """The box of a level map's stored cells around the part of the area (with its world copies:
+    a map across 180 degrees lies past it) over the map's lon/lat bounds (reprojected there
+    only: far from a raster its CRS's coordinates run wild); None: the
     area covers the whole map, or cannot be placed in the raster's CRS, and the map is searched
     whole."""
     part = area_wgs84.intersection(map_bounds)
@@ -124,7 +126,10 @@ def _cell_box(level: LevelMap, map_bounds: Polygon, area_wgs84: Area) -> Box | N
     west, south, east, north = map_bounds.bounds
     points = shapely.get_coordinates(shapely.segmentize(part, max(east - west, north - south) / 16))
     raster = level.raster
-    xs, ys = warp_transform(WGS84, CRS.from_wkt(raster.crs_wkt), points[:, 0], points[:, 1])
+    try:
+        xs, ys = warp_transform(WGS84, CRS.from_wkt(raster.crs_wkt), points[:, 0], points[:, 1])
+    except Exception:  # PROJ's errors have no common type: a point its projection cannot place
+        return None
     xs = nearest_copy_x(np.asarray(xs), raster.crs_wkt, (raster.affine * (raster.width / 2, raster.height / 2))[0])
     cols, rows = ~raster.affine * (xs, np.asarray(ys))
     if not (np.isfinite(cols).all() and np.isfinite(rows).all()):

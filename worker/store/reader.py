@@ -265,10 +265,11 @@ class TileIndex:
     @cached_property
     def map_boxes_wgs84(self) -> dict[tuple[int, int], tuple[float, float, float, float]]:
         """The lon/lat box (west, south, east, north) around each level map's tiles, made once a
-        view: a search in an area looked at every map's tiles (12 ms a search at 1,000 rasters)."""
+        view: a search in an area looked at every map's tiles (12 ms a search at 1,000 rasters).
+        A map across 180 degrees has its east past 180 (its tiles lie on both sides: their plain
+        box went round the world, and a search of the whole world failed on it)."""
         b = self.records["bounds4326"]
-        return {key: (float(b[rows, 0].min()), float(b[rows, 1].min()), float(b[rows, 2].max()), float(b[rows, 3].max()))
-                for key, rows in self._rows_by_map.items()}
+        return {key: _box_round(b[rows]) for key, rows in self._rows_by_map.items()}
 
     def tile(self, row: int) -> Tile:
         r = self.records[row]
@@ -308,3 +309,15 @@ def _opened_before(earlier: TileIndex | None, view: TileIndex) -> bool:
     lost shards, or one of the earlier view's rasters changed (dropped and indexed again, its
     shards may bear the same names)."""
     return earlier is not None and earlier.held_by(view.manifest)
+
+
+def _box_round(bounds: np.ndarray) -> tuple[float, float, float, float]:
+    """The narrower of two lon/lat boxes round footprints' (n, 4) bounds: as they are, or with
+    those west of Greenwich moved a world east (footprints on both sides of 180 degrees)."""
+    south, north = float(bounds[:, 1].min()), float(bounds[:, 3].max())
+    west, east = bounds[:, 0].min(), bounds[:, 2].max()
+    shift = np.where(bounds[:, 0] < 0, 360.0, 0.0)
+    west_moved, east_moved = (bounds[:, 0] + shift).min(), (bounds[:, 2] + shift).max()
+    if east_moved - west_moved < east - west:
+        west, east = west_moved, east_moved
+    return float(west), south, float(east), north
