@@ -13,6 +13,7 @@ import numpy as np
 
 from worker import level_maps
 from worker.geo import bounds_wgs84
+from worker.interrupts import stops_held
 from worker.line_drawing import drawing_device
 from worker.errors import InputError
 from worker.store.format import (CHUNK_TILES, LOCK, MANIFEST, RECORD_DTYPE, SHARDS, TILES_LAYER, TMP_PREFIX,
@@ -314,7 +315,6 @@ class IndexWriter:
                         break
                     entry = entries[job.raster_id]
                     self._commit_chunk(entry, job.chunk, job.count, result)
-                    entry["tiles_skipped"] += result.skipped
                     skipped_total += result.skipped
                     remaining[job.raster_id] -= 1
                     if remaining[job.raster_id] == 0:
@@ -338,9 +338,10 @@ class IndexWriter:
         if not entries:
             return
         self._check_in_place()
-        for entry in entries:
-            self._write_maps(entry)
-            entry["complete"] = True
+        with stops_held():  # written with numpy too (_commit_chunk)
+            for entry in entries:
+                self._write_maps(entry)
+                entry["complete"] = True
         if commit:
             self._commit()
 
@@ -349,10 +350,14 @@ class IndexWriter:
         the commit is removed by the next run: _clean_uncommitted)."""
         name = shard_name(entry["id"], chunk)
         self._check_in_place()
-        write_shard(self.dir, name, result.arrays)
-        self.manifest["shards"].append({"name": name, "raster_id": entry["id"], "chunk": chunk,
-                                        "count": tiles - result.skipped, "skipped": result.skipped})
-        self._uncommitted = True
+        # a Ctrl-C or SIGTERM raised inside numpy's write came out as numpy's TypeError (it takes
+        # the failed flush for a file name): the run's traceback, not "terminated". Held until written.
+        with stops_held():
+            write_shard(self.dir, name, result.arrays)
+            self.manifest["shards"].append({"name": name, "raster_id": entry["id"], "chunk": chunk,
+                                            "count": tiles - result.skipped, "skipped": result.skipped})
+            entry["tiles_skipped"] += result.skipped  # with its shard: a stop held till here commits both
+            self._uncommitted = True
 
 
 @dataclass(frozen=True)
