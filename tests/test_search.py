@@ -249,6 +249,36 @@ def test_a_utm_raster_across_180_is_searched_in_a_view_of_the_whole_world(tmp_pa
         assert hits and iou(hits[0].footprint_pixels(), place.pixel_polygon()) >= 0.5, crs
 
 
+def test_a_search_area_beside_a_raster_finds_nothing_hanging_past_its_edge(tmp_path, model, assets):
+    """Two UTM sheets side by side and an area a few pixels inside the east one: hits came from
+    the west one too, squares hanging past its edge over no data of its own (the probe's: 5 of
+    30). The area met the lon/lat box round the west sheet's map (wider than the sheet, UTM's
+    grid turning from north), and its cells, all east of the map, made an empty box that such
+    squares still met."""
+    from rasterio.transform import from_origin
+
+    from conftest import write_raster
+    from worker.search_area import SearchArea
+    from worker.store import IndexWriter
+    from worker.tiling import TileSettings
+
+    with rasterio.open(assets["rmnp_rgb"]) as src:
+        pixels = src.read()
+    utm, (width, height) = CRS.from_epsg(32618), (pixels.shape[2] * 30, pixels.shape[1] * 30)
+    west = write_raster(tmp_path / "west.tif", pixels, crs=utm, transform=from_origin(400_000, 4_200_000, 30, 30))
+    east = write_raster(tmp_path / "east.tif", pixels, crs=utm, transform=from_origin(400_000 + width, 4_200_000, 30, 30))
+    out = tmp_path / "index"
+    IndexWriter(out, model, TileSettings(tile=112, scales=(1,))).build([west, east])
+    index = TileIndex.open(out)
+    area = bbox_to_wgs84((400_000 + width + 15, 4_200_000 - height + 15, 400_000 + 2 * width - 15, 4_200_000 - 15), utm)
+    west_id = next(i for i, r in index.rasters.items() if r.path == str(west))
+    assert [key for key in SearchArea.of(index, None, area).keys if key[0] == west_id] == []
+    place = Placement(index.rasters[west_id], cx=440, cy=180, side=112.0)  # at the west sheet's east edge
+    sketch = prepare_sketch(pseudo_sketch(place.read(224)[0], "canny"), 224)
+    hits = search(index, model, sketch, top=30, area_wgs84=area).hits
+    assert hits and {h.raster_path for h in hits} == {str(east)}
+
+
 def test_a_web_mercator_raster_across_180_is_searched_in_a_box_and_read_as_an_example_there(tmp_path, model, assets):
     """The sample scene (485 by 373 px of 30 m) in EPSG:3857 from 7 km west of 180 degrees, its
     x past the CRS's edge, as a web map's tiles are. PROJ gives a point just east of 180 the x of

@@ -15,7 +15,7 @@ import numpy as np
 import shapely
 from rasterio.crs import CRS
 from rasterio.warp import transform as warp_transform
-from shapely.geometry import MultiPolygon, Polygon
+from shapely.geometry import Polygon
 
 from worker.edge_cells import CELL
 from worker.geo import Area, nearest_copy_x, with_world_copies
@@ -47,14 +47,18 @@ class SearchArea:
         if area_wgs84 is None:
             return cls(keys, {}, every_map and len(keys) == len(index.maps), None)
         bounds = shapely.box(*np.array([index.map_boxes_wgs84[k] for k in keys], np.float64).reshape(-1, 4).T)
-        around = area_wgs84 if isinstance(area_wgs84, MultiPolygon) else with_world_copies(area_wgs84)  # maps past 180
-        meets = shapely.intersects(bounds, around)  # every map at once: a mosaic has thousands
+        if isinstance(area_wgs84, Polygon):  # a map across 180 lies past it: met by the area's world copies, as one
+            area_wgs84 = shapely.union_all(list(with_world_copies(area_wgs84).geoms))
+        meets = shapely.intersects(bounds, area_wgs84)  # every map at once: a mosaic has thousands
         keys, bounds = [k for k, m in zip(keys, meets) if m], bounds[meets]
-        boxes = {}
+        boxes, missed = {}, set()
         for key, map_bounds in zip(keys, bounds):
-            box = _cell_box(index.maps[key], map_bounds, around)
-            if box is not None:
+            box = _cell_box(index.maps[key], map_bounds, area_wgs84)
+            if box is not None and (box[0] >= box[2] or box[1] >= box[3]):
+                missed.add(key)  # the area meets the lon/lat box round the map, not the map
+            elif box is not None:
                 boxes[key] = box
+        keys = [k for k in keys if k not in missed]
         return cls(keys, boxes, every_map and not boxes and len(keys) == len(index.maps), area_wgs84)
 
     def only(self, keys: list[Key]) -> "SearchArea":
@@ -117,9 +121,9 @@ class SearchArea:
 def _cell_box(level: LevelMap, map_bounds: Polygon, area_wgs84: Area) -> Box | None:
     """The box of a level map's stored cells around the part of the area (with its world copies:
     a map across 180 degrees lies past it) over the map's lon/lat bounds (reprojected there
-    only: far from a raster its CRS's coordinates run wild); None: the
-    area covers the whole map, or cannot be placed in the raster's CRS, and the map is searched
-    whole."""
+    only: far from a raster its CRS's coordinates run wild), empty when that part lies off the
+    map; None: the area covers the whole map, or cannot be placed in the raster's CRS, and the
+    map is searched whole."""
     part = area_wgs84.intersection(map_bounds)
     if part.is_empty or part.covers(map_bounds):
         return None
@@ -134,10 +138,12 @@ def _cell_box(level: LevelMap, map_bounds: Polygon, area_wgs84: Area) -> Box | N
     cols, rows = ~raster.affine * (xs, np.asarray(ys))
     if not (np.isfinite(cols).all() and np.isfinite(rows).all()):
         return None
+    if cols.min() >= raster.width or cols.max() <= 0 or rows.min() >= raster.height or rows.max() <= 0:
+        return 0, 0, 0, 0  # beside the raster: its last cells reach past its pixels, over none of its data
     cell_px = CELL * level.level_px
     height, width = level.cells.shape[:2]
     r0, r1 = max(0, int(np.floor(rows.min() / cell_px))), min(height, int(np.ceil(rows.max() / cell_px)))
     c0, c1 = max(0, int(np.floor(cols.min() / cell_px))), min(width, int(np.ceil(cols.max() / cell_px)))
     if (r0, c0, r1, c1) == (0, 0, height, width):
         return None
-    return r0, c0, max(r0, r1), max(c0, c1)
+    return r0, c0, r1, c1  # empty where the part lies off the map: a square hanging past its edge met it

@@ -312,12 +312,13 @@ def _opened_before(earlier: TileIndex | None, view: TileIndex) -> bool:
 
 
 def _box_round(bounds: np.ndarray) -> tuple[float, float, float, float]:
-    """The narrower of two lon/lat boxes round footprints' (n, 4) bounds: as they are, or with
-    those west of Greenwich moved a world east (footprints on both sides of 180 degrees)."""
+    """The lon/lat box round footprints' (n, 4) bounds: as they are, or, where that goes more
+    than half round the world, with those west of Greenwich moved a world east when that is
+    narrower (footprints on both sides of 180 degrees; widths alone differ by rounding)."""
     south, north = float(bounds[:, 1].min()), float(bounds[:, 3].max())
     west, east = bounds[:, 0].min(), bounds[:, 2].max()
     shift = np.where(bounds[:, 0] < 0, 360.0, 0.0)
     west_moved, east_moved = (bounds[:, 0] + shift).min(), (bounds[:, 2] + shift).max()
-    if east_moved - west_moved < east - west:
+    if east - west > 180.0 and east_moved - west_moved < east - west:
         west, east = west_moved, east_moved
     return float(west), south, float(east), north
