@@ -431,7 +431,8 @@ class SearchController(QObject):
         if job["state"] not in states.FINISHED:
             return
         self.job_id = None
-        if job["state"] == states.INTERRUPTED and self.link is not None:  # the worker stopping: it goes on when started
+        if job["state"] == states.INTERRUPTED and self.link is not None and job.get("kind") != "remove":
+            # the worker stopping: its indexing goes on when it starts again
             self._resumable = (self.link.endpoint, job["index"])
         if job["state"] == states.FAILED:
             what = "Removing rasters" if job.get("kind") == "remove" else "Indexing"

@@ -248,10 +248,12 @@ class IndexPanel(QGroupBox):
             self.progress.setFormat(f"removing rasters from {job['index']}: {job['state']}")
         else:
             self.progress.setFormat(f"{job['state']} {job['tiles_done']}/{job['tiles_total']} tiles{eta}")
-        self.cancel_button.setEnabled(job["state"] not in states.FINISHED)
+        removal_running = job.get("kind") == "remove" and job["state"] != states.QUEUED  # one commit: not stopped
+        self.cancel_button.setEnabled(job["state"] not in states.FINISHED and not removal_running)
 
     def _show_job_lost(self, job: dict) -> None:
-        self.progress.setFormat(f"{job['tiles_done']}/{job['tiles_total']} tiles, then disconnected from the worker")
+        done = "removing rasters" if job.get("kind") == "remove" else f"{job['tiles_done']}/{job['tiles_total']} tiles"
+        self.progress.setFormat(f"{done}, then disconnected from the worker")
         self.cancel_button.setEnabled(False)
 
     def _show_lost_job_ended(self, item: dict) -> None:

@@ -264,7 +264,12 @@ def remove_rasters(request: RemovalRequest) -> RemovalSummary:
     open_index(request.index_dir)  # not_found or another format, said as for every other use
     removed = take_out(request.index_dir, list(request.rasters))
     index = open_index(request.index_dir)
-    return RemovalSummary(removed, len(index), _shortlist_kept(index, update=True))
+    try:  # the removal is committed: whatever fails from here on is the shortlist's, said there
+        shortlist = _shortlist_kept(index, update=True)
+    except Exception as exc:
+        log.exception("%s: rebuilding its ANN shortlist after a removal failed", request.index_dir)
+        shortlist = {"built": False, "why": f"rebuilding it failed ({excerpt(str(exc))}): run build-ann"}
+    return RemovalSummary(removed, len(index), shortlist)
 
 
 def _shortlist_kept(index: TileIndex, update: bool) -> dict | None:
