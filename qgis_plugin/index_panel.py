@@ -227,7 +227,8 @@ class IndexPanel(QGroupBox):
     def _job_text(self, item: dict) -> str:
         job = self.jobs.get(item["name"])
         if job is not None and job["state"] in states.ACTIVE:
-            return f"{job['state']} {job['progress']:.0%}"
+            return f"{job['state']}: removing rasters" if job.get("kind") == "remove" else \
+                f"{job['state']} {job['progress']:.0%}"
         if item.get("job"):
             return states.RUNNING
         if item.get("complete") is False:

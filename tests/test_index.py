@@ -377,6 +377,29 @@ def test_a_raster_gone_for_good_is_taken_out_of_the_index(tmp_path, model, rmnp_
         assert db.execute(f'SELECT count(*) FROM "{table}"').fetchone()[0] == kept_tiles
 
 
+def test_a_raster_whose_shard_is_damaged_is_taken_out(tmp_path, model, rmnp_copy):
+    """A damaged shard makes the index refuse to open until indexed again; `remove` refused too,
+    though taking that raster out (a sheet withdrawn, a file lost with the disk that damaged its
+    shard) is what the user asked, and mends the index."""
+    from worker.errors import CorruptIndexError
+    from worker.store.format import SHARDS
+
+    second = Path(shutil.copy(rmnp_copy, rmnp_copy.with_name("second.tif")))
+    out = tmp_path / "index"
+    IndexWriter(out, model, TileSettings(tile=112, scales=(1,))).build([rmnp_copy, second])
+    index = TileIndex.open(out)
+    second_id = next(i for i, r in index.rasters.items() if r.path == str(second.resolve()))
+    shard = next(s["name"] for s in index.manifest["shards"] if s["raster_id"] == second_id)
+    damaged = sorted((out / SHARDS / shard).glob("*.npy"))[0]
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+    with pytest.raises(CorruptIndexError):
+        TileIndex.open(out)
+    result = subprocess.run([sys.executable, "-m", "worker", "remove", str(out), str(second)], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert [r.path for r in TileIndex.open(out).rasters.values()] == [str(rmnp_copy.resolve())]
+
+
 def test_a_search_of_an_index_changed_under_it_answers_the_index_as_it_is_now(tmp_path, model, rmnp_copy, assets):
     """Found by the lifecycle probe: a command-line search opens the index, then loads the model
     (seconds). A raster removed meanwhile failed it as damaged, "index its rasters again" of the

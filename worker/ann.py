@@ -459,6 +459,11 @@ def remove_unfinished_builds(index_dir: Path) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def kept(index_dir: Path) -> bool:
+    """Whether the index has a shortlist to keep up to date (one a killed swap left aside too)."""
+    return AnnShortlist.exists(index_dir) or left_mid_swap(index_dir)
+
+
 def left_mid_swap(index_dir: Path) -> bool:
     """Whether a build killed between _swap_in's two renames left the old shortlist under its
     swap's name and none in place: the index still has one, which the next update puts back."""

@@ -210,7 +210,7 @@ def build_index(request: IndexRequest, model: "RetrievalModel", progress: Callab
     complete = all(r["complete"] for r in rasters if r["path"] in asked)
     unfinished = [r["path"] for r in rasters if not r["complete"]]
     ann_info = None
-    has_ann = ann.AnnShortlist.exists(request.index_dir) or ann.left_mid_swap(request.index_dir)
+    has_ann = ann.kept(request.index_dir)
     wanted = ann.big_enough(manifest.get("tile_count", 0)) if request.ann is None else request.ann
     if complete and unfinished and (wanted or has_ann):
         ann_info = {"built": False, "why": f"{len(unfinished)} other raster(s) of the index are not fully indexed "
@@ -235,7 +235,7 @@ class RemovalRequest:
     def same_work(self, other: "RemovalRequest | IndexRequest") -> bool:
         """Whether `other` asks this removal again (a resent request)."""
         return (isinstance(other, RemovalRequest) and self.index_dir == other.index_dir
-                and sorted(self.rasters) == sorted(other.rasters))
+                and set(self.rasters) == set(other.rasters))
 
 
 @dataclass(frozen=True)
@@ -257,19 +257,23 @@ def remove_rasters(request: RemovalRequest) -> RemovalSummary:
     """Take the request's rasters out of its index (worker.store.removal), then rebuild its ANN
     shortlist without them: until then a search scans exactly, so a failure there (a full disk,
     said in the summary's `ann`) leaves the rasters removed and the index searchable, and the
-    next index run or build-ann rebuilds it. NotFoundError or IndexMismatchError for no index or one of another format;
-    InputError, changing nothing, for a raster the index does not hold."""
+    next index run or build-ann rebuilds it. NotFoundError, IndexMismatchError or
+    CorruptIndexError for no index, one of another format or a damaged manifest (a damaged
+    shard is no reason: its raster may be the one to remove); InputError, changing nothing, for
+    a raster the index does not hold."""
     from worker.store.removal import remove_rasters as take_out
 
-    open_index(request.index_dir)  # not_found or another format, said as for every other use
+    read_manifest(request.index_dir)  # said as for every other use
     removed = take_out(request.index_dir, list(request.rasters))
-    index = open_index(request.index_dir)
-    try:  # the removal is committed: whatever fails from here on is the shortlist's, said there
-        shortlist = _shortlist_kept(index, update=True)
-    except Exception as exc:
-        log.exception("%s: rebuilding its ANN shortlist after a removal failed", request.index_dir)
-        shortlist = {"built": False, "why": f"rebuilding it failed ({excerpt(str(exc))}): run build-ann"}
-    return RemovalSummary(removed, len(index), shortlist)
+    tile_count = read_manifest(request.index_dir)["tile_count"]
+    shortlist = None
+    if ann.kept(request.index_dir):
+        try:  # the removal is committed: whatever fails from here on is the shortlist's, said there
+            shortlist = _shortlist_kept(open_index(request.index_dir), update=True)
+        except Exception as exc:
+            log.exception("%s: rebuilding its ANN shortlist after a removal failed", request.index_dir)
+            shortlist = {"built": False, "why": f"rebuilding it failed ({excerpt(str(exc))}): run build-ann"}
+    return RemovalSummary(removed, tile_count, shortlist)
 
 
 def _shortlist_kept(index: TileIndex, update: bool) -> dict | None:

@@ -145,8 +145,7 @@ class Handlers:
             raise ProtocolError(FORBIDDEN, "the index root itself cannot be deleted: name an index inside it")
         running = self.jobs.running_for(index_dir)
         if running is not None:
-            raise ProtocolError(BUSY, f"index {name!r} is being built by job {running.id}: cancel the job (it stops "
-                                      "after its batch) or wait for it to end, then delete the index")
+            raise ProtocolError(BUSY, f"index {name!r} is {running.doing()}: {running.then()}, then delete the index")
         if locked_by_another(index_dir, JOB_LOCK):
             raise ProtocolError(BUSY, f"index {name!r} has an indexing job queued or running in another worker "
                                       "sharing the index root: wait for it to end, then delete the index")

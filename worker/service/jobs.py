@@ -77,6 +77,16 @@ class Job:
                 "eta_s": round(eta, 1) if eta is not None else None, "error": self.error, "ann": self.ann,
                 "started": self.started, "finished": self.finished}
 
+    def doing(self) -> str:
+        """What the job does to its index, as a refusal says it."""
+        return f"{'having rasters removed' if self.kind == 'remove' else 'being built'} by job {self.id}"
+
+    def then(self) -> str:
+        """What a refused client can do about the job (a removal running is one commit: no cancel)."""
+        if self.kind == "remove" and self.state == states.RUNNING:
+            return "wait for it to end (its shortlist, if any, is rebuilt last)"
+        return "wait for it to end, or cancel it (it stops after its batch)"
+
     def on_progress(self, p: IndexProgress) -> None:
         if self._rate_start and self._rate_start[1] == 0 and self.tiles_done == 0:
             self._rate_start = (time.time(), p.tiles_done)  # the rate counts from the first chunk on
@@ -160,9 +170,8 @@ class JobManager:
             raise ProtocolError(BUSY, f"index {index_name!r}: its job {existing.id} is being cancelled (it stops "
                                       "after its batch); ask again once it has stopped")
         if existing.request is None or not existing.request.same_work(request):
-            doing = "having rasters removed by" if existing.kind == "remove" else "being built by"
-            raise ProtocolError(BUSY, f"index {index_name!r} is {doing} job {existing.id}, with other rasters or "
-                                      "settings: wait for it to end, or cancel it, and ask again")
+            raise ProtocolError(BUSY, f"index {index_name!r} is {existing.doing()}, with other rasters or settings: "
+                                      f"{existing.then()}, and ask again")
         return existing
 
     def _remember(self, job: Job) -> None:
