@@ -443,6 +443,10 @@ def test_bad_requests_get_error_replies_with_codes(worker, rasters, tmp_path):
         with pytest.raises(WorkerError) as err:  # was the command line's "/server/path/nope is not an index"
             c.search("nope", sketch_png=sketch_png())
         assert "index 'nope' does not exist" in err.value.message and str(worker.index_root) not in err.value.message
+        for nothing_to_search in ({}, {"example": None}, {"feedback": {"positive": ["x@1,1,1,0"]}}):
+            with pytest.raises(WorkerError) as err:  # was "field 'strokes' is required", to a search by example
+                c.request("search", index="rmnp", **nothing_to_search)
+            assert err.value.code == codes.BAD_REQUEST and "a sketch" in err.value.message and "example" in err.value.message
         assert c.ping()["ok"]
 
 

@@ -325,6 +325,9 @@ def _sketch(header: dict, frames: list) -> SketchSource:
         if not 1 <= n <= len(frames):
             raise ProtocolError(BAD_REQUEST, f"sketch_frame {n} but the message has {len(frames)} payload frame(s)")
         return frames[n - 1]
+    if "strokes" not in header:  # was "field 'strokes' is required", to a search by example sent `example: null`
+        raise ProtocolError(BAD_REQUEST, "search takes a sketch (sketch_frame or strokes) or an example; this one "
+                                         "has none")
     _count_strokes(field(header, "strokes", list))  # before every point is looked at
     return stroke_sketch(field(header, "strokes", list, check=_valid_strokes), field(header, "strokes_crs", str, None),
                          field(header, "strokes_frame", list, None, check=_four_numbers))
