@@ -475,7 +475,7 @@ def test_what_a_killed_build_leaves_is_cleared_and_the_old_shortlist_kept(index_
     """Killed while writing, a build leaves its half-written folder beside the old shortlist;
     killed between the swap's two renames, the old shortlist under another name and none in
     place (searches scan exactly meanwhile). The next update clears the one and puts the other
-    back, unchanged."""
+    back, unchanged; `info` says so meanwhile."""
     folder = tmp_path / "index"
     shutil.copytree(index_with_ann[0], folder)
     built = (ann.ann_dir(folder) / "ann.json").read_text()
@@ -487,6 +487,7 @@ def test_what_a_killed_build_leaves_is_cleared_and_the_old_shortlist_kept(index_
     sketch = next(frames(index, 1))[1]
     assert ann_shortlist(index, RankingConfig(ann="on")) is None
     assert search(index, model, sketch, RankingConfig(ann="on"), top=5).hits
+    assert "puts it back" in ann.describe(index)["set_aside"], "info said no shortlist, and to build one (hours at scale)"
     info = ann.update(index)
     assert info is not None and info.build_s == 0  # put back, not rebuilt
     assert (ann.ann_dir(folder) / "ann.json").read_text() == built

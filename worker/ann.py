@@ -560,7 +560,11 @@ def current(built: dict, index: TileIndex) -> bool:
 def describe(index: TileIndex) -> dict | None:
     """What `info` says of an index's ANN shortlist: what it holds, whether it covers the index
     as it is now, and whether a search asks it (None: the index has none; `damaged`: why it
-    cannot be read)."""
+    cannot be read; `set_aside`: an update killed mid-swap, said as none before)."""
+    if left_mid_swap(index.dir):
+        return {"set_aside": "an update of the shortlist was killed as it swapped the new one in: the old one is set "
+                             "aside, and the next index run, removal or build-ann puts it back and brings it up to "
+                             "date (in seconds where it is current); searches scan exactly meanwhile"}
     if not AnnShortlist.exists(index.dir):
         return None
     try:
