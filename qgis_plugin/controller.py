@@ -439,6 +439,9 @@ class SearchController(QObject):
             self.notice.emit(f"{what} failed: {job['error']['message']}", Qgis.Critical, "")
         else:
             self.notice.emit(_job_ended(job), Qgis.Success if job["state"] == states.DONE else Qgis.Info, "")
+        for layer in QgsProject.instance().mapLayersByName(tiles_layer_name(job["index"])):
+            # the worker wrote the tiles layer again: read afresh (the old file stayed open), keeping its style
+            layer.setDataSource(layer.source(), layer.name(), "ogr")
         self.refresh_indexes()
 
     def cancel_job(self) -> None:

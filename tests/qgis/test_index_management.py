@@ -136,6 +136,9 @@ def test_a_raster_is_taken_out_of_an_index_after_choosing_it(plugin, worker, ras
         assert process_until(lambda: row_of(panel, "pair") >= 0, 10)
         panel.table.selectRow(row_of(panel, "pair"))
         assert cells(panel, "pair")[2] == "2"
+        panel.tiles_button.click()
+        [tiles] = QgsProject.instance().mapLayersByName("Index tiles: pair")
+        assert tiles.featureCount() == dock.controller.index_named("pair")["tile_count"]
         qgis_iface.messageBar().clear_messages()
         QTimer.singleShot(50, tick_the_mistake_and_remove)
         panel.remove_button.click()
@@ -146,7 +149,11 @@ def test_a_raster_is_taken_out_of_an_index_after_choosing_it(plugin, worker, ras
         assert process_until(lambda: row_of(panel, "pair") >= 0 and cells(panel, "pair")[2] == "1", 10)
         assert dock.controller.index_named("pair")["rasters"] == [str(raster_root / "rmnp-rgb.tif")]
         assert mistake.is_file(), "the raster file stays"
+        [shown] = QgsProject.instance().mapLayersByName("Index tiles: pair")
+        assert shown.featureCount() == dock.controller.index_named("pair")["tile_count"], "the shown tiles follow"
     finally:
+        for layer in QgsProject.instance().mapLayersByName("Index tiles: pair"):
+            QgsProject.instance().removeMapLayer(layer.id())
         with worker.client() as c:
             c.request("delete_index", index="pair")
         shutil.rmtree(raster_root / "removal")
