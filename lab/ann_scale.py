@@ -112,7 +112,7 @@ def build_synthetic(index: TileIndex, base: np.ndarray, base_rows: np.ndarray, n
             t1 = time.perf_counter()
             exact.add(x)
             exact_s += time.perf_counter() - t1
-        info = ann._write(index, faiss_index, rows, codes, factory, t0, folder)
+        info = ann._write(index, faiss_index, rows, codes, factory, t0, folder, trained_for=n)
     return {"factory": factory, "build_s": round(info.build_s - exact_s, 1), "bytes": info.bytes_on_disk,
             "exact": exact.best_first()}
 

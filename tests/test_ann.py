@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -127,6 +128,50 @@ def test_a_shortlist_left_with_too_few_windows_by_a_removal_is_removed_and_the_r
     assert summary["ann"]["built"] is False and "too few" in summary["ann"]["why"]
     assert not ann.ann_dir(folder).exists() and not list(folder.glob(".ann*"))
     assert json.loads(run("info", str(folder)).stdout)["ann"] is None
+
+
+def test_a_shortlist_grown_far_past_its_training_is_trained_again(index_with_ann, model, assets, tmp_path):
+    """An index grown region by region kept the training of its first shortlist for good: a few
+    inverted lists, uncompressed, for millions of windows. Added to while it holds under four
+    times the windows it was trained for, and within its compression tier; trained again past."""
+    from worker.app import IndexRequest, build_index
+
+    folder = tmp_path / "index"
+    shutil.copytree(index_with_ann[0], folder)
+    built = lambda: json.loads((ann.ann_dir(folder) / "ann.json").read_text())
+    first = built()
+    assert first["trained_for"] == first["vectors"]
+    settings = TileSettings(scales=(1, 2))
+    small = Path(shutil.copy(assets["rmnp_rgb"], tmp_path / "small.tif"))
+    build_index(IndexRequest(folder, (assets["s2_rgb"], small), settings), model)
+    added = built()
+    assert added["vectors"] > first["vectors"] and added["trained_for"] == first["trained_for"], "added to"
+    (ann.ann_dir(folder) / "ann.json").write_text(json.dumps({**added, "trained_for": added["vectors"] // 4}))
+    another = Path(shutil.copy(assets["rmnp_rgb"], tmp_path / "another.tif"))
+    build_index(IndexRequest(folder, (assets["s2_rgb"], small, another), settings), model)
+    again = built()
+    assert again["trained_for"] == again["vectors"] > added["vectors"], "trained again for all it holds"
+    assert ann.outgrown({"factory": "IVF40,Flat", "vectors": 40_000, "trained_for": 40_000}, 60_000), \
+        "past the uncompressed tier"
+    assert not ann.outgrown({"factory": "IVF40,Flat", "vectors": 30_000, "trained_for": 30_000}, 45_000)
+
+
+def test_a_shortlist_build_stops_when_its_job_is_stopped_and_leaves_the_old_one(index_with_ann, tmp_path):
+    """Building a 10M-tile index's shortlist takes minutes, and a job cancelled, or a worker
+    stopping, waited for it to end: it stops between maps now, leaving the old one as it was."""
+    from worker.app import _shortlist_kept
+    from worker.cancellation import stop_when
+
+    folder = tmp_path / "index"
+    shutil.copytree(index_with_ann[0], folder)
+    before = (ann.ann_dir(folder) / "ann.json").read_text()
+    index = TileIndex.open(folder)
+    with stop_when(lambda: True), pytest.raises(ann.ShortlistStopped):
+        ann.build(index)
+    said = _shortlist_kept(index, update=False, should_stop=lambda: True)
+    assert said["built"] is False and "stopped" in said["why"]
+    assert (ann.ann_dir(folder) / "ann.json").read_text() == before
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".ann")) == [], "nothing half-written left"
 
 
 def test_the_compressed_shortlist_re_ranks_its_candidates_close_to_the_exact_vectors(s2_index, model, tmp_path):

@@ -31,6 +31,7 @@ import json
 import logging
 import mmap
 import os
+import re
 import shutil
 import time
 import weakref
@@ -46,6 +47,7 @@ import torch.nn.functional as F
 from wire.protocol import excerpt
 from worker import edge_cells
 from worker.edge_cells import CELL, COARSE
+from worker.cancellation import current_stop
 from worker.errors import CorruptIndexError, InputError, errno_named_in
 from worker.placement_scan import COARSE_STEP, WINDOW_CELLS
 from worker.search_area import KEY_SPAN
@@ -129,11 +131,16 @@ MAPPED_FILES = ("index.faiss", "windows.npy", *(f"{name}.npy" for name in CODES)
                 *(f"{name}_range.npy" for name in RANGED))
 
 
+GROWTH_RETRAIN = 4  # windows over those trained for, as a multiple, that train a shortlist again (outgrown)
 MIN_WINDOWS = 256  # fewer cannot train even a small IVF, and the exact scan of so few is quick
 
 
 class TooFewWindows(InputError):
     """An index holds too few windows for a shortlist."""
+
+
+class ShortlistStopped(InputError):
+    """A shortlist's build or update stopped by its job (_windows_of); the old one, if any, stays."""
 
 
 @dataclass(frozen=True)
@@ -239,8 +246,15 @@ def factory_for(n: int, factory: str | None = None) -> str:
 
 def _windows_of(index: TileIndex, rasters: set[int] | None = None):
     """(raster id, scale, unit vectors, top-left cells) of every level map (of `rasters` only,
-    when given), one map at a time."""
+    when given), one map at a time. Between maps, ShortlistStopped once the stop check in force
+    says so (worker.cancellation.stop_when: a job cancelled, or its worker stopping): a build of
+    a 10M-tile index's shortlist takes minutes, and its job went on unstoppable to the end."""
     for (raster_id, scale), level in sorted(index.maps.items()):
+        should_stop = current_stop()
+        if should_stop is not None and should_stop():
+            raise ShortlistStopped("the shortlist was stopped before it was done (its job cancelled, or the worker "
+                                   "stopping): the next index run, removal or build-ann builds it; searches scan "
+                                   "exactly meanwhile")
         if rasters is None or raster_id in rasters:
             vectors, origins = window_vectors(level.cells)
             yield raster_id, scale, vectors, origins
@@ -275,7 +289,7 @@ def _build(index: TileIndex, factory: str | None = None, seed: int = 0) -> AnnIn
                 for writer in codes:
                     writer.add(vectors[start:start + ADD_BATCH])
             rows.append(_window_rows(raster_id, scale, origins))
-        return _write(index, ann, rows, codes, factory, began, folder)
+        return _write(index, ann, rows, codes, factory, began, folder, trained_for=n)
 
 
 def _count_and_sample(index: TileIndex, rng: np.random.Generator) -> tuple[int, np.ndarray]:
@@ -387,9 +401,10 @@ def code_writers(folder: Path, ann, sample: np.ndarray, total: int) -> list[Code
 
 
 def _write(index: TileIndex, ann, rows: list[np.ndarray], codes: list[CodeWriter], factory: str,
-           began: float, folder: Path) -> AnnInfo:
+           began: float, folder: Path, trained_for: int) -> AnnInfo:
     """Write the FAISS index, its window table, the re-rank codes and ann.json (last) into the
-    new shortlist's `folder` (staging), each on disk before it is swapped in for the old one."""
+    new shortlist's `folder` (staging), each on disk before it is swapped in for the old one.
+    `trained_for`: the windows its lists and codes were trained for (ann.json keeps it: outgrown)."""
     import faiss
 
     with disk_write(folder):
@@ -408,7 +423,7 @@ def _write(index: TileIndex, ann, rows: list[np.ndarray], codes: list[CodeWriter
                    sum(f.stat().st_size for f in folder.iterdir() if f.is_file()))
     sizes = {name: (folder / name).stat().st_size for name in MAPPED_FILES}
     write_json_atomic(folder / "ann.json", {**info.to_json(), "format": FORMAT, "covers": covered(index),
-                                            "sources": sources(index), "file_bytes": sizes})
+                                            "sources": sources(index), "file_bytes": sizes, "trained_for": trained_for})
     _swap_in(folder, index.dir)
     return info
 
@@ -613,10 +628,14 @@ def _update(index: TileIndex) -> AnnInfo | None:
         answered = None
     if answered is None:
         return _rebuild(index)
-    ann = _read_faiss(built_dir / "index.faiss")  # whole, to add to (opened above mapped: readable)
     # the new windows are counted first (made twice: holding them all could take more memory than
     # there is), so that the codes files are written at their final size
     added = sum(len(v) for _, _, v, _ in _windows_of(index, rasters=set(new)))
+    if outgrown(built, built["vectors"] + added):
+        log.info("%s: its ANN shortlist, trained for %d windows, would hold %d: trained again", index.dir,
+                 built.get("trained_for", built["vectors"]), built["vectors"] + added)
+        return _rebuild(index)
+    ann = _read_faiss(built_dir / "index.faiss")  # whole, to add to (opened above mapped: readable)
     with staging(index.dir) as folder:
         codes = [CodeWriter.extending(built_dir, folder, name, f, added) for name, f in code_transforms(ann).items()]
         for raster_id, scale, vectors, origins in _windows_of(index, rasters=set(new)):
@@ -624,7 +643,24 @@ def _update(index: TileIndex) -> AnnInfo | None:
             for writer in codes:
                 writer.add(vectors)
             rows.append(_window_rows(raster_id, scale, origins))
-        return _write(index, ann, rows, codes, built["factory"], began, folder)
+        return _write(index, ann, rows, codes, built["factory"], began, folder,
+                      trained_for=built.get("trained_for", built["vectors"]))
+
+
+def outgrown(built: dict, total: int) -> bool:
+    """Whether a shortlist (its ann.json) that would hold `total` windows is trained again rather
+    than added to: at GROWTH_RETRAIN times the windows it was trained for, or past a compression
+    tier of the product's factories. An index grown region by region from a small first one kept
+    its first training for good: a few inverted lists of millions of uncompressed windows each
+    (factory IVF6,Flat), far over the memory and time the shortlist is for. Retrained at each
+    fourfold growth, the work of all retrainings stays under twice the last one's."""
+    trained_for = built.get("trained_for", built["vectors"])
+
+    def tier(factory: str) -> str:
+        return re.sub(r"IVF\d+", "IVF", factory)
+
+    ours = tier(built["factory"]) in {tier(f.format(nlist=1)) for f in (SMALL_FACTORY, DEFAULT_FACTORY, LARGE_FACTORY)}
+    return total >= GROWTH_RETRAIN * trained_for or (ours and tier(factory_for(total)) != tier(built["factory"]))
 
 
 def _rebuild(index: TileIndex) -> AnnInfo:

@@ -216,7 +216,7 @@ def build_index(request: IndexRequest, model: "RetrievalModel", progress: Callab
         ann_info = {"built": False, "why": f"{len(unfinished)} other raster(s) of the index are not fully indexed "
                                            f"(first {unfinished[0]}): index them again, then the shortlist follows"}
     elif complete and (wanted or has_ann):
-        ann_info = _shortlist_kept(TileIndex.open(request.index_dir), update=has_ann)
+        ann_info = _shortlist_kept(TileIndex.open(request.index_dir), update=has_ann, should_stop=should_stop)
     return IndexSummary(request.index_dir, manifest.get("tile_count", 0), sum(r["tiles_total"] or 0 for r in rasters),
                         sum(r["tiles_skipped"] for r in rasters), len(rasters), complete, ann_info)
 
@@ -253,14 +253,14 @@ class RemovalSummary:
         return {**out, "ann": self.ann} if self.ann else out
 
 
-def remove_rasters(request: RemovalRequest) -> RemovalSummary:
+def remove_rasters(request: RemovalRequest, should_stop: Callable[[], bool] = lambda: False) -> RemovalSummary:
     """Take the request's rasters out of its index (worker.store.removal), then rebuild its ANN
     shortlist without them: until then a search scans exactly, so a failure there (a full disk,
     said in the summary's `ann`) leaves the rasters removed and the index searchable, and the
     next index run or build-ann rebuilds it. NotFoundError, IndexMismatchError or
     CorruptIndexError for no index, one of another format or a damaged manifest (a damaged
     shard is no reason: its raster may be the one to remove); InputError, changing nothing, for
-    a raster the index does not hold."""
+    a raster the index does not hold. `should_stop`: polled while the shortlist is rebuilt."""
     from worker.store.removal import remove_rasters as take_out
 
     read_manifest(request.index_dir)  # said as for every other use
@@ -269,19 +269,20 @@ def remove_rasters(request: RemovalRequest) -> RemovalSummary:
     shortlist = None
     if ann.kept(request.index_dir):
         try:  # the removal is committed: whatever fails from here on is the shortlist's, said there
-            shortlist = _shortlist_kept(open_index(request.index_dir), update=True)
+            shortlist = _shortlist_kept(open_index(request.index_dir), update=True, should_stop=should_stop)
         except Exception as exc:
             log.exception("%s: rebuilding its ANN shortlist after a removal failed", request.index_dir)
             shortlist = {"built": False, "why": f"rebuilding it failed ({excerpt(str(exc))}): run build-ann"}
     return RemovalSummary(removed, tile_count, shortlist)
 
 
-def _shortlist_kept(index: TileIndex, update: bool) -> dict | None:
+def _shortlist_kept(index: TileIndex, update: bool, should_stop: Callable[[], bool]) -> dict | None:
     """The index's ANN shortlist built, or brought up to date, as a job reports it (AnnInfo);
-    where it cannot be (too few windows, a full disk), why not: the index is fine, and the exact
-    scan serves it. None when there is none to update."""
+    where it cannot be (too few windows, a full disk, stopped by `should_stop`), why not: the
+    index is fine, and the exact scan serves it. None when there is none to update."""
     try:
-        info = ann.update(index) if update else ann.build(index)
+        with stop_when(should_stop):
+            info = ann.update(index) if update else ann.build(index)
     except InputError as exc:
         return {"built": False, "why": str(exc)}
     return info.to_json() if info else None

@@ -259,7 +259,7 @@ class JobManager:
             return self._remove(job)
         try:
             summary = build_index(job.request, self.model, progress=progress,
-                                  should_stop=lambda: job.cancel_requested.is_set() or self.stopping.is_set(),
+                                  should_stop=self._stop_check(job),
                                   cluster=self.cluster)
         except Exception as exc:  # reported on the job; the worker keeps serving
             if not isinstance(exc, InputError):
@@ -273,11 +273,15 @@ class JobManager:
             return states.CANCELLED, None
         return states.INTERRUPTED, None  # the worker is stopping; job.json stays for the next one
 
+    def _stop_check(self, job: Job) -> Callable[[], bool]:
+        """Whether the job should stop: cancelled, or the worker stopping."""
+        return lambda: job.cancel_requested.is_set() or self.stopping.is_set()
+
     def _remove(self, job: Job) -> tuple[str, dict | None]:
         """Take the job's rasters out of its index: one commit, then the ANN shortlist rebuilt
-        without them. A cancel no longer stops it once it runs."""
+        without them. Once it runs, a cancel stops the rebuild alone."""
         try:
-            summary = remove_rasters(job.request)
+            summary = remove_rasters(job.request, should_stop=self._stop_check(job))
         except Exception as exc:  # reported on the job; the worker keeps serving
             if not isinstance(exc, InputError):
                 log.exception("removal job %s failed", job.id)
