@@ -424,6 +424,10 @@ class SearchController(QObject):
 
     def _on_job(self, job: dict) -> None:
         self.index_job_changed.emit(job)
+        if job["state"] in states.FINISHED:  # this client's job or another's
+            for layer in QgsProject.instance().mapLayersByName(tiles_layer_name(job["index"])):
+                # the worker wrote the tiles layer again: read afresh (the old file stayed open), keeping its style
+                layer.setDataSource(layer.source(), layer.name(), "ogr")
         if job["id"] != self.job_id:
             return  # another client's job
         self._followed_job = job
@@ -439,9 +443,6 @@ class SearchController(QObject):
             self.notice.emit(f"{what} failed: {job['error']['message']}", Qgis.Critical, "")
         else:
             self.notice.emit(_job_ended(job), Qgis.Success if job["state"] == states.DONE else Qgis.Info, "")
-        for layer in QgsProject.instance().mapLayersByName(tiles_layer_name(job["index"])):
-            # the worker wrote the tiles layer again: read afresh (the old file stayed open), keeping its style
-            layer.setDataSource(layer.source(), layer.name(), "ogr")
         self.refresh_indexes()
 
     def cancel_job(self) -> None:

@@ -151,6 +151,9 @@ def test_a_raster_is_taken_out_of_an_index_after_choosing_it(plugin, worker, ras
         assert mistake.is_file(), "the raster file stays"
         [shown] = QgsProject.instance().mapLayersByName("Index tiles: pair")
         assert shown.featureCount() == dock.controller.index_named("pair")["tile_count"], "the shown tiles follow"
+        left = shown.featureCount()
+        worker.index("pair", [raster_root / "rmnp-rgb.tif", mistake], tile=112, scales=[1])  # by another client
+        assert process_until(lambda: shown.featureCount() == 2 * left, 30), "another client's job too"
     finally:
         for layer in QgsProject.instance().mapLayersByName("Index tiles: pair"):
             QgsProject.instance().removeMapLayer(layer.id())
