@@ -95,13 +95,17 @@ def _names(rasters: list[dict]) -> str:
     return "; ".join(map(named, rasters[:3])) + ("…" if len(rasters) > 3 else "")
 
 
-def _job_ended(job: dict) -> str:
-    """What the message bar says of a job that ended without failing."""
+def _job_ended(job: dict) -> tuple:
+    """What the message bar says of an ended job (an indexing run or a removal), and how loud."""
+    what = "Removing rasters" if job.get("kind") == "remove" else "Indexing"
+    if job["state"] == states.FAILED:
+        return f"{what} failed: {job['error']['message']}", Qgis.Critical
+    level = Qgis.Success if job["state"] == states.DONE else Qgis.Info
     if job.get("kind") != "remove":
-        return f"Indexing {job['state']}: {job['tiles_done']} tiles."
+        return f"Indexing {job['state']}: {job['tiles_done']} tiles.", level
     if job["state"] == states.DONE:
-        return f"Removed {len(job['removed'])} raster(s) from “{job['index']}”."
-    return f"Removing rasters {job['state']}."
+        return f"Removed {len(job['removed'])} raster(s) from “{job['index']}”.", level
+    return f"{what} {job['state']}.", level
 
 
 class SearchController(QObject):
@@ -438,11 +442,7 @@ class SearchController(QObject):
         if job["state"] == states.INTERRUPTED and self.link is not None and job.get("kind") != "remove":
             # the worker stopping: its indexing goes on when it starts again
             self._resumable = (self.link.endpoint, job["index"])
-        if job["state"] == states.FAILED:
-            what = "Removing rasters" if job.get("kind") == "remove" else "Indexing"
-            self.notice.emit(f"{what} failed: {job['error']['message']}", Qgis.Critical, "")
-        else:
-            self.notice.emit(_job_ended(job), Qgis.Success if job["state"] == states.DONE else Qgis.Info, "")
+        self.notice.emit(*_job_ended(job), "")
         self.refresh_indexes()
 
     def cancel_job(self) -> None:

@@ -666,8 +666,8 @@ def outgrown(built: dict, total: int) -> bool:
 def _rebuild(index: TileIndex) -> AnnInfo:
     """The shortlist built again from the index as it is; one the index now has too few windows
     for (rasters removed) is removed, and TooFewWindows says so. Kept, it stayed older than its
-    index for good: never asked, `info` describing rasters that were gone, and every index run,
-    removal and build-ann failed on it, leaving it there."""
+    index for good: never asked, `info` describing rasters that were gone, every removal and
+    build-ann failing on it, and index runs leaving it there."""
     try:
         return _build(index)
     except TooFewWindows as exc:

@@ -51,15 +51,15 @@ class SearchArea:
             area_wgs84 = shapely.union_all(list(with_world_copies(area_wgs84).geoms))
         meets = shapely.intersects(bounds, area_wgs84)  # every map at once: a mosaic has thousands
         keys, bounds = [k for k, m in zip(keys, meets) if m], bounds[meets]
-        boxes, missed = {}, set()
+        met, boxes = [], {}
         for key, map_bounds in zip(keys, bounds):
             box = _cell_box(index.maps[key], map_bounds, area_wgs84)
             if box is not None and (box[0] >= box[2] or box[1] >= box[3]):
-                missed.add(key)  # the area meets the lon/lat box round the map, not the map
-            elif box is not None:
+                continue  # the area meets the lon/lat box round the map, not the map
+            met.append(key)
+            if box is not None:
                 boxes[key] = box
-        keys = [k for k in keys if k not in missed]
-        return cls(keys, boxes, every_map and not boxes and len(keys) == len(index.maps), area_wgs84)
+        return cls(met, boxes, every_map and not boxes and len(met) == len(index.maps), area_wgs84)
 
     def only(self, keys: list[Key]) -> "SearchArea":
         """This area in the maps `keys` alone."""

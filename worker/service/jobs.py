@@ -255,15 +255,14 @@ class JobManager:
             job.on_progress(p)
             self.publish(job.to_json())
 
-        if job.kind == "remove":
-            return self._remove(job)
         try:
-            summary = build_index(job.request, self.model, progress=progress,
-                                  should_stop=self._stop_check(job),
+            if job.kind == "remove":
+                return self._remove(job)
+            summary = build_index(job.request, self.model, progress=progress, should_stop=self._stop_check(job),
                                   cluster=self.cluster)
         except Exception as exc:  # reported on the job; the worker keeps serving
             if not isinstance(exc, InputError):
-                log.exception("indexing job %s failed", job.id)
+                log.exception("%s job %s failed", job.kind, job.id)
             return states.FAILED, error_object(exc)
         job.tiles_total, job.ann = summary.tiles_total, summary.ann
         if summary.complete:
@@ -280,12 +279,7 @@ class JobManager:
     def _remove(self, job: Job) -> tuple[str, dict | None]:
         """Take the job's rasters out of its index: one commit, then the ANN shortlist rebuilt
         without them. Once it runs, a cancel stops the rebuild alone."""
-        try:
-            summary = remove_rasters(job.request, should_stop=self._stop_check(job))
-        except Exception as exc:  # reported on the job; the worker keeps serving
-            if not isinstance(exc, InputError):
-                log.exception("removal job %s failed", job.id)
-            return states.FAILED, error_object(exc)
+        summary = remove_rasters(job.request, should_stop=self._stop_check(job))
         job.removed, job.ann = summary.removed, summary.ann
         log.info("job %s removed %d raster(s) from %s: %d tiles left", job.id, len(summary.removed), job.index_dir,
                  summary.tile_count)
