@@ -365,7 +365,8 @@ def test_a_raster_gone_for_good_is_taken_out_of_the_index(tmp_path, model, rmnp_
     assert len(TileIndex.open(out)) == len(before), "nothing taken out when one raster is not in it"
     result = remove(second)
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["removed"] == [str(second.resolve())]
+    said = json.loads(result.stdout)
+    assert said["removed"] == [str(second.resolve())] and said["tile_count"] == kept_tiles
     after = TileIndex.open(out)
     assert [r.path for r in after.rasters.values()] == [str(rmnp_copy.resolve())] and len(after) == kept_tiles
     assert search(after, model, sketch, top=3).unreadable == {}

@@ -263,9 +263,8 @@ def remove_rasters(request: RemovalRequest, should_stop: Callable[[], bool] = la
     a raster the index does not hold. `should_stop`: polled while the shortlist is rebuilt."""
     from worker.store.removal import remove_rasters as take_out
 
-    read_manifest(request.index_dir)  # said as for every other use
+    read_manifest(request.index_dir)  # no index here is said before the index lock would make its folder
     removed = take_out(request.index_dir, list(request.rasters))
-    tile_count = read_manifest(request.index_dir)["tile_count"]
     shortlist = None
     if ann.kept(request.index_dir):
         try:  # the removal is committed: whatever fails from here on is the shortlist's, said there
@@ -273,7 +272,7 @@ def remove_rasters(request: RemovalRequest, should_stop: Callable[[], bool] = la
         except Exception as exc:
             log.exception("%s: rebuilding its ANN shortlist after a removal failed", request.index_dir)
             shortlist = {"built": False, "why": f"rebuilding it failed ({excerpt(str(exc))}): run build-ann"}
-    return RemovalSummary(removed, tile_count, shortlist)
+    return RemovalSummary(removed.rasters, removed.tile_count, shortlist)
 
 
 def _shortlist_kept(index: TileIndex, update: bool, should_stop: Callable[[], bool]) -> dict | None:

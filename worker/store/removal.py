@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 from worker.errors import InputError
 from worker.store.format import (MANIFEST, TILES_LAYER, disk_write, index_lock, read_manifest, remove_shards,
@@ -19,11 +19,18 @@ from worker.store.gpkg import write_tiles_gpkg
 from worker.store.maps import remove_maps
 
 
-def remove_rasters(index_dir: Path, paths: Sequence[str]) -> list[str]:
+class Removed(NamedTuple):
+    """The rasters taken out, as the index named them, and the tiles the index holds after."""
+
+    rasters: list[str]
+    tile_count: int
+
+
+def remove_rasters(index_dir: Path, paths: Sequence[str]) -> Removed:
     """Take the rasters at `paths` (as given, or as the index names them: links resolved where
     they still resolve) out of the index at `index_dir`: their entries, tiles and level maps;
-    the tiles layer is written again. Returns the paths as the index named them. InputError,
-    changing nothing, when the index does not hold one of them."""
+    the tiles layer is written again. InputError, changing nothing, when the index does not
+    hold one of them."""
     with index_lock(index_dir):
         manifest = read_manifest(index_dir)
         held = {entry["path"]: entry for entry in manifest["rasters"]}
@@ -44,7 +51,7 @@ def remove_rasters(index_dir: Path, paths: Sequence[str]) -> list[str]:
         remove_shards(index_dir, gone)
         with disk_write(index_dir / TILES_LAYER):
             write_tiles_gpkg(index_dir)
-    return sorted(set(named.values()))
+    return Removed(sorted(set(named.values())), manifest["tile_count"])
 
 
 def _as_indexed(path: str, held: dict) -> str | None:
