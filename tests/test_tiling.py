@@ -57,16 +57,44 @@ def test_multiband_raster_without_colour_interpretation_needs_bands(tmp_path, as
         open_raster(path, (7, 2, 1))
 
 
-def test_a_paletted_raster_is_refused_and_grey_with_alpha_is_read_as_grey(tmp_path, assets):
-    """A palette's band holds class numbers: drawn as greys its classes would be lost, so it is
-    refused with what to do. Grey with an alpha band is grey, the alpha its mask."""
+def test_a_paletted_raster_is_read_through_its_colour_table(tmp_path, assets):
+    """A palette's band holds indices of colours (a scanned map, a classification, an image
+    stored with a palette): drawn as greys its colours were lost, and it was refused. It is read
+    through its table: a tile and a searched place look as the image does, colours are never
+    mixed by averaging indices (the mean of two classes' numbers is a third class), and an entry
+    of alpha 0 is no data. Bands asked for are read as they are."""
+    from PIL import Image
+
+    from worker.placement import Placement
+
+    with rasterio.open(assets["rmnp_rgb"]) as src:
+        rgb, profile = src.read(), {"crs": src.crs, "transform": src.transform}
+    quantized = Image.fromarray(np.ascontiguousarray(rgb.transpose(1, 2, 0))).quantize(64)
+    indices, table = np.asarray(quantized), np.asarray(quantized.getpalette()[:192], np.uint8).reshape(64, 3)
+    clear = int(np.bincount(indices.ravel()).argmax())  # the commonest colour: no data (a PNG's palette has alpha)
+    paletted = write_raster(tmp_path / "paletted.png", indices[None], driver="PNG", **profile)
+    with rasterio.open(paletted, "r+") as dst:
+        dst.write_colormap(1, {i: (*map(int, c), 0 if i == clear else 255) for i, c in enumerate(table)})
+    info, natural = open_raster(paletted, None), open_raster(assets["rmnp_rgb"], None)
+    assert (info.palette, info.bands, info.stretch) == (True, (1, 1, 1), None)
+    colours = {tuple(c) for i, c in enumerate(table) if i != clear}
+    for col, row, side, scale in ((0, 0, 224, 1), (130, 70, 448, 2)):
+        with TileReader(info, 224) as reader, TileReader(natural, 224) as original:
+            (image, valid), (seen, _) = (r.read(Tile(r.raster, col, row, side, side, scale)) for r in (reader, original))
+        assert {tuple(c) for c in image[valid]} <= colours, "only the table's colours, none averaged"
+        if scale == 1:
+            assert np.array_equal(valid, indices[row:row + side, col:col + side] != clear), "alpha 0 is no data"
+        assert np.abs(image[valid].astype(int) - seen[valid]).mean() < 25, "the image's colours (its indices as greys: about 70 off)"
+    place = dict(cx=300.5, cy=260.0, side=300.0, angle=10.0)
+    (image, valid), (seen, _) = (Placement(r, **place).read(224) for r in (info, natural))
+    assert valid.mean() > 0.3 and np.abs(image[valid].astype(int) - seen[valid]).mean() < 12
+    assert not open_raster(paletted, (1,)).palette
+
+
+def test_grey_with_alpha_is_read_as_grey(tmp_path, assets):
+    """Grey with an alpha band is grey, the alpha its mask."""
     with rasterio.open(assets["rmnp_rgb"]) as src:
         grey, profile = src.read(1)[None], {"crs": src.crs, "transform": src.transform}
-    paletted = write_raster(tmp_path / "classes.tif", (grey // 64).astype(np.uint8), **profile)
-    with rasterio.open(paletted, "r+") as dst:
-        dst.write_colormap(1, {0: (0, 0, 255, 255), 1: (0, 255, 0, 255), 2: (255, 255, 0, 255), 3: (255, 0, 0, 255)})
-    with pytest.raises(InputError, match="gdal_translate -expand rgb"):
-        open_raster(paletted, None)
     with_alpha = write_raster(tmp_path / "grey_alpha.tif", np.concatenate([grey, np.full_like(grey, 255)]), **profile)
     with rasterio.open(with_alpha, "r+") as dst:
         dst.colorinterp = [ColorInterp.gray, ColorInterp.alpha]

@@ -19,7 +19,7 @@ from PIL import Image
 from rasterio.enums import Resampling
 
 from worker.errors import InputError
-from worker.tiling import RasterInfo, fill_from_nearest_valid, footprint_rings, read_reaching_past, stretch_to_uint8
+from worker.tiling import RasterInfo, footprint_rings, natural_colour, read_reaching_past, resampling_for
 
 # Raster pixels a place the user gives (an example, a mark) may make GDAL read: without overviews
 # a place is averaged from every pixel it covers, in one read nothing interrupts. A 194,000 px
@@ -112,9 +112,8 @@ class Placement:
         factor = max(1.0, self.side / size)
         out_w, out_h = max(1, int(round((c1 - c0) / factor))), max(1, int(round((r1 - r0) / factor)))
         data = read_reaching_past(src, list(self.raster.bands), c0, r0, c1, r1, (out_h, out_w),
-                                  Resampling.average if factor > 1 else Resampling.bilinear)
-        valid = ~np.ma.getmaskarray(data).any(axis=0) & np.isfinite(data.filled(0)).all(axis=0)
-        rgb = fill_from_nearest_valid(stretch_to_uint8(data, self.raster.stretch).transpose(1, 2, 0), valid)
+                                  resampling_for(self.raster, factor > 1, up=Resampling.bilinear))
+        rgb, valid = natural_colour(data, self.raster)
         sx, sy = (c1 - c0) / out_w, (r1 - r0) / out_h
         # continuous output (x, y) -> frame (u, v) -> raster (col, row) -> bounding-box image
         # (PIL maps continuous coordinates: pixel i covers [i, i + 1))

@@ -7,6 +7,7 @@ which uses overviews where the file has them.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -96,19 +97,22 @@ class RasterInfo:
     bands: tuple[int, ...]
     stretch: tuple[tuple[float, float], ...] | None  # per band (low, high); None for 8-bit
     sources: tuple[int, ...] | None = None  # a VRT's: the files it reads (sources_stamp); None for other rasters
+    palette: bool = False  # band 1 holds palette indices, read through its colour table (bands (1, 1, 1))
 
     def to_json(self) -> dict:
         out = {"path": self.path, "size": self.size, "mtime_ns": self.mtime_ns, "width": self.width,
                "height": self.height, "crs_wkt": self.crs_wkt, "transform": list(self.transform),
                "bands": list(self.bands), "stretch": [list(s) for s in self.stretch] if self.stretch else None}
-        return {**out, "sources": list(self.sources)} if self.sources else out
+        if self.sources:
+            out["sources"] = list(self.sources)
+        return {**out, "palette": True} if self.palette else out
 
     @classmethod
     def from_json(cls, d: dict) -> "RasterInfo":
         return cls(path=d["path"], size=d["size"], mtime_ns=d["mtime_ns"], width=d["width"], height=d["height"],
                    crs_wkt=d["crs_wkt"], transform=tuple(d["transform"]), bands=tuple(d["bands"]),
                    stretch=tuple(tuple(s) for s in d["stretch"]) if d["stretch"] else None,
-                   sources=tuple(d["sources"]) if d.get("sources") else None)
+                   sources=tuple(d["sources"]) if d.get("sources") else None, palette=bool(d.get("palette")))
 
     @property
     def affine(self) -> rasterio.Affine:
@@ -386,8 +390,8 @@ def choose_bands(src: rasterio.DatasetReader, requested: tuple[int, ...] | None)
     interp = list(src.colorinterp)
     if _names_rgb(interp):
         return tuple(interp.index(c) + 1 for c in (ColorInterp.red, ColorInterp.green, ColorInterp.blue))
-    if interp[0] == ColorInterp.palette:  # one band of class numbers: drawn as greys, its classes would be lost
-        raise InputError(f"{name}: paletted rasters are not supported; expand it to RGB (gdal_translate -expand rgb)")
+    if _paletted(src, requested):  # read through its colour table (natural_colour)
+        return (1, 1, 1)
     if src.count == 1 or (src.count == 2 and interp[1] == ColorInterp.alpha):  # grey, or grey and its alpha mask
         return (1, 1, 1)
     if src.count == 3:
@@ -396,6 +400,14 @@ def choose_bands(src: rasterio.DatasetReader, requested: tuple[int, ...] | None)
         return (1, 2, 3)
     raise BandsUnknown(f"{name}: cannot tell which of its {src.count} bands are red, green, blue "
                        f"(colour interpretation {[c.name for c in interp]})", src.count)
+
+
+def _paletted(src: rasterio.DatasetReader, requested: tuple[int, ...] | None) -> bool:
+    """Whether the raster is read through its colour table: its first band is paletted and no
+    bands were asked for (asked for, band numbers are read as they are). Drawn as greys, a
+    palette's indices lost its colours: a scanned map's or a classification's classes, an image
+    stored with a palette."""
+    return not requested and src.colorinterp[0] == ColorInterp.palette
 
 
 STRETCH_READ_PX = 1024  # the long side of the decimated read a stretch is taken from
@@ -469,15 +481,15 @@ def open_raster(path: Path, bands: tuple[int, ...] | None, drivers: tuple[str, .
         _check_on_earth(path, src)
         if any(np.dtype(src.dtypes[b - 1]).kind == "c" for b in range(1, src.count + 1)):
             raise InputError(f"{path}: complex-valued bands are not imagery")
-        chosen = choose_bands(src, bands)
+        chosen, paletted = choose_bands(src, bands), _paletted(src, bands)
         try:
-            stretch = robust_stretch(src, chosen)
+            stretch = None if paletted else robust_stretch(src, chosen)
         except RasterioIOError as exc:
             raise InputError(f"{path}: cannot read its pixels ({gdal_reason(exc)})") from exc
         st = os.stat(path)
         return RasterInfo(path=str(path), size=st.st_size, mtime_ns=st.st_mtime_ns, width=src.width,
                           height=src.height, crs_wkt=src.crs.to_wkt(), transform=tuple(src.transform)[:6],
-                          bands=chosen, stretch=stretch, sources=sources_stamp(src))
+                          bands=chosen, stretch=stretch, sources=sources_stamp(src), palette=paletted)
 
 
 def open_rasters(paths: Sequence[Path], bands: tuple[int, ...] | None, drivers: tuple[str, ...] | None = None,
@@ -622,6 +634,39 @@ def plan_tiles(raster: RasterInfo, settings: TileSettings) -> TilePlan:
     return TilePlan(raster, settings.tile, settings.step, seen)
 
 
+def natural_colour(data: np.ma.MaskedArray, raster: RasterInfo) -> tuple[np.ndarray, np.ndarray]:
+    """The raster's bands as read (bands, h, w), masked where there is no data, as an (h, w, 3)
+    uint8 image (nodata filled from its nearest valid pixel) and its (h, w) valid-pixel mask."""
+    valid = ~np.ma.getmaskarray(data).any(axis=0) & np.isfinite(data.filled(0)).all(axis=0)
+    if raster.palette:
+        colours, opaque = palette_table(raster.path, raster.mtime_ns)
+        indices = np.clip(data[0].filled(0).astype(np.int64), 0, len(colours) - 1)
+        image, valid = colours[indices], valid & opaque[indices]
+    else:
+        image = stretch_to_uint8(data, raster.stretch).transpose(1, 2, 0)
+    return fill_from_nearest_valid(image, valid), valid
+
+
+def resampling_for(raster: RasterInfo, down: bool, up: Resampling = Resampling.nearest) -> Resampling:
+    """How a read `down` to fewer pixels (averaged), or `up` to as many or more, resamples the
+    raster; palette indices are never mixed: the mean of two classes' numbers is a third class."""
+    return Resampling.nearest if raster.palette else Resampling.average if down else up
+
+
+@functools.lru_cache(maxsize=64)
+def palette_table(path: str, mtime_ns: int) -> tuple[np.ndarray, np.ndarray]:
+    """A paletted raster's colour table as an (N, 3) uint8 lookup and the (N,) opacity of each
+    entry (an entry of alpha 0 is no data). An index the table lacks is black: indices past its
+    end are read as its last entry, black. Read once per file as it is (`mtime_ns`)."""
+    with rasterio.open(path) as src:
+        table = src.colormap(1)
+    size = max(256, max(table, default=0) + 2)
+    colours, opaque = np.zeros((size, 3), np.uint8), np.ones(size, bool)
+    for index, (r, g, b, a) in table.items():
+        colours[index], opaque[index] = (r, g, b), a > 0
+    return colours, opaque
+
+
 def stretch_to_uint8(data: np.ma.MaskedArray, stretch: tuple[tuple[float, float], ...] | None) -> np.ndarray:
     arr = data.filled(0).astype(np.float32)
     if stretch is None:
@@ -680,16 +725,12 @@ def read_tile(src: rasterio.DatasetReader, raster: RasterInfo, tile: Tile, tile_
     inside = (tile.col_off >= 0 and tile.row_off >= 0 and tile.col_off + tile.width <= src.width
               and tile.row_off + tile.height <= src.height)
     out_shape = (len(raster.bands), tile_size, tile_size)
-    resampling = Resampling.average if tile.scale > 1 else Resampling.nearest
     try:
         data = src.read(list(raster.bands), window=tile.window, out_shape=out_shape,
-                        resampling=resampling, masked=True, boundless=not inside)
+                        resampling=resampling_for(raster, tile.scale > 1), masked=True, boundless=not inside)
     except RasterioIOError as exc:
         raise InputError(f"{raster.path}: cannot read window {tile.window} ({gdal_reason(exc)})") from exc
-    valid = ~np.ma.getmaskarray(data).any(axis=0)
-    valid &= np.isfinite(data.filled(0)).all(axis=0)
-    image = stretch_to_uint8(data, raster.stretch).transpose(1, 2, 0)
-    return fill_from_nearest_valid(image, valid), valid
+    return natural_colour(data, raster)
 
 
 def read_reaching_past(src: rasterio.DatasetReader, bands: list[int], col0: int, row0: int, col1: int, row1: int,
