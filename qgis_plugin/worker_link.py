@@ -20,14 +20,12 @@ from qgis.PyQt.QtCore import QObject, QSocketNotifier, QTimer, pyqtSignal
 from zmq.utils.monitor import recv_monitor_message
 
 from .wire import protocol
-from .wire.errors import CLOSED, UNAVAILABLE, ConnectionClosed, ProtocolError, WorkerError, WorkerUnavailable
-from .wire.sockets import CurveKeys, connect, dialable, subscribe_progress
+from .wire.errors import (CLOSED, ConnectionClosed, ConnectionDropped, ProtocolError, WorkerError,
+                          WorkerUnavailable)
+from .wire.sockets import HANDSHAKE_FAILED, HEARTBEAT_S, CurveKeys, connect, dialable, subscribe_progress
 
 Callback = Callable[[Optional[dict], Optional[WorkerError]], None]
 
-HEARTBEAT_S = 5.0  # a worker whose machine went silent is dropped after three unanswered pings
-HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                    | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 WATCHED = zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | HANDSHAKE_FAILED
 
 
@@ -132,12 +130,7 @@ class WorkerLink(QObject):
         """A request no connection would take: the worker dropped this client's (a worker that
         serves only clients with its keys does so to one without them, a second or so after it
         connects), and ZeroMQ does not dial it again. A blocking send froze QGIS for good."""
-        self._fail(request_id, self._keys_refused())
-
-    def _keys_refused(self) -> WorkerError:
-        return WorkerError(UNAVAILABLE, f"the worker at {self.endpoint} dropped the connection without taking the "
-                                        "request: a worker that serves only clients with its keys refuses others "
-                                        "(check the keys in Settings), or it is restarting")
+        self._fail(request_id, ConnectionDropped.keys_refused(self.endpoint))
 
     def _watch(self, *_: object) -> None:
         """What the socket monitor saw: a handshake refused fails the waiting requests as
@@ -153,15 +146,11 @@ class WorkerLink(QObject):
                     self.back.emit()
                 continue
             if self._lost is None:  # the first cause stays: a refused handshake is followed by its disconnection
-                self._lost = self._keys_refused() if event & HANDSHAKE_FAILED else self._dropped()
+                self._lost = (ConnectionDropped.keys_refused if event & HANDSHAKE_FAILED
+                              else ConnectionDropped.dropped)(self.endpoint)
                 self.lost.emit()
             for request_id in list(self._pending):  # the last one failed replaces the socket and its monitor
                 self._fail(request_id, self._lost)
-
-    def _dropped(self) -> WorkerError:
-        return WorkerError(UNAVAILABLE, f"the connection to the worker at {self.endpoint} dropped before it answered: "
-                                        "the worker stopped or was killed (its log says why), its machine stopped "
-                                        "answering, or the request was far over its message size limit")
 
     def _expire(self, request_id: str, timeout_s: float) -> None:
         self._fail(request_id, WorkerUnavailable(self.endpoint, 1, timeout_s))

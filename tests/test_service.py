@@ -24,7 +24,7 @@ from PIL import Image
 from wire import errors as codes
 from wire import job_states as states
 from wire.client import WorkerClient
-from wire.errors import WorkerError, WorkerUnavailable
+from wire.errors import ConnectionDropped, RequestCancelled, WorkerError, WorkerUnavailable
 from wire.protocol import decode_progress, decode_reply, encode_request
 from wire.sockets import CurveKeys, subscribe_progress
 from worker.openmp import USER_CHOICES
@@ -284,6 +284,20 @@ def test_a_search_cancelled_by_its_client_frees_the_worker_for_the_next(worker):
     assert both["error"]["code"] == neither["error"]["code"] == long["error"]["code"] == codes.BAD_REQUEST
     assert len(json.dumps(long)) < 1000
     assert "`search`" in neither["error"]["message"]
+
+
+def test_a_search_the_blocking_client_stops_waiting_for_is_cancelled_on_the_worker(worker):
+    """Processing's Cancel closed the blocking client's socket and left the search running on
+    the worker: the user's next searches waited behind it, or were refused by its full queue.
+    The client now sends `cancel` for it from the same connection before it closes."""
+    log_before = worker.log.read_text()
+    started = time.monotonic()
+    with worker.client() as c:
+        with pytest.raises(RequestCancelled):
+            c.search("rmnp", sketch_png=sketch_png(), top=5, cancelled=lambda: time.monotonic() - started > 0.05)
+    assert process_until_logged(worker, log_before, "a request cancelled by its client ended")
+    with worker.client() as c:
+        assert c.search("rmnp", sketch_png=sketch_png(), top=2)["hits"]["features"], "the next search is served"
 
 
 def test_a_search_dropped_before_it_ran_lets_go_of_its_sketch_at_once():
@@ -565,14 +579,22 @@ def test_kill_9_mid_index_then_restart_resumes_to_the_same_index(tmp_path, raste
     root.mkdir()
     proc = WorkerProcess(root, rasters).start()
     with proc.client() as c:
-        c.start_index("coast", [str(rasters / "s2.tif")], scales=[1], tile=112, chunk_tiles=16)
+        job = c.start_index("coast", [str(rasters / "s2.tif")], scales=[1], tile=112, chunk_tiles=16)
     manifest = root / "coast" / "manifest.json"
     deadline = time.time() + 120
     while time.time() < deadline:
         if manifest.exists() and json.loads(manifest.read_text())["shards"]:
             break
         time.sleep(0.05)
-    proc.kill(signal.SIGKILL)
+    with proc.client(timeout=60) as waiting:  # a request the worker takes and is killed before answering
+        waiting.ping()
+        proc.proc.send_signal(signal.SIGSTOP)
+        threading.Timer(0.5, proc.kill, (signal.SIGKILL,)).start()
+        asked = time.monotonic()
+        with pytest.raises(ConnectionDropped, match="stopped or was killed"):
+            waiting.job(job["id"])
+        assert time.monotonic() - asked < 10, "told when the connection dropped, not after its 2 x 60 s"
+    proc.proc.wait(30)
     partial = json.loads(manifest.read_text())
     assert not all(r["complete"] for r in partial["rasters"]), "killed before the end"
     assert (root / "coast" / "job.json").exists()

@@ -2,7 +2,11 @@
 
 Reliability follows the zguide's Lazy Pirate: each request waits at most `timeout` seconds;
 on silence the REQ socket is closed (it cannot be reused after a lost reply) and the request
-is sent again on a fresh socket, `retries` times, before WorkerUnavailable is raised.
+is sent again on a fresh socket, `retries` times, before WorkerUnavailable is raised. A socket
+monitor sees the connection carrying a request drop (the worker stopped or was killed, its
+machine went silent past ZeroMQ's heartbeat, it refused this client's keys): no reply can come
+then, and ConnectionDropped is raised at once (a Processing run waited 4 minutes on a killed
+worker). A search the caller stops waiting for is cancelled on the worker too.
 """
 
 from __future__ import annotations
@@ -11,12 +15,14 @@ import time
 from typing import Any, Callable, Optional
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from . import protocol
-from .errors import RequestCancelled, WorkerUnavailable
-from .sockets import CurveKeys, connect
+from .errors import ConnectionDropped, RequestCancelled, WorkerUnavailable
+from .sockets import HANDSHAKE_FAILED, HEARTBEAT_S, CurveKeys, connect
 
 CANCEL_POLL_S = 0.1  # how often a request that can be cancelled looks whether it was
+CANCEL_SEND_S = 1.0  # how long a search's `cancel` may take to leave before its socket is closed
 
 
 class WorkerClient:
@@ -28,16 +34,22 @@ class WorkerClient:
         self.curve = curve
         self._context = context or zmq.Context.instance()
         self._socket: Optional[zmq.Socket] = None
+        self._monitor: Optional[zmq.Socket] = None
 
     def _connect(self) -> zmq.Socket:
         if self._socket is None:
-            self._socket = connect(self._context, zmq.REQ, self.endpoint, self.curve)
+            self._socket = connect(self._context, zmq.REQ, self.endpoint, self.curve, heartbeat_s=HEARTBEAT_S,
+                                   monitor_events=zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED)
+            self._socket.setsockopt(zmq.REQ_RELAXED, 1)  # a search's `cancel` follows it unanswered
+            self._monitor = self._socket.get_monitor_socket()
         return self._socket
 
-    def _reset(self) -> None:
+    def _reset(self, linger_s: float = 0.0) -> None:
         if self._socket is not None:
-            self._socket.close(linger=0)
-            self._socket = None
+            self._socket.disable_monitor()  # before the socket closes: its own closing is no news
+            self._monitor.close(linger=0)
+            self._socket.close(linger=int(linger_s * 1000))
+            self._socket = self._monitor = None
 
     def close(self) -> None:
         self._reset()
@@ -59,8 +71,17 @@ class WorkerClient:
         request_id = protocol.request_id_of(message)
         for _ in range(self.retries + 1):
             sock = self._connect()
+            self._events()  # of connections before this request's: no news of it
             sock.send_multipart(message)
-            if self._reply_waits(sock, timeout, cancelled):
+            try:
+                waits = self._reply_waits(sock, timeout, cancelled)
+            except RequestCancelled:
+                self._abandon(op, request_id)
+                raise
+            except ConnectionDropped:
+                self._reset()
+                raise
+            if waits:
                 reply = protocol.decode_reply(sock.recv_multipart())
                 if reply.id in (request_id, None):
                     return reply.result()
@@ -68,33 +89,58 @@ class WorkerClient:
         raise WorkerUnavailable(self.endpoint, self.retries + 1, timeout)
 
     def _reply_waits(self, sock: zmq.Socket, timeout: float, cancelled: Optional[Callable[[], bool]]) -> bool:
-        """Whether a reply is waiting within `timeout` seconds, looking at `cancelled` meanwhile."""
-        if cancelled is None:
-            return bool(sock.poll(int(timeout * 1000), zmq.POLLIN))
+        """Whether a reply is waiting within `timeout` seconds, looking at `cancelled` and at the
+        connection meanwhile: RequestCancelled, or ConnectionDropped."""
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
         deadline = time.monotonic() + timeout
-        while not cancelled():
+        while cancelled is None or not cancelled():
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
-            if sock.poll(int(min(left, CANCEL_POLL_S) * 1000), zmq.POLLIN):
+            ready = dict(poller.poll(int(min(left, CANCEL_POLL_S if cancelled else left) * 1000)))
+            if sock in ready:
                 return True
-        self._reset()  # a reply that comes later is not read
+            for event in self._events():
+                raise (ConnectionDropped.keys_refused if event & HANDSHAKE_FAILED
+                       else ConnectionDropped.dropped)(self.endpoint)
         raise RequestCancelled(f"stopped waiting for the worker at {self.endpoint}")
+
+    def _events(self) -> list:
+        """The connection events the monitor has seen since it was last asked."""
+        events = []
+        while self._monitor.poll(0):
+            events.append(recv_monitor_message(self._monitor)["event"])
+        return events
+
+    def _abandon(self, op: str, request_id: str) -> None:
+        """Stop waiting for a request (a reply that comes later is not read). A search is
+        cancelled on the worker too, from the connection that sent it, as only that one may:
+        abandoned, it ran to its end, and the user's next search waited behind it or was refused
+        by the worker's full queue."""
+        if op == "search":
+            try:
+                self._socket.send_multipart(protocol.encode_request("cancel", search=request_id), zmq.NOBLOCK)
+            except zmq.ZMQError:  # no connection takes it: no worker holds the search
+                pass
+        self._reset(linger_s=CANCEL_SEND_S if op == "search" else 0.0)
 
     # -- ops ------------------------------------------------------------------------------------
     def ping(self, timeout: Optional[float] = None) -> dict:
         return self.request("ping", timeout=timeout)
 
-    def info(self) -> dict:
-        return self.request("info")
+    def info(self, cancelled: Optional[Callable[[], bool]] = None) -> dict:
+        return self.request("info", cancelled=cancelled)
 
     def list_indexes(self) -> list:
         return self.request("list_indexes")["indexes"]
 
-    def start_index(self, index: str, rasters: list, cancelled: Optional[Callable[[], bool]] = None,
-                    **settings: Any) -> dict:
+    def start_index(self, index: str, rasters: list, timeout: Optional[float] = None,
+                    cancelled: Optional[Callable[[], bool]] = None, **settings: Any) -> dict:
         """Start (or join the running) indexing job for `index`; returns the job."""
-        return self.request("index", cancelled=cancelled, index=index, rasters=rasters, **settings)["job"]
+        return self.request("index", timeout=timeout, cancelled=cancelled, index=index, rasters=rasters,
+                            **settings)["job"]
 
     def job(self, job_id: str, timeout: Optional[float] = None, cancelled: Optional[Callable[[], bool]] = None) -> dict:
         return self.request("job", timeout=timeout, cancelled=cancelled, job=job_id)["job"]

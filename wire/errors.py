@@ -53,6 +53,26 @@ class WorkerUnavailable(WorkerError):
         super().__init__(UNAVAILABLE, f"no reply from {endpoint} after {attempts} attempt(s) of {timeout:g} s")
 
 
+class ConnectionDropped(WorkerUnavailable):
+    """The connection carrying a request dropped before its reply (seen by a socket monitor):
+    no reply will come on it, so the client is told at once, not after its timeout."""
+
+    def __init__(self, message: str):
+        WorkerError.__init__(self, UNAVAILABLE, message)
+
+    @classmethod
+    def dropped(cls, endpoint: str) -> "ConnectionDropped":
+        return cls(f"the connection to the worker at {endpoint} dropped before it answered: the worker stopped or "
+                   "was killed (its log says why), its machine stopped answering, or the request was far over its "
+                   "message size limit")
+
+    @classmethod
+    def keys_refused(cls, endpoint: str) -> "ConnectionDropped":
+        return cls(f"the worker at {endpoint} dropped the connection without taking the request: a worker that "
+                   "serves only clients with its keys refuses others (check the keys in Settings), or it is "
+                   "restarting")
+
+
 class ConnectionClosed(WorkerError):
     """The client closed its connection before the reply came (connected elsewhere, its local
     worker stopped): the request may still run on the worker."""

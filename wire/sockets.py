@@ -11,6 +11,10 @@ import zmq
 
 from .protocol import PROGRESS_TOPIC
 
+HEARTBEAT_S = 5.0  # a worker whose machine went silent is dropped after three unanswered pings
+HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                    | zmq.EVENT_HANDSHAKE_FAILED_AUTH)  # a worker refused this client's keys
+
 
 @dataclass(frozen=True)
 class CurveKeys:
