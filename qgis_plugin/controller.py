@@ -16,6 +16,7 @@ from qgis.core import Qgis, QgsCoordinateReferenceSystem, QgsProject
 from qgis.PyQt.QtCore import QObject, pyqtSignal
 
 from .crs_names import crs_name
+from .error_hints import told
 from .index_layers import tiles_layer, tiles_layer_name, why_no_tiles_layer
 from .local_worker import LocalWorker, WorkerExit
 from .user_requests import Connection, IndexBuild, SearchQuery, endpoint_problem
@@ -30,15 +31,7 @@ from .worker_command import WorkerCommand
 from .worker_finder import WorkerFinder
 from .worker_link import WorkerLink
 
-# what a user can do about each error reply
 SEARCH_GRACE_S = 10.0  # waited past the worker's own search limit, for its `timeout` answer to arrive
-HINTS = {codes.UNAVAILABLE: "Is the worker running? Start it or check the endpoint.",
-         codes.INDEX_MISMATCH: "Build a new index with this worker's model.",
-         codes.BAD_INPUT: "Check the sketch or rasters.",
-         codes.FORBIDDEN: "The worker does not serve that path.",
-         codes.BUSY: "The worker is busy (an index's job, another program writing the index, or searches "
-                     "queued): wait for them, or cancel the job, and try again.",
-         codes.UNKNOWN_OP: "The worker is older than this plugin: update it (set it up again) to do this."}
 
 
 class Status:
@@ -367,9 +360,7 @@ class SearchController(QObject):
     def _failed(self, what: str, err: WorkerError) -> None:
         if err.code == codes.CLOSED:  # connected elsewhere, or the local worker stopped (said apart)
             return self.notice.emit(f"{what} stopped: {err.message}.", Qgis.Info, "")
-        hint = HINTS.get(err.code, "See the log panel for details.")
-        said = err.message if err.message.rstrip().endswith((".", "!", "?")) else f"{err.message.rstrip()}."
-        self.notice.emit(f"{what} failed: {said} {hint}",
+        self.notice.emit(f"{what} failed: {told(err)}",
                          Qgis.Critical if err.code == codes.INTERNAL else Qgis.Warning,
                          f"{what} failed ({err.code}): {err.message}")
         if err.code == codes.UNAVAILABLE:

@@ -4,7 +4,6 @@ building or extending one with its tile settings (the worker's defaults shown)."
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 from qgis.core import Qgis, QgsMapLayerType, QgsProject
@@ -16,9 +15,11 @@ from qgis.PyQt.QtWidgets import (QAbstractItemView, QDoubleSpinBox, QFormLayout,
 
 from .widgets import add_button
 from .controller import SearchController
+from .raster_layers import NOT_A_FILE, raster_file
 from .raster_removal import RasterRemovalDialog
 from .user_requests import IndexBuild, Tiling
 from .wire import job_states as states
+from .wire.protocol import MAX_TILE, MIN_TILE
 
 PROGRESS_STEPS = 1000
 COLUMNS = ("Index", "Tiles", "Rasters", "Searchable", "Job")
@@ -42,7 +43,7 @@ class TilingForm(QWidget):
         form = QFormLayout(self)
         form.setContentsMargins(0, 0, 0, 0)
         self.tile_spin = QSpinBox()
-        self.tile_spin.setRange(32, 4096)
+        self.tile_spin.setRange(MIN_TILE, MAX_TILE)
         self.tile_spin.setSuffix(" px")
         self.tile_spin.setToolTip("Tile size in raster pixels at scale 1: about the size of a place you would sketch.")
         self.overlap_spin = QDoubleSpinBox()
@@ -322,17 +323,16 @@ class IndexPanel(QGroupBox):
         self.raster_list.clear()
         for layer in QgsProject.instance().mapLayers().values():
             if layer.type() == QgsMapLayerType.RasterLayer and layer.providerType() == "gdal":
-                path = layer.source().split("|")[0]
+                path = raster_file(layer)
                 item = QListWidgetItem(layer.name())
                 item.setData(Qt.UserRole, path)
                 item.setData(LAYER_ID, layer.id())
-                if os.path.isfile(path):
+                if path is not None:
                     item.setToolTip(path)
                     item.setFlags(item.flags() | Qt.ItemIsUserCheckable)
                     item.setCheckState(Qt.Unchecked if layer.id() in unticked else Qt.Checked)
                 else:
-                    item.setToolTip(f"{layer.source()}\nNot a file the worker can read (a GeoPackage raster, an "
-                                    "in-memory or virtual raster): save it as a GeoTIFF (Export > Save As…) to index it.")
+                    item.setToolTip(f"{layer.source()}\n{NOT_A_FILE[0].upper()}{NOT_A_FILE[1:]}.")
                     item.setFlags(item.flags() & ~Qt.ItemIsEnabled)
                 self.raster_list.addItem(item)
 

@@ -12,18 +12,26 @@ from qgis.core import (QgsCoordinateReferenceSystem, QgsFeatureSink, QgsProcessi
                        QgsProcessingParameterString, QgsProcessingProvider, QgsWkbTypes)
 from qgis.PyQt.QtGui import QIcon
 
+from .controller import SEARCH_GRACE_S
 from .crs_names import crs_name
+from .error_hints import told
+from .raster_layers import NOT_A_FILE, raster_file
 from .results import features_from_hits, hit_fields
 from .settings import Setting
 from .user_requests import Connection, endpoint_problem
 from .wire import job_states as states
 from .wire.client import WorkerClient
-from .wire.errors import RequestCancelled, WorkerError, WorkerUnavailable
-from .wire.protocol import DEFAULT_TOP, MAX_TOP
+from .wire.errors import RequestCancelled, WorkerError
+from .wire.protocol import DEFAULT_TOP, MAX_TILE, MAX_TOP, MIN_TILE
 
 ICON = os.path.join(os.path.dirname(__file__), "icon.svg")
 WGS84 = "EPSG:4326"
 POLL_S = 0.5  # how often a running job is asked for its progress
+# a worker answers `info` and `job` at once: no answer within this, twice, is no worker there (a run
+# waited 4 minutes on an endpoint where none ran, and on a worker killed mid-job)
+REACH_S = 5.0
+START_S = 60.0  # an `index` request finds its rasters on disk before it is answered (many files: seconds)
+SEARCH_LIMIT_S = 60.0  # a worker's search time limit, where its `info` does not say it
 CANCEL_WAIT_S = 5.0  # how long a Cancel waits for each answer of a worker stopping a job
 CANCEL_GIVE_UP_S = 120.0  # how long it waits for the job to stop while the worker answers
 
@@ -41,9 +49,11 @@ class _WorkerAlgorithm(QgsProcessingAlgorithm):
     def _add_endpoint(self) -> None:
         self.addParameter(QgsProcessingParameterString("ENDPOINT", "Worker endpoint", Setting.ENDPOINT.get()))
 
-    def _client(self, parameters, context) -> WorkerClient:
+    def _reached(self, parameters, context, feedback) -> tuple[WorkerClient, dict] | None:
         """A client of the endpoint given, with the CURVE keys chosen in the plugin's settings
-        (a remote worker must be reached encrypted, from the dock and from Processing alike)."""
+        (a remote worker must be reached encrypted, from the dock and from Processing alike),
+        and the worker's `info`; QgsProcessingException within seconds when no worker answers,
+        None when the user cancelled meanwhile (said in the log)."""
         endpoint = self.parameterAsString(parameters, "ENDPOINT", context)
         problem = endpoint_problem(endpoint)
         if problem:
@@ -53,7 +63,16 @@ class _WorkerAlgorithm(QgsProcessingAlgorithm):
         except (OSError, ValueError) as exc:
             raise QgsProcessingException(f"CURVE keys not usable: {exc}. Choose both key files, or neither, in "
                                          "the Sketch search settings.") from None
-        return WorkerClient(endpoint, timeout=120.0, retries=1, curve=curve)
+        client = WorkerClient(endpoint, timeout=REACH_S, retries=1, curve=curve)
+        try:
+            return client, client.info(cancelled=feedback.isCanceled)
+        except RequestCancelled:
+            feedback.pushInfo("Canceled before the worker answered: nothing was asked of it.")
+            client.close()
+            return None
+        except WorkerError as exc:
+            client.close()
+            raise QgsProcessingException(f"Worker: {told(exc)}") from None
 
 
 class BuildIndexAlgorithm(_WorkerAlgorithm):
@@ -64,8 +83,13 @@ class BuildIndexAlgorithm(_WorkerAlgorithm):
         return "Build sketch index"
 
     def shortHelpString(self) -> str:  # noqa: N802
-        return ("Tiles the rasters and precomputes their edge cells in the worker (resumable; extends an existing "
-                "index). Tile size and scales left empty take the worker's defaults.")
+        return ("Tiles the rasters and precomputes their search features in the worker, into the index of that "
+                "name in its index root: a new index, or one to extend with more rasters (with its own tile "
+                "settings: others are refused). Resumable: run it again after a failure or a cancel, and what was "
+                "committed is kept. The rasters must be files the worker may read (inside its raster roots); a "
+                "GeoPackage, in-memory or web raster: save it as a GeoTIFF first. Tile size and scales left empty "
+                "take the worker's defaults for a new index and the index's own settings for one that exists. "
+                "Tiles: how many tiles of these rasters the index holds (tiles with too little data are skipped).")
 
     def createInstance(self):  # noqa: N802
         return BuildIndexAlgorithm()
@@ -74,11 +98,12 @@ class BuildIndexAlgorithm(_WorkerAlgorithm):
         self._add_endpoint()
         self.addParameter(QgsProcessingParameterString("INDEX", "Index name"))
         self.addParameter(QgsProcessingParameterMultipleLayers("RASTERS", "Rasters", QgsProcessing.TypeRaster))
-        self.addParameter(QgsProcessingParameterNumber("TILE", "Tile size (px)", optional=True, minValue=32))
+        self.addParameter(QgsProcessingParameterNumber("TILE", "Tile size (px)", optional=True, minValue=MIN_TILE,
+                                                       maxValue=MAX_TILE))
         self.addParameter(QgsProcessingParameterString("SCALES", "Scales (comma-separated window sizes in tiles)",
                                                        optional=True))
         self.addOutput(QgsProcessingOutputString("INDEX", "Index name"))
-        self.addOutput(QgsProcessingOutputNumber("TILES", "Tiles indexed"))
+        self.addOutput(QgsProcessingOutputNumber("TILES", "Tiles of these rasters in the index"))
 
     def _tiling(self, parameters, context) -> dict:
         """The tile settings the user gave; the worker fills in the rest."""
@@ -96,13 +121,20 @@ class BuildIndexAlgorithm(_WorkerAlgorithm):
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
         layers = self.parameterAsLayerList(parameters, "RASTERS", context)
-        rasters = [layer.source().split("|")[0] for layer in layers]
-        name = self.parameterAsString(parameters, "INDEX", context)
-        job = None
-        with self._client(parameters, context) as client:
+        if not layers:
+            raise QgsProcessingException("Choose the raster layers to index.")
+        not_files = [layer.name() for layer in layers if raster_file(layer) is None]
+        if not_files:  # the worker refused the whole build for one of them
+            raise QgsProcessingException(f"{', '.join(not_files)}: {NOT_A_FILE}. Nothing was indexed.")
+        rasters = [raster_file(layer) for layer in layers]
+        name, tiling = self.parameterAsString(parameters, "INDEX", context), self._tiling(parameters, context)
+        reached = self._reached(parameters, context, feedback)
+        if reached is None:
+            return {}
+        job, (client, _) = None, reached
+        with client:
             try:
-                job = client.start_index(name, rasters, cancelled=feedback.isCanceled,
-                                         **self._tiling(parameters, context))
+                job = client.start_index(name, rasters, timeout=START_S, cancelled=feedback.isCanceled, **tiling)
                 while job["state"] in states.ACTIVE:
                     time.sleep(POLL_S)
                     job = client.job(job["id"], cancelled=feedback.isCanceled)
@@ -116,11 +148,16 @@ class BuildIndexAlgorithm(_WorkerAlgorithm):
                 if job is None:
                     return {}
             except WorkerError as exc:
-                raise QgsProcessingException(f"worker: {exc.message}") from exc
+                raise QgsProcessingException(f"Worker: {told(exc)}") from exc
         if job["state"] == states.FAILED:
-            raise QgsProcessingException(f"indexing failed: {job['error']['message']}")
-        feedback.pushInfo(f"{job['state']}: {job['tiles_done']} tiles ({job['tiles_skipped']} empty, skipped)")
-        return {"INDEX": name, "TILES": job["tiles_done"]}
+            raise QgsProcessingException(f"Indexing failed: {job['error']['message']}")
+        held = job["tiles_done"] - job["tiles_skipped"]  # a run again over a complete index counts its tiles too
+        feedback.pushInfo(f"{job['state']}: the index holds {held} tiles of these rasters ({job['tiles_skipped']} "
+                          "with too little data skipped)")
+        if held == 0 and job["state"] == states.DONE:
+            feedback.reportError("No tile of these rasters holds enough data to search (nodata, or rasters smaller "
+                                 "than a tile): a search finds nothing in them. Try a smaller tile size.")
+        return {"INDEX": name, "TILES": held}
 
 
 def _cancel(client: WorkerClient, job: dict, feedback) -> dict | None:
@@ -153,7 +190,9 @@ class SearchBySketchAlgorithm(_WorkerAlgorithm):
         return "Search by sketch image"
 
     def shortHelpString(self) -> str:  # noqa: N802
-        return "Finds the places of an index that look like a sketch (PNG/JPEG of dark strokes on white)."
+        return ("Finds the places of an index that look like a sketch: a PNG or JPEG image of the place's main "
+                "lines, drawn on a plain background. Hits come in the project's CRS, best first. Cancel stops the "
+                "search on the worker too.")
 
     def createInstance(self):  # noqa: N802
         return SearchBySketchAlgorithm()
@@ -162,28 +201,38 @@ class SearchBySketchAlgorithm(_WorkerAlgorithm):
         self._add_endpoint()
         self.addParameter(QgsProcessingParameterString("INDEX", "Index name"))
         self.addParameter(QgsProcessingParameterFile("SKETCH", "Sketch image", fileFilter="Images (*.png *.jpg *.jpeg)"))
-        self.addParameter(QgsProcessingParameterNumber("TOP", "Hits", defaultValue=DEFAULT_TOP, minValue=1,
+        self.addParameter(QgsProcessingParameterNumber("TOP", "Number of hits", defaultValue=DEFAULT_TOP, minValue=1,
                                                     maxValue=MAX_TOP))
         self.addParameter(QgsProcessingParameterFeatureSink("OUTPUT", "Hits", QgsProcessing.TypeVectorPolygon))
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
-        with open(self.parameterAsFile(parameters, "SKETCH", context), "rb") as f:
-            png = f.read()
+        sketch = self.parameterAsFile(parameters, "SKETCH", context)
+        try:
+            with open(sketch, "rb") as f:
+                png = f.read()
+        except OSError as exc:
+            raise QgsProcessingException(f"The sketch {sketch} cannot be read: {exc.strerror or exc}.") from None
         project = context.project()
         # hits are asked in the project's CRS, as the dock asks them: the worker draws a footprint
         # across 180 degrees, round a pole or past a Mercator map's edge whole in it
         out_crs = project.crs() if project and project.crs().isValid() else QgsCoordinateReferenceSystem(WGS84)
+        reached = self._reached(parameters, context, feedback)
+        if reached is None:
+            return {}
+        client, info = reached
+        # the worker answers `timeout` at its own limit, with its advice: waited for
+        limit_s = (info.get("limits") or {}).get("search_timeout") or SEARCH_LIMIT_S
         started = time.perf_counter()
-        with self._client(parameters, context) as client:
+        with client:
             try:
                 reply = client.search(self.parameterAsString(parameters, "INDEX", context), sketch_png=png,
-                                      top=self.parameterAsInt(parameters, "TOP", context),
-                                      crs=crs_name(out_crs), cancelled=feedback.isCanceled)
+                                      top=self.parameterAsInt(parameters, "TOP", context), crs=crs_name(out_crs),
+                                      timeout=limit_s + SEARCH_GRACE_S, cancelled=feedback.isCanceled)
             except RequestCancelled:
                 feedback.pushInfo("Search canceled: no hits written.")
                 return {}
             except WorkerError as exc:
-                raise QgsProcessingException(f"worker: {exc.message}") from exc
+                raise QgsProcessingException(f"Worker: {told(exc)}") from exc
         query_ms = (time.perf_counter() - started) * 1e3
         for raster in reply.get("left_out") or []:
             feedback.pushWarning(f"Not searched: {raster['raster']}: {raster['reason']}")

@@ -32,6 +32,8 @@ MAX_ID_CHARS = 128  # a request id is echoed in its reply
 # an `index` request's rasters: each entry is found on disk on the worker's loop thread, where 50,000
 # took 4-8 s, no one answered meanwhile; a folder entry names any number of files
 MAX_RASTER_ENTRIES = 10_000
+# an index's tile size, in raster pixels (worker.tiling.TileSettings checks it; clients offer it)
+MIN_TILE, MAX_TILE = 32, 4096
 EXCERPT_CHARS = 200  # how much of a rejected value an error message quotes (a path fits)
 PROGRESS_TOPIC = b"job."
 

@@ -100,7 +100,8 @@ class IndexRequest:
         if not 1 <= self.batch_size <= MAX_CHUNK_TILES:
             raise InputError(f"batch_size {excerpt(self.batch_size)} must be between 1 and {MAX_CHUNK_TILES}")
         if not 0.0 <= self.settings.min_valid <= 1.0:
-            raise InputError(f"min_valid {excerpt(self.settings.min_valid)} must be a fraction between 0 and 1")
+            raise InputError(f"share of valid data {excerpt(self.settings.min_valid)} (--min-valid) must be a fraction "
+                             "between 0 and 1")
 
     @classmethod
     def create(cls, index_dir: Path, rasters: Sequence[str | Path], *, tile: int | None = None,
@@ -514,7 +515,7 @@ def refuse_empty(index: TileIndex) -> None:
         tiling = index.manifest["tiling"]
         raise InputError(f"{index.dir.name} holds no tiles: none of its rasters' tiles of {tiling['tile']} px holds "
                          f"{100 * tiling['min_valid']:.0f}% valid data (rasters smaller or thinner than a tile, or "
-                         "nodata): index them into an index with a smaller --tile or --min-valid")
+                         "nodata): index them into an index with a smaller tile size or share of valid data (--tile, --min-valid)")
 
 
 def partly_indexed(index: TileIndex, unreadable: dict[str, str], area_wgs84: Area | None) -> list[dict]:

@@ -31,7 +31,7 @@ from rasterio.windows import Window
 from scipy import ndimage
 from shapely.geometry import Polygon
 
-from wire.protocol import excerpt
+from wire.protocol import MAX_TILE, MIN_TILE, excerpt
 from worker.errors import InputError
 from worker.raster_access import DRIVER_PREFIX, RasterAccess, is_vrt, source_path, vrt_sources
 
@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 RASTER_SUFFIXES = {".tif", ".tiff", ".jp2", ".vrt", ".img", ".png", ".jpg", ".jpeg", ".nc", ".hdf", ".ecw", ".sid", ".dem", ".bil"}
 STRETCH_PERCENTILES = (2.0, 98.0)
 EDGE_POINTS = 4  # points per footprint edge, so reprojected footprints follow curved edges
-MAX_TILE = 4096  # pixels; the model reads every tile down to its input size
 MAX_SCALE = 64  # a window of 64 tiles a side, read down to one tile
 MAX_SCALES = 8
 
@@ -56,17 +55,19 @@ class TileSettings:
     min_valid: float = 0.5  # tiles with less valid (non-nodata) area are skipped and counted
 
     def __post_init__(self) -> None:
-        if not 32 <= self.tile <= MAX_TILE:
-            raise InputError(f"--tile {excerpt(self.tile)} must be between 32 and {MAX_TILE} px")
+        # said by what the setting is, the command line's option beside it: a plugin's user sets no options
+        if not MIN_TILE <= self.tile <= MAX_TILE:
+            raise InputError(f"tile size {excerpt(self.tile)} (--tile) must be {MIN_TILE} to {MAX_TILE} px")
         if not 0.0 <= self.overlap < 0.9:
-            raise InputError(f"--overlap {excerpt(self.overlap)} must be in [0, 0.9)")
+            raise InputError(f"overlap {excerpt(self.overlap)} (--overlap) must be in [0, 0.9)")
         scales = list(self.scales)
         if not 1 <= len(scales) <= MAX_SCALES or len(set(scales)) != len(scales) or not all(
                 1 <= s <= MAX_SCALE for s in scales):
-            raise InputError(f"--scales {excerpt(scales)} must be 1 to {MAX_SCALES} different whole numbers between 1 "
-                             f"and {MAX_SCALE} (e.g. 1,2,4)")
+            raise InputError(f"scales {excerpt(scales)} (--scales) must be 1 to {MAX_SCALES} different whole numbers "
+                             f"between 1 and {MAX_SCALE} (e.g. 1,2,4)")
         if self.bands is not None and not (len(self.bands) in (1, 3) and all(b >= 1 for b in self.bands)):
-            raise InputError(f"--bands {excerpt(list(self.bands))} must be 1 or 3 band numbers (R,G,B), from 1")
+            raise InputError(f"bands {excerpt(list(self.bands))} (--bands) must be 1 or 3 band numbers (R,G,B), "
+                             "from 1")
 
     def to_json(self) -> dict:
         """As stored in manifests and job files (lists, not tuples, so stored and fresh compare equal)."""

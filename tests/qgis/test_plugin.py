@@ -656,9 +656,12 @@ def test_processing_algorithms_run(plugin, worker, rmnp_layer, tmp_path, monkeyp
     layer = rmnp_layer
     asked_in, search = [], WorkerClient.search
     monkeypatch.setattr(WorkerClient, "search", lambda self, *a, **kw: asked_in.append(kw["crs"]) or search(self, *a, **kw))
-    built = processing.run("sketchsearch:build_index", {"ENDPOINT": worker.bind, "INDEX": "from-processing",
-                                                        "RASTERS": [layer], "TILE": 224, "SCALES": "1"})
-    assert built["INDEX"] == "from-processing" and built["TILES"] > 0
+    build = {"ENDPOINT": worker.bind, "INDEX": "from-processing", "RASTERS": [layer], "TILE": 224, "SCALES": "1"}
+    built = processing.run("sketchsearch:build_index", build)
+    with worker.client() as client:
+        [held] = [i["tile_count"] for i in client.list_indexes() if i["name"] == "from-processing"]
+    assert built["INDEX"] == "from-processing" and built["TILES"] == held > 0
+    assert processing.run("sketchsearch:build_index", build)["TILES"] == held, "run again: what the index holds"
     sketch = line_sketch(tmp_path / "sketch.png")
     result = processing.run("sketchsearch:search_by_sketch", {"ENDPOINT": worker.bind, "INDEX": "from-processing",
                                                               "SKETCH": str(sketch), "TOP": 2, "OUTPUT": "memory:"})
@@ -737,6 +740,82 @@ def test_a_processing_endpoint_zeromq_cannot_dial_is_explained(plugin, tmp_path)
     with pytest.raises(QgsProcessingException, match="tcp://HOST:PORT"):
         processing.run("sketchsearch:search_by_sketch", {"ENDPOINT": "localhost:5555", "INDEX": "any",
                                                           "SKETCH": str(sketch), "OUTPUT": "memory:"})
+
+
+def test_a_processing_run_refuses_what_it_cannot_use_before_asking_the_worker(plugin, raster_root, tmp_path):
+    """A sketch file that is not there was a Python traceback; a raster layer that is no file (a
+    GeoPackage's, an in-memory one) sank the whole build with the worker's words on GDAL virtual
+    file systems. Both are said before any worker is asked (none runs at this endpoint)."""
+    import processing
+    from osgeo import gdal
+    from qgis.core import QgsProcessingException
+
+    from lab.worker_process import free_port
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    in_memory = "/vsimem/sketch-search-test.tif"
+    gdal.Translate(in_memory, str(raster_root / "rmnp-rgb.tif"))
+    # in the project: a layer a refused run's traceback holds, left to the interpreter's exit, crashes QGIS
+    layers = [QgsRasterLayer(in_memory, "in memory"), QgsRasterLayer(str(raster_root / "rmnp-rgb.tif"), "on disk")]
+    QgsProject.instance().addMapLayers(layers)
+    try:
+        assert all(layer.isValid() for layer in layers)
+        with pytest.raises(QgsProcessingException, match="^in memory: not a file the worker can read.*GeoTIFF"):
+            processing.run("sketchsearch:build_index", {"ENDPOINT": endpoint, "INDEX": "any", "RASTERS": layers})
+    finally:
+        QgsProject.instance().removeMapLayers([layer.id() for layer in layers])
+        gdal.Unlink(in_memory)
+    with pytest.raises(QgsProcessingException, match="nope.png cannot be read: No such file"):
+        processing.run("sketchsearch:search_by_sketch", {"ENDPOINT": endpoint, "INDEX": "any",
+                                                          "SKETCH": str(tmp_path / "nope.png"), "OUTPUT": "memory:"})
+
+
+def test_a_processing_run_is_told_within_seconds_that_no_worker_answers_or_that_it_was_killed(plugin, tmp_path):
+    """No worker at the endpoint, or one killed mid-build: a run waited 4 minutes (two waits of
+    120 s) and said only "no reply". It is told within seconds, with what to do."""
+    import shutil
+    import threading
+
+    import processing
+    from qgis.core import QgsProcessingException, QgsProcessingFeedback
+
+    from conftest import WORKER_PYTHON
+    from lab.worker_process import WorkerProcess, free_port
+    from worker.assets import load_asset_paths
+
+    sketch = line_sketch(tmp_path / "sketch.png")
+    asked = time.monotonic()
+    with pytest.raises(QgsProcessingException, match="Is the worker running"):
+        processing.run("sketchsearch:search_by_sketch", {"ENDPOINT": f"tcp://127.0.0.1:{free_port()}", "INDEX": "any",
+                                                          "SKETCH": str(sketch), "OUTPUT": "memory:"})
+    assert time.monotonic() - asked < 30, "told within seconds"
+
+    rasters, index_root = tmp_path / "rasters", tmp_path / "indexes"
+    rasters.mkdir()
+    index_root.mkdir()
+    shutil.copy(load_asset_paths()["s2_rgb"], rasters / "s2.tif")  # thousands of tiles at 32 px: still running
+    proc = WorkerProcess(index_root, rasters, python=WORKER_PYTHON).start()
+    feedback, killed_at, layer = QgsProcessingFeedback(), [], QgsRasterLayer(str(rasters / "s2.tif"), "s2")
+    QgsProject.instance().addMapLayer(layer)  # a layer a refused run's traceback holds crashes QGIS at exit otherwise
+
+    def kill_once_running() -> None:
+        deadline = time.monotonic() + 120
+        while feedback.progress() <= 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        killed_at.append(time.monotonic())
+        proc.proc.kill()
+
+    killer = threading.Thread(target=kill_once_running, daemon=True)
+    killer.start()
+    try:
+        with pytest.raises(QgsProcessingException, match="Is the worker running"):
+            processing.run("sketchsearch:build_index", {"ENDPOINT": proc.bind, "INDEX": "killed", "RASTERS": [layer],
+                                                        "TILE": 32, "SCALES": "1"}, feedback=feedback)
+        killer.join(10)
+        assert feedback.progress() > 0 and time.monotonic() - killed_at[0] < 30, "told within seconds"
+    finally:
+        proc.stop()
+        QgsProject.instance().removeMapLayer(layer.id())
 
 
 def test_cancel_stops_a_processing_search_waiting_on_a_worker_that_does_not_answer(plugin, tmp_path):
