@@ -469,9 +469,10 @@ def test_a_stop_while_a_cluster_starts_is_held_until_it_is_up_and_a_second_is_no
 
 class DaskScheduler:
     """A `dask scheduler` and one `dask worker` process, as a cluster's users start them (this
-    code importable by the worker through PYTHONPATH); both killed on leaving."""
+    code importable by the worker through PYTHONPATH, unless not `worker_has_code`); both killed
+    on leaving."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, worker_has_code: bool = True):
         import json
         import subprocess
         import sys
@@ -492,8 +493,9 @@ class DaskScheduler:
                 except (FileNotFoundError, json.JSONDecodeError, KeyError):
                     time.sleep(0.1)
             assert self.address, "the scheduler did not write its address"
+            worker_env = env if worker_has_code else {k: v for k, v in env.items() if k != "PYTHONPATH"}
             self.processes.append(subprocess.Popen(dask + ["worker", self.address, "--nthreads", "1", "--no-dashboard"],
-                                                   env=env, stderr=subprocess.DEVNULL))
+                                                   env=worker_env, cwd=folder, stderr=subprocess.DEVNULL))
         except BaseException:
             self.__exit__()
             raise
@@ -537,6 +539,47 @@ def test_a_scheduler_lost_mid_run_fails_it_saying_so_and_a_rerun_on_a_new_one_co
     assert again.returncode == 0, again.stderr
     index = TileIndex.open(tmp_path / "index")
     assert index.info()["complete"] and len(index) == json.loads(again.stdout.strip().splitlines()[-1])["tile_count"] > kept
+
+
+def test_workers_without_this_code_are_said_so_before_any_chunk_and_kept(tmp_path, assets, model):
+    """A `dask worker` started without this code on its PYTHONPATH could not read its first
+    chunk: Dask closed it, the user's `dask worker` command exited, and the run said two minutes
+    later that the cluster "has had no workers"."""
+    with DaskScheduler(tmp_path, worker_has_code=False) as cluster, connect(cluster.address) as client:
+        deadline = time.monotonic() + 60
+        while not client.scheduler_info()["workers"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        chunks = ClusterChunks(client, OPTIONS, model.fingerprint()["tile_encoder"])
+        asked = time.monotonic()
+        with pytest.raises(InputError, match=r"1 of the 1 Dask workers .* cannot import this code .*PYTHONPATH"):
+            IndexWriter(tmp_path / "index", model, SETTINGS, CHUNK).build([assets["osbs_rgb"]], computer=chunks)
+        assert time.monotonic() - asked < 30
+        assert cluster.processes[1].poll() is None, "the user's worker still runs"
+
+
+def test_a_scheduler_that_stops_answering_fails_the_run_saying_so(tmp_path, assets, model, monkeypatch):
+    """A scheduler stopped (SIGSTOP: hung, or its machine gone silent) left the run waiting for
+    ever, saying nothing, and a service's jobs queued behind it."""
+    from worker import distributed
+
+    monkeypatch.setattr(distributed, "SCHEDULER_SILENT_S", 8.0)
+    with DaskScheduler(tmp_path) as cluster, connect(cluster.address) as client:
+        chunks = ClusterChunks(client, OPTIONS, model.fingerprint()["tile_encoder"])
+        stopped = []
+
+        def stop_the_scheduler(progress) -> None:
+            if progress.tiles_done and not stopped:  # after the first commit: the other chunks wait on it
+                cluster.processes[0].send_signal(signal.SIGSTOP)
+                stopped.append(time.monotonic())
+
+        try:
+            with pytest.raises(InputError, match="scheduler at .* has not answered for 8 s"):
+                IndexWriter(tmp_path / "index", model, SETTINGS, 4).build([assets["osbs_rgb"]], computer=chunks,
+                                                                          progress=stop_the_scheduler)
+            assert stopped and time.monotonic() - stopped[0] < 60
+        finally:
+            cluster.kill_scheduler()  # the client closes on a closed connection, not a silent one
+    assert len(TileIndex.open(tmp_path / "index")) > 0, "committed chunks are kept"
 
 
 def test_a_client_closed_between_two_reconnect_tries_logs_no_error(tmp_path):
@@ -644,6 +687,30 @@ def test_a_raster_a_cluster_worker_cannot_read_is_an_input_error_as_here(tmp_pat
     with pytest.raises(InputError, match="damaged.tif") as there:
         IndexWriter(tmp_path / "there", model, SETTINGS, CHUNK).build([damaged], computer=chunks)
     assert type(there.value) is InputError and "cannot read" in str(here.value) and "cannot read" in str(there.value)
+
+
+def test_a_raster_another_file_on_a_cluster_worker_is_refused_not_indexed(tmp_path, assets, model, cluster):
+    """A worker that read another file at a raster's path (its own copy, another version; here
+    the file replaced after the run began) built an index of that file's pixels under the
+    planned raster's name, unsaid and for good: the driver's file never looks changed."""
+    import rasterio
+
+    raster = tmp_path / "sheet.tif"
+    shutil.copy(assets["rmnp_rgb"], raster)
+    with rasterio.open(raster) as src:
+        profile, other = src.profile, src.read()[:, ::-1, ::-1]
+    chunks = ClusterChunks(cluster, OPTIONS, model.fingerprint()["tile_encoder"])
+    replaced = []
+
+    def replace_the_file(progress) -> None:
+        if progress.tiles_done and not replaced:  # after the first commit: the other chunks are still to be read
+            with rasterio.open(raster, "w", **profile) as dst:
+                dst.write(other)
+            replaced.append(True)
+
+    with pytest.raises(InputError, match="sheet.tif: a cluster worker .* reads another file there"):
+        IndexWriter(tmp_path / "index", model, SETTINGS, 4).build([raster], computer=chunks, progress=replace_the_file)
+    assert replaced
 
 
 @pytest.mark.parametrize("peer", ["silent", "ssh"])

@@ -17,6 +17,7 @@ version of the code) is refused, so an index never mixes features of two models.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import re
@@ -24,10 +25,10 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import CancelledError, ThreadPoolExecutor
+from concurrent.futures import CancelledError
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from wire.protocol import excerpt
 from worker.errors import InputError
@@ -189,8 +190,7 @@ def _check_scheduler(address: str, unreachable: Callable[[str], InputError]) -> 
         return asyncio.run(asyncio.wait_for(identity(), CONNECT_S))
 
     try:
-        with ThreadPoolExecutor(1) as pool:  # its own event loop, whatever the caller's thread runs
-            answer = pool.submit(ask).result()
+        answer = answer_within(CONNECT_S + 5.0, ask)  # its own event loop, whatever the caller's thread runs
     except TimeoutError:
         raise unreachable(f"no answer as a Dask scheduler within {CONNECT_S:.0f} s") from None
     except OSError as exc:  # refused, no route, a name that does not resolve
@@ -201,6 +201,68 @@ def _check_scheduler(address: str, unreachable: Callable[[str], InputError]) -> 
         raise unreachable("what answers there does not speak Dask's protocol") from None
     if not isinstance(answer, dict) or answer.get("type") != "Scheduler":
         raise unreachable(f"it answered as {excerpt(str(answer))}, not as a Dask scheduler")
+
+
+T = TypeVar("T")
+
+
+def answer_within(seconds: float, ask: Callable[[], T]) -> T:
+    """`ask()` run in a thread of its own: its answer, or its exception, within `seconds`;
+    TimeoutError after. A Ctrl-C meanwhile is raised at once and the thread left to end alone: a
+    thread pool's was waited for, and Ctrl-C took 20 s while a silent scheduler was asked."""
+    answer: dict = {}
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            answer["value"] = ask()
+        except BaseException as exc:  # handed to the caller
+            answer["error"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="dask-ask", daemon=True).start()
+    if not done.wait(seconds):
+        raise TimeoutError(f"no answer within {seconds:.0f} s")
+    if "error" in answer:
+        raise answer["error"]
+    return answer["value"]
+
+
+FINGERPRINT_BYTES = 1 << 16
+
+
+def file_fingerprint(path: str) -> str | None:
+    """A local file's size and a digest of its first and last 64 KiB, the same wherever the same
+    file is read (a shared file system, a copy), other for another file at that path; None for
+    what is no local file (a GDAL virtual path): not compared."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(FINGERPRINT_BYTES)
+        f.seek(max(0, size - FINGERPRINT_BYTES))
+        return f"{size}:{hashlib.sha1(head + f.read(FINGERPRINT_BYTES)).hexdigest()[:16]}"
+
+
+def _check_same_file(path: str, expected: str | None) -> None:
+    """InputError unless this cluster worker reads the file the driver planned (`expected`,
+    file_fingerprint there): a worker that saw another file at the path, or none, built an
+    index of its pixels under the driver's raster, unsaid and for good (the driver's file
+    never looks changed), or said only "No such file" of a file the user can open."""
+    if expected is None:
+        return
+    same = "every worker must read the rasters at the same paths (a shared file system, or identical copies)"
+    try:
+        seen = file_fingerprint(path)
+    except OSError as exc:
+        raise InputError(f"{path}: a cluster worker ({_worker_name()}) cannot read it ({exc.strerror or exc}): "
+                         f"{same}") from None
+    if seen is None:
+        raise InputError(f"{path}: a cluster worker ({_worker_name()}) finds no file there: {same}")
+    if seen != expected:
+        raise InputError(f"{path}: a cluster worker ({_worker_name()}) reads another file there than the one "
+                         f"planned (its size or bytes differ; or it changed since the run began): {same}")
 
 
 _closing_lock = threading.Lock()
@@ -266,12 +328,14 @@ def load_models(client, options: "ModelOptions") -> None:
 
 
 def compute_on_worker(options: "ModelOptions", encoder: dict, job: ChunkJob, settings: TileSettings,
-                      batch_size: int) -> ChunkResult | InputError:
+                      batch_size: int, fingerprint: str | None) -> ChunkResult | InputError:
     """One chunk, computed on a cluster's worker with its own copy of the model; or its InputError
-    (a raster the worker cannot open or read, another model), returned, not raised: raised, Dask
-    computed the chunk twice more to the same end (TASK_RETRIES), and sent it back as a plain
-    Exception, its cause (rasterio's error) being one it cannot unpickle. The driver raises it."""
+    (a raster the worker cannot open or read, or reads another file than `fingerprint` says,
+    another model), returned, not raised: raised, Dask computed the chunk twice more to the same
+    end (TASK_RETRIES), and sent it back as a plain Exception, its cause (rasterio's error) being
+    one it cannot unpickle. The driver raises it."""
     try:
+        _check_same_file(job.raster["path"], fingerprint)
         model = _model_of(options)
         if model.fingerprint()["tile_encoder"] != encoder:
             raise InputError(f"a cluster worker ({_worker_name()}) runs another model than the index's: install the "
@@ -304,6 +368,9 @@ def _environment_error(exc: Exception) -> bool:
 
 STOP_POLL_S = 0.2  # how often the driver asks whether the job was cancelled while chunks compute
 NO_WORKERS_S = 120.0  # a cluster without workers this long fails the job rather than wait for ever
+# a scheduler that has not answered the client's asks of who it is (Dask's, every 2 s) this long fails
+# the job: a stopped one left the run waiting for ever, silent, and a service's jobs queued behind it
+SCHEDULER_SILENT_S = 60.0
 
 
 class ClusterChunks:
@@ -316,6 +383,7 @@ class ClusterChunks:
         # task keys unique to this run: raster ids restart at 0 in every index, and a scheduler
         # shared by two drivers would hand one the other's chunk under an equal key
         self.run_id = uuid.uuid4().hex
+        self._heard: tuple[object, float] = (None, 0.0)  # the scheduler's record last seen renewed, and when
 
     def run(self, jobs: list[ChunkJob], settings: TileSettings, batch_size: int, should_stop: Callable[[], bool],
             batch_done: Callable[[int, str], None]) -> Iterator[tuple[ChunkJob, ChunkResult | None]]:
@@ -324,9 +392,13 @@ class ClusterChunks:
 
         if not jobs:
             return
+        self._check_importable()
+        fingerprints = {path: file_fingerprint(path) for path in {job.raster["path"] for job in jobs}}
         futures = {self.client.submit(compute_on_worker, self.options, self.encoder, job, settings, batch_size,
-                                      pure=False, retries=TASK_RETRIES, key=f"chunk-{job.raster_id}-{job.chunk}-{self.run_id}"): job
+                                      fingerprints[job.raster["path"]], pure=False, retries=TASK_RETRIES,
+                                      key=f"chunk-{job.raster_id}-{job.chunk}-{self.run_id}"): job
                    for job in jobs}
+        self._heard = (getattr(self.client, "_scheduler_identity", None), time.monotonic())
         log.info("%d chunks sent to %d cluster workers", len(futures), len(self.client.scheduler_info()["workers"]))
         try:
             finished = as_completed(futures)
@@ -336,6 +408,7 @@ class ClusterChunks:
                     if should_stop():
                         yield jobs[0], None
                         return
+                    self._check_scheduler_answers()
                     idle_since = self._without_workers_since(idle_since)
                     time.sleep(STOP_POLL_S)
                 future = next(finished)
@@ -347,10 +420,41 @@ class ClusterChunks:
             raise InputError(f"lost the Dask scheduler at {self.client.scheduler.address} ({excerpt(str(exc))}): "
                              "committed chunks are kept; run the job again once it is back") from None
         finally:
-            try:
-                self.client.cancel(list(futures))
+            try:  # a scheduler that stopped answering is not waited for
+                answer_within(CONNECT_S, lambda: self.client.cancel(list(futures)))
             except Exception as exc:  # a scheduler gone cannot be told
                 log.info("the cluster's chunks could not be cancelled: %s", exc)
+
+    def _check_importable(self) -> None:
+        """InputError unless every worker of the cluster imports this code: a worker that could
+        not read its task (started without this code on PYTHONPATH) was closed by Dask, and the
+        run said two minutes later that the cluster had no workers."""
+        try:
+            answers = answer_within(CONNECT_S * 3, lambda: self.client.run(exec, f"import {__name__}",
+                                                                           on_error="return"))
+        except TimeoutError:
+            raise InputError(f"the Dask cluster at {self.client.scheduler.address} did not answer within "
+                             f"{CONNECT_S * 3:.0f} s (its scheduler or a worker stopped?)") from None
+        failed = {address: exc for address, exc in answers.items() if isinstance(exc, BaseException)}
+        if failed:
+            address, exc = next(iter(failed.items()))
+            raise InputError(f"{len(failed)} of the {len(answers)} Dask workers (such as {address}) cannot import this "
+                             f"code ({excerpt(str(exc) or type(exc).__name__)}): start every worker with this checkout "
+                             "on its PYTHONPATH (PYTHONPATH=/path/to/sketch-search dask worker ADDRESS) and the same "
+                             "packages")
+
+    def _check_scheduler_answers(self) -> None:
+        """InputError once the scheduler has not answered for SCHEDULER_SILENT_S: Dask's client
+        renews its record of the scheduler (private, `_scheduler_identity`) every 2 s or so, and
+        a stopped scheduler leaves it as it was."""
+        identity, since = self._heard
+        now = getattr(self.client, "_scheduler_identity", None)
+        if now is not identity:
+            self._heard = (now, time.monotonic())
+        elif time.monotonic() - since > SCHEDULER_SILENT_S:
+            raise InputError(f"the Dask scheduler at {self.client.scheduler.address} has not answered for "
+                             f"{SCHEDULER_SILENT_S:.0f} s (stopped, overloaded, or its machine unreachable): committed "
+                             "chunks are kept; run the job again once it answers")
 
     def _result(self, future, job: ChunkJob) -> ChunkResult:
         """A finished chunk's arrays; InputError, naming the chunk, where its workers failed."""
