@@ -234,10 +234,17 @@ def test_a_raster_damaged_before_a_gpu_reads_it_is_an_input_error(tmp_path, asse
 
 def test_a_local_cluster_leaves_this_process_environment_as_it_was():
     """Dask's nannies set OMP_NUM_THREADS=1 in the process that starts them; processes started
-    after the cluster (a worker service, a drawing pool) must not inherit it."""
+    after the cluster (a worker service, a drawing pool) must not inherit it, also when two
+    clusters overlap (a service's jobs side by side: each put back what it found)."""
     before = dict(os.environ)
     with connect("local:1") as client:
         assert list(client.run(lambda: os.environ.get("OMP_NUM_THREADS")).values()) == ["1"]  # as Dask means it
+    assert dict(os.environ) == before
+    first, second = connect("local:1"), connect("local:1")
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)  # the first started closes first
+    second.__exit__(None, None, None)
     assert dict(os.environ) == before
 
 

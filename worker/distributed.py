@@ -306,13 +306,26 @@ def _environment_kept():
     them, on purpose, so that the worker processes they spawn inherit it (distributed
     `pre-spawn-environ`); left behind, every process started later (a worker service, a
     drawing pool) ran its torch and BLAS on one thread: a benchmark's searches took twice as
-    long (494 against 264 ms p50)."""
-    before = dict(os.environ)
+    long (494 against 264 ms p50). Kept from the first of clusters open at once (a service's
+    jobs side by side) to the last closed: each kept its own, and the later one put back the
+    nannies' settings of the earlier one."""
+    global _environment_before, _clusters_open
+    with _closing_lock:
+        if not _clusters_open:
+            _environment_before = dict(os.environ)
+        _clusters_open += 1
     try:
         yield
     finally:
-        os.environ.clear()
-        os.environ.update(before)
+        with _closing_lock:
+            _clusters_open -= 1
+            if not _clusters_open:
+                os.environ.clear()
+                os.environ.update(_environment_before)
+
+
+_clusters_open = 0  # local clusters open now in this process (_environment_kept)
+_environment_before: dict[str, str] = {}  # the environment before the first of them started
 
 
 def _model_of(options: "ModelOptions"):
