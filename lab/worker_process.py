@@ -54,29 +54,43 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+PORT_TRIES = 3  # a free port may be taken before the worker binds it (by any connection's own port)
+
+
 class WorkerProcess:
     def __init__(self, index_root: Path, raster_root: Path, bind: str | None = None, extra: list[str] = (),
                  python: str = sys.executable, env: dict[str, str] | None = None):
-        port = free_port()
         self.index_root = index_root
-        self.bind = bind or f"tcp://127.0.0.1:{port}"
-        self.pub = f"tcp://127.0.0.1:{free_port()}"
-        self.cmd = [python, "-m", "worker", "serve", "--bind", self.bind, "--pub", self.pub, "--device", "cpu",
-                    "--index-root", str(index_root), "--raster-root", str(raster_root),
-                    "--sketch-modules", "none", *extra]
-        self.log = index_root.parent / f"worker-{port}.log"
+        self.given_bind = bind
+        self.cmd = [python, "-m", "worker", "serve", "--bind", "", "--pub", "", "--device", "cpu", "--index-root",
+                    str(index_root), "--raster-root", str(raster_root), "--sketch-modules", "none", *extra]
         self.env = env  # the process's environment (None: this one's)
         self.proc: subprocess.Popen | None = None
+        self._choose_ports()
+
+    def _choose_ports(self) -> None:
+        """Free ports for the worker's sockets, put in its command (which a test may have added to)."""
+        port = free_port()
+        self.bind = self.given_bind or f"tcp://127.0.0.1:{port}"
+        self.pub = f"tcp://127.0.0.1:{free_port()}"
+        self.cmd[self.cmd.index("--bind") + 1], self.cmd[self.cmd.index("--pub") + 1] = self.bind, self.pub
+        self.log = self.index_root.parent / f"worker-{port}.log"
 
     def start(self, timeout: float = 90.0, curve=None) -> "WorkerProcess":
-        """Start and wait until it answers a ping (sent with `curve` keys for a CURVE bind)."""
+        """Start and wait until it answers a ping (sent with `curve` keys for a CURVE bind); on
+        free ports taken meanwhile, on others."""
         env = os.environ if self.env is None else self.env
-        self.proc = subprocess.Popen(self.cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=open(self.log, "ab"),
-                                     text=True, env={**env, "PYTHONUNBUFFERED": "1"})
+        for attempt in range(PORT_TRIES):
+            self.proc = subprocess.Popen(self.cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=open(self.log, "ab"),
+                                         text=True, env={**env, "PYTHONUNBUFFERED": "1"})
+            line = self.proc.stdout.readline()
+            if line:
+                break
+            said = f"worker exited ({self.proc.wait()}): {self.log.read_text()[-2000:]}"
+            if "Address already in use" not in said or attempt == PORT_TRIES - 1:
+                raise RuntimeError(said)
+            self._choose_ports()
         deadline = time.time() + timeout
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"worker exited ({self.proc.wait()}): {self.log.read_text()[-2000:]}")
         assert json.loads(line)["serving"] == self.bind
         with self.client(timeout=5, curve=curve) as c:
             while True:
@@ -86,6 +100,7 @@ class WorkerProcess:
                 except WorkerUnavailable:
                     if time.time() > deadline:
                         raise
+
     def client(self, **kw) -> WorkerClient:
         return WorkerClient(self.bind, **{"timeout": 60, **kw})
 

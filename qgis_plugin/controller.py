@@ -34,6 +34,13 @@ from .worker_link import WorkerLink
 SEARCH_GRACE_S = 10.0  # waited past the worker's own search limit, for its `timeout` answer to arrive
 
 
+def search_wait_s(info: dict, fallback_s: float) -> float:
+    """How long to wait for a search or a list of the indexes: the worker answers `timeout` at
+    its own limit (its `info`, else `fallback_s`), counted from their arrival, with its advice;
+    wait for that answer."""
+    return ((info.get("limits") or {}).get("search_timeout") or fallback_s) + SEARCH_GRACE_S
+
+
 class Status:
     """What the worker light shows: (text, colour name)."""
 
@@ -497,10 +504,7 @@ class SearchController(QObject):
             self.search_running.emit(False)
 
     def _pooled_timeout_s(self) -> float:
-        """How long to wait for a search or a list of the indexes: the worker answers `timeout`
-        at its own limit, counted from their arrival, with its advice; wait for that answer."""
-        limit_s = self.info.get("limits", {}).get("search_timeout") or self.request_timeout_s
-        return limit_s + SEARCH_GRACE_S
+        return search_wait_s(self.info, self.request_timeout_s)
 
     def _on_hits(self, reply: Optional[dict], err: Optional[WorkerError], query: SearchQuery, started: float) -> None:
         self._search_id = None

@@ -12,7 +12,7 @@ from qgis.core import (QgsCoordinateReferenceSystem, QgsFeatureSink, QgsProcessi
                        QgsProcessingParameterString, QgsProcessingProvider, QgsWkbTypes)
 from qgis.PyQt.QtGui import QIcon
 
-from .controller import SEARCH_GRACE_S
+from .controller import search_wait_s
 from .crs_names import crs_name
 from .error_hints import told
 from .raster_layers import NOT_A_FILE, raster_file
@@ -31,7 +31,7 @@ POLL_S = 0.5  # how often a running job is asked for its progress
 # waited 4 minutes on an endpoint where none ran, and on a worker killed mid-job)
 REACH_S = 5.0
 START_S = 60.0  # an `index` request finds its rasters on disk before it is answered (many files: seconds)
-SEARCH_LIMIT_S = 60.0  # a worker's search time limit, where its `info` does not say it
+SEARCH_LIMIT_S = 60.0  # a worker's search time limit, where its `info` does not say it (an older worker)
 CANCEL_WAIT_S = 5.0  # how long a Cancel waits for each answer of a worker stopping a job
 CANCEL_GIVE_UP_S = 120.0  # how long it waits for the job to stop while the worker answers
 
@@ -89,7 +89,7 @@ class BuildIndexAlgorithm(_WorkerAlgorithm):
                 "committed is kept. The rasters must be files the worker may read (inside its raster roots); a "
                 "GeoPackage, in-memory or web raster: save it as a GeoTIFF first. Tile size and scales left empty "
                 "take the worker's defaults for a new index and the index's own settings for one that exists. "
-                "Tiles: how many tiles of these rasters the index holds (tiles with too little data are skipped).")
+                "Tiles: how many tiles the index holds once done (tiles with too little data are skipped).")
 
     def createInstance(self):  # noqa: N802
         return BuildIndexAlgorithm()
@@ -103,7 +103,7 @@ class BuildIndexAlgorithm(_WorkerAlgorithm):
         self.addParameter(QgsProcessingParameterString("SCALES", "Scales (comma-separated window sizes in tiles)",
                                                        optional=True))
         self.addOutput(QgsProcessingOutputString("INDEX", "Index name"))
-        self.addOutput(QgsProcessingOutputNumber("TILES", "Tiles of these rasters in the index"))
+        self.addOutput(QgsProcessingOutputNumber("TILES", "Tiles in the index"))
 
     def _tiling(self, parameters, context) -> dict:
         """The tile settings the user gave; the worker fills in the rest."""
@@ -151,12 +151,12 @@ class BuildIndexAlgorithm(_WorkerAlgorithm):
                 raise QgsProcessingException(f"Worker: {told(exc)}") from exc
         if job["state"] == states.FAILED:
             raise QgsProcessingException(f"Indexing failed: {job['error']['message']}")
-        held = job["tiles_done"] - job["tiles_skipped"]  # a run again over a complete index counts its tiles too
-        feedback.pushInfo(f"{job['state']}: the index holds {held} tiles of these rasters ({job['tiles_skipped']} "
-                          "with too little data skipped)")
+        held = job["tiles_done"] - job["tiles_skipped"]  # once done: the whole index's (a run's own: while it runs)
+        feedback.pushInfo(f"{job['state']}: the index holds {held} tiles ({job['tiles_skipped']} with too little data "
+                          "skipped)")
         if held == 0 and job["state"] == states.DONE:
-            feedback.reportError("No tile of these rasters holds enough data to search (nodata, or rasters smaller "
-                                 "than a tile): a search finds nothing in them. Try a smaller tile size.")
+            feedback.reportError("No tile of the index holds enough data to search (nodata, or rasters smaller than "
+                                 "a tile): a search finds nothing. Try a smaller tile size.")
         return {"INDEX": name, "TILES": held}
 
 
@@ -220,14 +220,13 @@ class SearchBySketchAlgorithm(_WorkerAlgorithm):
         if reached is None:
             return {}
         client, info = reached
-        # the worker answers `timeout` at its own limit, with its advice: waited for
-        limit_s = (info.get("limits") or {}).get("search_timeout") or SEARCH_LIMIT_S
         started = time.perf_counter()
         with client:
-            try:
+            try:  # not sent again: a worker silent past its own limit would only run it twice
                 reply = client.search(self.parameterAsString(parameters, "INDEX", context), sketch_png=png,
                                       top=self.parameterAsInt(parameters, "TOP", context), crs=crs_name(out_crs),
-                                      timeout=limit_s + SEARCH_GRACE_S, cancelled=feedback.isCanceled)
+                                      timeout=search_wait_s(info, SEARCH_LIMIT_S), retries=0,
+                                      cancelled=feedback.isCanceled)
             except RequestCancelled:
                 feedback.pushInfo("Search canceled: no hits written.")
                 return {}

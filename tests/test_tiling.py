@@ -89,6 +89,17 @@ def test_a_paletted_raster_is_read_through_its_colour_table(tmp_path, assets):
     (image, valid), (seen, _) = (Placement(r, **place).read(224) for r in (info, natural))
     assert valid.mean() > 0.3 and np.abs(image[valid].astype(int) - seen[valid]).mean() < 12
     assert not open_raster(paletted, (1,)).palette
+    no_table = tmp_path / "no_table.vrt"  # a band said to be paletted, with no colour table: read as grey
+    no_table.write_text(f"""<VRTDataset rasterXSize="{info.width}" rasterYSize="{info.height}">
+  <SRS>{info.crs_wkt.replace('"', '&quot;')}</SRS><GeoTransform>{", ".join(map(str, info.affine.to_gdal()))}</GeoTransform>
+  <VRTRasterBand dataType="Byte" band="1"><ColorInterp>Palette</ColorInterp>
+    <SimpleSource><SourceFilename>{paletted}</SourceFilename><SourceBand>1</SourceBand></SimpleSource>
+  </VRTRasterBand></VRTDataset>""")
+    grey = open_raster(no_table, None)
+    assert (grey.palette, grey.bands) == (False, (1, 1, 1))
+    with TileReader(grey, 224) as reader:
+        image, _ = reader.read(Tile(grey, 0, 0, 224, 224, 1))
+    assert np.array_equal(image[..., 0], image[..., 1])
 
 
 def test_grey_with_alpha_is_read_as_grey(tmp_path, assets):

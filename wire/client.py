@@ -3,10 +3,11 @@
 Reliability follows the zguide's Lazy Pirate: each request waits at most `timeout` seconds;
 on silence the REQ socket is closed (it cannot be reused after a lost reply) and the request
 is sent again on a fresh socket, `retries` times, before WorkerUnavailable is raised. A socket
-monitor sees the connection carrying a request drop (the worker stopped or was killed, its
-machine went silent past ZeroMQ's heartbeat, it refused this client's keys): no reply can come
-then, and ConnectionDropped is raised at once (a Processing run waited 4 minutes on a killed
-worker). A search the caller stops waiting for is cancelled on the worker too.
+monitor sees the connection drop (the worker stopped or was killed, its machine went silent
+past ZeroMQ's heartbeat, it refused this client's keys), while a request waits or since the
+last one, with no worker connected again since: no reply can come then, and ConnectionDropped
+is raised at once (a Processing run waited 4 minutes on a killed worker). A search the caller
+stops waiting for is cancelled on the worker too.
 """
 
 from __future__ import annotations
@@ -35,11 +36,13 @@ class WorkerClient:
         self._context = context or zmq.Context.instance()
         self._socket: Optional[zmq.Socket] = None
         self._monitor: Optional[zmq.Socket] = None
+        self._dropped: Optional[ConnectionDropped] = None  # why the connection dropped, until it is made again
 
     def _connect(self) -> zmq.Socket:
         if self._socket is None:
             self._socket = connect(self._context, zmq.REQ, self.endpoint, self.curve, heartbeat_s=HEARTBEAT_S,
-                                   monitor_events=zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED)
+                                   monitor_events=zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED
+                                   | zmq.EVENT_HANDSHAKE_SUCCEEDED)
             self._socket.setsockopt(zmq.REQ_RELAXED, 1)  # a search's `cancel` follows it unanswered
             self._monitor = self._socket.get_monitor_socket()
         return self._socket
@@ -49,7 +52,7 @@ class WorkerClient:
             self._socket.disable_monitor()  # before the socket closes: its own closing is no news
             self._monitor.close(linger=0)
             self._socket.close(linger=int(linger_s * 1000))
-            self._socket = self._monitor = None
+            self._socket = self._monitor = self._dropped = None
 
     def close(self) -> None:
         self._reset()
@@ -61,19 +64,20 @@ class WorkerClient:
         self.close()
 
     def request(self, op: str, frames: tuple = (), timeout: Optional[float] = None,
-                cancelled: Optional[Callable[[], bool]] = None, **fields: Any) -> dict:
+                cancelled: Optional[Callable[[], bool]] = None, retries: Optional[int] = None, **fields: Any) -> dict:
         """Send one request and return its reply's fields; WorkerError on an error reply,
-        WorkerUnavailable when no reply came after every retry, RequestCancelled as soon as
-        `cancelled()` says so (a Processing run's Cancel: not after minutes of waiting on a
-        worker that does not answer)."""
+        WorkerUnavailable when no reply came after every retry (`retries`, else the client's),
+        RequestCancelled as soon as `cancelled()` says so (a Processing run's Cancel: not after
+        minutes of waiting on a worker that does not answer)."""
         timeout = self.timeout if timeout is None else timeout
+        retries = self.retries if retries is None else retries
         message = protocol.encode_request(op, frames=frames, **fields)
         request_id = protocol.request_id_of(message)
-        for _ in range(self.retries + 1):
+        for _ in range(retries + 1):
             sock = self._connect()
-            self._events()  # of connections before this request's: no news of it
-            sock.send_multipart(message)
             try:
+                self._raise_if_dropped(since_last=True)  # a worker killed since the last reply takes nothing
+                sock.send_multipart(message)
                 waits = self._reply_waits(sock, timeout, cancelled)
             except RequestCancelled:
                 self._abandon(op, request_id)
@@ -86,7 +90,7 @@ class WorkerClient:
                 if reply.id in (request_id, None):
                     return reply.result()
             self._reset()  # silence, or a stale reply: start over on a fresh socket
-        raise WorkerUnavailable(self.endpoint, self.retries + 1, timeout)
+        raise WorkerUnavailable(self.endpoint, retries + 1, timeout)
 
     def _reply_waits(self, sock: zmq.Socket, timeout: float, cancelled: Optional[Callable[[], bool]]) -> bool:
         """Whether a reply is waiting within `timeout` seconds, looking at `cancelled` and at the
@@ -102,17 +106,23 @@ class WorkerClient:
             ready = dict(poller.poll(int(min(left, CANCEL_POLL_S if cancelled else left) * 1000)))
             if sock in ready:
                 return True
-            for event in self._events():
-                raise (ConnectionDropped.keys_refused if event & HANDSHAKE_FAILED
-                       else ConnectionDropped.dropped)(self.endpoint)
+            self._raise_if_dropped(since_last=False)
         raise RequestCancelled(f"stopped waiting for the worker at {self.endpoint}")
 
-    def _events(self) -> list:
-        """The connection events the monitor has seen since it was last asked."""
-        events = []
+    def _raise_if_dropped(self, since_last: bool) -> None:
+        """ConnectionDropped when the monitor saw the connection drop: `since_last`, before a
+        request is sent, unless a worker has taken the connection again since (one restarted
+        gets it); while a request waits, whatever came after, since the connection that took the
+        request is gone."""
         while self._monitor.poll(0):
-            events.append(recv_monitor_message(self._monitor)["event"])
-        return events
+            event = recv_monitor_message(self._monitor)["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._dropped = None if since_last else self._dropped
+            elif self._dropped is None:  # the first cause stays: a refused handshake is followed by its disconnection
+                self._dropped = (ConnectionDropped.keys_refused if event & HANDSHAKE_FAILED
+                                 else ConnectionDropped.dropped)(self.endpoint)
+        if self._dropped is not None:
+            raise self._dropped
 
     def _abandon(self, op: str, request_id: str) -> None:
         """Stop waiting for a request (a reply that comes later is not read). A search is
@@ -150,12 +160,12 @@ class WorkerClient:
 
     def search(self, index: str, sketch_png: Optional[bytes] = None, strokes: Optional[list] = None,
                strokes_crs: Optional[str] = None, timeout: Optional[float] = None,
-               cancelled: Optional[Callable[[], bool]] = None, **options: Any) -> dict:
+               cancelled: Optional[Callable[[], bool]] = None, retries: Optional[int] = None, **options: Any) -> dict:
         """Hits as a GeoJSON FeatureCollection (reply field "hits") plus "timings_ms"."""
         if (sketch_png is None) == (strokes is None):
             raise ValueError("give exactly one of sketch_png or strokes")
         if sketch_png is not None:
-            return self.request("search", frames=(sketch_png,), timeout=timeout, cancelled=cancelled, index=index,
-                                sketch_frame=1, **options)
-        return self.request("search", timeout=timeout, cancelled=cancelled, index=index, strokes=strokes,
-                            strokes_crs=strokes_crs, **options)
+            return self.request("search", frames=(sketch_png,), timeout=timeout, cancelled=cancelled, retries=retries,
+                                index=index, sketch_frame=1, **options)
+        return self.request("search", timeout=timeout, cancelled=cancelled, retries=retries, index=index,
+                            strokes=strokes, strokes_crs=strokes_crs, **options)

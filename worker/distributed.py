@@ -113,8 +113,13 @@ def connect(spec: str):
         except Exception as exc:  # besides OSError and timeouts, whatever a peer that is no scheduler makes Dask raise
             raise unreachable(excerpt(str(exc))) from None
         logging.getLogger("distributed.client").addFilter(_not_the_end_of_a_reconnect)  # once: it is one function
-        with client:
+        try:
             yield client
+        finally:
+            try:  # Dask's own wait, twice CONNECT_S, on a scheduler that stopped answering, and then a traceback
+                client.close(timeout=CLOSE_S)
+            except Exception as exc:
+                log.info("the Dask client did not close cleanly: %s", exc)
         return
     n = n or max(1, usable_cores() // 2)
     # the worker processes' warnings (a worker closed mid-chunk: its task "ended with
@@ -160,6 +165,7 @@ def _not_the_end_of_a_reconnect(record: logging.LogRecord) -> bool:
 
 
 CONNECT_S = 20.0  # for a scheduler to answer who it is; Dask's own timeout covers opening the connection only
+CLOSE_S = 10.0  # for a scheduler to see its client close, and for it to cancel a run's chunks
 
 
 def _check_scheduler(address: str, unreachable: Callable[[str], InputError]) -> None:
@@ -381,9 +387,10 @@ def _environment_error(exc: Exception) -> bool:
 
 STOP_POLL_S = 0.2  # how often the driver asks whether the job was cancelled while chunks compute
 NO_WORKERS_S = 120.0  # a cluster without workers this long fails the job rather than wait for ever
-# a scheduler that has not answered the client's asks of who it is (Dask's, every 2 s) this long fails
-# the job: a stopped one left the run waiting for ever, silent, and a service's jobs queued behind it
+# a scheduler that has not answered an ask of who it is this long fails the job: a stopped one left
+# the run waiting for ever, silent, and a service's jobs queued behind it
 SCHEDULER_SILENT_S = 60.0
+ASK_EVERY_S = 5.0  # how often the scheduler is asked while the driver waits for chunks
 
 
 class ClusterChunks:
@@ -396,7 +403,8 @@ class ClusterChunks:
         # task keys unique to this run: raster ids restart at 0 in every index, and a scheduler
         # shared by two drivers would hand one the other's chunk under an equal key
         self.run_id = uuid.uuid4().hex
-        self._heard: tuple[object, float] = (None, 0.0)  # the scheduler's record last seen renewed, and when
+        self._answered_at = 0.0  # when the scheduler last answered who it is (time.monotonic)
+        self._asking: threading.Thread | None = None
 
     def run(self, jobs: list[ChunkJob], settings: TileSettings, batch_size: int, should_stop: Callable[[], bool],
             batch_done: Callable[[int, str], None]) -> Iterator[tuple[ChunkJob, ChunkResult | None]]:
@@ -411,7 +419,7 @@ class ClusterChunks:
                                       fingerprints[job.raster["path"]], pure=False, retries=TASK_RETRIES,
                                       key=f"chunk-{job.raster_id}-{job.chunk}-{self.run_id}"): job
                    for job in jobs}
-        self._heard = (getattr(self.client, "_scheduler_identity", None), time.monotonic())
+        self._answered_at = time.monotonic()
         log.info("%d chunks sent to %d cluster workers", len(futures), len(self.client.scheduler_info()["workers"]))
         try:
             finished = as_completed(futures)
@@ -434,21 +442,23 @@ class ClusterChunks:
                              "committed chunks are kept; run the job again once it is back") from None
         finally:
             try:  # a scheduler that stopped answering is not waited for
-                answer_within(CONNECT_S, lambda: self.client.cancel(list(futures)))
+                answer_within(CLOSE_S, lambda: self.client.cancel(list(futures)))
             except Exception as exc:  # a scheduler gone cannot be told
                 log.info("the cluster's chunks could not be cancelled: %s", exc)
 
     def _check_importable(self) -> None:
         """InputError unless every worker of the cluster imports this code: a worker that could
         not read its task (started without this code on PYTHONPATH) was closed by Dask, and the
-        run said two minutes later that the cluster had no workers."""
+        run said two minutes later that the cluster had no workers. A worker that cannot be asked
+        (dying, restarting) is left to Dask, which gives its chunks to the others; one that joins
+        later is not asked."""
         try:
             answers = answer_within(CONNECT_S * 3, lambda: self.client.run(exec, f"import {__name__}",
                                                                            on_error="return"))
         except TimeoutError:
             raise InputError(f"the Dask cluster at {self.client.scheduler.address} did not answer within "
                              f"{CONNECT_S * 3:.0f} s (its scheduler or a worker stopped?)") from None
-        failed = {address: exc for address, exc in answers.items() if isinstance(exc, BaseException)}
+        failed = {address: exc for address, exc in answers.items() if isinstance(exc, ImportError)}
         if failed:
             address, exc = next(iter(failed.items()))
             raise InputError(f"{len(failed)} of the {len(answers)} Dask workers (such as {address}) cannot import this "
@@ -457,17 +467,31 @@ class ClusterChunks:
                              "packages")
 
     def _check_scheduler_answers(self) -> None:
-        """InputError once the scheduler has not answered for SCHEDULER_SILENT_S: Dask's client
-        renews its record of the scheduler (private, `_scheduler_identity`) every 2 s or so, and
-        a stopped scheduler leaves it as it was."""
-        identity, since = self._heard
-        now = getattr(self.client, "_scheduler_identity", None)
-        if now is not identity:
-            self._heard = (now, time.monotonic())
-        elif time.monotonic() - since > SCHEDULER_SILENT_S:
-            raise InputError(f"the Dask scheduler at {self.client.scheduler.address} has not answered for "
-                             f"{SCHEDULER_SILENT_S:.0f} s (stopped, overloaded, or its machine unreachable): committed "
-                             "chunks are kept; run the job again once it answers")
+        """InputError once the scheduler has not answered for SCHEDULER_SILENT_S. It is asked who
+        it is every ASK_EVERY_S, on a connection of its own with its own time limit
+        (_check_scheduler), in a thread: the client's own asks wait for ever on a stopped
+        scheduler, or give up quietly and keep their last answer."""
+        if time.monotonic() - self._answered_at > SCHEDULER_SILENT_S:
+            raise self._silent()
+        if self._asking is not None and self._asking.is_alive():
+            return
+        address = self.client.scheduler.address
+
+        def ask() -> None:
+            time.sleep(ASK_EVERY_S)
+            try:
+                _check_scheduler(address, InputError)
+                self._answered_at = time.monotonic()
+            except InputError:  # not answering: said once SCHEDULER_SILENT_S have passed
+                pass
+
+        self._asking = threading.Thread(target=ask, name="dask-scheduler-ask", daemon=True)
+        self._asking.start()
+
+    def _silent(self) -> InputError:
+        return InputError(f"the Dask scheduler at {self.client.scheduler.address} has not answered for "
+                          f"{SCHEDULER_SILENT_S:.0f} s (stopped, overloaded, or its machine unreachable): committed "
+                          "chunks are kept; run the job again once it answers")
 
     def _result(self, future, job: ChunkJob) -> ChunkResult:
         """A finished chunk's arrays; InputError, naming the chunk, where its workers failed."""
@@ -475,8 +499,10 @@ class ClusterChunks:
         from distributed.comm import CommClosedError
 
         where = f"{job.raster['path']} (chunk {job.chunk})"
-        try:
-            result = future.result()
+        try:  # its arrays are fetched through the scheduler, which may have stopped answering meanwhile
+            result = future.result(timeout=SCHEDULER_SILENT_S)
+        except TimeoutError:
+            raise self._silent() from None
         except KilledWorker:
             raise InputError(f"cluster workers kept dying while computing {where}: look at their logs (memory?); "
                              "committed chunks are kept, run the job again") from None

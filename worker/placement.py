@@ -111,7 +111,7 @@ class Placement:
         # read the bounding box at about the frame's output resolution
         factor = max(1.0, self.side / size)
         out_w, out_h = max(1, int(round((c1 - c0) / factor))), max(1, int(round((r1 - r0) / factor)))
-        data = read_reaching_past(src, list(self.raster.bands), c0, r0, c1, r1, (out_h, out_w),
+        data = read_reaching_past(src, self.raster.read_bands, c0, r0, c1, r1, (out_h, out_w),
                                   resampling_for(self.raster, factor > 1, up=Resampling.bilinear))
         rgb, valid = natural_colour(data, self.raster)
         sx, sy = (c1 - c0) / out_w, (r1 - r0) / out_h

@@ -116,6 +116,11 @@ class RasterInfo:
                    sources=tuple(d["sources"]) if d.get("sources") else None, palette=bool(d.get("palette")))
 
     @property
+    def read_bands(self) -> list[int]:
+        """The bands a read asks of the file: a palette's one band once, others as drawn."""
+        return [1] if self.palette else list(self.bands)
+
+    @property
     def affine(self) -> rasterio.Affine:
         return rasterio.Affine(*self.transform[:6])
 
@@ -407,8 +412,14 @@ def _paletted(src: rasterio.DatasetReader, requested: tuple[int, ...] | None) ->
     """Whether the raster is read through its colour table: its first band is paletted and no
     bands were asked for (asked for, band numbers are read as they are). Drawn as greys, a
     palette's indices lost its colours: a scanned map's or a classification's classes, an image
-    stored with a palette."""
-    return not requested and src.colorinterp[0] == ColorInterp.palette
+    stored with a palette. A band said to be paletted without a colour table (a hand-written
+    VRT) is read as grey."""
+    if requested or src.colorinterp[0] != ColorInterp.palette:
+        return False
+    try:
+        return bool(src.colormap(1))
+    except ValueError:  # rasterio's "NULL color table"
+        return False
 
 
 STRETCH_READ_PX = 1024  # the long side of the decimated read a stretch is taken from
@@ -658,7 +669,7 @@ def resampling_for(raster: RasterInfo, down: bool, up: Resampling = Resampling.n
 def palette_table(path: str, mtime_ns: int) -> tuple[np.ndarray, np.ndarray]:
     """A paletted raster's colour table as an (N, 3) uint8 lookup and the (N,) opacity of each
     entry (an entry of alpha 0 is no data). An index the table lacks is black: indices past its
-    end are read as its last entry, black. Read once per file as it is (`mtime_ns`)."""
+    end are read as its last entry, black. Read once per file as it was indexed (`mtime_ns`)."""
     with rasterio.open(path) as src:
         table = src.colormap(1)
     size = max(256, max(table, default=0) + 2)
@@ -725,9 +736,9 @@ def read_tile(src: rasterio.DatasetReader, raster: RasterInfo, tile: Tile, tile_
     valid pixel) and its (S, S) valid-pixel mask."""
     inside = (tile.col_off >= 0 and tile.row_off >= 0 and tile.col_off + tile.width <= src.width
               and tile.row_off + tile.height <= src.height)
-    out_shape = (len(raster.bands), tile_size, tile_size)
+    out_shape = (len(raster.read_bands), tile_size, tile_size)
     try:
-        data = src.read(list(raster.bands), window=tile.window, out_shape=out_shape,
+        data = src.read(raster.read_bands, window=tile.window, out_shape=out_shape,
                         resampling=resampling_for(raster, tile.scale > 1), masked=True, boundless=not inside)
     except RasterioIOError as exc:
         raise InputError(f"{raster.path}: cannot read window {tile.window} ({gdal_reason(exc)})") from exc

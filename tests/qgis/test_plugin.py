@@ -808,11 +808,11 @@ def test_a_processing_run_is_told_within_seconds_that_no_worker_answers_or_that_
     killer = threading.Thread(target=kill_once_running, daemon=True)
     killer.start()
     try:
-        with pytest.raises(QgsProcessingException, match="Is the worker running"):
+        with pytest.raises(QgsProcessingException, match="the worker stopped or was killed.*Is the worker running"):
             processing.run("sketchsearch:build_index", {"ENDPOINT": proc.bind, "INDEX": "killed", "RASTERS": [layer],
                                                         "TILE": 32, "SCALES": "1"}, feedback=feedback)
         killer.join(10)
-        assert feedback.progress() > 0 and time.monotonic() - killed_at[0] < 30, "told within seconds"
+        assert feedback.progress() > 0 and time.monotonic() - killed_at[0] < 5, "told at once"
     finally:
         proc.stop()
         QgsProject.instance().removeMapLayer(layer.id())
