@@ -123,10 +123,10 @@ class BuildIndexAlgorithm(_WorkerAlgorithm):
         layers = self.parameterAsLayerList(parameters, "RASTERS", context)
         if not layers:
             raise QgsProcessingException("Choose the raster layers to index.")
-        not_files = [layer.name() for layer in layers if raster_file(layer) is None]
+        rasters = [raster_file(layer) for layer in layers]
+        not_files = [layer.name() for layer, path in zip(layers, rasters) if path is None]
         if not_files:  # the worker refused the whole build for one of them
             raise QgsProcessingException(f"{', '.join(not_files)}: {NOT_A_FILE}. Nothing was indexed.")
-        rasters = [raster_file(layer) for layer in layers]
         name, tiling = self.parameterAsString(parameters, "INDEX", context), self._tiling(parameters, context)
         reached = self._reached(parameters, context, feedback)
         if reached is None:

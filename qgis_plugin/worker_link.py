@@ -22,11 +22,10 @@ from zmq.utils.monitor import recv_monitor_message
 from .wire import protocol
 from .wire.errors import (CLOSED, ConnectionClosed, ConnectionDropped, ProtocolError, WorkerError,
                           WorkerUnavailable)
-from .wire.sockets import HANDSHAKE_FAILED, HEARTBEAT_S, CurveKeys, connect, dialable, subscribe_progress
+from .wire.sockets import CONNECTION_EVENTS, HEARTBEAT_S, CurveKeys, connect, dialable, dropped_by, subscribe_progress
 
 Callback = Callable[[Optional[dict], Optional[WorkerError]], None]
 
-WATCHED = zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | HANDSHAKE_FAILED
 
 
 class WorkerLink(QObject):
@@ -54,7 +53,7 @@ class WorkerLink(QObject):
     # -- sockets ------------------------------------------------------------------------------
     def _open(self) -> None:
         self._sock = connect(self._context, zmq.DEALER, self.endpoint, self.curve, heartbeat_s=HEARTBEAT_S,
-                             monitor_events=WATCHED)
+                             monitor_events=CONNECTION_EVENTS)
         self._notifier = QSocketNotifier(self._sock.getsockopt(zmq.FD), QSocketNotifier.Read, self)
         self._notifier.activated.connect(self._drain)
         self._monitor = self._sock.get_monitor_socket()
@@ -146,8 +145,7 @@ class WorkerLink(QObject):
                     self.back.emit()
                 continue
             if self._lost is None:  # the first cause stays: a refused handshake is followed by its disconnection
-                self._lost = (ConnectionDropped.keys_refused if event & HANDSHAKE_FAILED
-                              else ConnectionDropped.dropped)(self.endpoint)
+                self._lost = dropped_by(event, self.endpoint)
                 self.lost.emit()
             for request_id in list(self._pending):  # the last one failed replaces the socket and its monitor
                 self._fail(request_id, self._lost)

@@ -20,7 +20,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from . import protocol
 from .errors import ConnectionDropped, RequestCancelled, WorkerUnavailable
-from .sockets import HANDSHAKE_FAILED, HEARTBEAT_S, CurveKeys, connect
+from .sockets import CONNECTION_EVENTS, HEARTBEAT_S, CurveKeys, connect, dropped_by
 
 CANCEL_POLL_S = 0.1  # how often a request that can be cancelled looks whether it was
 CANCEL_SEND_S = 1.0  # how long a search's `cancel` may take to leave before its socket is closed
@@ -41,8 +41,7 @@ class WorkerClient:
     def _connect(self) -> zmq.Socket:
         if self._socket is None:
             self._socket = connect(self._context, zmq.REQ, self.endpoint, self.curve, heartbeat_s=HEARTBEAT_S,
-                                   monitor_events=zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED
-                                   | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+                                   monitor_events=CONNECTION_EVENTS)
             self._socket.setsockopt(zmq.REQ_RELAXED, 1)  # a search's `cancel` follows it unanswered
             self._monitor = self._socket.get_monitor_socket()
         return self._socket
@@ -119,8 +118,7 @@ class WorkerClient:
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._dropped = None if since_last else self._dropped
             elif self._dropped is None:  # the first cause stays: a refused handshake is followed by its disconnection
-                self._dropped = (ConnectionDropped.keys_refused if event & HANDSHAKE_FAILED
-                                 else ConnectionDropped.dropped)(self.endpoint)
+                self._dropped = dropped_by(event, self.endpoint)
         if self._dropped is not None:
             raise self._dropped
 

@@ -9,11 +9,19 @@ from typing import Optional, Union
 
 import zmq
 
+from .errors import ConnectionDropped
 from .protocol import PROGRESS_TOPIC
 
 HEARTBEAT_S = 5.0  # a worker whose machine went silent is dropped after three unanswered pings
 HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                     | zmq.EVENT_HANDSHAKE_FAILED_AUTH)  # a worker refused this client's keys
+# what a client's socket monitor watches: its connection dropped, refused or made (again)
+CONNECTION_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | HANDSHAKE_FAILED
+
+
+def dropped_by(event: int, endpoint: str) -> ConnectionDropped:
+    """Why a connection to the worker at `endpoint` ended, from the monitor `event` that ended it."""
+    return (ConnectionDropped.keys_refused if event & HANDSHAKE_FAILED else ConnectionDropped.dropped)(endpoint)
 
 
 @dataclass(frozen=True)
