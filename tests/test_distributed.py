@@ -4,6 +4,7 @@ processes), with tiles read and drawn in a pool of processes, and drawn as a GPU
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import shutil
@@ -234,21 +235,37 @@ def test_a_raster_damaged_before_a_gpu_reads_it_is_an_input_error(tmp_path, asse
 
 OVERLAPPING_CLUSTERS = """
 import os
-from worker.distributed import connect
+import sys
+from pathlib import Path
+
+sys.path.insert(0, "tests")
+from test_distributed import CHUNK, OPTIONS, SETTINGS, DaskScheduler
+from worker.assets import load_asset_paths
+from worker.distributed import ClusterChunks, connect
+from worker.model.loading import load_model
+from worker.store import IndexWriter, TileIndex
+
 before = dict(os.environ)
 first, second = connect("local:1"), connect("local:1")
 first.__enter__()
 second.__enter__()
 first.__exit__(None, None, None)  # the first started closes first
 second.__exit__(None, None, None)
-print("kept" if dict(os.environ) == before else "changed")
+print("environment", "kept" if dict(os.environ) == before else "changed", flush=True)
+folder, model = Path(sys.argv[1]), load_model(device="cpu", sketch_modules="none")
+with DaskScheduler(folder) as cluster, connect(cluster.address) as client:  # then a run on the user's own scheduler
+    chunks = ClusterChunks(client, OPTIONS, model.fingerprint()["tile_encoder"])
+    IndexWriter(folder / "index", model, SETTINGS, CHUNK).build([load_asset_paths()["osbs_rgb"]], computer=chunks)
+print("indexed", TileIndex.open(folder / "index").info()["complete"])
 """
 
 
-def test_a_local_cluster_leaves_this_process_environment_as_it_was():
+def test_a_local_cluster_leaves_this_process_as_it_was(tmp_path):
     """Dask's nannies set OMP_NUM_THREADS=1 in the process that starts them; processes started
     after the cluster (a worker service, a drawing pool) must not inherit it, also when two
-    clusters overlap (a service's jobs side by side: each put back what it found)."""
+    clusters overlap (a service's jobs side by side: each put back what it found). Clients
+    closed out of order left Dask's default client a closed one, and a later run on a
+    scheduler of the user's waited for ever for its first chunk."""
     before = dict(os.environ)
     with connect("local:1") as client:
         assert list(client.run(lambda: os.environ.get("OMP_NUM_THREADS")).values()) == ["1"]  # as Dask means it
@@ -258,11 +275,15 @@ def test_a_local_cluster_leaves_this_process_environment_as_it_was():
 
     from conftest import REPO
 
-    # in a process of its own: clients closed out of order leave Dask's own settings so (its
-    # config's stack) that this process's later runs on another scheduler waited for ever
-    overlapping = subprocess.run([sys.executable, "-c", OVERLAPPING_CLUSTERS], cwd=REPO, capture_output=True,
-                                 text=True, timeout=300)
-    assert overlapping.stdout.strip().splitlines()[-1:] == ["kept"], overlapping.stdout + overlapping.stderr
+    overlapping = subprocess.Popen([sys.executable, "-c", OVERLAPPING_CLUSTERS, str(tmp_path)], cwd=REPO,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   start_new_session=True)  # in a process of its own, its Dask processes in its group
+    try:
+        out, err = overlapping.communicate(timeout=180)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # a run waiting for ever, and what it started
+            os.killpg(overlapping.pid, signal.SIGKILL)
+    assert out.strip().splitlines() == ["environment kept", "indexed True"], out + err
 
 
 def test_the_command_line_indexes_on_a_local_cluster_keeping_the_users_dask_preload(tmp_path, assets):

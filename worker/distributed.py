@@ -91,7 +91,9 @@ def connect(spec: str):
     """A Dask client of the cluster `spec` names: `local`, `local:N` (a LocalCluster of N worker
     processes, one thread each, closed on exit; its scheduler's web server, which Dask always
     starts, on a free port: on 8787 it warned of another taking it) or a scheduler address
-    (tcp://host:8786)."""
+    (tcp://host:8786). Not the process's default client (Dask's `set_as_default`): the default
+    is process-wide, and clients closed out of order left it a closed one, whose stopped event
+    loop a later run's chunks were awaited on for ever."""
     from distributed import Client, LocalCluster
 
     # Dask's news at INFO only when asked (-v): here, since importing distributed sets its logger to INFO
@@ -109,7 +111,7 @@ def connect(spec: str):
 
         _check_scheduler(spec, unreachable)
         try:
-            client = Client(spec, timeout=f"{CONNECT_S:.0f}s")
+            client = Client(spec, timeout=f"{CONNECT_S:.0f}s", set_as_default=False)
         except Exception as exc:  # besides OSError and timeouts, whatever a peer that is no scheduler makes Dask raise
             raise unreachable(excerpt(str(exc))) from None
         logging.getLogger("distributed.client").addFilter(_not_the_end_of_a_reconnect)  # once: it is one function
@@ -132,7 +134,7 @@ def connect(spec: str):
                 cluster = running.enter_context(LocalCluster(
                     n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
                     silence_logs=logging.ERROR if quiet else False, **_with_our_preload()))
-                client = running.enter_context(Client(cluster))
+                client = running.enter_context(Client(cluster, set_as_default=False))
             yield client
         finally:
             closing()
@@ -422,7 +424,7 @@ class ClusterChunks:
         self._answered_at = time.monotonic()
         log.info("%d chunks sent to %d cluster workers", len(futures), len(self.client.scheduler_info()["workers"]))
         try:
-            finished = as_completed(futures)
+            finished = as_completed(futures, loop=self.client.loop)
             while not finished.is_empty():
                 idle_since = None
                 while not finished.has_ready():  # a cancel is seen within STOP_POLL_S, not when a chunk ends
