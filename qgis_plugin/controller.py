@@ -95,6 +95,11 @@ def _names(rasters: list[dict]) -> str:
     return "; ".join(map(named, rasters[:3])) + ("…" if len(rasters) > 3 else "")
 
 
+# what a job's `without_tiles` rasters are, for the dock's message and Processing's log
+WITHOUT_TILES = ("no tile with enough data to search (nodata, or smaller than a tile: an index with a smaller tile "
+                 "size takes those)")
+
+
 def _job_ended(job: dict) -> tuple:
     """What the message bar says of an ended job (an indexing run or a removal), and how loud."""
     what = "Removing rasters" if job.get("kind") == "remove" else "Indexing"
@@ -102,7 +107,11 @@ def _job_ended(job: dict) -> tuple:
         return f"{what} failed: {job['error']['message']}", Qgis.Critical
     level = Qgis.Success if job["state"] == states.DONE else Qgis.Info
     if job.get("kind") != "remove":
-        return f"Indexing {job['state']}: {job['tiles_done']} tiles.", level
+        said, empty = f"Indexing {job['state']}: {job['tiles_done']} tiles.", job.get("without_tiles") or []
+        if not empty:
+            return said, level
+        # indexed, and yet a search finds nothing of them
+        return f"{said} {len(empty)} raster(s) with {WITHOUT_TILES}: {_names([{'raster': p} for p in empty])}", Qgis.Warning
     if job["state"] == states.DONE:
         return f"Removed {len(job['removed'])} raster(s) from “{job['index']}”.", level
     return f"{what} {job['state']}.", level

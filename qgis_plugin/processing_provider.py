@@ -12,7 +12,7 @@ from qgis.core import (QgsCoordinateReferenceSystem, QgsFeatureSink, QgsProcessi
                        QgsProcessingParameterString, QgsProcessingProvider, QgsWkbTypes)
 from qgis.PyQt.QtGui import QIcon
 
-from .controller import search_wait_s
+from .controller import WITHOUT_TILES, search_wait_s
 from .crs_names import crs_name
 from .error_hints import told
 from .raster_layers import NOT_A_FILE, raster_file
@@ -154,6 +154,8 @@ class BuildIndexAlgorithm(_WorkerAlgorithm):
         held = job["tiles_done"] - job["tiles_skipped"]  # once done: the whole index's (a run's own: while it runs)
         feedback.pushInfo(f"{job['state']}: the index holds {held} tiles ({job['tiles_skipped']} with too little data "
                           "skipped)")
+        for raster in job.get("without_tiles") or []:
+            feedback.pushWarning(f"Not searchable: {raster}: {WITHOUT_TILES}")
         if held == 0 and job["state"] == states.DONE:
             feedback.reportError("No tile of the index holds enough data to search (nodata, or rasters smaller than "
                                  "a tile): a search finds nothing. Try a smaller tile size.")

@@ -548,6 +548,29 @@ def test_a_job_says_what_became_of_the_shortlist_it_was_asked_for(worker, raster
     assert final["ann"]["built"] is False and "too few" in final["ann"]["why"], final["ann"]
 
 
+def test_a_job_names_the_rasters_it_indexed_without_a_tile_to_search(worker, rasters):
+    """A raster all nodata, and one smaller than a tile, indexed beside one with data: the job is
+    done, and it names both, which a search can never find (it said nothing, the index's tile
+    count its other rasters')."""
+    import rasterio
+
+    from conftest import write_raster
+
+    folder = rasters / "without-tiles"
+    folder.mkdir()
+    with rasterio.open(rasters / "rmnp-rgb.tif") as src:
+        pixels, crs, transform = src.read(), src.crs, src.transform
+    blank = write_raster(folder / "blank.tif", np.zeros_like(pixels), crs=crs, transform=transform, nodata=0)
+    small = write_raster(folder / "small.tif", pixels[:, :40, :40], crs=crs, transform=transform)
+    with worker.client() as c:
+        job = c.start_index("some-without", [str(rasters / "rmnp-rgb.tif"), str(blank), str(small)], tile=112,
+                            scales=[1])
+        final = wait_job(c, job["id"])
+        c.request("delete_index", index="some-without")
+    assert final["state"] == states.DONE and final["tiles_done"] > final["tiles_skipped"]
+    assert final["without_tiles"] == [str(blank), str(small)]
+
+
 def test_four_clients_search_while_an_index_job_runs(worker, rasters):
     progress = subscribe_progress(worker.pub)
     time.sleep(0.3)  # let the subscription reach the publisher

@@ -181,10 +181,12 @@ class IndexSummary:
     rasters: int
     complete: bool  # this request's rasters all indexed (False when the run was stopped: running it again resumes)
     ann: dict | None = None  # the ANN shortlist built or updated (worker.ann.AnnInfo), if any
+    # this request's rasters indexed whole with no tile a search can find (nodata, or smaller than a tile)
+    without_tiles: tuple[str, ...] = ()
 
     def to_json(self) -> dict:
         out = {"index": str(self.index_dir), "tile_count": self.tile_count, "tiles_skipped": self.tiles_skipped,
-               "rasters": self.rasters}
+               "rasters": self.rasters, "without_tiles": list(self.without_tiles)}
         return {**out, "ann": self.ann} if self.ann else out
 
 
@@ -218,8 +220,10 @@ def build_index(request: IndexRequest, model: "RetrievalModel", progress: Callab
                                            f"(first {unfinished[0]}): index them again, then the shortlist follows"}
     elif complete and (wanted or has_ann):
         ann_info = _shortlist_kept(TileIndex.open(request.index_dir), update=has_ann, should_stop=should_stop)
+    without_tiles = tuple(r["path"] for r in rasters
+                          if r["path"] in asked and r["complete"] and (r["tiles_total"] or 0) == r["tiles_skipped"])
     return IndexSummary(request.index_dir, manifest.get("tile_count", 0), sum(r["tiles_total"] or 0 for r in rasters),
-                        sum(r["tiles_skipped"] for r in rasters), len(rasters), complete, ann_info)
+                        sum(r["tiles_skipped"] for r in rasters), len(rasters), complete, ann_info, without_tiles)
 
 
 @dataclass(frozen=True)

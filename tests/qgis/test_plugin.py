@@ -649,18 +649,37 @@ def test_a_worker_that_is_down_gives_a_message_and_the_ui_stays_live(plugin, qgi
     assert dock.worker_panel.status_label.text() == "not answering"
 
 
-def test_processing_algorithms_run(plugin, worker, rmnp_layer, tmp_path, monkeypatch):
+def small_raster_layer(raster_root, name: str = "small"):
+    """A corner of the sample raster, 40 px a side: smaller than any tile, so it holds none to
+    search. In the project (removed with the others)."""
+    from osgeo import gdal
+    from qgis.core import QgsProject, QgsRasterLayer
+
+    path = raster_root / f"{name}.tif"
+    gdal.Translate(str(path), str(raster_root / "rmnp-rgb.tif"), srcWin=[0, 0, 40, 40])
+    layer = QgsRasterLayer(str(path), name)
+    assert layer.isValid()
+    return QgsProject.instance().addMapLayer(layer)
+
+
+def test_processing_algorithms_run(plugin, worker, rmnp_layer, raster_root, tmp_path, monkeypatch):
+    """Processing builds an index (its log naming a raster it holds no tile of) and searches it,
+    the hits in the project's CRS."""
     import processing
+    from qgis.core import QgsProcessingFeedback
     from sketch_search.processing_provider import WorkerClient
 
-    layer = rmnp_layer
+    layer, small = rmnp_layer, small_raster_layer(raster_root)
     asked_in, search = [], WorkerClient.search
     monkeypatch.setattr(WorkerClient, "search", lambda self, *a, **kw: asked_in.append(kw["crs"]) or search(self, *a, **kw))
-    build = {"ENDPOINT": worker.bind, "INDEX": "from-processing", "RASTERS": [layer], "TILE": 224, "SCALES": "1"}
-    built = processing.run("sketchsearch:build_index", build)
+    build = {"ENDPOINT": worker.bind, "INDEX": "from-processing", "RASTERS": [layer, small], "TILE": 224, "SCALES": "1"}
+    feedback = QgsProcessingFeedback()
+    built = processing.run("sketchsearch:build_index", build, feedback=feedback)
     with worker.client() as client:
         [held] = [i["tile_count"] for i in client.list_indexes() if i["name"] == "from-processing"]
     assert built["INDEX"] == "from-processing" and built["TILES"] == held > 0
+    assert f"Not searchable: {small.source()}: no tile with enough data to search" in feedback.textLog()
+    assert "rmnp-rgb.tif: no tile" not in feedback.textLog()
     assert processing.run("sketchsearch:build_index", build)["TILES"] == held, "run again: what the index holds"
     sketch = line_sketch(tmp_path / "sketch.png")
     result = processing.run("sketchsearch:search_by_sketch", {"ENDPOINT": worker.bind, "INDEX": "from-processing",
@@ -673,7 +692,7 @@ def test_processing_algorithms_run(plugin, worker, rmnp_layer, tmp_path, monkeyp
     on_raster = QgsCoordinateTransform(layer.crs(), project_crs, QgsProject.instance()).transformBoundingBox(layer.extent())
     centres = [f.geometry().centroid().asPoint() for f in hits.getFeatures()]
     assert all(on_raster.contains(c) for c in centres), (on_raster.toString(), centres)
-    del hits, layer
+    del hits, layer, small
 
 
 ACROSS_180 = """
@@ -1021,7 +1040,9 @@ def test_a_worker_serving_every_interface_sends_progress_where_it_was_reached(pl
                              120), qgis_iface.messageBar().get_messages(Qgis.Warning)
 
 
-def test_building_an_index_from_the_dock_shows_progress(plugin, worker, rmnp_layer, qgis_iface):
+def test_building_an_index_from_the_dock_shows_progress(plugin, worker, rmnp_layer, raster_root, qgis_iface):
+    """The dock builds an index of the rasters ticked, its progress from the worker's events; its
+    message warns of a raster the index holds no tile of."""
     dock = plugin.dock
     dock.connect_worker(worker.bind)
     assert process_until(lambda: dock.worker_panel.status_label.text().startswith("connected"), 30)
@@ -1035,13 +1056,17 @@ def test_building_an_index_from_the_dock_shows_progress(plugin, worker, rmnp_lay
     QgsProject.instance().removeMapLayer(added.id())
     del added
     panel.raster_list.item(0).setCheckState(Qt.Checked)
+    small_raster_layer(raster_root, "small-for-dock")
+    assert process_until(lambda: len(panel.checked_rasters()) == 2, 5), "a layer added is ticked"
     panel.table.clearSelection()
     panel.name_edit.setText("from-dock")
     qgis_iface.messageBar().clear_messages()
     seen = []
     panel.progress.valueChanged.connect(seen.append)
     panel.build_button.click()
-    assert process_until(lambda: any("Indexing done" in m for m in qgis_iface.messageBar().get_messages(Qgis.Success)), 120)
+    assert process_until(lambda: any("Indexing done" in m for m in qgis_iface.messageBar().get_messages(Qgis.Warning)), 120)
+    [said] = [m for m in qgis_iface.messageBar().get_messages(Qgis.Warning) if "Indexing done" in m]
+    assert "1 raster(s) with no tile with enough data to search" in said and said.endswith("small-for-dock.tif"), said
     assert panel.progress.value() == panel.progress.maximum() and seen, "progress came from the worker's events"
     assert not panel.cancel_button.isEnabled()
     assert process_until(lambda: dock.index_combo.findText("from-dock") >= 0, 10)

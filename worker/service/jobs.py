@@ -57,6 +57,7 @@ class Job:
         self.tiles_total = 0
         self.tiles_skipped = 0
         self.ann: dict | None = None  # what became of the approximate shortlist (IndexSummary.ann), once done
+        self.without_tiles: list[str] = []  # its rasters with no tile a search can find, once done
         self.started = time.time()
         self.finished: float | None = None
         self.cancel_requested = threading.Event()
@@ -75,7 +76,7 @@ class Job:
                 "progress": round(fraction, 4), "removed": self.removed,
                 "tiles_done": self.tiles_done, "tiles_total": self.tiles_total, "tiles_skipped": self.tiles_skipped,
                 "eta_s": round(eta, 1) if eta is not None else None, "error": self.error, "ann": self.ann,
-                "started": self.started, "finished": self.finished}
+                "without_tiles": self.without_tiles, "started": self.started, "finished": self.finished}
 
     def doing(self) -> str:
         """What the job does to its index, as a refusal says it."""
@@ -264,7 +265,7 @@ class JobManager:
             if not isinstance(exc, InputError):
                 log.exception("%s job %s failed", job.kind, job.id)
             return states.FAILED, error_object(exc)
-        job.tiles_total, job.ann = summary.tiles_total, summary.ann
+        job.tiles_total, job.ann, job.without_tiles = summary.tiles_total, summary.ann, list(summary.without_tiles)
         if summary.complete:
             job.tiles_done, job.tiles_skipped = job.tiles_total, summary.tiles_skipped
             return states.DONE, None
