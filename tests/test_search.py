@@ -543,6 +543,23 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "worker", *map(str, args)], cwd=REPO, capture_output=True, text=True)
 
 
+def test_a_search_stopped_midway_says_so_without_offering_to_resume(tmp_path, s2_index):
+    """A search sent SIGTERM (or Ctrl-C) once under way said "committed work is kept; run the same
+    command again to resume", as an indexing run does: a search has nothing to resume."""
+    import signal
+
+    index = TileIndex.open(s2_index)
+    sketch, out = tmp_path / "sketch.png", tmp_path / "hits.geojson"
+    pseudo_sketch(_tile_image(index, 3), "canny").save(sketch)
+    proc = subprocess.Popen([sys.executable, "-m", "worker", "-v", "search", str(s2_index), "--sketch", str(sketch),
+                             "--out", str(out)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    said = [proc.stderr.readline()]  # with -v: the search's first debug line, once under way
+    proc.send_signal(signal.SIGTERM)
+    said += proc.stderr.readlines()
+    assert proc.wait(timeout=60) == 143
+    assert said[-1].strip() == "terminated" and not out.exists(), said[-5:]
+
+
 def test_cli_search_writes_geojson_and_preview(tmp_path, s2_index, assets):
     index = TileIndex.open(s2_index)
     sketch = tmp_path / "sketch.png"

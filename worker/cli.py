@@ -456,5 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as exc:
         how = "terminated" if isinstance(exc, Terminated) else "interrupted"
-        print(f"{how}: committed work is kept; run the same command again to resume", file=sys.stderr)
+        resumes = args.func is cmd_index  # a search, a removal, a shortlist's build: none to resume
+        print(f"{how}: committed work is kept; run the same command again to resume" if resumes else how,
+              file=sys.stderr)
         return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
