@@ -3,6 +3,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -629,12 +630,28 @@ def test_cli_outputs_it_could_not_write_are_refused_before_the_search(tmp_path, 
     (tmp_path / "project.gpkg").write_bytes(b"SQLite format 3\x00 a user's layers")
     os.mkfifo(tmp_path / "pipe.geojson")
     (tmp_path / "link.geojson").symlink_to(tmp_path / "pipe.geojson")  # replaced itself, not what it points at
-    kept = {f: f.read_bytes() for f in (tmp_path / "project.gpkg", s2_index / "manifest.json", sketch, raster)}
+    other = tmp_path / "other-index"  # an index besides the one searched: its manifest was replaced by hits
+    other.mkdir()
+    (other / "manifest.json").write_text('{"format": 5, "rasters": [], "shards": []}')
+    (other / "tiles.gpkg").write_bytes(b"SQLite format 3\x00 its tiles")
+    (tmp_path / "gpkg-link.png").symlink_to(other / "tiles.gpkg")  # a preview is saved where a link points
+    (tmp_path / "settings.json").write_text('{"a user\'s": "settings"}')
+    shutil.copy(raster, tmp_path / "a-copy.tif")
+    (tmp_path / "notes.png").write_text("not an image")
+    kept = {f: f.read_bytes() for f in (tmp_path / "project.gpkg", s2_index / "manifest.json", sketch, raster,
+                                        other / "manifest.json", other / "tiles.gpkg", tmp_path / "settings.json",
+                                        tmp_path / "a-copy.tif", tmp_path / "notes.png")}
     for args, message in (((tmp_path,), "is a folder"), ((tmp_path / "h.geojson", "--preview", tmp_path / "p.xyz"),
                                                         ".xyz is not an image format"),
                           ((tmp_path / "a-file" / "new" / "h.geojson",), f"{tmp_path / 'a-file'} is a file, not a folder"),
                           ((tmp_path / "project.gpkg",), ".gpkg is not GeoJSON"),
                           ((s2_index / "manifest.json",), f"lies in the index {s2_index}"),
+                          ((other / "manifest.json",), f"lies in the index {other}"),
+                          ((tmp_path / "settings.json",), "exists and is not a file a search writes"),
+                          ((tmp_path / "h.geojson", "--preview", tmp_path / "a-copy.tif"), "is not a file a search writes"),
+                          ((tmp_path / "h.geojson", "--preview", tmp_path / "new.tif"), ".tif is not an image format"),
+                          ((tmp_path / "h.geojson", "--preview", tmp_path / "gpkg-link.png"), f"lies in the index {other}"),
+                          ((tmp_path / "h.geojson", "--preview", tmp_path / "notes.png"), "is not a file a search writes"),
                           ((tmp_path / "pipe.geojson",), "is not a plain file"),
                           ((tmp_path / "h.geojson", "--preview", sketch), "is one of the search's inputs"),
                           ((tmp_path / "h.geojson", "--preview", raster), "is one of the search's inputs")):
@@ -646,6 +663,11 @@ def test_cli_outputs_it_could_not_write_are_refused_before_the_search(tmp_path, 
                      "--sketch-modules", "none")
     assert result.returncode == 0 and len(json.loads((tmp_path / "link.geojson").read_text())["features"]) == 2
     assert (tmp_path / "pipe.geojson").is_fifo()
+    Image.new("RGB", (8, 8)).save(tmp_path / "earlier.png")
+    result = run_cli("search", s2_index, "--sketch", sketch, "--out", tmp_path / "link.geojson", "--top", "3",
+                     "--preview", tmp_path / "earlier.png", "--sketch-modules", "none")  # its own outputs: replaced
+    assert result.returncode == 0 and len(json.loads((tmp_path / "link.geojson").read_text())["features"]) == 3
+    assert Image.open(tmp_path / "earlier.png").size != (8, 8)
 
 
 def test_cli_outputs_in_a_folder_it_may_not_write_in_are_refused_before_the_search(tmp_path, s2_index):
@@ -667,7 +689,7 @@ def test_cli_outputs_in_a_folder_it_may_not_write_in_are_refused_before_the_sear
             assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
             assert f"cannot write {locked}" in result.stderr and result.stderr.strip().endswith("then search again")
         assert not (tmp_path / "out").exists(), "nothing made for a search that did not run"
-        (tmp_path / "kept.png").write_bytes(b"an earlier preview")
+        Image.new("RGB", (8, 8)).save(tmp_path / "kept.png")  # an earlier preview
         subprocess.run(["chattr", "+i", str(tmp_path / "kept.png")], check=True)  # a file it may not replace
         result = run_cli("search", s2_index, "--sketch", sketch, "--out", tmp_path / "h.geojson",
                          "--preview", tmp_path / "kept.png")

@@ -13,6 +13,7 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,7 +22,7 @@ from worker.ann import AUTO_MIN_TILES
 from worker.app import IndexRequest, ModelOptions, SearchRequest
 from worker.errors import CorruptIndexError, IndexMismatchError, InputError
 from worker.ranking import RANKERS
-from worker.store.format import JOB_LOCK, IndexLocked, disk_write, locked_by_another
+from worker.store.format import JOB_LOCK, IndexLocked, disk_write, holds_an_index, locked_by_another
 from worker.service.config import Limits, ServiceConfig
 from worker.tiling import TileSettings
 
@@ -191,42 +192,74 @@ GEOJSON_SUFFIXES = (".geojson", ".json")
 def check_outputs(out: Path, preview: Path | None, index_dir: Path, inputs_at: set[Path]) -> None:
     """InputError (a StorageError for a folder it may not write in) now, before a search, for
     files it could not write after it, and for files it must not replace: --out replaced any file
-    named (a GeoPackage, a raster, the index's own manifest, /dev/null as root) and said nothing.
+    named (a GeoPackage, a raster, an index's manifest, /dev/null as root) and said nothing.
     `inputs_at`: the search's inputs, resolved (the sketch or the example's raster, the index's rasters)."""
-    from PIL import Image
-
     if out.is_dir():
         raise InputError(f"--out {out} is a folder: name the GeoJSON file to write (e.g. {out / 'hits.geojson'})")
     if out.suffix.lower() not in GEOJSON_SUFFIXES:
         raise InputError(f"--out {out}: {out.suffix or 'no extension'} is not GeoJSON, the format it writes; name a "
                          f"{GEOJSON_SUFFIXES[0]} file (a file there of another kind is not replaced)")
-    if preview is not None:
-        if preview.is_dir():
-            raise InputError(f"--preview {preview} is a folder: name the image to write (e.g. {preview / 'hits.png'})")
-        Image.init()
-        if Image.EXTENSION.get(preview.suffix.lower()) not in Image.SAVE:
-            raise InputError(f"--preview {preview}: {preview.suffix or 'no extension'} is not an image format it can write; "
-                             "use .png or .jpg")
-    _check_replaceable("--out", out, index_dir, inputs_at, follows_links=False)
-    if preview is not None:
-        _check_replaceable("--preview", preview, index_dir, inputs_at, follows_links=True)
+    _check_replaceable("--out", out, index_dir, inputs_at, follows_links=False, written_here=_a_hits_file)
     _check_writable("--out", out, follows_links=False)
-    if preview is not None:
-        _check_writable("--preview", preview, follows_links=True)
+    if preview is None:
+        return
+    if preview.is_dir():
+        raise InputError(f"--preview {preview} is a folder: name the image to write (e.g. {preview / 'hits.png'})")
+    _check_replaceable("--preview", preview, index_dir, inputs_at, follows_links=True, written_here=_an_image)
+    if PREVIEW_FORMATS.get(preview.resolve().suffix.lower()) is None:  # where a link points: what is written
+        raise InputError(f"--preview {preview}: {preview.resolve().suffix or 'no extension'} is not an image format "
+                         "it writes; name a .png or .jpg file")
+    _check_writable("--preview", preview, follows_links=True)
 
 
-def _check_replaceable(option: str, path: Path, index_dir: Path, inputs_at: set[Path], follows_links: bool) -> None:
-    """InputError for an output in the index's folder, at one of the search's own inputs (the
-    sketch, the example's raster, the index's rasters; `inputs_at`, resolved), or at something
-    there that is not a plain file. `follows_links`: as _check_writable."""
+PREVIEW_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}  # a preview's suffix: the format PIL writes
+
+
+def _a_hits_file(path: Path) -> bool:
+    """Whether `path` holds a GeoJSON FeatureCollection (an earlier search's hits), which --out may replace."""
+    try:
+        if path.stat().st_size > MAX_HITS_FILE_BYTES:
+            return False
+        with open(path, encoding="utf-8") as f:
+            return json.load(f).get("type") == "FeatureCollection"
+    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, JSON but not an object
+        return False
+
+
+MAX_HITS_FILE_BYTES = 64 << 20  # a search's hits file is far smaller; a larger file is not read to find out
+
+
+def _an_image(path: Path) -> bool:
+    """Whether `path` holds a PNG or JPEG image (an earlier preview), which --preview may replace."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.format in PREVIEW_FORMATS.values()
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError):
+        return False
+
+
+def _check_replaceable(option: str, path: Path, index_dir: Path, inputs_at: set[Path], follows_links: bool,
+                       written_here: Callable[[Path], bool]) -> None:
+    """InputError for an output in an index's folder (the searched one's, or any other's), at one
+    of the search's own inputs (the sketch, the example's raster, the index's rasters;
+    `inputs_at`, resolved), at something there that is not a plain file, or at a file that
+    is not what the option writes (`written_here`: an earlier output, replaced).
+    `follows_links`: as _check_writable."""
     where = path.resolve() if follows_links else path.absolute().parent.resolve() / path.name
-    if where == index_dir.resolve() or index_dir.resolve() in where.parents:
-        raise InputError(f"{option} {path} lies in the index {index_dir}: write it outside the index's folder")
+    for folder in where.parents:
+        if folder == index_dir.resolve() or holds_an_index(folder):
+            raise InputError(f"{option} {path} lies in the index {folder}: write it outside any index's folder")
     if where in inputs_at:
         raise InputError(f"{option} {path} is one of the search's inputs (the sketch, or a raster): name another file")
-    replaced_link = not follows_links and where.is_symlink()  # the link itself is replaced
-    if where.exists() and not where.is_file() and not replaced_link:
+    if not follows_links and where.is_symlink():  # the link itself is replaced, not what it points to
+        return
+    if where.exists() and not where.is_file():
         raise InputError(f"{option} {path} is not a plain file (a device, a pipe or a socket): name a file")
+    if where.is_file() and not written_here(where):
+        raise InputError(f"{option} {path} exists and is not a file a search writes there (hits as GeoJSON, a preview "
+                         "as PNG or JPEG): name another file, or delete it first")
 
 
 def _check_writable(option: str, path: Path, follows_links: bool) -> None:

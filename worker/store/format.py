@@ -113,6 +113,16 @@ def manifest_stamp(index_dir: Path) -> tuple | None:
     return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
+def holds_an_index(folder: Path) -> bool:
+    """Whether `folder` is an index's (its manifest names a format and rasters, whatever their
+    versions): another tool's manifest.json is not one."""
+    try:
+        manifest = json.loads((Path(folder) / MANIFEST).read_text())
+    except (OSError, ValueError, RecursionError):  # none, or unreadable: an index no search could open
+        return False
+    return isinstance(manifest, dict) and {"format", "rasters"} <= manifest.keys()
+
+
 def read_manifest(index_dir: Path) -> dict:
     """The committed manifest of an index: NotFoundError when the folder is not an index,
     IndexMismatchError when it is of another format, CorruptIndexError when it cannot be read."""
