@@ -572,6 +572,7 @@ def test_cli_search_writes_geojson_and_preview(tmp_path, s2_index, assets):
     collection = json.loads(out.read_text())
     features = collection["features"]
     assert [f["properties"]["rank"] for f in features] == [1, 2, 3, 4, 5]
+    assert all(shapely.geometry.shape(f["geometry"]).exterior.is_ccw for f in features), "RFC 7946: counterclockwise"
     props = features[0]["properties"]
     assert {"rank", "score", "shortlist_score", "raster", "window", "scale", "center", "side", "angle"} <= set(props)
     assert collection["crs"]["properties"]["name"].endswith("32618")

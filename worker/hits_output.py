@@ -30,8 +30,9 @@ def hit_properties(hit: Hit) -> dict:
 
 
 def hits_to_geojson(hits: list[Hit], crs: CRS, extra: dict | None = None) -> dict:
-    """One polygon feature per hit, best first: the (turned) square the sketch matched.
-    A non-WGS84 output CRS is named in a `crs` member (which QGIS and GDAL read)."""
+    """One polygon feature per hit, best first: the (turned) square the sketch matched, its ring
+    counterclockwise (a raster's rows run south: its corners in pixel order ran clockwise on the
+    map). A non-WGS84 output CRS is named in a `crs` member (which QGIS and GDAL read)."""
     cannot = f"cannot be placed in the output CRS {excerpt(crs.to_string())}"
     choose = "choose a CRS that covers them (EPSG:4326 covers every place)"
     try:
@@ -42,7 +43,7 @@ def hits_to_geojson(hits: list[Hit], crs: CRS, extra: dict | None = None) -> dic
     if unplaced:
         raise InputError(f"hits ranked {unplaced[:10]} {cannot}: {choose}")
     features = [{"type": "Feature", "geometry": mapping(poly), "properties": hit_properties(hit)}
-                for hit, poly in zip(hits, polygons)]
+                for hit, poly in zip(hits, shapely.orient_polygons(polygons))]  # counterclockwise, as RFC 7946 asks
     out = {"type": "FeatureCollection", "features": features}
     epsg = crs.to_epsg()
     if epsg != 4326:
