@@ -561,6 +561,25 @@ def test_a_search_stopped_midway_says_so_without_offering_to_resume(tmp_path, s2
     assert said[-1].strip() == "terminated" and not out.exists(), said[-5:]
 
 
+def test_a_search_of_a_raster_changed_since_indexed_warns_on_the_command_line(tmp_path, assets):
+    """A raster replaced by another place's after it was indexed: the hits lie where the old
+    pixels were, and only the printed JSON's `changed` said so; a missing raster gets a warning
+    line. Now the changed one does too, saying what to do."""
+    raster = tmp_path / "scene.tif"
+    shutil.copy(assets["rmnp_rgb"], raster)
+    built = run_cli("index", "--out", tmp_path / "index", "--tile", "128", "--scales", "1", "--sketch-modules", "none",
+                    "--quiet", raster)
+    assert built.returncode == 0, built.stderr
+    sketch = tmp_path / "sketch.png"
+    pseudo_sketch(_tile_image(TileIndex.open(tmp_path / "index"), 2), "canny").save(sketch)
+    shutil.copy(assets["osbs_rgb"], raster)  # another place, under the same name
+    result = run_cli("search", tmp_path / "index", "--sketch", sketch, "--out", tmp_path / "h.geojson", "--top", "3",
+                     "--sketch-modules", "none")
+    assert result.returncode == 0, result.stderr
+    assert f"warning: {raster}: changed on disk since it was indexed" in result.stderr, result.stderr
+    assert "index it again" in result.stderr
+
+
 def test_cli_search_writes_geojson_and_preview(tmp_path, s2_index, assets):
     index = TileIndex.open(s2_index)
     sketch = tmp_path / "sketch.png"

@@ -548,7 +548,8 @@ def left_out(index: TileIndex) -> list[dict]:
     and those whose maps would take too much memory (TileIndex.left_out)."""
     first = [{"raster": index.rasters[raster_id].path, "kind": "indexing",
               "reason": "not indexed yet: none of its tiles is committed (its indexing run is under way, committing "
-                        "every few seconds, or it stopped or failed: index the raster again to search it)"}
+                        "every few seconds, or it stopped or failed: index the raster again to search it, or take it out of the "
+                        "index (remove) if it cannot be read)"}
              for raster_id in index.not_started]
     return first + [
         {"raster": index.rasters[raster_id].path, "kind": "indexing",

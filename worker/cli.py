@@ -177,6 +177,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         with disk_write(args.preview, SEARCH_THEN):
             args.preview.parent.mkdir(parents=True, exist_ok=True)
             sheet.save(args.preview)
+    for said in [r for r in outcome.left_out if r.get("kind") != "unreadable"] + outcome.changed + outcome.partly_indexed:
+        print(f"warning: {said['raster']}: {said['reason']}", file=sys.stderr)  # an unreadable one: said as found
     print(json.dumps({"hits": len(outcome.ranked), "out": str(args.out), "left_out": outcome.left_out,
                       "changed": outcome.changed, "partly_indexed": outcome.partly_indexed,
                       **{k: round(v, 1) for k, v in outcome.timings_ms.items()}}))
