@@ -86,3 +86,32 @@ def test_modules_trained_on_a_derived_copy_belong_to_its_parent(fresh_weights, t
     checkpoints.load_sketch_modules(tmp_path / "m.safetensors", parent)  # accepted for the fp32 parent
     with pytest.raises(Exception, match="was trained for backbone"):
         checkpoints.load_sketch_modules(tmp_path / "m.safetensors", identity.random_init("vit_small_patch14_dinov2", 224))
+
+
+def test_model_options_a_user_gets_wrong_are_one_line_each_before_any_work(tmp_path, assets):
+    """An input size of 0 or 13 px, or a weights file that is an image, a truncated download or
+    a pickle of other things, ended in a traceback (timm's, safetensors', or torch's, which advised
+    loading the file again unsafely)."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from conftest import REPO
+
+    Image.new("L", (64, 64), 255).save(tmp_path / "sketch.png")
+    (tmp_path / "short.safetensors").write_bytes(b"x\n")
+    torch.save({"epoch": 3, "note": "no tensors"}, tmp_path / "other.pt")
+    for args, said in ((["--img-size", "0"], "model input size 0 px (--img-size) is not between 32 and 1024"),
+                       (["--img-size", "13"], "model input size 13 px"),
+                       (["--img-size", "5000"], "model input size 5000 px"),
+                       (["--weights", tmp_path / "sketch.png"], "sketch.png is not a readable checkpoint"),
+                       (["--weights", tmp_path / "short.safetensors"], "short.safetensors is not a readable checkpoint"),
+                       (["--weights", tmp_path / "other.pt"], "other.pt is not a readable checkpoint"),
+                       (["--sketch-modules", tmp_path / "short.safetensors"], "is not a readable checkpoint")):
+        run = subprocess.run([sys.executable, "-m", "worker", "index", "--out", tmp_path / "index", "--quiet",
+                              *args, assets["rmnp_rgb"]], cwd=REPO, capture_output=True, text=True, timeout=300)
+        lines = run.stderr.strip().splitlines()
+        assert run.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), run.stderr
+        assert said in run.stderr and "weights_only" not in run.stderr, run.stderr
+        assert not (tmp_path / "index").exists()

@@ -22,15 +22,26 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     """Read a safetensors or torch checkpoint (weights only: no pickle execution)."""
     if not path.exists():
         raise InputError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # torch's own words on a pickle of other objects advise loading it unsafely: not repeated
+        raise not_a_checkpoint(path) from None
     for key in ("model", "state_dict", "model_state_dict"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise not_a_checkpoint(path)
     return state
+
+
+def not_a_checkpoint(path: Path) -> InputError:
+    """A weights file that is not one (an image, a truncated download, a pickle of other things)."""
+    return InputError(f"{path} is not a readable checkpoint (a .safetensors file, or a torch state dict of tensors): "
+                      "name the weights file itself")
 
 
 def save_safetensors(state: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -66,7 +77,10 @@ def load_sketch_modules(path: Path, backbone: ids.WeightsIdentity) -> tuple[dict
         raise InputError(f"sketch modules checkpoint not found: {path}")
     if path.suffix != ".safetensors":
         raise InputError(f"{path}: sketch modules are read from .safetensors files (written by scripts/train)")
-    meta = ids.safetensors_metadata(path)
+    try:
+        meta = ids.safetensors_metadata(path)
+    except Exception:  # safetensors' SafetensorError: a file too short, or of another kind
+        raise not_a_checkpoint(path) from None
     trained_for = meta.get(ids.BACKBONE_KEY)
     if trained_for is None:
         raise InputError(f"{path} does not say which backbone it was trained for; retrain it with scripts/train")

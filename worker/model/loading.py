@@ -12,6 +12,9 @@ from worker.model.backbone import DEFAULT_TIMM, BackboneSpec
 from worker.model.retrieval_model import ModelConfig, RetrievalModel
 
 SHIPPED_SKETCH_MODULES = Path(__file__).resolve().parents[1] / "weights" / "sketch_modules.safetensors"
+# a ViT's input: at least 2 patches a side of the largest patches timm's ViTs use (16 px), at
+# most 4.7 times the default's (a 1024 px input is 5,300 patches of 14 px: minutes a tile on a CPU)
+MIN_IMG_SIZE, MAX_IMG_SIZE = 32, 1024
 
 
 def load_model(timm_name: str = DEFAULT_TIMM, weights: Path | None = None, random_weights: bool = False,
@@ -22,6 +25,9 @@ def load_model(timm_name: str = DEFAULT_TIMM, weights: Path | None = None, rando
     `sketch_modules`: None takes the shipped modules when the backbone is the default one (the
     ones they were trained for), "none" runs without trained modules, a path loads that file.
     """
+    if not MIN_IMG_SIZE <= img_size <= MAX_IMG_SIZE:  # 0 failed in timm, 13 in resizing the position embedding
+        raise InputError(f"model input size {img_size} px (--img-size) is not between {MIN_IMG_SIZE} and "
+                         f"{MAX_IMG_SIZE}: leave it out to take the model's own (224)")
     state = None
     default_backbone = weights is None and not random_weights and timm_name == DEFAULT_TIMM and img_size == 224
     if random_weights:
