@@ -629,7 +629,8 @@ def test_a_file_written_through_a_memory_map_on_a_full_disk_is_an_error_not_a_cr
 
 def test_a_raster_too_small_for_a_tile_says_so(tmp_path, model, rmnp_copy, caplog):
     """A raster smaller than a tile has no tile with enough data: it is complete, and a warning
-    says how to index it; a GDAL virtual path is refused with what to do."""
+    says how to index it (one all nodata, that it is nodata: it was told to take a smaller tile);
+    a GDAL virtual path is refused with what to do."""
     import rasterio
 
     from conftest import write_raster
@@ -638,9 +639,13 @@ def test_a_raster_too_small_for_a_tile_says_so(tmp_path, model, rmnp_copy, caplo
     with rasterio.open(rmnp_copy) as src:
         small = write_raster(tmp_path / "small.tif", src.read(window=((0, 60), (0, 60))), crs=src.crs,
                              transform=src.transform)
-    IndexWriter(tmp_path / "index", model, TileSettings(tile=224, scales=(1,))).build([small])
+        blank = write_raster(tmp_path / "blank.tif", np.zeros((3, 400, 400), np.uint8), crs=src.crs,
+                             transform=src.transform, nodata=0)
+    IndexWriter(tmp_path / "index", model, TileSettings(tile=224, scales=(1,))).build([small, blank])
     assert TileIndex.open(tmp_path / "index").info()["tile_count"] == 0
     assert any("small.tif" in r.message and "smaller --tile" in r.message for r in caplog.records)
+    [said] = [r.message for r in caplog.records if "blank.tif" in r.message]  # large enough: its data is missing
+    assert "it is nodata (or masked) where a tile falls" in said and "smaller --tile" not in said, said
     with pytest.raises(InputError, match="virtual paths.*copy or extract"):
         find_rasters([f"/vsizip/{tmp_path}/mosaic.zip/sheet.tif"])
 

@@ -667,6 +667,8 @@ def test_cli_outputs_it_could_not_write_are_refused_before_the_search(tmp_path, 
                           ((tmp_path / "project.gpkg",), ".gpkg is not GeoJSON"),
                           ((s2_index / "manifest.json",), f"lies in the index {s2_index}"),
                           ((other / "manifest.json",), f"lies in the index {other}"),
+                          ((Path("/proc/h.geojson"),), "cannot write /proc: No such file or directory"),
+                          ((Path("/proc/h.geojson"),), "(a system folder such as /proc)"),  # not "free space"
                           ((tmp_path / "settings.json",), "exists and is not a file a search writes"),
                           ((tmp_path / "h.geojson", "--preview", tmp_path / "a-copy.tif"), "is not a file a search writes"),
                           ((tmp_path / "h.geojson", "--preview", tmp_path / "new.tif"), ".tif is not an image format"),

@@ -18,13 +18,15 @@ STORAGE_ADVICE = {
     errno.EIO: "the disk failed a read or write: check it (dmesg, smartctl) or keep the index on another disk",
     errno.EFBIG: "the file is larger than that file system, or the worker's file size limit (ulimit -f), allows: "
                  "keep the index on a file system that takes larger files, or raise the limit",
+    errno.ENOENT: "nothing can be written in that folder (a system folder such as /proc), or it was removed "
+                  "meanwhile: write elsewhere",
     **dict.fromkeys((errno.EACCES, errno.EPERM),
                     "the worker may not write there: give the user it runs as write access to that folder"),
 }
 # what the kernel says when a disk is full, read-only or failing, or a file too large for it,
 # wherever it is raised: the operator's to fix, not a bug (no access is a storage error only
-# where the worker writes: worker.store.format.disk_write)
-STORAGE_ERRNOS = frozenset(STORAGE_ADVICE) - {errno.EACCES, errno.EPERM}
+# where the worker writes, as is a folder that takes no files: worker.store.format.disk_write)
+STORAGE_ERRNOS = frozenset(STORAGE_ADVICE) - {errno.EACCES, errno.EPERM, errno.ENOENT}
 
 
 def errno_named_in(text: str) -> int | None:
