@@ -112,21 +112,28 @@ def test_grey_with_alpha_is_read_as_grey(tmp_path, assets):
     assert open_raster(with_alpha, None).bands == (1, 1, 1)
 
 
-def test_rasters_opened_together_refuse_as_one_at_a_time_would(tmp_path, assets):
-    """Opened in threads, a run's rasters describe themselves as one at a time would, and the
-    first refused in the order given is the error, not whichever thread failed first."""
-    from worker.tiling import open_rasters
+def test_rasters_opened_together_refuse_as_one_at_a_time_would_and_all_at_once(tmp_path, assets):
+    """Opened in threads, a run's rasters describe themselves as one at a time would, and every
+    one refused is said in the order given, in one error (a folder of sheets with three bad
+    files took three runs to find them)."""
+    from worker.tiling import MAX_REFUSALS_SAID, open_rasters
 
     with rasterio.open(assets["rmnp_rgb"]) as src:
         data, transform = src.read(), src.transform
     no_crs = write_raster(tmp_path / "nocrs.tif", data, transform=transform)
-    missing = tmp_path / "missing.tif"
+    missing, fake = tmp_path / "missing.tif", tmp_path / "fake.tif"
+    fake.write_text("not a raster")
     good = [assets["s2_rgb"], assets["rmnp_rgb"], assets["osbs_rgb"]]
     assert open_rasters(good, None, threads=3) == [open_raster(p, None) for p in good]
-    with pytest.raises(InputError, match="nocrs.tif.*has no CRS"):
-        open_rasters([*good, no_crs, missing], None, threads=4)
-    with pytest.raises(InputError, match="missing.tif"):
-        open_rasters([missing, *good, no_crs], None, threads=4)
+    with pytest.raises(InputError, match="nocrs.tif.*has no CRS") as one:
+        open_rasters([*good, no_crs], None, threads=4)
+    assert "refused" not in str(one.value), "one refusal: said as it is"
+    with pytest.raises(InputError, match=r"^3 of the 6 rasters are refused, so none was indexed: .*missing.tif.*"
+                                         r"; .*fake.tif.*; .*nocrs.tif.*has no CRS"):
+        open_rasters([missing, good[0], fake, *good[1:], no_crs], None, threads=4)
+    gone = [tmp_path / f"gone-{i}.tif" for i in range(MAX_REFUSALS_SAID + 2)]
+    with pytest.raises(InputError, match=f"gone-{MAX_REFUSALS_SAID - 1}.tif[^;]*; and 2 more$"):
+        open_rasters(gone, None, threads=2)
 
 
 def test_crs_less_raster_is_refused_with_what_to_do(tmp_path, assets):
