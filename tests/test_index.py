@@ -831,7 +831,9 @@ def test_other_settings_or_model_are_refused(tmp_path, model, rmnp_copy):
         IndexWriter(out, model, TileSettings(tile=224, scales=(1,)))
     result = run_cli("index", "--out", out, "--tile", "112", "--scales", "1", "--tile-view", "rgb", rmnp_copy)
     assert result.returncode == 3, "an index to build again: its own exit status (scripts/demo builds it again)"
-    assert "built with another model" in result.stderr
+    assert "built with another model (tile view (--tile-view) edges, this worker's rgb)" in result.stderr, result.stderr
+    result = run_cli("index", "--out", out, "--tile", "112", "--scales", "1", "--img-size", "112", rmnp_copy)
+    assert result.returncode == 3 and "input size (--img-size) 224, this worker's 112" in result.stderr, result.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     (out / "manifest.json").write_text(json.dumps({**manifest, "format": 1}))  # an index of an older version
     with pytest.raises(IndexMismatchError, match="build it again"):

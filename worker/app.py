@@ -320,7 +320,7 @@ def check_manifest(manifest: dict, index_dir: Path, model: "RetrievalModel", set
                    tokens: bool | None = None) -> None:
     """check_index by the index's manifest alone: an index whose shards or maps are damaged
     cannot be opened, and indexing it again is what mends it."""
-    check_compatible(manifest, model.tile_encoder_fingerprint(), settings.to_json() if settings else None, index_dir)
+    check_compatible(manifest, model.fingerprint(), settings.to_json() if settings else None, index_dir)
     check_tokens(manifest, tokens, index_dir)
 
 

@@ -373,19 +373,29 @@ def remove_unborn(index_dir: Path) -> None:
         log.info("%s left as it is: %s", index_dir, exc)
 
 
+# the parts of a model's fingerprint a user chooses, and how a refusal names them
+MODEL_CHOICES = (("timm_name", "model (--model)"), ("backbone_id", "backbone weights (--weights)"),
+                 ("img_size", "input size (--img-size)"), ("tile_view", "tile view (--tile-view)"))
+
+
 def check_format(manifest: dict, index_dir: Path) -> None:
     if manifest.get("format") not in READABLE_FORMATS:
         raise IndexMismatchError(f"{index_dir}: index format {excerpt(manifest.get('format'))} is not "
                                  f"{' or '.join(map(str, READABLE_FORMATS))}; build it again with this version")
 
 
-def check_compatible(manifest: dict, tile_encoder: str, settings: dict, index_dir: Path) -> None:
+def check_compatible(manifest: dict, model: dict, settings: dict | None, index_dir: Path) -> None:
+    """IndexMismatchError unless the index was built by `model` (its fingerprint) with `settings`
+    (None: any), naming what differs."""
     check_format(manifest, index_dir)
-    if manifest["model"].get("tile_encoder") != tile_encoder:
-        raise IndexMismatchError(f"{index_dir} was built with another model (tile encoder "
-                                 f"{manifest['model'].get('tile_encoder')}, this worker has {tile_encoder}: "
-                                 "other weights, or tiles drawn another way by an older version); "
-                                 "use that model and version, or build a new index")
+    built = manifest["model"]
+    if built.get("tile_encoder") != model["tile_encoder"]:
+        differs = [f"{what} {built.get(key)}, this worker's {model[key]}" for key, what in MODEL_CHOICES
+                   if key in built and built[key] != model[key]]  # a user's options: --model, --img-size, ...
+        why = "; ".join(differs) or (f"tile encoder {built.get('tile_encoder')}, this worker's {model['tile_encoder']}: "
+                                     "tiles drawn another way by an older version")
+        raise IndexMismatchError(f"{index_dir} was built with another model ({why}); use that model, or build a new "
+                                 "index")
     if settings is not None and manifest["tiling"] != settings:
         raise IndexMismatchError(f"{index_dir} was built with tile settings {manifest['tiling']}, not {settings}; "
                                  "extend it with the same settings or build a new index")

@@ -77,7 +77,7 @@ class IndexWriter:
         settings = self.settings.to_json()
         if (self.dir / MANIFEST).is_file():
             manifest = read_manifest(self.dir)
-            check_compatible(manifest, fp["tile_encoder"], settings, self.dir)
+            check_compatible(manifest, fp, settings, self.dir)
             check_tokens(manifest, tokens, self.dir)
             return manifest
         return new_manifest(fp, settings, chunk_tiles, self.model.img_size, bool(tokens))
