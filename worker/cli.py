@@ -325,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("index", help="tile rasters and precompute their edge cells (resumable, incremental)")
     p.add_argument("rasters", nargs="+", help="raster files, directories of rasters, or GDAL VRTs")
     p.add_argument("--out", type=Path, required=True, help="index directory (created or extended)")
-    own = "an index extended keeps its own, and refuses another; left out for a new one: "
+    own = "an index extended keeps its own, and refuses another; a new one's default: "
     p.add_argument("--tile", type=int, default=None, help=f"tile size in pixels ({own}{TileSettings.tile})")
     p.add_argument("--overlap", type=float, default=None,
                    help=f"overlap between neighbouring tiles, a fraction ({own}{TileSettings.overlap})")
