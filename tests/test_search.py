@@ -580,6 +580,18 @@ def test_a_search_of_a_raster_changed_since_indexed_warns_on_the_command_line(tm
     assert "index it again" in result.stderr
 
 
+def test_a_search_area_where_nothing_is_found_is_said_on_the_command_line(tmp_path, s2_index):
+    """A --bbox that meets no raster of the index (lat first, or in another CRS) wrote an empty
+    file, exit 0 and no word."""
+    index = TileIndex.open(s2_index)
+    sketch = tmp_path / "sketch.png"
+    pseudo_sketch(_tile_image(index, 3), "canny").save(sketch)
+    result = run_cli("search", s2_index, "--sketch", sketch, "--out", tmp_path / "h.geojson", "--bbox", "0,0,1,1",
+                     "--sketch-modules", "none")
+    assert result.returncode == 0 and json.loads((tmp_path / "h.geojson").read_text())["features"] == []
+    assert "warning: no places found in the --bbox area (EPSG:4326, x or longitude first)" in result.stderr, result.stderr
+
+
 def test_cli_search_writes_geojson_and_preview(tmp_path, s2_index, assets):
     index = TileIndex.open(s2_index)
     sketch = tmp_path / "sketch.png"

@@ -179,6 +179,10 @@ def cmd_search(args: argparse.Namespace) -> int:
             sheet.save(args.preview)
     for said in [r for r in outcome.left_out if r.get("kind") != "unreadable"] + outcome.changed + outcome.partly_indexed:
         print(f"warning: {said['raster']}: {said['reason']}", file=sys.stderr)  # an unreadable one: said as found
+    if not outcome.ranked and area is not None:  # an empty file, with no word (a box in another CRS, lat first)
+        named = "--area" if args.example is not None else "--bbox"
+        print(f"warning: no places found in the {named} area ({area_crs or SearchRequest.bbox_crs}, x or longitude "
+              "first): check it and its CRS, or search without it", file=sys.stderr)
     print(json.dumps({"hits": len(outcome.ranked), "out": str(args.out), "left_out": outcome.left_out,
                       "changed": outcome.changed, "partly_indexed": outcome.partly_indexed,
                       **{k: round(v, 1) for k, v in outcome.timings_ms.items()}}))
