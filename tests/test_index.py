@@ -1096,3 +1096,16 @@ def test_a_ctrl_c_that_came_during_a_callback_is_raised_again_not_printed_and_lo
     finally:
         sys.unraisablehook = previous_hook
         signal.signal(signal.SIGINT, previous)
+
+
+def test_a_librarys_warning_is_one_line_on_the_command_line(tmp_path):
+    """A picture without georeferencing named as a raster: rasterio's NotGeoreferencedWarning
+    came with the path and a line of rasterio's code, above the refusal that says what to do."""
+    from PIL import Image
+
+    picture = tmp_path / "plain.png"
+    Image.new("RGB", (300, 300), (200, 100, 50)).save(picture)
+    result = run_cli("index", "--out", tmp_path / "index", "--quiet", picture)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and lines[-1].startswith(f"error: {picture}: has no CRS"), result.stderr
+    assert lines[:-1] == ["warning: Dataset has no geotransform, gcps, or rpcs. The identity matrix will be returned."]

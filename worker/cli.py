@@ -13,6 +13,7 @@ import logging
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -478,11 +479,20 @@ def stop_lost_in_a_callback(unraisable) -> None:
     sys.__unraisablehook__(unraisable)
 
 
+def warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """warnings.showwarning without -v: a library's warning as one line, not with the file and
+    source line it came from (rasterio's NotGeoreferencedWarning, two lines of its code above
+    the refusal of a raster without a CRS)."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(joined_box_values(sys.argv[1:] if argv is None else list(argv)))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        warnings.showwarning = warning_line
     signal.signal(signal.SIGTERM, _terminate)
     sys.unraisablehook = stop_lost_in_a_callback
     try:
