@@ -219,8 +219,19 @@ def test_corrupt_raster_is_a_clear_error(tmp_path):
     path.write_bytes(b"II*\x00" + b"\x00" * 100)
     with pytest.raises(InputError, match="not a readable raster"):
         open_raster(path, None)
-    with pytest.raises(InputError, match="raster not found"):
+    with pytest.raises(InputError, match="raster not found: [^ ]*missing.tif'$"):
         find_rasters([tmp_path / "missing.tif"])
+
+
+def test_a_pattern_that_matched_nothing_and_a_folder_without_rasters_are_said(tmp_path, assets, caplog):
+    """A shell passes on a pattern that matched no file as it is ('raster not found: zzz*.tif'),
+    and a folder given beside rasters that holds none was left out without a word."""
+    with pytest.raises(InputError, match=r"zzz\*.tif. \(a pattern that matched no file\?\)"):
+        find_rasters([tmp_path / "zzz*.tif"])
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("no rasters here")
+    assert find_rasters([assets["rmnp_rgb"], tmp_path / "notes"]) == [assets["rmnp_rgb"]]
+    assert any(f"'{tmp_path / 'notes'}' holds no raster files" in r.message for r in caplog.records)
 
 
 def test_16bit_with_nodata_skips_empty_tiles_and_stretches_the_rest(tmp_path, assets):

@@ -293,18 +293,23 @@ def find_rasters(inputs: list[str | Path], access: RasterAccess = RasterAccess()
             continue
         searched.add(path)
         if path.is_dir():
+            before = len(found)
             for file in _files_under(path):
                 if _plain_picture(file):
                     pictures.append(file)
                 else:
                     found.append(access.check_file(file))
+            if len(found) == before and len(inputs) > 1:  # said alone, below: nothing to index
+                log.warning("%s holds no raster files: nothing of it is indexed", excerpt(str(item)))
         elif path.is_file():
             found.append(access.check_file(path))
         elif str(item).startswith("/vsi"):
             raise InputError(f"{excerpt(str(item))}: GDAL virtual paths are not indexed (a search reads the raster "
                              "again for every hit); copy or extract it to a folder first")
         else:
-            raise InputError(f"raster not found: {excerpt(str(item))}")
+            pattern = any(c in str(item) for c in "*?[")  # a shell passes on a pattern that matched no file as it is
+            raise InputError(f"raster not found: {excerpt(str(item))}"
+                             + (" (a pattern that matched no file?)" if pattern else ""))
     if pictures:
         log.warning("%d picture(s) in the folders given hold no georeferencing (no worldfile or .aux.xml beside "
                     "them: previews, thumbnails) and are left out: %s%s", len(pictures),
