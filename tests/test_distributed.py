@@ -279,9 +279,12 @@ def test_a_local_cluster_leaves_this_process_as_it_was(tmp_path):
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                    start_new_session=True)  # in a process of its own, its Dask processes in its group
     try:
-        out, err = overlapping.communicate(timeout=180)
+        out, err = overlapping.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(overlapping.pid, signal.SIGKILL)  # a run waiting for ever, and what it started
+        out, err = overlapping.communicate()
     finally:
-        with contextlib.suppress(ProcessLookupError):  # a run waiting for ever, and what it started
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(overlapping.pid, signal.SIGKILL)
     assert out.strip().splitlines() == ["environment kept", "indexed True"], out + err
 

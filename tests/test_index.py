@@ -646,6 +646,12 @@ def test_a_raster_too_small_for_a_tile_says_so(tmp_path, model, rmnp_copy, caplo
     assert any("small.tif" in r.message and "smaller --tile" in r.message for r in caplog.records)
     [said] = [r.message for r in caplog.records if "blank.tif" in r.message]  # large enough: its data is missing
     assert "it is nodata (or masked) where a tile falls" in said and "smaller --tile" not in said, said
+    with rasterio.open(rmnp_copy) as src:
+        whole = write_raster(tmp_path / "whole.tif", src.read(window=((0, 300), (0, 300))), crs=src.crs,
+                             transform=src.transform)
+    IndexWriter(tmp_path / "twice", model, TileSettings(tile=224, scales=(2,))).build([whole])
+    [said] = [r.message for r in caplog.records if "whole.tif" in r.message]  # all data, smaller than 448 px
+    assert "a window of 448 px" in said and "needs a smaller --tile (or --scales 1)" in said, said
     with pytest.raises(InputError, match="virtual paths.*copy or extract"):
         find_rasters([f"/vsizip/{tmp_path}/mosaic.zip/sheet.tif"])
 

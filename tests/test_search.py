@@ -554,11 +554,14 @@ def test_a_search_stopped_midway_says_so_without_offering_to_resume(tmp_path, s2
     pseudo_sketch(_tile_image(index, 3), "canny").save(sketch)
     proc = subprocess.Popen([sys.executable, "-m", "worker", "-v", "search", str(s2_index), "--sketch", str(sketch),
                              "--out", str(out)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    said = [proc.stderr.readline()]  # with -v: the search's first debug line, once under way
-    proc.send_signal(signal.SIGTERM)
-    said += proc.stderr.readlines()
-    assert proc.wait(timeout=60) == 143
-    assert said[-1].strip() == "terminated" and not out.exists(), said[-5:]
+    try:
+        first = proc.stderr.readline()  # with -v: the search's first debug line, once under way
+        proc.send_signal(signal.SIGTERM)
+        said = (first + proc.communicate(timeout=60)[1]).strip().splitlines()
+    finally:
+        proc.kill()
+    assert proc.returncode == 143
+    assert said[-1] == "terminated" and not out.exists(), said[-5:]
 
 
 def test_a_search_of_a_raster_changed_since_indexed_warns_on_the_command_line(tmp_path, assets):
@@ -668,10 +671,13 @@ def test_cli_outputs_it_could_not_write_are_refused_before_the_search(tmp_path, 
     (other / "tiles.gpkg").write_bytes(b"SQLite format 3\x00 its tiles")
     (tmp_path / "gpkg-link.png").symlink_to(other / "tiles.gpkg")  # a preview is saved where a link points
     (tmp_path / "settings.json").write_text('{"a user\'s": "settings"}')
+    (tmp_path / "roads.geojson").write_text('{"type": "FeatureCollection", "features": []}')  # a user's layer
+    (tmp_path / "png-link").symlink_to(tmp_path / "target.png")  # PIL would save in the format of the link's name
     shutil.copy(raster, tmp_path / "a-copy.tif")
     (tmp_path / "notes.png").write_text("not an image")
     kept = {f: f.read_bytes() for f in (tmp_path / "project.gpkg", s2_index / "manifest.json", sketch, raster,
                                         other / "manifest.json", other / "tiles.gpkg", tmp_path / "settings.json",
+                                        tmp_path / "roads.geojson",
                                         tmp_path / "a-copy.tif", tmp_path / "notes.png")}
     for args, message in (((tmp_path,), "is a folder"), ((tmp_path / "h.geojson", "--preview", tmp_path / "p.xyz"),
                                                         ".xyz is not an image format"),
@@ -682,6 +688,8 @@ def test_cli_outputs_it_could_not_write_are_refused_before_the_search(tmp_path, 
                           ((Path("/proc/h.geojson"),), "cannot write /proc: No such file or directory"),
                           ((Path("/proc/h.geojson"),), "(a system folder such as /proc)"),  # not "free space"
                           ((tmp_path / "settings.json",), "exists and is not a file a search writes"),
+                          ((tmp_path / "roads.geojson",), "exists and is not a file a search writes"),
+                          ((tmp_path / "h.geojson", "--preview", tmp_path / "png-link"), "no extension is not an image"),
                           ((tmp_path / "h.geojson", "--preview", tmp_path / "a-copy.tif"), "is not a file a search writes"),
                           ((tmp_path / "h.geojson", "--preview", tmp_path / "new.tif"), ".tif is not an image format"),
                           ((tmp_path / "h.geojson", "--preview", tmp_path / "gpkg-link.png"), f"lies in the index {other}"),
@@ -697,11 +705,11 @@ def test_cli_outputs_it_could_not_write_are_refused_before_the_search(tmp_path, 
                      "--sketch-modules", "none")
     assert result.returncode == 0 and len(json.loads((tmp_path / "link.geojson").read_text())["features"]) == 2
     assert (tmp_path / "pipe.geojson").is_fifo()
-    Image.new("RGB", (8, 8)).save(tmp_path / "earlier.png")
+    (tmp_path / "made-empty.png").write_bytes(b"")  # as `mktemp --suffix .png` leaves it
     result = run_cli("search", s2_index, "--sketch", sketch, "--out", tmp_path / "link.geojson", "--top", "3",
-                     "--preview", tmp_path / "earlier.png", "--sketch-modules", "none")  # its own outputs: replaced
+                     "--preview", tmp_path / "made-empty.png", "--sketch-modules", "none")  # its own hits: replaced
     assert result.returncode == 0 and len(json.loads((tmp_path / "link.geojson").read_text())["features"]) == 3
-    assert Image.open(tmp_path / "earlier.png").size != (8, 8)
+    assert Image.open(tmp_path / "made-empty.png").format == "PNG"
 
 
 def test_cli_outputs_in_a_folder_it_may_not_write_in_are_refused_before_the_search(tmp_path, s2_index):

@@ -177,7 +177,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         sheet = contact_sheet(outcome.sketch.numpy(), outcome.ranked)  # reads the hits' rasters
         with disk_write(args.preview, SEARCH_THEN):
             args.preview.parent.mkdir(parents=True, exist_ok=True)
-            sheet.save(args.preview)
+            sheet.save(args.preview, format=PREVIEW_FORMATS[args.preview.suffix.lower()])
     for said in [r for r in outcome.left_out if r.get("kind") != "unreadable"] + outcome.changed + outcome.partly_indexed:
         print(f"warning: {said['raster']}: {said['reason']}", file=sys.stderr)  # an unreadable one: said as found
     if not outcome.ranked and area is not None:  # an empty file, with no word (a box in another CRS, lat first)
@@ -213,9 +213,10 @@ def check_outputs(out: Path, preview: Path | None, index_dir: Path, inputs_at: s
     if preview.is_dir():
         raise InputError(f"--preview {preview} is a folder: name the image to write (e.g. {preview / 'hits.png'})")
     _check_replaceable("--preview", preview, index_dir, inputs_at, follows_links=True, written_here=_an_image)
-    if PREVIEW_FORMATS.get(preview.resolve().suffix.lower()) is None:  # where a link points: what is written
-        raise InputError(f"--preview {preview}: {preview.resolve().suffix or 'no extension'} is not an image format "
-                         "it writes; name a .png or .jpg file")
+    for named in {preview, preview.resolve()}:  # the name saved under, and the file a link there replaces
+        if PREVIEW_FORMATS.get(named.suffix.lower()) is None:
+            raise InputError(f"--preview {preview}: {named.suffix or 'no extension'} is not an image format it "
+                             "writes; name a .png or .jpg file")
     _check_writable("--preview", preview, follows_links=True)
 
 
@@ -223,24 +224,31 @@ PREVIEW_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}  # a preview'
 
 
 def _a_hits_file(path: Path) -> bool:
-    """Whether `path` holds a GeoJSON FeatureCollection (an earlier search's hits), which --out may replace."""
+    """Whether `path` holds an earlier search's hits (a FeatureCollection with its timings, as
+    cmd_search writes it), or nothing (a file made empty for it): --out may replace it, and
+    no other GeoJSON (a user's layer)."""
     try:
-        if path.stat().st_size > MAX_HITS_FILE_BYTES:
+        size = path.stat().st_size
+        if size > MAX_HITS_FILE_BYTES:
             return False
-        with open(path, encoding="utf-8") as f:
-            return json.load(f).get("type") == "FeatureCollection"
-    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, JSON but not an object
+        with open(path, encoding="utf-8-sig") as f:
+            written = json.load(f) if size else None
+    except (OSError, ValueError, RecursionError):  # unreadable, or not JSON
         return False
+    return written is None or (isinstance(written, dict) and written.get("type") == "FeatureCollection"
+                               and "timings_ms" in written)
 
 
 MAX_HITS_FILE_BYTES = 64 << 20  # a search's hits file is far smaller; a larger file is not read to find out
 
 
 def _an_image(path: Path) -> bool:
-    """Whether `path` holds a PNG or JPEG image (an earlier preview), which --preview may replace."""
+    """Whether `path` holds a PNG or JPEG image (an earlier preview), or nothing: --preview may replace it."""
     from PIL import Image, UnidentifiedImageError
 
     try:
+        if not path.stat().st_size:
+            return True
         with Image.open(path) as image:
             return image.format in PREVIEW_FORMATS.values()
     except (OSError, UnidentifiedImageError, Image.DecompressionBombError):

@@ -532,7 +532,7 @@ def open_rasters(paths: Sequence[Path], bands: tuple[int, ...] | None, drivers: 
     if refused:
         more = f"; and {len(refused) - MAX_REFUSALS_SAID} more" if len(refused) > MAX_REFUSALS_SAID else ""
         raise InputError(f"{len(refused)} of the {len(paths)} rasters are refused, so none was indexed: "
-                         + "; ".join(map(str, refused[:MAX_REFUSALS_SAID])) + more)
+                         + " ".join(f"({n}) {e}" for n, e in enumerate(refused[:MAX_REFUSALS_SAID], 1)) + more)
     return infos
 
 

@@ -28,6 +28,12 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
 
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except IsADirectoryError:
+        raise not_a_checkpoint(path) from None
+    except OSError as exc:  # the file's access or disk, not its kind
+        raise InputError(f"weights file {path} cannot be read: {exc.strerror or exc}") from None
+    except MemoryError:
+        raise
     except Exception:  # torch's own words on a pickle of other objects advise loading it unsafely: not repeated
         raise not_a_checkpoint(path) from None
     for key in ("model", "state_dict", "model_state_dict"):

@@ -12,8 +12,8 @@ from worker.model.backbone import DEFAULT_TIMM, BackboneSpec
 from worker.model.retrieval_model import ModelConfig, RetrievalModel
 
 SHIPPED_SKETCH_MODULES = Path(__file__).resolve().parents[1] / "weights" / "sketch_modules.safetensors"
-# a ViT's input: at least 2 patches a side of the largest patches timm's ViTs use (16 px), at
-# most 4.7 times the default's (a 1024 px input is 5,300 patches of 14 px: minutes a tile on a CPU)
+# a ViT's input: at least a patch a side of timm's largest (32 px), at most 4.6 times the
+# default's (a 1024 px input is 5,300 patches of 14 px: minutes a tile on a CPU)
 MIN_IMG_SIZE, MAX_IMG_SIZE = 32, 1024
 
 

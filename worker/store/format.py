@@ -114,13 +114,9 @@ def manifest_stamp(index_dir: Path) -> tuple | None:
 
 
 def holds_an_index(folder: Path) -> bool:
-    """Whether `folder` is an index's (its manifest names a format and rasters, whatever their
-    versions): another tool's manifest.json is not one."""
-    try:
-        manifest = json.loads((Path(folder) / MANIFEST).read_text())
-    except (OSError, ValueError, RecursionError):  # none, or unreadable: an index no search could open
-        return False
-    return isinstance(manifest, dict) and {"format", "rasters"} <= manifest.keys()
+    """Whether `folder` is an index's (it holds a manifest, readable or not): nothing is built
+    or written inside one but by its own writer."""
+    return (Path(folder) / MANIFEST).is_file()
 
 
 def read_manifest(index_dir: Path) -> dict:
@@ -262,13 +258,13 @@ def check_index_folder(index_dir: Path) -> None:
     other indexes) or inside another index is refused: building there must never delete or mix."""
     index_dir = Path(index_dir)
     for parent in index_dir.parents:
-        if (parent / MANIFEST).is_file():
+        if holds_an_index(parent):
             raise InputError(f"{index_dir} is inside the index {parent}: name a folder outside it")
     if not index_dir.exists():
         return
     if not index_dir.is_dir():
         raise InputError(f"{index_dir} is a file, not an index folder: name another folder")
-    if (index_dir / MANIFEST).is_file():
+    if holds_an_index(index_dir):
         return
     foreign = sorted(entry.name for entry in index_dir.iterdir() if not _left_by_a_writer(entry))
     if foreign:
@@ -374,7 +370,7 @@ def remove_unborn(index_dir: Path) -> None:
 
 
 # the parts of a model's fingerprint a user chooses, and how a refusal names them
-MODEL_CHOICES = (("timm_name", "model (--model)"), ("backbone_id", "backbone weights (--weights)"),
+MODEL_CHOICES = (("timm_name", "model (--model)"), ("backbone_id", "backbone weights (--weights, --random-weights)"),
                  ("img_size", "input size (--img-size)"), ("tile_view", "tile view (--tile-view)"))
 
 
@@ -393,9 +389,9 @@ def check_compatible(manifest: dict, model: dict, settings: dict | None, index_d
         differs = [f"{what} {built.get(key)}, this worker's {model[key]}" for key, what in MODEL_CHOICES
                    if key in built and built[key] != model[key]]  # a user's options: --model, --img-size, ...
         why = "; ".join(differs) or (f"tile encoder {built.get('tile_encoder')}, this worker's {model['tile_encoder']}: "
-                                     "tiles drawn another way by an older version")
-        raise IndexMismatchError(f"{index_dir} was built with another model ({why}); use that model, or build a new "
-                                 "index")
+                                     "tiles drawn another way by another version")
+        raise IndexMismatchError(f"{index_dir} was built with another model ({why}); use that model and version, or "
+                                 "build a new index")
     if settings is not None and manifest["tiling"] != settings:
         raise IndexMismatchError(f"{index_dir} was built with tile settings {manifest['tiling']}, not {settings}; "
                                  "extend it with the same settings or build a new index")

@@ -223,11 +223,12 @@ class IndexWriter:
         if len(index):
             write_joined_maps(index)
         else:  # complete, and nothing in it a search could find
-            fits = min(entry["width"], entry["height"]) >= self.settings.tile  # else: too small or thin for a tile
-            log.warning("%s: none of its %d tiles holds enough data (at least %.0f%% of a tile of %d px) to be "
+            window = self.settings.tile * min(self.settings.scales)  # the smallest a tile covers of the raster
+            fits = min(entry["width"], entry["height"]) >= window  # else: too small or thin for a tile
+            log.warning("%s: none of its %d tiles holds enough data (at least %.0f%% of a window of %d px) to be "
                         "indexed; %s", entry["path"], entry["tiles_total"] or 0, 100 * self.settings.min_valid,
-                        self.settings.tile, "it is nodata (or masked) where a tile falls" if fits else
-                        "a raster smaller or thinner than a tile needs a smaller --tile")
+                        window, "it is nodata (or masked) where a tile falls" if fits else
+                        "a raster smaller or thinner than a tile needs a smaller --tile (or --scales 1)")
 
     def _raster_entry(self, info: RasterInfo) -> dict:
         for entry in self.manifest["rasters"]:
