@@ -452,7 +452,8 @@ def test_a_search_asking_for_a_shortlist_an_index_lacks_says_it_scans_exactly_on
     with caplog.at_level(logging.WARNING, logger="worker.search"):
         assert ann_shortlist(index, RankingConfig(ann="on")) is None
         assert ann_shortlist(index, RankingConfig(ann="on")) is None
-    assert caplog.text.count("has no ANN shortlist; scanning exactly (run `build-ann`)") == 1
+    assert caplog.text.count("has no ANN shortlist; scanning exactly (`build-ann` builds one for an index of 256 "
+                             "windows or more") == 1  # a smaller one: build-ann refuses it
 
 
 def test_a_shortlist_warning_comes_back_only_when_its_state_does(model, assets, tmp_path, caplog):
