@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
@@ -15,7 +16,7 @@ from worker import level_maps
 from worker.geo import bounds_wgs84
 from worker.interrupts import stops_held
 from worker.line_drawing import drawing_device
-from worker.errors import InputError
+from worker.errors import InputError, StorageError
 from worker.store.format import (CHUNK_TILES, LOCK, MANIFEST, RECORD_DTYPE, SHARDS, TILES_LAYER, TMP_PREFIX,
                                  check_compatible, check_index_folder, check_tokens, disk_write, holds_tokens,
                                  index_lock, manifest_stamp, new_manifest, read_manifest, remove_shards, shard_arrays,
@@ -104,12 +105,24 @@ class IndexWriter:
             raise InputError(f"{self.dir} was removed while this run wrote it: nothing more is written; index the "
                              "rasters again to build it anew")
 
+    @contextmanager
+    def _writing_in_place(self) -> Iterator[None]:
+        """A write into the index's folder: one the disk refused because the folder was removed
+        meanwhile (between _check_in_place and the write: "No such file or directory") is said
+        as its removal, not as a storage error."""
+        try:
+            yield
+        except StorageError:
+            self._check_in_place()
+            raise
+
     def _commit(self) -> None:
         self._check_in_place()
         started = time.monotonic()
         self.manifest["updated"] = time.time()
         self.manifest["tile_count"] = sum(s["count"] for s in self.manifest["shards"])
-        write_json_atomic(self.dir / MANIFEST, self.manifest)
+        with self._writing_in_place():
+            write_json_atomic(self.dir / MANIFEST, self.manifest)
         if self._in_place is not None:  # the lock and shards folder as checked: only the manifest is new
             self._in_place = (*self._in_place[:2], manifest_stamp(self.dir))
         self._last_commit = (time.monotonic(), time.monotonic() - started)
@@ -355,7 +368,7 @@ class IndexWriter:
         self._check_in_place()
         # a Ctrl-C or SIGTERM raised inside numpy's write came out as numpy's TypeError (it takes
         # the failed flush for a file name): the run's traceback, not "terminated". Held until written.
-        with stops_held():
+        with stops_held(), self._writing_in_place():
             write_shard(self.dir, name, result.arrays)
             self.manifest["shards"].append({"name": name, "raster_id": entry["id"], "chunk": chunk,
                                             "count": tiles - result.skipped, "skipped": result.skipped})
