@@ -497,27 +497,38 @@ def test_an_index_folder_removed_while_it_is_built_stays_removed(tmp_path, model
     assert not (out / "manifest.json").exists(), "no index came back"
 
 
-def test_an_index_folder_removed_just_before_a_shard_is_written_is_said_removed(tmp_path, model, rmnp_copy,
-                                                                                 monkeypatch):
-    """The folder removed between the run's check that it is in place and the shard's write (a
-    CI run of the test above met it once): the write's "No such file or directory" was the
-    run's error, a storage error telling to run the job again, not that the index was removed."""
+@pytest.mark.parametrize("removed", ["the folder", "the shard being written"])
+def test_an_index_folder_removed_under_a_shards_write_is_said_removed(tmp_path, model, rmnp_copy, monkeypatch,
+                                                                     removed):
+    """The folder removed between the run's check that it is in place and the shard's write, or
+    rm -rf reaching the shard the run is writing before the folders it checks (CI runs of the
+    test above met both): the write's "No such file or directory" was the run's error, a storage
+    error telling to run the job again, not that the index was removed."""
+    import worker.store.format as format_module
     import worker.store.writer as writer_module
+    from worker.store.format import TMP_PREFIX
 
     out, written = tmp_path / "index", []
-    write_shard = writer_module.write_shard
+    write_shard, sync_folder = writer_module.write_shard, format_module.sync_folder
 
     def removed_first(index_dir, name, arrays):
-        if written:  # the second shard: its folder gone just before
+        if written and removed == "the folder":  # the second shard: its folder gone just before
             shutil.rmtree(out)
         written.append(name)
         write_shard(index_dir, name, arrays)
 
+    def shard_removed_first(folder):
+        if len(written) == 2 and folder.name == f"{TMP_PREFIX}{written[1]}":  # its files written, its folder gone
+            shutil.rmtree(folder)
+        sync_folder(folder)
+
     monkeypatch.setattr(writer_module, "write_shard", removed_first)
+    if removed == "the shard being written":
+        monkeypatch.setattr(format_module, "sync_folder", shard_removed_first)
     writer = IndexWriter(out, model, TileSettings(tile=112, scales=(1,)), chunk_tiles=8, commit_every_s=0)
     with pytest.raises(InputError, match="was removed while this run wrote it"):
         writer.build([rmnp_copy])
-    assert len(written) == 2 and not out.exists(), "no index came back"
+    assert len(written) == 2
 
 
 def test_maps_written_band_by_band_hold_the_cells_joined_whole(tmp_path, model, assets):

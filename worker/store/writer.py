@@ -102,17 +102,23 @@ class IndexWriter:
         folder's entries one by one, and fails on a folder the run wrote into meanwhile: any of
         the lock, the shards folder or the manifest gone or replaced stops the run."""
         if self._in_place is not None and self._index_as_written() != self._in_place:
-            raise InputError(f"{self.dir} was removed while this run wrote it: nothing more is written; index the "
-                             "rasters again to build it anew")
+            raise self._removed()
+
+    def _removed(self) -> InputError:
+        return InputError(f"{self.dir} was removed while this run wrote it: nothing more is written; index the "
+                          "rasters again to build it anew")
 
     @contextmanager
     def _writing_in_place(self) -> Iterator[None]:
-        """A write into the index's folder: one the disk refused because the folder was removed
-        meanwhile (between _check_in_place and the write: "No such file or directory") is said
-        as its removal, not as a storage error."""
+        """A write into the index's folder: one the disk refused because the folder, or a part of
+        it, was removed meanwhile (after _check_in_place; rm -rf reaching this run's temporary
+        shard before the folders _check_in_place looks at) is said as its removal, not as a
+        storage error telling to run the job again."""
         try:
             yield
-        except StorageError:
+        except StorageError as exc:
+            if isinstance(exc.__cause__, FileNotFoundError):  # a folder this run made, gone: only a removal does that
+                raise self._removed() from None
             self._check_in_place()
             raise
 
