@@ -360,7 +360,7 @@ class IndexWriter:
         if not entries:
             return
         self._check_in_place()
-        with stops_held():  # written with numpy too (_commit_chunk)
+        with stops_held(), self._writing_in_place():  # written with numpy too (_commit_chunk)
             for entry in entries:
                 self._write_maps(entry)
                 entry["complete"] = True
