@@ -24,9 +24,9 @@ from worker.geo import WGS84 as LON_LAT
 from worker.geo import MAX_COORDINATE, Area, bbox_to_wgs84, parse_crs, reproject_rings
 from worker.ranking import RANKERS, RankingConfig
 from worker.raster_access import RasterAccess
-from worker.store import (CHUNK_TILES, MANIFEST, IndexProgress, IndexWriter, TileIndex, check_compatible,
+from worker.store import (CHUNK_TILES, IndexProgress, IndexWriter, TileIndex, check_compatible,
                           check_index_folder, check_tokens, read_manifest)
-from worker.store.format import IndexLocked
+from worker.store.format import IndexLocked, holds_an_index
 from worker.tiling import RasterInfo, Tile, TileSettings, disk_state, find_rasters
 
 if TYPE_CHECKING:
@@ -157,7 +157,7 @@ def _settings_of(index_dir: Path) -> dict:
     where a request gives none: extending one built with --bands 1,2,3 --scales 1 by naming the
     new rasters alone was refused as another index's settings."""
     try:
-        return asdict(TileSettings.from_json(read_manifest(index_dir)["tiling"])) if (index_dir / MANIFEST).is_file() else {}
+        return asdict(TileSettings.from_json(read_manifest(index_dir)["tiling"])) if holds_an_index(index_dir) else {}
     except Exception:  # a damaged manifest: the writer says what is wrong with it
         return {}
 
@@ -475,7 +475,7 @@ def search_as_it_is(request: SearchRequest, model: "RetrievalModel", index: Tile
             outcome = None
         if outcome is not None and not index.outdated():
             return outcome
-        if not (index.dir / MANIFEST).is_file():
+        if not holds_an_index(index.dir):
             raise NotFoundError(f"{named} was deleted while this search ran") from None
         if attempt == SEARCH_ATTEMPTS:
             raise IndexLocked(f"{named} changed while each of {SEARCH_ATTEMPTS} searches ran (rasters removed or "

@@ -27,8 +27,8 @@ from worker.service.config import ServiceConfig
 from worker.service.indexes import MANIFEST, OpenIndexes, index_dirs
 from worker.service.jobs import Job, JobManager
 from worker.service.paths import TRASH_PREFIX
-from worker.store.format import (JOB_LOCK, SHARDS, IndexLocked, held_job_lock, index_lock, locked_by_another,
-                                 read_manifest)
+from worker.store.format import (JOB_LOCK, SHARDS, IndexLocked, held_job_lock, holds_an_index, index_lock,
+                                 locked_by_another, read_manifest)
 from worker.store.maps import MAPS
 from worker.store.reader import TileIndex
 from worker.tiling import TileSettings
@@ -98,7 +98,7 @@ class Handlers:
                     raise SearchStopped("listing the next index", "listing the indexes stopped: it ran past the "
                                         "worker's time limit (--search-timeout), or the worker is stopping")
                 status = self.indexes.status(index_dir)
-                if status["error"] is not None and not (index_dir / MANIFEST).is_file():
+                if status["error"] is not None and not holds_an_index(index_dir):
                     continue  # deleted meanwhile (delete_index runs on the loop): not damage
                 running = self.jobs.running_for(index_dir)
                 last = self.jobs.last_for(index_dir)
@@ -149,7 +149,7 @@ class Handlers:
         if locked_by_another(index_dir, JOB_LOCK):
             raise ProtocolError(BUSY, f"index {name!r} has an indexing job queued or running in another worker "
                                       "sharing the index root: wait for it to end, then delete the index")
-        if not (index_dir / MANIFEST).is_file():
+        if not holds_an_index(index_dir):
             raise ProtocolError(NOT_FOUND, f"no index {name!r} in the index root (a folder with {MANIFEST})")
         inner = [paths.index_name(d) for sub in index_dir.iterdir()
                  if sub.is_dir() and not sub.is_symlink() and sub.name not in INDEX_FOLDERS for d in index_dirs(sub)]
@@ -194,7 +194,7 @@ class Handlers:
         running = self.jobs.running_for(index_dir)
         if running is not None:
             return {"job": self.jobs.joined(running, name, request).to_json()}
-        if not (index_dir / MANIFEST).is_file():
+        if not holds_an_index(index_dir):
             raise ProtocolError(NOT_FOUND, f"no index {name!r} in the index root (a folder with {MANIFEST})")
         held = {entry["path"] for entry in read_manifest(index_dir)["rasters"]}
         unknown = [path for path in rasters if path not in held]
@@ -285,7 +285,7 @@ class Handlers:
             return self.indexes.searchable(index_dir)
         except NotFoundError:
             job = self.jobs.running_for(index_dir)
-            if job is None and not (index_dir / MANIFEST).is_file():  # was the command line's "<server path> is not an index"
+            if job is None and not holds_an_index(index_dir):  # was the command line's "<server path> is not an index"
                 raise NotFoundError(f"index {name!r} does not exist (deleted, or never built): list the indexes and "
                                     "choose another, or build it") from None
             if job is None:

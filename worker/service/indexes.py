@@ -22,7 +22,7 @@ from worker.app import check_index, open_index
 from worker.errors import IndexMismatchError, InputError, error_object
 from worker.service.paths import TRASH_PREFIX
 from worker.store import MANIFEST, TILES_LAYER, TileIndex
-from worker.store.format import manifest_stamp
+from worker.store.format import holds_an_index, manifest_stamp
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class OpenIndexes:
         with self._lock:
             self._open.pop(index_dir, None)  # a damaged index is not kept
         index = open_index(index_dir, self.partial_maps_bytes, earlier=cached)
-        if index.stamp is not None and (index_dir / MANIFEST).is_file():  # deleted meanwhile (or before): not kept
+        if index.stamp is not None and holds_an_index(index_dir):  # deleted meanwhile (or before): not kept
             with self._lock:
                 self._open[index_dir] = index
         return index

@@ -18,7 +18,7 @@ from worker.interrupts import stops_held
 from worker.line_drawing import drawing_device
 from worker.errors import InputError, StorageError
 from worker.store.format import (CHUNK_TILES, LOCK, MANIFEST, RECORD_DTYPE, SHARDS, TILES_LAYER, TMP_PREFIX,
-                                 check_compatible, check_index_folder, check_tokens, disk_write, holds_tokens,
+                                 check_compatible, check_index_folder, check_tokens, disk_write, holds_an_index, holds_tokens,
                                  index_lock, manifest_stamp, new_manifest, read_manifest, remove_shards, shard_arrays,
                                  shard_name, write_json_atomic, write_shard)
 from worker.store.gpkg import write_tiles_gpkg
@@ -76,7 +76,7 @@ class IndexWriter:
         check_index_folder(self.dir)  # an index, or a new or empty folder: never one holding other things
         fp = self.model.fingerprint()
         settings = self.settings.to_json()
-        if (self.dir / MANIFEST).is_file():
+        if holds_an_index(self.dir):
             manifest = read_manifest(self.dir)
             check_compatible(manifest, fp, settings, self.dir)
             check_tokens(manifest, tokens, self.dir)
