@@ -63,3 +63,19 @@ def write_raster(path: Path, data: np.ndarray, **profile) -> Path:
     with rasterio.open(path, "w", **base) as dst:
         dst.write(data)
     return path
+
+
+def damaged_near_its_end(folder: Path, assets: dict[str, Path]) -> tuple[Path, bytes]:
+    """rmnp written as deflate tiles, a few near its end overwritten: its first tiles read, later
+    ones (and those of scale 2, which span it) fail. Returns the file and its bytes before."""
+    import rasterio
+
+    with rasterio.open(assets["rmnp_rgb"]) as src:
+        path = write_raster(folder / "damaged.tif", src.read(), crs=src.crs, transform=src.transform, compress="deflate",
+                            tiled=True, blockxsize=64, blockysize=64)
+    whole = path.read_bytes()
+    data = bytearray(whole)
+    start = len(data) * 9 // 10
+    data[start:start + 4_000] = np.random.default_rng(0).integers(0, 256, 4_000, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+    return path, whole

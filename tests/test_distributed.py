@@ -5,13 +5,16 @@ processes), with tiles read and drawn in a pool of processes, and drawn as a GPU
 from __future__ import annotations
 
 import contextlib
+import json
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -20,9 +23,10 @@ import torch
 from worker.app import ModelOptions
 from worker.distributed import Cluster, ClusterChunks, connect
 from worker.drawing_pool import DeviceDrawing, DrawingJob, DrawingPool, drawn_batches
-from worker.errors import InputError
+from worker.errors import InputError, RasterReadError
 from worker.store import IndexWriter, TileIndex
-from worker.store.writer import LocalChunks
+from conftest import damaged_near_its_end
+from worker.store.writer import LocalChunks, UnreadRasters
 from worker.tiling import TileSettings, open_raster, plan_tiles
 
 SETTINGS = TileSettings(tile=128, scales=(1, 2))
@@ -217,7 +221,8 @@ def test_a_gpus_reads_ahead_hand_back_each_chunks_batches_in_order(assets, tmp_p
 
 
 def test_a_raster_damaged_before_a_gpu_reads_it_is_an_input_error(tmp_path, assets):
-    """Saying GDAL's reason, not rasterio's "Read failed. See previous exception for details"."""
+    """Saying GDAL's reason, not rasterio's "Read failed. See previous exception for details";
+    the chunks after it are read still."""
     info = open_raster(assets["osbs_rgb"], None)
     tiles = list(plan_tiles(info, SETTINGS))[:8]
     damaged = tmp_path / "damaged.tif"
@@ -227,8 +232,12 @@ def test_a_raster_damaged_before_a_gpu_reads_it_is_an_input_error(tmp_path, asse
         list(drawn_batches(job, tiles, 4, torch.device("cpu")))
     drawing = DeviceDrawing(torch.device("cpu"))  # read ahead in another thread: the error still comes here
     try:
-        with pytest.raises(InputError, match="damaged.tif"):
-            list(next(drawing.each_job([(job, tiles)], 4)))
+        chunks = drawing.each_job([(job, tiles), (replace(job, raster=info.to_json()), tiles)], 2)
+        with pytest.raises(RasterReadError, match="damaged.tif"):
+            list(next(chunks))
+        # the failed chunk's batches read ahead, and those not yet read, are dropped, and the next
+        # chunk's come whole (a run goes on)
+        assert [n for n, _ in next(chunks)] == [2, 4, 6, 8]
     finally:
         drawing.close()
 
@@ -706,33 +715,43 @@ def test_a_service_job_on_a_local_cluster_equals_one_process_and_publishes_progr
     assert log.count("distributed.scheduler: Register worker") == 2 and "Traceback" not in log
 
 
-def damaged_in_the_middle(folder, assets):
-    """rmnp written as deflate tiles, some in the middle overwritten: its first tiles read, a later one fails."""
-    import rasterio
+@pytest.mark.parametrize("where", ["here", "in a drawing pool", "on a cluster"])
+def test_a_raster_damaged_midway_leaves_its_chunks_out_and_the_run_indexes_the_rest(tmp_path, assets, model,
+                                                                                    cluster, single_process, where):
+    """One damaged file of a mosaic failed the whole run at its first bad block, the rasters after
+    it not indexed (on a cluster too, where the worker's error had come back as a plain
+    Exception). Now the chunks that cannot be read are left out and the run goes on: it ends in
+    one error naming the file and GDAL's reason, what could be read committed and searchable. Once
+    the file is whole again, the next run computes only the chunks left out, to the index an
+    undamaged run makes."""
+    damaged, whole = damaged_near_its_end(tmp_path, assets)
+    computer = {"here": LocalChunks(model, 0), "in a drawing pool": LocalChunks(model, 2),
+                "on a cluster": ClusterChunks(cluster, OPTIONS, model.fingerprint()["tile_encoder"])}[where]
+    out = tmp_path / "index"
+    with pytest.raises(UnreadRasters, match=r"^1 of the run's 2 rasters could not be read whole: .*damaged.tif: "
+                                            r"cannot read window .*\((\d+) of (\d+) chunks left out\)") as failed:
+        # batches of 4: the pool has read a failed chunk's later batches ahead, and drops them
+        IndexWriter(out, model, SETTINGS, CHUNK).build([damaged, assets["osbs_rgb"]], computer=computer, batch_size=4)
+    left_out, chunks = map(int, re.search(r"\((\d+) of (\d+) chunks left out", str(failed.value)).groups())
+    assert 0 < left_out < chunks and failed.value.paths == (str(damaged),)
+    index = TileIndex.open(out)
+    done = {r["path"]: r["complete"] for r in index.info()["rasters"]}
+    assert done == {str(damaged): False, str(assets["osbs_rgb"]): True}
+    manifest = json.loads((out / "manifest.json").read_text())
+    kept = [s for s in manifest["shards"] if s["raster_id"] == 0]
+    assert len(kept) == chunks - left_out  # the damaged file's readable chunks, searchable
+    tiles_left_out = manifest["rasters"][0]["tiles_total"] - sum(s["count"] + s["skipped"] for s in kept)
+    assert (index.records["raster_id"] == 1).sum() == (single_process.records["raster_id"] == 1).sum() > 0
 
-    from conftest import write_raster
-
-    with rasterio.open(assets["rmnp_rgb"]) as src:
-        path = write_raster(folder / "damaged.tif", src.read(), crs=src.crs, transform=src.transform, compress="deflate",
-                            tiled=True, blockxsize=64, blockysize=64)
-    data = bytearray(path.read_bytes())
-    middle = len(data) // 2
-    data[middle:middle + 40_000] = np.random.default_rng(0).integers(0, 256, 40_000, dtype=np.uint8).tobytes()
-    path.write_bytes(bytes(data))
-    return path
-
-
-def test_a_raster_a_cluster_worker_cannot_read_is_an_input_error_as_here(tmp_path, assets, model, cluster):
-    """The worker's InputError came back as a plain Exception (its cause, rasterio's error, cannot
-    be unpickled): a traceback to the user, `internal` in the service. It is the same error a run
-    here gives."""
-    damaged = damaged_in_the_middle(tmp_path, assets)
-    with pytest.raises(InputError, match="damaged.tif") as here:
-        IndexWriter(tmp_path / "here", model, SETTINGS, CHUNK).build([damaged])
-    chunks = ClusterChunks(cluster, OPTIONS, model.fingerprint()["tile_encoder"])
-    with pytest.raises(InputError, match="damaged.tif") as there:
-        IndexWriter(tmp_path / "there", model, SETTINGS, CHUNK).build([damaged], computer=chunks)
-    assert type(there.value) is InputError and "cannot read" in str(here.value) and "cannot read" in str(there.value)
+    stat = damaged.stat()
+    damaged.write_bytes(whole)  # repaired in place: the same file to the index (size and time)
+    os.utime(damaged, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    computed = []
+    IndexWriter(out, model, SETTINGS, CHUNK).build([damaged, assets["osbs_rgb"]], progress=computed.append)
+    # only the chunks left out were computed again: those read before were done from the start
+    assert computed[0].tiles_done == computed[0].tiles_total - tiles_left_out
+    IndexWriter(tmp_path / "undamaged", model, SETTINGS, CHUNK).build([damaged, assets["osbs_rgb"]])
+    assert_same_index(TileIndex.open(out), TileIndex.open(tmp_path / "undamaged"))
 
 
 def test_a_raster_another_file_on_a_cluster_worker_is_refused_not_indexed(tmp_path, assets, model, cluster):

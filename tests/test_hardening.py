@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import threading
@@ -18,6 +19,7 @@ import rasterio
 import zmq
 from rasterio.windows import Window
 
+from conftest import damaged_near_its_end
 from lab.worker_process import WorkerProcess, memory_mb, wait_job
 from test_service import sketch_png
 from wire import errors as codes
@@ -393,6 +395,32 @@ def test_5b_a_job_that_fails_before_its_first_commit_leaves_no_folder(served, tr
     finally:
         junk.unlink()
         shutil.rmtree(served.index_root / "junk", ignore_errors=True)
+
+
+def test_5e_a_damaged_file_of_a_mosaic_fails_its_job_naming_it_and_the_rest_is_searched(served, tree, assets):
+    """A file with a damaged block failed its job at the first tile over it, the files after it
+    not indexed, and the message said nothing of what was kept. Now the job indexes all it can
+    and fails naming the file and GDAL's reason; a search of the index finds the other file's
+    places and says the damaged one was not searched whole."""
+    damaged, _ = damaged_near_its_end(tree / "rasters", assets)
+    try:
+        with served.client() as c:
+            job = wait_job(c, c.start_index("damaged", [str(damaged), str(tree / "rasters" / "tiny.tif")],
+                                            chunk_tiles=8, **TILE)["id"])
+            assert job["state"] == states.FAILED and job["error"]["code"] == codes.BAD_INPUT, job
+            message = job["error"]["message"]
+            assert re.match(r"1 of the run's 2 rasters could not be read whole: \S*damaged.tif: cannot read window .*"
+                            r"\(\d+ of \d+ chunks left out\)\. What could be read is indexed and searchable", message)
+            reply = c.search("damaged", sketch_png(), top=20)
+        listed = {h["properties"]["raster"] for h in reply["hits"]["features"]}
+        assert str(tree / "rasters" / "tiny.tif") in listed
+        # searched in part, or left out once a hit's verification met the damaged block: said either way
+        said = [p["raster"] for p in reply["partly_indexed"]] + [r["raster"] for r in reply["left_out"]]
+        assert said == [str(damaged)], json.dumps({k: v for k, v in reply.items() if k != "hits"})
+    finally:
+        damaged.unlink()
+        shutil.rmtree(served.index_root / "damaged", ignore_errors=True)
+
 
 # -- 6 and 7. a flood: bounded queue and memory, timeouts that free their thread -------------
 def test_6_7_a_flood_is_bounded_and_a_timed_out_search_frees_its_thread(served, tree):

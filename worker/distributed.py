@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 from wire.protocol import excerpt
-from worker.errors import InputError
+from worker.errors import InputError, RasterReadError
 from worker.interrupts import children_deaf_to_ctrl_c, ctrl_c_ignored, stops_held
 from worker.local_cluster_worker import closed_comms_without_traceback
 from worker.store.writer import ChunkJob, ChunkResult, compute_chunk
@@ -351,10 +351,11 @@ def load_models(client, options: "ModelOptions") -> None:
 def compute_on_worker(options: "ModelOptions", encoder: dict, job: ChunkJob, settings: TileSettings,
                       batch_size: int, fingerprint: str | None) -> ChunkResult | InputError:
     """One chunk, computed on a cluster's worker with its own copy of the model; or its InputError
-    (a raster the worker cannot open or read, or reads another file than `fingerprint` says,
-    another model), returned, not raised: raised, Dask computed the chunk twice more to the same
-    end (TASK_RETRIES), and sent it back as a plain Exception, its cause (rasterio's error) being
-    one it cannot unpickle. The driver raises it."""
+    (a raster's tiles it cannot read, a raster it cannot find or reads as another file than
+    `fingerprint` says, another model), returned, not raised: raised, Dask computed the chunk
+    twice more to the same end (TASK_RETRIES), and sent it back as a plain Exception, its cause
+    (rasterio's error) being one it cannot unpickle. The driver raises it, or leaves the chunk
+    out when its tiles could not be read (RasterReadError: worker.store.writer)."""
     try:
         _check_same_file(job.raster["path"], fingerprint)
         model = _model_of(options)
@@ -362,6 +363,8 @@ def compute_on_worker(options: "ModelOptions", encoder: dict, job: ChunkJob, set
             raise InputError(f"a cluster worker ({_worker_name()}) runs another model than the index's: install the "
                              "same code and weights on every worker")
         result = compute_chunk(model, job, settings, batch_size)
+    except RasterReadError as exc:  # its chunk left out, the run going on (worker.store.writer)
+        return RasterReadError(exc.path, str(exc))  # returned bare: no cause or context travels with it
     except InputError as exc:
         bare = InputError(str(exc))  # returned, never raised here: no cause or context travels with it
         bare.code = exc.code
@@ -409,7 +412,7 @@ class ClusterChunks:
         self._asking: threading.Thread | None = None
 
     def run(self, jobs: list[ChunkJob], settings: TileSettings, batch_size: int, should_stop: Callable[[], bool],
-            batch_done: Callable[[int, str], None]) -> Iterator[tuple[ChunkJob, ChunkResult | None]]:
+            batch_done: Callable[[int, str], None]) -> Iterator[tuple[ChunkJob, ChunkResult | RasterReadError | None]]:
         from distributed import as_completed
         from distributed.comm import CommClosedError
 
@@ -495,8 +498,9 @@ class ClusterChunks:
                           f"{SCHEDULER_SILENT_S:.0f} s (stopped, overloaded, or its machine unreachable): committed "
                           "chunks are kept; run the job again once it answers")
 
-    def _result(self, future, job: ChunkJob) -> ChunkResult:
-        """A finished chunk's arrays; InputError, naming the chunk, where its workers failed."""
+    def _result(self, future, job: ChunkJob) -> ChunkResult | RasterReadError:
+        """A finished chunk's arrays, or the RasterReadError that left it out; InputError, naming
+        the chunk, where its workers failed otherwise."""
         from distributed import KilledWorker
         from distributed.comm import CommClosedError
 
@@ -517,7 +521,8 @@ class ClusterChunks:
             raise InputError(f"a cluster worker failed computing {where}: {excerpt(str(exc) or type(exc).__name__)}; "
                              "every worker and the scheduler need this code importable (PYTHONPATH) and the rasters "
                              "at the same paths; committed chunks are kept") from None
-        if isinstance(result, InputError):  # the worker's: a raster it cannot read, another model
+        # the worker's: another model, a raster it cannot find or finds as another file than the driver's
+        if isinstance(result, InputError) and not isinstance(result, RasterReadError):
             raise result
         return result
 

@@ -176,10 +176,13 @@ def batches_ahead(executor: Executor, task: Callable[[DrawingJob, Sequence[Tile]
     each of its batches, the tasks run by `executor` at most `ahead` at once, across the ends of
     jobs, and handed back in order. Later jobs' batches are submitted while earlier ones are
     handed back, so each job's batches must be taken to the end before the next job's: a job's
-    iterator used while an earlier one's batches wait raises, rather than hand back nothing."""
+    iterator used while an earlier one's batches wait raises, rather than hand back nothing.
+    A batch that raised ends its job: its iterator raises that error, and the job's other
+    batches are dropped (a raster's damaged block fails its chunk, not the chunks after it)."""
     tasks = ((j, tiles, job, start) for j, (job, tiles) in enumerate(work)
              for start in range(0, len(tiles), batch_size))
     queue: deque[tuple[int, int, Future]] = deque()  # job number, tiles done with this batch, result
+    failed: set[int] = set()  # jobs a batch of which raised
 
     def fill() -> None:
         while len(queue) < ahead:
@@ -187,8 +190,15 @@ def batches_ahead(executor: Executor, task: Callable[[DrawingJob, Sequence[Tile]
             if next_task is None:
                 return
             j, tiles, job, start = next_task
-            part = tiles[start:start + batch_size]
-            queue.append((j, start + len(part), executor.submit(task, job, part)))
+            if j not in failed:
+                part = tiles[start:start + batch_size]
+                queue.append((j, start + len(part), executor.submit(task, job, part)))
+
+    def drop(j: int) -> None:
+        failed.add(j)
+        for entry in [entry for entry in queue if entry[0] == j]:
+            entry[2].cancel()
+            queue.remove(entry)
 
     def batches_of(j: int) -> Iterator[tuple[int, T]]:
         while True:
@@ -198,7 +208,12 @@ def batches_ahead(executor: Executor, task: Callable[[DrawingJob, Sequence[Tile]
             if not queue or queue[0][0] != j:
                 return
             _, done, future = queue.popleft()
-            yield done, future.result()
+            try:
+                result = future.result()
+            except BaseException:
+                drop(j)
+                raise
+            yield done, result
 
     for j in itertools.count():
         yield batches_of(j)

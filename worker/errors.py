@@ -103,6 +103,21 @@ class RasterUnreadable(InputError):
         self.path, self.reason = path, reason
 
 
+class RasterReadError(InputError):
+    """Tiles of a raster that cannot be read while it is indexed: a damaged block, a file cut
+    short, gone or unplugged since the run opened it. The run leaves that chunk out, indexes the
+    others, and says so at its end (worker.store.writer.UnreadRasters); the next run tries the
+    chunk again. Pickled by its two arguments: it comes back from drawing processes and cluster
+    workers."""
+
+    def __init__(self, path: str, message: str):
+        super().__init__(message)
+        self.path = path
+
+    def __reduce__(self):
+        return type(self), (self.path, str(self))
+
+
 class StorageError(InputError):
     """The disk refused a write (full, read-only, failing) or a read (failing): the operator frees
     space or fixes it."""

@@ -32,7 +32,7 @@ from scipy import ndimage
 from shapely.geometry import Polygon
 
 from wire.protocol import MAX_TILE, MIN_TILE, excerpt
-from worker.errors import InputError
+from worker.errors import InputError, RasterReadError
 from worker.raster_access import DRIVER_PREFIX, RasterAccess, is_vrt, source_path, vrt_sources
 
 log = logging.getLogger(__name__)
@@ -724,10 +724,10 @@ def gdal_reason(exc: BaseException) -> str:
     return str(reason)
 
 
-def unopenable(path: str, exc: Exception) -> InputError:
+def unopenable(path: str, exc: Exception) -> RasterReadError:
     """The error of a raster that cannot be opened to read its tiles: opened when a run planned
     it, it may be gone or damaged by the time its tiles are read."""
-    return InputError(f"{path}: cannot open it to read tiles ({gdal_reason(exc)})")
+    return RasterReadError(path, f"{path}: cannot open it to read tiles ({gdal_reason(exc)})")
 
 
 @dataclass
@@ -764,7 +764,8 @@ def read_tile(src: rasterio.DatasetReader, raster: RasterInfo, tile: Tile, tile_
         data = src.read(raster.read_bands, window=tile.window, out_shape=out_shape,
                         resampling=resampling_for(raster, tile.scale > 1), masked=True, boundless=not inside)
     except RasterioIOError as exc:
-        raise InputError(f"{raster.path}: cannot read window {tile.window} ({gdal_reason(exc)})") from exc
+        raise RasterReadError(raster.path, f"{raster.path}: cannot read window {tile.window} "
+                                           f"({gdal_reason(exc)})") from exc
     return natural_colour(data, raster)
 
 

@@ -16,7 +16,7 @@ from worker import level_maps
 from worker.geo import bounds_wgs84
 from worker.interrupts import stops_held
 from worker.line_drawing import drawing_device
-from worker.errors import InputError, StorageError
+from worker.errors import InputError, RasterReadError, StorageError
 from worker.store.format import (CHUNK_TILES, LOCK, MANIFEST, RECORD_DTYPE, SHARDS, TILES_LAYER, TMP_PREFIX,
                                  check_compatible, check_index_folder, check_tokens, disk_write, holds_an_index, holds_tokens,
                                  index_lock, manifest_stamp, new_manifest, read_manifest, remove_shards, shard_arrays,
@@ -274,9 +274,12 @@ class IndexWriter:
         """Index every raster not yet (fully) indexed; returns the manifest.
 
         `should_stop` is polled between batches: returning True stops after the last commit
-        (cancel), leaving a resumable index. `drivers` limits the GDAL drivers that may read
-        the rasters (a service client's request). `computer` computes the chunks (default: here,
-        one after another; worker.distributed: on a cluster); this writer alone commits them.
+        (cancel), leaving a resumable index. A chunk whose tiles cannot be read (RasterReadError:
+        a damaged block, a file gone meanwhile) is left out and the others computed: the run then
+        ends in UnreadRasters, everything else committed, and the next run tries it again.
+        `drivers` limits the GDAL drivers that may read the rasters (a service client's request).
+        `computer` computes the chunks (default: here, one after another; worker.distributed: on a
+        cluster); this writer alone commits them.
         """
         computer = computer or LocalChunks(self.model)
         # bad input refused up front, before a new index's folder is made: a refused run left one behind
@@ -330,12 +333,22 @@ class IndexWriter:
             if jobs:  # the run's size before its first tile: a cluster's first chunk of 256 takes a minute or so
                 report(done, jobs[0].raster["path"])
             stopped = False
+            unread: dict[int, tuple[RasterReadError, int]] = {}  # by raster id: its first read error, chunks left out
             try:
                 for job, result in computer.run(jobs, self.settings, batch_size, should_stop, batch_done):
                     if result is None:  # stopped: what was computed is committed below
                         stopped = True
                         break
                     entry = entries[job.raster_id]
+                    if isinstance(result, RasterReadError):  # left for the next run; the raster stays incomplete
+                        first, left_out = unread.get(job.raster_id, (None, 0))
+                        if first is None:  # said once a raster: a file gone fails each of its chunks
+                            log.warning("%s; the run goes on without that chunk", result)
+                            first = result.with_traceback(None)  # not the frames (and arrays) it was raised in
+                        unread[job.raster_id] = (first, left_out + 1)
+                        done += job.count
+                        report(done, entry["path"])
+                        continue
                     self._commit_chunk(entry, job.chunk, job.count, result)
                     skipped_total += result.skipped
                     remaining[job.raster_id] -= 1
@@ -353,6 +366,10 @@ class IndexWriter:
                 return self.manifest
             with disk_write(self.dir / TILES_LAYER):
                 write_tiles_gpkg(self.dir)
+            if unread:
+                chunks = {e["id"]: -(-(e["tiles_total"] or 0) // self.chunk_tiles) for e, _ in plans}
+                raise UnreadRasters([(entries[i]["path"], left_out, chunks[i], first)
+                                     for i, (first, left_out) in unread.items()], len(plans))
             return self.manifest
 
     def _mark_complete(self, entries: list[dict], commit: bool = True) -> None:
@@ -380,6 +397,30 @@ class IndexWriter:
                                             "count": tiles - result.skipped, "skipped": result.skipped})
             entry["tiles_skipped"] += result.skipped  # with its shard: a stop held till here commits both
             self._uncommitted = True
+
+
+MAX_UNREAD_SAID = 5  # a run's unread rasters named in its one line; the rest counted
+
+
+class UnreadRasters(InputError):
+    """A run that indexed all it could, but not every chunk of some rasters: their tiles could
+    not be read (RasterReadError). What was read is committed and searchable; those rasters stay
+    partly indexed until a run reads them whole. A file repaired or replaced since is changed to
+    the index, and indexed anew (worker.tiling.changed_since); one unchanged, as after a passing
+    network error, keeps the chunks read."""
+
+    def __init__(self, unread: list[tuple[str, int, int, RasterReadError]], rasters: int):
+        """`unread`: (path, chunks left out, its chunks, the first of their errors) per raster."""
+        said = [f"{error} ({left} of {chunks} chunks left out)" for _, left, chunks, error in unread]
+        named = said[0] if len(said) == 1 else "; ".join(f"({n}) {s}" for n, s in enumerate(said[:MAX_UNREAD_SAID], 1))
+        more = f"; and {len(unread) - MAX_UNREAD_SAID} more" if len(unread) > MAX_UNREAD_SAID else ""
+        which = "the run's raster" if rasters == 1 else f"{len(unread)} of the run's {rasters} rasters"
+        it, the_file = ("it", "the file") if len(unread) == 1 else ("them", "the files")
+        super().__init__(f"{which} could not be read whole: {named}{more}. What could be read is indexed and "
+                         f"searchable. Index {it} again once {the_file} can be read (a file repaired or replaced "
+                         f"since is indexed anew, one unchanged keeps the chunks read), or take {it} out of the "
+                         "index (on the worker's machine: python -m worker remove INDEX RASTER)")
+        self.paths = tuple(path for path, *_ in unread)
 
 
 @dataclass(frozen=True)
@@ -411,8 +452,9 @@ class ChunkResult:
 
 class ChunkComputer(Protocol):
     def run(self, jobs: list[ChunkJob], settings: TileSettings, batch_size: int, should_stop: Callable[[], bool],
-            batch_done: Callable[[int, str], None]) -> Iterator[tuple[ChunkJob, ChunkResult | None]]:
-        """Yield each job with its result, in any order; a None result means stop now."""
+            batch_done: Callable[[int, str], None]) -> Iterator[tuple[ChunkJob, ChunkResult | RasterReadError | None]]:
+        """Yield each job with its result, in any order, or the RasterReadError that left it out
+        (the other jobs still computed); a None result means stop now."""
 
 
 class LocalChunks:
@@ -444,8 +486,12 @@ class LocalChunks:
                 if should_stop():
                     yield job, None
                     return
-                result = compute_chunk(self.model, job, settings, batch_size, should_stop,
-                                       lambda n, _path=job.raster["path"]: batch_done(n, _path), batches)
+                try:
+                    result = compute_chunk(self.model, job, settings, batch_size, should_stop,
+                                           lambda n, _path=job.raster["path"]: batch_done(n, _path), batches)
+                except RasterReadError as exc:
+                    yield job, exc
+                    continue
                 yield job, result
                 if result is None:
                     return
