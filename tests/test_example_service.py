@@ -133,6 +133,11 @@ def test_the_command_line_searches_by_example(worker, rasters, tmp_path):
     assert not all(h.intersects(within) for h in anywhere), "the area changed what was found"
     result = run("--sketch", str(out), "--area", half, "--out", str(tmp_path / "other.geojson"))
     assert result.returncode == 2 and "a sketch search's is --bbox" in result.stderr
+    # an example search's area that cannot be, named as given (--area), not as the example's --bbox
+    result = run("--example", str(rasters / "rmnp-rgb.tif"), "--bbox", bbox, "--area", "100,100,200,200",
+                 "--out", str(tmp_path / "other.geojson"))
+    assert result.returncode == 2 and "error: --area [100.0, 100.0, 200.0, 200.0] lies wholly past a pole" in \
+        result.stderr and "(--area-crs)" in result.stderr, result.stderr
     result = run("--example", str(rasters / "rmnp-rgb.tif"), "--bbox", "10,10,11,11", "--out", str(out))
     assert result.returncode == 2 and "lies outside" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     result = run("--example", str(rasters / "rmnp-rgb.tif"), "--out", str(out))

@@ -21,7 +21,7 @@ from worker import ann
 from worker.cancellation import StopCheck, raise_if_stopped, stop_when
 from worker.errors import CorruptIndexError, InputError, NotFoundError
 from worker.geo import WGS84 as LON_LAT
-from worker.geo import MAX_COORDINATE, Area, bbox_to_wgs84, parse_crs, reproject_rings
+from worker.geo import BBOX_NAMES, MAX_COORDINATE, Area, bbox_to_wgs84, parse_crs, reproject_rings
 from worker.ranking import RANKERS, RankingConfig
 from worker.raster_access import RasterAccess
 from worker.store import (CHUNK_TILES, IndexProgress, IndexWriter, TileIndex, check_compatible,
@@ -361,6 +361,8 @@ class SearchRequest:
     example: "Example | None" = None  # a place as the query, instead of a sketch (worker.example_query)
     feedback: "Feedback | None" = None  # hits marked good and bad (worker.feedback)
     access: RasterAccess = field(default_factory=RasterAccess)  # which rasters an example may be read from
+    # the search area's and its CRS's names in errors: an example search's is `--area` on the command line
+    bbox_names: tuple[str, str] = field(default=BBOX_NAMES, compare=False, repr=False)
     out_crs: CRS = field(init=False, repr=False, compare=False)
     ranking: RankingConfig = field(init=False, repr=False, compare=False)
     area_wgs84: Area | None = field(init=False, repr=False, compare=False)
@@ -378,12 +380,13 @@ class SearchRequest:
         if self.ranker not in RANKERS:
             raise InputError(f"ranker {excerpt(self.ranker)} must be one of {', '.join(RANKERS)}")
         if self.bbox is not None and (len(self.bbox) != 4 or not all(abs(float(v)) < MAX_COORDINATE for v in self.bbox)):
-            raise InputError(f"bbox {excerpt(list(self.bbox))}: expected MINX,MINY,MAXX,MAXY within "
+            raise InputError(f"{self.bbox_names[0]} {excerpt(list(self.bbox))}: expected MINX,MINY,MAXX,MAXY within "
                              f"+-{MAX_COORDINATE:g}")
         object.__setattr__(self, "out_crs", parse_crs(self.crs))
         object.__setattr__(self, "ranking", RankingConfig(ranker=self.ranker, token_weight=float(self.token_weight),
                                                           shortlist=max(self.top, self.shortlist), ann=self.ann))
-        area = bbox_to_wgs84(tuple(float(v) for v in self.bbox), parse_crs(self.bbox_crs)) if self.bbox else None
+        area = (bbox_to_wgs84(tuple(float(v) for v in self.bbox), parse_crs(self.bbox_crs), self.bbox_names)
+                if self.bbox else None)
         object.__setattr__(self, "area_wgs84", area)
 
 

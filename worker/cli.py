@@ -137,6 +137,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         if crs is not None and not box:  # a CRS alone was ignored unsaid
             raise InputError(f"--{named}-crs is the CRS of --{named}, which is not given: give both, or neither")
     example, area, area_crs = None, _floats(args.bbox, 4, "--bbox") if args.bbox else None, args.bbox_crs
+    area_names = ("--bbox", "--bbox-crs")
     if args.example is not None:
         from worker.example_query import Example
 
@@ -144,6 +145,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             raise InputError("--example needs --bbox MINX,MINY,MAXX,MAXY: the place's box (in --bbox-crs)")
         example = Example(args.example, area, args.bbox_crs or SearchRequest.bbox_crs)
         area, area_crs = (_floats(args.area, 4, "--area") if args.area else None), args.area_crs
+        area_names = ("--area", "--area-crs")
     elif args.sketch is None:
         raise InputError("give --sketch SKETCH.png, or --example RASTER with --bbox (a place to find more of)")
     elif args.area:
@@ -156,7 +158,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     request = SearchRequest(args.sketch, example=example, feedback=feedback, top=args.top, shortlist=args.shortlist, max_overlap=args.max_overlap,
                             crs=args.crs, bbox=area,
                             bbox_crs=area_crs or SearchRequest.bbox_crs, crop_to_ink=args.crop_to_ink, ranker=args.ranker,
-                            token_weight=args.token_weight, ann=args.ann)
+                            token_weight=args.token_weight, ann=args.ann, bbox_names=area_names)
     model = model_options(args).load()
     check_index(index, model)
 

@@ -418,21 +418,25 @@ def bounds_wgs84(items: list) -> np.ndarray:
     return np.array([p.bounds for p in reproject_rings(items, WGS84)])
 
 
-def bbox_to_wgs84(bbox: tuple[float, float, float, float], crs: CRS) -> Area:
+BBOX_NAMES = ("bbox", "bbox_crs")  # a search area's and its CRS's names in errors: the protocol's
+
+
+def bbox_to_wgs84(bbox: tuple[float, float, float, float], crs: CRS, names: tuple[str, str] = BBOX_NAMES) -> Area:
     """A query box in any CRS as a densified WGS84 polygon with its copies a world to either side
     (with_world_copies): a box across the antimeridian (a map view over the Pacific) is drawn
-    whole, its x past 180 degrees, and each footprint meets the copy where it lies."""
+    whole, its x past 180 degrees, and each footprint meets the copy where it lies. `names`:
+    the box's and its CRS's, as the user gave them (an example search's area is `--area`)."""
     minx, miny, maxx, maxy = bbox
     if not (minx < maxx and miny < maxy):
         across = " (a box across 180 degrees: its east past 180, as 179.5,-18,180.5,-16)" if crs.is_geographic else ""
-        raise InputError(f"bbox {list(bbox)} is empty: expected MINX,MINY,MAXX,MAXY with min < max{across}")
+        raise InputError(f"{names[0]} {list(bbox)} is empty: expected MINX,MINY,MAXX,MAXY with min < max{across}")
     if is_lon_lat_degrees(crs) and (miny >= 90 or maxy <= -90):  # nothing on Earth: it found nothing, silently
-        raise InputError(f"bbox {excerpt(list(bbox))} lies wholly past a pole in {crs} (latitudes beyond 90 degrees): "
-                         "are these projected coordinates? Name their CRS (bbox_crs, --bbox-crs)")
+        raise InputError(f"{names[0]} {excerpt(list(bbox))} lies wholly past a pole in {crs} (latitudes beyond 90 "
+                         f"degrees): are these projected coordinates? Name their CRS ({names[1]})")
     world = _world(crs.to_wkt())
     if world is not None and maxx - minx >= world[0]:  # a map zoomed out to the whole world or more
         band = _latitude_band(bbox, crs, world[1])
-        return band if band is not None else _on_earth_bounds(bbox, crs)
+        return band if band is not None else _on_earth_bounds(bbox, crs, names[0])
     ring = np.asarray(shapely.segmentize(box(*bbox), max((maxx - minx), (maxy - miny)) / 16).exterior.coords)
     if crs == WGS84:
         area = _ring_area(ring[:, 0], ring[:, 1])
@@ -444,7 +448,7 @@ def bbox_to_wgs84(bbox: tuple[float, float, float, float], crs: CRS) -> Area:
     # Round a pole, or past where the CRS is defined (a view zoomed out past a Mollweide world's
     # outline, or far from a UTM zone), the ring does not close, is lost, or folds over: the lon/lat
     # bounds of what of the box lies on Earth instead, every longitude when it wraps.
-    return _on_earth_bounds(bbox, crs)
+    return _on_earth_bounds(bbox, crs, names[0])
 
 
 def _ring_area(xs: np.ndarray, ys: np.ndarray) -> Area | None:
@@ -514,14 +518,14 @@ def _within_the_world(lon):
 ON_EARTH_GRID = 33  # points a side of the grid that finds the part of a box on Earth
 
 
-def _on_earth_bounds(bbox: tuple[float, float, float, float], crs: CRS) -> Polygon:
+def _on_earth_bounds(bbox: tuple[float, float, float, float], crs: CRS, name: str) -> Polygon:
     """The lon/lat box round the points of a grid over `bbox` that are on Earth in `crs`, with
     the poles the box holds; every longitude when they span more than half the world (a box
     across 180 so, or one round a pole). InputError when none is."""
     gx, gy = np.meshgrid(np.linspace(bbox[0], bbox[2], ON_EARTH_GRID), np.linspace(bbox[1], bbox[3], ON_EARTH_GRID))
     lons, lats, ok = _on_earth(crs, gx.ravel(), gy.ravel())
     if not ok.any():
-        raise InputError(f"bbox {excerpt(list(bbox))} in {crs} lies wholly past where that CRS places points on "
+        raise InputError(f"{name} {excerpt(list(bbox))} in {crs} lies wholly past where that CRS places points on "
                          "Earth: give a box of the map's own area, or in another CRS")
     lons = _within_the_world(lons[ok])
     west, east, south, north = lons.min(), lons.max(), lats[ok].min(), lats[ok].max()
