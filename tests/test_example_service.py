@@ -142,6 +142,13 @@ def test_the_command_line_searches_by_example(worker, rasters, tmp_path):
     assert result.returncode == 2 and "lies outside" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     result = run("--example", str(rasters / "rmnp-rgb.tif"), "--out", str(out))
     assert result.returncode == 2 and "--bbox" in result.stderr
+    with rasterio.open(rasters / "rmnp-rgb.tif") as src:  # an example cut from a raster without a CRS
+        profile = {k: v for k, v in src.profile.items() if k != "crs"}
+        with rasterio.open(tmp_path / "no-crs.tif", "w", **profile) as dst:
+            dst.write(src.read())
+    result = run("--example", str(tmp_path / "no-crs.tif"), "--bbox", "10,10,100,100", "--out", str(out))
+    assert result.returncode == 2 and "has no CRS" in result.stderr and "gdal_edit.py" in result.stderr
+    assert "index" not in result.stderr, "told to index it again, which an example search does not"
     for alone in (["--example", str(rasters / "rmnp-rgb.tif"), "--bbox", bbox, "--area-crs", "EPSG:32613"],
                   ["--sketch", str(out), "--bbox-crs", "EPSG:32613"]):  # a CRS without its box was ignored unsaid
         result = run(*alone, "--out", str(tmp_path / "other.geojson"))

@@ -487,10 +487,11 @@ def open_raster(path: Path, bands: tuple[int, ...] | None, drivers: tuple[str, .
         if src.transform.is_identity and (src.gcps[0] or src.rpcs):  # a scene as delivered, not yet on a map grid
             raise InputError(f"{path}: placed by {'ground control points' if src.gcps[0] else 'RPCs'}, not on a map "
                              "grid; warp it first (gdalwarp -t_srs EPSG:XXXX"
-                             f"{' -rpc' if not src.gcps[0] else ''} in.tif out.tif) and index the result")
+                             f"{' -rpc' if not src.gcps[0] else ''} in.tif out.tif) and use the result")
         if src.crs is None or not src.crs.to_wkt():
-            raise InputError(f"{path}: has no CRS, so hits could not be placed on a map; assign one "
-                             "(e.g. gdal_edit.py -a_srs EPSG:XXXX) and index it again")
+            # said to an example search too: not "index it again"
+            raise InputError(f"{path}: has no CRS, so its places cannot be put on a map; assign one "
+                             "(e.g. gdal_edit.py -a_srs EPSG:XXXX) and use it again")
         if src.transform.is_identity:
             raise InputError(f"{path}: has no geotransform (pixel grid not georeferenced)")
         _check_north_up(path, src.transform, src.crs)
