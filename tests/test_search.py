@@ -595,6 +595,25 @@ def test_a_search_area_where_nothing_is_found_is_said_on_the_command_line(tmp_pa
     assert "warning: no places found in the --bbox area (EPSG:4326, x or longitude first)" in result.stderr, result.stderr
 
 
+def test_fewer_hits_than_asked_are_said_on_the_command_line_with_what_finds_more(tmp_path, s2_index):
+    """--top 50 with --shortlist 5 wrote 16 hits, exit 0 and no word: overlap removal had left no
+    more of the candidates. A larger shortlist, which the warning names, finds the 50."""
+    index = TileIndex.open(s2_index)
+    sketch = tmp_path / "sketch.png"
+    pseudo_sketch(_tile_image(index, 3), "canny").save(sketch)
+    out = tmp_path / "h.geojson"
+    few = run_cli("search", s2_index, "--sketch", sketch, "--out", out, "--top", "50", "--shortlist", "5",
+                  "--sketch-modules", "none")
+    found = len(json.loads(out.read_text())["features"])
+    assert few.returncode == 0 and 0 < found < 50, few.stderr
+    assert f"warning: {found} hits, fewer than --top 50: no more of the 50 candidates re-ranked" in few.stderr, few.stderr
+    assert "a larger --shortlist may find more" in few.stderr
+    more = run_cli("search", s2_index, "--sketch", sketch, "--out", out, "--top", "50", "--shortlist", "1000",
+                   "--sketch-modules", "none")
+    assert more.returncode == 0 and len(json.loads(out.read_text())["features"]) == 50, more.stderr
+    assert "fewer than --top" not in more.stderr
+
+
 def test_cli_search_writes_geojson_and_preview(tmp_path, s2_index, assets):
     index = TileIndex.open(s2_index)
     sketch = tmp_path / "sketch.png"
