@@ -100,6 +100,11 @@ WITHOUT_TILES = ("no tile with enough data to search (nodata, or smaller than a 
                  "size takes those)")
 
 
+def without_tiles_said(paths: Optional[list]) -> str:
+    """A job's `without_tiles` rasters, named for a one-line message ("" when it has none)."""
+    return f"{len(paths)} raster(s) with {WITHOUT_TILES}: {_names([{'raster': p} for p in paths])}" if paths else ""
+
+
 def _job_ended(job: dict) -> tuple:
     """What the message bar says of an ended job (an indexing run or a removal), and how loud."""
     what = "Removing rasters" if job.get("kind") == "remove" else "Indexing"
@@ -107,11 +112,9 @@ def _job_ended(job: dict) -> tuple:
         return f"{what} failed: {job['error']['message']}", Qgis.Critical
     level = Qgis.Success if job["state"] == states.DONE else Qgis.Info
     if job.get("kind") != "remove":
-        said, empty = f"Indexing {job['state']}: {job['tiles_done']} tiles.", job.get("without_tiles") or []
-        if not empty:
-            return said, level
+        said, empty = f"Indexing {job['state']}: {job['tiles_done']} tiles.", without_tiles_said(job.get("without_tiles"))
         # indexed, and yet a search finds nothing of them
-        return f"{said} {len(empty)} raster(s) with {WITHOUT_TILES}: {_names([{'raster': p} for p in empty])}", Qgis.Warning
+        return (f"{said} {empty}", Qgis.Warning) if empty else (said, level)
     if job["state"] == states.DONE:
         return f"Removed {len(job['removed'])} raster(s) from “{job['index']}”.", level
     return f"{what} {job['state']}.", level

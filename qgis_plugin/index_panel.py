@@ -14,7 +14,7 @@ from qgis.PyQt.QtWidgets import (QAbstractItemView, QDoubleSpinBox, QFormLayout,
                                  QWidget)
 
 from .widgets import add_button
-from .controller import SearchController
+from .controller import SearchController, without_tiles_said
 from .raster_layers import NOT_A_FILE, raster_file
 from .raster_removal import RasterRemovalDialog
 from .user_requests import IndexBuild, Tiling
@@ -114,8 +114,9 @@ def how_left(item: dict) -> str:
         return f"{name}: indexing could not go on: {last['error']['message']}"
     if item.get("reason"):
         return f"{name}: {item['reason']}"
-    if item.get("complete"):
-        return f"{name} is complete: {item['tile_count']} tiles"
+    if item.get("complete"):  # and what of it a search cannot find, as the dock says of a job it followed
+        empty = without_tiles_said(last.get("without_tiles"))
+        return f"{name} is complete: {item['tile_count']} tiles" + (f"; {empty}" if empty else "")
     return (f"{name} is incomplete ({item.get('tile_count') or 0} tiles) and no longer being built: "
             "Build / extend it to finish it")
 

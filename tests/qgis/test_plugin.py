@@ -1070,6 +1070,16 @@ def test_building_an_index_from_the_dock_shows_progress(plugin, worker, rmnp_lay
     assert panel.progress.value() == panel.progress.maximum() and seen, "progress came from the worker's events"
     assert not panel.cancel_button.isEnabled()
     assert process_until(lambda: dock.index_combo.findText("from-dock") >= 0, 10)
+    # a job the dock lost with its connection, found ended on the worker's list, is said from the
+    # index's last job (how_left): that one said nothing of the raster without tiles
+    from sketch_search.index_panel import how_left
+
+    item = lambda: dock.controller.index_named("from-dock") or {}  # noqa: E731
+    panel.refresh_button.click()
+    assert process_until(lambda: item().get("complete") and item().get("last_job"), 10), item()
+    left = how_left(item())
+    assert left.startswith("from-dock is complete: ") and "; 1 raster(s) with no tile with enough data" in left, left
+    assert left.endswith("small-for-dock.tif"), left
 
 
 def test_every_control_explains_itself_and_the_dock_says_how_to_sketch(plugin):
