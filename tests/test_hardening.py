@@ -265,6 +265,8 @@ def test_5_a_moved_raster_and_a_torn_job_file_fail_their_jobs_and_the_worker_ser
     spec = {"settings": TileSettings(tile=112, scales=(1,)).to_json(), "chunk_tiles": 64}
     jobs = {"moved": {"index": "moved", "rasters": [str(moving)], **spec},
             "outside": {"index": "outside", "rasters": [str(tree / "outside" / "secret.tif")], **spec},
+            # a field of the wrong type: a TypeError failed every start of the worker
+            "mistyped": {"index": "mistyped", "rasters": [str(rasters / "tiny.tif")], **spec, "chunk_tiles": "abc"},
             "torn": None}
     for name, job in jobs.items():
         shutil.copytree(served.index_root / "base", root / name)
@@ -291,6 +293,34 @@ def test_5_a_moved_raster_and_a_torn_job_file_fail_their_jobs_and_the_worker_ser
     assert "not found" in listed["moved"]["last_job"]["error"]["message"]
     assert listed["outside"]["last_job"]["error"]["code"] == codes.FORBIDDEN
     assert "damaged" in listed["torn"]["last_job"]["error"]["message"]
+    assert "damaged" in listed["mistyped"]["last_job"]["error"]["message"]
+
+
+def test_5f_job_files_of_no_index_are_neither_resumed_nor_removed(served, tree, tmp_path):
+    """Every job.json under the index root was taken for a job: another program's file was
+    removed as a damaged job, and an index being deleted (its trash folder, kept by a crash) had
+    its job resumed there, unlisted."""
+    root = tmp_path / "indexes"
+    (root / "other-program" / "deep").mkdir(parents=True)
+    foreign = {root / "other-program" / "job.json": '{"name": "precious"}',
+               root / "other-program" / "deep" / "job.json": "[1, 2]"}
+    for path, text in foreign.items():
+        path.write_text(text)
+    trash = root / ".deleted-3f2a"
+    shutil.copytree(served.index_root / "base", trash)
+    job = {"index": "base", "rasters": [str(tree / "rasters" / "rmnp.tif")], "settings": TileSettings(**TILE).to_json()}
+    (trash / "job.json").write_text(json.dumps(job))
+    before = _fingerprint(trash)
+    proc = WorkerProcess(root, tree / "rasters").start()
+    try:
+        with proc.client() as c:
+            assert c.list_indexes() == []
+            time.sleep(1)  # a job resumed in the trash would have begun by now
+    finally:
+        assert proc.kill(15) == 0
+    assert all(path.read_text() == text for path, text in foreign.items())
+    assert (trash / "job.json").exists() and _fingerprint(trash) == before
+    assert "job" not in proc.log.read_text()
 
 
 

@@ -119,13 +119,14 @@ class OpenIndexes:
                 "tokens": index.has_tokens, "compatible": reason is None, "reason": reason, "error": None}
 
 
-def index_dirs(root: Path) -> list[Path]:
+def index_dirs(root: Path, marks: tuple[str, ...] = (MANIFEST,)) -> list[Path]:
     """Every index under `root` (at any depth: index names are relative paths), but those being
-    removed (OpenIndexes.delete). An index's own folders are not walked (no index lies inside
-    one): looking through a 10M-tile index's 39,000 shard folders took seconds at every list."""
+    removed (OpenIndexes.delete): the folders holding one of `marks` (a job's index before its
+    first commit holds its JOB_LOCK alone). An index's own folders are not walked (no index lies
+    inside one): looking through a 10M-tile index's 39,000 shard folders took seconds at every list."""
     found = []
     for folder, subfolders, files in os.walk(root):
-        if MANIFEST in files:
+        if any(mark in files for mark in marks):
             found.append(Path(folder))
             subfolders.clear()
         else:

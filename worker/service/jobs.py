@@ -30,7 +30,8 @@ from worker.app import IndexRequest, RemovalRequest, build_index, remove_rasters
 from worker.distributed import Cluster
 from worker.errors import InputError, error_object
 from worker.raster_access import RasterAccess
-from worker.store import JOB_FILE, IndexProgress, write_json_atomic
+from worker.service.indexes import index_dirs
+from worker.store import JOB_FILE, MANIFEST, IndexProgress, write_json_atomic
 from worker.store.format import JOB_LOCK, LOCK, disk_write, held_job_lock, locked_by_another, remove_unborn
 
 log = logging.getLogger(__name__)
@@ -185,10 +186,12 @@ class JobManager:
     def resume_interrupted(self, index_roots: list[Path]) -> list[Job]:
         """Restart the jobs a killed or stopped worker left behind (their job.json is still
         there). One that cannot be resumed is remembered as failed, with its reason, and its
-        job.json removed (what it committed stays; asking for the index again resumes it)."""
+        job.json removed (what it committed stays; asking for the index again resumes it). Only
+        indexes' job files are looked at: every job.json under the root was, another program's
+        removed as a damaged job, and an index's being deleted (its trash folder) resumed there."""
         jobs = []
         for root in index_roots:
-            for job_file in sorted(root.rglob(JOB_FILE)):
+            for job_file in [d / JOB_FILE for d in index_dirs(root, (MANIFEST, JOB_LOCK)) if (d / JOB_FILE).is_file()]:
                 index_name = _name_in(root, job_file.parent)
                 if any(locked_by_another(job_file.parent, lock) for lock in (JOB_LOCK, LOCK)):  # another worker's job
                     log.info("not resuming the indexing job of %s: another worker sharing the index root has it",
@@ -200,7 +203,8 @@ class JobManager:
                         raise InputError(f"{job_file} is damaged (not a JSON object)")
                     index_name = spec.get("index") if isinstance(spec.get("index"), str) else index_name
                     request = IndexRequest.from_json(job_file.parent, spec, self.access)
-                except (InputError, OSError, ValueError) as exc:  # a damaged file, rasters moved or outside the roots
+                # a damaged file (a field of the wrong type too: every start failed on it), rasters moved or outside the roots
+                except (InputError, OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
                     jobs.append(self._failed_resume(index_name, job_file, exc))
                     continue
                 log.info("resuming the interrupted indexing job of %s", job_file.parent)
