@@ -732,6 +732,29 @@ def test_binding_beyond_loopback_without_keys_is_refused(tmp_path):
     assert result.returncode == 2 and "--curve-keys" in result.stderr
 
 
+@pytest.mark.parametrize("option, said", [
+    # taken, and the worker died at its first search or listing (a deadline of inf ms)
+    (["--search-timeout", "inf"], "--search-timeout inf must be more than 0 seconds, and at most 86400"),
+    (["--max-partial-maps-mb", "inf"], "--max-partial-maps-mb inf must be 0 to"),
+    # a traceback from ZeroMQ once the model had loaded
+    (["--max-message-bytes", "99999999999999999999"], "--max-message-bytes 99999999999999999999 must be at most"),
+    (["--stop-with", "0"], "--stop-with 0 is not a process id"),  # taken, and never stopped the worker
+    (["--index-root", "{file}"], "is a file, or lies in one: name a folder"),  # tracebacks
+    (["--index-root", "{file}/indexes"], "is a file, or lies in one: name a folder"),
+])
+def test_serve_options_that_cannot_be_are_refused_in_one_line(tmp_path, option, said):
+    file = tmp_path / "a-file"
+    file.write_text("not a folder")
+    args = [part.format(file=file) for part in option]
+    root = [] if "--index-root" in option else ["--index-root", str(tmp_path / "indexes")]
+    result = subprocess.run([sys.executable, "-m", "worker", "serve", "--bind", f"tcp://127.0.0.1:{free_port()}",
+                             *root, "--device", "cpu", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and said in lines[0], \
+        result.stderr
+    assert file.read_text() == "not a folder"
+
+
 @pytest.mark.parametrize("chosen", [{}, {"GOMP_SPINCOUNT": "2500"}, {"OMP_WAIT_POLICY": "ACTIVE"}])
 def test_the_workers_openmp_threads_soon_sleep_unless_the_user_chose_how_they_wait(tmp_path, chosen):
     """libgomp's default spinning made searches 5-11x slower beside another busy torch process

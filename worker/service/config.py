@@ -10,7 +10,7 @@ from urllib.parse import urlparse
 
 from wire.protocol import DEFAULT_ENDPOINT
 from worker.app import given
-from worker.errors import InputError
+from worker.errors import InputError, StorageError, storage_advice
 from worker.service.paths import PathPolicy
 from worker.store.maps import PARTIAL_MAPS_BYTES
 
@@ -38,6 +38,11 @@ def default_pub(bind: str) -> str:
     if url.scheme == "tcp" and url.port:
         return bind.rsplit(":", 1)[0] + f":{url.port + 1}"
     return bind + ".pub"
+
+
+MAX_MESSAGE_LIMIT = 8 * 2 ** 30  # the largest --max-message-bytes and --max-header-bytes
+MAX_PARTIAL_MAPS_MB = 2.0 ** 20  # a TiB
+MAX_SEARCH_TIMEOUT_S = 86_400.0
 
 
 @dataclass(frozen=True)
@@ -69,10 +74,16 @@ class Limits:
                      "max_queued_jobs"):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least 1")
-        if not self.max_partial_maps_mb >= 0:
-            raise InputError(f"--max-partial-maps-mb {self.max_partial_maps_mb} must be 0 or more")
-        if not self.search_timeout > 0:
-            raise InputError(f"--search-timeout {self.search_timeout} must be more than 0 seconds")
+        for name in ("max_message_bytes", "max_header_bytes"):  # ZeroMQ's limit is a C long: 1e20 was a traceback
+            if getattr(self, name) > MAX_MESSAGE_LIMIT:
+                raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at most "
+                                 f"{MAX_MESSAGE_LIMIT} (8 GiB)")
+        # inf was taken, and the worker died at its first search (a deadline of inf ms) or load of maps
+        if not 0 <= self.max_partial_maps_mb <= MAX_PARTIAL_MAPS_MB:
+            raise InputError(f"--max-partial-maps-mb {self.max_partial_maps_mb} must be 0 to {MAX_PARTIAL_MAPS_MB:.0f}")
+        if not 0 < self.search_timeout <= MAX_SEARCH_TIMEOUT_S:
+            raise InputError(f"--search-timeout {self.search_timeout} must be more than 0 seconds, and at most "
+                             f"{MAX_SEARCH_TIMEOUT_S:.0f} (a day)")
 
 
 @dataclass(frozen=True)
@@ -97,8 +108,15 @@ class ServiceConfig:
 
             local_workers(cluster)  # a malformed one refused now, not at the first job after the model loads
         index_roots = [Path(p).resolve() for p in (index_roots or [Path.cwd() / "indexes"])]
-        for root in index_roots:
-            root.mkdir(parents=True, exist_ok=True)
+        for root in index_roots:  # a file there, or a read-only disk, was a traceback
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+            except (FileExistsError, NotADirectoryError):
+                raise InputError(f"--index-root {root} is a file, or lies in one: name a folder (made when "
+                                 "missing)") from None
+            except OSError as exc:
+                raise StorageError(f"--index-root {root} cannot be made ({exc.strerror}): "
+                                   f"{storage_advice(exc)}") from None
         raster_roots = [Path(p).resolve() for p in (raster_roots or index_roots)]
         config = cls(bind, pub or default_pub(bind), PathPolicy(tuple(index_roots), tuple(raster_roots)),
                      Limits(**given(**limits)), curve_keys=curve_keys, cluster=cluster)

@@ -13,6 +13,7 @@ import threading
 import time
 
 from worker.app import ModelOptions
+from worker.errors import InputError
 from worker.service.config import ServiceConfig
 from worker.service.loop import Service
 
@@ -45,6 +46,8 @@ class Application:
     signal 0 saw both as alive. Elsewhere (macOS) signal 0 is asked every PARENT_CHECK_S."""
 
     def __init__(self, pid: int):
+        if pid < 1:  # 0 and -1 name this process's group or every process: asked, they never end
+            raise InputError(f"--stop-with {pid} is not a process id: give the pid of the application (1 or more)")
         self.pid = pid
         self._poll = None
         self._ended_at_start = False
