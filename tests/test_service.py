@@ -667,6 +667,11 @@ def test_sigterm_finishes_cleanly_and_ipc_works(tmp_path, rasters):
     root.mkdir()
     proc = WorkerProcess(root, rasters, bind=f"ipc://{tmp_path}/worker.sock").start()
     proc.index("rmnp", [rasters / "rmnp-rgb.tif"], tile=112, scales=[1])
+    # a second worker on the same ipc socket took it over unsaid, the first left running out of reach
+    second = subprocess.run([*proc.cmd[:proc.cmd.index("--pub")], *proc.cmd[proc.cmd.index("--pub") + 2:]], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2 and f"cannot listen on {proc.bind}: another worker is serving there" in \
+        second.stderr, second.stderr
     with proc.client() as c:
         assert c.ping()["ok"]
     sock = zmq.Context.instance().socket(zmq.DEALER)
@@ -739,6 +744,9 @@ def test_binding_beyond_loopback_without_keys_is_refused(tmp_path):
     # a traceback from ZeroMQ once the model had loaded
     (["--max-message-bytes", "99999999999999999999"], "--max-message-bytes 99999999999999999999 must be at most"),
     (["--stop-with", "0"], "--stop-with 0 is not a process id"),  # taken, and never stopped the worker
+    (["--bind", "tcp://127.0.0.1:abc"], "the port must be a number from 1 to 65535"),  # a traceback
+    (["--bind", "tcp://127.0.0.1:*"], "lets the system choose the port, which no client could find"),  # served
+    (["--bind", "tcp://127.0.0.1"], "names no port"),  # told to give --curve-keys
     (["--index-root", "{file}"], "is a file, or lies in one: name a folder"),  # tracebacks
     (["--index-root", "{file}/indexes"], "is a file, or lies in one: name a folder"),
 ])

@@ -32,6 +32,32 @@ def is_loopback(endpoint: str) -> bool:
         return False
 
 
+def check_endpoint(option: str, endpoint: str, any_port: bool) -> None:
+    """InputError for an endpoint the worker cannot serve on: a port that is no number (a
+    traceback), none (refused as needing --curve-keys), or, for the request endpoint, one the
+    system would choose (`*`, 0: no client could find it; `any_port` allows `*`, said in `info`)."""
+    url = urlparse(endpoint)
+    if url.scheme in ("ipc", "inproc"):
+        if not (url.netloc + url.path).strip("/"):
+            raise InputError(f"{option} {endpoint!r} names no socket: give ipc:///PATH/TO/SOCKET")
+        return
+    if url.scheme != "tcp":
+        raise InputError(f"{option} {endpoint!r} is not an endpoint: give tcp://HOST:PORT (such as "
+                         f"{DEFAULT_ENDPOINT}) or ipc:///PATH")
+    host, colon, port = url.netloc.rpartition(":")
+    if not colon or not host:  # tcp://127.0.0.1
+        raise InputError(f"{option} {endpoint!r} names no port: give tcp://HOST:PORT ([ADDRESS] for IPv6)")
+    if port == "*" and any_port:
+        return
+    if port in ("*", "0"):
+        raise InputError(f"{option} {endpoint!r}: write * for a free port the system chooses (said in the info "
+                         "reply), or a port from 1 to 65535" if any_port else
+                         f"{option} {endpoint!r} lets the system choose the port, which no client could find: "
+                         "give a port from 1 to 65535")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise InputError(f"{option} {endpoint!r}: the port must be a number from 1 to 65535")
+
+
 def default_pub(bind: str) -> str:
     """The progress endpoint beside a request endpoint: the next tcp port, or `<ipc path>.pub`."""
     url = urlparse(bind)
@@ -103,6 +129,11 @@ class ServiceConfig:
         index roots are created. Refuses (InputError) an endpoint beyond this machine without
         keys, keys that are not there, and limits out of range."""
         bind = bind or DEFAULT_ENDPOINT
+        check_endpoint("--bind", bind, any_port=False)
+        if pub is None and urlparse(bind).scheme == "tcp" and urlparse(bind).port == 65535:
+            raise InputError(f"--bind {bind} leaves no port after it for progress events: give --pub too")
+        if pub is not None:
+            check_endpoint("--pub", pub, any_port=True)
         if cluster is not None:
             from worker.distributed import local_workers
 

@@ -360,9 +360,33 @@ class Service:
 
 
 def _bind(socket: zmq.Socket, address: str, option: str) -> None:
-    """Listen on `address`, or an InputError that says why not (a worker already there)."""
+    """Listen on `address`, or an InputError that says why not (a worker already there). An
+    ipc socket a worker listens on is refused as a busy port is: ZeroMQ took it over unsaid, the
+    first worker left running where no client could reach it."""
+    if address.startswith("ipc://") and _listened_on(address[len("ipc://"):]):
+        raise InputError(f"cannot listen on {address}: another worker is serving there; stop it, or choose another "
+                         f"address with {option}")
+    if "[" in address:  # an IPv6 address: refused as "No such device" without
+        socket.setsockopt(zmq.IPV6, 1)
     try:
         socket.bind(address)
     except zmq.ZMQError as exc:
-        raise InputError(f"cannot listen on {address} ({exc}): another worker may be running there; choose another "
-                         f"address with {option}") from None
+        busy = " another worker may be running there;" if exc.errno == zmq.EADDRINUSE else ""
+        raise InputError(f"cannot listen on {address} ({exc}):{busy} choose another address with {option}") from None
+
+
+def _listened_on(path: str) -> bool:
+    """Whether a process accepts connections on the Unix socket at `path` (a file left by a
+    worker that was killed accepts none)."""
+    import socket as sockets
+
+    if not path.startswith("@") and not os.path.exists(path):
+        return False
+    probe = sockets.socket(sockets.AF_UNIX, sockets.SOCK_STREAM)
+    try:
+        probe.connect("\0" + path[1:] if path.startswith("@") else path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
