@@ -10,6 +10,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -689,6 +690,19 @@ def test_sigterm_finishes_cleanly_and_ipc_works(tmp_path, rasters):
     finally:
         sock.close(linger=0)
     assert replies == {"running": codes.BUSY, "waiting": codes.BUSY}
+
+
+def test_a_worker_serves_on_ipv6_loopback(tmp_path, rasters):
+    """tcp://[::1]:PORT is loopback, and was accepted, then failed to bind ("No such device"):
+    ZeroMQ sockets take IPv6 only when asked, the worker's and its clients'."""
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    proc = WorkerProcess(tmp_path / "indexes", rasters, bind=f"tcp://[::1]:{free_port()}").start()  # pings it
+    try:
+        with proc.client() as c:
+            assert c.list_indexes() == []
+    finally:
+        assert proc.kill(signal.SIGTERM) == 0
 
 
 def test_curve_protected_bind_refuses_clients_without_the_key(tmp_path, rasters):

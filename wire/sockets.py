@@ -67,6 +67,8 @@ def connect(context: zmq.Context, kind: int, endpoint: str, curve: Optional[Curv
         curve.apply(sock)
     if monitor_events:
         sock.get_monitor_socket(monitor_events)
+    if "[" in endpoint:  # an IPv6 address (tcp://[::1]:5555): ZeroMQ connects to none without
+        sock.setsockopt(zmq.IPV6, 1)
     sock.connect(endpoint)
     return sock
 
