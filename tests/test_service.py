@@ -763,11 +763,23 @@ def test_binding_beyond_loopback_without_keys_is_refused(tmp_path):
     (["--bind", "tcp://127.0.0.1"], "names no port"),  # told to give --curve-keys
     (["--index-root", "{file}"], "is a file, or lies in one: name a folder"),  # tracebacks
     (["--index-root", "{file}/indexes"], "is a file, or lies in one: name a folder"),
+    # served, every client refused unsaid; a traceback once the model had loaded
+    (["--curve-keys", "{keys_without_clients}"], "holds no authorized_clients/ folder"),
+    (["--curve-keys", "{damaged_keys}"], "server.key_secret is not a server's secret key"),
 ])
 def test_serve_options_that_cannot_be_are_refused_in_one_line(tmp_path, option, said):
+    import zmq.auth
+
     file = tmp_path / "a-file"
     file.write_text("not a folder")
-    args = [part.format(file=file) for part in option]
+    keys_without_clients, damaged_keys = tmp_path / "keys-without-clients", tmp_path / "damaged-keys"
+    for folder in (keys_without_clients, damaged_keys):
+        folder.mkdir()
+        zmq.auth.create_certificates(str(folder), "server")
+    (damaged_keys / "authorized_clients").mkdir()
+    (damaged_keys / "server.key_secret").write_text("garbage")
+    args = [part.format(file=file, keys_without_clients=keys_without_clients, damaged_keys=damaged_keys)
+            for part in option]
     root = [] if "--index-root" in option else ["--index-root", str(tmp_path / "indexes")]
     result = subprocess.run([sys.executable, "-m", "worker", "serve", "--bind", f"tcp://127.0.0.1:{free_port()}",
                              *root, "--device", "cpu", *args], cwd=REPO, capture_output=True, text=True, timeout=120)

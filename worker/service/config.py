@@ -159,6 +159,22 @@ class ServiceConfig:
             if not is_loopback(endpoint) and self.curve_keys is None:
                 raise InputError(f"refusing to bind {endpoint} without --curve-keys: only loopback and ipc "
                                  "endpoints may be served unencrypted")
-        if self.curve_keys is not None and not (self.curve_keys / SERVER_SECRET_KEY).is_file():
-            raise InputError(f"--curve-keys {self.curve_keys} holds no {SERVER_SECRET_KEY}: make the server's key pair "
-                             f"and the clients' public keys (in {AUTHORIZED_CLIENTS}/) with zmq.auth.create_certificates")
+        if self.curve_keys is None:
+            return
+        make = "make the server's key pair and the clients' public keys with zmq.auth.create_certificates"
+        if not (self.curve_keys / SERVER_SECRET_KEY).is_file():
+            raise InputError(f"--curve-keys {self.curve_keys} holds no {SERVER_SECRET_KEY}: {make}")
+        if not (self.curve_keys / AUTHORIZED_CLIENTS).is_dir():  # served, and every client refused unsaid
+            raise InputError(f"--curve-keys {self.curve_keys} holds no {AUTHORIZED_CLIENTS}/ folder of the clients' "
+                             f"public keys: every client would be refused; {make}")
+        import zmq.auth
+
+        try:  # read once the model had loaded, a damaged one was a traceback
+            _, secret = zmq.auth.load_certificate(str(self.curve_keys / SERVER_SECRET_KEY))
+        except (ValueError, OSError) as exc:
+            secret, why = None, str(exc)
+        else:
+            why = "no secret key in it"
+        if secret is None:
+            raise InputError(f"--curve-keys {self.curve_keys / SERVER_SECRET_KEY} is not a server's secret key "
+                             f"({why}): {make}")
