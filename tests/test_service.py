@@ -692,6 +692,39 @@ def test_sigterm_finishes_cleanly_and_ipc_works(tmp_path, rasters):
     assert replies == {"running": codes.BUSY, "waiting": codes.BUSY}
 
 
+@pytest.mark.parametrize("nohup", [False, True])
+def test_a_terminal_closed_under_a_worker_stops_it_as_sigterm_does_unless_started_with_nohup(tmp_path, rasters,
+                                                                                                nohup):
+    """SIGHUP (its terminal closed) ended the worker at once, exit 129, its job's work since the
+    last commit lost; now its jobs commit and it exits 0, the job left to resume. A worker started
+    with nohup serves on."""
+    root = tmp_path / "indexes"
+    root.mkdir()
+    proc = WorkerProcess(root, rasters)
+    if nohup:
+        proc.cmd = ["nohup", *proc.cmd]
+    proc.start()
+    try:
+        with proc.client() as c:
+            c.start_index("coast", [str(rasters / "s2.tif")], scales=[1], tile=112, chunk_tiles=16)
+        manifest = root / "coast" / "manifest.json"
+        deadline = time.time() + 120
+        while time.time() < deadline and not (manifest.exists() and json.loads(manifest.read_text())["shards"]):
+            time.sleep(0.05)
+        committed = len(json.loads(manifest.read_text())["shards"])
+        proc.proc.send_signal(signal.SIGHUP)
+        if nohup:
+            time.sleep(1)
+            with proc.client(timeout=10) as c:
+                assert c.ping()["ok"] and c.list_indexes()[0]["job"] is not None, "still serving, still indexing"
+            return
+        assert proc.proc.wait(60) == 0
+        assert (root / "coast" / "job.json").exists(), "the job is left to resume"
+        assert len(json.loads(manifest.read_text())["shards"]) >= committed
+    finally:
+        proc.stop()
+
+
 def test_a_worker_serves_on_ipv6_loopback(tmp_path, rasters):
     """tcp://[::1]:PORT is loopback, and was accepted, then failed to bind ("No such device"):
     ZeroMQ sockets take IPv6 only when asked, the worker's and its clients'."""

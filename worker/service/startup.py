@@ -22,7 +22,7 @@ PARENT_CHECK_S = 1.0  # how often a worker started with --stop-with PID looks wh
 
 
 def serve(config: ServiceConfig, model_options: ModelOptions, stop_with: int | None = None) -> int:
-    """Serve until SIGTERM or SIGINT (or until process `stop_with` has ended: the application that
+    """Serve until SIGTERM, SIGINT or SIGHUP (or until process `stop_with` has ended: the application that
     started the worker), then let indexing jobs commit and exit 0. One JSON line on stdout
     ({"serving", "pub", "device"}) says when requests are answered (the plugin waits for it)."""
     application = None if stop_with is None else Application(stop_with)  # held before the model loads
@@ -31,6 +31,10 @@ def serve(config: ServiceConfig, model_options: ModelOptions, stop_with: int | N
     service.open()
     signal.signal(signal.SIGTERM, service.request_stop)
     signal.signal(signal.SIGINT, service.request_stop)
+    # the terminal it runs in closed: stopped as at SIGTERM (it ended the worker with no commit);
+    # one started with nohup ignores it, and serves on
+    if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, service.request_stop)
     if application is not None:
         _stop_when_gone(service, application)
     service.jobs.resume_interrupted(list(config.paths.index_roots))
