@@ -288,12 +288,29 @@ def test_5_a_moved_raster_and_a_torn_job_file_fail_their_jobs_and_the_worker_ser
         job = listed[name]["last_job"]
         assert job["state"] == states.FAILED and listed[name]["job"] is None, (name, job)
         assert listed[name]["complete"] and (root / name / "manifest.json").read_bytes() == manifests[name]
-        assert not (root / name / "job.json").exists()
+        # a job of rasters not there now (a drive not plugged in, a root not given) was dropped for good
+        kept = name in ("moved", "outside")
+        assert (root / name / "job.json").exists() == kept, name
+        assert ("the job is kept, and the worker's next start tries it again" in job["error"]["message"]) == kept
     assert listed["moved"]["last_job"]["error"]["code"] == codes.BAD_INPUT
     assert "not found" in listed["moved"]["last_job"]["error"]["message"]
     assert listed["outside"]["last_job"]["error"]["code"] == codes.FORBIDDEN
     assert "damaged" in listed["torn"]["last_job"]["error"]["message"]
     assert "damaged" in listed["mistyped"]["last_job"]["error"]["message"]
+
+    (tmp_path / "moved-away.tif").rename(moving)  # the drive plugged in again: the next start goes on with it
+    proc = WorkerProcess(root, rasters).start()
+    try:
+        with proc.client() as c:
+            deadline = time.time() + 120
+            while time.time() < deadline and (root / "moved" / "job.json").exists():
+                time.sleep(0.2)
+            listed = {i["name"]: i for i in c.list_indexes()}
+    finally:
+        assert proc.kill(15) == 0
+        moving.unlink()
+    assert listed["moved"]["complete"] and str(moving) in listed["moved"]["rasters"], listed["moved"]
+    assert (root / "outside" / "job.json").exists(), "still outside the roots: kept again"
 
 
 def test_5f_job_files_of_no_index_are_neither_resumed_nor_removed(served, tree, tmp_path):

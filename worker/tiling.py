@@ -308,8 +308,8 @@ def find_rasters(inputs: list[str | Path], access: RasterAccess = RasterAccess()
                              "again for every hit); copy or extract it to a folder first")
         else:
             pattern = any(c in str(item) for c in "*?[")  # a shell passes on a pattern that matched no file as it is
-            raise InputError(f"raster not found: {excerpt(str(item))}"
-                             + (" (a pattern that matched no file?)" if pattern else ""))
+            raise RasterMissing(f"raster not found: {excerpt(str(item))}"
+                                + (" (a pattern that matched no file?)" if pattern else ""))
     if pictures:
         log.warning("%d picture(s) in the folders given hold no georeferencing (no worldfile or .aux.xml beside "
                     "them: previews, thumbnails) and are left out: %s%s", len(pictures),
@@ -360,6 +360,11 @@ def _files_under(folder: Path) -> list[Path]:
         dirs.sort()
         files += [Path(parent) / n for n in names if Path(n).suffix.lower() in RASTER_SUFFIXES]
     return sorted(p for p in files if p.is_file())
+
+
+class RasterMissing(InputError):
+    """A raster a run names that is not there (moved, or on a drive not plugged in now): a
+    worker that cannot resume a job for it keeps the job, to try again (worker.service.jobs)."""
 
 
 class BandsUnknown(InputError):

@@ -28,11 +28,12 @@ from wire.errors import BUSY, ProtocolError
 from wire.protocol import new_id
 from worker.app import IndexRequest, RemovalRequest, build_index, remove_rasters
 from worker.distributed import Cluster
-from worker.errors import InputError, error_object
+from worker.errors import ForbiddenError, InputError, error_object
 from worker.raster_access import RasterAccess
 from worker.service.indexes import index_dirs
 from worker.store import JOB_FILE, MANIFEST, IndexProgress, write_json_atomic
 from worker.store.format import JOB_LOCK, LOCK, disk_write, held_job_lock, locked_by_another, remove_unborn
+from worker.tiling import RasterMissing
 
 log = logging.getLogger(__name__)
 SLOT_WAIT_S = 0.25  # how often a queued job looks whether it was cancelled
@@ -205,7 +206,9 @@ class JobManager:
                     request = IndexRequest.from_json(job_file.parent, spec, self.access)
                 # a damaged file (a field of the wrong type too: every start failed on it), rasters moved or outside the roots
                 except (InputError, OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
-                    jobs.append(self._failed_resume(index_name, job_file, exc))
+                    # rasters not there now (a drive not plugged in, a root not given this time): kept to try again
+                    jobs.append(self._failed_resume(index_name, job_file, exc,
+                                                    kept=isinstance(exc, (RasterMissing, ForbiddenError))))
                     continue
                 log.info("resuming the interrupted indexing job of %s", job_file.parent)
                 try:
@@ -216,14 +219,20 @@ class JobManager:
                     log.info("not resuming the indexing job of %s: another worker has just taken it", job_file.parent)
         return jobs
 
-    def _failed_resume(self, index_name: str, job_file: Path, exc: Exception) -> Job:
+    def _failed_resume(self, index_name: str, job_file: Path, exc: Exception, kept: bool = False) -> Job:
+        """A job that cannot be resumed, failed with its reason; its job file removed, or `kept`
+        for the worker's next start (a job of rasters not there now was lost for good)."""
         job = Job(index_name, job_file.parent, None)
         reason = exc if isinstance(exc, InputError) else InputError(
             f"{job_file} is damaged or cannot be read ({str(exc)[:200]}): index again to finish the index")
         job.state, job.error, job.finished = states.FAILED, error_object(reason), time.time()
+        if kept:
+            job.error["message"] += ("; the job is kept, and the worker's next start tries it again (or ask for the "
+                                     "index again)")
         log.warning("not resuming the indexing job of %s: %s", job_file.parent, job.error["message"])
         try:
-            job_file.unlink(missing_ok=True)
+            if not kept:
+                job_file.unlink(missing_ok=True)
         except OSError as exc:  # a read-only index root: the worker serves its indexes all the same
             log.warning("%s cannot be removed (%s): the next start tries it again", job_file, exc.strerror)
         self._remember(job)
