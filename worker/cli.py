@@ -336,10 +336,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(config, model_options(args), stop_with=args.stop_with)
 
 
+def _with_verbose(verbose: dict) -> type:
+    """The commands' parser class: each takes -v as the main parser does."""
+    class CommandParser(argparse.ArgumentParser):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.add_argument("-v", "--verbose", **verbose, default=argparse.SUPPRESS)
+
+    return CommandParser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m worker", description="Sketch search worker")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
+    verbose = {"action": "store_true", "help": "log what the worker does (debug messages too)"}
+    parser.add_argument("-v", "--verbose", **verbose)
+    # after the command too (serve -v was refused); SUPPRESS: one not given there keeps the first's
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_with_verbose(verbose))
 
     p = sub.add_parser("index", help="tile rasters and precompute their edge cells (resumable, incremental)")
     p.add_argument("rasters", nargs="+", help="raster files, directories of rasters, or GDAL VRTs")
