@@ -725,6 +725,14 @@ def test_a_terminal_closed_under_a_worker_stops_it_as_sigterm_does_unless_starte
         proc.stop()
 
 
+def test_a_raster_root_that_is_not_there_is_said_as_the_worker_starts(tmp_path):
+    """Every request naming its rasters was refused (outside the roots, or not found), with no
+    word at start; the worker serves all the same (a drive may be plugged in later)."""
+    proc = WorkerProcess(tmp_path / "indexes", tmp_path / "not-there").start()
+    proc.stop()
+    assert f"--raster-root {tmp_path / 'not-there'} is not there (a drive not plugged in?)" in proc.log.read_text()
+
+
 def test_a_worker_serves_on_ipv6_loopback(tmp_path, rasters):
     """tcp://[::1]:PORT is loopback, and was accepted, then failed to bind ("No such device"):
     ZeroMQ sockets take IPv6 only when asked, the worker's and its clients'."""

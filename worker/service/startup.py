@@ -26,6 +26,10 @@ def serve(config: ServiceConfig, model_options: ModelOptions, stop_with: int | N
     started the worker), then let indexing jobs commit and exit 0. One JSON line on stdout
     ({"serving", "pub", "device"}) says when requests are answered (the plugin waits for it)."""
     application = None if stop_with is None else Application(stop_with)  # held before the model loads
+    for root in config.paths.raster_roots:  # every request naming its rasters was refused, with no word at start
+        if not root.is_dir():
+            log.warning("--raster-root %s is %s: no raster in it can be indexed or searched until it is there", root,
+                        "a file, not a folder" if root.exists() else "not there (a drive not plugged in?)")
     model = _load_in_passing_thread(model_options)
     service = Service(config, model, model_options=model_options)
     service.open()
