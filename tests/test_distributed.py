@@ -147,6 +147,25 @@ def test_a_pool_run_stopped_or_failed_midway_resumes_to_the_same_index(tmp_path,
     assert_same_index(TileIndex.open(out), single_process)
 
 
+def test_a_drawing_pool_outlives_ctrl_c_and_a_closed_terminal_sent_to_its_group(assets):
+    """SIGINT and SIGHUP reach every process of the group: the pool's processes died of them, the
+    run failed on a broken pool, and a service's job stopped by its closed terminal ended failed,
+    dropped instead of left to resume. They ignore both; the run's own process stops the run."""
+    info = open_raster(assets["osbs_rgb"], None)
+    tiles = list(plan_tiles(info, SETTINGS))[:8]
+    job = DrawingJob(info.to_json(), 224, SETTINGS.tile, SETTINGS.min_valid)
+    pool = DrawingPool(2)
+    try:
+        first = [n for n, _ in next(pool.each_job([(job, tiles)], 4))]
+        for process in pool.executor._processes.values():  # started by the first batches
+            os.kill(process.pid, signal.SIGINT)
+            os.kill(process.pid, signal.SIGHUP)
+        time.sleep(0.5)
+        assert [n for n, _ in next(pool.each_job([(job, tiles)], 4))] == first == [4, 8]
+    finally:
+        pool.close()
+
+
 def test_a_chunk_left_early_is_an_error_not_an_empty_chunk(assets):
     """The pool draws the next chunk's batches ahead: if one chunk's batches are left untaken,
     asking for the next chunk's must fail, not hand back none (a chunk of nothing but skipped

@@ -162,10 +162,19 @@ def default_processes(tokens: bool, tiles: int) -> int:
     return min(MAX_PROCESSES, cores - 1) if not tokens and cores >= POOL_FROM_CORES else 0
 
 
-def _one_thread() -> None:
-    """A drawing process draws with one torch thread: the pool's processes are the parallelism."""
+def _drawing_process() -> None:
+    """A drawing process draws with one torch thread: the pool's processes are the parallelism.
+    It ignores Ctrl-C and a closed terminal (SIGINT, SIGHUP: sent to the whole process group),
+    as cluster workers do: the run's own process stops and closes the pool in order. Killed by
+    them, the pool broke the run (BrokenProcessPool), and a service's job ended failed and was
+    dropped instead of being left to resume."""
+    import signal
+
     import torch
 
+    for name in ("SIGINT", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
     torch.set_num_threads(1)
 
 
@@ -225,7 +234,7 @@ class DrawingPool:
 
     def __init__(self, processes: int, ahead: int | None = None):
         self.executor = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
-                                            initializer=_one_thread)
+                                            initializer=_drawing_process)
         self.ahead = ahead or 2 * processes
 
     def each_job(self, work: Iterable[tuple[DrawingJob, Sequence[Tile]]],

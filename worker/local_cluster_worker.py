@@ -12,8 +12,9 @@ COMM_CLOSED = "Batched Comm Closed"
 
 
 def dask_setup(worker) -> None:
-    """The worker ignores Ctrl-C: the run's own process stops the run and closes the workers in
-    order (worker.interrupts; where signals are masked, the worker never heard it anyway).
+    """The worker ignores Ctrl-C and a closed terminal: the run's own process stops the run and
+    closes the workers in order (worker.interrupts; where signals are masked, the worker never
+    heard it anyway).
 
     A worker told to close while its chunk holds it (the model loading, a batch encoding) logged
     the heartbeat its own close cut off, at ERROR with two chained tracebacks: Ctrl-C early in a
@@ -22,6 +23,8 @@ def dask_setup(worker) -> None:
     from distributed.core import Status
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # run on the worker's main thread, before it registers
+    if hasattr(signal, "SIGHUP"):  # a closed terminal, sent to the group: the driver stops as at SIGTERM
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     closing = (Status.closing, Status.closing_gracefully, Status.closed)
 
     def not_a_closing_heartbeat(record: logging.LogRecord) -> bool:
