@@ -313,6 +313,39 @@ def test_5_a_moved_raster_and_a_torn_job_file_fail_their_jobs_and_the_worker_ser
     assert (root / "outside" / "job.json").exists(), "still outside the roots: kept again"
 
 
+def test_5g_a_job_kept_for_rasters_not_there_is_dropped_when_they_are_removed(tree, tmp_path, model):
+    """A job kept because its raster was not there (a drive not plugged in) was resumed once it
+    was back, and indexed again the raster the user had removed meanwhile."""
+    from worker.store import IndexWriter
+
+    root, away = tmp_path / "indexes", tmp_path / "unplugged.tif"
+    sheet = tree / "rasters" / "sheet.tif"
+    shutil.copy(tree / "rasters" / "tiny.tif", sheet)
+    IndexWriter(root / "sheets", model, TileSettings(**TILE)).build([sheet])
+    job = {"index": "sheets", "rasters": [str(sheet)], "settings": TileSettings(**TILE).to_json()}
+    (root / "sheets" / "job.json").write_text(json.dumps(job))  # a run of it again, the worker killed
+    sheet.rename(away)
+    proc = WorkerProcess(root, tree / "rasters").start()
+    try:
+        with proc.client() as c:
+            [listed] = c.list_indexes()
+            assert "the job is kept" in listed["last_job"]["error"]["message"], listed["last_job"]
+            removal = wait_job(c, c.request("remove_rasters", index="sheets", rasters=[str(sheet)])["job"]["id"])
+            assert removal["state"] == states.DONE, removal
+    finally:
+        assert proc.kill(15) == 0
+        away.rename(sheet)
+    assert not (root / "sheets" / "job.json").exists(), "resumed, it would index the raster removed again"
+    try:
+        proc = WorkerProcess(root, tree / "rasters").start()  # the drive back
+        with proc.client() as c:
+            [listed] = c.list_indexes()
+        assert listed["rasters"] == [] and listed["job"] is None, listed
+    finally:
+        proc.stop()
+        sheet.unlink()
+
+
 def test_5f_job_files_of_no_index_are_neither_resumed_nor_removed(served, tree, tmp_path):
     """Every job.json under the index root was taken for a job: another program's file was
     removed as a damaged job, and an index being deleted (its trash folder, kept by a crash) had

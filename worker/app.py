@@ -24,7 +24,7 @@ from worker.geo import WGS84 as LON_LAT
 from worker.geo import BBOX_NAMES, MAX_COORDINATE, Area, bbox_to_wgs84, parse_crs, reproject_rings
 from worker.ranking import RANKERS, RankingConfig
 from worker.raster_access import RasterAccess
-from worker.store import (CHUNK_TILES, IndexProgress, IndexWriter, TileIndex, check_compatible,
+from worker.store import (CHUNK_TILES, JOB_FILE, IndexProgress, IndexWriter, TileIndex, check_compatible,
                           check_index_folder, check_tokens, read_manifest)
 from worker.store.format import IndexLocked, holds_an_index
 from worker.tiling import RasterInfo, Tile, TileSettings, disk_state, find_rasters
@@ -270,6 +270,7 @@ def remove_rasters(request: RemovalRequest, should_stop: Callable[[], bool] = la
 
     read_manifest(request.index_dir)  # no index here is said before the index lock would make its folder
     removed = take_out(request.index_dir, list(request.rasters))
+    _drop_kept_job(request.index_dir)
     shortlist = None
     if ann.kept(request.index_dir):
         try:  # the removal is committed: whatever fails from here on is the shortlist's, said there
@@ -278,6 +279,17 @@ def remove_rasters(request: RemovalRequest, should_stop: Callable[[], bool] = la
             log.exception("%s: rebuilding its ANN shortlist after a removal failed", request.index_dir)
             shortlist = {"built": False, "why": f"rebuilding it failed ({excerpt(str(exc))}): run build-ann"}
     return RemovalSummary(removed.rasters, removed.tile_count, shortlist)
+
+
+def _drop_kept_job(index_dir: Path) -> None:
+    """Drop the job file of a job a worker could not resume and kept to try again (its rasters
+    not there: worker.service.jobs), once rasters are removed: resumed, it indexed them again.
+    No job holds it: a removal is refused while one is queued or runs."""
+    job_file = Path(index_dir) / JOB_FILE
+    if job_file.exists():
+        job_file.unlink(missing_ok=True)
+        log.warning("%s: its unfinished indexing job is dropped with the removal (it would index the rasters "
+                    "removed again): index its other rasters again to finish them", index_dir)
 
 
 def _shortlist_kept(index: TileIndex, update: bool, should_stop: Callable[[], bool]) -> dict | None:

@@ -91,6 +91,14 @@ def model_options(args: argparse.Namespace) -> ModelOptions:
                         tile_view=args.tile_view)
 
 
+def refuse_while_a_service_job_holds(index_dir: Path) -> None:
+    """IndexLocked while a worker service's job of the index is queued or runs: a job queued holds
+    only its job lock until it runs."""
+    if locked_by_another(index_dir, JOB_LOCK):
+        raise IndexLocked(f"{index_dir} has an indexing job of a worker service queued or running: wait for it to "
+                          "end (or cancel it), and run this again")
+
+
 def cmd_index(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -100,9 +108,7 @@ def cmd_index(args: argparse.Namespace) -> int:
                                   scales=_ints(args.scales, "--scales"), bands=_ints(args.bands, "--bands"),
                                   min_valid=args.min_valid, chunk_tiles=args.chunk_tiles, batch_size=args.batch_size,
                                   ann=args.ann, tokens=args.tokens or None)
-    if locked_by_another(request.index_dir, JOB_LOCK):  # a job queued holds only this lock until it runs
-        raise IndexLocked(f"{request.index_dir} has an indexing job of a worker service queued or running: wait for "
-                          "it to end (or cancel it), and run this again")
+    refuse_while_a_service_job_holds(request.index_dir)
     cluster = None
     if args.cluster is not None:
         from worker.distributed import Cluster
@@ -323,6 +329,7 @@ def cmd_build_ann(args: argparse.Namespace) -> int:
 def cmd_remove(args: argparse.Namespace) -> int:
     from worker.app import RemovalRequest, remove_rasters
 
+    refuse_while_a_service_job_holds(args.index)  # a job queued would index the rasters removed again
     print(json.dumps(remove_rasters(RemovalRequest(args.index, tuple(str(p) for p in args.rasters))).to_json()))
     return 0
 
