@@ -80,7 +80,8 @@ def setting_to_blame(lines: list) -> Setting:
     text = "\n".join(lines)
     if "No module named 'worker'" in text or "No module named worker" in text:
         return Setting.WORKER_DIR
-    if "Address already in use" in text or "Address in use" in text:
+    if any(said in text for said in ("Address already in use", "Address in use", "another worker is serving there",
+                                       "error: --bind", "error: --pub")):
         return Setting.ENDPOINT
     if "--index-root" in text or Setting.INDEX_ROOT.as_path() in text:
         return Setting.INDEX_ROOT

@@ -606,7 +606,8 @@ def test_fewer_hits_than_asked_are_said_on_the_command_line_with_what_finds_more
                   "--sketch-modules", "none")
     found = len(json.loads(out.read_text())["features"])
     assert few.returncode == 0 and 0 < found < 50, few.stderr
-    assert f"warning: {found} hits, fewer than --top 50: no more of the 50 candidates re-ranked" in few.stderr, few.stderr
+    assert f"warning: {found} hits, fewer than --top 50: the candidates re-ranked held no more places" in few.stderr, \
+        few.stderr
     assert "a larger --shortlist may find more" in few.stderr
     more = run_cli("search", s2_index, "--sketch", sketch, "--out", out, "--top", "50", "--shortlist", "1000",
                    "--sketch-modules", "none")

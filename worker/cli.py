@@ -193,8 +193,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         print(f"warning: no places found in the {named} area ({area_crs or SearchRequest.bbox_crs}, x or longitude "
               "first): check it and its CRS, or search without it", file=sys.stderr)
     elif 0 < len(outcome.ranked) < request.top:  # a file of fewer hits than asked, and no word why
-        print(f"warning: {len(outcome.ranked)} hits, fewer than --top {request.top}: no more of the "
-              f"{request.ranking.shortlist} candidates re-ranked overlap the better ones by at most --max-overlap "
+        where = f" in the {'--area' if args.example is not None else '--bbox'} area" if area is not None else ""
+        print(f"warning: {len(outcome.ranked)} hits, fewer than --top {request.top}: the candidates re-ranked "
+              f"held no more places{where} overlapping the better ones by at most --max-overlap "
               f"{request.max_overlap:g}; a larger --shortlist may find more", file=sys.stderr)
     print(json.dumps({"hits": len(outcome.ranked), "out": str(args.out), "left_out": outcome.left_out,
                       "changed": outcome.changed, "partly_indexed": outcome.partly_indexed,

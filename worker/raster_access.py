@@ -30,6 +30,11 @@ SOURCE_TAGS = ("sourcefilename", "sourcedataset")  # where a VRT names what it r
 LEADING_INTEGER = re.compile(r"\s*([+-]?\d+)")  # what C's atoi, and so GDAL, reads of relativeToVRT
 
 
+class OutsideRoots(ForbiddenError):
+    """A raster outside the roots this worker serves: a worker started without the root that
+    holds it keeps a job of it to try again (worker.service.jobs)."""
+
+
 @dataclass(frozen=True)
 class RasterAccess:
     """Unconfined (roots None: the command line) or confined to `roots` (a service client)."""
@@ -69,7 +74,7 @@ class RasterAccess:
         assert self.roots is not None
         if not any(resolved.is_relative_to(root) for root in self.roots):
             shown = excerpt(named) if named == str(resolved) else f"{excerpt(named)} (resolves to {excerpt(str(resolved))})"
-            raise ForbiddenError(f"raster {shown} is outside the raster roots this worker serves ({self._roots_text()})")
+            raise OutsideRoots(f"raster {shown} is outside the raster roots this worker serves ({self._roots_text()})")
         return resolved
 
     def _roots_text(self) -> str:

@@ -316,7 +316,8 @@ def find_rasters(inputs: list[str | Path], access: RasterAccess = RasterAccess()
                     ", ".join(p.name for p in pictures[:3]), ", ..." if len(pictures) > 3 else "")
     if not found:
         left = f" ({len(pictures)} picture(s) without georeferencing left out)" if pictures else ""
-        raise InputError(f"no raster files in {excerpt(', '.join(map(str, inputs)))}{left}")
+        # a folder on a drive not plugged in is an empty mount point
+        raise RasterMissing(f"no raster files in {excerpt(', '.join(map(str, inputs)))}{left}")
     return _not_read_through_a_vrt(list(dict.fromkeys(found)))
 
 

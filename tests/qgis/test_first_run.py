@@ -411,6 +411,10 @@ def test_a_local_worker_refused_the_endpoint_of_the_worker_in_use_leaves_that_co
 @pytest.mark.parametrize("lines, key", [
     (["ModuleNotFoundError: No module named 'worker'"], "worker_dir"),
     (["zmq.error.ZMQError: Address already in use (addr='tcp://127.0.0.1:5555')"], "endpoint"),
+    # an ipc endpoint another worker serves, and one the worker cannot serve on: the Python was blamed
+    (["error: cannot listen on ipc:///tmp/w.sock: another worker is serving there; stop it, or choose another "
+      "address with --bind"], "endpoint"),
+    (["error: --bind 'tcp://127.0.0.1:99999': the port must be a number from 1 to 65535"], "endpoint"),
     (["ModuleNotFoundError: No module named 'torch'"], "python")])
 def test_the_setting_to_blame_follows_the_last_lines(plugin, lines, key):
     from sketch_search.local_worker import setting_to_blame

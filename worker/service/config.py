@@ -45,8 +45,10 @@ def check_endpoint(option: str, endpoint: str, any_port: bool) -> None:
         raise InputError(f"{option} {endpoint!r} is not an endpoint: give tcp://HOST:PORT (such as "
                          f"{DEFAULT_ENDPOINT}) or ipc:///PATH")
     host, colon, port = url.netloc.rpartition(":")
-    if not colon or not host:  # tcp://127.0.0.1
+    if not colon or not host or url.netloc.endswith("]"):  # tcp://127.0.0.1, tcp://[::1]
         raise InputError(f"{option} {endpoint!r} names no port: give tcp://HOST:PORT ([ADDRESS] for IPv6)")
+    if ":" in host and not host.startswith("["):  # a traceback (the port cannot be read)
+        raise InputError(f"{option} {endpoint!r}: an IPv6 address is written in brackets, as tcp://[::1]:5555")
     if port == "*" and any_port:
         return
     if port in ("*", "0"):
@@ -54,7 +56,7 @@ def check_endpoint(option: str, endpoint: str, any_port: bool) -> None:
                          "reply), or a port from 1 to 65535" if any_port else
                          f"{option} {endpoint!r} lets the system choose the port, which no client could find: "
                          "give a port from 1 to 65535")
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
+    if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
         raise InputError(f"{option} {endpoint!r}: the port must be a number from 1 to 65535")
 
 

@@ -28,8 +28,8 @@ from wire.errors import BUSY, ProtocolError
 from wire.protocol import new_id
 from worker.app import IndexRequest, RemovalRequest, build_index, remove_rasters
 from worker.distributed import Cluster
-from worker.errors import ForbiddenError, InputError, error_object
-from worker.raster_access import RasterAccess
+from worker.errors import InputError, error_object
+from worker.raster_access import OutsideRoots, RasterAccess
 from worker.service.indexes import index_dirs
 from worker.store import JOB_FILE, MANIFEST, IndexProgress, write_json_atomic
 from worker.store.format import JOB_LOCK, LOCK, disk_write, held_job_lock, locked_by_another, remove_unborn
@@ -208,7 +208,7 @@ class JobManager:
                 except (InputError, OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
                     # rasters not there now (a drive not plugged in, a root not given this time): kept to try again
                     jobs.append(self._failed_resume(index_name, job_file, exc,
-                                                    kept=isinstance(exc, (RasterMissing, ForbiddenError))))
+                                                    kept=isinstance(exc, (RasterMissing, OutsideRoots))))
                     continue
                 log.info("resuming the interrupted indexing job of %s", job_file.parent)
                 try:

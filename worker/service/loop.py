@@ -383,8 +383,11 @@ def _listened_on(path: str) -> bool:
     if not path.startswith("@") and not os.path.exists(path):
         return False
     probe = sockets.socket(sockets.AF_UNIX, sockets.SOCK_STREAM)
+    probe.settimeout(1.0)  # a worker stopped (SIGSTOP), its queue full, held the connect for ever
     try:
         probe.connect("\0" + path[1:] if path.startswith("@") else path)
+        return True
+    except TimeoutError:  # there, and not answering: a worker all the same
         return True
     except OSError:
         return False
