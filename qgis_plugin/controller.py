@@ -112,7 +112,8 @@ def _job_ended(job: dict) -> tuple:
         return f"{what} failed: {job['error']['message']}", Qgis.Critical
     level = Qgis.Success if job["state"] == states.DONE else Qgis.Info
     if job.get("kind") != "remove":
-        said, empty = f"Indexing {job['state']}: {job['tiles_done']} tiles.", without_tiles_said(job.get("without_tiles"))
+        said = f"Indexing {job['state']}: {job['tiles_done']} tiles."
+        empty = without_tiles_said(job.get("without_tiles"))
         # indexed, and yet a search finds nothing of them
         return (f"{said} {empty}", Qgis.Warning) if empty else (said, level)
     if job["state"] == states.DONE:

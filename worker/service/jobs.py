@@ -187,7 +187,8 @@ class JobManager:
     def resume_interrupted(self, index_roots: list[Path]) -> list[Job]:
         """Restart the jobs a killed or stopped worker left behind (their job.json is still
         there). One that cannot be resumed is remembered as failed, with its reason, and its
-        job.json removed (what it committed stays; asking for the index again resumes it). Only
+        job.json removed (what it committed stays; asking for the index again resumes it), or
+        kept for the next start when its rasters are not there now (_failed_resume). Only
         indexes' job files are looked at: every job.json under the root was, another program's
         removed as a damaged job, and an index's being deleted (its trash folder) resumed there."""
         jobs = []
@@ -204,9 +205,9 @@ class JobManager:
                         raise InputError(f"{job_file} is damaged (not a JSON object)")
                     index_name = spec.get("index") if isinstance(spec.get("index"), str) else index_name
                     request = IndexRequest.from_json(job_file.parent, spec, self.access)
-                # a damaged file (a field of the wrong type too: every start failed on it), rasters moved or outside the roots
+                # a damaged file (a field of the wrong type too: every start failed on it), rasters gone or
+                # outside the roots; those not there now (a drive not plugged in, a root not given) kept to try again
                 except (InputError, OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
-                    # rasters not there now (a drive not plugged in, a root not given this time): kept to try again
                     jobs.append(self._failed_resume(index_name, job_file, exc,
                                                     kept=isinstance(exc, (RasterMissing, OutsideRoots))))
                     continue
