@@ -154,15 +154,22 @@ def test_a_drawing_pool_outlives_ctrl_c_and_a_closed_terminal_sent_to_its_group(
     info = open_raster(assets["osbs_rgb"], None)
     tiles = list(plan_tiles(info, SETTINGS))[:8]
     job = DrawingJob(info.to_json(), 224, SETTINGS.tile, SETTINGS.min_valid)
+    # the processes start with the signals as a terminal gives them: a run in the background (CI)
+    # hands on both ignored, and the test could not fail
+    before = signal.signal(signal.SIGINT, signal.default_int_handler), signal.signal(signal.SIGHUP, signal.SIG_DFL)
     pool = DrawingPool(2)
     try:
         first = [n for n, _ in next(pool.each_job([(job, tiles)], 4))]
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGHUP, before[1])
         for process in pool.executor._processes.values():  # started by the first batches
             os.kill(process.pid, signal.SIGINT)
             os.kill(process.pid, signal.SIGHUP)
         time.sleep(0.5)
         assert [n for n, _ in next(pool.each_job([(job, tiles)], 4))] == first == [4, 8]
     finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGHUP, before[1])
         pool.close()
 
 
