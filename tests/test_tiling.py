@@ -116,7 +116,8 @@ def test_rasters_opened_together_refuse_as_one_at_a_time_would_and_all_at_once(t
     """Opened in threads, a run's rasters describe themselves as one at a time would, and every
     one refused is said in the order given, in one error (a folder of sheets with three bad
     files took three runs to find them)."""
-    from worker.tiling import MAX_REFUSALS_SAID, open_rasters
+    from worker.errors import MAX_SAID
+    from worker.tiling import open_rasters
 
     with rasterio.open(assets["rmnp_rgb"]) as src:
         data, transform = src.read(), src.transform
@@ -131,8 +132,8 @@ def test_rasters_opened_together_refuse_as_one_at_a_time_would_and_all_at_once(t
     with pytest.raises(InputError, match=r"^3 of the 6 rasters are refused, so none was indexed: \(1\) .*missing.tif.*"
                                          r" \(2\) .*fake.tif.* \(3\) .*nocrs.tif.*has no CRS"):
         open_rasters([missing, good[0], fake, *good[1:], no_crs], None, threads=4)
-    gone = [tmp_path / f"gone-{i}.tif" for i in range(MAX_REFUSALS_SAID + 2)]
-    with pytest.raises(InputError, match=f"gone-{MAX_REFUSALS_SAID - 1}.tif[^;]*; and 2 more$"):
+    gone = [tmp_path / f"gone-{i}.tif" for i in range(MAX_SAID + 2)]
+    with pytest.raises(InputError, match=f"gone-{MAX_SAID - 1}.tif[^;]*; and 2 more$"):
         open_rasters(gone, None, threads=2)
 
 

@@ -58,6 +58,18 @@ def _file_size_limit() -> int | None:
     return None if limit == resource.RLIM_INFINITY else limit
 
 
+MAX_SAID = 5  # findings named in a one-line message of several; the rest counted
+
+
+def numbered(said: list[str], between: str = " ") -> str:
+    """Several findings in one line (refused rasters, rasters not read whole): the first
+    MAX_SAID numbered, the rest counted; one alone as it is."""
+    if len(said) == 1:
+        return said[0]
+    more = f"; and {len(said) - MAX_SAID} more" if len(said) > MAX_SAID else ""
+    return between.join(f"({n}) {one}" for n, one in enumerate(said[:MAX_SAID], 1)) + more
+
+
 class InputError(Exception):
     """Bad input from the user: a file, a raster, a sketch, a flag or a message."""
 

@@ -32,7 +32,7 @@ from scipy import ndimage
 from shapely.geometry import Polygon
 
 from wire.protocol import MAX_TILE, MIN_TILE, excerpt
-from worker.errors import InputError, RasterReadError
+from worker.errors import InputError, RasterReadError, numbered
 from worker.raster_access import DRIVER_PREFIX, RasterAccess, is_vrt, source_path, vrt_sources
 
 log = logging.getLogger(__name__)
@@ -537,13 +537,9 @@ def open_rasters(paths: Sequence[Path], bands: tuple[int, ...] | None, drivers: 
     if len(refused) == 1:
         raise refused[0]
     if refused:
-        more = f"; and {len(refused) - MAX_REFUSALS_SAID} more" if len(refused) > MAX_REFUSALS_SAID else ""
         raise InputError(f"{len(refused)} of the {len(paths)} rasters are refused, so none was indexed: "
-                         + " ".join(f"({n}) {e}" for n, e in enumerate(refused[:MAX_REFUSALS_SAID], 1)) + more)
+                         + numbered([str(e) for e in refused]))
     return infos
-
-
-MAX_REFUSALS_SAID = 5  # a run's refused rasters named in its one line; the rest counted
 
 
 def _check_sources(path: Path, src: rasterio.DatasetReader) -> None:

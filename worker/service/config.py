@@ -9,6 +9,7 @@ from typing import Sequence
 from urllib.parse import urlparse
 
 from wire.protocol import DEFAULT_ENDPOINT
+from wire.sockets import tcp_host_and_port
 from worker.app import given
 from worker.errors import InputError, StorageError, storage_advice
 from worker.service.paths import PathPolicy
@@ -44,8 +45,8 @@ def check_endpoint(option: str, endpoint: str, any_port: bool) -> None:
     if url.scheme != "tcp":
         raise InputError(f"{option} {endpoint!r} is not an endpoint: give tcp://HOST:PORT (such as "
                          f"{DEFAULT_ENDPOINT}) or ipc:///PATH")
-    host, colon, port = url.netloc.rpartition(":")
-    if not colon or not host or url.netloc.endswith("]"):  # tcp://127.0.0.1, tcp://[::1]
+    host, port = tcp_host_and_port(endpoint)
+    if not host or url.netloc.endswith("]"):  # tcp://127.0.0.1, tcp://[::1]
         raise InputError(f"{option} {endpoint!r} names no port: give tcp://HOST:PORT ([ADDRESS] for IPv6)")
     if ":" in host and not host.startswith("["):  # a traceback (the port cannot be read)
         raise InputError(f"{option} {endpoint!r}: an IPv6 address is written in brackets, as tcp://[::1]:5555")
@@ -132,7 +133,7 @@ class ServiceConfig:
         keys, keys that are not there, and limits out of range."""
         bind = bind or DEFAULT_ENDPOINT
         check_endpoint("--bind", bind, any_port=False)
-        if pub is None and urlparse(bind).scheme == "tcp" and urlparse(bind).port == 65535:
+        if pub is None and tcp_host_and_port(bind)[1] == "65535":
             raise InputError(f"--bind {bind} leaves no port after it for progress events: give --pub too")
         if pub is not None:
             check_endpoint("--pub", pub, any_port=True)

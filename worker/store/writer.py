@@ -16,7 +16,7 @@ from worker import level_maps
 from worker.geo import bounds_wgs84
 from worker.interrupts import stops_held
 from worker.line_drawing import drawing_device
-from worker.errors import InputError, RasterReadError, StorageError
+from worker.errors import InputError, RasterReadError, StorageError, numbered
 from worker.store.format import (CHUNK_TILES, LOCK, MANIFEST, RECORD_DTYPE, SHARDS, TILES_LAYER, TMP_PREFIX,
                                  check_compatible, check_index_folder, check_tokens, disk_write, holds_an_index, holds_tokens,
                                  index_lock, manifest_stamp, new_manifest, read_manifest, remove_shards, shard_arrays,
@@ -262,6 +262,10 @@ class IndexWriter:
         self.manifest["rasters"].append(entry)
         return entry
 
+    def _chunks(self, tiles: int) -> int:
+        """How many chunks a raster's plan of `tiles` tiles is written in."""
+        return (tiles + self.chunk_tiles - 1) // self.chunk_tiles
+
     def _drop_raster(self, raster_id: int) -> None:
         remove_maps(self.dir, raster_id)
         self.manifest["shards"] = [s for s in self.manifest["shards"] if s["raster_id"] != raster_id]
@@ -305,7 +309,7 @@ class IndexWriter:
             jobs, done = [], 0
             for entry, tiles in plans:
                 committed = {s["chunk"] for s in self.manifest["shards"] if s["raster_id"] == entry["id"]}
-                for chunk in range(0, (len(tiles) + self.chunk_tiles - 1) // self.chunk_tiles):
+                for chunk in range(self._chunks(len(tiles))):
                     start, stop = chunk * self.chunk_tiles, min(len(tiles), (chunk + 1) * self.chunk_tiles)
                     if entry["complete"] or chunk in committed:
                         done += stop - start
@@ -367,8 +371,7 @@ class IndexWriter:
             with disk_write(self.dir / TILES_LAYER):
                 write_tiles_gpkg(self.dir)
             if unread:
-                chunks = {e["id"]: -(-(e["tiles_total"] or 0) // self.chunk_tiles) for e, _ in plans}
-                raise UnreadRasters([(entries[i]["path"], left_out, chunks[i], first)
+                raise UnreadRasters([(entries[i]["path"], left_out, self._chunks(entries[i]["tiles_total"]), first)
                                      for i, (first, left_out) in unread.items()], len(plans))
             return self.manifest
 
@@ -399,9 +402,6 @@ class IndexWriter:
             self._uncommitted = True
 
 
-MAX_UNREAD_SAID = 5  # a run's unread rasters named in its one line; the rest counted
-
-
 class UnreadRasters(InputError):
     """A run that indexed all it could, but not every chunk of some rasters: their tiles could
     not be read (RasterReadError). What was read is committed and searchable; those rasters stay
@@ -411,12 +411,10 @@ class UnreadRasters(InputError):
 
     def __init__(self, unread: list[tuple[str, int, int, RasterReadError]], rasters: int):
         """`unread`: (path, chunks left out, its chunks, the first of their errors) per raster."""
-        said = [f"{error} ({left} of {chunks} chunks left out)" for _, left, chunks, error in unread]
-        named = said[0] if len(said) == 1 else "; ".join(f"({n}) {s}" for n, s in enumerate(said[:MAX_UNREAD_SAID], 1))
-        more = f"; and {len(unread) - MAX_UNREAD_SAID} more" if len(unread) > MAX_UNREAD_SAID else ""
+        named = numbered([f"{error} ({left} of {chunks} chunks left out)" for _, left, chunks, error in unread], "; ")
         which = "the run's raster" if rasters == 1 else f"{len(unread)} of the run's {rasters} rasters"
         it, the_file = ("it", "the file") if len(unread) == 1 else ("them", "the files")
-        super().__init__(f"{which} could not be read whole: {named}{more}. What could be read is indexed and "
+        super().__init__(f"{which} could not be read whole: {named}. What could be read is indexed and "
                          f"searchable. Index {it} again once {the_file} can be read (a file repaired or replaced "
                          f"since is indexed anew, one unchanged keeps the chunks read), or take {it} out of the "
                          "index (on the worker's machine: python -m worker remove INDEX RASTER)")
