@@ -672,6 +672,37 @@ def test_cli_bad_sketch_exits_2_with_one_clear_line(tmp_path, s2_index, content,
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+def test_cli_sketch_given_a_georeferenced_raster_names_example(tmp_path, s2_index):
+    """A GeoTIFF given as --sketch (meaning --example) was refused as "not a readable PNG/JPEG"
+    with no word of --example, or, one an image reader opens, searched as a drawing unsaid. A
+    PNG beside a world file (QGIS's "Save as Image" of a drawn sketch) is a sketch: no word."""
+    from conftest import write_raster
+    from rasterio.transform import from_origin
+
+    index = TileIndex.open(s2_index)
+    drawing = np.asarray(pseudo_sketch(_tile_image(index, 3), "canny").convert("L"))
+    placed = {"crs": "EPSG:32633", "transform": from_origin(500_000, 5_000_000, 10, 10)}
+    photo = write_raster(tmp_path / "scene.tif", np.full((4, 64, 64), 900, np.uint16), **placed)
+    result = run_cli("search", s2_index, "--sketch", photo, "--out", tmp_path / "h.geojson")
+    assert result.returncode == 2
+    assert f"--example {photo} --bbox" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+    drawn_tif = write_raster(tmp_path / "drawn.tif", drawing[None], **placed)
+    result = run_cli("search", s2_index, "--sketch", drawn_tif, "--out", tmp_path / "h.geojson")
+    assert result.returncode == 0, result.stderr
+    assert f"--sketch {drawn_tif} is a georeferenced raster (GTiff), searched as a drawing" in result.stderr
+    assert f"--example {drawn_tif} --bbox" in result.stderr
+    assert json.loads((tmp_path / "h.geojson").read_text())["features"]
+
+    drawn_png = tmp_path / "drawn.png"
+    Image.fromarray(drawing).save(drawn_png)
+    (tmp_path / "drawn.pgw").write_text("10\n0\n0\n-10\n500005\n4999995\n")
+    with rasterio.open(drawn_png) as placed_png:
+        assert not placed_png.transform.is_identity  # the world file is read: placed, and still no word
+    result = run_cli("search", s2_index, "--sketch", drawn_png, "--out", tmp_path / "h.geojson")
+    assert result.returncode == 0 and "georeferenced" not in result.stderr, result.stderr
+
+
 def test_cli_outputs_it_could_not_write_are_refused_before_the_search(tmp_path, s2_index):
     """A folder as --out, or a preview in no image format, was found only after the search (a
     traceback after the GeoJSON was written, or a message about free disk space). --out replaced

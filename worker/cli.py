@@ -156,6 +156,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise InputError("give --sketch SKETCH.png, or --example RASTER with --bbox (a place to find more of)")
     elif args.area:
         raise InputError("--area is the search area of an --example search; a sketch search's is --bbox")
+    else:
+        check_sketch_is_no_raster(args.sketch)
     feedback = None
     if args.good or args.bad:
         from worker.feedback import Feedback
@@ -204,6 +206,37 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 SEARCH_THEN = "then search again"
+
+
+def check_sketch_is_no_raster(sketch: Path) -> None:
+    """A georeferenced raster given as the sketch (meaning --example: more places like one in
+    it) was searched as a drawing of lines, unsaid, or refused as "not a readable PNG/JPEG" with
+    no word of --example. One that no image reader opens is refused naming --example; one that
+    opens is searched as asked, with a warning. A PNG or JPEG beside a world file (QGIS's
+    "Save as Image" of a drawn sketch) is a sketch: no word."""
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+
+    from worker.sketch import open_sketch_image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(sketch) as raster:
+                if raster.driver in ("PNG", "JPEG") or (raster.crs is None and raster.transform.is_identity):
+                    return
+                driver = raster.driver
+    except RasterioIOError:
+        return  # no raster: the image reader says what it is
+    example = (f"to find more places like one in it, give --example {sketch} --bbox MINX,MINY,MAXX,MAXY "
+               "(the place's box, in --bbox-crs) instead of --sketch")
+    try:
+        open_sketch_image(sketch)
+    except InputError:
+        raise InputError(f"--sketch {sketch} is a georeferenced raster ({driver}), not a drawing: {example}; a "
+                         "sketch is a PNG or JPEG of the place's lines") from None
+    print(f"warning: --sketch {sketch} is a georeferenced raster ({driver}), searched as a drawing of the place's "
+          f"lines; {example}", file=sys.stderr)
 
 
 GEOJSON_SUFFIXES = (".geojson", ".json")
