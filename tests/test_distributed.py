@@ -861,6 +861,21 @@ def test_what_is_no_cluster_is_refused_before_any_work_by_the_command_line_and_t
         assert done.returncode == 2 and "is not a cluster" in done.stderr, done.stderr
 
 
+def test_more_local_workers_than_cores_is_refused_before_any_worker_starts(tmp_path):
+    """`local:1000` on 2 cores was taken: a thousand processes, each loading the model, ran the
+    machine out of memory. It is refused, by the command line's check and the service's."""
+    from worker.distributed import local_workers, most_local_workers
+    from worker.service.config import ServiceConfig
+
+    assert local_workers(f"local:{most_local_workers()}") == most_local_workers()
+    too_many = f"local:{most_local_workers() + 1}"
+    with pytest.raises(InputError, match=f"{too_many}: this machine has {os.cpu_count()} cores, at most "
+                                         f"local:{most_local_workers()} "):
+        Cluster(too_many, OPTIONS)
+    with pytest.raises(InputError, match="at most local:"):
+        ServiceConfig.create(index_roots=[tmp_path], cluster="local:1000")
+
+
 @pytest.mark.parametrize("spec", ["localhost:8786", "tcp://sched-1.example.org:8786", "tls://10.0.0.7:8786",
                                   "tcp://[::1]:8786", "tcp://[fe80::1%eth0]:8786", "ws://h:8786", "ucx://10.0.0.7:13337",
                                   "ucxx://10.0.0.7:13337"])

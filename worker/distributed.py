@@ -78,12 +78,22 @@ def local_workers(spec: str) -> int | None:
             n = 0
         if n < 1:
             raise InputError(f"--cluster {spec}: local:N needs a number of workers of at least 1")
+        if n > most_local_workers():  # each loads the model: local:1000 started them all, and ran the machine out of memory
+            raise InputError(f"--cluster {spec}: this machine has {os.cpu_count()} cores, at most "
+                             f"local:{most_local_workers()} (each worker process holds the model); more machines "
+                             "need a Dask cluster: tcp://HOST:8786")
         return n
     address = SCHEDULER_ADDRESS.fullmatch(spec)
     if address is None or not 0 < int(address[3]) < 65536:
         raise InputError(f"--cluster {spec!r} is not a cluster: give local, local:N (N worker processes here) or a "
                          "Dask scheduler's address, tcp://HOST:PORT (port 8786 unless it was started on another)")
     return 0
+
+
+def most_local_workers() -> int:
+    """The most worker processes `local:N` starts here: one a core (two on a machine of one, as
+    the tests start)."""
+    return max(2, os.cpu_count() or 1)
 
 
 @contextmanager
