@@ -864,6 +864,29 @@ def test_an_index_is_extended_with_its_own_settings_unless_others_are_given(tmp_
     assert refused.returncode == 3 and "tile settings" in refused.stderr
 
 
+def test_a_run_adding_a_raster_names_those_an_earlier_run_left_unfinished(tmp_path, model, assets, rmnp_copy):
+    """A raster an earlier run could not read whole stays unfinished; a run that added another
+    ended 0 and said nothing of it, so the user took the index as complete."""
+    from conftest import damaged_near_its_end
+    from worker.store.writer import UnreadRasters
+
+    out = tmp_path / "index"
+    IndexWriter(out, model, TileSettings(tile=128, scales=(1, 2)), 12).build([rmnp_copy])
+    whole = run_cli("index", "--out", out, "--quiet", assets["osbs_rgb"])
+    assert whole.returncode == 0 and not whole.stderr, whole.stderr
+    assert json.loads(whole.stdout)["unfinished"] == []
+
+    damaged, _ = damaged_near_its_end(tmp_path, assets)
+    with pytest.raises(UnreadRasters):
+        IndexWriter(out, model, TileSettings(tile=128, scales=(1, 2)), 12).build([damaged])
+    added = shutil.copy(rmnp_copy, rmnp_copy.with_name("added.tif"))
+    result = run_cli("index", "--out", out, "--quiet", added)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["unfinished"] == [str(damaged)]
+    assert re.fullmatch(r"warning: 1 other raster\(s\) of the index not fully indexed .*: name them in a run to finish "
+                        rf"them: {re.escape(str(damaged))}\n", result.stderr), result.stderr
+
+
 def test_other_settings_or_model_are_refused(tmp_path, model, rmnp_copy):
     out = tmp_path / "index"
     IndexWriter(out, model, TileSettings(tile=112, scales=(1,))).build([rmnp_copy])

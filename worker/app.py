@@ -183,10 +183,12 @@ class IndexSummary:
     ann: dict | None = None  # the ANN shortlist built or updated (worker.ann.AnnInfo), if any
     # this request's rasters indexed whole with no tile a search can find (nodata, or smaller than a tile)
     without_tiles: tuple[str, ...] = ()
+    # the index's other rasters, not asked, still not fully indexed (an earlier run stopped or failed)
+    unfinished: tuple[str, ...] = ()
 
     def to_json(self) -> dict:
         out = {"index": str(self.index_dir), "tile_count": self.tile_count, "tiles_skipped": self.tiles_skipped,
-               "rasters": self.rasters, "without_tiles": list(self.without_tiles)}
+               "rasters": self.rasters, "without_tiles": list(self.without_tiles), "unfinished": list(self.unfinished)}
         return {**out, "ann": self.ann} if self.ann else out
 
 
@@ -223,7 +225,8 @@ def build_index(request: IndexRequest, model: "RetrievalModel", progress: Callab
     without_tiles = tuple(r["path"] for r in rasters
                           if r["path"] in asked and r["complete"] and (r["tiles_total"] or 0) == r["tiles_skipped"])
     return IndexSummary(request.index_dir, manifest.get("tile_count", 0), sum(r["tiles_total"] or 0 for r in rasters),
-                        sum(r["tiles_skipped"] for r in rasters), len(rasters), complete, ann_info, without_tiles)
+                        sum(r["tiles_skipped"] for r in rasters), len(rasters), complete, ann_info, without_tiles,
+                        tuple(path for path in unfinished if path not in asked))
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from wire.protocol import DEFAULT_ENDPOINT
 from worker.ann import AUTO_MIN_TILES
 from worker.app import IndexRequest, ModelOptions, SearchRequest
-from worker.errors import CorruptIndexError, IndexMismatchError, InputError
+from worker.errors import CorruptIndexError, IndexMismatchError, InputError, numbered
 from worker.ranking import RANKERS
 from worker.store.format import JOB_LOCK, IndexLocked, disk_write, holds_an_index, locked_by_another
 from worker.service.config import Limits, ServiceConfig
@@ -125,6 +125,10 @@ def cmd_index(args: argparse.Namespace) -> int:
             bar.refresh()
 
         summary = build_index(request, model, progress=progress, cluster=cluster)
+    if summary.unfinished:  # a run adding a raster said nothing of those an earlier run left unfinished
+        print(f"warning: {len(summary.unfinished)} other raster(s) of the index not fully indexed (an earlier run "
+              "stopped or failed; a search meets them in part or not at all): name them in a run to finish them: "
+              f"{numbered(list(summary.unfinished))}", file=sys.stderr)
     print(json.dumps(summary.to_json()))
     return 0
 
