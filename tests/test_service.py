@@ -841,6 +841,29 @@ def test_serve_options_that_cannot_be_are_refused_in_one_line(tmp_path, option, 
     assert file.read_text() == "not a folder"
 
 
+@pytest.mark.parametrize("busy", ["--bind", "--pub"])
+def test_a_port_in_use_is_said_before_the_model_loads_and_leaves_no_index_root(tmp_path, busy):
+    """A port another program holds was found only once the model had loaded (seconds on a CPU),
+    and the failed start left an empty ./indexes where it was started. A model that cannot load
+    (sketch modules not there) shows which came first."""
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    held = f"tcp://127.0.0.1:{holder.getsockname()[1]}"
+    ports = {"--bind": f"tcp://127.0.0.1:{free_port()}", "--pub": f"tcp://127.0.0.1:{free_port()}", busy: held}
+    try:
+        result = subprocess.run([sys.executable, "-m", "worker", "serve", "--device", "cpu", "--bind", ports["--bind"],
+                                 "--pub", ports["--pub"], "--sketch-modules", str(tmp_path / "not-there.safetensors")],
+                                cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                                text=True, timeout=120)
+    finally:
+        holder.close()
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"error: cannot listen on {held} (Address already in use") and \
+        f"another worker may be running there; choose another address with {busy}" in result.stderr, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("chosen", [{}, {"GOMP_SPINCOUNT": "2500"}, {"OMP_WAIT_POLICY": "ACTIVE"}])
 def test_the_workers_openmp_threads_soon_sleep_unless_the_user_chose_how_they_wait(tmp_path, chosen):
     """libgomp's default spinning made searches 5-11x slower beside another busy torch process

@@ -128,9 +128,10 @@ class ServiceConfig:
     def create(cls, bind: str | None = None, pub: str | None = None, index_roots: Sequence[Path] | None = None,
                raster_roots: Sequence[Path] | None = None, curve_keys: Path | None = None, cluster: str | None = None,
                **limits: float | int | None) -> "ServiceConfig":
-        """A config from what the user gave (None: the default; `limits` by the names of Limits);
-        index roots are created. Refuses (InputError) an endpoint beyond this machine without
-        keys, keys that are not there, and limits out of range."""
+        """A config from what the user gave (None: the default; `limits` by the names of Limits).
+        Refuses (InputError) endpoints that cannot be, a malformed cluster and limits out of
+        range; what needs the disk (keys, index roots) is checked as the worker starts
+        (worker.service.listening, make_index_roots)."""
         bind = bind or DEFAULT_ENDPOINT
         check_endpoint("--bind", bind, any_port=False)
         if pub is None and tcp_host_and_port(bind)[1] == "65535":
@@ -142,7 +143,15 @@ class ServiceConfig:
 
             local_workers(cluster)  # a malformed one refused now, not at the first job after the model loads
         index_roots = [Path(p).resolve() for p in (index_roots or [Path.cwd() / "indexes"])]
-        for root in index_roots:  # a file there, or a read-only disk, was a traceback
+        raster_roots = [Path(p).resolve() for p in (raster_roots or index_roots)]
+        return cls(bind, pub or default_pub(bind), PathPolicy(tuple(index_roots), tuple(raster_roots)),
+                   Limits(**given(**limits)), curve_keys=curve_keys, cluster=cluster)
+
+    def make_index_roots(self) -> None:
+        """Each index root, made when missing; one line for one that cannot be (a file there, or a
+        read-only disk, was a traceback). Made once the worker listens: a start that failed on
+        its port left an empty ./indexes behind."""
+        for root in self.paths.index_roots:
             try:
                 root.mkdir(parents=True, exist_ok=True)
             except (FileExistsError, NotADirectoryError):
@@ -151,19 +160,17 @@ class ServiceConfig:
             except OSError as exc:
                 raise StorageError(f"--index-root {root} cannot be made ({exc.strerror}): "
                                    f"{storage_advice(exc)}") from None
-        raster_roots = [Path(p).resolve() for p in (raster_roots or index_roots)]
-        config = cls(bind, pub or default_pub(bind), PathPolicy(tuple(index_roots), tuple(raster_roots)),
-                     Limits(**given(**limits)), curve_keys=curve_keys, cluster=cluster)
-        config.check_security()
-        return config
 
-    def check_security(self) -> None:
+    def server_keys(self) -> tuple[bytes, bytes] | None:
+        """The server's CURVE key pair (public, secret), or None without --curve-keys; an
+        InputError for an endpoint beyond this machine without keys, and for keys that are not
+        there or cannot be."""
         for endpoint in (self.bind, self.pub):
             if not is_loopback(endpoint) and self.curve_keys is None:
                 raise InputError(f"refusing to bind {endpoint} without --curve-keys: only loopback and ipc "
                                  "endpoints may be served unencrypted")
         if self.curve_keys is None:
-            return
+            return None
         make = "make the server's key pair and the clients' public keys with zmq.auth.create_certificates"
         if not (self.curve_keys / SERVER_SECRET_KEY).is_file():
             raise InputError(f"--curve-keys {self.curve_keys} holds no {SERVER_SECRET_KEY}: {make}")
@@ -172,8 +179,8 @@ class ServiceConfig:
                              f"public keys: every client would be refused; {make}")
         import zmq.auth
 
-        try:  # read once the model had loaded, a damaged one was a traceback
-            _, secret = zmq.auth.load_certificate(str(self.curve_keys / SERVER_SECRET_KEY))
+        try:  # a damaged one was a traceback
+            public, secret = zmq.auth.load_certificate(str(self.curve_keys / SERVER_SECRET_KEY))
         except (ValueError, OSError) as exc:
             secret, why = None, str(exc)
         else:
@@ -181,3 +188,4 @@ class ServiceConfig:
         if secret is None:
             raise InputError(f"--curve-keys {self.curve_keys / SERVER_SECRET_KEY} is not a server's secret key "
                              f"({why}): {make}")
+        return public, secret

@@ -22,7 +22,7 @@ import logging
 import os
 import queue
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 import zmq
@@ -33,14 +33,13 @@ from worker.app import ModelOptions
 from worker.cancellation import SearchStopped, StopCheck
 from worker.distributed import Cluster
 from worker.errors import InputError, error_object
-from worker.service.config import AUTHORIZED_CLIENTS, SERVER_SECRET_KEY, ServiceConfig
+from worker.service.config import ServiceConfig
 from worker.service.handlers import Handlers
 from worker.service.indexes import OpenIndexes
 from worker.service.jobs import JobManager
+from worker.service.listening import Listening
 
 log = logging.getLogger(__name__)
-HARD_LIMIT_FACTOR = 4  # ZeroMQ drops peers sending more than this times the answerable limit
-RECEIVE_HWM = 16  # messages ZeroMQ reads ahead per peer while the loop is busy; then TCP pushes back
 IDLE_POLL_MS = 1000
 
 
@@ -117,10 +116,13 @@ MAX_IGNORED_NAMED = 32  # fields named in a reply's `ignored`: a request of thou
 
 
 class Service:
-    def __init__(self, config: ServiceConfig, model, context: zmq.Context | None = None,
-                 model_options: ModelOptions | None = None):
+    """Serves requests on `listening`'s sockets (bound before the model loaded) until stopped."""
+
+    def __init__(self, listening: Listening, model, model_options: ModelOptions | None = None):
+        config = listening.config
         self.limits = config.limits
-        self.context = context or zmq.Context.instance()
+        self.listening = listening
+        self.router, self.pub = listening.router, listening.pub
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self._pending: dict[cf.Future, PendingRequest] = {}
@@ -135,44 +137,11 @@ class Service:
         self.pools = {"search": cf.ThreadPoolExecutor(self.limits.search_threads, thread_name_prefix="search"),
                       "list_indexes": cf.ThreadPoolExecutor(1, thread_name_prefix="list")}
         self.stopping = False
-        self.auth = None
 
     @property
     def config(self) -> ServiceConfig:
         """The service's configuration, held once (by its handlers, whose replies say it)."""
         return self.handlers.config
-
-    # -- sockets ------------------------------------------------------------------------------
-    def _secure(self, sock: zmq.Socket) -> None:
-        if self.config.curve_keys is None:
-            return
-        import zmq.auth
-
-        public, secret = zmq.auth.load_certificate(str(self.config.curve_keys / SERVER_SECRET_KEY))
-        sock.curve_secretkey = secret
-        sock.curve_publickey = public
-        sock.curve_server = True
-
-    def open(self) -> None:
-        self.config.check_security()
-        if self.config.curve_keys is not None:
-            from zmq.auth.thread import ThreadAuthenticator
-
-            self.auth = ThreadAuthenticator(self.context)
-            self.auth.start()
-            self.auth.configure_curve(domain="*", location=str(self.config.curve_keys / AUTHORIZED_CLIENTS))
-        self.router = self.context.socket(zmq.ROUTER)
-        self.router.setsockopt(zmq.LINGER, 0)
-        self.router.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes * HARD_LIMIT_FACTOR)
-        self.router.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
-        self._secure(self.router)
-        _bind(self.router, self.config.bind, "--bind")
-        self.pub = self.context.socket(zmq.PUB)
-        self.pub.setsockopt(zmq.LINGER, 0)
-        self._secure(self.pub)
-        _bind(self.pub, self.config.pub, "--pub")
-        if self.config.pub.endswith(":*"):  # any free port: clients are told the one the system gave
-            self.handlers.config = replace(self.config, pub=self.pub.getsockopt_string(zmq.LAST_ENDPOINT))
 
     def _wake(self) -> None:
         try:
@@ -351,45 +320,6 @@ class Service:
             pool.shutdown(wait=True, cancel_futures=True)  # running searches stop at their next stage
         self._flush_done()
         self._flush_events()
-        self.router.close(linger=0)
-        self.pub.close(linger=100)
-        if self.auth is not None:
-            self.auth.stop()
+        self.listening.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
-
-
-def _bind(socket: zmq.Socket, address: str, option: str) -> None:
-    """Listen on `address`, or an InputError that says why not (a worker already there). An
-    ipc socket a worker listens on is refused as a busy port is: ZeroMQ took it over unsaid, the
-    first worker left running where no client could reach it."""
-    if address.startswith("ipc://") and _listened_on(address[len("ipc://"):]):
-        raise InputError(f"cannot listen on {address}: another worker is serving there; stop it, or choose another "
-                         f"address with {option}")
-    if "[" in address:  # an IPv6 address: refused as "No such device" without
-        socket.setsockopt(zmq.IPV6, 1)
-    try:
-        socket.bind(address)
-    except zmq.ZMQError as exc:
-        busy = " another worker may be running there;" if exc.errno == zmq.EADDRINUSE else ""
-        raise InputError(f"cannot listen on {address} ({exc}):{busy} choose another address with {option}") from None
-
-
-def _listened_on(path: str) -> bool:
-    """Whether a process accepts connections on the Unix socket at `path` (a file left by a
-    worker that was killed accepts none)."""
-    import socket as sockets
-
-    if not path.startswith("@") and not os.path.exists(path):
-        return False
-    probe = sockets.socket(sockets.AF_UNIX, sockets.SOCK_STREAM)
-    probe.settimeout(1.0)  # a worker stopped (SIGSTOP), its queue full, held the connect for ever
-    try:
-        probe.connect("\0" + path[1:] if path.startswith("@") else path)
-        return True
-    except TimeoutError:  # there, and not answering: a worker all the same
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()

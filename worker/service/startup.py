@@ -15,6 +15,7 @@ import time
 from worker.app import ModelOptions
 from worker.errors import InputError
 from worker.service.config import ServiceConfig
+from worker.service.listening import Listening
 from worker.service.loop import Service
 
 log = logging.getLogger(__name__)
@@ -26,13 +27,18 @@ def serve(config: ServiceConfig, model_options: ModelOptions, stop_with: int | N
     started the worker), then let indexing jobs commit and exit 0. One JSON line on stdout
     ({"serving", "pub", "device"}) says when requests are answered (the plugin waits for it)."""
     application = None if stop_with is None else Application(stop_with)  # held before the model loads
-    for root in config.paths.raster_roots:  # every request naming its rasters was refused, with no word at start
-        if not root.is_dir():
-            log.warning("--raster-root %s is %s: no raster in it can be indexed or searched until it is there", root,
-                        "a file, not a folder" if root.exists() else "not there (a drive not plugged in?)")
-    model = _load_in_passing_thread(model_options)
-    service = Service(config, model, model_options=model_options)
-    service.open()
+    listening = Listening.open(config)  # a port in use is said before the model loads, not after
+    try:
+        config.make_index_roots()
+        for root in config.paths.raster_roots:  # every request naming its rasters was refused, with no word at start
+            if not root.is_dir():
+                log.warning("--raster-root %s is %s: no raster in it can be indexed or searched until it is there",
+                            root, "a file, not a folder" if root.exists() else "not there (a drive not plugged in?)")
+        model = _load_in_passing_thread(model_options)
+        service = Service(listening, model, model_options=model_options)
+    except BaseException:
+        listening.close()
+        raise
     signal.signal(signal.SIGTERM, service.request_stop)
     signal.signal(signal.SIGINT, service.request_stop)
     # the terminal it runs in closed: stopped as at SIGTERM (it ended the worker with no commit);
