@@ -493,6 +493,9 @@ def test_5e_a_damaged_file_of_a_mosaic_fails_its_job_naming_it_and_the_rest_is_s
             assert re.match(r"1 of the run's 2 rasters could not be read whole: \S*damaged.tif: cannot read window .*"
                             r"\(\d+ of \d+ chunks left out\)\. What could be read is indexed and searchable", message)
             reply = c.search("damaged", sketch_png(), top=20)
+        # in the worker's log too, at its default level: one serving several users had no word of it
+        assert f"index job {job['id']} of {served.index_root / 'damaged'}: failed: 1 of the run's 2 rasters" in \
+            served.log.read_text()
         listed = {h["properties"]["raster"] for h in reply["hits"]["features"]}
         assert str(tree / "rasters" / "tiny.tif") in listed
         # searched in part, or left out once a hit's verification met the damaged block: said either way

@@ -650,6 +650,10 @@ def test_kill_9_mid_index_then_restart_resumes_to_the_same_index(tmp_path, raste
             assert index["complete"]
     finally:
         proc.stop()
+    # said at the default log level: a worker resumed a job, and saw it end, with no word in its log
+    said = proc.log.read_text()
+    assert f"resuming the interrupted indexing job of {root / 'coast'}" in said, said
+    assert re.search(rf"INFO worker.service.jobs: index job \S+ of {re.escape(str(root / 'coast'))}: done", said), said
     from worker.model.loading import load_model
     from worker.tiling import TileSettings
 

@@ -564,6 +564,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.verbose:
         warnings.showwarning = warning_line
+        if args.func is cmd_serve:  # a service's log says what it does (jobs resumed, run, ended), not its warnings alone
+            logging.getLogger("worker").setLevel(logging.INFO)
     signal.signal(signal.SIGTERM, _terminate)
     sys.unraisablehook = stop_lost_in_a_callback
     try:

@@ -265,6 +265,7 @@ class JobManager:
         job.state = states.RUNNING
         job._rate_start = (time.time(), 0)
         self.publish(job.to_json())
+        log.info("%s job %s of %s: running", job.kind, job.id, job.index_dir)
 
         def progress(p: IndexProgress) -> None:
             job.on_progress(p)
@@ -316,6 +317,11 @@ class JobManager:
                 job.job_lock = None
             job.state, job.error, job.finished = state, error, time.time()
             self.publish(job.to_json())
+            # said in the worker's log too: one serving several users had no word of a job's end
+            if error is not None:
+                log.warning("%s job %s of %s: %s: %s", job.kind, job.id, job.index_dir, state, error["message"])
+            else:
+                log.info("%s job %s of %s: %s", job.kind, job.id, job.index_dir, state)
 
     def get(self, job_id: str) -> Job | None:
         with self._lock:
