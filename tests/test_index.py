@@ -1065,6 +1065,12 @@ def test_an_index_run_makes_again_what_damage_to_the_index_lost(tmp_path, model,
     if damaged == "map":
         [said] = index_info(open_index(index_dir))["damaged"]
         assert str(target) in said and "index its rasters" in said
+    else:  # the index cannot be opened: info failed with the damage alone, naming none of "its rasters"
+        said = run_cli("info", index_dir)
+        info = json.loads(said.stdout)
+        assert said.returncode == 3 and str(target) in said.stderr, said.stderr
+        assert [(r["path"], r["on_disk"]) for r in info["rasters"]] == [(str(assets["s2_rgb"]), "unchanged")]
+        assert str(target) in info["damaged"][0] and info["tile_count"] == len(TileIndex.open(s2_index))
     with pytest.raises(CorruptIndexError, match="index its rasters into the index again"):
         index = TileIndex.open(index_dir)
         index.check_map_files()

@@ -27,6 +27,7 @@ from worker.raster_access import RasterAccess
 from worker.store import (CHUNK_TILES, JOB_FILE, IndexProgress, IndexWriter, TileIndex, check_compatible,
                           check_index_folder, check_tokens, read_manifest)
 from worker.store.format import IndexLocked, holds_an_index
+from worker.store.reader import manifest_info
 from worker.tiling import RasterInfo, Tile, TileSettings, disk_state, find_rasters
 
 if TYPE_CHECKING:
@@ -311,10 +312,23 @@ def index_info(index: TileIndex) -> dict:
     """What `info` says of an index: its manifest's summary, each raster's file as it is now
     (`on_disk`: info said nothing of a changed raster, not even beside a shortlist "current"),
     and its ANN shortlist (or none)."""
-    summary = index.info()
+    return {**with_disk_states(index.info(), index.rasters), "ann": ann.describe(index)}
+
+
+def damaged_index_info(index_dir: Path, damage: CorruptIndexError) -> dict:
+    """What `info` says of an index whose shards cannot be opened (`damage`): its manifest's
+    summary, so that the rasters to index again are named; info failed with the damage alone,
+    and the advice to index "its rasters" again named none. A damaged manifest raises."""
+    manifest = read_manifest(index_dir)
+    rasters = {r["id"]: RasterInfo.from_json(r) for r in manifest["rasters"]}
+    return {**with_disk_states(manifest_info(index_dir, manifest), rasters), "damaged": [str(damage)]}
+
+
+def with_disk_states(summary: dict, rasters: dict[int, RasterInfo]) -> dict:
+    """An info `summary` with each raster's file as it is now (`on_disk`)."""
     for entry in summary["rasters"]:
-        entry["on_disk"] = disk_state(index.rasters[entry["id"]])
-    return {**summary, "ann": ann.describe(index)}
+        entry["on_disk"] = disk_state(rasters[entry["id"]])
+    return summary
 
 
 def open_index(index_dir: Path, partial_maps_bytes: int | None = None,

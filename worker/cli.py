@@ -350,9 +350,13 @@ def _check_writable(option: str, path: Path, follows_links: bool) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from worker.app import index_info, open_index
+    from worker.app import damaged_index_info, index_info, open_index
 
-    print(json.dumps(index_info(open_index(args.index)), indent=1))
+    try:
+        print(json.dumps(index_info(open_index(args.index)), indent=1))
+    except CorruptIndexError as exc:  # its rasters listed, the ones to index again; then the error, exit 3
+        print(json.dumps(damaged_index_info(args.index, exc), indent=1))
+        raise
     return 0
 
 

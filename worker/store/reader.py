@@ -286,19 +286,24 @@ class TileIndex:
     def info(self) -> dict:
         """What `info` says of the index; `damaged`: why each complete raster's damaged level map
         is so (a search meeting it fails; an `index` run joins it again)."""
-        m = self.manifest
         damaged = [str(wrong) for wrong in self.damaged_maps]
         sizes = {"tokens_bytes": int(sum(t.nbytes for t in self._arrays.get("tokens", []))),
                  "disk_bytes": int(sum(f.stat().st_size for f in self.dir.rglob("*") if f.is_file()))}
-        return {"index": str(self.dir), "format": m["format"], "model": m["model"], "tiling": m["tiling"],
-                "tokens": self.has_tokens,
-                "tile_count": len(self), "tiles_skipped": sum(r["tiles_skipped"] for r in m["rasters"]),
-                "complete": all(r["complete"] for r in m["rasters"]),
-                "damaged": damaged,
-                "rasters": [{"id": r["id"], "path": r["path"], "width": r["width"], "height": r["height"],
-                             "bands": r["bands"], "complete": r["complete"], "tiles_total": r["tiles_total"],
-                             "tiles_skipped": r["tiles_skipped"]} for r in m["rasters"]],
+        return {**manifest_info(self.dir, self.manifest), "tile_count": len(self), "damaged": damaged,
                 "sizes": {**sizes, "bytes_per_tile": sizes["disk_bytes"] / max(1, len(self))}}
+
+
+def manifest_info(index_dir: Path, manifest: dict) -> dict:
+    """What `info` says of an index by its manifest alone: also of one whose shards are damaged,
+    which cannot be opened (its rasters are the ones to index again)."""
+    m = manifest
+    return {"index": str(index_dir), "format": m["format"], "model": m["model"], "tiling": m["tiling"],
+            "tokens": holds_tokens(m), "tile_count": m.get("tile_count", 0),
+            "tiles_skipped": sum(r["tiles_skipped"] for r in m["rasters"]),
+            "complete": all(r["complete"] for r in m["rasters"]),
+            "rasters": [{"id": r["id"], "path": r["path"], "width": r["width"], "height": r["height"],
+                         "bands": r["bands"], "complete": r["complete"], "tiles_total": r["tiles_total"],
+                         "tiles_skipped": r["tiles_skipped"]} for r in m["rasters"]]}
 
 
 def _opened_before(earlier: TileIndex | None, view: TileIndex) -> bool:
