@@ -20,7 +20,7 @@ from .error_hints import told
 from .index_layers import tiles_layer, tiles_layer_name, why_no_tiles_layer
 from .local_worker import LocalWorker, WorkerExit
 from .user_requests import Connection, IndexBuild, SearchQuery, endpoint_problem
-from .results import (BAD, GOOD, free_table, hits_layer, keep_query, kept_on_disk, marks, results_file, save_gpkg,
+from .results import (BAD, GOOD, free_table, gpkg_path, hits_layer, keep_query, kept_on_disk, marks, results_file, save_gpkg,
                       saved_query, set_mark, take_results_beside)
 from .settings import Setting
 from .wire import errors as codes
@@ -105,6 +105,13 @@ def without_tiles_said(paths: Optional[list]) -> str:
     return f"{len(paths)} raster(s) with {WITHOUT_TILES}: {_names([{'raster': p} for p in paths])}" if paths else ""
 
 
+def tiles_held_said(job: dict) -> str:
+    """What an indexing job's index holds once it ended, for the dock's message and Processing's
+    log: the dock said the tiles done, skipped ones included ("38 tiles" of an index of 36)."""
+    held = job["tiles_done"] - job["tiles_skipped"]  # once done: the whole index's (a run's own: while it runs)
+    return f"the index holds {held} tiles ({job['tiles_skipped']} with too little data skipped)"
+
+
 def _job_ended(job: dict) -> tuple:
     """What the message bar says of an ended job (an indexing run or a removal), and how loud."""
     what = "Removing rasters" if job.get("kind") == "remove" else "Indexing"
@@ -112,7 +119,7 @@ def _job_ended(job: dict) -> tuple:
         return f"{what} failed: {job['error']['message']}", Qgis.Critical
     level = Qgis.Success if job["state"] == states.DONE else Qgis.Info
     if job.get("kind") != "remove":
-        said = f"Indexing {job['state']}: {job['tiles_done']} tiles."
+        said = f"Indexing {job['state']}: {tiles_held_said(job)}."
         empty = without_tiles_said(job.get("without_tiles"))
         # indexed, and yet a search finds nothing of them
         return (f"{said} {empty}", Qgis.Warning) if empty else (said, level)
@@ -609,13 +616,14 @@ class SearchController(QObject):
         self.search(SearchQuery(index=query.index, top=query.top, crs=query.crs, example=example))
 
     def save_results(self, path: str) -> None:
-        """Write the last search's layer to a GeoPackage."""
+        """Write the last search's layer to a GeoPackage (`path`, .gpkg added when not typed)."""
         if self.result_layer is None:
             return self.notice.emit("Search first: there are no results to save.", Qgis.Warning, "")
+        path = gpkg_path(path)
         table = free_table(path, self.result_layer.name())
         error = save_gpkg(self.result_layer, path, table)
         if error:
-            self.notice.emit(f"Saving failed: {error}. Choose a folder you can write to.", Qgis.Critical, "")
+            self.notice.emit(f"Saving failed: {error}.", Qgis.Critical, "")
         else:
             self.notice.emit(f"Results saved to {path} as “{table}”.", Qgis.Success, "")
 

@@ -391,8 +391,13 @@ class SketchSearchDock(QDockWidget):
             self.load_sketch_image(path)
 
     def load_sketch_image(self, path: str) -> None:
-        with open(path, "rb") as f:
-            self.sketch_image = f.read()
+        """Search with the image file `path`; one that cannot be read is said, the sketch kept
+        (an unreadable file raised out of the dialog's slot)."""
+        try:
+            with open(path, "rb") as f:
+                self.sketch_image = f.read()
+        except OSError as exc:
+            return self.notify(f"Cannot read {path} ({exc.strerror}): choose another image.", Qgis.Warning)
         self.sketch_source = "image"
         self.sketch_label.setText(path.rsplit("/", 1)[-1])
 

@@ -6,17 +6,18 @@ from __future__ import annotations
 from .wire import errors as codes
 from .wire.errors import WorkerError
 
+# only where the worker's message cannot say it: it says what to do of bad input, a mismatched or
+# damaged index, a full disk; a hint keyed on the code alone was wrong for most of them ("Check the
+# sketch or rasters." after tile settings out of range)
 HINTS = {codes.UNAVAILABLE: "Is the worker running? Start it or check the endpoint.",
-         codes.INDEX_MISMATCH: "Build a new index with this worker's model.",
-         codes.BAD_INPUT: "Check the sketch or rasters.",
          codes.FORBIDDEN: "The worker does not serve that path.",
          codes.BUSY: "The worker is busy (an index's job, another program writing the index, or searches "
                      "queued): wait for them, or cancel the job, and try again.",
-         codes.UNKNOWN_OP: "The worker is older than this plugin: update it (set it up again) to do this."}
-NO_HINT = "See the log panel for details."
+         codes.UNKNOWN_OP: "The worker is older than this plugin: update it (set it up again) to do this.",
+         codes.INTERNAL: "This is a bug in the worker: its log says more."}
 
 
 def told(err: WorkerError) -> str:
-    """The error's message as a sentence, and what to do about it."""
+    """The error's message as a sentence, and what to do about it where the message cannot say."""
     said = err.message if err.message.rstrip().endswith((".", "!", "?")) else f"{err.message.rstrip()}."
-    return f"{said} {HINTS.get(err.code, NO_HINT)}"
+    return f"{said} {HINTS[err.code]}" if err.code in HINTS else said

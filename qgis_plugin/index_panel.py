@@ -15,7 +15,7 @@ from qgis.PyQt.QtWidgets import (QAbstractItemView, QDoubleSpinBox, QFormLayout,
 
 from .widgets import add_button
 from .controller import SearchController, without_tiles_said
-from .raster_layers import NOT_A_FILE, raster_file
+from .raster_layers import raster_file
 from .raster_removal import RasterRemovalDialog
 from .user_requests import IndexBuild, Tiling
 from .wire import job_states as states
@@ -313,29 +313,36 @@ class IndexPanel(QGroupBox):
     def _layers_changed(self, *_: object) -> None:
         self.refresh_raster_layers()
 
-    def refresh_raster_layers(self) -> None:
-        """The project's GDAL raster layers, ticked; those that are no file (a GeoPackage's raster
-        table, an in-memory raster, a GDAL virtual path) shown greyed with why: the worker reads
-        files, and refused a whole build that held one. A layer the user unticked stays unticked:
-        the list is rebuilt whenever a layer is added (a search's results too), and ticking every
-        raster again made the next build index one the user had left out."""
+    def refresh_raster_layers(self) -> list:
+        """The project's raster layers, those the worker can index ticked; the others (a
+        GeoPackage's raster, a web or in-memory layer, a file gone) greyed with why: the worker
+        reads files, and refused a whole build that held one. A layer the user unticked stays
+        unticked: the list is rebuilt whenever a layer is added (a search's results too), and
+        ticking every raster again made the next build index one the user had left out.
+        Returns the layers ticked before that are greyed now, with why."""
         items = [self.raster_list.item(i) for i in range(self.raster_list.count())]
         unticked = {i.data(LAYER_ID) for i in items if i.flags() & Qt.ItemIsUserCheckable and i.checkState() != Qt.Checked}
+        ticked = {i.data(LAYER_ID) for i in items if i.flags() & Qt.ItemIsUserCheckable and i.checkState() == Qt.Checked}
         self.raster_list.clear()
+        lost = []
         for layer in QgsProject.instance().mapLayers().values():
-            if layer.type() == QgsMapLayerType.RasterLayer and layer.providerType() == "gdal":
-                path = raster_file(layer)
-                item = QListWidgetItem(layer.name())
-                item.setData(Qt.UserRole, path)
-                item.setData(LAYER_ID, layer.id())
-                if path is not None:
-                    item.setToolTip(path)
-                    item.setFlags(item.flags() | Qt.ItemIsUserCheckable)
-                    item.setCheckState(Qt.Unchecked if layer.id() in unticked else Qt.Checked)
-                else:
-                    item.setToolTip(f"{layer.source()}\n{NOT_A_FILE[0].upper()}{NOT_A_FILE[1:]}.")
-                    item.setFlags(item.flags() & ~Qt.ItemIsEnabled)
-                self.raster_list.addItem(item)
+            if layer.type() != QgsMapLayerType.RasterLayer:
+                continue
+            path, why_not = raster_file(layer)
+            item = QListWidgetItem(layer.name())
+            item.setData(Qt.UserRole, path)
+            item.setData(LAYER_ID, layer.id())
+            if path is not None:
+                item.setToolTip(path)
+                item.setFlags(item.flags() | Qt.ItemIsUserCheckable)
+                item.setCheckState(Qt.Unchecked if layer.id() in unticked else Qt.Checked)
+            else:
+                item.setToolTip(f"{layer.source()}\n{why_not[0].upper()}{why_not[1:]}.")
+                item.setFlags(item.flags() & ~Qt.ItemIsEnabled)
+                if layer.id() in ticked:
+                    lost.append(f"{layer.name()}: {why_not}")
+            self.raster_list.addItem(item)
+        return lost
 
     def checked_rasters(self) -> list:
         items = [self.raster_list.item(i) for i in range(self.raster_list.count())]
@@ -346,6 +353,10 @@ class IndexPanel(QGroupBox):
             tiling = self.tiling_form.tiling()
         except ValueError as exc:
             return self.controller.notice.emit(str(exc), Qgis.Warning, "")
+        lost = self.refresh_raster_layers()  # a file deleted since the list was made stayed ticked
+        if lost:
+            return self.controller.notice.emit(f"{len(lost)} ticked raster layer(s) cannot be indexed now, and are "
+                                               "greyed: nothing was built (see the log)", Qgis.Warning, "\n".join(lost))
         self.controller.build_index(IndexBuild(self.name_edit.text().strip(), tuple(self.checked_rasters()), tiling))
 
     def shutdown(self) -> None:

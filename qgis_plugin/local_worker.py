@@ -64,7 +64,10 @@ class WorkerExit:
             what = f"{SIGNALS.get(self.code, 'crashed')} (signal {self.code})"
         else:
             what = f"stopped{'' if self.was_serving else ' as it started'} (exit code {self.code})"
-        said = f": {self.last_lines[-1]}." if self.last_lines else "."
+        # the line that says why: not a log line of what it did (a worker serves logging its jobs),
+        # and none for one killed, whose last lines only say what it was doing
+        telling = [line for line in self.last_lines if " INFO " not in line] if not self.killed else []
+        said = f": {telling[-1]}." if telling else "."
         if any(OLDER_WORKER in line for line in self.last_lines):
             remedy = ("The worker checkout is older than this plugin: update it (git pull, then scripts/setup), or "
                       "install the plugin of its version.")

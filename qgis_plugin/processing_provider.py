@@ -12,10 +12,10 @@ from qgis.core import (QgsCoordinateReferenceSystem, QgsFeatureSink, QgsProcessi
                        QgsProcessingParameterString, QgsProcessingProvider, QgsWkbTypes)
 from qgis.PyQt.QtGui import QIcon
 
-from .controller import WITHOUT_TILES, search_wait_s
+from .controller import WITHOUT_TILES, search_wait_s, tiles_held_said
 from .crs_names import crs_name
 from .error_hints import told
-from .raster_layers import NOT_A_FILE, raster_file
+from .raster_layers import raster_file
 from .results import features_from_hits, hit_fields
 from .settings import Setting
 from .user_requests import Connection, endpoint_problem
@@ -123,10 +123,11 @@ class BuildIndexAlgorithm(_WorkerAlgorithm):
         layers = self.parameterAsLayerList(parameters, "RASTERS", context)
         if not layers:
             raise QgsProcessingException("Choose the raster layers to index.")
-        rasters = [raster_file(layer) for layer in layers]
-        not_files = [layer.name() for layer, path in zip(layers, rasters) if path is None]
+        found = [raster_file(layer) for layer in layers]
+        rasters = [path for path, _ in found]
+        not_files = [f"{layer.name()}: {why_not}" for layer, (path, why_not) in zip(layers, found) if path is None]
         if not_files:  # the worker refused the whole build for one of them
-            raise QgsProcessingException(f"{', '.join(not_files)}: {NOT_A_FILE}. Nothing was indexed.")
+            raise QgsProcessingException(f"{'; '.join(not_files)}. Nothing was indexed.")
         name, tiling = self.parameterAsString(parameters, "INDEX", context), self._tiling(parameters, context)
         reached = self._reached(parameters, context, feedback)
         if reached is None:
@@ -151,9 +152,8 @@ class BuildIndexAlgorithm(_WorkerAlgorithm):
                 raise QgsProcessingException(f"Worker: {told(exc)}") from exc
         if job["state"] == states.FAILED:
             raise QgsProcessingException(f"Indexing failed: {job['error']['message']}")
-        held = job["tiles_done"] - job["tiles_skipped"]  # once done: the whole index's (a run's own: while it runs)
-        feedback.pushInfo(f"{job['state']}: the index holds {held} tiles ({job['tiles_skipped']} with too little data "
-                          "skipped)")
+        held = job["tiles_done"] - job["tiles_skipped"]
+        feedback.pushInfo(f"{job['state']}: {tiles_held_said(job)}")
         for raster in job.get("without_tiles") or []:
             feedback.pushWarning(f"Not searchable: {raster}: {WITHOUT_TILES}")
         if held == 0 and job["state"] == states.DONE:

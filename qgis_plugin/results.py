@@ -212,10 +212,12 @@ def save_gpkg(layer: QgsVectorLayer, path: str, table: Optional[str] = None) -> 
     options.driverName = "GPKG"
     options.layerName = table or layer.name()
     if Path(path).exists():  # add to the file, do not replace it (it may hold other searches)
+        if not is_geopackage(path):  # OGR said "Opening of data source in update mode failed (OGR error: )"
+            return f"{path} is not a GeoPackage; it is left as it was: choose another file"
         options.actionOnExistingFile = QgsVectorFileWriter.CreateOrOverwriteLayer
     result = QgsVectorFileWriter.writeAsVectorFormatV3(layer, path, QgsProject.instance().transformContext(), options)
     if result[0] != QgsVectorFileWriter.NoError:
-        return result[1]
+        return f"{result[1]}: choose a folder you can write to"
     query = layer.customProperty(QUERY_PROPERTY)
     if query:
         try:
@@ -227,6 +229,23 @@ def save_gpkg(layer: QgsVectorLayer, path: str, table: Optional[str] = None) -> 
         except sqlite3.Error as exc:
             return f"the hits were written but not their query ({exc})"
     return None
+
+
+def is_geopackage(path: str) -> bool:
+    """Whether the file `path` is a GeoPackage (a SQLite database with GeoPackage's contents table)."""
+    try:
+        with closing(sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)) as db:
+            db.execute("SELECT 1 FROM gpkg_contents LIMIT 1")
+    except sqlite3.Error:
+        return False
+    return True
+
+
+def gpkg_path(path: str) -> str:
+    """A file name chosen for Save results, ending in .gpkg: Qt's dialog leaves "hits" as typed,
+    OGR wrote the layer to hits.gpkg and its query to a stray "hits", and a second save there
+    looked for names taken in "hits" and replaced the layer saved before in hits.gpkg."""
+    return path if Path(path).suffix.lower() == ".gpkg" else path + ".gpkg"
 
 
 def free_table(path: str, name: str) -> str:
@@ -241,7 +260,7 @@ def free_table(path: str, name: str) -> str:
         with closing(sqlite3.connect(path)) as db:
             taken = {row[0].lower() for row in db.execute("SELECT table_name FROM gpkg_contents")}
     except sqlite3.Error:
-        return name  # not a GeoPackage: writing to it says what is wrong
+        return name  # not a GeoPackage: save_gpkg says so
     table, n = name, 1
     while table.lower() in taken:
         n += 1

@@ -92,6 +92,14 @@ def test_light_strokes_on_dark_paper_are_searched_as_the_same_drawing():
     assert page[250, 100] > 200 and page[5, 5] < 50, "read as it is: the page light, the desk dark"
 
 
+def test_a_sketch_sent_that_is_no_image_is_refused_without_python_words():
+    """Sketch bytes that are no image (the plugin's Load image… of a text file) were refused
+    with "cannot identify image file <_io.BytesIO object at 0x7f...>", shown in the dock."""
+    with pytest.raises(InputError) as refused:
+        load_sketch(b"a user's notes, not an image", 224)
+    assert str(refused.value) == "sketch is not a readable PNG/JPEG image (no image format recognised)"
+
+
 def test_a_sketch_image_keeps_its_frame_unless_cropping_to_ink_is_asked():
     img = _drawing([[(10, 20), (90, 60)]], size=448)  # a stroke in the upper-left corner of the frame
     x0, y0, x1, y1 = _ink_box(prepare_sketch(img, 224))

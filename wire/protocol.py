@@ -34,6 +34,10 @@ MAX_ID_CHARS = 128  # a request id is echoed in its reply
 MAX_RASTER_ENTRIES = 10_000
 # an index's tile size, in raster pixels (worker.tiling.TileSettings checks it; clients offer it)
 MIN_TILE, MAX_TILE = 32, 4096
+# the GDAL drivers a worker opens for its clients (worker.raster_access), so that a client offers
+# no other (a GeoPackage's raster was ticked, and the worker refused the whole build)
+CLIENT_DRIVERS = ("GTiff", "VRT", "JP2OpenJPEG", "HFA", "PNG", "JPEG", "ECW", "JP2ECW", "MrSID", "JP2MrSID",
+                  "USGSDEM", "EHdr")
 EXCERPT_CHARS = 200  # how much of a rejected value an error message quotes (a path fits)
 PROGRESS_TOPIC = b"job."
 

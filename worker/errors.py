@@ -101,6 +101,11 @@ class CorruptIndexError(InputError):
     code = codes.CORRUPT_INDEX
 
 
+# how a raster gone for good is taken out of an index: the plugin says it in the dock, a message of
+# the worker named the command line alone
+REMOVE_HOW = "the plugin's Remove rasters…, or on the worker's machine: python -m worker remove INDEX RASTER"
+
+
 class RasterUnreadable(InputError):
     """An indexed raster that cannot be read now (moved, deleted, an unplugged drive, damaged
     since it was indexed). A search leaves it out and says so (worker.search), and the places
@@ -111,7 +116,7 @@ class RasterUnreadable(InputError):
     def __init__(self, path: str, reason: str):
         super().__init__(f"{path} cannot be read ({reason}): moved, deleted or damaged since it was indexed; "
                          "put it back, index it again, or, gone for good, take it out of the index "
-                         "(on the worker's machine: python -m worker remove INDEX RASTER)")
+                         f"({REMOVE_HOW})")
         self.path, self.reason = path, reason
 
 

@@ -16,11 +16,9 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
-from wire.protocol import excerpt
+from wire.protocol import CLIENT_DRIVERS, excerpt
 from worker.errors import ForbiddenError, InputError
 
-CLIENT_DRIVERS = ("GTiff", "VRT", "JP2OpenJPEG", "HFA", "PNG", "JPEG", "ECW", "JP2ECW", "MrSID", "JP2MrSID",
-                  "USGSDEM", "EHdr")
 MAX_PATH_CHARS = 4096
 MAX_VRT_BYTES = 16 * 1024 * 1024
 MAX_VRT_DEPTH = 8  # VRTs of VRTs

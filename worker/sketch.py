@@ -79,7 +79,9 @@ def open_sketch_image(source: str | Path | bytes) -> Image.Image:
         if min(w, h) < MIN_SKETCH_SIDE:
             raise InputError(f"sketch is {w}x{h} px; draw on at least {MIN_SKETCH_SIDE}x{MIN_SKETCH_SIDE}")
         img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except UnidentifiedImageError:  # PIL's words name the bytes sent as "<_io.BytesIO object at 0x7f...>"
+        raise InputError("sketch is not a readable PNG/JPEG image (no image format recognised)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise InputError(f"sketch is not a readable PNG/JPEG image ({exc})") from exc
     img = _upright(img)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):

@@ -177,22 +177,48 @@ def test_bad_tile_settings_say_which_field_to_correct(plugin, worker, rmnp_layer
     assert not (worker.index_root / "never-built").exists()
 
 
-def test_a_raster_layer_that_is_no_file_is_greyed_with_why_and_not_sent(plugin, rmnp_layer):
-    """A GDAL raster the worker cannot read as a file (here an in-memory one; a GeoPackage's raster
-    table alike) was ticked, and the worker refused the whole build with it."""
+def test_a_raster_layer_the_worker_cannot_read_is_greyed_with_why_and_not_sent(plugin, rmnp_layer, tmp_path,
+                                                                               qgis_iface):
+    """A raster the worker cannot read as a file (an in-memory one, a GeoPackage's raster table)
+    was ticked, and the worker refused the whole build with it; a web layer was not listed at
+    all. A file deleted once listed stayed ticked, and was greyed as "not a file" once listed
+    again: the build now lists again first, and builds nothing while a ticked one is gone."""
+    import shutil
+
     from osgeo import gdal
     from qgis.core import QgsRasterLayer
     from qgis.PyQt.QtCore import Qt
 
     panel = plugin.dock.index_panel
     gdal.Translate("/vsimem/in-memory.tif", rmnp_layer.source())
+    gdal.Translate(str(tmp_path / "rasters.gpkg"), rmnp_layer.source(), format="GPKG")
+    copy = shutil.copy(rmnp_layer.source(), tmp_path / "copy.tif")
+    layers = [QgsRasterLayer("/vsimem/in-memory.tif", "in memory", "gdal"),
+              QgsRasterLayer(str(tmp_path / "rasters.gpkg"), "geopackage", "gdal"),
+              QgsRasterLayer("type=xyz&url=http://127.0.0.1:9/%7Bz%7D/%7Bx%7D/%7By%7D.png", "web", "wms"),
+              QgsRasterLayer(str(copy), "copy", "gdal")]
     try:
-        layer = QgsRasterLayer("/vsimem/in-memory.tif", "in memory", "gdal")
-        assert layer.isValid()
-        QgsProject.instance().addMapLayer(layer)
+        assert all(layer.isValid() for layer in layers)
+        QgsProject.instance().addMapLayers(layers)
         items = {panel.raster_list.item(i).text(): panel.raster_list.item(i) for i in range(panel.raster_list.count())}
-        assert not items["in memory"].flags() & Qt.ItemIsEnabled and "GeoTIFF" in items["in memory"].toolTip()
-        assert items["rmnp"].flags() & Qt.ItemIsEnabled
+        greyed = {name: items[name].toolTip().splitlines()[-1] for name in ("in memory", "geopackage", "web")}
+        assert not any(items[name].flags() & Qt.ItemIsEnabled for name in greyed)
+        assert greyed == {"in memory": "Not a file (a GDAL virtual path, a database): save it as a GeoTIFF (Export > "
+                                       "Save As…) to index it.",
+                          "geopackage": "A GPKG file, a format the worker does not read: save it as a GeoTIFF "
+                                        "(Export > Save As…) to index it.",
+                          "web": "A web or in-memory raster (wms), not a file: save it as a GeoTIFF (Export > Save "
+                                 "As…) to index it."}
+        assert sorted(panel.checked_rasters()) == sorted([rmnp_layer.source(), str(copy)])
+        copy.unlink()
+        panel.name_edit.setText("never-built")
+        panel.build_button.click()
+        assert "1 ticked raster layer(s) cannot be indexed now, and are greyed: nothing was built" in \
+            qgis_iface.messageBar().get_messages(Qgis.Warning)[-1]
+        items = {panel.raster_list.item(i).text(): panel.raster_list.item(i) for i in range(panel.raster_list.count())}
+        assert not items["copy"].flags() & Qt.ItemIsEnabled
+        assert f"Its file {copy} is not there (moved or deleted)" in items["copy"].toolTip()
         assert panel.checked_rasters() == [rmnp_layer.source()]
     finally:
+        QgsProject.instance().removeMapLayers([layer.id() for layer in layers])
         gdal.Unlink("/vsimem/in-memory.tif")

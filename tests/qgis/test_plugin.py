@@ -223,6 +223,21 @@ def test_search_against_a_real_worker_adds_a_georeferenced_layer(plugin, worker,
     assert piped.isValid() and piped.featureCount() == 3
     del piped
     layer.setName(name)
+    typed = tmp_path / "typed"  # Qt's dialog leaves a name typed without .gpkg as it is
+    for _ in range(2):
+        dock.controller.save_results(str(typed))
+    assert not typed.exists(), "no stray file beside the GeoPackage (it held the query, the layer had none)"
+    both = [QgsVectorLayer(f"{typed}.gpkg|layername={table}", "saved", "ogr") for table in (name, f"{name} (2)")]
+    assert [(s.isValid(), s.featureCount(), bool(saved_query(s))) for s in both] == [(True, 3, True)] * 2, \
+        "the second save added beside the first, not over it"
+    del both
+    assert f"Results saved to {typed}.gpkg as “{name} (2)”" in qgis_iface.messageBar().get_messages(Qgis.Success)[-1]
+    other = tmp_path / "notes.gpkg"  # a file named so that is no GeoPackage: left as it was, and said so
+    other.write_text("a user's notes")
+    dock.controller.save_results(str(other))
+    assert other.read_text() == "a user's notes"
+    assert f"Saving failed: {other} is not a GeoPackage; it is left as it was: choose another file." in \
+        qgis_iface.messageBar().get_messages(Qgis.Critical)[-1]
 
     project = QgsProject.instance()
     try:  # in a saved project, the hits go beside it
@@ -335,13 +350,22 @@ def test_an_error_reply_becomes_a_message(plugin, worker, qgis_iface, tmp_path):
     dock = plugin.dock
     dock.connect_worker(worker.bind)
     assert process_until(lambda: dock.index_combo.count() > 0, 30)
-    blank = tmp_path / "blank.png"
-    Image.new("L", (200, 200), 255).save(blank)
-    dock.load_sketch_image(str(blank))
     qgis_iface.messageBar().clear_messages()
-    dock.search_button.click()
-    assert process_until(lambda: qgis_iface.messageBar().get_messages(Qgis.Warning), 30)
-    assert "blank" in qgis_iface.messageBar().get_messages(Qgis.Warning)[0]
+    dock.load_sketch_image(str(tmp_path / "gone.png"))  # raised out of the file dialog's slot
+    assert qgis_iface.messageBar().get_messages(Qgis.Warning)[-1].endswith(
+        f"Cannot read {tmp_path / 'gone.png'} (No such file or directory): choose another image.")
+    blank, notes = tmp_path / "blank.png", tmp_path / "notes.png"
+    Image.new("L", (200, 200), 255).save(blank)
+    notes.write_text("a user's notes")
+    # the worker's words alone: a hint by the error's code ("Check the sketch or rasters.") was
+    # wrong for most errors of its code (tile settings out of range), and PIL's named a BytesIO
+    for image, said in ((blank, "sketch is blank: no dark strokes on a light background."),
+                        (notes, "sketch is not a readable PNG/JPEG image (no image format recognised).")):
+        dock.load_sketch_image(str(image))
+        qgis_iface.messageBar().clear_messages()
+        dock.search_button.click()
+        assert process_until(lambda: qgis_iface.messageBar().get_messages(Qgis.Warning), 30)
+        assert qgis_iface.messageBar().get_messages(Qgis.Warning)[0].endswith(f"Search failed: {said}")
     dock.clear_sketch()
 
 
@@ -779,7 +803,7 @@ def test_a_processing_run_refuses_what_it_cannot_use_before_asking_the_worker(pl
     QgsProject.instance().addMapLayers(layers)
     try:
         assert all(layer.isValid() for layer in layers)
-        with pytest.raises(QgsProcessingException, match="^in memory: not a file the worker can read.*GeoTIFF"):
+        with pytest.raises(QgsProcessingException, match=r"^in memory: not a file \(a GDAL virtual path, a database\): save it as a GeoTIFF.*Nothing was indexed"):
             processing.run("sketchsearch:build_index", {"ENDPOINT": endpoint, "INDEX": "any", "RASTERS": layers})
     finally:
         QgsProject.instance().removeMapLayers([layer.id() for layer in layers])
@@ -1077,6 +1101,8 @@ def test_building_an_index_from_the_dock_shows_progress(plugin, worker, rmnp_lay
     item = lambda: dock.controller.index_named("from-dock") or {}  # noqa: E731
     panel.refresh_button.click()
     assert process_until(lambda: item().get("complete") and item().get("last_job"), 10), item()
+    # the tiles the index holds, as listed: it said the tiles done, skipped ones included
+    assert f"Indexing done: the index holds {item()['tile_count']} tiles (" in said, said
     left = how_left(item())
     assert left.startswith("from-dock is complete: ") and "; 1 raster(s) with no tile with enough data" in left, left
     assert left.endswith("small-for-dock.tif"), left

@@ -16,7 +16,7 @@ from worker import level_maps
 from worker.geo import bounds_wgs84
 from worker.interrupts import stops_held
 from worker.line_drawing import drawing_device
-from worker.errors import InputError, RasterReadError, StorageError, numbered
+from worker.errors import REMOVE_HOW, InputError, RasterReadError, StorageError, numbered
 from worker.store.format import (CHUNK_TILES, LOCK, MANIFEST, RECORD_DTYPE, SHARDS, TILES_LAYER, TMP_PREFIX,
                                  check_compatible, check_index_folder, check_tokens, disk_write, holds_an_index, holds_tokens,
                                  index_lock, manifest_stamp, new_manifest, read_manifest, remove_shards, shard_arrays,
@@ -417,7 +417,7 @@ class UnreadRasters(InputError):
         super().__init__(f"{which} could not be read whole: {named}. What could be read is indexed and "
                          f"searchable. Index {it} again once {the_file} can be read (a file repaired or replaced "
                          f"since is indexed anew, one unchanged keeps the chunks read), or take {it} out of the "
-                         "index (on the worker's machine: python -m worker remove INDEX RASTER)")
+                         f"index ({REMOVE_HOW})")
         self.paths = tuple(path for path, *_ in unread)
 
 
