@@ -58,6 +58,9 @@ class ShardArray:
                     raise ValueError(f"a header of {length} bytes")
                 shape, fortran, dtype = _parsed_header(version, length_field + f.read(length))
                 self.offset = f.tell()
+                # of the file opened: one deleted meanwhile (an index deleted under a search)
+                # failed os.stat(path) with a FileNotFoundError no one caught
+                size = os.fstat(f.fileno()).st_size
         except FileNotFoundError:
             raise self.corrupt("it is missing") from None
         except OSError as exc:  # no access, a failing disk: not damage, nothing to make again
@@ -69,7 +72,7 @@ class ShardArray:
         self.shape: tuple[int, ...] = tuple(shape)
         self.dtype = dtype
         self.row_bytes = math.prod(shape[1:]) * dtype.itemsize
-        self._check_size(os.stat(self.path).st_size)
+        self._check_size(size)
 
     @property
     def nbytes(self) -> int:
