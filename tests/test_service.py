@@ -865,7 +865,7 @@ def test_a_port_in_use_is_said_before_the_model_loads_and_leaves_no_index_root(t
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith(f"error: cannot listen on {held} (Address already in use") and \
         f"another worker may be running there; choose another address with {busy}" in result.stderr, result.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    assert not any(tmp_path.iterdir()), "no index root made"
 
 
 @pytest.mark.parametrize("chosen", [{}, {"GOMP_SPINCOUNT": "2500"}, {"OMP_WAIT_POLICY": "ACTIVE"}])

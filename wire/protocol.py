@@ -9,6 +9,8 @@ frames and are referred to by number ("sketch_frame": 1). Every request gets exa
 
 from __future__ import annotations
 
+import re
+
 import json
 import math
 import uuid
@@ -38,6 +40,10 @@ MIN_TILE, MAX_TILE = 32, 4096
 # no other (a GeoPackage's raster was ticked, and the worker refused the whole build)
 CLIENT_DRIVERS = ("GTiff", "VRT", "JP2OpenJPEG", "HFA", "PNG", "JPEG", "ECW", "JP2ECW", "MrSID", "JP2MrSID",
                   "USGSDEM", "EHdr")
+# the worker's log records on stderr (worker.cli), which a client that started it reads: a record
+# says what the worker did (serving, it logs its jobs), not why it stopped
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_RECORD = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ [\w.]+: ")
 EXCERPT_CHARS = 200  # how much of a rejected value an error message quotes (a path fits)
 PROGRESS_TOPIC = b"job."
 

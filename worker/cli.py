@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from wire.protocol import DEFAULT_ENDPOINT
+from wire.protocol import DEFAULT_ENDPOINT, LOG_FORMAT
 from worker.ann import AUTO_MIN_TILES
 from worker.app import IndexRequest, ModelOptions, SearchRequest
 from worker.errors import CorruptIndexError, IndexMismatchError, InputError, numbered
@@ -102,7 +102,7 @@ def refuse_while_a_service_job_holds(index_dir: Path) -> None:
 def cmd_index(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from worker.app import build_index
+    from worker.app import build_index, others_unfinished
 
     request = IndexRequest.create(args.out, args.rasters, tile=args.tile, overlap=args.overlap,
                                   scales=_ints(args.scales, "--scales"), bands=_ints(args.bands, "--bands"),
@@ -126,9 +126,8 @@ def cmd_index(args: argparse.Namespace) -> int:
 
         summary = build_index(request, model, progress=progress, cluster=cluster)
     if summary.unfinished:  # a run adding a raster said nothing of those an earlier run left unfinished
-        print(f"warning: {len(summary.unfinished)} other raster(s) of the index not fully indexed (an earlier run "
-              "stopped or failed; a search meets them in part or not at all): name them in a run to finish them: "
-              f"{numbered(list(summary.unfinished))}", file=sys.stderr)
+        print(f"warning: {others_unfinished(summary.unfinished)}, which a search meets in part or not at all: name "
+              f"them in a run to finish them: {numbered(list(summary.unfinished))}", file=sys.stderr)
     print(json.dumps(summary.to_json()))
     return 0
 
@@ -219,7 +218,7 @@ def check_sketch_is_no_raster(sketch: Path) -> None:
     opens is searched as asked, with a warning. A PNG or JPEG beside a world file (QGIS's
     "Save as Image" of a drawn sketch) is a sketch: no word."""
     import rasterio
-    from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+    from rasterio.errors import CRSError, NotGeoreferencedWarning, RasterioError
 
     from worker.sketch import open_sketch_image
 
@@ -227,11 +226,12 @@ def check_sketch_is_no_raster(sketch: Path) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             with rasterio.open(sketch) as raster:
-                if raster.driver in ("PNG", "JPEG") or (raster.crs is None and raster.transform.is_identity):
+                placed = raster.crs is not None or not raster.transform.is_identity or bool(raster.gcps[0])
+                if raster.driver in ("PNG", "JPEG") or not placed:
                     return
                 driver = raster.driver
-    except RasterioIOError:
-        return  # no raster: the image reader says what it is
+    except (RasterioError, CRSError):
+        return  # no raster GDAL reads (or with a CRS it cannot read): the image reader says what it is
     example = (f"to find more places like one in it, give --example {sketch} --bbox MINX,MINY,MAXX,MAXY "
                "(the place's box, in --bbox-crs) instead of --sketch")
     try:
@@ -355,7 +355,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     try:
         print(json.dumps(index_info(open_index(args.index)), indent=1))
     except CorruptIndexError as exc:  # its rasters listed, the ones to index again; then the error, exit 3
-        print(json.dumps(damaged_index_info(args.index, exc), indent=1))
+        try:
+            listing = damaged_index_info(args.index, exc)
+        except (CorruptIndexError, KeyError, TypeError):  # its manifest too: the damage alone is said
+            raise exc from None
+        print(json.dumps(listing, indent=1))
         raise
     return 0
 
@@ -565,10 +569,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(joined_box_values(sys.argv[1:] if argv is None else list(argv)))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format=LOG_FORMAT)
     if not args.verbose:
         warnings.showwarning = warning_line
-        if args.func is cmd_serve:  # a service's log says what it does (jobs resumed, run, ended), not its warnings alone
+        if args.func is cmd_serve:  # a service's log says what it does (its jobs), not its warnings alone
             logging.getLogger("worker").setLevel(logging.INFO)
     signal.signal(signal.SIGTERM, _terminate)
     sys.unraisablehook = stop_lost_in_a_callback

@@ -78,10 +78,10 @@ def local_workers(spec: str) -> int | None:
             n = 0
         if n < 1:
             raise InputError(f"--cluster {spec}: local:N needs a number of workers of at least 1")
-        if n > most_local_workers():  # each loads the model: local:1000 started them all, and ran the machine out of memory
-            raise InputError(f"--cluster {spec}: this machine has {os.cpu_count()} cores, at most "
-                             f"local:{most_local_workers()} (each worker process holds the model); more machines "
-                             "need a Dask cluster: tcp://HOST:8786")
+        if n > most_local_workers():  # each loads the model: local:1000 ran the machine out of memory
+            raise InputError(f"--cluster {spec}: at most local:{most_local_workers()} here (a worker process a core "
+                             "this process may use, each holding the model); more machines need a Dask cluster: "
+                             "tcp://HOST:8786")
         return n
     address = SCHEDULER_ADDRESS.fullmatch(spec)
     if address is None or not 0 < int(address[3]) < 65536:
@@ -91,9 +91,9 @@ def local_workers(spec: str) -> int | None:
 
 
 def most_local_workers() -> int:
-    """The most worker processes `local:N` starts here: one a core (two on a machine of one, as
-    the tests start)."""
-    return max(2, os.cpu_count() or 1)
+    """The most worker processes `local:N` starts here: one a core this process may use (its
+    affinity, as a container or taskset gives it), two on one core (as the tests start)."""
+    return max(2, usable_cores())
 
 
 @contextmanager

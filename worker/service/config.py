@@ -161,10 +161,10 @@ class ServiceConfig:
                 raise StorageError(f"--index-root {root} cannot be made ({exc.strerror}): "
                                    f"{storage_advice(exc)}") from None
 
-    def server_keys(self) -> tuple[bytes, bytes] | None:
-        """The server's CURVE key pair (public, secret), or None without --curve-keys; an
-        InputError for an endpoint beyond this machine without keys, and for keys that are not
-        there or cannot be."""
+    def check_security(self) -> tuple[bytes, bytes] | None:
+        """InputError for an endpoint beyond this machine without --curve-keys, and for keys that
+        are not there or cannot be; the server's CURVE key pair (public, secret), or None
+        without --curve-keys."""
         for endpoint in (self.bind, self.pub):
             if not is_loopback(endpoint) and self.curve_keys is None:
                 raise InputError(f"refusing to bind {endpoint} without --curve-keys: only loopback and ipc "

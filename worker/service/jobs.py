@@ -60,6 +60,8 @@ class Job:
         self.tiles_skipped = 0
         self.ann: dict | None = None  # what became of the approximate shortlist (IndexSummary.ann), once done
         self.without_tiles: list[str] = []  # its rasters with no tile a search can find, once done
+        self.tile_count: int | None = None  # the tiles its index holds once it ended (its progress counts the run's)
+        self.unfinished: list[str] = []  # the index's other rasters an earlier run left unfinished, once ended
         self.started = time.time()
         self.finished: float | None = None
         self.cancel_requested = threading.Event()
@@ -78,7 +80,8 @@ class Job:
                 "progress": round(fraction, 4), "removed": self.removed,
                 "tiles_done": self.tiles_done, "tiles_total": self.tiles_total, "tiles_skipped": self.tiles_skipped,
                 "eta_s": round(eta, 1) if eta is not None else None, "error": self.error, "ann": self.ann,
-                "without_tiles": self.without_tiles, "started": self.started, "finished": self.finished}
+                "without_tiles": self.without_tiles, "tile_count": self.tile_count, "unfinished": self.unfinished,
+                "started": self.started, "finished": self.finished}
 
     def doing(self) -> str:
         """What the job does to its index, as a refusal says it."""
@@ -281,6 +284,7 @@ class JobManager:
                 log.exception("%s job %s failed", job.kind, job.id)
             return states.FAILED, error_object(exc)
         job.tiles_total, job.ann, job.without_tiles = summary.tiles_total, summary.ann, list(summary.without_tiles)
+        job.tile_count, job.unfinished = summary.tile_count, list(summary.unfinished)
         if summary.complete:
             job.tiles_done, job.tiles_skipped = job.tiles_total, summary.tiles_skipped
             return states.DONE, None
@@ -296,7 +300,7 @@ class JobManager:
         """Take the job's rasters out of its index: one commit, then the ANN shortlist rebuilt
         without them. Once it runs, a cancel stops the rebuild alone."""
         summary = remove_rasters(job.request, should_stop=self._stop_check(job))
-        job.removed, job.ann = summary.removed, summary.ann
+        job.removed, job.ann, job.tile_count = summary.removed, summary.ann, summary.tile_count
         log.info("job %s removed %d raster(s) from %s: %d tiles left", job.id, len(summary.removed), job.index_dir,
                  summary.tile_count)
         return states.DONE, None

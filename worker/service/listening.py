@@ -18,7 +18,7 @@ HARD_LIMIT_FACTOR = 4  # ZeroMQ drops peers sending more than this times the ans
 RECEIVE_HWM = 16  # messages ZeroMQ reads ahead per peer while the loop is busy; then TCP pushes back
 
 
-@dataclass
+@dataclass(frozen=True)
 class Listening:
     """Both sockets, owned by the thread that opened them (the main thread, which serves them).
     `config` is the one given, its `pub` the port the system chose for `tcp://HOST:*`."""
@@ -32,7 +32,7 @@ class Listening:
     def open(cls, config: ServiceConfig, context: zmq.Context | None = None) -> "Listening":
         """Bind both, or an InputError that says why not (and nothing left open)."""
         context = context or zmq.Context.instance()
-        keys = config.server_keys()
+        keys = config.check_security()
         auth, opened = None, []
         try:
             if config.curve_keys is not None:

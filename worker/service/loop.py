@@ -175,7 +175,7 @@ class Service:
             if self.router in events:
                 while self.router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                     self._handle(self.router.recv_multipart(zmq.NOBLOCK), arrived)
-        self._shutdown()
+        self.shutdown()
 
     def _next_deadline_ms(self) -> int:
         if not self._pending:
@@ -313,7 +313,8 @@ class Service:
         self.stopping = True
         self._wake()
 
-    def _shutdown(self) -> None:
+    def shutdown(self) -> None:
+        """Let indexing jobs commit, stop searches, close the sockets (run's end)."""
         log.info("stopping: letting indexing jobs commit and stopping searches")
         self.jobs.shutdown()
         for pool in self.pools.values():

@@ -1,4 +1,4 @@
-"""`python -m worker serve`: load the model, bind, resume interrupted jobs, serve until SIGTERM
+"""`python -m worker serve`: bind, load the model, resume interrupted jobs, serve until SIGTERM
 (or until the application that started it has ended)."""
 
 from __future__ import annotations
@@ -47,8 +47,12 @@ def serve(config: ServiceConfig, model_options: ModelOptions, stop_with: int | N
         signal.signal(signal.SIGHUP, service.request_stop)
     if application is not None:
         _stop_when_gone(service, application)
-    service.jobs.resume_interrupted(list(config.paths.index_roots))
-    print(json.dumps({"serving": config.bind, "pub": service.config.pub, "device": str(model.device)}), flush=True)
+    try:
+        service.jobs.resume_interrupted(list(config.paths.index_roots))
+        print(json.dumps({"serving": config.bind, "pub": service.config.pub, "device": str(model.device)}), flush=True)
+    except BaseException:  # the application gone before the line (a broken pipe): resumed jobs stopped, sockets closed
+        service.shutdown()
+        raise
     service.run()
     return 0
 
