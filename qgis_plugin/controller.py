@@ -20,9 +20,9 @@ from .error_hints import told
 from .index_layers import tiles_layer, tiles_layer_name, why_no_tiles_layer
 from .local_worker import LocalWorker, WorkerExit
 from .user_requests import Connection, IndexBuild, SearchQuery, endpoint_problem
-from .results import (BAD, GOOD, free_table, gpkg_path, hits_layer, keep_query, kept_on_disk, marks, results_file, save_gpkg,
-                      saved_query, set_mark, take_results_beside)
-from .settings import Setting
+from .results import (BAD, GOOD, free_table, gpkg_path, hits_layer, keep_query, kept_on_disk, marks, results_file,
+                      save_gpkg, saved_query, set_mark, take_results_beside)
+from .settings import Setting, followed_job, keep_followed_job
 from .wire import errors as codes
 from .wire import job_states as states
 from .wire.errors import WorkerError
@@ -105,11 +105,24 @@ def without_tiles_said(paths: Optional[list]) -> str:
     return f"{len(paths)} raster(s) with {WITHOUT_TILES}: {_names([{'raster': p} for p in paths])}" if paths else ""
 
 
+def tiles_held(job: dict) -> int:
+    """The tiles an ended indexing job's index holds (its progress counts the run's own, skipped
+    ones included: the dock said "38 tiles" of an index of 36, and "12" of an index of 1,000 it
+    extended and then cancelled); of a worker that does not say, the run's tiles indexed."""
+    held = job.get("tile_count")
+    return job["tiles_done"] - job["tiles_skipped"] if held is None else held
+
+
 def tiles_held_said(job: dict) -> str:
     """What an indexing job's index holds once it ended, for the dock's message and Processing's
-    log: the dock said the tiles done, skipped ones included ("38 tiles" of an index of 36)."""
-    held = job["tiles_done"] - job["tiles_skipped"]  # once done: the whole index's (a run's own: while it runs)
-    return f"the index holds {held} tiles ({job['tiles_skipped']} with too little data skipped)"
+    log; the index's other rasters an earlier run left unfinished (the job ended done, and the
+    user took the index as complete)."""
+    skipped = f" ({job['tiles_skipped']} with too little data skipped)" if job["state"] == states.DONE else ""
+    unfinished = job.get("unfinished") or []
+    others = (f"; {len(unfinished)} other raster(s) of it not fully indexed (an earlier run stopped or failed): "
+              f"build again with them to finish them: {_names([{'raster': p} for p in unfinished])}"
+              if unfinished else "")
+    return f"the index holds {tiles_held(job)} tiles{skipped}{others}"
 
 
 def _job_ended(job: dict) -> tuple:
@@ -122,7 +135,9 @@ def _job_ended(job: dict) -> tuple:
         said = f"Indexing {job['state']}: {tiles_held_said(job)}."
         empty = without_tiles_said(job.get("without_tiles"))
         # indexed, and yet a search finds nothing of them
-        return (f"{said} {empty}", Qgis.Warning) if empty else (said, level)
+        if empty:
+            return f"{said} {empty}", Qgis.Warning
+        return said, Qgis.Warning if job.get("unfinished") else level
     if job["state"] == states.DONE:
         return f"Removed {len(job['removed'])} raster(s) from “{job['index']}”.", level
     return f"{what} {job['state']}.", level
@@ -156,10 +171,6 @@ class SearchController(QObject):
         self.indexes: list = []
         self.job_id: Optional[str] = None  # the indexing job started here, followed in the dock
         self._followed_job: dict = {}  # its last progress
-        # (endpoint, index) of the job followed until the connection closed or the worker stopped:
-        # followed again when that worker lists a job of the index (one it resumed, or runs on),
-        # else said as the index was left (lost_job_ended)
-        self._resumable: Optional[tuple] = None
         self.result_layer = None
         self._search_id: Optional[str] = None  # the search waited for (cancel_search)
         self.search_count = 0  # this project's last, so that no layer gets a name twice (one removed too)
@@ -167,6 +178,18 @@ class SearchController(QObject):
         QgsProject.instance().fileNameChanged.connect(self._project_named)
         self.connect_timeout_s = 10.0  # for the first answer of a worker
         self.request_timeout_s = 60.0
+
+    @property
+    def _resumable(self) -> Optional[tuple]:
+        """(endpoint, index, job id) of the job followed until the connection closed or the worker
+        stopped (by this plugin, or by the one before a reload or a restart of QGIS:
+        settings.followed_job): followed again when that worker lists a job of the index (one it
+        resumed, or runs on) or says the job runs, else said as the index was left (lost_job_ended)."""
+        return followed_job()
+
+    @_resumable.setter
+    def _resumable(self, job: Optional[tuple]) -> None:
+        keep_followed_job(job)
 
     # -- connection -------------------------------------------------------------------------------
     def connect_worker(self, connection: Connection) -> None:
@@ -331,7 +354,7 @@ class SearchController(QObject):
             return
         link, self.link = self.link, None  # what the closed requests' answers do finds no link
         if self.job_id is not None:
-            self._resumable = (link.endpoint, self._followed_job["index"])
+            self._resumable = (link.endpoint, self._followed_job["index"], self.job_id)
             self.job_id = None
             self.job_lost.emit(self._followed_job)
         link.close(tell_waiting)
@@ -405,16 +428,25 @@ class SearchController(QObject):
         self.indexes = reply["indexes"]
         ended = None
         if self._resumable and self.link is not None and self._resumable[0] == self.link.endpoint:
-            index, self._resumable = self._resumable[1], None  # the worker the job was followed on, listing it
+            (_, index, job_id), self._resumable = self._resumable, None  # the worker it was followed on, listing it
             item = self.index_named(index)
             if self.job_id is None:  # else a job started here since: that one is followed
                 if item is not None and item.get("job"):
                     self.job_id = item["job"]  # it went on with the job: followed again
-                else:  # it ended meanwhile, could not go on with it, or the index is gone
-                    ended = item or {"name": index, "missing": True}
+                else:  # not listed before its first commit, ended meanwhile, or could not be gone on with
+                    left = item or {"name": index, "missing": True}
+                    self.link.request("job", lambda r, e: self._on_lost_job(r, e, left), job=job_id)
         self.indexes_listed.emit(self.indexes)
-        if ended is not None:
-            self.lost_job_ended.emit(ended)
+
+    def _on_lost_job(self, reply: Optional[dict], err: Optional[WorkerError], item: dict) -> None:
+        """The job followed before, asked of the worker by its id: followed again while it runs (an
+        index is listed once its first chunk is committed), else said as the index was left."""
+        job = reply["job"] if err is None else None
+        if self.job_id is None and job is not None and job["state"] in states.ACTIVE:
+            self.job_id = job["id"]
+            self._on_job(job)
+        else:
+            self.lost_job_ended.emit(item)
 
     def index_named(self, name: str) -> Optional[dict]:
         """The last listed item of an index, or None."""
@@ -459,7 +491,7 @@ class SearchController(QObject):
         self.job_id = None
         if job["state"] == states.INTERRUPTED and self.link is not None and job.get("kind") != "remove":
             # the worker stopping: its indexing goes on when it starts again
-            self._resumable = (self.link.endpoint, job["index"])
+            self._resumable = (self.link.endpoint, job["index"], job["id"])
         self.notice.emit(*_job_ended(job), "")
         self.refresh_indexes()
 

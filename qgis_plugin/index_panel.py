@@ -264,7 +264,10 @@ class IndexPanel(QGroupBox):
         it finished meanwhile, it could not be taken up again, or the index is gone."""
         if item.get("complete"):
             self.progress.setValue(PROGRESS_STEPS)
-        self.progress.setFormat(how_left(item))
+        said = how_left(item)
+        self.progress.setFormat(said)
+        self.progress.setToolTip(said)  # the bar cuts a long one (an error's message, rasters named)
+        self.controller.notice.emit(f"Index {said}.", Qgis.Info, "")
 
     # -- what the user does ----------------------------------------------------------------------
     def selected_name(self) -> str:
@@ -321,8 +324,7 @@ class IndexPanel(QGroupBox):
         ticking every raster again made the next build index one the user had left out.
         Returns the layers ticked before that are greyed now, with why."""
         items = [self.raster_list.item(i) for i in range(self.raster_list.count())]
-        unticked = {i.data(LAYER_ID) for i in items if i.flags() & Qt.ItemIsUserCheckable and i.checkState() != Qt.Checked}
-        ticked = {i.data(LAYER_ID) for i in items if i.flags() & Qt.ItemIsUserCheckable and i.checkState() == Qt.Checked}
+        ticked = {i.data(LAYER_ID): i.checkState() == Qt.Checked for i in items if i.flags() & Qt.ItemIsUserCheckable}
         self.raster_list.clear()
         lost = []
         for layer in QgsProject.instance().mapLayers().values():
@@ -335,11 +337,11 @@ class IndexPanel(QGroupBox):
             if path is not None:
                 item.setToolTip(path)
                 item.setFlags(item.flags() | Qt.ItemIsUserCheckable)
-                item.setCheckState(Qt.Unchecked if layer.id() in unticked else Qt.Checked)
+                item.setCheckState(Qt.Checked if ticked.get(layer.id(), True) else Qt.Unchecked)
             else:
                 item.setToolTip(f"{layer.source()}\n{why_not[0].upper()}{why_not[1:]}.")
                 item.setFlags(item.flags() & ~Qt.ItemIsEnabled)
-                if layer.id() in ticked:
+                if ticked.get(layer.id()):
                     lost.append(f"{layer.name()}: {why_not}")
             self.raster_list.addItem(item)
         return lost

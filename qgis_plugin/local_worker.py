@@ -12,6 +12,7 @@ from typing import Optional
 from qgis.PyQt.QtCore import QCoreApplication, QObject, QProcess, QTimer, pyqtSignal
 
 from .settings import Setting
+from .wire.protocol import LOG_RECORD
 from .wire.sockets import tcp_host_and_port
 from .worker_command import WorkerCommand
 
@@ -64,9 +65,7 @@ class WorkerExit:
             what = f"{SIGNALS.get(self.code, 'crashed')} (signal {self.code})"
         else:
             what = f"stopped{'' if self.was_serving else ' as it started'} (exit code {self.code})"
-        # the line that says why: not a log line of what it did (a worker serves logging its jobs),
-        # and none for one killed, whose last lines only say what it was doing
-        telling = [line for line in self.last_lines if " INFO " not in line] if not self.killed else []
+        telling = why_lines(self.last_lines) if not self.killed else []  # one killed: none say why
         said = f": {telling[-1]}." if telling else "."
         if any(OLDER_WORKER in line for line in self.last_lines):
             remedy = ("The worker checkout is older than this plugin: update it (git pull, then scripts/setup), or "
@@ -78,9 +77,16 @@ class WorkerExit:
         return f"The local worker {what}{said} {remedy}"
 
 
+def why_lines(lines) -> list:
+    """Those of a worker's last lines that can say why it stopped: an error, a traceback; not its
+    log records of what it did (serving, it logs its jobs and the index folder they are in: a
+    crash was quoted as a job's progress, and blamed on the index folder)."""
+    return [line for line in lines if not LOG_RECORD.match(line)]
+
+
 def setting_to_blame(lines: list) -> Setting:
-    """The setting a worker's last error lines point at."""
-    text = "\n".join(lines)
+    """The setting a worker's last lines point at (its log records left out)."""
+    text = "\n".join(why_lines(lines))
     if "No module named 'worker'" in text or "No module named worker" in text:
         return Setting.WORKER_DIR
     if any(said in text for said in ("Address already in use", "Address in use", "another worker is serving there",

@@ -12,7 +12,7 @@ from qgis.core import (QgsCoordinateReferenceSystem, QgsFeatureSink, QgsProcessi
                        QgsProcessingParameterString, QgsProcessingProvider, QgsWkbTypes)
 from qgis.PyQt.QtGui import QIcon
 
-from .controller import WITHOUT_TILES, search_wait_s, tiles_held_said
+from .controller import WITHOUT_TILES, search_wait_s, tiles_held, tiles_held_said
 from .crs_names import crs_name
 from .error_hints import told
 from .raster_layers import raster_file
@@ -152,7 +152,7 @@ class BuildIndexAlgorithm(_WorkerAlgorithm):
                 raise QgsProcessingException(f"Worker: {told(exc)}") from exc
         if job["state"] == states.FAILED:
             raise QgsProcessingException(f"Indexing failed: {job['error']['message']}")
-        held = job["tiles_done"] - job["tiles_skipped"]
+        held = tiles_held(job)
         feedback.pushInfo(f"{job['state']}: {tiles_held_said(job)}")
         for raster in job.get("without_tiles") or []:
             feedback.pushWarning(f"Not searchable: {raster}: {WITHOUT_TILES}")

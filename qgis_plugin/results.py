@@ -13,6 +13,7 @@ properties, and a side table is read back by any QGIS (and by sqlite3) without a
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from contextlib import closing
 from pathlib import Path
@@ -212,7 +213,9 @@ def save_gpkg(layer: QgsVectorLayer, path: str, table: Optional[str] = None) -> 
     options.driverName = "GPKG"
     options.layerName = table or layer.name()
     if Path(path).exists():  # add to the file, do not replace it (it may hold other searches)
-        if not is_geopackage(path):  # OGR said "Opening of data source in update mode failed (OGR error: )"
+        # OGR said "Opening of data source in update mode failed (OGR error: )"; one this process
+        # may not read is left to OGR, whose error says so
+        if os.access(path, os.R_OK) and gpkg_tables(path) is None:
             return f"{path} is not a GeoPackage; it is left as it was: choose another file"
         options.actionOnExistingFile = QgsVectorFileWriter.CreateOrOverwriteLayer
     result = QgsVectorFileWriter.writeAsVectorFormatV3(layer, path, QgsProject.instance().transformContext(), options)
@@ -231,14 +234,13 @@ def save_gpkg(layer: QgsVectorLayer, path: str, table: Optional[str] = None) -> 
     return None
 
 
-def is_geopackage(path: str) -> bool:
-    """Whether the file `path` is a GeoPackage (a SQLite database with GeoPackage's contents table)."""
+def gpkg_tables(path: str) -> Optional[set]:
+    """The tables (lower case) of the GeoPackage `path`, or None for a file that is none."""
     try:
         with closing(sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)) as db:
-            db.execute("SELECT 1 FROM gpkg_contents LIMIT 1")
+            return {row[0].lower() for row in db.execute("SELECT table_name FROM gpkg_contents")}
     except sqlite3.Error:
-        return False
-    return True
+        return None
 
 
 def gpkg_path(path: str) -> str:
@@ -254,13 +256,9 @@ def free_table(path: str, name: str) -> str:
     (another project's "Sketch search 1"). A "|" (an index named so) becomes "¦": QGIS reads
     it as the end of the file's name in `path|layername=`, and the saved table could not be opened."""
     name = name.replace("|", "¦")
-    if not Path(path).is_file():
+    taken = gpkg_tables(path) if Path(path).is_file() else None
+    if taken is None:  # no file yet, or none that is a GeoPackage (save_gpkg says so)
         return name
-    try:
-        with closing(sqlite3.connect(path)) as db:
-            taken = {row[0].lower() for row in db.execute("SELECT table_name FROM gpkg_contents")}
-    except sqlite3.Error:
-        return name  # not a GeoPackage: save_gpkg says so
     table, n = name, 1
     while table.lower() in taken:
         n += 1

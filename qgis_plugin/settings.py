@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from enum import Enum
-from typing import Callable
+from typing import Callable, Optional
 
 from qgis.core import QgsApplication, QgsSettings
 
@@ -91,3 +91,23 @@ class Setting(Enum):
     def describe(self) -> str:
         """How a person finds it: the label in the Settings dialog and the key in the profile."""
         return f"“{self.label}” in Sketch search Settings ({self.path})"
+
+
+FOLLOWED_JOB = f"{GROUP}/followed_job"  # no setting a person makes: see followed_job
+
+
+def followed_job() -> Optional[tuple]:
+    """(endpoint, index, job id) of the indexing job the dock followed when its connection closed
+    or its worker stopped, kept in the profile: a plugin reloaded, or QGIS started again (its
+    local worker goes on with the job), follows it again; the dock's bar said nothing of it."""
+    parts = tuple(str(QgsSettings().value(FOLLOWED_JOB, "") or "").split("\n"))
+    return parts if len(parts) == 3 and all(parts) else None
+
+
+def keep_followed_job(job: Optional[tuple]) -> None:
+    """Keep (endpoint, index, job id) as followed_job, or forget it (None)."""
+    if job is None:
+        QgsSettings().remove(FOLLOWED_JOB)
+    else:
+        QgsSettings().setValue(FOLLOWED_JOB, "\n".join(job))
+

@@ -415,11 +415,21 @@ def test_a_local_worker_refused_the_endpoint_of_the_worker_in_use_leaves_that_co
     (["error: cannot listen on ipc:///tmp/w.sock: another worker is serving there; stop it, or choose another "
       "address with --bind"], "endpoint"),
     (["error: --bind 'tcp://127.0.0.1:99999': the port must be a number from 1 to 65535"], "endpoint"),
-    (["ModuleNotFoundError: No module named 'torch'"], "python")])
-def test_the_setting_to_blame_follows_the_last_lines(plugin, lines, key):
-    from sketch_search.local_worker import setting_to_blame
+    (["ModuleNotFoundError: No module named 'torch'"], "python"),
+    # a worker serving logs its jobs, naming the index folder: a crash was blamed on that setting
+    (["2026-12-06 14:40:12,430 INFO worker.service.jobs: index job 1f of {index_root}/coast: running",
+      "2026-12-06 14:40:13,001 WARNING worker.service.jobs: index job 1f of {index_root}/coast: failed: no disk",
+      "MemoryError"], "python")])
+def test_the_setting_to_blame_follows_the_last_lines(plugin, new_user_settings, lines, key):
+    from sketch_search.local_worker import WorkerExit, setting_to_blame
 
+    lines = [line.format(index_root=new_user_settings.INDEX_ROOT.as_path()) for line in lines]
     assert setting_to_blame(lines).key == key
+    # the line quoted as why it stopped is no log record of what it did; one killed quotes none
+    stopped = WorkerExit(1, tuple(lines), setting_to_blame(lines), was_serving=True)
+    assert f"stopped (exit code 1): {lines[-1]}." in stopped.message
+    killed = WorkerExit(9, tuple(lines), setting_to_blame(lines), was_serving=True, killed=True)
+    assert "(signal 9). Start local worker starts it again" in killed.message
 
 
 def test_a_local_worker_killed_mid_search_and_mid_index_is_started_again_and_its_job_followed(
@@ -450,10 +460,14 @@ def test_a_local_worker_killed_mid_search_and_mid_index_is_started_again_and_its
     def killed_notice() -> bool:
         return "was killed (out of memory, or kill -9) (signal 9)." in notice_text(dock)
 
-    port = free_port()
+    for _ in range(20):  # a free port whose next one is free too (another connection's own port took it once)
+        port, next_port = free_port(), socket.socket()
+        try:
+            next_port.bind(("127.0.0.1", port + 1))  # the worker's default progress port, taken (another QGIS's worker)
+            break
+        except OSError:
+            next_port.close()
     panel.endpoint_edit.setText(f"tcp://127.0.0.1:{port}")
-    next_port = socket.socket()  # the worker's default progress port, taken (another QGIS's worker holds it)
-    next_port.bind(("127.0.0.1", port + 1))
     scene = QgsRasterLayer(load_asset_paths()["s2_rgb"], "s2")  # 6,561 tiles of 32 px: minutes to index
     QgsProject.instance().addMapLayer(scene)
     QgsProject.instance().setCrs(QgsCoordinateReferenceSystem("EPSG:3857"))  # hits are drawn in it
@@ -551,6 +565,9 @@ def test_a_lost_job_the_restarted_worker_does_not_go_on_with_says_how_the_index_
         assert process_until(lambda: fnmatch.fnmatch(index_panel.progress.format(), said), WORKER_START_S), \
             index_panel.progress.format()
         assert not index_panel.cancel_button.isEnabled()
+        # the bar cuts a long one (an error's message): whole in its tooltip and the message bar
+        assert index_panel.progress.toolTip() == index_panel.progress.format()
+        assert f"Index {index_panel.progress.format()}." in qgis_iface.messageBar().get_messages(Qgis.Info)[-1]
     finally:
         dock.controller.stop_local_worker()
         QgsProject.instance().removeMapLayer(scene.id())

@@ -203,12 +203,12 @@ def test_a_raster_layer_the_worker_cannot_read_is_greyed_with_why_and_not_sent(p
         items = {panel.raster_list.item(i).text(): panel.raster_list.item(i) for i in range(panel.raster_list.count())}
         greyed = {name: items[name].toolTip().splitlines()[-1] for name in ("in memory", "geopackage", "web")}
         assert not any(items[name].flags() & Qt.ItemIsEnabled for name in greyed)
-        assert greyed == {"in memory": "Not a file (a GDAL virtual path, a database): save it as a GeoTIFF (Export > "
-                                       "Save As…) to index it.",
+        assert greyed == {"in memory": "Not a file (a GDAL virtual path, a connection string): save it as a GeoTIFF "
+                                       "(Export > Save As…) to index it.",
                           "geopackage": "A GPKG file, a format the worker does not read: save it as a GeoTIFF "
                                         "(Export > Save As…) to index it.",
-                          "web": "A web or in-memory raster (wms), not a file: save it as a GeoTIFF (Export > Save "
-                                 "As…) to index it."}
+                          "web": "A raster from a wms source (a web service, a database), not a file: save it as a "
+                                 "GeoTIFF (Export > Save As…) to index it."}
         assert sorted(panel.checked_rasters()) == sorted([rmnp_layer.source(), str(copy)])
         copy.unlink()
         panel.name_edit.setText("never-built")

@@ -803,7 +803,7 @@ def test_a_processing_run_refuses_what_it_cannot_use_before_asking_the_worker(pl
     QgsProject.instance().addMapLayers(layers)
     try:
         assert all(layer.isValid() for layer in layers)
-        with pytest.raises(QgsProcessingException, match=r"^in memory: not a file \(a GDAL virtual path, a database\): save it as a GeoTIFF.*Nothing was indexed"):
+        with pytest.raises(QgsProcessingException, match=r"^in memory: not a file \(a GDAL virtual path, .*\): save it as a GeoTIFF.*Nothing was indexed"):
             processing.run("sketchsearch:build_index", {"ENDPOINT": endpoint, "INDEX": "any", "RASTERS": layers})
     finally:
         QgsProject.instance().removeMapLayers([layer.id() for layer in layers])
@@ -899,6 +899,7 @@ def test_cancel_ends_a_processing_build_at_once_whether_or_not_the_worker_answer
     the tiles kept; a hung one (a real worker, stopped with SIGSTOP mid-job) is given up on
     within seconds, with a warning that its job may still run, not after the client's two
     waits of 120 s for each of its requests."""
+    import json
     import shutil
     import signal
     import threading
@@ -944,7 +945,11 @@ def test_cancel_ends_a_processing_build_at_once_whether_or_not_the_worker_answer
     try:
         result, waited, log = build("answering", hang=False)
         assert waited < 15, f"waited {waited:.0f} s after Cancel"
-        assert result["INDEX"] == "answering" and 0 < result["TILES"] and "cancelled" in log, log
+        # the tiles the index holds: those of chunks committed before the Cancel (the run's progress
+        # was reported, tiles of the chunk under way that were never kept)
+        manifest = index_root / "answering" / "manifest.json"
+        held = json.loads(manifest.read_text())["tile_count"] if manifest.exists() else 0
+        assert result == {"INDEX": "answering", "TILES": held} and "cancelled: the index holds" in log, log
         result, waited, log = build("hung", hang=True)
         assert waited < 30, f"waited {waited:.0f} s after Cancel"
         assert "INDEX" not in result and "did not confirm that indexing job" in log and "may still be running" in log, log
@@ -1062,6 +1067,54 @@ def test_a_worker_serving_every_interface_sends_progress_where_it_was_reached(pl
         panel.build_button.click()
         assert process_until(lambda: any("Indexing done" in m for m in qgis_iface.messageBar().get_messages(Qgis.Success)),
                              120), qgis_iface.messageBar().get_messages(Qgis.Warning)
+
+
+def test_a_job_followed_when_the_plugin_is_reloaded_is_followed_again(plugin, tmp_path):
+    """Reloaded (or QGIS started again, its local worker going on with the job), the dock's bar
+    showed a bare "%p%" and Cancel was off, while the index's row said the job ran."""
+    import shutil
+
+    import qgis.utils
+    from qgis.core import QgsRasterLayer
+
+    from conftest import WORKER_PYTHON
+    from lab.worker_process import WorkerProcess
+    from worker.assets import load_asset_paths
+
+    rasters, index_root = tmp_path / "rasters", tmp_path / "indexes"
+    rasters.mkdir()
+    index_root.mkdir()
+    shutil.copy(load_asset_paths()["s2_rgb"], rasters / "s2.tif")  # thousands of tiles at 32 px: still running
+    proc = WorkerProcess(index_root, rasters, python=WORKER_PYTHON).start()
+    layer = QgsRasterLayer(str(rasters / "s2.tif"), "s2 to follow")
+    QgsProject.instance().addMapLayer(layer)
+    try:
+        dock = plugin.dock
+        connected_to(dock, proc)
+        panel = dock.index_panel
+        panel.refresh_raster_layers()
+        for i in range(panel.raster_list.count()):
+            item = panel.raster_list.item(i)
+            if item.flags() & Qt.ItemIsUserCheckable:
+                item.setCheckState(Qt.Checked if item.text() == "s2 to follow" else Qt.Unchecked)
+        panel.table.clearSelection()
+        panel.name_edit.setText("followed")
+        panel.tiling_form.tile_spin.setValue(32)
+        panel.tiling_form.scales_edit.setText("1")
+        panel.build_button.click()
+        assert process_until(lambda: panel.progress.format().startswith("running"), 60), panel.progress.format()
+
+        assert qgis.utils.reloadPlugin("sketch_search")
+        dock = qgis.utils.plugins["sketch_search"].dock
+        connected_to(dock, proc)
+        panel = dock.index_panel
+        assert process_until(lambda: panel.progress.format().startswith("running"), 60), panel.progress.format()
+        assert panel.cancel_button.isEnabled()
+        panel.cancel_button.click()
+        assert process_until(lambda: panel.progress.format().startswith("cancelled"), 60), panel.progress.format()
+    finally:
+        QgsProject.instance().removeMapLayer(layer.id())
+        proc.stop()
 
 
 def test_building_an_index_from_the_dock_shows_progress(plugin, worker, rmnp_layer, raster_root, qgis_iface):
