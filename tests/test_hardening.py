@@ -346,6 +346,26 @@ def test_5g_a_job_kept_for_rasters_not_there_is_dropped_when_they_are_removed(tr
         sheet.unlink()
 
 
+def test_5g_a_job_cancelled_while_queued_says_what_its_index_holds(served, tree):
+    """A job ended before it ran (cancelled in the queue) said its index held 0 tiles: the dock and
+    Processing said so of an index of hundreds."""
+    copy = _copy_index(served, "held")
+    try:
+        with served.client() as c:
+            slow = c.start_index("slow-held", [str(tree / "rasters" / "rmnp.tif")], **TILE)
+            queued = c.start_index("held", [str(tree / "rasters" / "rmnp.tif")], **TILE)
+            assert queued["state"] == states.QUEUED, queued
+            c.request("cancel", job=queued["id"])
+            ended = wait_job(c, queued["id"])
+            c.request("cancel", job=slow["id"])
+            wait_job(c, slow["id"])
+            [held] = [i for i in c.list_indexes() if i["name"] == "held"]
+        assert (ended["state"], ended["tile_count"]) == (states.CANCELLED, held["tile_count"]) and held["tile_count"]
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.rmtree(served.index_root / "slow-held", ignore_errors=True)
+
+
 def test_5f_job_files_of_no_index_are_neither_resumed_nor_removed(served, tree, tmp_path):
     """Every job.json under the index root was taken for a job: another program's file was
     removed as a damaged job, and an index being deleted (its trash folder, kept by a crash) had

@@ -643,6 +643,8 @@ def test_kill_9_mid_index_then_restart_resumes_to_the_same_index(tmp_path, raste
     proc = WorkerProcess(root, rasters).start()  # resumes the interrupted job by itself
     try:
         with proc.client() as c:
+            # by its id, which a client that followed it asks again (it had another after a restart)
+            assert c.job(job["id"])["state"] in (states.QUEUED, states.RUNNING, states.DONE)
             deadline = time.time() + 300
             while time.time() < deadline and (root / "coast" / "job.json").exists():
                 time.sleep(0.2)

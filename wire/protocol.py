@@ -9,10 +9,9 @@ frames and are referred to by number ("sketch_frame": 1). Every request gets exa
 
 from __future__ import annotations
 
-import re
-
 import json
 import math
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -46,6 +45,12 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOG_RECORD = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ [\w.]+: ")
 EXCERPT_CHARS = 200  # how much of a rejected value an error message quotes (a path fits)
 PROGRESS_TOPIC = b"job."
+
+
+def others_unfinished(paths) -> str:
+    """An index's other rasters an earlier run left unfinished, as the end of a run that added
+    rasters says them (the command line, the dock, Processing) and why its shortlist waits."""
+    return f"{len(paths)} other raster(s) of the index not fully indexed (an earlier run stopped or failed)"
 
 
 def new_id() -> str:

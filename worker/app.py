@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
 
 from rasterio.crs import CRS
 
-from wire.protocol import DEFAULT_TOP, MAX_TOP, excerpt
+from wire.protocol import DEFAULT_TOP, MAX_TOP, excerpt, others_unfinished
 from worker import ann
 from worker.cancellation import StopCheck, raise_if_stopped, stop_when
 from worker.errors import CorruptIndexError, InputError, NotFoundError
@@ -219,8 +219,8 @@ def build_index(request: IndexRequest, model: "RetrievalModel", progress: Callab
     has_ann = ann.kept(request.index_dir)
     wanted = ann.big_enough(manifest.get("tile_count", 0)) if request.ann is None else request.ann
     if complete and unfinished and (wanted or has_ann):
-        ann_info = {"built": False, "why": f"{others_unfinished(unfinished)}: index them again, then the shortlist "
-                                           "follows"}
+        ann_info = {"built": False, "why": f"{others_unfinished(unfinished)}, first {unfinished[0]}: index them "
+                                           "again, then the shortlist follows"}
     elif complete and (wanted or has_ann):
         ann_info = _shortlist_kept(TileIndex.open(request.index_dir), update=has_ann, should_stop=should_stop)
     without_tiles = tuple(r["path"] for r in rasters
@@ -228,13 +228,6 @@ def build_index(request: IndexRequest, model: "RetrievalModel", progress: Callab
     return IndexSummary(request.index_dir, manifest.get("tile_count", 0), sum(r["tiles_total"] or 0 for r in rasters),
                         sum(r["tiles_skipped"] for r in rasters), len(rasters), complete, ann_info, without_tiles,
                         tuple(path for path in unfinished if path not in asked))
-
-
-def others_unfinished(paths: Sequence[str]) -> str:
-    """The index's other rasters an earlier run left unfinished, said at a run's end and in why
-    its shortlist waits."""
-    return (f"{len(paths)} other raster(s) of the index not fully indexed (an earlier run stopped or failed; "
-            f"first {paths[0]})")
 
 
 @dataclass(frozen=True)

@@ -102,7 +102,8 @@ def refuse_while_a_service_job_holds(index_dir: Path) -> None:
 def cmd_index(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from worker.app import build_index, others_unfinished
+    from wire.protocol import others_unfinished
+    from worker.app import build_index
 
     request = IndexRequest.create(args.out, args.rasters, tile=args.tile, overlap=args.overlap,
                                   scales=_ints(args.scales, "--scales"), bands=_ints(args.bands, "--bands"),

@@ -31,8 +31,9 @@ from worker.distributed import Cluster
 from worker.errors import InputError, error_object
 from worker.raster_access import OutsideRoots, RasterAccess
 from worker.service.indexes import index_dirs
-from worker.store import JOB_FILE, MANIFEST, IndexProgress, write_json_atomic
-from worker.store.format import JOB_LOCK, LOCK, disk_write, held_job_lock, locked_by_another, remove_unborn
+from worker.store import JOB_FILE, MANIFEST, IndexProgress, read_manifest, write_json_atomic
+from worker.store.format import (JOB_LOCK, LOCK, disk_write, held_job_lock, holds_an_index, locked_by_another,
+                                 remove_unborn)
 from worker.tiling import RasterMissing
 
 log = logging.getLogger(__name__)
@@ -46,8 +47,8 @@ JobRequest = IndexRequest | RemovalRequest
 class Job:
     """One indexing run (or removal) of one index, as the `job` op and progress events report it."""
 
-    def __init__(self, index_name: str, index_dir: Path, request: JobRequest | None):
-        self.id = new_id()
+    def __init__(self, index_name: str, index_dir: Path, request: JobRequest | None, job_id: str | None = None):
+        self.id = job_id or new_id()  # a resumed job keeps its id (its job file's): a client follows it again
         self.index_name = index_name
         self.index_dir = index_dir
         self.request = request  # None for a job that could not be resumed
@@ -126,7 +127,7 @@ class JobManager:
             return max((j for j in self.jobs.values() if j.index_dir == index_dir), key=lambda j: j.started,
                        default=None)
 
-    def start(self, index_name: str, request: JobRequest, queue_bound: bool = True) -> Job:
+    def start(self, index_name: str, request: JobRequest, queue_bound: bool = True, job_id: str | None = None) -> Job:
         """Start a job, or return the one already running for this index when it asks the same work
         (so retries are safe). ProtocolError(BUSY) when a job for this index does other work or is
         being cancelled (before, the request was answered with that job and never done), or when
@@ -146,7 +147,7 @@ class JobManager:
         if queue_bound and queued >= self.max_queued:
             raise ProtocolError(BUSY, f"{queued} indexing jobs are already waiting (the worker's limit): wait for "
                                       "one to end, or cancel one, and ask again")
-        job = Job(index_name, request.index_dir, request)
+        job = Job(index_name, request.index_dir, request, job_id)
         # an index root the worker may not write in: `storage`, saying so, not `internal`
         then = "then ask again"
         with disk_write(request.index_dir, then):
@@ -158,7 +159,8 @@ class JobManager:
         try:
             if job.kind == "index":  # a removal is one commit, with nothing to resume
                 with disk_write(request.index_dir, then):
-                    write_json_atomic(request.index_dir / JOB_FILE, {"index": index_name, **request.to_json()}, then)
+                    write_json_atomic(request.index_dir / JOB_FILE, {"index": index_name, "id": job.id,
+                                                                      **request.to_json()}, then)
             self._remember(job)
             job.thread = threading.Thread(target=self._run, args=(job,), name=f"index-{job.id}", daemon=True)
             job.thread.start()
@@ -216,7 +218,8 @@ class JobManager:
                     continue
                 log.info("resuming the interrupted indexing job of %s", job_file.parent)
                 try:
-                    jobs.append(self.start(index_name, request, queue_bound=False))
+                    kept_id = spec.get("id") if isinstance(spec.get("id"), str) and len(spec["id"]) <= 64 else None
+                    jobs.append(self.start(index_name, request, queue_bound=False, job_id=kept_id))
                 except InputError as exc:  # its job.json cannot be written again (a full disk): serve on
                     jobs.append(self._failed_resume(index_name, job_file, exc))
                 except ProtocolError:  # another worker took it since it was looked at: left to it
@@ -319,6 +322,8 @@ class JobManager:
             if job.job_lock is not None:  # the job file is left as it is now: removed, or kept to resume
                 job.job_lock.close()
                 job.job_lock = None
+            if job.tile_count is None and state != states.FAILED and job.kind == "index":  # ended before it ran
+                job.tile_count = _tiles_held(job.index_dir)
             job.state, job.error, job.finished = state, error, time.time()
             self.publish(job.to_json())
             # said in the worker's log too: one serving several users had no word of a job's end
@@ -337,6 +342,15 @@ class JobManager:
         for job in list(self.jobs.values()):
             if job.thread is not None:
                 job.thread.join(timeout)
+
+
+def _tiles_held(index_dir: Path) -> int:
+    """The tiles an index holds by its manifest (0 with none, or one that cannot be read): a job
+    cancelled while queued said its index held 0 tiles of 1,000."""
+    try:
+        return int(read_manifest(index_dir).get("tile_count", 0)) if holds_an_index(index_dir) else 0
+    except (InputError, OSError, ValueError, TypeError):
+        return 0
 
 
 def _name_in(root: Path, index_dir: Path) -> str:

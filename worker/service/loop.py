@@ -314,7 +314,11 @@ class Service:
         self._wake()
 
     def shutdown(self) -> None:
-        """Let indexing jobs commit, stop searches, close the sockets (run's end)."""
+        """Let indexing jobs commit, stop searches, close the sockets (run's end, or a start that
+        failed once jobs resumed); once."""
+        if self._wake_w < 0:
+            return
+        self.stopping = True
         log.info("stopping: letting indexing jobs commit and stopping searches")
         self.jobs.shutdown()
         for pool in self.pools.values():
@@ -322,5 +326,6 @@ class Service:
         self._flush_done()
         self._flush_events()
         self.listening.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        wake_r, wake_w, self._wake_r, self._wake_w = self._wake_r, self._wake_w, -1, -1  # a late _wake writes nowhere
+        os.close(wake_r)
+        os.close(wake_w)
