@@ -26,6 +26,7 @@ from .settings import Setting, followed_job, keep_followed_job
 from .wire import errors as codes
 from .wire import job_states as states
 from .wire.errors import WorkerError
+from .wire.protocol import others_unfinished
 from .wire.sockets import CurveKeys, dialable
 from .worker_command import WorkerCommand
 from .worker_finder import WorkerFinder
@@ -117,11 +118,12 @@ def tiles_held_said(job: dict) -> str:
     """What an indexing job's index holds once it ended, for the dock's message and Processing's
     log; the index's other rasters an earlier run left unfinished (the job ended done, and the
     user took the index as complete)."""
+    if job.get("tile_count") is None:  # a worker that does not say
+        return f"this run indexed {tiles_held(job)} tiles"
     skipped = f" ({job['tiles_skipped']} with too little data skipped)" if job["state"] == states.DONE else ""
     unfinished = job.get("unfinished") or []
-    others = (f"; {len(unfinished)} other raster(s) of it not fully indexed (an earlier run stopped or failed): "
-              f"build again with them to finish them: {_names([{'raster': p} for p in unfinished])}"
-              if unfinished else "")
+    others = (f"; {others_unfinished(unfinished)}: build again with them to finish them: "
+              f"{_names([{'raster': p} for p in unfinished])}" if unfinished else "")
     return f"the index holds {tiles_held(job)} tiles{skipped}{others}"
 
 
@@ -426,27 +428,29 @@ class SearchController(QObject):
         if err:
             return self._failed("Listing indexes", err)
         self.indexes = reply["indexes"]
-        ended = None
-        if self._resumable and self.link is not None and self._resumable[0] == self.link.endpoint:
-            (_, index, job_id), self._resumable = self._resumable, None  # the worker it was followed on, listing it
-            item = self.index_named(index)
-            if self.job_id is None:  # else a job started here since: that one is followed
-                if item is not None and item.get("job"):
-                    self.job_id = item["job"]  # it went on with the job: followed again
-                else:  # not listed before its first commit, ended meanwhile, or could not be gone on with
-                    left = item or {"name": index, "missing": True}
-                    self.link.request("job", lambda r, e: self._on_lost_job(r, e, left), job=job_id)
+        resumable = self._resumable
+        if resumable and self.link is not None and resumable[0] == self.link.endpoint and self.job_id is None:
+            # the worker the job was followed on, listing its indexes; a job started here since is followed instead
+            _, index, job_id = resumable
+            left = self.index_named(index) or {"name": index, "missing": True}
+            self.link.request("job", lambda r, e: self._on_lost_job(r, e, resumable, left), job=job_id)
         self.indexes_listed.emit(self.indexes)
 
-    def _on_lost_job(self, reply: Optional[dict], err: Optional[WorkerError], item: dict) -> None:
-        """The job followed before, asked of the worker by its id: followed again while it runs (an
-        index is listed once its first chunk is committed), else said as the index was left."""
+    def _on_lost_job(self, reply: Optional[dict], err: Optional[WorkerError], resumable: tuple, left: dict) -> None:
+        """The job followed before, asked of the worker by its id (a job it resumed after a restart
+        keeps it): followed again while it runs, else said as its index was left (`left`, its
+        listed item). Only by id: by the index's name, another user's job of it was taken over."""
+        if self.job_id is not None or self._resumable != resumable:  # a job started here, or asked already
+            return
+        if err is not None and err.code in (codes.CLOSED, codes.UNAVAILABLE, codes.TIMEOUT):
+            return  # asked again at the next listing
+        self._resumable = None
         job = reply["job"] if err is None else None
-        if self.job_id is None and job is not None and job["state"] in states.ACTIVE:
+        if job is not None and job["state"] in states.ACTIVE:
             self.job_id = job["id"]
             self._on_job(job)
         else:
-            self.lost_job_ended.emit(item)
+            self.lost_job_ended.emit(left)
 
     def index_named(self, name: str) -> Optional[dict]:
         """The last listed item of an index, or None."""

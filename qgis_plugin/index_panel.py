@@ -245,6 +245,7 @@ class IndexPanel(QGroupBox):
                 self.table.item(row, 4).setText(self._job_text(item))
 
     def _show_job(self, job: dict) -> None:
+        self.progress.setToolTip("")  # a lost job's end, said whole there, is over
         self.progress.setValue(int(PROGRESS_STEPS * job["progress"]))
         eta = f", {job['eta_s']:.0f} s left" if job.get("eta_s") else ""
         if job.get("kind") == "remove":

@@ -73,6 +73,10 @@ def plugin(plugin_started, qgis_iface):
     """The running plugin (a new instance after a reload), its dock shown in the main window."""
     import qgis.utils
 
+    from qgis.core import QgsSettings
+    from sketch_search.settings import FOLLOWED_JOB
+
+    QgsSettings().remove(FOLLOWED_JOB)  # a job an earlier test followed is not this test's to follow
     instance = qgis.utils.plugins["sketch_search"]
     qgis_iface.mainWindow().addDockWidget(2, instance.dock)  # the stub iface's addDockWidget does nothing
     instance.dock.show()

@@ -467,6 +467,8 @@ def test_a_local_worker_killed_mid_search_and_mid_index_is_started_again_and_its
             break
         except OSError:
             next_port.close()
+    else:
+        pytest.fail("no free port whose next one is free")
     panel.endpoint_edit.setText(f"tcp://127.0.0.1:{port}")
     scene = QgsRasterLayer(load_asset_paths()["s2_rgb"], "s2")  # 6,561 tiles of 32 px: minutes to index
     QgsProject.instance().addMapLayer(scene)

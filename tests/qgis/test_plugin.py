@@ -803,7 +803,8 @@ def test_a_processing_run_refuses_what_it_cannot_use_before_asking_the_worker(pl
     QgsProject.instance().addMapLayers(layers)
     try:
         assert all(layer.isValid() for layer in layers)
-        with pytest.raises(QgsProcessingException, match=r"^in memory: not a file \(a GDAL virtual path, .*\): save it as a GeoTIFF.*Nothing was indexed"):
+        refused = r"^in memory: not a file \(a GDAL virtual path, .*\): save it as a GeoTIFF.*Nothing was indexed"
+        with pytest.raises(QgsProcessingException, match=refused):
             processing.run("sketchsearch:build_index", {"ENDPOINT": endpoint, "INDEX": "any", "RASTERS": layers})
     finally:
         QgsProject.instance().removeMapLayers([layer.id() for layer in layers])
