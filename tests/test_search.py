@@ -703,6 +703,24 @@ def test_cli_sketch_given_a_georeferenced_raster_names_example(tmp_path, s2_inde
     assert result.returncode == 0 and "georeferenced" not in result.stderr, result.stderr
 
 
+def test_cli_outputs_beside_another_programs_manifest_are_written(tmp_path, s2_index):
+    """Every folder holding a manifest.json was taken for an index's, and outputs under it were
+    refused: a web app's, or one in the home folder, refused every output below it. An index's
+    own (its shards folder, or a manifest that reads as one) still is."""
+    index = TileIndex.open(s2_index)
+    sketch = tmp_path / "sketch.png"
+    pseudo_sketch(_tile_image(index, 3), "canny").save(sketch)
+    project = tmp_path / "webapp"
+    (project / "out").mkdir(parents=True)
+    (project / "manifest.json").write_text('{"name": "a web app", "icons": []}')
+    result = run_cli("search", s2_index, "--sketch", sketch, "--top", "3", "--out", project / "out" / "hits.geojson")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((project / "out" / "hits.geojson").read_text())["features"]
+    (project / "manifest.json").write_text('{"format": 5, "rasters": [], "shards": []}')  # an index's, as it reads
+    result = run_cli("search", s2_index, "--sketch", sketch, "--out", project / "out" / "again.geojson")
+    assert result.returncode == 2 and f"lies in the index {project}" in result.stderr, result.stderr
+
+
 def test_cli_outputs_it_could_not_write_are_refused_before_the_search(tmp_path, s2_index):
     """A folder as --out, or a preview in no image format, was found only after the search (a
     traceback after the GeoJSON was written, or a message about free disk space). --out replaced
