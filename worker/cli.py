@@ -23,7 +23,7 @@ from worker.ann import AUTO_MIN_TILES
 from worker.app import IndexRequest, ModelOptions, SearchRequest
 from worker.errors import CorruptIndexError, IndexMismatchError, InputError, numbered
 from worker.ranking import RANKERS
-from worker.store.format import (JOB_LOCK, MANIFEST, SHARDS, IndexLocked, disk_write, holds_an_index,
+from worker.store.format import (JOB_LOCK, IndexLocked, disk_write, holds_an_index_not_another_programs,
                                  locked_by_another)
 from worker.service.config import Limits, ServiceConfig
 from worker.tiling import TileSettings
@@ -316,7 +316,7 @@ def _check_replaceable(option: str, path: Path, index_dir: Path, inputs_at: set[
     `follows_links`: as _check_writable."""
     where = path.resolve() if follows_links else path.absolute().parent.resolve() / path.name
     for folder in where.parents:
-        if folder == index_dir.resolve() or _an_index_folder(folder):
+        if folder == index_dir.resolve() or holds_an_index_not_another_programs(folder):
             raise InputError(f"{option} {path} lies in the index {folder}: write it outside any index's folder")
     if where in inputs_at:
         raise InputError(f"{option} {path} is one of the search's inputs (the sketch, or a raster): name another file")
@@ -327,19 +327,6 @@ def _check_replaceable(option: str, path: Path, index_dir: Path, inputs_at: set[
     if where.is_file() and not written_here(where):
         raise InputError(f"{option} {path} exists and is not a file a search writes there (hits as GeoJSON, a preview "
                          "as PNG or JPEG): name another file, or delete it first")
-
-
-def _an_index_folder(folder: Path) -> bool:
-    """Whether `folder` is an index's: its manifest.json with its shards folder, or one that reads
-    as an index's (or cannot be read: a damaged index's). Another program's manifest.json (a web
-    app's; one in the home folder) made every output under it refused."""
-    if not holds_an_index(folder) or (folder / SHARDS).is_dir():
-        return holds_an_index(folder)
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return True
-    return isinstance(manifest, dict) and {"format", "shards"} <= manifest.keys()
 
 
 def _check_writable(option: str, path: Path, follows_links: bool) -> None:

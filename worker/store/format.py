@@ -119,6 +119,21 @@ def holds_an_index(folder: Path) -> bool:
     return (Path(folder) / MANIFEST).is_file()
 
 
+def holds_an_index_not_another_programs(folder: Path) -> bool:
+    """holds_an_index, less a folder whose manifest.json is another program's (a web app's; one
+    in the home folder): it also holds its shards folder, or its manifest reads as an index's,
+    or cannot be read (a damaged index's)."""
+    if not holds_an_index(folder):
+        return False
+    if (Path(folder) / SHARDS).is_dir():
+        return True
+    try:
+        manifest = json.loads((Path(folder) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return True
+    return isinstance(manifest, dict) and {"format", "shards"} <= manifest.keys()
+
+
 def read_manifest(index_dir: Path) -> dict:
     """The committed manifest of an index: NotFoundError when the folder is not an index,
     IndexMismatchError when it is of another format, CorruptIndexError when it cannot be read."""
