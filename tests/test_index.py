@@ -610,6 +610,26 @@ def test_a_refused_raster_leaves_no_index_folder(tmp_path):
     assert not (tmp_path / "index").exists()
 
 
+def test_an_index_is_built_below_another_programs_manifest_and_never_over_it(tmp_path, rmnp_copy):
+    """Every folder holding a manifest.json was taken for an index's: an index below a web app's
+    (or below the home folder, holding one) was refused as "inside the index". A folder holding
+    another program's manifest.json is no index to extend: building there is refused, leaving it
+    as it was; a folder below a real index still is refused."""
+    project = tmp_path / "webapp"
+    project.mkdir()
+    theirs = '{"name": "a web app", "icons": []}'
+    (project / "manifest.json").write_text(theirs)
+    result = run_cli("index", "--out", project / "index", *SMALL, rmnp_copy)
+    assert result.returncode == 0, result.stderr
+    assert len(TileIndex.open(project / "index")) > 0
+    over = run_cli("index", "--out", project, *SMALL, rmnp_copy)
+    assert over.returncode == 2 and "holds other things" in over.stderr and "manifest.json" in over.stderr, over.stderr
+    assert (project / "manifest.json").read_text() == theirs and sorted(p.name for p in project.iterdir()) == [
+        "index", "manifest.json"]
+    inner = run_cli("index", "--out", project / "index" / "inner", *SMALL, rmnp_copy)
+    assert inner.returncode == 2 and f"inside the index {project / 'index'}" in inner.stderr, inner.stderr
+
+
 def test_a_mosaic_missing_a_source_is_refused_naming_it_before_any_tile(tmp_path, rmnp_copy):
     """A VRT whose second sheet is gone: GDAL opens it, and indexing failed midway, at the first
     tile over the gap, with "Read failed" and no file named, leaving a partial index."""

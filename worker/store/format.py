@@ -270,16 +270,17 @@ def remove_shards(index_dir: Path, names: Iterable[str]) -> None:
 def check_index_folder(index_dir: Path) -> None:
     """A folder an index may be built in: an index already, absent, or holding only what an
     index writer leaves before its first commit. A folder with anything else (a user's files,
-    other indexes) or inside another index is refused: building there must never delete or mix."""
+    other indexes, another program's manifest.json) or inside another index is refused:
+    building there must never delete or mix. Below another program's manifest.json is no index."""
     index_dir = Path(index_dir)
     for parent in index_dir.parents:
-        if holds_an_index(parent):
+        if holds_an_index_not_another_programs(parent):
             raise InputError(f"{index_dir} is inside the index {parent}: name a folder outside it")
     if not index_dir.exists():
         return
     if not index_dir.is_dir():
         raise InputError(f"{index_dir} is a file, not an index folder: name another folder")
-    if holds_an_index(index_dir):
+    if holds_an_index_not_another_programs(index_dir):
         return
     foreign = sorted(entry.name for entry in index_dir.iterdir() if not _left_by_a_writer(entry))
     if foreign:
