@@ -824,6 +824,9 @@ def test_binding_beyond_loopback_without_keys_is_refused(tmp_path):
     # served, every client refused unsaid; a traceback once the model had loaded
     (["--curve-keys", "{keys_without_clients}"], "holds no authorized_clients/ folder"),
     (["--curve-keys", "{damaged_keys}"], "server.key_secret is not a server's secret key"),
+    # "another worker may be running there", the worker's own --bind; an ipc one, "another worker is serving there"
+    (["--pub", "{bind}"], "--pub {bind} is where --bind {bind} listens: progress events need an address of their own"),
+    (["--bind", "ipc://{tmp}/w", "--pub", "ipc://{tmp}/./w"], "is where --bind ipc://{tmp}/w listens"),
 ])
 def test_serve_options_that_cannot_be_are_refused_in_one_line(tmp_path, option, said):
     import zmq.auth
@@ -836,11 +839,13 @@ def test_serve_options_that_cannot_be_are_refused_in_one_line(tmp_path, option, 
         zmq.auth.create_certificates(str(folder), "server")
     (damaged_keys / "authorized_clients").mkdir()
     (damaged_keys / "server.key_secret").write_text("garbage")
-    args = [part.format(file=file, keys_without_clients=keys_without_clients, damaged_keys=damaged_keys)
-            for part in option]
+    bind = f"tcp://127.0.0.1:{free_port()}"
+    places = {"file": file, "keys_without_clients": keys_without_clients, "damaged_keys": damaged_keys, "bind": bind,
+              "tmp": tmp_path}
+    args, said = [part.format(**places) for part in option], said.format(**places)
     root = [] if "--index-root" in option else ["--index-root", str(tmp_path / "indexes")]
-    result = subprocess.run([sys.executable, "-m", "worker", "serve", "--bind", f"tcp://127.0.0.1:{free_port()}",
-                             *root, "--device", "cpu", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-m", "worker", "serve", "--bind", bind, *root, "--device", "cpu",
+                             *args], cwd=REPO, capture_output=True, text=True, timeout=120)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and said in lines[0], \
         result.stderr

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 from urllib.parse import urlparse
 
 from wire.protocol import DEFAULT_ENDPOINT
-from wire.sockets import tcp_host_and_port
+from wire.sockets import EVERY_INTERFACE, tcp_host_and_port
 from worker.app import given
 from worker.errors import InputError, StorageError, storage_advice
 from worker.service.paths import PathPolicy
@@ -59,6 +60,18 @@ def check_endpoint(option: str, endpoint: str, any_port: bool) -> None:
                          "give a port from 1 to 65535")
     if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
         raise InputError(f"{option} {endpoint!r}: the port must be a number from 1 to 65535")
+
+
+def same_listening_place(first: str, second: str) -> bool:
+    """Whether two endpoints would listen in the same place: the same tcp port on the same host
+    (or on every interface), or the same socket path."""
+    if first.partition("://")[0] != second.partition("://")[0]:
+        return False
+    if first.startswith("tcp://"):
+        (host, port), (other_host, other_port) = tcp_host_and_port(first), tcp_host_and_port(second)
+        return port == other_port and (host == other_host or bool({host, other_host} & set(EVERY_INTERFACE)))
+    path, other_path = first.partition("://")[2], second.partition("://")[2]
+    return path == other_path or (not path.startswith("@") and os.path.abspath(path) == os.path.abspath(other_path))
 
 
 def default_pub(bind: str) -> str:
@@ -138,6 +151,9 @@ class ServiceConfig:
             raise InputError(f"--bind {bind} leaves no port after it for progress events: give --pub too")
         if pub is not None:
             check_endpoint("--pub", pub, any_port=True)
+            if same_listening_place(bind, pub):  # was "another worker may be running there": this one's --bind
+                raise InputError(f"--pub {pub} is where --bind {bind} listens: progress events need an address of "
+                                 "their own (leave --pub out for the one after --bind)")
         if cluster is not None:
             from worker.distributed import local_workers
 
