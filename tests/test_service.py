@@ -786,6 +786,26 @@ def test_curve_protected_bind_refuses_clients_without_the_key(tmp_path, rasters)
         proc.stop()
 
 
+def test_progress_on_every_interface_is_reached_over_ipv6_beside_an_ipv6_bind(tmp_path):
+    """--bind tcp://[::]:P --pub tcp://*:Q listened for progress on IPv4 alone: a client that
+    reached the worker at [::1] was told to subscribe at [::1]:Q, where nothing listened."""
+    from worker.service.config import ServiceConfig
+    from worker.service.listening import Listening
+
+    keys, _ = make_curve_keys(tmp_path)
+    config = ServiceConfig.create(bind=f"tcp://[::]:{free_port()}", pub="tcp://*:*", index_roots=[tmp_path],
+                                  curve_keys=keys)
+    listening = Listening.open(config, zmq.Context())
+    try:
+        port = int(listening.config.pub.rsplit(":", 1)[1])
+        for family, host in ((socket.AF_INET6, "::1"), (socket.AF_INET, "127.0.0.1")):
+            with socket.socket(family) as probe:
+                probe.settimeout(5)
+                probe.connect((host, port))  # ConnectionRefusedError where nothing listens
+    finally:
+        listening.close()
+
+
 def test_a_worker_on_an_address_in_use_says_so_in_one_line(tmp_path):
     import zmq
 

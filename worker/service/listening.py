@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 
 import zmq
 
+from wire.sockets import tcp_host_and_port
 from worker.errors import InputError
 from worker.service.config import AUTHORIZED_CLIENTS, ServiceConfig
 
@@ -44,9 +45,10 @@ class Listening:
             router = _socket(context, zmq.ROUTER, keys, opened)
             router.setsockopt(zmq.MAXMSGSIZE, config.limits.max_message_bytes * HARD_LIMIT_FACTOR)
             router.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
-            _bind(router, config.bind, "--bind")
+            ipv6 = "[" in config.bind + config.pub  # a worker reached over IPv6 sends its progress there too
+            _bind(router, config.bind, "--bind", ipv6)
             pub = _socket(context, zmq.PUB, keys, opened)
-            _bind(pub, config.pub, "--pub")
+            _bind(pub, config.pub, "--pub", ipv6)
         except BaseException:
             for sock in opened:
                 sock.close(linger=0)
@@ -75,14 +77,16 @@ def _socket(context: zmq.Context, kind: int, keys: tuple[bytes, bytes] | None, o
     return sock
 
 
-def _bind(socket: zmq.Socket, address: str, option: str) -> None:
+def _bind(socket: zmq.Socket, address: str, option: str, ipv6: bool) -> None:
     """Listen on `address`, or an InputError that says why not (a worker already there). An
     ipc socket a worker listens on is refused as a busy port is: ZeroMQ took it over unsaid, the
-    first worker left running where no client could reach it."""
+    first worker left running where no client could reach it. `ipv6`: the worker is reached
+    over IPv6, where every interface (`*`) is IPv4's and IPv6's (--bind tcp://[::]:P with
+    --pub tcp://*:Q sent progress to IPv4 alone: clients of [::1] never had any)."""
     if address.startswith("ipc://") and _listened_on(address[len("ipc://"):]):
         raise InputError(f"cannot listen on {address}: another worker is serving there; stop it, or choose another "
                          f"address with {option}")
-    if "[" in address:  # an IPv6 address: refused as "No such device" without
+    if "[" in address or (ipv6 and tcp_host_and_port(address)[0] == "*"):  # IPv6 refused as "No such device" without
         socket.setsockopt(zmq.IPV6, 1)
     try:
         socket.bind(address)
