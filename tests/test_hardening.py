@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import rasterio
+import rasterio.shutil
 import zmq
 from rasterio.windows import Window
 
@@ -260,10 +261,13 @@ def test_5_a_moved_raster_and_a_torn_job_file_fail_their_jobs_and_the_worker_ser
     root = tmp_path / "indexes"
     root.mkdir()
     rasters = tree / "rasters"
-    moving = rasters / "moving.tif"
+    moving, unplugged = rasters / "moving.tif", rasters / "unplugged.vrt"
     shutil.copy(rasters / "tiny.tif", moving)
+    rasterio.shutil.copy(moving, unplugged, driver="VRT")  # a mosaic of a sheet on the drive unplugged below
     spec = {"settings": TileSettings(tile=112, scales=(1,)).to_json(), "chunk_tiles": 64}
     jobs = {"moved": {"index": "moved", "rasters": [str(moving)], **spec},
+            # GDAL opens a mosaic whose sheet is not there: its resumed job failed, and was dropped for good
+            "unplugged": {"index": "unplugged", "rasters": [str(unplugged)], **spec},
             "outside": {"index": "outside", "rasters": [str(tree / "outside" / "secret.tif")], **spec},
             # a field of the wrong type: a TypeError failed every start of the worker
             "mistyped": {"index": "mistyped", "rasters": [str(rasters / "tiny.tif")], **spec, "chunk_tiles": "abc"},
@@ -281,7 +285,12 @@ def test_5_a_moved_raster_and_a_torn_job_file_fail_their_jobs_and_the_worker_ser
     try:
         with proc.client() as c:
             assert c.ping()["ok"]
-            listed = {i["name"]: i for i in c.list_indexes()}
+            deadline = time.time() + 120
+            while True:  # the mosaic's job is resumed, and fails once its sheets are opened
+                listed = {i["name"]: i for i in c.list_indexes()}
+                if listed["unplugged"]["job"] is None or time.time() > deadline:
+                    break
+                time.sleep(0.2)
     finally:
         assert proc.kill(15) == 0
     for name in jobs:
@@ -289,11 +298,13 @@ def test_5_a_moved_raster_and_a_torn_job_file_fail_their_jobs_and_the_worker_ser
         assert job["state"] == states.FAILED and listed[name]["job"] is None, (name, job)
         assert listed[name]["complete"] and (root / name / "manifest.json").read_bytes() == manifests[name]
         # a job of rasters not there now (a drive not plugged in, a root not given) was dropped for good
-        kept = name in ("moved", "outside")
+        kept = name in ("moved", "unplugged", "outside")
         assert (root / name / "job.json").exists() == kept, name
         assert ("the job is kept, and the worker's next start tries it again" in job["error"]["message"]) == kept
     assert listed["moved"]["last_job"]["error"]["code"] == codes.BAD_INPUT
     assert "not found" in listed["moved"]["last_job"]["error"]["message"]
+    assert listed["unplugged"]["last_job"]["error"]["code"] == codes.BAD_INPUT
+    assert "its source" in listed["unplugged"]["last_job"]["error"]["message"]
     assert listed["outside"]["last_job"]["error"]["code"] == codes.FORBIDDEN
     assert "damaged" in listed["torn"]["last_job"]["error"]["message"]
     assert "damaged" in listed["mistyped"]["last_job"]["error"]["message"]
@@ -303,13 +314,15 @@ def test_5_a_moved_raster_and_a_torn_job_file_fail_their_jobs_and_the_worker_ser
     try:
         with proc.client() as c:
             deadline = time.time() + 120
-            while time.time() < deadline and (root / "moved" / "job.json").exists():
+            while time.time() < deadline and any((root / n / "job.json").exists() for n in ("moved", "unplugged")):
                 time.sleep(0.2)
             listed = {i["name"]: i for i in c.list_indexes()}
     finally:
         assert proc.kill(15) == 0
         moving.unlink()
+        unplugged.unlink()
     assert listed["moved"]["complete"] and str(moving) in listed["moved"]["rasters"], listed["moved"]
+    assert listed["unplugged"]["complete"] and str(unplugged) in listed["unplugged"]["rasters"], listed["unplugged"]
     assert (root / "outside" / "job.json").exists(), "still outside the roots: kept again"
 
 

@@ -537,8 +537,10 @@ def open_rasters(paths: Sequence[Path], bands: tuple[int, ...] | None, drivers: 
     if len(refused) == 1:
         raise refused[0]
     if refused:
-        raise InputError(f"{len(refused)} of the {len(paths)} rasters are refused, so none was indexed: "
-                         + numbered([str(e) for e in refused]))
+        not_there = all(isinstance(e, RasterMissing) for e in refused)  # a drive not plugged in: said as one
+        raise (RasterMissing if not_there else InputError)(
+            f"{len(refused)} of the {len(paths)} rasters are refused, so none was indexed: "
+            + numbered([str(e) for e in refused]))
     return infos
 
 
@@ -550,8 +552,8 @@ def _check_sources(path: Path, src: rasterio.DatasetReader) -> None:
     missing = [name for name in src.files[1:] if _local_file(name) and not os.path.exists(name)]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise InputError(f"{path}: its source {missing[0]}{more} is missing; put it back, or build the VRT "
-                         "again from the files there are (gdalbuildvrt)")
+        raise RasterMissing(f"{path}: its source {missing[0]}{more} is missing; put it back, or build the VRT "
+                            "again from the files there are (gdalbuildvrt)")
 
 
 MAX_GRID_TURN_DEG = 1.0  # a pixel grid turned this much against its map is still taken as north up

@@ -37,6 +37,7 @@ from worker.store.format import (JOB_LOCK, LOCK, disk_write, held_job_lock, hold
 from worker.tiling import RasterMissing
 
 log = logging.getLogger(__name__)
+KEPT_FOR_NEXT_START = "; the job is kept, and the worker's next start tries it again (or ask for the index again)"
 SLOT_WAIT_S = 0.25  # how often a queued job looks whether it was cancelled
 MAX_FINISHED_JOBS = 1000  # finished jobs remembered for the `job` op; older ones are forgotten
 
@@ -68,6 +69,8 @@ class Job:
         self.cancel_requested = threading.Event()
         self.thread: threading.Thread | None = None
         self.job_lock = None  # the index's JOB_LOCK, held from the job's start to its end (JobManager.start)
+        self.resumed = False  # restarted from the job file a stopped worker left (JobManager.resume_interrupted)
+        self.kept = False  # its job file stays for the worker's next start: its rasters are not there now
         self._rate_start: tuple[float, int] | None = None  # (time, tiles done) the ETA's rate counts from
 
     def to_json(self) -> dict:
@@ -127,11 +130,11 @@ class JobManager:
             return max((j for j in self.jobs.values() if j.index_dir == index_dir), key=lambda j: j.started,
                        default=None)
 
-    def start(self, index_name: str, request: JobRequest, queue_bound: bool = True, job_id: str | None = None) -> Job:
+    def start(self, index_name: str, request: JobRequest, resumed: bool = False, job_id: str | None = None) -> Job:
         """Start a job, or return the one already running for this index when it asks the same work
         (so retries are safe). ProtocolError(BUSY) when a job for this index does other work or is
         being cancelled (before, the request was answered with that job and never done), or when
-        `max_queued` jobs already wait (resumed jobs are never refused); InputError for an index
+        `max_queued` jobs already wait (`resumed` jobs are never refused); InputError for an index
         folder inside or around one a job writes (it would be built inside the other index), as
         for one inside an index (worker.store.check_index_folder)."""
         existing = self.running_for(request.index_dir)
@@ -144,10 +147,11 @@ class JobManager:
         if around:
             raise InputError(f"index {index_name!r} would lie inside or around index {around[0].index_name!r}, which "
                              f"job {around[0].id} is building: choose another name")
-        if queue_bound and queued >= self.max_queued:
+        if not resumed and queued >= self.max_queued:
             raise ProtocolError(BUSY, f"{queued} indexing jobs are already waiting (the worker's limit): wait for "
                                       "one to end, or cancel one, and ask again")
         job = Job(index_name, request.index_dir, request, job_id)
+        job.resumed = resumed
         # an index root the worker may not write in: `storage`, saying so, not `internal`
         then = "then ask again"
         with disk_write(request.index_dir, then):
@@ -213,13 +217,12 @@ class JobManager:
                 # a damaged file (a field of the wrong type too: every start failed on it), rasters gone or
                 # outside the roots; those not there now (a drive not plugged in, a root not given) kept to try again
                 except (InputError, OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
-                    jobs.append(self._failed_resume(index_name, job_file, exc,
-                                                    kept=isinstance(exc, (RasterMissing, OutsideRoots))))
+                    jobs.append(self._failed_resume(index_name, job_file, exc, kept=_not_there_now(exc)))
                     continue
                 log.info("resuming the interrupted indexing job of %s", job_file.parent)
                 try:
                     kept_id = spec.get("id") if isinstance(spec.get("id"), str) and len(spec["id"]) <= 64 else None
-                    jobs.append(self.start(index_name, request, queue_bound=False, job_id=kept_id))
+                    jobs.append(self.start(index_name, request, resumed=True, job_id=kept_id))
                 except InputError as exc:  # its job.json cannot be written again (a full disk): serve on
                     jobs.append(self._failed_resume(index_name, job_file, exc))
                 except ProtocolError:  # another worker took it since it was looked at: left to it
@@ -234,8 +237,7 @@ class JobManager:
             f"{job_file} is damaged or cannot be read ({str(exc)[:200]}): index again to finish the index")
         job.state, job.error, job.finished = states.FAILED, error_object(reason), time.time()
         if kept:
-            job.error["message"] += ("; the job is kept, and the worker's next start tries it again (or ask for the "
-                                     "index again)")
+            job.error["message"] += KEPT_FOR_NEXT_START
         log.warning("not resuming the indexing job of %s: %s", job_file.parent, job.error["message"])
         try:
             if not kept:
@@ -285,7 +287,12 @@ class JobManager:
         except Exception as exc:  # reported on the job; the worker keeps serving
             if not isinstance(exc, InputError):
                 log.exception("%s job %s failed", job.kind, job.id)
-            return states.FAILED, error_object(exc)
+            error = error_object(exc)
+            # a resumed mosaic's sources on a drive not plugged in now: kept, as a resumed raster not there is
+            if job.resumed and _not_there_now(exc):
+                job.kept = True
+                error["message"] += KEPT_FOR_NEXT_START
+            return states.FAILED, error
         job.tiles_total, job.ann, job.without_tiles = summary.tiles_total, summary.ann, list(summary.without_tiles)
         job.tile_count, job.unfinished = summary.tile_count, list(summary.unfinished)
         if summary.complete:
@@ -312,7 +319,7 @@ class JobManager:
         """Tidy the job's files, then make its end known (also when tidying fails: a job left
         `running` would keep its index busy until the worker restarts)."""
         try:
-            if state != states.INTERRUPTED and job.kind == "index":  # a removal has no job file of its own
+            if state != states.INTERRUPTED and job.kind == "index" and not job.kept:  # a removal has no job file
                 try:
                     (job.index_dir / JOB_FILE).unlink(missing_ok=True)
                 except OSError as exc:  # a failing disk: the next start tries to resume, and says why it cannot
@@ -342,6 +349,12 @@ class JobManager:
         for job in list(self.jobs.values()):
             if job.thread is not None:
                 job.thread.join(timeout)
+
+
+def _not_there_now(exc: Exception) -> bool:
+    """Whether a job failed for rasters not there now (a drive not plugged in, a root not given):
+    a resumed one is kept to try again at the worker's next start."""
+    return isinstance(exc, (RasterMissing, OutsideRoots))
 
 
 def _tiles_held(index_dir: Path) -> int:
