@@ -226,6 +226,29 @@ def test_3_a_folder_with_foreign_content_is_refused_and_left_as_it_was(served, t
         (root / "afile.txt").unlink()
 
 
+def test_3b_an_index_below_another_programs_manifest_is_listed_and_that_folder_is_no_index(served, tree):
+    """A folder holding another program's manifest.json (a web app's) in the index root was taken
+    for a damaged index: the indexes below it were never listed (nor their jobs resumed), and
+    deleting it by name moved the web app's folder to the trash."""
+    root = served.index_root
+    webapp = root / "webapp"
+    webapp.mkdir()
+    theirs = '{"name": "a web app", "icons": []}'
+    (webapp / "manifest.json").write_text(theirs)
+    try:
+        with served.client(timeout=60) as c:
+            job = wait_job(c, c.start_index("webapp/maps", [str(tree / "rasters" / "tiny.tif")], **TILE)["id"])
+            assert job["state"] == states.DONE, job
+            listed = {i["name"]: i for i in c.list_indexes()}
+            assert "webapp/maps" in listed and listed["webapp/maps"]["complete"] and "webapp" not in listed, listed
+            assert c.search("webapp/maps", sketch_png=sketch_png(), top=2)["hits"]["features"]
+            refused = _code(lambda: c.request("delete_index", index="webapp"))
+            assert refused.code == codes.NOT_FOUND and "no index 'webapp'" in refused.message, refused
+        assert (webapp / "manifest.json").read_text() == theirs and (webapp / "maps" / "manifest.json").is_file()
+    finally:
+        shutil.rmtree(webapp)
+
+
 # -- 4. a shard or a map truncated under a running worker ------------------------------------
 def test_4_a_truncated_shard_or_map_of_a_loaded_index_is_a_corrupt_index_error(served):
     """Found by the search that reads it, and by the list (a truncated level map was listed as

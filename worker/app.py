@@ -26,7 +26,7 @@ from worker.ranking import RANKERS, RankingConfig
 from worker.raster_access import RasterAccess
 from worker.store import (CHUNK_TILES, JOB_FILE, IndexProgress, IndexWriter, TileIndex, check_compatible,
                           check_index_folder, check_tokens, read_manifest)
-from worker.store.format import IndexLocked, holds_an_index, holds_an_index_not_another_programs
+from worker.store.format import IndexLocked, holds_an_index
 from worker.store.reader import manifest_info
 from worker.tiling import RasterInfo, Tile, TileSettings, disk_state, find_rasters
 
@@ -157,7 +157,7 @@ def _settings_of(index_dir: Path) -> dict:
     none (or it cannot be read: opening it says why). An index is extended with its own settings
     where a request gives none: extending one built with --bands 1,2,3 --scales 1 by naming the
     new rasters alone was refused as another index's settings."""
-    if not holds_an_index_not_another_programs(index_dir):
+    if not holds_an_index(index_dir):
         return {}
     try:
         return asdict(TileSettings.from_json(read_manifest(index_dir)["tiling"]))

@@ -23,8 +23,7 @@ from worker.ann import AUTO_MIN_TILES
 from worker.app import IndexRequest, ModelOptions, SearchRequest
 from worker.errors import CorruptIndexError, IndexMismatchError, InputError, numbered
 from worker.ranking import RANKERS
-from worker.store.format import (JOB_LOCK, IndexLocked, disk_write, holds_an_index_not_another_programs,
-                                 locked_by_another)
+from worker.store.format import JOB_LOCK, IndexLocked, disk_write, holds_an_index, locked_by_another
 from worker.service.config import Limits, ServiceConfig
 from worker.tiling import TileSettings
 
@@ -316,7 +315,7 @@ def _check_replaceable(option: str, path: Path, index_dir: Path, inputs_at: set[
     `follows_links`: as _check_writable."""
     where = path.resolve() if follows_links else path.absolute().parent.resolve() / path.name
     for folder in where.parents:
-        if folder == index_dir.resolve() or holds_an_index_not_another_programs(folder):
+        if folder == index_dir.resolve() or holds_an_index(folder):
             raise InputError(f"{option} {path} lies in the index {folder}: write it outside any index's folder")
     if where in inputs_at:
         raise InputError(f"{option} {path} is one of the search's inputs (the sketch, or a raster): name another file")

@@ -126,7 +126,8 @@ def index_dirs(root: Path, marks: tuple[str, ...] = (MANIFEST,)) -> list[Path]:
     inside one): looking through a 10M-tile index's 39,000 shard folders took seconds at every list."""
     found = []
     for folder, subfolders, files in os.walk(root):
-        if any(mark in files for mark in marks):
+        # another program's manifest.json (a web app's) marks no index, and indexes below it are found
+        if any(mark in files and (mark != MANIFEST or holds_an_index(Path(folder))) for mark in marks):
             found.append(Path(folder))
             subfolders.clear()
         else:

@@ -114,22 +114,17 @@ def manifest_stamp(index_dir: Path) -> tuple | None:
 
 
 def holds_an_index(folder: Path) -> bool:
-    """Whether `folder` is an index's (it holds a manifest, readable or not): nothing is built
-    or written inside one but by its own writer."""
-    return (Path(folder) / MANIFEST).is_file()
-
-
-def holds_an_index_not_another_programs(folder: Path) -> bool:
-    """holds_an_index, less a folder whose manifest.json is another program's (a web app's; one
-    in the home folder): it also holds its shards folder, or its manifest reads as an index's,
-    or cannot be read (a damaged index's)."""
-    if not holds_an_index(folder):
+    """Whether `folder` is an index's: nothing is built or written inside one but by its own
+    writer. It holds a manifest and its shards folder, or a manifest that reads as an index's or
+    cannot be read (a damaged index's); another program's manifest.json (a web app's, one in the
+    home folder) is no index's."""
+    if not (Path(folder) / MANIFEST).is_file():
         return False
     if (Path(folder) / SHARDS).is_dir():
         return True
     try:
         manifest = json.loads((Path(folder) / MANIFEST).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return True
     return isinstance(manifest, dict) and {"format", "shards"} <= manifest.keys()
 
@@ -271,16 +266,16 @@ def check_index_folder(index_dir: Path) -> None:
     """A folder an index may be built in: an index already, absent, or holding only what an
     index writer leaves before its first commit. A folder with anything else (a user's files,
     other indexes, another program's manifest.json) or inside another index is refused:
-    building there must never delete or mix. Below another program's manifest.json is no index."""
+    building there must never delete or mix."""
     index_dir = Path(index_dir)
     for parent in index_dir.parents:
-        if holds_an_index_not_another_programs(parent):
+        if holds_an_index(parent):
             raise InputError(f"{index_dir} is inside the index {parent}: name a folder outside it")
     if not index_dir.exists():
         return
     if not index_dir.is_dir():
         raise InputError(f"{index_dir} is a file, not an index folder: name another folder")
-    if holds_an_index_not_another_programs(index_dir):
+    if holds_an_index(index_dir):
         return
     foreign = sorted(entry.name for entry in index_dir.iterdir() if not _left_by_a_writer(entry))
     if foreign:
