@@ -746,14 +746,18 @@ def test_a_raster_root_that_is_not_there_is_said_as_the_worker_starts(tmp_path):
     assert f"--raster-root {tmp_path / 'not-there'} is not there (a drive not plugged in?)" in proc.log.read_text()
 
 
-def test_a_worker_serves_on_ipv6_loopback(tmp_path, rasters):
-    """tcp://[::1]:PORT is loopback, and was accepted, then failed to bind ("No such device"):
-    ZeroMQ sockets take IPv6 only when asked, the worker's and its clients'."""
+def skip_without_ipv6_loopback() -> None:
     try:  # socket.has_ipv6 says how Python was built, not whether this host has IPv6 loopback
         with socket.socket(socket.AF_INET6) as probe:
             probe.bind(("::1", 0))
     except OSError:
         pytest.skip("no IPv6 loopback here")
+
+
+def test_a_worker_serves_on_ipv6_loopback(tmp_path, rasters):
+    """tcp://[::1]:PORT is loopback, and was accepted, then failed to bind ("No such device"):
+    ZeroMQ sockets take IPv6 only when asked, the worker's and its clients'."""
+    skip_without_ipv6_loopback()
     proc = WorkerProcess(tmp_path / "indexes", rasters, bind=f"tcp://[::1]:{free_port()}").start()  # pings it
     try:
         with proc.client() as c:
@@ -792,10 +796,12 @@ def test_progress_on_every_interface_is_reached_over_ipv6_beside_an_ipv6_bind(tm
     from worker.service.config import ServiceConfig
     from worker.service.listening import Listening
 
+    skip_without_ipv6_loopback()
     keys, _ = make_curve_keys(tmp_path)
     config = ServiceConfig.create(bind=f"tcp://[::]:{free_port()}", pub="tcp://*:*", index_roots=[tmp_path],
                                   curve_keys=keys)
-    listening = Listening.open(config, zmq.Context())
+    context = zmq.Context()
+    listening = Listening.open(config, context)
     try:
         port = int(listening.config.pub.rsplit(":", 1)[1])
         for family, host in ((socket.AF_INET6, "::1"), (socket.AF_INET, "127.0.0.1")):
@@ -804,6 +810,7 @@ def test_progress_on_every_interface_is_reached_over_ipv6_beside_an_ipv6_bind(tm
                 probe.connect((host, port))  # ConnectionRefusedError where nothing listens
     finally:
         listening.close()
+        context.term()
 
 
 def test_a_worker_on_an_address_in_use_says_so_in_one_line(tmp_path):

@@ -63,15 +63,23 @@ def check_endpoint(option: str, endpoint: str, any_port: bool) -> None:
 
 
 def same_listening_place(first: str, second: str) -> bool:
-    """Whether two endpoints would listen in the same place: the same tcp port on the same host
-    (or on every interface), or the same socket path."""
+    """Whether two endpoints would listen in the same place: the same tcp port on the same host,
+    or on every interface beside a host of its family (`*` and [::] cover IPv4's and IPv6's,
+    0.0.0.0 IPv4's), or the same socket path."""
     if first.partition("://")[0] != second.partition("://")[0]:
         return False
     if first.startswith("tcp://"):
         (host, port), (other_host, other_port) = tcp_host_and_port(first), tcp_host_and_port(second)
-        return port == other_port and (host == other_host or bool({host, other_host} & set(EVERY_INTERFACE)))
+        return port == other_port and (host == other_host or _covers(host, other_host) or _covers(other_host, host))
     path, other_path = first.partition("://")[2], second.partition("://")[2]
-    return path == other_path or (not path.startswith("@") and os.path.abspath(path) == os.path.abspath(other_path))
+    if path.startswith("@") or other_path.startswith("@"):  # abstract sockets: names, not files
+        return path == other_path
+    return os.path.realpath(path) == os.path.realpath(other_path)
+
+
+def _covers(every: str, host: str) -> bool:
+    """Whether listening on `every` (an every-interface host) takes `host`'s port too."""
+    return every in EVERY_INTERFACE and (every != "0.0.0.0" or not host.startswith("["))
 
 
 def default_pub(bind: str) -> str:
@@ -153,7 +161,7 @@ class ServiceConfig:
             check_endpoint("--pub", pub, any_port=True)
             if same_listening_place(bind, pub):  # was "another worker may be running there": this one's --bind
                 raise InputError(f"--pub {pub} is where --bind {bind} listens: progress events need an address of "
-                                 "their own (leave --pub out for the one after --bind)")
+                                 f"their own (leave --pub out for {default_pub(bind)})")
         if cluster is not None:
             from worker.distributed import local_workers
 

@@ -319,7 +319,8 @@ class JobManager:
         """Tidy the job's files, then make its end known (also when tidying fails: a job left
         `running` would keep its index busy until the worker restarts)."""
         try:
-            if state != states.INTERRUPTED and job.kind == "index" and not job.kept:  # a removal has no job file
+            # a removal has no job file of its own; a kept job's stays for the worker's next start
+            if state != states.INTERRUPTED and job.kind == "index" and not job.kept:
                 try:
                     (job.index_dir / JOB_FILE).unlink(missing_ok=True)
                 except OSError as exc:  # a failing disk: the next start tries to resume, and says why it cannot

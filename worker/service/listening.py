@@ -45,7 +45,8 @@ class Listening:
             router = _socket(context, zmq.ROUTER, keys, opened)
             router.setsockopt(zmq.MAXMSGSIZE, config.limits.max_message_bytes * HARD_LIMIT_FACTOR)
             router.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
-            ipv6 = "[" in config.bind + config.pub  # a worker reached over IPv6 sends its progress there too
+            # a worker reached over IPv6 sends its progress there too
+            ipv6 = any(tcp_host_and_port(e)[0].startswith("[") for e in (config.bind, config.pub))
             _bind(router, config.bind, "--bind", ipv6)
             pub = _socket(context, zmq.PUB, keys, opened)
             _bind(pub, config.pub, "--pub", ipv6)
@@ -86,7 +87,8 @@ def _bind(socket: zmq.Socket, address: str, option: str, ipv6: bool) -> None:
     if address.startswith("ipc://") and _listened_on(address[len("ipc://"):]):
         raise InputError(f"cannot listen on {address}: another worker is serving there; stop it, or choose another "
                          f"address with {option}")
-    if "[" in address or (ipv6 and tcp_host_and_port(address)[0] == "*"):  # IPv6 refused as "No such device" without
+    host = tcp_host_and_port(address)[0]
+    if host.startswith("[") or (ipv6 and host == "*"):  # without, an IPv6 address is refused as "No such device"
         socket.setsockopt(zmq.IPV6, 1)
     try:
         socket.bind(address)
