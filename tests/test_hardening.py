@@ -314,8 +314,11 @@ def test_5_a_moved_raster_and_a_torn_job_file_fail_their_jobs_and_the_worker_ser
                 if listed["unplugged"]["job"] is None or time.time() > deadline:
                     break
                 time.sleep(0.2)
+            fresh = wait_job(c, c.start_index("fresh", [str(unplugged)], **TILE)["id"])  # asked now: nothing kept
     finally:
         assert proc.kill(15) == 0
+    assert fresh["state"] == states.FAILED and "its source" in fresh["error"]["message"], fresh
+    assert "kept" not in fresh["error"]["message"] and not (root / "fresh").exists()
     for name in jobs:
         job = listed[name]["last_job"]
         assert job["state"] == states.FAILED and listed[name]["job"] is None, (name, job)
