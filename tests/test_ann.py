@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -632,15 +633,33 @@ def shift_windows(path) -> None:
     np.save(path, rows)
 
 
+def edited_built(change) -> Callable:
+    """A damage: ann.json as `change` (a function of its content, in place) leaves it, valid JSON."""
+    def damage(folder) -> None:
+        built = json.loads((folder / "ann.json").read_text())
+        change(built)
+        (folder / "ann.json").write_text(json.dumps(built))
+    return damage
+
+
 @pytest.mark.parametrize("damage, info_sees_it", [
     (lambda folder: (folder / "ann.json").write_text("{not json"), True),
     (lambda folder: (folder / "ann.json").write_text("[]"), True),
+    # valid JSON of the wrong shape: tracebacks from index runs, searches and `info` (the lifecycle probe)
+    (edited_built(lambda built: built.pop("factory")), True),
+    (edited_built(lambda built: built.update(sources=[1])), True),
+    (edited_built(lambda built: built.update(covers={"x": 5})), True),
+    (edited_built(lambda built: built.update(vectors="many")), True),
+    (edited_built(lambda built: built.update(vectors=built["vectors"] + 1)), True),
+    # said as "5986515, written as 5986515 bytes"
+    (edited_built(lambda built: built.update(file_bytes={k: str(v) for k, v in built["file_bytes"].items()})), True),
     (lambda folder: garbage(folder / "index.faiss"), True),
     (lambda folder: pickled_range(folder / "refine_range.npy"), True),
     (fewer_windows, True),
     (lambda folder: shift_windows(folder / "windows.npy"), False),
     (lambda folder: garbage(folder / "windows.npy", keep_header=True), False),
-], ids=["ann.json not json", "ann.json a list", "index.faiss garbage", "refine_range a pickle", "fewer windows",
+], ids=["ann.json not json", "ann.json a list", "no factory", "sources a list", "covers of no raster id",
+        "vectors no count", "vectors not the files'", "file sizes as text", "index.faiss garbage", "refine_range a pickle", "fewer windows",
         "windows outside the maps", "windows garbage"])
 def test_a_damaged_shortlist_of_the_right_size_says_so_and_is_built_again(index_with_ann, model, tmp_path, damage,
                                                                            info_sees_it):
@@ -668,6 +687,18 @@ def test_a_damaged_shortlist_of_the_right_size_says_so_and_is_built_again(index_
     index = TileIndex.open(folder)
     assert ann.describe(index)["current"]
     assert search(index, model, sketch, RankingConfig(ann="on"), top=5).hits
+
+
+def test_an_ann_json_of_the_wrong_shape_says_what_is_wrong(index_with_ann, tmp_path):
+    """File sizes written as text were said as "index.faiss: 5986515, written as 5986515 bytes"."""
+    from worker.errors import CorruptIndexError
+
+    folder = tmp_path / "ann"
+    shutil.copytree(ann.ann_dir(index_with_ann[0]), folder)
+    edited_built(lambda built: built.update(file_bytes={k: str(v) for k, v in built["file_bytes"].items()}))(folder)
+    with pytest.raises(CorruptIndexError, match=r"ann.json: not what a build writes \(a tile count, file size or raster id "
+                                                r"that is no count\); run `python -m worker build-ann` again"):
+        ann.read_built(folder)
 
 
 def test_an_index_faiss_naming_windows_past_its_rows_is_a_damaged_shortlist(index_with_ann, model, tmp_path):

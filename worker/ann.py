@@ -492,8 +492,9 @@ REBUILD = ("run `python -m worker build-ann` again, or search without the shortl
 
 
 def read_built(folder: Path) -> dict:
-    """A shortlist's ann.json (what was built); CorruptIndexError when it is not a JSON object
-    (FileNotFoundError passes: between a swap's two renames there is none)."""
+    """A shortlist's ann.json (what was built); CorruptIndexError when it is not what a build
+    writes (FileNotFoundError passes: between a swap's two renames there is none). A field of the
+    wrong type failed index runs, searches and `info` with a traceback (_check_built)."""
     path = folder / "ann.json"
     try:
         built = json.loads(path.read_text())
@@ -501,10 +502,39 @@ def read_built(folder: Path) -> dict:
         raise
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise CorruptIndexError(f"{path}: unreadable ({excerpt(str(exc))}); {REBUILD}") from None
-    if not isinstance(built, dict) or not isinstance(built.get("covers", {}), dict) \
-            or not isinstance(built.get("file_bytes", {}), dict):
-        raise CorruptIndexError(f"{path}: not what a build writes; {REBUILD}")
+    wrong = _check_built(built)
+    if wrong:
+        raise CorruptIndexError(f"{path}: not what a build writes ({wrong}); {REBUILD}")
     return built
+
+
+BUILT_FIELDS = {"vectors": int, "rasters": list, "factory": str, "build_s": (int, float), "bytes_on_disk": int,
+                "format": int, "covers": dict, "file_bytes": dict, "sources": dict, "trained_for": int}
+OPTIONAL_FIELDS = ("sources", "trained_for")  # not in shortlists built before they were recorded
+
+
+def _check_built(built: object) -> str | None:
+    """What is wrong with an ann.json's content (None: nothing). Every field is checked where
+    present; one of this FORMAT holds them all but OPTIONAL_FIELDS (an older one is rebuilt)."""
+    if not isinstance(built, dict):
+        return "not a JSON object"
+    for name, kind in BUILT_FIELDS.items():
+        if name not in built:
+            if built.get("format") == FORMAT and name not in OPTIONAL_FIELDS:
+                return f"no {name}"
+        elif not isinstance(built[name], kind) or isinstance(built[name], bool) or \
+                (kind is int and built[name] < 0):
+            return f"{name} is {excerpt(json.dumps(built[name]))}"
+    covers, sizes, files = built.get("covers", {}), built.get("file_bytes", {}), built.get("sources", {})
+    if not all(map(_is_count, [*covers.values(), *sizes.values(), *built.get("rasters", [])])):
+        return "a tile count, file size or raster id that is no count"
+    if not all(str(r).isdigit() for r in (*covers, *files)) or not all(isinstance(f, list) for f in files.values()):
+        return "a raster's entry that is not what a build writes"
+    return None
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def check_windows(index: TileIndex, rows: np.ndarray) -> None:
@@ -823,8 +853,8 @@ class AnnShortlist:
             quantiser.hnsw.efSearch = QUANTISER_EF
         self.windows = RowFile(folder / "windows.npy", np.int32, "windows")
         self.codes = {name: Codes(folder, name) for name in CODES}
-        counts = {"index.faiss": self.index.ntotal, "windows.npy": self.windows.shape[0],
-                  **{f"{name}.npy": codes.shape[0] for name, codes in self.codes.items()}}
+        counts = {"ann.json": self.info["vectors"], "index.faiss": self.index.ntotal,
+                  "windows.npy": self.windows.shape[0], **{f"{n}.npy": codes.shape[0] for n, codes in self.codes.items()}}
         if len(set(counts.values())) > 1:
             raise CorruptIndexError(f"{folder}: its files hold different numbers of windows {counts}; {REBUILD}")
 
