@@ -518,11 +518,12 @@ def test_a_shortlist_in_use_keeps_reading_its_own_files_while_another_is_built(i
     assert ann_shortlist(index, ranking) is not shortlist  # the next search opens the new one
 
 
-def test_what_a_killed_build_leaves_is_cleared_and_the_old_shortlist_kept(index_with_ann, model, tmp_path):
+def test_what_a_killed_build_leaves_is_cleared_and_the_old_shortlist_kept(index_with_ann, model, tmp_path, caplog):
     """Killed while writing, a build leaves its half-written folder beside the old shortlist;
     killed between the swap's two renames, the old shortlist under another name and none in
     place (searches scan exactly meanwhile). The next update clears the one and puts the other
-    back, unchanged; `info` says so meanwhile."""
+    back, unchanged; `info` and a search say so meanwhile (a search said the index had none, and
+    to build one)."""
     folder = tmp_path / "index"
     shutil.copytree(index_with_ann[0], folder)
     built = (ann.ann_dir(folder) / "ann.json").read_text()
@@ -532,8 +533,10 @@ def test_what_a_killed_build_leaves_is_cleared_and_the_old_shortlist_kept(index_
     ann.ann_dir(folder).rename(folder / ".ann.old.999999")
     index = TileIndex.open(folder)
     sketch = next(frames(index, 1))[1]
-    assert ann_shortlist(index, RankingConfig(ann="on")) is None
-    assert search(index, model, sketch, RankingConfig(ann="on"), top=5).hits
+    with caplog.at_level(logging.WARNING, logger="worker.search"):
+        assert ann_shortlist(index, RankingConfig(ann="on")) is None
+        assert search(index, model, sketch, RankingConfig(ann="on"), top=5).hits
+    assert "puts it back" in caplog.text and "has no ANN shortlist" not in caplog.text, caplog.text
     assert "puts it back" in ann.describe(index)["set_aside"], "info said no shortlist, and to build one (hours at scale)"
     info = ann.update(index)
     assert info is not None and info.build_s == 0  # put back, not rebuilt

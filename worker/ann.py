@@ -479,6 +479,11 @@ def kept(index_dir: Path) -> bool:
     return AnnShortlist.exists(index_dir) or left_mid_swap(index_dir)
 
 
+SET_ASIDE = ("an update of the shortlist was killed as it swapped the new one in: the old one is set aside, and the "
+             "next index run, removal or build-ann puts it back and brings it up to date (in seconds where it is "
+             "current); searches scan exactly meanwhile")
+
+
 def left_mid_swap(index_dir: Path) -> bool:
     """Whether a build killed between _swap_in's two renames left the old shortlist under its
     swap's name and none in place: the index still has one, which the next update puts back."""
@@ -607,9 +612,7 @@ def describe(index: TileIndex) -> dict | None:
     as it is now, and whether a search asks it (None: the index has none; `damaged`: why it
     cannot be read; `set_aside`: an update killed mid-swap, said as none before)."""
     if left_mid_swap(index.dir):
-        return {"set_aside": "an update of the shortlist was killed as it swapped the new one in: the old one is set "
-                             "aside, and the next index run, removal or build-ann puts it back and brings it up to "
-                             "date (in seconds where it is current); searches scan exactly meanwhile"}
+        return {"set_aside": SET_ASIDE}
     if not AnnShortlist.exists(index.dir):
         return None
     try:

@@ -27,7 +27,8 @@ from worker import query_templates
 from worker.geo import Area, overlap_area, reproject_rings, shared_area
 from worker.line_drawing import drawing_device
 from worker.placement import Placement
-from worker.ann import MIN_WINDOWS, AnnShortlist, big_enough, check_windows, query_vectors
+from worker.ann import (MIN_WINDOWS, SET_ASIDE, AnnShortlist, big_enough, check_windows, left_mid_swap,
+                        query_vectors)
 from worker.cancellation import raise_if_stopped
 from worker.errors import CorruptIndexError, RasterUnreadable
 from worker.placement_scan import ANN_MARGIN, ANN_SPAN, ann_peaks, coarse_peaks, refine, scanner_of
@@ -128,7 +129,9 @@ def ann_shortlist(index: TileIndex, ranking: RankingConfig, area: SearchArea | N
         return None
     on_disk = AnnShortlist.stamp_of(index.dir)
     if on_disk is None:
-        if ranking.ann == "on":  # asked for by name: scanning exactly without a word looked like a slow shortlist
+        if left_mid_swap(index.dir):  # was said as having none, and to build one (hours at scale)
+            _warn_once(index, ("set_aside",), SET_ASIDE)
+        elif ranking.ann == "on":  # asked for by name: scanning exactly without a word looked like a slow shortlist
             _warn_once(index, ("none",), "has no ANN shortlist; scanning exactly (`build-ann` builds one for an "
                                          f"index of {MIN_WINDOWS} windows or more; a smaller one is scanned as fast)")
         return None
