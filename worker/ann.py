@@ -646,7 +646,10 @@ def _update(index: TileIndex) -> AnnInfo | None:
         return None
     began = time.perf_counter()
     try:
-        built = AnnShortlist(index.dir).info  # ann.json, the files' sizes, and each file readable
+        shortlist = AnnShortlist(index.dir)  # ann.json, the files' sizes, and each file readable
+        built = shortlist.info
+        if shortlist.current_format:
+            shortlist.check_ids()
         answered = answers_for(built, index)
         if answered is None or {int(r) for r in built["covers"]} - answered:
             answered = None  # a covered raster this view leaves out would lose its place in `covers`, not its windows
@@ -861,6 +864,30 @@ class AnnShortlist:
         if len(set(counts.values())) > 1:
             raise CorruptIndexError(f"{folder}: its files hold different numbers of windows {counts}; {REBUILD}")
 
+    def _check_window(self, window: int) -> None:
+        """Refuse a window index.faiss names past windows.npy's rows (damaged in its ids alone,
+        it loads, and is the size it was written at)."""
+        if not 0 <= window < self.windows.shape[0]:
+            raise CorruptIndexError(f"{self.folder / 'index.faiss'}: window {window} of {self.windows.shape[0]}; "
+                                    f"{REBUILD}")
+
+    def check_ids(self) -> None:
+        """_check_window for every window index.faiss names (its ids, 8 bytes a window: 80 MB at
+        10M), as an index run asks (update): it builds again a shortlist every search of which
+        failed, where it had kept it as current."""
+        import faiss
+
+        lists = faiss.extract_index_ivf(self.index).invlists
+        for number in range(lists.nlist):
+            size = lists.list_size(number)
+            if size:
+                pointer = lists.get_ids(number)
+                ids = faiss.rev_swig_ptr(pointer, size)
+                low, high = int(ids.min()), int(ids.max())
+                lists.release_ids(number, pointer)
+                self._check_window(low)
+                self._check_window(high)
+
     def check_files(self) -> None:
         """Refuse files changed in size since this shortlist was opened (truncated in place, or
         copied over): FAISS maps index.faiss, and a read past a mapped file's new end kills the
@@ -911,9 +938,8 @@ class AnnShortlist:
         re-rank's cuts (worker.search_area)."""
         _, ids = self.index.search(queries, k)
         ids = np.unique(ids[ids >= 0])
-        if len(ids) and ids[-1] >= self.windows.shape[0]:  # a damaged index.faiss that still loads
-            raise CorruptIndexError(f"{self.folder / 'index.faiss'}: window {ids[-1]} of {self.windows.shape[0]}; "
-                                    f"{REBUILD}")
+        if len(ids):
+            self._check_window(int(ids[-1]))
         if keep is not None and len(ids):
             ids = ids[keep(self.windows.rows(ids))]
         if not len(ids):
