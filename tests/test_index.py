@@ -600,6 +600,26 @@ def test_info_says_which_rasters_changed_or_went_since_they_were_indexed(tmp_pat
     assert states() == ["unreadable", "unchanged"]
 
 
+@pytest.mark.parametrize("field", ["tiles_skipped", "crs_wkt", "complete"])
+def test_a_manifest_whose_raster_entry_lacks_a_field_is_said_damaged_by_info_and_search(tmp_path, s2_index, field):
+    """A raster's entry without a field (a hand edit, another tool's) failed `info` with a
+    KeyError traceback: it is a damaged manifest, said with what to do, as one missing a shard's."""
+    index = tmp_path / "index"
+    shutil.copytree(s2_index, index)
+    manifest = json.loads((index / "manifest.json").read_text())
+    del manifest["rasters"][0][field]
+    (index / "manifest.json").write_text(json.dumps(manifest))
+    sketch = tmp_path / "sketch.png"
+    from PIL import Image, ImageDraw
+
+    drawing = Image.new("L", (224, 224), 255)
+    ImageDraw.Draw(drawing).line([(20, 30), (200, 190)], fill=0, width=3)
+    drawing.save(sketch)
+    for result in (run_cli("info", index), run_cli("search", index, "--sketch", sketch, "--out", tmp_path / "h.geojson")):
+        assert result.returncode == 3 and "Traceback" not in result.stderr, result.stderr
+        assert "manifest.json is damaged (rasters[0] missing or malformed): delete the index" in result.stderr
+
+
 def test_a_refused_raster_leaves_no_index_folder(tmp_path):
     """The index command refused a file that is no raster, and left the new index's folder (with
     its lock) behind: the next run of another name found a stray folder."""

@@ -147,11 +147,19 @@ def read_manifest(index_dir: Path) -> dict:
     return manifest
 
 
+RASTER_FIELDS = {"id": int, "path": str, "size": int, "mtime_ns": int, "width": int, "height": int, "crs_wkt": str,
+                 "transform": list, "bands": list, "complete": bool, "tiles_total": (int, type(None)),
+                 "tiles_skipped": int}  # and "stretch" (a list, or None): what readers take of a raster's entry
+
+
 def check_manifest_shape(manifest: dict, path: Path) -> None:
     """The fields readers rely on are there, with their types (a damaged or hand-edited manifest
     is refused here with what to do, not deep inside a search)."""
     kinds = {"model": dict, "tiling": dict, "rasters": list, "shards": list, "drawing_size": int}
     wrong = [k for k, kind in kinds.items() if not isinstance(manifest.get(k), kind)]
+    wrong += [f"rasters[{i}]" for i, r in enumerate(manifest.get("rasters") or [])
+              if not (isinstance(r, dict) and "stretch" in r and all(isinstance(r.get(k), kind)
+                                                                     for k, kind in RASTER_FIELDS.items()))]
     wrong += [f"shards[{i}]" for i, s in enumerate(manifest.get("shards") or [])
               if not (isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("count"), int)
                       and SHARD_NAME.fullmatch(s["name"]))]
