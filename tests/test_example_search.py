@@ -71,6 +71,23 @@ def test_an_example_finds_its_own_place_and_leaves_it_out(rmnp_index, model, ass
     assert max(max(overlaps) for overlaps in own_overlap(hits, query)) <= 0.5
 
 
+@pytest.mark.parametrize("window", [(100, 0, 485, 373), (0, 50, 485, 300)], ids=["east 4/5", "middle 2/3"])
+def test_a_large_example_still_gets_as_many_hits_as_there_are_places_outside_it(rmnp_index, model, assets, window):
+    """A box over most of a raster makes most of the best places its own: the search was asked
+    for `top` + 5 places and then left its own out, so --top 2 gave 1 hit where a larger top
+    showed 3 (and --top 1 could give none, with a warning to raise --shortlist, which did not
+    help: the example probe). Its own places still keep places overlapping them out."""
+    rasters = list(rmnp_index.rasters.values())
+    query = prepare_example(Example(str(assets["rmnp_rgb"]), tuple(window_bbox(assets["rmnp_rgb"], window)),
+                                    "EPSG:4326"), rasters, model.img_size)
+    every = search_query(rmnp_index, model, query.sketch, RankingConfig(), top=100, own_place=query.own_place).hits
+    assert len(every) >= 3
+    for top in (2, 3, 5):
+        hits = search_query(rmnp_index, model, query.sketch, RankingConfig(), top=top, own_place=query.own_place).hits
+        assert [h.placement for h in hits] == [h.placement for h in every[:top]], top
+    assert max(max(overlaps) for overlaps in own_overlap(every, query)) <= 0.5
+
+
 def test_the_own_place_is_the_examples_square_or_what_lies_mostly_inside_its_box(rmnp_index):
     """A long box (300 x 100 px) and the square drawn around it: the square itself, a place half
     its size inside the box, and a smaller one at the box's edge are the example's own place; a

@@ -25,8 +25,6 @@ from worker.search import Footprints, Hit, SearchResult, dedupe, remember_unread
 from worker.store import WGS84, TileIndex
 from worker.verify import describe_places, describe_sketch
 
-OWN_PLACE_MARGIN = 5  # extra places asked for, to fill the list after the example's own place is left out
-
 
 def iou(a: Polygon, b: Polygon) -> float:
     inter = overlap_area(a, b) if a.intersects(b) else 0.0
@@ -66,16 +64,19 @@ def search_query(index: TileIndex, model, sketch: torch.Tensor, ranking: Ranking
     if feedback:
         refuse_marks_too_large(index, ranking, model.img_size, feedback, good + bad)
         refuse_one_place_good_and_bad(feedback, good, bad)
-    asked = max(top + OWN_PLACE_MARGIN, fb.POOL if feedback else 0, 3 * top if feedback else 0)
+    asked = max(top, fb.POOL if feedback else 0, 3 * top if feedback else 0)
     ranking = replace(ranking, shortlist=max(ranking.shortlist, asked))
-    first = search(index, model, sketch, ranking, top=asked, area_wgs84=area_wgs84, max_overlap=max_overlap)
+    # the example's own places are never hits, and keep the places overlapping them out: left out
+    # after the search, they were most of a large example's `top` + 5 places (--top 1 gave none)
+    hidden = None if own_place is None else lambda placements: own_places(placements, own_place)
+    first = search(index, model, sketch, ranking, top=asked, area_wgs84=area_wgs84, max_overlap=max_overlap,
+                   hidden=hidden)
     timings, hits, unreadable = dict(first.timings_ms), first.hits, dict(first.unreadable)
     if feedback is not None:
         raise_if_stopped("the feedback re-rank")
         hits = rerank(index, model, sketch, ranking, hits, good, bad, area_wgs84, max_overlap, unreadable)
-    if own_place is not None:
-        own = own_places([h.placement for h in hits], own_place)
-        hits = [h for h, is_own in zip(hits, own) if not is_own]
+    if hidden is not None:  # the places like the good marks (rerank) may hold the example's own place
+        hits = [h for h, is_own in zip(hits, hidden([h.placement for h in hits])) if not is_own]
     hits = [replace(h, rank=n + 1) for n, h in enumerate(hits[:top])]
     timings["total_ms"] = (time.perf_counter() - started) * 1e3
     return SearchResult(hits=hits, timings_ms=timings, unreadable=unreadable)

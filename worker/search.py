@@ -18,6 +18,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import numpy as np
 import torch
@@ -62,20 +63,25 @@ class Footprints:
         return True
 
 
-def dedupe(footprints: Footprints, order: np.ndarray, max_overlap: float, limit: int | None = None) -> list[int]:
+def dedupe(footprints: Footprints, order: np.ndarray, max_overlap: float, limit: int | None = None,
+           hidden: frozenset[int] = frozenset()) -> list[int]:
     """Greedy spatial de-duplication: walk `order` (best first) and keep a footprint only if it
     shares with every kept one at most `max_overlap` of the smaller of the two areas; stop after
-    `limit` kept. A search's stop check is looked at every 64 footprints (a top of 1,000 took
-    1.5 s, which a cancel waited for)."""
+    `limit` kept. `hidden` footprints are kept, keeping those overlapping them out, but never
+    returned nor counted (an example's own place). A search's stop check is looked at every 64
+    footprints (a top of 1,000 took 1.5 s, which a cancel waited for)."""
     kept: list[int] = []
+    shown: list[int] = []
     for n, i in enumerate(order):
-        if limit is not None and len(kept) >= limit:
+        if limit is not None and len(shown) >= limit:
             break
         if n % 64 == 63:
             raise_if_stopped("de-duplicating the next hits")
         if footprints.shares_little(int(i), kept, max_overlap):
             kept.append(int(i))
-    return kept
+            if int(i) not in hidden:
+                shown.append(int(i))
+    return shown
 
 
 def places_to_verify(scores: list[float], footprints: Footprints, area_wgs84: Area | None,
@@ -90,6 +96,7 @@ def places_to_verify(scores: list[float], footprints: Footprints, area_wgs84: Ar
 
 
 log = logging.getLogger(__name__)
+Hidden = Callable[[list[Placement]], list[bool]]  # which placements are never hits (search's `hidden`)
 
 
 @dataclass
@@ -182,9 +189,11 @@ MAX_ANN_NEIGHBOURS = 8192
 
 def search(index: TileIndex, model, sketch_tensor: torch.Tensor, ranking: RankingConfig | None = None, top: int = 10,
            area_wgs84: Area | None = None, max_overlap: float = 0.3, scales: tuple[int, ...] | None = None,
-           shortlist: int | None = None) -> SearchResult:
+           shortlist: int | None = None, hidden: Hidden | None = None) -> SearchResult:
     """Rank where a preprocessed sketch (3, S, S) lies in the index's rasters; the best `top`
-    non-overlapping placements, best first. `area_wgs84` limits hits to those touching it.
+    non-overlapping placements, best first. `area_wgs84` limits hits to those touching it;
+    `hidden` says which placements are never hits, though they keep out those overlapping them
+    (an example's own place: worker.query_search).
     A raster that cannot be read now (moved, deleted, on an unplugged drive) is left out, and
     the result says so (`unreadable`): before, it failed every search of its index. The open
     index remembers it until its file changes, or for UNREADABLE_RETRY_S."""
@@ -193,7 +202,7 @@ def search(index: TileIndex, model, sketch_tensor: torch.Tensor, ranking: Rankin
         leave_out = frozenset(i for i, r in index.rasters.items() if r.path in unreadable)
         try:
             result = _search(index, model, sketch_tensor, ranking, top, area_wgs84, max_overlap, scales, shortlist,
-                             leave_out)
+                             leave_out, hidden)
         except RasterUnreadable as exc:
             if exc.path in unreadable:  # left out, and read all the same: a bug, not the file
                 raise
@@ -251,7 +260,7 @@ def _file_state(path: str) -> tuple | None:
 
 def _search(index: TileIndex, model, sketch_tensor: torch.Tensor, ranking: RankingConfig | None, top: int,
             area_wgs84: Area | None, max_overlap: float, scales: tuple[int, ...] | None, shortlist: int | None,
-            leave_out: frozenset[int]) -> SearchResult:
+            leave_out: frozenset[int], hidden: Hidden | None = None) -> SearchResult:
     ranking = ranking or RankingConfig()
     if shortlist is not None:
         ranking = replace(ranking, shortlist=shortlist)
@@ -313,7 +322,9 @@ def _search(index: TileIndex, model, sketch_tensor: torch.Tensor, ranking: Ranki
     order = np.array(sorted(range(len(candidates)), key=lambda i: (*candidates[i].rank_key, i)), dtype=np.int64)
     if area_wgs84 is not None:
         order = np.array([i for i in order if footprints.lonlat[i].intersects(area_wgs84)], dtype=np.int64)
-    kept = dedupe(footprints, order, max_overlap, limit=top)
+    hide = frozenset(int(i) for i, h in zip(order, hidden([footprints.placements[i] for i in order])) if h) \
+        if hidden is not None and len(order) else frozenset()
+    kept = dedupe(footprints, order, max_overlap, limit=top, hidden=hide)
     t["dedupe"] = time.perf_counter()
     verified = any(c.verified is not None for c in candidates)
     hits = [Hit(rank=n + 1, score=None if verified and candidates[i].verified is None else candidates[i].score,
