@@ -3,6 +3,7 @@ worker.hit_ids, worker.feedback through worker.query_search)."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
 import numpy as np
@@ -154,13 +155,14 @@ def test_bad_examples_are_refused_with_what_to_do(rmnp_index, model, assets, tmp
         prepare_example(Example(path, tuple(window_bbox(path)), "EPSG:4326"), rasters, model.img_size, access=confined)
 
 
-def test_an_example_from_a_raster_outside_the_index_is_drawn_from_its_own_red_green_and_blue(model, assets, tmp_path):
+def test_an_example_from_a_raster_outside_the_index_is_drawn_from_its_own_red_green_and_blue(model, assets, tmp_path,
+                                                                                             caplog):
     """An index of a sensor's 13-band scenes is built with --bands 4,3,2: an example cut from an
     RGB raster outside it was refused ("band(s) [4] asked for, but the raster has 3"), though
     the user asked nothing of that raster. Its own colour interpretation draws it now, as it
     draws the same pixels in an RGB raster; a raster of the sensor's (no colour
     interpretation) is read by the index's bands; with neither, the refusal says what to do,
-    not to pass an option search does not have."""
+    not to pass an option search does not have, as does the warning for three such bands."""
     with rasterio.open(assets["rmnp_rgb"]) as src:
         rgb, profile = src.read(), {"crs": src.crs, "transform": src.transform, "nodata": src.nodata}
     scene = write_raster(tmp_path / "scene.tif", np.stack([rgb[0], rgb[0], rgb[2], rgb[1], rgb[0]]), **profile)
@@ -176,6 +178,10 @@ def test_an_example_from_a_raster_outside_the_index_is_drawn_from_its_own_red_gr
     bgr = write_raster(tmp_path / "bgr.tif", rgb[::-1].copy(), photometric="MINISBLACK", **profile)  # names no colour
     as_bgr = prepare_example(Example(str(bgr), box, "EPSG:4326"), [], model.img_size, bands=(3, 2, 1))
     assert as_bgr.raster.bands == (3, 2, 1) and np.array_equal(as_bgr.drawing, as_rgb.drawing)
+    with caplog.at_level(logging.WARNING, logger="worker.tiling"):
+        assert prepare_example(Example(str(bgr), box, "EPSG:4326"), [], model.img_size).raster.bands == (1, 2, 3)
+    assert "read as R,G,B = 1,2,3" in caplog.text and "pass --bands" not in caplog.text, caplog.text
+    assert f"gdal_edit.py -colorinterp_1 red -colorinterp_2 green -colorinterp_3 blue {bgr}" in caplog.text
 
 
 def test_hit_ids_name_places_and_are_checked_against_the_index(rmnp_index, model, assets):

@@ -412,8 +412,10 @@ def choose_bands(src: rasterio.DatasetReader, requested: tuple[int, ...] | None)
     if src.count == 1 or (src.count == 2 and interp[1] == ColorInterp.alpha):  # grey, or grey and its alpha mask
         return (1, 1, 1)
     if src.count == 3:
-        log.warning("%s: 3 bands without RGB colour interpretation, read as R,G,B = 1,2,3 "
-                    "(pass --bands to choose otherwise)", name)
+        # an example's raster too, which a search reads with no --bands: its colours named in it work for both
+        log.warning("%s: 3 bands without RGB colour interpretation, read as R,G,B = 1,2,3 (to choose otherwise, "
+                    "index with --bands, or name its colours: gdal_edit.py -colorinterp_1 red -colorinterp_2 green "
+                    "-colorinterp_3 blue %s)", name, name)
         return (1, 2, 3)
     raise BandsUnknown(f"{name}: cannot tell which of its {src.count} bands are red, green, blue "
                        f"(colour interpretation {[c.name for c in interp]})", src.count)
@@ -577,7 +579,7 @@ def _check_north_up(path: Path, transform: rasterio.Affine, crs: CRS) -> None:
                f"sheared (its rows run {rows_turn:.1f} degrees from east, its columns {columns_turn:.1f} from south)")
         raise InputError(f"{path}: its pixel grid is {how} against its map, so a sketch drawn on the map would "
                          "not meet it; make a north-up grid of it, e.g. gdalwarp -of VRT in.tif north_up.vrt "
-                         "(a VRT: no pixels copied), and index that")
+                         "(a VRT: no pixels copied), and use that (to index, or to cut an example from)")
 
 
 def _check_on_earth(path: Path, src: rasterio.DatasetReader) -> None:
