@@ -77,7 +77,8 @@ def test_a_large_example_still_gets_as_many_hits_as_there_are_places_outside_it(
     """A box over most of a raster makes most of the best places its own: the search was asked
     for `top` + 5 places and then left its own out, so --top 2 gave 1 hit where a larger top
     showed 3 (and --top 1 could give none, with a warning to raise --shortlist, which did not
-    help: the example probe). Its own places still keep places overlapping them out."""
+    help: the example probe). Its own places still keep places overlapping them out, and the
+    verification goes to the places shown (the review)."""
     rasters = list(rmnp_index.rasters.values())
     query = prepare_example(Example(str(assets["rmnp_rgb"]), tuple(window_bbox(assets["rmnp_rgb"], window)),
                                     "EPSG:4326"), rasters, model.img_size)
@@ -86,6 +87,9 @@ def test_a_large_example_still_gets_as_many_hits_as_there_are_places_outside_it(
     for top in (2, 3, 5):
         hits = search_query(rmnp_index, model, query.sketch, RankingConfig(), top=top, own_place=query.own_place).hits
         assert [h.placement for h in hits] == [h.placement for h in every[:top]], top
+        # verified, with a score: the verification went to its own places, and hits were shown unscored
+        # (below the places verified, ranking.verify of them, a hit is unscored, as in any search)
+        assert top > 3 or all(h.score is not None for h in hits), [h.score for h in hits]
     assert max(max(overlaps) for overlaps in own_overlap(every, query)) <= 0.5
 
 

@@ -21,7 +21,7 @@ from worker.geo import Area, overlap_area, reproject_rings
 from worker.line_drawing import drawing_device
 from worker.placement import Placement, refuse_too_large
 from worker.ranking import RankingConfig
-from worker.search import Footprints, Hit, SearchResult, dedupe, remember_unreadable, search
+from worker.search import Footprints, Hidden, Hit, SearchResult, dedupe, remember_unreadable, search
 from worker.store import WGS84, TileIndex
 from worker.verify import describe_places, describe_sketch
 
@@ -74,9 +74,7 @@ def search_query(index: TileIndex, model, sketch: torch.Tensor, ranking: Ranking
     timings, hits, unreadable = dict(first.timings_ms), first.hits, dict(first.unreadable)
     if feedback is not None:
         raise_if_stopped("the feedback re-rank")
-        hits = rerank(index, model, sketch, ranking, hits, good, bad, area_wgs84, max_overlap, unreadable)
-    if hidden is not None:  # the places like the good marks (rerank) may hold the example's own place
-        hits = [h for h, is_own in zip(hits, hidden([h.placement for h in hits])) if not is_own]
+        hits = rerank(index, model, sketch, ranking, hits, good, bad, area_wgs84, max_overlap, unreadable, hidden)
     hits = [replace(h, rank=n + 1) for n, h in enumerate(hits[:top])]
     timings["total_ms"] = (time.perf_counter() - started) * 1e3
     return SearchResult(hits=hits, timings_ms=timings, unreadable=unreadable)
@@ -138,10 +136,11 @@ def describe_readable(index: TileIndex, places: list[Placement], size: int, devi
 
 def rerank(index: TileIndex, model, sketch: torch.Tensor, ranking: RankingConfig, hits: list[Hit],
            good: list[Placement], bad: list[Placement], area_wgs84: Area | None, max_overlap: float,
-           unreadable: dict[str, str]) -> list[Hit]:
+           unreadable: dict[str, str], hidden: Hidden | None) -> list[Hit]:
     """The search's places and those like the good ones, re-ranked by Rocchio (worker.feedback),
     places marked bad left out, overlapping places collapsed to the best: best first. Rasters
-    found unreadable on the way are added to `unreadable`, their places and marks left out."""
+    found unreadable on the way are added to `unreadable`, their places and marks left out.
+    `hidden`: as search's (the example's own places), in the searches like the good ones too."""
     size, device = model.img_size, drawing_device(model.device)
     kept, good_d = describe_readable(index, good, size, device, unreadable)
     good = [good[i] for i in kept]
@@ -154,7 +153,7 @@ def rerank(index: TileIndex, model, sketch: torch.Tensor, ranking: RankingConfig
         for drawing in good_drawings:
             raise_if_stopped("searching for places like the ones marked good")
             more = search(index, model, drawing, ranking, top=fb.EXPANSION_TOP, area_wgs84=area_wgs84,
-                          max_overlap=max_overlap)
+                          max_overlap=max_overlap, hidden=hidden)
             unreadable |= more.unreadable
             pool += more.hits
             prior += list(range(1, len(more.hits) + 1))

@@ -84,15 +84,25 @@ def dedupe(footprints: Footprints, order: np.ndarray, max_overlap: float, limit:
     return shown
 
 
-def places_to_verify(scores: list[float], footprints: Footprints, area_wgs84: Area | None,
-                     ranking: RankingConfig) -> list[int]:
-    """The best `ranking.verify` candidates that can be hits (those meeting the search's area),
-    best first: before, an area search verified the best candidates anywhere, and when they lay
-    outside the area, none of its hits was verified."""
+def places_to_verify(scores: list[float], footprints: Footprints, area_wgs84: Area | None, ranking: RankingConfig,
+                     hidden: frozenset[int] = frozenset(), max_overlap: float = 0.3) -> list[int]:
+    """The best `ranking.verify` candidates that can be hits, best first: those meeting the
+    search's area, less `hidden` ones and those the hidden ones keep out (dedupe). Before, an
+    area search verified the best candidates anywhere, and when they lay outside the area, none
+    of its hits was verified; a large example's own places, and places overlapping them, took
+    every verification, and its hits were shown unverified, with no score."""
     if ranking.verify <= 0:
         return []
-    eligible = (i for i in range(len(scores)) if area_wgs84 is None or footprints.lonlat[i].intersects(area_wgs84))
-    return sorted(eligible, key=lambda i: -scores[i])[:ranking.verify]
+    by_score = sorted(range(len(scores)), key=lambda i: -scores[i])
+    kept_out_by = dedupe(footprints, np.array([i for i in by_score if i in hidden], np.int64), max_overlap)
+    chosen: list[int] = []
+    for i in by_score:
+        if len(chosen) >= ranking.verify:
+            break
+        if i not in hidden and (area_wgs84 is None or footprints.lonlat[i].intersects(area_wgs84)) \
+                and footprints.shares_little(i, kept_out_by, max_overlap):
+            chosen.append(i)
+    return chosen
 
 
 log = logging.getLogger(__name__)
@@ -219,6 +229,13 @@ def search(index: TileIndex, model, sketch_tensor: torch.Tensor, ranking: Rankin
         return result
 
 
+def hidden_rows(hidden: Hidden | None, footprints: Footprints) -> frozenset[int]:
+    """The candidates (rows of `footprints`) that `hidden` says are never hits (search's `hidden`)."""
+    if hidden is None or not footprints.placements:
+        return frozenset()
+    return frozenset(i for i, is_hidden in enumerate(hidden(footprints.placements)) if is_hidden)
+
+
 def _remember_gone(unreadable: dict[str, tuple[tuple, str]], paths: list[str]) -> bool:
     """Remember those of `paths` whose file is gone as unreadable (worker.search._unreadable);
     whether any was not remembered before."""
@@ -278,6 +295,7 @@ def _search(index: TileIndex, model, sketch_tensor: torch.Tensor, ranking: Ranki
         candidates = tile_candidates(index, model, sketch_tensor, ranking, mask)
         t["encode"] = t["shortlist"] = t["refine"] = t["verify"] = time.perf_counter()
         footprints = Footprints([tile_placement(index, c.tile_row) for c in candidates])
+        hide = hidden_rows(hidden, footprints)
     else:
         templates = query_templates.build(sketch_tensor, ranking.sizes, ranking.angles, model.device)
         sketch_descriptor = describe_sketch(sketch_tensor)
@@ -310,8 +328,9 @@ def _search(index: TileIndex, model, sketch_tensor: torch.Tensor, ranking: Ranki
         for c in candidates:
             c.score = c.fine + ranking.coarse_weight * c.coarse
         footprints = Footprints([c.placement(index.maps[c.map_key]) for c in candidates])
+        hide = hidden_rows(hidden, footprints)
         raise_if_stopped("verifying the best placements")
-        to_verify = places_to_verify([c.score for c in candidates], footprints, area_wgs84, ranking)
+        to_verify = places_to_verify([c.score for c in candidates], footprints, area_wgs84, ranking, hide, max_overlap)
         verify(sketch_descriptor, candidates, footprints.placements, to_verify, ranking, model.img_size,
                drawing_device(model.device))
         t["verify"] = time.perf_counter()
@@ -322,8 +341,6 @@ def _search(index: TileIndex, model, sketch_tensor: torch.Tensor, ranking: Ranki
     order = np.array(sorted(range(len(candidates)), key=lambda i: (*candidates[i].rank_key, i)), dtype=np.int64)
     if area_wgs84 is not None:
         order = np.array([i for i in order if footprints.lonlat[i].intersects(area_wgs84)], dtype=np.int64)
-    hide = frozenset(int(i) for i, h in zip(order, hidden([footprints.placements[i] for i in order])) if h) \
-        if hidden is not None and len(order) else frozenset()
     kept = dedupe(footprints, order, max_overlap, limit=top, hidden=hide)
     t["dedupe"] = time.perf_counter()
     verified = any(c.verified is not None for c in candidates)
