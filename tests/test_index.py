@@ -620,6 +620,23 @@ def test_a_manifest_whose_raster_entry_lacks_a_field_is_said_damaged_by_info_and
         assert "manifest.json is damaged (rasters[0] missing or malformed): delete the index" in result.stderr
 
 
+@pytest.mark.parametrize("change", [{"rasters": 5}, {"shards": 5}, {"raster": {"sources": "a.tif"}},
+                                    {"raster": {"palette": "yes"}}, {"raster": {"stretch": 7}}])
+def test_a_manifest_of_the_wrong_shape_is_damaged_not_a_traceback(s2_index, change):
+    """A list field that is no list raised TypeError (int is not iterable); an entry's optional
+    fields of another type failed later, reading its raster (the review)."""
+    from worker.errors import CorruptIndexError
+    from worker.store.format import check_manifest_shape
+
+    manifest = json.loads((s2_index / "manifest.json").read_text())
+    if "raster" in change:
+        manifest["rasters"][0] = {**manifest["rasters"][0], **change["raster"]}
+    else:
+        manifest.update(change)
+    with pytest.raises(CorruptIndexError, match="missing or malformed"):
+        check_manifest_shape(manifest, s2_index / "manifest.json")
+
+
 def test_a_refused_raster_leaves_no_index_folder(tmp_path):
     """The index command refused a file that is no raster, and left the new index's folder (with
     its lock) behind: the next run of another name found a stray folder."""

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import math
+import shlex
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -415,7 +416,7 @@ def choose_bands(src: rasterio.DatasetReader, requested: tuple[int, ...] | None)
         # an example's raster too, which a search reads with no --bands: its colours named in it work for both
         log.warning("%s: 3 bands without RGB colour interpretation, read as R,G,B = 1,2,3 (to choose otherwise, "
                     "index with --bands, or name its colours: gdal_edit.py -colorinterp_1 red -colorinterp_2 green "
-                    "-colorinterp_3 blue %s)", name, name)
+                    "-colorinterp_3 blue %s)", name, shlex.quote(name))
         return (1, 2, 3)
     raise BandsUnknown(f"{name}: cannot tell which of its {src.count} bands are red, green, blue "
                        f"(colour interpretation {[c.name for c in interp]})", src.count)

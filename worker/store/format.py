@@ -148,8 +148,20 @@ def read_manifest(index_dir: Path) -> dict:
 
 
 RASTER_FIELDS = {"id": int, "path": str, "size": int, "mtime_ns": int, "width": int, "height": int, "crs_wkt": str,
-                 "transform": list, "bands": list, "complete": bool, "tiles_total": (int, type(None)),
-                 "tiles_skipped": int}  # and "stretch" (a list, or None): what readers take of a raster's entry
+                 "transform": list, "bands": list, "stretch": (list, type(None)), "complete": bool,
+                 "tiles_total": (int, type(None)), "tiles_skipped": int}  # what readers take of a raster's entry
+OPTIONAL_RASTER_FIELDS = {"sources": list, "palette": bool}  # a VRT's sources, a paletted raster
+
+
+def _listed(manifest: dict, name: str) -> list:
+    """A manifest's list field, or [] where it is no list (said as malformed by its own check)."""
+    return manifest[name] if isinstance(manifest.get(name), list) else []
+
+
+def _raster_entry_readable(entry: object) -> bool:
+    """Whether a raster's entry holds RASTER_FIELDS, and OPTIONAL_RASTER_FIELDS where it has them, of their types."""
+    return isinstance(entry, dict) and all(isinstance(entry.get(k, ...), kind) for k, kind in RASTER_FIELDS.items()) \
+        and all(isinstance(entry[k], kind) for k, kind in OPTIONAL_RASTER_FIELDS.items() if k in entry)
 
 
 def check_manifest_shape(manifest: dict, path: Path) -> None:
@@ -157,10 +169,8 @@ def check_manifest_shape(manifest: dict, path: Path) -> None:
     is refused here with what to do, not deep inside a search)."""
     kinds = {"model": dict, "tiling": dict, "rasters": list, "shards": list, "drawing_size": int}
     wrong = [k for k, kind in kinds.items() if not isinstance(manifest.get(k), kind)]
-    wrong += [f"rasters[{i}]" for i, r in enumerate(manifest.get("rasters") or [])
-              if not (isinstance(r, dict) and "stretch" in r and all(isinstance(r.get(k), kind)
-                                                                     for k, kind in RASTER_FIELDS.items()))]
-    wrong += [f"shards[{i}]" for i, s in enumerate(manifest.get("shards") or [])
+    wrong += [f"rasters[{i}]" for i, r in enumerate(_listed(manifest, "rasters")) if not _raster_entry_readable(r)]
+    wrong += [f"shards[{i}]" for i, s in enumerate(_listed(manifest, "shards"))
               if not (isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("count"), int)
                       and SHARD_NAME.fullmatch(s["name"]))]
     if wrong:
