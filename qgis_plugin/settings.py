@@ -110,4 +110,3 @@ def keep_followed_job(job: Optional[tuple]) -> None:
         QgsSettings().remove(FOLLOWED_JOB)
     else:
         QgsSettings().setValue(FOLLOWED_JOB, "\n".join(job))
-

@@ -64,7 +64,7 @@ def search_query(index: TileIndex, model, sketch: torch.Tensor, ranking: Ranking
     if feedback:
         refuse_marks_too_large(index, ranking, model.img_size, feedback, good + bad)
         refuse_one_place_good_and_bad(feedback, good, bad)
-    asked = max(top, fb.POOL if feedback else 0, 3 * top if feedback else 0)
+    asked = max(fb.POOL, 3 * top) if feedback else top
     ranking = replace(ranking, shortlist=max(ranking.shortlist, asked))
     # the example's own places are never hits, and keep the places overlapping them out: left out
     # after the search, they were most of a large example's `top` + 5 places (--top 1 gave none)

@@ -48,7 +48,8 @@ JobRequest = IndexRequest | RemovalRequest
 class Job:
     """One indexing run (or removal) of one index, as the `job` op and progress events report it."""
 
-    def __init__(self, index_name: str, index_dir: Path, request: JobRequest | None, job_id: str | None = None):
+    def __init__(self, index_name: str, index_dir: Path, request: JobRequest | None, job_id: str | None = None,
+                 resumed: bool = False):
         self.id = job_id or new_id()  # a resumed job keeps its id (its job file's): a client follows it again
         self.index_name = index_name
         self.index_dir = index_dir
@@ -69,7 +70,7 @@ class Job:
         self.cancel_requested = threading.Event()
         self.thread: threading.Thread | None = None
         self.job_lock = None  # the index's JOB_LOCK, held from the job's start to its end (JobManager.start)
-        self.resumed = False  # restarted from the job file a stopped worker left (JobManager.resume_interrupted)
+        self.resumed = resumed  # restarted from the job file a stopped worker left (JobManager.resume_interrupted)
         self.kept = False  # its job file stays for the worker's next start: its rasters are not there now
         self._rate_start: tuple[float, int] | None = None  # (time, tiles done) the ETA's rate counts from
 
@@ -150,8 +151,7 @@ class JobManager:
         if not resumed and queued >= self.max_queued:
             raise ProtocolError(BUSY, f"{queued} indexing jobs are already waiting (the worker's limit): wait for "
                                       "one to end, or cancel one, and ask again")
-        job = Job(index_name, request.index_dir, request, job_id)
-        job.resumed = resumed
+        job = Job(index_name, request.index_dir, request, job_id, resumed)
         # an index root the worker may not write in: `storage`, saying so, not `internal`
         then = "then ask again"
         with disk_write(request.index_dir, then):
