@@ -1235,3 +1235,22 @@ def test_a_librarys_warning_is_one_line_on_the_command_line(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and lines[-1].startswith(f"error: {picture}: has no CRS"), result.stderr
     assert lines[:-1] == ["warning: Dataset has no geotransform, gcps, or rpcs. The identity matrix will be returned."]
+
+
+def test_the_workers_own_warnings_are_said_as_its_other_lines_on_the_command_line(tmp_path):
+    """A folder of previews only: the warning that they are left out came with a time and a
+    logger's name (`2026-12-06 20:04:22,287 WARNING worker.tiling: ...`) above `error: ...`.
+    `-v` still gives the log's form, which says where a line came from."""
+    from PIL import Image
+
+    folder = tmp_path / "previews"
+    folder.mkdir()
+    Image.new("RGB", (30, 30)).save(folder / "preview.png")
+    said = "1 picture(s) in the folders given hold no georeferencing"
+    result = run_cli("index", "--out", tmp_path / "index", "--quiet", folder)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 2, result.stderr
+    assert lines[0].startswith(f"warning: {said}") and lines[1].startswith("error: no raster files in"), lines
+    verbose = run_cli("-v", "index", "--out", tmp_path / "index", "--quiet", folder)
+    assert re.search(rf"^\d{{4}}-\d\d-\d\d [\d:,]+ WARNING worker.tiling: {re.escape(said)}", verbose.stderr, re.M), \
+        verbose.stderr

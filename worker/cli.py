@@ -566,11 +566,22 @@ def warning_line(message, category, filename, lineno, file=None, line=None) -> N
     print(f"warning: {message}", file=sys.stderr)
 
 
+class CommandLineFormatter(logging.Formatter):
+    """A command's log line as its own lines are said (`warning: ...`): it came with a time and
+    a logger's name, unlike the `warning:` and `error:` lines beside it. A service's log, and
+    -v, keep them (LOG_FORMAT)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {super().format(record)}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(joined_box_values(sys.argv[1:] if argv is None else list(argv)))
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format=LOG_FORMAT)
+    said = logging.StreamHandler()
+    said.setFormatter(logging.Formatter(LOG_FORMAT) if args.verbose or args.func is cmd_serve
+                      else CommandLineFormatter())
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, handlers=[said])
     if not args.verbose:
         warnings.showwarning = warning_line
         if args.func is cmd_serve:  # a service's log says what it does (its jobs), not its warnings alone
