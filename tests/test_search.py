@@ -595,6 +595,18 @@ def test_a_search_area_where_nothing_is_found_is_said_on_the_command_line(tmp_pa
     assert "warning: no places found in the --bbox area (EPSG:4326, x or longitude first)" in result.stderr, result.stderr
 
 
+def test_an_unknown_area_crs_is_said_in_one_line_on_the_command_line(tmp_path, s2_index):
+    """GDAL's own `ERROR 1: PROJ: ... crs not found` came before the worker's line saying the
+    same, in a service's log too."""
+    sketch = tmp_path / "sketch.png"
+    pseudo_sketch(_tile_image(TileIndex.open(s2_index), 3), "canny").save(sketch)
+    result = run_cli("search", s2_index, "--sketch", sketch, "--out", tmp_path / "h.geojson", "--bbox", "0,0,1,1",
+                     "--bbox-crs", "EPSG:999999", "--sketch-modules", "none")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()], result.stderr
+    assert result.stderr.startswith("error: unknown CRS 'EPSG:999999'") and not (tmp_path / "h.geojson").exists()
+
+
 def test_fewer_hits_than_asked_are_said_on_the_command_line_with_what_finds_more(tmp_path, s2_index):
     """--top 50 with --shortlist 5 wrote 16 hits, exit 0 and no word: overlap removal had left no
     more of the candidates. A larger shortlist, which the warning names, finds the 50."""

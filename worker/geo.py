@@ -8,6 +8,7 @@ from collections import defaultdict
 from functools import cache, lru_cache, partial
 
 import numpy as np
+import rasterio
 import shapely
 from rasterio.crs import CRS
 from rasterio.errors import CRSError
@@ -48,7 +49,8 @@ def parse_crs(text: str) -> CRS:
     if not AUTHORITY_CODE.fullmatch(text.strip()):
         _check_definition(text)
     try:
-        crs = CRS.from_user_input(text.strip())
+        with rasterio.Env():  # GDAL's handler there: its own `ERROR 1: PROJ: ...` line came before ours
+            crs = CRS.from_user_input(text.strip())
     except CRSError as exc:
         raise InputError(f"unknown CRS {excerpt(text)} ({str(exc)[:200]})") from exc
     _check_on_a_map(crs, text)
