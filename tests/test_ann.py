@@ -708,7 +708,8 @@ def test_an_index_faiss_naming_windows_past_its_rows_is_a_damaged_shortlist(inde
     """An index.faiss damaged in its lists' ids alone is the size it was written at, and FAISS
     reads it; the windows it names lie past windows.npy's rows. A search says the shortlist is
     damaged and what to do, from the ids FAISS hands back (not an error from reading rows that
-    are not there, which a client would see as internal); the next index run builds it again."""
+    are not there, which a client would see as internal); `info` says so, and the next index run
+    builds it again."""
     import faiss
 
     from worker.errors import CorruptIndexError
@@ -728,6 +729,7 @@ def test_an_index_faiss_naming_windows_past_its_rows_is_a_damaged_shortlist(inde
     sketch = next(frames(index, 1))[1]
     with pytest.raises(CorruptIndexError, match=r"index.faiss: window \d+ of \d+; .*build-ann"):
         search(index, model, sketch, RankingConfig(ann="on"), top=5)
+    assert "build-ann" in ann.describe(index)["damaged"], "info said it was current"
     ann.update(index)  # as the next index run does: it kept it as current
     index = TileIndex.open(folder)
     assert ann.describe(index)["current"] and search(index, model, sketch, RankingConfig(ann="on"), top=5).hits
