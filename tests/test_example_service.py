@@ -131,6 +131,16 @@ def test_the_command_line_searches_by_example(worker, rasters, tmp_path):
     assert all(shapely.geometry.shape(h["geometry"]).intersects(within) for h in json.loads(out.read_text())["features"])
     anywhere = [shapely.geometry.shape(h["geometry"]) for h in hits]  # the first search's, without an area
     assert not all(h.intersects(within) for h in anywhere), "the area changed what was found"
+    own = [float(v) for v in bbox.split(",")]
+    centre = ((own[0] + own[2]) / 2, (own[1] + own[3]) / 2)
+    inside = ",".join(str(v) for v in (centre[0] - 0.005, centre[1] - 0.005, centre[0] + 0.005, centre[1] + 0.005))
+    result = run("--example", str(rasters / "rmnp-rgb.tif"), "--bbox", bbox, "--area", inside, "--max-overlap", "0",
+                 "--out", str(out))
+    # an area within the example holds only places overlapping its own, kept out with --max-overlap 0: it was
+    # told to check the area's CRS
+    assert result.returncode == 0 and json.loads(out.read_text())["features"] == [], result.stderr
+    assert "no places found in the --area area" in result.stderr and "widen it" in result.stderr, result.stderr
+    assert "its CRS" not in result.stderr, result.stderr
     result = run("--sketch", str(out), "--area", half, "--out", str(tmp_path / "other.geojson"))
     assert result.returncode == 2 and "a sketch search's is --bbox" in result.stderr
     # an example search's area that cannot be, named as given (--area), not as the example's --bbox

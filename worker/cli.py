@@ -196,8 +196,12 @@ def cmd_search(args: argparse.Namespace) -> int:
         print(f"warning: {said['raster']}: {said['reason']}", file=sys.stderr)  # an unreadable one: said as found
     if not outcome.ranked and area is not None:  # an empty file, with no word (a box in another CRS, lat first)
         named = "--area" if args.example is not None else "--bbox"
+        what_to_do = ("widen it, or search without it: the example's own place, which it meets, is never a hit, nor "
+                      f"are places overlapping that by more than --max-overlap {request.max_overlap:g}"
+                      if meets_its_example(request)
+                      else "check it and its CRS, or search without it")
         print(f"warning: no places found in the {named} area ({area_crs or SearchRequest.bbox_crs}, x or longitude "
-              "first): check it and its CRS, or search without it", file=sys.stderr)
+              f"first): {what_to_do}", file=sys.stderr)
     elif 0 < len(outcome.ranked) < request.top:  # a file of fewer hits than asked, and no word why
         where = f" in the {'--area' if args.example is not None else '--bbox'} area" if area is not None else ""
         print(f"warning: {len(outcome.ranked)} hits, fewer than --top {request.top}: the candidates re-ranked "
@@ -210,6 +214,16 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 SEARCH_THEN = "then search again"
+
+
+def meets_its_example(request: SearchRequest) -> bool:
+    """Whether an example search's area meets the example's box: an area drawn around the
+    example found nothing, and was told to check its CRS."""
+    from worker.geo import bbox_to_wgs84, parse_crs
+
+    example = request.example
+    return (example is not None and request.area_wgs84 is not None
+            and request.area_wgs84.intersects(bbox_to_wgs84(example.bbox, parse_crs(example.crs))))
 
 
 def check_sketch_is_no_raster(sketch: Path) -> None:
