@@ -378,6 +378,30 @@ def test_a_raster_gone_for_good_is_taken_out_of_the_index(tmp_path, model, rmnp_
         assert db.execute(f'SELECT count(*) FROM "{table}"').fetchone()[0] == kept_tiles
 
 
+def test_a_folder_of_rasters_is_taken_out_as_it_was_indexed(tmp_path, model, rmnp_copy):
+    """A year of imagery indexed as a folder had to be taken out a file at a time: `remove` of
+    the folder said the index held no such raster. Now it takes every raster the index holds
+    below it, there or deleted, and only those."""
+    from worker.tiling import find_rasters
+
+    year = tmp_path / "2019"
+    year.mkdir()
+    sheets = [Path(shutil.copy(rmnp_copy, year / name)) for name in ("a.tif", "b.tif")]
+    out = tmp_path / "index"
+    IndexWriter(out, model, TileSettings(tile=112, scales=(1,))).build(find_rasters([rmnp_copy, year]))
+    kept_tiles = next(n for i, n in TileIndex.open(out).tiles_per_raster.items()
+                      if TileIndex.open(out).rasters[i].path == str(rmnp_copy.resolve()))
+    remove = lambda *paths: subprocess.run([sys.executable, "-m", "worker", "remove", str(out), *map(str, paths)],
+                                           cwd=REPO, capture_output=True, text=True)
+    refused = remove(tmp_path / "2020")
+    assert refused.returncode == 2 and "holds no raster" in refused.stderr and "nor any below it" in refused.stderr
+    shutil.rmtree(year)  # deleted for good
+    result = remove(year)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"removed": [str(s.resolve()) for s in sheets], "tile_count": kept_tiles}
+    assert [r.path for r in TileIndex.open(out).rasters.values()] == [str(rmnp_copy.resolve())]
+
+
 def test_a_raster_whose_shard_is_damaged_is_taken_out(tmp_path, model, rmnp_copy):
     """A damaged shard makes the index refuse to open until indexed again; `remove` refused too,
     though taking that raster out (a sheet withdrawn, a file lost with the disk that damaged its

@@ -457,7 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("remove", help="take rasters out of an index (files deleted for good: a search leaves them "
                                       "out, saying so, until they are taken out)")
     p.add_argument("index", type=Path)
-    p.add_argument("rasters", nargs="+", type=Path, help="the rasters, as given to `index` or as `info` lists them")
+    p.add_argument("rasters", nargs="+", type=Path, help="the rasters, as given to `index` or as `info` lists "
+                                                           "them, or folders: every raster the index holds below them")
     p.set_defaults(func=cmd_remove)
 
     p = sub.add_parser("search", help="find the places that look like a sketch")

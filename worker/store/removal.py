@@ -27,19 +27,21 @@ class Removed(NamedTuple):
 
 
 def remove_rasters(index_dir: Path, paths: Sequence[str]) -> Removed:
-    """Take the rasters at `paths` (as given, or as the index names them: links resolved where
-    they still resolve) out of the index at `index_dir`: their entries, tiles and level maps;
-    the tiles layer is written again. InputError, changing nothing, when the index does not
-    hold one of them."""
+    """Take the rasters at `paths` out of the index at `index_dir`: their entries, tiles and
+    level maps; the tiles layer is written again. A path names a raster as given, or as the index
+    names it (links resolved where they still resolve), or a folder: every raster the index holds
+    below it, as `index` takes a folder (there or gone). InputError, changing nothing, when a path
+    names none of the index's rasters."""
     with index_lock(index_dir):
         manifest = read_manifest(index_dir)
         held = {entry["path"]: entry for entry in manifest["rasters"]}
         named = {path: _as_indexed(path, held) for path in paths}
-        unknown = [path for path, indexed in named.items() if indexed is None]
+        unknown = [path for path, indexed in named.items() if not indexed]
         if unknown:
             more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
-            raise InputError(f"{index_dir} holds no raster {unknown[0]}{more}: name rasters as `info` lists them")
-        ids = {held[indexed]["id"] for indexed in named.values()}
+            raise InputError(f"{index_dir} holds no raster {unknown[0]}{more}, nor any below it: name rasters, or "
+                             "their folders, as `info` lists them")
+        ids = {held[indexed]["id"] for found in named.values() for indexed in found}
         gone = [s["name"] for s in manifest["shards"] if s["raster_id"] in ids]
         manifest["rasters"] = [entry for entry in manifest["rasters"] if entry["id"] not in ids]
         manifest["shards"] = [s for s in manifest["shards"] if s["raster_id"] not in ids]
@@ -51,12 +53,16 @@ def remove_rasters(index_dir: Path, paths: Sequence[str]) -> Removed:
         remove_shards(index_dir, gone)
         with disk_write(index_dir / TILES_LAYER):
             write_tiles_gpkg(index_dir)
-    return Removed(sorted(set(named.values())), manifest["tile_count"])
+    return Removed(sorted({indexed for found in named.values() for indexed in found}), manifest["tile_count"])
 
 
-def _as_indexed(path: str, held: dict) -> str | None:
-    """The path under which the index holds `path`: as written, or absolute with its links resolved."""
+def _as_indexed(path: str, held: dict) -> list[str]:
+    """The paths under which the index holds `path`: as written, or absolute with its links
+    resolved; for a folder, those of every raster it holds below it (an imagery year indexed as
+    a folder was taken out a file at a time)."""
     if path in held:
-        return path
-    resolved = str(Path(path).expanduser().resolve())
-    return resolved if resolved in held else None
+        return [path]
+    written, resolved = Path(path).expanduser().absolute(), Path(path).expanduser().resolve()
+    if str(resolved) in held:
+        return [str(resolved)]
+    return sorted(p for p in held if any(Path(p).is_relative_to(folder) for folder in {written, resolved}))
