@@ -381,7 +381,8 @@ def test_a_raster_gone_for_good_is_taken_out_of_the_index(tmp_path, model, rmnp_
 def test_a_folder_of_rasters_is_taken_out_as_it_was_indexed(tmp_path, model, rmnp_copy):
     """A year of imagery indexed as a folder had to be taken out a file at a time: `remove` of
     the folder said the index held no such raster. Now it takes every raster the index holds
-    below it, there or deleted, and only those."""
+    below it, there or deleted, or linked from it, and only those; folders that would take every
+    raster (`.`, an unset shell variable's "") are refused, and the index is left whole."""
     from worker.tiling import find_rasters
 
     year = tmp_path / "2019"
@@ -389,17 +390,26 @@ def test_a_folder_of_rasters_is_taken_out_as_it_was_indexed(tmp_path, model, rmn
     sheets = [Path(shutil.copy(rmnp_copy, year / name)) for name in ("a.tif", "b.tif")]
     out = tmp_path / "index"
     IndexWriter(out, model, TileSettings(tile=112, scales=(1,))).build(find_rasters([rmnp_copy, year]))
-    kept_tiles = next(n for i, n in TileIndex.open(out).tiles_per_raster.items()
-                      if TileIndex.open(out).rasters[i].path == str(rmnp_copy.resolve()))
+    before = TileIndex.open(out)
+    kept_tiles = next(n for i, n in before.tiles_per_raster.items() if before.rasters[i].path == str(rmnp_copy))
     remove = lambda *paths: subprocess.run([sys.executable, "-m", "worker", "remove", str(out), *map(str, paths)],
-                                           cwd=REPO, capture_output=True, text=True)
+                                           cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
+                                           capture_output=True, text=True)
     refused = remove(tmp_path / "2020")
-    assert refused.returncode == 2 and "holds no raster" in refused.stderr and "nor any below it" in refused.stderr
+    assert refused.returncode == 2 and "holds no raster" in refused.stderr and "any below it" in refused.stderr
+    for everything in (".", ""):
+        refused = remove(everything)
+        assert refused.returncode == 2 and "holds every raster" in refused.stderr, refused.stderr
+    assert len(TileIndex.open(out).rasters) == 3, "nothing taken out"
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "first.tif").symlink_to(sheets[0])  # indexed as its target, as `index links` finds it
+    result = remove(tmp_path / "links")
+    assert result.returncode == 0 and json.loads(result.stdout)["removed"] == [str(sheets[0])], result.stderr
     shutil.rmtree(year)  # deleted for good
     result = remove(year)
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout) == {"removed": [str(s.resolve()) for s in sheets], "tile_count": kept_tiles}
-    assert [r.path for r in TileIndex.open(out).rasters.values()] == [str(rmnp_copy.resolve())]
+    assert json.loads(result.stdout) == {"removed": [str(sheets[1])], "tile_count": kept_tiles}
+    assert [r.path for r in TileIndex.open(out).rasters.values()] == [str(rmnp_copy)]
 
 
 def test_a_raster_whose_shard_is_damaged_is_taken_out(tmp_path, model, rmnp_copy):

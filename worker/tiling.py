@@ -295,7 +295,7 @@ def find_rasters(inputs: list[str | Path], access: RasterAccess = RasterAccess()
         searched.add(path)
         if path.is_dir():
             before = len(found)
-            for file in _files_under(path):
+            for file in files_under(path):
                 if _plain_picture(file):
                     pictures.append(file)
                 else:
@@ -354,7 +354,7 @@ def _not_read_through_a_vrt(found: list[Path]) -> list[Path]:
     return [p for p in found if p not in read]
 
 
-def _files_under(folder: Path) -> list[Path]:
+def files_under(folder: Path) -> list[Path]:
     """Raster files in a folder and its subfolders, sorted; linked folders are not entered
     (a link to a file is returned as found, for the caller to resolve and check)."""
     files = []

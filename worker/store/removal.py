@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
+from wire.protocol import excerpt
 from worker.errors import InputError
 from worker.store.format import (MANIFEST, TILES_LAYER, disk_write, index_lock, read_manifest, remove_shards,
                                  write_json_atomic)
@@ -31,7 +32,8 @@ def remove_rasters(index_dir: Path, paths: Sequence[str]) -> Removed:
     level maps; the tiles layer is written again. A path names a raster as given, or as the index
     names it (links resolved where they still resolve), or a folder: every raster the index holds
     below it, as `index` takes a folder (there or gone). InputError, changing nothing, when a path
-    names none of the index's rasters."""
+    names none of the index's rasters, or folders alone would take out all of them (`.`, `/`, or
+    an empty argument from an unset shell variable, emptied an index unasked)."""
     with index_lock(index_dir):
         manifest = read_manifest(index_dir)
         held = {entry["path"]: entry for entry in manifest["rasters"]}
@@ -39,9 +41,14 @@ def remove_rasters(index_dir: Path, paths: Sequence[str]) -> Removed:
         unknown = [path for path, indexed in named.items() if not indexed]
         if unknown:
             more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
-            raise InputError(f"{index_dir} holds no raster {unknown[0]}{more}, nor any below it: name rasters, or "
-                             "their folders, as `info` lists them")
-        ids = {held[indexed]["id"] for found in named.values() for indexed in found}
+            raise InputError(f"{index_dir} holds no raster {excerpt(unknown[0])}{more}, nor, for a folder, any below "
+                             "it: name rasters, or their folders, as `info` lists them")
+        taken = {indexed for found in named.values() for indexed in found}
+        by_folder = [path for path, found in named.items() if found != [_as_file(path, held)]]
+        if by_folder and taken == held.keys():
+            raise InputError(f"{excerpt(by_folder[0])} holds every raster of {index_dir} ({len(held)}): to empty the "
+                             "index, delete it; else name the rasters to take out")
+        ids = {held[indexed]["id"] for indexed in taken}
         gone = [s["name"] for s in manifest["shards"] if s["raster_id"] in ids]
         manifest["rasters"] = [entry for entry in manifest["rasters"] if entry["id"] not in ids]
         manifest["shards"] = [s for s in manifest["shards"] if s["raster_id"] not in ids]
@@ -53,16 +60,32 @@ def remove_rasters(index_dir: Path, paths: Sequence[str]) -> Removed:
         remove_shards(index_dir, gone)
         with disk_write(index_dir / TILES_LAYER):
             write_tiles_gpkg(index_dir)
-    return Removed(sorted({indexed for found in named.values() for indexed in found}), manifest["tile_count"])
+    return Removed(sorted(taken), manifest["tile_count"])
 
 
 def _as_indexed(path: str, held: dict) -> list[str]:
-    """The paths under which the index holds `path`: as written, or absolute with its links
-    resolved; for a folder, those of every raster it holds below it (an imagery year indexed as
-    a folder was taken out a file at a time)."""
-    if path in held:
-        return [path]
+    """The paths under which the index holds `path`: a raster (_as_file), or, for a folder,
+    those of every raster it holds below it (an imagery year indexed as a folder was taken out
+    a file at a time): named below it, or, in a folder still there, linked from it (the index
+    holds a link's target, as `index` found it)."""
+    as_file = _as_file(path, held)
+    if as_file is not None:
+        return [as_file]
+    if not path.strip():  # "" is the working folder to pathlib
+        return []
     written, resolved = Path(path).expanduser().absolute(), Path(path).expanduser().resolve()
-    if str(resolved) in held:
-        return [str(resolved)]
-    return sorted(p for p in held if any(Path(p).is_relative_to(folder) for folder in {written, resolved}))
+    below = {p for p in held if any(Path(p).is_relative_to(folder) for folder in {written, resolved})}
+    if resolved.is_dir():
+        from worker.tiling import files_under  # worker.tiling reads indexes: imported here, no cycle
+
+        below |= {str(file.resolve()) for file in files_under(resolved)} & held.keys()
+    return sorted(below)
+
+
+def _as_file(path: str, held: dict) -> str | None:
+    """The path under which the index holds the raster at `path`: as written, or absolute with
+    its links resolved."""
+    if path in held:
+        return path
+    resolved = str(Path(path).expanduser().resolve())
+    return resolved if resolved in held else None
