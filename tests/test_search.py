@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -493,6 +494,10 @@ def test_a_crs_is_refused_only_when_it_cannot_place_a_hit_on_earth():
     for refused, why in (("EPSG:5703", "not a map's"), ("EPSG:4978", "not a map's"), ("IAU_2015:49900", "not the Earth's")):
         with pytest.raises(InputError, match=why):
             parse_crs(refused)
+    # GDAL's reason kept from its own line (now not printed): rasterio's exception said "OGR Error code 6"
+    for unknown, why in (("ESRI:999999", "crs not found: ESRI:999999"), ('GEOGCS["x", DATUM[', "missing ]")):
+        with pytest.raises(InputError, match=re.escape(why)):
+            parse_crs(unknown)
 
 
 def test_the_same_place_on_both_sides_of_the_antimeridian_is_one_hit():

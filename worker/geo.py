@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
+import threading
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache, lru_cache, partial
 
 import numpy as np
@@ -49,12 +53,43 @@ def parse_crs(text: str) -> CRS:
     if not AUTHORITY_CODE.fullmatch(text.strip()):
         _check_definition(text)
     try:
-        with rasterio.Env():  # GDAL's handler there: its own `ERROR 1: PROJ: ...` line came before ours
+        with gdal_said() as said:
             crs = CRS.from_user_input(text.strip())
     except CRSError as exc:
-        raise InputError(f"unknown CRS {excerpt(text)} ({str(exc)[:200]})") from exc
+        detail = f"{exc}: {said[-1]}" if said and said[-1] not in str(exc) else str(exc)
+        raise InputError(f"unknown CRS {excerpt(text)} ({detail[:200]})") from exc
     _check_on_a_map(crs, text)
     return crs
+
+
+@contextmanager
+def gdal_said() -> Iterator[list[str]]:
+    """The messages GDAL gives while the block runs, kept instead of printed: its own `ERROR 1:
+    PROJ: ...` line came before the worker's, and rasterio's exception alone may not say why
+    ("OGR Error code 6" for an unknown ESRI code). Inside a rasterio Env, rasterio logs them at
+    INFO; one block at a time holds that logger (the block should be short)."""
+    said: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            said.append(str(record.args[-1]) if record.args else record.getMessage())
+
+    keep, logger = Keep(), logging.getLogger("rasterio._env")
+    with _GDAL_SAID:
+        level, propagate = logger.level, logger.propagate
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+        logger.addHandler(keep)
+        try:
+            with rasterio.Env():
+                yield said
+        finally:
+            logger.removeHandler(keep)
+            logger.setLevel(level)
+            logger.propagate = propagate
+
+
+_GDAL_SAID = threading.Lock()
 
 
 def _check_on_a_map(crs: CRS, text: str) -> None:
