@@ -217,13 +217,22 @@ SEARCH_THEN = "then search again"
 
 
 def meets_its_example(request: SearchRequest) -> bool:
-    """Whether an example search's area meets the example's box: an area drawn around the
-    example found nothing, and was told to check its CRS."""
+    """Whether an example search's area meets the example's own place (the square around its box,
+    worker.example_query.OwnPlace): an area drawn around the example found nothing, and was told
+    to check its CRS."""
     from worker.geo import bbox_to_wgs84, parse_crs
 
     example = request.example
-    return (example is not None and request.area_wgs84 is not None
-            and request.area_wgs84.intersects(bbox_to_wgs84(example.bbox, parse_crs(example.crs))))
+    if example is None or request.area_wgs84 is None:
+        return False
+    minx, miny, maxx, maxy = example.bbox
+    half = max(maxx - minx, maxy - miny) / 2
+    x, y = (minx + maxx) / 2, (miny + maxy) / 2
+    try:
+        return request.area_wgs84.intersects(bbox_to_wgs84((x - half, y - half, x + half, y + half),
+                                                           parse_crs(example.crs)))
+    except InputError:  # a square past a pole: said as before
+        return False
 
 
 def check_sketch_is_no_raster(sketch: Path) -> None:
