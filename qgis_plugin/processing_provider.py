@@ -241,6 +241,8 @@ class SearchBySketchAlgorithm(_WorkerAlgorithm):
             feedback.pushWarning(f"Changed since indexed: {raster['raster']}: {raster['reason']}")
         for raster in reply.get("partly_indexed") or []:
             feedback.pushWarning(f"Searched in part: {raster['raster']}: {raster['reason']}")
+        for raster in reply.get("unread_places") or []:
+            feedback.pushWarning(f"Places that cannot be read, left out: {raster['raster']}: {raster['reason']}")
         fields = hit_fields()
         sink, dest = self.parameterAsSink(parameters, "OUTPUT", context, fields, QgsWkbTypes.Polygon, out_crs)
         for feature in features_from_hits(reply["hits"], fields, None, query_ms):  # asked in out_crs

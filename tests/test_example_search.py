@@ -282,7 +282,7 @@ def test_places_are_described_in_their_order_less_those_of_rasters_that_cannot_b
 
     from worker.line_drawing import drawing_device
     from worker.placement import Placement
-    from worker.query_search import describe_readable
+    from worker.query_search import Unread, describe_readable
     from worker.store import IndexWriter, TileIndex
     from worker.tiling import TileSettings
     from worker.verify import describe_places
@@ -293,13 +293,13 @@ def test_places_are_described_in_their_order_less_those_of_rasters_that_cannot_b
     in_a, in_b = (next(r for r in index.rasters.values() if r.path == str(path)) for path in (a, b))
     places = [Placement(in_a, 100, 100, 112), Placement(in_b, 150, 150, 112), Placement(in_a, 250, 200, 90)]
     size, device = model.img_size, drawing_device(model.device)
-    unreadable: dict[str, str] = {}
-    kept, described = describe_readable(index, places, size, device, unreadable)
+    unread = Unread({}, {})
+    kept, described = describe_readable(index, places, size, device, unread)
     assert kept == [0, 1, 2] and torch.equal(described, describe_places(places, size, device))
     b.unlink()
-    kept, described = describe_readable(index, places, size, device, unreadable)
+    kept, described = describe_readable(index, places, size, device, unread)
     assert kept == [0, 2] and torch.equal(described, describe_places([places[0], places[2]], size, device))
-    assert list(unreadable) == [str(b)]
+    assert list(unread.rasters) == [str(b)] and unread.places == {}
 
 
 def test_a_raster_marked_in_and_changed_since_it_was_indexed_is_named(tmp_path, model, assets):

@@ -600,6 +600,31 @@ def test_a_search_area_where_nothing_is_found_is_said_on_the_command_line(tmp_pa
     assert "warning: no places found in the --bbox area (EPSG:4326, x or longitude first)" in result.stderr, result.stderr
 
 
+def test_a_mosaic_missing_a_sheet_is_searched_where_it_can_be_read(tmp_path, assets):
+    """A VRT of two sheets whose eastern one was moved away: the first verified place over the gap
+    failed to read, and the whole mosaic was left out (no hits, `left_out` naming the mosaic). Its
+    western sheet is searched now, and the places that could not be read are said."""
+    from two_sheets import write_two_sheets
+
+    mosaic, sketch = write_two_sheets(assets["rmnp_rgb"], tmp_path)
+    built = run_cli("index", "--out", tmp_path / "index", "--tile", "112", "--scales", "1,2",
+                    "--sketch-modules", "none", "--quiet", mosaic)
+    assert built.returncode == 0, built.stderr
+    search_it = lambda: run_cli("search", tmp_path / "index", "--sketch", sketch, "--out", tmp_path / "h.geojson",
+                                "--top", "5", "--sketch-modules", "none")
+    (tmp_path / "east.tif").rename(tmp_path / "east.moved")
+    result = search_it()
+    assert result.returncode == 0, result.stderr
+    said = json.loads(result.stdout)
+    assert said["hits"] > 0 and said["left_out"] == [], said
+    [unread] = said["unread_places"]
+    assert unread["raster"] == str(mosaic) and unread["places"] >= 1 and "east.tif" in unread["reason"], unread
+    assert f"warning: {mosaic}: {unread['places']} of its best places cannot be read" in result.stderr, result.stderr
+    (tmp_path / "east.moved").rename(tmp_path / "east.tif")
+    back = search_it()
+    assert back.returncode == 0 and json.loads(back.stdout)["unread_places"] == [], back.stderr
+
+
 def test_an_unknown_area_crs_is_said_in_one_line_on_the_command_line(tmp_path, s2_index):
     """GDAL's own `ERROR 1: PROJ: ... crs not found` came before the worker's line saying the
     same, in a service's log too."""

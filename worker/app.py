@@ -434,11 +434,13 @@ class SearchOutcome:
     changed: list[dict] = field(default_factory=list)  # the hits' rasters changed since indexed: {raster, reason}
     # rasters searched in part, their indexing not finished: {raster, tiles_done, tiles_total, reason}
     partly_indexed: list[dict] = field(default_factory=list)
+    # rasters searched whose best places could not all be read, those left out: {raster, places, reason}
+    unread_places: list[dict] = field(default_factory=list)
 
     def to_json(self) -> dict:
         """The search reply's fields."""
         return {"hits": self.hits, "timings_ms": self.timings_ms, "left_out": self.left_out, "changed": self.changed,
-                "partly_indexed": self.partly_indexed}
+                "partly_indexed": self.partly_indexed, "unread_places": self.unread_places}
 
 
 def run_search(request: SearchRequest, model: "RetrievalModel", index: TileIndex,
@@ -483,7 +485,16 @@ def run_search(request: SearchRequest, model: "RetrievalModel", index: TileIndex
             changed[example.changed] = {"raster": example.changed, "reason": EXAMPLE_CHANGED}
         return SearchOutcome(hits_to_geojson(result.hits, request.out_crs, None), timings, result.hits, sketch,
                              left_out(index) + unreadable, sorted(changed.values(), key=lambda c: c["raster"]),
-                             partly_indexed(index, result.unreadable, request.area_wgs84))
+                             partly_indexed(index, result.unreadable, request.area_wgs84),
+                             [{"raster": path, "places": count, "reason": unread_reason(count, why)}
+                              for path, (count, why) in sorted(result.unread_places.items())])
+
+
+def unread_reason(count: int, why: str) -> str:
+    """What a search says of a raster `count` of whose best places could not be read (`why`)."""
+    return (f"{count} of its best places cannot be read ({why}): left out of the hits, the rest of it searched (a "
+            "hit beside them may show no imagery); a damaged block, or a mosaic's sheet moved, deleted or damaged: "
+            "put it back, or index the raster again")
 
 
 SEARCH_ATTEMPTS = 3  # searches of an index changed under each of them, before saying so

@@ -41,6 +41,7 @@ class Candidate:
     # the HOG cosine of its own drawing with the sketch, when known without reading the raster (a
     # tile window's stored cells, worker.tile_windows); such a candidate keeps its place
     drawn: float | None = None
+    unreadable: str | None = None  # why its place could not be read to verify it: never a hit (worker.verify)
 
     def placement(self, level: LevelMap) -> Placement:
         half = self.size / 2

@@ -184,7 +184,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     with disk_write(args.out.parent, SEARCH_THEN):
         args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out, {**hits, "timings_ms": outcome.timings_ms, "left_out": outcome.left_out,
-                                 "changed": outcome.changed, "partly_indexed": outcome.partly_indexed}, SEARCH_THEN)
+                                 "changed": outcome.changed, "partly_indexed": outcome.partly_indexed,
+                                 "unread_places": outcome.unread_places}, SEARCH_THEN)
     if args.preview:
         from worker.hits_output import contact_sheet
 
@@ -192,7 +193,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         with disk_write(args.preview, SEARCH_THEN):
             args.preview.parent.mkdir(parents=True, exist_ok=True)
             sheet.save(args.preview, format=PREVIEW_FORMATS[args.preview.suffix.lower()])
-    for said in [r for r in outcome.left_out if r.get("kind") != "unreadable"] + outcome.changed + outcome.partly_indexed:
+    for said in ([r for r in outcome.left_out if r.get("kind") != "unreadable"] + outcome.changed
+                 + outcome.partly_indexed + outcome.unread_places):
         print(f"warning: {said['raster']}: {said['reason']}", file=sys.stderr)  # an unreadable one: said as found
     if not outcome.ranked and area is not None:  # an empty file, with no word (a box in another CRS, lat first)
         named = "--area" if args.example is not None else "--bbox"
@@ -209,6 +211,7 @@ def cmd_search(args: argparse.Namespace) -> int:
               f"{request.max_overlap:g}; a larger --shortlist may find more", file=sys.stderr)
     print(json.dumps({"hits": len(outcome.ranked), "out": str(args.out), "left_out": outcome.left_out,
                       "changed": outcome.changed, "partly_indexed": outcome.partly_indexed,
+                      "unread_places": outcome.unread_places,
                       **{k: round(v, 1) for k, v in outcome.timings_ms.items()}}))
     return 0
 

@@ -120,6 +120,18 @@ class RasterUnreadable(InputError):
         self.path, self.reason = path, reason
 
 
+class PlaceUnreadable(RasterUnreadable):
+    """A place of a raster that opens, whose pixels there cannot be read: a damaged block, or a
+    mosaic's sheet moved, deleted or damaged. A search leaves out that place, not the raster: one
+    sheet missing left a whole mosaic out of every search. Where it is not caught as such, the
+    raster is left out, as for RasterUnreadable."""
+
+    def __init__(self, path: str, reason: str):
+        InputError.__init__(self, f"{path}: a place of it cannot be read ({reason}): a damaged block, or a mosaic's "
+                                  "sheet moved, deleted or damaged; put it back, or index the raster again")
+        self.path, self.reason = path, reason
+
+
 class RasterReadError(InputError):
     """Tiles of a raster that cannot be read while it is indexed: a damaged block, a file cut
     short, gone or unplugged since the run opened it. The run leaves that chunk out, indexes the

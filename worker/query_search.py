@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -15,13 +16,14 @@ from shapely.geometry import Polygon
 from wire.protocol import excerpt
 from worker import feedback as fb
 from worker.cancellation import raise_if_stopped
-from worker.errors import InputError, RasterUnreadable
+from worker.errors import InputError, PlaceUnreadable, RasterUnreadable
 from worker.example_query import OWN_PLACE_IOU, OWN_PLACE_SHARE, OwnPlace
 from worker.geo import Area, overlap_area, reproject_rings
 from worker.line_drawing import drawing_device
 from worker.placement import Placement, refuse_too_large
 from worker.ranking import RankingConfig
-from worker.search import Footprints, Hidden, Hit, SearchResult, dedupe, remember_unreadable, search
+from worker.search import (Footprints, Hidden, Hit, SearchResult, add_unread, dedupe, remember_unreadable,
+                           search)
 from worker.store import WGS84, TileIndex
 from worker.verify import describe_places, describe_sketch
 
@@ -72,12 +74,14 @@ def search_query(index: TileIndex, model, sketch: torch.Tensor, ranking: Ranking
     first = search(index, model, sketch, ranking, top=asked, area_wgs84=area_wgs84, max_overlap=max_overlap,
                    hidden=hidden)
     timings, hits, unreadable = dict(first.timings_ms), first.hits, dict(first.unreadable)
+    unread = dict(first.unread_places)
     if feedback is not None:
         raise_if_stopped("the feedback re-rank")
-        hits = rerank(index, model, sketch, ranking, hits, good, bad, area_wgs84, max_overlap, unreadable, hidden)
+        hits = rerank(index, model, sketch, ranking, hits, good, bad, area_wgs84, max_overlap,
+                      Unread(unreadable, unread), hidden)
     hits = [replace(h, rank=n + 1) for n, h in enumerate(hits[:top])]
     timings["total_ms"] = (time.perf_counter() - started) * 1e3
-    return SearchResult(hits=hits, timings_ms=timings, unreadable=unreadable)
+    return SearchResult(hits=hits, timings_ms=timings, unreadable=unreadable, unread_places=unread)
 
 
 def refuse_marks_too_large(index: TileIndex, ranking: RankingConfig, size: int, feedback: fb.Feedback,
@@ -108,43 +112,63 @@ def refuse_one_place_good_and_bad(feedback: fb.Feedback, good: list[Placement], 
                                  "choose one")
 
 
+class Unread(NamedTuple):
+    """What a search with marks could not read: whole rasters (path: why, as
+    SearchResult.unreadable) and places of rasters that open (as SearchResult.unread_places)."""
+
+    rasters: dict[str, str]
+    places: dict[str, tuple[int, str]]
+
+
 def describe_readable(index: TileIndex, places: list[Placement], size: int, device,
-                      unreadable: dict[str, str]) -> tuple[list[int], torch.Tensor]:
-    """Which of `places` lie in rasters that can be read now (their indices, in order) and their
-    descriptors (describe_places). A raster that cannot (moved, deleted, damaged since it was
-    indexed) is added to `unreadable` (path: why) and remembered on the index, as a search
-    leaves it out (worker.search.remember_unreadable), and its places are left out: one mark,
-    or one place past the search's verified ones, there failed the whole search (`not_found`)."""
-    readable = [i for i, p in enumerate(places) if p.raster.path not in unreadable]
-    try:  # all at once, as one batch: the usual case
-        return readable, describe_places([places[i] for i in readable], size, device)
-    except RasterUnreadable:
-        pass
-    by_raster: dict[str, list[int]] = {}
-    for i in readable:
-        by_raster.setdefault(places[i].raster.path, []).append(i)
+                      unread: Unread) -> tuple[list[int], torch.Tensor]:
+    """Which of `places` can be read now (their indices, in order) and their descriptors
+    (describe_places). A raster that cannot (moved, deleted, damaged since it was indexed) is
+    added to `unread.rasters` and remembered on the index, as a search leaves it out
+    (worker.search.remember_unreadable), and its places are left out: one mark, or one place past
+    the search's verified ones, there failed the whole search (`not_found`). A place of a raster
+    that opens but cannot be read there (a damaged block, a mosaic's sheet missing) is left out
+    alone, and counted in `unread.places`."""
+    readable = [i for i, p in enumerate(places) if p.raster.path not in unread.rasters]
     described: dict[int, torch.Tensor] = {}
-    for path, indices in by_raster.items():
-        try:
-            described.update(zip(indices, describe_places([places[i] for i in indices], size, device)))
-        except RasterUnreadable as exc:
-            unreadable[path] = str(exc)
-            remember_unreadable(index, exc)
+    try:  # all at once, as one batch: the usual case
+        _describe_into(described, places, readable, size, device, unread.places)
+    except RasterUnreadable:
+        by_raster: dict[str, list[int]] = {}
+        for i in readable:
+            by_raster.setdefault(places[i].raster.path, []).append(i)
+        for path, indices in by_raster.items():
+            try:
+                _describe_into(described, places, indices, size, device, unread.places)
+            except RasterUnreadable as exc:
+                unread.rasters[path] = str(exc)
+                remember_unreadable(index, exc)
     kept = sorted(described)
     return kept, (torch.stack([described[i] for i in kept]) if kept else torch.zeros(0, 1))
 
 
+def _describe_into(described: dict[int, torch.Tensor], places: list[Placement], indices: list[int], size: int,
+                   device, unread_places: dict[str, tuple[int, str]]) -> None:
+    """The descriptors of `places` at `indices` into `described`, less the places that cannot be
+    read, counted in `unread_places` (describe_readable)."""
+    unread: dict[int, PlaceUnreadable] = {}
+    found = describe_places([places[i] for i in indices], size, device, unread)
+    for exc in unread.values():
+        add_unread(unread_places, exc.path, 1, exc.reason)
+    described.update((i, d) for n, (i, d) in enumerate(zip(indices, found)) if n not in unread)
+
+
 def rerank(index: TileIndex, model, sketch: torch.Tensor, ranking: RankingConfig, hits: list[Hit],
            good: list[Placement], bad: list[Placement], area_wgs84: Area | None, max_overlap: float,
-           unreadable: dict[str, str], hidden: Hidden | None) -> list[Hit]:
+           unread: Unread, hidden: Hidden | None) -> list[Hit]:
     """The search's places and those like the good ones, re-ranked by Rocchio (worker.feedback),
     places marked bad left out, overlapping places collapsed to the best: best first. Rasters
-    found unreadable on the way are added to `unreadable`, their places and marks left out.
+    and places found unreadable on the way are added to `unread`, and left out with their marks.
     `hidden`: as search's (the example's own places), in the searches like the good ones too."""
     size, device = model.img_size, drawing_device(model.device)
-    kept, good_d = describe_readable(index, good, size, device, unreadable)
+    kept, good_d = describe_readable(index, good, size, device, unread)
     good = [good[i] for i in kept]
-    kept, bad_d = describe_readable(index, bad, size, device, unreadable)
+    kept, bad_d = describe_readable(index, bad, size, device, unread)
     bad = [bad[i] for i in kept]
     pool = list(hits)
     prior = list(range(1, len(hits) + 1))
@@ -154,10 +178,12 @@ def rerank(index: TileIndex, model, sketch: torch.Tensor, ranking: RankingConfig
             raise_if_stopped("searching for places like the ones marked good")
             more = search(index, model, drawing, ranking, top=fb.EXPANSION_TOP, area_wgs84=area_wgs84,
                           max_overlap=max_overlap, hidden=hidden)
-            unreadable |= more.unreadable
+            unread.rasters.update(more.unreadable)
+            for path, (count, why) in more.unread_places.items():
+                add_unread(unread.places, path, count, why)
             pool += more.hits
             prior += list(range(1, len(more.hits) + 1))
-    kept, candidates = describe_readable(index, [h.placement for h in pool], size, device, unreadable)
+    kept, candidates = describe_readable(index, [h.placement for h in pool], size, device, unread)
     pool, prior = [pool[i] for i in kept], [prior[i] for i in kept]
     if not pool:  # the area, or rasters that cannot be read, left no place: no hits, as without marks
         return []

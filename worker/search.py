@@ -30,6 +30,7 @@ from worker.line_drawing import drawing_device
 from worker.placement import Placement
 from worker.ann import (MIN_WINDOWS, SET_ASIDE, AnnShortlist, big_enough, check_windows, left_mid_swap,
                         query_vectors)
+from worker.candidates import Candidate
 from worker.cancellation import raise_if_stopped
 from worker.errors import CorruptIndexError, RasterUnreadable
 from worker.placement_scan import ANN_MARGIN, ANN_SPAN, ann_peaks, coarse_peaks, refine, scanner_of
@@ -136,6 +137,9 @@ class SearchResult:
     hits: list[Hit]
     timings_ms: dict[str, float] = field(default_factory=dict)
     unreadable: dict[str, str] = field(default_factory=dict)  # rasters left out, by path: why (RasterUnreadable)
+    # places of searched rasters that could not be read to verify them, left out of the hits
+    # (worker.verify, PlaceUnreadable): by raster path, how many and the first one's reason
+    unread_places: dict[str, tuple[int, str]] = field(default_factory=dict)
 
 
 def ann_shortlist(index: TileIndex, ranking: RankingConfig, area: SearchArea | None = None) -> AnnShortlist | None:
@@ -338,7 +342,8 @@ def _search(index: TileIndex, model, sketch_tensor: torch.Tensor, ranking: Ranki
         token_rerank(index, model, sketch_tensor, candidates, ranking)
     t["rerank"] = time.perf_counter()
 
-    order = np.array(sorted(range(len(candidates)), key=lambda i: (*candidates[i].rank_key, i)), dtype=np.int64)
+    readable = [i for i, c in enumerate(candidates) if c.unreadable is None]
+    order = np.array(sorted(readable, key=lambda i: (*candidates[i].rank_key, i)), dtype=np.int64)
     if area_wgs84 is not None:
         order = np.array([i for i in order if footprints.lonlat[i].intersects(area_wgs84)], dtype=np.int64)
     kept = dedupe(footprints, order, max_overlap, limit=top, hidden=hide)
@@ -350,4 +355,21 @@ def _search(index: TileIndex, model, sketch_tensor: torch.Tensor, ranking: Ranki
             for n, i in enumerate(kept)]
     timings = {f"{b}_ms": (t[b] - t[a]) * 1e3 for a, b in zip(stages, stages[1:])}
     timings["total_ms"] = (t["dedupe"] - t["start"]) * 1e3
-    return SearchResult(hits=hits, timings_ms=timings)
+    return SearchResult(hits=hits, timings_ms=timings, unread_places=unread_places(candidates, footprints))
+
+
+def unread_places(candidates: list[Candidate], footprints: Footprints) -> dict[str, tuple[int, str]]:
+    """The places verification could not read (Candidate.unreadable), by raster path: how many,
+    and the first one's reason (SearchResult.unread_places)."""
+    said: dict[str, tuple[int, str]] = {}
+    for candidate, placement in zip(candidates, footprints.placements):
+        if candidate.unreadable is not None:
+            add_unread(said, placement.raster.path, 1, candidate.unreadable)
+    return said
+
+
+def add_unread(said: dict[str, tuple[int, str]], path: str, count: int, why: str) -> None:
+    """`count` more places of the raster at `path` that could not be read, into `said` (as
+    SearchResult.unread_places: the first reason is kept)."""
+    before, first = said.get(path, (0, why))
+    said[path] = (before + count, first)

@@ -375,6 +375,61 @@ def connected_to(dock, worker) -> None:
         dock.worker_panel.status_label.text()
 
 
+def test_a_mosaic_missing_a_sheet_is_searched_and_its_unread_places_named(plugin, raster_root, rmnp_layer, qgis_iface,
+                                                                            tmp_path):
+    """A VRT mosaic whose eastern sheet was moved away: the whole mosaic was left out, "No places
+    found. Not searched: mosaic.vrt, cannot be read". Its western sheet is searched now, and the
+    dock's message and Processing's log name the places that could not be read."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    import processing
+    from qgis.core import QgsProcessingFeedback
+
+    from conftest import REPO, WORKER_PYTHON
+    from lab.worker_process import WorkerProcess
+
+    sheets, index_root = tmp_path / "sheets", tmp_path / "indexes"
+    sheets.mkdir()
+    index_root.mkdir()
+    made = subprocess.run([WORKER_PYTHON, str(REPO / "tests" / "two_sheets.py"), str(raster_root / "rmnp-rgb.tif"),
+                           str(sheets)], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                          text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    mosaic, sketch = made.stdout.split()
+    proc = WorkerProcess(index_root, sheets, python=WORKER_PYTHON).start()
+    dock = plugin.dock
+    try:
+        assert proc.index("mosaic", [Path(mosaic)], tile=112, scales=[1, 2])["state"] == "done"
+        (sheets / "east.tif").rename(sheets / "east.moved")
+        qgis_iface.messageBar().clear_messages()
+        dock.index_combo.clear()
+        dock.connect_worker(proc.bind)
+        assert process_until(lambda: dock.index_combo.findText("mosaic") >= 0, 30)
+        dock.index_combo.setCurrentText("mosaic")
+        dock.area_combo.setCurrentIndex(0)
+        dock.load_sketch_image(sketch)
+        dock.search_button.click()
+        assert process_until(lambda: not dock.searching and qgis_iface.messageBar().get_messages(Qgis.Warning), 60)
+        warnings = qgis_iface.messageBar().get_messages(Qgis.Warning)
+        assert any(re.search(r"\d+ hit\(s\) in .* Places that cannot be read, left out: mosaic.vrt", m)
+                   for m in warnings), warnings
+        assert not any("Not searched" in m for m in warnings), warnings
+        # a worker's later searches read the gone sheet as blank (GDAL's doing), unsaid: Processing's
+        # search is a fresh worker's first
+        proc.stop()
+        proc = WorkerProcess(index_root, sheets, python=WORKER_PYTHON).start()
+        feedback = QgsProcessingFeedback()
+        processing.run("sketchsearch:search_by_sketch", {"ENDPOINT": proc.bind, "INDEX": "mosaic", "SKETCH": sketch,
+                                                         "OUTPUT": "memory:"}, feedback=feedback)
+        assert f"Places that cannot be read, left out: {mosaic}: " in feedback.textLog(), feedback.textLog()
+    finally:
+        proc.stop()
+        dock.clear_sketch()
+        dock.index_combo.clear()  # the next test waits for its own worker's list, not this one's
+
+
 def ready_to_search(dock, worker, tmp_path) -> None:
     """The dock connected to `worker`, its index rmnp chosen and a line sketch loaded."""
     dock.index_combo.clear()  # the last test's list: this connect's own is waited for
