@@ -19,7 +19,7 @@ from rasterio.crs import CRS
 from wire.protocol import DEFAULT_TOP, MAX_TOP, excerpt, others_unfinished
 from worker import ann
 from worker.cancellation import StopCheck, raise_if_stopped, stop_when
-from worker.errors import CorruptIndexError, InputError, NotFoundError
+from worker.errors import PLACE_UNREADABLE_HOW, CorruptIndexError, InputError, NotFoundError
 from worker.geo import WGS84 as LON_LAT
 from worker.geo import BBOX_NAMES, MAX_COORDINATE, Area, bbox_to_wgs84, parse_crs, reproject_rings
 from worker.ranking import RANKERS, RankingConfig
@@ -486,15 +486,14 @@ def run_search(request: SearchRequest, model: "RetrievalModel", index: TileIndex
         return SearchOutcome(hits_to_geojson(result.hits, request.out_crs, None), timings, result.hits, sketch,
                              left_out(index) + unreadable, sorted(changed.values(), key=lambda c: c["raster"]),
                              partly_indexed(index, result.unreadable, request.area_wgs84),
-                             [{"raster": path, "places": count, "reason": unread_reason(count, why)}
-                              for path, (count, why) in sorted(result.unread_places.items())])
+                             [{"raster": path, "places": len(places), "reason": unread_reason(len(places), why)}
+                              for path, (places, why) in sorted(result.unread_places.items())])
 
 
 def unread_reason(count: int, why: str) -> str:
     """What a search says of a raster `count` of whose best places could not be read (`why`)."""
-    return (f"{count} of its best places cannot be read ({why}): left out of the hits, the rest of it searched (a "
-            "hit beside them may show no imagery); a damaged block, or a mosaic's sheet moved, deleted or damaged: "
-            "put it back, or index the raster again")
+    return (f"{count} of the places that ranked best lie where it cannot be read ({why}): left out of the hits, the "
+            f"rest of it searched; {PLACE_UNREADABLE_HOW}")
 
 
 SEARCH_ATTEMPTS = 3  # searches of an index changed under each of them, before saying so

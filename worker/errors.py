@@ -127,9 +127,13 @@ class PlaceUnreadable(RasterUnreadable):
     raster is left out, as for RasterUnreadable."""
 
     def __init__(self, path: str, reason: str):
-        InputError.__init__(self, f"{path}: a place of it cannot be read ({reason}): a damaged block, or a mosaic's "
-                                  "sheet moved, deleted or damaged; put it back, or index the raster again")
+        InputError.__init__(self, f"{path}: a place of it cannot be read ({reason}); {PLACE_UNREADABLE_HOW}")
         self.path, self.reason = path, reason
+
+
+# what to do about places of a raster that cannot be read (PlaceUnreadable; a search's unread_places)
+PLACE_UNREADABLE_HOW = ("a mosaic's sheet gone: put it back, or build the VRT again without it (gdalbuildvrt) and index "
+                        "that; a damaged file: restore it from a backup")
 
 
 class RasterReadError(InputError):

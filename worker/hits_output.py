@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import rasterio.errors
 import shapely
 from PIL import Image, ImageDraw
 from rasterio.crs import CRS
@@ -62,8 +63,15 @@ def split_at_antimeridian(collection: dict) -> dict:
 
 
 def hit_thumbnail(hit: Hit, size: int) -> Image.Image:
-    """The matched square as the sketch's frame sees it (turned back by the hit's angle)."""
-    image, _ = hit.placement.read(size)
+    """The matched square as the sketch's frame sees it (turned back by the hit's angle); grey,
+    saying so, where it cannot be read (a damaged block below the verified hits, which are the
+    only ones read: the preview failed with a traceback, after the hits file was written)."""
+    try:
+        image, _ = hit.placement.read(size)
+    except (rasterio.errors.RasterioError, OSError):
+        grey = Image.new("RGB", (size, size), (160, 160, 160))
+        ImageDraw.Draw(grey).text((4, size // 2), "cannot be read", fill="black")
+        return grey
     return Image.fromarray(image)
 
 

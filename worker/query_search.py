@@ -22,8 +22,8 @@ from worker.geo import Area, overlap_area, reproject_rings
 from worker.line_drawing import drawing_device
 from worker.placement import Placement, refuse_too_large
 from worker.ranking import RankingConfig
-from worker.search import (Footprints, Hidden, Hit, SearchResult, add_unread, dedupe, remember_unreadable,
-                           search)
+from worker.search import (Footprints, Hidden, Hit, SearchResult, add_unread, dedupe, place_key,
+                           remember_unreadable, search)
 from worker.store import WGS84, TileIndex
 from worker.verify import describe_places, describe_sketch
 
@@ -117,7 +117,7 @@ class Unread(NamedTuple):
     SearchResult.unreadable) and places of rasters that open (as SearchResult.unread_places)."""
 
     rasters: dict[str, str]
-    places: dict[str, tuple[int, str]]
+    places: dict[str, tuple[frozenset, str]]
 
 
 def describe_readable(index: TileIndex, places: list[Placement], size: int, device,
@@ -148,13 +148,13 @@ def describe_readable(index: TileIndex, places: list[Placement], size: int, devi
 
 
 def _describe_into(described: dict[int, torch.Tensor], places: list[Placement], indices: list[int], size: int,
-                   device, unread_places: dict[str, tuple[int, str]]) -> None:
+                   device, unread_places: dict[str, tuple[frozenset, str]]) -> None:
     """The descriptors of `places` at `indices` into `described`, less the places that cannot be
     read, counted in `unread_places` (describe_readable)."""
     unread: dict[int, PlaceUnreadable] = {}
     found = describe_places([places[i] for i in indices], size, device, unread)
-    for exc in unread.values():
-        add_unread(unread_places, exc.path, 1, exc.reason)
+    for number, exc in unread.items():
+        add_unread(unread_places, exc.path, {place_key(places[indices[number]])}, exc.reason)
     described.update((i, d) for n, (i, d) in enumerate(zip(indices, found)) if n not in unread)
 
 
@@ -179,8 +179,8 @@ def rerank(index: TileIndex, model, sketch: torch.Tensor, ranking: RankingConfig
             more = search(index, model, drawing, ranking, top=fb.EXPANSION_TOP, area_wgs84=area_wgs84,
                           max_overlap=max_overlap, hidden=hidden)
             unread.rasters.update(more.unreadable)
-            for path, (count, why) in more.unread_places.items():
-                add_unread(unread.places, path, count, why)
+            for path, (places, why) in more.unread_places.items():
+                add_unread(unread.places, path, places, why)
             pool += more.hits
             prior += list(range(1, len(more.hits) + 1))
     kept, candidates = describe_readable(index, [h.placement for h in pool], size, device, unread)

@@ -145,6 +145,37 @@ def vrt_sources(path: Path) -> list[tuple[str, bool]]:
     return sources
 
 
+def local_file(name: str) -> bool:
+    """Whether a VRT's source is a file on a local disk (not /vsi, a URL or NETCDF:"x.nc":v)."""
+    return not name.startswith("/vsi") and "://" not in name and not DRIVER_PREFIX.match(name)
+
+
+def vrt_sheets(path: Path) -> list[tuple[Path, tuple[float, float, float, float]]]:
+    """The local files a VRT reads and the pixel box (col0, row0, col1, row1) each fills (its
+    DstRect; the whole raster without one): a mosaic's sheets. Sources of every band, as
+    vrt_sources finds them (any case, any namespace, element or attribute)."""
+    sheets = []
+    for element in ET.parse(path).getroot().iter():
+        if not _xml_name(element.tag).endswith("source"):
+            continue
+        fields = {_xml_name(child.tag): child for child in element}
+        named = fields.get("sourcefilename")
+        attributes = {_xml_name(k): v for k, v in element.attrib.items()}
+        name = (named.text or "").strip() if named is not None else attributes.get("sourcefilename", "").strip()
+        if not name or not local_file(name):
+            continue
+        relative = {_xml_name(k): v for k, v in named.attrib.items()}.get("relativetovrt", "0") if named is not None \
+            else "0"
+        number = LEADING_INTEGER.match(relative)
+        box = (0.0, 0.0, float("inf"), float("inf"))
+        if "dstrect" in fields:
+            rect = {_xml_name(k): float(v) for k, v in fields["dstrect"].attrib.items()}
+            x, y = rect.get("xoff", 0.0), rect.get("yoff", 0.0)
+            box = (x, y, x + rect.get("xsize", float("inf")), y + rect.get("ysize", float("inf")))
+        sheets.append((source_path(path, name, bool(number and int(number.group(1)))), box))
+    return list(dict.fromkeys(sheets))  # each band names them again
+
+
 def _xml_name(name: object) -> str:
     """An XML tag or attribute name as GDAL compares it: lower case, without its namespace
     (comments and processing instructions have none: "")."""

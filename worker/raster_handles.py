@@ -46,12 +46,19 @@ class ThreadHandles:
         if key in handles:
             handles.move_to_end(key)
             return handles[key]
-        for old in [k for k in handles if k[0] == path]:
-            handles.pop(old).close()
+        self.forget(path)
         handles[key] = rasterio.open(path)
         while len(handles) > OPEN_PER_THREAD:
             handles.popitem(last=False)[1].close()
         return handles[key]
+
+    def forget(self, path: str) -> None:
+        """Close this thread's handle of the raster at `path`, after a read of it failed: GDAL
+        reads a VRT's source that failed to open once as blank through that handle from then on,
+        also once it is back (a mosaic's sheet moved away and back)."""
+        handles = self._mine()
+        for old in [k for k in handles if k[0] == path]:
+            handles.pop(old).close()
 
     def close(self) -> None:
         """Close every thread's handles; only once no thread reads through them."""

@@ -40,6 +40,7 @@ from worker.store import WGS84, TileIndex
 from worker.tile_windows import tile_window_candidates
 from worker.token_ranking import tile_candidates, tile_placement, token_rerank
 from worker.verify import describe_sketch, verify
+from worker.vrt_sheets import gone_sheet
 
 
 class Footprints:
@@ -86,9 +87,11 @@ def dedupe(footprints: Footprints, order: np.ndarray, max_overlap: float, limit:
 
 
 def places_to_verify(scores: list[float], footprints: Footprints, area_wgs84: Area | None, ranking: RankingConfig,
-                     hidden: frozenset[int] = frozenset(), max_overlap: float = 0.3) -> list[int]:
+                     hidden: frozenset[int] = frozenset(), max_overlap: float = 0.3,
+                     unreadable: frozenset[int] = frozenset()) -> list[int]:
     """The best `ranking.verify` candidates that can be hits, best first: those meeting the
-    search's area, less `hidden` ones and those the hidden ones keep out (dedupe). Before, an
+    search's area, less `hidden` ones and those the hidden ones keep out (dedupe), and less
+    `unreadable` ones (on a mosaic's gone sheet: mark_gone_sheets). Before, an
     area search verified the best candidates anywhere, and when they lay outside the area, none
     of its hits was verified; a large example's own places, and places overlapping them, took
     every verification, and its hits were shown unverified, with no score."""
@@ -100,7 +103,8 @@ def places_to_verify(scores: list[float], footprints: Footprints, area_wgs84: Ar
     for i in by_score:
         if len(chosen) >= ranking.verify:
             break
-        if i not in hidden and (area_wgs84 is None or footprints.lonlat[i].intersects(area_wgs84)) \
+        if i not in hidden and i not in unreadable \
+                and (area_wgs84 is None or footprints.lonlat[i].intersects(area_wgs84)) \
                 and footprints.shares_little(i, kept_out_by, max_overlap):
             chosen.append(i)
     return chosen
@@ -137,9 +141,9 @@ class SearchResult:
     hits: list[Hit]
     timings_ms: dict[str, float] = field(default_factory=dict)
     unreadable: dict[str, str] = field(default_factory=dict)  # rasters left out, by path: why (RasterUnreadable)
-    # places of searched rasters that could not be read to verify them, left out of the hits
-    # (worker.verify, PlaceUnreadable): by raster path, how many and the first one's reason
-    unread_places: dict[str, tuple[int, str]] = field(default_factory=dict)
+    # places of searched rasters that cannot be read (a mosaic's sheet gone, a damaged block), left
+    # out of the hits: by raster path, the places (place_key) and the first one's reason
+    unread_places: dict[str, tuple[frozenset, str]] = field(default_factory=dict)
 
 
 def ann_shortlist(index: TileIndex, ranking: RankingConfig, area: SearchArea | None = None) -> AnnShortlist | None:
@@ -299,6 +303,7 @@ def _search(index: TileIndex, model, sketch_tensor: torch.Tensor, ranking: Ranki
         candidates = tile_candidates(index, model, sketch_tensor, ranking, mask)
         t["encode"] = t["shortlist"] = t["refine"] = t["verify"] = time.perf_counter()
         footprints = Footprints([tile_placement(index, c.tile_row) for c in candidates])
+        mark_gone_sheets(candidates, footprints)
         hide = hidden_rows(hidden, footprints)
     else:
         templates = query_templates.build(sketch_tensor, ranking.sizes, ranking.angles, model.device)
@@ -332,9 +337,12 @@ def _search(index: TileIndex, model, sketch_tensor: torch.Tensor, ranking: Ranki
         for c in candidates:
             c.score = c.fine + ranking.coarse_weight * c.coarse
         footprints = Footprints([c.placement(index.maps[c.map_key]) for c in candidates])
+        mark_gone_sheets(candidates, footprints)
         hide = hidden_rows(hidden, footprints)
         raise_if_stopped("verifying the best placements")
-        to_verify = places_to_verify([c.score for c in candidates], footprints, area_wgs84, ranking, hide, max_overlap)
+        gone = frozenset(i for i, c in enumerate(candidates) if c.unreadable is not None)
+        to_verify = places_to_verify([c.score for c in candidates], footprints, area_wgs84, ranking, hide, max_overlap,
+                                     gone)
         verify(sketch_descriptor, candidates, footprints.placements, to_verify, ranking, model.img_size,
                drawing_device(model.device))
         t["verify"] = time.perf_counter()
@@ -358,18 +366,34 @@ def _search(index: TileIndex, model, sketch_tensor: torch.Tensor, ranking: Ranki
     return SearchResult(hits=hits, timings_ms=timings, unread_places=unread_places(candidates, footprints))
 
 
-def unread_places(candidates: list[Candidate], footprints: Footprints) -> dict[str, tuple[int, str]]:
-    """The places verification could not read (Candidate.unreadable), by raster path: how many,
-    and the first one's reason (SearchResult.unread_places)."""
-    said: dict[str, tuple[int, str]] = {}
+def mark_gone_sheets(candidates: list[Candidate], footprints: Footprints) -> None:
+    """Candidate.unreadable for the candidates on a VRT mosaic's sheet that is gone now
+    (worker.vrt_sheets): never read, never hits, and said. A few stats a search; nothing for
+    rasters that are no VRTs."""
+    for candidate, placement in zip(candidates, footprints.placements):
+        gone = gone_sheet(placement)
+        if gone is not None:
+            candidate.unreadable = f"{gone}: no such file"
+
+
+def unread_places(candidates: list[Candidate], footprints: Footprints) -> dict[str, tuple[frozenset, str]]:
+    """The places that could not be read (Candidate.unreadable), by raster path: which, and the
+    first one's reason (SearchResult.unread_places)."""
+    said: dict[str, tuple[frozenset, str]] = {}
     for candidate, placement in zip(candidates, footprints.placements):
         if candidate.unreadable is not None:
-            add_unread(said, placement.raster.path, 1, candidate.unreadable)
+            add_unread(said, placement.raster.path, {place_key(placement)}, candidate.unreadable)
     return said
 
 
-def add_unread(said: dict[str, tuple[int, str]], path: str, count: int, why: str) -> None:
-    """`count` more places of the raster at `path` that could not be read, into `said` (as
-    SearchResult.unread_places: the first reason is kept)."""
-    before, first = said.get(path, (0, why))
-    said[path] = (before + count, first)
+def add_unread(said: dict[str, tuple[frozenset, str]], path: str, places: frozenset | set, why: str) -> None:
+    """More `places` (place_key) of the raster at `path` that could not be read, into `said` (as
+    SearchResult.unread_places: the first reason is kept; a place met again, by another of a
+    feedback search's searches, is counted once)."""
+    before, first = said.get(path, (frozenset(), why))
+    said[path] = (before | frozenset(places), first)
+
+
+def place_key(placement: Placement) -> tuple[float, float, float, float]:
+    """A placement's square (centre, side, angle in its raster's pixels), as unread_places counts it."""
+    return round(placement.cx, 1), round(placement.cy, 1), round(placement.side, 1), round(placement.angle, 1)

@@ -34,7 +34,7 @@ from shapely.geometry import Polygon
 
 from wire.protocol import MAX_TILE, MIN_TILE, excerpt
 from worker.errors import InputError, RasterReadError, numbered
-from worker.raster_access import DRIVER_PREFIX, RasterAccess, is_vrt, source_path, vrt_sources
+from worker.raster_access import DRIVER_PREFIX, RasterAccess, is_vrt, local_file, source_path, vrt_sources
 
 log = logging.getLogger(__name__)
 
@@ -213,18 +213,13 @@ def sources_stamp(src: rasterio.DatasetReader) -> tuple[int, int, int] | None:
         return None
     stats = []
     for name in src.files[1:]:
-        if _local_file(name):  # /vsi paths, URLs and a driver's NAME:path have no stat here
+        if local_file(name):  # /vsi paths, URLs and a driver's NAME:path have no stat here
             st = os.stat(name)
             stats.append((name, st.st_size, st.st_mtime_ns))
     if not stats:
         return None
     digest = hashlib.blake2b(json.dumps(sorted(stats)).encode(), digest_size=6).digest()
     return sum(s[1] for s in stats), max(s[2] for s in stats), int.from_bytes(digest, "big")
-
-
-def _local_file(name: str) -> bool:
-    """Whether a VRT's source is a file on a local disk (not /vsi, a URL or NETCDF:"x.nc":v)."""
-    return not name.startswith("/vsi") and "://" not in name and not DRIVER_PREFIX.match(name)
 
 
 def pixel_to_crs(rasters: list[RasterInfo], cols: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -552,7 +547,7 @@ def _check_sources(path: Path, src: rasterio.DatasetReader) -> None:
     tile over a missing file failed midway through indexing with "Read failed"."""
     if src.driver != "VRT":
         return
-    missing = [name for name in src.files[1:] if _local_file(name) and not os.path.exists(name)]
+    missing = [name for name in src.files[1:] if local_file(name) and not os.path.exists(name)]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise RasterMissing(f"{path}: its source {missing[0]}{more} is missing; put it back, or build the VRT "

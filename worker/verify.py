@@ -22,6 +22,7 @@ from worker.raster_handles import ThreadHandles
 from worker.sketch import sketch_pixels
 from worker.thread_pools import shared_pool, usable_cores
 from worker.tiling import RasterInfo, gdal_reason
+from worker.vrt_sheets import gone_sheet
 
 
 READ_THREADS = min(4, usable_cores())  # GDAL and PIL release the GIL while reading and turning
@@ -32,14 +33,18 @@ def read_placement(placement: Placement, size: int) -> tuple[np.ndarray, np.ndar
     """Placement.read from this thread's open raster; RasterUnreadable when the raster cannot be
     opened now, or its file changed since it was indexed (cut short, written over); when its file
     is as indexed, PlaceUnreadable: that place of it cannot be read (a damaged block, a mosaic's
-    sheet gone), and the rest of it may be."""
+    sheet gone: worker.vrt_sheets, looked for before reading), and the rest of it may be."""
     try:
         src = _handles.get(placement.raster.path)
     except (rasterio.errors.RasterioError, OSError) as exc:
         raise RasterUnreadable(placement.raster.path, excerpt(gdal_reason(exc))) from None
+    gone = gone_sheet(placement)
+    if gone is not None:  # GDAL would read it as blank, or fail, and then read it as blank once it is back
+        raise PlaceUnreadable(placement.raster.path, f"{gone}: no such file")
     try:
         return placement.read(size, src)
     except (rasterio.errors.RasterioError, OSError) as exc:
+        _handles.forget(placement.raster.path)  # kept, it reads that place as blank from now on
         damaged = PlaceUnreadable if _as_indexed(placement.raster) else RasterUnreadable
         raise damaged(placement.raster.path, excerpt(gdal_reason(exc))) from None
 
