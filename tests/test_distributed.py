@@ -780,10 +780,12 @@ def test_a_raster_damaged_midway_leaves_its_chunks_out_and_the_run_indexes_the_r
     assert_same_index(TileIndex.open(out), TileIndex.open(tmp_path / "undamaged"))
 
 
-def test_a_raster_another_file_on_a_cluster_worker_is_refused_not_indexed(tmp_path, assets, model, cluster):
-    """A worker that read another file at a raster's path (its own copy, another version; here
-    the file replaced after the run began) built an index of that file's pixels under the
-    planned raster's name, unsaid and for good: the driver's file never looks changed."""
+def test_a_raster_changed_after_a_cluster_run_began_leaves_its_chunks_out_and_the_run_goes_on(tmp_path, assets,
+                                                                                            model, cluster):
+    """A raster written again while a cluster run indexes it (overviews built into it, a new
+    export): the run stopped at once, blaming the shared file system, and the rasters after it
+    were never indexed; a run without a cluster goes on. Now its chunks still to come are left
+    out, as unreadable, and the next raster is indexed whole."""
     import rasterio
 
     raster = tmp_path / "sheet.tif"
@@ -799,9 +801,33 @@ def test_a_raster_another_file_on_a_cluster_worker_is_refused_not_indexed(tmp_pa
                 dst.write(other)
             replaced.append(True)
 
-    with pytest.raises(InputError, match="sheet.tif: a cluster worker .* reads another file there"):
-        IndexWriter(tmp_path / "index", model, SETTINGS, 4).build([raster], computer=chunks, progress=replace_the_file)
+    with pytest.raises(UnreadRasters, match=r"sheet.tif: changed or gone since the run began .*\(\d+ of \d+ chunks "
+                                            r"left out\)"):
+        IndexWriter(tmp_path / "index", model, SETTINGS, 4).build([raster, assets["osbs_rgb"]], computer=chunks,
+                                                                  progress=replace_the_file)
     assert replaced
+    done = {r["path"]: r["complete"] for r in TileIndex.open(tmp_path / "index").info()["rasters"]}
+    assert done == {str(raster): False, str(assets["osbs_rgb"]): True}
+
+
+def test_a_cluster_worker_that_reads_another_file_than_the_drivers_is_refused(tmp_path, assets):
+    """A worker that read another file at a raster's path (its own copy, another version) built
+    an index of that file's pixels under the driver's raster, unsaid and for good: the driver's
+    file never looks changed. Its report is a refusal where the driver's own file is still the
+    one planned, and a chunk left out where that changed too (the test above)."""
+    from worker.distributed import NotThePlannedFile, _check_same_file, changed_since_planned, file_fingerprint
+
+    raster, copy = tmp_path / "sheet.tif", tmp_path / "other.tif"
+    shutil.copy(assets["rmnp_rgb"], raster)
+    shutil.copy(assets["osbs_rgb"], copy)
+    planned = file_fingerprint(str(raster))
+    with pytest.raises(NotThePlannedFile, match="reads another file there") as seen:
+        _check_same_file(str(copy), planned)  # as a worker whose file at that path is another
+    reported = NotThePlannedFile(str(raster), str(seen.value))  # of the driver's path, as the worker sends it
+    judged = changed_since_planned(reported, planned)
+    assert judged is reported and "every worker must read the rasters at the same paths" in str(judged)
+    raster.unlink()
+    assert isinstance(changed_since_planned(reported, planned), RasterReadError)
 
 
 @pytest.mark.parametrize("peer", ["silent", "ssh"])

@@ -263,24 +263,54 @@ def file_fingerprint(path: str) -> str | None:
         return f"{size}:{hashlib.sha1(head + f.read(FINGERPRINT_BYTES)).hexdigest()[:16]}"
 
 
+class NotThePlannedFile(InputError):
+    """A cluster worker does not read the file the driver planned at a raster's path
+    (_check_same_file). The driver then looks at its own: changed or gone since the run began,
+    the chunk is left out as unreadable (changed_since_planned); else the workers do not see the
+    driver's files. Pickled by its two arguments: it comes back from cluster workers."""
+
+    def __init__(self, path: str, message: str):
+        super().__init__(message)
+        self.path = path
+
+    def __reduce__(self):
+        return type(self), (self.path, str(self))
+
+
 def _check_same_file(path: str, expected: str | None) -> None:
-    """InputError unless this cluster worker reads the file the driver planned (`expected`,
-    file_fingerprint there): a worker that saw another file at the path, or none, built an
-    index of its pixels under the driver's raster, unsaid and for good (the driver's file
-    never looks changed), or said only "No such file" of a file the user can open."""
+    """NotThePlannedFile unless this cluster worker reads the file the driver planned
+    (`expected`, file_fingerprint there): a worker that saw another file at the path, or none,
+    built an index of its pixels under the driver's raster, unsaid and for good (the driver's
+    file never looks changed), or said only "No such file" of a file the user can open."""
     if expected is None:
         return
     same = "every worker must read the rasters at the same paths (a shared file system, or identical copies)"
     try:
         seen = file_fingerprint(path)
     except OSError as exc:
-        raise InputError(f"{path}: a cluster worker ({_worker_name()}) cannot read it ({exc.strerror or exc}): "
-                         f"{same}") from None
+        raise NotThePlannedFile(path, f"{path}: a cluster worker ({_worker_name()}) cannot read it "
+                                      f"({exc.strerror or exc}): {same}") from None
     if seen is None:
-        raise InputError(f"{path}: a cluster worker ({_worker_name()}) finds no file there: {same}")
+        raise NotThePlannedFile(path, f"{path}: a cluster worker ({_worker_name()}) finds no file there: {same}")
     if seen != expected:
-        raise InputError(f"{path}: a cluster worker ({_worker_name()}) reads another file there than the one "
-                         f"planned (its size or bytes differ; or it changed since the run began): {same}")
+        raise NotThePlannedFile(path, f"{path}: a cluster worker ({_worker_name()}) reads another file there than "
+                                      f"the one planned (its size or bytes differ): {same}")
+
+
+def changed_since_planned(refused: NotThePlannedFile, planned: str | None) -> InputError:
+    """A worker's NotThePlannedFile as the driver sees it: where the driver's own file is no
+    longer the one planned (rewritten, overviews built into it, deleted), a RasterReadError that
+    leaves the chunk out and lets the run go on, as a run without a cluster does; it stopped the
+    whole run, blaming the shared file system. Else `refused` itself: the workers see other files."""
+    try:
+        now = file_fingerprint(refused.path)
+    except OSError:
+        now = None
+    if now == planned:
+        return refused
+    return RasterReadError(refused.path, f"{refused.path}: changed or gone since the run began (written again, "
+                                         "overviews built into it, moved): its chunk is left out; the next run "
+                                         "indexes it as it is then")
 
 
 _closing_lock = threading.Lock()
@@ -373,8 +403,8 @@ def compute_on_worker(options: "ModelOptions", encoder: dict, job: ChunkJob, set
             raise InputError(f"a cluster worker ({_worker_name()}) runs another model than the index's: install the "
                              "same code and weights on every worker")
         result = compute_chunk(model, job, settings, batch_size)
-    except RasterReadError as exc:  # its chunk left out, the run going on (worker.store.writer)
-        return RasterReadError(exc.path, str(exc))  # returned bare: no cause or context travels with it
+    except (RasterReadError, NotThePlannedFile) as exc:  # the chunk left out (worker.store.writer), or judged
+        return type(exc)(exc.path, str(exc))  # returned bare: no cause or context travels with it
     except InputError as exc:
         bare = InputError(str(exc))  # returned, never raised here: no cause or context travels with it
         bare.code = exc.code
@@ -419,6 +449,7 @@ class ClusterChunks:
         # shared by two drivers would hand one the other's chunk under an equal key
         self.run_id = uuid.uuid4().hex
         self._answered_at = 0.0  # when the scheduler last answered who it is (time.monotonic)
+        self._planned: dict[str, str | None] = {}  # each raster's file_fingerprint as the run planned it
         self._asking: threading.Thread | None = None
 
     def run(self, jobs: list[ChunkJob], settings: TileSettings, batch_size: int, should_stop: Callable[[], bool],
@@ -430,6 +461,7 @@ class ClusterChunks:
             return
         self._check_importable()
         fingerprints = {path: file_fingerprint(path) for path in {job.raster["path"] for job in jobs}}
+        self._planned = fingerprints
         futures = {self.client.submit(compute_on_worker, self.options, self.encoder, job, settings, batch_size,
                                       fingerprints[job.raster["path"]], pure=False, retries=TASK_RETRIES,
                                       key=f"chunk-{job.raster_id}-{job.chunk}-{self.run_id}"): job
@@ -531,6 +563,8 @@ class ClusterChunks:
             raise InputError(f"a cluster worker failed computing {where}: {excerpt(str(exc) or type(exc).__name__)}; "
                              "every worker and the scheduler need this code importable (PYTHONPATH) and the rasters "
                              "at the same paths; committed chunks are kept") from None
+        if isinstance(result, NotThePlannedFile):
+            result = changed_since_planned(result, self._planned[result.path])
         # the worker's: another model, a raster it cannot find or finds as another file than the driver's
         if isinstance(result, InputError) and not isinstance(result, RasterReadError):
             raise result
