@@ -82,10 +82,12 @@ def test_progress_is_written_once_per_step(tmp_path, rmnp_copy):
     assert unfinished and len(unfinished) == len(set(unfinished)), result.stderr
 
 
-def test_a_terminated_run_commits_what_it_computed_and_says_so(tmp_path, assets):
+@pytest.mark.parametrize("sent", [signal.SIGTERM, signal.SIGHUP])
+def test_a_terminated_run_commits_what_it_computed_and_says_so(tmp_path, assets, sent):
     """SIGTERM (a batch scheduler's time limit, a container stopping) ended a run with no word,
     losing what it had computed since its last commit: it now stops as Ctrl-C does, commits, and
-    exits 143 saying how to resume."""
+    exits 128 + the signal saying how to resume. So does SIGHUP (its terminal closed), which
+    killed the run outright (a probe's)."""
     out = tmp_path / "index"
     proc = subprocess.Popen([sys.executable, "-m", "worker", "index", "--out", str(out), *SMALL, str(assets["s2_rgb"])],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -95,9 +97,9 @@ def test_a_terminated_run_commits_what_it_computed_and_says_so(tmp_path, assets)
         time.sleep(0.05)
     time.sleep(0.5)  # chunks of 4 tiles computed since that commit (a run commits every 2 s or so)
     before = json.loads((out / "manifest.json").read_text())["tile_count"]
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sent)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143 and "terminated: committed work is kept" in err, err
+    assert proc.returncode == 128 + sent and "terminated: committed work is kept" in err, err
     assert json.loads((out / "manifest.json").read_text())["tile_count"] > before, "what it computed, committed"
     assert run_cli("index", "--out", out, *SMALL, assets["s2_rgb"]).returncode == 0
 

@@ -562,13 +562,25 @@ def joined_box_values(argv: list[str]) -> list[str]:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (a batch scheduler's time limit, `kill`, a container stopping): the run stops as
-    at Ctrl-C, committing what it computed; it ended with no word and lost what it had computed
-    since its last commit. `serve` stops its own way (worker.service.startup)."""
+    """SIGTERM (a batch scheduler's time limit, `kill`, a container stopping) or SIGHUP (the
+    terminal closed): the run stops as at Ctrl-C, committing what it computed; it ended with no
+    word and lost what it had computed since its last commit (at SIGHUP, with no word at all).
+    `serve` stops its own way (worker.service.startup)."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__()
+        self.signum = signum
 
 
 def _terminate(signum, frame) -> None:
-    raise Terminated()
+    raise Terminated(signum)
+
+
+def stop_when_terminated() -> None:
+    """_terminate at SIGTERM, and at SIGHUP unless it is ignored (started with nohup: it runs on)."""
+    signal.signal(signal.SIGTERM, _terminate)
+    if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, _terminate)
 
 
 def stop_lost_in_a_callback(unraisable) -> None:
@@ -578,7 +590,7 @@ def stop_lost_in_a_callback(unraisable) -> None:
     came now, from another thread a moment later (raised in the hook, it would be ignored the same
     way), for the main thread to handle; anything else as Python would."""
     if isinstance(unraisable.exc_value, KeyboardInterrupt) and threading.current_thread() is threading.main_thread():
-        signum = signal.SIGTERM if isinstance(unraisable.exc_value, Terminated) else signal.SIGINT
+        signum = unraisable.exc_value.signum if isinstance(unraisable.exc_value, Terminated) else signal.SIGINT
         later = threading.Timer(0.05, _thread.interrupt_main, (signum,))  # once the hook has returned
         later.daemon = True
         later.start()
@@ -613,7 +625,7 @@ def main(argv: list[str] | None = None) -> int:
         warnings.showwarning = warning_line
         if args.func is cmd_serve:  # a service's log says what it does (its jobs), not its warnings alone
             logging.getLogger("worker").setLevel(logging.INFO)
-    signal.signal(signal.SIGTERM, _terminate)
+    stop_when_terminated()
     sys.unraisablehook = stop_lost_in_a_callback
     try:
         return args.func(args)
@@ -628,4 +640,4 @@ def main(argv: list[str] | None = None) -> int:
         resumes = args.func is cmd_index  # a search, a removal, a shortlist's build: none to resume
         print(f"{how}: committed work is kept; run the same command again to resume" if resumes else how,
               file=sys.stderr)
-        return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
+        return 128 + (exc.signum if isinstance(exc, Terminated) else signal.SIGINT)
