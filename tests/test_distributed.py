@@ -901,6 +901,18 @@ def test_more_local_workers_than_cores_is_refused_before_any_worker_starts(tmp_p
         ServiceConfig.create(index_roots=[tmp_path], cluster="local:1000")
 
 
+@pytest.mark.parametrize("spec, said", [("local:abc", "takes N, a number of workers"), ("local:1_0", "takes N"),
+                                        ("local: 1", "takes N"), ("local:+1", "takes N"), ("local:0", "at least 1")])
+def test_a_local_clusters_worker_count_is_digits_and_local_any_case(spec, said):
+    """local:1_0 started 10 workers (int() reads it so), local:abc was "at least 1", and Local:1
+    went to Dask as a host named Local ("Name or service not known")."""
+    from worker.distributed import local_workers
+
+    with pytest.raises(InputError, match=said):
+        local_workers(spec)
+    assert local_workers("Local:1") == 1 and local_workers("LOCAL") is None
+
+
 @pytest.mark.parametrize("spec", ["localhost:8786", "tcp://sched-1.example.org:8786", "tls://10.0.0.7:8786",
                                   "tcp://[::1]:8786", "tcp://[fe80::1%eth0]:8786", "ws://h:8786", "ucx://10.0.0.7:13337",
                                   "ucxx://10.0.0.7:13337"])

@@ -69,13 +69,13 @@ def local_workers(spec: str) -> int | None:
     """`local` -> None (one worker per 2 cores), `local:N` -> N, a scheduler's address -> 0;
     InputError for anything else (a typo of local went to Dask as an address, which said
     "does not speak Dask's protocol" of a place nothing listens at; an empty one meant none)."""
-    if spec == LOCAL:
+    if spec.lower() == LOCAL:
         return None
-    if spec.startswith(LOCAL + ":"):
-        try:
-            n = int(spec[len(LOCAL) + 1:])
-        except ValueError:
-            n = 0
+    if spec.lower().startswith(LOCAL + ":"):  # Local:1 went to Dask as a host named Local
+        count = spec[len(LOCAL) + 1:]
+        if not count.isascii() or not count.isdigit():  # int() takes " 1", "+1" and "1_0" (as 10)
+            raise InputError(f"--cluster {spec}: local:N takes N, a number of workers (digits), as local:2")
+        n = int(count)
         if n < 1:
             raise InputError(f"--cluster {spec}: local:N needs a number of workers of at least 1")
         if n > most_local_workers():  # each loads the model: local:1000 ran the machine out of memory
