@@ -40,7 +40,7 @@ from worker.store import WGS84, TileIndex
 from worker.tile_windows import tile_window_candidates
 from worker.token_ranking import tile_candidates, tile_placement, token_rerank
 from worker.verify import describe_sketch, verify
-from worker.vrt_sheets import gone_sheet
+from worker.vrt_sheets import gone_sheets
 
 
 class Footprints:
@@ -370,8 +370,7 @@ def mark_gone_sheets(candidates: list[Candidate], footprints: Footprints) -> Non
     """Candidate.unreadable for the candidates on a VRT mosaic's sheet that is gone now
     (worker.vrt_sheets): never read, never hits, and said. A few stats a search; nothing for
     rasters that are no VRTs."""
-    for candidate, placement in zip(candidates, footprints.placements):
-        gone = gone_sheet(placement)
+    for candidate, gone in zip(candidates, gone_sheets(footprints.placements)):
         if gone is not None:
             candidate.unreadable = f"{gone}: no such file"
 

@@ -22,7 +22,7 @@ from worker.raster_handles import ThreadHandles
 from worker.sketch import sketch_pixels
 from worker.thread_pools import shared_pool, usable_cores
 from worker.tiling import RasterInfo, gdal_reason
-from worker.vrt_sheets import gone_sheet
+from worker.vrt_sheets import gone_sheets
 
 
 READ_THREADS = min(4, usable_cores())  # GDAL and PIL release the GIL while reading and turning
@@ -38,7 +38,7 @@ def read_placement(placement: Placement, size: int) -> tuple[np.ndarray, np.ndar
         src = _handles.get(placement.raster.path)
     except (rasterio.errors.RasterioError, OSError) as exc:
         raise RasterUnreadable(placement.raster.path, excerpt(gdal_reason(exc))) from None
-    gone = gone_sheet(placement)
+    [gone] = gone_sheets([placement])
     if gone is not None:  # GDAL would read it as blank, or fail, and then read it as blank once it is back
         raise PlaceUnreadable(placement.raster.path, f"{gone}: no such file")
     try:
