@@ -810,6 +810,25 @@ def test_a_raster_changed_after_a_cluster_run_began_leaves_its_chunks_out_and_th
     assert done == {str(raster): False, str(assets["osbs_rgb"]): True}
 
 
+def test_a_cluster_run_whose_chunks_stall_says_so_once_naming_the_workers(tmp_path, assets, model, cluster,
+                                                                          monkeypatch, caplog):
+    """A worker hung on a read (a shared disk not answering) or stopped left a cluster run
+    waiting for ever, its bar frozen and not a word (probe). No chunk finished for STALLED_S is
+    said once, naming the workers that hold chunks; the run goes on when they move. Here every
+    chunk takes longer than the time allowed."""
+    import logging
+
+    import worker.distributed
+
+    monkeypatch.setattr(worker.distributed, "STALLED_S", 0.3)
+    chunks = ClusterChunks(cluster, OPTIONS, model.fingerprint()["tile_encoder"])
+    with caplog.at_level(logging.WARNING, logger="worker.distributed"):
+        IndexWriter(tmp_path / "index", model, SETTINGS, CHUNK).build([assets["rmnp_rgb"]], computer=chunks)
+    said = [r.getMessage() for r in caplog.records if "no chunk has finished" in r.getMessage()]
+    assert said and re.search(r"chunks held by tcp://[\d.:]+ \(\d+\)", said[0]) and "Ctrl-C stops the run" in said[0]
+    assert len(said) <= len(TileIndex.open(tmp_path / "index").manifest["shards"]), "once a stall, not every poll"
+
+
 def test_a_cluster_worker_that_reads_another_file_than_the_drivers_is_refused(tmp_path, assets):
     """A worker that read another file at a raster's path (its own copy, another version) built
     an index of that file's pixels under the driver's raster, unsaid and for good: the driver's

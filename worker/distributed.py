@@ -436,6 +436,10 @@ NO_WORKERS_S = 120.0  # a cluster without workers this long fails the job rather
 # the run waiting for ever, silent, and a service's jobs queued behind it
 SCHEDULER_SILENT_S = 60.0
 ASK_EVERY_S = 5.0  # how often the scheduler is asked while the driver waits for chunks
+# no chunk finished this long (one of 256 tiles takes about a minute on a CPU): said once, naming
+# the workers that hold chunks. A worker hung on a read (a shared disk not answering) or stopped
+# left the run waiting for ever, its bar frozen and not a word
+STALLED_S = 600.0
 
 
 class ClusterChunks:
@@ -470,6 +474,7 @@ class ClusterChunks:
         log.info("%d chunks sent to %d cluster workers", len(futures), len(self.client.scheduler_info()["workers"]))
         try:
             finished = as_completed(futures, loop=self.client.loop)
+            last_done, said_stalled = time.monotonic(), False
             while not finished.is_empty():
                 idle_since = None
                 while not finished.has_ready():  # a cancel is seen within STOP_POLL_S, not when a chunk ends
@@ -478,7 +483,11 @@ class ClusterChunks:
                         return
                     self._check_scheduler_answers()
                     idle_since = self._without_workers_since(idle_since)
+                    if not said_stalled and time.monotonic() - last_done > STALLED_S:
+                        self._say_stalled(time.monotonic() - last_done)
+                        said_stalled = True
                     time.sleep(STOP_POLL_S)
+                last_done, said_stalled = time.monotonic(), False
                 future = next(finished)
                 if should_stop():
                     yield futures[future], None
@@ -534,6 +543,17 @@ class ClusterChunks:
 
         self._asking = threading.Thread(target=ask, name="dask-scheduler-ask", daemon=True)
         self._asking.start()
+
+    def _say_stalled(self, waited_s: float) -> None:
+        """Warn that no chunk has finished for `waited_s`, naming the workers that hold chunks."""
+        try:
+            held = answer_within(ASK_EVERY_S, self.client.processing)  # {worker: [chunk keys]}
+        except Exception:  # a scheduler not answering is said on its own (_check_scheduler_answers)
+            held = {}
+        busy = ", ".join(f"{worker} ({len(keys)})" for worker, keys in sorted(held.items()) if keys)
+        log.warning("no chunk has finished for %.0f s (chunks held by %s): a worker hung on a read (a shared disk not "
+                    "answering) or stopped? Ctrl-C stops the run; committed chunks are kept", waited_s,
+                    busy or "no worker, as the scheduler says")
 
     def _silent(self) -> InputError:
         return InputError(f"the Dask scheduler at {self.client.scheduler.address} has not answered for "
