@@ -829,6 +829,31 @@ def test_a_cluster_run_whose_chunks_stall_says_so_once_naming_the_workers(tmp_pa
     assert len(said) <= len(TileIndex.open(tmp_path / "index").manifest["shards"]), "once a stall, not every poll"
 
 
+def test_the_scheduler_asked_while_a_run_waits_logs_no_bare_connections(tmp_path, assets, model, cluster, monkeypatch):
+    """The driver asks the scheduler who it is every ASK_EVERY_S while it waits; each ask opened
+    a bare TCP connection first, which the scheduler logged ("Connection from ... closed before
+    handshake completed"): a sixth of a user's scheduler log (probe)."""
+    import logging
+
+    import worker.distributed
+
+    monkeypatch.setattr(worker.distributed, "ASK_EVERY_S", 0.05)
+    lines: list[str] = []
+    keep = logging.Handler(logging.INFO)
+    keep.emit = lambda record: lines.append(record.getMessage())
+    comm = logging.getLogger("distributed.comm.tcp")  # Dask's loggers do not pass records up
+    level = comm.level
+    comm.addHandler(keep)
+    comm.setLevel(logging.INFO)
+    try:
+        chunks = ClusterChunks(cluster, OPTIONS, model.fingerprint()["tile_encoder"])
+        IndexWriter(tmp_path / "index", model, SETTINGS, CHUNK).build([assets["rmnp_rgb"]], computer=chunks)
+    finally:
+        comm.removeHandler(keep)
+        comm.setLevel(level)
+    assert not [line for line in lines if "before handshake" in line], lines
+
+
 def test_a_cluster_worker_that_reads_another_file_than_the_drivers_is_refused(tmp_path, assets):
     """A worker that read another file at a raster's path (its own copy, another version) built
     an index of that file's pixels under the driver's raster, unsaid and for good: the driver's

@@ -180,19 +180,21 @@ CONNECT_S = 20.0  # for a scheduler to answer who it is; Dask's own timeout cove
 CLOSE_S = 10.0  # for a scheduler to see its client close, and for it to cancel a run's chunks
 
 
-def _check_scheduler(address: str, unreachable: Callable[[str], InputError]) -> None:
+def _check_scheduler(address: str, unreachable: Callable[[str], InputError], known: bool = False) -> None:
     """InputError (`unreachable` of why) unless a Dask scheduler answers at `address` within
     CONNECT_S: a peer that accepts the connection and never answers (an HTTP server, a port
     forwarded to nothing) left Client waiting for ever, a job running and the service's jobs
     queued behind it; one that answers with other bytes (an SSH banner) failed with numpy's
-    "Unable to allocate 2.82 EiB"."""
+    "Unable to allocate 2.82 EiB". A `known` scheduler (asked again while a run waits) is not
+    connected to bare first: it logged each such connection ("closed before handshake
+    completed"), a sixth of its log's lines (probe)."""
     import socket
 
     from distributed.core import rpc
     from distributed.security import Security
 
     scheme, host, port = SCHEDULER_ADDRESS.fullmatch(address).groups()
-    if scheme not in UCX_SCHEMES:  # Dask's own connecting retries a refused connection until its timeout: 24 s
+    if scheme not in UCX_SCHEMES and not known:  # Dask's own connecting retries a refused one until its timeout: 24 s
         try:
             socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_S).close()
         except TimeoutError:
@@ -536,7 +538,7 @@ class ClusterChunks:
         def ask() -> None:
             time.sleep(ASK_EVERY_S)
             try:
-                _check_scheduler(address, InputError)
+                _check_scheduler(address, InputError, known=True)
                 self._answered_at = time.monotonic()
             except InputError:  # not answering: said once SCHEDULER_SILENT_S have passed
                 pass
