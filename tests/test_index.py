@@ -104,6 +104,29 @@ def test_a_terminated_run_commits_what_it_computed_and_says_so(tmp_path, assets,
     assert run_cli("index", "--out", out, *SMALL, assets["s2_rgb"]).returncode == 0
 
 
+def test_a_run_whose_terminal_closes_commits_and_exits_as_at_sighup(tmp_path, assets):
+    """A real hangup, not a signal alone: writes to the closed terminal then fail (EIO), and the
+    run exited 1 after its commit, the line saying so having raised (a review's). It exits 129."""
+    import pty
+    import select
+
+    out = tmp_path / "index"
+    pid, terminal = pty.fork()
+    if pid == 0:  # the run, on a terminal of its own
+        os.chdir(REPO)
+        os.execv(sys.executable, [sys.executable, "-m", "worker", "index", "--out", str(out), *map(str, SMALL),
+                                  str(assets["s2_rgb"])])
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "manifest.json").exists()
+                                           and json.loads((out / "manifest.json").read_text())["shards"]):
+        if select.select([terminal], [], [], 0.05)[0]:
+            os.read(terminal, 4096)  # its progress bar, read as a terminal would
+    os.close(terminal)  # the terminal closes
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 128 + signal.SIGHUP
+    assert json.loads((out / "manifest.json").read_text())["tile_count"] > 0
+
+
 def test_a_run_reports_its_size_and_what_earlier_runs_did_before_its_first_tile(tmp_path, model, rmnp_copy):
     """A run's first progress report came with its first computed batch: on a cluster, whose
     first chunk (256 tiles) takes a minute or so, the bar and a service's job showed no size

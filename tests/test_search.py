@@ -626,7 +626,8 @@ def test_a_mosaic_missing_a_sheet_is_searched_where_it_can_be_read(tmp_path, ass
     assert all(col + width <= half for col, _, width, _ in windows), windows
     [unread] = said["unread_places"]
     assert unread["raster"] == str(mosaic) and unread["places"] >= 1 and "east.tif: no such file" in unread["reason"]
-    assert f"warning: {mosaic}: {unread['places']} of the places that ranked best" in result.stderr, result.stderr
+    assert f"warning: {mosaic}: {unread['places']} places of it that could have been hits" in result.stderr, \
+        result.stderr
     index = TileIndex.open(tmp_path / "index")
     request = SearchRequest(sketch, top=5)
     assert run_search(request, model, index).unread_places  # this process's reading threads meet the gap too
@@ -634,6 +635,32 @@ def test_a_mosaic_missing_a_sheet_is_searched_where_it_can_be_read(tmp_path, ass
     back = run_search(request, model, index)
     (rows, cols), best = EAST_PLACE, back.ranked[0].placement
     assert back.unread_places == [] and cols[0] <= best.cx <= cols[1] and rows[0] <= best.cy <= rows[1], best
+
+
+def test_a_gone_sheet_of_a_mosaic_of_mosaics_is_found(tmp_path, assets):
+    """A VRT of zones' VRTs (gdalbuildvrt of per-zone VRTs): only the inner .vrt files were looked
+    for, never their sheets, so a sheet gone two levels down was read as blank (a review's). An
+    inner VRT's sheets count as filling all the pixels it fills; a .vrt rebuilt since is read anew."""
+    from two_sheets import write_two_sheets
+
+    from worker.tiling import open_raster
+    from worker.vrt_sheets import gone_sheets
+
+    mosaic, _ = write_two_sheets(assets["rmnp_rgb"], tmp_path)
+    with rasterio.open(mosaic) as src:
+        width, height, crs, geotransform = src.width, src.height, src.crs.to_wkt(), src.transform.to_gdal()
+    from xml.sax.saxutils import escape
+
+    bands = "".join(f"""<VRTRasterBand dataType="Byte" band="{b}"><SimpleSource>
+        <SourceFilename relativeToVRT="1">{mosaic.name}</SourceFilename><SourceBand>{b}</SourceBand>
+        </SimpleSource></VRTRasterBand>""" for b in (1, 2, 3))
+    outer = tmp_path / "country.vrt"
+    outer.write_text(f"""<VRTDataset rasterXSize="{width}" rasterYSize="{height}"><SRS>{escape(crs)}</SRS>
+        <GeoTransform>{", ".join(map(str, geotransform))}</GeoTransform>{bands}</VRTDataset>""")
+    place = Placement(open_raster(outer, None), 380, 200, 100)
+    assert gone_sheets([place]) == [None]
+    (tmp_path / "east.tif").rename(tmp_path / "east.moved")
+    assert gone_sheets([place]) == [str(tmp_path / "east.tif")]
 
 
 def test_a_preview_of_a_hit_that_cannot_be_read_shows_it_greyed(tmp_path, assets):

@@ -492,8 +492,8 @@ def run_search(request: SearchRequest, model: "RetrievalModel", index: TileIndex
 
 def unread_reason(count: int, why: str) -> str:
     """What a search says of a raster `count` of whose best places could not be read (`why`)."""
-    return (f"{count} of the places that ranked best lie where it cannot be read ({why}): left out of the hits, the "
-            f"rest of it searched; {PLACE_UNREADABLE_HOW}")
+    return (f"{count} places of it that could have been hits lie where it cannot be read ({why}): left out, the rest "
+            f"of it searched; {PLACE_UNREADABLE_HOW}")
 
 
 SEARCH_ATTEMPTS = 3  # searches of an index changed under each of them, before saying so

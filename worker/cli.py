@@ -10,6 +10,7 @@ import _thread
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -573,11 +574,20 @@ class Terminated(KeyboardInterrupt):
 
 
 def _terminate(signum, frame) -> None:
+    if hasattr(signal, "SIGHUP") and signum == signal.SIGHUP:  # the terminal is gone: a write to it fails (EIO),
+        devnull = os.open(os.devnull, os.O_WRONLY)  # and the run exited 1 after its commit, unsaid
+        for stream in _on_a_terminal:  # a log file or a pipe still takes the run's last lines
+            os.dup2(devnull, stream)
+        os.close(devnull)
     raise Terminated(signum)
+
+
+_on_a_terminal: list[int] = []  # stdout and stderr, where a terminal: after a hangup, isatty says no
 
 
 def stop_when_terminated() -> None:
     """_terminate at SIGTERM, and at SIGHUP unless it is ignored (started with nohup: it runs on)."""
+    _on_a_terminal[:] = [stream for stream in (1, 2) if os.isatty(stream)]
     signal.signal(signal.SIGTERM, _terminate)
     if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
         signal.signal(signal.SIGHUP, _terminate)

@@ -552,7 +552,9 @@ class ClusterChunks:
             held = answer_within(ASK_EVERY_S, self.client.processing)  # {worker: [chunk keys]}
         except Exception:  # a scheduler not answering is said on its own (_check_scheduler_answers)
             held = {}
-        busy = ", ".join(f"{worker} ({len(keys)})" for worker, keys in sorted(held.items()) if keys)
+        # this run's chunks alone: a shared scheduler's other clients' tasks are theirs
+        mine = {worker: [k for k in keys if str(k).endswith(self.run_id)] for worker, keys in held.items()}
+        busy = ", ".join(f"{worker} ({len(keys)})" for worker, keys in sorted(mine.items()) if keys)
         log.warning("no chunk has finished for %.0f s (chunks held by %s): a worker hung on a read (a shared disk not "
                     "answering) or stopped? Ctrl-C stops the run; committed chunks are kept", waited_s,
                     busy or "no worker, as the scheduler says")

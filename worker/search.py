@@ -363,7 +363,11 @@ def _search(index: TileIndex, model, sketch_tensor: torch.Tensor, ranking: Ranki
             for n, i in enumerate(kept)]
     timings = {f"{b}_ms": (t[b] - t[a]) * 1e3 for a, b in zip(stages, stages[1:])}
     timings["total_ms"] = (t["dedupe"] - t["start"]) * 1e3
-    return SearchResult(hits=hits, timings_ms=timings, unread_places=unread_places(candidates, footprints))
+    could_be_hits = [i for i in range(len(candidates)) if i not in hide
+                     and (area_wgs84 is None or footprints.lonlat[i].intersects(area_wgs84))]
+    return SearchResult(hits=hits, timings_ms=timings,
+                        unread_places=unread_places([candidates[i] for i in could_be_hits],
+                                                    [footprints.placements[i] for i in could_be_hits]))
 
 
 def mark_gone_sheets(candidates: list[Candidate], footprints: Footprints) -> None:
@@ -375,11 +379,12 @@ def mark_gone_sheets(candidates: list[Candidate], footprints: Footprints) -> Non
             candidate.unreadable = f"{gone}: no such file"
 
 
-def unread_places(candidates: list[Candidate], footprints: Footprints) -> dict[str, tuple[frozenset, str]]:
+def unread_places(candidates: list[Candidate], placements: list[Placement]) -> dict[str, tuple[frozenset, str]]:
     """The places that could not be read (Candidate.unreadable), by raster path: which, and the
-    first one's reason (SearchResult.unread_places)."""
+    first one's reason (SearchResult.unread_places). `candidates` are those that could have been
+    hits (in the search's area, not hidden): an area away from a gone sheet was warned of it."""
     said: dict[str, tuple[frozenset, str]] = {}
-    for candidate, placement in zip(candidates, footprints.placements):
+    for candidate, placement in zip(candidates, placements):
         if candidate.unreadable is not None:
             add_unread(said, placement.raster.path, {place_key(placement)}, candidate.unreadable)
     return said

@@ -17,7 +17,7 @@ import numpy as np
 import shapely
 
 from worker.placement import Placement
-from worker.raster_access import vrt_sheets
+from worker.raster_access import MAX_VRT_DEPTH, is_vrt, vrt_sheets
 
 
 def gone_sheets(placements: list[Placement]) -> list[str | None]:
@@ -30,13 +30,16 @@ def gone_sheets(placements: list[Placement]) -> list[str | None]:
     for number, placement in enumerate(placements):
         if placement.raster.sources is not None:
             by_raster.setdefault(placement.raster.path, []).append(number)
-    for numbers in by_raster.values():
-        raster = placements[numbers[0]].raster
-        paths, tree = _sheets(raster.path, raster.size, raster.mtime_ns)
+    for path, numbers in by_raster.items():
+        try:
+            now = os.stat(path)  # the .vrt as it is: one rebuilt since indexing names other sheets
+        except OSError:  # gone itself: its reads say so (RasterUnreadable)
+            continue
+        paths, tree = _sheets(path, now.st_size, now.st_mtime_ns)
         if not paths:
             continue
         which, sheet = tree.query(_read_boxes([placements[n] for n in numbers]), predicate="intersects")
-        there = {i: os.path.exists(paths[i]) for i in set(sheet.tolist())}
+        there = {i: _readable(paths[i]) for i in set(sheet.tolist())}
         for k, i in sorted(zip(which.tolist(), sheet.tolist())):
             if not there[i] and said[numbers[k]] is None:
                 said[numbers[k]] = paths[i]
@@ -53,17 +56,34 @@ def _read_boxes(placements: list[Placement]) -> np.ndarray:
                        np.ceil(cy + reach) + 1)
 
 
+def _readable(path: str) -> bool:
+    """Whether a sheet is a file this process may read (there, but mode 000 or a folder, GDAL
+    cannot open it either)."""
+    return os.path.isfile(path) and os.access(path, os.R_OK)
+
+
 @lru_cache(maxsize=64)
 def _sheets(path: str, size: int, mtime_ns: int) -> tuple[list[str], shapely.STRtree | None]:
     """A VRT's sheets (raster_access.vrt_sheets) as paths and a tree of their pixel boxes, read
-    once for the file as indexed (`size` and `mtime_ns` key it); none when it cannot be parsed
-    (GDAL's own reads then say what is wrong)."""
-    try:
-        sheets = vrt_sheets(Path(path))
-    except (OSError, SyntaxError, ValueError):  # ET.ParseError is a SyntaxError
-        sheets = []
+    once for the file as it is (`size` and `mtime_ns` key it); none when it cannot be parsed
+    (GDAL's own reads then say what is wrong). The sheets of a VRT it reads (a mosaic of zones'
+    VRTs) count as filling all the pixels that VRT fills, down to MAX_VRT_DEPTH."""
+    sheets = _nested_sheets(Path(path), MAX_VRT_DEPTH)
     if not sheets:
         return [], None
     # a sheet with no DstRect fills the whole raster: a box past any place
     boxes = np.minimum(np.array([box for _, box in sheets], np.float64), 1e15)
     return [str(p) for p, _ in sheets], shapely.STRtree(shapely.box(*boxes.T))
+
+
+def _nested_sheets(path: Path, depth: int) -> list[tuple[Path, tuple[float, float, float, float]]]:
+    """vrt_sheets of `path`, each VRT among them followed by its own sheets over its box."""
+    try:
+        sheets = vrt_sheets(path)
+    except (OSError, SyntaxError, ValueError):  # ET.ParseError is a SyntaxError
+        return []
+    if depth <= 1:
+        return sheets
+    inner = [(sheet, box) for file, box in sheets if is_vrt(file)
+             for sheet, _ in _nested_sheets(file, depth - 1)]
+    return sheets + inner
