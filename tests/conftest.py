@@ -18,10 +18,12 @@ from worker.assets import load_asset_paths
 
 def as_a_terminal_starts_it() -> None:
     """A subprocess's preexec_fn: its own process group (Ctrl-C is sent to a whole group) and
-    Ctrl-C's default action. A test run in the background, as CI runs it, ignores SIGINT, and
-    the commands it started inherited that: they went on through the test's Ctrl-C."""
+    the default actions of Ctrl-C and of a closed terminal. A test run in the background, as CI
+    may run it, ignores SIGINT (and under nohup SIGHUP), and the commands it started inherited
+    that: they went on through the test's Ctrl-C, or its hangup."""
     os.setsid()
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 @pytest.fixture(scope="session")

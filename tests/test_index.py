@@ -90,7 +90,8 @@ def test_a_terminated_run_commits_what_it_computed_and_says_so(tmp_path, assets,
     killed the run outright (a probe's)."""
     out = tmp_path / "index"
     proc = subprocess.Popen([sys.executable, "-m", "worker", "index", "--out", str(out), *SMALL, str(assets["s2_rgb"])],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=as_a_terminal_starts_it)  # SIGHUP not ignored, under nohup too
     deadline = time.time() + 120
     while time.time() < deadline and not ((out / "manifest.json").exists()
                                            and json.loads((out / "manifest.json").read_text())["shards"]):
@@ -112,7 +113,8 @@ def test_a_run_whose_terminal_closes_commits_and_exits_as_at_sighup(tmp_path, as
 
     out = tmp_path / "index"
     pid, terminal = pty.fork()
-    if pid == 0:  # the run, on a terminal of its own
+    if pid == 0:  # the run, on a terminal of its own, as a terminal starts it (a test under nohup ignores SIGHUP)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
         os.chdir(REPO)
         os.execv(sys.executable, [sys.executable, "-m", "worker", "index", "--out", str(out), *map(str, SMALL),
                                   str(assets["s2_rgb"])])
