@@ -9,12 +9,18 @@ Two runs, in process, the same sketches for each index (simple pseudo-sketches o
                 scale 1, searched exactly and with an ANN shortlist (ann.AUTO_MIN_TILES).
   --scan-tiles  the exact coarse scan alone over one map of the area of N tiles (random cells,
                 no index: what the scan costs at sizes too slow to index here).
-Run: scripts/lab mosaic_scale [--rasters 1000] [--vrt-side 0] [--scan-tiles 19000,50000] [--queries 8] [--keep DIR]
+  --sheets      the gone-sheet check (worker.vrt_sheets) over a VRT of N sheets of 5,000 px and 3
+                bands, written as gdalbuildvrt writes one (the XML alone, no sheet files): its
+                first read in a process, and a search's check of 300 placements after it.
+Run: scripts/lab mosaic_scale [--rasters 1000] [--vrt-side 0] [--scan-tiles 19000,50000] [--sheets 10000,50000]
+     [--queries 8] [--keep DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import resource
 import shutil
 import tempfile
 import time
@@ -32,11 +38,13 @@ from lab.bench_speed import search_latency, sketches
 from worker import ann, edge_cells, placement_scan, query_templates
 from worker.assets import load_asset_paths
 from worker.model.loading import load_model
+from worker.placement import Placement
 from worker.ranking import RankingConfig
 from worker.search_area import SearchArea
 from worker.sketch import prepare_sketch
 from worker.store import IndexWriter, TileIndex
-from worker.tiling import TileSettings
+from worker.tiling import RasterInfo, TileSettings
+from worker.vrt_sheets import gone_sheets
 
 CHIP = 240  # px a side of each small raster: four tiles of 224 px at 25% overlap
 SETTINGS = TileSettings(scales=(1,))
@@ -141,6 +149,50 @@ def coarse_scan_seconds(tiles: int) -> float:
     return min(took[1:])
 
 
+def sheets_vrt(path: Path, sheets: int, side: int = 5000) -> Path:
+    """A VRT of `sheets` sheets of `side` px on a square grid, 3 bands, as gdalbuildvrt writes it
+    (ComplexSource, SourceProperties, SrcRect, DstRect, NODATA a sheet a band)."""
+    across = math.isqrt(sheets - 1) + 1
+    with open(path, "w") as out:
+        out.write(f'<VRTDataset rasterXSize="{across * side}" rasterYSize="{across * side}">\n')
+        for band in (1, 2, 3):
+            out.write(f'<VRTRasterBand dataType="Byte" band="{band}">\n')
+            for i in range(sheets):
+                col, row = i % across * side, i // across * side
+                out.write(f'<ComplexSource><SourceFilename relativeToVRT="1">sheets/{i}.tif</SourceFilename>'
+                          f'<SourceBand>{band}</SourceBand><SourceProperties RasterXSize="{side}" '
+                          f'RasterYSize="{side}" DataType="Byte" BlockXSize="256" BlockYSize="256" />'
+                          f'<SrcRect xOff="0" yOff="0" xSize="{side}" ySize="{side}" /><DstRect xOff="{col}" '
+                          f'yOff="{row}" xSize="{side}" ySize="{side}" /><NODATA>0</NODATA></ComplexSource>\n')
+            out.write("</VRTRasterBand>\n")
+        out.write("</VRTDataset>\n")
+    return path
+
+
+def gone_sheet_check(folder: Path, sheets: int, placements: int = 300) -> str:
+    """A table row: the gone-sheet check's first read of a VRT of `sheets` sheets (parsed, its
+    tree built) and a search's check of `placements` random placements after it (a stat a sheet
+    met: none of the sheets is there)."""
+    vrt = sheets_vrt(folder / f"sheets-{sheets}.vrt", sheets)
+    span = (math.isqrt(sheets - 1) + 1) * 5000
+    raster = RasterInfo(str(vrt), 0, 0, span, span, "", (1, 0, 0, 0, 0, -1), (1, 2, 3), None, sources=(0, 0, 0))
+    rng = np.random.default_rng(0)
+    places = [Placement(raster, *rng.uniform(0, span, 2), rng.uniform(224, 2000), rng.uniform(-15, 15))
+              for _ in range(placements)]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.perf_counter()
+    gone_sheets(places[:1])
+    first = time.perf_counter() - started
+    grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak) / 1024
+    times = []
+    for _ in range(5):
+        started = time.perf_counter()
+        gone_sheets(places)
+        times.append(time.perf_counter() - started)
+    return (f"| {sheets:,} | {vrt.stat().st_size / 1e6:.0f} MB | {first:.2f} s | {grown:.0f} MB | "
+            f"{np.median(times) * 1e3:.1f} ms |")
+
+
 def row(name: str, index: TileIndex, latency: dict) -> str:
     return (f"| {name} | {len(index.maps):,} | {len(index):,} | {latency['p50']:.0f} | {latency['p95']:.0f} | "
             f"{latency['shortlist']:.0f} | "
@@ -152,10 +204,11 @@ def main() -> int:
     parser.add_argument("--rasters", type=int, default=1000, help="small rasters (0: skip this run)")
     parser.add_argument("--vrt-side", type=int, default=0, help="the scene repeated K by K as one VRT (0: skip)")
     parser.add_argument("--scan-tiles", default="", help="coarse scan alone at these tile counts (e.g. 19000,50000)")
+    parser.add_argument("--sheets", default="", help="the gone-sheet check over VRTs of these sheet counts")
     parser.add_argument("--queries", type=int, default=8)
     parser.add_argument("--keep", type=Path, default=None, help="build here and keep (else a temporary folder)")
     args = parser.parse_args()
-    model = load_model(device="cpu", sketch_modules="none")
+    model = load_model(device="cpu", sketch_modules="none") if args.rasters or args.vrt_side else None
     work = args.keep or Path(tempfile.mkdtemp(prefix="mosaic-scale-"))
     print("| mosaic | level maps | tiles | search p50 ms | p95 | shortlist | refine | verify |\n"
           "|---|---|---|---|---|---|---|---|")
@@ -184,6 +237,12 @@ def main() -> int:
                 print(row(name, index, search_latency(index, model, queries, RankingConfig(ann=mode))), flush=True)
         for tiles in (int(n) for n in args.scan_tiles.split(",") if n):
             print(f"coarse scan alone over the area of {tiles:,} tiles: {coarse_scan_seconds(tiles):.2f} s", flush=True)
+        counts = [int(n) for n in args.sheets.split(",") if n]
+        if counts:
+            print("\n| sheets | .vrt | first read | peak RSS grew | a search's check (300 places, p50) |\n"
+                  "|---|---|---|---|---|")
+        for sheets in counts:
+            print(gone_sheet_check(work, sheets), flush=True)
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -640,7 +640,8 @@ def test_a_mosaic_missing_a_sheet_is_searched_where_it_can_be_read(tmp_path, ass
 def test_a_gone_sheet_of_a_mosaic_of_mosaics_is_found(tmp_path, assets):
     """A VRT of zones' VRTs (gdalbuildvrt of per-zone VRTs): only the inner .vrt files were looked
     for, never their sheets, so a sheet gone two levels down was read as blank (a review's). An
-    inner VRT's sheets count as filling all the pixels it fills; a .vrt rebuilt since is read anew."""
+    inner VRT's sheets count as filling all the pixels it fills; a .vrt rebuilt since is read anew.
+    A sheet there but not a file GDAL can open is said as such, not as missing."""
     from two_sheets import write_two_sheets
 
     from worker.tiling import open_raster
@@ -660,7 +661,9 @@ def test_a_gone_sheet_of_a_mosaic_of_mosaics_is_found(tmp_path, assets):
     place = Placement(open_raster(outer, None), 380, 200, 100)
     assert gone_sheets([place]) == [None]
     (tmp_path / "east.tif").rename(tmp_path / "east.moved")
-    assert gone_sheets([place]) == [str(tmp_path / "east.tif")]
+    assert gone_sheets([place]) == [f"{tmp_path / 'east.tif'}: no such file"]
+    (tmp_path / "east.tif").mkdir()
+    assert gone_sheets([place]) == [f"{tmp_path / 'east.tif'}: not a file"]
 
 
 def test_a_preview_of_a_hit_that_cannot_be_read_shows_it_greyed(tmp_path, assets):

@@ -374,9 +374,9 @@ def mark_gone_sheets(candidates: list[Candidate], footprints: Footprints) -> Non
     """Candidate.unreadable for the candidates on a VRT mosaic's sheet that is gone now
     (worker.vrt_sheets): never read, never hits, and said. A few stats a search; nothing for
     rasters that are no VRTs."""
-    for candidate, gone in zip(candidates, gone_sheets(footprints.placements)):
-        if gone is not None:
-            candidate.unreadable = f"{gone}: no such file"
+    for candidate, why in zip(candidates, gone_sheets(footprints.placements)):
+        if why is not None:
+            candidate.unreadable = why
 
 
 def unread_places(candidates: list[Candidate], placements: list[Placement]) -> dict[str, tuple[frozenset, str]]:

@@ -32,24 +32,21 @@ _handles = ThreadHandles()  # the reading threads' open rasters, kept for the wo
 def read_placement(placement: Placement, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Placement.read from this thread's open raster; RasterUnreadable when the raster cannot be
     opened now, or its file changed since it was indexed (cut short, written over); when its file
-    is as indexed, PlaceUnreadable: that place of it cannot be read (a damaged block, a mosaic's
-    sheet gone: worker.vrt_sheets, looked for before reading), and the rest of it may be."""
+    is as indexed, PlaceUnreadable: that place of it cannot be read (a damaged block), and the
+    rest of it may be. A mosaic's gone sheets are looked for before (draw_placements)."""
     try:
         src = _handles.get(placement.raster.path)
     except (rasterio.errors.RasterioError, OSError) as exc:
         raise RasterUnreadable(placement.raster.path, excerpt(gdal_reason(exc))) from None
-    [gone] = gone_sheets([placement])
-    if gone is not None:  # GDAL would read it as blank, or fail, and then read it as blank once it is back
-        raise PlaceUnreadable(placement.raster.path, f"{gone}: no such file")
     try:
         return placement.read(size, src)
     except (rasterio.errors.RasterioError, OSError) as exc:
         _handles.forget(placement.raster.path)  # kept, it reads that place as blank from now on
-        damaged = PlaceUnreadable if _as_indexed(placement.raster) else RasterUnreadable
+        damaged = PlaceUnreadable if _file_as_indexed(placement.raster) else RasterUnreadable
         raise damaged(placement.raster.path, excerpt(gdal_reason(exc))) from None
 
 
-def _as_indexed(raster: RasterInfo) -> bool:
+def _file_as_indexed(raster: RasterInfo) -> bool:
     """Whether the raster's own file (a VRT's .vrt) is as it was indexed (RasterInfo.file_changed)."""
     try:
         return not raster.file_changed()
@@ -63,12 +60,17 @@ def draw_placements(placements: list[Placement], size: int, device: torch.device
     Read in a few threads, drawn as one batch: into an array on the CPU, or with `device` (a
     GPU's, worker.line_drawing.drawing_device) into a tensor there. With `unread`, a place that
     cannot be read (PlaceUnreadable) is drawn blank and named there by its position, instead of
-    failing them all."""
+    failing them all. A place on a mosaic's sheet that is gone now (worker.vrt_sheets) is never
+    read: GDAL would read it as blank, or fail and then read it as blank once the sheet is back."""
     from worker.line_drawing import tile_line_drawings
+
+    gone = gone_sheets(placements)  # all at once: one query of the mosaic's sheets
 
     def read(numbered: tuple[int, Placement]) -> tuple[np.ndarray, np.ndarray]:
         number, placement = numbered
         try:
+            if gone[number] is not None:
+                raise PlaceUnreadable(placement.raster.path, gone[number])
             return read_placement(placement, size)
         except PlaceUnreadable as exc:
             if unread is None:
