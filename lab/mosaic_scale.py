@@ -9,9 +9,11 @@ Two runs, in process, the same sketches for each index (simple pseudo-sketches o
                 scale 1, searched exactly and with an ANN shortlist (ann.AUTO_MIN_TILES).
   --scan-tiles  the exact coarse scan alone over one map of the area of N tiles (random cells,
                 no index: what the scan costs at sizes too slow to index here).
-  --sheets      the gone-sheet check (worker.vrt_sheets) over a VRT of N sheets of 5,000 px and 3
-                bands, written as gdalbuildvrt writes one (the XML alone, no sheet files): its
-                first read in a process, and a search's check of 300 placements after it.
+  --sheets      a search's looks at a VRT of N sheets of 5,000 px and 3 bands, written as
+                gdalbuildvrt writes one (its sheets empty files: no pixel is read): the gone-sheet
+                check (worker.vrt_sheets), its first read in a process and a search's check of 300
+                placements after it; and the once-a-minute look at its sources
+                (RasterInfo.changed_beside), the first and the next.
 Run: scripts/lab mosaic_scale [--rasters 1000] [--vrt-side 0] [--scan-tiles 19000,50000] [--sheets 10000,50000]
      [--queries 8] [--keep DIR]
 """
@@ -24,6 +26,7 @@ import resource
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from xml.sax.saxutils import escape
 
@@ -43,7 +46,7 @@ from worker.ranking import RankingConfig
 from worker.search_area import SearchArea
 from worker.sketch import prepare_sketch
 from worker.store import IndexWriter, TileIndex
-from worker.tiling import RasterInfo, TileSettings
+from worker.tiling import RasterInfo, TileSettings, sources_stamp
 from worker.vrt_sheets import gone_sheets
 
 CHIP = 240  # px a side of each small raster: four tiles of 224 px at 25% overlap
@@ -169,11 +172,14 @@ def sheets_vrt(path: Path, sheets: int, side: int = 5000) -> Path:
     return path
 
 
-def gone_sheet_check(folder: Path, sheets: int, placements: int = 300) -> str:
-    """A table row: the gone-sheet check's first read of a VRT of `sheets` sheets (parsed, its
-    tree built) and a search's check of `placements` random placements after it (a stat a sheet
-    met: none of the sheets is there)."""
+def sheets_row(folder: Path, sheets: int, placements: int = 300) -> str:
+    """A table row (--sheets): the gone-sheet check's first read of a VRT of `sheets` sheets
+    (parsed, its tree built), a search's check of `placements` random placements after it (a stat
+    a sheet met), and two of the minute's looks at its sources (changed_beside)."""
     vrt = sheets_vrt(folder / f"sheets-{sheets}.vrt", sheets)
+    (folder / "sheets").mkdir(exist_ok=True)
+    for i in range(sheets):
+        (folder / "sheets" / f"{i}.tif").touch()
     span = (math.isqrt(sheets - 1) + 1) * 5000
     raster = RasterInfo(str(vrt), 0, 0, span, span, "", (1, 0, 0, 0, 0, -1), (1, 2, 3), None, sources=(0, 0, 0))
     rng = np.random.default_rng(0)
@@ -189,8 +195,17 @@ def gone_sheet_check(folder: Path, sheets: int, placements: int = 300) -> str:
         started = time.perf_counter()
         gone_sheets(places)
         times.append(time.perf_counter() - started)
+    with rasterio.open(vrt) as src:  # as indexed: after the gone-sheet check, whose peak memory GDAL's would hide
+        raster = replace(raster, size=vrt.stat().st_size, mtime_ns=vrt.stat().st_mtime_ns,
+                         transform=tuple(src.transform), crs_wkt=src.crs.to_wkt() if src.crs else "",
+                         sources=sources_stamp(src))
+    looks = []
+    for _ in range(2):
+        started = time.perf_counter()
+        raster.changed_beside()
+        looks.append(time.perf_counter() - started)
     return (f"| {sheets:,} | {vrt.stat().st_size / 1e6:.0f} MB | {first:.2f} s | {grown:.0f} MB | "
-            f"{np.median(times) * 1e3:.1f} ms |")
+            f"{np.median(times) * 1e3:.1f} ms | {looks[0]:.2f} s | {looks[1]:.2f} s |")
 
 
 def row(name: str, index: TileIndex, latency: dict) -> str:
@@ -239,10 +254,10 @@ def main() -> int:
             print(f"coarse scan alone over the area of {tiles:,} tiles: {coarse_scan_seconds(tiles):.2f} s", flush=True)
         counts = [int(n) for n in args.sheets.split(",") if n]
         if counts:
-            print("\n| sheets | .vrt | first read | peak RSS grew | a search's check (300 places, p50) |\n"
-                  "|---|---|---|---|---|")
+            print("\n| sheets | .vrt | gone-sheet check: first read | its peak RSS grew | a search's check "
+                  "(300 places, p50) | sources looked at: first | next |\n|---|---|---|---|---|---|---|")
         for sheets in counts:
-            print(gone_sheet_check(work, sheets), flush=True)
+            print(sheets_row(work, sheets), flush=True)
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
