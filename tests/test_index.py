@@ -253,6 +253,28 @@ def test_a_mosaic_whose_source_changed_is_indexed_again(tmp_path, model, rmnp_co
     assert disk_state(raster) == "unreadable"
 
 
+def test_a_mosaic_rewritten_at_its_size_and_time_is_changed(tmp_path, assets):
+    """A mosaic's .vrt edited in place (its grid moved: a GeoTransform of the same length) and
+    given back its time (rsync -t, touch -r, or an edit within a network disk's time
+    resolution): its size and time say unchanged, and what GDAL read of it, kept for the
+    minute's looks, must not (they are kept by its inode and change time too)."""
+    from two_sheets import write_two_sheets
+
+    from worker.tiling import open_raster
+
+    mosaic, _ = write_two_sheets(assets["rmnp_rgb"], tmp_path)
+    raster = open_raster(mosaic, None)
+    assert not raster.changed_beside()
+    before = mosaic.stat()
+    text = mosaic.read_text()
+    origin = text[text.index("<GeoTransform>") + len("<GeoTransform>"):].split(",")[0]
+    moved = origin[:-1] + ("1" if origin[-1] != "1" else "2")  # the same length
+    mosaic.write_text(text.replace(f"<GeoTransform>{origin},", f"<GeoTransform>{moved},"))
+    os.utime(mosaic, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert not raster.file_changed()
+    assert raster.changed_beside() and raster.changed_on_disk()
+
+
 def test_a_raster_georeferenced_again_beside_its_file_is_changed_and_indexed_again(tmp_path, model, rmnp_copy):
     """A PNG placed by a worldfile (and its CRS in an .aux.xml), moved 100 pixels east by editing
     the worldfile, as after georeferencing it again: its bytes did not change, so `info` said it was

@@ -666,6 +666,48 @@ def test_a_gone_sheet_of_a_mosaic_of_mosaics_is_found(tmp_path, assets):
     assert gone_sheets([place]) == [f"{tmp_path / 'east.tif'}: not a file"]
 
 
+def test_a_zone_vrt_is_followed_where_gdal_follows_it(tmp_path, assets):
+    """A country's VRT reads zones' VRTs as GDAL does: a zone that is a link to another folder's
+    VRT (its sheets beside its target: read beside the link, every place of the zone was said
+    gone while GDAL read it), one named otherwise than .vrt (.xml: its gone sheets were read as
+    blank), and one rebuilt with other sheets while the country's .vrt stays as it was (its
+    first sheets were said gone until the worker restarted)."""
+    from two_sheets import write_two_sheets
+
+    from worker.tiling import open_raster
+    from worker.vrt_sheets import gone_sheets
+
+    zones = tmp_path / "zones"
+    zones.mkdir()
+    mosaic, _ = write_two_sheets(assets["rmnp_rgb"], zones)
+    (tmp_path / "country").mkdir()
+    (tmp_path / "country" / "linked.vrt").symlink_to(mosaic)
+    shutil.copy(mosaic, zones / "copy.xml")
+    text = mosaic.read_text()
+    with rasterio.open(mosaic) as src:
+        width, height = src.width, src.height
+    for zone in ("../zones/copy.xml", "linked.vrt"):
+        outer = tmp_path / "country" / "country.vrt"
+        outer.write_text(text[:text.index("<VRTRasterBand")] + "".join(
+            f"""<VRTRasterBand dataType="Byte" band="{b}"><SimpleSource>
+            <SourceFilename relativeToVRT="1">{zone}</SourceFilename><SourceBand>{b}</SourceBand>
+            <SrcRect xOff="0" yOff="0" xSize="{width}" ySize="{height}"/>
+            <DstRect xOff="0" yOff="0" xSize="{width}" ySize="{height}"/></SimpleSource></VRTRasterBand>"""
+            for b in (1, 2, 3)) + "</VRTDataset>")
+        place = Placement(open_raster(outer, None), 380, 200, 100)
+        with rasterio.open(outer) as src:
+            assert src.read(1).any(), "GDAL reads it"
+        assert gone_sheets([place]) == [None], zone
+        (zones / "east.tif").rename(zones / "east.moved")
+        assert gone_sheets([place]) == [f"{zones / 'east.tif'}: no such file"], zone
+        (zones / "east.moved").rename(zones / "east.tif")
+
+    # the zone rebuilt over a new eastern sheet, the country's .vrt untouched
+    (zones / "east.tif").rename(zones / "east_2026.tif")
+    mosaic.write_text(text.replace("east.tif", "east_2026.tif"))
+    assert gone_sheets([place]) == [None]
+
+
 def test_a_preview_of_a_hit_that_cannot_be_read_shows_it_greyed(tmp_path, assets):
     """A hit below the verified ones (those are not read) on a damaged block: `search --preview`
     failed with a traceback after the hits file was written, and its summary and warnings were

@@ -34,6 +34,7 @@ from shapely.geometry import Polygon
 
 from wire.protocol import MAX_TILE, MIN_TILE, excerpt
 from worker.errors import InputError, RasterReadError, numbered
+from worker.file_derived import FileDerived
 from worker.raster_access import DRIVER_PREFIX, RasterAccess, is_vrt, local_file, source_path, vrt_sources
 
 log = logging.getLogger(__name__)
@@ -212,19 +213,16 @@ def sources_stamp(src: rasterio.DatasetReader) -> tuple[int, int, int] | None:
     return files_stamp(src.files[1:]) if src.driver == "VRT" else None
 
 
-@functools.lru_cache(maxsize=16)
-def _vrt_opened(path: str, size: int, mtime_ns: int) -> tuple[tuple[str, ...], tuple]:
-    """_vrt_as_opened for the .vrt in the state `size` and `mtime_ns` say."""
-    with rasterio.open(path) as src:
-        return tuple(src.files[1:]), (src.width, src.height, tuple(src.transform), src.crs)
-
-
-def _vrt_as_opened(path: str) -> tuple[tuple[str, ...], tuple]:
+def _open_vrt(path: str) -> tuple[tuple[tuple[str, ...], tuple], list[str]]:
     """The files a VRT reads, as GDAL names them, and its grid (width, height, transform, CRS),
-    opened once for each state of its file: a VRT holds them itself (no side file), and GDAL took
-    2.1 s and 500 MB to open one of 50,000 sheets, a search's every minute (changed_lately)."""
-    st = os.stat(path)
-    return _vrt_opened(path, st.st_size, st.st_mtime_ns)
+    for _vrt_as_opened to keep until its file changes: a VRT holds them itself (no side file),
+    and GDAL took 2.1 s and 500 MB to open one of 50,000 sheets, a search's every minute
+    (changed_lately). GDAL does not list a nested VRT's sources: the nested .vrt is a source."""
+    with rasterio.open(path) as src:
+        return (tuple(src.files[1:]), (src.width, src.height, tuple(src.transform), src.crs)), [path]
+
+
+_vrt_as_opened = FileDerived(_open_vrt)
 
 
 def files_stamp(files: Sequence[str]) -> tuple[int, int, int] | None:

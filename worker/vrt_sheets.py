@@ -10,14 +10,16 @@ those files first: a place on a gone sheet is left out of the hits and said, and
 from __future__ import annotations
 
 import os
-from functools import lru_cache
+import stat
 from pathlib import Path
 
 import numpy as np
 import shapely
 
+from worker.file_derived import FileDerived
 from worker.placement import Placement
-from worker.raster_access import MAX_VRT_DEPTH, vrt_sheets
+from worker.raster_access import MAX_VRT_DEPTH, is_vrt, vrt_sheets
+from worker.tiling import RASTER_SUFFIXES
 
 
 def gone_sheets(placements: list[Placement]) -> list[str | None]:
@@ -33,12 +35,8 @@ def gone_sheets(placements: list[Placement]) -> list[str | None]:
         if placement.raster.sources is not None:
             by_raster.setdefault(placement.raster.path, []).append(number)
     for path, numbers in by_raster.items():
-        try:
-            now = os.stat(path)  # the .vrt as it is: one rebuilt since indexing names other sheets
-        except OSError:  # gone itself: its reads say so (RasterUnreadable)
-            continue
-        paths, tree = _sheets(path, now.st_size, now.st_mtime_ns)
-        if not paths:
+        paths, tree = _sheets(path)  # the .vrt as it is: one rebuilt since indexing names other sheets
+        if not paths:  # none, or gone itself: its reads say so (RasterUnreadable)
             continue
         which, sheet = tree.query(_read_boxes([placements[n] for n in numbers]), predicate="intersects")
         why = {i: _why_unreadable(paths[i]) for i in set(sheet.tolist())}
@@ -61,37 +59,52 @@ def _read_boxes(placements: list[Placement]) -> np.ndarray:
 def _why_unreadable(path: str) -> str | None:
     """Why a sheet is not a file this process may read (there, but a folder or mode 000, GDAL
     cannot open it either); None when it is."""
-    if not os.path.exists(path):
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
         return f"{path}: no such file"
-    if not os.path.isfile(path):
+    except OSError as exc:  # a folder on the way that may not be entered, a link that loops
+        return f"{path}: {exc.strerror.lower() if exc.strerror else exc}"
+    if not stat.S_ISREG(st.st_mode):
         return f"{path}: not a file"
     return None if os.access(path, os.R_OK) else f"{path}: permission denied"
 
 
-@lru_cache(maxsize=64)
-def _sheets(path: str, size: int, mtime_ns: int) -> tuple[list[str], shapely.STRtree | None]:
-    """A VRT's sheets (raster_access.vrt_sheets) as paths and a tree of their pixel boxes, read
-    once for the file as it is (`size` and `mtime_ns` key it); none when it cannot be parsed
-    (GDAL's own reads then say what is wrong). The sheets of a VRT it reads (a mosaic of zones'
-    VRTs) count as filling all the pixels that VRT fills, down to MAX_VRT_DEPTH."""
-    sheets = _nested_sheets(path, MAX_VRT_DEPTH)
+def _read_sheets(path: str) -> tuple[tuple[list[str], shapely.STRtree | None], list[str]]:
+    """A VRT's sheets (raster_access.vrt_sheets) as paths and a tree of their pixel boxes, and
+    the VRT files read for them (_sheets keeps them until one of those changes); none when it
+    cannot be parsed (GDAL's own reads then say what is wrong). The sheets of a VRT it reads (a
+    mosaic of zones' VRTs) count as filling all the pixels that VRT fills, down to MAX_VRT_DEPTH."""
+    read: list[str] = []
+    sheets = _nested_sheets(path, MAX_VRT_DEPTH, read)
     if not sheets:
-        return [], None
+        return ([], None), read
     # a sheet with no DstRect fills the whole raster: a box past any place
     boxes = np.minimum(np.array([box for _, box in sheets], np.float64), 1e15)
-    return [p for p, _ in sheets], shapely.STRtree(shapely.box(*boxes.T))
+    return ([p for p, _ in sheets], shapely.STRtree(shapely.box(*boxes.T))), read
 
 
-def _nested_sheets(path: str, depth: int) -> list[tuple[str, tuple[float, float, float, float]]]:
-    """vrt_sheets of `path`, each .vrt among them followed by its own sheets over its box. By
-    name, not content (raster_access.is_vrt): opening each of a country's 50,000 sheets, on a
-    shared disk, would cost a first search more than the check is worth."""
+_sheets = FileDerived(_read_sheets)
+
+
+def _nested_sheets(path: str, depth: int, read: list[str]) -> list[tuple[str, tuple[float, float, float, float]]]:
+    """vrt_sheets of `path` (added to `read`), each VRT among them followed, from where its link
+    leads as GDAL follows it, by its own sheets over its box."""
+    read.append(path)
     try:
         sheets = vrt_sheets(Path(path))
     except (OSError, SyntaxError, ValueError):  # ET.ParseError is a SyntaxError
         return []
     if depth <= 1:
         return sheets
-    inner = [(sheet, box) for file, box in sheets if file.lower().endswith(".vrt")
-             for sheet, _ in _nested_sheets(file, depth - 1)]
+    inner = [(sheet, box) for file, box in sheets if _may_be_vrt(file)
+             for sheet, _ in _nested_sheets(os.path.realpath(file), depth - 1, read)]
     return sheets + inner
+
+
+def _may_be_vrt(path: str) -> bool:
+    """Whether a sheet is a VRT: one named .vrt, or of no other raster format's name and holding
+    one (raster_access.is_vrt, as GDAL tells). A country's 50,000 .tif sheets are not opened for
+    it: on a shared disk that would cost a first search more than the check is worth."""
+    suffix = os.path.splitext(path)[1].lower()
+    return suffix == ".vrt" or (suffix not in RASTER_SUFFIXES and is_vrt(Path(path)))
