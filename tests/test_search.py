@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -609,6 +610,7 @@ def test_a_mosaic_missing_a_sheet_is_searched_where_it_can_be_read(tmp_path, ass
     from two_sheets import EAST_PLACE, write_two_sheets
 
     from worker.app import SearchRequest, run_search
+    from worker.feedback import Feedback
 
     mosaic, sketch = write_two_sheets(assets["rmnp_rgb"], tmp_path)
     built = run_cli("index", "--out", tmp_path / "index", "--tile", "112", "--scales", "1,2",
@@ -635,6 +637,12 @@ def test_a_mosaic_missing_a_sheet_is_searched_where_it_can_be_read(tmp_path, ass
     back = run_search(request, model, index)
     (rows, cols), best = EAST_PLACE, back.ranked[0].placement
     assert back.unread_places == [] and cols[0] <= best.cx <= cols[1] and rows[0] <= best.cy <= rows[1], best
+
+    # that place marked good, and its sheet gone again: the mark is not used, and the reply says so
+    (tmp_path / "east.tif").rename(tmp_path / "east.moved")
+    marked = replace(request, feedback=Feedback(positive=(back.hits["features"][0]["properties"]["id"],)))
+    [unread] = run_search(marked, model, index).unread_places
+    assert "(1 marked good or bad: those marks were not used)" in unread["reason"], unread
 
 
 def test_a_gone_sheet_of_a_mosaic_of_mosaics_is_found(tmp_path, assets):

@@ -477,8 +477,9 @@ def run_search(request: SearchRequest, model: "RetrievalModel", index: TileIndex
         unreadable = [{"raster": path, "kind": "unreadable", "reason": why}
                       for path, why in sorted(result.unreadable.items())]
         changed = {c["raster"]: c for c in changed_since_indexed([h.placement.raster for h in result.hits])}
+        marks = request.feedback.places(index.rasters) if request.feedback is not None else ([], [])
         if request.feedback is not None:  # a mark there named the old pixels, and was read from the new ones
-            good, bad = request.feedback.places(index.rasters)
+            good, bad = marks
             marked = [p.raster for p in good + bad if p.raster.path not in changed | result.unreadable.keys()]
             changed |= {c["raster"]: c for c in changed_since_indexed(marked, MARK_CHANGED)}
         if example is not None and example.changed:  # said of the example, and of its raster's hits
@@ -486,14 +487,22 @@ def run_search(request: SearchRequest, model: "RetrievalModel", index: TileIndex
         return SearchOutcome(hits_to_geojson(result.hits, request.out_crs, None), timings, result.hits, sketch,
                              left_out(index) + unreadable, sorted(changed.values(), key=lambda c: c["raster"]),
                              partly_indexed(index, result.unreadable, request.area_wgs84),
-                             [{"raster": path, "places": len(places), "reason": unread_reason(len(places), why)}
+                             [unread_entry(path, places, why, marks[0] + marks[1])
                               for path, (places, why) in sorted(result.unread_places.items())])
 
 
-def unread_reason(count: int, why: str) -> str:
-    """What a search says of a raster `count` of whose best places could not be read (`why`)."""
-    return (f"{count} places of it that could have been hits lie where it cannot be read ({why}): left out, the rest "
-            f"of it searched; {PLACE_UNREADABLE_HOW}")
+def unread_entry(path: str, places: frozenset, why: str, marks: list) -> dict:
+    """A reply's entry for a raster some of whose places (worker.search.place_key) could not be
+    read (`why`), among them places the user marked (`marks`: their marks were not used, and
+    the user would otherwise wonder why marking a place changed nothing)."""
+    from worker.search import place_key
+
+    marked = len(places & {place_key(p) for p in marks if p.raster.path == path})
+    which = "that could have been hits" + (f" or were marked ({marked} marked good or bad: those marks were not used)"
+                                           if marked else "")
+    return {"raster": path, "places": len(places),
+            "reason": f"{len(places)} places of it {which} lie where it cannot be read ({why}): left out, the rest "
+                      f"of it searched; {PLACE_UNREADABLE_HOW}"}
 
 
 SEARCH_ATTEMPTS = 3  # searches of an index changed under each of them, before saying so
