@@ -399,18 +399,27 @@ def test_an_ann_older_than_its_index_answers_for_what_it_holds_until_updated(ind
     assert set(np.unique(shortlist.windows.rows(np.arange(shortlist.windows.shape[0]))[:, 0])) == {0, 1}
 
 
-def test_a_shortlist_still_answers_where_a_worker_with_a_smaller_budget_leaves_a_raster_out(model, assets, tmp_path):
-    """`build-ann` run while a raster was partly indexed covers it (the default budget holds its
-    maps); a worker started with a smaller --max-partial-maps-mb leaves that raster out. The
-    shortlist still answers for the others: before, it was dropped, and every search scanned
-    every map exactly."""
-    folder, settings = tmp_path / "index", TileSettings(tile=112, scales=(1,))
+def partly_indexed(model, assets, folder: Path) -> IndexWriter:
+    """An index of s2_rgb, whole, and rmnp_rgb, its run stopped after a commit of part of its
+    tiles; the writer, to finish it."""
+    settings = TileSettings(tile=112, scales=(1,))
     IndexWriter(folder, model, settings, chunk_tiles=8).build([assets["s2_rgb"]])
     committed = []
-    IndexWriter(folder, model, settings).build([assets["rmnp_rgb"]], progress=committed.append,
-                                               should_stop=lambda: len(committed) >= 3)  # the plan, 2 steps
+    IndexWriter(folder, model, settings, chunk_tiles=8).build([assets["rmnp_rgb"]], progress=committed.append,
+                                                              should_stop=lambda: len(committed) >= 3)
+    index = TileIndex.open(folder)
+    assert index.complete_rasters == {0} and index.tiles_per_raster[1], "partly indexed"
+    return IndexWriter(folder, model, settings, chunk_tiles=8)
+
+
+def test_a_shortlist_still_answers_where_a_worker_with_a_smaller_budget_leaves_a_raster_out(model, assets, tmp_path):
+    """`build-ann` run while a raster was partly indexed; a worker started with a smaller
+    --max-partial-maps-mb leaves that raster out. The shortlist still answers for the others:
+    before, it was dropped, and every search scanned every map exactly."""
+    folder = tmp_path / "index"
+    partly_indexed(model, assets, folder)
     built = ann.build(TileIndex.open(folder))  # as `build-ann` from the command line: the default budget
-    assert sorted(built.rasters) == [0, 1]
+    assert sorted(built.rasters) == [0]
     index = TileIndex.open(folder, partial_maps_bytes=0)  # as a worker started with --max-partial-maps-mb 0
     assert list(index.left_out) == [1]
     shortlist = ann_shortlist(index, RankingConfig(ann="on"))
@@ -419,6 +428,27 @@ def test_a_shortlist_still_answers_where_a_worker_with_a_smaller_budget_leaves_a
     frame, sketch = next(frames(index, 1, seed=3))
     hits = search(index, model, sketch, RankingConfig(ann="on"), top=5).hits
     assert hits and {h.placement.raster.path for h in hits} == {str(assets["s2_rgb"])}
+
+
+def test_a_shortlist_built_beside_a_stopped_run_answers_once_the_run_goes_on_and_is_added_to(model, assets, tmp_path):
+    """`build-ann` while a raster's run was stopped midway covered that raster's tiles of the
+    moment: once its run went on, the shortlist no longer matched it, every search scanned every
+    map exactly (`current` false, said at each search) until the run ended, and its end trained
+    the shortlist again from nothing (hours, at a continent's tiles). It covers the complete
+    rasters now: the unfinished one is scanned exactly beside it, and added to it once complete."""
+    folder = tmp_path / "index"
+    writer = partly_indexed(model, assets, folder)
+    built = ann.build(TileIndex.open(folder))
+    assert sorted(built.rasters) == [0]
+    writer.build([assets["rmnp_rgb"]])  # the run goes on to its end
+    index = TileIndex.open(folder)
+    assert index.complete_rasters == {0, 1}
+    assert ann_shortlist(index, RankingConfig(ann="on")).answers_for(index) == {0}
+    assert ann.describe(index)["rasters_scanned_exactly_beside"] == [1]
+    updated = ann.update(index)
+    assert sorted(updated.rasters) == [0, 1] and updated.vectors > built.vectors
+    described = ann.describe(TileIndex.open(folder))
+    assert described["current"] and described["trained_for"] == built.vectors, "added to, not trained again"
 
 
 def test_a_raster_indexed_again_with_as_many_tiles_makes_its_shortlist_stale(model, assets, tmp_path, caplog):
@@ -690,6 +720,47 @@ def test_a_damaged_shortlist_of_the_right_size_says_so_and_is_built_again(index_
     index = TileIndex.open(folder)
     assert ann.describe(index)["current"]
     assert search(index, model, sketch, RankingConfig(ann="on"), top=5).hits
+
+
+AS_A_USER = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []  # modes hold
+SHORTLIST_AS_A_SEARCH_SEES_IT = """
+import sys
+from worker import ann
+from worker.errors import CorruptIndexError
+from worker.ranking import RankingConfig
+from worker.search import ann_shortlist
+from worker.store import TileIndex
+
+index = TileIndex.open(sys.argv[1])
+print(ann.describe(index).get("damaged", "not damaged"))
+try:
+    ann_shortlist(index, RankingConfig(ann="on"))
+    print("asked")
+except CorruptIndexError as exc:
+    print(exc)
+ann.update(index)  # as an index run does once its rasters are in
+"""
+
+
+@pytest.mark.parametrize("unreadable", ["refine_full.npy", "."], ids=["a file", "its folder"])
+def test_a_shortlist_this_worker_may_not_read_says_so_and_is_built_again(index_with_ann, tmp_path, unreadable):
+    """A shortlist's file or folder this worker may not read (mode 000: another user's on a
+    shared disk, a restrictive umask): `info` and searches failed with a traceback (the service
+    said `internal`: a bug), an index run failed after its work, and the old folder, set aside
+    by the rebuild, stayed beside the new one for good. Now they say it is damaged and what to
+    do, the index run builds it again, and nothing is left behind. Run as a user is: root's
+    power over modes taken away (the lifecycle probe's finding)."""
+    folder = tmp_path / "index"
+    shutil.copytree(index_with_ann[0], folder)
+    (ann.ann_dir(folder) / unreadable).chmod(0)
+    result = subprocess.run([*AS_A_USER, sys.executable, "-c", SHORTLIST_AS_A_SEARCH_SEES_IT, str(folder)],
+                            capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr
+    info_said, search_said = result.stdout.splitlines()
+    for said in (info_said, search_said):
+        assert "cannot be read (Permission denied); run `python -m worker build-ann` again" in said, said
+    assert ann.describe(TileIndex.open(folder))["current"]
+    assert list(folder.glob(".ann.*")) == [], "the old one left beside"
 
 
 def test_an_ann_json_of_the_wrong_shape_says_what_is_wrong(index_with_ann, tmp_path):

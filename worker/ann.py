@@ -273,9 +273,13 @@ def _build(index: TileIndex, factory: str | None = None, seed: int = 0) -> AnnIn
     import faiss
 
     began = time.perf_counter()
-    n, sample = _count_and_sample(index, np.random.default_rng(seed))
+    rasters = {int(r) for r in covered(index)}
+    n, sample = _count_and_sample(index, np.random.default_rng(seed), rasters)
     if n < MIN_WINDOWS:
-        raise TooFewWindows(f"{n} windows are too few for an ANN shortlist; the exact scan is the right tool")
+        unfinished = " (rasters still being indexed are not counted until they are complete)" \
+            if rasters != set(index.tiles_per_raster) else ""
+        raise TooFewWindows(f"{n} windows are too few for an ANN shortlist{unfinished}; the exact scan is the right "
+                            "tool")
     factory = factory_for(n, factory)
     ann = faiss.index_factory(sample.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
     ann.train(sample)
@@ -283,7 +287,7 @@ def _build(index: TileIndex, factory: str | None = None, seed: int = 0) -> AnnIn
         codes = code_writers(folder, ann, sample, n)
         del sample
         rows = []
-        for raster_id, scale, vectors, origins in _windows_of(index):
+        for raster_id, scale, vectors, origins in _windows_of(index, rasters):
             for start in range(0, len(vectors), ADD_BATCH):
                 ann.add(vectors[start:start + ADD_BATCH])
                 for writer in codes:
@@ -292,13 +296,14 @@ def _build(index: TileIndex, factory: str | None = None, seed: int = 0) -> AnnIn
         return _write(index, ann, rows, codes, factory, began, folder, trained_for=n)
 
 
-def _count_and_sample(index: TileIndex, rng: np.random.Generator) -> tuple[int, np.ndarray]:
-    """How many windows the index has, and a uniform sample of train_size of them (the windows
-    with the smallest random keys: one pass, whatever the total; sized by the grid windows of
-    the maps' shapes, of which blank ones are left out later)."""
-    keep_at_most = train_size(sum(grid_windows(level.cells.shape[:2]) for level in index.maps.values()))
+def _count_and_sample(index: TileIndex, rng: np.random.Generator, rasters: set[int]) -> tuple[int, np.ndarray]:
+    """How many windows the maps of `rasters` have, and a uniform sample of train_size of them
+    (the windows with the smallest random keys: one pass, whatever the total; sized by the grid
+    windows of the maps' shapes, of which blank ones are left out later)."""
+    keep_at_most = train_size(sum(grid_windows(level.cells.shape[:2]) for (raster_id, _), level in index.maps.items()
+                                  if raster_id in rasters))
     n, sample, keys = 0, None, np.zeros(0)
-    for _, _, vectors, _ in _windows_of(index):
+    for _, _, vectors, _ in _windows_of(index, rasters):
         n += len(vectors)
         drawn = rng.random(len(vectors))
         sample = vectors if sample is None else np.concatenate([sample, vectors])
@@ -419,10 +424,11 @@ def _write(index: TileIndex, ann, rows: list[np.ndarray], codes: list[CodeWriter
         for name in MAPPED_FILES:
             with open(folder / name, "rb") as written:
                 os.fsync(written.fileno())
-    info = AnnInfo(int(ann.ntotal), sorted(index.rasters), factory, round(time.perf_counter() - began, 2),
+    covers = covered(index)
+    info = AnnInfo(int(ann.ntotal), sorted(int(r) for r in covers), factory, round(time.perf_counter() - began, 2),
                    sum(f.stat().st_size for f in folder.iterdir() if f.is_file()))
     sizes = {name: (folder / name).stat().st_size for name in MAPPED_FILES}
-    write_json_atomic(folder / "ann.json", {**info.to_json(), "format": FORMAT, "covers": covered(index),
+    write_json_atomic(folder / "ann.json", {**info.to_json(), "format": FORMAT, "covers": covers,
                                             "sources": sources(index), "file_bytes": sizes, "trained_for": trained_for})
     _swap_in(folder, index.dir)
     return info
@@ -432,13 +438,13 @@ def _write(index: TileIndex, ann, rows: list[np.ndarray], codes: list[CodeWriter
 def staging(index_dir: Path) -> Iterator[Path]:
     """An empty folder for a new shortlist (INDEX/.ann.new.PID), removed if writing it fails."""
     folder = Path(index_dir) / f".{ANN_DIR}.new.{os.getpid()}"
-    shutil.rmtree(folder, ignore_errors=True)
+    _discard(folder)
     with disk_write(folder):
         folder.mkdir()
     try:
         yield folder
     finally:
-        shutil.rmtree(folder, ignore_errors=True)  # gone already once swapped in
+        _discard(folder)  # gone already once swapped in
 
 
 def _swap_in(folder: Path, index_dir: Path) -> None:
@@ -446,11 +452,11 @@ def _swap_in(folder: Path, index_dir: Path) -> None:
     there is none (searches scan exactly); if the process dies there, _sweep puts the old one
     back. A shortlist open in a worker keeps reading its own files (Codes keeps them open)."""
     live, old = ann_dir(index_dir), Path(index_dir) / f".{ANN_DIR}.old.{os.getpid()}"
-    shutil.rmtree(old, ignore_errors=True)
+    _discard(old)
     if live.exists():
         os.replace(live, old)
     replace_durably(folder, live)
-    shutil.rmtree(old, ignore_errors=True)
+    _discard(old)
 
 
 def _sweep(index_dir: Path) -> None:
@@ -463,7 +469,24 @@ def _sweep(index_dir: Path) -> None:
     if olds and not ann_dir(index_dir).exists():
         os.replace(olds.pop(), ann_dir(index_dir))
     for folder in olds:
-        shutil.rmtree(folder, ignore_errors=True)
+        _discard(folder)
+
+
+def _discard(folder: Path) -> None:
+    """A shortlist's folder removed (a set-aside old one, a half-written new one): one this worker
+    may not list (mode 000 on a shared disk: built again for that) is still its own to remove;
+    it stayed beside the new one for good, unsaid (gigabytes at a continent's tiles). What cannot
+    be removed all the same is said."""
+    try:
+        if not os.path.isdir(folder) or os.path.islink(folder):
+            os.unlink(folder)  # a file in a shortlist's place
+            return
+        os.chmod(folder, 0o700)
+        shutil.rmtree(folder)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("%s: could not be removed (%s); delete it by hand", folder, exc.strerror or exc)
 
 
 def remove_unfinished_builds(index_dir: Path) -> None:
@@ -471,7 +494,7 @@ def remove_unfinished_builds(index_dir: Path) -> None:
     continental scale); only by a run holding the index's lock. Indexing runs remove them too:
     only the next build-ann did, and an index with no shortlist yet is never updated."""
     for folder in Path(index_dir).glob(f".{ANN_DIR}.new.*"):
-        shutil.rmtree(folder, ignore_errors=True)
+        _discard(folder)
 
 
 def kept(index_dir: Path) -> bool:
@@ -571,10 +594,12 @@ def check_sizes(folder: Path, info: dict) -> None:
 
 def covered(index: TileIndex) -> dict[str, int]:
     """What an ANN shortlist built now covers: tiles per raster id (a raster added or removed
-    changes it), less the rasters searches leave out while they are being indexed (TileIndex.left_out):
-    once complete, they are added."""
-    left_out = index.left_out
-    return {str(r): n for r, n in sorted(index.tiles_per_raster.items()) if r not in left_out}
+    changes it), of the complete rasters: one being indexed (a run under way or stopped) is
+    scanned exactly beside it, or left out (TileIndex.left_out), and added once complete.
+    Covered with part of its tiles, it made the shortlist stale for good once its run went on:
+    every search scanned every map exactly, then the shortlist was trained again from nothing."""
+    complete = index.complete_rasters
+    return {str(r): n for r, n in sorted(index.tiles_per_raster.items()) if r in complete}
 
 
 def sources(index: TileIndex) -> dict[str, list[int]]:
@@ -661,7 +686,7 @@ def _update(index: TileIndex) -> AnnInfo | None:
                 return AnnInfo(built["vectors"], built["rasters"], built["factory"], 0.0, built["bytes_on_disk"])
             rows = [np.load(built_dir / "windows.npy")]
             check_windows(index, rows[0])  # else copied into the new shortlist, under sizes that then match
-    except (CorruptIndexError, KeyError, TypeError, ValueError) as exc:
+    except (CorruptIndexError, KeyError, TypeError, ValueError, OSError) as exc:
         log.warning("%s: its ANN shortlist cannot be read (%s); building it again", index.dir, excerpt(str(exc)))
         answered = None
     if answered is None:
@@ -710,9 +735,9 @@ def _rebuild(index: TileIndex) -> AnnInfo:
         return _build(index)
     except TooFewWindows as exc:
         discarded = Path(index.dir) / f".{ANN_DIR}.new.{os.getpid()}"  # what remove_unfinished_builds sweeps
-        shutil.rmtree(discarded, ignore_errors=True)
+        _discard(discarded)
         os.replace(ann_dir(index.dir), discarded)
-        shutil.rmtree(discarded, ignore_errors=True)
+        _discard(discarded)
         raise TooFewWindows(f"{exc}: the index's old shortlist was removed") from None
 
 
@@ -766,7 +791,12 @@ class RowFile:
 
     def __init__(self, path: Path, dtype, what: str):
         self.path = path
-        self.file = open(self.path, "rb")
+        try:
+            self.file = open(self.path, "rb")
+        except FileNotFoundError:  # between a swap's two renames: AnnShortlist.open asks again
+            raise
+        except OSError as exc:  # not a file, or not this worker's to read: failed searches with a traceback
+            raise CorruptIndexError(f"{self.path}: cannot be read ({exc.strerror or exc}); {REBUILD}") from None
         weakref.finalize(self, self.file.close)
         self.shape, self.dtype, self.offset = _npy_header(self.file)  # where the rows start; none is read
         if self.dtype != dtype or len(self.shape) != 2:
@@ -915,16 +945,25 @@ class AnnShortlist:
 
     @staticmethod
     def exists(index_dir: Path) -> bool:
-        return (ann_dir(index_dir) / "ann.json").exists()
+        """Whether the index has a shortlist: one that cannot be looked at (a folder this worker
+        may not enter) has one, which opening it says is damaged."""
+        try:
+            return AnnShortlist.stamp_of(index_dir) is not None
+        except CorruptIndexError:
+            return True
 
     @staticmethod
     def stamp_of(index_dir: Path) -> tuple | None:
         """Which shortlist is on disk now (its ann.json's inode, size and time; None: none): a
-        worker holding an older one opens this one (worker.search.ann_shortlist)."""
+        worker holding an older one opens this one (worker.search.ann_shortlist). CorruptIndexError
+        when it cannot be looked at: searches and `info` failed with a traceback."""
         try:
             st = os.stat(ann_dir(index_dir) / "ann.json")
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # none, or a file in the shortlist's place
             return None
+        except OSError as exc:
+            raise CorruptIndexError(f"{ann_dir(index_dir)}: cannot be read ({exc.strerror or exc}); {REBUILD}") \
+                from None
         return st.st_ino, st.st_size, st.st_mtime_ns
 
     def answers_for(self, index: TileIndex) -> set[int] | None:

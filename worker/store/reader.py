@@ -42,7 +42,7 @@ class TileIndex:
         self._ann_warned = earlier._ann_warned if earlier else None
         given = dict(earlier.joins_to_continue) if earlier else {}  # one step: a search may be taking from it
         self._earlier_joins = {key: joined for key, joined in given.items()
-                               if key[0] not in self._complete}  # a complete raster's map is read from its file
+                               if key[0] not in self.complete_rasters}  # a complete raster's map is read from its file
         self._joins: dict[tuple[int, int], JoinedMap] = {}
         self._shards = [s for s in shards if s["count"] > 0]
         self.has_tokens = holds_tokens(manifest)
@@ -103,7 +103,7 @@ class TileIndex:
         """One map of edge cells per (raster id, scale), of the rasters a search scans: a
         complete raster's read from its file by region (worker.store.maps), the others joined
         from the tiles' cells, but for those `left_out`."""
-        maps, self._joins = open_maps(self, self._complete, self.left_out, self._earlier_joins)
+        maps, self._joins = open_maps(self, self.complete_rasters, self.left_out, self._earlier_joins)
         self._earlier_joins = {}
         return maps
 
@@ -135,10 +135,11 @@ class TileIndex:
     def left_out(self) -> dict[int, int]:
         """Rasters still being indexed that searches leave out until they are complete, by id:
         the bytes their maps would take joined, over `partial_maps_bytes` (worker.store.maps)."""
-        return left_out_rasters(self, self._complete, self.partial_maps_bytes)
+        return left_out_rasters(self, self.complete_rasters, self.partial_maps_bytes)
 
     @property
-    def _complete(self) -> set[int]:
+    def complete_rasters(self) -> set[int]:
+        """The ids of the rasters whose every tile is committed (the others: a run under way or stopped)."""
         return {r["id"] for r in self.manifest["rasters"] if r.get("complete")}
 
     @classmethod
