@@ -440,6 +440,7 @@ def test_a_shortlist_built_beside_a_stopped_run_answers_once_the_run_goes_on_and
     writer = partly_indexed(model, assets, folder)
     built = ann.build(TileIndex.open(folder))
     assert sorted(built.rasters) == [0]
+    assert ann.describe(TileIndex.open(folder))["current"], "it covers all it can"
     writer.build([assets["rmnp_rgb"]])  # the run goes on to its end
     index = TileIndex.open(folder)
     assert index.complete_rasters == {0, 1}
@@ -449,6 +450,20 @@ def test_a_shortlist_built_beside_a_stopped_run_answers_once_the_run_goes_on_and
     assert sorted(updated.rasters) == [0, 1] and updated.vectors > built.vectors
     described = ann.describe(TileIndex.open(folder))
     assert described["current"] and described["trained_for"] == built.vectors, "added to, not trained again"
+
+
+def test_a_shortlist_beside_a_stopped_run_is_current_once_that_raster_is_removed(model, assets, tmp_path):
+    """The raster of a stopped run, taken out (`remove`): the shortlist covers all the index
+    holds, and `info` says so. It said `current: false` (its record of every raster's file held
+    the removed one), and a user told so would run build-ann: hours at a continent's tiles."""
+    folder = tmp_path / "index"
+    partly_indexed(model, assets, folder)
+    ann.build(TileIndex.open(folder))
+    removed = subprocess.run([sys.executable, "-m", "worker", "remove", str(folder), str(assets["rmnp_rgb"])],
+                             cwd=REPO, capture_output=True, text=True)
+    assert removed.returncode == 0, removed.stderr
+    described = ann.describe(TileIndex.open(folder))
+    assert described["current"] and described["rasters_scanned_exactly_beside"] == [], described
 
 
 def test_a_raster_indexed_again_with_as_many_tiles_makes_its_shortlist_stale(model, assets, tmp_path, caplog):

@@ -35,7 +35,7 @@ import re
 import shutil
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -429,7 +429,8 @@ def _write(index: TileIndex, ann, rows: list[np.ndarray], codes: list[CodeWriter
                    sum(f.stat().st_size for f in folder.iterdir() if f.is_file()))
     sizes = {name: (folder / name).stat().st_size for name in MAPPED_FILES}
     write_json_atomic(folder / "ann.json", {**info.to_json(), "format": FORMAT, "covers": covers,
-                                            "sources": sources(index), "file_bytes": sizes, "trained_for": trained_for})
+                                            "sources": sources(index, covers), "file_bytes": sizes,
+                                            "trained_for": trained_for})
     _swap_in(folder, index.dir)
     return info
 
@@ -502,9 +503,9 @@ def kept(index_dir: Path) -> bool:
     return AnnShortlist.exists(index_dir) or left_mid_swap(index_dir)
 
 
-SET_ASIDE = ("an update of the shortlist was killed as it swapped the new one in: the old one is set aside, and the "
-             "next index run, removal or build-ann puts it back and brings it up to date (in seconds where it is "
-             "current); searches scan exactly meanwhile")
+SET_ASIDE = ("a build or update of the shortlist was stopped or killed as it swapped the new one in: the old one is set "
+             "aside, and the next index run, removal or build-ann puts it back and brings it up to date (in seconds "
+             "where it is current); searches scan exactly meanwhile")
 
 
 def left_mid_swap(index_dir: Path) -> bool:
@@ -602,11 +603,15 @@ def covered(index: TileIndex) -> dict[str, int]:
     return {str(r): n for r, n in sorted(index.tiles_per_raster.items()) if r in complete}
 
 
-def sources(index: TileIndex) -> dict[str, list[int]]:
-    """The file each raster id was indexed from, as its size and modification time (and a VRT's
-    sources'): a raster changed on disk and indexed again keeps its id, and often its tile count."""
+def sources(index: TileIndex, rasters: Iterable[str]) -> dict[str, list[int]]:
+    """The file each raster id of `rasters` (a shortlist's covers) was indexed from, as its size
+    and modification time (and a VRT's sources'): a raster changed on disk and indexed again keeps
+    its id, and often its tile count. Of every raster of the index, `info` said a shortlist that
+    covered all it could was not current (a raster not covered, still being indexed, or of no
+    tile, had been recorded)."""
+    wanted = set(rasters)
     return {str(r["id"]): [r.get("size"), r.get("mtime_ns"), *(r.get("sources") or [])]
-            for r in index.manifest["rasters"]}
+            for r in index.manifest["rasters"] if str(r["id"]) in wanted}
 
 
 def answers_for(built: dict, index: TileIndex) -> set[int] | None:
@@ -616,8 +621,8 @@ def answers_for(built: dict, index: TileIndex) -> set[int] | None:
     the shortlist's builder); None when it can answer for none (another format, or a raster it
     covers changed or gone). A raster added since, or being indexed, is not among them: a search
     scans it exactly beside."""
-    now, now_sources, then_sources = index.tiles_per_raster, sources(index), built.get("sources")
-    then, left_out = built.get("covers", {}), index.left_out
+    then, left_out, then_sources = built.get("covers", {}), index.left_out, built.get("sources")
+    now, now_sources = index.tiles_per_raster, sources(index, then)
     if built.get("format") != FORMAT or any(
             now.get(int(r)) != count or (then_sources is not None and now_sources.get(r) != then_sources.get(r))
             for r, count in then.items() if int(r) not in left_out):  # those grow, unsearched, while indexed
@@ -628,8 +633,11 @@ def answers_for(built: dict, index: TileIndex) -> set[int] | None:
 def current(built: dict, index: TileIndex) -> bool:
     """Whether a shortlist's ann.json says it was built, in this format, from the index as it is
     now (shortlists from before `sources` was recorded are judged by their tile counts)."""
-    return (built.get("format") == FORMAT and built.get("covers") == covered(index)
-            and built.get("sources", sources(index)) == sources(index))
+    covers = covered(index)
+    now = sources(index, covers)
+    then = built.get("sources", now)
+    return (built.get("format") == FORMAT and built.get("covers") == covers
+            and {r: then.get(r) for r in covers} == now)
 
 
 def describe(index: TileIndex) -> dict | None:
