@@ -42,4 +42,3 @@ class FileDerived(Generic[Value]):
         value, files = self._read(path)
         self._kept[path] = ({**{f: file_state(f) for f in files}, path: before}, value)
         return value
-
