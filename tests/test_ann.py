@@ -466,6 +466,28 @@ def test_a_shortlist_beside_a_stopped_run_is_current_once_that_raster_is_removed
     assert described["current"] and described["rasters_scanned_exactly_beside"] == [], described
 
 
+def test_a_shortlist_copied_from_another_index_of_the_same_sheets_is_not_taken_as_its_own(index_with_ann, model,
+                                                                                           assets, tmp_path):
+    """Two indexes whose raster ids name other files of the same size and time (a delivery's
+    sheets unpacked with their times, indexed in another order): a shortlist copied from one
+    into the other passed every check (tile counts, the files' sizes and times), was said
+    current, and answered with the other index's sheets' places (the lifecycle probe's). The
+    files' paths are kept with it now: it is said not current, and not asked."""
+    sheet = tmp_path / "sheet.tif"
+    shutil.copy2(assets["s2_rgb"], sheet)  # another file of the same size and modification time
+    other = tmp_path / "other"
+    IndexWriter(other, model, TileSettings(scales=(1, 2))).build([sheet])
+    ann.build(TileIndex.open(other))
+    folder = tmp_path / "index"
+    shutil.copytree(index_with_ann[0], folder)
+    shutil.rmtree(ann.ann_dir(folder))
+    shutil.copytree(ann.ann_dir(other), ann.ann_dir(folder))
+    index = TileIndex.open(folder)
+    assert index.tiles_per_raster == TileIndex.open(other).tiles_per_raster
+    assert not ann.describe(index)["current"]
+    assert ann_shortlist(index, RankingConfig(ann="on")) is None
+
+
 def test_a_raster_indexed_again_with_as_many_tiles_makes_its_shortlist_stale(model, assets, tmp_path, caplog):
     """A raster replaced on disk (here: the same scene upside down) keeps its id and its tile
     count when it is indexed again; its old windows must not be asked all the same."""

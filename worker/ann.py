@@ -429,7 +429,8 @@ def _write(index: TileIndex, ann, rows: list[np.ndarray], codes: list[CodeWriter
                    sum(f.stat().st_size for f in folder.iterdir() if f.is_file()))
     sizes = {name: (folder / name).stat().st_size for name in MAPPED_FILES}
     write_json_atomic(folder / "ann.json", {**info.to_json(), "format": FORMAT, "covers": covers,
-                                            "sources": sources(index, covers), "file_bytes": sizes,
+                                            "sources": sources(index, covers), "paths": paths(index, covers),
+                                            "file_bytes": sizes,
                                             "trained_for": trained_for})
     _swap_in(folder, index.dir)
     return info
@@ -538,8 +539,8 @@ def read_built(folder: Path) -> dict:
 
 
 BUILT_FIELDS = {"vectors": int, "rasters": list, "factory": str, "build_s": (int, float), "bytes_on_disk": int,
-                "format": int, "covers": dict, "file_bytes": dict, "sources": dict, "trained_for": int}
-OPTIONAL_FIELDS = ("sources", "trained_for")  # not in shortlists built before they were recorded
+                "format": int, "covers": dict, "file_bytes": dict, "sources": dict, "trained_for": int, "paths": dict}
+OPTIONAL_FIELDS = ("sources", "trained_for", "paths")  # not in shortlists built before they were recorded
 
 
 def _check_built(built: object) -> str | None:
@@ -557,7 +558,9 @@ def _check_built(built: object) -> str | None:
     covers, sizes, files = built.get("covers", {}), built.get("file_bytes", {}), built.get("sources", {})
     if not all(map(_is_count, [*covers.values(), *sizes.values(), *built.get("rasters", [])])):
         return "a tile count, file size or raster id that is no count"
-    if not all(str(r).isdigit() for r in (*covers, *files)) or not all(isinstance(f, list) for f in files.values()):
+    paths = built.get("paths", {})
+    if not all(str(r).isdigit() for r in (*covers, *files, *paths)) or \
+            not all(isinstance(f, list) for f in files.values()) or not all(isinstance(p, str) for p in paths.values()):
         return "a raster's entry that is not what a build writes"
     return None
 
@@ -614,6 +617,12 @@ def sources(index: TileIndex, rasters: Iterable[str]) -> dict[str, list[int]]:
             for r in index.manifest["rasters"] if str(r["id"]) in wanted}
 
 
+def paths(index: TileIndex, rasters: Iterable[str]) -> dict[str, str]:
+    """The path of each raster id of `rasters` (a shortlist's covers)."""
+    wanted = set(rasters)
+    return {str(r["id"]): r["path"] for r in index.manifest["rasters"] if str(r["id"]) in wanted}
+
+
 def answers_for(built: dict, index: TileIndex) -> set[int] | None:
     """The rasters a shortlist whose ann.json says `built` can still answer for: those it covers,
     when each is in the index unchanged (its tile count, and its files where recorded), but those
@@ -621,11 +630,10 @@ def answers_for(built: dict, index: TileIndex) -> set[int] | None:
     the shortlist's builder); None when it can answer for none (another format, or a raster it
     covers changed or gone). A raster added since, or being indexed, is not among them: a search
     scans it exactly beside."""
-    then, left_out, then_sources = built.get("covers", {}), index.left_out, built.get("sources")
-    now, now_sources = index.tiles_per_raster, sources(index, then)
-    if built.get("format") != FORMAT or any(
-            now.get(int(r)) != count or (then_sources is not None and now_sources.get(r) != then_sources.get(r))
-            for r, count in then.items() if int(r) not in left_out):  # those grow, unsearched, while indexed
+    then, left_out, now = built.get("covers", {}), index.left_out, index.tiles_per_raster
+    kept = [r for r in then if int(r) not in left_out]  # those grow, unsearched, while indexed
+    if built.get("format") != FORMAT or any(now.get(int(r)) != then[r] for r in kept) or \
+            not _files_as_built(built, index, kept):
         return None
     return {int(r) for r in then} - set(left_out)
 
@@ -634,10 +642,21 @@ def current(built: dict, index: TileIndex) -> bool:
     """Whether a shortlist's ann.json says it was built, in this format, from the index as it is
     now (shortlists from before `sources` was recorded are judged by their tile counts)."""
     covers = covered(index)
-    now = sources(index, covers)
-    then = built.get("sources", now)
-    return (built.get("format") == FORMAT and built.get("covers") == covers
-            and {r: then.get(r) for r in covers} == now)
+    return built.get("format") == FORMAT and built.get("covers") == covers and _files_as_built(built, index, covers)
+
+
+def _files_as_built(built: dict, index: TileIndex, rasters: Iterable[str]) -> bool:
+    """Whether each raster id of `rasters` names the file a shortlist (its ann.json, `built`) was
+    built from: its path, and its size and time (and a VRT's sources'); shortlists from before a
+    field was recorded are judged without it. Without paths, a shortlist copied from another
+    index of the same sheets, indexed in another order, was taken as current and answered with
+    the other sheets' places."""
+    rasters = list(rasters)
+    for field, now in (("sources", sources(index, rasters)), ("paths", paths(index, rasters))):
+        then = built.get(field)
+        if then is not None and any(now.get(r) != then.get(r) for r in rasters):
+            return False
+    return True
 
 
 def describe(index: TileIndex) -> dict | None:
@@ -660,7 +679,7 @@ def describe(index: TileIndex) -> dict | None:
     answered = answers_for(built, index)
     beside = None if answered is None else sorted(r for r in index.tiles_per_raster
                                                   if r not in answered and r not in index.left_out)
-    return {**{k: v for k, v in built.items() if k not in ("covers", "sources")}, "current": current(built, index),
+    return {**{k: v for k, v in built.items() if k not in ("covers", "sources", "paths")}, "current": current(built, index),
             "asked_by_default": answered is not None and big_enough(len(index)),
             "rasters_scanned_exactly_beside": beside}
 
