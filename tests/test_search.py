@@ -716,6 +716,38 @@ def test_a_zone_vrt_is_followed_where_gdal_follows_it(tmp_path, assets):
     assert gone_sheets([place]) == [None]
 
 
+GONE_SHEETS_AS_A_USER = """
+import sys
+from worker.placement import Placement
+from worker.tiling import RasterInfo
+from worker.vrt_sheets import gone_sheets
+
+mosaic = RasterInfo(sys.argv[1], 0, 0, 485, 373, "", (1, 0, 0, 0, 0, -1), (1, 2, 3), None, sources=(0, 0, 0))
+print(gone_sheets([Placement(mosaic, 380, 200, 100)])[0])
+"""
+
+
+def test_a_sheet_behind_a_folder_that_may_not_be_entered_says_so(tmp_path, assets):
+    """A mosaic's sheet in a folder this worker may not enter (another user's, on a shared disk)
+    was said to be no such file: the user would look for a file that is there. It says
+    permission denied. Run as a user is: root's power over modes taken away."""
+    from two_sheets import write_two_sheets
+
+    as_a_user = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    mosaic, _ = write_two_sheets(assets["rmnp_rgb"], tmp_path)
+    (tmp_path / "east").mkdir()
+    (tmp_path / "east.tif").rename(tmp_path / "east" / "east.tif")
+    mosaic.write_text(mosaic.read_text().replace(">east.tif<", ">east/east.tif<"))
+    (tmp_path / "east").chmod(0)
+    try:
+        said = subprocess.run([*as_a_user, sys.executable, "-c", GONE_SHEETS_AS_A_USER, str(mosaic)], cwd=REPO,
+                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    finally:
+        (tmp_path / "east").chmod(0o755)
+    assert said.returncode == 0, said.stderr
+    assert said.stdout.strip() == f"{tmp_path / 'east' / 'east.tif'}: permission denied", said.stdout
+
+
 def test_a_preview_of_a_hit_that_cannot_be_read_shows_it_greyed(tmp_path, assets):
     """A hit below the verified ones (those are not read) on a damaged block: `search --preview`
     failed with a traceback after the hits file was written, and its summary and warnings were
