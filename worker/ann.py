@@ -430,8 +430,7 @@ def _write(index: TileIndex, ann, rows: list[np.ndarray], codes: list[CodeWriter
     sizes = {name: (folder / name).stat().st_size for name in MAPPED_FILES}
     write_json_atomic(folder / "ann.json", {**info.to_json(), "format": FORMAT, "covers": covers,
                                             "sources": sources(index, covers), "paths": paths(index, covers),
-                                            "file_bytes": sizes,
-                                            "trained_for": trained_for})
+                                            "file_bytes": sizes, "trained_for": trained_for})
     _swap_in(folder, index.dir)
     return info
 

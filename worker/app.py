@@ -477,9 +477,8 @@ def run_search(request: SearchRequest, model: "RetrievalModel", index: TileIndex
         unreadable = [{"raster": path, "kind": "unreadable", "reason": why}
                       for path, why in sorted(result.unreadable.items())]
         changed = {c["raster"]: c for c in changed_since_indexed([h.placement.raster for h in result.hits])}
-        marks = request.feedback.places(index.rasters) if request.feedback is not None else ([], [])
+        good, bad = request.feedback.places(index.rasters) if request.feedback is not None else ([], [])
         if request.feedback is not None:  # a mark there named the old pixels, and was read from the new ones
-            good, bad = marks
             marked = [p.raster for p in good + bad if p.raster.path not in changed | result.unreadable.keys()]
             changed |= {c["raster"]: c for c in changed_since_indexed(marked, MARK_CHANGED)}
         if example is not None and example.changed:  # said of the example, and of its raster's hits
@@ -487,7 +486,7 @@ def run_search(request: SearchRequest, model: "RetrievalModel", index: TileIndex
         return SearchOutcome(hits_to_geojson(result.hits, request.out_crs, None), timings, result.hits, sketch,
                              left_out(index) + unreadable, sorted(changed.values(), key=lambda c: c["raster"]),
                              partly_indexed(index, result.unreadable, request.area_wgs84),
-                             [unread_entry(path, places, why, marks[0] + marks[1])
+                             [unread_entry(path, places, why, good + bad)
                               for path, (places, why) in sorted(result.unread_places.items())])
 
 

@@ -134,7 +134,7 @@ def vrt_sources(path: Path) -> list[tuple[str, bool]]:
     sources = []
     for element in root.iter():
         tag = _xml_name(element.tag)
-        attributes = {_xml_name(k): v for k, v in element.attrib.items()}
+        attributes = _attributes(element)
         # GDAL finds a name as a child element or as an attribute: <SimpleSource SourceFilename="...">
         language = attributes.get("pixelfunctionlanguage", element.text if tag == "pixelfunctionlanguage" else "")
         if tag == "pixelfunctioncode" or "pixelfunctioncode" in attributes or (language or "").strip().lower() == "python":
@@ -174,9 +174,9 @@ def _sheet(vrt: Path, source: ET.Element) -> tuple[str, tuple[float, float, floa
     named = fields.get("sourcefilename")
     if named is not None:
         name = (named.text or "").strip()
-        relative = _relative_to_vrt({_xml_name(k): v for k, v in named.attrib.items()})
+        relative = _relative_to_vrt(_attributes(named))
     else:
-        name = {_xml_name(k): v for k, v in source.attrib.items()}.get("sourcefilename", "").strip()
+        name = _attributes(source).get("sourcefilename", "").strip()
         relative = False
     if not name or not local_file(name):
         return None
@@ -193,6 +193,11 @@ def _relative_to_vrt(attributes: dict[str, str]) -> bool:
     reads it (a leading integer, not 0: "1", " 1abc")."""
     number = LEADING_INTEGER.match(attributes.get("relativetovrt", "0"))
     return bool(number and int(number.group(1)))
+
+
+def _attributes(element: ET.Element) -> dict[str, str]:
+    """An XML element's attributes by their names as GDAL compares them (_xml_name)."""
+    return {_xml_name(k): v for k, v in element.attrib.items()}
 
 
 def _xml_name(name: object) -> str:

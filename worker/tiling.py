@@ -145,10 +145,8 @@ class RasterInfo:
             return self._sources_differ(files_stamp(files)) or not self.same_grid(width, height, transform, crs)
         if not _georeferenced_beside(Path(self.path)):
             return False
-        with rasterio.open(self.path) as src:
-            sources = sources_stamp(src)
-            return self._sources_differ(sources) or not self.same_grid(src.width, src.height, tuple(src.transform),
-                                                                         src.crs)
+        with rasterio.open(self.path) as src:  # no sources recorded: its grid alone
+            return not self.same_grid(src.width, src.height, tuple(src.transform), src.crs)
 
     def changed_since(self, now: "RasterInfo") -> bool:
         """Whether the raster described `now` (opened afresh) differs from this description: its
