@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import AS_A_USER
 from lab.page_cache import PAGE, cached_share, evict
 from lab.placements import iou, random_frame
 from lab.pseudo_sketch import has_lines, pseudo_sketch
@@ -759,7 +760,6 @@ def test_a_damaged_shortlist_of_the_right_size_says_so_and_is_built_again(index_
     assert search(index, model, sketch, RankingConfig(ann="on"), top=5).hits
 
 
-AS_A_USER = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []  # modes hold
 SHORTLIST_AS_A_SEARCH_SEES_IT = """
 import sys
 from worker import ann
