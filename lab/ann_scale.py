@@ -60,7 +60,7 @@ def synthetic_windows(base: np.ndarray, n: int, batch: int, noise: float = 0.1):
 
 def real_windows(index: TileIndex) -> tuple[np.ndarray, np.ndarray]:
     """Every grid window of a real index: unit descriptors and their windows.npy rows."""
-    found = [(v, ann._window_rows(r, s, o)) for r, s, v, o in ann._windows_of(index)]
+    found = [(v, ann._window_rows(r, s, o)) for r, s, v, o in ann._windows_of(index.maps)]
     return np.concatenate([v for v, _ in found]), np.concatenate([rows for _, rows in found])
 
 

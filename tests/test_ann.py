@@ -439,8 +439,10 @@ def test_a_shortlist_built_beside_a_stopped_run_answers_once_the_run_goes_on_and
     rasters now: the unfinished one is scanned exactly beside it, and added to it once complete."""
     folder = tmp_path / "index"
     writer = partly_indexed(model, assets, folder)
-    built = ann.build(TileIndex.open(folder))
+    opened = TileIndex.open(folder)
+    built = ann.build(opened)
     assert sorted(built.rasters) == [0]
+    assert not opened.joins_to_continue, "the stopped raster's maps joined in memory (every tile's cells read) for nothing"
     assert ann.describe(TileIndex.open(folder))["current"], "it covers all it can"
     writer.build([assets["rmnp_rgb"]])  # the run goes on to its end
     index = TileIndex.open(folder)

@@ -244,20 +244,19 @@ def factory_for(n: int, factory: str | None = None) -> str:
     return factory.format(nlist=nlist_for(n))
 
 
-def _windows_of(index: TileIndex, rasters: set[int] | None = None):
-    """(raster id, scale, unit vectors, top-left cells) of every level map (of `rasters` only,
-    when given), one map at a time. Between maps, ShortlistStopped once the stop check in force
+def _windows_of(maps: dict):
+    """(raster id, scale, unit vectors, top-left cells) of each of `maps` (TileIndex.maps_of),
+    one map at a time. Between maps, ShortlistStopped once the stop check in force
     says so (worker.cancellation.stop_when: a job cancelled, or its worker stopping): a build of
     a 10M-tile index's shortlist takes minutes, and its job went on unstoppable to the end."""
-    for (raster_id, scale), level in sorted(index.maps.items()):
+    for (raster_id, scale), level in sorted(maps.items()):
         should_stop = current_stop()
         if should_stop is not None and should_stop():
             raise ShortlistStopped("the shortlist was stopped before it was done (its job cancelled, or the worker "
                                    "stopping): the next index run, removal or build-ann builds it; searches scan "
                                    "exactly meanwhile")
-        if rasters is None or raster_id in rasters:
-            vectors, origins = window_vectors(level.cells)
-            yield raster_id, scale, vectors, origins
+        vectors, origins = window_vectors(level.cells)
+        yield raster_id, scale, vectors, origins
 
 
 def build(index: TileIndex, factory: str | None = None, seed: int = 0) -> AnnInfo:
@@ -274,7 +273,8 @@ def _build(index: TileIndex, factory: str | None = None, seed: int = 0) -> AnnIn
 
     began = time.perf_counter()
     rasters = {int(r) for r in covered(index)}
-    n, sample = _count_and_sample(index, np.random.default_rng(seed), rasters)
+    maps = index.maps_of(rasters)
+    n, sample = _count_and_sample(maps, np.random.default_rng(seed))
     if n < MIN_WINDOWS:
         unfinished = " (rasters still being indexed are not counted until they are complete)" \
             if rasters != set(index.tiles_per_raster) else ""
@@ -287,7 +287,7 @@ def _build(index: TileIndex, factory: str | None = None, seed: int = 0) -> AnnIn
         codes = code_writers(folder, ann, sample, n)
         del sample
         rows = []
-        for raster_id, scale, vectors, origins in _windows_of(index, rasters):
+        for raster_id, scale, vectors, origins in _windows_of(maps):
             for start in range(0, len(vectors), ADD_BATCH):
                 ann.add(vectors[start:start + ADD_BATCH])
                 for writer in codes:
@@ -296,14 +296,13 @@ def _build(index: TileIndex, factory: str | None = None, seed: int = 0) -> AnnIn
         return _write(index, ann, rows, codes, factory, began, folder, trained_for=n)
 
 
-def _count_and_sample(index: TileIndex, rng: np.random.Generator, rasters: set[int]) -> tuple[int, np.ndarray]:
-    """How many windows the maps of `rasters` have, and a uniform sample of train_size of them
+def _count_and_sample(maps: dict, rng: np.random.Generator) -> tuple[int, np.ndarray]:
+    """How many windows `maps` have, and a uniform sample of train_size of them
     (the windows with the smallest random keys: one pass, whatever the total; sized by the grid
     windows of the maps' shapes, of which blank ones are left out later)."""
-    keep_at_most = train_size(sum(grid_windows(level.cells.shape[:2]) for (raster_id, _), level in index.maps.items()
-                                  if raster_id in rasters))
+    keep_at_most = train_size(sum(grid_windows(level.cells.shape[:2]) for level in maps.values()))
     n, sample, keys = 0, None, np.zeros(0)
-    for _, _, vectors, _ in _windows_of(index, rasters):
+    for _, _, vectors, _ in _windows_of(maps):
         n += len(vectors)
         drawn = rng.random(len(vectors))
         sample = vectors if sample is None else np.concatenate([sample, vectors])
@@ -568,14 +567,15 @@ def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def check_windows(index: TileIndex, rows: np.ndarray) -> None:
+def check_windows(index: TileIndex, rows: np.ndarray, maps: dict | None = None) -> None:
     """Refuse window rows (raster id, scale, stored-cell row and column) that lie in no level map of
-    `index`: a damaged windows.npy would otherwise fail a search with a KeyError, or hand on
+    `index` (of `maps`, when given): a damaged windows.npy would otherwise fail a search with a KeyError, or hand on
     places outside every map and find nothing, without a word."""
     rows = np.asarray(rows).reshape(-1, 4).astype(np.int64)
     keys, where = np.unique(rows[:, 0] * KEY_SPAN + rows[:, 1], return_inverse=True)  # one a map: fast at 22M rows
-    maps = [(int(key) // KEY_SPAN, int(key) % KEY_SPAN) for key in keys]
-    shapes = np.array([index.maps[k].cells.shape[:2] if k in index.maps else (0, 0) for k in maps], np.int64)
+    maps = index.maps if maps is None else maps
+    named = [(int(key) // KEY_SPAN, int(key) % KEY_SPAN) for key in keys]
+    shapes = np.array([maps[k].cells.shape[:2] if k in maps else (0, 0) for k in named], np.int64)
     outside = (rows[:, 1] < 0) | (rows[:, 1] >= KEY_SPAN) | (rows[:, 2:] < 0).any(1)
     outside |= (rows[:, 2:] >= shapes.reshape(-1, 2)[where]).any(1)
     if outside.any():
@@ -711,7 +711,7 @@ def _update(index: TileIndex) -> AnnInfo | None:
             if not new:  # its windows' rows are not read (360 MB at 10M tiles): a search checks those it uses
                 return AnnInfo(built["vectors"], built["rasters"], built["factory"], 0.0, built["bytes_on_disk"])
             rows = [np.load(built_dir / "windows.npy")]
-            check_windows(index, rows[0])  # else copied into the new shortlist, under sizes that then match
+            check_windows(index, rows[0], index.maps_of(answered))  # else copied into the new shortlist, under sizes that then match
     except (CorruptIndexError, KeyError, TypeError, ValueError, OSError) as exc:
         log.warning("%s: its ANN shortlist cannot be read (%s); building it again", index.dir, excerpt(str(exc)))
         answered = None
@@ -719,7 +719,8 @@ def _update(index: TileIndex) -> AnnInfo | None:
         return _rebuild(index)
     # the new windows are counted first (made twice: holding them all could take more memory than
     # there is), so that the codes files are written at their final size
-    added = sum(len(v) for _, _, v, _ in _windows_of(index, rasters=set(new)))
+    maps = index.maps_of(set(new))
+    added = sum(len(v) for _, _, v, _ in _windows_of(maps))
     if outgrown(built, built["vectors"] + added):
         log.info("%s: its ANN shortlist, trained for %d windows, would hold %d: trained again", index.dir,
                  built.get("trained_for", built["vectors"]), built["vectors"] + added)
@@ -727,7 +728,7 @@ def _update(index: TileIndex) -> AnnInfo | None:
     ann = _read_faiss(built_dir / "index.faiss")  # whole, to add to (opened above mapped: readable)
     with staging(index.dir) as folder:
         codes = [CodeWriter.extending(built_dir, folder, name, f, added) for name, f in code_transforms(ann).items()]
-        for raster_id, scale, vectors, origins in _windows_of(index, rasters=set(new)):
+        for raster_id, scale, vectors, origins in _windows_of(maps):
             ann.add(vectors)
             for writer in codes:
                 writer.add(vectors)

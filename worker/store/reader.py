@@ -107,6 +107,16 @@ class TileIndex:
         self._earlier_joins = {}
         return maps
 
+    def maps_of(self, rasters: set[int]) -> dict[tuple[int, int], level_maps.LevelMap]:
+        """The level maps of `rasters` alone (complete ones: a shortlist's build), this view's
+        where it has them open, else opened for these: `maps` joined a stopped run's raster's
+        maps in memory (up to `partial_maps_bytes`, reading every committed tile's cells) for a
+        build that then left them out."""
+        if "maps" in self.__dict__:
+            return {key: level for key, level in self.maps.items() if key[0] in rasters}
+        others = {raster_id: 0 for raster_id in self.rasters if raster_id not in rasters}
+        return open_maps(self, self.complete_rasters, others, {})[0]
+
     def check_map_files(self) -> None:
         """CorruptIndexError when a complete raster's level map file is damaged (shard files are
         checked when the index is opened; the maps when a search first reads them, or here, once
