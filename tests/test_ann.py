@@ -615,6 +615,33 @@ def test_what_a_killed_build_leaves_is_cleared_and_the_old_shortlist_kept(index_
     assert ann_shortlist(index, RankingConfig(ann="on")).answers_for(index) == {0}
 
 
+def test_a_ctrl_c_as_a_build_swaps_its_shortlist_in_keeps_the_new_one(index_with_ann, tmp_path, monkeypatch):
+    """A Ctrl-C between the swap's two renames (a real SIGINT, sent there) set the old shortlist
+    aside and discarded the new one, whole: hours of a continent's build lost, for the old one
+    put back. It is held until the swap is over: the build stops as asked, the new one in place."""
+    import signal
+
+    folder = tmp_path / "index"
+    shutil.copytree(index_with_ann[0], folder)
+    assert json.loads((ann.ann_dir(folder) / "ann.json").read_text())["factory"] != "IVF2,Flat"
+    renamed = ann.replace_durably
+
+    def pressed_between_the_renames(written: Path, live: Path) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        renamed(written, live)
+
+    monkeypatch.setattr(ann, "replace_durably", pressed_between_the_renames)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a run in the background ignores SIGINT
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ann.build(TileIndex.open(folder), factory="IVF2,Flat")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert json.loads((ann.ann_dir(folder) / "ann.json").read_text())["factory"] == "IVF2,Flat"
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".ann")) == [], "the old one is gone"
+    assert ann.describe(TileIndex.open(folder))["current"]
+
+
 def test_an_index_run_puts_back_a_shortlist_a_killed_swap_left_aside(index_with_ann, model, assets, tmp_path):
     """An index of fewer tiles than get a shortlist unasked kept one built before up to date,
     but not one a build killed between its swap's two renames had left aside: the next index

@@ -500,7 +500,7 @@ def test_a_connection_closed_under_a_message_as_a_cluster_closes_is_said_without
 
 def test_a_stop_while_a_cluster_starts_is_held_until_it_is_up_and_a_second_is_not(monkeypatch):
     """What lets a local cluster start whole (worker.interrupts.stops_held), with real signals:
-    a Ctrl-C or SIGTERM is handled once the start is over, as it would have been; one again,
+    a Ctrl-C, SIGTERM or SIGHUP is handled once the start is over, as it would have been; one again,
     or one held too long, is handled at once (a start that hangs still stops: a SIGTERM to the
     whole group made Dask's wait for ever); and a start that failed stops as asked, its error
     chained."""
@@ -514,6 +514,7 @@ def test_a_stop_while_a_cluster_starts_is_held_until_it_is_up_and_a_second_is_no
 
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a run in the background ignores SIGINT
     previous_term = signal.signal(signal.SIGTERM, _terminate)  # as the command line runs
+    previous_hup = signal.signal(signal.SIGHUP, _terminate)
     try:
         reached = []
         with pytest.raises(KeyboardInterrupt):
@@ -524,6 +525,11 @@ def test_a_stop_while_a_cluster_starts_is_held_until_it_is_up_and_a_second_is_no
             with stops_held():
                 press(signal.SIGTERM)
                 reached.append("the end of another")
+        with pytest.raises(Terminated) as hung_up:  # a terminal closed: as SIGTERM (worker.cli)
+            with stops_held():
+                press(signal.SIGHUP)
+                reached.append("the end of a third")
+        assert hung_up.value.signum == signal.SIGHUP
         with pytest.raises(KeyboardInterrupt):
             with stops_held():
                 press(signal.SIGINT)
@@ -542,12 +548,13 @@ def test_a_stop_while_a_cluster_starts_is_held_until_it_is_up_and_a_second_is_no
                     time.sleep(0.1)
                 reached.append("not reached either")
         assert time.monotonic() - began < 10
-        assert reached == ["the end of the start", "the end of another"]
+        assert reached == ["the end of the start", "the end of another", "the end of a third"]
         assert isinstance(stopped.value.__context__, OSError)
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler and signal.getsignal(signal.SIGTERM) is _terminate
     finally:
         signal.signal(signal.SIGINT, previous)
         signal.signal(signal.SIGTERM, previous_term)
+        signal.signal(signal.SIGHUP, previous_hup)
 
 
 class DaskScheduler:

@@ -49,6 +49,7 @@ from worker import edge_cells
 from worker.edge_cells import CELL, COARSE
 from worker.cancellation import current_stop
 from worker.errors import CorruptIndexError, InputError, errno_named_in
+from worker.interrupts import stops_held
 from worker.placement_scan import COARSE_STEP, WINDOW_CELLS
 from worker.search_area import KEY_SPAN
 from worker.store import TileIndex, write_json_atomic
@@ -450,13 +451,16 @@ def staging(index_dir: Path) -> Iterator[Path]:
 def _swap_in(folder: Path, index_dir: Path) -> None:
     """The written shortlist in `folder` in place of the old one, by two renames. Between them
     there is none (searches scan exactly); if the process dies there, _sweep puts the old one
-    back. A shortlist open in a worker keeps reading its own files (Codes keeps them open)."""
+    back. A Ctrl-C or SIGTERM is held until the old one is gone (stops_held): between the renames
+    it discarded the new one, whole (hours of a continent's build), for the old one put back.
+    A shortlist open in a worker keeps reading its own files (Codes keeps them open)."""
     live, old = ann_dir(index_dir), Path(index_dir) / f".{ANN_DIR}.old.{os.getpid()}"
     _discard(old)
-    if live.exists():
-        os.replace(live, old)
-    replace_durably(folder, live)
-    _discard(old)
+    with stops_held():
+        if live.exists():
+            os.replace(live, old)
+        replace_durably(folder, live)
+        _discard(old)
 
 
 def _sweep(index_dir: Path) -> None:

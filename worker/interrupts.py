@@ -31,12 +31,15 @@ def children_deaf_to_ctrl_c() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
+# SIGHUP (a terminal closed) stops a command as SIGTERM does (worker.cli): raised inside a write
+# it came out as the write's error, unheld
+STOPS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 HELD_AT_MOST_S = 15.0  # a start still running this long after a held stop is given up
 
 
 @contextmanager
 def stops_held() -> Iterator[None]:
-    """A Ctrl-C or SIGTERM meanwhile is held, then handled as it would have been (a local
+    """A Ctrl-C, SIGTERM or SIGHUP meanwhile is held, then handled as it would have been (a local
     cluster starting whole, then closed in order, rather than torn down half started); a second
     one, or the first once HELD_AT_MOST_S have passed, is handled at once: a start that hangs
     still stops. One did: a SIGTERM to the whole process group killed the booting workers, and
@@ -45,7 +48,7 @@ def stops_held() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {signum: signal.getsignal(signum) for signum in STOPS}
     handlers = {signum: handler for signum, handler in handlers.items() if callable(handler)}
     held: list[int] = []
     over = False
