@@ -642,6 +642,19 @@ def test_a_ctrl_c_as_a_build_swaps_its_shortlist_in_keeps_the_new_one(index_with
     assert ann.describe(TileIndex.open(folder))["current"]
 
 
+def test_a_set_aside_link_whose_target_is_gone_does_not_stop_a_build(index_with_ann, tmp_path):
+    """A shortlist kept elsewhere through a link (INDEX/ann -> another disk), set aside by a killed
+    swap, its target since deleted: every build-ann and index run failed on it with a traceback."""
+    folder = tmp_path / "index"
+    shutil.copytree(index_with_ann[0], folder)
+    (folder / ".ann.old.999999").symlink_to(tmp_path / "deleted")
+    built = subprocess.run([sys.executable, "-m", "worker", "build-ann", str(folder)], cwd=REPO, capture_output=True,
+                           text=True)
+    assert built.returncode == 0, built.stderr
+    assert ann.describe(TileIndex.open(folder))["current"]
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".ann")) == []
+
+
 def test_an_index_run_puts_back_a_shortlist_a_killed_swap_left_aside(index_with_ann, model, assets, tmp_path):
     """An index of fewer tiles than get a shortlist unasked kept one built before up to date,
     but not one a build killed between its swap's two renames had left aside: the next index

@@ -469,7 +469,7 @@ def _sweep(index_dir: Path) -> None:
     back."""
     index_dir = Path(index_dir)
     remove_unfinished_builds(index_dir)
-    olds = sorted(index_dir.glob(f".{ANN_DIR}.old.*"), key=lambda p: p.stat().st_mtime_ns)
+    olds = sorted(index_dir.glob(f".{ANN_DIR}.old.*"), key=lambda p: p.lstat().st_mtime_ns)  # a link's target may be gone
     if olds and not ann_dir(index_dir).exists():
         os.replace(olds.pop(), ann_dir(index_dir))
     for folder in olds:
