@@ -469,7 +469,8 @@ def _sweep(index_dir: Path) -> None:
     back."""
     index_dir = Path(index_dir)
     remove_unfinished_builds(index_dir)
-    olds = sorted(index_dir.glob(f".{ANN_DIR}.old.*"), key=lambda p: p.lstat().st_mtime_ns)  # a link's target may be gone
+    # by each one's own time: a link's (INDEX/ann kept on another disk) target may be gone
+    olds = sorted(index_dir.glob(f".{ANN_DIR}.old.*"), key=lambda p: p.lstat().st_mtime_ns)
     if olds and not ann_dir(index_dir).exists():
         os.replace(olds.pop(), ann_dir(index_dir))
     for folder in olds:
@@ -715,7 +716,8 @@ def _update(index: TileIndex) -> AnnInfo | None:
             if not new:  # its windows' rows are not read (360 MB at 10M tiles): a search checks those it uses
                 return AnnInfo(built["vectors"], built["rasters"], built["factory"], 0.0, built["bytes_on_disk"])
             rows = [np.load(built_dir / "windows.npy")]
-            check_windows(index, rows[0], index.maps_of(answered))  # else copied into the new shortlist, under sizes that then match
+            # else copied into the new shortlist, under sizes that then match
+            check_windows(index, rows[0], index.maps_of(answered))
     except (CorruptIndexError, KeyError, TypeError, ValueError, OSError) as exc:
         log.warning("%s: its ANN shortlist cannot be read (%s); building it again", index.dir, excerpt(str(exc)))
         answered = None
