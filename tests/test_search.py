@@ -366,6 +366,50 @@ def test_a_raster_over_a_pole_is_searched_and_its_hits_are_one_each(tmp_path, mo
         assert drawn.is_valid and -half_world - 1 <= drawn.bounds[1] and drawn.bounds[3] <= -half_world + 20_000
 
 
+@pytest.mark.parametrize("polar_crs, other_pole_crs", [("EPSG:3031", "EPSG:3413"), ("EPSG:3413", "EPSG:3031")])
+def test_places_round_a_pole_lie_on_the_map_and_the_other_pole_s_map_refuses_them(tmp_path, assets, polar_crs,
+                                                                                 other_pole_crs):
+    """A place round a pole, in lon/lat (a QGIS project in EPSG:4326, an index's tiles layer):
+    round the North Pole it lay a world west of the map (-540 to -180 degrees), and a place with a
+    corner on the pole lay past -180. Each now lies from -180 to 180, or from its west within
+    them. On the other pole's polar stereographic map, which draws this pole infinitely far, a
+    place round it was a ring of 1e11 m round the rest of the Earth (holding the map's own pole)
+    and a corner on it reached 1e23 m: both were written as hits. They cannot be placed there,
+    and a search asking for hits in that CRS is refused, saying to choose another (as documented
+    for the far side of an orthographic map); a place beside the pole is still drawn."""
+    from rasterio.transform import from_origin
+
+    from conftest import write_raster
+    from worker.errors import InputError
+    from worker.geo import reproject_rings
+    from worker.hits_output import hits_to_geojson
+    from worker.search import Hit
+    from worker.tiling import open_raster
+
+    with rasterio.open(assets["rmnp_rgb"]) as src:  # 485 by 373 px, the pole at (240, 180)
+        pixels = src.read()
+    path = write_raster(tmp_path / "pole.tif", pixels, crs=CRS.from_user_input(polar_crs),
+                        transform=from_origin(-240 * 30, 180 * 30, 30, 30))
+    raster = open_raster(path, None)
+    round_it = [Placement(raster, 240, 180, 112.0, angle) for angle in (0.0, 8.0, 45.0)]
+    corners_on_it = [Placement(raster, cx, cy, 112.0) for cx, cy in ((296, 236), (184, 124), (184, 236), (296, 124))]
+    beside = Placement(raster, 100, 100, 112.0)  # 2.6 km from the pole
+    for cap in reproject_rings(round_it, CRS.from_epsg(4326)):
+        assert cap.geom_type == "Polygon" and cap.is_valid and cap.bounds[::2] == (-180.0, 180.0), cap.bounds
+    for wedge in reproject_rings(corners_on_it, CRS.from_epsg(4326)):
+        west, _, east, _ = wedge.bounds
+        assert wedge.is_valid and -180.0 <= west < 180.0 and east - west == pytest.approx(90.0), wedge.bounds
+    other_pole = CRS.from_user_input(other_pole_crs)
+    *unplaced, placed = reproject_rings([*round_it, *corners_on_it, beside], other_pole)
+    assert all(p.is_empty for p in unplaced), [p.bounds for p in unplaced]
+    assert placed.is_valid and not placed.contains(shapely.geometry.Point(0, 0)), "the map's own pole is not in it"
+    hits = [Hit(rank=n, score=1.0, placement=p, scale=1, coarse_score=1.0, fine_score=1.0)
+            for n, p in enumerate([beside, round_it[0]], 1)]
+    with pytest.raises(InputError, match=r"hits ranked \[2\] cannot be placed in the output CRS"):
+        hits_to_geojson(hits, other_pole)
+    assert len(hits_to_geojson(hits[:1], other_pole)["features"]) == 1
+
+
 @pytest.mark.parametrize("polar_crs, equal_area_crs, metres", [("EPSG:3031", "EPSG:6932", 30.0),
                                                                 ("EPSG:3413", "EPSG:6931", 30.0),
                                                                 ("EPSG:3031", "EPSG:6932", 1.0)])

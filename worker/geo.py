@@ -137,7 +137,8 @@ def _has_text_value(node: object, depth: int = 0) -> bool:
 
 def reproject_rings(tiles: list, dst: CRS) -> list[Polygon]:
     """Each footprint's densified ring in `dst`, for tiles or placements (all of one kind: its
-    class's `rings`), one warp call per source CRS."""
+    class's `rings`), one warp call per source CRS; an empty polygon where a projected `dst`
+    cannot place it (_unplaced)."""
     out: list[Polygon | None] = [None] * len(tiles)
     groups: dict[str, list[int]] = defaultdict(list)
     for i, t in enumerate(tiles):
@@ -178,9 +179,28 @@ def reproject_rings(tiles: list, dst: CRS) -> list[Polygon]:
             lonlat = reproject_rings([tiles[idx[n]] for n in redrawn], WGS84) if len(redrawn) else []
             for n, footprint in zip(redrawn, lonlat):
                 polygons[n] = _redrawn(footprint, dst) or polygons[n]
+            if src != dst:
+                polygons[_unplaced(polygons, rings, src, dst)] = Polygon()
         for i, polygon in zip(idx, polygons):
             out[i] = polygon
     return out  # type: ignore[return-value]
+
+
+def _unplaced(polygons: np.ndarray, rings: np.ndarray, src: CRS, dst: CRS) -> np.ndarray:
+    """Which footprints (rings (n, k, 2) in `src`, `polygons` drawn in a projected `dst`) `dst`
+    cannot place: a point past MAX_COORDINATE (a corner on the point the projection draws
+    infinitely far, a polar stereographic's other pole: 1e23 m), and, in a CRS whose x does not
+    wrap round the world, a footprint holding that point: its ring came out round the rest of
+    the Earth, inside out (a 2.6 km square over the South Pole, in the Arctic's EPSG:3413, a
+    ring of 1e11 m holding the North Pole). A place drawn as it is keeps its centre inside."""
+    points = shapely.get_coordinates(polygons, return_index=True)
+    too_far = np.zeros(len(polygons), bool)
+    np.logical_or.at(too_far, points[1], (np.abs(points[0]) >= MAX_COORDINATE).any(axis=1))
+    if _world(dst.to_wkt()) is not None:  # a world map: drawn between its edges (_unwrapped, _redrawn)
+        return too_far
+    centres = rings[:, :-1].mean(axis=1)  # of the closed ring's distinct points: inside the (turned) square
+    xs, ys = transformed_or_inf(src, dst, centres[:, 0], centres[:, 1])
+    return too_far | ~shapely.contains_xy(polygons, np.asarray(xs), np.asarray(ys))
 
 
 MERCATOR_LAT = 85.0511287798  # where a Mercator map of the world ends square (web maps): it draws a pole infinitely far
@@ -312,13 +332,20 @@ def _winds_round_a_pole(xs: np.ndarray) -> np.ndarray:
 
 def _polar_cap(xs: np.ndarray, ys: np.ndarray) -> Polygon:
     """A ring round a pole, or the path of a ring through it from just past the pole to just
-    before it, as a valid lon/lat polygon: its longitudes followed (360 degrees of them round a
-    pole, from the first within -180..180), closed along the pole. As a ring it crosses itself
-    and fails shapely's operations (a search over a polar raster failed in GEOS)."""
+    before it, as a valid lon/lat polygon: its longitudes followed, closed along the pole, and
+    placed as every footprint is (reproject_rings): from its west within -180..180, past 180
+    only where it crosses it; a ring round the pole, 360 degrees of them, from -180 to 180. As a
+    ring it crosses itself and fails shapely's operations (a search over a polar raster failed
+    in GEOS). Placed from its first point, a cap followed westwards lay a world west of the map
+    (-530 to -170 degrees), in the worker's replies and an index's tiles layer."""
     lons = followed(xs)
-    lons -= 360.0 * np.floor((lons[0] + 180.0) / 360.0)
+    lons -= 360.0 * np.floor((lons.min() + 180.0) / 360.0)
     pole = 90.0 if np.mean(ys) > 0 else -90.0
-    return orient(Polygon([*zip(lons, ys), (lons[-1], pole), (lons[0], pole)]))
+    cap = orient(Polygon([*zip(lons, ys), (lons[-1], pole), (lons[0], pole)]))
+    if np.ptp(lons) < 360.0 - 1e-9:
+        return cap
+    joined = cut_at_antimeridian(cap)  # its two parts either side of 180 meet again: one polygon
+    return joined if joined.geom_type == "Polygon" else cap
 
 
 def _unwrapped(xs: np.ndarray, dst: CRS, lonlats=None) -> np.ndarray:

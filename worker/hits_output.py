@@ -40,7 +40,8 @@ def hits_to_geojson(hits: list[Hit], crs: CRS, extra: dict | None = None) -> dic
         polygons = reproject_rings([h.placement for h in hits], crs)
     except CPLE_BaseError as exc:  # was `internal`, after the whole search: an orthographic CRS of the other side
         raise InputError(f"the hits {cannot} ({excerpt(str(exc))}): {choose}") from None
-    unplaced = [h.rank for h, polygon in zip(hits, polygons) if not np.isfinite(shapely.get_coordinates(polygon)).all()]
+    unplaced = [h.rank for h, polygon in zip(hits, polygons)
+                if polygon.is_empty or not np.isfinite(shapely.get_coordinates(polygon)).all()]
     if unplaced:
         raise InputError(f"hits ranked {unplaced[:10]} {cannot}: {choose}")
     features = [{"type": "Feature", "geometry": mapping(poly), "properties": hit_properties(hit)}
