@@ -83,6 +83,26 @@ def test_strokes_traced_on_a_map_become_the_pixels_they_traced(index, name, canv
     assert np.abs((got - got.mean(0)) - (truth - truth.mean(0))).max() <= 0.6
 
 
+@pytest.mark.parametrize("canvas", ["EPSG:3857", "EPSG:4326", "EPSG:3832"])
+def test_strokes_traced_over_a_raster_past_180_degrees_use_its_pixel_grid(index, tmp_path, assets, canvas):
+    """A lon/lat raster stored past 180 degrees (0 to 360, as Pacific data often is) beside one
+    of more tiles: strokes traced over it on a projected map (at -170 degrees there) were said to
+    lie off it, and were taken through the other raster's grid (21 px out over 224 px, and the
+    place was not in the top 5). They come out as its own pixel lines, as on any raster."""
+    from worker.tiling import open_raster
+
+    _s2_part(assets["s2_rgb"], tmp_path / "pacific.tif", 0, "EPSG:4326", Affine(STEP_DEG, 0, 190.0, 0, -STEP_DEG, -17.0))
+    pacific = open_raster(tmp_path / "pacific.tif", None)
+    south = next(i for i, r in index.rasters.items() if r.path.endswith("south.tif"))
+    rasters, tiles = {south: index.rasters[south], 99: pacific}, {south: 1000, 99: 10}  # the other has more tiles
+    frame = Placement(pacific, cx=330.0, cy=300.0, side=224.0, angle=0.0)
+    mapped = on_the_pixel_grid(stroke_sketch(_traced(pacific, frame, canvas), canvas), rasters, tiles)
+    image, valid = frame.read(224)
+    truth = np.concatenate([line[:, ::-1] + 0.5 for line in trace_polylines(edge_map(image, QUERY_EDGE_SIGMA, valid))])
+    got = np.concatenate([np.asarray(s) for s in mapped.strokes])
+    assert np.abs((got - got.mean(0)) - (truth - truth.mean(0))).max() <= 0.6
+
+
 @pytest.mark.parametrize("name, canvas", [("north.tif", "EPSG:3857"), ("south.tif", "EPSG:4326")])
 def test_a_place_traced_on_a_map_that_stretches_or_turns_its_raster_is_found(index, model, name, canvas):
     """The probe's case: a place traced where a web Mercator map shows a square-degree raster at

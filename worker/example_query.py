@@ -169,8 +169,7 @@ def _inside_raster(example: Example, bbox: tuple[float, float, float, float], ra
     if not (np.isfinite(xs).all() and np.isfinite(ys).all()):
         raise InputError(f"example bbox {excerpt(list(example.bbox))} in {example.crs} cannot be placed in the CRS "
                          f"of {raster.path}")
-    centre_x = (raster.affine * (raster.width / 2, raster.height / 2))[0]
-    xs = nearest_copy_x(np.asarray(xs, np.float64), raster.crs_wkt, centre_x, whole=True)
+    xs = nearest_copy_x(np.asarray(xs, np.float64), raster.crs_wkt, raster.centre[0], whole=True)
     cols, rows = ~raster.affine * (xs, ys)
     wanted = box(float(np.min(cols)), float(np.min(rows)), float(np.max(cols)), float(np.max(rows)))
     return wanted.intersection(box(0, 0, raster.width, raster.height))

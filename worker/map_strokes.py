@@ -22,7 +22,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from worker.geo import WGS84, transformed_or_inf
+from worker.geo import WGS84, nearest_copy_x, transformed_or_inf
 from worker.sketch import StrokeSketch
 from worker.tiling import RasterInfo
 
@@ -86,16 +86,18 @@ def _ground_per_map_unit(crs: str, at: np.ndarray, step: float) -> tuple[np.ndar
 
 def _raster_under(held: list[RasterInfo], lonlat: np.ndarray) -> tuple[RasterInfo, np.ndarray]:
     """The first of `held` (most tiles first) whose pixels hold the point `lonlat`, and that
-    point; else the first, and its centre in lon/lat. One transform per CRS."""
+    point; else the first, and its centre in lon/lat. One transform per CRS; the point a world
+    away where the raster lies past 180 degrees (lon/lat from 0 to 360): traced there on a
+    projected map, strokes at -170 were said to lie off the raster at 190, and were searched
+    as the grid of another raster sees them."""
     for wkt in dict.fromkeys(r.crs_wkt for r in held):
         (x,), (y,) = transformed_or_inf(WGS84, wkt, [lonlat[0]], [lonlat[1]])
         for raster in (r for r in held if r.crs_wkt == wkt):
-            col, row = ~raster.affine * (x, y)
+            col, row = ~raster.affine * (nearest_copy_x(np.array([x]), wkt, raster.centre[0])[0], y)
             if 0 <= col <= raster.width and 0 <= row <= raster.height:
                 return raster, lonlat
     first = held[0]
-    x, y = first.affine * (first.width / 2, first.height / 2)
-    (lon,), (lat,) = transformed_or_inf(first.crs_wkt, WGS84, [x], [y])
+    (lon,), (lat,) = transformed_or_inf(first.crs_wkt, WGS84, *([v] for v in first.centre))
     return first, np.array([lon, lat])
 
 
@@ -109,7 +111,8 @@ def _pixels_per_ground(raster: RasterInfo, lonlat: np.ndarray) -> np.ndarray | N
     d_lat = STEP_M / METRES_PER_DEGREE
     xs, ys = transformed_or_inf(WGS84, raster.crs_wkt, [lon + d_lon, lon - d_lon, lon, lon],
                           [lat, lat, lat + d_lat, lat - d_lat])
-    cols, rows = ~raster.affine * (np.asarray(xs, np.float64), np.asarray(ys, np.float64))
+    xs = nearest_copy_x(np.asarray(xs, np.float64), raster.crs_wkt, raster.centre[0])  # as _raster_under
+    cols, rows = ~raster.affine * (xs, np.asarray(ys, np.float64))
     jacobian = np.array([[cols[0] - cols[1], cols[2] - cols[3]],
                          [rows[0] - rows[1], rows[2] - rows[3]]]) / (2 * STEP_M)
     return jacobian if np.isfinite(jacobian).all() else None

@@ -134,7 +134,7 @@ def _cell_box(level: LevelMap, map_bounds: Polygon, area_wgs84: Area) -> Box | N
         xs, ys = warp_transform(WGS84, CRS.from_wkt(raster.crs_wkt), points[:, 0], points[:, 1])
     except Exception:  # PROJ's errors have no common type: a point its projection cannot place
         return None
-    xs = nearest_copy_x(np.asarray(xs), raster.crs_wkt, (raster.affine * (raster.width / 2, raster.height / 2))[0])
+    xs = nearest_copy_x(np.asarray(xs), raster.crs_wkt, raster.centre[0])
     cols, rows = ~raster.affine * (xs, np.asarray(ys))
     if not (np.isfinite(cols).all() and np.isfinite(rows).all()):
         return None

@@ -126,6 +126,11 @@ class RasterInfo:
     def affine(self) -> rasterio.Affine:
         return rasterio.Affine(*self.transform[:6])
 
+    @property
+    def centre(self) -> tuple[float, float]:
+        """Its middle in its CRS: where a point PROJ gives a world away belongs (geo.nearest_copy_x)."""
+        return self.affine * (self.width / 2, self.height / 2)
+
     def file_changed(self) -> bool:
         """Whether the file itself (a VRT's .vrt) changed since it was described: one stat."""
         st = os.stat(self.path)
