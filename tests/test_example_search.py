@@ -113,6 +113,34 @@ def test_the_own_place_is_the_examples_square_or_what_lies_mostly_inside_its_box
     assert dict(zip(places, got)) == {name: is_own for name, (_, is_own) in places.items()}
 
 
+@pytest.mark.parametrize("west, twin_west", [(179.99, -180.01), (190.0, -170.0)])
+def test_the_same_ground_in_another_longitude_frame_is_the_same_place(tmp_path, west, twin_west):
+    """Two lon/lat rasters of the same ground, one written across or past 180 degrees (179.99 to
+    180.01, or 0 to 360 as Pacific data often is) and one in -180..180: an example on one came
+    back as a hit from the other, and a place marked bad on one came back from the other at #1
+    (found by a probe), while each worked the other way round. Each is now the other's place."""
+    from rasterio.transform import from_origin
+
+    from worker.errors import InputError
+    from worker.geo import reproject_rings
+    from worker.placement import Placement
+    from worker.query_search import overlapping, refuse_one_place_good_and_bad
+    from worker.tiling import open_raster
+
+    pixels = np.full((3, 200, 200), 90, np.uint8)
+    rasters = [open_raster(write_raster(tmp_path / f"{name}.tif", pixels, crs=CRS.from_epsg(4326),
+                                        transform=from_origin(x, -17.0, 1e-4, 1e-4)), None)
+               for name, x in (("one", west), ("twin", twin_west))]
+    for own_raster, other_raster in (rasters, rasters[::-1]):
+        place, twin = Placement(own_raster, 100, 100, 80.0), Placement(other_raster, 100, 100, 80.0)
+        own = OwnPlace(Polygon(place.ring()), Polygon(place.ring()), CRS.from_epsg(4326))
+        assert own_places([twin], own) == [True], own_raster.path
+        assert overlapping([twin], reproject_rings([place], CRS.from_epsg(4326)), 0.5) == [True], own_raster.path
+        marks = Feedback(positive=(hit_id(place),), negative=(hit_id(twin),))
+        with pytest.raises(InputError, match="one place both good and bad"):
+            refuse_one_place_good_and_bad(marks, [place], [twin])
+
+
 def test_an_example_box_in_another_crs_is_the_same_window(rmnp_index, model, assets):
     rasters = list(rmnp_index.rasters.values())
     box = window_bbox(assets["rmnp_rgb"], crs="EPSG:3857")

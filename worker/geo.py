@@ -434,6 +434,17 @@ def nearest_copy_x(xs: np.ndarray, crs_wkt: str, centre_x: float, whole: bool = 
     return xs - width * np.round((xs - centre_x) / width)
 
 
+def nearest_copy(shape: Polygon, crs: CRS, centre_x: float) -> Polygon:
+    """A footprint in `crs` (reproject_rings': whole) moved by whole turns round the Earth so that
+    its middle lies nearest `centre_x`, in a CRS whose x wraps; as it is in any other, or empty."""
+    world = _world(crs.to_wkt())
+    if shape.is_empty or world is None:
+        return shape
+    west, _, east, _ = shape.bounds
+    turns = np.round(((west + east) / 2 - centre_x) / world[0])
+    return shapely.affinity.translate(shape, -turns * world[0]) if turns else shape
+
+
 @lru_cache(maxsize=16)
 def _world(dst_wkt: str) -> tuple[float, float] | None:
     """How far x runs once round the equator in a CRS, and its middle (360 and 0 in lon/lat in

@@ -18,7 +18,7 @@ from worker import feedback as fb
 from worker.cancellation import raise_if_stopped
 from worker.errors import InputError, PlaceUnreadable, RasterUnreadable
 from worker.example_query import OWN_PLACE_IOU, OWN_PLACE_SHARE, OwnPlace
-from worker.geo import Area, overlap_area, reproject_rings
+from worker.geo import Area, nearest_copy, overlap_area, reproject_rings, shared_area
 from worker.line_drawing import drawing_device
 from worker.placement import Placement, refuse_too_large
 from worker.ranking import RankingConfig
@@ -33,22 +33,33 @@ def iou(a: Polygon, b: Polygon) -> float:
     return float(inter / (a.area + b.area - inter)) if inter > 0 else 0.0
 
 
-def overlapping(placements: list[Placement], footprints: list[Polygon], crs: CRS, limit: float) -> list[bool]:
-    """Whether each placement overlaps any footprint (polygons in `crs`) with IoU above `limit`."""
+def ground_iou(a: Polygon, b: Polygon) -> float:
+    """iou of two lon/lat footprints on the ground, also where one lies a world from the other
+    (geo.shared_area): one raster's place past 180 degrees, the same ground in a raster at -180."""
+    inter = shared_area(a, b)
+    return float(inter / (a.area + b.area - inter)) if inter > 0 else 0.0
+
+
+def overlapping(placements: list[Placement], footprints: list[Polygon], limit: float) -> list[bool]:
+    """Whether each placement overlaps any footprint (lon/lat polygons) with IoU above `limit`."""
     if not footprints or not placements:
         return [False] * len(placements)
-    polygons = reproject_rings(placements, crs)
-    return [any(iou(p, f) > limit for f in footprints) for p in polygons]
+    polygons = reproject_rings(placements, WGS84)
+    return [any(ground_iou(p, f) > limit for f in footprints) for p in polygons]
 
 
 def own_places(placements: list[Placement], own: OwnPlace) -> list[bool]:
     """Whether each placement is an example's own place: the square drawn around it (IoU above
     OWN_PLACE_IOU) or, at any scale, a place lying mostly inside the box the user dragged (more
     than OWN_PLACE_SHARE of its area). A place containing a small example, or lying in the
-    blank margin of a long box's square, is another place."""
+    blank margin of a long box's square, is another place. Each is compared where it lies
+    nearest the example, in a CRS whose x wraps round the world (geo.nearest_copy): the same
+    ground in a raster whose longitudes run past 180 degrees (0 to 360) lay a world away, and
+    came back as a hit."""
     if not placements:
         return []
-    polygons = reproject_rings(placements, own.crs)
+    centre_x = own.square.centroid.x
+    polygons = [nearest_copy(p, own.crs, centre_x) for p in reproject_rings(placements, own.crs)]
     return [iou(p, own.square) > OWN_PLACE_IOU or overlap_area(p, own.box) > OWN_PLACE_SHARE * p.area
             for p in polygons]
 
@@ -106,10 +117,10 @@ def refuse_one_place_good_and_bad(feedback: fb.Feedback, good: list[Placement], 
     bad_footprints = reproject_rings(bad, WGS84)
     for good_id, footprint in zip(feedback.positive, reproject_rings(good, WGS84)):
         for bad_id, bad_footprint in zip(feedback.negative, bad_footprints):
-            if iou(footprint, bad_footprint) > fb.SAME_PLACE_IOU:
+            overlap = ground_iou(footprint, bad_footprint)
+            if overlap > fb.SAME_PLACE_IOU:
                 raise InputError(f"feedback marks one place both good and bad: {excerpt(good_id)} good and "
-                                 f"{excerpt(bad_id)} bad overlap by IoU {iou(footprint, bad_footprint):.2f}: "
-                                 "choose one")
+                                 f"{excerpt(bad_id)} bad overlap by IoU {overlap:.2f}: choose one")
 
 
 class Unread(NamedTuple):
@@ -189,7 +200,7 @@ def rerank(index: TileIndex, model, sketch: torch.Tensor, ranking: RankingConfig
         return []
     query = fb.rocchio_query(describe_sketch(sketch), good_d, bad_d)
     scores = fb.feedback_scores(candidates, query, np.asarray(prior, np.float64))
-    rejected = overlapping([h.placement for h in pool], reproject_rings(bad, WGS84), WGS84, fb.SAME_PLACE_IOU)
+    rejected = overlapping([h.placement for h in pool], reproject_rings(bad, WGS84), fb.SAME_PLACE_IOU)
     order = np.array([i for i in np.argsort(-scores, kind="stable") if not rejected[i]], dtype=np.int64)
     kept = dedupe(Footprints([h.placement for h in pool]), order, max_overlap)
     return [replace(pool[i], rank=n + 1, score=float(scores[i])) for n, i in enumerate(kept)]
