@@ -246,6 +246,45 @@ def test_a_gpus_reads_ahead_hand_back_each_chunks_batches_in_order(assets, tmp_p
             assert a.tiles == b.tiles and np.array_equal(a.cells, b.cells)
 
 
+def test_a_run_drawn_here_keeps_its_rasters_open_until_it_ends_and_a_failed_read_opens_it_again(tmp_path, model,
+                                                                                                   assets):
+    """Drawn in this process, a run reads each raster through a handle kept from batch to batch
+    (it opened the raster for every batch of 16: a VRT of 50,000 sheets takes GDAL 2 s to open),
+    and closes it as the run ends (on Windows an open raster cannot be replaced). A mosaic's
+    sheet not there fails the read, and read through the same handles once it is back, it is
+    read whole."""
+    from two_sheets import write_two_sheets
+    from worker.drawing_pool import read_tiles
+    from worker.raster_handles import ThreadHandles
+
+    mosaic, _ = write_two_sheets(assets["rmnp_rgb"], tmp_path)
+    info = open_raster(mosaic, None)
+    tiles = list(plan_tiles(info, SETTINGS))
+    job = DrawingJob(info.to_json(), 224, SETTINGS.tile, SETTINGS.min_valid)
+    east = [t for t in tiles if t.scale == 1 and t.col_off >= info.width // 2]
+    want = read_tiles(job, east, ThreadHandles())
+    handles = ThreadHandles()
+    (tmp_path / "east.tif").rename(tmp_path / "east.away")
+    with pytest.raises(RasterReadError, match="east.tif"):
+        read_tiles(job, east, handles)
+    (tmp_path / "east.away").rename(tmp_path / "east.tif")
+    got = read_tiles(job, east, handles)
+    assert all(np.array_equal(a[1], b[1]) and np.array_equal(a[2], b[2]) for a, b in zip(got, want))
+    handles.close()
+
+    class Watched(LocalChunks):
+        def run(self, *args, **kwargs):  # open files seen between the run's chunks
+            for done in super().run(*args, **kwargs):
+                seen.append(str(raster) in open_files())
+                yield done
+
+    seen: list[bool] = []
+    raster = shutil.copyfile(assets["rmnp_rgb"], tmp_path / "rmnp.tif")  # a GeoTIFF's file stays open with it
+    IndexWriter(tmp_path / "index", model, SETTINGS, CHUNK).build([raster], computer=Watched(model, processes=0))
+    assert len(seen) > 1 and all(seen), "kept open from chunk to chunk"
+    assert str(raster) not in open_files()
+
+
 def test_a_raster_damaged_before_a_gpu_reads_it_is_an_input_error(tmp_path, assets):
     """Saying GDAL's reason, not rasterio's "Read failed. See previous exception for details";
     the chunks after it are read still."""

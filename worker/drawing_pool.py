@@ -37,7 +37,7 @@ from worker import edge_cells, line_drawing
 from worker.raster_handles import ThreadHandles
 from worker.thread_pools import shared_pool, usable_cores, wait_all
 from worker.tile_features import cells_on_grid
-from worker.tiling import RasterInfo, Tile, iter_tile_pixels, read_tile, unopenable
+from worker.tiling import RasterInfo, Tile, read_tile, unopenable
 
 T = TypeVar("T")
 
@@ -63,11 +63,40 @@ class DrawingJob:
     pixels: str | None = None  # "edges": the line drawings, "rgb": the images, None: neither (no tokens)
 
 
-def read_and_draw(job: DrawingJob, tiles: Sequence[Tile]) -> DrawnBatch:
+def read_tiles(job: DrawingJob, tiles: Sequence[Tile],
+               handles: ThreadHandles) -> list[tuple[Tile, np.ndarray, np.ndarray]]:
+    """(tile, image, valid) for each of `tiles`, read through this thread's handle of `handles`,
+    which stays open between batches: the raster was opened again for every batch of 16, and
+    GDAL takes 2 s to open a VRT of 50,000 sheets. After a failed read the handle is closed, as
+    verification's is (ThreadHandles.forget)."""
+    raster = RasterInfo.from_json(job.raster)
+    try:
+        src = handles.get(raster.path)
+    except (rasterio.errors.RasterioError, OSError) as exc:
+        raise unopenable(raster.path, exc) from exc
+    try:
+        return [(tile, *read_tile(src, raster, tile, job.size)) for tile in tiles]
+    except BaseException:
+        handles.forget(raster.path)
+        raise
+
+
+def read_and_draw(job: DrawingJob, tiles: Sequence[Tile], handles: ThreadHandles) -> DrawnBatch:
     """Read `tiles` of `job`'s raster, leave out those with less valid area than its `min_valid`,
     draw the others and describe them by their edge cells, all on the CPU (a drawing process,
     or this one)."""
-    return draw_read(job, iter_tile_pixels(RasterInfo.from_json(job.raster), tiles, job.size))
+    return draw_read(job, read_tiles(job, tiles, handles))
+
+
+_process_handles: ThreadHandles | None = None  # a drawing process's open rasters: closed as it ends with its run
+
+
+def _read_and_draw_here(job: DrawingJob, tiles: Sequence[Tile]) -> DrawnBatch:
+    """read_and_draw in a DrawingPool's process, through its rasters kept open for its life."""
+    global _process_handles
+    if _process_handles is None:
+        _process_handles = ThreadHandles()
+    return read_and_draw(job, tiles, _process_handles)
 
 
 def draw_read(job: DrawingJob, read: Iterable[tuple[Tile, np.ndarray, np.ndarray]],
@@ -103,36 +132,31 @@ def read_in_threads(job: DrawingJob, tiles: Sequence[Tile],
     """`job` and (tile, image, valid) for each of `tiles`, in order, read in up to READ_THREADS
     threads, each reading a run of neighbouring tiles (which share the raster's blocks) through
     its own handle of `handles`. Returns, or raises the first error, once no thread reads."""
-    raster = RasterInfo.from_json(job.raster)
-
-    def read(part: Sequence[Tile]) -> list[tuple[Tile, np.ndarray, np.ndarray]]:
-        try:
-            src = handles.get(raster.path)
-        except (rasterio.errors.RasterioError, OSError) as exc:
-            raise unopenable(raster.path, exc) from exc
-        return [(tile, *read_tile(src, raster, tile, job.size)) for tile in part]
-
     pool = shared_pool("tile-read", READ_THREADS)
-    futures = [pool.submit(read, tiles[p[0]:p[-1] + 1])
+    futures = [pool.submit(read_tiles, job, tiles[p[0]:p[-1] + 1], handles)
                for p in np.array_split(np.arange(len(tiles)), min(READ_THREADS, len(tiles))) if len(p)]
     wait_all(futures)  # a failed part must not close the handles under the others
     return job, [one for future in futures for one in future.result()]
 
 
-def drawn_batches(job: DrawingJob, tiles: Sequence[Tile], batch_size: int,
-                  device: torch.device | None = None) -> Iterator[tuple[int, DrawnBatch]]:
+def drawn_batches(job: DrawingJob, tiles: Sequence[Tile], batch_size: int, device: torch.device | None = None,
+                  handles: ThreadHandles | None = None) -> Iterator[tuple[int, DrawnBatch]]:
     """(tiles read so far, the drawn batch) for each batch of `tiles`, in order, read and drawn
     here one batch at a time: on the CPU (read_and_draw), or read in threads and drawn on
-    `device` (a GPU's; DeviceDrawing also reads ahead). A DrawingPool draws in other processes."""
-    handles = ThreadHandles()
+    `device` (a GPU's; DeviceDrawing also reads ahead). A DrawingPool draws in other processes.
+    Read through `handles` (a run's, kept open from chunk to chunk), else through handles of
+    its own, closed at the end."""
+    own = handles is None
+    handles = ThreadHandles() if own else handles
     try:
         for start in range(0, len(tiles), batch_size):
             part = tiles[start:start + batch_size]
-            drawn = read_and_draw(job, part) if device is None else \
+            drawn = read_and_draw(job, part, handles) if device is None else \
                 draw_read(*read_in_threads(job, part, handles), device)
             yield start + len(part), drawn
     finally:
-        handles.close()
+        if own:
+            handles.close()
 
 
 POOL_FROM_CORES = 8  # a CPU index without tokens is drawn in a pool on this many cores or more
@@ -241,7 +265,7 @@ class DrawingPool:
                  batch_size: int) -> Iterator[Iterator[tuple[int, DrawnBatch]]]:
         """For each job of `work`, an iterator of its batches as drawn_batches gives them
         (batches_ahead: each job's must be taken to the end before the next job's)."""
-        return batches_ahead(self.executor, read_and_draw, work, batch_size, self.ahead)
+        return batches_ahead(self.executor, _read_and_draw_here, work, batch_size, self.ahead)
 
     def close(self) -> None:
         self.executor.shutdown(cancel_futures=True)

@@ -26,6 +26,7 @@ from worker.store.maps import damaged_map, remove_maps, remove_unfinished_maps, 
 from worker.store.reader import TileIndex
 from worker.store.shard_file import DamagedFile, committed_array
 from worker.drawing_pool import DeviceDrawing, DrawingJob, DrawingPool, DrawnBatch, default_processes, drawn_batches
+from worker.raster_handles import ThreadHandles
 from worker.thread_pools import usable_cores
 from worker.tile_features import TileFeatures
 from worker.tiling import RasterInfo, Tile, TilePlan, TileSettings, open_rasters, plan_tiles
@@ -477,9 +478,11 @@ class LocalChunks:
             pool = DrawingPool(processes)
         elif jobs and device is not None:
             pool = DeviceDrawing(device)
+        handles = ThreadHandles()  # drawn here: the rasters kept open from chunk to chunk, closed with the run
         try:
             work = ((drawing_job(self.model, job, settings), job.tiles) for job in jobs)  # tiles as needed
-            each = pool.each_job(work, batch_size) if pool else (drawn_batches(d, t, batch_size) for d, t in work)
+            each = pool.each_job(work, batch_size) if pool else \
+                (drawn_batches(d, t, batch_size, handles=handles) for d, t in work)
             for job, batches in zip(jobs, each):
                 if should_stop():
                     yield job, None
@@ -496,6 +499,7 @@ class LocalChunks:
         finally:
             if pool is not None:
                 pool.close()
+            handles.close()
 
 
 def drawing_job(model, job: ChunkJob, settings: TileSettings) -> DrawingJob:
