@@ -479,11 +479,16 @@ def is_lon_lat_degrees(crs: CRS) -> bool:
 
 def transformed_or_inf(src, dst, xs, ys) -> tuple[list[float], list[float]]:
     """Points from one CRS to another (CRS objects, codes or WKT), a point PROJ cannot place as
-    infinity (its own answer for most)."""
+    infinity (its own answer for most). Where PROJ refuses the whole call for one point, each
+    point is asked alone: every point of the call was infinity, and a place beside the South
+    Pole could not be placed in EPSG:3034 beside one on the pole (found by a review)."""
     try:
         return warp_transform(src, dst, list(xs), list(ys))
     except Exception:  # PROJ's errors have no common type
-        return [np.inf] * len(xs), [np.inf] * len(ys)
+        if len(xs) == 1:
+            return [np.inf], [np.inf]
+        alone = [transformed_or_inf(src, dst, [x], [y]) for x, y in zip(xs, ys)]
+        return [x for (x,), _ in alone], [y for _, (y,) in alone]
 
 
 def bounds_wgs84(items: list) -> np.ndarray:
