@@ -431,18 +431,28 @@ def test_a_shortlist_still_answers_where_a_worker_with_a_smaller_budget_leaves_a
     assert hits and {h.placement.raster.path for h in hits} == {str(assets["s2_rgb"])}
 
 
-def test_a_shortlist_built_beside_a_stopped_run_answers_once_the_run_goes_on_and_is_added_to(model, assets, tmp_path):
+def test_a_shortlist_built_beside_a_stopped_run_answers_once_the_run_goes_on_and_is_added_to(model, assets, tmp_path,
+                                                                                             monkeypatch):
     """`build-ann` while a raster's run was stopped midway covered that raster's tiles of the
     moment: once its run went on, the shortlist no longer matched it, every search scanned every
     map exactly (`current` false, said at each search) until the run ended, and its end trained
     the shortlist again from nothing (hours, at a continent's tiles). It covers the complete
     rasters now: the unfinished one is scanned exactly beside it, and added to it once complete."""
     folder = tmp_path / "index"
+    from worker.store import maps
+
     writer = partly_indexed(model, assets, folder)
-    opened = TileIndex.open(folder)
-    built = ann.build(opened)
+    joined, join_map = [], maps.join_map
+
+    def recorded(index, key, earlier):
+        joined.append(key)
+        return join_map(index, key, earlier)
+
+    monkeypatch.setattr(maps, "join_map", recorded)
+    built = ann.build(TileIndex.open(folder))
+    monkeypatch.undo()
     assert sorted(built.rasters) == [0]
-    assert not opened.joins_to_continue, "the stopped raster's maps joined in memory (every tile's cells read) for nothing"
+    assert not [key for key in joined if key[0] == 1], "the stopped raster's maps joined (every tile's cells read)"
     assert ann.describe(TileIndex.open(folder))["current"], "it covers all it can"
     writer.build([assets["rmnp_rgb"]])  # the run goes on to its end
     index = TileIndex.open(folder)
@@ -618,7 +628,7 @@ def test_what_a_killed_build_leaves_is_cleared_and_the_old_shortlist_kept(index_
 def test_a_ctrl_c_as_a_build_swaps_its_shortlist_in_keeps_the_new_one(index_with_ann, tmp_path, monkeypatch):
     """A Ctrl-C between the swap's two renames (a real SIGINT, sent there) set the old shortlist
     aside and discarded the new one, whole: hours of a continent's build lost, for the old one
-    put back. It is held until the swap is over: the build stops as asked, the new one in place."""
+    put back. It is held until both renames are done: the build stops as asked, the new one in place."""
     import signal
 
     folder = tmp_path / "index"
@@ -638,16 +648,21 @@ def test_a_ctrl_c_as_a_build_swaps_its_shortlist_in_keeps_the_new_one(index_with
     finally:
         signal.signal(signal.SIGINT, previous)
     assert json.loads((ann.ann_dir(folder) / "ann.json").read_text())["factory"] == "IVF2,Flat"
-    assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".ann")) == [], "the old one is gone"
     assert ann.describe(TileIndex.open(folder))["current"]
+    ann.update(TileIndex.open(folder))  # the old one, set aside, is the next update's or build's to remove
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".ann")) == []
 
 
-def test_a_set_aside_link_whose_target_is_gone_does_not_stop_a_build(index_with_ann, tmp_path):
+@pytest.mark.parametrize("live", [True, False])
+def test_a_set_aside_link_whose_target_is_gone_does_not_stop_a_build(index_with_ann, tmp_path, live):
     """A shortlist kept elsewhere through a link (INDEX/ann -> another disk), set aside by a killed
-    swap, its target since deleted: every build-ann and index run failed on it with a traceback."""
+    swap, its target since deleted: every build-ann and index run failed on it with a traceback;
+    with no shortlist in place, it was put back, and the build failed at its swap, its work lost."""
     folder = tmp_path / "index"
     shutil.copytree(index_with_ann[0], folder)
     (folder / ".ann.old.999999").symlink_to(tmp_path / "deleted")
+    if not live:
+        shutil.rmtree(ann.ann_dir(folder))
     built = subprocess.run([sys.executable, "-m", "worker", "build-ann", str(folder)], cwd=REPO, capture_output=True,
                            text=True)
     assert built.returncode == 0, built.stderr

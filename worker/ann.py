@@ -451,16 +451,16 @@ def staging(index_dir: Path) -> Iterator[Path]:
 def _swap_in(folder: Path, index_dir: Path) -> None:
     """The written shortlist in `folder` in place of the old one, by two renames. Between them
     there is none (searches scan exactly); if the process dies there, _sweep puts the old one
-    back. A Ctrl-C or SIGTERM is held until the old one is gone (stops_held): between the renames
-    it discarded the new one, whole (hours of a continent's build), for the old one put back.
+    back. A Ctrl-C, SIGTERM or SIGHUP is held over the renames (stops_held): between them it
+    discarded the new one, whole (hours of a continent's build), for the old one put back.
     A shortlist open in a worker keeps reading its own files (Codes keeps them open)."""
     live, old = ann_dir(index_dir), Path(index_dir) / f".{ANN_DIR}.old.{os.getpid()}"
     _discard(old)
     with stops_held():
-        if live.exists():
+        if os.path.lexists(live):  # a link whose target is gone too
             os.replace(live, old)
         replace_durably(folder, live)
-        _discard(old)
+    _discard(old)  # stopped here, it is the next build's or update's to remove (_sweep)
 
 
 def _sweep(index_dir: Path) -> None:
@@ -469,10 +469,13 @@ def _sweep(index_dir: Path) -> None:
     back."""
     index_dir = Path(index_dir)
     remove_unfinished_builds(index_dir)
-    # by each one's own time: a link's (INDEX/ann kept on another disk) target may be gone
-    olds = sorted(index_dir.glob(f".{ANN_DIR}.old.*"), key=lambda p: p.lstat().st_mtime_ns)
-    if olds and not ann_dir(index_dir).exists():
-        os.replace(olds.pop(), ann_dir(index_dir))
+    olds = list(index_dir.glob(f".{ANN_DIR}.old.*"))
+    whole = sorted((p for p in olds if (p / "ann.json").is_file()), key=lambda p: p.stat().st_mtime_ns)
+    # the newest whole one is put back: a link whose target is gone (INDEX/ann kept on another disk)
+    # came back as a dangling INDEX/ann, and the build failed at its swap, its work lost
+    if whole and not os.path.lexists(ann_dir(index_dir)):
+        os.replace(whole[-1], ann_dir(index_dir))
+        olds.remove(whole[-1])
     for folder in olds:
         _discard(folder)
 
