@@ -670,6 +670,21 @@ def test_a_set_aside_link_whose_target_is_gone_does_not_stop_a_build(index_with_
     assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".ann")) == []
 
 
+def test_a_set_aside_folder_this_worker_may_not_enter_is_removed_not_a_traceback(index_with_ann, tmp_path):
+    """A shortlist set aside by a killed swap, of mode 000 (a restrictive umask, another tool): the
+    look for one to put back failed every build-ann and index run with a traceback (a review's).
+    Run as a user is: root's power over modes taken away."""
+    folder = tmp_path / "index"
+    shutil.copytree(index_with_ann[0], folder)
+    aside = folder / ".ann.old.999999"
+    shutil.copytree(ann.ann_dir(folder), aside)
+    aside.chmod(0)
+    built = subprocess.run([*AS_A_USER, sys.executable, "-m", "worker", "build-ann", str(folder)], cwd=REPO,
+                           capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    assert not aside.exists()
+
+
 def test_an_index_run_puts_back_a_shortlist_a_killed_swap_left_aside(index_with_ann, model, assets, tmp_path):
     """An index of fewer tiles than get a shortlist unasked kept one built before up to date,
     but not one a build killed between its swap's two renames had left aside: the next index

@@ -470,7 +470,7 @@ def _sweep(index_dir: Path) -> None:
     index_dir = Path(index_dir)
     remove_unfinished_builds(index_dir)
     olds = list(index_dir.glob(f".{ANN_DIR}.old.*"))
-    whole = sorted((p for p in olds if (p / "ann.json").is_file()), key=lambda p: p.stat().st_mtime_ns)
+    whole = sorted((p for p in olds if _whole(p)), key=lambda p: p.stat().st_mtime_ns)
     # the newest whole one is put back: a link whose target is gone (INDEX/ann kept on another disk)
     # came back as a dangling INDEX/ann, and the build failed at its swap, its work lost
     if whole and not os.path.lexists(ann_dir(index_dir)):
@@ -519,8 +519,14 @@ def left_mid_swap(index_dir: Path) -> bool:
     """Whether a build killed between _swap_in's two renames left the old shortlist under its
     swap's name and none in place: the index still has one, which the next update puts back."""
     index_dir = Path(index_dir)
-    return not ann_dir(index_dir).exists() and any((p / "ann.json").is_file()
-                                                   for p in index_dir.glob(f".{ANN_DIR}.old.*"))
+    return not ann_dir(index_dir).exists() and any(_whole(p) for p in index_dir.glob(f".{ANN_DIR}.old.*"))
+
+
+def _whole(folder: Path) -> bool:
+    """Whether a set-aside shortlist's folder holds its ann.json (written last); not one this
+    worker may not enter (mode 000 on a shared disk: Path.is_file raised, and every build,
+    update and index run failed on it; _discard removes it)."""
+    return os.path.isfile(folder / "ann.json")
 
 
 REBUILD = ("run `python -m worker build-ann` again, or search without the shortlist (`--ann off`; over the "
