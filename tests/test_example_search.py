@@ -113,12 +113,13 @@ def test_the_own_place_is_the_examples_square_or_what_lies_mostly_inside_its_box
     assert dict(zip(places, got)) == {name: is_own for name, (_, is_own) in places.items()}
 
 
-@pytest.mark.parametrize("west, twin_west", [(179.99, -180.01), (190.0, -170.0)])
+@pytest.mark.parametrize("west, twin_west", [(179.99, -180.01), (190.0, -170.0), (-190.0, 170.0)])
 def test_the_same_ground_in_another_longitude_frame_is_the_same_place(tmp_path, west, twin_west):
     """Two lon/lat rasters of the same ground, one written across or past 180 degrees (179.99 to
-    180.01, or 0 to 360 as Pacific data often is) and one in -180..180: an example on one came
-    back as a hit from the other, and a place marked bad on one came back from the other at #1
-    (found by a probe), while each worked the other way round. Each is now the other's place."""
+    180.01, or 0 to 360 as Pacific data often is), or past -180, and one in -180..180: an example
+    on one came back as a hit from the other, and a place marked bad on one came back from the
+    other at #1 (found by a probe), while each worked the other way round. Each is now the other's
+    place."""
     from rasterio.transform import from_origin
 
     from worker.errors import InputError

@@ -645,8 +645,10 @@ def with_world_copies(shape: Polygon) -> MultiPolygon:
 def shared_area(a: Polygon, b: Polygon) -> float:
     """The area two lon/lat footprints share on the ground: also where one lies a world from the
     other (a footprint across 180 degrees lies past it, the same place beside it in another
-    raster's CRS does not)."""
-    shifts = WORLD_SHIFTS if max(a.bounds[2], b.bounds[2]) > 180 else (0.0,)
+    raster's CRS does not; a raster's own longitudes may run past -180 too, as a world grid
+    offset by half a pixel's do)."""
+    beyond = max(a.bounds[2], b.bounds[2]) > 180 or min(a.bounds[0], b.bounds[0]) < -180
+    shifts = WORLD_SHIFTS if beyond else (0.0,)
     moved = [shapely.affinity.translate(b, dx) if dx else b for dx in shifts]
     return float(sum(overlap_area(a, m) for m in moved if a.intersects(m)))
 
