@@ -246,13 +246,12 @@ def test_a_gpus_reads_ahead_hand_back_each_chunks_batches_in_order(assets, tmp_p
             assert a.tiles == b.tiles and np.array_equal(a.cells, b.cells)
 
 
-def test_a_run_drawn_here_keeps_its_rasters_open_until_it_ends_and_a_failed_read_opens_it_again(tmp_path, model,
-                                                                                                   assets):
+def test_a_run_drawn_here_keeps_the_raster_it_reads_open_and_no_other(tmp_path, model, assets):
     """Drawn in this process, a run reads each raster through a handle kept from batch to batch
     (it opened the raster for every batch of 16: a VRT of 50,000 sheets takes GDAL 2 s to open),
-    and closes it as the run ends (on Windows an open raster cannot be replaced). A mosaic's
-    sheet not there fails the read, and read through the same handles once it is back, it is
-    read whole."""
+    closed once the run reads another or ends (on Windows an open raster cannot be replaced). A
+    mosaic's sheet not there fails the read, and read through the same handles once it is back,
+    it is read whole."""
     from two_sheets import write_two_sheets
     from worker.drawing_pool import read_tiles
     from worker.raster_handles import ThreadHandles
@@ -273,16 +272,17 @@ def test_a_run_drawn_here_keeps_its_rasters_open_until_it_ends_and_a_failed_read
     handles.close()
 
     class Watched(LocalChunks):
-        def run(self, *args, **kwargs):  # open files seen between the run's chunks
-            for done in super().run(*args, **kwargs):
-                seen.append(str(raster) in open_files())
-                yield done
+        def run(self, *args, **kwargs):  # open files seen after each of the run's chunks
+            for job, result in super().run(*args, **kwargs):
+                seen.append((job.raster["path"], {str(r) for r in rasters} & open_files()))
+                yield job, result
 
-    seen: list[bool] = []
-    raster = shutil.copyfile(assets["rmnp_rgb"], tmp_path / "rmnp.tif")  # a GeoTIFF's file stays open with it
-    IndexWriter(tmp_path / "index", model, SETTINGS, CHUNK).build([raster], computer=Watched(model, processes=0))
-    assert len(seen) > 1 and all(seen), "kept open from chunk to chunk"
-    assert str(raster) not in open_files()
+    seen: list[tuple[str, set[str]]] = []
+    rasters = [shutil.copyfile(assets[name], tmp_path / f"{name}.tif") for name in ("rmnp_rgb", "osbs_rgb")]
+    IndexWriter(tmp_path / "index", model, SETTINGS, CHUNK).build(rasters, computer=Watched(model, processes=0))
+    assert len(seen) > 2 and all(open_now == {path} for path, open_now in seen), \
+        "the raster read kept open from chunk to chunk, and it alone (a GeoTIFF's file stays open with it)"
+    assert not {str(r) for r in rasters} & open_files()
 
 
 def test_a_raster_damaged_before_a_gpu_reads_it_is_an_input_error(tmp_path, assets):

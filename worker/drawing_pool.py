@@ -63,6 +63,12 @@ class DrawingJob:
     pixels: str | None = None  # "edges": the line drawings, "rgb": the images, None: neither (no tokens)
 
 
+def run_handles() -> ThreadHandles:
+    """An index run's raster handles: one a reading thread, the raster it reads now (a run reads
+    one raster after another; kept open, the finished ones could not be replaced until its end)."""
+    return ThreadHandles(per_thread=1)
+
+
 def read_tiles(job: DrawingJob, tiles: Sequence[Tile],
                handles: ThreadHandles) -> list[tuple[Tile, np.ndarray, np.ndarray]]:
     """(tile, image, valid) for each of `tiles`, read through this thread's handle of `handles`,
@@ -95,7 +101,7 @@ def _read_and_draw_here(job: DrawingJob, tiles: Sequence[Tile]) -> DrawnBatch:
     """read_and_draw in a DrawingPool's process, through its rasters kept open for its life."""
     global _process_handles
     if _process_handles is None:
-        _process_handles = ThreadHandles()
+        _process_handles = run_handles()
     return read_and_draw(job, tiles, _process_handles)
 
 
@@ -147,7 +153,7 @@ def drawn_batches(job: DrawingJob, tiles: Sequence[Tile], batch_size: int, devic
     Read through `handles` (a run's, kept open from chunk to chunk), else through handles of
     its own, closed at the end."""
     own = handles is None
-    handles = ThreadHandles() if own else handles
+    handles = run_handles() if own else handles
     try:
         for start in range(0, len(tiles), batch_size):
             part = tiles[start:start + batch_size]
@@ -280,7 +286,7 @@ class DeviceDrawing:
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.handles = ThreadHandles()
+        self.handles = run_handles()
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="tile-read-ahead")
 
     def each_job(self, work: Iterable[tuple[DrawingJob, Sequence[Tile]]],

@@ -20,9 +20,11 @@ OPEN_PER_THREAD = 16  # raster handles a thread keeps open (least recently used 
 
 
 class ThreadHandles:
-    """Each reading thread's open rasters, at most OPEN_PER_THREAD each."""
+    """Each reading thread's open rasters, at most `per_thread` each (an index run's one: it reads
+    one raster after another, and kept the finished ones open to its end)."""
 
-    def __init__(self) -> None:
+    def __init__(self, per_thread: int = OPEN_PER_THREAD) -> None:
+        self.per_thread = per_thread
         self._local = threading.local()
         self._lock = threading.Lock()
         self._every_thread: list[OrderedDict[tuple, rasterio.DatasetReader]] = []
@@ -48,7 +50,7 @@ class ThreadHandles:
             return handles[key]
         self.forget(path)
         handles[key] = rasterio.open(path)
-        while len(handles) > OPEN_PER_THREAD:
+        while len(handles) > self.per_thread:
             handles.popitem(last=False)[1].close()
         return handles[key]
 

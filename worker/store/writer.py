@@ -25,8 +25,8 @@ from worker.store.gpkg import write_tiles_gpkg
 from worker.store.maps import damaged_map, remove_maps, remove_unfinished_maps, write_joined_maps
 from worker.store.reader import TileIndex
 from worker.store.shard_file import DamagedFile, committed_array
-from worker.drawing_pool import DeviceDrawing, DrawingJob, DrawingPool, DrawnBatch, default_processes, drawn_batches
-from worker.raster_handles import ThreadHandles
+from worker.drawing_pool import (DeviceDrawing, DrawingJob, DrawingPool, DrawnBatch, default_processes, drawn_batches,
+                                 run_handles)
 from worker.thread_pools import usable_cores
 from worker.tile_features import TileFeatures
 from worker.tiling import RasterInfo, Tile, TilePlan, TileSettings, open_rasters, plan_tiles
@@ -478,7 +478,7 @@ class LocalChunks:
             pool = DrawingPool(processes)
         elif jobs and device is not None:
             pool = DeviceDrawing(device)
-        handles = ThreadHandles()  # drawn here: the rasters kept open from chunk to chunk, closed with the run
+        handles = run_handles()  # drawn here: the rasters kept open from chunk to chunk, closed with the run
         try:
             work = ((drawing_job(self.model, job, settings), job.tiles) for job in jobs)  # tiles as needed
             each = pool.each_job(work, batch_size) if pool else \
