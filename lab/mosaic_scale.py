@@ -13,9 +13,14 @@ Two runs, in process, the same sketches for each index (simple pseudo-sketches o
                 gdalbuildvrt writes one (its sheets empty files: no pixel is read): the gone-sheet
                 check (worker.vrt_sheets), its first read in a process and a search's check of 300
                 placements after it; and the once-a-minute look at its sources
-                (RasterInfo.changed_beside), the first and the next.
+                (RasterInfo.changed_beside), the first and the next; and GDAL's own opening
+                of it, as each thread that reads it opens it, and the memory its handle holds.
+  --sources-px  the demo scene's GeoTIFF indexed at scale 1, and the same pixels as a VRT of
+                sources of N px a side, each reading its own block of the GeoTIFF (8: about
+                59,000 sources a band, GDAL's cost of a country's VRT of sheets): GDAL's opening of
+                each, and an index run of each (one process, no drawing pool).
 Run: scripts/lab mosaic_scale [--rasters 1000] [--vrt-side 0] [--scan-tiles 19000,50000] [--sheets 10000,50000]
-     [--queries 8] [--keep DIR]
+     [--sources-px 8] [--queries 8] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from worker.ranking import RankingConfig
 from worker.search_area import SearchArea
 from worker.sketch import prepare_sketch
 from worker.store import IndexWriter, TileIndex
+from worker.store.writer import LocalChunks
 from worker.tiling import RasterInfo, TileSettings, sources_stamp
 from worker.vrt_sheets import gone_sheets
 
@@ -195,7 +201,10 @@ def sheets_row(folder: Path, sheets: int, placements: int = 300) -> str:
         started = time.perf_counter()
         gone_sheets(places)
         times.append(time.perf_counter() - started)
+    held = resident_mb()
+    started = time.perf_counter()
     with rasterio.open(vrt) as src:  # as indexed: after the gone-sheet check, whose peak memory GDAL's would hide
+        opened, handle_mb = time.perf_counter() - started, resident_mb() - held
         raster = replace(raster, size=vrt.stat().st_size, mtime_ns=vrt.stat().st_mtime_ns,
                          transform=tuple(src.transform), crs_wkt=src.crs.to_wkt() if src.crs else "",
                          sources=sources_stamp(src))
@@ -205,7 +214,55 @@ def sheets_row(folder: Path, sheets: int, placements: int = 300) -> str:
         raster.changed_beside()
         looks.append(time.perf_counter() - started)
     return (f"| {sheets:,} | {vrt.stat().st_size / 1e6:.0f} MB | {first:.2f} s | {grown:.0f} MB | "
-            f"{np.median(times) * 1e3:.1f} ms | {looks[0]:.2f} s | {looks[1]:.2f} s |")
+            f"{np.median(times) * 1e3:.1f} ms | {looks[0]:.2f} s | {looks[1]:.2f} s | {opened:.2f} s | "
+            f"{handle_mb:.0f} MB |")
+
+
+def resident_mb() -> float:
+    """This process's resident memory now (Linux)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2 ** 20
+
+
+def sources_vrt(path: Path, raster: Path, side: int) -> tuple[Path, int]:
+    """A VRT of `raster`'s pixels as sources of `side` px a side, each reading its own block of
+    it (SimpleSource), and its sources a band."""
+    with rasterio.open(raster) as src:
+        width, height, crs, geotransform = src.width, src.height, src.crs.to_wkt(), src.transform.to_gdal()
+        colours, dtype = [c.name.capitalize() for c in src.colorinterp], typename_fwd[dtype_rev[src.dtypes[0]]]
+    blocks = [(c, r, min(side, width - c), min(side, height - r))
+              for r in range(0, height, side) for c in range(0, width, side)]
+    with open(path, "w") as out:
+        out.write(f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}"><SRS>{escape(crs)}</SRS>'
+                  f'<GeoTransform>{", ".join(map(str, geotransform))}</GeoTransform>\n')
+        for band, colour in enumerate(colours, 1):
+            out.write(f'<VRTRasterBand dataType="{dtype}" band="{band}"><ColorInterp>{colour}</ColorInterp>\n')
+            for c, r, w, h in blocks:
+                out.write(f'<SimpleSource><SourceFilename relativeToVRT="0">{escape(str(raster))}</SourceFilename>'
+                          f'<SourceBand>{band}</SourceBand><SrcRect xOff="{c}" yOff="{r}" xSize="{w}" ySize="{h}"/>'
+                          f'<DstRect xOff="{c}" yOff="{r}" xSize="{w}" ySize="{h}"/></SimpleSource>\n')
+            out.write("</VRTRasterBand>\n")
+        out.write("</VRTDataset>\n")
+    return path, len(blocks)
+
+
+def sources_rows(folder: Path, model, side: int) -> list[str]:
+    """Table rows (--sources-px): the scene's GeoTIFF and the VRT of its pixels, each opened by
+    GDAL and indexed at scale 1 in this process."""
+    scene = load_asset_paths()["s2_rgb"]
+    vrt, sources = sources_vrt(folder / f"sources-{side}.vrt", scene, side)
+    rows = []
+    for name, raster, count in (("the scene's GeoTIFF", scene, 1), (f"a VRT of {side} px sources", vrt, sources)):
+        started = time.perf_counter()
+        with rasterio.open(raster):
+            opened = time.perf_counter() - started
+        index = folder / f"index-sources-{count}"
+        shutil.rmtree(index, ignore_errors=True)
+        started = time.perf_counter()
+        IndexWriter(index, model, SETTINGS).build([raster], computer=LocalChunks(model, processes=0))
+        indexed = time.perf_counter() - started
+        rows.append(f"| {name} | {count:,} | {Path(raster).stat().st_size / 1e6:.1f} MB | {opened:.2f} s | "
+                    f"{len(TileIndex.open(index)):,} | {indexed:.1f} s |")
+    return rows
 
 
 def row(name: str, index: TileIndex, latency: dict) -> str:
@@ -220,10 +277,12 @@ def main() -> int:
     parser.add_argument("--vrt-side", type=int, default=0, help="the scene repeated K by K as one VRT (0: skip)")
     parser.add_argument("--scan-tiles", default="", help="coarse scan alone at these tile counts (e.g. 19000,50000)")
     parser.add_argument("--sheets", default="", help="the gone-sheet check over VRTs of these sheet counts")
+    parser.add_argument("--sources-px", type=int, default=0, help="the scene indexed as a VRT of sources this size")
     parser.add_argument("--queries", type=int, default=8)
     parser.add_argument("--keep", type=Path, default=None, help="build here and keep (else a temporary folder)")
     args = parser.parse_args()
-    model = load_model(device="cpu", sketch_modules="none") if args.rasters or args.vrt_side else None
+    indexes = args.rasters or args.vrt_side or args.sources_px
+    model = load_model(device="cpu", sketch_modules="none") if indexes else None
     work = args.keep or Path(tempfile.mkdtemp(prefix="mosaic-scale-"))
     print("| mosaic | level maps | tiles | search p50 ms | p95 | shortlist | refine | verify |\n"
           "|---|---|---|---|---|---|---|---|")
@@ -255,9 +314,14 @@ def main() -> int:
         counts = [int(n) for n in args.sheets.split(",") if n]
         if counts:
             print("\n| sheets | .vrt | gone-sheet check: first read | its peak RSS grew | a search's check "
-                  "(300 places, p50) | sources looked at: first | next |\n|---|---|---|---|---|---|---|")
+                  "(300 places, p50) | sources looked at: first | next | GDAL opens it (each reading thread) | "
+                  "its handle holds |\n|---|---|---|---|---|---|---|---|---|")
         for sheets in counts:
             print(sheets_row(work, sheets), flush=True)
+        if args.sources_px:
+            print("\n| raster | sources a band | file | GDAL opens it | tiles | index run |\n|---|---|---|---|---|---|")
+            for line in sources_rows(work, model, args.sources_px):
+                print(line, flush=True)
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
