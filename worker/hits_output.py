@@ -35,7 +35,7 @@ def hits_to_geojson(hits: list[Hit], crs: CRS, extra: dict | None = None) -> dic
     counterclockwise (a raster's rows run south: its corners in pixel order ran clockwise on the
     map). A non-WGS84 output CRS is named in a `crs` member (which QGIS and GDAL read)."""
     cannot = f"cannot be placed in the output CRS {excerpt(crs.to_string())}"
-    choose = "choose a CRS that covers them (EPSG:4326 covers every place)"
+    choose = "choose a CRS that covers them (EPSG:4326 covers every place), or search an area without them"
     try:
         polygons = reproject_rings([h.placement for h in hits], crs)
     except CPLE_BaseError as exc:  # was `internal`, after the whole search: an orthographic CRS of the other side
