@@ -91,7 +91,8 @@ def test_strokes_traced_over_a_raster_past_180_degrees_use_its_pixel_grid(index,
     place was not in the top 5). They come out as its own pixel lines, as on any raster."""
     from worker.tiling import open_raster
 
-    _s2_part(assets["s2_rgb"], tmp_path / "pacific.tif", 0, "EPSG:4326", Affine(STEP_DEG, 0, 190.0, 0, -STEP_DEG, -17.0))
+    pacific = Affine(STEP_DEG, 0, 190.0, 0, -STEP_DEG, -17.0)
+    _s2_part(assets["s2_rgb"], tmp_path / "pacific.tif", 0, "EPSG:4326", pacific)
     pacific = open_raster(tmp_path / "pacific.tif", None)
     south = next(i for i, r in index.rasters.items() if r.path.endswith("south.tif"))
     rasters, tiles = {south: index.rasters[south], 99: pacific}, {south: 1000, 99: 10}  # the other has more tiles

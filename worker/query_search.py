@@ -10,7 +10,6 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from rasterio.crs import CRS
 from shapely.geometry import Polygon
 
 from wire.protocol import excerpt
