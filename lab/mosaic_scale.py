@@ -21,6 +21,7 @@ Two runs, in process, the same sketches for each index (simple pseudo-sketches o
                 each, and an index run of each (one process, no drawing pool).
 Run: scripts/lab mosaic_scale [--rasters 1000] [--vrt-side 0] [--scan-tiles 19000,50000] [--sheets 10000,50000]
      [--sources-px 8] [--queries 8] [--keep DIR]
+     (each run is skipped at 0: scripts/lab mosaic_scale --rasters 0 --sources-px 8 runs that one alone)
 """
 
 from __future__ import annotations

@@ -285,6 +285,23 @@ def test_a_run_drawn_here_keeps_the_raster_it_reads_open_and_no_other(tmp_path, 
     assert not {str(r) for r in rasters} & open_files()
 
 
+def test_a_gpus_reading_threads_keep_only_the_raster_read_now_open(tmp_path, assets):
+    """Read in threads (DeviceDrawing), a batch is split among the threads; a thread given no part
+    of the next raster kept the last one open to the run's end (on Windows it could not be
+    replaced), found by a review. Two threads (on two cores or more) read the first raster's batch, one
+    the second's."""
+    rasters = [shutil.copyfile(assets[name], tmp_path / f"{name}.tif") for name in ("rmnp_rgb", "osbs_rgb")]
+    jobs = [DrawingJob(open_raster(r, None).to_json(), 224, SETTINGS.tile, SETTINGS.min_valid) for r in rasters]
+    tiles = [list(plan_tiles(open_raster(r, None), SETTINGS)) for r in rasters]
+    drawing = DeviceDrawing(torch.device("cpu"))
+    try:
+        for batches in zip(drawing.each_job([(jobs[0], tiles[0][:4]), (jobs[1], tiles[1][:1])], 4), range(2)):
+            list(batches[0])
+        assert {str(r) for r in rasters} & open_files() == {str(rasters[1])}
+    finally:
+        drawing.close()
+
+
 def test_a_raster_damaged_before_a_gpu_reads_it_is_an_input_error(tmp_path, assets):
     """Saying GDAL's reason, not rasterio's "Read failed. See previous exception for details";
     the chunks after it are read still."""

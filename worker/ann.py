@@ -525,8 +525,12 @@ def left_mid_swap(index_dir: Path) -> bool:
 def _whole(folder: Path) -> bool:
     """Whether a set-aside shortlist's folder holds its ann.json (written last); not one this
     worker may not enter (mode 000 on a shared disk: Path.is_file raised, and every build,
-    update and index run failed on it; _discard removes it)."""
-    return os.path.isfile(folder / "ann.json")
+    update and index run failed on it; _discard removes it). Any other error is raised: a
+    network disk's passing one must not discard the only shortlist there is."""
+    try:
+        return (folder / "ann.json").is_file()
+    except PermissionError:
+        return False
 
 
 REBUILD = ("run `python -m worker build-ann` again, or search without the shortlist (`--ann off`; over the "

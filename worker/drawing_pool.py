@@ -94,11 +94,11 @@ def read_and_draw(job: DrawingJob, tiles: Sequence[Tile], handles: ThreadHandles
     return draw_read(job, read_tiles(job, tiles, handles))
 
 
-_process_handles: ThreadHandles | None = None  # a drawing process's open rasters: closed as it ends with its run
+_process_handles: ThreadHandles | None = None  # a drawing process's raster it reads: closed as it ends with its run
 
 
 def _read_and_draw_here(job: DrawingJob, tiles: Sequence[Tile]) -> DrawnBatch:
-    """read_and_draw in a DrawingPool's process, through its rasters kept open for its life."""
+    """read_and_draw in a DrawingPool's process, through the raster it read last, kept open."""
     global _process_handles
     if _process_handles is None:
         _process_handles = run_handles()
@@ -142,6 +142,7 @@ def read_in_threads(job: DrawingJob, tiles: Sequence[Tile],
     futures = [pool.submit(read_tiles, job, tiles[p[0]:p[-1] + 1], handles)
                for p in np.array_split(np.arange(len(tiles)), min(READ_THREADS, len(tiles))) if len(p)]
     wait_all(futures)  # a failed part must not close the handles under the others
+    handles.close_others(RasterInfo.from_json(job.raster).path)  # no thread reads: one raster open, the one read
     return job, [one for future in futures for one in future.result()]
 
 

@@ -3,9 +3,10 @@
 A rasterio dataset must not be read from two threads at once, so each thread that reads keeps
 its own. GDAL keeps the decoded blocks of an open raster, so a place read again, or one sharing
 blocks with a place just read, is not decompressed again; a raster changed on disk is opened
-anew. Verification keeps one set for the worker's life (worker.verify); a GPU's indexing run
-keeps one for the run and closes it at the end (worker.drawing_pool), so that no file stays open
-after it (on Windows an open file cannot be replaced or deleted).
+anew. Verification keeps one set for the worker's life (worker.verify); an indexing run keeps
+one for the run, each thread holding the raster it reads now alone, and closes it at the end
+(worker.drawing_pool), so that no file stays open after it (on Windows an open file cannot be
+replaced or deleted).
 """
 
 from __future__ import annotations
@@ -61,6 +62,14 @@ class ThreadHandles:
         handles = self._mine()
         for old in [k for k in handles if k[0] == path]:
             handles.pop(old).close()
+
+    def close_others(self, path: str) -> None:
+        """Close every thread's handles of rasters other than `path`; only while no thread reads
+        through them (a thread given no part of a later raster kept its last one open)."""
+        with self._lock:
+            for handles in self._every_thread:
+                for key in [k for k in handles if k[0] != path]:
+                    handles.pop(key).close()
 
     def close(self) -> None:
         """Close every thread's handles; only once no thread reads through them."""
