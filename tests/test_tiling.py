@@ -46,13 +46,28 @@ def test_single_band_float_raster_is_replicated_and_stretched_without_nodata(ass
 
 
 def test_multiband_raster_without_colour_interpretation_needs_bands(tmp_path, assets):
+    """Refused, saying both ways in: --bands for an index of such rasters, and, beside rasters of
+    other bands (an index keeps its bands: --bands alone was a dead end there), its colours named
+    in it (as gdal_edit.py does: here with rasterio, which every machine running this has), which is
+    then enough."""
+    import re
+    import shlex
+
+    from rasterio.enums import ColorInterp
+
     with rasterio.open(assets["s2_rgb"]) as src:
         data = src.read(window=((0, 64), (0, 64)))
         profile = {"crs": src.crs, "transform": src.transform}
     path = write_raster(tmp_path / "four.tif", np.concatenate([data, data[:1]]), **profile)
-    with pytest.raises(InputError, match="--bands"):
+    with pytest.raises(InputError, match="--bands R,G,B") as refused:
         open_raster(path, None)
     assert open_raster(path, (3, 2, 1)).bands == (3, 2, 1)
+    advice = re.search(r"gdal_edit.py -colorinterp_R red -colorinterp_G green -colorinterp_B blue (\S+)",
+                       str(refused.value))
+    assert advice and shlex.split(advice.group(1)) == [str(path)], str(refused.value)
+    with rasterio.open(path, "r+") as named:
+        named.colorinterp = [ColorInterp.blue, ColorInterp.green, ColorInterp.red, ColorInterp.undefined]
+    assert open_raster(path, None).bands == (3, 2, 1)
     with pytest.raises(InputError, match="band\\(s\\) \\[7\\]"):
         open_raster(path, (7, 2, 1))
 

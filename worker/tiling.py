@@ -389,10 +389,16 @@ class RasterMissing(InputError):
 
 class BandsUnknown(InputError):
     """A raster whose red, green and blue bands neither its colour interpretation nor the
-    request names. What to do depends on what was asked: `base` is the finding alone."""
+    request names. What to do depends on what was asked: `base` is the finding alone. An index
+    keeps the bands it was built with, so --bands alone left a folder of such a raster beside an
+    RGB one, or an index holding RGB ones, with no way in (a probe's): naming its colours in it
+    does, as the 3-band warning says."""
 
-    def __init__(self, base: str, count: int):
-        super().__init__(f"{base}; pass --bands R,G,B (for a new index: an index keeps the bands it was built with)")
+    def __init__(self, base: str, path: str, count: int):
+        super().__init__(f"{base}; pass --bands R,G,B for a new index of such rasters (one band as grey: --bands 1), "
+                         "or, to index it beside rasters of other bands, name its colours in it: gdal_edit.py "
+                         f"-colorinterp_R red -colorinterp_G green -colorinterp_B blue {shlex.quote(path)} "
+                         "(R, G and B its band numbers)")
         self.base = base
         self.count = count  # the raster's bands
 
@@ -437,7 +443,7 @@ def choose_bands(src: rasterio.DatasetReader, requested: tuple[int, ...] | None)
                     "-colorinterp_3 blue %s)", name, shlex.quote(name))
         return (1, 2, 3)
     raise BandsUnknown(f"{name}: cannot tell which of its {src.count} bands are red, green, blue "
-                       f"(colour interpretation {[c.name for c in interp]})", src.count)
+                       f"(colour interpretation {[c.name for c in interp]})", name, src.count)
 
 
 def _paletted(src: rasterio.DatasetReader, requested: tuple[int, ...] | None) -> bool:
