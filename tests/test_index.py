@@ -1,6 +1,7 @@
 """The index on disk: resumable after a hard kill, incremental, never mixed, visible in QGIS."""
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -183,8 +184,9 @@ def test_adding_a_raster_does_not_recompute_the_others(tmp_path, model, rmnp_cop
     assert info["complete"] and info["tile_count"] > len(first)
 
 
-def test_a_raster_changed_on_disk_is_indexed_again(tmp_path, model, rmnp_copy):
-    """New pixels (here the scene upside down) give new cells, in place of the old ones."""
+def test_a_raster_changed_on_disk_is_indexed_again(tmp_path, model, rmnp_copy, caplog):
+    """New pixels (here the scene upside down) give new cells, in place of the old ones, and the
+    run says it indexes the raster again (it said nothing: a run of hours looked like a new one)."""
     import rasterio
 
     settings = TileSettings(tile=112, scales=(1,))
@@ -193,7 +195,9 @@ def test_a_raster_changed_on_disk_is_indexed_again(tmp_path, model, rmnp_copy):
     before = shard_arrays(out)
     with rasterio.open(rmnp_copy, "r+") as dst:
         dst.write(dst.read()[:, ::-1])
-    IndexWriter(out, model, settings).build([rmnp_copy])
+    with caplog.at_level(logging.WARNING, logger="worker"):
+        IndexWriter(out, model, settings).build([rmnp_copy])
+    assert f"{rmnp_copy}: changed on disk since it was indexed: indexing it again" in caplog.text
     after = shard_arrays(out)
     assert len(after["records"]) == len(before["records"])  # replaced, not duplicated
     assert (after["cells"] != before["cells"]).mean() > 0.1  # drawn from the new pixels

@@ -256,7 +256,8 @@ class IndexWriter:
                 if RasterInfo.from_json(entry).changed_since(info):  # info: the raster opened afresh
                     self._drop_raster(entry["id"])
                     entry.update(info.to_json(), complete=False, tiles_total=None, tiles_skipped=0)
-                    log.info("%s changed on disk since it was indexed: indexing it again", info.path)
+                    # said: a run indexing the whole raster again said nothing of it (a probe's), even with -v
+                    log.warning("%s: changed on disk since it was indexed: indexing it again, whole", info.path)
                 return entry
         entry = {"id": max((r["id"] for r in self.manifest["rasters"]), default=-1) + 1, **info.to_json(),
                  "complete": False, "tiles_total": None, "tiles_skipped": 0}
