@@ -437,12 +437,12 @@ def nearest_copy_x(xs: np.ndarray, crs_wkt: str, centre_x: float, whole: bool = 
 def nearest_copy(shape: Polygon, crs: CRS, centre_x: float) -> Polygon:
     """A footprint in `crs` (reproject_rings': whole) moved by whole turns round the Earth so that
     its middle lies nearest `centre_x`, in a CRS whose x wraps; as it is in any other, or empty."""
-    world = _world(crs.to_wkt())
-    if shape.is_empty or world is None:
+    if shape.is_empty:
         return shape
     west, _, east, _ = shape.bounds
-    turns = np.round(((west + east) / 2 - centre_x) / world[0])
-    return shapely.affinity.translate(shape, -turns * world[0]) if turns else shape
+    middle = (west + east) / 2
+    moved = float(nearest_copy_x(np.array([middle]), crs.to_wkt(), centre_x)[0])
+    return shapely.affinity.translate(shape, moved - middle) if moved != middle else shape
 
 
 @lru_cache(maxsize=16)
