@@ -31,7 +31,7 @@ from lab.pseudo_sketch import has_lines, pseudo_sketch
 from worker import ann, line_drawing
 from worker.app import ModelOptions
 from worker.assets import load_asset_paths
-from worker.drawing_pool import DrawingJob, read_in_threads
+from worker.drawing_pool import DrawingJob, read_in_threads, read_tiles, run_handles
 from worker.errors import InputError
 from worker.model.loading import load_model
 from worker.ranking import RankingConfig
@@ -39,10 +39,9 @@ from worker.search import search
 from worker.sketch import prepare_sketch
 from worker.store import IndexWriter, TileIndex
 from worker.store.format import CHUNK_TILES
-from worker.raster_handles import ThreadHandles
 from worker.store.writer import LocalChunks
 from worker.tile_features import cells_on_grid
-from worker.tiling import TileSettings, iter_tile_pixels, open_raster, plan_tiles
+from worker.tiling import TileReader, TileSettings, open_raster, plan_tiles
 
 
 
@@ -85,7 +84,7 @@ def stage_seconds(model, raster: Path, settings: TileSettings, n: int, batch: in
     tiles = plan_tiles(info, settings)[:n]
     job = DrawingJob(info.to_json(), model.img_size, settings.tile, settings.min_valid)
     device = line_drawing.drawing_device(model.device)
-    handles = ThreadHandles()
+    handles = run_handles()
     spent = dict.fromkeys(("read", "draw", "cells", "tokens"), 0.0)
 
     def lap(stage: str, began: float) -> float:
@@ -97,8 +96,7 @@ def stage_seconds(model, raster: Path, settings: TileSettings, n: int, batch: in
 
     def one_batch(part) -> None:
         began = time.perf_counter()
-        read = list(iter_tile_pixels(info, part, model.img_size)) if device is None else \
-            read_in_threads(job, part, handles)[1]
+        read = read_tiles(job, part, handles) if device is None else read_in_threads(job, part, handles)[1]
         read = [r for r in read if r[2].mean() >= settings.min_valid]
         images, masks = np.stack([r[1] for r in read]), np.stack([r[2] for r in read])
         if device is not None:
@@ -146,7 +144,8 @@ def sketches(index: TileIndex, model, n: int) -> list[torch.Tensor]:
     info = next(iter(index.rasters.values()))
     out = []
     for tile in rng.permutation(list(plan_tiles(info, TileSettings())))[:4 * n]:
-        image, valid = next(iter(iter_tile_pixels(info, [tile], model.img_size)))[1:]
+        with TileReader(info, model.img_size) as reader:
+            image, valid = reader.read(tile)
         if has_lines(image, valid):
             out.append(prepare_sketch(pseudo_sketch(image, "simple", rng=rng, valid=valid), model.img_size))
         if len(out) == n:

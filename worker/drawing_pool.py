@@ -142,7 +142,7 @@ def read_in_threads(job: DrawingJob, tiles: Sequence[Tile],
     futures = [pool.submit(read_tiles, job, tiles[p[0]:p[-1] + 1], handles)
                for p in np.array_split(np.arange(len(tiles)), min(READ_THREADS, len(tiles))) if len(p)]
     wait_all(futures)  # a failed part must not close the handles under the others
-    handles.close_others(RasterInfo.from_json(job.raster).path)  # no thread reads: one raster open, the one read
+    handles.close_others(job.raster["path"])  # no thread reads: one raster open, the one read
     return job, [one for future in futures for one in future.result()]
 
 

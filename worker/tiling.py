@@ -841,11 +841,3 @@ def fill_from_nearest_valid(image: np.ndarray, valid: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(image)
     _, (rows, cols) = ndimage.distance_transform_edt(~valid, return_indices=True)
     return np.ascontiguousarray(image[rows, cols])
-
-
-def iter_tile_pixels(raster: RasterInfo, tiles: list[Tile], tile_size: int) -> Iterator[tuple[Tile, np.ndarray, np.ndarray]]:
-    with TileReader(raster, tile_size) as reader:
-        for tile in tiles:
-            image, valid = reader.read(tile)
-            yield tile, image, valid
-
