@@ -572,13 +572,15 @@ class SearchController(QObject):
         left_out, changed = reply.get("left_out") or [], reply.get("changed") or []
         partly = reply.get("partly_indexed") or []  # a worker before it did not say
         unread = reply.get("unread_places") or []  # nor this
+        sized = reply.get("out_of_scale") or []  # nor this: a place traced larger or smaller than the index finds
         unsearched = [f"Not searched: {_names(left_out)}." if left_out else "",
                       f"Searched in part, still being indexed or stopped: {_names(partly)}." if partly else "",
-                      f"Places that cannot be read, left out: {_names(unread)}." if unread else ""]
+                      f"Places that cannot be read, left out: {_names(unread)}." if unread else "",
+                      *(f"{s['reason'][:1].upper()}{s['reason'][1:]}." for s in sized)]
         if not reply["hits"]["features"]:  # was a green "0 hit(s)" and an empty layer
             where = " in the map view: pan or zoom out, or search the whole index" if query.bbox is not None else ""
             return self.notice.emit(" ".join([f"No places found{where}.", *filter(None, unsearched)]),
-                                    Qgis.Warning, _reasons(left_out + partly + unread))
+                                    Qgis.Warning, _reasons(left_out + partly + unread + sized))
         query_ms = (time.perf_counter() - started) * 1e3
         self.search_count = max([self.search_count, *_search_numbers(QgsProject.instance())]) + 1
         name = f"{SEARCH_LAYER_PREFIX} {self.search_count}: {query.index}"
@@ -598,9 +600,9 @@ class SearchController(QObject):
         self.results_ready.emit(layer)
         found = f"{layer.featureCount()} hit(s) in {query_ms:.0f} ms, added as layer “{name}”."
         said = [*unsearched, f"Changed on disk since indexed, index again: {_names(changed)}." if changed else ""]
-        if left_out or partly or unread or changed:  # each raster's whole reason in the message's details
+        if left_out or partly or unread or changed or sized:  # each raster's whole reason in the message's details
             self.notice.emit(" ".join([found, *filter(None, said)]), Qgis.Warning,
-                             _reasons(left_out + partly + unread + changed))
+                             _reasons(left_out + partly + unread + changed + sized))
         else:
             self.notice.emit(found, Qgis.Success, "")
 

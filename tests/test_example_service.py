@@ -4,6 +4,7 @@ and the command line, on a real raster; bad input answered with what to do."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -117,6 +118,15 @@ def test_the_command_line_searches_by_example(worker, rasters, tmp_path):
     assert result.returncode == 0, result.stderr
     hits = json.loads(out.read_text())["features"]
     assert len(hits) == 4 and all(own_iou(h, rasters / "rmnp-rgb.tif") <= 0.5 for h in hits)
+    assert "a side" not in result.stderr and json.loads(out.read_text())["out_of_scale"] == []
+    small = ",".join(str(v) for v in bbox_of(rasters / "rmnp-rgb.tif", (200, 100, 240, 140)))
+    result = run("--example", str(rasters / "rmnp-rgb.tif"), f"--bbox={small}", "--top", "1", "--out",
+                 str(tmp_path / "small.geojson"))  # 40 px: under the 57 px of this index's smallest places
+    assert result.returncode == 0 and re.search(r"^warning: \S*rmnp-rgb.tif: the example is about 40 px of this raster "
+                                                r"a side, smaller than the index finds .*: sketch more of its "
+                                                r"surroundings, or search an index built with tiles of \d+ px$",
+                                                result.stderr, re.M), result.stderr
+    assert json.loads((tmp_path / "small.geojson").read_text())["out_of_scale"][0]["side_px"] == pytest.approx(40)
     ids = [h["properties"]["id"] for h in hits]
     result = run("--example", str(rasters / "rmnp-rgb.tif"), f"--bbox={bbox}", "--top", "4", "--bad", ids[0],
                  "--good", ids[2], "--out", str(out))

@@ -4,6 +4,8 @@ Sentinel-2 pixels, georeferenced where projections stretch and turn them."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import rasterio
@@ -16,7 +18,9 @@ from lab.pseudo_sketch import QUERY_EDGE_SIGMA, trace_polylines
 from worker.app import SearchRequest, run_search, stroke_sketch
 from worker.line_drawing import edge_map
 from worker.map_strokes import on_the_pixel_grid
+from worker.place_size import found_sides
 from worker.placement import Placement
+from worker.ranking import RankingConfig
 from worker.store import IndexWriter, TileIndex
 from worker.tiling import TileSettings
 
@@ -75,7 +79,8 @@ def test_strokes_traced_on_a_map_become_the_pixels_they_traced(index, name, canv
     raster = next(r for r in index.rasters.values() if r.path.endswith(name))
     frame = Placement(raster, cx=330.0, cy=300.0, side=224.0, angle=0.0)
     traced = _traced(raster, frame, canvas)
-    mapped = on_the_pixel_grid(stroke_sketch(traced, canvas), index.rasters, index.tiles_per_raster)
+    mapped, under = on_the_pixel_grid(stroke_sketch(traced, canvas), index.rasters, index.tiles_per_raster)
+    assert under is raster
     image, valid = frame.read(224)
     truth = np.concatenate([line[:, ::-1] + 0.5 for line in trace_polylines(edge_map(image, QUERY_EDGE_SIGMA, valid))])
     got = np.concatenate([np.asarray(s) for s in mapped.strokes])
@@ -97,7 +102,7 @@ def test_strokes_traced_over_a_raster_past_180_degrees_use_its_pixel_grid(index,
     south = next(i for i, r in index.rasters.items() if r.path.endswith("south.tif"))
     rasters, tiles = {south: index.rasters[south], 99: pacific}, {south: 1000, 99: 10}  # the other has more tiles
     frame = Placement(pacific, cx=330.0, cy=300.0, side=224.0, angle=0.0)
-    mapped = on_the_pixel_grid(stroke_sketch(_traced(pacific, frame, canvas), canvas), rasters, tiles)
+    mapped, _ = on_the_pixel_grid(stroke_sketch(_traced(pacific, frame, canvas), canvas), rasters, tiles)
     image, valid = frame.read(224)
     truth = np.concatenate([line[:, ::-1] + 0.5 for line in trace_polylines(edge_map(image, QUERY_EDGE_SIGMA, valid))])
     got = np.concatenate([np.asarray(s) for s in mapped.strokes])
@@ -122,6 +127,47 @@ def test_strokes_without_a_map_or_where_the_map_cannot_place_them_are_drawn_as_t
     """A sketch pad's pixel strokes have no CRS; strokes at a pole cannot be placed on the
     ground: both are drawn as sent, as before."""
     pad = stroke_sketch([[(0, 0), (50, 80)], [(10, 90), (60, 5)]], None, [0, 0, 100, 100])
-    assert on_the_pixel_grid(pad, index.rasters, index.tiles_per_raster) is pad
+    assert on_the_pixel_grid(pad, index.rasters, index.tiles_per_raster) == (pad, None)
     pole = stroke_sketch([[(-10, 90), (10, 90)], [(0, 90), (5, 90)]], "EPSG:4326")
-    assert on_the_pixel_grid(pole, index.rasters, index.tiles_per_raster) is pole
+    assert on_the_pixel_grid(pole, index.rasters, index.tiles_per_raster) == (pole, None)
+
+
+@pytest.mark.parametrize("extent_px, said", [(80, "smaller than the index finds"), (360, None),
+                                             (800, "larger than the index finds")])
+def test_a_place_traced_larger_or_smaller_than_the_index_finds_is_said_in_the_raster_s_pixels(index, model, extent_px,
+                                                                                              said):
+    """The index (224 px tiles at scales 1 and 2) finds places of about 113 to 724 px a side:
+    one traced further off overlaps no hit by half, and the search said nothing of it. Its size
+    is judged in the pixels of the raster traced over, not in the map's units: web Mercator
+    shows this raster 2.1 times taller than it is."""
+    raster = next(r for r in index.rasters.values() if r.path.endswith("north.tif"))
+    cols = 330 + extent_px * np.array([-0.5, 0.5, 0.5, -0.5, -0.5, 0.5, 0.1])
+    rows = 300 + extent_px * np.array([-0.5, -0.5, 0.5, 0.5, -0.5, 0.5, 0.2])
+    xs, ys = raster.affine * (cols, rows)
+    strokes = [list(zip(*warp_transform(raster.crs_wkt, "EPSG:3857", list(xs), list(ys))))]
+    sized = run_search(SearchRequest(stroke_sketch(strokes, "EPSG:3857"), top=1), model, index).out_of_scale
+    if said is None:
+        assert sized == []
+        return
+    [entry] = sized
+    assert entry["raster"] == raster.path and said in entry["reason"]
+    assert entry["side_px"] == pytest.approx(extent_px / 0.9, rel=0.02)  # the canvas round the strokes
+    assert (entry["smallest_px"], entry["largest_px"]) == pytest.approx((113.1, 724.1), abs=0.1)
+    suggested = re.search(r"built with (scales ([\d,]+)|tiles of (\d+) px)$", entry["reason"])
+    tiling = ({"tile": 224, "scales": [int(s) for s in suggested[2].split(",")]} if suggested[2]
+              else {"tile": int(suggested[3]), "scales": [1, 2]})
+    smallest, largest = found_sides(tiling, 224, RankingConfig().sizes)  # which would find it
+    assert smallest <= entry["side_px"] <= largest and tiling != {"tile": 224, "scales": [1, 2]}
+
+
+def test_an_example_smaller_than_the_index_finds_is_said(index, model):
+    """An example box of 60 px is searched as a square of 60 px, under the 113 px the index's
+    smallest places are; its own raster named, what to do said."""
+    from worker.example_query import Example
+
+    raster = next(r for r in index.rasters.values() if r.path.endswith("north.tif"))
+    (x0, x1), (y1, y0) = raster.affine * (np.array([300, 360]), np.array([280, 340]))
+    request = SearchRequest(None, example=Example(raster.path, (x0, y0, x1, y1), "EPSG:4326"), top=1)
+    [entry] = run_search(request, model, index).out_of_scale
+    assert entry["raster"] == raster.path and entry["side_px"] == pytest.approx(60, abs=0.5)
+    assert entry["reason"].startswith("the example is about 60 px of this raster a side, smaller than")

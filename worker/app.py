@@ -436,11 +436,14 @@ class SearchOutcome:
     partly_indexed: list[dict] = field(default_factory=list)
     # rasters searched whose best places could not all be read, those left out: {raster, places, reason}
     unread_places: list[dict] = field(default_factory=list)
+    # a place traced on the map, or an example, of a size the index cannot find (worker.place_size)
+    out_of_scale: list[dict] = field(default_factory=list)
 
     def to_json(self) -> dict:
         """The search reply's fields."""
         return {"hits": self.hits, "timings_ms": self.timings_ms, "left_out": self.left_out, "changed": self.changed,
-                "partly_indexed": self.partly_indexed, "unread_places": self.unread_places}
+                "partly_indexed": self.partly_indexed, "unread_places": self.unread_places,
+                "out_of_scale": self.out_of_scale}
 
 
 def run_search(request: SearchRequest, model: "RetrievalModel", index: TileIndex,
@@ -450,13 +453,15 @@ def run_search(request: SearchRequest, model: "RetrievalModel", index: TileIndex
     search ends with SearchStopped (worker.cancellation) and its thread is free again."""
     from worker.hits_output import hits_to_geojson
     from worker.map_strokes import on_the_pixel_grid
+    from worker.place_size import out_of_scale, stroke_place_side
     from worker.query_search import search_query
     from worker.sketch import StrokeSketch, load_sketch
 
     with stop_when(should_stop):
         refuse_empty(index)
         raise_if_stopped("drawing the sketch")
-        own_place, example = None, None
+        own_place, example, sized = None, None, []
+        tiling, drawing_size, sizes = index.manifest["tiling"], index.manifest["drawing_size"], request.ranking.sizes
         if request.example is not None:
             from worker.example_query import prepare_example
 
@@ -464,10 +469,15 @@ def run_search(request: SearchRequest, model: "RetrievalModel", index: TileIndex
             example = prepare_example(request.example, list(index.rasters.values()), model.img_size,
                                       tuple(bands) if bands else None, request.access)
             sketch, own_place = example.sketch, example.own_place
+            c0, r0, c1, r1 = example.window
+            sized = out_of_scale(max(c1 - c0, r1 - r0), example.raster.path, tiling, drawing_size, sizes, "the example")
         else:
             drawn = request.sketch
             if isinstance(drawn, StrokeSketch):  # on a map: as the rasters' pixels show the place
-                drawn = on_the_pixel_grid(drawn, index.rasters, index.tiles_per_raster)
+                drawn, under = on_the_pixel_grid(drawn, index.rasters, index.tiles_per_raster)
+                if under is not None:
+                    sized = out_of_scale(stroke_place_side(drawn), under.path, tiling, drawing_size, sizes,
+                                         "the place traced on the map")
             sketch = load_sketch(drawn, model.img_size, crop_to_ink=request.crop_to_ink)
         raise_if_stopped("the search")
         result = search_query(index, model, sketch, request.ranking, top=request.top, area_wgs84=request.area_wgs84,
@@ -487,7 +497,7 @@ def run_search(request: SearchRequest, model: "RetrievalModel", index: TileIndex
                              left_out(index) + unreadable, sorted(changed.values(), key=lambda c: c["raster"]),
                              partly_indexed(index, result.unreadable, request.area_wgs84),
                              [unread_entry(path, places, why, good + bad)
-                              for path, (places, why) in sorted(result.unread_places.items())])
+                              for path, (places, why) in sorted(result.unread_places.items())], sized)
 
 
 def unread_entry(path: str, places: frozenset, why: str, marks: list) -> dict:

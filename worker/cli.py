@@ -186,7 +186,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out, {**hits, "timings_ms": outcome.timings_ms, "left_out": outcome.left_out,
                                  "changed": outcome.changed, "partly_indexed": outcome.partly_indexed,
-                                 "unread_places": outcome.unread_places}, SEARCH_THEN)
+                                 "unread_places": outcome.unread_places, "out_of_scale": outcome.out_of_scale},
+                      SEARCH_THEN)
     if args.preview:
         from worker.hits_output import contact_sheet
 
@@ -195,7 +196,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             args.preview.parent.mkdir(parents=True, exist_ok=True)
             sheet.save(args.preview, format=PREVIEW_FORMATS[args.preview.suffix.lower()])
     for said in ([r for r in outcome.left_out if r.get("kind") != "unreadable"] + outcome.changed
-                 + outcome.partly_indexed + outcome.unread_places):
+                 + outcome.partly_indexed + outcome.unread_places + outcome.out_of_scale):
         print(f"warning: {said['raster']}: {said['reason']}", file=sys.stderr)  # an unreadable one: said as found
     if not outcome.ranked and area is not None:  # an empty file, with no word (a box in another CRS, lat first)
         named = "--area" if args.example is not None else "--bbox"
@@ -212,7 +213,7 @@ def cmd_search(args: argparse.Namespace) -> int:
               f"{request.max_overlap:g}; a larger --shortlist may find more", file=sys.stderr)
     print(json.dumps({"hits": len(outcome.ranked), "out": str(args.out), "left_out": outcome.left_out,
                       "changed": outcome.changed, "partly_indexed": outcome.partly_indexed,
-                      "unread_places": outcome.unread_places,
+                      "unread_places": outcome.unread_places, "out_of_scale": outcome.out_of_scale,
                       **{k: round(v, 1) for k, v in outcome.timings_ms.items()}}))
     return 0
 

@@ -33,29 +33,32 @@ STEP_OF_SPAN = 1e-3  # a finite difference's step, of the strokes' extent
 STEP_M = 1.0  # on the ground, where a raster lies
 
 
-def on_the_pixel_grid(sketch: StrokeSketch, rasters: dict[int, RasterInfo], tiles: dict[int, int]) -> StrokeSketch:
+def on_the_pixel_grid(sketch: StrokeSketch, rasters: dict[int, RasterInfo],
+                      tiles: dict[int, int]) -> tuple[StrokeSketch, RasterInfo | None]:
     """`sketch` drawn in a CRS (`sketch.crs`) as strokes in pixel coordinates of the raster it
-    was drawn over (of `rasters` with `tiles` by id), else of the one holding the most tiles;
-    unchanged when it has no CRS, when none of `rasters` holds a tile, or where the CRS cannot
-    place it (at a pole, past a projection's edge), as it was searched before."""
+    was drawn over (of `rasters` with `tiles` by id), else of the one holding the most tiles,
+    and that raster; unchanged and None when it has no CRS, when none of `rasters` holds a
+    tile, or where the CRS cannot place it (at a pole, past a projection's edge), as it was
+    searched before."""
+    unchanged = sketch, None
     held = [rasters[i] for i in sorted(tiles, key=lambda i: -tiles[i]) if tiles[i] and i in rasters]
     if sketch.crs is None or not held or not sketch.strokes or not all(sketch.strokes):
-        return sketch
+        return unchanged
     x0, y0, x1, y1 = sketch.extent()
     span = max(x1 - x0, y1 - y0)
     if not span > 0:  # a single point: load_sketch says so
-        return sketch
+        return unchanged
     centre = np.array([(x0 + x1) / 2, (y0 + y1) / 2])
     to_ground = _ground_per_map_unit(sketch.crs, centre, span * STEP_OF_SPAN)
     if to_ground is None:
-        return sketch
+        return unchanged
     raster, lonlat = _raster_under(held, to_ground[1])
     to_pixels = _pixels_per_ground(raster, lonlat)
     if to_pixels is None:
-        return sketch
+        return unchanged
     linear = to_pixels @ to_ground[0]
     if not np.isfinite(linear).all() or abs(np.linalg.det(linear)) < 1e-12 * np.abs(linear).max() ** 2:
-        return sketch
+        return unchanged
     log.debug("map strokes in %s onto the pixel grid of %s: %s", sketch.crs, raster.path, linear.round(4).tolist())
 
     def moved(points) -> tuple[tuple[float, float], ...]:
@@ -66,7 +69,7 @@ def on_the_pixel_grid(sketch: StrokeSketch, rasters: dict[int, RasterInfo], tile
         fx0, fy0, fx1, fy1 = sketch.frame
         corners = np.asarray(moved([(fx0, fy0), (fx1, fy0), (fx1, fy1), (fx0, fy1)]))
         frame = (*corners.min(0).tolist(), *corners.max(0).tolist())
-    return replace(sketch, strokes=tuple(moved(s) for s in sketch.strokes), y_up=False, frame=frame, crs=None)
+    return replace(sketch, strokes=tuple(moved(s) for s in sketch.strokes), y_up=False, frame=frame, crs=None), raster
 
 
 def _ground_per_map_unit(crs: str, at: np.ndarray, step: float) -> tuple[np.ndarray, np.ndarray] | None:

@@ -573,6 +573,32 @@ def test_a_sketch_drawn_on_the_pad_in_strokes_of_different_lengths_is_searched(p
     dock.clear_sketch()
 
 
+def test_a_place_traced_larger_than_the_index_finds_is_said_with_its_hits(plugin, worker, rmnp_layer, tmp_path,
+                                                                          qgis_iface):
+    """Strokes across most of the raster (about 400 of its pixels) in an index of 112 px tiles at
+    scales 1 and 2, which finds places up to about 360 px a side: the hits came with a green
+    message, as if the place could be among them. The message says the place is too large and
+    which scales would find it."""
+    dock = plugin.dock
+    ready_to_search(dock, worker, tmp_path)
+    dock.area_combo.setCurrentIndex(0)
+    dock.clear_sketch()
+    dock.draw_button.setChecked(True)
+    viewport = qgis_iface.mapCanvas().viewport()
+    width, height = viewport.width(), viewport.height()
+    drag(viewport, [(0.1 * width, 0.3 * height), (0.4 * width, 0.6 * height), (0.9 * width, 0.4 * height)])
+    drag(viewport, [(0.2 * width, 0.7 * height), (0.7 * width, 0.35 * height)])
+    dock.draw_button.setChecked(False)
+    qgis_iface.messageBar().clear_messages()
+    dock.search_button.click()
+    assert process_until(lambda: not dock.searching and qgis_iface.messageBar().get_messages(Qgis.Warning), 60)
+    warnings = qgis_iface.messageBar().get_messages(Qgis.Warning)
+    assert any(re.search(r"\d+ hit\(s\) in .* The place traced on the map is about [\d,]+ px of this raster a side, "
+                         r"larger than the index finds .*: sketch a part of it, or search an index built with "
+                         r"scales 1,2,4\.$", m) for m in warnings), warnings
+    dock.clear_sketch()
+
+
 def test_a_search_that_finds_nothing_says_where_and_adds_no_layer(plugin, worker, rmnp_layer, tmp_path, qgis_iface):
     """A map view with no indexed raster in it: the search said "0 hit(s)" as a success and added
     an empty layer."""

@@ -1,0 +1,66 @@
+"""Whether a place sketched on the map, or an example's, is of a size the index can find.
+
+A search matches the sketch as templates of `RankingConfig.sizes` level pixels at each of the
+index's scales: at a tile of 224 px and scales 1, 2 and 4, squares of 160 to 1,024 raster pixels
+a side. A place more than √2 times past either end overlaps no hit by half (IoU 0.5), even a hit
+centred on it: a probe's 500 m place on 0.3 m imagery (1,667 px) overlapped its best hit by IoU
+0.35, and 0.82 in an index with scale 8 too. The search still runs; its reply says so
+(`out_of_scale`), and what to do, since a user sees only poor hits otherwise. A sketch on the pad
+has no size on the ground, and is not judged.
+"""
+
+from __future__ import annotations
+
+import math
+
+from wire.protocol import MIN_TILE
+from worker.level_maps import level_pixel
+from worker.sketch import FRAME_MARGIN, StrokeSketch
+from worker.tiling import MAX_SCALE, MAX_SCALES
+
+HALF_OVERLAP = math.sqrt(2)  # a square this much larger than another, centred on it, overlaps it by IoU 0.5
+
+
+def found_sides(tiling: dict, drawing_size: int, sizes: tuple[int, ...]) -> tuple[float, float]:
+    """The sides, in raster pixels, of the smallest and largest places an index of `tiling`
+    can overlap a hit by half."""
+    tile, scales = tiling["tile"], tiling["scales"]
+    return (min(sizes) * level_pixel(tile, min(scales), drawing_size) / HALF_OVERLAP,
+            max(sizes) * level_pixel(tile, max(scales), drawing_size) * HALF_OVERLAP)
+
+
+def stroke_place_side(sketch: StrokeSketch) -> float:
+    """The side of the square a stroke sketch is searched as, in its coordinates: its frame's
+    longer side and the canvas's margin round it (worker.sketch.render_strokes)."""
+    x0, y0, x1, y1 = sketch.extent()
+    return max(x1 - x0, y1 - y0) * (1 + 2 * FRAME_MARGIN)
+
+
+def out_of_scale(side_px: float, raster: str, tiling: dict, drawing_size: int, sizes: tuple[int, ...],
+                 what: str) -> list[dict]:
+    """The reply's `out_of_scale`: [{raster, side_px, smallest_px, largest_px, reason}] when a
+    place of `side_px` pixels of `raster` lies outside what the index finds, else []. `what`
+    names the place ("the sketched place", "the example")."""
+    smallest, largest = found_sides(tiling, drawing_size, sizes)
+    if not (side_px < smallest or side_px > largest):  # NaN: no size to judge
+        return []
+    tile, scales = tiling["tile"], list(tiling["scales"])
+    found = (f"an index of {tile} px tiles at scales {','.join(map(str, scales))} finds places of about "
+             f"{smallest:,.0f} to {largest:,.0f} px a side; its hits overlap a place outside that by less than half")
+    if side_px > largest:
+        more = []  # scales doubled on until one finds the place: 1,2,4 -> 1,2,4,8
+        while max(sizes) * level_pixel(tile, max(scales + more), drawing_size) * HALF_OVERLAP < side_px:
+            more.append(2 * max(scales + more))
+        can = max(more) <= MAX_SCALE and len(scales + more) <= MAX_SCALES
+        todo = "sketch a part of it" + (f", or search an index built with scales {','.join(map(str, scales + more))}"
+                                        if can else "")
+        size = "larger"
+    else:
+        tile_needed = math.floor(side_px * HALF_OVERLAP * drawing_size / (min(sizes) * min(scales)))
+        todo = "sketch more of its surroundings" + (f", or search an index built with tiles of {tile_needed} px"
+                                                    if tile_needed >= MIN_TILE else "")
+        size = "smaller"
+    return [{"raster": raster, "side_px": round(side_px, 1), "smallest_px": round(smallest, 1),
+             "largest_px": round(largest, 1),
+             "reason": f"{what} is about {side_px:,.0f} px of this raster a side, {size} than the index finds "
+                       f"({found}): {todo}"}]
