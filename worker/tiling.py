@@ -464,28 +464,64 @@ STRETCH_READ_PX = 1024  # the long side of the decimated read a stretch is taken
 SPARSE_READ_PX = 4096  # a finer look where that read found no valid pixel: data sparser than it missed
 
 
+# An 8-bit raster is drawn as it is, unless its brightest band's 2nd-98th percentiles span fewer
+# levels than this: then it is stretched as 16-bit data is. The line drawing's contrast floor
+# (worker.line_drawing.CONTRAST_FLOOR) is in grey levels, so a dark or flat 8-bit raster lost most
+# of its lines: the benchmark's 8-bit scene put into 30 + v/4 (58 levels) was found at recall@5
+# 0.66 drawn as it was, 0.93 stretched, 1.00 at full range (90 sketches; scripts/lab narrow_range,
+# docs/benchmarks/quality.md). Every 8-bit scene of the benchmark spans 160 levels or more, and
+# is drawn as before.
+NARROW_8BIT_SPAN = 128
+# Whether an 8-bit raster is narrow is told from this many windows a side, of up to 256 px, spread
+# over it: the decimated read a stretch is taken from decompresses every block of a raster without
+# overviews (0.65 s for an 8-bit GeoTIFF of 8,000 px a side), which an index run pays for each
+# raster it is given, done or not; 16 windows took 0.05 s.
+NARROW_SAMPLE_WINDOWS = 4
+
+
 def robust_stretch(src: rasterio.DatasetReader, bands: tuple[int, ...]) -> tuple[tuple[float, float], ...] | None:
-    """Per-band 2nd/98th percentiles of valid pixels from a decimated read (None for 8-bit). A
-    band with no valid pixel in it is looked at once more, finer; with none there either (an
-    empty sheet of a tiled delivery) it gets a placeholder and its tiles are skipped as nodata:
-    one empty sheet in a folder stopped the whole run."""
-    if all(src.dtypes[b - 1] == "uint8" for b in bands):
+    """Per-band 2nd/98th percentiles of valid pixels from a decimated read; None for 8-bit bands
+    of a range wide enough (NARROW_8BIT_SPAN). A band with no valid pixel in it is looked at
+    once more, finer; with none there either (an empty sheet of a tiled delivery) it gets a
+    placeholder and its tiles are skipped as nodata: one empty sheet in a folder stopped the
+    whole run."""
+    if all(src.dtypes[b - 1] == "uint8" for b in bands) and not _narrow_8bit(src, tuple(dict.fromkeys(bands))):
         return None
-    out = []
-    for b in dict.fromkeys(bands):
-        values, shape = _valid_values(src, b, STRETCH_READ_PX)
-        if values.size == 0 and max(src.width, src.height) > STRETCH_READ_PX:
-            values, shape = _valid_values(src, b, SPARSE_READ_PX)
-        if values.size == 0:
-            log.warning("%s: band %d has no valid pixels in a %d by %d px overview: read as empty, its tiles are "
-                        "skipped as nodata (data sparser than that overview would be drawn unstretched)", src.name, b,
-                        shape[1], shape[0])
-            out.append((b, (0.0, 1.0)))
-            continue
-        lo, hi = np.percentile(values, STRETCH_PERCENTILES)
-        out.append((b, (float(lo), float(hi if hi > lo else lo + 1.0))))
-    table = dict(out)
+    table = {b: _band_stretch(src, b) for b in dict.fromkeys(bands)}
     return tuple(table[b] for b in bands)
+
+
+def _narrow_8bit(src: rasterio.DatasetReader, bands: tuple[int, ...]) -> bool:
+    """Whether the widest of `bands` spans fewer than NARROW_8BIT_SPAN levels (2nd to 98th
+    percentile) in windows spread over the raster; False where they hold no valid pixel."""
+    side = min(256, src.width, src.height)
+    block_rows, block_cols = src.block_shapes[0]  # windows start on a block: each decompresses fewer
+    cols = np.linspace(0, src.width - side, NARROW_SAMPLE_WINDOWS) // block_cols * block_cols
+    rows = np.linspace(0, src.height - side, NARROW_SAMPLE_WINDOWS) // block_rows * block_rows
+    reads = [src.read(list(bands), window=Window(int(c), int(r), side, side), masked=True).reshape(len(bands), -1)
+             for r in dict.fromkeys(rows.tolist()) for c in dict.fromkeys(cols.tolist())]
+    spans = []
+    for values in np.ma.concatenate(reads, axis=1):
+        valid = values.compressed()
+        if valid.size == 0:
+            return False
+        low, high = np.percentile(valid, STRETCH_PERCENTILES)
+        spans.append(high - low)
+    return max(spans) < NARROW_8BIT_SPAN
+
+
+def _band_stretch(src: rasterio.DatasetReader, band: int) -> tuple[float, float]:
+    """A band's 2nd and 98th percentiles (robust_stretch)."""
+    values, shape = _valid_values(src, band, STRETCH_READ_PX)
+    if values.size == 0 and max(src.width, src.height) > STRETCH_READ_PX:
+        values, shape = _valid_values(src, band, SPARSE_READ_PX)
+    if values.size == 0:
+        log.warning("%s: band %d has no valid pixels in a %d by %d px overview: read as empty, its tiles are "
+                    "skipped as nodata (data sparser than that overview would be drawn unstretched)", src.name, band,
+                    shape[1], shape[0])
+        return 0.0, 1.0
+    lo, hi = np.percentile(values, STRETCH_PERCENTILES)
+    return float(lo), float(hi if hi > lo else lo + 1.0)
 
 
 def _valid_values(src: rasterio.DatasetReader, band: int, side: int) -> tuple[np.ndarray, tuple[int, int]]:

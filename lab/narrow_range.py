@@ -1,0 +1,106 @@
+"""Dark or flat 8-bit imagery: is it found as often as the same place at full range?
+
+The 8-bit benchmark scene (rmnp) with its pixels put into a narrow range, 30 + GAIN * v, is
+written twice: as 8-bit, which the worker drew as it is until worker.tiling.NARROW_8BIT_SPAN, and
+as 16-bit, which it always stretched. Each is indexed alone (the benchmark's tiles), and the same
+pseudo-sketches of places of the full-range scene (every placement kind, three styles) are searched
+in each, with the full-range scene as the control. A hit is right at IoU >= 0.25 with the place
+(lab.bench_quality.CORRECT_IOU).
+Run: scripts/lab narrow_range [--gains 0.25,0.5] [--per-placement 6] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import rasterio
+
+from lab.bench_quality import CORRECT_IOU, hit_polygon
+from lab.placements import PLACEMENTS, iou, random_frame
+from lab.pseudo_sketch import has_lines, load_hand_strokes, pseudo_sketch
+from lab.queries import BENCH_TILES
+from worker.assets import load_asset_paths
+from worker.model.loading import load_model
+from worker.ranking import RankingConfig
+from worker.search import search
+from worker.sketch import prepare_sketch
+from worker.store import IndexWriter, TileIndex
+from worker.tiling import open_raster
+
+STYLES = ("wobbly", "simple", "strokes")
+OFFSET = 30  # the narrow range's darkest level
+
+
+def sketches(path: Path, per_placement: int) -> list[tuple]:
+    """(frame, sketch) of places of the raster at `path`, `per_placement` of each placement kind."""
+    rng = np.random.default_rng(0)
+    strokes = load_hand_strokes(Path(load_asset_paths()["lasa_dir"]))
+    raster, made = open_raster(path, None), []
+    for placement in PLACEMENTS:
+        kept = 0
+        for _ in range(50 * per_placement):
+            frame = random_frame(raster, BENCH_TILES, placement, rng) if kept < per_placement else None
+            if frame is None:
+                break
+            image, valid = frame.read()
+            if valid.mean() < 0.9 or not has_lines(image, valid):
+                continue
+            kept += 1
+            made += [(frame, pseudo_sketch(image, style, rng=rng, hand_strokes=strokes, valid=valid)) for style in STYLES]
+    return made
+
+
+def narrowed(source: Path, gain: float, dtype: str, out: Path) -> Path:
+    """The source's pixels as OFFSET + gain * v, written as `dtype`."""
+    with rasterio.open(source) as src:
+        data, profile = src.read(), src.profile
+    with rasterio.open(out, "w", **{**profile, "dtype": dtype}) as dst:
+        dst.write(np.clip(np.round(data * gain + OFFSET), 0, 255).astype(dtype))
+    return out
+
+
+def recall(path: Path, queries: list[tuple], model, folder: Path) -> dict[int, float]:
+    """Recall@1/5/10 of `queries` in an index of the raster at `path` alone."""
+    IndexWriter(folder / f"index-{path.stem}", model, BENCH_TILES).build([path])
+    index = TileIndex.open(folder / f"index-{path.stem}")
+    ranks = []
+    for frame, sketch in queries:
+        hits = search(index, model, prepare_sketch(sketch, model.img_size), RankingConfig(), top=10).hits
+        ranks.append(next((n for n, h in enumerate(hits, 1)
+                           if iou(hit_polygon(h), frame.pixel_polygon()) >= CORRECT_IOU), 99))
+    return {k: float((np.array(ranks) <= k).mean()) for k in (1, 5, 10)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gains", default="0.25,0.5")
+    parser.add_argument("--per-placement", type=int, default=6)
+    parser.add_argument("--keep", type=Path, default=None, help="write the rasters and indexes here")
+    args = parser.parse_args()
+    model = load_model(device="cpu")
+    source = Path(load_asset_paths()["rmnp_rgb"])
+    queries = sketches(source, args.per_placement)
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = args.keep or Path(scratch)
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = [("full range, 8-bit", "-", recall(source, queries, model, folder))]
+        for gain in (float(g) for g in args.gains.split(",")):
+            for dtype, drawn in (("uint8", "as the worker draws it"), ("uint16", "stretched")):
+                path = narrowed(source, gain, dtype, folder / f"narrow-{gain:g}-{dtype}.tif")
+                with rasterio.open(path) as src:
+                    span = max(float(np.subtract(*np.percentile(src.read(b, masked=True).compressed(), (98, 2))))
+                               for b in (1, 2, 3))
+                rows.append((f"{OFFSET} + {gain:g} v, {dtype} ({drawn})", f"{span:.0f}",
+                             recall(path, queries, model, folder)))
+    print(f"{len(queries)} sketches of rmnp, {args.per_placement} places a placement kind, styles {', '.join(STYLES)}")
+    print("| raster | widest band's 2-98% span (levels) | R@1 | R@5 | R@10 |\n|---|---|---|---|---|")
+    for name, span, r in rows:
+        print(f"| {name} | {span} | {r[1]:.3f} | {r[5]:.3f} | {r[10]:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
