@@ -34,6 +34,9 @@ START_S = 60.0  # an `index` request finds its rasters on disk before it is answ
 SEARCH_LIMIT_S = 60.0  # a worker's search time limit, where its `info` does not say it (an older worker)
 CANCEL_WAIT_S = 5.0  # how long a Cancel waits for each answer of a worker stopping a job
 CANCEL_GIVE_UP_S = 120.0  # how long it waits for the job to stop while the worker answers
+# QGIS checks a file parameter's suffix against its filter as written: a camera's or scanner's
+# "SKETCH.JPG" was refused with "Incorrect parameter value for SKETCH" alone
+SKETCH_FILES = "Images (*.png *.jpg *.jpeg *.PNG *.JPG *.JPEG)"
 
 
 class _WorkerAlgorithm(QgsProcessingAlgorithm):
@@ -49,12 +52,16 @@ class _WorkerAlgorithm(QgsProcessingAlgorithm):
     def _add_endpoint(self) -> None:
         self.addParameter(QgsProcessingParameterString("ENDPOINT", "Worker endpoint", Setting.ENDPOINT.get()))
 
+    def _index_name(self, parameters, context) -> str:
+        """The index named, without the spaces around it ("rmnp " built a second index beside rmnp)."""
+        return self.parameterAsString(parameters, "INDEX", context).strip()
+
     def _reached(self, parameters, context, feedback) -> tuple[WorkerClient, dict] | None:
         """A client of the endpoint given, with the CURVE keys chosen in the plugin's settings
         (a remote worker must be reached encrypted, from the dock and from Processing alike),
         and the worker's `info`; QgsProcessingException within seconds when no worker answers,
         None when the user cancelled meanwhile (said in the log)."""
-        endpoint = self.parameterAsString(parameters, "ENDPOINT", context)
+        endpoint = self.parameterAsString(parameters, "ENDPOINT", context).strip()  # pasted with a space: as the dock
         problem = endpoint_problem(endpoint)
         if problem:
             raise QgsProcessingException(problem)
@@ -87,9 +94,13 @@ class BuildIndexAlgorithm(_WorkerAlgorithm):
                 "name in its index root: a new index, or one to extend with more rasters (with its own tile "
                 "settings: others are refused). Resumable: run it again after a failure or a cancel, and what was "
                 "committed is kept. The rasters must be files the worker may read (inside its raster roots); a "
-                "GeoPackage, in-memory or web raster: save it as a GeoTIFF first. Tile size and scales left empty "
-                "take the worker's defaults for a new index and the index's own settings for one that exists. "
-                "Tiles: how many tiles the index holds once done (tiles with too little data are skipped).")
+                "GeoPackage, in-memory or web raster: save it as a GeoTIFF first. Tile size, overlap, scales and "
+                "bands left empty take the worker's defaults for a new index and the index's own settings for one "
+                "that exists. Bands: the red, green and blue band numbers (e.g. 3,2,1; one number for grey), for "
+                "rasters whose colours the worker cannot tell. A build queued behind another job says so and "
+                "waits for it. Tiles: how many tiles the index holds once done (tiles with too little data are "
+                "skipped). A build whose job is cancelled elsewhere (the dock's Indexing list, another client) "
+                "fails, saying what the index holds.")
 
     def createInstance(self):  # noqa: N802
         return BuildIndexAlgorithm()
@@ -100,7 +111,12 @@ class BuildIndexAlgorithm(_WorkerAlgorithm):
         self.addParameter(QgsProcessingParameterMultipleLayers("RASTERS", "Rasters", QgsProcessing.TypeRaster))
         self.addParameter(QgsProcessingParameterNumber("TILE", "Tile size (px)", optional=True, minValue=MIN_TILE,
                                                        maxValue=MAX_TILE))
+        self.addParameter(QgsProcessingParameterNumber("OVERLAP", "Overlap of neighbouring tiles (fraction)",
+                                                       QgsProcessingParameterNumber.Double, optional=True,
+                                                       minValue=0.0, maxValue=0.89))
         self.addParameter(QgsProcessingParameterString("SCALES", "Scales (comma-separated window sizes in tiles)",
+                                                       optional=True))
+        self.addParameter(QgsProcessingParameterString("BANDS", "Bands (R,G,B band numbers, comma-separated)",
                                                        optional=True))
         self.addOutput(QgsProcessingOutputString("INDEX", "Index name"))
         self.addOutput(QgsProcessingOutputNumber("TILES", "Tiles in the index"))
@@ -110,13 +126,16 @@ class BuildIndexAlgorithm(_WorkerAlgorithm):
         settings = {}
         if parameters.get("TILE") not in (None, ""):
             settings["tile"] = self.parameterAsInt(parameters, "TILE", context)
-        scales = self.parameterAsString(parameters, "SCALES", context).strip()
-        if scales:
-            try:
-                settings["scales"] = [int(s) for s in scales.split(",")]
-            except ValueError:
-                raise QgsProcessingException(f"Scales {scales!r}: give whole numbers separated by commas, "
-                                             "e.g. 1,2,4") from None
+        if parameters.get("OVERLAP") not in (None, ""):
+            settings["overlap"] = self.parameterAsDouble(parameters, "OVERLAP", context)
+        for name, key, example in (("SCALES", "scales", "1,2,4"), ("BANDS", "bands", "3,2,1")):
+            given = self.parameterAsString(parameters, name, context).strip()
+            if given:
+                try:
+                    settings[key] = [int(s) for s in given.split(",")]
+                except ValueError:
+                    raise QgsProcessingException(f"{name.capitalize()} {given!r}: give whole numbers separated by "
+                                                 f"commas, e.g. {example}") from None
         return settings
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
@@ -128,7 +147,7 @@ class BuildIndexAlgorithm(_WorkerAlgorithm):
         not_files = [f"{layer.name()}: {why_not}" for layer, (path, why_not) in zip(layers, found) if path is None]
         if not_files:  # the worker refused the whole build for one of them
             raise QgsProcessingException(f"{'; '.join(not_files)}. Nothing was indexed.")
-        name, tiling = self.parameterAsString(parameters, "INDEX", context), self._tiling(parameters, context)
+        name, tiling = self._index_name(parameters, context), self._tiling(parameters, context)
         reached = self._reached(parameters, context, feedback)
         if reached is None:
             return {}
@@ -136,7 +155,12 @@ class BuildIndexAlgorithm(_WorkerAlgorithm):
         with client:
             try:
                 job = client.start_index(name, rasters, timeout=START_S, cancelled=feedback.isCanceled, **tiling)
+                queued = False
                 while job["state"] in states.ACTIVE:
+                    if job["state"] == states.QUEUED and not queued:  # sat silent at 0% for as long as the other ran
+                        queued = True
+                        feedback.pushInfo("Queued: the worker is running another indexing job, and starts this one "
+                                          "after it (the dock's Indexing list shows it).")
                     time.sleep(POLL_S)
                     job = client.job(job["id"], cancelled=feedback.isCanceled)
                     feedback.setProgress(100 * job["progress"])
@@ -152,6 +176,11 @@ class BuildIndexAlgorithm(_WorkerAlgorithm):
                 raise QgsProcessingException(f"Worker: {told(exc)}") from exc
         if job["state"] == states.FAILED:
             raise QgsProcessingException(f"Indexing failed: {job['error']['message']}")
+        if job["state"] != states.DONE and not feedback.isCanceled():  # a model went on to search a part of it
+            how = ("was cancelled elsewhere (the dock's Indexing list, or another client), not by this run"
+                   if job["state"] == states.CANCELLED else "stopped with its worker, which resumes it when started")
+            raise QgsProcessingException(f"Indexing job {job['id']} {how}: {tiles_held_said(job)}. Run this build "
+                                         "again to finish it.")
         held = tiles_held(job)
         feedback.pushInfo(f"{job['state']}: {tiles_held_said(job)}")
         for raster in job.get("without_tiles") or []:
@@ -202,7 +231,7 @@ class SearchBySketchAlgorithm(_WorkerAlgorithm):
     def initAlgorithm(self, config=None) -> None:  # noqa: N802
         self._add_endpoint()
         self.addParameter(QgsProcessingParameterString("INDEX", "Index name"))
-        self.addParameter(QgsProcessingParameterFile("SKETCH", "Sketch image", fileFilter="Images (*.png *.jpg *.jpeg)"))
+        self.addParameter(QgsProcessingParameterFile("SKETCH", "Sketch image", fileFilter=SKETCH_FILES))
         self.addParameter(QgsProcessingParameterNumber("TOP", "Number of hits", defaultValue=DEFAULT_TOP, minValue=1,
                                                     maxValue=MAX_TOP))
         self.addParameter(QgsProcessingParameterFeatureSink("OUTPUT", "Hits", QgsProcessing.TypeVectorPolygon))
@@ -225,7 +254,7 @@ class SearchBySketchAlgorithm(_WorkerAlgorithm):
         started = time.perf_counter()
         with client:
             try:  # not sent again: a worker silent past its own limit would only run it twice
-                reply = client.search(self.parameterAsString(parameters, "INDEX", context), sketch_png=png,
+                reply = client.search(self._index_name(parameters, context), sketch_png=png,
                                       top=self.parameterAsInt(parameters, "TOP", context), crs=crs_name(out_crs),
                                       timeout=search_wait_s(info, SEARCH_LIMIT_S), retries=0,
                                       cancelled=feedback.isCanceled)
@@ -243,6 +272,7 @@ class SearchBySketchAlgorithm(_WorkerAlgorithm):
             feedback.pushWarning(f"Searched in part: {raster['raster']}: {raster['reason']}")
         for raster in reply.get("unread_places") or []:
             feedback.pushWarning(f"Places that cannot be read, left out: {raster['raster']}: {raster['reason']}")
+        feedback.pushInfo(f"{len(reply['hits']['features'])} hit(s) in {query_ms:.0f} ms.")
         fields = hit_fields()
         sink, dest = self.parameterAsSink(parameters, "OUTPUT", context, fields, QgsWkbTypes.Polygon, out_crs)
         for feature in features_from_hits(reply["hits"], fields, None, query_ms):  # asked in out_crs

@@ -773,20 +773,25 @@ def test_processing_algorithms_run(plugin, worker, rmnp_layer, raster_root, tmp_
     layer, small = rmnp_layer, small_raster_layer(raster_root)
     asked_in, search = [], WorkerClient.search
     monkeypatch.setattr(WorkerClient, "search", lambda self, *a, **kw: asked_in.append(kw["crs"]) or search(self, *a, **kw))
-    build = {"ENDPOINT": worker.bind, "INDEX": "from-processing", "RASTERS": [layer, small], "TILE": 224, "SCALES": "1"}
+    build = {"ENDPOINT": f" {worker.bind} ", "INDEX": "from-processing ", "RASTERS": [layer, small], "TILE": 224,
+             "SCALES": "1", "OVERLAP": 0.5, "BANDS": "1,2,3"}  # spaces as pasted: was a second index, "… "
     feedback = QgsProcessingFeedback()
     built = processing.run("sketchsearch:build_index", build, feedback=feedback)
     with worker.client() as client:
-        [held] = [i["tile_count"] for i in client.list_indexes() if i["name"] == "from-processing"]
+        [(held, tiling)] = [(i["tile_count"], i["tiling"]) for i in client.list_indexes()
+                            if i["name"] == "from-processing"]
     assert built["INDEX"] == "from-processing" and built["TILES"] == held > 0
+    assert (tiling["overlap"], tiling["bands"]) == (0.5, [1, 2, 3])
     assert f"Not searchable: {small.source()}: no tile with enough data to search" in feedback.textLog()
     assert "rmnp-rgb.tif: no tile" not in feedback.textLog()
     assert processing.run("sketchsearch:build_index", build)["TILES"] == held, "run again: what the index holds"
-    sketch = line_sketch(tmp_path / "sketch.png")
+    sketch = line_sketch(tmp_path / "SKETCH.PNG")  # as a camera or scanner names it: was refused by QGIS's check
+    feedback = QgsProcessingFeedback()
     result = processing.run("sketchsearch:search_by_sketch", {"ENDPOINT": worker.bind, "INDEX": "from-processing",
-                                                              "SKETCH": str(sketch), "TOP": 2, "OUTPUT": "memory:"})
+                                                              "SKETCH": str(sketch), "TOP": 2, "OUTPUT": "memory:"},
+                            feedback=feedback)
     hits = result["OUTPUT"]
-    assert hits.featureCount() == 2 and "rank" in hits.fields().names()
+    assert hits.featureCount() == 2 and "rank" in hits.fields().names() and "2 hit(s) in" in feedback.textLog()
     project_crs = QgsProject.instance().crs()
     assert project_crs.isValid() and project_crs != layer.crs()
     assert hits.crs() == project_crs and asked_in == ["EPSG:3857"]  # asked in the project's CRS, as the dock asks
@@ -976,14 +981,15 @@ def test_cancel_ends_a_processing_build_at_once_whether_or_not_the_worker_answer
     """Cancel during a Processing build: a worker that answers stops the job and the run reports
     the tiles kept; a hung one (a real worker, stopped with SIGSTOP mid-job) is given up on
     within seconds, with a warning that its job may still run, not after the client's two
-    waits of 120 s for each of its requests."""
+    waits of 120 s for each of its requests. A job cancelled by another client (the dock's
+    Indexing list) fails the run: it ended as a success, and a model searched a part of the index."""
     import json
     import shutil
     import signal
     import threading
 
     import processing
-    from qgis.core import QgsProcessingFeedback
+    from qgis.core import QgsProcessingException, QgsProcessingFeedback
 
     from conftest import WORKER_PYTHON
     from lab.worker_process import WorkerProcess
@@ -994,11 +1000,12 @@ def test_cancel_ends_a_processing_build_at_once_whether_or_not_the_worker_answer
     index_root.mkdir()
     shutil.copy(load_asset_paths()["s2_rgb"], rasters / "s2.tif")  # thousands of tiles at 32 px: still running
     layer = QgsRasterLayer(str(rasters / "s2.tif"), "s2")
+    QgsProject.instance().addMapLayer(layer)  # the project's to delete: a failed run's traceback holds it to the exit
     proc = WorkerProcess(index_root, rasters, python=WORKER_PYTHON).start()
 
-    def build(index: str, hang: bool) -> tuple[dict, float, str]:
-        """Run the build, cancelled once it reports progress (the worker stopped first if `hang`):
-        its outputs, the seconds from Cancel to its end, and its log."""
+    def build(index: str, hang: bool, elsewhere: bool = False) -> tuple[dict, float, str]:
+        """Run the build, cancelled once it reports progress (the worker stopped first if `hang`;
+        by another client if `elsewhere`): its outputs, the seconds from Cancel to its end, and its log."""
         feedback, cancelled_at = QgsProcessingFeedback(), []
 
         def cancel_once_running() -> None:
@@ -1007,7 +1014,12 @@ def test_cancel_ends_a_processing_build_at_once_whether_or_not_the_worker_answer
             if hang:
                 proc.proc.send_signal(signal.SIGSTOP)
             cancelled_at.append(time.monotonic())
-            feedback.cancel()
+            if elsewhere:
+                with proc.client() as other:
+                    [running] = [i["job"] for i in other.list_indexes() if i["name"] == index]
+                    other.cancel(running)
+            else:
+                feedback.cancel()
 
         canceller = threading.Thread(target=cancel_once_running, daemon=True)
         canceller.start()
@@ -1028,12 +1040,36 @@ def test_cancel_ends_a_processing_build_at_once_whether_or_not_the_worker_answer
         manifest = index_root / "answering" / "manifest.json"
         held = json.loads(manifest.read_text())["tile_count"] if manifest.exists() else 0
         assert result == {"INDEX": "answering", "TILES": held} and "cancelled: the index holds" in log, log
+        with pytest.raises(QgsProcessingException, match=r"^Indexing job \S+ was cancelled elsewhere \(the dock's "
+                                                         r"Indexing list, or another client\), not by this run: the "
+                                                         r"index holds \d+ tiles\. Run this build again"):
+            build("elsewhere", hang=False, elsewhere=True)
+        with proc.client() as other:  # a build queued behind another client's job says so, and can be cancelled
+            first = other.start_index("first", [str(rasters / "s2.tif")], tile=32, scales=[1])
+            feedback = QgsProcessingFeedback()
+
+            def cancel_once_queued() -> None:
+                deadline = time.monotonic() + 30
+                while "Queued:" not in feedback.textLog() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                feedback.cancel()
+
+            queued = threading.Thread(target=cancel_once_queued, daemon=True)
+            queued.start()
+            waiting = processing.run("sketchsearch:build_index", {"ENDPOINT": proc.bind, "INDEX": "second",
+                                                                  "RASTERS": [layer], "TILE": 32, "SCALES": "1"},
+                                     feedback=feedback)
+            queued.join(10)
+            other.cancel(first["id"])
+        assert "Queued: the worker is running another indexing job" in feedback.textLog(), feedback.textLog()
+        assert waiting == {"INDEX": "second", "TILES": 0}, waiting
         result, waited, log = build("hung", hang=True)
         assert waited < 30, f"waited {waited:.0f} s after Cancel"
         assert "INDEX" not in result and "did not confirm that indexing job" in log and "may still be running" in log, log
     finally:
         proc.proc.send_signal(signal.SIGCONT)
         proc.stop()
+        QgsProject.instance().removeMapLayer(layer.id())
 
 
 @contextmanager
