@@ -129,7 +129,7 @@ class WorkerLink(QObject):
         """A request no connection would take: the worker dropped this client's (a worker that
         serves only clients with its keys does so to one without them, a second or so after it
         connects), and ZeroMQ does not dial it again. A blocking send froze QGIS for good."""
-        self._fail(request_id, ConnectionDropped.keys_refused(self.endpoint))
+        self._fail(request_id, ConnectionDropped.keys_refused(self.endpoint, self.curve is not None))
 
     def _watch(self, *_: object) -> None:
         """What the socket monitor saw: a handshake refused fails the waiting requests as
@@ -145,7 +145,7 @@ class WorkerLink(QObject):
                     self.back.emit()
                 continue
             if self._lost is None:  # the first cause stays: a refused handshake is followed by its disconnection
-                self._lost = dropped_by(event, self.endpoint)
+                self._lost = dropped_by(event, self.endpoint, self.curve is not None)
                 self.lost.emit()
             for request_id in list(self._pending):  # the last one failed replaces the socket and its monitor
                 self._fail(request_id, self._lost)

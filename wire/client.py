@@ -118,7 +118,7 @@ class WorkerClient:
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._dropped = None if since_last else self._dropped
             elif self._dropped is None:  # the first cause stays: a refused handshake is followed by its disconnection
-                self._dropped = dropped_by(event, self.endpoint)
+                self._dropped = dropped_by(event, self.endpoint, self.curve is not None)
         if self._dropped is not None:
             raise self._dropped
 

@@ -67,9 +67,15 @@ class ConnectionDropped(WorkerUnavailable):
                    "message size limit")
 
     @classmethod
-    def keys_refused(cls, endpoint: str) -> "ConnectionDropped":
-        return cls(f"the worker at {endpoint} dropped the connection without taking the request: a worker that "
-                   "serves only clients with its keys refuses others (check the keys in Settings), or it is "
+    def keys_refused(cls, endpoint: str, with_keys: bool) -> "ConnectionDropped":
+        """A handshake refused: by a worker serving only CURVE clients, asked without keys or with
+        others; or, asked with keys (`with_keys`), by a worker serving without them, which the
+        old wording (only the first) sent users looking for the worker's keys."""
+        why = ("this client connects with the CURVE keys chosen in Settings: a worker started without "
+               "--curve-keys (a local one) does not take them, so clear them there, and one with its own keys "
+               "takes only a client key it authorizes" if with_keys else
+               "a worker that serves only clients with its keys refuses others (choose them in Settings)")
+        return cls(f"the worker at {endpoint} dropped the connection without taking the request: {why}; or it is "
                    "restarting")
 
 

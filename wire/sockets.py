@@ -19,9 +19,12 @@ HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_F
 CONNECTION_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | HANDSHAKE_FAILED
 
 
-def dropped_by(event: int, endpoint: str) -> ConnectionDropped:
-    """Why a connection to the worker at `endpoint` ended, from the monitor `event` that ended it."""
-    return (ConnectionDropped.keys_refused if event & HANDSHAKE_FAILED else ConnectionDropped.dropped)(endpoint)
+def dropped_by(event: int, endpoint: str, with_keys: bool) -> ConnectionDropped:
+    """Why a connection to the worker at `endpoint` ended, from the monitor `event` that ended it
+    (`with_keys`: the client connected with CURVE keys)."""
+    if event & HANDSHAKE_FAILED:
+        return ConnectionDropped.keys_refused(endpoint, with_keys)
+    return ConnectionDropped.dropped(endpoint)
 
 
 @dataclass(frozen=True)
