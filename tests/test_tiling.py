@@ -279,6 +279,10 @@ def test_a_dark_8bit_raster_is_stretched_and_drawn_with_its_places_lines(tmp_pat
     dark = open_raster(write_raster(tmp_path / "dark.tif", np.round(data * 0.25 + 30).astype(np.uint8), **profile),
                        None)
     assert full.stretch is None and dark.stretch is not None and all(30 <= lo < hi <= 94 for lo, hi in dark.stretch)
+    darker = np.round(data * 0.25 + 30).astype(np.uint8)
+    darker[:, :, :300] = 0  # a nodata collar over its west, in a striped file (a strip spans the raster)
+    collar = open_raster(write_raster(tmp_path / "collar.tif", darker, nodata=0, **profile), None)
+    assert collar.stretch is not None, "its windows lay in the collar, at the strips' start"
     tiles = plan_tiles(full, TileSettings(tile=128, overlap=0.0, scales=(1,)))
 
     def lines(info):

@@ -464,8 +464,8 @@ STRETCH_READ_PX = 1024  # the long side of the decimated read a stretch is taken
 SPARSE_READ_PX = 4096  # a finer look where that read found no valid pixel: data sparser than it missed
 
 
-# An 8-bit raster is drawn as it is, unless its brightest band's 2nd-98th percentiles span fewer
-# levels than this: then it is stretched as 16-bit data is. The line drawing's contrast floor
+# An 8-bit raster is drawn as it is, unless the widest of its bands' 2nd-98th percentile spans is
+# under this many levels: then it is stretched as 16-bit data is. The line drawing's contrast floor
 # (worker.line_drawing.CONTRAST_FLOOR) is in grey levels, so a dark or flat 8-bit raster lost most
 # of its lines: the benchmark's 8-bit scene put into 30 + v/4 (58 levels) was found at recall@5
 # 0.66 drawn as it was, 0.93 stretched, 1.00 at full range (90 sketches; scripts/lab narrow_range,
@@ -493,21 +493,36 @@ def robust_stretch(src: rasterio.DatasetReader, bands: tuple[int, ...]) -> tuple
 
 def _narrow_8bit(src: rasterio.DatasetReader, bands: tuple[int, ...]) -> bool:
     """Whether the widest of `bands` spans fewer than NARROW_8BIT_SPAN levels (2nd to 98th
-    percentile) in windows spread over the raster; False where they hold no valid pixel."""
+    percentile) in windows spread over the raster, or, where a band has no valid pixel in them
+    (a wide nodata collar), in the decimated read a stretch is taken from. False where a read
+    fails: a damaged block is met, and said, where its tiles or places are read (an 8-bit raster
+    cut short was refused whole at its opening, the rest of a folder with it)."""
+    try:
+        values = _sampled_values(src, bands)
+        if any(v.size == 0 for v in values):
+            values = [_valid_values(src, b, STRETCH_READ_PX)[0] for b in bands]
+    except RasterioIOError:
+        return False
+    if any(v.size == 0 for v in values):
+        return False
+    return max(float(np.subtract(*np.percentile(v, STRETCH_PERCENTILES[::-1]))) for v in values) < NARROW_8BIT_SPAN
+
+
+def _sampled_values(src: rasterio.DatasetReader, bands: tuple[int, ...]) -> list[np.ndarray]:
+    """The valid values of each band in NARROW_SAMPLE_WINDOWS by NARROW_SAMPLE_WINDOWS windows of
+    up to 256 px spread over the raster, each starting on a block where blocks are narrower than
+    the raster (fewer to decompress; a striped file's strip spans it, and snapped to it every
+    window lay at its left edge)."""
     side = min(256, src.width, src.height)
-    block_rows, block_cols = src.block_shapes[0]  # windows start on a block: each decompresses fewer
-    cols = np.linspace(0, src.width - side, NARROW_SAMPLE_WINDOWS) // block_cols * block_cols
-    rows = np.linspace(0, src.height - side, NARROW_SAMPLE_WINDOWS) // block_rows * block_rows
-    reads = [src.read(list(bands), window=Window(int(c), int(r), side, side), masked=True).reshape(len(bands), -1)
-             for r in dict.fromkeys(rows.tolist()) for c in dict.fromkeys(cols.tolist())]
-    spans = []
-    for values in np.ma.concatenate(reads, axis=1):
-        valid = values.compressed()
-        if valid.size == 0:
-            return False
-        low, high = np.percentile(valid, STRETCH_PERCENTILES)
-        spans.append(high - low)
-    return max(spans) < NARROW_8BIT_SPAN
+    block_rows, block_cols = src.block_shapes[0]
+
+    def starts(length: int, block: int) -> list[int]:
+        at = np.linspace(0, length - side, NARROW_SAMPLE_WINDOWS)
+        return list(dict.fromkeys((at // block * block if block < length else at).astype(int).tolist()))
+
+    reads = [src.read(list(bands), window=Window(c, r, side, side), masked=True).reshape(len(bands), -1)
+             for r in starts(src.height, block_rows) for c in starts(src.width, block_cols)]
+    return [values.compressed() for values in np.ma.concatenate(reads, axis=1)]
 
 
 def _band_stretch(src: rasterio.DatasetReader, band: int) -> tuple[float, float]:
