@@ -151,7 +151,7 @@ def test_a_place_traced_larger_or_smaller_than_the_index_finds_is_said_in_the_ra
         return
     [entry] = sized
     assert entry["raster"] == raster.path and said in entry["reason"]
-    assert entry["side_px"] == pytest.approx(extent_px / 0.9, rel=0.02)  # the canvas round the strokes
+    assert entry["side_px"] == pytest.approx(extent_px, rel=0.02)  # the strokes' extent, in the raster's pixels
     assert (entry["smallest_px"], entry["largest_px"]) == pytest.approx((113.1, 724.1), abs=0.1)
     suggested = re.search(r"built with (scales ([\d,]+)|tiles of (\d+) px)$", entry["reason"])
     tiling = ({"tile": 224, "scales": [int(s) for s in suggested[2].split(",")]} if suggested[2]

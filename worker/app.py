@@ -469,8 +469,10 @@ def run_search(request: SearchRequest, model: "RetrievalModel", index: TileIndex
             example = prepare_example(request.example, list(index.rasters.values()), model.img_size,
                                       tuple(bands) if bands else None, request.access)
             sketch, own_place = example.sketch, example.own_place
-            c0, r0, c1, r1 = example.window
-            sized = out_of_scale(max(c1 - c0, r1 - r0), example.raster.path, tiling, drawing_size, sizes, "the example")
+            if any(r.path == example.raster.path for r in index.rasters.values()):  # elsewhere: other pixels
+                c0, r0, c1, r1 = example.window
+                sized = out_of_scale(max(c1 - c0, r1 - r0), example.raster.path, tiling, drawing_size, sizes,
+                                     "the example")
         else:
             drawn = request.sketch
             if isinstance(drawn, StrokeSketch):  # on a map: as the rasters' pixels show the place

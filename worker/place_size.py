@@ -15,7 +15,7 @@ import math
 
 from wire.protocol import MIN_TILE
 from worker.level_maps import level_pixel
-from worker.sketch import FRAME_MARGIN, StrokeSketch
+from worker.sketch import StrokeSketch
 from worker.tiling import MAX_SCALE, MAX_SCALES
 
 HALF_OVERLAP = math.sqrt(2)  # a square this much larger than another, centred on it, overlaps it by IoU 0.5
@@ -30,10 +30,10 @@ def found_sides(tiling: dict, drawing_size: int, sizes: tuple[int, ...]) -> tupl
 
 
 def stroke_place_side(sketch: StrokeSketch) -> float:
-    """The side of the square a stroke sketch is searched as, in its coordinates: its frame's
-    longer side and the canvas's margin round it (worker.sketch.render_strokes)."""
+    """The side of the place a stroke sketch frames, in its coordinates: its frame's longer side
+    (on the map, the strokes' own extent), as an example's is its box's."""
     x0, y0, x1, y1 = sketch.extent()
-    return max(x1 - x0, y1 - y0) * (1 + 2 * FRAME_MARGIN)
+    return max(x1 - x0, y1 - y0)
 
 
 def out_of_scale(side_px: float, raster: str, tiling: dict, drawing_size: int, sizes: tuple[int, ...],
