@@ -628,8 +628,12 @@ def test_what_a_killed_build_leaves_is_cleared_and_the_old_shortlist_kept(index_
 def test_a_ctrl_c_as_a_build_swaps_its_shortlist_in_keeps_the_new_one(index_with_ann, tmp_path, monkeypatch):
     """A Ctrl-C between the swap's two renames (a real SIGINT, sent there) set the old shortlist
     aside and discarded the new one, whole: hours of a continent's build lost, for the old one
-    put back. It is held until both renames are done: the build stops as asked, the new one in place."""
+    put back. It is held until both renames are done: the build stops as asked, the new one in
+    place, and says so (it said "interrupted" alone: the build looked failed)."""
     import signal
+
+    from worker.cli import stopped_said
+    from worker.interrupts import StoppedOnceDone
 
     folder = tmp_path / "index"
     shutil.copytree(index_with_ann[0], folder)
@@ -643,10 +647,12 @@ def test_a_ctrl_c_as_a_build_swaps_its_shortlist_in_keeps_the_new_one(index_with
     monkeypatch.setattr(ann, "replace_durably", pressed_between_the_renames)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a run in the background ignores SIGINT
     try:
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(StoppedOnceDone) as stopped:
             ann.build(TileIndex.open(folder), factory="IVF2,Flat")
     finally:
         signal.signal(signal.SIGINT, previous)
+    assert stopped_said(stopped.value, resumes=False) == (
+        "interrupted once the new shortlist was written whole and is in place", 128 + signal.SIGINT)
     assert json.loads((ann.ann_dir(folder) / "ann.json").read_text())["factory"] == "IVF2,Flat"
     assert ann.describe(TileIndex.open(folder))["current"]
     ann.update(TileIndex.open(folder))  # the old one, set aside, is the next update's or build's to remove

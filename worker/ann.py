@@ -49,7 +49,7 @@ from worker import edge_cells
 from worker.edge_cells import CELL, COARSE
 from worker.cancellation import current_stop
 from worker.errors import CorruptIndexError, InputError, errno_named_in
-from worker.interrupts import stops_held
+from worker.interrupts import StoppedOnceDone, stops_held
 from worker.placement_scan import COARSE_STEP, WINDOW_CELLS
 from worker.search_area import KEY_SPAN
 from worker.store import TileIndex, write_json_atomic
@@ -456,10 +456,15 @@ def _swap_in(folder: Path, index_dir: Path) -> None:
     A shortlist open in a worker keeps reading its own files (Codes keeps them open)."""
     live, old = ann_dir(index_dir), Path(index_dir) / f".{ANN_DIR}.old.{os.getpid()}"
     _discard(old)
-    with stops_held():
-        if os.path.lexists(live):  # a link whose target is gone too
-            os.replace(live, old)
-        replace_durably(folder, live)
+    try:
+        with stops_held():
+            if os.path.lexists(live):  # a link whose target is gone too
+                os.replace(live, old)
+            replace_durably(folder, live)
+    except KeyboardInterrupt as stop:  # held over both renames, or a second one, at once
+        if os.path.lexists(folder) or not os.path.lexists(live):
+            raise
+        raise StoppedOnceDone(stop, "the new shortlist was written whole and is in place") from stop
     _discard(old)  # stopped here, it is the next build's or update's to remove (_sweep)
 
 

@@ -23,6 +23,7 @@ from wire.protocol import DEFAULT_ENDPOINT, LOG_FORMAT
 from worker.ann import AUTO_MIN_TILES
 from worker.app import IndexRequest, ModelOptions, SearchRequest
 from worker.errors import CorruptIndexError, IndexMismatchError, InputError, numbered
+from worker.interrupts import StoppedOnceDone
 from worker.ranking import RANKERS
 from worker.store.format import JOB_LOCK, IndexLocked, disk_write, holds_an_index, locked_by_another
 from worker.service.config import Limits, ServiceConfig
@@ -643,8 +644,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        how = "terminated" if isinstance(exc, Terminated) else "interrupted"
-        resumes = args.func is cmd_index  # a search, a removal, a shortlist's build: none to resume
-        print(f"{how}: committed work is kept; run the same command again to resume" if resumes else how,
-              file=sys.stderr)
-        return 128 + (exc.signum if isinstance(exc, Terminated) else signal.SIGINT)
+        said, status = stopped_said(exc, resumes=args.func is cmd_index)  # a search, a removal: none to resume
+        print(said, file=sys.stderr)
+        return status
+
+
+def stopped_said(exc: KeyboardInterrupt, resumes: bool) -> tuple[str, int]:
+    """What a command stopped by Ctrl-C, SIGTERM or SIGHUP says, and its exit status; `resumes`:
+    run again, it goes on where it stopped."""
+    stop = exc.stop if isinstance(exc, StoppedOnceDone) else exc
+    how = "terminated" if isinstance(stop, Terminated) else "interrupted"
+    status = 128 + (stop.signum if isinstance(stop, Terminated) else signal.SIGINT)
+    if isinstance(exc, StoppedOnceDone):
+        return f"{how} once {exc.done}", status
+    return (f"{how}: committed work is kept; run the same command again to resume" if resumes else how), status

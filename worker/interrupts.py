@@ -37,6 +37,16 @@ STOPS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") 
 HELD_AT_MOST_S = 15.0  # a start still running this long after a held stop is given up
 
 
+class StoppedOnceDone(KeyboardInterrupt):
+    """A stop held over work that then finished whole (worker.ann's swap): the command stops as
+    asked (`stop`), and says what was `done`; it said "interrupted" alone, and a build whose new
+    shortlist was in place looked failed."""
+
+    def __init__(self, stop: KeyboardInterrupt, done: str) -> None:
+        super().__init__(done)
+        self.stop, self.done = stop, done
+
+
 @contextmanager
 def stops_held() -> Iterator[None]:
     """A Ctrl-C, SIGTERM or SIGHUP meanwhile is held, then handled as it would have been (a local
