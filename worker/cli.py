@@ -183,10 +183,10 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     outcome = search_as_it_is(request, model, index, as_it_is_now, str(args.index))
     hits = split_at_antimeridian(outcome.hits) if is_lon_lat_degrees(request.out_crs) else outcome.hits  # RFC 7946
-    said = {k: v for k, v in outcome.to_json().items() if k not in ("hits", "timings_ms")}  # as the service's reply
+    reply = {k: v for k, v in outcome.to_json().items() if k not in ("hits", "timings_ms")}  # as the service's reply
     with disk_write(args.out.parent, SEARCH_THEN):
         args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.out, {**hits, "timings_ms": outcome.timings_ms, **said}, SEARCH_THEN)
+    write_json_atomic(args.out, {**hits, "timings_ms": outcome.timings_ms, **reply}, SEARCH_THEN)
     if args.preview:
         from worker.hits_output import contact_sheet
 
@@ -210,7 +210,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         print(f"warning: {len(outcome.ranked)} hits, fewer than --top {request.top}: the candidates re-ranked "
               f"held no more places{where} overlapping the better ones by at most --max-overlap "
               f"{request.max_overlap:g}; a larger --shortlist may find more", file=sys.stderr)
-    print(json.dumps({"hits": len(outcome.ranked), "out": str(args.out), **said,
+    print(json.dumps({"hits": len(outcome.ranked), "out": str(args.out), **reply,
                       **{k: round(v, 1) for k, v in outcome.timings_ms.items()}}))
     return 0
 
