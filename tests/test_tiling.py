@@ -295,6 +295,36 @@ def test_a_dark_8bit_raster_is_stretched_and_drawn_with_its_places_lines(tmp_pat
     assert np.median(kept) >= 0.7 and drawn.sum() >= 0.7 * seen.sum(), (np.median(kept), drawn.sum() / seen.sum())
 
 
+def test_a_dark_8bit_raster_cut_short_opens_and_an_indexed_one_keeps_its_recorded_stretch(tmp_path, assets):
+    """A dark 8-bit GeoTIFF cut short (a bad copy): its windows told it narrow, and the stretch's
+    read over the whole raster met the damage, so the raster, and a folder or mosaic holding it,
+    was refused whole (a probe's); its damage is met where its tiles are read, as any raster's.
+    A raster an index recorded, unchanged since, takes the record's stretch and is not read for
+    it again (every index run opens every raster it is given)."""
+    from dataclasses import replace
+
+    from worker.errors import RasterReadError
+
+    with rasterio.open(assets["rmnp_rgb"]) as src:
+        dark = np.tile(np.round(src.read() * 0.25 + 30).astype(np.uint8), (1, 4, 4))
+        profile = {"crs": src.crs, "transform": src.transform}
+    path = write_raster(tmp_path / "dark.tif", dark, tiled=True, blockxsize=256, blockysize=256, compress="deflate",
+                        **profile)
+    whole = open_raster(path, None)
+    with open(path, "r+b") as f:
+        f.truncate(int(path.stat().st_size * 0.95))
+    cut = open_raster(path, None)
+    assert cut.stretch is not None and np.allclose(cut.stretch, whole.stretch, atol=2)
+    with pytest.raises(RasterReadError):  # the damage, where the tiles are read
+        with TileReader(cut, 224) as reader:
+            for tile in plan_tiles(cut, TileSettings(scales=(1,))):
+                reader.read(tile)
+    recorded = replace(cut, stretch=((1.0, 2.0),) * 3)
+    assert open_raster(path, None, recorded=recorded).stretch == recorded.stretch
+    changed = replace(recorded, mtime_ns=recorded.mtime_ns - 1)  # the file written since it was recorded
+    assert open_raster(path, None, recorded=changed).stretch == cut.stretch
+
+
 def test_where_the_data_ends_is_not_drawn_as_a_line(tmp_path, assets):
     """A tilted nodata collar, as Landsat scenes have: the tile's drawing keeps the land's lines
     and draws nothing along the collar (nodata was drawn as a black shore before)."""

@@ -17,7 +17,7 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -98,7 +98,7 @@ class RasterInfo:
     crs_wkt: str
     transform: tuple[float, ...]
     bands: tuple[int, ...]
-    stretch: tuple[tuple[float, float], ...] | None  # per band (low, high); None for 8-bit
+    stretch: tuple[tuple[float, float], ...] | None  # per band (low, high); None for 8-bit of a wide range
     sources: tuple[int, ...] | None = None  # a VRT's: the files it reads (sources_stamp); None for other rasters
     palette: bool = False  # band 1 holds palette indices, read through its colour table (bands (1, 1, 1))
 
@@ -468,44 +468,53 @@ SPARSE_READ_PX = 4096  # a finer look where that read found no valid pixel: data
 # under this many levels: then it is stretched as 16-bit data is. The line drawing's contrast floor
 # (worker.line_drawing.CONTRAST_FLOOR) is in grey levels, so a dark or flat 8-bit raster lost most
 # of its lines: the benchmark's 8-bit scene put into 30 + v/4 (58 levels) was found at recall@5
-# 0.66 drawn as it was, 0.93 stretched, 1.00 at full range (90 sketches; scripts/lab narrow_range,
+# 0.66 drawn as it was, 0.94 stretched, 1.00 at full range (90 sketches; scripts/lab narrow_range,
 # docs/benchmarks/quality.md). Every 8-bit scene of the benchmark spans 160 levels or more, and
 # is drawn as before.
 NARROW_8BIT_SPAN = 128
-# Whether an 8-bit raster is narrow is told from this many windows a side, of up to 256 px, spread
-# over it: the decimated read a stretch is taken from decompresses every block of a raster without
-# overviews (0.65 s for an 8-bit GeoTIFF of 8,000 px a side), which an index run pays for each
-# raster it is given, done or not; 16 windows took 0.05 s.
+# Whether an 8-bit raster is narrow is told, and a narrow one stretched, from this many windows a
+# side, of up to 256 px, spread over it: the decimated read a 16-bit stretch is taken from
+# decompresses every block of a raster without overviews (0.65 s for an 8-bit GeoTIFF of 8,000 px
+# a side), and met damage the windows missed; 16 windows took 0.04-0.08 s. A raster an index
+# recorded is not looked at again (open_raster's `recorded`).
 NARROW_SAMPLE_WINDOWS = 4
 
 
 def robust_stretch(src: rasterio.DatasetReader, bands: tuple[int, ...]) -> tuple[tuple[float, float], ...] | None:
-    """Per-band 2nd/98th percentiles of valid pixels from a decimated read; None for 8-bit bands
-    of a range wide enough (NARROW_8BIT_SPAN). A band with no valid pixel in it is looked at
-    once more, finer; with none there either (an empty sheet of a tiled delivery) it gets a
-    placeholder and its tiles are skipped as nodata: one empty sheet in a folder stopped the
-    whole run."""
-    if all(src.dtypes[b - 1] == "uint8" for b in bands) and not _narrow_8bit(src, tuple(dict.fromkeys(bands))):
-        return None
-    table = {b: _band_stretch(src, b) for b in dict.fromkeys(bands)}
+    """Per-band 2nd/98th percentiles of valid pixels; None for 8-bit bands of a range wide enough
+    (NARROW_8BIT_SPAN). 16-bit and float bands are read decimated; a band with no valid pixel in
+    it is looked at once more, finer; with none there either (an empty sheet of a tiled
+    delivery) it gets a placeholder and its tiles are skipped as nodata: one empty sheet in a
+    folder stopped the whole run. Narrow 8-bit bands are stretched from the windows that told
+    them narrow: the decimated read met a damaged block those missed, and a folder holding a
+    cut-short dark sheet, or a mosaic of dark sheets one of them cut short, was refused whole."""
+    unique = tuple(dict.fromkeys(bands))
+    if all(src.dtypes[b - 1] == "uint8" for b in bands):
+        narrow = _narrow_8bit(src, unique)
+        if narrow is None:
+            return None
+        table = dict(zip(unique, map(_percentile_stretch, narrow)))
+    else:
+        table = {b: _band_stretch(src, b) for b in unique}
     return tuple(table[b] for b in bands)
 
 
-def _narrow_8bit(src: rasterio.DatasetReader, bands: tuple[int, ...]) -> bool:
-    """Whether the widest of `bands` spans fewer than NARROW_8BIT_SPAN levels (2nd to 98th
-    percentile) in windows spread over the raster, or, where a band has no valid pixel in them
-    (a wide nodata collar), in the decimated read a stretch is taken from. False where a read
-    fails: a damaged block is met, and said, where its tiles or places are read (an 8-bit raster
-    cut short was refused whole at its opening, the rest of a folder with it)."""
+def _narrow_8bit(src: rasterio.DatasetReader, bands: tuple[int, ...]) -> list[np.ndarray] | None:
+    """The valid values of each of `bands` in windows spread over the raster, or, where a band
+    has none in them (a wide nodata collar), in the decimated read a stretch is taken from, when
+    the widest band spans fewer than NARROW_8BIT_SPAN levels (2nd to 98th percentile); else
+    None. None too where a read fails: a damaged block is met, and said, where its tiles or
+    places are read (an 8-bit raster cut short was refused whole at its opening)."""
     try:
         values = _sampled_values(src, bands)
         if any(v.size == 0 for v in values):
             values = [_valid_values(src, b, STRETCH_READ_PX)[0] for b in bands]
     except RasterioIOError:
-        return False
+        return None
     if any(v.size == 0 for v in values):
-        return False
-    return max(float(np.subtract(*np.percentile(v, STRETCH_PERCENTILES[::-1]))) for v in values) < NARROW_8BIT_SPAN
+        return None
+    spans = [np.subtract(*np.percentile(v, STRETCH_PERCENTILES[::-1])) for v in values]
+    return values if max(spans) < NARROW_8BIT_SPAN else None
 
 
 def _sampled_values(src: rasterio.DatasetReader, bands: tuple[int, ...]) -> list[np.ndarray]:
@@ -522,11 +531,11 @@ def _sampled_values(src: rasterio.DatasetReader, bands: tuple[int, ...]) -> list
 
     reads = [src.read(list(bands), window=Window(c, r, side, side), masked=True).reshape(len(bands), -1)
              for r in starts(src.height, block_rows) for c in starts(src.width, block_cols)]
-    return [values.compressed() for values in np.ma.concatenate(reads, axis=1)]
+    return [values.compressed().astype(np.float64) for values in np.ma.concatenate(reads, axis=1)]
 
 
 def _band_stretch(src: rasterio.DatasetReader, band: int) -> tuple[float, float]:
-    """A band's 2nd and 98th percentiles (robust_stretch)."""
+    """A band's 2nd and 98th percentiles from a decimated read (robust_stretch)."""
     values, shape = _valid_values(src, band, STRETCH_READ_PX)
     if values.size == 0 and max(src.width, src.height) > STRETCH_READ_PX:
         values, shape = _valid_values(src, band, SPARSE_READ_PX)
@@ -535,6 +544,11 @@ def _band_stretch(src: rasterio.DatasetReader, band: int) -> tuple[float, float]
                     "skipped as nodata (data sparser than that overview would be drawn unstretched)", src.name, band,
                     shape[1], shape[0])
         return 0.0, 1.0
+    return _percentile_stretch(values)
+
+
+def _percentile_stretch(values: np.ndarray) -> tuple[float, float]:
+    """The 2nd and 98th percentiles of valid values, the second above the first."""
     lo, hi = np.percentile(values, STRETCH_PERCENTILES)
     return float(lo), float(hi if hi > lo else lo + 1.0)
 
@@ -557,9 +571,14 @@ def _open_with(path: Path, drivers: tuple[str, ...] | None) -> rasterio.DatasetR
         return rasterio.io.DatasetReader(path, driver=list(drivers))
 
 
-def open_raster(path: Path, bands: tuple[int, ...] | None, drivers: tuple[str, ...] | None = None) -> RasterInfo:
+def open_raster(path: Path, bands: tuple[int, ...] | None, drivers: tuple[str, ...] | None = None,
+                recorded: RasterInfo | None = None) -> RasterInfo:
     """Check a raster can be indexed and describe it; every refusal says what to do. With
-    `drivers`, only those GDAL drivers may read it (a service client's raster)."""
+    `drivers`, only those GDAL drivers may read it (a service client's raster). `recorded`: the
+    raster as an index recorded it; unchanged since, its stretch is the record's, not read again
+    (an index run opens every raster it is given, done or not: a Sentinel-2 scene's stretch took
+    0.1 s, an 8-bit raster's look at its range 0.05-0.15 s, and a folder of 10,000 sheets paid it
+    on each run)."""
     try:
         src = _open_with(path, drivers)
     except RasterioIOError as exc:
@@ -584,25 +603,29 @@ def open_raster(path: Path, bands: tuple[int, ...] | None, drivers: tuple[str, .
         if any(np.dtype(src.dtypes[b - 1]).kind == "c" for b in range(1, src.count + 1)):
             raise InputError(f"{path}: complex-valued bands are not imagery")
         chosen, paletted = choose_bands(src, bands), _paletted(src, bands)
+        st = os.stat(path)
+        info = RasterInfo(path=str(path), size=st.st_size, mtime_ns=st.st_mtime_ns, width=src.width,
+                          height=src.height, crs_wkt=src.crs.to_wkt(), transform=tuple(src.transform)[:6],
+                          bands=chosen, stretch=None, sources=sources_stamp(src), palette=paletted)
+        if (recorded is not None and (recorded.bands, recorded.palette) == (chosen, paletted)
+                and not recorded.changed_since(info)):
+            return replace(info, stretch=recorded.stretch)
         try:
-            stretch = None if paletted else robust_stretch(src, chosen)
+            return replace(info, stretch=None if paletted else robust_stretch(src, chosen))
         except RasterioIOError as exc:
             raise InputError(f"{path}: cannot read its pixels ({gdal_reason(exc)})") from exc
-        st = os.stat(path)
-        return RasterInfo(path=str(path), size=st.st_size, mtime_ns=st.st_mtime_ns, width=src.width,
-                          height=src.height, crs_wkt=src.crs.to_wkt(), transform=tuple(src.transform)[:6],
-                          bands=chosen, stretch=stretch, sources=sources_stamp(src), palette=paletted)
 
 
 def open_rasters(paths: Sequence[Path], bands: tuple[int, ...] | None, drivers: tuple[str, ...] | None = None,
-                 threads: int = 1) -> list[RasterInfo]:
+                 threads: int = 1, recorded: dict[str, RasterInfo] | None = None) -> list[RasterInfo]:
     """open_raster of each path, `threads` at a time (GDAL's reads and numpy release the GIL:
     opening a Sentinel-2 scene, its stretch statistics included, took 101-119 ms alone and 54-61
     ms a file in 2 threads here). Every refusal is said at once, in the paths' order (a folder of
-    sheets with three bad files took three runs to find them, one a run)."""
+    sheets with three bad files took three runs to find them, one a run). `recorded`: the
+    rasters by path as an index recorded them (open_raster)."""
     def opened(path: Path) -> RasterInfo | InputError:
         try:
-            return open_raster(path, bands, drivers)
+            return open_raster(path, bands, drivers, (recorded or {}).get(str(path)))
         except InputError as exc:
             return exc
 

@@ -289,7 +289,9 @@ class IndexWriter:
         """
         computer = computer or LocalChunks(self.model)
         # bad input refused up front, before a new index's folder is made: a refused run left one behind
-        infos = open_rasters(raster_paths, self.settings.bands, drivers, threads=min(OPEN_THREADS, usable_cores()))
+        recorded = {entry["path"]: RasterInfo.from_json(entry) for entry in self.manifest["rasters"]}  # as last read
+        infos = open_rasters(raster_paths, self.settings.bands, drivers, threads=min(OPEN_THREADS, usable_cores()),
+                             recorded=recorded)
         with index_lock(self.dir):
             # read again under the lock: another run may have committed since this writer was made,
             # and cleaning against an older manifest would remove the shards it committed
