@@ -769,7 +769,9 @@ def test_a_worker_serves_on_ipv6_loopback(tmp_path, rasters):
 def test_curve_protected_bind_refuses_clients_without_the_key(tmp_path, rasters, worker):
     """A client without keys, or with others, is refused by a worker serving CURVE clients alone,
     and told to choose its keys; one with keys, refused by a worker serving without them (a
-    local one), is told that its own keys are the cause: it was told to check the worker's."""
+    local one), is told that its own keys are the cause: it was told to check the worker's. One
+    connected to a worker's progress endpoint (its --pub) is told that nothing there takes
+    requests: it was told the worker had stopped."""
     import zmq.auth
 
     keys, good = make_curve_keys(tmp_path)
@@ -784,6 +786,9 @@ def test_curve_protected_bind_refuses_clients_without_the_key(tmp_path, rasters,
             assert c.ping()["ok"]
         with WorkerClient(proc.bind, timeout=2, retries=0) as c:
             with pytest.raises(WorkerUnavailable, match="a worker that serves only clients with its keys refuses"):
+                c.ping()
+        with WorkerClient(worker.pub, timeout=5, retries=0) as c:  # a worker's other port, as a user may type it
+            with pytest.raises(WorkerUnavailable, match=r"takes no requests \(a worker's progress endpoint, its --pub"):
                 c.ping()
         with WorkerClient(worker.bind, timeout=5, retries=0, curve=good) as c:
             with pytest.raises(WorkerUnavailable, match="this client connects with the CURVE keys chosen in Settings: "

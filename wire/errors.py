@@ -63,8 +63,9 @@ class ConnectionDropped(WorkerUnavailable):
     @classmethod
     def dropped(cls, endpoint: str) -> "ConnectionDropped":
         return cls(f"the connection to the worker at {endpoint} dropped before it answered: the worker stopped or "
-                   "was killed (its log says why), its machine stopped answering, or the request was far over its "
-                   "message size limit")
+                   "was killed (its log says why), its machine stopped answering, the request was far over its "
+                   "message size limit, or what listens there takes no requests (a worker's progress endpoint, "
+                   "its --pub, is not the one to connect to)")
 
     @classmethod
     def keys_refused(cls, endpoint: str, with_keys: bool) -> "ConnectionDropped":
