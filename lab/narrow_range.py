@@ -19,9 +19,9 @@ import numpy as np
 import rasterio
 
 from lab.bench_quality import CORRECT_IOU, hit_polygon
-from lab.placements import PLACEMENTS, iou, random_frame
-from lab.pseudo_sketch import has_lines, load_hand_strokes, pseudo_sketch
-from lab.queries import BENCH_TILES
+from lab.placements import PLACEMENTS, iou
+from lab.pseudo_sketch import load_hand_strokes, pseudo_sketch
+from lab.queries import BENCH_TILES, sketchable_frames
 from worker.assets import load_asset_paths
 from worker.model.loading import load_model
 from worker.ranking import RankingConfig
@@ -38,19 +38,11 @@ def sketches(path: Path, per_placement: int) -> list[tuple]:
     """(frame, sketch) of places of the raster at `path`, `per_placement` of each placement kind."""
     rng = np.random.default_rng(0)
     strokes = load_hand_strokes(Path(load_asset_paths()["lasa_dir"]))
-    raster, made = open_raster(path, None), []
-    for placement in PLACEMENTS:
-        kept = 0
-        for _ in range(50 * per_placement):
-            frame = random_frame(raster, BENCH_TILES, placement, rng) if kept < per_placement else None
-            if frame is None:
-                break
-            image, valid = frame.read()
-            if valid.mean() < 0.9 or not has_lines(image, valid):
-                continue
-            kept += 1
-            made += [(frame, pseudo_sketch(image, style, rng=rng, hand_strokes=strokes, valid=valid)) for style in STYLES]
-    return made
+    raster = open_raster(path, None)
+    return [(frame, pseudo_sketch(image, style, rng=rng, hand_strokes=strokes, valid=valid))
+            for placement in PLACEMENTS
+            for frame, image, valid in sketchable_frames(raster, BENCH_TILES, placement, per_placement, rng)
+            for style in STYLES]
 
 
 def narrowed(source: Path, gain: float, dtype: str, out: Path) -> Path:

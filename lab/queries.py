@@ -7,6 +7,7 @@ other rasters (other sensors, resolutions and places) are held out, so their num
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,17 +67,7 @@ def make_queries(per_placement: int, seed: int = 0, styles=STYLES, placements=PL
     for scene, raster in scene_rasters().items():
         labels = _label_lines(scene, raster)
         for placement in placements:
-            made = 0
-            for _ in range(50 * per_placement):
-                if made == per_placement:
-                    break
-                frame = random_frame(raster, settings, placement, rng)
-                if frame is None:
-                    break
-                image, valid = frame.read()
-                if valid.mean() < 0.9 or not has_lines(image, valid):
-                    continue
-                made += 1
+            for frame, image, valid in sketchable_frames(raster, settings, placement, per_placement, rng):
                 for style in styles:
                     if style == EXAMPLE:
                         queries.append(Query(scene, placement, style, frame, example_drawing(frame)))
@@ -88,6 +79,25 @@ def make_queries(per_placement: int, seed: int = 0, styles=STYLES, placements=PL
                     if (np.asarray(outline) < 128).mean() >= 0.005:
                         queries.append(Query(scene, placement, "outline", frame, outline))
     return queries
+
+
+def sketchable_frames(raster: RasterInfo, settings: TileSettings, placement: str, count: int,
+                      rng: np.random.Generator) -> Iterator[tuple[Frame, np.ndarray, np.ndarray]]:
+    """Up to `count` frames of a placement kind in the raster with something to draw (open water,
+    haze and flat fields are not sketched: lab.pseudo_sketch.has_lines), each with its pixels and
+    valid mask; `rng` is drawn from between them by the caller too (its sketches)."""
+    made = 0
+    for _ in range(50 * count):
+        if made == count:
+            return
+        frame = random_frame(raster, settings, placement, rng)
+        if frame is None:
+            return
+        image, valid = frame.read()
+        if valid.mean() < 0.9 or not has_lines(image, valid):
+            continue
+        made += 1
+        yield frame, image, valid
 
 
 def example_drawing(frame: Frame, size: int = 224) -> Image.Image:
