@@ -659,6 +659,27 @@ def test_a_ctrl_c_as_a_build_swaps_its_shortlist_in_keeps_the_new_one(index_with
     assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".ann")) == []
 
 
+def test_a_ctrl_c_while_the_old_shortlist_is_removed_says_the_new_one_is_in_place(index_with_ann, tmp_path,
+                                                                                  monkeypatch):
+    """Removing the old shortlist after the swap (gigabytes, a network disk) is not held: a Ctrl-C
+    there said "interrupted" alone, as if the build had failed (a review's)."""
+    from worker.interrupts import StoppedOnceDone
+
+    folder = tmp_path / "index"
+    shutil.copytree(index_with_ann[0], folder)
+    discard = ann._discard
+
+    def pressed_while_removing(path: Path) -> None:
+        if path.name.startswith(".ann.old.") and path.exists():
+            raise KeyboardInterrupt
+        discard(path)
+
+    monkeypatch.setattr(ann, "_discard", pressed_while_removing)
+    with pytest.raises(StoppedOnceDone, match="in place"):
+        ann.build(TileIndex.open(folder), factory="IVF2,Flat")
+    assert json.loads((ann.ann_dir(folder) / "ann.json").read_text())["factory"] == "IVF2,Flat"
+
+
 @pytest.mark.parametrize("live", [True, False])
 def test_a_set_aside_link_whose_target_is_gone_does_not_stop_a_build(index_with_ann, tmp_path, live):
     """A shortlist kept elsewhere through a link (INDEX/ann -> another disk), set aside by a killed

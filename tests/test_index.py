@@ -192,6 +192,25 @@ def test_adding_a_raster_does_not_recompute_the_others(tmp_path, model, rmnp_cop
     assert info["complete"] and info["tile_count"] > len(first)
 
 
+def test_a_raster_another_run_removed_meanwhile_is_not_given_its_old_record_back(tmp_path, model, rmnp_copy):
+    """The records a run reuses a stretch from are read before it takes the index's lock: a raster
+    another run removed meanwhile came back as a new entry with the removed record's stretch (an
+    older version's, as here, or a damaged one's) (a review's)."""
+    from worker.store.format import read_manifest, write_json_atomic
+    from worker.store.removal import remove_rasters
+
+    settings, out = TileSettings(tile=112, scales=(1,)), tmp_path / "index"
+    IndexWriter(out, model, settings).build([rmnp_copy])
+    manifest = read_manifest(out)
+    [fresh] = [entry["stretch"] for entry in manifest["rasters"]]
+    manifest["rasters"][0]["stretch"] = [[1.0, 2.0]] * 3  # as an older version might have recorded it
+    write_json_atomic(out / "manifest.json", manifest)
+    writer = IndexWriter(out, model, settings)  # reads the records
+    remove_rasters(out, [str(rmnp_copy)])  # another run, before this one takes the lock
+    writer.build([rmnp_copy])
+    assert [entry["stretch"] for entry in read_manifest(out)["rasters"]] == [fresh]
+
+
 def test_a_raster_changed_on_disk_is_indexed_again(tmp_path, model, rmnp_copy, caplog):
     """New pixels (here the scene upside down) give new cells, in place of the old ones, and the
     run says it indexes the raster again (it said nothing: a run of hours looked like a new one)."""

@@ -325,6 +325,21 @@ def test_a_dark_8bit_raster_cut_short_opens_and_an_indexed_one_keeps_its_recorde
     assert open_raster(path, None, recorded=changed).stretch == cut.stretch
 
 
+def test_a_narrow_8bit_raster_whose_windows_hold_a_sliver_of_data_is_stretched_from_the_whole(tmp_path):
+    """Data from 30 to 90 between the sample windows' columns, and a strip of 6 px of 30 inside
+    one of them (a collar's edge): the windows' few pixels gave a stretch of (30, 31), and the
+    raster was drawn saturated for the life of its index (a review's)."""
+    from rasterio.transform import from_origin
+
+    data = np.zeros((1, 512, 2048), np.uint8)  # nodata 0; windows of 256 px start at 0, 597, 1194 and 1792
+    data[0, :, 256:590] = np.linspace(30, 90, 334).round().astype(np.uint8)
+    data[0, :, 250:256] = 30
+    path = write_raster(tmp_path / "sliver.tif", data, nodata=0, crs="EPSG:32632",
+                        transform=from_origin(500_000, 5_000_000, 10, 10))
+    (low, high), = set(open_raster(path, None).stretch)
+    assert low == pytest.approx(31, abs=1.5) and high == pytest.approx(89, abs=1.5)
+
+
 def test_where_the_data_ends_is_not_drawn_as_a_line(tmp_path, assets):
     """A tilted nodata collar, as Landsat scenes have: the tile's drawing keeps the land's lines
     and draws nothing along the collar (nodata was drawn as a black shore before)."""

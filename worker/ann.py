@@ -461,11 +461,11 @@ def _swap_in(folder: Path, index_dir: Path) -> None:
             if os.path.lexists(live):  # a link whose target is gone too
                 os.replace(live, old)
             replace_durably(folder, live)
-    except KeyboardInterrupt as stop:  # held over both renames, or a second one, at once
+        _discard(old)  # stopped here, it is the next build's or update's to remove (_sweep)
+    except KeyboardInterrupt as stop:  # held over the renames, a second one at once, or removing the old
         if os.path.lexists(folder) or not os.path.lexists(live):
             raise
         raise StoppedOnceDone(stop, "the new shortlist was written whole and is in place") from stop
-    _discard(old)  # stopped here, it is the next build's or update's to remove (_sweep)
 
 
 def _sweep(index_dir: Path) -> None:

@@ -478,6 +478,10 @@ NARROW_8BIT_SPAN = 128
 # a side), and met damage the windows missed; 16 windows took 0.04-0.08 s. A raster an index
 # recorded is not looked at again (open_raster's `recorded`).
 NARROW_SAMPLE_WINDOWS = 4
+# Fewer valid pixels than this a band in those windows (a sliver of data at a collar's edge) and
+# the decimated read decides: 6,144 pixels of one edge gave a stretch of (30, 31) to a raster of
+# 30 to 90, drawn saturated for the life of its index (a review's)
+NARROW_SAMPLE_MIN = 16_384
 
 
 def robust_stretch(src: rasterio.DatasetReader, bands: tuple[int, ...]) -> tuple[tuple[float, float], ...] | None:
@@ -501,16 +505,20 @@ def robust_stretch(src: rasterio.DatasetReader, bands: tuple[int, ...]) -> tuple
 
 def _narrow_8bit(src: rasterio.DatasetReader, bands: tuple[int, ...]) -> list[np.ndarray] | None:
     """The valid values of each of `bands` in windows spread over the raster, or, where a band
-    has none in them (a wide nodata collar), in the decimated read a stretch is taken from, when
-    the widest band spans fewer than NARROW_8BIT_SPAN levels (2nd to 98th percentile); else
-    None. None too where a read fails: a damaged block is met, and said, where its tiles or
-    places are read (an 8-bit raster cut short was refused whole at its opening)."""
+    has few in them (NARROW_SAMPLE_MIN: a wide nodata collar), in the decimated read a stretch
+    is taken from, when the widest band spans fewer than NARROW_8BIT_SPAN levels (2nd to 98th
+    percentile); else None. A read that fails is passed over: a damaged block is met, and said,
+    where its tiles or places are read (an 8-bit raster cut short was refused whole at its
+    opening, and a folder or mosaic with it)."""
     try:
         values = _sampled_values(src, bands)
-        if any(v.size == 0 for v in values):
-            values = [_valid_values(src, b, STRETCH_READ_PX)[0] for b in bands]
     except RasterioIOError:
         return None
+    if any(v.size < NARROW_SAMPLE_MIN for v in values):
+        try:
+            values = [_valid_values(src, b, STRETCH_READ_PX)[0] for b in bands]
+        except RasterioIOError:  # damage the windows missed: they decide, where they hold any
+            pass
     if any(v.size == 0 for v in values):
         return None
     spans = [np.subtract(*np.percentile(v, STRETCH_PERCENTILES[::-1])) for v in values]

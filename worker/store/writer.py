@@ -29,7 +29,7 @@ from worker.drawing_pool import (DeviceDrawing, DrawingJob, DrawingPool, DrawnBa
                                  run_handles)
 from worker.thread_pools import usable_cores
 from worker.tile_features import TileFeatures
-from worker.tiling import RasterInfo, Tile, TilePlan, TileSettings, open_rasters, plan_tiles
+from worker.tiling import RasterInfo, Tile, TilePlan, TileSettings, open_raster, open_rasters, plan_tiles
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +250,15 @@ class IndexWriter:
                         window, "it is nodata (or masked) where a tile falls" if fits else
                         "a raster smaller or thinner than a tile needs a smaller --tile (or --scales 1)")
 
+    def _without_stale_stretch(self, infos: list[RasterInfo], recorded: dict[str, RasterInfo],
+                               drivers: tuple[str, ...] | None) -> list[RasterInfo]:
+        """`infos` with those whose stretch came from a record (open_raster's `recorded`, read
+        before the lock) that another run removed meanwhile opened again: the record may be an
+        older version's (a dark 8-bit raster unstretched), and would come back as a new entry."""
+        held = {entry["path"] for entry in self.manifest["rasters"]}
+        return [open_raster(Path(info.path), self.settings.bands, drivers)
+                if info.path in recorded and info.path not in held else info for info in infos]
+
     def _raster_entry(self, info: RasterInfo) -> dict:
         for entry in self.manifest["rasters"]:
             if entry["path"] == info.path:
@@ -301,6 +310,7 @@ class IndexWriter:
                 (self.dir / SHARDS).mkdir(exist_ok=True)
             self._in_place = self._index_as_written()
             self._clean_uncommitted()
+            infos = self._without_stale_stretch(infos, recorded, drivers)
             infos = infos + self._also_redone(self._repair_damage(), infos, drivers)
             plans = []
             for info in infos:
