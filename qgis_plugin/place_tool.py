@@ -58,18 +58,27 @@ class PlaceMapTool(QgsMapTool):
 
 def raster_under(rect: QgsRectangle, map_crs, active=None) -> Optional[QgsRasterLayer]:
     """The raster layer a rectangle (map CRS) was dragged over: the active layer when it is a
-    file raster under the rectangle, else the topmost visible one."""
+    file raster under half the rectangle or more, else the visible one under most of it, the
+    topmost of equals. The topmost one touching it was taken: a box dragged over the sheet below
+    another, the neighbour's edge in its corner, searched a sliver of the neighbour (a probe's)."""
     project = QgsProject.instance()
-    candidates = [active] if active is not None else []
-    root = project.layerTreeRoot()
-    candidates += [node.layer() for node in root.findLayers() if node.isVisible()]
-    for layer in candidates:
-        if layer is None or layer.type() != QgsMapLayerType.RasterLayer or layer.providerType() != "gdal":
+    visible = [node.layer() for node in project.layerTreeRoot().findLayers() if node.isVisible()]
+    shares = {}
+    for layer in ([active] if active is not None else []) + visible:
+        if (layer is None or layer.id() in shares or layer.type() != QgsMapLayerType.RasterLayer
+                or layer.providerType() != "gdal"):
             continue
-        transform = QgsCoordinateTransform(map_crs, layer.crs(), project)
-        if transform.transformBoundingBox(rect).intersects(layer.extent()):
-            return layer
-    return None
+        box = QgsCoordinateTransform(map_crs, layer.crs(), project).transformBoundingBox(rect)
+        under = box.intersect(layer.extent())
+        if box.area() > 0 and not under.isEmpty():
+            shares[layer.id()] = (layer, under.area() / box.area())
+        elif box.intersects(layer.extent()):  # a box of no area (a click): touched is under
+            shares[layer.id()] = (layer, 0.0)
+    if not shares:
+        return None
+    if active is not None and active.id() in shares and shares[active.id()][1] >= 0.5:
+        return active
+    return max(shares.values(), key=lambda held: held[1])[0]  # max keeps the first, the topmost, of equals
 
 
 def example_of(rect: QgsRectangle, map_crs, layer: QgsRasterLayer) -> dict:

@@ -161,6 +161,39 @@ def test_a_search_of_an_index_gone_meanwhile_says_so_and_stops_offering_it(plugi
     dock.clear_sketch()
 
 
+def test_a_box_dragged_over_two_sheets_takes_the_one_under_most_of_it(plugin, raster_root, tmp_path):
+    """Two neighbouring sheets, the western one above in the layer tree: a box lying mostly on the
+    eastern one, the western's edge in its corner, was taken from the western sheet (the topmost
+    it touched) and searched as a sliver of it (a probe's). The sheet under most of it is taken;
+    an active layer under half of it or more is taken first, as the user chose it."""
+    from osgeo import gdal
+
+    from sketch_search.place_tool import example_of, raster_under
+
+    sheets = {}
+    for name, srcwin in (("west", [0, 0, 240, 373]), ("east", [240, 0, 245, 373])):
+        gdal.Translate(str(tmp_path / f"{name}.tif"), str(raster_root / "rmnp-rgb.tif"), srcWin=srcwin)
+        sheets[name] = QgsRasterLayer(str(tmp_path / f"{name}.tif"), name)
+    QgsProject.instance().addMapLayers([sheets["west"], sheets["east"]])  # the first added is on top
+    try:
+        root = QgsProject.instance().layerTreeRoot()
+        assert [node.layer().name() for node in root.findLayers()][:2] == ["west", "east"]
+        west, east = sheets["west"].extent(), sheets["east"].extent()
+        box = QgsRectangle(east.xMinimum() - 0.02 * east.width(), east.yMinimum() + 0.3 * east.height(),
+                           east.xMinimum() + 0.5 * east.width(), east.yMinimum() + 0.6 * east.height())
+        assert box.intersects(west) and box.intersect(east).area() > 0.9 * box.area()
+        lon_lat = QgsCoordinateReferenceSystem("EPSG:4326")
+        assert raster_under(box, lon_lat).name() == "east"
+        assert example_of(box, lon_lat, raster_under(box, lon_lat))["raster"].endswith("east.tif")
+        assert raster_under(box, lon_lat, active=sheets["west"]).name() == "east", "the active one under a sliver"
+        assert raster_under(box, lon_lat, active=sheets["east"]).name() == "east"
+        on_west = QgsRectangle(west.xMinimum(), west.yMinimum(), west.xMinimum() + 0.3 * west.width(),
+                               west.yMinimum() + 0.3 * west.height())
+        assert raster_under(on_west, lon_lat, active=sheets["east"]).name() == "west"
+    finally:
+        QgsProject.instance().removeMapLayers([layer.id() for layer in sheets.values()])
+
+
 def test_search_against_a_real_worker_adds_a_georeferenced_layer(plugin, worker, rmnp_layer, qgis_iface, tmp_path):
     from sketch_search.results import saved_query
 
