@@ -4,24 +4,26 @@ from __future__ import annotations
 
 from typing import Optional
 
-from qgis.core import (QgsCoordinateTransform, QgsGeometry, QgsMapLayerType, QgsPointXY, QgsProject, QgsRasterLayer, QgsRectangle,
+from qgis.core import (QgsCoordinateTransform, QgsGeometry, QgsMapLayerType, QgsProject, QgsRasterLayer, QgsRectangle,
                        QgsWkbTypes)
 from qgis.gui import QgsMapTool, QgsRubberBand
-from qgis.PyQt.QtCore import Qt, pyqtSignal
+from qgis.PyQt.QtCore import QPoint, Qt, pyqtSignal
 from qgis.PyQt.QtGui import QColor
 
 from .crs_names import crs_name
 
 
 class PlaceMapTool(QgsMapTool):
-    """Drag a rectangle; `picked` gives it in map coordinates (the canvas CRS)."""
+    """Drag a rectangle; `picked` gives it in map coordinates (the canvas CRS): the map rectangle
+    round the one dragged on screen, which a rotated canvas shows turned. Its two map corners
+    were taken: at 45 degrees a square dragged was a line, refused as an empty box (a probe's)."""
 
     picked = pyqtSignal(QgsRectangle)
 
     def __init__(self, canvas):
         super().__init__(canvas)
         self.canvas = canvas
-        self._start: Optional[QgsPointXY] = None
+        self._start: Optional[QPoint] = None  # on screen
         self.band = QgsRubberBand(canvas, QgsWkbTypes.PolygonGeometry)
         self.band.setColor(QColor(30, 120, 220, 60))
         self.band.setStrokeColor(QColor(30, 120, 220, 230))
@@ -30,23 +32,29 @@ class PlaceMapTool(QgsMapTool):
 
     def canvasPressEvent(self, event) -> None:  # noqa: N802
         if event.button() == Qt.LeftButton:
-            self._start = self.toMapCoordinates(event.pos())
+            self._start = event.pos()
             self.band.reset(QgsWkbTypes.PolygonGeometry)
 
     def canvasMoveEvent(self, event) -> None:  # noqa: N802
         if self._start is not None:
-            self._show(QgsRectangle(self._start, self.toMapCoordinates(event.pos())))
+            self._show(self._dragged(event.pos()))
 
     def canvasReleaseEvent(self, event) -> None:  # noqa: N802
         if self._start is None or event.button() != Qt.LeftButton:
             return
-        rect = QgsRectangle(self._start, self.toMapCoordinates(event.pos()))
+        dragged = self._dragged(event.pos())
         self._start = None
-        self._show(rect)
-        self.picked.emit(rect)
+        self._show(dragged)
+        self.picked.emit(dragged.boundingBox())
 
-    def _show(self, rect: QgsRectangle) -> None:
-        self.band.setToGeometry(QgsGeometry.fromRect(rect), None)
+    def _dragged(self, end: QPoint) -> QgsGeometry:
+        """The rectangle dragged on screen from the press to `end`, in map coordinates."""
+        x0, y0, x1, y1 = self._start.x(), self._start.y(), end.x(), end.y()
+        return QgsGeometry.fromPolygonXY([[self.toMapCoordinates(QPoint(x, y))
+                                           for x, y in ((x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0))]])
+
+    def _show(self, dragged: QgsGeometry) -> None:
+        self.band.setToGeometry(dragged, None)
 
     def clear(self) -> None:
         self.band.reset(QgsWkbTypes.PolygonGeometry)

@@ -71,6 +71,22 @@ def test_the_rectangle_tool_asks_for_the_place_in_the_rasters_crs(plugin, rmnp_l
     assert dock.search_query().strokes == [[[10.0, 12.0], [40.0, 30.0]]]
     dock.clear_sketch()
     assert dock.example is None
+    canvas.setRotation(45)  # a square dragged on a rotated map: the map rectangle round it, not its two corners
+    dock.place_button.setChecked(True)
+    side = min(x1 - x0, y1 - y0)
+    drag(canvas.viewport(), [(x0, y0), (x0 + side, y0 + side)])
+    dock.place_button.setChecked(False)
+    to_map = canvas.getCoordinateTransform()
+    corners = [to_map.toMapCoordinates(QPoint(x, y)) for x in (x0, x0 + side) for y in (y0, y0 + side)]
+    around = QgsCoordinateTransform(QgsCoordinateReferenceSystem("EPSG:3857"), rmnp_layer.crs(), QgsProject.instance()
+                                    ).transformBoundingBox(QgsRectangle(min(p.x() for p in corners),
+                                                                        min(p.y() for p in corners),
+                                                                        max(p.x() for p in corners),
+                                                                        max(p.y() for p in corners)))
+    assert dock.example["bbox"] == pytest.approx([around.xMinimum(), around.yMinimum(), around.xMaximum(),
+                                                  around.yMaximum()]), "was a line at 45 degrees: an empty box"
+    canvas.setRotation(0)
+    dock.clear_sketch()
     dock.index_combo.clear()
 
 
