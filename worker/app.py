@@ -463,16 +463,15 @@ def run_search(request: SearchRequest, model: "RetrievalModel", index: TileIndex
         own_place, example, sized = None, None, []
         tiling, drawing_size, sizes = index.manifest["tiling"], index.manifest["drawing_size"], request.ranking.sizes
         if request.example is not None:
-            from worker.example_query import prepare_example
+            from worker.example_query import drawn_square, prepare_example
 
             bands = index.manifest["tiling"].get("bands")
             example = prepare_example(request.example, list(index.rasters.values()), model.img_size,
                                       tuple(bands) if bands else None, request.access)
             sketch, own_place = example.sketch, example.own_place
             if any(r.path == example.raster.path for r in index.rasters.values()):  # elsewhere: other pixels
-                c0, r0, c1, r1 = example.window
-                sized = out_of_scale(max(c1 - c0, r1 - r0), example.raster.path, tiling, drawing_size, sizes,
-                                     "the example")
+                side = drawn_square(example.raster, example.window).side  # what the search looks for
+                sized = out_of_scale(side, example.raster.path, tiling, drawing_size, sizes, "the example")
         else:
             drawn = request.sketch
             if isinstance(drawn, StrokeSketch):  # on a map: as the rasters' pixels show the place

@@ -49,7 +49,7 @@ def out_of_scale(side_px: float, raster: str, tiling: dict, drawing_size: int, s
              f"{smallest:,.0f} to {largest:,.0f} px a side; its hits overlap a place outside that by less than half")
     if side_px > largest:
         more = []  # scales doubled on until one finds the place: 1,2,4 -> 1,2,4,8
-        while max(sizes) * level_pixel(tile, max(scales + more), drawing_size) * HALF_OVERLAP < side_px:
+        while found_sides({**tiling, "scales": scales + more}, drawing_size, sizes)[1] < side_px:
             more.append(2 * max(scales + more))
         can = max(more) <= MAX_SCALE and len(scales + more) <= MAX_SCALES
         todo = "sketch a part of it" + (f", or search an index built with scales {','.join(map(str, scales + more))}"
