@@ -22,7 +22,7 @@ import torch
 
 from worker.app import ModelOptions
 from worker.distributed import Cluster, ClusterChunks, connect
-from worker.drawing_pool import DeviceDrawing, DrawingJob, DrawingPool, drawn_batches
+from worker.drawing_pool import DeviceDrawing, DrawingJob, DrawingPool, _read_and_draw_here, drawn_batches
 from worker.errors import InputError, RasterReadError
 from worker.store import IndexWriter, TileIndex
 from conftest import damaged_near_its_end
@@ -150,23 +150,32 @@ def test_a_pool_run_stopped_or_failed_midway_resumes_to_the_same_index(tmp_path,
 def test_a_drawing_pool_outlives_ctrl_c_and_a_closed_terminal_sent_to_its_group(assets):
     """SIGINT and SIGHUP reach every process of the group: the pool's processes died of them, the
     run failed on a broken pool, and a service's job stopped by its closed terminal ended failed,
-    dropped instead of left to resume. They ignore both; the run's own process stops the run."""
+    dropped instead of left to resume. They hold both while they boot (importing torch takes
+    seconds; a pool of 15 took 14 s) and ignore both once they run; the run's own process stops
+    the run."""
     info = open_raster(assets["osbs_rgb"], None)
     tiles = list(plan_tiles(info, SETTINGS))[:8]
     job = DrawingJob(info.to_json(), 224, SETTINGS.tile, SETTINGS.min_valid)
+
+    def signal_every_process() -> None:
+        for process in pool.executor._processes.values():
+            os.kill(process.pid, signal.SIGINT)
+            os.kill(process.pid, signal.SIGHUP)
+
     # the processes start with the signals as a terminal gives them: a run in the background (CI)
     # hands on both ignored, and the test could not fail
     before = signal.signal(signal.SIGINT, signal.default_int_handler), signal.signal(signal.SIGHUP, signal.SIG_DFL)
     pool = DrawingPool(2)
     try:
-        first = [n for n, _ in next(pool.each_job([(job, tiles)], 4))]
+        booting = [pool.submit(_read_and_draw_here, job, tiles[start:start + 4]) for start in (0, 4)]
         signal.signal(signal.SIGINT, before[0])
         signal.signal(signal.SIGHUP, before[1])
-        for process in pool.executor._processes.values():  # started by the first batches
-            os.kill(process.pid, signal.SIGINT)
-            os.kill(process.pid, signal.SIGHUP)
+        assert len(pool.executor._processes) == 2  # spawned by the submits, and booting now
+        signal_every_process()
+        assert [batch.tiles for batch in (future.result() for future in booting)] == [tiles[:4], tiles[4:]]
+        signal_every_process()  # booted: running
         time.sleep(0.5)
-        assert [n for n, _ in next(pool.each_job([(job, tiles)], 4))] == first == [4, 8]
+        assert [n for n, _ in next(pool.each_job([(job, tiles)], 4))] == [4, 8]
     finally:
         signal.signal(signal.SIGINT, before[0])
         signal.signal(signal.SIGHUP, before[1])

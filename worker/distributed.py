@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from wire.protocol import excerpt
 from worker.errors import InputError, RasterReadError
-from worker.interrupts import children_deaf_to_ctrl_c, ctrl_c_ignored, stops_held
+from worker.interrupts import children_deaf_to_the_terminal, ctrl_c_ignored, stops_held
 from worker.local_cluster_worker import closed_comms_without_traceback
 from worker.store.writer import ChunkJob, ChunkResult, compute_chunk
 from worker.thread_pools import usable_cores
@@ -140,7 +140,7 @@ def connect(spec: str):
     # its memory), as always
     with _environment_kept(), _closed_quietly(quiet) as closing, ExitStack() as running:
         try:
-            with stops_held(), children_deaf_to_ctrl_c():  # the cluster starts whole, its workers deaf to Ctrl-C
+            with stops_held(), children_deaf_to_the_terminal():  # the cluster starts whole, its workers deaf to the terminal
                 cluster = running.enter_context(LocalCluster(
                     n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
                     silence_logs=logging.ERROR if quiet else False, **_with_our_preload()))

@@ -34,6 +34,7 @@ import rasterio.errors
 import torch
 
 from worker import edge_cells, line_drawing
+from worker.interrupts import children_deaf_to_the_terminal, deaf_to_the_terminal
 from worker.raster_handles import ThreadHandles
 from worker.thread_pools import shared_pool, usable_cores, wait_all
 from worker.tile_features import cells_on_grid
@@ -195,21 +196,17 @@ def default_processes(tokens: bool, tiles: int) -> int:
 
 def _drawing_process() -> None:
     """A drawing process draws with one torch thread: the pool's processes are the parallelism.
-    It ignores Ctrl-C and a closed terminal (SIGINT, SIGHUP: sent to the whole process group),
-    as cluster workers do: the run's own process stops and closes the pool in order. Killed by
-    them, the pool broke the run (BrokenProcessPool), and a service's job ended failed and was
-    dropped instead of being left to resume."""
-    import signal
-
+    It ignores Ctrl-C and a closed terminal (sent to the whole process group), as cluster
+    workers do, and held them while it booted (DrawingPool.submit): the run's own process stops
+    and closes the pool in order. Killed by them, the pool broke the run (BrokenProcessPool),
+    and a service's job ended failed and was dropped instead of being left to resume."""
     import torch
 
-    for name in ("SIGINT", "SIGHUP"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    deaf_to_the_terminal()
     torch.set_num_threads(1)
 
 
-def batches_ahead(executor: Executor, task: Callable[[DrawingJob, Sequence[Tile]], T],
+def batches_ahead(executor: Executor | DrawingPool, task: Callable[[DrawingJob, Sequence[Tile]], T],
                   work: Iterable[tuple[DrawingJob, Sequence[Tile]]], batch_size: int,
                   ahead: int) -> Iterator[Iterator[tuple[int, T]]]:
     """For each job of `work`, taken as needed, an iterator of (tiles done, `task`'s result) for
@@ -268,11 +265,18 @@ class DrawingPool:
                                             initializer=_drawing_process)
         self.ahead = ahead or 2 * processes
 
+    def submit(self, task: Callable[..., T], *args) -> Future[T]:
+        """`task` run by one of the pool's processes. The pool spawns them as work arrives, in
+        the submitting thread, and each takes seconds to boot (15 took 14 s on an H200 machine):
+        they are spawned deaf to the terminal, or a Ctrl-C meanwhile killed them half booted."""
+        with children_deaf_to_the_terminal():
+            return self.executor.submit(task, *args)
+
     def each_job(self, work: Iterable[tuple[DrawingJob, Sequence[Tile]]],
                  batch_size: int) -> Iterator[Iterator[tuple[int, DrawnBatch]]]:
         """For each job of `work`, an iterator of its batches as drawn_batches gives them
         (batches_ahead: each job's must be taken to the end before the next job's)."""
-        return batches_ahead(self.executor, _read_and_draw_here, work, batch_size, self.ahead)
+        return batches_ahead(self, _read_and_draw_here, work, batch_size, self.ahead)
 
     def close(self) -> None:
         self.executor.shutdown(cancel_futures=True)

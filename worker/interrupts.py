@@ -1,6 +1,6 @@
-"""How Ctrl-C and SIGTERM reach a run on a local Dask cluster (worker.distributed). A terminal's
-Ctrl-C reaches the whole process group, the cluster's worker processes too; the run's own
-process alone should stop the run, and close the workers in order."""
+"""How Ctrl-C and SIGTERM reach a run with processes of its own: a local Dask cluster's workers
+(worker.distributed), a DrawingPool's. A terminal's Ctrl-C reaches the whole process group,
+those processes too; the run's own process alone should stop the run, and close them in order."""
 
 from __future__ import annotations
 
@@ -11,24 +11,40 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 
+# what a terminal sends to every process of its group: Ctrl-C, and SIGHUP as it closes
+TERMINAL_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGHUP") if hasattr(signal, name))
+
+
 @contextmanager
-def children_deaf_to_ctrl_c() -> Iterator[None]:
-    """SIGINT blocked in this thread meanwhile: the threads started from it, and the processes
-    they spawn then or later (a local cluster's workers, restarted ones too), inherit the mask,
-    which survives exec, and so never see Ctrl-C, not even while they boot. Not on Windows (no
-    signal masks; worker.local_cluster_worker ignores SIGINT once a worker runs)."""
+def children_deaf_to_the_terminal() -> Iterator[None]:
+    """Ctrl-C and a closed terminal (TERMINAL_SIGNALS) blocked in this thread meanwhile: the
+    threads started from it, and the processes they spawn then or later (a local cluster's
+    workers, restarted ones too; a DrawingPool's), inherit the mask, which survives exec, and so
+    never see them while they boot (importing torch takes seconds); once they run, they ignore
+    them (deaf_to_the_terminal). A pool's process hit as it booted died, and the run failed on a
+    broken pool. Not on Windows (no signal masks)."""
     if not hasattr(signal, "pthread_sigmask"):
         yield
         return
-    # Python's resource tracker, started with a cluster's first worker, unblocks SIGINT in the
-    # thread that starts it: started before the mask is set, it leaves the mask alone
+    # Python's resource tracker, started with a pool's or a cluster's first process, unblocks
+    # SIGINT in the thread that starts it: started before the mask is set, it leaves the mask alone
     from multiprocessing import resource_tracker
     resource_tracker.ensure_running()
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, TERMINAL_SIGNALS)
     try:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def deaf_to_the_terminal() -> None:
+    """This process, a cluster's worker or a pool's, ignores Ctrl-C and a closed terminal, and
+    takes them off the mask it was spawned with (children_deaf_to_the_terminal): the run's own
+    process stops the run and closes its workers in order. One held while it booted is dropped."""
+    for signum in TERMINAL_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, TERMINAL_SIGNALS)
 
 
 # SIGHUP (a terminal closed) stops a command as SIGTERM does (worker.cli): raised inside a write

@@ -5,7 +5,8 @@ process (worker.distributed.connect)."""
 from __future__ import annotations
 
 import logging
-import signal
+
+from worker.interrupts import deaf_to_the_terminal
 
 HEARTBEAT_FAILED = "Failed to communicate with scheduler during heartbeat"
 COMM_CLOSED = "Batched Comm Closed"
@@ -13,8 +14,7 @@ COMM_CLOSED = "Batched Comm Closed"
 
 def dask_setup(worker) -> None:
     """The worker ignores Ctrl-C and a closed terminal: the run's own process stops the run and
-    closes the workers in order (worker.interrupts; where signals are masked, the worker never
-    heard it anyway).
+    closes the workers in order (worker.interrupts; one sent while it booted was held by its mask).
 
     A worker told to close while its chunk holds it (the model loading, a batch encoding) logged
     the heartbeat its own close cut off, at ERROR with two chained tracebacks: Ctrl-C early in a
@@ -22,9 +22,7 @@ def dask_setup(worker) -> None:
     that fails while the worker runs is still said."""
     from distributed.core import Status
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # run on the worker's main thread, before it registers
-    if hasattr(signal, "SIGHUP"):  # a closed terminal, sent to the group: the driver stops as at SIGTERM
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    deaf_to_the_terminal()  # run on the worker's main thread, before it registers
     closing = (Status.closing, Status.closing_gracefully, Status.closed)
 
     def not_a_closing_heartbeat(record: logging.LogRecord) -> bool:
