@@ -576,7 +576,7 @@ class SearchController(QObject):
         unsearched = [f"Not searched: {_names(left_out)}." if left_out else "",
                       f"Searched in part, still being indexed or stopped: {_names(partly)}." if partly else "",
                       f"Places that cannot be read, left out: {_names(unread)}." if unread else "",
-                      *(f"{s['reason'][:1].upper()}{s['reason'][1:]}." for s in sized)]
+                      *(f"{os.path.basename(s['raster'])}: {s['reason']}." for s in sized)]  # "this raster"
         if not reply["hits"]["features"]:  # was a green "0 hit(s)" and an empty layer
             where = " in the map view: pan or zoom out, or search the whole index" if query.bbox is not None else ""
             return self.notice.emit(" ".join([f"No places found{where}.", *filter(None, unsearched)]),

@@ -123,8 +123,8 @@ def test_the_command_line_searches_by_example(worker, rasters, tmp_path):
     result = run("--example", str(rasters / "rmnp-rgb.tif"), f"--bbox={small}", "--top", "1", "--out",
                  str(tmp_path / "small.geojson"))  # 40 px: under the 57 px of this index's smallest places
     assert result.returncode == 0 and re.search(r"^warning: \S*rmnp-rgb.tif: the example is about 40 px of this raster "
-                                                r"a side, smaller than the index finds .*: sketch more of its "
-                                                r"surroundings, or search an index built with tiles of \d+ px$",
+                                                r"a side, smaller than the index finds .*: drag a box round more "
+                                                r"of its surroundings, or search an index built with tiles of \d+ px$",
                                                 result.stderr, re.M), result.stderr
     assert json.loads((tmp_path / "small.geojson").read_text())["out_of_scale"][0]["side_px"] == pytest.approx(40)
     ids = [h["properties"]["id"] for h in hits]

@@ -79,8 +79,8 @@ def test_strokes_traced_on_a_map_become_the_pixels_they_traced(index, name, canv
     raster = next(r for r in index.rasters.values() if r.path.endswith(name))
     frame = Placement(raster, cx=330.0, cy=300.0, side=224.0, angle=0.0)
     traced = _traced(raster, frame, canvas)
-    mapped, under = on_the_pixel_grid(stroke_sketch(traced, canvas), index.rasters, index.tiles_per_raster)
-    assert under is raster
+    mapped, under, lies_on = on_the_pixel_grid(stroke_sketch(traced, canvas), index.rasters, index.tiles_per_raster)
+    assert under is raster and lies_on
     image, valid = frame.read(224)
     truth = np.concatenate([line[:, ::-1] + 0.5 for line in trace_polylines(edge_map(image, QUERY_EDGE_SIGMA, valid))])
     got = np.concatenate([np.asarray(s) for s in mapped.strokes])
@@ -102,7 +102,8 @@ def test_strokes_traced_over_a_raster_past_180_degrees_use_its_pixel_grid(index,
     south = next(i for i, r in index.rasters.items() if r.path.endswith("south.tif"))
     rasters, tiles = {south: index.rasters[south], 99: pacific}, {south: 1000, 99: 10}  # the other has more tiles
     frame = Placement(pacific, cx=330.0, cy=300.0, side=224.0, angle=0.0)
-    mapped, _ = on_the_pixel_grid(stroke_sketch(_traced(pacific, frame, canvas), canvas), rasters, tiles)
+    mapped, under, lies_on = on_the_pixel_grid(stroke_sketch(_traced(pacific, frame, canvas), canvas), rasters, tiles)
+    assert under is pacific and lies_on
     image, valid = frame.read(224)
     truth = np.concatenate([line[:, ::-1] + 0.5 for line in trace_polylines(edge_map(image, QUERY_EDGE_SIGMA, valid))])
     got = np.concatenate([np.asarray(s) for s in mapped.strokes])
@@ -127,9 +128,9 @@ def test_strokes_without_a_map_or_where_the_map_cannot_place_them_are_drawn_as_t
     """A sketch pad's pixel strokes have no CRS; strokes at a pole cannot be placed on the
     ground: both are drawn as sent, as before."""
     pad = stroke_sketch([[(0, 0), (50, 80)], [(10, 90), (60, 5)]], None, [0, 0, 100, 100])
-    assert on_the_pixel_grid(pad, index.rasters, index.tiles_per_raster) == (pad, None)
+    assert on_the_pixel_grid(pad, index.rasters, index.tiles_per_raster) == (pad, None, False)
     pole = stroke_sketch([[(-10, 90), (10, 90)], [(0, 90), (5, 90)]], "EPSG:4326")
-    assert on_the_pixel_grid(pole, index.rasters, index.tiles_per_raster) == (pole, None)
+    assert on_the_pixel_grid(pole, index.rasters, index.tiles_per_raster) == (pole, None, False)
 
 
 @pytest.mark.parametrize("extent_px, said", [(80, "smaller than the index finds"), (360, None),
@@ -171,3 +172,25 @@ def test_an_example_smaller_than_the_index_finds_is_said(index, model):
     [entry] = run_search(request, model, index).out_of_scale
     assert entry["raster"] == raster.path and entry["side_px"] == pytest.approx(60, abs=0.5)
     assert entry["reason"].startswith("the example is about 60 px of this raster a side, smaller than")
+    # a box, not strokes: what to do is said as a user who dragged one does it (it said "sketch")
+    assert re.search(r": drag a box round more of its surroundings, or search an index built with tiles of \d+ px$",
+                     entry["reason"]), entry["reason"]
+
+
+def test_a_place_traced_off_every_raster_is_measured_in_the_most_tiled_one_and_said_so(index, model):
+    """Strokes traced where no raster lies (a shape drawn over an empty part of the map, to be
+    found elsewhere) are measured in the pixels of the raster holding the most tiles: the
+    message named that raster "this raster", as if they lay on it."""
+    most = max(index.tiles_per_raster, key=index.tiles_per_raster.get)
+    # 0.05 degrees at 10°N, 52° south of the lon/lat raster: 1,174 of its pixels (4.7 m wide at 62°N)
+    strokes = [[(10.0, 10.0), (10.05, 10.0), (10.05, 10.05), (10.0, 10.05), (10.0, 10.0), (10.05, 10.05)]]
+    drawn, grid, lies_on = on_the_pixel_grid(stroke_sketch(strokes, "EPSG:4326"), index.rasters,
+                                             index.tiles_per_raster)
+    assert grid is index.rasters[most] and not lies_on
+    [entry] = run_search(SearchRequest(stroke_sketch(strokes, "EPSG:4326"), top=1), model, index).out_of_scale
+    assert entry["raster"] == grid.path
+    assert entry["reason"].startswith("the place traced on the map lies on no indexed raster; in the pixels of this "
+                                      "one, which holds the most tiles, it is about "), entry["reason"]
+    assert entry["side_px"] == pytest.approx(1174, rel=0.01)
+    assert "larger than the index finds" in entry["reason"]
+    assert entry["reason"].endswith(": sketch a part of it, or search an index built with scales 1,2,4")

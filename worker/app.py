@@ -453,7 +453,7 @@ def run_search(request: SearchRequest, model: "RetrievalModel", index: TileIndex
     search ends with SearchStopped (worker.cancellation) and its thread is free again."""
     from worker.hits_output import hits_to_geojson
     from worker.map_strokes import on_the_pixel_grid
-    from worker.place_size import out_of_scale, stroke_place_side
+    from worker.place_size import EXAMPLE, TRACED, out_of_scale, stroke_place_side
     from worker.query_search import search_query
     from worker.sketch import StrokeSketch, load_sketch
 
@@ -471,14 +471,14 @@ def run_search(request: SearchRequest, model: "RetrievalModel", index: TileIndex
             sketch, own_place = example.sketch, example.own_place
             if any(r.path == example.raster.path for r in index.rasters.values()):  # elsewhere: other pixels
                 side = drawn_square(example.raster, example.window).side  # what the search looks for
-                sized = out_of_scale(side, example.raster.path, tiling, drawing_size, sizes, "the example")
+                sized = out_of_scale(side, example.raster.path, tiling, drawing_size, sizes, EXAMPLE)
         else:
             drawn = request.sketch
             if isinstance(drawn, StrokeSketch):  # on a map: as the rasters' pixels show the place
-                drawn, under = on_the_pixel_grid(drawn, index.rasters, index.tiles_per_raster)
-                if under is not None:
-                    sized = out_of_scale(stroke_place_side(drawn), under.path, tiling, drawing_size, sizes,
-                                         "the place traced on the map")
+                drawn, grid, lies_on = on_the_pixel_grid(drawn, index.rasters, index.tiles_per_raster)
+                if grid is not None:
+                    sized = out_of_scale(stroke_place_side(drawn), grid.path, tiling, drawing_size, sizes, TRACED,
+                                         lies_on)
             sketch = load_sketch(drawn, model.img_size, crop_to_ink=request.crop_to_ink)
         raise_if_stopped("the search")
         result = search_query(index, model, sketch, request.ranking, top=request.top, area_wgs84=request.area_wgs84,

@@ -34,13 +34,13 @@ STEP_M = 1.0  # on the ground, where a raster lies
 
 
 def on_the_pixel_grid(sketch: StrokeSketch, rasters: dict[int, RasterInfo],
-                      tiles: dict[int, int]) -> tuple[StrokeSketch, RasterInfo | None]:
+                      tiles: dict[int, int]) -> tuple[StrokeSketch, RasterInfo | None, bool]:
     """`sketch` drawn in a CRS (`sketch.crs`) as strokes in pixel coordinates of the raster it
     was drawn over (of `rasters` with `tiles` by id), else of the one holding the most tiles,
-    and that raster; unchanged and None when it has no CRS, when none of `rasters` holds a
-    tile, or where the CRS cannot place it (at a pole, past a projection's edge), as it was
-    searched before."""
-    unchanged = sketch, None
+    that raster, and whether the strokes' centre lies on it; unchanged, None and False when it
+    has no CRS, when none of `rasters` holds a tile, or where the CRS cannot place it (at a
+    pole, past a projection's edge), as it was searched before."""
+    unchanged = sketch, None, False
     held = [rasters[i] for i in sorted(tiles, key=lambda i: -tiles[i]) if tiles[i] and i in rasters]
     if sketch.crs is None or not held or not sketch.strokes or not all(sketch.strokes):
         return unchanged
@@ -52,7 +52,7 @@ def on_the_pixel_grid(sketch: StrokeSketch, rasters: dict[int, RasterInfo],
     to_ground = _ground_per_map_unit(sketch.crs, centre, span * STEP_OF_SPAN)
     if to_ground is None:
         return unchanged
-    raster, lonlat = _raster_under(held, to_ground[1])
+    raster, lonlat, lies_on = _raster_under(held, to_ground[1])
     to_pixels = _pixels_per_ground(raster, lonlat)
     if to_pixels is None:
         return unchanged
@@ -69,7 +69,8 @@ def on_the_pixel_grid(sketch: StrokeSketch, rasters: dict[int, RasterInfo],
         fx0, fy0, fx1, fy1 = sketch.frame
         corners = np.asarray(moved([(fx0, fy0), (fx1, fy0), (fx1, fy1), (fx0, fy1)]))
         frame = (*corners.min(0).tolist(), *corners.max(0).tolist())
-    return replace(sketch, strokes=tuple(moved(s) for s in sketch.strokes), y_up=False, frame=frame, crs=None), raster
+    return (replace(sketch, strokes=tuple(moved(s) for s in sketch.strokes), y_up=False, frame=frame, crs=None),
+            raster, lies_on)
 
 
 def _ground_per_map_unit(crs: str, at: np.ndarray, step: float) -> tuple[np.ndarray, np.ndarray] | None:
@@ -87,9 +88,9 @@ def _ground_per_map_unit(crs: str, at: np.ndarray, step: float) -> tuple[np.ndar
     return jacobian, np.array([lons[0], lats[0]])
 
 
-def _raster_under(held: list[RasterInfo], lonlat: np.ndarray) -> tuple[RasterInfo, np.ndarray]:
-    """The first of `held` (most tiles first) whose pixels hold the point `lonlat`, and that
-    point; else the first, and its centre in lon/lat. One transform per CRS; the point a world
+def _raster_under(held: list[RasterInfo], lonlat: np.ndarray) -> tuple[RasterInfo, np.ndarray, bool]:
+    """The first of `held` (most tiles first) whose pixels hold the point `lonlat`, that point,
+    and True; else the first, its centre in lon/lat, and False. One transform per CRS; the point a world
     away where the raster lies past 180 degrees (lon/lat from 0 to 360): traced there on a
     projected map, strokes at -170 were said to lie off the raster at 190, and were searched
     as the grid of another raster sees them."""
@@ -98,10 +99,10 @@ def _raster_under(held: list[RasterInfo], lonlat: np.ndarray) -> tuple[RasterInf
         for raster in (r for r in held if r.crs_wkt == wkt):
             col, row = ~raster.affine * (nearest_copy_x(np.array([x]), wkt, raster.centre[0])[0], y)
             if 0 <= col <= raster.width and 0 <= row <= raster.height:
-                return raster, lonlat
+                return raster, lonlat, True
     first = held[0]
     (lon,), (lat,) = transformed_or_inf(first.crs_wkt, WGS84, *([v] for v in first.centre))
-    return first, np.array([lon, lat])
+    return first, np.array([lon, lat]), False
 
 
 def _pixels_per_ground(raster: RasterInfo, lonlat: np.ndarray) -> np.ndarray | None:

@@ -36,31 +36,41 @@ def stroke_place_side(sketch: StrokeSketch) -> float:
     return max(x1 - x0, y1 - y0)
 
 
+TRACED, EXAMPLE = "the place traced on the map", "the example"  # what out_of_scale judges
+# what a user does about a place larger, or smaller, than the index finds, as each chose it
+TO_DO = {TRACED: ("sketch a part of it", "sketch more of its surroundings"),
+         EXAMPLE: ("drag a box round a part of it", "drag a box round more of its surroundings")}
+
+
 def out_of_scale(side_px: float, raster: str, tiling: dict, drawing_size: int, sizes: tuple[int, ...],
-                 what: str) -> list[dict]:
+                 what: str, on_raster: bool = True) -> list[dict]:
     """The reply's `out_of_scale`: [{raster, side_px, smallest_px, largest_px, reason}] when a
-    place of `side_px` pixels of `raster` lies outside what the index finds, else []. `what`
-    names the place ("the sketched place", "the example")."""
+    place of `side_px` pixels of `raster` lies outside what the index finds, else []. `what` is
+    TRACED or EXAMPLE; a place traced off every raster (not `on_raster`) is measured in the
+    pixels of the one holding the most tiles (worker.map_strokes), and the reason says so: it
+    named that raster "this raster", as if the strokes lay on it."""
     smallest, largest = found_sides(tiling, drawing_size, sizes)
     if not (side_px < smallest or side_px > largest):  # NaN: no size to judge
         return []
     tile, scales = tiling["tile"], list(tiling["scales"])
     found = (f"an index of {tile} px tiles at scales {','.join(map(str, scales))} finds places of about "
              f"{smallest:,.0f} to {largest:,.0f} px a side; its hits overlap a place outside that by less than half")
+    part, surroundings = TO_DO[what]
     if side_px > largest:
         more = []  # scales doubled on until one finds the place: 1,2,4 -> 1,2,4,8
         while found_sides({**tiling, "scales": scales + more}, drawing_size, sizes)[1] < side_px:
             more.append(2 * max(scales + more))
         can = max(more) <= MAX_SCALE and len(scales + more) <= MAX_SCALES
-        todo = "sketch a part of it" + (f", or search an index built with scales {','.join(map(str, scales + more))}"
-                                        if can else "")
+        todo = part + (f", or search an index built with scales {','.join(map(str, scales + more))}" if can else "")
         size = "larger"
     else:
         tile_needed = math.floor(side_px * HALF_OVERLAP * drawing_size / (min(sizes) * min(scales)))
-        todo = "sketch more of its surroundings" + (f", or search an index built with tiles of {tile_needed} px"
-                                                    if tile_needed >= MIN_TILE else "")
+        todo = surroundings + (f", or search an index built with tiles of {tile_needed} px"
+                               if tile_needed >= MIN_TILE else "")
         size = "smaller"
+    measured = (f"{what} is about {side_px:,.0f} px of this raster a side" if on_raster else
+                f"{what} lies on no indexed raster; in the pixels of this one, which holds the most tiles, it is about "
+                f"{side_px:,.0f} px a side")
     return [{"raster": raster, "side_px": round(side_px, 1), "smallest_px": round(smallest, 1),
              "largest_px": round(largest, 1),
-             "reason": f"{what} is about {side_px:,.0f} px of this raster a side, {size} than the index finds "
-                       f"({found}): {todo}"}]
+             "reason": f"{measured}, {size} than the index finds ({found}): {todo}"}]

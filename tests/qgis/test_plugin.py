@@ -626,7 +626,8 @@ def test_a_place_traced_larger_than_the_index_finds_is_said_with_its_hits(plugin
     dock.search_button.click()
     assert process_until(lambda: not dock.searching and qgis_iface.messageBar().get_messages(Qgis.Warning), 60)
     warnings = qgis_iface.messageBar().get_messages(Qgis.Warning)
-    assert any(re.search(r"\d+ hit\(s\) in .* The place traced on the map is about [\d,]+ px of this raster a side, "
+    assert any(re.search(r"\d+ hit\(s\) in .* rmnp-rgb\.tif: the place traced on the map is about [\d,]+ px of this raster "
+                         r"a side, "
                          r"larger than the index finds .*: sketch a part of it, or search an index built with "
                          r"scales 1,2,4\.$", m) for m in warnings), warnings
     dock.clear_sketch()
