@@ -573,14 +573,16 @@ class SearchController(QObject):
         partly = reply.get("partly_indexed") or []  # a worker before it did not say
         unread = reply.get("unread_places") or []  # nor this
         sized = reply.get("out_of_scale") or []  # nor this: a place traced larger or smaller than the index finds
+        own_only = reply.get("own_place_only") or []  # nor this: an example whose own place kept every place out
         unsearched = [f"Not searched: {_names(left_out)}." if left_out else "",
                       f"Searched in part, still being indexed or stopped: {_names(partly)}." if partly else "",
                       f"Places that cannot be read, left out: {_names(unread)}." if unread else "",
-                      *(f"{os.path.basename(s['raster'])}: {s['reason']}." for s in sized)]  # "this raster"
+                      *(f"{os.path.basename(s['raster'])}: {s['reason']}." for s in sized),  # "this raster"
+                      *(f"{s['reason'][:1].upper()}{s['reason'][1:]}." for s in own_only)]
         if not reply["hits"]["features"]:  # was a green "0 hit(s)" and an empty layer
             where = " in the map view: pan or zoom out, or search the whole index" if query.bbox is not None else ""
             return self.notice.emit(" ".join([f"No places found{where}.", *filter(None, unsearched)]),
-                                    Qgis.Warning, _reasons(left_out + partly + unread + sized))
+                                    Qgis.Warning, _reasons(left_out + partly + unread + sized + own_only))
         query_ms = (time.perf_counter() - started) * 1e3
         self.search_count = max([self.search_count, *_search_numbers(QgsProject.instance())]) + 1
         name = f"{SEARCH_LAYER_PREFIX} {self.search_count}: {query.index}"

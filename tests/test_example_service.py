@@ -75,6 +75,22 @@ def test_search_by_example_and_refine_over_sockets(worker, rasters):
         again = c.request("search", index="rmnp", example=example(rasters), top=6, timeout=180,
                           feedback={"positive": [ids[3]], "negative": [ids[0]]})["hits"]["features"]
         assert [h["properties"]["id"] for h in again] == new_ids
+        assert reply["own_place_only"] == []
+
+
+def test_an_example_box_over_most_of_the_only_raster_finds_nothing_and_says_why(worker, rasters):
+    """Every place of the index lies in the box dragged, or overlaps its own place: the search
+    found nothing and said nothing, as a failed search would."""
+    with worker.client() as c:
+        reply = c.request("search", index="rmnp", example=example(rasters, bbox=bbox_of(rasters / "rmnp-rgb.tif",
+                                                                                      (10, 10, 475, 363))),
+                          top=3, timeout=120)
+    assert reply["hits"]["features"] == []
+    [said] = reply["own_place_only"]
+    assert said["raster"] == str(rasters / "rmnp-rgb.tif")
+    assert said["reason"].startswith("every place found is the example's own place"), said["reason"]
+    assert said["reason"].endswith(": drag a smaller box, round what to look for only, or search an index holding "
+                                   "more rasters"), said["reason"]
 
 
 @pytest.mark.parametrize("fields, code, message", [
@@ -149,7 +165,9 @@ def test_the_command_line_searches_by_example(worker, rasters, tmp_path):
     # an area within the example holds only places overlapping its own, kept out with --max-overlap 0: it was
     # told to check the area's CRS
     assert result.returncode == 0 and json.loads(out.read_text())["features"] == [], result.stderr
-    assert "no places found in the --area area" in result.stderr and "widen it" in result.stderr, result.stderr
+    assert re.search(r"^warning: \S*rmnp-rgb.tif: every place found in the search's area is the example's own place "
+                     r".* by more than max_overlap 0: drag a smaller box, round what to look for only, widen the area "
+                     r"or search without it, ", result.stderr, re.M), result.stderr
     assert "its CRS" not in result.stderr, result.stderr
     result = run("--sketch", str(out), "--area", half, "--out", str(tmp_path / "other.geojson"))
     assert result.returncode == 2 and "a sketch search's is --bbox" in result.stderr

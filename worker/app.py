@@ -438,12 +438,14 @@ class SearchOutcome:
     unread_places: list[dict] = field(default_factory=list)
     # a place traced on the map, or an example, of a size the index cannot find (worker.place_size)
     out_of_scale: list[dict] = field(default_factory=list)
+    # an example search with no hit, every place it found the example's own or kept out by it: {raster, reason}
+    own_place_only: list[dict] = field(default_factory=list)
 
     def to_json(self) -> dict:
         """The search reply's fields."""
         return {"hits": self.hits, "timings_ms": self.timings_ms, "left_out": self.left_out, "changed": self.changed,
                 "partly_indexed": self.partly_indexed, "unread_places": self.unread_places,
-                "out_of_scale": self.out_of_scale}
+                "out_of_scale": self.out_of_scale, "own_place_only": self.own_place_only}
 
 
 def run_search(request: SearchRequest, model: "RetrievalModel", index: TileIndex,
@@ -494,11 +496,25 @@ def run_search(request: SearchRequest, model: "RetrievalModel", index: TileIndex
             changed |= {c["raster"]: c for c in changed_since_indexed(marked, MARK_CHANGED)}
         if example is not None and example.changed:  # said of the example, and of its raster's hits
             changed[example.changed] = {"raster": example.changed, "reason": EXAMPLE_CHANGED}
+        own_only = [{"raster": example.raster.path, "reason": own_place_only(request)}] \
+            if example is not None and result.hidden_only else []
         return SearchOutcome(hits_to_geojson(result.hits, request.out_crs, None), timings, result.hits, sketch,
                              left_out(index) + unreadable, sorted(changed.values(), key=lambda c: c["raster"]),
                              partly_indexed(index, result.unreadable, request.area_wgs84),
                              [unread_entry(path, places, why, good + bad)
-                              for path, (places, why) in sorted(result.unread_places.items())], sized)
+                              for path, (places, why) in sorted(result.unread_places.items())], sized, own_only)
+
+
+def own_place_only(request: SearchRequest) -> str:
+    """Why an example search found nothing when every place it found was the example's own, or
+    kept out by it (worker.query_search.own_places): a box dragged over most of a raster, or an
+    area round the example. It said nothing, and an empty result looked like a failed search."""
+    where, wider = (" in the search's area", ", widen the area or search without it") \
+        if request.area_wgs84 is not None else ("", "")
+    return (f"every place found{where} is the example's own place (a search by example never returns it: the square "
+            f"round the box, or a place lying mostly inside the box) or overlaps it by more than max_overlap "
+            f"{request.max_overlap:g}: drag a smaller box, round what to look for only{wider}, or search an index "
+            "holding more rasters")
 
 
 def unread_entry(path: str, places: frozenset, why: str, marks: list) -> dict:

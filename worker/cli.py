@@ -195,16 +195,12 @@ def cmd_search(args: argparse.Namespace) -> int:
             args.preview.parent.mkdir(parents=True, exist_ok=True)
             sheet.save(args.preview, format=PREVIEW_FORMATS[args.preview.suffix.lower()])
     for said in ([r for r in outcome.left_out if r.get("kind") != "unreadable"] + outcome.changed
-                 + outcome.partly_indexed + outcome.unread_places + outcome.out_of_scale):
+                 + outcome.partly_indexed + outcome.unread_places + outcome.out_of_scale + outcome.own_place_only):
         print(f"warning: {said['raster']}: {said['reason']}", file=sys.stderr)  # an unreadable one: said as found
-    if not outcome.ranked and area is not None:  # an empty file, with no word (a box in another CRS, lat first)
-        named = "--area" if args.example is not None else "--bbox"
-        what_to_do = ("widen it, or search without it: the example's own place, which it meets, is never a hit, nor "
-                      f"are places overlapping that by more than --max-overlap {request.max_overlap:g}"
-                      if meets_its_example(request)
-                      else "check it and its CRS, or search without it")
+    if not outcome.ranked and area is not None and not outcome.own_place_only:  # an empty file, with no word (a box
+        named = "--area" if args.example is not None else "--bbox"  # in another CRS, lat first)
         print(f"warning: no places found in the {named} area ({area_crs or SearchRequest.bbox_crs}, x or longitude "
-              f"first): {what_to_do}", file=sys.stderr)
+              "first): check it and its CRS, or search without it", file=sys.stderr)
     elif 0 < len(outcome.ranked) < request.top:  # a file of fewer hits than asked, and no word why
         where = f" in the {'--area' if args.example is not None else '--bbox'} area" if area is not None else ""
         print(f"warning: {len(outcome.ranked)} hits, fewer than --top {request.top}: the candidates re-ranked "
@@ -216,25 +212,6 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 SEARCH_THEN = "then search again"
-
-
-def meets_its_example(request: SearchRequest) -> bool:
-    """Whether an example search's area meets the example's own place (the square around its box,
-    worker.example_query.OwnPlace): an area drawn around the example found nothing, and was told
-    to check its CRS."""
-    from worker.geo import bbox_to_wgs84, parse_crs
-
-    example = request.example
-    if example is None or request.area_wgs84 is None:
-        return False
-    minx, miny, maxx, maxy = example.bbox
-    half = max(maxx - minx, maxy - miny) / 2
-    x, y = (minx + maxx) / 2, (miny + maxy) / 2
-    try:
-        return request.area_wgs84.intersects(bbox_to_wgs84((x - half, y - half, x + half, y + half),
-                                                           parse_crs(example.crs)))
-    except InputError:  # a square past a pole: said as before
-        return False
 
 
 def check_sketch_is_no_raster(sketch: Path) -> None:

@@ -144,6 +144,8 @@ class SearchResult:
     # places of searched rasters that cannot be read (a mosaic's sheet gone, a damaged block), left
     # out of the hits: by raster path, the places (place_key) and the first one's reason
     unread_places: dict[str, tuple[frozenset, str]] = field(default_factory=dict)
+    # no hit, and places that could have been: each `hidden` (an example's own place) or kept out by one
+    hidden_only: bool = False
 
 
 def ann_shortlist(index: TileIndex, ranking: RankingConfig, area: SearchArea | None = None) -> AnnShortlist | None:
@@ -367,7 +369,8 @@ def _search(index: TileIndex, model, sketch_tensor: torch.Tensor, ranking: Ranki
                      and (area_wgs84 is None or footprints.lonlat[i].intersects(area_wgs84))]
     return SearchResult(hits=hits, timings_ms=timings,
                         unread_places=unread_places([candidates[i] for i in could_be_hits],
-                                                    [footprints.placements[i] for i in could_be_hits]))
+                                                    [footprints.placements[i] for i in could_be_hits]),
+                        hidden_only=not kept and len(order) > 0)  # the first in order is shown unless hidden
 
 
 def mark_gone_sheets(candidates: list[Candidate], footprints: Footprints) -> None:

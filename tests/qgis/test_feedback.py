@@ -164,3 +164,31 @@ def test_run_again_on_a_reloaded_geopackage_repeats_the_search(plugin, worker, r
     assert query["strokes"] and query["index"] == "rmnp" and query["top"] == 4
     assert sorted(f["id"] for f in again.getFeatures()) == first_ids, \
         "the same search on the same index finds the same places"
+
+
+def test_a_box_over_most_of_the_only_raster_says_why_nothing_was_found(plugin, worker, rmnp_layer, qgis_iface):
+    """Every place of the index lies in the box dragged, or overlaps the example's own place:
+    the dock said "No places found." alone, as for a search gone wrong."""
+    from qgis.core import Qgis, QgsPointXY
+
+    dock = plugin.dock
+    connected(dock, worker)
+    dock.clear_sketch()
+    canvas = qgis_iface.mapCanvas()
+    extent = canvas.mapSettings().layerExtentToOutputExtent(rmnp_layer, rmnp_layer.extent())
+    to_screen = canvas.getCoordinateTransform()
+    (x0, y0), (x1, y1) = [(p.x(), p.y()) for p in (to_screen.transform(QgsPointXY(extent.xMinimum(), extent.yMaximum())),
+                                                    to_screen.transform(QgsPointXY(extent.xMaximum(), extent.yMinimum())))]
+    inset_x, inset_y = 0.03 * (x1 - x0), 0.03 * (y1 - y0)
+    dock.place_button.setChecked(True)
+    drag(canvas.viewport(), [(int(x0 + inset_x), int(y0 + inset_y)), (int(x1 - inset_x), int(y1 - inset_y))])
+    dock.place_button.setChecked(False)
+    layers = set(QgsProject.instance().mapLayers())
+    qgis_iface.messageBar().clear_messages()
+    dock.search_button.click()
+    assert process_until(lambda: not dock.searching and qgis_iface.messageBar().get_messages(Qgis.Warning), 90)
+    warnings = qgis_iface.messageBar().get_messages(Qgis.Warning)
+    assert any(m.startswith("Sketch search:No places found.") and "Every place found is the example's own place" in m
+               and "drag a smaller box" in m for m in warnings), warnings
+    assert set(QgsProject.instance().mapLayers()) == layers
+    dock.clear_sketch()
