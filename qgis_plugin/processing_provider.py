@@ -247,6 +247,10 @@ class SearchBySketchAlgorithm(_WorkerAlgorithm):
         # hits are asked in the project's CRS, as the dock asks them: the worker draws a footprint
         # across 180 degrees, round a pole or past a Mercator map's edge whole in it
         out_crs = project.crs() if project and project.crs().isValid() else QgsCoordinateReferenceSystem(WGS84)
+        fields = hit_fields()  # the output made first: a path that cannot be written failed after the search ran
+        sink, dest = self.parameterAsSink(parameters, "OUTPUT", context, fields, QgsWkbTypes.Polygon, out_crs)
+        if sink is None:
+            raise QgsProcessingException(self.invalidSinkError(parameters, "OUTPUT"))
         reached = self._reached(parameters, context, feedback)
         if reached is None:
             return {}
@@ -273,8 +277,6 @@ class SearchBySketchAlgorithm(_WorkerAlgorithm):
         for raster in reply.get("unread_places") or []:
             feedback.pushWarning(f"Places that cannot be read, left out: {raster['raster']}: {raster['reason']}")
         feedback.pushInfo(f"{len(reply['hits']['features'])} hit(s) in {query_ms:.0f} ms.")
-        fields = hit_fields()
-        sink, dest = self.parameterAsSink(parameters, "OUTPUT", context, fields, QgsWkbTypes.Polygon, out_crs)
         for feature in features_from_hits(reply["hits"], fields, None, query_ms):  # asked in out_crs
             sink.addFeature(feature, QgsFeatureSink.FastInsert)
         return {"OUTPUT": dest}

@@ -801,7 +801,7 @@ def test_processing_algorithms_run(plugin, worker, rmnp_layer, raster_root, tmp_
     """Processing builds an index (its log naming a raster it holds no tile of) and searches it,
     the hits in the project's CRS."""
     import processing
-    from qgis.core import QgsProcessingFeedback
+    from qgis.core import QgsProcessingException, QgsProcessingFeedback
     from sketch_search.processing_provider import WorkerClient
 
     layer, small = rmnp_layer, small_raster_layer(raster_root)
@@ -832,6 +832,12 @@ def test_processing_algorithms_run(plugin, worker, rmnp_layer, raster_root, tmp_
     on_raster = QgsCoordinateTransform(layer.crs(), project_crs, QgsProject.instance()).transformBoundingBox(layer.extent())
     centres = [f.geometry().centroid().asPoint() for f in hits.getFeatures()]
     assert all(on_raster.contains(c) for c in centres), (on_raster.toString(), centres)
+    (tmp_path / "a file").write_text("")
+    with pytest.raises(QgsProcessingException, match="Could not create layer .*hits.gpkg"):  # said before the search
+        processing.run("sketchsearch:search_by_sketch", {"ENDPOINT": worker.bind, "INDEX": "from-processing",
+                                                         "SKETCH": str(sketch), "TOP": 2,
+                                                         "OUTPUT": str(tmp_path / "a file" / "hits.gpkg")})
+    assert len(asked_in) == 1, "the search ran, and its hits were lost"
     del hits, layer, small
 
 
