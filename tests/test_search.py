@@ -636,6 +636,56 @@ def test_a_search_of_a_raster_changed_since_indexed_warns_on_the_command_line(tm
     assert "index it again" in result.stderr
 
 
+def _paletted_copy(source: Path, out: Path) -> Path:
+    """The source's first band written through a colour table (a grey ramp) on its grid."""
+    with rasterio.open(source) as src:
+        grey, profile = src.read(1), {**src.profile, "count": 1, "photometric": None}
+    with rasterio.open(out, "w", **profile) as dst:
+        dst.write(grey, 1)
+        dst.write_colormap(1, {i: (i, i, i, 255) for i in range(256)})
+    return out
+
+
+@pytest.mark.parametrize("was, now", [("rgb", "one band"), ("rgb", "paletted"), ("paletted", "rgb")])
+def test_a_raster_written_over_with_other_bands_is_left_out_of_a_search_saying_why(tmp_path, assets, was, now):
+    """A raster written over, on the same grid, with other bands: its places were read as the
+    index reads it, and the search failed with a traceback (an IndexError for an RGB raster now
+    of one band, paletted or not: a probe's; rasterio's "NULL color table" for a paletted one
+    now RGB). It is left out, saying why and what to do; the others are searched."""
+    raster, other = tmp_path / "scene.tif", tmp_path / "other.tif"
+    if was == "rgb":
+        shutil.copy(assets["rmnp_rgb"], raster)
+    else:
+        _paletted_copy(assets["rmnp_rgb"], raster)
+    shutil.copy(assets["osbs_rgb"], other)
+    built = run_cli("index", "--out", tmp_path / "index", "--tile", "128", "--scales", "1", "--sketch-modules", "none",
+                    "--quiet", raster, other)
+    assert built.returncode == 0, built.stderr
+    index, sketch = TileIndex.open(tmp_path / "index"), tmp_path / "sketch.png"
+    drawn = next(image for image in (_tile_image(index, r) for r in range(len(index))
+                                     if index.tile(r).raster.path == str(raster)) if has_lines(image))
+    pseudo_sketch(drawn, "canny").save(sketch)  # a place of scene.tif, as indexed
+    if now == "one band":
+        with rasterio.open(assets["rmnp_rgb"]) as src:
+            grey, profile = src.read(1), {**src.profile, "count": 1, "photometric": None}
+        with rasterio.open(raster, "w", **profile) as dst:
+            dst.write(grey, 1)
+    elif now == "paletted":
+        _paletted_copy(assets["rmnp_rgb"], raster)
+    else:
+        shutil.copy(assets["rmnp_rgb"], raster)
+    result = run_cli("search", tmp_path / "index", "--sketch", sketch, "--out", tmp_path / "h.geojson", "--top", "3",
+                     "--sketch-modules", "none")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    why = ("it has no colour table now, and was indexed through one" if was == "paletted"
+           else "it has 1 band(s) now, and was indexed reading band(s) [1, 2, 3]")
+    said = f"warning: {raster} cannot be read ('{why}'): moved, deleted or damaged since it was indexed; put it back, " \
+           "index it again"
+    assert said in result.stderr, result.stderr
+    hits = json.loads((tmp_path / "h.geojson").read_text())["features"]
+    assert hits and all(h["properties"]["raster"] == str(other) for h in hits)
+
+
 def test_a_search_area_where_nothing_is_found_is_said_on_the_command_line(tmp_path, s2_index):
     """A --bbox that meets no raster of the index (lat first, or in another CRS) wrote an empty
     file, exit 0 and no word."""

@@ -19,7 +19,7 @@ from PIL import Image
 from rasterio.enums import Resampling
 
 from worker.errors import InputError
-from worker.tiling import RasterInfo, footprint_rings, natural_colour, read_reaching_past, resampling_for
+from worker.tiling import RasterInfo, check_layout, footprint_rings, natural_colour, read_reaching_past, resampling_for
 
 # Raster pixels a place the user gives (an example, a mark) may make GDAL read: without overviews
 # a place is averaged from every pixel it covers, in one read nothing interrupts. A 194,000 px
@@ -107,6 +107,7 @@ class Placement:
         if src is None:
             with rasterio.open(self.raster.path) as opened:
                 return self.read(size, opened)
+        check_layout(src, self.raster)
         c0, r0, c1, r1 = self._read_box()
         # read the bounding box at about the frame's output resolution
         factor = max(1.0, self.side / size)

@@ -27,6 +27,7 @@ import rasterio.io
 from rasterio.enums import ColorInterp, Resampling
 from rasterio.crs import CRS
 from rasterio.errors import RasterioIOError
+from rasterio._err import CPLE_BaseError  # GDAL's errors (rasterio.errors does not export it)
 from rasterio.warp import transform as warp_transform
 from rasterio.windows import Window
 from scipy import ndimage
@@ -781,6 +782,28 @@ def plan_tiles(raster: RasterInfo, settings: TileSettings) -> TilePlan:
     window is over twice the raster's side is left out: mostly outside it, nothing to see."""
     seen = tuple(s for s in settings.scales if s == 1 or settings.tile * s <= 2 * max(raster.width, raster.height))
     return TilePlan(raster, settings.tile, settings.step, seen)
+
+
+class LayoutChanged(OSError):
+    """A raster's file no longer has the bands its index reads: written over with fewer bands,
+    or with a colour table added or gone. Read as indexed, it failed with an IndexError or
+    rasterio's "NULL color table" (a probe's): an OSError, it is said as any changed file is."""
+
+
+def check_layout(src: rasterio.DatasetReader, raster: RasterInfo) -> None:
+    """LayoutChanged when the open `src` cannot be read as `raster` was indexed. Its colour
+    interpretation is read only for a paletted raster: read from a file cut short, it fails
+    with GDAL's error, which the read that follows says better."""
+    if max(raster.read_bands) > src.count:
+        raise LayoutChanged(f"it has {src.count} band(s) now, and was indexed reading band(s) "
+                            f"{list(raster.read_bands)}")
+    if raster.palette:
+        try:
+            paletted = _paletted(src, None)
+        except CPLE_BaseError:
+            return
+        if not paletted:
+            raise LayoutChanged("it has no colour table now, and was indexed through one")
 
 
 def natural_colour(data: np.ma.MaskedArray, raster: RasterInfo) -> tuple[np.ndarray, np.ndarray]:
