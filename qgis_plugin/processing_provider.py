@@ -247,16 +247,16 @@ class SearchBySketchAlgorithm(_WorkerAlgorithm):
         # hits are asked in the project's CRS, as the dock asks them: the worker draws a footprint
         # across 180 degrees, round a pole or past a Mercator map's edge whole in it
         out_crs = project.crs() if project and project.crs().isValid() else QgsCoordinateReferenceSystem(WGS84)
-        fields = hit_fields()  # the output made first: a path that cannot be written failed after the search ran
-        sink, dest = self.parameterAsSink(parameters, "OUTPUT", context, fields, QgsWkbTypes.Polygon, out_crs)
-        if sink is None:
-            raise QgsProcessingException(self.invalidSinkError(parameters, "OUTPUT"))
         reached = self._reached(parameters, context, feedback)
         if reached is None:
             return {}
         client, info = reached
-        started = time.perf_counter()
         with client:
+            fields = hit_fields()  # the output made before the search: a path that cannot be written failed after it
+            sink, dest = self.parameterAsSink(parameters, "OUTPUT", context, fields, QgsWkbTypes.Polygon, out_crs)
+            if sink is None:
+                raise QgsProcessingException(self.invalidSinkError(parameters, "OUTPUT"))
+            started = time.perf_counter()
             try:  # not sent again: a worker silent past its own limit would only run it twice
                 reply = client.search(self._index_name(parameters, context), sketch_png=png,
                                       top=self.parameterAsInt(parameters, "TOP", context), crs=crs_name(out_crs),

@@ -303,6 +303,28 @@ def test_marks_in_a_raster_that_cannot_be_read_now_are_left_out_with_it(tmp_path
     assert reply["changed"] == []
 
 
+def test_an_example_over_most_of_its_raster_beside_a_raster_gone_says_to_search_again_once_it_is_back(tmp_path, model,
+                                                                                                      assets):
+    """Every place found is the example's own, and the index's other raster cannot be read
+    now: what to do is to search once it is back, not to search an index of more rasters."""
+    import shutil
+
+    from worker.app import SearchRequest, run_search
+    from worker.store import IndexWriter, TileIndex
+    from worker.tiling import TileSettings
+
+    searched, other = (shutil.copy(assets[name], tmp_path / f"{name}.tif") for name in ("rmnp_rgb", "osbs_rgb"))
+    IndexWriter(tmp_path / "index", model, TileSettings(tile=112, scales=(1,))).build([searched, other])
+    index = TileIndex.open(tmp_path / "index")
+    example = Example(str(searched), tuple(window_bbox(searched, (10, 10, 475, 363))), "EPSG:4326")
+    assert run_search(SearchRequest(None, example=example, top=3), model, index).own_place_only == []
+    other.unlink()
+    reply = run_search(SearchRequest(None, example=example, top=3), model, index).to_json()
+    assert reply["hits"]["features"] == [] and [o["raster"] for o in reply["left_out"]] == [str(other)]
+    [said] = reply["own_place_only"]
+    assert said["reason"].endswith(", or search again once the rasters and places named as not searched can be")
+
+
 def test_places_are_described_in_their_order_less_those_of_rasters_that_cannot_be_read(tmp_path, model, assets):
     """Described all at once, or, when one raster cannot be read, raster by raster: the marks'
     order is kept (the first good marks are the ones searched "more like"), each place with its

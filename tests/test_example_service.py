@@ -89,7 +89,7 @@ def test_an_example_box_over_most_of_the_only_raster_finds_nothing_and_says_why(
     [said] = reply["own_place_only"]
     assert said["raster"] == str(rasters / "rmnp-rgb.tif")
     assert said["reason"].startswith("every place found is the example's own place"), said["reason"]
-    assert said["reason"].endswith(": drag a smaller box, round what to look for only, or search an index holding "
+    assert said["reason"].endswith(": choose a smaller box, round what to look for only, or search an index holding "
                                    "more rasters"), said["reason"]
 
 
@@ -139,7 +139,7 @@ def test_the_command_line_searches_by_example(worker, rasters, tmp_path):
     result = run("--example", str(rasters / "rmnp-rgb.tif"), f"--bbox={small}", "--top", "1", "--out",
                  str(tmp_path / "small.geojson"))  # 40 px: under the 57 px of this index's smallest places
     assert result.returncode == 0 and re.search(r"^warning: \S*rmnp-rgb.tif: the example is about 40 px of this raster "
-                                                r"a side, smaller than the index finds .*: drag a box round more "
+                                                r"a side, smaller than the index finds .*: choose a box round more "
                                                 r"of its surroundings, or search an index built with tiles of \d+ px$",
                                                 result.stderr, re.M), result.stderr
     assert json.loads((tmp_path / "small.geojson").read_text())["out_of_scale"][0]["side_px"] == pytest.approx(40)
@@ -166,7 +166,7 @@ def test_the_command_line_searches_by_example(worker, rasters, tmp_path):
     # told to check the area's CRS
     assert result.returncode == 0 and json.loads(out.read_text())["features"] == [], result.stderr
     assert re.search(r"^warning: \S*rmnp-rgb.tif: every place found in the search's area is the example's own place "
-                     r".* by more than max_overlap 0: drag a smaller box, round what to look for only, widen the area "
+                     r".* by more than max_overlap 0: choose a smaller box, round what to look for only, widen the area "
                      r"or search without it, ", result.stderr, re.M), result.stderr
     assert "its CRS" not in result.stderr, result.stderr
     result = run("--sketch", str(out), "--area", half, "--out", str(tmp_path / "other.geojson"))

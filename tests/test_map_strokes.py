@@ -173,7 +173,7 @@ def test_an_example_smaller_than_the_index_finds_is_said(index, model):
     assert entry["raster"] == raster.path and entry["side_px"] == pytest.approx(60, abs=0.5)
     assert entry["reason"].startswith("the example is about 60 px of this raster a side, smaller than")
     # a box, not strokes: what to do is said as a user who dragged one does it (it said "sketch")
-    assert re.search(r": drag a box round more of its surroundings, or search an index built with tiles of \d+ px$",
+    assert re.search(r": choose a box round more of its surroundings, or search an index built with tiles of \d+ px$",
                      entry["reason"]), entry["reason"]
 
 
@@ -189,8 +189,8 @@ def test_a_place_traced_off_every_raster_is_measured_in_the_most_tiled_one_and_s
     assert grid is index.rasters[most] and not lies_on
     [entry] = run_search(SearchRequest(stroke_sketch(strokes, "EPSG:4326"), top=1), model, index).out_of_scale
     assert entry["raster"] == grid.path
-    assert entry["reason"].startswith("the place traced on the map lies on no indexed raster; in the pixels of this "
-                                      "one, which holds the most tiles, it is about "), entry["reason"]
+    assert entry["reason"].startswith("the place traced on the map is centred off every indexed raster; in the pixels "
+                                      "of this one, which holds the most tiles, it is about "), entry["reason"]
     assert entry["side_px"] == pytest.approx(1174, rel=0.01)
     assert "larger than the index finds" in entry["reason"]
     assert entry["reason"].endswith(": sketch a part of it, or search an index built with scales 1,2,4")

@@ -496,25 +496,31 @@ def run_search(request: SearchRequest, model: "RetrievalModel", index: TileIndex
             changed |= {c["raster"]: c for c in changed_since_indexed(marked, MARK_CHANGED)}
         if example is not None and example.changed:  # said of the example, and of its raster's hits
             changed[example.changed] = {"raster": example.changed, "reason": EXAMPLE_CHANGED}
-        own_only = [{"raster": example.raster.path, "reason": own_place_only(request)}] \
-            if example is not None and result.hidden_only else []
+        not_searched = left_out(index) + unreadable
+        partly = partly_indexed(index, result.unreadable, request.area_wgs84)
+        unread = [unread_entry(path, places, why, good + bad)
+                  for path, (places, why) in sorted(result.unread_places.items())]
+        own_only = [{"raster": example.raster.path,
+                     "reason": own_place_only(request, bool(not_searched + partly + unread))}
+                    ] if example is not None and result.hidden_only else []
         return SearchOutcome(hits_to_geojson(result.hits, request.out_crs, None), timings, result.hits, sketch,
-                             left_out(index) + unreadable, sorted(changed.values(), key=lambda c: c["raster"]),
-                             partly_indexed(index, result.unreadable, request.area_wgs84),
-                             [unread_entry(path, places, why, good + bad)
-                              for path, (places, why) in sorted(result.unread_places.items())], sized, own_only)
+                             not_searched, sorted(changed.values(), key=lambda c: c["raster"]), partly, unread, sized,
+                             own_only)
 
 
-def own_place_only(request: SearchRequest) -> str:
+def own_place_only(request: SearchRequest, part_unsearched: bool) -> str:
     """Why an example search found nothing when every place it found was the example's own, or
-    kept out by it (worker.query_search.own_places): a box dragged over most of a raster, or an
-    area round the example. It said nothing, and an empty result looked like a failed search."""
+    kept out by it (worker.query_search.own_places): a box over most of a raster, or an area
+    round the example. It said nothing, and an empty result looked like a failed search. Where
+    some of the index was not searched (`part_unsearched`: rasters left out, searched in part,
+    places unread), that is what to wait for, not an index of more rasters."""
     where, wider = (" in the search's area", ", widen the area or search without it") \
         if request.area_wgs84 is not None else ("", "")
+    more = ("search again once the rasters and places named as not searched can be" if part_unsearched
+            else "search an index holding more rasters")
     return (f"every place found{where} is the example's own place (a search by example never returns it: the square "
             f"round the box, or a place lying mostly inside the box) or overlaps it by more than max_overlap "
-            f"{request.max_overlap:g}: drag a smaller box, round what to look for only{wider}, or search an index "
-            "holding more rasters")
+            f"{request.max_overlap:g}: choose a smaller box, round what to look for only{wider}, or {more}")
 
 
 def unread_entry(path: str, places: frozenset, why: str, marks: list) -> dict:

@@ -21,6 +21,7 @@ import hashlib
 import logging
 import os
 import re
+import signal
 import threading
 import time
 import uuid
@@ -140,7 +141,9 @@ def connect(spec: str):
     # its memory), as always
     with _environment_kept(), _closed_quietly(quiet) as closing, ExitStack() as running:
         try:
-            with stops_held(), children_deaf_to_the_terminal():  # the cluster starts whole, its workers deaf to the terminal
+            # the cluster starts whole, its workers deaf to Ctrl-C as they boot; a closed terminal is not blocked
+            # here, in the main thread, for the start's length: stops_held gives up on a start that hangs
+            with stops_held(), children_deaf_to_the_terminal((signal.SIGINT,)):
                 cluster = running.enter_context(LocalCluster(
                     n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
                     silence_logs=logging.ERROR if quiet else False, **_with_our_preload()))

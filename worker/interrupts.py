@@ -16,13 +16,15 @@ TERMINAL_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGHUP") 
 
 
 @contextmanager
-def children_deaf_to_the_terminal() -> Iterator[None]:
-    """Ctrl-C and a closed terminal (TERMINAL_SIGNALS) blocked in this thread meanwhile: the
-    threads started from it, and the processes they spawn then or later (a local cluster's
-    workers, restarted ones too; a DrawingPool's), inherit the mask, which survives exec, and so
-    never see them while they boot (importing torch takes seconds); once they run, they ignore
-    them (deaf_to_the_terminal). A pool's process hit as it booted died, and the run failed on a
-    broken pool. Not on Windows (no signal masks)."""
+def children_deaf_to_the_terminal(signals: tuple[int, ...] = TERMINAL_SIGNALS) -> Iterator[None]:
+    """Ctrl-C and a closed terminal (`signals`, of TERMINAL_SIGNALS) blocked in this thread
+    meanwhile: the threads started from it, and the processes they spawn then or later (a local
+    cluster's workers, restarted ones too; a DrawingPool's), inherit the mask, which survives
+    exec, and so never see them while they boot (importing torch takes seconds); once they run,
+    they ignore them (deaf_to_the_terminal). A pool's process hit as it booted died, and the run
+    failed on a broken pool. Blocked here, a signal waits for the end of the block: keep it
+    short, or leave SIGHUP out (a local cluster's start, which may hang). Not on Windows (no
+    signal masks)."""
     if not hasattr(signal, "pthread_sigmask"):
         yield
         return
@@ -30,7 +32,7 @@ def children_deaf_to_the_terminal() -> Iterator[None]:
     # SIGINT in the thread that starts it: started before the mask is set, it leaves the mask alone
     from multiprocessing import resource_tracker
     resource_tracker.ensure_running()
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, TERMINAL_SIGNALS)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     try:
         yield
     finally:

@@ -39,16 +39,16 @@ def stroke_place_side(sketch: StrokeSketch) -> float:
 TRACED, EXAMPLE = "the place traced on the map", "the example"  # what out_of_scale judges
 # what a user does about a place larger, or smaller, than the index finds, as each chose it
 TO_DO = {TRACED: ("sketch a part of it", "sketch more of its surroundings"),
-         EXAMPLE: ("drag a box round a part of it", "drag a box round more of its surroundings")}
+         EXAMPLE: ("choose a box round a part of it", "choose a box round more of its surroundings")}
 
 
 def out_of_scale(side_px: float, raster: str, tiling: dict, drawing_size: int, sizes: tuple[int, ...],
                  what: str, on_raster: bool = True) -> list[dict]:
     """The reply's `out_of_scale`: [{raster, side_px, smallest_px, largest_px, reason}] when a
     place of `side_px` pixels of `raster` lies outside what the index finds, else []. `what` is
-    TRACED or EXAMPLE; a place traced off every raster (not `on_raster`) is measured in the
-    pixels of the one holding the most tiles (worker.map_strokes), and the reason says so: it
-    named that raster "this raster", as if the strokes lay on it."""
+    TRACED or EXAMPLE; a place whose centre lies off every raster (not `on_raster`) is measured
+    in the pixels of the one holding the most tiles (worker.map_strokes), and the reason says
+    so: it named that raster "this raster", as if the strokes lay on it."""
     smallest, largest = found_sides(tiling, drawing_size, sizes)
     if not (side_px < smallest or side_px > largest):  # NaN: no size to judge
         return []
@@ -69,8 +69,8 @@ def out_of_scale(side_px: float, raster: str, tiling: dict, drawing_size: int, s
                                if tile_needed >= MIN_TILE else "")
         size = "smaller"
     measured = (f"{what} is about {side_px:,.0f} px of this raster a side" if on_raster else
-                f"{what} lies on no indexed raster; in the pixels of this one, which holds the most tiles, it is about "
-                f"{side_px:,.0f} px a side")
+                f"{what} is centred off every indexed raster; in the pixels of this one, which holds the most tiles, "
+                f"it is about {side_px:,.0f} px a side")
     return [{"raster": raster, "side_px": round(side_px, 1), "smallest_px": round(smallest, 1),
              "largest_px": round(largest, 1),
              "reason": f"{measured}, {size} than the index finds ({found}): {todo}"}]

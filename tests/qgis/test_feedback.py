@@ -189,6 +189,6 @@ def test_a_box_over_most_of_the_only_raster_says_why_nothing_was_found(plugin, w
     assert process_until(lambda: not dock.searching and qgis_iface.messageBar().get_messages(Qgis.Warning), 90)
     warnings = qgis_iface.messageBar().get_messages(Qgis.Warning)
     assert any(m.startswith("Sketch search:No places found.") and "Every place found is the example's own place" in m
-               and "drag a smaller box" in m for m in warnings), warnings
+               and "choose a smaller box" in m for m in warnings), warnings
     assert set(QgsProject.instance().mapLayers()) == layers
     dock.clear_sketch()
