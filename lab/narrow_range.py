@@ -2,11 +2,14 @@
 
 The 8-bit benchmark scene (rmnp) with its pixels put into a narrow range, 30 + GAIN * v, is
 written twice: as 8-bit, which the worker drew as it is until worker.tiling.NARROW_8BIT_SPAN, and
-as 16-bit, which it always stretched. Each is indexed alone (the benchmark's tiles), and the same
+as 16-bit, which it always stretched. With --borders, a hazy version instead (HAZY + 0.25 v), as
+it is and with black or white corners and no nodata (a scanned air photo's border, a JPEG's
+beside a world file): with black ones it spans 0 to its brightest, is told wide and is drawn as
+it is. Each is indexed alone (the benchmark's tiles), and the same
 pseudo-sketches of places of the full-range scene (every placement kind, three styles) are searched
 in each, with the full-range scene as the control. A hit is right at IoU >= 0.25 with the place
 (lab.bench_quality.CORRECT_IOU).
-Run: scripts/lab narrow_range [--gains 0.25,0.5] [--per-placement 6] [--keep DIR]
+Run: scripts/lab narrow_range [--gains 0.25,0.5 | --borders] [--per-placement 6] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from worker.tiling import open_raster
 
 STYLES = ("wobbly", "simple", "strokes")
 OFFSET = 30  # the narrow range's darkest level
+HAZY = 140  # a hazy scene's darkest level (--borders): 140 to 204, wide with a black border
 
 
 def sketches(path: Path, per_placement: int) -> list[tuple]:
@@ -45,12 +49,26 @@ def sketches(path: Path, per_placement: int) -> list[tuple]:
             for style in STYLES]
 
 
-def narrowed(source: Path, gain: float, dtype: str, out: Path) -> Path:
-    """The source's pixels as OFFSET + gain * v, written as `dtype`."""
+def narrowed(source: Path, gain: float, dtype: str, out: Path, offset: int = OFFSET) -> Path:
+    """The source's pixels as offset + gain * v, written as `dtype`."""
     with rasterio.open(source) as src:
         data, profile = src.read(), src.profile
     with rasterio.open(out, "w", **{**profile, "dtype": dtype}) as dst:
-        dst.write(np.clip(np.round(data * gain + OFFSET), 0, 255).astype(dtype))
+        dst.write(np.clip(np.round(data * gain + offset), 0, 255).astype(dtype))
+    return out
+
+
+def cornered(path: Path, fill: int, out: Path) -> Path:
+    """The raster at `path` with each corner cut off as `fill` in every band, no nodata: a
+    triangle of a fifth of each side, about 8% of the raster (a scanned photo's border)."""
+    with rasterio.open(path) as src:
+        data, profile = src.read(), src.profile
+    rows, cols = np.mgrid[:data.shape[1], :data.shape[2]]
+    u, v = cols / data.shape[2], rows / data.shape[1]
+    corners = (u + v < 0.2) | ((1 - u) + v < 0.2) | (u + (1 - v) < 0.2) | ((1 - u) + (1 - v) < 0.2)
+    data[:, corners] = fill
+    with rasterio.open(out, "w", **{**profile, "nodata": None}) as dst:
+        dst.write(data)
     return out
 
 
@@ -69,6 +87,7 @@ def recall(path: Path, queries: list[tuple], model, folder: Path) -> dict[int, f
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gains", default="0.25,0.5")
+    parser.add_argument("--borders", action="store_true", help="a hazy scene with and without a border instead")
     parser.add_argument("--per-placement", type=int, default=6)
     parser.add_argument("--keep", type=Path, default=None, help="write the rasters and indexes here")
     args = parser.parse_args()
@@ -79,7 +98,12 @@ def main() -> int:
         folder = args.keep or Path(scratch)
         folder.mkdir(parents=True, exist_ok=True)
         rows = [("full range, 8-bit (the control)", source)]
-        for gain in (float(g) for g in args.gains.split(",")):
+        if args.borders:
+            hazy = narrowed(source, 0.25, "uint8", folder / "hazy.tif", HAZY)
+            rows = [(f"{HAZY} + 0.25 v, 8-bit", hazy)] + [
+                (f"{HAZY} + 0.25 v, 8-bit, {name} corners without nodata", cornered(hazy, fill, folder / f"{name}.tif"))
+                for name, fill in (("black", 0), ("white", 255))]
+        for gain in [] if args.borders else (float(g) for g in args.gains.split(",")):
             for dtype, bits in (("uint8", "8-bit"), ("uint16", "16-bit, always stretched")):
                 rows.append((f"{OFFSET} + {gain:g} v, {bits}", narrowed(source, gain, dtype,
                                                                          folder / f"narrow-{gain:g}-{dtype}.tif")))
