@@ -153,6 +153,7 @@ def test_rasters_opened_together_refuse_as_one_at_a_time_would_and_all_at_once(t
 
 
 def test_crs_less_raster_is_refused_with_what_to_do(tmp_path, assets):
+    from PIL import Image
     from rasterio.control import GroundControlPoint
 
     with rasterio.open(assets["rmnp_rgb"]) as src:
@@ -160,6 +161,16 @@ def test_crs_less_raster_is_refused_with_what_to_do(tmp_path, assets):
     path = write_raster(tmp_path / "nocrs.tif", data, transform=transform)
     with pytest.raises(InputError, match="has no CRS.*gdal_edit"):
         open_raster(path, None)
+    # a PNG placed by a world file, a .prj beside it: gdal_edit.py fails on a PNG ("does not support update
+    # access"), and GDAL does not read the .prj
+    picture = tmp_path / "scan.png"
+    Image.fromarray(data.transpose(1, 2, 0)).save(picture)
+    (tmp_path / "scan.pgw").write_text("\n".join(map(str, [transform.a, 0, 0, transform.e, transform.c, transform.f])))
+    (tmp_path / "scan.prj").write_text(crs.to_wkt())
+    with pytest.raises(InputError, match=r"has no CRS.*cannot write one into a PNG file \(GDAL does not read the CRS "
+                                         r"of scan.prj beside it\): make a GeoTIFF copy that has one \(gdal_translate "
+                                         r"-a_srs EPSG:XXXX .*scan.png copy.tif\)"):
+        open_raster(picture, None)
     gcps = [GroundControlPoint(row, col, *(transform * (col, row))) for row, col in ((0, 0), (0, 200), (200, 0))]
     placed = write_raster(tmp_path / "gcps.tif", data, gcps=gcps, crs=crs)  # a scene as delivered: no map grid yet
     with pytest.raises(InputError, match="ground control points.*gdalwarp"):

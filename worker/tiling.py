@@ -447,6 +447,23 @@ def choose_bands(src: rasterio.DatasetReader, requested: tuple[int, ...] | None)
                        f"(colour interpretation {[c.name for c in interp]})", name, src.count)
 
 
+# formats gdal_edit.py writes a CRS into; others (PNG, JPEG, GIF...) GDAL opens read-only
+CRS_WRITABLE_DRIVERS = frozenset({"GTiff", "COG", "VRT", "HFA", "ENVI", "GPKG"})
+
+
+def _how_to_assign_a_crs(path: Path, src: rasterio.DatasetReader) -> str:
+    """What to do about a raster without a CRS (said to an example search too: not "index it
+    again"). gdal_edit.py, which was advised for every raster, fails on a PNG or JPEG ("does not
+    support update access"), and a .prj beside one is not read by GDAL (a probe's)."""
+    name = shlex.quote(str(path))
+    if src.driver in CRS_WRITABLE_DRIVERS:
+        return f"assign one (e.g. gdal_edit.py -a_srs EPSG:XXXX {name}) and use it again"
+    prj = [p for p in (path.with_suffix(".prj"), path.with_suffix(".PRJ")) if p.exists()]
+    unread = f" (GDAL does not read the CRS of {prj[0].name} beside it)" if prj else ""
+    return (f"GDAL cannot write one into a {src.driver} file{unread}: make a GeoTIFF copy that has one "
+            f"(gdal_translate -a_srs EPSG:XXXX {name} copy.tif) and use that")
+
+
 def _paletted(src: rasterio.DatasetReader, requested: tuple[int, ...] | None) -> bool:
     """Whether the raster is read through its colour table: its first band is paletted and no
     bands were asked for (asked for, band numbers are read as they are). Drawn as greys, a
@@ -601,9 +618,7 @@ def open_raster(path: Path, bands: tuple[int, ...] | None, drivers: tuple[str, .
                              "grid; warp it first (gdalwarp -t_srs EPSG:XXXX"
                              f"{' -rpc' if not src.gcps[0] else ''} in.tif out.tif) and use the result")
         if src.crs is None or not src.crs.to_wkt():
-            # said to an example search too: not "index it again"
-            raise InputError(f"{path}: has no CRS, so its places cannot be put on a map; assign one "
-                             "(e.g. gdal_edit.py -a_srs EPSG:XXXX) and use it again")
+            raise InputError(f"{path}: has no CRS, so its places cannot be put on a map; {_how_to_assign_a_crs(path, src)}")
         if src.transform.is_identity:
             raise InputError(f"{path}: has no geotransform (pixel grid not georeferenced)")
         _check_north_up(path, src.transform, src.crs)
