@@ -72,6 +72,39 @@ def test_multiband_raster_without_colour_interpretation_needs_bands(tmp_path, as
         open_raster(path, (7, 2, 1))
 
 
+def test_a_two_band_raster_is_read_as_grey_when_its_first_band_is_named_grey(tmp_path, assets, caplog):
+    """Grey and a band of its own ([gray, undefined]: a quality band, SAR's second polarisation):
+    it was refused, and a folder's whole run with it, told to name red, green and blue in it,
+    which two bands cannot (a probe's). Its first band is read as grey, saying so; two bands of
+    no colour are refused, told to name the first one grey, which is then enough."""
+    import re
+    import shlex
+
+    from rasterio.enums import ColorInterp
+
+    with rasterio.open(assets["s2_rgb"]) as src:
+        data = src.read(window=((0, 64), (0, 64)))[:2]
+        profile = {"crs": src.crs, "transform": src.transform}
+    path = write_raster(tmp_path / "two.tif", data, **profile)
+    with rasterio.open(path, "r+") as named:
+        named.colorinterp = [ColorInterp.gray, ColorInterp.undefined]
+    assert open_raster(path, None).bands == (1, 1, 1)
+    assert "two.tif: 2 bands, the first named grey: read as grey, band 2 (undefined) not drawn" in caplog.text
+    bands = "".join(f'<VRTRasterBand dataType="UInt16" band="{b}"><ColorInterp>Undefined</ColorInterp><SimpleSource>'
+                    f'<SourceFilename relativeToVRT="1">two.tif</SourceFilename><SourceBand>{b}</SourceBand>'
+                    '</SimpleSource></VRTRasterBand>' for b in (1, 2))
+    vrt = tmp_path / "two.vrt"  # a GeoTIFF's first band of two reads as grey: named otherwise in a VRT
+    vrt.write_text(f'<VRTDataset rasterXSize="64" rasterYSize="64"><SRS>{profile["crs"].to_wkt()}</SRS>'
+                   f'<GeoTransform>{", ".join(map(str, profile["transform"].to_gdal()))}</GeoTransform>{bands}</VRTDataset>')
+    with pytest.raises(InputError, match="cannot tell which of its 2 bands") as refused:
+        open_raster(vrt, None)
+    advice = re.search(r"gdal_edit.py -colorinterp_1 gray (\S+)$", str(refused.value))
+    assert advice and shlex.split(advice.group(1)) == [str(vrt)], str(refused.value)
+    with rasterio.open(vrt, "r+") as named:  # as that advice does
+        named.colorinterp = [ColorInterp.gray, ColorInterp.undefined]
+    assert open_raster(vrt, None).bands == (1, 1, 1)
+
+
 def test_a_paletted_raster_is_read_through_its_colour_table(tmp_path, assets):
     """A palette's band holds indices of colours (a scanned map, a classification, an image
     stored with a palette): drawn as greys its colours were lost, and it was refused. It is read

@@ -396,10 +396,13 @@ class BandsUnknown(InputError):
     does, as the 3-band warning says."""
 
     def __init__(self, base: str, path: str, count: int):
+        # two bands have no red, green and blue to name: its first, named grey, is read as grey (choose_bands)
+        name_them = (f"name its first band grey in it: gdal_edit.py -colorinterp_1 gray {shlex.quote(path)}"
+                     if count < 3 else
+                     "name its colours in it: gdal_edit.py -colorinterp_R red -colorinterp_G green -colorinterp_B blue "
+                     f"{shlex.quote(path)} (R, G and B its band numbers)")
         super().__init__(f"{base}; pass --bands R,G,B for a new index of such rasters (one band as grey: --bands 1), "
-                         "or, to index it beside rasters of other bands, name its colours in it: gdal_edit.py "
-                         f"-colorinterp_R red -colorinterp_G green -colorinterp_B blue {shlex.quote(path)} "
-                         "(R, G and B its band numbers)")
+                         f"or, to index it beside rasters of other bands, {name_them}")
         self.base = base
         self.count = count  # the raster's bands
 
@@ -436,6 +439,11 @@ def choose_bands(src: rasterio.DatasetReader, requested: tuple[int, ...] | None)
     if _paletted(src, requested):  # read through its colour table (natural_colour)
         return (1, 1, 1)
     if src.count == 1 or (src.count == 2 and interp[1] == ColorInterp.alpha):  # grey, or grey and its alpha mask
+        return (1, 1, 1)
+    if src.count == 2 and interp[0] == ColorInterp.gray:  # grey and a band of its own (a quality band, SAR's VH)
+        # it was refused, and the whole run with it, told to name red, green and blue among two bands (a probe's)
+        log.warning("%s: 2 bands, the first named grey: read as grey, band 2 (%s) not drawn (to draw it instead, "
+                    "index with --bands 2)", name, interp[1].name)
         return (1, 1, 1)
     if src.count == 3:
         # an example's raster too, which a search reads with no --bands: its colours named in it work for both
