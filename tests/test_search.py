@@ -771,6 +771,33 @@ def test_a_gone_sheet_of_a_mosaic_of_mosaics_is_found(tmp_path, assets):
     assert gone_sheets([place]) == [f"{tmp_path / 'east.tif'}: not a file"]
 
 
+def test_a_sheet_written_over_under_a_mosaic_of_mosaics_changes_the_mosaic(tmp_path, assets):
+    """A VRT of VRTs (gdalbuildvrt over each sheet's gdalwarp -of VRT, to mix CRSs; over zones'
+    VRTs): GDAL lists the inner .vrt files, not their sheets, so a sheet written over left the
+    mosaic "unchanged" (`info`, the search's `changed`, an index run redoing nothing), and its
+    old place was found with the new pixels (a probe's). The sheets of every level count."""
+    from two_sheets import write_two_sheets
+    from xml.sax.saxutils import escape
+
+    from worker.tiling import open_raster
+
+    mosaic, _ = write_two_sheets(assets["rmnp_rgb"], tmp_path)
+    with rasterio.open(mosaic) as src:
+        width, height, crs, geotransform = src.width, src.height, src.crs.to_wkt(), src.transform.to_gdal()
+    bands = "".join(f"""<VRTRasterBand dataType="Byte" band="{b}"><SimpleSource>
+        <SourceFilename relativeToVRT="1">{mosaic.name}</SourceFilename><SourceBand>{b}</SourceBand>
+        </SimpleSource></VRTRasterBand>""" for b in (1, 2, 3))
+    outer = tmp_path / "country.vrt"
+    outer.write_text(f"""<VRTDataset rasterXSize="{width}" rasterYSize="{height}"><SRS>{escape(crs)}</SRS>
+        <GeoTransform>{", ".join(map(str, geotransform))}</GeoTransform>{bands}</VRTDataset>""")
+    indexed = open_raster(outer, None)
+    assert not indexed.changed_beside()
+    with rasterio.open(tmp_path / "east.tif", "r+") as sheet:  # written over in place: same size, the .vrt files not
+        sheet.write(255 - sheet.read())
+    assert indexed.changed_beside(), "a search's and info's look"
+    assert indexed.changed_since(open_raster(outer, None)), "an index run's look"
+
+
 def test_a_zone_vrt_is_followed_where_gdal_follows_it(tmp_path, assets):
     """A country's VRT reads zones' VRTs as GDAL does: a zone that is a link to another folder's
     VRT (its sheets beside its target: read beside the link, every place of the zone was said

@@ -36,7 +36,7 @@ from shapely.geometry import Polygon
 from wire.protocol import MAX_TILE, MIN_TILE, excerpt
 from worker.errors import InputError, RasterReadError, numbered
 from worker.file_derived import FileDerived
-from worker.raster_access import DRIVER_PREFIX, RasterAccess, is_vrt, local_file, source_path, vrt_sources
+from worker.raster_access import DRIVER_PREFIX, MAX_VRT_DEPTH, RasterAccess, is_vrt, local_file, source_path, vrt_sources
 
 log = logging.getLogger(__name__)
 
@@ -214,16 +214,48 @@ def disk_state(raster: RasterInfo) -> str:
 def sources_stamp(src: rasterio.DatasetReader) -> tuple[int, int, int] | None:
     """A VRT's sources (a mosaic's files) as files_stamp; None for other rasters (their side
     files, such as the .aux.xml QGIS rewrites when it shows a raster, are not pixels)."""
-    return files_stamp(src.files[1:]) if src.driver == "VRT" else None
+    return files_stamp(vrt_files(src)) if src.driver == "VRT" else None
+
+
+def vrt_files(src: rasterio.DatasetReader) -> list[str]:
+    """The files an open VRT reads, as GDAL names them, and those the VRTs among them name, down
+    to MAX_VRT_DEPTH VRTs: GDAL lists a nested VRT, not what it reads, and a sheet written over
+    under a mosaic of VRTs (gdalbuildvrt over each sheet's gdalwarp -of VRT, to mix CRSs; over
+    zones' VRTs) left the mosaic "unchanged", its old place found with the new pixels (a probe's)."""
+    files = list(src.files[1:])
+    return files + [inner for name in files if local_file(name) and may_be_vrt(name)
+                    for inner in _named_by_vrt(name, MAX_VRT_DEPTH - 1)]
+
+
+def _named_by_vrt(vrt: str, depth: int) -> list[str]:
+    """The local files a VRT names, from its XML (a mosaic of 50,000 sheets' VRTs is not opened
+    50,000 times by GDAL), and those its VRTs name, down to `depth` VRTs. One that cannot be read
+    names none: its own stat says it is gone (files_stamp raises)."""
+    try:
+        at = Path(os.path.realpath(vrt))  # a link's sources lie beside its target, as GDAL reads them
+        named = [str(source_path(at, name, relative)) for name, relative in vrt_sources(at) if local_file(name)]
+    except (OSError, InputError):  # gone, not a VRT, too large, or running code
+        return []
+    return named + [inner for name in named if depth > 1 and may_be_vrt(name)
+                    for inner in _named_by_vrt(name, depth - 1)]
+
+
+def may_be_vrt(path: str) -> bool:
+    """Whether a VRT's source is a VRT: one named .vrt, or of no other raster format's name and
+    holding one (raster_access.is_vrt, as GDAL tells). A country's 50,000 .tif sheets are not
+    read for it: on a shared disk that would cost more than the check is worth."""
+    suffix = os.path.splitext(path)[1].lower()
+    return suffix == ".vrt" or (suffix not in RASTER_SUFFIXES and is_vrt(Path(path)))
 
 
 def _open_vrt(path: str) -> tuple[tuple[tuple[str, ...], tuple], list[str]]:
-    """The files a VRT reads, as GDAL names them, and its grid (width, height, transform, CRS),
-    for _vrt_as_opened to keep until its file changes: a VRT holds them itself (no side file),
-    and GDAL took 2.1 s and 500 MB to open one of 50,000 sheets, a search's every minute
-    (changed_lately). GDAL does not list a nested VRT's sources: the nested .vrt is a source."""
+    """The files a VRT reads (vrt_files), and its grid (width, height, transform, CRS), for
+    _vrt_as_opened to keep until its file changes: a VRT holds them itself (no side file), and
+    GDAL took 2.1 s and 500 MB to open one of 50,000 sheets, a search's every minute
+    (changed_lately). A nested VRT rewritten since is not seen (only the outer .vrt's state is
+    kept), but the files it read are still stat'ed."""
     with rasterio.open(path) as src:
-        return (tuple(src.files[1:]), (src.width, src.height, tuple(src.transform), src.crs)), [path]
+        return (tuple(vrt_files(src)), (src.width, src.height, tuple(src.transform), src.crs)), [path]
 
 
 _vrt_as_opened = FileDerived(_open_vrt)

@@ -18,8 +18,8 @@ import shapely
 
 from worker.file_derived import FileDerived
 from worker.placement import Placement
-from worker.raster_access import MAX_VRT_DEPTH, is_vrt, vrt_sheets
-from worker.tiling import RASTER_SUFFIXES
+from worker.raster_access import MAX_VRT_DEPTH, vrt_sheets
+from worker.tiling import may_be_vrt
 
 
 def gone_sheets(placements: list[Placement]) -> list[str | None]:
@@ -97,14 +97,6 @@ def _nested_sheets(path: str, depth: int, read: list[str]) -> list[tuple[str, tu
         return []
     if depth <= 1:
         return sheets
-    inner = [(sheet, box) for file, box in sheets if _may_be_vrt(file)
+    inner = [(sheet, box) for file, box in sheets if may_be_vrt(file)
              for sheet, _ in _nested_sheets(os.path.realpath(file), depth - 1, read)]
     return sheets + inner
-
-
-def _may_be_vrt(path: str) -> bool:
-    """Whether a sheet is a VRT: one named .vrt, or of no other raster format's name and holding
-    one (raster_access.is_vrt, as GDAL tells). A country's 50,000 .tif sheets are not opened for
-    it: on a shared disk that would cost a first search more than the check is worth."""
-    suffix = os.path.splitext(path)[1].lower()
-    return suffix == ".vrt" or (suffix not in RASTER_SUFFIXES and is_vrt(Path(path)))
