@@ -792,6 +792,8 @@ def test_a_sheet_written_over_under_a_mosaic_of_mosaics_changes_the_mosaic(tmp_p
         <GeoTransform>{", ".join(map(str, geotransform))}</GeoTransform>{bands}</VRTDataset>""")
     indexed = open_raster(outer, None)
     assert not indexed.changed_beside()
+    recorded_before = replace(indexed, sources=indexed.sources[:3])  # its index is not told to index it again
+    assert not recorded_before.changed_beside() and not recorded_before.changed_since(open_raster(outer, None))
     with rasterio.open(tmp_path / "east.tif", "r+") as sheet:  # written over in place: same size, the .vrt files not
         sheet.write(255 - sheet.read())
     assert indexed.changed_beside(), "a search's and info's look"

@@ -148,7 +148,7 @@ class RasterInfo:
         since QGIS rewrites an .aux.xml when it shows a raster."""
         if self.sources is not None:  # a mosaic's .vrt read anew only once it changes: 2 s for 50,000 sheets
             files, (width, height, transform, crs) = _vrt_as_opened(self.path)
-            return self._sources_differ(files_stamp(files)) or not self.same_grid(width, height, transform, crs)
+            return self._sources_differ(vrt_stamp(files)) or not self.same_grid(width, height, transform, crs)
         if not _georeferenced_beside(Path(self.path)):
             return False
         with rasterio.open(self.path) as src:  # no sources recorded: its grid alone
@@ -163,7 +163,8 @@ class RasterInfo:
     def _sources_differ(self, now: tuple[int, ...] | None) -> bool:
         if self.sources is None:
             return False
-        return now is None or now[:len(self.sources)] != self.sources  # two numbers: recorded before the digest
+        # two or three numbers: recorded before the digest, or before the nested VRTs' (vrt_stamp)
+        return now is None or now[:len(self.sources)] != self.sources
 
     def same_grid(self, width: int, height: int, transform: tuple[float, ...], crs: CRS | None) -> bool:
         return ((width, height) == (self.width, self.height) and tuple(transform)[:6] == tuple(self.transform[:6])
@@ -211,33 +212,48 @@ def disk_state(raster: RasterInfo) -> str:
         return "unreadable"
 
 
-def sources_stamp(src: rasterio.DatasetReader) -> tuple[int, int, int] | None:
-    """A VRT's sources (a mosaic's files) as files_stamp; None for other rasters (their side
+def sources_stamp(src: rasterio.DatasetReader) -> tuple[int, ...] | None:
+    """A VRT's sources (a mosaic's files) as vrt_stamp; None for other rasters (their side
     files, such as the .aux.xml QGIS rewrites when it shows a raster, are not pixels)."""
-    return files_stamp(vrt_files(src)) if src.driver == "VRT" else None
+    return vrt_stamp(src.files[1:]) if src.driver == "VRT" else None
 
 
-def vrt_files(src: rasterio.DatasetReader) -> list[str]:
-    """The files an open VRT reads, as GDAL names them, and those the VRTs among them name, down
-    to MAX_VRT_DEPTH VRTs: GDAL lists a nested VRT, not what it reads, and a sheet written over
-    under a mosaic of VRTs (gdalbuildvrt over each sheet's gdalwarp -of VRT, to mix CRSs; over
-    zones' VRTs) left the mosaic "unchanged", its old place found with the new pixels (a probe's)."""
-    files = list(src.files[1:])
-    return files + [inner for name in files if local_file(name) and may_be_vrt(name)
-                    for inner in _named_by_vrt(name, MAX_VRT_DEPTH - 1)]
+def vrt_stamp(files: Sequence[str]) -> tuple[int, ...] | None:
+    """files_stamp of the files a VRT reads (as GDAL lists them), and a fourth number: the digest
+    of those its VRTs name, down to MAX_VRT_DEPTH VRTs. GDAL lists a nested VRT, not what it
+    reads: a sheet written over under a mosaic of VRTs (gdalbuildvrt over each sheet's gdalwarp
+    -of VRT, to mix CRSs; over zones' VRTs) left the mosaic "unchanged", its old place found with
+    the new pixels (a probe's). A stamp recorded before has three numbers, and is compared on
+    them (RasterInfo._sources_differ): an index of such a mosaic is not told to index it again."""
+    own = files_stamp(files)
+    if own is None:
+        return None
+    inner = files_stamp([named for name in files if local_file(name) and may_be_vrt(name)
+                         for named in _named_by_vrt(name)])
+    return (*own, inner[2] if inner else 0)
 
 
-def _named_by_vrt(vrt: str, depth: int) -> list[str]:
-    """The local files a VRT names, from its XML (a mosaic of 50,000 sheets' VRTs is not opened
-    50,000 times by GDAL), and those its VRTs name, down to `depth` VRTs. One that cannot be read
-    names none: its own stat says it is gone (files_stamp raises)."""
+def _names_under(vrt: str) -> tuple[list[str], list[str]]:
+    """The local files a VRT names and those its VRTs name, down to MAX_VRT_DEPTH - 1 VRTs (it is
+    one), and the VRTs read, for _named_by_vrt to keep until one of those changes: read from
+    their XML, for a mosaic of 50,000 sheets' VRTs, which GDAL would open one by one."""
+    read: list[str] = []
+    return _named(vrt, MAX_VRT_DEPTH - 1, read), read
+
+
+def _named(vrt: str, depth: int, read: list[str]) -> list[str]:
+    """_names_under's walk. A VRT that cannot be read names nothing: its own stat says it is
+    gone (files_stamp raises)."""
+    read.append(vrt)
     try:
         at = Path(os.path.realpath(vrt))  # a link's sources lie beside its target, as GDAL reads them
         named = [str(source_path(at, name, relative)) for name, relative in vrt_sources(at) if local_file(name)]
     except (OSError, InputError):  # gone, not a VRT, too large, or running code
         return []
-    return named + [inner for name in named if depth > 1 and may_be_vrt(name)
-                    for inner in _named_by_vrt(name, depth - 1)]
+    return named + [inner for name in named if depth > 1 and may_be_vrt(name) for inner in _named(name, depth - 1, read)]
+
+
+_named_by_vrt = FileDerived(_names_under)
 
 
 def may_be_vrt(path: str) -> bool:
@@ -249,13 +265,12 @@ def may_be_vrt(path: str) -> bool:
 
 
 def _open_vrt(path: str) -> tuple[tuple[tuple[str, ...], tuple], list[str]]:
-    """The files a VRT reads (vrt_files), and its grid (width, height, transform, CRS), for
-    _vrt_as_opened to keep until its file changes: a VRT holds them itself (no side file), and
-    GDAL took 2.1 s and 500 MB to open one of 50,000 sheets, a search's every minute
-    (changed_lately). A nested VRT rewritten since is not seen (only the outer .vrt's state is
-    kept), but the files it read are still stat'ed."""
+    """The files a VRT reads, as GDAL names them, and its grid (width, height, transform, CRS),
+    for _vrt_as_opened to keep until its file changes: a VRT holds them itself (no side file),
+    and GDAL took 2.1 s and 500 MB to open one of 50,000 sheets, a search's every minute
+    (changed_lately). A nested VRT is one of them (vrt_stamp reads what it names)."""
     with rasterio.open(path) as src:
-        return (tuple(vrt_files(src)), (src.width, src.height, tuple(src.transform), src.crs)), [path]
+        return (tuple(src.files[1:]), (src.width, src.height, tuple(src.transform), src.crs)), [path]
 
 
 _vrt_as_opened = FileDerived(_open_vrt)
