@@ -414,6 +414,30 @@ def test_a_folder_of_sheets_with_their_mosaic_is_indexed_through_the_mosaic_alon
     assert sorted(Path(r.path).name for r in TileIndex.open(out).rasters.values()) == ["mosaic.vrt", "z_other.tif"]
 
 
+def test_a_mosaic_added_over_sheets_held_or_a_sheet_added_under_a_mosaic_held_is_said(tmp_path, model, assets,
+                                                                                       caplog):
+    """A run adds a mosaic whose sheets an earlier run indexed on their own, or a sheet of a
+    mosaic the index holds: every place there came back twice, unsaid (a probe's: 168 tiles
+    became 345). Within one run this is caught as rasters are found; across runs it is said."""
+    from two_sheets import write_two_sheets
+
+    mosaic, _ = write_two_sheets(assets["rmnp_rgb"], tmp_path)
+    west, east = tmp_path / "west.tif", tmp_path / "east.tif"
+    settings = TileSettings(tile=112, scales=(1,))
+    IndexWriter(tmp_path / "sheets", model, settings).build([west, east])
+    caplog.clear()
+    IndexWriter(tmp_path / "sheets", model, settings).build([mosaic])
+    assert f"{mosaic} reads 2 raster(s) the index already holds on their own ({east}, {west}): every place there " \
+           "will come back twice" in caplog.text, caplog.text
+    IndexWriter(tmp_path / "mosaic", model, settings).build([mosaic])
+    caplog.clear()
+    IndexWriter(tmp_path / "mosaic", model, settings).build([mosaic])  # again: nothing added, nothing said
+    assert "twice" not in caplog.text
+    IndexWriter(tmp_path / "mosaic", model, settings).build([east])
+    assert f"{east} is read by {mosaic}, which the index already holds: every place there will come back twice" \
+        in caplog.text, caplog.text
+
+
 def test_a_raster_gone_for_good_is_taken_out_of_the_index(tmp_path, model, rmnp_copy):
     """A raster deleted for good was left out of every search, said unreadable with advice to
     index it again, which failed ("raster not found"); indexing its folder again kept it, and
