@@ -436,6 +436,55 @@ def test_a_mosaic_added_over_sheets_held_or_a_sheet_added_under_a_mosaic_held_is
     IndexWriter(tmp_path / "mosaic", model, settings).build([east])
     assert f"{east} is read by {mosaic}, which the index already holds: every place there will come back twice" \
         in caplog.text, caplog.text
+    # a mosaic of each sheet's own VRT (as gdalwarp -of VRT makes them, to mix CRSs), over sheets held; a zone's
+    # mosaic added under a country's VRT held
+    text = mosaic.read_text()
+    for sheet in ("west", "east"):
+        (tmp_path / f"{sheet}_alone.vrt").write_text(text.replace("west.tif", f"{sheet}.tif"))
+    of_vrts = tmp_path / "of_vrts.vrt"
+    of_vrts.write_text(text.replace("west.tif", "west_alone.vrt").replace("east.tif", "east_alone.vrt"))
+    (tmp_path / "zone2.vrt").write_text(text)
+    country = tmp_path / "country.vrt"
+    country.write_text(text.replace("west.tif", "mosaic.vrt").replace("east.tif", "zone2.vrt"))
+    caplog.clear()
+    IndexWriter(tmp_path / "sheets", model, settings).build([of_vrts])
+    assert f"{of_vrts} reads 2 raster(s) the index already holds on their own ({east}, {west})" in caplog.text
+    IndexWriter(tmp_path / "country", model, settings).build([country])
+    caplog.clear()
+    IndexWriter(tmp_path / "country", model, settings).build([mosaic])
+    assert f"{mosaic} is read by {country}, which the index already holds" in caplog.text, caplog.text
+
+
+def test_an_index_of_a_mosaic_of_vrts_stamped_before_is_kept_and_watched_from_then_on(tmp_path, model, assets,
+                                                                                       caplog):
+    """A mosaic of VRTs was stamped by its own files alone (the inner .vrt files, not what they
+    read). Indexed again, such an index was not told to index it again, nor was its stamp
+    brought up to date: a sheet written over under it stayed unseen for the index's life."""
+    import json
+
+    import rasterio
+    from two_sheets import write_two_sheets
+
+    mosaic, _ = write_two_sheets(assets["rmnp_rgb"], tmp_path)
+    text = mosaic.read_text()
+    country = tmp_path / "country.vrt"
+    country.write_text(text.replace("west.tif", "mosaic.vrt").replace("east.tif", "mosaic.vrt"))
+    out, settings = tmp_path / "index", TileSettings(tile=112, scales=(1,))
+    IndexWriter(out, model, settings).build([country])
+    manifest = json.loads((out / "manifest.json").read_text())
+    [entry] = manifest["rasters"]
+    assert len(entry["sources"]) == 4
+    entry["sources"] = entry["sources"][:3]  # as an index written before kept it
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    tiles = len(TileIndex.open(out))
+    caplog.clear()
+    IndexWriter(out, model, settings).build([country])
+    assert "changed on disk" not in caplog.text and len(TileIndex.open(out)) == tiles
+    assert len(json.loads((out / "manifest.json").read_text())["rasters"][0]["sources"]) == 4
+    with rasterio.open(tmp_path / "east.tif", "r+") as sheet:
+        sheet.write(255 - sheet.read())
+    IndexWriter(out, model, settings).build([country])
+    assert f"{country}: changed on disk since it was indexed: indexing it again, whole" in caplog.text
 
 
 def test_a_raster_gone_for_good_is_taken_out_of_the_index(tmp_path, model, rmnp_copy):

@@ -798,6 +798,8 @@ def test_a_sheet_written_over_under_a_mosaic_of_mosaics_changes_the_mosaic(tmp_p
         sheet.write(255 - sheet.read())
     assert indexed.changed_beside(), "a search's and info's look"
     assert indexed.changed_since(open_raster(outer, None)), "an index run's look"
+    (tmp_path / "west.tif").unlink()  # gone two levels down: a change, not a FileNotFoundError's traceback
+    assert open_raster(outer, None).changed_since(indexed) and indexed.changed_beside()
 
 
 def test_a_zone_vrt_is_followed_where_gdal_follows_it(tmp_path, assets):

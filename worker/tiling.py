@@ -219,49 +219,69 @@ def sources_stamp(src: rasterio.DatasetReader) -> tuple[int, ...] | None:
 
 
 def vrt_stamp(files: Sequence[str]) -> tuple[int, ...] | None:
-    """files_stamp of the files a VRT reads (as GDAL lists them), and a fourth number: the digest
-    of those its VRTs name, down to MAX_VRT_DEPTH VRTs. GDAL lists a nested VRT, not what it
-    reads: a sheet written over under a mosaic of VRTs (gdalbuildvrt over each sheet's gdalwarp
-    -of VRT, to mix CRSs; over zones' VRTs) left the mosaic "unchanged", its old place found with
-    the new pixels (a probe's). A stamp recorded before has three numbers, and is compared on
-    them (RasterInfo._sources_differ): an index of such a mosaic is not told to index it again."""
+    """files_stamp of the files a VRT reads (as GDAL lists them), and, where VRTs are among them,
+    a fourth number: the digest of what they name, down to MAX_VRT_DEPTH VRTs (a file gone
+    there is a change, not an error). GDAL lists a nested VRT, not what it reads: a sheet
+    written over under a mosaic of VRTs (gdalbuildvrt over each sheet's gdalwarp -of VRT, to mix
+    CRSs; over zones' VRTs) left the mosaic "unchanged", its old place found with the new pixels
+    (a probe's). A stamp recorded before has three numbers and is compared on them
+    (RasterInfo._sources_differ); a mosaic of no VRTs keeps three, as older workers read them."""
     own = files_stamp(files)
     if own is None:
         return None
-    inner = files_stamp([named for name in files if local_file(name) and may_be_vrt(name)
-                         for named in _named_by_vrt(name)])
-    return (*own, inner[2] if inner else 0)
+    inner = [named for name in files if local_file(name) and may_be_vrt(name) for named in vrt_names(name)[1]]
+    return (*own, _names_digest(inner)) if inner else own
 
 
-def _names_under(vrt: str) -> tuple[list[str], list[str]]:
-    """The local files a VRT names and those its VRTs name, down to MAX_VRT_DEPTH - 1 VRTs (it is
-    one), and the VRTs read, for _named_by_vrt to keep until one of those changes: read from
-    their XML, for a mosaic of 50,000 sheets' VRTs, which GDAL would open one by one."""
+def _names_digest(names: list[str]) -> int:
+    """A digest of each file's path, size and modification time; a file gone, or that cannot be
+    looked at, counts as such."""
+    stats = []
+    for name in names:
+        try:
+            st = os.stat(name)
+            stats.append((name, st.st_size, st.st_mtime_ns))
+        except OSError:
+            stats.append((name, -1, -1))
+    return int.from_bytes(hashlib.blake2b(json.dumps(sorted(stats)).encode(), digest_size=6).digest(), "big")
+
+
+def _names_under(vrt: str) -> tuple[tuple[list[str], list[str]], list[str]]:
+    """The local files a VRT names itself, and those it and the VRTs it names name, down to
+    MAX_VRT_DEPTH VRTs, and the VRTs read, for vrt_names to keep until one of those changes:
+    read from their XML, for a mosaic of 50,000 sheets' VRTs, which GDAL would open one by one."""
     read: list[str] = []
-    return _named(vrt, MAX_VRT_DEPTH - 1, read), read
+    every = _named(vrt, MAX_VRT_DEPTH, read)
+    return (_named(vrt, 1, []), every), read
 
 
 def _named(vrt: str, depth: int, read: list[str]) -> list[str]:
-    """_names_under's walk. A VRT that cannot be read names nothing: its own stat says it is
-    gone (files_stamp raises)."""
+    """_names_under's walk; each VRT read once (one naming itself, or another many times, was
+    read again for each name). A VRT that cannot be read names nothing: its own stat says so."""
     read.append(vrt)
     try:
         at = Path(os.path.realpath(vrt))  # a link's sources lie beside its target, as GDAL reads them
         named = [str(source_path(at, name, relative)) for name, relative in vrt_sources(at) if local_file(name)]
-    except (OSError, InputError):  # gone, not a VRT, too large, or running code
+    except (OSError, InputError, LookupError, ValueError):  # gone, not a VRT, too large, code, an unknown encoding
         return []
-    return named + [inner for name in named if depth > 1 and may_be_vrt(name) for inner in _named(name, depth - 1, read)]
+    named = list(dict.fromkeys(named))
+    return named + [inner for name in named if depth > 1 and name not in read and may_be_vrt(name)
+                    for inner in _named(name, depth - 1, read)]
 
 
-_named_by_vrt = FileDerived(_names_under)
+vrt_names = FileDerived(_names_under)  # path -> (the files it names itself, every file it and its VRTs name)
 
 
 def may_be_vrt(path: str) -> bool:
     """Whether a VRT's source is a VRT: one named .vrt, or of no other raster format's name and
-    holding one (raster_access.is_vrt, as GDAL tells). A country's 50,000 .tif sheets are not
-    read for it: on a shared disk that would cost more than the check is worth."""
+    holding one (raster_access.is_vrt, as GDAL tells; kept per file until it changes). A
+    country's 50,000 .tif sheets are not read for it: on a shared disk that would cost more
+    than the check is worth."""
     suffix = os.path.splitext(path)[1].lower()
-    return suffix == ".vrt" or (suffix not in RASTER_SUFFIXES and is_vrt(Path(path)))
+    return suffix == ".vrt" or (suffix not in RASTER_SUFFIXES and _holds_a_vrt(path))
+
+
+_holds_a_vrt = FileDerived(lambda path: (is_vrt(Path(path)), [path]))
 
 
 def _open_vrt(path: str) -> tuple[tuple[tuple[str, ...], tuple], list[str]]:
@@ -448,8 +468,9 @@ class BandsUnknown(InputError):
                      if count < 3 else
                      "name its colours in it: gdal_edit.py -colorinterp_R red -colorinterp_G green -colorinterp_B blue "
                      f"{shlex.quote(path)} (R, G and B its band numbers)")
-        super().__init__(f"{base}; pass --bands R,G,B for a new index of such rasters (one band as grey: --bands 1), "
-                         f"or, to index it beside rasters of other bands, {name_them}")
+        pass_bands = ("--bands R,G,B for a new index of such rasters (one band as grey: --bands 1)" if count >= 3 else
+                      "--bands 1 (or 2) for a new index of such rasters, read as grey")
+        super().__init__(f"{base}; pass {pass_bands}, or, to index it beside rasters of other bands, {name_them}")
         self.base = base
         self.count = count  # the raster's bands
 

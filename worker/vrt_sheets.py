@@ -46,12 +46,6 @@ def gone_sheets(placements: list[Placement]) -> list[str | None]:
     return said
 
 
-def mosaic_sheets(path: str) -> list[str]:
-    """The files a VRT mosaic reads, those of the VRTs it reads too (as _read_sheets finds them),
-    as GDAL opens them; none when it cannot be parsed."""
-    return _sheets(path)[0]
-
-
 def _read_boxes(placements: list[Placement]) -> np.ndarray:
     """The pixel boxes the placements read (Placement._read_box: the turned square's extent and
     a pixel more), for all at once: one by one, their corners took most of a search's check."""

@@ -263,11 +263,14 @@ class IndexWriter:
     def _raster_entry(self, info: RasterInfo) -> dict:
         for entry in self.manifest["rasters"]:
             if entry["path"] == info.path:
-                if RasterInfo.from_json(entry).changed_since(info):  # info: the raster opened afresh
+                recorded = RasterInfo.from_json(entry)
+                if recorded.changed_since(info):  # info: the raster opened afresh
                     self._drop_raster(entry["id"])
                     entry.update(info.to_json(), complete=False, tiles_total=None, tiles_skipped=0)
                     # said: a run indexing the whole raster again said nothing of it (a probe's), even with -v
                     log.warning("%s: changed on disk since it was indexed: indexing it again, whole", info.path)
+                elif info.sources is not None and len(info.sources) > len(recorded.sources or ()):
+                    entry["sources"] = list(info.sources)  # stamped before its VRTs' files were: from now on, with
                 return entry
         entry = {"id": max((r["id"] for r in self.manifest["rasters"]), default=-1) + 1, **info.to_json(),
                  "complete": False, "tiles_total": None, "tiles_skipped": 0}
