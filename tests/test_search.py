@@ -742,27 +742,33 @@ def test_a_mosaic_missing_a_sheet_is_searched_where_it_can_be_read(tmp_path, ass
     assert "(1 marked good or bad: those marks were not used)" in unread["reason"], unread
 
 
+def _mosaic_of_mosaics(folder: Path, assets) -> Path:
+    """FOLDER/country.vrt reading FOLDER/mosaic.vrt, a mosaic of two sheets (two_sheets)."""
+    from xml.sax.saxutils import escape
+
+    from two_sheets import write_two_sheets
+
+    mosaic, _ = write_two_sheets(assets["rmnp_rgb"], folder)
+    with rasterio.open(mosaic) as src:
+        width, height, crs, geotransform = src.width, src.height, src.crs.to_wkt(), src.transform.to_gdal()
+    bands = "".join(f"""<VRTRasterBand dataType="Byte" band="{b}"><SimpleSource>
+        <SourceFilename relativeToVRT="1">{mosaic.name}</SourceFilename><SourceBand>{b}</SourceBand>
+        </SimpleSource></VRTRasterBand>""" for b in (1, 2, 3))
+    outer = folder / "country.vrt"
+    outer.write_text(f"""<VRTDataset rasterXSize="{width}" rasterYSize="{height}"><SRS>{escape(crs)}</SRS>
+        <GeoTransform>{", ".join(map(str, geotransform))}</GeoTransform>{bands}</VRTDataset>""")
+    return outer
+
+
 def test_a_gone_sheet_of_a_mosaic_of_mosaics_is_found(tmp_path, assets):
     """A VRT of zones' VRTs (gdalbuildvrt of per-zone VRTs): only the inner .vrt files were looked
     for, never their sheets, so a sheet gone two levels down was read as blank (a review's). An
     inner VRT's sheets count as filling all the pixels it fills; a .vrt rebuilt since is read anew.
     A sheet there but not a file GDAL can open is said as such, not as missing."""
-    from two_sheets import write_two_sheets
-
     from worker.tiling import open_raster
     from worker.vrt_sheets import gone_sheets
 
-    mosaic, _ = write_two_sheets(assets["rmnp_rgb"], tmp_path)
-    with rasterio.open(mosaic) as src:
-        width, height, crs, geotransform = src.width, src.height, src.crs.to_wkt(), src.transform.to_gdal()
-    from xml.sax.saxutils import escape
-
-    bands = "".join(f"""<VRTRasterBand dataType="Byte" band="{b}"><SimpleSource>
-        <SourceFilename relativeToVRT="1">{mosaic.name}</SourceFilename><SourceBand>{b}</SourceBand>
-        </SimpleSource></VRTRasterBand>""" for b in (1, 2, 3))
-    outer = tmp_path / "country.vrt"
-    outer.write_text(f"""<VRTDataset rasterXSize="{width}" rasterYSize="{height}"><SRS>{escape(crs)}</SRS>
-        <GeoTransform>{", ".join(map(str, geotransform))}</GeoTransform>{bands}</VRTDataset>""")
+    outer = _mosaic_of_mosaics(tmp_path, assets)
     place = Placement(open_raster(outer, None), 380, 200, 100)
     assert gone_sheets([place]) == [None]
     (tmp_path / "east.tif").rename(tmp_path / "east.moved")
@@ -776,20 +782,9 @@ def test_a_sheet_written_over_under_a_mosaic_of_mosaics_changes_the_mosaic(tmp_p
     VRTs): GDAL lists the inner .vrt files, not their sheets, so a sheet written over left the
     mosaic "unchanged" (`info`, the search's `changed`, an index run redoing nothing), and its
     old place was found with the new pixels (a probe's). The sheets of every level count."""
-    from two_sheets import write_two_sheets
-    from xml.sax.saxutils import escape
-
     from worker.tiling import open_raster
 
-    mosaic, _ = write_two_sheets(assets["rmnp_rgb"], tmp_path)
-    with rasterio.open(mosaic) as src:
-        width, height, crs, geotransform = src.width, src.height, src.crs.to_wkt(), src.transform.to_gdal()
-    bands = "".join(f"""<VRTRasterBand dataType="Byte" band="{b}"><SimpleSource>
-        <SourceFilename relativeToVRT="1">{mosaic.name}</SourceFilename><SourceBand>{b}</SourceBand>
-        </SimpleSource></VRTRasterBand>""" for b in (1, 2, 3))
-    outer = tmp_path / "country.vrt"
-    outer.write_text(f"""<VRTDataset rasterXSize="{width}" rasterYSize="{height}"><SRS>{escape(crs)}</SRS>
-        <GeoTransform>{", ".join(map(str, geotransform))}</GeoTransform>{bands}</VRTDataset>""")
+    outer = _mosaic_of_mosaics(tmp_path, assets)
     indexed = open_raster(outer, None)
     assert not indexed.changed_beside()
     recorded_before = replace(indexed, sources=indexed.sources[:3])  # its index is not told to index it again
