@@ -14,7 +14,7 @@ COMM_CLOSED = "Batched Comm Closed"
 
 def dask_setup(worker) -> None:
     """The worker ignores Ctrl-C and a closed terminal: the run's own process stops the run and
-    closes the workers in order (worker.interrupts; one sent while it booted was held by its mask).
+    closes the workers in order (worker.interrupts; a Ctrl-C sent while it booted was held by its mask).
 
     A worker told to close while its chunk holds it (the model loading, a batch encoding) logged
     the heartbeat its own close cut off, at ERROR with two chained tracebacks: Ctrl-C early in a
