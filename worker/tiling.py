@@ -234,8 +234,7 @@ def vrt_stamp(files: Sequence[str]) -> tuple[int, ...] | None:
 
 
 def _names_digest(names: list[str]) -> int:
-    """A digest of each file's path, size and modification time; a file gone, or that cannot be
-    looked at, counts as such."""
+    """_stats_digest of the files; a file gone, or that cannot be looked at, counts as such."""
     stats = []
     for name in names:
         try:
@@ -243,6 +242,11 @@ def _names_digest(names: list[str]) -> int:
             stats.append((name, st.st_size, st.st_mtime_ns))
         except OSError:
             stats.append((name, -1, -1))
+    return _stats_digest(stats)
+
+
+def _stats_digest(stats: list[tuple[str, int, int]]) -> int:
+    """A digest of files' (path, size, modification time), in any order."""
     return int.from_bytes(hashlib.blake2b(json.dumps(sorted(stats)).encode(), digest_size=6).digest(), "big")
 
 
@@ -251,22 +255,31 @@ def _names_under(vrt: str) -> tuple[tuple[list[str], list[str]], list[str]]:
     MAX_VRT_DEPTH VRTs, and the VRTs read, for vrt_names to keep until one of those changes:
     read from their XML, for a mosaic of 50,000 sheets' VRTs, which GDAL would open one by one."""
     read: list[str] = []
-    every = _named(vrt, MAX_VRT_DEPTH, read)
-    return (_named(vrt, 1, []), every), read
+    own = _named_in(vrt, read)
+    return (own, own + _named_below(own, MAX_VRT_DEPTH - 1, read)), read
 
 
-def _named(vrt: str, depth: int, read: list[str]) -> list[str]:
-    """_names_under's walk; each VRT read once (one naming itself, or another many times, was
-    read again for each name). A VRT that cannot be read names nothing: its own stat says so."""
+def _named_in(vrt: str, read: list[str]) -> list[str]:
+    """The local files one VRT names (added to `read`), once each. A VRT that cannot be read
+    names nothing: its own stat says so."""
     read.append(vrt)
     try:
         at = Path(os.path.realpath(vrt))  # a link's sources lie beside its target, as GDAL reads them
         named = [str(source_path(at, name, relative)) for name, relative in vrt_sources(at) if local_file(name)]
     except (OSError, InputError, LookupError, ValueError):  # gone, not a VRT, too large, code, an unknown encoding
         return []
-    named = list(dict.fromkeys(named))
-    return named + [inner for name in named if depth > 1 and name not in read and may_be_vrt(name)
-                    for inner in _named(name, depth - 1, read)]
+    return list(dict.fromkeys(named))
+
+
+def _named_below(named: list[str], depth: int, read: list[str]) -> list[str]:
+    """What the VRTs among `named` name, and theirs, down to `depth` VRTs; each VRT read once
+    (one naming itself, or another many times, was read again for each name)."""
+    below: list[str] = []
+    for name in named if depth >= 1 else []:
+        if name not in read and may_be_vrt(name):
+            own = _named_in(name, read)
+            below += own + _named_below(own, depth - 1, read)
+    return below
 
 
 vrt_names = FileDerived(_names_under)  # path -> (the files it names itself, every file it and its VRTs name)
@@ -309,8 +322,7 @@ def files_stamp(files: Sequence[str]) -> tuple[int, int, int] | None:
             stats.append((name, st.st_size, st.st_mtime_ns))
     if not stats:
         return None
-    digest = hashlib.blake2b(json.dumps(sorted(stats)).encode(), digest_size=6).digest()
-    return sum(s[1] for s in stats), max(s[2] for s in stats), int.from_bytes(digest, "big")
+    return sum(s[1] for s in stats), max(s[2] for s in stats), _stats_digest(stats)
 
 
 def pixel_to_crs(rasters: list[RasterInfo], cols: np.ndarray, rows: np.ndarray) -> np.ndarray:
