@@ -53,6 +53,12 @@ class WorkerUnavailable(WorkerError):
         super().__init__(UNAVAILABLE, f"no reply from {endpoint} after {attempts} attempt(s) of {timeout:g} s")
 
 
+# a socket of another kind (a worker's PUB) fails the handshake too, as a refused key does: which
+# of the two libzmq reports first varies, and a test connected to --pub met both
+NOT_A_REQUEST_PORT = ("what listens there takes no requests (a worker's progress endpoint, its --pub, is not the one "
+                      "to connect to)")
+
+
 class ConnectionDropped(WorkerUnavailable):
     """The connection carrying a request dropped before its reply (seen by a socket monitor):
     no reply will come on it, so the client is told at once, not after its timeout."""
@@ -64,8 +70,7 @@ class ConnectionDropped(WorkerUnavailable):
     def dropped(cls, endpoint: str) -> "ConnectionDropped":
         return cls(f"the connection to the worker at {endpoint} dropped before it answered: the worker stopped or "
                    "was killed (its log says why), its machine stopped answering, the request was far over its "
-                   "message size limit, or what listens there takes no requests (a worker's progress endpoint, "
-                   "its --pub, is not the one to connect to)")
+                   f"message size limit, or {NOT_A_REQUEST_PORT}")
 
     @classmethod
     def keys_refused(cls, endpoint: str, with_keys: bool) -> "ConnectionDropped":
@@ -77,7 +82,7 @@ class ConnectionDropped(WorkerUnavailable):
                "takes only a client key it authorizes" if with_keys else
                "a worker that serves only clients with its keys refuses others (choose them in Settings)")
         return cls(f"the worker at {endpoint} dropped the connection without taking the request: {why}; or it is "
-                   "restarting")
+                   f"restarting; or {NOT_A_REQUEST_PORT}")
 
 
 class ConnectionClosed(WorkerError):
