@@ -926,6 +926,31 @@ def test_the_scheduler_asked_while_a_run_waits_logs_no_bare_connections(tmp_path
     assert not [line for line in lines if "before handshake" in line], lines
 
 
+def test_the_wait_between_asks_of_the_scheduler_is_not_counted_as_its_silence(tmp_path, assets, model, cluster,
+                                                                            monkeypatch):
+    """The silence was counted from the scheduler's last answer, so the wait before the next ask
+    counted as silence: on a busy machine a scheduler that answered every ask within the limit
+    failed the run as "has not answered" (CI met it, with the limit of 8 s in the test of a
+    stopped scheduler and asks every 5). Here the asks are farther apart than the limit."""
+    import worker.distributed
+
+    monkeypatch.setattr(worker.distributed, "SCHEDULER_SILENT_S", 3.0)
+    monkeypatch.setattr(worker.distributed, "ASK_EVERY_S", 4.0)
+    asked = worker.distributed._check_scheduler
+    answers = []
+
+    def answer(*args, **kwargs) -> None:
+        asked(*args, **kwargs)
+        answers.append(time.monotonic())
+
+    monkeypatch.setattr(worker.distributed, "_check_scheduler", answer)
+    chunks = ClusterChunks(cluster, OPTIONS, model.fingerprint()["tile_encoder"])
+    many_tiles = TileSettings(tile=64, scales=(1, 2))  # a run that lasts past the limit, and past an ask
+    IndexWriter(tmp_path / "index", model, many_tiles, CHUNK).build([assets["rmnp_rgb"]], computer=chunks)
+    assert answers, "asked while it ran"
+    assert TileIndex.open(tmp_path / "index").info()["complete"]
+
+
 def test_a_cluster_worker_that_reads_another_file_than_the_drivers_is_refused(tmp_path, assets):
     """A worker that read another file at a raster's path (its own copy, another version) built
     an index of that file's pixels under the driver's raster, unsaid and for good: the driver's

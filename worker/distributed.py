@@ -457,7 +457,9 @@ class ClusterChunks:
         # task keys unique to this run: raster ids restart at 0 in every index, and a scheduler
         # shared by two drivers would hand one the other's chunk under an equal key
         self.run_id = uuid.uuid4().hex
-        self._answered_at = 0.0  # when the scheduler last answered who it is (time.monotonic)
+        # when the oldest ask of who the scheduler is, not answered since, was sent (time.monotonic);
+        # None while every ask sent has been answered
+        self._unanswered_since: float | None = None
         self._planned: dict[str, str | None] = {}  # each raster's file_fingerprint as the run planned it
         self._asking: threading.Thread | None = None
 
@@ -475,7 +477,7 @@ class ClusterChunks:
                                       fingerprints[job.raster["path"]], pure=False, retries=TASK_RETRIES,
                                       key=f"chunk-{job.raster_id}-{job.chunk}-{self.run_id}"): job
                    for job in jobs}
-        self._answered_at = time.monotonic()
+        self._unanswered_since = None
         log.info("%d chunks sent to %d cluster workers", len(futures), len(self.client.scheduler_info()["workers"]))
         try:
             finished = as_completed(futures, loop=self.client.loop)
@@ -528,11 +530,14 @@ class ClusterChunks:
                              "packages")
 
     def _check_scheduler_answers(self) -> None:
-        """InputError once the scheduler has not answered for SCHEDULER_SILENT_S. It is asked who
-        it is every ASK_EVERY_S, on a connection of its own with its own time limit
+        """InputError once the scheduler has left an ask unanswered for SCHEDULER_SILENT_S. It is
+        asked who it is every ASK_EVERY_S, on a connection of its own with its own time limit
         (_check_scheduler), in a thread: the client's own asks wait for ever on a stopped
-        scheduler, or give up quietly and keep their last answer."""
-        if time.monotonic() - self._answered_at > SCHEDULER_SILENT_S:
+        scheduler, or give up quietly and keep their last answer. The silence counts from the
+        ask, not from the last answer: counted from the answer, the wait before the next ask
+        took ASK_EVERY_S of it, and on a busy machine a run whose scheduler answered every ask
+        failed as silent (CI, with the test's limit of 8 s)."""
+        if self._unanswered_since is not None and time.monotonic() - self._unanswered_since > SCHEDULER_SILENT_S:
             raise self._silent()
         if self._asking is not None and self._asking.is_alive():
             return
@@ -540,9 +545,11 @@ class ClusterChunks:
 
         def ask() -> None:
             time.sleep(ASK_EVERY_S)
+            if self._unanswered_since is None:
+                self._unanswered_since = time.monotonic()
             try:
                 _check_scheduler(address, InputError, known=True)
-                self._answered_at = time.monotonic()
+                self._unanswered_since = None
             except InputError:  # not answering: said once SCHEDULER_SILENT_S have passed
                 pass
 
