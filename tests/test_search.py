@@ -646,15 +646,29 @@ def _paletted_copy(source: Path, out: Path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("was, now", [("rgb", "one band"), ("rgb", "paletted"), ("paletted", "rgb")])
+def _sixteen_bit_copy(source: Path, out: Path) -> Path:
+    """The source's bands as 16-bit values, 40 a level from 100 (a sensor's range), on its grid."""
+    with rasterio.open(source) as src:
+        values, profile = src.read().astype(np.uint16) * 40 + 100, {**src.profile, "dtype": "uint16"}
+    with rasterio.open(out, "w", **profile) as dst:
+        dst.write(values)
+    return out
+
+
+@pytest.mark.parametrize("was, now", [("rgb", "one band"), ("rgb", "paletted"), ("paletted", "rgb"),
+                                      ("rgb", "16-bit"), ("16-bit", "rgb")])
 def test_a_raster_written_over_with_other_bands_is_left_out_of_a_search_saying_why(tmp_path, assets, was, now):
     """A raster written over, on the same grid, with other bands: its places were read as the
     index reads it, and the search failed with a traceback (an IndexError for an RGB raster now
     of one band, paletted or not: a probe's; rasterio's "NULL color table" for a paletted one
-    now RGB). It is left out, saying why and what to do; the others are searched."""
+    now RGB). An 8-bit raster now 16-bit, or the other way round, was read with the old values'
+    stretch (or none): its places came out white or black, and the changed-file warning alone
+    said anything. It is left out, saying why and what to do; the others are searched."""
     raster, other = tmp_path / "scene.tif", tmp_path / "other.tif"
     if was == "rgb":
         shutil.copy(assets["rmnp_rgb"], raster)
+    elif was == "16-bit":
+        _sixteen_bit_copy(assets["rmnp_rgb"], raster)
     else:
         _paletted_copy(assets["rmnp_rgb"], raster)
     shutil.copy(assets["osbs_rgb"], other)
@@ -672,16 +686,19 @@ def test_a_raster_written_over_with_other_bands_is_left_out_of_a_search_saying_w
             dst.write(grey, 1)
     elif now == "paletted":
         _paletted_copy(assets["rmnp_rgb"], raster)
+    elif now == "16-bit":
+        _sixteen_bit_copy(assets["rmnp_rgb"], raster)
     else:
         shutil.copy(assets["rmnp_rgb"], raster)
     result = run_cli("search", tmp_path / "index", "--sketch", sketch, "--out", tmp_path / "h.geojson", "--top", "3",
                      "--sketch-modules", "none")
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
-    why = ("it has no colour table now, and was indexed through one" if was == "paletted"
-           else "it has 1 band(s) now, and was indexed reading band(s) [1, 2, 3]")
-    said = f"warning: {raster} cannot be read ('{why}'): moved, deleted or damaged since it was indexed; put it back, " \
-           "index it again"
-    assert said in result.stderr, result.stderr
+    why = {("paletted", "rgb"): "it has no colour table now, and was indexed through one",
+           ("16-bit", "rgb"): "it is 8-bit now, and was indexed with values up to ",  # its stretch's top
+           ("rgb", "16-bit"): "it is uint16 now, and was indexed as 8-bit"}.get(
+               (was, now), "it has 1 band(s) now, and was indexed reading band(s) [1, 2, 3]")
+    assert re.search(re.escape(f"warning: {raster} cannot be read ('{why}") + r"[\d.]*'\): moved, deleted or damaged "
+                     "since it was indexed; put it back, index it again", result.stderr), result.stderr
     hits = json.loads((tmp_path / "h.geojson").read_text())["features"]
     assert hits and all(h["properties"]["raster"] == str(other) for h in hits)
 

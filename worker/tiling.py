@@ -894,12 +894,20 @@ class LayoutChanged(OSError):
 
 
 def check_layout(src: rasterio.DatasetReader, raster: RasterInfo) -> None:
-    """LayoutChanged when the open `src` cannot be read as `raster` was indexed. Its colour
-    interpretation is read only for a paletted raster: read from a file cut short, it fails
-    with GDAL's error, which the read that follows says better."""
+    """LayoutChanged when the open `src` cannot be read as `raster` was indexed: other bands, a
+    colour table lost, or 8-bit now where it was wider or the other way round (its stretch, or
+    none, no longer fits its values). Its colour interpretation is read only for a paletted
+    raster: read from a file cut short, it fails with GDAL's error, which the read that follows
+    says better."""
     if max(raster.read_bands) > src.count:
         raise LayoutChanged(f"it has {src.count} band(s) now, and was indexed reading band(s) "
                             f"{list(raster.read_bands)}")
+    eight_bit = all(src.dtypes[b - 1] == "uint8" for b in raster.read_bands)
+    if raster.stretch is None and not raster.palette and not eight_bit:  # read as 8-bit: clipped to white
+        raise LayoutChanged(f"it is {src.dtypes[raster.read_bands[0] - 1]} now, and was indexed as 8-bit")
+    if raster.stretch is not None and eight_bit and max(high for _, high in raster.stretch) > 255:  # to black
+        raise LayoutChanged("it is 8-bit now, and was indexed with values up to "
+                            f"{max(high for _, high in raster.stretch):g}")
     if raster.palette:
         try:
             paletted = _paletted(src, None)
