@@ -1441,3 +1441,32 @@ def test_the_workers_own_warnings_are_said_as_its_other_lines_on_the_command_lin
     verbose = run_cli("-v", "index", "--out", tmp_path / "index", "--quiet", folder)
     assert re.search(rf"^\d{{4}}-\d\d-\d\d [\d:,]+ WARNING worker.tiling: {re.escape(said)}", verbose.stderr, re.M), \
         verbose.stderr
+
+
+def test_a_copy_of_a_raster_given_or_held_is_said_and_another_version_of_it_is_not(tmp_path, model, assets, caplog):
+    """A copy beside its original (a COG made from it, a second download) was indexed as asked,
+    and every place there came back twice, unsaid (a probe's). Copies are told by their pixels
+    on one grid: a false-colour version of the scene on the same grid is no copy."""
+    import rasterio
+
+    original, cog, false_colour = tmp_path / "scene.tif", tmp_path / "scene_cog.tif", tmp_path / "scene_false.tif"
+    shutil.copy(assets["rmnp_rgb"], original)
+    with rasterio.open(original) as src:
+        pixels, profile = src.read(), src.profile
+    with rasterio.open(cog, "w", **{**profile, "compress": "deflate", "tiled": True, "blockxsize": 256,
+                                    "blockysize": 256}) as dst:  # other bytes
+        dst.write(pixels)
+    with rasterio.open(false_colour, "w", **profile) as dst:
+        dst.write(pixels[::-1])
+    settings = TileSettings(tile=112, scales=(1,))
+    IndexWriter(tmp_path / "index", model, settings).build([original, false_colour])
+    assert "same pixels" not in caplog.text
+    caplog.clear()
+    IndexWriter(tmp_path / "index", model, settings).build([cog])
+    assert f"{cog} holds the same pixels as {original}, on the same grid (a copy?): every place there will come " \
+           "back twice" in caplog.text, caplog.text
+    caplog.clear()
+    IndexWriter(tmp_path / "index", model, settings).build([original, cog, false_colour])  # nothing added
+    assert "same pixels" not in caplog.text
+    IndexWriter(tmp_path / "in_one_run", model, settings).build([original, cog])
+    assert f"{cog} holds the same pixels as {original}" in caplog.text, caplog.text

@@ -23,7 +23,7 @@ from worker.store.format import (CHUNK_TILES, LOCK, MANIFEST, RECORD_DTYPE, SHAR
                                  shard_name, write_json_atomic, write_shard)
 from worker.store.gpkg import write_tiles_gpkg
 from worker.store.maps import damaged_map, remove_maps, remove_unfinished_maps, write_joined_maps
-from worker.read_twice import read_twice
+from worker.read_twice import copies, read_twice
 from worker.store.reader import TileIndex
 from worker.store.shard_file import DamagedFile, committed_array
 from worker.drawing_pool import (DeviceDrawing, DrawingJob, DrawingPool, DrawnBatch, default_processes, drawn_batches,
@@ -305,9 +305,10 @@ class IndexWriter:
         recorded = {entry["path"]: RasterInfo.from_json(entry) for entry in self.manifest["rasters"]}  # as last read
         infos = open_rasters(raster_paths, self.settings.bands, drivers, threads=min(OPEN_THREADS, usable_cores()),
                              recorded=recorded)
-        given = {info.path for info in infos}
-        for said in read_twice([i for i in infos if i.path not in recorded],
-                               [r for path, r in recorded.items() if path not in given]):
+        given, added = {info.path for info in infos}, [i for i in infos if i.path not in recorded]
+        for said in read_twice(added, [r for path, r in recorded.items() if path not in given]):
+            log.warning("%s", said)
+        for said in copies(added, list(recorded.values())):
             log.warning("%s", said)
         with index_lock(self.dir):
             # read again under the lock: another run may have committed since this writer was made,
