@@ -977,3 +977,37 @@ def test_a_worker_started_to_stop_with_an_application_left_a_zombie_stops_too(tm
         if worker.proc is not None and worker.proc.poll() is None:
             worker.proc.kill()
         application.wait()
+
+
+@pytest.mark.parametrize("kind", ["remove", "index"])
+def test_a_job_cancelled_while_queued_never_runs_though_its_slot_comes_free_as_the_cancel_comes(tmp_path, assets,
+                                                                                                model, kind):
+    """A queued job looked at its cancel only between waits for a slot: one cancelled as the
+    running job ended was answered `queued`, then ran. A removal removed its rasters, and an
+    index job left a new index of 0 tiles (probe). The running job here is the test, holding
+    the manager's one slot, let go as the cancel is answered."""
+    from worker.app import IndexRequest, RemovalRequest
+    from worker.service.jobs import JobManager
+    from worker.store import IndexWriter
+    from worker.tiling import TileSettings
+
+    held, other = tmp_path / "rmnp.tif", tmp_path / "osbs.tif"
+    shutil.copy(assets["rmnp_rgb"], held)
+    shutil.copy(assets["osbs_rgb"], other)
+    settings = TileSettings(tile=128, scales=(1,))
+    IndexWriter(tmp_path / "held", model, settings).build([held, other])
+    events = []
+    manager = JobManager(model, publish=events.append)
+    manager._slots.acquire()  # as a running job holds it
+    request = (RemovalRequest(tmp_path / "held", (str(other),)) if kind == "remove"
+               else IndexRequest(tmp_path / "new", (held,), settings))
+    job = manager.start("asked", request)
+    answered = job.cancel()
+    manager._slots.release()  # the running job ends as the cancel comes
+    job.thread.join(60)
+    assert answered["state"] == states.QUEUED and job.state == states.CANCELLED
+    assert states.RUNNING not in [event["state"] for event in events]
+    if kind == "remove":
+        assert {r.path for r in TileIndex.open(tmp_path / "held").rasters.values()} == {str(held), str(other)}
+    else:
+        assert not (tmp_path / "new").exists(), "no index made"

@@ -240,9 +240,7 @@ class Handlers:
         if "job" not in header:
             raise ProtocolError(BAD_REQUEST, "cancel takes `job` (an indexing job's id) or `search` (the id of a "
                                              "search this connection sent)")
-        job = self._job(header)
-        job.cancel_requested.set()
-        return {"job": job.to_json()}
+        return {"job": self._job(header).cancel()}
 
     # -- search ---------------------------------------------------------------------------------
     def search(self, header: dict, frames: list) -> Work:

@@ -68,6 +68,7 @@ class Job:
         self.started = time.time()
         self.finished: float | None = None
         self.cancel_requested = threading.Event()
+        self._starting = threading.Lock()  # a cancel and the job's start, one at a time (start, cancel)
         self.thread: threading.Thread | None = None
         self.job_lock = None  # the index's JOB_LOCK, held from the job's start to its end (JobManager.start)
         self.resumed = resumed  # restarted from the job file a stopped worker left (JobManager.resume_interrupted)
@@ -87,6 +88,22 @@ class Job:
                 "eta_s": round(eta, 1) if eta is not None else None, "error": self.error, "ann": self.ann,
                 "without_tiles": self.without_tiles, "tile_count": self.tile_count, "unfinished": self.unfinished,
                 "started": self.started, "finished": self.finished}
+
+    def cancel(self) -> dict:
+        """Ask the job to stop; what it is now, as the `cancel` op answers. Answered `queued`, it
+        never runs: a removal cancelled while queued was then run (its slot came free as the
+        cancel came), and its rasters removed (probe)."""
+        with self._starting:
+            self.cancel_requested.set()
+            return self.to_json()
+
+    def start(self) -> bool:
+        """`running` from now, unless cancelled while it was queued (False)."""
+        with self._starting:
+            if self.cancel_requested.is_set():
+                return False
+            self.state = states.RUNNING
+            return True
 
     def doing(self) -> str:
         """What the job does to its index, as a refusal says it."""
@@ -249,11 +266,15 @@ class JobManager:
         return job
 
     def _wait_for_slot(self, job: Job) -> bool:
-        """Wait `queued` until fewer than max_jobs run; False when cancelled or stopping meanwhile."""
+        """Wait `queued` until fewer than max_jobs run, then start the job; False (no slot held)
+        when cancelled or stopping meanwhile, also as the slot comes free."""
         while not self._slots.acquire(timeout=SLOT_WAIT_S):
             if job.cancel_requested.is_set() or self.stopping.is_set():
                 return False
-        return True
+        if not self.stopping.is_set() and job.start():
+            return True
+        self._slots.release()
+        return False
 
     def _run(self, job: Job) -> None:
         if not self._wait_for_slot(job):
@@ -270,7 +291,6 @@ class JobManager:
         """Run the job's indexing (or removal); returns how it ended (its state and error), which _finish
         makes known once the job's files are tidied: a client told `failed` found the folder of a
         job that failed before its first commit still there."""
-        job.state = states.RUNNING
         job._rate_start = (time.time(), 0)
         self.publish(job.to_json())
         log.info("%s job %s of %s: running", job.kind, job.id, job.index_dir)
