@@ -312,6 +312,32 @@ def test_a_search_the_blocking_client_stops_waiting_for_is_cancelled_on_its_conn
     assert cancel_from == search_from, "on the connection that sent the search"
 
 
+def test_a_search_resent_or_given_up_after_silence_is_cancelled_on_the_connection_that_sent_it():
+    """A client that heard nothing within its timeout resent the search on a fresh connection
+    (the Lazy Pirate the protocol asks of clients) and left the first copy running on the
+    worker: six users with short timeouts left it busy for 10 s with searches nobody waited for
+    (probe). Each copy is cancelled, on its own connection, before the next is sent, and the
+    last when the client gives up."""
+    router = zmq.Context.instance().socket(zmq.ROUTER)  # a worker that takes requests and answers none
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    router.bind(endpoint)
+    got = []
+    try:
+        with WorkerClient(endpoint, timeout=0.3, retries=2) as c:
+            with pytest.raises(WorkerUnavailable):
+                c.search("any", sketch_png=sketch_png(), top=5)
+        while len(got) < 6 and router.poll(5000):
+            got.append(router.recv_multipart())
+    finally:
+        router.close(linger=0)
+    by_connection: dict[bytes, list[dict]] = {}  # in order within a connection, not across them
+    for sender, _, fields, *_ in got:
+        by_connection.setdefault(sender, []).append(json.loads(fields))
+    assert len(by_connection) == 3, "each copy on a connection of its own"
+    for search, cancel in by_connection.values():
+        assert (search["op"], cancel["op"], cancel["search"]) == ("search", "cancel", search["id"]), by_connection
+
+
 def test_a_search_dropped_before_it_ran_lets_go_of_its_sketch_at_once():
     """A future cancelled before it ran stays in its pool's queue until a thread takes it off,
     and its work with it: a client sending searches with 8 MB sketches and cancelling them grew

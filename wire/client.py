@@ -88,7 +88,9 @@ class WorkerClient:
                 reply = protocol.decode_reply(sock.recv_multipart())
                 if reply.id in (request_id, None):
                     return reply.result()
-            self._reset()  # silence, or a stale reply: start over on a fresh socket
+            # silence, or a stale reply: start over on a fresh socket. A search is cancelled where it
+            # waits first: resent or given up, it ran on, and nobody waited for it (probe)
+            self._abandon(op, request_id)
         raise WorkerUnavailable(self.endpoint, retries + 1, timeout)
 
     def _reply_waits(self, sock: zmq.Socket, timeout: float, cancelled: Optional[Callable[[], bool]]) -> bool:
