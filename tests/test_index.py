@@ -1470,3 +1470,40 @@ def test_a_copy_of_a_raster_given_or_held_is_said_and_another_version_of_it_is_n
     assert "same pixels" not in caplog.text
     IndexWriter(tmp_path / "in_one_run", model, settings).build([original, cog])
     assert f"{cog} holds the same pixels as {original}" in caplog.text, caplog.text
+
+
+def test_a_removal_killed_after_its_commit_leaves_no_footprints_of_its_rasters_nor_their_maps(tmp_path, model,
+                                                                                              rmnp_copy, assets):
+    """A removal killed right after its commit (the worker killed, the machine off) left the
+    tiles layer showing the rasters taken out, in QGIS, and their level maps on disk for good,
+    GBs of a large raster's (probe). The layer is gone from before the commit until a run writes
+    it again; that run removes the maps of rasters no longer held."""
+    import sqlite3
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from worker.store import TILES_LAYER
+
+    def shown(layer: Path) -> set[str]:  # the rasters the tiles layer shows footprints of
+        with sqlite3.connect(layer) as db:
+            return {raster for (raster,) in db.execute("SELECT DISTINCT raster FROM tiles")}
+
+    keep = Path(shutil.copy(assets["osbs_rgb"], tmp_path / "keep.tif"))
+    out = tmp_path / "index"
+    IndexWriter(out, model, TileSettings(tile=112, scales=(1,))).build([keep, rmnp_copy])
+    removed_id = {r.path: i for i, r in TileIndex.open(out).rasters.items()}[str(rmnp_copy.resolve())]
+    assert list((out / "maps").glob(f"r{removed_id:05d}-s*.npy"))
+    killed_after_commit = ("import os, sys; from pathlib import Path; from worker.store import removal; "
+                           "removal.remove_maps = lambda *a: os._exit(9); "  # the next thing it does
+                           "removal.remove_rasters(Path(sys.argv[1]), [sys.argv[2]])")
+    ran = subprocess.run([sys.executable, "-c", killed_after_commit, out, rmnp_copy], cwd=REPO, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert ran.returncode == 9
+    assert [r.path for r in TileIndex.open(out).rasters.values()] == [str(keep.resolve())], "committed"
+    layer = out / TILES_LAYER
+    assert not layer.exists() or str(rmnp_copy.resolve()) not in shown(layer)
+    IndexWriter(out, model, TileSettings(tile=112, scales=(1,))).build([keep])
+    assert shown(layer) == {str(keep.resolve())}
+    assert not list((out / "maps").glob(f"r{removed_id:05d}-s*.npy")), "its maps removed"
+    assert list((out / "maps").glob("r*-s*.npy")), "the kept raster's maps stay"

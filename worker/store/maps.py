@@ -15,6 +15,7 @@ searches until it is complete, and the search says so.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,6 +86,16 @@ def remove_unfinished_maps(index_dir: Path) -> None:
     so that no other writer's map is underway."""
     for path in (Path(index_dir) / MAPS).glob(".r*-s*.npy.*.tmp"):
         path.unlink(missing_ok=True)
+
+
+def remove_maps_of_no_raster(index_dir: Path, raster_ids: set[int]) -> None:
+    """The maps of rasters the index no longer holds (not among `raster_ids`): a removal killed
+    after its commit left them for good, GBs of a large raster's (probe). Only a run holding the
+    index's lock: a raster is entered in the manifest before its map is written."""
+    for path in (Path(index_dir) / MAPS).glob("r*-s*.npy"):
+        named = re.fullmatch(r"r(\d+)-s\d+\.npy", path.name)
+        if named and int(named.group(1)) not in raster_ids:
+            path.unlink(missing_ok=True)
 
 
 def remove_maps(index_dir: Path, raster_id: int) -> None:

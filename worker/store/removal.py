@@ -54,6 +54,10 @@ def remove_rasters(index_dir: Path, paths: Sequence[str]) -> Removed:
         manifest["shards"] = [s for s in manifest["shards"] if s["raster_id"] not in ids]
         manifest["tile_count"] = sum(s["count"] for s in manifest["shards"])
         manifest["updated"] = time.time()
+        # gone before the commit: a removal killed after it left the layer showing the rasters taken
+        # out, in QGIS, until a run wrote it again (probe); the index's next complete run writes it
+        with disk_write(index_dir / TILES_LAYER):
+            (index_dir / TILES_LAYER).unlink(missing_ok=True)
         write_json_atomic(index_dir / MANIFEST, manifest)
         for raster_id in ids:
             remove_maps(index_dir, raster_id)

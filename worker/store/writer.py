@@ -22,7 +22,8 @@ from worker.store.format import (CHUNK_TILES, LOCK, MANIFEST, RECORD_DTYPE, SHAR
                                  index_lock, manifest_stamp, new_manifest, read_manifest, remove_shards, shard_arrays,
                                  shard_name, write_json_atomic, write_shard)
 from worker.store.gpkg import write_tiles_gpkg
-from worker.store.maps import damaged_map, remove_maps, remove_unfinished_maps, write_joined_maps
+from worker.store.maps import (damaged_map, remove_maps, remove_maps_of_no_raster, remove_unfinished_maps,
+                               write_joined_maps)
 from worker.read_twice import copies, read_twice
 from worker.store.reader import TileIndex
 from worker.store.shard_file import DamagedFile, committed_array
@@ -158,7 +159,8 @@ class IndexWriter:
     def _clean_uncommitted(self) -> None:
         """Remove the shard folders no commit names: what a crash left between writing a shard
         and committing it, and the shards of a raster dropped to be indexed again; the level
-        maps a killed run left unfinished, and a killed shortlist build's folder. Only shard
+        maps a killed run left unfinished, or a killed removal left of its rasters, and a killed
+        shortlist build's folder. Only shard
         names (and their temporaries) and unfinished maps' and builds' names are removed; nothing
         else in the folder is touched. Older versions named each shard in a journal (`pending`)
         before writing it: a second manifest write a chunk, 71 ms at 39,000 shards; a journal
@@ -168,6 +170,7 @@ class IndexWriter:
         written = [name.removeprefix(TMP_PREFIX) for name in (os.listdir(folder) if folder.is_dir() else [])]
         remove_shards(self.dir, {*self.manifest.get("pending", []), *written} - committed)
         remove_unfinished_maps(self.dir)
+        remove_maps_of_no_raster(self.dir, {entry["id"] for entry in self.manifest["rasters"]})
         from worker.ann import remove_unfinished_builds  # worker.ann reads indexes: imported here, no cycle
 
         remove_unfinished_builds(self.dir)
