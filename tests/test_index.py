@@ -1470,6 +1470,21 @@ def test_a_copy_of_a_raster_given_or_held_is_said_and_another_version_of_it_is_n
     assert "same pixels" not in caplog.text
     IndexWriter(tmp_path / "in_one_run", model, settings).build([original, cog])
     assert f"{cog} holds the same pixels as {original}" in caplog.text, caplog.text
+    # mostly empty rasters of one grid, alike where they are empty: no copies (a review's)
+    strips = []
+    for n in (1, 2):
+        empty = np.zeros_like(pixels)
+        empty[:, :12] = pixels[:, 12 * n:12 * (n + 1)]  # a strip of data along the top, each another one
+        with rasterio.open(strip := tmp_path / f"strip{n}.tif", "w", **{**profile, "nodata": 0}) as dst:
+            dst.write(empty)
+        strips.append(strip)
+    caplog.clear()
+    IndexWriter(tmp_path / "strips", model, settings).build(strips)
+    assert "same pixels" not in caplog.text
+    # a held raster written over with fewer bands: the warning's read failed, and with it the run (a review's)
+    with rasterio.open(original, "w", **{**profile, "count": 1}) as dst:
+        dst.write(pixels[:1])
+    IndexWriter(tmp_path / "index", model, settings).build([tmp_path / "strip1.tif"])
 
 
 def test_a_removal_killed_after_its_commit_leaves_no_footprints_of_its_rasters_nor_their_maps(tmp_path, model,

@@ -9,19 +9,25 @@ not all of it, and is not taken for a mosaic.
 
 from __future__ import annotations
 
+import hashlib
 import os
+from collections import Counter
 
 import numpy as np
 import rasterio
 from rasterio._err import CPLE_BaseError  # GDAL's errors (rasterio.errors does not export it)
-from rasterio.enums import Resampling
 from rasterio.errors import RasterioError
+from rasterio.windows import Window
 
 from worker.errors import REMOVE_HOW
 from worker.tiling import RasterInfo, vrt_names
 
 NAMED = 3  # rasters named in a warning, then a count
-SAMPLE_PX = 32  # the side of the grid of pixels two rasters on one grid are compared at
+# two rasters on one grid are compared by SAMPLE_PX-pixel windows at these fractions of their width
+# and height, and must hold SAMPLE_MIN_VALID valid values there
+SAMPLE_AT = ((0.5, 0.5), (0.25, 0.25), (0.75, 0.25), (0.25, 0.75), (0.75, 0.75))
+SAMPLE_PX = 16
+SAMPLE_MIN_VALID = 64
 
 
 def read_twice(added: list[RasterInfo], held: list[RasterInfo]) -> list[str]:
@@ -62,19 +68,27 @@ def copies(added: list[RasterInfo], held: list[RasterInfo]) -> list[str]:
     of `held` or an `added` before it: a copy beside its original (a COG made from it, a second
     download, a backup in the folder) was indexed as asked, and every place there came back
     twice, unsaid (a probe's). Only rasters on one grid, read through the same bands, are
-    compared, at SAMPLE_PX by SAMPLE_PX pixels: two versions of a scene (false colour, another
-    bit depth) differ there and are not said."""
-    on_grid: dict[tuple, list[RasterInfo]] = {}
+    compared, each by a few small windows read once (_sample), so a time series on one grid
+    (a satellite tile's dates, a sheet set flown again) costs a read of a block or two a raster,
+    and two of its dates, or two versions of a scene (false colour), differ there. A held raster
+    whose file changed since it was indexed is not compared: its pixels are no longer those
+    the index holds."""
+    added_grids = {_grid(info) for info in added}
+    held = [info for info in held if _grid(info) in added_grids]
+    shared = {grid for grid, count in Counter(map(_grid, held + added)).items() if count > 1}
+    seen: dict[tuple, RasterInfo] = {}
     for info in held:
-        on_grid.setdefault(_grid(info), []).append(info)
+        if _grid(info) in shared and not _changed(info) and (key := _sample(info)) is not None:
+            seen.setdefault((_grid(info), key), info)
     said = []
     for info in added:
-        twin = next((other for other in on_grid.get(_grid(info), []) if _same_pixels(info, other)), None)
-        if twin is not None:
+        if _grid(info) not in shared or (key := _sample(info)) is None:  # a grid of its own: nothing read
+            continue
+        twin = seen.setdefault((_grid(info), key), info)
+        if twin is not info:
             said.append(f"{info.path} holds the same pixels as {twin.path}, on the same grid (a copy?): every place "
                         f"there will come back twice, from each; leave one out, or take it out once indexed "
                         f"({REMOVE_HOW})")
-        on_grid.setdefault(_grid(info), []).append(info)
     return said
 
 
@@ -82,15 +96,32 @@ def _grid(raster: RasterInfo) -> tuple:
     return raster.crs_wkt, raster.transform, raster.width, raster.height, tuple(raster.read_bands), raster.palette
 
 
-def _same_pixels(a: RasterInfo, b: RasterInfo) -> bool:
-    """Whether `a` and `b` read the same values at a grid of pixels over the whole raster; False
-    where either cannot be read (its own read says why)."""
+def _changed(raster: RasterInfo) -> bool:
     try:
-        samples = []
-        for raster in (a, b):
-            with rasterio.open(raster.path) as src:
-                samples.append(src.read(raster.read_bands, out_shape=(len(raster.read_bands), SAMPLE_PX, SAMPLE_PX),
-                                        resampling=Resampling.nearest))
-    except (OSError, RasterioError, CPLE_BaseError):
-        return False
-    return np.array_equal(*samples)
+        return raster.file_changed()
+    except OSError:  # gone: said where it is searched
+        return True
+
+
+def _sample(raster: RasterInfo) -> bytes | None:
+    """A digest of the raster's values and mask in SAMPLE_WINDOWS windows of SAMPLE_PX pixels
+    (its centre and its quarters' centres, at full resolution: a block or two each, also of a
+    mosaic VRT); None where they hold fewer than SAMPLE_MIN_VALID valid pixels (two mostly empty
+    rasters alike there are not copies) or cannot be read (a warning never stops a run: the
+    raster's own read says why)."""
+    digest = hashlib.blake2b(digest_size=16)
+    valid = 0
+    try:
+        with rasterio.open(raster.path) as src:
+            for fx, fy in SAMPLE_AT:
+                col = min(max(0, int(fx * src.width) - SAMPLE_PX // 2), max(0, src.width - SAMPLE_PX))
+                row = min(max(0, int(fy * src.height) - SAMPLE_PX // 2), max(0, src.height - SAMPLE_PX))
+                window = Window(col, row, min(SAMPLE_PX, src.width), min(SAMPLE_PX, src.height))
+                data = src.read(raster.read_bands, window=window, masked=True)
+                mask = np.ma.getmaskarray(data)
+                valid += int((~mask).sum())
+                digest.update(np.ascontiguousarray(data.filled(0)).tobytes())
+                digest.update(np.packbits(mask).tobytes())
+    except (OSError, ValueError, IndexError, RasterioError, CPLE_BaseError):
+        return None
+    return digest.digest() if valid >= SAMPLE_MIN_VALID else None

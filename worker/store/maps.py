@@ -92,10 +92,11 @@ def remove_maps_of_no_raster(index_dir: Path, raster_ids: set[int]) -> None:
     """The maps of rasters the index no longer holds (not among `raster_ids`): a removal killed
     after its commit left them for good, GBs of a large raster's (probe). Only a run holding the
     index's lock: a raster is entered in the manifest before its map is written."""
-    for path in (Path(index_dir) / MAPS).glob("r*-s*.npy"):
-        named = re.fullmatch(r"r(\d+)-s\d+\.npy", path.name)
+    folder = Path(index_dir) / MAPS
+    for name in os.listdir(folder) if folder.is_dir() else []:
+        named = re.fullmatch(r"r(\d+)-s\d+\.npy", name)
         if named and int(named.group(1)) not in raster_ids:
-            path.unlink(missing_ok=True)
+            (folder / name).unlink(missing_ok=True)
 
 
 def remove_maps(index_dir: Path, raster_id: int) -> None:
