@@ -132,6 +132,25 @@ def test_a_shortlist_left_with_too_few_windows_by_a_removal_is_removed_and_the_r
     assert json.loads(run("info", str(folder)).stdout)["ann"] is None
 
 
+def test_build_ann_removes_a_shortlist_its_index_has_too_few_windows_for(index_with_ann, tmp_path):
+    """A removal killed after its commit, before its shortlist was built again, left the old one
+    naming the rasters gone. Every search said to run build-ann, which said the windows were too
+    few and left it there: the advice went round in a circle (probe). build-ann removes it, as
+    the removal would have."""
+    from worker.store.removal import remove_rasters
+
+    folder = tmp_path / "index"
+    shutil.copytree(index_with_ann[0], folder)
+    [raster] = [r.path for r in TileIndex.open(folder).rasters.values()]
+    remove_rasters(folder, [raster])  # what the killed removal committed
+    run = lambda *args: subprocess.run([sys.executable, "-m", "worker", *args], cwd=REPO, capture_output=True, text=True)
+    built = run("build-ann", str(folder))
+    assert built.returncode == 2 and "too few" in built.stderr and "old shortlist was removed" in built.stderr, \
+        built.stderr
+    assert not ann.ann_dir(folder).exists() and not list(folder.glob(".ann*"))
+    assert json.loads(run("info", str(folder)).stdout)["ann"] is None
+
+
 def test_a_shortlist_grown_far_past_its_training_is_trained_again(index_with_ann, model, assets, tmp_path):
     """An index grown region by region kept the training of its first shortlist for good: a few
     inverted lists, uncompressed, for millions of windows. Added to while it holds under four

@@ -266,7 +266,7 @@ def build(index: TileIndex, factory: str | None = None, seed: int = 0) -> AnnInf
     sample are ever in memory. Holds the index's lock: not beside an indexing run or another build."""
     with index_lock(index.dir):
         _sweep(index.dir)
-        return _build(index, factory, seed)
+        return _rebuild(index, factory, seed) if ann_dir(index.dir).exists() else _build(index, factory, seed)
 
 
 def _build(index: TileIndex, factory: str | None = None, seed: int = 0) -> AnnInfo:
@@ -777,13 +777,14 @@ def outgrown(built: dict, total: int) -> bool:
     return total >= GROWTH_RETRAIN * trained_for or (ours and tier(factory_for(total)) != tier(built["factory"]))
 
 
-def _rebuild(index: TileIndex) -> AnnInfo:
+def _rebuild(index: TileIndex, factory: str | None = None, seed: int = 0) -> AnnInfo:
     """The shortlist built again from the index as it is; one the index now has too few windows
     for (rasters removed) is removed, and TooFewWindows says so. Kept, it stayed older than its
     index for good: never asked, `info` describing rasters that were gone, every removal and
-    build-ann failing on it, and index runs leaving it there."""
+    build-ann failing on it (a removal killed before its rebuild: searches said to run
+    build-ann, which said too few and left it there), and index runs leaving it there."""
     try:
-        return _build(index)
+        return _build(index, factory, seed)
     except TooFewWindows as exc:
         discarded = Path(index.dir) / f".{ANN_DIR}.new.{os.getpid()}"  # what remove_unfinished_builds sweeps
         _discard(discarded)
