@@ -120,7 +120,7 @@ def _sample(raster: RasterInfo) -> bytes | None:
                 data = src.read(raster.read_bands, window=window, masked=True)
                 mask = np.ma.getmaskarray(data)
                 valid += int((~mask).sum())
-                digest.update(np.ascontiguousarray(data.filled(0)).tobytes())
+                digest.update(data.filled(0).tobytes())
                 digest.update(np.packbits(mask).tobytes())
     except (OSError, ValueError, IndexError, RasterioError, CPLE_BaseError):
         return None

@@ -905,9 +905,9 @@ def check_layout(src: rasterio.DatasetReader, raster: RasterInfo) -> None:
     eight_bit = all(src.dtypes[b - 1] == "uint8" for b in raster.read_bands)
     if raster.stretch is None and not raster.palette and not eight_bit:  # read as 8-bit: clipped to white
         raise LayoutChanged(f"it is {src.dtypes[raster.read_bands[0] - 1]} now, and was indexed as 8-bit")
-    if raster.stretch is not None and eight_bit and max(high for _, high in raster.stretch) > 255:  # to black
-        raise LayoutChanged("it is 8-bit now, and was indexed with values up to "
-                            f"{max(high for _, high in raster.stretch):g}")
+    top = max(high for _, high in raster.stretch) if raster.stretch else None
+    if eight_bit and top is not None and top > 255:  # its stretch would read it black
+        raise LayoutChanged(f"it is 8-bit now, and was indexed with values up to {top:g}")
     if raster.palette:
         try:
             paletted = _paletted(src, None)
