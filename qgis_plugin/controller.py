@@ -574,6 +574,8 @@ class SearchController(QObject):
         unread = reply.get("unread_places") or []  # nor this
         sized = reply.get("out_of_scale") or []  # nor this: a place traced larger or smaller than the index finds
         own_only = reply.get("own_place_only") or []  # nor this: an example whose own place kept every place out
+        # nor this: an index searched without its ANN shortlist's help, or not all of it (seconds at 10M tiles)
+        slower = (reply.get("scan") or {}).get("advice")
         unsearched = [f"Not searched: {_names(left_out)}." if left_out else "",
                       f"Searched in part, still being indexed or stopped: {_names(partly)}." if partly else "",
                       f"Places that cannot be read, left out: {_names(unread)}." if unread else "",
@@ -601,12 +603,13 @@ class SearchController(QObject):
         self.result_layer = layer
         self.results_ready.emit(layer)
         found = f"{layer.featureCount()} hit(s) in {query_ms:.0f} ms, added as layer “{name}”."
-        said = [*unsearched, f"Changed on disk since indexed, index again: {_names(changed)}." if changed else ""]
+        said = [*unsearched, f"Changed on disk since indexed, index again: {_names(changed)}." if changed else "",
+                f"{query.index}: {slower}." if slower else ""]
         if left_out or partly or unread or changed or sized:  # each raster's whole reason in the message's details
             self.notice.emit(" ".join([found, *filter(None, said)]), Qgis.Warning,
                              _reasons(left_out + partly + unread + changed + sized))
         else:
-            self.notice.emit(found, Qgis.Success, "")
+            self.notice.emit(" ".join([found, *filter(None, said)]), Qgis.Info if slower else Qgis.Success, "")
 
     def query_of(self, layer) -> Optional[SearchQuery]:
         """The query a results layer answers (kept with it, or in its GeoPackage), or None and a message."""

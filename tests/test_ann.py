@@ -27,7 +27,7 @@ from worker.placement_scan import (ANN_SPAN, COARSE_STEP, local_scores, ann_peak
                                     scanner_of)
 from worker.store.maps import crowds
 from worker.ranking import RankingConfig
-from worker.search import ann_shortlist, search
+from worker.search import Scan, ann_shortlist, search
 from worker.sketch import prepare_sketch
 from worker.store import IndexWriter, TileIndex
 from worker.tiling import TileSettings
@@ -588,16 +588,42 @@ def test_a_raster_added_since_the_shortlist_was_built_is_scanned_exactly_beside_
     assert shortlist is not None and shortlist.answers_for(index) == {0}
     described = ann.describe(index)
     assert not described["current"] and described["rasters_scanned_exactly_beside"] == [1]
-    found = {0: 0, 1: 0}
+    found, scans = {0: 0, 1: 0}, set()
     for raster_id in found:
         for frame, sketch in frames(index, 3, seed=7, raster_id=raster_id):
-            hits = search(index, model, sketch, RankingConfig(ann="on"), top=5).hits
+            result = search(index, model, sketch, RankingConfig(ann="on"), top=5)
+            scans.add(result.scan)
             found[raster_id] += any(h.placement.raster.path == frame.raster.path
-                                    and iou(h.footprint_pixels(), frame.pixel_polygon()) >= 0.25 for h in hits)
+                                    and iou(h.footprint_pixels(), frame.pixel_polygon()) >= 0.25 for h in result.hits)
     assert found[0] >= 2 and found[1] >= 2, found
+    # the search says so, and what to do: at 10M tiles a raster scanned exactly beside costs seconds
+    assert scans == {Scan("ann+exact", "1 raster indexed or being indexed since its ANN shortlist was built scanned "
+                                       "exactly beside it (an index run that completes brings the shortlist up to "
+                                       "date; `build-ann` does so now)")}, scans
     ann.update(index)
     index = TileIndex.open(folder)
     assert ann.describe(index)["current"] and ann.describe(index)["rasters_scanned_exactly_beside"] == []
+    assert search(index, model, sketch, RankingConfig(ann="on"), top=5).scan == Scan("ann")
+
+
+def test_a_search_says_when_it_scanned_exactly_and_what_would_make_it_faster(index_with_ann, model, tmp_path):
+    """Only the worker's log said that a search scanned every window although the index has, or
+    should have, a shortlist (seconds at 10M tiles, and nothing in the reply said why); an exact
+    scan asked for, or of an index too small for a shortlist, has nothing to mend."""
+    folder = tmp_path / "index"
+    shutil.copytree(index_with_ann[0], folder)
+    _, sketch = next(frames(TileIndex.open(folder), 1))
+    assert search(TileIndex.open(folder), model, sketch, RankingConfig(ann="on"), top=3).scan == Scan("ann")
+    assert search(TileIndex.open(folder), model, sketch, RankingConfig(ann="off"), top=3).scan == Scan("exact")
+    assert search(TileIndex.open(folder), model, sketch, RankingConfig(), top=3).scan == Scan("exact")  # small
+    built = json.loads((ann.ann_dir(folder) / "ann.json").read_text())
+    (ann.ann_dir(folder) / "ann.json").write_text(json.dumps({**built, "covers": {"0": 1}}))  # older than its tiles
+    stale = search(TileIndex.open(folder), model, sketch, RankingConfig(ann="on"), top=3).scan
+    assert stale.by == "exact" and stale.advice.startswith("its ANN shortlist is older than its tiles or this worker; "
+                                                           "scanning exactly (run `build-ann`"), stale
+    shutil.rmtree(ann.ann_dir(folder))
+    none = search(TileIndex.open(folder), model, sketch, RankingConfig(ann="on"), top=3).scan
+    assert none.by == "exact" and none.advice.startswith("has no ANN shortlist; scanning exactly"), none
 
 
 def test_a_shortlist_in_use_keeps_reading_its_own_files_while_another_is_built(index_with_ann, model, tmp_path):
@@ -984,8 +1010,10 @@ def test_the_command_line_builds_reports_and_asks_the_ann(index_with_ann, assets
     image, valid = frame.read(224)
     pseudo_sketch(image, "simple", valid=valid).save(sketch)
     out = tmp_path / "hits.geojson"
-    cli("search", folder, "--sketch", sketch, "--ann", "on", "--top", "5", "--out", out, "--sketch-modules", "none")
-    assert len(json.loads(out.read_text())["features"]) == 5
+    said = json.loads(cli("search", folder, "--sketch", sketch, "--ann", "on", "--top", "5", "--out", out,
+                          "--sketch-modules", "none"))
+    written = json.loads(out.read_text())
+    assert len(written["features"]) == 5 and said["scan"] == written["scan"] == {"by": "ann", "advice": None}
 
 
 def test_a_continental_shortlist_gets_the_finer_codes_and_faiss_accepts_every_factory():

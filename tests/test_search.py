@@ -28,7 +28,7 @@ from worker.placement import Placement
 from worker.ranking import RankingConfig
 from worker.store import TileIndex
 from lab.pseudo_sketch import has_lines, load_hand_strokes, pseudo_sketch
-from worker.search import search
+from worker.search import Scan, search
 from worker.token_ranking import shortlist_topk
 from worker.sketch import prepare_sketch
 from worker.tiling import TileReader
@@ -145,7 +145,8 @@ def test_bbox_in_another_crs_limits_hits_to_the_area(s2_index, model, assets):
         x_min = min(x for x, _ in hit.placement.ring())
         assert x_min < west_half[2]  # each hit touches the west half
     elsewhere = bbox_to_wgs84((10.0, 10.0, 11.0, 11.0), CRS.from_epsg(4326))  # no raster of the index there
-    assert search(index, model, sketch, top=10, area_wgs84=elsewhere).hits == []
+    nowhere = search(index, model, sketch, top=10, area_wgs84=elsewhere)
+    assert nowhere.hits == [] and nowhere.scan == Scan("none")  # not "exact": nothing was scanned
     world = bbox_to_wgs84((-25e6, -30e6, 25e6, 30e6), CRS.from_epsg(3857))  # a map zoomed out past the world's edges
     assert len(search(index, model, sketch, top=10, area_wgs84=world).hits) == 10
 

@@ -575,6 +575,25 @@ def test_a_job_says_what_became_of_the_shortlist_it_was_asked_for(worker, raster
     assert final["ann"]["built"] is False and "too few" in final["ann"]["why"], final["ann"]
 
 
+def test_a_search_reply_says_whether_the_shortlist_answered_and_what_would_make_it_faster(worker, rasters):
+    """The reply's `scan`: a search of an index with a current shortlist says the shortlist
+    answered; one asking for a shortlist the index lacks says it scanned every window and what
+    to do (only the worker's log said so, which a plugin user never sees)."""
+    with worker.client() as c:
+        job = c.start_index("s2-ann", [str(rasters / "s2.tif")], scales=[1, 2], ann=True)
+        final = wait_job(c, job["id"])
+        try:
+            assert final["state"] == states.DONE and final["ann"]["vectors"] > 0, final
+            with_ann = c.search("s2-ann", sketch_png=sketch_png(), top=3, ann="on")
+            without = c.search("rmnp", sketch_png=sketch_png(), top=3, ann="on")
+        finally:
+            c.request("delete_index", index="s2-ann")
+    assert with_ann["scan"] == {"by": "ann", "advice": None} and len(with_ann["hits"]["features"]) == 3
+    assert without["scan"]["by"] == "exact" and without["scan"]["advice"].startswith(
+        "has no ANN shortlist; scanning exactly (`build-ann` builds one"), without["scan"]
+    assert len(without["hits"]["features"]) == 3
+
+
 def test_a_job_names_the_rasters_it_indexed_without_a_tile_to_search(worker, rasters):
     """A raster all nodata, and one smaller than a tile, indexed beside one with data: the job is
     done, and it names both, which a search can never find (it said nothing, the index's tile

@@ -92,7 +92,7 @@ def search_query(index: TileIndex, model, sketch: torch.Tensor, ranking: Ranking
     hits = [replace(h, rank=n + 1) for n, h in enumerate(hits[:top])]
     timings["total_ms"] = (time.perf_counter() - started) * 1e3
     return SearchResult(hits=hits, timings_ms=timings, unreadable=unreadable, unread_places=unread,
-                        hidden_only=first.hidden_only and not hits)
+                        hidden_only=first.hidden_only and not hits, scan=first.scan)
 
 
 def refuse_marks_too_large(index: TileIndex, ranking: RankingConfig, size: int, feedback: fb.Feedback,

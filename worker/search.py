@@ -28,7 +28,7 @@ from worker import query_templates
 from worker.geo import Area, overlap_area, reproject_rings, shared_area
 from worker.line_drawing import drawing_device
 from worker.placement import Placement
-from worker.ann import (MIN_WINDOWS, SET_ASIDE, AnnShortlist, big_enough, check_windows, left_mid_swap,
+from worker.ann import (AUTO_MIN_TILES, MIN_WINDOWS, SET_ASIDE, AnnShortlist, big_enough, check_windows, left_mid_swap,
                         query_vectors)
 from worker.candidates import Candidate
 from worker.cancellation import raise_if_stopped
@@ -136,6 +136,22 @@ class Hit:
         return self.placement.pixel_polygon()
 
 
+@dataclass(frozen=True)
+class Scan:
+    """How a search found its candidates (the reply's `scan`): `by` "ann" (the index's ANN
+    shortlist), "exact" (every window of the maps searched), "ann+exact" (the shortlist, and the
+    rasters it cannot answer for scanned exactly beside it), "none" (the search met no map).
+    `advice` says what would make such searches faster, where the user can: at 10M tiles an
+    exact scan takes seconds where the shortlist answers in a third of one, and only the
+    worker's log said why."""
+
+    by: str
+    advice: str | None = None
+
+    def to_json(self) -> dict:
+        return {"by": self.by, "advice": self.advice}
+
+
 @dataclass
 class SearchResult:
     hits: list[Hit]
@@ -146,26 +162,36 @@ class SearchResult:
     unread_places: dict[str, tuple[frozenset, str]] = field(default_factory=dict)
     # no hit, and places that could have been: each `hidden` (an example's own place) or kept out by one
     hidden_only: bool = False
+    scan: Scan | None = None  # how its candidates were found: set by every search
 
 
 def ann_shortlist(index: TileIndex, ranking: RankingConfig, area: SearchArea | None = None) -> AnnShortlist | None:
-    """The index's ANN shortlist when this search should ask it (kept on the open index): "auto"
-    asks it when the maps searched hold enough tiles (worker.ann.big_enough)."""
+    """The index's ANN shortlist when this search should ask it (shortlist_of)."""
+    return shortlist_of(index, ranking, area)[0]
+
+
+def shortlist_of(index: TileIndex, ranking: RankingConfig,
+                 area: SearchArea | None = None) -> tuple[AnnShortlist | None, str | None]:
+    """The index's ANN shortlist when this search should ask it (kept on the open index), and,
+    when it asks none though one would answer faster, why and what to do (in the log once while
+    it lasts, and in the reply's Scan). "auto" asks it when the maps searched hold enough tiles
+    (worker.ann.big_enough): a smaller index is scanned as fast, and nothing is said."""
     searched = len(index) if area is None else sum(len(index.rows_of_map(*key)) for key in area.keys)
     if ranking.ann == "off" or (ranking.ann == "auto" and not big_enough(searched)):
-        return None
+        return None, None
     on_disk = AnnShortlist.stamp_of(index.dir)
     if on_disk is None:
         if left_mid_swap(index.dir):  # was said as having none, and to build one (hours at scale)
-            _warn_once(index, ("set_aside",), SET_ASIDE)
-        elif ranking.ann == "on":  # asked for by name: scanning exactly without a word looked like a slow shortlist
-            _warn_once(index, ("none",), "has no ANN shortlist; scanning exactly (`build-ann` builds one for an "
-                                         f"index of {MIN_WINDOWS} windows or more; a smaller one is scanned as fast)")
-        return None
+            return None, _warn_once(index, ("set_aside",), SET_ASIDE)
+        # a large index without one scanned exactly without a word, and `--ann on` looked like a slow shortlist
+        return None, _warn_once(index, ("none",), "has no ANN shortlist; scanning exactly (`build-ann` builds one for "
+                                                  f"an index of {MIN_WINDOWS} windows or more, and an index run that "
+                                                  f"completes one of {AUTO_MIN_TILES:,} tiles or more; a smaller one "
+                                                  "is scanned as fast)")
     if getattr(index, "_ann", None) is None or index._ann.stamp != on_disk:  # built or updated since
         index._ann = AnnShortlist.open(index.dir)
     if index._ann is None:  # swapped out while it was opened, none in place yet
-        return None
+        return None, None
     try:
         index._ann.check_files()
     except CorruptIndexError:
@@ -173,21 +199,23 @@ def ann_shortlist(index: TileIndex, ranking: RankingConfig, area: SearchArea | N
             raise
         index._ann = AnnShortlist.open(index.dir)  # swapped for another since the stamp was read: that one
         if index._ann is None:
-            return None
+            return None, None
     if index._ann.answers_for(index) is None:
-        _warn_once(index, ("stale", index._ann.stamp),
-                   "its ANN shortlist is older than its tiles or this worker; scanning exactly (run `build-ann`)")
-        return None
+        return None, _warn_once(index, ("stale", index._ann.stamp),
+                                "its ANN shortlist is older than its tiles or this worker; scanning exactly (run "
+                                "`build-ann`, or index its rasters again: a run that completes brings it up to date)")
     index._ann_warned = None
-    return index._ann
+    return index._ann, None
 
 
-def _warn_once(index: TileIndex, state: tuple, message: str) -> None:
-    """Warn of the shortlist's state once while it lasts on this open index: a feedback search
-    runs up to four searches, and a service answers many, each of which said it again."""
+def _warn_once(index: TileIndex, state: tuple, message: str) -> str:
+    """Warn of the shortlist's state once while it lasts on this open index (a feedback search
+    runs up to four searches, and a service answers many, each of which said it again); the
+    message."""
     if index._ann_warned != state:
         index._ann_warned = state
         log.warning("%s: %s", index.dir, message)
+    return message
 
 
 def not_in_shortlist(index: TileIndex, shortlist: AnnShortlist, area: SearchArea) -> list[tuple[int, int]]:
@@ -196,6 +224,15 @@ def not_in_shortlist(index: TileIndex, shortlist: AnnShortlist, area: SearchArea
     10M-tile index made every search scan all of it exactly until the shortlist was updated."""
     answered = shortlist.answers_for(index) or set()
     return [key for key in area.keys if key[0] not in answered]
+
+
+def beside_advice(added: list[tuple[int, int]]) -> str:
+    """What to do about rasters (their maps `added`, not_in_shortlist) scanned exactly beside
+    the shortlist."""
+    rasters = len({raster_id for raster_id, _ in added})
+    return (f"{rasters} raster{'s' if rasters > 1 else ''} indexed or being indexed since its ANN shortlist was built "
+            "scanned exactly beside it (an index run that completes brings the shortlist up to date; `build-ann` "
+            "does so now)")
 
 
 def ann_neighbours(index: TileIndex, ranking: RankingConfig, area: SearchArea) -> int:
@@ -299,11 +336,13 @@ def _search(index: TileIndex, model, sketch_tensor: torch.Tensor, ranking: Ranki
     stages = ["start", "encode", "shortlist", "refine", "verify", "rerank", "dedupe"]
     if not keys:  # the area meets no raster of the index, or no scale asked is indexed
         return SearchResult(hits=[], timings_ms={**{f"{s}_ms": 0.0 for s in stages[1:]},
-                                                 "total_ms": (time.perf_counter() - t["start"]) * 1e3})
+                                                 "total_ms": (time.perf_counter() - t["start"]) * 1e3},
+                            scan=Scan("none"))
     if ranking.ranker == "tokens":
         mask = area.tile_rows(index)
         candidates = tile_candidates(index, model, sketch_tensor, ranking, mask)
         t["encode"] = t["shortlist"] = t["refine"] = t["verify"] = time.perf_counter()
+        scan = Scan("exact")
         footprints = Footprints([tile_placement(index, c.tile_row) for c in candidates])
         mark_gone_sheets(candidates, footprints)
         hide = hidden_rows(hidden, footprints)
@@ -313,7 +352,8 @@ def _search(index: TileIndex, model, sketch_tensor: torch.Tensor, ranking: Ranki
         scanner = scanner_of(index, model.device)
         t["encode"] = time.perf_counter()
         raise_if_stopped("the shortlist")
-        shortlist = ann_shortlist(index, ranking, area)
+        shortlist, advice = shortlist_of(index, ranking, area)
+        scan = Scan("exact", advice)
         pool = max(ranking.shortlist, ranking.tile_window_pool)
         with torch.inference_mode():
             if shortlist is None:
@@ -326,6 +366,7 @@ def _search(index: TileIndex, model, sketch_tensor: torch.Tensor, ranking: Ranki
                 check_windows(index, windows)
                 peaks = ann_peaks(scanner, templates, ranking, windows[:ranking.ann_windows], pool, area)
                 added = not_in_shortlist(index, shortlist, area)
+                scan = Scan("ann+exact", beside_advice(added)) if added else Scan("ann")
                 if added:
                     peaks = sorted(peaks + coarse_peaks(scanner, templates, ranking, area.only(added), pool),
                                    key=lambda c: -c.coarse)[:pool]
@@ -370,7 +411,8 @@ def _search(index: TileIndex, model, sketch_tensor: torch.Tensor, ranking: Ranki
     return SearchResult(hits=hits, timings_ms=timings,
                         unread_places=unread_places([candidates[i] for i in could_be_hits],
                                                     [footprints.placements[i] for i in could_be_hits]),
-                        hidden_only=not kept and len(order) > 0)  # the first in order is shown unless hidden
+                        hidden_only=not kept and len(order) > 0,  # the first in order is shown unless hidden
+                        scan=scan)
 
 
 def mark_gone_sheets(candidates: list[Candidate], footprints: Footprints) -> None:

@@ -633,6 +633,27 @@ def test_a_place_traced_larger_than_the_index_finds_is_said_with_its_hits(plugin
     dock.clear_sketch()
 
 
+def test_a_search_slower_than_it_could_be_says_why_with_its_hits(plugin, worker, qgis_iface, tmp_path):
+    """A search that scanned every window although its index should have had a shortlist answer
+    (seconds at 10M tiles, where the shortlist takes a third of one) came with a green message:
+    the reply's `scan` advice is said with the hits. The reply is the real worker's, to a search
+    asking the shortlist of an index that has none; the dock asks `auto`, which an index of the
+    tests' size never needs."""
+    from sketch_search.user_requests import SearchQuery
+
+    dock = plugin.dock
+    ready_to_search(dock, worker, tmp_path)
+    query = SearchQuery(index="rmnp", top=2, crs="EPSG:3857", sketch_png=line_sketch(tmp_path / "line.png").read_bytes())
+    with worker.client() as c:
+        reply = c.search("rmnp", sketch_png=query.sketch_png, top=2, crs=query.crs, ann="on")
+    qgis_iface.messageBar().clear_messages()
+    dock.controller._on_hits(reply, None, query, time.perf_counter())
+    said = qgis_iface.messageBar().get_messages(Qgis.Info)
+    assert any(re.search(r"2 hit\(s\) in \d+ ms, added as layer “Sketch search \d+: rmnp”\. rmnp: has no ANN "
+                         r"shortlist; scanning exactly \(`build-ann` builds one", m) for m in said), said
+    assert not qgis_iface.messageBar().get_messages(Qgis.Success)
+
+
 def test_a_search_that_finds_nothing_says_where_and_adds_no_layer(plugin, worker, rmnp_layer, tmp_path, qgis_iface):
     """A map view with no indexed raster in it: the search said "0 hit(s)" as a success and added
     an empty layer."""
