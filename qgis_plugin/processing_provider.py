@@ -257,8 +257,9 @@ class SearchBySketchAlgorithm(_WorkerAlgorithm):
             if sink is None:
                 raise QgsProcessingException(self.invalidSinkError(parameters, "OUTPUT"))
             started = time.perf_counter()
+            index = self._index_name(parameters, context)
             try:  # not sent again: a worker silent past its own limit would only run it twice
-                reply = client.search(self._index_name(parameters, context), sketch_png=png,
+                reply = client.search(index, sketch_png=png,
                                       top=self.parameterAsInt(parameters, "TOP", context), crs=crs_name(out_crs),
                                       timeout=search_wait_s(info, SEARCH_LIMIT_S), retries=0,
                                       cancelled=feedback.isCanceled)
@@ -276,6 +277,9 @@ class SearchBySketchAlgorithm(_WorkerAlgorithm):
             feedback.pushWarning(f"Searched in part: {raster['raster']}: {raster['reason']}")
         for raster in reply.get("unread_places") or []:
             feedback.pushWarning(f"Places that cannot be read, left out: {raster['raster']}: {raster['reason']}")
+        slower = (reply.get("scan") or {}).get("advice")  # a worker before it did not say
+        if slower:  # the shortlist missing or out of date: seconds a search at 10M tiles
+            feedback.pushInfo(f"{index}: {slower}.")
         feedback.pushInfo(f"{len(reply['hits']['features'])} hit(s) in {query_ms:.0f} ms.")
         for feature in features_from_hits(reply["hits"], fields, None, query_ms):  # asked in out_crs
             sink.addFeature(feature, QgsFeatureSink.FastInsert)

@@ -820,14 +820,16 @@ def small_raster_layer(raster_root, name: str = "small"):
 
 def test_processing_algorithms_run(plugin, worker, rmnp_layer, raster_root, tmp_path, monkeypatch):
     """Processing builds an index (its log naming a raster it holds no tile of) and searches it,
-    the hits in the project's CRS."""
+    the hits in the project's CRS; what the reply says of its scan is logged (asked here of a
+    shortlist the index has none of: the algorithm asks `auto`, which so small an index never needs)."""
     import processing
     from qgis.core import QgsProcessingException, QgsProcessingFeedback
     from sketch_search.processing_provider import WorkerClient
 
     layer, small = rmnp_layer, small_raster_layer(raster_root)
     asked_in, search = [], WorkerClient.search
-    monkeypatch.setattr(WorkerClient, "search", lambda self, *a, **kw: asked_in.append(kw["crs"]) or search(self, *a, **kw))
+    monkeypatch.setattr(WorkerClient, "search",
+                        lambda self, *a, **kw: asked_in.append(kw["crs"]) or search(self, *a, **kw, ann="on"))
     build = {"ENDPOINT": f" {worker.bind} ", "INDEX": "from-processing ", "RASTERS": [layer, small], "TILE": 224,
              "SCALES": "1", "OVERLAP": 0.5, "BANDS": "1,2,3"}  # spaces as pasted: was a second index, "… "
     feedback = QgsProcessingFeedback()
@@ -847,6 +849,7 @@ def test_processing_algorithms_run(plugin, worker, rmnp_layer, raster_root, tmp_
                             feedback=feedback)
     hits = result["OUTPUT"]
     assert hits.featureCount() == 2 and "rank" in hits.fields().names() and "2 hit(s) in" in feedback.textLog()
+    assert "from-processing: has no ANN shortlist; scanning exactly (`build-ann` builds one" in feedback.textLog()
     project_crs = QgsProject.instance().crs()
     assert project_crs.isValid() and project_crs != layer.crs()
     assert hits.crs() == project_crs and asked_in == ["EPSG:3857"]  # asked in the project's CRS, as the dock asks
