@@ -580,7 +580,8 @@ class SearchController(QObject):
                       f"Searched in part, still being indexed or stopped: {_names(partly)}." if partly else "",
                       f"Places that cannot be read, left out: {_names(unread)}." if unread else "",
                       *(f"{os.path.basename(s['raster'])}: {s['reason']}." for s in sized),  # "this raster"
-                      *(f"{s['reason'][:1].upper()}{s['reason'][1:]}." for s in own_only)]
+                      *(f"{s['reason'][:1].upper()}{s['reason'][1:]}." for s in own_only),
+                      f"{query.index}: {slower}." if slower else ""]
         if not reply["hits"]["features"]:  # was a green "0 hit(s)" and an empty layer
             where = " in the map view: pan or zoom out, or search the whole index" if query.bbox is not None else ""
             return self.notice.emit(" ".join([f"No places found{where}.", *filter(None, unsearched)]),
@@ -603,8 +604,7 @@ class SearchController(QObject):
         self.result_layer = layer
         self.results_ready.emit(layer)
         found = f"{layer.featureCount()} hit(s) in {query_ms:.0f} ms, added as layer “{name}”."
-        said = [*unsearched, f"Changed on disk since indexed, index again: {_names(changed)}." if changed else "",
-                f"{query.index}: {slower}." if slower else ""]
+        said = [*unsearched, f"Changed on disk since indexed, index again: {_names(changed)}." if changed else ""]
         if left_out or partly or unread or changed or sized:  # each raster's whole reason in the message's details
             self.notice.emit(" ".join([found, *filter(None, said)]), Qgis.Warning,
                              _reasons(left_out + partly + unread + changed + sized))

@@ -22,6 +22,7 @@ from lab.placements import iou, random_frame
 from lab.pseudo_sketch import has_lines, pseudo_sketch
 from lab.worker_process import REPO, memory_mb
 from worker import ann, edge_cells, query_templates
+from worker.cancellation import telling_why_slow
 from worker.edge_cells import COARSE
 from worker.placement_scan import (ANN_SPAN, COARSE_STEP, local_scores, ann_peaks, peak_radius,
                                     scanner_of)
@@ -473,6 +474,9 @@ def test_a_shortlist_built_beside_a_stopped_run_answers_once_the_run_goes_on_and
     assert sorted(built.rasters) == [0]
     assert not [key for key in joined if key[0] == 1], "the stopped raster's maps joined (every tile's cells read)"
     assert ann.describe(TileIndex.open(folder))["current"], "it covers all it can"
+    _, sketch = next(frames(TileIndex.open(folder), 1))
+    assert search(TileIndex.open(folder), model, sketch, RankingConfig(ann="on"), top=3).scan == Scan("ann+exact"), \
+        "nothing to do but let the run end: nothing said"
     writer.build([assets["rmnp_rgb"]])  # the run goes on to its end
     index = TileIndex.open(folder)
     assert index.complete_rasters == {0, 1}
@@ -539,7 +543,7 @@ def test_a_raster_indexed_again_with_as_many_tiles_makes_its_shortlist_stale(mod
     with caplog.at_level(logging.WARNING, logger="worker.search"):
         for _ in range(2):
             assert ann_shortlist(index, RankingConfig(ann="on")) is None and not ann.describe(index)["current"]
-    assert caplog.text.count("its ANN shortlist is older than its tiles") == 1  # once while it lasts
+    assert caplog.text.count("ANN shortlist is older than its tiles") == 1  # once while it lasts
     ann.update(index)
     assert ann_shortlist(index, RankingConfig(ann="on")) is not None and ann.describe(index)["current"]
 
@@ -552,7 +556,7 @@ def test_a_search_asking_for_a_shortlist_an_index_lacks_says_it_scans_exactly_on
     with caplog.at_level(logging.WARNING, logger="worker.search"):
         assert ann_shortlist(index, RankingConfig(ann="on")) is None
         assert ann_shortlist(index, RankingConfig(ann="on")) is None
-    assert caplog.text.count("has no ANN shortlist; scanning exactly (`build-ann` builds one for an index of 256 "
+    assert caplog.text.count("has no ANN shortlist; scanning exactly (`build-ann` builds one, for an index of 256 "
                              "windows or more") == 1  # a smaller one: build-ann refuses it
 
 
@@ -597,9 +601,18 @@ def test_a_raster_added_since_the_shortlist_was_built_is_scanned_exactly_beside_
                                     and iou(h.footprint_pixels(), frame.pixel_polygon()) >= 0.25 for h in result.hits)
     assert found[0] >= 2 and found[1] >= 2, found
     # the search says so, and what to do: at 10M tiles a raster scanned exactly beside costs seconds
-    assert scans == {Scan("ann+exact", "1 raster indexed or being indexed since its ANN shortlist was built scanned "
-                                       "exactly beside it (an index run that completes brings the shortlist up to "
-                                       "date; `build-ann` does so now)")}, scans
+    beside = ("1 raster indexed since the index's ANN shortlist was built, scanned exactly beside it (an index run "
+              "that completes all the index's rasters adds them to it: run the index request again; `build-ann` "
+              "builds it anew, which takes longer)")
+    assert scans == {Scan("ann+exact", beside)}, scans
+    import rasterio
+
+    from worker.geo import bbox_to_wgs84
+
+    with rasterio.open(assets["rmnp_rgb"]) as src:  # an area meeting the new raster alone: the shortlist not asked
+        only_new = bbox_to_wgs84(tuple(src.bounds), src.crs)
+    assert search(index, model, sketch, RankingConfig(ann="on"), top=5, area_wgs84=only_new).scan == \
+        Scan("exact", beside)
     ann.update(index)
     index = TileIndex.open(folder)
     assert ann.describe(index)["current"] and ann.describe(index)["rasters_scanned_exactly_beside"] == []
@@ -619,11 +632,30 @@ def test_a_search_says_when_it_scanned_exactly_and_what_would_make_it_faster(ind
     built = json.loads((ann.ann_dir(folder) / "ann.json").read_text())
     (ann.ann_dir(folder) / "ann.json").write_text(json.dumps({**built, "covers": {"0": 1}}))  # older than its tiles
     stale = search(TileIndex.open(folder), model, sketch, RankingConfig(ann="on"), top=3).scan
-    assert stale.by == "exact" and stale.advice.startswith("its ANN shortlist is older than its tiles or this worker; "
-                                                           "scanning exactly (run `build-ann`"), stale
+    assert stale.by == "exact" and stale.advice.startswith("the index's ANN shortlist is older than its tiles or this "
+                                                           "worker; scanning exactly (`build-ann` builds it again"), stale
     shutil.rmtree(ann.ann_dir(folder))
-    none = search(TileIndex.open(folder), model, sketch, RankingConfig(ann="on"), top=3).scan
-    assert none.by == "exact" and none.advice.startswith("has no ANN shortlist; scanning exactly"), none
+    told = []  # what a service's `timeout` of the search would say (worker.service.loop)
+    with telling_why_slow(told.append):
+        none = search(TileIndex.open(folder), model, sketch, RankingConfig(ann="on"), top=3).scan
+        search(TileIndex.open(folder), model, sketch, RankingConfig(ann="off"), top=3)
+    assert none.by == "exact" and none.advice.startswith("the index has no ANN shortlist; scanning exactly"), none
+    assert told == [none.advice], told
+
+
+def test_a_large_index_without_a_shortlist_is_said_unless_its_first_run_is_under_way(model, assets, tmp_path,
+                                                                                     monkeypatch):
+    """`auto` asks the shortlist of an index of AUTO_MIN_TILES tiles or more (lowered here): one
+    without a shortlist says so; while the index's rasters are not all complete, the run under
+    way builds it, and nothing is said (the plugin said so at each search)."""
+    folder = tmp_path / "index"
+    writer = partly_indexed(model, assets, folder)
+    monkeypatch.setattr(ann, "AUTO_MIN_TILES", 10)
+    _, sketch = next(frames(TileIndex.open(folder), 1))
+    assert search(TileIndex.open(folder), model, sketch, RankingConfig(), top=3).scan == Scan("exact")
+    writer.build([assets["rmnp_rgb"]])
+    said = search(TileIndex.open(folder), model, sketch, RankingConfig(), top=3).scan
+    assert said.by == "exact" and said.advice.startswith("the index has no ANN shortlist"), said
 
 
 def test_a_shortlist_in_use_keeps_reading_its_own_files_while_another_is_built(index_with_ann, model, tmp_path):

@@ -579,6 +579,15 @@ def test_6_7_a_flood_is_bounded_and_a_timed_out_search_frees_its_thread(served, 
                 c.search("base", sketch_png=sketch_png())
             except WorkerError:  # over 0.1 s: timeout
                 pass
+            # a timeout names what made the search slower than it could be, once the search knows it: here
+            # a shortlist asked of an index without one (at 10M tiles an exact scan runs past any limit);
+            # a search may be answered before it gets that far, but not five in a row
+            slow = [_code(lambda: c.search("base", sketch_png=sketch_png(), ann="on")) for _ in range(5)]
+            plain = _code(lambda: c.search("base", sketch_png=sketch_png()))
+        assert {e.code for e in slow + [plain]} == {codes.TIMEOUT}
+        assert any("It was slower than it could be: the index has no ANN shortlist; scanning exactly" in e.message
+                   for e in slow), [e.message for e in slow]
+        assert "slower than it could be" not in plain.message, plain.message
         time.sleep(1.0)
         before = memory_mb(pid)
 

@@ -590,7 +590,7 @@ def test_a_search_reply_says_whether_the_shortlist_answered_and_what_would_make_
             c.request("delete_index", index="s2-ann")
     assert with_ann["scan"] == {"by": "ann", "advice": None} and len(with_ann["hits"]["features"]) == 3
     assert without["scan"]["by"] == "exact" and without["scan"]["advice"].startswith(
-        "has no ANN shortlist; scanning exactly (`build-ann` builds one"), without["scan"]
+        "the index has no ANN shortlist; scanning exactly (`build-ann` builds one"), without["scan"]
     assert len(without["hits"]["features"]) == 3
 
 

@@ -20,6 +20,7 @@ from worker.errors import InputError
 
 StopCheck = Callable[[], bool]
 _should_stop: ContextVar[StopCheck | None] = ContextVar("should_stop", default=None)
+_told_why_slow: ContextVar[Callable[[str], None] | None] = ContextVar("told_why_slow", default=None)
 
 
 class SearchStopped(InputError):
@@ -57,3 +58,24 @@ def raise_if_stopped(stage: str) -> None:
     should_stop = _should_stop.get()
     if should_stop is not None and should_stop():
         raise SearchStopped(stage)
+
+
+@contextmanager
+def telling_why_slow(tell: Callable[[str], None]) -> Iterator[None]:
+    """Within this block, say_why_slow(why) calls `tell(why)`: the service keeps it for the
+    `timeout` it may answer the search with."""
+    token = _told_why_slow.set(tell)
+    try:
+        yield
+    finally:
+        _told_why_slow.reset(token)
+
+
+def say_why_slow(why: str) -> None:
+    """Tell whoever answers this search at its time limit what made it slower than it could be
+    (an exact scan of an index whose shortlist is missing or out of date, which at 10M tiles runs
+    past any limit: its `timeout` said only to search a smaller area). Outside a service search,
+    nothing."""
+    tell = _told_why_slow.get()
+    if tell is not None:
+        tell(why)

@@ -31,7 +31,7 @@ from worker.placement import Placement
 from worker.ann import (AUTO_MIN_TILES, MIN_WINDOWS, SET_ASIDE, AnnShortlist, big_enough, check_windows, left_mid_swap,
                         query_vectors)
 from worker.candidates import Candidate
-from worker.cancellation import raise_if_stopped
+from worker.cancellation import raise_if_stopped, say_why_slow
 from worker.errors import CorruptIndexError, RasterUnreadable
 from worker.placement_scan import ANN_MARGIN, ANN_SPAN, ann_peaks, coarse_peaks, refine, scanner_of
 from worker.ranking import RankingConfig
@@ -183,11 +183,10 @@ def shortlist_of(index: TileIndex, ranking: RankingConfig,
     if on_disk is None:
         if left_mid_swap(index.dir):  # was said as having none, and to build one (hours at scale)
             return None, _warn_once(index, ("set_aside",), SET_ASIDE)
+        if ranking.ann == "auto" and index.complete_rasters != set(index.rasters):
+            return None, None  # the first run of a large index builds one once its rasters are complete
         # a large index without one scanned exactly without a word, and `--ann on` looked like a slow shortlist
-        return None, _warn_once(index, ("none",), "has no ANN shortlist; scanning exactly (`build-ann` builds one for "
-                                                  f"an index of {MIN_WINDOWS} windows or more, and an index run that "
-                                                  f"completes one of {AUTO_MIN_TILES:,} tiles or more; a smaller one "
-                                                  "is scanned as fast)")
+        return None, _warn_once(index, ("none",), NO_SHORTLIST)
     if getattr(index, "_ann", None) is None or index._ann.stamp != on_disk:  # built or updated since
         index._ann = AnnShortlist.open(index.dir)
     if index._ann is None:  # swapped out while it was opened, none in place yet
@@ -201,11 +200,16 @@ def shortlist_of(index: TileIndex, ranking: RankingConfig,
         if index._ann is None:
             return None, None
     if index._ann.answers_for(index) is None:
-        return None, _warn_once(index, ("stale", index._ann.stamp),
-                                "its ANN shortlist is older than its tiles or this worker; scanning exactly (run "
-                                "`build-ann`, or index its rasters again: a run that completes brings it up to date)")
+        return None, _warn_once(index, ("stale", index._ann.stamp), STALE)
     index._ann_warned = None
     return index._ann, None
+
+
+NO_SHORTLIST = ("the index has no ANN shortlist; scanning exactly (`build-ann` builds one, for an index of "
+                f"{MIN_WINDOWS} windows or more; an index run that completes an index of {AUTO_MIN_TILES:,} tiles or "
+                "more builds one, unless told not to: --no-ann)")
+STALE = ("the index's ANN shortlist is older than its tiles or this worker; scanning exactly (`build-ann` builds it "
+         "again, as does an index run that completes all the index's rasters)")
 
 
 def _warn_once(index: TileIndex, state: tuple, message: str) -> str:
@@ -226,13 +230,16 @@ def not_in_shortlist(index: TileIndex, shortlist: AnnShortlist, area: SearchArea
     return [key for key in area.keys if key[0] not in answered]
 
 
-def beside_advice(added: list[tuple[int, int]]) -> str:
-    """What to do about rasters (their maps `added`, not_in_shortlist) scanned exactly beside
-    the shortlist."""
-    rasters = len({raster_id for raster_id, _ in added})
-    return (f"{rasters} raster{'s' if rasters > 1 else ''} indexed or being indexed since its ANN shortlist was built "
-            "scanned exactly beside it (an index run that completes brings the shortlist up to date; `build-ann` "
-            "does so now)")
+def beside_advice(index: TileIndex, added: list[tuple[int, int]]) -> str | None:
+    """What to do about the complete rasters among those scanned exactly beside the shortlist
+    (their maps `added`, not_in_shortlist); None when all are being indexed: the run under way
+    adds them once it completes."""
+    indexed = len({raster_id for raster_id, _ in added} & index.complete_rasters)
+    if not indexed:
+        return None
+    return (f"{indexed} raster{'s' if indexed > 1 else ''} indexed since the index's ANN shortlist was built, scanned "
+            "exactly beside it (an index run that completes all the index's rasters adds them to it: run the index "
+            "request again; `build-ann` builds it anew, which takes longer)")
 
 
 def ann_neighbours(index: TileIndex, ranking: RankingConfig, area: SearchArea) -> int:
@@ -353,7 +360,14 @@ def _search(index: TileIndex, model, sketch_tensor: torch.Tensor, ranking: Ranki
         t["encode"] = time.perf_counter()
         raise_if_stopped("the shortlist")
         shortlist, advice = shortlist_of(index, ranking, area)
-        scan = Scan("exact", advice)
+        added = [] if shortlist is None else not_in_shortlist(index, shortlist, area)
+        if added:
+            advice = beside_advice(index, added)
+            if len(added) == len(area.keys):  # the area holds only maps it cannot answer for
+                shortlist = None
+        scan = Scan("exact" if shortlist is None else "ann+exact" if added else "ann", advice)
+        if advice is not None:  # a `timeout` says it
+            say_why_slow(advice)
         pool = max(ranking.shortlist, ranking.tile_window_pool)
         with torch.inference_mode():
             if shortlist is None:
@@ -365,8 +379,6 @@ def _search(index: TileIndex, model, sketch_tensor: torch.Tensor, ranking: Ranki
                                               keep=near_area)
                 check_windows(index, windows)
                 peaks = ann_peaks(scanner, templates, ranking, windows[:ranking.ann_windows], pool, area)
-                added = not_in_shortlist(index, shortlist, area)
-                scan = Scan("ann+exact", beside_advice(added)) if added else Scan("ann")
                 if added:
                     peaks = sorted(peaks + coarse_peaks(scanner, templates, ranking, area.only(added), pool),
                                    key=lambda c: -c.coarse)[:pool]

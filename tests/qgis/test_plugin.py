@@ -649,8 +649,8 @@ def test_a_search_slower_than_it_could_be_says_why_with_its_hits(plugin, worker,
     qgis_iface.messageBar().clear_messages()
     dock.controller._on_hits(reply, None, query, time.perf_counter())
     said = qgis_iface.messageBar().get_messages(Qgis.Info)
-    assert any(re.search(r"2 hit\(s\) in \d+ ms, added as layer “Sketch search \d+: rmnp”\. rmnp: has no ANN "
-                         r"shortlist; scanning exactly \(`build-ann` builds one", m) for m in said), said
+    assert any(re.search(r"2 hit\(s\) in \d+ ms, added as layer “Sketch search \d+: rmnp”\. rmnp: the index has "
+                         r"no ANN shortlist; scanning exactly \(`build-ann` builds one", m) for m in said), said
     assert not qgis_iface.messageBar().get_messages(Qgis.Success)
 
 
@@ -849,7 +849,7 @@ def test_processing_algorithms_run(plugin, worker, rmnp_layer, raster_root, tmp_
                             feedback=feedback)
     hits = result["OUTPUT"]
     assert hits.featureCount() == 2 and "rank" in hits.fields().names() and "2 hit(s) in" in feedback.textLog()
-    assert "from-processing: has no ANN shortlist; scanning exactly (`build-ann` builds one" in feedback.textLog()
+    assert "from-processing: the index has no ANN shortlist; scanning exactly" in feedback.textLog()
     project_crs = QgsProject.instance().crs()
     assert project_crs.isValid() and project_crs != layer.crs()
     assert hits.crs() == project_crs and asked_in == ["EPSG:3857"]  # asked in the project's CRS, as the dock asks

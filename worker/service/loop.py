@@ -30,7 +30,7 @@ import zmq
 from wire import protocol
 from wire.errors import BAD_REQUEST, BUSY, CANCELLED, TIMEOUT, TOO_LARGE, ProtocolError
 from worker.app import ModelOptions
-from worker.cancellation import SearchStopped, StopCheck
+from worker.cancellation import SearchStopped, StopCheck, telling_why_slow
 from worker.distributed import Cluster
 from worker.errors import InputError, error_object
 from worker.service.config import ServiceConfig
@@ -72,12 +72,14 @@ class QueuedWork:
     def __init__(self, work: Callable[[StopCheck], dict]):
         self._work: Callable[[StopCheck], dict] | None = work
         self.abandoned = False
+        self.slow_because: str | None = None  # what the work said made it slow (worker.cancellation.say_why_slow)
 
     def __call__(self, should_stop: StopCheck) -> dict:
         work, self._work = self._work, None
         if work is None:
             raise SearchStopped("its work", "dropped before it ran")
-        return work(lambda: self.abandoned or should_stop())
+        with telling_why_slow(lambda why: setattr(self, "slow_because", why)):
+            return work(lambda: self.abandoned or should_stop())
 
     def abandon(self) -> None:
         self.abandoned = True
@@ -228,7 +230,9 @@ class Service:
             if now >= pending.deadline and not future.done():
                 message = (f"{pending.op} took longer than the worker's {self.limits.search_timeout:g} s limit: "
                            + ("search a smaller area, or " if pending.op == "search" else "")
-                           + "ask for a longer --search-timeout")
+                           + "ask for a longer --search-timeout"
+                           + (f". It was slower than it could be: {pending.work.slow_because}"
+                              if pending.work.slow_because else ""))
                 self._abandon(future, "answered `timeout`", protocol.error_reply(pending.request_id, TIMEOUT, message))
 
     def _abandon(self, future: cf.Future, why: str, reply: list[bytes]) -> None:
