@@ -142,6 +142,36 @@ def test_the_same_ground_in_another_longitude_frame_is_the_same_place(tmp_path, 
             refuse_one_place_good_and_bad(marks, [place], [twin])
 
 
+def test_an_example_beside_a_raster_its_crs_cannot_place_finds_the_same_ground_there(tmp_path, model, assets):
+    """An example on a UTM raster in central Africa (zone 33N) and the same pixels in Ecuador (UTM
+    17S, 93 degrees west of that zone's meridian, where transverse Mercator cannot place a
+    point): the places found in Ecuador are compared with the example in its own CRS, and PROJ
+    refused them, so the search failed with a traceback (the georeferencing probe's). They are
+    other places: the copy is found at the top."""
+    from rasterio.transform import from_origin
+
+    from worker.store import IndexWriter, TileIndex
+    from worker.tiling import TileSettings
+
+    with rasterio.open(assets["rmnp_rgb"]) as src:
+        pixels = src.read()
+    congo = write_raster(tmp_path / "congo.tif", pixels, crs=CRS.from_epsg(32633),
+                         transform=from_origin(700_000, 10_000, 10, 10))
+    ecuador = write_raster(tmp_path / "ecuador.tif", pixels, crs=CRS.from_epsg(32717),
+                           transform=from_origin(800_000, 9_990_000, 10, 10))
+    out = tmp_path / "index"
+    IndexWriter(out, model, TileSettings(tile=112, scales=(1, 2))).build([congo, ecuador])
+    index = TileIndex.open(out)
+    query = prepare_example(Example(str(congo), tuple(window_bbox(congo)), "EPSG:32633"),
+                            list(index.rasters.values()), model.img_size)
+    hits = search_query(index, model, query.sketch, RankingConfig(), top=3, own_place=query.own_place).hits
+    c0, r0, c1, r1 = WINDOW
+    there = Polygon([(c0, r0), (c1, r0), (c1, r1), (c0, r1)])
+    best = hits[0]
+    assert best.placement.raster.path == str(ecuador) and \
+        best.footprint_pixels().intersection(there).area / best.footprint_pixels().union(there).area > 0.5
+
+
 def test_an_example_box_in_another_crs_is_the_same_window(rmnp_index, model, assets):
     rasters = list(rmnp_index.rasters.values())
     box = window_bbox(assets["rmnp_rgb"], crs="EPSG:3857")

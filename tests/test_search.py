@@ -483,6 +483,49 @@ def test_places_reaching_past_the_pole_of_a_world_raster_are_drawn_as_their_part
     assert own_places([north, south, Placement(raster, 300, 100, 40.0)], own) == [False, False, False]
 
 
+MOLLWEIDE_A, MOLLWEIDE_B = 18040095.696147293, 9020047.848073646  # ESRI:54009's half axes: the Earth's outline
+
+
+def test_a_whole_world_mollweide_raster_is_indexed_and_its_places_past_the_outline_drawn_as_their_part_on_earth(
+        tmp_path, model, assets):
+    """A whole-world raster in Mollweide (ESRI:54009), nodata past the Earth's outline. PROJ
+    refuses a point there, or gives NaN: indexing it failed writing its tiles layer, and each
+    search whose places reached past the outline failed (the georeferencing probe's). Such a
+    place is now drawn as about its part on Earth, valid, in every CRS, holding the ground of its
+    data; a place over the pointed pole, all of whose corners lie past the outline, too."""
+    from rasterio.transform import Affine
+
+    from conftest import write_raster
+    from worker.geo import reproject_rings
+    from worker.store import IndexWriter
+    from worker.tiling import TileSettings, open_raster
+
+    width, height = 600, 300
+    transform = Affine(2 * MOLLWEIDE_A / width, 0, -MOLLWEIDE_A, 0, -2 * MOLLWEIDE_B / height, MOLLWEIDE_B)
+    cols, rows = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
+    x, y = transform * (cols, rows)
+    on_earth = (x / MOLLWEIDE_A) ** 2 + (y / MOLLWEIDE_B) ** 2 <= 1
+    with rasterio.open(assets["rmnp_rgb"]) as src:
+        pixels = src.read(out_shape=(3, height, width))
+    path = write_raster(tmp_path / "world.tif", np.where(on_earth, np.maximum(pixels, 1), 0).astype(np.uint8),
+                        crs=CRS.from_user_input("ESRI:54009"), transform=transform, nodata=0)
+    out = tmp_path / "index"
+    IndexWriter(out, model, TileSettings(tile=112, scales=(1,))).build([path])  # failed writing tiles.gpkg
+    assert len(TileIndex.open(out)) > 10 and (out / "tiles.gpkg").exists()
+    raster = open_raster(path, None)
+    places = [Placement(raster, 300, 30, 112.0), Placement(raster, 40, 150, 112.0),  # over the pole; at the edge
+              Placement(raster, 90, 60, 112.0, 10.0), Placement(raster, 520, 270, 112.0)]
+    for crs in ("EPSG:4326", "EPSG:3857", "ESRI:54009", "EPSG:8857", "EPSG:3413", "EPSG:32633"):
+        drawn = reproject_rings(places, CRS.from_user_input(crs))  # failed for all but ESRI:54009
+        assert all(d.is_valid and np.isfinite(shapely.get_coordinates(d)).all() for d in drawn), crs
+    for place, footprint in zip(places, reproject_rings(places, CRS.from_epsg(4326))):
+        inside = place.pixel_polygon().buffer(-1)
+        data = on_earth & shapely.contains_xy(inside, cols, rows)
+        lons, lats = rasterio.warp.transform(raster.crs_wkt, "EPSG:4326", *(transform * (cols[data], rows[data])))
+        held = shapely.contains_xy(footprint.buffer(1.0), np.array(lons), np.array(lats))  # a degree: its chords
+        assert held.mean() > 0.98, (place.cx, place.cy, held.mean(), footprint.bounds)
+
+
 def test_search_areas_near_180_degrees_and_the_poles_cover_what_the_view_shows():
     """A web map's view across 180 is that view, not its latitude band; a view holding a pole
     holds the pole; a view just east of 180 meets the footprints that cross 180 (they lie past

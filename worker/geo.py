@@ -149,10 +149,20 @@ def reproject_rings(tiles: list, dst: CRS) -> list[Polygon]:
         if is_lon_lat_degrees(src):  # a place in a world raster reaching past its pole: the part on Earth
             rings[..., 1] = np.clip(rings[..., 1], -90.0, 90.0)  # (PROJ refused the whole search's hits)
         lonlats = cache(partial(_lonlats, src, rings))  # warped once, and only where a world map needs them
+        refused = False
         if src == dst:
             xs, ys = rings[..., 0], rings[..., 1]
         else:
-            xs, ys = warp_transform(src, dst, rings[..., 0].ravel(), rings[..., 1].ravel())
+            try:
+                xs, ys = warp_transform(src, dst, rings[..., 0].ravel(), rings[..., 1].ravel())
+                refused = not (np.isfinite(xs).all() and np.isfinite(ys).all())
+            except Exception:  # PROJ refused a point (its errors have no common type): it failed the whole call
+                refused = True
+            if refused:  # a point off Earth (NaN, or the call failed), or one `dst` cannot place
+                rings = _ends_on_earth(rings, src)
+                lonlats = cache(partial(_lonlats, src, rings))
+                xs, ys = transformed_or_inf(src, dst, rings[..., 0].ravel(), rings[..., 1].ravel())
+                xs, ys = (np.where(np.isnan(v), np.inf, v) for v in (np.asarray(xs), np.asarray(ys)))  # _unplaced
             xs, ys = np.asarray(xs).reshape(rings.shape[:2]), np.asarray(ys).reshape(rings.shape[:2])
             xs = _unwrapped(xs, dst, lonlats)
         polygons = shapely.polygons(np.stack([xs, ys], axis=-1))
@@ -164,6 +174,9 @@ def reproject_rings(tiles: list, dst: CRS) -> list[Polygon]:
                     polygons[n] = _polar_cap(xs[n][path], ys[n][path])
                 else:
                     polygons[n] = _polar_cap(xs[n], ys[n])
+            if refused:  # points moved onto a world map's edge can come back along one meridian, crossing
+                for n in np.flatnonzero(~shapely.is_valid(polygons)):
+                    polygons[n] = _largest_part(polygons[n]) or Polygon()
         else:
             edges = _mercator_edges(dst.to_wkt())
             if edges is not None:  # y grows with latitude: no lon/lat needed
@@ -184,6 +197,42 @@ def reproject_rings(tiles: list, dst: CRS) -> list[Polygon]:
         for i, polygon in zip(idx, polygons):
             out[i] = polygon
     return out  # type: ignore[return-value]
+
+
+def _ends_on_earth(rings: np.ndarray, src: CRS) -> np.ndarray:
+    """Rings (n, k, 2) in `src`, each point off Earth (past a world map's outline, which PROJ
+    refuses: the tiles at the edge of a whole-world Mollweide raster) moved towards the map's
+    middle until it is on Earth (to within ON_EARTH_STEPS halvings): about the footprint of the
+    part where the data lies, also for a tile over a pointed pole whose corners are all off
+    Earth. Their refusal failed the indexing of such a raster, and each of its searches (the
+    georeferencing probe's)."""
+    xs, ys = rings[..., 0].ravel(), rings[..., 1].ravel()
+    off = ~_on_earth(src, xs, ys)[2]
+    if not off.any():  # on Earth, and refused by the CRS they go to: unplaced there
+        return rings
+    try:
+        (mx,), (my,) = warp_transform(WGS84, src, [_central_meridian(src)], [0.0])
+    except Exception:  # PROJ's errors have no common type: no middle to move them to
+        return rings
+    px, py = xs[off], ys[off]
+    near, far = np.ones(len(px)), np.zeros(len(px))  # shares of the way to the middle: on Earth, and not
+    for _ in range(ON_EARTH_STEPS):
+        half = (near + far) / 2
+        on = _on_earth(src, px + (mx - px) * half, py + (my - py) * half)[2]
+        near, far = np.where(on, half, near), np.where(on, far, half)
+    ends = np.stack([px + (mx - px) * near, py + (my - py) * near], axis=-1)
+    _, lats, _ = _on_earth(src, ends[:, 0], ends[:, 1])
+    for pole in (90.0, -90.0):  # a pointed pole reached: on it, so that the ring is seen to go round it
+        at_pole = np.abs(lats - pole) < POLE_SNAP
+        if at_pole.any():
+            (ends[at_pole, 0], ends[at_pole, 1]) = warp_transform(WGS84, src, [_central_meridian(src)], [pole])
+    moved = np.stack([xs.copy(), ys.copy()], axis=-1)
+    moved[off] = ends
+    return moved.reshape(rings.shape)
+
+
+ON_EARTH_STEPS = 24  # a world map's 40,000 km halved 24 times: within 3 m of its outline
+POLE_SNAP = 1e-3  # degrees: a point moved onto a world map's outline this near a pole is on it (110 m)
 
 
 def _unplaced(polygons: np.ndarray, rings: np.ndarray, src: CRS, dst: CRS) -> np.ndarray:
@@ -253,6 +302,10 @@ def _redrawn(lonlat: Polygon, dst: CRS) -> Polygon | None:
     crossed, and a ring round the pole jumped across the map. A cap is cut at the map's own edge
     (180 degrees from its central meridian) and drawn whole between them. None where that
     crosses itself too, or cannot be placed (a pole that the projection draws infinitely far)."""
+    if not lonlat.is_valid:  # a place past a world map's outline, drawn as its part on Earth (_ends_on_earth)
+        lonlat = _largest_part(lonlat)
+        if lonlat is None:
+            return None
     west, _, east, _ = lonlat.bounds
     cap = east - west >= 360.0 - 1e-6
     centre = _central_meridian(dst)
@@ -278,10 +331,14 @@ def _redrawn(lonlat: Polygon, dst: CRS) -> Polygon | None:
     if ring is None or not np.isfinite(ring).all():
         return None
     polygon = Polygon(ring)
-    if polygon.is_valid:
-        return polygon
+    return polygon if polygon.is_valid else _largest_part(polygon)
+
+
+def _largest_part(polygon: Polygon) -> Polygon | None:
+    """An invalid polygon's largest part, made valid, where it holds most of their area (less
+    PROJ's noise where it draws a pole as a point); else None."""
     parts = [p for p in shapely.get_parts(shapely.get_parts(shapely.make_valid(polygon))) if p.geom_type == "Polygon"]
-    largest = max(parts, key=lambda p: p.area, default=None)  # less PROJ's noise where it draws a pole as a point
+    largest = max(parts, key=lambda p: p.area, default=None)
     return largest if largest is not None and largest.area >= NOISE_SHARE * sum(p.area for p in parts) else None
 
 
@@ -480,15 +537,18 @@ def is_lon_lat_degrees(crs: CRS) -> bool:
 def transformed_or_inf(src, dst, xs, ys) -> tuple[list[float], list[float]]:
     """Points from one CRS to another (CRS objects, codes or WKT), a point PROJ cannot place as
     infinity (its own answer for most). Where PROJ refuses the whole call for one point, each
-    point is asked alone: every point of the call was infinity, and a place beside the South
-    Pole could not be placed in EPSG:3034 beside one on the pole (found by a review)."""
+    half is asked again, down to that point alone: every point of the call was infinity, and a
+    place beside the South Pole could not be placed in EPSG:3034 beside one on the pole (found by
+    a review)."""
     try:
         return warp_transform(src, dst, list(xs), list(ys))
     except Exception:  # PROJ's errors have no common type
         if len(xs) == 1:
             return [np.inf], [np.inf]
-        alone = [transformed_or_inf(src, dst, [x], [y]) for x, y in zip(xs, ys)]
-        return [x for (x,), _ in alone], [y for _, (y,) in alone]
+        half = len(xs) // 2  # halves asked again: a few calls for a few such points among thousands
+        (x0, y0), (x1, y1) = (transformed_or_inf(src, dst, xs[:half], ys[:half]),
+                              transformed_or_inf(src, dst, xs[half:], ys[half:]))
+        return [*x0, *x1], [*y0, *y1]
 
 
 def bounds_wgs84(items: list) -> np.ndarray:

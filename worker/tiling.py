@@ -785,7 +785,8 @@ def _check_north_up(path: Path, transform: rasterio.Affine, crs: CRS) -> None:
     columns_turn = math.degrees(math.atan2(b, -e))  # where a column runs, against south
     mirrored = a * e - b * d > 0
     if mirrored or max(abs(rows_turn), abs(columns_turn)) > MAX_GRID_TURN_DEG:
-        how = ("mirrored (e.g. south up)" if mirrored else f"turned {rows_turn:.1f} degrees"
+        how = (("mirrored: south up (its rows run north)" if e > 0 else "mirrored: its columns run west") if mirrored
+               else f"turned {rows_turn:.1f} degrees"
                if abs(rows_turn - columns_turn) <= MAX_GRID_TURN_DEG else  # a shear was said "turned 0.0 degrees"
                f"sheared (its rows run {rows_turn:.1f} degrees from east, its columns {columns_turn:.1f} from south)")
         raise InputError(f"{path}: its pixel grid is {how} against its map, so a sketch drawn on the map would "
