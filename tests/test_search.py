@@ -483,47 +483,56 @@ def test_places_reaching_past_the_pole_of_a_world_raster_are_drawn_as_their_part
     assert own_places([north, south, Placement(raster, 300, 100, 40.0)], own) == [False, False, False]
 
 
-MOLLWEIDE_A, MOLLWEIDE_B = 18040095.696147293, 9020047.848073646  # ESRI:54009's half axes: the Earth's outline
-
-
-def test_a_whole_world_mollweide_raster_is_indexed_and_its_places_past_the_outline_drawn_as_their_part_on_earth(
-        tmp_path, model, assets):
-    """A whole-world raster in Mollweide (ESRI:54009), nodata past the Earth's outline. PROJ
-    refuses a point there, or gives NaN: indexing it failed writing its tiles layer, and each
-    search whose places reached past the outline failed (the georeferencing probe's). Such a
-    place is now drawn as about its part on Earth, valid, in every CRS, holding the ground of its
-    data; a place over the pointed pole, all of whose corners lie past the outline, too."""
+@pytest.mark.parametrize("world_crs, half_width, half_height", [("ESRI:54009", 18040095.7, 9020047.8),
+                                                                 ("ESRI:54030", 17005833.3, 8625154.6),
+                                                                 ("EPSG:8857", 17243959.1, 8392927.6)],
+                         ids=["Mollweide", "Robinson", "Equal Earth"])
+def test_a_whole_world_raster_is_indexed_and_its_places_past_the_outline_drawn_as_their_part_on_earth(
+        tmp_path, model, assets, world_crs, half_width, half_height):
+    """A whole-world raster in Mollweide (pointed poles), Robinson or Equal Earth (flat poles),
+    nodata past the Earth's outline. PROJ refuses a point there, or gives NaN: indexing it failed
+    writing its tiles layer, and each search whose places reached past the outline failed (the
+    georeferencing probe's); in Equal Earth it wraps the point round the world, and the place was
+    drawn over ground where it holds no data. Such a place is now drawn as about its part on Earth, valid, in
+    every CRS: holding the ground of its data, and not much more. A place over a pointed pole
+    (all of its corners past the outline), turned places beside it, and a place along a flat
+    pole's line too (a review's)."""
     from rasterio.transform import Affine
 
     from conftest import write_raster
-    from worker.geo import reproject_rings
+    from worker.geo import _on_earth, reproject_rings
     from worker.store import IndexWriter
     from worker.tiling import TileSettings, open_raster
 
     width, height = 600, 300
-    transform = Affine(2 * MOLLWEIDE_A / width, 0, -MOLLWEIDE_A, 0, -2 * MOLLWEIDE_B / height, MOLLWEIDE_B)
+    crs = CRS.from_user_input(world_crs)
+    transform = Affine(2 * half_width / width, 0, -half_width, 0, -2 * half_height / height, half_height)
     cols, rows = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
-    x, y = transform * (cols, rows)
-    on_earth = (x / MOLLWEIDE_A) ** 2 + (y / MOLLWEIDE_B) ** 2 <= 1
+    on_earth = _on_earth(crs, *(transform * (cols.ravel(), rows.ravel())))[2].reshape(height, width)
     with rasterio.open(assets["rmnp_rgb"]) as src:
         pixels = src.read(out_shape=(3, height, width))
     path = write_raster(tmp_path / "world.tif", np.where(on_earth, np.maximum(pixels, 1), 0).astype(np.uint8),
-                        crs=CRS.from_user_input("ESRI:54009"), transform=transform, nodata=0)
+                        crs=crs, transform=transform, nodata=0)
     out = tmp_path / "index"
     IndexWriter(out, model, TileSettings(tile=112, scales=(1,))).build([path])  # failed writing tiles.gpkg
     assert len(TileIndex.open(out)) > 10 and (out / "tiles.gpkg").exists()
     raster = open_raster(path, None)
-    places = [Placement(raster, 300, 30, 112.0), Placement(raster, 40, 150, 112.0),  # over the pole; at the edge
-              Placement(raster, 90, 60, 112.0, 10.0), Placement(raster, 520, 270, 112.0)]
-    for crs in ("EPSG:4326", "EPSG:3857", "ESRI:54009", "EPSG:8857", "EPSG:3413", "EPSG:32633"):
-        drawn = reproject_rings(places, CRS.from_user_input(crs))  # failed for all but ESRI:54009
-        assert all(d.is_valid and np.isfinite(shapely.get_coordinates(d)).all() for d in drawn), crs
+    places = [Placement(raster, 300, 30, 112.0), Placement(raster, 235, 55, 112.0, 20.0),  # over a pointed pole
+              Placement(raster, 359, 264.5, 112.0, 15.0), Placement(raster, 190, 280, 56.0),  # a flat one's line
+              Placement(raster, 40, 150, 112.0), Placement(raster, 90, 60, 112.0, 10.0),  # at the edge
+              Placement(raster, 520, 270, 112.0)]
+    for other in ("EPSG:4326", "EPSG:3857", world_crs, "EPSG:8857", "EPSG:3413", "EPSG:32633"):
+        drawn = reproject_rings(places, CRS.from_user_input(other))  # failed for all but its own
+        assert all(d.is_valid and np.isfinite(shapely.get_coordinates(d)).all() for d in drawn), other
     for place, footprint in zip(places, reproject_rings(places, CRS.from_epsg(4326))):
-        inside = place.pixel_polygon().buffer(-1)
-        data = on_earth & shapely.contains_xy(inside, cols, rows)
-        lons, lats = rasterio.warp.transform(raster.crs_wkt, "EPSG:4326", *(transform * (cols[data], rows[data])))
-        held = shapely.contains_xy(footprint.buffer(1.0), np.array(lons), np.array(lats))  # a degree: its chords
-        assert held.mean() > 0.98, (place.cx, place.cy, held.mean(), footprint.bounds)
+        data = on_earth & shapely.contains_xy(place.pixel_polygon().buffer(-1), cols, rows)
+        lons, lats = (np.array(v) for v in rasterio.warp.transform(crs, "EPSG:4326",
+                                                                  *(transform * (cols[data], rows[data]))))
+        near = footprint.buffer(1.0)  # a degree: its chords; a world either side: a footprint across 180
+        held = np.any([shapely.contains_xy(near, lons + turn, lats) for turn in (-360, 0, 360)], axis=0)
+        hull = shapely.MultiPoint(np.column_stack([lons, lats])).convex_hull.area
+        assert held.mean() > 0.98 and footprint.area < 1.5 * hull + 10, (place.cx, place.cy, held.mean(),
+                                                                           footprint.area, hull)
 
 
 def test_search_areas_near_180_degrees_and_the_poles_cover_what_the_view_shows():

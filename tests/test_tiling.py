@@ -233,9 +233,9 @@ def test_a_raster_whose_crs_does_not_fit_its_coordinates_is_refused_with_what_to
 
 
 def test_a_grid_turned_or_mirrored_against_its_map_is_refused_with_what_to_do(tmp_path, assets):
-    """South up (rows running north), east-west flipped (said as south up: the probe's), turned a
-    quarter, tilted 20 degrees: a sketch drawn on the north-up map never met the place in such a
-    grid. A grid turned half a degree is taken as it
+    """South up (columns running north), east-west flipped and transposed (said as south up: the
+    probe's), turned a quarter, tilted 20 degrees: a sketch drawn on the north-up map never met
+    the place in such a grid. A grid turned half a degree is taken as it
     is, a north-up VRT of a refused one, as the message advises, is indexable, and a grid in a
     CRS whose axes run west and south is judged by where they run."""
     import rasterio.shutil
@@ -245,8 +245,10 @@ def test_a_grid_turned_or_mirrored_against_its_map_is_refused_with_what_to_do(tm
     with rasterio.open(assets["rmnp_rgb"]) as src:
         pixels, crs, (x, y), r = src.read(), src.crs, (src.transform.c, src.transform.f), src.transform.a
     south_up = Affine(r, 0, x, 0, r, y - r * pixels.shape[1])
-    turned = {"south_up": (south_up, "mirrored: south up \\(its rows run north\\)"),
-              "east_west": (Affine(-r, 0, x + r * pixels.shape[2], 0, -r, y), "mirrored: its columns run west"),
+    mirrored = "mirrored: its rows run {} and its columns {} \\(north up: east and south\\)"
+    turned = {"south_up": (south_up, mirrored.format("east", "north")),
+              "east_west": (Affine(-r, 0, x + r * pixels.shape[2], 0, -r, y), mirrored.format("west", "south")),
+              "transposed": (Affine(0, r, x, -r, 0, y), mirrored.format("south", "east")),
               "quarter": (Affine(0, -r, x, -r, 0, y), "turned -90.0"),
               "tilted": (Affine.translation(x, y) * Affine.rotation(20) * Affine.scale(r, -r), "turned 20.0"),
               # said "turned 0.0 degrees": the rows' angle, where the columns' is the one past the limit

@@ -155,35 +155,36 @@ def reproject_rings(tiles: list, dst: CRS) -> list[Polygon]:
         else:
             try:
                 xs, ys = warp_transform(src, dst, rings[..., 0].ravel(), rings[..., 1].ravel())
-                refused = not (np.isfinite(xs).all() and np.isfinite(ys).all())
+                refused = (not (np.isfinite(xs).all() and np.isfinite(ys).all())
+                           or _wrapped_past_the_outline(rings, src, wkt))
             except Exception:  # PROJ refused a point (its errors have no common type): it failed the whole call
                 refused = True
             if refused:  # a point off Earth (NaN, or the call failed), or one `dst` cannot place
-                rings = _ends_on_earth(rings, src)
+                rings, moved = _ends_on_earth(_denser(rings, REFUSED_DENSER), src)
                 lonlats = cache(partial(_lonlats, src, rings))
                 xs, ys = transformed_or_inf(src, dst, rings[..., 0].ravel(), rings[..., 1].ravel())
                 xs, ys = (np.where(np.isnan(v), np.inf, v) for v in (np.asarray(xs), np.asarray(ys)))  # _unplaced
             xs, ys = np.asarray(xs).reshape(rings.shape[:2]), np.asarray(ys).reshape(rings.shape[:2])
-            xs = _unwrapped(xs, dst, lonlats)
+            if refused and is_lon_lat_degrees(dst):
+                xs, ys = _moved_in_lon_lat(xs, ys, moved)
+            else:
+                xs = _unwrapped(xs, dst, lonlats)
         polygons = shapely.polygons(np.stack([xs, ys], axis=-1))
         if is_lon_lat_degrees(dst):  # a pole in other units (grads) lies elsewhere
             on_pole = np.abs(ys) >= POLE_LAT  # a point on a pole has no longitude (PROJ gives 0)
             for n in np.flatnonzero(_winds_round_a_pole(xs) | on_pole.any(axis=1)):
-                if on_pole[n].any():  # the ring from just past the pole round to just before it
-                    path = np.roll(np.arange(xs.shape[1] - 1), -(np.argmax(on_pole[n][:-1]) + 1))[:-1]
-                    polygons[n] = _polar_cap(xs[n][path], ys[n][path])
+                if on_pole[n].any():  # the ring from just past the pole (a flat pole's line) round to just before it
+                    path = _off_the_pole(on_pole[n][:-1])
+                    polygons[n] = _polar_cap(xs[n][path], ys[n][path]) if len(path) >= 2 else Polygon()
                 else:
                     polygons[n] = _polar_cap(xs[n], ys[n])
-            if refused:  # points moved onto a world map's edge can come back along one meridian, crossing
-                for n in np.flatnonzero(~shapely.is_valid(polygons)):
-                    polygons[n] = _largest_part(polygons[n]) or Polygon()
         else:
             edges = _mercator_edges(dst.to_wkt())
             if edges is not None:  # y grows with latitude: no lon/lat needed
                 beyond = np.flatnonzero((~np.isfinite(ys) | (ys < edges[0]) | (ys > edges[1])).any(axis=1))
                 lonlat = reproject_rings([tiles[idx[n]] for n in beyond], WGS84) if len(beyond) else []
                 for n, footprint in zip(beyond, lonlat):
-                    polygons[n] = _at_mercators_edge(footprint, dst)
+                    polygons[n] = _at_mercators_edge(footprint, dst) if not footprint.is_empty else Polygon()
             redraw = ~shapely.is_valid(polygons)
             if edges is None and src != dst and _world(dst.to_wkt()) is not None:  # a ring round a pole came out a band
                 lons, lats = lonlats()
@@ -194,45 +195,108 @@ def reproject_rings(tiles: list, dst: CRS) -> list[Polygon]:
                 polygons[n] = _redrawn(footprint, dst) or polygons[n]
             if src != dst:
                 polygons[_unplaced(polygons, rings, src, dst)] = Polygon()
+        if refused:  # points moved onto a world map's edge can come back along one line, crossing it
+            for n in np.flatnonzero(~shapely.is_valid(polygons)):
+                polygons[n] = _largest_part(polygons[n]) or Polygon()
         for i, polygon in zip(idx, polygons):
             out[i] = polygon
     return out  # type: ignore[return-value]
 
 
-def _ends_on_earth(rings: np.ndarray, src: CRS) -> np.ndarray:
+def _ends_on_earth(rings: np.ndarray, src: CRS) -> tuple[np.ndarray, np.ndarray]:
     """Rings (n, k, 2) in `src`, each point off Earth (past a world map's outline, which PROJ
-    refuses: the tiles at the edge of a whole-world Mollweide raster) moved towards the map's
-    middle until it is on Earth (to within ON_EARTH_STEPS halvings): about the footprint of the
-    part where the data lies, also for a tile over a pointed pole whose corners are all off
-    Earth. Their refusal failed the indexing of such a raster, and each of its searches (the
-    georeferencing probe's)."""
+    refuses: the tiles at the edge of a whole-world Mollweide raster) moved towards the
+    projection's centre until it is on Earth (to within ON_EARTH_STEPS halvings): about the
+    footprint of the part where the data lies, also for a tile over a pointed pole whose corners
+    are all off Earth; and which points were moved (n, k). Their refusal failed the indexing of
+    such a raster, and each of its searches (the georeferencing probe's)."""
     xs, ys = rings[..., 0].ravel(), rings[..., 1].ravel()
     off = ~_on_earth(src, xs, ys)[2]
     if not off.any():  # on Earth, and refused by the CRS they go to: unplaced there
-        return rings
+        return rings, off.reshape(rings.shape[:2])
     try:
-        (mx,), (my,) = warp_transform(WGS84, src, [_central_meridian(src)], [0.0])
-    except Exception:  # PROJ's errors have no common type: no middle to move them to
-        return rings
+        centre = src.to_dict()
+        (mx,), (my,) = warp_transform(WGS84, src, [centre.get("lon_0", 0.0)], [centre.get("lat_0", 0.0)])
+    except Exception:  # PROJ's errors have no common type: nowhere to move them to (left unplaced)
+        return rings, np.zeros(rings.shape[:2], bool)
     px, py = xs[off], ys[off]
-    near, far = np.ones(len(px)), np.zeros(len(px))  # shares of the way to the middle: on Earth, and not
+    near, far = np.ones(len(px)), np.zeros(len(px))  # shares of the way to the centre: on Earth, and not
     for _ in range(ON_EARTH_STEPS):
         half = (near + far) / 2
         on = _on_earth(src, px + (mx - px) * half, py + (my - py) * half)[2]
         near, far = np.where(on, half, near), np.where(on, far, half)
-    ends = np.stack([px + (mx - px) * near, py + (my - py) * near], axis=-1)
-    _, lats, _ = _on_earth(src, ends[:, 0], ends[:, 1])
-    for pole in (90.0, -90.0):  # a pointed pole reached: on it, so that the ring is seen to go round it
-        at_pole = np.abs(lats - pole) < POLE_SNAP
-        if at_pole.any():
-            (ends[at_pole, 0], ends[at_pole, 1]) = warp_transform(WGS84, src, [_central_meridian(src)], [pole])
     moved = np.stack([xs.copy(), ys.copy()], axis=-1)
-    moved[off] = ends
-    return moved.reshape(rings.shape)
+    moved[off] = np.stack([px + (mx - px) * near, py + (my - py) * near], axis=-1)
+    moved, off = moved.reshape(rings.shape), off.reshape(rings.shape[:2])
+    _put_on_the_pole(moved, off, rings, src, centre.get("lon_0", 0.0))
+    return moved, off
+
+
+def _put_on_the_pole(moved: np.ndarray, off: np.ndarray, rings: np.ndarray, src: CRS, lon_0: float) -> None:
+    """A ring (n, k, 2) in `src` holding a pole on a world map's outline: its moved point
+    (`off`) nearest the pole put on it, in place. Moved towards the middle, its points land on
+    the outline on either side of the pole, and the footprint drawn between them left out the
+    ground round the pole (a fifth of a turned place's data beside Mollweide's south pole)."""
+    for pole in (90.0, -90.0):
+        try:
+            (px,), (py,) = warp_transform(WGS84, src, [lon_0], [pole])
+        except Exception:  # PROJ's errors have no common type: a map without that pole
+            continue
+        if not (np.isfinite(px) and np.isfinite(py)):
+            continue
+        for n in np.flatnonzero(off.any(axis=1) & shapely.contains_xy(shapely.polygons(rings), px, py)):
+            points = np.flatnonzero(off[n][:-1])
+            nearest = points[np.argmin(np.hypot(moved[n, points, 0] - px, moved[n, points, 1] - py))]
+            moved[n, nearest] = moved[n, -1 if nearest == 0 else nearest] = (px, py)  # the ring stays closed
 
 
 ON_EARTH_STEPS = 24  # a world map's 40,000 km halved 24 times: within 3 m of its outline
+# Points between each two of a ring's where PROJ refused some: a place at a world map's edge lies
+# where the map bends most (beside a pointed pole a straight edge turns through 170 degrees of
+# longitude), and chords between 4 points an edge left out a twentieth of a place's data there.
+REFUSED_DENSER = 4
+
+
+def _denser(rings: np.ndarray, times: int) -> np.ndarray:
+    """Closed rings (n, k, 2) with `times` - 1 points put evenly along each edge: (n, times (k - 1) + 1, 2)."""
+    steps = np.arange(times) / times
+    starts, ends = rings[:, :-1, None, :], rings[:, 1:, None, :]
+    points = (starts + (ends - starts) * steps[None, None, :, None]).reshape(len(rings), -1, 2)
+    return np.concatenate([points, rings[:, :1]], axis=1)
 POLE_SNAP = 1e-3  # degrees: a point moved onto a world map's outline this near a pole is on it (110 m)
+
+
+def _wrapped_past_the_outline(rings: np.ndarray, src: CRS, wkt: str) -> bool:
+    """Whether a point of rings (n, k, 2) in a world map narrowing towards the poles (Equal
+    Earth, sinusoidal) lies past its outline, which PROJ does not refuse there but wraps round
+    the world: a place at such a raster's edge was drawn over ground where it holds no data (a
+    probe's). Looked at only for such maps (`wkt`: src's)."""
+    if _world(wkt) is None or _cylindrical(wkt):
+        return False
+    return not _on_earth(src, rings[..., 0].ravel(), rings[..., 1].ravel())[2].all()
+
+
+def _moved_in_lon_lat(lons: np.ndarray, lats: np.ndarray, moved: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rings (n, k) in lon/lat some of whose points were moved onto a world map's outline
+    (_ends_on_earth): those within POLE_SNAP of a pole put on it, so that a ring over a pointed
+    pole is seen to go round it (and one along a flat pole's line to follow it), and each such
+    ring's longitudes followed step by step (its points on the outline lie at -180 and 180, and
+    a ring spanning more than half the world was moved a world east in part)."""
+    lats = np.where(moved & (np.abs(np.abs(lats) - 90.0) < POLE_SNAP), np.sign(lats) * 90.0, lats)
+    lons = lons.copy()
+    for n in np.flatnonzero(moved.any(axis=1) & np.isfinite(lons).all(axis=1)):
+        path = followed(lons[n])
+        lons[n] = path - 360.0 * np.floor((path.min() + 180.0) / 360.0)
+    return lons, lats
+
+
+def _off_the_pole(on_pole: np.ndarray) -> np.ndarray:
+    """The indexes of a ring's distinct points (on_pole: which lie on a pole), from just past the
+    pole round to just before it, those on it left out: a flat pole's line of them (Robinson),
+    started after its first, crossed the cap drawn."""
+    last = np.flatnonzero(on_pole & ~np.roll(on_pole, -1))
+    order = np.roll(np.arange(len(on_pole)), -(last[0] + 1) if len(last) else 0)
+    return order[~on_pole[order]]
 
 
 def _unplaced(polygons: np.ndarray, rings: np.ndarray, src: CRS, dst: CRS) -> np.ndarray:

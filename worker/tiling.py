@@ -785,13 +785,20 @@ def _check_north_up(path: Path, transform: rasterio.Affine, crs: CRS) -> None:
     columns_turn = math.degrees(math.atan2(b, -e))  # where a column runs, against south
     mirrored = a * e - b * d > 0
     if mirrored or max(abs(rows_turn), abs(columns_turn)) > MAX_GRID_TURN_DEG:
-        how = (("mirrored: south up (its rows run north)" if e > 0 else "mirrored: its columns run west") if mirrored
-               else f"turned {rows_turn:.1f} degrees"
+        how = (f"mirrored: its rows run {_heading(a, d)} and its columns {_heading(b, e)} (north up: east and south)"
+               if mirrored else f"turned {rows_turn:.1f} degrees"
                if abs(rows_turn - columns_turn) <= MAX_GRID_TURN_DEG else  # a shear was said "turned 0.0 degrees"
                f"sheared (its rows run {rows_turn:.1f} degrees from east, its columns {columns_turn:.1f} from south)")
         raise InputError(f"{path}: its pixel grid is {how} against its map, so a sketch drawn on the map would "
                          "not meet it; make a north-up grid of it, e.g. gdalwarp -of VRT in.tif north_up.vrt "
                          "(a VRT: no pixels copied), and use that (to index, or to cut an example from)")
+
+
+def _heading(east: float, north: float) -> str:
+    """Where a pixel step (its east and north parts) runs: the nearest of the four points."""
+    if abs(east) >= abs(north):
+        return "east" if east > 0 else "west"
+    return "north" if north > 0 else "south"
 
 
 def _check_on_earth(path: Path, src: rasterio.DatasetReader) -> None:
