@@ -485,8 +485,10 @@ def test_places_reaching_past_the_pole_of_a_world_raster_are_drawn_as_their_part
 
 @pytest.mark.parametrize("world_crs, half_width, half_height", [("ESRI:54009", 18040095.7, 9020047.8),
                                                                  ("ESRI:54030", 17005833.3, 8625154.6),
-                                                                 ("EPSG:8857", 17243959.1, 8392927.6)],
-                         ids=["Mollweide", "Robinson", "Equal Earth"])
+                                                                 ("EPSG:8857", 17243959.1, 8392927.6),
+                                                                 ("+proj=moll +lon_0=150 +datum=WGS84", 18040095.7,
+                                                                  9020047.8)],
+                         ids=["Mollweide", "Robinson", "Equal Earth", "Mollweide at 150 E"])
 def test_a_whole_world_raster_is_indexed_and_its_places_past_the_outline_drawn_as_their_part_on_earth(
         tmp_path, model, assets, world_crs, half_width, half_height):
     """A whole-world raster in Mollweide (pointed poles), Robinson or Equal Earth (flat poles),
@@ -520,10 +522,12 @@ def test_a_whole_world_raster_is_indexed_and_its_places_past_the_outline_drawn_a
     places = [Placement(raster, 300, 30, 112.0), Placement(raster, 235, 55, 112.0, 20.0),  # over a pointed pole
               Placement(raster, 359, 264.5, 112.0, 15.0), Placement(raster, 190, 280, 56.0),  # a flat one's line
               Placement(raster, 40, 150, 112.0), Placement(raster, 90, 60, 112.0, 10.0),  # at the edge
-              Placement(raster, 520, 270, 112.0)]
+              Placement(raster, 520, 270, 112.0), Placement(raster, 350, 150, 112.0)]  # on Earth: across 180 at 150 E
     for other in ("EPSG:4326", "EPSG:3857", world_crs, "EPSG:8857", "EPSG:3413", "EPSG:32633"):
         drawn = reproject_rings(places, CRS.from_user_input(other))  # failed for all but its own
         assert all(d.is_valid and np.isfinite(shapely.get_coordinates(d)).all() for d in drawn), other
+        alone = reproject_rings(places[-1:], CRS.from_user_input(other))[0]  # as if no place reached past it
+        assert shapely.equals_exact(drawn[-1], alone, 1e-9), other  # was drawn round the world beside them
     for place, footprint in zip(places, reproject_rings(places, CRS.from_epsg(4326))):
         data = on_earth & shapely.contains_xy(place.pixel_polygon().buffer(-1), cols, rows)
         lons, lats = (np.array(v) for v in rasterio.warp.transform(crs, "EPSG:4326",

@@ -138,7 +138,8 @@ def _has_text_value(node: object, depth: int = 0) -> bool:
 def reproject_rings(tiles: list, dst: CRS) -> list[Polygon]:
     """Each footprint's densified ring in `dst`, for tiles or placements (all of one kind: its
     class's `rings`), one warp call per source CRS; an empty polygon where a projected `dst`
-    cannot place it (_unplaced)."""
+    cannot place it (_unplaced). A place reaching past a world map's outline is drawn as about
+    its part on Earth (_ends_on_earth), apart from the others, which are drawn as ever."""
     out: list[Polygon | None] = [None] * len(tiles)
     groups: dict[str, list[int]] = defaultdict(list)
     for i, t in enumerate(tiles):
@@ -160,15 +161,22 @@ def reproject_rings(tiles: list, dst: CRS) -> list[Polygon]:
             except Exception:  # PROJ refused a point (its errors have no common type): it failed the whole call
                 refused = True
             if refused:  # a point off Earth (NaN, or the call failed), or one `dst` cannot place
-                rings, moved = _ends_on_earth(_denser(rings, REFUSED_DENSER), src)
+                past = ~_on_earth(src, rings[..., 0].ravel(), rings[..., 1].ravel())[2].reshape(rings.shape[:2])
+                past = past.any(axis=1)  # the places reaching past a world map's outline
+                if past.any() and not past.all():  # those on Earth drawn as ever, apart from them
+                    for rows in (np.flatnonzero(~past), np.flatnonzero(past)):
+                        for n, polygon in zip(rows, reproject_rings([tiles[idx[n]] for n in rows], dst)):
+                            out[idx[n]] = polygon
+                    continue
+                rings, moved = _ends_on_earth(_denser(rings, REFUSED_DENSER), src) if past.any() else \
+                    (rings, np.zeros(rings.shape[:2], bool))
                 lonlats = cache(partial(_lonlats, src, rings))
                 xs, ys = transformed_or_inf(src, dst, rings[..., 0].ravel(), rings[..., 1].ravel())
                 xs, ys = (np.where(np.isnan(v), np.inf, v) for v in (np.asarray(xs), np.asarray(ys)))  # _unplaced
             xs, ys = np.asarray(xs).reshape(rings.shape[:2]), np.asarray(ys).reshape(rings.shape[:2])
+            xs = _unwrapped(xs, dst, lonlats)
             if refused and is_lon_lat_degrees(dst):
                 xs, ys = _moved_in_lon_lat(xs, ys, moved)
-            else:
-                xs = _unwrapped(xs, dst, lonlats)
         polygons = shapely.polygons(np.stack([xs, ys], axis=-1))
         if is_lon_lat_degrees(dst):  # a pole in other units (grads) lies elsewhere
             on_pole = np.abs(ys) >= POLE_LAT  # a point on a pole has no longitude (PROJ gives 0)
