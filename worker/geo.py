@@ -154,15 +154,17 @@ def reproject_rings(tiles: list, dst: CRS) -> list[Polygon]:
         if src == dst:
             xs, ys = rings[..., 0], rings[..., 1]
         else:
+            past = None  # which places reach past a world map's outline, once looked at
             try:
                 xs, ys = warp_transform(src, dst, rings[..., 0].ravel(), rings[..., 1].ravel())
-                refused = (not (np.isfinite(xs).all() and np.isfinite(ys).all())
-                           or _wrapped_past_the_outline(rings, src, wkt))
+                refused = not (np.isfinite(xs).all() and np.isfinite(ys).all())
+                if not refused and _narrows_to_the_poles(wkt):  # PROJ wraps a point past its outline round the world
+                    past = _past_the_outline(rings, src)
+                    refused = bool(past.any())
             except Exception:  # PROJ refused a point (its errors have no common type): it failed the whole call
                 refused = True
             if refused:  # a point off Earth (NaN, or the call failed), or one `dst` cannot place
-                past = ~_on_earth(src, rings[..., 0].ravel(), rings[..., 1].ravel())[2].reshape(rings.shape[:2])
-                past = past.any(axis=1)  # the places reaching past a world map's outline
+                past = _past_the_outline(rings, src) if past is None else past
                 if past.any() and not past.all():  # those on Earth drawn as ever, apart from them
                     for rows in (np.flatnonzero(~past), np.flatnonzero(past)):
                         for n, polygon in zip(rows, reproject_rings([tiles[idx[n]] for n in rows], dst)):
@@ -220,8 +222,6 @@ def _ends_on_earth(rings: np.ndarray, src: CRS) -> tuple[np.ndarray, np.ndarray]
     such a raster, and each of its searches (the georeferencing probe's)."""
     xs, ys = rings[..., 0].ravel(), rings[..., 1].ravel()
     off = ~_on_earth(src, xs, ys)[2]
-    if not off.any():  # on Earth, and refused by the CRS they go to: unplaced there
-        return rings, off.reshape(rings.shape[:2])
     try:
         centre = src.to_dict()
         (mx,), (my,) = warp_transform(WGS84, src, [centre.get("lon_0", 0.0)], [centre.get("lat_0", 0.0)])
@@ -245,6 +245,7 @@ def _put_on_the_pole(moved: np.ndarray, off: np.ndarray, rings: np.ndarray, src:
     (`off`) nearest the pole put on it, in place. Moved towards the middle, its points land on
     the outline on either side of the pole, and the footprint drawn between them left out the
     ground round the pole (a fifth of a turned place's data beside Mollweide's south pole)."""
+    outlines = shapely.polygons(rings)
     for pole in (90.0, -90.0):
         try:
             (px,), (py,) = warp_transform(WGS84, src, [lon_0], [pole])
@@ -252,13 +253,14 @@ def _put_on_the_pole(moved: np.ndarray, off: np.ndarray, rings: np.ndarray, src:
             continue
         if not (np.isfinite(px) and np.isfinite(py)):
             continue
-        for n in np.flatnonzero(off.any(axis=1) & shapely.contains_xy(shapely.polygons(rings), px, py)):
+        for n in np.flatnonzero(off.any(axis=1) & shapely.contains_xy(outlines, px, py)):
             points = np.flatnonzero(off[n][:-1])
             nearest = points[np.argmin(np.hypot(moved[n, points, 0] - px, moved[n, points, 1] - py))]
             moved[n, nearest] = moved[n, -1 if nearest == 0 else nearest] = (px, py)  # the ring stays closed
 
 
 ON_EARTH_STEPS = 24  # a world map's 40,000 km halved 24 times: within 3 m of its outline
+POLE_SNAP = 1e-3  # degrees: a point moved onto a world map's outline this near a pole is on it (110 m)
 # Points between each two of a ring's where PROJ refused some: a place at a world map's edge lies
 # where the map bends most (beside a pointed pole a straight edge turns through 170 degrees of
 # longitude), and chords between 4 points an edge left out a twentieth of a place's data there.
@@ -271,17 +273,19 @@ def _denser(rings: np.ndarray, times: int) -> np.ndarray:
     starts, ends = rings[:, :-1, None, :], rings[:, 1:, None, :]
     points = (starts + (ends - starts) * steps[None, None, :, None]).reshape(len(rings), -1, 2)
     return np.concatenate([points, rings[:, :1]], axis=1)
-POLE_SNAP = 1e-3  # degrees: a point moved onto a world map's outline this near a pole is on it (110 m)
 
 
-def _wrapped_past_the_outline(rings: np.ndarray, src: CRS, wkt: str) -> bool:
-    """Whether a point of rings (n, k, 2) in a world map narrowing towards the poles (Equal
-    Earth, sinusoidal) lies past its outline, which PROJ does not refuse there but wraps round
-    the world: a place at such a raster's edge was drawn over ground where it holds no data (a
-    probe's). Looked at only for such maps (`wkt`: src's)."""
-    if _world(wkt) is None or _cylindrical(wkt):
-        return False
-    return not _on_earth(src, rings[..., 0].ravel(), rings[..., 1].ravel())[2].all()
+def _narrows_to_the_poles(wkt: str) -> bool:
+    """Whether a CRS is a world map narrowing towards the poles (Mollweide, Equal Earth,
+    sinusoidal): PROJ wraps some of them a point past their outline round the world instead of
+    refusing it, and a place at such a raster's edge was drawn over ground where it holds no data
+    (a probe's)."""
+    return _world(wkt) is not None and not _cylindrical(wkt)
+
+
+def _past_the_outline(rings: np.ndarray, src: CRS) -> np.ndarray:
+    """Which rings (n, k, 2) in `src` hold a point off Earth (_on_earth): (n,) bool."""
+    return ~_on_earth(src, rings[..., 0].ravel(), rings[..., 1].ravel())[2].reshape(rings.shape[:2]).all(axis=1)
 
 
 def _moved_in_lon_lat(lons: np.ndarray, lats: np.ndarray, moved: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
