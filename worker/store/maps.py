@@ -35,6 +35,16 @@ def map_file(index_dir: Path, raster_id: int, scale: int) -> Path:
     return Path(index_dir) / MAPS / f"r{raster_id:05d}-s{scale}.npy"
 
 
+MAP_NAME = re.compile(r"r(\d+)-s\d+\.npy")  # map_file's names: the raster id
+
+
+def _maps_by_raster(index_dir: Path) -> list[tuple[int, Path]]:
+    """The index's map files, each with its raster's id."""
+    folder = Path(index_dir) / MAPS
+    named = [(MAP_NAME.fullmatch(name), folder / name) for name in (os.listdir(folder) if folder.is_dir() else [])]
+    return [(int(match.group(1)), path) for match, path in named if match]
+
+
 # memory the joined maps of rasters still being indexed may take in a search, all of them together:
 # their cells, each cell's distance kept for the next commit's join, and either the committed tiles' cells
 # (a join afresh reads them) or a copy of the map being continued (about a 30,000 px square raster at the
@@ -92,18 +102,17 @@ def remove_maps_of_no_raster(index_dir: Path, raster_ids: set[int]) -> None:
     """The maps of rasters the index no longer holds (not among `raster_ids`): a removal killed
     after its commit left them for good, GBs of a large raster's (probe). Only a run holding the
     index's lock: a raster is entered in the manifest before its map is written."""
-    folder = Path(index_dir) / MAPS
-    for name in os.listdir(folder) if folder.is_dir() else []:
-        named = re.fullmatch(r"r(\d+)-s\d+\.npy", name)
-        if named and int(named.group(1)) not in raster_ids:
-            (folder / name).unlink(missing_ok=True)
+    for raster_id, path in _maps_by_raster(index_dir):
+        if raster_id not in raster_ids:
+            path.unlink(missing_ok=True)
 
 
 def remove_maps(index_dir: Path, raster_id: int) -> None:
     """A raster's map files (the unfinished ones a killed writer left: remove_unfinished_maps,
     at the start of every run)."""
-    for path in (Path(index_dir) / MAPS).glob(f"r{raster_id:05d}-s*.npy"):
-        path.unlink()
+    for held, path in _maps_by_raster(index_dir):
+        if held == raster_id:
+            path.unlink()
 
 
 class MapFile:
