@@ -574,7 +574,7 @@ class SearchController(QObject):
         unread = reply.get("unread_places") or []  # nor this
         sized = reply.get("out_of_scale") or []  # nor this: a place traced larger or smaller than the index finds
         own_only = reply.get("own_place_only") or []  # nor this: an example whose own place kept every place out
-        # nor this: an index searched without its ANN shortlist's help, or not all of it (seconds at 10M tiles)
+        # nor this: an index searched without its ANN shortlist's help, or not all of it (minutes at 10M tiles)
         slower = (reply.get("scan") or {}).get("advice")
         unsearched = [f"Not searched: {_names(left_out)}." if left_out else "",
                       f"Searched in part, still being indexed or stopped: {_names(partly)}." if partly else "",

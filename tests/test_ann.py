@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -621,7 +622,7 @@ def test_a_raster_added_since_the_shortlist_was_built_is_scanned_exactly_beside_
 
 def test_a_search_says_when_it_scanned_exactly_and_what_would_make_it_faster(index_with_ann, model, tmp_path):
     """Only the worker's log said that a search scanned every window although the index has, or
-    should have, a shortlist (seconds at 10M tiles, and nothing in the reply said why); an exact
+    should have, a shortlist (minutes at 10M tiles, and nothing in the reply said why); an exact
     scan asked for, or of an index too small for a shortlist, has nothing to mend."""
     folder = tmp_path / "index"
     shutil.copytree(index_with_ann[0], folder)
@@ -909,14 +910,18 @@ def edited_built(change) -> Callable:
         "vectors no count", "vectors not the files'", "file sizes as text", "index.faiss garbage", "refine_range a pickle", "fewer windows",
         "windows outside the maps", "windows garbage"])
 def test_a_damaged_shortlist_of_the_right_size_says_so_and_is_built_again(index_with_ann, model, tmp_path, damage,
-                                                                           info_sees_it):
-    """Files damaged without a change of size pass the size check. A search says the shortlist
-    is damaged and what to do (before: internal errors, or no hits and no word). `info`, and the
-    next indexing run, see what opening the shortlist sees, not each window's row (360 MB at 10M
-    tiles): `info` says so beside what it says of the index, and the indexing run builds it again
-    instead of failing after its work. Damaged window rows are found by the searches that use
-    them, and by an indexing run that adds rasters (else copied into a new shortlist whose sizes
-    then match); `build-ann`, which the message names, builds it again."""
+                                                                           info_sees_it, monkeypatch, caplog):
+    """Files damaged without a change of size pass the size check. A search asking for the
+    shortlist (`on`) says it is damaged and what to do (before: internal errors, or no hits and
+    no word); one of `auto` over enough tiles (lowered here) finds what the exact scan finds, and
+    its scan says why it was slow and what to do, the log once (before, it failed with
+    `corrupt_index` like `on`: a plugin user, who cannot ask `off`, could not search the index
+    until someone ran `build-ann`). `info`, and the next indexing run, see what opening the
+    shortlist sees, not each window's row (360 MB at 10M tiles): `info` says so beside what it
+    says of the index, and the indexing run builds it again instead of failing after its work.
+    Damaged window rows are found by the searches that use them, and by an indexing run that adds
+    rasters (else copied into a new shortlist whose sizes then match); `build-ann`, which the
+    message names, builds it again."""
     from worker.errors import CorruptIndexError
 
     folder = tmp_path / "index"
@@ -924,6 +929,16 @@ def test_a_damaged_shortlist_of_the_right_size_says_so_and_is_built_again(index_
     damage(ann.ann_dir(folder))
     index = TileIndex.open(folder)
     sketch = next(frames(index, 1))[1]
+    monkeypatch.setattr(ann, "AUTO_MIN_TILES", 10)
+    exact = search(index, model, sketch, RankingConfig(ann="off"), top=5)
+    with caplog.at_level(logging.WARNING, logger="worker.search"):
+        for _ in range(2):
+            passed = search(index, model, sketch, RankingConfig(), top=5)
+            assert [h.placement for h in passed.hits] == [h.placement for h in exact.hits]
+            assert passed.scan.by == "exact" and re.fullmatch(
+                r"the index's ANN shortlist is damaged \(.*(ann|index\.faiss|windows\.npy|_range\.npy).*\); scanning "
+                r"exactly \(`build-ann` builds it again\)", passed.scan.advice), passed.scan
+    assert caplog.text.count("ANN shortlist is damaged") == 1
     with pytest.raises(CorruptIndexError, match="build-ann"):
         search(index, model, sketch, RankingConfig(ann="on"), top=5)
     assert ("build-ann" in ann.describe(index).get("damaged", "")) == info_sees_it

@@ -635,7 +635,7 @@ def test_a_place_traced_larger_than_the_index_finds_is_said_with_its_hits(plugin
 
 def test_a_search_slower_than_it_could_be_says_why_with_its_hits(plugin, worker, qgis_iface, tmp_path):
     """A search that scanned every window although its index should have had a shortlist answer
-    (seconds at 10M tiles, where the shortlist takes a third of one) came with a green message:
+    (minutes at 10M tiles, where the shortlist takes a third of a second) came with a green message:
     the reply's `scan` advice is said with the hits. The reply is the real worker's, to a search
     asking the shortlist of an index that has none; the dock asks `auto`, which an index of the
     tests' size never needs."""
