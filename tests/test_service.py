@@ -188,22 +188,33 @@ def test_rasters_are_taken_out_of_an_index_by_a_job_of_the_worker(worker, raster
 
 def test_a_search_of_an_index_whose_job_has_committed_nothing_is_busy_not_missing(worker, rasters):
     """An index asked for and not yet begun (its job waits behind another) was `not_found`, "build
-    one with index", of the index the user had just asked to build."""
+    one with index", of the index the user had just asked to build; and `list_indexes` left it
+    out, so the plugin's list showed neither it nor its job. It is listed, with its job, as
+    nothing to search yet."""
     with worker.client() as c:
         first = c.start_index("first", [str(rasters / "rmnp-rgb.tif")], tile=64, scales=[1], chunk_tiles=8)
-        waiting = c.start_index("waiting", [str(rasters / "OSBS_029.tif")], tile=112, scales=[1])
+        waiting = c.start_index("waiting", [str(rasters / "OSBS_029.tif")], tile=112, scales=[1], tokens=True)
         try:
             assert waiting["state"] == states.QUEUED, "one job runs at a time: it waits behind the first"
             with pytest.raises(WorkerError) as err:
                 c.search("waiting", sketch_png=sketch_png(), top=2)
             with pytest.raises(WorkerError) as never_asked:
                 c.search("never-asked", sketch_png=sketch_png(), top=2)
+            listed = c.list_indexes()
         finally:
             for job in (waiting, first):
                 c.cancel(job["id"])
                 wait_job(c, job["id"])
     assert err.value.code == codes.BUSY and "waits behind other jobs" in err.value.message
     assert never_asked.value.code == codes.NOT_FOUND
+    names = [item["name"] for item in listed]
+    assert names == sorted(names, key=Path) and "waiting" in names, names
+    queued = next(item for item in listed if item["name"] == "waiting")
+    assert queued["job"] == waiting["id"] and queued["last_job"]["state"] == states.QUEUED
+    assert (queued["tile_count"], queued["rasters"], queued["complete"], queued["compatible"], queued["tokens"],
+            queued["tiling"]["tile"], queued["error"]) == (0, [], False, False, True, 112, None)
+    assert queued["reason"] == (f"nothing to search yet: it is being built by job {waiting['id']}, which waits behind "
+                                "other jobs: search again once it runs")
     for name in ("first", "waiting"):
         shutil.rmtree(worker.index_root / name, ignore_errors=True)
 

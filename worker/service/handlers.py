@@ -104,7 +104,11 @@ class Handlers:
                 last = self.jobs.last_for(index_dir)
                 out.append({"name": paths.index_name(index_dir), **status,
                             "job": running.id if running else None, "last_job": last.to_json() if last else None})
-            return {"indexes": out}
+            listed = {item["path"] for item in out}
+            out += [_not_begun(paths.index_name(job.index_dir), job) for job in self.jobs.active()
+                    if job.kind == "index" and str(job.index_dir) not in listed
+                    and job.index_dir.is_relative_to(paths.index_root)]  # not one resumed in another root
+            return {"indexes": sorted(out, key=lambda item: Path(item["path"]))}
 
         return work
 
@@ -288,9 +292,24 @@ class Handlers:
                                     "choose another, or build it") from None
             if job is None:
                 raise
-            when = ("waits behind other jobs: search again once it runs" if job.state == states.QUEUED
-                    else "has committed nothing yet: search again in a few seconds")
-            raise ProtocolError(BUSY, f"index {name!r} is being built by job {job.id}, which {when}") from None
+            raise ProtocolError(BUSY, f"index {name!r} {_not_begun_because(job)}") from None
+
+
+def _not_begun_because(job: Job) -> str:
+    """Why a new index has nothing to search yet: its job has committed no tile."""
+    when = ("waits behind other jobs: search again once it runs" if job.state == states.QUEUED
+            else "has committed nothing yet: search again in a few seconds")
+    return f"is being built by job {job.id}, which {when}"
+
+
+def _not_begun(name: str, job: Job) -> dict:
+    """How `list_indexes` lists a new index whose job has committed nothing yet (queued behind
+    others, or just begun): its folder holds no manifest, and it was left out of the list, so the
+    index a user had just asked for was nowhere to be seen beside the others, nor its job."""
+    return {"name": name, "path": str(job.index_dir), "tiles_layer": None, "tile_count": 0, "rasters": [],
+            "complete": False, "tiling": job.request.settings.to_json(), "tokens": bool(job.request.tokens),
+            "compatible": False, "reason": f"nothing to search yet: it {_not_begun_because(job)}", "error": None,
+            "job": job.id, "last_job": job.to_json()}
 
 
 def _written_elsewhere(name: str, then: str) -> ProtocolError:

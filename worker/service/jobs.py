@@ -142,6 +142,11 @@ class JobManager:
         with self._lock:
             return next((j for j in self.jobs.values() if j.index_dir == index_dir and j.state in states.ACTIVE), None)
 
+    def active(self) -> list[Job]:
+        """The jobs queued or running."""
+        with self._lock:
+            return [j for j in self.jobs.values() if j.state in states.ACTIVE]
+
     def last_for(self, index_dir: Path) -> Job | None:
         """The latest job of an index this worker knows, running or ended (a failed resume included)."""
         with self._lock:
