@@ -4,6 +4,8 @@ worker.hit_ids, worker.feedback through worker.query_search)."""
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -213,6 +215,10 @@ def test_bad_examples_are_refused_with_what_to_do(rmnp_index, model, assets, tmp
     with pytest.raises(InputError, match=r"cut-short.tif: cannot read its pixels there \(.*got \d+ bytes"):
         prepare_example(Example(str(cut_short), tuple(window_bbox(path, (100, 250, 300, 370))), "EPSG:4326"), rasters,
                         model.img_size)
+    latin1 = os.fsdecode(bytes(tmp_path) + b"/K\xfcste.tif")  # was `internal`: a UnicodeEncodeError in rasterio
+    shutil.copy(path, latin1)
+    with pytest.raises(InputError, match=r"K\\xfcste.tif: its name is not UTF-8, which GDAL reads names as: rename"):
+        prepare_example(Example(latin1, tuple(window_bbox(path)), "EPSG:4326"), rasters, model.img_size)
     confined = RasterAccess((tmp_path,))
     with pytest.raises(ForbiddenError, match="outside the raster roots"):
         prepare_example(Example(path, tuple(window_bbox(path)), "EPSG:4326"), rasters, model.img_size, access=confined)

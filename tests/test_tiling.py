@@ -1,6 +1,8 @@
 """Tiling real rasters: windows, footprints in both CRSs, bands, 16-bit stretch, nodata, bad files,
 and what a tile's line drawing leaves out (nodata, featureless water)."""
 
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,7 @@ from worker.errors import InputError
 from worker.geo import bounds_wgs84
 from worker.line_drawing import TILE_EDGE_SIGMA, edge_map, tile_line_drawings
 from lab.pseudo_sketch import has_lines
-from worker.tiling import Tile, TileReader, TileSettings, find_rasters, open_raster, plan_tiles
+from worker.tiling import Tile, TileReader, TileSettings, find_rasters, open_raster, open_rasters, plan_tiles
 
 
 def test_tiles_cover_the_raster_and_footprints_match_rasterio(assets):
@@ -165,7 +167,6 @@ def test_rasters_opened_together_refuse_as_one_at_a_time_would_and_all_at_once(t
     one refused is said in the order given, in one error (a folder of sheets with three bad
     files took three runs to find them)."""
     from worker.errors import MAX_SAID
-    from worker.tiling import open_rasters
 
     with rasterio.open(assets["rmnp_rgb"]) as src:
         data, transform = src.read(), src.transform
@@ -286,6 +287,20 @@ def test_corrupt_raster_is_a_clear_error(tmp_path):
         open_raster(path, None)
     with pytest.raises(InputError, match="raster not found: [^ ]*missing.tif'$"):
         find_rasters([tmp_path / "missing.tif"])
+
+
+def test_a_raster_whose_name_is_not_utf8_is_refused_saying_so(tmp_path, assets):
+    """A Latin-1 file name (from an old share or archive): rasterio hands GDAL names as UTF-8,
+    and an index run of its folder failed with a UnicodeEncodeError traceback (a probe's
+    finding). It is refused as the others are, named by its bytes, with what to do."""
+    folder = tmp_path / "sheets"
+    folder.mkdir()
+    latin1 = os.fsdecode(bytes(folder) + b"/K\xfcste.tif")  # "Küste" in Latin-1
+    shutil.copy(assets["rmnp_rgb"], latin1)
+    with pytest.raises(InputError) as refused:
+        open_rasters(find_rasters([folder]), None)
+    assert str(refused.value) == (f"{folder}/K\\xfcste.tif: its name is not UTF-8, which GDAL reads names as: rename "
+                                  "the file or folder (e.g. convmv -f latin1 -t utf-8 --notest NAME)")
 
 
 def test_a_pattern_that_matched_nothing_and_a_folder_without_rasters_are_said(tmp_path, assets, caplog):

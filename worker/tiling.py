@@ -679,10 +679,27 @@ def _valid_values(src: rasterio.DatasetReader, band: int, side: int) -> tuple[np
 def _open_with(path: Path, drivers: tuple[str, ...] | None) -> rasterio.DatasetReader:
     """`path` opened by any GDAL driver, or only by one of `drivers` (rasterio.open takes one
     driver name; its reader takes GDAL's list of allowed drivers)."""
+    _check_name(path)
     if not drivers:
         return rasterio.open(path)
     with rasterio.Env():
         return rasterio.io.DatasetReader(path, driver=list(drivers))
+
+
+def _check_name(path: Path) -> None:
+    """Refuse a name rasterio cannot hand GDAL: it encodes names as UTF-8, and one in another
+    encoding (a Latin-1 name from an old share or archive, whose bytes Python keeps as
+    surrogates) failed an index run or a search by example with a traceback, `internal` over the
+    protocol."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            shown = str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")  # its bytes
+        except UnicodeEncodeError:  # a surrogate no file name's byte gives (sent in JSON)
+            shown = str(path).encode("utf-8", "backslashreplace").decode()
+        raise InputError(f"{shown}: its name is not UTF-8, which GDAL reads names as: rename the file or folder "
+                         "(e.g. convmv -f latin1 -t utf-8 --notest NAME)") from None
 
 
 def open_raster(path: Path, bands: tuple[int, ...] | None, drivers: tuple[str, ...] | None = None,
