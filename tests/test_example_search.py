@@ -197,6 +197,12 @@ def test_bad_examples_are_refused_with_what_to_do(rmnp_index, model, assets, tmp
     with pytest.raises(InputError, match="at least 8 px"):
         prepare_example(Example(path, tuple(window_bbox(path, (200, 100, 203, 200))), "EPSG:4326"), rasters,
                         model.img_size)
+    with pytest.raises(InputError, match=r"covers 7\.9x100\.0 pixels .*: at least 8 px"):  # was "covers 8x100"
+        prepare_example(Example(path, tuple(window_bbox(path, (200, 100, 207.9, 200))), "EPSG:4326"), rasters,
+                        model.img_size)
+    with pytest.raises(InputError, match="lies outside"):  # ending on its north edge: was "covers 100x0 pixels"
+        prepare_example(Example(path, tuple(window_bbox(path, (100, -40, 200, 0), "EPSG:3857")), "EPSG:3857"),
+                        rasters, model.img_size)
     with pytest.raises(InputError, match="unknown CRS|not an authority code"):
         prepare_example(Example(path, tuple(window_bbox(path)), "EPSG:999999"), rasters, model.img_size)
     flat = write_raster(tmp_path / "flat.tif", np.full((3, 200, 200), 90, np.uint8), crs="EPSG:32617",

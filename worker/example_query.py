@@ -34,6 +34,7 @@ OWN_PLACE_IOU = 0.5  # a hit overlapping the square drawn around the example mor
 # large example (its IoU small) came back at rank 1, the user's own box
 OWN_PLACE_SHARE = 0.5
 MIN_SIDE_PX = 8  # raster pixels: a smaller box has nothing to draw
+EDGE_ONLY_PX = 0.01  # a box meeting the raster in less than this is one touching its edge: outside
 MIN_DATA_SHARE = 0.05  # of an example's box: less is said to hold no data (not to be flat)
 MIN_INK = 0.002  # share of the drawing's pixels that are lines: less is a blank example
 EDGE_STEPS = 16  # points per bbox edge when it is reprojected
@@ -123,14 +124,15 @@ def pixel_box(example: Example, raster: RasterInfo) -> tuple[float, float, float
     """The example's box in the raster's pixels (col0, row0, col1, row1), clipped to the raster;
     InputError when it lies outside it or is too small to draw."""
     inside = _inside_raster(example, example.bbox, raster)
-    if inside.is_empty or inside.area <= 0:
+    # a box ending on the raster's edge meets it in a sliver of rounding, said as "covers 0x100 pixels"
+    if inside.is_empty or min(inside.bounds[2] - inside.bounds[0], inside.bounds[3] - inside.bounds[1]) < EDGE_ONLY_PX:
         hint = f" (read as latitude first, it lies on it: give longitude first, as {list(_swapped(example.bbox))})" \
             if _swapped_lies_on(example, raster) else ""
         raise InputError(f"example bbox {excerpt(list(example.bbox))} ({example.crs}) lies outside {raster.path}"
                          f"{hint}: drag the rectangle over the raster's data")
     c0, r0, c1, r1 = inside.bounds
     if min(c1 - c0, r1 - r0) < MIN_SIDE_PX:
-        raise InputError(f"example bbox {excerpt(list(example.bbox))} covers {c1 - c0:.0f}x{r1 - r0:.0f} pixels of "
+        raise InputError(f"example bbox {excerpt(list(example.bbox))} covers {c1 - c0:.1f}x{r1 - r0:.1f} pixels of "
                          f"{raster.path}: at least {MIN_SIDE_PX} px a side is needed to draw a place")
     return c0, r0, c1, r1
 
