@@ -522,6 +522,8 @@ def test_a_shortlist_copied_from_another_index_of_the_same_sheets_is_not_taken_a
     index = TileIndex.open(folder)
     assert index.tiles_per_raster == TileIndex.open(other).tiles_per_raster
     assert not ann.describe(index)["current"]
+    assert ann.describe(index)["why_not_current"].startswith(f"{index.rasters[0].path} was indexed again since it was "
+                                                             "built")
     assert ann_shortlist(index, RankingConfig(ann="on")) is None
 
 
@@ -545,8 +547,11 @@ def test_a_raster_indexed_again_with_as_many_tiles_makes_its_shortlist_stale(mod
         for _ in range(2):
             assert ann_shortlist(index, RankingConfig(ann="on")) is None and not ann.describe(index)["current"]
     assert caplog.text.count("ANN shortlist is older than its tiles") == 1  # once while it lasts
+    assert ann.describe(index)["why_not_current"] == (f"{raster} was indexed again since it was built (tiles: {tiles} "
+                                                      f"then, {tiles} now)"), "info said only that it was not current"
     ann.update(index)
     assert ann_shortlist(index, RankingConfig(ann="on")) is not None and ann.describe(index)["current"]
+    assert ann.describe(index)["why_not_current"] is None
 
 
 def test_a_search_asking_for_a_shortlist_an_index_lacks_says_it_scans_exactly_once(s2_index, caplog):
@@ -593,6 +598,7 @@ def test_a_raster_added_since_the_shortlist_was_built_is_scanned_exactly_beside_
     assert shortlist is not None and shortlist.answers_for(index) == {0}
     described = ann.describe(index)
     assert not described["current"] and described["rasters_scanned_exactly_beside"] == [1]
+    assert described["why_not_current"] == "1 raster indexed since it was built, scanned exactly beside it"
     found, scans = {0: 0, 1: 0}, set()
     for raster_id in found:
         for frame, sketch in frames(index, 3, seed=7, raster_id=raster_id):
@@ -633,8 +639,14 @@ def test_a_search_says_when_it_scanned_exactly_and_what_would_make_it_faster(ind
     built = json.loads((ann.ann_dir(folder) / "ann.json").read_text())
     (ann.ann_dir(folder) / "ann.json").write_text(json.dumps({**built, "covers": {"0": 1}}))  # older than its tiles
     stale = search(TileIndex.open(folder), model, sketch, RankingConfig(ann="on"), top=3).scan
-    assert stale.by == "exact" and stale.advice.startswith("the index's ANN shortlist is older than its tiles or this "
-                                                           "worker; scanning exactly (`build-ann` builds it again"), stale
+    tiles = len(TileIndex.open(folder))
+    raster = TileIndex.open(folder).rasters[0].path
+    assert stale.by == "exact" and stale.advice.startswith(
+        f"the index's ANN shortlist is older than its tiles or this worker ({raster} was indexed again since it was "
+        f"built (tiles: 1 then, {tiles} now)); scanning exactly (`build-ann` builds it again"), stale
+    (ann.ann_dir(folder) / "ann.json").write_text(json.dumps({**built, "covers": {**built["covers"], "7": 5}}))
+    assert ann.describe(TileIndex.open(folder))["why_not_current"] == ("raster 7 was removed from the index since it "
+                                                                       "was built")  # a removal killed before its rebuild
     shutil.rmtree(ann.ann_dir(folder))
     told = []  # what a service's `timeout` of the search would say (worker.service.loop)
     with telling_why_slow(told.append):
@@ -820,6 +832,8 @@ def test_an_ann_of_an_older_format_is_not_asked_until_rebuilt(index_with_ann, tm
     (ann.ann_dir(folder) / "refine_full_range.npy").write_bytes(b"format 3")
     index = TileIndex.open(folder)
     assert ann_shortlist(index, RankingConfig(ann="on")) is None and not ann.describe(index)["current"]
+    assert ann.describe(index)["why_not_current"] == f"built by an older worker, in format None; this worker's is " \
+                                                     f"{ann.FORMAT}"
     ann.update(index)
     index = TileIndex.open(folder)
     assert ann_shortlist(index, RankingConfig(ann="on")) is not None and ann.describe(index)["current"]

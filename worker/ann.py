@@ -667,6 +667,28 @@ def current(built: dict, index: TileIndex) -> bool:
     return built.get("format") == FORMAT and built.get("covers") == covers and _files_as_built(built, index, covers)
 
 
+def why_not_current(built: dict, index: TileIndex) -> str | None:
+    """Why a shortlist whose ann.json says `built` is not current, the first reason found (`info`
+    and a search's advice said only that it was not, or was older than the tiles, and the user
+    could not tell what had changed); None when it is."""
+    if current(built, index):
+        return None
+    if built.get("format") != FORMAT:
+        return f"built by an older worker, in format {built.get('format')}; this worker's is {FORMAT}"
+    then, now, left_out = built.get("covers", {}), index.tiles_per_raster, index.left_out
+    names = {**built.get("paths", {}), **paths(index, then)}
+    for r in (r for r in then if int(r) not in left_out):
+        name = names.get(r, f"raster {r}")
+        if int(r) not in index.rasters:
+            return f"{name} was removed from the index since it was built"
+        if now.get(int(r)) != then[r] or not _files_as_built(built, index, [r]):
+            doing = "is being indexed again" if int(r) not in index.complete_rasters else "was indexed again"
+            return f"{name} {doing} since it was built (tiles: {then[r]} then, {now.get(int(r), 0)} now)"
+    added = [r for r in covered(index) if r not in then]
+    return (f"{len(added)} raster{'s' if len(added) > 1 else ''} indexed since it was built, scanned exactly beside it"
+            if added else "its rasters' files are not those it was built from")
+
+
 def _files_as_built(built: dict, index: TileIndex, rasters: Iterable[str]) -> bool:
     """Whether each raster id of `rasters` names the file a shortlist (its ann.json, `built`) was
     built from: its path, and its size and time (and a VRT's sources'); shortlists from before a
@@ -701,8 +723,9 @@ def describe(index: TileIndex) -> dict | None:
     answered = answers_for(built, index)
     beside = None if answered is None else sorted(r for r in index.tiles_per_raster
                                                   if r not in answered and r not in index.left_out)
-    return {**{k: v for k, v in built.items() if k not in ("covers", "sources", "paths")}, "current": current(built, index),
-            "asked_by_default": answered is not None and big_enough(len(index)),
+    why = why_not_current(built, index)
+    return {**{k: v for k, v in built.items() if k not in ("covers", "sources", "paths")}, "current": why is None,
+            "why_not_current": why, "asked_by_default": answered is not None and big_enough(len(index)),
             "rasters_scanned_exactly_beside": beside}
 
 

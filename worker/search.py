@@ -29,7 +29,7 @@ from worker.geo import Area, overlap_area, reproject_rings, shared_area
 from worker.line_drawing import drawing_device
 from worker.placement import Placement
 from worker.ann import (AUTO_MIN_TILES, MIN_WINDOWS, REBUILD, SET_ASIDE, AnnShortlist, big_enough, check_windows,
-                        left_mid_swap, query_vectors)
+                        left_mid_swap, query_vectors, why_not_current)
 from worker.candidates import Candidate
 from worker.cancellation import raise_if_stopped, say_why_slow
 from worker.errors import CorruptIndexError, RasterUnreadable
@@ -224,7 +224,8 @@ def _shortlist_on_disk(index: TileIndex, ranking: RankingConfig) -> tuple[AnnSho
     if seen is not None and seen[0] == index._ann.stamp:  # damage a search read in its windows
         raise CorruptIndexError(seen[1])
     if index._ann.answers_for(index) is None:
-        return None, _warn_once(index, ("stale", index._ann.stamp), STALE)
+        why = why_not_current(index._ann.info, index)
+        return None, _warn_once(index, ("stale", index._ann.stamp), STALE.format(why))
     index._ann_warned = None
     return index._ann, None
 
@@ -232,8 +233,8 @@ def _shortlist_on_disk(index: TileIndex, ranking: RankingConfig) -> tuple[AnnSho
 NO_SHORTLIST = ("the index has no ANN shortlist; scanning exactly (`build-ann` builds one, for an index of "
                 f"{MIN_WINDOWS} windows or more; an index run that completes an index of {AUTO_MIN_TILES:,} tiles or "
                 "more builds one, unless told not to: --no-ann)")
-STALE = ("the index's ANN shortlist is older than its tiles or this worker; scanning exactly (`build-ann` builds it "
-         "again, as does an index run that completes all the index's rasters)")
+STALE = ("the index's ANN shortlist is older than its tiles or this worker ({}); scanning exactly (`build-ann` builds "
+         "it again, as does an index run that completes all the index's rasters)")
 
 
 def _warn_once(index: TileIndex, state: tuple, message: str) -> str:
