@@ -112,7 +112,7 @@ def how_left(item: dict) -> str:
         return f"{name} cannot be read: {item['error']['message']}"
     if last.get("state") == states.FAILED and last.get("error"):
         return f"{name}: indexing could not go on: {last['error']['message']}"
-    if item.get("reason"):
+    if item.get("reason") and not item.get("job"):  # a job's own reason (nothing to search yet) is over
         return f"{name}: {item['reason']}"
     if item.get("complete"):  # and what of it a search cannot find, as the dock says of a job it followed
         empty = without_tiles_said(last.get("without_tiles"))

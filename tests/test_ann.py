@@ -647,6 +647,12 @@ def test_a_search_says_when_it_scanned_exactly_and_what_would_make_it_faster(ind
     (ann.ann_dir(folder) / "ann.json").write_text(json.dumps({**built, "covers": {**built["covers"], "7": 5}}))
     assert ann.describe(TileIndex.open(folder))["why_not_current"] == ("raster 7 was removed from the index since it "
                                                                        "was built")  # a removal killed before its rebuild
+    (ann.ann_dir(folder) / "ann.json").write_text(json.dumps(built))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["rasters"][0]["complete"] = False  # as a run indexing it again (or repairing a damaged shard) leaves it
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert ann.describe(TileIndex.open(folder))["why_not_current"] == (f"{raster} is being indexed again since it was "
+                                                                       f"built (tiles: {tiles} then, {tiles} now)")
     shutil.rmtree(ann.ann_dir(folder))
     told = []  # what a service's `timeout` of the search would say (worker.service.loop)
     with telling_why_slow(told.append):
@@ -832,8 +838,8 @@ def test_an_ann_of_an_older_format_is_not_asked_until_rebuilt(index_with_ann, tm
     (ann.ann_dir(folder) / "refine_full_range.npy").write_bytes(b"format 3")
     index = TileIndex.open(folder)
     assert ann_shortlist(index, RankingConfig(ann="on")) is None and not ann.describe(index)["current"]
-    assert ann.describe(index)["why_not_current"] == f"built by an older worker, in format None; this worker's is " \
-                                                     f"{ann.FORMAT}"
+    assert ann.describe(index)["why_not_current"] == f"built in another format (no format recorded; this worker's " \
+                                                     f"is {ann.FORMAT})"
     ann.update(index)
     index = TileIndex.open(folder)
     assert ann_shortlist(index, RankingConfig(ann="on")) is not None and ann.describe(index)["current"]
@@ -952,6 +958,9 @@ def test_a_damaged_shortlist_of_the_right_size_says_so_and_is_built_again(index_
             assert passed.scan.by == "exact" and re.fullmatch(
                 r"the index's ANN shortlist is damaged \(.*(ann|index\.faiss|windows\.npy|_range\.npy).*\); scanning "
                 r"exactly \(`build-ann` builds it again\)", passed.scan.advice), passed.scan
+        after_a_commit = TileIndex.open(folder, earlier=index)  # the view a service opens after a job's commit
+        assert [h.placement for h in search(after_a_commit, model, sketch, RankingConfig(), top=5).hits] == \
+            [h.placement for h in exact.hits]
     assert caplog.text.count("ANN shortlist is damaged") == 1
     with pytest.raises(CorruptIndexError, match="build-ann"):
         search(index, model, sketch, RankingConfig(ann="on"), top=5)

@@ -198,7 +198,7 @@ def test_bad_examples_are_refused_with_what_to_do(rmnp_index, model, assets, tmp
         prepare_example(Example(path, tuple(window_bbox(path, (200, 100, 203, 200))), "EPSG:4326"), rasters,
                         model.img_size)
     with pytest.raises(InputError, match=r"covers 7\.9x100\.0 pixels .*: at least 8 px"):  # was "covers 8x100"
-        prepare_example(Example(path, tuple(window_bbox(path, (200, 100, 207.9, 200))), "EPSG:4326"), rasters,
+        prepare_example(Example(path, tuple(window_bbox(path, (200, 100, 207.96, 200))), "EPSG:4326"), rasters,
                         model.img_size)
     with pytest.raises(InputError, match="lies outside"):  # ending on its north edge: was "covers 100x0 pixels"
         prepare_example(Example(path, tuple(window_bbox(path, (100, -40, 200, 0), "EPSG:3857")), "EPSG:3857"),

@@ -674,19 +674,20 @@ def why_not_current(built: dict, index: TileIndex) -> str | None:
     if current(built, index):
         return None
     if built.get("format") != FORMAT:
-        return f"built by an older worker, in format {built.get('format')}; this worker's is {FORMAT}"
-    then, now, left_out = built.get("covers", {}), index.tiles_per_raster, index.left_out
+        made = "no format recorded" if built.get("format") is None else f"format {built.get('format')}"
+        return f"built in another format ({made}; this worker's is {FORMAT})"
+    then, now = built.get("covers", {}), index.tiles_per_raster
     names = {**built.get("paths", {}), **paths(index, then)}
-    for r in (r for r in then if int(r) not in left_out):
+    changed = _files_changed(built, index, then)
+    for r in then:
         name = names.get(r, f"raster {r}")
         if int(r) not in index.rasters:
             return f"{name} was removed from the index since it was built"
-        if now.get(int(r)) != then[r] or not _files_as_built(built, index, [r]):
+        if int(r) not in index.complete_rasters or now.get(int(r)) != then[r] or r in changed:
             doing = "is being indexed again" if int(r) not in index.complete_rasters else "was indexed again"
             return f"{name} {doing} since it was built (tiles: {then[r]} then, {now.get(int(r), 0)} now)"
     added = [r for r in covered(index) if r not in then]
-    return (f"{len(added)} raster{'s' if len(added) > 1 else ''} indexed since it was built, scanned exactly beside it"
-            if added else "its rasters' files are not those it was built from")
+    return f"{len(added)} raster{'s' if len(added) > 1 else ''} indexed since it was built, scanned exactly beside it"
 
 
 def _files_as_built(built: dict, index: TileIndex, rasters: Iterable[str]) -> bool:
@@ -695,12 +696,19 @@ def _files_as_built(built: dict, index: TileIndex, rasters: Iterable[str]) -> bo
     field was recorded are judged without it. Without paths, a shortlist copied from another
     index of the same sheets, indexed in another order, was taken as current and answered with
     the other sheets' places."""
+    return not _files_changed(built, index, rasters)
+
+
+def _files_changed(built: dict, index: TileIndex, rasters: Iterable[str]) -> set[str]:
+    """The raster ids of `rasters` whose file is not the one the shortlist was built from
+    (_files_as_built), each looked up once: by raster, it took 2.6 s at 4,000 rasters."""
     rasters = list(rasters)
+    changed = set()
     for field, now in (("sources", sources(index, rasters)), ("paths", paths(index, rasters))):
         then = built.get(field)
-        if then is not None and any(now.get(r) != then.get(r) for r in rasters):
-            return False
-    return True
+        if then is not None:
+            changed.update(r for r in rasters if now.get(r) != then.get(r))
+    return changed
 
 
 def describe(index: TileIndex) -> dict | None:

@@ -12,6 +12,7 @@ dragged (more than OWN_PLACE_SHARE of their area) are left out (worker.query_sea
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,9 +133,15 @@ def pixel_box(example: Example, raster: RasterInfo) -> tuple[float, float, float
                          f"{hint}: drag the rectangle over the raster's data")
     c0, r0, c1, r1 = inside.bounds
     if min(c1 - c0, r1 - r0) < MIN_SIDE_PX:
-        raise InputError(f"example bbox {excerpt(list(example.bbox))} covers {c1 - c0:.1f}x{r1 - r0:.1f} pixels of "
-                         f"{raster.path}: at least {MIN_SIDE_PX} px a side is needed to draw a place")
+        raise InputError(f"example bbox {excerpt(list(example.bbox))} covers {_tenths(c1 - c0)}x{_tenths(r1 - r0)} "
+                         f"pixels of {raster.path}: at least {MIN_SIDE_PX} px a side is needed to draw a place")
     return c0, r0, c1, r1
+
+
+def _tenths(pixels: float) -> str:
+    """A side in pixels to a tenth, rounded down (past float rounding: 100 px read as 99.9999999 is
+    100.0): 7.96 px is not said as the 8.0 it falls short of."""
+    return f"{math.floor(pixels * 10 + 1e-6) / 10:.1f}"
 
 
 def _swapped(bbox: tuple[float, float, float, float]) -> tuple[float, float, float, float]:

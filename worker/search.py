@@ -220,7 +220,7 @@ def _shortlist_on_disk(index: TileIndex, ranking: RankingConfig) -> tuple[AnnSho
         index._ann = AnnShortlist.open(index.dir)  # swapped for another since the stamp was read: that one
         if index._ann is None:
             return None, None
-    seen = getattr(index, "_ann_damage", None)
+    seen = index._ann_damage
     if seen is not None and seen[0] == index._ann.stamp:  # damage a search read in its windows
         raise CorruptIndexError(seen[1])
     if index._ann.answers_for(index) is None:

@@ -1337,6 +1337,12 @@ def test_building_an_index_from_the_dock_shows_progress(plugin, worker, rmnp_lay
     left = how_left(item())
     assert left.startswith("from-dock is complete: ") and "; 1 raster(s) with no tile with enough data" in left, left
     assert left.endswith("small-for-dock.tif"), left
+    # listed before its first commit, as the worker lists a queued new index, and ended before the job was asked:
+    # not said as still waiting behind other jobs
+    queued = {"name": "queued", "tile_count": 0, "rasters": [], "complete": False, "compatible": False, "error": None,
+              "reason": "nothing to search yet: it is being built by job j1, which waits behind other jobs: search "
+                        "again once it runs", "job": "j1", "last_job": {"id": "j1", "state": "queued"}}
+    assert how_left(queued) == "queued is incomplete (0 tiles) and no longer being built: Build / extend it to finish it"
 
 
 def test_every_control_explains_itself_and_the_dock_says_how_to_sketch(plugin):

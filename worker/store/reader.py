@@ -40,6 +40,8 @@ class TileIndex:
                                     "delete the index and build it again") from None
         # what a search last warned of its shortlist (worker.search._warn_once): said once, not once a commit
         self._ann_warned = earlier._ann_warned if earlier else None
+        # the shortlist's damage a search read in its windows (worker.search): not asked again, after a commit either
+        self._ann_damage = earlier._ann_damage if earlier else None
         given = dict(earlier.joins_to_continue) if earlier else {}  # one step: a search may be taking from it
         self._earlier_joins = {key: joined for key, joined in given.items()
                                if key[0] not in self.complete_rasters}  # a complete raster's map is read from its file
