@@ -1097,6 +1097,32 @@ def test_a_cluster_without_workers_fails_the_run_instead_of_waiting_for_ever(tmp
             IndexWriter(tmp_path / "index", model, SETTINGS, CHUNK).build([assets["osbs_rgb"]], computer=chunks)
 
 
+def test_a_chunk_whose_result_is_lost_with_every_worker_says_so_not_that_the_scheduler_is_silent(model, monkeypatch):
+    """A chunk that finished on a worker killed before the driver fetched its arrays is computed
+    again, by no one on a cluster left without workers: the fetch's one wait of
+    SCHEDULER_SILENT_S then said that the scheduler, which answered, had not (the cluster
+    probe's finding, every worker killed mid-run). The fetch waits as the chunks do: a cluster
+    without workers is said as such, and a stop is seen."""
+    from types import SimpleNamespace
+
+    from worker import distributed
+
+    monkeypatch.setattr(distributed, "SCHEDULER_SILENT_S", 3.0)
+    monkeypatch.setattr(distributed, "NO_WORKERS_S", 6.0)
+    with connect("local:1") as client:
+        client.retire_workers(close_workers=True)
+        deadline = time.monotonic() + 30
+        while client.scheduler_info()["workers"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        chunks = ClusterChunks(client, OPTIONS, model.fingerprint()["tile_encoder"])
+        never = client.submit(sum, [1, 2], pure=False)  # no worker runs it
+        job = SimpleNamespace(raster={"path": "sheet.tif"}, chunk=3)
+        with pytest.raises(InputError, match="has had no workers for 6 s"):
+            chunks._result(never, job, lambda: False)
+        stopped = time.monotonic() + 0.5
+        assert chunks._result(never, job, lambda: time.monotonic() > stopped) is None
+
+
 def test_a_cancel_is_seen_while_the_cluster_computes(tmp_path, assets, model, cluster):
     """A job cancelled on a cluster stops within a moment, not when its computing chunks end
     (one chunk of a large raster takes minutes), and commits none of them. Last in this module:

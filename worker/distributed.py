@@ -496,10 +496,10 @@ class ClusterChunks:
                     time.sleep(STOP_POLL_S)
                 last_done, said_stalled = time.monotonic(), False
                 future = next(finished)
-                if should_stop():
-                    yield futures[future], None
+                result = None if should_stop() else self._result(future, futures[future], should_stop)
+                yield futures[future], result
+                if result is None:  # stopped
                     return
-                yield futures[future], self._result(future, futures[future])
         except (CancelledError, CommClosedError) as exc:  # the scheduler went away: every future is cancelled
             raise InputError(f"lost the Dask scheduler at {self.client.scheduler.address} ({excerpt(str(exc))}): "
                              "committed chunks are kept; run the job again once it is back") from None
@@ -574,17 +574,15 @@ class ClusterChunks:
                           f"{SCHEDULER_SILENT_S:.0f} s (stopped, overloaded, or its machine unreachable): committed "
                           "chunks are kept; run the job again once it answers")
 
-    def _result(self, future, job: ChunkJob) -> ChunkResult | RasterReadError:
-        """A finished chunk's arrays, or the RasterReadError that left it out; InputError, naming
-        the chunk, where its workers failed otherwise."""
+    def _result(self, future, job: ChunkJob, should_stop: Callable[[], bool]) -> ChunkResult | RasterReadError | None:
+        """A finished chunk's arrays, or the RasterReadError that left it out (None: the run was
+        stopped meanwhile); InputError, naming the chunk, where its workers failed otherwise."""
         from distributed import KilledWorker
         from distributed.comm import CommClosedError
 
         where = f"{job.raster['path']} (chunk {job.chunk})"
-        try:  # its arrays are fetched through the scheduler, which may have stopped answering meanwhile
-            result = future.result(timeout=SCHEDULER_SILENT_S)
-        except TimeoutError:
-            raise self._silent() from None
+        try:
+            result = self._fetched(future, should_stop)
         except KilledWorker:
             raise InputError(f"cluster workers kept dying while computing {where}: look at their logs (memory?); "
                              "committed chunks are kept, run the job again") from None
@@ -603,6 +601,23 @@ class ClusterChunks:
         if isinstance(result, InputError) and not isinstance(result, RasterReadError):
             raise result
         return result
+
+    def _fetched(self, future, should_stop: Callable[[], bool]):
+        """A finished chunk's result, fetched through the scheduler (None: stopped meanwhile). It
+        may lie on a worker that died since the chunk finished: the scheduler then has the chunk
+        computed again, as long as it took (a minute on a CPU), or never on a cluster left
+        without workers. It is waited for as chunks are, the scheduler's silence and a cluster
+        without workers said as such: one wait of SCHEDULER_SILENT_S said that a scheduler which
+        answered had not (the cluster probe's finding, its workers killed mid-run)."""
+        idle_since = None
+        while True:
+            try:
+                return future.result(timeout=STOP_POLL_S)
+            except TimeoutError:
+                if should_stop():
+                    return None
+                self._check_scheduler_answers()
+                idle_since = self._without_workers_since(idle_since)
 
     def _without_workers_since(self, idle_since: float | None) -> float | None:
         """When the cluster has had no worker for NO_WORKERS_S, InputError (its chunks would wait
