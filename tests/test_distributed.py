@@ -1082,16 +1082,21 @@ def test_a_ucx_scheduler_this_machine_cannot_reach_is_said_to_be_ucxs_failing():
             pass
 
 
+def left_without_workers(client) -> None:
+    """The client's cluster with its workers closed, once its scheduler says so (30 s at most)."""
+    client.retire_workers(close_workers=True)
+    deadline = time.monotonic() + 30
+    while client.scheduler_info()["workers"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 def test_a_cluster_without_workers_fails_the_run_instead_of_waiting_for_ever(tmp_path, assets, model, monkeypatch):
     """Its chunks waited for a worker for ever, the job running and the service's jobs queued."""
     from worker import distributed
 
     monkeypatch.setattr(distributed, "NO_WORKERS_S", 2.0)
     with connect("local:1") as client:
-        client.retire_workers(close_workers=True)
-        deadline = time.monotonic() + 30
-        while client.scheduler_info()["workers"] and time.monotonic() < deadline:
-            time.sleep(0.2)
+        left_without_workers(client)
         chunks = ClusterChunks(client, OPTIONS, model.fingerprint()["tile_encoder"])
         with pytest.raises(InputError, match="no workers"):
             IndexWriter(tmp_path / "index", model, SETTINGS, CHUNK).build([assets["osbs_rgb"]], computer=chunks)
@@ -1110,10 +1115,7 @@ def test_a_chunk_whose_result_is_lost_with_every_worker_says_so_not_that_the_sch
     monkeypatch.setattr(distributed, "SCHEDULER_SILENT_S", 3.0)
     monkeypatch.setattr(distributed, "NO_WORKERS_S", 6.0)
     with connect("local:1") as client:
-        client.retire_workers(close_workers=True)
-        deadline = time.monotonic() + 30
-        while client.scheduler_info()["workers"] and time.monotonic() < deadline:
-            time.sleep(0.2)
+        left_without_workers(client)
         chunks = ClusterChunks(client, OPTIONS, model.fingerprint()["tile_encoder"])
         never = client.submit(sum, [1, 2], pure=False)  # no worker runs it
         job = SimpleNamespace(raster={"path": "sheet.tif"}, chunk=3)
