@@ -110,6 +110,57 @@ def test_strokes_traced_over_a_raster_past_180_degrees_use_its_pixel_grid(index,
     assert np.abs((got - got.mean(0)) - (truth - truth.mean(0))).max() <= 0.6
 
 
+@pytest.mark.parametrize("canvas", ["EPSG:3857", "EPSG:4326"])
+def test_strokes_across_180_degrees_given_a_world_apart_are_made_whole(index, tmp_path, assets, canvas):
+    """A place across 180 degrees traced on a map, its x as PROJ gives them (and QGIS moving a
+    sketch into another CRS): those east of 180 a world away, at the map's other edge. The
+    strokes were read as wide as the world (the place searched as 240,000 px a side, and
+    missed: the stroke probe's finding). They come out as the place's pixel lines."""
+    from worker.geo import parse_crs, _world
+    from worker.tiling import open_raster
+
+    across = Affine(STEP_DEG, 0, 180.0 - 330 * STEP_DEG, 0, -STEP_DEG, -17.0)  # its column 330 on 180 degrees
+    _s2_part(assets["s2_rgb"], tmp_path / "across.tif", 0, "EPSG:4326", across)
+    across = open_raster(tmp_path / "across.tif", None)
+    frame = Placement(across, cx=330.0, cy=300.0, side=224.0, angle=0.0)
+    width = _world(parse_crs(canvas).to_wkt())[0]
+    traced = [[(x - width if x > width / 2 else x, y) for x, y in line] for line in _traced(across, frame, canvas)]
+    xs = [x for line in traced for x, _ in line]
+    assert max(xs) - min(xs) > width / 2, "a world apart, as PROJ gives them"
+    mapped, under, lies_on = on_the_pixel_grid(stroke_sketch(traced, canvas), {0: across}, {0: 10})
+    assert under is across and lies_on
+    image, valid = frame.read(224)
+    truth = np.concatenate([line[:, ::-1] + 0.5 for line in trace_polylines(edge_map(image, QUERY_EDGE_SIGMA, valid))])
+    got = np.concatenate([np.asarray(s) for s in mapped.strokes])
+    assert np.abs((got - got.mean(0)) - (truth - truth.mean(0))).max() <= 0.6
+
+
+def test_strokes_no_ground_holds_or_a_frame_that_holds_nothing_are_refused_in_the_users_numbers(index):
+    """Strokes in EPSG:4326 whose numbers are projected ones, past a pole, were searched as if
+    drawn on a pad without a word, where a search area of the same numbers is refused; a frame
+    of no width was searched as a meaningless drawing; strokes outside their frame were said
+    to lie outside a frame of pixel numbers the user never sent (the stroke probe's findings)."""
+    from worker.errors import InputError
+    from worker.sketch import load_sketch
+
+    def grid(strokes, crs, frame=None):
+        return on_the_pixel_grid(stroke_sketch(strokes, crs, frame), index.rasters, index.tiles_per_raster)
+
+    with pytest.raises(InputError, match=r"lie wholly past a pole in EPSG:4326 .*projected coordinates\? Name their "
+                                         r"CRS \(strokes_crs\)"):
+        grid([[(500_000.0, 6_900_000.0), (500_400.0, 6_900_300.0)]], "EPSG:4326")  # UTM metres
+    with pytest.raises(InputError, match="lie wholly past a pole"):
+        grid([[(10.0, 95.0), (10.1, 95.1)]], "EPSG:4326")
+    line = [[(10.01, 62.18), (10.02, 62.19)]]
+    for frame in ([10.0, 62.1, 10.0, 62.2], [10.05, 62.1, 10.0, 62.2]):
+        with pytest.raises(InputError, match=r"sketch frame \[10\.0[5]?, 62\.1, 10\.0, 62\.2\] is empty or reversed"):
+            grid(line, "EPSG:4326", frame)
+    with pytest.raises(InputError, match=r"empty or reversed"):  # a pad's
+        load_sketch(stroke_sketch([[(0, 0), (0, 100)]], None, [0, 0, 0, 224]), 224)
+    with pytest.raises(InputError, match=r"lie wholly outside their frame \[11\.0, 62\.1, 11\.1, 62\.2\]"):
+        grid(line, "EPSG:4326", [11.0, 62.1, 11.1, 62.2])
+
+
 @pytest.mark.parametrize("name, canvas", [("north.tif", "EPSG:3857"), ("south.tif", "EPSG:4326")])
 def test_a_place_traced_on_a_map_that_stretches_or_turns_its_raster_is_found(index, model, name, canvas):
     """The probe's case: a place traced where a web Mercator map shows a square-degree raster at

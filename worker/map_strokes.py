@@ -22,8 +22,9 @@ from dataclasses import replace
 
 import numpy as np
 
-from worker.geo import WGS84, nearest_copy_x, transformed_or_inf
-from worker.sketch import StrokeSketch
+from worker.errors import InputError
+from worker.geo import WGS84, is_lon_lat_degrees, nearest_copy_x, parse_crs, transformed_or_inf
+from worker.sketch import StrokeSketch, refuse_outside_their_frame
 from worker.tiling import RasterInfo
 
 log = logging.getLogger(__name__)
@@ -40,15 +41,18 @@ def on_the_pixel_grid(sketch: StrokeSketch, rasters: dict[int, RasterInfo],
     that raster, and whether the strokes' centre lies on it; unchanged, None and False when it
     has no CRS, when none of `rasters` holds a tile, or where the CRS cannot place it (at a
     pole, past a projection's edge), as it was searched before."""
-    unchanged = sketch, None, False
     held = [rasters[i] for i in sorted(tiles, key=lambda i: -tiles[i]) if tiles[i] and i in rasters]
     if sketch.crs is None or not held or not sketch.strokes or not all(sketch.strokes):
-        return unchanged
+        return sketch, None, False
+    sketch = _whole_across_180(sketch)
+    unchanged = sketch, None, False
+    refuse_outside_their_frame(sketch)  # in the user's numbers, not the grid's
     x0, y0, x1, y1 = sketch.extent()
     span = max(x1 - x0, y1 - y0)
     if not span > 0:  # a single point: load_sketch says so
         return unchanged
     centre = np.array([(x0 + x1) / 2, (y0 + y1) / 2])
+    _refuse_off_the_earth(sketch)
     to_ground = _ground_per_map_unit(sketch.crs, centre, span * STEP_OF_SPAN)
     if to_ground is None:
         return unchanged
@@ -71,6 +75,42 @@ def on_the_pixel_grid(sketch: StrokeSketch, rasters: dict[int, RasterInfo],
         frame = (*corners.min(0).tolist(), *corners.max(0).tolist())
     return (replace(sketch, strokes=tuple(moved(s) for s in sketch.strokes), y_up=False, frame=frame, crs=None),
             raster, lies_on)
+
+
+def _whole_across_180(sketch: StrokeSketch) -> StrokeSketch:
+    """Strokes across 180 degrees made whole in a CRS whose x wraps round the Earth (lon/lat, web
+    Mercator): PROJ, and QGIS moving a sketch into another CRS, give their x a world apart on
+    either side, and the place was read as wide as the world (traced over the Pacific, 160 px,
+    it was searched as 240,000 px a side and missed: the stroke probe's finding). Every x, and
+    the frame's sides, moved by whole turns to lie nearest the first point's: no sketch is half
+    a world wide."""
+    wkt = parse_crs(sketch.crs).to_wkt()
+    first = sketch.strokes[0][0][0]
+
+    def near(xs) -> list[float]:
+        return nearest_copy_x(np.asarray(xs, np.float64), wkt, first).tolist()
+
+    strokes = tuple(tuple(zip(near([p[0] for p in s]), (p[1] for p in s))) for s in sketch.strokes)
+    frame = sketch.frame
+    if frame is not None:
+        west, east = near([frame[0], frame[2]])
+        frame = (west, frame[1], east, frame[3])
+    return replace(sketch, strokes=strokes, frame=frame)
+
+
+def _refuse_off_the_earth(sketch: StrokeSketch) -> None:
+    """InputError for strokes their CRS places on no ground: latitudes past a pole in lon/lat
+    (projected numbers sent as EPSG:4326), or where PROJ places nothing. They were searched as
+    if drawn on a pad, without a word, where a search area of the same numbers was refused."""
+    points = np.array([p for s in sketch.strokes for p in s], np.float64)
+    crs = parse_crs(sketch.crs)
+    if is_lon_lat_degrees(crs) and (np.abs(points[:, 1]) > 90).all():
+        raise InputError(f"sketch strokes lie wholly past a pole in {sketch.crs} (latitudes beyond 90 degrees): are "
+                         "these projected coordinates? Name their CRS (strokes_crs)")
+    lons, lats = transformed_or_inf(sketch.crs, WGS84, points[:, 0], points[:, 1])
+    if not (np.isfinite(lons) & np.isfinite(lats)).any():
+        raise InputError(f"sketch strokes lie where {sketch.crs} places no ground (past its edges): are these "
+                         "coordinates in that CRS? Name their CRS (strokes_crs)")
 
 
 def _ground_per_map_unit(crs: str, at: np.ndarray, step: float) -> tuple[np.ndarray, np.ndarray] | None:

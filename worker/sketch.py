@@ -19,7 +19,7 @@ import shapely
 import torch
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
-from wire.protocol import MAX_STROKE_POINTS, MAX_STROKES
+from wire.protocol import MAX_STROKE_POINTS, MAX_STROKES, excerpt
 from worker.edge_cells import CELL, compared_drawings
 from worker.errors import InputError
 
@@ -145,15 +145,11 @@ def render_strokes(sketch: StrokeSketch, canvas: int = 512, width_fraction: floa
     pts = np.array([p for s in strokes for p in s], dtype=np.float64)
     if not np.isfinite(pts).all():
         raise InputError("sketch strokes contain non-finite coordinates")
+    refuse_outside_their_frame(sketch)
     x0, y0, x1, y1 = sketch.extent()
     span = max(x1 - x0, y1 - y0)
-    if not np.isfinite([x0, y0, x1, y1]).all() or span <= 0 or min(x1 - x0, y1 - y0) < 0:
-        raise InputError("sketch strokes have no extent (a single point) or an empty frame; draw lines")
-    margin = span * FRAME_MARGIN  # what the canvas shows round the frame: strokes there are drawn
-    if sketch.frame is not None and not shapely.box(x0 - margin, y0 - margin, x1 + margin, y1 + margin).intersects(
-            shapely.MultiLineString([list(s) * 2 if len(s) == 1 else list(s) for s in strokes])):  # was called blank
-        raise InputError(f"sketch strokes lie wholly outside their frame {list(sketch.frame)}: give the frame they "
-                         "were drawn in (strokes_frame), in the strokes' coordinates, or none")
+    if not np.isfinite([x0, y0, x1, y1]).all() or span <= 0:
+        raise InputError("sketch strokes have no extent (a single point); draw lines")
     pad = canvas * 0.05
     scale = (canvas - 2 * pad) / span
     off_x = pad + ((canvas - 2 * pad) - (x1 - x0) * scale) / 2
@@ -168,6 +164,25 @@ def render_strokes(sketch: StrokeSketch, canvas: int = 512, width_fraction: floa
             xy = xy * 2
         draw.line(xy, fill=0, width=width, joint="curve")
     return img
+
+
+def refuse_outside_their_frame(sketch: StrokeSketch) -> None:
+    """InputError for a frame of no width or height, or reversed (a pad's frame of zero width was
+    searched as a meaningless drawing), and for strokes wholly outside their frame (drawn
+    blank); said in the coordinates the user gave, before map strokes are moved onto a raster's
+    pixel grid (worker.map_strokes: the message quoted numbers the user never sent)."""
+    if sketch.frame is None:
+        return
+    x0, y0, x1, y1 = sketch.frame
+    if not (x1 > x0 and y1 > y0):
+        raise InputError(f"sketch frame {excerpt(list(sketch.frame))} is empty or reversed: give the frame the strokes "
+                         "were drawn in as [x0, y0, x1, y1], x1 above x0 and y1 above y0 (strokes_frame), or none")
+    margin = max(x1 - x0, y1 - y0) * FRAME_MARGIN  # what the canvas shows round the frame: strokes there are drawn
+    strokes = [s for s in sketch.strokes if s]
+    if not shapely.box(x0 - margin, y0 - margin, x1 + margin, y1 + margin).intersects(
+            shapely.MultiLineString([list(s) * 2 if len(s) == 1 else list(s) for s in strokes])):  # was called blank
+        raise InputError(f"sketch strokes lie wholly outside their frame {excerpt(list(sketch.frame))}: give the frame "
+                         "they were drawn in (strokes_frame), in the strokes' coordinates, or none")
 
 
 def ink_level(gray: np.ndarray) -> float:
