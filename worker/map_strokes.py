@@ -38,9 +38,11 @@ def on_the_pixel_grid(sketch: StrokeSketch, rasters: dict[int, RasterInfo],
                       tiles: dict[int, int]) -> tuple[StrokeSketch, RasterInfo | None, bool]:
     """`sketch` drawn in a CRS (`sketch.crs`) as strokes in pixel coordinates of the raster it
     was drawn over (of `rasters` with `tiles` by id), else of the one holding the most tiles,
-    that raster, and whether the strokes' centre lies on it; unchanged, None and False when it
-    has no CRS, when none of `rasters` holds a tile, or where the CRS cannot place it (at a
-    pole, past a projection's edge), as it was searched before."""
+    that raster, and whether the strokes' centre lies on it; unchanged (across 180 degrees made
+    whole), None and False when it has no CRS, when none of `rasters` holds a tile, or where the
+    CRS cannot take its centre onto the ground (at a pole, past a projection's edge), as it was
+    searched before. InputError for an empty frame, strokes outside their frame, and strokes
+    the CRS places on no ground at all."""
     held = [rasters[i] for i in sorted(tiles, key=lambda i: -tiles[i]) if tiles[i] and i in rasters]
     if sketch.crs is None or not held or not sketch.strokes or not all(sketch.strokes):
         return sketch, None, False
