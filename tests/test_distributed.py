@@ -1123,6 +1123,16 @@ def test_a_chunk_whose_result_is_lost_with_every_worker_says_so_not_that_the_sch
             chunks._result(never, job, lambda: False)
         stopped = time.monotonic() + 0.5
         assert chunks._result(never, job, lambda: time.monotonic() > stopped) is None
+    with connect("local:1") as client:  # a chunk failed by its own TimeoutError (a read timing out) was waited on
+        chunks = ClusterChunks(client, OPTIONS, model.fingerprint()["tile_encoder"])
+        timed_out = client.submit(_times_out, pure=False)
+        with pytest.raises(InputError, match=r"a cluster worker failed computing sheet.tif \(chunk 3\): 'a share "
+                                             r"did not answer'"):
+            chunks._result(timed_out, job, lambda: False)
+
+
+def _times_out() -> None:
+    raise TimeoutError("a share did not answer")
 
 
 def test_a_cancel_is_seen_while_the_cluster_computes(tmp_path, assets, model, cluster):

@@ -431,8 +431,8 @@ def _worker_name() -> str:
 def _environment_error(exc: Exception) -> bool:
     """Whether a worker's failure is its environment's, not a bug: this code not importable there
     (Dask then cannot read the task: "Error during deserialization of the task graph"), a file
-    it cannot find."""
-    return isinstance(exc, (ImportError, FileNotFoundError)) or "deserializ" in str(exc)
+    it cannot find, a system call failed or timed out there (a shared disk not answering)."""
+    return isinstance(exc, (ImportError, OSError)) or "deserializ" in str(exc)
 
 
 STOP_POLL_S = 0.2  # how often the driver asks whether the job was cancelled while chunks compute
@@ -609,15 +609,20 @@ class ClusterChunks:
         without workers. It is waited for as chunks are, the scheduler's silence and a cluster
         without workers said as such: one wait of SCHEDULER_SILENT_S said that a scheduler which
         answered had not (the cluster probe's finding, its workers killed mid-run)."""
-        idle_since = None
+        idle_since, began, said_stalled = None, time.monotonic(), False
         while True:
             try:
                 return future.result(timeout=STOP_POLL_S)
             except TimeoutError:
+                if future.status == "error":  # the chunk's own (a read timing out), not the wait's: raised
+                    raise
                 if should_stop():
                     return None
                 self._check_scheduler_answers()
                 idle_since = self._without_workers_since(idle_since)
+                if not said_stalled and time.monotonic() - began > STALLED_S:  # a worker hung computing it again
+                    self._say_stalled(time.monotonic() - began)
+                    said_stalled = True
 
     def _without_workers_since(self, idle_since: float | None) -> float | None:
         """When the cluster has had no worker for NO_WORKERS_S, InputError (its chunks would wait

@@ -578,6 +578,13 @@ def nearest_copy(shape: Polygon, crs: CRS, centre_x: float) -> Polygon:
     return shapely.affinity.translate(shape, moved - middle) if moved != middle else shape
 
 
+def world_width(crs_wkt: str) -> float | None:
+    """How far x runs once round the equator in a CRS whose x wraps (360 in lon/lat degrees, 2 x
+    20,037,508 m in web Mercator); None in any other."""
+    world = _world(crs_wkt)
+    return None if world is None else world[0]
+
+
 @lru_cache(maxsize=16)
 def _world(dst_wkt: str) -> tuple[float, float] | None:
     """How far x runs once round the equator in a CRS, and its middle (360 and 0 in lon/lat in

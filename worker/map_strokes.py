@@ -23,7 +23,8 @@ from dataclasses import replace
 import numpy as np
 
 from worker.errors import InputError
-from worker.geo import WGS84, is_lon_lat_degrees, nearest_copy_x, parse_crs, transformed_or_inf
+from worker.geo import (WGS84, followed, is_lon_lat_degrees, nearest_copy_x, parse_crs, transformed_or_inf,
+                        world_width)
 from worker.sketch import StrokeSketch, refuse_outside_their_frame
 from worker.tiling import RasterInfo
 
@@ -83,20 +84,24 @@ def _whole_across_180(sketch: StrokeSketch) -> StrokeSketch:
     """Strokes across 180 degrees made whole in a CRS whose x wraps round the Earth (lon/lat, web
     Mercator): PROJ, and QGIS moving a sketch into another CRS, give their x a world apart on
     either side, and the place was read as wide as the world (traced over the Pacific, 160 px,
-    it was searched as 240,000 px a side and missed: the stroke probe's finding). Every x, and
-    the frame's sides, moved by whole turns to lie nearest the first point's: no sketch is half
-    a world wide."""
+    it was searched as 240,000 px a side and missed: the stroke probe's finding). Only strokes
+    more than half a world wide, as given, are moved: each followed point to point, then moved
+    as one piece by whole turns to lie nearest the first; the frame as one piece beside them
+    (one narrower than a world whose east is given west of its west, across 180)."""
     wkt = parse_crs(sketch.crs).to_wkt()
-    first = sketch.strokes[0][0][0]
-
-    def near(xs) -> list[float]:
-        return nearest_copy_x(np.asarray(xs, np.float64), wkt, first).tolist()
-
-    strokes = tuple(tuple(zip(near([p[0] for p in s]), (p[1] for p in s))) for s in sketch.strokes)
+    width = world_width(wkt)
+    xs = [np.asarray([p[0] for p in s], np.float64) for s in sketch.strokes]
+    if width is None or np.ptp(np.concatenate(xs)) <= width / 2:
+        return sketch
+    whole = [followed(x, width) for x in xs]
+    whole = [x - width * np.round((x.mean() - whole[0].mean()) / width) for x in whole]
+    strokes = tuple(tuple(zip(x.tolist(), (p[1] for p in s))) for x, s in zip(whole, sketch.strokes))
     frame = sketch.frame
-    if frame is not None:
-        west, east = near([frame[0], frame[2]])
-        frame = (west, frame[1], east, frame[3])
+    if frame is not None and abs(frame[2] - frame[0]) < width:
+        west, east = frame[0], frame[2] + (width if frame[2] < frame[0] else 0.0)
+        middle = (np.concatenate(whole).min() + np.concatenate(whole).max()) / 2
+        shift = width * np.round(((west + east) / 2 - middle) / width)
+        frame = (west - shift, frame[1], east - shift, frame[3])
     return replace(sketch, strokes=strokes, frame=frame)
 
 
