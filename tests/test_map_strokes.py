@@ -140,14 +140,16 @@ def test_only_strokes_given_a_world_apart_are_moved_and_a_frame_as_one_piece():
     moved alone, it was torn at its middle), as does a frame of a zoomed-out map (it was moved to
     no width and refused); a frame across 180 whose east is given west of its west is made
     whole beside its strokes (a review's findings)."""
+    from worker.geo import parse_crs
     from worker.map_strokes import _whole_across_180
 
+    lonlat = parse_crs("EPSG:4326").to_wkt()
     wide = stroke_sketch([[(-135.0, 10.0), (-50.0, 12.0), (0.0, 14.0), (50.0, 12.0), (135.0, 10.0)]], "EPSG:4326",
                          [-180.0, -90.0, 180.0, 90.0])
-    assert _whole_across_180(wide) == wide
+    assert _whole_across_180(wide, lonlat) == wide
     pacific = stroke_sketch([[(179.95, -17.05), (-179.95, -17.02)], [(-179.97, -17.08), (179.96, -17.01)]],
                             "EPSG:4326", [179.9, -17.1, -179.9, -17.0])
-    whole = _whole_across_180(pacific)
+    whole = _whole_across_180(pacific, lonlat)
     assert [x for s in whole.strokes for x, _ in s] == pytest.approx([179.95, 180.05, 180.03, 179.96])
     assert whole.frame == pytest.approx((179.9, -17.1, 180.1, -17.0))
 

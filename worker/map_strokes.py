@@ -21,6 +21,7 @@ import logging
 from dataclasses import replace
 
 import numpy as np
+from rasterio.crs import CRS
 
 from worker.errors import InputError
 from worker.geo import (WGS84, followed, is_lon_lat_degrees, nearest_copy_x, parse_crs, transformed_or_inf,
@@ -47,7 +48,8 @@ def on_the_pixel_grid(sketch: StrokeSketch, rasters: dict[int, RasterInfo],
     held = [rasters[i] for i in sorted(tiles, key=lambda i: -tiles[i]) if tiles[i] and i in rasters]
     if sketch.crs is None or not held or not sketch.strokes or not all(sketch.strokes):
         return sketch, None, False
-    sketch = _whole_across_180(sketch)
+    crs = parse_crs(sketch.crs)
+    sketch = _whole_across_180(sketch, crs.to_wkt())
     unchanged = sketch, None, False
     refuse_outside_their_frame(sketch)  # in the user's numbers, not the grid's
     x0, y0, x1, y1 = sketch.extent()
@@ -55,7 +57,7 @@ def on_the_pixel_grid(sketch: StrokeSketch, rasters: dict[int, RasterInfo],
     if not span > 0:  # a single point: load_sketch says so
         return unchanged
     centre = np.array([(x0 + x1) / 2, (y0 + y1) / 2])
-    _refuse_off_the_earth(sketch)
+    _refuse_off_the_earth(sketch, crs)
     to_ground = _ground_per_map_unit(sketch.crs, centre, span * STEP_OF_SPAN)
     if to_ground is None:
         return unchanged
@@ -80,21 +82,21 @@ def on_the_pixel_grid(sketch: StrokeSketch, rasters: dict[int, RasterInfo],
             raster, lies_on)
 
 
-def _whole_across_180(sketch: StrokeSketch) -> StrokeSketch:
+def _whole_across_180(sketch: StrokeSketch, wkt: str) -> StrokeSketch:
     """Strokes across 180 degrees made whole in a CRS whose x wraps round the Earth (lon/lat, web
     Mercator): PROJ, and QGIS moving a sketch into another CRS, give their x a world apart on
     either side, and the place was read as wide as the world (traced over the Pacific, 160 px,
     it was searched as 240,000 px a side and missed: the stroke probe's finding). Only strokes
     more than half a world wide, as given, are moved: each followed point to point, then moved
     as one piece by whole turns to lie nearest the first; the frame as one piece beside them
-    (one narrower than a world whose east is given west of its west, across 180)."""
-    wkt = parse_crs(sketch.crs).to_wkt()
+    (one narrower than a world whose east is given west of its west, across 180). `wkt`: the
+    strokes' CRS."""
     width = world_width(wkt)
     xs = [np.asarray([p[0] for p in s], np.float64) for s in sketch.strokes]
     if width is None or np.ptp(np.concatenate(xs)) <= width / 2:
         return sketch
-    whole = [followed(x, width) for x in xs]
-    whole = [x - width * np.round((x.mean() - whole[0].mean()) / width) for x in whole]
+    first = followed(xs[0], width).mean()
+    whole = [nearest_copy_x(x, wkt, first, whole=True) for x in xs]
     strokes = tuple(tuple(zip(x.tolist(), (p[1] for p in s))) for x, s in zip(whole, sketch.strokes))
     frame = sketch.frame
     if frame is not None and abs(frame[2] - frame[0]) < width:
@@ -105,16 +107,15 @@ def _whole_across_180(sketch: StrokeSketch) -> StrokeSketch:
     return replace(sketch, strokes=strokes, frame=frame)
 
 
-def _refuse_off_the_earth(sketch: StrokeSketch) -> None:
+def _refuse_off_the_earth(sketch: StrokeSketch, crs: CRS) -> None:
     """InputError for strokes their CRS places on no ground: latitudes past a pole in lon/lat
     (projected numbers sent as EPSG:4326), or where PROJ places nothing. They were searched as
     if drawn on a pad, without a word, where a search area of the same numbers was refused."""
     points = np.array([p for s in sketch.strokes for p in s], np.float64)
-    crs = parse_crs(sketch.crs)
     if is_lon_lat_degrees(crs) and (np.abs(points[:, 1]) > 90).all():
         raise InputError(f"sketch strokes lie wholly past a pole in {sketch.crs} (latitudes beyond 90 degrees): are "
                          "these projected coordinates? Name their CRS (strokes_crs)")
-    lons, lats = transformed_or_inf(sketch.crs, WGS84, points[:, 0], points[:, 1])
+    lons, lats = transformed_or_inf(crs, WGS84, points[:, 0], points[:, 1])
     if not (np.isfinite(lons) & np.isfinite(lats)).any():
         raise InputError(f"sketch strokes lie where {sketch.crs} places no ground (past its edges): are these "
                          "coordinates in that CRS? Name their CRS (strokes_crs)")
