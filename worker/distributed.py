@@ -488,11 +488,7 @@ class ClusterChunks:
                     if should_stop():
                         yield jobs[0], None
                         return
-                    self._check_scheduler_answers()
-                    idle_since = self._without_workers_since(idle_since)
-                    if not said_stalled and time.monotonic() - last_done > STALLED_S:
-                        self._say_stalled(time.monotonic() - last_done)
-                        said_stalled = True
+                    idle_since, said_stalled = self._look_while_waiting(last_done, idle_since, said_stalled)
                     time.sleep(STOP_POLL_S)
                 last_done, said_stalled = time.monotonic(), False
                 future = next(finished)
@@ -618,11 +614,20 @@ class ClusterChunks:
                     raise
                 if should_stop():
                     return None
-                self._check_scheduler_answers()
-                idle_since = self._without_workers_since(idle_since)
-                if not said_stalled and time.monotonic() - began > STALLED_S:  # a worker hung computing it again
-                    self._say_stalled(time.monotonic() - began)
-                    said_stalled = True
+                idle_since, said_stalled = self._look_while_waiting(began, idle_since, said_stalled)
+
+    def _look_while_waiting(self, since: float, idle_since: float | None, said_stalled: bool
+                            ) -> tuple[float | None, bool]:
+        """One look while a chunk is waited for (since `since`, time.monotonic): InputError once the
+        scheduler has been silent, or the cluster without workers, too long; a stall said once (a
+        worker hung on a read, or computing a lost chunk again). The next look's `idle_since`
+        (_without_workers_since) and `said_stalled`."""
+        self._check_scheduler_answers()
+        idle_since = self._without_workers_since(idle_since)
+        if not said_stalled and time.monotonic() - since > STALLED_S:
+            self._say_stalled(time.monotonic() - since)
+            said_stalled = True
+        return idle_since, said_stalled
 
     def _without_workers_since(self, idle_since: float | None) -> float | None:
         """When the cluster has had no worker for NO_WORKERS_S, InputError (its chunks would wait
