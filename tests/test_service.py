@@ -510,6 +510,15 @@ def test_bad_requests_get_error_replies_with_codes(worker, rasters, tmp_path):
             with pytest.raises(WorkerError) as err:  # was "field 'strokes' is required", to a search by example
                 c.request("search", index="rmnp", **nothing_to_search)
             assert err.value.code == codes.BAD_REQUEST and "a sketch" in err.value.message and "example" in err.value.message
+        good = [[0, 0], [5, 5]]
+        for strokes, said in (([], "no strokes"), ([good, good, []], "stroke 3 of 3 has no points"),
+                              ([good, "a line"], "stroke 2 of 2 must be a list of [x, y] points, got str"),
+                              ([good, [[1, 1], [2, "3"]]], "stroke 2 of 2, point 2 of 2: must be [x, y], two numbers, "
+                                                           "got [2, '3']"),
+                              ([[[1, 1, 1]]], "stroke 1 of 1, point 1 of 1")):
+            with pytest.raises(WorkerError) as err:  # was "field 'strokes' has an invalid value" and an excerpt
+                c.request("search", index="rmnp", strokes=strokes)
+            assert err.value.code == codes.BAD_REQUEST and said in err.value.message, err.value.message
         assert c.ping()["ok"]
 
 

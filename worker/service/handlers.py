@@ -345,8 +345,10 @@ def _sketch(header: dict, frames: list) -> SketchSource:
     if "strokes" not in header:  # was "field 'strokes' is required", to a search by example sent `example: null`
         raise ProtocolError(BAD_REQUEST, "search takes a sketch (sketch_frame or strokes) or an example; this one "
                                          "has none")
-    _count_strokes(field(header, "strokes", list))  # before every point is looked at
-    return stroke_sketch(field(header, "strokes", list, check=_valid_strokes), field(header, "strokes_crs", str, None),
+    strokes = field(header, "strokes", list)
+    _count_strokes(strokes)  # before every point is looked at
+    _check_strokes(strokes)
+    return stroke_sketch(strokes, field(header, "strokes_crs", str, None),
                          field(header, "strokes_frame", list, None, check=_four_numbers))
 
 
@@ -365,12 +367,26 @@ def _ints(values: list) -> bool:
 
 def _four_numbers(values: list) -> bool:
     """A bbox or frame: [x0, y0, x1, y1]."""
-    return len(values) == 4 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in values)
+    return len(values) == 4 and all(_is_number(x) for x in values)
 
 
-def _valid_strokes(strokes: list) -> bool:
-    """Polylines of [x, y] numbers."""
-    return bool(strokes) and all(
-        isinstance(s, list) and 0 < len(s) and all(
-            isinstance(p, list) and len(p) == 2 and all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in p)
-            for p in s) for s in strokes)
+def _check_strokes(strokes: list) -> None:
+    """`bad_request` unless the strokes are polylines of [x, y] numbers, naming the stroke and
+    point at fault: "field 'strokes' has an invalid value" and an excerpt of the first strokes
+    did not say that the fault was the seventh stroke, empty."""
+    if not strokes:
+        raise ProtocolError(BAD_REQUEST, "field 'strokes' has no strokes: draw at least one")
+    for i, stroke in enumerate(strokes, 1):
+        which = f"stroke {i} of {len(strokes)}"
+        if not isinstance(stroke, list):
+            raise ProtocolError(BAD_REQUEST, f"{which} must be a list of [x, y] points, got {type(stroke).__name__}")
+        if not stroke:
+            raise ProtocolError(BAD_REQUEST, f"{which} has no points: leave it out, or give it at least one [x, y]")
+        for j, point in enumerate(stroke, 1):
+            if not (isinstance(point, list) and len(point) == 2 and all(_is_number(c) for c in point)):
+                raise ProtocolError(BAD_REQUEST, f"{which}, point {j} of {len(stroke)}: must be [x, y], two numbers, "
+                                                 f"got {excerpt(point)}")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
