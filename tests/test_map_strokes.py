@@ -5,6 +5,7 @@ Sentinel-2 pixels, georeferenced where projections stretch and turn them."""
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -194,6 +195,71 @@ def test_a_place_traced_on_a_map_that_stretches_or_turns_its_raster_is_found(ind
     assert max(overlaps) >= 0.5, overlaps
 
 
+@pytest.fixture(scope="module")
+def twins(tmp_path_factory, assets, model) -> TileIndex:
+    """The north raster beside its copy 1 degree east, at scale 1 alone: hits of at most 256 px,
+    places found up to 362 px. A place of one is found on the other (an example's own place,
+    where it lies on the ground, is left out of its search)."""
+    folder = tmp_path_factory.mktemp("twins")
+    for name, west in (("north.tif", 10.0), ("east.tif", 11.0)):
+        _s2_part(assets["s2_rgb"], folder / name, 0, "EPSG:4326", Affine(STEP_DEG, 0, west, 0, -STEP_DEG, 62.2))
+    IndexWriter(folder / "index", model, TileSettings(scales=(1,))).build([folder / "north.tif", folder / "east.tif"])
+    return TileIndex.open(folder / "index")
+
+
+def _overlaps(hits, frame: Placement) -> list[float]:
+    return [iou(h.footprint_pixels(), frame.pixel_polygon()) if h.raster_path == frame.raster.path else 0.0
+            for h in hits]
+
+
+@pytest.mark.parametrize("centre", [(320.0, 320.0), (300.0, 340.0)])
+def test_a_place_traced_larger_than_the_index_s_largest_hit_is_found_by_its_central_part(twins, model, centre):
+    """A 320 px place, inside the 362 px the index claims to find, was drawn whole into hits of
+    at most 256 px, its lines matched at the wrong size, and it was not found (the stroke
+    probe: IoU 0.26 at best in the top 5). Its central 256 px are searched: found at rank 1,
+    overlapping the place as much as a 256 px hit can, (256 / 320)² = 0.64."""
+    raster = next(r for r in twins.rasters.values() if r.path.endswith("north.tif"))
+    frame = Placement(raster, *centre, side=320.0, angle=0.0)
+    outcome = run_search(SearchRequest(stroke_sketch(_traced(raster, frame, "EPSG:3857"), "EPSG:3857"), top=5),
+                         model, twins)
+    overlaps = _overlaps(outcome.ranked, frame) + _overlaps(outcome.ranked, replace(frame, raster=_east(twins)))
+    assert max(overlaps[0], overlaps[5]) >= 0.6, overlaps
+    assert outcome.out_of_scale == []  # found: under the 362 px past which no hit overlaps it by half
+
+
+@pytest.mark.parametrize("centre, side", [((320.0, 320.0), 340.0), ((250.0, 250.0), 320.0)])
+def test_an_example_larger_than_the_index_s_largest_hit_is_found_by_its_central_part(twins, model, centre, side):
+    """As a traced place: an example box of 320 or 340 px drawn whole was not found at rank 1
+    on the copy of its raster (IoU 0.05 and 0.0 there); its central 256 px are, overlapping
+    the place as much as a 256 px hit can. Its own place stays the whole box: the copy's place
+    is found, not the example's."""
+    from worker.example_query import Example
+
+    north = next(r for r in twins.rasters.values() if r.path.endswith("north.tif"))
+    (cx, cy), half = centre, side / 2
+    (x0, x1), (y1, y0) = north.affine * (np.array([cx - half, cx + half]), np.array([cy - half, cy + half]))
+    outcome = run_search(SearchRequest(None, example=Example(north.path, (x0, y0, x1, y1), "EPSG:4326"), top=5),
+                         model, twins)
+    overlaps = _overlaps(outcome.ranked, Placement(_east(twins), cx=cx, cy=cy, side=side, angle=0.0))
+    assert overlaps[0] >= min(0.6, (256 / side) ** 2 - 0.01), overlaps
+
+
+def test_a_large_place_outlined_by_its_edge_alone_is_searched_whole():
+    """A place larger than the largest hit is looked for by its central square, unless no stroke
+    meets that square: then there is nothing to search there, and the place is searched whole."""
+    from worker.place_size import central_part
+
+    outline = stroke_sketch([[(0, 0), (600, 0), (600, 600), (0, 600), (0, 0)]], None)
+    assert central_part(outline, 512.0) is outline
+    crossed = stroke_sketch([[(0, 0), (600, 0), (600, 600), (0, 600), (0, 0)], [(0, 0), (600, 600)]], None)
+    assert central_part(crossed, 512.0).frame == (44.0, 44.0, 556.0, 556.0)
+    assert central_part(crossed, 600.0) is crossed
+
+
+def _east(twins: TileIndex):
+    return next(r for r in twins.rasters.values() if r.path.endswith("east.tif"))
+
+
 def test_strokes_without_a_map_or_where_the_map_cannot_place_them_are_drawn_as_they_are(index):
     """A sketch pad's pixel strokes have no CRS; strokes at a pole cannot be placed on the
     ground: both are drawn as sent, as before."""
@@ -222,6 +288,7 @@ def test_a_place_traced_larger_or_smaller_than_the_index_finds_is_said_in_the_ra
         return
     [entry] = sized
     assert entry["raster"] == raster.path and said in entry["reason"]
+    assert ("its central 512 px were searched" in entry["reason"]) == (said == "larger than the index finds")
     assert entry["side_px"] == pytest.approx(extent_px, rel=0.02)  # the strokes' extent, in the raster's pixels
     assert (entry["smallest_px"], entry["largest_px"]) == pytest.approx((113.1, 724.1), abs=0.1)
     suggested = re.search(r"built with (scales ([\d,]+)|tiles of (\d+) px)$", entry["reason"])

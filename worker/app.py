@@ -456,7 +456,7 @@ def run_search(request: SearchRequest, model: "RetrievalModel", index: TileIndex
     search ends with SearchStopped (worker.cancellation) and its thread is free again."""
     from worker.hits_output import hits_to_geojson
     from worker.map_strokes import on_the_pixel_grid
-    from worker.place_size import EXAMPLE, TRACED, out_of_scale, stroke_place_side
+    from worker.place_size import EXAMPLE, TRACED, central_part, largest_hit_side, out_of_scale, stroke_place_side
     from worker.query_search import search_query
     from worker.sketch import StrokeSketch, load_sketch
 
@@ -465,23 +465,26 @@ def run_search(request: SearchRequest, model: "RetrievalModel", index: TileIndex
         raise_if_stopped("drawing the sketch")
         own_place, example, sized = None, None, []
         tiling, drawing_size, sizes = index.manifest["tiling"], index.manifest["drawing_size"], request.ranking.sizes
+        largest = largest_hit_side(tiling, drawing_size, sizes)  # a larger place is looked for by its central part
         if request.example is not None:
             from worker.example_query import drawn_square, prepare_example
 
             bands = index.manifest["tiling"].get("bands")
             example = prepare_example(request.example, list(index.rasters.values()), model.img_size,
-                                      tuple(bands) if bands else None, request.access)
+                                      tuple(bands) if bands else None, request.access, largest)
             sketch, own_place = example.sketch, example.own_place
             if any(r.path == example.raster.path for r in index.rasters.values()):  # elsewhere: other pixels
-                side = drawn_square(example.raster, example.window).side  # what the search looks for
-                sized = out_of_scale(side, example.raster.path, tiling, drawing_size, sizes, EXAMPLE)
+                side = drawn_square(example.raster, example.window).side  # the box the user chose
+                sized = out_of_scale(side, example.raster.path, tiling, drawing_size, sizes, EXAMPLE,
+                                     central=example.central)
         else:
             drawn = request.sketch
             if isinstance(drawn, StrokeSketch):  # on a map: as the rasters' pixels show the place
                 drawn, grid, lies_on = on_the_pixel_grid(drawn, index.rasters, index.tiles_per_raster)
                 if grid is not None:
-                    sized = out_of_scale(stroke_place_side(drawn), grid.path, tiling, drawing_size, sizes, TRACED,
-                                         lies_on)
+                    whole, drawn = drawn, central_part(drawn, largest)
+                    sized = out_of_scale(stroke_place_side(whole), grid.path, tiling, drawing_size, sizes, TRACED,
+                                         lies_on, central=drawn is not whole)
             sketch = load_sketch(drawn, model.img_size, crop_to_ink=request.crop_to_ink)
         raise_if_stopped("the search")
         result = search_query(index, model, sketch, request.ranking, top=request.top, area_wgs84=request.area_wgs84,

@@ -177,12 +177,18 @@ def refuse_outside_their_frame(sketch: StrokeSketch) -> None:
     if not (x1 > x0 and y1 > y0):
         raise InputError(f"sketch frame {excerpt(list(sketch.frame))} is empty or reversed: give the frame the strokes "
                          "were drawn in as [x0, y0, x1, y1], x1 above x0 and y1 above y0 (strokes_frame), or none")
-    margin = max(x1 - x0, y1 - y0) * FRAME_MARGIN  # what the canvas shows round the frame: strokes there are drawn
-    strokes = [s for s in sketch.strokes if s]
-    if not shapely.box(x0 - margin, y0 - margin, x1 + margin, y1 + margin).intersects(
-            shapely.MultiLineString([list(s) * 2 if len(s) == 1 else list(s) for s in strokes])):  # was called blank
+    if not strokes_meet(sketch.strokes, sketch.frame):  # was called blank
         raise InputError(f"sketch strokes lie wholly outside their frame {excerpt(list(sketch.frame))}: give the frame "
                          "they were drawn in (strokes_frame), in the strokes' coordinates, or none")
+
+
+def strokes_meet(strokes, frame: tuple[float, float, float, float]) -> bool:
+    """Whether any stroke is drawn on the canvas of `frame` (x0, y0, x1, y1): within the frame or
+    the margin the canvas shows round it."""
+    x0, y0, x1, y1 = frame
+    margin = max(x1 - x0, y1 - y0) * FRAME_MARGIN
+    lines = [list(s) * 2 if len(s) == 1 else list(s) for s in strokes if s]
+    return shapely.box(x0 - margin, y0 - margin, x1 + margin, y1 + margin).intersects(shapely.MultiLineString(lines))
 
 
 def ink_level(gray: np.ndarray) -> float:
