@@ -228,6 +228,9 @@ class IndexPanel(QGroupBox):
 
     def _job_text(self, item: dict) -> str:
         job = self.jobs.get(item["name"])
+        listed = item.get("last_job") or {}
+        if item.get("job") and listed.get("id") == item["job"] and (job is None or job.get("id") != item["job"]):
+            job = listed  # a job no event has told of yet, as the worker lists it: it showed a queued one as running
         if job is not None and job["state"] in states.ACTIVE:
             return f"{job['state']}: removing rasters" if job.get("kind") == "remove" else \
                 f"{job['state']} {job['progress']:.0%}"

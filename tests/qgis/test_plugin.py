@@ -1295,6 +1295,22 @@ def test_a_job_followed_when_the_plugin_is_reloaded_is_followed_again(plugin, tm
         proc.stop()
 
 
+def test_the_index_list_shows_a_job_no_event_told_of_as_the_worker_lists_it(plugin):
+    """A job queued behind another, on a new index or an existing one, was shown as running
+    until an event told of it; the worker's list says what it is."""
+    panel = plugin.dock.index_panel
+    panel.show_indexes([
+        {"name": "waiting-new", "tile_count": 0, "rasters": [], "compatible": False, "job": "j2",
+         "last_job": {"id": "j2", "kind": "index", "state": "queued", "progress": 0.0}},
+        {"name": "growing", "tile_count": 40, "rasters": ["a.tif"], "compatible": True, "complete": False, "job": "j3",
+         "last_job": {"id": "j3", "kind": "index", "state": "running", "progress": 0.25}},
+        {"name": "shrinking", "tile_count": 40, "rasters": ["a.tif"], "compatible": True, "job": "j4",
+         "last_job": {"id": "j4", "kind": "remove", "state": "queued", "progress": 0.0}}])
+    assert [panel.table.item(row, 4).text() for row in range(3)] == ["queued 0%", "running 25%",
+                                                                     "queued: removing rasters"]
+    panel.show_indexes([])
+
+
 def test_building_an_index_from_the_dock_shows_progress(plugin, worker, rmnp_layer, raster_root, qgis_iface):
     """The dock builds an index of the rasters ticked, its progress from the worker's events; its
     message warns of a raster the index holds no tile of."""
