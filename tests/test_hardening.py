@@ -196,6 +196,50 @@ def test_2_links_vrt_sources_and_network_paths_outside_the_roots_are_forbidden(s
         shutil.rmtree(vrts)
 
 
+def _fan_out(folder: Path, source: str, times: int, levels: int) -> Path:
+    """VRTs nested `levels` deep, each naming the one below `times`, each time filling another
+    pixel (a mosaic of one sheet repeated), the deepest naming `source`."""
+    below = source
+    for level in range(levels, 0, -1):
+        bands = "".join(f'<VRTRasterBand dataType="Byte" band="1"><SimpleSource><SourceFilename '
+                        f'relativeToVRT="1">{below}</SourceFilename><SourceBand>1</SourceBand><DstRect xOff="{b}" '
+                        f'yOff="0" xSize="1" ySize="1"/></SimpleSource></VRTRasterBand>' for b in range(times))
+        (folder / f"v{level}.vrt").write_text(f'<VRTDataset rasterXSize="10" rasterYSize="10">{bands}</VRTDataset>')
+        below = f"v{level}.vrt"
+    return folder / "v1.vrt"
+
+
+def test_2_nested_vrts_are_checked_once_each_and_still_all_of_them(tmp_path, monkeypatch):
+    """A VRT naming the one below it 6 times, nested 7 deep, was parsed once for every path
+    through the nesting (56,000 parses: 22 s of the service's loop, which answered no one
+    meanwhile: the concurrency probe), and read as often for a search's look at its sheets. Each
+    is parsed once; a source outside the roots at the bottom, and VRTs that read each other,
+    are still refused."""
+    import worker.raster_access as access_module
+    from worker.errors import ForbiddenError, InputError
+    from worker.raster_access import RasterAccess
+
+    parsed = []
+    parse = access_module.vrt_sources
+    monkeypatch.setattr(access_module, "vrt_sources", lambda path: parsed.append(path) or parse(path))
+    inside, outside = tmp_path / "rasters", tmp_path / "outside"
+    inside.mkdir(), outside.mkdir()
+    (inside / "a.tif").write_bytes(b"not read here")
+    access = RasterAccess((inside,))
+    assert access.check_file(_fan_out(inside, "a.tif", times=6, levels=7)) == inside / "v1.vrt"
+    assert len(parsed) == 7, len(parsed)
+    with pytest.raises(ForbiddenError, match="outside the raster roots"):
+        access.check_file(_fan_out(inside, str(outside / "secret.tif"), times=6, levels=7))
+    from worker.vrt_sheets import _read_sheets  # what a search reads to tell a mosaic's sheet gone
+
+    read_for_sheets = _read_sheets(str(inside / "v1.vrt"))[1]
+    assert sorted(read_for_sheets) == sorted(str(inside / f"v{level}.vrt") for level in range(1, 8))
+    (inside / "a.vrt").write_text(_fan_out(inside, "b.vrt", 2, 1).read_text())
+    (inside / "b.vrt").write_text(_fan_out(inside, "a.vrt", 2, 1).read_text())
+    with pytest.raises(InputError, match="nest more than 8 deep"):
+        access.check_file(inside / "a.vrt")
+
+
 # -- 3. a folder that is not an index is never cleaned ---------------------------------------
 def test_3_a_folder_with_foreign_content_is_refused_and_left_as_it_was(served, tree):
     root = served.index_root

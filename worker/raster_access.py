@@ -66,7 +66,7 @@ class RasterAccess:
         if self.roots is None:
             return path.resolve()
         resolved = self.check_inside(path.resolve(), str(path))
-        self._check_vrt_sources(resolved, depth=0)
+        self._check_vrt_sources(resolved, depth=0, passed={})
         return resolved
 
     def check_inside(self, resolved: Path, named: str) -> Path:
@@ -86,15 +86,21 @@ class RasterAccess:
             raise ForbiddenError(f"{what} {excerpt(text)}: GDAL virtual file systems, URLs and driver prefixes are not "
                                  "served to clients; name a file inside the raster roots")
 
-    def _check_vrt_sources(self, path: Path, depth: int) -> None:
-        if not is_vrt(path):
+    def _check_vrt_sources(self, path: Path, depth: int, passed: dict[Path, int]) -> None:
+        """Check what a VRT at `depth` reads, each file once: `passed` holds, for each file whose
+        sources passed, the deepest it passed at (a pass there holds at any depth above it). A
+        VRT naming the one below it 6 times (a mosaic of one sheet repeated, or 6 bands of one
+        file), nested 7 deep, was parsed once for every path through
+        the nesting: 56,000 parses, 22 s on the service's loop, which answered no one meanwhile."""
+        if passed.get(path, -1) >= depth or not is_vrt(path):
             return
         if depth >= MAX_VRT_DEPTH:
             raise InputError(f"{path}: VRTs nest more than {MAX_VRT_DEPTH} deep")
-        for source in vrt_sources(path):
-            self._check_vrt_source(path, source, depth)
+        for source in dict.fromkeys(vrt_sources(path)):
+            self._check_vrt_source(path, source, depth, passed)
+        passed[path] = depth
 
-    def _check_vrt_source(self, vrt: Path, source: tuple[str, bool], depth: int) -> None:
+    def _check_vrt_source(self, vrt: Path, source: tuple[str, bool], depth: int, passed: dict[Path, int]) -> None:
         name, relative = source
         self._refuse_special(name, f"{vrt}: source")
         if any(ord(c) < 32 for c in name):
@@ -102,7 +108,7 @@ class RasterAccess:
         resolved = source_path(vrt, name, relative)
         self.check_inside(resolved, f"{name} (a source of {vrt})")
         if resolved.is_file():
-            self._check_vrt_sources(resolved, depth + 1)
+            self._check_vrt_sources(resolved, depth + 1, passed)
 
 
 def is_vrt(path: Path) -> bool:
