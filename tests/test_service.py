@@ -121,6 +121,35 @@ def test_delete_index_removes_only_an_index_folder_inside_the_root(worker):
             shutil.rmtree(root / name, ignore_errors=True)
 
 
+def test_deleting_a_large_index_leaves_the_service_answering(worker, s2_index):
+    """The folder of a deleted index was removed before the reply, on the service's loop: for
+    a 10M-tile index's 39,000 shards, 13.7 s in which no client was answered (the concurrency
+    probe). It is moved away at once, its name free, and removed beside the loop: a ping sent
+    after the delete is answered while its files are still being removed, and they all go."""
+    split_copy(s2_index, worker.index_root / "large", shards=4000, per_shard=1)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(worker.bind)
+    try:
+        sock.send_multipart(encode_request("delete_index", "the-delete", index="large"))
+        sock.send_multipart(encode_request("ping", "the-ping"))
+        replies = []
+        while len(replies) < 2 and sock.poll(60_000):
+            replies.append(decode_reply(sock.recv_multipart()))
+            if replies[-1].id == "the-ping":
+                removing = list(worker.index_root.glob(".deleted-*"))
+        assert [r.id for r in replies] == ["the-delete", "the-ping"] and replies[0].result()["deleted"] == "large"
+        assert removing, "the ping waited for the removal"
+        assert not (worker.index_root / "large").exists()
+        deadline = time.monotonic() + 120
+        while any(worker.index_root.glob(".deleted-*")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(worker.index_root.glob(".deleted-*")), "every file of the index is removed"
+    finally:
+        sock.close()
+        shutil.rmtree(worker.index_root / "large", ignore_errors=True)
+
+
 def test_delete_index_and_a_new_job_are_refused_while_the_index_is_written(worker, rasters):
     root = worker.index_root
     with worker.client() as c:

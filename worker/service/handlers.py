@@ -167,15 +167,13 @@ class Handlers:
             if job_lock is None:
                 raise IndexLocked(str(index_dir))
             with job_lock, index_lock(index_dir, patience_s=0):
-                removed = self.indexes.delete(index_dir, trash)
+                self.indexes.delete(index_dir, trash)
         except IndexLocked:
             raise _written_elsewhere(name, "delete the index") from None
         except OSError as exc:
             raise ProtocolError(BUSY, f"index {name!r} cannot be moved away to be deleted ({excerpt(str(exc))}); it is "
                                       "left whole: close what holds its files (its tiles layer in QGIS) and delete it "
                                       "again") from None
-        if not removed:
-            log.warning("deleted index %s: some of its files could not be removed, left in %s", name, trash)
         for parent in index_dir.parents:  # deleting "coast/2024" left an empty "coast", listed as nothing
             if parent == paths.index_root or not parent.is_relative_to(paths.index_root):
                 break
