@@ -256,6 +256,19 @@ def test_a_large_place_outlined_by_its_edge_alone_is_searched_whole():
     assert central_part(crossed, 600.0) is crossed
 
 
+def test_a_large_place_whose_centre_holds_too_little_is_searched_whole(twins, model):
+    """A 600 px outline with one stroke reaching just into its central square's margin: drawn
+    alone, the central part spans too little of its frame, and the search was refused ("too
+    small to match anything": a review's case). It is searched whole, as before, and said so."""
+    raster = next(r for r in twins.rasters.values() if r.path.endswith("north.tif"))
+    cols, rows = np.array([20, 620, 620, 20, 20, 20, 185]), np.array([20, 20, 620, 620, 20, 20, 185])
+    xs, ys = raster.affine * (cols, rows)
+    strokes = [list(zip(xs[:5], ys[:5])), list(zip(xs[5:], ys[5:]))]
+    outcome = run_search(SearchRequest(stroke_sketch(strokes, "EPSG:4326"), top=3), model, twins)
+    [entry] = outcome.out_of_scale  # 600 px: past the 362 px the index finds
+    assert "larger than the index finds" in entry["reason"] and "central" not in entry["reason"], entry["reason"]
+
+
 def _east(twins: TileIndex):
     return next(r for r in twins.rasters.values() if r.path.endswith("east.tif"))
 
@@ -288,7 +301,7 @@ def test_a_place_traced_larger_or_smaller_than_the_index_finds_is_said_in_the_ra
         return
     [entry] = sized
     assert entry["raster"] == raster.path and said in entry["reason"]
-    assert ("its central 512 px were searched" in entry["reason"]) == (said == "larger than the index finds")
+    assert ("the place's central 512 px were searched" in entry["reason"]) == (said == "larger than the index finds")
     assert entry["side_px"] == pytest.approx(extent_px, rel=0.02)  # the strokes' extent, in the raster's pixels
     assert (entry["smallest_px"], entry["largest_px"]) == pytest.approx((113.1, 724.1), abs=0.1)
     suggested = re.search(r"built with (scales ([\d,]+)|tiles of (\d+) px)$", entry["reason"])

@@ -458,7 +458,7 @@ def run_search(request: SearchRequest, model: "RetrievalModel", index: TileIndex
     from worker.map_strokes import on_the_pixel_grid
     from worker.place_size import EXAMPLE, TRACED, central_part, largest_hit_side, out_of_scale, stroke_place_side
     from worker.query_search import search_query
-    from worker.sketch import StrokeSketch, load_sketch
+    from worker.sketch import StrokeSketch
 
     with stop_when(should_stop):
         refuse_empty(index)
@@ -478,14 +478,15 @@ def run_search(request: SearchRequest, model: "RetrievalModel", index: TileIndex
                 sized = out_of_scale(side, example.raster.path, tiling, drawing_size, sizes, EXAMPLE,
                                      central=example.central)
         else:
-            drawn = request.sketch
+            drawn, whole = request.sketch, None
             if isinstance(drawn, StrokeSketch):  # on a map: as the rasters' pixels show the place
                 drawn, grid, lies_on = on_the_pixel_grid(drawn, index.rasters, index.tiles_per_raster)
                 if grid is not None:
                     whole, drawn = drawn, central_part(drawn, largest)
-                    sized = out_of_scale(stroke_place_side(whole), grid.path, tiling, drawing_size, sizes, TRACED,
-                                         lies_on, central=drawn is not whole)
-            sketch = load_sketch(drawn, model.img_size, crop_to_ink=request.crop_to_ink)
+            sketch, drawn = _drawn_sketch(drawn, whole, model.img_size, request.crop_to_ink)
+            if whole is not None:
+                sized = out_of_scale(stroke_place_side(whole), grid.path, tiling, drawing_size, sizes, TRACED,
+                                     lies_on, central=drawn is not whole)
         raise_if_stopped("the search")
         result = search_query(index, model, sketch, request.ranking, top=request.top, area_wgs84=request.area_wgs84,
                               max_overlap=request.max_overlap, own_place=own_place, feedback=request.feedback)
@@ -510,6 +511,22 @@ def run_search(request: SearchRequest, model: "RetrievalModel", index: TileIndex
         return SearchOutcome(hits_to_geojson(result.hits, request.out_crs, None), timings, result.hits, sketch,
                              not_searched, sorted(changed.values(), key=lambda c: c["raster"]), partly, unread, sized,
                              own_only, result.scan.to_json())
+
+
+def _drawn_sketch(drawn: "SketchSource", whole: "StrokeSketch | None", size: int, crop_to_ink: bool):
+    """The sketch made ready (worker.sketch.load_sketch), and what of it was drawn: a place's
+    central part (worker.place_size.central_part), or the `whole` place where its centre holds
+    too little of the strokes to be searched (refused as a sketch that spans too little of its
+    frame: a review's case, a large outline with one stroke reaching into the centre's margin,
+    searched whole before)."""
+    from worker.sketch import load_sketch
+
+    try:
+        return load_sketch(drawn, size, crop_to_ink=crop_to_ink), drawn
+    except InputError:
+        if whole is None or drawn is whole:
+            raise
+    return load_sketch(whole, size, crop_to_ink=crop_to_ink), whole
 
 
 def own_place_only(request: SearchRequest, part_unsearched: bool) -> str:

@@ -93,7 +93,7 @@ def out_of_scale(side_px: float, raster: str, tiling: dict, drawing_size: int, s
                                if tile_needed >= MIN_TILE else "")
         size = "smaller"
     if central:
-        found += f"; its central {largest_hit_side(tiling, drawing_size, sizes):,.0f} px were searched"
+        found += f"; the place's central {largest_hit_side(tiling, drawing_size, sizes):,.0f} px were searched"
     measured = (f"{what} is about {side_px:,.0f} px of this raster a side" if on_raster else
                 f"{what} is centred off every indexed raster; in the pixels of this one, which holds the most tiles, "
                 f"it is about {side_px:,.0f} px a side")
