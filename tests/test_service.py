@@ -150,6 +150,72 @@ def test_deleting_a_large_index_leaves_the_service_answering(worker, s2_index):
         shutil.rmtree(worker.index_root / "large", ignore_errors=True)
 
 
+def test_an_index_request_of_a_large_folder_leaves_the_service_answering(worker, rasters):
+    """An index request looks at every file of the folders it names (10.6 s for a national
+    mosaic's 60,000 sheets, the concurrency probe) and opens the index it extends: on the
+    service's loop, no client was answered meanwhile. It is checked beside the loop: a ping sent
+    after it is answered first, and the request is answered with its job."""
+    archive = _archive(rasters)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(worker.bind)
+    try:
+        sock.send_multipart(encode_request("index", "the-index", index="archive", rasters=[str(archive)],
+                                           tile=112, scales=[1]))
+        sock.send_multipart(encode_request("ping", "the-ping"))
+        replies = []
+        while len(replies) < 2 and sock.poll(120_000):
+            replies.append(decode_reply(sock.recv_multipart()))
+        assert [r.id for r in replies] == ["the-ping", "the-index"], "the ping waited for the index request"
+        job = replies[1].result()["job"]
+        assert job["index"] == "archive" and job["kind"] == "index"
+        with worker.client() as c:
+            c.cancel(job["id"])
+            wait_job(c, job["id"])
+    finally:
+        sock.close()
+        shutil.rmtree(archive)
+        shutil.rmtree(worker.index_root / "archive", ignore_errors=True)
+
+
+def _archive(rasters: Path) -> Path:
+    """A folder of 5,000 files named as rasters: an index request naming it takes a while to check."""
+    archive = rasters / "archive"
+    for folder in range(5):
+        (archive / f"d{folder}").mkdir(parents=True)
+        for sheet in range(1000):
+            (archive / f"d{folder}" / f"sheet{sheet:04d}.tif").write_bytes(b"II*\0" + bytes(60))
+    return archive
+
+
+def test_an_index_deleted_while_a_request_to_extend_it_is_checked_is_not_built_again(worker, rasters):
+    """A request to extend an index is checked beside the loop; an index deleted meanwhile was
+    built again from nothing by the job the request then started (a review's finding). The
+    request is answered `busy`, saying why, and the index stays deleted."""
+    shutil.copytree(worker.index_root / "rmnp", worker.index_root / "victim")
+    archive = _archive(rasters)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(worker.bind)
+    try:
+        sock.send_multipart(encode_request("index", "the-index", index="victim", rasters=[str(archive)],
+                                           tile=112, scales=[1, 2]))
+        sock.send_multipart(encode_request("delete_index", "the-delete", index="victim"))
+        replies = {}
+        while len(replies) < 2 and sock.poll(120_000):
+            reply = decode_reply(sock.recv_multipart())
+            replies[reply.id] = reply
+        assert replies["the-delete"].result()["deleted"] == "victim"
+        with pytest.raises(WorkerError) as err:
+            replies["the-index"].result()
+        assert err.value.code == codes.BUSY and "changed while this request was checked" in err.value.message
+        assert not (worker.index_root / "victim").exists()
+    finally:
+        sock.close()
+        shutil.rmtree(archive)
+        shutil.rmtree(worker.index_root / "victim", ignore_errors=True)
+
+
 def test_delete_index_and_a_new_job_are_refused_while_the_index_is_written(worker, rasters):
     root = worker.index_root
     with worker.client() as c:

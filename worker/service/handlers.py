@@ -28,7 +28,7 @@ from worker.service.indexes import MANIFEST, OpenIndexes, index_dirs
 from worker.service.jobs import Job, JobManager
 from worker.service.paths import TRASH_PREFIX
 from worker.store.format import (JOB_LOCK, SHARDS, IndexLocked, held_job_lock, holds_an_index, index_lock,
-                                 locked_by_another, read_manifest)
+                                 locked_by_another, manifest_stamp, read_manifest)
 from worker.store.maps import MAPS
 from worker.store.reader import TileIndex
 from worker.tiling import TileSettings
@@ -36,7 +36,9 @@ from worker.tiling import TileSettings
 Handler = Callable[[dict, list], dict]
 INDEX_FOLDERS = {SHARDS, MAPS, ANN_DIR}  # an index's own folders: no index inside them
 EXAMPLE_FIELDS = {"raster", "bbox", "crs"}  # a search's `example`
-Work = Callable[[StopCheck], dict]  # a slow op's work, run off the loop until its stop check says so
+# a slow op's work, run off the loop until its stop check says so: its answer, or what makes the
+# answer on the loop's thread (an index request's: its job is started there, as every job is)
+Work = Callable[[StopCheck], "dict | Callable[[], dict]"]
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +47,10 @@ class Handlers:
     """Every op of the protocol, by name."""
 
     # slow ops: checked on the loop's thread, run in threads of their own (worker.service.loop).
-    # Listing opens every index not yet open (5.5 s for a 10M-tile index's 39,000 shards): on the
-    # loop, pings and job events waited.
-    POOLED = frozenset({"search", "list_indexes"})
+    # Listing opens every index not yet open (5.5 s for a 10M-tile index's 39,000 shards), and an
+    # index request looks at every file of the folders it names (10.6 s for 60,000 files) and
+    # opens the index it extends: on the loop, pings and job events waited.
+    POOLED = frozenset({"search", "list_indexes", "index"})
 
     def __init__(self, config: ServiceConfig, model, jobs: JobManager, indexes: OpenIndexes):
         self.config = config
@@ -55,11 +58,12 @@ class Handlers:
         self.jobs = jobs
         self.indexes = indexes
         self.started = time.time()
-        self._ops: dict[str, Handler] = {"ping": self.ping, "info": self.info, "index": self.index, "job": self.job,
+        self._ops: dict[str, Handler] = {"ping": self.ping, "info": self.info, "job": self.job,
                                          "cancel": self.cancel, "delete_index": self.delete_index,
                                          "remove_rasters": self.remove_rasters}
         self._pooled: dict[str, Callable[[dict, list], Work]] = {"search": self.search,
-                                                                  "list_indexes": self.list_indexes}
+                                                                  "list_indexes": self.list_indexes,
+                                                                  "index": self.index}
         assert set(self._pooled) == self.POOLED and set(self._ops) | self.POOLED == set(protocol.OPS), \
             "every op of the protocol has a handler"
 
@@ -113,10 +117,11 @@ class Handlers:
         return work
 
     # -- indexing -------------------------------------------------------------------------------
-    def index(self, header: dict, frames: list) -> dict:
+    def index(self, header: dict, frames: list) -> Work:
         """Start a job (or return the one running for this index when it asks the same: a resent
         request is safe; `busy` when it asks other work); the folder and the rasters are checked
-        first, confined to the worker's roots."""
+        first, confined to the worker's roots, and the index it extends opened, off the loop; the
+        job is started on the loop (_start_job)."""
         paths = self.config.paths
         name = field(header, "index", str)
         rasters = field(header, "rasters", list, check=lambda v: v and all(isinstance(p, str) for p in v))
@@ -124,18 +129,39 @@ class Handlers:
             raise InputError(f"rasters has {len(rasters):,} entries; at most {MAX_RASTER_ENTRIES:,}: name their folders "
                              "(searched recursively) or a VRT of them instead")
         index_dir = paths.index_dir(name)
-        running = self.jobs.running_for(index_dir)  # its folder holds a half-written shard: not checked as new
-        request = IndexRequest.create(
-            index_dir, rasters, access=paths.raster_access, check_folder=running is None,
+        asked = dict(
             tile=field(header, "tile", int, None), overlap=field(header, "overlap", (int, float), None),
             scales=field(header, "scales", list, None, check=lambda v: bool(v) and _ints(v)),
             bands=field(header, "bands", list, None, check=_ints),
             min_valid=field(header, "min_valid", (int, float), None), chunk_tiles=field(header, "chunk_tiles", int, None),
             ann=field(header, "ann", bool, None), tokens=field(header, "tokens", bool, None))
-        if running is not None:  # never a new job here: this request skipped the checks of one
-            return {"job": self.jobs.joined(running, name, request).to_json()}
-        self._check_extendable(request)  # refused now, not as a failed job later
-        if locked_by_another(index_dir):
+
+        def work(should_stop: StopCheck) -> Callable[[], dict]:
+            seen = _as_checked(self.jobs, index_dir)  # before the checks: what changes during them is seen
+            running = self.jobs.running_for(index_dir)  # its folder holds a half-written shard: not checked as new
+            try:
+                request = IndexRequest.create(index_dir, rasters, access=paths.raster_access,
+                                              check_folder=running is None, **asked)
+                if running is None:
+                    self._check_extendable(request)  # refused now, not as a failed job later
+            except FileNotFoundError:  # the index deleted as it was read
+                raise _changed_meanwhile(name) from None
+            return lambda: self._start_job(name, request, running, seen)
+
+        return work
+
+    def _start_job(self, name: str, request: IndexRequest, running: Job | None, seen: tuple) -> dict:
+        """An index request's job, on the loop's thread (as delete_index and remove_rasters look
+        at jobs: none starts between their check and their work): the one running for the index
+        joined, else a new one where nothing changed the index since the request was checked
+        (`running` then, `seen`: _as_checked). Checked beside the loop, a request to extend an
+        index deleted meanwhile started a job building it again from nothing."""
+        now = self.jobs.running_for(request.index_dir)
+        if now is not None:  # never a new job here
+            return {"job": self.jobs.joined(now, name, request).to_json()}
+        if running is not None or _as_checked(self.jobs, request.index_dir) != seen:
+            raise _changed_meanwhile(name)
+        if locked_by_another(request.index_dir):
             raise _written_elsewhere(name, "ask again")
         return {"job": self.jobs.start(name, request).to_json()}
 
@@ -308,6 +334,19 @@ def _not_begun(name: str, job: Job) -> dict:
             "complete": False, "tiling": job.request.settings.to_json(), "tokens": bool(job.request.tokens),
             "compatible": False, "reason": f"nothing to search yet: it {_not_begun_because(job)}", "error": None,
             "job": job.id, "last_job": job.to_json()}
+
+
+def _as_checked(jobs: JobManager, index_dir: Path) -> tuple:
+    """What an index request was checked against: the index's manifest (a commit, a delete) and
+    its last job here."""
+    last = jobs.last_for(index_dir)
+    return manifest_stamp(index_dir), last.id if last else None
+
+
+def _changed_meanwhile(name: str) -> ProtocolError:
+    """`busy`: the index was written, deleted, or had a job start or end while the request was checked."""
+    return ProtocolError(BUSY, f"index {name!r} changed while this request was checked (a job wrote it, or it was "
+                               "deleted): ask again")
 
 
 def _written_elsewhere(name: str, then: str) -> ProtocolError:

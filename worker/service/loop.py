@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
+import math
 import os
 import queue
 import time
@@ -137,7 +138,8 @@ class Service:
         self.handlers = Handlers(config, model, self.jobs, OpenIndexes(model, self.limits.partial_maps_bytes))
         # listing runs no torch op: a thread of its own, so that it never waits behind a search
         self.pools = {"search": cf.ThreadPoolExecutor(self.limits.search_threads, thread_name_prefix="search"),
-                      "list_indexes": cf.ThreadPoolExecutor(1, thread_name_prefix="list")}
+                      "list_indexes": cf.ThreadPoolExecutor(1, thread_name_prefix="list"),
+                      "index": cf.ThreadPoolExecutor(1, thread_name_prefix="index-request")}
         self.stopping = False
 
     @property
@@ -180,10 +182,8 @@ class Service:
         self.shutdown()
 
     def _next_deadline_ms(self) -> int:
-        if not self._pending:
-            return IDLE_POLL_MS
-        soonest = min(p.deadline for p in self._pending.values())
-        return max(0, min(IDLE_POLL_MS, int((soonest - time.monotonic()) * 1000) + 1))
+        soonest = min((p.deadline for p in self._pending.values()), default=math.inf)  # an index request's: none
+        return max(0, int(min(IDLE_POLL_MS, (soonest - time.monotonic()) * 1000 + 1)))
 
     def _send(self, envelope: list[bytes], reply: list[bytes]) -> None:
         try:
@@ -212,12 +212,15 @@ class Service:
             pending = self._pending.pop(future)
             stopped_by_stopping = future.cancelled() or (self.stopping and isinstance(future.exception(), SearchStopped)
                                                          and time.monotonic() < pending.deadline)
+            stopped_by_stopping |= self.stopping and _on_the_loop(future)  # a job is not started as the worker stops
             if stopped_by_stopping:  # waiting, or stopped at its next stage: not its time limit (was `timeout`)
                 reply = protocol.error_reply(pending.request_id, BUSY, "the worker is stopping: ask again once it "
                                                                        "is back")
             else:
                 try:
-                    reply = protocol.ok_reply(pending.request_id, **future.result(), **pending.ignored)
+                    answer = future.result()
+                    answer = answer() if callable(answer) else answer  # on the loop's thread (an index job's start)
+                    reply = protocol.ok_reply(pending.request_id, **answer, **pending.ignored)
                 except Exception as exc:  # answered with its code; a bug is logged
                     reply = reply_for(pending.request_id, exc)
             self._send(pending.envelope, reply)
@@ -263,7 +266,7 @@ class Service:
 
     def searches_held(self) -> int:
         """Searches and listings waiting, running, or stopping after their timeout or cancel."""
-        return len(self._pending) + len(self._abandoned)
+        return sum(p.op != "index" for p in self._pending.values()) + len(self._abandoned)
 
     def _handle(self, frames: list[bytes], arrived: float) -> None:
         # ROUTER envelope: identity, then an empty delimiter for REQ peers (none for DEALER)
@@ -301,13 +304,22 @@ class Service:
 
     def _submit(self, envelope: list[bytes], request_id: str | None, op: str, header: FieldsRead,
                 payloads: list[bytes], arrived: float) -> None:
-        """Check a slow request now and queue its work: `busy` when the queue is full."""
-        held = self.searches_held()
-        if held >= self.limits.max_queued_searches:
-            raise ProtocolError(BUSY, f"the worker already holds {held} searches and listings (its "
-                                      "--max-queued-searches limit): ask again in a moment")
+        """Check a slow request now and queue its work: `busy` when the queue is full. An index
+        request has no time limit (its job is started once its rasters are checked, however many
+        files its folders hold, as when it was checked on the loop), and waits with at most as
+        many others as jobs may wait."""
+        if op == "index":
+            held = sum(p.op == "index" for p in self._pending.values())
+            if held >= self.limits.max_queued_jobs:
+                raise ProtocolError(BUSY, f"the worker is already checking {held} index requests (its "
+                                          "--max-queued-jobs limit): ask again in a moment")
+        else:
+            held = self.searches_held()
+            if held >= self.limits.max_queued_searches:
+                raise ProtocolError(BUSY, f"the worker already holds {held} searches and listings (its "
+                                          "--max-queued-searches limit): ask again in a moment")
         work = QueuedWork(self.handlers.prepare(op, header, payloads))  # the checked request, not the message
-        deadline = arrived + self.limits.search_timeout
+        deadline = math.inf if op == "index" else arrived + self.limits.search_timeout
         future = self.pools[op].submit(work, lambda: self.stopping or time.monotonic() >= deadline)
         future.add_done_callback(lambda _: self._wake())
         self._pending[future] = PendingRequest(envelope, request_id, op, deadline, header.ignored(), work)
@@ -333,3 +345,8 @@ class Service:
         wake_r, wake_w, self._wake_r, self._wake_w = self._wake_r, self._wake_w, -1, -1  # a late _wake writes nowhere
         os.close(wake_r)
         os.close(wake_w)
+
+
+def _on_the_loop(future: cf.Future) -> bool:
+    """Whether a finished request's answer is made on the loop's thread (an index job's start)."""
+    return not future.cancelled() and future.exception() is None and callable(future.result())
