@@ -77,7 +77,8 @@ class OpenIndexes:
         own: removed here, on the service's loop, a 10M-tile index's 39,000 shards took 13.7 s,
         in which no client was answered (the concurrency probe). What is left (a worker stopped
         meanwhile, files that cannot be removed) is a hidden folder of the index root, removed
-        at the next delete."""
+        at the next delete or start (empty_trash_left_in)."""
+        root = trash.parent
         try:
             index_dir.rename(trash)
         except OSError as exc:
@@ -91,17 +92,25 @@ class OpenIndexes:
         except OSError:
             pass
         if trash == index_dir:  # its name is free only once it is gone
-            self._empty_trash(trash, index_dir)
+            self._empty_trash(root, trash, index_dir)
         else:
-            threading.Thread(target=self._empty_trash, args=(trash, index_dir), name="delete-index",
+            threading.Thread(target=self._empty_trash, args=(root, trash, index_dir), name="delete-index",
                              daemon=True).start()
 
-    def _empty_trash(self, trash: Path, index_dir: Path) -> None:
+    def empty_trash_left_in(self, root: Path) -> None:
+        """Remove, on a thread of its own, what deletes left in index root `root`: a worker
+        stopped while it removed a deleted index (the plugin's, as QGIS closes) left its files,
+        gigabytes of them, until the next delete."""
+        if any(root.glob(TRASH_PREFIX + "*")):
+            threading.Thread(target=self._empty_trash, args=(root,), name="delete-index", daemon=True).start()
+
+    def _empty_trash(self, root: Path, trash: Path | None = None, deleted: Path | None = None) -> None:
+        """Remove `trash` (index `deleted`, moved there) and what earlier deletes left in `root`."""
         with self._emptying:
-            for old in [trash, *sorted(trash.parent.glob(TRASH_PREFIX + "*"))]:
+            for old in [*filter(None, [trash]), *sorted(root.glob(TRASH_PREFIX + "*"))]:
                 shutil.rmtree(old, ignore_errors=True)
-            if trash.exists():
-                log.warning("deleted index %s: some of its files could not be removed, left in %s", index_dir, trash)
+            if trash is not None and trash.exists():
+                log.warning("deleted index %s: some of its files could not be removed, left in %s", deleted, trash)
 
     def status(self, index_dir: Path) -> dict:
         """What `list_indexes` says of one index; one this worker cannot search is listed with

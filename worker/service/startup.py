@@ -36,6 +36,7 @@ def serve(config: ServiceConfig, model_options: ModelOptions, stop_with: int | N
                             root, "a file, not a folder" if root.exists() else "not there (a drive not plugged in?)")
         model = _load_in_passing_thread(model_options)
         service = Service(listening, model, model_options=model_options)
+        service.handlers.indexes.empty_trash_left_in(config.paths.index_root)
     except BaseException:
         listening.close()
         raise
