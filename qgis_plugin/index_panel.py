@@ -229,7 +229,8 @@ class IndexPanel(QGroupBox):
     def _job_text(self, item: dict) -> str:
         job = self.jobs.get(item["name"])
         listed = item.get("last_job") or {}
-        if item.get("job") and listed.get("id") == item["job"] and (job is None or job.get("id") != item["job"]):
+        if item.get("job") and listed.get("id") == item["job"] and (
+                job is None or job.get("started", 0) < listed.get("started", 0)):
             job = listed  # a job no event has told of yet, as the worker lists it: it showed a queued one as running
         if job is not None and job["state"] in states.ACTIVE:
             return f"{job['state']}: removing rasters" if job.get("kind") == "remove" else \

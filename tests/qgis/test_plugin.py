@@ -1308,6 +1308,13 @@ def test_the_index_list_shows_a_job_no_event_told_of_as_the_worker_lists_it(plug
          "last_job": {"id": "j4", "kind": "remove", "state": "queued", "progress": 0.0}}])
     assert [panel.table.item(row, 4).text() for row in range(3)] == ["queued 0%", "running 25%",
                                                                      "queued: removing rasters"]
+    # a job an event told of after the list was made is shown, not the one the list names (a review's case)
+    panel._show_any_job({"id": "j5", "kind": "index", "index": "growing", "state": "running", "progress": 0.5,
+                         "started": 2.0})
+    panel.show_indexes([{"name": "growing", "tile_count": 40, "rasters": ["a.tif"], "compatible": True, "job": "j3",
+                         "last_job": {"id": "j3", "kind": "index", "state": "running", "progress": 0.25,
+                                      "started": 1.0}}])
+    assert panel.table.item(0, 4).text() == "running 50%"
     panel.show_indexes([])
 
 
