@@ -127,17 +127,15 @@ def test_deleting_a_large_index_leaves_the_service_answering(worker, s2_index):
     probe). It is moved away at once, its name free, and removed beside the loop: a ping sent
     after the delete is answered while its files are still being removed, and they all go."""
     split_copy(s2_index, worker.index_root / "large", shards=4000, per_shard=1)
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(worker.bind)
+    removing = []  # the index's trash as the ping is answered
+
+    def look(reply) -> None:
+        if reply.id == "the-ping":
+            removing.extend(worker.index_root.glob(".deleted-*"))
+
     try:
-        sock.send_multipart(encode_request("delete_index", "the-delete", index="large"))
-        sock.send_multipart(encode_request("ping", "the-ping"))
-        replies = []
-        while len(replies) < 2 and sock.poll(60_000):
-            replies.append(decode_reply(sock.recv_multipart()))
-            if replies[-1].id == "the-ping":
-                removing = list(worker.index_root.glob(".deleted-*"))
+        replies = _replies_in_order(worker, encode_request("delete_index", "the-delete", index="large"),
+                                    encode_request("ping", "the-ping"), on_reply=look)
         assert [r.id for r in replies] == ["the-delete", "the-ping"] and replies[0].result()["deleted"] == "large"
         assert removing, "the ping waited for the removal"
         assert not (worker.index_root / "large").exists()
@@ -146,8 +144,26 @@ def test_deleting_a_large_index_leaves_the_service_answering(worker, s2_index):
             time.sleep(0.1)
         assert not any(worker.index_root.glob(".deleted-*")), "every file of the index is removed"
     finally:
-        sock.close()
         shutil.rmtree(worker.index_root / "large", ignore_errors=True)
+
+
+def _replies_in_order(worker, *requests: list, on_reply=None) -> list:
+    """`requests` sent one after another on one connection, and their replies in the order they
+    come (`on_reply` called with each as it comes)."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(worker.bind)
+    try:
+        for request in requests:
+            sock.send_multipart(request)
+        replies = []
+        while len(replies) < len(requests) and sock.poll(120_000):
+            replies.append(decode_reply(sock.recv_multipart()))
+            if on_reply is not None:
+                on_reply(replies[-1])
+        return replies
+    finally:
+        sock.close()
 
 
 def test_an_index_request_of_a_large_folder_leaves_the_service_answering(worker, rasters):
@@ -156,16 +172,10 @@ def test_an_index_request_of_a_large_folder_leaves_the_service_answering(worker,
     service's loop, no client was answered meanwhile. It is checked beside the loop: a ping sent
     after it is answered first, and the request is answered with its job."""
     archive = _archive(rasters)
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(worker.bind)
     try:
-        sock.send_multipart(encode_request("index", "the-index", index="archive", rasters=[str(archive)],
-                                           tile=112, scales=[1]))
-        sock.send_multipart(encode_request("ping", "the-ping"))
-        replies = []
-        while len(replies) < 2 and sock.poll(120_000):
-            replies.append(decode_reply(sock.recv_multipart()))
+        replies = _replies_in_order(worker, encode_request("index", "the-index", index="archive",
+                                                           rasters=[str(archive)], tile=112, scales=[1]),
+                                    encode_request("ping", "the-ping"))
         assert [r.id for r in replies] == ["the-ping", "the-index"], "the ping waited for the index request"
         job = replies[1].result()["job"]
         assert job["index"] == "archive" and job["kind"] == "index"
@@ -173,7 +183,6 @@ def test_an_index_request_of_a_large_folder_leaves_the_service_answering(worker,
             c.cancel(job["id"])
             wait_job(c, job["id"])
     finally:
-        sock.close()
         shutil.rmtree(archive)
         shutil.rmtree(worker.index_root / "archive", ignore_errors=True)
 
@@ -194,24 +203,16 @@ def test_an_index_deleted_while_a_request_to_extend_it_is_checked_is_not_built_a
     request is answered `busy`, saying why, and the index stays deleted."""
     shutil.copytree(worker.index_root / "rmnp", worker.index_root / "victim")
     archive = _archive(rasters)
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(worker.bind)
     try:
-        sock.send_multipart(encode_request("index", "the-index", index="victim", rasters=[str(archive)],
-                                           tile=112, scales=[1, 2]))
-        sock.send_multipart(encode_request("delete_index", "the-delete", index="victim"))
-        replies = {}
-        while len(replies) < 2 and sock.poll(120_000):
-            reply = decode_reply(sock.recv_multipart())
-            replies[reply.id] = reply
+        replies = {reply.id: reply for reply in _replies_in_order(
+            worker, encode_request("index", "the-index", index="victim", rasters=[str(archive)], tile=112, scales=[1, 2]),
+            encode_request("delete_index", "the-delete", index="victim"))}
         assert replies["the-delete"].result()["deleted"] == "victim"
         with pytest.raises(WorkerError) as err:
             replies["the-index"].result()
         assert err.value.code == codes.BUSY and "changed while this request was checked" in err.value.message
         assert not (worker.index_root / "victim").exists()
     finally:
-        sock.close()
         shutil.rmtree(archive)
         shutil.rmtree(worker.index_root / "victim", ignore_errors=True)
 
@@ -549,20 +550,12 @@ def test_listing_a_large_index_leaves_pings_and_other_replies_flowing(worker, s2
     """Listing opens an index of thousands of shards (a 10M-tile index has 39,000: seconds) off
     the service loop: a ping sent after the list is answered first, then the list itself."""
     split_copy(s2_index, worker.index_root / "many-shards", shards=4000, per_shard=1)
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(worker.bind)
     try:
-        sock.send_multipart(encode_request("list_indexes", "the-list"))
-        sock.send_multipart(encode_request("ping", "the-ping"))
-        replies = []
-        while len(replies) < 2 and sock.poll(60_000):
-            replies.append(decode_reply(sock.recv_multipart()))
+        replies = _replies_in_order(worker, encode_request("list_indexes", "the-list"), encode_request("ping", "the-ping"))
         assert [r.id for r in replies] == ["the-ping", "the-list"]
         listed = {i["name"]: i for i in replies[1].result()["indexes"]}
         assert listed["many-shards"]["tile_count"] == 4000 and listed["many-shards"]["error"] is None
     finally:
-        sock.close()
         with worker.client() as c:
             c.request("delete_index", index="many-shards")
 
