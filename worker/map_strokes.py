@@ -101,7 +101,8 @@ def _whole_across_180(sketch: StrokeSketch, wkt: str) -> StrokeSketch:
     frame = sketch.frame
     if frame is not None and abs(frame[2] - frame[0]) < width:
         west, east = frame[0], frame[2] + (width if frame[2] < frame[0] else 0.0)
-        middle = (np.concatenate(whole).min() + np.concatenate(whole).max()) / 2
+        joined = np.concatenate(whole)
+        middle = (joined.min() + joined.max()) / 2
         shift = width * np.round(((west + east) / 2 - middle) / width)
         frame = (west - shift, frame[1], east - shift, frame[3])
     return replace(sketch, strokes=strokes, frame=frame)

@@ -90,8 +90,8 @@ class RasterAccess:
         """Check what a VRT at `depth` reads, each file once: `passed` holds, for each file whose
         sources passed, the deepest it passed at (a pass there holds at any depth above it). A
         VRT naming the one below it 6 times (a mosaic of one sheet repeated, or 6 bands of one
-        file), nested 7 deep, was parsed once for every path through
-        the nesting: 56,000 parses, 22 s on the service's loop, which answered no one meanwhile."""
+        file), nested 7 deep, was parsed once for every path through the nesting: 56,000
+        parses, 22 s on the service's loop, which answered no one meanwhile."""
         if passed.get(path, -1) >= depth or not is_vrt(path):
             return
         if depth >= MAX_VRT_DEPTH:
