@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import fnmatch
 import json
 import logging
 import os
@@ -227,6 +228,17 @@ def sync_folder(folder: Path) -> None:
         os.close(descriptor)
 
 
+def temporary_path(path: Path) -> Path:
+    """Where `path` is written before it is renamed into place: .NAME.PID.tmp beside it, a name
+    no reader opens and no other process writes (a killed writer's is found by is_temporary)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def is_temporary(name: str, of: str) -> bool:
+    """Whether `name` is a temporary_path of a file whose name matches the glob `of`."""
+    return fnmatch.fnmatchcase(name, f".{of}.*.tmp")
+
+
 def replace_durably(tmp: Path, dest: Path) -> None:
     """Rename a written file or folder into place, the rename on disk before anything after it."""
     os.replace(tmp, dest)
@@ -238,7 +250,7 @@ def write_json_atomic(path: Path, obj: dict, then: str = INDEXING_THEN) -> None:
     ending with `then`. On one line: indented, the manifest of a 10M-tile index (39,000 shards,
     4 MB) took 227 ms to write, and it was written for every chunk (json's indenting encoder is
     pure Python); 44 ms to encode as one line."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temporary_path(path)
     text = json.dumps(obj)
     with disk_write(path, then):
         try:
@@ -306,7 +318,7 @@ def _left_by_a_writer(entry: Path) -> bool:
     """What an index writer creates before its first commit: the lock, the job file, temporary
     manifests, and an empty shards folder."""
     name = entry.name
-    temporary = name.endswith(".tmp") and name.startswith((f".{MANIFEST}.", f".{JOB_FILE}."))
+    temporary = is_temporary(name, MANIFEST) or is_temporary(name, JOB_FILE)
     if name in (LOCK, JOB_LOCK, JOB_FILE) or temporary:
         return entry.is_file() and not entry.is_symlink()
     return name == SHARDS and entry.is_dir() and not entry.is_symlink() and not any(entry.iterdir())

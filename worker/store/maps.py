@@ -24,7 +24,7 @@ import numpy as np
 from worker import level_maps
 from worker.edge_cells import CELL, ORIENTATIONS
 from worker.level_maps import LevelMap
-from worker.store.format import allocated_memmap, disk_write, replace_durably
+from worker.store.format import allocated_memmap, disk_write, is_temporary, replace_durably, temporary_path
 from worker.store.shard_file import DamagedFile, ShardArray
 from worker.tiling import RasterInfo
 
@@ -36,6 +36,7 @@ def map_file(index_dir: Path, raster_id: int, scale: int) -> Path:
 
 
 MAP_NAME = re.compile(r"r(\d+)-s\d+\.npy")  # map_file's names: the raster id
+MAP_GLOB = "r*-s*.npy"  # the same, as a glob
 
 
 def _maps_by_raster(index_dir: Path) -> list[tuple[int, Path]]:
@@ -69,7 +70,7 @@ def write_joined_maps(index, band_cells: int = BAND_CELLS) -> None:
         shape = level_maps.map_shape(index.rasters[raster_id], lp)
         first, count = records["cell_row"][rows], records["cell_rows"][rows]
         dest = map_file(index.dir, raster_id, scale)
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+        tmp = temporary_path(dest)
         with disk_write(dest):
             dest.parent.mkdir(exist_ok=True)
             try:
@@ -94,8 +95,10 @@ def remove_unfinished_maps(index_dir: Path) -> None:
     """The maps a killed writer left under a temporary name (a map is about 4 KB a tile: GBs
     of a large raster's, a disk's worth when it was full); only a run holding the index's lock,
     so that no other writer's map is underway."""
-    for path in (Path(index_dir) / MAPS).glob(".r*-s*.npy.*.tmp"):
-        path.unlink(missing_ok=True)
+    folder = Path(index_dir) / MAPS
+    for name in os.listdir(folder) if folder.is_dir() else []:
+        if is_temporary(name, MAP_GLOB):
+            (folder / name).unlink(missing_ok=True)
 
 
 def remove_maps_of_no_raster(index_dir: Path, raster_ids: set[int]) -> None:
