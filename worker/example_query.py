@@ -100,16 +100,16 @@ class ExampleQuery:
 
 
 def raster_of(path: Path, rasters: list[RasterInfo], bands: tuple[int, ...] | None,
-              drivers: tuple[str, ...] | None) -> tuple[RasterInfo, str | None]:
+              drivers: tuple[str, ...] | None) -> tuple[RasterInfo, RasterInfo | None]:
     """The index's record of a raster (its bands and stretch, so the example is drawn as its
     tiles were), or the raster opened afresh when the index does not hold it, or its file has
     changed since it was indexed (the record's size and pixel grid may no longer be the file's).
-    Also the raster's path as indexed when it changed, else None."""
+    Also the index's record when it holds the raster, else None."""
     indexed = next((r for r in rasters if Path(r.path).resolve() == path), None)
     if indexed is not None and disk_state(indexed) == "unchanged":  # else opened afresh, saying why it cannot be
-        return indexed, None
+        return indexed, indexed
     if indexed is not None:
-        return open_raster(path, bands, drivers), indexed.path
+        return open_raster(path, bands, drivers), indexed
     # another raster: its own red, green and blue (an RGB raster's bands 4,3,2 of an index's were
     # refused), else those the index was built with where it has them (another scene of its sensor)
     names_colours, count = colour_bands(path, drivers)
@@ -232,9 +232,10 @@ def prepare_example(example: Example, rasters: list[RasterInfo], size: int, band
         path = access.check_file(path)
     if not path.is_file():
         raise InputError(f"example raster {excerpt(example.raster)} is not a file")
-    raster, changed = raster_of(path, rasters, bands, access.drivers)
+    raster, indexed = raster_of(path, rasters, bands, access.drivers)
+    changed = indexed.path if indexed is not None and raster is not indexed else None
     window = pixel_box(example, raster)
-    drawn = central_window(window, largest) if largest and any(r.path == raster.path for r in rasters) else window
+    drawn = central_window(window, largest) if largest and indexed is not None else window
     drawing, data_share = draw_window(raster, drawn, size)
     if drawn != window and (drawing < 128).mean() < MIN_INK:  # its lines lie round its edge: drawn whole
         drawn, (drawing, data_share) = window, draw_window(raster, window, size)
