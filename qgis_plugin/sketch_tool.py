@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from qgis.core import QgsCoordinateTransform, QgsCsException, QgsPointXY, QgsProject, QgsWkbTypes
+import math
+
+from qgis.core import (QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsCsException, QgsPointXY, QgsProject,
+                       QgsWkbTypes)
 from qgis.gui import QgsMapTool, QgsRubberBand
 from qgis.PyQt.QtCore import Qt, pyqtSignal
 from qgis.PyQt.QtGui import QColor
@@ -48,7 +51,8 @@ class SketchMapTool(QgsMapTool):
                 band.reset(QgsWkbTypes.LineGeometry)
             self.strokes_hidden.emit()
             return
-        self._strokes, self.strokes_crs = moved, new
+        width = world_width(new)
+        self._strokes, self.strokes_crs = (moved if width is None else made_whole(moved, width)), new
         self._units_per_px = [None] * len(moved)
         self._draw_bands()
 
@@ -133,3 +137,35 @@ class SketchMapTool(QgsMapTool):
     def strokes(self) -> list[list[list[float]]]:
         """Strokes as [[x, y], ...] lists in `strokes_crs` (the canvas CRS unless they are hidden)."""
         return [[[p.x(), p.y()] for p in stroke] for stroke in self._strokes]
+
+
+def world_width(crs: QgsCoordinateReferenceSystem) -> float | None:
+    """How far x runs once round the Earth in a CRS whose x wraps the same at every latitude
+    (360 in lon/lat; 40,075 km in web Mercator, or a Mercator centred on the Pacific), in its
+    units; None in any other. Read from the steps a degree of longitude takes, at four longitudes
+    a quarter turn apart (one may straddle the CRS's edge) on the equator and at 60 degrees."""
+    to_crs = QgsCoordinateTransform(QgsCoordinateReferenceSystem("EPSG:4326"), crs, QgsProject.instance())
+    try:
+        steps = [(b.x() - a.x(), b.y() - a.y()) for lat in (0.0, 60.0) for lon in (-150.0, -60.0, 30.0, 120.0)
+                 for a, b in [(to_crs.transform(QgsPointXY(lon, lat)), to_crs.transform(QgsPointXY(lon + 1.0, lat)))]]
+    except QgsCsException:
+        return None
+    step = sorted(dx for dx, _ in steps)[len(steps) // 2]
+    alike = [dx for dx, dy in steps if math.isclose(dx, step, rel_tol=1e-6) and abs(dy) <= 1e-9 * abs(dx)]
+    return 360.0 * step if step > 0 and len(alike) >= len(steps) - 2 else None
+
+
+def made_whole(strokes: list[list[QgsPointXY]], width: float) -> list[list[QgsPointXY]]:
+    """Strokes reprojected into a CRS whose x wraps every `width`, each point moved by whole turns
+    to lie the short way round from the one before: PROJ put the points past 180 degrees at the
+    CRS's other edge, and a sketch over Fiji was drawn as lines across the whole world (the
+    search was right: the worker makes strokes whole itself)."""
+    whole, last = [], None
+    for stroke in strokes:
+        moved = []
+        for point in stroke:
+            x = point.x() if last is None else point.x() - width * round((point.x() - last) / width)
+            moved.append(QgsPointXY(x, point.y()))
+            last = x
+        whole.append(moved)
+    return whole

@@ -96,6 +96,39 @@ def test_a_drawn_stroke_becomes_the_request(plugin, rmnp_layer, qgis_iface):
     dock.index_combo.clear()
 
 
+def test_strokes_drawn_across_180_stay_whole_when_the_map_s_crs_changes(plugin, qgis_iface):
+    """A sketch over Fiji drawn across 180 degrees in a Mercator centred on the Pacific, then
+    shown in lon/lat and in web Mercator: PROJ puts the points past 180 at the CRS's other edge,
+    and the strokes were drawn across the whole world. They stay one piece a few km wide, where
+    they were drawn."""
+    dock, canvas = plugin.dock, qgis_iface.mapCanvas()
+    was_crs, was_extent = canvas.mapSettings().destinationCrs(), canvas.extent()
+    pacific, lon_lat = QgsCoordinateReferenceSystem("EPSG:3832"), QgsCoordinateReferenceSystem("EPSG:4326")
+    x180 = QgsCoordinateTransform(lon_lat, pacific, QgsProject.instance()).transform(QgsPointXY(180.0, -17.0))
+    try:
+        dock.clear_sketch()
+        canvas.setDestinationCrs(pacific)
+        canvas.setExtent(QgsRectangle(x180.x() - 20_000, x180.y() - 20_000, x180.x() + 20_000, x180.y() + 20_000))
+        dock.draw_button.setChecked(True)
+        width = canvas.viewport().width()
+        drag(canvas.viewport(), [(width // 4, 100), (width // 2, 140), (3 * width // 4, 150)])
+        drag(canvas.viewport(), [(3 * width // 4, 300), (width // 4, 280)])
+        for crs, km in ((lon_lat, 1 / 111.32), (QgsCoordinateReferenceSystem("EPSG:3857"), 1000 * 1.05)):
+            canvas.setDestinationCrs(crs)
+            xs = [p[0] for stroke in dock.map_tool.strokes() for p in stroke]
+            assert max(xs) - min(xs) < 40 * km, (crs.authid(), xs)
+            assert min(xs) < QgsCoordinateTransform(lon_lat, crs, QgsProject.instance()).transform(
+                QgsPointXY(180.0, -17.0)).x() < max(xs), "drawn across 180 degrees, kept there"
+        canvas.setDestinationCrs(pacific)
+        back = [p[0] for stroke in dock.map_tool.strokes() for p in stroke]
+        assert max(back) - min(back) < 40_000 and min(back) < x180.x() < max(back)
+    finally:
+        dock.draw_button.setChecked(False)
+        dock.clear_sketch()
+        canvas.setDestinationCrs(was_crs)
+        canvas.setExtent(was_extent)
+
+
 def test_a_service_that_is_no_worker_of_this_version_is_named_so_and_a_worker_then_connects(plugin, worker,
                                                                                             qgis_iface):
     """A ZeroMQ service answering `info` without a worker's fields (another program, or a worker
