@@ -128,6 +128,24 @@ def test_search_is_deterministic_and_deduplicates_places(s2_index, model):
             assert overlap <= 0.3 + 1e-9
 
 
+def test_a_search_allowing_any_overlap_returns_each_place_once(s2_index, model):
+    """At a max_overlap of 1, two candidates refined to one place were both hits: one id twice
+    in 300 hits of a line sketch, twice in 1,000 (probe)."""
+    import io
+
+    from PIL import ImageDraw
+
+    from worker.app import SearchRequest, run_search
+
+    drawn = Image.new("L", (256, 256), 255)
+    ImageDraw.Draw(drawn).line([(20, 200), (90, 120), (160, 140), (230, 40)], fill=0, width=4)
+    png = io.BytesIO()
+    drawn.save(png, "PNG")
+    reply = run_search(SearchRequest(png.getvalue(), top=300, max_overlap=1.0), model, TileIndex.open(s2_index))
+    ids = [hit["properties"]["id"] for hit in reply.hits["features"]]
+    assert len(ids) > 200 and len(set(ids)) == len(ids)
+
+
 def test_bbox_in_another_crs_limits_hits_to_the_area(s2_index, model, assets):
     index = TileIndex.open(s2_index)
     with rasterio.open(assets["s2_rgb"]) as src:

@@ -70,17 +70,22 @@ def dedupe(footprints: Footprints, order: np.ndarray, max_overlap: float, limit:
     """Greedy spatial de-duplication: walk `order` (best first) and keep a footprint only if it
     shares with every kept one at most `max_overlap` of the smaller of the two areas; stop after
     `limit` kept. `hidden` footprints are kept, keeping those overlapping them out, but never
-    returned nor counted (an example's own place). A search's stop check is looked at every 64
-    footprints (a top of 1,000 took 1.5 s, which a cancel waited for)."""
+    returned nor counted (an example's own place). One place is kept once, whatever
+    `max_overlap`: at 1, two candidates refined to one place were both hits, one id twice (probe).
+    A search's stop check is looked at every 64 footprints (a top of 1,000 took 1.5 s, which a
+    cancel waited for)."""
     kept: list[int] = []
     shown: list[int] = []
+    places: set[tuple] = set()
     for n, i in enumerate(order):
         if limit is not None and len(shown) >= limit:
             break
         if n % 64 == 63:
             raise_if_stopped("de-duplicating the next hits")
-        if footprints.shares_little(int(i), kept, max_overlap):
+        place = hit_place(footprints.placements[int(i)])
+        if place not in places and footprints.shares_little(int(i), kept, max_overlap):
             kept.append(int(i))
+            places.add(place)
             if int(i) not in hidden:
                 shown.append(int(i))
     return shown
@@ -485,6 +490,11 @@ def add_unread(said: dict[str, tuple[frozenset, str]], path: str, places: frozen
     feedback search's searches, is counted once)."""
     before, first = said.get(path, (frozenset(), why))
     said[path] = (before | frozenset(places), first)
+
+
+def hit_place(placement: Placement) -> tuple:
+    """A placement's raster and its square there (place_key): two placements with one are one hit."""
+    return placement.raster.path, place_key(placement)
 
 
 def place_key(placement: Placement) -> tuple[float, float, float, float]:
