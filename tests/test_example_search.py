@@ -314,6 +314,59 @@ def test_feedback_leaves_out_bad_places_and_brings_up_good_ones(rmnp_index, mode
         Feedback.from_json(["a"])
 
 
+def test_a_search_with_marks_returns_each_place_once_whatever_overlap_is_allowed(rmnp_index, model, assets):
+    """The searches like a good place find the sketch's own places again: at a max_overlap of 1,
+    the same hit came back twice, and four times with the good place marked thrice (probe)."""
+    query = prepare_example(Example(str(assets["rmnp_rgb"]), tuple(window_bbox(assets["rmnp_rgb"])), "EPSG:4326"),
+                            list(rmnp_index.rasters.values()), model.img_size)
+    first = search_query(rmnp_index, model, query.sketch, RankingConfig(), top=6, own_place=query.own_place,
+                         max_overlap=1.0).hits
+    good = hit_id(first[1].placement)
+    assert Feedback((good, good, hit_id(first[2].placement))).positive == (good, hit_id(first[2].placement))
+    for marks in (Feedback((good,)), Feedback((good, good, good))):
+        result = search_query(rmnp_index, model, query.sketch, RankingConfig(), top=6, own_place=query.own_place,
+                              max_overlap=1.0, feedback=marks)
+        ids = [hit_id(h.placement) for h in result.hits]
+        assert len(ids) == 6 and len(set(ids)) == len(ids), ids
+        assert 0 < result.timings_ms["feedback_ms"] <= result.timings_ms["total_ms"]
+
+
+def test_a_place_marked_bad_keeps_the_places_overlapping_it_out(rmnp_index, model, assets):
+    """A place marked bad was left out alone, and a neighbour lying 51-89% inside it, which it
+    had kept out of the first search, came back in its stead: the same spot to the user (probe).
+    It keeps them out as a hit does (more than max_overlap of the smaller of the two shared)."""
+    from worker.placement import Placement
+
+    query = prepare_example(Example(str(assets["rmnp_rgb"]), tuple(window_bbox(assets["rmnp_rgb"])), "EPSG:4326"),
+                            list(rmnp_index.rasters.values()), model.img_size)
+    first = search_query(rmnp_index, model, query.sketch, RankingConfig(), top=10, own_place=query.own_place).hits
+    for bad in first[:3]:
+        refined = search_query(rmnp_index, model, query.sketch, RankingConfig(), top=10, own_place=query.own_place,
+                               feedback=Feedback((hit_id(first[4].placement),), (hit_id(bad.placement),))).hits
+        shapes = Placement.pixel_polygons([bad.placement] + [h.placement for h in refined])
+        marked = shapes[0]
+        inside = [round(s.intersection(marked).area / min(s.area, marked.area), 2) for s in shapes[1:]]
+        assert len(refined) == 10 and max(inside) <= 0.3, inside
+
+
+def test_a_re_rank_stops_between_batches_of_places(rmnp_index, model):
+    """A re-rank read and described all its places at once, 3 x a top of 1,000 (the worker went
+    from 1.6 to 3.4 GB), and ran on past the worker's time limit, the searches behind it waiting
+    (probe): it looks at the search's stop check between batches."""
+    from worker.cancellation import SearchStopped, stop_when
+    from worker.query_search import DESCRIBED_AT_ONCE, Unread, describe_readable
+
+    place = parse_hit_id(f"{raster_key(next(iter(rmnp_index.rasters.values())))}@200.00,200.00,112.00,0.00",
+                         rmnp_index.rasters)
+    places = [replace(place, cx=place.cx + n) for n in range(2 * DESCRIBED_AT_ONCE + 1)]
+    looked = []
+    with stop_when(lambda: looked.append(1) or len(looked) > 1), pytest.raises(SearchStopped):
+        describe_readable(rmnp_index, places, model.img_size, None, Unread({}, {}))
+    assert len(looked) == 2, "stopped at the second batch"
+    kept, described = describe_readable(rmnp_index, places, model.img_size, None, Unread({}, {}))
+    assert kept == list(range(len(places))) and len(described) == len(places)
+
+
 @pytest.mark.parametrize("damage", ["deleted", "cut short"])
 def test_marks_in_a_raster_that_cannot_be_read_now_are_left_out_with_it(tmp_path, model, assets, damage):
     """A mark, good or bad, in a raster moved, deleted or damaged since it was indexed failed the

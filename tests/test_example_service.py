@@ -108,6 +108,7 @@ def test_an_example_box_over_most_of_the_only_raster_finds_nothing_and_says_why(
     ({"feedback": {"positive": 0, "negative": ["0123456789@10.00,10.00,50.00,0.00"]}}, codes.BAD_INPUT,
      "must be a list of hit ids"),
     ({"feedback": {"negative": "0123456789@10.00,10.00,50.00,0.00"}}, codes.BAD_INPUT, "must be a list of hit ids"),
+    ({"feedback": {"positive": [5]}}, codes.BAD_INPUT, "feedback positive [5] must be a list"),  # was "(5,)"
     ({"example": "here"}, codes.BAD_REQUEST, "example"),
     # was read in EPSG:4326 without a word of the key, and refused as a box that cannot be placed
     ({"example": {"bbox_crs": "EPSG:32617"}}, codes.BAD_REQUEST, "example has no field 'bbox_crs'"),

@@ -42,7 +42,8 @@ class Feedback:
     def __post_init__(self) -> None:
         for name, ids in (("positive", self.positive), ("negative", self.negative)):
             if not isinstance(ids, (list, tuple)) or not all(isinstance(i, str) for i in ids):
-                raise InputError(f"feedback {name} {excerpt(ids)} must be a list of hit ids (strings)")
+                shown = list(ids) if isinstance(ids, tuple) else ids  # as the client sent it: a list, not a tuple
+                raise InputError(f"feedback {name} {excerpt(shown)} must be a list of hit ids (strings)")
             if len(ids) > MAX_MARKS:
                 raise InputError(f"feedback {name} has {len(ids)} ids; at most {MAX_MARKS}")
         if not self.positive and not self.negative:
@@ -52,6 +53,10 @@ class Feedback:
         both = [i for i in self.negative if place_of(i) in good]  # one place, its id written two ways too
         if both:
             raise InputError(f"feedback marks {excerpt(both[0])} both good and bad: choose one")
+        # a place marked twice counts once: twice, it ran its "more like this" search twice, weighed
+        # twice in the mean, and took a place of another good one among the EXPANSIONS (probe)
+        object.__setattr__(self, "positive", _each_place_once(self.positive))
+        object.__setattr__(self, "negative", _each_place_once(self.negative))
 
     @classmethod
     def from_json(cls, d: object) -> "Feedback":
@@ -70,6 +75,14 @@ class Feedback:
     def places(self, rasters: dict[int, RasterInfo]) -> tuple[list[Placement], list[Placement]]:
         """The marked places in an index's rasters; InputError for an id the index does not hold."""
         return [parse_hit_id(i, rasters) for i in self.positive], [parse_hit_id(i, rasters) for i in self.negative]
+
+
+def _each_place_once(ids: tuple[str, ...]) -> tuple[str, ...]:
+    """`ids` less those naming a place an earlier one names (written the same or otherwise)."""
+    first: dict[tuple | str, str] = {}
+    for i in ids:
+        first.setdefault(place_of(i), i)
+    return tuple(first.values())
 
 
 def rocchio_query(sketch: torch.Tensor, good: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:

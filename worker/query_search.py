@@ -21,7 +21,7 @@ from worker.geo import Area, nearest_copy, overlap_area, reproject_rings, shared
 from worker.line_drawing import drawing_device
 from worker.placement import Placement, refuse_too_large
 from worker.ranking import RankingConfig
-from worker.search import (Footprints, Hidden, Hit, SearchResult, add_unread, dedupe, place_key,
+from worker.search import (Footprints, Hidden, Hit, SearchResult, add_unread, dedupe, hit_place, place_key,
                            remember_unreadable, search)
 from worker.store import WGS84, TileIndex
 from worker.verify import describe_places, describe_sketch
@@ -87,8 +87,10 @@ def search_query(index: TileIndex, model, sketch: torch.Tensor, ranking: Ranking
     unread = dict(first.unread_places)
     if feedback is not None:
         raise_if_stopped("the feedback re-rank")
+        reranking = time.perf_counter()
         hits = rerank(index, model, sketch, ranking, hits, good, bad, area_wgs84, max_overlap,
                       Unread(unreadable, unread), hidden)
+        timings["feedback_ms"] = (time.perf_counter() - reranking) * 1e3  # most of such a search's time
     hits = [replace(h, rank=n + 1) for n, h in enumerate(hits[:top])]
     timings["total_ms"] = (time.perf_counter() - started) * 1e3
     return SearchResult(hits=hits, timings_ms=timings, unreadable=unreadable, unread_places=unread,
@@ -131,6 +133,12 @@ class Unread(NamedTuple):
     places: dict[str, tuple[frozenset, str]]
 
 
+# places read, drawn and described as one batch by a re-rank: 3 x a top of 1,000 at once took the
+# worker from 1.6 to 3.4 GB, and could not be stopped (it ran on past the worker's time limit, and
+# the searches behind it waited; probe)
+DESCRIBED_AT_ONCE = 64
+
+
 def describe_readable(index: TileIndex, places: list[Placement], size: int, device,
                       unread: Unread) -> tuple[list[int], torch.Tensor]:
     """Which of `places` can be read now (their indices, in order) and their descriptors
@@ -142,13 +150,17 @@ def describe_readable(index: TileIndex, places: list[Placement], size: int, devi
     alone, and counted in `unread.places`."""
     readable = [i for i, p in enumerate(places) if p.raster.path not in unread.rasters]
     described: dict[int, torch.Tensor] = {}
-    try:  # all at once, as one batch: the usual case
-        _describe_into(described, places, readable, size, device, unread.places)
+    try:  # DESCRIBED_AT_ONCE a batch: the usual case
+        for start in range(0, len(readable), DESCRIBED_AT_ONCE):
+            raise_if_stopped("describing the next places to re-rank")
+            _describe_into(described, places, readable[start:start + DESCRIBED_AT_ONCE], size, device, unread.places)
     except RasterUnreadable:
         by_raster: dict[str, list[int]] = {}
         for i in readable:
-            by_raster.setdefault(places[i].raster.path, []).append(i)
+            if i not in described:
+                by_raster.setdefault(places[i].raster.path, []).append(i)
         for path, indices in by_raster.items():
+            raise_if_stopped("describing the next places to re-rank")
             try:
                 _describe_into(described, places, indices, size, device, unread.places)
             except RasterUnreadable as exc:
@@ -194,6 +206,7 @@ def rerank(index: TileIndex, model, sketch: torch.Tensor, ranking: RankingConfig
                 add_unread(unread.places, path, places, why)
             pool += more.hits
             prior += list(range(1, len(more.hits) + 1))
+    pool, prior = each_place_once(pool, prior)
     kept, candidates = describe_readable(index, [h.placement for h in pool], size, device, unread)
     pool, prior = [pool[i] for i in kept], [prior[i] for i in kept]
     if not pool:  # the area, or rasters that cannot be read, left no place: no hits, as without marks
@@ -201,9 +214,26 @@ def rerank(index: TileIndex, model, sketch: torch.Tensor, ranking: RankingConfig
     query = fb.rocchio_query(describe_sketch(sketch), good_d, bad_d)
     scores = fb.feedback_scores(candidates, query, np.asarray(prior, np.float64))
     rejected = overlapping([h.placement for h in pool], reproject_rings(bad, WGS84), fb.SAME_PLACE_IOU)
-    order = np.array([i for i in np.argsort(-scores, kind="stable") if not rejected[i]], dtype=np.int64)
-    kept = dedupe(Footprints([h.placement for h in pool]), order, max_overlap)
+    # the places marked bad keep the places overlapping them out, as each kept them out of the
+    # search that showed it: left out alone, a neighbour lying 51-89% inside one came back in its
+    # stead, the same spot to the user (probe)
+    marked_bad = range(len(pool), len(pool) + len(bad))
+    order = np.array([*marked_bad, *(i for i in np.argsort(-scores, kind="stable") if not rejected[i])], np.int64)
+    kept = dedupe(Footprints([h.placement for h in pool] + bad), order, max_overlap, hidden=frozenset(marked_bad))
     return [replace(pool[i], rank=n + 1, score=float(scores[i])) for n, i in enumerate(kept)]
+
+
+def each_place_once(pool: list[Hit], prior: list[int]) -> tuple[list[Hit], list[int]]:
+    """A re-rank's candidates with each place once, at the best rank any search gave it: the
+    searches like the good places find the sketch's own places again, and at a max_overlap of 1
+    the same hit came back two and four times (probe)."""
+    hits: dict[tuple, Hit] = {}
+    ranks: dict[tuple, int] = {}
+    for hit, rank in zip(pool, prior):
+        key = hit_place(hit.placement)
+        hits.setdefault(key, hit)
+        ranks[key] = min(rank, ranks.get(key, rank))
+    return list(hits.values()), list(ranks.values())
 
 
 def places_as_sketches(places: list[Placement], size: int) -> list[torch.Tensor]:
