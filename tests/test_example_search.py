@@ -471,6 +471,10 @@ def test_a_raster_marked_in_and_changed_since_it_was_indexed_is_named(tmp_path, 
     reply = run_search(request, model, index).to_json()
     assert reply["hits"]["features"] and all(f["properties"]["raster"] == str(searched) for f in reply["hits"]["features"])
     assert [c["raster"] for c in reply["changed"]] == [str(marked)] and "marked in it" in reply["changed"][0]["reason"]
+    everywhere = run_search(replace(request, bbox=None, top=10), model, index).to_json()  # hits in the marked one too
+    assert str(marked) in {f["properties"]["raster"] for f in everywhere["hits"]["features"]}
+    said = {c["raster"]: c["reason"] for c in everywhere["changed"]}
+    assert said.keys() == {str(marked)} and said[str(marked)].endswith("then search and mark again"), said
 
 
 def test_an_example_on_a_raster_changed_since_it_was_indexed_is_read_where_it_is_now(tmp_path, model, assets):

@@ -497,7 +497,8 @@ def run_search(request: SearchRequest, model: "RetrievalModel", index: TileIndex
         changed = {c["raster"]: c for c in changed_since_indexed([h.placement.raster for h in result.hits])}
         good, bad = request.feedback.places(index.rasters) if request.feedback is not None else ([], [])
         if request.feedback is not None:  # a mark there named the old pixels, and was read from the new ones
-            marked = [p.raster for p in good + bad if p.raster.path not in changed | result.unreadable.keys()]
+            # said so of a raster with hits too: HITS_CHANGED left out "then search and mark again" (probe)
+            marked = [p.raster for p in good + bad if p.raster.path not in result.unreadable]
             changed |= {c["raster"]: c for c in changed_since_indexed(marked, MARK_CHANGED)}
         if example is not None and example.changed:  # said of the example, and of its raster's hits
             changed[example.changed] = {"raster": example.changed, "reason": EXAMPLE_CHANGED}
