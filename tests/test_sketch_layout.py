@@ -136,7 +136,8 @@ def test_a_mark_too_small_for_its_frame_is_refused_but_light_lines_beside_a_dot_
 
     dot = Image.new("L", (4000, 4000), 255)
     ImageDraw.Draw(dot).ellipse([1995, 1995, 2005, 2005], fill=0)
-    with pytest.raises(InputError, match="too small to match anything"):
+    with pytest.raises(InputError, match=r"too small to match anything: crop the image to its strokes \(or search it "
+                                         "with crop_to_ink"):
         prepare_sketch(dot, 224)
     pencil = Image.new("L", (224, 224), 255)
     draw = ImageDraw.Draw(pencil)

@@ -204,9 +204,10 @@ def ink_bbox(gray: np.ndarray) -> tuple[int, int, int, int]:
     return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
 
-def prepare_sketch(img: Image.Image, size: int, crop_to_ink: bool = False) -> torch.Tensor:
+def prepare_sketch(img: Image.Image, size: int, crop_to_ink: bool = False, strokes: bool = False) -> torch.Tensor:
     """Greyscale sketch -> (3, size, size) float in [0, 1]: the whole image (or the ink's
-    bounding box plus a margin), fitted and padded white to a square."""
+    bounding box plus a margin), fitted and padded white to a square. `strokes`: the image is
+    strokes drawn into their frame (a refusal says what to do of strokes, not of an image)."""
     img = img.convert("L")
     x0, y0, x1, y1 = ink_bbox(np.asarray(img))  # refuses blank sketches either way
     if crop_to_ink:
@@ -220,12 +221,12 @@ def prepare_sketch(img: Image.Image, size: int, crop_to_ink: bool = False) -> to
     crop = _fitted(crop, new, scale)
     canvas = Image.new("L", (size, size), 255)
     canvas.paste(crop, ((size - new[0]) // 2, (size - new[1]) // 2))
-    _check_ink_span(np.asarray(canvas))
+    _check_ink_span(np.asarray(canvas), strokes)
     arr = torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0)
     return arr[None].expand(3, -1, -1).contiguous()
 
 
-def _check_ink_span(fitted: np.ndarray) -> None:
+def _check_ink_span(fitted: np.ndarray, strokes: bool) -> None:
     """InputError for strokes that span less than one cell of the compared drawings once fitted
     (worker.edge_cells.CELL px of 224): a dot or a tiny mark in a large frame was searched and
     found nothing, unsaid. Ink here is anything INK_CONTRAST darker than the paper, so light
@@ -235,9 +236,11 @@ def _check_ink_span(fitted: np.ndarray) -> None:
         raise InputError("sketch is blank once fitted to its frame: no dark strokes on a light background")
     span = max(xs.max() - xs.min(), ys.max() - ys.min()) + 1
     if span < CELL * fitted.shape[0] / 224:
+        # strokes on the plugin's pad were told of an image's command-line flag (probe)
+        todo = "draw the place's lines across the frame" if strokes else \
+            "crop the image to its strokes (or search it with crop_to_ink: --crop-to-ink on the command line)"
         raise InputError(f"the sketch's strokes span {100 * span / fitted.shape[0]:.1f}% of its frame, too small to "
-                         "match anything: draw the place's lines across the frame (an image: crop it to its strokes, "
-                         "--crop-to-ink)")
+                         f"match anything: {todo}")
 
 
 def _fitted(img: Image.Image, new: tuple[int, int], scale: float) -> Image.Image:
@@ -271,5 +274,5 @@ def compared_lines(sketch: torch.Tensor) -> np.ndarray:
 def load_sketch(source: str | Path | bytes | StrokeSketch, size: int, crop_to_ink: bool = False) -> torch.Tensor:
     """Any sketch input -> model-ready tensor. Strokes are rendered into their frame (see
     StrokeSketch.frame), so `crop_to_ink` only changes images."""
-    img = render_strokes(source) if isinstance(source, StrokeSketch) else open_sketch_image(source)
-    return prepare_sketch(img, size, crop_to_ink)
+    strokes = isinstance(source, StrokeSketch)
+    return prepare_sketch(render_strokes(source) if strokes else open_sketch_image(source), size, crop_to_ink, strokes)
