@@ -613,7 +613,11 @@ class SearchController(QObject):
 
     def query_of(self, layer) -> Optional[SearchQuery]:
         """The query a results layer answers (kept with it, or in its GeoPackage), or None and a message."""
-        text = saved_query(layer) if layer is not None else None
+        if layer is None:  # said as a layer holding no search, of a reopened project's results (probe)
+            self.notice.emit("No search results are listed: search, or select a layer of search results in the "
+                             "Layers panel.", Qgis.Warning, "")
+            return None
+        text = saved_query(layer)
         if not text:
             self.notice.emit("That layer holds no sketch search: choose a layer of search results.", Qgis.Warning, "")
             return None

@@ -90,6 +90,7 @@ class SketchSearchDock(QDockWidget):
         controller.search_running.connect(self._search_running)
         controller.results_ready.connect(self._show_results)
         QgsProject.instance().layerWillBeRemoved[str].connect(self._layer_removed)
+        iface.currentLayerChanged.connect(self._layer_activated)
 
     def first_use(self) -> None:
         """When the dock is first opened, look for a worker (without waiting for it: what was found,
@@ -236,6 +237,7 @@ class SketchSearchDock(QDockWidget):
 
     def _show_results(self, layer) -> None:
         self.save_button.setEnabled(True)
+        self._watch_marks(layer)
         self.shown_layer = layer
         self._clear_results_list()
         rasters = [lyr for lyr in self.canvas.layers() if lyr.type() == QgsMapLayerType.RasterLayer]  # the visible ones
@@ -249,6 +251,29 @@ class SketchSearchDock(QDockWidget):
                 self.thumbnails.draw(item, extent, layer.crs(), rasters)
         self.scroll.ensureWidgetVisible(self.results_list)
 
+    def _watch_marks(self, layer) -> None:
+        """The list's marks follow the shown layer's `feedback` as the attribute table or a roll
+        back of its edits changes it: after a roll back, the list showed marks the layer no
+        longer held, and Refine sent what it held (probe)."""
+        for signal in ("attributeValueChanged", "afterRollBack"):
+            if self.shown_layer is not None:
+                try:
+                    getattr(self.shown_layer, signal).disconnect(self._show_marks)
+                except (TypeError, RuntimeError):  # never connected, or the layer is deleted already
+                    pass
+            if layer is not None:
+                getattr(layer, signal).connect(self._show_marks)
+
+    def _show_marks(self, *_) -> None:
+        """Each listed hit's text as its feature is now (its mark)."""
+        if self.shown_layer is None:
+            return
+        for row in range(self.results_list.count()):
+            item = self.results_list.item(row)
+            feature = self.shown_layer.getFeature(item.data(FEATURE_ID))
+            if feature.isValid():
+                item.setText(self._item_text(feature))
+
     def _clear_results_list(self) -> None:
         self.thumbnails.cancel()  # before the items they draw for are gone
         self.results_list.clear()
@@ -261,9 +286,22 @@ class SketchSearchDock(QDockWidget):
             return True
         return super().eventFilter(watched, event)
 
+    def _layer_activated(self, *_) -> None:
+        """The list shows the results layer made active in the Layers panel (an older search's,
+        or one that came with a reopened project or from a GeoPackage), and marks, Refine, More
+        like this and Save results act on it: only the newest search's could be, and a reopened
+        project's marks could not be refined (probe)."""
+        layer = self.iface.activeLayer()
+        if layer is None or layer is self.shown_layer or layer.type() != QgsMapLayerType.VectorLayer \
+                or not saved_query(layer):
+            return
+        self.controller.result_layer = layer
+        self._show_results(layer)
+
     def _layer_removed(self, layer_id: str) -> None:
         """Forget a results layer removed from the project (its hits are no longer listed)."""
         if self.shown_layer is not None and self.shown_layer.id() == layer_id:
+            self._watch_marks(None)
             self.shown_layer = None
             self._clear_results_list()
         if self.controller.result_layer is not None and self.controller.result_layer.id() == layer_id:
@@ -356,6 +394,14 @@ class SketchSearchDock(QDockWidget):
         self.pad.update()
 
     def _sketch_changed(self, source: str, strokes: int) -> None:
+        """The sketch in use is the surface drawn on last; once its strokes are all undone, the
+        other's, where it has some: with the map's undone, the pad's were kept but neither
+        searched nor undone, the label saying there was no sketch (probe)."""
+        if not strokes:
+            other = "pad" if source == "map" else "map"
+            left = len((self.pad if other == "pad" else self.map_tool).strokes())
+            if left:
+                source, strokes = other, left
         self.sketch_source = source
         self.sketch_label.setText(f"{strokes} stroke(s) on the {source}" if strokes else NO_SKETCH)
 
@@ -454,6 +500,8 @@ class SketchSearchDock(QDockWidget):
         self.canvas.unsetMapTool(self.map_tool)
         self.canvas.unsetMapTool(self.place_tool)
         QgsProject.instance().layerWillBeRemoved[str].disconnect(self._layer_removed)
+        self.iface.currentLayerChanged.disconnect(self._layer_activated)
+        self._watch_marks(None)
         self.map_tool.clear()
         self.place_tool.clear()
         self.canvas.scene().removeItem(self.place_tool.band)  # the canvas owns rubber bands: they outlive the tool

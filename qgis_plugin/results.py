@@ -303,8 +303,12 @@ def marks(layer: QgsVectorLayer) -> tuple:
 
 
 def set_mark(layer: QgsVectorLayer, feature_id: int, mark: Optional[int]) -> bool:
-    """Store a mark (GOOD, BAD or None) in a hit's `feedback` field; False when the layer cannot be written."""
+    """Store a mark (GOOD, BAD or None) in a hit's `feedback` field; False when the layer cannot be
+    written. In a layer being edited, in its edit buffer, as the attribute table's: written
+    beneath it, a mark was hidden by the buffer's, and kept by a roll back (probe)."""
     index = layer.fields().indexOf("feedback")
     if index < 0:
         return False
+    if layer.isEditable():
+        return layer.changeAttributeValue(feature_id, index, mark)
     return layer.dataProvider().changeAttributeValues({feature_id: {index: mark}})

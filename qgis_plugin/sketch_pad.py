@@ -6,6 +6,8 @@ from qgis.PyQt.QtCore import QPoint, Qt, pyqtSignal
 from qgis.PyQt.QtGui import QColor, QPainter, QPen
 from qgis.PyQt.QtWidgets import QSizePolicy, QWidget
 
+from .sketch_tool import MIN_STROKE_PX
+
 
 class SketchPad(QWidget):
     strokes_changed = pyqtSignal(int)
@@ -28,9 +30,16 @@ class SketchPad(QWidget):
             self.update()
 
     def mouseReleaseEvent(self, event) -> None:  # noqa: N802
-        if self._strokes and len(self._strokes[-1]) < 2:
+        """A stroke ends; a click, or its slip, is dropped unsaid, as on the map: said as a change,
+        it made the pad the sketch in use, with no strokes, over the map's (probe)."""
+        if not self._strokes:
+            return
+        stroke = self._strokes[-1]
+        xs, ys = [p.x() for p in stroke], [p.y() for p in stroke]
+        if len(stroke) < 2 or max(max(xs) - min(xs), max(ys) - min(ys)) < MIN_STROKE_PX:
             self._strokes.pop()
-        self.strokes_changed.emit(len(self._strokes))
+        else:
+            self.strokes_changed.emit(len(self._strokes))
         self.update()
 
     def paintEvent(self, event) -> None:  # noqa: N802

@@ -97,9 +97,10 @@ class SketchMapTool(QgsMapTool):
             return
         self._drawing = False
         x0, y0, x1, y1 = self._reach
-        if len(self._strokes[-1]) < 2 or max(x1 - x0, y1 - y0) < MIN_STROKE_PX:  # a click, or its slip
+        if len(self._strokes[-1]) < 2 or max(x1 - x0, y1 - y0) < MIN_STROKE_PX:  # a click, or its slip: unsaid
             self._drop_last()
-        self.strokes_changed.emit(len(self._strokes))
+        else:
+            self.strokes_changed.emit(len(self._strokes))
 
     def _drop_last(self) -> None:
         self._strokes.pop()

@@ -192,3 +192,60 @@ def test_a_box_over_most_of_the_only_raster_says_why_nothing_was_found(plugin, w
                and "choose a smaller box" in m for m in warnings), warnings
     assert set(QgsProject.instance().mapLayers()) == layers
     dock.clear_sketch()
+
+
+def test_the_list_follows_the_results_layer_made_active_and_its_edits(plugin, worker, rmnp_layer, qgis_iface):
+    """Only the newest search's layer could be marked and refined: an older one made active, or
+    a reopened project's, was refused as "holds no sketch search". And in a layer being edited,
+    the dock's marks went beneath the edit buffer: hidden by the buffer's, and kept by a roll
+    back (probe)."""
+    from qgis.core import Qgis
+
+    dock, canvas = plugin.dock, qgis_iface.mapCanvas()
+    connected(dock, worker)
+    dock.top_spin.setValue(3)
+    dock.clear_sketch()
+    dock.draw_button.setChecked(True)
+    drag(canvas.viewport(), [(80, 120), (160, 170), (240, 160), (330, 260)])
+    first = search_and_wait(dock, dock.search_button.click)
+    drag(canvas.viewport(), [(100, 300), (300, 280)])
+    second = search_and_wait(dock, dock.search_button.click)
+    dock.draw_button.setChecked(False)
+    assert dock.shown_layer is second
+
+    qgis_iface.setActiveLayer(first)
+    qgis_iface.currentLayerChanged.emit(canvas)  # as QGIS says a layer was made active (the mock's signal)
+    assert dock.shown_layer is first and dock.results_list.count() == first.featureCount()
+    dock.results_list.setCurrentRow(0)
+    dock.good_button.click()
+    by_rank = {f["rank"]: f for f in first.getFeatures()}
+    assert by_rank[1]["feedback"] == 1 and not any(f["feedback"] for f in second.getFeatures())
+    sent = []
+    original = dock.controller.search
+    dock.controller.search = lambda query: (sent.append(query), original(query))
+    try:
+        search_and_wait(dock, dock.refine_button.click)
+    finally:
+        dock.controller.search = original
+    assert sent[0].message()[1]["feedback"] == {"positive": [by_rank[1]["id"]], "negative": []}
+
+    qgis_iface.setActiveLayer(first)
+    qgis_iface.currentLayerChanged.emit(canvas)
+    first.startEditing()
+    feedback = first.fields().indexOf("feedback")
+    first.changeAttributeValue(by_rank[2].id(), feedback, -1)  # as the attribute table does
+    assert "👎" in dock.results_list.item(1).text(), "the list shows the layer's marks as edited"
+    dock.results_list.setCurrentRow(1)
+    dock.good_button.click()
+    assert first.getFeature(by_rank[2].id())["feedback"] == 1 and "👍" in dock.results_list.item(1).text()
+    first.rollBack()
+    assert not first.getFeature(by_rank[2].id())["feedback"], "a roll back takes back the marks made meanwhile"
+    assert not any(m in dock.results_list.item(1).text() for m in ("👍", "👎"))
+    assert "👍" in dock.results_list.item(0).text()
+
+    for layer in [l for l in QgsProject.instance().mapLayers().values() if l.customProperty("sketch_search/query")]:
+        QgsProject.instance().removeMapLayer(layer.id())
+    qgis_iface.messageBar().clear_messages()
+    dock.refine_button.click()
+    assert any("No search results are listed" in m for m in qgis_iface.messageBar().get_messages(Qgis.Warning))
+    dock.clear_sketch()

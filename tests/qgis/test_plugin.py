@@ -96,6 +96,38 @@ def test_a_drawn_stroke_becomes_the_request(plugin, rmnp_layer, qgis_iface):
     dock.index_combo.clear()
 
 
+def test_the_sketch_in_use_is_the_one_drawn_on_and_left_after_an_undo(plugin, rmnp_layer, qgis_iface):
+    """With strokes on the pad and the map, undoing the map's left the pad's neither searched
+    nor undone, and the label said there was no sketch; a click on the pad made it the sketch
+    in use, with no strokes, over the map's (probe)."""
+    dock, viewport = plugin.dock, qgis_iface.mapCanvas().viewport()
+    dock.index_combo.addItem("rmnp")
+    dock.index_combo.setCurrentText("rmnp")
+    dock.clear_sketch()
+    drag(dock.pad, [(10, 12), (80, 60)])
+    drag(dock.pad, [(20, 90), (120, 30)])
+    dock.draw_button.setChecked(True)
+    drag(viewport, [(100, 100), (200, 150), (260, 210)])
+    assert dock.sketch_label.text() == "1 stroke(s) on the map"
+    dock.undo()
+    assert dock.sketch_label.text() == "2 stroke(s) on the pad" and dock.search_query().strokes_crs == "pixel"
+    dock.undo()
+    assert dock.sketch_label.text() == "1 stroke(s) on the pad" and len(dock.pad.strokes()) == 1
+
+    dock.clear_sketch()
+    drag(viewport, [(100, 100), (200, 150), (260, 210)])
+    drag(viewport, [(120, 300), (300, 280)])
+    drag(dock.pad, [(30, 30)])  # a click
+    drag(dock.pad, [(30, 30), (31, 32)])  # and its slip
+    assert dock.sketch_label.text() == "2 stroke(s) on the map" and dock.pad.strokes() == []
+    dock.undo()
+    assert len(dock.map_tool.strokes()) == 1 and dock.search_query().strokes_crs == "EPSG:3857"
+    dock.draw_button.setChecked(False)
+
+    dock.clear_sketch()
+    dock.index_combo.clear()
+
+
 def test_strokes_drawn_across_180_stay_whole_when_the_map_s_crs_changes(plugin, qgis_iface):
     """A sketch over Fiji drawn across 180 degrees in a Mercator centred on the Pacific, then
     shown in lon/lat and in web Mercator: PROJ puts the points past 180 at the CRS's other edge,
