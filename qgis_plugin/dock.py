@@ -180,10 +180,10 @@ class SketchSearchDock(QDockWidget):
         layout = QVBoxLayout(box)
         self.results_list = QListWidget()
         self.results_list.setIconSize(QSize(64, 64))
-        self.results_list.setToolTip("The last search's hits, best first: click one to zoom to it.")
         self.results_list.itemClicked.connect(self._zoom_to_item)
-        self.results_list.setToolTip("The hits of the results layer shown, best first: click one to zoom to it; "
-                                     "+ marks it good (👍), - bad (👎), 0 clears its mark.")
+        self.results_list.setToolTip("The hits of the newest search, or of the results layer selected in the Layers "
+                                     "panel, best first: click one to zoom to it; + marks it good (👍), - bad (👎), 0 "
+                                     "clears its mark.")
         layout.addWidget(self.results_list)
         buttons = [("good_button", "👍", "Mark the selected hit as a good answer (key +): Refine looks for more like it."),
                    ("bad_button", "👎", "Mark the selected hit as a wrong answer (key -): Refine leaves it out and "
@@ -212,7 +212,7 @@ class SketchSearchDock(QDockWidget):
         self.again_button.clicked.connect(lambda: self.controller.run_again(self.layer_to_run_again()))
         self.results_list.installEventFilter(self)  # + / - / 0 mark the selected hit
         self.save_button = QPushButton("Save results…")
-        self.save_button.setToolTip("Write the last search's layer, its marks and its search to a GeoPackage.")
+        self.save_button.setToolTip("Write the results layer listed, its marks and its search to a GeoPackage.")
         self.save_button.setEnabled(False)
         self.save_button.clicked.connect(self._choose_save_path)
         layout.addWidget(self.save_button)
