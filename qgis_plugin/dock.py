@@ -255,24 +255,31 @@ class SketchSearchDock(QDockWidget):
         """The list's marks follow the shown layer's `feedback` as the attribute table or a roll
         back of its edits changes it: after a roll back, the list showed marks the layer no
         longer held, and Refine sent what it held (probe)."""
-        for signal in ("attributeValueChanged", "afterRollBack"):
+        for signal, slot in (("attributeValueChanged", self._show_mark), ("afterRollBack", self._show_marks)):
             if self.shown_layer is not None:
                 try:
-                    getattr(self.shown_layer, signal).disconnect(self._show_marks)
+                    getattr(self.shown_layer, signal).disconnect(slot)
                 except (TypeError, RuntimeError):  # never connected, or the layer is deleted already
                     pass
             if layer is not None:
-                getattr(layer, signal).connect(self._show_marks)
+                getattr(layer, signal).connect(slot)
 
-    def _show_marks(self, *_) -> None:
-        """Each listed hit's text as its feature is now (its mark)."""
+    def _show_mark(self, feature_id: int, field: int, _value=None) -> None:
+        """A listed hit's text once its `feedback` changed (one item: the field calculator
+        changes every feature, one signal each)."""
+        if self.shown_layer is not None and field == self.shown_layer.fields().indexOf("feedback"):
+            self._show_marks([feature_id])
+
+    def _show_marks(self, feature_ids=None) -> None:
+        """The listed hits' texts (those of `feature_ids`, else all) as their features are now."""
         if self.shown_layer is None:
             return
         for row in range(self.results_list.count()):
             item = self.results_list.item(row)
-            feature = self.shown_layer.getFeature(item.data(FEATURE_ID))
-            if feature.isValid():
-                item.setText(self._item_text(feature))
+            if feature_ids is None or item.data(FEATURE_ID) in feature_ids:
+                feature = self.shown_layer.getFeature(item.data(FEATURE_ID))
+                if feature.isValid():
+                    item.setText(self._item_text(feature))
 
     def _clear_results_list(self) -> None:
         self.thumbnails.cancel()  # before the items they draw for are gone
