@@ -127,7 +127,7 @@ def test_the_same_ground_in_another_longitude_frame_is_the_same_place(tmp_path, 
     from worker.errors import InputError
     from worker.geo import reproject_rings
     from worker.placement import Placement
-    from worker.query_search import overlapping, refuse_one_place_good_and_bad
+    from worker.query_search import marked_bad, refuse_one_place_good_and_bad
     from worker.tiling import open_raster
 
     pixels = np.full((3, 200, 200), 90, np.uint8)
@@ -138,7 +138,7 @@ def test_the_same_ground_in_another_longitude_frame_is_the_same_place(tmp_path, 
         place, twin = Placement(own_raster, 100, 100, 80.0), Placement(other_raster, 100, 100, 80.0)
         own = OwnPlace(Polygon(place.ring()), Polygon(place.ring()), CRS.from_epsg(4326))
         assert own_places([twin], own) == [True], own_raster.path
-        assert overlapping([twin], reproject_rings([place], CRS.from_epsg(4326)), 0.5) == [True], own_raster.path
+        assert marked_bad([twin], reproject_rings([place], CRS.from_epsg(4326)), 0.3) == [True], own_raster.path
         marks = Feedback(positive=(hit_id(place),), negative=(hit_id(twin),))
         with pytest.raises(InputError, match="one place both good and bad"):
             refuse_one_place_good_and_bad(marks, [place], [twin])
@@ -334,7 +334,7 @@ def test_a_search_with_marks_returns_each_place_once_whatever_overlap_is_allowed
 def test_a_place_marked_bad_keeps_the_places_overlapping_it_out(rmnp_index, model, assets):
     """A place marked bad was left out alone, and a neighbour lying 51-89% inside it, which it
     had kept out of the first search, came back in its stead: the same spot to the user (probe).
-    It keeps them out as a hit does (more than max_overlap of the smaller of the two shared)."""
+    A place lying more than max_overlap of its area inside one is kept out."""
     from worker.placement import Placement
 
     query = prepare_example(Example(str(assets["rmnp_rgb"]), tuple(window_bbox(assets["rmnp_rgb"])), "EPSG:4326"),
@@ -345,7 +345,7 @@ def test_a_place_marked_bad_keeps_the_places_overlapping_it_out(rmnp_index, mode
                                feedback=Feedback((hit_id(first[4].placement),), (hit_id(bad.placement),))).hits
         shapes = Placement.pixel_polygons([bad.placement] + [h.placement for h in refined])
         marked = shapes[0]
-        inside = [round(s.intersection(marked).area / min(s.area, marked.area), 2) for s in shapes[1:]]
+        inside = [round(s.intersection(marked).area / s.area, 2) for s in shapes[1:]]
         assert len(refined) == 10 and max(inside) <= 0.3, inside
 
 
@@ -446,6 +446,25 @@ def test_places_are_described_in_their_order_less_those_of_rasters_that_cannot_b
     kept, described = describe_readable(index, places, size, device, unread)
     assert kept == [0, 2] and torch.equal(described, describe_places([places[0], places[2]], size, device))
     assert list(unread.rasters) == [str(b)] and unread.places == {}
+
+    # a raster that fails after a batch of its places was read: none of its places is kept
+    from worker.cancellation import stop_when
+    from worker.query_search import DESCRIBED_AT_ONCE
+
+    shutil.copy(assets["osbs_rgb"], b)
+    many = [replace(places[1], cx=100.0 + n) for n in range(DESCRIBED_AT_ONCE)] + [places[0], places[1]]
+    batches = []
+
+    def damage_after_the_first_batch() -> bool:
+        batches.append(1)
+        if len(batches) == 2:
+            b.write_bytes(b"II*\0" + bytes(60))  # no raster any more
+        return False
+
+    unread = Unread({}, {})
+    with stop_when(damage_after_the_first_batch):
+        kept, described = describe_readable(index, many, size, device, unread)
+    assert kept == [DESCRIBED_AT_ONCE] and list(unread.rasters) == [str(b)], (kept, unread.rasters)
 
 
 def test_a_raster_marked_in_and_changed_since_it_was_indexed_is_named(tmp_path, model, assets):

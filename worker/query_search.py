@@ -39,14 +39,6 @@ def ground_iou(a: Polygon, b: Polygon) -> float:
     return float(inter / (a.area + b.area - inter)) if inter > 0 else 0.0
 
 
-def overlapping(placements: list[Placement], footprints: list[Polygon], limit: float) -> list[bool]:
-    """Whether each placement overlaps any footprint (lon/lat polygons) with IoU above `limit`."""
-    if not footprints or not placements:
-        return [False] * len(placements)
-    polygons = reproject_rings(placements, WGS84)
-    return [any(ground_iou(p, f) > limit for f in footprints) for p in polygons]
-
-
 def own_places(placements: list[Placement], own: OwnPlace) -> list[bool]:
     """Whether each placement is an example's own place: the square drawn around it (IoU above
     OWN_PLACE_IOU) or, at any scale, a place lying mostly inside the box the user dragged (more
@@ -166,6 +158,8 @@ def describe_readable(index: TileIndex, places: list[Placement], size: int, devi
             except RasterUnreadable as exc:
                 unread.rasters[path] = str(exc)
                 remember_unreadable(index, exc)
+                for i in [i for i in described if places[i].raster.path == path]:  # read in an earlier batch
+                    del described[i]
     kept = sorted(described)
     return kept, (torch.stack([described[i] for i in kept]) if kept else torch.zeros(0, 1))
 
@@ -213,14 +207,22 @@ def rerank(index: TileIndex, model, sketch: torch.Tensor, ranking: RankingConfig
         return []
     query = fb.rocchio_query(describe_sketch(sketch), good_d, bad_d)
     scores = fb.feedback_scores(candidates, query, np.asarray(prior, np.float64))
-    rejected = overlapping([h.placement for h in pool], reproject_rings(bad, WGS84), fb.SAME_PLACE_IOU)
-    # the places marked bad keep the places overlapping them out, as each kept them out of the
-    # search that showed it: left out alone, a neighbour lying 51-89% inside one came back in its
-    # stead, the same spot to the user (probe)
-    marked_bad = range(len(pool), len(pool) + len(bad))
-    order = np.array([*marked_bad, *(i for i in np.argsort(-scores, kind="stable") if not rejected[i])], np.int64)
-    kept = dedupe(Footprints([h.placement for h in pool] + bad), order, max_overlap, hidden=frozenset(marked_bad))
+    rejected = marked_bad([h.placement for h in pool], reproject_rings(bad, WGS84), max_overlap)
+    order = np.array([i for i in np.argsort(-scores, kind="stable") if not rejected[i]], dtype=np.int64)
+    kept = dedupe(Footprints([h.placement for h in pool]), order, max_overlap)
     return [replace(pool[i], rank=n + 1, score=float(scores[i])) for n, i in enumerate(kept)]
+
+
+def marked_bad(placements: list[Placement], bad: list[Polygon], max_overlap: float) -> list[bool]:
+    """Whether each placement is a place marked bad (lon/lat footprints `bad`) to the user: that
+    place (IoU over feedback.SAME_PLACE_IOU), or one lying more than `max_overlap` of its own
+    area inside it, which the bad place had kept out of the search that showed it. Left out by
+    IoU alone, a neighbour lying 51-89% inside one came back in its stead (probe). A larger
+    place holding a bad one is another place, and may come."""
+    if not bad or not placements:
+        return [False] * len(placements)
+    return [any(ground_iou(p, f) > fb.SAME_PLACE_IOU or shared_area(p, f) > max_overlap * p.area for f in bad)
+            for p in reproject_rings(placements, WGS84)]
 
 
 def each_place_once(pool: list[Hit], prior: list[int]) -> tuple[list[Hit], list[int]]:
