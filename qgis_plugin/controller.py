@@ -665,7 +665,8 @@ class SearchController(QObject):
         self.search(SearchQuery(index=query.index, top=query.top, crs=query.crs, example=example))
 
     def save_results(self, path: str) -> None:
-        """Write the last search's layer to a GeoPackage (`path`, .gpkg added when not typed)."""
+        """Write the results layer listed (the newest search's, or the one selected since) to a
+        GeoPackage (`path`, .gpkg added when not typed)."""
         if self.result_layer is None:
             return self.notice.emit("Search first: there are no results to save.", Qgis.Warning, "")
         path = gpkg_path(path)

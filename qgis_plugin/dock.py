@@ -54,6 +54,7 @@ class SketchSearchDock(QDockWidget):
         self.place_tool.picked.connect(self.pick_place)
         self.example: Optional[dict] = None  # the place picked on the map: {raster, bbox, crs}
         self.shown_layer = None  # the results layer the list shows
+        self._listed: dict[int, QListWidgetItem] = {}  # its items by feature id
         self.thumbnails = thumbnails.Thumbnails(self)
         self.sketch_image: Optional[bytes] = None
         self.sketch_source = "map"
@@ -236,7 +237,11 @@ class SketchSearchDock(QDockWidget):
                 self.notify(f"Index “{current}” is no longer offered by the worker: choose one to search.", Qgis.Warning)
 
     def _show_results(self, layer) -> None:
+        """List a results layer's hits. Listed already, it is not listed again: QGIS makes a layer
+        added the active one, so a new search's layer comes here twice (_layer_activated)."""
         self.save_button.setEnabled(True)
+        if layer is self.shown_layer and self._listed:
+            return
         self._watch_marks(layer)
         self.shown_layer = layer
         self._clear_results_list()
@@ -247,6 +252,7 @@ class SketchSearchDock(QDockWidget):
             item.setData(Qt.UserRole, extent)
             item.setData(FEATURE_ID, feature.id())
             self.results_list.addItem(item)
+            self._listed[feature.id()] = item
             if n < thumbnails.SHOWN and rasters:
                 self.thumbnails.draw(item, extent, layer.crs(), rasters)
         self.scroll.ensureWidgetVisible(self.results_list)
@@ -274,16 +280,15 @@ class SketchSearchDock(QDockWidget):
         """The listed hits' texts (those of `feature_ids`, else all) as their features are now."""
         if self.shown_layer is None:
             return
-        for row in range(self.results_list.count()):
-            item = self.results_list.item(row)
-            if feature_ids is None or item.data(FEATURE_ID) in feature_ids:
-                feature = self.shown_layer.getFeature(item.data(FEATURE_ID))
-                if feature.isValid():
-                    item.setText(self._item_text(feature))
+        for feature_id in self._listed if feature_ids is None else feature_ids:
+            feature = self.shown_layer.getFeature(feature_id)
+            if feature_id in self._listed and feature.isValid():
+                self._listed[feature_id].setText(self._item_text(feature))
 
     def _clear_results_list(self) -> None:
         self.thumbnails.cancel()  # before the items they draw for are gone
         self.results_list.clear()
+        self._listed.clear()
 
     def eventFilter(self, watched, event) -> bool:  # noqa: N802
         """Keys on the results list: + (or =) marks the selected hit good, - bad, 0 clears its mark."""

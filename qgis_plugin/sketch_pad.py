@@ -31,8 +31,9 @@ class SketchPad(QWidget):
 
     def mouseReleaseEvent(self, event) -> None:  # noqa: N802
         """A stroke ends; a click, or its slip, is dropped unsaid, as on the map: said as a change,
-        it made the pad the sketch in use, with no strokes, over the map's (probe)."""
-        if not self._strokes:
+        it made the pad the sketch in use, with no strokes, over the map's (probe). Another
+        button's release ends no stroke (a right click made the pad the sketch in use)."""
+        if event.button() != Qt.LeftButton or not self._strokes:
             return
         stroke = self._strokes[-1]
         xs, ys = [p.x() for p in stroke], [p.y() for p in stroke]

@@ -52,7 +52,9 @@ class SketchMapTool(QgsMapTool):
             self.strokes_hidden.emit()
             return
         width = world_width(new)
-        self._strokes, self.strokes_crs = (moved if width is None else made_whole(moved, width)), new
+        if width is not None:
+            moved = made_whole(moved, width, self.canvas.extent().center().x())
+        self._strokes, self.strokes_crs = moved, new
         self._units_per_px = [None] * len(moved)
         self._draw_bands()
 
@@ -144,7 +146,11 @@ def world_width(crs: QgsCoordinateReferenceSystem) -> float | None:
     """How far x runs once round the Earth in a CRS whose x wraps the same at every latitude
     (360 in lon/lat; 40,075 km in web Mercator, or a Mercator centred on the Pacific), in its
     units; None in any other. Read from the steps a degree of longitude takes, at four longitudes
-    a quarter turn apart (one may straddle the CRS's edge) on the equator and at 60 degrees."""
+    a quarter turn apart (one may straddle the CRS's edge) on the equator and at 60 degrees. None
+    for an invalid CRS (a project with "No CRS"), which leaves points as they are: 360 read from it
+    moved strokes in metres by whole 360 m."""
+    if not crs.isValid():
+        return None
     to_crs = QgsCoordinateTransform(QgsCoordinateReferenceSystem("EPSG:4326"), crs, QgsProject.instance())
     try:
         steps = [(b.x() - a.x(), b.y() - a.y()) for lat in (0.0, 60.0) for lon in (-150.0, -60.0, 30.0, 120.0)
@@ -156,11 +162,12 @@ def world_width(crs: QgsCoordinateReferenceSystem) -> float | None:
     return 360.0 * step if step > 0 and len(alike) >= len(steps) - 2 else None
 
 
-def made_whole(strokes: list[list[QgsPointXY]], width: float) -> list[list[QgsPointXY]]:
+def made_whole(strokes: list[list[QgsPointXY]], width: float, centre_x: float) -> list[list[QgsPointXY]]:
     """Strokes reprojected into a CRS whose x wraps every `width`, each point moved by whole turns
-    to lie the short way round from the one before: PROJ put the points past 180 degrees at the
-    CRS's other edge, and a sketch over Fiji was drawn as lines across the whole world (the
-    search was right: the worker makes strokes whole itself)."""
+    to lie the short way round from the one before, and the sketch by whole turns to lie nearest
+    `centre_x` (the map's centre): PROJ put the points past 180 degrees at the CRS's other edge,
+    and a sketch over Fiji was drawn as lines across the whole world (the search was right: the
+    worker makes strokes whole itself)."""
     whole, last = [], None
     for stroke in strokes:
         moved = []
@@ -169,4 +176,6 @@ def made_whole(strokes: list[list[QgsPointXY]], width: float) -> list[list[QgsPo
             moved.append(QgsPointXY(x, point.y()))
             last = x
         whole.append(moved)
-    return whole
+    xs = [p.x() for stroke in whole for p in stroke]
+    turns = round((centre_x - (min(xs) + max(xs)) / 2) / width) if xs else 0
+    return [[QgsPointXY(p.x() + turns * width, p.y()) for p in stroke] for stroke in whole]

@@ -9,7 +9,9 @@ from contextlib import contextmanager
 import pytest
 from qgis.core import (NULL, Qgis, QgsApplication, QgsCoordinateReferenceSystem, QgsCoordinateTransform,
                        QgsPointXY, QgsProject, QgsRasterLayer, QgsRectangle, QgsVectorLayer)
-from qgis.PyQt.QtCore import QPoint, Qt, QTimer
+from qgis.PyQt.QtCore import QEvent, QPoint, QPointF, Qt, QTimer
+from qgis.PyQt.QtGui import QMouseEvent
+from qgis.PyQt.QtWidgets import QApplication
 
 from conftest import process_until, show_rmnp
 from mouse import drag
@@ -120,6 +122,13 @@ def test_the_sketch_in_use_is_the_one_drawn_on_and_left_after_an_undo(plugin, rm
     drag(dock.pad, [(30, 30)])  # a click
     drag(dock.pad, [(30, 30), (31, 32)])  # and its slip
     assert dock.sketch_label.text() == "2 stroke(s) on the map" and dock.pad.strokes() == []
+    drag(dock.pad, [(10, 12), (80, 60)])
+    dock.draw_button.setChecked(True)
+    drag(viewport, [(120, 200), (300, 180)])
+    right = QMouseEvent(QEvent.MouseButtonRelease, QPointF(30, 30), Qt.RightButton, Qt.NoButton, Qt.NoModifier)
+    QApplication.sendEvent(dock.pad, right)  # another button's release ends no stroke
+    assert dock.sketch_label.text() == "3 stroke(s) on the map"
+    dock.undo()
     dock.undo()
     assert len(dock.map_tool.strokes()) == 1 and dock.search_query().strokes_crs == "EPSG:3857"
     dock.draw_button.setChecked(False)
@@ -132,7 +141,10 @@ def test_strokes_drawn_across_180_stay_whole_when_the_map_s_crs_changes(plugin, 
     """A sketch over Fiji drawn across 180 degrees in a Mercator centred on the Pacific, then
     shown in lon/lat and in web Mercator: PROJ puts the points past 180 at the CRS's other edge,
     and the strokes were drawn across the whole world. They stay one piece a few km wide, where
-    they were drawn."""
+    they were drawn, whichever side of 180 they start on. A map with no CRS wraps nowhere."""
+    from sketch_search.sketch_tool import world_width
+
+    assert world_width(QgsCoordinateReferenceSystem()) is None
     dock, canvas = plugin.dock, qgis_iface.mapCanvas()
     was_crs, was_extent = canvas.mapSettings().destinationCrs(), canvas.extent()
     pacific, lon_lat = QgsCoordinateReferenceSystem("EPSG:3832"), QgsCoordinateReferenceSystem("EPSG:4326")
@@ -143,8 +155,8 @@ def test_strokes_drawn_across_180_stay_whole_when_the_map_s_crs_changes(plugin, 
         canvas.setExtent(QgsRectangle(x180.x() - 20_000, x180.y() - 20_000, x180.x() + 20_000, x180.y() + 20_000))
         dock.draw_button.setChecked(True)
         width = canvas.viewport().width()
+        drag(canvas.viewport(), [(3 * width // 4, 300), (width // 4, 280)])  # from east of 180
         drag(canvas.viewport(), [(width // 4, 100), (width // 2, 140), (3 * width // 4, 150)])
-        drag(canvas.viewport(), [(3 * width // 4, 300), (width // 4, 280)])
         for crs, km in ((lon_lat, 1 / 111.32), (QgsCoordinateReferenceSystem("EPSG:3857"), 1000 * 1.05)):
             canvas.setDestinationCrs(crs)
             xs = [p[0] for stroke in dock.map_tool.strokes() for p in stroke]
