@@ -1116,6 +1116,37 @@ def test_10_a_file_too_large_for_the_disk_says_so_not_to_free_space(tmp_path):
     assert "file size limit is 20,000 bytes" in reply["message"], reply
 
 
+SHARD_PAST_THE_LIMIT = """
+import resource, signal, sys
+import numpy as np
+from pathlib import Path
+from worker.store.format import SHARDS, write_shard
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+(Path(sys.argv[1]) / SHARDS).mkdir(parents=True)
+write_shard(Path(sys.argv[1]), "r00000-c000000", {"records": np.zeros(100, np.uint8)})
+try:
+    write_shard(Path(sys.argv[1]), "r00000-c000001", {"records": np.zeros(100, np.uint8), "cells": np.zeros(100_000, np.uint8)})
+except Exception as exc:
+    print(type(exc).__name__)
+"""
+
+
+def test_10_a_shard_whose_write_fails_leaves_nothing_behind(tmp_path):
+    """A shard's write that failed left its part under its temporary name: on a full disk its
+    part filled the last bytes, the commit of the shards written before it failed too, and they
+    were computed again; the part stayed until the next run (probe)."""
+    import subprocess
+    import sys
+
+    from lab.worker_process import REPO
+
+    done = subprocess.run([sys.executable, "-c", SHARD_PAST_THE_LIMIT, str(tmp_path / "index")], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "StorageError", done.stdout + done.stderr
+    assert sorted(os.listdir(tmp_path / "index" / "shards")) == ["r00000-c000000"]
+
+
 FULL_DISK = """
 import json, resource, signal, sys
 from pathlib import Path

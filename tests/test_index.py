@@ -61,6 +61,7 @@ def test_killed_indexing_resumes_to_the_same_index(tmp_path, assets):
     assert 2 <= len(partial["shards"]) < len(total["shards"]), "the kill should land mid-run"
     (resumed / "maps").mkdir(exist_ok=True)  # what a kill while a level map is written leaves
     (resumed / "maps" / ".r00000-s1.npy.99999.tmp").write_bytes(bytes(4096))
+    (resumed / ".manifest.json.99999.tmp").write_bytes(bytes(4096))  # a kill mid-commit (4 MB at 10M tiles)
     (resumed / ".ann.new.99999").mkdir()  # and a `build-ann` killed midway (GBs at continental scale)
     (resumed / ".ann.new.99999" / "index.faiss").write_bytes(bytes(4096))
 
@@ -71,6 +72,7 @@ def test_killed_indexing_resumes_to_the_same_index(tmp_path, assets):
     assert np.array_equal(a["cells"], b["cells"])
     assert not [p for p in (resumed / "shards").iterdir() if p.name.startswith(".tmp")]
     assert not list((resumed / "maps").glob("*.tmp")) and not list(resumed.glob(".ann.new.*"))
+    assert not list(resumed.glob(".manifest.json.*.tmp"))
 
 
 def test_progress_is_written_once_per_step(tmp_path, rmnp_copy):

@@ -272,13 +272,28 @@ def write_shard(index_dir: Path, name: str, arrays: dict[str, np.ndarray]) -> No
     with disk_write(tmp):
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()  # not its parents: an index folder removed meanwhile stays removed (IndexWriter._check_in_place)
-        for key, arr in arrays.items():
-            with open(tmp / f"{key}.npy", "wb") as f:
-                np.save(f, arr)
-                f.flush()
-                os.fsync(f.fileno())
-        sync_folder(tmp)  # its files' names
-        replace_durably(tmp, shards / name)
+        try:
+            for key, arr in arrays.items():
+                with open(tmp / f"{key}.npy", "wb") as f:
+                    np.save(f, arr)
+                    f.flush()
+                    os.fsync(f.fileno())
+            sync_folder(tmp)  # its files' names
+            replace_durably(tmp, shards / name)
+        except BaseException:
+            # a write that failed leaves nothing: on a full disk, its part filled the last bytes, and
+            # the commit of the shards written before it failed too, and they were computed again (probe)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def remove_unfinished_manifests(index_dir: Path) -> None:
+    """The manifests a killed commit left under their temporary name (4 MB at 10M tiles, one a
+    kill, never removed: probe); only a run holding the index's lock, so that no other commit
+    is underway."""
+    for name in os.listdir(index_dir) if Path(index_dir).is_dir() else []:
+        if is_temporary(name, MANIFEST):
+            (Path(index_dir) / name).unlink(missing_ok=True)
 
 
 def remove_shards(index_dir: Path, names: Iterable[str]) -> None:

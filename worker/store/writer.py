@@ -19,8 +19,8 @@ from worker.line_drawing import drawing_device
 from worker.errors import REMOVE_HOW, InputError, RasterReadError, StorageError, numbered
 from worker.store.format import (CHUNK_TILES, LOCK, MANIFEST, RECORD_DTYPE, SHARDS, TILES_LAYER, TMP_PREFIX,
                                  check_compatible, check_index_folder, check_tokens, disk_write, holds_an_index, holds_tokens,
-                                 index_lock, manifest_stamp, new_manifest, read_manifest, remove_shards, shard_arrays,
-                                 shard_name, write_json_atomic, write_shard)
+                                 index_lock, manifest_stamp, new_manifest, read_manifest, remove_shards,
+                                 remove_unfinished_manifests, shard_arrays, shard_name, write_json_atomic, write_shard)
 from worker.store.gpkg import write_tiles_gpkg
 from worker.store.maps import (damaged_map, remove_maps, remove_maps_of_no_raster, remove_unfinished_maps,
                                write_joined_maps)
@@ -159,16 +159,17 @@ class IndexWriter:
     def _clean_uncommitted(self) -> None:
         """Remove the shard folders no commit names: what a crash left between writing a shard
         and committing it, and the shards of a raster dropped to be indexed again; the level
-        maps a killed run left unfinished, and a killed shortlist build's folder. Only shard
-        names (and their temporaries) and unfinished maps' and builds' names are removed; nothing
-        else in the folder is touched. Older versions named each shard in a journal (`pending`)
-        before writing it: a second manifest write a chunk, 71 ms at 39,000 shards; a journal
-        such an index holds is honoured."""
+        maps and manifests a killed run left unfinished, and a killed shortlist build's folder.
+        Only shard names (and their temporaries) and unfinished maps', manifests' and builds'
+        names are removed; nothing else in the folder is touched. Older versions named each shard
+        in a journal (`pending`) before writing it: a second manifest write a chunk, 71 ms at
+        39,000 shards; a journal such an index holds is honoured."""
         committed = {s["name"] for s in self.manifest["shards"]}
         folder = self.dir / SHARDS
         written = [name.removeprefix(TMP_PREFIX) for name in (os.listdir(folder) if folder.is_dir() else [])]
         remove_shards(self.dir, {*self.manifest.get("pending", []), *written} - committed)
         remove_unfinished_maps(self.dir)
+        remove_unfinished_manifests(self.dir)
         from worker.ann import remove_unfinished_builds  # worker.ann reads indexes: imported here, no cycle
 
         remove_unfinished_builds(self.dir)
