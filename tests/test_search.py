@@ -1242,6 +1242,11 @@ def test_cli_info_and_missing_index(tmp_path, s2_index):
     assert result.returncode == 2 and "not an index" in result.stderr
     verbose = run_cli("info", s2_index, "-v")  # -v after the command was "unrecognized arguments"
     assert verbose.returncode == 0 and json.loads(verbose.stdout)["tile_count"] == info["tile_count"], verbose.stderr
+    # read by a program that stops reading (`info | head`): a traceback of BrokenPipeError (probe)
+    piped = subprocess.Popen([sys.executable, "-m", "worker", "info", str(s2_index)], cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    piped.stdout.close()
+    assert piped.wait(timeout=120) == 141 and "Traceback" not in piped.stderr.read()
 
 
 def test_a_footprint_across_180_degrees_is_whole_in_world_maps_and_other_units(tmp_path, assets):

@@ -624,6 +624,9 @@ def main(argv: list[str] | None = None) -> int:
         said, status = stopped_said(exc, resumes=args.func is cmd_index)  # a search, a removal: none to resume
         print(said, file=sys.stderr)
         return status
+    except BrokenPipeError:  # its reader stopped reading (`info | head`): said as a shell says it, not a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the flush at exit fails no more
+        return 128 + signal.SIGPIPE
 
 
 def stopped_said(exc: KeyboardInterrupt, resumes: bool) -> tuple[str, int]:
