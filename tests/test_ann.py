@@ -134,6 +134,28 @@ def test_a_shortlist_left_with_too_few_windows_by_a_removal_is_removed_and_the_r
     assert json.loads(run("info", str(folder)).stdout)["ann"] is None
 
 
+def test_a_removal_stopped_while_its_shortlist_is_rebuilt_says_its_rasters_were_taken_out(index_with_ann, tmp_path,
+                                                                                          monkeypatch):
+    """A Ctrl-C once a removal was committed said "interrupted" alone, and the removal, run
+    again, said the index held no such raster (probe): it says what was done."""
+    from worker.app import RemovalRequest, remove_rasters
+    from worker.interrupts import StoppedOnceDone
+
+    folder = tmp_path / "index"
+    shutil.copytree(index_with_ann[0], folder)
+    [raster] = [r.path for r in TileIndex.open(folder).rasters.values()]
+
+    def pressed(index):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ann, "update", pressed)
+    with pytest.raises(KeyboardInterrupt) as stopped:  # not StoppedOnceDone: the code before would stop the tests
+        remove_rasters(RemovalRequest(folder, (raster,)))
+    assert isinstance(stopped.value, StoppedOnceDone), repr(stopped.value)
+    assert stopped.value.done.startswith("1 raster was taken out of the index, its ANN shortlist not rebuilt")
+    assert TileIndex.open(folder).rasters == {}
+
+
 def test_build_ann_removes_a_shortlist_its_index_has_too_few_windows_for(index_with_ann, tmp_path):
     """A removal killed after its commit, before its shortlist was built again, left the old one
     naming the rasters gone. Every search said to run build-ann, which said the windows were too

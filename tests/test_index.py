@@ -1524,3 +1524,25 @@ def test_a_removal_killed_after_its_commit_leaves_no_footprints_of_its_rasters_n
     assert shown(layer) == {str(keep.resolve())}
     assert not list((out / "maps").glob(f"r{removed_id:05d}-s*.npy")), "its maps removed"
     assert list((out / "maps").glob("r*-s*.npy")), "the kept raster's maps stay"
+
+
+def test_a_removal_interrupted_after_its_commit_says_its_rasters_were_taken_out(tmp_path, model, rmnp_copy, assets):
+    """Ctrl-C while a committed removal removed its files said "interrupted" alone; run again, the
+    removal said the index held no such raster (probe)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    keep = Path(shutil.copy(assets["osbs_rgb"], tmp_path / "keep.tif"))
+    out = tmp_path / "index"
+    IndexWriter(out, model, TileSettings(tile=112, scales=(1,))).build([keep, rmnp_copy])
+    interrupted = ("import sys; from worker.store import removal; from worker.cli import main\n"
+                   "def pressed(*args): raise KeyboardInterrupt\n"
+                   "removal.remove_maps = pressed\n"  # the next thing it does after its commit
+                   "sys.exit(main(['remove', sys.argv[1], sys.argv[2]]))")
+    ran = subprocess.run([sys.executable, "-c", interrupted, out, rmnp_copy], cwd=REPO, timeout=120,
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert ran.returncode == 130 and ran.stderr.strip().startswith("interrupted once 1 raster was taken out of the "
+                                                                   "index"), ran.stderr
+    assert [r.path for r in TileIndex.open(out).rasters.values()] == [str(keep.resolve())]

@@ -22,6 +22,7 @@ from worker.cancellation import StopCheck, raise_if_stopped, stop_when
 from worker.errors import PLACE_UNREADABLE_HOW, CorruptIndexError, InputError, NotFoundError
 from worker.geo import WGS84 as LON_LAT
 from worker.geo import BBOX_NAMES, MAX_COORDINATE, Area, bbox_to_wgs84, parse_crs, reproject_rings
+from worker.interrupts import StoppedOnceDone
 from worker.ranking import RANKERS, RankingConfig
 from worker.raster_access import RasterAccess
 from worker.store import (CHUNK_TILES, JOB_FILE, IndexProgress, IndexWriter, TileIndex, check_compatible,
@@ -272,18 +273,24 @@ def remove_rasters(request: RemovalRequest, should_stop: Callable[[], bool] = la
     CorruptIndexError for no index, one of another format or a damaged manifest (a damaged
     shard is no reason: its raster may be the one to remove); InputError, changing nothing, for
     a raster the index does not hold. `should_stop`: polled while the shortlist is rebuilt."""
-    from worker.store.removal import remove_rasters as take_out
+    from worker.store.removal import remove_rasters as take_out, taken_out
 
     read_manifest(request.index_dir)  # no index here is said before the index lock would make its folder
     removed = take_out(request.index_dir, list(request.rasters))
-    _drop_kept_job(request.index_dir)
-    shortlist = None
-    if ann.kept(request.index_dir):
-        try:  # the removal is committed: whatever fails from here on is the shortlist's, said there
-            shortlist = _shortlist_kept(open_index(request.index_dir), update=True, should_stop=should_stop)
-        except Exception as exc:
-            log.exception("%s: rebuilding its ANN shortlist after a removal failed", request.index_dir)
-            shortlist = {"built": False, "why": f"rebuilding it failed ({excerpt(str(exc))}): run build-ann"}
+    try:
+        _drop_kept_job(request.index_dir)
+        shortlist = None
+        if ann.kept(request.index_dir):
+            try:  # the removal is committed: whatever fails from here on is the shortlist's, said there
+                shortlist = _shortlist_kept(open_index(request.index_dir), update=True, should_stop=should_stop)
+            except Exception as exc:
+                log.exception("%s: rebuilding its ANN shortlist after a removal failed", request.index_dir)
+                shortlist = {"built": False, "why": f"rebuilding it failed ({excerpt(str(exc))}): run build-ann"}
+    except KeyboardInterrupt as exc:  # said "interrupted" alone, the removal looked undone (probe)
+        shortlist_said = exc.done if isinstance(exc, StoppedOnceDone) else \
+            "its ANN shortlist not rebuilt (a search scans exactly until build-ann or an index run rebuilds it)"
+        raise StoppedOnceDone(getattr(exc, "stop", exc), f"{taken_out(len(removed.rasters))}, {shortlist_said}") \
+            from None
     return RemovalSummary(removed.rasters, removed.tile_count, shortlist)
 
 

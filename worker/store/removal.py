@@ -14,6 +14,7 @@ from typing import NamedTuple, Sequence
 
 from wire.protocol import excerpt
 from worker.errors import InputError
+from worker.interrupts import StoppedOnceDone
 from worker.store.format import (MANIFEST, TILES_LAYER, disk_write, index_lock, read_manifest, remove_shards,
                                  write_json_atomic)
 from worker.store.gpkg import write_tiles_gpkg
@@ -59,12 +60,21 @@ def remove_rasters(index_dir: Path, paths: Sequence[str]) -> Removed:
         with disk_write(index_dir / TILES_LAYER):
             (index_dir / TILES_LAYER).unlink(missing_ok=True)
         write_json_atomic(index_dir / MANIFEST, manifest)
-        for raster_id in ids:
-            remove_maps(index_dir, raster_id)
-        remove_shards(index_dir, gone)
-        with disk_write(index_dir / TILES_LAYER):
-            write_tiles_gpkg(index_dir)
+        try:
+            for raster_id in ids:
+                remove_maps(index_dir, raster_id)
+            remove_shards(index_dir, gone)
+            with disk_write(index_dir / TILES_LAYER):
+                write_tiles_gpkg(index_dir)
+        except KeyboardInterrupt as exc:  # said "interrupted" alone, the removal looked undone (probe)
+            raise StoppedOnceDone(exc, f"{taken_out(len(taken))} (their files, and the tiles layer, are seen to by "
+                                       "the index's next run)") from None
     return Removed(sorted(taken), manifest["tile_count"])
+
+
+def taken_out(count: int) -> str:
+    """How a removal stopped once committed says what it did."""
+    return f"{count} raster{'s were' if count > 1 else ' was'} taken out of the index"
 
 
 def _as_indexed(path: str, held: dict) -> list[str]:
