@@ -287,10 +287,13 @@ def remove_rasters(request: RemovalRequest, should_stop: Callable[[], bool] = la
                 log.exception("%s: rebuilding its ANN shortlist after a removal failed", request.index_dir)
                 shortlist = {"built": False, "why": f"rebuilding it failed ({excerpt(str(exc))}): run build-ann"}
     except KeyboardInterrupt as exc:  # said "interrupted" alone, the removal looked undone (probe)
-        shortlist_said = exc.done if isinstance(exc, StoppedOnceDone) else \
-            "its ANN shortlist not rebuilt (a search scans exactly until build-ann or an index run rebuilds it)"
-        raise StoppedOnceDone(getattr(exc, "stop", exc), f"{taken_out(len(removed.rasters))}, {shortlist_said}") \
-            from None
+        if isinstance(exc, StoppedOnceDone):  # the shortlist's swap, held whole
+            more = f", {exc.done}"
+        elif ann.kept(request.index_dir):
+            more = ", its ANN shortlist not rebuilt (a search scans exactly until build-ann or an index run rebuilds it)"
+        else:
+            more = ""
+        raise StoppedOnceDone(getattr(exc, "stop", exc), taken_out(len(removed.rasters)) + more) from None
     return RemovalSummary(removed.rasters, removed.tile_count, shortlist)
 
 

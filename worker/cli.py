@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import select
 import signal
 import sys
 import threading
@@ -613,7 +614,9 @@ def main(argv: list[str] | None = None) -> int:
     stop_when_terminated()
     sys.unraisablehook = stop_lost_in_a_callback
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # here, not at exit: a reader gone is said below, not as an error ignored at exit
+        return status
     except (IndexMismatchError, CorruptIndexError) as exc:  # the index must be built again (scripts/demo does)
         print(f"error: {exc}", file=sys.stderr)
         return 3
@@ -624,9 +627,22 @@ def main(argv: list[str] | None = None) -> int:
         said, status = stopped_said(exc, resumes=args.func is cmd_index)  # a search, a removal: none to resume
         print(said, file=sys.stderr)
         return status
-    except BrokenPipeError:  # its reader stopped reading (`info | head`): said as a shell says it, not a traceback
+    except BrokenPipeError:
+        if not _reader_gone():  # another pipe (a socket, a pool's): a failure to see
+            raise
+        # its reader stopped reading (`info | head`): said as a shell says it, not as a traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the flush at exit fails no more
-        return 128 + signal.SIGPIPE
+        return 128 + 13  # SIGPIPE's number (signal.SIGPIPE is not on every system)
+
+
+def _reader_gone() -> bool:
+    """Whether standard output is a pipe whose reader has closed it (its write end polls as an error)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll here, or no standard output
+        return False
 
 
 def stopped_said(exc: KeyboardInterrupt, resumes: bool) -> tuple[str, int]:
