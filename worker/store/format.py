@@ -287,13 +287,13 @@ def write_shard(index_dir: Path, name: str, arrays: dict[str, np.ndarray]) -> No
             raise
 
 
-def remove_unfinished_manifests(index_dir: Path) -> None:
-    """The manifests a killed commit left under their temporary name (4 MB at 10M tiles, one a
-    kill, never removed: probe); only a run holding the index's lock, so that no other commit
-    is underway."""
-    for name in os.listdir(index_dir) if Path(index_dir).is_dir() else []:
-        if is_temporary(name, MANIFEST):
-            (Path(index_dir) / name).unlink(missing_ok=True)
+def remove_temporaries(folder: Path, of: str) -> None:
+    """The files a killed writer left in `folder` under the temporary name (temporary_path) of a
+    file whose name matches the glob `of`; only a run holding the index's lock, so that no other
+    writer's is underway."""
+    for name in os.listdir(folder) if Path(folder).is_dir() else []:
+        if is_temporary(name, of):
+            (Path(folder) / name).unlink(missing_ok=True)
 
 
 def remove_shards(index_dir: Path, names: Iterable[str]) -> None:

@@ -24,7 +24,7 @@ import numpy as np
 from worker import level_maps
 from worker.edge_cells import CELL, ORIENTATIONS
 from worker.level_maps import LevelMap
-from worker.store.format import allocated_memmap, disk_write, is_temporary, replace_durably, temporary_path
+from worker.store.format import allocated_memmap, disk_write, remove_temporaries, replace_durably, temporary_path
 from worker.store.shard_file import DamagedFile, ShardArray
 from worker.tiling import RasterInfo
 
@@ -95,10 +95,7 @@ def remove_unfinished_maps(index_dir: Path) -> None:
     """The maps a killed writer left under a temporary name (a map is about 4 KB a tile: GBs
     of a large raster's, a disk's worth when it was full); only a run holding the index's lock,
     so that no other writer's map is underway."""
-    folder = Path(index_dir) / MAPS
-    for name in os.listdir(folder) if folder.is_dir() else []:
-        if is_temporary(name, MAP_GLOB):
-            (folder / name).unlink(missing_ok=True)
+    remove_temporaries(Path(index_dir) / MAPS, MAP_GLOB)
 
 
 def remove_maps_of_no_raster(index_dir: Path, raster_ids: set[int]) -> None:

@@ -20,7 +20,7 @@ from worker.errors import REMOVE_HOW, InputError, RasterReadError, StorageError,
 from worker.store.format import (CHUNK_TILES, LOCK, MANIFEST, RECORD_DTYPE, SHARDS, TILES_LAYER, TMP_PREFIX,
                                  check_compatible, check_index_folder, check_tokens, disk_write, holds_an_index, holds_tokens,
                                  index_lock, manifest_stamp, new_manifest, read_manifest, remove_shards,
-                                 remove_unfinished_manifests, shard_arrays, shard_name, write_json_atomic, write_shard)
+                                 remove_temporaries, shard_arrays, shard_name, write_json_atomic, write_shard)
 from worker.store.gpkg import write_tiles_gpkg
 from worker.store.maps import (damaged_map, remove_maps, remove_maps_of_no_raster, remove_unfinished_maps,
                                write_joined_maps)
@@ -169,7 +169,7 @@ class IndexWriter:
         written = [name.removeprefix(TMP_PREFIX) for name in (os.listdir(folder) if folder.is_dir() else [])]
         remove_shards(self.dir, {*self.manifest.get("pending", []), *written} - committed)
         remove_unfinished_maps(self.dir)
-        remove_unfinished_manifests(self.dir)
+        remove_temporaries(self.dir, MANIFEST)  # a kill mid-commit's (4 MB at 10M tiles, one a kill: probe)
         from worker.ann import remove_unfinished_builds  # worker.ann reads indexes: imported here, no cycle
 
         remove_unfinished_builds(self.dir)
