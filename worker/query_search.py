@@ -221,8 +221,12 @@ def marked_bad(placements: list[Placement], bad: list[Polygon], max_overlap: flo
     place holding a bad one is another place, and may come."""
     if not bad or not placements:
         return [False] * len(placements)
-    return [any(ground_iou(p, f) > fb.SAME_PLACE_IOU or shared_area(p, f) > max_overlap * p.area for f in bad)
-            for p in reproject_rings(placements, WGS84)]
+
+    def inside(p: Polygon, f: Polygon) -> bool:  # the shared area found once, not again for the IoU
+        shared = shared_area(p, f)
+        return shared > max_overlap * p.area or shared > fb.SAME_PLACE_IOU * (p.area + f.area - shared)
+
+    return [any(inside(p, f) for f in bad) for p in reproject_rings(placements, WGS84)]
 
 
 def each_place_once(pool: list[Hit], prior: list[int]) -> tuple[list[Hit], list[int]]:
