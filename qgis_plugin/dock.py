@@ -281,8 +281,8 @@ class SketchSearchDock(QDockWidget):
         if self.shown_layer is None:
             return
         for feature_id in self._listed if feature_ids is None else feature_ids:
-            feature = self.shown_layer.getFeature(feature_id)
-            if feature_id in self._listed and feature.isValid():
+            feature = self.shown_layer.getFeature(feature_id) if feature_id in self._listed else None
+            if feature is not None and feature.isValid():
                 self._listed[feature_id].setText(self._item_text(feature))
 
     def _clear_results_list(self) -> None:
@@ -303,9 +303,8 @@ class SketchSearchDock(QDockWidget):
         or one that came with a reopened project or from a GeoPackage), and marks, Refine, More
         like this and Save results act on it: only the newest search's could be, and a reopened
         project's marks could not be refined (probe)."""
-        layer = self.iface.activeLayer()
-        if layer is None or layer is self.shown_layer or layer.type() != QgsMapLayerType.VectorLayer \
-                or not saved_query(layer):
+        layer = self._active_results_layer()
+        if layer is None or layer is self.shown_layer:
             return
         self.controller.result_layer = layer
         self._show_results(layer)
@@ -395,10 +394,15 @@ class SketchSearchDock(QDockWidget):
 
     def layer_to_run_again(self):
         """The active layer when it holds a search (e.g. loaded from a GeoPackage), else the list's."""
+        active = self._active_results_layer()
+        return active if active is not None else self.shown_layer
+
+    def _active_results_layer(self):
+        """The layer active in the Layers panel when it holds a search's results, else None."""
         active = self.iface.activeLayer()
         if active is not None and active.type() == QgsMapLayerType.VectorLayer and saved_query(active):
             return active
-        return self.shown_layer
+        return None
 
     def _set_pen_width(self, width: int) -> None:
         self.map_tool.set_pen_width(width)
