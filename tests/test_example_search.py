@@ -269,6 +269,10 @@ def test_hit_ids_name_places_and_are_checked_against_the_index(rmnp_index, model
     back = parse_hit_id(text, rasters)
     assert (back.raster, back.cx, back.cy, back.side, back.angle) == pytest.approx(
         (hit.placement.raster, hit.placement.cx, hit.placement.cy, hit.placement.side, hit.placement.angle), abs=0.01)
+    shouted = parse_hit_id(text.upper(), rasters)  # as a spreadsheet's UPPER() or a field calculator leaves it
+    assert (shouted.raster, shouted.cx, shouted.cy) == (back.raster, back.cx, back.cy)
+    with pytest.raises(InputError, match="both good and bad"):  # one place, however its id is written
+        Feedback((text,), (text.upper(),))
     with pytest.raises(InputError, match="not in this index"):
         parse_hit_id("0123456789@10.00,10.00,50.00,0.00", rasters)
     with pytest.raises(InputError, match="not a hit id"):

@@ -19,7 +19,8 @@ from worker.tiling import RasterInfo
 
 KEY_CHARS = 10
 MAX_ID_CHARS = 200
-ID_PATTERN = re.compile(r"([0-9a-f]{%d})@(-?[0-9.]+),(-?[0-9.]+),([0-9.]+),(-?[0-9.]+)" % KEY_CHARS)
+# the key's digits in either case: a spreadsheet or a field calculator may have upper-cased an id
+ID_PATTERN = re.compile(r"([0-9a-f]{%d})@(-?[0-9.]+),(-?[0-9.]+),([0-9.]+),(-?[0-9.]+)" % KEY_CHARS, re.IGNORECASE)
 MAX_ANGLE = 180.0
 MIN_SIDE = 1.0  # raster px: a hit is a tile's size or near it; a speck is no place to read
 
@@ -44,7 +45,7 @@ def place_of(text: str) -> tuple | str:
     if m is None:
         return text
     try:
-        return (m.group(1), *(round(float(v), 2) for v in m.groups()[1:]))
+        return (m.group(1).lower(), *(round(float(v), 2) for v in m.groups()[1:]))
     except ValueError:
         return text
 
@@ -64,7 +65,7 @@ def parse_hit_id(text: object, rasters: dict[int, RasterInfo] | list[RasterInfo]
     except ValueError:
         raise InputError(f"hit id {excerpt(text)} has a number that is none") from None
     pool = rasters.values() if isinstance(rasters, dict) else rasters
-    found = [r for r in pool if raster_key(r) == m.group(1)]
+    found = [r for r in pool if raster_key(r) == m.group(1).lower()]
     if not found:
         raise InputError(f"hit id {excerpt(text)} names a raster that is not in this index (was the index rebuilt "
                          "without it, or is the id from another index?)")
