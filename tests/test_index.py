@@ -1184,6 +1184,36 @@ def test_tiles_gpkg_lists_every_indexed_tile(tmp_path, model, rmnp_copy):
     assert {"raster", "col_off", "row_off", "width", "height", "scale"} <= set(info["fields"])
 
 
+def test_tiles_gpkg_is_written_again_only_when_the_index_changed_and_info_says_whether_it_is_current(
+        tmp_path, model, rmnp_copy, assets):
+    """A run that changed nothing wrote the whole layer again (minutes at 10M tiles), and an index
+    stopped before writing it looked complete in `info`, its layer missing or behind."""
+    import pyogrio
+
+    from worker.app import index_info, open_index
+
+    def layer_state() -> str:
+        return index_info(open_index(out))["tiles_layer"]
+
+    out, layer = tmp_path / "index", tmp_path / "index" / "tiles.gpkg"
+    settings = TileSettings(tile=112, scales=(1,))
+    IndexWriter(out, model, settings).build([rmnp_copy])
+    written = layer.stat()
+    assert layer_state() == "current"
+    IndexWriter(out, model, settings).build([rmnp_copy])
+    assert (layer.stat().st_ino, layer.stat().st_mtime_ns) == (written.st_ino, written.st_mtime_ns), "left as it was"
+    second = Path(shutil.copy(assets["osbs_rgb"], tmp_path / "second.tif"))
+    IndexWriter(out, model, settings).build([second], should_stop=lambda: True)  # stopped: its layer not written
+    assert layer_state() == "out of date"
+    IndexWriter(out, model, settings).build([second])
+    assert layer_state() == "current"
+    assert pyogrio.read_info(layer, layer="tiles")["features"] == len(TileIndex.open(out))
+    layer.unlink()
+    assert layer_state() == "missing"
+    IndexWriter(out, model, settings).build([rmnp_copy])
+    assert layer_state() == "current" and pyogrio.read_info(layer, layer="tiles")["features"] == len(TileIndex.open(out))
+
+
 def test_tiles_gpkg_written_in_batches_holds_each_tile_once_in_its_place(tmp_path, model, rmnp_copy, monkeypatch):
     """The layer is written a batch at a time (a continental index's at once did not fit in
     memory): batches of 7 tiles give every tile once, with its own footprint and window."""

@@ -28,6 +28,7 @@ from worker.raster_access import RasterAccess
 from worker.store import (CHUNK_TILES, JOB_FILE, IndexProgress, IndexWriter, TileIndex, check_compatible,
                           check_index_folder, check_tokens, read_manifest)
 from worker.store.format import IndexLocked, holds_an_index
+from worker.store.gpkg import tiles_layer_state
 from worker.store.reader import manifest_info
 from worker.tiling import RasterInfo, Tile, TileSettings, disk_state, find_rasters
 
@@ -323,8 +324,10 @@ def _shortlist_kept(index: TileIndex, update: bool, should_stop: Callable[[], bo
 def index_info(index: TileIndex) -> dict:
     """What `info` says of an index: its manifest's summary, each raster's file as it is now
     (`on_disk`: info said nothing of a changed raster, not even beside a shortlist "current"),
+    its tiles layer's state (`tiles_layer`: an index stopped before writing it looked complete)
     and its ANN shortlist (or none)."""
-    return {**with_disk_states(index.info(), index.rasters), "ann": ann.describe(index)}
+    return {**with_disk_states(index.info(), index.rasters), "tiles_layer": tiles_layer_state(index.dir, index.manifest),
+            "ann": ann.describe(index)}
 
 
 def damaged_index_info(index_dir: Path, damage: CorruptIndexError) -> dict:

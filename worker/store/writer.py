@@ -21,7 +21,7 @@ from worker.store.format import (CHUNK_TILES, LOCK, MANIFEST, RECORD_DTYPE, SHAR
                                  check_compatible, check_index_folder, check_tokens, disk_write, holds_an_index, holds_tokens,
                                  index_lock, manifest_stamp, new_manifest, read_manifest, remove_shards,
                                  remove_temporaries, shard_arrays, shard_name, write_json_atomic, write_shard)
-from worker.store.gpkg import write_tiles_gpkg
+from worker.store.gpkg import CURRENT, tiles_layer_state, write_tiles_gpkg
 from worker.store.maps import (damaged_map, remove_maps, remove_maps_of_no_raster, remove_unfinished_maps,
                                write_joined_maps)
 from worker.read_twice import copies, read_twice
@@ -395,8 +395,10 @@ class IndexWriter:
                 self._commit()
             if stopped:
                 return self.manifest
-            with disk_write(self.dir / TILES_LAYER):
-                write_tiles_gpkg(self.dir)
+            # a run that changed nothing leaves it: written again, a 10M-tile layer took minutes
+            if tiles_layer_state(self.dir, self.manifest) != CURRENT:
+                with disk_write(self.dir / TILES_LAYER):
+                    write_tiles_gpkg(self.dir)
             if unread:
                 raise UnreadRasters([(entries[i]["path"], left_out, self._chunks(entries[i]["tiles_total"]), first)
                                      for i, (first, left_out) in unread.items()], len(plans))
