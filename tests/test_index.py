@@ -1184,34 +1184,50 @@ def test_tiles_gpkg_lists_every_indexed_tile(tmp_path, model, rmnp_copy):
     assert {"raster", "col_off", "row_off", "width", "height", "scale"} <= set(info["fields"])
 
 
-def test_tiles_gpkg_is_written_again_only_when_the_index_changed_and_info_says_whether_it_is_current(
-        tmp_path, model, rmnp_copy, assets):
-    """A run that changed nothing wrote the whole layer again (minutes at 10M tiles), and an index
-    stopped before writing it looked complete in `info`, its layer missing or behind."""
-    import pyogrio
+def test_tiles_gpkg_is_written_again_only_where_the_index_changed_and_info_says_whether_it_is_current(
+        tmp_path, model, rmnp_copy, assets, monkeypatch):
+    """A run that changed nothing wrote the whole layer again, and one that added a raster wrote
+    every tile's footprint again too (minutes at 10M tiles); an index stopped before writing it
+    looked complete in `info`, its layer behind. Now an unchanged layer is left, an added
+    raster's tiles are appended, and the layer is the one a fresh write makes."""
+    import pyogrio.raw
 
     from worker.app import index_info, open_index
+    from worker.store import gpkg
 
     def layer_state() -> str:
         return index_info(open_index(out))["tiles_layer"]
 
+    def rows_and_footprints() -> tuple[list, list]:
+        meta, _, geometry, values = pyogrio.raw.read(layer, layer="tiles")
+        return [list(v) for v in values], list(geometry)
+
+    drawn = []  # the rows whose footprints a write computed
+    footprints = TileIndex.footprints_wgs84
+    monkeypatch.setattr(TileIndex, "footprints_wgs84", lambda index, rows: drawn.extend(rows) or footprints(index, rows))
     out, layer = tmp_path / "index", tmp_path / "index" / "tiles.gpkg"
     settings = TileSettings(tile=112, scales=(1,))
-    IndexWriter(out, model, settings).build([rmnp_copy])
-    written = layer.stat()
-    assert layer_state() == "current"
+    IndexWriter(out, model, settings, chunk_tiles=16).build([rmnp_copy])
+    first_tiles, written = len(TileIndex.open(out)), layer.stat()
+    assert layer_state() == "current" and sorted(drawn) == list(range(first_tiles))
+    drawn.clear()
     IndexWriter(out, model, settings).build([rmnp_copy])
     assert (layer.stat().st_ino, layer.stat().st_mtime_ns) == (written.st_ino, written.st_mtime_ns), "left as it was"
+    assert drawn == []
     second = Path(shutil.copy(assets["osbs_rgb"], tmp_path / "second.tif"))
-    IndexWriter(out, model, settings).build([second], should_stop=lambda: True)  # stopped: its layer not written
-    assert layer_state() == "out of date"
+    polls = iter(range(3))
+    IndexWriter(out, model, settings).build([second], should_stop=lambda: next(polls, None) is None)
+    assert first_tiles < len(TileIndex.open(out)), "the stopped run committed a chunk of the second raster"
+    assert layer_state() == "out of date" and drawn == []
     IndexWriter(out, model, settings).build([second])
     assert layer_state() == "current"
-    assert pyogrio.read_info(layer, layer="tiles")["features"] == len(TileIndex.open(out))
+    assert drawn and min(drawn) == first_tiles, "the first raster's tiles kept, the second's appended"
+    appended = rows_and_footprints()
     layer.unlink()
     assert layer_state() == "missing"
     IndexWriter(out, model, settings).build([rmnp_copy])
-    assert layer_state() == "current" and pyogrio.read_info(layer, layer="tiles")["features"] == len(TileIndex.open(out))
+    assert layer_state() == "current" and rows_and_footprints() == appended, "as a fresh write makes it"
+    assert len(appended[1]) == len(TileIndex.open(out))
 
 
 def test_tiles_gpkg_written_in_batches_holds_each_tile_once_in_its_place(tmp_path, model, rmnp_copy, monkeypatch):
