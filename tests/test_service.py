@@ -243,6 +243,31 @@ def test_delete_index_and_a_new_job_are_refused_while_the_index_is_written(worke
     assert not (root / "building").exists()
 
 
+def test_an_index_request_is_told_whether_it_joined_a_job_another_request_started(worker, rasters):
+    """Two Processing builds of one index share its job; the second one's Cancel stopped it, and
+    the first failed as "cancelled elsewhere" (probe). The reply now says `joined` when the job
+    is another request's, so a client can leave that job to it; a resent copy of the request that
+    started the job (its first reply lost) is that request, not another."""
+    first = encode_request("index", "the-start", index="shared", rasters=[str(rasters / "s2.tif")], tile=64,
+                           scales=[1], chunk_tiles=8)
+    try:
+        [started] = _replies_in_order(worker, first)
+        [resent] = _replies_in_order(worker, first)
+        with worker.client() as c:
+            other = c.request("index", index="shared", rasters=[str(rasters / "s2.tif")], tile=64, scales=[1],
+                              chunk_tiles=8)
+            job = started.result()["job"]
+            assert job["state"] in states.ACTIVE, "the job still runs as the other request joins it"
+            assert started.result()["joined"] is False and resent.result()["joined"] is False
+            assert resent.result()["job"]["id"] == job["id"]
+            assert other["joined"] is True and other["job"]["id"] == job["id"]
+            c.cancel(job["id"])
+            wait_job(c, job["id"])
+    finally:
+        with worker.client() as c:
+            c.request("delete_index", index="shared")
+
+
 def test_rasters_are_taken_out_of_an_index_by_a_job_of_the_worker(worker, rasters):
     """A client (the plugin) could only delete a whole index: a raster indexed by mistake, or
     deleted for good, stayed in it, searched or said unreadable at every search, unless the user

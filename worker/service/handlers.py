@@ -135,6 +135,7 @@ class Handlers:
             bands=field(header, "bands", list, None, check=_ints),
             min_valid=field(header, "min_valid", (int, float), None), chunk_tiles=field(header, "chunk_tiles", int, None),
             ann=field(header, "ann", bool, None), tokens=field(header, "tokens", bool, None))
+        request_id = header.get("id")  # a resent copy's is the first's
 
         def work(should_stop: StopCheck) -> Callable[[], dict]:
             seen = _as_checked(self.jobs, index_dir)  # before the checks: what changes during them is seen
@@ -146,24 +147,28 @@ class Handlers:
                     self._check_extendable(request)  # refused now, not as a failed job later
             except FileNotFoundError:  # the index deleted as it was read
                 raise _changed_meanwhile(name) from None
-            return lambda: self._start_job(name, request, running, seen)
+            return lambda: self._start_job(name, request, running, seen, request_id)
 
         return work
 
-    def _start_job(self, name: str, request: IndexRequest, running: Job | None, seen: tuple) -> dict:
+    def _start_job(self, name: str, request: IndexRequest, running: Job | None, seen: tuple,
+                   request_id: str | None) -> dict:
         """An index request's job, on the loop's thread (as delete_index and remove_rasters look
         at jobs: none starts between their check and their work): the one running for the index
         joined, else a new one where nothing changed the index since the request was checked
         (`running` then, `seen`: _as_checked). Checked beside the loop, a request to extend an
-        index deleted meanwhile started a job building it again from nothing."""
+        index deleted meanwhile started a job building it again from nothing. `joined`: the job
+        was started by another request than this one (`request_id`; a resent copy is this one),
+        so a client's Cancel can leave it to whoever started it."""
         now = self.jobs.running_for(request.index_dir)
         if now is not None:  # never a new job here
-            return {"job": self.jobs.joined(now, name, request).to_json()}
+            job = self.jobs.joined(now, name, request)
+            return {"job": job.to_json(), "joined": request_id is None or job.started_by != request_id}
         if running is not None or _as_checked(self.jobs, request.index_dir) != seen:
             raise _changed_meanwhile(name)
         if locked_by_another(request.index_dir):
             raise _written_elsewhere(name, "ask again")
-        return {"job": self.jobs.start(name, request).to_json()}
+        return {"job": self.jobs.start(name, request, started_by=request_id).to_json(), "joined": False}
 
     def delete_index(self, header: dict, frames: list) -> dict:
         """Remove an index's folder: only a folder that is an index (it has the manifest), inside

@@ -72,6 +72,7 @@ class Job:
         self.thread: threading.Thread | None = None
         self.job_lock = None  # the index's JOB_LOCK, held from the job's start to its end (JobManager.start)
         self.resumed = resumed  # restarted from the job file a stopped worker left (JobManager.resume_interrupted)
+        self.started_by: str | None = None  # the id of the request that started it (None: resumed, a removal)
         self.kept = False  # its job file stays for the worker's next start: its rasters are not there now
         self._rate_start: tuple[float, int] | None = None  # (time, tiles done) the ETA's rate counts from
 
@@ -153,7 +154,8 @@ class JobManager:
             return max((j for j in self.jobs.values() if j.index_dir == index_dir), key=lambda j: j.started,
                        default=None)
 
-    def start(self, index_name: str, request: JobRequest, resumed: bool = False, job_id: str | None = None) -> Job:
+    def start(self, index_name: str, request: JobRequest, resumed: bool = False, job_id: str | None = None,
+              started_by: str | None = None) -> Job:
         """Start a job, or return the one already running for this index when it asks the same work
         (so retries are safe). ProtocolError(BUSY) when a job for this index does other work or is
         being cancelled (before, the request was answered with that job and never done), or when
@@ -174,6 +176,7 @@ class JobManager:
             raise ProtocolError(BUSY, f"{queued} indexing jobs are already waiting (the worker's limit): wait for "
                                       "one to end, or cancel one, and ask again")
         job = Job(index_name, request.index_dir, request, job_id, resumed)
+        job.started_by = started_by
         # an index root the worker may not write in: `storage`, saying so, not `internal`
         then = "then ask again"
         with disk_write(request.index_dir, then):
