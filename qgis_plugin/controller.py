@@ -60,7 +60,7 @@ class Status:
         return f"connected · {device} · model {info['model']['model']}", "green"
 
 
-def _info_lacks(info: dict) -> str:
+def info_lacks(info: dict) -> str:
     """What the plugin needs of a worker's info reply and it lacks ('' when nothing)."""
     if not isinstance(info.get("device"), str):
         return "device"
@@ -365,7 +365,7 @@ class SearchController(QObject):
     def _on_info(self, reply: Optional[dict], err: Optional[WorkerError]) -> None:
         if err:
             return self._failed("Connecting to the worker", err)
-        lacking = _info_lacks(reply)
+        lacking = info_lacks(reply)
         if lacking:  # was kept: every later status update raised, and the light said "connecting…" for good
             self.status_changed.emit(*Status.NOT_A_WORKER)
             return self.notice.emit(f"The service at {self.link.endpoint} answered, but not as a sketch search worker "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 
 from qgis.core import (QgsCoordinateReferenceSystem, QgsFeatureSink, QgsProcessing,
@@ -12,7 +13,7 @@ from qgis.core import (QgsCoordinateReferenceSystem, QgsFeatureSink, QgsProcessi
                        QgsProcessingParameterString, QgsProcessingProvider, QgsWkbTypes)
 from qgis.PyQt.QtGui import QIcon
 
-from .controller import WITHOUT_TILES, search_wait_s, tiles_held, tiles_held_said
+from .controller import WITHOUT_TILES, info_lacks, search_wait_s, tiles_held, tiles_held_said
 from .crs_names import crs_name
 from .error_hints import told
 from .raster_layers import raster_file
@@ -21,7 +22,7 @@ from .settings import Setting
 from .user_requests import Connection, endpoint_problem
 from .wire import job_states as states
 from .wire.client import WorkerClient
-from .wire.errors import RequestCancelled, WorkerError
+from .wire.errors import NotAWorker, RequestCancelled, WorkerError
 from .wire.protocol import DEFAULT_TOP, MAX_TILE, MAX_TOP, MIN_TILE
 
 ICON = os.path.join(os.path.dirname(__file__), "icon.svg")
@@ -34,9 +35,10 @@ START_S = 60.0  # an `index` request finds its rasters on disk before it is answ
 SEARCH_LIMIT_S = 60.0  # a worker's search time limit, where its `info` does not say it (an older worker)
 CANCEL_WAIT_S = 5.0  # how long a Cancel waits for each answer of a worker stopping a job
 CANCEL_GIVE_UP_S = 120.0  # how long it waits for the job to stop while the worker answers
-# QGIS checks a file parameter's suffix against its filter as written: a camera's or scanner's
-# "SKETCH.JPG" was refused with "Incorrect parameter value for SKETCH" alone
-SKETCH_FILES = "Images (*.png *.jpg *.jpeg *.PNG *.JPG *.JPEG)"
+# QGIS checks a file parameter's suffix against its filter as written, case and all: a camera's or
+# scanner's "SKETCH.JPG", and "sketch.Png", were refused with "Incorrect parameter value for SKETCH"
+# alone. Any file is taken: the worker reads any image, and says so of a file that is none
+SKETCH_FILES = "Images (*.png *.jpg *.jpeg *.PNG *.JPG *.JPEG);;All files (*)"
 
 
 class _WorkerAlgorithm(QgsProcessingAlgorithm):
@@ -72,7 +74,11 @@ class _WorkerAlgorithm(QgsProcessingAlgorithm):
                                          "the Sketch search settings.") from None
         client = WorkerClient(endpoint, timeout=REACH_S, retries=1, curve=curve)
         try:
-            return client, client.info(cancelled=feedback.isCanceled)
+            info = client.info(cancelled=feedback.isCanceled)
+            lacking = info_lacks(info)
+            if lacking:  # an "ok" of another service: its missing fields were tracebacks later (probe)
+                raise NotAWorker(endpoint, f"its info has no {lacking}")
+            return client, info
         except RequestCancelled:
             feedback.pushInfo("Canceled before the worker answered: nothing was asked of it.")
             client.close()
@@ -100,7 +106,9 @@ class BuildIndexAlgorithm(_WorkerAlgorithm):
                 "rasters whose colours the worker cannot tell. A build queued behind another job says so and "
                 "waits for it. Tiles: how many tiles the index holds once done (tiles with too little data are "
                 "skipped). A build whose job is cancelled elsewhere (the dock's Indexing list, another client) "
-                "fails, saying what the index holds.")
+                "fails, saying what the index holds. Cancel stops the job this run started; a run that found the "
+                "same build already running (started by the dock or another run) stops following it, and the job "
+                "goes on.")
 
     def createInstance(self):  # noqa: N802
         return BuildIndexAlgorithm()
@@ -154,7 +162,11 @@ class BuildIndexAlgorithm(_WorkerAlgorithm):
         job, (client, _) = None, reached
         with client:
             try:
-                job = client.start_index(name, rasters, timeout=START_S, cancelled=feedback.isCanceled, **tiling)
+                started = client.request("index", timeout=START_S, cancelled=feedback.isCanceled, index=name,
+                                         rasters=rasters, **tiling)
+                # the job another run started (the dock, another client): this run's Cancel leaves it to
+                # that one; it stopped it, and that run failed as "cancelled elsewhere" (probe)
+                job, joined = started["job"], started.get("joined") is True
                 queued = False
                 while job["state"] in states.ACTIVE:
                     if job["state"] == states.QUEUED and not queued:  # sat silent at 0% for as long as the other ran
@@ -168,6 +180,11 @@ class BuildIndexAlgorithm(_WorkerAlgorithm):
                 if job is None:
                     feedback.pushWarning("Canceled before the worker answered: if it takes the request later, the "
                                          "job runs there (the dock's Indexing list shows it).")
+                    return {}
+                if joined:
+                    feedback.pushWarning(f"Canceled: this run stopped following indexing job {job['id']}, which "
+                                         "another run or client started: it goes on in the worker (the dock's "
+                                         "Indexing list shows it, and cancels it).")
                     return {}
                 job = _cancel(client, job, feedback)
                 if job is None:
@@ -251,11 +268,14 @@ class SearchBySketchAlgorithm(_WorkerAlgorithm):
         if reached is None:
             return {}
         client, info = reached
+        # a path that cannot be written is said before the search (after it, its hits were lost);
+        # the output itself is made once there are hits: made first, a failed search emptied the
+        # file of the last run's hits
+        unwritable = _unwritable(self.parameterAsOutputLayer(parameters, "OUTPUT", context))
+        if unwritable:
+            client.close()
+            raise QgsProcessingException(unwritable)
         with client:
-            fields = hit_fields()  # the output made before the search: a path that cannot be written failed after it
-            sink, dest = self.parameterAsSink(parameters, "OUTPUT", context, fields, QgsWkbTypes.Polygon, out_crs)
-            if sink is None:
-                raise QgsProcessingException(self.invalidSinkError(parameters, "OUTPUT"))
             started = time.perf_counter()
             index = self._index_name(parameters, context)
             try:  # not sent again: a worker silent past its own limit would only run it twice
@@ -281,9 +301,28 @@ class SearchBySketchAlgorithm(_WorkerAlgorithm):
         if slower:  # the shortlist missing or out of date: seconds a search at 10M tiles
             feedback.pushInfo(f"{index}: {slower}.")
         feedback.pushInfo(f"{len(reply['hits']['features'])} hit(s) in {query_ms:.0f} ms.")
+        fields = hit_fields()
+        sink, dest = self.parameterAsSink(parameters, "OUTPUT", context, fields, QgsWkbTypes.Polygon, out_crs)
+        if sink is None:
+            raise QgsProcessingException(self.invalidSinkError(parameters, "OUTPUT"))
         for feature in features_from_hits(reply["hits"], fields, None, query_ms):  # asked in out_crs
             sink.addFeature(feature, QgsFeatureSink.FastInsert)
         return {"OUTPUT": dest}
+
+
+def _unwritable(destination: str) -> str:
+    """Why an output file cannot be written at `destination` ('' when it can, or when it is no
+    file: a memory layer, a database table), checked without touching it."""
+    path = destination.split("|")[0]
+    if not path or destination.startswith("memory:") or (":" in path and not os.path.isabs(path)
+                                                        and not re.match(r"^[A-Za-z]:[\\/]", path)):
+        return ""  # memory:, ogr:, postgis: ... (a Windows drive's C:\ is a file's)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return f"Could not create layer {path}: {folder} is not a folder. Choose another place for the hits."
+    if not os.access(path if os.path.exists(path) else folder, os.W_OK):
+        return f"Could not create layer {path}: it cannot be written there. Choose another place for the hits."
+    return ""
 
 
 class SketchSearchProvider(QgsProcessingProvider):

@@ -13,7 +13,7 @@ SAVE_AS = "save it as a GeoTIFF (Export > Save As…) to index it"
 
 
 def raster_file(layer) -> tuple[Optional[str], str]:
-    """The file a raster layer reads, or None and why the worker cannot index it."""
+    """The file a raster layer reads (an absolute path), or None and why the worker cannot index it."""
     if layer.providerType() != "gdal":
         return None, f"a raster from a {layer.providerType()} source (a web service, a database), not a file: {SAVE_AS}"
     path = layer.source().split("|")[0]
@@ -31,7 +31,9 @@ def raster_file(layer) -> tuple[Optional[str], str]:
     # a JPEG 2000 is read by whichever JP2 driver the worker's GDAL has, whichever QGIS's used
     if driver not in CLIENT_DRIVERS and not (driver or "").startswith("JP2"):
         return None, f"a {driver or 'raster'} file, a format the worker does not read: {SAVE_AS}"
-    return path, ""
+    # as QGIS opened it: a relative path (qgis_process, a model run from a folder) was resolved by the
+    # worker from its own folder, and indexed another file of that name there, or was refused as outside
+    return os.path.abspath(path), ""
 
 
 @lru_cache(maxsize=1024)

@@ -19,7 +19,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from . import protocol
-from .errors import ConnectionDropped, RequestCancelled, WorkerUnavailable
+from .errors import ConnectionDropped, NotAWorker, ProtocolError, RequestCancelled, WorkerUnavailable
 from .sockets import CONNECTION_EVENTS, HEARTBEAT_S, CurveKeys, connect, dropped_by
 
 CANCEL_POLL_S = 0.1  # how often a request that can be cancelled looks whether it was
@@ -85,7 +85,11 @@ class WorkerClient:
                 self._reset()
                 raise
             if waits:
-                reply = protocol.decode_reply(sock.recv_multipart())
+                try:
+                    reply = protocol.decode_reply(sock.recv_multipart())
+                except ProtocolError as exc:
+                    self._reset()  # what sent it is no worker: nothing more is read from it
+                    raise NotAWorker(self.endpoint, exc.message) from None
                 if reply.id in (request_id, None):
                     return reply.result()
             # silence, or a stale reply: start over on a fresh socket. A search is cancelled where it

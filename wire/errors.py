@@ -23,6 +23,7 @@ STORAGE = "storage"  # the worker's disk refused (full, read-only, failing, a si
 INTERNAL = "internal"  # a bug in the worker; details in its log
 UNAVAILABLE = "unavailable"  # never sent: a client's own code for "no reply at all"
 CLOSED = "closed"  # never sent: a client's own code for a request whose connection it closed before the reply
+NOT_A_WORKER = "not_a_worker"  # never sent: a client's own code for a reply it cannot read (NotAWorker)
 
 SERVER_CODES = (BAD_JSON, BAD_REQUEST, UNKNOWN_OP, UNSUPPORTED_VERSION, TOO_LARGE, BAD_INPUT, NOT_FOUND,
                 INDEX_MISMATCH, FORBIDDEN, BUSY, TIMEOUT, CANCELLED, CORRUPT_INDEX, STORAGE, INTERNAL)
@@ -51,6 +52,15 @@ class WorkerUnavailable(WorkerError):
 
     def __init__(self, endpoint: str, attempts: int, timeout: float):
         super().__init__(UNAVAILABLE, f"no reply from {endpoint} after {attempts} attempt(s) of {timeout:g} s")
+
+
+class NotAWorker(WorkerError):
+    """A reply this client cannot read: what answers at the endpoint is no sketch search worker
+    (or one of another protocol). Processing showed the reply's traceback."""
+
+    def __init__(self, endpoint: str, why: str):
+        super().__init__(NOT_A_WORKER, f"the service at {endpoint} answered, but not as a sketch search worker ({why}): "
+                                      "check the endpoint, or update the worker")
 
 
 # a socket of another kind (a worker's PUB) fails the handshake too, as a refused key does: which

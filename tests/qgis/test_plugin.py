@@ -942,6 +942,113 @@ def test_processing_algorithms_run(plugin, worker, rmnp_layer, raster_root, tmp_
     del hits, layer, small
 
 
+def test_a_failed_processing_search_keeps_the_last_hits_and_any_image_name_is_a_sketch(plugin, worker, tmp_path):
+    """A search into the file of the last run's hits, failing (an index name mistyped), left the
+    GeoPackage empty of them: the output was made before the search. It is made once there are
+    hits. A sketch named "sketch.Png" was refused by QGIS's check of its suffix alone (probe)."""
+    import processing
+    from qgis.core import QgsProcessingException, QgsVectorLayer
+
+    sketch = line_sketch(tmp_path / "sketch.Png")
+    kept = tmp_path / "hits.gpkg"
+    search = {"ENDPOINT": worker.bind, "INDEX": "rmnp", "SKETCH": str(sketch), "TOP": 3, "OUTPUT": str(kept)}
+    processing.run("sketchsearch:search_by_sketch", search)
+    assert QgsVectorLayer(str(kept), "hits").featureCount() == 3
+    with pytest.raises(QgsProcessingException, match="rnmp"):
+        processing.run("sketchsearch:search_by_sketch", {**search, "INDEX": "rnmp"})
+    assert QgsVectorLayer(str(kept), "hits").featureCount() == 3, "the last run's hits kept"
+
+
+def test_a_raster_layer_opened_by_a_relative_path_is_indexed_by_its_whole_path(raster_root, monkeypatch):
+    """qgis_process, or a model run from a folder, opens a raster by a relative path; the worker
+    resolved it from its own folder, and indexed another file of that name there (probe)."""
+    from sketch_search.raster_layers import raster_file
+
+    monkeypatch.chdir(raster_root)
+    layer = QgsRasterLayer("rmnp-rgb.tif", "relative")
+    assert layer.isValid()
+    assert raster_file(layer) == (str(raster_root / "rmnp-rgb.tif"), "")
+
+
+def test_a_processing_run_answered_by_no_worker_says_so_without_a_traceback(plugin, tmp_path):
+    """A service at the endpoint that is no sketch search worker (garbage, or an "ok" without the
+    worker's fields) gave Processing's user a Python traceback (probe)."""
+    import json
+    import threading
+
+    import processing
+    import zmq
+    from qgis.core import QgsProcessingException
+
+    from lab.worker_process import free_port
+
+    sketch = line_sketch(tmp_path / "sketch.png")
+    for answer in ([b"not json"], [json.dumps({"v": 1, "id": None, "ok": True}).encode()]):
+        other = zmq.Context.instance().socket(zmq.ROUTER)
+        endpoint = f"tcp://127.0.0.1:{free_port()}"
+        other.bind(endpoint)
+
+        done = threading.Event()
+
+        def answer_all(other=other, answer=answer, done=done) -> None:
+            while not done.is_set():
+                if other.poll(100):
+                    identity, delimiter, *_ = other.recv_multipart()  # a REQ client's envelope
+                    other.send_multipart([identity, delimiter, *answer])
+
+        serving = threading.Thread(target=answer_all, daemon=True)
+        serving.start()
+        try:
+            with pytest.raises(QgsProcessingException) as refused:
+                processing.run("sketchsearch:search_by_sketch", {"ENDPOINT": endpoint, "INDEX": "any",
+                                                                  "SKETCH": str(sketch), "OUTPUT": "memory:"})
+        finally:
+            done.set()
+            serving.join(5)
+            other.close(linger=0)
+        said = str(refused.value)
+        assert "not as a sketch search worker" in said and "Traceback" not in said, said
+
+
+def test_cancelling_a_processing_build_that_joined_another_runs_job_leaves_that_job_running(plugin, worker,
+                                                                                            raster_root, tmp_path):
+    """Two builds of one index share its job: the second run's Cancel stopped it, and the run
+    that started it failed (probe). A run that joined a job stops following it; the job goes on."""
+    import shutil
+
+    import processing
+    from qgis.core import QgsProcessingFeedback
+
+    from lab.worker_process import wait_job
+    from worker.assets import load_asset_paths
+
+    shutil.copy(load_asset_paths()["s2_rgb"], raster_root / "s2-shared.tif")
+    layer = QgsRasterLayer(str(raster_root / "s2-shared.tif"), "s2")
+    QgsProject.instance().addMapLayer(layer)
+
+    class CancelOnceFollowing(QgsProcessingFeedback):
+        def setProgress(self, progress: float) -> None:  # noqa: N802 (a poll of the job: the run follows it)
+            super().setProgress(progress)
+            self.cancel()
+
+    feedback = CancelOnceFollowing()
+    try:
+        with worker.client() as other_run:
+            job = other_run.start_index("shared", [str(raster_root / "s2-shared.tif")], tile=32, scales=[1])
+            result = processing.run("sketchsearch:build_index", {"ENDPOINT": worker.bind, "INDEX": "shared",
+                                                                 "RASTERS": [layer], "TILE": 32, "SCALES": "1"},
+                                    feedback=feedback)
+            assert result.get("TILES") is None and "goes on in the worker" in feedback.textLog()
+            assert other_run.job(job["id"])["state"] in ("queued", "running"), "the other run's job goes on"
+            other_run.cancel(job["id"])
+            wait_job(other_run, job["id"])
+    finally:
+        QgsProject.instance().removeMapLayer(layer.id())
+        with worker.client() as c:
+            c.request("delete_index", index="shared")
+        (raster_root / "s2-shared.tif").unlink()
+
+
 ACROSS_180 = """
 import sys
 from pathlib import Path
