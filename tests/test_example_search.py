@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -210,7 +211,16 @@ def test_bad_examples_are_refused_with_what_to_do(rmnp_index, model, assets, tmp
     with pytest.raises(InputError, match="nothing to draw .open water") as flat_refused:
         prepare_example(Example(str(flat), (500010.0, 3999810.0, 500150.0, 3999990.0), "EPSG:32617"), rasters,
                         model.img_size)
-    assert "no data" not in str(flat_refused.value)
+    assert "no data" not in str(flat_refused.value) and "too few" not in str(flat_refused.value)
+    with pytest.raises(InputError, match=r"nothing to draw \(20\.0x20\.0 px of the raster are too few to draw its lines"):
+        prepare_example(Example(str(flat), (500010.0, 3999970.0, 500030.0, 3999990.0), "EPSG:32617"), rasters,
+                        model.img_size)  # was blamed on open water, whatever the ground
+    utm = (449000.0, 4440000.0, 451000.0, 4442000.0)  # the raster's place in UTM 13N metres, given as lon/lat
+    with pytest.raises(InputError, match=r"past a pole .*are these projected coordinates\? Name their CRS"):
+        prepare_example(Example(path, utm, "EPSG:4326"), rasters, model.img_size)  # was "lies outside"
+    with pytest.raises(InputError, match=r"past a pole .*are these projected coordinates\?"):  # was PROJ's words
+        prepare_example(Example(str(flat), (500010.0, 3999810.0, 500150.0, 3999990.0), "EPSG:4326"), rasters,
+                        model.img_size)
     empty = write_raster(tmp_path / "empty.tif", np.zeros((3, 200, 200), np.uint8), crs="EPSG:32617", nodata=0,
                          transform=rasterio.Affine(1, 0, 500000, 0, -1, 4000000))  # was blamed on open water
     with pytest.raises(InputError, match=r"nothing to draw \(it holds no data: nodata or transparent"):
@@ -257,6 +267,26 @@ def test_an_example_from_a_raster_outside_the_index_is_drawn_from_its_own_red_gr
         assert prepare_example(Example(str(bgr), box, "EPSG:4326"), [], model.img_size).raster.bands == (1, 2, 3)
     assert "read as R,G,B = 1,2,3" in caplog.text and "pass --bands" not in caplog.text, caplog.text
     assert f"gdal_edit.py -colorinterp_1 red -colorinterp_2 green -colorinterp_3 blue {bgr}" in caplog.text
+
+
+def test_an_example_from_a_copy_of_an_indexed_raster_is_searched_as_from_the_raster(rmnp_index, model, assets,
+                                                                                      tmp_path):
+    """The same pixels at another path (a copy, a sheet of an indexed mosaic) were drawn whole
+    where the indexed raster's were cut to their central square, found other places, and said
+    nothing of a box larger than the index finds (probe). Measured as the index sees that place,
+    they are searched alike and said alike."""
+    from worker.app import SearchRequest, run_search
+
+    copy = Path(shutil.copy(assets["rmnp_rgb"], tmp_path / "copy.tif"))
+    large = (10, 10, 400, 400)  # 390 px: larger than this index finds (about 57 to 362 px)
+    replies = [run_search(SearchRequest(None, example=Example(str(p), tuple(window_bbox(p, large)), "EPSG:4326"),
+                                        top=5), model, rmnp_index) for p in (assets["rmnp_rgb"], copy)]
+    indexed, copied = ([(h.placement.cx, h.placement.cy, h.placement.side) for h in r.ranked] for r in replies)
+    assert copied == indexed and len(copied) >= 3
+    [said] = replies[1].out_of_scale
+    assert said["raster"] == str(assets["rmnp_rgb"]) and said["side_px"] == pytest.approx(390, abs=0.5)
+    assert "central 256 px were searched" in said["reason"]
+    assert [s["reason"] for s in replies[0].out_of_scale] == [said["reason"]]
 
 
 def test_hit_ids_name_places_and_are_checked_against_the_index(rmnp_index, model, assets):

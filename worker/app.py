@@ -484,9 +484,14 @@ def run_search(request: SearchRequest, model: "RetrievalModel", index: TileIndex
 
             bands = index.manifest["tiling"].get("bands")
             example = prepare_example(request.example, list(index.rasters.values()), model.img_size,
-                                      tuple(bands) if bands else None, request.access, largest)
+                                      tuple(bands) if bands else None, request.access, largest,
+                                      (index.rasters, index.tiles_per_raster))
             sketch, own_place = example.sketch, example.own_place
-            if any(r.path == example.raster.path for r in index.rasters.values()):  # elsewhere: other pixels
+            if example.index_view is not None:  # a raster the index does not hold: as the index sees the place
+                side, grid_path, lies_on = example.index_view
+                sized = out_of_scale(side, grid_path, tiling, drawing_size, sizes, EXAMPLE, lies_on,
+                                     central=example.central)
+            elif any(r.path == example.raster.path for r in index.rasters.values()):
                 side = drawn_square(example.raster, example.window).side  # the box the user chose
                 sized = out_of_scale(side, example.raster.path, tiling, drawing_size, sizes, EXAMPLE,
                                      central=example.central)

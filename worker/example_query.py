@@ -25,9 +25,10 @@ from shapely.geometry import Polygon, box
 
 from wire.protocol import excerpt
 from worker.errors import InputError
-from worker.geo import MAX_COORDINATE, nearest_copy_x, parse_crs
+from worker.geo import MAX_COORDINATE, is_lon_lat_degrees, nearest_copy_x, parse_crs
 from worker.placement import Placement, refuse_too_large
 from worker.raster_access import RasterAccess
+from worker.sketch import StrokeSketch
 from worker.tiling import BandsUnknown, RasterInfo, colour_bands, disk_state, gdal_reason, open_raster
 
 OWN_PLACE_IOU = 0.5  # a hit overlapping the square drawn around the example more than this is the example itself
@@ -38,6 +39,9 @@ MIN_SIDE_PX = 8  # raster pixels: a smaller box has nothing to draw
 EDGE_ONLY_PX = 0.01  # a box meeting the raster in less than this is one touching its edge: outside
 MIN_DATA_SHARE = 0.05  # of an example's box: less is said to hold no data (not to be flat)
 MIN_INK = 0.002  # share of the drawing's pixels that are lines: less is a blank example
+# raster pixels: a box this small drawn blank is said to be too small, not flat ground (boxes of 8 to 16 px on
+# a busy Sentinel-2 scene drew no lines, and were said to be "open water, haze or flat fields"; 20 to 32 px drew)
+FEW_PIXELS = 32
 EDGE_STEPS = 16  # points per bbox edge when it is reprojected
 
 
@@ -91,6 +95,8 @@ class ExampleQuery:
     drawing: np.ndarray  # (S, S) uint8, dark lines on white
     changed: str | None = None  # the raster's path as indexed, when its file changed since: read as it is now
     central: bool = False  # the box was larger than the index's largest hit: its central part was drawn
+    # an example from a raster the index does not hold, as the index sees its place (index_view)
+    index_view: tuple[float, str, bool] | None = None
 
     @property
     def own_place(self) -> OwnPlace:
@@ -125,11 +131,17 @@ def raster_of(path: Path, rasters: list[RasterInfo], bands: tuple[int, ...] | No
 def pixel_box(example: Example, raster: RasterInfo) -> tuple[float, float, float, float]:
     """The example's box in the raster's pixels (col0, row0, col1, row1), clipped to the raster;
     InputError when it lies outside it or is too small to draw."""
-    inside = _inside_raster(example, example.bbox, raster)
+    try:
+        inside = _inside_raster(example, example.bbox, raster)
+    except InputError:
+        _refuse_past_a_pole(example)
+        raise
     # a box ending on the raster's edge meets it in a sliver of rounding, said as "covers 0x100 pixels"
     if inside.is_empty or min(inside.bounds[2] - inside.bounds[0], inside.bounds[3] - inside.bounds[1]) < EDGE_ONLY_PX:
         hint = f" (read as latitude first, it lies on it: give longitude first, as {list(_swapped(example.bbox))})" \
             if _swapped_lies_on(example, raster) else ""
+        if not hint:
+            _refuse_past_a_pole(example)
         raise InputError(f"example bbox {excerpt(list(example.bbox))} ({example.crs}) lies outside {raster.path}"
                          f"{hint}: drag the rectangle over the raster's data")
     c0, r0, c1, r1 = inside.bounds
@@ -137,6 +149,18 @@ def pixel_box(example: Example, raster: RasterInfo) -> tuple[float, float, float
         raise InputError(f"example bbox {excerpt(list(example.bbox))} covers {_tenths(c1 - c0)}x{_tenths(r1 - r0)} "
                          f"pixels of {raster.path}: at least {MIN_SIDE_PX} px a side is needed to draw a place")
     return c0, r0, c1, r1
+
+
+def _refuse_past_a_pole(example: Example) -> None:
+    """InputError for a box in lon/lat degrees that lies wholly past a pole, where it cannot be
+    placed on the raster: the raster's own projected numbers (metres) given without their CRS, as
+    a search's `bbox` is told (geo.bbox_to_wgs84); they were placed with PROJ's "Invalid
+    latitude", or said to lie outside the raster."""
+    minx, miny, maxx, maxy = example.bbox
+    if is_lon_lat_degrees(parse_crs(example.crs)) and (miny >= 90 or maxy <= -90):
+        raise InputError(f"example bbox {excerpt(list(example.bbox))} lies wholly past a pole in {example.crs} "
+                         "(latitudes beyond 90 degrees): are these projected coordinates? Name their CRS (the "
+                         "example's crs; on the command line, --bbox-crs)")
 
 
 def _tenths(pixels: float) -> str:
@@ -218,15 +242,17 @@ def draw_window(raster: RasterInfo, window: tuple[float, float, float, float], s
 
 
 def prepare_example(example: Example, rasters: list[RasterInfo], size: int, bands: tuple[int, ...] | None = None,
-                    access: RasterAccess = RasterAccess(), largest: float | None = None) -> ExampleQuery:
+                    access: RasterAccess = RasterAccess(), largest: float | None = None,
+                    grid: tuple[dict[int, RasterInfo], dict[int, int]] | None = None) -> ExampleQuery:
     """Read and draw an example (a client's confined to `access`'s roots); InputError for a box
-    outside the raster, too small, or with nothing to draw. A box on a raster of `rasters`
-    larger than `largest` pixels (the index's largest hit) is drawn as its central square of
-    that side, as a place traced on the map is (worker.place_size.central_part: drawn whole,
-    where the largest hit was 256 px, 320 px boxes on a Landsat scene were found at IoU 0.16 at
-    best in the top 5, and 340 px boxes on a Sentinel-2 one at rank 1 in 2 of 5; by their central
-    square, all 9 at rank 1); its own place stays the whole box. Drawn whole where nothing of
-    its centre draws a line."""
+    outside the raster, too small, or with nothing to draw. A box larger than `largest` pixels
+    of the index's rasters (its largest hit) is drawn as its central square of that side, as a
+    place traced on the map is (worker.place_size.central_part: drawn whole, where the largest
+    hit was 256 px, 320 px boxes on a Landsat scene were found at IoU 0.16 at best in the top 5,
+    and 340 px boxes on a Sentinel-2 one at rank 1 in 2 of 5; by their central square, all 9 at
+    rank 1); its own place stays the whole box. Drawn whole where nothing of its centre draws a
+    line. A box on a raster the index does not hold is measured as the index's rasters show
+    that place (index_view; `grid`: the index's rasters and tiles by raster id)."""
     path = access.resolve(example.raster)
     if access.roots is not None:
         path = access.check_file(path)
@@ -235,18 +261,53 @@ def prepare_example(example: Example, rasters: list[RasterInfo], size: int, band
     raster, indexed = raster_of(path, rasters, bands, access.drivers)
     changed = indexed.path if indexed is not None and raster is not indexed else None
     window = pixel_box(example, raster)
-    drawn = central_window(window, largest) if largest and indexed is not None else window
+    view = index_view(raster, window, *grid) if indexed is None and grid is not None else None
+    if largest and indexed is not None:
+        drawn = central_window(window, largest)
+    elif largest and view is not None:  # the index's largest hit, in this raster's pixels
+        drawn = central_window(window, largest * drawn_square(raster, window).side / view[0])
+    else:
+        drawn = window
     drawing, data_share = draw_window(raster, drawn, size)
     if drawn != window and (drawing < 128).mean() < MIN_INK:  # its lines lie round its edge: drawn whole
         drawn, (drawing, data_share) = window, draw_window(raster, window, size)
     if (drawing < 128).mean() < MIN_INK:
-        why = ("it holds no data: nodata or transparent pixels" if data_share < MIN_DATA_SHARE else
-               "open water, haze or flat fields draw no lines")
+        c0, r0, c1, r1 = window
+        if data_share < MIN_DATA_SHARE:
+            why = "it holds no data: nodata or transparent pixels"
+        elif max(c1 - c0, r1 - r0) < FEW_PIXELS:
+            why = (f"{_tenths(c1 - c0)}x{_tenths(r1 - r0)} px of the raster are too few to draw its lines from, or the "
+                   "ground there is flat: drag a larger box, round the place and some of its surroundings")
+        else:
+            why = "open water, haze or flat fields draw no lines"
         raise InputError(f"the example at {excerpt(list(example.bbox))} in {raster.path} has nothing to draw ({why}): "
                          "pick a place with visible lines")
     sketch = torch.from_numpy(drawing.astype(np.float32) / 255.0)[None].expand(3, -1, -1).contiguous()
     return ExampleQuery(sketch, raster, Polygon(drawn_square(raster, window).ring()), window, drawing, changed,
-                        drawn != window)
+                        drawn != window, view)
+
+
+def index_view(raster: RasterInfo, window: tuple[float, float, float, float], rasters: dict[int, RasterInfo],
+               tiles: dict[int, int]) -> tuple[float, str, bool] | None:
+    """An example's box on a raster the index does not hold (a copy, a sheet of an indexed
+    mosaic, another scene), as the index's rasters show that place: its side in the pixels of
+    the indexed raster under it, else of the one holding the most tiles (worker.map_strokes),
+    that raster's path, and whether the box's centre lies on it; None where that cannot be
+    told. Unmeasured, a box larger than the index finds was drawn whole and its search said
+    nothing, where the same pixels on the indexed raster were searched by their central part
+    and out_of_scale said so (probe)."""
+    from worker.map_strokes import on_the_pixel_grid
+    from worker.place_size import stroke_place_side
+
+    c0, r0, c1, r1 = window
+    ring = tuple(tuple(float(v) for v in raster.affine * corner) for corner in ((c0, r0), (c1, r0), (c1, r1), (c0, r1)))
+    try:
+        on_grid, indexed, lies_on = on_the_pixel_grid(StrokeSketch((ring + ring[:1],), crs=raster.crs_wkt), rasters,
+                                                      tiles)
+    except InputError:  # a box its CRS cannot place on the ground: not measured
+        return None
+    side = stroke_place_side(on_grid)
+    return (side, indexed.path, lies_on) if indexed is not None and side > 0 else None
 
 
 def central_window(window: tuple[float, float, float, float], side: float) -> tuple[float, float, float, float]:
