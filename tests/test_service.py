@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import rasterio
 import zmq
 from PIL import Image
 
@@ -354,7 +355,7 @@ def test_search_with_a_png_frame_and_with_strokes_in_a_crs(worker):
         assert "ignored" not in reply, "every field of a well-formed search is used"
 
 
-def test_a_reply_names_the_fields_its_request_did_not_use(worker):
+def test_a_reply_names_the_fields_its_request_did_not_use(worker, rasters):
     """A typo such as `bboxcrs` was dropped without a word, and the box was read in EPSG:4326;
     the reply now names it (a newer client's fields are named, not refused)."""
     with worker.client() as c:
@@ -362,6 +363,13 @@ def test_a_reply_names_the_fields_its_request_did_not_use(worker):
         assert typo["ignored"] == ["bboxcrs"] and len(typo["hits"]["features"]) == 2
         assert c.request("ping", colour="blue")["ignored"] == ["colour"]
         assert "ignored" not in c.request("ping")
+        # read and dropped unsaid (probe): a box's CRS without the box, and crop_to_ink of an example
+        assert c.search("rmnp", sketch_png=sketch_png(), top=1, bbox_crs="EPSG:32613")["ignored"] == ["bbox_crs"]
+        with rasterio.open(rasters / "rmnp-rgb.tif") as src:
+            west, south, east, north = src.bounds
+        example = {"raster": str(rasters / "rmnp-rgb.tif"), "crs": "EPSG:4326",
+                   "bbox": [west, south, west + (east - west) / 3, south + (north - south) / 3]}
+        assert c.request("search", index="rmnp", example=example, top=1, crop_to_ink=True)["ignored"] == ["crop_to_ink"]
 
 
 def test_a_search_cancelled_by_its_client_frees_the_worker_for_the_next(worker):

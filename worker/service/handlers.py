@@ -282,14 +282,18 @@ class Handlers:
         index_dir = self.config.paths.index_dir(field(header, "index", str))
         example = _example(header)
         feedback = field(header, "feedback", dict, None)
+        bbox = field(header, "bbox", list, None, check=_four_numbers)
         request = SearchRequest(None if example else _sketch(header, frames), example=example,
                                 feedback=None if feedback is None else Feedback.from_json(feedback),
                                 access=self.config.paths.raster_access, **given(
             top=field(header, "top", int, None), shortlist=field(header, "shortlist", int, None),
             max_overlap=field(header, "max_overlap", (int, float), None), crs=field(header, "crs", str, None),
-            bbox=field(header, "bbox", list, None, check=_four_numbers), bbox_crs=field(header, "bbox_crs", str, None),
-            crop_to_ink=field(header, "crop_to_ink", bool, None), ranker=field(header, "ranker", str, None),
-            token_weight=field(header, "token_weight", (int, float), None), ann=field(header, "ann", str, None)))
+            # read only where they count, so a reply's `ignored` names them otherwise: a `bbox_crs` without
+            # its `bbox`, or `crop_to_ink` of an example, which is drawn as it is, were taken unsaid (probe)
+            bbox=bbox, bbox_crs=field(header, "bbox_crs", str, None) if bbox is not None else None,
+            crop_to_ink=field(header, "crop_to_ink", bool, None) if example is None else None,
+            ranker=field(header, "ranker", str, None), token_weight=field(header, "token_weight", (int, float), None),
+            ann=field(header, "ann", str, None)))
 
         def work(should_stop: StopCheck) -> dict:
             started = time.perf_counter()
