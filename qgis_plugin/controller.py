@@ -574,6 +574,7 @@ class SearchController(QObject):
         unread = reply.get("unread_places") or []  # nor this
         sized = reply.get("out_of_scale") or []  # nor this: a place traced larger or smaller than the index finds
         own_only = reply.get("own_place_only") or []  # nor this: an example whose own place kept every place out
+        cut = reply.get("example_cut") or []  # nor this: an example's box reaching past its raster
         # nor this: an index searched without its ANN shortlist's help, or not all of it (minutes at 10M tiles)
         slower = (reply.get("scan") or {}).get("advice")
         unsearched = [f"Not searched: {_names(left_out)}." if left_out else "",
@@ -581,11 +582,12 @@ class SearchController(QObject):
                       f"Places that cannot be read, left out: {_names(unread)}." if unread else "",
                       *(f"{os.path.basename(s['raster'])}: {s['reason']}." for s in sized),  # "this raster"
                       *(f"{s['reason'][:1].upper()}{s['reason'][1:]}." for s in own_only),
+                      *(f"{os.path.basename(s['raster'])}: {s['reason']}." for s in cut),
                       f"{query.index}: {slower}." if slower else ""]
         if not reply["hits"]["features"]:  # was a green "0 hit(s)" and an empty layer
             where = " in the map view: pan or zoom out, or search the whole index" if query.bbox is not None else ""
             return self.notice.emit(" ".join([f"No places found{where}.", *filter(None, unsearched)]),
-                                    Qgis.Warning, _reasons(left_out + partly + unread + sized + own_only))
+                                    Qgis.Warning, _reasons(left_out + partly + unread + sized + own_only + cut))
         query_ms = (time.perf_counter() - started) * 1e3
         self.search_count = max([self.search_count, *_search_numbers(QgsProject.instance())]) + 1
         name = f"{SEARCH_LAYER_PREFIX} {self.search_count}: {query.index}"
@@ -605,9 +607,9 @@ class SearchController(QObject):
         self.results_ready.emit(layer)
         found = f"{layer.featureCount()} hit(s) in {query_ms:.0f} ms, added as layer “{name}”."
         said = [*unsearched, f"Changed on disk since indexed, index again: {_names(changed)}." if changed else ""]
-        if left_out or partly or unread or changed or sized:  # each raster's whole reason in the message's details
+        if left_out or partly or unread or changed or sized or cut:  # each raster's whole reason in the details
             self.notice.emit(" ".join([found, *filter(None, said)]), Qgis.Warning,
-                             _reasons(left_out + partly + unread + changed + sized))
+                             _reasons(left_out + partly + unread + changed + sized + cut))
         else:
             self.notice.emit(" ".join([found, *filter(None, said)]), Qgis.Info if slower else Qgis.Success, "")
 

@@ -289,6 +289,21 @@ def test_an_example_from_a_copy_of_an_indexed_raster_is_searched_as_from_the_ras
     assert [s["reason"] for s in replies[0].out_of_scale] == [said["reason"]]
 
 
+def test_an_example_box_reaching_past_its_raster_says_that_its_part_on_it_was_searched(rmnp_index, model, assets):
+    """A box across a raster's edge (a sheet's seam) was searched by its part on the raster, and
+    nothing said so (probe)."""
+    from worker.app import SearchRequest, run_search
+
+    path = assets["rmnp_rgb"]
+    search = lambda window: run_search(SearchRequest(None, example=Example(str(path), tuple(window_bbox(path, window)),
+                                                                           "EPSG:4326"), top=2), model, rmnp_index)
+    [cut] = search((-100, 100, 100, 300)).example_cut
+    assert cut["raster"] == str(path) and "only its part on it (50% of the box, 100.0x200.0 px)" in cut["reason"]
+    assert "VRT" in cut["reason"]
+    assert search((100, 100, 300, 300)).example_cut == [], "a box on the raster: nothing to say"
+    assert search((-5, 100, 200, 300)).example_cut == [], "a box dragged a little past the edge: nothing to say"
+
+
 def test_hit_ids_name_places_and_are_checked_against_the_index(rmnp_index, model, assets):
     rasters = rmnp_index.rasters
     query = prepare_example(Example(str(assets["rmnp_rgb"]), tuple(window_bbox(assets["rmnp_rgb"])), "EPSG:4326"),

@@ -453,13 +453,16 @@ class SearchOutcome:
     out_of_scale: list[dict] = field(default_factory=list)
     # an example search with no hit, every place it found the example's own or kept out by it: {raster, reason}
     own_place_only: list[dict] = field(default_factory=list)
+    # an example whose box reaches past its raster, searched by its part on it: {raster, reason}
+    example_cut: list[dict] = field(default_factory=list)
     scan: dict | None = None  # how the candidates were found (worker.search.Scan.to_json)
 
     def to_json(self) -> dict:
         """The search reply's fields."""
         return {"hits": self.hits, "timings_ms": self.timings_ms, "left_out": self.left_out, "changed": self.changed,
                 "partly_indexed": self.partly_indexed, "unread_places": self.unread_places,
-                "out_of_scale": self.out_of_scale, "own_place_only": self.own_place_only, "scan": self.scan}
+                "out_of_scale": self.out_of_scale, "own_place_only": self.own_place_only,
+                "example_cut": self.example_cut, "scan": self.scan}
 
 
 def run_search(request: SearchRequest, model: "RetrievalModel", index: TileIndex,
@@ -527,9 +530,10 @@ def run_search(request: SearchRequest, model: "RetrievalModel", index: TileIndex
         own_only = [{"raster": example.raster.path,
                      "reason": own_place_only(request, bool(not_searched + partly + unread))}
                     ] if example is not None and result.hidden_only else []
+        cut = [{"raster": example.raster.path, "reason": example.cut}] if example is not None and example.cut else []
         return SearchOutcome(hits_to_geojson(result.hits, request.out_crs, None), timings, result.hits, sketch,
                              not_searched, sorted(changed.values(), key=lambda c: c["raster"]), partly, unread, sized,
-                             own_only, result.scan.to_json())
+                             own_only, cut, result.scan.to_json())
 
 
 def _drawn_sketch(drawn: "SketchSource", whole: "StrokeSketch | None", size: int, crop_to_ink: bool):

@@ -196,7 +196,8 @@ def cmd_search(args: argparse.Namespace) -> int:
             args.preview.parent.mkdir(parents=True, exist_ok=True)
             sheet.save(args.preview, format=PREVIEW_FORMATS[args.preview.suffix.lower()])
     for said in ([r for r in outcome.left_out if r.get("kind") != "unreadable"] + outcome.changed
-                 + outcome.partly_indexed + outcome.unread_places + outcome.out_of_scale + outcome.own_place_only):
+                 + outcome.partly_indexed + outcome.unread_places + outcome.out_of_scale + outcome.own_place_only
+                 + outcome.example_cut):
         print(f"warning: {said['raster']}: {said['reason']}", file=sys.stderr)  # an unreadable one: said as found
     if not outcome.ranked and area is not None and not outcome.own_place_only:  # an empty file, with no word (a box
         named = "--area" if args.example is not None else "--bbox"  # in another CRS, lat first)

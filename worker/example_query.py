@@ -43,6 +43,7 @@ MIN_INK = 0.002  # share of the drawing's pixels that are lines: less is a blank
 # a busy Sentinel-2 scene drew no lines, and were said to be "open water, haze or flat fields"; 20 to 32 px drew)
 FEW_PIXELS = 32
 EDGE_STEPS = 16  # points per bbox edge when it is reprojected
+CUT_SAID = 0.05  # of an example's box past its raster: more is said (cut_to_raster); less is a box dragged to its edge
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,7 @@ class ExampleQuery:
     central: bool = False  # the box was larger than the index's largest hit: its central part was drawn
     # an example from a raster the index does not hold, as the index sees its place (index_view)
     index_view: tuple[float, str, bool] | None = None
+    cut: str | None = None  # what to say of a box reaching past its raster (cut_to_raster)
 
     @property
     def own_place(self) -> OwnPlace:
@@ -188,6 +190,11 @@ def _swapped_lies_on(example: Example, raster: RasterInfo) -> bool:
 
 def _inside_raster(example: Example, bbox: tuple[float, float, float, float], raster: RasterInfo):
     """The part of `bbox` (in the example's CRS) on the raster, as a box in its pixels (maybe empty)."""
+    return _in_pixels(example, bbox, raster).intersection(box(0, 0, raster.width, raster.height))
+
+
+def _in_pixels(example: Example, bbox: tuple[float, float, float, float], raster: RasterInfo):
+    """`bbox` (in the example's CRS) as a box in the raster's pixels, wherever it lies."""
     src = parse_crs(example.crs)
     minx, miny, maxx, maxy = bbox
     t = np.linspace(0.0, 1.0, EDGE_STEPS, endpoint=False)
@@ -205,8 +212,21 @@ def _inside_raster(example: Example, bbox: tuple[float, float, float, float], ra
                          f"of {raster.path}")
     xs = nearest_copy_x(np.asarray(xs, np.float64), raster.crs_wkt, raster.centre[0], whole=True)
     cols, rows = ~raster.affine * (xs, ys)
-    wanted = box(float(np.min(cols)), float(np.min(rows)), float(np.max(cols)), float(np.max(rows)))
-    return wanted.intersection(box(0, 0, raster.width, raster.height))
+    return box(float(np.min(cols)), float(np.min(rows)), float(np.max(cols)), float(np.max(rows)))
+
+
+def cut_to_raster(example: Example, raster: RasterInfo, window: tuple[float, float, float, float]) -> str | None:
+    """What to say of an example whose box reaches past its raster by more than CUT_SAID of its
+    area (only its part on the raster is drawn), else None. Across the edge of two map sheets,
+    the part on one sheet was searched, and nothing said so (probe)."""
+    whole = _in_pixels(example, example.bbox, raster).area
+    c0, r0, c1, r1 = window
+    share = (c1 - c0) * (r1 - r0) / whole if whole > 0 else 1.0
+    if share >= 1 - CUT_SAID:
+        return None
+    return (f"the example's box reaches past this raster: only its part on it ({share:.0%} of the box, "
+            f"{_tenths(c1 - c0)}x{_tenths(r1 - r0)} px) was drawn and searched for; a place across the edge of map "
+            "sheets is drawn whole from a VRT of them (gdalbuildvrt), indexed and taken as the example's raster")
 
 
 def drawn_square(raster: RasterInfo, window: tuple[float, float, float, float]) -> Placement:
@@ -284,7 +304,7 @@ def prepare_example(example: Example, rasters: list[RasterInfo], size: int, band
                          "pick a place with visible lines")
     sketch = torch.from_numpy(drawing.astype(np.float32) / 255.0)[None].expand(3, -1, -1).contiguous()
     return ExampleQuery(sketch, raster, Polygon(drawn_square(raster, window).ring()), window, drawing, changed,
-                        drawn != window, view)
+                        drawn != window, view, cut_to_raster(example, raster, window))
 
 
 def index_view(raster: RasterInfo, window: tuple[float, float, float, float], rasters: dict[int, RasterInfo],
