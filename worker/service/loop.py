@@ -336,9 +336,12 @@ class Service:
             return
         self.stopping = True
         log.info("stopping: letting indexing jobs commit and stopping searches")
+        for pool in self.pools.values():  # the requests waiting are answered now: they were answered once the
+            pool.shutdown(wait=False, cancel_futures=True)  # running ones stopped and jobs committed (8 s, probe)
+        self._flush_done()
         self.jobs.shutdown()
         for pool in self.pools.values():
-            pool.shutdown(wait=True, cancel_futures=True)  # running searches stop at their next stage
+            pool.shutdown(wait=True)  # running searches stop at their next stage
         self._flush_done()
         self._flush_events()
         self.listening.close()
