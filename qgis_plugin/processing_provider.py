@@ -8,7 +8,8 @@ import time
 
 from qgis.core import (QgsCoordinateReferenceSystem, QgsFeatureSink, QgsProcessing,
                        QgsProcessingAlgorithm, QgsProcessingException, QgsProcessingOutputNumber,
-                       QgsProcessingOutputString, QgsProcessingParameterFeatureSink, QgsProcessingParameterFile,
+                       QgsProcessingOutputString, QgsProcessingParameterCrs, QgsProcessingParameterExtent,
+                       QgsProcessingParameterFeatureSink, QgsProcessingParameterFile,
                        QgsProcessingParameterMultipleLayers, QgsProcessingParameterNumber,
                        QgsProcessingParameterString, QgsProcessingProvider, QgsWkbTypes)
 from qgis.PyQt.QtGui import QIcon
@@ -239,8 +240,9 @@ class SearchBySketchAlgorithm(_WorkerAlgorithm):
 
     def shortHelpString(self) -> str:  # noqa: N802
         return ("Finds the places of an index that look like a sketch: a PNG or JPEG image of the place's main "
-                "lines, drawn on a plain background. Hits come in the project's CRS, best first. Cancel stops the "
-                "search on the worker too.")
+                "lines, drawn on a plain background. Hits come best first, in the CRS chosen (else the project's). "
+                "Search area: only the places that meet it (else the whole index). Cancel stops the search on the "
+                "worker too.")
 
     def createInstance(self):  # noqa: N802
         return SearchBySketchAlgorithm()
@@ -251,7 +253,25 @@ class SearchBySketchAlgorithm(_WorkerAlgorithm):
         self.addParameter(QgsProcessingParameterFile("SKETCH", "Sketch image", fileFilter=SKETCH_FILES))
         self.addParameter(QgsProcessingParameterNumber("TOP", "Number of hits", defaultValue=DEFAULT_TOP, minValue=1,
                                                     maxValue=MAX_TOP))
+        # the worker's advice names both (a search too long: a smaller area; hits a CRS cannot place:
+        # another CRS), which a Processing run could not follow (probe)
+        self.addParameter(QgsProcessingParameterExtent("AREA", "Search area", optional=True))
+        self.addParameter(QgsProcessingParameterCrs("OUTPUT_CRS", "CRS of the hits (empty: the project's)",
+                                                    optional=True))
         self.addParameter(QgsProcessingParameterFeatureSink("OUTPUT", "Hits", QgsProcessing.TypeVectorPolygon))
+
+    def _area(self, parameters, context, out_crs: QgsCoordinateReferenceSystem) -> dict:
+        """The search's `bbox` and `bbox_crs` from the AREA given (an extent in its own CRS, else
+        in the hits'), or nothing: the whole index."""
+        if parameters.get("AREA") in (None, ""):
+            return {}
+        extent = self.parameterAsExtent(parameters, "AREA", context)
+        if extent.isNull() or extent.isEmpty():
+            raise QgsProcessingException("Search area: an extent of no width or height; give one, or leave it empty "
+                                         "to search the whole index.")
+        crs = self.parameterAsExtentCrs(parameters, "AREA", context)
+        return {"bbox": [extent.xMinimum(), extent.yMinimum(), extent.xMaximum(), extent.yMaximum()],
+                "bbox_crs": crs_name(crs if crs.isValid() else out_crs)}
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
         sketch = self.parameterAsFile(parameters, "SKETCH", context)
@@ -261,9 +281,12 @@ class SearchBySketchAlgorithm(_WorkerAlgorithm):
         except OSError as exc:
             raise QgsProcessingException(f"The sketch {sketch} cannot be read: {exc.strerror or exc}.") from None
         project = context.project()
-        # hits are asked in the project's CRS, as the dock asks them: the worker draws a footprint
-        # across 180 degrees, round a pole or past a Mercator map's edge whole in it
-        out_crs = project.crs() if project and project.crs().isValid() else QgsCoordinateReferenceSystem(WGS84)
+        # hits are asked in the CRS they are shown in (the project's, as the dock asks them): the worker draws
+        # a footprint across 180 degrees, round a pole or past a Mercator map's edge whole in it
+        out_crs = self.parameterAsCrs(parameters, "OUTPUT_CRS", context)
+        if not out_crs.isValid():
+            out_crs = project.crs() if project and project.crs().isValid() else QgsCoordinateReferenceSystem(WGS84)
+        area = self._area(parameters, context, out_crs)
         reached = self._reached(parameters, context, feedback)
         if reached is None:
             return {}
@@ -282,7 +305,7 @@ class SearchBySketchAlgorithm(_WorkerAlgorithm):
                 reply = client.search(index, sketch_png=png,
                                       top=self.parameterAsInt(parameters, "TOP", context), crs=crs_name(out_crs),
                                       timeout=search_wait_s(info, SEARCH_LIMIT_S), retries=0,
-                                      cancelled=feedback.isCanceled)
+                                      cancelled=feedback.isCanceled, **area)
             except RequestCancelled:
                 feedback.pushInfo("Search canceled: no hits written.")
                 return {}

@@ -959,6 +959,31 @@ def test_a_failed_processing_search_keeps_the_last_hits_and_any_image_name_is_a_
     assert QgsVectorLayer(str(kept), "hits").featureCount() == 3, "the last run's hits kept"
 
 
+def test_a_processing_search_takes_an_area_and_a_crs_for_its_hits(plugin, worker, raster_root, tmp_path):
+    """A Processing search searched the whole index in the project's CRS: the worker's advice of
+    a smaller area or another CRS could not be followed there (probe)."""
+    import processing
+    from qgis.core import QgsGeometry, QgsProcessingException, QgsRectangle
+
+    layer = QgsRasterLayer(str(raster_root / "rmnp-rgb.tif"), "rmnp")
+    box = layer.extent()  # the raster is in EPSG:4326
+    east = QgsRectangle(box.center().x(), box.yMinimum(), box.xMaximum(), box.yMaximum())
+    search = {"ENDPOINT": worker.bind, "INDEX": "rmnp", "SKETCH": str(line_sketch(tmp_path / "sketch.png")),
+              "TOP": 5, "OUTPUT": "memory:", "OUTPUT_CRS": "EPSG:32613",
+              "AREA": f"{east.xMinimum()},{east.xMaximum()},{east.yMinimum()},{east.yMaximum()} [EPSG:4326]"}
+    hits = processing.run("sketchsearch:search_by_sketch", search)["OUTPUT"]
+    assert hits.crs().authid() == "EPSG:32613" and hits.featureCount() > 0
+    to_utm = QgsCoordinateTransform(layer.crs(), hits.crs(), QgsProject.instance())
+    area = QgsGeometry.fromRect(to_utm.transformBoundingBox(east))
+    assert all(f.geometry().intersects(area) for f in hits.getFeatures()), "every hit meets the area"
+    everywhere = processing.run("sketchsearch:search_by_sketch", {**search, "AREA": None, "TOP": 20})["OUTPUT"]
+    assert not all(f.geometry().intersects(area) for f in everywhere.getFeatures()), "the area changed the search"
+    flat = f"{east.xMinimum()},{east.xMinimum()},{east.yMinimum()},{east.yMaximum()} [EPSG:4326]"
+    with pytest.raises(QgsProcessingException, match="no width or height"):
+        processing.run("sketchsearch:search_by_sketch", {**search, "AREA": flat})
+    del hits, everywhere
+
+
 def test_a_raster_layer_opened_by_a_relative_path_is_indexed_by_its_whole_path(raster_root, monkeypatch):
     """qgis_process, or a model run from a folder, opens a raster by a relative path; the worker
     resolved it from its own folder, and indexed another file of that name there (probe)."""
