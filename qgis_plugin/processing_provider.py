@@ -323,7 +323,11 @@ class SearchBySketchAlgorithm(_WorkerAlgorithm):
         slower = (reply.get("scan") or {}).get("advice")  # a worker before it did not say
         if slower:  # the shortlist missing or out of date: seconds a search at 10M tiles
             feedback.pushInfo(f"{index}: {slower}.")
-        feedback.pushInfo(f"{len(reply['hits']['features'])} hit(s) in {query_ms:.0f} ms.")
+        found, asked = len(reply["hits"]["features"]), self.parameterAsInt(parameters, "TOP", context)
+        feedback.pushInfo(f"{found} hit(s) in {query_ms:.0f} ms.")
+        if 0 < found < asked:  # 15 of 1,000, and no word why (probe)
+            feedback.pushInfo(f"Fewer hits than the {asked} asked: the places found beyond them overlap better hits, "
+                              "and a place is given once" + (" (in the search area)" if area else "") + ".")
         fields = hit_fields()
         sink, dest = self.parameterAsSink(parameters, "OUTPUT", context, fields, QgsWkbTypes.Polygon, out_crs)
         if sink is None:

@@ -963,7 +963,7 @@ def test_a_processing_search_takes_an_area_and_a_crs_for_its_hits(plugin, worker
     """A Processing search searched the whole index in the project's CRS: the worker's advice of
     a smaller area or another CRS could not be followed there (probe)."""
     import processing
-    from qgis.core import QgsGeometry, QgsProcessingException, QgsRectangle
+    from qgis.core import QgsGeometry, QgsProcessingException, QgsProcessingFeedback, QgsRectangle
 
     layer = QgsRasterLayer(str(raster_root / "rmnp-rgb.tif"), "rmnp")
     box = layer.extent()  # the raster is in EPSG:4326
@@ -976,7 +976,10 @@ def test_a_processing_search_takes_an_area_and_a_crs_for_its_hits(plugin, worker
     to_utm = QgsCoordinateTransform(layer.crs(), hits.crs(), QgsProject.instance())
     area = QgsGeometry.fromRect(to_utm.transformBoundingBox(east))
     assert all(f.geometry().intersects(area) for f in hits.getFeatures()), "every hit meets the area"
-    everywhere = processing.run("sketchsearch:search_by_sketch", {**search, "AREA": None, "TOP": 20})["OUTPUT"]
+    feedback = QgsProcessingFeedback()
+    everywhere = processing.run("sketchsearch:search_by_sketch", {**search, "AREA": None, "TOP": 1000},
+                                feedback=feedback)["OUTPUT"]
+    assert everywhere.featureCount() < 1000 and "Fewer hits than the 1000 asked" in feedback.textLog()
     assert not all(f.geometry().intersects(area) for f in everywhere.getFeatures()), "the area changed the search"
     flat = f"{east.xMinimum()},{east.xMinimum()},{east.yMinimum()},{east.yMaximum()} [EPSG:4326]"
     with pytest.raises(QgsProcessingException, match="no width or height"):
