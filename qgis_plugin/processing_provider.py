@@ -325,6 +325,8 @@ class SearchBySketchAlgorithm(_WorkerAlgorithm):
             feedback.pushInfo(f"{index}: {slower}.")
         found, asked = len(reply["hits"]["features"]), self.parameterAsInt(parameters, "TOP", context)
         feedback.pushInfo(f"{found} hit(s) in {query_ms:.0f} ms.")
+        if found == 0 and area:
+            feedback.pushWarning("No places found in the search area: check it and its CRS, or search without it.")
         if 0 < found < asked:  # 15 of 1,000, and no word why (probe)
             feedback.pushInfo(f"Fewer hits than the {asked} asked: the places found beyond them overlap better hits, "
                               "and a place is given once" + (" (in the search area)" if area else "") + ".")

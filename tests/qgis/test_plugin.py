@@ -981,10 +981,14 @@ def test_a_processing_search_takes_an_area_and_a_crs_for_its_hits(plugin, worker
                                 feedback=feedback)["OUTPUT"]
     assert everywhere.featureCount() < 1000 and "Fewer hits than the 1000 asked" in feedback.textLog()
     assert not all(f.geometry().intersects(area) for f in everywhere.getFeatures()), "the area changed the search"
+    feedback = QgsProcessingFeedback()
+    nowhere = processing.run("sketchsearch:search_by_sketch", {**search, "AREA": "10,11,10,11 [EPSG:4326]"},
+                             feedback=feedback)["OUTPUT"]
+    assert nowhere.featureCount() == 0 and "No places found in the search area" in feedback.textLog()
     flat = f"{east.xMinimum()},{east.xMinimum()},{east.yMinimum()},{east.yMaximum()} [EPSG:4326]"
     with pytest.raises(QgsProcessingException, match="no width or height"):
         processing.run("sketchsearch:search_by_sketch", {**search, "AREA": flat})
-    del hits, everywhere
+    del hits, everywhere, nowhere
 
 
 def test_a_raster_layer_opened_by_a_relative_path_is_indexed_by_its_whole_path(raster_root, monkeypatch):
