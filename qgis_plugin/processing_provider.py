@@ -6,8 +6,8 @@ import os
 import re
 import time
 
-from qgis.core import (QgsCoordinateReferenceSystem, QgsFeatureSink, QgsProcessing,
-                       QgsProcessingAlgorithm, QgsProcessingException, QgsProcessingOutputNumber,
+from qgis.core import (QgsCoordinateReferenceSystem, QgsFeatureSink, QgsProcessing, QgsProcessingAlgorithm,
+                       QgsProcessingException, QgsProcessingOutputLayerDefinition, QgsProcessingOutputNumber,
                        QgsProcessingOutputString, QgsProcessingParameterCrs, QgsProcessingParameterExtent,
                        QgsProcessingParameterFeatureSink, QgsProcessingParameterFile,
                        QgsProcessingParameterMultipleLayers, QgsProcessingParameterNumber,
@@ -294,7 +294,7 @@ class SearchBySketchAlgorithm(_WorkerAlgorithm):
         # a path that cannot be written is said before the search (after it, its hits were lost);
         # the output itself is made once there are hits: made first, a failed search emptied the
         # file of the last run's hits
-        unwritable = _unwritable(self.parameterAsOutputLayer(parameters, "OUTPUT", context))
+        unwritable = _unwritable(_destination(parameters.get("OUTPUT"), context))
         if unwritable:
             client.close()
             raise QgsProcessingException(unwritable)
@@ -337,6 +337,16 @@ class SearchBySketchAlgorithm(_WorkerAlgorithm):
         for feature in features_from_hits(reply["hits"], fields, None, query_ms):  # asked in out_crs
             sink.addFeature(feature, QgsFeatureSink.FastInsert)
         return {"OUTPUT": dest}
+
+
+def _destination(value, context) -> str:
+    """Where an output parameter's value writes, as given ('' when it says none). Not
+    parameterAsOutputLayer: that registers the destination as a layer to load, so a dialog run
+    reported a temporary output "not correctly generated", and loaded a failed run's file, the
+    last run's hits, as this one's (review)."""
+    if isinstance(value, QgsProcessingOutputLayerDefinition):
+        value = value.sink.valueAsString(context.expressionContext())[0]
+    return value if isinstance(value, str) and value != QgsProcessing.TEMPORARY_OUTPUT else ""
 
 
 def _unwritable(destination: str) -> str:

@@ -947,16 +947,29 @@ def test_a_failed_processing_search_keeps_the_last_hits_and_any_image_name_is_a_
     GeoPackage empty of them: the output was made before the search. It is made once there are
     hits. A sketch named "sketch.Png" was refused by QGIS's check of its suffix alone (probe)."""
     import processing
-    from qgis.core import QgsProcessingException, QgsVectorLayer
+    from qgis.core import (QgsProcessing, QgsProcessingContext, QgsProcessingException,
+                           QgsProcessingOutputLayerDefinition, QgsVectorLayer)
 
     sketch = line_sketch(tmp_path / "sketch.Png")
     kept = tmp_path / "hits.gpkg"
     search = {"ENDPOINT": worker.bind, "INDEX": "rmnp", "SKETCH": str(sketch), "TOP": 3, "OUTPUT": str(kept)}
     processing.run("sketchsearch:search_by_sketch", search)
     assert QgsVectorLayer(str(kept), "hits").featureCount() == 3
+    # as the Processing dialog runs it, its output to be loaded into the project: a failed run
+    # registered the last run's file as its own, which the dialog then loaded (review)
+    context = QgsProcessingContext()
+    context.setProject(QgsProject.instance())
+    into_project = {**search, "INDEX": "rnmp", "OUTPUT": QgsProcessingOutputLayerDefinition(str(kept),
+                                                                                            QgsProject.instance())}
     with pytest.raises(QgsProcessingException, match="rnmp"):
-        processing.run("sketchsearch:search_by_sketch", {**search, "INDEX": "rnmp"})
+        processing.run("sketchsearch:search_by_sketch", into_project, context=context)
     assert QgsVectorLayer(str(kept), "hits").featureCount() == 3, "the last run's hits kept"
+    assert list(context.layersToLoadOnCompletion()) == [], "nothing of the failed run to load"
+    temporary = QgsProcessingOutputLayerDefinition(QgsProcessing.TEMPORARY_OUTPUT, QgsProject.instance())
+    context = QgsProcessingContext()
+    context.setProject(QgsProject.instance())
+    done = processing.run("sketchsearch:search_by_sketch", {**search, "OUTPUT": temporary}, context=context)
+    assert list(context.layersToLoadOnCompletion()) == [done["OUTPUT"].id()], "the hits alone, to load"
 
 
 def test_a_processing_search_takes_an_area_and_a_crs_for_its_hits(plugin, worker, raster_root, tmp_path):
