@@ -799,8 +799,10 @@ def test_kill_9_mid_index_then_restart_resumes_to_the_same_index(tmp_path, raste
     root = tmp_path / "indexes"
     root.mkdir()
     proc = WorkerProcess(root, rasters).start()
-    with proc.client() as c:
-        job = c.start_index("coast", [str(rasters / "s2.tif")], scales=[1], tile=112, chunk_tiles=16)
+    start = encode_request("index", "the-start", index="coast", rasters=[str(rasters / "s2.tif")], scales=[1],
+                           tile=112, chunk_tiles=16)
+    [started] = _replies_in_order(proc, start)
+    job = started.result()["job"]
     manifest = root / "coast" / "manifest.json"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -828,6 +830,10 @@ def test_kill_9_mid_index_then_restart_resumes_to_the_same_index(tmp_path, raste
 
     proc = WorkerProcess(root, rasters).start()  # resumes the interrupted job by itself
     try:
+        # the request that started it, resent (its reply lost in the crash), is its own, not another's:
+        # a client's Cancel then stops it (after a restart it was said joined, and left running)
+        [resent] = _replies_in_order(proc, start)
+        assert resent.result()["job"]["id"] == job["id"] and resent.result()["joined"] is False
         with proc.client() as c:
             # by its id, which a client that followed it asks again (it had another after a restart)
             assert c.job(job["id"])["state"] in (states.QUEUED, states.RUNNING, states.DONE)

@@ -25,7 +25,7 @@ from typing import Callable
 
 from wire import job_states as states
 from wire.errors import BUSY, ProtocolError
-from wire.protocol import new_id
+from wire.protocol import MAX_ID_CHARS, new_id
 from worker.app import IndexRequest, RemovalRequest, build_index, remove_rasters
 from worker.distributed import Cluster
 from worker.errors import InputError, error_object
@@ -188,7 +188,9 @@ class JobManager:
         try:
             if job.kind == "index":  # a removal is one commit, with nothing to resume
                 with disk_write(request.index_dir, then):
+                    # who started it outlives a restart: its resent request is not "another" (joined)
                     write_json_atomic(request.index_dir / JOB_FILE, {"index": index_name, "id": job.id,
+                                                                      "started_by": started_by,
                                                                       **request.to_json()}, then)
             self._remember(job)
             job.thread = threading.Thread(target=self._run, args=(job,), name=f"index-{job.id}", daemon=True)
@@ -247,7 +249,9 @@ class JobManager:
                 log.info("resuming the interrupted indexing job of %s", job_file.parent)
                 try:
                     kept_id = spec.get("id") if isinstance(spec.get("id"), str) and len(spec["id"]) <= 64 else None
-                    jobs.append(self.start(index_name, request, resumed=True, job_id=kept_id))
+                    by = spec.get("started_by")
+                    jobs.append(self.start(index_name, request, resumed=True, job_id=kept_id,
+                                           started_by=by if isinstance(by, str) and len(by) <= MAX_ID_CHARS else None))
                 except InputError as exc:  # its job.json cannot be written again (a full disk): serve on
                     jobs.append(self._failed_resume(index_name, job_file, exc))
                 except ProtocolError:  # another worker took it since it was looked at: left to it
