@@ -225,8 +225,8 @@ def cut_to_raster(example: Example, raster: RasterInfo, window: tuple[float, flo
     if share >= 1 - CUT_SAID:
         return None
     return (f"the example's box reaches past this raster: only its part on it ({share:.0%} of the box, "
-            f"{_tenths(c1 - c0)}x{_tenths(r1 - r0)} px) was drawn and searched for; a place across the edge of map "
-            "sheets is drawn whole from a VRT of them (gdalbuildvrt), indexed and taken as the example's raster")
+            f"{_tenths(c1 - c0)}x{_tenths(r1 - r0)} px) was searched for; a place across the edge of map sheets is "
+            "drawn whole from a VRT of them (gdalbuildvrt), indexed and taken as the example's raster")
 
 
 def drawn_square(raster: RasterInfo, window: tuple[float, float, float, float]) -> Placement:
