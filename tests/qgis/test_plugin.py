@@ -1005,7 +1005,7 @@ def test_a_processing_search_takes_an_area_and_a_crs_for_its_hits(plugin, worker
     del hits, everywhere, nowhere
 
 
-def test_a_raster_layer_opened_by_a_relative_path_is_indexed_by_its_whole_path(raster_root, monkeypatch):
+def test_a_raster_layer_opened_by_a_relative_path_is_indexed_by_its_whole_path(plugin, raster_root, monkeypatch):
     """qgis_process, or a model run from a folder, opens a raster by a relative path; the worker
     resolved it from its own folder, and indexed another file of that name there (probe)."""
     from sketch_search.raster_layers import raster_file
