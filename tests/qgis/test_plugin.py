@@ -1002,7 +1002,7 @@ def test_a_processing_search_takes_an_area_and_a_crs_for_its_hits(plugin, worker
     flat = f"{east.xMinimum()},{east.xMinimum()},{east.yMinimum()},{east.yMaximum()} [EPSG:4326]"
     with pytest.raises(QgsProcessingException, match="no width or height"):
         processing.run("sketchsearch:search_by_sketch", {**search, "AREA": flat})
-    del hits, everywhere, nowhere
+    del hits, everywhere, nowhere, layer  # left to the interpreter's exit, a layer crashes QGIS there
 
 
 def test_a_raster_layer_opened_by_a_relative_path_is_indexed_by_its_whole_path(plugin, raster_root, monkeypatch):
