@@ -304,6 +304,30 @@ def test_an_example_box_reaching_past_its_raster_says_that_its_part_on_it_was_se
     assert search((-5, 100, 200, 300)).example_cut == [], "a box dragged a little past the edge: nothing to say"
 
 
+
+def test_a_lon_lat_box_on_a_turned_grid_is_not_said_to_reach_past_its_raster(tmp_path):
+    """A lon/lat box lies turned on a UTM grid far from its central meridian: its bounds there
+    reach past the raster where the box does not (review)."""
+    from rasterio.warp import transform as warp
+
+    from worker.example_query import cut_to_raster, pixel_box
+    from worker.tiling import open_raster
+
+    utm = write_raster(tmp_path / "far-east.tif", np.full((3, 400, 400), 90, np.uint8), crs="EPSG:32617",
+                       transform=rasterio.Affine(30, 0, 790000, 0, -30, 6700000))  # ~60 N, 6 degrees east of -81
+    raster = open_raster(utm, None)
+    # the lon/lat box round the raster's pixels 120 to 400 (its east edge), 60 to 340: turned on the
+    # grid, its corners poke 3.5% of it past the edge, and its bounds 6.6% (said, before)
+    (lon0, lon1), (lat0, lat1) = warp("EPSG:32617", "EPSG:4326", [790000 + 30 * 120, 790000 + 30 * 400],
+                                      [6700000 - 30 * 340, 6700000 - 30 * 60])
+    inside = Example(str(utm), (min(lon0, lon1), min(lat0, lat1), max(lon0, lon1), max(lat0, lat1)), "EPSG:4326")
+    assert cut_to_raster(inside, raster, pixel_box(inside, raster)) is None
+    w = (max(lon0, lon1) - min(lon0, lon1))
+    reaching = Example(str(utm), (min(lon0, lon1) + 0.5 * w, min(lat0, lat1), max(lon0, lon1) + 0.5 * w,
+                                  max(lat0, lat1)), "EPSG:4326")  # its eastern half past the raster
+    assert "reaches past this raster" in cut_to_raster(reaching, raster, pixel_box(reaching, raster))
+
+
 def test_hit_ids_name_places_and_are_checked_against_the_index(rmnp_index, model, assets):
     rasters = rmnp_index.rasters
     query = prepare_example(Example(str(assets["rmnp_rgb"]), tuple(window_bbox(assets["rmnp_rgb"])), "EPSG:4326"),

@@ -194,7 +194,15 @@ def _inside_raster(example: Example, bbox: tuple[float, float, float, float], ra
 
 
 def _in_pixels(example: Example, bbox: tuple[float, float, float, float], raster: RasterInfo):
-    """`bbox` (in the example's CRS) as a box in the raster's pixels, wherever it lies."""
+    """`bbox` (in the example's CRS) as a box in the raster's pixels, wherever it lies: the
+    bounds of its outline there (_outline_in_pixels)."""
+    return box(*_outline_in_pixels(example, bbox, raster).bounds)
+
+
+def _outline_in_pixels(example: Example, bbox: tuple[float, float, float, float], raster: RasterInfo) -> Polygon:
+    """`bbox` (in the example's CRS) as the polygon it draws in the raster's pixels, its edges
+    densified (turned on a grid it is not drawn on, a lon/lat box on a UTM raster far from its
+    central meridian)."""
     src = parse_crs(example.crs)
     minx, miny, maxx, maxy = bbox
     t = np.linspace(0.0, 1.0, EDGE_STEPS, endpoint=False)
@@ -212,16 +220,19 @@ def _in_pixels(example: Example, bbox: tuple[float, float, float, float], raster
                          f"of {raster.path}")
     xs = nearest_copy_x(np.asarray(xs, np.float64), raster.crs_wkt, raster.centre[0], whole=True)
     cols, rows = ~raster.affine * (xs, ys)
-    return box(float(np.min(cols)), float(np.min(rows)), float(np.max(cols)), float(np.max(rows)))
+    return Polygon(zip(np.asarray(cols, np.float64), np.asarray(rows, np.float64)))
 
 
 def cut_to_raster(example: Example, raster: RasterInfo, window: tuple[float, float, float, float]) -> str | None:
     """What to say of an example whose box reaches past its raster by more than CUT_SAID of its
     area (only its part on the raster is drawn), else None. Across the edge of two map sheets,
     the part on one sheet was searched, and nothing said so (probe)."""
-    whole = _in_pixels(example, example.bbox, raster).area
+    outline = _outline_in_pixels(example, example.bbox, raster)  # the box itself, not its bounds: a turned
+    if not outline.is_valid or outline.area <= 0:  # folded by its CRS: nothing to measure
+        return None
+    on_raster = outline.intersection(box(0, 0, raster.width, raster.height)).area  # box's corners stick out
+    share = on_raster / outline.area
     c0, r0, c1, r1 = window
-    share = (c1 - c0) * (r1 - r0) / whole if whole > 0 else 1.0
     if share >= 1 - CUT_SAID:
         return None
     return (f"the example's box reaches past this raster: only its part on it ({share:.0%} of the box, "
