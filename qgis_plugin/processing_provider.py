@@ -241,8 +241,8 @@ class SearchBySketchAlgorithm(_WorkerAlgorithm):
     def shortHelpString(self) -> str:  # noqa: N802
         return ("Finds the places of an index that look like a sketch: a PNG or JPEG image of the place's main "
                 "lines, drawn on a plain background. Hits come best first, in the CRS chosen (else the project's). "
-                "Search area: only the places that meet it (else the whole index). Cancel stops the search on the "
-                "worker too.")
+                "Search area: only the places that meet it (else the whole index), in its own CRS, else the "
+                "project's. Cancel stops the search on the worker too.")
 
     def createInstance(self):  # noqa: N802
         return SearchBySketchAlgorithm()
@@ -262,9 +262,14 @@ class SearchBySketchAlgorithm(_WorkerAlgorithm):
 
     def _area(self, parameters, context, out_crs: QgsCoordinateReferenceSystem) -> dict:
         """The search's `bbox` and `bbox_crs` from the AREA given (an extent in its own CRS, else
-        in the hits'), or nothing: the whole index."""
-        if parameters.get("AREA") in (None, ""):
+        in the project's, as QGIS reads one), or nothing: the whole index."""
+        given = parameters.get("AREA")
+        if given in (None, ""):
             return {}
+        named = re.search(r"\[(.+)\]\s*$", given) if isinstance(given, str) else None
+        if named and not QgsCoordinateReferenceSystem(named.group(1)).isValid():  # read in the project's unsaid
+            raise QgsProcessingException(f"Search area: QGIS knows no CRS {named.group(1)!r}; name one such as "
+                                         "[EPSG:4326], or none for the project's.")
         extent = self.parameterAsExtent(parameters, "AREA", context)
         if extent.isNull() or extent.isEmpty():
             raise QgsProcessingException("Search area: an extent of no width or height; give one, or leave it empty "

@@ -999,6 +999,8 @@ def test_a_processing_search_takes_an_area_and_a_crs_for_its_hits(plugin, worker
     nowhere = processing.run("sketchsearch:search_by_sketch", {**search, "AREA": "10,11,10,11 [EPSG:4326]"},
                              feedback=feedback)["OUTPUT"]
     assert nowhere.featureCount() == 0 and "No places found in the search area" in feedback.textLog()
+    with pytest.raises(QgsProcessingException, match="QGIS knows no CRS 'FOO:1'"):  # was read in the project's
+        processing.run("sketchsearch:search_by_sketch", {**search, "AREA": "10,11,10,11 [FOO:1]"})
     flat = f"{east.xMinimum()},{east.xMinimum()},{east.yMinimum()},{east.yMaximum()} [EPSG:4326]"
     with pytest.raises(QgsProcessingException, match="no width or height"):
         processing.run("sketchsearch:search_by_sketch", {**search, "AREA": flat})
