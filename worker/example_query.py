@@ -227,14 +227,14 @@ def cut_to_raster(example: Example, raster: RasterInfo, window: tuple[float, flo
     """What to say of an example whose box reaches past its raster by more than CUT_SAID of its
     area (only its part on the raster is drawn), else None. Across the edge of two map sheets,
     the part on one sheet was searched, and nothing said so (probe)."""
-    outline = _outline_in_pixels(example, example.bbox, raster)  # the box itself, not its bounds: a turned
+    # the box itself, not its bounds: a box turned on the grid pokes its corners out, its bounds whole sides
+    outline = _outline_in_pixels(example, example.bbox, raster)
     if not outline.is_valid or outline.area <= 0:  # folded by its CRS: nothing to measure
         return None
-    on_raster = outline.intersection(box(0, 0, raster.width, raster.height)).area  # box's corners stick out
-    share = on_raster / outline.area
-    c0, r0, c1, r1 = window
+    share = outline.intersection(box(0, 0, raster.width, raster.height)).area / outline.area
     if share >= 1 - CUT_SAID:
         return None
+    c0, r0, c1, r1 = window
     return (f"the example's box reaches past this raster: only its part on it ({share:.0%} of the box, "
             f"{_tenths(c1 - c0)}x{_tenths(r1 - r0)} px) was searched for; a place across the edge of map sheets is "
             "drawn whole from a VRT of them (gdalbuildvrt), indexed and taken as the example's raster")
